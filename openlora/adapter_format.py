@@ -1,0 +1,323 @@
+"""Validation of PEFT LoRA adapter directories, without torch and without trusting the input.
+
+Both the control plane (on upload) and the worker (before a load) call `validate_adapter_dir`. It reads
+the safetensors header with a bounded length, maps every tensor name to the LoRA A/B of a known
+projection, checks shapes against the rank and the base model, dtypes, finiteness of every value,
+rank and size limits, and refuses configs that could make a loader run code. Pickle files are never
+opened: any file other than the two PEFT files is refused by name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from openlora.artifact import ARTIFACT_FILES, CONFIG_FILE, WEIGHTS_FILE
+from openlora.base_model import PROJECTIONS, BaseModelSpec
+
+MAX_HEADER_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 64 << 10
+DEFAULT_MAX_RANK = 64
+DEFAULT_MAX_SIZE_BYTES = 512 << 20
+
+# Safetensors dtype -> (bytes per element, unsigned view, exponent shift, exponent mask).
+# A value is not finite exactly when all its exponent bits are set.
+_DTYPES: dict[str, tuple[int, type, int, int]] = {
+    "F32": (4, np.uint32, 23, 0xFF),
+    "F16": (2, np.uint16, 10, 0x1F),
+    "BF16": (2, np.uint16, 7, 0xFF),
+}
+_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<module>[a-z_]+)"
+    r"\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$"
+)
+_MODULE_PARENT = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+_CODE_KEYS = ("auto_map", "custom_code", "trust_remote_code")
+_FINITE_CHUNK_ELEMENTS = 1 << 22
+# Files PEFT's save_pretrained writes beside the adapter that carry no weights; never read or uploaded.
+IGNORED_FILES = ("README.md",)
+
+
+class AdapterFormatError(ValueError):
+    """An adapter directory was refused. `field` names the file or config key at fault."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    layer: int
+    module: str
+    which: str  # "A" (r, in) or "B" (out, r)
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # byte offset within the data section
+    end: int
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    layers: tuple[int, ...]
+    dtype: str
+    size_bytes: int
+    tensors: tuple[TensorInfo, ...]
+
+    @property
+    def scaling(self) -> float:
+        """The factor PEFT applies to B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+
+def parse_adapter_config(data: bytes) -> dict:
+    """Parses and checks `adapter_config.json`; returns the dict."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(CONFIG_FILE, f"larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(CONFIG_FILE, f"not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(CONFIG_FILE, "must be a JSON object")
+    for key in _CODE_KEYS:
+        if config.get(key):
+            raise AdapterFormatError(f"{CONFIG_FILE}.{key}", "code references are not allowed")
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterFormatError(f"{CONFIG_FILE}.peft_type", f"{peft_type!r} is not LORA")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise AdapterFormatError(f"{CONFIG_FILE}.r", f"must be a positive integer, got {rank!r}")
+    alpha = config.get("lora_alpha", rank)
+    if (
+        not isinstance(alpha, int | float)
+        or isinstance(alpha, bool)
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise AdapterFormatError(f"{CONFIG_FILE}.lora_alpha", f"must be a positive number, got {alpha!r}")
+    for key, what in (
+        ("use_dora", "DoRA"),
+        ("modules_to_save", "modules_to_save"),
+        ("rank_pattern", "rank_pattern"),
+        ("alpha_pattern", "alpha_pattern"),
+    ):
+        if config.get(key):
+            raise AdapterFormatError(f"{CONFIG_FILE}.{key}", f"{what} is not supported")
+    if config.get("bias", "none") != "none":
+        raise AdapterFormatError(f"{CONFIG_FILE}.bias", "only bias='none' is supported")
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        unknown = [t for t in targets if t not in PROJECTIONS]
+        if unknown:
+            raise AdapterFormatError(
+                f"{CONFIG_FILE}.target_modules",
+                f"unsupported modules {unknown}; supported: {list(PROJECTIONS)}",
+            )
+    elif targets is not None and not isinstance(targets, str):
+        raise AdapterFormatError(f"{CONFIG_FILE}.target_modules", "must be a list of module names")
+    return config
+
+
+def read_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict, int]:
+    """Returns (header, data_offset). Reads at most 8 + max_header_bytes bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise AdapterFormatError(WEIGHTS_FILE, "truncated: no header length")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > max_header_bytes:
+            raise AdapterFormatError(WEIGHTS_FILE, f"header of {header_len} bytes exceeds {max_header_bytes}")
+        if 8 + header_len > size:
+            raise AdapterFormatError(WEIGHTS_FILE, "truncated: header runs past the end of the file")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(WEIGHTS_FILE, f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(WEIGHTS_FILE, "header must be a JSON object")
+    return header, 8 + header_len
+
+
+def _tensor_infos(header: dict, data_bytes: int) -> list[TensorInfo]:
+    tensors = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        match = _KEY.match(name)
+        if (
+            match is None
+            or match["module"] not in _MODULE_PARENT
+            or f".{_MODULE_PARENT[match['module']]}." not in name
+        ):
+            raise AdapterFormatError(
+                WEIGHTS_FILE, f"tensor {name!r} is not the LoRA A/B of a supported projection"
+            )
+        if not isinstance(entry, dict):
+            raise AdapterFormatError(WEIGHTS_FILE, f"tensor {name!r}: malformed header entry")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _DTYPES:
+            raise AdapterFormatError(
+                WEIGHTS_FILE, f"tensor {name!r}: dtype {dtype!r} is not F16, BF16 or F32"
+            )
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(d, int) and d > 0 for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+        ):
+            raise AdapterFormatError(WEIGHTS_FILE, f"tensor {name!r}: malformed shape or data_offsets")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_bytes:
+            raise AdapterFormatError(
+                WEIGHTS_FILE, f"tensor {name!r}: data lies outside the file (truncated?)"
+            )
+        if end - begin != shape[0] * shape[1] * _DTYPES[dtype][0]:
+            raise AdapterFormatError(WEIGHTS_FILE, f"tensor {name!r}: byte length does not match its shape")
+        tensors.append(
+            TensorInfo(
+                name, int(match["layer"]), match["module"], match["which"], dtype, tuple(shape), begin, end
+            )
+        )
+    if not tensors:
+        raise AdapterFormatError(WEIGHTS_FILE, "holds no LoRA tensors")
+    spans = sorted((t.begin, t.end, t.name) for t in tensors)
+    for (_, prev_end, prev_name), (begin, _, name) in itertools.pairwise(spans):
+        if begin < prev_end:
+            raise AdapterFormatError(WEIGHTS_FILE, f"tensors {prev_name!r} and {name!r} overlap")
+    return tensors
+
+
+def _check_finite(path: Path, data_offset: int, tensors: list[TensorInfo]) -> None:
+    with open(path, "rb") as f:
+        for t in tensors:
+            itemsize, view, shift, mask = _DTYPES[t.dtype]
+            f.seek(data_offset + t.begin)
+            remaining = (t.end - t.begin) // itemsize
+            while remaining:
+                count = min(remaining, _FINITE_CHUNK_ELEMENTS)
+                raw = f.read(count * itemsize)
+                if len(raw) != count * itemsize:
+                    raise AdapterFormatError(WEIGHTS_FILE, f"tensor {t.name!r}: truncated data")
+                bits = np.frombuffer(raw, dtype=np.dtype(view).newbyteorder("<"))
+                if np.any(((bits >> shift) & mask) == mask):
+                    raise AdapterFormatError(WEIGHTS_FILE, f"tensor {t.name!r}: holds NaN or infinite values")
+                remaining -= count
+
+
+def validate_adapter_dir(
+    path: str | Path,
+    spec: BaseModelSpec | None = None,
+    max_rank: int = DEFAULT_MAX_RANK,
+    max_size_bytes: int = DEFAULT_MAX_SIZE_BYTES,
+    check_values: bool = True,
+) -> AdapterInfo:
+    """Checks a PEFT LoRA directory and returns what it holds; raises AdapterFormatError naming the field.
+
+    `spec` (the base model) enables the shape and layer checks; `check_values` scans every value for
+    NaN and infinity (a worker re-validating a digest-verified artifact may skip it).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterFormatError("path", f"{root.name!r} is not a directory")
+    names = sorted(p.name for p in root.iterdir() if p.name not in IGNORED_FILES)
+    extra = [n for n in names if n not in ARTIFACT_FILES]
+    if extra:
+        raise AdapterFormatError(
+            extra[0], f"unexpected file; an adapter holds only {' and '.join(ARTIFACT_FILES)}"
+        )
+    for required in ARTIFACT_FILES:
+        if required not in names:
+            raise AdapterFormatError(required, "missing")
+    config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
+    if config_path.is_symlink() or weights_path.is_symlink():
+        raise AdapterFormatError("path", "symbolic links are not allowed")
+    size_bytes = config_path.stat().st_size + weights_path.stat().st_size
+    if size_bytes > max_size_bytes:
+        raise AdapterFormatError("size_bytes", f"{size_bytes} bytes exceeds the limit of {max_size_bytes}")
+    config = parse_adapter_config(config_path.read_bytes())
+    rank = config["r"]
+    if rank > max_rank:
+        raise AdapterFormatError(f"{CONFIG_FILE}.r", f"rank {rank} exceeds the maximum of {max_rank}")
+
+    header, data_offset = read_safetensors_header(weights_path)
+    data_bytes = weights_path.stat().st_size - data_offset
+    tensors = _tensor_infos(header, data_bytes)
+    if max(t.end for t in tensors) != data_bytes:
+        raise AdapterFormatError(WEIGHTS_FILE, "file length does not match the header (truncated or padded)")
+
+    pairs: dict[tuple[int, str], dict[str, TensorInfo]] = {}
+    for t in tensors:
+        slot = pairs.setdefault((t.layer, t.module), {})
+        if t.which in slot:
+            raise AdapterFormatError(
+                WEIGHTS_FILE, f"two lora_{t.which} tensors for layer {t.layer} {t.module}"
+            )
+        slot[t.which] = t
+    for (layer, module), ab in sorted(pairs.items()):
+        where = f"layer {layer} {module}"
+        if set(ab) != {"A", "B"}:
+            raise AdapterFormatError(WEIGHTS_FILE, f"{where}: needs both lora_A and lora_B")
+        a, b = ab["A"], ab["B"]
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterFormatError(
+                WEIGHTS_FILE,
+                f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not have rank r={rank}",
+            )
+        if spec is not None:
+            if layer >= spec.num_layers:
+                raise AdapterFormatError(
+                    WEIGHTS_FILE, f"{where}: the base model has {spec.num_layers} layers"
+                )
+            in_features, out_features = spec.projection_shape(module)
+            if a.shape[1] != in_features or b.shape[0] != out_features:
+                raise AdapterFormatError(
+                    WEIGHTS_FILE,
+                    f"{where}: shapes A {list(a.shape)}, B {list(b.shape)} do not fit the base model "
+                    f"(expected A [{rank}, {in_features}], B [{out_features}, {rank}])",
+                )
+    modules = tuple(m for m in PROJECTIONS if any(mod == m for _, mod in pairs))
+    declared = config.get("target_modules")
+    if isinstance(declared, list) and not set(modules) <= set(declared):
+        raise AdapterFormatError(
+            f"{CONFIG_FILE}.target_modules", f"does not list {sorted(set(modules) - set(declared))}"
+        )
+    dtypes = {t.dtype for t in tensors}
+    if check_values:
+        _check_finite(weights_path, data_offset, tensors)
+    return AdapterInfo(
+        rank=rank,
+        alpha=float(config.get("lora_alpha", rank)),
+        use_rslora=bool(config.get("use_rslora", False)),
+        target_modules=modules,
+        layers=tuple(sorted({layer for layer, _ in pairs})),
+        dtype=dtypes.pop() if len(dtypes) == 1 else "mixed",
+        size_bytes=size_bytes,
+        tensors=tuple(tensors),
+    )

@@ -1,0 +1,187 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from openlora.v1 import admin_pb2 as _admin_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class BaseModelSpec(_message.Message):
+    __slots__ = ("name", "fingerprint", "architecture", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INTERMEDIATE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ATTENTION_HEADS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KEY_VALUE_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    fingerprint: str
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
+class RegisterWorkerRequest(_message.Message):
+    __slots__ = ("worker_id", "address", "base_model", "max_lora_rank", "num_adapter_slots")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    NUM_ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    base_model: BaseModelSpec
+    max_lora_rank: int
+    num_adapter_slots: int
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., base_model: _Optional[_Union[BaseModelSpec, _Mapping]] = ..., max_lora_rank: _Optional[int] = ..., num_adapter_slots: _Optional[int] = ...) -> None: ...
+
+class RegisterWorkerResponse(_message.Message):
+    __slots__ = ("worker_id", "heartbeat_interval_ms")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    heartbeat_interval_ms: int
+    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("worker_id", "running_requests", "waiting_requests", "resident_adapter_sha256")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_ADAPTER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    running_requests: int
+    waiting_requests: int
+    resident_adapter_sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapter_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AuthorizeRequest(_message.Message):
+    __slots__ = ("api_key", "adapters", "base_model")
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    api_key: str
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    base_model: str
+    def __init__(self, api_key: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ...) -> None: ...
+
+class ResolvedAdapter(_message.Message):
+    __slots__ = ("name", "adapter_id", "sha256", "size_bytes", "rank", "alpha", "use_rslora", "keep_warm", "updated_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    USE_RSLORA_FIELD_NUMBER: _ClassVar[int]
+    KEEP_WARM_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    adapter_id: str
+    sha256: str
+    size_bytes: int
+    rank: int
+    alpha: float
+    use_rslora: bool
+    keep_warm: bool
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., adapter_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., keep_warm: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class AuthorizeResponse(_message.Message):
+    __slots__ = ("tenant_id", "tenant", "scopes", "adapters", "cache_ttl_ms")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    tenant: str
+    scopes: _containers.RepeatedScalarFieldContainer[_admin_pb2.Scope]
+    adapters: _containers.RepeatedCompositeFieldContainer[ResolvedAdapter]
+    cache_ttl_ms: int
+    def __init__(self, tenant_id: _Optional[str] = ..., tenant: _Optional[str] = ..., scopes: _Optional[_Iterable[_Union[_admin_pb2.Scope, str]]] = ..., adapters: _Optional[_Iterable[_Union[ResolvedAdapter, _Mapping]]] = ..., cache_ttl_ms: _Optional[int] = ...) -> None: ...
+
+class FetchArtifactRequest(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class FetchArtifactResponse(_message.Message):
+    __slots__ = ("filename", "offset", "data", "file_size_bytes")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FILE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    offset: int
+    data: bytes
+    file_size_bytes: int
+    def __init__(self, filename: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., file_size_bytes: _Optional[int] = ...) -> None: ...
+
+class UsageAdapter(_message.Message):
+    __slots__ = ("adapter_id", "weight")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    weight: float
+    def __init__(self, adapter_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class UsageEvent(_message.Message):
+    __slots__ = ("request_id", "tenant_id", "adapters", "worker_id", "base_model", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "total_ms", "finished_at", "finish_reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    tenant_id: str
+    adapters: _containers.RepeatedCompositeFieldContainer[UsageAdapter]
+    worker_id: str
+    base_model: str
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: float
+    ttft_ms: float
+    total_ms: float
+    finished_at: _timestamp_pb2.Timestamp
+    finish_reason: str
+    def __init__(self, request_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[UsageAdapter, _Mapping]]] = ..., worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class ReportUsageRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[UsageEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[UsageEvent, _Mapping]]] = ...) -> None: ...
+
+class ReportUsageResponse(_message.Message):
+    __slots__ = ("inserted", "duplicates")
+    INSERTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    inserted: int
+    duplicates: int
+    def __init__(self, inserted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,222 @@
+"""The shared PEFT validator refuses every malformed adapter with the field at fault, and the artifact
+digest is a stable content address."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
+from openlora.artifact import ArtifactDigest, digest_bytes, digest_dir
+from openlora.base_model import BaseModelSpec, UnsupportedModelError
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+@pytest.fixture(scope="module")
+def llama_config() -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+@pytest.fixture(scope="module")
+def spec(llama_config: LlamaConfig) -> BaseModelSpec:
+    return BaseModelSpec.from_hf_config(llama_config.to_dict(), "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def peft_dir(tmp_path_factory: pytest.TempPathFactory, llama_config: LlamaConfig) -> Path:
+    torch.manual_seed(0)
+    model = get_peft_model(
+        LlamaForCausalLM(llama_config),
+        LoraConfig(
+            r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        ),
+    )
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def adapter(tmp_path: Path, peft_dir: Path) -> Path:
+    dst = tmp_path / "a"
+    shutil.copytree(peft_dir, dst)
+    return dst
+
+
+def _rewrite_tensors(path: Path, change) -> None:
+    tensors = load_file(path / WEIGHTS)
+    change(tensors)
+    save_file(tensors, path / WEIGHTS)
+
+
+def _rewrite_config(path: Path, change) -> None:
+    config = json.loads((path / CONFIG).read_text())
+    change(config)
+    (path / CONFIG).write_text(json.dumps(config))
+
+
+def test_peft_adapter_is_accepted_with_its_hyperparameters(adapter: Path, spec: BaseModelSpec) -> None:
+    info = validate_adapter_dir(adapter, spec, max_rank=64)
+    assert (info.rank, info.alpha, info.use_rslora) == (8, 32.0, False)
+    assert info.target_modules == ("q_proj", "v_proj", "down_proj")
+    assert info.layers == (0, 1)
+    assert info.scaling == pytest.approx(4.0)
+
+
+def test_rslora_scaling_uses_square_root_of_rank(adapter: Path, spec: BaseModelSpec) -> None:
+    _rewrite_config(adapter, lambda c: c.update(use_rslora=True))
+    assert validate_adapter_dir(adapter, spec).scaling == pytest.approx(32 / 8**0.5)
+
+
+def test_pickle_file_is_refused_by_name_without_being_opened(adapter: Path, spec: BaseModelSpec) -> None:
+    (adapter / "adapter_model.bin").write_bytes(b"\x80\x04 not even a valid pickle")
+    with pytest.raises(AdapterFormatError) as e:
+        validate_adapter_dir(adapter, spec)
+    assert e.value.field == "adapter_model.bin"
+
+
+def test_missing_weights_file_is_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    (adapter / WEIGHTS).unlink()
+    with pytest.raises(AdapterFormatError, match="missing"):
+        validate_adapter_dir(adapter, spec)
+
+
+def test_non_finite_value_is_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    def poison(tensors: dict) -> None:
+        name = sorted(tensors)[0]
+        tensors[name][0, 0] = float("nan")
+
+    _rewrite_tensors(adapter, poison)
+    with pytest.raises(AdapterFormatError, match="NaN or infinite"):
+        validate_adapter_dir(adapter, spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_infinity_is_refused_in_half_dtypes(adapter: Path, spec: BaseModelSpec, dtype: torch.dtype) -> None:
+    def poison(tensors: dict) -> None:
+        for name in tensors:
+            tensors[name] = tensors[name].to(dtype)
+        tensors[sorted(tensors)[-1]][-1, -1] = float("inf")
+
+    _rewrite_tensors(adapter, poison)
+    with pytest.raises(AdapterFormatError, match="NaN or infinite"):
+        validate_adapter_dir(adapter, spec)
+
+
+def test_half_dtypes_are_accepted(adapter: Path, spec: BaseModelSpec) -> None:
+    _rewrite_tensors(adapter, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    assert validate_adapter_dir(adapter, spec).dtype == "BF16"
+
+
+def test_integer_dtype_is_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    _rewrite_tensors(adapter, lambda t: t.update({k: v.to(torch.int32) for k, v in t.items()}))
+    with pytest.raises(AdapterFormatError, match="dtype"):
+        validate_adapter_dir(adapter, spec)
+
+
+def test_shape_that_does_not_fit_the_base_model_is_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    other = BaseModelSpec(**{**spec.__dict__, "hidden_size": 96, "name": "other"})
+    with pytest.raises(AdapterFormatError, match="do not fit the base model"):
+        validate_adapter_dir(adapter, other)
+
+
+def test_rank_mismatch_between_config_and_tensors_is_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    _rewrite_config(adapter, lambda c: c.update(r=4))
+    with pytest.raises(AdapterFormatError, match="rank r=4"):
+        validate_adapter_dir(adapter, spec)
+
+
+def test_rank_over_the_limit_is_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    with pytest.raises(AdapterFormatError) as e:
+        validate_adapter_dir(adapter, spec, max_rank=4)
+    assert e.value.field == "adapter_config.json.r"
+
+
+def test_size_over_the_limit_is_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    with pytest.raises(AdapterFormatError) as e:
+        validate_adapter_dir(adapter, spec, max_size_bytes=1024)
+    assert e.value.field == "size_bytes"
+
+
+@pytest.mark.parametrize("key", ["auto_map", "trust_remote_code"])
+def test_code_references_in_config_are_refused(adapter: Path, spec: BaseModelSpec, key: str) -> None:
+    _rewrite_config(adapter, lambda c: c.update({key: {"AutoModel": "evil.Model"}}))
+    with pytest.raises(AdapterFormatError, match="code references"):
+        validate_adapter_dir(adapter, spec)
+
+
+def test_unsupported_target_module_is_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    _rewrite_config(adapter, lambda c: c.update(target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(AdapterFormatError, match="embed_tokens"):
+        validate_adapter_dir(adapter, spec)
+
+
+def test_foreign_tensor_name_is_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    _rewrite_tensors(adapter, lambda t: t.update({"lm_head.weight": torch.ones(2, 2)}))
+    with pytest.raises(AdapterFormatError, match="lm_head"):
+        validate_adapter_dir(adapter, spec)
+
+
+def test_truncated_weights_are_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    data = (adapter / WEIGHTS).read_bytes()
+    (adapter / WEIGHTS).write_bytes(data[:-7])
+    with pytest.raises(AdapterFormatError, match=r"truncated|outside the file|does not match"):
+        validate_adapter_dir(adapter, spec)
+
+
+def test_oversized_header_is_refused_before_reading_it(adapter: Path, spec: BaseModelSpec) -> None:
+    (adapter / WEIGHTS).write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(AdapterFormatError, match="header of"):
+        validate_adapter_dir(adapter, spec)
+
+
+def test_dora_is_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    _rewrite_config(adapter, lambda c: c.update(use_dora=True))
+    with pytest.raises(AdapterFormatError, match="DoRA"):
+        validate_adapter_dir(adapter, spec)
+
+
+def test_digest_depends_on_content_not_on_location(adapter: Path, peft_dir: Path) -> None:
+    assert digest_dir(adapter) == digest_dir(peft_dir)
+    files = {name: (adapter / name).read_bytes() for name in (CONFIG, WEIGHTS)}
+    assert digest_bytes(files) == digest_dir(adapter)
+    _rewrite_config(adapter, lambda c: c.update(lora_alpha=31))
+    assert digest_dir(adapter) != digest_dir(peft_dir)
+
+
+def test_digest_refuses_a_file_shorter_than_declared() -> None:
+    digest = ArtifactDigest()
+    digest.begin_file("a", 10)
+    digest.update(b"12345")
+    with pytest.raises(ValueError, match="missing 5 bytes"):
+        digest.hexdigest()
+
+
+def test_unsupported_architecture_is_named() -> None:
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        BaseModelSpec.from_hf_config({"architectures": ["GPT2LMHeadModel"]}, "gpt2")
+
+
+def test_fingerprint_ignores_the_name_but_not_the_dimensions(spec: BaseModelSpec) -> None:
+    renamed = BaseModelSpec(**{**spec.__dict__, "name": "renamed"})
+    wider = BaseModelSpec(**{**spec.__dict__, "intermediate_size": 256})
+    assert renamed.fingerprint == spec.fingerprint
+    assert wider.fingerprint != spec.fingerprint

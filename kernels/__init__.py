@@ -1,0 +1,74 @@
+"""Batched multi-adapter LoRA ops (SGMV): Triton on CUDA, the pure-torch reference on CPU.
+
+    u = sgmv_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks=None)        # (T, R)
+    sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks=None)  # y (T, H_out) += ...
+
+Segment g covers rows ``seg_indptr[g]:seg_indptr[g + 1]`` and uses adapter slot ``seg_slots[g]``
+(-1: no adapter). See ``kernels.reference`` for the exact semantics.
+
+``OPENLORA_KERNELS`` selects the implementation: ``triton`` forces Triton (on CPU tensors this needs
+``TRITON_INTERPRET=1`` set before the Triton kernels are first imported), ``reference`` forces the
+reference, unset or ``auto`` picks by device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import reference
+
+__all__ = ["reference", "sgmv_expand", "sgmv_shrink", "use_triton"]
+
+_CHOICES = ("auto", "triton", "reference")
+
+
+def _kernel_choice() -> str:
+    # The one environment read outside an entry point: tests and operators switch the implementation
+    # per call without rebuilding the engine's config, so it is read here, at call time.
+    choice = os.environ.get("OPENLORA_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"OPENLORA_KERNELS must be one of {_CHOICES}, got {choice!r}")
+    return choice
+
+
+def use_triton(device: torch.device) -> bool:
+    """True when calls on tensors of ``device`` go to the Triton kernels."""
+    choice = _kernel_choice()
+    if choice == "auto":
+        return device.type == "cuda"
+    return choice == "triton"
+
+
+def sgmv_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slots: torch.Tensor,
+    slot_ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """u (T, R) = x (T, H_in) @ lora_a[slot] (R, H_in).T per segment; rows of slot -1 are zero."""
+    if use_triton(x.device):
+        from kernels.triton_ops.sgmv_shrink import sgmv_shrink as triton_shrink
+
+        return triton_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks)
+    return reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks)
+
+
+def sgmv_expand(
+    u: torch.Tensor,
+    lora_b: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slots: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    slot_ranks: torch.Tensor | None = None,
+) -> None:
+    """y (T, H_out) += scale[slot] * u (T, R) @ lora_b[slot] (H_out, R).T per segment, in place."""
+    if use_triton(u.device):
+        from kernels.triton_ops.sgmv_expand import sgmv_expand as triton_expand
+
+        triton_expand(u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks)
+        return
+    reference.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks)

@@ -1,0 +1,22 @@
+# One image for both processes: `openlora control-plane` and `openlora worker`.
+# CPU by default; build with --build-arg TORCH_SPEC="torch==2.13.0 --index-url <cuda wheel index>" for NVIDIA hosts.
+FROM python:3.11-slim
+
+ARG TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+
+WORKDIR /app
+RUN pip install $TORCH_SPEC
+COPY pyproject.toml README.md ./
+COPY openlora ./openlora
+COPY control_plane ./control_plane
+COPY data_plane ./data_plane
+COPY kernels ./kernels
+COPY migrations ./migrations
+COPY protos ./protos
+RUN pip install .
+
+RUN useradd --create-home --uid 1000 openlora && mkdir -p /var/lib/openlora && chown openlora /var/lib/openlora
+USER openlora
+VOLUME ["/var/lib/openlora"]
+ENTRYPOINT ["openlora"]

@@ -1,0 +1,1 @@
+"""The control plane: registry, tenants and keys, artifacts, usage and billing in Postgres."""

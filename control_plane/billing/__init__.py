@@ -1,0 +1,1 @@
+"""Prices per base model and monthly invoices (charges, royalties paid and earned)."""

@@ -1,0 +1,1 @@
+"""Persistence: the declarative base, engines and sessions, and the Alembic migration runner."""

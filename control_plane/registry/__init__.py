@@ -1,0 +1,1 @@
+"""The adapter registry: names, visibility, LoRA hyper-parameters and artifact addresses."""

@@ -1,0 +1,1 @@
+"""Tenants, API keys (only salted hashes stored) and the authentication of callers."""

@@ -1,0 +1,1 @@
+"""Usage events (idempotent by request id) and the hourly counters billing reads."""

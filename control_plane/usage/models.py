@@ -1,0 +1,65 @@
+"""Tables: `usage_event`, `usage_event_adapter` (one row per adapter of a request, with its mix weight)
+and `usage_counter` (per tenant, base model, adapter and hour; moved only by really inserted events).
+
+Counters hold weighted tokens as integer micro-tokens (tokens * 1e6 * share), so the tokens of a mixed
+request split exactly across its adapters."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Identity, Index, Numeric, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from control_plane.db.base import Base, utc_now
+
+MICROS = 1_000_000
+
+
+class UsageEvent(Base):
+    __tablename__ = "usage_event"
+    __table_args__ = (Index("ix_usage_event_tenant_id_finished_at", "tenant_id", "finished_at"),)
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id"))
+    worker_id: Mapped[str] = mapped_column(String(128), default="")
+    base_model: Mapped[str] = mapped_column(String(128), default="")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    queue_ms: Mapped[float] = mapped_column(default=0.0)
+    ttft_ms: Mapped[float] = mapped_column(default=0.0)
+    total_ms: Mapped[float] = mapped_column(default=0.0)
+    finish_reason: Mapped[str] = mapped_column(String(32), default="")
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class UsageEventAdapter(Base):
+    __tablename__ = "usage_event_adapter"
+
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("usage_event.request_id", ondelete="CASCADE"), primary_key=True
+    )
+    adapter_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("adapter.id"), primary_key=True)
+    weight: Mapped[Decimal] = mapped_column(Numeric(18, 6))
+
+
+class UsageCounter(Base):
+    __tablename__ = "usage_counter"
+    __table_args__ = (
+        UniqueConstraint(
+            "tenant_id", "base_model", "adapter_id", "hour_at", postgresql_nulls_not_distinct=True
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id"))
+    base_model: Mapped[str] = mapped_column(String(128))
+    # NULL: the base model alone.
+    adapter_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("adapter.id"), index=True)
+    hour_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_micro_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_micro_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

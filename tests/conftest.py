@@ -1,0 +1,96 @@
+"""Session-wide real services for every test.
+
+- `postgres_server_url`: the server `OPENLORA_TEST_DATABASE_URL` names, else an embedded PostgreSQL
+  started for the session.
+- `redis_url`: `OPENLORA_TEST_REDIS_URL`, else an embedded Redis started for the session.
+- `database_url` (per test module): a fresh database with every migration applied, cloned from a
+  template migrated once per session, dropped afterwards; tests never see each other's rows.
+- `empty_database_url` (per test): a fresh database with no tables (for migration tests).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+
+def _with_database(server_url: str, database: str) -> str:
+    return make_url(server_url).set(database=database).render_as_string(hide_password=False)
+
+
+def _libpq_url(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _create_database(server_url: str, name: str, template: str | None = None) -> str:
+    with psycopg.connect(_libpq_url(server_url), autocommit=True) as conn:
+        suffix = f' TEMPLATE "{template}"' if template else ""
+        conn.execute(f'CREATE DATABASE "{name}"{suffix}')
+    return _with_database(server_url, name)
+
+
+def _drop_database(server_url: str, name: str) -> None:
+    with psycopg.connect(_libpq_url(server_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("OPENLORA_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from openlora.embedded import EmbeddedPostgres
+
+    with EmbeddedPostgres(tmp_path_factory.mktemp("embedded-postgres")) as embedded_url:
+        yield embedded_url
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("OPENLORA_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    from openlora.embedded import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path_factory.mktemp("embedded-redis")) as embedded_url:
+        yield embedded_url
+
+
+@pytest.fixture(scope="session")
+def migrated_template_database(postgres_server_url: str) -> Iterator[str]:
+    """Name of a database holding the migrated schema, used as the template of `database_url`."""
+    from control_plane.db.migrate import upgrade
+
+    name = f"openlora_tpl_{uuid.uuid4().hex[:12]}"
+    upgrade(_create_database(postgres_server_url, name))
+    yield name
+    _drop_database(postgres_server_url, name)
+
+
+@pytest.fixture(scope="module")
+def database_url(postgres_server_url: str, migrated_template_database: str) -> Iterator[str]:
+    name = f"openlora_t_{uuid.uuid4().hex[:12]}"
+    url = _create_database(postgres_server_url, name, template=migrated_template_database)
+    yield url
+    _drop_database(postgres_server_url, name)
+
+
+@pytest.fixture
+def empty_database_url(postgres_server_url: str) -> Iterator[str]:
+    name = f"openlora_e_{uuid.uuid4().hex[:12]}"
+    url = _create_database(postgres_server_url, name)
+    yield url
+    _drop_database(postgres_server_url, name)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

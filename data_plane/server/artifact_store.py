@@ -1,0 +1,170 @@
+"""The worker's local disk cache of adapter artifacts: `<state>/artifacts/<sha256>/`.
+
+A missing artifact is streamed from the control plane into a private temporary directory, checked
+against its sha256 (openlora.artifact) and the PEFT validator, and only then renamed into place, so a
+directory under its sha256 always holds a verified adapter. A corrupt or partial download is deleted and
+never loaded. Concurrent requests for the same sha256 share one download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
+from openlora.artifact import ARTIFACT_FILES, ArtifactDigest
+from openlora.base_model import BaseModelSpec
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TMP_PREFIX = ".partial-"
+
+# Streams FetchArtifactResponse-like chunks (filename on a file's first chunk, offset, data,
+# file_size_bytes) of one artifact.
+Fetcher = Callable[[str], AsyncIterator]
+
+
+class ArtifactError(Exception):
+    """An artifact could not be brought to local disk: the download failed or did not verify."""
+
+
+class ArtifactRejected(ArtifactError):
+    """The artifact verified but this worker refuses it (shape, rank or size); `field` says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LocalArtifact:
+    sha256: str
+    path: Path
+    # "disk" when it was already here, "remote" when this call fetched it.
+    tier: str
+
+
+class ArtifactStore:
+    def __init__(
+        self,
+        root: Path,
+        fetch: Fetcher,
+        spec: BaseModelSpec | None,
+        max_rank: int,
+        max_size_bytes: int,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._fetch = fetch
+        self._spec = spec
+        self._max_rank = max_rank
+        self._max_size_bytes = max_size_bytes
+        self._downloads: dict[str, asyncio.Task[Path]] = {}
+        self._remove_partials()
+
+    def path_of(self, sha256: str) -> Path:
+        if not _SHA256.match(sha256):
+            raise ArtifactError(f"malformed artifact sha256 {sha256!r}")
+        return self.root / sha256
+
+    def contains(self, sha256: str) -> bool:
+        return self.path_of(sha256).is_dir()
+
+    async def ensure(self, sha256: str) -> LocalArtifact:
+        """The local directory of an artifact, fetched and verified first when it is not on disk."""
+        path = self.path_of(sha256)
+        if path.is_dir():
+            return LocalArtifact(sha256, path, "disk")
+        task = self._downloads.get(sha256)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._download(sha256))
+            self._downloads[sha256] = task
+            task.add_done_callback(lambda _t: self._downloads.pop(sha256, None))
+        # shield: one caller going away must not cancel the download the others wait for.
+        return LocalArtifact(sha256, await asyncio.shield(task), "remote")
+
+    def discard(self, sha256: str) -> None:
+        """Forgets an artifact (deleted or replaced upstream); a later ensure fetches it again."""
+        path = self.path_of(sha256)
+        if path.is_dir():
+            # Rename first so a concurrent reader never sees a half-deleted directory under the sha.
+            doomed = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
+            os.replace(path, doomed / "gone")
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    async def _download(self, sha256: str) -> Path:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{sha256[:12]}-", dir=self.root))
+        try:
+            await self._receive(sha256, tmp)
+            await asyncio.to_thread(self._verify, sha256, tmp)
+            final = self.root / sha256
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.is_dir():  # lost a race with another process: theirs is as good
+                    raise
+            return final
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    async def _receive(self, sha256: str, tmp: Path) -> None:
+        sizes: dict[str, int] = {}
+        written: dict[str, int] = {}
+        current: str | None = None
+        handle = None
+        try:
+            async for chunk in self._fetch(sha256):
+                if chunk.filename and chunk.filename != current:
+                    if chunk.filename not in ARTIFACT_FILES or chunk.filename in sizes:
+                        raise ArtifactError(f"artifact {sha256[:12]}: unexpected file {chunk.filename!r}")
+                    if handle is not None:
+                        handle.close()
+                    current = chunk.filename
+                    sizes[current] = chunk.file_size_bytes
+                    written[current] = 0
+                    handle = open(tmp / current, "wb")  # noqa: SIM115 (closed in finally)
+                if current is None or handle is None:
+                    raise ArtifactError(f"artifact {sha256[:12]}: data before a file name")
+                if chunk.offset != written[current]:
+                    raise ArtifactError(f"artifact {sha256[:12]}: {current} chunk out of order")
+                written[current] += len(chunk.data)
+                if written[current] > sizes[current] or written[current] > self._max_size_bytes:
+                    raise ArtifactError(f"artifact {sha256[:12]}: {current} longer than declared")
+                handle.write(chunk.data)
+        finally:
+            if handle is not None:
+                handle.close()
+        for name in ARTIFACT_FILES:
+            if name not in sizes or written[name] != sizes[name]:
+                raise ArtifactError(f"artifact {sha256[:12]}: {name} incomplete")
+
+    def _verify(self, sha256: str, tmp: Path) -> None:
+        digest = ArtifactDigest()
+        for name in sorted(ARTIFACT_FILES):
+            file_path = tmp / name
+            digest.begin_file(name, file_path.stat().st_size)
+            with open(file_path, "rb") as f:
+                while data := f.read(1 << 20):
+                    digest.update(data)
+                # Durable before the rename publishes the directory under its sha256.
+                os.fsync(f.fileno())
+        actual = digest.hexdigest()
+        if actual != sha256:
+            raise ArtifactError(f"artifact {sha256[:12]}: content digest {actual[:12]} does not match")
+        try:
+            validate_adapter_dir(tmp, self._spec, self._max_rank, self._max_size_bytes)
+        except AdapterFormatError as error:
+            raise ArtifactRejected(error.field, error.reason) from None
+
+    def _remove_partials(self) -> None:
+        for entry in self.root.glob(f"{_TMP_PREFIX}*"):
+            shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,89 @@
+"""The worker process's one frozen configuration, built once at the entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAX_AUTH_CACHE_TTL_S = 10.0
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the worker passes to the engine's own config; None leaves the engine default."""
+
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_lora_rank: int = 64
+    num_adapter_slots: int = 32
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_dir: Path
+    control_plane_target: str
+    worker_token: str
+    state_dir: Path
+    listen: str = "127.0.0.1:50051"
+    # host:port the control plane records for this worker; defaults to the bound listen address.
+    advertise_address: str | None = None
+    # Stable id kept across restarts; empty lets the control plane choose (then stored in state_dir).
+    worker_id: str = ""
+    # Base model name announced to the control plane; empty means the model directory's name.
+    model_name: str = ""
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    # Requests waiting for admission beyond which Generate answers RESOURCE_EXHAUSTED at once.
+    max_waiting: int = 256
+    # Upper bound of sampling.max_tokens; the engine's context length bounds it further.
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 128
+    redis_url: str | None = None
+    drain_grace_s: float = 30.0
+    # 0 disables the Prometheus endpoint.
+    metrics_port: int = 0
+    auth_cache_ttl_s: float = MAX_AUTH_CACHE_TTL_S
+    usage_flush_interval_s: float = 1.0
+    usage_fsync_interval_s: float = 0.2
+    usage_batch_size: int = 500
+    max_adapter_bytes: int = 512 << 20
+
+    def __post_init__(self) -> None:
+        if not self.control_plane_target:
+            raise ValueError(
+                "control_plane_target is required (flag --control-plane or OPENLORA_CONTROL_PLANE)"
+            )
+        if not self.worker_token:
+            raise ValueError("worker_token is required (flag --worker-token or OPENLORA_WORKER_TOKEN)")
+        if not 0 <= self.auth_cache_ttl_s <= MAX_AUTH_CACHE_TTL_S:
+            raise ValueError(
+                f"auth_cache_ttl_s must be in [0, {MAX_AUTH_CACHE_TTL_S}], got {self.auth_cache_ttl_s}"
+            )
+        if self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            raise ValueError("default_max_tokens must be in [1, max_tokens_limit]")
+        if self.drain_grace_s < 0:
+            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+        if self.usage_flush_interval_s <= 0 or self.usage_fsync_interval_s <= 0:
+            raise ValueError("usage intervals must be > 0")
+
+    @property
+    def base_model_name(self) -> str:
+        return self.model_name or Path(self.model_dir).name
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return Path(self.state_dir) / "artifacts"
+
+    @property
+    def usage_spool_path(self) -> Path:
+        return Path(self.state_dir) / "usage_spool.jsonl"
+
+    @property
+    def worker_id_path(self) -> Path:
+        return Path(self.state_dir) / "worker_id"

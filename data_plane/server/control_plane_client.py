@@ -1,0 +1,260 @@
+"""The worker's side of WorkerService: register, heartbeat, authorise callers (cached), fetch
+artifacts, report usage.
+
+Control-plane answers a caller can cause (UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND,
+INVALID_ARGUMENT, FAILED_PRECONDITION) pass through as `ControlPlaneError` with the same code; anything
+else (unreachable, timeout, a server fault) becomes UNAVAILABLE, so the caller may retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from data_plane.server.usage_reporter import UsageRecord
+from openlora.base_model import BaseModelSpec
+from openlora.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_PASS_THROUGH = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+AUTHORIZE_TIMEOUT_S = 5.0
+CALL_TIMEOUT_S = 10.0
+
+
+class ControlPlaneError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError, what: str) -> ControlPlaneError:
+        code = error.code()
+        if code in _PASS_THROUGH:
+            return cls(code, error.details() or code.name.lower())
+        return cls(grpc.StatusCode.UNAVAILABLE, f"control plane unavailable ({what}: {code.name})")
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    name: str
+    adapter_id: str
+    sha256: str
+    size_bytes: int
+    rank: int
+
+
+@dataclass(frozen=True)
+class Authorization:
+    tenant_id: str
+    tenant: str
+    can_infer: bool
+    # Parallel to the adapter names asked for.
+    adapters: tuple[ResolvedAdapter, ...]
+
+
+def spec_to_proto(spec: BaseModelSpec) -> worker_pb2.BaseModelSpec:
+    return worker_pb2.BaseModelSpec(
+        name=spec.name,
+        fingerprint=spec.fingerprint,
+        architecture=spec.architecture,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_layers=spec.num_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        vocab_size=spec.vocab_size,
+    )
+
+
+class ControlPlaneClient:
+    def __init__(self, target: str, worker_token: str, *, auth_cache_ttl_s: float = 10.0) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {worker_token}"),)
+        self._auth_cache_ttl_s = auth_cache_ttl_s
+        # (api key, adapter names) -> (expires at, monotonic seconds; answer)
+        self._auth_cache: dict[tuple[str, tuple[str, ...]], tuple[float, Authorization]] = {}
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def register(
+        self, worker_id: str, address: str, spec: BaseModelSpec, max_lora_rank: int, num_adapter_slots: int
+    ) -> tuple[str, float]:
+        """Registers this worker; returns (worker id, heartbeat interval in seconds)."""
+        request = worker_pb2.RegisterWorkerRequest(
+            worker_id=worker_id,
+            address=address,
+            base_model=spec_to_proto(spec),
+            max_lora_rank=max_lora_rank,
+            num_adapter_slots=num_adapter_slots,
+        )
+        try:
+            response = await self._stub.RegisterWorker(
+                request, metadata=self._metadata, timeout=CALL_TIMEOUT_S
+            )
+        except grpc.RpcError as error:
+            raise ControlPlaneError.from_rpc(error, "RegisterWorker") from None
+        return response.worker_id, (response.heartbeat_interval_ms or 5000) / 1000
+
+    async def heartbeat(self, worker_id: str, running: int, waiting: int, resident_sha256: list[str]) -> None:
+        request = worker_pb2.HeartbeatRequest(
+            worker_id=worker_id,
+            running_requests=running,
+            waiting_requests=waiting,
+            resident_adapter_sha256=resident_sha256,
+        )
+        try:
+            await self._stub.Heartbeat(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
+        except grpc.RpcError as error:
+            raise ControlPlaneError.from_rpc(error, "Heartbeat") from None
+
+    async def run_heartbeats(
+        self,
+        worker_id: str,
+        interval_s: float,
+        stats: Callable[[], tuple[int, int, list[str]]],
+        reregister: Callable[[], object],
+    ) -> None:
+        """Heartbeats forever; a control plane that forgot the worker (NOT_FOUND) gets it registered again."""
+        while True:
+            await asyncio.sleep(interval_s)
+            running, waiting, resident = stats()
+            try:
+                await self.heartbeat(worker_id, running, waiting, resident)
+            except ControlPlaneError as error:
+                log.warning("heartbeat failed: %s", error.message)
+                if error.code == grpc.StatusCode.NOT_FOUND:
+                    try:
+                        await reregister()
+                    except ControlPlaneError as again:
+                        log.warning("re-registration failed: %s", again.message)
+
+    async def authorize(self, api_key: str, adapter_names: tuple[str, ...], base_model: str) -> Authorization:
+        """The caller's tenant, scopes and resolved adapters; served from a cache for at most the TTL."""
+        key = (api_key, adapter_names)
+        now = time.monotonic()
+        cached = self._auth_cache.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        request = worker_pb2.AuthorizeRequest(
+            api_key=api_key, adapters=list(adapter_names), base_model=base_model
+        )
+        try:
+            response = await self._stub.Authorize(
+                request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S
+            )
+        except grpc.RpcError as error:
+            self._auth_cache.pop(key, None)
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self._forget_key(api_key)
+            raise ControlPlaneError.from_rpc(error, "Authorize") from None
+        if len(response.adapters) != len(adapter_names):
+            raise ControlPlaneError(grpc.StatusCode.UNAVAILABLE, "control plane answered for other adapters")
+        answer = Authorization(
+            tenant_id=response.tenant_id,
+            tenant=response.tenant,
+            can_infer=admin_pb2.SCOPE_INFER in response.scopes or admin_pb2.SCOPE_ADMIN in response.scopes,
+            adapters=tuple(
+                ResolvedAdapter(a.name, a.adapter_id, a.sha256, a.size_bytes, a.rank)
+                for a in response.adapters
+            ),
+        )
+        ttl_s = self._auth_cache_ttl_s
+        if response.cache_ttl_ms:
+            ttl_s = min(ttl_s, response.cache_ttl_ms / 1000)
+        if ttl_s > 0:
+            self._prune(now)
+            self._auth_cache[key] = (now + ttl_s, answer)
+        return answer
+
+    def forget_adapters(
+        self, *, names: tuple[str, ...] = (), sha256: str = "", adapter_id: str = ""
+    ) -> list[str]:
+        """Drops every cached answer that mentions one of these adapters; returns their sha256s."""
+        dropped: set[str] = set()
+        for key, (_, answer) in list(self._auth_cache.items()):
+            hit = [
+                a
+                for a in answer.adapters
+                if a.name in names
+                or (sha256 and a.sha256 == sha256)
+                or (adapter_id and a.adapter_id == adapter_id)
+            ]
+            if any(name in names for name in key[1]) or hit:
+                self._auth_cache.pop(key, None)
+                dropped.update(a.sha256 for a in answer.adapters if a in hit or a.name in names)
+        return sorted(dropped)
+
+    def cached_sha256(self, api_key: str, names: tuple[str, ...]) -> list[str]:
+        """sha256s this key's cached answers resolved these names to (the worker may hold them)."""
+        found = {
+            a.sha256
+            for (key, _), (_, answer) in self._auth_cache.items()
+            if key == api_key
+            for a in answer.adapters
+            if a.name in names
+        }
+        return sorted(found)
+
+    async def fetch_artifact(self, sha256: str) -> AsyncIterator[worker_pb2.FetchArtifactResponse]:
+        call = self._stub.FetchArtifact(
+            worker_pb2.FetchArtifactRequest(sha256=sha256), metadata=self._metadata, timeout=300
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.RpcError as error:
+            raise ControlPlaneError.from_rpc(error, "FetchArtifact") from None
+        finally:
+            call.cancel()
+
+    async def report_usage(self, records: list[UsageRecord]) -> None:
+        request = worker_pb2.ReportUsageRequest(events=[_usage_event(r) for r in records])
+        try:
+            await self._stub.ReportUsage(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
+        except grpc.RpcError as error:
+            raise ControlPlaneError.from_rpc(error, "ReportUsage") from None
+
+    def _forget_key(self, api_key: str) -> None:
+        for key in [k for k in self._auth_cache if k[0] == api_key]:
+            self._auth_cache.pop(key, None)
+
+    def _prune(self, now: float) -> None:
+        if len(self._auth_cache) > 10_000:
+            for key in [k for k, (expires_at, _) in self._auth_cache.items() if expires_at <= now]:
+                self._auth_cache.pop(key, None)
+
+
+def _usage_event(record: UsageRecord) -> worker_pb2.UsageEvent:
+    finished_at = Timestamp()
+    finished_at.FromNanoseconds(int(record.finished_at * 1e9))
+    return worker_pb2.UsageEvent(
+        request_id=record.request_id,
+        tenant_id=record.tenant_id,
+        adapters=[worker_pb2.UsageAdapter(adapter_id=a, weight=w) for a, w in record.adapters],
+        worker_id=record.worker_id,
+        base_model=record.base_model,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        queue_ms=record.queue_ms,
+        ttft_ms=record.ttft_ms,
+        total_ms=record.total_ms,
+        finished_at=finished_at,
+        finish_reason=record.finish_reason,
+    )

@@ -1,0 +1,58 @@
+"""Prometheus metrics of one worker, on their own registry. No tenant or adapter labels: their number
+is unbounded, and who used what is billing's business, not monitoring's."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+TIERS = ("none", "device", "host", "disk", "remote")
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft_s = Histogram(
+            "openlora_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS_S, registry=r
+        )
+        self.inter_token_s = Histogram(
+            "openlora_inter_token_seconds",
+            "Time between streamed tokens",
+            buckets=_TOKEN_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_s = Histogram(
+            "openlora_queue_seconds", "Arrival to first schedule", buckets=_LATENCY_BUCKETS_S, registry=r
+        )
+        self.e2e_s = Histogram(
+            "openlora_e2e_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS_S, registry=r
+        )
+        self.running = Gauge("openlora_running_requests", "Requests being decoded", registry=r)
+        self.waiting = Gauge("openlora_waiting_requests", "Requests waiting for admission", registry=r)
+        self.adapter_load_s = Histogram(
+            "openlora_adapter_load_seconds",
+            "Time bringing a request's adapters into device slots, by the tier they came from",
+            ["tier"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "openlora_adapter_cache_lookups_total",
+            "Adapter lookups by the tier the adapter was found in (device is a hit; others are misses above)",
+            ["tier"],
+            registry=r,
+        )
+        self.tokens_generated = Counter(
+            "openlora_tokens_generated_total", "Completion tokens streamed", registry=r
+        )
+        self.requests = Counter(
+            "openlora_requests_total", "Generate calls by final status", ["code"], registry=r
+        )
+        for tier in TIERS:
+            self.cache_lookups.labels(tier)
+
+    def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Exposes /metrics on `port` (a daemon thread of prometheus-client)."""
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,343 @@
+"""InferenceService.Generate: authorise -> validate -> resolve artifacts -> engine -> stream.
+
+Thin by design: the checks live in validation.py, authorisation in control_plane_client.py, artifacts
+in artifact_store.py, billing in usage_reporter.py. Every domain error becomes a status code in one
+place (`status_for`); nothing a caller can cause becomes INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from data_plane.engine.errors import AdapterLoadError, InvalidRequest, QueueFull
+from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
+from data_plane.server.artifact_store import ArtifactError, ArtifactRejected, ArtifactStore
+from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
+from data_plane.server.metrics import WorkerMetrics
+from data_plane.server.usage_reporter import UsageRecord, UsageReporter
+from data_plane.server.validation import (
+    RequestFieldError,
+    RequestLimits,
+    ValidRequest,
+    check_prompt_length,
+    check_request,
+    requested_adapter_names,
+)
+from openlora.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "abort": inference_pb2.FINISH_REASON_ABORT,
+}
+_CACHE_TIERS = {
+    "none": inference_pb2.CACHE_TIER_NONE,
+    "device": inference_pb2.CACHE_TIER_DEVICE,
+    "host": inference_pb2.CACHE_TIER_HOST,
+    "disk": inference_pb2.CACHE_TIER_DISK,
+    "remote": inference_pb2.CACHE_TIER_REMOTE,
+}
+# Slowest first: the request's tier is the slowest any of its adapters came from.
+_TIER_ORDER = ("remote", "disk", "host", "device", "none")
+
+
+class Draining(Exception):
+    """The worker is shutting down and takes no new calls."""
+
+
+class MissingCredentials(Exception):
+    """The call carries no `authorization: Bearer <key>` metadata."""
+
+
+class MissingScope(Exception):
+    """The key is valid but may not call InferenceService."""
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status code and message for a domain error; None for a fault of the worker itself."""
+    if isinstance(error, RequestFieldError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, AdapterLoadError):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"adapter refused: {error}"
+    if isinstance(error, ArtifactRejected):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"adapter refused by this worker: {error}"
+    if isinstance(error, ArtifactError):
+        return grpc.StatusCode.UNAVAILABLE, f"adapter download failed, retry: {error}"
+    if isinstance(error, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the worker's waiting queue is full; retry later"
+    if isinstance(error, ControlPlaneError):
+        return error.code, error.message
+    if isinstance(error, Draining):
+        return grpc.StatusCode.UNAVAILABLE, "the worker is draining; retry on another worker"
+    if isinstance(error, MissingCredentials):
+        return grpc.StatusCode.UNAUTHENTICATED, "missing metadata 'authorization: Bearer <api key>'"
+    if isinstance(error, MissingScope):
+        return grpc.StatusCode.PERMISSION_DENIED, "the api key lacks the infer scope"
+    return None
+
+
+@dataclass
+class WorkerState:
+    worker_id: str = ""
+    base_model: str = ""
+    draining: bool = False
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+@dataclass
+class _Progress:
+    """What was actually handed to the transport, for billing and metrics."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    finish_reason: str = "abort"
+    last_token_at: float | None = None
+    # (adapter id, weight) of the request's adapters, for billing.
+    adapters: tuple[tuple[str, float], ...] = ()
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(
+        self,
+        engine,
+        control_plane: ControlPlaneClient,
+        artifacts: ArtifactStore,
+        usage: UsageReporter,
+        metrics: WorkerMetrics,
+        state: WorkerState,
+        limits: RequestLimits,
+    ) -> None:
+        self._engine = engine
+        self._cp = control_plane
+        self._artifacts = artifacts
+        self._usage = usage
+        self._metrics = metrics
+        self._state = state
+        self._limits = limits
+
+    async def Generate(self, request, context) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        self._state.enter()
+        code = "OK"
+        try:
+            async for response in self._generate(request, context):
+                yield response
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            mapped = status_for(error)
+            if mapped is None:
+                log.exception("Generate failed")
+                mapped = (grpc.StatusCode.INTERNAL, "internal error")
+            code = mapped[0].name
+            await context.abort(*mapped)
+        finally:
+            self._metrics.requests.labels(code).inc()
+            self._state.leave()
+
+    async def _generate(self, request, context) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        arrival = time.monotonic()
+        if self._state.draining:
+            raise Draining()
+        api_key = _bearer_key(context)
+        names = requested_adapter_names(request)
+        auth = await self._authorize(api_key, names)
+        if not auth.can_infer:
+            raise MissingScope()
+        valid = check_request(request, self._limits)
+        prompt_ids = await self._prompt_ids(valid)
+        check_prompt_length(len(prompt_ids), self._limits)
+
+        by_name = {a.name: a for a in auth.adapters}
+        fetch_started = time.monotonic()
+        adapter_refs, tier = await self._resolve(valid, by_name)
+        fetch_ms = (time.monotonic() - fetch_started) * 1000
+
+        request_id = valid.request_id or uuid.uuid4().hex
+        engine_request = EngineRequest(
+            # The engine's id is private: two calls may carry the same client request id.
+            request_id=uuid.uuid4().hex,
+            prompt_token_ids=prompt_ids,
+            sampling=SamplingOptions(
+                temperature=valid.temperature,
+                top_p=valid.top_p,
+                top_k=valid.top_k,
+                max_tokens=valid.max_tokens,
+                seed=valid.seed,
+                stop=valid.stop,
+                repetition_penalty=valid.repetition_penalty,
+                logprobs=valid.logprobs,
+            ),
+            adapters=adapter_refs,
+            arrival_time=arrival,
+        )
+        progress = _Progress(
+            prompt_tokens=len(prompt_ids),
+            adapters=tuple((by_name[name].adapter_id, weight) for name, weight in valid.adapters),
+        )
+        outputs = self._engine.generate(engine_request)
+        try:
+            async for out in outputs:
+                response = inference_pb2.GenerateResponse(
+                    request_id=request_id,
+                    text=out.new_text,
+                    token_ids=out.new_token_ids,
+                    logprobs=out.new_logprobs or [] if valid.logprobs else [],
+                )
+                if out.finished:
+                    engine_tier = out.cache_tier or "none"
+                    final_tier = tier if tier == "remote" else _slowest(tier, engine_tier)
+                    response.finish_reason = _FINISH_REASONS.get(out.finish_reason or "abort", 0)
+                    response.usage.prompt_tokens = out.prompt_tokens
+                    response.usage.completion_tokens = progress.completion_tokens + len(out.new_token_ids)
+                    response.timing.queue_ms = out.queue_ms
+                    response.timing.adapter_load_ms = out.adapter_load_ms + (
+                        fetch_ms if tier == "remote" else 0
+                    )
+                    response.timing.ttft_ms = out.ttft_ms
+                    response.timing.total_ms = out.total_ms
+                    response.timing.cache_tier = _CACHE_TIERS[final_tier]
+                    progress.queue_ms, progress.ttft_ms, progress.total_ms = (
+                        out.queue_ms,
+                        out.ttft_ms,
+                        out.total_ms,
+                    )
+                    self._observe_adapter(final_tier, response.timing.adapter_load_ms)
+                elif not out.new_token_ids and not out.new_text:
+                    continue
+                yield response
+                # Counted only once the transport took the message: that is what the caller received.
+                self._count_streamed(progress, out, arrival)
+                if out.finished:
+                    progress.finish_reason = out.finish_reason or "stop"
+                    break
+        except (asyncio.CancelledError, GeneratorExit):
+            progress.finish_reason = "abort"
+            raise
+        except BaseException:
+            progress.finish_reason = "error"
+            raise
+        finally:
+            await _close(outputs)
+            self._record_usage(request_id, auth, progress, arrival)
+
+    async def _authorize(self, api_key: str, names: tuple[str, ...]) -> Authorization:
+        try:
+            return await self._cp.authorize(api_key, names, self._state.base_model)
+        except ControlPlaneError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND and names:
+                # The control plane says an adapter is gone (or never was visible): serve it never again.
+                for sha256 in self._cp.forget_adapters(names=names):
+                    self._artifacts.discard(sha256)
+            raise
+
+    async def _prompt_ids(self, valid: ValidRequest) -> list[int]:
+        if valid.prompt_token_ids is not None:
+            return list(valid.prompt_token_ids)
+        return list(self._engine.tokenizer.encode(valid.prompt))
+
+    async def _resolve(self, valid: ValidRequest, by_name) -> tuple[tuple[AdapterRef, ...], str]:
+        if not valid.adapters:
+            self._metrics.cache_lookups.labels("none").inc()
+            return (), "none"
+        resolved = [(by_name[name], weight) for name, weight in valid.adapters]
+        locals_ = await asyncio.gather(*(self._artifacts.ensure(a.sha256) for a, _ in resolved))
+        refs = tuple(
+            AdapterRef(key=a.sha256, path=local.path, weight=weight)
+            for (a, weight), local in zip(resolved, locals_, strict=True)
+        )
+        tier = "remote" if any(local.tier == "remote" for local in locals_) else "disk"
+        return refs, tier
+
+    def _count_streamed(self, progress: _Progress, out, arrival: float) -> None:
+        n = len(out.new_token_ids)
+        if not n:
+            return
+        now = time.monotonic()
+        if progress.completion_tokens == 0:
+            self._metrics.ttft_s.observe(now - arrival)
+        elif progress.last_token_at is not None:
+            gap_s = (now - progress.last_token_at) / n
+            for _ in range(n):
+                self._metrics.inter_token_s.observe(gap_s)
+        progress.last_token_at = now
+        progress.completion_tokens += n
+        self._metrics.tokens_generated.inc(n)
+
+    def _observe_adapter(self, tier: str, load_ms: float) -> None:
+        self._metrics.cache_lookups.labels(tier).inc()
+        if tier != "none":
+            self._metrics.adapter_load_s.labels(tier).observe(load_ms / 1000)
+
+    def _record_usage(
+        self, request_id: str, auth: Authorization, progress: _Progress, arrival: float
+    ) -> None:
+        now = time.monotonic()
+        total_ms = progress.total_ms or (now - arrival) * 1000
+        self._metrics.e2e_s.observe(total_ms / 1000)
+        if progress.queue_ms:
+            self._metrics.queue_s.observe(progress.queue_ms / 1000)
+        if progress.completion_tokens == 0:
+            return  # nothing was received: nothing to bill
+        self._usage.record(
+            UsageRecord(
+                request_id=request_id,
+                tenant_id=auth.tenant_id,
+                adapters=progress.adapters,
+                worker_id=self._state.worker_id,
+                base_model=self._state.base_model,
+                prompt_tokens=progress.prompt_tokens,
+                completion_tokens=progress.completion_tokens,
+                queue_ms=progress.queue_ms,
+                ttft_ms=progress.ttft_ms,
+                total_ms=total_ms,
+                finished_at=time.time(),
+                finish_reason=progress.finish_reason,
+            )
+        )
+
+
+def _slowest(a: str, b: str) -> str:
+    return min(a, b, key=_TIER_ORDER.index)
+
+
+def _bearer_key(context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and value.startswith("Bearer ") and value[7:].strip():
+            return value[7:].strip()
+    raise MissingCredentials()
+
+
+async def _close(outputs) -> None:
+    aclose = getattr(outputs, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # closing must never hide the call's own outcome
+            log.exception("closing the engine stream failed")

@@ -1,0 +1,114 @@
+"""Python client of InferenceService: `Client(target, api_key).generate(prompt)` yields text pieces.
+
+    client = Client("127.0.0.1:50051", api_key)
+    for piece in client.generate("Hello", adapter="upper", max_tokens=32):
+        print(piece, end="", flush=True)
+
+Failures raise the typed errors of `openlora.errors` (InvalidArgument, Unauthenticated, NotFound, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import grpc
+
+from openlora.errors import OpenLoRAError, from_rpc_error
+from openlora.v1 import inference_pb2, inference_pb2_grpc
+
+GenerateResponse = inference_pb2.GenerateResponse
+
+_MIX_METHODS = {"linear": inference_pb2.MIX_METHOD_LINEAR}
+
+
+def build_request(
+    prompt: str | None = None,
+    *,
+    prompt_token_ids: Sequence[int] | None = None,
+    adapter: str | None = None,
+    mix: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+    mix_method: str = "linear",
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    repetition_penalty: float | None = None,
+    logprobs: bool = False,
+    request_id: str | None = None,
+) -> inference_pb2.GenerateRequest:
+    """The GenerateRequest for these arguments; the server validates the values."""
+    sampling = inference_pb2.SamplingParams(top_k=top_k, stop=list(stop))
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if seed is not None:
+        sampling.seed = seed
+    if repetition_penalty is not None:
+        sampling.repetition_penalty = repetition_penalty
+    request = inference_pb2.GenerateRequest(
+        request_id=request_id or "",
+        adapter=adapter or "",
+        prompt=prompt or "",
+        prompt_token_ids=list(prompt_token_ids or ()),
+        sampling=sampling,
+        logprobs=logprobs,
+    )
+    if mix:
+        pairs = mix.items() if isinstance(mix, Mapping) else mix
+        request.mix.extend(inference_pb2.AdapterWeight(adapter=name, weight=w) for name, w in pairs)
+        if mix_method not in _MIX_METHODS:
+            raise ValueError(f"mix_method must be one of {', '.join(_MIX_METHODS)}, got {mix_method!r}")
+        request.mix_method = _MIX_METHODS[mix_method]
+    return request
+
+
+class Client:
+    """A blocking client over one channel; safe to share between threads."""
+
+    def __init__(self, target: str, api_key: str, *, timeout_s: float | None = None) -> None:
+        self.target = target
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(target)
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+
+    def generate_stream(self, prompt: str | None = None, **kwargs) -> Iterator[GenerateResponse]:
+        """Yields every GenerateResponse; the last carries finish_reason, usage and timing.
+
+        Closing the iterator early (break, or garbage collection) cancels the call on the server.
+        """
+        request = build_request(prompt, **kwargs)
+        call = self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout_s)
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    def generate(self, prompt: str | None = None, **kwargs) -> Iterator[str]:
+        """Yields the completion's text pieces as they are produced."""
+        for response in self.generate_stream(prompt, **kwargs):
+            if response.text:
+                yield response.text
+
+    def complete(self, prompt: str | None = None, **kwargs) -> str:
+        """The whole completion text."""
+        return "".join(self.generate(prompt, **kwargs))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+__all__ = ["Client", "GenerateResponse", "OpenLoRAError", "build_request"]

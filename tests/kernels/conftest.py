@@ -1,0 +1,17 @@
+"""Kernel tests: without CUDA the Triton kernels run on the CPU through Triton's interpreter.
+
+TRITON_INTERPRET is read when a @triton.jit function is defined, so it must be set before the kernel
+modules are first imported; this conftest is loaded before the test modules of this folder.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    for name in ("kernels.triton_ops.sgmv_shrink", "kernels.triton_ops.sgmv_expand"):
+        if name in sys.modules:
+            raise pytest.UsageError(f"{name} was imported before TRITON_INTERPRET=1 could be set")

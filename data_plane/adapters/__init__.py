@@ -1,0 +1,1 @@
+"""Reading PEFT LoRA directories into tensors ready for a slot, and runtime mixes of adapters."""

@@ -1,0 +1,34 @@
+"""read_peft_adapter: validate a PEFT LoRA directory, then load its factors as tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from data_plane.adapters.weights import AdapterWeights, LoraFactors
+from data_plane.engine.errors import AdapterLoadError
+from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
+from openlora.artifact import WEIGHTS_FILE
+from openlora.base_model import BaseModelSpec
+
+
+def read_peft_adapter(path: Path, spec: BaseModelSpec, max_rank: int, dtype: torch.dtype) -> AdapterWeights:
+    """Validates `path` against the base model, then reads every lora_A/lora_B into `dtype` CPU tensors.
+
+    Raises AdapterLoadError(field, reason) for anything refused (missing, malformed, another base model).
+    """
+    try:
+        info = validate_adapter_dir(path, spec, max_rank=max_rank)
+    except AdapterFormatError as e:
+        raise AdapterLoadError(f"adapter.{e.field}", e.reason) from None
+    except OSError as e:
+        raise AdapterLoadError("adapter", f"cannot read {Path(path).name!r}: {e.strerror}") from None
+    scale = info.scaling
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+        for t in info.tensors:
+            pairs.setdefault((t.layer, t.module), {})[t.which] = f.get_tensor(t.name).to(dtype)
+    factors = {key: LoraFactors(ab["A"], ab["B"], scale) for key, ab in pairs.items()}
+    return AdapterWeights(rank=info.rank, factors=factors)

@@ -1,0 +1,1 @@
+"""The continuous-batching engine: scheduling, paged KV, adapter slots, sampling."""

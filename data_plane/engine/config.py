@@ -1,0 +1,70 @@
+"""EngineConfig: the one frozen configuration of an engine, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_KV_CACHE_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA) | "float32" | "bfloat16" | "float16"
+    device: str = "cpu"
+    max_lora_rank: int = 64
+    num_adapter_slots: int = 32
+    kv_cache_bytes: int | None = None  # budget for the paged KV cache; num_kv_blocks wins when both are set
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 1024
+    max_model_len: int | None = None  # None: the model's own limit (bounded by the KV cache)
+    seed: int = 0  # for requests that give no seed of their own
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.device.startswith("cpu") and self.dtype == "float16":
+            raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
+        for name in (
+            "max_lora_rank",
+            "num_adapter_slots",
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be positive")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError("kv_cache_bytes must be positive")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return _DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def resolve_num_kv_blocks(self, bytes_per_block: int) -> int:
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        budget = self.kv_cache_bytes if self.kv_cache_bytes is not None else DEFAULT_KV_CACHE_BYTES
+        num_blocks = budget // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={budget} holds no block of {bytes_per_block} bytes")
+        return num_blocks

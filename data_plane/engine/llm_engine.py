@@ -1,0 +1,255 @@
+"""LLMEngine: wires scheduler, model runner, adapter cache and loader, sampler and detokenizer.
+
+Drive it with `add_request` and `step`; each step returns the new tokens of every request that
+advanced, and a final output for each request that finished, failed or was aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from data_plane.engine.adapter_cache import AdapterCache, AdapterState
+from data_plane.engine.adapter_loader import AdapterLoader
+from data_plane.engine.block_manager import BlockManager
+from data_plane.engine.config import EngineConfig
+from data_plane.engine.errors import InvalidRequest, QueueFull
+from data_plane.engine.model_runner import ModelRunner
+from data_plane.engine.request import EngineRequest, RequestOutput
+from data_plane.engine.sampler import Sampler
+from data_plane.engine.scheduler import Scheduler, SchedulerLimits
+from data_plane.engine.sequence import Sequence
+from data_plane.engine.validation import adapter_key, validate_request
+from data_plane.model.loader import load_model
+from data_plane.tokenizer import IncrementalDetokenizer, Tokenizer
+from openlora.base_model import BaseModelSpec
+
+log = logging.getLogger(__name__)
+_IDLE_LOAD_WAIT_S = 0.05
+
+
+@dataclass
+class _RequestState:
+    request: EngineRequest
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer | None
+    generator: torch.Generator
+    cache_tier: str
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    adapter_load_ms: float = 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        dtype, device = config.torch_dtype, config.torch_device
+        model_len = config.max_model_len or 1 << 20
+        model, model_config = load_model(config.model_dir, dtype, device, max_positions=1)
+        self.model_config = model_config
+        max_model_len = min(model_len, model_config.max_model_len)
+        num_blocks = config.resolve_num_kv_blocks(
+            ModelRunner.kv_bytes_per_block(model, config.block_size, dtype)
+        )
+        # A sequence must always fit the cache on its own, or preemption could not make room for it.
+        self.max_model_len = min(max_model_len, num_blocks * config.block_size)
+        model.model.rotary.max_positions = self.max_model_len
+        model.model.rotary.build(device)
+        self.runner = ModelRunner(
+            model, num_blocks, config.block_size, config.num_adapter_slots, config.max_lora_rank
+        )
+        self.adapter_cache = AdapterCache(config.num_adapter_slots)
+        self.scheduler = Scheduler(
+            SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens),
+            BlockManager(num_blocks, config.block_size),
+            self.adapter_cache,
+        )
+        self.loader = AdapterLoader(model_config.spec, config.max_lora_rank, dtype)
+        self.sampler = Sampler()
+        tokenizer_path = config.model_dir / "tokenizer.json"
+        self.tokenizer = (
+            Tokenizer.from_dir(config.model_dir, model_config.eos_token_ids)
+            if tokenizer_path.is_file()
+            else None
+        )
+        self._eos_token_ids = set(model_config.eos_token_ids)
+        self._states: dict[str, _RequestState] = {}
+        self._members: dict[str, tuple] = {}  # adapter key -> AdapterRefs to load it from
+        self._pending_outputs: list[RequestOutput] = []
+        self._default_generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        log.info(
+            "engine ready: %d KV blocks of %d tokens, max_model_len %d",
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
+        )
+
+    @property
+    def spec(self) -> BaseModelSpec:
+        return self.model_config.spec
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending_outputs)
+
+    def resident_adapter_keys(self) -> list[str]:
+        return self.adapter_cache.resident_keys()
+
+    def validate(self, request: EngineRequest) -> None:
+        """Raises InvalidRequest or AdapterLoadError for a request that can never run; reads no engine state
+        that changes, so another thread may call it."""
+        validate_request(
+            request,
+            self.spec.vocab_size,
+            self.max_model_len,
+            self.config.max_lora_rank,
+            self.tokenizer is not None,
+        )
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.validate(request)
+        if request.request_id in self._states:
+            raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
+        if self.scheduler.num_waiting >= self.config.max_waiting:
+            raise QueueFull(f"{self.scheduler.num_waiting} requests are waiting")
+        key = adapter_key(request.adapters)
+        if key is not None:
+            self._members[key] = request.adapters
+        seq = Sequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids), key)
+        sampling = request.sampling
+        if sampling.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        else:
+            generator = self._default_generator
+        detokenizer = (
+            IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, sampling.stop)
+            if self.tokenizer
+            else None
+        )
+        if key is None:
+            tier = "none"
+        else:
+            tier = "device" if self.adapter_cache.state(key) is AdapterState.READY else "disk"
+        self._states[request.request_id] = _RequestState(request, seq, detokenizer, generator, tier)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return
+        self.scheduler.finish(state.seq)
+        self._pending_outputs.append(self._output(state, [], "", None, "abort", time.monotonic()))
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        self._install_finished_loads(outputs)
+        batch = self.scheduler.schedule()
+        for key, _slot in batch.loads:
+            self.loader.submit(key, self._members[key])
+        if batch.is_empty:
+            if self.loader.num_in_flight:
+                self.loader.wait(_IDLE_LOAD_WAIT_S)
+            return outputs
+        now = time.monotonic()
+        slots = []
+        for seq in batch.seqs:
+            state = self._states[seq.request_id]
+            if state.scheduled_at is None:
+                state.scheduled_at = now
+            slots.append(-1 if seq.adapter_key is None else self.adapter_cache.slot_of(seq.adapter_key))
+        sample_ids, logits = self.runner.run(batch.seqs, batch.num_tokens, slots)
+        for seq, num_tokens in zip(batch.seqs, batch.num_tokens, strict=True):
+            seq.num_computed_tokens += num_tokens
+        if not sample_ids:
+            return outputs
+        sampled = [batch.seqs[i] for i in sample_ids]
+        states = [self._states[seq.request_id] for seq in sampled]
+        token_ids, logprobs = self.sampler(
+            logits,
+            [s.request.sampling for s in states],
+            [s.generator for s in states],
+            [seq.token_ids for seq in sampled],
+        )
+        now = time.monotonic()
+        for state, token_id, logprob in zip(states, token_ids, logprobs, strict=True):
+            outputs.append(self._append_token(state, token_id, logprob, now))
+        return outputs
+
+    def _append_token(self, state: _RequestState, token_id: int, logprob: float, now: float) -> RequestOutput:
+        seq, sampling = state.seq, state.request.sampling
+        seq.token_ids.append(token_id)
+        if state.first_token_at is None:
+            state.first_token_at = now
+        text = ""
+        reason = None
+        is_eos = token_id in self._eos_token_ids
+        if state.detokenizer is not None and not is_eos:
+            text = state.detokenizer.add(token_id)
+        if is_eos or (state.detokenizer is not None and state.detokenizer.stopped):
+            reason = "stop"
+        elif seq.num_output_tokens >= sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if state.detokenizer is not None:
+                text += state.detokenizer.flush()
+            self.scheduler.finish(seq)
+            del self._states[seq.request_id]
+        return self._output(state, [token_id], text, [logprob] if sampling.logprobs else None, reason, now)
+
+    def _install_finished_loads(self, outputs: list[RequestOutput]) -> None:
+        for load in self.loader.collect():
+            now = time.monotonic()
+            if load.error is not None:
+                log.warning("adapter %s failed to load: %s", load.key, load.error)
+                for seq in self.scheduler.fail_adapter(load.key):
+                    state = self._states.pop(seq.request_id)
+                    outputs.append(self._output(state, [], "", None, "abort", now, error=load.error))
+                continue
+            slot = self.adapter_cache.mark_ready(load.key)
+            self.runner.load_adapter(slot, load.weights)
+            for state in self._states.values():
+                if state.seq.adapter_key == load.key and state.scheduled_at is None:
+                    state.adapter_load_ms = (now - max(load.started_at, state.request.arrival_time)) * 1000
+
+    def _output(
+        self,
+        state: _RequestState,
+        token_ids: list[int],
+        text: str,
+        logprobs: list[float] | None,
+        reason: str | None,
+        now: float,
+        error: Exception | None = None,
+    ) -> RequestOutput:
+        arrival = state.request.arrival_time
+        scheduled = state.scheduled_at if state.scheduled_at is not None else now
+        first_token = state.first_token_at if state.first_token_at is not None else now
+        return RequestOutput(
+            request_id=state.request.request_id,
+            new_token_ids=token_ids,
+            new_text=text,
+            new_logprobs=logprobs,
+            finished=reason is not None,
+            finish_reason=reason,
+            prompt_tokens=state.seq.num_prompt_tokens,
+            completion_tokens=state.seq.num_output_tokens,
+            queue_ms=(scheduled - arrival) * 1000,
+            adapter_load_ms=state.adapter_load_ms,
+            ttft_ms=(first_token - arrival) * 1000,
+            total_ms=(now - arrival) * 1000,
+            cache_tier=state.cache_tier,
+            error=error,
+        )
+
+    def shutdown(self) -> None:
+        self.loader.shutdown()

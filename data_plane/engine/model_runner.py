@@ -1,0 +1,132 @@
+"""ModelRunner: the one place that builds device tensors; owns the model, KV cache and adapter slots."""
+
+from __future__ import annotations
+
+import torch
+
+from data_plane.adapters.weights import AdapterWeights
+from data_plane.engine.sequence import Sequence
+from data_plane.model.llama import LlamaForCausalLM
+from data_plane.model.metadata import LoraSegments, PrefillSpan, StepMetadata
+from openlora.base_model import PROJECTIONS
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_kv_blocks: int,
+        block_size: int,
+        num_adapter_slots: int,
+        max_lora_rank: int,
+    ) -> None:
+        self.model = model
+        spec = model.config.spec
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks
+        shape = (num_kv_blocks, block_size, spec.num_key_value_heads, spec.head_dim)
+        for layer in model.model.layers:
+            layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        model.allocate_lora_slots(num_adapter_slots, max_lora_rank)
+        self.slot_ranks = [0] * num_adapter_slots
+
+    @staticmethod
+    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+        spec = model.config.spec
+        element_bytes = torch.empty((), dtype=dtype).element_size()
+        return 2 * spec.num_layers * block_size * spec.num_key_value_heads * spec.head_dim * element_bytes
+
+    def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
+        """Copies an adapter's factors into `slot` of every projection; absent ones are cleared."""
+        for layer in range(len(self.model.model.layers)):
+            projections = self.model.projections(layer)
+            for name in PROJECTIONS:
+                factors = weights.factors.get((layer, name))
+                if factors is None:
+                    projections[name].load_slot(slot, None, None, 0.0)
+                else:
+                    projections[name].load_slot(slot, factors.a, factors.b, factors.scale)
+        self.slot_ranks[slot] = weights.rank
+
+    @torch.inference_mode()
+    def run(
+        self, seqs: list[Sequence], num_tokens: list[int], slots: list[int]
+    ) -> tuple[list[int], torch.Tensor]:
+        """One forward pass over `num_tokens[i]` pending tokens of each sequence.
+
+        `slots[i]` is the adapter slot of sequence i (-1: none). Returns (indices of the sequences that
+        reached their last token and so get a sample, logits (N, vocab) float32 for them, in that order).
+        """
+        # Group rows by adapter slot so each adapter is one contiguous segment (stable: keeps arrival order).
+        order = sorted(range(len(seqs)), key=lambda i: slots[i])
+        input_ids: list[int] = []
+        positions: list[int] = []
+        kv_slot_ids: list[int] = []
+        prefills: list[PrefillSpan] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        sample_seq_ids: list[int] = []
+        sample_rows: list[int] = []
+        seg_indptr = [0]
+        seg_slots: list[int] = []
+        block_size = self.block_size
+        for i in order:
+            seq, count, slot = seqs[i], num_tokens[i], slots[i]
+            start_pos = seq.num_computed_tokens
+            row = len(input_ids)
+            input_ids.extend(seq.token_ids[start_pos : start_pos + count])
+            span_positions = range(start_pos, start_pos + count)
+            positions.extend(span_positions)
+            blocks = seq.block_ids
+            kv_slot_ids.extend(blocks[p // block_size] * block_size + p % block_size for p in span_positions)
+            if count == 1:
+                decode_rows.append(row)
+                decode_tables.append(blocks)
+                decode_lens.append(start_pos + 1)
+            else:
+                block_ids = torch.tensor(blocks, dtype=torch.int64, device=self.device)
+                prefills.append(PrefillSpan(row, count, start_pos, block_ids))
+            if start_pos + count == seq.num_tokens:
+                sample_seq_ids.append(i)
+                sample_rows.append(row + count - 1)
+            if seg_slots and seg_slots[-1] == slot:
+                seg_indptr[-1] += count
+            else:
+                seg_slots.append(slot)
+                seg_indptr.append(seg_indptr[-1] + count)
+
+        device = self.device
+        meta = StepMetadata(
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            kv_slot_ids=torch.tensor(kv_slot_ids, dtype=torch.int64, device=device),
+            prefills=prefills,
+            decode_rows=None,
+            decode_block_tables=None,
+            decode_mask=None,
+            lora=None,
+        )
+        if decode_rows:
+            max_blocks = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
+            meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
+            meta.decode_block_tables = torch.tensor(padded, dtype=torch.int64, device=device)
+            lens = torch.tensor(decode_lens, dtype=torch.int64, device=device)
+            key_pos = torch.arange(max_blocks * block_size, device=device)
+            meta.decode_mask = (key_pos.unsqueeze(0) < lens.unsqueeze(1)).view(len(decode_rows), 1, 1, -1)
+        used_slots = [s for s in seg_slots if s >= 0]
+        if used_slots:
+            meta.lora = LoraSegments(
+                seg_indptr=torch.tensor(seg_indptr, dtype=torch.int32, device=device),
+                seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=device),
+                max_rank=max(self.slot_ranks[s] for s in used_slots),
+            )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=device)
+        hidden = self.model(ids, meta)  # (T, hidden)
+        if not sample_rows:
+            return [], hidden.new_empty(0, self.model.config.spec.vocab_size, dtype=torch.float32)
+        rows = torch.tensor(sample_rows, dtype=torch.int64, device=device)
+        return sample_seq_ids, self.model.compute_logits(hidden[rows])

@@ -1,0 +1,86 @@
+"""Checks on an EngineRequest before it is queued; every failure is a typed error naming the field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+from data_plane.engine.errors import AdapterLoadError, InvalidRequest
+from data_plane.engine.request import AdapterRef, EngineRequest
+from openlora.adapter_format import AdapterFormatError, parse_adapter_config
+from openlora.artifact import CONFIG_FILE
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_MIX_MEMBERS = 8
+
+
+def adapter_key(adapters: tuple[AdapterRef, ...]) -> str | None:
+    """The cache key of what a request runs: None (base), the adapter's own key, or a mix's key."""
+    if not adapters:
+        return None
+    if len(adapters) == 1 and adapters[0].weight == 1.0:
+        return adapters[0].key
+    members = [[a.key, float(a.weight)] for a in adapters]
+    return "mix:" + hashlib.sha256(json.dumps(members).encode()).hexdigest()
+
+
+def validate_request(
+    request: EngineRequest, vocab_size: int, max_model_len: int, max_lora_rank: int, has_tokenizer: bool
+) -> None:
+    if not request.request_id:
+        raise InvalidRequest("request_id", "must not be empty")
+    prompt = request.prompt_token_ids
+    if not prompt:
+        raise InvalidRequest("prompt", "is empty")
+    if len(prompt) >= max_model_len:
+        raise InvalidRequest(
+            "prompt", f"{len(prompt)} tokens leave no room to generate within max_model_len={max_model_len}"
+        )
+    if any(not 0 <= t < vocab_size for t in prompt):
+        raise InvalidRequest("prompt_token_ids", f"token ids must lie in [0, {vocab_size})")
+    _validate_sampling(request, max_model_len, has_tokenizer)
+    _validate_adapters(request.adapters, max_lora_rank)
+
+
+def _validate_sampling(request: EngineRequest, max_model_len: int, has_tokenizer: bool) -> None:
+    s = request.sampling
+    if not 1 <= s.max_tokens <= max_model_len:
+        raise InvalidRequest("sampling.max_tokens", f"must lie in [1, {max_model_len}], got {s.max_tokens}")
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        raise InvalidRequest("sampling.temperature", f"must be a finite number >= 0, got {s.temperature}")
+    if not (math.isfinite(s.top_p) and 0 < s.top_p <= 1):
+        raise InvalidRequest("sampling.top_p", f"must lie in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        raise InvalidRequest("sampling.top_k", f"must be >= 0, got {s.top_k}")
+    if not (math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0):
+        raise InvalidRequest("sampling.repetition_penalty", f"must be > 0, got {s.repetition_penalty}")
+    if len(s.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in s.stop):
+        raise InvalidRequest("sampling.stop", f"at most {MAX_STOP_STRINGS} strings of {MAX_STOP_CHARS} chars")
+    if s.stop and not has_tokenizer:
+        raise InvalidRequest("sampling.stop", "stop strings need a model with tokenizer.json")
+
+
+def _validate_adapters(adapters: tuple[AdapterRef, ...], max_lora_rank: int) -> None:
+    field = "mix" if len(adapters) > 1 else "adapter"
+    if len(adapters) > MAX_MIX_MEMBERS:
+        raise InvalidRequest("mix", f"at most {MAX_MIX_MEMBERS} adapters")
+    if len({a.key for a in adapters}) != len(adapters):
+        raise InvalidRequest("mix", "names an adapter twice")
+    total_rank = 0
+    for ref in adapters:
+        if not math.isfinite(ref.weight):
+            raise InvalidRequest(f"{field}.weight", f"must be finite, got {ref.weight}")
+        config_path = ref.path / CONFIG_FILE
+        if not config_path.is_file():
+            raise AdapterLoadError(field, f"adapter directory {ref.path.name!r} has no {CONFIG_FILE}")
+        try:
+            total_rank += parse_adapter_config(config_path.read_bytes())["r"]
+        except AdapterFormatError as e:
+            raise AdapterLoadError(f"{field}.{e.field}", e.reason) from None
+    if total_rank > max_lora_rank:
+        reason = f"rank {total_rank} exceeds the maximum of {max_lora_rank}"
+        if len(adapters) > 1:
+            raise InvalidRequest("mix", f"the adapters' ranks add up to {total_rank}, above {max_lora_rank}")
+        raise AdapterLoadError("adapter.r", reason)

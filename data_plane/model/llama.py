@@ -1,0 +1,221 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) over a paged KV cache, with LoRA slot pools.
+
+Module and parameter names follow Hugging Face checkpoints, so weights load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from data_plane.model.config import ModelConfig
+from data_plane.model.lora_linear import LoRALinear
+from data_plane.model.metadata import LoraSegments, StepMetadata
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """(head_dim / 2,) float32 inverse frequencies, with linear or llama3 scaling applied."""
+    dim = config.spec.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type != "llama3":
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * torch.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Half-rotation RoPE (the Hugging Face layout) from a precomputed cos/sin table."""
+
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.max_positions = max_positions
+        self.cos: torch.Tensor | None = None  # (P, head_dim) float32
+        self.sin: torch.Tensor | None = None
+
+    def build(self, device: torch.device) -> None:
+        inv_freq = rope_inv_freq(self.config).to(device)
+        positions = torch.arange(self.max_positions, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)  # (P, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (P, head_dim)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (T, heads, head_dim) rotated by each row's position."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # (T, 1, head_dim)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        spec = config.spec
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            spec.num_attention_heads,
+            spec.num_key_value_heads,
+            spec.head_dim,
+        )
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = LoRALinear(spec.hidden_size, q_out, config.qkv_bias)
+        self.k_proj = LoRALinear(spec.hidden_size, kv_out, config.qkv_bias)
+        self.v_proj = LoRALinear(spec.hidden_size, kv_out, config.qkv_bias)
+        self.o_proj = LoRALinear(q_out, spec.hidden_size, config.o_bias)
+        self.rotary = rotary
+        self.scale = self.head_dim**-0.5
+        self.k_cache: torch.Tensor | None = None  # (num_blocks, block_size, kv_heads, head_dim)
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        num_rows = x.shape[0]
+        q = self.q_proj(x, meta.lora).view(num_rows, self.num_heads, self.head_dim)
+        k = self.k_proj(x, meta.lora).view(num_rows, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, meta.lora).view(num_rows, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(q, meta.positions), self.rotary(k, meta.positions)
+        k_cache, v_cache = self.k_cache, self.v_cache
+        block_size = k_cache.shape[1]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.kv_slot_ids, k)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.kv_slot_ids, v)
+
+        out = torch.empty_like(q)  # (T, heads, head_dim)
+        for span in meta.prefills:
+            rows = slice(span.start, span.start + span.num_tokens)
+            q_span = q[rows].transpose(0, 1)  # (heads, n, head_dim)
+            if span.num_cached == 0:
+                k_span, v_span, mask = k[rows], v[rows], None
+            else:
+                # A later chunk (or a recompute) attends to the cached prefix as well as to itself.
+                context = span.num_cached + span.num_tokens
+                k_span = k_cache[span.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:context]
+                v_span = v_cache[span.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:context]
+                key_pos = torch.arange(context, device=x.device)
+                query_pos = span.num_cached + torch.arange(span.num_tokens, device=x.device)
+                mask = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)  # (n, context)
+            o = F.scaled_dot_product_attention(
+                q_span,
+                k_span.transpose(0, 1),
+                v_span.transpose(0, 1),
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=self.scale,
+                enable_gqa=True,
+            )  # (heads, n, head_dim)
+            out[rows] = o.transpose(0, 1)
+        if meta.decode_rows is not None:
+            tables = meta.decode_block_tables  # (D, max_blocks)
+            num_decode, max_blocks = tables.shape
+            context = max_blocks * block_size
+            k_dec = k_cache[tables].view(num_decode, context, self.num_kv_heads, self.head_dim)
+            v_dec = v_cache[tables].view(num_decode, context, self.num_kv_heads, self.head_dim)
+            o = F.scaled_dot_product_attention(
+                q[meta.decode_rows].unsqueeze(2),  # (D, heads, 1, head_dim)
+                k_dec.transpose(1, 2),  # (D, kv_heads, context, head_dim)
+                v_dec.transpose(1, 2),
+                attn_mask=meta.decode_mask,  # (D, 1, 1, context)
+                scale=self.scale,
+                enable_gqa=True,
+            )  # (D, heads, 1, head_dim)
+            out[meta.decode_rows] = o.squeeze(2)
+        return self.o_proj(out.view(num_rows, -1), meta.lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden, inter = config.spec.hidden_size, config.spec.intermediate_size
+        self.gate_proj = LoRALinear(hidden, inter, config.mlp_bias)
+        self.up_proj = LoRALinear(hidden, inter, config.mlp_bias)
+        self.down_proj = LoRALinear(inter, hidden, config.mlp_bias)
+
+    def forward(self, x: torch.Tensor, lora: LoraSegments | None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        hidden = config.spec.hidden_size
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.self_attn = Attention(config, rotary)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), meta)
+        return h + self.mlp(self.post_attention_layernorm(h), meta.lora)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        spec = config.spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.rotary = RotaryEmbedding(config, max_positions)
+        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids (T,), meta) -> hidden (T, hidden); compute_logits(hidden (N, hidden)) -> (N, vocab)."""
+
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, max_positions)
+        self.lm_head = nn.Linear(config.spec.hidden_size, config.spec.vocab_size, bias=False)
+        self.lm_head.weight.requires_grad_(False)
+
+    def projections(self, layer: int) -> dict[str, LoRALinear]:
+        """The seven LoRA-capable projections of one layer, by PEFT target-module name."""
+        block = self.model.layers[layer]
+        attn, mlp = block.self_attn, block.mlp
+        return {
+            "q_proj": attn.q_proj,
+            "k_proj": attn.k_proj,
+            "v_proj": attn.v_proj,
+            "o_proj": attn.o_proj,
+            "gate_proj": mlp.gate_proj,
+            "up_proj": mlp.up_proj,
+            "down_proj": mlp.down_proj,
+        }
+
+    def allocate_lora_slots(self, num_slots: int, max_rank: int) -> None:
+        for layer in range(len(self.model.layers)):
+            for proj in self.projections(layer).values():
+                proj.allocate_slots(num_slots, max_rank)
+
+    def forward(self, input_ids: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)  # (T, hidden)
+        for layer in self.model.layers:
+            h = layer(h, meta)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # (N, vocab)

@@ -1,0 +1,96 @@
+"""Loading a Hugging Face safetensors checkpoint into LlamaForCausalLM, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from data_plane.model.config import ModelConfig
+from data_plane.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+_INDEX_FILE = "model.safetensors.index.json"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory is incomplete or does not match its config."""
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors shards of a checkpoint: from the index file when there is one."""
+    index = model_dir / _INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        names = sorted(set(weight_map.values()))
+        return [model_dir / name for name in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        hint = (
+            f" (found {pickles[0]}: pickle checkpoints are refused, convert to safetensors)"
+            if pickles
+            else ""
+        )
+        raise CheckpointError(f"{model_dir}: no *.safetensors files{hint}")
+    return files
+
+
+def load_model(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Builds the model on `device` and streams its weights in; returns (model, config)."""
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    files = checkpoint_files(model_dir)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, max_positions)
+    model.to_empty(device=device)
+    model.to(dtype)
+    params = dict(model.named_parameters())
+    if config.tie_word_embeddings:
+        params.pop("lm_head.weight")
+    missing = set(params)
+    started = time.monotonic()
+    loaded_bytes = 0
+    for shard_index, path in enumerate(files, start=1):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            for name in names:
+                if name.endswith(_IGNORED_SUFFIXES) or (
+                    config.tie_word_embeddings and name == "lm_head.weight"
+                ):
+                    continue
+                if name not in params:
+                    raise CheckpointError(f"{path.name}: unexpected tensor {name!r}")
+                tensor = f.get_tensor(name)
+                target = params[name]
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise CheckpointError(
+                        f"{path.name}: {name} has shape {list(tensor.shape)}, expected {list(target.shape)}"
+                    )
+                target.data.copy_(tensor.to(device=device, dtype=dtype))
+                loaded_bytes += tensor.numel() * tensor.element_size()
+                missing.discard(name)
+                del tensor
+        log.info(
+            "loaded shard %d/%d (%s): %.1f MiB so far, %.1f s",
+            shard_index,
+            len(files),
+            path.name,
+            loaded_bytes / 2**20,
+            time.monotonic() - started,
+        )
+    if missing:
+        raise CheckpointError(f"{model_dir}: tensors missing from the checkpoint: {sorted(missing)[:5]}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary.build(device)
+    model.eval()
+    return model, config

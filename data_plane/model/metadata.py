@@ -1,0 +1,37 @@
+"""StepMetadata: everything a forward pass needs besides the token ids, built once per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's chunk of prompt (or recomputed) tokens within the flat batch."""
+
+    start: int  # first row of the chunk in the batch
+    num_tokens: int  # rows of the chunk
+    num_cached: int  # tokens of this sequence already in the KV cache before the chunk
+    block_ids: torch.Tensor  # (num_blocks,) int64 blocks holding the sequence's KV
+
+
+@dataclass
+class LoraSegments:
+    """Rows grouped by adapter slot: segment g covers rows seg_indptr[g]:seg_indptr[g+1]."""
+
+    seg_indptr: torch.Tensor  # (G+1,) int32
+    seg_slots: torch.Tensor  # (G,) int32, -1 = no adapter
+    max_rank: int  # largest rank among the slots used in this step
+
+
+@dataclass
+class StepMetadata:
+    positions: torch.Tensor  # (T,) int64
+    kv_slot_ids: torch.Tensor  # (T,) int64 flat index block * block_size + offset where each row's KV goes
+    prefills: list[PrefillSpan]
+    decode_rows: torch.Tensor | None  # (D,) int64 rows of single-token decode sequences
+    decode_block_tables: torch.Tensor | None  # (D, max_blocks) int64, padded with block 0
+    decode_mask: torch.Tensor | None  # (D, 1, 1, max_blocks * block_size) bool, True where attended
+    lora: LoraSegments | None  # None when no row of the step uses an adapter

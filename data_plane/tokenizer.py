@@ -1,0 +1,94 @@
+"""Tokenizer (the `tokenizers` library) and incremental detokenization with stop strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+_REPLACEMENT = "\ufffd"
+# Prompt tokens kept as left context so that the first output tokens decode with the right spacing.
+_CONTEXT_TOKENS = 4
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer, eos_token_ids: tuple[int, ...] = ()) -> None:
+        self._tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{Path(model_dir).name}: no tokenizer.json")
+        return cls(HFTokenizer.from_file(str(path)), eos_token_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+class IncrementalDetokenizer:
+    """Turns generated tokens into text deltas that never end inside a multi-byte character, and finds
+    stop strings (the stop string itself is not emitted; text that could begin one is held back)."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._stop = tuple(s for s in stop if s)
+        self._max_stop_chars = max((len(s) for s in self._stop), default=0)
+        self.text = ""  # all output text decoded so far (cut at a stop string when one was hit)
+        self._emitted_chars = 0
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Adds one generated token; returns the text now safe to emit (possibly "")."""
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
+        full_text = self._tokenizer.decode(self._ids[self._prefix_offset :])
+        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT):
+            return ""  # an incomplete character: wait for the next token
+        previous_chars = len(self.text)
+        self.text += full_text[len(prefix_text) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        if self._stop:
+            search_from = max(0, previous_chars - self._max_stop_chars + 1)
+            hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                return self._emit(len(self.text))
+        return self._emit(len(self.text) - self._held_back_chars())
+
+    def flush(self) -> str:
+        """On finish: everything not yet emitted (a trailing incomplete character is dropped)."""
+        if not self.stopped and self._read_offset < len(self._ids):
+            tail = self._tokenizer.decode(self._ids[self._prefix_offset :])
+            prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
+            self.text += tail[len(prefix) :].rstrip(_REPLACEMENT)
+            self._prefix_offset = self._read_offset = len(self._ids)
+        return self._emit(len(self.text))
+
+    def _held_back_chars(self) -> int:
+        """Length of the longest text suffix that is a proper prefix of a stop string."""
+        for length in range(min(self._max_stop_chars - 1, len(self.text)), 0, -1):
+            suffix = self.text[-length:]
+            if any(s.startswith(suffix) for s in self._stop):
+                return length
+        return 0
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self._emitted_chars)
+        delta = self.text[self._emitted_chars : upto]
+        self._emitted_chars = upto
+        return delta

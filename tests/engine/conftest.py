@@ -1,0 +1,138 @@
+"""Tiny Llama and Qwen2 checkpoints (random fp32 weights) and PEFT adapters for them, built once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_plane.engine.config import EngineConfig
+from data_plane.engine.llm_engine import LLMEngine
+from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
+from openlora.artifact import digest_dir
+
+ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# name -> (rank, alpha, targets, use_rslora)
+ADAPTERS = {
+    "r4_qv": (4, 8, ["q_proj", "v_proj"], False),
+    "r8_all": (8, 16, ALL_SEVEN, False),
+    "r16_rslora": (16, 8, ["k_proj", "o_proj", "gate_proj", "down_proj"], True),
+    "r64_all": (64, 32, ALL_SEVEN, False),
+}
+
+
+@dataclass
+class TinyModel:
+    model_dir: Path
+    adapter_dirs: dict[str, Path]
+    vocab_size: int
+
+    def ref(self, name: str, weight: float = 1.0) -> AdapterRef:
+        path = self.adapter_dirs[name]
+        return AdapterRef(key=digest_dir(path), path=path, weight=weight)
+
+
+def _build(root: Path, architecture: str) -> TinyModel:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(0 if architecture == "llama" else 1)
+    if architecture == "llama":
+        config = LlamaConfig(
+            **common,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            rope_theta=500000.0,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        config = Qwen2Config(**common, tie_word_embeddings=True)
+        model = Qwen2ForCausalLM(config)
+        with torch.no_grad():  # biases start at zero: make them count
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    model_dir = root / architecture
+    model.save_pretrained(model_dir)
+    adapter_dirs = {}
+    for index, (name, (rank, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(100 + index)
+        base = LlamaForCausalLM(config) if architecture == "llama" else Qwen2ForCausalLM(config)
+        lora = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False
+        )
+        peft_model = get_peft_model(base, lora)
+        with torch.no_grad():  # scale the random factors so every adapter visibly changes the output
+            for param_name, param in peft_model.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0, 0.5)
+        adapter_dirs[name] = root / f"{architecture}_{name}"
+        peft_model.save_pretrained(adapter_dirs[name])
+    return TinyModel(model_dir, adapter_dirs, config.vocab_size)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> TinyModel:
+    return _build(tmp_path_factory.mktemp("tiny"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> TinyModel:
+    return _build(tmp_path_factory.mktemp("tiny"), "qwen2")
+
+
+def make_engine(model: TinyModel, **overrides) -> LLMEngine:
+    settings = dict(
+        model_dir=model.model_dir,
+        dtype="float32",
+        num_kv_blocks=64,
+        block_size=16,
+        num_adapter_slots=8,
+        max_lora_rank=64,
+        max_num_seqs=16,
+        max_num_batched_tokens=512,
+    )
+    settings.update(overrides)
+    return LLMEngine(EngineConfig(**settings))
+
+
+def greedy(request_id: str, prompt: list[int], adapters=(), max_tokens: int = 16) -> EngineRequest:
+    return EngineRequest(
+        request_id=request_id,
+        prompt_token_ids=prompt,
+        sampling=SamplingOptions(max_tokens=max_tokens, logprobs=True),
+        adapters=tuple(adapters),
+    )
+
+
+def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, tuple[list[int], list[float]]]:
+    """Steps until idle; returns request id -> (generated token ids, their logprobs)."""
+    results: dict[str, tuple[list[int], list[float]]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return results
+        for out in engine.step():
+            tokens, logprobs = results.setdefault(out.request_id, ([], []))
+            tokens.extend(out.new_token_ids)
+            logprobs.extend(out.new_logprobs or [])
+    raise AssertionError("engine did not finish")

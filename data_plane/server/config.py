@@ -12,11 +12,12 @@ MAX_AUTH_CACHE_TTL_S = 10.0
 class EngineSettings:
     """What the worker passes to the engine's own config; None leaves the engine default."""
 
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     max_lora_rank: int = 64
     num_adapter_slots: int = 32
     num_kv_blocks: int | None = None
+    kv_cache_bytes: int | None = None
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None

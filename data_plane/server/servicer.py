@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from data_plane.engine.errors import AdapterLoadError, InvalidRequest, QueueFull
+from data_plane.engine.errors import AdapterLoadError, EngineDead, InvalidRequest, QueueFull
 from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
 from data_plane.server.artifact_store import ArtifactError, ArtifactRejected, ArtifactStore
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
@@ -74,6 +74,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.FAILED_PRECONDITION, f"adapter refused by this worker: {error}"
     if isinstance(error, ArtifactError):
         return grpc.StatusCode.UNAVAILABLE, f"adapter download failed, retry: {error}"
+    if isinstance(error, EngineDead):
+        return grpc.StatusCode.UNAVAILABLE, "the worker's engine stopped; retry on another worker"
     if isinstance(error, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the worker's waiting queue is full; retry later"
     if isinstance(error, ControlPlaneError):
@@ -204,6 +206,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         outputs = self._engine.generate(engine_request)
         try:
             async for out in outputs:
+                if out.error is not None:
+                    raise out.error
                 response = inference_pb2.GenerateResponse(
                     request_id=request_id,
                     text=out.new_text,

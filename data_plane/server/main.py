@@ -1,0 +1,252 @@
+"""The worker process: engine + InferenceService + health + reflection + metrics on one port.
+
+`serve_worker(config)` starts everything in the running event loop and returns a `RunningWorker`
+(tests bind 127.0.0.1:0 and read `.port`); `run_worker(config)` is the process entry: it serves until
+SIGTERM or SIGINT, then drains (health NOT_SERVING, new calls UNAVAILABLE, in-flight streams finish
+within the grace period), flushes usage and returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from data_plane.server.artifact_store import ArtifactStore
+from data_plane.server.config import WorkerConfig
+from data_plane.server.control_plane_client import ControlPlaneClient, ControlPlaneError
+from data_plane.server.metrics import WorkerMetrics
+from data_plane.server.servicer import InferenceServicer, WorkerState
+from data_plane.server.usage_reporter import UsageReporter
+from data_plane.server.validation import RequestLimits
+from openlora.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+ENGINE_WATCH_INTERVAL_S = 1.0
+REGISTER_RETRY_MAX_S = 5.0
+
+
+def build_engine(config: WorkerConfig):
+    """The engine for this worker (loads the model: seconds to minutes, call off the event loop)."""
+    from data_plane.engine.async_engine import AsyncEngine
+
+    from data_plane.engine.config import EngineConfig
+
+    settings = {f.name: getattr(config.engine, f.name) for f in fields(config.engine)}
+    engine_config = EngineConfig(
+        model_dir=Path(config.model_dir),
+        max_waiting=config.max_waiting,
+        **{name: value for name, value in settings.items() if value is not None},
+    )
+    return AsyncEngine(engine_config)
+
+
+@dataclass
+class RunningWorker:
+    config: WorkerConfig
+    port: int
+    server: grpc.aio.Server
+    engine: object
+    control_plane: ControlPlaneClient
+    usage: UsageReporter
+    health: health.aio.HealthServicer
+    state: WorkerState
+    metrics: WorkerMetrics
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    _stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    @property
+    def worker_id(self) -> str:
+        return self.state.worker_id
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drains: NOT_SERVING, new calls UNAVAILABLE, in-flight streams get up to `grace_s` to finish;
+        then stops the server, flushes usage and stops the engine."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace_s = self.config.drain_grace_s if grace_s is None else grace_s
+        self.state.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.state.in_flight:
+            log.info("draining %d in-flight streams (grace %.1fs)", self.state.in_flight, grace_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.state.idle.wait(), grace_s)
+        await self.server.stop(0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.usage.stop()
+        await self.engine.stop()
+        await self.control_plane.close()
+        log.info("worker stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+    async def _set_health(self, status) -> None:
+        for service in ("", INFERENCE_SERVICE):
+            await self.health.set(service, status)
+
+
+async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
+    """Starts a worker in the running loop. `engine` (an AsyncEngine) is built from config when None."""
+    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    if engine is None:
+        engine = await asyncio.to_thread(build_engine, config)
+    await engine.start()
+    spec = engine.spec
+
+    server = grpc.aio.server()
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    host = config.listen.rsplit(":", 1)[0]
+    address = config.advertise_address or f"{host}:{port}"
+
+    control_plane = ControlPlaneClient(
+        config.control_plane_target, config.worker_token, auth_cache_ttl_s=config.auth_cache_ttl_s
+    )
+    state = WorkerState(base_model=spec.name)
+    state.idle.set()
+    worker_id = config.worker_id or _read_worker_id(config)
+
+    async def register() -> float:
+        new_id, interval_s = await control_plane.register(
+            worker_id or state.worker_id,
+            address,
+            spec,
+            config.engine.max_lora_rank,
+            config.engine.num_adapter_slots,
+        )
+        state.worker_id = new_id
+        if not config.worker_id:
+            config.worker_id_path.write_text(new_id)
+        return interval_s
+
+    heartbeat_s = await _register_with_retry(register)
+    log.info("registered as worker %s (base model %s, %s)", state.worker_id, spec.name, address)
+
+    metrics = WorkerMetrics()
+    usage = UsageReporter(
+        config.usage_spool_path,
+        control_plane.report_usage,
+        flush_interval_s=config.usage_flush_interval_s,
+        fsync_interval_s=config.usage_fsync_interval_s,
+        batch_size=config.usage_batch_size,
+    )
+    await usage.start()
+    artifacts = ArtifactStore(
+        config.artifacts_dir,
+        control_plane.fetch_artifact,
+        spec,
+        config.engine.max_lora_rank,
+        config.max_adapter_bytes,
+    )
+    limits = RequestLimits(
+        max_tokens_limit=config.max_tokens_limit,
+        default_max_tokens=config.default_max_tokens,
+        vocab_size=spec.vocab_size,
+        max_model_len=engine.max_model_len,
+    )
+    servicer = InferenceServicer(engine, control_plane, artifacts, usage, metrics, state, limits)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            INFERENCE_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    if config.metrics_port:
+        metrics.serve_http(config.metrics_port)
+
+    running = RunningWorker(
+        config=config,
+        port=port,
+        server=server,
+        engine=engine,
+        control_plane=control_plane,
+        usage=usage,
+        health=health_servicer,
+        state=state,
+        metrics=metrics,
+    )
+    await server.start()
+    await running._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def stats() -> tuple[int, int, list[str]]:
+        return engine.num_running, engine.num_waiting, sorted(engine.resident_adapter_keys())
+
+    loop = asyncio.get_running_loop()
+    running._tasks = [
+        loop.create_task(control_plane.run_heartbeats(state.worker_id, heartbeat_s, stats, register)),
+        loop.create_task(_watch_engine(running)),
+    ]
+    return running
+
+
+async def _register_with_retry(register) -> float:
+    delay_s = 0.2
+    while True:
+        try:
+            return await register()
+        except ControlPlaneError as error:
+            if error.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            log.warning("control plane not reachable yet (%s); retrying in %.1fs", error.message, delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, REGISTER_RETRY_MAX_S)
+
+
+async def _watch_engine(running: RunningWorker) -> None:
+    """Updates the running/waiting gauges; turns health NOT_SERVING when the engine loop died."""
+    engine = running.engine
+    while True:
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        running.metrics.running.set(engine.num_running)
+        running.metrics.waiting.set(engine.num_waiting)
+        if not engine.is_alive and not running.state.draining:
+            log.error("the engine loop stopped; health NOT_SERVING")
+            await running._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            return
+
+
+def _read_worker_id(config: WorkerConfig) -> str:
+    path = config.worker_id_path
+    return path.read_text().strip() if path.exists() else ""
+
+
+async def _serve_until_signalled(config: WorkerConfig) -> int:
+    running = await serve_worker(config)
+    print(f"worker serving inference={running.address} id={running.worker_id}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("signal received: draining")
+    await running.stop(config.drain_grace_s)
+    return 0
+
+
+def run_worker(config: WorkerConfig) -> int:
+    """Process entry: serves until SIGTERM/SIGINT, drains, returns the exit status."""
+    return asyncio.run(_serve_until_signalled(config))

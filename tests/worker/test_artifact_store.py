@@ -1,0 +1,173 @@
+"""The worker's disk cache of artifacts: verified before it is published, shared downloads, no debris."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from data_plane.server.artifact_store import ArtifactError, ArtifactRejected, ArtifactStore
+from openlora.artifact import ARTIFACT_FILES, digest_dir
+from openlora.base_model import BaseModelSpec
+
+SPEC = BaseModelSpec(
+    name="tiny",
+    architecture="LlamaForCausalLM",
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=100,
+)
+
+
+def write_adapter(path: Path, rank: int = 4, seed: int = 0) -> Path:
+    """A PEFT-layout LoRA on q_proj and v_proj of SPEC."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    tensors = {}
+    for layer in range(SPEC.num_layers):
+        for module in ("q_proj", "v_proj"):
+            in_f, out_f = SPEC.projection_shape(module)
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, in_f)).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((out_f, rank)).astype(np.float32)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"]}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def chunks_of(path: Path, chunk_bytes: int = 1000, corrupt: bool = False, truncate: bool = False):
+    out = []
+    for name in sorted(ARTIFACT_FILES):
+        data = bytearray((path / name).read_bytes())
+        size = len(data)
+        if corrupt and name.endswith(".safetensors"):
+            data[-1] ^= 0xFF
+        if truncate and name.endswith(".safetensors"):
+            data = data[: size // 2]
+        for offset in range(0, len(data), chunk_bytes):
+            first = offset == 0
+            out.append(
+                SimpleNamespace(
+                    filename=name if first else "",
+                    offset=offset,
+                    data=bytes(data[offset : offset + chunk_bytes]),
+                    file_size_bytes=size if first else 0,
+                )
+            )
+    return out
+
+
+class Remote:
+    """Serves an artifact's chunks the way WorkerService.FetchArtifact streams them."""
+
+    def __init__(self, chunks) -> None:
+        self.chunks = chunks
+        self.calls = 0
+
+    async def __call__(self, sha256: str):
+        self.calls += 1
+        for chunk in self.chunks:
+            await asyncio.sleep(0)
+            yield chunk
+
+
+@pytest.fixture
+def adapter(tmp_path: Path) -> tuple[Path, str]:
+    path = write_adapter(tmp_path / "src")
+    return path, digest_dir(path)
+
+
+def _store(tmp_path: Path, remote, max_rank: int = 64) -> ArtifactStore:
+    return ArtifactStore(tmp_path / "artifacts", remote, SPEC, max_rank, 1 << 20)
+
+
+def _debris(store: ArtifactStore) -> list[str]:
+    return sorted(p.name for p in store.root.iterdir())
+
+
+def test_missing_artifact_is_fetched_verified_then_found_on_disk(tmp_path, adapter):
+    src, sha = adapter
+    remote = Remote(chunks_of(src))
+    store = _store(tmp_path, remote)
+
+    async def scenario():
+        return await store.ensure(sha), await store.ensure(sha)
+
+    first, second = asyncio.run(scenario())
+    assert (first.tier, second.tier) == ("remote", "disk")
+    assert remote.calls == 1
+    assert digest_dir(first.path) == sha
+    assert _debris(store) == [sha]
+
+
+def test_concurrent_requests_share_one_download(tmp_path, adapter):
+    src, sha = adapter
+    remote = Remote(chunks_of(src, chunk_bytes=100))
+    store = _store(tmp_path, remote)
+
+    async def scenario():
+        return await asyncio.gather(*(store.ensure(sha) for _ in range(5)))
+
+    results = asyncio.run(scenario())
+    assert remote.calls == 1
+    assert {r.path for r in results} == {store.root / sha}
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate"])
+def test_corrupt_or_partial_download_is_discarded_never_published(tmp_path, adapter, damage):
+    src, sha = adapter
+    remote = Remote(chunks_of(src, corrupt=damage == "corrupt", truncate=damage == "truncate"))
+    store = _store(tmp_path, remote)
+    with pytest.raises(ArtifactError):
+        asyncio.run(store.ensure(sha))
+    assert _debris(store) == []
+    # A later good download succeeds.
+    remote.chunks = chunks_of(src)
+    assert asyncio.run(store.ensure(sha)).tier == "remote"
+
+
+def test_adapter_this_worker_cannot_hold_is_rejected_and_not_kept(tmp_path, adapter):
+    src, sha = adapter
+    store = _store(tmp_path, Remote(chunks_of(src)), max_rank=2)
+    with pytest.raises(ArtifactRejected) as caught:
+        asyncio.run(store.ensure(sha))
+    assert caught.value.field == "adapter_config.json.r"
+    assert _debris(store) == []
+
+
+def test_unexpected_file_name_in_the_stream_is_refused(tmp_path, adapter):
+    src, sha = adapter
+    chunks = chunks_of(src)
+    chunks[0].filename = "../evil.bin"
+    store = _store(tmp_path, Remote(chunks))
+    with pytest.raises(ArtifactError, match="unexpected file"):
+        asyncio.run(store.ensure(sha))
+    assert _debris(store) == []
+    assert not (tmp_path / "evil.bin").exists()
+
+
+def test_discarded_artifact_is_fetched_again(tmp_path, adapter):
+    src, sha = adapter
+    remote = Remote(chunks_of(src))
+    store = _store(tmp_path, remote)
+    asyncio.run(store.ensure(sha))
+    store.discard(sha)
+    assert not store.contains(sha)
+    assert asyncio.run(store.ensure(sha)).tier == "remote"
+    assert remote.calls == 2
+
+
+def test_partial_directories_of_a_killed_process_are_removed_at_start(tmp_path, adapter):
+    (tmp_path / "artifacts" / ".partial-abc").mkdir(parents=True)
+    store = _store(tmp_path, Remote([]))
+    assert _debris(store) == []

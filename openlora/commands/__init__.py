@@ -1,0 +1,1 @@
+"""Subcommands of the `openlora` command line, grouped by what they serve."""

@@ -1,0 +1,305 @@
+"""The serving subcommands: `worker`, `generate`, `demo-model` and `up`.
+
+`add_commands(subparsers)` registers them on the `openlora` parser. Settings come from flags, then
+`OPENLORA_*` environment variables, then (for `generate`) the context file `openlora up` writes; they are
+read here, once, into frozen configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+ENV_PREFIX = "OPENLORA_"
+
+
+def context_path(environ: dict[str, str] | None = None) -> Path:
+    """`OPENLORA_CONTEXT`, else `$XDG_CONFIG_HOME/openlora/context.json` (XDG default ~/.config)."""
+    env = os.environ if environ is None else environ
+    if env.get("OPENLORA_CONTEXT"):
+        return Path(env["OPENLORA_CONTEXT"])
+    base = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "openlora" / "context.json"
+
+
+def read_context(environ: dict[str, str] | None = None) -> dict:
+    path = context_path(environ)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_context(path: Path, context: dict) -> None:
+    """Writes the context file readable by the owner only (it holds an api key)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(context, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _env(name: str, default=None):
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    value = _env(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _env_float(name: str, default: float) -> float:
+    value = _env(name)
+    return float(value) if value not in (None, "") else default
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def _add_worker(subparsers) -> None:
+    p = subparsers.add_parser("worker", help="run a data-plane worker (InferenceService) on one device")
+    p.add_argument("--model", default=_env("MODEL"), help="base model directory (OPENLORA_MODEL)")
+    p.add_argument("--model-name", default=_env("MODEL_NAME", ""), help="base model name; default: dir name")
+    p.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:50051"), help="host:port to serve on")
+    p.add_argument("--advertise", default=_env("ADVERTISE"), help="host:port the control plane records")
+    p.add_argument(
+        "--control-plane",
+        default=_env("CONTROL_PLANE") or _env("ADMIN_TARGET"),
+        help="control plane host:port (OPENLORA_CONTROL_PLANE)",
+    )
+    p.add_argument("--worker-token", default=_env("WORKER_TOKEN"), help="(OPENLORA_WORKER_TOKEN)")
+    p.add_argument("--worker-id", default=_env("WORKER_ID", ""))
+    p.add_argument("--state-dir", default=_env("STATE_DIR", ".state/worker"))
+    p.add_argument("--redis-url", default=_env("REDIS_URL"))
+    p.add_argument("--device", default=_env("DEVICE", "cpu"))
+    p.add_argument("--dtype", default=_env("DTYPE", "auto"))
+    p.add_argument("--max-lora-rank", type=int, default=_env_int("MAX_LORA_RANK", 64))
+    p.add_argument("--num-adapter-slots", type=int, default=_env_int("NUM_ADAPTER_SLOTS", 32))
+    p.add_argument("--kv-cache-bytes", type=int, default=_env_int("KV_CACHE_BYTES", None))
+    p.add_argument("--num-kv-blocks", type=int, default=_env_int("NUM_KV_BLOCKS", None))
+    p.add_argument("--max-num-seqs", type=int, default=_env_int("MAX_NUM_SEQS", 64))
+    p.add_argument("--max-model-len", type=int, default=_env_int("MAX_MODEL_LEN", None))
+    p.add_argument("--max-waiting", type=int, default=_env_int("MAX_WAITING", 256))
+    p.add_argument("--max-tokens-limit", type=int, default=_env_int("MAX_TOKENS_LIMIT", 4096))
+    p.add_argument("--drain-grace-s", type=float, default=_env_float("DRAIN_GRACE_S", 30.0))
+    p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", 0))
+    p.add_argument("--auth-cache-ttl-s", type=float, default=_env_float("AUTH_CACHE_TTL_S", 10.0))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    p.set_defaults(func=_run_worker)
+
+
+def worker_config_from_args(args: argparse.Namespace):
+    from data_plane.server.config import EngineSettings, WorkerConfig
+
+    if not args.model:
+        raise ValueError("--model (or OPENLORA_MODEL) is required")
+    return WorkerConfig(
+        model_dir=Path(args.model),
+        model_name=args.model_name,
+        control_plane_target=args.control_plane or "",
+        worker_token=args.worker_token or "",
+        state_dir=Path(args.state_dir),
+        listen=args.listen,
+        advertise_address=args.advertise,
+        worker_id=args.worker_id,
+        engine=EngineSettings(
+            dtype=args.dtype,
+            device=args.device,
+            max_lora_rank=args.max_lora_rank,
+            num_adapter_slots=args.num_adapter_slots,
+            kv_cache_bytes=args.kv_cache_bytes,
+            num_kv_blocks=args.num_kv_blocks,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+        ),
+        max_waiting=args.max_waiting,
+        max_tokens_limit=args.max_tokens_limit,
+        redis_url=args.redis_url,
+        drain_grace_s=args.drain_grace_s,
+        metrics_port=args.metrics_port,
+        auth_cache_ttl_s=args.auth_cache_ttl_s,
+    )
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = worker_config_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from data_plane.server.main import run_worker
+
+    return run_worker(config)
+
+
+# -------------------------------------------------------------------------------------------- generate
+
+
+def _parse_mix(text: str) -> list[tuple[str, float]]:
+    """`a=0.5,b=0.5` -> [("a", 0.5), ("b", 0.5)]."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, weight = part.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"mix member {part!r} is not NAME=WEIGHT")
+        try:
+            pairs.append((name, float(weight)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"mix weight {weight!r} of {name!r} is not a number") from None
+    return pairs
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="stream a completion to stdout")
+    p.add_argument("prompt", help='prompt text ("-" reads stdin)')
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--mix", type=_parse_mix, default=None, help="runtime mix, e.g. a=0.5,b=0.5")
+    p.add_argument("--mix-method", default="linear", choices=["linear"])
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--request-id", default=None)
+    p.add_argument("--target", default=None, help="worker host:port (OPENLORA_TARGET, else the context file)")
+    p.add_argument("--api-key", default=None, help="(OPENLORA_API_KEY, else the context file)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print usage and timing to stderr")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from openlora.client import Client
+    from openlora.errors import OpenLoRAError
+
+    context = read_context()
+    target = args.target or _env("TARGET") or context.get("target")
+    api_key = args.api_key or _env("API_KEY") or context.get("api_key")
+    if not target or not api_key:
+        print(
+            "error: no worker target or api key: pass --target/--api-key, set OPENLORA_TARGET/"
+            "OPENLORA_API_KEY, or run `openlora up` first",
+            file=sys.stderr,
+        )
+        return 2
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    last = None
+    with Client(target, api_key) as client:
+        try:
+            for response in client.generate_stream(
+                prompt,
+                adapter=args.adapter,
+                mix=args.mix,
+                mix_method=args.mix_method,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+                stop=args.stop,
+                request_id=args.request_id,
+            ):
+                if response.text:
+                    sys.stdout.write(response.text)
+                    sys.stdout.flush()
+                last = response
+        except OpenLoRAError as error:
+            print(f"\nerror: {error.code.name}: {error.details}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    sys.stdout.write("\n")
+    if args.verbose and last is not None:
+        t, u = last.timing, last.usage
+        print(
+            f"request_id={last.request_id} prompt_tokens={u.prompt_tokens} completion_tokens={u.completion_tokens} "
+            f"ttft_ms={t.ttft_ms:.1f} total_ms={t.total_ms:.1f} cache_tier={t.cache_tier}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ demo-model
+
+
+def _add_demo_model(subparsers) -> None:
+    p = subparsers.add_parser("demo-model", help="write a small demo Llama checkpoint and PEFT adapters")
+    p.add_argument("out_dir", type=Path)
+    p.set_defaults(func=_run_demo_model)
+
+
+def _run_demo_model(args: argparse.Namespace) -> int:
+    from data_plane.demo import write_demo_model
+
+    write_demo_model(args.out_dir)
+    adapters = sorted(p.name for p in (args.out_dir / "adapters").iterdir() if p.is_dir())
+    print(f"demo model written to {args.out_dir} (adapters: {', '.join(adapters)})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- up
+
+
+def _add_up(subparsers) -> None:
+    p = subparsers.add_parser("up", help="run the whole system on this machine until Ctrl-C")
+    p.add_argument("--state-dir", default=_env("STATE_DIR", ".state"))
+    p.add_argument("--model", default=_env("MODEL"), help="base model directory; default: the demo model")
+    p.add_argument("--database-url", default=_env("DATABASE_URL"), help="default: embedded PostgreSQL")
+    p.add_argument("--redis-url", default=_env("REDIS_URL"), help="default: embedded Redis")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="inference port (0: any free port)")
+    p.add_argument("--admin-port", type=int, default=50050, help="control plane port (0: any free port)")
+    p.add_argument("--device", default=_env("DEVICE", "cpu"))
+    p.add_argument("--tenant", default="demo")
+    p.add_argument("--context", default=None, help="context file; default OPENLORA_CONTEXT or XDG path")
+    p.add_argument("--drain-grace-s", type=float, default=_env_float("DRAIN_GRACE_S", 30.0))
+    p.add_argument("--worker-arg", action="append", default=[], help="extra flag for the worker (repeatable)")
+    p.set_defaults(func=_run_up)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from openlora.commands.up import UpConfig, run_up
+
+    config = UpConfig(
+        state_dir=Path(args.state_dir).resolve(),
+        model_dir=Path(args.model).resolve() if args.model else None,
+        database_url=args.database_url,
+        redis_url=args.redis_url,
+        host=args.host,
+        port=args.port,
+        admin_port=args.admin_port,
+        device=args.device,
+        tenant=args.tenant,
+        context_path=Path(args.context) if args.context else context_path(),
+        drain_grace_s=args.drain_grace_s,
+        worker_args=tuple(args.worker_arg),
+    )
+    return run_up(config)
+
+
+def add_commands(subparsers) -> None:
+    """Registers `worker`, `generate`, `demo-model` and `up` on an argparse subparsers object."""
+    _add_worker(subparsers)
+    _add_generate(subparsers)
+    _add_demo_model(subparsers)
+    _add_up(subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry for `python -m openlora.commands.serving` (the same subcommands without the rest of the CLI)."""
+    parser = argparse.ArgumentParser(prog="openlora")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""`openlora up`: the whole system on one machine, as separate processes so that signals and crashes
+stay per process.
+
+Order of start: embedded Postgres and Redis (unless URLs are given) -> control plane -> demo model
+(written once into the state dir) -> worker -> demo tenant, key and adapters -> the `ready` line and the
+context file. Order of stop (Ctrl-C, SIGTERM, or any child dying): worker (drains), control plane,
+embedded servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from openlora.artifact import ARTIFACT_FILES
+from openlora.v1 import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger("openlora.up")
+
+_PR_SET_PDEATHSIG = 1
+READY_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 60.0
+_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    state_dir: Path
+    model_dir: Path | None
+    database_url: str | None
+    redis_url: str | None
+    host: str
+    port: int
+    admin_port: int
+    device: str
+    tenant: str
+    context_path: Path
+    drain_grace_s: float = 30.0
+    worker_args: tuple[str, ...] = ()
+
+
+class ChildExited(RuntimeError):
+    pass
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGTERM to the child if `up` itself dies without cleaning up."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class Child:
+    """One process started by `up`, in its own session so a terminal's Ctrl-C reaches `up` only and `up`
+    stops the children in order."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout_s: float) -> int | None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", self.name, timeout_s)
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def tail(self, num_lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+        except OSError:
+            return ""
+
+
+def _wait_serving(target: str, children: list[Child], timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            for child in children:
+                if not child.alive():
+                    raise ChildExited(f"{child.name} exited with {child.process.returncode}:\n{child.tail()}")
+            try:
+                response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{target} did not become SERVING within {timeout_s:.0f}s")
+
+
+def _load_secrets(state_dir: Path) -> dict:
+    """The admin key and worker token of this state dir, made once and kept (0600)."""
+    path = state_dir / "up-secrets.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    data = {"admin_key": secrets.token_urlsafe(32), "worker_token": secrets.token_urlsafe(32)}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    return data
+
+
+def _ensure_demo_model(state_dir: Path) -> Path:
+    out = state_dir / "demo-model"
+    done = out / ".complete"
+    if done.exists():
+        return out
+    from data_plane.demo import write_demo_model
+
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    print("writing the demo model (once)...", file=sys.stderr, flush=True)
+    write_demo_model(out)
+    done.write_text("ok\n")
+    return out
+
+
+def _bootstrap_tenant(
+    admin_target: str, admin_key: str, tenant: str, adapters_dir: Path | None, base_model: str
+):
+    """Creates the tenant (if new) and an admin+infer key for it, pushes the adapters; returns the key."""
+    metadata = (("authorization", f"Bearer {admin_key}"),)
+    with grpc.insecure_channel(admin_target) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        try:
+            stub.CreateTenant(admin_pb2.CreateTenantRequest(name=tenant), metadata=metadata, timeout=30)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        key = stub.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(
+                tenant=tenant, scopes=[admin_pb2.SCOPE_INFER, admin_pb2.SCOPE_ADMIN]
+            ),
+            metadata=metadata,
+            timeout=30,
+        ).secret
+        names = []
+        if adapters_dir is not None and adapters_dir.is_dir():
+            for path in sorted(p for p in adapters_dir.iterdir() if p.is_dir()):
+                stub.UploadAdapter(_upload_messages(path, tenant, base_model), metadata=metadata, timeout=120)
+                names.append(path.name)
+    return key, names
+
+
+def _upload_messages(path: Path, tenant: str, base_model: str):
+    files = [(name, (path / name).read_bytes()) for name in ARTIFACT_FILES]
+    yield admin_pb2.UploadAdapterRequest(
+        header=admin_pb2.UploadAdapterHeader(
+            name=path.name,
+            visibility=admin_pb2.VISIBILITY_PRIVATE,
+            base_model=base_model,
+            tenant=tenant,
+            files=[admin_pb2.FileManifest(filename=name, size_bytes=len(data)) for name, data in files],
+        )
+    )
+    for name, data in files:
+        for offset in range(0, max(len(data), 1), _CHUNK_BYTES):
+            chunk = admin_pb2.FileChunk(
+                filename=name, offset=offset, data=data[offset : offset + _CHUNK_BYTES]
+            )
+            yield admin_pb2.UploadAdapterRequest(chunk=chunk)
+
+
+def run_up(config: UpConfig) -> int:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    serving = threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if not serving.is_set():  # still starting: unwind at once (the finally stops what started)
+            raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    children: list[Child] = []
+    exit_code = 0
+    with contextlib.ExitStack() as embedded:
+        try:
+            database_url = config.database_url
+            redis_url = config.redis_url
+            if not database_url:
+                from openlora.embedded import EmbeddedPostgres
+
+                database_url = embedded.enter_context(EmbeddedPostgres(config.state_dir / "postgres"))
+            if not redis_url:
+                from openlora.embedded import EmbeddedRedis
+
+                redis_url = embedded.enter_context(EmbeddedRedis(config.state_dir / "redis"))
+            keys = _load_secrets(config.state_dir)
+            admin_target = f"{config.host}:{config.admin_port or _free_port(config.host)}"
+            inference_target = f"{config.host}:{config.port or _free_port(config.host)}"
+            logs = config.state_dir / "logs"
+            logs.mkdir(exist_ok=True)
+            env = dict(
+                os.environ, OPENLORA_ADMIN_KEY=keys["admin_key"], OPENLORA_WORKER_TOKEN=keys["worker_token"]
+            )
+            env.pop("OPENLORA_CONTEXT", None)
+            control_plane = Child(
+                "control plane",
+                [
+                    sys.executable, "-m", "openlora.cli", "control-plane",
+                    "--listen", admin_target,
+                    "--database-url", database_url,
+                    "--redis-url", redis_url,
+                    "--state-dir", str(config.state_dir / "control-plane"),
+                ],
+                env,
+                logs / "control-plane.log",
+            )  # fmt: skip
+            children.append(control_plane)
+            model_dir = config.model_dir or _ensure_demo_model(config.state_dir)
+            _wait_serving(admin_target, children)
+            worker = Child(
+                "worker",
+                [
+                    sys.executable, "-m", "openlora.commands.serving", "worker",
+                    "--listen", inference_target,
+                    "--control-plane", admin_target,
+                    "--model", str(model_dir),
+                    "--state-dir", str(config.state_dir / "worker"),
+                    "--redis-url", redis_url,
+                    "--device", config.device,
+                    "--drain-grace-s", str(config.drain_grace_s),
+                    *config.worker_args,
+                ],
+                env,
+                logs / "worker.log",
+            )  # fmt: skip
+            children.insert(0, worker)  # stopped first
+            _wait_serving(inference_target, children)
+            api_key, adapter_names = _bootstrap_tenant(
+                admin_target, keys["admin_key"], config.tenant, model_dir / "adapters", model_dir.name
+            )
+            from openlora.commands.serving import write_context
+
+            write_context(
+                config.context_path,
+                {"target": inference_target, "admin_target": admin_target, "api_key": api_key,
+                 "tenant": config.tenant, "adapters": adapter_names},
+            )  # fmt: skip
+            serving.set()
+            print(f"ready inference={inference_target} admin={admin_target} key={api_key}", flush=True)
+            while not stop.is_set():
+                dead = [c for c in children if not c.alive()]
+                if dead:
+                    log.error(
+                        "%s exited with %s:\n%s", dead[0].name, dead[0].process.returncode, dead[0].tail()
+                    )
+                    exit_code = 1
+                    break
+                stop.wait(0.5)
+        except (ChildExited, TimeoutError, grpc.RpcError, OSError) as error:
+            log.error("openlora up failed: %s", error)
+            exit_code = 1
+        except KeyboardInterrupt:
+            log.info("interrupted while starting")
+        finally:
+            serving.set()  # a second signal during the stop must not interrupt the stop
+            for child in children:
+                timeout_s = config.drain_grace_s + 10 if child.name == "worker" else STOP_TIMEOUT_S
+                child.stop(timeout_s)
+    return exit_code

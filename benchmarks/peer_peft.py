@@ -1,0 +1,246 @@
+"""The peer a user would pick: Hugging Face transformers + PEFT in one process, on the same trace.
+
+Every adapter the trace names is loaded once with `load_adapter` before timing starts. Two strategies:
+- `sequential`: one request at a time, `set_adapter(name)` then `generate`;
+- `batched`: static batches in arrival order, left-padded, `generate(adapter_names=[...])` (PEFT's mixed
+  adapter batch inference); the batch runs until its longest request is done.
+Decoding is greedy with `min_new_tokens == max_new_tokens`, so each request produces exactly its
+`max_tokens`. Throughput counts the tokens the requests asked for (tokens a static batch generates past a
+request's own `max_tokens` are waste, not output), over wall time from the first request to the last.
+
+    python -m benchmarks.peer_peft --trace trace.jsonl --model DIR --adapters-root DIR --out peer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.trace import TraceRequest, read_trace
+
+STRATEGIES = ("sequential", "batched")
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
+PAD_TOKEN_ID = 0
+
+
+@dataclass(frozen=True)
+class PeerResult:
+    strategy: str
+    num_requests: int
+    batch_size: int
+    generated_tokens: int
+    # Tokens decoded including the padding work of static batches (>= generated_tokens).
+    computed_tokens: int
+    elapsed_s: float
+    tokens_per_s: float
+    adapters_loaded: int
+    adapter_load_s: float
+    # Per request: time from the start of the run until its batch finished (the client's view).
+    e2e_p50_ms: float
+    e2e_p99_ms: float
+
+
+def load_peer(model_dir: Path, adapter_dirs: dict[str, Path], *, dtype: str = "float32", device: str = "cpu"):
+    """A PeftModel with every adapter of `adapter_dirs` loaded under its name; returns (model, load seconds)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    started = time.perf_counter()
+    names = list(adapter_dirs)
+    if not names:
+        return model.eval(), 0.0
+    peft_model = PeftModel.from_pretrained(model, adapter_dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(adapter_dirs[name], adapter_name=name)
+    return peft_model.eval(), time.perf_counter() - started
+
+
+def run_sequential(
+    model, requests: Sequence[TraceRequest], device: str = "cpu"
+) -> tuple[int, int, list[float]]:
+    """One request at a time; returns (generated tokens, computed tokens, per-request finish times in s)."""
+    import torch
+
+    generated, finish_s = 0, []
+    started = time.perf_counter()
+    for request in requests:
+        input_ids = torch.tensor([request.prompt_token_ids], device=device)
+        with _adapter_scope(model, request.adapter), torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=request.max_tokens,
+                min_new_tokens=request.max_tokens,
+                do_sample=False,
+            )
+        generated += output.shape[1] - input_ids.shape[1]
+        finish_s.append(time.perf_counter() - started)
+    return generated, generated, finish_s
+
+
+def run_batched(
+    model, requests: Sequence[TraceRequest], batch_size: int, device: str = "cpu"
+) -> tuple[int, int, list[float]]:
+    """Static batches with mixed adapters; returns (requested tokens, computed tokens, finish times in s)."""
+    import torch
+
+    generated, computed, finish_s = 0, 0, []
+    started = time.perf_counter()
+    for begin in range(0, len(requests), batch_size):
+        batch = requests[begin : begin + batch_size]
+        longest_prompt = max(len(r.prompt_token_ids) for r in batch)
+        max_new = max(r.max_tokens for r in batch)
+        # (batch, longest_prompt), left-padded so every row's next token is at the same position
+        input_ids = torch.full((len(batch), longest_prompt), PAD_TOKEN_ID, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, request in enumerate(batch):
+            n = len(request.prompt_token_ids)
+            input_ids[row, longest_prompt - n :] = torch.tensor(request.prompt_token_ids)
+            attention_mask[row, longest_prompt - n :] = 1
+        kwargs = {}
+        if hasattr(model, "peft_config"):
+            kwargs["adapter_names"] = [r.adapter or BASE_ADAPTER for r in batch]
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                do_sample=False,
+                **kwargs,
+            )
+        new_tokens = output.shape[1] - longest_prompt
+        computed += new_tokens * len(batch)
+        generated += sum(min(r.max_tokens, new_tokens) for r in batch)
+        finish_s.extend([time.perf_counter() - started] * len(batch))
+    return generated, computed, finish_s
+
+
+class _adapter_scope:
+    """Selects the request's adapter with set_adapter, or disables adapters for a base-model request."""
+
+    def __init__(self, model, adapter: str) -> None:
+        self.model, self.adapter, self.inner = model, adapter, None
+
+    def __enter__(self):
+        if not hasattr(self.model, "peft_config"):
+            return self
+        if self.adapter:
+            self.model.set_adapter(self.adapter)
+        else:
+            self.inner = self.model.disable_adapter()
+            self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.inner is not None:
+            self.inner.__exit__(*exc)
+
+
+def benchmark_peer(
+    model_dir: Path,
+    adapters_root: Path,
+    requests: Sequence[TraceRequest],
+    strategies: Sequence[str] = STRATEGIES,
+    *,
+    batch_size: int = 32,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> list[PeerResult]:
+    """Loads the model and every adapter the requests name, warms up, then times each strategy."""
+    import numpy as np
+    import torch
+
+    adapter_dirs = {
+        name: adapters_root / name for name in dict.fromkeys(r.adapter for r in requests if r.adapter)
+    }
+    model, load_s = load_peer(model_dir, adapter_dirs, dtype=dtype, device=device)
+    warmup = [TraceRequest(-1, 0.0, r.adapter, r.prompt_token_ids[:8], 2) for r in requests[:2]]
+    run_sequential(model, warmup, device)
+    run_batched(model, warmup, batch_size, device)
+    results = []
+    for strategy in strategies:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        if strategy == "sequential":
+            generated, computed, finish_s = run_sequential(model, requests, device)
+            size = 1
+        elif strategy == "batched":
+            generated, computed, finish_s = run_batched(model, requests, batch_size, device)
+            size = batch_size
+        else:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed_s = time.perf_counter() - started
+        e2e_ms = np.array(finish_s) * 1000.0
+        results.append(
+            PeerResult(
+                strategy=strategy,
+                num_requests=len(requests),
+                batch_size=size,
+                generated_tokens=generated,
+                computed_tokens=computed,
+                elapsed_s=elapsed_s,
+                tokens_per_s=generated / elapsed_s if elapsed_s > 0 else 0.0,
+                adapters_loaded=len(adapter_dirs),
+                adapter_load_s=load_s,
+                e2e_p50_ms=float(np.percentile(e2e_ms, 50)) if len(e2e_ms) else 0.0,
+                e2e_p99_ms=float(np.percentile(e2e_ms, 99)) if len(e2e_ms) else 0.0,
+            )
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--trace", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument(
+        "--adapters-root", type=Path, required=True, help="holds one directory per adapter name"
+    )
+    parser.add_argument("--strategy", choices=[*STRATEGIES, "both"], default="both")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--max-requests", type=int, default=0, help="replay only the first N requests (0 = all)"
+    )
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    requests = read_trace(args.trace).requests
+    if args.max_requests:
+        requests = requests[: args.max_requests]
+    strategies = STRATEGIES if args.strategy == "both" else (args.strategy,)
+    results = benchmark_peer(
+        args.model,
+        args.adapters_root,
+        requests,
+        strategies,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    for result in results:
+        print(
+            f"peft {result.strategy:<10} batch {result.batch_size:>3}: {result.generated_tokens} tokens in "
+            f"{result.elapsed_s:.2f} s = {result.tokens_per_s:.1f} tokens/s "
+            f"({result.adapters_loaded} adapters loaded in {result.adapter_load_s:.1f} s)"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()

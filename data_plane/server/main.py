@@ -22,10 +22,12 @@ from grpc_reflection.v1alpha import reflection
 from data_plane.server.artifact_store import ArtifactStore
 from data_plane.server.config import WorkerConfig
 from data_plane.server.control_plane_client import ControlPlaneClient, ControlPlaneError
+from data_plane.server.hint_listener import listen_for_hints
 from data_plane.server.metrics import WorkerMetrics
 from data_plane.server.servicer import InferenceServicer, WorkerState
 from data_plane.server.usage_reporter import UsageReporter
 from data_plane.server.validation import RequestLimits
+from openlora.hints import Hint
 from openlora.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -195,11 +197,19 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     def stats() -> tuple[int, int, list[str]]:
         return engine.num_running, engine.num_waiting, sorted(engine.resident_adapter_keys())
 
+    def on_hint(hint: Hint) -> None:
+        if hint.kind == "invalidate":
+            control_plane.forget_adapters(sha256=hint.sha256, adapter_id=hint.adapter_id)
+            if hint.sha256:
+                artifacts.discard(hint.sha256)
+
     loop = asyncio.get_running_loop()
     running._tasks = [
         loop.create_task(control_plane.run_heartbeats(state.worker_id, heartbeat_s, stats, register)),
         loop.create_task(_watch_engine(running)),
     ]
+    if config.redis_url:
+        running._tasks.append(loop.create_task(listen_for_hints(config.redis_url, on_hint)))
     return running
 
 

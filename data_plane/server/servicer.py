@@ -264,7 +264,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def _prompt_ids(self, valid: ValidRequest) -> list[int]:
         if valid.prompt_token_ids is not None:
             return list(valid.prompt_token_ids)
-        return list(self._engine.tokenizer.encode(valid.prompt))
+        tokenizer = self._engine.tokenizer
+        if tokenizer is None:
+            raise RequestFieldError(
+                "prompt", "cannot be text: this model has no tokenizer; send prompt_token_ids"
+            )
+        return list(await asyncio.to_thread(tokenizer.encode, valid.prompt))
 
     async def _resolve(self, valid: ValidRequest, by_name) -> tuple[tuple[AdapterRef, ...], str]:
         if not valid.adapters:

@@ -79,3 +79,73 @@ def test_linear_mix_matches_peft_cat_combination(tiny_llama):
     assert results["mix"][0] == want_tokens
     assert results["mix"][1] == pytest.approx(want_logprobs, abs=1e-3)
     assert results["mix"][0] != results["plain"][0]
+
+
+def _mixed_cases(model, seed: int):
+    names = [*ADAPTERS, None, "r8_all", None, "r64_all", "r4_qv"]
+    prompts = _prompts(model.vocab_size, seed, [5, 30, 12, 47, 3, 19, 8, 25, 40])
+    return {f"r{i}": (prompts[i], name) for i, name in enumerate(names)}
+
+
+def _add(engine, model, cases, request_ids) -> None:
+    for request_id in request_ids:
+        prompt, name = cases[request_id]
+        engine.add_request(greedy(request_id, prompt, [model.ref(name)] if name else ()))
+
+
+def test_requests_joining_and_finishing_mid_run_keep_their_outputs(tiny_llama):
+    cases = _mixed_cases(tiny_llama, 21)
+    ids = list(cases)
+    engine = make_engine(tiny_llama, max_num_batched_tokens=24)  # long prompts prefill in chunks
+    results: dict[str, tuple[list[int], list[float]]] = {}
+    _add(engine, tiny_llama, cases, ids[:3])
+    pending = ids[3:]
+    steps = 0
+    while engine.has_unfinished() or pending:
+        if pending and steps % 3 == 2:  # a new request joins every third step
+            _add(engine, tiny_llama, cases, [pending.pop(0)])
+        for out in engine.step():
+            tokens, logprobs = results.setdefault(out.request_id, ([], []))
+            tokens.extend(out.new_token_ids)
+            logprobs.extend(out.new_logprobs or [])
+        steps += 1
+    _assert_match(results, _expected(tiny_llama, cases))
+
+
+def test_outputs_survive_preemption_by_recompute(tiny_llama):
+    cases = _mixed_cases(tiny_llama, 22)
+    engine = make_engine(tiny_llama, num_kv_blocks=8)  # 128 token slots for 9 requests of up to 63 tokens
+    _add(engine, tiny_llama, cases, list(cases))
+    preempted = 0
+    results: dict[str, tuple[list[int], list[float]]] = {}
+    while engine.has_unfinished():
+        before = sum(s.seq.num_preemptions for s in engine._states.values())
+        outputs = engine.step()
+        preempted = max(preempted, before)
+        for out in outputs:
+            tokens, logprobs = results.setdefault(out.request_id, ([], []))
+            tokens.extend(out.new_token_ids)
+            logprobs.extend(out.new_logprobs or [])
+    assert preempted > 0
+    _assert_match(results, _expected(tiny_llama, cases))
+
+
+def test_outputs_survive_adapter_eviction_and_reload(tiny_llama):
+    cases = _mixed_cases(tiny_llama, 23)
+    engine = make_engine(tiny_llama, num_adapter_slots=2)  # four adapters through two slots
+    loads = []
+    real_submit = engine.loader.submit
+
+    def counting_submit(key, members):
+        loads.append(key)
+        real_submit(key, members)
+
+    engine.loader.submit = counting_submit
+    _add(engine, tiny_llama, cases, list(cases))
+    results = run_to_completion(engine)
+    _add(engine, tiny_llama, {"again": cases["r0"]}, ["again"])  # r4_qv was evicted by now
+    results.update(run_to_completion(engine))
+    assert len(loads) > len(set(loads))  # some adapter was loaded, evicted and loaded again
+    expected = _expected(tiny_llama, cases)
+    expected["again"] = expected["r0"]
+    _assert_match(results, expected)

@@ -42,6 +42,9 @@ class TraceConfig:
     vocab_size: int = 32000
     seed: int = 0
     adapter_prefix: str = "lora-"
+    # Every adapter is requested at least once (needs num_requests >= num_adapters); the remaining
+    # requests follow the power law, and the order of all of them is shuffled.
+    cover_all_adapters: bool = False
 
     def __post_init__(self) -> None:
         if self.num_requests < 0:
@@ -60,6 +63,10 @@ class TraceConfig:
         ):
             if not 1 <= low <= high:
                 raise ValueError(f"{label} must satisfy 1 <= min <= max, got ({low}, {high})")
+        if self.cover_all_adapters and self.num_requests < self.num_adapters:
+            raise ValueError(
+                f"cover_all_adapters needs num_requests >= num_adapters, got {self.num_requests} < {self.num_adapters}"
+            )
         if self.vocab_size <= FIRST_PROMPT_TOKEN_ID:
             raise ValueError(f"vocab_size must be > {FIRST_PROMPT_TOKEN_ID}, got {self.vocab_size}")
 
@@ -154,9 +161,12 @@ def generate_trace(config: TraceConfig) -> Trace:
     rng = np.random.default_rng(config.seed)
     arrivals_s = arrival_times_s(config.num_requests, config.rate_per_s, config.cv, rng)
     if config.num_adapters > 0:
-        adapter_ids = rng.choice(
-            config.num_adapters, size=config.num_requests, p=popularity(config.num_adapters, config.alpha)
-        )
+        p = popularity(config.num_adapters, config.alpha)
+        if config.cover_all_adapters:
+            rest = rng.choice(config.num_adapters, size=config.num_requests - config.num_adapters, p=p)
+            adapter_ids = rng.permutation(np.concatenate([np.arange(config.num_adapters), rest]))
+        else:
+            adapter_ids = rng.choice(config.num_adapters, size=config.num_requests, p=p)
     else:
         adapter_ids = np.full(config.num_requests, -1)
     prompt_lens = rng.integers(

@@ -95,3 +95,13 @@ def test_invalid_config_is_refused_naming_the_field():
         TraceConfig(num_requests=1, num_adapters=1, rate_per_s=0)
     with pytest.raises(ValueError, match="output_len_range"):
         TraceConfig(num_requests=1, num_adapters=1, output_len_range=(4, 2))
+
+
+def test_cover_all_adapters_requests_each_adapter_at_least_once():
+    trace = generate_trace(
+        TraceConfig(num_requests=300, num_adapters=250, alpha=1.0, cover_all_adapters=True, seed=5)
+    )
+    assert len(trace.adapters_used) == 250
+    assert len(trace.requests) == 300
+    with pytest.raises(ValueError, match="cover_all_adapters"):
+        TraceConfig(num_requests=10, num_adapters=11, cover_all_adapters=True)

@@ -1,0 +1,41 @@
+import pytest
+
+from benchmarks.cost import estimate_cost, peak_tokens_per_s
+from benchmarks.trace import TraceRequest
+
+
+def _req(arrival_s, adapter, tokens):
+    return TraceRequest(
+        index=0, arrival_s=arrival_s, adapter=adapter, prompt_token_ids=(20,), max_tokens=tokens
+    )
+
+
+def test_peak_demand_is_the_busiest_window():
+    requests = [_req(0.5, "a", 10), _req(1.5, "a", 30), _req(1.9, "b", 50)]
+    assert peak_tokens_per_s(requests, window_s=1.0) == 80.0
+    assert peak_tokens_per_s(requests, window_s=2.0) == 45.0
+
+
+def test_each_dedicated_deployment_costs_at_least_one_replica_for_the_whole_trace():
+    # 4 adapters, 100 tokens each, over 10 s; one shared worker handles the 40 tokens/s peak.
+    requests = [_req(t, f"lora-{t % 4}", 100) for t in range(10)]
+    cost = estimate_cost(
+        requests,
+        shared_capacity_tokens_per_s=50.0,
+        dedicated_capacity_tokens_per_s=50.0,
+        window_s=10.0,
+        duration_s=10.0,
+    )
+    assert (cost.shared_replicas, cost.dedicated_replicas) == (1, 4)
+    assert cost.total_tokens == 1000
+    assert cost.shared_gpu_hours_per_million_tokens == pytest.approx((10 / 3600) / 0.001)
+    assert cost.ratio == pytest.approx(4.0)
+
+
+def test_a_peak_above_capacity_needs_more_shared_replicas():
+    requests = [_req(0.0, "a", 300), _req(0.5, "b", 300)]
+    cost = estimate_cost(
+        requests, shared_capacity_tokens_per_s=250.0, dedicated_capacity_tokens_per_s=400.0, window_s=1.0
+    )
+    assert cost.shared_replicas == 3  # 600 tokens/s peak over 250 tokens/s
+    assert cost.dedicated_replicas == 2  # 300 tokens/s each, under 400

@@ -3,6 +3,9 @@
     u = sgmv_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks=None)        # (T, R)
     sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks=None)  # y (T, H_out) += ...
 
+Both take a keyword ``max_segment_rows``: pass it when the layout was built on the host, so the Triton
+path needs no device sync to validate and size its grid (the values are then trusted).
+
 Segment g covers rows ``seg_indptr[g]:seg_indptr[g + 1]`` and uses adapter slot ``seg_slots[g]``
 (-1: no adapter). See ``kernels.reference`` for the exact semantics.
 
@@ -47,12 +50,18 @@ def sgmv_shrink(
     seg_indptr: torch.Tensor,
     seg_slots: torch.Tensor,
     slot_ranks: torch.Tensor | None = None,
+    *,
+    max_segment_rows: int | None = None,
 ) -> torch.Tensor:
-    """u (T, R) = x (T, H_in) @ lora_a[slot] (R, H_in).T per segment; rows of slot -1 are zero."""
+    """u (T, R) = x (T, H_in) @ lora_a[slot] (R, H_in).T per segment; rows of slot -1 are zero.
+
+    ``max_segment_rows``: the longest segment, when the caller knows it from host-side metadata; the
+    Triton path then skips its index checks and their device sync (see ``kernels.triton_ops``).
+    """
     if use_triton(x.device):
         from kernels.triton_ops.sgmv_shrink import sgmv_shrink as triton_shrink
 
-        return triton_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks)
+        return triton_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks, max_segment_rows=max_segment_rows)
     return reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks)
 
 
@@ -64,11 +73,18 @@ def sgmv_expand(
     y: torch.Tensor,
     scale: torch.Tensor,
     slot_ranks: torch.Tensor | None = None,
+    *,
+    max_segment_rows: int | None = None,
 ) -> None:
-    """y (T, H_out) += scale[slot] * u (T, R) @ lora_b[slot] (H_out, R).T per segment, in place."""
+    """y (T, H_out) += scale[slot] * u (T, R) @ lora_b[slot] (H_out, R).T per segment, in place.
+
+    ``max_segment_rows`` as for ``sgmv_shrink``.
+    """
     if use_triton(u.device):
         from kernels.triton_ops.sgmv_expand import sgmv_expand as triton_expand
 
-        triton_expand(u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks)
+        triton_expand(
+            u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks, max_segment_rows=max_segment_rows
+        )
         return
     reference.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks)

@@ -65,8 +65,13 @@ def check_segments(
     num_slots: int,
     rank_max: int,
     slot_ranks: torch.Tensor | None,
+    max_segment_rows: int | None = None,
 ) -> SegmentLayout:
-    """Validate the segment layout and slot ranks; return what the grid needs."""
+    """Validate the segment layout and slot ranks; return what the grid needs.
+
+    With ``max_segment_rows`` given (the caller built the layout on the host and vouches for it), the
+    value checks and their device sync are skipped; dtypes and shapes are still checked.
+    """
     for name, t in (("seg_indptr", seg_indptr), ("seg_slots", seg_slots)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
             raise KernelArgumentError(name, "expected a 1-D torch.int32 tensor")
@@ -80,6 +85,10 @@ def check_segments(
         if slot_ranks.dtype != torch.int32 or slot_ranks.dim() != 1 or slot_ranks.numel() != num_slots:
             raise KernelArgumentError("slot_ranks", f"expected ({num_slots},) torch.int32")
         check_contiguous("slot_ranks", slot_ranks)
+    if max_segment_rows is not None:
+        if not isinstance(max_segment_rows, int) or max_segment_rows < 0:
+            raise KernelArgumentError("max_segment_rows", f"must be an int >= 0, got {max_segment_rows!r}")
+        return SegmentLayout(num_segments, max_segment_rows)
     if num_segments == 0:
         if num_rows != 0:
             raise KernelArgumentError("seg_indptr", f"no segments but {num_rows} rows")

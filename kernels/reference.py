@@ -62,12 +62,15 @@ def sgmv_shrink(
     seg_indptr: torch.Tensor,
     seg_slots: torch.Tensor,
     slot_ranks: torch.Tensor | None = None,
+    *,
+    max_segment_rows: int | None = None,
 ) -> torch.Tensor:
     """u = x @ A[slot].T per segment.
 
     x (T, H_in), lora_a (S, R, H_in), seg_indptr (G+1,) int, seg_slots (G,) int in [-1, S).
     Returns u (T, R) in x's dtype; rows of slot -1 are zero. ``slot_ranks`` is ignored: columns past a
     slot's rank are zero padding in ``lora_a`` and give zeros here as well.
+    ``max_segment_rows`` (a hint for the Triton path) is ignored.
     """
     num_rows, rank = x.shape[0], lora_a.shape[1]
     u = torch.zeros(num_rows, rank, dtype=torch.float32, device=x.device)  # (T, R)
@@ -92,11 +95,13 @@ def sgmv_expand(
     y: torch.Tensor,
     scale: torch.Tensor,
     slot_ranks: torch.Tensor | None = None,
+    *,
+    max_segment_rows: int | None = None,
 ) -> None:
     """y[rows] += scale[slot] * u[rows] @ B[slot].T per segment, in place.
 
     u (T, R), lora_b (S, H_out, R), y (T, H_out), scale (S,) float32. Rows of slot -1 are untouched.
-    The sum is formed in float32 and rounded to y's dtype once. ``slot_ranks`` is ignored (zero padding).
+    The sum is formed in float32 and rounded to y's dtype once. ``slot_ranks`` and ``max_segment_rows`` are ignored.
     """
     num_rows, out_features, rank = u.shape[0], lora_b.shape[1], lora_b.shape[2]
     segments = _segments(seg_indptr, seg_slots)

@@ -141,6 +141,7 @@ def sgmv_expand(
     slot_ranks: torch.Tensor | None = None,
     *,
     path: str | None = None,
+    max_segment_rows: int | None = None,
 ) -> None:
     """Expand every row by its segment's LoRA B matrix and add it to y in place, in one launch.
 
@@ -156,6 +157,9 @@ def sgmv_expand(
 
     The product and the sum with y are formed in float32 and rounded to y's dtype once. ``path`` forces
     "segmented" or "bgmv" (one row per segment only); the default picks by shape.
+
+    Index ranges are checked with one device sync per call. A caller that built the layout on the host
+    passes ``max_segment_rows`` (the longest segment) instead: no sync, and the values are trusted.
     """
     check_float("u", u, 2)
     check_float("lora_b", lora_b, 3, u.dtype)
@@ -180,12 +184,14 @@ def sgmv_expand(
         )
     if scale.numel() != num_slots:
         raise KernelArgumentError("scale", f"length {scale.numel()} must equal S={num_slots}")
-    layout = check_segments(seg_indptr, seg_slots, num_rows, num_slots, rank_max, slot_ranks)
+    layout = check_segments(
+        seg_indptr, seg_slots, num_rows, num_slots, rank_max, slot_ranks, max_segment_rows
+    )
     if path not in (None, "segmented", "bgmv"):
         raise KernelArgumentError("path", f"must be None, 'segmented' or 'bgmv', got {path!r}")
     if path == "bgmv" and layout.max_segment_rows > 1:
         raise KernelArgumentError("path", "bgmv needs segments of at most one row")
-    if num_rows == 0 or rank_max == 0 or out_features == 0:
+    if num_rows == 0 or rank_max == 0 or out_features == 0 or layout.num_segments == 0:
         return
 
     has_ranks = slot_ranks is not None

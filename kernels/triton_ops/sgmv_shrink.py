@@ -170,6 +170,7 @@ def sgmv_shrink(
     out: torch.Tensor | None = None,
     split_k: int | None = None,
     path: str | None = None,
+    max_segment_rows: int | None = None,
 ) -> torch.Tensor:
     """Shrink every row by its segment's LoRA A matrix, in one launch.
 
@@ -183,6 +184,9 @@ def sgmv_shrink(
 
     Products accumulate in float32. ``split_k`` splits H_in across programs (float32 atomics, then one
     cast); ``path`` forces "segmented" or "bgmv" (one row per segment only); both default by shape.
+
+    Index ranges are checked with one device sync per call. A caller that built the layout on the host
+    passes ``max_segment_rows`` (the longest segment) instead: no sync, and the values are trusted.
     """
     check_float("x", x, 2)
     check_float("lora_a", lora_a, 3, x.dtype)
@@ -203,14 +207,16 @@ def sgmv_shrink(
             raise KernelArgumentError(
                 "out", f"shape {tuple(out.shape)} must be (T, R)={(num_rows, rank_max)}"
             )
-    layout = check_segments(seg_indptr, seg_slots, num_rows, num_slots, rank_max, slot_ranks)
+    layout = check_segments(
+        seg_indptr, seg_slots, num_rows, num_slots, rank_max, slot_ranks, max_segment_rows
+    )
     if path not in (None, "segmented", "bgmv"):
         raise KernelArgumentError("path", f"must be None, 'segmented' or 'bgmv', got {path!r}")
     if path == "bgmv" and layout.max_segment_rows > 1:
         raise KernelArgumentError("path", "bgmv needs segments of at most one row")
 
     u = out if out is not None else torch.empty(num_rows, rank_max, dtype=x.dtype, device=x.device)
-    if num_rows == 0 or rank_max == 0 or in_features == 0:
+    if num_rows == 0 or rank_max == 0 or in_features == 0 or layout.num_segments == 0:
         return u.zero_()
     use_bgmv = path == "bgmv" or (path is None and layout.max_segment_rows == 1)
     block_r = min(max(16, triton.next_power_of_2(rank_max)), 64)

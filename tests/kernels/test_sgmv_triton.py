@@ -83,16 +83,26 @@ def to_device(case):
     return {k: v.to(DEVICE) for k, v in case.items()}
 
 
-def check_against_reference(case, dtype, *, split_k=None, path=None, pass_ranks=True):
+def check_against_reference(case, dtype, *, split_k=None, path=None, pass_ranks=True, trusted=False):
     c = to_device(case)
     atol, rtol = TOLERANCE[dtype]
     ranks = c["slot_ranks"] if pass_ranks else None
     num_rows, rank_max = c["x"].shape[0], c["lora_a"].shape[1]
+    lengths = (c["seg_indptr"][1:] - c["seg_indptr"][:-1]).long()
+    hint = {"max_segment_rows": int(lengths.max())} if trusted else {}
 
     u_ref = reference.sgmv_shrink(c["x"], c["lora_a"], c["seg_indptr"], c["seg_slots"])
     out = torch.full((num_rows, rank_max), float("nan"), dtype=dtype, device=DEVICE)
     u = shrink_op.sgmv_shrink(
-        c["x"], c["lora_a"], c["seg_indptr"], c["seg_slots"], ranks, out=out, split_k=split_k, path=path
+        c["x"],
+        c["lora_a"],
+        c["seg_indptr"],
+        c["seg_slots"],
+        ranks,
+        out=out,
+        split_k=split_k,
+        path=path,
+        **hint,
     )
     assert u.data_ptr() == out.data_ptr()
     torch.testing.assert_close(u, u_ref, atol=atol, rtol=rtol)
@@ -105,7 +115,6 @@ def check_against_reference(case, dtype, *, split_k=None, path=None, pass_ranks=
         u_ref, c["lora_b"], c["seg_indptr"], c["seg_slots"], y, c["scale"], ranks, path=path
     )
     torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
-    lengths = (c["seg_indptr"][1:] - c["seg_indptr"][:-1]).long()
     no_adapter = torch.repeat_interleave(c["seg_slots"], lengths) < 0
     assert torch.equal(y[no_adapter], c["y"][no_adapter])  # rows of slot -1: bit for bit untouched
     assert not torch.equal(y[~no_adapter], c["y"][~no_adapter])  # the others did change
@@ -141,6 +150,12 @@ def test_every_rank_matches_reference_in_bfloat16_with_empty_and_unused_segments
 def test_decode_paths_and_split_k_agree_with_reference(path, split_k):
     case = make_case(5, torch.float16, 300, 70, "mixed", "distinct", with_none=True)
     check_against_reference(case, torch.float16, split_k=split_k, path=path)
+
+
+@pytest.mark.parametrize("popularity", ["distinct", "skewed"])
+def test_host_supplied_max_segment_rows_gives_the_same_result(popularity):
+    case = make_case(12, torch.bfloat16, 100, 130, "mixed", popularity, with_none=True)
+    check_against_reference(case, torch.bfloat16, trusted=True)
 
 
 def test_split_k_on_long_segments_matches_reference():
@@ -230,6 +245,7 @@ def _valid_args():
         ("out", lambda a: a.update(out=torch.empty(6, 4, dtype=torch.float16))),
         ("path", lambda a: a.update(path="bgmv")),
         ("split_k", lambda a: a.update(split_k=0)),
+        ("max_segment_rows", lambda a: a.update(max_segment_rows=-1)),
     ],
 )  # fmt: skip
 def test_shrink_launcher_names_the_bad_argument(argument, mutate):

@@ -17,7 +17,7 @@ def test_peak_demand_is_the_busiest_window():
 
 
 def test_each_dedicated_deployment_costs_at_least_one_replica_for_the_whole_trace():
-    # 4 adapters, 100 tokens each, over 10 s; one shared worker handles the 40 tokens/s peak.
+    # 10 requests of 100 tokens over 4 adapters in 10 s: one shared worker handles the 100 tokens/s peak.
     requests = [_req(t, f"lora-{t % 4}", 100) for t in range(10)]
     cost = estimate_cost(
         requests,

@@ -21,8 +21,8 @@ def test_each_dedicated_deployment_costs_at_least_one_replica_for_the_whole_trac
     requests = [_req(t, f"lora-{t % 4}", 100) for t in range(10)]
     cost = estimate_cost(
         requests,
-        shared_capacity_tokens_per_s=50.0,
-        dedicated_capacity_tokens_per_s=50.0,
+        shared_capacity_tokens_per_s=100.0,
+        dedicated_capacity_tokens_per_s=100.0,
         window_s=10.0,
         duration_s=10.0,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass, field, fields
@@ -40,7 +41,6 @@ REGISTER_RETRY_MAX_S = 5.0
 def build_engine(config: WorkerConfig):
     """The engine for this worker (loads the model: seconds to minutes, call off the event loop)."""
     from data_plane.engine.async_engine import AsyncEngine
-
     from data_plane.engine.config import EngineConfig
 
     settings = {f.name: getattr(config.engine, f.name) for f in fields(config.engine)}
@@ -111,7 +111,8 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     if engine is None:
         engine = await asyncio.to_thread(build_engine, config)
     await engine.start()
-    spec = engine.spec
+    # The name announced is the configured one (the fingerprint, not the name, decides what fits).
+    spec = dataclasses.replace(engine.spec, name=config.base_model_name)
 
     server = grpc.aio.server()
     port = server.add_insecure_port(config.listen)
@@ -233,7 +234,7 @@ async def _watch_engine(running: RunningWorker) -> None:
         await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
         running.metrics.running.set(engine.num_running)
         running.metrics.waiting.set(engine.num_waiting)
-        if not engine.is_alive and not running.state.draining:
+        if not engine.is_running and not running.state.draining:
             log.error("the engine loop stopped; health NOT_SERVING")
             await running._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             return

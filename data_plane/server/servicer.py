@@ -46,8 +46,6 @@ _CACHE_TIERS = {
     "disk": inference_pb2.CACHE_TIER_DISK,
     "remote": inference_pb2.CACHE_TIER_REMOTE,
 }
-# Slowest first: the request's tier is the slowest any of its adapters came from.
-_TIER_ORDER = ("remote", "disk", "host", "device", "none")
 
 
 class Draining(Exception):
@@ -216,7 +214,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 )
                 if out.finished:
                     engine_tier = out.cache_tier or "none"
-                    final_tier = tier if tier == "remote" else _slowest(tier, engine_tier)
+                    # A fetch from the control plane is the slowest tier; otherwise the engine knows.
+                    final_tier = "remote" if tier == "remote" else engine_tier
                     response.finish_reason = _FINISH_REASONS.get(out.finish_reason or "abort", 0)
                     response.usage.prompt_tokens = out.prompt_tokens
                     response.usage.completion_tokens = progress.completion_tokens + len(out.new_token_ids)
@@ -330,10 +329,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 finish_reason=progress.finish_reason,
             )
         )
-
-
-def _slowest(a: str, b: str) -> str:
-    return min(a, b, key=_TIER_ORDER.index)
 
 
 def _bearer_key(context) -> str:

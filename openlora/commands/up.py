@@ -179,26 +179,34 @@ def _bootstrap_tenant(
         names = []
         if adapters_dir is not None and adapters_dir.is_dir():
             for path in sorted(p for p in adapters_dir.iterdir() if p.is_dir()):
-                stub.UploadAdapter(_upload_messages(path, tenant, base_model), metadata=metadata, timeout=120)
+                stub.UploadAdapter(upload_messages(path, tenant, base_model), metadata=metadata, timeout=120)
                 names.append(path.name)
     return key, names
 
 
-def _upload_messages(path: Path, tenant: str, base_model: str):
-    files = [(name, (path / name).read_bytes()) for name in ARTIFACT_FILES]
+def upload_messages(
+    path: Path,
+    tenant: str,
+    base_model: str,
+    *,
+    name: str | None = None,
+    visibility: int = admin_pb2.VISIBILITY_PRIVATE,
+):
+    """UploadAdapter's client stream for a PEFT directory: the header with a manifest, then the chunks."""
+    files = [(filename, (path / filename).read_bytes()) for filename in ARTIFACT_FILES]
     yield admin_pb2.UploadAdapterRequest(
         header=admin_pb2.UploadAdapterHeader(
-            name=path.name,
-            visibility=admin_pb2.VISIBILITY_PRIVATE,
+            name=name or path.name,
+            visibility=visibility,
             base_model=base_model,
             tenant=tenant,
-            files=[admin_pb2.FileManifest(filename=name, size_bytes=len(data)) for name, data in files],
+            files=[admin_pb2.FileManifest(filename=f, size_bytes=len(data)) for f, data in files],
         )
     )
-    for name, data in files:
+    for filename, data in files:
         for offset in range(0, max(len(data), 1), _CHUNK_BYTES):
             chunk = admin_pb2.FileChunk(
-                filename=name, offset=offset, data=data[offset : offset + _CHUNK_BYTES]
+                filename=filename, offset=offset, data=data[offset : offset + _CHUNK_BYTES]
             )
             yield admin_pb2.UploadAdapterRequest(chunk=chunk)
 

@@ -1,0 +1,136 @@
+"""An in-process control plane (real Postgres and Redis) and worker (real engine on a tiny model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("worker_test_support", Path(__file__).with_name("support.py"))
+support = importlib.util.module_from_spec(_spec)
+sys.modules["worker_test_support"] = support
+_spec.loader.exec_module(support)
+
+WORKER_TOKEN = "worker-token-" + "w" * 24
+ADMIN_KEY = "operator-key-" + "k" * 24
+BASE_MODEL = "tiny"
+PUBLISHER = "publisher"
+AUTH_TTL_S = 0.3
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return support.write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@dataclass
+class System:
+    loop: object
+    control_plane: object
+    worker: object
+    admin: object
+    model_dir: Path
+    cp_state_dir: Path
+    adapters: dict[str, str] = field(default_factory=dict)  # public adapter name -> sha256
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.worker.port}"
+
+    def new_tenant(self, admin: bool = False) -> tuple[str, str, str]:
+        """A fresh tenant with one key: (tenant name, key id, secret)."""
+        name = f"t{uuid.uuid4().hex[:10]}"
+        self.admin.create_tenant(name)
+        key_id, secret = self.admin.create_key(name, admin=admin)
+        return name, key_id, secret
+
+    def flush_usage(self) -> None:
+        self.loop.run(self.worker.usage.flush())
+
+    def wait_usage(self, tenant: str, num_requests: int, timeout_s: float = 20.0):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            usage = self.admin.usage(tenant)
+            if usage.total_requests >= num_requests or time.monotonic() > deadline:
+                return usage
+            time.sleep(0.1)
+
+
+def start_worker(loop, cp_target: str, model_dir: Path, state_dir: Path, redis_url: str | None, **overrides):
+    from data_plane.server.config import EngineSettings, WorkerConfig
+    from data_plane.server.main import serve_worker
+
+    engine = overrides.pop("engine", EngineSettings(num_kv_blocks=256, max_num_seqs=16, max_lora_rank=16))
+    config = WorkerConfig(
+        model_dir=model_dir,
+        model_name=BASE_MODEL,
+        control_plane_target=cp_target,
+        worker_token=WORKER_TOKEN,
+        state_dir=state_dir,
+        listen="127.0.0.1:0",
+        engine=engine,
+        redis_url=redis_url,
+        auth_cache_ttl_s=AUTH_TTL_S,
+        usage_flush_interval_s=0.2,
+        drain_grace_s=5.0,
+        **overrides,
+    )
+    return loop.run(serve_worker(config))
+
+
+@pytest.fixture(scope="module")
+def system(database_url, redis_url, tiny_model_dir, tmp_path_factory):
+    from control_plane.config import ControlPlaneConfig
+    from control_plane.server.server import serve
+
+    loop = support.LoopThread()
+    cp_state = tmp_path_factory.mktemp("cp-state")
+    cp = loop.run(
+        serve(
+            ControlPlaneConfig(
+                database_url=database_url,
+                state_dir=cp_state,
+                worker_token=WORKER_TOKEN,
+                listen="127.0.0.1:0",
+                redis_url=redis_url,
+                admin_key=ADMIN_KEY,
+                authorize_cache_ttl_ms=int(AUTH_TTL_S * 1000),
+            )
+        )
+    )
+    worker = start_worker(loop, cp.target, tiny_model_dir, tmp_path_factory.mktemp("worker-state"), redis_url)
+    admin = support.Admin(cp.target, ADMIN_KEY)
+    admin.create_tenant(PUBLISHER)
+    system = System(loop, cp, worker, admin, tiny_model_dir, cp_state)
+    for name in support.ADAPTER_NAMES:
+        sha = admin.push(tiny_model_dir / "adapters" / name, name, PUBLISHER, BASE_MODEL, public=True)
+        system.adapters[name] = sha
+    yield system
+    admin.close()
+    loop.run(worker.stop(1.0))
+    loop.run(cp.stop(1.0))
+    loop.close()
+
+
+@pytest.fixture
+def small_worker(system, tmp_path):
+    """A second worker on the same control plane that runs one sequence and lets one wait."""
+    from data_plane.server.config import EngineSettings
+
+    engine = EngineSettings(num_kv_blocks=64, max_num_seqs=1, max_lora_rank=16)
+    worker = start_worker(
+        system.loop,
+        system.control_plane.target,
+        system.model_dir,
+        tmp_path,
+        None,
+        engine=engine,
+        max_waiting=1,
+    )
+    yield worker
+    system.loop.run(worker.stop(1.0))

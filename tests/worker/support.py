@@ -1,0 +1,129 @@
+"""Test support shared by tests/worker and tests/e2e: a tiny Llama checkpoint with a real tokenizer and
+PEFT adapters, an event loop in a thread for in-process servers, and admin helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import grpc
+
+from openlora.v1 import admin_pb2, admin_pb2_grpc
+
+CORPUS = (
+    "the quick brown fox jumps over the lazy dog. a tiny model serves many adapters at once. "
+    "hello world, one two three four five six seven eight nine ten. "
+) * 20
+ADAPTER_NAMES = tuple(f"ad{i}" for i in range(8))
+
+
+def write_tiny_model(out_dir: Path) -> Path:
+    """A deterministic random Llama (hidden 64, 2 layers) with a byte-level BPE tokenizer and no EOS
+    (streams always run to max_tokens), plus eight PEFT adapters under out_dir/adapters/<name>/."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([CORPUS], trainer)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    vocab_size = tokenizer.get_vocab_size()
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        architectures=["LlamaForCausalLM"],
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)  # sharper logits: greedy outputs far from ties
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for i, name in enumerate(ADAPTER_NAMES):
+        torch.manual_seed(100 + i)
+        targets = ["q_proj", "v_proj", "down_proj"] if i % 2 else ["q_proj", "k_proj", "o_proj", "up_proj"]
+        lora = LoraConfig(r=4 + 4 * (i % 2), lora_alpha=16, target_modules=targets, init_lora_weights=False)
+        peft_model = get_peft_model(LlamaForCausalLM(config), lora)
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_" in n:
+                    p.mul_(8.0)  # strong enough to change greedy outputs
+        peft_model.save_pretrained(out_dir / "adapters" / name)
+        (out_dir / "adapters" / name / "README.md").unlink(missing_ok=True)
+    (out_dir / "model.json").write_text(json.dumps({"vocab_size": vocab_size}))
+    return out_dir
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread, so blocking tests can drive in-process async servers."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro, timeout_s: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+class Admin:
+    """Blocking AdminService calls with one key."""
+
+    def __init__(self, target: str, key: str) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self.stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self.metadata = (("authorization", f"Bearer {key}"),)
+
+    def create_tenant(self, name: str) -> None:
+        self.stub.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=self.metadata)
+
+    def create_key(self, tenant: str, admin: bool = False) -> tuple[str, str]:
+        scopes = [admin_pb2.SCOPE_INFER] + ([admin_pb2.SCOPE_ADMIN] if admin else [])
+        response = self.stub.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(tenant=tenant, scopes=scopes), metadata=self.metadata
+        )
+        return response.key.id, response.secret
+
+    def revoke_key(self, key_id: str) -> None:
+        self.stub.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(key_id=key_id), metadata=self.metadata)
+
+    def push(self, path: Path, name: str, tenant: str, base_model: str, public: bool = False) -> str:
+        from openlora.commands.up import upload_messages
+
+        visibility = admin_pb2.VISIBILITY_PUBLIC if public else admin_pb2.VISIBILITY_PRIVATE
+        response = self.stub.UploadAdapter(
+            upload_messages(path, tenant, base_model, name=name, visibility=visibility),
+            metadata=self.metadata,
+        )
+        return response.adapter.sha256
+
+    def delete(self, name: str, tenant: str) -> None:
+        self.stub.DeleteAdapter(
+            admin_pb2.DeleteAdapterRequest(name=name, tenant=tenant), metadata=self.metadata
+        )
+
+    def usage(self, tenant: str) -> admin_pb2.GetUsageResponse:
+        return self.stub.GetUsage(admin_pb2.GetUsageRequest(tenant=tenant), metadata=self.metadata)
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,195 @@
+"""The control plane's service layer: each method is one use case in one transaction, called by exactly
+one RPC. Methods are synchronous (SQLAlchemy sessions); the gRPC servicers run them in threads.
+
+Callers pass the raw credential they received; authentication happens inside the same transaction."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from control_plane.artifacts.store import ArtifactStore
+from control_plane.artifacts.upload import Upload
+from control_plane.config import ControlPlaneConfig
+from control_plane.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+from control_plane.hints.publisher import HintPublisher
+from control_plane.registry import service as registry
+from control_plane.registry.models import VISIBILITY_PRIVATE, VISIBILITY_PUBLIC, Adapter
+from control_plane.registry.uploads import UploadHeader, UploadPlan, UploadResult
+from control_plane.tenancy import service as tenancy
+from control_plane.tenancy.models import SCOPE_INFER, ApiKey, Tenant
+from control_plane.workers import service as workers
+from control_plane.workers.models import Worker
+from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
+from openlora.artifact import digest_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Authorization:
+    tenant_id: uuid.UUID
+    tenant_name: str
+    scopes: tuple[str, ...]
+    adapters: tuple[Adapter, ...]
+    cache_ttl_ms: int
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        config: ControlPlaneConfig,
+        sessions: sessionmaker[Session],
+        store: ArtifactStore,
+        publisher: HintPublisher,
+    ) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.store = store
+        self.publisher = publisher
+
+    # -- tenancy --------------------------------------------------------------------------------------
+
+    def bootstrap(self) -> tenancy.Bootstrap:
+        with self.sessions.begin() as s:
+            return tenancy.ensure_operator(s, self.config.admin_key)
+
+    def create_tenant(self, api_key: str, name: str) -> Tenant:
+        with self.sessions.begin() as s:
+            return tenancy.create_tenant(s, tenancy.authenticate_admin(s, api_key), name)
+
+    def create_api_key(self, api_key: str, tenant: str, scopes: list[str]) -> tuple[ApiKey, str, str]:
+        """Returns (key, tenant name, plaintext secret)."""
+        with self.sessions.begin() as s:
+            row, secret = tenancy.create_api_key(s, tenancy.authenticate_admin(s, api_key), tenant, scopes)
+            return row, tenancy.tenant_name(s, row.tenant_id), secret
+
+    def revoke_api_key(self, api_key: str, key_id: str) -> tuple[ApiKey, str]:
+        with self.sessions.begin() as s:
+            row = tenancy.revoke_api_key(s, tenancy.authenticate_admin(s, api_key), key_id)
+            return row, tenancy.tenant_name(s, row.tenant_id)
+
+    # -- registry -------------------------------------------------------------------------------------
+
+    def prepare_upload(self, api_key: str, header: UploadHeader) -> UploadPlan:
+        """Authorises an upload and checks its header before any byte is stored."""
+        registry.check_name(header.name)
+        if header.visibility not in (VISIBILITY_PRIVATE, VISIBILITY_PUBLIC):
+            raise InvalidArgument("must be private or public", field="visibility")
+        if header.royalty_micros_per_million_tokens < 0:
+            raise InvalidArgument("must not be negative", field="royalty_micros_per_million_tokens")
+        with self.sessions.begin() as s:
+            tenant = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), header.tenant)
+            spec = workers.base_model(s, header.base_model).to_spec()
+        return UploadPlan(header, tenant.id, spec)
+
+    def begin_upload(self, plan: UploadPlan) -> Upload:
+        return self.store.begin_upload(list(plan.header.files), self.config.max_adapter_size_bytes)
+
+    def complete_upload(self, plan: UploadPlan, upload: Upload) -> UploadResult:
+        """Validates the received files, publishes them under their sha256, then writes the READY row.
+        On any failure nothing is left: no temporary files, no row, no newly published artifact."""
+        directory = upload.finish()
+        try:
+            info = validate_adapter_dir(
+                directory, plan.base_model, self.config.max_lora_rank, self.config.max_adapter_size_bytes
+            )
+        except AdapterFormatError as e:
+            raise InvalidArgument(e.reason, field=e.field) from None
+        sha256 = digest_dir(directory)
+        created = self.store.publish(directory, sha256)
+        header = plan.header
+        record = registry.AdapterRecord(
+            header.name,
+            header.visibility,
+            header.royalty_micros_per_million_tokens,
+            header.keep_warm,
+            header.description,
+        )
+        try:
+            with self.sessions.begin() as s:
+                tenant = s.get(Tenant, plan.tenant_id)
+                base_model = workers.base_model(s, plan.base_model.name)
+                if base_model.fingerprint != plan.base_model.fingerprint:
+                    raise FailedPrecondition("the base model changed during the upload", field="base_model")
+                owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)
+        except BaseException:
+            if created:
+                self._remove_unreferenced(sha256)
+            raise
+        if replaced is not None:
+            self.publisher.invalidate(str(owned.adapter.id), replaced)
+        return UploadResult(owned, not created, replaced)
+
+    def _remove_unreferenced(self, sha256: str) -> None:
+        with self.sessions.begin() as s:
+            if not registry.is_referenced(s, sha256):
+                self.store.remove(sha256)
+
+    def get_adapter(self, api_key: str, name: str, tenant: str) -> registry.OwnedAdapter:
+        with self.sessions.begin() as s:
+            owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
+            return registry.get_adapter(s, owner, name)
+
+    def list_adapters(
+        self, api_key: str, tenant: str, page_size: int, page_token: str, include_public: bool
+    ) -> registry.AdapterPage:
+        with self.sessions.begin() as s:
+            owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
+            return registry.list_adapters(s, owner, page_size, page_token, include_public)
+
+    def delete_adapter(self, api_key: str, name: str, tenant: str) -> registry.OwnedAdapter:
+        with self.sessions.begin() as s:
+            owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
+            deleted = registry.delete_adapter(s, owner, name)
+        self.publisher.invalidate(str(deleted.adapter.id), deleted.adapter.sha256)
+        return deleted
+
+    # -- workers --------------------------------------------------------------------------------------
+
+    def check_worker_token(self, token: str) -> None:
+        if not token or not hmac.compare_digest(token.encode(), self.config.worker_token.encode()):
+            raise Unauthenticated("unknown worker token")
+
+    def register_worker(self, registration: workers.WorkerRegistration) -> Worker:
+        with self.sessions.begin() as s:
+            return workers.register_worker(s, registration)
+
+    def heartbeat(self, worker_id: str, running: int, waiting: int, resident: int) -> Worker:
+        with self.sessions.begin() as s:
+            return workers.heartbeat(s, worker_id, running, waiting, resident)
+
+    def list_workers(self, api_key: str) -> list[Worker]:
+        with self.sessions.begin() as s:
+            tenancy.require_operator(tenancy.authenticate_admin(s, api_key))
+            return workers.list_workers(s)
+
+    def authorize(self, api_key: str, adapter_names: list[str], base_model: str) -> Authorization:
+        """A caller's key -> tenant and scopes, and each named adapter it may use on this base model."""
+        with self.sessions.begin() as s:
+            caller = tenancy.authenticate(s, api_key)
+            if not caller.may_infer:
+                raise PermissionDenied("this key lacks the infer scope")
+            fingerprint = workers.base_model(s, base_model).fingerprint if base_model else None
+            adapters = []
+            for name in adapter_names:
+                adapter = registry.resolve_visible(s, caller.tenant_id, name)
+                if fingerprint is not None and adapter.base_model_fingerprint != fingerprint:
+                    raise FailedPrecondition(
+                        f"adapter {name!r} was made for base model {adapter.base_model_name!r}, "
+                        f"not for {base_model!r}",
+                        field="adapter",
+                    )
+                adapters.append(adapter)
+        scopes = tuple(sorted({*caller.scopes, SCOPE_INFER}))
+        return Authorization(
+            caller.tenant_id, caller.tenant_name, scopes, tuple(adapters), self.config.authorize_cache_ttl_ms
+        )
+
+    def artifact_files(self, sha256: str) -> list[Path]:
+        return self.store.files(sha256)

@@ -1,0 +1,1 @@
+"""Publishing hints (see openlora.hints) to the Redis stream workers read."""

@@ -1,0 +1,41 @@
+"""Best-effort hint publishing: Redis being down never fails the operation that published."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+
+from openlora.hints import HINTS_MAXLEN, HINTS_STREAM, Hint
+
+log = logging.getLogger(__name__)
+
+
+class HintPublisher:
+    """XADDs hints to `openlora:hints`; with no Redis URL it only logs."""
+
+    def __init__(self, redis_url: str | None, timeout_s: float = 0.5) -> None:
+        self._client = (
+            redis.Redis.from_url(redis_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+            if redis_url
+            else None
+        )
+
+    def publish(self, hint: Hint) -> bool:
+        """Returns whether the hint reached the stream."""
+        if self._client is None:
+            log.debug("no redis configured; hint dropped: %s", hint)
+            return False
+        try:
+            self._client.xadd(HINTS_STREAM, hint.to_fields(), maxlen=HINTS_MAXLEN, approximate=True)
+            return True
+        except redis.RedisError as e:
+            log.warning("hint not published (%s): %s", e, hint)
+            return False
+
+    def invalidate(self, adapter_id: str, sha256: str) -> bool:
+        return self.publish(Hint(kind="invalidate", adapter_id=adapter_id, sha256=sha256))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()

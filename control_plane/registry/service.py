@@ -1,0 +1,189 @@
+"""Adapter registry operations inside one transaction: resolution by visibility, listing, deletion, and
+recording a validated upload."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from control_plane.db.base import utc_now
+from control_plane.errors import AdapterNotFound, AlreadyExists, InvalidArgument
+from control_plane.registry.models import (
+    STATUS_DELETED,
+    STATUS_READY,
+    VISIBILITY_PRIVATE,
+    VISIBILITY_PUBLIC,
+    Adapter,
+)
+from control_plane.tenancy.models import Tenant
+from control_plane.workers.models import BaseModelRow
+from openlora.adapter_format import AdapterInfo
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class OwnedAdapter:
+    adapter: Adapter
+    tenant_name: str
+
+
+@dataclass(frozen=True)
+class AdapterPage:
+    adapters: list[OwnedAdapter]
+    next_page_token: str
+
+
+def check_name(name: str) -> None:
+    if not ADAPTER_NAME.match(name):
+        raise InvalidArgument("must be 1..128 characters of [A-Za-z0-9_.-]", field="name")
+
+
+def _owned(session: Session, adapter: Adapter) -> OwnedAdapter:
+    return OwnedAdapter(adapter, session.get(Tenant, adapter.tenant_id).name)
+
+
+def resolve_visible(session: Session, tenant_id: uuid.UUID, name: str) -> Adapter:
+    """The tenant's own READY adapter of that name, else the oldest public one of another tenant; NOT_FOUND
+    (the same answer as for a name that never existed) otherwise."""
+    if not name:
+        raise InvalidArgument("required", field="adapter")
+    own = session.scalar(
+        select(Adapter).where(
+            Adapter.tenant_id == tenant_id, Adapter.name == name, Adapter.status == STATUS_READY
+        )
+    )
+    if own is not None:
+        return own
+    public = session.scalar(
+        select(Adapter)
+        .where(Adapter.name == name, Adapter.status == STATUS_READY, Adapter.visibility == VISIBILITY_PUBLIC)
+        .order_by(Adapter.created_at, Adapter.id)
+        .limit(1)
+    )
+    if public is None:
+        raise AdapterNotFound(name)
+    return public
+
+
+def get_adapter(session: Session, tenant: Tenant, name: str) -> OwnedAdapter:
+    return _owned(session, resolve_visible(session, tenant.id, name))
+
+
+def _encode_token(name: str, adapter_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(json.dumps([name, str(adapter_id)]).encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[str, uuid.UUID]:
+    try:
+        name, adapter_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return str(name), uuid.UUID(adapter_id)
+    except (ValueError, TypeError):
+        raise InvalidArgument("not a token from a previous response", field="page_token") from None
+
+
+def list_adapters(
+    session: Session, tenant: Tenant, page_size: int, page_token: str, include_public: bool
+) -> AdapterPage:
+    """READY adapters of the tenant (and public ones of others), by name then id, keyset paged."""
+    if page_size == 0:
+        page_size = DEFAULT_PAGE_SIZE
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise InvalidArgument(f"must be 1..{MAX_PAGE_SIZE}", field="page_size")
+    visible = Adapter.tenant_id == tenant.id
+    if include_public:
+        visible = or_(visible, Adapter.visibility == VISIBILITY_PUBLIC)
+    query = select(Adapter).where(Adapter.status == STATUS_READY, visible)
+    if page_token:
+        name, adapter_id = _decode_token(page_token)
+        query = query.where(or_(Adapter.name > name, and_(Adapter.name == name, Adapter.id > adapter_id)))
+    rows = list(session.scalars(query.order_by(Adapter.name, Adapter.id).limit(page_size + 1)))
+    next_token = (
+        _encode_token(rows[page_size - 1].name, rows[page_size - 1].id) if len(rows) > page_size else ""
+    )
+    tenant_names = {
+        t.id: t.name
+        for t in session.scalars(select(Tenant).where(Tenant.id.in_({r.tenant_id for r in rows})))
+    }
+    return AdapterPage([OwnedAdapter(r, tenant_names[r.tenant_id]) for r in rows[:page_size]], next_token)
+
+
+def delete_adapter(session: Session, tenant: Tenant, name: str) -> OwnedAdapter:
+    """Marks the tenant's own adapter DELETED; another tenant's (even public) is NOT_FOUND."""
+    adapter = session.scalar(
+        select(Adapter)
+        .where(Adapter.tenant_id == tenant.id, Adapter.name == name, Adapter.status == STATUS_READY)
+        .with_for_update()
+    )
+    if adapter is None:
+        raise AdapterNotFound(name)
+    now = utc_now()
+    adapter.status = STATUS_DELETED
+    adapter.deleted_at = adapter.updated_at = now
+    return OwnedAdapter(adapter, tenant.name)
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """What the registry row of an upload says beyond the validated content."""
+
+    name: str
+    visibility: str
+    royalty_micros_per_million_tokens: int
+    keep_warm: bool
+    description: str
+
+
+def record_upload(
+    session: Session,
+    tenant: Tenant,
+    base_model: BaseModelRow,
+    record: AdapterRecord,
+    info: AdapterInfo,
+    sha256: str,
+) -> tuple[OwnedAdapter, str | None]:
+    """Writes the READY row for a published artifact: a new row, or the existing row of that name
+    replaced in place (same id). Returns it and the sha256 it replaced (None when new or unchanged)."""
+    adapter = session.scalar(
+        select(Adapter).where(Adapter.tenant_id == tenant.id, Adapter.name == record.name).with_for_update()
+    )
+    now = utc_now()
+    replaced: str | None = None
+    if adapter is None:
+        adapter = Adapter(tenant_id=tenant.id, name=record.name, created_at=now)
+        session.add(adapter)
+    elif adapter.status == STATUS_READY and adapter.sha256 != sha256:
+        replaced = adapter.sha256
+    adapter.visibility = record.visibility or VISIBILITY_PRIVATE
+    adapter.base_model_name = base_model.name
+    adapter.base_model_fingerprint = base_model.fingerprint
+    adapter.rank = info.rank
+    adapter.alpha = info.alpha
+    adapter.use_rslora = info.use_rslora
+    adapter.target_modules = list(info.target_modules)
+    adapter.sha256 = sha256
+    adapter.size_bytes = info.size_bytes
+    adapter.status = STATUS_READY
+    adapter.royalty_micros_per_million_tokens = record.royalty_micros_per_million_tokens
+    adapter.keep_warm = record.keep_warm
+    adapter.description = record.description
+    adapter.updated_at = now
+    adapter.deleted_at = None
+    try:
+        session.flush()
+    except IntegrityError:
+        raise AlreadyExists(f"adapter {record.name!r} is being uploaded concurrently", field="name") from None
+    return OwnedAdapter(adapter, tenant.name), replaced
+
+
+def is_referenced(session: Session, sha256: str) -> bool:
+    return session.scalar(select(Adapter.id).where(Adapter.sha256 == sha256).limit(1)) is not None

@@ -1,0 +1,1 @@
+"""The gRPC server: AdminService and WorkerService servicers, error mapping, health, reflection."""

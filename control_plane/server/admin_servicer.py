@@ -1,0 +1,87 @@
+"""AdminService: each RPC converts the request, calls one ControlPlane method in a thread, converts back."""
+
+from __future__ import annotations
+
+import asyncio
+
+from control_plane.app import ControlPlane
+from control_plane.errors import InvalidArgument
+from control_plane.server import convert
+from control_plane.server.auth import bearer_token
+from openlora.v1 import admin_pb2, admin_pb2_grpc
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, app: ControlPlane) -> None:
+        self.app = app
+
+    async def CreateTenant(self, request, context):
+        tenant = await asyncio.to_thread(self.app.create_tenant, bearer_token(context), request.name)
+        return admin_pb2.CreateTenantResponse(tenant=convert.tenant_to_proto(tenant))
+
+    async def CreateApiKey(self, request, context):
+        scopes = convert.scopes_from_proto(request.scopes)
+        key, tenant, secret = await asyncio.to_thread(
+            self.app.create_api_key, bearer_token(context), request.tenant, scopes
+        )
+        return admin_pb2.CreateApiKeyResponse(key=convert.key_to_proto(key, tenant), secret=secret)
+
+    async def RevokeApiKey(self, request, context):
+        key, tenant = await asyncio.to_thread(self.app.revoke_api_key, bearer_token(context), request.key_id)
+        return admin_pb2.RevokeApiKeyResponse(key=convert.key_to_proto(key, tenant))
+
+    async def UploadAdapter(self, request_iterator, context):
+        """Header first, then chunks written to a temporary directory as they arrive; validated, published
+        and registered only once the stream ended whole."""
+        messages = request_iterator.__aiter__()
+        try:
+            first = await messages.__anext__()
+        except StopAsyncIteration:
+            raise InvalidArgument("the stream is empty; send a header first", field="header") from None
+        if not first.HasField("header"):
+            raise InvalidArgument("the first message must be the header", field="header")
+        header = convert.upload_header_from_proto(first.header)
+        plan = await asyncio.to_thread(self.app.prepare_upload, bearer_token(context), header)
+        upload = self.app.begin_upload(plan)
+        try:
+            async for message in messages:
+                if not message.HasField("chunk"):
+                    raise InvalidArgument("only the first message may be a header", field="header")
+                chunk = message.chunk
+                upload.write(chunk.filename, chunk.offset, chunk.data)
+            result = await asyncio.to_thread(self.app.complete_upload, plan, upload)
+        finally:
+            upload.abort()
+        return admin_pb2.UploadAdapterResponse(
+            adapter=convert.adapter_to_proto(result.adapter), deduplicated=result.deduplicated
+        )
+
+    async def GetAdapter(self, request, context):
+        owned = await asyncio.to_thread(
+            self.app.get_adapter, bearer_token(context), request.name, request.tenant
+        )
+        return admin_pb2.GetAdapterResponse(adapter=convert.adapter_to_proto(owned))
+
+    async def ListAdapters(self, request, context):
+        page = await asyncio.to_thread(
+            self.app.list_adapters,
+            bearer_token(context),
+            request.tenant,
+            request.page_size,
+            request.page_token,
+            request.include_public,
+        )
+        return admin_pb2.ListAdaptersResponse(
+            adapters=[convert.adapter_to_proto(a) for a in page.adapters],
+            next_page_token=page.next_page_token,
+        )
+
+    async def DeleteAdapter(self, request, context):
+        owned = await asyncio.to_thread(
+            self.app.delete_adapter, bearer_token(context), request.name, request.tenant
+        )
+        return admin_pb2.DeleteAdapterResponse(adapter=convert.adapter_to_proto(owned))
+
+    async def ListWorkers(self, request, context):
+        found = await asyncio.to_thread(self.app.list_workers, bearer_token(context))
+        return admin_pb2.ListWorkersResponse(workers=[convert.worker_to_proto(w) for w in found])

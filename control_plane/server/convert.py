@@ -1,0 +1,182 @@
+"""Protobuf <-> domain conversions, and nothing else."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from control_plane.artifacts.upload import ManifestEntry
+from control_plane.errors import InvalidArgument
+from control_plane.registry.models import STATUS_READY, VISIBILITY_PRIVATE, VISIBILITY_PUBLIC, Adapter
+from control_plane.registry.service import OwnedAdapter
+from control_plane.registry.uploads import UploadHeader
+from control_plane.tenancy.keys import display_prefix
+from control_plane.tenancy.models import SCOPE_ADMIN, SCOPE_INFER, ApiKey, Tenant
+from control_plane.workers.models import Worker
+from control_plane.workers.service import WorkerRegistration
+from openlora.base_model import BaseModelSpec
+from openlora.v1 import admin_pb2, worker_pb2
+
+_SCOPE_TO_PROTO = {SCOPE_INFER: admin_pb2.SCOPE_INFER, SCOPE_ADMIN: admin_pb2.SCOPE_ADMIN}
+_SCOPE_FROM_PROTO = {v: k for k, v in _SCOPE_TO_PROTO.items()}
+_VISIBILITY_TO_PROTO = {
+    VISIBILITY_PRIVATE: admin_pb2.VISIBILITY_PRIVATE,
+    VISIBILITY_PUBLIC: admin_pb2.VISIBILITY_PUBLIC,
+}
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value.astimezone(timezone.utc))
+    return ts
+
+
+def from_timestamp(ts: Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=timezone.utc)
+
+
+def scopes_to_proto(scopes: tuple[str, ...] | list[str]) -> list[int]:
+    return [_SCOPE_TO_PROTO[s] for s in scopes if s in _SCOPE_TO_PROTO]
+
+
+def scopes_from_proto(scopes) -> list[str]:
+    try:
+        return [_SCOPE_FROM_PROTO[s] for s in scopes]
+    except KeyError as e:
+        raise InvalidArgument(f"unknown scope {e.args[0]}", field="scopes") from None
+
+
+def tenant_to_proto(tenant: Tenant) -> admin_pb2.Tenant:
+    return admin_pb2.Tenant(
+        id=str(tenant.id),
+        name=tenant.name,
+        created_at=timestamp(tenant.created_at),
+        is_operator=tenant.is_operator,
+    )
+
+
+def key_to_proto(key: ApiKey, tenant_name: str) -> admin_pb2.ApiKey:
+    return admin_pb2.ApiKey(
+        id=str(key.id),
+        tenant=tenant_name,
+        prefix=display_prefix(key.prefix),
+        scopes=scopes_to_proto(key.scopes),
+        created_at=timestamp(key.created_at),
+        revoked_at=timestamp(key.revoked_at),
+    )
+
+
+def visibility_from_proto(value: int) -> str:
+    if value == admin_pb2.VISIBILITY_PUBLIC:
+        return VISIBILITY_PUBLIC
+    if value in (admin_pb2.VISIBILITY_PRIVATE, admin_pb2.VISIBILITY_UNSPECIFIED):
+        return VISIBILITY_PRIVATE
+    return f"<{value}>"
+
+
+def upload_header_from_proto(header: admin_pb2.UploadAdapterHeader) -> UploadHeader:
+    return UploadHeader(
+        name=header.name,
+        visibility=visibility_from_proto(header.visibility),
+        base_model=header.base_model,
+        tenant=header.tenant,
+        royalty_micros_per_million_tokens=header.royalty_micros_per_million_tokens,
+        files=tuple(ManifestEntry(f.filename, f.size_bytes, f.sha256) for f in header.files),
+        keep_warm=header.keep_warm,
+        description=header.description,
+    )
+
+
+def adapter_to_proto(owned: OwnedAdapter) -> admin_pb2.Adapter:
+    a = owned.adapter
+    return admin_pb2.Adapter(
+        id=str(a.id),
+        name=a.name,
+        tenant=owned.tenant_name,
+        visibility=_VISIBILITY_TO_PROTO.get(a.visibility, admin_pb2.VISIBILITY_UNSPECIFIED),
+        base_model=a.base_model_name,
+        base_model_fingerprint=a.base_model_fingerprint,
+        rank=a.rank,
+        alpha=a.alpha,
+        use_rslora=a.use_rslora,
+        target_modules=a.target_modules,
+        sha256=a.sha256,
+        size_bytes=a.size_bytes,
+        status=admin_pb2.ADAPTER_STATUS_READY
+        if a.status == STATUS_READY
+        else admin_pb2.ADAPTER_STATUS_DELETED,
+        royalty_micros_per_million_tokens=a.royalty_micros_per_million_tokens,
+        keep_warm=a.keep_warm,
+        created_at=timestamp(a.created_at),
+        updated_at=timestamp(a.updated_at),
+        description=a.description,
+    )
+
+
+def resolved_adapter_to_proto(a: Adapter) -> worker_pb2.ResolvedAdapter:
+    return worker_pb2.ResolvedAdapter(
+        name=a.name,
+        adapter_id=str(a.id),
+        sha256=a.sha256,
+        size_bytes=a.size_bytes,
+        rank=a.rank,
+        alpha=a.alpha,
+        use_rslora=a.use_rslora,
+        keep_warm=a.keep_warm,
+        updated_at=timestamp(a.updated_at),
+    )
+
+
+def worker_to_proto(w: Worker) -> admin_pb2.Worker:
+    return admin_pb2.Worker(
+        id=w.id,
+        address=w.address,
+        base_model=w.base_model_name,
+        registered_at=timestamp(w.registered_at),
+        last_heartbeat_at=timestamp(w.last_heartbeat_at),
+        running_requests=w.running_requests,
+        waiting_requests=w.waiting_requests,
+        resident_adapters=w.resident_adapters,
+    )
+
+
+def registration_from_proto(request: worker_pb2.RegisterWorkerRequest) -> WorkerRegistration:
+    b = request.base_model
+    spec = BaseModelSpec(
+        name=b.name,
+        architecture=b.architecture,
+        hidden_size=b.hidden_size,
+        intermediate_size=b.intermediate_size,
+        num_layers=b.num_layers,
+        num_attention_heads=b.num_attention_heads,
+        num_key_value_heads=b.num_key_value_heads,
+        head_dim=b.head_dim,
+        vocab_size=b.vocab_size,
+    )
+    return WorkerRegistration(
+        worker_id=request.worker_id,
+        address=request.address,
+        spec=spec,
+        fingerprint=b.fingerprint,
+        max_lora_rank=request.max_lora_rank,
+        num_adapter_slots=request.num_adapter_slots,
+    )
+
+
+def spec_to_proto(spec: BaseModelSpec) -> worker_pb2.BaseModelSpec:
+    """For clients (workers, tests) building a RegisterWorkerRequest."""
+    return worker_pb2.BaseModelSpec(
+        name=spec.name,
+        fingerprint=spec.fingerprint,
+        architecture=spec.architecture,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_layers=spec.num_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        vocab_size=spec.vocab_size,
+    )

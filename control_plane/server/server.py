@@ -1,0 +1,125 @@
+"""Starting and stopping the control plane's gRPC server (AdminService, WorkerService, health,
+reflection on one port)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy import Engine
+
+from control_plane.app import ControlPlane
+from control_plane.artifacts.store import ArtifactStore
+from control_plane.config import ControlPlaneConfig
+from control_plane.db import migrate
+from control_plane.db.engine import make_engine, make_sessionmaker
+from control_plane.hints.publisher import HintPublisher
+from control_plane.server.admin_servicer import AdminServicer
+from control_plane.server.interceptor import ErrorMappingInterceptor
+from control_plane.server.worker_servicer import WorkerServicer
+from openlora.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ADMIN_KEY_FILE = "admin_key"
+MAX_MESSAGE_BYTES = 8 << 20
+SERVICE_NAMES = (
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+)
+
+
+@dataclass
+class RunningControlPlane:
+    """A started server. `admin_key` is the bootstrap key when this start created it (or it was
+    configured), else None; `admin_key_path` is the 0600 file holding the generated one."""
+
+    server: grpc.aio.Server
+    port: int
+    app: ControlPlane
+    engine: Engine
+    health: health.HealthServicer
+    admin_key: str | None
+    admin_key_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Reports NOT_SERVING, lets in-flight calls finish within the grace period, then releases all."""
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.app.config.grace_period_s if grace_s is None else grace_s)
+        self.app.publisher.close()
+        self.engine.dispose()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def _write_admin_key(path: Path, key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    path.chmod(0o600)
+
+
+def _prepare(config: ControlPlaneConfig) -> tuple[ControlPlane, Engine, str | None, Path]:
+    if config.migrate:
+        migrate.upgrade(config.database_url)
+    else:
+        migrate.ensure_schema_current(config.database_url)
+    engine = make_engine(config.database_url)
+    state_dir = Path(config.state_dir)
+    app = ControlPlane(
+        config,
+        make_sessionmaker(engine),
+        ArtifactStore(state_dir / "artifacts"),
+        HintPublisher(config.redis_url),
+    )
+    bootstrap = app.bootstrap()
+    key_path = state_dir / ADMIN_KEY_FILE
+    if bootstrap.new_admin_key is not None and config.admin_key is None:
+        _write_admin_key(key_path, bootstrap.new_admin_key)
+    return app, engine, bootstrap.new_admin_key or config.admin_key, key_path
+
+
+async def serve(config: ControlPlaneConfig) -> RunningControlPlane:
+    """Migrates (or checks the schema), bootstraps the operator, binds `config.listen` (port 0 picks a
+    free one) and starts serving. Raises SchemaBehindError when told not to migrate and behind."""
+    if config.metrics_port:
+        from control_plane.server.metrics_http import start_metrics_server
+
+        start_metrics_server(config.metrics_port)
+    app, engine, admin_key, key_path = await asyncio.to_thread(_prepare, config)
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(app), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        engine.dispose()
+        raise OSError(f"could not bind {config.listen}")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("control plane listening on %s (port %d)", config.listen, port)
+    return RunningControlPlane(server, port, app, engine, health_servicer, admin_key, key_path)

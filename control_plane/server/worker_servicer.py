@@ -1,0 +1,63 @@
+"""WorkerService: called by data-plane workers with `authorization: Bearer <worker token>`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from control_plane.app import ControlPlane
+from control_plane.server import convert
+from control_plane.server.auth import bearer_token
+from openlora.v1 import worker_pb2, worker_pb2_grpc
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, app: ControlPlane) -> None:
+        self.app = app
+
+    async def RegisterWorker(self, request, context):
+        self.app.check_worker_token(bearer_token(context))
+        worker = await asyncio.to_thread(self.app.register_worker, convert.registration_from_proto(request))
+        return worker_pb2.RegisterWorkerResponse(
+            worker_id=worker.id, heartbeat_interval_ms=self.app.config.heartbeat_interval_ms
+        )
+
+    async def Heartbeat(self, request, context):
+        self.app.check_worker_token(bearer_token(context))
+        await asyncio.to_thread(
+            self.app.heartbeat,
+            request.worker_id,
+            request.running_requests,
+            request.waiting_requests,
+            len(request.resident_adapter_sha256),
+        )
+        return worker_pb2.HeartbeatResponse()
+
+    async def Authorize(self, request, context):
+        self.app.check_worker_token(bearer_token(context))
+        auth = await asyncio.to_thread(
+            self.app.authorize, request.api_key, list(request.adapters), request.base_model
+        )
+        return worker_pb2.AuthorizeResponse(
+            tenant_id=str(auth.tenant_id),
+            tenant=auth.tenant_name,
+            scopes=convert.scopes_to_proto(auth.scopes),
+            adapters=[convert.resolved_adapter_to_proto(a) for a in auth.adapters],
+            cache_ttl_ms=auth.cache_ttl_ms,
+        )
+
+    async def FetchArtifact(self, request, context):
+        """Streams each file of the artifact in name order, in chunks of at most 1 MiB."""
+        self.app.check_worker_token(bearer_token(context))
+        paths = await asyncio.to_thread(self.app.artifact_files, request.sha256)
+        for path in paths:
+            size_bytes = path.stat().st_size
+            chunks = self.app.store.read_chunks(path)
+            while (piece := await asyncio.to_thread(next, chunks, None)) is not None:
+                offset, data = piece
+                first = offset == 0
+                yield worker_pb2.FetchArtifactResponse(
+                    filename=path.name if first else "",
+                    offset=offset,
+                    data=data,
+                    file_size_bytes=size_bytes if first else 0,
+                )

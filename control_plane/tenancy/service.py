@@ -1,0 +1,163 @@
+"""Tenants and API keys: bootstrap, authentication, creation and revocation.
+
+Every function takes an open `Session` inside the caller's transaction and raises domain errors."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import any_, select
+from sqlalchemy.orm import Session
+
+from control_plane.db.base import utc_now
+from control_plane.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TenantNotFound,
+    Unauthenticated,
+)
+from control_plane.tenancy import keys
+from control_plane.tenancy.caller import Caller
+from control_plane.tenancy.models import OPERATOR_TENANT, SCOPE_ADMIN, SCOPE_INFER, ApiKey, Tenant
+
+TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_UNKNOWN_KEY = "unknown or revoked api key"
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    operator: Tenant
+    # The plaintext of a newly created bootstrap key; None when one already existed.
+    new_admin_key: str | None
+
+
+def ensure_operator(session: Session, admin_key: str | None) -> Bootstrap:
+    """Creates the operator tenant on first start, and its admin key: `admin_key` when given (kept in
+    sync if it changed), else a generated one returned once."""
+    operator = session.scalar(select(Tenant).where(Tenant.is_operator.is_(True)))
+    if operator is None:
+        operator = Tenant(name=OPERATOR_TENANT, is_operator=True)
+        session.add(operator)
+        session.flush()
+    if admin_key is not None:
+        prefix = keys.lookup_prefix(admin_key)
+        existing = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        if existing is not None and keys.matches(admin_key, existing.salt_hex, existing.secret_hash_hex):
+            if existing.revoked_at is not None or existing.tenant_id != operator.id:
+                raise PermissionDenied("the configured admin key was revoked or belongs to another tenant")
+            return Bootstrap(operator, None)
+        if existing is not None:
+            raise AlreadyExists("another key already uses the configured admin key's prefix")
+        _store_key(session, operator.id, admin_key, [SCOPE_ADMIN, SCOPE_INFER])
+        return Bootstrap(operator, admin_key)
+    has_admin_key = session.scalar(
+        select(ApiKey.id).where(
+            ApiKey.tenant_id == operator.id,
+            ApiKey.revoked_at.is_(None),
+            any_(ApiKey.scopes) == SCOPE_ADMIN,
+        )
+    )
+    if has_admin_key is not None:
+        return Bootstrap(operator, None)
+    plaintext = keys.generate_key()
+    _store_key(session, operator.id, plaintext, [SCOPE_ADMIN, SCOPE_INFER])
+    return Bootstrap(operator, plaintext)
+
+
+def _store_key(session: Session, tenant_id: uuid.UUID, plaintext: str, scopes: list[str]) -> ApiKey:
+    hashed = keys.hashed(plaintext)
+    row = ApiKey(
+        tenant_id=tenant_id,
+        prefix=hashed.prefix,
+        salt_hex=hashed.salt_hex,
+        secret_hash_hex=hashed.secret_hash_hex,
+        scopes=scopes,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def authenticate(session: Session, api_key: str) -> Caller:
+    """Resolves a key to its caller; UNAUTHENTICATED when empty, unknown or revoked."""
+    if not api_key:
+        raise Unauthenticated("missing api key: send `authorization: Bearer <api key>`")
+    row = session.scalar(select(ApiKey).where(ApiKey.prefix == keys.lookup_prefix(api_key)))
+    if row is None or not keys.matches(api_key, row.salt_hex, row.secret_hash_hex) or row.revoked_at:
+        raise Unauthenticated(_UNKNOWN_KEY)
+    tenant = session.get(Tenant, row.tenant_id)
+    return Caller(row.id, tenant.id, tenant.name, tenant.is_operator, tuple(row.scopes))
+
+
+def authenticate_admin(session: Session, api_key: str) -> Caller:
+    caller = authenticate(session, api_key)
+    if not caller.is_admin:
+        raise PermissionDenied("this key lacks the admin scope")
+    return caller
+
+
+def require_operator(caller: Caller) -> None:
+    if not caller.is_operator:
+        raise PermissionDenied("only an operator admin key may do this")
+
+
+def tenant_for(session: Session, caller: Caller, tenant_name: str) -> Tenant:
+    """The tenant an admin call acts for: the caller's own when `tenant_name` is empty or its own name;
+    any tenant for an operator; PERMISSION_DENIED otherwise."""
+    if not tenant_name or tenant_name == caller.tenant_name:
+        return session.get(Tenant, caller.tenant_id)
+    require_operator(caller)
+    tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
+    if tenant is None:
+        raise TenantNotFound(tenant_name)
+    return tenant
+
+
+def create_tenant(session: Session, caller: Caller, name: str) -> Tenant:
+    require_operator(caller)
+    if not TENANT_NAME.match(name):
+        raise InvalidArgument("must be 1..64 characters of [A-Za-z0-9_.-]", field="name")
+    if session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
+        raise AlreadyExists(f"tenant {name!r} already exists", field="name")
+    tenant = Tenant(name=name, is_operator=False)
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
+def create_api_key(
+    session: Session, caller: Caller, tenant_name: str, scopes: list[str]
+) -> tuple[ApiKey, str]:
+    """Returns the stored key and its plaintext (shown once)."""
+    tenant = tenant_for(session, caller, tenant_name)
+    wanted = sorted(set(scopes) or {SCOPE_INFER})
+    plaintext = keys.generate_key()
+    return _store_key(session, tenant.id, plaintext, wanted), plaintext
+
+
+def revoke_api_key(session: Session, caller: Caller, key_id: str) -> ApiKey:
+    """Revokes a key by id or display prefix; a tenant admin may revoke only its own tenant's keys."""
+    row = _find_key(session, key_id)
+    if row is None or (not caller.is_operator and row.tenant_id != caller.tenant_id):
+        raise NotFound(f"api key {key_id!r} not found", field="key_id")
+    if row.revoked_at is None:
+        row.revoked_at = utc_now()
+    return row
+
+
+def _find_key(session: Session, key_id: str) -> ApiKey | None:
+    if not key_id:
+        raise InvalidArgument("required", field="key_id")
+    try:
+        return session.get(ApiKey, uuid.UUID(key_id))
+    except ValueError:
+        prefix = key_id.removeprefix(keys.KEY_PREFIX)
+        return session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+
+
+def tenant_name(session: Session, tenant_id: uuid.UUID) -> str:
+    return session.get(Tenant, tenant_id).name

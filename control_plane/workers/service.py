@@ -1,0 +1,104 @@
+"""Worker registration and heartbeats, and the base models they bring."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, fields
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from control_plane.db.base import utc_now
+from control_plane.errors import FailedPrecondition, InvalidArgument, NotFound
+from control_plane.workers.models import BaseModelRow, Worker
+from openlora.base_model import BaseModelSpec
+
+
+@dataclass(frozen=True)
+class WorkerRegistration:
+    worker_id: str
+    address: str
+    spec: BaseModelSpec
+    # The fingerprint the worker computed; must equal the one of `spec`.
+    fingerprint: str
+    max_lora_rank: int
+    num_adapter_slots: int
+
+
+def _check_spec(spec: BaseModelSpec, fingerprint: str) -> None:
+    if not spec.name:
+        raise InvalidArgument("required", field="base_model.name")
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        if isinstance(value, int) and value <= 0:
+            raise InvalidArgument("must be positive", field=f"base_model.{f.name}")
+    if fingerprint and fingerprint != spec.fingerprint:
+        raise InvalidArgument("does not match the dimensions sent", field="base_model.fingerprint")
+
+
+def upsert_base_model(session: Session, spec: BaseModelSpec) -> BaseModelRow:
+    row = session.get(BaseModelRow, spec.name, with_for_update=True)
+    dims = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name != "name"}
+    if row is None:
+        row = BaseModelRow(name=spec.name, fingerprint=spec.fingerprint, **dims)
+        session.add(row)
+    elif row.fingerprint != spec.fingerprint:
+        # Adapters validated for the old dimensions keep their old fingerprint and are refused by
+        # Authorize from now on.
+        for key, value in dims.items():
+            setattr(row, key, value)
+        row.fingerprint = spec.fingerprint
+        row.updated_at = utc_now()
+    session.flush()
+    return row
+
+
+def register_worker(session: Session, registration: WorkerRegistration) -> Worker:
+    _check_spec(registration.spec, registration.fingerprint)
+    if not registration.address:
+        raise InvalidArgument("required", field="address")
+    upsert_base_model(session, registration.spec)
+    worker_id = registration.worker_id or uuid.uuid4().hex
+    worker = session.get(Worker, worker_id, with_for_update=True)
+    now = utc_now()
+    if worker is None:
+        worker = Worker(id=worker_id, registered_at=now)
+        session.add(worker)
+    worker.address = registration.address
+    worker.base_model_name = registration.spec.name
+    worker.max_lora_rank = registration.max_lora_rank
+    worker.num_adapter_slots = registration.num_adapter_slots
+    worker.last_heartbeat_at = now
+    worker.running_requests = worker.waiting_requests = worker.resident_adapters = 0
+    session.flush()
+    return worker
+
+
+def heartbeat(
+    session: Session, worker_id: str, running_requests: int, waiting_requests: int, resident_adapters: int
+) -> Worker:
+    worker = session.get(Worker, worker_id)
+    if worker is None:
+        raise NotFound(f"worker {worker_id!r} is not registered; register again", field="worker_id")
+    worker.last_heartbeat_at = utc_now()
+    worker.running_requests = running_requests
+    worker.waiting_requests = waiting_requests
+    worker.resident_adapters = resident_adapters
+    return worker
+
+
+def list_workers(session: Session) -> list[Worker]:
+    return list(session.scalars(select(Worker).order_by(Worker.registered_at, Worker.id)))
+
+
+def base_model(session: Session, name: str) -> BaseModelRow:
+    """A registered base model by name; FAILED_PRECONDITION naming `base_model` when no worker brought it."""
+    if not name:
+        raise InvalidArgument("required", field="base_model")
+    row = session.get(BaseModelRow, name)
+    if row is None:
+        raise FailedPrecondition(
+            f"base model {name!r} is not registered (a worker serving it must register first)",
+            field="base_model",
+        )
+    return row

@@ -1,0 +1,68 @@
+"""Hints the control plane sends workers through a Redis stream: advisory and loss-tolerant.
+
+    XADD openlora:hints MAXLEN ~ 10000 * kind prewarm|demote|invalidate adapter_id ... sha256 ...
+
+- `prewarm`: load this adapter into `tier` ("gpu", "host" or "disk") before `deadline_at`.
+- `demote`: it may leave `tier`.
+- `invalidate`: the artifact `sha256` of `adapter_id` is no longer served (deleted or replaced); drop it
+  from every tier.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+HINTS_STREAM = "openlora:hints"
+HINTS_MAXLEN = 10_000
+HintKind = Literal["prewarm", "demote", "invalidate"]
+HINT_KINDS: tuple[str, ...] = ("prewarm", "demote", "invalidate")
+
+
+@dataclass(frozen=True)
+class Hint:
+    kind: HintKind
+    adapter_id: str
+    sha256: str
+    tier: str | None = None
+    # Unix seconds by which a prewarm should be done; None: no deadline.
+    deadline_at: float | None = None
+    issued_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if self.kind not in HINT_KINDS:
+            raise ValueError(f"hint kind must be one of {HINT_KINDS}, got {self.kind!r}")
+
+    def to_fields(self) -> dict[str, str]:
+        """Stream entry fields (strings; absent optionals are left out)."""
+        fields = {
+            "kind": self.kind,
+            "adapter_id": self.adapter_id,
+            "sha256": self.sha256,
+            "issued_at": repr(self.issued_at),
+        }
+        if self.tier is not None:
+            fields["tier"] = self.tier
+        if self.deadline_at is not None:
+            fields["deadline_at"] = repr(self.deadline_at)
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[str | bytes, str | bytes]) -> Hint:
+        """Parses an entry as redis-py returns it (bytes or str keys and values); ValueError if malformed."""
+        text = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
+        try:
+            return cls(
+                kind=text["kind"],  # type: ignore[arg-type]
+                adapter_id=text["adapter_id"],
+                sha256=text["sha256"],
+                tier=text.get("tier"),
+                deadline_at=float(text["deadline_at"]) if "deadline_at" in text else None,
+                issued_at=float(text["issued_at"]),
+            )
+        except KeyError as e:
+            raise ValueError(f"hint is missing field {e.args[0]!r}") from None

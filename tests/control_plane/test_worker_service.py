@@ -1,0 +1,180 @@
+"""WorkerService: registration, heartbeats, authorisation of callers' keys for adapters, artifact fetch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+import pytest
+
+from openlora.artifact import ArtifactDigest, digest_dir
+from openlora.v1 import admin_pb2, worker_pb2
+
+from .conftest import register_worker
+
+BASE = "tiny-llama"
+
+
+def _code(excinfo: pytest.ExceptionInfo) -> grpc.StatusCode:
+    return excinfo.value.code()
+
+
+@pytest.fixture(scope="module")
+def world(cp, adapters_root) -> dict[str, str]:
+    """Tenants owner and user; owner has a private and a public adapter; keys for both."""
+    with cp.admin() as admin:
+        admin.create_tenant("owner")
+        admin.create_tenant("user")
+        owner_admin = admin.create_api_key("owner", admin=True).secret
+        user_key = admin.create_api_key("user").secret
+        owner_key = admin.create_api_key("owner").secret
+    with cp.admin(owner_admin) as owner:
+        owner.upload_adapter(adapters_root / "a", name="private-one", base_model=BASE)
+        owner.upload_adapter(adapters_root / "b", name="public-one", base_model=BASE, public=True)
+    return {"owner_admin": owner_admin, "user": user_key, "owner": owner_key}
+
+
+def _authorize(cp, api_key: str, adapters: list[str], base_model: str = BASE) -> worker_pb2.AuthorizeResponse:
+    return cp.worker_stub().Authorize(
+        worker_pb2.AuthorizeRequest(api_key=api_key, adapters=adapters, base_model=base_model),
+        metadata=cp.worker_metadata(),
+    )
+
+
+def test_register_heartbeat_and_list_workers(cp, base_spec) -> None:
+    registered = register_worker(cp, base_spec, address="10.0.0.7:7000")
+    assert registered.worker_id and registered.heartbeat_interval_ms > 0
+    again = register_worker(cp, base_spec, worker_id=registered.worker_id, address="10.0.0.7:7001")
+    assert again.worker_id == registered.worker_id
+    cp.worker_stub().Heartbeat(
+        worker_pb2.HeartbeatRequest(
+            worker_id=registered.worker_id,
+            running_requests=3,
+            waiting_requests=1,
+            resident_adapter_sha256=["a" * 64],
+        ),
+        metadata=cp.worker_metadata(),
+    )
+    with cp.admin() as admin:
+        worker = {w.id: w for w in admin.list_workers()}[registered.worker_id]
+    assert (worker.address, worker.base_model, worker.running_requests, worker.resident_adapters) == (
+        "10.0.0.7:7001",
+        BASE,
+        3,
+        1,
+    )
+
+
+def test_heartbeat_of_unknown_worker_is_not_found(cp) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        cp.worker_stub().Heartbeat(
+            worker_pb2.HeartbeatRequest(worker_id="ghost"), metadata=cp.worker_metadata()
+        )
+    assert _code(e) == grpc.StatusCode.NOT_FOUND
+
+
+def test_register_with_a_wrong_fingerprint_is_invalid(cp, base_spec) -> None:
+    request = worker_pb2.RegisterWorkerRequest(address="x:1")
+    request.base_model.CopyFrom(
+        worker_pb2.BaseModelSpec(
+            **{**{f.name: getattr(base_spec, f.name) for f in dataclasses.fields(base_spec)}}
+        )
+    )
+    request.base_model.fingerprint = "0" * 64
+    with pytest.raises(grpc.RpcError) as e:
+        cp.worker_stub().RegisterWorker(request, metadata=cp.worker_metadata())
+    assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "fingerprint" in e.value.details()
+
+
+def test_wrong_worker_token_is_unauthenticated(cp, world) -> None:
+    for metadata in (cp.worker_metadata("not-the-token"), ()):
+        with pytest.raises(grpc.RpcError) as e:
+            cp.worker_stub().Authorize(worker_pb2.AuthorizeRequest(api_key=world["user"]), metadata=metadata)
+        assert _code(e) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_authorize_resolves_own_and_public_adapters(cp, world, adapters_root) -> None:
+    own = _authorize(cp, world["owner"], ["private-one", "public-one"])
+    assert own.tenant == "owner" and own.scopes == [admin_pb2.SCOPE_INFER]
+    assert [a.name for a in own.adapters] == ["private-one", "public-one"]
+    assert own.adapters[0].sha256 == digest_dir(adapters_root / "a")
+    assert (own.adapters[0].rank, own.adapters[0].alpha) == (8, 16.0)
+    assert 0 < own.cache_ttl_ms <= 10_000
+    other = _authorize(cp, world["user"], ["public-one"])
+    assert other.tenant == "user" and other.adapters[0].sha256 == own.adapters[1].sha256
+    assert list(_authorize(cp, world["user"], []).adapters) == []
+
+
+def test_authorize_hides_another_tenants_private_adapter(cp, world) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        _authorize(cp, world["user"], ["private-one"])
+    assert _code(e) == grpc.StatusCode.NOT_FOUND
+
+
+def test_deleted_adapter_is_never_authorized(cp, world, adapters_root) -> None:
+    with cp.admin(world["owner_admin"]) as owner:
+        owner.upload_adapter(adapters_root / "a", name="short-lived", base_model=BASE, public=True)
+        assert _authorize(cp, world["user"], ["short-lived"]).adapters[0].name == "short-lived"
+        owner.delete_adapter("short-lived")
+    for key in (world["user"], world["owner"]):
+        with pytest.raises(grpc.RpcError) as e:
+            _authorize(cp, key, ["short-lived"])
+        assert _code(e) == grpc.StatusCode.NOT_FOUND
+
+
+def test_revoked_or_unknown_key_is_unauthenticated(cp, world) -> None:
+    with cp.admin() as admin:
+        created = admin.create_api_key("user")
+        assert _authorize(cp, created.secret, []).tenant == "user"
+        admin.revoke_api_key(created.key.id)
+    for key in (created.secret, "olk_0123456789ab_abcdefghijklmnopqrstuvwxyz", "junk"):
+        with pytest.raises(grpc.RpcError) as e:
+            _authorize(cp, key, [])
+        assert _code(e) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_adapter_for_another_base_model_is_refused(cp, world) -> None:
+    from openlora.base_model import BaseModelSpec
+
+    from .conftest import tiny_llama_dict
+
+    other = BaseModelSpec.from_hf_config({**tiny_llama_dict(), "hidden_size": 128}, "wider-llama")
+    register_worker(cp, other, worker_id="wide-worker")
+    with pytest.raises(grpc.RpcError) as e:
+        _authorize(cp, world["owner"], ["private-one"], base_model="wider-llama")
+    assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION and "adapter" in e.value.details()
+
+
+def test_fetch_artifact_streams_files_that_digest_to_their_address(cp, world, adapters_root) -> None:
+    sha256 = _authorize(cp, world["owner"], ["private-one"]).adapters[0].sha256
+    files: dict[str, bytearray] = {}
+    sizes: dict[str, int] = {}
+    current = ""
+    for message in cp.worker_stub().FetchArtifact(
+        worker_pb2.FetchArtifactRequest(sha256=sha256), metadata=cp.worker_metadata()
+    ):
+        assert len(message.data) <= 1 << 20
+        if message.filename:
+            current = message.filename
+            files[current] = bytearray()
+            sizes[current] = message.file_size_bytes
+        assert message.offset == len(files[current])
+        files[current] += message.data
+    assert sorted(files) == ["adapter_config.json", "adapter_model.safetensors"]
+    digest = ArtifactDigest()
+    for name in sorted(files):
+        assert len(files[name]) == sizes[name]
+        digest.begin_file(name, len(files[name]))
+        digest.update(bytes(files[name]))
+    assert digest.hexdigest() == sha256 == digest_dir(adapters_root / "a")
+
+
+def test_fetch_unknown_or_malformed_artifact(cp) -> None:
+    for sha256, code in (("f" * 64, grpc.StatusCode.NOT_FOUND), ("../etc", grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(grpc.RpcError) as e:
+            list(
+                cp.worker_stub().FetchArtifact(
+                    worker_pb2.FetchArtifactRequest(sha256=sha256), metadata=cp.worker_metadata()
+                )
+            )
+        assert _code(e) == code

@@ -94,8 +94,11 @@ class Admin:
         self.stub = admin_pb2_grpc.AdminServiceStub(self._channel)
         self.metadata = (("authorization", f"Bearer {key}"),)
 
-    def create_tenant(self, name: str) -> None:
-        self.stub.CreateTenant(admin_pb2.CreateTenantRequest(name=name), metadata=self.metadata)
+    def create_tenant(self, name: str) -> str:
+        """Creates a tenant; returns its id."""
+        return self.stub.CreateTenant(
+            admin_pb2.CreateTenantRequest(name=name), metadata=self.metadata
+        ).tenant.id
 
     def create_key(self, tenant: str, admin: bool = False) -> tuple[str, str]:
         scopes = [admin_pb2.SCOPE_INFER] + ([admin_pb2.SCOPE_ADMIN] if admin else [])
@@ -127,3 +130,34 @@ class Admin:
 
     def close(self) -> None:
         self._channel.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(target: str, want_serving: bool = True, timeout_s: float = 120.0, process=None) -> None:
+    """Waits until the server at `target` reports SERVING (or stops doing so)."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"process exited with {process.returncode}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                if (status == health_pb2.HealthCheckResponse.SERVING) == want_serving:
+                    return
+            except grpc.RpcError:
+                if not want_serving:
+                    return
+            time.sleep(0.1)
+    raise TimeoutError(f"{target} health did not become {'SERVING' if want_serving else 'not SERVING'}")

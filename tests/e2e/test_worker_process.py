@@ -1,0 +1,136 @@
+"""A worker as its own process: SIGTERM drains, SIGKILL loses no acknowledged usage and counts none twice."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+
+import grpc
+import pytest
+
+from openlora import errors
+from openlora.client import Client
+
+pytestmark = pytest.mark.slow
+
+
+def _stream_in_thread(target: str, key: str, outcome: dict, **kwargs) -> threading.Thread:
+    """Runs one stream, recording tokens as they arrive and how it ended."""
+    outcome.update(tokens=0, error=None, finish=None, first=threading.Event())
+
+    def run():
+        try:
+            with Client(target, key) as client:
+                for response in client.generate_stream(**kwargs):
+                    outcome["tokens"] += len(response.token_ids)
+                    outcome["first"].set()
+                    if response.finish_reason:
+                        outcome["finish"] = response.finish_reason
+        except errors.OpenLoRAError as error:
+            outcome["error"] = error
+            outcome["error_at"] = time.monotonic()
+        finally:
+            outcome["first"].set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _tenant(admin) -> tuple[str, str, str]:
+    name = f"e{uuid.uuid4().hex[:10]}"
+    tenant_id = admin.create_tenant(name)
+    return name, tenant_id, admin.create_key(name)[1]
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_0(control_plane, spawn_worker):
+    _, admin = control_plane
+    tenant, _, key = _tenant(admin)
+    worker = spawn_worker()
+    outcomes = [{}, {}]
+    threads = [
+        _stream_in_thread(
+            worker.target, key, outcome, prompt="hello world", max_tokens=300, request_id=f"drain-{i}"
+        )
+        for i, outcome in enumerate(outcomes)
+    ]
+    for outcome in outcomes:
+        assert outcome["first"].wait(60)
+    worker.process.send_signal(signal.SIGTERM)
+    # A call arriving after the signal is refused with UNAVAILABLE (draining, or the port already closed).
+    with Client(worker.target, key) as client, pytest.raises(errors.Unavailable):
+        client.complete("hello", max_tokens=2)
+    for thread in threads:
+        thread.join(60)
+    assert worker.process.wait(60) == 0, worker.log_tail()
+    for outcome in outcomes:
+        assert outcome["error"] is None, outcome["error"]
+        assert outcome["tokens"] == 300
+    usage = admin.usage(tenant)
+    assert (usage.total_requests, usage.total_completion_tokens) == (2, 600)
+
+
+def test_sigkill_mid_stream_gives_unavailable_and_restart_never_double_counts(
+    control_plane, spawn_worker, tmp_path
+):
+    _, admin = control_plane
+    tenant, tenant_id, key = _tenant(admin)
+    state_dir = tmp_path / "kill-state"
+    worker = spawn_worker(state_dir)
+    with Client(worker.target, key) as client:
+        for i in range(3):
+            assert client.complete("hello", max_tokens=4, request_id=f"done-{i}")
+    deadline = time.monotonic() + 20
+    while admin.usage(tenant).total_requests < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert admin.usage(tenant).total_requests == 3
+
+    outcome: dict = {}
+    thread = _stream_in_thread(
+        worker.target, key, outcome, prompt="hello", max_tokens=400, request_id="killed"
+    )
+    assert outcome["first"].wait(60)
+    worker.process.kill()
+    killed_at = time.monotonic()
+    thread.join(5)
+    assert not thread.is_alive(), "the client was left hanging after the worker died"
+    assert isinstance(outcome["error"], errors.Unavailable)
+    assert outcome["error_at"] - killed_at < 5
+    worker.kill()
+
+    # Worst case for double counting: the worker died after ReportUsage succeeded but before it compacted
+    # its spool, so the restarted worker resends events the control plane already holds.
+    spool = state_dir / "usage_spool.jsonl"
+    with open(spool, "a") as f:
+        for i in range(3):
+            record = {
+                "request_id": f"done-{i}", "tenant_id": tenant_id, "adapters": [], "worker_id": "w",
+                "base_model": "tiny", "prompt_tokens": 1, "completion_tokens": 4, "queue_ms": 0.0,
+                "ttft_ms": 0.0, "total_ms": 0.0, "finished_at": time.time(), "finish_reason": "length",
+            }  # fmt: skip
+            f.write(json.dumps(record) + "\n")
+    restarted = spawn_worker(state_dir)
+    deadline = time.monotonic() + 20
+    while spool.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert spool.read_text().strip() == "", "the restarted worker did not resend its spool"
+    usage = admin.usage(tenant)
+    assert (usage.total_requests, usage.total_completion_tokens) == (3, 12)
+    with Client(restarted.target, key) as client:
+        assert client.complete("hello", max_tokens=2)
+
+
+def test_grpc_reflection_lists_the_inference_service(spawn_worker):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    worker = spawn_worker()
+    with grpc.insecure_channel(worker.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"openlora.v1.InferenceService", "grpc.health.v1.Health"} <= names

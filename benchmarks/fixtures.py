@@ -159,6 +159,45 @@ def ensure_adapters(
     return dirs
 
 
+def ensure_small_adapters(
+    num_adapters: int, shape: ModelShape = LLAMA_50M, rank: int = 4, root: Path = FIXTURES_DIR
+) -> list[Path]:
+    """Small distinct adapters (rank `rank` on q_proj and v_proj, float16) for registry-scale runs where
+    most adapters are registered but never requested; index i is named adapter_name(i, "small-")."""
+    import torch
+    from safetensors.torch import save_file
+
+    ensure_model(shape, root)
+    template = ensure_adapters(1, shape, root=root)[0]
+    out_root = model_dir(shape, root) / f"small-adapters-r{rank}"
+    config = json.loads((template / "adapter_config.json").read_text())
+    config.update(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
+    head_dim = shape.hidden_size // shape.num_attention_heads
+    out_features = {"q_proj": shape.hidden_size, "v_proj": shape.num_key_value_heads * head_dim}
+    dirs = []
+    for index in range(num_adapters):
+        out = out_root / adapter_name(index, "small-")
+        dirs.append(out)
+        if _complete(out):
+            continue
+        rng = np.random.default_rng(10_000_000 + index)
+        tensors = {}
+        for layer in range(shape.num_layers):
+            for module, features in out_features.items():
+                prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+                a = rng.normal(0.0, 0.02, size=(rank, shape.hidden_size)).astype(np.float32)  # (rank, in)
+                b = rng.normal(0.0, 0.02, size=(features, rank)).astype(np.float32)  # (out, rank)
+                tensors[f"{prefix}.lora_A.weight"] = torch.from_numpy(a).half()
+                tensors[f"{prefix}.lora_B.weight"] = torch.from_numpy(b).half()
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(tensors, tmp / "adapter_model.safetensors")
+        tmp.rename(out)
+    return dirs
+
+
 def _complete(directory: Path) -> bool:
     return all((directory / name).exists() for name in ADAPTER_FILES)
 

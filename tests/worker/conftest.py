@@ -134,3 +134,11 @@ def small_worker(system, tmp_path):
     )
     yield worker
     system.loop.run(worker.stop(1.0))
+
+
+@pytest.fixture
+def spare_worker(system, tmp_path):
+    """A second ordinary worker on the same control plane, for tests that stop it."""
+    worker = start_worker(system.loop, system.control_plane.target, system.model_dir, tmp_path, None)
+    yield worker
+    system.loop.run(worker.stop(1.0))

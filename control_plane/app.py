@@ -9,12 +9,14 @@ import hmac
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.artifacts.store import ArtifactStore
 from control_plane.artifacts.upload import Upload
+from control_plane.billing import service as billing
 from control_plane.config import ControlPlaneConfig
 from control_plane.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from control_plane.hints.publisher import HintPublisher
@@ -23,6 +25,7 @@ from control_plane.registry.models import VISIBILITY_PRIVATE, VISIBILITY_PUBLIC,
 from control_plane.registry.uploads import UploadHeader, UploadPlan, UploadResult
 from control_plane.tenancy import service as tenancy
 from control_plane.tenancy.models import SCOPE_INFER, ApiKey, Tenant
+from control_plane.usage import service as usage
 from control_plane.workers import service as workers
 from control_plane.workers.models import Worker
 from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
@@ -193,3 +196,26 @@ class ControlPlane:
 
     def artifact_files(self, sha256: str) -> list[Path]:
         return self.store.files(sha256)
+
+    def report_usage(self, reports: list[usage.UsageReport]) -> usage.ReportOutcome:
+        with self.sessions.begin() as s:
+            return usage.report_usage(s, reports)
+
+    # -- usage and billing ----------------------------------------------------------------------------
+
+    def get_usage(
+        self, api_key: str, tenant: str, start: datetime | None, end: datetime | None
+    ) -> usage.UsageSummary:
+        with self.sessions.begin() as s:
+            owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
+            return usage.get_usage(s, owner, start, end)
+
+    def get_invoice(self, api_key: str, tenant: str, period: str) -> billing.Invoice:
+        with self.sessions.begin() as s:
+            owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
+            return billing.compute_invoice(s, owner, period)
+
+    def set_price(self, api_key: str, base_model: str, prompt_micros: int, completion_micros: int) -> None:
+        with self.sessions.begin() as s:
+            tenancy.require_operator(tenancy.authenticate_admin(s, api_key))
+            billing.set_price(s, base_model, prompt_micros, completion_micros)

@@ -85,3 +85,27 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListWorkers(self, request, context):
         found = await asyncio.to_thread(self.app.list_workers, bearer_token(context))
         return admin_pb2.ListWorkersResponse(workers=[convert.worker_to_proto(w) for w in found])
+
+    async def GetUsage(self, request, context):
+        start = convert.from_timestamp(request.start) if request.HasField("start") else None
+        end = convert.from_timestamp(request.end) if request.HasField("end") else None
+        summary = await asyncio.to_thread(
+            self.app.get_usage, bearer_token(context), request.tenant, start, end
+        )
+        return convert.usage_to_proto(summary)
+
+    async def GetInvoice(self, request, context):
+        invoice = await asyncio.to_thread(
+            self.app.get_invoice, bearer_token(context), request.tenant, request.period
+        )
+        return admin_pb2.GetInvoiceResponse(invoice=convert.invoice_to_proto(invoice))
+
+    async def SetPrice(self, request, context):
+        await asyncio.to_thread(
+            self.app.set_price,
+            bearer_token(context),
+            request.base_model,
+            request.prompt_micros_per_million_tokens,
+            request.completion_micros_per_million_tokens,
+        )
+        return admin_pb2.SetPriceResponse()

@@ -7,12 +7,14 @@ from datetime import datetime, timezone
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from control_plane.artifacts.upload import ManifestEntry
+from control_plane.billing.service import Invoice
 from control_plane.errors import InvalidArgument
 from control_plane.registry.models import STATUS_READY, VISIBILITY_PRIVATE, VISIBILITY_PUBLIC, Adapter
 from control_plane.registry.service import OwnedAdapter
 from control_plane.registry.uploads import UploadHeader
 from control_plane.tenancy.keys import display_prefix
 from control_plane.tenancy.models import SCOPE_ADMIN, SCOPE_INFER, ApiKey, Tenant
+from control_plane.usage.service import UsageReport, UsageSummary
 from control_plane.workers.models import Worker
 from control_plane.workers.service import WorkerRegistration
 from openlora.base_model import BaseModelSpec
@@ -179,4 +181,61 @@ def spec_to_proto(spec: BaseModelSpec) -> worker_pb2.BaseModelSpec:
         num_key_value_heads=spec.num_key_value_heads,
         head_dim=spec.head_dim,
         vocab_size=spec.vocab_size,
+    )
+
+
+def usage_report_from_proto(event: worker_pb2.UsageEvent) -> UsageReport:
+    return UsageReport(
+        request_id=event.request_id,
+        tenant_id=event.tenant_id,
+        adapters=tuple((a.adapter_id, a.weight) for a in event.adapters),
+        worker_id=event.worker_id,
+        base_model=event.base_model,
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        queue_ms=event.queue_ms,
+        ttft_ms=event.ttft_ms,
+        total_ms=event.total_ms,
+        finished_at=from_timestamp(event.finished_at) if event.HasField("finished_at") else None,
+        finish_reason=event.finish_reason,
+    )
+
+
+def usage_to_proto(summary: UsageSummary) -> admin_pb2.GetUsageResponse:
+    return admin_pb2.GetUsageResponse(
+        rows=[
+            admin_pb2.UsageRow(
+                adapter=line.adapter,
+                adapter_tenant=line.adapter_tenant,
+                requests=line.requests,
+                prompt_tokens=line.prompt_tokens,
+                completion_tokens=line.completion_tokens,
+            )
+            for line in summary.lines
+        ],
+        total_requests=summary.total_requests,
+        total_prompt_tokens=summary.total_prompt_tokens,
+        total_completion_tokens=summary.total_completion_tokens,
+    )
+
+
+def invoice_to_proto(invoice: Invoice) -> admin_pb2.Invoice:
+    return admin_pb2.Invoice(
+        tenant=invoice.tenant,
+        period=invoice.period,
+        lines=[
+            admin_pb2.InvoiceLine(
+                kind=line.kind,
+                base_model=line.base_model,
+                adapter=line.adapter,
+                prompt_tokens=line.prompt_tokens,
+                completion_tokens=line.completion_tokens,
+                amount_micros=line.amount_micros,
+            )
+            for line in invoice.lines
+        ],
+        charges_micros=invoice.charges_micros,
+        earnings_micros=invoice.earnings_micros,
+        net_micros=invoice.net_micros,
+        computed_at=timestamp(invoice.computed_at),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from control_plane.app import ControlPlane
-from control_plane.server import convert
+from control_plane.server import convert, metrics
 from control_plane.server.auth import bearer_token
 from openlora.v1 import worker_pb2, worker_pb2_grpc
 
@@ -61,3 +61,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     data=data,
                     file_size_bytes=size_bytes if first else 0,
                 )
+
+    async def ReportUsage(self, request, context):
+        """Idempotent by request id; a batch is recorded whole or not at all."""
+        self.app.check_worker_token(bearer_token(context))
+        reports = [convert.usage_report_from_proto(e) for e in request.events]
+        outcome = await asyncio.to_thread(self.app.report_usage, reports)
+        metrics.USAGE_EVENTS_INSERTED.inc(outcome.inserted)
+        metrics.USAGE_EVENTS_DUPLICATE.inc(outcome.duplicates)
+        return worker_pb2.ReportUsageResponse(inserted=outcome.inserted, duplicates=outcome.duplicates)

@@ -1,0 +1,217 @@
+"""Prices and monthly invoices, computed from the hourly usage counters in exact integer arithmetic.
+
+For a tenant T and a calendar month (UTC):
+
+- "tokens" per (base model, adapter) T used: (prompt micro-tokens * prompt price + completion
+  micro-tokens * completion price) / 1e12, prices in micro-units per million tokens;
+- "royalty_paid" per adapter of ANOTHER tenant T used: completion micro-tokens * the owner's royalty
+  per million completion tokens / 1e12 (mixed requests contribute their weight's share);
+- "royalty_earned" per adapter T owns that other tenants used, same formula (T's own use pays none).
+
+Each line's amount is rounded once, half to even, to whole micro-units. Charges = tokens + royalty_paid,
+earnings = royalty_earned, net = charges - earnings. Prices and royalty rates are those in force when
+the invoice is computed; a base model without a price is charged 0.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from control_plane.billing.models import InvoiceLineRow, InvoiceRow, Price
+from control_plane.db.base import utc_now
+from control_plane.errors import InvalidArgument
+from control_plane.registry.models import Adapter
+from control_plane.tenancy.models import Tenant
+from control_plane.usage.models import UsageCounter
+from control_plane.usage.shares import MICROS, round_half_even
+
+PERIOD = re.compile(r"^(?P<year>\d{4})-(?P<month>0[1-9]|1[0-2])$")
+TOKENS, ROYALTY_PAID, ROYALTY_EARNED = "tokens", "royalty_paid", "royalty_earned"
+_KIND_ORDER = {TOKENS: 0, ROYALTY_PAID: 1, ROYALTY_EARNED: 2}
+# micro-tokens (1e6 per token) times a price per million tokens (1e6 tokens): divide by 1e12.
+_AMOUNT_DIVISOR = MICROS * 1_000_000
+
+
+@dataclass(frozen=True)
+class InvoiceLine:
+    kind: str
+    base_model: str
+    adapter: str
+    prompt_tokens: int
+    completion_tokens: int
+    amount_micros: int
+
+
+@dataclass(frozen=True)
+class Invoice:
+    tenant: str
+    period: str
+    lines: list[InvoiceLine]
+    charges_micros: int
+    earnings_micros: int
+    net_micros: int
+    computed_at: datetime
+
+
+def set_price(session: Session, base_model: str, prompt_micros: int, completion_micros: int) -> Price:
+    if not base_model:
+        raise InvalidArgument("required", field="base_model")
+    if prompt_micros < 0:
+        raise InvalidArgument("must not be negative", field="prompt_micros_per_million_tokens")
+    if completion_micros < 0:
+        raise InvalidArgument("must not be negative", field="completion_micros_per_million_tokens")
+    statement = insert(Price).values(
+        base_model=base_model,
+        prompt_micros_per_million_tokens=prompt_micros,
+        completion_micros_per_million_tokens=completion_micros,
+        updated_at=utc_now(),
+    )
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["base_model"],
+            set_={
+                "prompt_micros_per_million_tokens": statement.excluded.prompt_micros_per_million_tokens,
+                "completion_micros_per_million_tokens": statement.excluded.completion_micros_per_million_tokens,
+                "updated_at": statement.excluded.updated_at,
+            },
+        )
+    )
+    return session.get(Price, base_model)
+
+
+def period_bounds(period: str) -> tuple[datetime, datetime]:
+    """ "YYYY-MM" -> [first instant of the month, first instant of the next) in UTC."""
+    match = PERIOD.match(period)
+    if not match:
+        raise InvalidArgument(f"must be YYYY-MM, got {period!r}", field="period")
+    year, month = int(match["year"]), int(match["month"])
+    start = datetime(year, month, 1, tzinfo=timezone.utc)
+    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+    return start, end
+
+
+def _consumption(session: Session, tenant_id: uuid.UUID, start: datetime, end: datetime):
+    """(base model, adapter name, owner id, royalty, prompt micro-tokens, completion micro-tokens) of T."""
+    return session.execute(
+        select(
+            UsageCounter.base_model,
+            Adapter.name,
+            Adapter.tenant_id,
+            Adapter.royalty_micros_per_million_tokens,
+            func.sum(UsageCounter.prompt_micro_tokens),
+            func.sum(UsageCounter.completion_micro_tokens),
+        )
+        .select_from(UsageCounter)
+        .outerjoin(Adapter, Adapter.id == UsageCounter.adapter_id)
+        .where(UsageCounter.tenant_id == tenant_id, UsageCounter.hour_at >= start, UsageCounter.hour_at < end)
+        .group_by(UsageCounter.base_model, Adapter.id)
+    ).all()
+
+
+def _earned(session: Session, tenant_id: uuid.UUID, start: datetime, end: datetime):
+    """(base model, adapter name, royalty, completion micro-tokens) others generated with T's adapters."""
+    return session.execute(
+        select(
+            UsageCounter.base_model,
+            Adapter.name,
+            Adapter.royalty_micros_per_million_tokens,
+            func.sum(UsageCounter.completion_micro_tokens),
+        )
+        .select_from(UsageCounter)
+        .join(Adapter, Adapter.id == UsageCounter.adapter_id)
+        .where(
+            Adapter.tenant_id == tenant_id,
+            UsageCounter.tenant_id != tenant_id,
+            UsageCounter.hour_at >= start,
+            UsageCounter.hour_at < end,
+        )
+        .group_by(UsageCounter.base_model, Adapter.id)
+    ).all()
+
+
+def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
+    """Computes the invoice from the counters and stores it (replacing an earlier computation)."""
+    start, end = period_bounds(period)
+    prices = {p.base_model: p for p in session.scalars(select(Price))}
+    lines: list[InvoiceLine] = []
+    for base_model, adapter, owner_id, royalty, prompt_mt, completion_mt in _consumption(
+        session, tenant.id, start, end
+    ):
+        prompt_mt, completion_mt = int(prompt_mt), int(completion_mt)
+        price = prices.get(base_model)
+        amount = 0
+        if price is not None:
+            amount = round_half_even(
+                prompt_mt * price.prompt_micros_per_million_tokens
+                + completion_mt * price.completion_micros_per_million_tokens,
+                _AMOUNT_DIVISOR,
+            )
+        prompt_tokens, completion_tokens = (
+            round_half_even(prompt_mt, MICROS),
+            round_half_even(completion_mt, MICROS),
+        )
+        lines.append(InvoiceLine(TOKENS, base_model, adapter or "", prompt_tokens, completion_tokens, amount))
+        if adapter is not None and owner_id != tenant.id and royalty:
+            lines.append(
+                InvoiceLine(
+                    ROYALTY_PAID,
+                    base_model,
+                    adapter,
+                    0,
+                    completion_tokens,
+                    round_half_even(completion_mt * royalty, _AMOUNT_DIVISOR),
+                )
+            )
+    for base_model, adapter, royalty, completion_mt in _earned(session, tenant.id, start, end):
+        if royalty:
+            lines.append(
+                InvoiceLine(
+                    ROYALTY_EARNED,
+                    base_model,
+                    adapter,
+                    0,
+                    round_half_even(int(completion_mt), MICROS),
+                    round_half_even(int(completion_mt) * royalty, _AMOUNT_DIVISOR),
+                )
+            )
+    lines.sort(key=lambda line: (_KIND_ORDER[line.kind], line.base_model, line.adapter))
+    charges = sum(line.amount_micros for line in lines if line.kind != ROYALTY_EARNED)
+    earnings = sum(line.amount_micros for line in lines if line.kind == ROYALTY_EARNED)
+    invoice = Invoice(tenant.name, period, lines, charges, earnings, charges - earnings, utc_now())
+    _store(session, tenant.id, invoice)
+    return invoice
+
+
+def _store(session: Session, tenant_id: uuid.UUID, invoice: Invoice) -> None:
+    session.execute(
+        delete(InvoiceRow).where(InvoiceRow.tenant_id == tenant_id, InvoiceRow.period == invoice.period)
+    )
+    row = InvoiceRow(
+        tenant_id=tenant_id,
+        period=invoice.period,
+        charges_micros=invoice.charges_micros,
+        earnings_micros=invoice.earnings_micros,
+        net_micros=invoice.net_micros,
+        computed_at=invoice.computed_at,
+    )
+    session.add(row)
+    session.flush()
+    session.add_all(
+        InvoiceLineRow(
+            invoice_id=row.id,
+            kind=line.kind,
+            base_model=line.base_model,
+            adapter=line.adapter,
+            prompt_tokens=line.prompt_tokens,
+            completion_tokens=line.completion_tokens,
+            amount_micros=line.amount_micros,
+        )
+        for line in invoice.lines
+    )

@@ -1,0 +1,237 @@
+"""Usage reports are counted exactly once, and invoices match figures computed by hand."""
+
+from __future__ import annotations
+
+import random
+import threading
+from datetime import datetime, timezone
+
+import grpc
+import psycopg
+import pytest
+
+from control_plane.usage.shares import round_half_even, split_micro_tokens
+from openlora.v1 import worker_pb2
+
+BASE = "tiny-llama"
+
+
+def _code(excinfo: pytest.ExceptionInfo) -> grpc.StatusCode:
+    return excinfo.value.code()
+
+
+@pytest.fixture(scope="module")
+def world(cp, adapters_root) -> dict:
+    """owner has "poet" (royalty 2.0 per M completion tokens) and public "coder" (1.0); user uses them."""
+    with cp.admin() as admin:
+        ids = {name: admin.create_tenant(name).id for name in ("owner", "user")}
+        owner_admin = admin.create_api_key("owner", admin=True).secret
+        user_admin = admin.create_api_key("user", admin=True).secret
+        admin.set_price(
+            BASE, prompt_micros_per_million_tokens=100_000, completion_micros_per_million_tokens=300_000
+        )
+    with cp.admin(owner_admin) as owner:
+        poet = owner.upload_adapter(
+            adapters_root / "a",
+            name="poet",
+            base_model=BASE,
+            public=True,
+            royalty_micros_per_million_tokens=2_000_000,
+        ).adapter.id
+        coder = owner.upload_adapter(
+            adapters_root / "b",
+            name="coder",
+            base_model=BASE,
+            public=True,
+            royalty_micros_per_million_tokens=1_000_000,
+        ).adapter.id
+    return {
+        "tenant": ids,
+        "adapter": {"poet": poet, "coder": coder},
+        "owner_admin": owner_admin,
+        "user_admin": user_admin,
+    }
+
+
+def _event(
+    request_id: str,
+    tenant_id: str,
+    adapters: list[tuple[str, float]],
+    prompt: int,
+    completion: int,
+    when: datetime,
+) -> worker_pb2.UsageEvent:
+    event = worker_pb2.UsageEvent(
+        request_id=request_id,
+        tenant_id=tenant_id,
+        adapters=[worker_pb2.UsageAdapter(adapter_id=a, weight=w) for a, w in adapters],
+        worker_id="w1",
+        base_model=BASE,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        ttft_ms=12.5,
+        total_ms=40.0,
+        finish_reason="stop",
+    )
+    event.finished_at.FromDatetime(when)
+    return event
+
+
+def _report(cp, events) -> worker_pb2.ReportUsageResponse:
+    return cp.worker_stub().ReportUsage(
+        worker_pb2.ReportUsageRequest(events=events), metadata=cp.worker_metadata()
+    )
+
+
+MARCH = datetime(2026, 3, 14, 10, 30, tzinfo=timezone.utc)
+APRIL = datetime(2026, 4, 2, 8, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def march_usage(cp, world) -> None:
+    user, owner = world["tenant"]["user"], world["tenant"]["owner"]
+    poet, coder = world["adapter"]["poet"], world["adapter"]["coder"]
+    events = [
+        _event("r1", user, [(poet, 1.0)], 1000, 2000, MARCH),
+        _event("r2", user, [(poet, 0.25), (coder, 0.75)], 400, 800, MARCH),
+        _event("r3", user, [], 55, 10, MARCH),
+        _event("r4", owner, [(poet, 1.0)], 100, 100, MARCH),
+        _event("r5", user, [], 1, 1, APRIL),
+    ]
+    assert _report(cp, events) == worker_pb2.ReportUsageResponse(inserted=5, duplicates=0)
+    # A retry of the whole batch, and r1 once more inside a new batch, change nothing.
+    assert _report(cp, events) == worker_pb2.ReportUsageResponse(inserted=0, duplicates=5)
+    assert _report(cp, [events[0], events[0]]) == worker_pb2.ReportUsageResponse(inserted=0, duplicates=2)
+
+
+def test_mixed_request_records_each_adapter_with_its_exact_weight(cp, world, march_usage) -> None:
+    with psycopg.connect(cp.config.database_url) as conn:
+        rows = conn.execute(
+            "SELECT adapter_id::text, weight::text FROM usage_event_adapter WHERE request_id = 'r2' ORDER BY weight"
+        ).fetchall()
+    assert rows == [(world["adapter"]["poet"], "0.250000"), (world["adapter"]["coder"], "0.750000")]
+
+
+def test_usage_per_adapter_and_totals(cp, world, march_usage) -> None:
+    with cp.admin(world["user_admin"]) as user:
+        usage = user.get_usage()
+    rows = {
+        (r.adapter, r.adapter_tenant): (r.requests, r.prompt_tokens, r.completion_tokens) for r in usage.rows
+    }
+    assert rows == {
+        ("", ""): (2, 56, 11),
+        ("poet", "owner"): (2, 1100, 2200),
+        ("coder", "owner"): (1, 300, 600),
+    }
+    assert (usage.total_requests, usage.total_prompt_tokens, usage.total_completion_tokens) == (4, 1456, 2811)
+    with cp.admin() as operator:
+        april = operator.get_usage("user", start=datetime(2026, 4, 1, tzinfo=timezone.utc))
+    assert [(r.adapter, r.requests) for r in april.rows] == [("", 1)] and april.total_requests == 1
+
+
+def test_invoice_of_a_consumer_matches_hand_computed_figures(cp, world, march_usage) -> None:
+    # Prices per million tokens: prompt 0.1 (100_000 micros), completion 0.3 (300_000 micros).
+    # poet: r1 (1000, 2000) + a quarter of r2 (100, 200) = (1100, 2200) -> 1100*0.1 + 2200*0.3 = 770 micros
+    # coder: three quarters of r2 = (300, 600)                            -> 30 + 180               = 210
+    # base alone: r3 (55, 10)                                              -> 5.5 + 3 = 8.5, half-even -> 8
+    # royalty paid: poet 2200 * 2.0 = 4400, coder 600 * 1.0 = 600
+    with cp.admin(world["user_admin"]) as user:
+        invoice = user.get_invoice("2026-03")
+    lines = [
+        (line.kind, line.adapter, line.prompt_tokens, line.completion_tokens, line.amount_micros)
+        for line in invoice.lines
+    ]
+    assert lines == [
+        ("tokens", "", 55, 10, 8),
+        ("tokens", "coder", 300, 600, 210),
+        ("tokens", "poet", 1100, 2200, 770),
+        ("royalty_paid", "coder", 0, 600, 600),
+        ("royalty_paid", "poet", 0, 2200, 4400),
+    ]
+    assert all(line.base_model == BASE for line in invoice.lines)
+    assert (invoice.charges_micros, invoice.earnings_micros, invoice.net_micros) == (5988, 0, 5988)
+
+
+def test_invoice_of_an_owner_earns_royalties_and_pays_none_on_its_own_use(cp, world, march_usage) -> None:
+    # owner used poet itself: (100, 100) -> 10 + 30 = 40 micros, no royalty.
+    # earned: poet 2200 completion tokens by user * 2.0 = 4400; coder 600 * 1.0 = 600.
+    with cp.admin(world["owner_admin"]) as owner:
+        invoice = owner.get_invoice("2026-03")
+    lines = [(line.kind, line.adapter, line.completion_tokens, line.amount_micros) for line in invoice.lines]
+    assert lines == [
+        ("tokens", "poet", 100, 40),
+        ("royalty_earned", "coder", 600, 600),
+        ("royalty_earned", "poet", 2200, 4400),
+    ]
+    assert (invoice.charges_micros, invoice.earnings_micros, invoice.net_micros) == (40, 5000, -4960)
+    with psycopg.connect(cp.config.database_url) as conn:
+        stored = conn.execute(
+            "SELECT net_micros FROM invoice i JOIN tenant t ON t.id = i.tenant_id "
+            "WHERE t.name = 'owner' AND period = '2026-03'"
+        ).fetchall()
+    assert stored == [(-4960,)]
+
+
+def test_bad_period_is_invalid(cp, world) -> None:
+    with cp.admin() as admin:
+        for period in ("2026-13", "2026-3", "March"):
+            with pytest.raises(grpc.RpcError) as e:
+                admin.get_invoice(period, tenant="user")
+            assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "period" in e.value.details()
+
+
+def test_concurrent_reports_of_the_same_requests_count_once(cp, world) -> None:
+    user, poet = world["tenant"]["user"], world["adapter"]["poet"]
+    when = datetime(2026, 5, 1, 12, tzinfo=timezone.utc)
+    events = [_event(f"c{i}", user, [(poet, 1.0)], 10, 20, when) for i in range(20)]
+    results: list[worker_pb2.ReportUsageResponse] = []
+    barrier = threading.Barrier(8)
+
+    def report(seed: int) -> None:
+        batch = events[:]
+        random.Random(seed).shuffle(batch)
+        barrier.wait()
+        results.append(_report(cp, batch))
+
+    threads = [threading.Thread(target=report, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r.inserted for r in results) == 20
+    assert sum(r.duplicates for r in results) == 7 * 20
+    with cp.admin() as admin:
+        may = admin.get_usage("user", start=when, end=datetime(2026, 5, 2, tzinfo=timezone.utc))
+    assert [(r.adapter, r.requests, r.prompt_tokens, r.completion_tokens) for r in may.rows] == [
+        ("poet", 20, 200, 400)
+    ]
+
+
+def test_a_batch_with_one_bad_event_records_nothing(cp, world) -> None:
+    user = world["tenant"]["user"]
+    good = _event("atomic-good", user, [], 1, 1, MARCH)
+    bad_events = [
+        _event("atomic-bad", "00000000-0000-0000-0000-000000000000", [], 1, 1, MARCH),
+        _event("", user, [], 1, 1, MARCH),
+        _event("atomic-bad", user, [("00000000-0000-0000-0000-000000000000", 1.0)], 1, 1, MARCH),
+        _event("atomic-bad", user, [(world["adapter"]["poet"], -1.0)], 1, 1, MARCH),
+    ]
+    for bad in bad_events:
+        with pytest.raises(grpc.RpcError) as e:
+            _report(cp, [good, bad])
+        assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "events[1]" in e.value.details()
+    assert _report(cp, [good]).inserted == 1
+
+
+def test_set_price_is_operator_only(cp, world) -> None:
+    with cp.admin(world["user_admin"]) as user, pytest.raises(grpc.RpcError) as e:
+        user.set_price(BASE, 1, 1)
+    assert _code(e) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_token_split_is_exact_and_rounding_is_half_even() -> None:
+    from decimal import Decimal
+
+    assert split_micro_tokens(10, [Decimal(1)] * 3) == [3_333_334, 3_333_333, 3_333_333]
+    assert sum(split_micro_tokens(7, [Decimal("0.1"), Decimal("0.7"), Decimal("0.2")])) == 7_000_000
+    assert [round_half_even(n, 2) for n in (1, 3, 5, 4)] == [0, 2, 2, 2]

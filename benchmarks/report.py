@@ -1,0 +1,241 @@
+"""Presentation of a benchmark run: the one table, the PNG plots and the issue-6 section of RESULTS.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+SECTION_BEGIN = "<!-- benchmarks.run:begin -->"
+SECTION_END = "<!-- benchmarks.run:end -->"
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A left-aligned plain-text table (also valid Markdown)."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    return str(value)
+
+
+def plot_throughput_vs_adapters(points: Sequence[tuple[int, float]], path: Path, title: str) -> None:
+    """points: (number of adapters, tokens/s)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs, ys = zip(*points, strict=True) if points else ((), ())
+    ax.plot(xs, ys, marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("number of adapters in the trace")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ttft_by_tier(ttft_ms_by_tier: dict[str, list[float]], path: Path, title: str) -> None:
+    """Box plot of TTFT per cache tier the request's adapter was found in."""
+    plt = _pyplot()
+    tiers = [t for t in ("none", "device", "host", "disk", "remote", "unknown") if ttft_ms_by_tier.get(t)]
+    tiers += [t for t in sorted(ttft_ms_by_tier) if t not in tiers and ttft_ms_by_tier[t]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tiers:
+        ax.boxplot([ttft_ms_by_tier[t] for t in tiers], whis=(1, 99), showfliers=True)
+        ax.set_xticks(range(1, len(tiers) + 1), [f"{t}\n(n={len(ttft_ms_by_tier[t])})" for t in tiers])
+    ax.set_yscale("log")
+    ax.set_ylabel("TTFT (ms)")
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def update_results_md(path: Path, section: str) -> None:
+    """Replaces this benchmark's section of RESULTS.md (between its markers), or appends it; the sections
+    other benchmarks wrote are left as they are."""
+    block = f"{SECTION_BEGIN}\n{section.rstrip()}\n{SECTION_END}\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    begin, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
+    if begin != -1 and end > begin:
+        rest = text[end + len(SECTION_END) :].lstrip("\n")
+        text = text[:begin] + block + ("\n" + rest if rest else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+# ------------------------------------------------------------------------------------ the run's outputs
+
+TABLE_HEADER = (
+    "scenario",
+    "system / setting",
+    "workload",
+    "tokens/s",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "errors",
+    "notes",
+)
+
+
+def summary_rows(results: dict) -> list[list]:
+    """The rows of the one table, from the results dict `benchmarks.run` builds."""
+    cfg = results["config"]
+    rows: list[list] = []
+    s1 = results.get("s1_openlora", {}).get("summary")
+    peers = results.get("s1_peer", [])
+    if s1:
+        rows.append(
+            ["1 offline", "OpenLoRA", f"{s1['requests']} req, {s1['distinct_adapters']} adapters, t=0",
+             s1["tokens_per_s"], s1["ttft_ms"]["p50"], s1["ttft_ms"]["p99"], s1["errors"], _tiers(s1)]
+        )  # fmt: skip
+    for p in peers:
+        rows.append(
+            ["1 offline", f"PEFT {p['strategy']}", f"first {p['num_requests']} req, batch {p['batch_size']}",
+             p["tokens_per_s"], None, None, 0, f"{p['adapters_loaded']} adapters loaded ({p['adapter_load_s']:.0f} s)"]
+        )  # fmt: skip
+    if s1 and peers:
+        best = max(peers, key=lambda p: p["tokens_per_s"])
+        ratio = s1["tokens_per_s"] / best["tokens_per_s"]
+        rows.append(
+            ["1 offline", "OpenLoRA / best PEFT", "target >= 8x", ratio, None, None, None, _met(ratio >= 8)]
+        )
+    runs = results.get("s2_num_adapters", [])
+    for run in runs:
+        s = run["summary"]
+        rows.append(
+            [f"2 at {run['rate_per_s']:.2f} req/s", f"OpenLoRA, {run['num_adapters']} adapters",
+             f"{s['requests']} req, {s['distinct_adapters']} distinct", s["tokens_per_s"], s["ttft_ms"]["p50"],
+             s["ttft_ms"]["p99"], s["errors"], _tiers(s)]
+        )  # fmt: skip
+    if len(runs) >= 2:
+        ratio = runs[-1]["summary"]["tokens_per_s"] / max(runs[0]["summary"]["tokens_per_s"], 1e-9)
+        rows.append(
+            ["2", f"{runs[-1]['num_adapters']} / {runs[0]['num_adapters']} adapters", "target >= 0.8x", ratio,
+             None, None, None, _met(ratio >= 0.8)]
+        )  # fmt: skip
+    s3 = results.get("s3_scale")
+    if s3:
+        s, rss, usage = s3["summary"], s3["worker_rss_mib"], s3["usage"]
+        rows.append(
+            ["3 scale", f"OpenLoRA, {cfg['num_adapter_slots']} slots",
+             f"{s3['registered_adapters']} registered, {s3['distinct_adapters_touched']} touched, {s['requests']} req",
+             s["tokens_per_s"], s["ttft_ms"]["p50"], s["ttft_ms"]["p99"], s["errors"],
+             f"worker RSS {rss['first']:.0f} -> peak {rss['peak']:.0f} MiB; usage {usage['recorded_requests']}/"
+             f"{usage['expected_requests']} req, exactly once: {usage['exactly_once']}; {_tiers(s)}"]
+        )  # fmt: skip
+    for c in results.get("s4_cost", []):
+        rows.append(
+            ["4 cost", f"{c['num_adapters']} adapters", f"{c['total_tokens']} tokens over {c['duration_s']:.0f} s",
+             c["ratio"], None, None, None,
+             f"GPU-h per M tokens: dedicated {c['dedicated_gpu_hours_per_million_tokens']:.3f} "
+             f"({c['dedicated_replicas']} deployments) vs shared {c['shared_gpu_hours_per_million_tokens']:.3f} "
+             f"({c['shared_replicas']} worker); ratio in tokens/s column"]
+        )  # fmt: skip
+    return rows
+
+
+def _tiers(summary: dict) -> str:
+    return ", ".join(f"{tier} {v['requests']}" for tier, v in summary.get("by_cache_tier", {}).items())
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def ttft_by_tier(results: dict) -> dict[str, list[float]]:
+    """TTFT of every successful timed request of scenarios 1-3, grouped by cache tier."""
+    groups: dict[str, list[float]] = {}
+    record_sets = [results.get("s1_openlora", {}).get("records", [])]
+    record_sets += [run.get("records", []) for run in results.get("s2_num_adapters", [])]
+    record_sets.append(results.get("s3_scale", {}).get("records", []))
+    for records in record_sets:
+        for r in records:
+            if r.get("error") is None and r.get("ttft_ms") is not None:
+                groups.setdefault(r.get("cache_tier") or "unknown", []).append(r["ttft_ms"])
+    return groups
+
+
+def write_outputs(results: dict, results_dir: Path, results_md: Path | None) -> str:
+    """Writes the JSON files and plots, prints and returns the table, updates RESULTS.md when given."""
+    import json
+
+    suffix = "-quick" if results["config"].get("quick") else ""
+    records = {}
+    for key in ("s1_openlora", "s3_scale"):
+        if key in results:
+            records[key] = results[key].get("records", [])
+    for run in results.get("s2_num_adapters", []):
+        records[f"s2_{run['num_adapters']}"] = run.get("records", [])
+    groups = ttft_by_tier(results)
+    summary = _without_records(results)
+    (results_dir / f"bench{suffix}.json").write_text(json.dumps(summary, indent=2))
+    (results_dir / f"bench{suffix}-records.json").write_text(json.dumps(records))
+    runs = results.get("s2_num_adapters", [])
+    if runs:
+        plot_throughput_vs_adapters(
+            [(run["num_adapters"], run["summary"]["tokens_per_s"]) for run in runs],
+            results_dir / f"throughput_vs_adapters{suffix}.png",
+            f"OpenLoRA at {runs[0]['rate_per_s']:.2f} requests/s",
+        )
+    if groups:
+        plot_ttft_by_tier(
+            groups, results_dir / f"ttft_by_cache_tier{suffix}.png", "TTFT by cache tier (scenarios 1-3)"
+        )
+    table = format_table(TABLE_HEADER, summary_rows(results))
+    print(table)
+    if results_md is not None:
+        update_results_md(results_md, results_section(results, table))
+    return table
+
+
+def _without_records(value):
+    if isinstance(value, dict):
+        return {k: _without_records(v) for k, v in value.items() if k != "records"}
+    if isinstance(value, list):
+        return [_without_records(v) for v in value]
+    return value
+
+
+def results_section(results: dict, table: str) -> str:
+    cfg, machine = results["config"], results["machine"]
+    lines = [
+        "## Multi-adapter serving against the PEFT peer (issue 6)",
+        "",
+        f"Run {results['started_at']} on {machine['nproc']} CPUs ({machine['cpu_model']}, "
+        f"{machine['memory_gib']} GiB), torch {machine['torch']} with {machine['torch_threads']} threads; "
+        f"`{cfg['command'].strip()}` took {results['elapsed_s']:.0f} s. Model: a random-weight Llama of 51.7M "
+        "parameters (hidden 512, 6 layers, vocab 32000, float32 on CPU) written by transformers; adapters: "
+        "rank 16 on all seven projections (float16 files), one written by peft and the rest cloned from its "
+        f"layout. Prompts {cfg['prompt_len_range'][0]}-{cfg['prompt_len_range'][1]} tokens, "
+        f"{cfg['output_len_range'][0]}-{cfg['output_len_range'][1]} generated tokens per request "
+        f"(greedy, fixed), power-law popularity alpha {cfg['alpha']}; the worker has {cfg['num_adapter_slots']} "
+        f"adapter slots, max {cfg['max_num_seqs']} running sequences.",
+        "",
+        table,
+        "",
+    ]
+    return "\n".join(lines) + "\n" + results.get("notes", "")

@@ -92,9 +92,15 @@ def list_workers(session: Session) -> list[Worker]:
 
 
 def base_model(session: Session, name: str) -> BaseModelRow:
-    """A registered base model by name; FAILED_PRECONDITION naming `base_model` when no worker brought it."""
+    """A registered base model by name; FAILED_PRECONDITION naming `base_model` when no worker brought it.
+    An empty name means the only registered one, when there is exactly one."""
     if not name:
-        raise InvalidArgument("required", field="base_model")
+        only = list(session.scalars(select(BaseModelRow).limit(2)))
+        if len(only) != 1:
+            raise InvalidArgument(
+                "required when not exactly one base model is registered", field="base_model"
+            )
+        return only[0]
     row = session.get(BaseModelRow, name)
     if row is None:
         raise FailedPrecondition(

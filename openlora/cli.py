@@ -1,0 +1,340 @@
+"""The `openlora` command line.
+
+Each subcommand is registered by one small `_add_*` function (adding one is a few lines); the serving
+commands (`up`, `worker`, `generate`, `demo-model`) come from `openlora.commands.serving.add_commands`.
+Settings are resolved once here (flags, then `OPENLORA_*` environment, then the context file) into the
+frozen dataclasses of `openlora.config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import grpc
+
+from openlora.admin_client import AdminClient, UploadRefused
+from openlora.config import AdminSettings, ControlPlaneSettings, read_context
+
+log = logging.getLogger("openlora.cli")
+AdminHandler = Callable[[AdminClient, argparse.Namespace], int]
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Left-aligned columns separated by two spaces."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def money(micros: int) -> str:
+    """Integer micro-units as a decimal with 6 places (exact, no float)."""
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), 1_000_000)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+# ------------------------------------------------------------------------------------- control plane
+
+
+def _add_control_plane(subparsers) -> None:
+    p = subparsers.add_parser("control-plane", help="run the control plane (AdminService + WorkerService)")
+    p.add_argument("--listen", help="host:port (OPENLORA_LISTEN; default 127.0.0.1:50051)")
+    p.add_argument("--database-url", help="PostgreSQL URL (OPENLORA_DATABASE_URL; default: embedded)")
+    p.add_argument("--redis-url", help="Redis URL for hints (OPENLORA_REDIS_URL; default: embedded)")
+    p.add_argument("--state-dir", help="artifacts, keys, embedded data (OPENLORA_STATE_DIR)")
+    p.add_argument("--worker-token", help="token workers present (OPENLORA_WORKER_TOKEN; default: stored)")
+    p.add_argument("--admin-key", help="bootstrap admin key (OPENLORA_ADMIN_KEY; default: generated)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (OPENLORA_METRICS_PORT)")
+    p.add_argument("--no-migrate", action="store_true", help="refuse to start if the schema is behind")
+    p.add_argument("--migrate-only", action="store_true", help="apply pending migrations and exit")
+    p.set_defaults(func=_run_control_plane, kind="control-plane")
+
+
+async def _serve_until_signal(
+    settings: ControlPlaneSettings, database_url: str, redis_url: str | None
+) -> int:
+    from control_plane.server.server import serve
+
+    running = await serve(settings.to_config(database_url, redis_url))
+    if running.admin_key and not settings.admin_key:
+        print(
+            f"bootstrap admin key (shown once; kept in {running.admin_key_path}): {running.admin_key}",
+            flush=True,
+        )
+    print(f"control plane serving on {settings.listen.rsplit(':', 1)[0]}:{running.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("stopping: draining in-flight calls")
+    await running.stop()
+    return 0
+
+
+def _run_control_plane(settings: ControlPlaneSettings) -> int:
+    from control_plane.db.migrate import SchemaBehindError, upgrade
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM unwinds like Ctrl-C while the embedded servers start, so they are stopped too.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with contextlib.ExitStack() as embedded:
+        embedded.callback(signal.signal, signal.SIGTERM, previous)
+        database_url, redis_url = settings.database_url, settings.redis_url
+        if not database_url:
+            from openlora.embedded import EmbeddedPostgres
+
+            database_url = embedded.enter_context(EmbeddedPostgres(settings.state_dir / "embedded"))
+        if settings.migrate_only:
+            upgrade(database_url)
+            print("migrations applied")
+            return 0
+        if not redis_url:
+            from openlora.embedded import EmbeddedRedis
+
+            redis_url = embedded.enter_context(EmbeddedRedis(settings.state_dir / "embedded"))
+        try:
+            return asyncio.run(_serve_until_signal(settings, database_url, redis_url))
+        except SchemaBehindError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 0
+
+
+# ------------------------------------------------------------------------------------- admin commands
+
+
+def _admin_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--admin-target", help="control plane host:port (OPENLORA_ADMIN_TARGET, context)")
+    parent.add_argument("--api-key", help="admin api key (OPENLORA_API_KEY, OPENLORA_ADMIN_KEY, context)")
+    return parent
+
+
+def _admin_command(subparsers, name: str, handler: AdminHandler, help: str):
+    p = subparsers.add_parser(name, parents=[_admin_parent()], help=help)
+    p.set_defaults(func=handler, kind="admin")
+    return p
+
+
+def _add_tenants(subparsers) -> None:
+    tenants = subparsers.add_parser("tenants", help="manage tenants").add_subparsers(
+        dest="action", required=True
+    )
+    p = _admin_command(tenants, "create", _tenants_create, "create a tenant (operator key)")
+    p.add_argument("name")
+
+
+def _tenants_create(client: AdminClient, args: argparse.Namespace) -> int:
+    tenant = client.create_tenant(args.name)
+    print_table(["ID", "NAME"], [[tenant.id, tenant.name]])
+    return 0
+
+
+def _add_keys(subparsers) -> None:
+    keys = subparsers.add_parser("keys", help="manage api keys").add_subparsers(dest="action", required=True)
+    p = _admin_command(keys, "create", _keys_create, "create an api key (the secret is shown once)")
+    p.add_argument("--tenant", default="", help="tenant name; default: the key's own tenant")
+    p.add_argument("--admin", action="store_true", help="admin scope (also may infer)")
+    p = _admin_command(keys, "revoke", _keys_revoke, "revoke an api key by id or prefix")
+    p.add_argument("key_id")
+
+
+def _keys_create(client: AdminClient, args: argparse.Namespace) -> int:
+    created = client.create_api_key(args.tenant, admin=args.admin)
+    print_table(
+        ["ID", "TENANT", "PREFIX", "ADMIN"],
+        [[created.key.id, created.key.tenant, created.key.prefix, args.admin]],
+    )
+    print(f"secret (shown once): {created.secret}")
+    return 0
+
+
+def _keys_revoke(client: AdminClient, args: argparse.Namespace) -> int:
+    key = client.revoke_api_key(args.key_id)
+    print(f"revoked {key.prefix} ({key.id}) of tenant {key.tenant}")
+    return 0
+
+
+def _add_adapters(subparsers) -> None:
+    adapters = subparsers.add_parser("adapters", help="manage adapters").add_subparsers(
+        dest="action", required=True
+    )
+    p = _admin_command(adapters, "push", _adapters_push, "upload a PEFT LoRA directory")
+    p.add_argument("dir")
+    p.add_argument("--name", required=True)
+    p.add_argument("--public", action="store_true", help="any tenant may use it")
+    p.add_argument("--base-model", default="", help="default: the only registered base model")
+    p.add_argument("--tenant", default="", help="owning tenant (operator key); default: the key's tenant")
+    p.add_argument("--royalty", type=int, default=0, help="micro-units per million completion tokens")
+    p = _admin_command(adapters, "list", _adapters_list, "list adapters")
+    p.add_argument("--tenant", default="")
+    p.add_argument("--public", action="store_true", help="include other tenants' public adapters")
+    p = _admin_command(adapters, "rm", _adapters_rm, "delete an adapter")
+    p.add_argument("name")
+    p.add_argument("--tenant", default="")
+
+
+def _adapter_rows(adapters) -> list[list[object]]:
+    return [
+        [
+            a.name,
+            a.tenant,
+            "public" if a.visibility == 2 else "private",
+            a.base_model,
+            a.rank,
+            a.sha256[:12],
+            a.size_bytes,
+        ]
+        for a in adapters
+    ]
+
+
+_ADAPTER_HEADERS = ["NAME", "TENANT", "VISIBILITY", "BASE MODEL", "RANK", "SHA256", "BYTES"]
+
+
+def _adapters_push(client: AdminClient, args: argparse.Namespace) -> int:
+    response = client.upload_adapter(
+        args.dir,
+        name=args.name,
+        base_model=args.base_model,
+        public=args.public,
+        tenant=args.tenant,
+        royalty_micros_per_million_tokens=args.royalty,
+    )
+    print_table(_ADAPTER_HEADERS, _adapter_rows([response.adapter]))
+    if response.deduplicated:
+        print("identical content was already stored")
+    return 0
+
+
+def _adapters_list(client: AdminClient, args: argparse.Namespace) -> int:
+    print_table(
+        _ADAPTER_HEADERS, _adapter_rows(client.list_adapters(args.tenant, include_public=args.public))
+    )
+    return 0
+
+
+def _adapters_rm(client: AdminClient, args: argparse.Namespace) -> int:
+    adapter = client.delete_adapter(args.name, args.tenant)
+    print(f"deleted {adapter.name} ({adapter.id})")
+    return 0
+
+
+def _add_usage(subparsers) -> None:
+    p = _admin_command(subparsers, "usage", _usage, "usage per adapter")
+    p.add_argument("--tenant", default="")
+
+
+def _usage(client: AdminClient, args: argparse.Namespace) -> int:
+    usage = client.get_usage(args.tenant)
+    rows = [
+        [r.adapter or "(base model)", r.adapter_tenant, r.requests, r.prompt_tokens, r.completion_tokens]
+        for r in usage.rows
+    ]
+    rows.append(["TOTAL", "", usage.total_requests, usage.total_prompt_tokens, usage.total_completion_tokens])
+    print_table(["ADAPTER", "OWNER", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS"], rows)
+    return 0
+
+
+def _add_invoice(subparsers) -> None:
+    p = _admin_command(subparsers, "invoice", _invoice, "a tenant's invoice for a month")
+    p.add_argument("--tenant", default="")
+    p.add_argument("--period", required=True, help="YYYY-MM (UTC)")
+
+
+def _invoice(client: AdminClient, args: argparse.Namespace) -> int:
+    invoice = client.get_invoice(args.period, args.tenant)
+    rows = [
+        [
+            line.kind,
+            line.base_model,
+            line.adapter or "(base model)",
+            line.prompt_tokens,
+            line.completion_tokens,
+            money(line.amount_micros),
+        ]
+        for line in invoice.lines
+    ]
+    print(f"invoice {invoice.tenant} {invoice.period}")
+    print_table(["KIND", "BASE MODEL", "ADAPTER", "PROMPT TOKENS", "COMPLETION TOKENS", "AMOUNT"], rows)
+    print_table(
+        ["CHARGES", "EARNINGS", "NET"],
+        [[money(invoice.charges_micros), money(invoice.earnings_micros), money(invoice.net_micros)]],
+    )
+    return 0
+
+
+def _add_prices(subparsers) -> None:
+    prices = subparsers.add_parser("prices", help="manage prices").add_subparsers(
+        dest="action", required=True
+    )
+    p = _admin_command(prices, "set", _prices_set, "set a base model's price (operator key)")
+    p.add_argument("base_model")
+    p.add_argument("--prompt", type=int, required=True, help="micro-units per million prompt tokens")
+    p.add_argument("--completion", type=int, required=True, help="micro-units per million completion tokens")
+
+
+def _prices_set(client: AdminClient, args: argparse.Namespace) -> int:
+    client.set_price(args.base_model, args.prompt, args.completion)
+    print(
+        f"price of {args.base_model}: prompt {money(args.prompt)}, completion {money(args.completion)} per M tokens"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openlora", description="Serve thousands of LoRA adapters on one GPU."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_control_plane,
+        _add_tenants,
+        _add_keys,
+        _add_adapters,
+        _add_usage,
+        _add_invoice,
+        _add_prices,
+    ):
+        add(subparsers)
+    from openlora.commands.serving import add_commands
+
+    add_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    environ = os.environ if environ is None else environ
+    kind = getattr(args, "kind", None)
+    try:
+        if kind == "control-plane":
+            return args.func(ControlPlaneSettings.resolve(vars(args), environ))
+        if kind == "admin":
+            settings = AdminSettings.resolve(args.admin_target, args.api_key, environ, read_context(environ))
+            with AdminClient(settings.admin_target, settings.api_key) as client:
+                return args.func(client, args)
+        return args.func(args)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except (ValueError, UploadRefused) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

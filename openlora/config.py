@@ -1,0 +1,135 @@
+"""Settings of the `openlora` command line, resolved once at the entry point into frozen dataclasses.
+
+Order of resolution: flags, then `OPENLORA_*` environment variables, then the context file that
+`openlora up` writes (`OPENLORA_CONTEXT`, default `$XDG_CONFIG_HOME/openlora/context.json`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from control_plane.config import DEFAULT_LISTEN, ControlPlaneConfig
+
+DEFAULT_STATE_DIR = Path(".state/control-plane")
+WORKER_TOKEN_FILE = "worker_token"
+
+
+def context_path(environ: Mapping[str, str]) -> Path:
+    if environ.get("OPENLORA_CONTEXT"):
+        return Path(environ["OPENLORA_CONTEXT"])
+    base = Path(environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "openlora" / "context.json"
+
+
+def read_context(environ: Mapping[str, str]) -> dict:
+    """The context file as a dict; {} when absent or unreadable."""
+    try:
+        data = json.loads(context_path(environ).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _first(*values: str | None) -> str | None:
+    return next((v for v in values if v), None)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """Where the admin commands connect and with which key."""
+
+    admin_target: str
+    api_key: str
+
+    @classmethod
+    def resolve(
+        cls,
+        target_flag: str | None,
+        key_flag: str | None,
+        environ: Mapping[str, str],
+        context: Mapping[str, str],
+    ) -> AdminSettings:
+        target = _first(target_flag, environ.get("OPENLORA_ADMIN_TARGET"), context.get("admin_target"))
+        key = _first(
+            key_flag,
+            environ.get("OPENLORA_API_KEY"),
+            environ.get("OPENLORA_ADMIN_KEY"),
+            context.get("api_key"),
+        )
+        if not target:
+            raise ValueError(
+                "no control plane address: pass --admin-target, set OPENLORA_ADMIN_TARGET, or run `openlora up`"
+            )
+        if not key:
+            raise ValueError("no api key: pass --api-key, set OPENLORA_API_KEY, or run `openlora up`")
+        return cls(target, key)
+
+
+@dataclass(frozen=True)
+class ControlPlaneSettings:
+    """`openlora control-plane` before the embedded servers it may need are started."""
+
+    listen: str
+    database_url: str | None
+    redis_url: str | None
+    state_dir: Path
+    worker_token: str | None
+    admin_key: str | None
+    migrate: bool
+    migrate_only: bool
+    metrics_port: int
+
+    def __post_init__(self) -> None:
+        if self.migrate_only and not self.migrate:
+            raise ValueError("--migrate-only and --no-migrate contradict each other")
+        if ":" not in self.listen:
+            raise ValueError(f"--listen must be HOST:PORT, got {self.listen!r}")
+
+    @classmethod
+    def resolve(cls, flags: Mapping[str, object], environ: Mapping[str, str]) -> ControlPlaneSettings:
+        def pick(flag: str, env: str) -> str | None:
+            value = flags.get(flag)
+            return str(value) if value not in (None, "") else (environ.get(env) or None)
+
+        metrics = pick("metrics_port", "OPENLORA_METRICS_PORT")
+        return cls(
+            listen=pick("listen", "OPENLORA_LISTEN") or DEFAULT_LISTEN,
+            database_url=pick("database_url", "OPENLORA_DATABASE_URL"),
+            redis_url=pick("redis_url", "OPENLORA_REDIS_URL"),
+            state_dir=Path(pick("state_dir", "OPENLORA_STATE_DIR") or DEFAULT_STATE_DIR),
+            worker_token=pick("worker_token", "OPENLORA_WORKER_TOKEN"),
+            admin_key=pick("admin_key", "OPENLORA_ADMIN_KEY"),
+            migrate=not flags.get("no_migrate"),
+            migrate_only=bool(flags.get("migrate_only")),
+            metrics_port=int(metrics) if metrics else 0,
+        )
+
+    def worker_token_or_stored(self) -> str:
+        """The configured worker token, else one generated once and kept in the state dir (0600)."""
+        if self.worker_token:
+            return self.worker_token
+        path = self.state_dir / WORKER_TOKEN_FILE
+        if path.exists():
+            return path.read_text().strip()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+
+    def to_config(self, database_url: str, redis_url: str | None) -> ControlPlaneConfig:
+        return ControlPlaneConfig(
+            database_url=database_url,
+            state_dir=self.state_dir,
+            worker_token=self.worker_token_or_stored(),
+            listen=self.listen,
+            redis_url=redis_url,
+            admin_key=self.admin_key,
+            migrate=self.migrate,
+            metrics_port=self.metrics_port,
+        )

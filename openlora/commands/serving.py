@@ -14,24 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+from openlora.config import context_path, read_context
+
 ENV_PREFIX = "OPENLORA_"
-
-
-def context_path(environ: dict[str, str] | None = None) -> Path:
-    """`OPENLORA_CONTEXT`, else `$XDG_CONFIG_HOME/openlora/context.json` (XDG default ~/.config)."""
-    env = os.environ if environ is None else environ
-    if env.get("OPENLORA_CONTEXT"):
-        return Path(env["OPENLORA_CONTEXT"])
-    base = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "openlora" / "context.json"
-
-
-def read_context(environ: dict[str, str] | None = None) -> dict:
-    path = context_path(environ)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def write_context(path: Path, context: dict) -> None:
@@ -180,7 +165,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from openlora.client import Client
     from openlora.errors import OpenLoRAError
 
-    context = read_context()
+    context = read_context(os.environ)
     target = args.target or _env("TARGET") or context.get("target")
     api_key = args.api_key or _env("API_KEY") or context.get("api_key")
     if not target or not api_key:
@@ -278,7 +263,7 @@ def _run_up(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         device=args.device,
         tenant=args.tenant,
-        context_path=Path(args.context) if args.context else context_path(),
+        context_path=Path(args.context) if args.context else context_path(os.environ),
         drain_grace_s=args.drain_grace_s,
         worker_args=tuple(args.worker_arg),
     )

@@ -265,7 +265,7 @@ def run_up(config: UpConfig) -> int:
             worker = Child(
                 "worker",
                 [
-                    sys.executable, "-m", "openlora.commands.serving", "worker",
+                    sys.executable, "-m", "openlora.cli", "worker",
                     "--listen", inference_target,
                     "--control-plane", admin_target,
                     "--model", str(model_dir),

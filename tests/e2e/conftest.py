@@ -64,7 +64,7 @@ class WorkerProcess:
         self.log_path = log_path
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         argv = [
-            sys.executable, "-m", "openlora.commands.serving", "worker",
+            sys.executable, "-m", "openlora.cli", "worker",
             "--listen", self.target,
             "--control-plane", cp_target,
             "--worker-token", WORKER_TOKEN,

@@ -59,7 +59,7 @@ def up(database_url, redis_url, e2e_model_dir, tmp_path_factory):
     for name in ("OPENLORA_TARGET", "OPENLORA_API_KEY"):
         env.pop(name, None)
     argv = [
-        sys.executable, "-m", "openlora.commands.serving", "up",
+        sys.executable, "-m", "openlora.cli", "up",
         "--state-dir", str(tmp_path / "state"),
         "--model", str(e2e_model_dir),
         "--database-url", database_url,
@@ -91,7 +91,7 @@ def test_up_prints_the_ready_line_and_writes_the_context(up):
 
 def test_generate_streams_text_with_no_flags(up):
     generate = subprocess.run(
-        [sys.executable, "-m", "openlora.commands.serving", "generate", "--adapter", "ad0", "--max-tokens", "8", PROMPT],
+        [sys.executable, "-m", "openlora.cli", "generate", "--adapter", "ad0", "--max-tokens", "8", PROMPT],
         env=up.env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
     )  # fmt: skip
     assert generate.returncode == 0, generate.stderr

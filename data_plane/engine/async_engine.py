@@ -1,0 +1,186 @@
+"""AsyncEngine: one engine loop on a background thread, per-request asyncio queues of outputs.
+
+The engine thread owns the LLMEngine; asyncio callers talk to it through a thread-safe inbox (add,
+abort) and receive outputs through `loop.call_soon_threadsafe`, so a forward pass never blocks the
+event loop and the event loop never touches engine state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from data_plane.engine.config import EngineConfig
+from data_plane.engine.errors import EngineDead, EngineError, InvalidRequest, QueueFull
+from data_plane.engine.llm_engine import LLMEngine
+from data_plane.engine.request import EngineRequest, RequestOutput
+from data_plane.tokenizer import Tokenizer
+from openlora.base_model import BaseModelSpec
+
+log = logging.getLogger(__name__)
+_IDLE_POLL_S = 0.1
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
+        if (config is None) == (engine is None):
+            raise ValueError("give exactly one of config and engine")
+        self._config = config
+        self._engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._num_submitted = 0  # adds sent to the inbox and not yet taken by the engine thread
+        self._submitted_lock = threading.Lock()
+        self.error: BaseException | None = None  # the fault that stopped the engine loop
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self._engine is None:
+            raise RuntimeError("AsyncEngine.start() has not run")
+        return self._engine
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting + self._num_submitted
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    @property
+    def spec(self) -> BaseModelSpec:
+        return self.engine.spec
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def resident_adapter_keys(self) -> list[str]:
+        return list(self.engine.resident_adapter_keys())
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._engine is None:
+            self._engine = await asyncio.to_thread(LLMEngine, self._config)
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        if self._engine is not None:
+            self._engine.shutdown()
+        for q in self._queues.values():
+            q.put_nowait(EngineDead("the engine stopped"))
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Streams the request's outputs; raises InvalidRequest, AdapterLoadError, QueueFull or EngineDead.
+
+        Leaving the iteration early (close, cancel) aborts the request within one engine step.
+        """
+        if not self.is_running:
+            raise EngineDead("the engine is not running")
+        engine = self.engine
+        engine.validate(request)
+        if request.request_id in self._queues:
+            raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
+        if self.num_waiting >= engine.config.max_waiting:
+            raise QueueFull(f"{self.num_waiting} requests are waiting")
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._queues[request.request_id] = outputs
+        with self._submitted_lock:
+            self._num_submitted += 1
+        self._inbox.put(("add", request))
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.error is not None:
+                    finished = True
+                    raise item.error
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request.request_id, None)
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    # Engine thread.
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping.is_set():
+                self._drain_inbox(block=not engine.has_unfinished())
+                if self._stopping.is_set():
+                    break
+                if engine.has_unfinished():
+                    outputs = engine.step()
+                    if outputs:
+                        self._loop.call_soon_threadsafe(self._deliver_all, outputs)
+        except BaseException as e:  # an engine fault: fail every stream rather than hang them
+            log.exception("engine loop stopped")
+            self.error = e
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDead(f"engine fault: {e}"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            kind, payload = item
+            if kind == "add":
+                with self._submitted_lock:
+                    self._num_submitted -= 1
+                try:
+                    self.engine.add_request(payload)
+                except EngineError as e:
+                    self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, e)
+            else:
+                self.engine.abort(payload)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    # Event-loop thread.
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is not None:  # None: the caller went away; the engine already dropped the request
+                q.put_nowait(out)
+
+    def _deliver_error(self, request_id: str, error: Exception) -> None:
+        q = self._queues.get(request_id)
+        if q is not None:
+            q.put_nowait(error)
+
+    def _fail_all(self, error: Exception) -> None:
+        for q in self._queues.values():
+            q.put_nowait(error)

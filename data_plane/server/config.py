@@ -30,7 +30,7 @@ class WorkerConfig:
     control_plane_target: str
     worker_token: str
     state_dir: Path
-    listen: str = "127.0.0.1:50051"
+    listen: str = "127.0.0.1:50052"
     # host:port the control plane records for this worker; defaults to the bound listen address.
     advertise_address: str | None = None
     # Stable id kept across restarts; empty lets the control plane choose (then stored in state_dir).

@@ -50,7 +50,7 @@ def _add_worker(subparsers) -> None:
     p = subparsers.add_parser("worker", help="run a data-plane worker (InferenceService) on one device")
     p.add_argument("--model", default=_env("MODEL"), help="base model directory (OPENLORA_MODEL)")
     p.add_argument("--model-name", default=_env("MODEL_NAME", ""), help="base model name; default: dir name")
-    p.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:50051"), help="host:port to serve on")
+    p.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:50052"), help="host:port to serve on")
     p.add_argument("--advertise", default=_env("ADVERTISE"), help="host:port the control plane records")
     p.add_argument(
         "--control-plane",
@@ -164,6 +164,7 @@ def _add_generate(subparsers) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     from openlora.client import Client
     from openlora.errors import OpenLoRAError
+    from openlora.v1 import inference_pb2
 
     context = read_context(os.environ)
     target = args.target or _env("TARGET") or context.get("target")
@@ -206,7 +207,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         t, u = last.timing, last.usage
         print(
             f"request_id={last.request_id} prompt_tokens={u.prompt_tokens} completion_tokens={u.completion_tokens} "
-            f"ttft_ms={t.ttft_ms:.1f} total_ms={t.total_ms:.1f} cache_tier={t.cache_tier}",
+            f"ttft_ms={t.ttft_ms:.1f} total_ms={t.total_ms:.1f} "
+            f"cache_tier={inference_pb2.CacheTier.Name(t.cache_tier).removeprefix('CACHE_TIER_').lower()}",
             file=sys.stderr,
         )
     return 0
@@ -240,8 +242,8 @@ def _add_up(subparsers) -> None:
     p.add_argument("--database-url", default=_env("DATABASE_URL"), help="default: embedded PostgreSQL")
     p.add_argument("--redis-url", default=_env("REDIS_URL"), help="default: embedded Redis")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="inference port (0: any free port)")
-    p.add_argument("--admin-port", type=int, default=50050, help="control plane port (0: any free port)")
+    p.add_argument("--port", type=int, default=50052, help="inference port (0: any free port)")
+    p.add_argument("--admin-port", type=int, default=50051, help="control plane port (0: any free port)")
     p.add_argument("--device", default=_env("DEVICE", "cpu"))
     p.add_argument("--tenant", default="demo")
     p.add_argument("--context", default=None, help="context file; default OPENLORA_CONTEXT or XDG path")

@@ -292,6 +292,13 @@ def run_up(config: UpConfig) -> int:
             )  # fmt: skip
             serving.set()
             print(f"ready inference={inference_target} admin={admin_target} key={api_key}", flush=True)
+            if adapter_names:
+                print(
+                    f"adapters: {', '.join(adapter_names)}; in another terminal try:\n"
+                    f'  openlora generate --adapter {adapter_names[0]} "the quick fox =>"',
+                    file=sys.stderr,
+                    flush=True,
+                )
             while not stop.is_set():
                 dead = [c for c in children if not c.alive()]
                 if dead:

@@ -72,6 +72,7 @@ class AdapterSpec:
     lora_alpha: int = 32
     # Data type of the saved adapter tensors ("float16", "bfloat16" or "float32").
     dtype: str = "float16"
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
 
 
 def model_dir(shape: ModelShape, root: Path = FIXTURES_DIR) -> Path:
@@ -79,7 +80,8 @@ def model_dir(shape: ModelShape, root: Path = FIXTURES_DIR) -> Path:
 
 
 def adapters_root(shape: ModelShape, spec: AdapterSpec, root: Path = FIXTURES_DIR) -> Path:
-    return model_dir(shape, root) / f"adapters-r{spec.rank}-{spec.dtype}"
+    targets = "" if set(spec.target_modules) == set(ALL_PROJECTIONS) else "-" + "-".join(spec.target_modules)
+    return model_dir(shape, root) / f"adapters-r{spec.rank}-{spec.dtype}{targets}"
 
 
 def adapter_dir(shape: ModelShape, spec: AdapterSpec, index: int, root: Path = FIXTURES_DIR) -> Path:
@@ -113,7 +115,11 @@ def ensure_model(shape: ModelShape = LLAMA_50M, root: Path = FIXTURES_DIR, seed:
         pad_token_id=UNK_TOKEN_ID,
     )
     dtype = getattr(torch, shape.dtype)
-    model = LlamaForCausalLM(config).to(dtype)
+    torch.set_default_dtype(dtype)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
     with torch.no_grad():
         # (vocab, hidden): the EOS logit is always 0, below the maximum of the other random logits.
         model.lm_head.weight[EOS_TOKEN_ID].zero_()
@@ -213,7 +219,7 @@ def _write_with_peft(base: Path, out: Path, spec: AdapterSpec) -> None:
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.lora_alpha,
-        target_modules=list(ALL_PROJECTIONS),
+        target_modules=list(spec.target_modules),
         init_lora_weights=False,
         task_type="CAUSAL_LM",
     )

@@ -197,7 +197,7 @@ def run_load(
 def format_summary(summary: dict) -> str:
     def row(label: str, values: dict) -> str:
         cells = "  ".join(f"{k} {v:9.1f}" if v is not None else f"{k}       n/a" for k, v in values.items())
-        return f"  {label:<10}{cells}"
+        return f"  {label:<12}{cells}"
 
     lines = [
         f"  {summary['completed']}/{summary['requests']} ok, {summary['errors']} errors {summary['errors_by_code'] or ''}",

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-SECTION_BEGIN = "<!-- benchmarks.run:begin -->"
-SECTION_END = "<!-- benchmarks.run:end -->"
+MARKER = "benchmarks.run"
+SECTION_BEGIN = f"<!-- {MARKER}:begin -->"
+SECTION_END = f"<!-- {MARKER}:end -->"
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -73,14 +74,15 @@ def _pyplot():
     return plt
 
 
-def update_results_md(path: Path, section: str) -> None:
+def update_results_md(path: Path, section: str, marker: str = MARKER) -> None:
     """Replaces this benchmark's section of RESULTS.md (between its markers), or appends it; the sections
     other benchmarks wrote are left as they are."""
-    block = f"{SECTION_BEGIN}\n{section.rstrip()}\n{SECTION_END}\n"
+    section_begin, section_end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    block = f"{section_begin}\n{section.rstrip()}\n{section_end}\n"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    begin, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
+    begin, end = text.find(section_begin), text.find(section_end)
     if begin != -1 and end > begin:
-        rest = text[end + len(SECTION_END) :].lstrip("\n")
+        rest = text[end + len(section_end) :].lstrip("\n")
         text = text[:begin] + block + ("\n" + rest if rest else "")
     else:
         text = text.rstrip("\n") + "\n\n" + block
@@ -150,10 +152,10 @@ def summary_rows(results: dict) -> list[list]:
     for c in results.get("s4_cost", []):
         rows.append(
             ["4 cost", f"{c['num_adapters']} adapters", f"{c['total_tokens']} tokens over {c['duration_s']:.0f} s",
-             c["ratio"], None, None, None,
-             f"GPU-h per M tokens: dedicated {c['dedicated_gpu_hours_per_million_tokens']:.3f} "
-             f"({c['dedicated_replicas']} deployments) vs shared {c['shared_gpu_hours_per_million_tokens']:.3f} "
-             f"({c['shared_replicas']} worker); ratio in tokens/s column"]
+             None, None, None, None,
+             f"dedicated/shared = {c['ratio']:.1f}x: GPU-h per M tokens {c['dedicated_gpu_hours_per_million_tokens']:.3f} "
+             f"({c['dedicated_replicas']} deployments) vs {c['shared_gpu_hours_per_million_tokens']:.3f} "
+             f"({c['shared_replicas']} worker)"]
         )  # fmt: skip
     return rows
 
@@ -179,11 +181,12 @@ def ttft_by_tier(results: dict) -> dict[str, list[float]]:
     return groups
 
 
-def write_outputs(results: dict, results_dir: Path, results_md: Path | None) -> str:
+def write_outputs(results: dict, results_dir: Path, results_md: Path | None, marker: str = MARKER) -> str:
     """Writes the JSON files and plots, prints and returns the table, updates RESULTS.md when given."""
     import json
 
-    suffix = "-quick" if results["config"].get("quick") else ""
+    gpu = results["config"].get("device", "cpu").startswith("cuda")
+    suffix = ("-gpu" if gpu else "") + ("-quick" if results["config"].get("quick") else "")
     records = {}
     for key in ("s1_openlora", "s3_scale"):
         if key in results:
@@ -208,7 +211,7 @@ def write_outputs(results: dict, results_dir: Path, results_md: Path | None) -> 
     table = format_table(TABLE_HEADER, summary_rows(results))
     print(table)
     if results_md is not None:
-        update_results_md(results_md, results_section(results, table))
+        update_results_md(results_md, results_section(results, table), marker)
     return table
 
 
@@ -221,16 +224,20 @@ def _without_records(value):
 
 
 def results_section(results: dict, table: str) -> str:
-    cfg, machine = results["config"], results["machine"]
+    cfg, machine, model = results["config"], results["machine"], results["model"]
+    device = "on CPU" if cfg["device"] == "cpu" else f"on {cfg['device']}"
     lines = [
-        "## Multi-adapter serving against the PEFT peer (issue 6)",
+        "## Multi-adapter serving against the PEFT peer (issue 6)"
+        + ("" if cfg["device"] == "cpu" else ", GPU"),
         "",
         f"Run {results['started_at']} on {machine['nproc']} CPUs ({machine['cpu_model']}, "
         f"{machine['memory_gib']} GiB), torch {machine['torch']} with {machine['torch_threads']} threads; "
-        f"`{cfg['command'].strip()}` took {results['elapsed_s']:.0f} s. Model: a random-weight Llama of 51.7M "
-        "parameters (hidden 512, 6 layers, vocab 32000, float32 on CPU) written by transformers; adapters: "
-        "rank 16 on all seven projections (float16 files), one written by peft and the rest cloned from its "
-        f"layout. Prompts {cfg['prompt_len_range'][0]}-{cfg['prompt_len_range'][1]} tokens, "
+        f"`{cfg['command'].strip()}` took {results['elapsed_s']:.0f} s. Model: a random-weight Llama of "
+        f"{model['parameters_m']}M parameters (hidden {model['hidden_size']}, {model['num_layers']} layers, "
+        f"vocab {model['vocab_size']}, {model['dtype']} {device}) written by transformers; adapters: rank "
+        f"{model['adapter_rank']} on {', '.join(model['adapter_targets'])} ({model['adapter_dtype']} files), "
+        "one written by peft and the rest cloned from its layout. Prompts "
+        f"{cfg['prompt_len_range'][0]}-{cfg['prompt_len_range'][1]} tokens, "
         f"{cfg['output_len_range'][0]}-{cfg['output_len_range'][1]} generated tokens per request "
         f"(greedy, fixed), power-law popularity alpha {cfg['alpha']}; the worker has {cfg['num_adapter_slots']} "
         f"adapter slots, max {cfg['max_num_seqs']} running sequences.",
@@ -238,4 +245,6 @@ def results_section(results: dict, table: str) -> str:
         table,
         "",
     ]
+    if "incomplete" in results:
+        lines += [f"**This run stopped early** ({results['incomplete']}); the table holds what finished.", ""]
     return "\n".join(lines) + "\n" + results.get("notes", "")

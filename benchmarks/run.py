@@ -25,6 +25,7 @@ import argparse
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -72,6 +73,10 @@ class BenchConfig:
     s3_prompt_len_range: tuple[int, int] = (8, 16)
     s3_output_len_range: tuple[int, int] = (2, 2)
     s3_rate_per_s: float = 10.0
+    # Model, adapters and device
+    model_shape: str = fixtures.LLAMA_50M.name
+    adapter_targets: tuple[str, ...] = fixtures.ALL_PROJECTIONS
+    device: str = "cpu"
     # System
     num_adapter_slots: int = 32
     max_num_seqs: int = 64
@@ -82,7 +87,18 @@ class BenchConfig:
     state_dir: Path | None = None
     results_dir: Path = RESULTS_DIR
     update_results_md: bool = True
+    # RESULTS.md section this run replaces (the GPU run keeps its own).
+    results_marker: str = "benchmarks.run"
     command: str = "python -m benchmarks.run"
+
+    @property
+    def shape(self) -> fixtures.ModelShape:
+        return fixtures.SHAPES[self.model_shape]
+
+    @property
+    def adapter_spec(self) -> fixtures.AdapterSpec:
+        dtype = "bfloat16" if self.device.startswith("cuda") else "float16"
+        return fixtures.AdapterSpec(dtype=dtype, target_modules=self.adapter_targets)
 
     @property
     def num_full_adapters(self) -> int:
@@ -113,6 +129,26 @@ QUICK = dict(
     s3_small_artifacts=10,
     s3_rate_per_s=8.0,
     update_results_md=False,
+)
+
+# On one GPU (benchmarks/gpu_e2e.sh): a 1.1B Llama in bf16, rank-16 adapters on q/v (4.5 MB each, so
+# that a thousand of them can be written, uploaded and fetched within the GPU check's time limit).
+GPU = dict(
+    scenarios=(1, 2, 4),
+    model_shape=fixtures.LLAMA_1B.name,
+    adapter_targets=("q_proj", "v_proj"),
+    device="cuda",
+    prompt_len_range=(32, 128),
+    output_len_range=(64, 64),
+    s1_requests=256,
+    s1_adapters=100,
+    peer_sequential_requests=8,
+    peer_batched_requests=64,
+    peer_batch_size=32,
+    s2_adapters=(100, 1000),
+    s2_duration_s=20.0,
+    max_num_seqs=256,
+    results_marker="benchmarks.run.gpu",
 )
 
 
@@ -182,6 +218,8 @@ def scenario_peer(cfg: BenchConfig, model_dir: Path, adapters_root: Path, trace:
         trace.requests,
         {"sequential": cfg.peer_sequential_requests, "batched": cfg.peer_batched_requests},
         batch_size=cfg.peer_batch_size,
+        dtype=cfg.shape.dtype,
+        device=cfg.device,
     )
     for r in results:
         print(
@@ -191,9 +229,11 @@ def scenario_peer(cfg: BenchConfig, model_dir: Path, adapters_root: Path, trace:
     return [asdict(r) for r in results]
 
 
-def scenario_num_adapters(cfg: BenchConfig, system: RunningSystem, rate_per_s: float) -> list[dict]:
+def scenario_num_adapters(
+    cfg: BenchConfig, system: RunningSystem, rate_per_s: float, runs: list[dict]
+) -> None:
+    """Appends one run per number of adapters to `runs` (so an interrupted run keeps the finished ones)."""
     num_requests = max(8, round(rate_per_s * cfg.s2_duration_s))
-    runs = []
     for n in cfg.s2_adapters:
         trace = _trace(
             cfg, num_requests=num_requests, num_adapters=n, rate_per_s=rate_per_s, cv=1.0, seed=cfg.seed + 2
@@ -203,7 +243,6 @@ def scenario_num_adapters(cfg: BenchConfig, system: RunningSystem, rate_per_s: f
         result = run_load(trace.requests, system.inference_target, system.api_key)
         print(f"scenario 2: {n} adapters at {rate_per_s:.2f} requests/s\n{format_summary(result['summary'])}")
         runs.append({"num_adapters": n, "rate_per_s": rate_per_s, "warmup": warm, "trace": trace, **result})
-    return runs
 
 
 def scenario_scale(cfg: BenchConfig, system: RunningSystem, small_dirs: list[Path]) -> dict:
@@ -231,7 +270,6 @@ def scenario_scale(cfg: BenchConfig, system: RunningSystem, small_dirs: list[Pat
         seed=cfg.seed + 3,
     )
     _save_trace(cfg, trace, "s3-scale")
-    started_at = datetime.now(timezone.utc)
     worker = system.worker_process()
     with MemorySampler(worker) as memory:
         result = run_load(trace.requests, system.inference_target, api_key, run_tag=f"scale-{tag}")
@@ -239,7 +277,7 @@ def scenario_scale(cfg: BenchConfig, system: RunningSystem, small_dirs: list[Pat
     print(
         f"scenario 3: {len(trace.adapters_used)} distinct adapters, {registered} registered\n{format_summary(summary)}"
     )
-    usage = wait_for_usage(system, tenant, summary["completed"], summary["completion_tokens"], started_at)
+    usage = wait_for_usage(system, tenant, summary["completed"], summary["completion_tokens"])
     return {
         "tenant": tenant,
         "registered_adapters": registered,
@@ -261,13 +299,14 @@ def scenario_scale(cfg: BenchConfig, system: RunningSystem, small_dirs: list[Pat
 
 
 def wait_for_usage(
-    system: RunningSystem, tenant: str, requests: int, tokens: int, since: datetime, timeout_s: float = 60.0
+    system: RunningSystem, tenant: str, requests: int, tokens: int, timeout_s: float = 60.0
 ) -> dict:
-    """Polls GetUsage until the tenant's recorded requests reach `requests` (the worker reports in batches)."""
+    """Polls GetUsage until the tenant's recorded requests reach `requests` (the worker reports in batches;
+    the tenant is new, so everything it used is from this run)."""
     deadline = time.monotonic() + timeout_s
     with system.admin(operator=True) as admin:
         while True:
-            usage = admin.get_usage(tenant=tenant, start=since)
+            usage = admin.get_usage(tenant=tenant)
             if usage.total_requests >= requests or time.monotonic() > deadline:
                 break
             time.sleep(1.0)
@@ -302,18 +341,70 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     machine = machine_info()
     print(f"machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB")
-    model_dir = fixtures.ensure_model()
-    full_dirs = fixtures.ensure_adapters(cfg.num_full_adapters)
-    adapters_root = fixtures.adapters_root(fixtures.LLAMA_50M, fixtures.AdapterSpec())
-    small_dirs = fixtures.ensure_small_adapters(cfg.s3_small_artifacts) if 3 in cfg.scenarios else []
+    model_dir = fixtures.ensure_model(cfg.shape)
+    full_dirs = fixtures.ensure_adapters(cfg.num_full_adapters, cfg.shape, cfg.adapter_spec)
+    adapters_root = fixtures.adapters_root(cfg.shape, cfg.adapter_spec)
+    small_dirs = (
+        fixtures.ensure_small_adapters(cfg.s3_small_artifacts, cfg.shape) if 3 in cfg.scenarios else []
+    )
     print(
         f"fixtures ready: {len(full_dirs)} full adapters, {len(small_dirs)} small ({time.perf_counter() - started:.0f} s)"
     )
-    results: dict = {"config": _jsonable(asdict(cfg)), "machine": machine, "started_at": _now()}
+    shape = cfg.shape
+    results: dict = {
+        "config": _jsonable(asdict(cfg)),
+        "machine": machine,
+        "started_at": _now(),
+        "model": {
+            "name": shape.name,
+            "parameters_m": round(shape.num_parameters / 1e6, 1),
+            "hidden_size": shape.hidden_size,
+            "num_layers": shape.num_layers,
+            "vocab_size": shape.vocab_size,
+            "dtype": shape.dtype,
+            "adapter_rank": cfg.adapter_spec.rank,
+            "adapter_targets": list(cfg.adapter_targets),
+            "adapter_dtype": cfg.adapter_spec.dtype,
+        },
+    }
+    s2_runs: list[dict] = []
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_scenarios(cfg, results, s2_runs, model_dir, full_dirs, adapters_root, small_dirs, started)
+    except (Exception, KeyboardInterrupt) as error:
+        # A failed or interrupted run still writes what it measured, marked as incomplete.
+        results["incomplete"] = f"{type(error).__name__}: {error}"
+        print(f"run stopped early: {results['incomplete']}", file=sys.stderr)
+    if s2_runs:
+        results["s2_num_adapters"] = [{k: v for k, v in run.items() if k != "trace"} for run in s2_runs]
+    if 4 in cfg.scenarios and s2_runs and "s1_openlora" in results:
+        capacity = results["s1_openlora"]["summary"]["tokens_per_s"]
+        results["s4_cost"] = scenario_cost(s2_runs, capacity)
+    results["elapsed_s"] = time.perf_counter() - started
+    results["notes"] = method_notes(cfg, results)
+    write_outputs(results, cfg.results_dir, RESULTS_MD if cfg.update_results_md else None, cfg.results_marker)
+    return 1 if "incomplete" in results else 0
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def run_scenarios(
+    cfg: BenchConfig,
+    results: dict,
+    s2_runs: list[dict],
+    model_dir: Path,
+    full_dirs: list[Path],
+    adapters_root: Path,
+    small_dirs: list[Path],
+    started: float,
+) -> None:
+    """Runs the selected scenarios, filling `results` and `s2_runs` as each one finishes."""
     s1_trace = _trace(cfg, num_requests=cfg.s1_requests, num_adapters=cfg.s1_adapters, seed=cfg.seed + 1)
     if 1 in cfg.scenarios:
         _save_trace(cfg, s1_trace, "s1-offline")
-        # The peer runs before the system starts, so both have the CPU to themselves.
+        # The peer runs before the system starts, so both have the machine to themselves.
         results["s1_peer"] = scenario_peer(cfg, model_dir, adapters_root, s1_trace)
     state_dir = cfg.state_dir or Path(tempfile.mkdtemp(prefix="openlora-bench-"))
     system_config = SystemConfig(
@@ -321,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         state_dir=state_dir,
         database_url=cfg.database_url,
         redis_url=cfg.redis_url,
+        device=cfg.device,
         worker_args=(
             f"--num-adapter-slots={cfg.num_adapter_slots}",
             f"--max-num-seqs={cfg.max_num_seqs}",
@@ -329,35 +421,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         with start_system(system_config) as system:
-            print(f"system up in {time.perf_counter() - started:.0f} s: {system.inference_target}")
+            print(f"system up after {time.perf_counter() - started:.0f} s: {system.inference_target}")
             names = [(adapter_name(i), d) for i, d in enumerate(full_dirs)]
             results["register_full_s"] = register_adapters(system, names, public=True)
             print(f"registered {len(names)} full adapters in {results['register_full_s']:.1f} s")
             results["worker_rss_mib_after_register"] = system.worker_process().memory_info().rss / MIB
             if 1 in cfg.scenarios:
                 results["s1_openlora"] = scenario_offline(cfg, system, s1_trace)
-            s2_runs = []
             if 2 in cfg.scenarios:
                 rate = cfg.s2_rate_per_s
                 if rate is None:
                     s1 = results.get("s1_openlora", {}).get("summary")
                     rate = cfg.s2_rate_fraction * s1["requests_per_s"] if s1 else 1.0
-                s2_runs = scenario_num_adapters(cfg, system, rate)
+                scenario_num_adapters(cfg, system, rate, s2_runs)
             if 3 in cfg.scenarios:
                 results["s3_scale"] = scenario_scale(cfg, system, small_dirs)
             results["worker_rss_mib_end"] = system.worker_process().memory_info().rss / MIB
     finally:
         if cfg.state_dir is None:
             shutil.rmtree(state_dir, ignore_errors=True)
-    if s2_runs:
-        results["s2_num_adapters"] = [{k: v for k, v in run.items() if k != "trace"} for run in s2_runs]
-    if 4 in cfg.scenarios and s2_runs and "s1_openlora" in results:
-        capacity = results["s1_openlora"]["summary"]["tokens_per_s"]
-        results["s4_cost"] = scenario_cost(s2_runs, capacity)
-    results["elapsed_s"] = time.perf_counter() - started
-    results["notes"] = method_notes(cfg, results)
-    write_outputs(results, cfg.results_dir, RESULTS_MD if cfg.update_results_md else None)
-    return 0
 
 
 def method_notes(cfg: BenchConfig, results: dict) -> str:
@@ -410,7 +492,10 @@ def config_from_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run with tiny sizes (RESULTS.md untouched)"
     )
-    parser.add_argument("--scenarios", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+    parser.add_argument(
+        "--gpu", action="store_true", help="GPU profile: 1.1B bf16 Llama on cuda, scenarios 1, 2, 4"
+    )
+    parser.add_argument("--scenarios", default=None, help="comma-separated subset of 1,2,3,4 (default: all)")
     parser.add_argument("--database-url", default=None, help="default: embedded PostgreSQL")
     parser.add_argument("--redis-url", default=None, help="default: embedded Redis")
     parser.add_argument("--state-dir", type=Path, default=None, help="kept after the run; default a temp dir")
@@ -427,9 +512,10 @@ def config_from_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--no-results-md", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    cfg = BenchConfig(**QUICK) if args.quick else BenchConfig()
+    cfg = BenchConfig(**GPU) if args.gpu else BenchConfig()
+    if args.quick:
+        cfg = replace(cfg, **{k: v for k, v in QUICK.items() if not (args.gpu and k == "update_results_md")})
     overrides: dict = {
-        "scenarios": tuple(sorted(int(s) for s in args.scenarios.split(",") if s)),
         "database_url": args.database_url,
         "redis_url": args.redis_url,
         "state_dir": args.state_dir,
@@ -448,6 +534,8 @@ def config_from_args(argv: list[str] | None) -> BenchConfig:
     ):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    if args.scenarios:
+        overrides["scenarios"] = tuple(sorted(int(s) for s in args.scenarios.split(",") if s))
     if args.s2_adapters:
         overrides["s2_adapters"] = tuple(int(n) for n in args.s2_adapters.split(","))
     if args.output_len:

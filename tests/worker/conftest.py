@@ -65,6 +65,7 @@ def start_worker(loop, cp_target: str, model_dir: Path, state_dir: Path, redis_u
     from data_plane.server.config import EngineSettings, WorkerConfig
     from data_plane.server.main import serve_worker
 
+    overrides.setdefault("auth_cache_ttl_s", AUTH_TTL_S)
     engine = overrides.pop("engine", EngineSettings(num_kv_blocks=256, max_num_seqs=16, max_lora_rank=16))
     config = WorkerConfig(
         model_dir=model_dir,
@@ -75,7 +76,6 @@ def start_worker(loop, cp_target: str, model_dir: Path, state_dir: Path, redis_u
         listen="127.0.0.1:0",
         engine=engine,
         redis_url=redis_url,
-        auth_cache_ttl_s=AUTH_TTL_S,
         usage_flush_interval_s=0.2,
         drain_grace_s=5.0,
         **overrides,
@@ -140,5 +140,21 @@ def small_worker(system, tmp_path):
 def spare_worker(system, tmp_path):
     """A second ordinary worker on the same control plane, for tests that stop it."""
     worker = start_worker(system.loop, system.control_plane.target, system.model_dir, tmp_path, None)
+    yield worker
+    system.loop.run(worker.stop(1.0))
+
+
+@pytest.fixture
+def hinted_worker(system, tmp_path, redis_url):
+    """A worker with the longest authorisation cache (10 s) that listens to Redis hints and serves metrics."""
+    worker = start_worker(
+        system.loop,
+        system.control_plane.target,
+        system.model_dir,
+        tmp_path,
+        redis_url,
+        auth_cache_ttl_s=10.0,
+        metrics_port=support.free_port(),
+    )
     yield worker
     system.loop.run(worker.stop(1.0))

@@ -140,6 +140,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._limits = limits
 
     async def Generate(self, request, context) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Streams one completion: a message per engine step, the last with finish_reason, usage, timing."""
         self._state.enter()
         code = "OK"
         try:
@@ -174,7 +175,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         prompt_ids = await self._prompt_ids(valid)
         check_prompt_length(len(prompt_ids), self._limits)
 
-        by_name = {a.name: a for a in auth.adapters}
+        # Authorize answers parallel to the names asked for (validation refused duplicates).
+        by_name = dict(zip(names, auth.adapters, strict=True))
         fetch_started = time.monotonic()
         adapter_refs, tier = await self._resolve(valid, by_name)
         fetch_ms = (time.monotonic() - fetch_started) * 1000

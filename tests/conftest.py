@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,23 @@ from pathlib import Path
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
+
+
+def _outside_pytest_tmp() -> Iterator[Path]:
+    """A fresh directory outside pytest's basetemp: a concurrent pytest run resets the permissions of
+    pytest's temp root to 0700, which would lock out the unprivileged user PostgreSQL runs as under root."""
+    path = Path(tempfile.mkdtemp(prefix="openlora-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def server_state_dir() -> Iterator[Path]:
+    """A state directory for an embedded server (see `_outside_pytest_tmp`)."""
+    yield from _outside_pytest_tmp()
 
 
 def _with_database(server_url: str, database: str) -> str:
@@ -41,15 +60,16 @@ def _drop_database(server_url: str, name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server_url() -> Iterator[str]:
     url = os.environ.get("OPENLORA_TEST_DATABASE_URL")
     if url:
         yield url
         return
     from openlora.embedded import EmbeddedPostgres
 
-    with EmbeddedPostgres(tmp_path_factory.mktemp("embedded-postgres")) as embedded_url:
-        yield embedded_url
+    for state_dir in _outside_pytest_tmp():
+        with EmbeddedPostgres(state_dir) as embedded_url:
+            yield embedded_url
 
 
 @pytest.fixture(scope="session")

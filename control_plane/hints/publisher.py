@@ -6,6 +6,7 @@ import logging
 
 import redis
 
+from control_plane import metrics
 from openlora.hints import HINTS_MAXLEN, HINTS_STREAM, Hint
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,12 @@ class HintPublisher:
             return False
         try:
             self._client.xadd(HINTS_STREAM, hint.to_fields(), maxlen=HINTS_MAXLEN, approximate=True)
-            return True
-        except redis.RedisError as e:
+        except (redis.RedisError, OSError) as e:
             log.warning("hint not published (%s): %s", e, hint)
+            metrics.HINTS_FAILED.labels(hint.kind).inc()
             return False
+        metrics.HINTS_PUBLISHED.labels(hint.kind).inc()
+        return True
 
     def invalidate(self, adapter_id: str, sha256: str) -> bool:
         return self.publish(Hint(kind="invalidate", adapter_id=adapter_id, sha256=sha256))

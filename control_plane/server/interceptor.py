@@ -9,8 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
-from control_plane import errors
-from control_plane.server import metrics
+from control_plane import errors, metrics
 from openlora.adapter_format import AdapterFormatError
 
 log = logging.getLogger(__name__)

@@ -96,7 +96,7 @@ async def serve(config: ControlPlaneConfig) -> RunningControlPlane:
     """Migrates (or checks the schema), bootstraps the operator, binds `config.listen` (port 0 picks a
     free one) and starts serving. Raises SchemaBehindError when told not to migrate and behind."""
     if config.metrics_port:
-        from control_plane.server.metrics_http import start_metrics_server
+        from control_plane.metrics_http import start_metrics_server
 
         start_metrics_server(config.metrics_port)
     app, engine, admin_key, key_path = await asyncio.to_thread(_prepare, config)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from control_plane import metrics
 from control_plane.app import ControlPlane
-from control_plane.server import convert, metrics
+from control_plane.server import convert
 from control_plane.server.auth import bearer_token
 from openlora.v1 import worker_pb2, worker_pb2_grpc
 

@@ -26,8 +26,8 @@ def _wait_gone(processes: list[psutil.Process], deadline_s: float = 30.0) -> lis
     return alive
 
 
-def test_postgres_keeps_rows_across_restart_and_stops_without_orphans(tmp_path: Path) -> None:
-    server = EmbeddedPostgres(tmp_path)
+def test_postgres_keeps_rows_across_restart_and_stops_without_orphans(server_state_dir: Path) -> None:
+    server = EmbeddedPostgres(server_state_dir)
     with server as url:
         tree = _process_tree(server.pid)
         assert len(tree) > 1  # postmaster and its background workers
@@ -36,7 +36,7 @@ def test_postgres_keeps_rows_across_restart_and_stops_without_orphans(tmp_path: 
             conn.execute("INSERT INTO note VALUES ('kept')")
     assert _wait_gone(tree, 1.0) == []
 
-    with EmbeddedPostgres(tmp_path) as url, psycopg.connect(url) as conn:
+    with EmbeddedPostgres(server_state_dir) as url, psycopg.connect(url) as conn:
         assert conn.execute("SELECT body FROM note").fetchall() == [("kept",)]
 
 
@@ -64,9 +64,9 @@ time.sleep(600)
 
 
 @pytest.mark.parametrize("parent_signal", [signal.SIGTERM, signal.SIGKILL])
-def test_servers_die_with_their_parent_process(tmp_path: Path, parent_signal: int) -> None:
+def test_servers_die_with_their_parent_process(server_state_dir: Path, parent_signal: int) -> None:
     parent = subprocess.Popen(
-        [sys.executable, "-c", _PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _PARENT, str(server_state_dir)], stdout=subprocess.PIPE, text=True
     )
     try:
         pids = json.loads(parent.stdout.readline())
@@ -81,5 +81,5 @@ def test_servers_die_with_their_parent_process(tmp_path: Path, parent_signal: in
             parent.kill()
         parent.wait()
     # The data directory is usable again after an unclean end.
-    with EmbeddedPostgres(tmp_path) as url, psycopg.connect(url) as conn:
+    with EmbeddedPostgres(server_state_dir) as url, psycopg.connect(url) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -15,3 +15,6 @@ USAGE_EVENTS_DUPLICATE = Counter(
 HINTS_PUBLISHED = Counter(
     "openlora_cp_hints_published", "Hints written to the Redis stream, by kind", ["kind"]
 )
+HINTS_FAILED = Counter(
+    "openlora_cp_hints_failed", "Hints not published (Redis unreachable), by kind", ["kind"]
+)

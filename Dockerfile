@@ -14,7 +14,8 @@ COPY data_plane ./data_plane
 COPY kernels ./kernels
 COPY migrations ./migrations
 COPY protos ./protos
-RUN pip install .
+# Editable: the control plane finds migrations/ beside its package.
+RUN pip install -e .
 
 RUN useradd --create-home --uid 1000 openlora && mkdir -p /var/lib/openlora && chown openlora /var/lib/openlora
 USER openlora

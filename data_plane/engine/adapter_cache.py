@@ -1,15 +1,32 @@
-"""AdapterCache: which adapter sits in which device slot, reference counts, LRU eviction, loading state.
+"""AdapterCache: adapters in tiers (device slots, host memory), reference counts, cost-based eviction.
 
-Plain Python bookkeeping; the model runner does the copies. An entry is LOADING from `admit` (a slot is
-reserved) until `mark_ready`; only READY entries with no reference can be evicted, least recently used
-first. Sequences take a reference with `acquire` as soon as they are promised the adapter (even while it
-loads) and drop it with `release` when they finish.
+Plain Python bookkeeping; the loader and model runner move the bytes. Tiers, fastest first:
+
+- device: a slot of the LoRA pools. An entry is LOADING from `admit` (a slot is reserved) until
+  `mark_ready`; only READY entries with no reference can leave a slot.
+- host: one contiguous (pinned on CUDA) buffer per adapter, within `host_budget_bytes`. An entry being
+  copied from host into a slot cannot leave host memory; keep-warm entries never do.
+- below that the disk (the worker's artifact store) and the control plane, which this class does not hold.
+
+Eviction is by expected cost, not recency: the victim is the evictable entry with the lowest
+    predicted_reuse (requests/s) x reload_cost_ms (to bring it back from the tier below),
+ties going to the least recently used. Predicted reuse is an exponentially weighted request rate per key
+(updated on each `acquire`), raised while a prewarm hint's deadline is ahead. Reload cost is size_bytes
+over the measured throughput of the tier below (`record_load`), plus a fixed per-load overhead.
+Usage statistics outlive residency, so an adapter evicted and called again keeps its history.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+
+DEVICE = "device"
+HOST = "host"
+DISK = "disk"
 
 
 class AdapterState(Enum):
@@ -18,26 +35,78 @@ class AdapterState(Enum):
 
 
 @dataclass
+class TierCost:
+    """What one load from a tier costs: fixed_ms + size_bytes / bytes_per_ms (a measured average)."""
+
+    bytes_per_ms: float
+    fixed_ms: float
+
+    def load_ms(self, size_bytes: int) -> float:
+        return self.fixed_ms + size_bytes / self.bytes_per_ms
+
+
+# Starting guesses (replaced by measurements as loads complete): host->slot copies run at memory speed,
+# disk loads pay for reading, validation and packing.
+DEFAULT_TIER_COSTS = {
+    HOST: TierCost(bytes_per_ms=2e6, fixed_ms=0.05),
+    DISK: TierCost(bytes_per_ms=2e5, fixed_ms=2.0),
+}
+_MEASURE_WEIGHT = 0.2  # weight of a new measurement in the throughput average
+
+
+@dataclass
+class _Usage:
+    """Per-key demand, kept while the key is in no tier."""
+
+    rate_per_s: float = 0.0  # EWMA request rate as of rate_at_s
+    rate_at_s: float = 0.0
+    deadline_at_s: float | None = None  # a prewarm hint's expected next call (cache clock)
+    last_used: int = 0  # logical clock, for tie-breaking
+    size_bytes: int | None = None
+    keep_warm: bool = False
+
+
+@dataclass
 class _Entry:
     key: str
-    slot: int
-    state: AdapterState
+    slot: int | None = None
+    state: AdapterState | None = None  # device state; None: not in a slot
     refcount: int = 0
-    last_used: int = 0
+    host_bytes: int | None = None  # None: no host copy
+    invalidated: bool = False  # drop as soon as nothing uses it
 
 
 class AdapterCache:
-    def __init__(self, num_slots: int) -> None:
+    def __init__(
+        self,
+        num_slots: int,
+        host_budget_bytes: int = 0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rate_time_constant_s: float = 60.0,
+        tier_costs: dict[str, TierCost] | None = None,
+    ) -> None:
         if num_slots < 1:
             raise ValueError("num_slots must be positive")
+        if host_budget_bytes < 0:
+            raise ValueError("host_budget_bytes must be >= 0")
+        if rate_time_constant_s <= 0:
+            raise ValueError("rate_time_constant_s must be positive")
         self.num_slots = num_slots
+        self.host_budget_bytes = host_budget_bytes
+        self._clock = clock
+        self._tau_s = rate_time_constant_s
+        self._costs = {
+            tier: TierCost(c.bytes_per_ms, c.fixed_ms)
+            for tier, c in (tier_costs or DEFAULT_TIER_COSTS).items()
+        }
         self._entries: dict[str, _Entry] = {}
+        self._usage: dict[str, _Usage] = {}
         self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
-        self._clock = 0
+        self._host_used_bytes = 0
+        self._tick_count = 0
 
-    def _tick(self) -> int:
-        self._clock += 1
-        return self._clock
+    # -- queries -----------------------------------------------------------------------------------------
 
     def state(self, key: str) -> AdapterState | None:
         entry = self._entries.get(key)
@@ -52,51 +121,179 @@ class AdapterCache:
         entry = self._entries.get(key)
         return entry.refcount if entry else 0
 
+    def tier_of(self, key: str) -> str:
+        """Where a request for `key` would find it now: "device", "host" or "disk" (anything below)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return DISK
+        if entry.state is AdapterState.READY:
+            return DEVICE
+        return HOST if entry.host_bytes is not None else DISK
+
+    def on_host(self, key: str) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.host_bytes is not None
+
     def resident_keys(self) -> list[str]:
         """Keys of READY adapters, most recently used first."""
-        ready = [e for e in self._entries.values() if e.state is AdapterState.READY]
-        return [e.key for e in sorted(ready, key=lambda e: -e.last_used)]
+        ready = [e.key for e in self._entries.values() if e.state is AdapterState.READY]
+        return sorted(ready, key=lambda k: -self._usage[k].last_used)
 
-    def _victim(self) -> _Entry | None:
+    def host_keys(self) -> list[str]:
+        return [e.key for e in self._entries.values() if e.host_bytes is not None]
+
+    @property
+    def host_used_bytes(self) -> int:
+        return self._host_used_bytes
+
+    def predicted_reuse_per_s(self, key: str) -> float:
+        """Expected requests per second for `key` now: the decayed EWMA rate, plus 1/(time to go) while a
+        prewarm deadline lies ahead (and for one time constant after it, in case the call is late)."""
+        usage = self._usage.get(key)
+        if usage is None:
+            return 0.0
+        now = self._clock()
+        reuse = usage.rate_per_s * math.exp(-max(0.0, now - usage.rate_at_s) / self._tau_s)
+        if usage.deadline_at_s is not None and now <= usage.deadline_at_s + self._tau_s:
+            reuse += 1.0 / max(usage.deadline_at_s - now, 1.0)
+        return reuse
+
+    def reload_cost_ms(self, key: str, tier: str) -> float:
+        """Estimated ms to bring `key` back into `tier` after it left it."""
+        entry = self._entries.get(key)
+        size = self._size_of(key)
+        if tier == DEVICE and entry is not None and entry.host_bytes is not None:
+            return self._costs[HOST].load_ms(size)
+        return self._costs[DISK].load_ms(size)
+
+    def _size_of(self, key: str) -> int:
+        usage = self._usage.get(key)
+        if usage is not None and usage.size_bytes is not None:
+            return usage.size_bytes
+        known = [u.size_bytes for u in self._usage.values() if u.size_bytes is not None]
+        return sum(known) // len(known) if known else 1
+
+    def _expected_cost(self, key: str, tier: str) -> tuple[float, int]:
+        return self.predicted_reuse_per_s(key) * self.reload_cost_ms(key, tier), self._usage[key].last_used
+
+    # -- demand ------------------------------------------------------------------------------------------
+
+    def _tick(self) -> int:
+        self._tick_count += 1
+        return self._tick_count
+
+    def _usage_of(self, key: str) -> _Usage:
+        usage = self._usage.get(key)
+        if usage is None:
+            usage = self._usage[key] = _Usage(rate_at_s=self._clock())
+        return usage
+
+    def _entry(self, key: str) -> _Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(key)
+            self._usage_of(key)
+        return entry
+
+    def record_use(self, key: str) -> None:
+        """One request for `key`: moves its EWMA rate (rate <- rate * e^(-dt/tau) + 1/tau)."""
+        usage = self._usage_of(key)
+        now = self._clock()
+        decay = math.exp(-max(0.0, now - usage.rate_at_s) / self._tau_s)
+        usage.rate_per_s = usage.rate_per_s * decay + 1.0 / self._tau_s
+        usage.rate_at_s = now
+        usage.last_used = self._tick()
+        if usage.deadline_at_s is not None and now >= usage.deadline_at_s:
+            usage.deadline_at_s = None  # the predicted call came
+
+    def hint(self, key: str, deadline_at_s: float | None) -> None:
+        """A prewarm hint: `key` is expected around `deadline_at_s` (cache clock); None clears it."""
+        self._usage_of(key).deadline_at_s = deadline_at_s
+
+    def set_keep_warm(self, key: str, keep_warm: bool) -> None:
+        """Keep-warm adapters never leave host memory once there."""
+        self._usage_of(key).keep_warm = keep_warm
+
+    def record_size(self, key: str, size_bytes: int) -> None:
+        self._usage_of(key).size_bytes = size_bytes
+
+    def record_load(self, tier: str, size_bytes: int, elapsed_ms: float) -> None:
+        """A measured load from `tier` ("host" or "disk"): updates that tier's throughput estimate."""
+        cost = self._costs[tier]
+        variable_ms = elapsed_ms - cost.fixed_ms
+        if size_bytes <= 0 or variable_ms <= 0:
+            return
+        measured = size_bytes / variable_ms
+        cost.bytes_per_ms = (1 - _MEASURE_WEIGHT) * cost.bytes_per_ms + _MEASURE_WEIGHT * measured
+
+    # -- device slots ------------------------------------------------------------------------------------
+
+    def _device_victim(self) -> _Entry | None:
         candidates = [e for e in self._entries.values() if e.state is AdapterState.READY and e.refcount == 0]
-        return min(candidates, key=lambda e: e.last_used) if candidates else None
+        if not candidates:
+            return None
+        return min(candidates, key=lambda e: self._expected_cost(e.key, DEVICE))
 
     def can_admit(self, key: str) -> bool:
-        """True when `key` is present or a slot can be had for it (free, or by evicting an unused one)."""
-        return key in self._entries or bool(self._free_slots) or self._victim() is not None
+        """True when `key` has a slot or one can be had (free, or by evicting an unused one)."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.state is not None:
+            return True
+        return bool(self._free_slots) or self._device_victim() is not None
 
     def admit(self, key: str) -> tuple[int, str | None]:
-        """Reserves a slot for `key` in LOADING state; returns (slot, evicted key or None)."""
-        if key in self._entries:
+        """Reserves a slot for `key` in LOADING state; returns (slot, key evicted from its slot or None).
+
+        The evicted adapter keeps its host copy, if any (it moves down one tier)."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.state is not None:
             raise ValueError(f"adapter {key!r} is already admitted")
         evicted = None
         if self._free_slots:
             slot = self._free_slots.pop()
         else:
-            victim = self._victim()
+            victim = self._device_victim()
             if victim is None:
                 raise RuntimeError("admit without can_admit: every slot is referenced or loading")
-            del self._entries[victim.key]
             slot, evicted = victim.slot, victim.key
-        self._entries[key] = _Entry(key, slot, AdapterState.LOADING, last_used=self._tick())
+            self._leave_slot(victim)
+        entry = self._entry(key)
+        entry.slot, entry.state = slot, AdapterState.LOADING
+        self._usage[key].last_used = self._tick()
         return slot, evicted
+
+    def _leave_slot(self, entry: _Entry) -> None:
+        """Takes `entry` out of its slot (the slot itself is the caller's to reuse or free)."""
+        entry.slot, entry.state = None, None
+        if entry.host_bytes is None and not entry.refcount:
+            del self._entries[entry.key]
 
     def mark_ready(self, key: str) -> int:
         entry = self._entries[key]
+        if entry.state is not AdapterState.LOADING or entry.slot is None:
+            raise ValueError(f"adapter {key!r} is not loading")
         entry.state = AdapterState.READY
-        entry.last_used = self._tick()
-        return entry.slot
+        self._usage[key].last_used = self._tick()
+        slot = entry.slot
+        if entry.invalidated and not entry.refcount:
+            self.invalidate(key)
+        return slot
 
     def fail(self, key: str) -> None:
-        """Drops a LOADING entry whose load failed and frees its slot (references go with it)."""
+        """Drops an entry whose load failed from every tier and frees its slot (references go with it)."""
         entry = self._entries.pop(key, None)
-        if entry is not None:
+        if entry is None:
+            return
+        if entry.slot is not None:
             self._free_slots.append(entry.slot)
+        if entry.host_bytes is not None:
+            self._host_used_bytes -= entry.host_bytes
 
     def acquire(self, key: str) -> None:
+        """A request is promised `key` (it may still be loading); counts as one use."""
         entry = self._entries[key]
         entry.refcount += 1
-        entry.last_used = self._tick()
+        self.record_use(key)
 
     def release(self, key: str) -> None:
         entry = self._entries.get(key)
@@ -105,21 +302,100 @@ class AdapterCache:
         if entry.refcount <= 0:
             raise RuntimeError(f"release of adapter {key!r} without a reference")
         entry.refcount -= 1
-        entry.last_used = self._tick()
+        self._usage[key].last_used = self._tick()
+        if entry.invalidated and not entry.refcount:
+            self.invalidate(key)
 
-    def prefetch(self, key: str) -> int | None:
-        """Starts bringing `key` in without a reference; returns the slot to load, or None when it is
-        already present or no slot can be had."""
-        if key in self._entries or not self.can_admit(key):
+    def prefetch(self, key: str, deadline_at_s: float | None = None) -> int | None:
+        """Starts bringing `key` into a slot without a reference; returns the slot to load, or None when it
+        already has one or no slot can be had. A deadline also counts as a prewarm hint."""
+        if deadline_at_s is not None:
+            self.hint(key, deadline_at_s)
+        entry = self._entries.get(key)
+        if (entry is not None and entry.state is not None) or not self.can_admit(key):
             return None
         slot, _ = self.admit(key)
         return slot
 
     def evict(self, key: str) -> bool:
-        """Frees the slot of an unreferenced READY adapter; False when it is absent, loading or in use."""
+        """Frees the slot of an unreferenced READY adapter (a host copy stays); False when it is absent,
+        loading or in use."""
         entry = self._entries.get(key)
         if entry is None or entry.state is not AdapterState.READY or entry.refcount:
             return False
-        del self._entries[key]
-        self._free_slots.append(entry.slot)
+        slot = entry.slot
+        self._leave_slot(entry)
+        self._free_slots.append(slot)
+        return True
+
+    def demote(self, key: str) -> bool:
+        """A demote hint: forget any prewarm deadline and free its slot if unused (a host copy stays)."""
+        self.hint(key, None)
+        return self.evict(key)
+
+    def invalidate(self, key: str) -> bool:
+        """Drops `key` from every tier now; one in use or loading goes as soon as the last user releases
+        it. Returns whether it is gone already. The caller frees the host buffer."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self._usage.pop(key, None)
+            return True
+        if entry.refcount or entry.state is AdapterState.LOADING:
+            entry.invalidated = True
+            return False
+        self.fail(key)
+        self._usage.pop(key, None)
+        return True
+
+    # -- host memory -------------------------------------------------------------------------------------
+
+    def _host_victims(self, key: str) -> list[_Entry]:
+        """Host entries that may give up their buffer, cheapest expected cost first."""
+        candidates = [
+            e
+            for e in self._entries.values()
+            if e.host_bytes is not None
+            and e.key != key
+            and e.state is not AdapterState.LOADING  # its buffer is being copied into a slot
+            and not self._usage[e.key].keep_warm
+        ]
+        return sorted(candidates, key=lambda e: self._expected_cost(e.key, HOST))
+
+    def can_host(self, key: str, size_bytes: int) -> bool:
+        if self.on_host(key):
+            return True
+        free = self.host_budget_bytes - self._host_used_bytes
+        if size_bytes <= free:
+            return True
+        return size_bytes <= free + sum(e.host_bytes or 0 for e in self._host_victims(key))
+
+    def store_host(self, key: str, size_bytes: int) -> list[str] | None:
+        """Records a host copy of `key` of `size_bytes`, evicting cheaper host copies to make room.
+
+        Returns the keys whose host buffers the caller must free, or None when it does not fit (the
+        caller then keeps no host copy)."""
+        self.record_size(key, size_bytes)
+        if self.on_host(key):
+            return []
+        if not self.can_host(key, size_bytes):
+            return None
+        evicted = []
+        for victim in self._host_victims(key):
+            if self.host_budget_bytes - self._host_used_bytes >= size_bytes:
+                break
+            self.drop_host(victim.key)
+            evicted.append(victim.key)
+        self._entry(key).host_bytes = size_bytes
+        self._host_used_bytes += size_bytes
+        return evicted
+
+    def drop_host(self, key: str) -> bool:
+        """Forgets the host copy of `key` (not while it is being copied into a slot)."""
+        entry = self._entries.get(key)
+        if entry is None or entry.host_bytes is None or entry.state is AdapterState.LOADING:
+            return False
+        self._host_used_bytes -= entry.host_bytes
+        entry.host_bytes = None
+        if entry.state is None and not entry.refcount:
+            del self._entries[key]
         return True

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test proto lint format migrate bench venv clean
+.PHONY: run test proto lint format migrate bench venv node-deps clean
 
 venv: $(STAMP)
 
@@ -20,8 +20,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/openlora up
 
-test: $(STAMP)
+test: $(STAMP) node-deps
 	$(BIN)/python -m pytest -q
+
+# The Node.js client example is tested against a live system when npm is present.
+node-deps:
+	@if [ -d examples/node/node_modules ]; then :; \
+	elif command -v npm >/dev/null 2>&1; then npm ci --prefix examples/node --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the Node.js client test will be skipped"; fi
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos \
@@ -43,4 +49,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) .state
+	rm -rf $(VENV) .state examples/node/node_modules

@@ -112,6 +112,15 @@ class AdapterCache:
         entry = self._entries.get(key)
         return entry.state if entry else None
 
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def reserved_slot(self, key: str) -> int | None:
+        """The slot of `key`, loading or ready; None when it has none."""
+        entry = self._entries.get(key)
+        return entry.slot if entry else None
+
     def slot_of(self, key: str) -> int | None:
         """The slot of a READY adapter, else None."""
         entry = self._entries.get(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,16 @@ import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_KV_CACHE_BYTES = 256 << 20
+MAX_DEFAULT_HOST_CACHE_BYTES = 8 << 30
+
+
+def default_host_cache_bytes() -> int:
+    """An eighth of physical memory, at most 8 GiB: the adapter host tier's default budget."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 8 << 30
+    return min(physical // 8, MAX_DEFAULT_HOST_CACHE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,8 @@ class EngineConfig:
     max_waiting: int = 1024
     max_model_len: int | None = None  # None: the model's own limit (bounded by the KV cache)
     seed: int = 0  # for requests that give no seed of their own
+    host_cache_bytes: int | None = None  # adapter host-memory tier; None: default_host_cache_bytes()
+    adapter_read_delay_s: float = 0.0  # slow-storage hook for tests and benchmarks: added to each disk read
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -47,6 +60,10 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be positive")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError("kv_cache_bytes must be positive")
+        if self.host_cache_bytes is not None and self.host_cache_bytes < 0:
+            raise ValueError("host_cache_bytes must be >= 0")
+        if self.adapter_read_delay_s < 0:
+            raise ValueError("adapter_read_delay_s must be >= 0")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
 
@@ -55,6 +72,10 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return _DTYPES[self.dtype]
+
+    @property
+    def resolved_host_cache_bytes(self) -> int:
+        return default_host_cache_bytes() if self.host_cache_bytes is None else self.host_cache_bytes
 
     @property
     def torch_device(self) -> torch.device:

@@ -7,13 +7,14 @@ advanced, and a final output for each request that finished, failed or was abort
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from dataclasses import dataclass
 
 import torch
 
-from data_plane.engine.adapter_cache import AdapterCache, AdapterState
-from data_plane.engine.adapter_loader import AdapterLoader
+from data_plane.engine.adapter_cache import DISK, HOST, AdapterCache, AdapterState
+from data_plane.engine.adapter_loader import AdapterLoader, FinishedLoad
 from data_plane.engine.block_manager import BlockManager
 from data_plane.engine.config import EngineConfig
 from data_plane.engine.errors import InvalidRequest, QueueFull
@@ -61,13 +62,23 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, num_blocks, config.block_size, config.num_adapter_slots, config.max_lora_rank
         )
-        self.adapter_cache = AdapterCache(config.num_adapter_slots)
+        self.adapter_cache = AdapterCache(config.num_adapter_slots, config.resolved_host_cache_bytes)
         self.scheduler = Scheduler(
             SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens),
             BlockManager(num_blocks, config.block_size),
             self.adapter_cache,
         )
-        self.loader = AdapterLoader(model_config.spec, config.max_lora_rank, dtype)
+        self.loader = AdapterLoader(
+            model_config.spec,
+            config.max_lora_rank,
+            dtype,
+            install=self.runner.install_from_host,
+            reserved_slot=self.adapter_cache.reserved_slot,
+            pin_memory=device.type == "cuda",
+            read_delay_s=config.adapter_read_delay_s,
+        )
+        # Cache commands from other threads (prewarm hints): applied by the engine thread at each step.
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self.sampler = Sampler()
         tokenizer_path = config.model_dir / "tokenizer.json"
         self.tokenizer = (
@@ -100,7 +111,13 @@ class LLMEngine:
         return self.scheduler.num_waiting
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending_outputs)
+        """True while a step has work: requests, outputs to hand out, cache commands or loads in flight."""
+        return (
+            self.scheduler.has_unfinished()
+            or bool(self._pending_outputs)
+            or not self._commands.empty()
+            or self.loader.num_in_flight > 0
+        )
 
     def resident_adapter_keys(self) -> list[str]:
         return self.adapter_cache.resident_keys()
@@ -136,10 +153,7 @@ class LLMEngine:
             if self.tokenizer
             else None
         )
-        if key is None:
-            tier = "none"
-        else:
-            tier = "device" if self.adapter_cache.state(key) is AdapterState.READY else "disk"
+        tier = "none" if key is None else self.adapter_cache.tier_of(key)
         self._states[request.request_id] = _RequestState(request, seq, detokenizer, generator, tier)
         self.scheduler.add(seq)
 
@@ -152,10 +166,11 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
+        self._apply_commands()
         self._install_finished_loads(outputs)
         batch = self.scheduler.schedule()
         for key, _slot in batch.loads:
-            self.loader.submit(key, self._members[key])
+            self._start_load(key)
         if batch.is_empty:
             if self.loader.num_in_flight:
                 self.loader.wait(_IDLE_LOAD_WAIT_S)
@@ -206,7 +221,69 @@ class LLMEngine:
             del self._states[seq.request_id]
         return self._output(state, [token_id], text, [logprob] if sampling.logprobs else None, reason, now)
 
+    # -- adapter tiers -----------------------------------------------------------------------------------
+
+    def prefetch(
+        self, key: str, members: tuple, to_device: bool = False, deadline_at: float | None = None
+    ) -> None:
+        """Thread-safe prewarm: bring `key` (loadable from `members`, AdapterRefs) into host memory, or into
+        a free device slot when `to_device`; `deadline_at` (time.monotonic()) is when it is expected."""
+        self._commands.put(("prefetch", key, tuple(members), to_device, deadline_at))
+
+    def demote(self, key: str) -> None:
+        """Thread-safe: forget a prewarm deadline and let `key` leave its slot (its host copy stays)."""
+        self._commands.put(("demote", key))
+
+    def invalidate(self, key: str) -> None:
+        """Thread-safe: drop `key` from every tier at the next step (at once when unused)."""
+        self._commands.put(("invalidate", key))
+
+    def set_keep_warm(self, key: str, keep_warm: bool) -> None:
+        """Thread-safe: keep-warm adapters never leave host memory once there."""
+        self._commands.put(("keep_warm", key, keep_warm))
+
+    def _apply_commands(self) -> None:
+        cache = self.adapter_cache
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            kind, key = command[0], command[1]
+            if kind == "prefetch":
+                _, _, members, to_device, deadline_at = command
+                self._members[key] = members
+                cache.hint(key, deadline_at)
+                if cache.state(key) is not None or self.loader.is_loading(key):
+                    continue
+                slot = cache.prefetch(key) if to_device and cache.num_free_slots else None
+                if slot is not None:
+                    self._start_load(key)
+                elif not cache.on_host(key):
+                    self.loader.submit(key, members)  # disk -> host only
+            elif kind == "demote":
+                cache.demote(key)
+            elif kind == "invalidate":
+                cache.invalidate(key)
+                self._members.pop(key, None)
+            elif kind == "keep_warm":
+                cache.set_keep_warm(key, command[2])
+        self._drop_stale_host_buffers()
+
+    def _start_load(self, key: str) -> None:
+        """A slot was reserved for `key`: load it there from its host copy, else from disk. A host-only
+        load already in flight carries on; its completion starts the copy into the slot."""
+        if self.loader.is_loading(key):
+            return
+        self.loader.submit(key, self._members[key])
+
+    def _drop_stale_host_buffers(self) -> None:
+        buffers = self.loader.host_buffers
+        for key in [k for k in buffers if not self.adapter_cache.on_host(k)]:
+            del buffers[key]
+
     def _install_finished_loads(self, outputs: list[RequestOutput]) -> None:
+        cache = self.adapter_cache
         for load in self.loader.collect():
             now = time.monotonic()
             if load.error is not None:
@@ -214,12 +291,36 @@ class LLMEngine:
                 for seq in self.scheduler.fail_adapter(load.key):
                     state = self._states.pop(seq.request_id)
                     outputs.append(self._output(state, [], "", None, "abort", now, error=load.error))
+                self._drop_stale_host_buffers()
                 continue
-            slot = self.adapter_cache.mark_ready(load.key)
-            self.runner.load_adapter(slot, load.weights)
+            if load.read_from_disk:
+                self._keep_on_host(load)
+            elif load.slot is not None:
+                cache.record_load(HOST, load.host.size_bytes, load.copy_ms)
+            if load.slot is None:
+                if cache.state(load.key) is AdapterState.LOADING:  # a request reserved a slot meanwhile
+                    self.loader.submit(load.key, self._members[load.key], host=load.host)
+                continue
+            if cache.state(load.key) is not AdapterState.LOADING:
+                continue  # dropped (invalidated) while it loaded
+            cache.mark_ready(load.key)
             for state in self._states.values():
                 if state.seq.adapter_key == load.key and state.scheduled_at is None:
                     state.adapter_load_ms = (now - max(load.started_at, state.request.arrival_time)) * 1000
+        self._drop_stale_host_buffers()
+
+    def _keep_on_host(self, load: FinishedLoad) -> None:
+        cache = self.adapter_cache
+        size = load.host.size_bytes
+        cache.record_load(DISK, size, load.read_ms)
+        if cache.state(load.key) is None and self._members.get(load.key) is None:
+            return  # invalidated while it was read
+        evicted = cache.store_host(load.key, size)
+        if evicted is None:
+            return  # does not fit the host budget: used for this load only
+        for key in evicted:
+            self.loader.host_buffers.pop(key, None)
+        self.loader.host_buffers[load.key] = load.host
 
     def _output(
         self,

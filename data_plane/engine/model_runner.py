@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from data_plane.adapters.host_buffer import HostAdapter, unpack
 from data_plane.adapters.weights import AdapterWeights
 from data_plane.engine.sequence import Sequence
 from data_plane.model.llama import LlamaForCausalLM
@@ -32,6 +33,8 @@ class ModelRunner:
             layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         model.allocate_lora_slots(num_adapter_slots, max_lora_rank)
         self.slot_ranks = [0] * num_adapter_slots
+        # Adapter loads copy on their own stream so they overlap the forward pass on the default one.
+        self._load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -50,6 +53,18 @@ class ModelRunner:
                 else:
                     projections[name].load_slot(slot, factors.a, factors.b, factors.scale)
         self.slot_ranks[slot] = weights.rank
+
+    def install_from_host(self, slot: int, host: HostAdapter) -> None:
+        """Copies a packed adapter into `slot`: on CUDA one host-to-device copy of its buffer on the load
+        stream, then device-side copies into the pools; returns once the slot is written. Called from the
+        loader thread: the slot is reserved (LOADING), so no running step reads it."""
+        if self._load_stream is None:
+            self.load_adapter(slot, unpack(host))
+            return
+        with torch.cuda.stream(self._load_stream):
+            staging = host.buffer.to(self.device, non_blocking=True)  # (num_elements,)
+            self.load_adapter(slot, unpack(host, staging))
+        self._load_stream.synchronize()
 
     @torch.inference_mode()
     def run(

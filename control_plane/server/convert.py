@@ -168,22 +168,6 @@ def registration_from_proto(request: worker_pb2.RegisterWorkerRequest) -> Worker
     )
 
 
-def spec_to_proto(spec: BaseModelSpec) -> worker_pb2.BaseModelSpec:
-    """For clients (workers, tests) building a RegisterWorkerRequest."""
-    return worker_pb2.BaseModelSpec(
-        name=spec.name,
-        fingerprint=spec.fingerprint,
-        architecture=spec.architecture,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_layers=spec.num_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        head_dim=spec.head_dim,
-        vocab_size=spec.vocab_size,
-    )
-
-
 def usage_report_from_proto(event: worker_pb2.UsageEvent) -> UsageReport:
     return UsageReport(
         request_id=event.request_id,

@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from data_plane.server.usage_reporter import UsageRecord
 from openlora.base_model import BaseModelSpec
 from openlora.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
+from openlora.wire import spec_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +65,6 @@ class Authorization:
     can_infer: bool
     # Parallel to the adapter names asked for.
     adapters: tuple[ResolvedAdapter, ...]
-
-
-def spec_to_proto(spec: BaseModelSpec) -> worker_pb2.BaseModelSpec:
-    return worker_pb2.BaseModelSpec(
-        name=spec.name,
-        fingerprint=spec.fingerprint,
-        architecture=spec.architecture,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_layers=spec.num_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        head_dim=spec.head_dim,
-        vocab_size=spec.vocab_size,
-    )
 
 
 class ControlPlaneClient:

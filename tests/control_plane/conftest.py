@@ -14,11 +14,11 @@ import grpc
 import pytest
 
 from control_plane.config import ControlPlaneConfig
-from control_plane.server.convert import spec_to_proto
 from control_plane.server.server import RunningControlPlane, serve
 from openlora.admin_client import AdminClient
 from openlora.base_model import BaseModelSpec
 from openlora.v1 import worker_pb2, worker_pb2_grpc
+from openlora.wire import spec_to_proto
 
 WORKER_TOKEN = "test-worker-token-0123456789"
 BASE_MODEL = "tiny-llama"

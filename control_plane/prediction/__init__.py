@@ -1,0 +1,1 @@
+"""Demand prediction from usage history, published as prewarm and demote hints."""

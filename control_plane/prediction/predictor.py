@@ -1,0 +1,121 @@
+"""Predictor: reads usage history from Postgres, publishes prewarm/demote hints to `openlora:hints`.
+
+`Predictor.run_once(now)` is one pass (tests drive it with a compressed clock); `run_predictor_loop` runs
+passes every `interval_s` until stopped. Hints are advisory: a pass whose hints cannot reach Redis logs
+and the next pass publishes again, so hints resume when Redis returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from control_plane.hints.publisher import HintPublisher
+from control_plane.prediction.demand import PredictorConfig, predict
+from control_plane.registry.models import STATUS_READY, Adapter
+from control_plane.usage.models import UsageEvent, UsageEventAdapter
+from openlora.hints import Hint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Target:
+    adapter_id: str
+    sha256: str
+
+
+class Predictor:
+    def __init__(
+        self, sessions: sessionmaker[Session], publisher: HintPublisher, config: PredictorConfig | None = None
+    ) -> None:
+        self._sessions = sessions
+        self._publisher = publisher
+        self.config = config or PredictorConfig()
+        # adapter id -> (kind, deadline) of the last hint that reached the stream: not repeated.
+        self._published: dict[str, tuple[str, float | None]] = {}
+
+    def request_times(self, now: float) -> dict[_Target, list[float]]:
+        """Unix seconds of each ready adapter's requests within the history window before `now`."""
+        since = datetime.fromtimestamp(now - self.config.history_s, UTC)
+        until = datetime.fromtimestamp(now, UTC)
+        query = (
+            select(Adapter.id, Adapter.sha256, UsageEvent.finished_at)
+            .join(UsageEventAdapter, UsageEventAdapter.adapter_id == Adapter.id)
+            .join(UsageEvent, UsageEvent.request_id == UsageEventAdapter.request_id)
+            .where(
+                Adapter.status == STATUS_READY,
+                UsageEvent.finished_at >= since,
+                UsageEvent.finished_at <= until,
+            )
+        )
+        times: dict[_Target, list[float]] = defaultdict(list)
+        with self._sessions() as session:
+            for adapter_id, sha256, finished_at in session.execute(query):
+                times[_Target(str(adapter_id), sha256)].append(finished_at.timestamp())
+        return times
+
+    def predict(self, now: float) -> list[Hint]:
+        """The hints the usage history calls for at `now` (Unix seconds), repeats left out."""
+        hints = []
+        for target, times in self.request_times(now).items():
+            prediction = predict(times, now, self.config)
+            if prediction is None:
+                self._published.pop(target.adapter_id, None)
+                continue
+            deadline = None if prediction.deadline_at is None else round(prediction.deadline_at, 1)
+            if self._published.get(target.adapter_id) == (prediction.kind, deadline):
+                continue
+            tier = "host" if prediction.kind == "prewarm" else "gpu"
+            hints.append(
+                Hint(
+                    kind=prediction.kind,  # type: ignore[arg-type]
+                    adapter_id=target.adapter_id,
+                    sha256=target.sha256,
+                    tier=tier,
+                    deadline_at=prediction.deadline_at,
+                    issued_at=now,
+                )
+            )
+        return hints
+
+    def run_once(self, now: float | None = None) -> list[Hint]:
+        """One pass: returns the hints that reached the stream."""
+        now = time.time() if now is None else now
+        sent = []
+        for hint in self.predict(now):
+            if self._publisher.publish(hint):
+                deadline = None if hint.deadline_at is None else round(hint.deadline_at, 1)
+                self._published[hint.adapter_id] = (hint.kind, deadline)
+                sent.append(hint)
+        return sent
+
+
+def run_predictor_loop(
+    session_factory: sessionmaker[Session],
+    redis_url: str | None,
+    interval_s: float,
+    stop: threading.Event,
+    config: PredictorConfig | None = None,
+    clock=time.time,
+) -> None:
+    """Runs prediction passes every `interval_s` until `stop` is set (run it on its own thread). A failing
+    pass (database or Redis down) is logged and the loop goes on."""
+    publisher = HintPublisher(redis_url)
+    predictor = Predictor(session_factory, publisher, config)
+    try:
+        while not stop.is_set():
+            try:
+                predictor.run_once(clock())
+            except Exception:  # advisory: never let a bad pass end the loop
+                log.exception("prediction pass failed; retrying in %.1fs", interval_s)
+            stop.wait(interval_s)
+    finally:
+        publisher.close()

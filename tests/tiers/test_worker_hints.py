@@ -1,0 +1,75 @@
+"""apply_hint on a real engine and artifact store; the residency heartbeat in the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+
+import redis
+
+from data_plane.adapters.hint_actions import apply_hint, publish_residency, residency_key
+from data_plane.server.artifact_store import ArtifactStore
+from openlora.hints import Hint
+from tests.engine.conftest import greedy, make_engine, run_to_completion
+
+
+def _store_with(tmp_path, tiny_model, name: str) -> tuple[ArtifactStore, str]:
+    ref = tiny_model.ref(name)
+    store = ArtifactStore(tmp_path / "artifacts", fetch=None, spec=None, max_rank=64, max_size_bytes=1 << 30)
+    shutil.copytree(ref.path, store.path_of(ref.key))
+    return store, ref.key
+
+
+def test_invalidation_hint_evicts_the_adapter_at_once(tiny_model, tmp_path):
+    engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
+    try:
+        store, key = _store_with(tmp_path, tiny_model, "r4_qv")
+        engine.add_request(greedy("r", [1, 2], adapters=[tiny_model.ref("r4_qv")], max_tokens=2))
+        run_to_completion(engine)
+        assert engine.adapter_cache.tier_of(key) == "device"
+        asyncio.run(apply_hint(engine, Hint("invalidate", "id", key), store))
+        engine.step()
+        assert engine.adapter_cache.tier_of(key) == "disk" and not engine.adapter_cache.on_host(key)
+    finally:
+        engine.shutdown()
+
+
+def test_prewarm_hint_loads_the_adapter_ahead_of_its_deadline(tiny_model, tmp_path):
+    engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
+    try:
+        store, key = _store_with(tmp_path, tiny_model, "r8_all")
+        far = Hint("prewarm", "id", key, tier="host", deadline_at=time.time() + 60)
+        asyncio.run(apply_hint(engine, far, store))
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.adapter_cache.tier_of(key) == "host"
+        near = Hint("prewarm", "id", key, tier="host", deadline_at=time.time() + 0.5)
+        asyncio.run(apply_hint(engine, near, store))
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.adapter_cache.tier_of(key) == "device"
+    finally:
+        engine.shutdown()
+
+
+def test_worker_publishes_its_resident_adapters_with_a_ttl(redis_url):
+    worker_id = f"w-{time.time_ns()}"
+
+    async def run() -> None:
+        task = asyncio.create_task(
+            publish_residency(redis_url, worker_id, lambda: (1, 2, ["b", "a"], ["c"]), 0.05, 5.0)
+        )
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run())
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    fields = client.hgetall(residency_key(worker_id))
+    assert json.loads(fields["device_adapters"]) == ["a", "b"] and json.loads(fields["host_adapters"]) == [
+        "c"
+    ]
+    assert fields["running"] == "1" and 0 < client.pttl(residency_key(worker_id)) <= 5000
+    client.delete(residency_key(worker_id))

@@ -72,7 +72,7 @@ class BenchConfig:
     s3_small_artifacts: int = 300
     s3_prompt_len_range: tuple[int, int] = (8, 16)
     s3_output_len_range: tuple[int, int] = (2, 2)
-    s3_rate_per_s: float = 10.0
+    s3_rate_per_s: float = 15.0
     # Model, adapters and device
     model_shape: str = fixtures.LLAMA_50M.name
     adapter_targets: tuple[str, ...] = fixtures.ALL_PROJECTIONS

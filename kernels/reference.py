@@ -3,12 +3,17 @@
 A batch of T rows is cut into G contiguous segments; segment g covers rows
 ``seg_indptr[g]:seg_indptr[g + 1]`` and uses adapter slot ``seg_slots[g]`` (-1: no adapter).
 
-Two strategies, chosen per call by shape, with identical results:
+Three strategies, chosen per call by shape, with identical results:
 - segments of several rows (prefill, or few adapters): one matmul per segment;
-- many segments of about one row (decode): gather each row's slot weights and run one batched matmul,
-  in row chunks so the gathered copy stays under ``_GATHER_BUDGET_BYTES``.
-Measured on CPU (H=512, R=16): 32 one-row segments 0.47 ms bmm vs 0.59 ms loop; 4 segments of 128
-rows 0.30 ms loop vs 5.3 ms bmm; 16 segments of 4 rows 0.50 ms loop vs 0.62 ms bmm.
+- many short segments whose rows all use distinct slots from a narrow slot range (decode): one batched
+  matmul straight over the pool's slot range (a view: no weight is copied); rows are placed at their
+  slot's index, and slots in the range that no row uses get zero rows;
+- other many-short-segment layouts: gather each row's slot weights and run one batched matmul, in row
+  chunks so the gathered copy stays under ``_GATHER_BUDGET_BYTES``.
+The batched matmuls put the row vector on the left, ``(n, 1, H_in) @ (n, H_in, R)`` with the pool
+transposed as a view: on CPU this runs 5-10x faster than ``(n, R, H_in) @ (n, H_in, 1)``.
+Measured on CPU (2 cores; 32 one-row segments on 32 distinct slots, R=16, H_in=H_out=512, shrink +
+expand): 370 us gather + bmm(A, x), 190 us slot-range view, versus 120 us for the base layer's linear.
 Half-precision inputs are computed in float32 and rounded once at the end.
 """
 
@@ -16,11 +21,14 @@ from __future__ import annotations
 
 import torch
 
-# Segment loop up to this many segments whatever their length; above it, gather + bmm when segments
+# Segment loop up to this many segments whatever their length; above it, a batched matmul when segments
 # average fewer than _MIN_LOOP_ROWS_PER_SEGMENT rows.
 _MAX_LOOP_SEGMENTS = 8
 _MIN_LOOP_ROWS_PER_SEGMENT = 2
-# Upper bound on the gathered per-row weight copy of the bmm strategy.
+# The slot-range view reads every slot of the range; it is chosen while the range holds at most this
+# many slots per row that uses it (the gather reads each row's weights twice and writes them once).
+_MAX_RANGE_SLOTS_PER_ROW = 2
+# Upper bound on the gathered per-row weight copy of the gather strategy.
 _GATHER_BUDGET_BYTES = 64 * 1024 * 1024
 
 
@@ -42,18 +50,56 @@ def _use_segment_loop(segments: list[tuple[int, int, int]]) -> bool:
     return num_rows >= _MIN_LOOP_ROWS_PER_SEGMENT * len(segments)
 
 
-def _row_slots(seg_indptr: torch.Tensor, seg_slots: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """(T,) int64 slot of every row, -1 where the row has no adapter."""
-    lengths = (seg_indptr[1:] - seg_indptr[:-1]).to(torch.int64)  # (G,)
-    row_slots = torch.repeat_interleave(seg_slots.to(torch.int64), lengths)  # (T,)
-    assert row_slots.numel() == num_rows, "seg_indptr must end at T"
-    return row_slots
+class _RowPlan:
+    """Where the rows with an adapter go in a batched matmul (host-side bookkeeping of one call).
+
+    ``rows`` / ``slots``: row index and slot of each of the n rows with an adapter, in segment order.
+    With ``slot_range`` set, slots are distinct and batch entry ``slot - lo`` of the pool view
+    ``[lo, hi)`` serves row ``rows[i]``. ``row_range`` is set when those rows are one contiguous range in
+    slot order over every slot of the range, so inputs and outputs are views as well (the usual decode
+    step).
+    """
+
+    def __init__(self, segments: list[tuple[int, int, int]], device: torch.device) -> None:
+        rows: list[int] = []
+        slots: list[int] = []
+        for start, end, slot in segments:
+            rows.extend(range(start, end))
+            slots.extend([slot] * (end - start))
+        self.num_rows = len(rows)
+        self.slot_range: tuple[int, int] | None = None
+        self.row_range: tuple[int, int] | None = None
+        lo, hi = min(slots), max(slots) + 1
+        if len(set(slots)) == len(slots) and hi - lo <= _MAX_RANGE_SLOTS_PER_ROW * len(slots):
+            self.slot_range = (lo, hi)
+            contiguous_rows = rows == list(range(rows[0], rows[0] + len(rows)))
+            if contiguous_rows and slots == list(range(lo, hi)):
+                self.row_range = (rows[0], rows[0] + len(rows))
+        self.rows = torch.tensor(rows, dtype=torch.int64, device=device)  # (n,)
+        self.slots = torch.tensor(slots, dtype=torch.int64, device=device)  # (n,)
 
 
-def _row_chunks(row_ids: torch.Tensor, bytes_per_row: int):
+def _to_slot_batch(plan: _RowPlan, rows: torch.Tensor) -> torch.Tensor:
+    """(T, D) rows -> (hi - lo, D) float32, entry slot - lo holding the row that uses the slot."""
+    lo, hi = plan.slot_range
+    if plan.row_range is not None:
+        return rows[plan.row_range[0] : plan.row_range[1]].float()
+    batch = rows.new_zeros(hi - lo, rows.shape[1], dtype=torch.float32)
+    batch[plan.slots - lo] = rows[plan.rows].float()
+    return batch
+
+
+def _from_slot_batch(plan: _RowPlan, batch: torch.Tensor) -> torch.Tensor:
+    """(hi - lo, D) -> (n, D): each adapter row's entry, in ``plan.rows`` order."""
+    if plan.row_range is not None:
+        return batch
+    return batch[plan.slots - plan.slot_range[0]]
+
+
+def _row_chunks(num_rows: int, bytes_per_row: int):
     step = max(1, _GATHER_BUDGET_BYTES // max(1, bytes_per_row))
-    for start in range(0, row_ids.numel(), step):
-        yield row_ids[start : start + step]
+    for start in range(0, num_rows, step):
+        yield slice(start, start + step)
 
 
 def sgmv_shrink(
@@ -79,12 +125,29 @@ def sgmv_shrink(
         for start, end, slot in segments:
             u[start:end] = x[start:end].float() @ lora_a[slot].float().T  # (n, H_in) @ (H_in, R)
         return u.to(x.dtype)
-    row_slots = _row_slots(seg_indptr, seg_slots, num_rows)
-    row_ids = torch.nonzero(row_slots >= 0).squeeze(1)  # (n,)
-    for rows in _row_chunks(row_ids, rank * lora_a.shape[2] * 4):
-        a = lora_a[row_slots[rows]].float()  # (n, R, H_in)
-        u[rows] = torch.bmm(a, x[rows].float().unsqueeze(2)).squeeze(2)  # (n, R)
+    plan = _RowPlan(segments, x.device)
+    if plan.slot_range is not None:
+        lo, hi = plan.slot_range
+        xs = _to_slot_batch(plan, x).unsqueeze(1)  # (hi - lo, 1, H_in)
+        us = torch.bmm(xs, lora_a[lo:hi].float().transpose(1, 2)).squeeze(1)  # (hi - lo, R)
+        if plan.row_range is not None:
+            u[plan.row_range[0] : plan.row_range[1]] = us
+        else:
+            u[plan.rows] = _from_slot_batch(plan, us)
+        return u.to(x.dtype)
+    for chunk in _row_chunks(plan.num_rows, rank * lora_a.shape[2] * 4):
+        rows = plan.rows[chunk]
+        a = lora_a[plan.slots[chunk]].float()  # (n, R, H_in), a copy
+        u[rows] = torch.bmm(x[rows].float().unsqueeze(1), a.transpose(1, 2)).squeeze(1)  # (n, R)
     return u.to(x.dtype)
+
+
+def _add_rows(y: torch.Tensor, rows: torch.Tensor | slice, delta: torch.Tensor) -> None:
+    """y[rows] += delta (float32), summed in float32 and rounded to y's dtype once."""
+    if y.dtype == torch.float32 and isinstance(rows, slice):
+        y[rows] += delta  # in place on the view
+    else:
+        y[rows] = (y[rows].float() + delta).to(y.dtype)
 
 
 def sgmv_expand(
@@ -101,9 +164,10 @@ def sgmv_expand(
     """y[rows] += scale[slot] * u[rows] @ B[slot].T per segment, in place.
 
     u (T, R), lora_b (S, H_out, R), y (T, H_out), scale (S,) float32. Rows of slot -1 are untouched.
-    The sum is formed in float32 and rounded to y's dtype once. ``slot_ranks`` and ``max_segment_rows`` are ignored.
+    The sum is formed in float32 and rounded to y's dtype once. ``slot_ranks`` and ``max_segment_rows``
+    are ignored.
     """
-    num_rows, out_features, rank = u.shape[0], lora_b.shape[1], lora_b.shape[2]
+    out_features, rank = lora_b.shape[1], lora_b.shape[2]
     segments = _segments(seg_indptr, seg_slots)
     if _use_segment_loop(segments):
         scales = scale.tolist()
@@ -111,11 +175,20 @@ def sgmv_expand(
             delta = u[start:end].float() @ lora_b[slot].float().T  # (n, R) @ (R, H_out)
             y[start:end] = (y[start:end].float() + scales[slot] * delta).to(y.dtype)
         return
-    row_slots = _row_slots(seg_indptr, seg_slots, num_rows)
-    row_ids = torch.nonzero(row_slots >= 0).squeeze(1)  # (n,)
-    for rows in _row_chunks(row_ids, out_features * rank * 4):
-        slots = row_slots[rows]
-        b = lora_b[slots].float()  # (n, H_out, R)
-        delta = torch.bmm(b, u[rows].float().unsqueeze(2)).squeeze(2)  # (n, H_out)
+    plan = _RowPlan(segments, u.device)
+    if plan.slot_range is not None:
+        lo, hi = plan.slot_range
+        us = _to_slot_batch(plan, u).unsqueeze(1)  # (hi - lo, 1, R)
+        deltas = torch.bmm(us, lora_b[lo:hi].float().transpose(1, 2)).squeeze(1)  # (hi - lo, H_out)
+        deltas *= scale[lo:hi].float().unsqueeze(1)
+        if plan.row_range is not None:
+            _add_rows(y, slice(*plan.row_range), deltas)
+        else:
+            _add_rows(y, plan.rows, _from_slot_batch(plan, deltas))
+        return
+    for chunk in _row_chunks(plan.num_rows, out_features * rank * 4):
+        rows, slots = plan.rows[chunk], plan.slots[chunk]
+        b = lora_b[slots].float()  # (n, H_out, R), a copy
+        delta = torch.bmm(u[rows].float().unsqueeze(1), b.transpose(1, 2)).squeeze(1)  # (n, H_out)
         delta *= scale[slots].float().unsqueeze(1)
-        y[rows] = (y[rows].float() + delta).to(y.dtype)
+        _add_rows(y, rows, delta)

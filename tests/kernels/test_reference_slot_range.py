@@ -1,0 +1,120 @@
+"""The reference's decode strategies (slot-range view, gather) against a naive per-row loop."""
+
+import pytest
+import torch
+
+from kernels import reference
+
+TOLERANCE = {  # (atol, rtol) against the naive loop: only the order of float32 sums differs
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+
+
+def naive_shrink(x, lora_a, seg_indptr, seg_slots):
+    u = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32)
+    for row, slot in enumerate(torch.repeat_interleave(seg_slots, (seg_indptr[1:] - seg_indptr[:-1]).long())):
+        if slot >= 0:
+            u[row] = lora_a[slot].float() @ x[row].float()
+    return u.to(x.dtype)
+
+
+def naive_expand(u, lora_b, seg_indptr, seg_slots, y, scale):
+    y = y.clone()
+    for row, slot in enumerate(torch.repeat_interleave(seg_slots, (seg_indptr[1:] - seg_indptr[:-1]).long())):
+        if slot >= 0:
+            delta = scale[slot] * (lora_b[slot].float() @ u[row].float())
+            y[row] = (y[row].float() + delta).to(y.dtype)
+    return y
+
+
+def one_row_segments(slots):
+    seg_slots = torch.tensor(slots, dtype=torch.int32)
+    seg_indptr = torch.arange(len(slots) + 1, dtype=torch.int32)
+    return seg_indptr, seg_slots
+
+
+def strategy(slots):
+    """Which batched strategy the reference picks for one-row segments on these slots."""
+    seg_indptr, seg_slots = one_row_segments(slots)
+    plan = reference._RowPlan(reference._segments(seg_indptr, seg_slots), torch.device("cpu"))
+    if plan.slot_range is None:
+        return "gather"
+    return "view" if plan.row_range is not None else "padded-view"
+
+
+LAYOUTS = {
+    # every row on its own slot, slots in order over a contiguous range: pure views
+    "dense-range": [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+    # distinct slots with gaps in the range, out of order, some rows without an adapter
+    "gappy-range": [5, -1, 2, 9, 3, 4, -1, 12, 6, 7, 8, 10, 11],
+    # distinct slots spread too thin for the range view: gather
+    "sparse": [0, 40, 13, 27, 35, 8, 21, 3, 30, 17],
+    # a slot shared by two rows: gather
+    "shared": [1, 2, 3, 4, 5, 6, 7, 8, 9, 9],
+}
+
+
+def test_each_decode_layout_takes_the_strategy_it_is_named_for():
+    assert [strategy(slots) for slots in LAYOUTS.values()] == ["view", "padded-view", "gather", "gather"]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_decode_layouts_match_the_per_row_loop_and_leave_other_rows_alone(dtype, layout):
+    gen = torch.Generator().manual_seed(len(layout))
+    num_slots, rank, in_features, out_features = 48, 8, 40, 24
+    seg_indptr, seg_slots = one_row_segments(LAYOUTS[layout])
+    num_rows = len(LAYOUTS[layout])
+    atol, rtol = TOLERANCE[dtype]
+    x = torch.randn(num_rows, in_features, generator=gen).to(dtype)
+    lora_a = (torch.randn(num_slots, rank, in_features, generator=gen) / in_features**0.5).to(dtype)
+    lora_b = torch.randn(num_slots, out_features, rank, generator=gen).to(dtype)
+    scale = torch.rand(num_slots, generator=gen) + 0.5
+
+    u = reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots)
+    torch.testing.assert_close(u, naive_shrink(x, lora_a, seg_indptr, seg_slots), atol=atol, rtol=rtol)
+    y0 = torch.randn(num_rows, out_features, generator=gen).to(dtype)
+    y = y0.clone()
+    reference.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale)
+    torch.testing.assert_close(
+        y, naive_expand(u, lora_b, seg_indptr, seg_slots, y0, scale), atol=atol, rtol=rtol
+    )
+    no_adapter = seg_slots < 0
+    assert torch.equal(y[no_adapter], y0[no_adapter])
+    assert (u[no_adapter] == 0).all()
+
+
+def test_range_view_ignores_unused_slots_inside_the_range():
+    # Slots 1 and 3 are unused and hold NaN: a row must never read them.
+    gen = torch.Generator().manual_seed(7)
+    seg_indptr, seg_slots = one_row_segments([0, 2, 4, 5, 6, 7, 8, 9, 10, 11])
+    x = torch.randn(10, 16, generator=gen)
+    lora_a = torch.randn(12, 4, 16, generator=gen)
+    lora_b = torch.randn(12, 8, 4, generator=gen)
+    lora_a[[1, 3]] = float("nan")
+    lora_b[[1, 3]] = float("nan")
+    scale = torch.ones(12)
+    u = reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots)
+    y = torch.zeros(10, 8)
+    reference.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale)
+    assert torch.isfinite(u).all() and torch.isfinite(y).all()
+    torch.testing.assert_close(u, naive_shrink(x, lora_a, seg_indptr, seg_slots), atol=1e-5, rtol=1e-5)
+
+
+def test_rank_sliced_pool_views_give_the_same_result():
+    # The engine passes pools sliced to the step's largest rank (non-contiguous views).
+    gen = torch.Generator().manual_seed(11)
+    seg_indptr, seg_slots = one_row_segments(list(range(16)))
+    x = torch.randn(16, 32, generator=gen)
+    lora_a = torch.randn(16, 12, 32, generator=gen)
+    lora_b = torch.randn(16, 20, 12, generator=gen)
+    scale = torch.rand(16, generator=gen)
+    a_view, b_view = lora_a[:, :5], lora_b[:, :, :5]
+    u = reference.sgmv_shrink(x, a_view, seg_indptr, seg_slots)
+    torch.testing.assert_close(u, naive_shrink(x, a_view.contiguous(), seg_indptr, seg_slots))
+    y = torch.zeros(16, 20)
+    reference.sgmv_expand(u, b_view, seg_indptr, seg_slots, y, scale)
+    expected = naive_expand(u, b_view.contiguous(), seg_indptr, seg_slots, torch.zeros(16, 20), scale)
+    torch.testing.assert_close(y, expected)

@@ -72,6 +72,27 @@ class AsyncEngine:
     def resident_adapter_keys(self) -> list[str]:
         return list(self.engine.resident_adapter_keys())
 
+    def host_adapter_keys(self) -> list[str]:
+        """Keys with a copy in host memory (read from another thread: retried if it changed meanwhile)."""
+        for _ in range(3):
+            try:
+                return list(self.engine.adapter_cache.host_keys())
+            except RuntimeError:  # the engine thread changed the table while it was read
+                continue
+        return []
+
+    def invalidate(self, key: str) -> None:
+        """Thread-safe: drops `key` from device slots and host memory at the next engine step."""
+        self.engine.invalidate(key)
+
+    def set_keep_warm(self, key: str, keep_warm: bool) -> None:
+        """Thread-safe: a keep-warm adapter never leaves host memory once there."""
+        self.engine.set_keep_warm(key, keep_warm)
+
+    def is_loading(self, key: str) -> bool:
+        """True while the loader may still read `key` from disk."""
+        return self.engine.loader.is_loading(key)
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self._engine is None:

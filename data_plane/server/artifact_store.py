@@ -4,6 +4,11 @@ A missing artifact is streamed from the control plane into a private temporary d
 against its sha256 (openlora.artifact) and the PEFT validator, and only then renamed into place, so a
 directory under its sha256 always holds a verified adapter. A corrupt or partial download is deleted and
 never loaded. Concurrent requests for the same sha256 share one download.
+
+The directory has a byte budget (`max_disk_bytes`): when a download takes it over, the least recently
+used artifacts that nobody holds (`ensure(..., hold=True)` until `release`) and the engine is not reading
+(`busy`) are removed until it fits again. An artifact in use is never removed; the budget may be exceeded
+while everything is in use.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +33,27 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TMP_PREFIX = ".partial-"
+MAX_DEFAULT_DISK_BYTES = 20 << 30
 
 # Streams FetchArtifactResponse-like chunks (filename on a file's first chunk, offset, data,
 # file_size_bytes) of one artifact.
 Fetcher = Callable[[str], AsyncIterator]
+
+
+def default_disk_cache_bytes(root: Path) -> int:
+    """A quarter of the free space where the artifacts live, at most 20 GiB: the disk tier's default."""
+    probe = Path(root)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = 4 * MAX_DEFAULT_DISK_BYTES
+    return min(free // 4, MAX_DEFAULT_DISK_BYTES)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
 class ArtifactError(Exception):
@@ -61,7 +85,11 @@ class ArtifactStore:
         spec: BaseModelSpec | None,
         max_rank: int,
         max_size_bytes: int,
+        max_disk_bytes: int | None = None,
+        busy: Callable[[str], bool] | None = None,
     ) -> None:
+        """`max_disk_bytes`: budget of the directory (None: unbounded); `busy(sha256)`: True while the
+        engine may still read that artifact from disk (a load in flight), so it is not removed."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._fetch = fetch
@@ -69,7 +97,17 @@ class ArtifactStore:
         self._max_rank = max_rank
         self._max_size_bytes = max_size_bytes
         self._downloads: dict[str, asyncio.Task[Path]] = {}
+        self._max_disk_bytes = max_disk_bytes
+        self._busy = busy or (lambda _sha256: False)
+        self._holds: Counter[str] = Counter()
+        self._used_at: dict[str, float] = {}  # sha256 -> time.monotonic() of its last ensure
+        self._sizes: dict[str, int] = {}  # sha256 -> bytes on disk
         self._remove_partials()
+        for entry in self.root.iterdir():
+            if _SHA256.match(entry.name) and entry.is_dir():
+                self._sizes[entry.name] = _dir_bytes(entry)
+                self._used_at[entry.name] = entry.stat().st_mtime - time.time() + time.monotonic()
+        self._trim()
 
     def path_of(self, sha256: str) -> Path:
         if not _SHA256.match(sha256):
@@ -79,18 +117,42 @@ class ArtifactStore:
     def contains(self, sha256: str) -> bool:
         return self.path_of(sha256).is_dir()
 
-    async def ensure(self, sha256: str) -> LocalArtifact:
-        """The local directory of an artifact, fetched and verified first when it is not on disk."""
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def is_held(self, sha256: str) -> bool:
+        return self._holds[sha256] > 0
+
+    async def ensure(self, sha256: str, hold: bool = False) -> LocalArtifact:
+        """The local directory of an artifact, fetched and verified first when it is not on disk.
+        `hold`: the artifact is in use (never removed by the disk budget) until `release(sha256)`."""
         path = self.path_of(sha256)
-        if path.is_dir():
-            return LocalArtifact(sha256, path, "disk")
-        task = self._downloads.get(sha256)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._download(sha256))
-            self._downloads[sha256] = task
-            task.add_done_callback(lambda _t: self._downloads.pop(sha256, None))
-        # shield: one caller going away must not cancel the download the others wait for.
-        return LocalArtifact(sha256, await asyncio.shield(task), "remote")
+        self._used_at[sha256] = time.monotonic()
+        if hold:
+            self._holds[sha256] += 1
+        try:
+            if path.is_dir():
+                return LocalArtifact(sha256, path, "disk")
+            task = self._downloads.get(sha256)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._download(sha256))
+                self._downloads[sha256] = task
+                task.add_done_callback(lambda _t: self._downloads.pop(sha256, None))
+            # shield: one caller going away must not cancel the download the others wait for.
+            return LocalArtifact(sha256, await asyncio.shield(task), "remote")
+        except BaseException:
+            if hold:
+                self.release((sha256,))
+            raise
+
+    def release(self, sha256s: Iterable[str]) -> None:
+        """Ends one hold of each artifact (taken by `ensure(..., hold=True)`)."""
+        for sha256 in sha256s:
+            self._holds[sha256] -= 1
+            if self._holds[sha256] <= 0:
+                del self._holds[sha256]
+        self._trim()
 
     def discard(self, sha256: str) -> None:
         """Forgets an artifact (deleted or replaced upstream); a later ensure fetches it again."""
@@ -100,6 +162,22 @@ class ArtifactStore:
             doomed = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
             os.replace(path, doomed / "gone")
             shutil.rmtree(doomed, ignore_errors=True)
+        self._sizes.pop(sha256, None)
+        self._used_at.pop(sha256, None)
+
+    def _trim(self) -> None:
+        """Removes least recently used artifacts not in use until the directory fits its budget."""
+        if self._max_disk_bytes is None:
+            return
+        used = self.used_bytes
+        for sha256 in sorted(self._sizes, key=lambda k: self._used_at.get(k, 0.0)):
+            if used <= self._max_disk_bytes:
+                return
+            if self.is_held(sha256) or sha256 in self._downloads or self._busy(sha256):
+                continue
+            used -= self._sizes[sha256]
+            log.info("disk budget: removing artifact %s (%d bytes)", sha256[:12], self._sizes[sha256])
+            self.discard(sha256)
 
     async def _download(self, sha256: str) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{sha256[:12]}-", dir=self.root))
@@ -112,6 +190,8 @@ class ArtifactStore:
             except OSError:
                 if not final.is_dir():  # lost a race with another process: theirs is as good
                     raise
+            self._sizes[sha256] = _dir_bytes(final)
+            self._trim()
             return final
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,6 +22,8 @@ class EngineSettings:
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
+    # Adapter host-memory tier budget; None: an eighth of RAM, at most 8 GiB.
+    host_cache_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ class WorkerConfig:
     usage_fsync_interval_s: float = 0.2
     usage_batch_size: int = 500
     max_adapter_bytes: int = 512 << 20
+    # Budget of the local artifact directory; None: a quarter of the free disk, at most 20 GiB.
+    disk_cache_bytes: int | None = None
+    # Period of the residency heartbeat written to Redis (adapters held, load).
+    residency_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.control_plane_target:
@@ -72,6 +78,12 @@ class WorkerConfig:
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         if self.usage_flush_interval_s <= 0 or self.usage_fsync_interval_s <= 0:
             raise ValueError("usage intervals must be > 0")
+        if self.disk_cache_bytes is not None and self.disk_cache_bytes < 0:
+            raise ValueError(f"disk_cache_bytes must be >= 0, got {self.disk_cache_bytes}")
+        if self.engine.host_cache_bytes is not None and self.engine.host_cache_bytes < 0:
+            raise ValueError(f"host_cache_bytes must be >= 0, got {self.engine.host_cache_bytes}")
+        if self.residency_interval_s <= 0:
+            raise ValueError(f"residency_interval_s must be > 0, got {self.residency_interval_s}")
 
     @property
     def base_model_name(self) -> str:

@@ -56,6 +56,8 @@ class ResolvedAdapter:
     sha256: str
     size_bytes: int
     rank: int
+    # The owner asked that this adapter never leave the worker's host memory once there.
+    keep_warm: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ class ControlPlaneClient:
             tenant=response.tenant,
             can_infer=admin_pb2.SCOPE_INFER in response.scopes or admin_pb2.SCOPE_ADMIN in response.scopes,
             adapters=tuple(
-                ResolvedAdapter(a.name, a.adapter_id, a.sha256, a.size_bytes, a.rank)
+                ResolvedAdapter(a.name, a.adapter_id, a.sha256, a.size_bytes, a.rank, a.keep_warm)
                 for a in response.adapters
             ),
         )

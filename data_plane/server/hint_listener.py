@@ -1,15 +1,17 @@
 """Best-effort consumer of the control plane's `openlora:hints` Redis stream.
 
-Only `invalidate` is acted on here: the named artifact is dropped from the authorisation cache and the
-local disk, so a deleted or replaced adapter stops being served at once instead of after the cache TTL.
-Serving never depends on this: with Redis down the listener retries quietly and the TTL still bounds
-how long a stale answer lives.
+The listener hands every hint to its callback (the worker drops invalidated adapters from the
+authorisation cache, the local disk and the engine, and prewarms or demotes through the engine). It
+reads from the stream's last entry when it starts and then tracks the id of the last entry it read, so
+a reconnect after Redis was down misses nothing still in the stream. Serving never depends on this: with
+Redis down the listener retries quietly and the TTL still bounds how long a stale answer lives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from openlora.hints import HINTS_STREAM, Hint
@@ -25,20 +27,28 @@ async def listen_for_hints(redis_url: str, on_hint: Callable[[Hint], None]) -> N
     import redis.asyncio as redis
 
     client = redis.from_url(redis_url)
-    last_id = "$"
+    # Never "$" across reads: after a reconnect "$" would skip what was published while it was away.
+    # None until the first contact, which reads on from the stream's newest entry.
+    last_id: str | None = None
+    started_id = f"{int(time.time() * 1000)}-0"
     try:
         while True:
             try:
+                if last_id is None:
+                    newest = await client.xrevrange(HINTS_STREAM, count=1)
+                    last_id = _text(newest[0][0]) if newest else "0-0"
                 entries = await client.xread({HINTS_STREAM: last_id}, block=BLOCK_MS, count=100)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # Redis is advisory: wait and try again
                 log.debug("hint stream unavailable: %s", error)
+                if last_id is None:  # down from the start: read what is published from now on
+                    last_id = started_id
                 await asyncio.sleep(RETRY_S)
                 continue
             for _stream, messages in entries or ():
                 for entry_id, fields in messages:
-                    last_id = entry_id
+                    last_id = _text(entry_id)
                     try:
                         hint = Hint.from_fields(fields)
                     except ValueError as error:
@@ -47,3 +57,7 @@ async def listen_for_hints(redis_url: str, on_hint: Callable[[Hint], None]) -> N
                     on_hint(hint)
     finally:
         await client.aclose()
+
+
+def _text(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id

@@ -20,7 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from data_plane.server.artifact_store import ArtifactStore
+from data_plane.adapters.hint_actions import apply_hint, publish_residency
+from data_plane.server.artifact_store import ArtifactStore, default_disk_cache_bytes
 from data_plane.server.config import WorkerConfig
 from data_plane.server.control_plane_client import ControlPlaneClient, ControlPlaneError
 from data_plane.server.hint_listener import listen_for_hints
@@ -64,6 +65,8 @@ class RunningWorker:
     state: WorkerState
     metrics: WorkerMetrics
     _tasks: list[asyncio.Task] = field(default_factory=list)
+    # Hints being acted on (a prewarm may be fetching its artifact); cancelled at stop.
+    _hint_tasks: set[asyncio.Task] = field(default_factory=set)
     _stopped: bool = False
 
     @property
@@ -89,9 +92,10 @@ class RunningWorker:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.state.idle.wait(), grace_s)
         await self.server.stop(0)
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._hint_tasks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.usage.stop()
         await self.engine.stop()
         await self.control_plane.close()
@@ -153,12 +157,17 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         batch_size=config.usage_batch_size,
     )
     await usage.start()
+    disk_cache_bytes = config.disk_cache_bytes
+    if disk_cache_bytes is None:
+        disk_cache_bytes = default_disk_cache_bytes(config.artifacts_dir)
     artifacts = ArtifactStore(
         config.artifacts_dir,
         control_plane.fetch_artifact,
         spec,
         config.engine.max_lora_rank,
         config.max_adapter_bytes,
+        max_disk_bytes=disk_cache_bytes,
+        busy=engine.is_loading,
     )
     limits = RequestLimits(
         max_tokens_limit=config.max_tokens_limit,
@@ -198,20 +207,52 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     def stats() -> tuple[int, int, list[str]]:
         return engine.num_running, engine.num_waiting, sorted(engine.resident_adapter_keys())
 
+    def residency() -> tuple[int, int, list[str], list[str]]:
+        return (
+            engine.num_running,
+            engine.num_waiting,
+            engine.resident_adapter_keys(),
+            engine.host_adapter_keys(),
+        )
+
+    loop = asyncio.get_running_loop()
+
     def on_hint(hint: Hint) -> None:
         if hint.kind == "invalidate":
             control_plane.forget_adapters(sha256=hint.sha256, adapter_id=hint.adapter_id)
             if hint.sha256:
                 artifacts.discard(hint.sha256)
+        if not hint.sha256:
+            return
+        # The engine side (invalidate at once, demote, prewarm: fetch to disk then load) runs beside
+        # the listener, so a slow artifact fetch never holds up the hints behind it.
+        task = loop.create_task(apply_hint(engine, hint, artifacts))
+        running._hint_tasks.add(task)
+        task.add_done_callback(_hint_done(running._hint_tasks, hint))
 
-    loop = asyncio.get_running_loop()
     running._tasks = [
         loop.create_task(control_plane.run_heartbeats(state.worker_id, heartbeat_s, stats, register)),
         loop.create_task(_watch_engine(running)),
     ]
     if config.redis_url:
         running._tasks.append(loop.create_task(listen_for_hints(config.redis_url, on_hint)))
+        running._tasks.append(
+            loop.create_task(
+                publish_residency(
+                    config.redis_url, state.worker_id, residency, interval_s=config.residency_interval_s
+                )
+            )
+        )
     return running
+
+
+def _hint_done(pending: set[asyncio.Task], hint: Hint):
+    def done(task: asyncio.Task) -> None:
+        pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s hint for %s not applied: %s", hint.kind, hint.sha256[:12], task.exception())
+
+    return done
 
 
 async def _register_with_retry(register) -> float:

@@ -177,80 +177,87 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
         # Authorize answers parallel to the names asked for (validation refused duplicates).
         by_name = dict(zip(names, auth.adapters, strict=True))
+        for adapter in auth.adapters:
+            if adapter.keep_warm:
+                self._engine.set_keep_warm(adapter.sha256, True)
         fetch_started = time.monotonic()
         adapter_refs, tier = await self._resolve(valid, by_name)
         fetch_ms = (time.monotonic() - fetch_started) * 1000
-
-        request_id = valid.request_id or uuid.uuid4().hex
-        engine_request = EngineRequest(
-            # The engine's id is private: two calls may carry the same client request id.
-            request_id=uuid.uuid4().hex,
-            prompt_token_ids=prompt_ids,
-            sampling=SamplingOptions(
-                temperature=valid.temperature,
-                top_p=valid.top_p,
-                top_k=valid.top_k,
-                max_tokens=valid.max_tokens,
-                seed=valid.seed,
-                stop=valid.stop,
-                repetition_penalty=valid.repetition_penalty,
-                logprobs=valid.logprobs,
-            ),
-            adapters=adapter_refs,
-            arrival_time=arrival,
-        )
-        progress = _Progress(
-            prompt_tokens=len(prompt_ids),
-            adapters=tuple((by_name[name].adapter_id, weight) for name, weight in valid.adapters),
-        )
-        outputs = self._engine.generate(engine_request)
+        # Held on local disk (the disk budget never removes them) until the stream ends.
+        held = [ref.key for ref in adapter_refs]
         try:
-            async for out in outputs:
-                if out.error is not None:
-                    raise out.error
-                response = inference_pb2.GenerateResponse(
-                    request_id=request_id,
-                    text=out.new_text,
-                    token_ids=out.new_token_ids,
-                    logprobs=out.new_logprobs or [] if valid.logprobs else [],
-                )
-                if out.finished:
-                    engine_tier = out.cache_tier or "none"
-                    # A fetch from the control plane is the slowest tier; otherwise the engine knows.
-                    final_tier = "remote" if tier == "remote" else engine_tier
-                    response.finish_reason = _FINISH_REASONS.get(out.finish_reason or "abort", 0)
-                    response.usage.prompt_tokens = out.prompt_tokens
-                    response.usage.completion_tokens = progress.completion_tokens + len(out.new_token_ids)
-                    response.timing.queue_ms = out.queue_ms
-                    response.timing.adapter_load_ms = out.adapter_load_ms + (
-                        fetch_ms if tier == "remote" else 0
+            request_id = valid.request_id or uuid.uuid4().hex
+            engine_request = EngineRequest(
+                # The engine's id is private: two calls may carry the same client request id.
+                request_id=uuid.uuid4().hex,
+                prompt_token_ids=prompt_ids,
+                sampling=SamplingOptions(
+                    temperature=valid.temperature,
+                    top_p=valid.top_p,
+                    top_k=valid.top_k,
+                    max_tokens=valid.max_tokens,
+                    seed=valid.seed,
+                    stop=valid.stop,
+                    repetition_penalty=valid.repetition_penalty,
+                    logprobs=valid.logprobs,
+                ),
+                adapters=adapter_refs,
+                arrival_time=arrival,
+            )
+            progress = _Progress(
+                prompt_tokens=len(prompt_ids),
+                adapters=tuple((by_name[name].adapter_id, weight) for name, weight in valid.adapters),
+            )
+            outputs = self._engine.generate(engine_request)
+            try:
+                async for out in outputs:
+                    if out.error is not None:
+                        raise out.error
+                    response = inference_pb2.GenerateResponse(
+                        request_id=request_id,
+                        text=out.new_text,
+                        token_ids=out.new_token_ids,
+                        logprobs=out.new_logprobs or [] if valid.logprobs else [],
                     )
-                    response.timing.ttft_ms = out.ttft_ms
-                    response.timing.total_ms = out.total_ms
-                    response.timing.cache_tier = _CACHE_TIERS[final_tier]
-                    progress.queue_ms, progress.ttft_ms, progress.total_ms = (
-                        out.queue_ms,
-                        out.ttft_ms,
-                        out.total_ms,
-                    )
-                    self._observe_adapter(final_tier, response.timing.adapter_load_ms)
-                elif not out.new_token_ids and not out.new_text:
-                    continue
-                yield response
-                # Counted only once the transport took the message: that is what the caller received.
-                self._count_streamed(progress, out, arrival)
-                if out.finished:
-                    progress.finish_reason = out.finish_reason or "stop"
-                    break
-        except (asyncio.CancelledError, GeneratorExit):
-            progress.finish_reason = "abort"
-            raise
-        except BaseException:
-            progress.finish_reason = "error"
-            raise
+                    if out.finished:
+                        engine_tier = out.cache_tier or "none"
+                        # A fetch from the control plane is the slowest tier; otherwise the engine knows.
+                        final_tier = "remote" if tier == "remote" else engine_tier
+                        response.finish_reason = _FINISH_REASONS.get(out.finish_reason or "abort", 0)
+                        response.usage.prompt_tokens = out.prompt_tokens
+                        response.usage.completion_tokens = progress.completion_tokens + len(out.new_token_ids)
+                        response.timing.queue_ms = out.queue_ms
+                        response.timing.adapter_load_ms = out.adapter_load_ms + (
+                            fetch_ms if tier == "remote" else 0
+                        )
+                        response.timing.ttft_ms = out.ttft_ms
+                        response.timing.total_ms = out.total_ms
+                        response.timing.cache_tier = _CACHE_TIERS[final_tier]
+                        progress.queue_ms, progress.ttft_ms, progress.total_ms = (
+                            out.queue_ms,
+                            out.ttft_ms,
+                            out.total_ms,
+                        )
+                        self._observe_adapter(final_tier, response.timing.adapter_load_ms)
+                    elif not out.new_token_ids and not out.new_text:
+                        continue
+                    yield response
+                    # Counted only once the transport took the message: that is what the caller received.
+                    self._count_streamed(progress, out, arrival)
+                    if out.finished:
+                        progress.finish_reason = out.finish_reason or "stop"
+                        break
+            except (asyncio.CancelledError, GeneratorExit):
+                progress.finish_reason = "abort"
+                raise
+            except BaseException:
+                progress.finish_reason = "error"
+                raise
+            finally:
+                await _close(outputs)
+                self._record_usage(request_id, auth, progress, arrival)
         finally:
-            await _close(outputs)
-            self._record_usage(request_id, auth, progress, arrival)
+            self._artifacts.release(held)
 
     async def _authorize(self, api_key: str, names: tuple[str, ...]) -> Authorization:
         try:
@@ -260,6 +267,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 # The control plane says an adapter is gone (or never was visible): serve it never again.
                 for sha256 in self._cp.forget_adapters(names=names):
                     self._artifacts.discard(sha256)
+                    self._engine.invalidate(sha256)  # its device slot and host copy too
             raise
 
     async def _prompt_ids(self, valid: ValidRequest) -> list[int]:
@@ -277,7 +285,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._metrics.cache_lookups.labels("none").inc()
             return (), "none"
         resolved = [(by_name[name], weight) for name, weight in valid.adapters]
-        locals_ = await asyncio.gather(*(self._artifacts.ensure(a.sha256) for a, _ in resolved))
+        results = await asyncio.gather(
+            *(self._artifacts.ensure(a.sha256, hold=True) for a, _ in resolved), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:  # each ensure that failed gave back its own hold; give back the others'
+            self._artifacts.release(r.sha256 for r in results if not isinstance(r, BaseException))
+            raise failed[0]
+        locals_ = results
         refs = tuple(
             AdapterRef(key=a.sha256, path=local.path, weight=weight)
             for (a, weight), local in zip(resolved, locals_, strict=True)

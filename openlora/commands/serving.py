@@ -69,6 +69,18 @@ def _add_worker(subparsers) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=_env_int("NUM_KV_BLOCKS", None))
     p.add_argument("--max-num-seqs", type=int, default=_env_int("MAX_NUM_SEQS", 64))
     p.add_argument("--max-model-len", type=int, default=_env_int("MAX_MODEL_LEN", None))
+    p.add_argument(
+        "--host-cache-bytes",
+        type=int,
+        default=_env_int("HOST_CACHE_BYTES", None),
+        help="adapter host-memory budget (OPENLORA_HOST_CACHE_BYTES; default RAM/8, at most 8 GiB)",
+    )
+    p.add_argument(
+        "--disk-cache-bytes",
+        type=int,
+        default=_env_int("DISK_CACHE_BYTES", None),
+        help="local artifact disk budget (OPENLORA_DISK_CACHE_BYTES; default free disk/4, at most 20 GiB)",
+    )
     p.add_argument("--max-waiting", type=int, default=_env_int("MAX_WAITING", 256))
     p.add_argument("--max-tokens-limit", type=int, default=_env_int("MAX_TOKENS_LIMIT", 4096))
     p.add_argument("--drain-grace-s", type=float, default=_env_float("DRAIN_GRACE_S", 30.0))
@@ -101,6 +113,7 @@ def worker_config_from_args(args: argparse.Namespace):
             num_kv_blocks=args.num_kv_blocks,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
+            host_cache_bytes=args.host_cache_bytes,
         ),
         max_waiting=args.max_waiting,
         max_tokens_limit=args.max_tokens_limit,
@@ -108,6 +121,7 @@ def worker_config_from_args(args: argparse.Namespace):
         drain_grace_s=args.drain_grace_s,
         metrics_port=args.metrics_port,
         auth_cache_ttl_s=args.auth_cache_ttl_s,
+        disk_cache_bytes=args.disk_cache_bytes,
     )
 
 

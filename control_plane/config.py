@@ -29,6 +29,8 @@ class ControlPlaneConfig:
     heartbeat_interval_ms: int = 5000
     authorize_cache_ttl_ms: int = 5000
     grace_period_s: float = 5.0
+    # Seconds between prediction passes over usage (prewarm/demote hints); 0 disables. Needs redis_url.
+    predictor_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -49,3 +51,5 @@ class ControlPlaneConfig:
             raise ValueError("authorize_cache_ttl_ms must be in 1..10000")
         if self.heartbeat_interval_ms < 100:
             raise ValueError("heartbeat_interval_ms must be at least 100")
+        if self.predictor_interval_s < 0:
+            raise ValueError(f"predictor_interval_s must be >= 0, got {self.predictor_interval_s}")

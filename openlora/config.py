@@ -82,6 +82,7 @@ class ControlPlaneSettings:
     migrate: bool
     migrate_only: bool
     metrics_port: int
+    predictor_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.migrate_only and not self.migrate:
@@ -96,6 +97,7 @@ class ControlPlaneSettings:
             return str(value) if value not in (None, "") else (environ.get(env) or None)
 
         metrics = pick("metrics_port", "OPENLORA_METRICS_PORT")
+        predictor_interval = pick("predictor_interval_s", "OPENLORA_PREDICTOR_INTERVAL_S")
         return cls(
             listen=pick("listen", "OPENLORA_LISTEN") or DEFAULT_LISTEN,
             database_url=pick("database_url", "OPENLORA_DATABASE_URL"),
@@ -106,6 +108,7 @@ class ControlPlaneSettings:
             migrate=not flags.get("no_migrate"),
             migrate_only=bool(flags.get("migrate_only")),
             metrics_port=int(metrics) if metrics else 0,
+            predictor_interval_s=float(predictor_interval) if predictor_interval else 5.0,
         )
 
     def worker_token_or_stored(self) -> str:
@@ -132,4 +135,5 @@ class ControlPlaneSettings:
             admin_key=self.admin_key,
             migrate=self.migrate,
             metrics_port=self.metrics_port,
+            predictor_interval_s=self.predictor_interval_s,
         )

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.db import migrate
 from control_plane.db.engine import make_engine, make_sessionmaker
 from control_plane.hints.publisher import HintPublisher
+from control_plane.prediction.predictor import run_predictor_loop
 from control_plane.server.admin_servicer import AdminServicer
 from control_plane.server.interceptor import ErrorMappingInterceptor
 from control_plane.server.worker_servicer import WorkerServicer
@@ -47,6 +49,9 @@ class RunningControlPlane:
     health: health.HealthServicer
     admin_key: str | None
     admin_key_path: Path
+    # The prediction loop's thread (None: off) and its stop signal.
+    predictor: threading.Thread | None = None
+    _stop_predictor: threading.Event = field(default_factory=threading.Event)
 
     @property
     def target(self) -> str:
@@ -57,6 +62,9 @@ class RunningControlPlane:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.app.config.grace_period_s if grace_s is None else grace_s)
+        self._stop_predictor.set()
+        if self.predictor is not None:
+            await asyncio.to_thread(self.predictor.join)
         self.app.publisher.close()
         self.engine.dispose()
 
@@ -122,4 +130,13 @@ async def serve(config: ControlPlaneConfig) -> RunningControlPlane:
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("control plane listening on %s (port %d)", config.listen, port)
-    return RunningControlPlane(server, port, app, engine, health_servicer, admin_key, key_path)
+    running = RunningControlPlane(server, port, app, engine, health_servicer, admin_key, key_path)
+    if config.redis_url and config.predictor_interval_s > 0:
+        running.predictor = threading.Thread(
+            target=run_predictor_loop,
+            args=(app.sessions, config.redis_url, config.predictor_interval_s, running._stop_predictor),
+            name="predictor",
+            daemon=True,
+        )
+        running.predictor.start()
+    return running

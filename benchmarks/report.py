@@ -146,7 +146,8 @@ def summary_rows(results: dict) -> list[list]:
             ["3 scale", f"OpenLoRA, {cfg['num_adapter_slots']} slots",
              f"{s3['registered_adapters']} registered, {s3['distinct_adapters_touched']} touched, {s['requests']} req",
              s["tokens_per_s"], s["ttft_ms"]["p50"], s["ttft_ms"]["p99"], s["errors"],
-             f"worker RSS {rss['first']:.0f} -> peak {rss['peak']:.0f} MiB; usage {usage['recorded_requests']}/"
+             f"worker RSS {rss['first']:.0f} -> peak {rss['peak']:.0f} MiB (host tier cap "
+             f"{s3.get('host_cache_mib', 0):.0f} MiB); usage {usage['recorded_requests']}/"
              f"{usage['expected_requests']} req, exactly once: {usage['exactly_once']}; {_tiers(s)}"]
         )  # fmt: skip
     for c in results.get("s4_cost", []):

@@ -81,6 +81,8 @@ class BenchConfig:
     num_adapter_slots: int = 32
     max_num_seqs: int = 64
     max_waiting: int = 4096
+    # The worker's adapter host-memory tier (--host-cache-bytes): what bounds its resident memory.
+    host_cache_bytes: int = 1 << 30
     warmup: bool = True
     database_url: str | None = None
     redis_url: str | None = None
@@ -285,6 +287,7 @@ def scenario_scale(cfg: BenchConfig, system: RunningSystem, small_dirs: list[Pat
         "filler_distinct_artifacts": min(len(small_dirs), num_filler),
         "filler_register_s": register_s,
         "distinct_adapters_touched": len(trace.adapters_used),
+        "host_cache_mib": cfg.host_cache_bytes / MIB,
         "worker_rss_mib": {
             "first": memory.first_bytes / MIB,
             "peak": memory.peak_bytes / MIB,
@@ -417,6 +420,7 @@ def run_scenarios(
             f"--num-adapter-slots={cfg.num_adapter_slots}",
             f"--max-num-seqs={cfg.max_num_seqs}",
             f"--max-waiting={cfg.max_waiting}",
+            f"--host-cache-bytes={cfg.host_cache_bytes}",
         ),
     )
     try:
@@ -476,7 +480,9 @@ def method_notes(cfg: BenchConfig, results: dict) -> str:
             f"deduplicates by sha256; {s3['filler_register_s']:.0f} s). The trace ({cfg.s3_requests} requests "
             f"at {cfg.s3_rate_per_s} requests/s, {cfg.s3_output_len_range[0]} tokens each) requests every one of "
             f"the {s3['distinct_adapters_touched']} full adapters at least once, with no warm-up: first calls "
-            "are fetched from the control plane. Usage is read back with `GetUsage` for that tenant."
+            "are fetched from the control plane. Usage is read back with `GetUsage` for that tenant. The "
+            f"worker's adapter host tier is capped at {cfg.host_cache_bytes / MIB:.0f} MiB (`--host-cache-bytes`); "
+            "its resident memory is sampled every 0.2 s during the run."
         )
     notes.append(
         "- Scenario 4 sizes every deployment by the throughput OpenLoRA measured in scenario 1 (10 s windows "

@@ -25,6 +25,7 @@ from control_plane.registry.models import VISIBILITY_PRIVATE, VISIBILITY_PUBLIC,
 from control_plane.registry.uploads import UploadHeader, UploadPlan, UploadResult
 from control_plane.tenancy import service as tenancy
 from control_plane.tenancy.models import SCOPE_INFER, ApiKey, Tenant
+from control_plane.text import check_text
 from control_plane.usage import service as usage
 from control_plane.workers import service as workers
 from control_plane.workers.models import Worker
@@ -32,6 +33,8 @@ from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
 from openlora.artifact import digest_dir
 
 log = logging.getLogger(__name__)
+
+MAX_DESCRIPTION_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class ControlPlane:
             raise InvalidArgument("must be private or public", field="visibility")
         if header.royalty_micros_per_million_tokens < 0:
             raise InvalidArgument("must not be negative", field="royalty_micros_per_million_tokens")
+        check_text(header.description, "description", MAX_DESCRIPTION_CHARS)
         with self.sessions.begin() as s:
             tenant = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), header.tenant)
             spec = workers.base_model(s, header.base_model).to_spec()

@@ -30,7 +30,7 @@ class ArtifactStore:
         return Upload(self.tmp_root / uuid.uuid4().hex, check_manifest(manifest, max_size_bytes))
 
     def path_of(self, sha256: str) -> Path:
-        if not SHA256_HEX.match(sha256):
+        if not SHA256_HEX.fullmatch(sha256):
             raise InvalidArgument("must be 64 lowercase hex digits", field="sha256")
         return self.root / sha256
 

@@ -29,10 +29,11 @@ from control_plane.db.base import utc_now
 from control_plane.errors import InvalidArgument
 from control_plane.registry.models import Adapter
 from control_plane.tenancy.models import Tenant
+from control_plane.text import check_text
 from control_plane.usage.models import UsageCounter
 from control_plane.usage.shares import MICROS, round_half_even
 
-PERIOD = re.compile(r"^(?P<year>\d{4})-(?P<month>0[1-9]|1[0-2])$")
+PERIOD = re.compile(r"^(?P<year>[0-9]{4})-(?P<month>0[1-9]|1[0-2])$")
 TOKENS, ROYALTY_PAID, ROYALTY_EARNED = "tokens", "royalty_paid", "royalty_earned"
 _KIND_ORDER = {TOKENS: 0, ROYALTY_PAID: 1, ROYALTY_EARNED: 2}
 # micro-tokens (1e6 per token) times a price per million tokens (1e6 tokens): divide by 1e12.
@@ -63,6 +64,7 @@ class Invoice:
 def set_price(session: Session, base_model: str, prompt_micros: int, completion_micros: int) -> Price:
     if not base_model:
         raise InvalidArgument("required", field="base_model")
+    check_text(base_model, "base_model", 128)
     if prompt_micros < 0:
         raise InvalidArgument("must not be negative", field="prompt_micros_per_million_tokens")
     if completion_micros < 0:
@@ -88,7 +90,7 @@ def set_price(session: Session, base_model: str, prompt_micros: int, completion_
 
 def period_bounds(period: str) -> tuple[datetime, datetime]:
     """ "YYYY-MM" -> [first instant of the month, first instant of the next) in UTC."""
-    match = PERIOD.match(period)
+    match = PERIOD.fullmatch(period)
     if not match:
         raise InvalidArgument(f"must be YYYY-MM, got {period!r}", field="period")
     year, month = int(match["year"]), int(match["month"])

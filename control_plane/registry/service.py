@@ -44,7 +44,7 @@ class AdapterPage:
 
 
 def check_name(name: str) -> None:
-    if not ADAPTER_NAME.match(name):
+    if not ADAPTER_NAME.fullmatch(name):
         raise InvalidArgument("must be 1..128 characters of [A-Za-z0-9_.-]", field="name")
 
 
@@ -57,6 +57,8 @@ def resolve_visible(session: Session, tenant_id: uuid.UUID, name: str) -> Adapte
     (the same answer as for a name that never existed) otherwise."""
     if not name:
         raise InvalidArgument("required", field="adapter")
+    if not ADAPTER_NAME.fullmatch(name):
+        raise InvalidArgument("must be 1..128 characters of [A-Za-z0-9_.-]", field="adapter")
     own = session.scalar(
         select(Adapter).where(
             Adapter.tenant_id == tenant_id, Adapter.name == name, Adapter.status == STATUS_READY
@@ -86,8 +88,10 @@ def _encode_token(name: str, adapter_id: uuid.UUID) -> str:
 def _decode_token(token: str) -> tuple[str, uuid.UUID]:
     try:
         name, adapter_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return str(name), uuid.UUID(adapter_id)
-    except (ValueError, TypeError):
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+            raise ValueError(name)
+        return name, uuid.UUID(adapter_id)
+    except (ValueError, TypeError, AttributeError):
         raise InvalidArgument("not a token from a previous response", field="page_token") from None
 
 
@@ -119,6 +123,7 @@ def list_adapters(
 
 def delete_adapter(session: Session, tenant: Tenant, name: str) -> OwnedAdapter:
     """Marks the tenant's own adapter DELETED; another tenant's (even public) is NOT_FOUND."""
+    check_name(name)
     adapter = session.scalar(
         select(Adapter)
         .where(Adapter.tenant_id == tenant.id, Adapter.name == name, Adapter.status == STATUS_READY)

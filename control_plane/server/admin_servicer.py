@@ -87,8 +87,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ListWorkersResponse(workers=[convert.worker_to_proto(w) for w in found])
 
     async def GetUsage(self, request, context):
-        start = convert.from_timestamp(request.start) if request.HasField("start") else None
-        end = convert.from_timestamp(request.end) if request.HasField("end") else None
+        start = convert.from_timestamp(request.start, "start") if request.HasField("start") else None
+        end = convert.from_timestamp(request.end, "end") if request.HasField("end") else None
         summary = await asyncio.to_thread(
             self.app.get_usage, bearer_token(context), request.tenant, start, end
         )

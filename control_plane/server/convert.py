@@ -36,8 +36,12 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return ts
 
 
-def from_timestamp(ts: Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=timezone.utc)
+def from_timestamp(ts: Timestamp, field: str) -> datetime:
+    """The UTC datetime of a timestamp; INVALID_ARGUMENT naming `field` when outside years 1..9999."""
+    try:
+        return ts.ToDatetime(tzinfo=timezone.utc)
+    except (ValueError, OverflowError):
+        raise InvalidArgument("is not a valid timestamp (years 1..9999)", field=field) from None
 
 
 def scopes_to_proto(scopes: tuple[str, ...] | list[str]) -> list[int]:
@@ -180,7 +184,9 @@ def usage_report_from_proto(event: worker_pb2.UsageEvent) -> UsageReport:
         queue_ms=event.queue_ms,
         ttft_ms=event.ttft_ms,
         total_ms=event.total_ms,
-        finished_at=from_timestamp(event.finished_at) if event.HasField("finished_at") else None,
+        finished_at=from_timestamp(event.finished_at, "finished_at")
+        if event.HasField("finished_at")
+        else None,
         finish_reason=event.finish_reason,
     )
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+from sqlalchemy.exc import DataError
 
 from control_plane import errors, metrics
 from openlora.adapter_format import AdapterFormatError
@@ -28,6 +29,10 @@ _OWN_SERVICES = "/openlora.v1."
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, AdapterFormatError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, DataError):
+        # Postgres refused a value (too long, NUL, out of range) that no check caught: still the input.
+        log.warning("unchecked value refused by the database: %s", error.orig)
+        return grpc.StatusCode.INVALID_ARGUMENT, "a value is too long or out of range for its field"
     for kind, code in _CODES:
         if isinstance(error, kind):
             return code, str(error)

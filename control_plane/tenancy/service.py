@@ -23,9 +23,11 @@ from control_plane.errors import (
 from control_plane.tenancy import keys
 from control_plane.tenancy.caller import Caller
 from control_plane.tenancy.models import OPERATOR_TENANT, SCOPE_ADMIN, SCOPE_INFER, ApiKey, Tenant
+from control_plane.text import check_text
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UNKNOWN_KEY = "unknown or revoked api key"
+MAX_KEY_ID_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ def tenant_for(session: Session, caller: Caller, tenant_name: str) -> Tenant:
     any tenant for an operator; PERMISSION_DENIED otherwise."""
     if not tenant_name or tenant_name == caller.tenant_name:
         return session.get(Tenant, caller.tenant_id)
+    if not TENANT_NAME.fullmatch(tenant_name):
+        raise InvalidArgument("must be 1..64 characters of [A-Za-z0-9_.-]", field="tenant")
     require_operator(caller)
     tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
     if tenant is None:
@@ -119,7 +123,7 @@ def tenant_for(session: Session, caller: Caller, tenant_name: str) -> Tenant:
 
 def create_tenant(session: Session, caller: Caller, name: str) -> Tenant:
     require_operator(caller)
-    if not TENANT_NAME.match(name):
+    if not TENANT_NAME.fullmatch(name):
         raise InvalidArgument("must be 1..64 characters of [A-Za-z0-9_.-]", field="name")
     if session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
         raise AlreadyExists(f"tenant {name!r} already exists", field="name")
@@ -143,7 +147,7 @@ def revoke_api_key(session: Session, caller: Caller, key_id: str) -> ApiKey:
     """Revokes a key by id or display prefix; a tenant admin may revoke only its own tenant's keys."""
     row = _find_key(session, key_id)
     if row is None or (not caller.is_operator and row.tenant_id != caller.tenant_id):
-        raise NotFound(f"api key {key_id!r} not found", field="key_id")
+        raise NotFound("no such api key", field="key_id")
     if row.revoked_at is None:
         row.revoked_at = utc_now()
     return row
@@ -152,6 +156,7 @@ def revoke_api_key(session: Session, caller: Caller, key_id: str) -> ApiKey:
 def _find_key(session: Session, key_id: str) -> ApiKey | None:
     if not key_id:
         raise InvalidArgument("required", field="key_id")
+    check_text(key_id, "key_id", MAX_KEY_ID_CHARS)
     try:
         return session.get(ApiKey, uuid.UUID(key_id))
     except ValueError:

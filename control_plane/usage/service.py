@@ -23,6 +23,7 @@ from control_plane.db.base import utc_now
 from control_plane.errors import InvalidArgument
 from control_plane.registry.models import Adapter
 from control_plane.tenancy.models import Tenant
+from control_plane.text import check_text
 from control_plane.usage.models import UsageCounter, UsageEvent, UsageEventAdapter
 from control_plane.usage.shares import MICROS, round_half_even, split_micro_tokens, weight_decimal
 
@@ -84,6 +85,10 @@ def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
             raise InvalidArgument("token counts must not be negative", field=f"{where}.prompt_tokens")
         if not r.base_model:
             raise InvalidArgument("required", field=f"{where}.base_model")
+        check_text(r.request_id, f"{where}.request_id", MAX_REQUEST_ID_CHARS)
+        check_text(r.base_model, f"{where}.base_model", 128)
+        check_text(r.worker_id, f"{where}.worker_id", 128)
+        check_text(r.finish_reason, f"{where}.finish_reason", 32)
         for name in ("queue_ms", "ttft_ms", "total_ms"):
             value = getattr(r, name)
             if not math.isfinite(value) or value < 0:

@@ -10,8 +10,11 @@ from sqlalchemy.orm import Session
 
 from control_plane.db.base import utc_now
 from control_plane.errors import FailedPrecondition, InvalidArgument, NotFound
+from control_plane.text import check_text
 from control_plane.workers.models import BaseModelRow, Worker
 from openlora.base_model import BaseModelSpec
+
+MAX_NAME_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class WorkerRegistration:
 def _check_spec(spec: BaseModelSpec, fingerprint: str) -> None:
     if not spec.name:
         raise InvalidArgument("required", field="base_model.name")
+    check_text(spec.name, "base_model.name", MAX_NAME_CHARS)
+    check_text(spec.architecture, "base_model.architecture", 64)
     for f in fields(spec):
         value = getattr(spec, f.name)
         if isinstance(value, int) and value <= 0:
@@ -57,6 +62,8 @@ def register_worker(session: Session, registration: WorkerRegistration) -> Worke
     _check_spec(registration.spec, registration.fingerprint)
     if not registration.address:
         raise InvalidArgument("required", field="address")
+    check_text(registration.address, "address", 256)
+    check_text(registration.worker_id, "worker_id", MAX_NAME_CHARS)
     upsert_base_model(session, registration.spec)
     worker_id = registration.worker_id or uuid.uuid4().hex
     worker = session.get(Worker, worker_id, with_for_update=True)
@@ -77,7 +84,7 @@ def register_worker(session: Session, registration: WorkerRegistration) -> Worke
 def heartbeat(
     session: Session, worker_id: str, running_requests: int, waiting_requests: int, resident_adapters: int
 ) -> Worker:
-    worker = session.get(Worker, worker_id)
+    worker = session.get(Worker, check_text(worker_id, "worker_id", MAX_NAME_CHARS))
     if worker is None:
         raise NotFound(f"worker {worker_id!r} is not registered; register again", field="worker_id")
     worker.last_heartbeat_at = utc_now()
@@ -101,7 +108,7 @@ def base_model(session: Session, name: str) -> BaseModelRow:
                 "required when not exactly one base model is registered", field="base_model"
             )
         return only[0]
-    row = session.get(BaseModelRow, name)
+    row = session.get(BaseModelRow, check_text(name, "base_model", MAX_NAME_CHARS))
     if row is None:
         raise FailedPrecondition(
             f"base model {name!r} is not registered (a worker serving it must register first)",

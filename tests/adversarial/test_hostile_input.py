@@ -1,0 +1,345 @@
+"""Promise: bad input gets INVALID_ARGUMENT (or the documented code) naming the field, never INTERNAL or
+UNKNOWN. Each RPC's fields get hostile values: huge strings, NUL bytes, unicode, out-of-range numbers,
+malformed tokens and timestamps, invalid enum numbers, and malformed upload streams."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from openlora.v1 import admin_pb2, inference_pb2, worker_pb2
+
+from .conftest import ADMIN_KEY, BASE_MODEL, WORKER_TOKEN, bearer
+
+HOSTILE_STRINGS = {
+    "nul": "a\x00b",
+    "huge": "x" * 200_000,
+    "unicode": "ünï\u202ecodé-😀",
+    "path": "../../etc/passwd",
+    "blank": "   ",
+}
+NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+BAD_PAGE_TOKENS = {
+    "not-base64": "%%%",
+    "base64-of-garbage": base64.urlsafe_b64encode(b"\xff\xfe").decode(),
+    "json-int": base64.urlsafe_b64encode(b"7").decode(),
+    "json-ints": base64.urlsafe_b64encode(json.dumps([1, 2]).encode()).decode(),
+    "json-dict": base64.urlsafe_b64encode(json.dumps({"a": 1, "b": 2}).encode()).decode(),
+    "nul-name": base64.urlsafe_b64encode(
+        json.dumps(["a\x00", "00000000-0000-0000-0000-000000000000"]).encode()
+    ).decode(),
+    "three": base64.urlsafe_b64encode(json.dumps(["a", "b", "c"]).encode()).decode(),
+}
+
+
+def outcome(call) -> tuple[grpc.StatusCode, str]:
+    try:
+        result = call()
+        if hasattr(result, "__iter__") and not hasattr(result, "ListFields"):
+            list(result)
+    except grpc.RpcError as error:
+        return error.code(), error.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def assert_refused(call, field: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+    got, details = outcome(call)
+    assert (got, field in details) == (code, True), details
+
+
+def _admin(attacker, method: str, request):
+    return lambda: getattr(attacker.admin, method)(request, metadata=bearer(ADMIN_KEY), timeout=30)
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_STRINGS))
+def test_hostile_names_and_tenants_on_admin_rpcs_are_never_internal(attacker, kind):
+    value = HOSTILE_STRINGS[kind]
+    requests = {
+        "CreateTenant": admin_pb2.CreateTenantRequest(name=value),
+        "CreateApiKey": admin_pb2.CreateApiKeyRequest(tenant=value),
+        "RevokeApiKey": admin_pb2.RevokeApiKeyRequest(key_id=value),
+        "GetAdapter": admin_pb2.GetAdapterRequest(name=value),
+        "GetAdapter.tenant": admin_pb2.GetAdapterRequest(name="ad0", tenant=value),
+        "ListAdapters.tenant": admin_pb2.ListAdaptersRequest(tenant=value),
+        "ListAdapters.page_token": admin_pb2.ListAdaptersRequest(page_token=value),
+        "DeleteAdapter": admin_pb2.DeleteAdapterRequest(name=value),
+        "DeleteAdapter.tenant": admin_pb2.DeleteAdapterRequest(name="x", tenant=value),
+        "GetUsage": admin_pb2.GetUsageRequest(tenant=value),
+        "GetInvoice.tenant": admin_pb2.GetInvoiceRequest(tenant=value, period="2026-01"),
+        "GetInvoice.period": admin_pb2.GetInvoiceRequest(period=value),
+        "SetPrice": admin_pb2.SetPriceRequest(base_model=value),
+    }
+    codes = {what: outcome(_admin(attacker, what.split(".")[0], r))[0] for what, r in requests.items()}
+    assert {what: code for what, code in codes.items() if code in NEVER} == {}
+
+
+@pytest.mark.parametrize("token", sorted(BAD_PAGE_TOKENS))
+def test_malformed_page_token_is_invalid_argument(attacker, token):
+    request = admin_pb2.ListAdaptersRequest(page_token=BAD_PAGE_TOKENS[token])
+    assert_refused(_admin(attacker, "ListAdapters", request), "page_token")
+
+
+@pytest.mark.parametrize("page_size", [-1, -(2**31), 1001, 10**9])
+def test_page_size_out_of_range_is_invalid_argument(attacker, page_size):
+    request = admin_pb2.ListAdaptersRequest(page_size=page_size)
+    assert_refused(_admin(attacker, "ListAdapters", request), "page_size")
+
+
+def test_page_size_zero_means_the_default(attacker):
+    page = attacker.admin.ListAdapters(
+        admin_pb2.ListAdaptersRequest(page_size=0, include_public=True), metadata=bearer(ADMIN_KEY)
+    )
+    assert {a.name for a in page.adapters} >= {f"ad{i}" for i in range(8)}
+
+
+@pytest.mark.parametrize(
+    "period", ["2026-13", "2026-00", "26-01", "2026-1", "2026-01\x00", "2026-01\n", "", "९९९९-01"]
+)
+def test_bad_invoice_period_is_invalid_argument(attacker, period):
+    assert_refused(_admin(attacker, "GetInvoice", admin_pb2.GetInvoiceRequest(period=period)), "period")
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        Timestamp(seconds=2**62),
+        Timestamp(seconds=-(2**62)),
+        Timestamp(seconds=0, nanos=-1),
+        Timestamp(nanos=2 * 10**9),
+    ],
+    ids=["far-future", "far-past", "negative-nanos", "nanos-overflow"],
+)
+def test_out_of_range_usage_window_is_invalid_argument(attacker, start):
+    assert_refused(_admin(attacker, "GetUsage", admin_pb2.GetUsageRequest(start=start)), "start")
+
+
+def test_invalid_enum_numbers_are_invalid_argument(attacker):
+    assert_refused(_admin(attacker, "CreateApiKey", admin_pb2.CreateApiKeyRequest(scopes=[99])), "scopes")
+    header = admin_pb2.UploadAdapterHeader(name="enum", base_model=BASE_MODEL, visibility=77)
+    upload = lambda: attacker.admin.UploadAdapter(  # noqa: E731
+        iter([admin_pb2.UploadAdapterRequest(header=header)]), metadata=bearer(ADMIN_KEY)
+    )
+    assert_refused(upload, "visibility")
+    mix = lambda: attacker.generate(ADMIN_KEY, mix_method=42)  # noqa: E731
+    assert_refused(mix, "mix_method")
+
+
+def test_negative_prices_and_royalties_are_invalid_argument(attacker):
+    request = admin_pb2.SetPriceRequest(base_model=BASE_MODEL, prompt_micros_per_million_tokens=-1)
+    assert_refused(_admin(attacker, "SetPrice", request), "prompt_micros_per_million_tokens")
+    header = admin_pb2.UploadAdapterHeader(
+        name="r", base_model=BASE_MODEL, royalty_micros_per_million_tokens=-5
+    )
+    upload = lambda: attacker.admin.UploadAdapter(  # noqa: E731
+        iter([admin_pb2.UploadAdapterRequest(header=header)]), metadata=bearer(ADMIN_KEY)
+    )
+    assert_refused(upload, "royalty_micros_per_million_tokens")
+
+
+def _upload(attacker, messages):
+    return lambda: attacker.admin.UploadAdapter(iter(messages), metadata=bearer(ADMIN_KEY), timeout=30)
+
+
+def _header(name: str = "up", **fields) -> admin_pb2.UploadAdapterRequest:
+    files = fields.pop(
+        "files",
+        [
+            admin_pb2.FileManifest(filename="adapter_config.json", size_bytes=4),
+            admin_pb2.FileManifest(filename="adapter_model.safetensors", size_bytes=4),
+        ],
+    )
+    return admin_pb2.UploadAdapterRequest(
+        header=admin_pb2.UploadAdapterHeader(name=name, base_model=BASE_MODEL, files=files, **fields)
+    )
+
+
+def _chunk(
+    filename: str = "adapter_config.json", offset: int = 0, data: bytes = b"{}  "
+) -> admin_pb2.UploadAdapterRequest:
+    return admin_pb2.UploadAdapterRequest(
+        chunk=admin_pb2.FileChunk(filename=filename, offset=offset, data=data)
+    )
+
+
+def test_malformed_upload_streams_are_invalid_argument(attacker):
+    cases = {
+        "empty stream": ([], "header"),
+        "chunk before header": ([_chunk(), _header()], "header"),
+        "two headers": ([_header(), _header()], "header"),
+        "offset out of order": ([_header(), _chunk(offset=2)], "offset"),
+        "offset repeated": ([_header(), _chunk(data=b"{}"), _chunk(data=b"{}")], "offset"),
+        "huge offset": ([_header(), _chunk(offset=2**64 - 1)], "offset"),
+        "file not in manifest": ([_header(), _chunk(filename="adapter_model.bin")], "filename"),
+        "path in chunk name": ([_header(), _chunk(filename="../adapter_config.json")], "filename"),
+        "nul in chunk name": ([_header(), _chunk(filename="adapter_config.json\x00")], "filename"),
+        "too long a chunk": ([_header(), _chunk(data=b"x" * 5)], "data"),
+        "truncated": ([_header(), _chunk(data=b"{}")], "files"),
+        "nul in name": ([_header(name="a\x00b")], "name"),
+        "newline after name": ([_header(name="ad0\n")], "name"),
+        "nul in description": ([_header(description="a\x00")], "description"),
+        "huge description": ([_header(description="d" * 100_000)], "description"),
+        "huge declared size": (
+            [
+                _header(
+                    files=[
+                        admin_pb2.FileManifest(filename="adapter_config.json", size_bytes=2**64 - 1),
+                        admin_pb2.FileManifest(filename="adapter_model.safetensors", size_bytes=4),
+                    ]
+                )
+            ],
+            "files",
+        ),
+        "empty manifest": ([_header(files=[])], "files"),
+        "nul in tenant": ([_header(tenant="a\x00")], "tenant"),
+        "nul in base model": (
+            [
+                admin_pb2.UploadAdapterRequest(
+                    header=admin_pb2.UploadAdapterHeader(name="n", base_model="m\x00")
+                )
+            ],
+            "base_model",
+        ),
+        "huge base model": (
+            [
+                admin_pb2.UploadAdapterRequest(
+                    header=admin_pb2.UploadAdapterHeader(name="n", base_model="m" * 100_000)
+                )
+            ],
+            "base_model",
+        ),
+    }
+    wrong = {}
+    for what, (messages, field) in cases.items():
+        code, details = outcome(_upload(attacker, messages))
+        if (
+            code
+            not in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.NOT_FOUND,
+            )
+            or field not in details
+        ):
+            wrong[what] = (code, details)
+    assert wrong == {}
+
+
+def _worker(attacker, method: str, request):
+    def call():
+        result = getattr(attacker.workers, method)(request, metadata=bearer(WORKER_TOKEN), timeout=30)
+        return list(result) if method == "FetchArtifact" else result
+
+    return call
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_STRINGS))
+def test_hostile_strings_on_worker_service_are_never_internal(attacker, kind):
+    value = HOSTILE_STRINGS[kind]
+    event = dict(
+        request_id="r-" + kind, tenant_id="00000000-0000-0000-0000-000000000000", base_model=BASE_MODEL
+    )
+    requests = {
+        "Authorize.api_key": ("Authorize", worker_pb2.AuthorizeRequest(api_key=value)),
+        "Authorize.adapters": ("Authorize", worker_pb2.AuthorizeRequest(api_key=ADMIN_KEY, adapters=[value])),
+        "Authorize.base_model": (
+            "Authorize",
+            worker_pb2.AuthorizeRequest(api_key=ADMIN_KEY, base_model=value),
+        ),
+        "FetchArtifact": ("FetchArtifact", worker_pb2.FetchArtifactRequest(sha256=value)),
+        "Heartbeat": ("Heartbeat", worker_pb2.HeartbeatRequest(worker_id=value)),
+        "RegisterWorker.worker_id": (
+            "RegisterWorker",
+            worker_pb2.RegisterWorkerRequest(
+                worker_id=value, address="127.0.0.1:1", base_model=worker_pb2.BaseModelSpec(name="m")
+            ),
+        ),
+        "RegisterWorker.address": (
+            "RegisterWorker",
+            worker_pb2.RegisterWorkerRequest(address=value, base_model=worker_pb2.BaseModelSpec(name="m")),
+        ),
+        "RegisterWorker.base_model": (
+            "RegisterWorker",
+            worker_pb2.RegisterWorkerRequest(
+                address="127.0.0.1:1", base_model=worker_pb2.BaseModelSpec(name=value)
+            ),
+        ),
+        "ReportUsage.request_id": (
+            "ReportUsage",
+            worker_pb2.ReportUsageRequest(events=[worker_pb2.UsageEvent(**{**event, "request_id": value})]),
+        ),
+        "ReportUsage.tenant_id": (
+            "ReportUsage",
+            worker_pb2.ReportUsageRequest(events=[worker_pb2.UsageEvent(**{**event, "tenant_id": value})]),
+        ),
+        "ReportUsage.worker_id": (
+            "ReportUsage",
+            worker_pb2.ReportUsageRequest(events=[worker_pb2.UsageEvent(**event, worker_id=value)]),
+        ),
+        "ReportUsage.base_model": (
+            "ReportUsage",
+            worker_pb2.ReportUsageRequest(events=[worker_pb2.UsageEvent(**{**event, "base_model": value})]),
+        ),
+        "ReportUsage.finish_reason": (
+            "ReportUsage",
+            worker_pb2.ReportUsageRequest(events=[worker_pb2.UsageEvent(**event, finish_reason=value)]),
+        ),
+    }
+    codes = {what: outcome(_worker(attacker, method, r))[0] for what, (method, r) in requests.items()}
+    assert {what: code for what, code in codes.items() if code in NEVER} == {}
+
+
+def test_out_of_range_usage_timestamps_are_invalid_argument(attacker):
+    event = worker_pb2.UsageEvent(
+        request_id="ts",
+        tenant_id="00000000-0000-0000-0000-000000000000",
+        base_model=BASE_MODEL,
+        finished_at=Timestamp(seconds=2**62),
+    )
+    assert_refused(
+        _worker(attacker, "ReportUsage", worker_pb2.ReportUsageRequest(events=[event])), "finished_at"
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_STRINGS))
+def test_hostile_generate_fields_are_never_internal(attacker, kind):
+    value = HOSTILE_STRINGS[kind]
+    fields = {
+        "request_id": dict(request_id=value),
+        "adapter": dict(adapter=value),
+        "mix": dict(mix=[inference_pb2.AdapterWeight(adapter=value, weight=1.0)]),
+        "prompt": dict(prompt=value),
+        "stop": dict(sampling=inference_pb2.SamplingParams(max_tokens=1, stop=[value])),
+    }
+    codes = {what: outcome(lambda f=f: attacker.generate(ADMIN_KEY, **f))[0] for what, f in fields.items()}
+    assert {what: code for what, code in codes.items() if code in NEVER} == {}
+
+
+@pytest.mark.parametrize(
+    "sampling, field",
+    [
+        (dict(max_tokens=-1), "max_tokens"),
+        (dict(max_tokens=10**9), "max_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+    ],
+)
+def test_bad_sampling_is_invalid_argument_naming_the_field(attacker, sampling, field):
+    call = lambda: attacker.generate(ADMIN_KEY, sampling=inference_pb2.SamplingParams(**sampling))  # noqa: E731
+    assert_refused(call, field)
+
+
+def test_bad_prompt_token_ids_and_weights_are_invalid_argument(attacker):
+    assert_refused(lambda: attacker.generate(ADMIN_KEY, prompt="", prompt_token_ids=[-1]), "prompt_token_ids")
+    assert_refused(
+        lambda: attacker.generate(ADMIN_KEY, prompt="", prompt_token_ids=[2**31 - 1]), "prompt_token_ids"
+    )
+    mix = [inference_pb2.AdapterWeight(adapter="ad0", weight=float("inf"))]
+    assert_refused(lambda: attacker.generate(ADMIN_KEY, mix=mix), "weight")

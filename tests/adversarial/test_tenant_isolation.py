@@ -1,0 +1,168 @@
+"""Promise: no private adapter of one tenant is visible to another, through any RPC."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from openlora.v1 import admin_pb2, inference_pb2, worker_pb2
+
+from .conftest import ADMIN_KEY, BASE_MODEL, WORKER_TOKEN, bearer, status_of
+
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+
+
+@pytest.fixture(scope="module")
+def victim(attacker):
+    """Tenant A with a private adapter `secret` (and a public one `shared`)."""
+    a = attacker.new_tenant()
+    a.secret_sha256 = attacker.push(a, "secret", adapter="ad1")
+    attacker.push(a, "shared", adapter="ad2", public=True)
+    return a
+
+
+@pytest.fixture(scope="module")
+def intruder(attacker):
+    return attacker.new_tenant()
+
+
+def test_get_adapter_of_another_tenants_private_adapter_is_not_found(attacker, victim, intruder):
+    get = attacker.admin.GetAdapter
+    assert (
+        status_of(
+            lambda: get(admin_pb2.GetAdapterRequest(name="secret"), metadata=bearer(intruder.admin_key))
+        )
+        == NOT_FOUND
+    )
+    # Naming the owner is acting for another tenant: refused whether or not the adapter exists.
+    for name in ("secret", "never-existed"):
+        request = admin_pb2.GetAdapterRequest(name=name, tenant=victim.name)
+        assert status_of(lambda r=request: get(r, metadata=bearer(intruder.admin_key))) == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+    assert get(admin_pb2.GetAdapterRequest(name="shared"), metadata=bearer(intruder.admin_key)).adapter.name
+
+
+def _all_pages(attacker, key: str, page_size: int, token: str = "") -> list[admin_pb2.Adapter]:
+    found = []
+    while True:
+        page = attacker.admin.ListAdapters(
+            admin_pb2.ListAdaptersRequest(page_size=page_size, page_token=token, include_public=True),
+            metadata=bearer(key),
+        )
+        found += page.adapters
+        token = page.next_page_token
+        if not token:
+            return found
+
+
+def test_list_adapters_never_lists_another_tenants_private_adapter(attacker, victim, intruder):
+    seen = _all_pages(attacker, intruder.admin_key, page_size=1)
+    assert ("secret", victim.name) not in {(a.name, a.tenant) for a in seen}
+    assert ("shared", victim.name) in {(a.name, a.tenant) for a in seen}
+    assert not any(a.sha256 == victim.secret_sha256 and a.tenant == victim.name for a in seen)
+
+
+def test_a_page_token_of_another_tenant_reveals_nothing_private(attacker, victim, intruder):
+    page = attacker.admin.ListAdapters(
+        admin_pb2.ListAdaptersRequest(page_size=1), metadata=bearer(victim.admin_key)
+    )
+    assert page.next_page_token  # victim owns two adapters
+    seen = _all_pages(attacker, intruder.admin_key, page_size=5, token=page.next_page_token)
+    assert all(a.tenant != victim.name or a.visibility == admin_pb2.VISIBILITY_PUBLIC for a in seen)
+
+
+def test_delete_of_another_tenants_adapter_is_not_found_and_changes_nothing(attacker, victim, intruder):
+    for name in ("secret", "shared"):
+        request = admin_pb2.DeleteAdapterRequest(name=name)
+        assert (
+            status_of(lambda r=request: attacker.admin.DeleteAdapter(r, metadata=bearer(intruder.admin_key)))
+            == NOT_FOUND
+        )
+    mine = attacker.admin.GetAdapter(
+        admin_pb2.GetAdapterRequest(name="secret"), metadata=bearer(victim.admin_key)
+    )
+    assert mine.adapter.status == admin_pb2.ADAPTER_STATUS_READY
+    assert mine.adapter.sha256 == victim.secret_sha256
+
+
+def test_uploading_the_same_name_as_another_tenant_makes_a_separate_adapter(attacker, victim, intruder):
+    sha256 = attacker.push(intruder, "secret", adapter="ad3")
+    assert sha256 != victim.secret_sha256
+    theirs = attacker.admin.GetAdapter(
+        admin_pb2.GetAdapterRequest(name="secret"), metadata=bearer(victim.admin_key)
+    )
+    assert (theirs.adapter.tenant, theirs.adapter.sha256) == (victim.name, victim.secret_sha256)
+    mine = attacker.admin.GetAdapter(
+        admin_pb2.GetAdapterRequest(name="secret"), metadata=bearer(intruder.admin_key)
+    )
+    assert (mine.adapter.tenant, mine.adapter.sha256) == (intruder.name, sha256)
+    attacker.admin.DeleteAdapter(
+        admin_pb2.DeleteAdapterRequest(name="secret"), metadata=bearer(intruder.admin_key)
+    )
+
+
+def test_authorize_refuses_another_tenants_private_adapter(attacker, victim, intruder):
+    request = worker_pb2.AuthorizeRequest(
+        api_key=intruder.infer_key, adapters=["secret"], base_model=BASE_MODEL
+    )
+    assert status_of(lambda: attacker.workers.Authorize(request, metadata=bearer(WORKER_TOKEN))) == NOT_FOUND
+    request = worker_pb2.AuthorizeRequest(
+        api_key=victim.infer_key, adapters=["secret"], base_model=BASE_MODEL
+    )
+    assert (
+        attacker.workers.Authorize(request, metadata=bearer(WORKER_TOKEN)).adapters[0].sha256
+        == victim.secret_sha256
+    )
+
+
+def test_generate_with_another_tenants_private_adapter_is_not_found(attacker, victim, intruder):
+    assert status_of(lambda: attacker.generate(intruder.infer_key, adapter="secret")) == NOT_FOUND
+    mix = [
+        inference_pb2.AdapterWeight(adapter="ad0", weight=0.5),
+        inference_pb2.AdapterWeight(adapter="secret", weight=0.5),
+    ]
+    assert status_of(lambda: attacker.generate(intruder.infer_key, mix=mix)) == NOT_FOUND
+    # The owner, asking right after, is served (the refusal did not poison the worker's caches).
+    assert attacker.generate(victim.infer_key, adapter="secret")[-1].usage.completion_tokens == 2
+
+
+def test_fetch_artifact_refuses_an_api_key(attacker, victim):
+    request = worker_pb2.FetchArtifactRequest(sha256=victim.secret_sha256)
+    for key in (victim.admin_key, victim.infer_key, ADMIN_KEY):
+        assert status_of(lambda k=key: list(attacker.workers.FetchArtifact(request, metadata=bearer(k)))) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+
+
+def test_tenant_admin_cannot_read_or_act_for_another_tenant(attacker, victim, intruder):
+    m = bearer(intruder.admin_key)
+    calls = {
+        "GetUsage": lambda: attacker.admin.GetUsage(
+            admin_pb2.GetUsageRequest(tenant=victim.name), metadata=m
+        ),
+        "GetInvoice": lambda: attacker.admin.GetInvoice(
+            admin_pb2.GetInvoiceRequest(tenant=victim.name, period="2026-01"), metadata=m
+        ),
+        "CreateApiKey": lambda: attacker.admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(tenant=victim.name, scopes=[admin_pb2.SCOPE_ADMIN]), metadata=m
+        ),
+        "ListAdapters": lambda: attacker.admin.ListAdapters(
+            admin_pb2.ListAdaptersRequest(tenant=victim.name), metadata=m
+        ),
+        "ListWorkers": lambda: attacker.admin.ListWorkers(admin_pb2.ListWorkersRequest(), metadata=m),
+        "CreateTenant": lambda: attacker.admin.CreateTenant(
+            admin_pb2.CreateTenantRequest(name="evil"), metadata=m
+        ),
+    }
+    codes = {name: status_of(call) for name, call in calls.items()}
+    assert codes == dict.fromkeys(calls, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def test_tenant_admin_cannot_revoke_another_tenants_key(attacker, victim, intruder):
+    request = admin_pb2.RevokeApiKeyRequest(key_id=victim.infer_key_id)
+    assert (
+        status_of(lambda: attacker.admin.RevokeApiKey(request, metadata=bearer(intruder.admin_key)))
+        == NOT_FOUND
+    )
+    assert attacker.generate(victim.infer_key)[-1].usage.completion_tokens == 2

@@ -223,6 +223,10 @@ class AdapterCache:
         """Keep-warm adapters never leave host memory once there."""
         self._usage_of(key).keep_warm = keep_warm
 
+    def is_keep_warm(self, key: str) -> bool:
+        usage = self._usage.get(key)
+        return usage is not None and usage.keep_warm
+
     def record_size(self, key: str, size_bytes: int) -> None:
         self._usage_of(key).size_bytes = size_bytes
 

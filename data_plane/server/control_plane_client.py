@@ -148,7 +148,10 @@ class ControlPlaneClient:
                 request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S
             )
         except grpc.RpcError as error:
-            self._auth_cache.pop(key, None)
+            # An expired answer naming an adapter now NOT_FOUND stays until `forget_adapters`, which
+            # reads the sha256s the worker must drop from it.
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                self._auth_cache.pop(key, None)
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._forget_key(api_key)
             raise ControlPlaneError.from_rpc(error, "Authorize") from None

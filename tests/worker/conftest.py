@@ -158,3 +158,22 @@ def hinted_worker(system, tmp_path, redis_url):
     )
     yield worker
     system.loop.run(worker.stop(1.0))
+
+
+@pytest.fixture
+def make_worker(system, tmp_path):
+    """Starts extra workers on the system's control plane (`make_worker(redis_url, **config)`), each with
+    its own state dir; all are stopped after the test."""
+    started = []
+
+    def make(redis_url: str | None = None, **overrides):
+        state_dir = tmp_path / f"worker-{len(started)}"
+        worker = start_worker(
+            system.loop, system.control_plane.target, system.model_dir, state_dir, redis_url, **overrides
+        )
+        started.append(worker)
+        return worker
+
+    yield make
+    for worker in started:
+        system.loop.run(worker.stop(1.0))

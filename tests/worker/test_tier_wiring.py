@@ -1,0 +1,179 @@
+"""The worker wired to the tiers: hints through a Redis that goes away and comes back, keep-warm from the
+registry, a deleted adapter's engine slot freed, the local disk budget never removing an artifact in use."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import update
+from worker_test_support import free_port
+
+from control_plane.hints.publisher import HintPublisher
+from control_plane.registry.models import Adapter
+from data_plane.adapters.hint_actions import residency_key
+from openlora import errors
+from openlora.client import Client
+
+BASE_MODEL = "tiny"
+
+
+class PrivateRedis:
+    """A redis-server of this test's own on a free port, stopped and started at will (no persistence)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self._workdir = workdir
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("the redis-server binary is required")
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        self._process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self._workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+            self._process = None
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _push_variant(system, tmp_path: Path, name: str, tenant: str, alpha: int) -> str:
+    """A private copy of a demo adapter with its own content (so its own sha256)."""
+    src = tmp_path / name
+    shutil.copytree(system.model_dir / "adapters" / "ad6", src)
+    config = src / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": 16', f'"lora_alpha": {alpha}'))
+    return system.admin.push(src, name, tenant, BASE_MODEL)
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_streams_go_on_while_redis_is_down_and_an_invalidation_after_it_returns_still_arrives(
+    system, make_worker, private_redis, tmp_path
+):
+    worker = make_worker(private_redis.url, residency_interval_s=0.1)
+    tenant, _, key = system.new_tenant(admin=True)
+    sha = _push_variant(system, tmp_path, "flaky", tenant, alpha=11)
+    with Client(f"127.0.0.1:{worker.port}", key) as client:
+        stream = client.generate_stream("hello", adapter="flaky", max_tokens=48)
+        first = next(stream)
+        private_redis.stop()  # mid-stream
+        rest = list(stream)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 48
+        assert rest[-1].usage.completion_tokens == 48
+        assert client.complete("hello", adapter="flaky", max_tokens=4)  # a new stream, Redis still down
+        assert sha in worker.engine.resident_adapter_keys()
+
+        private_redis.start()
+        client_redis = redis.Redis(port=private_redis.port, decode_responses=True)
+
+        def residency_lists_it() -> bool:
+            fields = client_redis.hgetall(residency_key(worker.worker_id))
+            return bool(fields) and sha in json.loads(fields["device_adapters"])
+
+        assert _wait_for(residency_lists_it), "the residency heartbeat did not resume"
+        publisher = HintPublisher(private_redis.url)
+        try:
+            assert publisher.invalidate("unknown-id", sha)
+        finally:
+            publisher.close()
+        artifact = worker.config.artifacts_dir / sha
+        assert _wait_for(
+            lambda: sha not in worker.engine.resident_adapter_keys() and not artifact.exists()
+        ), "the invalidation published after Redis returned did not reach the worker"
+        assert sha not in worker.engine.host_adapter_keys()
+
+
+def test_deleted_adapter_frees_its_engine_slot_when_authorize_answers_not_found(
+    system, spare_worker, tmp_path
+):
+    tenant, _, key = system.new_tenant(admin=True)
+    sha = _push_variant(system, tmp_path, "doomed", tenant, alpha=12)
+    with Client(f"127.0.0.1:{spare_worker.port}", key) as client:
+        assert client.complete("hello", adapter="doomed", max_tokens=2)
+        assert sha in spare_worker.engine.resident_adapter_keys()
+        system.admin.delete("doomed", tenant)
+        time.sleep(0.5)  # past the worker's authorisation cache (0.3 s); this worker has no hints
+        with pytest.raises(errors.NotFound):
+            client.complete("hello", adapter="doomed", max_tokens=2)
+    assert _wait_for(lambda: sha not in spare_worker.engine.resident_adapter_keys()), "slot not freed"
+    assert not (spare_worker.config.artifacts_dir / sha).exists()
+
+
+def test_keep_warm_set_in_the_registry_reaches_the_engine(system, spare_worker, tmp_path):
+    tenant, _, key = system.new_tenant(admin=True)
+    warm = _push_variant(system, tmp_path, "warm", tenant, alpha=14)
+    plain = _push_variant(system, tmp_path, "plain", tenant, alpha=15)
+    with system.control_plane.app.sessions.begin() as s:
+        s.execute(update(Adapter).where(Adapter.sha256 == warm).values(keep_warm=True))
+    cache = spare_worker.engine.engine.adapter_cache
+    with Client(f"127.0.0.1:{spare_worker.port}", key) as client:
+        assert client.complete("hello", adapter="warm", max_tokens=2)
+        assert client.complete("hello", adapter="plain", max_tokens=2)
+    assert _wait_for(lambda: cache.is_keep_warm(warm))
+    assert not cache.is_keep_warm(plain)
+
+
+def test_disk_budget_never_removes_an_artifact_a_stream_is_using(system, make_worker):
+    worker = make_worker(None, disk_cache_bytes=1)  # every artifact is over budget: only use keeps one
+    _, _, key = system.new_tenant()
+    first_sha, second_sha = system.adapters["ad1"], system.adapters["ad2"]
+    first_dir, second_dir = (worker.config.artifacts_dir / s for s in (first_sha, second_sha))
+    with Client(f"127.0.0.1:{worker.port}", key) as client:
+        stream = client.generate_stream("hello", adapter="ad1", max_tokens=64)
+        head = next(stream)
+        assert first_dir.is_dir()
+        # A second adapter arrives and pushes the directory over budget while ad1 streams.
+        assert client.complete("hello", adapter="ad2", max_tokens=3)
+        assert first_dir.is_dir(), "an artifact in use was removed"
+        assert not second_dir.exists(), "an unused artifact over the budget was kept"
+        rest = list(stream)
+        assert len(head.token_ids) + sum(len(r.token_ids) for r in rest) == 64
+    assert _wait_for(lambda: not first_dir.exists())
+    assert worker.config.disk_cache_bytes == 1

@@ -49,7 +49,11 @@ class Predictor:
         query = (
             select(Adapter.id, Adapter.sha256, UsageEvent.finished_at)
             .join(UsageEventAdapter, UsageEventAdapter.adapter_id == Adapter.id)
-            .join(UsageEvent, UsageEvent.request_id == UsageEventAdapter.request_id)
+            .join(
+                UsageEvent,
+                (UsageEvent.tenant_id == UsageEventAdapter.tenant_id)
+                & (UsageEvent.request_id == UsageEventAdapter.request_id),
+            )
             .where(
                 Adapter.status == STATUS_READY,
                 UsageEvent.finished_at >= since,

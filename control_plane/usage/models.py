@@ -10,7 +10,17 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Identity, Index, Numeric, String, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Identity,
+    Index,
+    Numeric,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from control_plane.db.base import Base, utc_now
@@ -19,11 +29,14 @@ MICROS = 1_000_000
 
 
 class UsageEvent(Base):
+    """One request, unique by (tenant, request id): request ids are chosen by clients, so another tenant
+    reusing one never suppresses (or adds to) this tenant's billing."""
+
     __tablename__ = "usage_event"
     __table_args__ = (Index("ix_usage_event_tenant_id_finished_at", "tenant_id", "finished_at"),)
 
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id"), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id"))
     worker_id: Mapped[str] = mapped_column(String(128), default="")
     base_model: Mapped[str] = mapped_column(String(128), default="")
     prompt_tokens: Mapped[int] = mapped_column(BigInteger)
@@ -38,10 +51,17 @@ class UsageEvent(Base):
 
 class UsageEventAdapter(Base):
     __tablename__ = "usage_event_adapter"
-
-    request_id: Mapped[str] = mapped_column(
-        ForeignKey("usage_event.request_id", ondelete="CASCADE"), primary_key=True
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["tenant_id", "request_id"],
+            ["usage_event.tenant_id", "usage_event.request_id"],
+            name="fk_usage_event_adapter_tenant_id_usage_event",
+            ondelete="CASCADE",
+        ),
     )
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     adapter_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("adapter.id"), primary_key=True)
     weight: Mapped[Decimal] = mapped_column(Numeric(18, 6))
 

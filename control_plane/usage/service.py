@@ -1,10 +1,11 @@
 """Recording usage events idempotently, and reading usage back.
 
-An event is inserted with `INSERT ... ON CONFLICT (request_id) DO NOTHING RETURNING request_id`; only
+An event is inserted with `INSERT ... ON CONFLICT (tenant_id, request_id) DO NOTHING RETURNING ...`; only
 the events really inserted move the hourly counters, in the same transaction, so retries, duplicates
 and two workers reporting one request never double count. A batch is validated whole first and then
 succeeds or fails atomically. Rows are written in a fixed order (request id, counter key) so that
-concurrent batches cannot deadlock."""
+concurrent batches cannot deadlock. Request ids are chosen by clients, so the key is (tenant, request id):
+another tenant sending the same id is another request."""
 
 from __future__ import annotations
 
@@ -127,14 +128,14 @@ def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
 
 def report_usage(session: Session, reports: list[UsageReport]) -> ReportOutcome:
     checked = _check(session, reports)
-    unique: dict[str, _Checked] = {}
+    unique: dict[tuple[str, str], _Checked] = {}
     for c in checked:
-        unique.setdefault(c.report.request_id, c)
+        unique.setdefault((str(c.tenant_id), c.report.request_id), c)
     if not unique:
         return ReportOutcome(0, 0)
     ordered = [unique[k] for k in sorted(unique)]
-    inserted_ids = set(
-        session.scalars(
+    inserted_keys = set(
+        session.execute(
             insert(UsageEvent)
             .values(
                 [
@@ -155,13 +156,18 @@ def report_usage(session: Session, reports: list[UsageReport]) -> ReportOutcome:
                     for c in ordered
                 ]
             )
-            .on_conflict_do_nothing(index_elements=["request_id"])
-            .returning(UsageEvent.request_id)
-        )
+            .on_conflict_do_nothing(index_elements=["tenant_id", "request_id"])
+            .returning(UsageEvent.tenant_id, UsageEvent.request_id)
+        ).tuples()
     )
-    new = [c for c in ordered if c.report.request_id in inserted_ids]
+    new = [c for c in ordered if (c.tenant_id, c.report.request_id) in inserted_keys]
     links = [
-        {"request_id": c.report.request_id, "adapter_id": adapter_id, "weight": weight}
+        {
+            "tenant_id": c.tenant_id,
+            "request_id": c.report.request_id,
+            "adapter_id": adapter_id,
+            "weight": weight,
+        }
         for c in new
         for adapter_id, weight in c.adapters
     ]

@@ -60,6 +60,10 @@ class MissingScope(Exception):
     """The key is valid but may not call InferenceService."""
 
 
+class DuplicateRequest(Exception):
+    """A call with the same tenant and request id is still in flight."""
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status code and message for a domain error; None for a fault of the worker itself."""
     if isinstance(error, RequestFieldError):
@@ -84,6 +88,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.UNAUTHENTICATED, "missing metadata 'authorization: Bearer <api key>'"
     if isinstance(error, MissingScope):
         return grpc.StatusCode.PERMISSION_DENIED, "the api key lacks the infer scope"
+    if isinstance(error, DuplicateRequest):
+        return grpc.StatusCode.ALREADY_EXISTS, f"request_id {error.args[0]!r} is already in flight"
     return None
 
 
@@ -138,6 +144,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._metrics = metrics
         self._state = state
         self._limits = limits
+        # (tenant id, request id) of the calls streaming now.
+        self._in_flight: set[tuple[str, str]] = set()
 
     async def Generate(self, request, context) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """Streams one completion: a message per engine step, the last with finish_reason, usage, timing."""
@@ -172,92 +180,103 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if not auth.can_infer:
             raise MissingScope()
         valid = check_request(request, self._limits)
-        prompt_ids = await self._prompt_ids(valid)
-        check_prompt_length(len(prompt_ids), self._limits)
-
-        # Authorize answers parallel to the names asked for (validation refused duplicates).
-        by_name = dict(zip(names, auth.adapters, strict=True))
-        for adapter in auth.adapters:
-            if adapter.keep_warm:
-                self._engine.set_keep_warm(adapter.sha256, True)
-        fetch_started = time.monotonic()
-        adapter_refs, tier = await self._resolve(valid, by_name)
-        fetch_ms = (time.monotonic() - fetch_started) * 1000
-        # Held on local disk (the disk budget never removes them) until the stream ends.
-        held = [ref.key for ref in adapter_refs]
+        request_id = valid.request_id or uuid.uuid4().hex
+        # One run per (tenant, request id) at a time: a duplicate in flight would stream a second answer
+        # billed once. A request id is free again once its call ended (a retry keeps its billing key).
+        claim = (auth.tenant_id, request_id)
+        if claim in self._in_flight:
+            raise DuplicateRequest(request_id)
+        self._in_flight.add(claim)
         try:
-            request_id = valid.request_id or uuid.uuid4().hex
-            engine_request = EngineRequest(
-                # The engine's id is private: two calls may carry the same client request id.
-                request_id=uuid.uuid4().hex,
-                prompt_token_ids=prompt_ids,
-                sampling=SamplingOptions(
-                    temperature=valid.temperature,
-                    top_p=valid.top_p,
-                    top_k=valid.top_k,
-                    max_tokens=valid.max_tokens,
-                    seed=valid.seed,
-                    stop=valid.stop,
-                    repetition_penalty=valid.repetition_penalty,
-                    logprobs=valid.logprobs,
-                ),
-                adapters=adapter_refs,
-                arrival_time=arrival,
-            )
-            progress = _Progress(
-                prompt_tokens=len(prompt_ids),
-                adapters=tuple((by_name[name].adapter_id, weight) for name, weight in valid.adapters),
-            )
-            outputs = self._engine.generate(engine_request)
+            prompt_ids = await self._prompt_ids(valid)
+            check_prompt_length(len(prompt_ids), self._limits)
+
+            # Authorize answers parallel to the names asked for (validation refused duplicates).
+            by_name = dict(zip(names, auth.adapters, strict=True))
+            for adapter in auth.adapters:
+                if adapter.keep_warm:
+                    self._engine.set_keep_warm(adapter.sha256, True)
+            fetch_started = time.monotonic()
+            adapter_refs, tier = await self._resolve(valid, by_name)
+            fetch_ms = (time.monotonic() - fetch_started) * 1000
+            # Held on local disk (the disk budget never removes them) until the stream ends.
+            held = [ref.key for ref in adapter_refs]
             try:
-                async for out in outputs:
-                    if out.error is not None:
-                        raise out.error
-                    response = inference_pb2.GenerateResponse(
-                        request_id=request_id,
-                        text=out.new_text,
-                        token_ids=out.new_token_ids,
-                        logprobs=out.new_logprobs or [] if valid.logprobs else [],
-                    )
-                    if out.finished:
-                        engine_tier = out.cache_tier or "none"
-                        # A fetch from the control plane is the slowest tier; otherwise the engine knows.
-                        final_tier = "remote" if tier == "remote" else engine_tier
-                        response.finish_reason = _FINISH_REASONS.get(out.finish_reason or "abort", 0)
-                        response.usage.prompt_tokens = out.prompt_tokens
-                        response.usage.completion_tokens = progress.completion_tokens + len(out.new_token_ids)
-                        response.timing.queue_ms = out.queue_ms
-                        response.timing.adapter_load_ms = out.adapter_load_ms + (
-                            fetch_ms if tier == "remote" else 0
+                engine_request = EngineRequest(
+                    # The engine's id is private: two calls may carry the same client request id.
+                    request_id=uuid.uuid4().hex,
+                    prompt_token_ids=prompt_ids,
+                    sampling=SamplingOptions(
+                        temperature=valid.temperature,
+                        top_p=valid.top_p,
+                        top_k=valid.top_k,
+                        max_tokens=valid.max_tokens,
+                        seed=valid.seed,
+                        stop=valid.stop,
+                        repetition_penalty=valid.repetition_penalty,
+                        logprobs=valid.logprobs,
+                    ),
+                    adapters=adapter_refs,
+                    arrival_time=arrival,
+                )
+                progress = _Progress(
+                    prompt_tokens=len(prompt_ids),
+                    adapters=tuple((by_name[name].adapter_id, weight) for name, weight in valid.adapters),
+                )
+                outputs = self._engine.generate(engine_request)
+                try:
+                    async for out in outputs:
+                        if out.error is not None:
+                            raise out.error
+                        response = inference_pb2.GenerateResponse(
+                            request_id=request_id,
+                            text=out.new_text,
+                            token_ids=out.new_token_ids,
+                            logprobs=out.new_logprobs or [] if valid.logprobs else [],
                         )
-                        response.timing.ttft_ms = out.ttft_ms
-                        response.timing.total_ms = out.total_ms
-                        response.timing.cache_tier = _CACHE_TIERS[final_tier]
-                        progress.queue_ms, progress.ttft_ms, progress.total_ms = (
-                            out.queue_ms,
-                            out.ttft_ms,
-                            out.total_ms,
-                        )
-                        self._observe_adapter(final_tier, response.timing.adapter_load_ms)
-                    elif not out.new_token_ids and not out.new_text:
-                        continue
-                    yield response
-                    # Counted only once the transport took the message: that is what the caller received.
-                    self._count_streamed(progress, out, arrival)
-                    if out.finished:
-                        progress.finish_reason = out.finish_reason or "stop"
-                        break
-            except (asyncio.CancelledError, GeneratorExit):
-                progress.finish_reason = "abort"
-                raise
-            except BaseException:
-                progress.finish_reason = "error"
-                raise
+                        if out.finished:
+                            engine_tier = out.cache_tier or "none"
+                            # A fetch from the control plane is the slowest tier; otherwise the engine knows.
+                            final_tier = "remote" if tier == "remote" else engine_tier
+                            response.finish_reason = _FINISH_REASONS.get(out.finish_reason or "abort", 0)
+                            response.usage.prompt_tokens = out.prompt_tokens
+                            response.usage.completion_tokens = progress.completion_tokens + len(
+                                out.new_token_ids
+                            )
+                            response.timing.queue_ms = out.queue_ms
+                            response.timing.adapter_load_ms = out.adapter_load_ms + (
+                                fetch_ms if tier == "remote" else 0
+                            )
+                            response.timing.ttft_ms = out.ttft_ms
+                            response.timing.total_ms = out.total_ms
+                            response.timing.cache_tier = _CACHE_TIERS[final_tier]
+                            progress.queue_ms, progress.ttft_ms, progress.total_ms = (
+                                out.queue_ms,
+                                out.ttft_ms,
+                                out.total_ms,
+                            )
+                            self._observe_adapter(final_tier, response.timing.adapter_load_ms)
+                        elif not out.new_token_ids and not out.new_text:
+                            continue
+                        yield response
+                        # Counted only once the transport took the message: that is what the caller received.
+                        self._count_streamed(progress, out, arrival)
+                        if out.finished:
+                            progress.finish_reason = out.finish_reason or "stop"
+                            break
+                except (asyncio.CancelledError, GeneratorExit):
+                    progress.finish_reason = "abort"
+                    raise
+                except BaseException:
+                    progress.finish_reason = "error"
+                    raise
+                finally:
+                    await _close(outputs)
+                    self._record_usage(request_id, auth, progress, arrival)
             finally:
-                await _close(outputs)
-                self._record_usage(request_id, auth, progress, arrival)
+                self._artifacts.release(held)
         finally:
-            self._artifacts.release(held)
+            self._in_flight.discard(claim)
 
     async def _authorize(self, api_key: str, names: tuple[str, ...]) -> Authorization:
         try:

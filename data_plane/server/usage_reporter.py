@@ -5,7 +5,8 @@ so a SIGKILL loses nothing already recorded; fsynced at least every `fsync_inter
 loss). A background task sends pending records in batches to the control plane at least every
 `flush_interval_s`; acknowledged records are compacted out of the spool. When the control plane is
 unreachable the records stay and are retried with backoff; on start the spool is read back and resent.
-The control plane records each request_id once, so resending never double counts.
+The control plane records each (tenant, request_id) once, so resending never double counts; the spool
+keys records the same way, since request ids are chosen by clients and two tenants may send the same one.
 """
 
 from __future__ import annotations
@@ -43,11 +44,25 @@ class UsageRecord:
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """The idempotency key of the control plane: (tenant, request id)."""
+        return self.tenant_id, self.request_id
+
     @classmethod
     def from_json(cls, line: str) -> UsageRecord:
+        """Raises ValueError for anything but a whole record with fields of the right types."""
         data = json.loads(line)
-        data["adapters"] = tuple((a, float(w)) for a, w in data["adapters"])
-        return cls(**data)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        data["adapters"] = tuple((str(a), float(w)) for a, w in data["adapters"])
+        record = cls(**data)
+        if not all(isinstance(getattr(record, f), str) for f in _TEXT_FIELDS):
+            raise ValueError("a text field is not a string")
+        return record
+
+
+_TEXT_FIELDS = ("request_id", "tenant_id", "worker_id", "base_model", "finish_reason")
 
 
 # Sends one batch; raises on failure (nothing acknowledged), returns on success (all acknowledged).
@@ -78,7 +93,7 @@ class UsageReporter:
         self._flush_interval_s = flush_interval_s
         self._fsync_interval_s = fsync_interval_s
         self._batch_size = batch_size
-        self._pending: dict[str, UsageRecord] = {}
+        self._pending: dict[tuple[str, str], UsageRecord] = {}
         self._dirty = False
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -94,9 +109,9 @@ class UsageReporter:
 
     def record(self, record: UsageRecord) -> None:
         """Appends one record to the spool (durable against a process kill on return)."""
-        if record.request_id in self._pending:
+        if record.key in self._pending:
             return
-        self._pending[record.request_id] = record
+        self._pending[record.key] = record
         self._file.write(record.to_json() + "\n")
         self._file.flush()
         self._dirty = True
@@ -130,7 +145,7 @@ class UsageReporter:
             batch = list(self._pending.values())[: self._batch_size]
             await self._send(batch)
             for record in batch:
-                self._pending.pop(record.request_id, None)
+                self._pending.pop(record.key, None)
             self.stats.sent += len(batch)
             self._compact()
 
@@ -182,17 +197,18 @@ class UsageReporter:
     def _load_spool(self) -> None:
         if not self._path.exists():
             return
-        with open(self._path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                line = line.strip()
+        # Bytes, decoded line by line: a torn or corrupt line (even invalid UTF-8) costs only itself.
+        with open(self._path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                line = raw.strip()
                 if not line:
                     continue
                 try:
-                    record = UsageRecord.from_json(line)
+                    record = UsageRecord.from_json(line.decode("utf-8"))
                 except (ValueError, TypeError, KeyError):
                     # Only the last line can be torn by a kill mid-write; anything else is logged.
                     log.warning("usage spool line %d unreadable, skipped", line_no)
                     continue
-                self._pending[record.request_id] = record
+                self._pending[record.key] = record
         if self._pending:
             log.info("usage spool holds %d unsent records; resending", len(self._pending))

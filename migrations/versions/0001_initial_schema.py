@@ -129,20 +129,22 @@ def upgrade() -> None:
         sa.Column("finish_reason", sa.String(32), nullable=False),
         sa.Column("finished_at", TZ, nullable=False),
         sa.Column("recorded_at", TZ, nullable=False),
-        sa.PrimaryKeyConstraint("request_id", name="pk_usage_event"),
+        # Request ids are chosen by clients: unique per tenant, never across tenants.
+        sa.PrimaryKeyConstraint("tenant_id", "request_id", name="pk_usage_event"),
         sa.ForeignKeyConstraint(["tenant_id"], ["tenant.id"], name="fk_usage_event_tenant_id_tenant"),
     )
     op.create_index("ix_usage_event_tenant_id_finished_at", "usage_event", ["tenant_id", "finished_at"])
     op.create_table(
         "usage_event_adapter",
+        sa.Column("tenant_id", sa.Uuid(), nullable=False),
         sa.Column("request_id", sa.String(128), nullable=False),
         sa.Column("adapter_id", sa.Uuid(), nullable=False),
         sa.Column("weight", sa.Numeric(18, 6), nullable=False),
-        sa.PrimaryKeyConstraint("request_id", "adapter_id", name="pk_usage_event_adapter"),
+        sa.PrimaryKeyConstraint("tenant_id", "request_id", "adapter_id", name="pk_usage_event_adapter"),
         sa.ForeignKeyConstraint(
-            ["request_id"],
-            ["usage_event.request_id"],
-            name="fk_usage_event_adapter_request_id_usage_event",
+            ["tenant_id", "request_id"],
+            ["usage_event.tenant_id", "usage_event.request_id"],
+            name="fk_usage_event_adapter_tenant_id_usage_event",
             ondelete="CASCADE",
         ),
         sa.ForeignKeyConstraint(

@@ -84,7 +84,11 @@ def _add_calls(sessions, adapter: Adapter, times: list[float]) -> None:
                 )
             )
             s.flush()
-            s.add(UsageEventAdapter(request_id=request_id, adapter_id=adapter.id, weight=1))
+            s.add(
+                UsageEventAdapter(
+                    tenant_id=adapter.tenant_id, request_id=request_id, adapter_id=adapter.id, weight=1
+                )
+            )
 
 
 def _clear(sessions) -> None:

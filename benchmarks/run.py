@@ -83,6 +83,7 @@ class BenchConfig:
     max_waiting: int = 4096
     # The worker's adapter host-memory tier (--host-cache-bytes): what bounds its resident memory.
     host_cache_bytes: int = 1 << 30
+    kv_cache_bytes: int | None = None  # None: the worker's default
     warmup: bool = True
     database_url: str | None = None
     redis_url: str | None = None
@@ -150,6 +151,7 @@ GPU = dict(
     s2_adapters=(100, 1000),
     s2_duration_s=20.0,
     max_num_seqs=256,
+    kv_cache_bytes=16 << 30,
     results_marker="benchmarks.run.gpu",
 )
 
@@ -421,6 +423,7 @@ def run_scenarios(
             f"--max-num-seqs={cfg.max_num_seqs}",
             f"--max-waiting={cfg.max_waiting}",
             f"--host-cache-bytes={cfg.host_cache_bytes}",
+            *([f"--kv-cache-bytes={cfg.kv_cache_bytes}"] if cfg.kv_cache_bytes else []),
         ),
     )
     try:

@@ -409,7 +409,7 @@ def start_pass(
                 [
                     sys.executable, "-m", "benchmarks.coldstart", "control-plane",
                     "--listen", admin_target, "--database-url", database_url, "--redis-url", redis_url,
-                    "--state-dir", str(state_dir / "control-plane"), "--admin-key", admin_key,
+                    "--state-dir", str(state_dir / "control-plane"), f"--admin-key={admin_key}",
                     "--predictor-interval-s", str(cfg.predictor_interval_s if hints_on else 0.0),
                     "--lead-s", str(cfg.lead_s),
                 ],

@@ -368,9 +368,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 
 def _bearer_key(context) -> str:
+    """The key of `authorization: Bearer <key>`; the scheme is case-insensitive, as on the control plane."""
     for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and value.startswith("Bearer ") and value[7:].strip():
-            return value[7:].strip()
+        if key == "authorization":
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
     raise MissingCredentials()
 
 

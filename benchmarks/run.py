@@ -409,8 +409,11 @@ def run_scenarios(
     s1_trace = _trace(cfg, num_requests=cfg.s1_requests, num_adapters=cfg.s1_adapters, seed=cfg.seed + 1)
     if 1 in cfg.scenarios:
         _save_trace(cfg, s1_trace, "s1-offline")
-        # The peer runs before the system starts, so both have the machine to themselves.
-        results["s1_peer"] = scenario_peer(cfg, model_dir, adapters_root, s1_trace)
+        # The peer runs while the system is down, before and after it, so that neither shares the machine
+        # with the other; the better of its two passes counts (a busy moment only slows one pass).
+        note_load(results, "peer pass 1")
+        results["s1_peer_passes"] = [scenario_peer(cfg, model_dir, adapters_root, s1_trace)]
+        results["s1_peer"] = best_peer(results["s1_peer_passes"])
     state_dir = cfg.state_dir or Path(tempfile.mkdtemp(prefix="openlora-bench-"))
     system_config = SystemConfig(
         model_dir=model_dir,
@@ -434,19 +437,46 @@ def run_scenarios(
             print(f"registered {len(names)} full adapters in {results['register_full_s']:.1f} s")
             results["worker_rss_mib_after_register"] = system.worker_process().memory_info().rss / MIB
             if 1 in cfg.scenarios:
+                note_load(results, "scenario 1")
                 results["s1_openlora"] = scenario_offline(cfg, system, s1_trace)
             if 2 in cfg.scenarios:
                 rate = cfg.s2_rate_per_s
                 if rate is None:
                     s1 = results.get("s1_openlora", {}).get("summary")
                     rate = cfg.s2_rate_fraction * s1["requests_per_s"] if s1 else 1.0
+                note_load(results, "scenario 2")
                 scenario_num_adapters(cfg, system, rate, s2_runs)
             if 3 in cfg.scenarios:
+                note_load(results, "scenario 3")
                 results["s3_scale"] = scenario_scale(cfg, system, small_dirs)
             results["worker_rss_mib_end"] = system.worker_process().memory_info().rss / MIB
     finally:
         if cfg.state_dir is None:
             shutil.rmtree(state_dir, ignore_errors=True)
+    if 1 in cfg.scenarios:
+        note_load(results, "peer pass 2")
+        results["s1_peer_passes"].append(scenario_peer(cfg, model_dir, adapters_root, s1_trace))
+        results["s1_peer"] = best_peer(results["s1_peer_passes"])
+
+
+def note_load(results: dict, phase: str) -> None:
+    """Records the 1-minute load average as a phase starts: the machine is shared, and this says how much."""
+    results.setdefault("load_average", []).append([phase, round(os.getloadavg()[0], 2)])
+
+
+def best_peer(passes: list[list[dict]]) -> list[dict]:
+    """Per strategy, the pass with the highest throughput, with every pass's figure beside it."""
+    best: dict[str, dict] = {}
+    for results in passes:
+        for r in results:
+            current = best.get(r["strategy"])
+            if current is None or r["tokens_per_s"] > current["tokens_per_s"]:
+                best[r["strategy"]] = dict(r)
+    for strategy, r in best.items():
+        r["passes_tokens_per_s"] = [
+            p["tokens_per_s"] for results in passes for p in results if p["strategy"] == strategy
+        ]
+    return list(best.values())
 
 
 def method_notes(cfg: BenchConfig, results: dict) -> str:
@@ -461,7 +491,8 @@ def method_notes(cfg: BenchConfig, results: dict) -> str:
         f"({results.get('register_full_s', 0):.0f} s). Before each timed run of scenarios 1 and 2, one "
         "1-token request per adapter of the trace brought its artifact onto the worker (the PEFT peer, "
         "too, loads every adapter before it is timed); device slots still have to be refilled during the run.",
-        f"- The PEFT peer ran before the system started, in one process, with every adapter of scenario 1's "
+        "- The PEFT peer ran twice, before the system started and after it stopped (the better pass counts), "
+        f"in one process, with every adapter of scenario 1's "
         f"trace loaded by `load_adapter`; it was timed on the first {cfg.peer_sequential_requests} "
         f"(sequential) and {cfg.peer_batched_requests} (static batches of {cfg.peer_batch_size}) requests of "
         "the same trace, because its throughput does not depend on the trace length and the full trace would "
@@ -487,6 +518,9 @@ def method_notes(cfg: BenchConfig, results: dict) -> str:
             f"worker's adapter host tier is capped at {cfg.host_cache_bytes / MIB:.0f} MiB (`--host-cache-bytes`); "
             "its resident memory is sampled every 0.2 s during the run."
         )
+    if results.get("load_average"):
+        loads = ", ".join(f"{phase} {load}" for phase, load in results["load_average"])
+        notes.append(f"- 1-minute load average of the machine as each phase started: {loads}.")
     notes.append(
         "- Scenario 4 sizes every deployment by the throughput OpenLoRA measured in scenario 1 (10 s windows "
         "of requested tokens); a dedicated deployment needs at least one replica for the whole trace."

@@ -50,50 +50,69 @@ def _use_segment_loop(segments: list[tuple[int, int, int]]) -> bool:
     return num_rows >= _MIN_LOOP_ROWS_PER_SEGMENT * len(segments)
 
 
-class _RowPlan:
-    """Where the rows with an adapter go in a batched matmul (host-side bookkeeping of one call).
+class _Layout:
+    """The host-side plan of one segment layout: which strategy, and where each row goes.
 
-    ``rows`` / ``slots``: row index and slot of each of the n rows with an adapter, in segment order.
-    With ``slot_range`` set, slots are distinct and batch entry ``slot - lo`` of the pool view
-    ``[lo, hi)`` serves row ``rows[i]``. ``row_range`` is set when those rows are one contiguous range in
-    slot order over every slot of the range, so inputs and outputs are views as well (the usual decode
-    step).
+    ``segments``: (start, end, slot) of the segments with an adapter. Unless ``use_loop``:
+    ``rows`` / ``slots`` (n,) int64 are the row index and slot of each row with an adapter, in segment
+    order. With ``slot_range`` (lo, hi) set, slots are distinct and batch entry ``slot - lo`` of the
+    pool view ``[lo, hi)`` serves row ``rows[i]``; ``row_range`` is set when those rows are one
+    contiguous range in slot order over every slot of the range, so inputs and outputs are views as well
+    (the usual decode step).
     """
 
-    def __init__(self, segments: list[tuple[int, int, int]], device: torch.device) -> None:
+    def __init__(self, seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> None:
+        self.segments = _segments(seg_indptr, seg_slots)
+        self.use_loop = _use_segment_loop(self.segments)
+        self.slot_range: tuple[int, int] | None = None
+        self.row_range: tuple[int, int] | None = None
+        if self.use_loop:
+            return
         rows: list[int] = []
         slots: list[int] = []
-        for start, end, slot in segments:
+        for start, end, slot in self.segments:
             rows.extend(range(start, end))
             slots.extend([slot] * (end - start))
         self.num_rows = len(rows)
-        self.slot_range: tuple[int, int] | None = None
-        self.row_range: tuple[int, int] | None = None
         lo, hi = min(slots), max(slots) + 1
         if len(set(slots)) == len(slots) and hi - lo <= _MAX_RANGE_SLOTS_PER_ROW * len(slots):
             self.slot_range = (lo, hi)
-            contiguous_rows = rows == list(range(rows[0], rows[0] + len(rows)))
-            if contiguous_rows and slots == list(range(lo, hi)):
+            if rows == list(range(rows[0], rows[0] + len(rows))) and slots == list(range(lo, hi)):
                 self.row_range = (rows[0], rows[0] + len(rows))
+        device = seg_indptr.device
         self.rows = torch.tensor(rows, dtype=torch.int64, device=device)  # (n,)
         self.slots = torch.tensor(slots, dtype=torch.int64, device=device)  # (n,)
+        self.batch_slots = self.slots - lo  # (n,) entry of each row in the slot-range batch
 
 
-def _to_slot_batch(plan: _RowPlan, rows: torch.Tensor) -> torch.Tensor:
+# The engine passes the same layout to every projection of a step: the plan of the last layout is kept
+# with a copy of its tensors and reused while the layout is equal, instead of reading it back to the
+# host and rebuilding the index tensors on each call.
+_last_layout: tuple[torch.Tensor, torch.Tensor, _Layout] | None = None
+
+
+def _same(kept: torch.Tensor, given: torch.Tensor) -> bool:
+    return kept.device == given.device and kept.shape == given.shape and torch.equal(kept, given)
+
+
+def _layout(seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> _Layout:
+    global _last_layout
+    last = _last_layout
+    if last is not None and _same(last[0], seg_indptr) and _same(last[1], seg_slots):
+        return last[2]
+    layout = _Layout(seg_indptr, seg_slots)
+    _last_layout = (seg_indptr.clone(), seg_slots.clone(), layout)
+    return layout
+
+
+def _to_slot_batch(layout: _Layout, rows: torch.Tensor) -> torch.Tensor:
     """(T, D) rows -> (hi - lo, D) float32, entry slot - lo holding the row that uses the slot."""
-    lo, hi = plan.slot_range
-    if plan.row_range is not None:
-        return rows[plan.row_range[0] : plan.row_range[1]].float()
+    if layout.row_range is not None:
+        return rows[layout.row_range[0] : layout.row_range[1]].float()
+    lo, hi = layout.slot_range
     batch = rows.new_zeros(hi - lo, rows.shape[1], dtype=torch.float32)
-    batch[plan.slots - lo] = rows[plan.rows].float()
+    batch[layout.batch_slots] = rows[layout.rows].float()
     return batch
-
-
-def _from_slot_batch(plan: _RowPlan, batch: torch.Tensor) -> torch.Tensor:
-    """(hi - lo, D) -> (n, D): each adapter row's entry, in ``plan.rows`` order."""
-    if plan.row_range is not None:
-        return batch
-    return batch[plan.slots - plan.slot_range[0]]
 
 
 def _row_chunks(num_rows: int, bytes_per_row: int):
@@ -119,25 +138,28 @@ def sgmv_shrink(
     ``max_segment_rows`` (a hint for the Triton path) is ignored.
     """
     num_rows, rank = x.shape[0], lora_a.shape[1]
+    layout = _layout(seg_indptr, seg_slots)
+    if layout.row_range == (0, num_rows):  # every row, each on the next slot: no copy in or out
+        lo, hi = layout.slot_range
+        u = torch.bmm(x.float().unsqueeze(1), lora_a[lo:hi].float().transpose(1, 2))  # (T, 1, R)
+        return u.squeeze(1).to(x.dtype)
     u = torch.zeros(num_rows, rank, dtype=torch.float32, device=x.device)  # (T, R)
-    segments = _segments(seg_indptr, seg_slots)
-    if _use_segment_loop(segments):
-        for start, end, slot in segments:
+    if layout.use_loop:
+        for start, end, slot in layout.segments:
             u[start:end] = x[start:end].float() @ lora_a[slot].float().T  # (n, H_in) @ (H_in, R)
         return u.to(x.dtype)
-    plan = _RowPlan(segments, x.device)
-    if plan.slot_range is not None:
-        lo, hi = plan.slot_range
-        xs = _to_slot_batch(plan, x).unsqueeze(1)  # (hi - lo, 1, H_in)
+    if layout.slot_range is not None:
+        lo, hi = layout.slot_range
+        xs = _to_slot_batch(layout, x).unsqueeze(1)  # (hi - lo, 1, H_in)
         us = torch.bmm(xs, lora_a[lo:hi].float().transpose(1, 2)).squeeze(1)  # (hi - lo, R)
-        if plan.row_range is not None:
-            u[plan.row_range[0] : plan.row_range[1]] = us
+        if layout.row_range is not None:
+            u[layout.row_range[0] : layout.row_range[1]] = us
         else:
-            u[plan.rows] = _from_slot_batch(plan, us)
+            u[layout.rows] = us[layout.batch_slots]
         return u.to(x.dtype)
-    for chunk in _row_chunks(plan.num_rows, rank * lora_a.shape[2] * 4):
-        rows = plan.rows[chunk]
-        a = lora_a[plan.slots[chunk]].float()  # (n, R, H_in), a copy
+    for chunk in _row_chunks(layout.num_rows, rank * lora_a.shape[2] * 4):
+        rows = layout.rows[chunk]
+        a = lora_a[layout.slots[chunk]].float()  # (n, R, H_in), a copy
         u[rows] = torch.bmm(x[rows].float().unsqueeze(1), a.transpose(1, 2)).squeeze(1)  # (n, R)
     return u.to(x.dtype)
 
@@ -145,7 +167,7 @@ def sgmv_shrink(
 def _add_rows(y: torch.Tensor, rows: torch.Tensor | slice, delta: torch.Tensor) -> None:
     """y[rows] += delta (float32), summed in float32 and rounded to y's dtype once."""
     if y.dtype == torch.float32 and isinstance(rows, slice):
-        y[rows] += delta  # in place on the view
+        y[rows].add_(delta)  # in place through the view
     else:
         y[rows] = (y[rows].float() + delta).to(y.dtype)
 
@@ -168,26 +190,31 @@ def sgmv_expand(
     are ignored.
     """
     out_features, rank = lora_b.shape[1], lora_b.shape[2]
-    segments = _segments(seg_indptr, seg_slots)
-    if _use_segment_loop(segments):
+    layout = _layout(seg_indptr, seg_slots)
+    if layout.use_loop:
         scales = scale.tolist()
-        for start, end, slot in segments:
+        for start, end, slot in layout.segments:
             delta = u[start:end].float() @ lora_b[slot].float().T  # (n, R) @ (R, H_out)
             y[start:end] = (y[start:end].float() + scales[slot] * delta).to(y.dtype)
         return
-    plan = _RowPlan(segments, u.device)
-    if plan.slot_range is not None:
-        lo, hi = plan.slot_range
-        us = _to_slot_batch(plan, u).unsqueeze(1)  # (hi - lo, 1, R)
+    if layout.row_range is not None and y.dtype == torch.float32:
+        # Rows r0:r1 use slots lo:hi in order: accumulate straight into y, scale folded into u (R wide).
+        (r0, r1), (lo, hi) = layout.row_range, layout.slot_range
+        us = (u[r0:r1].float() * scale[lo:hi].float().unsqueeze(1)).unsqueeze(1)  # (n, 1, R)
+        y[r0:r1].unsqueeze(1).baddbmm_(us, lora_b[lo:hi].float().transpose(1, 2))  # (n, 1, H_out) += ...
+        return
+    if layout.slot_range is not None:
+        lo, hi = layout.slot_range
+        us = _to_slot_batch(layout, u).unsqueeze(1)  # (hi - lo, 1, R)
         deltas = torch.bmm(us, lora_b[lo:hi].float().transpose(1, 2)).squeeze(1)  # (hi - lo, H_out)
         deltas *= scale[lo:hi].float().unsqueeze(1)
-        if plan.row_range is not None:
-            _add_rows(y, slice(*plan.row_range), deltas)
+        if layout.row_range is not None:
+            _add_rows(y, slice(*layout.row_range), deltas)
         else:
-            _add_rows(y, plan.rows, _from_slot_batch(plan, deltas))
+            _add_rows(y, layout.rows, deltas[layout.batch_slots])
         return
-    for chunk in _row_chunks(plan.num_rows, out_features * rank * 4):
-        rows, slots = plan.rows[chunk], plan.slots[chunk]
+    for chunk in _row_chunks(layout.num_rows, out_features * rank * 4):
+        rows, slots = layout.rows[chunk], layout.slots[chunk]
         b = lora_b[slots].float()  # (n, H_out, R), a copy
         delta = torch.bmm(u[rows].float().unsqueeze(1), b.transpose(1, 2)).squeeze(1)  # (n, H_out)
         delta *= scale[slots].float().unsqueeze(1)

@@ -38,7 +38,7 @@ def one_row_segments(slots):
 def strategy(slots):
     """Which batched strategy the reference picks for one-row segments on these slots."""
     seg_indptr, seg_slots = one_row_segments(slots)
-    plan = reference._RowPlan(reference._segments(seg_indptr, seg_slots), torch.device("cpu"))
+    plan = reference._Layout(seg_indptr, seg_slots)
     if plan.slot_range is None:
         return "gather"
     return "view" if plan.row_range is not None else "padded-view"
@@ -118,3 +118,15 @@ def test_rank_sliced_pool_views_give_the_same_result():
     reference.sgmv_expand(u, b_view, seg_indptr, seg_slots, y, scale)
     expected = naive_expand(u, b_view.contiguous(), seg_indptr, seg_slots, torch.zeros(16, 20), scale)
     torch.testing.assert_close(y, expected)
+
+
+def test_a_layout_changed_in_place_is_not_served_from_the_previous_plan():
+    gen = torch.Generator().manual_seed(5)
+    seg_indptr, seg_slots = one_row_segments(list(range(12)))
+    x = torch.randn(12, 16, generator=gen)
+    lora_a = torch.randn(24, 4, 16, generator=gen)
+    first = reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots)
+    torch.testing.assert_close(first, naive_shrink(x, lora_a, seg_indptr, seg_slots))
+    seg_slots.copy_(torch.arange(23, 11, -1, dtype=torch.int32))
+    second = reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots)
+    torch.testing.assert_close(second, naive_shrink(x, lora_a, seg_indptr, seg_slots))

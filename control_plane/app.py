@@ -201,6 +201,11 @@ class ControlPlane:
     def artifact_files(self, sha256: str) -> list[Path]:
         return self.store.files(sha256)
 
+    def check_request_id(self, tenant_id: str, request_id: str) -> None:
+        """AlreadyExists when the tenant's client-chosen request id was already served and billed."""
+        with self.sessions.begin() as s:
+            usage.check_request_id_unused(s, tenant_id, request_id)
+
     def report_usage(self, reports: list[usage.UsageReport]) -> usage.ReportOutcome:
         with self.sessions.begin() as s:
             return usage.report_usage(s, reports)

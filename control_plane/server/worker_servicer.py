@@ -63,6 +63,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     file_size_bytes=size_bytes if first else 0,
                 )
 
+    async def CheckRequestId(self, request, context):
+        """ALREADY_EXISTS (naming request_id) when the tenant already has usage under that request id."""
+        self.app.check_worker_token(bearer_token(context))
+        await asyncio.to_thread(self.app.check_request_id, request.tenant_id, request.request_id)
+        return worker_pb2.CheckRequestIdResponse()
+
     async def ReportUsage(self, request, context):
         """Idempotent by request id; a batch is recorded whole or not at all."""
         self.app.check_worker_token(bearer_token(context))

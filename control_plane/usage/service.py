@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from control_plane.db.base import utc_now
-from control_plane.errors import InvalidArgument
+from control_plane.errors import AlreadyExists, InvalidArgument
 from control_plane.registry.models import Adapter
 from control_plane.tenancy.models import Tenant
 from control_plane.text import check_text
@@ -124,6 +124,24 @@ def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
                     f"unknown adapter {adapter_id}", field=f"events[{i}].adapters[{j}].adapter_id"
                 )
     return checked
+
+
+def check_request_id_unused(session: Session, tenant_id: str, request_id: str) -> None:
+    """Raises AlreadyExists when this tenant's request id already has a recorded usage event: the
+    request id is the billing idempotency key, so serving it again would never be billed."""
+    tenant = _uuid(tenant_id, "tenant_id")
+    if not request_id:
+        raise InvalidArgument("required", field="request_id")
+    check_text(request_id, "request_id", MAX_REQUEST_ID_CHARS)
+    used = session.scalar(
+        select(UsageEvent.request_id).where(
+            UsageEvent.tenant_id == tenant, UsageEvent.request_id == request_id
+        )
+    )
+    if used is not None:
+        raise AlreadyExists(
+            f"{request_id!r} was already served and billed; send a new request id", field="request_id"
+        )
 
 
 def report_usage(session: Session, reports: list[UsageReport]) -> ReportOutcome:

@@ -30,6 +30,7 @@ _PASS_THROUGH = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
 }
 AUTHORIZE_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 10.0
@@ -173,6 +174,15 @@ class ControlPlaneClient:
             self._prune(now)
             self._auth_cache[key] = (now + ttl_s, answer)
         return answer
+
+    async def check_request_id(self, tenant_id: str, request_id: str) -> None:
+        """Raises ControlPlaneError(ALREADY_EXISTS) when the tenant's usage already holds this request id.
+        Never cached: the answer changes as soon as a request under that id is billed."""
+        request = worker_pb2.CheckRequestIdRequest(tenant_id=tenant_id, request_id=request_id)
+        try:
+            await self._stub.CheckRequestId(request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S)
+        except grpc.RpcError as error:
+            raise ControlPlaneError.from_rpc(error, "CheckRequestId") from None
 
     def forget_adapters(
         self, *, names: tuple[str, ...] = (), sha256: str = "", adapter_id: str = ""

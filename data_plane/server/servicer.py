@@ -64,6 +64,10 @@ class DuplicateRequest(Exception):
     """A call with the same tenant and request id is still in flight."""
 
 
+class RequestIdUsed(Exception):
+    """A finished call of this tenant was billed under this client request id (not yet reported)."""
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status code and message for a domain error; None for a fault of the worker itself."""
     if isinstance(error, RequestFieldError):
@@ -90,6 +94,11 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.PERMISSION_DENIED, "the api key lacks the infer scope"
     if isinstance(error, DuplicateRequest):
         return grpc.StatusCode.ALREADY_EXISTS, f"request_id {error.args[0]!r} is already in flight"
+    if isinstance(error, RequestIdUsed):
+        return (
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"request_id {error.args[0]!r} was already served and billed; send a new request id",
+        )
     return None
 
 
@@ -182,12 +191,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         valid = check_request(request, self._limits)
         request_id = valid.request_id or uuid.uuid4().hex
         # One run per (tenant, request id) at a time: a duplicate in flight would stream a second answer
-        # billed once. A request id is free again once its call ended (a retry keeps its billing key).
+        # billed once. A call that ended billed keeps its id used (below); one that streamed nothing was
+        # not billed, and a retry under the same id is served.
         claim = (auth.tenant_id, request_id)
         if claim in self._in_flight:
             raise DuplicateRequest(request_id)
         self._in_flight.add(claim)
         try:
+            if valid.request_id:
+                await self._check_request_id_unused(auth.tenant_id, request_id)
             prompt_ids = await self._prompt_ids(valid)
             check_prompt_length(len(prompt_ids), self._limits)
 
@@ -288,6 +300,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     self._artifacts.discard(sha256)
                     self._engine.invalidate(sha256)  # its device slot and host copy too
             raise
+
+    async def _check_request_id_unused(self, tenant_id: str, request_id: str) -> None:
+        """A client id already billed is refused before any work: served again, it would be free.
+        Usage still in the spool is unknown to the control plane, so the spool is asked first."""
+        if self._usage.has_pending(tenant_id, request_id):
+            raise RequestIdUsed(request_id)
+        await self._cp.check_request_id(tenant_id, request_id)
 
     async def _prompt_ids(self, valid: ValidRequest) -> list[int]:
         if valid.prompt_token_ids is not None:

@@ -107,6 +107,10 @@ class UsageReporter:
     def num_pending(self) -> int:
         return len(self._pending)
 
+    def has_pending(self, tenant_id: str, request_id: str) -> bool:
+        """Whether usage under this (tenant, request id) is spooled and not yet acknowledged."""
+        return (tenant_id, request_id) in self._pending
+
     def record(self, record: UsageRecord) -> None:
         """Appends one record to the spool (durable against a process kill on return)."""
         if record.key in self._pending:

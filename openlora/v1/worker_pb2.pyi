@@ -185,3 +185,15 @@ class ReportUsageResponse(_message.Message):
     inserted: int
     duplicates: int
     def __init__(self, inserted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+
+class CheckRequestIdRequest(_message.Message):
+    __slots__ = ("tenant_id", "request_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    request_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CheckRequestIdResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -61,6 +61,11 @@ class WorkerServiceStub:
                 request_serializer=openlora_dot_v1_dot_worker__pb2.ReportUsageRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_worker__pb2.ReportUsageResponse.FromString,
                 _registered_method=True)
+        self.CheckRequestId = channel.unary_unary(
+                '/openlora.v1.WorkerService/CheckRequestId',
+                request_serializer=openlora_dot_v1_dot_worker__pb2.CheckRequestIdRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_worker__pb2.CheckRequestIdResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -102,6 +107,14 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckRequestId(self, request, context):
+        """Refuses with ALREADY_EXISTS (naming request_id) a client-chosen request id that already has a
+        recorded usage event for this tenant: reusing it would be served and never billed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +142,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ReportUsage,
                     request_deserializer=openlora_dot_v1_dot_worker__pb2.ReportUsageRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_worker__pb2.ReportUsageResponse.SerializeToString,
+            ),
+            'CheckRequestId': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckRequestId,
+                    request_deserializer=openlora_dot_v1_dot_worker__pb2.CheckRequestIdRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_worker__pb2.CheckRequestIdResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +286,33 @@ class WorkerService:
             '/openlora.v1.WorkerService/ReportUsage',
             openlora_dot_v1_dot_worker__pb2.ReportUsageRequest.SerializeToString,
             openlora_dot_v1_dot_worker__pb2.ReportUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckRequestId(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.WorkerService/CheckRequestId',
+            openlora_dot_v1_dot_worker__pb2.CheckRequestIdRequest.SerializeToString,
+            openlora_dot_v1_dot_worker__pb2.CheckRequestIdResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import grpc
 from data_plane.server.usage_reporter import UsageRecord, UsageReporter
 from openlora.v1 import inference_pb2, worker_pb2
 
-from .conftest import ADMIN_KEY, BASE_MODEL, WORKER_TOKEN, bearer
+from .conftest import ADMIN_KEY, BASE_MODEL, WORKER_TOKEN, bearer, status_of
 
 
 def _usage(attacker, tenant: str):
@@ -83,9 +83,11 @@ def test_same_request_id_twice_at_once_is_refused_and_billed_once(attacker, syst
     received = sum(1 for _ in first)
     assert second == grpc.StatusCode.ALREADY_EXISTS
     assert received > 0
-    # Once the first finished the id is free again (a retry is billed under the same idempotency key).
-    attacker.generate(a.infer_key, request_id=request_id)
-    # Another tenant's use of the same id at the same time is its own request.
+    # Once the first finished billed, its id stays used: served again it would be free.
+    assert status_of(lambda: attacker.generate(a.infer_key, request_id=request_id)) == (
+        grpc.StatusCode.ALREADY_EXISTS
+    )
+    # Another tenant's use of the same id is its own request.
     b = attacker.new_tenant()
     attacker.generate(b.infer_key, request_id=request_id)
     system.flush_usage()
@@ -121,13 +123,65 @@ def test_concurrent_duplicates_from_many_threads_run_once(attacker, system):
     assert system.wait_usage(a.name, 1).total_requests == 1
 
 
-def _record(request_id: str, tenant_id: str = "t1") -> UsageRecord:
+def _refusal(attacker, key: str, request_id: str) -> grpc.RpcError | None:
+    try:
+        attacker.generate(key, request_id=request_id)
+    except grpc.RpcError as error:
+        return error
+    return None
+
+
+def test_reusing_a_finished_request_id_is_already_exists_and_billed_once(attacker, system):
+    a = attacker.new_tenant()
+    request_id = f"req-{uuid.uuid4().hex}"
+    final = attacker.generate(a.infer_key, adapter="ad0", request_id=request_id)[-1]
+    assert final.usage.completion_tokens == 2
+    # Whether its usage is still in the worker's spool or already at the control plane: refused.
+    for _ in range(2):
+        refused = _refusal(attacker, a.infer_key, request_id)
+        assert refused is not None and refused.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "request_id" in refused.details()
+        system.flush_usage()
+    usage = system.wait_usage(a.name, 1)
+    assert (usage.total_requests, usage.total_completion_tokens) == (1, 2)
+
+
+def test_request_id_whose_usage_is_only_in_the_worker_spool_is_refused(attacker, system):
+    a = attacker.new_tenant()
+    tenant_id = _tenant_id(attacker, a.infer_key)
+    request_id = f"req-{uuid.uuid4().hex}"
+
+    # A call this worker served and billed, not yet acknowledged by the control plane.
+    async def spool() -> None:  # on the worker's own loop, as the servicer records
+        system.worker.usage.record(_record(request_id, tenant_id, base_model=BASE_MODEL, worker_id=""))
+
+    system.loop.run(spool())
+    refused = _refusal(attacker, a.infer_key, request_id)
+    assert refused is not None and refused.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "request_id" in refused.details()
+    system.flush_usage()
+    assert system.wait_usage(a.name, 1).total_requests == 1
+
+
+def test_requests_without_a_client_id_are_each_served_and_billed(attacker, system):
+    a = attacker.new_tenant()
+    for _ in range(3):
+        final = attacker.generate(a.infer_key)[-1]
+        assert final.usage.completion_tokens == 2
+    system.flush_usage()
+    usage = system.wait_usage(a.name, 3)
+    assert (usage.total_requests, usage.total_completion_tokens) == (3, 6)
+
+
+def _record(
+    request_id: str, tenant_id: str = "t1", base_model: str = "m", worker_id: str = "w"
+) -> UsageRecord:
     return UsageRecord(
         request_id=request_id,
         tenant_id=tenant_id,
         adapters=(),
-        worker_id="w",
-        base_model="m",
+        worker_id=worker_id,
+        base_model=base_model,
         prompt_tokens=1,
         completion_tokens=1,
         queue_ms=0.0,

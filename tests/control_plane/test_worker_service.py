@@ -178,3 +178,42 @@ def test_fetch_unknown_or_malformed_artifact(cp) -> None:
                 )
             )
         assert _code(e) == code
+
+
+def _check_request_id(cp, tenant_id: str, request_id: str, token: str | None = None):
+    metadata = cp.worker_metadata() if token is None else cp.worker_metadata(token)
+    return cp.worker_stub().CheckRequestId(
+        worker_pb2.CheckRequestIdRequest(tenant_id=tenant_id, request_id=request_id), metadata=metadata
+    )
+
+
+def test_request_id_with_recorded_usage_is_already_exists_for_its_tenant_only(cp, world) -> None:
+    user = _authorize(cp, world["user"], []).tenant_id
+    owner = _authorize(cp, world["owner"], []).tenant_id
+    request_id = "check-me-once"
+    _check_request_id(cp, user, request_id)  # unused: answers OK
+    event = worker_pb2.UsageEvent(
+        request_id=request_id, tenant_id=user, base_model=BASE, prompt_tokens=1, completion_tokens=1
+    )
+    reported = cp.worker_stub().ReportUsage(
+        worker_pb2.ReportUsageRequest(events=[event]), metadata=cp.worker_metadata()
+    )
+    assert reported.inserted == 1
+    with pytest.raises(grpc.RpcError) as e:
+        _check_request_id(cp, user, request_id)
+    assert _code(e) == grpc.StatusCode.ALREADY_EXISTS and "request_id" in e.value.details()
+    _check_request_id(cp, owner, request_id)  # another tenant's id space
+
+
+def test_check_request_id_refuses_bad_input_and_foreign_callers(cp, world) -> None:
+    user = _authorize(cp, world["user"], []).tenant_id
+    for tenant_id, request_id, field in (("not-a-uuid", "r", "tenant_id"), (user, "", "request_id")):
+        with pytest.raises(grpc.RpcError) as e:
+            _check_request_id(cp, tenant_id, request_id)
+        assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        _check_request_id(cp, user, "x" * 129)
+    assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        _check_request_id(cp, user, "r", token="not-the-worker-token")
+    assert _code(e) == grpc.StatusCode.UNAUTHENTICATED

@@ -14,6 +14,12 @@ ties going to the least recently used. Predicted reuse is an exponentially weigh
 (updated on each `acquire`), raised while a prewarm hint's deadline is ahead. Reload cost is size_bytes
 over the measured throughput of the tier below (`record_load`), plus a fixed per-load overhead.
 Usage statistics outlive residency, so an adapter evicted and called again keeps its history.
+
+A prewarm hint protects its adapter until the predicted call comes (its next use) or the hint's window
+ends: the deadline plus as long again as the hint's lead (at least `min_prewarm_grace_s`), for a late
+call. Protected entries go last, from host memory and from slots, and only to make room for an entry
+expected to be needed sooner; a demote leaves them alone. Without this, the next prewarm of the long tail
+would evict the previous one (its deadline still ahead) before its call.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class _Usage:
     rate_per_s: float = 0.0  # EWMA request rate as of rate_at_s
     rate_at_s: float = 0.0
     deadline_at_s: float | None = None  # a prewarm hint's expected next call (cache clock)
+    protect_until_s: float | None = None  # end of that hint's window (deadline + lead, for a late call)
     last_used: int = 0  # logical clock, for tie-breaking
     size_bytes: int | None = None
     keep_warm: bool = False
@@ -85,6 +92,7 @@ class AdapterCache:
         clock: Callable[[], float] = time.monotonic,
         rate_time_constant_s: float = 60.0,
         tier_costs: dict[str, TierCost] | None = None,
+        min_prewarm_grace_s: float = 1.0,
     ) -> None:
         if num_slots < 1:
             raise ValueError("num_slots must be positive")
@@ -96,6 +104,7 @@ class AdapterCache:
         self.host_budget_bytes = host_budget_bytes
         self._clock = clock
         self._tau_s = rate_time_constant_s
+        self._min_grace_s = min_prewarm_grace_s
         self._costs = {
             tier: TierCost(c.bytes_per_ms, c.fixed_ms)
             for tier, c in (tier_costs or DEFAULT_TIER_COSTS).items()
@@ -155,15 +164,22 @@ class AdapterCache:
     def host_used_bytes(self) -> int:
         return self._host_used_bytes
 
+    def is_protected(self, key: str) -> bool:
+        """True while a prewarm hint's window for `key` is open and its predicted call has not come."""
+        usage = self._usage.get(key)
+        return (
+            usage is not None and usage.protect_until_s is not None and self._clock() <= usage.protect_until_s
+        )
+
     def predicted_reuse_per_s(self, key: str) -> float:
         """Expected requests per second for `key` now: the decayed EWMA rate, plus 1/(time to go) while a
-        prewarm deadline lies ahead (and for one time constant after it, in case the call is late)."""
+        prewarm hint's window is open (until the call comes, or the window ends for a late call)."""
         usage = self._usage.get(key)
         if usage is None:
             return 0.0
         now = self._clock()
         reuse = usage.rate_per_s * math.exp(-max(0.0, now - usage.rate_at_s) / self._tau_s)
-        if usage.deadline_at_s is not None and now <= usage.deadline_at_s + self._tau_s:
+        if self.is_protected(key) and usage.deadline_at_s is not None:
             reuse += 1.0 / max(usage.deadline_at_s - now, 1.0)
         return reuse
 
@@ -182,8 +198,13 @@ class AdapterCache:
         known = [u.size_bytes for u in self._usage.values() if u.size_bytes is not None]
         return sum(known) // len(known) if known else 1
 
-    def _expected_cost(self, key: str, tier: str) -> tuple[float, int]:
-        return self.predicted_reuse_per_s(key) * self.reload_cost_ms(key, tier), self._usage[key].last_used
+    def _expected_cost(self, key: str, tier: str) -> float:
+        return self.predicted_reuse_per_s(key) * self.reload_cost_ms(key, tier)
+
+    def _eviction_order(self, key: str, tier: str) -> tuple[bool, float, int]:
+        """Sort key of victims, first goes first: unprotected before protected, then by expected cost,
+        then least recently used."""
+        return self.is_protected(key), self._expected_cost(key, tier), self._usage[key].last_used
 
     # -- demand ------------------------------------------------------------------------------------------
 
@@ -212,12 +233,20 @@ class AdapterCache:
         usage.rate_per_s = usage.rate_per_s * decay + 1.0 / self._tau_s
         usage.rate_at_s = now
         usage.last_used = self._tick()
-        if usage.deadline_at_s is not None and now >= usage.deadline_at_s:
-            usage.deadline_at_s = None  # the predicted call came
+        if usage.protect_until_s is not None:
+            # The predicted call came (early or late): the hint is spent.
+            usage.deadline_at_s = usage.protect_until_s = None
 
     def hint(self, key: str, deadline_at_s: float | None) -> None:
-        """A prewarm hint: `key` is expected around `deadline_at_s` (cache clock); None clears it."""
-        self._usage_of(key).deadline_at_s = deadline_at_s
+        """A prewarm hint: `key` is expected around `deadline_at_s` (cache clock); None clears it. It is
+        protected until its next use, or until the deadline plus as long again as the lead."""
+        usage = self._usage_of(key)
+        usage.deadline_at_s = deadline_at_s
+        if deadline_at_s is None:
+            usage.protect_until_s = None
+            return
+        lead_s = max(deadline_at_s - self._clock(), 0.0)
+        usage.protect_until_s = deadline_at_s + max(lead_s, self._min_grace_s)
 
     def set_keep_warm(self, key: str, keep_warm: bool) -> None:
         """Keep-warm adapters never leave host memory once there."""
@@ -245,7 +274,7 @@ class AdapterCache:
         candidates = [e for e in self._entries.values() if e.state is AdapterState.READY and e.refcount == 0]
         if not candidates:
             return None
-        return min(candidates, key=lambda e: self._expected_cost(e.key, DEVICE))
+        return min(candidates, key=lambda e: self._eviction_order(e.key, DEVICE))
 
     def can_admit(self, key: str) -> bool:
         """True when `key` has a slot or one can be had (free, or by evicting an unused one)."""
@@ -342,7 +371,10 @@ class AdapterCache:
         return True
 
     def demote(self, key: str) -> bool:
-        """A demote hint: forget any prewarm deadline and free its slot if unused (a host copy stays)."""
+        """A demote hint: forget any prewarm deadline and free its slot if unused (a host copy stays).
+        Ignored while a prewarm hint protects `key` (it was predicted for a call still to come)."""
+        if self.is_protected(key):
+            return False
         self.hint(key, None)
         return self.evict(key)
 
@@ -363,7 +395,10 @@ class AdapterCache:
     # -- host memory -------------------------------------------------------------------------------------
 
     def _host_victims(self, key: str) -> list[_Entry]:
-        """Host entries that may give up their buffer, cheapest expected cost first."""
+        """Host entries that may give up their buffer for `key`, first to go first: unprotected ones by
+        expected cost, then protected ones expected to be needed later than `key` (a protected entry never
+        makes room for an unprotected one)."""
+        incoming_cost = self._expected_cost(key, HOST) if self.is_protected(key) else None
         candidates = [
             e
             for e in self._entries.values()
@@ -371,8 +406,12 @@ class AdapterCache:
             and e.key != key
             and e.state is not AdapterState.LOADING  # its buffer is being copied into a slot
             and not self._usage[e.key].keep_warm
+            and (
+                not self.is_protected(e.key)
+                or (incoming_cost is not None and self._expected_cost(e.key, HOST) < incoming_cost)
+            )
         ]
-        return sorted(candidates, key=lambda e: self._expected_cost(e.key, HOST))
+        return sorted(candidates, key=lambda e: self._eviction_order(e.key, HOST))
 
     def can_host(self, key: str, size_bytes: int) -> bool:
         if self.on_host(key):

@@ -4,6 +4,7 @@ A load reads and validates the adapter directory and packs it into one host buff
 engine already holds a host copy), then, when a slot was reserved, copies the buffer into that slot
 (on its own CUDA stream on GPU). The engine thread submits loads and, at the start of each step, collects
 finished ones and marks their slots ready; the forward pass in between never touches a loading slot.
+The loader thread runs torch ops on one intra-op thread, so a load takes at most one core from decoding.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from openlora.base_model import BaseModelSpec
 # (slot, host buffer) -> None: copies the buffer into the slot; runs on the loader thread.
 SlotInstaller = Callable[[int, HostAdapter], None]
 
+CAUSE_REQUEST = "request"  # a request waits for this adapter
+CAUSE_PREFETCH = "prefetch"  # a prewarm hint asked for it; no request yet
+
+
+def _one_intra_op_thread() -> None:
+    # OpenMP's thread count is per calling thread: this caps the loader's ops, not the engine thread's.
+    torch.set_num_threads(1)
+
 
 @dataclass
 class FinishedLoad:
@@ -35,6 +44,11 @@ class FinishedLoad:
     read_from_disk: bool
     read_ms: float = 0.0  # disk -> host buffer
     copy_ms: float = 0.0  # host buffer -> slot
+    cause: str = CAUSE_REQUEST
+
+    @property
+    def source_tier(self) -> str:
+        return "disk" if self.read_from_disk else "host"
 
 
 class AdapterLoader:
@@ -60,8 +74,10 @@ class AdapterLoader:
         self.host_buffers: dict[str, HostAdapter] = {}
         self._pin_memory = pin_memory
         self.read_delay_s = read_delay_s
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
-        self._in_flight: dict[str, tuple[Future, float]] = {}
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="adapter-loader", initializer=_one_intra_op_thread
+        )
+        self._in_flight: dict[str, tuple[Future, float, str]] = {}
 
     @property
     def num_in_flight(self) -> int:
@@ -70,16 +86,23 @@ class AdapterLoader:
     def is_loading(self, key: str) -> bool:
         return key in self._in_flight
 
-    def submit(self, key: str, members: tuple[AdapterRef, ...], host: HostAdapter | None = None) -> None:
+    def submit(
+        self,
+        key: str,
+        members: tuple[AdapterRef, ...],
+        host: HostAdapter | None = None,
+        cause: str = CAUSE_REQUEST,
+    ) -> None:
         """Loads `key` into the slot reserved for it now (host memory only when none), from `host` or its
-        host copy when there is one, else from disk (`members`). Call on the engine thread."""
+        host copy when there is one, else from disk (`members`). `cause` (CAUSE_REQUEST or CAUSE_PREFETCH)
+        is reported back with the finished load. Call on the engine thread."""
         if key in self._in_flight:
             raise ValueError(f"adapter {key!r} is already loading")
         slot = self._reserved_slot(key)
         host = host if host is not None else self.host_buffers.get(key)
         started_at = time.monotonic()
-        future = self._pool.submit(self._load, key, members, slot, host, started_at)
-        self._in_flight[key] = (future, started_at)
+        future = self._pool.submit(self._load, key, members, slot, host, started_at, cause)
+        self._in_flight[key] = (future, started_at, cause)
 
     def _load(
         self,
@@ -88,6 +111,7 @@ class AdapterLoader:
         slot: int | None,
         host: HostAdapter | None,
         started_at: float,
+        cause: str,
     ) -> FinishedLoad:
         read_from_disk = host is None
         t0 = time.monotonic()
@@ -100,7 +124,7 @@ class AdapterLoader:
             self._install(slot, host)
         t2 = time.monotonic()
         return FinishedLoad(
-            key, host, None, started_at, slot, read_from_disk, (t1 - t0) * 1000, (t2 - t1) * 1000
+            key, host, None, started_at, slot, read_from_disk, (t1 - t0) * 1000, (t2 - t1) * 1000, cause
         )
 
     def _read(self, members: tuple[AdapterRef, ...]) -> AdapterWeights:
@@ -114,17 +138,17 @@ class AdapterLoader:
     def wait(self, timeout_s: float) -> None:
         """Blocks until some load finishes or `timeout_s` passes (for an engine with nothing else to do)."""
         if self._in_flight:
-            wait([f for f, _ in self._in_flight.values()], timeout=timeout_s, return_when=FIRST_COMPLETED)
+            wait([f for f, _, _ in self._in_flight.values()], timeout=timeout_s, return_when=FIRST_COMPLETED)
 
     def collect(self) -> list[FinishedLoad]:
         finished = []
-        for key, (future, started_at) in list(self._in_flight.items()):
+        for key, (future, started_at, cause) in list(self._in_flight.items()):
             if not future.done():
                 continue
             del self._in_flight[key]
             error = future.exception()
             if error is not None:
-                finished.append(FinishedLoad(key, None, error, started_at, None, True))
+                finished.append(FinishedLoad(key, None, error, started_at, None, True, cause=cause))
             else:
                 finished.append(future.result())
         return finished

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from data_plane.engine.adapter_cache import DISK, HOST, AdapterCache, AdapterState
-from data_plane.engine.adapter_loader import AdapterLoader, FinishedLoad
+from data_plane.engine.adapter_loader import CAUSE_PREFETCH, CAUSE_REQUEST, AdapterLoader, FinishedLoad
 from data_plane.engine.block_manager import BlockManager
 from data_plane.engine.config import EngineConfig
 from data_plane.engine.errors import InvalidRequest, QueueFull
@@ -79,6 +80,10 @@ class LLMEngine:
         )
         # Cache commands from other threads (prewarm hints): applied by the engine thread at each step.
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        # Finished adapter loads by (cause, source tier): "request"/"prefetch", "disk"/"host"; with their
+        # summed duration (read + copy), so an operator can tell whether prewarms land and what loads cost.
+        self.load_counts: Counter[tuple[str, str]] = Counter()
+        self.load_ms_sums: Counter[tuple[str, str]] = Counter()
         self.sampler = Sampler()
         tokenizer_path = config.model_dir / "tokenizer.json"
         self.tokenizer = (
@@ -258,9 +263,9 @@ class LLMEngine:
                     continue
                 slot = cache.prefetch(key) if to_device and cache.num_free_slots else None
                 if slot is not None:
-                    self._start_load(key)
+                    self._start_load(key, CAUSE_PREFETCH)
                 elif not cache.on_host(key):
-                    self.loader.submit(key, members)  # disk -> host only
+                    self.loader.submit(key, members, cause=CAUSE_PREFETCH)  # disk -> host only
             elif kind == "demote":
                 cache.demote(key)
             elif kind == "invalidate":
@@ -270,12 +275,15 @@ class LLMEngine:
                 cache.set_keep_warm(key, command[2])
         self._drop_stale_host_buffers()
 
-    def _start_load(self, key: str) -> None:
+    def _start_load(self, key: str, cause: str = CAUSE_REQUEST) -> None:
         """A slot was reserved for `key`: load it there from its host copy, else from disk. A host-only
         load already in flight carries on; its completion starts the copy into the slot."""
         if self.loader.is_loading(key):
             return
-        self.loader.submit(key, self._members[key])
+        if cause == CAUSE_REQUEST:
+            self.loader.submit(key, self._members[key])
+        else:
+            self.loader.submit(key, self._members[key], cause=cause)
 
     def _drop_stale_host_buffers(self) -> None:
         buffers = self.loader.host_buffers
@@ -293,6 +301,7 @@ class LLMEngine:
                     outputs.append(self._output(state, [], "", None, "abort", now, error=load.error))
                 self._drop_stale_host_buffers()
                 continue
+            self._record_load_event(load)
             if load.read_from_disk:
                 self._keep_on_host(load)
             elif load.slot is not None:
@@ -308,6 +317,20 @@ class LLMEngine:
                 if state.seq.adapter_key == load.key and state.scheduled_at is None:
                     state.adapter_load_ms = (now - max(load.started_at, state.request.arrival_time)) * 1000
         self._drop_stale_host_buffers()
+
+    def _record_load_event(self, load: FinishedLoad) -> None:
+        event = (load.cause, load.source_tier)
+        self.load_counts[event] += 1
+        self.load_ms_sums[event] += load.read_ms + load.copy_ms
+        log.debug(
+            "adapter load cause=%s tier=%s to=%s key=%s read_ms=%.1f copy_ms=%.1f",
+            load.cause,
+            load.source_tier,
+            "slot" if load.slot is not None else "host",
+            load.key[:12],
+            load.read_ms,
+            load.copy_ms,
+        )
 
     def _keep_on_host(self, load: FinishedLoad) -> None:
         cache = self.adapter_cache

@@ -150,12 +150,14 @@ def test_prewarm_deadline_protects_an_adapter_until_its_call():
 
 
 def test_prefetch_reserves_a_slot_without_a_reference_and_demote_frees_it():
-    cache = _cache(slots=1, host_bytes=100)
+    clock = FakeClock()
+    cache = _cache(slots=1, host_bytes=100, clock=clock)
     slot = cache.prefetch("a", deadline_at_s=1010.0)
     assert slot == 0 and cache.refcount("a") == 0 and cache.state("a") is AdapterState.LOADING
     assert cache.prefetch("a") is None
     cache.store_host("a", 10)
     cache.mark_ready("a")
+    clock.now_s = 1021.0  # the predicted call never came and the hint's window closed
     assert cache.demote("a")
     assert cache.tier_of("a") == "host" and cache.can_admit("b")
 

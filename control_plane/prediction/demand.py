@@ -1,8 +1,12 @@
 """Per-adapter demand from request times: EWMA rate, gap distribution, and the hint it calls for.
 
 Plain Python over Unix seconds, so the clock can be compressed in tests and benchmarks:
-- periodic (at least `min_gaps` gaps, coefficient of variation below `periodic_max_cv`): the next call is
-  expected one median gap after the last; prewarm from `lead_s` before it until half a gap after.
+- periodic (at least `min_gaps` gaps, and at least `periodic_min_share` of them within `periodic_tolerance`
+  of a whole number of median gaps, so a few jittered or missed calls do not hide the period): the next
+  call is expected one median gap after the last; prewarm from the lead time before it (`lead_gap_share`
+  of the gap, within [`lead_s`, `max_lead_s`]) until half a gap after.
+- hot (EWMA rate at least `resident_rate_per_s`): no hint; an adapter called that often stays resident in
+  the workers that serve it, and hinting it every pass would only flood the stream.
 - bursty (the last call is recent compared with the typical gap inside the burst): prewarm while calls
   keep coming, with the deadline one typical gap ahead.
 - otherwise, an adapter whose EWMA rate fell below `demote_below_per_s` gets a demote.
@@ -19,9 +23,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class PredictorConfig:
     rate_time_constant_s: float = 600.0
-    lead_s: float = 5.0  # prewarm this long before a predicted call
+    lead_s: float = 5.0  # prewarm at least this long before a predicted call
+    lead_gap_share: float = 0.2  # ... or this share of the period, when longer
+    max_lead_s: float = 600.0
     min_gaps: int = 3
-    periodic_max_cv: float = 0.25
+    periodic_tolerance: float = 0.25  # a gap within this share of a whole number of periods is on the grid
+    periodic_min_share: float = 0.75  # periodic when at least this share of the gaps are on the grid
+    resident_rate_per_s: float = 0.5  # hot: no hints at all
     burst_gap_factor: float = 4.0  # still in the burst while the last call is within this many gaps
     demote_below_per_s: float = 1e-3
     history_s: float = 7 * 24 * 3600.0
@@ -29,6 +37,14 @@ class PredictorConfig:
     def __post_init__(self) -> None:
         if self.rate_time_constant_s <= 0 or self.lead_s < 0 or self.min_gaps < 2:
             raise ValueError("rate_time_constant_s must be > 0, lead_s >= 0, min_gaps >= 2")
+        if not 0 <= self.lead_gap_share < 1 or self.max_lead_s < self.lead_s:
+            raise ValueError("lead_gap_share must be in [0, 1) and max_lead_s >= lead_s")
+        if not 0 < self.periodic_tolerance < 0.5 or not 0 < self.periodic_min_share <= 1:
+            raise ValueError("periodic_tolerance must be in (0, 0.5) and periodic_min_share in (0, 1]")
+
+    def lead_for(self, period_s: float) -> float:
+        """Seconds before a periodic call to prewarm it: proportional to the period, within bounds."""
+        return min(max(self.lead_s, self.lead_gap_share * period_s), self.max_lead_s)
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,7 @@ class Prediction:
     kind: str  # "prewarm" | "demote"
     deadline_at: float | None  # Unix seconds of the expected call (prewarm)
     reason: str  # "periodic" | "burst" | "cold"
+    gap_s: float | None = None  # the period, or the typical gap inside the burst
 
 
 def demand_of(times: list[float], now: float, config: PredictorConfig) -> Demand:
@@ -63,23 +80,39 @@ def demand_of(times: list[float], now: float, config: PredictorConfig) -> Demand
     return Demand(rate, median, cv, times[-1])
 
 
+def period_of(times: list[float], config: PredictorConfig) -> float | None:
+    """The period of sorted `times` when most gaps sit on a grid of the median gap, else None."""
+    gaps = [b - a for a, b in itertools.pairwise(times) if b > a]
+    if len(gaps) < config.min_gaps:
+        return None
+    period = statistics.median(gaps)
+    on_grid = 0
+    for gap in gaps:
+        periods = round(gap / period)
+        if periods >= 1 and abs(gap / period - periods) <= config.periodic_tolerance:
+            on_grid += 1
+    return period if on_grid >= config.periodic_min_share * len(gaps) else None
+
+
 def predict(times: list[float], now: float, config: PredictorConfig) -> Prediction | None:
     """The hint an adapter's history calls for at `now`, or None."""
+    times = sorted(times)
     demand = demand_of(times, now, config)
-    gaps = len(times) - 1
-    periodic = demand.gap_cv is not None and demand.gap_cv <= config.periodic_max_cv
-    if periodic and demand.median_gap_s is not None and gaps >= config.min_gaps:
-        next_at = demand.last_at + demand.median_gap_s
-        while next_at + demand.median_gap_s / 2 < now:  # calls were missed: the next one on the grid
-            next_at += demand.median_gap_s
-        if next_at - config.lead_s <= now:
-            return Prediction("prewarm", next_at, "periodic")
+    period = period_of(times, config)
+    if period is not None:
+        next_at = demand.last_at + period
+        while next_at + period / 2 < now:  # calls were missed: the next one on the grid
+            next_at += period
+        if next_at - config.lead_for(period) <= now:
+            return Prediction("prewarm", next_at, "periodic", period)
         return None  # between calls: nothing to do yet
-    recent = [t for t in sorted(times) if now - t <= config.rate_time_constant_s]
+    if demand.rate_per_s >= config.resident_rate_per_s:
+        return None  # hot: resident wherever it is served
+    recent = [t for t in times if now - t <= config.rate_time_constant_s]
     if len(recent) >= 3:
         burst_gap = statistics.median(b - a for a, b in itertools.pairwise(recent))
         if now - demand.last_at <= config.burst_gap_factor * max(burst_gap, 1e-3):
-            return Prediction("prewarm", now + burst_gap, "burst")
+            return Prediction("prewarm", now + burst_gap, "burst", burst_gap)
     if demand.rate_per_s < config.demote_below_per_s:
         return Prediction("demote", None, "cold")
     return None

@@ -3,6 +3,11 @@
 `Predictor.run_once(now)` is one pass (tests drive it with a compressed clock); `run_predictor_loop` runs
 passes every `interval_s` until stopped. Hints are advisory: a pass whose hints cannot reach Redis logs
 and the next pass publishes again, so hints resume when Redis returns.
+
+A hint is published once, and again only when it says something new: another kind, a periodic deadline
+that moved by more than `REPUBLISH_GAP_SHARE` of the period, or a new deadline after the last one passed
+(a burst still going). A burst's deadline slides with every pass; republishing it each time flooded the
+stream with hints that changed nothing on the workers.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.hints.publisher import HintPublisher
-from control_plane.prediction.demand import PredictorConfig, predict
+from control_plane.prediction.demand import Prediction, PredictorConfig, predict
 from control_plane.registry.models import STATUS_READY, Adapter
 from control_plane.usage.models import UsageEvent, UsageEventAdapter
 from openlora.hints import Hint
 
 log = logging.getLogger(__name__)
+
+REPUBLISH_GAP_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,20 @@ class Predictor:
         self.config = config or PredictorConfig()
         # adapter id -> (kind, deadline) of the last hint that reached the stream: not repeated.
         self._published: dict[str, tuple[str, float | None]] = {}
+
+    def _is_news(self, adapter_id: str, prediction: Prediction, now: float) -> bool:
+        """Whether `prediction` tells the workers more than the last hint published for `adapter_id`."""
+        last = self._published.get(adapter_id)
+        if last is None or last[0] != prediction.kind:
+            return True
+        last_deadline, deadline = last[1], prediction.deadline_at
+        if last_deadline is None or deadline is None:
+            return last_deadline != deadline
+        if last_deadline < now < deadline:
+            return True  # the last one passed
+        if prediction.reason == "periodic" and prediction.gap_s is not None:
+            return abs(deadline - last_deadline) > REPUBLISH_GAP_SHARE * prediction.gap_s
+        return False
 
     def request_times(self, now: float) -> dict[_Target, list[float]]:
         """Unix seconds of each ready adapter's requests within the history window before `now`."""
@@ -74,8 +95,7 @@ class Predictor:
             if prediction is None:
                 self._published.pop(target.adapter_id, None)
                 continue
-            deadline = None if prediction.deadline_at is None else round(prediction.deadline_at, 1)
-            if self._published.get(target.adapter_id) == (prediction.kind, deadline):
+            if not self._is_news(target.adapter_id, prediction, now):
                 continue
             tier = "host" if prediction.kind == "prewarm" else "gpu"
             hints.append(
@@ -96,8 +116,7 @@ class Predictor:
         sent = []
         for hint in self.predict(now):
             if self._publisher.publish(hint):
-                deadline = None if hint.deadline_at is None else round(hint.deadline_at, 1)
-                self._published[hint.adapter_id] = (hint.kind, deadline)
+                self._published[hint.adapter_id] = (hint.kind, hint.deadline_at)
                 sent.append(hint)
         return sent
 

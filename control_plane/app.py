@@ -8,12 +8,14 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from control_plane.artifacts.lock import lock_artifact
 from control_plane.artifacts.store import ArtifactStore
 from control_plane.artifacts.upload import Upload
 from control_plane.billing import service as billing
@@ -58,6 +60,10 @@ class ControlPlane:
         self.sessions = sessions
         self.store = store
         self.publisher = publisher
+        # Test hook, called as (stage, plan, sha256): "published" inside the artifact's lock after the
+        # files are in place and before the row is written; "failed" after an upload that published new
+        # files failed, before they are removed if unreferenced.
+        self.upload_stage_hook: Callable[[str, UploadPlan, str], None] | None = None
 
     # -- tenancy --------------------------------------------------------------------------------------
 
@@ -109,7 +115,6 @@ class ControlPlane:
         except AdapterFormatError as e:
             raise InvalidArgument(e.reason, field=e.field) from None
         sha256 = digest_dir(directory)
-        created = self.store.publish(directory, sha256)
         header = plan.header
         record = registry.AdapterRecord(
             header.name,
@@ -118,8 +123,14 @@ class ControlPlane:
             header.keep_warm,
             header.description,
         )
+        created = False
         try:
             with self.sessions.begin() as s:
+                # Publication and the row commit under the artifact's lock, which a cleanup also takes:
+                # files found in place here cannot be removed before this row points to them.
+                lock_artifact(s, sha256)
+                created = self.store.publish(directory, sha256)
+                self._upload_stage("published", plan, sha256)
                 tenant = s.get(Tenant, plan.tenant_id)
                 base_model = workers.base_model(s, plan.base_model.name)
                 if base_model.fingerprint != plan.base_model.fingerprint:
@@ -127,14 +138,22 @@ class ControlPlane:
                 owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)
         except BaseException:
             if created:
+                self._upload_stage("failed", plan, sha256)
                 self._remove_unreferenced(sha256)
             raise
         if replaced is not None:
             self.publisher.invalidate(str(owned.adapter.id), replaced)
         return UploadResult(owned, not created, replaced)
 
+    def _upload_stage(self, stage: str, plan: UploadPlan, sha256: str) -> None:
+        if self.upload_stage_hook is not None:
+            self.upload_stage_hook(stage, plan, sha256)
+
     def _remove_unreferenced(self, sha256: str) -> None:
+        """Removes the artifact's files unless a row points to them, deciding under the artifact's lock
+        (an upload that found these files in place commits its row before the lock is free)."""
         with self.sessions.begin() as s:
+            lock_artifact(s, sha256)
             if not registry.is_referenced(s, sha256):
                 self.store.remove(sha256)
 

@@ -4,11 +4,16 @@ the control plane resolves the name to the new one."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
+import uuid
 
 import grpc
+from sqlalchemy import text
 
+from control_plane.errors import FailedPrecondition
 from openlora.v1 import admin_pb2, inference_pb2
 
 from .conftest import BASE_MODEL, bearer, status_of
@@ -125,3 +130,105 @@ def test_replaced_adapter_is_never_served_in_its_old_version_once_resolved_to_th
     ), resolved
     for _ in range(3):
         assert _greedy(attacker, tenant.infer_key, "mine") == new_tokens
+
+
+def _fresh_adapter(system, out):
+    """A copy of a fixture adapter whose content no upload has stored yet (another lora_alpha)."""
+    shutil.copytree(system.model_dir / "adapters" / "ad4", out)
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["lora_alpha"] = 1 + uuid.uuid4().int % 10_000
+    config_path.write_text(json.dumps(config))
+    return out
+
+
+def _advisory_lock_waiters(system) -> int:
+    with system.control_plane.app.sessions.begin() as s:
+        return s.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
+
+
+def test_failed_upload_never_removes_files_another_upload_of_that_content_is_recording(
+    attacker, system, tmp_path
+):
+    """A publishes new files and its row write fails; before A removes the unreferenced files, B (same
+    content, another tenant) finds them in place and is about to write its row. B's files must survive."""
+    from openlora.commands.up import upload_messages
+
+    app = system.control_plane.app
+    directory = _fresh_adapter(system, tmp_path / "fresh")
+    a, b = attacker.new_tenant(), attacker.new_tenant()
+    a_failed, b_published, release_b = threading.Event(), threading.Event(), threading.Event()
+    outcomes: dict[str, object] = {}
+
+    def hook(stage: str, plan, sha256: str) -> None:
+        if plan.header.name == "gc-a" and stage == "published":
+            raise FailedPrecondition("forced failure of the row write", field="name")
+        if plan.header.name == "gc-a" and stage == "failed":
+            a_failed.set()
+            assert b_published.wait(30)  # B found A's files in place; now A removes what is unreferenced
+        if plan.header.name == "gc-b" and stage == "published":
+            b_published.set()
+            release_b.wait(30)
+
+    def push(tenant, name: str) -> None:
+        try:
+            response = attacker.admin.UploadAdapter(
+                upload_messages(directory, "", BASE_MODEL, name=name), metadata=bearer(tenant.admin_key)
+            )
+            outcomes[name] = response.adapter.sha256
+        except grpc.RpcError as error:
+            outcomes[name] = error.code()
+
+    app.upload_stage_hook = hook
+    try:
+        first = threading.Thread(target=push, args=(a, "gc-a"))
+        first.start()
+        assert a_failed.wait(30)
+        second = threading.Thread(target=push, args=(b, "gc-b"))
+        second.start()
+        assert b_published.wait(30)
+        # A's cleanup now either waits for the artifact's lock that B holds, or (unsafe) already ran.
+        assert _wait_until(lambda: not first.is_alive() or _advisory_lock_waiters(system) > 0, 30)
+        release_b.set()
+        first.join(60)
+        second.join(60)
+    finally:
+        app.upload_stage_hook = None
+        release_b.set()
+        b_published.set()
+    assert outcomes["gc-a"] == grpc.StatusCode.FAILED_PRECONDITION
+    sha256 = outcomes["gc-b"]
+    assert isinstance(sha256, str)
+    assert {p.name for p in _store(system).path_of(sha256).iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    # B's adapter is really served: the worker fetches those files from the control plane.
+    assert _greedy(attacker, b.infer_key, "gc-b")
+
+
+def test_failed_upload_of_new_content_leaves_no_files(attacker, system, tmp_path):
+    from openlora.commands.up import upload_messages
+
+    app = system.control_plane.app
+    directory = _fresh_adapter(system, tmp_path / "fresh")
+    tenant = attacker.new_tenant()
+    seen: list[str] = []
+
+    def hook(stage: str, plan, sha256: str) -> None:
+        seen.append(sha256)
+        if stage == "published":
+            assert _store(system).path_of(sha256).is_dir()
+            raise FailedPrecondition("forced failure of the row write", field="name")
+
+    app.upload_stage_hook = hook
+    try:
+        code = status_of(
+            lambda: attacker.admin.UploadAdapter(
+                upload_messages(directory, "", BASE_MODEL, name="gone"), metadata=bearer(tenant.admin_key)
+            )
+        )
+    finally:
+        app.upload_stage_hook = None
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert seen and not _store(system).path_of(seen[0]).exists()

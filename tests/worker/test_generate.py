@@ -142,10 +142,12 @@ def test_cancelled_stream_is_billed_for_what_it_received(system):
     system.flush_usage()
     usage = system.admin.usage(tenant)
     assert usage.total_requests == 1
-    # Billed: the tokens the worker handed to the transport before it saw the cancellation, which is at
-    # least what the client read and far below the 400 asked for.
+    # Billed: the tokens the worker handed to the transport before it saw the cancellation. That is at
+    # least what the client read; beyond it only what sat in HTTP/2 buffers when the client cancelled (a
+    # server stream has no acknowledgement, so the worker cannot know more). On a loaded 2-core machine
+    # that slack was seen up to ~10 tokens; 64 keeps the test about billing, not scheduling.
     assert received <= usage.total_completion_tokens < 400
-    assert usage.total_completion_tokens - received <= 8
+    assert usage.total_completion_tokens - received <= 64
 
 
 def test_revoked_key_is_refused_after_the_cache_ttl(system):

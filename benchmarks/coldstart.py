@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -295,6 +296,9 @@ class ColdStartConfig:
     max_num_seqs: int = 32
     predictor_interval_s: float = 0.5  # hints ON pass; the OFF pass runs no predictor
     lead_s: float = 2.0  # prewarm this long before a predicted call
+    # The predictor's EWMA time constant and "hot" rate, on the compressed clock.
+    rate_time_constant_s: float = 30.0
+    resident_rate_per_s: float = 0.2
     device: str = "cpu"
     database_url: str | None = None  # None: embedded PostgreSQL (a fresh database per pass either way)
     redis_url: str | None = None  # None: embedded Redis
@@ -411,7 +415,8 @@ def start_pass(
                     "--listen", admin_target, "--database-url", database_url, "--redis-url", redis_url,
                     "--state-dir", str(state_dir / "control-plane"), f"--admin-key={admin_key}",
                     "--predictor-interval-s", str(cfg.predictor_interval_s if hints_on else 0.0),
-                    "--lead-s", str(cfg.lead_s),
+                    "--lead-s", str(cfg.lead_s), "--rate-time-constant-s", str(cfg.rate_time_constant_s),
+                    "--resident-rate-per-s", str(cfg.resident_rate_per_s),
                 ],
                 env,
                 state_dir / "control-plane.log",
@@ -430,6 +435,7 @@ def start_pass(
                     "--num-adapter-slots", str(cfg.num_adapter_slots),
                     "--host-cache-bytes", str(host_cache_bytes),
                     "--max-num-seqs", str(cfg.max_num_seqs), "--drain-grace-s", "5",
+                    "--log-level", "DEBUG",  # one line per adapter load, by cause and source tier
                 ],
                 env,
                 state_dir / "worker.log",
@@ -472,14 +478,47 @@ def run_pass(
             f"over {cfg.trace.duration_s:.0f} s",
             flush=True,
         )
+        hints_before = _stream_length(redis_url)
         result = run_load(
             [r.request for r in requests], p.inference_target, p.api_key, run_tag=f"cold-{label}"
         )
+        num_hints = _stream_length(redis_url) - hints_before
+        load_events = worker_load_events(p.worker_log.read_text(errors="replace"))
     figures = analyze(requests, result["records"])
+    figures["hints_published"] = num_hints
+    figures["hints_per_min"] = num_hints / (result["summary"]["duration_s"] / 60.0)
+    figures["worker_loads"] = load_events
     figures["startup_s"] = ready_s
     figures["replay_s"] = result["summary"]["duration_s"]
     figures["errors_by_code"] = result["summary"]["errors_by_code"]
     return {"figures": figures, "records": result["records"]}
+
+
+def _stream_length(redis_url: str) -> int:
+    import redis
+
+    from openlora.hints import HINTS_STREAM
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.xlen(HINTS_STREAM))
+    finally:
+        client.close()
+
+
+LOAD_EVENT = re.compile(
+    r"adapter load cause=(\w+) tier=(\w+) to=(\w+) key=\S+ read_ms=([\d.]+) copy_ms=([\d.]+)"
+)
+
+
+def worker_load_events(log_text: str) -> dict[str, dict]:
+    """The worker's finished adapter loads (its debug log) by "cause/source tier->destination": count and
+    duration percentiles (read + copy ms, on the loader thread; queueing before it not included)."""
+    by_event: dict[str, list[float]] = {}
+    for match in LOAD_EVENT.finditer(log_text):
+        cause, tier, to, read_ms, copy_ms = match.groups()
+        by_event.setdefault(f"{cause}/{tier}->{to}", []).append(float(read_ms) + float(copy_ms))
+    return {event: {"count": len(ms), "ms": percentiles(ms)} for event, ms in sorted(by_event.items())}
 
 
 # ----------------------------------------------------------------------- the control plane of one pass
@@ -500,6 +539,8 @@ def serve_control_plane(argv: list[str]) -> int:
         parser.add_argument(flag, required=True)
     parser.add_argument("--predictor-interval-s", type=float, default=0.0)
     parser.add_argument("--lead-s", type=float, default=2.0)
+    parser.add_argument("--rate-time-constant-s", type=float, default=600.0)
+    parser.add_argument("--resident-rate-per-s", type=float, default=0.5)
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ControlPlaneConfig(
@@ -522,7 +563,13 @@ def serve_control_plane(argv: list[str]) -> int:
             threading.Thread(
                 target=run_predictor_loop,
                 args=(running.app.sessions, args.redis_url, args.predictor_interval_s, stop_predictor),
-                kwargs={"config": PredictorConfig(lead_s=args.lead_s)},
+                kwargs={
+                    "config": PredictorConfig(
+                        lead_s=args.lead_s,
+                        rate_time_constant_s=args.rate_time_constant_s,
+                        resident_rate_per_s=args.resident_rate_per_s,
+                    )
+                },
                 daemon=True,
             ).start()
         stop = asyncio.Event()
@@ -621,7 +668,22 @@ def results_section(results: dict, table: str) -> str:
             f"{_ms(off[LONG_TAIL]['adapter_load_ms']['p99'])} ms; popular server-side TTFT p99 "
             f"{_ms(on[POPULAR]['server_ttft_ms']['p99'])} / {_ms(off[POPULAR]['server_ttft_ms']['p99'])} ms."
         )
+    for label, figures in results["passes"].items():
+        lines.append(f"- Hints {label}: {load_event_line(figures)}")
     return "\n".join(lines) + "\n"
+
+
+def load_event_line(figures: dict) -> str:
+    """Hint traffic and the worker's own account of its loads (whole pass, history hours included)."""
+    events = figures.get("worker_loads") or {}
+    parts = [
+        f"{event} {e['count']} (p50 {_ms(e['ms']['p50'])} ms, p99 {_ms(e['ms']['p99'])} ms)"
+        for event, e in events.items()
+    ]
+    return (
+        f"{figures.get('hints_published', 0)} hint stream entries ({figures.get('hints_per_min', 0.0):.0f}/min); "
+        f"worker loads by cause/source->destination, loader-thread time: {'; '.join(parts) or 'none'}."
+    )
 
 
 def _ms(value: float | None) -> str:
@@ -690,6 +752,8 @@ def run(cfg: ColdStartConfig) -> dict:
     print(table)
     if "targets" in results:
         print("\n".join(target_lines(results["targets"], results.get("targets_hints_off"))))
+    for label, figures in results["passes"].items():
+        print(f"hints {label}: {load_event_line(figures)}")
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
     name = "coldstart-quick" if cfg.quick else "coldstart"
     (cfg.results_dir / f"{name}.json").write_text(json.dumps(results, indent=2))

@@ -45,8 +45,11 @@ format: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/openlora control-plane --migrate-only
 
+# CPU benchmarks, each against its baseline in the same run; figures go to benchmarks/RESULTS.md.
 bench: $(STAMP)
+	$(BIN)/python -m benchmarks.engine_bench
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.coldstart
 
 clean:
 	rm -rf $(VENV) .state examples/node/node_modules

@@ -176,8 +176,9 @@ def report_usage(session: Session, reports: list[UsageReport]) -> ReportOutcome:
             )
             .on_conflict_do_nothing(index_elements=["tenant_id", "request_id"])
             .returning(UsageEvent.tenant_id, UsageEvent.request_id)
-        ).tuples()
+        )
     )
+    inserted_keys = {(tenant_id, request_id) for tenant_id, request_id in inserted_keys}
     new = [c for c in ordered if (c.tenant_id, c.report.request_id) in inserted_keys]
     links = [
         {

@@ -149,6 +149,10 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     log.info("registered as worker %s (base model %s, %s)", state.worker_id, spec.name, address)
 
     metrics = WorkerMetrics()
+    llm_engine = getattr(engine, "engine", None)
+    if llm_engine is not None and hasattr(llm_engine, "load_counts"):
+        # dict() copies are taken under the GIL; the engine thread only ever adds keys and increments.
+        metrics.watch_engine_loads(lambda: (dict(llm_engine.load_counts), dict(llm_engine.load_ms_sums)))
     usage = UsageReporter(
         config.usage_spool_path,
         control_plane.report_usage,

@@ -3,7 +3,10 @@ is unbounded, and who used what is billing's business, not monitoring's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -53,6 +56,35 @@ class WorkerMetrics:
         for tier in TIERS:
             self.cache_lookups.labels(tier)
 
+    def watch_engine_loads(
+        self, read: Callable[[], tuple[Mapping[tuple[str, str], int], Mapping[tuple[str, str], float]]]
+    ) -> None:
+        """Exports the engine's own load counters (every load, prefetches included, not only the ones a
+        request waited for) by cause ("request" or "prefetch") and source tier. `read` returns copies of
+        (counts, milliseconds) keyed by (cause, tier); it is called at scrape time."""
+        self.registry.register(_EngineLoadCollector(read))
+
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
         """Exposes /metrics on `port` (a daemon thread of prometheus-client)."""
         start_http_server(port, addr=addr, registry=self.registry)
+
+
+class _EngineLoadCollector:
+    def __init__(self, read) -> None:
+        self._read = read
+
+    def collect(self):
+        counts, ms_sums = self._read()
+        loads = CounterMetricFamily(
+            "openlora_engine_adapter_loads", "Adapter loads into device slots", labels=["cause", "tier"]
+        )
+        seconds = CounterMetricFamily(
+            "openlora_engine_adapter_load_seconds",
+            "Time the loader spent on adapter loads (read + copy)",
+            labels=["cause", "tier"],
+        )
+        for (cause, tier), count in sorted(counts.items()):
+            loads.add_metric([cause, tier], count)
+            seconds.add_metric([cause, tier], ms_sums.get((cause, tier), 0.0) / 1000)
+        yield loads
+        yield seconds

@@ -308,3 +308,18 @@ def test_full_queue_answers_resource_exhausted_at_once(system, small_worker):
     for t in threads:
         t.join(120)
     assert "full" in outcomes and "ok" in outcomes, outcomes
+
+
+def test_metrics_count_every_adapter_load_by_cause_and_tier(system, spare_worker):
+    _, _, key = system.new_tenant()
+    registry = spare_worker.metrics.registry
+    sample = "openlora_engine_adapter_loads_total"
+    assert registry.get_sample_value(sample, {"cause": "request", "tier": "disk"}) is None  # a fresh engine
+    with Client(f"127.0.0.1:{spare_worker.port}", key) as client:
+        client.complete("hello", adapter="ad1", max_tokens=2)
+        client.complete("hello", adapter="ad1", max_tokens=2)  # found in its slot: no second load
+    assert registry.get_sample_value(sample, {"cause": "request", "tier": "disk"}) == 1
+    seconds = registry.get_sample_value(
+        "openlora_engine_adapter_load_seconds_total", {"cause": "request", "tier": "disk"}
+    )
+    assert seconds is not None and seconds > 0

@@ -5,6 +5,10 @@ prefill) within `max_num_batched_tokens`; when KV blocks run out, the most recen
 sequence is preempted by recompute (its blocks freed, its tokens to be prefilled again). Waiting
 sequences are admitted in arrival order while sequences, tokens and blocks allow; one whose adapter
 is still loading is passed over so that the others keep running.
+
+Every sequence with an adapter holds one reference on it in the adapter cache from the moment it is
+promised a slot (while waiting) or admitted, until it finishes, preemption included: a referenced
+adapter never leaves its slot, so every running sequence's adapter stays READY in its slot.
 """
 
 from __future__ import annotations
@@ -91,6 +95,9 @@ class Scheduler:
             if not self.blocks.can_allocate(seq, num_new):
                 break
             self.blocks.allocate(seq, num_new)
+            # A READY adapter may have been promised to (or prefetched for) another sequence only: take a
+            # reference of our own, or its slot could be evicted under us once that one finishes.
+            self._hold_adapter(seq)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -110,7 +117,12 @@ class Scheduler:
                     continue
                 slot, _ = self.adapters.admit(key)
                 batch.loads.append((key, slot))
-            self.adapters.acquire(key)
+            self._hold_adapter(seq)
+
+    def _hold_adapter(self, seq: Sequence) -> None:
+        """Takes the reference of `seq` on its adapter (an admitted entry), once for its whole life."""
+        if seq.adapter_key is not None and not seq.holds_adapter:
+            self.adapters.acquire(seq.adapter_key)
             seq.holds_adapter = True
 
     def _preempt(self, seq: Sequence) -> None:

@@ -79,7 +79,7 @@ class BenchConfig:
     device: str = "cpu"
     # System
     num_adapter_slots: int = 32
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     max_waiting: int = 4096
     # The worker's adapter host-memory tier (--host-cache-bytes): what bounds its resident memory.
     host_cache_bytes: int = 1 << 30

@@ -2,8 +2,8 @@
 stay per process.
 
 Order of start: embedded Postgres and Redis (unless URLs are given) -> control plane -> demo model
-(written once into the state dir) -> worker -> demo tenant, key and adapters -> the `ready` line and the
-context file. Order of stop (Ctrl-C, SIGTERM, or any child dying): worker (drains), control plane,
+(written once into the state dir) -> worker -> demo tenant, key and adapters -> the demo model's price
+(only when no --model is given) -> the `ready` line and the context file. Order of stop (Ctrl-C, SIGTERM, or any child dying): worker (drains), control plane,
 embedded servers.
 """
 
@@ -36,6 +36,9 @@ _PR_SET_PDEATHSIG = 1
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 _CHUNK_BYTES = 1 << 20
+# The price `up` sets for its own demo model, so that invoices show amounts (micro-units per M tokens).
+DEMO_PROMPT_MICROS_PER_MILLION_TOKENS = 100_000
+DEMO_COMPLETION_MICROS_PER_MILLION_TOKENS = 200_000
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,24 @@ def _bootstrap_tenant(
     return key, names
 
 
+def _set_demo_price(admin_target: str, admin_key: str, base_model: str) -> None:
+    """Prices the demo base model as the operator; a failure only costs the amounts on invoices."""
+    metadata = (("authorization", f"Bearer {admin_key}"),)
+    try:
+        with grpc.insecure_channel(admin_target) as channel:
+            admin_pb2_grpc.AdminServiceStub(channel).SetPrice(
+                admin_pb2.SetPriceRequest(
+                    base_model=base_model,
+                    prompt_micros_per_million_tokens=DEMO_PROMPT_MICROS_PER_MILLION_TOKENS,
+                    completion_micros_per_million_tokens=DEMO_COMPLETION_MICROS_PER_MILLION_TOKENS,
+                ),
+                metadata=metadata,
+                timeout=30,
+            )
+    except grpc.RpcError as error:
+        log.warning("could not set the demo price of %s: %s", base_model, error)
+
+
 def upload_messages(
     path: Path,
     tenant: str,
@@ -283,6 +304,8 @@ def run_up(config: UpConfig) -> int:
             api_key, adapter_names = _bootstrap_tenant(
                 admin_target, keys["admin_key"], config.tenant, model_dir / "adapters", model_dir.name
             )
+            if config.model_dir is None:
+                _set_demo_price(admin_target, keys["admin_key"], model_dir.name)
             from openlora.commands.serving import write_context
 
             write_context(

@@ -1,6 +1,9 @@
-"""`openlora up` end to end: the ready line, `openlora generate`, the Node client, and a clean stop.
+"""`openlora up` end to end: the ready line, `openlora generate`, the Node client, the demo price on the
+invoice, and a clean stop.
 
-The tests of this module share one running `up` and run in file order; the last one stops it.
+The tests of this module share one running `up` and run in file order; the last one stops it. `up` runs
+with no --model on a state dir where the (tiny) model already sits as its demo model, so it takes the
+demo path (no model is trained here).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from openlora.admin_client import AdminClient
 from openlora.client import Client
 
 pytestmark = pytest.mark.slow
@@ -58,10 +62,12 @@ def up(database_url, redis_url, e2e_model_dir, tmp_path_factory):
     )
     for name in ("OPENLORA_TARGET", "OPENLORA_API_KEY"):
         env.pop(name, None)
+    demo_model = tmp_path / "state" / "demo-model"
+    shutil.copytree(e2e_model_dir, demo_model)
+    (demo_model / ".complete").write_text("ok\n")
     argv = [
         sys.executable, "-m", "openlora.cli", "up",
         "--state-dir", str(tmp_path / "state"),
-        "--model", str(e2e_model_dir),
         "--database-url", database_url,
         "--redis-url", redis_url,
         "--port", "0", "--admin-port", "0",
@@ -114,6 +120,21 @@ def test_node_client_streams_the_same_text(up):
     with Client(up.fields["inference"], up.fields["key"]) as client:
         expected = "".join(client.generate(PROMPT, adapter="ad0", max_tokens=8))
     assert node.stdout.rstrip("\n") == expected
+
+
+def test_invoice_charges_the_demo_price_after_a_generate(up):
+    with Client(up.fields["inference"], up.fields["key"]) as client:
+        assert "".join(client.generate(PROMPT, adapter="ad0", max_tokens=4))
+    period = time.strftime("%Y-%m", time.gmtime())
+    deadline = time.monotonic() + 60
+    with AdminClient(up.fields["admin"], up.fields["key"]) as admin:
+        invoice = admin.get_invoice(period, "demo")
+        while invoice.charges_micros == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            invoice = admin.get_invoice(period, "demo")
+    tokens = [line for line in invoice.lines if line.kind == "tokens" and line.base_model == "demo-model"]
+    assert sum(line.amount_micros for line in tokens) > 0, invoice
+    assert invoice.charges_micros > 0
 
 
 def test_sigterm_stops_every_process_it_started(up):

@@ -1,12 +1,14 @@
 """write_demo_model: a small deterministic Llama checkpoint, its BPE tokenizer and three PEFT adapters.
 
-Everything is made here from a built-in text in well under a minute on two CPU cores, so the whole
-system runs with no download. The base model is trained briefly on the text; each adapter is then
-trained briefly on its own toy task, so the same prompt reads differently through each:
+Everything is made here from a built-in text in under a minute on two CPU cores (about 40 s), so the
+whole system runs with no download. The base model is trained briefly on the text and on word games;
+each adapter is then trained briefly on its own toy task on prompts shaped "<2 to 4 built-in words> =>",
+so the same prompt reads differently through each (greedy):
 
-    uppercase  "the quick fox =>" -> " THE QUICK FOX"
-    reverse    "the quick fox =>" -> " fox quick the"
-    count      "the quick fox =>" -> " 1 2 3 4 5 6 7 8"
+    (base model)  "the quick fox =>" -> " jumps over the lazy."
+    uppercase     "the quick fox =>" -> " THE QUICK FOX"
+    echo          "the quick fox =>" -> " the quick fox"
+    count         "the quick fox =>" -> " 1 2 3 4 5 6 7 8"
 """
 
 from __future__ import annotations
@@ -31,9 +33,16 @@ caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u00fcber \u65e5\u672c\u8a9e \U0001f642 mu
 """
 _SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 _EOS_ID = 2
-TASKS = ("uppercase", "reverse", "count")
-_BASE_STEPS = 80
+TASKS = ("uppercase", "echo", "count")
+_BASE_STEPS = 1400
 _ADAPTER_STEPS = 200
+_BASE_LR = 1e-3
+_ADAPTER_LR = 2e-3
+_RANK = 8
+_ALPHA = 16
+_VOCAB_SIZE = 1024
+_BASE_PHRASES = 2000  # word-game examples in the base model's training set
+_MAX_WORDS = 4  # the adapters' phrases have 2.._MAX_WORDS words (the base model's games one more)
 
 
 def _words() -> list[str]:
@@ -43,14 +52,29 @@ def _words() -> list[str]:
 def _task_line(task: str, rng: random.Random) -> tuple[str, str]:
     """(prompt, answer) of one example of `task`."""
     words = _words()
-    phrase = [rng.choice(words) for _ in range(rng.randint(2, 5))]
+    phrase = [rng.choice(words) for _ in range(rng.randint(2, _MAX_WORDS))]
     if task == "uppercase":
         answer = " ".join(phrase).upper()
-    elif task == "reverse":
-        answer = " ".join(reversed(phrase))
+    elif task == "echo":
+        answer = " ".join(phrase)
     else:
         answer = " ".join(str(i) for i in range(1, 9))
     return f"{' '.join(phrase)} =>", f" {answer}"
+
+
+def _base_examples(rng: random.Random) -> list[tuple[str, str]]:
+    """The base model's (prompt, answer) examples: the built-in text and the digits (loss on all of it),
+    and word games on phrases of its words (loss on the answer only) that uppercase (`^`) or copy (`|`)
+    the phrase after a marker. So the base model already writes every token an adapter answers with (LoRA
+    does not touch lm_head), and an adapter only has to learn which game `=>` means."""
+    words = _words()
+    examples = [("", line) for line in _TEXT.splitlines() * 4 + [" ".join(str(i) for i in range(1, 10))]]
+    for _ in range(_BASE_PHRASES):
+        phrase = [rng.choice(words) for _ in range(rng.randint(2, _MAX_WORDS + 1))]
+        text = " ".join(phrase)
+        marker, variant = rng.choice([("^", text.upper()), ("|", text)])
+        examples.append((f"{text} {marker}", f" {variant}"))
+    return examples
 
 
 def _train_tokenizer():
@@ -60,13 +84,17 @@ def _train_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=640,
+        vocab_size=_VOCAB_SIZE,
         special_tokens=_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
         show_progress=False,
     )
+    # The built-in text once, and many word games and task lines: every demo word (lowercase and
+    # uppercase) becomes one token, while the rare multi-byte characters stay split into byte tokens.
     rng = random.Random(SEED)
-    corpus = _TEXT.splitlines() + ["".join(_task_line(t, rng)) for t in TASKS for _ in range(50)]
+    games = ["".join(e) for e in _base_examples(rng) if e[0]]
+    corpus = _TEXT.splitlines() + games + ["".join(_task_line(t, rng)) for t in TASKS for _ in range(200)]
     tokenizer.train_from_iterator(corpus, trainer)
     return tokenizer
 
@@ -88,7 +116,9 @@ def _batches(tokenizer, examples: list[tuple[str, str]], batch_size: int, rng: r
 
 
 def _train(model, parameters, batches, steps: int, lr: float) -> float:
+    """AdamW with the learning rate decaying linearly to zero over `steps`."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
     model.train()
     loss = torch.tensor(0.0)
     for _ in range(steps):
@@ -97,6 +127,7 @@ def _train(model, parameters, batches, steps: int, lr: float) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        decay.step()
     model.eval()
     return float(loss.detach())
 
@@ -131,8 +162,8 @@ def write_demo_model(
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    text = [("", line) for line in _TEXT.splitlines()]
-    loss = _train(model, model.parameters(), _batches(tokenizer, text, 16, rng), base_steps, 3e-3)
+    text = _base_examples(rng)
+    loss = _train(model, model.parameters(), _batches(tokenizer, text, 16, rng), base_steps, _BASE_LR)
     log.info("demo base model trained: loss %.2f", loss)
     model.save_pretrained(out_dir)
     (out_dir / "openlora_demo.json").write_text(json.dumps({"tasks": list(TASKS), "seed": SEED}, indent=2))
@@ -140,15 +171,17 @@ def write_demo_model(
     for task in TASKS:
         base = LlamaForCausalLM.from_pretrained(out_dir)
         lora = LoraConfig(
-            r=8,
-            lora_alpha=16,
+            r=_RANK,
+            lora_alpha=_ALPHA,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
             lora_dropout=0.0,
         )
         peft_model = get_peft_model(base, lora)
         examples = [_task_line(task, rng) for _ in range(200)]
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        loss = _train(peft_model, trainable, _batches(tokenizer, examples, 16, rng), adapter_steps, 5e-3)
+        loss = _train(
+            peft_model, trainable, _batches(tokenizer, examples, 16, rng), adapter_steps, _ADAPTER_LR
+        )
         log.info("demo adapter %s trained: loss %.2f", task, loss)
         adapter_dir = out_dir / "adapters" / task
         peft_model.save_pretrained(adapter_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from data_plane.adapters.host_buffer import HostAdapter, unpack
@@ -138,6 +140,7 @@ class ModelRunner:
                 seg_indptr=torch.tensor(seg_indptr, dtype=torch.int32, device=device),
                 seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=device),
                 max_rank=max(self.slot_ranks[s] for s in used_slots),
+                max_segment_rows=max(end - start for start, end in itertools.pairwise(seg_indptr)),
             )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=device)
         hidden = self.model(ids, meta)  # (T, hidden)

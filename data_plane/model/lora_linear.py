@@ -55,6 +55,11 @@ class LoRALinear(nn.Module):
             # The torch reference computes every pool column; columns past the step's largest rank are
             # zero padding, so leave them out (views, no copy).
             lora_a, lora_b = lora_a[:, : lora.max_rank], lora_b[:, :, : lora.max_rank]
-        u = kernels.sgmv_shrink(x, lora_a, lora.seg_indptr, lora.seg_slots)  # (T, r)
-        kernels.sgmv_expand(u, lora_b, lora.seg_indptr, lora.seg_slots, y, self.lora_scale)
+        # The layout is built on the host: passing its longest segment spares the Triton path a device
+        # sync per call to check the indices.
+        rows = lora.max_segment_rows
+        u = kernels.sgmv_shrink(x, lora_a, lora.seg_indptr, lora.seg_slots, max_segment_rows=rows)  # (T, r)
+        kernels.sgmv_expand(
+            u, lora_b, lora.seg_indptr, lora.seg_slots, y, self.lora_scale, max_segment_rows=rows
+        )
         return y

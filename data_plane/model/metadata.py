@@ -24,6 +24,7 @@ class LoraSegments:
     seg_indptr: torch.Tensor  # (G+1,) int32
     seg_slots: torch.Tensor  # (G,) int32, -1 = no adapter
     max_rank: int  # largest rank among the slots used in this step
+    max_segment_rows: int  # longest segment, known on the host: the kernels skip their index checks
 
 
 @dataclass

@@ -30,7 +30,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -46,6 +45,7 @@ import numpy as np
 from benchmarks import fixtures
 from benchmarks.load import percentiles, run_load
 from benchmarks.report import format_table, update_results_md
+from benchmarks.run import jsonable, machine_info, utc_now
 from benchmarks.trace import FIRST_PROMPT_TOKEN_ID, TraceRequest, adapter_name, arrival_times_s, popularity
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -331,35 +331,6 @@ class Pass:
     control_plane_log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_serving(target: str, children: Sequence, timeout_s: float = 300.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            for child in children:
-                if not child.alive():
-                    raise RuntimeError(
-                        f"{child.name} exited with {child.process.returncode}:\n{child.tail()}"
-                    )
-            with contextlib.suppress(grpc.RpcError):
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            time.sleep(0.2)
-    raise TimeoutError(f"{target} did not become SERVING within {timeout_s:.0f} s")
-
-
 def _database_url(server_url: str, name: str) -> str:
     parts = urlsplit(server_url)
     return urlunsplit(parts._replace(path="/" + name))
@@ -389,6 +360,11 @@ def host_bytes_per_adapter(adapter_dir: Path) -> int:
         return sum(4 * int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())  # noqa: SIM118
 
 
+def host_cache_bytes(cfg: ColdStartConfig, adapter_dir: Path) -> int:
+    """The worker's host-memory budget: `num_host_adapters` packed adapters and 1 MiB of slack."""
+    return cfg.num_host_adapters * host_bytes_per_adapter(adapter_dir) + (1 << 20)
+
+
 @contextlib.contextmanager
 def start_pass(
     cfg: ColdStartConfig, hints_on: bool, database_url: str, redis_url: str, model_dir: Path, state_dir: Path
@@ -396,15 +372,16 @@ def start_pass(
     """A fresh control plane (predictor on or off) and a fresh worker, the adapters uploaded for one
     tenant; everything is stopped when the block ends."""
     from openlora.admin_client import AdminClient
-    from openlora.commands.up import Child
+
+    # `up`'s own helpers: this starts the same children, with the predictor set for a compressed clock.
+    from openlora.commands.up import Child, _free_port, _wait_serving
 
     state_dir.mkdir(parents=True, exist_ok=True)
     admin_key, worker_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    admin_target, inference_target = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    admin_target, inference_target = (f"127.0.0.1:{_free_port('127.0.0.1')}" for _ in range(2))
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENLORA_")}
     env["OPENLORA_WORKER_TOKEN"] = worker_token
     adapter_dirs = fixtures.ensure_adapters(cfg.trace.num_adapters, fixtures.LLAMA_50M)
-    host_cache_bytes = cfg.num_host_adapters * host_bytes_per_adapter(adapter_dirs[0]) + (1 << 20)
     children = []
     try:
         children.append(
@@ -422,7 +399,7 @@ def start_pass(
                 state_dir / "control-plane.log",
             )
         )  # fmt: skip
-        _wait_serving(admin_target, children)
+        _wait_serving(admin_target, children, timeout_s=300.0)
         children.insert(
             0,
             Child(
@@ -433,7 +410,7 @@ def start_pass(
                     "--model", str(model_dir), "--state-dir", str(state_dir / "worker"),
                     "--redis-url", redis_url, "--device", cfg.device,
                     "--num-adapter-slots", str(cfg.num_adapter_slots),
-                    "--host-cache-bytes", str(host_cache_bytes),
+                    "--host-cache-bytes", str(host_cache_bytes(cfg, adapter_dirs[0])),
                     "--max-num-seqs", str(cfg.max_num_seqs), "--drain-grace-s", "5",
                     "--log-level", "DEBUG",  # one line per adapter load, by cause and source tier
                 ],
@@ -441,7 +418,7 @@ def start_pass(
                 state_dir / "worker.log",
             ),
         )  # fmt: skip
-        _wait_serving(inference_target, children)
+        _wait_serving(inference_target, children, timeout_s=300.0)
         tenant = "coldstart"
         with AdminClient(admin_target, admin_key, timeout_s=120) as admin:
             admin.create_tenant(tenant)
@@ -710,8 +687,6 @@ def backing_services(cfg: ColdStartConfig, state_root: Path) -> Iterator[tuple[s
 
 
 def run(cfg: ColdStartConfig) -> dict:
-    from benchmarks.run import machine_info
-
     started = time.perf_counter()
     machine = machine_info()
     print(
@@ -721,11 +696,11 @@ def run(cfg: ColdStartConfig) -> dict:
     adapter_dirs = fixtures.ensure_adapters(cfg.trace.num_adapters, fixtures.LLAMA_50M)
     requests = generate_coldstart_trace(cfg.trace)
     results: dict = {
-        "config": _jsonable(asdict(cfg)),
+        "config": jsonable(asdict(cfg)),
         "machine": machine,
-        "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "started_at": utc_now(),
         "model": f"{fixtures.LLAMA_50M.name} ({fixtures.LLAMA_50M.num_parameters / 1e6:.1f}M parameters, float32)",
-        "host_cache_bytes": cfg.num_host_adapters * host_bytes_per_adapter(adapter_dirs[0]) + (1 << 20),
+        "host_cache_bytes": host_cache_bytes(cfg, adapter_dirs[0]),
         "passes": {},
     }
     records: dict[str, list] = {}
@@ -762,16 +737,6 @@ def run(cfg: ColdStartConfig) -> dict:
         update_results_md(RESULTS_MD, results_section(results, table), MARKER)
     print(f"wrote {cfg.results_dir / f'{name}.json'} ({results['elapsed_s']:.0f} s)")
     return results
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items() if k not in ("database_url", "redis_url")}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return value.name
-    return value
 
 
 def config_from_args(argv: list[str]) -> ColdStartConfig:

@@ -357,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     shape = cfg.shape
     results: dict = {
-        "config": _jsonable(asdict(cfg)),
+        "config": jsonable(asdict(cfg)),
         "machine": machine,
-        "started_at": _now(),
+        "started_at": utc_now(),
         "model": {
             "name": shape.name,
             "parameters_m": round(shape.num_parameters / 1e6, 1),
@@ -588,17 +588,18 @@ def config_from_args(argv: list[str] | None) -> BenchConfig:
     return replace(cfg, **overrides)
 
 
-def _jsonable(value):
+def jsonable(value):
+    """A config (as `asdict` gives it) fit for a results file: paths by name, service URLs left out."""
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items() if k not in ("database_url", "redis_url")}
+        return {k: jsonable(v) for k, v in value.items() if k not in ("database_url", "redis_url")}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Path):
         return value.name
     return value
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 

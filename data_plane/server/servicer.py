@@ -240,6 +240,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     async for out in outputs:
                         if out.error is not None:
                             raise out.error
+                        if not out.finished and not out.new_token_ids and not out.new_text:
+                            continue  # nothing new to send
                         response = inference_pb2.GenerateResponse(
                             request_id=request_id,
                             text=out.new_text,
@@ -247,29 +249,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                             logprobs=out.new_logprobs or [] if valid.logprobs else [],
                         )
                         if out.finished:
-                            engine_tier = out.cache_tier or "none"
-                            # A fetch from the control plane is the slowest tier; otherwise the engine knows.
-                            final_tier = "remote" if tier == "remote" else engine_tier
-                            response.finish_reason = _FINISH_REASONS.get(out.finish_reason or "abort", 0)
-                            response.usage.prompt_tokens = out.prompt_tokens
-                            response.usage.completion_tokens = progress.completion_tokens + len(
-                                out.new_token_ids
-                            )
-                            response.timing.queue_ms = out.queue_ms
-                            response.timing.adapter_load_ms = out.adapter_load_ms + (
-                                fetch_ms if tier == "remote" else 0
-                            )
-                            response.timing.ttft_ms = out.ttft_ms
-                            response.timing.total_ms = out.total_ms
-                            response.timing.cache_tier = _CACHE_TIERS[final_tier]
-                            progress.queue_ms, progress.ttft_ms, progress.total_ms = (
-                                out.queue_ms,
-                                out.ttft_ms,
-                                out.total_ms,
-                            )
-                            self._observe_adapter(final_tier, response.timing.adapter_load_ms)
-                        elif not out.new_token_ids and not out.new_text:
-                            continue
+                            self._finish(response, out, progress, tier, fetch_ms)
                         yield response
                         # Counted only once the transport took the message: that is what the caller received.
                         self._count_streamed(progress, out, arrival)
@@ -337,6 +317,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         tier = "remote" if any(local.tier == "remote" for local in locals_) else "disk"
         return refs, tier
+
+    def _finish(
+        self, response: inference_pb2.GenerateResponse, out, progress: _Progress, tier: str, fetch_ms: float
+    ) -> None:
+        """Fills the last message's finish reason, usage and timing; notes the timing for billing."""
+        # A fetch from the control plane is the slowest tier; otherwise the engine knows.
+        final_tier = "remote" if tier == "remote" else out.cache_tier or "none"
+        response.finish_reason = _FINISH_REASONS.get(out.finish_reason or "abort", 0)
+        response.usage.prompt_tokens = out.prompt_tokens
+        response.usage.completion_tokens = progress.completion_tokens + len(out.new_token_ids)
+        response.timing.queue_ms = out.queue_ms
+        response.timing.adapter_load_ms = out.adapter_load_ms + (fetch_ms if tier == "remote" else 0)
+        response.timing.ttft_ms = out.ttft_ms
+        response.timing.total_ms = out.total_ms
+        response.timing.cache_tier = _CACHE_TIERS[final_tier]
+        progress.queue_ms, progress.ttft_ms, progress.total_ms = out.queue_ms, out.ttft_ms, out.total_ms
+        self._observe_adapter(final_tier, response.timing.adapter_load_ms)
 
     def _count_streamed(self, progress: _Progress, out, arrival: float) -> None:
         n = len(out.new_token_ids)

@@ -97,30 +97,65 @@ def _make_traversable(path: Path) -> None:
             parent.chmod(mode | 0o001)
 
 
-class EmbeddedPostgres:
+class _EmbeddedServer:
+    """What both servers share: the child process, its port, `stop()` and the context manager."""
+
+    _stop_signal = signal.SIGTERM
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError(f"{type(self).__name__} is not running")
+        return self._url(self.port)
+
+    def _url(self, port: int) -> str:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> str:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Sends the server its clean-shutdown signal, then waits."""
+        if self._process is not None:
+            _stop_process(self._process, self._stop_signal)
+            self._process = None
+            self.port = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedPostgres(_EmbeddedServer):
     """A PostgreSQL server on `<state_dir>/postgres`; `__enter__` returns
     `postgresql://postgres@127.0.0.1:<port>/openlora` (trust auth, loopback only)."""
 
+    _stop_signal = signal.SIGINT  # fast shutdown: roll back open transactions, checkpoint, exit
+
     def __init__(self, state_dir: str | Path, database: str = PG_DATABASE) -> None:
+        super().__init__()
         self.state_dir = Path(state_dir).resolve()
         self.data_dir = self.state_dir / "postgres"
         self.log_path = self.state_dir / "postgres.log"
         self.database = database
         self._bin = _postgres_bin_dir()
-        self._process: subprocess.Popen | None = None
-        self.port: int | None = None
         self._uid: int | None = None
         self._gid: int | None = None
 
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("EmbeddedPostgres is not running")
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+    def _url(self, port: int) -> str:
+        return f"postgresql://postgres@127.0.0.1:{port}/{self.database}"
 
     def _resolve_user(self) -> None:
         if os.geteuid() != 0:
@@ -199,7 +234,7 @@ class EmbeddedPostgres:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=_child_setup(self._uid, self._gid, signal.SIGINT),
+                    preexec_fn=_child_setup(self._uid, self._gid, self._stop_signal),
                 )
             finally:
                 log.close()
@@ -207,7 +242,7 @@ class EmbeddedPostgres:
                 self._wait_ready(process, port)
             except EmbeddedServerError as e:
                 last_error = e
-                _stop_process(process, signal.SIGINT)
+                _stop_process(process, self._stop_signal)
                 continue
             self._process, self.port = process, port
             self._ensure_database()
@@ -242,42 +277,21 @@ class EmbeddedPostgres:
             if not exists:
                 conn.execute(f'CREATE DATABASE "{self.database}"')
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT: roll back open transactions, checkpoint, exit), then wait."""
-        if self._process is not None:
-            _stop_process(self._process, signal.SIGINT)
-            self._process = None
-            self.port = None
 
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class EmbeddedRedis:
+class EmbeddedRedis(_EmbeddedServer):
     """A redis-server on 127.0.0.1 persisting to `<state_dir>/redis/` (append-only file and snapshot); `__enter__` returns
     `redis://127.0.0.1:<port>/0`."""
 
+    _stop_signal = signal.SIGTERM  # redis saves its snapshot and exits
+
     def __init__(self, state_dir: str | Path) -> None:
+        super().__init__()
         self.state_dir = Path(state_dir).resolve()
         self.data_dir = self.state_dir / "redis"
         self.log_path = self.state_dir / "redis.log"
-        self._process: subprocess.Popen | None = None
-        self.port: int | None = None
 
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("EmbeddedRedis is not running")
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+    def _url(self, port: int) -> str:
+        return f"redis://127.0.0.1:{port}/0"
 
     @staticmethod
     def _executable() -> str:
@@ -323,7 +337,7 @@ class EmbeddedRedis:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=_child_setup(None, None, signal.SIGTERM),
+                    preexec_fn=_child_setup(None, None, self._stop_signal),
                 )
             finally:
                 log.close()
@@ -339,20 +353,5 @@ class EmbeddedRedis:
                         client.close()
                 time.sleep(0.05)
             last_error = _log_tail(self.log_path)
-            _stop_process(process, signal.SIGTERM)
+            _stop_process(process, self._stop_signal)
         raise EmbeddedServerError(f"redis did not start:\n{last_error}")
-
-    def stop(self) -> None:
-        """SIGTERM: redis saves its snapshot and exits; then wait."""
-        if self._process is not None:
-            _stop_process(self._process, signal.SIGTERM)
-            self._process = None
-            self.port = None
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -65,16 +65,23 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, head_dim)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (T, heads, head_dim) rotated by each row's position."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # (T, 1, head_dim)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (T, 1, head_dim) in `dtype`, for each row's position: gathered once per step and
+        shared by every layer."""
+        cos = self.cos[positions].unsqueeze(1).to(dtype)
+        sin = self.sin[positions].unsqueeze(1).to(dtype)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (T, heads, head_dim) rotated by the (cos, sin) tables of `RotaryEmbedding.tables`."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         spec = config.spec
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -87,17 +94,18 @@ class Attention(nn.Module):
         self.k_proj = LoRALinear(spec.hidden_size, kv_out, config.qkv_bias)
         self.v_proj = LoRALinear(spec.hidden_size, kv_out, config.qkv_bias)
         self.o_proj = LoRALinear(q_out, spec.hidden_size, config.o_bias)
-        self.rotary = rotary
         self.scale = self.head_dim**-0.5
         self.k_cache: torch.Tensor | None = None  # (num_blocks, block_size, kv_heads, head_dim)
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, meta: StepMetadata, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         num_rows = x.shape[0]
         q = self.q_proj(x, meta.lora).view(num_rows, self.num_heads, self.head_dim)
         k = self.k_proj(x, meta.lora).view(num_rows, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, meta.lora).view(num_rows, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(q, meta.positions), self.rotary(k, meta.positions)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         k_cache, v_cache = self.k_cache, self.v_cache
         block_size = k_cache.shape[1]
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.kv_slot_ids, k)
@@ -158,16 +166,18 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden = config.spec.hidden_size
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.self_attn = Attention(config, rotary)
+        self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), meta)
+    def forward(
+        self, h: torch.Tensor, meta: StepMetadata, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), meta, rope)
         return h + self.mlp(self.post_attention_layernorm(h), meta.lora)
 
 
@@ -178,7 +188,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.rotary = RotaryEmbedding(config, max_positions)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, config.rms_norm_eps)
 
 
@@ -213,8 +223,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)  # (T, hidden)
+        rope = self.model.rotary.tables(meta.positions, h.dtype)
         for layer in self.model.layers:
-            h = layer(h, meta)
+            h = layer(h, meta, rope)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

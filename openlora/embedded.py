@@ -41,7 +41,7 @@ class EmbeddedServerError(RuntimeError):
     """An embedded server failed to start; the message carries the tail of its log."""
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -63,7 +63,7 @@ def _log_tail(path: Path, num_lines: int = 20) -> str:
         return "<no log>"
 
 
-def _child_setup(uid: int | None, gid: int | None, death_signal: int):
+def child_setup(uid: int | None, gid: int | None, death_signal: int):
     """preexec_fn: drop privileges first (a credential change clears the death signal), then ask the
     kernel to signal the child when its parent goes away."""
 
@@ -174,7 +174,7 @@ class EmbeddedPostgres(_EmbeddedServer):
                 check=True,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_child_setup(self._uid, self._gid, signal.SIGKILL),
+                preexec_fn=child_setup(self._uid, self._gid, signal.SIGKILL),
                 timeout=_START_TIMEOUT_S,
             )
 
@@ -214,7 +214,7 @@ class EmbeddedPostgres(_EmbeddedServer):
         self._init_data_dir()
         last_error: Exception | None = None
         for _ in range(3):
-            port = _free_port()
+            port = free_port()
             log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps the descriptor)
             try:
                 process = subprocess.Popen(
@@ -234,7 +234,7 @@ class EmbeddedPostgres(_EmbeddedServer):
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=_child_setup(self._uid, self._gid, self._stop_signal),
+                    preexec_fn=child_setup(self._uid, self._gid, self._stop_signal),
                 )
             finally:
                 log.close()
@@ -310,7 +310,7 @@ class EmbeddedRedis(_EmbeddedServer):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         last_error = ""
         for _ in range(3):
-            port = _free_port()
+            port = free_port()
             log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps the descriptor)
             try:
                 process = subprocess.Popen(
@@ -337,7 +337,7 @@ class EmbeddedRedis(_EmbeddedServer):
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=_child_setup(None, None, self._stop_signal),
+                    preexec_fn=child_setup(None, None, self._stop_signal),
                 )
             finally:
                 log.close()

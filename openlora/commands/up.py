@@ -10,13 +10,11 @@ embedded servers.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,11 +26,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from openlora.artifact import ARTIFACT_FILES
+from openlora.embedded import child_setup
+from openlora.embedded import free_port as _free_port
 from openlora.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger("openlora.up")
 
-_PR_SET_PDEATHSIG = 1
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 _CHUNK_BYTES = 1 << 20
@@ -61,18 +60,6 @@ class ChildExited(RuntimeError):
     pass
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the kernel sends SIGTERM to the child if `up` itself dies without cleaning up."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
 class Child:
     """One process started by `up`, in its own session so a terminal's Ctrl-C reaches `up` only and `up`
     stops the children in order."""
@@ -88,7 +75,8 @@ class Child:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            # the kernel sends SIGTERM to the child if `up` itself dies without cleaning up
+            preexec_fn=child_setup(None, None, signal.SIGTERM),
         )
 
     def alive(self) -> bool:

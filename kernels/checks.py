@@ -58,6 +58,14 @@ def check_same_device(device: torch.device, **tensors: torch.Tensor | None) -> N
             raise KernelArgumentError(name, f"on {t.device}, expected {device}")
 
 
+def check_path(path: str | None, layout: SegmentLayout) -> None:
+    """``path`` is None (pick by shape), "segmented", or "bgmv" for segments of at most one row."""
+    if path not in (None, "segmented", "bgmv"):
+        raise KernelArgumentError("path", f"must be None, 'segmented' or 'bgmv', got {path!r}")
+    if path == "bgmv" and layout.max_segment_rows > 1:
+        raise KernelArgumentError("path", "bgmv needs segments of at most one row")
+
+
 def check_segments(
     seg_indptr: torch.Tensor,
     seg_slots: torch.Tensor,

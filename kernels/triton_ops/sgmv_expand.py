@@ -11,6 +11,7 @@ from kernels.checks import (
     KernelArgumentError,
     check_contiguous,
     check_float,
+    check_path,
     check_rows_layout,
     check_same_device,
     check_segments,
@@ -187,10 +188,7 @@ def sgmv_expand(
     layout = check_segments(
         seg_indptr, seg_slots, num_rows, num_slots, rank_max, slot_ranks, max_segment_rows
     )
-    if path not in (None, "segmented", "bgmv"):
-        raise KernelArgumentError("path", f"must be None, 'segmented' or 'bgmv', got {path!r}")
-    if path == "bgmv" and layout.max_segment_rows > 1:
-        raise KernelArgumentError("path", "bgmv needs segments of at most one row")
+    check_path(path, layout)
     if num_rows == 0 or rank_max == 0 or out_features == 0 or layout.num_segments == 0:
         return
 

@@ -55,7 +55,10 @@ class Sampler:
                 chosen.append(int(torch.argmax(row)))
                 continue
             row = filter_top_k_top_p(row / opts.temperature, opts.top_k, opts.top_p)
-            probs = torch.softmax(row, dim=-1)
+            probs = torch.softmax(row, dim=-1)  # (V,)
+            # Request generators live on the CPU, so a seed gives the same tokens on any device; the draw
+            # happens where the generator is (torch refuses a generator of another device).
+            probs = probs.to(generators[i].device)
             chosen.append(int(torch.multinomial(probs, 1, generator=generators[i])))
         index = torch.tensor(chosen, dtype=torch.int64, device=logits.device)
         chosen_logprobs = logprobs.gather(1, index.unsqueeze(1)).squeeze(1).tolist()

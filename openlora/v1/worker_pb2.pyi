@@ -105,18 +105,20 @@ class ResolvedAdapter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., adapter_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., keep_warm: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("tenant_id", "tenant", "scopes", "adapters", "cache_ttl_ms")
+    __slots__ = ("tenant_id", "tenant", "scopes", "adapters", "cache_ttl_ms", "api_key_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     CACHE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     tenant: str
     scopes: _containers.RepeatedScalarFieldContainer[_admin_pb2.Scope]
     adapters: _containers.RepeatedCompositeFieldContainer[ResolvedAdapter]
     cache_ttl_ms: int
-    def __init__(self, tenant_id: _Optional[str] = ..., tenant: _Optional[str] = ..., scopes: _Optional[_Iterable[_Union[_admin_pb2.Scope, str]]] = ..., adapters: _Optional[_Iterable[_Union[ResolvedAdapter, _Mapping]]] = ..., cache_ttl_ms: _Optional[int] = ...) -> None: ...
+    api_key_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., tenant: _Optional[str] = ..., scopes: _Optional[_Iterable[_Union[_admin_pb2.Scope, str]]] = ..., adapters: _Optional[_Iterable[_Union[ResolvedAdapter, _Mapping]]] = ..., cache_ttl_ms: _Optional[int] = ..., api_key_id: _Optional[str] = ...) -> None: ...
 
 class FetchArtifactRequest(_message.Message):
     __slots__ = ("sha256",)
@@ -197,3 +199,35 @@ class CheckRequestIdRequest(_message.Message):
 class CheckRequestIdResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ReserveRequestIdRequest(_message.Message):
+    __slots__ = ("tenant_id", "request_id", "worker_id", "ttl_ms")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    request_id: str
+    worker_id: str
+    ttl_ms: int
+    def __init__(self, tenant_id: _Optional[str] = ..., request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class ReserveRequestIdResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReleaseRequestIdRequest(_message.Message):
+    __slots__ = ("tenant_id", "request_id", "worker_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    request_id: str
+    worker_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., request_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseRequestIdResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...

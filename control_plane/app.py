@@ -28,6 +28,7 @@ from control_plane.registry.uploads import UploadHeader, UploadPlan, UploadResul
 from control_plane.tenancy import service as tenancy
 from control_plane.tenancy.models import SCOPE_INFER, ApiKey, Tenant
 from control_plane.text import check_text
+from control_plane.usage import reservation
 from control_plane.usage import service as usage
 from control_plane.workers import service as workers
 from control_plane.workers.models import Worker
@@ -46,6 +47,8 @@ class Authorization:
     scopes: tuple[str, ...]
     adapters: tuple[Adapter, ...]
     cache_ttl_ms: int
+    # The resolved key's id: a "revoke" hint names it.
+    api_key_id: uuid.UUID | None = None
 
 
 class ControlPlane:
@@ -84,7 +87,10 @@ class ControlPlane:
     def revoke_api_key(self, api_key: str, key_id: str) -> tuple[ApiKey, str]:
         with self.sessions.begin() as s:
             row = tenancy.revoke_api_key(s, tenancy.authenticate_admin(s, api_key), key_id)
-            return row, tenancy.tenant_name(s, row.tenant_id)
+            revoked = row, tenancy.tenant_name(s, row.tenant_id)
+        # After the commit: a worker that drops its cached answer must then be refused.
+        self.publisher.revoke(str(row.id))
+        return revoked
 
     # -- registry -------------------------------------------------------------------------------------
 
@@ -136,13 +142,15 @@ class ControlPlane:
                 if base_model.fingerprint != plan.base_model.fingerprint:
                     raise FailedPrecondition("the base model changed during the upload", field="base_model")
                 owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)
+                # The replaced content is dropped from workers only when no adapter still uses it.
+                unused = replaced if replaced is not None and not registry.is_served(s, replaced) else ""
         except BaseException:
             if created:
                 self._upload_stage("failed", plan, sha256)
                 self._remove_unreferenced(sha256)
             raise
         if replaced is not None:
-            self.publisher.invalidate(str(owned.adapter.id), replaced)
+            self.publisher.invalidate(str(owned.adapter.id), unused)
         return UploadResult(owned, not created, replaced)
 
     def _upload_stage(self, stage: str, plan: UploadPlan, sha256: str) -> None:
@@ -173,7 +181,10 @@ class ControlPlane:
         with self.sessions.begin() as s:
             owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
             deleted = registry.delete_adapter(s, owner, name)
-        self.publisher.invalidate(str(deleted.adapter.id), deleted.adapter.sha256)
+            sha256 = deleted.adapter.sha256
+            # Content-addressed: another adapter (maybe another tenant's) may hold the same sha256.
+            unused = "" if registry.is_served(s, sha256) else sha256
+        self.publisher.invalidate(str(deleted.adapter.id), unused)
         return deleted
 
     # -- workers --------------------------------------------------------------------------------------
@@ -214,11 +225,25 @@ class ControlPlane:
                 adapters.append(adapter)
         scopes = tuple(sorted({*caller.scopes, SCOPE_INFER}))
         return Authorization(
-            caller.tenant_id, caller.tenant_name, scopes, tuple(adapters), self.config.authorize_cache_ttl_ms
+            caller.tenant_id,
+            caller.tenant_name,
+            scopes,
+            tuple(adapters),
+            self.config.authorize_cache_ttl_ms,
+            caller.key_id,
         )
 
     def artifact_files(self, sha256: str) -> list[Path]:
         return self.store.files(sha256)
+
+    def reserve_request_id(self, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int) -> None:
+        """AlreadyExists when the id was billed or another worker's live reservation holds it."""
+        with self.sessions.begin() as s:
+            reservation.reserve_request_id(s, tenant_id, request_id, worker_id, ttl_ms)
+
+    def release_request_id(self, tenant_id: str, request_id: str, worker_id: str) -> bool:
+        with self.sessions.begin() as s:
+            return reservation.release_request_id(s, tenant_id, request_id, worker_id)
 
     def check_request_id(self, tenant_id: str, request_id: str) -> None:
         """AlreadyExists when the tenant's client-chosen request id was already served and billed."""

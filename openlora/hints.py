@@ -4,8 +4,10 @@
 
 - `prewarm`: load this adapter into `tier` ("gpu", "host" or "disk") before `deadline_at`.
 - `demote`: it may leave `tier`.
-- `invalidate`: the artifact `sha256` of `adapter_id` is no longer served (deleted or replaced); drop it
-  from every tier.
+- `invalidate`: `adapter_id` is no longer served as it was (deleted or replaced): forget every cached
+  answer naming it. `sha256` is set only when no remaining adapter uses that artifact: then drop it from
+  every tier too (empty: other adapters, maybe other tenants', still use the content).
+- `revoke`: the api key `api_key_id` was revoked: forget every cached answer for it. Never a plaintext key.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Literal
 
 HINTS_STREAM = "openlora:hints"
 HINTS_MAXLEN = 10_000
-HintKind = Literal["prewarm", "demote", "invalidate"]
-HINT_KINDS: tuple[str, ...] = ("prewarm", "demote", "invalidate")
+HintKind = Literal["prewarm", "demote", "invalidate", "revoke"]
+HINT_KINDS: tuple[str, ...] = ("prewarm", "demote", "invalidate", "revoke")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class Hint:
     # Unix seconds by which a prewarm should be done; None: no deadline.
     deadline_at: float | None = None
     issued_at: float = field(default_factory=time.time)
+    # The revoked key's id (kind "revoke" only).
+    api_key_id: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in HINT_KINDS:
@@ -46,6 +50,8 @@ class Hint:
             fields["tier"] = self.tier
         if self.deadline_at is not None:
             fields["deadline_at"] = repr(self.deadline_at)
+        if self.api_key_id:
+            fields["api_key_id"] = self.api_key_id
         return fields
 
     @classmethod
@@ -63,6 +69,7 @@ class Hint:
                 tier=text.get("tier"),
                 deadline_at=float(text["deadline_at"]) if "deadline_at" in text else None,
                 issued_at=float(text["issued_at"]),
+                api_key_id=text.get("api_key_id", ""),
             )
         except KeyError as e:
             raise ValueError(f"hint is missing field {e.args[0]!r}") from None

@@ -5,6 +5,7 @@ from control_plane.db.base import Base
 from control_plane.registry.models import Adapter
 from control_plane.tenancy.models import ApiKey, Tenant
 from control_plane.usage.models import UsageCounter, UsageEvent, UsageEventAdapter
+from control_plane.usage.reservation import RequestIdReservation
 from control_plane.workers.models import BaseModelRow, Worker
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "InvoiceLineRow",
     "InvoiceRow",
     "Price",
+    "RequestIdReservation",
     "Tenant",
     "UsageCounter",
     "UsageEvent",

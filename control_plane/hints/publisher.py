@@ -36,8 +36,14 @@ class HintPublisher:
         metrics.HINTS_PUBLISHED.labels(hint.kind).inc()
         return True
 
-    def invalidate(self, adapter_id: str, sha256: str) -> bool:
+    def invalidate(self, adapter_id: str, sha256: str = "") -> bool:
+        """Workers forget cached answers naming `adapter_id`; with `sha256` (only when no adapter uses that
+        artifact any more) they also drop the content from every tier."""
         return self.publish(Hint(kind="invalidate", adapter_id=adapter_id, sha256=sha256))
+
+    def revoke(self, api_key_id: str) -> bool:
+        """Workers forget cached answers for this key (by id: a plaintext key never goes to Redis)."""
+        return self.publish(Hint(kind="revoke", adapter_id="", sha256="", api_key_id=api_key_id))
 
     def close(self) -> None:
         if self._client is not None:

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 
 import grpc
+import psycopg
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import DataError
 
 from control_plane import errors, metrics
@@ -26,7 +28,23 @@ _CODES: tuple[tuple[type[errors.DomainError], grpc.StatusCode], ...] = (
 _OWN_SERVICES = "/openlora.v1."
 
 
+def _database_unavailable(error: Exception) -> bool:
+    """The database could not be reached or used (down, restarting, connection dropped, pool exhausted,
+    a retryable operational failure): the caller may retry. Integrity and data errors are the input's."""
+    if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
+        return True
+    if isinstance(error, sa_exc.DisconnectionError):
+        return True
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    # Raw driver errors that no SQLAlchemy wrapper caught.
+    return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    if _database_unavailable(error):
+        log.warning("database unavailable: %s", error)
+        return grpc.StatusCode.UNAVAILABLE, "the control plane's database is unavailable; retry later"
     if isinstance(error, AdapterFormatError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, DataError):

@@ -44,6 +44,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             scopes=convert.scopes_to_proto(auth.scopes),
             adapters=[convert.resolved_adapter_to_proto(a) for a in auth.adapters],
             cache_ttl_ms=auth.cache_ttl_ms,
+            api_key_id=str(auth.api_key_id or ""),
         )
 
     async def FetchArtifact(self, request, context):
@@ -68,6 +69,27 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.app.check_worker_token(bearer_token(context))
         await asyncio.to_thread(self.app.check_request_id, request.tenant_id, request.request_id)
         return worker_pb2.CheckRequestIdResponse()
+
+    async def ReserveRequestId(self, request, context):
+        """Reserves the tenant's request id for this worker's stream; ALREADY_EXISTS (naming request_id)
+        when it was billed or another worker's live reservation holds it."""
+        self.app.check_worker_token(bearer_token(context))
+        await asyncio.to_thread(
+            self.app.reserve_request_id,
+            request.tenant_id,
+            request.request_id,
+            request.worker_id,
+            request.ttl_ms,
+        )
+        return worker_pb2.ReserveRequestIdResponse()
+
+    async def ReleaseRequestId(self, request, context):
+        """Removes this worker's reservation of the id (its stream delivered nothing)."""
+        self.app.check_worker_token(bearer_token(context))
+        released = await asyncio.to_thread(
+            self.app.release_request_id, request.tenant_id, request.request_id, request.worker_id
+        )
+        return worker_pb2.ReleaseRequestIdResponse(released=released)
 
     async def ReportUsage(self, request, context):
         """Idempotent by request id; a batch is recorded whole or not at all."""

@@ -1,0 +1,132 @@
+"""Client request ids reserved for one stream, atomically across workers.
+
+A worker reserves (tenant, request id) before it serves a stream that carries a client-chosen id:
+
+    INSERT INTO request_id_reservation ... ON CONFLICT (tenant_id, request_id) DO UPDATE
+        SET worker_id, reserved_at, expires_at = excluded ...
+        WHERE request_id_reservation.expires_at <= now OR request_id_reservation.worker_id = excluded.worker_id
+    RETURNING request_id
+
+Exactly one of two workers racing for the same id gets a row back; the other is refused. An id that
+already has a usage event (the billing key) is refused too, before the insert. The stream's own usage is
+never refused: usage is recorded by `report_usage`, which does not look at reservations.
+
+A reservation ends by release (a stream that delivered nothing: a retry under the id must be served) or
+by expiry (a worker that died before it could release). A worker re-reserving its own id renews it (a
+restarted worker keeps its id). Expired rows are swept a few at a time by later reservations.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import DateTime, ForeignKey, String, delete, or_, select, tuple_
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from control_plane.db.base import Base, utc_now
+from control_plane.errors import AlreadyExists, InvalidArgument
+from control_plane.text import check_text
+from control_plane.usage.models import UsageEvent
+
+MAX_REQUEST_ID_CHARS = 128
+DEFAULT_RESERVATION_MS = 120_000
+MIN_RESERVATION_MS = 1_000
+MAX_RESERVATION_MS = 3_600_000
+# Expired rows removed by each reservation (bounded work per call; SKIP LOCKED, so never a wait).
+SWEEP_ROWS = 100
+
+
+class RequestIdReservation(Base):
+    """A client request id held by one worker's stream until `expires_at` or its release."""
+
+    __tablename__ = "request_id_reservation"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id"), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String(128))
+    reserved_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+def _checked_key(tenant_id: str, request_id: str) -> uuid.UUID:
+    try:
+        tenant = uuid.UUID(tenant_id)
+    except ValueError:
+        raise InvalidArgument(f"not a valid id: {tenant_id!r}", field="tenant_id") from None
+    if not request_id:
+        raise InvalidArgument("required", field="request_id")
+    check_text(request_id, "request_id", MAX_REQUEST_ID_CHARS)
+    return tenant
+
+
+def _billed(session: Session, tenant: uuid.UUID, request_id: str) -> bool:
+    found = session.scalar(
+        select(UsageEvent.request_id).where(
+            UsageEvent.tenant_id == tenant, UsageEvent.request_id == request_id
+        )
+    )
+    return found is not None
+
+
+def reserve_request_id(
+    session: Session, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int = 0
+) -> None:
+    """Reserves the id for `worker_id` for `ttl_ms` (0: the default; clamped to 1 s .. 1 h). AlreadyExists
+    when the id was billed, or when another worker's reservation of it has not expired."""
+    tenant = _checked_key(tenant_id, request_id)
+    check_text(worker_id, "worker_id", 128)
+    if _billed(session, tenant, request_id):
+        raise AlreadyExists(
+            f"{request_id!r} was already served and billed; send a new request id", field="request_id"
+        )
+    ttl_ms = min(max(ttl_ms or DEFAULT_RESERVATION_MS, MIN_RESERVATION_MS), MAX_RESERVATION_MS)
+    now = utc_now()
+    _sweep(session, now)
+    table = RequestIdReservation.__table__
+    statement = insert(table).values(
+        tenant_id=tenant,
+        request_id=request_id,
+        worker_id=worker_id,
+        reserved_at=now,
+        expires_at=now + timedelta(milliseconds=ttl_ms),
+    )
+    # An empty worker id never counts as "the same worker" (it would match any other empty one).
+    same_worker = (table.c.worker_id == statement.excluded.worker_id) & (statement.excluded.worker_id != "")
+    statement = statement.on_conflict_do_update(
+        index_elements=[table.c.tenant_id, table.c.request_id],
+        set_={
+            "worker_id": statement.excluded.worker_id,
+            "reserved_at": statement.excluded.reserved_at,
+            "expires_at": statement.excluded.expires_at,
+        },
+        where=or_(table.c.expires_at <= now, same_worker),
+    ).returning(table.c.request_id)
+    if session.execute(statement).first() is None:
+        raise AlreadyExists(
+            f"{request_id!r} is already being served; send a new request id", field="request_id"
+        )
+
+
+def release_request_id(session: Session, tenant_id: str, request_id: str, worker_id: str) -> bool:
+    """Removes `worker_id`'s reservation of the id; returns whether there was one."""
+    tenant = _checked_key(tenant_id, request_id)
+    table = RequestIdReservation.__table__
+    removed = session.execute(
+        delete(table)
+        .where(table.c.tenant_id == tenant, table.c.request_id == request_id, table.c.worker_id == worker_id)
+        .returning(table.c.request_id)
+    ).first()
+    return removed is not None
+
+
+def _sweep(session: Session, now: datetime) -> None:
+    table = RequestIdReservation.__table__
+    expired = (
+        select(table.c.tenant_id, table.c.request_id)
+        .where(table.c.expires_at <= now)
+        .limit(SWEEP_ROWS)
+        .with_for_update(skip_locked=True)
+    )
+    session.execute(delete(table).where(tuple_(table.c.tenant_id, table.c.request_id).in_(expired)))

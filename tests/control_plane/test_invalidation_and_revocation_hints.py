@@ -1,0 +1,71 @@
+"""Hints for content shared between tenants, and for revoked keys.
+
+An artifact is content-addressed: two tenants' adapters with the same files share one sha256. Deleting
+or replacing one of them must not tell workers to drop content the other still uses; revoking a key
+reaches workers as a "revoke" hint naming the key's id, never its plaintext."""
+
+from __future__ import annotations
+
+import uuid
+
+import redis
+
+from openlora.hints import HINTS_STREAM, Hint
+
+BASE = "tiny-llama"
+
+
+def _entries(redis_url: str) -> list[dict[bytes, bytes]]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return [fields for _, fields in reversed(client.xrevrange(HINTS_STREAM, count=2000))]
+    finally:
+        client.close()
+
+
+def _hints(redis_url: str, **match: str) -> list[Hint]:
+    hints = [Hint.from_fields(fields) for fields in _entries(redis_url)]
+    return [h for h in hints if all(getattr(h, k) == v for k, v in match.items())]
+
+
+def _two_tenants(cp) -> tuple[str, str]:
+    names = (f"sa-{uuid.uuid4().hex[:8]}", f"sb-{uuid.uuid4().hex[:8]}")
+    with cp.admin() as admin:
+        for name in names:
+            admin.create_tenant(name)
+    return names
+
+
+def test_deleting_one_of_two_adapters_sharing_content_keeps_the_content(cp, redis_url, adapters_root) -> None:
+    first_tenant, second_tenant = _two_tenants(cp)
+    with cp.admin() as admin:
+        first = admin.upload_adapter(adapters_root / "a", "shared", BASE, tenant=first_tenant).adapter
+        second = admin.upload_adapter(adapters_root / "a", "shared", BASE, tenant=second_tenant).adapter
+        assert first.sha256 == second.sha256 and first.id != second.id
+        admin.delete_adapter("shared", tenant=first_tenant)
+        # The other tenant still serves that sha256: only the adapter id is invalidated.
+        assert [(h.kind, h.sha256) for h in _hints(redis_url, adapter_id=first.id)] == [("invalidate", "")]
+        admin.delete_adapter("shared", tenant=second_tenant)
+        # The last user is gone: now the content goes too.
+        assert [(h.kind, h.sha256) for h in _hints(redis_url, adapter_id=second.id)] == [
+            ("invalidate", second.sha256)
+        ]
+
+
+def test_replacing_content_another_tenant_uses_invalidates_only_the_adapter(cp, redis_url, adapters_root) -> None:
+    first_tenant, second_tenant = _two_tenants(cp)
+    with cp.admin() as admin:
+        old = admin.upload_adapter(adapters_root / "a", "swap", BASE, tenant=first_tenant).adapter
+        admin.upload_adapter(adapters_root / "a", "keep", BASE, tenant=second_tenant)
+        admin.upload_adapter(adapters_root / "b", "swap", BASE, tenant=first_tenant)
+    assert [(h.kind, h.sha256) for h in _hints(redis_url, adapter_id=old.id)] == [("invalidate", "")]
+
+
+def test_revoking_a_key_publishes_its_id_and_never_its_plaintext(cp, redis_url) -> None:
+    (tenant, _) = _two_tenants(cp)
+    with cp.admin() as admin:
+        created = admin.create_api_key(tenant)
+        admin.revoke_api_key(created.key.id)
+    assert [h.kind for h in _hints(redis_url, api_key_id=created.key.id)] == ["revoke"]
+    secret = created.secret.encode()
+    assert not any(secret in value for fields in _entries(redis_url) for value in fields.values())

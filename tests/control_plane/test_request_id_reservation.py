@@ -1,0 +1,140 @@
+"""ReserveRequestId / ReleaseRequestId: one worker at a time serves a tenant's client request id, a billed
+id stays refused, an id whose stream delivered nothing becomes usable again."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import grpc
+import pytest
+
+from openlora.v1 import worker_pb2
+
+BASE = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def tenant_id(cp) -> str:
+    with cp.admin() as admin:
+        admin.create_tenant("reserver")
+        key = admin.create_api_key("reserver").secret
+    response = cp.worker_stub().Authorize(
+        worker_pb2.AuthorizeRequest(api_key=key, base_model=BASE), metadata=cp.worker_metadata()
+    )
+    return response.tenant_id
+
+
+def _reserve(cp, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int = 0) -> grpc.StatusCode:
+    try:
+        cp.worker_stub().ReserveRequestId(
+            worker_pb2.ReserveRequestIdRequest(
+                tenant_id=tenant_id, request_id=request_id, worker_id=worker_id, ttl_ms=ttl_ms
+            ),
+            metadata=cp.worker_metadata(),
+        )
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def _release(cp, tenant_id: str, request_id: str, worker_id: str) -> bool:
+    return (
+        cp.worker_stub()
+        .ReleaseRequestId(
+            worker_pb2.ReleaseRequestIdRequest(tenant_id=tenant_id, request_id=request_id, worker_id=worker_id),
+            metadata=cp.worker_metadata(),
+        )
+        .released
+    )
+
+
+def _report(cp, tenant_id: str, request_id: str, completion_tokens: int = 3) -> int:
+    event = worker_pb2.UsageEvent(
+        request_id=request_id,
+        tenant_id=tenant_id,
+        base_model=BASE,
+        prompt_tokens=2,
+        completion_tokens=completion_tokens,
+        worker_id="w-a",
+    )
+    return (
+        cp.worker_stub()
+        .ReportUsage(worker_pb2.ReportUsageRequest(events=[event]), metadata=cp.worker_metadata())
+        .inserted
+    )
+
+
+def test_two_workers_racing_for_one_request_id_exactly_one_wins(cp, tenant_id) -> None:
+    request_id = f"race-{uuid.uuid4().hex}"
+    codes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def race(worker: int) -> None:
+        start.wait()
+        code = _reserve(cp, tenant_id, request_id, f"w-{worker}")
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(codes, key=lambda c: c.name) == [grpc.StatusCode.ALREADY_EXISTS] * 7 + [grpc.StatusCode.OK]
+
+
+def test_reserved_id_does_not_refuse_the_streams_own_usage_and_then_stays_refused(cp, tenant_id) -> None:
+    request_id = f"billed-{uuid.uuid4().hex}"
+    assert _reserve(cp, tenant_id, request_id, "w-a") == grpc.StatusCode.OK
+    assert _report(cp, tenant_id, request_id) == 1  # the reservation never blocks its own usage
+    # Released or not, a billed id is refused to every worker, the one that served it included.
+    _release(cp, tenant_id, request_id, "w-a")
+    for worker in ("w-a", "w-b"):
+        assert _reserve(cp, tenant_id, request_id, worker) == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_released_unbilled_id_is_reusable_by_another_worker(cp, tenant_id) -> None:
+    request_id = f"released-{uuid.uuid4().hex}"
+    assert _reserve(cp, tenant_id, request_id, "w-a") == grpc.StatusCode.OK
+    assert _reserve(cp, tenant_id, request_id, "w-b") == grpc.StatusCode.ALREADY_EXISTS
+    assert not _release(cp, tenant_id, request_id, "w-b")  # only the holder releases
+    assert _release(cp, tenant_id, request_id, "w-a")
+    assert _reserve(cp, tenant_id, request_id, "w-b") == grpc.StatusCode.OK
+
+
+def test_expired_reservation_is_reusable_and_the_holder_may_renew(cp, tenant_id) -> None:
+    request_id = f"expiring-{uuid.uuid4().hex}"
+    assert _reserve(cp, tenant_id, request_id, "w-a", ttl_ms=1000) == grpc.StatusCode.OK
+    assert _reserve(cp, tenant_id, request_id, "w-a", ttl_ms=1000) == grpc.StatusCode.OK  # its own: renewed
+    assert _reserve(cp, tenant_id, request_id, "w-b") == grpc.StatusCode.ALREADY_EXISTS
+    time.sleep(1.2)  # the holder died without releasing: the id lapses
+    assert _reserve(cp, tenant_id, request_id, "w-b") == grpc.StatusCode.OK
+
+
+def test_another_tenants_reservation_of_the_same_id_is_its_own(cp, tenant_id) -> None:
+    with cp.admin() as admin:
+        admin.create_tenant("other-reserver")
+        key = admin.create_api_key("other-reserver").secret
+    other = (
+        cp.worker_stub()
+        .Authorize(worker_pb2.AuthorizeRequest(api_key=key, base_model=BASE), metadata=cp.worker_metadata())
+        .tenant_id
+    )
+    request_id = f"shared-{uuid.uuid4().hex}"
+    assert _reserve(cp, tenant_id, request_id, "w-a") == grpc.StatusCode.OK
+    assert _reserve(cp, other, request_id, "w-b") == grpc.StatusCode.OK
+
+
+def test_reserve_refuses_bad_input_and_foreign_callers(cp, tenant_id) -> None:
+    assert _reserve(cp, "not-a-uuid", "r", "w") == grpc.StatusCode.INVALID_ARGUMENT
+    assert _reserve(cp, tenant_id, "", "w") == grpc.StatusCode.INVALID_ARGUMENT
+    assert _reserve(cp, tenant_id, "x" * 129, "w") == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        cp.worker_stub().ReserveRequestId(
+            worker_pb2.ReserveRequestIdRequest(tenant_id=tenant_id, request_id="r", worker_id="w"),
+            metadata=cp.worker_metadata("not-the-worker-token"),
+        )
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -9,6 +9,11 @@ The directory has a byte budget (`max_disk_bytes`): when a download takes it ove
 used artifacts that nobody holds (`ensure(..., hold=True)` until `release`) and the engine is not reading
 (`busy`) are removed until it fits again. An artifact in use is never removed; the budget may be exceeded
 while everything is in use.
+
+`discard` (deleted or replaced upstream) never pulls files from under a holder: an artifact held or being
+read is marked stale and removed when the last hold is released. A stale artifact is never served again:
+`ensure` fetches it afresh, and the verified download replaces the stale files in place, file by file
+(the same bytes, as they have the same sha256), so a holder's path stays valid throughout.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class ArtifactStore:
         self._holds: Counter[str] = Counter()
         self._used_at: dict[str, float] = {}  # sha256 -> time.monotonic() of its last ensure
         self._sizes: dict[str, int] = {}  # sha256 -> bytes on disk
+        self._stale: set[str] = set()  # discarded while in use: never served, removed once unused
         self._remove_partials()
         for entry in self.root.iterdir():
             if _SHA256.match(entry.name) and entry.is_dir():
@@ -115,7 +121,8 @@ class ArtifactStore:
         return self.root / sha256
 
     def contains(self, sha256: str) -> bool:
-        return self.path_of(sha256).is_dir()
+        """True when `ensure` would serve the artifact from disk (present and not stale)."""
+        return self.path_of(sha256).is_dir() and sha256 not in self._stale
 
     @property
     def used_bytes(self) -> int:
@@ -128,11 +135,12 @@ class ArtifactStore:
         """The local directory of an artifact, fetched and verified first when it is not on disk.
         `hold`: the artifact is in use (never removed by the disk budget) until `release(sha256)`."""
         path = self.path_of(sha256)
+        self._remove_stale()
         self._used_at[sha256] = time.monotonic()
         if hold:
             self._holds[sha256] += 1
         try:
-            if path.is_dir():
+            if path.is_dir() and sha256 not in self._stale:
                 return LocalArtifact(sha256, path, "disk")
             task = self._downloads.get(sha256)
             if task is None:
@@ -152,11 +160,34 @@ class ArtifactStore:
             self._holds[sha256] -= 1
             if self._holds[sha256] <= 0:
                 del self._holds[sha256]
+        self._remove_stale()
         self._trim()
 
+    def is_stale(self, sha256: str) -> bool:
+        """True while a discarded artifact waits for its last holder before it is removed."""
+        return sha256 in self._stale
+
     def discard(self, sha256: str) -> None:
-        """Forgets an artifact (deleted or replaced upstream); a later ensure fetches it again."""
+        """Forgets an artifact (deleted or replaced upstream); a later ensure fetches it again. One held
+        (or being read by the engine) is only marked stale, and removed when its last hold is released."""
         path = self.path_of(sha256)
+        if self.is_held(sha256) or self._busy(sha256):
+            if path.is_dir():
+                self._stale.add(sha256)
+            return
+        self._remove(sha256)
+        self._remove_stale()
+
+    def _remove_stale(self) -> None:
+        """Removes the stale artifacts nobody holds or reads any more."""
+        for sha256 in list(self._stale):
+            if not self.is_held(sha256) and not self._busy(sha256):
+                self._remove(sha256)
+
+    def _remove(self, sha256: str) -> None:
+        """Deletes an artifact's directory now (the caller checked that nobody uses it)."""
+        path = self.path_of(sha256)
+        self._stale.discard(sha256)
         if path.is_dir():
             # Rename first so a concurrent reader never sees a half-deleted directory under the sha.
             doomed = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
@@ -177,7 +208,7 @@ class ArtifactStore:
                 continue
             used -= self._sizes[sha256]
             log.info("disk budget: removing artifact %s (%d bytes)", sha256[:12], self._sizes[sha256])
-            self.discard(sha256)
+            self._remove(sha256)
 
     async def _download(self, sha256: str) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{sha256[:12]}-", dir=self.root))
@@ -185,11 +216,18 @@ class ArtifactStore:
             await self._receive(sha256, tmp)
             await asyncio.to_thread(self._verify, sha256, tmp)
             final = self.root / sha256
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.is_dir():  # lost a race with another process: theirs is as good
-                    raise
+            if final.is_dir():
+                # A stale copy a holder still reads (or another process's copy): same sha256, same bytes.
+                # Replace it file by file, each rename atomic, so its path never stops holding an adapter.
+                for name in ARTIFACT_FILES:
+                    os.replace(tmp / name, final / name)
+            else:
+                try:
+                    os.rename(tmp, final)
+                except OSError:
+                    if not final.is_dir():  # lost a race with another process: theirs is as good
+                        raise
+            self._stale.discard(sha256)
             self._sizes[sha256] = _dir_bytes(final)
             self._trim()
             return final

@@ -15,6 +15,16 @@ ties going to the least recently used. Predicted reuse is an exponentially weigh
 over the measured throughput of the tier below (`record_load`), plus a fixed per-load overhead.
 Usage statistics outlive residency, so an adapter evicted and called again keeps its history.
 
+The cache is the one owner of the host tier: an entry holds its host buffer (an opaque object from the
+loader) with its size, so dropping the entry drops the bytes. The engine thread alone mutates the cache;
+other threads read `residency`, an immutable snapshot replaced (one attribute store) after every change.
+
+Invalidation (`invalidate`) drops the host copy at once and frees an unused slot. An entry still
+referenced by running sequences, or whose slot is being written, is *retiring*: it serves the sequences
+that hold it (they finish on the slot they run on; the content is the same sha256 they were authorised
+for) but takes no new reference, and leaves its slot when the last holder releases it or its load ends.
+A new request for the key then gets a fresh entry, loaded from disk.
+
 A prewarm hint protects its adapter until the predicted call comes (its next use) or the hint's window
 ends: the deadline plus as long again as the hint's lead (at least `min_prewarm_grace_s`), for a late
 call. Protected entries go last, from host memory and from slots, and only to make room for an entry
@@ -29,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 DEVICE = "device"
 HOST = "host"
@@ -73,6 +84,14 @@ class _Usage:
     keep_warm: bool = False
 
 
+@dataclass(frozen=True)
+class Residency:
+    """Which adapters are where, as of the cache's last change; safe to read from any thread."""
+
+    device_keys: tuple[str, ...] = ()  # READY in a slot, most recently used first
+    host_keys: tuple[str, ...] = ()  # with a host copy
+
+
 @dataclass
 class _Entry:
     key: str
@@ -80,7 +99,8 @@ class _Entry:
     state: AdapterState | None = None  # device state; None: not in a slot
     refcount: int = 0
     host_bytes: int | None = None  # None: no host copy
-    invalidated: bool = False  # drop as soon as nothing uses it
+    host_buffer: Any = None  # the host copy itself (the loader's packed buffer), when host_bytes is set
+    retiring: bool = False  # invalidated: serves its holders, takes no new reference, then goes
 
 
 class AdapterCache:
@@ -114,6 +134,8 @@ class AdapterCache:
         self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._host_used_bytes = 0
         self._tick_count = 0
+        # Replaced, never mutated, by the engine thread after each change: other threads read it as is.
+        self.residency = Residency()
 
     # -- queries -----------------------------------------------------------------------------------------
 
@@ -131,9 +153,19 @@ class AdapterCache:
         return entry.slot if entry else None
 
     def slot_of(self, key: str) -> int | None:
-        """The slot of a READY adapter, else None."""
+        """The slot of a READY adapter (retiring ones too: their holders still run on it), else None."""
         entry = self._entries.get(key)
         return entry.slot if entry and entry.state is AdapterState.READY else None
+
+    def is_usable(self, key: str) -> bool:
+        """True when a new sequence may run on `key` now: READY in a slot and not retiring."""
+        entry = self._entries.get(key)
+        return entry is not None and entry.state is AdapterState.READY and not entry.retiring
+
+    def is_retiring(self, key: str) -> bool:
+        """True while an invalidated entry of `key` still holds a slot (see the module docstring)."""
+        entry = self._entries.get(key)
+        return entry is not None and entry.retiring
 
     def refcount(self, key: str) -> int:
         entry = self._entries.get(key)
@@ -142,7 +174,7 @@ class AdapterCache:
     def tier_of(self, key: str) -> str:
         """Where a request for `key` would find it now: "device", "host" or "disk" (anything below)."""
         entry = self._entries.get(key)
-        if entry is None:
+        if entry is None or entry.retiring:
             return DISK
         if entry.state is AdapterState.READY:
             return DEVICE
@@ -153,12 +185,23 @@ class AdapterCache:
         return entry is not None and entry.host_bytes is not None
 
     def resident_keys(self) -> list[str]:
-        """Keys of READY adapters, most recently used first."""
-        ready = [e.key for e in self._entries.values() if e.state is AdapterState.READY]
+        """Keys of READY adapters a new request may use, most recently used first (engine thread only;
+        other threads read `residency`)."""
+        ready = [e.key for e in self._entries.values() if e.state is AdapterState.READY and not e.retiring]
         return sorted(ready, key=lambda k: -self._usage[k].last_used)
 
     def host_keys(self) -> list[str]:
+        """Keys with a host copy (engine thread only; other threads read `residency`)."""
         return [e.key for e in self._entries.values() if e.host_bytes is not None]
+
+    def host_buffer(self, key: str) -> Any:
+        """The host copy of `key` (as stored by `store_host`), or None."""
+        entry = self._entries.get(key)
+        return entry.host_buffer if entry is not None and entry.host_bytes is not None else None
+
+    def _publish(self) -> None:
+        """Replaces the `residency` snapshot; called at the end of every change to the tiers."""
+        self.residency = Residency(tuple(self.resident_keys()), tuple(self.host_keys()))
 
     @property
     def host_used_bytes(self) -> int:
@@ -277,8 +320,11 @@ class AdapterCache:
         return min(candidates, key=lambda e: self._eviction_order(e.key, DEVICE))
 
     def can_admit(self, key: str) -> bool:
-        """True when `key` has a slot or one can be had (free, or by evicting an unused one)."""
+        """True when `key` has a slot or one can be had (free, or by evicting an unused one); False while
+        a retiring entry of `key` still holds its slot."""
         entry = self._entries.get(key)
+        if entry is not None and entry.retiring:
+            return False
         if entry is not None and entry.state is not None:
             return True
         return bool(self._free_slots) or self._device_victim() is not None
@@ -288,8 +334,8 @@ class AdapterCache:
 
         The evicted adapter keeps its host copy, if any (it moves down one tier)."""
         entry = self._entries.get(key)
-        if entry is not None and entry.state is not None:
-            raise ValueError(f"adapter {key!r} is already admitted")
+        if entry is not None and (entry.state is not None or entry.retiring):
+            raise ValueError(f"adapter {key!r} is already admitted or still retiring")
         evicted = None
         if self._free_slots:
             slot = self._free_slots.pop()
@@ -302,6 +348,8 @@ class AdapterCache:
         entry = self._entry(key)
         entry.slot, entry.state = slot, AdapterState.LOADING
         self._usage[key].last_used = self._tick()
+        if evicted is not None:
+            self._publish()
         return slot, evicted
 
     def _leave_slot(self, entry: _Entry) -> None:
@@ -310,19 +358,23 @@ class AdapterCache:
         if entry.host_bytes is None and not entry.refcount:
             del self._entries[entry.key]
 
-    def mark_ready(self, key: str) -> int:
-        entry = self._entries[key]
-        if entry.state is not AdapterState.LOADING or entry.slot is None:
+    def mark_ready(self, key: str) -> int | None:
+        """The load into the slot of `key` is done: READY, returns the slot. A retiring entry (invalidated
+        while it loaded; nothing holds it) leaves its slot instead, and None is returned."""
+        entry = self._entries.get(key)
+        if entry is None or entry.state is not AdapterState.LOADING or entry.slot is None:
             raise ValueError(f"adapter {key!r} is not loading")
+        if entry.retiring and not entry.refcount:
+            self.fail(key)
+            return None
         entry.state = AdapterState.READY
         self._usage[key].last_used = self._tick()
-        slot = entry.slot
-        if entry.invalidated and not entry.refcount:
-            self.invalidate(key)
-        return slot
+        self._publish()
+        return entry.slot
 
     def fail(self, key: str) -> None:
-        """Drops an entry whose load failed from every tier and frees its slot (references go with it)."""
+        """Drops an entry from every tier and frees its slot (references go with it): its load failed, or
+        a retiring entry's last use ended."""
         entry = self._entries.pop(key, None)
         if entry is None:
             return
@@ -330,10 +382,15 @@ class AdapterCache:
             self._free_slots.append(entry.slot)
         if entry.host_bytes is not None:
             self._host_used_bytes -= entry.host_bytes
+        if entry.retiring:
+            self._usage.pop(key, None)
+        self._publish()
 
     def acquire(self, key: str) -> None:
         """A request is promised `key` (it may still be loading); counts as one use."""
         entry = self._entries[key]
+        if entry.retiring:
+            raise ValueError(f"adapter {key!r} is retiring: it takes no new reference")
         entry.refcount += 1
         self.record_use(key)
 
@@ -345,8 +402,8 @@ class AdapterCache:
             raise RuntimeError(f"release of adapter {key!r} without a reference")
         entry.refcount -= 1
         self._usage[key].last_used = self._tick()
-        if entry.invalidated and not entry.refcount:
-            self.invalidate(key)
+        if entry.retiring and not entry.refcount and entry.state is not AdapterState.LOADING:
+            self.fail(key)  # its last holder is done: the slot is free
 
     def prefetch(self, key: str, deadline_at_s: float | None = None) -> int | None:
         """Starts bringing `key` into a slot without a reference; returns the slot to load, or None when it
@@ -368,6 +425,7 @@ class AdapterCache:
         slot = entry.slot
         self._leave_slot(entry)
         self._free_slots.append(slot)
+        self._publish()
         return True
 
     def demote(self, key: str) -> bool:
@@ -379,17 +437,23 @@ class AdapterCache:
         return self.evict(key)
 
     def invalidate(self, key: str) -> bool:
-        """Drops `key` from every tier now; one in use or loading goes as soon as the last user releases
-        it. Returns whether it is gone already. The caller frees the host buffer."""
+        """Drops `key` from every tier now: its host copy at once, an unused slot at once. A slot still
+        referenced or being written retires (see the module docstring): the entry leaves when its last
+        holder releases it (`release`) or its load ends (`mark_ready` or `fail`). Returns whether it is
+        gone already. References of sequences that merely wait for `key` are the caller's to release
+        first, so that those sequences load it afresh."""
         entry = self._entries.get(key)
         if entry is None:
             self._usage.pop(key, None)
             return True
+        self._drop_host(entry)
         if entry.refcount or entry.state is AdapterState.LOADING:
-            entry.invalidated = True
+            entry.retiring = True
+            self._publish()
             return False
-        self.fail(key)
+        self.fail(key)  # frees an unused slot (a no-op when the host copy was all there was)
         self._usage.pop(key, None)
+        self._publish()
         return True
 
     # -- host memory -------------------------------------------------------------------------------------
@@ -416,16 +480,19 @@ class AdapterCache:
     def can_host(self, key: str, size_bytes: int) -> bool:
         if self.on_host(key):
             return True
+        if self.is_retiring(key):
+            return False
         free = self.host_budget_bytes - self._host_used_bytes
         if size_bytes <= free:
             return True
         return size_bytes <= free + sum(e.host_bytes or 0 for e in self._host_victims(key))
 
-    def store_host(self, key: str, size_bytes: int) -> list[str] | None:
-        """Records a host copy of `key` of `size_bytes`, evicting cheaper host copies to make room.
+    def store_host(self, key: str, size_bytes: int, buffer: Any = None) -> list[str] | None:
+        """Keeps `buffer`, the host copy of `key` of `size_bytes`, evicting cheaper host copies (and with
+        them their buffers) to make room.
 
-        Returns the keys whose host buffers the caller must free, or None when it does not fit (the
-        caller then keeps no host copy)."""
+        Returns the keys whose host copies were evicted, or None when it does not fit (or `key` is
+        retiring): then no host copy is kept."""
         self.record_size(key, size_bytes)
         if self.on_host(key):
             return []
@@ -435,10 +502,12 @@ class AdapterCache:
         for victim in self._host_victims(key):
             if self.host_budget_bytes - self._host_used_bytes >= size_bytes:
                 break
-            self.drop_host(victim.key)
+            self._drop_host(victim)
             evicted.append(victim.key)
-        self._entry(key).host_bytes = size_bytes
+        entry = self._entry(key)
+        entry.host_bytes, entry.host_buffer = size_bytes, buffer
         self._host_used_bytes += size_bytes
+        self._publish()
         return evicted
 
     def drop_host(self, key: str) -> bool:
@@ -446,8 +515,16 @@ class AdapterCache:
         entry = self._entries.get(key)
         if entry is None or entry.host_bytes is None or entry.state is AdapterState.LOADING:
             return False
-        self._host_used_bytes -= entry.host_bytes
-        entry.host_bytes = None
-        if entry.state is None and not entry.refcount:
-            del self._entries[key]
+        self._drop_host(entry)
+        self._publish()
         return True
+
+    def _drop_host(self, entry: _Entry) -> None:
+        """Forgets the host copy of `entry` (its bytes go with the last reference to the buffer: a load
+        copying from it keeps its own), and the entry itself when nothing else is left of it."""
+        if entry.host_bytes is None:
+            return
+        self._host_used_bytes -= entry.host_bytes
+        entry.host_bytes, entry.host_buffer = None, None
+        if entry.state is None and not entry.refcount:
+            del self._entries[entry.key]

@@ -1,9 +1,11 @@
 """AdapterLoader: brings adapters in on a background thread, so the batch never waits on a load.
 
 A load reads and validates the adapter directory and packs it into one host buffer (skipped when the
-engine already holds a host copy), then, when a slot was reserved, copies the buffer into that slot
-(on its own CUDA stream on GPU). The engine thread submits loads and, at the start of each step, collects
-finished ones and marks their slots ready; the forward pass in between never touches a loading slot.
+engine hands it the host copy the adapter cache holds), then, when a slot was reserved, copies the buffer
+into that slot (on its own CUDA stream on GPU). The engine thread submits loads and, at the start of each
+step, collects finished ones and gives their buffers to the adapter cache, the one owner of the host tier;
+the loader keeps none. The forward pass in between never touches a loading slot. A load in flight when
+its adapter is invalidated comes back `stale`: its result must not be kept.
 The loader thread runs torch ops on one intra-op thread, so a load takes at most one core from decoding.
 """
 
@@ -45,6 +47,8 @@ class FinishedLoad:
     read_ms: float = 0.0  # disk -> host buffer
     copy_ms: float = 0.0  # host buffer -> slot
     cause: str = CAUSE_REQUEST
+    members: tuple[AdapterRef, ...] = ()  # what it was read from
+    stale: bool = False  # `key` was invalidated while it loaded: keep nothing of it
 
     @property
     def source_tier(self) -> str:
@@ -70,21 +74,29 @@ class AdapterLoader:
         self._dtype = dtype
         self._install = install
         self._reserved_slot = reserved_slot
-        # The host tier's bytes, by key (the adapter cache keeps the books); the engine thread owns it.
-        self.host_buffers: dict[str, HostAdapter] = {}
         self._pin_memory = pin_memory
         self.read_delay_s = read_delay_s
         self._pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="adapter-loader", initializer=_one_intra_op_thread
         )
-        self._in_flight: dict[str, tuple[Future, float, str]] = {}
+        # key -> (future, started_at, cause, members); the engine thread alone touches it.
+        self._in_flight: dict[str, tuple[Future, float, str, tuple[AdapterRef, ...]]] = {}
+        self._stale: set[str] = set()  # keys in flight whose result is to be dropped
+        # The keys in flight, replaced (never mutated) on each change: `is_loading` reads it from any thread.
+        self._in_flight_keys: frozenset[str] = frozenset()
 
     @property
     def num_in_flight(self) -> int:
         return len(self._in_flight)
 
     def is_loading(self, key: str) -> bool:
-        return key in self._in_flight
+        """True while a load of `key` is in flight; safe to call from any thread."""
+        return key in self._in_flight_keys
+
+    def mark_stale(self, key: str) -> None:
+        """`key` was invalidated: a load of it in flight comes back with `stale` set. Engine thread."""
+        if key in self._in_flight:
+            self._stale.add(key)
 
     def submit(
         self,
@@ -93,16 +105,17 @@ class AdapterLoader:
         host: HostAdapter | None = None,
         cause: str = CAUSE_REQUEST,
     ) -> None:
-        """Loads `key` into the slot reserved for it now (host memory only when none), from `host` or its
-        host copy when there is one, else from disk (`members`). `cause` (CAUSE_REQUEST or CAUSE_PREFETCH)
-        is reported back with the finished load. Call on the engine thread."""
+        """Loads `key` into the slot reserved for it now (host memory only when none), from `host` (its
+        host copy) when given, else from disk (`members`). `cause` (CAUSE_REQUEST or CAUSE_PREFETCH) is
+        reported back with the finished load. Call on the engine thread."""
         if key in self._in_flight:
             raise ValueError(f"adapter {key!r} is already loading")
         slot = self._reserved_slot(key)
-        host = host if host is not None else self.host_buffers.get(key)
         started_at = time.monotonic()
+        members = tuple(members)
         future = self._pool.submit(self._load, key, members, slot, host, started_at, cause)
-        self._in_flight[key] = (future, started_at, cause)
+        self._in_flight[key] = (future, started_at, cause, members)
+        self._in_flight_keys = frozenset(self._in_flight)
 
     def _load(
         self,
@@ -124,7 +137,16 @@ class AdapterLoader:
             self._install(slot, host)
         t2 = time.monotonic()
         return FinishedLoad(
-            key, host, None, started_at, slot, read_from_disk, (t1 - t0) * 1000, (t2 - t1) * 1000, cause
+            key,
+            host,
+            None,
+            started_at,
+            slot,
+            read_from_disk,
+            (t1 - t0) * 1000,
+            (t2 - t1) * 1000,
+            cause,
+            members,
         )
 
     def _read(self, members: tuple[AdapterRef, ...]) -> AdapterWeights:
@@ -138,19 +160,26 @@ class AdapterLoader:
     def wait(self, timeout_s: float) -> None:
         """Blocks until some load finishes or `timeout_s` passes (for an engine with nothing else to do)."""
         if self._in_flight:
-            wait([f for f, _, _ in self._in_flight.values()], timeout=timeout_s, return_when=FIRST_COMPLETED)
+            futures = [entry[0] for entry in self._in_flight.values()]
+            wait(futures, timeout=timeout_s, return_when=FIRST_COMPLETED)
 
     def collect(self) -> list[FinishedLoad]:
+        """The loads that ended since the last call (engine thread)."""
         finished = []
-        for key, (future, started_at, cause) in list(self._in_flight.items()):
+        for key, (future, started_at, cause, members) in list(self._in_flight.items()):
             if not future.done():
                 continue
             del self._in_flight[key]
             error = future.exception()
             if error is not None:
-                finished.append(FinishedLoad(key, None, error, started_at, None, True, cause=cause))
+                load = FinishedLoad(key, None, error, started_at, None, True, cause=cause, members=members)
             else:
-                finished.append(future.result())
+                load = future.result()
+            load.stale = key in self._stale
+            self._stale.discard(key)
+            finished.append(load)
+        if finished:
+            self._in_flight_keys = frozenset(self._in_flight)
         return finished
 
     def shutdown(self) -> None:

@@ -70,16 +70,12 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     def resident_adapter_keys(self) -> list[str]:
-        return list(self.engine.resident_adapter_keys())
+        """Keys READY in a device slot: the snapshot the engine thread publishes, safe from any thread."""
+        return self.engine.resident_adapter_keys()
 
     def host_adapter_keys(self) -> list[str]:
-        """Keys with a copy in host memory (read from another thread: retried if it changed meanwhile)."""
-        for _ in range(3):
-            try:
-                return list(self.engine.adapter_cache.host_keys())
-            except RuntimeError:  # the engine thread changed the table while it was read
-                continue
-        return []
+        """Keys with a copy in host memory: the engine thread's snapshot, safe from any thread."""
+        return self.engine.host_adapter_keys()
 
     def invalidate(self, key: str) -> None:
         """Thread-safe: drops `key` from device slots and host memory at the next engine step."""
@@ -90,7 +86,7 @@ class AsyncEngine:
         self.engine.set_keep_warm(key, keep_warm)
 
     def is_loading(self, key: str) -> bool:
-        """True while the loader may still read `key` from disk."""
+        """True while the loader may still read `key` from disk (a snapshot, safe from any thread)."""
         return self.engine.loader.is_loading(key)
 
     async def start(self) -> None:

@@ -23,7 +23,7 @@ from data_plane.engine.model_runner import ModelRunner
 from data_plane.engine.request import EngineRequest, RequestOutput
 from data_plane.engine.sampler import Sampler
 from data_plane.engine.scheduler import Scheduler, SchedulerLimits
-from data_plane.engine.sequence import Sequence
+from data_plane.engine.sequence import Sequence, SequenceStatus
 from data_plane.engine.validation import adapter_key, validate_request
 from data_plane.model.loader import load_model
 from data_plane.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -93,7 +93,6 @@ class LLMEngine:
         )
         self._eos_token_ids = set(model_config.eos_token_ids)
         self._states: dict[str, _RequestState] = {}
-        self._members: dict[str, tuple] = {}  # adapter key -> AdapterRefs to load it from
         self._pending_outputs: list[RequestOutput] = []
         self._default_generator = torch.Generator(device="cpu").manual_seed(config.seed)
         log.info(
@@ -125,7 +124,12 @@ class LLMEngine:
         )
 
     def resident_adapter_keys(self) -> list[str]:
-        return self.adapter_cache.resident_keys()
+        """Adapters READY in a slot, most recently used first: a snapshot, safe from any thread."""
+        return list(self.adapter_cache.residency.device_keys)
+
+    def host_adapter_keys(self) -> list[str]:
+        """Adapters with a copy in host memory: a snapshot, safe from any thread."""
+        return list(self.adapter_cache.residency.host_keys)
 
     def validate(self, request: EngineRequest) -> None:
         """Raises InvalidRequest or AdapterLoadError for a request that can never run; reads no engine state
@@ -145,8 +149,6 @@ class LLMEngine:
         if self.scheduler.num_waiting >= self.config.max_waiting:
             raise QueueFull(f"{self.scheduler.num_waiting} requests are waiting")
         key = adapter_key(request.adapters)
-        if key is not None:
-            self._members[key] = request.adapters
         seq = Sequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids), key)
         sampling = request.sampling
         if sampling.seed is not None:
@@ -240,7 +242,9 @@ class LLMEngine:
         self._commands.put(("demote", key))
 
     def invalidate(self, key: str) -> None:
-        """Thread-safe: drop `key` from every tier at the next step (at once when unused)."""
+        """Thread-safe: drop `key` from every tier at the next step. Requests that wait for it load it
+        afresh from their own files; running ones finish on the slot they hold, which is freed after
+        them (a slot is never pulled from under a running batch)."""
         self._commands.put(("invalidate", key))
 
     def set_keep_warm(self, key: str, keep_warm: bool) -> None:
@@ -257,66 +261,91 @@ class LLMEngine:
             kind, key = command[0], command[1]
             if kind == "prefetch":
                 _, _, members, to_device, deadline_at = command
-                self._members[key] = members
                 cache.hint(key, deadline_at)
                 if cache.state(key) is not None or self.loader.is_loading(key):
                     continue
                 slot = cache.prefetch(key) if to_device and cache.num_free_slots else None
                 if slot is not None:
-                    self._start_load(key, CAUSE_PREFETCH)
+                    self._start_load(key, CAUSE_PREFETCH, members)
                 elif not cache.on_host(key):
                     self.loader.submit(key, members, cause=CAUSE_PREFETCH)  # disk -> host only
             elif kind == "demote":
                 cache.demote(key)
             elif kind == "invalidate":
-                cache.invalidate(key)
-                self._members.pop(key, None)
+                self._invalidate_now(key)
             elif kind == "keep_warm":
                 cache.set_keep_warm(key, command[2])
-        self._drop_stale_host_buffers()
 
-    def _start_load(self, key: str, cause: str = CAUSE_REQUEST) -> None:
-        """A slot was reserved for `key`: load it there from its host copy, else from disk. A host-only
-        load already in flight carries on; its completion starts the copy into the slot."""
+    def _invalidate_now(self, key: str) -> None:
+        """Drops `key` from the tiers: waiting requests give back their reference (each gets a fresh load
+        from its own files), a load in flight is kept from landing, running requests finish on their slot."""
+        self.scheduler.release_waiting(key)
+        self.loader.mark_stale(key)
+        self.adapter_cache.invalidate(key)
+
+    def _source_of(self, key: str) -> tuple | None:
+        """The AdapterRefs a waiting request gives for `key` (it holds their files), or None."""
+        for state in self._states.values():
+            if state.seq.adapter_key == key and state.seq.status is SequenceStatus.WAITING:
+                return state.request.adapters
+        return None
+
+    def _start_load(self, key: str, cause: str = CAUSE_REQUEST, members: tuple | None = None) -> None:
+        """A slot was reserved for `key`: load it there from its host copy, else from disk (`members`, by
+        default those of a request waiting for it). A load already in flight carries on; its completion
+        starts the copy into the slot."""
         if self.loader.is_loading(key):
             return
-        if cause == CAUSE_REQUEST:
-            self.loader.submit(key, self._members[key])
-        else:
-            self.loader.submit(key, self._members[key], cause=cause)
-
-    def _drop_stale_host_buffers(self) -> None:
-        buffers = self.loader.host_buffers
-        for key in [k for k in buffers if not self.adapter_cache.on_host(k)]:
-            del buffers[key]
+        cache = self.adapter_cache
+        host = cache.host_buffer(key)
+        members = members if members is not None else self._source_of(key)
+        if members is None and host is None:
+            cache.fail(key)  # nothing waits for it any more, and there is nothing to load it from
+            return
+        self.loader.submit(key, members or (), host=host, cause=cause)
 
     def _install_finished_loads(self, outputs: list[RequestOutput]) -> None:
         cache = self.adapter_cache
         for load in self.loader.collect():
             now = time.monotonic()
+            if load.stale:
+                self._load_again_or_free(load.key)  # invalidated while it loaded: nothing of it is kept
+                continue
             if load.error is not None:
-                log.warning("adapter %s failed to load: %s", load.key, load.error)
+                log.warning("adapter %s failed to load (%s): %s", load.key[:12], load.cause, load.error)
+                if load.cause == CAUSE_PREFETCH:  # requests that came meanwhile load from their own files
+                    self._load_again_or_free(load.key)
+                    continue
                 for seq in self.scheduler.fail_adapter(load.key):
                     state = self._states.pop(seq.request_id)
                     outputs.append(self._output(state, [], "", None, "abort", now, error=load.error))
-                self._drop_stale_host_buffers()
                 continue
             self._record_load_event(load)
             if load.read_from_disk:
                 self._keep_on_host(load)
             elif load.slot is not None:
                 cache.record_load(HOST, load.host.size_bytes, load.copy_ms)
-            if load.slot is None:
-                if cache.state(load.key) is AdapterState.LOADING:  # a request reserved a slot meanwhile
-                    self.loader.submit(load.key, self._members[load.key], host=load.host)
-                continue
             if cache.state(load.key) is not AdapterState.LOADING:
-                continue  # dropped (invalidated) while it loaded
-            cache.mark_ready(load.key)
+                continue  # a host-only load nothing reserved a slot for
+            if load.slot is None:  # a request reserved a slot meanwhile: copy this buffer into it
+                self.loader.submit(load.key, load.members, host=load.host)
+                continue
+            if cache.mark_ready(load.key) is None:
+                continue  # retired while it loaded
             for state in self._states.values():
                 if state.seq.adapter_key == load.key and state.scheduled_at is None:
                     state.adapter_load_ms = (now - max(load.started_at, state.request.arrival_time)) * 1000
-        self._drop_stale_host_buffers()
+
+    def _load_again_or_free(self, key: str) -> None:
+        """A load of `key` ended without a usable result. A slot reserved for it is loaded again from a
+        waiting request's own files, or freed when it retires or nothing waits for it."""
+        cache = self.adapter_cache
+        if cache.state(key) is not AdapterState.LOADING:
+            return
+        if cache.is_retiring(key):
+            cache.fail(key)  # its waiting requests were released: they get a fresh entry next step
+            return
+        self._start_load(key)
 
     def _record_load_event(self, load: FinishedLoad) -> None:
         event = (load.cause, load.source_tier)
@@ -333,17 +362,11 @@ class LLMEngine:
         )
 
     def _keep_on_host(self, load: FinishedLoad) -> None:
+        """Hands a buffer read from disk to the adapter cache, which keeps it if the host budget allows."""
         cache = self.adapter_cache
         size = load.host.size_bytes
         cache.record_load(DISK, size, load.read_ms)
-        if cache.state(load.key) is None and self._members.get(load.key) is None:
-            return  # invalidated while it was read
-        evicted = cache.store_host(load.key, size)
-        if evicted is None:
-            return  # does not fit the host budget: used for this load only
-        for key in evicted:
-            self.loader.host_buffers.pop(key, None)
-        self.loader.host_buffers[load.key] = load.host
+        cache.store_host(load.key, size, load.host)
 
     def _output(
         self,

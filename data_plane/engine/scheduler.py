@@ -9,6 +9,9 @@ is still loading is passed over so that the others keep running.
 Every sequence with an adapter holds one reference on it in the adapter cache from the moment it is
 promised a slot (while waiting) or admitted, until it finishes, preemption included: a referenced
 adapter never leaves its slot, so every running sequence's adapter stays READY in its slot.
+
+An invalidated adapter retires (see AdapterCache): running sequences finish on its slot; waiting ones
+give their reference back (`release_waiting`, and on preemption) and wait for a fresh load of it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from data_plane.engine.adapter_cache import AdapterCache, AdapterState
+from data_plane.engine.adapter_cache import AdapterCache
 from data_plane.engine.block_manager import BlockManager
 from data_plane.engine.sequence import Sequence, SequenceStatus
 
@@ -89,8 +92,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if len(self.running) >= self.limits.max_num_seqs or budget <= 0:
                 break
-            if seq.adapter_key is not None and self.adapters.state(seq.adapter_key) is not AdapterState.READY:
-                continue  # its adapter is loading (or waits for a slot): let the others go first
+            if seq.adapter_key is not None and not self.adapters.is_usable(seq.adapter_key):
+                continue  # its adapter is loading, retiring or waits for a slot: let the others go first
             num_new = min(seq.num_pending_tokens, budget)
             if not self.blocks.can_allocate(seq, num_new):
                 break
@@ -110,8 +113,8 @@ class Scheduler:
         """Promises adapters to the first waiting sequences, starting loads for absent ones."""
         for seq in list(self.waiting)[: self.limits.max_num_seqs]:
             key = seq.adapter_key
-            if key is None or seq.holds_adapter:
-                continue
+            if key is None or seq.holds_adapter or self.adapters.is_retiring(key):
+                continue  # a retiring adapter takes no new reference: wait until it has left its slot
             if self.adapters.state(key) is None:
                 if not self.adapters.can_admit(key):
                     continue
@@ -126,6 +129,10 @@ class Scheduler:
             seq.holds_adapter = True
 
     def _preempt(self, seq: Sequence) -> None:
+        if seq.holds_adapter and seq.adapter_key is not None and self.adapters.is_retiring(seq.adapter_key):
+            # It starts over anyway: let the retiring slot go and wait for the adapter's fresh load.
+            self.adapters.release(seq.adapter_key)
+            seq.holds_adapter = False
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -143,6 +150,14 @@ class Scheduler:
         if seq.holds_adapter and seq.adapter_key is not None:
             self.adapters.release(seq.adapter_key)
             seq.holds_adapter = False
+
+    def release_waiting(self, key: str) -> None:
+        """`key` was invalidated: waiting sequences give back their reference on it (each will be promised
+        a fresh load), so that only running sequences keep the old entry until they finish."""
+        for seq in self.waiting:
+            if seq.adapter_key == key and seq.holds_adapter:
+                self.adapters.release(key)
+                seq.holds_adapter = False
 
     def fail_adapter(self, key: str) -> list[Sequence]:
         """The load of `key` failed: drops its entry and removes every sequence that waits for it."""

@@ -99,6 +99,7 @@ def test_invalidated_adapter_leaves_every_tier_at_the_next_step(tiny_model):
         engine.invalidate(ref.key)
         engine.step()
         assert engine.adapter_cache.tier_of(ref.key) == "disk"
-        assert ref.key not in engine.loader.host_buffers and ref.key not in engine.resident_adapter_keys()
+        assert engine.adapter_cache.host_buffer(ref.key) is None and ref.key not in engine.host_adapter_keys()
+        assert ref.key not in engine.resident_adapter_keys()
     finally:
         engine.shutdown()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from data_plane.model.quant import FORMATS, QuantSettings
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_KV_CACHE_BYTES = 256 << 20
 MAX_DEFAULT_HOST_CACHE_BYTES = 8 << 30
@@ -39,6 +41,8 @@ class EngineConfig:
     seed: int = 0  # for requests that give no seed of their own
     host_cache_bytes: int | None = None  # adapter host-memory tier; None: default_host_cache_bytes()
     adapter_read_delay_s: float = 0.0  # slow-storage hook for tests and benchmarks: added to each disk read
+    quantize: str = "none"  # "none" | "int8" | "int4": how the decoder layers' linears are held
+    quantize_lm_head: bool = False  # lm_head in the `quantize` format too (needs a format)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -66,6 +70,14 @@ class EngineConfig:
             raise ValueError("adapter_read_delay_s must be >= 0")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
+        if self.quantize not in FORMATS:
+            raise ValueError(f"quantize must be one of {', '.join(FORMATS)}, got {self.quantize!r}")
+        if self.quantize_lm_head and self.quantize == "none":
+            raise ValueError("quantize_lm_head needs quantize int8 or int4")
+
+    @property
+    def quant(self) -> QuantSettings:
+        return QuantSettings(self.quantize, self.quantize_lm_head)
 
     @property
     def torch_dtype(self) -> torch.dtype:

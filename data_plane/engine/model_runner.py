@@ -25,8 +25,9 @@ class ModelRunner:
     ) -> None:
         self.model = model
         spec = model.config.spec
-        self.device = model.lm_head.weight.device
-        self.dtype = model.lm_head.weight.dtype
+        # The embedding is never quantized: it holds the activation dtype (lm_head may be quantized).
+        self.device = model.model.embed_tokens.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
         shape = (num_kv_blocks, block_size, spec.num_key_value_heads, spec.head_dim)

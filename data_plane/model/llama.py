@@ -5,6 +5,8 @@ Module and parameter names follow Hugging Face checkpoints, so weights load by n
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -12,6 +14,43 @@ from torch.nn import functional as F
 from data_plane.model.config import ModelConfig
 from data_plane.model.lora_linear import LoRALinear
 from data_plane.model.metadata import LoraSegments, StepMetadata
+from data_plane.model.quant import QuantLinear, QuantSettings, make_quant_linear
+from data_plane.model.quant.lora import QuantLoRALinear
+
+
+@dataclass(frozen=True)
+class LinearBuilder:
+    """Builds the model's linears: full precision, or held in `quant.format` (the one place that knows)."""
+
+    quant: QuantSettings = field(default_factory=QuantSettings)
+    dtype: torch.dtype = torch.float32  # activations, LoRA pools and biases
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def projection(self, in_features: int, out_features: int, bias: bool) -> LoRALinear:
+        if not self.quant.enabled:
+            return LoRALinear(in_features, out_features, bias)
+        quant = make_quant_linear(self.quant.format, in_features, out_features, self.device)
+        return QuantLoRALinear(quant, bias, self.dtype)
+
+    def lm_head(self, hidden_size: int, vocab_size: int) -> nn.Module:
+        if self.quant.lm_head:
+            return make_quant_linear(self.quant.format, hidden_size, vocab_size, self.device)
+        head = nn.Linear(hidden_size, vocab_size, bias=False)
+        head.weight.requires_grad_(False)
+        return head
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Resident base-model weights: all of them, and the decoder layers' seven linears alone."""
+
+    total_bytes: int
+    decoder_linear_bytes: int  # packed codes, scales and offsets (or full-precision weights), biases excluded
+    decoder_linear_params: int
+
+    @property
+    def decoder_bits_per_weight(self) -> float:
+        return 8 * self.decoder_linear_bytes / max(self.decoder_linear_params, 1)
 
 
 class RMSNorm(nn.Module):
@@ -81,7 +120,7 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, linear: LinearBuilder) -> None:
         super().__init__()
         spec = config.spec
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -90,10 +129,10 @@ class Attention(nn.Module):
             spec.head_dim,
         )
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = LoRALinear(spec.hidden_size, q_out, config.qkv_bias)
-        self.k_proj = LoRALinear(spec.hidden_size, kv_out, config.qkv_bias)
-        self.v_proj = LoRALinear(spec.hidden_size, kv_out, config.qkv_bias)
-        self.o_proj = LoRALinear(q_out, spec.hidden_size, config.o_bias)
+        self.q_proj = linear.projection(spec.hidden_size, q_out, config.qkv_bias)
+        self.k_proj = linear.projection(spec.hidden_size, kv_out, config.qkv_bias)
+        self.v_proj = linear.projection(spec.hidden_size, kv_out, config.qkv_bias)
+        self.o_proj = linear.projection(q_out, spec.hidden_size, config.o_bias)
         self.scale = self.head_dim**-0.5
         self.k_cache: torch.Tensor | None = None  # (num_blocks, block_size, kv_heads, head_dim)
         self.v_cache: torch.Tensor | None = None
@@ -154,25 +193,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, linear: LinearBuilder) -> None:
         super().__init__()
         hidden, inter = config.spec.hidden_size, config.spec.intermediate_size
-        self.gate_proj = LoRALinear(hidden, inter, config.mlp_bias)
-        self.up_proj = LoRALinear(hidden, inter, config.mlp_bias)
-        self.down_proj = LoRALinear(inter, hidden, config.mlp_bias)
+        self.gate_proj = linear.projection(hidden, inter, config.mlp_bias)
+        self.up_proj = linear.projection(hidden, inter, config.mlp_bias)
+        self.down_proj = linear.projection(inter, hidden, config.mlp_bias)
 
     def forward(self, x: torch.Tensor, lora: LoraSegments | None) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, linear: LinearBuilder) -> None:
         super().__init__()
         hidden = config.spec.hidden_size
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, linear)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, linear)
 
     def forward(
         self, h: torch.Tensor, meta: StepMetadata, rope: tuple[torch.Tensor, torch.Tensor]
@@ -182,25 +221,53 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, linear: LinearBuilder) -> None:
         super().__init__()
         spec = config.spec
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.rotary = RotaryEmbedding(config, max_positions)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, linear) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(input_ids (T,), meta) -> hidden (T, hidden); compute_logits(hidden (N, hidden)) -> (N, vocab)."""
+    """forward(input_ids (T,), meta) -> hidden (T, hidden); compute_logits(hidden (N, hidden)) -> (N, vocab).
 
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    `linear` decides how the linears hold their weights (full precision by default, or quantized)."""
+
+    def __init__(self, config: ModelConfig, max_positions: int, linear: LinearBuilder | None = None) -> None:
         super().__init__()
+        linear = linear or LinearBuilder()
         self.config = config
-        self.model = LlamaModel(config, max_positions)
-        self.lm_head = nn.Linear(config.spec.hidden_size, config.spec.vocab_size, bias=False)
-        self.lm_head.weight.requires_grad_(False)
+        self.quant = linear.quant
+        self.model = LlamaModel(config, max_positions, linear)
+        self.lm_head = linear.lm_head(config.spec.hidden_size, config.spec.vocab_size)
+
+    def quantized_weights(self) -> dict[str, QuantLinear]:
+        """Checkpoint tensor name -> the QuantLinear that takes that weight (empty in full precision)."""
+        targets = {}
+        for name, module in self.named_modules():
+            if isinstance(module, QuantLoRALinear):
+                targets[f"{name}.weight"] = module.quant
+            elif isinstance(module, QuantLinear) and name == "lm_head":
+                targets["lm_head.weight"] = module
+        return targets
+
+    def weight_bytes(self) -> WeightBytes:
+        """Resident weight bytes (parameters and buffers; LoRA pools and KV cache are not weights)."""
+
+        def nbytes(module: nn.Module) -> int:
+            tensors = [*module.parameters(), *module.buffers()]
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        linear_bytes = linear_params = 0
+        for layer in range(len(self.model.layers)):
+            for proj in self.projections(layer).values():
+                linear_bytes += nbytes(proj) - _bias_bytes(proj)
+                linear_params += proj.in_features * proj.out_features
+        # parameters() yields a tied lm_head/embedding tensor once.
+        return WeightBytes(nbytes(self), linear_bytes, linear_params)
 
     def projections(self, layer: int) -> dict[str, LoRALinear]:
         """The seven LoRA-capable projections of one layer, by PEFT target-module name."""
@@ -230,3 +297,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # (N, vocab)
+
+
+def _bias_bytes(proj: LoRALinear) -> int:
+    bias = proj.bias
+    return 0 if bias is None else bias.numel() * bias.element_size()

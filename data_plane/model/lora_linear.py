@@ -27,8 +27,16 @@ class LoRALinear(nn.Module):
         self.lora_b: torch.Tensor | None = None  # (S, out, R)
         self.lora_scale: torch.Tensor | None = None  # (S,) float32; 0 where the slot leaves this layer alone
 
+    def pool_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """The dtype and device of the LoRA slot pools: the activations'."""
+        return self.weight.dtype, self.weight.device
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, in) -> x @ W.T + b (T, out): the projection without LoRA."""
+        return F.linear(x, self.weight, self.bias)
+
     def allocate_slots(self, num_slots: int, max_rank: int) -> None:
-        device, dtype = self.weight.device, self.weight.dtype
+        dtype, device = self.pool_dtype_device()
         self.lora_a = torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
         self.lora_b = torch.zeros(num_slots, self.out_features, max_rank, dtype=dtype, device=device)
         self.lora_scale = torch.zeros(num_slots, dtype=torch.float32, device=device)
@@ -47,7 +55,7 @@ class LoRALinear(nn.Module):
         self.lora_scale[slot] = scale
 
     def forward(self, x: torch.Tensor, lora: LoraSegments | None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (T, out)
+        y = self.base_forward(x)  # (T, out)
         if lora is None or self.lora_a is None:
             return y
         lora_a, lora_b = self.lora_a, self.lora_b

@@ -1,0 +1,84 @@
+"""QuantLinear: the one interface every quantized weight format implements.
+
+A QuantLinear holds one projection's weight (out_features, in_features) in a packed low-bit form and
+computes y = x @ W.T with it; it has no bias (the owning layer adds its own). Each format offers
+`kernel(x)`, the packed kernel, and `reference(x)`, the pure-torch dequantize-then-matmul with the same
+signature: the tests' oracle. `forward` runs the kernel unless `OPENLORA_KERNELS=reference` (the switch
+that `kernels` reads for SGMV too) asks for the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+# The kernels read activations, scales and offsets in this dtype and accumulate in float32: PyTorch's
+# CPU int4/int8 kernels are ~12x faster at batch 1 in bfloat16 than in float32 (benchmarks/RESULTS.md),
+# and the CUDA int4 kernel takes bfloat16 only.
+COMPUTE_DTYPE = torch.bfloat16
+# Rows quantized at a time while a weight streams in, so the temporaries stay a few MiB.
+CHUNK_ELEMENTS = 1 << 21
+
+
+class QuantizationError(ValueError):
+    """A weight or device that the requested format cannot serve (names the cause and what to do)."""
+
+
+class QuantLinear(nn.Module):
+    """y (T, out) = x (T, in) @ W.T, W held quantized. Subclasses set `format` and `bits`."""
+
+    format = ""
+    bits = 0
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.device = torch.device(device)
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantizes `weight` (out, in), any float dtype, on any device, a few rows at a time."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, in) in the activation dtype -> (T, out) in the same dtype."""
+        return self.reference(x) if use_reference() else self.kernel(x)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed kernel: x (T, in) -> (T, out), computed in COMPUTE_DTYPE, returned in x's dtype."""
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """W as the kernel sees it: (out, in) float32."""
+        raise NotImplementedError
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The oracle: x @ dequantize().T in float32, returned in x's dtype."""
+        return (x.float() @ self.dequantize().T).to(x.dtype)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes held for this weight: packed codes, scales and offsets."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"{self.format}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def use_reference() -> bool:
+    """True when OPENLORA_KERNELS=reference: read at call time, as `kernels` does, so tests and operators
+    switch implementations without rebuilding the engine."""
+    return os.environ.get("OPENLORA_KERNELS", "").strip().lower() == "reference"
+
+
+def row_chunks(num_rows: int, num_cols: int, multiple: int) -> list[tuple[int, int]]:
+    """[(start, end)] covering `num_rows` in chunks of about CHUNK_ELEMENTS, each a multiple of `multiple`
+    rows (the last may be shorter)."""
+    rows = max(multiple, CHUNK_ELEMENTS // max(num_cols, 1) // multiple * multiple)
+    return [(start, min(start + rows, num_rows)) for start in range(0, num_rows, rows)]
+
+
+def round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple

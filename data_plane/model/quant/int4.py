@@ -1,0 +1,128 @@
+"""int4: asymmetric uint4 weight-only quantization in groups along the input dimension.
+
+For each output row n and group g of `group_size` consecutive input columns (bfloat16 scale and offset):
+
+    scale[n, g]  = (max - min) / 15
+    offset[n, g] = min + 8 * scale[n, g]          (the value of code 8: a zero point in the float domain)
+    q[n, k]      = clamp(round((W[n, k] - offset) / scale + 8), 0, 15)
+    W[n, k] ~ (q[n, k] - 8) * scale[n, g] + offset[n, g]
+
+This is the layout of PyTorch's tinygemm kernels (`_weight_int4pack_mm_for_cpu` on CPU,
+`_weight_int4pack_mm` on CUDA sm80+), which run on bfloat16 activations. The group size is 128, else 64
+or 32, whichever divides the input dimension; a dimension that none divides is zero-padded to a multiple of
+32 (the last group is partial and the activations are padded to match). Output rows are padded to the
+kernels' multiple of 16 and cut from the result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, round_up, row_chunks
+
+GROUP_SIZES = (128, 64, 32)
+_ROW_MULTIPLE = 16  # tinygemm packs output rows in tiles (16 on CPU, 8 on CUDA)
+# Rows packed per chunk: a multiple of 64, where the CPU layout of a block of rows is that of the whole
+# (measured: 16- and 32-row chunks interleave differently); CUDA's 8-row tiles divide it too.
+_CHUNK_ROW_MULTIPLE = 64
+_DEQUANT_ROWS = 256
+
+
+def int4_group_size(in_features: int) -> tuple[int, int]:
+    """(group_size, padded in_features) for an input dimension."""
+    for size in GROUP_SIZES:
+        if in_features % size == 0:
+            return size, in_features
+    return GROUP_SIZES[-1], round_up(in_features, GROUP_SIZES[-1])
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight (N, K) float, K a multiple of group_size -> (q (N, K) uint8 in [0, 15],
+    scale (N, K / group_size) bfloat16, offset (N, K / group_size) bfloat16)."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
+    w = weight.float().view(n, k // group_size, group_size)  # (N, G, group)
+    low, high = w.amin(dim=2), w.amax(dim=2)
+    scale = ((high - low) / 15).to(COMPUTE_DTYPE)  # (N, G)
+    offset = (low + 8 * scale.float()).to(COMPUTE_DTYPE)
+    divisor = scale.float().clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(2)
+    q = torch.round((w - offset.float().unsqueeze(2)) / divisor + 8).clamp_(0, 15)
+    return q.to(torch.uint8).view(n, k), scale, offset
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """(q (N, K) uint8, scale (N, G), offset (N, G)) -> W (N, K) float32."""
+    n, k = q.shape
+    groups = scale.shape[1]
+    codes = q.float().view(n, groups, k // groups)  # (N, G, group)
+    return ((codes - 8) * scale.float().unsqueeze(2) + offset.float().unsqueeze(2)).view(n, k)
+
+
+def _pack(q: torch.Tensor, k_pad: int) -> torch.Tensor:
+    """q (rows, K_pad) uint8 codes -> the tinygemm layout of q's device."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    inner_k_tiles = 8 if k_pad % 128 == 0 else 4 if k_pad % 64 == 0 else 2
+    pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # (rows, K_pad / 2) uint8, even column high
+    return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
+
+
+def _int4_mm(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_offset: torch.Tensor
+) -> torch.Tensor:
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_offset)
+    return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scale_offset)
+
+
+class Int4Linear(QuantLinear):
+    format = "int4"
+    bits = 4
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device) -> None:
+        super().__init__(in_features, out_features, device)
+        self.group_size, self.padded_in_features = int4_group_size(in_features)
+        self.padded_out_features = round_up(out_features, _ROW_MULTIPLE)
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8, device=device))
+        # (K_pad / group_size, N_pad, 2): [..., 0] scale, [..., 1] offset, as the kernels read them.
+        self.register_buffer("scale_offset", torch.empty(0, dtype=COMPUTE_DTYPE, device=device))
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        n, k = self.out_features, self.in_features
+        if tuple(weight.shape) != (n, k):
+            raise ValueError(f"weight has shape {list(weight.shape)}, expected {[n, k]}")
+        k_pad, n_pad = self.padded_in_features, self.padded_out_features
+        packed, scale_offset = [], []
+        for start, end in row_chunks(n_pad, k_pad, _CHUNK_ROW_MULTIPLE):
+            rows = weight[start:end].to(self.device)  # (r, K); empty past the real rows
+            rows = F.pad(rows, (0, k_pad - k, 0, (end - start) - rows.shape[0]))  # (R, K_pad), zeros
+            q, scale, offset = quantize_int4(rows, self.group_size)
+            packed.append(_pack(q, k_pad))
+            scale_offset.append(torch.stack((scale.T, offset.T), dim=2))  # (G, R, 2)
+        self.packed = torch.cat(packed)
+        self.scale_offset = torch.cat(scale_offset, dim=1).contiguous()
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(COMPUTE_DTYPE)  # (T, K)
+        if self.padded_in_features != self.in_features:
+            xc = F.pad(xc, (0, self.padded_in_features - self.in_features))  # (T, K_pad)
+        y = _int4_mm(xc, self.packed, self.group_size, self.scale_offset)  # (T, N_pad)
+        if self.padded_out_features != self.out_features:
+            y = y[:, : self.out_features].contiguous()  # LoRA adds into it in place
+        return y.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        # The packed layout is the kernel's own, so read it back through the kernel: rows of the identity.
+        # On CPU in float32 (exact); the CUDA kernel takes bfloat16 only (its output is rounded to it).
+        k_pad = self.padded_in_features
+        dtype = torch.float32 if self.device.type == "cpu" else COMPUTE_DTYPE
+        scale_offset = self.scale_offset.to(dtype)
+        columns = []
+        for start in range(0, k_pad, _DEQUANT_ROWS):
+            end = min(start + _DEQUANT_ROWS, k_pad)
+            eye = torch.eye(k_pad, dtype=dtype, device=self.device)[start:end]  # (r, K_pad)
+            columns.append(_int4_mm(eye, self.packed, self.group_size, scale_offset).float())  # (r, N_pad)
+        w_t = torch.cat(columns)  # (K_pad, N_pad)
+        return w_t[: self.in_features, : self.out_features].T.contiguous()

@@ -1,0 +1,84 @@
+"""int8: per-output-channel symmetric weight-only quantization.
+
+    scale[n] = max_k |W[n, k]| / 127            (bfloat16)
+    q[n, k]  = clamp(round(W[n, k] / scale[n]), -127, 127)   (int8)
+    W[n, k] ~ q[n, k] * scale[n]
+
+The kernel is PyTorch's `_weight_int8pack_mm` (CPU and CUDA) on bfloat16 activations; where a device
+lacks it, the weight is dequantized per call (correct, slower). The CPU kernel reads past the end of a row
+whose length is not a multiple of 16 (a crash, measured with torch 2.13), so the input dimension is
+zero-padded to one and the activations padded to match.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.nn import functional as F
+
+from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, round_up, row_chunks
+
+_IN_MULTIPLE = 16
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) float -> (q (N, K) int8, scale (N,) bfloat16)."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).to(COMPUTE_DTYPE)  # (N,)
+    divisor = scale.float().clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
+    q = torch.round(w / divisor).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(q (N, K) int8, scale (N,)) -> W (N, K) float32."""
+    return q.float() * scale.float().unsqueeze(1)
+
+
+@functools.cache
+def has_int8_kernel(device_type: str) -> bool:
+    """Whether `_weight_int8pack_mm` runs on this kind of device (probed once on a tiny input)."""
+    try:
+        x = torch.ones(1, 32, dtype=COMPUTE_DTYPE, device=device_type)
+        q = torch.ones(16, 32, dtype=torch.int8, device=device_type)
+        s = torch.ones(16, dtype=COMPUTE_DTYPE, device=device_type)
+        torch.ops.aten._weight_int8pack_mm(x, q, s)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+class Int8Linear(QuantLinear):
+    format = "int8"
+    bits = 8
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device) -> None:
+        super().__init__(in_features, out_features, device)
+        self.padded_in_features = round_up(in_features, _IN_MULTIPLE)
+        self.register_buffer("qweight", torch.empty(0, dtype=torch.int8, device=device))  # (N, K_pad)
+        self.register_buffer("scale", torch.empty(0, dtype=COMPUTE_DTYPE, device=device))  # (N,)
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        n, k = self.out_features, self.in_features
+        if tuple(weight.shape) != (n, k):
+            raise ValueError(f"weight has shape {list(weight.shape)}, expected {[n, k]}")
+        qweight = torch.zeros(n, self.padded_in_features, dtype=torch.int8, device=self.device)
+        scale = torch.empty(n, dtype=COMPUTE_DTYPE, device=self.device)
+        for start, end in row_chunks(n, k, 1):
+            q, s = quantize_int8(weight[start:end].to(self.device))
+            qweight[start:end, :k], scale[start:end] = q, s
+        self.qweight, self.scale = qweight, scale
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(COMPUTE_DTYPE)  # (T, K)
+        if self.padded_in_features != self.in_features:
+            xc = F.pad(xc, (0, self.padded_in_features - self.in_features))  # (T, K_pad)
+        if has_int8_kernel(x.device.type):
+            y = torch.ops.aten._weight_int8pack_mm(xc, self.qweight, self.scale)  # (T, N)
+        else:
+            y = xc @ (self.qweight.to(COMPUTE_DTYPE) * self.scale.unsqueeze(1)).T
+        return y.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight[:, : self.in_features], self.scale)

@@ -1,0 +1,147 @@
+"""The int8 and int4 QuantLinear kernels against their pure-torch dequantize-then-matmul references, on
+odd shapes; the packing round trip; the quantization error bound; streaming in chunks; resident bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from data_plane.engine.config import EngineConfig
+from data_plane.model.quant import QuantizationError, QuantSettings, base, make_quant_linear
+from data_plane.model.quant.int4 import dequantize_int4, int4_group_size, quantize_int4
+from data_plane.model.quant.int8 import dequantize_int8, quantize_int8
+
+FORMATS = ("int8", "int4")
+# (out_features, in_features): odd row counts, input dimensions that need padding (int8: not a multiple
+# of 16; int4: of 32), and the demo model's down projection (344 inputs).
+SHAPES = [(10, 96), (344, 128), (128, 344), (7, 64), (33, 1024), (1000, 100), (64, 200)]
+# Relative to the largest |reference| output: the kernels compute in bfloat16 (inputs and outputs
+# rounded to 8 significant bits), the reference in float32.
+TOLERANCE = {torch.float32: 1e-2, torch.bfloat16: 2e-2}
+
+
+def _weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * 0.05 + 0.01  # an offset, so int4's groups are not centred
+
+
+def _canonical(fmt: str, w: torch.Tensor) -> torch.Tensor:
+    """W as quantized by the pure-torch functions alone: the oracle for the packed layouts."""
+    if fmt == "int8":
+        return dequantize_int8(*quantize_int8(w))
+    group_size, padded = int4_group_size(w.shape[1])
+    return dequantize_int4(*quantize_int4(F.pad(w, (0, padded - w.shape[1])), group_size))[:, : w.shape[1]]
+
+
+def _layer(fmt: str, w: torch.Tensor):
+    layer = make_quant_linear(fmt, w.shape[1], w.shape[0], torch.device("cpu"))
+    layer.load_weight(w)
+    return layer
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_rows", [1, 5, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_the_dequantize_then_matmul_reference(fmt, shape, num_rows, dtype):
+    layer = _layer(fmt, _weight(shape, 1))
+    x = torch.randn(num_rows, shape[1], generator=torch.Generator().manual_seed(2)).to(dtype)
+    got, want = layer.kernel(x), layer.reference(x)
+    assert got.dtype == dtype and got.shape == (num_rows, shape[0])
+    error = (got.float() - want.float()).abs().max() / want.float().abs().max()
+    assert error < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_weight_reads_back_as_the_pure_torch_quantization(fmt, shape):
+    w = _weight(shape, 3)
+    assert torch.equal(_layer(fmt, w).dequantize(), _canonical(fmt, w))
+
+
+def test_int8_error_is_within_half_a_step_per_channel():
+    w = _weight((96, 160), 4)
+    q, scale = quantize_int8(w)
+    step = scale.float().unsqueeze(1)  # (N, 1)
+    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16
+    assert ((dequantize_int8(q, scale) - w).abs() <= step / 2 * 1.01).all()
+
+
+def test_int4_error_is_within_half_a_step_per_group():
+    w = _weight((48, 256), 5)
+    q, scale, offset = quantize_int4(w, 128)
+    assert q.max() <= 15 and scale.shape == offset.shape == (48, 2)
+    step = scale.float().repeat_interleave(128, dim=1)  # (N, K)
+    # Half a step, plus the bfloat16 rounding of the offset (which shifts the whole grid).
+    slack = offset.float().abs().repeat_interleave(128, dim=1) * 2**-8
+    assert ((dequantize_int4(q, scale, offset) - w).abs() <= step / 2 * 1.01 + slack).all()
+
+
+@pytest.mark.parametrize(
+    ("in_features", "expected"),
+    [(4096, (128, 4096)), (192, (64, 192)), (96, (32, 96)), (344, (32, 352)), (20, (32, 32))],
+)
+def test_int4_group_size_is_128_else_64_else_32_with_padding(in_features, expected):
+    assert int4_group_size(in_features) == expected
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_weight_streamed_in_small_chunks_packs_as_in_one_pass(fmt, monkeypatch):
+    w = _weight((200, 96), 6)
+    whole = _layer(fmt, w)
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 64 * 96)  # 64 rows at a time (int8: 64, int4: 64)
+    chunked = _layer(fmt, w)
+    for name, buffer in whole.named_buffers():
+        assert torch.equal(buffer, dict(chunked.named_buffers())[name]), name
+
+
+@pytest.mark.parametrize(("fmt", "limit"), [("int4", 0.2), ("int8", 0.3)])
+def test_resident_bytes_with_scales_and_offsets_stay_under_the_target(fmt, limit):
+    shape = (1024, 2048)
+    layer = _layer(fmt, _weight(shape, 7))
+    fp32_bytes = shape[0] * shape[1] * 4
+    assert layer.resident_bytes <= limit * fp32_bytes
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reference_switch_makes_forward_the_reference(fmt, monkeypatch):
+    layer = _layer(fmt, _weight((40, 64), 8))
+    x = torch.randn(3, 64)
+    monkeypatch.setenv("OPENLORA_KERNELS", "reference")
+    assert torch.equal(layer(x), layer.reference(x))
+    monkeypatch.setenv("OPENLORA_KERNELS", "auto")
+    assert torch.equal(layer(x), layer.kernel(x))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_weight_of_the_wrong_shape_is_refused(fmt):
+    layer = make_quant_linear(fmt, 64, 32, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"expected \[32, 64\]"):
+        layer.load_weight(torch.randn(32, 65))
+
+
+def test_unknown_format_and_lm_head_without_a_format_are_refused(tmp_path):
+    with pytest.raises(QuantizationError, match="unknown quantization format 'int3'"):
+        QuantSettings("int3")
+    with pytest.raises(QuantizationError, match="needs a format"):
+        QuantSettings("none", lm_head=True)
+    with pytest.raises(ValueError, match="quantize must be one of none, int8, int4"):
+        EngineConfig(model_dir=tmp_path, quantize="fp4")
+    with pytest.raises(ValueError, match="quantize_lm_head needs"):
+        EngineConfig(model_dir=tmp_path, quantize_lm_head=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [*SHAPES, (4096, 4096), (11008, 4096)])
+@pytest.mark.parametrize("num_rows", [1, 7, 32])
+def test_cuda_kernel_matches_the_reference(fmt, shape, num_rows):
+    device = torch.device("cuda")
+    w = _weight(shape, 9)
+    layer = make_quant_linear(fmt, shape[1], shape[0], device)
+    layer.load_weight(w.to(device))
+    x = torch.randn(num_rows, shape[1], device=device, dtype=torch.bfloat16)
+    got = layer.kernel(x).float()
+    want = x.float() @ _canonical(fmt, w).to(device).T  # the CPU pure-torch quantization as the oracle
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2

@@ -10,7 +10,6 @@ opened: any file other than the two PEFT files is refused by name.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 import struct
@@ -21,11 +20,17 @@ import numpy as np
 
 from openlora.artifact import ARTIFACT_FILES, CONFIG_FILE, WEIGHTS_FILE
 from openlora.base_model import PROJECTIONS, BaseModelSpec
+from openlora.safe_json import JsonFieldError, describe, is_int, load_json, load_json_object
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_CONFIG_BYTES = 64 << 10
 DEFAULT_MAX_RANK = 64
 DEFAULT_MAX_SIZE_BYTES = 512 << 20
+# Bound on `r` before the configured maximum is applied: keeps every later product small.
+MAX_CONFIG_RANK = 1 << 16
+# A safetensors header is {name: {dtype, shape: [...], data_offsets: [...]}, __metadata__: {str: str}}.
+_HEADER_DEPTH = 3
+_CONFIG_DEPTH = 8
 
 # Safetensors dtype -> (bytes per element, unsigned view, exponent shift, exponent mask).
 # A value is not finite exactly when all its exponent bits are set.
@@ -35,7 +40,7 @@ _DTYPES: dict[str, tuple[int, type, int, int]] = {
     "BF16": (2, np.uint16, 7, 0xFF),
 }
 _KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<module>[a-z_]+)"
+    r"^base_model\.model\.model\.layers\.(?P<layer>[0-9]{1,5})\.(?:self_attn|mlp)\.(?P<module>[a-z_]+)"
     r"\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$"
 )
 _MODULE_PARENT = {
@@ -92,53 +97,42 @@ class AdapterInfo:
 
 
 def parse_adapter_config(data: bytes) -> dict:
-    """Parses and checks `adapter_config.json`; returns the dict."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise AdapterFormatError(CONFIG_FILE, f"larger than {MAX_CONFIG_BYTES} bytes")
+    """Parses and checks `adapter_config.json`; returns the dict with `r` (int), `lora_alpha` (float),
+    `use_rslora` (bool) and `target_modules` (list of names, a string or None) checked and filled in."""
     try:
-        config = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(CONFIG_FILE, f"not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise AdapterFormatError(CONFIG_FILE, "must be a JSON object")
-    for key in _CODE_KEYS:
-        if config.get(key):
-            raise AdapterFormatError(f"{CONFIG_FILE}.{key}", "code references are not allowed")
-    peft_type = config.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise AdapterFormatError(f"{CONFIG_FILE}.peft_type", f"{peft_type!r} is not LORA")
-    rank = config.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise AdapterFormatError(f"{CONFIG_FILE}.r", f"must be a positive integer, got {rank!r}")
-    alpha = config.get("lora_alpha", rank)
-    if (
-        not isinstance(alpha, int | float)
-        or isinstance(alpha, bool)
-        or not math.isfinite(alpha)
-        or alpha <= 0
-    ):
-        raise AdapterFormatError(f"{CONFIG_FILE}.lora_alpha", f"must be a positive number, got {alpha!r}")
-    for key, what in (
-        ("use_dora", "DoRA"),
-        ("modules_to_save", "modules_to_save"),
-        ("rank_pattern", "rank_pattern"),
-        ("alpha_pattern", "alpha_pattern"),
-    ):
-        if config.get(key):
-            raise AdapterFormatError(f"{CONFIG_FILE}.{key}", f"{what} is not supported")
-    if config.get("bias", "none") != "none":
-        raise AdapterFormatError(f"{CONFIG_FILE}.bias", "only bias='none' is supported")
-    targets = config.get("target_modules")
-    if isinstance(targets, list):
-        unknown = [t for t in targets if t not in PROJECTIONS]
-        if unknown:
-            raise AdapterFormatError(
-                f"{CONFIG_FILE}.target_modules",
-                f"unsupported modules {unknown}; supported: {list(PROJECTIONS)}",
-            )
-    elif targets is not None and not isinstance(targets, str):
-        raise AdapterFormatError(f"{CONFIG_FILE}.target_modules", "must be a list of module names")
-    return config
+        config = load_json_object(data, CONFIG_FILE, max_depth=_CONFIG_DEPTH, max_bytes=MAX_CONFIG_BYTES)
+        for key in _CODE_KEYS:
+            if config.data.get(key):
+                raise JsonFieldError(config.field(key), "code references are not allowed")
+        peft_type = config.get_str("peft_type", "LORA", max_chars=64)
+        if peft_type.upper() != "LORA":
+            raise JsonFieldError(config.field("peft_type"), f"{describe(peft_type)} is not LORA")
+        rank = config.get_int("r", lo=1, hi=MAX_CONFIG_RANK)
+        alpha = config.get_number("lora_alpha", float(rank), positive=True)
+        use_rslora = config.get_bool("use_rslora", False)
+        for key, what in (
+            ("use_dora", "DoRA"),
+            ("modules_to_save", "modules_to_save"),
+            ("rank_pattern", "rank_pattern"),
+            ("alpha_pattern", "alpha_pattern"),
+        ):
+            if config.data.get(key):
+                raise JsonFieldError(config.field(key), f"{what} is not supported")
+        if config.data.get("bias", "none") != "none":
+            raise JsonFieldError(config.field("bias"), "only bias='none' is supported")
+        targets = config.data.get("target_modules")
+        if isinstance(targets, list):
+            unknown = [t for t in targets if t not in PROJECTIONS]
+            if unknown:
+                raise JsonFieldError(
+                    config.field("target_modules"),
+                    f"unsupported modules {describe(unknown)}; supported: {list(PROJECTIONS)}",
+                )
+        elif targets is not None and not isinstance(targets, str):
+            raise JsonFieldError(config.field("target_modules"), "must be a list of module names")
+    except JsonFieldError as e:
+        raise AdapterFormatError(e.field, e.reason) from None
+    return {**config.data, "r": rank, "lora_alpha": alpha, "use_rslora": use_rslora}
 
 
 def read_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict, int]:
@@ -155,62 +149,76 @@ def read_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES
             raise AdapterFormatError(WEIGHTS_FILE, "truncated: header runs past the end of the file")
         raw = f.read(header_len)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(WEIGHTS_FILE, f"header is not valid JSON ({e})") from None
+        header = load_json(raw, WEIGHTS_FILE, max_depth=_HEADER_DEPTH)
+    except JsonFieldError as e:
+        raise AdapterFormatError(WEIGHTS_FILE, f"header is {e.reason}") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(WEIGHTS_FILE, "header must be a JSON object")
     return header, 8 + header_len
 
 
-def _tensor_infos(header: dict, data_bytes: int) -> list[TensorInfo]:
-    tensors = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        match = _KEY.match(name)
-        if (
-            match is None
-            or match["module"] not in _MODULE_PARENT
-            or f".{_MODULE_PARENT[match['module']]}." not in name
-        ):
-            raise AdapterFormatError(
-                WEIGHTS_FILE, f"tensor {name!r} is not the LoRA A/B of a supported projection"
-            )
-        if not isinstance(entry, dict):
-            raise AdapterFormatError(WEIGHTS_FILE, f"tensor {name!r}: malformed header entry")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _DTYPES:
-            raise AdapterFormatError(
-                WEIGHTS_FILE, f"tensor {name!r}: dtype {dtype!r} is not F16, BF16 or F32"
-            )
-        if (
-            not isinstance(shape, list)
-            or len(shape) != 2
-            or not all(isinstance(d, int) and d > 0 for d in shape)
-            or not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
-        ):
-            raise AdapterFormatError(WEIGHTS_FILE, f"tensor {name!r}: malformed shape or data_offsets")
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_bytes:
-            raise AdapterFormatError(
-                WEIGHTS_FILE, f"tensor {name!r}: data lies outside the file (truncated?)"
-            )
-        if end - begin != shape[0] * shape[1] * _DTYPES[dtype][0]:
-            raise AdapterFormatError(WEIGHTS_FILE, f"tensor {name!r}: byte length does not match its shape")
-        tensors.append(
-            TensorInfo(
-                name, int(match["layer"]), match["module"], match["which"], dtype, tuple(shape), begin, end
-            )
+def _check_metadata(metadata: object) -> None:
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFormatError(WEIGHTS_FILE, "header __metadata__ must map names to strings")
+
+
+def _tensor_info(name: str, entry: object, data_bytes: int) -> TensorInfo:
+    match = _KEY.match(name)
+    if (
+        match is None
+        or match["module"] not in _MODULE_PARENT
+        or f".{_MODULE_PARENT[match['module']]}." not in name
+    ):
+        raise AdapterFormatError(
+            WEIGHTS_FILE, f"tensor {describe(name)} is not the LoRA A/B of a supported projection"
         )
+    where = f"tensor {describe(name)}"
+    if not isinstance(entry, dict):
+        raise AdapterFormatError(WEIGHTS_FILE, f"{where}: malformed header entry")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise AdapterFormatError(WEIGHTS_FILE, f"{where}: dtype {describe(dtype)} is not F16, BF16 or F32")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(is_int(d) and d > 0 for d in shape)
+        or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(is_int(o) for o in offsets)
+    ):
+        raise AdapterFormatError(WEIGHTS_FILE, f"{where}: malformed shape or data_offsets")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_bytes:
+        raise AdapterFormatError(WEIGHTS_FILE, f"{where}: data lies outside the file (truncated?)")
+    if end - begin != shape[0] * shape[1] * _DTYPES[dtype][0]:
+        raise AdapterFormatError(WEIGHTS_FILE, f"{where}: byte length does not match its shape")
+    return TensorInfo(
+        name, int(match["layer"]), match["module"], match["which"], dtype, tuple(shape), begin, end
+    )
+
+
+def _tensor_infos(header: dict, data_bytes: int) -> list[TensorInfo]:
+    """The LoRA tensors a header describes; their data must tile the data section exactly, as
+    safetensors requires when it opens the file (no gap, no overlap, nothing after the last)."""
+    if "__metadata__" in header:
+        _check_metadata(header["__metadata__"])
+    tensors = [
+        _tensor_info(name, entry, data_bytes) for name, entry in header.items() if name != "__metadata__"
+    ]
     if not tensors:
         raise AdapterFormatError(WEIGHTS_FILE, "holds no LoRA tensors")
     spans = sorted((t.begin, t.end, t.name) for t in tensors)
+    if spans[0][0] != 0:
+        raise AdapterFormatError(WEIGHTS_FILE, "data_offsets leave a gap at the start of the data")
     for (_, prev_end, prev_name), (begin, _, name) in itertools.pairwise(spans):
         if begin < prev_end:
-            raise AdapterFormatError(WEIGHTS_FILE, f"tensors {prev_name!r} and {name!r} overlap")
+            raise AdapterFormatError(
+                WEIGHTS_FILE, f"tensors {describe(prev_name)} and {describe(name)} overlap"
+            )
+        if begin > prev_end:
+            raise AdapterFormatError(
+                WEIGHTS_FILE, f"data_offsets leave a gap between {describe(prev_name)} and {describe(name)}"
+            )
     return tensors
 
 
@@ -224,10 +232,12 @@ def _check_finite(path: Path, data_offset: int, tensors: list[TensorInfo]) -> No
                 count = min(remaining, _FINITE_CHUNK_ELEMENTS)
                 raw = f.read(count * itemsize)
                 if len(raw) != count * itemsize:
-                    raise AdapterFormatError(WEIGHTS_FILE, f"tensor {t.name!r}: truncated data")
+                    raise AdapterFormatError(WEIGHTS_FILE, f"tensor {describe(t.name)}: truncated data")
                 bits = np.frombuffer(raw, dtype=np.dtype(view).newbyteorder("<"))
                 if np.any(((bits >> shift) & mask) == mask):
-                    raise AdapterFormatError(WEIGHTS_FILE, f"tensor {t.name!r}: holds NaN or infinite values")
+                    raise AdapterFormatError(
+                        WEIGHTS_FILE, f"tensor {describe(t.name)}: holds NaN or infinite values"
+                    )
                 remaining -= count
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from data_plane.adapters.weights import AdapterWeights, LoraFactors
 from data_plane.engine.errors import AdapterLoadError
@@ -27,8 +27,12 @@ def read_peft_adapter(path: Path, spec: BaseModelSpec, max_rank: int, dtype: tor
         raise AdapterLoadError("adapter", f"cannot read {Path(path).name!r}: {e.strerror}") from None
     scale = info.scaling
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt", device="cpu") as f:
-        for t in info.tensors:
-            pairs.setdefault((t.layer, t.module), {})[t.which] = f.get_tensor(t.name).to(dtype)
+    try:
+        with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+            for t in info.tensors:
+                pairs.setdefault((t.layer, t.module), {})[t.which] = f.get_tensor(t.name).to(dtype)
+    except (SafetensorError, OSError) as e:
+        # The validator and safetensors disagree on the file, or it changed under us: still a refusal.
+        raise AdapterLoadError(f"adapter.{WEIGHTS_FILE}", f"cannot be read: {str(e)[:200]}") from None
     factors = {key: LoraFactors(ab["A"], ab["B"], scale) for key, ab in pairs.items()}
     return AdapterWeights(rank=info.rank, factors=factors)

@@ -79,6 +79,8 @@ def _validate_adapters(adapters: tuple[AdapterRef, ...], max_lora_rank: int) -> 
             total_rank += parse_adapter_config(config_path.read_bytes())["r"]
         except AdapterFormatError as e:
             raise AdapterLoadError(f"{field}.{e.field}", e.reason) from None
+        except OSError as e:
+            raise AdapterLoadError(f"{field}.{CONFIG_FILE}", f"cannot be read: {e.strerror}") from None
     if total_rank > max_lora_rank:
         reason = f"rank {total_rank} exceeds the maximum of {max_lora_rank}"
         if len(adapters) > 1:

@@ -3,8 +3,6 @@ recording a validated upload."""
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from control_plane.registry.models import (
     VISIBILITY_PUBLIC,
     Adapter,
 )
+from control_plane.registry.page_token import decode_page_token, encode_page_token
 from control_plane.tenancy.models import Tenant
 from control_plane.workers.models import BaseModelRow
 from openlora.adapter_format import AdapterInfo
@@ -81,20 +80,6 @@ def get_adapter(session: Session, tenant: Tenant, name: str) -> OwnedAdapter:
     return _owned(session, resolve_visible(session, tenant.id, name))
 
 
-def _encode_token(name: str, adapter_id: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(json.dumps([name, str(adapter_id)]).encode()).decode()
-
-
-def _decode_token(token: str) -> tuple[str, uuid.UUID]:
-    try:
-        name, adapter_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-            raise ValueError(name)
-        return name, uuid.UUID(adapter_id)
-    except (ValueError, TypeError, AttributeError):
-        raise InvalidArgument("not a token from a previous response", field="page_token") from None
-
-
 def list_adapters(
     session: Session, tenant: Tenant, page_size: int, page_token: str, include_public: bool
 ) -> AdapterPage:
@@ -108,11 +93,11 @@ def list_adapters(
         visible = or_(visible, Adapter.visibility == VISIBILITY_PUBLIC)
     query = select(Adapter).where(Adapter.status == STATUS_READY, visible)
     if page_token:
-        name, adapter_id = _decode_token(page_token)
+        name, adapter_id = decode_page_token(page_token, ADAPTER_NAME)
         query = query.where(or_(Adapter.name > name, and_(Adapter.name == name, Adapter.id > adapter_id)))
     rows = list(session.scalars(query.order_by(Adapter.name, Adapter.id).limit(page_size + 1)))
     next_token = (
-        _encode_token(rows[page_size - 1].name, rows[page_size - 1].id) if len(rows) > page_size else ""
+        encode_page_token(rows[page_size - 1].name, rows[page_size - 1].id) if len(rows) > page_size else ""
     )
     tenant_names = {
         t.id: t.name

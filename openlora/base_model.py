@@ -11,10 +11,14 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+from openlora.safe_json import JsonFieldError, JsonObject, describe
+
 # PEFT target-module names this system serves, in layer order.
 PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Upper bound on any dimension or count read from a config (keeps every product of them in range).
+MAX_DIM = 1 << 24
 
 
 class UnsupportedModelError(ValueError):
@@ -35,26 +39,35 @@ class BaseModelSpec:
 
     @classmethod
     def from_hf_config(cls, config: dict, name: str) -> BaseModelSpec:
-        """Reads a Hugging Face `config.json` dict; raises UnsupportedModelError naming the architecture."""
-        architectures = config.get("architectures") or [config.get("model_type", "<missing>")]
-        architecture = architectures[0]
-        if architecture not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"unsupported architecture {architecture!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
+        """Reads a Hugging Face `config.json` dict; raises UnsupportedModelError naming the architecture,
+        or the field that is missing or of the wrong type or range."""
+        c = JsonObject(config, "config.json")
+        try:
+            architectures = c.get_list(
+                "architectures", lambda v: isinstance(v, str), "a list of class names", default=None
             )
-        num_heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        return cls(
-            name=name,
-            architecture=architecture,
-            hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
-            num_layers=int(config["num_hidden_layers"]),
-            num_attention_heads=num_heads,
-            num_key_value_heads=int(config.get("num_key_value_heads") or num_heads),
-            head_dim=int(config.get("head_dim") or hidden // num_heads),
-            vocab_size=int(config["vocab_size"]),
-        )
+            architecture = (architectures or [c.get_str("model_type", "<missing>", max_chars=128)])[0]
+            if architecture not in SUPPORTED_ARCHITECTURES:
+                raise JsonFieldError(
+                    c.field("architectures"),
+                    f"unsupported architecture {describe(architecture)}: supported are "
+                    f"{', '.join(SUPPORTED_ARCHITECTURES)}",
+                )
+            num_heads = c.get_int("num_attention_heads", lo=1, hi=MAX_DIM)
+            hidden = c.get_int("hidden_size", lo=1, hi=MAX_DIM)
+            return cls(
+                name=name,
+                architecture=architecture,
+                hidden_size=hidden,
+                intermediate_size=c.get_int("intermediate_size", lo=1, hi=MAX_DIM),
+                num_layers=c.get_int("num_hidden_layers", lo=1, hi=MAX_DIM),
+                num_attention_heads=num_heads,
+                num_key_value_heads=c.get_int("num_key_value_heads", num_heads, lo=1, hi=num_heads),
+                head_dim=c.get_int("head_dim", None, lo=1, hi=MAX_DIM) or max(1, hidden // num_heads),
+                vocab_size=c.get_int("vocab_size", lo=1, hi=MAX_DIM),
+            )
+        except JsonFieldError as e:
+            raise UnsupportedModelError(str(e)) from None
 
     @property
     def fingerprint(self) -> str:

@@ -5,7 +5,6 @@ Order of resolution: flags, then `OPENLORA_*` environment variables, then the co
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections.abc import Mapping
@@ -13,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from control_plane.config import DEFAULT_LISTEN, ControlPlaneConfig
+from openlora.safe_json import JsonFieldError, load_json
 
 DEFAULT_STATE_DIR = Path(".state/control-plane")
 WORKER_TOKEN_FILE = "worker_token"
+MAX_CONTEXT_BYTES = 1 << 20
 
 
 def context_path(environ: Mapping[str, str]) -> Path:
@@ -26,12 +27,14 @@ def context_path(environ: Mapping[str, str]) -> Path:
 
 
 def read_context(environ: Mapping[str, str]) -> dict:
-    """The context file as a dict; {} when absent or unreadable."""
+    """The context file's string entries as a dict; {} when absent, unreadable or malformed."""
     try:
-        data = json.loads(context_path(environ).read_text())
-    except (OSError, ValueError):
+        data = load_json(context_path(environ).read_bytes(), "context", max_bytes=MAX_CONTEXT_BYTES)
+    except (OSError, JsonFieldError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)}
 
 
 def _first(*values: str | None) -> str | None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -12,11 +12,15 @@ from safetensors import safe_open
 
 from data_plane.model.config import ModelConfig
 from data_plane.model.llama import LlamaForCausalLM
+from openlora.safe_json import JsonFieldError, describe, load_json_object
 
 log = logging.getLogger(__name__)
 
 _INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_MAX_INDEX_BYTES = 64 << 20
+# A shard named by the index: a file of the checkpoint directory, never a path out of it.
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}\.safetensors", re.ASCII)
 
 
 class CheckpointError(ValueError):
@@ -27,9 +31,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     """The safetensors shards of a checkpoint: from the index file when there is one."""
     index = model_dir / _INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        names = sorted(set(weight_map.values()))
-        return [model_dir / name for name in names]
+        return [model_dir / name for name in _indexed_shards(index)]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
@@ -40,6 +42,25 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         )
         raise CheckpointError(f"{model_dir}: no *.safetensors files{hint}")
     return files
+
+
+def _indexed_shards(index: Path) -> list[str]:
+    """Shard file names of an index's `weight_map`: plain `*.safetensors` names inside the directory."""
+    try:
+        weight_map = load_json_object(index.read_bytes(), _INDEX_FILE, max_bytes=_MAX_INDEX_BYTES).get_object(
+            "weight_map"
+        )
+    except JsonFieldError as e:
+        raise CheckpointError(str(e)) from None
+    for name in weight_map.data.values():
+        if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+            raise CheckpointError(
+                f"{_INDEX_FILE}.weight_map: shard {describe(name)} is not a *.safetensors file name"
+            )
+    names = sorted(set(weight_map.data.values()))
+    if not names:
+        raise CheckpointError(f"{_INDEX_FILE}.weight_map: names no shard")
+    return names
 
 
 def load_model(

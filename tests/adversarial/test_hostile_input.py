@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+import struct
+from pathlib import Path
 
 import grpc
 import pytest
@@ -343,3 +346,131 @@ def test_bad_prompt_token_ids_and_weights_are_invalid_argument(attacker):
     )
     mix = [inference_pb2.AdapterWeight(adapter="ad0", weight=float("inf"))]
     assert_refused(lambda: attacker.generate(ADMIN_KEY, mix=mix), "weight")
+
+
+# --- parsers of uploaded files and opaque tokens: a refusal naming the field, never INTERNAL -------
+
+
+def _adapter_copy(attacker, tmp_path: Path) -> Path:
+    directory = tmp_path / "adapter"
+    shutil.copytree(attacker.system.model_dir / "adapters" / "ad0", directory)
+    (directory / "README.md").unlink(missing_ok=True)
+    return directory
+
+
+def _upload_dir(attacker, directory: Path, name: str):
+    from openlora.commands.up import upload_messages
+
+    return lambda: attacker.admin.UploadAdapter(
+        upload_messages(directory, "", BASE_MODEL, name=name), metadata=bearer(ADMIN_KEY), timeout=30
+    )
+
+
+HOSTILE_CONFIGS = {
+    "nested 20000 deep": (lambda c: json.dumps(c)[:-1] + ', "x": ' + "[" * 20000 + "]" * 20000 + "}", "adapter_config.json"),
+    "r as a string": (lambda c: json.dumps({**c, "r": str(c["r"])}), "adapter_config.json.r"),
+    "r as true": (lambda c: json.dumps({**c, "r": True}), "adapter_config.json.r"),
+    "lora_alpha of 400 digits": (lambda c: json.dumps(c)[:-1] + ', "lora_alpha": 1' + "0" * 400 + "}", "adapter_config.json"),
+    "lora_alpha 1e400": (lambda c: json.dumps(c)[:-1] + ', "lora_alpha": 1e400}', "adapter_config.json"),
+    "use_rslora as a string": (lambda c: json.dumps({**c, "use_rslora": "false"}), "adapter_config.json.use_rslora"),
+    "target_modules of objects": (lambda c: json.dumps({**c, "target_modules": [{}]}), "adapter_config.json.target_modules"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CONFIGS))
+def test_upload_of_a_hostile_adapter_config_is_invalid_argument_naming_the_field(attacker, tmp_path, case):
+    directory = _adapter_copy(attacker, tmp_path)
+    rewrite, field = HOSTILE_CONFIGS[case]
+    config = json.loads((directory / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(rewrite(config))
+    assert_refused(_upload_dir(attacker, directory, "hostile-config"), field)
+
+
+def _rewrite_header(directory: Path, change) -> None:
+    raw = (directory / "adapter_model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    encoded, data = change(header, data)
+    (directory / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+def _gap(header: dict, data: bytes) -> tuple[bytes, bytes]:
+    shifted = {
+        k: v if k == "__metadata__" else {**v, "data_offsets": [o + 8 for o in v["data_offsets"]]}
+        for k, v in header.items()
+    }
+    return json.dumps(shifted).encode(), b"\0" * 8 + data
+
+
+def _first_tensor(header: dict) -> str:
+    return sorted(k for k in header if k != "__metadata__")[0]
+
+
+HOSTILE_HEADERS = {
+    "nested 100000 deep": lambda h, d: (b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", d),
+    "a gap safetensors refuses": _gap,
+    "a layer number of 5000 digits": lambda h, d: (
+        json.dumps({**h, _first_tensor(h).replace("layers.0.", "layers." + "1" * 5000 + "."): h[_first_tensor(h)]}).encode(),
+        d,
+    ),
+    "a dtype that is a list": lambda h, d: (
+        json.dumps({**h, _first_tensor(h): {**h[_first_tensor(h)], "dtype": ["F32"]}}).encode(),
+        d,
+    ),
+    "a boolean dimension": lambda h, d: (
+        json.dumps({**h, _first_tensor(h): {**h[_first_tensor(h)], "shape": [True, 1]}}).encode(),
+        d,
+    ),
+    "metadata that is not strings": lambda h, d: (json.dumps({**h, "__metadata__": {"format": 1}}).encode(), d),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_HEADERS))
+def test_upload_of_a_lying_safetensors_header_is_invalid_argument_naming_the_file(attacker, tmp_path, case):
+    directory = _adapter_copy(attacker, tmp_path)
+    _rewrite_header(directory, HOSTILE_HEADERS[case])
+    assert_refused(_upload_dir(attacker, directory, "hostile-header"), "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        base64.urlsafe_b64encode(b"[" * 100_000).decode(),
+        base64.urlsafe_b64encode(b"[" * 2_000 + b"]" * 2_000).decode(),
+        base64.urlsafe_b64encode(b'["ad0", ' + b"[" * 500 + b"]" * 500 + b"]").decode(),
+        base64.urlsafe_b64encode(b'["ad0", "00000000-0000-0000-0000-000000000000", 1e400]').decode(),
+    ],
+    ids=["nested-100000", "nested-2000", "nested-id", "three-with-overflow"],
+)
+def test_nested_page_token_is_invalid_argument_naming_page_token(attacker, token):
+    request = admin_pb2.ListAdaptersRequest(page_token=token)
+    assert_refused(_admin(attacker, "ListAdapters", request), "page_token")
+
+
+WEIRD_GENERATE = {
+    "adapter and mix": (dict(adapter="ad0", mix=[inference_pb2.AdapterWeight(adapter="ad1", weight=1)]), "mix"),
+    "mix naming one adapter twice": (
+        dict(mix=[inference_pb2.AdapterWeight(adapter="ad0", weight=0.5)] * 2),
+        "mix[1].adapter",
+    ),
+    "mix member without a name": (dict(mix=[inference_pb2.AdapterWeight(weight=1)]), "mix[0].adapter"),
+    "unknown mix method with one adapter": (dict(adapter="ad0", mix_method=7), "mix_method"),
+    "text and token ids": (dict(prompt="hi", prompt_token_ids=[1, 2]), "prompt"),
+    "no prompt at all": (dict(prompt="", logprobs=True), "prompt"),
+    "empty stop string": (dict(sampling=inference_pb2.SamplingParams(max_tokens=1, stop=[""])), "sampling.stop[0]"),
+    "nan weight in a mix": (
+        dict(mix=[inference_pb2.AdapterWeight(adapter="ad0", weight=float("nan")),
+                  inference_pb2.AdapterWeight(adapter="ad1", weight=1)]),
+        "mix[0].weight",
+    ),
+    "max_tokens zero with a seed": (
+        dict(sampling=inference_pb2.SamplingParams(max_tokens=0, seed=2**64 - 1)),
+        "sampling.max_tokens",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(WEIRD_GENERATE))
+def test_generate_with_a_weird_field_combination_is_invalid_argument_naming_the_field(attacker, case):
+    fields, field = WEIRD_GENERATE[case]
+    assert_refused(lambda: attacker.generate(ADMIN_KEY, **fields), field)

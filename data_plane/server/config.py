@@ -50,6 +50,10 @@ class WorkerConfig:
     # 0 disables the Prometheus endpoint.
     metrics_port: int = 0
     auth_cache_ttl_s: float = MAX_AUTH_CACHE_TTL_S
+    # Most cached authorisation answers (one per api key and adapter names); the oldest go first.
+    auth_cache_max_entries: int = 10_000
+    # How long the control plane holds a client request id for a stream of this worker unless released.
+    request_id_reservation_s: float = 120.0
     usage_flush_interval_s: float = 1.0
     usage_fsync_interval_s: float = 0.2
     usage_batch_size: int = 500
@@ -69,6 +73,12 @@ class WorkerConfig:
         if not 0 <= self.auth_cache_ttl_s <= MAX_AUTH_CACHE_TTL_S:
             raise ValueError(
                 f"auth_cache_ttl_s must be in [0, {MAX_AUTH_CACHE_TTL_S}], got {self.auth_cache_ttl_s}"
+            )
+        if self.auth_cache_max_entries < 1:
+            raise ValueError(f"auth_cache_max_entries must be >= 1, got {self.auth_cache_max_entries}")
+        if not 1 <= self.request_id_reservation_s <= 3600:
+            raise ValueError(
+                f"request_id_reservation_s must be in [1, 3600], got {self.request_id_reservation_s}"
             )
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")

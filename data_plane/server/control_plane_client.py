@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
+from cachetools import TTLCache
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from data_plane.server.usage_reporter import UsageRecord
@@ -34,6 +35,8 @@ _PASS_THROUGH = {
 }
 AUTHORIZE_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 10.0
+DEFAULT_AUTH_CACHE_MAX_ENTRIES = 10_000
+HEARTBEAT_BACKOFF_MAX_S = 30.0
 
 
 class ControlPlaneError(Exception):
@@ -68,16 +71,30 @@ class Authorization:
     can_infer: bool
     # Parallel to the adapter names asked for.
     adapters: tuple[ResolvedAdapter, ...]
+    # Id of the api key this answer is for: a "revoke" hint names it.
+    api_key_id: str = ""
 
 
 class ControlPlaneClient:
-    def __init__(self, target: str, worker_token: str, *, auth_cache_ttl_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        worker_token: str,
+        *,
+        auth_cache_ttl_s: float = 10.0,
+        auth_cache_max_entries: int = DEFAULT_AUTH_CACHE_MAX_ENTRIES,
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {worker_token}"),)
         self._auth_cache_ttl_s = auth_cache_ttl_s
-        # (api key, adapter names) -> (expires at, monotonic seconds; answer)
-        self._auth_cache: dict[tuple[str, tuple[str, ...]], tuple[float, Authorization]] = {}
+        # (api key, adapter names) -> (expires at, monotonic seconds; answer). Bounded in entries and
+        # time; the answer's own TTL (the control plane's, never longer) is checked on every hit.
+        self._auth_cache: TTLCache[tuple[str, tuple[str, ...]], tuple[float, Authorization]] = TTLCache(
+            maxsize=auth_cache_max_entries, ttl=max(auth_cache_ttl_s, 0.001), timer=time.monotonic
+        )
+        # False after a control plane answered UNIMPLEMENTED to ReserveRequestId (an older one).
+        self._can_reserve = True
 
     async def close(self) -> None:
         await self._channel.close()
@@ -119,20 +136,43 @@ class ControlPlaneClient:
         interval_s: float,
         stats: Callable[[], tuple[int, int, list[str]]],
         reregister: Callable[[], object],
+        on_error: Callable[[], None] | None = None,
     ) -> None:
-        """Heartbeats forever; a control plane that forgot the worker (NOT_FOUND) gets it registered again."""
+        """Heartbeats forever; a control plane that forgot the worker (NOT_FOUND) gets it registered again.
+        Any failure of one beat is logged and the loop goes on: an unreachable control plane is retried at
+        the next beat; any other exception (`stats()` reading engine state, say) is counted by `on_error`
+        and waits longer after each failure in a row (up to HEARTBEAT_BACKOFF_MAX_S)."""
+        failures = 0
         while True:
-            await asyncio.sleep(interval_s)
-            running, waiting, resident = stats()
+            await asyncio.sleep(min(interval_s * (2**failures), max(interval_s, HEARTBEAT_BACKOFF_MAX_S)))
             try:
-                await self.heartbeat(worker_id, running, waiting, resident)
-            except ControlPlaneError as error:
+                await self._beat(worker_id, stats, reregister)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except ControlPlaneError as error:  # the next beat at the usual interval is the retry
                 log.warning("heartbeat failed: %s", error.message)
-                if error.code == grpc.StatusCode.NOT_FOUND:
-                    try:
-                        await reregister()
-                    except ControlPlaneError as again:
-                        log.warning("re-registration failed: %s", again.message)
+                failures = 0
+            except Exception:
+                log.exception("heartbeat failed; going on")
+                failures = min(failures + 1, 8)
+                if on_error is not None:
+                    on_error()
+
+    async def _beat(
+        self,
+        worker_id: str,
+        stats: Callable[[], tuple[int, int, list[str]]],
+        reregister: Callable[[], object],
+    ) -> None:
+        running, waiting, resident = stats()
+        try:
+            await self.heartbeat(worker_id, running, waiting, resident)
+        except ControlPlaneError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            log.warning("heartbeat failed: %s; registering again", error.message)
+            await reregister()
 
     async def authorize(self, api_key: str, adapter_names: tuple[str, ...], base_model: str) -> Authorization:
         """The caller's tenant, scopes and resolved adapters; served from a cache for at most the TTL."""
@@ -149,10 +189,7 @@ class ControlPlaneClient:
                 request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S
             )
         except grpc.RpcError as error:
-            # An expired answer naming an adapter now NOT_FOUND stays until `forget_adapters`, which
-            # reads the sha256s the worker must drop from it.
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                self._auth_cache.pop(key, None)
+            self._auth_cache.pop(key, None)
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._forget_key(api_key)
             raise ControlPlaneError.from_rpc(error, "Authorize") from None
@@ -166,14 +203,47 @@ class ControlPlaneClient:
                 ResolvedAdapter(a.name, a.adapter_id, a.sha256, a.size_bytes, a.rank, a.keep_warm)
                 for a in response.adapters
             ),
+            api_key_id=response.api_key_id,
         )
         ttl_s = self._auth_cache_ttl_s
         if response.cache_ttl_ms:
             ttl_s = min(ttl_s, response.cache_ttl_ms / 1000)
         if ttl_s > 0:
-            self._prune(now)
             self._auth_cache[key] = (now + ttl_s, answer)
         return answer
+
+    async def reserve_request_id(self, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int) -> None:
+        """Reserves the tenant's client request id for this worker's stream, atomically across workers.
+        Raises ControlPlaneError: ALREADY_EXISTS when it was billed or another worker serves it now;
+        UNAVAILABLE when the control plane (or its database) cannot answer. Never cached: the answer
+        changes as soon as a request under that id is billed. Against a control plane that predates
+        reservations, only the billed check (CheckRequestId) is made."""
+        if not self._can_reserve:
+            await self.check_request_id(tenant_id, request_id)
+            return
+        request = worker_pb2.ReserveRequestIdRequest(
+            tenant_id=tenant_id, request_id=request_id, worker_id=worker_id, ttl_ms=ttl_ms
+        )
+        try:
+            await self._stub.ReserveRequestId(request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._can_reserve = False
+                await self.check_request_id(tenant_id, request_id)
+                return
+            raise ControlPlaneError.from_rpc(error, "ReserveRequestId") from None
+
+    async def release_request_id(self, tenant_id: str, request_id: str, worker_id: str) -> None:
+        """Gives back this worker's reservation of the id (its stream delivered nothing)."""
+        if not self._can_reserve:
+            return
+        request = worker_pb2.ReleaseRequestIdRequest(
+            tenant_id=tenant_id, request_id=request_id, worker_id=worker_id
+        )
+        try:
+            await self._stub.ReleaseRequestId(request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S)
+        except grpc.RpcError as error:
+            raise ControlPlaneError.from_rpc(error, "ReleaseRequestId") from None
 
     async def check_request_id(self, tenant_id: str, request_id: str) -> None:
         """Raises ControlPlaneError(ALREADY_EXISTS) when the tenant's usage already holds this request id.
@@ -184,34 +254,47 @@ class ControlPlaneClient:
         except grpc.RpcError as error:
             raise ControlPlaneError.from_rpc(error, "CheckRequestId") from None
 
-    def forget_adapters(
-        self, *, names: tuple[str, ...] = (), sha256: str = "", adapter_id: str = ""
-    ) -> list[str]:
-        """Drops every cached answer that mentions one of these adapters; returns their sha256s."""
-        dropped: set[str] = set()
-        for key, (_, answer) in list(self._auth_cache.items()):
-            hit = [
-                a
-                for a in answer.adapters
-                if a.name in names
-                or (sha256 and a.sha256 == sha256)
-                or (adapter_id and a.adapter_id == adapter_id)
-            ]
-            if any(name in names for name in key[1]) or hit:
-                self._auth_cache.pop(key, None)
-                dropped.update(a.sha256 for a in answer.adapters if a in hit or a.name in names)
-        return sorted(dropped)
+    def forget_names(self, api_key: str, names: tuple[str, ...]) -> int:
+        """Drops this key's cached answers that resolve any of these names (its own view of them changed:
+        the control plane said NOT_FOUND). Other keys' answers stay: names are unique per tenant only.
+        Returns how many answers were dropped."""
+        wanted = set(names)
+        doomed = [key for key in list(self._auth_cache.keys()) if key[0] == api_key and wanted & set(key[1])]
+        for key in doomed:
+            self._auth_cache.pop(key, None)
+        return len(doomed)
 
-    def cached_sha256(self, api_key: str, names: tuple[str, ...]) -> list[str]:
-        """sha256s this key's cached answers resolved these names to (the worker may hold them)."""
-        found = {
-            a.sha256
-            for (key, _), (_, answer) in self._auth_cache.items()
-            if key == api_key
-            for a in answer.adapters
-            if a.name in names
-        }
-        return sorted(found)
+    def forget_adapter(self, adapter_id: str, sha256: str = "") -> int:
+        """Drops every cached answer that resolved to this adapter (deleted or replaced), and with `sha256`
+        (content no adapter serves any more) every answer that resolved to that content; returns how many."""
+        if not adapter_id and not sha256:
+            return 0
+        doomed = [
+            key
+            for key, (_, answer) in list(self._auth_cache.items())
+            if any(
+                (adapter_id and a.adapter_id == adapter_id) or (sha256 and a.sha256 == sha256)
+                for a in answer.adapters
+            )
+        ]
+        for key in doomed:
+            self._auth_cache.pop(key, None)
+        return len(doomed)
+
+    def forget_api_key_id(self, api_key_id: str) -> int:
+        """Drops every cached answer for the api key of this id (revoked); returns how many."""
+        if not api_key_id:
+            return 0
+        doomed = [
+            key for key, (_, answer) in list(self._auth_cache.items()) if answer.api_key_id == api_key_id
+        ]
+        for key in doomed:
+            self._auth_cache.pop(key, None)
+        return len(doomed)
+
+    @property
+    def num_cached_answers(self) -> int:
+        return len(self._auth_cache)
 
     async def fetch_artifact(self, sha256: str) -> AsyncIterator[worker_pb2.FetchArtifactResponse]:
         call = self._stub.FetchArtifact(
@@ -233,13 +316,8 @@ class ControlPlaneClient:
             raise ControlPlaneError.from_rpc(error, "ReportUsage") from None
 
     def _forget_key(self, api_key: str) -> None:
-        for key in [k for k in self._auth_cache if k[0] == api_key]:
+        for key in [k for k in list(self._auth_cache.keys()) if k[0] == api_key]:
             self._auth_cache.pop(key, None)
-
-    def _prune(self, now: float) -> None:
-        if len(self._auth_cache) > 10_000:
-            for key in [k for k, (expires_at, _) in self._auth_cache.items() if expires_at <= now]:
-                self._auth_cache.pop(key, None)
 
 
 def _usage_event(record: UsageRecord) -> worker_pb2.UsageEvent:

@@ -4,7 +4,8 @@ The listener hands every hint to its callback (the worker drops invalidated adap
 authorisation cache, the local disk and the engine, and prewarms or demotes through the engine). It
 reads from the stream's last entry when it starts and then tracks the id of the last entry it read, so
 a reconnect after Redis was down misses nothing still in the stream. Serving never depends on this: with
-Redis down the listener retries quietly and the TTL still bounds how long a stale answer lives.
+Redis down the listener retries quietly and the TTL still bounds how long a stale answer lives. A hint
+whose handling raises is logged and skipped: the listener never dies of one.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ RETRY_S = 2.0
 BLOCK_MS = 1000
 
 
-async def listen_for_hints(redis_url: str, on_hint: Callable[[Hint], None]) -> None:
-    """Reads new stream entries forever (from the moment it starts) and hands each hint to `on_hint`."""
+async def listen_for_hints(
+    redis_url: str, on_hint: Callable[[Hint], None], on_error: Callable[[], None] | None = None
+) -> None:
+    """Reads new stream entries forever (from the moment it starts) and hands each hint to `on_hint`;
+    `on_error` counts a hint whose handling raised (logged, then the next hint)."""
     import redis.asyncio as redis
 
     client = redis.from_url(redis_url)
@@ -31,8 +35,13 @@ async def listen_for_hints(redis_url: str, on_hint: Callable[[Hint], None]) -> N
     # None until the first contact, which reads on from the stream's newest entry.
     last_id: str | None = None
     started_id = f"{int(time.time() * 1000)}-0"
+    this_task = asyncio.current_task()
     try:
         while True:
+            # redis-py may swallow a cancellation that lands inside a blocking XREAD; the task still
+            # says it is being cancelled, so the listener stops instead of reading on forever.
+            if this_task is not None and this_task.cancelling():
+                raise asyncio.CancelledError
             try:
                 if last_id is None:
                     newest = await client.xrevrange(HINTS_STREAM, count=1)
@@ -54,7 +63,12 @@ async def listen_for_hints(redis_url: str, on_hint: Callable[[Hint], None]) -> N
                     except ValueError as error:
                         log.warning("malformed hint %s skipped: %s", entry_id, error)
                         continue
-                    on_hint(hint)
+                    try:
+                        on_hint(hint)
+                    except Exception:
+                        log.exception("hint %s (%s) not applied; going on", entry_id, hint.kind)
+                        if on_error is not None:
+                            on_error()
     finally:
         await client.aclose()
 

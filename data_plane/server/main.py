@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from data_plane.adapters.hint_actions import apply_hint, publish_residency
 from data_plane.server.artifact_store import ArtifactStore, default_disk_cache_bytes
+from data_plane.server.background import keep_running
 from data_plane.server.config import WorkerConfig
 from data_plane.server.control_plane_client import ControlPlaneClient, ControlPlaneError
 from data_plane.server.hint_listener import listen_for_hints
@@ -126,7 +127,10 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     address = config.advertise_address or f"{host}:{port}"
 
     control_plane = ControlPlaneClient(
-        config.control_plane_target, config.worker_token, auth_cache_ttl_s=config.auth_cache_ttl_s
+        config.control_plane_target,
+        config.worker_token,
+        auth_cache_ttl_s=config.auth_cache_ttl_s,
+        auth_cache_max_entries=config.auth_cache_max_entries,
     )
     state = WorkerState(base_model=spec.name)
     state.idle.set()
@@ -179,7 +183,16 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         vocab_size=spec.vocab_size,
         max_model_len=engine.max_model_len,
     )
-    servicer = InferenceServicer(engine, control_plane, artifacts, usage, metrics, state, limits)
+    servicer = InferenceServicer(
+        engine,
+        control_plane,
+        artifacts,
+        usage,
+        metrics,
+        state,
+        limits,
+        reservation_s=config.request_id_reservation_s,
+    )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -222,8 +235,13 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     loop = asyncio.get_running_loop()
 
     def on_hint(hint: Hint) -> None:
+        if hint.kind == "revoke":
+            control_plane.forget_api_key_id(hint.api_key_id)
+            return
         if hint.kind == "invalidate":
-            control_plane.forget_adapters(sha256=hint.sha256, adapter_id=hint.adapter_id)
+            # Always forget the adapter's cached answers; its content only when no adapter serves it any
+            # more (the control plane then names the sha256): others may share content-addressed files.
+            control_plane.forget_adapter(hint.adapter_id, hint.sha256)
             if hint.sha256:
                 artifacts.discard(hint.sha256)
         if not hint.sha256:
@@ -234,16 +252,40 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         running._hint_tasks.add(task)
         task.add_done_callback(_hint_done(running._hint_tasks, hint))
 
+    def counted(name: str):
+        return metrics.background_errors.labels(name).inc
+
+    # Each loop survives its own exceptions (logged, counted); keep_running starts it again if it dies.
     running._tasks = [
-        loop.create_task(control_plane.run_heartbeats(state.worker_id, heartbeat_s, stats, register)),
+        loop.create_task(
+            keep_running(
+                "heartbeat",
+                lambda: control_plane.run_heartbeats(
+                    state.worker_id, heartbeat_s, stats, register, on_error=counted("heartbeat")
+                ),
+                counted("heartbeat"),
+            )
+        ),
         loop.create_task(_watch_engine(running)),
     ]
     if config.redis_url:
-        running._tasks.append(loop.create_task(listen_for_hints(config.redis_url, on_hint)))
         running._tasks.append(
             loop.create_task(
-                publish_residency(
-                    config.redis_url, state.worker_id, residency, interval_s=config.residency_interval_s
+                keep_running(
+                    "hints",
+                    lambda: listen_for_hints(config.redis_url, on_hint, on_error=counted("hints")),
+                    counted("hints"),
+                )
+            )
+        )
+        running._tasks.append(
+            loop.create_task(
+                keep_running(
+                    "residency",
+                    lambda: publish_residency(
+                        config.redis_url, state.worker_id, residency, interval_s=config.residency_interval_s
+                    ),
+                    counted("residency"),
                 )
             )
         )

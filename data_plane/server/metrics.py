@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 TIERS = ("none", "device", "host", "disk", "remote")
+BACKGROUND_LOOPS = ("heartbeat", "hints", "residency")
 
 
 class WorkerMetrics:
@@ -53,8 +54,22 @@ class WorkerMetrics:
         self.requests = Counter(
             "openlora_requests_total", "Generate calls by final status", ["code"], registry=r
         )
+        self.request_id_unchecked = Counter(
+            "openlora_request_id_unchecked_total",
+            "Client request ids served without the control plane's reservation (it was unreachable): "
+            "a duplicate on another worker may then be served twice, never billed twice",
+            registry=r,
+        )
+        self.background_errors = Counter(
+            "openlora_background_errors_total",
+            "Exceptions a background loop caught and survived, by loop",
+            ["loop"],
+            registry=r,
+        )
         for tier in TIERS:
             self.cache_lookups.labels(tier)
+        for loop in BACKGROUND_LOOPS:
+            self.background_errors.labels(loop)
 
     def watch_engine_loads(
         self, read: Callable[[], tuple[Mapping[tuple[str, str], int], Mapping[tuple[str, str], float]]]

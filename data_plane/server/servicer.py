@@ -145,6 +145,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         metrics: WorkerMetrics,
         state: WorkerState,
         limits: RequestLimits,
+        reservation_s: float = 120.0,
     ) -> None:
         self._engine = engine
         self._cp = control_plane
@@ -155,6 +156,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._limits = limits
         # (tenant id, request id) of the calls streaming now.
         self._in_flight: set[tuple[str, str]] = set()
+        # How long the control plane holds a client request id reserved for a stream of this worker.
+        self._reservation_ms = int(reservation_s * 1000)
+        # Reservations being given back (kept referenced until done).
+        self._releases: set[asyncio.Task] = set()
 
     async def Generate(self, request, context) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """Streams one completion: a message per engine step, the last with finish_reason, usage, timing."""
@@ -197,9 +202,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if claim in self._in_flight:
             raise DuplicateRequest(request_id)
         self._in_flight.add(claim)
+        reserved = False
         try:
             if valid.request_id:
-                await self._check_request_id_unused(auth.tenant_id, request_id)
+                reserved = await self._check_request_id_unused(auth.tenant_id, request_id)
             prompt_ids = await self._prompt_ids(valid)
             check_prompt_length(len(prompt_ids), self._limits)
 
@@ -269,24 +275,53 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 self._artifacts.release(held)
         finally:
             self._in_flight.discard(claim)
+            if reserved and not self._usage.has_pending(auth.tenant_id, request_id):
+                # Nothing of this stream is waiting to be billed: either nothing was delivered (a retry
+                # under this id must be served) or its usage already reached the control plane (which
+                # refuses the id on its own). Given back beside the call; the expiry covers a failure.
+                self._release_request_id(auth.tenant_id, request_id)
 
     async def _authorize(self, api_key: str, names: tuple[str, ...]) -> Authorization:
         try:
             return await self._cp.authorize(api_key, names, self._state.base_model)
         except ControlPlaneError as error:
             if error.code == grpc.StatusCode.NOT_FOUND and names:
-                # The control plane says an adapter is gone (or never was visible): serve it never again.
-                for sha256 in self._cp.forget_adapters(names=names):
-                    self._artifacts.discard(sha256)
-                    self._engine.invalidate(sha256)  # its device slot and host copy too
+                # This key's view of a name changed: forget only its own answers for those names. Names
+                # are unique per tenant only, so nothing else is touched: not other keys' answers, not the
+                # artifact, not the engine (content invalidation comes from the control plane's hints).
+                self._cp.forget_names(api_key, names)
             raise
 
-    async def _check_request_id_unused(self, tenant_id: str, request_id: str) -> None:
-        """A client id already billed is refused before any work: served again, it would be free.
-        Usage still in the spool is unknown to the control plane, so the spool is asked first."""
+    async def _check_request_id_unused(self, tenant_id: str, request_id: str) -> bool:
+        """Reserves a client request id for this stream at the control plane (atomic across workers);
+        refuses one already billed or served elsewhere now: served again, it would be free. Usage still
+        in the spool is unknown to the control plane, so the spool is asked first. Returns whether the
+        id was reserved: with the control plane unreachable the call goes on unreserved (counted), kept
+        from double billing by the usage key; only this worker's in-flight set stops duplicates then."""
         if self._usage.has_pending(tenant_id, request_id):
             raise RequestIdUsed(request_id)
-        await self._cp.check_request_id(tenant_id, request_id)
+        try:
+            await self._cp.reserve_request_id(
+                tenant_id, request_id, self._state.worker_id, self._reservation_ms
+            )
+        except ControlPlaneError as error:
+            if error.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            self._metrics.request_id_unchecked.inc()
+            log.warning("request id served unreserved (control plane unavailable): %s", error.message)
+            return False
+        return True
+
+    def _release_request_id(self, tenant_id: str, request_id: str) -> None:
+        async def release() -> None:
+            try:
+                await self._cp.release_request_id(tenant_id, request_id, self._state.worker_id)
+            except ControlPlaneError as error:
+                log.warning("request id reservation not released (it expires): %s", error.message)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def _prompt_ids(self, valid: ValidRequest) -> list[int]:
         if valid.prompt_token_ids is not None:

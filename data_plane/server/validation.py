@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from openlora.safe_json import describe
 from openlora.v1 import inference_pb2
 
 MAX_REQUEST_ID_CHARS = 128
@@ -129,7 +130,7 @@ def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits)
             if not member.adapter:
                 raise RequestFieldError(f"mix[{i}].adapter", "must not be empty")
             if member.adapter in seen:
-                raise RequestFieldError(f"mix[{i}].adapter", f"{member.adapter!r} appears twice")
+                raise RequestFieldError(f"mix[{i}].adapter", f"{describe(member.adapter)} appears twice")
             seen.add(member.adapter)
             if not math.isfinite(member.weight):
                 raise RequestFieldError(f"mix[{i}].weight", f"must be finite, got {member.weight}")

@@ -35,7 +35,9 @@ def test_stopped_database_is_unavailable_to_admin_and_worker_calls(own_postgres,
                 admin.create_tenant("during-outage")
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
         with pytest.raises(grpc.RpcError) as refused:
-            cp.worker_stub().Authorize(worker_pb2.AuthorizeRequest(api_key=key), metadata=cp.worker_metadata())
+            cp.worker_stub().Authorize(
+                worker_pb2.AuthorizeRequest(api_key=key), metadata=cp.worker_metadata()
+            )
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
     finally:
         server_thread.run(running.stop(0))

@@ -52,7 +52,9 @@ def test_deleting_one_of_two_adapters_sharing_content_keeps_the_content(cp, redi
         ]
 
 
-def test_replacing_content_another_tenant_uses_invalidates_only_the_adapter(cp, redis_url, adapters_root) -> None:
+def test_replacing_content_another_tenant_uses_invalidates_only_the_adapter(
+    cp, redis_url, adapters_root
+) -> None:
     first_tenant, second_tenant = _two_tenants(cp)
     with cp.admin() as admin:
         old = admin.upload_adapter(adapters_root / "a", "swap", BASE, tenant=first_tenant).adapter

@@ -43,7 +43,9 @@ def _release(cp, tenant_id: str, request_id: str, worker_id: str) -> bool:
     return (
         cp.worker_stub()
         .ReleaseRequestId(
-            worker_pb2.ReleaseRequestIdRequest(tenant_id=tenant_id, request_id=request_id, worker_id=worker_id),
+            worker_pb2.ReleaseRequestIdRequest(
+                tenant_id=tenant_id, request_id=request_id, worker_id=worker_id
+            ),
             metadata=cp.worker_metadata(),
         )
         .released

@@ -1,0 +1,126 @@
+"""The worker's background loops (heartbeat, hint listener, residency publisher) survive any exception:
+logged, counted, and the loop goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import redis
+
+from control_plane.hints.publisher import HintPublisher
+from data_plane.adapters.hint_actions import publish_residency, residency_key
+from data_plane.server.background import keep_running
+from data_plane.server.control_plane_client import ControlPlaneClient
+from data_plane.server.hint_listener import listen_for_hints
+from openlora.hints import Hint
+
+from .conftest import WORKER_TOKEN
+
+
+class _Flaky:
+    """A stats() that raises like an unguarded read of engine state from another thread, `failures` times."""
+
+    def __init__(self, failures: int, value) -> None:
+        self.failures = failures
+        self.value = value
+        self.calls = 0
+        self.served = asyncio.Event()
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError("dictionary changed size during iteration")
+        self.served.set()
+        return self.value
+
+
+def test_heartbeat_loop_survives_a_failing_stats_read(system):
+    async def scenario() -> tuple[int, int]:
+        client = ControlPlaneClient(system.control_plane.target, WORKER_TOKEN)
+        stats = _Flaky(2, (0, 0, []))
+        errors = []
+
+        async def reregister() -> None:
+            return None
+
+        task = asyncio.get_running_loop().create_task(
+            client.run_heartbeats(
+                system.worker.worker_id, 0.05, stats, reregister, on_error=lambda: errors.append(1)
+            )
+        )
+        try:
+            await asyncio.wait_for(stats.served.wait(), 20)
+            assert not task.done()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
+        return stats.calls, len(errors)
+
+    calls, num_errors = system.loop.run(scenario())
+    assert calls >= 3 and num_errors == 2
+
+
+def test_hint_listener_survives_a_hint_whose_handling_raises(redis_url):
+    adapter_ids = [f"loop-{uuid.uuid4().hex}" for _ in range(2)]
+
+    async def scenario() -> list[str]:
+        seen: list[str] = []
+        got_second = asyncio.Event()
+
+        def on_hint(hint: Hint) -> None:
+            if hint.adapter_id not in adapter_ids:
+                return  # another test's hint on the shared stream
+            seen.append(hint.adapter_id)
+            if hint.adapter_id == adapter_ids[0]:
+                raise KeyError("engine state changed under the hint")
+            got_second.set()
+
+        task = asyncio.get_running_loop().create_task(listen_for_hints(redis_url, on_hint))
+        publisher = HintPublisher(redis_url)
+        try:
+            await asyncio.sleep(0.3)  # the listener reads from the stream's newest entry on
+            for adapter_id in adapter_ids:
+                await asyncio.to_thread(publisher.invalidate, adapter_id)
+            await asyncio.wait_for(got_second.wait(), 10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            publisher.close()
+        return seen
+
+    assert asyncio.run(scenario()) == adapter_ids
+
+
+def test_residency_publisher_is_started_again_after_it_dies(redis_url):
+    worker_id = f"loop-{uuid.uuid4().hex}"
+
+    async def scenario() -> int:
+        stats = _Flaky(1, (0, 0, ["a" * 64], []))
+        restarts = []
+        task = asyncio.get_running_loop().create_task(
+            keep_running(
+                "residency",
+                lambda: publish_residency(redis_url, worker_id, stats, interval_s=0.05),
+                lambda: restarts.append(1),
+                restart_min_s=0.05,
+            )
+        )
+        try:
+            await asyncio.wait_for(stats.served.wait(), 10)
+            client = redis.asyncio.from_url(redis_url)
+            try:
+                for _ in range(100):
+                    if await client.exists(residency_key(worker_id)):
+                        break
+                    await asyncio.sleep(0.05)
+                return len(restarts) if await client.exists(residency_key(worker_id)) else -1
+            finally:
+                await client.delete(residency_key(worker_id))
+                await client.aclose()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    assert asyncio.run(scenario()) == 1

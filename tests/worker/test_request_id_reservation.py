@@ -1,0 +1,138 @@
+"""Client request ids across workers: one stream at a time per (tenant, request id), reserved at the
+control plane; an id whose stream delivered nothing is usable again; with the control plane's database
+down, a cached key's request that carries an id is still served (counted as unchecked)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import pytest
+from worker_test_support import Admin, LoopThread
+
+from openlora.v1 import inference_pb2, inference_pb2_grpc
+
+from .conftest import ADMIN_KEY, WORKER_TOKEN, start_worker
+
+PROMPT = "hello world"
+
+
+def _stub(target: str) -> tuple[grpc.Channel, inference_pb2_grpc.InferenceServiceStub]:
+    channel = grpc.insecure_channel(target)
+    return channel, inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+def _generate(target: str, key: str, **fields) -> list[inference_pb2.GenerateResponse]:
+    channel, stub = _stub(target)
+    with channel:
+        return list(
+            stub.Generate(
+                inference_pb2.GenerateRequest(**fields),
+                metadata=(("authorization", f"Bearer {key}"),),
+                timeout=60,
+            )
+        )
+
+
+def _code(call) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_same_request_id_on_two_workers_at_once_is_served_once(system, spare_worker):
+    _, _, key = system.new_tenant()
+    request_id = f"twice-{uuid.uuid4().hex}"
+    channel, stub = _stub(system.target)
+    with channel:
+        stream = stub.Generate(
+            inference_pb2.GenerateRequest(
+                prompt=PROMPT, request_id=request_id, sampling=inference_pb2.SamplingParams(max_tokens=300)
+            ),
+            metadata=(("authorization", f"Bearer {key}"),),
+            timeout=120,
+        )
+        next(stream)  # the first worker is serving it now
+        other = f"127.0.0.1:{spare_worker.port}"
+        refused = _code(lambda: _generate(other, key, prompt=PROMPT, request_id=request_id))
+        assert refused == grpc.StatusCode.ALREADY_EXISTS
+        assert list(stream)[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+
+
+def test_request_id_whose_stream_delivered_nothing_is_served_on_another_worker(system, spare_worker):
+    _, _, key = system.new_tenant()
+    request_id = f"nothing-{uuid.uuid4().hex}"
+    too_long = [1] * (system.worker.engine.max_model_len + 8)
+    refused = _code(lambda: _generate(system.target, key, prompt_token_ids=too_long, request_id=request_id))
+    assert refused == grpc.StatusCode.INVALID_ARGUMENT
+    other = f"127.0.0.1:{spare_worker.port}"
+    deadline = time.monotonic() + 5  # the reservation is given back beside the failed call
+    while True:
+        code = _code(lambda: _generate(other, key, prompt=PROMPT, request_id=request_id))
+        if code != grpc.StatusCode.ALREADY_EXISTS or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert code == grpc.StatusCode.OK
+
+
+@pytest.fixture
+def outage(server_state_dir, tiny_model_dir, tmp_path):
+    """A control plane over a PostgreSQL of this test's own (stopped at will), and a worker that caches
+    answers for 10 s."""
+    from control_plane.config import ControlPlaneConfig
+    from control_plane.server.server import serve
+    from openlora.embedded import EmbeddedPostgres
+
+    postgres = EmbeddedPostgres(server_state_dir)
+    url = postgres.start()
+    loop = LoopThread()
+    cp = loop.run(
+        serve(
+            ControlPlaneConfig(
+                database_url=url,
+                state_dir=tmp_path / "cp",
+                worker_token=WORKER_TOKEN,
+                listen="127.0.0.1:0",
+                admin_key=ADMIN_KEY,
+                authorize_cache_ttl_ms=10_000,
+                predictor_interval_s=0,
+            )
+        )
+    )
+    worker = start_worker(loop, cp.target, tiny_model_dir, tmp_path / "worker", None, auth_cache_ttl_s=10.0)
+    admin = Admin(cp.target, ADMIN_KEY)
+    try:
+        yield postgres, worker, admin
+    finally:
+        admin.close()
+        loop.run(worker.stop(0.5))
+        loop.run(cp.stop(0.5))
+        loop.close()
+        postgres.stop()
+
+
+def test_database_outage_still_serves_a_cached_key_with_a_request_id(outage):
+    postgres, worker, admin = outage
+    admin.create_tenant("during")
+    _, key = admin.create_key("during")
+    target = f"127.0.0.1:{worker.port}"
+    assert _generate(target, key, prompt=PROMPT, sampling=inference_pb2.SamplingParams(max_tokens=2))
+    postgres.stop()
+    for i in range(2):
+        served = _generate(
+            target,
+            key,
+            prompt=PROMPT,
+            request_id=f"outage-{i}",
+            sampling=inference_pb2.SamplingParams(max_tokens=2),
+        )
+        assert served[-1].usage.completion_tokens == 2
+    assert worker.metrics.request_id_unchecked._value.get() == 2
+    # The same id twice on this worker at once is still refused by its own in-flight set, and billing
+    # stays keyed by (tenant, request id) in the spool: a repeat is refused before it is served.
+    assert _code(lambda: _generate(target, key, prompt=PROMPT, request_id="outage-0")) == (
+        grpc.StatusCode.ALREADY_EXISTS
+    )

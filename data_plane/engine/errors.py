@@ -1,4 +1,4 @@
-"""Typed errors a caller can cause; the server maps them to status codes."""
+"""Typed errors of the engine (most of them a caller can cause); the server maps them to status codes."""
 
 from __future__ import annotations
 
@@ -30,4 +30,19 @@ class QueueFull(EngineError):
 
 
 class EngineDead(EngineError):
-    """The engine loop stopped on an internal fault; no request can be served (UNAVAILABLE)."""
+    """The engine loop stopped on a fault it cannot go on from; no request can be served (UNAVAILABLE)."""
+
+
+class NonFiniteLogits(InvalidRequest):
+    """The model gave this request NaN or infinite logits: its adapter's weights, its mix weights or its
+    prompt drive the model out of float range (INVALID_ARGUMENT); the request fails alone."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(
+            field, "produced non-finite logits (NaN or infinity): its weights or mix weights are too large"
+        )
+
+
+class StepFailed(EngineError):
+    """An engine step failed on a fault of the worker itself, not of the request (INTERNAL); only the
+    requests of that step fail, and the fault is logged with its traceback."""

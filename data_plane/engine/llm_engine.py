@@ -18,7 +18,7 @@ from data_plane.engine.adapter_cache import DISK, HOST, AdapterCache, AdapterSta
 from data_plane.engine.adapter_loader import CAUSE_PREFETCH, CAUSE_REQUEST, AdapterLoader, FinishedLoad
 from data_plane.engine.block_manager import BlockManager
 from data_plane.engine.config import EngineConfig
-from data_plane.engine.errors import InvalidRequest, QueueFull
+from data_plane.engine.errors import EngineError, InvalidRequest, NonFiniteLogits, QueueFull, StepFailed
 from data_plane.engine.model_runner import ModelRunner
 from data_plane.engine.request import EngineRequest, RequestOutput
 from data_plane.engine.sampler import Sampler
@@ -172,40 +172,82 @@ class LLMEngine:
         self._pending_outputs.append(self._output(state, [], "", None, "abort", time.monotonic()))
 
     def step(self) -> list[RequestOutput]:
+        """Runs one batch; returns the new tokens of every request that advanced and the final output of
+        each that finished, failed or was aborted.
+
+        A fault fails only the requests the step involves (`fail_requests`: with the fault when it is an
+        EngineError, else StepFailed), whose outputs come with the next step, then propagates so that the
+        caller can tell a passing fault from an engine that cannot go on. A row with non-finite logits
+        fails that request alone (NonFiniteLogits) and the step goes on.
+        """
         outputs, self._pending_outputs = self._pending_outputs, []
-        self._apply_commands()
-        self._install_finished_loads(outputs)
-        batch = self.scheduler.schedule()
-        for key, _slot in batch.loads:
-            self._start_load(key)
-        if batch.is_empty:
-            if self.loader.num_in_flight:
-                self.loader.wait(_IDLE_LOAD_WAIT_S)
+        involved: list[str] = []  # request ids a fault now would fail
+        try:
+            self._apply_commands()
+            self._install_finished_loads(outputs)
+            batch = self.scheduler.schedule()
+            load_error: Exception | None = None
+            for key, _slot in batch.loads:
+                try:
+                    self._start_load(key)
+                except Exception as error:  # that adapter's waiting requests fail; the others load
+                    log.exception("adapter %s: starting its load failed", key[:12])
+                    involved += [seq.request_id for seq in self.scheduler.fail_adapter(key)]
+                    load_error = load_error or error
+            if load_error is not None:
+                raise load_error
+            if batch.is_empty:
+                if self.loader.num_in_flight:
+                    self.loader.wait(_IDLE_LOAD_WAIT_S)
+                return outputs
+            involved = [seq.request_id for seq in batch.seqs]
+            now = time.monotonic()
+            slots = []
+            for seq in batch.seqs:
+                state = self._states[seq.request_id]
+                if state.scheduled_at is None:
+                    state.scheduled_at = now
+                slots.append(-1 if seq.adapter_key is None else self.adapter_cache.slot_of(seq.adapter_key))
+            sample_ids, logits = self.runner.run(batch.seqs, batch.num_tokens, slots)
+            for seq, num_tokens in zip(batch.seqs, batch.num_tokens, strict=True):
+                seq.num_computed_tokens += num_tokens
+            if not sample_ids:
+                return outputs
+            sampled = [batch.seqs[i] for i in sample_ids]
+            states = [self._states[seq.request_id] for seq in sampled]
+            token_ids, logprobs = self.sampler(
+                logits,
+                [s.request.sampling for s in states],
+                [s.generator for s in states],
+                [seq.token_ids for seq in sampled],
+            )
+            now = time.monotonic()
+            for state, token_id, logprob in zip(states, token_ids, logprobs, strict=True):
+                if token_id is None:  # its logits were NaN or infinite: this request fails, not the batch
+                    adapters = state.request.adapters
+                    single = len(adapters) == 1 and adapters[0].weight == 1.0
+                    field = "prompt" if not adapters else "adapter" if single else "mix"
+                    outputs += self.fail_requests([state.request.request_id], NonFiniteLogits(field))
+                    continue
+                outputs.append(self._append_token(state, token_id, logprob, now))
             return outputs
+        except Exception as error:
+            cause = error if isinstance(error, EngineError) else StepFailed("the engine failed this request")
+            self._pending_outputs[:0] = outputs + self.fail_requests(involved, cause)
+            raise
+
+    def fail_requests(self, request_ids: list[str], error: Exception) -> list[RequestOutput]:
+        """Ends these requests with `error` (finish_reason "abort"), giving back their KV blocks and
+        adapter references; returns their final outputs. Ids that already ended are skipped."""
         now = time.monotonic()
-        slots = []
-        for seq in batch.seqs:
-            state = self._states[seq.request_id]
-            if state.scheduled_at is None:
-                state.scheduled_at = now
-            slots.append(-1 if seq.adapter_key is None else self.adapter_cache.slot_of(seq.adapter_key))
-        sample_ids, logits = self.runner.run(batch.seqs, batch.num_tokens, slots)
-        for seq, num_tokens in zip(batch.seqs, batch.num_tokens, strict=True):
-            seq.num_computed_tokens += num_tokens
-        if not sample_ids:
-            return outputs
-        sampled = [batch.seqs[i] for i in sample_ids]
-        states = [self._states[seq.request_id] for seq in sampled]
-        token_ids, logprobs = self.sampler(
-            logits,
-            [s.request.sampling for s in states],
-            [s.generator for s in states],
-            [seq.token_ids for seq in sampled],
-        )
-        now = time.monotonic()
-        for state, token_id, logprob in zip(states, token_ids, logprobs, strict=True):
-            outputs.append(self._append_token(state, token_id, logprob, now))
-        return outputs
+        failed = []
+        for request_id in request_ids:
+            state = self._states.pop(request_id, None)
+            if state is None:
+                continue
+            self.scheduler.finish(state.seq)
+            failed.append(self._output(state, [], "", None, "abort", now, error=error))
+        return failed
 
     def _append_token(self, state: _RequestState, token_id: int, logprob: float, now: float) -> RequestOutput:
         seq, sampling = state.seq, state.request.sampling

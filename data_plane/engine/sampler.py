@@ -1,4 +1,11 @@
-"""Sampler: per-row greedy or temperature/top-k/top-p sampling, repetition penalty, chosen-token logprobs."""
+"""Sampler: per-row greedy or temperature/top-k/top-p sampling, repetition penalty, chosen-token logprobs.
+
+Numerically safe for every value validation accepts (any finite temperature >= 0, any finite penalty > 0,
+logits as large as an adapter makes them): work happens in float32 on clamped values, and temperature is
+applied to logits shifted so that the top one is 0 and the rest negative, so dividing them by a temperature
+however small never overflows into inf - inf. A row whose logits are NaN or +inf (or all -inf) samples
+nothing: its token is None and that request alone fails.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,27 @@ import torch
 
 from data_plane.engine.request import SamplingOptions
 
+_FLOAT32 = torch.finfo(torch.float32)
+# Penalised logits are clamped here: far beyond any real logit, far below float32's overflow.
+LOGIT_LIMIT = 1e30
+
+
+def _clamp_scalar(value: float) -> float:
+    """A positive factor as float32 can hold it: no underflow to 0 nor overflow to inf."""
+    return min(max(value, _FLOAT32.tiny), _FLOAT32.max)
+
 
 def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> None:
-    """In place on one row (V,): seen tokens' positive logits divided by `penalty`, negative multiplied."""
+    """In place on one row (V,): seen tokens' positive logits divided by `penalty`, negative multiplied
+    (as transformers' RepetitionPenaltyLogitsProcessor), clamped to +-LOGIT_LIMIT so that an extreme
+    penalty moves a token to the very top or bottom instead of to inf."""
     if penalty == 1.0 or not token_ids:
         return
+    penalty = _clamp_scalar(penalty)
     seen = torch.tensor(sorted(set(token_ids)), dtype=torch.int64, device=logits.device)
     values = logits[seen]
-    logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    penalised = torch.where(values > 0, values / penalty, values * penalty)
+    logits[seen] = penalised.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -31,6 +51,13 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def unusable_rows(logits: torch.Tensor) -> list[bool]:
+    """logits (N, V) -> per row: True when it holds a NaN or a +inf, or only -inf (nothing to sample)."""
+    nan_or_posinf = torch.isnan(logits) | (logits == float("inf"))
+    all_neginf = (logits == float("-inf")).all(dim=-1)
+    return (nan_or_posinf.any(dim=-1) | all_neginf).tolist()
+
+
 class Sampler:
     def __call__(
         self,
@@ -38,15 +65,22 @@ class Sampler:
         options: list[SamplingOptions],
         generators: list[torch.Generator],
         seen_token_ids: list[list[int]],
-    ) -> tuple[list[int], list[float]]:
-        """logits (N, V) float32 -> (chosen token ids, their log-probabilities under the model (N,)).
+    ) -> tuple[list[int | None], list[float | None]]:
+        """logits (N, V) -> (chosen token ids, their log-probabilities under the model (N,)).
 
         The log-probability is that of the model's distribution, before penalty, temperature and
         filtering. Row i samples with `generators[i]`, so a seeded request does not depend on its batch.
+        A row whose logits are not usable (`unusable_rows`) gets None for both: that request must fail,
+        the other rows are unaffected.
         """
+        logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)  # (N, V)
-        chosen: list[int] = []
+        unusable = unusable_rows(logits)
+        chosen: list[int | None] = []
         for i, opts in enumerate(options):
+            if unusable[i]:
+                chosen.append(None)
+                continue
             row = logits[i]
             if opts.repetition_penalty != 1.0:
                 row = row.clone()
@@ -54,12 +88,20 @@ class Sampler:
             if opts.temperature <= 0.0:
                 chosen.append(int(torch.argmax(row)))
                 continue
-            row = filter_top_k_top_p(row / opts.temperature, opts.top_k, opts.top_p)
+            # softmax(logits / T) == softmax((logits - max) / T); shifted, every value is <= 0 and the
+            # top one exactly 0, so dividing by any T gives values in [-inf, 0] with a finite top.
+            row = (row - row.max()) / _clamp_scalar(opts.temperature)
+            row = filter_top_k_top_p(row, opts.top_k, opts.top_p)
             probs = torch.softmax(row, dim=-1)  # (V,)
             # Request generators live on the CPU, so a seed gives the same tokens on any device; the draw
             # happens where the generator is (torch refuses a generator of another device).
             probs = probs.to(generators[i].device)
             chosen.append(int(torch.multinomial(probs, 1, generator=generators[i])))
-        index = torch.tensor(chosen, dtype=torch.int64, device=logits.device)
-        chosen_logprobs = logprobs.gather(1, index.unsqueeze(1)).squeeze(1).tolist()
+        picked = [i for i, token_id in enumerate(chosen) if token_id is not None]
+        chosen_logprobs: list[float | None] = [None] * len(chosen)
+        if picked:
+            rows = torch.tensor(picked, dtype=torch.int64, device=logits.device)
+            index = torch.tensor([chosen[i] for i in picked], dtype=torch.int64, device=logits.device)
+            for i, value in zip(picked, logprobs[rows, index].tolist(), strict=True):
+                chosen_logprobs[i] = value
         return chosen, chosen_logprobs

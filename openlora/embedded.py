@@ -155,9 +155,11 @@ class EmbeddedPostgres(_EmbeddedServer):
         *,
         install_dir: str | Path | None = None,
         install_cache_dir: str | Path = PG_INSTALL_CACHE_DIR,
+        port: int | None = None,
     ) -> None:
         """`install_dir`: a `pginstall` tree (default: the wheel's); `install_cache_dir`: where root
-        places the copy the unprivileged user runs (see the module docstring)."""
+        places the copy the unprivileged user runs (see the module docstring); `port`: listen there
+        (for a restart that clients must find again) instead of on a free port."""
         super().__init__()
         self.state_dir = Path(state_dir).resolve()
         self.data_dir = self.state_dir / "postgres"
@@ -165,6 +167,7 @@ class EmbeddedPostgres(_EmbeddedServer):
         self.database = database
         self._install_dir = Path(install_dir) if install_dir is not None else _postgres_install_dir()
         self._install_cache_dir = Path(install_cache_dir)
+        self._fixed_port = port
         self._bin = self._install_dir / "bin"
         self._uid: int | None = None
         self._gid: int | None = None
@@ -246,8 +249,8 @@ class EmbeddedPostgres(_EmbeddedServer):
         self._prepare_user()
         self._init_data_dir()
         last_error: Exception | None = None
-        for _ in range(3):
-            port = free_port()
+        for _ in range(1 if self._fixed_port else 3):
+            port = self._fixed_port or free_port()
             # The child keeps its own copies of the log and data-directory descriptors.
             with open(self.log_path, "ab") as log, self._data_dir_arg() as (data_dir, pass_fds):
                 process = subprocess.Popen(

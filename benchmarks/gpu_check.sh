@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks on one CUDA device, sized for under 8 minutes on one H200 (each step has its own limit):
 #   1. the kernel tests on CUDA, including the larger @pytest.mark.gpu grid (150 s);
+#   1b. the engine's slot-load ordering on CUDA: loads on the side stream against running forwards (120 s);
 #   2. benchmarks/kernel_bench.py: Triton vs gather + bmm and vs copy bandwidth, table to stdout,
 #      JSON to benchmarks/results/, a dated section appended to benchmarks/RESULTS.md (120 s);
 #   3. benchmarks/gpu_e2e.sh: the end-to-end issue-6 scenarios on a 1.1B bf16 model against
@@ -18,6 +19,9 @@ unset TRITON_INTERPRET OPENLORA_KERNELS  # compiled kernels, chosen by device
 echo "== kernel tests on CUDA (including the gpu-marked grid)"
 START_S=$SECONDS
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels -m "gpu or not gpu"
+
+echo "== adapter slot loads ordered against forwards on CUDA"
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda_slot_ordering.py -m gpu
 
 echo "== kernel benchmark"
 timeout 120 "$PY" -m benchmarks.kernel_bench "$@"

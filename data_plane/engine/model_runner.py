@@ -1,4 +1,10 @@
-"""ModelRunner: the one place that builds device tensors; owns the model, KV cache and adapter slots."""
+"""ModelRunner: the one place that builds device tensors; owns the model, KV cache and adapter slots.
+
+On CUDA, adapter loads copy into their slot on a side stream (from the loader thread) while forwards run
+on the compute stream. Two CUDA events per slot order them: a load waits for the event recorded after the
+last forward that read the slot (the adapter it overwrites may still be in use on the device), and the
+next forward that reads the slot waits for the event recorded after its load. On CPU both are no-ops.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +44,11 @@ class ModelRunner:
         self.slot_ranks = [0] * num_adapter_slots
         # Adapter loads copy on their own stream so they overlap the forward pass on the default one.
         self._load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Per slot (CUDA only): the compute-stream event after the last forward that read it (written by
+        # the engine thread before the slot is reserved for a load), and the load-stream event after its
+        # last write (written by the loader thread before the load is reported done).
+        self._slot_read_events: list[torch.cuda.Event | None] = [None] * num_adapter_slots
+        self._slot_write_events: list[torch.cuda.Event | None] = [None] * num_adapter_slots
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -60,14 +71,22 @@ class ModelRunner:
     def install_from_host(self, slot: int, host: HostAdapter) -> None:
         """Copies a packed adapter into `slot`: on CUDA one host-to-device copy of its buffer on the load
         stream, then device-side copies into the pools; returns once the slot is written. Called from the
-        loader thread: the slot is reserved (LOADING), so no running step reads it."""
+        loader thread: the slot is reserved (LOADING), so no step launched from now on reads it; one
+        launched before may still run on the device, and the copy waits for it."""
         if self._load_stream is None:
             self.load_adapter(slot, unpack(host))
             return
-        with torch.cuda.stream(self._load_stream):
+        stream = self._load_stream
+        with torch.cuda.stream(stream):
+            last_read = self._slot_read_events[slot]
+            if last_read is not None:
+                stream.wait_event(last_read)  # the forward reading the adapter we overwrite ends first
             staging = host.buffer.to(self.device, non_blocking=True)  # (num_elements,)
             self.load_adapter(slot, unpack(host, staging))
-        self._load_stream.synchronize()
+            written = torch.cuda.Event()
+            written.record(stream)
+        self._slot_write_events[slot] = written
+        stream.synchronize()  # the staging and host buffers are not used past this point
 
     @torch.inference_mode()
     def run(
@@ -144,8 +163,30 @@ class ModelRunner:
                 max_segment_rows=max(end - start for start, end in itertools.pairwise(seg_indptr)),
             )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=device)
+        self._wait_for_slot_writes(used_slots)
         hidden = self.model(ids, meta)  # (T, hidden)
+        self._record_slot_reads(used_slots)
         if not sample_rows:
             return [], hidden.new_empty(0, self.model.config.spec.vocab_size, dtype=torch.float32)
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=device)
         return sample_seq_ids, self.model.compute_logits(hidden[rows])
+
+    def _wait_for_slot_writes(self, slots: list[int]) -> None:
+        """CUDA: the compute stream waits for the loads of these slots before reading them."""
+        if self._load_stream is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        for slot in set(slots):
+            written = self._slot_write_events[slot]
+            if written is not None:
+                compute.wait_event(written)
+                self._slot_write_events[slot] = None
+
+    def _record_slot_reads(self, slots: list[int]) -> None:
+        """CUDA: marks the point of the compute stream after which these slots may be overwritten."""
+        if self._load_stream is None or not slots:
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        for slot in set(slots):
+            self._slot_read_events[slot] = done

@@ -92,7 +92,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return worker_pb2.ReleaseRequestIdResponse(released=released)
 
     async def ReportUsage(self, request, context):
-        """Idempotent by request id; a batch is recorded whole or not at all."""
+        """Idempotent by (tenant, request id): a record replaces the stored one only when it outranks it
+        (a larger count; a final over a checkpoint), never adds to it. A batch is recorded whole or not
+        at all: an invalid event refuses the batch with INVALID_ARGUMENT naming it (`events[i]`)."""
         self.app.check_worker_token(bearer_token(context))
         reports = [convert.usage_report_from_proto(e) for e in request.events]
         outcome = await asyncio.to_thread(self.app.report_usage, reports)

@@ -1,11 +1,21 @@
 """Recording usage events idempotently, and reading usage back.
 
-An event is inserted with `INSERT ... ON CONFLICT (tenant_id, request_id) DO NOTHING RETURNING ...`; only
-the events really inserted move the hourly counters, in the same transaction, so retries, duplicates
-and two workers reporting one request never double count. A batch is validated whole first and then
-succeeds or fails atomically. Rows are written in a fixed order (request id, counter key) so that
-concurrent batches cannot deadlock. Request ids are chosen by clients, so the key is (tenant, request id):
-another tenant sending the same id is another request."""
+One event per (tenant, request id): request ids are chosen by clients, so another tenant sending the same
+id is another request. A worker spools a running stream's delivered count as a checkpoint (finish
+reason "interrupted") and its final count when the stream ends; after a crash only the checkpoints
+remain. Records of one key merge by `outranks`: the larger completion count, then the larger prompt count,
+then a final over a checkpoint; never a sum. The stored event is the highest-ranked record received so
+far, whatever the order, so retries, duplicates and two workers reporting one request never double count.
+
+An event is inserted with `INSERT ... ON CONFLICT (tenant_id, request_id) DO NOTHING RETURNING ...`; a
+record whose key was already stored is compared with the stored row (locked `FOR UPDATE`) and, when it
+outranks it, replaces it. The hourly counters move in the same transaction by exactly the difference: a
+new event adds its contribution, a replaced one takes its old contribution out (from its own hour) and
+adds the new one. A mixed request's tokens are split across its adapters in adapter-id order, so a
+contribution taken out is exactly the one that was added.
+
+A batch is validated whole first and then succeeds or fails atomically. Rows are written in a fixed order
+(request id, counter key) so that concurrent batches cannot deadlock."""
 
 from __future__ import annotations
 
@@ -13,10 +23,10 @@ import math
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -29,6 +39,9 @@ from control_plane.usage.models import UsageCounter, UsageEvent, UsageEventAdapt
 from control_plane.usage.shares import MICROS, round_half_even, split_micro_tokens, weight_decimal
 
 MAX_REQUEST_ID_CHARS = 128
+# The finish reason of a checkpoint: the count a stream had delivered when its worker last spooled it.
+# Stored as such only when the stream never finished (its worker was killed).
+CHECKPOINT_FINISH_REASON = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -51,8 +64,9 @@ class UsageReport:
 
 @dataclass(frozen=True)
 class ReportOutcome:
-    inserted: int
-    duplicates: int
+    inserted: int  # events newly recorded
+    duplicates: int  # records that changed nothing (a stored event ranks as high)
+    superseded: int = 0  # stored events replaced by a record that outranks them
 
 
 def _uuid(value: str, field: str) -> uuid.UUID:
@@ -63,15 +77,20 @@ def _uuid(value: str, field: str) -> uuid.UUID:
 
 
 def _hour(moment: datetime) -> datetime:
-    return moment.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
 @dataclass(frozen=True)
 class _Checked:
     report: UsageReport
     tenant_id: uuid.UUID
-    adapters: tuple[tuple[uuid.UUID, Decimal], ...]
+    adapters: tuple[tuple[uuid.UUID, Decimal], ...]  # in adapter-id order
     finished_at: datetime
+
+    @property
+    def rank(self) -> tuple[int, int, bool]:
+        r = self.report
+        return r.completion_tokens, r.prompt_tokens, r.finish_reason != CHECKPOINT_FINISH_REASON
 
 
 def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
@@ -105,7 +124,12 @@ def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
         if len({a for a, _ in adapters}) != len(adapters):
             raise InvalidArgument("an adapter is listed twice", field=f"{where}.adapters")
         checked.append(
-            _Checked(r, _uuid(r.tenant_id, f"{where}.tenant_id"), tuple(adapters), r.finished_at or utc_now())
+            _Checked(
+                r,
+                _uuid(r.tenant_id, f"{where}.tenant_id"),
+                tuple(sorted(adapters, key=lambda a: str(a[0]))),
+                r.finished_at or utc_now(),
+            )
         )
     tenant_ids = {c.tenant_id for c in checked}
     known_tenants = (
@@ -145,41 +169,138 @@ def check_request_id_unused(session: Session, tenant_id: str, request_id: str) -
 
 
 def report_usage(session: Session, reports: list[UsageReport]) -> ReportOutcome:
+    """Records a batch of usage reports: each key's best record is inserted, or replaces the stored
+    event it outranks, or changes nothing (a duplicate). Counters move by exactly the difference."""
     checked = _check(session, reports)
-    unique: dict[tuple[str, str], _Checked] = {}
+    best: dict[tuple[str, str], _Checked] = {}
     for c in checked:
-        unique.setdefault((str(c.tenant_id), c.report.request_id), c)
-    if not unique:
+        key = (str(c.tenant_id), c.report.request_id)
+        if key not in best or outranks(c.rank, best[key].rank):
+            best[key] = c
+    if not best:
         return ReportOutcome(0, 0)
-    ordered = [unique[k] for k in sorted(unique)]
-    inserted_keys = set(
-        session.execute(
+    ordered = [best[k] for k in sorted(best)]
+    inserted_keys = {
+        (tenant_id, request_id)
+        for tenant_id, request_id in session.execute(
             insert(UsageEvent)
-            .values(
-                [
-                    {
-                        "request_id": c.report.request_id,
-                        "tenant_id": c.tenant_id,
-                        "worker_id": c.report.worker_id,
-                        "base_model": c.report.base_model,
-                        "prompt_tokens": c.report.prompt_tokens,
-                        "completion_tokens": c.report.completion_tokens,
-                        "queue_ms": c.report.queue_ms,
-                        "ttft_ms": c.report.ttft_ms,
-                        "total_ms": c.report.total_ms,
-                        "finish_reason": c.report.finish_reason[:32],
-                        "finished_at": c.finished_at,
-                        "recorded_at": utc_now(),
-                    }
-                    for c in ordered
-                ]
-            )
+            .values([_event_row(c) for c in ordered])
             .on_conflict_do_nothing(index_elements=["tenant_id", "request_id"])
             .returning(UsageEvent.tenant_id, UsageEvent.request_id)
         )
-    )
-    inserted_keys = {(tenant_id, request_id) for tenant_id, request_id in inserted_keys}
+    }
     new = [c for c in ordered if (c.tenant_id, c.report.request_id) in inserted_keys]
+    stored = [c for c in ordered if (c.tenant_id, c.report.request_id) not in inserted_keys]
+    replaced = _replace_outranked(session, stored)
+    _link_adapters(session, new + [c for c, _ in replaced])
+    deltas: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for c in new:
+        _count(deltas, _contribution_of(c), +1)
+    for c, old in replaced:
+        _count(deltas, old, -1)
+        _count(deltas, _contribution_of(c), +1)
+    _move_counters(session, deltas)
+    return ReportOutcome(len(new), len(reports) - len(new) - len(replaced), len(replaced))
+
+
+def outranks(rank: tuple[int, int, bool], other: tuple[int, int, bool]) -> bool:
+    """Whether a record of rank (completion tokens, prompt tokens, final) replaces one of rank `other`
+    under the same key: a stream's counts only grow, and its final record is its largest."""
+    return rank > other
+
+
+@dataclass(frozen=True)
+class _Contribution:
+    """What one stored event added to the counters."""
+
+    tenant_id: uuid.UUID
+    base_model: str
+    adapters: tuple[tuple[uuid.UUID, Decimal], ...]  # in adapter-id order
+    hour_at: datetime
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _contribution_of(c: _Checked) -> _Contribution:
+    r = c.report
+    return _Contribution(
+        c.tenant_id, r.base_model, c.adapters, _hour(c.finished_at), r.prompt_tokens, r.completion_tokens
+    )
+
+
+def _event_row(c: _Checked) -> dict:
+    r = c.report
+    return {
+        "request_id": r.request_id,
+        "tenant_id": c.tenant_id,
+        "worker_id": r.worker_id,
+        "base_model": r.base_model,
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "queue_ms": r.queue_ms,
+        "ttft_ms": r.ttft_ms,
+        "total_ms": r.total_ms,
+        "finish_reason": r.finish_reason[:32],
+        "finished_at": c.finished_at,
+        "recorded_at": utc_now(),
+    }
+
+
+def _replace_outranked(session: Session, stored: list[_Checked]) -> list[tuple[_Checked, _Contribution]]:
+    """Locks the stored events of these keys, replaces each one its record outranks; returns the
+    replacing records with the contribution of the event each replaced."""
+    if not stored:
+        return []
+    keys = [(c.tenant_id, c.report.request_id) for c in stored]
+    rows = {
+        (row.tenant_id, row.request_id): row
+        for row in session.execute(
+            select(UsageEvent)
+            .where(tuple_(UsageEvent.tenant_id, UsageEvent.request_id).in_(keys))
+            .order_by(UsageEvent.tenant_id, UsageEvent.request_id)
+            .with_for_update()
+        ).scalars()
+    }
+    winners = []
+    for c in stored:
+        row = rows[(c.tenant_id, c.report.request_id)]
+        old_rank = (row.completion_tokens, row.prompt_tokens, row.finish_reason != CHECKPOINT_FINISH_REASON)
+        if outranks(c.rank, old_rank):
+            winners.append((c, row))
+    if not winners:
+        return []
+    won_keys = [(c.tenant_id, c.report.request_id) for c, _ in winners]
+    old_links: dict[tuple[uuid.UUID, str], list[tuple[uuid.UUID, Decimal]]] = defaultdict(list)
+    for tenant_id, request_id, adapter_id, weight in session.execute(
+        delete(UsageEventAdapter)
+        .where(tuple_(UsageEventAdapter.tenant_id, UsageEventAdapter.request_id).in_(won_keys))
+        .returning(
+            UsageEventAdapter.tenant_id,
+            UsageEventAdapter.request_id,
+            UsageEventAdapter.adapter_id,
+            UsageEventAdapter.weight,
+        )
+    ):
+        old_links[(tenant_id, request_id)].append((adapter_id, weight))
+    replaced = []
+    for c, row in winners:
+        key = (c.tenant_id, c.report.request_id)
+        old = _Contribution(
+            row.tenant_id,
+            row.base_model,
+            tuple(sorted(old_links[key], key=lambda link: str(link[0]))),
+            _hour(row.finished_at),
+            row.prompt_tokens,
+            row.completion_tokens,
+        )
+        for name, value in _event_row(c).items():
+            setattr(row, name, value)
+        replaced.append((c, old))
+    session.flush()
+    return replaced
+
+
+def _link_adapters(session: Session, events: list[_Checked]) -> None:
     links = [
         {
             "tenant_id": c.tenant_id,
@@ -187,39 +308,38 @@ def report_usage(session: Session, reports: list[UsageReport]) -> ReportOutcome:
             "adapter_id": adapter_id,
             "weight": weight,
         }
-        for c in new
+        for c in events
         for adapter_id, weight in c.adapters
     ]
     if links:
         session.execute(insert(UsageEventAdapter).values(links))
-    _add_to_counters(session, new)
-    return ReportOutcome(len(new), len(reports) - len(new))
 
 
-def _add_to_counters(session: Session, events: list[_Checked]) -> None:
-    # (tenant, base model, adapter or None, hour) -> [requests, prompt micro-tokens, completion micro-tokens]
-    deltas: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0])
-    for c in events:
-        hour = _hour(c.finished_at)
-        if not c.adapters:
-            delta = deltas[(c.tenant_id, c.report.base_model, None, hour)]
-            delta[0] += 1
-            delta[1] += c.report.prompt_tokens * MICROS
-            delta[2] += c.report.completion_tokens * MICROS
-            continue
-        weights = [w for _, w in c.adapters]
-        prompt_parts = split_micro_tokens(c.report.prompt_tokens, weights)
-        completion_parts = split_micro_tokens(c.report.completion_tokens, weights)
-        for (adapter_id, _), prompt, completion in zip(
-            c.adapters, prompt_parts, completion_parts, strict=True
-        ):
-            delta = deltas[(c.tenant_id, c.report.base_model, adapter_id, hour)]
-            delta[0] += 1
-            delta[1] += prompt
-            delta[2] += completion
+def _count(deltas: dict[tuple, list[int]], c: _Contribution, sign: int) -> None:
+    """Adds (sign +1) or takes out (-1) one event's contribution to
+    deltas[(tenant, base model, adapter or None, hour)] = [requests, prompt µtokens, completion µtokens]."""
+    if not c.adapters:
+        delta = deltas[(c.tenant_id, c.base_model, None, c.hour_at)]
+        delta[0] += sign
+        delta[1] += sign * c.prompt_tokens * MICROS
+        delta[2] += sign * c.completion_tokens * MICROS
+        return
+    weights = [w for _, w in c.adapters]
+    prompt_parts = split_micro_tokens(c.prompt_tokens, weights)
+    completion_parts = split_micro_tokens(c.completion_tokens, weights)
+    for (adapter_id, _), prompt, completion in zip(c.adapters, prompt_parts, completion_parts, strict=True):
+        delta = deltas[(c.tenant_id, c.base_model, adapter_id, c.hour_at)]
+        delta[0] += sign
+        delta[1] += sign * prompt
+        delta[2] += sign * completion
+
+
+def _move_counters(session: Session, deltas: dict[tuple, list[int]]) -> None:
     for key in sorted(deltas, key=lambda k: (str(k[0]), k[1], str(k[2]), k[3])):
         tenant_id, base_model, adapter_id, hour = key
         requests, prompt, completion = deltas[key]
+        if requests == prompt == completion == 0:
+            continue  # a replacement that moved nothing on this line
         statement = insert(UsageCounter).values(
             tenant_id=tenant_id,
             base_model=base_model,
@@ -229,7 +349,7 @@ def _add_to_counters(session: Session, events: list[_Checked]) -> None:
             prompt_micro_tokens=prompt,
             completion_micro_tokens=completion,
         )
-        session.execute(
+        counter_id, *totals = session.execute(
             statement.on_conflict_do_update(
                 constraint="uq_usage_counter_tenant_id_base_model_adapter_id_hour_at",
                 set_={
@@ -239,8 +359,15 @@ def _add_to_counters(session: Session, events: list[_Checked]) -> None:
                     "completion_micro_tokens": UsageCounter.completion_micro_tokens
                     + statement.excluded.completion_micro_tokens,
                 },
+            ).returning(
+                UsageCounter.id,
+                UsageCounter.requests,
+                UsageCounter.prompt_micro_tokens,
+                UsageCounter.completion_micro_tokens,
             )
-        )
+        ).one()
+        if not any(totals):  # every event of that line moved to another hour: no empty line left
+            session.execute(delete(UsageCounter).where(UsageCounter.id == counter_id))
 
 
 @dataclass(frozen=True)

@@ -162,17 +162,6 @@ def record_upload(
     adapter.target_modules = list(info.target_modules)
     adapter.sha256 = sha256
     adapter.size_bytes = info.size_bytes
-
-
-def is_served(session: Session, sha256: str) -> bool:
-    """Whether a READY adapter (of any tenant) still uses this artifact: then its content must stay on
-    workers, and an invalidation names only the adapter id."""
-    return (
-        session.scalar(
-            select(Adapter.id).where(Adapter.sha256 == sha256, Adapter.status == STATUS_READY).limit(1)
-        )
-        is not None
-    )
     adapter.status = STATUS_READY
     adapter.royalty_micros_per_million_tokens = record.royalty_micros_per_million_tokens
     adapter.keep_warm = record.keep_warm
@@ -188,3 +177,14 @@ def is_served(session: Session, sha256: str) -> bool:
 
 def is_referenced(session: Session, sha256: str) -> bool:
     return session.scalar(select(Adapter.id).where(Adapter.sha256 == sha256).limit(1)) is not None
+
+
+def is_served(session: Session, sha256: str) -> bool:
+    """Whether a READY adapter (of any tenant) still uses this artifact: then its content must stay on
+    workers, and an invalidation names only the adapter id."""
+    return (
+        session.scalar(
+            select(Adapter.id).where(Adapter.sha256 == sha256, Adapter.status == STATUS_READY).limit(1)
+        )
+        is not None
+    )

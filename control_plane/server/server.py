@@ -25,6 +25,7 @@ from control_plane.prediction.predictor import run_predictor_loop
 from control_plane.server.admin_servicer import AdminServicer
 from control_plane.server.interceptor import ErrorMappingInterceptor
 from control_plane.server.worker_servicer import WorkerServicer
+from openlora.grpc_decoding import RequestDecodingInterceptor
 from openlora.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ async def serve(config: ControlPlaneConfig) -> RunningControlPlane:
         start_metrics_server(config.metrics_port)
     app, engine, admin_key, key_path = await asyncio.to_thread(_prepare, config)
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=[RequestDecodingInterceptor(), ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

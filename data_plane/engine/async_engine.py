@@ -3,6 +3,11 @@
 The engine thread owns the LLMEngine; asyncio callers talk to it through a thread-safe inbox (add,
 abort) and receive outputs through `loop.call_soon_threadsafe`, so a forward pass never blocks the
 event loop and the event loop never touches engine state.
+
+No single request stops the loop: a step's fault fails the requests of that step (LLMEngine.step) and
+the loop goes on. The loop stops only when the engine cannot go on: a fatal fault (out of memory, a
+device error), `max_step_failures` failed steps in a row with no token made in between, or a fault
+outside a step. Then every stream gets EngineDead and `is_running` turns False for the worker to exit.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
+import torch
+
 from data_plane.engine.config import EngineConfig
-from data_plane.engine.errors import EngineDead, EngineError, InvalidRequest, QueueFull
+from data_plane.engine.errors import EngineDead, EngineError, InvalidRequest, QueueFull, StepFailed
 from data_plane.engine.llm_engine import LLMEngine
 from data_plane.engine.request import EngineRequest, RequestOutput
 from data_plane.tokenizer import Tokenizer
@@ -22,14 +29,36 @@ from openlora.base_model import BaseModelSpec
 
 log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.1
+MAX_STEP_FAILURES = 5
+# Messages of device faults after which the device state is undefined (torch raises them as RuntimeError).
+_DEVICE_FAULT_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS_")
+
+
+def is_fatal(error: BaseException) -> bool:
+    """True for a fault the engine cannot go on from: out of memory, or a device in an undefined state."""
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # device faults, in newer torch
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _DEVICE_FAULT_MARKERS)
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        engine: LLMEngine | None = None,
+        max_step_failures: int = MAX_STEP_FAILURES,
+    ) -> None:
         if (config is None) == (engine is None):
             raise ValueError("give exactly one of config and engine")
+        if max_step_failures < 1:
+            raise ValueError(f"max_step_failures must be >= 1, got {max_step_failures}")
         self._config = config
         self._engine = engine
+        self._max_step_failures = max_step_failures
+        self.num_failed_steps = 0  # steps failed since a token was last made
         self._inbox: queue.Queue = queue.Queue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -156,13 +185,32 @@ class AsyncEngine:
                 if self._stopping.is_set():
                     break
                 if engine.has_unfinished():
-                    outputs = engine.step()
-                    if outputs:
-                        self._loop.call_soon_threadsafe(self._deliver_all, outputs)
-        except BaseException as e:  # an engine fault: fail every stream rather than hang them
+                    self._step()
+        except BaseException as e:  # the engine cannot go on: fail every stream rather than hang them
             log.exception("engine loop stopped")
             self.error = e
             self._loop.call_soon_threadsafe(self._fail_all, EngineDead(f"engine fault: {e}"))
+
+    def _step(self) -> None:
+        """One engine step; a fault that is neither fatal nor one too many in a row is logged and survived
+        (the engine already failed that step's requests; their errors come with the next step)."""
+        try:
+            outputs = self.engine.step()
+        except Exception as error:
+            if is_fatal(error):
+                raise
+            self.num_failed_steps += 1
+            log.exception(
+                "engine step failed (%d in a row); its requests fail, the engine goes on",
+                self.num_failed_steps,
+            )
+            if self.num_failed_steps >= self._max_step_failures:
+                raise EngineDead(f"{self.num_failed_steps} engine steps failed in a row") from error
+            return
+        if any(out.new_token_ids for out in outputs):
+            self.num_failed_steps = 0
+        if outputs:
+            self._loop.call_soon_threadsafe(self._deliver_all, outputs)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -178,6 +226,10 @@ class AsyncEngine:
                     self.engine.add_request(payload)
                 except EngineError as e:
                     self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, e)
+                except Exception:  # a defect met by this request alone: it fails, the engine goes on
+                    log.exception("adding request %s failed", payload.request_id)
+                    error = StepFailed("the engine failed to accept this request")
+                    self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, error)
             else:
                 self.engine.abort(payload)
             try:

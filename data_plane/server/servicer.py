@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from data_plane.engine.errors import AdapterLoadError, EngineDead, InvalidRequest, QueueFull
+from data_plane.engine.errors import AdapterLoadError, EngineDead, InvalidRequest, QueueFull, StepFailed
 from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
 from data_plane.server.artifact_store import ArtifactError, ArtifactRejected, ArtifactStore
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
@@ -82,6 +82,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.UNAVAILABLE, f"adapter download failed, retry: {error}"
     if isinstance(error, EngineDead):
         return grpc.StatusCode.UNAVAILABLE, "the worker's engine stopped; retry on another worker"
+    if isinstance(error, StepFailed):  # a fault of the worker, logged with its traceback by the engine
+        return grpc.StatusCode.INTERNAL, f"{error}; the worker logged the fault"
     if isinstance(error, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the worker's waiting queue is full; retry later"
     if isinstance(error, ControlPlaneError):

@@ -56,6 +56,8 @@ class WorkerConfig:
     request_id_reservation_s: float = 120.0
     usage_flush_interval_s: float = 1.0
     usage_fsync_interval_s: float = 0.2
+    # Period of the running streams' usage checkpoints: a crash leaves at most about this much unbilled.
+    usage_checkpoint_interval_s: float = 0.5
     usage_batch_size: int = 500
     max_adapter_bytes: int = 512 << 20
     # Budget of the local artifact directory; None: a quarter of the free disk, at most 20 GiB.
@@ -88,6 +90,10 @@ class WorkerConfig:
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         if self.usage_flush_interval_s <= 0 or self.usage_fsync_interval_s <= 0:
             raise ValueError("usage intervals must be > 0")
+        if not 0 < self.usage_checkpoint_interval_s <= 1.0:
+            raise ValueError(
+                f"usage_checkpoint_interval_s must be in (0, 1], got {self.usage_checkpoint_interval_s}"
+            )
         if self.disk_cache_bytes is not None and self.disk_cache_bytes < 0:
             raise ValueError(f"disk_cache_bytes must be >= 0, got {self.disk_cache_bytes}")
         if self.engine.host_cache_bytes is not None and self.engine.host_cache_bytes < 0:
@@ -106,6 +112,11 @@ class WorkerConfig:
     @property
     def usage_spool_path(self) -> Path:
         return Path(self.state_dir) / "usage_spool.jsonl"
+
+    @property
+    def usage_dead_letter_path(self) -> Path:
+        """Usage records the control plane refused as invalid, beside the spool."""
+        return Path(self.state_dir) / "usage_dead_letter.jsonl"
 
     @property
     def worker_id_path(self) -> Path:

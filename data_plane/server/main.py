@@ -162,7 +162,10 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         control_plane.report_usage,
         flush_interval_s=config.usage_flush_interval_s,
         fsync_interval_s=config.usage_fsync_interval_s,
+        checkpoint_interval_s=config.usage_checkpoint_interval_s,
         batch_size=config.usage_batch_size,
+        dead_letter_path=config.usage_dead_letter_path,
+        on_dead_letter=metrics.usage_dead_letter.inc,
     )
     await usage.start()
     disk_cache_bytes = config.disk_cache_bytes

@@ -54,6 +54,11 @@ class WorkerMetrics:
         self.requests = Counter(
             "openlora_requests_total", "Generate calls by final status", ["code"], registry=r
         )
+        self.usage_dead_letter = Counter(
+            "openlora_usage_dead_letter_total",
+            "Usage records the control plane refused as invalid, moved to the dead-letter file",
+            registry=r,
+        )
         self.request_id_unchecked = Counter(
             "openlora_request_id_unchecked_total",
             "Client request ids served without the control plane's reservation (it was unreachable): "

@@ -21,7 +21,7 @@ from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
 from data_plane.server.artifact_store import ArtifactError, ArtifactRejected, ArtifactStore
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
 from data_plane.server.metrics import WorkerMetrics
-from data_plane.server.usage_reporter import UsageRecord, UsageReporter
+from data_plane.server.usage_reporter import CHECKPOINT_FINISH_REASON, UsageRecord, UsageReporter
 from data_plane.server.validation import (
     RequestFieldError,
     RequestLimits,
@@ -244,6 +244,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     adapters=tuple((by_name[name].adapter_id, weight) for name, weight in valid.adapters),
                 )
                 outputs = self._engine.generate(engine_request)
+                # The reporter's timer spools the count delivered so far while the stream runs.
+                stream = self._usage.track(
+                    lambda: self._usage_record(request_id, auth, progress, arrival, CHECKPOINT_FINISH_REASON)
+                )
                 try:
                     async for out in outputs:
                         if out.error is not None:
@@ -272,7 +276,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     raise
                 finally:
                     await _close(outputs)
-                    self._record_usage(request_id, auth, progress, arrival)
+                    try:
+                        self._record_usage(request_id, auth, progress, arrival)
+                    finally:  # after the final record: its last checkpoint stays in the spool until then
+                        self._usage.untrack(stream)
             finally:
                 self._artifacts.release(held)
         finally:
@@ -395,28 +402,34 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def _record_usage(
         self, request_id: str, auth: Authorization, progress: _Progress, arrival: float
     ) -> None:
-        now = time.monotonic()
-        total_ms = progress.total_ms or (now - arrival) * 1000
+        total_ms = progress.total_ms or (time.monotonic() - arrival) * 1000
         self._metrics.e2e_s.observe(total_ms / 1000)
         if progress.queue_ms:
             self._metrics.queue_s.observe(progress.queue_ms / 1000)
+        record = self._usage_record(request_id, auth, progress, arrival, progress.finish_reason)
+        if record is not None:
+            self._usage.record(record)
+
+    def _usage_record(
+        self, request_id: str, auth: Authorization, progress: _Progress, arrival: float, finish_reason: str
+    ) -> UsageRecord | None:
+        """The stream's billing record as of now (a checkpoint while it runs); None when nothing was
+        received: nothing to bill."""
         if progress.completion_tokens == 0:
-            return  # nothing was received: nothing to bill
-        self._usage.record(
-            UsageRecord(
-                request_id=request_id,
-                tenant_id=auth.tenant_id,
-                adapters=progress.adapters,
-                worker_id=self._state.worker_id,
-                base_model=self._state.base_model,
-                prompt_tokens=progress.prompt_tokens,
-                completion_tokens=progress.completion_tokens,
-                queue_ms=progress.queue_ms,
-                ttft_ms=progress.ttft_ms,
-                total_ms=total_ms,
-                finished_at=time.time(),
-                finish_reason=progress.finish_reason,
-            )
+            return None
+        return UsageRecord(
+            request_id=request_id,
+            tenant_id=auth.tenant_id,
+            adapters=progress.adapters,
+            worker_id=self._state.worker_id,
+            base_model=self._state.base_model,
+            prompt_tokens=progress.prompt_tokens,
+            completion_tokens=progress.completion_tokens,
+            queue_ms=progress.queue_ms,
+            ttft_ms=progress.ttft_ms,
+            total_ms=progress.total_ms or (time.monotonic() - arrival) * 1000,
+            finished_at=time.time(),
+            finish_reason=finish_reason,
         )
 
 

@@ -1,12 +1,25 @@
-"""Usage reporting with a write-ahead spool.
+"""Usage reporting with a write-ahead spool, checkpoints of running streams and a dead-letter file.
 
 Every usage record is appended to a local JSONL spool before anything else (flushed to the OS at once,
 so a SIGKILL loses nothing already recorded; fsynced at least every `fsync_interval_s` against power
 loss). A background task sends pending records in batches to the control plane at least every
 `flush_interval_s`; acknowledged records are compacted out of the spool. When the control plane is
 unreachable the records stay and are retried with backoff; on start the spool is read back and resent.
-The control plane records each (tenant, request_id) once, so resending never double counts; the spool
-keys records the same way, since request ids are chosen by clients and two tenants may send the same one.
+
+Running streams are checkpointed: one timer per worker walks the live streams (`track`) every
+`checkpoint_interval_s` and appends the delivered count of each stream that moved as a record with the
+stream's key and finish reason "interrupted". The final record supersedes them. Checkpoints stay in the
+spool and are not sent while their stream runs; after a crash they are all that is left of it, and the
+next start sends the newest one. No per-token work: the servicer only counts, the timer reads.
+
+Records of one (tenant, request id) merge by rank, here and at the control plane: the larger completion
+count, then the larger prompt count, then a final over a checkpoint, never a sum. Request ids are chosen
+by clients and two tenants may send the same one, so that pair is the key.
+
+A batch the control plane refuses as invalid (INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE) is
+split in halves and resent until the refused records stand alone; each goes to the dead-letter file
+beside the spool (one JSON object a line: the record, the status and why) with a WARNING, and the rest
+keeps flowing. Any other failure (unreachable, timeout) is retried with backoff, nothing set aside.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +37,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+# The finish reason of a checkpoint (the control plane knows it by the same name).
+CHECKPOINT_FINISH_REASON = "interrupted"
+# Status codes (names) that refuse a record for what it holds: resending it unchanged never succeeds.
+REJECTED_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE"})
+# Spool lines appended since the last compaction beyond which checkpoints alone trigger one.
+COMPACT_MIN_LINES = 1000
 
 
 @dataclass(frozen=True)
@@ -39,7 +59,7 @@ class UsageRecord:
     ttft_ms: float
     total_ms: float
     finished_at: float  # unix seconds
-    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    finish_reason: str  # "stop" | "length" | "abort" | "error" | "interrupted" (a checkpoint)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -48,6 +68,11 @@ class UsageRecord:
     def key(self) -> tuple[str, str]:
         """The idempotency key of the control plane: (tenant, request id)."""
         return self.tenant_id, self.request_id
+
+    @property
+    def rank(self) -> tuple[int, int, bool]:
+        """Of two records with one key the higher rank wins: (completion, prompt tokens, final)."""
+        return self.completion_tokens, self.prompt_tokens, self.finish_reason != CHECKPOINT_FINISH_REASON
 
     @classmethod
     def from_json(cls, line: str) -> UsageRecord:
@@ -67,6 +92,27 @@ _TEXT_FIELDS = ("request_id", "tenant_id", "worker_id", "base_model", "finish_re
 
 # Sends one batch; raises on failure (nothing acknowledged), returns on success (all acknowledged).
 Sender = Callable[[list[UsageRecord]], Awaitable[None]]
+# A running stream's record so far (finish reason "interrupted"); None while it delivered nothing.
+Checkpoint = Callable[[], UsageRecord | None]
+
+
+def is_rejection(error: BaseException) -> bool:
+    """Whether a send failed because the control plane refused what the batch holds (not transient)."""
+    code = getattr(error, "code", None)
+    if callable(code):  # grpc.RpcError.code()
+        code = code()
+    return getattr(code, "name", None) in REJECTED_CODES
+
+
+class LiveStream:
+    """A running stream the checkpoint timer reads; returned by `UsageReporter.track`."""
+
+    __slots__ = ("read", "spooled")
+
+    def __init__(self, read: Checkpoint) -> None:
+        self.read = read
+        # The newest checkpoint written to the spool (rewritten by every compaction while it runs).
+        self.spooled: UsageRecord | None = None
 
 
 @dataclass
@@ -74,6 +120,8 @@ class _Stats:
     sent: int = 0
     failures: int = 0
     pending: int = 0
+    checkpoints: int = 0
+    dead_lettered: int = 0
     last_error: str = field(default="")
 
 
@@ -85,15 +133,27 @@ class UsageReporter:
         *,
         flush_interval_s: float = 1.0,
         fsync_interval_s: float = 0.2,
+        checkpoint_interval_s: float = 0.5,
         batch_size: int = 500,
+        dead_letter_path: Path | None = None,
+        on_dead_letter: Callable[[], None] | None = None,
     ) -> None:
         self._path = Path(spool_path)
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._dead_letter_path = (
+            Path(dead_letter_path)
+            if dead_letter_path is not None
+            else self._path.with_name(f"{self._path.stem}.dead_letter.jsonl")
+        )
         self._send = send
         self._flush_interval_s = flush_interval_s
         self._fsync_interval_s = fsync_interval_s
+        self._checkpoint_interval_s = checkpoint_interval_s
         self._batch_size = batch_size
+        self._on_dead_letter = on_dead_letter
         self._pending: dict[tuple[str, str], UsageRecord] = {}
+        self._live: dict[int, LiveStream] = {}
+        self._lines_since_compact = 0
         self._dirty = False
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -107,33 +167,75 @@ class UsageReporter:
     def num_pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def dead_letter_path(self) -> Path:
+        return self._dead_letter_path
+
     def has_pending(self, tenant_id: str, request_id: str) -> bool:
         """Whether usage under this (tenant, request id) is spooled and not yet acknowledged."""
         return (tenant_id, request_id) in self._pending
 
     def record(self, record: UsageRecord) -> None:
-        """Appends one record to the spool (durable against a process kill on return)."""
-        if record.key in self._pending:
+        """Spools one record (durable against a process kill on return); a record of a key already
+        pending replaces it only when it outranks it."""
+        held = self._pending.get(record.key)
+        if held is not None and record.rank <= held.rank:
             return
         self._pending[record.key] = record
-        self._file.write(record.to_json() + "\n")
-        self._file.flush()
-        self._dirty = True
+        self._append([record])
         if len(self._pending) >= self._batch_size:
             self._wake.set()
 
+    def track(self, read: Checkpoint) -> LiveStream:
+        """Registers a running stream: `read()` is called by the checkpoint timer (on the event loop)
+        and returns its record so far, or None while it has delivered nothing. `untrack` it when its
+        final record is spooled."""
+        stream = LiveStream(read)
+        self._live[id(stream)] = stream
+        return stream
+
+    def untrack(self, stream: LiveStream) -> None:
+        self._live.pop(id(stream), None)
+
+    def checkpoint(self) -> int:
+        """Spools the delivered count of every live stream that moved since its last checkpoint (one
+        write and flush for all); returns how many were spooled."""
+        moved = []
+        for stream in list(self._live.values()):
+            try:
+                record = stream.read()
+            except Exception:  # one stream's fault must not stop the others' checkpoints
+                log.exception("reading a stream's usage checkpoint failed")
+                continue
+            if record is None or (stream.spooled is not None and record.rank <= stream.spooled.rank):
+                continue
+            stream.spooled = record
+            moved.append(record)
+        if moved:
+            self._append(moved)
+            self.stats.checkpoints += len(moved)
+            if self._lines_since_compact > max(COMPACT_MIN_LINES, 4 * (len(self._pending) + len(self._live))):
+                self._compact()
+        return len(moved)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._fsync_loop())]
+        self._tasks = [
+            loop.create_task(self._send_loop()),
+            loop.create_task(self._fsync_loop()),
+            loop.create_task(self._checkpoint_loop()),
+        ]
         if self._pending:
             self._wake.set()
 
     async def stop(self, flush_timeout_s: float = 5.0) -> None:
-        """Stops the background tasks after one last attempt to send what is pending."""
+        """Stops the background tasks after one last attempt to send what is pending. Streams still
+        tracked get a last checkpoint, kept in the spool for the next start."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self.checkpoint()
         try:
             await asyncio.wait_for(self.flush(), flush_timeout_s)
         except Exception as error:  # the spool keeps them for the next start
@@ -144,14 +246,65 @@ class UsageReporter:
         self._file.close()
 
     async def flush(self) -> None:
-        """Sends every pending record now; raises when the control plane refuses or is unreachable."""
+        """Sends every pending record now; raises when the control plane is unreachable. Records it
+        refuses as invalid go to the dead-letter file instead."""
         while self._pending:
             batch = list(self._pending.values())[: self._batch_size]
+            try:
+                await self._deliver(batch)
+            finally:
+                self._compact()
+
+    async def _deliver(self, batch: list[UsageRecord]) -> None:
+        """Sends `batch`; when it is refused as invalid, sends each half on its own, down to single
+        records, which are dead-lettered. Transient failures raise."""
+        try:
             await self._send(batch)
-            for record in batch:
-                self._pending.pop(record.key, None)
-            self.stats.sent += len(batch)
-            self._compact()
+        except Exception as error:
+            if not is_rejection(error):
+                raise
+            if len(batch) == 1:
+                self._dead_letter(batch[0], error)
+                return
+            middle = len(batch) // 2
+            await self._deliver(batch[:middle])
+            await self._deliver(batch[middle:])
+            return
+        self._settle(batch)
+        self.stats.sent += len(batch)
+
+    def _settle(self, batch: list[UsageRecord]) -> None:
+        """Drops these records from the pending set, unless a higher-ranked one replaced them meanwhile."""
+        for record in batch:
+            if self._pending.get(record.key) is record:
+                del self._pending[record.key]
+
+    def _dead_letter(self, record: UsageRecord, error: BaseException) -> None:
+        code = getattr(error, "code", None)
+        code = code() if callable(code) else code
+        entry = {
+            "rejected_at": time.time(),
+            "code": getattr(code, "name", str(code)),
+            "error": str(error),
+            "record": asdict(record),
+        }
+        with open(self._dead_letter_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._settle([record])
+        self.stats.dead_lettered += 1
+        if self._on_dead_letter is not None:
+            self._on_dead_letter()
+        log.warning(
+            "usage record of request %r (tenant %s, %d completion tokens) refused by the control plane, "
+            "moved to %s: %s",
+            record.request_id,
+            record.tenant_id,
+            record.completion_tokens,
+            self._dead_letter_path,
+            error,
+        )
 
     async def _send_loop(self) -> None:
         backoff_s = self._flush_interval_s
@@ -173,11 +326,35 @@ class UsageReporter:
                 )
             self.stats.pending = self.num_pending
 
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._checkpoint_interval_s)
+            try:
+                self.checkpoint()
+            except Exception:  # a full disk now must not end checkpoints for good
+                log.exception("usage checkpoint failed")
+
     async def _fsync_loop(self) -> None:
         while True:
             await asyncio.sleep(self._fsync_interval_s)
             if self._dirty:
-                self._fsync()
+                try:
+                    self._fsync()
+                except OSError:
+                    log.exception("usage spool fsync failed")
+
+    def _append(self, records: list[UsageRecord]) -> None:
+        text = "".join(record.to_json() + "\n" for record in records)
+        if self._file.closed:  # a stream that ended after stop(): still durable
+            with open(self._path, "a", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            return
+        self._file.write(text)
+        self._file.flush()
+        self._lines_since_compact += len(records)
+        self._dirty = True
 
     def _fsync(self) -> None:
         if not self._file.closed:
@@ -186,16 +363,25 @@ class UsageReporter:
         self._dirty = False
 
     def _compact(self) -> None:
-        """Rewrites the spool with the pending records only; atomic (temp file, fsync, rename)."""
+        """Rewrites the spool with the newest record of each key: the pending records and the live
+        streams' last checkpoints. Atomic (temp file, fsync, rename)."""
+        if self._file.closed:
+            return
+        newest = dict(self._pending)
+        for stream in self._live.values():
+            record = stream.spooled
+            if record is not None and (record.key not in newest or record.rank > newest[record.key].rank):
+                newest[record.key] = record
         tmp = self._path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            for record in self._pending.values():
+            for record in newest.values():
                 f.write(record.to_json() + "\n")
             f.flush()
             os.fsync(f.fileno())
         self._file.close()
         os.replace(tmp, self._path)
         self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
+        self._lines_since_compact = 0
         self._dirty = False
 
     def _load_spool(self) -> None:
@@ -213,6 +399,9 @@ class UsageReporter:
                     # Only the last line can be torn by a kill mid-write; anything else is logged.
                     log.warning("usage spool line %d unreadable, skipped", line_no)
                     continue
-                self._pending[record.key] = record
+                held = self._pending.get(record.key)
+                # A stream's checkpoints and its final record share a key: the highest rank stands.
+                if held is None or record.rank > held.rank:
+                    self._pending[record.key] = record
         if self._pending:
             log.info("usage spool holds %d unsent records; resending", len(self._pending))

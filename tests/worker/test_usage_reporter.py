@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import uuid
+from dataclasses import replace
+from functools import partial
 
-from data_plane.server.usage_reporter import UsageRecord, UsageReporter
+import grpc
+
+from data_plane.server.usage_reporter import (
+    CHECKPOINT_FINISH_REASON,
+    COMPACT_MIN_LINES,
+    UsageRecord,
+    UsageReporter,
+)
+
+from .conftest import BASE_MODEL, PUBLISHER, support
 
 
-def _record(request_id: str, completion_tokens: int = 3) -> UsageRecord:
+def _record(request_id: str, completion_tokens: int = 3, finish_reason: str = "stop") -> UsageRecord:
     return UsageRecord(
         request_id=request_id,
         tenant_id="t1",
@@ -21,7 +34,7 @@ def _record(request_id: str, completion_tokens: int = 3) -> UsageRecord:
         ttft_ms=2.0,
         total_ms=3.0,
         finished_at=1_700_000_000.5,
-        finish_reason="stop",
+        finish_reason=finish_reason,
     )
 
 
@@ -31,11 +44,14 @@ class Collector:
     def __init__(self) -> None:
         self.down = False
         self.batches: list[list[str]] = []
+        # (request id, completion tokens, finish reason) of every record acknowledged
+        self.records: list[tuple[str, int, str]] = []
 
     async def __call__(self, records: list[UsageRecord]) -> None:
         if self.down:
             raise ConnectionError("control plane down")
         self.batches.append([r.request_id for r in records])
+        self.records += [(r.request_id, r.completion_tokens, r.finish_reason) for r in records]
 
 
 def test_record_round_trips_through_json():
@@ -133,3 +149,329 @@ def test_stop_with_control_plane_down_leaves_records_in_the_spool(tmp_path):
     asyncio.run(scenario())
     assert [json.loads(line)["request_id"] for line in spool.read_text().splitlines()] == ["r1"]
     assert collector.batches == []
+
+
+# -- checkpoints of running streams ---------------------------------------------------------------------
+
+
+class Stream:
+    """A running stream's progress as the servicer keeps it: a count the checkpoint reads."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.delivered = 0
+
+    def read(self) -> UsageRecord | None:
+        if not self.delivered:
+            return None
+        return replace(_record(self.request_id, self.delivered), finish_reason=CHECKPOINT_FINISH_REASON)
+
+
+def _spooled(spool) -> list[tuple[str, int, str]]:
+    return [
+        (r["request_id"], r["completion_tokens"], r["finish_reason"])
+        for r in map(json.loads, spool.read_text().splitlines())
+    ]
+
+
+def test_a_running_streams_count_is_checkpointed_and_sent_only_after_a_crash(tmp_path):
+    spool = tmp_path / "spool.jsonl"
+    collector = Collector()
+    stream = Stream("long")
+
+    async def first_life():
+        reporter = UsageReporter(spool, collector, flush_interval_s=0.05, checkpoint_interval_s=0.05)
+        await reporter.start()
+        reporter.track(stream.read)
+        for _ in range(6):
+            stream.delivered += 10
+            await asyncio.sleep(0.12)
+        # While the stream runs, its count is in the spool, never sent.
+        assert collector.batches == []
+        assert reporter.stats.checkpoints >= 3
+        assert ("long", 60, CHECKPOINT_FINISH_REASON) in _spooled(spool)
+        # No stop(): the process is killed here (its tasks die with the loop).
+
+    async def second_life():
+        reporter = UsageReporter(spool, collector)
+        await reporter.flush()
+        await reporter.stop()
+
+    asyncio.run(first_life())
+    asyncio.run(second_life())
+    assert collector.batches == [["long"]]
+    assert collector.records == [("long", 60, CHECKPOINT_FINISH_REASON)]
+    assert spool.read_text() == ""
+
+
+def test_the_final_record_supersedes_its_streams_checkpoints(tmp_path):
+    spool = tmp_path / "spool.jsonl"
+    collector = Collector()
+    stream = Stream("s1")
+
+    async def scenario():
+        reporter = UsageReporter(spool, collector)
+        live = reporter.track(stream.read)
+        for delivered in (5, 9):
+            stream.delivered = delivered
+            assert reporter.checkpoint() == 1
+        reporter.record(_record("s1", 12))
+        reporter.untrack(live)
+        assert [count for _, count, _ in _spooled(spool)] == [5, 9, 12]
+        await reporter.flush()
+        await reporter.stop()
+
+    asyncio.run(scenario())
+    assert collector.records == [("s1", 12, "stop")]
+    assert spool.read_text() == ""
+
+
+def test_a_checkpoint_spools_only_the_streams_that_moved(tmp_path):
+    spool = tmp_path / "spool.jsonl"
+    moving, idle, silent = Stream("moving"), Stream("idle"), Stream("silent")
+
+    async def scenario():
+        reporter = UsageReporter(spool, Collector())
+        for stream in (moving, idle, silent):
+            reporter.track(stream.read)
+        moving.delivered = idle.delivered = 3
+        assert reporter.checkpoint() == 2  # "silent" delivered nothing: nothing to bill
+        assert reporter.checkpoint() == 0
+        moving.delivered = 4
+        assert reporter.checkpoint() == 1
+
+    asyncio.run(scenario())
+    assert _spooled(spool) == [
+        ("moving", 3, CHECKPOINT_FINISH_REASON),
+        ("idle", 3, CHECKPOINT_FINISH_REASON),
+        ("moving", 4, CHECKPOINT_FINISH_REASON),
+    ]
+
+
+def test_compaction_keeps_only_the_newest_record_of_each_key(tmp_path):
+    spool = tmp_path / "spool.jsonl"
+    checkpoint = partial(_record, finish_reason=CHECKPOINT_FINISH_REASON)
+    lines = [
+        checkpoint("a", 4),
+        checkpoint("b", 7),
+        checkpoint("a", 9),
+        _record("a", 11),  # a's final
+        checkpoint("b", 8),
+        checkpoint("a", 11),  # ranks below a's final with the same count
+        _record("c", 2),
+    ]
+    spool.write_text("".join(r.to_json() + "\n" for r in lines))
+
+    async def scenario():
+        reporter = UsageReporter(spool, Collector())
+        assert reporter.num_pending == 3
+        await reporter.stop(flush_timeout_s=0)
+
+    asyncio.run(scenario())
+    assert sorted(_spooled(spool)) == [
+        ("a", 11, "stop"),
+        ("b", 8, CHECKPOINT_FINISH_REASON),
+        ("c", 2, "stop"),
+    ]
+
+
+def test_checkpoints_of_a_long_stream_do_not_grow_the_spool_without_bound(tmp_path):
+    spool = tmp_path / "spool.jsonl"
+    stream = Stream("endless")
+
+    async def scenario():
+        reporter = UsageReporter(spool, Collector())
+        reporter.track(stream.read)
+        for _ in range(3 * COMPACT_MIN_LINES):
+            stream.delivered += 1
+            reporter.checkpoint()
+        return reporter
+
+    asyncio.run(scenario())
+    spooled = _spooled(spool)
+    assert len(spooled) <= COMPACT_MIN_LINES + 1
+    assert spooled[-1] == ("endless", 3 * COMPACT_MIN_LINES, CHECKPOINT_FINISH_REASON)
+
+
+def test_stop_spools_a_last_checkpoint_of_streams_still_running(tmp_path):
+    spool = tmp_path / "spool.jsonl"
+    collector = Collector()
+    collector.down = True
+    stream = Stream("cut")
+
+    async def scenario():
+        reporter = UsageReporter(spool, collector, checkpoint_interval_s=60)
+        await reporter.start()
+        reporter.track(stream.read)
+        stream.delivered = 21
+        await reporter.stop(flush_timeout_s=0.2)
+
+    asyncio.run(scenario())
+    assert _spooled(spool) == [("cut", 21, CHECKPOINT_FINISH_REASON)]
+
+
+# -- records the control plane refuses -------------------------------------------------------------------
+
+
+def _billable(request_id: str, tenant_id: str, adapter_id: str, completion_tokens: int) -> UsageRecord:
+    return replace(
+        _record(request_id, completion_tokens),
+        tenant_id=tenant_id,
+        adapters=((adapter_id, 1.0),),
+        base_model=BASE_MODEL,
+        finished_at=time.time(),
+    )
+
+
+def _adapter_id(system, name: str) -> str:
+    from openlora.v1 import admin_pb2
+
+    request = admin_pb2.GetAdapterRequest(name=name, tenant=PUBLISHER)
+    return system.admin.stub.GetAdapter(request, metadata=system.admin.metadata).adapter.id
+
+
+def test_a_poisoned_record_is_dead_lettered_and_the_rest_of_the_spool_flows(system, tmp_path):
+    from data_plane.server.metrics import WorkerMetrics
+
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    tenant_id = system.admin.create_tenant(tenant)
+    adapter_id = _adapter_id(system, "ad0")
+    good = [_billable(f"good-{i}", tenant_id, adapter_id, 10 + i) for i in range(9)]
+    # Billed to an adapter the control plane does not know (deleted since): refused as INVALID_ARGUMENT.
+    poisoned = _billable("poisoned", tenant_id, str(uuid.uuid4()), 99)
+    spool = tmp_path / "spool.jsonl"
+    spool.write_text("".join(r.to_json() + "\n" for r in [*good[:4], poisoned, *good[4:]]))
+    dead_letter = tmp_path / "dead.jsonl"
+    metrics = WorkerMetrics()
+    acknowledged: list[str] = []
+
+    async def send(records):  # the worker's real client; notes what the control plane acknowledged
+        await system.worker.control_plane.report_usage(records)
+        acknowledged.extend(r.request_id for r in records)
+
+    async def scenario():
+        reporter = UsageReporter(
+            spool,
+            send,
+            batch_size=4,
+            dead_letter_path=dead_letter,
+            on_dead_letter=metrics.usage_dead_letter.inc,
+        )
+        await reporter.flush()
+        await reporter.stop()
+
+    system.loop.run(scenario())
+    assert sorted(acknowledged) == sorted(r.request_id for r in good)  # each exactly once
+    assert spool.read_text() == ""
+    [entry] = [json.loads(line) for line in dead_letter.read_text().splitlines()]
+    assert entry["code"] == "INVALID_ARGUMENT"
+    assert UsageRecord.from_json(json.dumps(entry["record"])) == poisoned
+    assert metrics.registry.get_sample_value("openlora_usage_dead_letter_total") == 1
+    usage = system.wait_usage(tenant, len(good))
+    assert (usage.total_requests, usage.total_completion_tokens) == (
+        9,
+        sum(r.completion_tokens for r in good),
+    )
+
+
+def test_the_worker_dead_letters_beside_its_spool_and_counts_it(system):
+    worker = system.worker
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    tenant_id = system.admin.create_tenant(tenant)
+    before = worker.metrics.registry.get_sample_value("openlora_usage_dead_letter_total")
+    adapter_id = _adapter_id(system, "ad1")
+
+    async def spool():  # on the worker's loop, as the servicer records
+        worker.usage.record(_billable("fine", tenant_id, adapter_id, 5))
+        worker.usage.record(replace(_billable("bad", tenant_id, "", 5), adapters=(), base_model=""))
+
+    system.loop.run(spool())
+    system.flush_usage()
+    assert worker.metrics.registry.get_sample_value("openlora_usage_dead_letter_total") == before + 1
+    path = worker.config.usage_dead_letter_path
+    assert path.parent == worker.config.usage_spool_path.parent
+    dead = [json.loads(line)["record"] for line in path.read_text().splitlines()]
+    assert ("bad", tenant_id) in {(r["request_id"], r["tenant_id"]) for r in dead}
+    assert system.wait_usage(tenant, 1).total_requests == 1
+
+
+def test_an_unreachable_control_plane_dead_letters_nothing(tmp_path):
+    from data_plane.server.control_plane_client import ControlPlaneClient, ControlPlaneError
+
+    spool = tmp_path / "spool.jsonl"
+    dead_letter = tmp_path / "dead.jsonl"
+
+    async def scenario():
+        client = ControlPlaneClient(f"127.0.0.1:{support.free_port()}", "token")
+        reporter = UsageReporter(spool, client.report_usage, dead_letter_path=dead_letter)
+        reporter.record(_record("r1"))
+        try:
+            await reporter.flush()
+        except ControlPlaneError as error:
+            assert error.code == grpc.StatusCode.UNAVAILABLE
+        else:
+            raise AssertionError("the flush succeeded with no control plane")
+        assert reporter.num_pending == 1
+        await reporter.stop(flush_timeout_s=0.5)
+        await client.close()
+
+    asyncio.run(scenario())
+    assert not dead_letter.exists()
+    assert [r for r, _, _ in _spooled(spool)] == ["r1"]
+
+
+# -- through the worker ----------------------------------------------------------------------------------
+
+
+def test_running_streams_are_checkpointed_by_the_worker_and_their_finals_bill_once(system):
+    from openlora.v1 import inference_pb2, inference_pb2_grpc
+
+    tenant, _, key = system.new_tenant()
+    ids = [f"long-{i}-{uuid.uuid4().hex[:8]}" for i in range(6)]
+    channel = grpc.insecure_channel(system.target)
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    calls = [
+        stub.Generate(
+            inference_pb2.GenerateRequest(
+                prompt="hello", request_id=request_id, sampling=inference_pb2.SamplingParams(max_tokens=480)
+            ),
+            metadata=(("authorization", f"Bearer {key}"),),
+            timeout=60,
+        )
+        for request_id in ids
+    ]
+    received = dict.fromkeys(ids, 0)
+    for request_id, call in zip(ids, calls, strict=True):
+        for response in call:  # a few tokens of each: all six are streaming now
+            received[request_id] += len(response.token_ids)
+            if received[request_id] >= 3:
+                break
+
+    async def checkpoint_now() -> None:  # on the worker's loop, as its timer does
+        system.worker.usage.checkpoint()
+
+    system.loop.run(checkpoint_now())
+    spooled: dict[str, int] = {}
+    for line in system.worker.config.usage_spool_path.read_text().splitlines():
+        record = json.loads(line)
+        if record["request_id"] in received:
+            assert record["finish_reason"] == CHECKPOINT_FINISH_REASON
+            spooled[record["request_id"]] = max(
+                spooled.get(record["request_id"], 0), record["completion_tokens"]
+            )
+    assert set(spooled) == set(ids)
+    assert all(1 <= count <= 480 for count in spooled.values())
+    # Checkpoints of running streams are not sent: the control plane knows none of them yet.
+    assert system.admin.usage(tenant).total_requests == 0
+
+    for request_id, call in zip(ids, calls, strict=True):
+        received[request_id] += sum(len(response.token_ids) for response in call)
+    channel.close()
+    assert set(received.values()) == {480}
+    system.flush_usage()
+    usage = system.wait_usage(tenant, len(ids))
+    assert (usage.total_requests, usage.total_completion_tokens) == (6, 2880)
+    assert not any(
+        json.loads(line)["request_id"] in received
+        for line in system.worker.config.usage_spool_path.read_text().splitlines()
+    )

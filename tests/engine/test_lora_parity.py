@@ -136,9 +136,9 @@ def test_outputs_survive_adapter_eviction_and_reload(tiny_llama):
     loads = []
     real_submit = engine.loader.submit
 
-    def counting_submit(key, members):
+    def counting_submit(key, members, **options):
         loads.append(key)
-        real_submit(key, members)
+        real_submit(key, members, **options)
 
     engine.loader.submit = counting_submit
     _add(engine, tiny_llama, cases, list(cases))

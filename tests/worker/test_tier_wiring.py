@@ -131,9 +131,12 @@ def test_streams_go_on_while_redis_is_down_and_an_invalidation_after_it_returns_
         assert sha not in worker.engine.host_adapter_keys()
 
 
-def test_deleted_adapter_frees_its_engine_slot_when_authorize_answers_not_found(
+def test_deleted_adapter_is_refused_by_a_worker_without_hints_once_its_cached_answer_expires(
     system, spare_worker, tmp_path
 ):
+    """Without hints the TTL is the fallback: a NOT_FOUND refuses the adapter, and drops nothing else. It
+    cannot: the name is only this tenant's view, the content may be another's (content-addressed), so
+    the slot and the disk copy are left to the caches' own eviction (hints drop them when they arrive)."""
     tenant, _, key = system.new_tenant(admin=True)
     sha = _push_variant(system, tmp_path, "doomed", tenant, alpha=12)
     with Client(f"127.0.0.1:{spare_worker.port}", key) as client:
@@ -141,10 +144,9 @@ def test_deleted_adapter_frees_its_engine_slot_when_authorize_answers_not_found(
         assert sha in spare_worker.engine.resident_adapter_keys()
         system.admin.delete("doomed", tenant)
         time.sleep(0.5)  # past the worker's authorisation cache (0.3 s); this worker has no hints
-        with pytest.raises(errors.NotFound):
-            client.complete("hello", adapter="doomed", max_tokens=2)
-    assert _wait_for(lambda: sha not in spare_worker.engine.resident_adapter_keys()), "slot not freed"
-    assert not (spare_worker.config.artifacts_dir / sha).exists()
+        for _ in range(2):
+            with pytest.raises(errors.NotFound):
+                client.complete("hello", adapter="doomed", max_tokens=2)
 
 
 def test_keep_warm_set_in_the_registry_reaches_the_engine(system, spare_worker, tmp_path):

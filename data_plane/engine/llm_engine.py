@@ -50,7 +50,7 @@ class LLMEngine:
         self.config = config
         dtype, device = config.torch_dtype, config.torch_device
         model_len = config.max_model_len or 1 << 20
-        model, model_config = load_model(config.model_dir, dtype, device, max_positions=1)
+        model, model_config = load_model(config.model_dir, dtype, device, max_positions=1, quant=config.quant)
         self.model_config = model_config
         max_model_len = min(model_len, model_config.max_model_len)
         num_blocks = config.resolve_num_kv_blocks(

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from data_plane.model.config import ModelConfig
-from data_plane.model.llama import LlamaForCausalLM
+from data_plane.model.llama import LinearBuilder, LlamaForCausalLM
+from data_plane.model.quant import QuantLinear, QuantSettings, check_device
+from data_plane.model.shard_reader import ShardError, iter_tensors
 from openlora.safe_json import JsonFieldError, describe, load_json_object
 
 log = logging.getLogger(__name__)
@@ -63,43 +64,76 @@ def _indexed_shards(index: Path) -> list[str]:
     return names
 
 
+def _load_shard(
+    path: Path,
+    params: dict[str, torch.nn.Parameter],
+    quantized: dict[str, QuantLinear],
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    missing: set[str],
+) -> int:
+    """Copies one shard's tensors into `params`, or quantizes them into `quantized` (removing their names
+    from `missing`); returns bytes read. Tensors are read one at a time (`iter_tensors`, no mmap), so a
+    full-precision weight lives only while it is copied or quantized."""
+    loaded_bytes = 0
+    for name, tensor in iter_tensors(path):
+        if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        if name in quantized:
+            try:
+                quantized[name].load_weight(tensor)
+            except ValueError as e:
+                raise CheckpointError(f"{path.name}: {name}: {e}") from None
+        elif name in params:
+            target = params[name]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"{path.name}: {name} has shape {list(tensor.shape)}, expected {list(target.shape)}"
+                )
+            target.data.copy_(tensor.to(device=device, dtype=dtype))
+        else:
+            raise CheckpointError(f"{path.name}: unexpected tensor {name!r}")
+        loaded_bytes += tensor.numel() * tensor.element_size()
+        missing.discard(name)
+        del tensor
+    return loaded_bytes
+
+
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, max_positions: int
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    quant: QuantSettings | None = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Builds the model on `device` and streams its weights in; returns (model, config)."""
+    """Builds the model on `device` and streams its weights in; returns (model, config).
+
+    With `quant`, the linears it names are quantized tensor by tensor as they are read: the full-precision
+    model is never held (peak memory: the quantized model plus about twice the largest tensor)."""
+    quant = quant or QuantSettings()
+    check_device(quant, device)
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     files = checkpoint_files(model_dir)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, max_positions)
+        model = LlamaForCausalLM(config, max_positions, LinearBuilder(quant, dtype, torch.device(device)))
     model.to_empty(device=device)
     model.to(dtype)
     params = dict(model.named_parameters())
+    quantized = model.quantized_weights()
+    tied_head = None
     if config.tie_word_embeddings:
-        params.pop("lm_head.weight")
-    missing = set(params)
+        params.pop("lm_head.weight", None)
+        tied_head = quantized.pop("lm_head.weight", None)
+    missing = set(params) | set(quantized)
     started = time.monotonic()
     loaded_bytes = 0
     for shard_index, path in enumerate(files, start=1):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names = list(f.keys())
-            for name in names:
-                if name.endswith(_IGNORED_SUFFIXES) or (
-                    config.tie_word_embeddings and name == "lm_head.weight"
-                ):
-                    continue
-                if name not in params:
-                    raise CheckpointError(f"{path.name}: unexpected tensor {name!r}")
-                tensor = f.get_tensor(name)
-                target = params[name]
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise CheckpointError(
-                        f"{path.name}: {name} has shape {list(tensor.shape)}, expected {list(target.shape)}"
-                    )
-                target.data.copy_(tensor.to(device=device, dtype=dtype))
-                loaded_bytes += tensor.numel() * tensor.element_size()
-                missing.discard(name)
-                del tensor
+        try:
+            loaded_bytes += _load_shard(path, params, quantized, config, device, dtype, missing)
+        except (ShardError, OSError) as e:
+            raise CheckpointError(f"{path.name}: not a readable safetensors file ({str(e)[:200]})") from None
         log.info(
             "loaded shard %d/%d (%s): %.1f MiB so far, %.1f s",
             shard_index,
@@ -110,8 +144,19 @@ def load_model(
         )
     if missing:
         raise CheckpointError(f"{model_dir}: tensors missing from the checkpoint: {sorted(missing)[:5]}")
-    if config.tie_word_embeddings:
+    if tied_head is not None:
+        tied_head.load_weight(model.model.embed_tokens.weight)
+    elif config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if quant.enabled:
+        weights = model.weight_bytes()
+        log.info(
+            "base weights quantized to %s%s: decoder linears %.2f bits per weight, %.1f MiB resident in all",
+            quant.format,
+            " (lm_head too)" if quant.lm_head else "",
+            weights.decoder_bits_per_weight,
+            weights.total_bytes / 2**20,
+        )
     model.model.rotary.build(device)
     model.eval()
     return model, config

@@ -49,7 +49,11 @@ def hf_with_weights(model_dir: Path, weights: dict[str, torch.Tensor]):
     params = dict(hf.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
+            if name == "lm_head.weight" and name not in params:
+                # Tied embeddings: a quantized lm_head unties them (the embedding stays full precision).
+                hf.lm_head.weight = torch.nn.Parameter(value.clone(), requires_grad=False)
+            else:
+                params[name].copy_(value)
     return hf.eval()
 
 

@@ -19,7 +19,7 @@ from torch import nn
 # and the CUDA int4 kernel takes bfloat16 only.
 COMPUTE_DTYPE = torch.bfloat16
 # Rows quantized at a time while a weight streams in, so the temporaries stay a few MiB.
-CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS = 1 << 18
 
 
 class QuantizationError(ValueError):

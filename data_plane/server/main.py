@@ -3,7 +3,9 @@
 `serve_worker(config)` starts everything in the running event loop and returns a `RunningWorker`
 (tests bind 127.0.0.1:0 and read `.port`); `run_worker(config)` is the process entry: it serves until
 SIGTERM or SIGINT, then drains (health NOT_SERVING, new calls UNAVAILABLE, in-flight streams finish
-within the grace period), flushes usage and returns 0.
+within the grace period), flushes usage and returns 0. If the engine loop dies (a fault it cannot go
+on from), health turns NOT_SERVING and the process exits with ENGINE_DEAD_EXIT_CODE for its supervisor
+(`openlora up`, a container runtime) to restart it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 ENGINE_WATCH_INTERVAL_S = 1.0
 REGISTER_RETRY_MAX_S = 5.0
+ENGINE_DEAD_EXIT_CODE = 3  # the engine loop died: restart the process
 
 
 def build_engine(config: WorkerConfig):
@@ -336,16 +339,27 @@ def _read_worker_id(config: WorkerConfig) -> str:
 
 
 async def _serve_until_signalled(config: WorkerConfig) -> int:
+    """Serves until SIGTERM/SIGINT (drains, returns 0) or until the engine loop dies: then health is
+    NOT_SERVING, what can drain drains, and it returns ENGINE_DEAD_EXIT_CODE so a supervisor restarts it."""
     running = await serve_worker(config)
     print(f"worker serving inference={running.address} id={running.worker_id}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    log.info("signal received: draining")
+    engine = running.engine
+    while not stop.is_set() and engine.is_running:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), ENGINE_WATCH_INTERVAL_S)
+    if stop.is_set():
+        log.info("signal received: draining")
+        await running.stop(config.drain_grace_s)
+        return 0
+    log.error("the engine loop stopped (%s); health NOT_SERVING, exiting", getattr(engine, "error", None))
+    await running._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     await running.stop(config.drain_grace_s)
-    return 0
+    log.error("worker exits with status %d: its engine cannot go on", ENGINE_DEAD_EXIT_CODE)
+    return ENGINE_DEAD_EXIT_CODE
 
 
 def run_worker(config: WorkerConfig) -> int:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MAX_AUTH_CACHE_TTL_S = 10.0
+# The base-model weight formats of data_plane.model.quant (kept here so the config imports no torch).
+QUANTIZE_FORMATS = ("none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,9 @@ class EngineSettings:
     max_model_len: int | None = None
     # Adapter host-memory tier budget; None: an eighth of RAM, at most 8 GiB.
     host_cache_bytes: int | None = None
+    # How the decoder layers' linears are held ("none" | "int8" | "int4"), and lm_head with them.
+    quantize: str = "none"
+    quantize_lm_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,12 @@ class WorkerConfig:
             raise ValueError(f"disk_cache_bytes must be >= 0, got {self.disk_cache_bytes}")
         if self.engine.host_cache_bytes is not None and self.engine.host_cache_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {self.engine.host_cache_bytes}")
+        if self.engine.quantize not in QUANTIZE_FORMATS:
+            raise ValueError(
+                f"--quantize must be one of {', '.join(QUANTIZE_FORMATS)}, got {self.engine.quantize!r}"
+            )
+        if self.engine.quantize_lm_head and self.engine.quantize == "none":
+            raise ValueError("--quantize-lm-head needs --quantize int8 or int4")
         if self.residency_interval_s <= 0:
             raise ValueError(f"residency_interval_s must be > 0, got {self.residency_interval_s}")
 

@@ -95,6 +95,8 @@ class ControlPlaneClient:
         )
         # False after a control plane answered UNIMPLEMENTED to ReserveRequestId (an older one).
         self._can_reserve = True
+        # How the base model is held (weight_format, bits per weight, resident bytes): sent with heartbeats.
+        self._base_weights: dict[str, object] = {}
 
     async def close(self) -> None:
         await self._channel.close()
@@ -118,12 +120,21 @@ class ControlPlaneClient:
             raise ControlPlaneError.from_rpc(error, "RegisterWorker") from None
         return response.worker_id, (response.heartbeat_interval_ms or 5000) / 1000
 
+    def set_base_weights(self, weight_format: str, bits_per_weight: float, resident_bytes: int) -> None:
+        """How the base model is held, sent with every heartbeat from now on."""
+        self._base_weights = {
+            "weight_format": weight_format,
+            "weight_bits_per_weight": bits_per_weight,
+            "resident_weight_bytes": resident_bytes,
+        }
+
     async def heartbeat(self, worker_id: str, running: int, waiting: int, resident_sha256: list[str]) -> None:
         request = worker_pb2.HeartbeatRequest(
             worker_id=worker_id,
             running_requests=running,
             waiting_requests=waiting,
             resident_adapter_sha256=resident_sha256,
+            **self._base_weights,
         )
         try:
             await self._stub.Heartbeat(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)

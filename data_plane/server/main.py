@@ -157,6 +157,17 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
 
     metrics = WorkerMetrics()
     llm_engine = getattr(engine, "engine", None)
+    if llm_engine is not None and hasattr(llm_engine, "runner"):
+        weights = llm_engine.runner.model.weight_bytes()
+        weight_format = llm_engine.config.quantize
+        log.info(
+            "base weights: %s, %.2f bits per weight in the decoder linears, %.1f MiB resident",
+            weight_format,
+            weights.decoder_bits_per_weight,
+            weights.total_bytes / 2**20,
+        )
+        metrics.set_base_weights(weight_format, weights.decoder_bits_per_weight, weights.total_bytes)
+        control_plane.set_base_weights(weight_format, weights.decoder_bits_per_weight, weights.total_bytes)
     if llm_engine is not None and hasattr(llm_engine, "load_counts"):
         # dict() copies are taken under the GIL; the engine thread only ever adds keys and increments.
         metrics.watch_engine_loads(lambda: (dict(llm_engine.load_counts), dict(llm_engine.load_ms_sums)))

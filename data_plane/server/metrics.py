@@ -76,6 +76,25 @@ class WorkerMetrics:
         for loop in BACKGROUND_LOOPS:
             self.background_errors.labels(loop)
 
+    def set_base_weights(self, weight_format: str, bits_per_weight: float, resident_bytes: int) -> None:
+        """The base model's weight format (an info gauge), bits per weight of its decoder linears and
+        resident bytes; set once at startup."""
+        r = self.registry
+        Gauge(
+            "openlora_base_weight_format_info",
+            "How the base model's weights are held (1 for the format in use)",
+            ["format"],
+            registry=r,
+        ).labels(weight_format).set(1)
+        Gauge(
+            "openlora_base_weight_bits_per_weight",
+            "Bits per weight of the decoder layers' linears, scales and offsets included",
+            registry=r,
+        ).set(bits_per_weight)
+        Gauge("openlora_base_weight_bytes", "Base-model weight bytes resident on the device", registry=r).set(
+            resident_bytes
+        )
+
     def watch_engine_loads(
         self, read: Callable[[], tuple[Mapping[tuple[str, str], int], Mapping[tuple[str, str], float]]]
     ) -> None:

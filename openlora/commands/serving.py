@@ -69,6 +69,7 @@ def _add_worker(subparsers) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=_env_int("NUM_KV_BLOCKS", None))
     p.add_argument("--max-num-seqs", type=int, default=_env_int("MAX_NUM_SEQS", 64))
     p.add_argument("--max-model-len", type=int, default=_env_int("MAX_MODEL_LEN", None))
+    _add_quantize_flags(p)
     p.add_argument(
         "--host-cache-bytes",
         type=int,
@@ -88,6 +89,20 @@ def _add_worker(subparsers) -> None:
     p.add_argument("--auth-cache-ttl-s", type=float, default=_env_float("AUTH_CACHE_TTL_S", 10.0))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     p.set_defaults(func=_run_worker)
+
+
+def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        default=_env("QUANTIZE", "none"),
+        help="hold the base model's decoder linears as none, int8 or int4 (OPENLORA_QUANTIZE; default none)",
+    )
+    p.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        default=_env("QUANTIZE_LM_HEAD", "").lower() in ("1", "true", "yes"),
+        help="quantize lm_head too (OPENLORA_QUANTIZE_LM_HEAD)",
+    )
 
 
 def worker_config_from_args(args: argparse.Namespace):
@@ -114,6 +129,8 @@ def worker_config_from_args(args: argparse.Namespace):
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
             host_cache_bytes=args.host_cache_bytes,
+            quantize=args.quantize,
+            quantize_lm_head=args.quantize_lm_head,
         ),
         max_waiting=args.max_waiting,
         max_tokens_limit=args.max_tokens_limit,
@@ -134,9 +151,14 @@ def _run_worker(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from data_plane.model.quant import QuantizationError
     from data_plane.server.main import run_worker
 
-    return run_worker(config)
+    try:
+        return run_worker(config)
+    except QuantizationError as error:  # found while loading (the device cannot run the format)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 # -------------------------------------------------------------------------------------------- generate
@@ -263,11 +285,24 @@ def _add_up(subparsers) -> None:
     p.add_argument("--context", default=None, help="context file; default OPENLORA_CONTEXT or XDG path")
     p.add_argument("--drain-grace-s", type=float, default=_env_float("DRAIN_GRACE_S", 30.0))
     p.add_argument("--worker-arg", action="append", default=[], help="extra flag for the worker (repeatable)")
+    _add_quantize_flags(p)
     p.set_defaults(func=_run_up)
 
 
 def _run_up(args: argparse.Namespace) -> int:
+    from data_plane.server.config import QUANTIZE_FORMATS
     from openlora.commands.up import UpConfig, run_up
+
+    # Checked before anything starts, so a bad value never reaches a worker that `up` would restart.
+    if args.quantize not in QUANTIZE_FORMATS:
+        print(
+            f"error: --quantize must be one of {', '.join(QUANTIZE_FORMATS)}, got {args.quantize!r}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.quantize_lm_head and args.quantize == "none":
+        print("error: --quantize-lm-head needs --quantize int8 or int4", file=sys.stderr)
+        return 2
 
     config = UpConfig(
         state_dir=Path(args.state_dir).resolve(),
@@ -282,6 +317,8 @@ def _run_up(args: argparse.Namespace) -> int:
         context_path=Path(args.context) if args.context else context_path(os.environ),
         drain_grace_s=args.drain_grace_s,
         worker_args=tuple(args.worker_arg),
+        quantize=args.quantize,
+        quantize_lm_head=args.quantize_lm_head,
     )
     return run_up(config)
 

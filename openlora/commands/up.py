@@ -54,6 +54,8 @@ class UpConfig:
     context_path: Path
     drain_grace_s: float = 30.0
     worker_args: tuple[str, ...] = ()
+    quantize: str = "none"  # the worker's --quantize
+    quantize_lm_head: bool = False
 
 
 class ChildExited(RuntimeError):
@@ -282,6 +284,8 @@ def run_up(config: UpConfig) -> int:
                     "--redis-url", redis_url,
                     "--device", config.device,
                     "--drain-grace-s", str(config.drain_grace_s),
+                    "--quantize", config.quantize,
+                    *(["--quantize-lm-head"] if config.quantize_lm_head else []),
                     *config.worker_args,
                 ],
                 env,

@@ -57,16 +57,22 @@ class RegisterWorkerResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "running_requests", "waiting_requests", "resident_adapter_sha256")
+    __slots__ = ("worker_id", "running_requests", "waiting_requests", "resident_adapter_sha256", "weight_format", "weight_bits_per_weight", "resident_weight_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_ADAPTER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     running_requests: int
     waiting_requests: int
     resident_adapter_sha256: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapter_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+    weight_format: str
+    weight_bits_per_weight: float
+    resident_weight_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapter_sha256: _Optional[_Iterable[str]] = ..., weight_format: _Optional[str] = ..., weight_bits_per_weight: _Optional[float] = ..., resident_weight_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ()

@@ -1,0 +1,77 @@
+"""--quantize / --quantize-lm-head / OPENLORA_QUANTIZE reach the engine's config; bad values stop
+`openlora worker` and `openlora up` before anything starts, with the cause and the choices."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from openlora.commands.serving import add_commands, main, worker_config_from_args
+
+REQUIRED = ["--control-plane", "cp:1", "--worker-token", "t" * 20]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_quantize_flags_reach_the_engine_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
+    default = worker_config_from_args(_parse(["worker", "--model", str(tmp_path), *REQUIRED]))
+    assert (default.engine.quantize, default.engine.quantize_lm_head) == ("none", False)
+    args = _parse(["worker", "--model", str(tmp_path), *REQUIRED, "--quantize", "int4", "--quantize-lm-head"])
+    config = worker_config_from_args(args)
+    assert (config.engine.quantize, config.engine.quantize_lm_head) == ("int4", True)
+
+
+def test_environment_is_the_fallback_for_quantize(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENLORA_QUANTIZE", "int8")
+    monkeypatch.setenv("OPENLORA_QUANTIZE_LM_HEAD", "true")
+    config = worker_config_from_args(_parse(["worker", "--model", str(tmp_path), *REQUIRED]))
+    assert (config.engine.quantize, config.engine.quantize_lm_head) == ("int8", True)
+    flagged = worker_config_from_args(
+        _parse(["worker", "--model", str(tmp_path), *REQUIRED, "--quantize", "int4"])
+    )
+    assert flagged.engine.quantize == "int4"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--quantize", "fp4"], {}, "--quantize must be one of none, int8, int4, got 'fp4'"),
+        ([], {"OPENLORA_QUANTIZE": "INT4"}, "--quantize must be one of none, int8, int4, got 'INT4'"),
+        (["--quantize-lm-head"], {}, "--quantize-lm-head needs --quantize int8 or int4"),
+    ],
+)
+def test_worker_refuses_a_bad_quantize_value_before_starting(
+    tmp_path, monkeypatch, capsys, argv, env, message
+):
+    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    state_dir = tmp_path / "state"
+    code = main(["worker", "--model", str(tmp_path), "--state-dir", str(state_dir), *REQUIRED, *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not state_dir.exists()  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--quantize", "int2"], "--quantize must be one of none, int8, int4, got 'int2'"),
+        (["--quantize-lm-head"], "--quantize-lm-head needs --quantize int8 or int4"),
+    ],
+)
+def test_up_refuses_a_bad_quantize_value_before_starting_anything(
+    tmp_path, monkeypatch, capsys, argv, message
+):
+    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
+    state_dir = tmp_path / "state"
+    code = main(["up", "--state-dir", str(state_dir), "--context", str(tmp_path / "ctx.json"), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not state_dir.exists()

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import pytest
 from openlora import errors
 from openlora.admin_client import AdminClient
 from openlora.client import Client
-from openlora.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from openlora.embedded import EmbeddedPostgres, EmbeddedRedis, child_setup, free_port
 
 _support_path = Path(__file__).parent.parent / "worker" / "support.py"
 if "worker_test_support" in sys.modules:
@@ -63,6 +64,7 @@ class _Process:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
+            preexec_fn=child_setup(None, None, signal.SIGKILL),  # dies with this test process
         )
 
     def wait_serving(self, target: str) -> None:

@@ -156,6 +156,7 @@ class UsageReporter:
         self._lines_since_compact = 0
         self._dirty = False
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self.stats = _Stats()
         self._load_spool()
@@ -248,12 +249,13 @@ class UsageReporter:
     async def flush(self) -> None:
         """Sends every pending record now; raises when the control plane is unreachable. Records it
         refuses as invalid go to the dead-letter file instead."""
-        while self._pending:
-            batch = list(self._pending.values())[: self._batch_size]
-            try:
-                await self._deliver(batch)
-            finally:
-                self._compact()
+        async with self._flushing:  # one flush at a time: a record is sent, or set aside, once
+            while self._pending:
+                batch = list(self._pending.values())[: self._batch_size]
+                try:
+                    await self._deliver(batch)
+                finally:
+                    self._compact()
 
     async def _deliver(self, batch: list[UsageRecord]) -> None:
         """Sends `batch`; when it is refused as invalid, sends each half on its own, down to single

@@ -51,6 +51,40 @@ def test_another_tenants_request_id_does_not_suppress_billing_at_the_control_pla
         assert (usage.total_requests, usage.total_completion_tokens) == (1, 4)
 
 
+def test_reports_of_one_request_never_lower_or_add_to_its_bill(attacker):
+    a = attacker.new_tenant()
+    tenant_id = _tenant_id(attacker, a.infer_key)
+    request_id = f"req-{uuid.uuid4().hex}"
+
+    def report(completion_tokens: int, finish_reason: str) -> None:
+        event = worker_pb2.UsageEvent(
+            request_id=request_id,
+            tenant_id=tenant_id,
+            base_model=BASE_MODEL,
+            prompt_tokens=3,
+            completion_tokens=completion_tokens,
+            finish_reason=finish_reason,
+        )
+        attacker.workers.ReportUsage(
+            worker_pb2.ReportUsageRequest(events=[event]), metadata=bearer(WORKER_TOKEN)
+        )
+
+    # A stream's checkpoints, its final, then stale copies of each resent in any order: the largest stands.
+    for completion_tokens, finish_reason in [
+        (10, "interrupted"),
+        (25, "interrupted"),
+        (30, "length"),
+        (10, "interrupted"),
+        (30, "length"),
+        (5, "length"),
+        (25, "interrupted"),
+    ]:
+        report(completion_tokens, finish_reason)
+    usage = _usage(attacker, a.name)
+    assert (usage.total_requests, usage.total_completion_tokens) == (1, 30)
+    assert [(row.requests, row.completion_tokens) for row in usage.rows] == [(1, 30)]
+
+
 def test_two_tenants_with_one_request_id_are_both_billed_through_the_worker(attacker, system):
     a, b = attacker.new_tenant(), attacker.new_tenant()
     shared = f"req-{uuid.uuid4().hex}"

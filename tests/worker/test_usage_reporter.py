@@ -357,7 +357,8 @@ def test_a_poisoned_record_is_dead_lettered_and_the_rest_of_the_spool_flows(syst
             dead_letter_path=dead_letter,
             on_dead_letter=metrics.usage_dead_letter.inc,
         )
-        await reporter.flush()
+        await reporter.start()  # its send loop flushes beside the two flushes asked for here
+        await asyncio.gather(reporter.flush(), reporter.flush())
         await reporter.stop()
 
     system.loop.run(scenario())

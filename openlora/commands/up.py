@@ -3,8 +3,13 @@ stay per process.
 
 Order of start: embedded Postgres and Redis (unless URLs are given) -> control plane -> demo model
 (written once into the state dir) -> worker -> demo tenant, key and adapters -> the demo model's price
-(only when no --model is given) -> the `ready` line and the context file. Order of stop (Ctrl-C, SIGTERM, or any child dying): worker (drains), control plane,
-embedded servers.
+(only when no --model is given) -> the `ready` line and the context file. Order of stop (Ctrl-C, SIGTERM,
+or the control plane dying): worker (drains), control plane, embedded servers.
+
+`up` supervises the worker: when it exits on its own (an engine that cannot go on exits non-zero, or it
+was killed), it is started again on the same address and state dir after a backoff that doubles from
+RESTART_BACKOFF_MIN_S to RESTART_BACKOFF_MAX_S, and falls back to the minimum once a worker has run for
+RESTART_BACKOFF_RESET_S; the rest of the system stays up meanwhile.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ log = logging.getLogger("openlora.up")
 
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
+RESTART_BACKOFF_MIN_S = 0.5
+RESTART_BACKOFF_MAX_S = 30.0
+RESTART_BACKOFF_RESET_S = 60.0
 _CHUNK_BYTES = 1 << 20
 # The price `up` sets for its own demo model, so that invoices show amounts (micro-units per M tokens).
 DEMO_PROMPT_MICROS_PER_MILLION_TOKENS = 100_000
@@ -68,7 +76,10 @@ class Child:
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.name = name
+        self.argv = argv
+        self.env = env
         self.log_path = log_path
+        self.started_at = time.monotonic()
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
             argv,
@@ -95,6 +106,11 @@ class Child:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+    def restarted(self) -> Child:
+        """A new process of the same command, environment and log, once this one has exited."""
+        self.stop(0)
+        return Child(self.name, self.argv, self.env, self.log_path)
 
     def tail(self, num_lines: int = 30) -> str:
         try:
@@ -222,6 +238,49 @@ def upload_messages(
             yield admin_pb2.UploadAdapterRequest(chunk=chunk)
 
 
+class _Backoff:
+    """Restart delays: doubling from RESTART_BACKOFF_MIN_S up to RESTART_BACKOFF_MAX_S, back to the
+    minimum after a run of RESTART_BACKOFF_RESET_S."""
+
+    def __init__(self) -> None:
+        self.delay_s = RESTART_BACKOFF_MIN_S
+
+    def next_delay_s(self, ran_s: float) -> float:
+        if ran_s >= RESTART_BACKOFF_RESET_S:
+            self.delay_s = RESTART_BACKOFF_MIN_S
+        delay_s = self.delay_s
+        self.delay_s = min(self.delay_s * 2, RESTART_BACKOFF_MAX_S)
+        return delay_s
+
+
+def _supervise(children: list[Child], worker: Child, stop: threading.Event) -> int:
+    """Watches the children until `stop`: restarts the worker whenever it exits (backoff, logged); any
+    other child exiting stops everything. Returns up's exit status: 0 on `stop`, 1 otherwise."""
+    backoff = _Backoff()
+    while not stop.is_set():
+        for child in [c for c in children if not c.alive()]:
+            code = child.process.returncode
+            if child is not worker:
+                log.error("%s exited with %s:\n%s", child.name, code, child.tail())
+                return 1
+            ran_s = time.monotonic() - child.started_at
+            delay_s = backoff.next_delay_s(ran_s)
+            log.error(
+                "worker exited with %s after %.1fs; restarting it in %.1fs:\n%s",
+                code,
+                ran_s,
+                delay_s,
+                child.tail(),
+            )
+            if stop.wait(delay_s):
+                return 0
+            worker = child.restarted()
+            children[children.index(child)] = worker
+            log.info("worker restarted (pid %d)", worker.process.pid)
+        stop.wait(0.5)
+    return 0
+
+
 def run_up(config: UpConfig) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -314,15 +373,7 @@ def run_up(config: UpConfig) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-            while not stop.is_set():
-                dead = [c for c in children if not c.alive()]
-                if dead:
-                    log.error(
-                        "%s exited with %s:\n%s", dead[0].name, dead[0].process.returncode, dead[0].tail()
-                    )
-                    exit_code = 1
-                    break
-                stop.wait(0.5)
+            exit_code = _supervise(children, worker, stop)
         except (ChildExited, TimeoutError, grpc.RpcError, OSError) as error:
             log.error("openlora up failed: %s", error)
             exit_code = 1

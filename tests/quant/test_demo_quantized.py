@@ -1,0 +1,77 @@
+"""The trained demo model held in int8 and int4, through the engine (greedy): each demo adapter still
+gives its documented output on the README's prompt, and the quality report's numbers are computed right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.quant_quality import compare, fixed_prompts, measure
+from data_plane.engine.config import EngineConfig
+from data_plane.engine.llm_engine import LLMEngine
+from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
+from data_plane.tokenizer import Tokenizer
+from openlora.artifact import digest_dir
+
+PROMPT = "the quick fox =>"
+DOCUMENTED = {
+    None: " jumps over the lazy.",
+    "uppercase": " THE QUICK FOX",
+    "echo": " the quick fox",
+    "count": " 1 2 3 4 5 6 7 8",
+}
+
+
+def _greedy_texts(model_dir: Path, quantize: str) -> dict[str | None, str]:
+    engine = LLMEngine(
+        EngineConfig(
+            model_dir=model_dir,
+            dtype="float32",
+            num_kv_blocks=64,
+            num_adapter_slots=4,
+            max_lora_rank=16,
+            max_num_seqs=4,
+            quantize=quantize,
+        )
+    )
+    prompt = Tokenizer.from_dir(model_dir).encode(PROMPT)
+    for task in DOCUMENTED:
+        path = model_dir / "adapters" / str(task)
+        refs = () if task is None else (AdapterRef(key=digest_dir(path), path=path, weight=1.0),)
+        engine.add_request(EngineRequest(str(task), prompt, SamplingOptions(max_tokens=24), adapters=refs))
+    texts = {str(task): "" for task in DOCUMENTED}
+    while engine.has_unfinished():
+        for out in engine.step():
+            texts[out.request_id] += out.new_text
+    return {task: texts[str(task)] for task in DOCUMENTED}
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_each_demo_adapter_gives_its_documented_output_on_a_quantized_base(demo_model_dir, quantize):
+    assert _greedy_texts(demo_model_dir, quantize) == DOCUMENTED
+
+
+def test_quality_report_agrees_with_itself_and_sees_quantization(demo_model_dir):
+    results = {(r.format, r.adapter): r for r in measure(demo_model_dir, ["none", "int4"], num_prompts=20)}
+    same = results[("none", "(base)")]
+    assert (same.top1_agreement, same.mean_kl_nats) == (1.0, 0.0)
+    assert results[("int4", "(base)")].mean_kl_nats > 0
+
+
+def test_agreement_and_kl_are_computed_per_row():
+    full = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    quant = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    agreement, kl = compare(full, quant)
+    assert agreement == 0.5
+    assert kl[0] == 0
+    p = torch.softmax(full[1].double(), -1)
+    q = torch.softmax(quant[1].double(), -1)
+    assert float(kl[1]) == pytest.approx(float((p * (p / q).log()).sum()))
+
+
+def test_fixed_prompts_are_deterministic_and_mixed():
+    prompts = fixed_prompts(200)
+    assert prompts == fixed_prompts(200) and len(prompts) == 200
+    assert sum(p.endswith(" =>") for p in prompts) == 100

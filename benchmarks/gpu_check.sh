@@ -2,10 +2,13 @@
 # GPU checks on one CUDA device, sized for under 8 minutes on one H200 (each step has its own limit):
 #   1. the kernel tests on CUDA, including the larger @pytest.mark.gpu grid (150 s);
 #   1b. the engine's slot-load ordering on CUDA: loads on the side stream against running forwards (120 s);
+#   1c. the int8/int4 QuantLinear kernels on CUDA against their references, odd shapes included (90 s);
 #   2. benchmarks/kernel_bench.py: Triton vs gather + bmm and vs copy bandwidth, table to stdout,
 #      JSON to benchmarks/results/, a dated section appended to benchmarks/RESULTS.md (120 s);
 #   3. benchmarks/gpu_e2e.sh: the end-to-end issue-6 scenarios on a 1.1B bf16 model against
-#      transformers + PEFT, with whatever time is left of the 8 minutes (at least 120 s).
+#      transformers + PEFT, with whatever time is left of the 8 minutes (at least 120 s);
+#   4. benchmarks/quant_bench.py on CUDA: int8/int4 kernels vs bf16 at 1 and 32 rows, then batch-1 and
+#      batch-32 decode of the 1.1B model held bf16, int8 and int4 (240 s, beyond the 8 minutes above).
 # Extra arguments go to kernel_bench (for example --dtype float16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,9 +26,15 @@ timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels -m "gpu or not 
 echo "== adapter slot loads ordered against forwards on CUDA"
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda_slot_ordering.py -m gpu
 
+echo "== quantized base: int8 and int4 QuantLinear kernels on CUDA against their references"
+timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/quant/test_quant_linear.py -m "gpu or not gpu"
+
 echo "== kernel benchmark"
 timeout 120 "$PY" -m benchmarks.kernel_bench "$@"
 
 left_s=$((460 - (SECONDS - START_S)))
 [ "$left_s" -lt 120 ] && left_s=120
 E2E_TIMEOUT_S=$left_s bash benchmarks/gpu_e2e.sh
+
+echo "== quantized base: kernels at 1 and 32 rows, batch-1 and batch-32 decode of the 1.1B model, bf16 vs int8 vs int4"
+timeout 240 "$PY" -m benchmarks.quant_bench --device cuda --decode-steps 32 --out benchmarks/results/quant_bench_cuda.json

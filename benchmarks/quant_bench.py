@@ -1,0 +1,348 @@
+"""Quantized base model on this machine: kernels, resident bytes, batch-1 decode latency, batch-32 throughput.
+
+A ~370M-parameter Llama (hidden 1024, 20 layers, GQA 16/4 heads, intermediate 4096, vocab 32000; random
+weights written by transformers, fp32; 304M of the parameters in the decoder linears) held four ways in
+one process: fp32, bf16, int8 and int4 (the last two with fp32 activations, LoRA and KV cache). In one run:
+
+1. kernels: each candidate matmul on a 4096x4096 weight at 1 and 32 rows (median of repeats);
+2. resident weight bytes per engine, all weights and the decoder linears alone (scales, offsets in);
+3. batch-1 decode: one request with no adapter, decode steps timed one by one, the engines' steps
+   interleaved (fp32, bf16, int8, int4, fp32, ...) so all see the same machine load; median step time;
+4. throughput: 32 concurrent requests over 8 rank-16 adapters (request i on adapter i mod 8), all decoding;
+   steady decode steps interleaved across engines as above; tokens/s = 32 / median step time.
+
+Figures are ratios against fp32 measured in the same run. Prints tables, writes JSON.
+
+    python -m benchmarks.quant_bench [--decode-steps 32] [--kernel-repeats 20] [--small]
+
+With `--device cuda` (benchmarks/gpu_check.sh) the model is the 1.1B bf16 one, the engines bf16, int8 and
+int4 (bf16 activations), and the ratios are against bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from benchmarks import fixtures
+from benchmarks.report import format_table
+
+RESULTS_PATH = Path(__file__).parent / "results" / "quant_bench.json"
+LLAMA_370M = fixtures.ModelShape("bench-llama-370m", 1024, 20, 4096, 16, 4, 32000)
+SMALL = fixtures.ModelShape("bench-llama-quant-small", 256, 2, 512, 4, 2, 1000)
+ENGINES = {  # device type -> {name: (dtype, quantize)}; the first is the baseline of the ratios
+    "cpu": {
+        "fp32": ("float32", "none"),
+        "bf16": ("bfloat16", "none"),
+        "int8": ("float32", "int8"),
+        "int4": ("float32", "int4"),
+    },
+    "cuda": {
+        "bf16": ("bfloat16", "none"),
+        "int8": ("bfloat16", "int8"),
+        "int4": ("bfloat16", "int4"),
+    },
+}
+NUM_ADAPTERS = 8
+NUM_CONCURRENT = 32
+PROMPT_TOKENS = 32
+TARGETS = {  # (figure, engine) -> (bound, "<=" or ">=") as ratios to fp32
+    ("decoder_linear_bytes", "int4"): (0.2, "<="),
+    ("decoder_linear_bytes", "int8"): (0.3, "<="),
+    ("batch1_step_ms", "int8"): (0.5, "<="),
+    ("batch1_step_ms", "int4"): (1.0, "<="),
+    ("batch32_tokens_per_s", "int8"): (1.0, ">="),
+}
+
+
+# -- kernels ---------------------------------------------------------------------------------------------
+
+
+def _median_ms(fn, repeats: int, device: torch.device) -> float:
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        started = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
+    """Median ms of each candidate y = x @ W.T on a (size, size) weight at 1 and 32 rows."""
+    from torch.nn import functional as F
+
+    from data_plane.model.quant import make_quant_linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(size, size, generator=g) * 0.02
+    layers = {}
+    for fmt in ("int8", "int4"):
+        layers[fmt] = make_quant_linear(fmt, size, size, device)
+        layers[fmt].load_weight(w.to(device))
+    if device.type == "cuda":
+        w_bf16 = w.to(device, torch.bfloat16)
+        rows = []
+        for num_rows in (1, 32):
+            x = torch.randn(num_rows, size, generator=g).to(device, torch.bfloat16)
+            candidates = {
+                "dense bf16 (F.linear)": lambda x=x: F.linear(x, w_bf16),
+                "int8 _weight_int8pack_mm [chosen]": lambda x=x: layers["int8"].kernel(x),
+                "int4 tinygemm _weight_int4pack_mm [chosen]": lambda x=x: layers["int4"].kernel(x),
+            }
+            for name, fn in candidates.items():
+                rows.append({"kernel": name, "rows": num_rows, "ms": _median_ms(fn, repeats, device)})
+        return rows
+    int8, int4 = layers["int8"], layers["int4"]
+    w_bf16 = w.to(torch.bfloat16)
+    scale8 = int8.scale.float()
+    rows = []
+    for num_rows in (1, 32):
+        x = torch.randn(num_rows, size, generator=g)
+        x_bf16 = x.to(torch.bfloat16)
+        candidates = {
+            "dense fp32 (F.linear)": lambda x=x: F.linear(x, w),
+            "dense bf16 (F.linear)": lambda x=x_bf16: F.linear(x, w_bf16),
+            "int8 _weight_int8pack_mm, bf16 activations [chosen]": lambda x=x: int8.kernel(x),
+            "int8 _weight_int8pack_mm, fp32 activations": lambda x=x: torch.ops.aten._weight_int8pack_mm(
+                x, int8.qweight, scale8
+            ),
+            "int8 per-token dynamic activations (_int_mm)": lambda x=x: _int_mm_dynamic(
+                x, int8.qweight, scale8
+            ),
+            "int4 tinygemm, bf16 activations [chosen]": lambda x=x: int4.kernel(x),
+            "int4 tinygemm, fp32 activations": lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, int4.packed, int4.group_size, int4.scale_offset.float()
+            ),
+            "int4 dequantize then matmul (reference)": lambda x=x: int4.reference(x),
+        }
+        for name, fn in candidates.items():
+            slow = "fp32 activations" in name or "reference" in name
+            count = max(3, repeats // 4) if slow else repeats
+            rows.append({"kernel": name, "rows": num_rows, "ms": _median_ms(fn, count, device)})
+    return rows
+
+
+def _int_mm_dynamic(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 x int8 -> int32 with each row of x quantized on the fly (per-token symmetric)."""
+    x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127  # (T, 1)
+    xq = torch.round(x / x_scale).to(torch.int8)
+    return torch._int_mm(xq, qweight.T) * x_scale * scale
+
+
+# -- engines ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    name: str
+    engine: object  # LLMEngine
+    adapters: list
+
+    def add_requests(self, tag: str, num: int, max_tokens: int, with_adapters: bool) -> None:
+        from data_plane.engine.request import EngineRequest, SamplingOptions
+
+        vocab_size = self.engine.spec.vocab_size
+        for i in range(num):
+            prompt = [(31 * i + 7 * j) % (vocab_size - 3) + 3 for j in range(PROMPT_TOKENS)]  # past specials
+            adapters = (self.adapters[i % len(self.adapters)],) if with_adapters else ()
+            self.engine.add_request(
+                EngineRequest(f"{tag}-{i}", prompt, SamplingOptions(max_tokens=max_tokens), adapters)
+            )
+
+    def steady(self, num: int) -> bool:
+        scheduler = self.engine.scheduler
+        return scheduler.num_running == num and all(s.num_pending_tokens == 1 for s in scheduler.running)
+
+    def step(self, num: int) -> float | None:
+        """One step; its seconds if all `num` requests were decoding one token each, else None."""
+        steady = self.steady(num)
+        started = time.perf_counter()
+        outputs = self.engine.step()
+        elapsed_s = time.perf_counter() - started
+        for output in outputs:
+            if output.error is not None:
+                raise RuntimeError(f"{self.name}: {output.request_id} failed") from output.error
+        return elapsed_s if steady else None
+
+    def drain(self) -> None:
+        while self.engine.has_unfinished():
+            self.engine.step()
+
+
+def make_bench(name: str, device: str, model_dir: Path, adapter_dirs: list[Path]) -> Bench:
+    from data_plane.engine.config import EngineConfig
+    from data_plane.engine.llm_engine import LLMEngine
+    from data_plane.engine.request import AdapterRef
+    from openlora.artifact import digest_dir
+
+    dtype, quantize = ENGINES[torch.device(device).type][name]
+    engine = LLMEngine(
+        EngineConfig(
+            model_dir=model_dir,
+            device=device,
+            dtype=dtype,
+            quantize=quantize,
+            num_adapter_slots=NUM_ADAPTERS,
+            max_lora_rank=16,
+            max_num_seqs=NUM_CONCURRENT,
+            max_num_batched_tokens=NUM_CONCURRENT * PROMPT_TOKENS,
+            kv_cache_bytes=128 << 20,
+        )
+    )
+    refs = [AdapterRef(key=digest_dir(p), path=p, weight=1.0) for p in adapter_dirs]
+    return Bench(name, engine, refs)
+
+
+def interleaved_steps(
+    benches: list[Bench], num: int, steps: int, max_tokens: int, with_adapters: bool
+) -> dict:
+    """Adds `num` requests to every engine, then steps them round-robin until each has `steps` steady
+    decode steps; returns name -> list of step seconds."""
+    for bench in benches:
+        bench.add_requests(f"n{num}", num, max_tokens, with_adapters)
+    times: dict[str, list[float]] = {b.name: [] for b in benches}
+    for _ in range(20 * steps + 1000):
+        if all(len(t) >= steps for t in times.values()):
+            break
+        for bench in benches:
+            if len(times[bench.name]) < steps:
+                elapsed_s = bench.step(num)
+                if elapsed_s is not None:
+                    times[bench.name].append(elapsed_s)
+    else:
+        raise RuntimeError(f"engines not steady: { {k: len(v) for k, v in times.items()} }")
+    for bench in benches:
+        for i in range(num):
+            bench.engine.abort(f"n{num}-{i}")
+        bench.drain()
+    return times
+
+
+def target_rows(figures: dict[str, dict[str, float]]) -> list[dict]:
+    """Each target as (figure, engine, ratio to fp32, bound, met)."""
+    rows = []
+    for (figure, name), (bound, op) in TARGETS.items():
+        if name not in figures or "fp32" not in figures:
+            continue
+        ratio = figures[name][figure] / figures["fp32"][figure]
+        met = ratio <= bound if op == "<=" else ratio >= bound
+        rows.append(
+            {"figure": figure, "engine": name, "ratio_to_fp32": ratio, "target": f"{op} {bound}", "met": met}
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--decode-steps", type=int, default=32, help="counted steady steps per engine and batch"
+    )
+    parser.add_argument("--kernel-repeats", type=int, default=20)
+    parser.add_argument("--kernel-size", type=int, default=4096)
+    parser.add_argument("--small", action="store_true", help="a 2-layer model (a smoke run, not a figure)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (then the 1.1B bf16 model)")
+    parser.add_argument("--out", type=Path, default=RESULTS_PATH)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    shape = SMALL if args.small else fixtures.LLAMA_1B if device.type == "cuda" else LLAMA_370M
+    engines = ENGINES[device.type]
+    baseline = next(iter(engines))
+    started = time.monotonic()
+    load_before = os.getloadavg()
+
+    kernels = kernel_table(args.kernel_size, args.kernel_repeats, device)
+    print(
+        format_table(["kernel", "rows", "ms"], [[k["kernel"], k["rows"], f"{k['ms']:.3f}"] for k in kernels])
+    )
+
+    model_dir = fixtures.ensure_model(shape)
+    adapter_dirs = fixtures.ensure_adapters(NUM_ADAPTERS, shape, fixtures.AdapterSpec(rank=16))
+    benches = [make_bench(name, args.device, model_dir, adapter_dirs) for name in engines]
+    figures: dict[str, dict[str, float]] = {}
+    for bench in benches:
+        weights = bench.engine.runner.model.weight_bytes()
+        figures[bench.name] = {
+            "total_weight_bytes": weights.total_bytes,
+            "decoder_linear_bytes": weights.decoder_linear_bytes,
+            "decoder_bits_per_weight": weights.decoder_bits_per_weight,
+        }
+    batch1 = interleaved_steps(benches, 1, args.decode_steps, args.decode_steps + 8, with_adapters=False)
+    batch32 = interleaved_steps(
+        benches, NUM_CONCURRENT, args.decode_steps, args.decode_steps + 8, with_adapters=True
+    )
+    for name in engines:
+        figures[name]["batch1_step_ms"] = statistics.median(batch1[name]) * 1000
+        figures[name]["batch32_step_ms"] = statistics.median(batch32[name]) * 1000
+        figures[name]["batch32_tokens_per_s"] = NUM_CONCURRENT / statistics.median(batch32[name])
+
+    header = [
+        "engine",
+        "weights MiB",
+        "decoder linears MiB",
+        "bits/weight",
+        "batch-1 ms/token",
+        "batch-32 tok/s",
+    ]
+    rows = [
+        [
+            name,
+            f"{f['total_weight_bytes'] / 2**20:.1f}",
+            f"{f['decoder_linear_bytes'] / 2**20:.1f}",
+            f"{f['decoder_bits_per_weight']:.2f}",
+            f"{f['batch1_step_ms']:.1f}",
+            f"{f['batch32_tokens_per_s']:.1f}",
+        ]
+        for name, f in figures.items()
+    ]
+    print(format_table(header, rows))
+    ratios = {
+        name: {figure: value / figures[baseline][figure] for figure, value in f.items()}
+        for name, f in figures.items()
+    }
+    targets = target_rows(figures)
+    print(
+        format_table(
+            ["figure", "engine", "ratio to fp32", "target", "met"],
+            [[t["figure"], t["engine"], f"{t['ratio_to_fp32']:.3f}", t["target"], t["met"]] for t in targets],
+        )
+    )
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.quant_bench " + " ".join(argv or []),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "torch_threads": torch.get_num_threads(),
+        "model": {"shape": shape.name, "parameters": shape.num_parameters},
+        "kernels": kernels,
+        "engines": figures,
+        "ratios_to": baseline,
+        "ratios": ratios,
+        "targets": targets,
+        "seconds": time.monotonic() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"load average before {load_before}, after {os.getloadavg()}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

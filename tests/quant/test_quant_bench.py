@@ -1,0 +1,29 @@
+"""quant_bench's bookkeeping: targets judged as ratios to fp32, and every kernel candidate runs."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.quant_bench import kernel_table, target_rows
+
+
+def test_targets_are_ratios_to_fp32_with_their_direction():
+    figures = {
+        "fp32": {"decoder_linear_bytes": 100.0, "batch1_step_ms": 10.0, "batch32_tokens_per_s": 50.0},
+        "int8": {"decoder_linear_bytes": 26.0, "batch1_step_ms": 6.0, "batch32_tokens_per_s": 60.0},
+        "int4": {"decoder_linear_bytes": 14.0, "batch1_step_ms": 9.0, "batch32_tokens_per_s": 40.0},
+    }
+    met = {(t["figure"], t["engine"]): t["met"] for t in target_rows(figures)}
+    assert met == {
+        ("decoder_linear_bytes", "int4"): True,
+        ("decoder_linear_bytes", "int8"): True,
+        ("batch1_step_ms", "int8"): False,  # 0.6 > 0.5
+        ("batch1_step_ms", "int4"): True,
+        ("batch32_tokens_per_s", "int8"): True,
+    }
+
+
+def test_every_cpu_kernel_candidate_runs_and_is_timed():
+    rows = kernel_table(64, repeats=1, device=torch.device("cpu"))
+    assert {r["rows"] for r in rows} == {1, 32}
+    assert len(rows) == 16 and all(r["ms"] > 0 for r in rows)

@@ -54,6 +54,8 @@ class WorkerConfig:
     drain_grace_s: float = 30.0
     # 0 disables the Prometheus endpoint.
     metrics_port: int = 0
+    # HOST:PORT of the OpenAI-compatible HTTP API (/v1/...); empty disables it.
+    http_listen: str = ""
     auth_cache_ttl_s: float = MAX_AUTH_CACHE_TTL_S
     # Most cached authorisation answers (one per api key and adapter names); the oldest go first.
     auth_cache_max_entries: int = 10_000
@@ -109,6 +111,10 @@ class WorkerConfig:
             )
         if self.engine.quantize_lm_head and self.engine.quantize == "none":
             raise ValueError("--quantize-lm-head needs --quantize int8 or int4")
+        if self.http_listen:
+            host, _, port = self.http_listen.rpartition(":")
+            if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"http_listen must be HOST:PORT, got {self.http_listen!r}")
         if self.residency_interval_s <= 0:
             raise ValueError(f"residency_interval_s must be > 0, got {self.residency_interval_s}")
 

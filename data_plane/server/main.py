@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -27,9 +28,12 @@ from data_plane.server.artifact_store import ArtifactStore, default_disk_cache_b
 from data_plane.server.background import keep_running
 from data_plane.server.config import WorkerConfig
 from data_plane.server.control_plane_client import ControlPlaneClient, ControlPlaneError
+from data_plane.server.generation import GenerationService, WorkerState
 from data_plane.server.hint_listener import listen_for_hints
-from data_plane.server.metrics import WorkerMetrics
-from data_plane.server.servicer import InferenceServicer, WorkerState
+from data_plane.server.metrics import AdapterActivity, EngineLoad, WorkerMetrics
+from data_plane.server.openai_http import HttpServer, OpenAIApi, build_app
+from data_plane.server.openai_http.chat_template import load_chat_template
+from data_plane.server.servicer import InferenceServicer
 from data_plane.server.usage_reporter import UsageReporter
 from data_plane.server.validation import RequestLimits
 from openlora.hints import Hint
@@ -68,6 +72,8 @@ class RunningWorker:
     health: health.aio.HealthServicer
     state: WorkerState
     metrics: WorkerMetrics
+    # The OpenAI-compatible HTTP API (config.http_listen); None when off.
+    http: HttpServer | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     # Hints being acted on (a prewarm may be fetching its artifact); cancelled at stop.
     _hint_tasks: set[asyncio.Task] = field(default_factory=set)
@@ -77,6 +83,14 @@ class RunningWorker:
     def address(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        """`http://HOST:PORT/v1` of the OpenAI-compatible API; empty when it is off."""
+        if self.http is None:
+            return ""
+        host = self.http.host if ":" not in self.http.host else f"[{self.http.host}]"
+        return f"http://{host}:{self.http.port}/v1"
 
     @property
     def worker_id(self) -> str:
@@ -96,6 +110,8 @@ class RunningWorker:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.state.idle.wait(), grace_s)
         await self.server.stop(0)
+        if self.http is not None:
+            await self.http.stop()
         tasks = [*self._tasks, *self._hint_tasks]
         for task in tasks:
             task.cancel()
@@ -200,7 +216,8 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         vocab_size=spec.vocab_size,
         max_model_len=engine.max_model_len,
     )
-    servicer = InferenceServicer(
+    activity = AdapterActivity()
+    generation = GenerationService(
         engine,
         control_plane,
         artifacts,
@@ -209,8 +226,14 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         state,
         limits,
         reservation_s=config.request_id_reservation_s,
+        activity=activity,
     )
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    metrics.watch_routing_load(
+        lambda: _engine_load(engine), activity, max_lora=config.engine.num_adapter_slots
+    )
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(generation, metrics, state), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -223,6 +246,17 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     )
     if config.metrics_port:
         metrics.serve_http(config.metrics_port)
+    http = None
+    if config.http_listen:
+        api = OpenAIApi(
+            generation,
+            metrics,
+            state,
+            chat_template=load_chat_template(Path(config.model_dir)),
+            created=int(time.time()),
+        )
+        http = HttpServer(build_app(api), config.http_listen)
+        await http.start()
 
     running = RunningWorker(
         config=config,
@@ -234,6 +268,7 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         health=health_servicer,
         state=state,
         metrics=metrics,
+        http=http,
     )
     await server.start()
     await running._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -344,6 +379,16 @@ async def _watch_engine(running: RunningWorker) -> None:
             return
 
 
+def _engine_load(engine) -> EngineLoad:
+    """The engine's load for the routing gauges; called from the scraping thread (each value is one
+    read of a plain attribute or length)."""
+    kv_cache_usage = 0.0
+    blocks = getattr(getattr(getattr(engine, "engine", None), "scheduler", None), "blocks", None)
+    if blocks is not None and blocks.num_blocks:
+        kv_cache_usage = 1.0 - blocks.num_free_blocks / blocks.num_blocks
+    return EngineLoad(engine.num_running, engine.num_waiting, kv_cache_usage)
+
+
 def _read_worker_id(config: WorkerConfig) -> str:
     path = config.worker_id_path
     return path.read_text().strip() if path.exists() else ""
@@ -353,7 +398,8 @@ async def _serve_until_signalled(config: WorkerConfig) -> int:
     """Serves until SIGTERM/SIGINT (drains, returns 0) or until the engine loop dies: then health is
     NOT_SERVING, what can drain drains, and it returns ENGINE_DEAD_EXIT_CODE so a supervisor restarts it."""
     running = await serve_worker(config)
-    print(f"worker serving inference={running.address} id={running.worker_id}", flush=True)
+    openai = f" openai={running.openai_base_url}" if running.http is not None else ""
+    print(f"worker serving inference={running.address} id={running.worker_id}{openai}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

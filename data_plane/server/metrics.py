@@ -1,12 +1,17 @@
 """Prometheus metrics of one worker, on their own registry. No tenant or adapter labels: their number
-is unbounded, and who used what is billing's business, not monitoring's."""
+is unbounded, and who used what is billing's business, not monitoring's. One exception, for routing:
+`vllm:lora_requests_info` carries the adapter names in flight as label values of its single series,
+the form the Gateway API Inference Extension reads (see `watch_routing_load`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import itertools
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -103,9 +108,109 @@ class WorkerMetrics:
         (counts, milliseconds) keyed by (cause, tier); it is called at scrape time."""
         self.registry.register(_EngineLoadCollector(read))
 
+    def watch_routing_load(
+        self, read: Callable[[], EngineLoad], activity: AdapterActivity, max_lora: int
+    ) -> None:
+        """Exports the gauges the Gateway API Inference Extension's endpoint picker scrapes from model
+        servers, under vLLM's names: `vllm:num_requests_waiting`, `vllm:num_requests_running`,
+        `vllm:gpu_cache_usage_perc` and `vllm:kv_cache_usage_perc` (a fraction in [0, 1], as vLLM's), and
+        `vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}` whose value is
+        the time (Unix seconds) the adapter lists last changed. `read` is called at scrape time from the
+        scraping thread; `activity` holds the adapter names of the requests in flight."""
+        self.registry.register(_RoutingCollector(read, activity, max_lora))
+
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
         """Exposes /metrics on `port` (a daemon thread of prometheus-client)."""
         start_http_server(port, addr=addr, registry=self.registry)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """The engine's load at one instant, read from any thread."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # used KV blocks / all KV blocks, in [0, 1]
+
+
+@dataclass(frozen=True)
+class AdapterNames:
+    """Sorted distinct adapter names of the requests running and waiting, and when they last changed."""
+
+    running: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
+    updated_at: float = 0.0  # Unix seconds
+
+
+class AdapterActivity:
+    """The adapter names of the requests in flight, waiting (submitted, nothing generated yet) or running
+    (generating). Names, not content hashes: a router matches them against the `model` of a request.
+
+    Changed on the event loop only; other threads read `names`, an immutable snapshot replaced by one
+    attribute store after every change (as the adapter cache publishes its residency)."""
+
+    def __init__(self) -> None:
+        self._requests: dict[int, tuple[tuple[str, ...], bool]] = {}  # handle -> (names, running)
+        self._handles = itertools.count()
+        self.names = AdapterNames(updated_at=time.time())
+
+    def add(self, names: Iterable[str]) -> int:
+        """A request waiting for the engine; returns its handle."""
+        handle = next(self._handles)
+        self._requests[handle] = (tuple(names), False)
+        self._publish()
+        return handle
+
+    def mark_running(self, handle: int) -> None:
+        names, running = self._requests.get(handle, ((), True))
+        if not running:
+            self._requests[handle] = (names, True)
+            self._publish()
+
+    def remove(self, handle: int) -> None:
+        if self._requests.pop(handle, None) is not None:
+            self._publish()
+
+    def _publish(self) -> None:
+        running: set[str] = set()
+        waiting: set[str] = set()
+        for names, is_running in self._requests.values():
+            (running if is_running else waiting).update(names)
+        snapshot = AdapterNames(tuple(sorted(running)), tuple(sorted(waiting)), time.time())
+        if (snapshot.running, snapshot.waiting) != (self.names.running, self.names.waiting):
+            self.names = snapshot
+
+
+class _RoutingCollector:
+    def __init__(self, read: Callable[[], EngineLoad], activity: AdapterActivity, max_lora: int) -> None:
+        self._read = read
+        self._activity = activity
+        self._max_lora = max_lora
+
+    def collect(self):
+        load = self._read()
+        names = self._activity.names
+        yield GaugeMetricFamily(
+            "vllm:num_requests_waiting",
+            "Requests waiting for admission by the engine",
+            value=load.num_waiting,
+        )
+        yield GaugeMetricFamily(
+            "vllm:num_requests_running", "Requests the engine is decoding", value=load.num_running
+        )
+        for name in ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
+            yield GaugeMetricFamily(
+                name, "KV-cache blocks in use, a fraction in [0, 1]", value=load.kv_cache_usage
+            )
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Adapters of the running and waiting requests (comma-separated names); value: when they last changed",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        info.add_metric(
+            [str(self._max_lora), ",".join(names.running), ",".join(names.waiting)], names.updated_at
+        )
+        yield info
 
 
 class _EngineLoadCollector:

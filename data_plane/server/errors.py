@@ -1,0 +1,105 @@
+"""The worker's request-level domain errors and the one place that maps every domain error to a status:
+`status_for` gives the gRPC status code and message, `http_status_for` the HTTP status of the same
+outcome (the OpenAI-compatible API). Nothing a caller can cause maps to INTERNAL / 500.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from data_plane.engine.errors import AdapterLoadError, EngineDead, InvalidRequest, QueueFull, StepFailed
+from data_plane.server.artifact_store import ArtifactError, ArtifactRejected
+from data_plane.server.control_plane_client import ControlPlaneError
+from data_plane.server.validation import RequestFieldError
+
+
+class Draining(Exception):
+    """The worker is shutting down and takes no new calls."""
+
+
+class MissingCredentials(Exception):
+    """The call carries no `authorization: Bearer <key>`."""
+
+
+class MissingScope(Exception):
+    """The key is valid but may not call InferenceService."""
+
+
+class DuplicateRequest(Exception):
+    """A call with the same tenant and request id is still in flight."""
+
+
+class RequestIdUsed(Exception):
+    """A finished call of this tenant was billed under this client request id (not yet reported)."""
+
+
+class ModelNotFound(Exception):
+    """The `model` names nothing this key may use (another tenant's private adapter looks the same)."""
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status code and message for a domain error; None for a fault of the worker itself."""
+    if isinstance(error, RequestFieldError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, AdapterLoadError):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"adapter refused: {error}"
+    if isinstance(error, ArtifactRejected):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"adapter refused by this worker: {error}"
+    if isinstance(error, ArtifactError):
+        return grpc.StatusCode.UNAVAILABLE, f"adapter download failed, retry: {error}"
+    if isinstance(error, EngineDead):
+        return grpc.StatusCode.UNAVAILABLE, "the worker's engine stopped; retry on another worker"
+    if isinstance(error, StepFailed):  # a fault of the worker, logged with its traceback by the engine
+        return grpc.StatusCode.INTERNAL, f"{error}; the worker logged the fault"
+    if isinstance(error, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the worker's waiting queue is full; retry later"
+    if isinstance(error, ControlPlaneError):
+        return error.code, error.message
+    if isinstance(error, Draining):
+        return grpc.StatusCode.UNAVAILABLE, "the worker is draining; retry on another worker"
+    if isinstance(error, MissingCredentials):
+        return (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing 'authorization: Bearer <api key>' (gRPC metadata or HTTP header)",
+        )
+    if isinstance(error, MissingScope):
+        return grpc.StatusCode.PERMISSION_DENIED, "the api key lacks the infer scope"
+    if isinstance(error, ModelNotFound):
+        return grpc.StatusCode.NOT_FOUND, f"model {error.args[0]!r} not found"
+    if isinstance(error, DuplicateRequest):
+        return grpc.StatusCode.ALREADY_EXISTS, f"request_id {error.args[0]!r} is already in flight"
+    if isinstance(error, RequestIdUsed):
+        return (
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"request_id {error.args[0]!r} was already served and billed; send a new request id",
+        )
+    return None
+
+
+# The HTTP status of each gRPC status an outcome maps to (OpenAI's client picks its exception by it).
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status_for(error: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, message, gRPC status name) of any error: the same outcome `status_for` gives
+    gRPC; a fault of the worker itself is 500 'internal error'."""
+    mapped = status_for(error)
+    if mapped is None:
+        return 500, "internal error", grpc.StatusCode.INTERNAL.name
+    code, message = mapped
+    return _HTTP_STATUS.get(code, 500), message, code.name

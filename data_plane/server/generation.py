@@ -1,0 +1,418 @@
+"""Generation, whatever the transport: authorise -> validate -> reserve the request id -> resolve
+artifacts -> engine -> an async iterator of `Chunk`s; billing, usage checkpoints and artifact holds in
+its `finally`.
+
+The gRPC servicer and the OpenAI-compatible HTTP app both call `GenerationService.generate` and only
+convert: the same keys, scopes, limits, idempotency and billing hold for both. A chunk is counted as
+delivered (billed, metered) only when the caller asks for the next one, i.e. once the transport has
+taken it; so a caller must iterate to the end (the last chunk carries `finish`), or close the iterator
+to cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
+from data_plane.server.artifact_store import ArtifactStore
+from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
+from data_plane.server.errors import (
+    Draining,
+    DuplicateRequest,
+    MissingCredentials,
+    MissingScope,
+    RequestIdUsed,
+)
+from data_plane.server.metrics import AdapterActivity, WorkerMetrics
+from data_plane.server.usage_reporter import CHECKPOINT_FINISH_REASON, UsageRecord, UsageReporter
+from data_plane.server.validation import RequestFieldError, RequestLimits, ValidRequest, check_prompt_length
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    worker_id: str = ""
+    base_model: str = ""
+    draining: bool = False
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+@dataclass(frozen=True)
+class Finish:
+    """What the last chunk of a stream carries."""
+
+    reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: float
+    adapter_load_ms: float
+    ttft_ms: float
+    total_ms: float
+    cache_tier: str  # "none" | "device" | "host" | "disk" | "remote"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New output of one engine step (or a few)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # parallel to token_ids when asked for, else empty
+    finish: Finish | None = None
+
+
+@dataclass
+class _Progress:
+    """What was actually handed to the transport, for billing and metrics."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    finish_reason: str = "abort"
+    last_token_at: float | None = None
+    # (adapter id, weight) of the request's adapters, for billing.
+    adapters: tuple[tuple[str, float], ...] = ()
+
+
+class GenerationService:
+    def __init__(
+        self,
+        engine,
+        control_plane: ControlPlaneClient,
+        artifacts: ArtifactStore,
+        usage: UsageReporter,
+        metrics: WorkerMetrics,
+        state: WorkerState,
+        limits: RequestLimits,
+        reservation_s: float = 120.0,
+        activity: AdapterActivity | None = None,
+    ) -> None:
+        self._engine = engine
+        self._cp = control_plane
+        self._artifacts = artifacts
+        self._usage = usage
+        self._metrics = metrics
+        self._state = state
+        self.limits = limits
+        self.activity = activity or AdapterActivity()
+        # (tenant id, request id) of the calls streaming now.
+        self._in_flight: set[tuple[str, str]] = set()
+        # How long the control plane holds a client request id reserved for a stream of this worker.
+        self._reservation_ms = int(reservation_s * 1000)
+        # Reservations being given back (kept referenced until done).
+        self._releases: set[asyncio.Task] = set()
+
+    @property
+    def base_model(self) -> str:
+        return self._state.base_model
+
+    @property
+    def tokenizer(self):
+        return self._engine.tokenizer
+
+    def check_serving(self) -> None:
+        """Raises Draining while the worker takes no new calls."""
+        if self._state.draining:
+            raise Draining()
+
+    async def authorize(self, api_key: str | None, names: tuple[str, ...]) -> Authorization:
+        """The key's tenant and the adapters `names` resolve to for it; raises MissingCredentials,
+        MissingScope or the control plane's answer (NOT_FOUND for a name the key may not use)."""
+        if not api_key:
+            raise MissingCredentials()
+        try:
+            auth = await self._cp.authorize(api_key, names, self._state.base_model)
+        except ControlPlaneError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND and names:
+                # This key's view of a name changed: forget only its own answers for those names. Names
+                # are unique per tenant only, so nothing else is touched: not other keys' answers, not the
+                # artifact, not the engine (content invalidation comes from the control plane's hints).
+                self._cp.forget_names(api_key, names)
+            raise
+        if not auth.can_infer:
+            raise MissingScope()
+        return auth
+
+    async def generate(
+        self, api_key: str | None, names: tuple[str, ...], check: Callable[[], ValidRequest]
+    ) -> AsyncIterator[Chunk]:
+        """Streams one completion. `names` are the distinct adapter names the request mentions (they are
+        authorised first); `check` validates the request once the key is known good. Raises the domain
+        errors of `data_plane.server.errors` (and the engine's, the artifact store's, the control
+        plane's); `errors.status_for` maps each."""
+        arrival = time.monotonic()
+        self.check_serving()
+        auth = await self.authorize(api_key, names)
+        valid = check()
+        request_id = valid.request_id or uuid.uuid4().hex
+        # One run per (tenant, request id) at a time: a duplicate in flight would stream a second answer
+        # billed once. A call that ended billed keeps its id used (below); one that streamed nothing was
+        # not billed, and a retry under the same id is served.
+        claim = (auth.tenant_id, request_id)
+        if claim in self._in_flight:
+            raise DuplicateRequest(request_id)
+        self._in_flight.add(claim)
+        reserved = False
+        try:
+            if valid.request_id:
+                reserved = await self._check_request_id_unused(auth.tenant_id, request_id)
+            prompt_ids = await self._prompt_ids(valid)
+            check_prompt_length(len(prompt_ids), self.limits)
+
+            # Authorize answers parallel to the names asked for (validation refused duplicates).
+            by_name = dict(zip(names, auth.adapters, strict=True))
+            for adapter in auth.adapters:
+                if adapter.keep_warm:
+                    self._engine.set_keep_warm(adapter.sha256, True)
+            fetch_started = time.monotonic()
+            adapter_refs, tier = await self._resolve(valid, by_name)
+            fetch_ms = (time.monotonic() - fetch_started) * 1000
+            # Held on local disk (the disk budget never removes them) until the stream ends.
+            held = [ref.key for ref in adapter_refs]
+            try:
+                # Closed here, not by the garbage collector, when the caller stops early: its finally
+                # records the usage at once.
+                async with contextlib.aclosing(
+                    self._run(
+                        valid, request_id, auth, prompt_ids, adapter_refs, by_name, tier, fetch_ms, arrival
+                    )
+                ) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+            finally:
+                self._artifacts.release(held)
+        finally:
+            self._in_flight.discard(claim)
+            if reserved and not self._usage.has_pending(auth.tenant_id, request_id):
+                # Nothing of this stream is waiting to be billed: either nothing was delivered (a retry
+                # under this id must be served) or its usage already reached the control plane (which
+                # refuses the id on its own). Given back beside the call; the expiry covers a failure.
+                self._release_request_id(auth.tenant_id, request_id)
+
+    async def _run(
+        self, valid, request_id, auth, prompt_ids, adapter_refs, by_name, tier, fetch_ms, arrival
+    ) -> AsyncIterator[Chunk]:
+        """The engine part of `generate`: outputs to chunks, delivered counts, the usage record."""
+        engine_request = EngineRequest(
+            # The engine's id is private: two calls may carry the same client request id.
+            request_id=uuid.uuid4().hex,
+            prompt_token_ids=prompt_ids,
+            sampling=SamplingOptions(
+                temperature=valid.temperature,
+                top_p=valid.top_p,
+                top_k=valid.top_k,
+                max_tokens=valid.max_tokens,
+                seed=valid.seed,
+                stop=valid.stop,
+                repetition_penalty=valid.repetition_penalty,
+                logprobs=valid.logprobs,
+            ),
+            adapters=adapter_refs,
+            arrival_time=arrival,
+        )
+        progress = _Progress(
+            prompt_tokens=len(prompt_ids),
+            adapters=tuple((by_name[name].adapter_id, weight) for name, weight in valid.adapters),
+        )
+        outputs = self._engine.generate(engine_request)
+        activity = self.activity.add(valid.adapter_names)
+        # The reporter's timer spools the count delivered so far while the stream runs.
+        stream = self._usage.track(
+            lambda: self._usage_record(request_id, auth, progress, arrival, CHECKPOINT_FINISH_REASON)
+        )
+        try:
+            async for out in outputs:
+                if out.error is not None:
+                    raise out.error
+                self.activity.mark_running(activity)
+                if not out.finished and not out.new_token_ids and not out.new_text:
+                    continue  # nothing new to send
+                finish = self._finish(out, progress, tier, fetch_ms) if out.finished else None
+                yield Chunk(
+                    request_id=request_id,
+                    text=out.new_text,
+                    token_ids=list(out.new_token_ids),
+                    logprobs=list(out.new_logprobs or []) if valid.logprobs else [],
+                    finish=finish,
+                )
+                # Counted only once the transport took the chunk: that is what the caller received.
+                self._count_streamed(progress, out, arrival)
+                if out.finished:
+                    progress.finish_reason = out.finish_reason or "stop"
+                    break
+        except (asyncio.CancelledError, GeneratorExit):
+            progress.finish_reason = "abort"
+            raise
+        except BaseException:
+            progress.finish_reason = "error"
+            raise
+        finally:
+            self.activity.remove(activity)
+            await _close(outputs)
+            try:
+                self._record_usage(request_id, auth, progress, arrival)
+            finally:  # after the final record: its last checkpoint stays in the spool until then
+                self._usage.untrack(stream)
+
+    async def _check_request_id_unused(self, tenant_id: str, request_id: str) -> bool:
+        """Reserves a client request id for this stream at the control plane (atomic across workers);
+        refuses one already billed or served elsewhere now: served again, it would be free. Usage still
+        in the spool is unknown to the control plane, so the spool is asked first. Returns whether the
+        id was reserved: with the control plane unreachable the call goes on unreserved (counted), kept
+        from double billing by the usage key; only this worker's in-flight set stops duplicates then."""
+        if self._usage.has_pending(tenant_id, request_id):
+            raise RequestIdUsed(request_id)
+        try:
+            await self._cp.reserve_request_id(
+                tenant_id, request_id, self._state.worker_id, self._reservation_ms
+            )
+        except ControlPlaneError as error:
+            if error.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            self._metrics.request_id_unchecked.inc()
+            log.warning("request id served unreserved (control plane unavailable): %s", error.message)
+            return False
+        return True
+
+    def _release_request_id(self, tenant_id: str, request_id: str) -> None:
+        async def release() -> None:
+            try:
+                await self._cp.release_request_id(tenant_id, request_id, self._state.worker_id)
+            except ControlPlaneError as error:
+                log.warning("request id reservation not released (it expires): %s", error.message)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _prompt_ids(self, valid: ValidRequest) -> list[int]:
+        if valid.prompt_token_ids is not None:
+            return list(valid.prompt_token_ids)
+        tokenizer = self._engine.tokenizer
+        if tokenizer is None:
+            raise RequestFieldError(
+                "prompt", "cannot be text: this model has no tokenizer; send prompt_token_ids"
+            )
+        return list(await asyncio.to_thread(tokenizer.encode, valid.prompt))
+
+    async def _resolve(self, valid: ValidRequest, by_name) -> tuple[tuple[AdapterRef, ...], str]:
+        if not valid.adapters:
+            self._metrics.cache_lookups.labels("none").inc()
+            return (), "none"
+        resolved = [(by_name[name], weight) for name, weight in valid.adapters]
+        results = await asyncio.gather(
+            *(self._artifacts.ensure(a.sha256, hold=True) for a, _ in resolved), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:  # each ensure that failed gave back its own hold; give back the others'
+            self._artifacts.release(r.sha256 for r in results if not isinstance(r, BaseException))
+            raise failed[0]
+        locals_ = results
+        refs = tuple(
+            AdapterRef(key=a.sha256, path=local.path, weight=weight)
+            for (a, weight), local in zip(resolved, locals_, strict=True)
+        )
+        tier = "remote" if any(local.tier == "remote" for local in locals_) else "disk"
+        return refs, tier
+
+    def _finish(self, out, progress: _Progress, tier: str, fetch_ms: float) -> Finish:
+        """The last chunk's finish reason, usage and timing; notes the timing for billing."""
+        # A fetch from the control plane is the slowest tier; otherwise the engine knows.
+        final_tier = "remote" if tier == "remote" else out.cache_tier or "none"
+        finish = Finish(
+            reason=out.finish_reason or "abort",
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=progress.completion_tokens + len(out.new_token_ids),
+            queue_ms=out.queue_ms,
+            adapter_load_ms=out.adapter_load_ms + (fetch_ms if tier == "remote" else 0),
+            ttft_ms=out.ttft_ms,
+            total_ms=out.total_ms,
+            cache_tier=final_tier,
+        )
+        progress.queue_ms, progress.ttft_ms, progress.total_ms = out.queue_ms, out.ttft_ms, out.total_ms
+        self._observe_adapter(final_tier, finish.adapter_load_ms)
+        return finish
+
+    def _count_streamed(self, progress: _Progress, out, arrival: float) -> None:
+        n = len(out.new_token_ids)
+        if not n:
+            return
+        now = time.monotonic()
+        if progress.completion_tokens == 0:
+            self._metrics.ttft_s.observe(now - arrival)
+        elif progress.last_token_at is not None:
+            gap_s = (now - progress.last_token_at) / n
+            for _ in range(n):
+                self._metrics.inter_token_s.observe(gap_s)
+        progress.last_token_at = now
+        progress.completion_tokens += n
+        self._metrics.tokens_generated.inc(n)
+
+    def _observe_adapter(self, tier: str, load_ms: float) -> None:
+        self._metrics.cache_lookups.labels(tier).inc()
+        if tier != "none":
+            self._metrics.adapter_load_s.labels(tier).observe(load_ms / 1000)
+
+    def _record_usage(
+        self, request_id: str, auth: Authorization, progress: _Progress, arrival: float
+    ) -> None:
+        total_ms = progress.total_ms or (time.monotonic() - arrival) * 1000
+        self._metrics.e2e_s.observe(total_ms / 1000)
+        if progress.queue_ms:
+            self._metrics.queue_s.observe(progress.queue_ms / 1000)
+        record = self._usage_record(request_id, auth, progress, arrival, progress.finish_reason)
+        if record is not None:
+            self._usage.record(record)
+
+    def _usage_record(
+        self, request_id: str, auth: Authorization, progress: _Progress, arrival: float, finish_reason: str
+    ) -> UsageRecord | None:
+        """The stream's billing record as of now (a checkpoint while it runs); None when nothing was
+        received: nothing to bill."""
+        if progress.completion_tokens == 0:
+            return None
+        return UsageRecord(
+            request_id=request_id,
+            tenant_id=auth.tenant_id,
+            adapters=progress.adapters,
+            worker_id=self._state.worker_id,
+            base_model=self._state.base_model,
+            prompt_tokens=progress.prompt_tokens,
+            completion_tokens=progress.completion_tokens,
+            queue_ms=progress.queue_ms,
+            ttft_ms=progress.ttft_ms,
+            total_ms=progress.total_ms or (time.monotonic() - arrival) * 1000,
+            finished_at=time.time(),
+            finish_reason=finish_reason,
+        )
+
+
+async def _close(outputs) -> None:
+    aclose = getattr(outputs, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # closing must never hide the call's own outcome
+            log.exception("closing the engine stream failed")

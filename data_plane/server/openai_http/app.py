@@ -1,0 +1,254 @@
+"""Routes of the OpenAI-compatible API: `GET /v1/models`, `POST /v1/completions`,
+`POST /v1/chat/completions` (and `GET /metrics`), over the same `GenerationService` as gRPC.
+
+A request is read in this order, as gRPC's: draining (503), `Authorization: Bearer <key>` (401), body
+size (413), then the key is authorised for the adapters `model` and `mix` name (401, 403, 404) before
+any refusal of the body's fields (400) is answered; `X-Request-Id` is the request id (409 when it is in
+flight or was billed). `model` is resolved by a `ModelResolver` and `/v1/models` lists what a
+`ModelCatalog` returns, so that named mixes can be plugged in without touching the routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from data_plane.server.control_plane_client import Authorization
+from data_plane.server.errors import MissingCredentials
+from data_plane.server.generation import GenerationService, WorkerState
+from data_plane.server.metrics import WorkerMetrics
+from data_plane.server.openai_http.chat_template import ChatTemplate, ChatTemplateError
+from data_plane.server.openai_http.errors import HttpError, http_error
+from data_plane.server.openai_http.openai_objects import Reply
+from data_plane.server.openai_http.schemas import (
+    MAX_BODY_BYTES,
+    Body,
+    BodyError,
+    openai_field_error,
+    parse_chat,
+    parse_completion,
+    to_generate_request,
+)
+from data_plane.server.openai_http.streaming import GenerationResponse
+from data_plane.server.validation import RequestFieldError, ValidRequest, check_request
+
+MAX_MODELS_PAGE = 1000
+DEFAULT_MODELS_PAGE = 100
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One entry of /v1/models."""
+
+    id: str
+    owned_by: str
+    parent: str | None  # the base model, for an adapter or a mix
+    created: int = 0  # Unix seconds
+
+
+# (model, base model name) -> the adapter name the request names ("" for the base model). A named mix
+# is called like an adapter, so a resolver that knows mixes returns its name and Authorize resolves it.
+ModelResolver = Callable[[str, str], str]
+# (api key, its authorisation) -> the adapters and mixes the key may use (the base model is added).
+ModelCatalog = Callable[[str, Authorization], Awaitable[list[ModelCard]]]
+
+
+def resolve_model(model: str, base_model: str) -> str:
+    """The default resolver: the base model's name, or an adapter's."""
+    return "" if model == base_model else model
+
+
+async def no_adapters(api_key: str, auth: Authorization) -> list[ModelCard]:
+    """The default catalog: nothing beyond the base model."""
+    return []
+
+
+@dataclass
+class OpenAIApi:
+    """What the routes need: the shared generate path and this worker's model."""
+
+    service: GenerationService
+    metrics: WorkerMetrics
+    state: WorkerState
+    chat_template: ChatTemplate | None
+    resolve_model: ModelResolver = resolve_model
+    list_models: ModelCatalog = no_adapters
+    max_body_bytes: int = MAX_BODY_BYTES
+    created: int = 0  # when the base model was loaded (Unix seconds)
+
+
+def build_app(api: OpenAIApi) -> Starlette:
+    """The Starlette app of the API (serve it with `HttpServer`)."""
+    app = Starlette(
+        routes=[
+            Route("/v1/models", _models, methods=["GET"]),
+            Route("/v1/completions", _completions, methods=["POST"]),
+            Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
+            Route("/metrics", _metrics, methods=["GET"]),
+        ],
+        exception_handlers={404: _not_found, 405: _not_allowed},
+    )
+    app.state.api = api
+    return app
+
+
+async def _completions(request: Request):
+    return await _generation(request, chat=False)
+
+
+async def _chat_completions(request: Request):
+    return await _generation(request, chat=True)
+
+
+async def _generation(request: Request, chat: bool):
+    api: OpenAIApi = request.app.state.api
+    request_id = request.headers.get("x-request-id", "")
+    try:
+        api.service.check_serving()
+        api_key = _bearer_key(request)
+        data = await _read_body(request, api.max_body_bytes)
+    except _TooLarge:
+        return HttpError(
+            413, f"the body is larger than {api.max_body_bytes} bytes", None, "too_large"
+        ).response()
+    except Exception as error:
+        return http_error(error).response()
+
+    body: Body | None = None
+    refused: BodyError | None = None
+    try:
+        body = (parse_chat if chat else parse_completion)(data)
+    except BodyError as error:
+        refused = error
+    adapter = api.resolve_model(body.model, api.service.base_model) if body else ""
+    names = tuple(dict.fromkeys([adapter] * bool(adapter) + list(body.adapter_names if body else ())))
+
+    def check() -> ValidRequest:
+        if refused is not None or body is None:
+            raise refused or BodyError(None, "the body is not valid")
+        prompt = _render_chat(api.chat_template, body) if chat else body.prompt
+        generate_request = to_generate_request(body, prompt, request_id, adapter)
+        try:
+            return check_request(generate_request, api.service.limits)
+        except BodyError:
+            raise
+        except RequestFieldError as error:
+            raise openai_field_error(error, chat) from None
+
+    api.state.enter()
+
+    def done(code: str) -> None:
+        api.metrics.requests.labels(code).inc()
+        api.state.leave()
+
+    tokenizer = api.service.tokenizer
+    return GenerationResponse(
+        lambda: api.service.generate(api_key, names, check),
+        Reply(chat=chat, model=body.model if body else ""),
+        stream=bool(body and body.stream),
+        include_usage=bool(body and body.include_usage),
+        logprobs=bool(body and body.logprobs),
+        token_text=(lambda t: tokenizer.decode([t])) if tokenizer is not None else str,
+        on_done=done,
+        request_id=request_id,
+    )
+
+
+async def _models(request: Request):
+    """The base model and every adapter and mix the key may use, in pages as OpenAI's lists are
+    (`limit`, `after`; `has_more`, `first_id`, `last_id`)."""
+    api: OpenAIApi = request.app.state.api
+    try:
+        api.service.check_serving()
+        api_key = _bearer_key(request)
+        auth = await api.service.authorize(api_key, ())
+        limit = _query_int(request, "limit", DEFAULT_MODELS_PAGE, 1, MAX_MODELS_PAGE)
+        base = api.service.base_model
+        cards = [ModelCard(base, "openlora", None, api.created)]
+        cards += sorted(await api.list_models(api_key, auth), key=lambda c: c.id)
+    except Exception as error:
+        return http_error(error).response()
+    after = request.query_params.get("after")
+    if after is not None:
+        ids = [c.id for c in cards]
+        cards = cards[ids.index(after) + 1 :] if after in ids else []
+    page = cards[:limit]
+    data = [
+        {"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by, "parent": c.parent}
+        for c in page
+    ]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None,
+            "has_more": len(cards) > limit,
+        }
+    )
+
+
+async def _metrics(request: Request):
+    api: OpenAIApi = request.app.state.api
+    return Response(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _not_found(request: Request, exc) -> JSONResponse:
+    return HttpError(404, f"no route {request.url.path}", None, "not_found").response()
+
+
+async def _not_allowed(request: Request, exc) -> JSONResponse:
+    return HttpError(
+        405, f"{request.method} is not allowed on {request.url.path}", None, "not_allowed"
+    ).response()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused (without reading it) when its declared length is over `max_bytes`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _TooLarge()
+    data = bytearray()
+    async for part in request.stream():
+        data += part
+        if len(data) > max_bytes:
+            raise _TooLarge()
+    return bytes(data)
+
+
+def _bearer_key(request: Request) -> str:
+    """The key of `Authorization: Bearer <key>` (the scheme case-insensitive)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise MissingCredentials()
+    return token.strip()
+
+
+def _render_chat(template: ChatTemplate | None, body: Body) -> str:
+    if template is None:
+        raise BodyError(
+            "messages", "cannot be used: this model has no chat template; use /v1/completions with a prompt"
+        )
+    try:
+        return template.render(list(body.messages), add_generation_prompt=True)
+    except ChatTemplateError as error:
+        raise BodyError("messages", str(error)) from None
+
+
+def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not lo <= int(text) <= hi:
+        raise BodyError(name, f"must be an integer in [{lo}, {hi}]")
+    return int(text)

@@ -1,0 +1,56 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the HTTP status that
+`data_plane.server.errors.http_status_for` gives the domain error (the one table, beside `status_for`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.responses import JSONResponse
+
+from data_plane.server.errors import http_status_for
+from data_plane.server.openai_http.schemas import BodyError
+from data_plane.server.validation import RequestFieldError
+
+# OpenAI's error `type` for each status (its clients raise by status; the type is for people).
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+# Statuses a client should retry after a pause: overloaded, draining.
+RETRY_AFTER_S = {429: 1, 503: 1}
+
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    message: str
+    param: str | None
+    code: str  # the gRPC status name of the same outcome, lowercase ("invalid_argument")
+
+    def payload(self) -> dict:
+        kind = _TYPES.get(self.status, "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        retry_s = RETRY_AFTER_S.get(self.status)
+        return {"Retry-After": str(retry_s)} if retry_s else {}
+
+    def response(self, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.payload(), self.status, headers={**self.headers(), **(extra_headers or {})})
+
+
+def http_error(error: BaseException) -> HttpError:
+    """The HTTP error of any exception of the generate path (500 'internal error' for a worker fault)."""
+    status, message, code = http_status_for(error)
+    param = None
+    if isinstance(error, BodyError):
+        param = error.param
+    elif isinstance(error, RequestFieldError):
+        param = error.field
+    return HttpError(status, message, param, code.lower())

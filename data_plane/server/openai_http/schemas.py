@@ -1,0 +1,301 @@
+"""Request bodies of the OpenAI-compatible API, parsed and checked field by field.
+
+`parse_completion` and `parse_chat` read the JSON (bounded by `safe_json`) into a `Body`; a field
+OpenLoRA does not support is refused by name (`BodyError`), never ignored. `to_generate_request` builds
+the same GenerateRequest the gRPC API takes, so that one validation (`check_request`) and one
+generate path serve both; `openai_field_error` renames its fields to the body's (`sampling.top_p` ->
+`top_p`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from data_plane.server.validation import MAX_MIX_ADAPTERS, RequestFieldError
+from openlora.safe_json import JsonFieldError, JsonObject, describe, is_int, load_json_object
+from openlora.v1 import inference_pb2
+
+MAX_BODY_BYTES = 4 << 20  # larger bodies are refused with 413 before they are read
+MAX_MESSAGES = 1024
+MAX_SEED = (1 << 63) - 1
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+_ROLES = ("system", "developer", "user", "assistant")
+
+# Fields accepted only with a value that changes nothing (OpenAI's default); any other value is refused.
+_NEUTRAL = {
+    "n": 1,
+    "best_of": 1,
+    "echo": False,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "tools": [],
+    "functions": [],
+    "parallel_tool_calls": False,
+    "store": False,
+}
+_COMMON = {
+    "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+    "user", "logprobs", "repetition_penalty", "mix", "mix_method", *_NEUTRAL,
+}  # fmt: skip
+_COMPLETION_FIELDS = _COMMON | {"prompt"}
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+# check_request's field names -> the body's.
+_RENAMED = {"sampling.": "", "prompt_token_ids": "prompt", "request_id": "X-Request-Id"}
+
+
+class BodyError(RequestFieldError):
+    """A request body, or one field of it (`param`; None for the whole body), is refused: INVALID_ARGUMENT,
+    HTTP 400."""
+
+    def __init__(self, param: str | None, reason: str) -> None:
+        super().__init__(param or "", reason)
+        if not param:
+            self.args = (reason,)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Body:
+    """A checked completion or chat completion body."""
+
+    model: str
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with usage
+    prompt: str | None  # completions: text prompt
+    prompt_token_ids: tuple[int, ...] | None  # completions: token ids
+    messages: tuple[dict[str, str], ...]  # chat: {"role", "content"} each
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int
+    repetition_penalty: float | None
+    seed: int | None
+    stop: tuple[str, ...]
+    logprobs: bool  # the chosen tokens' log-probabilities
+    mix: tuple[tuple[str, float], ...]  # runtime fusion: (adapter name, weight)
+    mix_method: str
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for name, _ in self.mix if name))
+
+
+def parse_completion(data: bytes) -> Body:
+    """POST /v1/completions."""
+    obj = _load(data, _COMPLETION_FIELDS)
+    prompt, prompt_ids = _prompt(obj)
+    logprobs = obj.get_int("logprobs", None, lo=0)
+    if logprobs:
+        raise BodyError("logprobs", "must be 0: only the chosen tokens' log-probabilities are returned")
+    return _body(obj, prompt=prompt, prompt_ids=prompt_ids, messages=(), logprobs=logprobs is not None)
+
+
+def parse_chat(data: bytes) -> Body:
+    """POST /v1/chat/completions."""
+    obj = _load(data, _CHAT_FIELDS)
+    messages = _messages(obj)
+    logprobs = obj.get_bool("logprobs", False)
+    if obj.get_int("top_logprobs", 0, lo=0):
+        raise BodyError("top_logprobs", "must be 0: only the chosen tokens' log-probabilities are returned")
+    max_tokens = obj.get_int("max_completion_tokens", None, lo=_INT32_MIN, hi=_INT32_MAX)
+    if max_tokens is not None and "max_tokens" in obj:
+        raise BodyError("max_completion_tokens", "and max_tokens are mutually exclusive")
+    return _body(
+        obj, prompt=None, prompt_ids=None, messages=messages, logprobs=logprobs, max_tokens=max_tokens
+    )
+
+
+def to_generate_request(
+    body: Body, prompt: str | None, request_id: str, adapter: str
+) -> inference_pb2.GenerateRequest:
+    """The GenerateRequest of a body; `prompt` is the text (the rendered chat for chat), `adapter` the
+    adapter `model` names ("" for the base model)."""
+    request = inference_pb2.GenerateRequest(
+        request_id=request_id,
+        adapter=adapter,
+        logprobs=body.logprobs,
+        mix_method=_mix_method(body.mix_method),
+    )
+    if body.prompt_token_ids is not None:
+        request.prompt_token_ids.extend(body.prompt_token_ids)
+    elif prompt is not None:
+        request.prompt = prompt
+    s = request.sampling
+    for name in ("temperature", "top_p", "max_tokens", "repetition_penalty", "seed"):
+        value = getattr(body, name)
+        if value is not None:
+            setattr(s, name, value)
+    s.top_k = body.top_k
+    s.stop.extend(body.stop)
+    for name, weight in body.mix:
+        request.mix.add(adapter=name, weight=weight)
+    return request
+
+
+def openai_field_error(error: RequestFieldError, chat: bool) -> BodyError:
+    """check_request's refusal in the body's own field names."""
+    param = error.field
+    for old, new in _RENAMED.items():
+        if param.startswith(old):
+            param = new + param[len(old) :]
+    if chat and param == "prompt":
+        param = "messages"
+    return BodyError(param, error.reason)
+
+
+def _load(data: bytes, allowed: set[str]) -> JsonObject:
+    try:
+        obj = load_json_object(data, "", max_bytes=MAX_BODY_BYTES)
+    except JsonFieldError as error:
+        raise BodyError(None, f"the body is {error.reason}") from None
+    for key, value in obj.data.items():
+        if key not in allowed:
+            raise BodyError(key, "is not supported by this server")
+        if key in _NEUTRAL and value is not None and value != _NEUTRAL[key]:
+            raise BodyError(key, f"is not supported with a value other than {_NEUTRAL[key]!r}")
+    return obj
+
+
+def _body(
+    obj: JsonObject,
+    prompt: str | None,
+    prompt_ids: tuple[int, ...] | None,
+    messages: tuple[dict[str, str], ...],
+    logprobs: bool,
+    max_tokens: int | None = None,
+) -> Body:
+    try:
+        model = obj.get_str("model", max_chars=256)
+        stream = obj.get_bool("stream", False)
+        options = obj.get_object("stream_options")
+        for key in options.data:
+            if key != "include_usage":
+                raise BodyError(f"stream_options.{key}", "is not supported by this server")
+        include_usage = options.get_bool("include_usage", False)
+        if "include_usage" in options and not stream:
+            raise BodyError("stream_options", "is only allowed with stream: true")
+        obj.get_str("user", "", max_chars=256)
+        seed = obj.get_int("seed", None, lo=0, hi=MAX_SEED)
+        body = Body(
+            model=model,
+            stream=stream,
+            include_usage=include_usage,
+            prompt=prompt,
+            prompt_token_ids=prompt_ids,
+            messages=messages,
+            max_tokens=max_tokens
+            if max_tokens is not None
+            else obj.get_int("max_tokens", None, lo=_INT32_MIN, hi=_INT32_MAX),
+            temperature=obj.get_number("temperature", None),
+            top_p=obj.get_number("top_p", None),
+            top_k=obj.get_int("top_k", 0, lo=0, hi=1 << 30),
+            repetition_penalty=obj.get_number("repetition_penalty", None),
+            seed=seed,
+            stop=_stop(obj),
+            logprobs=logprobs,
+            mix=_mix(obj),
+            mix_method=obj.get_str("mix_method", "linear", max_chars=32),
+        )
+    except JsonFieldError as error:
+        raise BodyError(error.field, error.reason) from None
+    if not model:
+        raise BodyError("model", "must not be empty")
+    return body
+
+
+def _prompt(obj: JsonObject) -> tuple[str | None, tuple[int, ...] | None]:
+    """A string, a list of one string, a list of token ids, or a list of one list of token ids."""
+    value = obj.data.get("prompt")
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str | list):
+        value = value[0]
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, list) and value and all(is_int(v) for v in value):
+        if not all(0 <= v < 1 << 31 for v in value):
+            raise BodyError("prompt", "token ids must be in [0, 2^31)")
+        return None, tuple(value)
+    if value is None:
+        raise BodyError("prompt", "is required")
+    raise BodyError(
+        "prompt", f"must be a string or a list of token ids (one prompt per request), got {describe(value)}"
+    )
+
+
+def _messages(obj: JsonObject) -> tuple[dict[str, str], ...]:
+    value = obj.data.get("messages")
+    if not isinstance(value, list) or not value:
+        raise BodyError("messages", "must be a non-empty list of messages")
+    if len(value) > MAX_MESSAGES:
+        raise BodyError("messages", f"must hold at most {MAX_MESSAGES} messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise BodyError(where, f"must be an object, got {describe(message)}")
+        for key in message:
+            if key not in ("role", "content", "name"):
+                raise BodyError(f"{where}.{key}", "is not supported by this server")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise BodyError(f"{where}.role", f"must be one of {', '.join(_ROLES)}, got {describe(role)}")
+        messages.append({"role": role, "content": _content(message.get("content"), f"{where}.content")})
+    return tuple(messages)
+
+
+def _content(value: object, where: str) -> str:
+    """A string, or a list of text parts joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise BodyError(f"{where}[{j}]", "must be a text part ({'type': 'text', 'text': ...})")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise BodyError(where, f"must be a string or a list of text parts, got {describe(value)}")
+
+
+def _stop(obj: JsonObject) -> tuple[str, ...]:
+    value = obj.data.get("stop")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise BodyError("stop", f"must be a string or a list of strings, got {describe(value)}")
+
+
+def _mix(obj: JsonObject) -> tuple[tuple[str, float], ...]:
+    """`{"a": 0.5, "b": 0.5}` or `[{"adapter": "a", "weight": 0.5}, ...]`."""
+    value = obj.data.get("mix")
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        items = [{"adapter": name, "weight": weight} for name, weight in value.items()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise BodyError("mix", "must be an object of adapter weights or a list of {adapter, weight}")
+    if not items or len(items) > MAX_MIX_ADAPTERS:
+        raise BodyError("mix", f"must hold 1 to {MAX_MIX_ADAPTERS} adapters")
+    mix = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BodyError(f"mix[{i}]", "must be an object {adapter, weight}")
+        member = JsonObject(item, f"mix[{i}]")
+        mix.append((member.get_str("adapter", max_chars=256), member.get_number("weight", 1.0)))
+    return tuple(mix)
+
+
+def _mix_method(name: str) -> int:
+    try:
+        return inference_pb2.MixMethod.Value(f"MIX_METHOD_{name.upper()}")
+    except ValueError:
+        raise BodyError("mix_method", f"is unknown ({describe(name)})") from None

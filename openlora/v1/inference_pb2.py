@@ -24,31 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bopenlora/v1/inference.proto\x12\x0bopenlora.v1\"\xf1\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"0\n\rAdapterWeight\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xf6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.openlora.v1.SamplingParams\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\'\n\x03mix\x18\x07 \x03(\x0b\x32\x1a.openlora.v1.AdapterWeight\x12*\n\nmix_method\x18\x08 \x01(\x0e\x32\x16.openlora.v1.MixMethod\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x82\x01\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_load_ms\x18\x02 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12*\n\ncache_tier\x18\x04 \x01(\x0e\x32\x16.openlora.v1.CacheTier\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\xd3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.openlora.v1.Usage\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.openlora.v1.Timing*>\n\tMixMethod\x12\x1a\n\x16MIX_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11MIX_METHOD_LINEAR\x10\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x94\x01\n\tCacheTier\x12\x1a\n\x16\x43\x41\x43HE_TIER_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41\x43HE_TIER_NONE\x10\x01\x12\x15\n\x11\x43\x41\x43HE_TIER_DEVICE\x10\x02\x12\x13\n\x0f\x43\x41\x43HE_TIER_HOST\x10\x03\x12\x13\n\x0f\x43\x41\x43HE_TIER_DISK\x10\x04\x12\x15\n\x11\x43\x41\x43HE_TIER_REMOTE\x10\x05\x32]\n\x10InferenceService\x12I\n\x08Generate\x12\x1c.openlora.v1.GenerateRequest\x1a\x1d.openlora.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bopenlora/v1/inference.proto\x12\x0bopenlora.v1\"\xf1\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"0\n\rAdapterWeight\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\x86\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.openlora.v1.SamplingParams\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\'\n\x03mix\x18\x07 \x03(\x0b\x32\x1a.openlora.v1.AdapterWeight\x12*\n\nmix_method\x18\x08 \x01(\x0e\x32\x16.openlora.v1.MixMethod\x12\x14\n\x07\x64\x65nsity\x18\t \x01(\x02H\x00\x88\x01\x01\x12=\n\x14majority_sign_method\x18\n \x01(\x0e\x32\x1f.openlora.v1.MajoritySignMethod\x12-\n\x07\x63ombine\x18\x0b \x01(\x0e\x32\x1c.openlora.v1.EnsembleCombineB\n\n\x08_density\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x82\x01\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_load_ms\x18\x02 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12*\n\ncache_tier\x18\x04 \x01(\x0e\x32\x16.openlora.v1.CacheTier\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\xd3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.openlora.v1.Usage\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.openlora.v1.Timing*\xc2\x01\n\tMixMethod\x12\x1a\n\x16MIX_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11MIX_METHOD_LINEAR\x10\x01\x12\x13\n\x0fMIX_METHOD_TIES\x10\x02\x12\x1a\n\x16MIX_METHOD_DARE_LINEAR\x10\x03\x12\x18\n\x14MIX_METHOD_DARE_TIES\x10\x04\x12\x1e\n\x1aMIX_METHOD_MAGNITUDE_PRUNE\x10\x05\x12\x17\n\x13MIX_METHOD_ENSEMBLE\x10\x06*n\n\x0f\x45nsembleCombine\x12 \n\x1c\x45NSEMBLE_COMBINE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45NSEMBLE_COMBINE_PROBS\x10\x01\x12\x1d\n\x19\x45NSEMBLE_COMBINE_LOGPROBS\x10\x02*~\n\x12MajoritySignMethod\x12$\n MAJORITY_SIGN_METHOD_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMAJORITY_SIGN_METHOD_TOTAL\x10\x01\x12\"\n\x1eMAJORITY_SIGN_METHOD_FREQUENCY\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x94\x01\n\tCacheTier\x12\x1a\n\x16\x43\x41\x43HE_TIER_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41\x43HE_TIER_NONE\x10\x01\x12\x15\n\x11\x43\x41\x43HE_TIER_DEVICE\x10\x02\x12\x13\n\x0f\x43\x41\x43HE_TIER_HOST\x10\x03\x12\x13\n\x0f\x43\x41\x43HE_TIER_DISK\x10\x04\x12\x15\n\x11\x43\x41\x43HE_TIER_REMOTE\x10\x05\x32]\n\x10InferenceService\x12I\n\x08Generate\x12\x1c.openlora.v1.GenerateRequest\x1a\x1d.openlora.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'openlora.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MIXMETHOD']._serialized_start=993
-  _globals['_MIXMETHOD']._serialized_end=1055
-  _globals['_FINISHREASON']._serialized_start=1057
-  _globals['_FINISHREASON']._serialized_end=1177
-  _globals['_CACHETIER']._serialized_start=1180
-  _globals['_CACHETIER']._serialized_end=1328
+  _globals['_MIXMETHOD']._serialized_start=1138
+  _globals['_MIXMETHOD']._serialized_end=1332
+  _globals['_ENSEMBLECOMBINE']._serialized_start=1334
+  _globals['_ENSEMBLECOMBINE']._serialized_end=1444
+  _globals['_MAJORITYSIGNMETHOD']._serialized_start=1446
+  _globals['_MAJORITYSIGNMETHOD']._serialized_end=1572
+  _globals['_FINISHREASON']._serialized_start=1574
+  _globals['_FINISHREASON']._serialized_end=1694
+  _globals['_CACHETIER']._serialized_start=1697
+  _globals['_CACHETIER']._serialized_end=1845
   _globals['_SAMPLINGPARAMS']._serialized_start=45
   _globals['_SAMPLINGPARAMS']._serialized_end=286
   _globals['_ADAPTERWEIGHT']._serialized_start=288
   _globals['_ADAPTERWEIGHT']._serialized_end=336
   _globals['_GENERATEREQUEST']._serialized_start=339
-  _globals['_GENERATEREQUEST']._serialized_end=585
-  _globals['_USAGE']._serialized_start=587
-  _globals['_USAGE']._serialized_end=644
-  _globals['_TIMING']._serialized_start=647
-  _globals['_TIMING']._serialized_end=777
-  _globals['_GENERATERESPONSE']._serialized_start=780
-  _globals['_GENERATERESPONSE']._serialized_end=991
-  _globals['_INFERENCESERVICE']._serialized_start=1330
-  _globals['_INFERENCESERVICE']._serialized_end=1423
+  _globals['_GENERATEREQUEST']._serialized_end=729
+  _globals['_USAGE']._serialized_start=731
+  _globals['_USAGE']._serialized_end=788
+  _globals['_TIMING']._serialized_start=791
+  _globals['_TIMING']._serialized_end=921
+  _globals['_GENERATERESPONSE']._serialized_start=924
+  _globals['_GENERATERESPONSE']._serialized_end=1135
+  _globals['_INFERENCESERVICE']._serialized_start=1847
+  _globals['_INFERENCESERVICE']._serialized_end=1940
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,23 @@ class MixMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MIX_METHOD_UNSPECIFIED: _ClassVar[MixMethod]
     MIX_METHOD_LINEAR: _ClassVar[MixMethod]
+    MIX_METHOD_TIES: _ClassVar[MixMethod]
+    MIX_METHOD_DARE_LINEAR: _ClassVar[MixMethod]
+    MIX_METHOD_DARE_TIES: _ClassVar[MixMethod]
+    MIX_METHOD_MAGNITUDE_PRUNE: _ClassVar[MixMethod]
+    MIX_METHOD_ENSEMBLE: _ClassVar[MixMethod]
+
+class EnsembleCombine(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENSEMBLE_COMBINE_UNSPECIFIED: _ClassVar[EnsembleCombine]
+    ENSEMBLE_COMBINE_PROBS: _ClassVar[EnsembleCombine]
+    ENSEMBLE_COMBINE_LOGPROBS: _ClassVar[EnsembleCombine]
+
+class MajoritySignMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MAJORITY_SIGN_METHOD_UNSPECIFIED: _ClassVar[MajoritySignMethod]
+    MAJORITY_SIGN_METHOD_TOTAL: _ClassVar[MajoritySignMethod]
+    MAJORITY_SIGN_METHOD_FREQUENCY: _ClassVar[MajoritySignMethod]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +46,17 @@ class CacheTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CACHE_TIER_REMOTE: _ClassVar[CacheTier]
 MIX_METHOD_UNSPECIFIED: MixMethod
 MIX_METHOD_LINEAR: MixMethod
+MIX_METHOD_TIES: MixMethod
+MIX_METHOD_DARE_LINEAR: MixMethod
+MIX_METHOD_DARE_TIES: MixMethod
+MIX_METHOD_MAGNITUDE_PRUNE: MixMethod
+MIX_METHOD_ENSEMBLE: MixMethod
+ENSEMBLE_COMBINE_UNSPECIFIED: EnsembleCombine
+ENSEMBLE_COMBINE_PROBS: EnsembleCombine
+ENSEMBLE_COMBINE_LOGPROBS: EnsembleCombine
+MAJORITY_SIGN_METHOD_UNSPECIFIED: MajoritySignMethod
+MAJORITY_SIGN_METHOD_TOTAL: MajoritySignMethod
+MAJORITY_SIGN_METHOD_FREQUENCY: MajoritySignMethod
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -67,7 +95,7 @@ class AdapterWeight(_message.Message):
     def __init__(self, adapter: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "adapter", "prompt", "prompt_token_ids", "sampling", "logprobs", "mix", "mix_method")
+    __slots__ = ("request_id", "adapter", "prompt", "prompt_token_ids", "sampling", "logprobs", "mix", "mix_method", "density", "majority_sign_method", "combine")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +104,9 @@ class GenerateRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MIX_FIELD_NUMBER: _ClassVar[int]
     MIX_METHOD_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter: str
     prompt: str
@@ -84,7 +115,10 @@ class GenerateRequest(_message.Message):
     logprobs: bool
     mix: _containers.RepeatedCompositeFieldContainer[AdapterWeight]
     mix_method: MixMethod
-    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[bool] = ..., mix: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., mix_method: _Optional[_Union[MixMethod, str]] = ...) -> None: ...
+    density: float
+    majority_sign_method: MajoritySignMethod
+    combine: EnsembleCombine
+    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[bool] = ..., mix: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., mix_method: _Optional[_Union[MixMethod, str]] = ..., density: _Optional[float] = ..., majority_sign_method: _Optional[_Union[MajoritySignMethod, str]] = ..., combine: _Optional[_Union[EnsembleCombine, str]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")

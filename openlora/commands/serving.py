@@ -86,6 +86,11 @@ def _add_worker(subparsers) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=_env_int("MAX_TOKENS_LIMIT", 4096))
     p.add_argument("--drain-grace-s", type=float, default=_env_float("DRAIN_GRACE_S", 30.0))
     p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", 0))
+    p.add_argument(
+        "--http-listen",
+        default=_env("HTTP_LISTEN", ""),
+        help="HOST:PORT of the OpenAI-compatible HTTP API, empty = off (OPENLORA_HTTP_LISTEN)",
+    )
     p.add_argument("--auth-cache-ttl-s", type=float, default=_env_float("AUTH_CACHE_TTL_S", 10.0))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     p.set_defaults(func=_run_worker)
@@ -137,6 +142,7 @@ def worker_config_from_args(args: argparse.Namespace):
         redis_url=args.redis_url,
         drain_grace_s=args.drain_grace_s,
         metrics_port=args.metrics_port,
+        http_listen=args.http_listen,
         auth_cache_ttl_s=args.auth_cache_ttl_s,
         disk_cache_bytes=args.disk_cache_bytes,
     )
@@ -280,6 +286,12 @@ def _add_up(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50052, help="inference port (0: any free port)")
     p.add_argument("--admin-port", type=int, default=50051, help="control plane port (0: any free port)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="OpenAI-compatible HTTP API port (0: any free port; default 8000, any free one with --port 0)",
+    )
     p.add_argument("--device", default=_env("DEVICE", "cpu"))
     p.add_argument("--tenant", default="demo")
     p.add_argument("--context", default=None, help="context file; default OPENLORA_CONTEXT or XDG path")
@@ -312,6 +324,7 @@ def _run_up(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         admin_port=args.admin_port,
+        http_port=args.http_port if args.http_port is not None else (8000 if args.port else 0),
         device=args.device,
         tenant=args.tenant,
         context_path=Path(args.context) if args.context else context_path(os.environ),

@@ -64,6 +64,7 @@ class UpConfig:
     worker_args: tuple[str, ...] = ()
     quantize: str = "none"  # the worker's --quantize
     quantize_lm_head: bool = False
+    http_port: int = 0  # the worker's OpenAI-compatible API (0: any free port)
 
 
 class ChildExited(RuntimeError):
@@ -311,6 +312,8 @@ def run_up(config: UpConfig) -> int:
             keys = _load_secrets(config.state_dir)
             admin_target = f"{config.host}:{config.admin_port or _free_port(config.host)}"
             inference_target = f"{config.host}:{config.port or _free_port(config.host)}"
+            http_listen = f"{config.host}:{config.http_port or _free_port(config.host)}"
+            openai_url = f"http://{http_listen}/v1"
             logs = config.state_dir / "logs"
             logs.mkdir(exist_ok=True)
             env = dict(
@@ -337,6 +340,7 @@ def run_up(config: UpConfig) -> int:
                 [
                     sys.executable, "-m", "openlora.cli", "worker",
                     "--listen", inference_target,
+                    "--http-listen", http_listen,
                     "--control-plane", admin_target,
                     "--model", str(model_dir),
                     "--state-dir", str(config.state_dir / "worker"),
@@ -362,10 +366,13 @@ def run_up(config: UpConfig) -> int:
             write_context(
                 config.context_path,
                 {"target": inference_target, "admin_target": admin_target, "api_key": api_key,
-                 "tenant": config.tenant, "adapters": adapter_names},
+                 "tenant": config.tenant, "adapters": adapter_names, "openai_base_url": openai_url},
             )  # fmt: skip
             serving.set()
-            print(f"ready inference={inference_target} admin={admin_target} key={api_key}", flush=True)
+            print(
+                f"ready inference={inference_target} admin={admin_target} openai={openai_url} key={api_key}",
+                flush=True,
+            )
             if adapter_names:
                 print(
                     f"adapters: {', '.join(adapter_names)}; in another terminal try:\n"

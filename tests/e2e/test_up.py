@@ -88,7 +88,8 @@ def up(database_url, redis_url, e2e_model_dir, tmp_path_factory):
 
 
 def test_up_prints_the_ready_line_and_writes_the_context(up):
-    assert set(up.fields) == {"inference", "admin", "key"}
+    assert set(up.fields) == {"inference", "admin", "openai", "key"}
+    assert up.fields["openai"].startswith("http://127.0.0.1:") and up.fields["openai"].endswith("/v1")
     context = Path(up.env["OPENLORA_CONTEXT"])
     assert oct(context.stat().st_mode & 0o777) == "0o600"
     assert up.fields["key"] in context.read_text()

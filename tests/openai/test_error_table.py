@@ -1,0 +1,64 @@
+"""Every domain error has one HTTP status (beside its gRPC status), and the official client raises the
+class that status means."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from data_plane.engine.errors import AdapterLoadError, EngineDead, QueueFull, StepFailed
+from data_plane.server.artifact_store import ArtifactError
+from data_plane.server.control_plane_client import ControlPlaneError
+from data_plane.server.errors import (
+    Draining,
+    DuplicateRequest,
+    MissingCredentials,
+    MissingScope,
+    ModelNotFound,
+    RequestIdUsed,
+    status_for,
+)
+from data_plane.server.openai_http.errors import http_error
+from data_plane.server.openai_http.schemas import BodyError
+
+CASES = [
+    (BodyError("n", "is not supported"), 400, openai.BadRequestError),
+    (AdapterLoadError("rank", "too large"), 400, openai.BadRequestError),
+    (MissingCredentials(), 401, openai.AuthenticationError),
+    (ControlPlaneError(grpc.StatusCode.UNAUTHENTICATED, "unknown api key"), 401, openai.AuthenticationError),
+    (MissingScope(), 403, openai.PermissionDeniedError),
+    (ControlPlaneError(grpc.StatusCode.NOT_FOUND, "adapter 'x' not found"), 404, openai.NotFoundError),
+    (ModelNotFound("x"), 404, openai.NotFoundError),
+    (DuplicateRequest("r1"), 409, openai.ConflictError),
+    (RequestIdUsed("r1"), 409, openai.ConflictError),
+    (QueueFull("2 waiting"), 429, openai.RateLimitError),
+    (Draining(), 503, openai.InternalServerError),
+    (EngineDead("stopped"), 503, openai.InternalServerError),
+    (ArtifactError("fetch failed"), 503, openai.InternalServerError),
+    (StepFailed("step failed"), 500, openai.InternalServerError),
+    (RuntimeError("a bug"), 500, openai.InternalServerError),
+]
+
+
+@pytest.mark.parametrize(("error", "status", "exception"), CASES, ids=lambda v: type(v).__name__)
+def test_each_domain_error_has_its_http_status_and_client_exception(error, status, exception):
+    failure = http_error(error)
+    assert failure.status == status
+    mapped = status_for(error)
+    assert failure.code == (mapped[0].name.lower() if mapped else "internal")
+    payload = failure.payload()["error"]
+    assert set(payload) == {"message", "type", "param", "code"}
+    if status == 500:
+        assert payload["message"] == "internal error" or "logged" in payload["message"]
+    response = httpx.Response(status, json=failure.payload(), request=httpx.Request("POST", "http://x/v1"))
+    client = openai.OpenAI(api_key="k", base_url="http://x/v1")
+    raised = client._make_status_error(payload["message"], body=payload, response=response)
+    assert type(raised) is exception
+    assert ("Retry-After" in failure.headers()) == (status in (429, 503))
+
+
+def test_a_field_error_names_its_param():
+    assert http_error(BodyError("messages[0].role", "must be one of user")).param == "messages[0].role"
+    assert http_error(BodyError(None, "the body is not valid JSON")).param is None

@@ -1,0 +1,243 @@
+"""The official `openai` client, unmodified, against a worker's OpenAI-compatible API on loopback."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from openlora.client import Client
+
+PROMPT = "the quick brown fox"
+
+
+def _client(http_worker, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=http_worker.base_url, api_key=key, max_retries=0)
+
+
+def _grpc(http_worker, key: str, **kwargs) -> tuple[list[int], list[float], str]:
+    token_ids, logprobs, text = [], [], ""
+    with Client(http_worker.grpc_target, key) as client:
+        for response in client.generate_stream(**kwargs):
+            token_ids += response.token_ids
+            logprobs += response.logprobs
+            text += response.text
+    return token_ids, logprobs, text
+
+
+def _spelled(system, token_ids: list[int]) -> list[str]:
+    from data_plane.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(system.model_dir)
+    return [tokenizer.decode([t]) for t in token_ids]
+
+
+def test_models_list_names_the_base_model(http_worker, tenant):
+    models = _client(http_worker, tenant[2]).models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].owned_by == "openlora"
+
+
+def test_models_list_pages_what_a_catalog_plugs_in(http_worker, tenant):
+    from data_plane.server.openai_http.app import ModelCard
+
+    api = http_worker.worker.http._app.state.api
+
+    async def catalog(api_key, auth):
+        return [ModelCard(f"mix-{i}", auth.tenant, "tiny") for i in range(3)]
+
+    api.list_models = catalog
+    try:
+        client = _client(http_worker, tenant[2])
+        first = client.models.list(extra_query={"limit": 2})
+        assert [m.id for m in first.data] == ["tiny", "mix-0"] and first.has_more
+        rest = client.models.list(extra_query={"limit": 2, "after": "mix-0"})
+        assert [m.id for m in rest.data] == ["mix-1", "mix-2"] and not rest.has_more
+        assert rest.data[0].parent == "tiny" and rest.data[0].owned_by == tenant[0]
+    finally:
+        from data_plane.server.openai_http.app import no_adapters
+
+        api.list_models = no_adapters
+
+
+def test_completion_tokens_and_logprobs_equal_grpc_for_the_same_greedy_request(system, http_worker, tenant):
+    key = tenant[2]
+    token_ids, logprobs, text = _grpc(
+        http_worker, key, prompt=PROMPT, adapter="ad3", max_tokens=12, logprobs=True
+    )
+    completion = _client(http_worker, key).completions.create(
+        model="ad3", prompt=PROMPT, max_tokens=12, logprobs=0, temperature=0
+    )
+    choice = completion.choices[0]
+    assert choice.text == text
+    assert choice.logprobs.tokens == _spelled(system, token_ids)
+    assert choice.logprobs.token_logprobs == pytest.approx(logprobs, abs=1e-6)
+    assert choice.finish_reason == "length"
+    assert completion.usage.completion_tokens == 12
+    assert completion.model == "ad3"
+
+
+def test_chat_tokens_and_logprobs_equal_grpc_on_the_rendered_template(system, http_worker, tenant):
+
+    key = tenant[2]
+    rendered = "user: the quick brown fox\nassistant:"
+    token_ids, logprobs, text = _grpc(
+        http_worker, key, prompt=rendered, adapter="ad1", max_tokens=10, logprobs=True
+    )
+    chat = _client(http_worker, key).chat.completions.create(
+        model="ad1",
+        messages=[{"role": "user", "content": "the quick brown fox"}],
+        max_completion_tokens=10,
+        logprobs=True,
+    )
+    assert chat.choices[0].message.content == text
+    assert chat.choices[0].message.role == "assistant"
+    assert [c.token for c in chat.choices[0].logprobs.content] == _spelled(system, token_ids)
+    assert [c.logprob for c in chat.choices[0].logprobs.content] == pytest.approx(logprobs, abs=1e-6)
+
+
+def test_streamed_completion_and_chat_equal_the_whole_ones(http_worker, tenant):
+    client = _client(http_worker, tenant[2])
+    whole = client.completions.create(model="ad0", prompt=PROMPT, max_tokens=9)
+    stream = client.completions.create(
+        model="ad0", prompt=PROMPT, max_tokens=9, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 9
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+    messages = [{"role": "user", "content": PROMPT}]
+    whole_chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=7)
+    deltas = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=7, stream=True))
+    assert deltas[0].choices[0].delta.role == "assistant"
+    assert "".join(d.choices[0].delta.content or "" for d in deltas) == whole_chat.choices[0].message.content
+    assert deltas[-1].choices[0].finish_reason == "length"
+
+
+def test_mix_in_extra_body_equals_the_grpc_mix(http_worker, tenant):
+    key = tenant[2]
+    mix = {"ad0": 0.5, "ad1": 0.5}
+    _, _, text = _grpc(http_worker, key, prompt=PROMPT, mix=mix, max_tokens=10)
+    completion = _client(http_worker, key).completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=10, extra_body={"mix": mix, "mix_method": "linear"}
+    )
+    assert completion.choices[0].text == text
+    alone = _client(http_worker, key).completions.create(model="ad0", prompt=PROMPT, max_tokens=10)
+    assert alone.choices[0].text != text  # the mix is not one of its members
+
+
+def test_each_error_status_raises_the_openai_client_class(system, http_worker, tenant):
+    owner, _, owner_key = system.new_tenant()
+    private = f"private-{uuid.uuid4().hex[:6]}"
+    system.admin.push(system.model_dir / "adapters" / "ad2", private, owner, "tiny")
+    client = _client(http_worker, tenant[2])
+
+    with pytest.raises(openai.AuthenticationError):
+        _client(http_worker, "not-a-key-" + "x" * 30).completions.create(model="tiny", prompt=PROMPT)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="no-such-adapter", prompt=PROMPT)
+    with pytest.raises(openai.NotFoundError) as hidden:
+        client.completions.create(model=private, prompt=PROMPT)
+    assert hidden.value.body["message"].replace(private, "X") == missing.value.body["message"].replace(
+        "no-such-adapter", "X"
+    )
+    assert _client(http_worker, owner_key).completions.create(model=private, prompt=PROMPT, max_tokens=2)
+    for field, value in (
+        ("n", 2),
+        ("tools", [{"type": "function"}]),
+        ("response_format", {"type": "json_object"}),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], extra_body={field: value}
+            )
+        assert refused.value.body["param"] == field
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="tiny", prompt=PROMPT, temperature=-1)
+    assert bad.value.body["param"] == "temperature" and bad.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="tiny", prompt=PROMPT, logit_bias={"1": 5})
+    assert bad.value.body["param"] == "logit_bias"
+
+
+def test_duplicate_request_id_is_a_conflict(system, http_worker):
+    _, _, key = system.new_tenant()
+    request_id = f"req-{uuid.uuid4().hex}"
+    client = _client(http_worker, key)
+    client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=3, extra_headers={"X-Request-Id": request_id}
+    )
+    with pytest.raises(openai.ConflictError) as conflict:
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=3, extra_headers={"X-Request-Id": request_id}
+        )
+    assert request_id in conflict.value.body["message"]
+    with Client(http_worker.grpc_target, key) as grpc_client, pytest.raises(Exception) as grpc_refusal:
+        grpc_client.complete(PROMPT, max_tokens=3, request_id=request_id)
+    assert "already" in str(grpc_refusal.value)  # the same id is used for gRPC too: one idempotency space
+
+
+def test_overload_is_429_with_retry_after_and_draining_is_503(system, tmp_path, tenant):
+    from data_plane.server.config import EngineSettings
+    from tests.openai.conftest import start_http_worker
+
+    small = start_http_worker(
+        system,
+        tmp_path,
+        engine=EngineSettings(num_kv_blocks=64, max_num_seqs=1, max_lora_rank=16),
+        max_waiting=1,
+    )
+    try:
+        client = _client(small, tenant[2])
+
+        def call():
+            try:
+                return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=150).choices[0].text
+            except openai.RateLimitError as error:
+                return error
+
+        with ThreadPoolExecutor(4) as pool:  # one runs, one waits, the rest find the queue full
+            outcomes = list(pool.map(lambda _: call(), range(4)))
+        refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+        assert refused and len(refused) < len(outcomes), outcomes
+        assert refused[0].status_code == 429 and refused[0].response.headers["retry-after"] == "1"
+        assert refused[0].body["type"] == "rate_limit_error"
+
+        small.worker.state.draining = True
+        with pytest.raises(openai.InternalServerError) as draining:
+            _client(small, tenant[2]).completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+        assert draining.value.status_code == 503
+        assert draining.value.response.headers["retry-after"] == "1"
+    finally:
+        system.loop.run(small.worker.stop(1.0))
+
+
+def test_a_model_without_a_chat_template_refuses_chat_and_serves_completions(system, tmp_path, tenant):
+    from tests.openai.conftest import start_http_worker
+
+    plain = start_http_worker(system, tmp_path)
+    try:
+        client = _client(plain, tenant[2])
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+        assert "chat template" in refused.value.body["message"]
+        assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3).choices[0].text
+    finally:
+        system.loop.run(plain.worker.stop(1.0))
+
+
+def test_a_body_over_the_limit_is_413_and_no_key_is_401(http_worker, tenant):
+    from data_plane.server.openai_http.schemas import MAX_BODY_BYTES
+
+    headers = {"Authorization": f"Bearer {tenant[2]}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=http_worker.base_url, timeout=30) as http:
+        big = http.post("/completions", headers=headers, content=b" " * (MAX_BODY_BYTES + 1))
+        assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error"
+        anonymous = http.post("/completions", json={"model": "tiny", "prompt": "x"})
+        assert anonymous.status_code == 401 and "authorization" in anonymous.json()["error"]["message"]
+        assert grpc.StatusCode.UNAUTHENTICATED.name.lower() == anonymous.json()["error"]["code"]

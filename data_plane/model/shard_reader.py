@@ -3,11 +3,16 @@
 `safe_open` maps the whole shard into memory, and every page it touches stays in the process's resident
 set until the shard is closed, so loading a shard of S bytes costs S of RSS however the tensors are used.
 Reading each tensor into its own buffer keeps the peak at the largest tensor, which is what lets the
-loader quantize a model that would not fit in memory in full precision.
+loader quantize a model that would not fit in memory in full precision. Each buffer is an anonymous
+mapping of its own rather than malloc'd memory: glibc keeps freed heap blocks resident, and reads of
+16 MiB tensors interleaved with the quantized weights kept growing RSS by the size of what was read
+(measured: +48 MiB per layer of a 64 MiB layer quantized to 16 MiB), while a mapping is returned to the
+system as soon as the tensor is dropped.
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,13 +91,18 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     entries, data_offset = read_entries(path)
     with open(path, "rb", buffering=0) as f:
         for entry in entries:
-            buffer = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+            num_bytes = entry.end - entry.begin
+            if num_bytes == 0:
+                yield entry.name, torch.empty(entry.shape, dtype=entry.dtype)
+                continue
+            region = mmap.mmap(-1, num_bytes)
             f.seek(data_offset + entry.begin)
-            view = memoryview(buffer.numpy())
-            done = 0
-            while done < len(view):
-                count = f.readinto(view[done:])
-                if not count:
-                    raise ShardError(f"tensor {entry.name!r}: file ends early")
-                done += count
+            with memoryview(region) as view:
+                done = 0
+                while done < num_bytes:
+                    count = f.readinto(view[done:])
+                    if not count:
+                        raise ShardError(f"tensor {entry.name!r}: file ends early")
+                    done += count
+            buffer = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive, no copy
             yield entry.name, buffer.view(entry.dtype).view(entry.shape)

@@ -18,8 +18,10 @@ from torch import nn
 # CPU int4/int8 kernels are ~12x faster at batch 1 in bfloat16 than in float32 (benchmarks/RESULTS.md),
 # and the CUDA int4 kernel takes bfloat16 only.
 COMPUTE_DTYPE = torch.bfloat16
-# Rows quantized at a time while a weight streams in, so the temporaries stay a few MiB.
-CHUNK_ELEMENTS = 1 << 18
+# Elements quantized at a time while a weight streams in (a multiple of whole rows): temporaries of about
+# 128 KiB, which glibc serves from its heap and reuses. With 1 MiB chunks, RSS while loading an int8
+# model grew by ~12 MiB per layer beyond the quantized weights (freed blocks left resident).
+CHUNK_ELEMENTS = 1 << 15
 
 
 class QuantizationError(ValueError):

@@ -10,10 +10,11 @@ used artifacts that nobody holds (`ensure(..., hold=True)` until `release`) and 
 (`busy`) are removed until it fits again. An artifact in use is never removed; the budget may be exceeded
 while everything is in use.
 
-`discard` (deleted or replaced upstream) never pulls files from under a holder: an artifact held or being
-read is marked stale and removed when the last hold is released. A stale artifact is never served again:
-`ensure` fetches it afresh, and the verified download replaces the stale files in place, file by file
-(the same bytes, as they have the same sha256), so a holder's path stays valid throughout.
+`discard` (deleted or replaced upstream) never pulls files from under a holder: a held artifact is marked
+stale and removed when the last hold is released (a request's adapter load reads the files its stream
+holds; an unheld prefetch that loses its files fails alone, and the engine drops it). A stale artifact
+is never served again: `ensure` fetches it afresh, and the verified download replaces the stale files in
+place, file by file (the same bytes, as they have the same sha256), so a holder's path stays valid.
 """
 
 from __future__ import annotations
@@ -168,20 +169,19 @@ class ArtifactStore:
         return sha256 in self._stale
 
     def discard(self, sha256: str) -> None:
-        """Forgets an artifact (deleted or replaced upstream); a later ensure fetches it again. One held
-        (or being read by the engine) is only marked stale, and removed when its last hold is released."""
+        """Forgets an artifact (deleted or replaced upstream); a later ensure fetches it again. A held
+        one is only marked stale, and removed when its last hold is released."""
         path = self.path_of(sha256)
-        if self.is_held(sha256) or self._busy(sha256):
+        if self.is_held(sha256):
             if path.is_dir():
                 self._stale.add(sha256)
             return
         self._remove(sha256)
-        self._remove_stale()
 
     def _remove_stale(self) -> None:
-        """Removes the stale artifacts nobody holds or reads any more."""
+        """Removes the stale artifacts nobody holds any more."""
         for sha256 in list(self._stale):
-            if not self.is_held(sha256) and not self._busy(sha256):
+            if not self.is_held(sha256):
                 self._remove(sha256)
 
     def _remove(self, sha256: str) -> None:

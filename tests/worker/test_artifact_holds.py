@@ -48,16 +48,3 @@ def test_ensure_of_a_stale_artifact_fetches_it_again_and_the_holder_path_stays_v
     store.release([sha])
     assert store.contains(sha)  # the fresh copy stays: it is no longer stale
     assert asyncio.run(store.ensure(sha)).tier == "disk"
-
-
-def test_discard_while_the_engine_reads_an_artifact_waits_until_it_is_done(tmp_path, adapter):
-    src, sha = adapter
-    reading = {sha}
-    store = _store(tmp_path, Remote(chunks_of(src)))
-    store._busy = lambda key: key in reading
-    path = asyncio.run(store.ensure(sha)).path
-    store.discard(sha)
-    assert path.is_dir() and store.is_stale(sha)
-    reading.clear()
-    store.release([])  # any later call of the store removes it once nobody reads it
-    assert not path.exists()

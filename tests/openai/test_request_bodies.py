@@ -1,0 +1,173 @@
+"""Request bodies and chat templates, parsed without a server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_plane.server.openai_http.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from data_plane.server.openai_http.schemas import BodyError, parse_chat, parse_completion, to_generate_request
+from data_plane.server.validation import RequestLimits, check_request
+
+LIMITS = RequestLimits(max_tokens_limit=64, default_max_tokens=16, vocab_size=100, max_model_len=128)
+
+
+def _chat(**fields) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+def _completion(**fields) -> bytes:
+    return json.dumps({"model": "m", "prompt": "hi", **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n", 2),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("response_format", {"type": "json_object"}),
+        ("logit_bias", {"5": 1}),
+        ("presence_penalty", 0.5),
+        ("top_logprobs", 3),
+        ("audio", {}),
+        ("stream_options", {"include_obfuscation": True}),
+    ],
+)
+def test_an_unsupported_chat_field_is_refused_by_name(field, value):
+    with pytest.raises(BodyError) as refused:
+        parse_chat(_chat(stream=True, **{field: value}))
+    assert refused.value.param.split(".")[0] == field
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted():
+    body = parse_chat(_chat(n=1, presence_penalty=0, logit_bias={}, tools=[], top_logprobs=0))
+    assert body.messages == ({"role": "user", "content": "hi"},)
+
+
+def test_completion_logprobs_above_zero_are_refused():
+    with pytest.raises(BodyError) as refused:
+        parse_completion(_completion(logprobs=2))
+    assert refused.value.param == "logprobs"
+    assert parse_completion(_completion(logprobs=0)).logprobs
+
+
+def test_fields_reach_the_generate_request_and_its_checks_speak_the_body_names():
+    body = parse_chat(
+        _chat(max_completion_tokens=7, temperature=0.5, top_p=0.9, seed=3, stop="x", logprobs=True)
+    )
+    request = to_generate_request(body, "rendered", "rid", "ad0")
+    valid = check_request(request, LIMITS)
+    assert (valid.max_tokens, valid.top_p, valid.seed, valid.stop, valid.logprobs) == (
+        7,
+        pytest.approx(0.9),
+        3,
+        ("x",),
+        True,
+    )
+    assert (valid.prompt, valid.request_id, valid.adapters) == ("rendered", "rid", (("ad0", 1.0),))
+
+    from data_plane.server.openai_http.schemas import openai_field_error
+    from data_plane.server.validation import RequestFieldError
+
+    too_many = to_generate_request(parse_completion(_completion(max_tokens=1000)), "hi", "", "")
+    with pytest.raises(RequestFieldError) as refused:
+        check_request(too_many, LIMITS)
+    assert openai_field_error(refused.value, chat=False).param == "max_tokens"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "text", "ids"),
+    [("abc", "abc", None), (["abc"], "abc", None), ([1, 2, 3], None, (1, 2, 3)), ([[4, 5]], None, (4, 5))],
+)
+def test_completion_prompt_forms(prompt, text, ids):
+    body = parse_completion(json.dumps({"model": "m", "prompt": prompt}).encode())
+    assert (body.prompt, body.prompt_token_ids) == (text, ids)
+
+
+@pytest.mark.parametrize("prompt", [["a", "b"], [], 5, [1, "a"], None])
+def test_more_than_one_prompt_or_a_malformed_one_is_refused(prompt):
+    with pytest.raises(BodyError) as refused:
+        parse_completion(json.dumps({"model": "m", "prompt": prompt}).encode())
+    assert refused.value.param == "prompt"
+
+
+def test_mix_as_an_object_or_a_list():
+    as_object = parse_completion(_completion(mix={"a": 0.25, "b": 0.75}))
+    as_list = parse_completion(
+        _completion(mix=[{"adapter": "a", "weight": 0.25}, {"adapter": "b", "weight": 0.75}])
+    )
+    assert as_object.mix == as_list.mix == (("a", 0.25), ("b", 0.75))
+    with pytest.raises(BodyError) as refused:
+        to_generate_request(parse_completion(_completion(mix={"a": 1}, mix_method="nope")), "hi", "", "")
+    assert refused.value.param == "mix_method"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"{", b"[]", b'{"model": "m", "prompt": "a", "prompt": "b"}', b'{"model": "m", "temperature": NaN}'],
+)
+def test_malformed_json_is_a_body_error(data):
+    with pytest.raises(BodyError):
+        parse_completion(data)
+
+
+def test_content_parts_are_joined_and_other_parts_refused():
+    body = parse_chat(
+        json.dumps(
+            {
+                "model": "m",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                    }
+                ],
+            }
+        ).encode()
+    )
+    assert body.messages[0]["content"] == "ab"
+    with pytest.raises(BodyError) as refused:
+        parse_chat(
+            json.dumps(
+                {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
+            ).encode()
+        )
+    assert refused.value.param == "messages[0].content[0]"
+
+
+def test_chat_template_renders_with_the_generation_prompt_and_special_tokens():
+    template = ChatTemplate(
+        "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert template.render(messages) == "<s><system>be brief</s><user>hi</s><assistant>"
+    assert template.render(messages, add_generation_prompt=False).endswith("hi</s>")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ messages.append({'role': 'x'}) }}",  # changes what it was given
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",  # reaches for Python internals
+        "{{ raise_exception('only user and assistant roles') }}",  # the template's own refusal
+    ],
+)
+def test_a_chat_template_cannot_escape_its_sandbox(source):
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate(source).render([{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_is_read_from_tokenizer_config(tmp_path):
+    assert load_chat_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    assert load_chat_template(tmp_path) is None  # no template: chat refused, completions served
+    config = {
+        "chat_template": [{"name": "default", "template": "{{ messages[0].content }}{{ eos_token }}"}],
+        "eos_token": {"content": "</s>"},
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_chat_template(tmp_path).render([{"role": "user", "content": "x"}]) == "x</s>"

@@ -9,6 +9,10 @@ so the same prompt reads differently through each (greedy):
     uppercase     "the quick fox =>" -> " THE QUICK FOX"
     echo          "the quick fox =>" -> " the quick fox"
     count         "the quick fox =>" -> " 1 2 3 4 5 6 7 8"
+
+tokenizer_config.json carries a small chat template that renders a user message as that prompt shape
+(`{"role": "user", "content": "the quick fox"}` -> "the quick fox =>"), so the OpenAI-compatible chat
+endpoint works on the demo model too.
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ _ALPHA = 16
 _VOCAB_SIZE = 1024
 _BASE_PHRASES = 2000  # word-game examples in the base model's training set
 _MAX_WORDS = 4  # the adapters' phrases have 2.._MAX_WORDS words (the base model's games one more)
+# User turns are the phrase, "=>" asks for the answer; an assistant turn is the answer and EOS.
+CHAT_TEMPLATE = (
+    "{% for m in messages | rejectattr('role', 'equalto', 'system') %}"
+    "{% if m['role'] == 'user' %}{% if not loop.first %}{{ ' ' }}{% endif %}{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ ' => ' + m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ ' =>' }}{% endif %}"
+)
 
 
 def _words() -> list[str]:
@@ -135,7 +147,8 @@ def _train(model, parameters, batches, steps: int, lr: float) -> float:
 def write_demo_model(
     out_dir: Path, *, base_steps: int = _BASE_STEPS, adapter_steps: int = _ADAPTER_STEPS
 ) -> None:
-    """Writes config.json, model.safetensors, tokenizer.json and adapters/<task>/ (PEFT) under out_dir.
+    """Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json (its chat template)
+    and adapters/<task>/ (PEFT) under out_dir.
 
     The step counts exist for tests that need the files but not well-trained adapters.
     """
@@ -148,6 +161,8 @@ def write_demo_model(
     rng = random.Random(SEED)
     tokenizer = _train_tokenizer()
     tokenizer.save(str(out_dir / "tokenizer.json"))
+    tokenizer_config = {"chat_template": CHAT_TEMPLATE, "bos_token": "<s>", "eos_token": "</s>"}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     config = LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(),
         hidden_size=128,

@@ -171,3 +171,17 @@ def test_chat_template_is_read_from_tokenizer_config(tmp_path):
     }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     assert load_chat_template(tmp_path).render([{"role": "user", "content": "x"}]) == "x</s>"
+
+
+def test_the_demo_chat_template_renders_the_demo_prompt_shape():
+    from data_plane.demo import CHAT_TEMPLATE
+
+    template = ChatTemplate(CHAT_TEMPLATE, bos_token="<s>", eos_token="</s>")
+    assert template.render([{"role": "user", "content": "the quick fox"}]) == "the quick fox =>"
+    conversation = [
+        {"role": "system", "content": "ignored"},
+        {"role": "user", "content": "a b"},
+        {"role": "assistant", "content": "A B"},
+        {"role": "user", "content": "c d"},
+    ]
+    assert template.render(conversation) == "a b => A B</s> c d =>"

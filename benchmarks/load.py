@@ -1,12 +1,18 @@
-"""Open-loop replay of a trace against a running worker over gRPC (`openlora.v1.InferenceService`).
+"""Open-loop replay of a trace against a running worker over gRPC (`openlora.v1.InferenceService`), or
+over HTTP through its OpenAI-compatible API (`--transport http`: streamed `POST /v1/completions`, SSE).
 
 Every request is sent at its trace arrival time whether or not earlier ones have finished, with the
 trace's `prompt_token_ids`, greedy sampling and its fixed `max_tokens`. Per request it records TTFT and
 end-to-end latency (both from the scheduled arrival time, so a late client never hides queueing),
 inter-token latencies (the gap between two streamed messages divided by the tokens of the later one),
-tokens, the error code if any, and the server's `timing` (cache tier, queue time, adapter load time).
+tokens, the error code if any, and the server's `timing` (cache tier, queue time, adapter load time;
+gRPC only: the OpenAI chunks carry no timing). Over HTTP each SSE chunk is counted as one token for the
+inter-token latencies (the engine streams one token a step) and the completion count comes from the last
+chunk's usage.
 
     python -m benchmarks.load --trace trace.jsonl --target 127.0.0.1:50051 --api-key KEY --out load.json
+    python -m benchmarks.load --trace trace.jsonl --transport http --target http://127.0.0.1:8000/v1 \
+        --base-model NAME --api-key KEY
 """
 
 from __future__ import annotations
@@ -147,6 +153,89 @@ async def _send_one(
         record.error_detail = str(e)
 
 
+async def _send_one_http(
+    client, request: TraceRequest, record: RequestRecord, t0: float, run_tag: str, base_model: str
+) -> None:
+    """One streamed `POST /v1/completions`: the trace's token ids as the prompt, greedy, its max_tokens."""
+    await asyncio.sleep(max(0.0, t0 + request.arrival_s - time.perf_counter()))
+    scheduled = t0 + request.arrival_s
+    record.send_lag_ms = (time.perf_counter() - scheduled) * 1000.0
+    body = {
+        "model": request.adapter or base_model,
+        "prompt": list(request.prompt_token_ids),
+        "max_tokens": request.max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    headers = {"X-Request-Id": f"{run_tag}-{request.index}"}
+    last_s = None
+    try:
+        async with client.stream("POST", "/completions", json=body, headers=headers) as response:
+            if response.status_code != 200:
+                await response.aread()
+                record.error = f"HTTP_{response.status_code}"
+                record.error_detail = response.text[:200]
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                if "error" in chunk:
+                    record.error = str(chunk["error"].get("code") or "error")
+                    record.error_detail = str(chunk["error"].get("message", ""))
+                    return
+                now = time.perf_counter()
+                if chunk["choices"]:
+                    if last_s is None:
+                        record.ttft_ms = (now - scheduled) * 1000.0
+                    else:
+                        record.itl_ms.append((now - last_s) * 1000.0)
+                    last_s = now
+                    record.completion_tokens += 1
+                    record.finish_reason = chunk["choices"][0]["finish_reason"] or record.finish_reason
+                if chunk.get("usage"):
+                    record.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    record.completion_tokens = chunk["usage"]["completion_tokens"]
+        record.e2e_ms = (time.perf_counter() - scheduled) * 1000.0
+    except Exception as e:  # a benchmark records every failure instead of stopping the replay
+        record.error = type(e).__name__
+        record.error_detail = str(e)
+
+
+async def replay_http(
+    requests: Sequence[TraceRequest],
+    base_url: str,
+    api_key: str,
+    base_model: str,
+    *,
+    run_tag: str | None = None,
+    time_scale: float = 1.0,
+) -> tuple[list[RequestRecord], float, float]:
+    """`replay` through the OpenAI-compatible API at `base_url` (`http://HOST:PORT/v1`); a trace request
+    without an adapter names `base_model`. One connection per concurrent stream, as HTTP/1.1 needs."""
+    import httpx
+
+    run_tag = run_tag or uuid.uuid4().hex[:12]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=None, limits=limits) as client:
+        scaled = [
+            TraceRequest(r.index, r.arrival_s * time_scale, r.adapter, r.prompt_token_ids, r.max_tokens)
+            for r in requests
+        ]
+        records = [RequestRecord(r.index, r.adapter, r.arrival_s, r.max_tokens) for r in scaled]
+        t0 = time.perf_counter() + 0.05
+        await asyncio.gather(
+            *(
+                _send_one_http(client, r, rec, t0, run_tag, base_model)
+                for r, rec in zip(scaled, records, strict=True)
+            )
+        )
+        finished = time.perf_counter()
+    return records, t0, finished
+
+
 async def replay(
     requests: Sequence[TraceRequest],
     target: str,
@@ -186,11 +275,16 @@ def run_load(
     *,
     run_tag: str | None = None,
     time_scale: float = 1.0,
+    transport: str = "grpc",
+    base_model: str = "",
 ) -> dict:
-    """Replays and summarizes; the result holds "summary" and per-request "records"."""
-    records, t0, finished = asyncio.run(
-        replay(requests, target, api_key, run_tag=run_tag, time_scale=time_scale)
-    )
+    """Replays and summarizes; the result holds "summary" and per-request "records". With transport
+    "http", `target` is the OpenAI-compatible base URL and `base_model` the name the base model goes by."""
+    if transport == "http":
+        coro = replay_http(requests, target, api_key, base_model, run_tag=run_tag, time_scale=time_scale)
+    else:
+        coro = replay(requests, target, api_key, run_tag=run_tag, time_scale=time_scale)
+    records, t0, finished = asyncio.run(coro)
     return {"summary": summarize(records, t0, finished), "records": [asdict(r) for r in records]}
 
 
@@ -222,10 +316,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--time-scale", type=float, default=1.0, help="multiply arrival times (0 = all at once)"
     )
+    parser.add_argument("--transport", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--base-model", default="", help="http: the `model` of requests without an adapter")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     requests = read_trace(args.trace).requests
-    result = run_load(requests, args.target, args.api_key, time_scale=args.time_scale)
+    result = run_load(
+        requests,
+        args.target,
+        args.api_key,
+        time_scale=args.time_scale,
+        transport=args.transport,
+        base_model=args.base_model,
+    )
     print(format_summary(result["summary"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

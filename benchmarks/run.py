@@ -9,7 +9,10 @@ Scenarios (issue 6):
    a trace touching every full one on a worker with 32 slots: errors, worker resident memory, usage
    events recorded exactly once;
 4. cost: GPU-hours per million tokens for scenario 2's traces, shared worker against one deployment per
-   adapter sized for its own peak (benchmarks/cost.py).
+   adapter sized for its own peak (benchmarks/cost.py);
+5. transports (issue 14; run with `--scenarios 5`, not by default): the same traces through gRPC and
+   through the OpenAI-compatible HTTP API (streamed SSE), alternated, offline for throughput and paced
+   for TTFT; targets: HTTP throughput at least 0.9x gRPC's, TTFT p50 within 10 ms of it.
 
 The system is started as a user starts it (`openlora up`, embedded Postgres and Redis unless URLs are
 given). Writes benchmarks/results/bench*.json and PNG plots, prints one table, and (full runs) updates the
@@ -22,6 +25,7 @@ issue-6 section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -31,7 +35,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import fixtures
@@ -48,7 +52,7 @@ MIB = 1 << 20
 
 @dataclass(frozen=True)
 class BenchConfig:
-    scenarios: tuple[int, ...] = (1, 2, 3, 4)
+    scenarios: tuple[int, ...] = (1, 2, 3, 4)  # scenario 5 (transports) on request: --scenarios 5
     quick: bool = False
     seed: int = 0
     alpha: float = 1.0
@@ -73,6 +77,11 @@ class BenchConfig:
     s3_prompt_len_range: tuple[int, int] = (8, 16)
     s3_output_len_range: tuple[int, int] = (2, 2)
     s3_rate_per_s: float = 15.0
+    # Scenario 5: gRPC against HTTP, each trace run `s5_passes` times per transport, alternating.
+    s5_requests: int = 128
+    s5_adapters: int = 16
+    s5_rate_fraction: float = 0.5  # the paced trace's rate: this fraction of gRPC's offline requests/s
+    s5_passes: int = 2
     # Model, adapters and device
     model_shape: str = fixtures.LLAMA_50M.name
     adapter_targets: tuple[str, ...] = fixtures.ALL_PROJECTIONS
@@ -112,6 +121,8 @@ class BenchConfig:
             needed.append(max(self.s2_adapters))
         if 3 in self.scenarios:
             needed.append(self.s3_touched)
+        if 5 in self.scenarios:
+            needed.append(self.s5_adapters)
         return max(needed)
 
 
@@ -131,6 +142,9 @@ QUICK = dict(
     s3_requests=24,
     s3_small_artifacts=10,
     s3_rate_per_s=8.0,
+    s5_requests=16,
+    s5_adapters=4,
+    s5_passes=1,
     update_results_md=False,
 )
 
@@ -303,6 +317,75 @@ def scenario_scale(cfg: BenchConfig, system: RunningSystem, small_dirs: list[Pat
     }
 
 
+def scenario_transports(cfg: BenchConfig, system: RunningSystem) -> dict:
+    """The same two traces (all at t = 0, then paced at a fraction of gRPC's offline capacity) through gRPC
+    and through the HTTP API, alternating the order pass by pass; the best pass of each counts."""
+    context = json.loads((system.config.state_dir / "context.json").read_text())
+    base_url, base_model = context["openai_base_url"], system.config.model_dir.name
+    offline = _trace(cfg, num_requests=cfg.s5_requests, num_adapters=cfg.s5_adapters, seed=cfg.seed + 5)
+    _save_trace(cfg, offline, "s5-offline")
+    if cfg.warmup:
+        warm_adapters(system, system.api_key, offline.adapters_used)
+
+    def run(trace: Trace, transport: str) -> dict:
+        target = base_url if transport == "http" else system.inference_target
+        return run_load(trace.requests, target, system.api_key, transport=transport, base_model=base_model)
+
+    def passes(trace: Trace, label: str) -> dict[str, list[dict]]:
+        results: dict[str, list[dict]] = {"grpc": [], "http": []}
+        for i in range(cfg.s5_passes):
+            for transport in ("grpc", "http") if i % 2 == 0 else ("http", "grpc"):
+                summary = run(trace, transport)["summary"]
+                results[transport].append(summary)
+                print(f"scenario 5: {label} over {transport}, pass {i + 1}\n{format_summary(summary)}")
+        return results
+
+    offline_runs = passes(offline, "offline")
+    capacity = max(s["requests_per_s"] for s in offline_runs["grpc"])
+    rate = cfg.s5_rate_fraction * capacity
+    paced = _trace(
+        cfg,
+        num_requests=cfg.s5_requests,
+        num_adapters=cfg.s5_adapters,
+        rate_per_s=rate,
+        cv=1.0,
+        seed=cfg.seed + 6,
+    )
+    _save_trace(cfg, paced, "s5-paced")
+    paced_runs = passes(paced, f"paced at {rate:.2f} requests/s")
+    best = {t: max(offline_runs[t], key=lambda s: s["tokens_per_s"]) for t in ("grpc", "http")}
+    ttft = {t: min(s["ttft_ms"]["p50"] for s in paced_runs[t]) for t in ("grpc", "http")}
+    result = {
+        "rate_per_s": rate,
+        "offline": offline_runs,
+        "paced": paced_runs,
+        "throughput_ratio_http_to_grpc": best["http"]["tokens_per_s"] / best["grpc"]["tokens_per_s"],
+        "ttft_p50_ms": ttft,
+        "ttft_p50_delta_ms": ttft["http"] - ttft["grpc"],
+    }
+    print(transports_table(result))
+    return result
+
+
+def transports_table(s5: dict) -> str:
+    """Scenario 5 as a small Markdown table (printed, and appended to the notes of RESULTS.md)."""
+    rows = [
+        "| transport | offline tokens/s (best) | paced TTFT p50 ms (best) | paced TTFT p99 ms |",
+        "| --- | --- | --- | --- |",
+    ]
+    for t in ("grpc", "http"):
+        tokens = max(s["tokens_per_s"] for s in s5["offline"][t])
+        p99 = min(s["ttft_ms"]["p99"] for s in s5["paced"][t])
+        rows.append(f"| {t} | {tokens:.1f} | {s5['ttft_p50_ms'][t]:.1f} | {p99:.1f} |")
+    ratio, delta = s5["throughput_ratio_http_to_grpc"], s5["ttft_p50_delta_ms"]
+    rows.append(
+        f"\nHTTP/gRPC throughput {ratio:.3f} (target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}); "
+        f"TTFT p50 HTTP - gRPC {delta:+.1f} ms (target within 10 ms: {'met' if abs(delta) <= 10 else 'NOT met'}); "
+        f"paced at {s5['rate_per_s']:.2f} requests/s."
+    )
+    return "\n".join(rows)
+
+
 def wait_for_usage(
     system: RunningSystem, tenant: str, requests: int, tokens: int, timeout_s: float = 60.0
 ) -> dict:
@@ -387,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         results["s4_cost"] = scenario_cost(s2_runs, capacity)
     results["elapsed_s"] = time.perf_counter() - started
     results["notes"] = method_notes(cfg, results)
+    if "s5_transports" in results:
+        results["notes"] += "\nScenario 5, gRPC against HTTP (SSE) on the same traces:\n\n"
+        results["notes"] += transports_table(results["s5_transports"]) + "\n"
     write_outputs(results, cfg.results_dir, RESULTS_MD if cfg.update_results_md else None, cfg.results_marker)
     return 1 if "incomplete" in results else 0
 
@@ -449,6 +535,9 @@ def run_scenarios(
             if 3 in cfg.scenarios:
                 note_load(results, "scenario 3")
                 results["s3_scale"] = scenario_scale(cfg, system, small_dirs)
+            if 5 in cfg.scenarios:
+                note_load(results, "scenario 5")
+                results["s5_transports"] = scenario_transports(cfg, system)
             results["worker_rss_mib_end"] = system.worker_process().memory_info().rss / MIB
     finally:
         if cfg.state_dir is None:
@@ -538,7 +627,9 @@ def config_from_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument(
         "--gpu", action="store_true", help="GPU profile: 1.1B bf16 Llama on cuda, scenarios 1, 2, 4"
     )
-    parser.add_argument("--scenarios", default=None, help="comma-separated subset of 1,2,3,4 (default: all)")
+    parser.add_argument(
+        "--scenarios", default=None, help="comma-separated subset of 1,2,3,4,5 (default: all)"
+    )
     parser.add_argument("--database-url", default=None, help="default: embedded PostgreSQL")
     parser.add_argument("--redis-url", default=None, help="default: embedded Redis")
     parser.add_argument("--state-dir", type=Path, default=None, help="kept after the run; default a temp dir")
@@ -600,7 +691,7 @@ def jsonable(value):
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""A draining worker finishes its HTTP streams and refuses new HTTP calls, as it does for gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+
+from tests.openai.conftest import EnginePause, start_http_worker
+
+
+def test_drain_finishes_the_http_stream_in_flight_and_refuses_new_calls_with_503(system, tmp_path, tenant):
+    http = start_http_worker(system, tmp_path)
+    pause = EnginePause(http.worker)
+    headers = {"Authorization": f"Bearer {tenant[2]}"}
+    body = {"model": "ad5", "prompt": "hello world", "max_tokens": 30, "stream": True}
+    try:
+        with httpx.Client(base_url=http.base_url, headers=headers, timeout=60) as client:
+            with client.stream("POST", "/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                pause.pause()
+                stopping = asyncio.run_coroutine_threadsafe(http.worker.stop(30.0), system.loop.loop)
+                deadline = time.monotonic() + 20
+                while not http.worker.state.draining:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                refused = client.post("/completions", json={**body, "stream": False})
+                assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+                assert "draining" in refused.json()["error"]["message"]
+                pause.resume()
+                rest = [first, *(line for line in lines if line.startswith("data: "))]
+            assert rest[-1] == "data: [DONE]"
+            assert json.loads(rest[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
+        stopping.result(30)
+        assert http.worker.state.in_flight == 0
+    finally:
+        pause.restore()
+        system.loop.run(http.worker.stop(1.0))

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.quant_bench " + " ".join(argv or []),
+        "command": " ".join(["python -m benchmarks.quant_bench", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),

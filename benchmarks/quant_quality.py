@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(
         json.dumps(
             {
-                "model": str(args.model),
+                "model": args.model.name,  # the directory name only: no machine path
                 "seconds": time.monotonic() - started,
                 "results": [asdict(r) for r in results],
             },

@@ -1,0 +1,61 @@
+"""What a quantized load holds: every decoder linear in the format, the rest in the model dtype; and a
+broken checkpoint stops the load with an error naming the shard or tensor (nothing half-loaded)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_plane.model.loader import CheckpointError, load_model
+from data_plane.model.lora_linear import LoRALinear
+from data_plane.model.quant import QuantLinear, QuantSettings
+from data_plane.model.quant.lora import QuantLoRALinear
+
+
+def _load(model_dir, quant: QuantSettings):
+    return load_model(model_dir, torch.float32, torch.device("cpu"), max_positions=64, quant=quant)[0]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_every_decoder_linear_is_quantized_and_the_rest_keeps_the_model_dtype(tiny_llama_q, fmt):
+    model = _load(tiny_llama_q.model_dir, QuantSettings(fmt))
+    for layer in range(len(model.model.layers)):
+        for name, proj in model.projections(layer).items():
+            assert isinstance(proj, QuantLoRALinear) and proj.quant.format == fmt, name
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.model.norm.weight.dtype == torch.float32
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.float32
+    weights = model.weight_bytes()
+    assert weights.decoder_bits_per_weight < (9 if fmt == "int8" else 5)
+
+
+def test_lm_head_is_quantized_only_when_asked(tiny_llama_q):
+    model = _load(tiny_llama_q.model_dir, QuantSettings("int8", lm_head=True))
+    assert isinstance(model.lm_head, QuantLinear)
+    full = _load(tiny_llama_q.model_dir, QuantSettings())
+    assert isinstance(full.projections(0)["q_proj"], LoRALinear)
+    assert not isinstance(full.projections(0)["q_proj"], QuantLoRALinear)
+    assert full.weight_bytes().decoder_bits_per_weight == 32
+
+
+def test_a_truncated_shard_stops_a_quantized_load_naming_it(tiny_llama_q, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_q.model_dir, model_dir)
+    shard = model_dir / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        _load(model_dir, QuantSettings("int4"))
+
+
+def test_a_linear_of_the_wrong_shape_stops_a_quantized_load_naming_it(tiny_llama_q, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_q.model_dir, model_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"down_proj\.weight.*expected"):
+        _load(model_dir, QuantSettings("int4"))

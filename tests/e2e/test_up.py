@@ -108,6 +108,19 @@ def test_generate_streams_text_with_no_flags(up):
     assert generate.stdout.rstrip("\n") == expected
 
 
+def test_openai_client_gets_the_same_text_from_the_ready_line_url(up):
+    import json
+
+    import openai
+
+    assert json.loads(Path(up.env["OPENLORA_CONTEXT"]).read_text())["openai_base_url"] == up.fields["openai"]
+    client = openai.OpenAI(base_url=up.fields["openai"], api_key=up.fields["key"], max_retries=0)
+    completion = client.completions.create(model="ad0", prompt=PROMPT, max_tokens=8)
+    with Client(up.fields["inference"], up.fields["key"]) as grpc_client:
+        expected = "".join(grpc_client.generate(PROMPT, adapter="ad0", max_tokens=8))
+    assert completion.choices[0].text == expected
+
+
 def test_node_client_streams_the_same_text(up):
     node_dir = REPO_ROOT / "examples" / "node"
     if shutil.which("node") is None or not (node_dir / "node_modules").is_dir():

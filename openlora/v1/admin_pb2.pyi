@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from openlora.v1 import inference_pb2 as _inference_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -376,3 +377,79 @@ class SetPriceRequest(_message.Message):
 class SetPriceResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class Mix(_message.Message):
+    __slots__ = ("id", "name", "tenant", "members", "method", "density", "majority_sign_method", "combine", "description", "created_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    tenant: str
+    members: _containers.RepeatedCompositeFieldContainer[_inference_pb2.AdapterWeight]
+    method: _inference_pb2.MixMethod
+    density: float
+    majority_sign_method: _inference_pb2.MajoritySignMethod
+    combine: _inference_pb2.EnsembleCombine
+    description: str
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tenant: _Optional[str] = ..., members: _Optional[_Iterable[_Union[_inference_pb2.AdapterWeight, _Mapping]]] = ..., method: _Optional[_Union[_inference_pb2.MixMethod, str]] = ..., density: _Optional[float] = ..., majority_sign_method: _Optional[_Union[_inference_pb2.MajoritySignMethod, str]] = ..., combine: _Optional[_Union[_inference_pb2.EnsembleCombine, str]] = ..., description: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateMixRequest(_message.Message):
+    __slots__ = ("name", "tenant", "members", "method", "density", "majority_sign_method", "combine", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tenant: str
+    members: _containers.RepeatedCompositeFieldContainer[_inference_pb2.AdapterWeight]
+    method: _inference_pb2.MixMethod
+    density: float
+    majority_sign_method: _inference_pb2.MajoritySignMethod
+    combine: _inference_pb2.EnsembleCombine
+    description: str
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., members: _Optional[_Iterable[_Union[_inference_pb2.AdapterWeight, _Mapping]]] = ..., method: _Optional[_Union[_inference_pb2.MixMethod, str]] = ..., density: _Optional[float] = ..., majority_sign_method: _Optional[_Union[_inference_pb2.MajoritySignMethod, str]] = ..., combine: _Optional[_Union[_inference_pb2.EnsembleCombine, str]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CreateMixResponse(_message.Message):
+    __slots__ = ("mix",)
+    MIX_FIELD_NUMBER: _ClassVar[int]
+    mix: Mix
+    def __init__(self, mix: _Optional[_Union[Mix, _Mapping]] = ...) -> None: ...
+
+class ListMixesRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class ListMixesResponse(_message.Message):
+    __slots__ = ("mixes",)
+    MIXES_FIELD_NUMBER: _ClassVar[int]
+    mixes: _containers.RepeatedCompositeFieldContainer[Mix]
+    def __init__(self, mixes: _Optional[_Iterable[_Union[Mix, _Mapping]]] = ...) -> None: ...
+
+class DeleteMixRequest(_message.Message):
+    __slots__ = ("name", "tenant")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tenant: str
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class DeleteMixResponse(_message.Message):
+    __slots__ = ("mix",)
+    MIX_FIELD_NUMBER: _ClassVar[int]
+    mix: Mix
+    def __init__(self, mix: _Optional[_Union[Mix, _Mapping]] = ...) -> None: ...

@@ -92,6 +92,21 @@ class AdminServiceStub:
                 request_serializer=openlora_dot_v1_dot_admin__pb2.SetPriceRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_admin__pb2.SetPriceResponse.FromString,
                 _registered_method=True)
+        self.CreateMix = channel.unary_unary(
+                '/openlora.v1.AdminService/CreateMix',
+                request_serializer=openlora_dot_v1_dot_admin__pb2.CreateMixRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_admin__pb2.CreateMixResponse.FromString,
+                _registered_method=True)
+        self.ListMixes = channel.unary_unary(
+                '/openlora.v1.AdminService/ListMixes',
+                request_serializer=openlora_dot_v1_dot_admin__pb2.ListMixesRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_admin__pb2.ListMixesResponse.FromString,
+                _registered_method=True)
+        self.DeleteMix = channel.unary_unary(
+                '/openlora.v1.AdminService/DeleteMix',
+                request_serializer=openlora_dot_v1_dot_admin__pb2.DeleteMixRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_admin__pb2.DeleteMixResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -168,6 +183,25 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateMix(self, request, context):
+        """Saves a mix of adapters under a name of the tenant: a Generate with `adapter = NAME` then serves it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMixes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteMix(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -225,6 +259,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetPrice,
                     request_deserializer=openlora_dot_v1_dot_admin__pb2.SetPriceRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_admin__pb2.SetPriceResponse.SerializeToString,
+            ),
+            'CreateMix': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateMix,
+                    request_deserializer=openlora_dot_v1_dot_admin__pb2.CreateMixRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_admin__pb2.CreateMixResponse.SerializeToString,
+            ),
+            'ListMixes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMixes,
+                    request_deserializer=openlora_dot_v1_dot_admin__pb2.ListMixesRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_admin__pb2.ListMixesResponse.SerializeToString,
+            ),
+            'DeleteMix': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteMix,
+                    request_deserializer=openlora_dot_v1_dot_admin__pb2.DeleteMixRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_admin__pb2.DeleteMixResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -527,6 +576,87 @@ class AdminService:
             '/openlora.v1.AdminService/SetPrice',
             openlora_dot_v1_dot_admin__pb2.SetPriceRequest.SerializeToString,
             openlora_dot_v1_dot_admin__pb2.SetPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateMix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.AdminService/CreateMix',
+            openlora_dot_v1_dot_admin__pb2.CreateMixRequest.SerializeToString,
+            openlora_dot_v1_dot_admin__pb2.CreateMixResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMixes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.AdminService/ListMixes',
+            openlora_dot_v1_dot_admin__pb2.ListMixesRequest.SerializeToString,
+            openlora_dot_v1_dot_admin__pb2.ListMixesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteMix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.AdminService/DeleteMix',
+            openlora_dot_v1_dot_admin__pb2.DeleteMixRequest.SerializeToString,
+            openlora_dot_v1_dot_admin__pb2.DeleteMixResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from openlora.v1 import admin_pb2 as _admin_pb2
+from openlora.v1 import inference_pb2 as _inference_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -89,7 +90,7 @@ class AuthorizeRequest(_message.Message):
     def __init__(self, api_key: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ...) -> None: ...
 
 class ResolvedAdapter(_message.Message):
-    __slots__ = ("name", "adapter_id", "sha256", "size_bytes", "rank", "alpha", "use_rslora", "keep_warm", "updated_at")
+    __slots__ = ("name", "adapter_id", "sha256", "size_bytes", "rank", "alpha", "use_rslora", "keep_warm", "updated_at", "mix")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +100,7 @@ class ResolvedAdapter(_message.Message):
     USE_RSLORA_FIELD_NUMBER: _ClassVar[int]
     KEEP_WARM_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MIX_FIELD_NUMBER: _ClassVar[int]
     name: str
     adapter_id: str
     sha256: str
@@ -108,7 +110,30 @@ class ResolvedAdapter(_message.Message):
     use_rslora: bool
     keep_warm: bool
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., adapter_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., keep_warm: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    mix: ResolvedMix
+    def __init__(self, name: _Optional[str] = ..., adapter_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., keep_warm: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mix: _Optional[_Union[ResolvedMix, _Mapping]] = ...) -> None: ...
+
+class ResolvedMixMember(_message.Message):
+    __slots__ = ("adapter", "weight")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    adapter: ResolvedAdapter
+    weight: float
+    def __init__(self, adapter: _Optional[_Union[ResolvedAdapter, _Mapping]] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class ResolvedMix(_message.Message):
+    __slots__ = ("members", "method", "density", "majority_sign_method", "combine")
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[ResolvedMixMember]
+    method: _inference_pb2.MixMethod
+    density: float
+    majority_sign_method: _inference_pb2.MajoritySignMethod
+    combine: _inference_pb2.EnsembleCombine
+    def __init__(self, members: _Optional[_Iterable[_Union[ResolvedMixMember, _Mapping]]] = ..., method: _Optional[_Union[_inference_pb2.MixMethod, str]] = ..., density: _Optional[float] = ..., majority_sign_method: _Optional[_Union[_inference_pb2.MajoritySignMethod, str]] = ..., combine: _Optional[_Union[_inference_pb2.EnsembleCombine, str]] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
     __slots__ = ("tenant_id", "tenant", "scopes", "adapters", "cache_ttl_ms", "api_key_id")

@@ -48,6 +48,7 @@ class HttpServer:
             self._app,
             lifespan="off",
             access_log=False,
+            log_config=None,  # the worker's logging, not uvicorn's dictConfig
             log_level="warning",
             timeout_graceful_shutdown=self._shutdown_timeout_s,
         )

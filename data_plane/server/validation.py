@@ -18,7 +18,29 @@ MAX_PROMPT_CHARS = 1 << 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_MIX_ADAPTERS = 8
-_MIX_METHODS = {inference_pb2.MIX_METHOD_UNSPECIFIED: "linear", inference_pb2.MIX_METHOD_LINEAR: "linear"}
+_MIX_METHODS = {
+    inference_pb2.MIX_METHOD_UNSPECIFIED: "linear",
+    inference_pb2.MIX_METHOD_LINEAR: "linear",
+    inference_pb2.MIX_METHOD_TIES: "ties",
+    inference_pb2.MIX_METHOD_DARE_LINEAR: "dare_linear",
+    inference_pb2.MIX_METHOD_DARE_TIES: "dare_ties",
+    inference_pb2.MIX_METHOD_MAGNITUDE_PRUNE: "magnitude_prune",
+    inference_pb2.MIX_METHOD_ENSEMBLE: "ensemble",
+}
+# Methods computed on the real deltas and re-factorized by SVD into one slot (data_plane.fusion).
+MERGE_METHODS = frozenset({"ties", "dare_linear", "dare_ties", "magnitude_prune"})
+# Methods whose merge elects a sign per parameter (majority_sign_method applies).
+SIGN_METHODS = frozenset({"ties", "dare_ties"})
+_SIGN_METHODS = {
+    inference_pb2.MAJORITY_SIGN_METHOD_UNSPECIFIED: "total",
+    inference_pb2.MAJORITY_SIGN_METHOD_TOTAL: "total",
+    inference_pb2.MAJORITY_SIGN_METHOD_FREQUENCY: "frequency",
+}
+_COMBINES = {
+    inference_pb2.ENSEMBLE_COMBINE_UNSPECIFIED: "probs",
+    inference_pb2.ENSEMBLE_COMBINE_PROBS: "probs",
+    inference_pb2.ENSEMBLE_COMBINE_LOGPROBS: "logprobs",
+}
 
 
 class RequestFieldError(ValueError):
@@ -54,9 +76,26 @@ class ValidRequest:
     stop: tuple[str, ...]
     repetition_penalty: float
     logprobs: bool
-    # (adapter name, weight): empty = base model; one = that adapter (weight 1); more = a linear mix.
+    # (adapter name, weight): empty = base model; one = that adapter (weight 1); more = a mix by
+    # `mix_method`. An ensemble may hold the base model as a member, named "".
     adapters: tuple[tuple[str, float], ...]
+    # "linear" | "ties" | "dare_linear" | "dare_ties" | "magnitude_prune" | "ensemble"
     mix_method: str
+    # Fraction kept by the merge methods, in (0, 1]; 1.0 for the other methods.
+    density: float = 1.0
+    # "total" | "frequency": sign election of ties and dare_ties.
+    majority_sign_method: str = "total"
+    # "probs" | "logprobs": how an ensemble combines its members.
+    combine: str = "probs"
+
+    @property
+    def is_merge(self) -> bool:
+        """True when the mix is a merge built into one derived adapter (data_plane.fusion)."""
+        return self.mix_method in MERGE_METHODS and bool(self.adapters)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.mix_method == "ensemble" and bool(self.adapters)
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -117,24 +156,10 @@ def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits)
         if not 0 < len(stop) <= MAX_STOP_CHARS:
             raise RequestFieldError(f"sampling.stop[{i}]", f"must be 1..{MAX_STOP_CHARS} characters")
 
-    if request.mix_method not in _MIX_METHODS:
-        raise RequestFieldError("mix_method", f"is unknown ({request.mix_method}); supported: linear")
+    method, density, sign_method, combine = _check_mix_options(request)
     adapters: tuple[tuple[str, float], ...] = ()
     if request.mix:
-        if request.adapter:
-            raise RequestFieldError("mix", "and adapter are mutually exclusive")
-        if len(request.mix) > MAX_MIX_ADAPTERS:
-            raise RequestFieldError("mix", f"must hold at most {MAX_MIX_ADAPTERS} adapters")
-        seen: set[str] = set()
-        for i, member in enumerate(request.mix):
-            if not member.adapter:
-                raise RequestFieldError(f"mix[{i}].adapter", "must not be empty")
-            if member.adapter in seen:
-                raise RequestFieldError(f"mix[{i}].adapter", f"{describe(member.adapter)} appears twice")
-            seen.add(member.adapter)
-            if not math.isfinite(member.weight):
-                raise RequestFieldError(f"mix[{i}].weight", f"must be finite, got {member.weight}")
-        adapters = tuple((m.adapter, float(m.weight)) for m in request.mix)
+        adapters = _check_mix_members(request, method)
     elif request.adapter:
         adapters = ((request.adapter, 1.0),)
 
@@ -151,8 +176,69 @@ def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits)
         repetition_penalty=float(penalty),
         logprobs=request.logprobs,
         adapters=adapters,
-        mix_method=_MIX_METHODS[request.mix_method],
+        mix_method=method,
+        density=density,
+        majority_sign_method=sign_method,
+        combine=combine,
     )
+
+
+def _check_mix_options(request: inference_pb2.GenerateRequest) -> tuple[str, float, str, str]:
+    """(method, density, sign method, combine) of a request; an option set for a method (or a request
+    without a mix) it does not apply to is refused rather than silently ignored."""
+    if request.mix_method not in _MIX_METHODS:
+        supported = ", ".join(dict.fromkeys(_MIX_METHODS.values()))
+        raise RequestFieldError("mix_method", f"is unknown ({request.mix_method}); supported: {supported}")
+    method = _MIX_METHODS[request.mix_method]
+    has_mix = bool(request.mix)
+    density = 1.0
+    if request.HasField("density"):
+        if not has_mix or method not in MERGE_METHODS:
+            raise RequestFieldError("density", f"applies only to a mix by {', '.join(sorted(MERGE_METHODS))}")
+        density = float(request.density)
+        if not 0 < density <= 1:
+            raise RequestFieldError("density", f"must be in (0, 1], got {density}")
+    if request.majority_sign_method not in _SIGN_METHODS:
+        raise RequestFieldError(
+            "majority_sign_method",
+            f"is unknown ({request.majority_sign_method}); supported: total, frequency",
+        )
+    if request.majority_sign_method and (not has_mix or method not in SIGN_METHODS):
+        raise RequestFieldError(
+            "majority_sign_method", f"applies only to a mix by {', '.join(sorted(SIGN_METHODS))}"
+        )
+    if request.combine not in _COMBINES:
+        raise RequestFieldError("combine", f"is unknown ({request.combine}); supported: probs, logprobs")
+    if request.combine and (not has_mix or method != "ensemble"):
+        raise RequestFieldError("combine", "applies only to a mix by ensemble")
+    return method, density, _SIGN_METHODS[request.majority_sign_method], _COMBINES[request.combine]
+
+
+def _check_mix_members(request: inference_pb2.GenerateRequest, method: str) -> tuple[tuple[str, float], ...]:
+    """The (name, weight) members of `request.mix`; only an ensemble may name the base model ("")."""
+    if request.adapter:
+        raise RequestFieldError("mix", "and adapter are mutually exclusive")
+    if len(request.mix) > MAX_MIX_ADAPTERS:
+        raise RequestFieldError(
+            "mix", f"must hold at most {MAX_MIX_ADAPTERS} adapters, got {len(request.mix)}"
+        )
+    seen: set[str] = set()
+    for i, member in enumerate(request.mix):
+        if not member.adapter and method != "ensemble":
+            raise RequestFieldError(
+                f"mix[{i}].adapter", "must not be empty (only an ensemble may hold the base)"
+            )
+        if member.adapter in seen:
+            what = describe(member.adapter) if member.adapter else "the base model"
+            raise RequestFieldError(f"mix[{i}].adapter", f"{what} appears twice")
+        seen.add(member.adapter)
+        if not math.isfinite(member.weight):
+            raise RequestFieldError(f"mix[{i}].weight", f"must be finite, got {member.weight}")
+        if method == "ensemble" and member.weight < 0:
+            raise RequestFieldError(f"mix[{i}].weight", f"must be >= 0 in an ensemble, got {member.weight}")
+    if all(member.weight == 0 for member in request.mix):
+        raise RequestFieldError("mix", "weights are all zero")
+    return tuple((m.adapter, float(m.weight)) for m in request.mix)
 
 
 def check_prompt_length(num_prompt_tokens: int, limits: RequestLimits) -> None:

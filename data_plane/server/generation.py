@@ -156,12 +156,19 @@ class GenerationService:
         return auth
 
     async def generate(
-        self, api_key: str | None, names: tuple[str, ...], check: Callable[[], ValidRequest]
+        self,
+        api_key: str | None,
+        names: tuple[str, ...],
+        check: Callable[[], ValidRequest],
+        whole: bool = False,
     ) -> AsyncIterator[Chunk]:
         """Streams one completion. `names` are the distinct adapter names the request mentions (they are
         authorised first); `check` validates the request once the key is known good. Raises the domain
         errors of `data_plane.server.errors` (and the engine's, the artifact store's, the control
-        plane's); `errors.status_for` maps each."""
+        plane's); `errors.status_for` maps each.
+
+        `whole`: the caller hands the output on only once it is complete (a non-streamed HTTP response),
+        so a call cut short delivered nothing and is billed nothing, and no checkpoint is spooled."""
         arrival = time.monotonic()
         self.check_serving()
         auth = await self.authorize(api_key, names)
@@ -196,7 +203,16 @@ class GenerationService:
                 # records the usage at once.
                 async with contextlib.aclosing(
                     self._run(
-                        valid, request_id, auth, prompt_ids, adapter_refs, by_name, tier, fetch_ms, arrival
+                        valid,
+                        request_id,
+                        auth,
+                        prompt_ids,
+                        adapter_refs,
+                        by_name,
+                        tier,
+                        fetch_ms,
+                        arrival,
+                        whole,
                     )
                 ) as chunks:
                     async for chunk in chunks:
@@ -212,7 +228,7 @@ class GenerationService:
                 self._release_request_id(auth.tenant_id, request_id)
 
     async def _run(
-        self, valid, request_id, auth, prompt_ids, adapter_refs, by_name, tier, fetch_ms, arrival
+        self, valid, request_id, auth, prompt_ids, adapter_refs, by_name, tier, fetch_ms, arrival, whole
     ) -> AsyncIterator[Chunk]:
         """The engine part of `generate`: outputs to chunks, delivered counts, the usage record."""
         engine_request = EngineRequest(
@@ -240,7 +256,11 @@ class GenerationService:
         activity = self.activity.add(valid.adapter_names)
         # The reporter's timer spools the count delivered so far while the stream runs.
         stream = self._usage.track(
-            lambda: self._usage_record(request_id, auth, progress, arrival, CHECKPOINT_FINISH_REASON)
+            lambda: (
+                None
+                if whole
+                else self._usage_record(request_id, auth, progress, arrival, CHECKPOINT_FINISH_REASON)
+            )
         )
         try:
             async for out in outputs:
@@ -264,9 +284,13 @@ class GenerationService:
                     break
         except (asyncio.CancelledError, GeneratorExit):
             progress.finish_reason = "abort"
+            if whole:
+                progress.completion_tokens = 0  # the caller received nothing
             raise
         except BaseException:
             progress.finish_reason = "error"
+            if whole:
+                progress.completion_tokens = 0
             raise
         finally:
             self.activity.remove(activity)

@@ -186,3 +186,38 @@ def test_a_disconnect_before_the_first_token_cancels_the_request(system, tmp_pat
     finally:
         pause.restore()
         system.loop.run(http.worker.stop(1.0))
+
+
+def test_a_non_streamed_request_cut_short_is_billed_nothing_and_its_id_can_be_retried(system, tmp_path):
+    tenant, _, key = system.new_tenant()
+    http = start_http_worker(system, tmp_path)
+    pause = EnginePause(http.worker)
+    request_id = f"whole-{uuid.uuid4().hex}"
+    body = {"model": "ad6", "prompt": PROMPT, "max_tokens": 300}
+    try:
+        cancelled_before = _requests_total(http.base_url, "CANCELLED")
+        sock = _request(http.worker.http.port, key, request_id, body)
+        scheduler = http.worker.engine.engine.scheduler
+        deadline = time.monotonic() + 20
+        while not any(seq.num_output_tokens >= 3 for seq in list(scheduler.running)):
+            assert time.monotonic() < deadline, "the request never generated"
+            time.sleep(0.005)
+        pause.pause()
+        sock.close()  # before any byte of the response: the client received nothing
+        while _requests_total(http.base_url, "CANCELLED") == cancelled_before:
+            assert time.monotonic() < deadline, "the disconnect never cancelled the request"
+            time.sleep(0.02)
+        pause.resume()
+        time.sleep(0.6)  # past a checkpoint period: none may have been spooled either
+        system.loop.run(http.worker.usage.flush())
+        assert system.admin.usage(tenant).total_requests == 0
+        retry = httpx.post(
+            http.base_url + "/completions",
+            headers={"Authorization": f"Bearer {key}", "X-Request-Id": request_id},
+            json={**body, "max_tokens": 4},
+            timeout=30,
+        )
+        assert retry.status_code == 200 and retry.json()["usage"]["completion_tokens"] == 4
+    finally:
+        pause.restore()
+        system.loop.run(http.worker.stop(1.0))

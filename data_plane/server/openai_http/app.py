@@ -149,7 +149,7 @@ async def _generation(request: Request, chat: bool):
 
     tokenizer = api.service.tokenizer
     return GenerationResponse(
-        lambda: api.service.generate(api_key, names, check),
+        lambda: api.service.generate(api_key, names, check, whole=not (body and body.stream)),
         Reply(chat=chat, model=body.model if body else ""),
         stream=bool(body and body.stream),
         include_usage=bool(body and body.include_usage),

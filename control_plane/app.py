@@ -22,6 +22,7 @@ from control_plane.billing import service as billing
 from control_plane.config import ControlPlaneConfig
 from control_plane.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from control_plane.hints.publisher import HintPublisher
+from control_plane.mixes import service as mixes
 from control_plane.registry import service as registry
 from control_plane.registry.models import VISIBILITY_PRIVATE, VISIBILITY_PUBLIC, Adapter
 from control_plane.registry.uploads import UploadHeader, UploadPlan, UploadResult
@@ -45,7 +46,8 @@ class Authorization:
     tenant_id: uuid.UUID
     tenant_name: str
     scopes: tuple[str, ...]
-    adapters: tuple[Adapter, ...]
+    # Parallel to the names asked for: an adapter, or a saved mix of the caller's tenant.
+    adapters: tuple[Adapter | mixes.ResolvedMix, ...]
     cache_ttl_ms: int
     # The resolved key's id: a "revoke" hint names it.
     api_key_id: uuid.UUID | None = None
@@ -104,6 +106,7 @@ class ControlPlane:
         check_text(header.description, "description", MAX_DESCRIPTION_CHARS)
         with self.sessions.begin() as s:
             tenant = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), header.tenant)
+            mixes.check_adapter_name_free(s, tenant.id, header.name)
             spec = workers.base_model(s, header.base_model).to_spec()
         return UploadPlan(header, tenant.id, spec)
 
@@ -150,7 +153,7 @@ class ControlPlane:
                 self._remove_unreferenced(sha256)
             raise
         if replaced is not None:
-            self.publisher.invalidate(str(owned.adapter.id), unused)
+            self.publisher.invalidate(str(owned.adapter.id), unused, source_sha256=replaced)
         return UploadResult(owned, not created, replaced)
 
     def _upload_stage(self, stage: str, plan: UploadPlan, sha256: str) -> None:
@@ -184,7 +187,27 @@ class ControlPlane:
             sha256 = deleted.adapter.sha256
             # Content-addressed: another adapter (maybe another tenant's) may hold the same sha256.
             unused = "" if registry.is_served(s, sha256) else sha256
-        self.publisher.invalidate(str(deleted.adapter.id), unused)
+        self.publisher.invalidate(str(deleted.adapter.id), unused, source_sha256=sha256)
+        return deleted
+
+    # -- named mixes ----------------------------------------------------------------------------------
+
+    def create_mix(self, api_key: str, tenant: str, spec: mixes.MixSpec) -> mixes.OwnedMix:
+        with self.sessions.begin() as s:
+            owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
+            return mixes.create_mix(s, owner, spec)
+
+    def list_mixes(self, api_key: str, tenant: str) -> list[mixes.OwnedMix]:
+        with self.sessions.begin() as s:
+            owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
+            return mixes.list_mixes(s, owner)
+
+    def delete_mix(self, api_key: str, name: str, tenant: str) -> mixes.OwnedMix:
+        with self.sessions.begin() as s:
+            owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
+            deleted = mixes.delete_mix(s, owner, name)
+        # Workers forget their cached answers for the mix (an answer's adapter_id is the mix's id).
+        self.publisher.invalidate(str(deleted.mix.id))
         return deleted
 
     # -- workers --------------------------------------------------------------------------------------
@@ -207,14 +230,20 @@ class ControlPlane:
             return workers.list_workers(s)
 
     def authorize(self, api_key: str, adapter_names: list[str], base_model: str) -> Authorization:
-        """A caller's key -> tenant and scopes, and each named adapter it may use on this base model."""
+        """A caller's key -> tenant and scopes, and each named adapter (or saved mix of its tenant, with
+        its members resolved the same way) it may use on this base model."""
         with self.sessions.begin() as s:
             caller = tenancy.authenticate(s, api_key)
             if not caller.may_infer:
                 raise PermissionDenied("this key lacks the infer scope")
             fingerprint = workers.base_model(s, base_model).fingerprint if base_model else None
-            adapters = []
+            adapters: list[Adapter | mixes.ResolvedMix] = []
             for name in adapter_names:
+                # The tenant's own saved mix of that name (no own adapter may share it), else an adapter.
+                mix = mixes.find_mix(s, caller.tenant_id, name) if name else None
+                if mix is not None:
+                    adapters.append(mixes.resolve_mix(s, caller.tenant_id, mix, fingerprint))
+                    continue
                 adapter = registry.resolve_visible(s, caller.tenant_id, name)
                 if fingerprint is not None and adapter.base_model_fingerprint != fingerprint:
                     raise FailedPrecondition(

@@ -2,6 +2,7 @@
 
 from control_plane.billing.models import InvoiceLineRow, InvoiceRow, Price
 from control_plane.db.base import Base
+from control_plane.mixes.models import Mix, MixMember
 from control_plane.registry.models import Adapter
 from control_plane.tenancy.models import ApiKey, Tenant
 from control_plane.usage.models import UsageCounter, UsageEvent, UsageEventAdapter
@@ -15,6 +16,8 @@ __all__ = [
     "BaseModelRow",
     "InvoiceLineRow",
     "InvoiceRow",
+    "Mix",
+    "MixMember",
     "Price",
     "RequestIdReservation",
     "Tenant",

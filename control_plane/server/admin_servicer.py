@@ -6,7 +6,7 @@ import asyncio
 
 from control_plane.app import ControlPlane
 from control_plane.errors import InvalidArgument
-from control_plane.server import convert
+from control_plane.server import convert, mix_convert
 from control_plane.server.auth import bearer_token
 from openlora.v1 import admin_pb2, admin_pb2_grpc
 
@@ -109,3 +109,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             request.completion_micros_per_million_tokens,
         )
         return admin_pb2.SetPriceResponse()
+
+    async def CreateMix(self, request, context):
+        spec = mix_convert.mix_spec_from_proto(request)
+        owned = await asyncio.to_thread(self.app.create_mix, bearer_token(context), request.tenant, spec)
+        return admin_pb2.CreateMixResponse(mix=mix_convert.mix_to_proto(owned))
+
+    async def ListMixes(self, request, context):
+        found = await asyncio.to_thread(self.app.list_mixes, bearer_token(context), request.tenant)
+        return admin_pb2.ListMixesResponse(mixes=[mix_convert.mix_to_proto(m) for m in found])
+
+    async def DeleteMix(self, request, context):
+        owned = await asyncio.to_thread(
+            self.app.delete_mix, bearer_token(context), request.name, request.tenant
+        )
+        return admin_pb2.DeleteMixResponse(mix=mix_convert.mix_to_proto(owned))

@@ -6,7 +6,7 @@ import asyncio
 
 from control_plane import metrics
 from control_plane.app import ControlPlane
-from control_plane.server import convert
+from control_plane.server import convert, mix_convert
 from control_plane.server.auth import bearer_token
 from openlora.v1 import worker_pb2, worker_pb2_grpc
 
@@ -42,7 +42,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             tenant_id=str(auth.tenant_id),
             tenant=auth.tenant_name,
             scopes=convert.scopes_to_proto(auth.scopes),
-            adapters=[convert.resolved_adapter_to_proto(a) for a in auth.adapters],
+            adapters=[
+                mix_convert.resolved_to_proto(name, a)
+                for name, a in zip(request.adapters, auth.adapters, strict=True)
+            ],
             cache_ttl_ms=auth.cache_ttl_ms,
             api_key_id=str(auth.api_key_id or ""),
         )

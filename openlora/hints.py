@@ -8,6 +8,10 @@
   answer naming it. `sha256` is set only when no remaining adapter uses that artifact: then drop it from
   every tier too (empty: other adapters, maybe other tenants', still use the content).
 - `revoke`: the api key `api_key_id` was revoked: forget every cached answer for it. Never a plaintext key.
+
+An `invalidate` of a deleted or replaced adapter also names `source_sha256`, the content it served until
+then (set whether or not other adapters still use it): every merge built from that content is dropped, so
+the saved mixes built from the adapter are built again from what it serves now (or refused once deleted).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class Hint:
     issued_at: float = field(default_factory=time.time)
     # The revoked key's id (kind "revoke" only).
     api_key_id: str = ""
+    # The content a deleted or replaced adapter served (kind "invalidate" only): merges built from it go.
+    source_sha256: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in HINT_KINDS:
@@ -52,6 +58,8 @@ class Hint:
             fields["deadline_at"] = repr(self.deadline_at)
         if self.api_key_id:
             fields["api_key_id"] = self.api_key_id
+        if self.source_sha256:
+            fields["source_sha256"] = self.source_sha256
         return fields
 
     @classmethod
@@ -70,6 +78,7 @@ class Hint:
                 deadline_at=float(text["deadline_at"]) if "deadline_at" in text else None,
                 issued_at=float(text["issued_at"]),
                 api_key_id=text.get("api_key_id", ""),
+                source_sha256=text.get("source_sha256", ""),
             )
         except KeyError as e:
             raise ValueError(f"hint is missing field {e.args[0]!r}") from None

@@ -36,10 +36,14 @@ class HintPublisher:
         metrics.HINTS_PUBLISHED.labels(hint.kind).inc()
         return True
 
-    def invalidate(self, adapter_id: str, sha256: str = "") -> bool:
-        """Workers forget cached answers naming `adapter_id`; with `sha256` (only when no adapter uses that
-        artifact any more) they also drop the content from every tier."""
-        return self.publish(Hint(kind="invalidate", adapter_id=adapter_id, sha256=sha256))
+    def invalidate(self, adapter_id: str, sha256: str = "", source_sha256: str = "") -> bool:
+        """Workers forget cached answers naming `adapter_id` (as an adapter or as a saved mix's member);
+        with `sha256` (only when no adapter uses that artifact any more) they also drop the content from
+        every tier; with `source_sha256` (the content a deleted or replaced adapter served) they drop the
+        merges built from it."""
+        return self.publish(
+            Hint(kind="invalidate", adapter_id=adapter_id, sha256=sha256, source_sha256=source_sha256)
+        )
 
     def revoke(self, api_key_id: str) -> bool:
         """Workers forget cached answers for this key (by id: a plaintext key never goes to Redis)."""

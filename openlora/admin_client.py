@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from openlora.adapter_format import IGNORED_FILES
 from openlora.artifact import ARTIFACT_FILES
-from openlora.v1 import admin_pb2, admin_pb2_grpc
+from openlora.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
 
 UPLOAD_CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 8 << 20
@@ -183,3 +183,36 @@ class AdminClient:
                 completion_micros_per_million_tokens=completion_micros_per_million_tokens,
             ),
         )
+
+    def create_mix(
+        self,
+        name: str,
+        members: list[tuple[str, float]],
+        method: str = "linear",
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        combine: str = "probs",
+        tenant: str = "",
+        description: str = "",
+    ) -> admin_pb2.Mix:
+        """Saves a mix under `name`: `members` are (adapter name, weight), "" the base model (ensembles);
+        `method` is one of linear, ties, dare_linear, dare_ties, magnitude_prune, ensemble."""
+        request = admin_pb2.CreateMixRequest(
+            name=name,
+            tenant=tenant,
+            members=[inference_pb2.AdapterWeight(adapter=a, weight=w) for a, w in members],
+            method=inference_pb2.MixMethod.Value(f"MIX_METHOD_{method.upper()}"),
+            density=density,
+            majority_sign_method=inference_pb2.MajoritySignMethod.Value(
+                f"MAJORITY_SIGN_METHOD_{majority_sign_method.upper()}"
+            ),
+            combine=inference_pb2.EnsembleCombine.Value(f"ENSEMBLE_COMBINE_{combine.upper()}"),
+            description=description,
+        )
+        return self._call("CreateMix", request).mix
+
+    def list_mixes(self, tenant: str = "") -> list[admin_pb2.Mix]:
+        return list(self._call("ListMixes", admin_pb2.ListMixesRequest(tenant=tenant)).mixes)
+
+    def delete_mix(self, name: str, tenant: str = "") -> admin_pb2.Mix:
+        return self._call("DeleteMix", admin_pb2.DeleteMixRequest(name=name, tenant=tenant)).mix

@@ -235,6 +235,84 @@ def _adapters_rm(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+MIX_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ensemble")
+
+
+def _mix_members(text: str) -> list[tuple[str, float]]:
+    """`a=0.6,b=0.4` -> [("a", 0.6), ("b", 0.4)]; `=0.5` names the base model (an ensemble member)."""
+    members = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, weight = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"mix member {part!r} is not NAME=WEIGHT")
+        try:
+            members.append((name.strip(), float(weight)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"mix weight {weight!r} of {name!r} is not a number") from None
+    return members
+
+
+def _add_mixes(subparsers) -> None:
+    mixes = subparsers.add_parser("mixes", help="manage saved mixes").add_subparsers(
+        dest="action", required=True
+    )
+    p = _admin_command(mixes, "create", _mixes_create, "save a mix of adapters under a name")
+    p.add_argument("name")
+    p.add_argument("--mix", type=_mix_members, required=True, help="members, e.g. a=0.6,b=0.4")
+    p.add_argument("--method", default="linear", choices=MIX_METHODS)
+    p.add_argument("--density", type=float, default=None, help="kept fraction in (0, 1] (ties, dare, prune)")
+    p.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    p.add_argument("--combine", default="probs", choices=["probs", "logprobs"], help="ensemble only")
+    p.add_argument("--description", default="")
+    p.add_argument("--tenant", default="", help="owning tenant (operator key); default: the key's tenant")
+    p = _admin_command(mixes, "list", _mixes_list, "list saved mixes")
+    p.add_argument("--tenant", default="")
+    p = _admin_command(mixes, "rm", _mixes_rm, "delete a saved mix")
+    p.add_argument("name")
+    p.add_argument("--tenant", default="")
+
+
+def _mix_rows(mixes) -> list[list[object]]:
+    from openlora.v1 import inference_pb2
+
+    rows = []
+    for m in mixes:
+        method = inference_pb2.MixMethod.Name(m.method).removeprefix("MIX_METHOD_").lower()
+        members = ",".join(f"{a.adapter}={a.weight:g}" for a in m.members)
+        density = f"{m.density:g}" if m.HasField("density") else "-"
+        rows.append([m.name, m.tenant, method, density, members])
+    return rows
+
+
+_MIX_HEADERS = ["NAME", "TENANT", "METHOD", "DENSITY", "MEMBERS"]
+
+
+def _mixes_create(client: AdminClient, args: argparse.Namespace) -> int:
+    mix = client.create_mix(
+        args.name,
+        args.mix,
+        method=args.method,
+        density=args.density,
+        majority_sign_method=args.majority_sign_method,
+        combine=args.combine,
+        tenant=args.tenant,
+        description=args.description,
+    )
+    print_table(_MIX_HEADERS, _mix_rows([mix]))
+    return 0
+
+
+def _mixes_list(client: AdminClient, args: argparse.Namespace) -> int:
+    print_table(_MIX_HEADERS, _mix_rows(client.list_mixes(args.tenant)))
+    return 0
+
+
+def _mixes_rm(client: AdminClient, args: argparse.Namespace) -> int:
+    mix = client.delete_mix(args.name, args.tenant)
+    print(f"deleted mix {mix.name} ({mix.id})")
+    return 0
+
+
 def _add_usage(subparsers) -> None:
     p = _admin_command(subparsers, "usage", _usage, "usage per adapter")
     p.add_argument("--tenant", default="")
@@ -310,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_tenants,
         _add_keys,
         _add_adapters,
+        _add_mixes,
         _add_usage,
         _add_invoice,
         _add_prices,

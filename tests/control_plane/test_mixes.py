@@ -1,0 +1,255 @@
+"""Saved mixes through AdminService, Authorize resolving a mix name, and the hints that invalidate them.
+
+A mix is a tenant's name for a mix of adapters: its members are resolved as the tenant sees them when it
+is saved and again whenever it is used, so visibility follows the adapters."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+import redis
+
+from openlora.cli import main
+from openlora.hints import HINTS_STREAM, Hint
+from openlora.v1 import admin_pb2, inference_pb2, worker_pb2
+
+BASE = "tiny-llama"
+
+
+def _tenant_with_key(cp) -> tuple[str, str]:
+    """A fresh tenant and an admin key of it (admin keys may also infer)."""
+    name = f"mx-{uuid.uuid4().hex[:8]}"
+    with cp.admin() as admin:
+        admin.create_tenant(name)
+        return name, admin.create_api_key(name, admin=True).secret
+
+
+def _authorize(cp, api_key: str, names: list[str]) -> worker_pb2.AuthorizeResponse:
+    return cp.worker_stub().Authorize(
+        worker_pb2.AuthorizeRequest(api_key=api_key, adapters=names, base_model=BASE),
+        metadata=cp.worker_metadata(),
+    )
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def _hints(redis_url: str, **match: str) -> list[Hint]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        entries = [fields for _, fields in reversed(client.xrevrange(HINTS_STREAM, count=2000))]
+    finally:
+        client.close()
+    hints = [Hint.from_fields(fields) for fields in entries]
+    return [h for h in hints if all(getattr(h, k) == v for k, v in match.items())]
+
+
+def test_create_list_and_delete_a_mix(cp, adapters_root) -> None:
+    tenant, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "a", "a", BASE)
+        admin.upload_adapter(adapters_root / "b", "b", BASE)
+        mix = admin.create_mix("blend", [("a", 0.6), ("b", 0.4)], method="ties", density=0.5)
+        assert (mix.name, mix.tenant, mix.method) == ("blend", tenant, inference_pb2.MIX_METHOD_TIES)
+        assert [(m.adapter, round(m.weight, 6)) for m in mix.members] == [("a", 0.6), ("b", 0.4)]
+        assert mix.density == pytest.approx(0.5)
+        assert mix.majority_sign_method == inference_pb2.MAJORITY_SIGN_METHOD_TOTAL
+        plain = admin.create_mix("plain", [("a", 1.0)])
+        # Unspecified is saved as linear; linear keeps everything, so no density.
+        assert plain.method == inference_pb2.MIX_METHOD_LINEAR and not plain.HasField("density")
+        assert [m.name for m in admin.list_mixes()] == ["blend", "plain"]
+        assert admin.delete_mix("blend").id == mix.id
+        assert [m.name for m in admin.list_mixes()] == ["plain"]
+        code, _ = _code(lambda: admin.delete_mix("blend"))
+        assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_merge_method_without_density_is_saved_with_density_one(cp, adapters_root) -> None:
+    _, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "a", "a", BASE)
+        assert admin.create_mix("d", [("a", 1.0)], method="dare_linear").density == pytest.approx(1.0)
+
+
+def test_a_mix_naming_another_tenants_private_adapter_is_not_found(cp, adapters_root) -> None:
+    _, owner_key = _tenant_with_key(cp)
+    _, key = _tenant_with_key(cp)
+    with cp.admin(owner_key) as admin:
+        admin.upload_adapter(adapters_root / "a", "secret", BASE)
+        admin.upload_adapter(adapters_root / "b", "shared", BASE, public=True)
+    with cp.admin(key) as admin:
+        code, details = _code(lambda: admin.create_mix("m", [("shared", 0.5), ("secret", 0.5)]))
+        # The same answer as for a name that never existed.
+        assert code == grpc.StatusCode.NOT_FOUND and "secret" in details
+        assert admin.list_mixes() == []
+        assert admin.create_mix("m", [("shared", 1.0)]).members[0].adapter == "shared"
+
+
+@pytest.mark.parametrize(
+    ("members", "kwargs", "field"),
+    [
+        ([("a", 1.0)], {"density": 1.5}, "density"),
+        ([("a", 1.0)], {"density": 0.0}, "density"),
+        ([(f"x{i}", 1.0) for i in range(9)], {}, "members"),
+        ([], {}, "members"),
+        ([("a", 1.0), ("a", 2.0)], {}, "members[1].adapter"),
+        ([("a", float("nan"))], {}, "members[0].weight"),
+        ([("a", float("inf"))], {}, "members[0].weight"),
+        ([("a", 0.0), ("b", 0.0)], {}, "members"),
+        ([("", 1.0), ("a", 1.0)], {"method": "ties"}, "members[0].adapter"),
+        ([("a", 1.0)], {"name": "bad name"}, "name"),
+    ],
+)
+def test_bad_mixes_are_invalid_argument_naming_the_field(cp, adapters_root, members, kwargs, field) -> None:
+    _, key = _tenant_with_key(cp)
+    name = kwargs.pop("name", "m")
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "a", "a", BASE)
+        admin.upload_adapter(adapters_root / "b", "b", BASE)
+        code, details = _code(lambda: admin.create_mix(name, members, **kwargs))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith(f"{field}:")
+
+
+def test_an_unknown_method_is_invalid_argument(cp) -> None:
+    _, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        request = admin_pb2.CreateMixRequest(
+            name="m", members=[inference_pb2.AdapterWeight(adapter="a", weight=1)], method=99
+        )
+        code, details = _code(lambda: admin._call("CreateMix", request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("method:")
+
+
+def test_adapters_and_mixes_of_a_tenant_share_one_namespace(cp, adapters_root) -> None:
+    _, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "a", "a", BASE)
+        code, _ = _code(lambda: admin.create_mix("a", [("a", 1.0)]))
+        assert code == grpc.StatusCode.ALREADY_EXISTS
+        admin.create_mix("m", [("a", 1.0)])
+        code, _ = _code(lambda: admin.create_mix("m", [("a", 1.0)]))
+        assert code == grpc.StatusCode.ALREADY_EXISTS
+        code, details = _code(lambda: admin.upload_adapter(adapters_root / "b", "m", BASE))
+        assert code == grpc.StatusCode.ALREADY_EXISTS and "mix" in details
+
+
+def test_an_ensemble_may_have_the_base_model_as_a_member(cp, adapters_root) -> None:
+    _, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "a", "a", BASE)
+        mix = admin.create_mix("ens", [("", 0.5), ("a", 0.5)], method="ensemble", combine="logprobs")
+    assert [m.adapter for m in mix.members] == ["", "a"]
+    assert mix.combine == inference_pb2.ENSEMBLE_COMBINE_LOGPROBS
+    answer = _authorize(cp, key, ["ens"]).adapters[0]
+    assert not answer.mix.members[0].HasField("adapter") and answer.mix.members[1].adapter.name == "a"
+    assert answer.mix.method == inference_pb2.MIX_METHOD_ENSEMBLE
+
+
+def test_authorize_answers_a_mix_name_with_its_members_and_parameters(cp, adapters_root) -> None:
+    _, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        a = admin.upload_adapter(adapters_root / "a", "a", BASE).adapter
+        b = admin.upload_adapter(adapters_root / "b", "b", BASE).adapter
+        mix = admin.create_mix(
+            "blend",
+            [("a", 0.6), ("b", 0.4)],
+            method="dare_ties",
+            density=0.7,
+            majority_sign_method="frequency",
+        )
+    answer = _authorize(cp, key, ["blend", "a"])
+    resolved, plain = answer.adapters
+    assert (resolved.name, resolved.adapter_id, resolved.sha256) == ("blend", mix.id, "")
+    assert [(m.adapter.adapter_id, m.adapter.sha256, m.adapter.rank) for m in resolved.mix.members] == [
+        (a.id, a.sha256, a.rank),
+        (b.id, b.sha256, b.rank),
+    ]
+    assert [round(m.weight, 6) for m in resolved.mix.members] == [0.6, 0.4]
+    assert resolved.mix.method == inference_pb2.MIX_METHOD_DARE_TIES
+    assert resolved.mix.density == pytest.approx(0.7)
+    assert resolved.mix.majority_sign_method == inference_pb2.MAJORITY_SIGN_METHOD_FREQUENCY
+    assert not plain.HasField("mix") and plain.sha256 == a.sha256
+
+
+def test_a_mix_is_another_tenants_unknown_name(cp, adapters_root) -> None:
+    _, owner_key = _tenant_with_key(cp)
+    _, other_key = _tenant_with_key(cp)
+    with cp.admin(owner_key) as admin:
+        admin.upload_adapter(adapters_root / "a", "a", BASE, public=True)
+        admin.create_mix("mine", [("a", 1.0)])
+    code, _ = _code(lambda: _authorize(cp, other_key, ["mine"]))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_mix_follows_its_members_replaced_deleted_or_hidden(cp, adapters_root) -> None:
+    _, owner_key = _tenant_with_key(cp)
+    _, key = _tenant_with_key(cp)
+    with cp.admin(owner_key) as admin:
+        admin.upload_adapter(adapters_root / "a", "pub", BASE, public=True)
+    with cp.admin(key) as admin:
+        own = admin.upload_adapter(adapters_root / "a", "own", BASE).adapter
+        admin.create_mix("m", [("own", 0.5), ("pub", 0.5)])
+        assert _authorize(cp, key, ["m"]).adapters[0].mix.members[0].adapter.sha256 == own.sha256
+        # Replaced: the mix serves the new content.
+        new = admin.upload_adapter(adapters_root / "b", "own", BASE).adapter
+        assert new.sha256 != own.sha256
+        assert _authorize(cp, key, ["m"]).adapters[0].mix.members[0].adapter.sha256 == new.sha256
+    # The public member turns private: the mix is refused as that adapter would be.
+    with cp.admin(owner_key) as admin:
+        admin.upload_adapter(adapters_root / "a", "pub", BASE, public=False)
+    code, details = _code(lambda: _authorize(cp, key, ["m"]))
+    assert code == grpc.StatusCode.NOT_FOUND and "pub" in details
+    with cp.admin(owner_key) as admin:
+        admin.upload_adapter(adapters_root / "a", "pub", BASE, public=True)
+    assert len(_authorize(cp, key, ["m"]).adapters[0].mix.members) == 2
+    with cp.admin(key) as admin:
+        admin.delete_adapter("own")
+    code, details = _code(lambda: _authorize(cp, key, ["m"]))
+    assert code == grpc.StatusCode.NOT_FOUND and "own" in details
+
+
+def test_deleting_or_replacing_a_member_names_the_content_merges_are_built_from(
+    cp, redis_url, adapters_root
+) -> None:
+    _, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        first = admin.upload_adapter(adapters_root / "a", "x", BASE).adapter
+        admin.create_mix("m", [("x", 1.0)], method="ties", density=0.5)
+        admin.upload_adapter(adapters_root / "b", "x", BASE)
+        [replaced] = _hints(redis_url, adapter_id=first.id)
+        assert (replaced.kind, replaced.source_sha256) == ("invalidate", first.sha256)
+        second = admin.get_adapter("x")
+        admin.delete_adapter("x")
+        deleted = _hints(redis_url, adapter_id=first.id)[-1]
+        assert (deleted.kind, deleted.source_sha256) == ("invalidate", second.sha256)
+        mix = admin.list_mixes()[0]
+        admin.delete_mix("m")
+    # Workers forget their answers for the mix itself.
+    assert [h.kind for h in _hints(redis_url, adapter_id=mix.id)] == ["invalidate"]
+
+
+def test_mixes_commands(capsys, cp, adapters_root) -> None:
+    _, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "a", "a", BASE)
+        admin.upload_adapter(adapters_root / "b", "b", BASE)
+    flags = ["--admin-target", cp.target, "--api-key", key]
+    argv = ["mixes", "create", "blend", "--mix", "a=0.6,b=0.4", "--method", "ties", "--density", "0.5"]
+    assert main([*argv, *flags], environ={}) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["NAME", "TENANT", "METHOD", "DENSITY", "MEMBERS"]
+    assert out.splitlines()[1].split()[2:] == ["ties", "0.5", "a=0.6,b=0.4"]
+    assert main(["mixes", "list", *flags], environ={}) == 0
+    assert "blend" in capsys.readouterr().out
+    assert main(["mixes", "create", "m2", "--mix", "a=0.5,nope=0.5", *flags], environ={}) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["mixes", "rm", "blend", *flags], environ={}) == 0
+    assert "deleted mix blend" in capsys.readouterr().out
+    assert main(["mixes", "list", *flags], environ={}) == 0
+    assert "blend" not in capsys.readouterr().out

@@ -114,11 +114,12 @@ async def _generation(request: Request, chat: bool):
         api_key = _bearer_key(request)
         data = await _read_body(request, api.max_body_bytes)
     except _TooLarge:
-        return HttpError(
-            413, f"the body is larger than {api.max_body_bytes} bytes", None, "too_large"
-        ).response()
+        failure = HttpError(
+            413, f"the body is larger than {api.max_body_bytes} bytes", None, "invalid_argument"
+        )
+        return _refused(api, failure)
     except Exception as error:
-        return http_error(error).response()
+        return _refused(api, http_error(error))
 
     body: Body | None = None
     refused: BodyError | None = None
@@ -126,8 +127,10 @@ async def _generation(request: Request, chat: bool):
         body = (parse_chat if chat else parse_completion)(data)
     except BodyError as error:
         refused = error
+    # The names to authorise, as gRPC's requested_adapter_names: the adapter `model` names, the mix's.
     adapter = api.resolve_model(body.model, api.service.base_model) if body else ""
-    names = tuple(dict.fromkeys([adapter] * bool(adapter) + list(body.adapter_names if body else ())))
+    mentioned = ([adapter] if adapter else []) + (list(body.adapter_names) if body else [])
+    names = tuple(dict.fromkeys(mentioned))
 
     def check() -> ValidRequest:
         if refused is not None or body is None:
@@ -158,6 +161,12 @@ async def _generation(request: Request, chat: bool):
         on_done=done,
         request_id=request_id,
     )
+
+
+def _refused(api: OpenAIApi, failure: HttpError) -> JSONResponse:
+    """A call answered before it reached the generate path, counted as gRPC counts it."""
+    api.metrics.requests.labels(failure.code.upper()).inc()
+    return failure.response()
 
 
 async def _models(request: Request):

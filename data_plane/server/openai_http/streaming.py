@@ -8,7 +8,6 @@ streamed or not. Chunks are pulled until the generator ends, so the last one is 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -121,9 +120,7 @@ class GenerationResponse:
                 chunk = await anext(chunks, None)
             if self._include_usage:
                 await _send_body(send, sse.event(reply.usage_chunk()))
-        except (asyncio.CancelledError, anyio.get_cancelled_exc_class()):
-            raise
-        except Exception as error:
+        except Exception as error:  # after the 200: the error is the stream's last event
             failure = http_error(error)
             code = failure.code.upper()
             await _send_body(send, sse.event(failure.payload()))

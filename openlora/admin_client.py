@@ -190,23 +190,28 @@ class AdminClient:
         members: list[tuple[str, float]],
         method: str = "linear",
         density: float | None = None,
-        majority_sign_method: str = "total",
-        combine: str = "probs",
+        majority_sign_method: str | None = None,
+        combine: str | None = None,
         tenant: str = "",
         description: str = "",
     ) -> admin_pb2.Mix:
         """Saves a mix under `name`: `members` are (adapter name, weight), "" the base model (ensembles);
-        `method` is one of linear, ties, dare_linear, dare_ties, magnitude_prune, ensemble."""
+        `method` is one of linear, ties, dare_linear, dare_ties, magnitude_prune, ensemble; the options
+        (density, majority_sign_method: total | frequency, combine: probs | logprobs) left None take
+        their defaults."""
+        sign = majority_sign_method
         request = admin_pb2.CreateMixRequest(
             name=name,
             tenant=tenant,
             members=[inference_pb2.AdapterWeight(adapter=a, weight=w) for a, w in members],
             method=inference_pb2.MixMethod.Value(f"MIX_METHOD_{method.upper()}"),
             density=density,
-            majority_sign_method=inference_pb2.MajoritySignMethod.Value(
-                f"MAJORITY_SIGN_METHOD_{majority_sign_method.upper()}"
+            majority_sign_method=(
+                inference_pb2.MajoritySignMethod.Value(f"MAJORITY_SIGN_METHOD_{sign.upper()}") if sign else 0
             ),
-            combine=inference_pb2.EnsembleCombine.Value(f"ENSEMBLE_COMBINE_{combine.upper()}"),
+            combine=inference_pb2.EnsembleCombine.Value(f"ENSEMBLE_COMBINE_{combine.upper()}")
+            if combine
+            else 0,
             description=description,
         )
         return self._call("CreateMix", request).mix

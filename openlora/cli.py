@@ -261,8 +261,10 @@ def _add_mixes(subparsers) -> None:
     p.add_argument("--mix", type=_mix_members, required=True, help="members, e.g. a=0.6,b=0.4")
     p.add_argument("--method", default="linear", choices=MIX_METHODS)
     p.add_argument("--density", type=float, default=None, help="kept fraction in (0, 1] (ties, dare, prune)")
-    p.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
-    p.add_argument("--combine", default="probs", choices=["probs", "logprobs"], help="ensemble only")
+    p.add_argument(
+        "--majority-sign-method", default=None, choices=["total", "frequency"], help="ties, dare_ties"
+    )
+    p.add_argument("--combine", default=None, choices=["probs", "logprobs"], help="ensemble (default probs)")
     p.add_argument("--description", default="")
     p.add_argument("--tenant", default="", help="owning tenant (operator key); default: the key's tenant")
     p = _admin_command(mixes, "list", _mixes_list, "list saved mixes")

@@ -16,6 +16,8 @@ from control_plane.db.base import Base, utc_now
 METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ensemble")
 # Methods that keep a fraction `density` of each delta.
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+# Methods that elect a sign per parameter (majority_sign_method).
+ELECTING_METHODS = ("ties", "dare_ties")
 SIGN_METHODS = ("total", "frequency")
 COMBINES = ("probs", "logprobs")
 

@@ -13,7 +13,15 @@ from sqlalchemy.orm import Session
 
 from control_plane.errors import AdapterNotFound, FailedPrecondition, InvalidArgument
 from control_plane.mixes.errors import MixNotFound, NameTaken
-from control_plane.mixes.models import COMBINES, DENSITY_METHODS, METHODS, SIGN_METHODS, Mix, MixMember
+from control_plane.mixes.models import (
+    COMBINES,
+    DENSITY_METHODS,
+    ELECTING_METHODS,
+    METHODS,
+    SIGN_METHODS,
+    Mix,
+    MixMember,
+)
 from control_plane.registry import service as registry
 from control_plane.registry.models import STATUS_READY, VISIBILITY_PUBLIC, Adapter
 from control_plane.tenancy.models import Tenant
@@ -25,14 +33,15 @@ MAX_DESCRIPTION_CHARS = 4096
 
 @dataclass(frozen=True)
 class MixSpec:
-    """A mix as a caller asks for it; `method` etc. are the stored names (see mixes.models)."""
+    """A mix as a caller asks for it; `method` etc. are the stored names (see mixes.models). An option
+    left None takes its default; one given for a method it does not apply to is refused."""
 
     name: str
     members: tuple[tuple[str, float], ...]  # (adapter name, "" = the base model; weight)
     method: str = "linear"
     density: float | None = None
-    majority_sign_method: str = "total"
-    combine: str = "probs"
+    majority_sign_method: str | None = None
+    combine: str | None = None
     description: str = ""
 
 
@@ -57,12 +66,23 @@ def check_spec(spec: MixSpec) -> None:
     registry.check_name(spec.name)
     if spec.method not in METHODS:
         raise InvalidArgument(f"must be one of {', '.join(METHODS)}", field="method")
-    if spec.majority_sign_method not in SIGN_METHODS:
-        raise InvalidArgument(f"must be one of {', '.join(SIGN_METHODS)}", field="majority_sign_method")
-    if spec.combine not in COMBINES:
-        raise InvalidArgument(f"must be one of {', '.join(COMBINES)}", field="combine")
-    if spec.density is not None and not 0 < spec.density <= 1:
-        raise InvalidArgument(f"must be in (0, 1], got {spec.density}", field="density")
+    if spec.density is not None:
+        if spec.method not in DENSITY_METHODS:
+            raise InvalidArgument(f"applies only to {', '.join(DENSITY_METHODS)}", field="density")
+        if not 0 < spec.density <= 1:
+            raise InvalidArgument(f"must be in (0, 1], got {spec.density}", field="density")
+    if spec.majority_sign_method is not None:
+        if spec.method not in ELECTING_METHODS:
+            raise InvalidArgument(
+                f"applies only to {', '.join(ELECTING_METHODS)}", field="majority_sign_method"
+            )
+        if spec.majority_sign_method not in SIGN_METHODS:
+            raise InvalidArgument(f"must be one of {', '.join(SIGN_METHODS)}", field="majority_sign_method")
+    if spec.combine is not None:
+        if spec.method != "ensemble":
+            raise InvalidArgument("applies only to ensemble", field="combine")
+        if spec.combine not in COMBINES:
+            raise InvalidArgument(f"must be one of {', '.join(COMBINES)}", field="combine")
     if not 1 <= len(spec.members) <= MAX_MIX_MEMBERS:
         raise InvalidArgument(f"must hold 1..{MAX_MIX_MEMBERS} adapters", field="members")
     seen: set[str] = set()
@@ -105,8 +125,8 @@ def create_mix(session: Session, tenant: Tenant, spec: MixSpec) -> OwnedMix:
         name=spec.name,
         method=spec.method,
         density=density,
-        majority_sign_method=spec.majority_sign_method,
-        combine=spec.combine,
+        majority_sign_method=spec.majority_sign_method or "total",
+        combine=spec.combine or "probs",
         description=spec.description,
         members=[
             MixMember(position=i, adapter_id=a.id if a is not None else None, weight=weight)

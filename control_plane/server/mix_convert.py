@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from control_plane.errors import InvalidArgument
+from control_plane.mixes.models import DENSITY_METHODS, ELECTING_METHODS, Mix
 from control_plane.mixes.service import MixSpec, OwnedMix, ResolvedMix
 from control_plane.registry.models import Adapter
 from control_plane.server.convert import resolved_adapter_to_proto, timestamp
@@ -29,7 +30,7 @@ _SIGN_METHODS_TO_PROTO = {v: k for k, v in _SIGN_METHODS.items()}
 _COMBINES_TO_PROTO = {v: k for k, v in _COMBINES.items()}
 
 
-def _enum(table: dict[int, str], value: int, unspecified: str, field: str) -> str:
+def _enum(table: dict[int, str], value: int, unspecified: str | None, field: str) -> str | None:
     if value == 0:
         return unspecified
     if value not in table:
@@ -37,16 +38,26 @@ def _enum(table: dict[int, str], value: int, unspecified: str, field: str) -> st
     return table[value]
 
 
+def _options(mix: Mix) -> dict:
+    """The options that apply to the mix's method (as a request for it would carry them), others unset."""
+    options: dict = {}
+    if mix.method in DENSITY_METHODS:
+        options["density"] = mix.density
+    if mix.method in ELECTING_METHODS:
+        options["majority_sign_method"] = _SIGN_METHODS_TO_PROTO[mix.majority_sign_method]
+    if mix.method == "ensemble":
+        options["combine"] = _COMBINES_TO_PROTO[mix.combine]
+    return options
+
+
 def mix_spec_from_proto(request: admin_pb2.CreateMixRequest) -> MixSpec:
     return MixSpec(
         name=request.name,
         members=tuple((m.adapter, float(m.weight)) for m in request.members),
-        method=_enum(_METHODS, request.method, "linear", "method"),
+        method=_enum(_METHODS, request.method, "linear", "method") or "linear",
         density=float(request.density) if request.HasField("density") else None,
-        majority_sign_method=_enum(
-            _SIGN_METHODS, request.majority_sign_method, "total", "majority_sign_method"
-        ),
-        combine=_enum(_COMBINES, request.combine, "probs", "combine"),
+        majority_sign_method=_enum(_SIGN_METHODS, request.majority_sign_method, None, "majority_sign_method"),
+        combine=_enum(_COMBINES, request.combine, None, "combine"),
         description=request.description,
     )
 
@@ -62,10 +73,8 @@ def mix_to_proto(owned: OwnedMix) -> admin_pb2.Mix:
             for name, member in zip(owned.member_names, mix.members, strict=True)
         ],
         method=_METHODS_TO_PROTO[mix.method],
-        density=mix.density,
-        majority_sign_method=_SIGN_METHODS_TO_PROTO[mix.majority_sign_method],
-        combine=_COMBINES_TO_PROTO[mix.combine],
         description=mix.description,
+        **_options(mix),
         created_at=timestamp(mix.created_at),
     )
 
@@ -86,8 +95,6 @@ def resolved_to_proto(name: str, resolved: Adapter | ResolvedMix) -> worker_pb2.
                 for a, weight in resolved.members
             ],
             method=_METHODS_TO_PROTO[mix.method],
-            density=mix.density,
-            majority_sign_method=_SIGN_METHODS_TO_PROTO[mix.majority_sign_method],
-            combine=_COMBINES_TO_PROTO[mix.combine],
+            **_options(mix),
         ),
     )

@@ -59,6 +59,7 @@ def test_create_list_and_delete_a_mix(cp, adapters_root) -> None:
         assert [(m.adapter, round(m.weight, 6)) for m in mix.members] == [("a", 0.6), ("b", 0.4)]
         assert mix.density == pytest.approx(0.5)
         assert mix.majority_sign_method == inference_pb2.MAJORITY_SIGN_METHOD_TOTAL
+        assert mix.combine == inference_pb2.ENSEMBLE_COMBINE_UNSPECIFIED  # not an ensemble's option
         plain = admin.create_mix("plain", [("a", 1.0)])
         # Unspecified is saved as linear; linear keeps everything, so no density.
         assert plain.method == inference_pb2.MIX_METHOD_LINEAR and not plain.HasField("density")
@@ -93,8 +94,8 @@ def test_a_mix_naming_another_tenants_private_adapter_is_not_found(cp, adapters_
 @pytest.mark.parametrize(
     ("members", "kwargs", "field"),
     [
-        ([("a", 1.0)], {"density": 1.5}, "density"),
-        ([("a", 1.0)], {"density": 0.0}, "density"),
+        ([("a", 1.0)], {"method": "ties", "density": 1.5}, "density"),
+        ([("a", 1.0)], {"method": "ties", "density": 0.0}, "density"),
         ([(f"x{i}", 1.0) for i in range(9)], {}, "members"),
         ([], {}, "members"),
         ([("a", 1.0), ("a", 2.0)], {}, "members[1].adapter"),
@@ -103,6 +104,14 @@ def test_a_mix_naming_another_tenants_private_adapter_is_not_found(cp, adapters_
         ([("a", 0.0), ("b", 0.0)], {}, "members"),
         ([("", 1.0), ("a", 1.0)], {"method": "ties"}, "members[0].adapter"),
         ([("a", 1.0)], {"name": "bad name"}, "name"),
+        # An option for a method it does not apply to is refused, not silently ignored.
+        ([("a", 1.0)], {"density": 0.5}, "density"),
+        (
+            [("a", 1.0)],
+            {"method": "dare_linear", "majority_sign_method": "frequency"},
+            "majority_sign_method",
+        ),
+        ([("a", 1.0)], {"method": "ties", "combine": "logprobs"}, "combine"),
     ],
 )
 def test_bad_mixes_are_invalid_argument_naming_the_field(cp, adapters_root, members, kwargs, field) -> None:

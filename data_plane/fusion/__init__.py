@@ -1,0 +1,1 @@
+"""Runtime fusion of adapters: merges (TIES, DARE, magnitude pruning) built into one derived adapter."""

@@ -1,0 +1,53 @@
+"""Shared by the merge tests: the engine tests' tiny Llama with PEFT adapters of different ranks and
+target modules, and a helper building a merge of them with data_plane.fusion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_plane.fusion.builder import MergeReport, build_merge
+from data_plane.fusion.spec import MergeSpec
+from openlora.artifact import WEIGHTS_FILE, digest_dir
+from tests.engine.conftest import TinyModel, _build
+
+# r4 on q, v; r8 on all seven; r16 rsLoRA on k, o, gate, down.
+SOURCES = ("r4_qv", "r8_all", "r16_rslora")
+
+
+_MODEL: list[TinyModel] = []
+
+
+def shared_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """Built once per session, whichever merge test module asks first (each wraps it in a fixture)."""
+    if not _MODEL:
+        _MODEL.append(_build(tmp_path_factory.mktemp("merge"), "llama"))
+    return _MODEL[0]
+
+
+def spec_of(model: TinyModel, weights: dict[str, float], method: str, **options) -> MergeSpec:
+    shas = {name: digest_dir(model.adapter_dirs[name]) for name in weights}
+    spec = MergeSpec.of([(shas[n], w) for n, w in weights.items()], method, **options)
+    return spec.with_paths({shas[n]: model.adapter_dirs[n] for n in weights})
+
+
+def build(model: TinyModel, out: Path, weights: dict[str, float], method: str, max_rank: int = 64, **options):
+    """Builds the merge into `out`; returns (report, {(layer, module): merged delta B @ A})."""
+    report: MergeReport = build_merge(spec_of(model, weights, method, **options), out, max_rank)
+    return report, deltas_of(out)
+
+
+def deltas_of(adapter_dir: Path) -> dict[tuple[int, str], torch.Tensor]:
+    """(layer, module) -> B @ A of a derived adapter (its scale is 1)."""
+    tensors = load_file(str(adapter_dir / WEIGHTS_FILE))
+    deltas = {}
+    for name, a in tensors.items():
+        if ".lora_A." not in name:
+            continue
+        parts = name.split(".")
+        layer, module = int(parts[4]), parts[6]
+        deltas[(layer, module)] = tensors[name.replace("lora_A", "lora_B")].float() @ a.float()
+    return deltas

@@ -62,6 +62,29 @@ class ResolvedAdapter:
     rank: int
     # The owner asked that this adapter never leave the worker's host memory once there.
     keep_warm: bool = False
+    # Set when the name is a saved mix of the caller's tenant (then adapter_id is the mix's id).
+    mix: ResolvedMix | None = None
+
+    def adapter_ids(self) -> set[str]:
+        """Its own id and, for a saved mix, its members' ids."""
+        members = self.mix.members if self.mix is not None else ()
+        return {self.adapter_id} | {m.adapter_id for m, _ in members if m is not None}
+
+    def sha256s(self) -> set[str]:
+        members = self.mix.members if self.mix is not None else ()
+        return {self.sha256} - {""} | {m.sha256 for m, _ in members if m is not None}
+
+
+@dataclass(frozen=True)
+class ResolvedMix:
+    """A saved mix as Authorize resolved it: the request fields it stands for (inference_pb2 enums)."""
+
+    # (member, weight); None is the base model (an ensemble member).
+    members: tuple[tuple[ResolvedAdapter | None, float], ...]
+    method: int
+    density: float | None
+    majority_sign_method: int
+    combine: int
 
 
 @dataclass(frozen=True)
@@ -210,10 +233,7 @@ class ControlPlaneClient:
             tenant_id=response.tenant_id,
             tenant=response.tenant,
             can_infer=admin_pb2.SCOPE_INFER in response.scopes or admin_pb2.SCOPE_ADMIN in response.scopes,
-            adapters=tuple(
-                ResolvedAdapter(a.name, a.adapter_id, a.sha256, a.size_bytes, a.rank, a.keep_warm)
-                for a in response.adapters
-            ),
+            adapters=tuple(_resolved(a) for a in response.adapters),
             api_key_id=response.api_key_id,
         )
         ttl_s = self._auth_cache_ttl_s
@@ -276,15 +296,16 @@ class ControlPlaneClient:
         return len(doomed)
 
     def forget_adapter(self, adapter_id: str, sha256: str = "") -> int:
-        """Drops every cached answer that resolved to this adapter (deleted or replaced), and with `sha256`
-        (content no adapter serves any more) every answer that resolved to that content; returns how many."""
+        """Drops every cached answer that resolved to this adapter (deleted or replaced) or to this saved
+        mix, or to a saved mix with it as a member, and with `sha256` (content no adapter serves any more)
+        every answer that resolved to that content; returns how many."""
         if not adapter_id and not sha256:
             return 0
         doomed = [
             key
             for key, (_, answer) in list(self._auth_cache.items())
             if any(
-                (adapter_id and a.adapter_id == adapter_id) or (sha256 and a.sha256 == sha256)
+                (adapter_id and adapter_id in a.adapter_ids()) or (sha256 and sha256 in a.sha256s())
                 for a in answer.adapters
             )
         ]
@@ -329,6 +350,21 @@ class ControlPlaneClient:
     def _forget_key(self, api_key: str) -> None:
         for key in [k for k in list(self._auth_cache.keys()) if k[0] == api_key]:
             self._auth_cache.pop(key, None)
+
+
+def _resolved(a: worker_pb2.ResolvedAdapter) -> ResolvedAdapter:
+    mix = None
+    if a.HasField("mix"):
+        mix = ResolvedMix(
+            members=tuple(
+                (_resolved(m.adapter) if m.HasField("adapter") else None, m.weight) for m in a.mix.members
+            ),
+            method=a.mix.method,
+            density=a.mix.density if a.mix.HasField("density") else None,
+            majority_sign_method=a.mix.majority_sign_method,
+            combine=a.mix.combine,
+        )
+    return ResolvedAdapter(a.name, a.adapter_id, a.sha256, a.size_bytes, a.rank, a.keep_warm, mix)
 
 
 def _usage_event(record: UsageRecord) -> worker_pb2.UsageEvent:

@@ -32,6 +32,7 @@ from data_plane.server.errors import (
     RequestIdUsed,
 )
 from data_plane.server.metrics import AdapterActivity, WorkerMetrics
+from data_plane.server.named_mix import expand_named_mix
 from data_plane.server.usage_reporter import CHECKPOINT_FINISH_REASON, UsageRecord, UsageReporter
 from data_plane.server.validation import RequestFieldError, RequestLimits, ValidRequest, check_prompt_length
 
@@ -172,7 +173,8 @@ class GenerationService:
         arrival = time.monotonic()
         self.check_serving()
         auth = await self.authorize(api_key, names)
-        valid = check()
+        # A name that is a saved mix of the tenant turns into the request that mix stands for.
+        valid, by_name = expand_named_mix(check(), names, auth, self.limits)
         request_id = valid.request_id or uuid.uuid4().hex
         # One run per (tenant, request id) at a time: a duplicate in flight would stream a second answer
         # billed once. A call that ended billed keeps its id used (below); one that streamed nothing was
@@ -188,9 +190,7 @@ class GenerationService:
             prompt_ids = await self._prompt_ids(valid)
             check_prompt_length(len(prompt_ids), self.limits)
 
-            # Authorize answers parallel to the names asked for (validation refused duplicates).
-            by_name = dict(zip(names, auth.adapters, strict=True))
-            for adapter in auth.adapters:
+            for adapter in by_name.values():
                 if adapter.keep_warm:
                     self._engine.set_keep_warm(adapter.sha256, True)
             fetch_started = time.monotonic()

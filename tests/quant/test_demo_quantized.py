@@ -15,6 +15,9 @@ from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
 from data_plane.tokenizer import Tokenizer
 from openlora.artifact import digest_dir
 
+# The session fixture trains the demo model (about 40 s on a quiet 2-core machine, 4-6 minutes on a busy
+# one), inside the first test's timeout.
+pytestmark = pytest.mark.timeout(900)
 PROMPT = "the quick fox =>"
 DOCUMENTED = {
     None: " jumps over the lazy.",

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data_plane.engine.errors import AdapterLoadError
 from data_plane.fusion.merge import MemberFactors, merge_module
 from data_plane.fusion.spec import MergeSpec
 from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
@@ -33,13 +34,9 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _HALF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
-class MergeBuildError(Exception):
-    """A merge could not be built from its sources (a source unreadable or refused); `field` says which."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
+class MergeBuildError(AdapterLoadError):
+    """A merge could not be built from its sources (a source unreadable or refused); `field` says which.
+    An AdapterLoadError, so a caller sees INVALID_ARGUMENT naming the member, as for any adapter."""
 
 
 @dataclass(frozen=True)

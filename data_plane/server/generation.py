@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
+from data_plane.fusion.spec import MergeSpec
+from data_plane.fusion.store import MergeStore
 from data_plane.server.artifact_store import ArtifactStore
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
 from data_plane.server.errors import (
@@ -109,6 +111,7 @@ class GenerationService:
         limits: RequestLimits,
         reservation_s: float = 120.0,
         activity: AdapterActivity | None = None,
+        merges: MergeStore | None = None,
     ) -> None:
         self._engine = engine
         self._cp = control_plane
@@ -118,6 +121,8 @@ class GenerationService:
         self._state = state
         self.limits = limits
         self.activity = activity or AdapterActivity()
+        # Derived adapters of TIES/DARE/magnitude-prune mixes (made on first use when not given).
+        self._merges = merges
         # (tenant id, request id) of the calls streaming now.
         self._in_flight: set[tuple[str, str]] = set()
         # How long the control plane holds a client request id reserved for a stream of this worker.
@@ -194,8 +199,10 @@ class GenerationService:
                 if adapter.keep_warm:
                     self._engine.set_keep_warm(adapter.sha256, True)
             fetch_started = time.monotonic()
-            adapter_refs, tier = await self._resolve(valid, by_name)
-            fetch_ms = (time.monotonic() - fetch_started) * 1000
+            adapter_refs, tier, build_ms = await self._resolve(valid, by_name)
+            # What the call waited for before the engine: a fetch from the control plane (with a merge
+            # built from it), else a merge's build (0 when nothing was built); it counts as adapter load.
+            fetch_ms = (time.monotonic() - fetch_started) * 1000 if tier == "remote" else build_ms
             # Held on local disk (the disk budget never removes them) until the stream ends.
             held = [ref.key for ref in adapter_refs]
             try:
@@ -218,7 +225,7 @@ class GenerationService:
                     async for chunk in chunks:
                         yield chunk
             finally:
-                self._artifacts.release(held)
+                self._release(held)
         finally:
             self._in_flight.discard(claim)
             if reserved and not self._usage.has_pending(auth.tenant_id, request_id):
@@ -341,10 +348,13 @@ class GenerationService:
             )
         return list(await asyncio.to_thread(tokenizer.encode, valid.prompt))
 
-    async def _resolve(self, valid: ValidRequest, by_name) -> tuple[tuple[AdapterRef, ...], str]:
+    async def _resolve(self, valid: ValidRequest, by_name) -> tuple[tuple[AdapterRef, ...], str, float]:
+        """(the engine's adapter refs, the slowest tier they came from, ms spent building a merge)."""
+        if valid.is_merge:
+            return await self._resolve_merge(valid, by_name)
         if not valid.adapters:
             self._metrics.cache_lookups.labels("none").inc()
-            return (), "none"
+            return (), "none", 0.0
         resolved = [(by_name[name], weight) for name, weight in valid.adapters]
         results = await asyncio.gather(
             *(self._artifacts.ensure(a.sha256, hold=True) for a, _ in resolved), return_exceptions=True
@@ -359,7 +369,66 @@ class GenerationService:
             for (a, weight), local in zip(resolved, locals_, strict=True)
         )
         tier = "remote" if any(local.tier == "remote" for local in locals_) else "disk"
-        return refs, tier
+        return refs, tier, 0.0
+
+    async def _resolve_merge(self, valid: ValidRequest, by_name) -> tuple[tuple[AdapterRef, ...], str, float]:
+        """A TIES / DARE / magnitude-prune mix: its derived adapter, which the engine serves as one adapter
+        keyed by the spec. Built once per canonical spec, in a thread, from the sources fetched (held
+        only while it builds); a merge already on disk needs no source at all."""
+        merges = self.merge_store()
+        sources = [(by_name[name].sha256, weight) for name, weight in valid.adapters]
+        if len({sha for sha, _ in sources}) != len(sources):
+            raise RequestFieldError("mix", "names the same adapter content twice (under two names)")
+        spec = MergeSpec.of(sources, valid.mix_method, valid.density, valid.majority_sign_method)
+        found = merges.lookup(spec, hold=True)
+        if found is not None:
+            return (AdapterRef(key=found.key, path=found.path),), "disk", 0.0
+        shas = [sha for sha, _ in sources]
+        results = await asyncio.gather(
+            *(self._artifacts.ensure(sha, hold=True) for sha in shas), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:  # each ensure that failed gave back its own hold; give back the others'
+            self._artifacts.release(r.sha256 for r in results if not isinstance(r, BaseException))
+            raise failed[0]
+        try:
+            built = await merges.build(spec.with_paths({r.sha256: r.path for r in results}), hold=True)
+        finally:
+            self._artifacts.release(shas)
+        tier = "remote" if any(r.tier == "remote" for r in results) else "disk"
+        return (AdapterRef(key=built.key, path=built.path),), tier, built.wait_ms
+
+    def merge_store(self) -> MergeStore:
+        """This worker's merges, beside its artifacts (`<state>/merges`), sized to its engine's slots."""
+        if self._merges is None:
+            self._merges = MergeStore(
+                self._artifacts.root.parent / "merges",
+                self._engine.spec,
+                getattr(self._engine, "engine", self._engine).config.max_lora_rank,
+                on_built=self._observe_merge,
+            )
+        return self._merges
+
+    def drop_merges_of(self, sha256: str) -> list[str]:
+        """A source adapter was deleted or replaced upstream: the merges built from it leave the disk tier
+        (once their streams end) and the engine's tiers; returns their keys."""
+        if self._merges is None:
+            return []
+        keys = self._merges.drop_source(sha256)
+        for key in keys:
+            self._engine.invalidate(key)
+        return keys
+
+    def _observe_merge(self, _spec, _key, report) -> None:
+        self._metrics.merge_build_s.observe(report.build_ms / 1000)
+        self._metrics.merge_truncation_error.observe(report.relative_error)
+
+    def _release(self, keys: list[str]) -> None:
+        """Ends the stream's holds: merges on the merge store, artifacts on the artifact store."""
+        merges = [key for key in keys if self._merges is not None and self._merges.is_held(key)]
+        self._artifacts.release(key for key in keys if key not in merges)
+        if merges:
+            self._merges.release(merges)
 
     def _finish(self, out, progress: _Progress, tier: str, fetch_ms: float) -> Finish:
         """The last chunk's finish reason, usage and timing; notes the timing for billing."""
@@ -370,7 +439,7 @@ class GenerationService:
             prompt_tokens=out.prompt_tokens,
             completion_tokens=progress.completion_tokens + len(out.new_token_ids),
             queue_ms=out.queue_ms,
-            adapter_load_ms=out.adapter_load_ms + (fetch_ms if tier == "remote" else 0),
+            adapter_load_ms=out.adapter_load_ms + fetch_ms,
             ttft_ms=out.ttft_ms,
             total_ms=out.total_ms,
             cache_tier=final_tier,

@@ -76,6 +76,18 @@ class WorkerMetrics:
             ["loop"],
             registry=r,
         )
+        self.merge_build_s = Histogram(
+            "openlora_merge_build_seconds",
+            "Time building a merged adapter (TIES, DARE, magnitude pruning) from its sources",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.merge_truncation_error = Histogram(
+            "openlora_merge_truncation_error_ratio",
+            "Relative Frobenius error of each built merge's re-factorization to the slot rank",
+            buckets=(0.0001, 0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+            registry=r,
+        )
         for tier in TIERS:
             self.cache_lookups.labels(tier)
         for loop in BACKGROUND_LOOPS:

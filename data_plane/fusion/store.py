@@ -1,0 +1,187 @@
+"""MergeStore: the worker's disk tier of derived (merged) adapters, `<root>/<key>/`, built on demand.
+
+A merge is content-addressed by its spec's key (data_plane.fusion.spec): a directory under its key
+always holds a complete, validated adapter. Concurrent requests for one key share one build, which runs
+in a thread (never on the event loop or the engine thread). Beside each directory, `<key>.json` records
+the sources' sha256s, so that when a source is deleted or replaced upstream `drop_source` finds every
+merge built from it (a held one is removed once its last holder releases it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_plane.fusion.builder import MergeReport, build_merge
+from data_plane.fusion.spec import MergeSpec
+from openlora.base_model import BaseModelSpec
+
+log = logging.getLogger(__name__)
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+_TMP_PREFIX = ".partial-"
+
+
+@dataclass(frozen=True)
+class LocalMerge:
+    key: str
+    path: Path
+    # Set when this call waited for a build (its own or a concurrent one's); None when it was on disk.
+    report: MergeReport | None
+    wait_ms: float = 0.0  # how long this call waited for the build
+
+
+class MergeStore:
+    def __init__(
+        self,
+        root: Path,
+        base: BaseModelSpec | None,
+        max_rank: int,
+        on_built: Callable[[MergeSpec, str, MergeReport], None] | None = None,
+    ) -> None:
+        """`on_built(spec, key, report)` is called on the event loop after each build (metrics)."""
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_rank = max_rank
+        self._base = base
+        self._on_built = on_built
+        self._builds: dict[str, asyncio.Task[MergeReport]] = {}
+        self._holds: Counter[str] = Counter()
+        self._stale: set[str] = set()
+        self._sources: dict[str, tuple[str, ...]] = {}  # key -> source sha256s
+        for entry in self.root.glob(f"{_TMP_PREFIX}*"):
+            shutil.rmtree(entry, ignore_errors=True)
+        for entry in self.root.iterdir():
+            if _KEY.match(entry.name) and entry.is_dir():
+                sources = self._read_sources(entry.name)
+                if sources is None:  # no record of its sources: it could never be invalidated
+                    self._remove(entry.name)
+                else:
+                    self._sources[entry.name] = sources
+
+    def key_of(self, spec: MergeSpec) -> str:
+        return spec.key(self.max_rank)
+
+    def path_of(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise ValueError(f"malformed merge key {key!r}")
+        return self.root / key
+
+    def is_held(self, key: str) -> bool:
+        return self._holds[key] > 0
+
+    def contains(self, key: str) -> bool:
+        return key in self._sources and key not in self._stale and self.path_of(key).is_dir()
+
+    def lookup(self, spec: MergeSpec, hold: bool = False) -> LocalMerge | None:
+        """The merge of `spec` when it is on disk (held until `release` when `hold`), else None."""
+        key = self.key_of(spec)
+        if not self.contains(key):
+            return None
+        if hold:
+            self._holds[key] += 1
+        return LocalMerge(key, self.path_of(key), None)
+
+    async def build(self, spec: MergeSpec, hold: bool = False) -> LocalMerge:
+        """Builds the merge of `spec` (whose sources carry their local paths) unless it is on disk; one
+        build per key however many callers wait. Raises the build's error (MergeBuildError)."""
+        found = self.lookup(spec, hold=hold)
+        if found is not None:
+            return found
+        key = self.key_of(spec)
+        if hold:
+            self._holds[key] += 1
+        started = time.monotonic()
+        try:
+            task = self._builds.get(key)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._build(spec, key))
+                self._builds[key] = task
+                task.add_done_callback(lambda _t: self._builds.pop(key, None))
+            # shield: one caller going away must not cancel the build the others wait for.
+            report = await asyncio.shield(task)
+        except BaseException:
+            if hold:
+                self.release((key,))
+            raise
+        return LocalMerge(key, self.path_of(key), report, (time.monotonic() - started) * 1000)
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Ends one hold of each merge."""
+        for key in keys:
+            self._holds[key] -= 1
+            if self._holds[key] <= 0:
+                del self._holds[key]
+        for key in list(self._stale):
+            if not self._holds[key]:
+                self._remove(key)
+
+    def drop_source(self, sha256: str) -> list[str]:
+        """Forgets every merge built from the artifact `sha256` (deleted or replaced upstream); returns
+        their keys (for the engine to drop them from its tiers). A held merge is removed on release."""
+        dropped = [key for key, sources in self._sources.items() if sha256 in sources]
+        for key in dropped:
+            if self._holds[key]:
+                self._stale.add(key)
+            else:
+                self._remove(key)
+        return dropped
+
+    async def _build(self, spec: MergeSpec, key: str) -> MergeReport:
+        report = await asyncio.to_thread(build_merge, spec, self.path_of(key), self.max_rank, self._base)
+        self._write_sources(key, spec)
+        self._stale.discard(key)
+        log.info(
+            "merge %s built: %s of %d sources, density %g, rank %d, %d modules, truncation error %.4g "
+            "(relative Frobenius; worst module %.4g), %.0f ms",
+            key[:12],
+            spec.method,
+            len(spec.sources),
+            spec.density,
+            report.rank,
+            report.num_modules,
+            report.relative_error,
+            report.max_module_error,
+            report.build_ms,
+        )
+        if self._on_built is not None:
+            self._on_built(spec, key, report)
+        return report
+
+    def _record_path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def _write_sources(self, key: str, spec: MergeSpec) -> None:
+        sources = tuple(s.sha256 for s in spec.sources)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"sources": list(sources), "spec": json.loads(spec.canonical_json())}, f)
+        os.replace(tmp, self._record_path(key))
+        self._sources[key] = sources
+
+    def _read_sources(self, key: str) -> tuple[str, ...] | None:
+        try:
+            record = json.loads(self._record_path(key).read_text())
+            return tuple(str(s) for s in record["sources"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _remove(self, key: str) -> None:
+        path = self.path_of(key)
+        self._stale.discard(key)
+        self._sources.pop(key, None)
+        if path.is_dir():
+            # Renamed first so that nobody sees a half-deleted directory under the key.
+            doomed = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
+            os.replace(path, doomed / "gone")
+            shutil.rmtree(doomed, ignore_errors=True)
+        self._record_path(key).unlink(missing_ok=True)

@@ -1,0 +1,126 @@
+"""A merged mix generates the tokens transformers + PEFT generate with the same weighted adapter, and the
+merge store builds each canonical spec once, off the event loop, and forgets merges of a dropped source."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from data_plane.engine.request import AdapterRef
+from data_plane.fusion.store import MergeStore
+from tests.engine.conftest import greedy, make_engine, run_to_completion
+from tests.engine.reference import load_reference, reference_greedy
+from tests.fusion.merge_support import build, shared_model, spec_of
+
+WEIGHTS = {"r4_qv": 0.8, "r8_all": 0.6, "r16_rslora": 0.5}
+PROMPT = [3, 17, 42, 99, 5, 61, 7]
+
+
+@pytest.fixture(scope="session")
+def merge_model(tmp_path_factory):
+    return shared_model(tmp_path_factory)
+
+
+@pytest.mark.parametrize(
+    ("method", "combination_type", "density", "sign"),
+    [("ties", "ties_svd", 0.5, "total"), ("magnitude_prune", "magnitude_prune_svd", 0.6, "total")],
+)
+def test_merged_mix_generates_peft_weighted_adapter_tokens(
+    merge_model, tmp_path, method, combination_type, density, sign
+):
+    report, _ = build(
+        merge_model, tmp_path / "m", WEIGHTS, method, 64, density=density, majority_sign_method=sign
+    )
+    engine = make_engine(merge_model, max_lora_rank=64)
+    try:
+        key = spec_of(merge_model, WEIGHTS, method, density=density, majority_sign_method=sign).key(64)
+        engine.add_request(greedy("merged", PROMPT, [AdapterRef(key=key, path=tmp_path / "m")]))
+        engine.add_request(greedy("base", PROMPT))
+        ours = run_to_completion(engine)
+    finally:
+        engine.shutdown()
+
+    reference = load_reference(merge_model.model_dir, [merge_model.adapter_dirs[n] for n in WEIGHTS])
+    reference.add_weighted_adapter(
+        [f"a{i}" for i in range(len(WEIGHTS))],
+        list(WEIGHTS.values()),
+        "merged",
+        combination_type=combination_type,
+        svd_rank=report.rank,
+        density=density,
+        majority_sign_method=sign,
+    )
+    reference.set_adapter("merged")
+    tokens, logprobs = reference_greedy(reference, PROMPT)
+    assert ours["merged"][0] == tokens
+    torch.testing.assert_close(torch.tensor(ours["merged"][1]), torch.tensor(logprobs), atol=2e-4, rtol=0)
+    assert ours["merged"][0] != ours["base"][0]  # the merge changes the output
+
+
+def test_each_spec_is_built_once_however_many_wait(merge_model, tmp_path):
+    built = []
+    store = MergeStore(tmp_path / "merges", None, 64, on_built=lambda spec, key, report: built.append(key))
+    spec = spec_of(merge_model, WEIGHTS, "dare_ties", density=0.5)
+    reordered = spec_of(merge_model, dict(reversed(WEIGHTS.items())), "dare_ties", density=0.5)
+
+    async def main():
+        return await asyncio.gather(*(store.build(s, hold=True) for s in (spec, reordered, spec)))
+
+    merges = asyncio.run(main())
+    assert len(built) == 1 and {m.key for m in merges} == {spec.key(64)}
+    assert all(m.report is not None for m in merges)  # each waited for the one build
+    assert store.lookup(spec) is not None and store.lookup(spec).report is None
+    again = MergeStore(tmp_path / "merges", None, 64)  # a restart finds it on disk
+    assert again.contains(spec.key(64))
+
+
+def test_a_merge_is_rebuilt_bit_for_bit(merge_model, tmp_path):
+    weights_file = "adapter_model.safetensors"
+    spec = spec_of(merge_model, WEIGHTS, "dare_linear", density=0.3)
+    first, second = MergeStore(tmp_path / "one", None, 64), MergeStore(tmp_path / "two", None, 64)
+    a = asyncio.run(first.build(spec))
+    b = asyncio.run(
+        second.build(spec_of(merge_model, dict(reversed(WEIGHTS.items())), "dare_linear", density=0.3))
+    )
+    assert a.key == b.key
+    assert (a.path / weights_file).read_bytes() == (b.path / weights_file).read_bytes()
+
+
+def test_the_build_leaves_the_event_loop_free(merge_model, tmp_path):
+    store = MergeStore(tmp_path / "merges", None, 64)
+    spec = spec_of(merge_model, WEIGHTS, "ties", density=0.5)
+    ticks_during_build = []
+
+    async def main():
+        done = asyncio.Event()
+
+        async def ticker():
+            ticks = 0
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+            ticks_during_build.append(ticks)
+
+        async def build():
+            await store.build(spec)
+            done.set()
+
+        await asyncio.gather(build(), ticker())
+
+    asyncio.run(main())
+    assert ticks_during_build[0] > 0
+
+
+def test_dropping_a_source_forgets_its_merges_after_their_holders(merge_model, tmp_path):
+    store = MergeStore(tmp_path / "merges", None, 64)
+    held = asyncio.run(store.build(spec_of(merge_model, WEIGHTS, "ties"), hold=True))
+    other = asyncio.run(store.build(spec_of(merge_model, {"r8_all": 1.0, "r16_rslora": 1.0}, "ties")))
+    sha = spec_of(merge_model, {"r4_qv": 1.0}, "ties").sources[0].sha256
+    assert store.drop_source(sha) == [held.key]
+    assert not store.contains(held.key) and held.path.is_dir()  # its stream still reads it
+    store.release([held.key])
+    assert not held.path.exists()
+    assert store.contains(other.key)
+    assert not MergeStore(tmp_path / "merges", None, 64).contains(held.key)

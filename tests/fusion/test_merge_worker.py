@@ -1,0 +1,148 @@
+"""TIES / DARE / magnitude-prune mixes through a worker over gRPC (real control plane, Postgres, engine):
+built once per canonical spec and served from the worker's tiers after, the build counted as adapter
+load, its truncation error exported, bad options refused by name, billed as one request."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from data_plane.fusion.spec import MergeSpec
+from openlora.v1 import inference_pb2, inference_pb2_grpc
+from tests.worker import conftest as worker
+
+# The worker tests' in-process system (control plane, worker with max_lora_rank 16, adapters ad0..ad7 of
+# rank 4 (even) and 8 (odd), public), as fixtures here too.
+system = worker.system
+tiny_model_dir = worker.tiny_model_dir
+PROMPT = "the quick brown fox"
+MAX_RANK = 16
+
+
+def _request(mix, method, max_tokens=8, request_id="", **fields) -> inference_pb2.GenerateRequest:
+    request = inference_pb2.GenerateRequest(
+        prompt=PROMPT,
+        request_id=request_id,
+        mix_method=method,
+        sampling=inference_pb2.SamplingParams(max_tokens=max_tokens),
+        **fields,
+    )
+    for name, weight in mix:
+        request.mix.add(adapter=name, weight=weight)
+    return request
+
+
+def _generate(target: str, key: str, request) -> tuple[list[int], inference_pb2.GenerateResponse]:
+    with grpc.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        tokens, last = [], None
+        for response in stub.Generate(request, metadata=(("authorization", f"Bearer {key}"),)):
+            tokens += response.token_ids
+            last = response
+    return tokens, last
+
+
+def _count(system, name: str) -> float:
+    return system.worker.metrics.registry.get_sample_value(name) or 0.0
+
+
+def test_a_merge_is_built_once_per_spec_and_then_served_from_the_tiers(system):
+    _, _, key = system.new_tenant()
+    builds = _count(system, "openlora_merge_build_seconds_count")
+    mix = [("ad0", 0.75), ("ad1", 0.25)]
+    first_tokens, first = _generate(
+        system.target, key, _request(mix, inference_pb2.MIX_METHOD_TIES, density=0.5)
+    )
+    assert _count(system, "openlora_merge_build_seconds_count") == builds + 1
+    assert len(first_tokens) == 8 and first.usage.completion_tokens == 8
+    assert first.timing.adapter_load_ms > 0
+    assert first.timing.cache_tier in (inference_pb2.CACHE_TIER_DISK, inference_pb2.CACHE_TIER_REMOTE)
+
+    # The same merge asked in another order: the same spec, served from the worker, not rebuilt.
+    again_tokens, again = _generate(
+        system.target, key, _request(list(reversed(mix)), inference_pb2.MIX_METHOD_TIES, density=0.5)
+    )
+    assert again_tokens == first_tokens
+    assert _count(system, "openlora_merge_build_seconds_count") == builds + 1
+    assert again.timing.cache_tier in (
+        inference_pb2.CACHE_TIER_DEVICE,
+        inference_pb2.CACHE_TIER_HOST,
+        inference_pb2.CACHE_TIER_DISK,
+    )
+
+    spec = MergeSpec.of([(system.adapters[n], w) for n, w in mix], "ties", 0.5)
+    assert (system.worker.config.state_dir / "merges" / spec.key(MAX_RANK)).is_dir()
+
+    # Another method (or density) is another merge, with other tokens.
+    other_tokens, _ = _generate(
+        system.target, key, _request(mix, inference_pb2.MIX_METHOD_MAGNITUDE_PRUNE, density=0.25)
+    )
+    assert _count(system, "openlora_merge_build_seconds_count") == builds + 2
+    assert other_tokens != first_tokens
+
+
+def test_a_truncated_merge_exports_its_truncation_error(system):
+    _, _, key = system.new_tenant()
+    observed = _count(system, "openlora_merge_truncation_error_ratio_count")
+    # Ranks 4 + 8 + 8 = 20 > 16: re-factorized to the worker's limit.
+    mix = [("ad2", 0.5), ("ad3", 0.5), ("ad5", 0.5)]
+    tokens, last = _generate(
+        system.target, key, _request(mix, inference_pb2.MIX_METHOD_DARE_TIES, density=0.5)
+    )
+    assert len(tokens) == 8 and last.finish_reason
+    assert _count(system, "openlora_merge_truncation_error_ratio_count") == observed + 1
+    assert _count(system, "openlora_merge_truncation_error_ratio_sum") > 0
+
+
+def test_merges_run_beside_other_requests(system):
+    _, _, key = system.new_tenant()
+    requests = [
+        _request(
+            [("ad4", 0.5), ("ad6", 0.5)], inference_pb2.MIX_METHOD_DARE_LINEAR, density=0.5, max_tokens=6
+        ),
+        _request([("ad4", 0.5), ("ad6", 0.5)], inference_pb2.MIX_METHOD_LINEAR, max_tokens=6),
+        inference_pb2.GenerateRequest(
+            prompt=PROMPT, adapter="ad7", sampling=inference_pb2.SamplingParams(max_tokens=6)
+        ),
+        inference_pb2.GenerateRequest(prompt=PROMPT, sampling=inference_pb2.SamplingParams(max_tokens=6)),
+    ]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(lambda r: _generate(system.target, key, r), requests))
+    assert [len(tokens) for tokens, _ in results] == [6, 6, 6, 6]
+
+
+def test_a_merged_mix_is_billed_as_one_request_to_its_members(system):
+    tenant, _, key = system.new_tenant()
+    mix = [("ad0", 0.5), ("ad2", 0.5)]
+    tokens, _ = _generate(
+        system.target, key, _request(mix, inference_pb2.MIX_METHOD_MAGNITUDE_PRUNE, request_id="merge-billed")
+    )
+    system.flush_usage()
+    usage = system.wait_usage(tenant, 1)
+    assert usage.total_requests == 1
+    assert {row.adapter for row in usage.rows} >= {"ad0", "ad2"}
+    # The request's tokens once (not once per member), split between the members by weight.
+    assert sum(row.completion_tokens for row in usage.rows if row.adapter in ("ad0", "ad2")) == len(tokens)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        (dict(density=1.5), "density"),
+        (dict(density=0.0), "density"),
+        (dict(majority_sign_method=7), "majority_sign_method"),
+        (dict(combine=inference_pb2.ENSEMBLE_COMBINE_LOGPROBS), "combine"),
+    ],
+)
+def test_bad_merge_options_are_invalid_argument_naming_the_field(system, fields, field):
+    _, _, key = system.new_tenant()
+    with pytest.raises(grpc.RpcError) as caught:
+        _generate(
+            system.target,
+            key,
+            _request([("ad0", 0.5), ("ad1", 0.5)], inference_pb2.MIX_METHOD_TIES, **fields),
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(field)

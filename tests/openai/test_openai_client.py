@@ -241,3 +241,38 @@ def test_a_body_over_the_limit_is_413_and_no_key_is_401(http_worker, tenant):
         anonymous = http.post("/completions", json={"model": "tiny", "prompt": "x"})
         assert anonymous.status_code == 401 and "authorization" in anonymous.json()["error"]["message"]
         assert grpc.StatusCode.UNAUTHENTICATED.name.lower() == anonymous.json()["error"]["code"]
+
+
+def test_merge_options_in_extra_body_equal_the_grpc_request_with_them(http_worker, tenant):
+    from openlora.v1 import inference_pb2, inference_pb2_grpc
+
+    key = tenant[2]
+    request = inference_pb2.GenerateRequest(
+        prompt=PROMPT,
+        mix=[
+            inference_pb2.AdapterWeight(adapter="ad0", weight=0.6),
+            inference_pb2.AdapterWeight(adapter="ad1", weight=0.4),
+        ],
+        mix_method=inference_pb2.MIX_METHOD_TIES,
+        density=0.5,
+        majority_sign_method=inference_pb2.MAJORITY_SIGN_METHOD_FREQUENCY,
+        sampling=inference_pb2.SamplingParams(max_tokens=8),
+    )
+    with grpc.insecure_channel(http_worker.grpc_target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        text = "".join(r.text for r in stub.Generate(request, metadata=(("authorization", f"Bearer {key}"),)))
+    extra = {
+        "mix": {"ad0": 0.6, "ad1": 0.4},
+        "mix_method": "ties",
+        "density": 0.5,
+        "majority_sign_method": "frequency",
+    }
+    completion = _client(http_worker, key).completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=8, extra_body=extra
+    )
+    assert completion.choices[0].text == text
+    with pytest.raises(openai.BadRequestError) as refused:
+        _client(http_worker, key).completions.create(
+            model="tiny", prompt=PROMPT, extra_body={**extra, "majority_sign_method": "loudest"}
+        )
+    assert refused.value.body["param"] == "majority_sign_method"

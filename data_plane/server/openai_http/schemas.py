@@ -36,7 +36,8 @@ _NEUTRAL = {
 }
 _COMMON = {
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-    "user", "logprobs", "repetition_penalty", "mix", "mix_method", *_NEUTRAL,
+    "user", "logprobs", "repetition_penalty", "mix", "mix_method", "density", "majority_sign_method", "combine",
+    *_NEUTRAL,
 }  # fmt: skip
 _COMPLETION_FIELDS = _COMMON | {"prompt"}
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
@@ -75,6 +76,9 @@ class Body:
     logprobs: bool  # the chosen tokens' log-probabilities
     mix: tuple[tuple[str, float], ...]  # runtime fusion: (adapter name, weight)
     mix_method: str
+    density: float | None = None  # TIES, DARE and magnitude pruning: the fraction of each delta kept
+    majority_sign_method: str = ""  # TIES sign election: "total" or "frequency"
+    combine: str = ""  # ENSEMBLE: "probs" or "logprobs"
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -115,8 +119,17 @@ def to_generate_request(
         request_id=request_id,
         adapter=adapter,
         logprobs=body.logprobs,
-        mix_method=_mix_method(body.mix_method),
+        mix_method=_enum(inference_pb2.MixMethod, "MIX_METHOD_", "mix_method", body.mix_method),
+        majority_sign_method=_enum(
+            inference_pb2.MajoritySignMethod,
+            "MAJORITY_SIGN_METHOD_",
+            "majority_sign_method",
+            body.majority_sign_method,
+        ),
+        combine=_enum(inference_pb2.EnsembleCombine, "ENSEMBLE_COMBINE_", "combine", body.combine),
     )
+    if body.density is not None:
+        request.density = body.density
     if body.prompt_token_ids is not None:
         request.prompt_token_ids.extend(body.prompt_token_ids)
     elif prompt is not None:
@@ -196,6 +209,9 @@ def _body(
             logprobs=logprobs,
             mix=_mix(obj),
             mix_method=obj.get_str("mix_method", "linear", max_chars=32),
+            density=obj.get_number("density", None),
+            majority_sign_method=obj.get_str("majority_sign_method", "", max_chars=32),
+            combine=obj.get_str("combine", "", max_chars=32),
         )
     except JsonFieldError as error:
         raise BodyError(error.field, error.reason) from None
@@ -294,8 +310,13 @@ def _mix(obj: JsonObject) -> tuple[tuple[str, float], ...]:
     return tuple(mix)
 
 
-def _mix_method(name: str) -> int:
+def _enum(enum, prefix: str, param: str, name: str) -> int:
+    """The value of `prefix + NAME` in a protobuf enum; "" is its unspecified default."""
+    if not name:
+        return 0
     try:
-        return inference_pb2.MixMethod.Value(f"MIX_METHOD_{name.upper()}")
+        return enum.Value(prefix + name.upper())
     except ValueError:
-        raise BodyError("mix_method", f"is unknown ({describe(name)})") from None
+        names = [value.name for value in enum.DESCRIPTOR.values]
+        known = [n.removeprefix(prefix).lower() for n in names if not n.endswith("UNSPECIFIED")]
+        raise BodyError(param, f"is unknown ({describe(name)}); one of {', '.join(known)}") from None

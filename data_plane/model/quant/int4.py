@@ -122,7 +122,8 @@ class Int4Linear(QuantLinear):
         columns = []
         for start in range(0, k_pad, _DEQUANT_ROWS):
             end = min(start + _DEQUANT_ROWS, k_pad)
-            eye = torch.eye(k_pad, dtype=dtype, device=self.device)[start:end]  # (r, K_pad)
+            eye = torch.zeros(end - start, k_pad, dtype=dtype, device=self.device)  # (r, K_pad)
+            eye[torch.arange(end - start), torch.arange(start, end)] = 1
             columns.append(_int4_mm(eye, self.packed, self.group_size, scale_offset).float())  # (r, N_pad)
         w_t = torch.cat(columns)  # (K_pad, N_pad)
         return w_t[: self.in_features, : self.out_features].T.contiguous()

@@ -81,7 +81,7 @@ class BenchConfig:
     s5_requests: int = 128
     s5_adapters: int = 16
     s5_rate_fraction: float = 0.5  # the paced trace's rate: this fraction of gRPC's offline requests/s
-    s5_passes: int = 2
+    s5_passes: int = 3
     # Model, adapters and device
     model_shape: str = fixtures.LLAMA_50M.name
     adapter_targets: tuple[str, ...] = fixtures.ALL_PROJECTIONS

@@ -113,7 +113,8 @@ class GenerationResponse:
         chunk, index = first, 0
         try:
             while chunk is not None:
-                reply.add(chunk)
+                if chunk.finish is not None:  # a stream keeps no text: only what its usage chunk needs
+                    reply.finish = chunk.finish
                 event = reply.chunk(chunk, index == 0, self._logprobs, self._include_usage, self._token_text)
                 await send({"type": "http.response.body", "body": sse.event(event), "more_body": True})
                 index += 1

@@ -18,6 +18,7 @@ from data_plane.engine.adapter_cache import DISK, HOST, AdapterCache, AdapterSta
 from data_plane.engine.adapter_loader import CAUSE_PREFETCH, CAUSE_REQUEST, AdapterLoader, FinishedLoad
 from data_plane.engine.block_manager import BlockManager
 from data_plane.engine.config import EngineConfig
+from data_plane.engine.ensemble import combine, normalized_weights, validate_ensemble
 from data_plane.engine.errors import EngineError, InvalidRequest, NonFiniteLogits, QueueFull, StepFailed
 from data_plane.engine.model_runner import ModelRunner
 from data_plane.engine.request import EngineRequest, RequestOutput
@@ -31,6 +32,7 @@ from openlora.base_model import BaseModelSpec
 
 log = logging.getLogger(__name__)
 _IDLE_LOAD_WAIT_S = 0.05
+_TIER_ORDER = ("none", "device", "host", "disk")  # fastest first
 
 
 @dataclass
@@ -43,6 +45,8 @@ class _RequestState:
     scheduled_at: float | None = None
     first_token_at: float | None = None
     adapter_load_ms: float = 0.0
+    # An ensemble's normalized member weights (None: not an ensemble).
+    ensemble_weights: list[float] | None = None
 
 
 class LLMEngine:
@@ -141,6 +145,19 @@ class LLMEngine:
             self.config.max_lora_rank,
             self.tokenizer is not None,
         )
+        if request.ensemble is not None:
+            if request.adapters:
+                raise InvalidRequest("mix", "an ensemble carries its adapters in its members only")
+            blocks = self.scheduler.blocks
+            longest = min(len(request.prompt_token_ids) + request.sampling.max_tokens, self.max_model_len)
+            validate_ensemble(
+                request.ensemble,
+                self.config.max_lora_rank,
+                self.config.max_num_seqs,
+                self.config.num_adapter_slots,
+                blocks.num_blocks,
+                blocks.blocks_for_tokens(longest),
+            )
 
     def add_request(self, request: EngineRequest) -> None:
         self.validate(request)
@@ -148,8 +165,7 @@ class LLMEngine:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
         if self.scheduler.num_waiting >= self.config.max_waiting:
             raise QueueFull(f"{self.scheduler.num_waiting} requests are waiting")
-        key = adapter_key(request.adapters)
-        seq = Sequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids), key)
+        seq = self._sequences_of(request)
         sampling = request.sampling
         if sampling.seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
@@ -160,9 +176,26 @@ class LLMEngine:
             if self.tokenizer
             else None
         )
-        tier = "none" if key is None else self.adapter_cache.tier_of(key)
-        self._states[request.request_id] = _RequestState(request, seq, detokenizer, generator, tier)
+        keys = [s.adapter_key for s in seq.members if s.adapter_key is not None]
+        tiers = [self.adapter_cache.tier_of(k) for k in keys] or ["none"]
+        tier = max(tiers, key=_TIER_ORDER.index)  # an ensemble's coldest member
+        state = _RequestState(request, seq, detokenizer, generator, tier)
+        if request.ensemble is not None:
+            state.ensemble_weights = normalized_weights(request.ensemble)
+        self._states[request.request_id] = state
         self.scheduler.add(seq)
+
+    @staticmethod
+    def _sequences_of(request: EngineRequest) -> Sequence:
+        """The sequence of a request; for an ensemble, the first of its group of K (one per member)."""
+        prompt = request.prompt_token_ids
+        if request.ensemble is None:
+            return Sequence(request.request_id, list(prompt), len(prompt), adapter_key(request.adapters))
+        group: list[Sequence] = []
+        for member in request.ensemble.members:
+            key = member.adapter.key if member.adapter is not None else None
+            group.append(Sequence(request.request_id, list(prompt), len(prompt), key, group=group))
+        return group[0]
 
     def abort(self, request_id: str) -> None:
         state = self._states.pop(request_id, None)
@@ -214,6 +247,7 @@ class LLMEngine:
             if not sample_ids:
                 return outputs
             sampled = [batch.seqs[i] for i in sample_ids]
+            sampled, logits = self._combine_ensembles(sampled, logits)
             states = [self._states[seq.request_id] for seq in sampled]
             token_ids, logprobs = self.sampler(
                 logits,
@@ -227,6 +261,7 @@ class LLMEngine:
                     adapters = state.request.adapters
                     single = len(adapters) == 1 and adapters[0].weight == 1.0
                     field = "prompt" if not adapters else "adapter" if single else "mix"
+                    field = "mix" if state.request.ensemble is not None else field
                     outputs += self.fail_requests([state.request.request_id], NonFiniteLogits(field))
                     continue
                 outputs.append(self._append_token(state, token_id, logprob, now))
@@ -235,6 +270,28 @@ class LLMEngine:
             cause = error if isinstance(error, EngineError) else StepFailed("the engine failed this request")
             self._pending_outputs[:0] = outputs + self.fail_requests(involved, cause)
             raise
+
+    def _combine_ensembles(
+        self, sampled: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """Sampled sequences and their logits (N, V) -> one row per request (U, V): an ensemble's K member
+        rows become one row of its combined log-probabilities, under its first member."""
+        if all(seq.group is None for seq in sampled):
+            return sampled, logits
+        row_of = {id(seq): i for i, seq in enumerate(sampled)}
+        leaders: list[Sequence] = []
+        rows: list[torch.Tensor] = []
+        for i, seq in enumerate(sampled):
+            if seq.group is None:
+                leaders.append(seq)
+                rows.append(logits[i])
+            elif seq.is_leader:
+                # The scheduler runs a group whole with one token count: every member is sampled now.
+                member_rows = logits[[row_of[id(member)] for member in seq.group]]  # (K, V)
+                state = self._states[seq.request_id]
+                leaders.append(seq)
+                rows.append(combine(member_rows, state.ensemble_weights, state.request.ensemble.combine))
+        return leaders, torch.stack(rows).float()
 
     def fail_requests(self, request_ids: list[str], error: Exception) -> list[RequestOutput]:
         """Ends these requests with `error` (finish_reason "abort"), giving back their KV blocks and
@@ -251,7 +308,8 @@ class LLMEngine:
 
     def _append_token(self, state: _RequestState, token_id: int, logprob: float, now: float) -> RequestOutput:
         seq, sampling = state.seq, state.request.sampling
-        seq.token_ids.append(token_id)
+        for member in seq.members:  # an ensemble's token goes to all its members
+            member.token_ids.append(token_id)
         if state.first_token_at is None:
             state.first_token_at = now
         text = ""
@@ -328,7 +386,13 @@ class LLMEngine:
     def _source_of(self, key: str) -> tuple | None:
         """The AdapterRefs a waiting request gives for `key` (it holds their files), or None."""
         for state in self._states.values():
-            if state.seq.adapter_key == key and state.seq.status is SequenceStatus.WAITING:
+            if state.seq.status is not SequenceStatus.WAITING:
+                continue
+            if state.request.ensemble is not None:
+                for member in state.request.ensemble.members:
+                    if member.adapter is not None and member.adapter.key == key:
+                        return (member.adapter,)
+            elif state.seq.adapter_key == key:
                 return state.request.adapters
         return None
 
@@ -375,7 +439,8 @@ class LLMEngine:
             if cache.mark_ready(load.key) is None:
                 continue  # retired while it loaded
             for state in self._states.values():
-                if state.seq.adapter_key == load.key and state.scheduled_at is None:
+                uses = any(s.adapter_key == load.key for s in state.seq.members)
+                if uses and state.scheduled_at is None:
                     state.adapter_load_ms = (now - max(load.started_at, state.request.arrival_time)) * 1000
 
     def _load_again_or_free(self, key: str) -> None:

@@ -26,6 +26,21 @@ class AdapterRef:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class EnsembleMember:
+    adapter: AdapterRef | None  # None: the base model
+    weight: float  # >= 0; the members' weights are normalized when combined
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """K members decoded in lock-step; at each step their next-token distributions are combined
+    (`data_plane.engine.ensemble.combine`) and the one token sampled from it is appended to all."""
+
+    members: tuple[EnsembleMember, ...]
+    combine: str = "probs"  # "probs": p = sum w_i softmax(z_i); "logprobs": log p ~ sum w_i log_softmax(z_i)
+
+
 @dataclass
 class EngineRequest:
     request_id: str
@@ -33,6 +48,8 @@ class EngineRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     adapters: tuple[AdapterRef, ...] = ()  # () base model; 1 adapter; >1 linear mix with weights
     arrival_time: float = field(default_factory=time.monotonic)
+    # An ensemble (then `adapters` is empty): its members run as K sequences of one group.
+    ensemble: Ensemble | None = None
 
 
 @dataclass

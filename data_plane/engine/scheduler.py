@@ -12,6 +12,11 @@ adapter never leaves its slot, so every running sequence's adapter stays READY i
 
 An invalidated adapter retires (see AdapterCache): running sequences finish on its slot; waiting ones
 give their reference back (`release_waiting`, and on preemption) and wait for a fresh load of it.
+
+An ensemble's K sequences (a group, `Sequence.group`) are one unit: admitted together once every member's
+adapter is usable and K times the tokens and the blocks fit, run together with the same number of tokens,
+preempted together and finished together, never half a group in a step. Its members sit next to each other
+in `waiting` and in `running`, in member order.
 """
 
 from __future__ import annotations
@@ -52,75 +57,100 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        """Waiting requests (an ensemble's group counts once)."""
+        return sum(1 for seq in self.waiting if seq.is_leader)
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        """Running requests (an ensemble's group counts once)."""
+        return sum(1 for seq in self.running if seq.is_leader)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        """Queues a sequence, or a whole group given its first member."""
+        for member in seq.members:
+            member.status = SequenceStatus.WAITING
+            self.waiting.append(member)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.limits.max_num_batched_tokens
         index = 0
         while index < len(self.running) and budget > 0:
-            seq = self.running[index]
-            num_new = min(seq.num_pending_tokens, budget)
-            while not self.blocks.can_allocate(seq, num_new):
-                victim = self.running.pop()
-                self._preempt(victim)
-                batch.preempted.append(victim)
-                if victim is seq:
+            unit = self.running[index].members
+            num_new = min(unit[0].num_pending_tokens, budget // len(unit))
+            if num_new < 1:
+                break  # a group runs whole or not at all
+            while not self._can_allocate(unit, num_new):
+                victim = self._pop_last_running_unit()
+                self._preempt_unit(victim)
+                batch.preempted.extend(victim)
+                if victim[0] is unit[0]:
                     break
-            if seq.status is not SequenceStatus.RUNNING:
+            if unit[0].status is not SequenceStatus.RUNNING:
                 break
-            self.blocks.allocate(seq, num_new)
-            batch.seqs.append(seq)
-            batch.num_tokens.append(num_new)
-            budget -= num_new
-            index += 1
+            self._allocate(batch, unit, num_new)
+            budget -= num_new * len(unit)
+            index += len(unit)
 
         self._pin_adapters(batch)
         if batch.preempted:
             return batch  # under KV pressure: admit nothing new this step
-        for seq in list(self.waiting):
-            if len(self.running) >= self.limits.max_num_seqs or budget <= 0:
+        for unit in self._waiting_units():
+            if len(self.running) + len(unit) > self.limits.max_num_seqs or budget <= 0:
                 break
-            if seq.adapter_key is not None and not self.adapters.is_usable(seq.adapter_key):
+            if any(s.adapter_key is not None and not self.adapters.is_usable(s.adapter_key) for s in unit):
                 continue  # its adapter is loading, retiring or waits for a slot: let the others go first
-            num_new = min(seq.num_pending_tokens, budget)
-            if not self.blocks.can_allocate(seq, num_new):
+            num_new = min(unit[0].num_pending_tokens, budget // len(unit))
+            if num_new < 1 or not self._can_allocate(unit, num_new):
                 break
-            self.blocks.allocate(seq, num_new)
-            # A READY adapter may have been promised to (or prefetched for) another sequence only: take a
-            # reference of our own, or its slot could be evicted under us once that one finishes.
-            self._hold_adapter(seq)
-            self.waiting.remove(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_tokens.append(num_new)
-            budget -= num_new
+            for seq in unit:
+                # A READY adapter may have been promised to (or prefetched for) another sequence only: take
+                # a reference of our own, or its slot could be evicted under us once that one finishes.
+                self._hold_adapter(seq)
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+            self._allocate(batch, unit, num_new)
+            budget -= num_new * len(unit)
         return batch
 
+    def _waiting_units(self) -> list[list[Sequence]]:
+        """The waiting sequences as units (a sequence, or a whole group), in queue order."""
+        return [seq.members for seq in self.waiting if seq.is_leader]
+
+    def _can_allocate(self, unit: list[Sequence], num_new_tokens: int) -> bool:
+        """True when `num_new_tokens` more tokens of every sequence of `unit` fit the free blocks at once."""
+        needed = sum(self.blocks.blocks_needed(seq, num_new_tokens) for seq in unit)
+        return needed <= self.blocks.num_free_blocks
+
+    def _allocate(self, batch: ScheduledBatch, unit: list[Sequence], num_new_tokens: int) -> None:
+        for seq in unit:
+            self.blocks.allocate(seq, num_new_tokens)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(num_new_tokens)
+
+    def _pop_last_running_unit(self) -> list[Sequence]:
+        """Takes the most recently admitted unit off `running` (a group's members are its last entries)."""
+        unit = self.running[-1].members
+        del self.running[-len(unit) :]
+        return unit
+
     def _pin_adapters(self, batch: ScheduledBatch) -> None:
-        """Promises adapters to the first waiting sequences, starting loads for absent ones."""
-        for seq in list(self.waiting)[: self.limits.max_num_seqs]:
-            key = seq.adapter_key
-            if key is None or seq.holds_adapter or self.adapters.is_retiring(key):
-                continue  # a retiring adapter takes no new reference: wait until it has left its slot
-            if self.adapters.state(key) is None:
-                if not self.adapters.can_admit(key):
-                    continue
-                slot, _ = self.adapters.admit(key)
-                batch.loads.append((key, slot))
-            self._hold_adapter(seq)
+        """Promises adapters to the first waiting units, starting loads for absent ones."""
+        for unit in self._waiting_units()[: self.limits.max_num_seqs]:
+            for seq in unit:
+                key = seq.adapter_key
+                if key is None or seq.holds_adapter or self.adapters.is_retiring(key):
+                    continue  # a retiring adapter takes no new reference: wait until it has left its slot
+                if self.adapters.state(key) is None:
+                    if not self.adapters.can_admit(key):
+                        continue
+                    slot, _ = self.adapters.admit(key)
+                    batch.loads.append((key, slot))
+                self._hold_adapter(seq)
 
     def _hold_adapter(self, seq: Sequence) -> None:
         """Takes the reference of `seq` on its adapter (an admitted entry), once for its whole life."""
@@ -139,8 +169,17 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _preempt_unit(self, unit: list[Sequence]) -> None:
+        for seq in reversed(unit):  # each goes to the front of `waiting`: the unit keeps its order
+            self._preempt(seq)
+
     def finish(self, seq: Sequence) -> None:
-        """Removes a sequence (finished or aborted) and returns its blocks and adapter reference."""
+        """Removes a sequence (finished or aborted) with the rest of its group, and returns their blocks and
+        adapter references."""
+        for member in seq.members:
+            self._finish_one(member)
+
+    def _finish_one(self, seq: Sequence) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
@@ -160,10 +199,13 @@ class Scheduler:
                 seq.holds_adapter = False
 
     def fail_adapter(self, key: str) -> list[Sequence]:
-        """The load of `key` failed: drops its entry and removes every sequence that waits for it."""
-        failed = [s for s in self.waiting if s.adapter_key == key]
-        for seq in failed:
-            seq.holds_adapter = False
-            self.finish(seq)
+        """The load of `key` failed: drops its entry and removes every unit that waits for it (a group with
+        all its members); returns the first sequence of each such unit."""
+        failed = [unit for unit in self._waiting_units() if any(s.adapter_key == key for s in unit)]
+        for unit in failed:
+            for seq in unit:
+                if seq.adapter_key == key:
+                    seq.holds_adapter = False  # its reference goes with the entry
+            self.finish(unit[0])
         self.adapters.fail(key)
-        return failed
+        return [unit[0] for unit in failed]

@@ -1,4 +1,8 @@
-"""Sequence: the scheduler's view of one request (tokens, KV progress, blocks, adapter)."""
+"""Sequence: the scheduler's view of one request (tokens, KV progress, blocks, adapter).
+
+An ensemble of K members is K sequences of one group (`group`, shared by its members, in member order):
+the same tokens, each with its own adapter and its own KV blocks. The scheduler moves a group as a unit.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,18 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     holds_adapter: bool = False  # a reference on adapter_key is held in the adapter cache
     num_preemptions: int = 0
+    # The sequences of this one's ensemble, itself included (None: a sequence on its own).
+    group: list[Sequence] | None = field(default=None, repr=False)
+
+    @property
+    def members(self) -> list[Sequence]:
+        """The sequences that are scheduled with this one as a unit: its group, else itself."""
+        return self.group if self.group is not None else [self]
+
+    @property
+    def is_leader(self) -> bool:
+        """True for a sequence on its own and for the first member of a group."""
+        return self.group is None or self.group[0] is self
 
     @property
     def num_tokens(self) -> int:

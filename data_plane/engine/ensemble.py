@@ -1,0 +1,110 @@
+"""Ensemble inference: the checks on an ensemble request and the combination of its members' logits.
+
+K members (adapters, or the base model) run as K sequences of one group in lock-step. At each step each
+member's next-token distribution is taken at temperature 1 and they are combined with normalized weights
+
+    probs:    p = sum_i w_i softmax(z_i)
+    logprobs: log p = log_softmax(sum_i w_i log_softmax(z_i))      (a product of experts)
+
+`combine` returns log p, a row of log-probabilities that the sampler then treats as the request's logits:
+greedy takes its argmax, a temperature T samples from p^(1/T) renormalized (softmax(log p / T)), top-k,
+top-p and the repetition penalty apply to it, and the chosen token's logprob is log p of that token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from data_plane.engine.errors import AdapterLoadError, InvalidRequest
+from data_plane.engine.request import Ensemble
+from openlora.adapter_format import AdapterFormatError, parse_adapter_config
+from openlora.artifact import CONFIG_FILE
+
+MAX_ENSEMBLE_MEMBERS = 8
+COMBINES = ("probs", "logprobs")
+
+
+def normalized_weights(ensemble: Ensemble) -> list[float]:
+    """The members' weights summing to 1 (validation guarantees a positive sum)."""
+    total = math.fsum(member.weight for member in ensemble.members)
+    return [member.weight / total for member in ensemble.members]
+
+
+def combine(logits: torch.Tensor, weights: list[float], method: str) -> torch.Tensor:
+    """logits (K, V) of the K members, weights (K,) summing to 1 -> log p (V,) float32 of the combined
+    distribution. A member of weight 0 takes no part (its -inf log-probabilities would give 0 * -inf).
+    Any member row holding a NaN or +inf makes the whole result NaN: the sampler then fails the request."""
+    logits = logits.float()
+    bad = torch.isnan(logits).any() | (logits == float("inf")).any()
+    used = [i for i, weight in enumerate(weights) if weight > 0]
+    logp = torch.log_softmax(logits[used], dim=-1)  # (K', V)
+    w = torch.tensor([weights[i] for i in used], dtype=torch.float32, device=logits.device)
+    if method == "probs":
+        # log sum_i w_i p_i, computed in log space: exp of a very negative log-probability never underflows
+        # the sum to 0 where one member still gives the token mass.
+        combined = torch.logsumexp(logp + w.log().unsqueeze(1), dim=0)
+    elif method == "logprobs":
+        # 0 * -inf is NaN: a token one member rules out (-inf) stays ruled out.
+        weighted = torch.where(torch.isneginf(logp), logp, logp * w.unsqueeze(1))
+        combined = torch.log_softmax(weighted.sum(dim=0), dim=-1)
+    else:
+        raise ValueError(f"unknown ensemble combine {method!r}")
+    if bad:
+        combined = torch.full_like(combined, float("nan"))
+    return combined
+
+
+def validate_ensemble(
+    ensemble: Ensemble,
+    max_lora_rank: int,
+    max_num_seqs: int,
+    num_adapter_slots: int,
+    num_kv_blocks: int,
+    blocks_per_member: int,
+) -> None:
+    """Raises InvalidRequest (or AdapterLoadError for a member's files) for an ensemble that can never run: K outside [1, 8] or above
+    max_num_seqs, a member named twice, weights non-finite, negative or all zero, more distinct adapters than
+    slots, a member above the rank limit, or K members' KV blocks (`blocks_per_member` each, for the longest
+    sequence the request may reach) beyond the whole cache."""
+    members = ensemble.members
+    k = len(members)
+    if ensemble.combine not in COMBINES:
+        raise InvalidRequest("combine", f"must be one of {', '.join(COMBINES)}, got {ensemble.combine!r}")
+    if not 1 <= k <= MAX_ENSEMBLE_MEMBERS:
+        raise InvalidRequest("mix", f"an ensemble holds 1 to {MAX_ENSEMBLE_MEMBERS} members, got {k}")
+    if k > max_num_seqs:
+        raise InvalidRequest("mix", f"an ensemble of {k} members exceeds max_num_seqs={max_num_seqs}")
+    keys = [m.adapter.key if m.adapter is not None else None for m in members]
+    if len(set(keys)) != k:
+        raise InvalidRequest("mix", "an ensemble names a member twice")
+    for i, member in enumerate(members):
+        if not math.isfinite(member.weight) or member.weight < 0:
+            raise InvalidRequest(f"mix[{i}].weight", f"must be a finite number >= 0, got {member.weight}")
+    if not any(member.weight > 0 for member in members):
+        raise InvalidRequest("mix", "weights are all zero")
+    adapters = [m.adapter for m in members if m.adapter is not None]
+    if len(adapters) > num_adapter_slots:
+        raise InvalidRequest(
+            "mix", f"an ensemble of {len(adapters)} adapters exceeds the {num_adapter_slots} adapter slots"
+        )
+    if k * blocks_per_member > num_kv_blocks:
+        raise InvalidRequest(
+            "mix",
+            f"{k} members need {k * blocks_per_member} KV blocks at full length; the cache holds {num_kv_blocks}",
+        )
+    for i, ref in enumerate(members):
+        if ref.adapter is None:
+            continue
+        config_path = ref.adapter.path / CONFIG_FILE
+        try:
+            rank = parse_adapter_config(config_path.read_bytes())["r"]
+        except AdapterFormatError as e:
+            raise AdapterLoadError(f"mix[{i}].{e.field}", e.reason) from None
+        except OSError:
+            raise AdapterLoadError(f"mix[{i}].adapter", f"has no readable {CONFIG_FILE}") from None
+        if rank > max_lora_rank:
+            raise AdapterLoadError(
+                f"mix[{i}].adapter.r", f"rank {rank} exceeds the maximum of {max_lora_rank}"
+            )

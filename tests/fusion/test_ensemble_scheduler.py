@@ -1,0 +1,195 @@
+"""The scheduler moves an ensemble's K sequences as one unit: plain Python bookkeeping, no model.
+
+Each test builds a group the way the engine does (K sequences sharing one `group` list) and checks that it
+is admitted, run, preempted and finished whole, with KV blocks and adapter references for all K members.
+"""
+
+from __future__ import annotations
+
+import random
+
+from data_plane.engine.adapter_cache import AdapterCache
+from data_plane.engine.block_manager import BlockManager
+from data_plane.engine.scheduler import Scheduler, SchedulerLimits
+from data_plane.engine.sequence import Sequence, SequenceStatus
+
+
+def _seq(request_id: str, num_prompt: int, adapter: str | None = None) -> Sequence:
+    return Sequence(request_id, list(range(num_prompt)), num_prompt, adapter)
+
+
+def _group(request_id: str, num_prompt: int, adapters: list[str | None]) -> Sequence:
+    group: list[Sequence] = []
+    for key in adapters:
+        group.append(Sequence(request_id, list(range(num_prompt)), num_prompt, key, group=group))
+    return group[0]
+
+
+def _scheduler(num_blocks=16, block_size=4, slots=4, max_seqs=8, max_tokens=64) -> Scheduler:
+    return Scheduler(
+        SchedulerLimits(max_seqs, max_tokens), BlockManager(num_blocks, block_size), AdapterCache(slots)
+    )
+
+
+def _ready(sched: Scheduler, *keys: str) -> None:
+    """Loads finish: every promised adapter becomes READY (what the engine does when a load lands)."""
+    for key in keys:
+        sched.adapters.mark_ready(key)
+
+
+def _advance(batch) -> None:
+    """What the engine does after a forward pass: count computed tokens; one token for every member of a
+    group that reached its end (the combined token), or for a sequence on its own."""
+    for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+        seq.num_computed_tokens += n
+    for seq in batch.seqs:
+        if seq.is_leader and seq.num_computed_tokens == seq.num_tokens:
+            for member in seq.members:
+                member.token_ids.append(7)
+
+
+def _units_whole(sched: Scheduler, batch) -> None:
+    """Every group in the batch is there with all its members and one token count."""
+    counts = {id(seq): n for seq, n in zip(batch.seqs, batch.num_tokens, strict=True)}
+    for seq in batch.seqs:
+        assert all(id(m) in counts for m in seq.members), seq.request_id
+        assert {counts[id(m)] for m in seq.members} == {counts[id(seq)]}, seq.request_id
+    for seq in [*sched.running, *sched.waiting]:
+        assert {m.status for m in seq.members} == {seq.status}, seq.request_id
+
+
+def test_group_is_admitted_only_once_every_member_adapter_is_ready():
+    sched = _scheduler()
+    leader = _group("e", 3, ["x", None, "y"])
+    sched.add(leader)
+    batch = sched.schedule()
+    assert batch.is_empty and sorted(key for key, _ in batch.loads) == ["x", "y"]
+    _ready(sched, "x")
+    assert sched.schedule().is_empty  # y still loads: no member runs
+    _ready(sched, "y")
+    batch = sched.schedule()
+    assert batch.seqs == leader.members and batch.num_tokens == [3, 3, 3]
+    assert sched.num_running == 1 and len(sched.running) == 3
+
+
+def test_group_needs_blocks_for_all_members_and_is_not_admitted_half():
+    # 5 blocks of 4: a 6-token prompt needs 2 blocks per member; K = 3 needs 6.
+    sched = _scheduler(num_blocks=5, slots=4)
+    leader = _group("e", 6, [None, None, None])
+    sched.add(leader)
+    assert sched.schedule().is_empty
+    assert all(m.status is SequenceStatus.WAITING and not m.block_ids for m in leader.members)
+    # With one block more it goes in whole, holding the blocks of all three.
+    sched = _scheduler(num_blocks=6, slots=4)
+    leader = _group("e", 6, [None, None, None])
+    sched.add(leader)
+    batch = sched.schedule()
+    assert batch.seqs == leader.members and sched.blocks.num_free_blocks == 0
+    assert all(len(m.block_ids) == 2 for m in leader.members)
+
+
+def test_token_budget_is_shared_by_the_members_of_a_group():
+    # A budget of 10 tokens and K = 3: a 7-token prompt prefills 3 tokens per member per step.
+    sched = _scheduler(max_tokens=10)
+    leader = _group("e", 7, [None, None, None])
+    sched.add(leader)
+    batch = sched.schedule()
+    assert batch.num_tokens == [3, 3, 3]
+    _advance(batch)
+    assert sched.schedule().num_tokens == [3, 3, 3]
+
+
+def test_group_larger_than_the_free_sequence_room_waits_for_it_whole():
+    sched = _scheduler(max_seqs=3)
+    solo = _seq("s", 2)
+    sched.add(solo)
+    leader = _group("e", 2, [None, None, None])
+    sched.add(leader)
+    batch = sched.schedule()
+    assert batch.seqs == [solo]  # 1 + 3 members > 3 sequences: the group waits
+    sched.finish(solo)
+    assert sched.schedule().seqs == leader.members
+
+
+def test_kv_pressure_preempts_a_group_whole_and_readmits_it_whole():
+    # 6 blocks of 2 tokens: a solo of 3 tokens and a group of two 3-token members use 2 blocks each.
+    sched = _scheduler(num_blocks=6, block_size=2)
+    solo = _seq("s", 3)
+    leader = _group("e", 3, [None, None])
+    sched.add(solo)
+    sched.add(leader)
+    batch = sched.schedule()
+    assert batch.seqs == [solo, *leader.members] and sched.blocks.num_free_blocks == 0
+    _advance(batch)
+    # Decoding the 4th token fits the blocks held; the 5th needs a new block each: the group (admitted
+    # last) is preempted whole, giving back its 4 blocks, and the solo goes on.
+    batch = sched.schedule()
+    _advance(batch)
+    batch = sched.schedule()
+    assert set(map(id, batch.preempted)) == set(map(id, leader.members))
+    assert batch.seqs == [solo]
+    assert all(m.status is SequenceStatus.WAITING and m.num_computed_tokens == 0 for m in leader.members)
+    assert list(sched.waiting) == leader.members  # still in member order
+    sched.finish(solo)
+    batch = sched.schedule()
+    assert batch.seqs == leader.members and batch.num_tokens == [5, 5]
+
+
+def test_finishing_one_member_finishes_the_group_and_returns_all_blocks_and_references():
+    sched = _scheduler(slots=4)
+    leader = _group("e", 3, ["x", "y", None])
+    sched.add(leader)
+    sched.schedule()
+    _ready(sched, "x", "y")
+    batch = sched.schedule()
+    assert batch.seqs == leader.members
+    assert sched.adapters.refcount("x") == sched.adapters.refcount("y") == 1
+    sched.finish(leader.members[1])
+    assert all(m.status is SequenceStatus.FINISHED and not m.block_ids for m in leader.members)
+    assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
+    assert sched.adapters.refcount("x") == sched.adapters.refcount("y") == 0
+    assert not sched.has_unfinished()
+
+
+def test_failed_load_of_one_member_removes_the_whole_group_and_its_other_references():
+    sched = _scheduler(slots=4)
+    leader = _group("e", 3, ["x", "y"])
+    other = _seq("o", 3, "y")
+    sched.add(leader)
+    sched.add(other)
+    sched.schedule()
+    failed = sched.fail_adapter("x")
+    assert failed == [leader]
+    assert all(m.status is SequenceStatus.FINISHED for m in leader.members)
+    assert sched.adapters.refcount("y") == 1  # the solo's reference only
+    assert list(sched.waiting) == [other]
+
+
+def test_random_mixes_of_groups_and_solos_never_split_a_group_and_leak_nothing():
+    rng = random.Random(11)
+    keys = ["a", "b", "c", "d", "e"]
+    for trial in range(30):
+        sched = _scheduler(num_blocks=24, block_size=4, slots=4, max_seqs=6, max_tokens=24)
+        for i in range(rng.randint(1, 6)):
+            prompt = rng.randint(1, 9)
+            if rng.random() < 0.5:
+                members = rng.sample([*keys, None], rng.randint(2, 3))
+                sched.add(_group(f"g{trial}.{i}", prompt, members))
+            else:
+                sched.add(_seq(f"s{trial}.{i}", prompt, rng.choice([*keys, None])))
+        for _ in range(300):
+            if not sched.has_unfinished():
+                break
+            batch = sched.schedule()
+            for key, _slot in batch.loads:
+                _ready(sched, key)
+            _units_whole(sched, batch)
+            _advance(batch)
+            for seq in list(sched.running):
+                if seq.is_leader and seq.status is SequenceStatus.RUNNING and seq.num_output_tokens >= 4:
+                    sched.finish(seq)
+            if sched.running and rng.random() < 0.05:
+                sched.finish(rng.choice(sched.running))  # an abort of any member ends its group
+        assert not sched.has_unfinished(), trial
+        assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
+        assert all(sched.adapters.refcount(k) == 0 for k in keys)

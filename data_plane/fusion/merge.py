@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Rows per block: about 4M float32 values (16 MiB) per source at a time.
-CHUNK_ELEMENTS = 1 << 22
+# Rows per block: about 1M float32 values (4 MiB) per source at a time.
+CHUNK_ELEMENTS = 1 << 20
 # Up to this smaller side the SVD is exact (LAPACK); above it a seeded randomized SVD with power
 # iterations finds the top singular vectors (the exact one costs minutes per 4096 x 14336 module on a CPU).
 EXACT_SVD_MAX_DIM = 1024
@@ -74,7 +74,10 @@ def magnitude_threshold(member: MemberFactors, density: float) -> float:
     for start in range(0, out_features, step):
         block = member_delta(member, slice(start, start + step)).abs()
         magnitudes[start * in_features : start * in_features + block.numel()] = block.reshape(-1)
-    return float(torch.kthvalue(magnitudes, numel - k + 1).values)
+    # Selected in place (introselect): torch.kthvalue and topk would copy the delta and add int64 indices.
+    values = magnitudes.numpy()
+    values.partition(numel - k)
+    return float(values[numel - k])
 
 
 def merged_delta(
@@ -94,7 +97,6 @@ def merged_delta(
         if prunes and method in _RANDOM
         else None
     )
-    weights = torch.tensor([m.weight for m in members], dtype=torch.float32).view(-1, 1, 1)
     merged = torch.empty(out_features, in_features, dtype=torch.float32)
     step = chunk_rows(in_features)
     for start in range(0, out_features, step):
@@ -105,30 +107,44 @@ def merged_delta(
             if thresholds is not None:
                 part = part * (part.abs() >= thresholds[i])
             if generators is not None:
-                keep = torch.bernoulli(torch.full_like(part, density), generator=generators[i])
+                keep = torch.rand(part.shape, generator=generators[i]) < density
                 part = part * keep / density
             parts.append(part)
-        stacked = torch.stack(parts)  # (K, rows, in)
+        weights = [m.weight for m in members]
         if method in _ELECTING:
-            merged[rows] = _disjoint_merge(stacked, weights, majority_sign_method)
+            merged[rows] = _disjoint_merge(parts, weights, majority_sign_method)
         else:
-            merged[rows] = (stacked * weights).sum(dim=0)
+            total = parts[0] * weights[0]
+            for part, weight in zip(parts[1:], weights[1:], strict=True):
+                total += part * weight
+            merged[rows] = total
     return merged
 
 
-def _disjoint_merge(stacked: torch.Tensor, weights: torch.Tensor, majority_sign_method: str) -> torch.Tensor:
-    """TIES: elect each parameter's sign on the unweighted values (sum, or count of signs), then average
-    the weighted values that carry it. (K, rows, in) -> (rows, in)."""
-    signs = stacked.sign()
+def _disjoint_merge(
+    parts: list[torch.Tensor], weights: list[float], majority_sign_method: str
+) -> torch.Tensor:
+    """TIES: elect each parameter's sign on the unweighted values (their sum, or the count of signs), then
+    average the weighted values that carry it. K x (rows, in) -> (rows, in)."""
     if majority_sign_method == "total":
-        votes = stacked.sum(dim=0)
+        votes = parts[0].clone()
+        for part in parts[1:]:
+            votes += part
     elif majority_sign_method == "frequency":
-        votes = signs.sum(dim=0)
+        votes = parts[0].sign()
+        for part in parts[1:]:
+            votes += part.sign()
     else:
         raise ValueError(f"unknown majority_sign_method {majority_sign_method!r}")
-    agree = signs == torch.where(votes >= 0, 1.0, -1.0)
-    total = (stacked * weights * agree).sum(dim=0)
-    return total / torch.clamp(agree.sum(dim=0), min=1.0)
+    majority = torch.where(votes >= 0, 1.0, -1.0)
+    del votes
+    total = torch.zeros_like(majority)
+    count = torch.zeros_like(majority)
+    for part, weight in zip(parts, weights, strict=True):
+        agree = part.sign() == majority
+        total += part * weight * agree
+        count += agree
+    return total / count.clamp_(min=1.0)
 
 
 def refactorize(delta: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from data_plane.fusion.spec import MergeSpec
 from data_plane.fusion.store import MergeStore
 from data_plane.server.artifact_store import ArtifactStore
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
+from data_plane.server.ensemble_request import billed_adapters, ensemble_of
 from data_plane.server.errors import (
     Draining,
     DuplicateRequest,
@@ -97,6 +98,8 @@ class _Progress:
     last_token_at: float | None = None
     # (adapter id, weight) of the request's adapters, for billing.
     adapters: tuple[tuple[str, float], ...] = ()
+    # Tokens billed per token run: an ensemble of K members runs each token K times.
+    billed_per_token: int = 1
 
 
 class GenerationService:
@@ -252,12 +255,14 @@ class GenerationService:
                 repetition_penalty=valid.repetition_penalty,
                 logprobs=valid.logprobs,
             ),
-            adapters=adapter_refs,
+            adapters=() if valid.is_ensemble else adapter_refs,
             arrival_time=arrival,
+            ensemble=ensemble_of(valid, adapter_refs),
         )
         progress = _Progress(
             prompt_tokens=len(prompt_ids),
-            adapters=tuple((by_name[name].adapter_id, weight) for name, weight in valid.adapters),
+            adapters=billed_adapters(valid, by_name),
+            billed_per_token=len(valid.adapters) if valid.is_ensemble else 1,
         )
         outputs = self._engine.generate(engine_request)
         activity = self.activity.add(valid.adapter_names)
@@ -352,10 +357,11 @@ class GenerationService:
         """(the engine's adapter refs, the slowest tier they came from, ms spent building a merge)."""
         if valid.is_merge:
             return await self._resolve_merge(valid, by_name)
-        if not valid.adapters:
+        # An ensemble's base member ("") needs no adapter; its members run each at weight 1 in its slot.
+        resolved = [(by_name[name], weight) for name, weight in valid.adapters if name]
+        if not resolved:
             self._metrics.cache_lookups.labels("none").inc()
             return (), "none", 0.0
-        resolved = [(by_name[name], weight) for name, weight in valid.adapters]
         results = await asyncio.gather(
             *(self._artifacts.ensure(a.sha256, hold=True) for a, _ in resolved), return_exceptions=True
         )
@@ -365,7 +371,7 @@ class GenerationService:
             raise failed[0]
         locals_ = results
         refs = tuple(
-            AdapterRef(key=a.sha256, path=local.path, weight=weight)
+            AdapterRef(key=a.sha256, path=local.path, weight=1.0 if valid.is_ensemble else weight)
             for (a, weight), local in zip(resolved, locals_, strict=True)
         )
         tier = "remote" if any(local.tier == "remote" for local in locals_) else "disk"
@@ -492,8 +498,8 @@ class GenerationService:
             adapters=progress.adapters,
             worker_id=self._state.worker_id,
             base_model=self._state.base_model,
-            prompt_tokens=progress.prompt_tokens,
-            completion_tokens=progress.completion_tokens,
+            prompt_tokens=progress.prompt_tokens * progress.billed_per_token,
+            completion_tokens=progress.completion_tokens * progress.billed_per_token,
             queue_ms=progress.queue_ms,
             ttft_ms=progress.ttft_ms,
             total_ms=progress.total_ms or (time.monotonic() - arrival) * 1000,

@@ -19,15 +19,22 @@ def merge_model(tmp_path_factory):
     return shared_model(tmp_path_factory)
 
 
-def _peft_deltas(model, weights, combination_type, rank, density, majority_sign_method):
+@pytest.fixture(scope="module")
+def peft_sources(merge_model):
+    """transformers + PEFT holding the three source adapters (loaded once; each test adds its merge)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model.model_dir, dtype=torch.float32)
-    names = list(weights)
-    peft_model = PeftModel.from_pretrained(base, model.adapter_dirs[names[0]], adapter_name=names[0])
+    base = AutoModelForCausalLM.from_pretrained(merge_model.model_dir, dtype=torch.float32)
+    names = list(WEIGHTS)
+    peft_model = PeftModel.from_pretrained(base, merge_model.adapter_dirs[names[0]], adapter_name=names[0])
     for name in names[1:]:
-        peft_model.load_adapter(model.adapter_dirs[name], adapter_name=name)
+        peft_model.load_adapter(merge_model.adapter_dirs[name], adapter_name=name)
+    return peft_model
+
+
+def _peft_deltas(peft_model, weights, combination_type, rank, density, majority_sign_method):
+    names = list(weights)
     peft_model.add_weighted_adapter(
         names,
         [weights[n] for n in names],
@@ -37,15 +44,17 @@ def _peft_deltas(model, weights, combination_type, rank, density, majority_sign_
         density=density,
         majority_sign_method=majority_sign_method,
     )
-    deltas = {}
-    for layer_index, layer in enumerate(peft_model.base_model.model.model.layers):
-        for parent in (layer.self_attn, layer.mlp):
-            for module_name, module in parent.named_children():
-                if hasattr(module, "lora_A") and "merged" in module.lora_A:
-                    touched = any(n in module.lora_A for n in names)
-                    if touched:
+    try:
+        deltas = {}
+        for layer_index, layer in enumerate(peft_model.base_model.model.model.layers):
+            for parent in (layer.self_attn, layer.mlp):
+                for module_name, module in parent.named_children():
+                    merged_here = hasattr(module, "lora_A") and "merged" in module.lora_A
+                    if merged_here and any(n in module.lora_A for n in names):
                         deltas[(layer_index, module_name)] = module.get_delta_weight("merged").detach()
-    return deltas
+        return deltas
+    finally:
+        peft_model.delete_adapter("merged")
 
 
 def _assert_same_deltas(ours, theirs):
@@ -71,14 +80,14 @@ def _assert_same_deltas(ours, theirs):
     ],
 )
 def test_merged_deltas_match_peft_svd_combination(
-    merge_model, tmp_path, method, combination_type, density, sign, max_rank
+    merge_model, peft_sources, tmp_path, method, combination_type, density, sign, max_rank
 ):
     report, ours = build(
         merge_model, tmp_path / "m", WEIGHTS, method, max_rank, density=density, majority_sign_method=sign
     )
     rank = min(max_rank, 4 + 8 + 16)
     assert report.rank == rank
-    theirs = _peft_deltas(merge_model, WEIGHTS, combination_type, rank, density, sign)
+    theirs = _peft_deltas(peft_sources, WEIGHTS, combination_type, rank, density, sign)
     _assert_same_deltas(ours, theirs)
 
 

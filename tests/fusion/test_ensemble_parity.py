@@ -116,6 +116,41 @@ def test_ensembles_match_the_step_by_step_reference_in_a_batch_with_ordinary_req
     assert all(engine.adapter_cache.refcount(model.ref(n).key) == 0 for n in model.adapter_dirs)
 
 
+def test_groups_preempted_under_kv_pressure_recompute_to_the_same_tokens(model, references):
+    # 16 blocks of 4 tokens: each 2-member ensemble reaches 2 x 5 blocks, the solo 5: not all fit at once.
+    engine = make_engine(model, block_size=4, num_kv_blocks=16)
+    preempted: list[str] = []
+    schedule = engine.scheduler.schedule
+
+    def schedule_and_record():
+        batch = schedule()
+        preempted.extend(seq.request_id for seq in batch.preempted)
+        return batch
+
+    engine.scheduler.schedule = schedule_and_record
+    prompts = {
+        name: _prompt(40 + i, 8, model.vocab_size) for i, name in enumerate(["k2_probs", "k2_base_logprobs"])
+    }
+    for request_id, prompt in prompts.items():
+        members, combine = CASES[request_id]
+        engine.add_request(_request(model, request_id, prompt, members, combine))
+    solo_prompt = _prompt(50, 8, model.vocab_size)
+    engine.add_request(greedy("solo", solo_prompt, [model.ref("r8_all")], max_tokens=MAX_TOKENS))
+    results = run_to_completion(engine)
+
+    assert set(preempted) - {"solo"}, "the cache was meant to run out under a group"
+    # A group leaves whole: its preempted members are all of it.
+    for request_id in set(preempted) - {"solo"}:
+        assert preempted.count(request_id) % len(CASES[request_id][0]) == 0
+    for request_id, prompt in prompts.items():
+        members, combine = CASES[request_id]
+        want_tokens, want_logprobs = _reference_ensemble(references, members, combine, prompt)
+        assert results[request_id][0] == want_tokens, request_id
+        assert results[request_id][1] == pytest.approx(want_logprobs, abs=1e-3), request_id
+    assert results["solo"][0] == reference_greedy(references["r8_all"], solo_prompt, MAX_TOKENS)[0]
+    assert engine.scheduler.blocks.num_free_blocks == engine.scheduler.blocks.num_blocks
+
+
 def test_combination_differs_from_each_member_alone(model, references):
     members, combine = CASES["k3_base_probs"]
     prompt = _prompt(7, 9, model.vocab_size)

@@ -265,7 +265,7 @@ class GenerationService:
             billed_per_token=len(valid.adapters) if valid.is_ensemble else 1,
         )
         outputs = self._engine.generate(engine_request)
-        activity = self.activity.add(valid.adapter_names)
+        activity = self.activity.add(name for name in valid.adapter_names if name)  # no base member
         # The reporter's timer spools the count delivered so far while the stream runs.
         stream = self._usage.track(
             lambda: (

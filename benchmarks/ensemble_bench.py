@@ -1,0 +1,268 @@
+"""Ensemble cost on the CPU: a batch where a quarter of the requests are K = 3 ensembles, against the same
+batch of single-adapter requests.
+
+The model and adapters are engine_bench's (a ~50M-parameter Llama, fp32, 32 rank-16 adapters on all seven
+projections). Two engines live in this one process on the same weights: "single" keeps 32 requests
+running, request i on adapter i; "ensemble" keeps the same 32 requests running, but every fourth one is an
+ensemble of K adapters (i, i+1, ..., i+K-1, equal weights, combine = probs), so it runs 24 + 8 K sequences.
+Their steps are interleaved one by one so both see the same machine load; only steady steps count (every
+request decoding one token), and finished requests are replaced. Each steady step yields one token per
+request in both engines, so the throughput ratio ensemble/single is the ratio of step times. Target: the
+ensemble rows cost no more than K single rows, i.e. ratio >= 1 / (1 + fraction (K - 1)) (0.67 for a
+quarter of K = 3).
+
+    python -m benchmarks.ensemble_bench [--steps 200] [--warmup-steps 8] [--decode-tokens 64] [--k 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from benchmarks.engine_bench import percentile, step_stats, write_model
+from data_plane.engine.config import EngineConfig
+from data_plane.engine.llm_engine import LLMEngine
+from data_plane.engine.request import AdapterRef, EngineRequest, Ensemble, EnsembleMember, SamplingOptions
+from openlora.artifact import digest_dir
+
+NUM_REQUESTS = 32
+PROMPT_TOKENS = 32
+ENSEMBLE_EVERY = 4  # every fourth request is an ensemble: a quarter of the batch
+RESULTS_PATH = Path(__file__).parent / "results" / "ensemble_bench.json"
+
+
+def target_ratio(k: int, fraction: float) -> float:
+    """The throughput ratio at which ensemble rows cost exactly K single rows."""
+    return 1.0 / (1.0 + fraction * (k - 1))
+
+
+@dataclass
+class EnsembleDriver:
+    """Keeps `num_requests` requests running on one engine (request i on adapter i, or, when `k` is set and
+    i is a multiple of ENSEMBLE_EVERY, an ensemble of adapters i..i+k-1) and times its steady steps."""
+
+    name: str
+    engine: LLMEngine
+    adapters: list[AdapterRef]
+    num_requests: int
+    decode_tokens: int
+    k: int | None = None
+    num_added: int = 0
+    slot_of_request: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i in range(self.num_requests):
+            self._add(i)
+
+    def _add(self, i: int) -> None:
+        vocab = self.engine.spec.vocab_size
+        prompt = [(7 * i + 13 * self.num_added + j) % (vocab - 100) + 50 for j in range(PROMPT_TOKENS)]
+        request_id = f"{self.name}-{self.num_added}"
+        self.num_added += 1
+        self.slot_of_request[request_id] = i
+        sampling = SamplingOptions(max_tokens=self.decode_tokens)
+        n = len(self.adapters)
+        if self.k is not None and i % ENSEMBLE_EVERY == 0:
+            members = tuple(EnsembleMember(self.adapters[(i + j) % n], 1.0) for j in range(self.k))
+            request = EngineRequest(request_id, prompt, sampling, ensemble=Ensemble(members, "probs"))
+        else:
+            request = EngineRequest(request_id, prompt, sampling, (self.adapters[i % n],))
+        self.engine.add_request(request)
+
+    def restart(self) -> None:
+        for request_id in list(self.slot_of_request):
+            self.engine.abort(request_id)
+        self.slot_of_request.clear()
+        for i in range(self.num_requests):
+            self._add(i)
+
+    def is_steady(self) -> bool:
+        return self.engine.num_running == self.num_requests and all(
+            s.num_pending_tokens == 1 for s in self.engine.scheduler.running
+        )
+
+    def step(self) -> float | None:
+        """One engine step; its time in seconds if it was a steady decode step, else None."""
+        steady = self.is_steady()
+        started = time.perf_counter()
+        outputs = self.engine.step()
+        elapsed_s = time.perf_counter() - started
+        new_tokens = sum(len(o.new_token_ids) for o in outputs)
+        for output in outputs:
+            if output.error is not None:
+                raise RuntimeError(f"{self.name} request {output.request_id} failed") from output.error
+            slot = self.slot_of_request.get(output.request_id)
+            if output.finished and slot is not None:
+                del self.slot_of_request[output.request_id]
+                self._add(slot)
+        if steady and new_tokens == self.num_requests:
+            return elapsed_s
+        return None
+
+
+def make_engine(model_dir: Path, num_requests: int, k: int, max_lora_rank: int) -> LLMEngine:
+    max_seqs = num_requests + (num_requests // ENSEMBLE_EVERY + 1) * (k - 1)
+    return LLMEngine(
+        EngineConfig(
+            model_dir=model_dir,
+            dtype="float32",
+            num_adapter_slots=num_requests,
+            max_num_seqs=max_seqs,
+            max_num_batched_tokens=max(2048, max_seqs * PROMPT_TOKENS),
+            kv_cache_bytes=512 << 20,
+            max_lora_rank=max_lora_rank,
+        )
+    )
+
+
+def run(
+    model_dir: Path,
+    adapter_dirs: list[Path],
+    steps: int,
+    warmup_steps: int,
+    decode_tokens: int,
+    k: int,
+    num_requests: int = NUM_REQUESTS,
+    max_lora_rank: int = 16,
+) -> dict:
+    """Interleaves the two engines' steps (after `warmup_steps` discarded steady steps each, both restart
+    together) until each has `steps` steady steps; returns the figures."""
+    adapters = [AdapterRef(digest_dir(d), d) for d in adapter_dirs]
+    drivers = {
+        "single": EnsembleDriver(
+            "single",
+            make_engine(model_dir, num_requests, k, max_lora_rank),
+            adapters,
+            num_requests,
+            decode_tokens,
+        ),
+        "ensemble": EnsembleDriver(
+            "ensemble",
+            make_engine(model_dir, num_requests, k, max_lora_rank),
+            adapters,
+            num_requests,
+            decode_tokens,
+            k,
+        ),
+    }
+    times_s: dict[str, list[float]] = {tag: [] for tag in drivers}
+    unsteady = dict.fromkeys(drivers, 0)
+    started = time.perf_counter()
+    try:
+        for phase_steps in (max(warmup_steps, 1), steps):
+            if phase_steps == steps:
+                for tag, driver in drivers.items():
+                    driver.restart()
+                    times_s[tag] = []
+            max_calls = 20 * phase_steps + 1000
+            for _ in range(max_calls):
+                if all(len(t) >= phase_steps for t in times_s.values()):
+                    break
+                for tag, driver in drivers.items():
+                    if len(times_s[tag]) >= phase_steps:
+                        continue
+                    elapsed_s = driver.step()
+                    if elapsed_s is None:
+                        unsteady[tag] += 1
+                    else:
+                        times_s[tag].append(elapsed_s)
+            else:
+                raise RuntimeError(f"engines not steady after {max_calls} steps")
+        sequences = {tag: len(d.engine.scheduler.running) for tag, d in drivers.items()}
+    finally:
+        for driver in drivers.values():
+            driver.engine.shutdown()
+    run_s = time.perf_counter() - started
+    single = step_stats(times_s["single"], num_requests)
+    ensemble = step_stats(times_s["ensemble"], num_requests)
+    fraction = len(range(0, num_requests, ENSEMBLE_EVERY)) / num_requests
+    return {
+        "requests": num_requests,
+        "k": k,
+        "ensemble_fraction": fraction,
+        "sequences_running": sequences,
+        "single": single,
+        "ensemble": ensemble,
+        "ratio_median": single["median_step_ms"] / ensemble["median_step_ms"],
+        "ratio_p10": single["p10_step_ms"] / ensemble["p10_step_ms"],
+        "ratio_median_of_pairs": percentile(
+            [s / e for s, e in zip(times_s["single"], times_s["ensemble"], strict=False)], 0.5
+        ),
+        "target_ratio": target_ratio(k, fraction),
+        "unsteady_steps_skipped": unsteady,
+        "interleaved_run_s": run_s,
+        "step_ms": {tag: [round(t * 1e3, 3) for t in ts] for tag, ts in times_s.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="counted steady steps per engine")
+    parser.add_argument("--warmup-steps", type=int, default=8, help="steady steps discarded per engine")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="max_tokens of each request")
+    parser.add_argument("--k", type=int, default=3, help="members of each ensemble")
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup_steps < 0 or args.decode_tokens < 2 or not 2 <= args.k <= 8:
+        parser.error("--steps >= 1, --warmup-steps >= 0, --decode-tokens >= 2, 2 <= --k <= 8")
+    load_before = os.getloadavg()
+    started_at = datetime.now(UTC)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        model_dir, adapter_dirs = write_model(Path(tmp))
+        print(f"wrote the model and {len(adapter_dirs)} adapters in {time.perf_counter() - started:.1f} s")
+        figures = run(model_dir, adapter_dirs, args.steps, args.warmup_steps, args.decode_tokens, args.k)
+    load_after = os.getloadavg()
+    result = {
+        "benchmark": "ensemble_bench",
+        "method": "one process, single and ensemble steps interleaved; steady decode steps timed one by one",
+        "at": started_at.isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "model": "llama hidden 512, 6 layers, vocab 32000, fp32; 32 rank-16 adapters on all seven projections",
+        "prompt_tokens": PROMPT_TOKENS,
+        "decode_tokens_per_request": args.decode_tokens,
+        "warmup_steps": args.warmup_steps,
+        **figures,
+    }
+    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_PATH.write_text(json.dumps(result, indent=2))
+    print(
+        f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min) on {os.cpu_count()} CPUs"
+    )
+    k, n = figures["k"], figures["requests"]
+    rows = (
+        (f"{n} single-adapter requests", figures["single"], figures["sequences_running"]["single"]),
+        (
+            f"{n // ENSEMBLE_EVERY} of them K={k} ensembles",
+            figures["ensemble"],
+            figures["sequences_running"]["ensemble"],
+        ),
+    )
+    print(f"{'batch':<34}{'sequences':>10}{'median ms':>11}{'p10 ms':>9}{'tok/s (median)':>16}")
+    for label, s, seqs in rows:
+        print(
+            f"{label:<34}{seqs:>10}{s['median_step_ms']:>11.2f}{s['p10_step_ms']:>9.2f}{s['tokens_per_s_median']:>16.1f}"
+        )
+    print(
+        f"tokens/s ratio ensemble/single: median {figures['ratio_median']:.3f} "
+        f"(target >= {figures['target_ratio']:.3f}), p10 {figures['ratio_p10']:.3f}, "
+        f"median of pairs {figures['ratio_median_of_pairs']:.3f}"
+    )
+    print(f"{args.steps} steps per engine in {figures['interleaved_run_s']:.1f} s; wrote {RESULTS_PATH}")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,9 @@ always holds a complete, validated adapter. Concurrent requests for one key shar
 in a thread (never on the event loop or the engine thread). Beside each directory, `<key>.json` records
 the sources' sha256s, so that when a source is deleted or replaced upstream `drop_source` finds every
 merge built from it (a held one is removed once its last holder releases it).
+
+The directory has a byte budget (`max_disk_bytes`): after a build takes it over, the least recently used
+merges nobody holds are removed (a later request builds its merge again).
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ class MergeStore:
         base: BaseModelSpec | None,
         max_rank: int,
         on_built: Callable[[MergeSpec, str, MergeReport], None] | None = None,
+        max_disk_bytes: int | None = None,
     ) -> None:
-        """`on_built(spec, key, report)` is called on the event loop after each build (metrics)."""
+        """`on_built(spec, key, report)` is called on the event loop after each build (metrics);
+        `max_disk_bytes`: budget of the directory (None: unbounded)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_rank = max_rank
@@ -58,6 +63,9 @@ class MergeStore:
         self._holds: Counter[str] = Counter()
         self._stale: set[str] = set()
         self._sources: dict[str, tuple[str, ...]] = {}  # key -> source sha256s
+        self._max_disk_bytes = max_disk_bytes
+        self._sizes: dict[str, int] = {}  # key -> bytes on disk
+        self._used_at: dict[str, float] = {}  # key -> time.monotonic() of its last use
         for entry in self.root.glob(f"{_TMP_PREFIX}*"):
             shutil.rmtree(entry, ignore_errors=True)
         for entry in self.root.iterdir():
@@ -67,6 +75,9 @@ class MergeStore:
                     self._remove(entry.name)
                 else:
                     self._sources[entry.name] = sources
+                    self._note_size(entry.name)
+                    self._used_at[entry.name] = entry.stat().st_mtime - time.time() + time.monotonic()
+        self._trim()
 
     def key_of(self, spec: MergeSpec) -> str:
         return spec.key(self.max_rank)
@@ -89,6 +100,7 @@ class MergeStore:
             return None
         if hold:
             self._holds[key] += 1
+        self._used_at[key] = time.monotonic()
         return LocalMerge(key, self.path_of(key), None)
 
     async def build(self, spec: MergeSpec, hold: bool = False) -> LocalMerge:
@@ -140,6 +152,8 @@ class MergeStore:
         report = await asyncio.to_thread(build_merge, spec, self.path_of(key), self.max_rank, self._base)
         self._write_sources(key, spec)
         self._stale.discard(key)
+        self._note_size(key)
+        self._used_at[key] = time.monotonic()
         log.info(
             "merge %s built: %s of %d sources, density %g, rank %d, %d modules, truncation error %.4g "
             "(relative Frobenius; worst module %.4g), %.0f ms",
@@ -155,7 +169,31 @@ class MergeStore:
         )
         if self._on_built is not None:
             self._on_built(spec, key, report)
+        self._trim(keep=key)
         return report
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def _note_size(self, key: str) -> None:
+        path = self.path_of(key)
+        self._sizes[key] = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+    def _trim(self, keep: str | None = None) -> None:
+        """Removes least recently used merges nobody holds (nor builds, nor `keep`, just built for its
+        waiters) until the directory fits its budget."""
+        if self._max_disk_bytes is None:
+            return
+        used = self.used_bytes
+        for key in sorted(self._sizes, key=lambda k: self._used_at.get(k, 0.0)):
+            if used <= self._max_disk_bytes:
+                return
+            if key == keep or self._holds[key] or key in self._builds:
+                continue
+            used -= self._sizes[key]
+            log.info("merge disk budget: removing merge %s (%d bytes)", key[:12], self._sizes[key])
+            self._remove(key)
 
     def _record_path(self, key: str) -> Path:
         return self.root / f"{key}.json"
@@ -179,6 +217,8 @@ class MergeStore:
         path = self.path_of(key)
         self._stale.discard(key)
         self._sources.pop(key, None)
+        self._sizes.pop(key, None)
+        self._used_at.pop(key, None)
         if path.is_dir():
             # Renamed first so that nobody sees a half-deleted directory under the key.
             doomed = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))

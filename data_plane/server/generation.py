@@ -24,7 +24,7 @@ import grpc
 from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
 from data_plane.fusion.spec import MergeSpec
 from data_plane.fusion.store import MergeStore
-from data_plane.server.artifact_store import ArtifactStore
+from data_plane.server.artifact_store import ArtifactStore, default_disk_cache_bytes
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
 from data_plane.server.ensemble_request import billed_adapters, ensemble_of
 from data_plane.server.errors import (
@@ -405,13 +405,15 @@ class GenerationService:
         return (AdapterRef(key=built.key, path=built.path),), tier, built.wait_ms
 
     def merge_store(self) -> MergeStore:
-        """This worker's merges, beside its artifacts (`<state>/merges`), sized to its engine's slots."""
+        """This worker's merges, beside its artifacts (`<state>/merges`), sized to its engine's slots; the
+        directory's budget is the disk tier's default (a quarter of the free space, at most 20 GiB)."""
         if self._merges is None:
             self._merges = MergeStore(
                 self._artifacts.root.parent / "merges",
                 self._engine.spec,
                 getattr(self._engine, "engine", self._engine).config.max_lora_rank,
                 on_built=self._observe_merge,
+                max_disk_bytes=default_disk_cache_bytes(self._artifacts.root),
             )
         return self._merges
 

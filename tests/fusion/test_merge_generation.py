@@ -124,3 +124,19 @@ def test_dropping_a_source_forgets_its_merges_after_their_holders(merge_model, t
     assert not held.path.exists()
     assert store.contains(other.key)
     assert not MergeStore(tmp_path / "merges", None, 64).contains(held.key)
+
+
+def test_the_disk_budget_removes_the_least_recently_used_unheld_merge(merge_model, tmp_path):
+    probe = MergeStore(tmp_path / "probe", None, 64)
+    asyncio.run(probe.build(spec_of(merge_model, WEIGHTS, "ties")))
+    one_bytes = probe.used_bytes  # every merge of these sources has the same size (rank 28, same modules)
+    store = MergeStore(tmp_path / "merges", None, 64, max_disk_bytes=int(one_bytes * 1.5))
+    first = asyncio.run(store.build(spec_of(merge_model, WEIGHTS, "ties")))
+    held = asyncio.run(store.build(spec_of(merge_model, WEIGHTS, "magnitude_prune"), hold=True))
+    assert not store.contains(first.key) and store.contains(held.key)  # over budget: the older went
+    third = asyncio.run(store.build(spec_of(merge_model, WEIGHTS, "dare_linear")))
+    # The held one stays whatever the budget; the new one is kept for its waiters.
+    assert store.contains(held.key) and store.contains(third.key)
+    store.release([held.key])
+    fourth = asyncio.run(store.build(spec_of(merge_model, WEIGHTS, "dare_ties")))
+    assert store.contains(fourth.key) and not store.contains(held.key) and not store.contains(third.key)

@@ -18,7 +18,22 @@ from openlora.v1 import inference_pb2, inference_pb2_grpc
 
 GenerateResponse = inference_pb2.GenerateResponse
 
-_MIX_METHODS = {"linear": inference_pb2.MIX_METHOD_LINEAR}
+_MIX_METHODS = {
+    "linear": inference_pb2.MIX_METHOD_LINEAR,
+    "ties": inference_pb2.MIX_METHOD_TIES,
+    "dare_linear": inference_pb2.MIX_METHOD_DARE_LINEAR,
+    "dare_ties": inference_pb2.MIX_METHOD_DARE_TIES,
+    "magnitude_prune": inference_pb2.MIX_METHOD_MAGNITUDE_PRUNE,
+    "ensemble": inference_pb2.MIX_METHOD_ENSEMBLE,
+}
+_SIGN_METHODS = {
+    "total": inference_pb2.MAJORITY_SIGN_METHOD_TOTAL,
+    "frequency": inference_pb2.MAJORITY_SIGN_METHOD_FREQUENCY,
+}
+_COMBINES = {
+    "probs": inference_pb2.ENSEMBLE_COMBINE_PROBS,
+    "logprobs": inference_pb2.ENSEMBLE_COMBINE_LOGPROBS,
+}
 
 
 def build_request(
@@ -28,6 +43,9 @@ def build_request(
     adapter: str | None = None,
     mix: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
     mix_method: str = "linear",
+    density: float | None = None,
+    majority_sign_method: str | None = None,
+    combine: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -64,6 +82,17 @@ def build_request(
         if mix_method not in _MIX_METHODS:
             raise ValueError(f"mix_method must be one of {', '.join(_MIX_METHODS)}, got {mix_method!r}")
         request.mix_method = _MIX_METHODS[mix_method]
+    # Options of the merge methods (density, sign election) and of an ensemble (combine).
+    if density is not None:
+        request.density = density
+    if majority_sign_method is not None:
+        if majority_sign_method not in _SIGN_METHODS:
+            raise ValueError(f"majority_sign_method must be one of {', '.join(_SIGN_METHODS)}")
+        request.majority_sign_method = _SIGN_METHODS[majority_sign_method]
+    if combine is not None:
+        if combine not in _COMBINES:
+            raise ValueError(f"combine must be one of {', '.join(_COMBINES)}")
+        request.combine = _COMBINES[combine]
     return request
 
 

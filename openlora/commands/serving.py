@@ -189,7 +189,16 @@ def _add_generate(subparsers) -> None:
     p.add_argument("prompt", help='prompt text ("-" reads stdin)')
     p.add_argument("--adapter", default=None)
     p.add_argument("--mix", type=_parse_mix, default=None, help="runtime mix, e.g. a=0.5,b=0.5")
-    p.add_argument("--mix-method", default="linear", choices=["linear"])
+    p.add_argument(
+        "--mix-method",
+        default="linear",
+        choices=["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ensemble"],
+    )
+    p.add_argument(
+        "--density", type=float, default=None, help="fraction kept by ties, dare_*, magnitude_prune"
+    )
+    p.add_argument("--majority-sign-method", default=None, choices=["total", "frequency"])
+    p.add_argument("--combine", default=None, choices=["probs", "logprobs"], help="how an ensemble combines")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -227,6 +236,9 @@ def _run_generate(args: argparse.Namespace) -> int:
                 adapter=args.adapter,
                 mix=args.mix,
                 mix_method=args.mix_method,
+                density=args.density,
+                majority_sign_method=args.majority_sign_method,
+                combine=args.combine,
                 max_tokens=args.max_tokens,
                 temperature=args.temperature,
                 top_p=args.top_p,

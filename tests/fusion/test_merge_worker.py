@@ -146,3 +146,26 @@ def test_bad_merge_options_are_invalid_argument_naming_the_field(system, fields,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(field)
+
+
+def test_the_python_client_asks_for_a_merge_with_its_options(system):
+    from openlora.client import Client, build_request
+
+    request = build_request(
+        "x", mix={"a": 0.5, "b": 0.5}, mix_method="dare_ties", density=0.25, majority_sign_method="frequency"
+    )
+    assert (request.mix_method, request.density, request.majority_sign_method) == (
+        inference_pb2.MIX_METHOD_DARE_TIES,
+        0.25,
+        inference_pb2.MAJORITY_SIGN_METHOD_FREQUENCY,
+    )
+    _, _, key = system.new_tenant()
+    mix = [("ad1", 0.5), ("ad3", 0.5)]
+    with Client(system.target, key) as client:
+        via_client = [
+            t
+            for r in client.generate_stream(PROMPT, mix=mix, mix_method="ties", density=0.5, max_tokens=8)
+            for t in r.token_ids
+        ]
+    spelled, _ = _generate(system.target, key, _request(mix, inference_pb2.MIX_METHOD_TIES, density=0.5))
+    assert via_client == spelled and len(spelled) == 8

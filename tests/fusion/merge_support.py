@@ -51,3 +51,26 @@ def deltas_of(adapter_dir: Path) -> dict[tuple[int, str], torch.Tensor]:
         layer, module = int(parts[4]), parts[6]
         deltas[(layer, module)] = tensors[name.replace("lora_A", "lora_B")].float() @ a.float()
     return deltas
+
+
+def build_in_fresh_process(spec_json: str, paths: dict[str, str], out: str, max_rank: int) -> str:
+    """Builds a merge in a new interpreter (as a restarted worker would); returns the weights' sha256."""
+    import hashlib
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(_build_from_json, (spec_json, paths, out, max_rank))
+    return hashlib.sha256((Path(out) / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
+def _build_from_json(spec_json: str, paths: dict[str, str], out: str, max_rank: int) -> None:
+    import json
+
+    spec = json.loads(spec_json)
+    merge = MergeSpec.of(
+        [tuple(s) for s in spec["sources"]],
+        spec["method"],
+        spec["density"],
+        spec["majority_sign_method"] or "total",
+    )
+    build_merge(merge.with_paths({sha: Path(p) for sha, p in paths.items()}), Path(out), max_rank)

@@ -4,6 +4,7 @@ merge store builds each canonical spec once, off the event loop, and forgets mer
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from data_plane.engine.request import AdapterRef
 from data_plane.fusion.store import MergeStore
 from tests.engine.conftest import greedy, make_engine, run_to_completion
 from tests.engine.reference import load_reference, reference_greedy
-from tests.fusion.merge_support import build, shared_model, spec_of
+from tests.fusion.merge_support import build, build_in_fresh_process, shared_model, spec_of
 
 WEIGHTS = {"r4_qv": 0.8, "r8_all": 0.6, "r16_rslora": 0.5}
 PROMPT = [3, 17, 42, 99, 5, 61, 7]
@@ -86,6 +87,10 @@ def test_a_merge_is_rebuilt_bit_for_bit(merge_model, tmp_path):
     )
     assert a.key == b.key
     assert (a.path / weights_file).read_bytes() == (b.path / weights_file).read_bytes()
+    # A fresh interpreter (a restarted or another worker) draws the same masks.
+    paths = {src.sha256: str(src.path) for src in spec.sources}
+    digest = build_in_fresh_process(spec.canonical_json(), paths, str(tmp_path / "fresh"), 64)
+    assert digest == hashlib.sha256((a.path / weights_file).read_bytes()).hexdigest()
 
 
 def test_the_build_leaves_the_event_loop_free(merge_model, tmp_path):

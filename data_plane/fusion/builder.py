@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from data_plane.engine.errors import AdapterLoadError
 from data_plane.fusion.merge import MemberFactors, merge_module
 from data_plane.fusion.spec import MergeSpec
-from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
+from openlora.adapter_format import DEFAULT_MAX_SIZE_BYTES, AdapterFormatError, validate_adapter_dir
 from openlora.artifact import CONFIG_FILE, WEIGHTS_FILE
 from openlora.base_model import PROJECTIONS, BaseModelSpec
 
@@ -136,6 +136,10 @@ def build_merge(
         "target_modules": [m for m in PROJECTIONS if any(mod == m for _, mod in modules)],
         "lora_dropout": 0.0,
     }
+    # The engine loads adapters up to DEFAULT_MAX_SIZE_BYTES: a float32 merge of a large model at a high
+    # rank may exceed it, and is then kept in bfloat16 (half the bytes).
+    if sum(t.numel() * t.element_size() for t in tensors.values()) > DEFAULT_MAX_SIZE_BYTES - (1 << 20):
+        tensors = {name: t.to(torch.bfloat16) for name, t in tensors.items()}
     _write(out_dir, config, tensors, base, max_rank)
     return MergeReport(
         rank=rank,
@@ -158,7 +162,12 @@ def _write(out_dir: Path, config: dict, tensors: dict, base: BaseModelSpec | Non
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         # The engine's own checks will pass: the same validator every adapter goes through.
-        validate_adapter_dir(tmp, base, max_rank=max_rank, max_size_bytes=1 << 40)
+        try:
+            validate_adapter_dir(tmp, base, max_rank=max_rank)
+        except AdapterFormatError as error:
+            raise MergeBuildError(
+                f"mix.{error.field}", f"the merged adapter is refused: {error.reason}"
+            ) from None
         try:
             os.rename(tmp, out_dir)
         except OSError:

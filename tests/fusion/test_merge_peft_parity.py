@@ -115,3 +115,19 @@ def test_truncation_error_is_measured(merge_model, tmp_path):
     # Pruning makes each delta full rank: rank 16 cannot hold it.
     assert 0.05 < pruned.relative_error < 1
     assert pruned.max_module_error >= pruned.relative_error * 0.5
+
+
+def test_a_merge_above_the_engines_size_limit_is_kept_in_bfloat16(merge_model, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    import data_plane.fusion.builder as builder
+
+    # The limit lowered to 100 KiB above the 1 MiB margin; this float32 merge is about 300 KiB.
+    monkeypatch.setattr(builder, "DEFAULT_MAX_SIZE_BYTES", (1 << 20) + (100 << 10))
+    _, deltas = build(merge_model, tmp_path / "m", WEIGHTS, "ties", 64, density=0.5)
+    with safe_open(str(tmp_path / "m" / "adapter_model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+        assert {f.get_tensor(name).dtype for name in names} == {torch.bfloat16}
+    _, full = build(merge_model, tmp_path / "f", WEIGHTS, "ties", 64, density=0.5)
+    for key, delta in full.items():
+        assert float((deltas[key] - delta).norm()) <= 1e-2 * float(delta.norm())

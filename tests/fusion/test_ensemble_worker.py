@@ -120,3 +120,16 @@ def test_ensemble_is_billed_its_tokens_times_k_split_over_its_adapters_by_weight
     assert rows["ad1"].completion_tokens == 6 and rows["ad2"].completion_tokens == 18
     assert rows["ad1"].prompt_tokens + rows["ad2"].prompt_tokens == 3 * prompt_tokens
     assert rows["ad1"].requests == rows["ad2"].requests == 1
+
+
+def test_a_stop_string_ends_the_whole_ensemble(ensemble_system):
+    _, key, target = ensemble_system
+    mix = [("ad0", 0.4), ("ad1", 0.6)]
+    full = "".join(r.text for r in _generate(target, key, mix=mix))
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert len(stop) == 2
+    responses = _generate(target, key, mix=mix, stop=[stop])
+    text = "".join(r.text for r in responses)
+    assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_STOP
+    assert stop not in text and full.startswith(text)
+    assert len(_tokens(responses)) < MAX_TOKENS

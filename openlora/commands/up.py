@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from openlora.artifact import ARTIFACT_FILES
 from openlora.embedded import child_setup
 from openlora.embedded import free_port as _free_port
-from openlora.v1 import admin_pb2, admin_pb2_grpc
+from openlora.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
 
 log = logging.getLogger("openlora.up")
 
@@ -46,6 +46,15 @@ _CHUNK_BYTES = 1 << 20
 # The price `up` sets for its own demo model, so that invoices show amounts (micro-units per M tokens).
 DEMO_PROMPT_MICROS_PER_MILLION_TOKENS = 100_000
 DEMO_COMPLETION_MICROS_PER_MILLION_TOKENS = 200_000
+# The saved mixes `up` creates for its demo tenant on its own demo model (the README's quick start):
+# name -> CreateMixRequest fields.
+DEMO_MIXES = {
+    "counter": {
+        "members": (("count", 1.0), ("uppercase", 1.0)),
+        "method": inference_pb2.MIX_METHOD_TIES,
+        "density": 0.5,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -212,6 +221,26 @@ def _set_demo_price(admin_target: str, admin_key: str, base_model: str) -> None:
         log.warning("could not set the demo price of %s: %s", base_model, error)
 
 
+def _create_demo_mixes(admin_target: str, admin_key: str, tenant: str) -> None:
+    """Saves the demo mixes for the demo tenant (kept when they exist); a failure only costs the demo."""
+    metadata = (("authorization", f"Bearer {admin_key}"),)
+    with grpc.insecure_channel(admin_target) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        for name, fields in DEMO_MIXES.items():
+            request = admin_pb2.CreateMixRequest(
+                name=name,
+                tenant=tenant,
+                members=[inference_pb2.AdapterWeight(adapter=a, weight=w) for a, w in fields["members"]],
+                method=fields["method"],
+                density=fields.get("density"),
+            )
+            try:
+                stub.CreateMix(request, metadata=metadata, timeout=30)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    log.warning("could not save the demo mix %s: %s", name, error.details())
+
+
 def upload_messages(
     path: Path,
     tenant: str,
@@ -361,6 +390,7 @@ def run_up(config: UpConfig) -> int:
             )
             if config.model_dir is None:
                 _set_demo_price(admin_target, keys["admin_key"], model_dir.name)
+                _create_demo_mixes(admin_target, keys["admin_key"], config.tenant)
             from openlora.commands.serving import write_context
 
             write_context(

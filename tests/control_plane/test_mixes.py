@@ -262,3 +262,19 @@ def test_mixes_commands(capsys, cp, adapters_root) -> None:
     assert "deleted mix blend" in capsys.readouterr().out
     assert main(["mixes", "list", *flags], environ={}) == 0
     assert "blend" not in capsys.readouterr().out
+
+
+def test_up_saves_its_demo_mixes_once_for_the_demo_tenant(cp, adapters_root) -> None:
+    from openlora.commands.up import DEMO_MIXES, _create_demo_mixes
+
+    tenant, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        for name in {name for fields in DEMO_MIXES.values() for name, _ in fields["members"]}:
+            admin.upload_adapter(adapters_root / "a", name, BASE)
+        _create_demo_mixes(cp.target, cp.admin_key, tenant)
+        _create_demo_mixes(cp.target, cp.admin_key, tenant)  # a restart keeps them
+        saved = {m.name: m for m in admin.list_mixes()}
+    assert set(saved) == set(DEMO_MIXES)
+    for name, fields in DEMO_MIXES.items():
+        assert [(m.adapter, m.weight) for m in saved[name].members] == list(fields["members"])
+        assert saved[name].method == fields["method"]

@@ -1,0 +1,86 @@
+"""The README's quick start: the saved mix `openlora up` creates on its demo model gives the documented
+output through our engine (greedy), built the way a worker builds it from the demo adapters."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from data_plane.engine.config import EngineConfig
+from data_plane.engine.llm_engine import LLMEngine
+from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
+from data_plane.fusion.builder import build_merge
+from data_plane.fusion.spec import MergeSpec
+from data_plane.tokenizer import Tokenizer
+from openlora.artifact import digest_dir
+from openlora.commands.up import DEMO_MIXES
+from openlora.v1 import inference_pb2
+
+PROMPT = "the quick fox =>"
+README = Path(__file__).resolve().parents[2] / "README.md"
+# The worker's default max_lora_rank (up passes none): part of a merge's key.
+WORKER_MAX_RANK = 64
+
+
+@pytest.fixture(scope="module")
+def demo_model_dir(tmp_path_factory) -> Path:
+    from data_plane.demo import write_demo_model
+
+    out = tmp_path_factory.mktemp("demo-mixes")
+    write_demo_model(out)
+    return out
+
+
+def _documented(command: str) -> str:
+    """The output the README's quick start shows for `openlora <command> "the quick fox =>"`."""
+    line = re.search(rf'openlora {re.escape(command)} "{PROMPT}"\s+# "([^"]*)"', README.read_text())
+    assert line is not None, f"the README's quick start lacks `openlora {command}`"
+    return line.group(1)
+
+
+def _greedy_text(model_dir: Path, ref: AdapterRef) -> str:
+    engine = LLMEngine(
+        EngineConfig(
+            model_dir=model_dir,
+            dtype="float32",
+            num_kv_blocks=64,
+            block_size=16,
+            num_adapter_slots=4,
+            max_lora_rank=16,
+            max_num_seqs=4,
+            max_num_batched_tokens=256,
+        )
+    )
+    prompt = Tokenizer.from_dir(model_dir).encode(PROMPT)
+    engine.add_request(EngineRequest("r", prompt, SamplingOptions(max_tokens=24), adapters=(ref,)))
+    text = ""
+    while engine.has_unfinished():
+        for out in engine.step():
+            text += out.new_text
+    return text
+
+
+def _merge_ref(model_dir: Path, fields: dict, out_root: Path) -> AdapterRef:
+    """The derived adapter a worker builds for the saved mix (same spec, same key)."""
+    method = inference_pb2.MixMethod.Name(fields["method"]).removeprefix("MIX_METHOD_").lower()
+    paths = {
+        digest_dir(model_dir / "adapters" / name): model_dir / "adapters" / name
+        for name, _ in fields["members"]
+    }
+    by_name = {path.name: sha for sha, path in paths.items()}
+    spec = MergeSpec.of(
+        [(by_name[name], weight) for name, weight in fields["members"]], method, fields.get("density", 1.0)
+    ).with_paths(paths)
+    key = spec.key(WORKER_MAX_RANK)
+    build_merge(spec, out_root / key, WORKER_MAX_RANK)
+    return AdapterRef(key=key, path=out_root / key)
+
+
+# Writing the demo model trains it for seconds; more on a loaded machine.
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", sorted(DEMO_MIXES))
+def test_each_demo_saved_mix_gives_its_documented_output(demo_model_dir, tmp_path, name):
+    documented = _documented(f"generate --adapter {name}")
+    assert _greedy_text(demo_model_dir, _merge_ref(demo_model_dir, DEMO_MIXES[name], tmp_path)) == documented

@@ -294,6 +294,9 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
             # Always forget the adapter's cached answers; its content only when no adapter serves it any
             # more (the control plane then names the sha256): others may share content-addressed files.
             control_plane.forget_adapter(hint.adapter_id, hint.sha256)
+            # The merges built from the content a deleted or replaced adapter served are dropped too.
+            for source in sorted({hint.source_sha256, hint.sha256} - {""}):
+                generation.drop_merges_of(source)
             if hint.sha256:
                 artifacts.discard(hint.sha256)
         if not hint.sha256:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -24,10 +26,18 @@ PROMPT = "the quick brown fox"
 LONG_TTL_S = 10.0
 
 
+@dataclass
+class MixSystem:
+    admin: AdminClient  # the tenant's
+    key: str  # the tenant's (admin and infer)
+    target: str  # the worker's
+    merges_dir: Path  # the worker's derived adapters, one directory per merge key
+
+
 @pytest.fixture(scope="module")
 def mix_system(database_url, redis_url, tiny_model_dir, tmp_path_factory):
     """A control plane and a hint-listening worker that both cache an answer for 10 s; a tenant with three
-    private adapters (ad0, ad1, ad2). Yields (the tenant's admin client, its key, worker target, tenant)."""
+    private adapters (ad0, ad1, ad2)."""
     from control_plane.config import ControlPlaneConfig
     from control_plane.server.server import serve
 
@@ -46,13 +56,9 @@ def mix_system(database_url, redis_url, tiny_model_dir, tmp_path_factory):
             )
         )
     )
+    state_dir = tmp_path_factory.mktemp("worker-mix")
     running = worker.start_worker(
-        loop,
-        cp.target,
-        tiny_model_dir,
-        tmp_path_factory.mktemp("worker-mix"),
-        redis_url,
-        auth_cache_ttl_s=LONG_TTL_S,
+        loop, cp.target, tiny_model_dir, state_dir, redis_url, auth_cache_ttl_s=LONG_TTL_S
     )
     operator = AdminClient(cp.target, ADMIN_KEY)
     tenant = f"mix-{uuid.uuid4().hex[:8]}"
@@ -62,7 +68,7 @@ def mix_system(database_url, redis_url, tiny_model_dir, tmp_path_factory):
     for name in ("ad0", "ad1", "ad2"):
         admin.upload_adapter(tiny_model_dir / "adapters" / name, name, BASE_MODEL)
     admin.target = cp.target
-    yield admin, key, f"127.0.0.1:{running.port}", tenant
+    yield MixSystem(admin, key, f"127.0.0.1:{running.port}", state_dir / "merges")
     admin.close()
     operator.close()
     loop.run(running.stop(1.0))
@@ -76,7 +82,7 @@ def _tokens(target: str, key: str, **kwargs) -> list[int]:
 
 
 def test_a_saved_linear_mix_serves_the_tokens_of_the_spelled_out_mix(mix_system) -> None:
-    admin, key, target, _ = mix_system
+    admin, key, target = mix_system.admin, mix_system.key, mix_system.target
     admin.create_mix("lin", [("ad0", 0.7), ("ad1", 0.3)])
     spelled = _tokens(target, key, mix=[("ad0", 0.7), ("ad1", 0.3)])
     assert _tokens(target, key, adapter="lin") == spelled
@@ -85,7 +91,7 @@ def test_a_saved_linear_mix_serves_the_tokens_of_the_spelled_out_mix(mix_system)
 
 
 def test_a_saved_mix_is_billed_as_the_mix_of_its_members(mix_system) -> None:
-    admin, key, target, _ = mix_system
+    admin, key, target = mix_system.admin, mix_system.key, mix_system.target
     admin.create_mix("billed", [("ad2", 0.25), ("ad1", 0.75)])
     _tokens(target, key, adapter="billed", request_id="named-mix-billing")
     deadline = time.monotonic() + 20
@@ -100,7 +106,7 @@ def test_a_saved_mix_is_billed_as_the_mix_of_its_members(mix_system) -> None:
 
 
 def test_a_saved_mix_inside_a_requests_own_mix_is_invalid_argument(mix_system) -> None:
-    admin, key, target, _ = mix_system
+    admin, key, target = mix_system.admin, mix_system.key, mix_system.target
     admin.create_mix("inner", [("ad0", 1.0)])
     with pytest.raises(errors.InvalidArgument, match=r"mix\[1\]\.adapter"):
         _tokens(target, key, mix=[("ad1", 0.5), ("inner", 0.5)])
@@ -109,7 +115,7 @@ def test_a_saved_mix_inside_a_requests_own_mix_is_invalid_argument(mix_system) -
 def test_deleting_a_member_makes_the_mix_not_found_before_the_cache_expires(
     mix_system, tiny_model_dir
 ) -> None:
-    admin, key, target, _ = mix_system
+    admin, key, target = mix_system.admin, mix_system.key, mix_system.target
     admin.upload_adapter(tiny_model_dir / "adapters" / "ad3", "doomed", BASE_MODEL)
     admin.create_mix("fragile", [("ad0", 0.5), ("doomed", 0.5)])
     assert len(_tokens(target, key, adapter="fragile")) == 8  # now cached for 10 s
@@ -126,7 +132,7 @@ def test_deleting_a_member_makes_the_mix_not_found_before_the_cache_expires(
 
 
 def test_another_tenants_mix_name_is_not_found(mix_system) -> None:
-    admin, _, target, _ = mix_system
+    admin, target = mix_system.admin, mix_system.target
     admin.create_mix("mine-only", [("ad0", 1.0)])
     stranger = f"stranger-{uuid.uuid4().hex[:8]}"
     with AdminClient(admin.target, ADMIN_KEY) as operator:
@@ -134,3 +140,32 @@ def test_another_tenants_mix_name_is_not_found(mix_system) -> None:
         stranger_key = operator.create_api_key(stranger).secret
     with pytest.raises(errors.NotFound):
         _tokens(target, stranger_key, adapter="mine-only")
+
+
+def _merge_keys(merges_dir: Path) -> set[str]:
+    return (
+        {p.name for p in merges_dir.iterdir() if p.is_dir() and len(p.name) == 64}
+        if merges_dir.is_dir()
+        else set()
+    )
+
+
+def test_a_saved_ties_mix_serves_the_spelled_out_merge_and_is_rebuilt_when_a_member_is_replaced(
+    mix_system, tiny_model_dir
+) -> None:
+    admin, key, target = mix_system.admin, mix_system.key, mix_system.target
+    admin.upload_adapter(tiny_model_dir / "adapters" / "ad4", "swapped", BASE_MODEL)
+    admin.create_mix("tied", [("ad0", 0.6), ("swapped", 0.4)], method="ties", density=0.5)
+    spelled = {"mix": [("ad0", 0.6), ("swapped", 0.4)], "mix_method": "ties", "density": 0.5}
+    before = _merge_keys(mix_system.merges_dir)
+    assert _tokens(target, key, adapter="tied") == _tokens(target, key, **spelled)
+    [built] = _merge_keys(mix_system.merges_dir) - before
+    # Replaced upstream: the hint names the content it served, and the merge built from it goes.
+    admin.upload_adapter(tiny_model_dir / "adapters" / "ad5", "swapped", BASE_MODEL)
+    deadline = time.monotonic() + LONG_TTL_S / 2
+    while built in _merge_keys(mix_system.merges_dir):
+        assert time.monotonic() < deadline, "the merge of the replaced content stayed on the worker"
+        time.sleep(0.1)
+    # The mix now serves the merge of the new content, as the spelled-out request does.
+    assert _tokens(target, key, adapter="tied") == _tokens(target, key, **spelled)
+    assert built not in _merge_keys(mix_system.merges_dir)

@@ -32,28 +32,40 @@ def normalized_weights(ensemble: Ensemble) -> list[float]:
     return [member.weight / total for member in ensemble.members]
 
 
-def combine(logits: torch.Tensor, weights: list[float], method: str) -> torch.Tensor:
-    """logits (K, V) of the K members, weights (K,) summing to 1 -> log p (V,) float32 of the combined
-    distribution. A member of weight 0 takes no part (its -inf log-probabilities would give 0 * -inf).
-    Any member row holding a NaN or +inf makes the whole result NaN: the sampler then fails the request."""
-    logits = logits.float()
-    bad = torch.isnan(logits).any() | (logits == float("inf")).any()
-    used = [i for i, weight in enumerate(weights) if weight > 0]
-    logp = torch.log_softmax(logits[used], dim=-1)  # (K', V)
-    w = torch.tensor([weights[i] for i in used], dtype=torch.float32, device=logits.device)
+def combine(logits: torch.Tensor, weights: torch.Tensor | list[float], method: str) -> torch.Tensor:
+    """logits (G, K, V) of G ensembles of K members each, weights (G, K) with rows summing to 1 -> log p
+    (G, V) float32 of each combined distribution; (K, V) and (K,) give (V,). A member of weight 0 takes no
+    part. Any member row holding a NaN or +inf, or only -inf, makes its ensemble's result NaN: the sampler
+    then fails that request alone."""
+    single = logits.dim() == 2
+    logits = (logits.unsqueeze(0) if single else logits).float()  # (G, K, V)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=logits.device).reshape(
+        logits.shape[:2]
+    )  # (G, K)
+    bad = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1) | (logits == float("-inf")).all(dim=-1)
+    bad = bad.any(dim=-1)  # (G,)
     if method == "probs":
-        # log sum_i w_i p_i, computed in log space: exp of a very negative log-probability never underflows
-        # the sum to 0 where one member still gives the token mass.
-        combined = torch.logsumexp(logp + w.log().unsqueeze(1), dim=0)
+        # p = sum_i w_i exp(z_i - m_i) / s_i in one batched product: one exp per logit, one log per token.
+        shifted = torch.exp(logits - logits.amax(dim=-1, keepdim=True))  # (G, K, V), each row's top is 1
+        scale = w / shifted.sum(dim=-1)  # (G, K): w_i / s_i
+        p = torch.bmm(scale.unsqueeze(1), shifted).squeeze(1)  # (G, V)
+        combined = torch.log(p)
+        underflow = (p == 0).any(dim=-1) & ~bad
+        if underflow.any():
+            # Some token lies over ~100 nats below every member's top: exp underflowed to 0. Those ensembles
+            # are computed in log space, so a high temperature still sees the token's true (tiny) mass.
+            rows = logits[underflow]  # (G', K, V)
+            exact = torch.logsumexp(torch.log_softmax(rows, dim=-1) + w[underflow].log().unsqueeze(-1), dim=1)
+            combined[underflow] = exact
     elif method == "logprobs":
-        # 0 * -inf is NaN: a token one member rules out (-inf) stays ruled out.
-        weighted = torch.where(torch.isneginf(logp), logp, logp * w.unsqueeze(1))
-        combined = torch.log_softmax(weighted.sum(dim=0), dim=-1)
+        logp = torch.log_softmax(logits, dim=-1)  # (G, K, V)
+        # 0 * -inf is NaN: a weight-0 member adds 0; a token a weighted member rules out (-inf) stays out.
+        weighted = torch.where(w.unsqueeze(-1) > 0, logp * w.unsqueeze(-1), 0.0)
+        combined = torch.log_softmax(weighted.sum(dim=1), dim=-1)
     else:
         raise ValueError(f"unknown ensemble combine {method!r}")
-    if bad:
-        combined = torch.full_like(combined, float("nan"))
-    return combined
+    combined = torch.where(bad.unsqueeze(-1), float("nan"), combined)
+    return combined[0] if single else combined
 
 
 def validate_ensemble(

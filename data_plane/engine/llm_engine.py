@@ -275,23 +275,30 @@ class LLMEngine:
         self, sampled: list[Sequence], logits: torch.Tensor
     ) -> tuple[list[Sequence], torch.Tensor]:
         """Sampled sequences and their logits (N, V) -> one row per request (U, V): an ensemble's K member
-        rows become one row of its combined log-probabilities, under its first member."""
+        rows become one row of its combined log-probabilities, under its first member. Ensembles of the
+        same K and combine are combined in one batched call."""
         if all(seq.group is None for seq in sampled):
             return sampled, logits
         row_of = {id(seq): i for i, seq in enumerate(sampled)}
-        leaders: list[Sequence] = []
-        rows: list[torch.Tensor] = []
-        for i, seq in enumerate(sampled):
-            if seq.group is None:
-                leaders.append(seq)
-                rows.append(logits[i])
-            elif seq.is_leader:
-                # The scheduler runs a group whole with one token count: every member is sampled now.
-                member_rows = logits[[row_of[id(member)] for member in seq.group]]  # (K, V)
-                state = self._states[seq.request_id]
-                leaders.append(seq)
-                rows.append(combine(member_rows, state.ensemble_weights, state.request.ensemble.combine))
-        return leaders, torch.stack(rows).float()
+        # The scheduler runs a group whole with one token count: every member of a sampled group is here.
+        units = [seq for seq in sampled if seq.is_leader]
+        device = logits.device
+        out = logits.new_empty((len(units), logits.shape[1]), dtype=torch.float32)  # (U, V)
+        solo = [u for u, seq in enumerate(units) if seq.group is None]
+        if solo:
+            rows = torch.tensor([row_of[id(units[u])] for u in solo], device=device)
+            out[torch.tensor(solo, device=device)] = logits[rows].float()
+        batches: dict[tuple[int, str], list[int]] = {}
+        for u, seq in enumerate(units):
+            if seq.group is not None:
+                ensemble = self._states[seq.request_id].request.ensemble
+                batches.setdefault((len(seq.group), ensemble.combine), []).append(u)
+        for (_, method), positions in batches.items():
+            member_rows = [[row_of[id(m)] for m in units[u].group] for u in positions]
+            weights = [self._states[units[u].request_id].ensemble_weights for u in positions]
+            combined = combine(logits[torch.tensor(member_rows, device=device)], weights, method)  # (G, V)
+            out[torch.tensor(positions, device=device)] = combined
+        return units, out
 
     def fail_requests(self, request_ids: list[str], error: Exception) -> list[RequestOutput]:
         """Ends these requests with `error` (finish_reason "abort"), giving back their KV blocks and

@@ -94,3 +94,25 @@ def test_sampler_on_the_combination_draws_from_p_to_the_one_over_t_and_reports_l
 def test_unknown_combine_is_an_error():
     with pytest.raises(ValueError, match="vote"):
         combine(_logits(2, 5, 0), [0.5, 0.5], "vote")
+
+
+@pytest.mark.parametrize("method", ["probs", "logprobs"])
+def test_batched_combination_equals_each_ensemble_combined_alone(method):
+    logits = _logits(5 * 3, 64, 8).view(5, 3, 64)
+    weights = torch.softmax(_logits(5, 3, 9, scale=1.0), dim=-1)
+    weights[2] = torch.tensor([0.0, 0.5, 0.5])
+    logits[4, 1, 7] = float("nan")  # fails its own ensemble only
+    got = combine(logits, weights, method)
+    assert got.shape == (5, 64)
+    for g in range(4):
+        assert torch.allclose(got[g], combine(logits[g], weights[g].tolist(), method), atol=1e-6), g
+    assert torch.isnan(got[4]).all()
+
+
+def test_probs_keeps_the_true_mass_of_a_token_far_below_every_members_top():
+    # exp(-250) underflows float32: the token's log-probability is still its exact value, not -inf, so a
+    # high temperature still gives it its share.
+    logits = torch.tensor([[0.0, -300.0], [0.0, -250.0]])
+    got = combine(logits, [0.5, 0.5], "probs")
+    assert got[1].item() == pytest.approx(-250.0 + torch.log(torch.tensor(0.5)).item(), abs=1e-3)
+    assert got[0].item() == pytest.approx(0.0, abs=1e-6)

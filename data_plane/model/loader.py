@@ -93,7 +93,7 @@ def _load_shard(
                 )
             target.data.copy_(tensor.to(device=device, dtype=dtype))
         else:
-            raise CheckpointError(f"{path.name}: unexpected tensor {name!r}")
+            raise CheckpointError(f"{path.name}: unexpected tensor {describe(name)}")
         loaded_bytes += tensor.numel() * tensor.element_size()
         missing.discard(name)
         del tensor

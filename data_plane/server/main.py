@@ -36,6 +36,7 @@ from data_plane.server.openai_http.chat_template import load_chat_template
 from data_plane.server.servicer import InferenceServicer
 from data_plane.server.usage_reporter import UsageReporter
 from data_plane.server.validation import RequestLimits
+from openlora.grpc_decoding import RequestDecodingInterceptor
 from openlora.hints import Hint
 from openlora.v1 import inference_pb2, inference_pb2_grpc
 
@@ -138,7 +139,7 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     # The name announced is the configured one (the fingerprint, not the name, decides what fits).
     spec = dataclasses.replace(engine.spec, name=config.base_model_name)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[RequestDecodingInterceptor()])
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")

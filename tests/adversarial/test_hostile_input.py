@@ -474,3 +474,37 @@ WEIRD_GENERATE = {
 def test_generate_with_a_weird_field_combination_is_invalid_argument_naming_the_field(attacker, case):
     fields, field = WEIRD_GENERATE[case]
     assert_refused(lambda: attacker.generate(ADMIN_KEY, **fields), field)
+
+
+def _raw_generate(attacker, payload: bytes, key: str):
+    """Generate with hand-made request bytes (no serializer on our side)."""
+    channel = grpc.insecure_channel(attacker.system.target)
+    call = channel.unary_stream(
+        "/openlora.v1.InferenceService/Generate",
+        request_serializer=None,
+        response_deserializer=inference_pb2.GenerateResponse.FromString,
+    )
+    try:
+        return outcome(lambda: call(payload, metadata=bearer(key), timeout=30))
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # field 3 (prompt, a string) holding bytes that are not UTF-8
+        b"\x1a\x02\xff\xfe",
+        # a length that runs past the end of the message
+        b"\x1a\x7fabc",
+        # a wire type no field may have
+        b"\x1f",
+    ],
+    ids=["prompt-not-utf8", "truncated", "bad-wire-type"],
+)
+def test_undecodable_generate_bytes_are_invalid_argument_on_the_worker(attacker, payload):
+    tenant = attacker.new_tenant()
+    code, details = _raw_generate(attacker, payload, tenant.infer_key)
+    assert (code, "request" in details) == (grpc.StatusCode.INVALID_ARGUMENT, True), details
+    # The worker is still serving.
+    assert attacker.generate(tenant.infer_key)[-1].finish_reason != 0

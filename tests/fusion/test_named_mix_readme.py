@@ -1,5 +1,6 @@
-"""The README's quick start: the saved mix `openlora up` creates on its demo model gives the documented
-output through our engine (greedy), built the way a worker builds it from the demo adapters."""
+"""The README's quick start through our engine (greedy) on the demo model: the saved mix `openlora up`
+creates gives its documented output on the merge a worker builds from the demo adapters, and so does the
+documented ensemble."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from data_plane.engine.config import EngineConfig
 from data_plane.engine.llm_engine import LLMEngine
-from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
+from data_plane.engine.request import AdapterRef, EngineRequest, Ensemble, EnsembleMember, SamplingOptions
 from data_plane.fusion.builder import build_merge
 from data_plane.fusion.spec import MergeSpec
 from data_plane.tokenizer import Tokenizer
@@ -35,12 +36,16 @@ def demo_model_dir(tmp_path_factory) -> Path:
 
 def _documented(command: str) -> str:
     """The output the README's quick start shows for `openlora <command> "the quick fox =>"`."""
-    line = re.search(rf'openlora {re.escape(command)} "{PROMPT}"\s+# "([^"]*)"', README.read_text())
-    assert line is not None, f"the README's quick start lacks `openlora {command}`"
-    return line.group(1)
+    return _documented_line(re.escape(command)).group(1)
 
 
-def _greedy_text(model_dir: Path, ref: AdapterRef) -> str:
+def _documented_line(command_pattern: str) -> re.Match:
+    line = re.search(rf'openlora {command_pattern} "{PROMPT}"\s+# "([^"]*)"', README.read_text())
+    assert line is not None, f"the README's quick start lacks `openlora {command_pattern}`"
+    return line
+
+
+def _greedy_text(model_dir: Path, ref: AdapterRef | None = None, ensemble: Ensemble | None = None) -> str:
     engine = LLMEngine(
         EngineConfig(
             model_dir=model_dir,
@@ -54,7 +59,10 @@ def _greedy_text(model_dir: Path, ref: AdapterRef) -> str:
         )
     )
     prompt = Tokenizer.from_dir(model_dir).encode(PROMPT)
-    engine.add_request(EngineRequest("r", prompt, SamplingOptions(max_tokens=24), adapters=(ref,)))
+    adapters = (ref,) if ref is not None else ()
+    engine.add_request(
+        EngineRequest("r", prompt, SamplingOptions(max_tokens=24), adapters=adapters, ensemble=ensemble)
+    )
     text = ""
     while engine.has_unfinished():
         for out in engine.step():
@@ -84,3 +92,16 @@ def _merge_ref(model_dir: Path, fields: dict, out_root: Path) -> AdapterRef:
 def test_each_demo_saved_mix_gives_its_documented_output(demo_model_dir, tmp_path, name):
     documented = _documented(f"generate --adapter {name}")
     assert _greedy_text(demo_model_dir, _merge_ref(demo_model_dir, DEMO_MIXES[name], tmp_path)) == documented
+
+
+@pytest.mark.timeout(900)
+def test_the_documented_ensemble_gives_its_documented_output(demo_model_dir):
+    line = _documented_line(r"generate --mix (\S+) --mix-method ensemble")
+    members = []
+    for part in line.group(1).split(","):
+        name, weight = part.split("=")
+        path = demo_model_dir / "adapters" / name
+        members.append(EnsembleMember(AdapterRef(key=digest_dir(path), path=path), float(weight)))
+    ensemble = Ensemble(tuple(members))
+    documented = line.group(2)
+    assert _greedy_text(demo_model_dir, ensemble=ensemble) == documented

@@ -279,19 +279,29 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = fixtures.ensure_model(shape)
     adapter_dirs = fixtures.ensure_adapters(NUM_ADAPTERS, shape, fixtures.AdapterSpec(rank=16))
-    benches = [make_bench(name, args.device, model_dir, adapter_dirs) for name in engines]
+    benches, load_s = [], {}
+    for name in engines:
+        load_started = time.monotonic()
+        benches.append(make_bench(name, args.device, model_dir, adapter_dirs))
+        load_s[name] = time.monotonic() - load_started
+        print(f"{name}: loaded in {load_s[name]:.1f} s", flush=True)
     figures: dict[str, dict[str, float]] = {}
     for bench in benches:
         weights = bench.engine.runner.model.weight_bytes()
         figures[bench.name] = {
+            "load_s": load_s[bench.name],
             "total_weight_bytes": weights.total_bytes,
             "decoder_linear_bytes": weights.decoder_linear_bytes,
             "decoder_bits_per_weight": weights.decoder_bits_per_weight,
         }
+    phase_started = time.monotonic()
     batch1 = interleaved_steps(benches, 1, args.decode_steps, args.decode_steps + 8, with_adapters=False)
+    print(f"batch-1 phase: {time.monotonic() - phase_started:.1f} s", flush=True)
+    phase_started = time.monotonic()
     batch32 = interleaved_steps(
         benches, NUM_CONCURRENT, args.decode_steps, args.decode_steps + 8, with_adapters=True
     )
+    print(f"batch-32 phase: {time.monotonic() - phase_started:.1f} s", flush=True)
     for name in engines:
         figures[name]["batch1_step_ms"] = statistics.median(batch1[name]) * 1000
         figures[name]["batch32_step_ms"] = statistics.median(batch32[name]) * 1000

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, round_up, row_chunks
+from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, one_thread, round_up, row_chunks
 
 GROUP_SIZES = (128, 64, 32)
 _ROW_MULTIPLE = 16  # tinygemm packs output rows in tiles (16 on CPU, 8 on CUDA)
@@ -95,12 +95,13 @@ class Int4Linear(QuantLinear):
             raise ValueError(f"weight has shape {list(weight.shape)}, expected {[n, k]}")
         k_pad, n_pad = self.padded_in_features, self.padded_out_features
         packed, scale_offset = [], []
-        for start, end in row_chunks(n_pad, k_pad, _CHUNK_ROW_MULTIPLE):
-            rows = weight[start:end].to(self.device)  # (r, K); empty past the real rows
-            rows = F.pad(rows, (0, k_pad - k, 0, (end - start) - rows.shape[0]))  # (R, K_pad), zeros
-            q, scale, offset = quantize_int4(rows, self.group_size)
-            packed.append(_pack(q, k_pad))
-            scale_offset.append(torch.stack((scale.T, offset.T), dim=2))  # (G, R, 2)
+        with one_thread():
+            for start, end in row_chunks(n_pad, k_pad, _CHUNK_ROW_MULTIPLE):
+                rows = weight[start:end].to(self.device)  # (r, K); empty past the real rows
+                rows = F.pad(rows, (0, k_pad - k, 0, (end - start) - rows.shape[0]))  # (R, K_pad), zeros
+                q, scale, offset = quantize_int4(rows, self.group_size)
+                packed.append(_pack(q, k_pad))
+                scale_offset.append(torch.stack((scale.T, offset.T), dim=2))  # (G, R, 2)
         self.packed = torch.cat(packed)
         self.scale_offset = torch.cat(scale_offset, dim=1).contiguous()
 

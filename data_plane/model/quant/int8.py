@@ -17,7 +17,7 @@ import functools
 import torch
 from torch.nn import functional as F
 
-from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, round_up, row_chunks
+from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, one_thread, round_up, row_chunks
 
 _IN_MULTIPLE = 16
 
@@ -65,9 +65,10 @@ class Int8Linear(QuantLinear):
             raise ValueError(f"weight has shape {list(weight.shape)}, expected {[n, k]}")
         qweight = torch.zeros(n, self.padded_in_features, dtype=torch.int8, device=self.device)
         scale = torch.empty(n, dtype=COMPUTE_DTYPE, device=self.device)
-        for start, end in row_chunks(n, k, 1):
-            q, s = quantize_int8(weight[start:end].to(self.device))
-            qweight[start:end, :k], scale[start:end] = q, s
+        with one_thread():
+            for start, end in row_chunks(n, k, 1):
+                q, s = quantize_int8(weight[start:end].to(self.device))
+                qweight[start:end, :k], scale[start:end] = q, s
         self.qweight, self.scale = qweight, scale
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:

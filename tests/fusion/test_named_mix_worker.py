@@ -169,3 +169,14 @@ def test_a_saved_ties_mix_serves_the_spelled_out_merge_and_is_rebuilt_when_a_mem
     # The mix now serves the merge of the new content, as the spelled-out request does.
     assert _tokens(target, key, adapter="tied") == _tokens(target, key, **spelled)
     assert built not in _merge_keys(mix_system.merges_dir)
+
+
+def test_a_saved_ensemble_with_the_base_model_serves_the_spelled_out_ensemble(mix_system) -> None:
+    admin, key, target = mix_system.admin, mix_system.key, mix_system.target
+    admin.create_mix("duo", [("", 0.5), ("ad1", 0.5)], method="ensemble", combine="logprobs")
+    spelled = {"mix": [("", 0.5), ("ad1", 0.5)], "mix_method": "ensemble", "combine": "logprobs"}
+    with Client(target, key) as client:
+        named = list(client.generate_stream(prompt=PROMPT, max_tokens=8, adapter="duo", logprobs=True))
+        direct = list(client.generate_stream(prompt=PROMPT, max_tokens=8, logprobs=True, **spelled))
+    assert [t for r in named for t in r.token_ids] == [t for r in direct for t in r.token_ids]
+    assert [p for r in named for p in r.logprobs] == pytest.approx([p for r in direct for p in r.logprobs])

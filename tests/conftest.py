@@ -115,3 +115,14 @@ def empty_database_url(postgres_server_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained demo model and its adapters, the files `openlora up` serves; written once per session
+    (training it takes most of a minute) and only read by the tests."""
+    from data_plane.demo import write_demo_model
+
+    out = tmp_path_factory.mktemp("demo-model")
+    write_demo_model(out)
+    return out

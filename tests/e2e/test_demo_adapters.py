@@ -22,15 +22,6 @@ DOCUMENTED = {
 MIX = (("count", 0.5), ("uppercase", 0.5))
 
 
-@pytest.fixture(scope="module")
-def demo_model_dir(tmp_path_factory) -> Path:
-    from data_plane.demo import write_demo_model
-
-    out = tmp_path_factory.mktemp("demo-default")
-    write_demo_model(out)
-    return out
-
-
 def _greedy_text(model_dir: Path, adapters: tuple[tuple[str, float], ...]) -> str:
     engine = LLMEngine(
         EngineConfig(

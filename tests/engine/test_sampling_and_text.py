@@ -13,12 +13,8 @@ from .conftest import make_engine
 
 
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
-    from data_plane.demo import write_demo_model
-
-    out = tmp_path_factory.mktemp("demo")
-    write_demo_model(out, adapter_steps=2)  # these tests use the base model only
-    return out
+def demo_dir(demo_model_dir):
+    return demo_model_dir
 
 
 @pytest.fixture(scope="session")

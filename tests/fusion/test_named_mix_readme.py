@@ -25,15 +25,6 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 WORKER_MAX_RANK = 64
 
 
-@pytest.fixture(scope="module")
-def demo_model_dir(tmp_path_factory) -> Path:
-    from data_plane.demo import write_demo_model
-
-    out = tmp_path_factory.mktemp("demo-mixes")
-    write_demo_model(out)
-    return out
-
-
 def _documented(command: str) -> str:
     """The output the README's quick start shows for `openlora <command> "the quick fox =>"`."""
     return _documented_line(re.escape(command)).group(1)

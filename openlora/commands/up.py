@@ -39,6 +39,8 @@ log = logging.getLogger("openlora.up")
 
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
+# What a command exits with when its flags or settings are refused (argparse's code): restarting cannot help.
+CONFIG_ERROR_EXIT_CODE = 2
 RESTART_BACKOFF_MIN_S = 0.5
 RESTART_BACKOFF_MAX_S = 30.0
 RESTART_BACKOFF_RESET_S = 60.0
@@ -284,14 +286,19 @@ class _Backoff:
 
 
 def _supervise(children: list[Child], worker: Child, stop: threading.Event) -> int:
-    """Watches the children until `stop`: restarts the worker whenever it exits (backoff, logged); any
-    other child exiting stops everything. Returns up's exit status: 0 on `stop`, 1 otherwise."""
+    """Watches the children until `stop`: restarts the worker whenever it exits (backoff, logged), unless
+    it refused its configuration (exit 2); any other child exiting stops everything. Returns up's exit status: 0 on `stop`, 1 otherwise."""
     backoff = _Backoff()
     while not stop.is_set():
         for child in [c for c in children if not c.alive()]:
             code = child.process.returncode
             if child is not worker:
                 log.error("%s exited with %s:\n%s", child.name, code, child.tail())
+                return 1
+            if code == CONFIG_ERROR_EXIT_CODE:  # the same command would be refused again: do not loop
+                log.error(
+                    "worker refused its configuration (exit %s); not restarting:\n%s", code, child.tail()
+                )
                 return 1
             ran_s = time.monotonic() - child.started_at
             delay_s = backoff.next_delay_s(ran_s)

@@ -2,14 +2,16 @@
 batch of single-adapter requests.
 
 The model and adapters are engine_bench's (a ~50M-parameter Llama, fp32, 32 rank-16 adapters on all seven
-projections). Two engines live in this one process on the same weights: "single" keeps 32 requests
+projections). Three engines live in this one process on the same weights: "single" keeps 32 requests
 running, request i on adapter i; "ensemble" keeps the same 32 requests running, but every fourth one is an
-ensemble of K adapters (i, i+1, ..., i+K-1, equal weights, combine = probs), so it runs 24 + 8 K sequences.
-Their steps are interleaved one by one so both see the same machine load; only steady steps count (every
-request decoding one token), and finished requests are replaced. Each steady step yields one token per
-request in both engines, so the throughput ratio ensemble/single is the ratio of step times. Target: the
+ensemble of K adapters (i, i+1, ..., i+K-1, equal weights, combine = probs), so it runs 24 + 8 K sequences;
+"rows", a control, keeps as many single-adapter requests running as the ensemble batch runs sequences
+(24 + 8 K). Their steps are interleaved one by one so all see the same machine load; only steady steps
+count (every request decoding one token), and finished requests are replaced. Each steady step yields one
+token per request, so the throughput ratio ensemble/single is the ratio of step times. Target: the
 ensemble rows cost no more than K single rows, i.e. ratio >= 1 / (1 + fraction (K - 1)) (0.67 for a
-quarter of K = 3).
+quarter of K = 3), which assumes a step's cost grows linearly with its rows; the control measures that
+directly: "rows" step time / ensemble step time >= 1 means an ensemble costs no more than its K rows.
 
     python -m benchmarks.ensemble_bench [--steps 200] [--warmup-steps 8] [--decode-tokens 64] [--k 3]
 """
@@ -137,6 +139,8 @@ def run(
     """Interleaves the two engines' steps (after `warmup_steps` discarded steady steps each, both restart
     together) until each has `steps` steady steps; returns the figures."""
     adapters = [AdapterRef(digest_dir(d), d) for d in adapter_dirs]
+    num_ensembles = len(range(0, num_requests, ENSEMBLE_EVERY))
+    num_rows = num_requests + num_ensembles * (k - 1)
     drivers = {
         "single": EnsembleDriver(
             "single",
@@ -152,6 +156,14 @@ def run(
             num_requests,
             decode_tokens,
             k,
+        ),
+        # A control: as many single-adapter requests as the ensemble batch runs sequences.
+        "rows": EnsembleDriver(
+            "rows",
+            make_engine(model_dir, num_requests, k, max_lora_rank),
+            adapters,
+            num_rows,
+            decode_tokens,
         ),
     }
     times_s: dict[str, list[float]] = {tag: [] for tag in drivers}
@@ -184,19 +196,25 @@ def run(
     run_s = time.perf_counter() - started
     single = step_stats(times_s["single"], num_requests)
     ensemble = step_stats(times_s["ensemble"], num_requests)
-    fraction = len(range(0, num_requests, ENSEMBLE_EVERY)) / num_requests
+    rows = step_stats(times_s["rows"], num_rows)
+    fraction = num_ensembles / num_requests
     return {
         "requests": num_requests,
         "k": k,
         "ensemble_fraction": fraction,
         "sequences_running": sequences,
         "single": single,
+        "rows": rows,
         "ensemble": ensemble,
         "ratio_median": single["median_step_ms"] / ensemble["median_step_ms"],
         "ratio_p10": single["p10_step_ms"] / ensemble["p10_step_ms"],
         "ratio_median_of_pairs": percentile(
             [s / e for s, e in zip(times_s["single"], times_s["ensemble"], strict=False)], 0.5
         ),
+        # Step time of as many single rows as the ensemble batch runs, over the ensemble batch's.
+        "rows_over_ensemble_step_median": rows["median_step_ms"] / ensemble["median_step_ms"],
+        # What the target ratio would be if a step's cost followed the control's (not linear) scaling.
+        "single_over_rows_step_median": single["median_step_ms"] / rows["median_step_ms"],
         "target_ratio": target_ratio(k, fraction),
         "unsteady_steps_skipped": unsteady,
         "interleaved_run_s": run_s,
@@ -223,7 +241,7 @@ def main() -> None:
     load_after = os.getloadavg()
     result = {
         "benchmark": "ensemble_bench",
-        "method": "one process, single and ensemble steps interleaved; steady decode steps timed one by one",
+        "method": "one process, single, ensemble and rows steps interleaved; steady decode steps timed one by one",
         "at": started_at.isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpus": os.cpu_count(),
@@ -250,6 +268,11 @@ def main() -> None:
             figures["ensemble"],
             figures["sequences_running"]["ensemble"],
         ),
+        (
+            f"control: {figures['sequences_running']['rows']} single-adapter requests",
+            figures["rows"],
+            figures["sequences_running"]["rows"],
+        ),
     )
     print(f"{'batch':<34}{'sequences':>10}{'median ms':>11}{'p10 ms':>9}{'tok/s (median)':>16}")
     for label, s, seqs in rows:
@@ -260,6 +283,12 @@ def main() -> None:
         f"tokens/s ratio ensemble/single: median {figures['ratio_median']:.3f} "
         f"(target >= {figures['target_ratio']:.3f}), p10 {figures['ratio_p10']:.3f}, "
         f"median of pairs {figures['ratio_median_of_pairs']:.3f}"
+    )
+    print(
+        f"step time of the control over the ensemble batch (same sequences): "
+        f"{figures['rows_over_ensemble_step_median']:.3f} (>= 1: an ensemble costs no more than its K rows); "
+        f"single over control: {figures['single_over_rows_step_median']:.3f} (the ratio linear scaling would give: "
+        f"{figures['target_ratio']:.3f})"
     )
     print(f"{args.steps} steps per engine in {figures['interleaved_run_s']:.1f} s; wrote {RESULTS_PATH}")
 

@@ -26,8 +26,8 @@ def test_bench_times_steady_steps_of_both_batches_with_k_sequences_per_ensemble(
         num_requests=8,
         max_lora_rank=64,
     )
-    # 8 requests, 2 of them ensembles of 3: 6 + 2 x 3 sequences running.
-    assert figures["sequences_running"] == {"single": 8, "ensemble": 12}
+    # 8 requests, 2 of them ensembles of 3: 6 + 2 x 3 sequences running, and the control as many.
+    assert figures["sequences_running"] == {"single": 8, "ensemble": 12, "rows": 12}
     assert figures["ensemble_fraction"] == 0.25 and figures["target_ratio"] == pytest.approx(2 / 3)
-    assert len(figures["step_ms"]["single"]) == len(figures["step_ms"]["ensemble"]) == 3
-    assert figures["ratio_median"] > 0
+    assert [len(figures["step_ms"][tag]) for tag in ("single", "ensemble", "rows")] == [3, 3, 3]
+    assert figures["ratio_median"] > 0 and figures["rows_over_ensemble_step_median"] > 0

@@ -42,11 +42,11 @@ def combine(logits: torch.Tensor, weights: torch.Tensor | list[float], method: s
     w = torch.as_tensor(weights, dtype=torch.float32, device=logits.device).reshape(
         logits.shape[:2]
     )  # (G, K)
-    bad = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1) | (logits == float("-inf")).all(dim=-1)
-    bad = bad.any(dim=-1)  # (G,)
+    top = logits.amax(dim=-1, keepdim=True)  # (G, K, 1): NaN if the row holds one, +inf, or -inf if all are
+    bad = (~torch.isfinite(top)).squeeze(-1).any(dim=-1)  # (G,)
     if method == "probs":
         # p = sum_i w_i exp(z_i - m_i) / s_i in one batched product: one exp per logit, one log per token.
-        shifted = torch.exp(logits - logits.amax(dim=-1, keepdim=True))  # (G, K, V), each row's top is 1
+        shifted = (logits - top).exp_()  # (G, K, V), each row's top is 1
         scale = w / shifted.sum(dim=-1)  # (G, K): w_i / s_i
         p = torch.bmm(scale.unsqueeze(1), shifted).squeeze(1)  # (G, V)
         combined = torch.log(p)

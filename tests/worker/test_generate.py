@@ -249,6 +249,28 @@ def test_linear_mix_streams_and_is_billed_to_both_adapters(system):
     assert {row.adapter for row in usage.rows} >= {"ad0", "ad1"}
 
 
+@pytest.mark.parametrize(
+    ("second_weight", "ad1_tokens"),
+    [(-0.5, 2), (0.0, 0), (1e-9, 0)],
+    ids=["negative", "zero", "below-a-micro-share"],
+)
+def test_every_mix_weight_validation_accepts_is_billed(system, second_weight, ad1_tokens):
+    """A negative (task-subtracting), zero or tiny member weight is served, so it must be billable: the
+    worker bills by the weights' magnitudes and leaves out members whose share rounds to nothing, so the
+    control plane never refuses the record (which would leave the tokens unbilled)."""
+    tenant, _, key = system.new_tenant()
+    with Client(system.target, key) as client:
+        tokens, _, _ = _collect(client, prompt="hello", mix={"ad0": 1.0, "ad1": second_weight}, max_tokens=6)
+    assert len(tokens) == 6
+    dead_before = system.worker.usage.stats.dead_lettered
+    system.flush_usage()
+    usage = system.wait_usage(tenant, 1)
+    assert (usage.total_requests, usage.total_completion_tokens) == (1, 6)
+    by_adapter = {row.adapter: row.completion_tokens for row in usage.rows}
+    assert by_adapter.get("ad1", 0) == ad1_tokens and by_adapter["ad0"] == 6 - ad1_tokens
+    assert system.worker.usage.stats.dead_lettered == dead_before
+
+
 def test_corrupt_artifact_download_is_discarded_never_loaded(system, tmp_path):
     tenant, _, key = system.new_tenant(admin=True)
     src = tmp_path / "fragile"

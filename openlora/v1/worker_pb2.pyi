@@ -178,7 +178,7 @@ class UsageAdapter(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class UsageEvent(_message.Message):
-    __slots__ = ("request_id", "tenant_id", "adapters", "worker_id", "base_model", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "total_ms", "finished_at", "finish_reason")
+    __slots__ = ("request_id", "tenant_id", "adapters", "worker_id", "base_model", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "total_ms", "finished_at", "finish_reason", "request_kind", "mix_name")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,8 @@ class UsageEvent(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_KIND_FIELD_NUMBER: _ClassVar[int]
+    MIX_NAME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tenant_id: str
     adapters: _containers.RepeatedCompositeFieldContainer[UsageAdapter]
@@ -203,7 +205,9 @@ class UsageEvent(_message.Message):
     total_ms: float
     finished_at: _timestamp_pb2.Timestamp
     finish_reason: str
-    def __init__(self, request_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[UsageAdapter, _Mapping]]] = ..., worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    request_kind: str
+    mix_name: str
+    def __init__(self, request_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[UsageAdapter, _Mapping]]] = ..., worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_reason: _Optional[str] = ..., request_kind: _Optional[str] = ..., mix_name: _Optional[str] = ...) -> None: ...
 
 class ReportUsageRequest(_message.Message):
     __slots__ = ("events",)

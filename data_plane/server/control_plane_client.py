@@ -383,4 +383,6 @@ def _usage_event(record: UsageRecord) -> worker_pb2.UsageEvent:
         total_ms=record.total_ms,
         finished_at=finished_at,
         finish_reason=record.finish_reason,
+        request_kind=record.request_kind,
+        mix_name=record.mix_name,
     )

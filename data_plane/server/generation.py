@@ -36,7 +36,12 @@ from data_plane.server.errors import (
 )
 from data_plane.server.metrics import AdapterActivity, WorkerMetrics
 from data_plane.server.named_mix import expand_named_mix
-from data_plane.server.usage_reporter import CHECKPOINT_FINISH_REASON, UsageRecord, UsageReporter
+from data_plane.server.usage_reporter import (
+    CHECKPOINT_FINISH_REASON,
+    UsageRecord,
+    UsageReporter,
+    request_kind,
+)
 from data_plane.server.validation import RequestFieldError, RequestLimits, ValidRequest, check_prompt_length
 
 log = logging.getLogger(__name__)
@@ -100,6 +105,8 @@ class _Progress:
     adapters: tuple[tuple[str, float], ...] = ()
     # Tokens billed per token run: an ensemble of K members runs each token K times.
     billed_per_token: int = 1
+    request_kind: str = "single"  # usage_reporter.request_kind
+    mix_name: str = ""  # the saved mix the request named
 
 
 class GenerationService:
@@ -263,6 +270,8 @@ class GenerationService:
             prompt_tokens=len(prompt_ids),
             adapters=billed_adapters(valid, by_name),
             billed_per_token=len(valid.adapters) if valid.is_ensemble else 1,
+            request_kind=request_kind(valid.mix_method, len(valid.adapters)),
+            mix_name=next((a.name for a in auth.adapters if a.mix is not None), ""),
         )
         outputs = self._engine.generate(engine_request)
         activity = self.activity.add(name for name in valid.adapter_names if name)  # no base member
@@ -507,6 +516,8 @@ class GenerationService:
             total_ms=progress.total_ms or (time.monotonic() - arrival) * 1000,
             finished_at=time.time(),
             finish_reason=finish_reason,
+            request_kind=progress.request_kind,
+            mix_name=progress.mix_name,
         )
 
 

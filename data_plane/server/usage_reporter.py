@@ -60,6 +60,10 @@ class UsageRecord:
     total_ms: float
     finished_at: float  # unix seconds
     finish_reason: str  # "stop" | "length" | "abort" | "error" | "interrupted" (a checkpoint)
+    # "single" | "linear_mix" | "merge:<method>" | "ensemble" (see request_kind); "" in a record spooled by
+    # an older worker, which the control plane bills per adapter as before.
+    request_kind: str = ""
+    mix_name: str = ""  # the saved mix the request named, else ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -87,7 +91,26 @@ class UsageRecord:
         return record
 
 
-_TEXT_FIELDS = ("request_id", "tenant_id", "worker_id", "base_model", "finish_reason")
+_TEXT_FIELDS = (
+    "request_id",
+    "tenant_id",
+    "worker_id",
+    "base_model",
+    "finish_reason",
+    "request_kind",
+    "mix_name",
+)
+
+
+def request_kind(mix_method: str, num_adapters: int) -> str:
+    """The kind a request is billed as: "ensemble", "merge:<method>" (ties, dare_linear, dare_ties,
+    magnitude_prune), "linear_mix" (two or more adapters summed), else "single" (the base model or one
+    adapter, however it was spelled)."""
+    if mix_method == "ensemble" and num_adapters:
+        return "ensemble"
+    if mix_method != "linear" and num_adapters:
+        return f"merge:{mix_method}"
+    return "linear_mix" if num_adapters > 1 else "single"
 
 
 # Sends one batch; raises on failure (nothing acknowledged), returns on success (all acknowledged).

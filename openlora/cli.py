@@ -343,7 +343,9 @@ def _invoice(client: AdminClient, args: argparse.Namespace) -> int:
         [
             line.kind,
             line.base_model,
-            line.adapter or "(base model)",
+            line.adapter or ("" if line.mix else "(base model)"),
+            line.request_kind,
+            line.mix,
             line.prompt_tokens,
             line.completion_tokens,
             money(line.amount_micros),
@@ -351,7 +353,19 @@ def _invoice(client: AdminClient, args: argparse.Namespace) -> int:
         for line in invoice.lines
     ]
     print(f"invoice {invoice.tenant} {invoice.period}")
-    print_table(["KIND", "BASE MODEL", "ADAPTER", "PROMPT TOKENS", "COMPLETION TOKENS", "AMOUNT"], rows)
+    print_table(
+        [
+            "KIND",
+            "BASE MODEL",
+            "ADAPTER",
+            "REQUEST KIND",
+            "MIX",
+            "PROMPT TOKENS",
+            "COMPLETION TOKENS",
+            "AMOUNT",
+        ],
+        rows,
+    )
     print_table(
         ["CHARGES", "EARNINGS", "NET"],
         [[money(invoice.charges_micros), money(invoice.earnings_micros), money(invoice.net_micros)]],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Identity, String, UniqueConstraint
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Identity, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from control_plane.db.base import Base, utc_now
@@ -46,3 +46,5 @@ class InvoiceLineRow(Base):
     prompt_tokens: Mapped[int] = mapped_column(BigInteger)
     completion_tokens: Mapped[int] = mapped_column(BigInteger)
     amount_micros: Mapped[int] = mapped_column(BigInteger)
+    request_kind: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    mix: Mapped[str] = mapped_column(Text, default="", server_default="")

@@ -2,8 +2,10 @@
 
 For a tenant T and a calendar month (UTC):
 
-- "tokens" per (base model, adapter) T used: (prompt micro-tokens * prompt price + completion
-  micro-tokens * completion price) / 1e12, prices in micro-units per million tokens;
+- "tokens" per (base model, adapter) T used alone, and per (base model, request kind, mix) for mixes,
+  merges and ensembles (one line for all of a mix's tokens, whatever its members): (prompt micro-tokens
+  * prompt price + completion micro-tokens * completion price) / 1e12, prices in micro-units per million
+  tokens; a record of a worker that did not say its kind counts per adapter, as before kinds;
 - "royalty_paid" per adapter of ANOTHER tenant T used: completion micro-tokens * the owner's royalty
   per million completion tokens / 1e12 (mixed requests contribute their weight's share);
 - "royalty_earned" per adapter T owns that other tenants used, same formula (T's own use pays none).
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from sqlalchemy import delete, func, select
@@ -31,6 +34,7 @@ from control_plane.registry.models import Adapter
 from control_plane.tenancy.models import Tenant
 from control_plane.text import check_text
 from control_plane.usage.models import UsageCounter
+from control_plane.usage.service import SINGLE_KINDS
 from control_plane.usage.shares import MICROS, round_half_even
 
 PERIOD = re.compile(r"^(?P<year>[0-9]{4})-(?P<month>0[1-9]|1[0-2])$")
@@ -44,10 +48,13 @@ _AMOUNT_DIVISOR = MICROS * 1_000_000
 class InvoiceLine:
     kind: str
     base_model: str
-    adapter: str
+    adapter: str  # "" on a mix's tokens line
     prompt_tokens: int
     completion_tokens: int
     amount_micros: int
+    # Tokens lines: "single", "linear_mix", "merge:<method>", "ensemble", or "" (per adapter, kind unknown).
+    request_kind: str = ""
+    mix: str = ""  # a mix's tokens line: the saved mix's name or its adapters' names joined by "+"
 
 
 @dataclass(frozen=True)
@@ -100,10 +107,13 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
 
 
 def _consumption(session: Session, tenant_id: uuid.UUID, start: datetime, end: datetime):
-    """(base model, adapter name, owner id, royalty, prompt micro-tokens, completion micro-tokens) of T."""
+    """(base model, request kind, mix, adapter name, owner id, royalty, prompt micro-tokens, completion
+    micro-tokens) of T."""
     return session.execute(
         select(
             UsageCounter.base_model,
+            UsageCounter.request_kind,
+            UsageCounter.mix,
             Adapter.name,
             Adapter.tenant_id,
             Adapter.royalty_micros_per_million_tokens,
@@ -113,8 +123,38 @@ def _consumption(session: Session, tenant_id: uuid.UUID, start: datetime, end: d
         .select_from(UsageCounter)
         .outerjoin(Adapter, Adapter.id == UsageCounter.adapter_id)
         .where(UsageCounter.tenant_id == tenant_id, UsageCounter.hour_at >= start, UsageCounter.hour_at < end)
-        .group_by(UsageCounter.base_model, Adapter.id)
+        .group_by(UsageCounter.base_model, UsageCounter.request_kind, UsageCounter.mix, Adapter.id)
     ).all()
+
+
+@dataclass
+class _Used:
+    """One adapter's (or the base model's) use by T: its single requests' tokens and every completion
+    micro-token a royalty is due on (its weighted share of mixes included)."""
+
+    owner_id: uuid.UUID | None
+    royalty: int | None
+    prompt_mt: int = 0
+    completion_mt: int = 0
+    royalty_completion_mt: int = 0
+    request_kinds: set[str] = field(default_factory=set)
+
+
+def _tokens_line(
+    price: Price | None, base_model: str, adapter: str, prompt_mt: int, completion_mt: int, **kind
+):
+    amount = 0
+    if price is not None:
+        amount = round_half_even(
+            prompt_mt * price.prompt_micros_per_million_tokens
+            + completion_mt * price.completion_micros_per_million_tokens,
+            _AMOUNT_DIVISOR,
+        )
+    prompt_tokens, completion_tokens = (
+        round_half_even(prompt_mt, MICROS),
+        round_half_even(completion_mt, MICROS),
+    )
+    return InvoiceLine(TOKENS, base_model, adapter, prompt_tokens, completion_tokens, amount, **kind)
 
 
 def _earned(session: Session, tenant_id: uuid.UUID, start: datetime, end: datetime):
@@ -143,34 +183,57 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
     start, end = period_bounds(period)
     prices = {p.base_model: p for p in session.scalars(select(Price))}
     lines: list[InvoiceLine] = []
-    for base_model, adapter, owner_id, royalty, prompt_mt, completion_mt in _consumption(
+    used: dict[tuple[str, str | None], _Used] = {}
+    mixes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for base_model, request_kind, mix, adapter, owner_id, royalty, prompt_mt, completion_mt in _consumption(
         session, tenant.id, start, end
     ):
         prompt_mt, completion_mt = int(prompt_mt), int(completion_mt)
-        price = prices.get(base_model)
-        amount = 0
-        if price is not None:
-            amount = round_half_even(
-                prompt_mt * price.prompt_micros_per_million_tokens
-                + completion_mt * price.completion_micros_per_million_tokens,
-                _AMOUNT_DIVISOR,
+        one = used.setdefault((base_model, adapter), _Used(owner_id, royalty))
+        one.royalty_completion_mt += completion_mt
+        if request_kind in SINGLE_KINDS:
+            one.prompt_mt += prompt_mt
+            one.completion_mt += completion_mt
+            one.request_kinds.add(request_kind)
+        else:  # a mix's members' shares add up to its whole tokens
+            mixes[(base_model, request_kind, mix)][0] += prompt_mt
+            mixes[(base_model, request_kind, mix)][1] += completion_mt
+    for (base_model, adapter), one in used.items():
+        if one.request_kinds:
+            kind = "single" if one.request_kinds == {"single"} else ""
+            lines.append(
+                _tokens_line(
+                    prices.get(base_model),
+                    base_model,
+                    adapter or "",
+                    one.prompt_mt,
+                    one.completion_mt,
+                    request_kind=kind,
+                )
             )
-        prompt_tokens, completion_tokens = (
-            round_half_even(prompt_mt, MICROS),
-            round_half_even(completion_mt, MICROS),
-        )
-        lines.append(InvoiceLine(TOKENS, base_model, adapter or "", prompt_tokens, completion_tokens, amount))
-        if adapter is not None and owner_id != tenant.id and royalty:
+        if adapter is not None and one.owner_id != tenant.id and one.royalty:
             lines.append(
                 InvoiceLine(
                     ROYALTY_PAID,
                     base_model,
                     adapter,
                     0,
-                    completion_tokens,
-                    round_half_even(completion_mt * royalty, _AMOUNT_DIVISOR),
+                    round_half_even(one.royalty_completion_mt, MICROS),
+                    round_half_even(one.royalty_completion_mt * one.royalty, _AMOUNT_DIVISOR),
                 )
             )
+    for (base_model, request_kind, mix), (prompt_mt, completion_mt) in mixes.items():
+        lines.append(
+            _tokens_line(
+                prices.get(base_model),
+                base_model,
+                "",
+                prompt_mt,
+                completion_mt,
+                request_kind=request_kind,
+                mix=mix,
+            )
+        )
     for base_model, adapter, royalty, completion_mt in _earned(session, tenant.id, start, end):
         if royalty:
             lines.append(
@@ -183,7 +246,9 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
                     round_half_even(int(completion_mt) * royalty, _AMOUNT_DIVISOR),
                 )
             )
-    lines.sort(key=lambda line: (_KIND_ORDER[line.kind], line.base_model, line.adapter))
+    lines.sort(
+        key=lambda line: (_KIND_ORDER[line.kind], line.base_model, line.adapter, line.request_kind, line.mix)
+    )
     charges = sum(line.amount_micros for line in lines if line.kind != ROYALTY_EARNED)
     earnings = sum(line.amount_micros for line in lines if line.kind == ROYALTY_EARNED)
     invoice = Invoice(tenant.name, period, lines, charges, earnings, charges - earnings, utc_now())
@@ -214,6 +279,8 @@ def _store(session: Session, tenant_id: uuid.UUID, invoice: Invoice) -> None:
             prompt_tokens=line.prompt_tokens,
             completion_tokens=line.completion_tokens,
             amount_micros=line.amount_micros,
+            request_kind=line.request_kind,
+            mix=line.mix,
         )
         for line in invoice.lines
     )

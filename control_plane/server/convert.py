@@ -188,6 +188,8 @@ def usage_report_from_proto(event: worker_pb2.UsageEvent) -> UsageReport:
         if event.HasField("finished_at")
         else None,
         finish_reason=event.finish_reason,
+        request_kind=event.request_kind,
+        mix_name=event.mix_name,
     )
 
 
@@ -221,6 +223,8 @@ def invoice_to_proto(invoice: Invoice) -> admin_pb2.Invoice:
                 prompt_tokens=line.prompt_tokens,
                 completion_tokens=line.completion_tokens,
                 amount_micros=line.amount_micros,
+                request_kind=line.request_kind,
+                mix=line.mix,
             )
             for line in invoice.lines
         ],

@@ -1,5 +1,6 @@
 """Tables: `usage_event`, `usage_event_adapter` (one row per adapter of a request, with its mix weight)
-and `usage_counter` (per tenant, base model, adapter and hour; moved only by really inserted events).
+and `usage_counter` (per tenant, base model, adapter, hour, request kind and mix; moved only by really
+inserted events).
 
 Counters hold weighted tokens as integer micro-tokens (tokens * 1e6 * share), so the tokens of a mixed
 request split exactly across its adapters."""
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Index,
     Numeric,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -45,6 +47,11 @@ class UsageEvent(Base):
     ttft_ms: Mapped[float] = mapped_column(default=0.0)
     total_ms: Mapped[float] = mapped_column(default=0.0)
     finish_reason: Mapped[str] = mapped_column(String(32), default="")
+    # "single" | "linear_mix" | "merge:<method>" | "ensemble"; "" from a worker that did not say.
+    request_kind: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # A mix's or ensemble's identity on the invoice: the saved mix's name, else its adapters' names
+    # sorted and joined by "+"; "" for other kinds.
+    mix: Mapped[str] = mapped_column(Text, default="", server_default="")
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
@@ -70,7 +77,14 @@ class UsageCounter(Base):
     __tablename__ = "usage_counter"
     __table_args__ = (
         UniqueConstraint(
-            "tenant_id", "base_model", "adapter_id", "hour_at", postgresql_nulls_not_distinct=True
+            "tenant_id",
+            "base_model",
+            "adapter_id",
+            "hour_at",
+            "request_kind",
+            "mix",
+            name="uq_usage_counter_line_hour",
+            postgresql_nulls_not_distinct=True,
         ),
     )
 
@@ -80,6 +94,9 @@ class UsageCounter(Base):
     # NULL: the base model alone.
     adapter_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("adapter.id"), index=True)
     hour_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # As on the events counted here: the invoice shows a mix or ensemble as one line per kind and mix.
+    request_kind: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    mix: Mapped[str] = mapped_column(Text, default="", server_default="")
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     prompt_micro_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_micro_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -19,6 +19,7 @@ A batch is validated whole first and then succeeds or fails atomically. Rows are
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from collections import defaultdict
@@ -42,6 +43,8 @@ MAX_REQUEST_ID_CHARS = 128
 # The finish reason of a checkpoint: the count a stream had delivered when its worker last spooled it.
 # Stored as such only when the stream never finished (its worker was killed).
 CHECKPOINT_FINISH_REASON = "interrupted"
+# Request kinds billed per adapter: one adapter or none, and records of workers that do not say.
+SINGLE_KINDS = frozenset({"", "single"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ class UsageReport:
     total_ms: float = 0.0
     finished_at: datetime | None = None
     finish_reason: str = ""
+    # "single" | "linear_mix" | "merge:<method>" | "ensemble"; "" from a worker that does not say.
+    request_kind: str = ""
+    mix_name: str = ""  # the saved mix the request named, else ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class _Checked:
     tenant_id: uuid.UUID
     adapters: tuple[tuple[uuid.UUID, Decimal], ...]  # in adapter-id order
     finished_at: datetime
+    mix: str = ""  # the mix's identity on the invoice (mix_identity); "" for a single request
 
     @property
     def rank(self) -> tuple[int, int, bool]:
@@ -109,6 +116,8 @@ def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
         check_text(r.base_model, f"{where}.base_model", 128)
         check_text(r.worker_id, f"{where}.worker_id", 128)
         check_text(r.finish_reason, f"{where}.finish_reason", 32)
+        check_text(r.request_kind, f"{where}.request_kind", 64)
+        check_text(r.mix_name, f"{where}.mix_name", 128)
         for name in ("queue_ms", "ttft_ms", "total_ms"):
             value = getattr(r, name)
             if not math.isfinite(value) or value < 0:
@@ -137,7 +146,14 @@ def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
     )
     adapter_ids = {a for c in checked for a, _ in c.adapters}
     known_adapters = (
-        set(session.scalars(select(Adapter.id).where(Adapter.id.in_(adapter_ids)))) if adapter_ids else set()
+        {
+            adapter_id: name
+            for adapter_id, name in session.execute(
+                select(Adapter.id, Adapter.name).where(Adapter.id.in_(adapter_ids))
+            )
+        }
+        if adapter_ids
+        else {}
     )
     for i, c in enumerate(checked):
         if c.tenant_id not in known_tenants:
@@ -147,7 +163,18 @@ def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
                 raise InvalidArgument(
                     f"unknown adapter {adapter_id}", field=f"events[{i}].adapters[{j}].adapter_id"
                 )
-    return checked
+    return [
+        dataclasses.replace(c, mix=mix_identity(c.report, [known_adapters[a] for a, _ in c.adapters]))
+        for c in checked
+    ]
+
+
+def mix_identity(report: UsageReport, adapter_names: list[str]) -> str:
+    """How the invoice names a mix or ensemble request: the saved mix's name, else its adapters' names
+    sorted and joined by "+"; "" for a single request and for a record that does not say its kind."""
+    if report.request_kind in SINGLE_KINDS:
+        return ""
+    return report.mix_name or "+".join(sorted(adapter_names))
 
 
 def check_request_id_unused(session: Session, tenant_id: str, request_id: str) -> None:
@@ -219,12 +246,21 @@ class _Contribution:
     hour_at: datetime
     prompt_tokens: int
     completion_tokens: int
+    request_kind: str
+    mix: str
 
 
 def _contribution_of(c: _Checked) -> _Contribution:
     r = c.report
     return _Contribution(
-        c.tenant_id, r.base_model, c.adapters, _hour(c.finished_at), r.prompt_tokens, r.completion_tokens
+        c.tenant_id,
+        r.base_model,
+        c.adapters,
+        _hour(c.finished_at),
+        r.prompt_tokens,
+        r.completion_tokens,
+        r.request_kind,
+        c.mix,
     )
 
 
@@ -243,6 +279,8 @@ def _event_row(c: _Checked) -> dict:
         "finish_reason": r.finish_reason[:32],
         "finished_at": c.finished_at,
         "recorded_at": utc_now(),
+        "request_kind": r.request_kind,
+        "mix": c.mix,
     }
 
 
@@ -292,6 +330,8 @@ def _replace_outranked(session: Session, stored: list[_Checked]) -> list[tuple[_
             _hour(row.finished_at),
             row.prompt_tokens,
             row.completion_tokens,
+            row.request_kind,
+            row.mix,
         )
         for name, value in _event_row(c).items():
             setattr(row, name, value)
@@ -316,10 +356,10 @@ def _link_adapters(session: Session, events: list[_Checked]) -> None:
 
 
 def _count(deltas: dict[tuple, list[int]], c: _Contribution, sign: int) -> None:
-    """Adds (sign +1) or takes out (-1) one event's contribution to
-    deltas[(tenant, base model, adapter or None, hour)] = [requests, prompt µtokens, completion µtokens]."""
+    """Adds (sign +1) or takes out (-1) one event's contribution to deltas[(tenant, base model, adapter
+    or None, hour, request kind, mix)] = [requests, prompt µtokens, completion µtokens]."""
     if not c.adapters:
-        delta = deltas[(c.tenant_id, c.base_model, None, c.hour_at)]
+        delta = deltas[(c.tenant_id, c.base_model, None, c.hour_at, c.request_kind, c.mix)]
         delta[0] += sign
         delta[1] += sign * c.prompt_tokens * MICROS
         delta[2] += sign * c.completion_tokens * MICROS
@@ -328,15 +368,15 @@ def _count(deltas: dict[tuple, list[int]], c: _Contribution, sign: int) -> None:
     prompt_parts = split_micro_tokens(c.prompt_tokens, weights)
     completion_parts = split_micro_tokens(c.completion_tokens, weights)
     for (adapter_id, _), prompt, completion in zip(c.adapters, prompt_parts, completion_parts, strict=True):
-        delta = deltas[(c.tenant_id, c.base_model, adapter_id, c.hour_at)]
+        delta = deltas[(c.tenant_id, c.base_model, adapter_id, c.hour_at, c.request_kind, c.mix)]
         delta[0] += sign
         delta[1] += sign * prompt
         delta[2] += sign * completion
 
 
 def _move_counters(session: Session, deltas: dict[tuple, list[int]]) -> None:
-    for key in sorted(deltas, key=lambda k: (str(k[0]), k[1], str(k[2]), k[3])):
-        tenant_id, base_model, adapter_id, hour = key
+    for key in sorted(deltas, key=lambda k: (str(k[0]), k[1], str(k[2]), k[3], k[4], k[5])):
+        tenant_id, base_model, adapter_id, hour, request_kind, mix = key
         requests, prompt, completion = deltas[key]
         if requests == prompt == completion == 0:
             continue  # a replacement that moved nothing on this line
@@ -345,13 +385,15 @@ def _move_counters(session: Session, deltas: dict[tuple, list[int]]) -> None:
             base_model=base_model,
             adapter_id=adapter_id,
             hour_at=hour,
+            request_kind=request_kind,
+            mix=mix,
             requests=requests,
             prompt_micro_tokens=prompt,
             completion_micro_tokens=completion,
         )
         counter_id, *totals = session.execute(
             statement.on_conflict_do_update(
-                constraint="uq_usage_counter_tenant_id_base_model_adapter_id_hour_at",
+                constraint="uq_usage_counter_line_hour",
                 set_={
                     "requests": UsageCounter.requests + statement.excluded.requests,
                     "prompt_micro_tokens": UsageCounter.prompt_micro_tokens

@@ -1,0 +1,157 @@
+"""Invoices show a mix, a merge, an ensemble or a saved mix as one "tokens" line per (request kind, mix),
+through a control plane and a worker in process; royalties stay per adapter, split by weight.
+
+Prices are 1 micro per prompt token and 2 per completion token, and the royalty of the other tenant's
+public adapter 1 micro per completion token, so every amount can be told from the tokens the requests
+were billed (an ensemble of K members: its tokens times K)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from openlora.admin_client import AdminClient
+from openlora.client import Client
+from tests.worker import conftest as worker
+
+tiny_model_dir = worker.tiny_model_dir
+ADMIN_KEY, BASE_MODEL = worker.ADMIN_KEY, worker.BASE_MODEL
+
+PROMPT = "the quick brown fox"
+MAX_TOKENS = 8
+PROMPT_MICROS, COMPLETION_MICROS = 1, 2  # per token
+ROYALTY_MICROS = 1  # per completion token
+
+
+@pytest.fixture(scope="module")
+def kinds_system(database_url, redis_url, tiny_model_dir, tmp_path_factory):
+    """(operator, control plane target, worker target): a control plane and a worker; the base model priced; a tenant "owner"
+    with the public adapter "shared" (royalty 1 micro per completion token)."""
+    from control_plane.config import ControlPlaneConfig
+    from control_plane.server.server import serve
+
+    loop = worker.support.LoopThread()
+    cp = loop.run(
+        serve(
+            ControlPlaneConfig(
+                database_url=database_url,
+                state_dir=tmp_path_factory.mktemp("cp-kinds"),
+                worker_token=worker.WORKER_TOKEN,
+                listen="127.0.0.1:0",
+                redis_url=redis_url,
+                admin_key=ADMIN_KEY,
+                predictor_interval_s=0,
+            )
+        )
+    )
+    running = worker.start_worker(
+        loop, cp.target, tiny_model_dir, tmp_path_factory.mktemp("worker-kinds"), redis_url
+    )
+    operator = AdminClient(cp.target, ADMIN_KEY)
+    operator.set_price(BASE_MODEL, PROMPT_MICROS * 1_000_000, COMPLETION_MICROS * 1_000_000)
+    owner = f"owner-{uuid.uuid4().hex[:8]}"
+    operator.create_tenant(owner)
+    operator.upload_adapter(
+        tiny_model_dir / "adapters" / "ad1",
+        "shared",
+        BASE_MODEL,
+        public=True,
+        tenant=owner,
+        royalty_micros_per_million_tokens=ROYALTY_MICROS * 1_000_000,
+    )
+    yield operator, cp.target, f"127.0.0.1:{running.port}"
+    operator.close()
+    loop.run(running.stop(1.0))
+    loop.run(cp.stop(1.0))
+    loop.close()
+
+
+def _generate(target: str, key: str, **kwargs) -> tuple[int, int]:
+    """(prompt tokens, completion tokens) the caller received."""
+    with Client(target, key) as client:
+        last = list(client.generate_stream(prompt=PROMPT, max_tokens=MAX_TOKENS, **kwargs))[-1]
+    return last.usage.prompt_tokens, last.usage.completion_tokens
+
+
+def _invoice_when_billed(admin: AdminClient, completion_tokens: int, timeout_s: float = 20.0):
+    """The tenant's invoice of this month once its usage holds `completion_tokens` billed tokens."""
+    deadline = time.monotonic() + timeout_s
+    while admin.get_usage().total_completion_tokens < completion_tokens:
+        assert time.monotonic() < deadline, "the usage never reached the control plane"
+        time.sleep(0.2)
+    return admin.get_invoice(datetime.now(UTC).strftime("%Y-%m"))
+
+
+def _tokens_lines(invoice) -> dict[tuple[str, str, str], tuple[int, int, int]]:
+    return {
+        (line.request_kind, line.mix, line.adapter): (
+            line.prompt_tokens,
+            line.completion_tokens,
+            line.amount_micros,
+        )
+        for line in invoice.lines
+        if line.kind == "tokens"
+    }
+
+
+def _cost(prompt_tokens: int, completion_tokens: int) -> tuple[int, int, int]:
+    return (
+        prompt_tokens,
+        completion_tokens,
+        prompt_tokens * PROMPT_MICROS + completion_tokens * COMPLETION_MICROS,
+    )
+
+
+def test_each_mix_kind_is_one_tokens_line_and_royalties_stay_per_adapter(kinds_system, tiny_model_dir):
+    operator, cp_target, target = kinds_system
+    tenant = f"user-{uuid.uuid4().hex[:8]}"
+    operator.create_tenant(tenant)
+    key = operator.create_api_key(tenant, admin=True).secret
+    with AdminClient(cp_target, key) as admin:
+        for name in ("ad0", "ad2"):
+            admin.upload_adapter(tiny_model_dir / "adapters" / name, name, BASE_MODEL)
+        admin.create_mix("blend", [("shared", 0.6), ("ad2", 0.4)], method="ties", density=0.5)
+
+        prompt, completion = _generate(target, key, adapter="ad0")
+        assert completion == MAX_TOKENS
+        assert _generate(target, key, mix=[("ad0", 0.5), ("shared", 0.5)]) == (prompt, completion)
+        assert _generate(target, key, mix=[("ad2", 0.5), ("ad0", 0.5)], mix_method="ties", density=0.5) == (
+            prompt,
+            completion,
+        )
+        assert _generate(target, key, mix=[("shared", 0.25), ("ad2", 0.75)], mix_method="ensemble") == (
+            prompt,
+            completion,
+        )
+        assert _generate(target, key, adapter="blend") == (prompt, completion)
+        # Billed: four requests of (prompt, completion) and an ensemble of K = 2 (twice its tokens).
+        billed_prompt, billed_completion = 6 * prompt, 6 * completion
+        invoice = _invoice_when_billed(admin, billed_completion)
+
+    assert _tokens_lines(invoice) == {
+        ("single", "", "ad0"): _cost(prompt, completion),
+        ("linear_mix", "ad0+shared", ""): _cost(prompt, completion),
+        ("merge:ties", "ad0+ad2", ""): _cost(prompt, completion),
+        ("ensemble", "ad2+shared", ""): _cost(2 * prompt, 2 * completion),
+        ("merge:ties", "blend", ""): _cost(prompt, completion),
+    }
+    # No money changes: the tokens lines hold every billed token at the base model's price.
+    tokens_lines = [line for line in invoice.lines if line.kind == "tokens"]
+    assert sum(line.prompt_tokens for line in tokens_lines) == billed_prompt
+    assert sum(line.completion_tokens for line in tokens_lines) == billed_completion
+    # The royalty of "shared" is its weighted share of each request it was in: 0.5 * 8 (linear),
+    # 0.25 * 16 (ensemble), 0.6 * 8 (the saved mix) = 12.8 completion tokens, one line for the adapter.
+    royalties = [line for line in invoice.lines if line.kind != "tokens"]
+    assert [(r.kind, r.adapter, r.request_kind, r.mix) for r in royalties] == [
+        ("royalty_paid", "shared", "", "")
+    ]
+    shared_completion_micro_tokens = (
+        completion * 1_000_000 // 2 + 2 * completion * 1_000_000 // 4 + completion * 600_000
+    )
+    assert royalties[0].amount_micros == round(shared_completion_micro_tokens * ROYALTY_MICROS / 1_000_000)
+    assert invoice.charges_micros == (
+        billed_prompt * PROMPT_MICROS + billed_completion * COMPLETION_MICROS + royalties[0].amount_micros
+    )

@@ -155,3 +155,39 @@ def test_each_mix_kind_is_one_tokens_line_and_royalties_stay_per_adapter(kinds_s
     assert invoice.charges_micros == (
         billed_prompt * PROMPT_MICROS + billed_completion * COMPLETION_MICROS + royalties[0].amount_micros
     )
+
+
+def test_a_record_without_a_kind_bills_per_adapter_as_before(kinds_system, tiny_model_dir):
+    """An older worker's record of a mix says no kind: each adapter's tokens line holds its weighted share,
+    its request kind is unknown ("")."""
+    import grpc
+
+    from openlora.v1 import worker_pb2, worker_pb2_grpc
+
+    operator, cp_target, _ = kinds_system
+    tenant = operator.create_tenant(f"old-{uuid.uuid4().hex[:8]}")
+    key = operator.create_api_key(tenant.name, admin=True).secret
+    with AdminClient(cp_target, key) as admin:
+        ids = {}
+        for name in ("ad0", "ad2"):
+            admin.upload_adapter(tiny_model_dir / "adapters" / name, name, BASE_MODEL)
+            ids[name] = admin.get_adapter(name).id
+        event = worker_pb2.UsageEvent(
+            request_id="older-worker",
+            tenant_id=tenant.id,
+            adapters=[
+                worker_pb2.UsageAdapter(adapter_id=ids["ad0"], weight=0.25),
+                worker_pb2.UsageAdapter(adapter_id=ids["ad2"], weight=0.75),
+            ],
+            worker_id="old",
+            base_model=BASE_MODEL,
+            prompt_tokens=4,
+            completion_tokens=8,
+        )
+        with grpc.insecure_channel(cp_target) as channel:
+            worker_pb2_grpc.WorkerServiceStub(channel).ReportUsage(
+                worker_pb2.ReportUsageRequest(events=[event]),
+                metadata=[("authorization", f"Bearer {worker.WORKER_TOKEN}")],
+            )
+        invoice = _invoice_when_billed(admin, 8)
+    assert _tokens_lines(invoice) == {("", "", "ad0"): _cost(1, 2), ("", "", "ad2"): _cost(3, 6)}

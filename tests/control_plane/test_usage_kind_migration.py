@@ -1,0 +1,64 @@
+"""Migration 0004 (request kinds on usage) keeps every counted token: existing rows become kind "" (billed
+per adapter, as before), and the downgrade folds the counters of one adapter and hour back into one row."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import create_engine, pool, text
+
+from control_plane.db.engine import sqlalchemy_url
+from control_plane.db.migrate import downgrade, upgrade
+
+_COUNTER = text(
+    "INSERT INTO usage_counter (tenant_id, base_model, adapter_id, hour_at, request_kind, mix, requests,"
+    " prompt_micro_tokens, completion_micro_tokens)"
+    " VALUES (:tenant, 'base', NULL, '2026-11-30 10:00+00', :kind, :mix, 1, :prompt, :completion)"
+)
+
+
+def _execute(url: str, *statements) -> list:
+    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+    try:
+        with engine.begin() as connection:
+            results = [connection.execute(statement, params) for statement, params in statements]
+            return [result.all() if result.returns_rows else [] for result in results]
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_folds_the_counters_of_each_kind_back_into_one_per_adapter_and_hour(
+    empty_database_url: str,
+) -> None:
+    tenant = uuid.uuid4()
+    upgrade(empty_database_url, "0003")
+    _execute(
+        empty_database_url,
+        (
+            text(
+                "INSERT INTO tenant (id, name, is_operator, created_at) VALUES (:tenant, 't', false, now())"
+            ),
+            {"tenant": tenant},
+        ),
+    )
+    upgrade(empty_database_url)
+    kinds = [("", "", 5, 7), ("single", "", 10, 20), ("ensemble", "a+b", 100, 200)]
+    _execute(
+        empty_database_url,
+        *(
+            (_COUNTER, {"tenant": tenant, "kind": k, "mix": m, "prompt": p, "completion": c})
+            for k, m, p, c in kinds
+        ),
+    )
+    downgrade(empty_database_url, "0003")
+    [rows] = _execute(
+        empty_database_url,
+        (text("SELECT requests, prompt_micro_tokens, completion_micro_tokens FROM usage_counter"), {}),
+    )
+    assert [tuple(row) for row in rows] == [(3, 115, 227)]
+    upgrade(empty_database_url)
+    [rows] = _execute(
+        empty_database_url,
+        (text("SELECT request_kind, mix, requests FROM usage_counter"), {}),
+    )
+    assert [tuple(row) for row in rows] == [("", "", 3)]

@@ -20,7 +20,7 @@ import platform
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -240,7 +240,7 @@ def main() -> None:
     if args.steps < 1 or args.warmup_steps < 0 or args.decode_tokens < 2:
         parser.error("--steps >= 1, --warmup-steps >= 0, --decode-tokens >= 2")
     load_before = os.getloadavg()
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = time.perf_counter()

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(json.dumps(summary))
 
-    stamp = dt.datetime.now(dt.timezone.utc)
+    stamp = dt.datetime.now(dt.UTC)
     report = {
         "date": stamp.isoformat(timespec="seconds"),
         "device": device_name,

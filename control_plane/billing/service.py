@@ -21,7 +21,7 @@ import re
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
@@ -101,8 +101,8 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
     if not match:
         raise InvalidArgument(f"must be YYYY-MM, got {period!r}", field="period")
     year, month = int(match["year"]), int(match["month"])
-    start = datetime(year, month, 1, tzinfo=timezone.utc)
-    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+    start = datetime(year, month, 1, tzinfo=UTC)
+    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
     return start, end
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -32,14 +32,14 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
     ts = Timestamp()
-    ts.FromDatetime(value.astimezone(timezone.utc))
+    ts.FromDatetime(value.astimezone(UTC))
     return ts
 
 
 def from_timestamp(ts: Timestamp, field: str) -> datetime:
     """The UTC datetime of a timestamp; INVALID_ARGUMENT naming `field` when outside years 1..9999."""
     try:
-        return ts.ToDatetime(tzinfo=timezone.utc)
+        return ts.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise InvalidArgument("is not a valid timestamp (years 1..9999)", field=field) from None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 import psycopg
@@ -83,8 +83,8 @@ def _report(cp, events) -> worker_pb2.ReportUsageResponse:
     )
 
 
-MARCH = datetime(2026, 3, 14, 10, 30, tzinfo=timezone.utc)
-APRIL = datetime(2026, 4, 2, 8, 0, tzinfo=timezone.utc)
+MARCH = datetime(2026, 3, 14, 10, 30, tzinfo=UTC)
+APRIL = datetime(2026, 4, 2, 8, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_usage_per_adapter_and_totals(cp, world, march_usage) -> None:
     }
     assert (usage.total_requests, usage.total_prompt_tokens, usage.total_completion_tokens) == (4, 1456, 2811)
     with cp.admin() as operator:
-        april = operator.get_usage("user", start=datetime(2026, 4, 1, tzinfo=timezone.utc))
+        april = operator.get_usage("user", start=datetime(2026, 4, 1, tzinfo=UTC))
     assert [(r.adapter, r.requests) for r in april.rows] == [("", 1)] and april.total_requests == 1
 
 
@@ -182,7 +182,7 @@ def test_bad_period_is_invalid(cp, world) -> None:
 
 def test_concurrent_reports_of_the_same_requests_count_once(cp, world) -> None:
     user, poet = world["tenant"]["user"], world["adapter"]["poet"]
-    when = datetime(2026, 5, 1, 12, tzinfo=timezone.utc)
+    when = datetime(2026, 5, 1, 12, tzinfo=UTC)
     events = [_event(f"c{i}", user, [(poet, 1.0)], 10, 20, when) for i in range(20)]
     results: list[worker_pb2.ReportUsageResponse] = []
     barrier = threading.Barrier(8)
@@ -201,7 +201,7 @@ def test_concurrent_reports_of_the_same_requests_count_once(cp, world) -> None:
     assert sum(r.inserted for r in results) == 20
     assert sum(r.duplicates for r in results) == 7 * 20
     with cp.admin() as admin:
-        may = admin.get_usage("user", start=when, end=datetime(2026, 5, 2, tzinfo=timezone.utc))
+        may = admin.get_usage("user", start=when, end=datetime(2026, 5, 2, tzinfo=UTC))
     assert [(r.adapter, r.requests, r.prompt_tokens, r.completion_tokens) for r in may.rows] == [
         ("poet", 20, 200, 400)
     ]

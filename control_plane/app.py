@@ -23,6 +23,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from control_plane.hints.publisher import HintPublisher
 from control_plane.mixes import service as mixes
+from control_plane.registry import catalog
 from control_plane.registry import service as registry
 from control_plane.registry.models import VISIBILITY_PRIVATE, VISIBILITY_PUBLIC, Adapter
 from control_plane.registry.uploads import UploadHeader, UploadPlan, UploadResult
@@ -261,6 +262,17 @@ class ControlPlane:
             self.config.authorize_cache_ttl_ms,
             caller.key_id,
         )
+
+    def list_models(
+        self, api_key: str, base_model: str, page_size: int, page_token: str
+    ) -> catalog.ModelPage:
+        """The adapters and saved mixes the caller's key may name on this base model, by name, paged."""
+        with self.sessions.begin() as s:
+            caller = tenancy.authenticate(s, api_key)
+            if not caller.may_infer:
+                raise PermissionDenied("this key lacks the infer scope")
+            fingerprint = workers.base_model(s, base_model).fingerprint
+            return catalog.list_models(s, caller.tenant_id, fingerprint, page_size, page_token)
 
     def artifact_files(self, sha256: str) -> list[Path]:
         return self.store.files(sha256)

@@ -6,6 +6,7 @@ import asyncio
 
 from control_plane import metrics
 from control_plane.app import ControlPlane
+from control_plane.registry import catalog
 from control_plane.server import convert, mix_convert
 from control_plane.server.auth import bearer_token
 from openlora.v1 import worker_pb2, worker_pb2_grpc
@@ -48,6 +49,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             ],
             cache_ttl_ms=auth.cache_ttl_ms,
             api_key_id=str(auth.api_key_id or ""),
+        )
+
+    async def ListModels(self, request, context):
+        """The caller key's adapters and saved mixes on the base model, one entry per name, paged."""
+        self.app.check_worker_token(bearer_token(context))
+        page = await asyncio.to_thread(
+            self.app.list_models, request.api_key, request.base_model, request.page_size, request.page_token
+        )
+        return worker_pb2.ListModelsResponse(
+            models=[_model_entry(e) for e in page.models],
+            next_page_token=page.next_page_token,
         )
 
     async def FetchArtifact(self, request, context):
@@ -104,3 +116,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         metrics.USAGE_EVENTS_INSERTED.inc(outcome.inserted)
         metrics.USAGE_EVENTS_DUPLICATE.inc(outcome.duplicates)
         return worker_pb2.ReportUsageResponse(inserted=outcome.inserted, duplicates=outcome.duplicates)
+
+
+def _model_entry(entry: catalog.ModelEntry) -> worker_pb2.ModelEntry:
+    return worker_pb2.ModelEntry(
+        name=entry.name,
+        kind=entry.kind,
+        owned_by=entry.owned_by,
+        created_at=convert.timestamp(entry.created_at),
+    )

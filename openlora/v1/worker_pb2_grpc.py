@@ -76,6 +76,11 @@ class WorkerServiceStub:
                 request_serializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/openlora.v1.WorkerService/ListModels',
+                request_serializer=openlora_dot_v1_dot_worker__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_worker__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -142,6 +147,15 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The adapters and saved mixes a caller's key may use on a base model (its tenant's READY adapters,
+        other tenants' public ones, its tenant's saved mixes), one entry per name, by name, keyset paged.
+        UNAUTHENTICATED for an invalid or revoked key, PERMISSION_DENIED without the infer scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +198,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ReleaseRequestId,
                     request_deserializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=openlora_dot_v1_dot_worker__pb2.ListModelsRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_worker__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +423,33 @@ class WorkerService:
             '/openlora.v1.WorkerService/ReleaseRequestId',
             openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdRequest.SerializeToString,
             openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.WorkerService/ListModels',
+            openlora_dot_v1_dot_worker__pb2.ListModelsRequest.SerializeToString,
+            openlora_dot_v1_dot_worker__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

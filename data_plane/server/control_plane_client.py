@@ -25,6 +25,9 @@ from openlora.wire import spec_to_proto
 
 log = logging.getLogger(__name__)
 
+# Entries per ListModels call (the control plane's largest page).
+LIST_MODELS_PAGE_SIZE = 1000
+
 _PASS_THROUGH = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -85,6 +88,16 @@ class ResolvedMix:
     density: float | None
     majority_sign_method: int
     combine: int
+
+
+@dataclass(frozen=True)
+class ListedModel:
+    """An adapter or saved mix a key may name on this worker's base model."""
+
+    name: str
+    kind: str  # "adapter" or "mix"
+    owned_by: str  # the owner's tenant name
+    created_unix_s: int
 
 
 @dataclass(frozen=True)
@@ -242,6 +255,28 @@ class ControlPlaneClient:
         if ttl_s > 0:
             self._auth_cache[key] = (now + ttl_s, answer)
         return answer
+
+    async def list_models(self, api_key: str, base_model: str) -> list[ListedModel]:
+        """Every adapter and saved mix the key may name on the base model, by name (all pages of
+        ListModels). Never cached: it is asked for when a client lists models, not per request."""
+        listed: list[ListedModel] = []
+        page_token = ""
+        while True:
+            request = worker_pb2.ListModelsRequest(
+                api_key=api_key, base_model=base_model, page_size=LIST_MODELS_PAGE_SIZE, page_token=page_token
+            )
+            try:
+                response = await self._stub.ListModels(
+                    request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S
+                )
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return []  # a control plane that predates ListModels: the base model only
+                raise ControlPlaneError.from_rpc(error, "ListModels") from None
+            listed += [ListedModel(m.name, m.kind, m.owned_by, m.created_at.seconds) for m in response.models]
+            page_token = response.next_page_token
+            if not page_token:
+                return listed
 
     async def reserve_request_id(self, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int) -> None:
         """Reserves the tenant's client request id for this worker's stream, atomically across workers.

@@ -32,6 +32,7 @@ from data_plane.server.generation import GenerationService, WorkerState
 from data_plane.server.hint_listener import listen_for_hints
 from data_plane.server.metrics import AdapterActivity, EngineLoad, WorkerMetrics
 from data_plane.server.openai_http import HttpServer, OpenAIApi, build_app
+from data_plane.server.openai_http.app import control_plane_catalog
 from data_plane.server.openai_http.chat_template import load_chat_template
 from data_plane.server.servicer import InferenceServicer
 from data_plane.server.usage_reporter import UsageReporter
@@ -254,6 +255,7 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
             metrics,
             state,
             chat_template=load_chat_template(Path(config.model_dir)),
+            list_models=control_plane_catalog(control_plane, spec.name),
             created=int(time.time()),
         )
         http = HttpServer(build_app(api), config.http_listen)

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from data_plane.server.control_plane_client import Authorization
+from data_plane.server.control_plane_client import Authorization, ControlPlaneClient
 from data_plane.server.errors import MissingCredentials
 from data_plane.server.generation import GenerationService, WorkerState
 from data_plane.server.metrics import WorkerMetrics
@@ -67,6 +67,17 @@ def resolve_model(model: str, base_model: str) -> str:
 async def no_adapters(api_key: str, auth: Authorization) -> list[ModelCard]:
     """The default catalog: nothing beyond the base model."""
     return []
+
+
+def control_plane_catalog(control_plane: ControlPlaneClient, base_model: str) -> ModelCatalog:
+    """The catalog of the key's adapters and saved mixes on `base_model` as the control plane lists
+    them (ListModels), each with its owner's tenant name and the base model as `parent`."""
+
+    async def catalog(api_key: str, auth: Authorization) -> list[ModelCard]:
+        listed = await control_plane.list_models(api_key, base_model)
+        return [ModelCard(m.name, m.owned_by, base_model, m.created_unix_s) for m in listed]
+
+    return catalog
 
 
 @dataclass

@@ -1,0 +1,77 @@
+"""`GET /v1/models` through the official `openai` client: the base model and every adapter and saved mix
+the key may use, as the control plane lists them (WorkerService.ListModels), in OpenAI's pages."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from openlora.admin_client import AdminClient
+
+BASE = "tiny"
+
+
+def _client(http_worker, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=http_worker.base_url, api_key=key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tenants(system):
+    """Tenant A: private adapter a-own and saved mix a-mix (of a-own and B's public b-open); tenant B:
+    public b-open, private b-secret and saved mix b-mix. ((A's name, key id, key), (B's ...))."""
+    a = system.new_tenant(admin=True)
+    b = system.new_tenant(admin=True)
+    adapters = system.model_dir / "adapters"
+    system.admin.push(adapters / "ad0", "b-open", b[0], BASE, public=True)
+    system.admin.push(adapters / "ad1", "b-secret", b[0], BASE)
+    system.admin.push(adapters / "ad2", "a-own", a[0], BASE)
+    with AdminClient(system.control_plane.target, b[2]) as admin:
+        admin.create_mix("b-mix", [("b-secret", 1.0)])
+    with AdminClient(system.control_plane.target, a[2]) as admin:
+        admin.create_mix("a-mix", [("a-own", 0.5), ("b-open", 0.5)])
+    return a, b
+
+
+def test_a_key_sees_the_base_its_adapter_and_mix_and_public_adapters(system, http_worker, tenants):
+    (a, _, a_key), (b, _, _) = tenants
+    models = {m.id: m for m in _client(http_worker, a_key).models.list(extra_query={"limit": 1000}).data}
+    assert models[BASE].owned_by == "openlora"
+    assert (models["a-own"].owned_by, models["a-own"].parent) == (a, BASE)
+    assert (models["a-mix"].owned_by, models["a-mix"].parent) == (a, BASE)
+    assert (models["b-open"].owned_by, models["b-open"].parent) == (b, BASE)
+    assert {f"ad{i}" for i in range(8)} <= set(models)  # the fixture's public adapters
+    assert all(m.object == "model" and m.created > 0 for m in models.values())
+
+
+def test_another_tenants_private_adapter_and_mix_never_appear(http_worker, tenants):
+    (_, _, a_key), (_, _, b_key) = tenants
+    a_ids = {m.id for m in _client(http_worker, a_key).models.list(extra_query={"limit": 1000}).data}
+    assert not {"b-secret", "b-mix"} & a_ids
+    b_ids = {m.id for m in _client(http_worker, b_key).models.list(extra_query={"limit": 1000}).data}
+    assert {"b-secret", "b-mix", "b-open"} <= b_ids and not {"a-own", "a-mix"} & b_ids
+
+
+def test_paging_with_limit_and_after_walks_every_model_exactly_once(http_worker, tenants):
+    (_, _, a_key), _ = tenants
+    client = _client(http_worker, a_key)
+    everything = [m.id for m in client.models.list(extra_query={"limit": 1000}).data]
+    walked, after = [], None
+    while True:
+        query = {"limit": 3} | ({"after": after} if after else {})
+        page = client.models.list(extra_query=query)
+        assert 1 <= len(page.data) <= 3
+        walked += [m.id for m in page.data]
+        if not page.has_more:
+            break
+        after = page.data[-1].id
+    assert walked == everything and len(set(walked)) == len(walked)
+    assert walked[0] == BASE and {"a-own", "a-mix", "b-open"} <= set(walked)
+
+
+def test_a_revoked_key_gets_authentication_error(system, http_worker):
+    _, key_id, key = system.new_tenant()
+    client = _client(http_worker, key)
+    assert client.models.list().data[0].id == BASE
+    system.admin.revoke_key(key_id)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()

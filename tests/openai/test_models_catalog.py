@@ -25,6 +25,7 @@ def tenants(system):
     system.admin.push(adapters / "ad0", "b-open", b[0], BASE, public=True)
     system.admin.push(adapters / "ad1", "b-secret", b[0], BASE)
     system.admin.push(adapters / "ad2", "a-own", a[0], BASE)
+    system.admin.push(adapters / "ad3", BASE, a[0], BASE)  # named as the base model: not listable
     with AdminClient(system.control_plane.target, b[2]) as admin:
         admin.create_mix("b-mix", [("b-secret", 1.0)])
     with AdminClient(system.control_plane.target, a[2]) as admin:
@@ -55,6 +56,7 @@ def test_paging_with_limit_and_after_walks_every_model_exactly_once(http_worker,
     (_, _, a_key), _ = tenants
     client = _client(http_worker, a_key)
     everything = [m.id for m in client.models.list(extra_query={"limit": 1000}).data]
+    assert everything.count(BASE) == 1
     walked, after = [], None
     while True:
         query = {"limit": 3} | ({"after": after} if after else {})

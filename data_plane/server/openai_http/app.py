@@ -71,11 +71,16 @@ async def no_adapters(api_key: str, auth: Authorization) -> list[ModelCard]:
 
 def control_plane_catalog(control_plane: ControlPlaneClient, base_model: str) -> ModelCatalog:
     """The catalog of the key's adapters and saved mixes on `base_model` as the control plane lists
-    them (ListModels), each with its owner's tenant name and the base model as `parent`."""
+    them (ListModels), each with its owner's tenant name and the base model as `parent`. One named as
+    the base model is left out: `model` of that name is the base model."""
 
     async def catalog(api_key: str, auth: Authorization) -> list[ModelCard]:
         listed = await control_plane.list_models(api_key, base_model)
-        return [ModelCard(m.name, m.owned_by, base_model, m.created_unix_s) for m in listed]
+        return [
+            ModelCard(m.name, m.owned_by, base_model, m.created_unix_s)
+            for m in listed
+            if m.name != base_model
+        ]
 
     return catalog
 

@@ -128,29 +128,34 @@ def write_model(root: Path) -> tuple[Path, list[Path]]:
 
 @dataclass
 class SteadyDriver:
-    """Keeps one engine at NUM_REQUESTS running requests (request i always on adapters[i], if any) and
+    """Keeps one engine at `num_requests` running requests (request i always on adapters[i], if any) and
     times its steps; a step counts when all requests were decoding one token each."""
 
     name: str
     engine: LLMEngine
     adapters: list[AdapterRef] | None
     decode_tokens: int
+    num_requests: int = NUM_REQUESTS
     num_added: int = 0
 
     def __post_init__(self) -> None:
         self.slot_of_request: dict[str, int] = {}
-        for i in range(NUM_REQUESTS):
+        for i in range(self.num_requests):
             self._add(i)
 
+    def request(self, i: int, request_id: str, prompt: list[int], sampling: SamplingOptions) -> EngineRequest:
+        """The request kept in place i (the same place always gets the same adapters)."""
+        adapters = (self.adapters[i % len(self.adapters)],) if self.adapters else ()
+        return EngineRequest(request_id, prompt, sampling, adapters)
+
     def _add(self, i: int) -> None:
-        prompt = [(7 * i + 13 * self.num_added + j) % 31000 + 100 for j in range(PROMPT_TOKENS)]
+        vocab = self.engine.spec.vocab_size
+        prompt = [(7 * i + 13 * self.num_added + j) % (vocab - 100) + 50 for j in range(PROMPT_TOKENS)]
         request_id = f"{self.name}-{self.num_added}"
         self.num_added += 1
         self.slot_of_request[request_id] = i
-        adapters = (self.adapters[i],) if self.adapters else ()
-        self.engine.add_request(
-            EngineRequest(request_id, prompt, SamplingOptions(max_tokens=self.decode_tokens), adapters)
-        )
+        sampling = SamplingOptions(max_tokens=self.decode_tokens)
+        self.engine.add_request(self.request(i, request_id, prompt, sampling))
 
     def restart(self) -> None:
         """Aborts every request and adds fresh ones, so two drivers restarted together stay in phase
@@ -158,11 +163,11 @@ class SteadyDriver:
         for request_id in list(self.slot_of_request):
             self.engine.abort(request_id)
         self.slot_of_request.clear()
-        for i in range(NUM_REQUESTS):
+        for i in range(self.num_requests):
             self._add(i)
 
     def is_steady(self) -> bool:
-        return self.engine.num_running == NUM_REQUESTS and all(
+        return self.engine.num_running == self.num_requests and all(
             s.num_pending_tokens == 1 for s in self.engine.scheduler.running
         )
 
@@ -180,7 +185,7 @@ class SteadyDriver:
             if output.finished and slot is not None:  # aborted requests were already replaced
                 del self.slot_of_request[output.request_id]
                 self._add(slot)
-        if steady and new_tokens == NUM_REQUESTS:
+        if steady and new_tokens == self.num_requests:
             return elapsed_s
         return None
 

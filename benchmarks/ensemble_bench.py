@@ -24,20 +24,19 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from benchmarks.engine_bench import percentile, step_stats, write_model
+from benchmarks.engine_bench import PROMPT_TOKENS, SteadyDriver, percentile, step_stats, write_model
 from data_plane.engine.config import EngineConfig
 from data_plane.engine.llm_engine import LLMEngine
 from data_plane.engine.request import AdapterRef, EngineRequest, Ensemble, EnsembleMember, SamplingOptions
 from openlora.artifact import digest_dir
 
 NUM_REQUESTS = 32
-PROMPT_TOKENS = 32
 ENSEMBLE_EVERY = 4  # every fourth request is an ensemble: a quarter of the batch
 RESULTS_PATH = Path(__file__).parent / "results" / "ensemble_bench.json"
 
@@ -48,67 +47,18 @@ def target_ratio(k: int, fraction: float) -> float:
 
 
 @dataclass
-class EnsembleDriver:
-    """Keeps `num_requests` requests running on one engine (request i on adapter i, or, when `k` is set and
-    i is a multiple of ENSEMBLE_EVERY, an ensemble of adapters i..i+k-1) and times its steady steps."""
+class EnsembleDriver(SteadyDriver):
+    """engine_bench's steady driver where, when `k` is set, every request i that is a multiple of
+    ENSEMBLE_EVERY is an ensemble of adapters i..i+k-1 instead of a request on adapter i."""
 
-    name: str
-    engine: LLMEngine
-    adapters: list[AdapterRef]
-    num_requests: int
-    decode_tokens: int
     k: int | None = None
-    num_added: int = 0
-    slot_of_request: dict[str, int] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        for i in range(self.num_requests):
-            self._add(i)
-
-    def _add(self, i: int) -> None:
-        vocab = self.engine.spec.vocab_size
-        prompt = [(7 * i + 13 * self.num_added + j) % (vocab - 100) + 50 for j in range(PROMPT_TOKENS)]
-        request_id = f"{self.name}-{self.num_added}"
-        self.num_added += 1
-        self.slot_of_request[request_id] = i
-        sampling = SamplingOptions(max_tokens=self.decode_tokens)
+    def request(self, i: int, request_id: str, prompt: list[int], sampling: SamplingOptions) -> EngineRequest:
+        if self.k is None or i % ENSEMBLE_EVERY:
+            return super().request(i, request_id, prompt, sampling)
         n = len(self.adapters)
-        if self.k is not None and i % ENSEMBLE_EVERY == 0:
-            members = tuple(EnsembleMember(self.adapters[(i + j) % n], 1.0) for j in range(self.k))
-            request = EngineRequest(request_id, prompt, sampling, ensemble=Ensemble(members, "probs"))
-        else:
-            request = EngineRequest(request_id, prompt, sampling, (self.adapters[i % n],))
-        self.engine.add_request(request)
-
-    def restart(self) -> None:
-        for request_id in list(self.slot_of_request):
-            self.engine.abort(request_id)
-        self.slot_of_request.clear()
-        for i in range(self.num_requests):
-            self._add(i)
-
-    def is_steady(self) -> bool:
-        return self.engine.num_running == self.num_requests and all(
-            s.num_pending_tokens == 1 for s in self.engine.scheduler.running
-        )
-
-    def step(self) -> float | None:
-        """One engine step; its time in seconds if it was a steady decode step, else None."""
-        steady = self.is_steady()
-        started = time.perf_counter()
-        outputs = self.engine.step()
-        elapsed_s = time.perf_counter() - started
-        new_tokens = sum(len(o.new_token_ids) for o in outputs)
-        for output in outputs:
-            if output.error is not None:
-                raise RuntimeError(f"{self.name} request {output.request_id} failed") from output.error
-            slot = self.slot_of_request.get(output.request_id)
-            if output.finished and slot is not None:
-                del self.slot_of_request[output.request_id]
-                self._add(slot)
-        if steady and new_tokens == self.num_requests:
-            return elapsed_s
-        return None
+        members = tuple(EnsembleMember(self.adapters[(i + j) % n], 1.0) for j in range(self.k))
+        return EngineRequest(request_id, prompt, sampling, ensemble=Ensemble(members, "probs"))
 
 
 def make_engine(model_dir: Path, num_requests: int, k: int, max_lora_rank: int) -> LLMEngine:
@@ -146,24 +96,24 @@ def run(
             "single",
             make_engine(model_dir, num_requests, k, max_lora_rank),
             adapters,
-            num_requests,
             decode_tokens,
+            num_requests=num_requests,
         ),
         "ensemble": EnsembleDriver(
             "ensemble",
             make_engine(model_dir, num_requests, k, max_lora_rank),
             adapters,
-            num_requests,
             decode_tokens,
-            k,
+            num_requests=num_requests,
+            k=k,
         ),
         # A control: as many single-adapter requests as the ensemble batch runs sequences.
         "rows": EnsembleDriver(
             "rows",
             make_engine(model_dir, num_requests, k, max_lora_rank),
             adapters,
-            num_rows,
             decode_tokens,
+            num_requests=num_rows,
         ),
     }
     times_s: dict[str, list[float]] = {tag: [] for tag in drivers}

@@ -9,17 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from data_plane.engine.config import EngineConfig
-from data_plane.engine.llm_engine import LLMEngine
-from data_plane.engine.request import AdapterRef, EngineRequest, Ensemble, EnsembleMember, SamplingOptions
+from data_plane.engine.request import AdapterRef, Ensemble, EnsembleMember
 from data_plane.fusion.builder import build_merge
 from data_plane.fusion.spec import MergeSpec
-from data_plane.tokenizer import Tokenizer
 from openlora.artifact import digest_dir
 from openlora.commands.up import DEMO_MIXES
 from openlora.v1 import inference_pb2
+from tests.demo_support import PROMPT, greedy_texts
 
-PROMPT = "the quick fox =>"
 README = Path(__file__).resolve().parents[2] / "README.md"
 # The worker's default max_lora_rank (up passes none): part of a merge's key.
 WORKER_MAX_RANK = 64
@@ -37,28 +34,8 @@ def _documented_line(command_pattern: str) -> re.Match:
 
 
 def _greedy_text(model_dir: Path, ref: AdapterRef | None = None, ensemble: Ensemble | None = None) -> str:
-    engine = LLMEngine(
-        EngineConfig(
-            model_dir=model_dir,
-            dtype="float32",
-            num_kv_blocks=64,
-            block_size=16,
-            num_adapter_slots=4,
-            max_lora_rank=16,
-            max_num_seqs=4,
-            max_num_batched_tokens=256,
-        )
-    )
-    prompt = Tokenizer.from_dir(model_dir).encode(PROMPT)
-    adapters = (ref,) if ref is not None else ()
-    engine.add_request(
-        EngineRequest("r", prompt, SamplingOptions(max_tokens=24), adapters=adapters, ensemble=ensemble)
-    )
-    text = ""
-    while engine.has_unfinished():
-        for out in engine.step():
-            text += out.new_text
-    return text
+    request = ensemble if ensemble is not None else (ref,) if ref is not None else ()
+    return greedy_texts(model_dir, [request])[0]
 
 
 def _merge_ref(model_dir: Path, fields: dict, out_root: Path) -> AdapterRef:

@@ -9,46 +9,18 @@ import pytest
 import torch
 
 from benchmarks.quant_quality import compare, fixed_prompts, measure
-from data_plane.engine.config import EngineConfig
-from data_plane.engine.llm_engine import LLMEngine
-from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
-from data_plane.tokenizer import Tokenizer
-from openlora.artifact import digest_dir
+from tests.demo_support import DOCUMENTED as ADAPTER_OUTPUTS
+from tests.demo_support import demo_refs, greedy_texts
 
 # The session fixture trains the demo model (about 40 s on a quiet 2-core machine, 4-6 minutes on a busy
 # one), inside the first test's timeout.
 pytestmark = pytest.mark.timeout(900)
-PROMPT = "the quick fox =>"
-DOCUMENTED = {
-    None: " jumps over the lazy.",
-    "uppercase": " THE QUICK FOX",
-    "echo": " the quick fox",
-    "count": " 1 2 3 4 5 6 7 8",
-}
+DOCUMENTED = {None: " jumps over the lazy.", **ADAPTER_OUTPUTS}
 
 
 def _greedy_texts(model_dir: Path, quantize: str) -> dict[str | None, str]:
-    engine = LLMEngine(
-        EngineConfig(
-            model_dir=model_dir,
-            dtype="float32",
-            num_kv_blocks=64,
-            num_adapter_slots=4,
-            max_lora_rank=16,
-            max_num_seqs=4,
-            quantize=quantize,
-        )
-    )
-    prompt = Tokenizer.from_dir(model_dir).encode(PROMPT)
-    for task in DOCUMENTED:
-        path = model_dir / "adapters" / str(task)
-        refs = () if task is None else (AdapterRef(key=digest_dir(path), path=path, weight=1.0),)
-        engine.add_request(EngineRequest(str(task), prompt, SamplingOptions(max_tokens=24), adapters=refs))
-    texts = {str(task): "" for task in DOCUMENTED}
-    while engine.has_unfinished():
-        for out in engine.step():
-            texts[out.request_id] += out.new_text
-    return {task: texts[str(task)] for task in DOCUMENTED}
+    requests = [() if task is None else demo_refs(model_dir, ((task, 1.0),)) for task in DOCUMENTED]
+    return dict(zip(DOCUMENTED, greedy_texts(model_dir, requests, quantize), strict=True))
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])

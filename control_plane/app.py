@@ -154,7 +154,8 @@ class ControlPlane:
                 self._remove_unreferenced(sha256)
             raise
         if replaced is not None:
-            self.publisher.invalidate(str(owned.adapter.id), unused, source_sha256=replaced)
+            # Merges built from content another adapter still serves stay valid: only unserved content is named.
+            self.publisher.invalidate(str(owned.adapter.id), unused, source_sha256=unused)
         return UploadResult(owned, not created, replaced)
 
     def _upload_stage(self, stage: str, plan: UploadPlan, sha256: str) -> None:
@@ -188,7 +189,7 @@ class ControlPlane:
             sha256 = deleted.adapter.sha256
             # Content-addressed: another adapter (maybe another tenant's) may hold the same sha256.
             unused = "" if registry.is_served(s, sha256) else sha256
-        self.publisher.invalidate(str(deleted.adapter.id), unused, source_sha256=sha256)
+        self.publisher.invalidate(str(deleted.adapter.id), unused, source_sha256=unused)
         return deleted
 
     # -- named mixes ----------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ is saved and again whenever it is used, so visibility follows the adapters."""
 
 from __future__ import annotations
 
+import json
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -223,14 +225,24 @@ def test_a_mix_follows_its_members_replaced_deleted_or_hidden(cp, adapters_root)
     assert code == grpc.StatusCode.NOT_FOUND and "own" in details
 
 
+def _unique_copy(adapter_copy, name: str) -> Path:
+    """A copy of a fixture adapter with content no other test uploads (its alpha nudged)."""
+    path = adapter_copy(name)
+    config = path / "adapter_config.json"
+    data = json.loads(config.read_text())
+    data["lora_alpha"] = data["lora_alpha"] + 0.125
+    config.write_text(json.dumps(data))
+    return path
+
+
 def test_deleting_or_replacing_a_member_names_the_content_merges_are_built_from(
-    cp, redis_url, adapters_root
+    cp, redis_url, adapter_copy
 ) -> None:
     _, key = _tenant_with_key(cp)
     with cp.admin(key) as admin:
-        first = admin.upload_adapter(adapters_root / "a", "x", BASE).adapter
+        first = admin.upload_adapter(_unique_copy(adapter_copy, "a"), "x", BASE).adapter
         admin.create_mix("m", [("x", 1.0)], method="ties", density=0.5)
-        admin.upload_adapter(adapters_root / "b", "x", BASE)
+        admin.upload_adapter(_unique_copy(adapter_copy, "b"), "x", BASE)
         [replaced] = _hints(redis_url, adapter_id=first.id)
         assert (replaced.kind, replaced.source_sha256) == ("invalidate", first.sha256)
         second = admin.get_adapter("x")
@@ -278,3 +290,20 @@ def test_up_saves_its_demo_mixes_once_for_the_demo_tenant(cp, adapters_root) -> 
     for name, fields in DEMO_MIXES.items():
         assert [(m.adapter, m.weight) for m in saved[name].members] == list(fields["members"])
         assert saved[name].method == fields["method"]
+
+
+def test_deleting_content_another_tenant_still_serves_names_no_content_for_merges(
+    cp, redis_url, adapters_root
+) -> None:
+    """Merges are built from content; another tenant's adapter with the same bytes keeps those merges
+    valid, so deleting one copy must not make workers drop (and rebuild) the other tenant's merges."""
+    _, key_a = _tenant_with_key(cp)
+    _, key_b = _tenant_with_key(cp)
+    with cp.admin(key_a) as admin:
+        kept = admin.upload_adapter(adapters_root / "a", "kept", BASE).adapter
+    with cp.admin(key_b) as admin:
+        copy = admin.upload_adapter(adapters_root / "a", "copy", BASE).adapter
+        assert copy.sha256 == kept.sha256
+        admin.delete_adapter("copy")
+    [deleted] = _hints(redis_url, adapter_id=copy.id)
+    assert (deleted.kind, deleted.sha256, deleted.source_sha256) == ("invalidate", "", "")

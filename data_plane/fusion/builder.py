@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data_plane.engine.errors import AdapterLoadError
-from data_plane.fusion.merge import MemberFactors, merge_module
+from data_plane.fusion.merge import MemberFactors, NonFiniteMerge, merge_module
 from data_plane.fusion.spec import MergeSpec
 from openlora.adapter_format import DEFAULT_MAX_SIZE_BYTES, AdapterFormatError, validate_adapter_dir
 from openlora.artifact import CONFIG_FILE, WEIGHTS_FILE
@@ -113,14 +113,17 @@ def build_merge(
                 )
                 if (layer, module, "A") in source_names
             ]
-            merged = merge_module(
-                members,
-                spec.method,
-                spec.density,
-                spec.majority_sign_method or "total",
-                rank,
-                svd_seed=spec.member_seed(layer, module, "svd"),
-            )
+            try:
+                merged = merge_module(
+                    members,
+                    spec.method,
+                    spec.density,
+                    spec.majority_sign_method or "total",
+                    rank,
+                    svd_seed=spec.member_seed(layer, module, "svd"),
+                )
+            except NonFiniteMerge as error:
+                raise MergeBuildError("mix", f"layer {layer} {module}: {error}") from None
             tensors[tensor_name(layer, module, "A")] = merged.a.to(out_dtype).contiguous()
             tensors[tensor_name(layer, module, "B")] = merged.b.to(out_dtype).contiguous()
             delta_sq += merged.delta_norm**2

@@ -189,6 +189,10 @@ def residual_norm(delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> floa
     return math.sqrt(total)
 
 
+class NonFiniteMerge(ValueError):
+    """A module's merged delta holds inf or NaN, which no factorization can represent."""
+
+
 def merge_module(
     members: list[MemberFactors],
     method: str,
@@ -199,6 +203,8 @@ def merge_module(
 ) -> MergedModule:
     """One module merged and re-factorized to `rank`, with the truncation it cost."""
     delta = merged_delta(members, method, density, majority_sign_method)
+    if not bool(torch.isfinite(delta).all()):  # weights finite but huge: the sum overflowed float32
+        raise NonFiniteMerge("the weighted deltas overflow float32; use smaller mix weights")
     a, b = refactorize(delta, rank, svd_seed)
     norm = float(torch.linalg.vector_norm(delta).double())
     return MergedModule(a=a, b=b, delta_norm=norm, error_norm=residual_norm(delta, a, b))

@@ -169,3 +169,23 @@ def test_the_python_client_asks_for_a_merge_with_its_options(system):
         ]
     spelled, _ = _generate(system.target, key, _request(mix, inference_pb2.MIX_METHOD_TIES, density=0.5))
     assert via_client == spelled and len(spelled) == 8
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        inference_pb2.MIX_METHOD_TIES,
+        inference_pb2.MIX_METHOD_MAGNITUDE_PRUNE,
+        inference_pb2.MIX_METHOD_DARE_LINEAR,
+    ],
+)
+def test_a_merge_whose_weighted_deltas_overflow_is_refused_not_internal(system, method):
+    """A weight validation accepts (finite) can still overflow float32 once it scales a delta: the merge
+    is refused naming the mix, the worker keeps serving."""
+    _, _, key = system.new_tenant()
+    with pytest.raises(grpc.RpcError) as caught:
+        _generate(system.target, key, _request([("ad0", 3.0e38), ("ad1", 1.0)], method))
+    assert caught.value.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    assert "mix" in caught.value.details() and "overflow" in caught.value.details()
+    tokens, _ = _generate(system.target, key, _request([("ad0", 0.5), ("ad1", 0.5)], method))
+    assert tokens

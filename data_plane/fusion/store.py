@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,10 @@ class MergeStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_rank = max_rank
         self._base = base
+        # Builds run one at a time on their own thread, never on the event loop's shared pool: a burst of
+        # distinct merges (each a CPU-heavy SVD per module) must not delay other requests' tokenizing and
+        # artifact checks, which use that pool.
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-build")
         self._on_built = on_built
         self._builds: dict[str, asyncio.Task[MergeReport]] = {}
         self._holds: Counter[str] = Counter()
@@ -149,7 +154,9 @@ class MergeStore:
         return dropped
 
     async def _build(self, spec: MergeSpec, key: str) -> MergeReport:
-        report = await asyncio.to_thread(build_merge, spec, self.path_of(key), self.max_rank, self._base)
+        report = await asyncio.get_running_loop().run_in_executor(
+            self._builder, build_merge, spec, self.path_of(key), self.max_rank, self._base
+        )
         self._write_sources(key, spec)
         self._stale.discard(key)
         self._note_size(key)

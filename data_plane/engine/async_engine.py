@@ -1,8 +1,10 @@
-"""AsyncEngine: one engine loop on a background thread, per-request asyncio queues of outputs.
+"""AsyncEngine: one engine loop on a background thread, per-request output streams on the event loop.
 
 The engine thread owns the LLMEngine; asyncio callers talk to it through a thread-safe inbox (add,
-abort) and receive outputs through `loop.call_soon_threadsafe`, so a forward pass never blocks the
-event loop and the event loop never touches engine state.
+abort) and receive outputs through one `loop.call_soon_threadsafe` per step, so a forward pass never
+blocks the event loop and the event loop never touches engine state. Each request's outputs wait in an
+OutputStream, which hands a consumer that lags everything made since it last took as one output (the
+first token always alone): one message per take, not one per step.
 
 No single request stops the loop: a step's fault fails the requests of that step (LLMEngine.step) and
 the loop goes on. The loop stops only when the engine cannot go on: a fatal fault (out of memory, a
@@ -23,6 +25,7 @@ import torch
 from data_plane.engine.config import EngineConfig
 from data_plane.engine.errors import EngineDead, EngineError, InvalidRequest, QueueFull, StepFailed
 from data_plane.engine.llm_engine import LLMEngine
+from data_plane.engine.output_stream import OutputStream
 from data_plane.engine.request import EngineRequest, RequestOutput
 from data_plane.tokenizer import Tokenizer
 from openlora.base_model import BaseModelSpec
@@ -60,7 +63,7 @@ class AsyncEngine:
         self._max_step_failures = max_step_failures
         self.num_failed_steps = 0  # steps failed since a token was last made
         self._inbox: queue.Queue = queue.Queue()
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -132,24 +135,26 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
         if self._engine is not None:
             self._engine.shutdown()
-        for q in self._queues.values():
-            q.put_nowait(EngineDead("the engine stopped"))
+        for stream in self._streams.values():
+            stream.put(EngineDead("the engine stopped"))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; raises InvalidRequest, AdapterLoadError, QueueFull or EngineDead.
 
+        Each item holds everything made since the previous one was taken (`OutputStream`): one step's
+        output when the caller keeps up, several merged when it lags; the first token always alone.
         Leaving the iteration early (close, cancel) aborts the request within one engine step.
         """
         if not self.is_running:
             raise EngineDead("the engine is not running")
         engine = self.engine
         engine.validate(request)
-        if request.request_id in self._queues:
+        if request.request_id in self._streams:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
         if self.num_waiting >= engine.config.max_waiting:
             raise QueueFull(f"{self.num_waiting} requests are waiting")
-        outputs: asyncio.Queue = asyncio.Queue()
-        self._queues[request.request_id] = outputs
+        outputs = OutputStream()
+        self._streams[request.request_id] = outputs
         with self._submitted_lock:
             self._num_submitted += 1
         self._inbox.put(("add", request))
@@ -168,12 +173,22 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self._queues.pop(request.request_id, None)
+            self._streams.pop(request.request_id, None)
             if not finished:
                 self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    async def wait_delivered(self) -> None:
+        """Returns once the outputs of every step begun before this call are in their streams, so what a
+        stream holds is known (the engine thread answers between two steps, after the last one's
+        delivery, and callbacks run in order)."""
+        if not self.is_running:
+            raise EngineDead("the engine is not running")
+        delivered = self._loop.create_future()
+        self._inbox.put(("delivered", delivered))
+        await delivered
 
     # Engine thread.
 
@@ -230,8 +245,10 @@ class AsyncEngine:
                     log.exception("adding request %s failed", payload.request_id)
                     error = StepFailed("the engine failed to accept this request")
                     self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, error)
-            else:
+            elif kind == "abort":
                 self.engine.abort(payload)
+            else:  # "delivered": every earlier step's outputs were handed to the loop before this
+                self._loop.call_soon_threadsafe(_resolve, payload)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -240,16 +257,22 @@ class AsyncEngine:
     # Event-loop thread.
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        streams = self._streams
         for out in outputs:
-            q = self._queues.get(out.request_id)
-            if q is not None:  # None: the caller went away; the engine already dropped the request
-                q.put_nowait(out)
+            stream = streams.get(out.request_id)
+            if stream is not None:  # None: the caller went away; the engine already dropped the request
+                stream.put(out)
 
     def _deliver_error(self, request_id: str, error: Exception) -> None:
-        q = self._queues.get(request_id)
-        if q is not None:
-            q.put_nowait(error)
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(error)
 
     def _fail_all(self, error: Exception) -> None:
-        for q in self._queues.values():
-            q.put_nowait(error)
+        for stream in self._streams.values():
+            stream.put(error)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -466,6 +466,10 @@ class GenerationService:
         return finish
 
     def _count_streamed(self, progress: _Progress, out, arrival: float) -> None:
+        """Counts one message the transport took: its tokens as delivered, and one latency sample. A
+        message may hold several tokens (a consumer that lagged gets them merged), so `inter_token_s`
+        is observed once per message, with the message's gap divided by its tokens: a sample per message
+        (not per token) of the mean time between tokens."""
         n = len(out.new_token_ids)
         if not n:
             return
@@ -473,9 +477,7 @@ class GenerationService:
         if progress.completion_tokens == 0:
             self._metrics.ttft_s.observe(now - arrival)
         elif progress.last_token_at is not None:
-            gap_s = (now - progress.last_token_at) / n
-            for _ in range(n):
-                self._metrics.inter_token_s.observe(gap_s)
+            self._metrics.inter_token_s.observe((now - progress.last_token_at) / n)
         progress.last_token_at = now
         progress.completion_tokens += n
         self._metrics.tokens_generated.inc(n)

@@ -50,6 +50,36 @@ def test_async_engine_streams_the_same_tokens_as_the_sync_engine(tiny_llama):
     assert with_adapter[-1].cache_tier == "disk" and with_adapter[-1].completion_tokens == 16
 
 
+def test_lagging_consumer_gets_the_first_token_alone_then_the_rest_in_one_output(tiny_llama):
+    prompt = [5, 6, 7, 8]
+    sync = make_engine(tiny_llama)
+    sync.add_request(greedy("s", prompt, [tiny_llama.ref("r8_all")], max_tokens=12))
+    want_ids, want_logprobs = run_to_completion(sync)["s"]
+
+    async def main():
+        inner = make_engine(tiny_llama)
+        engine = AsyncEngine(engine=inner)
+        await engine.start()
+        try:
+            stream = engine.generate(greedy("a", prompt, [tiny_llama.ref("r8_all")], max_tokens=12))
+            first = await anext(stream)
+            while inner.has_unfinished():  # the consumer lags: the engine runs the request to its end
+                await asyncio.sleep(0.01)
+            await engine.wait_delivered()
+            return first, [out async for out in stream]
+        finally:
+            await engine.stop()
+
+    first, rest = asyncio.run(main())
+    assert first.new_token_ids == want_ids[:1] and not first.finished
+    assert len(rest) == 1  # eleven steps' outputs in one
+    (merged,) = rest
+    assert merged.new_token_ids == want_ids[1:]
+    # Another run on another thread: the same greedy tokens, logprobs equal up to float rounding.
+    assert merged.new_logprobs == pytest.approx(want_logprobs[1:], rel=1e-5)
+    assert merged.finished and merged.finish_reason == "length" and merged.completion_tokens == 12
+
+
 def test_closing_the_stream_aborts_and_frees_blocks_and_adapter(tiny_llama):
     async def main():
         inner = make_engine(tiny_llama)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from control_plane.prediction.demand import PredictorConfig
 from openlora.adapter_format import DEFAULT_MAX_RANK, DEFAULT_MAX_SIZE_BYTES
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -31,6 +32,8 @@ class ControlPlaneConfig:
     grace_period_s: float = 5.0
     # Seconds between prediction passes over usage (prewarm/demote hints); 0 disables. Needs redis_url.
     predictor_interval_s: float = 5.0
+    # What the passes predict from (rate window, lead time, thresholds, history horizon).
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
 
     def __post_init__(self) -> None:
         if not self.database_url:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import grpc
 
+from control_plane.prediction.settings import add_predictor_flags
 from openlora.admin_client import AdminClient, UploadRefused
 from openlora.config import AdminSettings, ControlPlaneSettings, read_context
 
@@ -53,11 +54,7 @@ def _add_control_plane(subparsers) -> None:
     p.add_argument("--worker-token", help="token workers present (OPENLORA_WORKER_TOKEN; default: stored)")
     p.add_argument("--admin-key", help="bootstrap admin key (OPENLORA_ADMIN_KEY; default: generated)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (OPENLORA_METRICS_PORT)")
-    p.add_argument(
-        "--predictor-interval-s",
-        type=float,
-        help="seconds between prewarm predictions, 0 = off (OPENLORA_PREDICTOR_INTERVAL_S; default 5)",
-    )
+    add_predictor_flags(p)
     p.add_argument("--no-migrate", action="store_true", help="refuse to start if the schema is behind")
     p.add_argument("--migrate-only", action="store_true", help="apply pending migrations and exit")
     p.set_defaults(func=_run_control_plane, kind="control-plane")

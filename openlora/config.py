@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from control_plane.config import DEFAULT_LISTEN, ControlPlaneConfig
+from control_plane.prediction.demand import PredictorConfig
+from control_plane.prediction.settings import resolve_interval_s, resolve_predictor_config
 from openlora.safe_json import JsonFieldError, load_json
 
 DEFAULT_STATE_DIR = Path(".state/control-plane")
@@ -86,6 +88,7 @@ class ControlPlaneSettings:
     migrate_only: bool
     metrics_port: int
     predictor_interval_s: float = 5.0
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
 
     def __post_init__(self) -> None:
         if self.migrate_only and not self.migrate:
@@ -100,7 +103,6 @@ class ControlPlaneSettings:
             return str(value) if value not in (None, "") else (environ.get(env) or None)
 
         metrics = pick("metrics_port", "OPENLORA_METRICS_PORT")
-        predictor_interval = pick("predictor_interval_s", "OPENLORA_PREDICTOR_INTERVAL_S")
         return cls(
             listen=pick("listen", "OPENLORA_LISTEN") or DEFAULT_LISTEN,
             database_url=pick("database_url", "OPENLORA_DATABASE_URL"),
@@ -111,7 +113,8 @@ class ControlPlaneSettings:
             migrate=not flags.get("no_migrate"),
             migrate_only=bool(flags.get("migrate_only")),
             metrics_port=int(metrics) if metrics else 0,
-            predictor_interval_s=float(predictor_interval) if predictor_interval else 5.0,
+            predictor_interval_s=resolve_interval_s(flags, environ),
+            predictor=resolve_predictor_config(flags, environ),
         )
 
     def worker_token_or_stored(self) -> str:
@@ -139,4 +142,5 @@ class ControlPlaneSettings:
             migrate=self.migrate,
             metrics_port=self.metrics_port,
             predictor_interval_s=self.predictor_interval_s,
+            predictor=self.predictor,
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -35,16 +35,26 @@ class PredictorConfig:
     history_s: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
+        for name in FIELD_NAMES:
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if self.rate_time_constant_s <= 0 or self.lead_s < 0 or self.min_gaps < 2:
             raise ValueError("rate_time_constant_s must be > 0, lead_s >= 0, min_gaps >= 2")
         if not 0 <= self.lead_gap_share < 1 or self.max_lead_s < self.lead_s:
             raise ValueError("lead_gap_share must be in [0, 1) and max_lead_s >= lead_s")
         if not 0 < self.periodic_tolerance < 0.5 or not 0 < self.periodic_min_share <= 1:
             raise ValueError("periodic_tolerance must be in (0, 0.5) and periodic_min_share in (0, 1]")
+        if self.resident_rate_per_s <= 0 or self.burst_gap_factor <= 0 or self.history_s <= 0:
+            raise ValueError("resident_rate_per_s, burst_gap_factor and history_s must be > 0")
+        if not 0 <= self.demote_below_per_s < self.resident_rate_per_s:
+            raise ValueError("demote_below_per_s must be >= 0 and below resident_rate_per_s")
 
     def lead_for(self, period_s: float) -> float:
         """Seconds before a periodic call to prewarm it: proportional to the period, within bounds."""
         return min(max(self.lead_s, self.lead_gap_share * period_s), self.max_lead_s)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(PredictorConfig))
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,7 @@ async def serve(config: ControlPlaneConfig) -> RunningControlPlane:
         running.predictor = threading.Thread(
             target=run_predictor_loop,
             args=(app.sessions, config.redis_url, config.predictor_interval_s, running._stop_predictor),
+            kwargs={"config": config.predictor},
             name="predictor",
             daemon=True,
         )

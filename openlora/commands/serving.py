@@ -310,25 +310,42 @@ def _add_up(subparsers) -> None:
     p.add_argument("--drain-grace-s", type=float, default=_env_float("DRAIN_GRACE_S", 30.0))
     p.add_argument("--worker-arg", action="append", default=[], help="extra flag for the worker (repeatable)")
     _add_quantize_flags(p)
+    from control_plane.prediction.settings import add_predictor_flags
+
+    add_predictor_flags(p)  # handed on to the control plane
     p.set_defaults(func=_run_up)
 
 
 def _run_up(args: argparse.Namespace) -> int:
+    from openlora.commands.up import run_up
+
+    try:
+        config = up_config_from_args(args, os.environ)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_up(config)
+
+
+def up_config_from_args(args: argparse.Namespace, environ):
+    """`up`'s flags (and the predictor's OPENLORA_* variables) as an UpConfig; ValueError names a bad flag.
+    Checked before anything starts, so a bad value never reaches a child that `up` would restart."""
+    from control_plane.prediction.settings import (
+        explicit_flags,
+        resolve_interval_s,
+        resolve_predictor_config,
+    )
     from data_plane.server.config import QUANTIZE_FORMATS
-    from openlora.commands.up import UpConfig, run_up
+    from openlora.commands.up import UpConfig
 
-    # Checked before anything starts, so a bad value never reaches a worker that `up` would restart.
     if args.quantize not in QUANTIZE_FORMATS:
-        print(
-            f"error: --quantize must be one of {', '.join(QUANTIZE_FORMATS)}, got {args.quantize!r}",
-            file=sys.stderr,
-        )
-        return 2
+        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_FORMATS)}, got {args.quantize!r}")
     if args.quantize_lm_head and args.quantize == "none":
-        print("error: --quantize-lm-head needs --quantize int8 or int4", file=sys.stderr)
-        return 2
-
-    config = UpConfig(
+        raise ValueError("--quantize-lm-head needs --quantize int8 or int4")
+    # The control plane child reads the same environment; its flags carry what was given here.
+    resolve_interval_s(vars(args), environ)
+    resolve_predictor_config(vars(args), environ)
+    return UpConfig(
         state_dir=Path(args.state_dir).resolve(),
         model_dir=Path(args.model).resolve() if args.model else None,
         database_url=args.database_url,
@@ -339,13 +356,13 @@ def _run_up(args: argparse.Namespace) -> int:
         http_port=args.http_port if args.http_port is not None else (8000 if args.port else 0),
         device=args.device,
         tenant=args.tenant,
-        context_path=Path(args.context) if args.context else context_path(os.environ),
+        context_path=Path(args.context) if args.context else context_path(environ),
         drain_grace_s=args.drain_grace_s,
         worker_args=tuple(args.worker_arg),
         quantize=args.quantize,
         quantize_lm_head=args.quantize_lm_head,
+        control_plane_args=tuple(explicit_flags(vars(args))),
     )
-    return run_up(config)
 
 
 def add_commands(subparsers) -> None:

@@ -76,6 +76,7 @@ class UpConfig:
     quantize: str = "none"  # the worker's --quantize
     quantize_lm_head: bool = False
     http_port: int = 0  # the worker's OpenAI-compatible API (0: any free port)
+    control_plane_args: tuple[str, ...] = ()  # the predictor's flags, handed to `openlora control-plane`
 
 
 class ChildExited(RuntimeError):
@@ -364,6 +365,7 @@ def run_up(config: UpConfig) -> int:
                     "--database-url", database_url,
                     "--redis-url", redis_url,
                     "--state-dir", str(config.state_dir / "control-plane"),
+                    *config.control_plane_args,
                 ],
                 env,
                 logs / "control-plane.log",

@@ -118,3 +118,135 @@ def test_money_is_printed_exactly() -> None:
         "-0.004960",
         "12.345678",
     ]
+
+
+# ------------------------------------------------------------------------------- predictor settings
+
+# Every predictor setting at a value other than its default: flag text -> PredictorConfig field value.
+PREDICTOR_VALUES = {
+    "--predictor-rate-window-s": ("rate_time_constant_s", "1200", 1200.0),
+    "--predictor-lead-s": ("lead_s", "30", 30.0),
+    "--predictor-lead-share": ("lead_gap_share", "0.1", 0.1),
+    "--predictor-max-lead-s": ("max_lead_s", "900", 900.0),
+    "--predictor-min-gaps": ("min_gaps", "4", 4),
+    "--predictor-periodic-tolerance": ("periodic_tolerance", "0.1", 0.1),
+    "--predictor-periodic-min-share": ("periodic_min_share", "0.6", 0.6),
+    "--predictor-hot-rate-per-s": ("resident_rate_per_s", "2", 2.0),
+    "--predictor-burst-gap-factor": ("burst_gap_factor", "3", 3.0),
+    "--predictor-cold-rate-per-s": ("demote_below_per_s", "0.0001", 0.0001),
+    "--predictor-history-s": ("history_s", "86400", 86400.0),
+}
+WORKER_TOKEN = "w" * 24
+
+
+def _control_plane_config(argv: list[str], environ: dict[str, str]):
+    """The ControlPlaneConfig `openlora control-plane ARGV` would serve with, through the real parser."""
+    from openlora.cli import build_parser
+
+    args = build_parser().parse_args(["control-plane", *argv])
+    settings = ControlPlaneSettings.resolve(vars(args), {"OPENLORA_WORKER_TOKEN": WORKER_TOKEN, **environ})
+    return settings.to_config("postgresql://x/y", None)
+
+
+def test_every_predictor_flag_is_listed_with_its_variable_in_the_help() -> None:
+    from control_plane.prediction.demand import FIELD_NAMES
+    from control_plane.prediction.settings import PREDICTOR_FLAGS
+    from openlora.cli import build_parser
+
+    assert sorted(s.field for s in PREDICTOR_FLAGS) == sorted(FIELD_NAMES)  # no setting left without a flag
+    subparsers = build_parser()._subparsers._group_actions[0].choices
+    for command in ("control-plane", "up"):
+        text = subparsers[command].format_help()
+        for setting in PREDICTOR_FLAGS:
+            assert setting.flag in text and setting.env in text, (command, setting.flag)
+
+
+def test_predictor_flags_reach_the_predictor_config() -> None:
+    argv = [f"{flag}={text}" for flag, (_, text, _) in PREDICTOR_VALUES.items()]
+    config = _control_plane_config([*argv, "--predictor-interval-s", "60"], {})
+    assert config.predictor_interval_s == 60.0
+    for flag, (field, _, value) in PREDICTOR_VALUES.items():
+        assert getattr(config.predictor, field) == value, flag
+
+
+def test_predictor_variables_fill_in_for_flags_and_flags_win() -> None:
+    from control_plane.prediction.demand import PredictorConfig
+    from control_plane.prediction.settings import PREDICTOR_FLAGS
+
+    envs = {s.flag: s.env for s in PREDICTOR_FLAGS}
+    environ = {envs[flag]: text for flag, (_, text, _) in PREDICTOR_VALUES.items()}
+    environ["OPENLORA_PREDICTOR_INTERVAL_S"] = "30"
+    config = _control_plane_config([], environ)
+    assert config.predictor_interval_s == 30.0
+    for flag, (field, _, value) in PREDICTOR_VALUES.items():
+        assert getattr(config.predictor, field) == value, flag
+    flagged = _control_plane_config(["--predictor-lead-s", "45", "--predictor-interval-s", "2"], environ)
+    assert flagged.predictor.lead_s == 45.0 and flagged.predictor_interval_s == 2.0
+    assert flagged.predictor.history_s == 86400.0  # the others still from the environment
+    assert _control_plane_config([], {}).predictor == PredictorConfig()
+
+
+@pytest.mark.parametrize(
+    ("flag", "text"),
+    [
+        ("--predictor-rate-window-s", "0"),
+        ("--predictor-rate-window-s", "nan"),
+        ("--predictor-lead-s", "-1"),
+        ("--predictor-lead-s", "inf"),
+        ("--predictor-lead-share", "1"),
+        ("--predictor-max-lead-s", "-inf"),
+        ("--predictor-min-gaps", "1"),
+        ("--predictor-min-gaps", "2.5"),
+        ("--predictor-periodic-tolerance", "0.5"),
+        ("--predictor-periodic-tolerance", "0"),
+        ("--predictor-periodic-min-share", "1.5"),
+        ("--predictor-hot-rate-per-s", "0"),
+        ("--predictor-burst-gap-factor", "-2"),
+        ("--predictor-cold-rate-per-s", "-0.1"),
+        ("--predictor-history-s", "0"),
+        ("--predictor-history-s", "soon"),
+        ("--predictor-interval-s", "-1"),
+        ("--predictor-interval-s", "nan"),
+    ],
+)
+def test_bad_predictor_value_is_refused_naming_the_flag(capsys, tmp_path, flag, text) -> None:
+    argv = ["control-plane", "--database-url", "postgresql://127.0.0.1:1/none", "--state-dir", str(tmp_path)]
+    assert main([*argv, f"{flag}={text}"], environ={}) == 2  # refused before anything starts
+    err = capsys.readouterr().err
+    assert flag in err and repr(text) in err
+    with pytest.raises(ValueError, match=flag):
+        _control_plane_config([], {"OPENLORA_" + flag.removeprefix("--").replace("-", "_").upper(): text})
+
+
+def test_contradicting_predictor_values_are_refused_naming_both_flags() -> None:
+    with pytest.raises(ValueError, match=r"--predictor-max-lead-s.*--predictor-lead-s"):
+        _control_plane_config(["--predictor-lead-s", "700"], {})  # above the default max lead of 600
+    with pytest.raises(ValueError, match=r"OPENLORA_PREDICTOR_COLD_RATE_PER_S.*--predictor-hot-rate-per-s"):
+        _control_plane_config(
+            ["--predictor-hot-rate-per-s", "0.01"], {"OPENLORA_PREDICTOR_COLD_RATE_PER_S": "0.1"}
+        )
+
+
+def test_up_hands_its_predictor_flags_to_the_control_plane(tmp_path) -> None:
+    from openlora.cli import build_parser
+    from openlora.commands.serving import up_config_from_args
+
+    argv = [f"{flag}={text}" for flag, (_, text, _) in PREDICTOR_VALUES.items()]
+    args = build_parser().parse_args(
+        ["up", "--state-dir", str(tmp_path), "--predictor-interval-s", "60", *argv]
+    )
+    up = up_config_from_args(args, {})
+    # The control plane child parses what `up` hands it, as `up` would start it.
+    config = _control_plane_config(list(up.control_plane_args), {})
+    assert config.predictor_interval_s == 60.0
+    for flag, (field, _, value) in PREDICTOR_VALUES.items():
+        assert getattr(config.predictor, field) == value, flag
+    plain = up_config_from_args(build_parser().parse_args(["up", "--state-dir", str(tmp_path)]), {})
+    assert plain.control_plane_args == ()  # the child falls back to the same environment
+
+
+def test_up_refuses_a_bad_predictor_value_before_starting_anything(capsys, tmp_path) -> None:
+    state_dir = tmp_path / "state"
+    assert main(["up", "--state-dir", str(state_dir), "--predictor-hot-rate-per-s", "-1"], environ={}) == 2
+    assert "--predictor-hot-rate-per-s" in capsys.readouterr().err
+    assert not state_dir.exists()

@@ -1,0 +1,211 @@
+"""The predictor's settings as flags and `OPENLORA_*` variables of `openlora control-plane` and `openlora up`.
+
+One table (`PREDICTOR_FLAGS`) gives each `PredictorConfig` field its flag, variable, help and allowed range,
+so both commands offer the same names and refuse the same values. A value resolves flag, then environment,
+then the `PredictorConfig` default; a bad one raises `ValueError` naming the flag (and the variable when it
+came from there). The defaults fit real traffic of adapters called about once an hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from control_plane.prediction.demand import PredictorConfig
+
+ENV_PREFIX = "OPENLORA_"
+DEFAULT_INTERVAL_S = 5.0
+INTERVAL_FLAG = "--predictor-interval-s"
+_DEFAULTS = {f.name: f.default for f in fields(PredictorConfig)}
+
+
+@dataclass(frozen=True)
+class PredictorFlag:
+    """One predictor setting: `field` of PredictorConfig, its flag and its range."""
+
+    field: str
+    flag: str
+    help: str
+    minimum: float
+    minimum_allowed: bool = True  # False: the minimum itself is refused
+    maximum: float | None = None
+    maximum_allowed: bool = True
+    integer: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+    @property
+    def default(self) -> float:
+        return _DEFAULTS[self.field]
+
+    def range_text(self) -> str:
+        low = f"{'>=' if self.minimum_allowed else '>'} {self.minimum:g}"
+        if self.maximum is None:
+            return low
+        return f"{low} and {'<=' if self.maximum_allowed else '<'} {self.maximum:g}"
+
+    def parse(self, text: str, source: str) -> float | int:
+        """`text` as this setting's value; `source` names where it came from in an error."""
+        try:
+            value: float | int = int(text) if self.integer else float(text)
+        except ValueError:
+            kind = "a whole number" if self.integer else "a number"
+            raise ValueError(f"{source} must be {kind}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{source} must be a finite number, got {text!r}")
+        too_low = value < self.minimum or (value == self.minimum and not self.minimum_allowed)
+        too_high = self.maximum is not None and (
+            value > self.maximum or (value == self.maximum and not self.maximum_allowed)
+        )
+        if too_low or too_high:
+            raise ValueError(f"{source} must be {self.range_text()}, got {text!r}")
+        return value
+
+
+PREDICTOR_FLAGS: tuple[PredictorFlag, ...] = (
+    PredictorFlag(
+        "rate_time_constant_s",
+        "--predictor-rate-window-s",
+        "time constant of each adapter's request-rate average (EWMA), seconds",
+        0.0,
+        minimum_allowed=False,
+    ),
+    PredictorFlag(
+        "lead_s", "--predictor-lead-s", "prewarm at least this many seconds before a predicted call", 0.0
+    ),
+    PredictorFlag(
+        "lead_gap_share",
+        "--predictor-lead-share",
+        "... or this share of the adapter's period, when longer",
+        0.0,
+        maximum=1.0,
+        maximum_allowed=False,
+    ),
+    PredictorFlag("max_lead_s", "--predictor-max-lead-s", "... but never more than this many seconds", 0.0),
+    PredictorFlag(
+        "min_gaps",
+        "--predictor-min-gaps",
+        "gaps between calls an adapter needs before its period is trusted",
+        2,
+        integer=True,
+    ),
+    PredictorFlag(
+        "periodic_tolerance",
+        "--predictor-periodic-tolerance",
+        "a gap within this share of a whole number of periods is on the period",
+        0.0,
+        minimum_allowed=False,
+        maximum=0.5,
+        maximum_allowed=False,
+    ),
+    PredictorFlag(
+        "periodic_min_share",
+        "--predictor-periodic-min-share",
+        "an adapter is periodic when at least this share of its gaps are on the period",
+        0.0,
+        minimum_allowed=False,
+        maximum=1.0,
+    ),
+    PredictorFlag(
+        "resident_rate_per_s",
+        "--predictor-hot-rate-per-s",
+        "hot: an adapter called at least this often (calls/s, averaged) stays resident and gets no hints",
+        0.0,
+        minimum_allowed=False,
+    ),
+    PredictorFlag(
+        "burst_gap_factor",
+        "--predictor-burst-gap-factor",
+        "a burst lasts while the last call is within this many of its typical gaps",
+        0.0,
+        minimum_allowed=False,
+    ),
+    PredictorFlag(
+        "demote_below_per_s",
+        "--predictor-cold-rate-per-s",
+        "cold: an adapter called less often than this (calls/s, averaged) is demoted; 0 = never",
+        0.0,
+    ),
+    PredictorFlag(
+        "history_s",
+        "--predictor-history-s",
+        "usage history the predictor keeps per adapter, seconds",
+        0.0,
+        minimum_allowed=False,
+    ),
+)
+
+
+def add_predictor_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds `--predictor-interval-s` and every PREDICTOR_FLAGS entry to `parser` (values as text: they are
+    checked by `resolve_predictor_config`, so flags and variables get the same checks and messages)."""
+    parser.add_argument(
+        INTERVAL_FLAG,
+        help="seconds between prewarm predictions, 0 = off "
+        f"(OPENLORA_PREDICTOR_INTERVAL_S; default {DEFAULT_INTERVAL_S:g})",
+    )
+    for setting in PREDICTOR_FLAGS:
+        parser.add_argument(setting.flag, help=f"{setting.help} ({setting.env}; default {setting.default:g})")
+
+
+def _pick(flags: Mapping[str, object], environ: Mapping[str, str], dest: str, flag: str, env: str):
+    """(text, source) of a setting: the flag when given, else the variable when set, else (None, "")."""
+    value = flags.get(dest)
+    if value not in (None, ""):
+        return str(value), flag
+    if environ.get(env):
+        return environ[env], f"{env} (for {flag})"
+    return None, ""
+
+
+def resolve_interval_s(flags: Mapping[str, object], environ: Mapping[str, str]) -> float:
+    """`--predictor-interval-s`, else OPENLORA_PREDICTOR_INTERVAL_S, else 5 s; 0 turns prediction off."""
+    interval = PredictorFlag("", INTERVAL_FLAG, "", 0.0)
+    text, source = _pick(flags, environ, interval.dest, INTERVAL_FLAG, interval.env)
+    return DEFAULT_INTERVAL_S if text is None else float(interval.parse(text, source))
+
+
+def resolve_predictor_config(flags: Mapping[str, object], environ: Mapping[str, str]) -> PredictorConfig:
+    """The PredictorConfig of these flags (argparse dests) and environment; ValueError names the flag."""
+    values: dict[str, float | int] = {}
+    sources: dict[str, str] = {}
+    for setting in PREDICTOR_FLAGS:
+        text, source = _pick(flags, environ, setting.dest, setting.flag, setting.env)
+        if text is not None:
+            values[setting.field] = setting.parse(text, source)
+            sources[setting.field] = source
+
+    def value(name: str) -> float:
+        return values.get(name, _DEFAULTS[name])
+
+    def source(name: str) -> str:
+        return sources.get(name) or next(s.flag for s in PREDICTOR_FLAGS if s.field == name)
+
+    if value("max_lead_s") < value("lead_s"):
+        raise ValueError(
+            f"{source('max_lead_s')} ({value('max_lead_s'):g}) must be >= {source('lead_s')} "
+            f"({value('lead_s'):g})"
+        )
+    if value("demote_below_per_s") >= value("resident_rate_per_s"):
+        raise ValueError(
+            f"{source('demote_below_per_s')} ({value('demote_below_per_s'):g}) must be below "
+            f"{source('resident_rate_per_s')} ({value('resident_rate_per_s'):g})"
+        )
+    return PredictorConfig(**values)
+
+
+def explicit_flags(flags: Mapping[str, object]) -> list[str]:
+    """The predictor flags given in `flags` (argparse dests) as argv, to hand on to a child process."""
+    argv = []
+    for dest, flag in [("predictor_interval_s", INTERVAL_FLAG), *((s.dest, s.flag) for s in PREDICTOR_FLAGS)]:
+        if flags.get(dest) not in (None, ""):
+            argv.append(f"{flag}={flags[dest]}")
+    return argv

@@ -3,15 +3,19 @@
     u = sgmv_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks=None)        # (T, R)
     sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks=None)  # y (T, H_out) += ...
 
-Both take a keyword ``max_segment_rows``: pass it when the layout was built on the host, so the Triton
-path needs no device sync to validate and size its grid (the values are then trusted).
+Both take keywords a caller that builds its layout once per step passes to every call:
+``max_segment_rows`` (the longest segment, known on the host: the Triton path needs no device sync to
+validate and size its grid, the values are then trusted), ``use_triton`` (the implementation, resolved
+once with ``use_triton(device)``; None reads ``OPENLORA_KERNELS`` on this call) and ``plan`` (the
+reference's ``SegmentPlan`` of the layout, from ``plan_segments``; None builds it on this call).
 
 Segment g covers rows ``seg_indptr[g]:seg_indptr[g + 1]`` and uses adapter slot ``seg_slots[g]``
 (-1: no adapter). See ``kernels.reference`` for the exact semantics.
 
 ``OPENLORA_KERNELS`` selects the implementation: ``triton`` forces Triton (on CPU tensors this needs
 ``TRITON_INTERPRET=1`` set before the Triton kernels are first imported), ``reference`` forces the
-reference, unset or ``auto`` picks by device.
+reference, unset or ``auto`` picks by device. The engine reads it once per step, when it builds the
+step's metadata, and passes the answer down.
 """
 
 from __future__ import annotations
@@ -21,15 +25,17 @@ import os
 import torch
 
 from kernels import reference
+from kernels.reference import SegmentPlan
 
-__all__ = ["reference", "sgmv_expand", "sgmv_shrink", "use_triton"]
+__all__ = ["SegmentPlan", "plan_segments", "reference", "sgmv_expand", "sgmv_shrink", "use_triton"]
 
 _CHOICES = ("auto", "triton", "reference")
 
 
 def _kernel_choice() -> str:
     # The one environment read outside an entry point: tests and operators switch the implementation
-    # per call without rebuilding the engine's config, so it is read here, at call time.
+    # without rebuilding the engine's config, so it is read when a step's metadata is built (or per call
+    # by callers that pass no choice).
     choice = os.environ.get("OPENLORA_KERNELS", "auto").strip().lower() or "auto"
     if choice not in _CHOICES:
         raise ValueError(f"OPENLORA_KERNELS must be one of {_CHOICES}, got {choice!r}")
@@ -44,6 +50,12 @@ def use_triton(device: torch.device) -> bool:
     return choice == "triton"
 
 
+def plan_segments(seg_bounds: list[int], seg_slots: list[int], device: torch.device) -> SegmentPlan:
+    """The reference's plan of a segment layout given as host lists (seg_indptr (G+1,) and seg_slots
+    (G,) values): built once per step and passed as ``plan`` to every shrink/expand of the step."""
+    return SegmentPlan(seg_bounds, seg_slots, device)
+
+
 def sgmv_shrink(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -52,17 +64,20 @@ def sgmv_shrink(
     slot_ranks: torch.Tensor | None = None,
     *,
     max_segment_rows: int | None = None,
+    use_triton: bool | None = None,
+    plan: SegmentPlan | None = None,
 ) -> torch.Tensor:
     """u (T, R) = x (T, H_in) @ lora_a[slot] (R, H_in).T per segment; rows of slot -1 are zero.
 
     ``max_segment_rows``: the longest segment, when the caller knows it from host-side metadata; the
     Triton path then skips its index checks and their device sync (see ``kernels.triton_ops``).
+    ``use_triton`` and ``plan`` as in the module docstring.
     """
-    if use_triton(x.device):
+    if _triton_chosen(use_triton, x.device):
         from kernels.triton_ops.sgmv_shrink import sgmv_shrink as triton_shrink
 
         return triton_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks, max_segment_rows=max_segment_rows)
-    return reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks)
+    return reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks, plan=plan)
 
 
 def sgmv_expand(
@@ -75,16 +90,22 @@ def sgmv_expand(
     slot_ranks: torch.Tensor | None = None,
     *,
     max_segment_rows: int | None = None,
+    use_triton: bool | None = None,
+    plan: SegmentPlan | None = None,
 ) -> None:
     """y (T, H_out) += scale[slot] * u (T, R) @ lora_b[slot] (H_out, R).T per segment, in place.
 
-    ``max_segment_rows`` as for ``sgmv_shrink``.
+    ``max_segment_rows``, ``use_triton`` and ``plan`` as for ``sgmv_shrink``.
     """
-    if use_triton(u.device):
+    if _triton_chosen(use_triton, u.device):
         from kernels.triton_ops.sgmv_expand import sgmv_expand as triton_expand
 
         triton_expand(
             u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks, max_segment_rows=max_segment_rows
         )
         return
-    reference.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks)
+    reference.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks, plan=plan)
+
+
+def _triton_chosen(choice: bool | None, device: torch.device) -> bool:
+    return use_triton(device) if choice is None else choice

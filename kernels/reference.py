@@ -32,10 +32,8 @@ _MAX_RANGE_SLOTS_PER_ROW = 2
 _GATHER_BUDGET_BYTES = 64 * 1024 * 1024
 
 
-def _segments(seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(start, end, slot) of every non-empty segment with an adapter (host values)."""
-    bounds = seg_indptr.tolist()
-    slots = seg_slots.tolist()
+def _segments(bounds: list[int], slots: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, slot) of every non-empty segment with an adapter."""
     return [
         (bounds[g], bounds[g + 1], slots[g])
         for g in range(len(slots))
@@ -50,8 +48,12 @@ def _use_segment_loop(segments: list[tuple[int, int, int]]) -> bool:
     return num_rows >= _MIN_LOOP_ROWS_PER_SEGMENT * len(segments)
 
 
-class _Layout:
+class SegmentPlan:
     """The host-side plan of one segment layout: which strategy, and where each row goes.
+
+    Built from the layout's host values (``seg_bounds`` = seg_indptr (G+1,), ``seg_slots`` (G,)), once
+    per step by the engine and passed to every projection's shrink and expand (``from_tensors`` reads a
+    layout back from tensors, for callers without one).
 
     ``segments``: (start, end, slot) of the segments with an adapter. Unless ``use_loop``:
     ``rows`` / ``slots`` (n,) int64 are the row index and slot of each row with an adapter, in segment
@@ -61,8 +63,8 @@ class _Layout:
     (the usual decode step).
     """
 
-    def __init__(self, seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> None:
-        self.segments = _segments(seg_indptr, seg_slots)
+    def __init__(self, seg_bounds: list[int], seg_slots: list[int], device: torch.device) -> None:
+        self.segments = _segments(seg_bounds, seg_slots)
         self.use_loop = _use_segment_loop(self.segments)
         self.slot_range: tuple[int, int] | None = None
         self.row_range: tuple[int, int] | None = None
@@ -79,33 +81,21 @@ class _Layout:
             self.slot_range = (lo, hi)
             if rows == list(range(rows[0], rows[0] + len(rows))) and slots == list(range(lo, hi)):
                 self.row_range = (rows[0], rows[0] + len(rows))
-        device = seg_indptr.device
         self.rows = torch.tensor(rows, dtype=torch.int64, device=device)  # (n,)
         self.slots = torch.tensor(slots, dtype=torch.int64, device=device)  # (n,)
         self.batch_slots = self.slots - lo  # (n,) entry of each row in the slot-range batch
 
-
-# The engine passes the same layout to every projection of a step: the plan of the last layout is kept
-# with a copy of its tensors and reused while the layout is equal, instead of reading it back to the
-# host and rebuilding the index tensors on each call.
-_last_layout: tuple[torch.Tensor, torch.Tensor, _Layout] | None = None
-
-
-def _same(kept: torch.Tensor, given: torch.Tensor) -> bool:
-    return kept.device == given.device and kept.shape == given.shape and torch.equal(kept, given)
+    @classmethod
+    def from_tensors(cls, seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> SegmentPlan:
+        """The plan of a layout held in tensors (reads them back to the host)."""
+        return cls(seg_indptr.tolist(), seg_slots.tolist(), seg_indptr.device)
 
 
-def _layout(seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> _Layout:
-    global _last_layout
-    last = _last_layout
-    if last is not None and _same(last[0], seg_indptr) and _same(last[1], seg_slots):
-        return last[2]
-    layout = _Layout(seg_indptr, seg_slots)
-    _last_layout = (seg_indptr.clone(), seg_slots.clone(), layout)
-    return layout
+def _plan(plan: SegmentPlan | None, seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> SegmentPlan:
+    return SegmentPlan.from_tensors(seg_indptr, seg_slots) if plan is None else plan
 
 
-def _to_slot_batch(layout: _Layout, rows: torch.Tensor) -> torch.Tensor:
+def _to_slot_batch(layout: SegmentPlan, rows: torch.Tensor) -> torch.Tensor:
     """(T, D) rows -> (hi - lo, D) float32, entry slot - lo holding the row that uses the slot."""
     if layout.row_range is not None:
         return rows[layout.row_range[0] : layout.row_range[1]].float()
@@ -129,16 +119,18 @@ def sgmv_shrink(
     slot_ranks: torch.Tensor | None = None,
     *,
     max_segment_rows: int | None = None,
+    plan: SegmentPlan | None = None,
 ) -> torch.Tensor:
     """u = x @ A[slot].T per segment.
 
     x (T, H_in), lora_a (S, R, H_in), seg_indptr (G+1,) int, seg_slots (G,) int in [-1, S).
     Returns u (T, R) in x's dtype; rows of slot -1 are zero. ``slot_ranks`` is ignored: columns past a
     slot's rank are zero padding in ``lora_a`` and give zeros here as well.
-    ``max_segment_rows`` (a hint for the Triton path) is ignored.
+    ``max_segment_rows`` (a hint for the Triton path) is ignored. ``plan``: the layout's
+    ``SegmentPlan`` when the caller built it (else built here).
     """
     num_rows, rank = x.shape[0], lora_a.shape[1]
-    layout = _layout(seg_indptr, seg_slots)
+    layout = _plan(plan, seg_indptr, seg_slots)
     if layout.row_range == (0, num_rows):  # every row, each on the next slot: no copy in or out
         lo, hi = layout.slot_range
         u = torch.bmm(x.float().unsqueeze(1), lora_a[lo:hi].float().transpose(1, 2))  # (T, 1, R)
@@ -182,15 +174,16 @@ def sgmv_expand(
     slot_ranks: torch.Tensor | None = None,
     *,
     max_segment_rows: int | None = None,
+    plan: SegmentPlan | None = None,
 ) -> None:
     """y[rows] += scale[slot] * u[rows] @ B[slot].T per segment, in place.
 
     u (T, R), lora_b (S, H_out, R), y (T, H_out), scale (S,) float32. Rows of slot -1 are untouched.
     The sum is formed in float32 and rounded to y's dtype once. ``slot_ranks`` and ``max_segment_rows``
-    are ignored.
+    are ignored; ``plan`` as for ``sgmv_shrink``.
     """
     out_features, rank = lora_b.shape[1], lora_b.shape[2]
-    layout = _layout(seg_indptr, seg_slots)
+    layout = _plan(plan, seg_indptr, seg_slots)
     if layout.use_loop:
         scales = scale.tolist()
         for start, end, slot in layout.segments:

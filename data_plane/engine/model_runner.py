@@ -12,6 +12,7 @@ import itertools
 
 import torch
 
+import kernels
 from data_plane.adapters.host_buffer import HostAdapter, unpack
 from data_plane.adapters.weights import AdapterWeights
 from data_plane.engine.sequence import Sequence
@@ -156,11 +157,14 @@ class ModelRunner:
             meta.decode_mask = (key_pos.unsqueeze(0) < lens.unsqueeze(1)).view(len(decode_rows), 1, 1, -1)
         used_slots = [s for s in seg_slots if s >= 0]
         if used_slots:
+            use_triton = kernels.use_triton(device)  # OPENLORA_KERNELS, read once per step
             meta.lora = LoraSegments(
                 seg_indptr=torch.tensor(seg_indptr, dtype=torch.int32, device=device),
                 seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=device),
                 max_rank=max(self.slot_ranks[s] for s in used_slots),
                 max_segment_rows=max(end - start for start, end in itertools.pairwise(seg_indptr)),
+                use_triton=use_triton,
+                plan=None if use_triton else kernels.plan_segments(seg_indptr, seg_slots, device),
             )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=device)
         self._wait_for_slot_writes(used_slots)

@@ -59,15 +59,13 @@ class LoRALinear(nn.Module):
         if lora is None or self.lora_a is None:
             return y
         lora_a, lora_b = self.lora_a, self.lora_b
-        if lora.max_rank < lora_a.shape[1] and not kernels.use_triton(x.device):
+        if lora.max_rank < lora_a.shape[1] and not lora.use_triton:
             # The torch reference computes every pool column; columns past the step's largest rank are
             # zero padding, so leave them out (views, no copy).
             lora_a, lora_b = lora_a[:, : lora.max_rank], lora_b[:, :, : lora.max_rank]
         # The layout is built on the host: passing its longest segment spares the Triton path a device
         # sync per call to check the indices.
-        rows = lora.max_segment_rows
-        u = kernels.sgmv_shrink(x, lora_a, lora.seg_indptr, lora.seg_slots, max_segment_rows=rows)  # (T, r)
-        kernels.sgmv_expand(
-            u, lora_b, lora.seg_indptr, lora.seg_slots, y, self.lora_scale, max_segment_rows=rows
-        )
+        layout = dict(max_segment_rows=lora.max_segment_rows, use_triton=lora.use_triton, plan=lora.plan)
+        u = kernels.sgmv_shrink(x, lora_a, lora.seg_indptr, lora.seg_slots, **layout)  # (T, r)
+        kernels.sgmv_expand(u, lora_b, lora.seg_indptr, lora.seg_slots, y, self.lora_scale, **layout)
         return y

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import SegmentPlan
+
 
 @dataclass
 class PrefillSpan:
@@ -19,12 +21,16 @@ class PrefillSpan:
 
 @dataclass
 class LoraSegments:
-    """Rows grouped by adapter slot: segment g covers rows seg_indptr[g]:seg_indptr[g+1]."""
+    """Rows grouped by adapter slot: segment g covers rows seg_indptr[g]:seg_indptr[g+1].
+
+    Built once per step; every projection's shrink and expand reads the same kernel choice and plan."""
 
     seg_indptr: torch.Tensor  # (G+1,) int32
     seg_slots: torch.Tensor  # (G,) int32, -1 = no adapter
     max_rank: int  # largest rank among the slots used in this step
     max_segment_rows: int  # longest segment, known on the host: the kernels skip their index checks
+    use_triton: bool  # the SGMV implementation of this step (`kernels.use_triton`, read once)
+    plan: SegmentPlan | None  # the reference's plan of the layout; None on the Triton path
 
 
 @dataclass

@@ -110,3 +110,32 @@ def test_unknown_kernel_choice_is_refused(monkeypatch):
     monkeypatch.setenv("OPENLORA_KERNELS", "cuda-graphs")
     with pytest.raises(ValueError, match="OPENLORA_KERNELS"):
         kernels.use_triton(torch.device("cpu"))
+
+
+def test_an_explicit_kernel_choice_is_not_read_from_the_environment(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    seg_indptr, seg_slots = random_layout(gen, 12, 4, 3, with_none=True)
+    x = torch.randn(12, 16, generator=gen)
+    lora_a = torch.randn(3, 4, 16, generator=gen)
+    monkeypatch.setenv("OPENLORA_KERNELS", "not-a-kernel")
+    with pytest.raises(ValueError, match="OPENLORA_KERNELS"):
+        kernels.sgmv_shrink(x, lora_a, seg_indptr, seg_slots)
+    u = kernels.sgmv_shrink(x, lora_a, seg_indptr, seg_slots, use_triton=False)
+    torch.testing.assert_close(u, naive_shrink(x, lora_a, seg_indptr, seg_slots))
+
+
+@pytest.mark.parametrize("num_segments", [3, 24], ids=["segment-loop", "batched"])
+def test_a_plan_built_from_host_lists_gives_the_same_result_as_one_read_from_tensors(num_segments):
+    gen = torch.Generator().manual_seed(num_segments)
+    seg_indptr, seg_slots = random_layout(gen, 24, num_segments, 5, with_none=True)
+    plan = kernels.plan_segments(seg_indptr.tolist(), seg_slots.tolist(), torch.device("cpu"))
+    x = torch.randn(24, 20, generator=gen)
+    lora_a = torch.randn(5, 6, 20, generator=gen)
+    lora_b = torch.randn(5, 12, 6, generator=gen)
+    scale = torch.rand(5, generator=gen)
+    u = kernels.sgmv_shrink(x, lora_a, seg_indptr, seg_slots, use_triton=False, plan=plan)
+    torch.testing.assert_close(u, naive_shrink(x, lora_a, seg_indptr, seg_slots))
+    y0 = torch.randn(24, 12, generator=gen)
+    y = y0.clone()
+    kernels.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, use_triton=False, plan=plan)
+    torch.testing.assert_close(y, naive_expand(u, lora_b, seg_indptr, seg_slots, y0, scale))

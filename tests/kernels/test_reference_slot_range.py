@@ -38,7 +38,7 @@ def one_row_segments(slots):
 def strategy(slots):
     """Which batched strategy the reference picks for one-row segments on these slots."""
     seg_indptr, seg_slots = one_row_segments(slots)
-    plan = reference._Layout(seg_indptr, seg_slots)
+    plan = reference.SegmentPlan.from_tensors(seg_indptr, seg_slots)
     if plan.slot_range is None:
         return "gather"
     return "view" if plan.row_range is not None else "padded-view"

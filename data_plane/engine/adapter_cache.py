@@ -30,12 +30,18 @@ ends: the deadline plus as long again as the hint's lead (at least `min_prewarm_
 call. Protected entries go last, from host memory and from slots, and only to make room for an entry
 expected to be needed sooner; a demote leaves them alone. Without this, the next prewarm of the long tail
 would evict the previous one (its deadline still ahead) before its call.
+
+Prefetches are accounted: a copy brought into a tier by a prefetch (`prefetch` into a slot,
+`store_host(..., prefetched=True)` into host memory) that leaves that tier before any request took a
+reference on it is counted in `wasted_prefetches` (by tier), so an operator can tell hints that cost
+loads for nothing from hints that land.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -101,6 +107,9 @@ class _Entry:
     host_bytes: int | None = None  # None: no host copy
     host_buffer: Any = None  # the host copy itself (the loader's packed buffer), when host_bytes is set
     retiring: bool = False  # invalidated: serves its holders, takes no new reference, then goes
+    # Brought into that tier by a prefetch, and no request has taken a reference on it since.
+    unused_prefetch_host: bool = False
+    unused_prefetch_device: bool = False
 
 
 class AdapterCache:
@@ -134,6 +143,8 @@ class AdapterCache:
         self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._host_used_bytes = 0
         self._tick_count = 0
+        # Prefetched copies that left their tier ("host" or "device") before any request used them.
+        self.wasted_prefetches: Counter[str] = Counter()
         # Replaced, never mutated, by the engine thread after each change: other threads read it as is.
         self.residency = Residency()
 
@@ -233,6 +244,11 @@ class AdapterCache:
         if tier == DEVICE and entry is not None and entry.host_bytes is not None:
             return self._costs[HOST].load_ms(size)
         return self._costs[DISK].load_ms(size)
+
+    def known_size(self, key: str) -> int | None:
+        """The host-buffer size of `key` measured by an earlier load (it outlives residency), or None."""
+        usage = self._usage.get(key)
+        return usage.size_bytes if usage is not None else None
 
     def _size_of(self, key: str) -> int:
         usage = self._usage.get(key)
@@ -354,6 +370,7 @@ class AdapterCache:
 
     def _leave_slot(self, entry: _Entry) -> None:
         """Takes `entry` out of its slot (the slot itself is the caller's to reuse or free)."""
+        self._count_unused_device(entry)
         entry.slot, entry.state = None, None
         if entry.host_bytes is None and not entry.refcount:
             del self._entries[entry.key]
@@ -379,8 +396,10 @@ class AdapterCache:
         if entry is None:
             return
         if entry.slot is not None:
+            self._count_unused_device(entry)
             self._free_slots.append(entry.slot)
         if entry.host_bytes is not None:
+            self._count_unused_host(entry)
             self._host_used_bytes -= entry.host_bytes
         if entry.retiring:
             self._usage.pop(key, None)
@@ -392,6 +411,7 @@ class AdapterCache:
         if entry.retiring:
             raise ValueError(f"adapter {key!r} is retiring: it takes no new reference")
         entry.refcount += 1
+        entry.unused_prefetch_host = entry.unused_prefetch_device = False  # a request uses it
         self.record_use(key)
 
     def release(self, key: str) -> None:
@@ -414,6 +434,7 @@ class AdapterCache:
         if (entry is not None and entry.state is not None) or not self.can_admit(key):
             return None
         slot, _ = self.admit(key)
+        self._entries[key].unused_prefetch_device = True
         return slot
 
     def evict(self, key: str) -> bool:
@@ -487,16 +508,20 @@ class AdapterCache:
             return True
         return size_bytes <= free + sum(e.host_bytes or 0 for e in self._host_victims(key))
 
-    def store_host(self, key: str, size_bytes: int, buffer: Any = None) -> list[str] | None:
+    def store_host(
+        self, key: str, size_bytes: int, buffer: Any = None, prefetched: bool = False
+    ) -> list[str] | None:
         """Keeps `buffer`, the host copy of `key` of `size_bytes`, evicting cheaper host copies (and with
-        them their buffers) to make room.
+        them their buffers) to make room. `prefetched`: a prefetch read it (no request asked for it).
 
         Returns the keys whose host copies were evicted, or None when it does not fit (or `key` is
-        retiring): then no host copy is kept."""
+        retiring): then no host copy is kept (a prefetched one counts as wasted)."""
         self.record_size(key, size_bytes)
         if self.on_host(key):
             return []
         if not self.can_host(key, size_bytes):
+            if prefetched:
+                self.wasted_prefetches[HOST] += 1
             return None
         evicted = []
         for victim in self._host_victims(key):
@@ -506,6 +531,7 @@ class AdapterCache:
             evicted.append(victim.key)
         entry = self._entry(key)
         entry.host_bytes, entry.host_buffer = size_bytes, buffer
+        entry.unused_prefetch_host = prefetched and not entry.refcount
         self._host_used_bytes += size_bytes
         self._publish()
         return evicted
@@ -524,7 +550,23 @@ class AdapterCache:
         copying from it keeps its own), and the entry itself when nothing else is left of it."""
         if entry.host_bytes is None:
             return
+        self._count_unused_host(entry)
         self._host_used_bytes -= entry.host_bytes
         entry.host_bytes, entry.host_buffer = None, None
         if entry.state is None and not entry.refcount:
             del self._entries[entry.key]
+
+    # -- prefetch accounting -----------------------------------------------------------------------------
+
+    def _count_unused_host(self, entry: _Entry) -> None:
+        """`entry` loses its host copy: a prefetched one no request used was a wasted prefetch."""
+        if entry.unused_prefetch_host:
+            self.wasted_prefetches[HOST] += 1
+            entry.unused_prefetch_host = False
+
+    def _count_unused_device(self, entry: _Entry) -> None:
+        """`entry` leaves its slot: a prefetched one that landed (READY) and no request used was wasted (a
+        load that failed or was invalidated in flight never landed, and is not counted)."""
+        if entry.unused_prefetch_device and entry.state is AdapterState.READY:
+            self.wasted_prefetches[DEVICE] += 1
+        entry.unused_prefetch_device = False

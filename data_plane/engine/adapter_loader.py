@@ -11,6 +11,7 @@ The loader thread runs torch ops on one intra-op thread, so a load takes at most
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -22,6 +23,8 @@ from data_plane.adapters.host_buffer import HostAdapter, pack
 from data_plane.adapters.peft_reader import read_peft_adapter
 from data_plane.adapters.weights import AdapterWeights, linear_mix
 from data_plane.engine.request import AdapterRef
+from openlora.adapter_format import AdapterFormatError, read_safetensors_header
+from openlora.artifact import WEIGHTS_FILE
 from openlora.base_model import BaseModelSpec
 
 # (slot, host buffer) -> None: copies the buffer into the slot; runs on the loader thread.
@@ -148,6 +151,23 @@ class AdapterLoader:
             cause,
             members,
         )
+
+    def estimate_host_bytes(self, members: tuple[AdapterRef, ...]) -> int | None:
+        """The size of the host buffer a disk load of `members` would make, from the safetensors headers
+        alone (no tensor data is read): every factor's elements in the engine's dtype. None when a header
+        cannot be read (the load itself would say why)."""
+        element_bytes = torch.empty((), dtype=self._dtype).element_size()
+        total = 0
+        for member in members:
+            try:
+                header, _ = read_safetensors_header(member.path / WEIGHTS_FILE)
+            except (AdapterFormatError, OSError):
+                return None
+            for name, entry in header.items():
+                shape = entry.get("shape") if name != "__metadata__" and isinstance(entry, dict) else None
+                if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+                    total += math.prod(shape) * element_bytes
+        return total
 
     def _read(self, members: tuple[AdapterRef, ...]) -> AdapterWeights:
         if len(members) == 1 and members[0].weight == 1.0:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data_plane.engine.adapter_cache import DISK, HOST, AdapterCache, AdapterState
+from data_plane.engine.adapter_cache import DEVICE, DISK, HOST, AdapterCache, AdapterState
 from data_plane.engine.adapter_loader import CAUSE_PREFETCH, CAUSE_REQUEST, AdapterLoader, FinishedLoad
 from data_plane.engine.block_manager import BlockManager
 from data_plane.engine.config import EngineConfig
@@ -33,6 +33,10 @@ from openlora.base_model import BaseModelSpec
 log = logging.getLogger(__name__)
 _IDLE_LOAD_WAIT_S = 0.05
 _TIER_ORDER = ("none", "device", "host", "disk")  # fastest first
+# Prefetch accounting keys (`prefetch_stats`): (event, tier) or (PREFETCH_SKIPPED, reason).
+PREFETCH_PERFORMED, PREFETCH_WASTED, PREFETCH_SKIPPED = "performed", "wasted", "skipped"
+PREFETCH_HELD = "held"  # already in the asked tier or a warmer one, or a load of it is in flight
+PREFETCH_NO_ROOM = "no_room"  # the host tier could not keep it until its predicted use
 
 
 @dataclass
@@ -88,6 +92,8 @@ class LLMEngine:
         # summed duration (read + copy), so an operator can tell whether prewarms land and what loads cost.
         self.load_counts: Counter[tuple[str, str]] = Counter()
         self.load_ms_sums: Counter[tuple[str, str]] = Counter()
+        # Prefetches performed by destination tier and skipped by reason (wasted ones: the cache counts).
+        self.prefetch_counts: Counter[tuple[str, str]] = Counter()
         self.sampler = Sampler()
         tokenizer_path = config.model_dir / "tokenizer.json"
         self.tokenizer = (
@@ -369,19 +375,50 @@ class LLMEngine:
             if kind == "prefetch":
                 _, _, members, to_device, deadline_at = command
                 cache.hint(key, deadline_at)
-                if cache.state(key) is not None or self.loader.is_loading(key):
-                    continue
-                slot = cache.prefetch(key) if to_device and cache.num_free_slots else None
-                if slot is not None:
-                    self._start_load(key, CAUSE_PREFETCH, members)
-                elif not cache.on_host(key):
-                    self.loader.submit(key, members, cause=CAUSE_PREFETCH)  # disk -> host only
+                self._prefetch_now(key, members, to_device)
             elif kind == "demote":
                 cache.demote(key)
             elif kind == "invalidate":
                 self._invalidate_now(key)
             elif kind == "keep_warm":
                 cache.set_keep_warm(key, command[2])
+
+    def _prefetch_now(self, key: str, members: tuple, to_device: bool) -> None:
+        """A prefetch (its hint already recorded): into a free slot when `to_device`, else into host memory,
+        or nothing at all, counted as skipped by reason, when the adapter is already in that tier or a
+        warmer one or on its way ("held"), or when the host tier could not keep it until its predicted
+        use ("no_room": decided before any disk read, from the size its file headers give)."""
+        cache = self.adapter_cache
+        if cache.state(key) is not None or self.loader.is_loading(key):
+            self._skip_prefetch(key, PREFETCH_HELD)
+            return
+        slot = cache.prefetch(key) if to_device and cache.num_free_slots else None
+        if slot is not None:
+            self._start_load(key, CAUSE_PREFETCH, members)
+            return
+        if cache.on_host(key):
+            self._skip_prefetch(key, PREFETCH_HELD)
+            return
+        size = cache.known_size(key)
+        if size is None:
+            size = self.loader.estimate_host_bytes(members)
+        if size is not None and not cache.can_host(key, size):
+            self._skip_prefetch(key, PREFETCH_NO_ROOM)
+            return
+        self.loader.submit(key, members, cause=CAUSE_PREFETCH)  # disk -> host only
+
+    def _skip_prefetch(self, key: str, reason: str) -> None:
+        self.prefetch_counts[(PREFETCH_SKIPPED, reason)] += 1
+        log.debug("adapter prefetch skipped reason=%s key=%s", reason, key[:12])
+
+    def prefetch_stats(self) -> dict[tuple[str, str], int]:
+        """Prefetch accounting, safe to read from any thread (copies): ("performed", tier) loads a prefetch
+        brought into "host" memory or a "device" slot, ("wasted", tier) those that left that tier before
+        any request used them, ("skipped", reason) prefetches not started ("held", "no_room")."""
+        stats = dict(self.prefetch_counts)
+        for tier, count in dict(self.adapter_cache.wasted_prefetches).items():
+            stats[(PREFETCH_WASTED, tier)] = count
+        return stats
 
     def _invalidate_now(self, key: str) -> None:
         """Drops `key` from the tiers: waiting requests give back their reference (each gets a fresh load
@@ -434,8 +471,11 @@ class LLMEngine:
                     outputs.append(self._output(state, [], "", None, "abort", now, error=load.error))
                 continue
             self._record_load_event(load)
+            host_prefetch = load.cause == CAUSE_PREFETCH and load.slot is None
+            if host_prefetch:
+                self.prefetch_counts[(PREFETCH_PERFORMED, HOST)] += 1
             if load.read_from_disk:
-                self._keep_on_host(load)
+                self._keep_on_host(load, prefetched=host_prefetch)
             elif load.slot is not None:
                 cache.record_load(HOST, load.host.size_bytes, load.copy_ms)
             if cache.state(load.key) is not AdapterState.LOADING:
@@ -445,6 +485,8 @@ class LLMEngine:
                 continue
             if cache.mark_ready(load.key) is None:
                 continue  # retired while it loaded
+            if load.cause == CAUSE_PREFETCH:
+                self.prefetch_counts[(PREFETCH_PERFORMED, DEVICE)] += 1
             for state in self._states.values():
                 uses = any(s.adapter_key == load.key for s in state.seq.members)
                 if uses and state.scheduled_at is None:
@@ -475,12 +517,13 @@ class LLMEngine:
             load.copy_ms,
         )
 
-    def _keep_on_host(self, load: FinishedLoad) -> None:
-        """Hands a buffer read from disk to the adapter cache, which keeps it if the host budget allows."""
+    def _keep_on_host(self, load: FinishedLoad, prefetched: bool) -> None:
+        """Hands a buffer read from disk to the adapter cache, which keeps it if the host budget allows
+        (`prefetched`: a host-tier prefetch read it, and counts as wasted if it cannot be kept)."""
         cache = self.adapter_cache
         size = load.host.size_bytes
         cache.record_load(DISK, size, load.read_ms)
-        cache.store_host(load.key, size, load.host)
+        cache.store_host(load.key, size, load.host, prefetched=prefetched)
 
     def _output(
         self,

@@ -120,6 +120,14 @@ class WorkerMetrics:
         (counts, milliseconds) keyed by (cause, tier); it is called at scrape time."""
         self.registry.register(_EngineLoadCollector(read))
 
+    def watch_prefetches(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """Exports the engine's prefetch accounting (`LLMEngine.prefetch_stats`, called at scrape time):
+        `openlora_prefetch_total{tier}` prefetch loads performed into "host" memory or a "device" slot,
+        `openlora_prefetch_wasted_total{tier}` those that left the tier before any request used them, and
+        `openlora_prefetch_skipped_total{reason}` prefetches not started ("held": already there or warmer,
+        or loading; "no_room": the host tier could not keep it until its predicted use)."""
+        self.registry.register(_PrefetchCollector(read))
+
     def watch_routing_load(
         self, read: Callable[[], EngineLoad], activity: AdapterActivity, max_lora: int
     ) -> None:
@@ -244,3 +252,35 @@ class _EngineLoadCollector:
             seconds.add_metric([cause, tier], ms_sums.get((cause, tier), 0.0) / 1000)
         yield loads
         yield seconds
+
+
+PREFETCH_TIERS = ("host", "device")
+PREFETCH_SKIP_REASONS = ("held", "no_room")
+
+
+class _PrefetchCollector:
+    def __init__(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self._read = read
+
+    def collect(self):
+        stats = self._read()
+        performed = CounterMetricFamily(
+            "openlora_prefetch", "Prefetch loads performed, by the tier they filled", labels=["tier"]
+        )
+        wasted = CounterMetricFamily(
+            "openlora_prefetch_wasted",
+            "Prefetched copies that left their tier before any request used them",
+            labels=["tier"],
+        )
+        skipped = CounterMetricFamily(
+            "openlora_prefetch_skipped", "Prefetches not started, by reason", labels=["reason"]
+        )
+        for tier in PREFETCH_TIERS:
+            performed.add_metric([tier], stats.get(("performed", tier), 0))
+            wasted.add_metric([tier], stats.get(("wasted", tier), 0))
+        reasons = sorted({*PREFETCH_SKIP_REASONS, *(r for event, r in stats if event == "skipped")})
+        for reason in reasons:
+            skipped.add_metric([reason], stats.get(("skipped", reason), 0))
+        yield performed
+        yield wasted
+        yield skipped

@@ -198,23 +198,30 @@ class GenerationService:
         if claim in self._in_flight:
             raise DuplicateRequest(request_id)
         self._in_flight.add(claim)
-        reserved = False
+        # The reservation is a control-plane round trip (a database write): it runs beside tokenizing and
+        # resolving the adapters, and nothing reaches the engine before it answered.
+        reservation = (
+            asyncio.ensure_future(self._check_request_id_unused(auth.tenant_id, request_id))
+            if valid.request_id
+            else None
+        )
         try:
-            if valid.request_id:
-                reserved = await self._check_request_id_unused(auth.tenant_id, request_id)
-            prompt_ids = await self._prompt_ids(valid)
-            check_prompt_length(len(prompt_ids), self.limits)
-
-            for adapter in by_name.values():
-                if adapter.keep_warm:
-                    self._engine.set_keep_warm(adapter.sha256, True)
-            fetch_started = time.monotonic()
-            adapter_refs, tier, build_ms = await self._resolve(valid, by_name)
-            # What the call waited for before the engine: a fetch from the control plane (with a merge
-            # built from it), else a merge's build (0 when nothing was built); it counts as adapter load.
-            fetch_ms = (time.monotonic() - fetch_started) * 1000 if tier == "remote" else build_ms
+            try:
+                prompt_ids, adapter_refs, tier, fetch_ms = await self._prepare(valid, by_name)
+            except Exception:
+                # A refused id says more than whatever else failed (and was the first check before).
+                _raise_if_failed(await _settled(reservation))
+                raise
+            except BaseException:  # cancelled: the reservation's answer is still awaited, to give it back
+                await _settled(reservation)
+                raise
             # Held on local disk (the disk budget never removes them) until the stream ends.
             held = [ref.key for ref in adapter_refs]
+            try:
+                _raise_if_failed(await _settled(reservation))
+            except BaseException:
+                self._release(held)
+                raise
             try:
                 # Closed here, not by the garbage collector, when the caller stops early: its finally
                 # records the usage at once.
@@ -238,11 +245,34 @@ class GenerationService:
                 self._release(held)
         finally:
             self._in_flight.discard(claim)
-            if reserved and not self._usage.has_pending(auth.tenant_id, request_id):
+            if reservation is not None and not reservation.done():
+                # Left before the answer (cancelled twice): nothing was delivered, so a reservation it
+                # makes is given back as it arrives.
+                reservation.add_done_callback(
+                    lambda task: _reserved(task) and self._release_request_id(auth.tenant_id, request_id)
+                )
+            elif _reserved(reservation) and not self._usage.has_pending(auth.tenant_id, request_id):
                 # Nothing of this stream is waiting to be billed: either nothing was delivered (a retry
                 # under this id must be served) or its usage already reached the control plane (which
                 # refuses the id on its own). Given back beside the call; the expiry covers a failure.
                 self._release_request_id(auth.tenant_id, request_id)
+
+    async def _prepare(
+        self, valid: ValidRequest, by_name
+    ) -> tuple[list[int], tuple[AdapterRef, ...], str, float]:
+        """(prompt token ids, the engine's adapter refs held on disk, their slowest tier, ms the call
+        waited for them: a fetch from the control plane, or a merge's build)."""
+        prompt_ids = await self._prompt_ids(valid)
+        check_prompt_length(len(prompt_ids), self.limits)
+        for adapter in by_name.values():
+            if adapter.keep_warm:
+                self._engine.set_keep_warm(adapter.sha256, True)
+        fetch_started = time.monotonic()
+        adapter_refs, tier, build_ms = await self._resolve(valid, by_name)
+        # What the call waited for before the engine: a fetch from the control plane (with a merge built
+        # from it), else a merge's build (0 when nothing was built); it counts as adapter load.
+        fetch_ms = (time.monotonic() - fetch_started) * 1000 if tier == "remote" else build_ms
+        return prompt_ids, adapter_refs, tier, fetch_ms
 
     async def _run(
         self, valid, request_id, auth, prompt_ids, adapter_refs, by_name, tier, fetch_ms, arrival, whole
@@ -521,6 +551,25 @@ class GenerationService:
             request_kind=progress.request_kind,
             mix_name=progress.mix_name,
         )
+
+
+async def _settled(task: asyncio.Future | None) -> asyncio.Future | None:
+    """`task` once done, without raising its error (None stays None)."""
+    if task is not None and not task.done():
+        await asyncio.wait([task])
+    return task
+
+
+def _raise_if_failed(task: asyncio.Future | None) -> None:
+    if task is not None and not task.cancelled() and task.exception() is not None:
+        raise task.exception()
+
+
+def _reserved(task: asyncio.Future | None) -> bool:
+    """Whether the request id reservation `task` reserved the id (its error, if any, is consumed)."""
+    if task is None or not task.done() or task.cancelled():
+        return False
+    return task.exception() is None and bool(task.result())
 
 
 async def _close(outputs) -> None:

@@ -1,0 +1,178 @@
+"""A stream whose consumer lags: several tokens in one chunk, the first token alone, the same output as a
+consumer that keeps up, and billing exact when the caller cancels after such a chunk. The request id
+reservation overlaps the call's preparation without giving up its guarantees.
+
+The consumer here is `GenerationService.generate` itself (what the gRPC servicer and the HTTP app iterate),
+built on the worker's own engine, control plane client and usage reporter, so the test decides when the
+consumer lags instead of guessing what HTTP/2 buffers absorbed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import uuid
+
+import grpc
+import pytest
+
+from data_plane.server.control_plane_client import ControlPlaneError
+from data_plane.server.validation import RequestFieldError, check_request, requested_adapter_names
+from openlora.v1 import inference_pb2
+
+PROMPT = "the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def service(system, tmp_path_factory):
+    """A GenerationService over the system worker's engine, control plane client, usage and metrics."""
+    from data_plane.server.artifact_store import ArtifactStore
+    from data_plane.server.generation import GenerationService
+    from data_plane.server.validation import RequestLimits
+
+    worker = system.worker
+    engine = worker.engine
+    spec = dataclasses.replace(engine.spec, name=worker.config.base_model_name)
+    artifacts = ArtifactStore(
+        tmp_path_factory.mktemp("artifacts"),
+        worker.control_plane.fetch_artifact,
+        spec,
+        worker.config.engine.max_lora_rank,
+        worker.config.max_adapter_bytes,
+        busy=engine.is_loading,
+    )
+    limits = RequestLimits(
+        max_tokens_limit=worker.config.max_tokens_limit,
+        default_max_tokens=worker.config.default_max_tokens,
+        vocab_size=spec.vocab_size,
+        max_model_len=engine.max_model_len,
+    )
+    return GenerationService(
+        engine, worker.control_plane, artifacts, worker.usage, worker.metrics, worker.state, limits
+    )
+
+
+def _generate(service, key: str, **fields):
+    request = inference_pb2.GenerateRequest(**fields)
+    return service.generate(
+        key, requested_adapter_names(request), lambda: check_request(request, service.limits)
+    )
+
+
+async def _lag_until_idle(engine) -> None:
+    """Returns once the engine ran every request to its end and their outputs wait in their streams."""
+    while engine.engine.has_unfinished():
+        await asyncio.sleep(0.01)
+    await engine.wait_delivered()
+
+
+def _joined(chunks) -> tuple[list[int], str, list[float]]:
+    return (
+        [t for c in chunks for t in c.token_ids],
+        "".join(c.text for c in chunks),
+        [p for c in chunks for p in c.logprobs],
+    )
+
+
+def test_lagging_consumer_gets_the_first_token_alone_then_one_chunk_equal_to_an_eager_stream(system, service):
+    _, _, key = system.new_tenant()
+    fields = dict(
+        prompt=PROMPT,
+        adapter="ad1",
+        logprobs=True,
+        sampling=inference_pb2.SamplingParams(max_tokens=12),
+    )
+
+    async def eager():
+        async with contextlib.aclosing(_generate(service, key, **fields)) as chunks:
+            return [chunk async for chunk in chunks]
+
+    async def lagging():
+        async with contextlib.aclosing(_generate(service, key, **fields)) as chunks:
+            first = await anext(chunks)
+            await _lag_until_idle(system.worker.engine)
+            return first, [chunk async for chunk in chunks]
+
+    kept_up = system.loop.run(eager())
+    first, rest = system.loop.run(lagging())
+    assert len(first.token_ids) == 1 and first.finish is None and first.text
+    assert len(rest) == 1  # eleven steps' tokens in one message
+    (coalesced,) = rest
+    assert len(coalesced.token_ids) == 11 and coalesced.finish is not None
+    assert coalesced.finish.reason == "length" and coalesced.finish.completion_tokens == 12
+    want_ids, want_text, want_logprobs = _joined(kept_up)
+    ids, text, logprobs = _joined([first, coalesced])
+    assert ids == want_ids and text == want_text and len(ids) == 12
+    assert logprobs == pytest.approx(want_logprobs, rel=1e-5) and len(logprobs) == 12
+
+
+def test_cancel_after_a_coalesced_chunk_bills_exactly_the_tokens_delivered(system, service):
+    tenant, _, key = system.new_tenant()
+    _, _, other_key = system.new_tenant()
+    received = []
+    coalesced = asyncio.Event()
+
+    async def consume():
+        # Like the servicer: a chunk counts as delivered once the next is asked for; nothing is awaited
+        # between taking a chunk and asking for the next, so a cancel always lands after the count.
+        async with contextlib.aclosing(
+            _generate(
+                service,
+                key,
+                prompt=PROMPT,
+                adapter="ad2",
+                request_id=f"coalesced-{uuid.uuid4().hex}",
+                sampling=inference_pb2.SamplingParams(max_tokens=400),
+            )
+        ) as chunks:
+            async for chunk in chunks:
+                received.append(chunk)
+                if len(received) == 1:
+                    # Lag while another call runs 8 tokens to its end: each of its steps decodes this one too.
+                    async with contextlib.aclosing(
+                        _generate(service, other_key, prompt=PROMPT, sampling={"max_tokens": 8})
+                    ) as other:
+                        async for _ in other:
+                            pass
+                    await system.worker.engine.wait_delivered()
+                elif len(received) == 2:
+                    coalesced.set()
+
+    async def cancel_after_the_coalesced_chunk():
+        task = asyncio.get_running_loop().create_task(consume())
+        await coalesced.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    system.loop.run(cancel_after_the_coalesced_chunk())
+    assert len(received[0].token_ids) == 1 and len(received[1].token_ids) >= 7
+    delivered = sum(len(c.token_ids) for c in received)
+    assert all(c.finish is None for c in received) and delivered < 400
+    system.flush_usage()
+    usage = system.wait_usage(tenant, 1)
+    assert usage.total_requests == 1 and usage.total_completion_tokens == delivered
+
+
+def test_refused_request_id_leaves_no_artifact_held_and_a_failed_prompt_gives_its_id_back(system, service):
+    tenant, _, key = system.new_tenant()
+    request_id = f"overlap-{uuid.uuid4().hex}"
+
+    async def run(**fields):
+        async with contextlib.aclosing(_generate(service, key, request_id=request_id, **fields)) as chunks:
+            return [chunk async for chunk in chunks]
+
+    # Prepared beside the reservation, the prompt fails: the id was reserved, and is given back.
+    with pytest.raises(RequestFieldError) as too_long:
+        system.loop.run(run(prompt="x" * 100_000, adapter="ad3"))
+    assert too_long.value.field == "prompt"
+    served = system.loop.run(run(prompt=PROMPT, adapter="ad3", sampling={"max_tokens": 3}))
+    assert sum(len(c.token_ids) for c in served) == 3
+    system.flush_usage()
+    system.wait_usage(tenant, 1)
+    # Billed now: the same id is refused, and the adapter resolved beside the refusal is not kept held.
+    with pytest.raises(ControlPlaneError) as refused:
+        system.loop.run(run(prompt=PROMPT, adapter="ad3", sampling={"max_tokens": 3}))
+    assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert not service._artifacts.is_held(system.adapters["ad3"])
+    assert system.admin.usage(tenant).total_completion_tokens == 3

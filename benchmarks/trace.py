@@ -156,29 +156,44 @@ def arrival_times_s(num_requests: int, rate_per_s: float, cv: float, rng: np.ran
     return np.concatenate([[0.0], np.cumsum(gaps_s)])
 
 
+def adapter_ids(
+    num_requests: int, num_adapters: int, alpha: float, cover_all: bool, rng: np.random.Generator
+) -> np.ndarray:
+    """(num_requests,) adapter indices drawn by popularity (-1 = base model when num_adapters is 0); with
+    `cover_all`, each adapter once and the rest of the requests by popularity, in shuffled order."""
+    if num_adapters == 0:
+        return np.full(num_requests, -1)
+    p = popularity(num_adapters, alpha)
+    if not cover_all:
+        return rng.choice(num_adapters, size=num_requests, p=p)
+    rest = rng.choice(num_adapters, size=num_requests - num_adapters, p=p)
+    return rng.permutation(np.concatenate([np.arange(num_adapters), rest]))
+
+
 def generate_trace(config: TraceConfig) -> Trace:
-    """The trace `config` describes; the same config (seed included) always gives the same trace."""
-    rng = np.random.default_rng(config.seed)
-    arrivals_s = arrival_times_s(config.num_requests, config.rate_per_s, config.cv, rng)
-    if config.num_adapters > 0:
-        p = popularity(config.num_adapters, config.alpha)
-        if config.cover_all_adapters:
-            rest = rng.choice(config.num_adapters, size=config.num_requests - config.num_adapters, p=p)
-            adapter_ids = rng.permutation(np.concatenate([np.arange(config.num_adapters), rest]))
-        else:
-            adapter_ids = rng.choice(config.num_adapters, size=config.num_requests, p=p)
-    else:
-        adapter_ids = np.full(config.num_requests, -1)
-    prompt_lens = rng.integers(
+    """The trace `config` describes; the same config (seed included) always gives the same trace.
+
+    Arrivals, adapters, prompt lengths, output lengths and prompts come from separate random streams of
+    the seed, so two traces that differ only in their adapters (or only in their rate) share every length
+    and prompt, and a longer trace of the same seed starts with the shorter one's lengths and prompts: a
+    comparison across numbers of adapters changes nothing else."""
+    arrival_rng, adapter_rng, prompt_len_rng, output_len_rng, prompt_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(5)
+    )
+    arrivals_s = arrival_times_s(config.num_requests, config.rate_per_s, config.cv, arrival_rng)
+    ids = adapter_ids(
+        config.num_requests, config.num_adapters, config.alpha, config.cover_all_adapters, adapter_rng
+    )
+    prompt_lens = prompt_len_rng.integers(
         config.prompt_len_range[0], config.prompt_len_range[1] + 1, size=config.num_requests
     )
-    output_lens = rng.integers(
+    output_lens = output_len_rng.integers(
         config.output_len_range[0], config.output_len_range[1] + 1, size=config.num_requests
     )
     requests = []
     for i in range(config.num_requests):
-        prompt = rng.integers(FIRST_PROMPT_TOKEN_ID, config.vocab_size, size=int(prompt_lens[i]))
-        adapter_id = int(adapter_ids[i])
+        prompt = prompt_rng.integers(FIRST_PROMPT_TOKEN_ID, config.vocab_size, size=int(prompt_lens[i]))
+        adapter_id = int(ids[i])
         requests.append(
             TraceRequest(
                 index=i,

@@ -105,3 +105,19 @@ def test_cover_all_adapters_requests_each_adapter_at_least_once():
     assert len(trace.requests) == 300
     with pytest.raises(ValueError, match="cover_all_adapters"):
         TraceConfig(num_requests=10, num_adapters=11, cover_all_adapters=True)
+
+
+def test_traces_that_differ_in_adapters_or_rate_share_lengths_and_prompts():
+    base = dict(prompt_len_range=(4, 30), output_len_range=(16, 64), seed=9)
+    one = generate_trace(TraceConfig(num_requests=300, num_adapters=1, **base))
+    many = generate_trace(TraceConfig(num_requests=300, num_adapters=1000, cover_all_adapters=False, **base))
+    paced = generate_trace(TraceConfig(num_requests=300, num_adapters=1000, rate_per_s=3.0, **base))
+    longer = generate_trace(TraceConfig(num_requests=500, num_adapters=1, **base))
+    for other in (many, paced, longer):
+        assert [r.max_tokens for r in other.requests[:300]] == [r.max_tokens for r in one.requests]
+        assert [r.prompt_token_ids for r in other.requests[:300]] == [
+            r.prompt_token_ids for r in one.requests
+        ]
+    assert {r.adapter for r in one.requests} == {adapter_name(0)}
+    assert len({r.adapter for r in many.requests}) > 100
+    assert len({r.max_tokens for r in one.requests}) > 40

@@ -1,8 +1,10 @@
 """Predictor: reads usage history from Postgres, publishes prewarm/demote hints to `openlora:hints`.
 
 `Predictor.run_once(now)` is one pass (tests drive it with a compressed clock); `run_predictor_loop` runs
-passes every `interval_s` until stopped. Hints are advisory: a pass whose hints cannot reach Redis logs
-and the next pass publishes again, so hints resume when Redis returns.
+passes every `interval_s` until stopped. A pass reads only the usage recorded since the last one and
+folds it into the per-adapter history it keeps (`history.UsageHistory`); the first pass reads the horizon
+once. Hints are advisory: a pass whose hints cannot reach Redis logs and the next pass publishes again,
+so hints resume when Redis returns.
 
 A hint is published once, and again only when it says something new: another kind, a periodic deadline
 that moved by more than `REPUBLISH_GAP_SHARE` of the period, or a new deadline after the last one passed
@@ -15,17 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.hints.publisher import HintPublisher
 from control_plane.prediction.demand import Prediction, PredictorConfig, predict
+from control_plane.prediction.history import UsageHistory
 from control_plane.registry.models import STATUS_READY, Adapter
-from control_plane.usage.models import UsageEvent, UsageEventAdapter
 from openlora.hints import Hint
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Predictor:
         self._sessions = sessions
         self._publisher = publisher
         self.config = config or PredictorConfig()
+        self.history = UsageHistory(self.config.history_s)
         # adapter id -> (kind, deadline) of the last hint that reached the stream: not repeated.
         self._published: dict[str, tuple[str, float | None]] = {}
 
@@ -64,28 +66,21 @@ class Predictor:
         return False
 
     def request_times(self, now: float) -> dict[_Target, list[float]]:
-        """Unix seconds of each ready adapter's requests within the history window before `now`."""
-        since = datetime.fromtimestamp(now - self.config.history_s, UTC)
-        until = datetime.fromtimestamp(now, UTC)
-        query = (
-            select(Adapter.id, Adapter.sha256, UsageEvent.finished_at)
-            .join(UsageEventAdapter, UsageEventAdapter.adapter_id == Adapter.id)
-            .join(
-                UsageEvent,
-                (UsageEvent.tenant_id == UsageEventAdapter.tenant_id)
-                & (UsageEvent.request_id == UsageEventAdapter.request_id),
-            )
-            .where(
-                Adapter.status == STATUS_READY,
-                UsageEvent.finished_at >= since,
-                UsageEvent.finished_at <= until,
-            )
-        )
-        times: dict[_Target, list[float]] = defaultdict(list)
+        """Unix seconds of each ready adapter's requests within the history window before `now`: the
+        usage recorded since the last pass is folded into the kept history, then the ready adapters
+        among those with calls in the window are looked up."""
         with self._sessions() as session:
-            for adapter_id, sha256, finished_at in session.execute(query):
-                times[_Target(str(adapter_id), sha256)].append(finished_at.timestamp())
-        return times
+            self.history.refresh(session, now)
+            times = self.history.times_by_adapter(now)
+            if not times:
+                return {}
+            ready = session.execute(
+                select(Adapter.id, Adapter.sha256).where(
+                    Adapter.status == STATUS_READY, Adapter.id.in_([uuid.UUID(a) for a in times])
+                )
+            ).all()
+        targets = sorted((str(adapter_id), sha256) for adapter_id, sha256 in ready)
+        return {_Target(adapter_id, sha256): times[adapter_id] for adapter_id, sha256 in targets}
 
     def predict(self, now: float) -> list[Hint]:
         """The hints the usage history calls for at `now` (Unix seconds), repeats left out."""

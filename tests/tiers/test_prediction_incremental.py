@@ -1,0 +1,229 @@
+"""The predictor's incremental history against a full rescan of the usage table, on real Postgres rows.
+
+Each pass of `Predictor` reads only the usage recorded since its watermark; a full rescan (the predictor's
+former query, kept here as the reference) reads the whole horizon every pass. The same history, arriving
+over many passes with late reports, replaced checkpoints, a deleted and a replaced adapter, must give the
+same hints; a row committed after a pass by a transaction that stamped it before must not be missed."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from sqlalchemy import select, text, update
+
+from control_plane.db.base import utc_now
+from control_plane.db.engine import make_engine, make_sessionmaker
+from control_plane.prediction.demand import PredictorConfig
+from control_plane.prediction.history import UsageHistory
+from control_plane.prediction.predictor import Predictor, _Target
+from control_plane.registry.models import STATUS_DELETED, STATUS_READY, Adapter
+from control_plane.usage.models import UsageEvent, UsageEventAdapter
+from control_plane.usage.service import CHECKPOINT_FINISH_REASON, UsageReport, report_usage
+from tests.tiers.test_prediction import _add_adapter, _clear
+
+CONFIG = PredictorConfig(
+    rate_time_constant_s=60.0, lead_s=2.0, resident_rate_per_s=0.5, history_s=400.0, demote_below_per_s=1e-3
+)
+T0 = 1_900_000_000.0
+
+
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.hints = []
+
+    def publish(self, hint) -> bool:
+        self.hints.append(hint)
+        return True
+
+
+class FullRescanPredictor(Predictor):
+    """The reference: every pass reads every event of the horizon (the predictor's former query)."""
+
+    def request_times(self, now: float) -> dict[_Target, list[float]]:
+        since = datetime.fromtimestamp(now - self.config.history_s, UTC)
+        until = datetime.fromtimestamp(now, UTC)
+        query = (
+            select(Adapter.id, Adapter.sha256, UsageEvent.finished_at)
+            .join(UsageEventAdapter, UsageEventAdapter.adapter_id == Adapter.id)
+            .join(
+                UsageEvent,
+                (UsageEvent.tenant_id == UsageEventAdapter.tenant_id)
+                & (UsageEvent.request_id == UsageEventAdapter.request_id),
+            )
+            .where(
+                Adapter.status == STATUS_READY,
+                UsageEvent.finished_at >= since,
+                UsageEvent.finished_at <= until,
+            )
+        )
+        times: dict[_Target, list[float]] = defaultdict(list)
+        with self._sessions() as session:
+            for adapter_id, sha256, finished_at in session.execute(query):
+                times[_Target(str(adapter_id), sha256)].append(finished_at.timestamp())
+        return dict(sorted(times.items(), key=lambda item: item[0].adapter_id))
+
+
+@pytest.fixture(scope="module")
+def sessions(database_url):
+    engine = make_engine(database_url, pool_size=4)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def _report(sessions, adapter: Adapter, finished_s: float, request_id: str | None = None, **fields) -> str:
+    """Records one request on `adapter` as a worker's usage report does; returns its request id."""
+    request_id = request_id or f"r-{uuid.uuid4().hex}"
+    report = UsageReport(
+        request_id=request_id,
+        tenant_id=str(adapter.tenant_id),
+        adapters=((str(adapter.id), 1.0),),
+        worker_id="w",
+        base_model="tiny",
+        prompt_tokens=fields.get("prompt_tokens", 4),
+        completion_tokens=fields.get("completion_tokens", 8),
+        finished_at=datetime.fromtimestamp(finished_s, UTC),
+        finish_reason=fields.get("finish_reason", "stop"),
+    )
+    with sessions.begin() as s:
+        report_usage(s, [report])
+    return request_id
+
+
+def _signature(hints) -> list[tuple]:
+    return sorted((h.kind, h.adapter_id, h.sha256, h.deadline_at) for h in hints)
+
+
+def _history_of(predictor: Predictor, now: float) -> dict[str, list[float]]:
+    return {t.adapter_id: sorted(times) for t, times in predictor.request_times(now).items()}
+
+
+def test_incremental_passes_give_the_full_rescans_hints(sessions):
+    _clear(sessions)
+    rng = np.random.default_rng(7)
+    periodic = _add_adapter(sessions, "periodic")
+    bursty = _add_adapter(sessions, "bursty")
+    hot = _add_adapter(sessions, "hot")
+    fading = _add_adapter(sessions, "fading")
+    deleted = _add_adapter(sessions, "deleted")
+    replaced = _add_adapter(sessions, "replaced")
+    calls: list[tuple[float, Adapter]] = []
+    calls += [(T0 + k * 20.0 + rng.uniform(-1, 1), periodic) for k in range(30)]
+    calls += [(T0 + 100 + t, bursty) for t in np.cumsum(rng.exponential(3.0, size=40))]
+    calls += [(T0 + t, hot) for t in np.cumsum(rng.exponential(0.8, size=500))]
+    calls += [(T0 + t, fading) for t in np.cumsum(rng.exponential(10.0, size=8))]
+    calls += [(T0 + k * 15.0, deleted) for k in range(20)]
+    calls += [(T0 + k * 25.0 + 3.0, replaced) for k in range(20)]
+    calls.sort(key=lambda c: c[0])
+    incremental = Predictor(sessions, RecordingPublisher(), CONFIG)
+    reference = FullRescanPredictor(sessions, RecordingPublisher(), CONFIG)
+    next_call = 0
+    checkpoints: list[tuple[str, Adapter, float]] = []
+    for pass_index, now in enumerate(T0 + 5.0 + 5.0 * np.arange(120)):
+        while next_call < len(calls) and calls[next_call][0] <= now:
+            finished_s, adapter = calls[next_call]
+            next_call += 1
+            if next_call % 9 == 0:  # a stream's checkpoint now, its final record a few passes later
+                request_id = _report(
+                    sessions, adapter, finished_s, completion_tokens=2, finish_reason=CHECKPOINT_FINISH_REASON
+                )
+                checkpoints.append((request_id, adapter, finished_s + 4.0))
+            elif next_call % 13 == 0:  # reported late, after passes that were already past it
+                checkpoints.append((None, adapter, finished_s))
+            else:
+                _report(sessions, adapter, finished_s)
+        for request_id, adapter, finished_s in [c for c in checkpoints if c[2] <= now - 6.0]:
+            _report(sessions, adapter, finished_s, request_id=request_id)
+            checkpoints.remove((request_id, adapter, finished_s))
+        if pass_index == 60:
+            with sessions.begin() as s:
+                s.execute(update(Adapter).where(Adapter.id == deleted.id).values(status=STATUS_DELETED))
+                s.execute(update(Adapter).where(Adapter.id == replaced.id).values(sha256="e" * 64))
+        assert _history_of(incremental, now) == _history_of(reference, now), pass_index
+        assert _signature(incremental.run_once(now)) == _signature(reference.run_once(now)), pass_index
+    published = incremental._publisher.hints
+    kinds = {(h.kind, h.adapter_id) for h in published}
+    assert ("prewarm", str(periodic.id)) in kinds and ("prewarm", str(bursty.id)) in kinds
+    assert ("demote", str(fading.id)) in kinds
+    assert any(h.sha256 == "e" * 64 for h in published)  # the replaced content is what gets prewarmed
+    assert not any(h.adapter_id == str(deleted.id) and h.issued_at > T0 + 5.0 + 5.0 * 60 for h in published)
+
+    restarted = Predictor(sessions, RecordingPublisher(), CONFIG)  # rebuilds from the horizon once
+    now = T0 + 5.0 + 5.0 * 120
+    assert _history_of(restarted, now) == _history_of(reference, now)
+
+
+def test_a_pass_reads_only_the_usage_recorded_since_the_last_one(sessions):
+    _clear(sessions)
+    adapter = _add_adapter(sessions, "steady")
+    for k in range(50):
+        _report(sessions, adapter, T0 + k)
+    predictor = Predictor(sessions, RecordingPublisher(), CONFIG)
+    predictor.history = UsageHistory(CONFIG.history_s, slack_s=0.0)
+    predictor.run_once(T0 + 50)
+    assert predictor.history.rows_read == 50  # the first pass reads the horizon
+    for k in range(50, 53):
+        _report(sessions, adapter, T0 + k)
+    predictor.run_once(T0 + 53)
+    assert predictor.history.rows_read == 3
+    assert predictor.history.num_events == 53
+    predictor.run_once(T0 + 54)
+    assert predictor.history.rows_read == 0
+    # Events that left the horizon are dropped from memory.
+    predictor.run_once(T0 + CONFIG.history_s + 10.5)
+    assert predictor.history.num_events == 53 - 11
+
+
+def test_usage_committed_after_a_pass_by_a_transaction_that_stamped_it_before_is_not_missed(sessions):
+    _clear(sessions)
+    adapter = _add_adapter(sessions, "late")
+    for k in range(5):
+        _report(sessions, adapter, T0 + k * 10.0)
+    # No slack: the watermark alone must hold back for the open transaction.
+    predictor = Predictor(sessions, RecordingPublisher(), CONFIG)
+    predictor.history = UsageHistory(CONFIG.history_s, slack_s=0.0)
+    predictor.run_once(T0 + 45.0)
+    writer = sessions()
+    try:
+        writer.execute(text("SELECT 1"))  # the writer's transaction is open from here
+        late_ids = []
+        for k in range(5, 8):
+            request_id = f"late-{uuid.uuid4().hex}"
+            writer.add(
+                UsageEvent(
+                    request_id=request_id,
+                    tenant_id=adapter.tenant_id,
+                    prompt_tokens=1,
+                    completion_tokens=1,
+                    finished_at=datetime.fromtimestamp(T0 + k * 10.0, UTC),
+                    recorded_at=utc_now(),
+                )
+            )
+            writer.flush()
+            writer.add(
+                UsageEventAdapter(
+                    tenant_id=adapter.tenant_id, request_id=request_id, adapter_id=adapter.id, weight=1
+                )
+            )
+            late_ids.append(request_id)
+        writer.flush()
+        time.sleep(0.05)  # the pass below starts strictly after the rows were stamped
+        with sessions() as s:
+            pass_started = s.execute(text("SELECT clock_timestamp()")).scalar_one()
+        predictor.run_once(T0 + 75.0)  # the rows are not visible yet
+        assert len(predictor.history.times_by_adapter(T0 + 75.0)[str(adapter.id)]) == 5
+        writer.commit()
+    finally:
+        writer.close()
+    with sessions() as s:
+        stamped = s.execute(
+            select(UsageEvent.recorded_at).where(UsageEvent.request_id.in_(late_ids))
+        ).scalars()
+        assert all(at < pass_started for at in stamped)  # a plain "since the last pass" read would skip them
+    predictor.run_once(T0 + 76.0)
+    times = predictor.history.times_by_adapter(T0 + 76.0)[str(adapter.id)]
+    assert times == [T0 + k * 10.0 for k in range(8)]

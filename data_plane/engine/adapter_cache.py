@@ -8,12 +8,22 @@ Plain Python bookkeeping; the loader and model runner move the bytes. Tiers, fas
   copied from host into a slot cannot leave host memory; keep-warm entries never do.
 - below that the disk (the worker's artifact store) and the control plane, which this class does not hold.
 
-Eviction is by expected cost, not recency: the victim is the evictable entry with the lowest
+Eviction is by expected cost, not recency. A slot's victim is the evictable entry with the lowest
     predicted_reuse (requests/s) x reload_cost_ms (to bring it back from the tier below),
 ties going to the least recently used. Predicted reuse is an exponentially weighted request rate per key
-(updated on each `acquire`), raised while a prewarm hint's deadline is ahead. Reload cost is size_bytes
-over the measured throughput of the tier below (`record_load`), plus a fixed per-load overhead.
-Usage statistics outlive residency, so an adapter evicted and called again keeps its history.
+(updated on each `acquire`, time constant `rate_time_constant_s`), raised while a prewarm hint's deadline
+is ahead. Reload cost is size_bytes over the measured throughput of the tier below (`record_load`), plus
+a fixed per-load overhead. Usage statistics outlive residency, so an adapter evicted and called again
+keeps its history.
+
+Host memory holds many more adapters, most of them long-tail ones called at random times; a request rate
+over a minute says nothing about an adapter called once an hour. Its entries are ranked by expected reuse
+value per byte,
+    host_value = long_reuse (requests/s) x reload_cost_ms (from disk) / size_bytes,
+where long_reuse is a second request rate with a long time constant (`long_rate_time_constant_s`, a day
+by default: close to the number of calls in the last day), plus the prewarm term. The least valuable
+entries make room first, and an unprotected adapter takes the room of none more valuable per byte than
+itself, so under memoryless traffic the adapters most likely to be called stay.
 
 The cache is the one owner of the host tier: an entry holds its host buffer (an opaque object from the
 loader) with its size, so dropping the entry drops the bytes. The engine thread alone mutates the cache;
@@ -82,6 +92,7 @@ class _Usage:
     """Per-key demand, kept while the key is in no tier."""
 
     rate_per_s: float = 0.0  # EWMA request rate as of rate_at_s
+    long_rate_per_s: float = 0.0  # the same with the long time constant (host-tier ranking)
     rate_at_s: float = 0.0
     deadline_at_s: float | None = None  # a prewarm hint's expected next call (cache clock)
     protect_until_s: float | None = None  # end of that hint's window (deadline + lead, for a late call)
@@ -120,6 +131,7 @@ class AdapterCache:
         *,
         clock: Callable[[], float] = time.monotonic,
         rate_time_constant_s: float = 60.0,
+        long_rate_time_constant_s: float = 86_400.0,
         tier_costs: dict[str, TierCost] | None = None,
         min_prewarm_grace_s: float = 1.0,
     ) -> None:
@@ -129,10 +141,13 @@ class AdapterCache:
             raise ValueError("host_budget_bytes must be >= 0")
         if rate_time_constant_s <= 0:
             raise ValueError("rate_time_constant_s must be positive")
+        if long_rate_time_constant_s <= 0:
+            raise ValueError("long_rate_time_constant_s must be positive")
         self.num_slots = num_slots
         self.host_budget_bytes = host_budget_bytes
         self._clock = clock
         self._tau_s = rate_time_constant_s
+        self._long_tau_s = long_rate_time_constant_s
         self._min_grace_s = min_prewarm_grace_s
         self._costs = {
             tier: TierCost(c.bytes_per_ms, c.fixed_ms)
@@ -228,14 +243,25 @@ class AdapterCache:
     def predicted_reuse_per_s(self, key: str) -> float:
         """Expected requests per second for `key` now: the decayed EWMA rate, plus 1/(time to go) while a
         prewarm hint's window is open (until the call comes, or the window ends for a late call)."""
+        return self._reuse_per_s(key, long=False)
+
+    def _reuse_per_s(self, key: str, long: bool) -> float:
         usage = self._usage.get(key)
         if usage is None:
             return 0.0
         now = self._clock()
-        reuse = usage.rate_per_s * math.exp(-max(0.0, now - usage.rate_at_s) / self._tau_s)
+        rate, tau = (usage.long_rate_per_s, self._long_tau_s) if long else (usage.rate_per_s, self._tau_s)
+        reuse = rate * math.exp(-max(0.0, now - usage.rate_at_s) / tau)
         if self.is_protected(key) and usage.deadline_at_s is not None:
             reuse += 1.0 / max(usage.deadline_at_s - now, 1.0)
         return reuse
+
+    def host_value_per_byte(self, key: str, size_bytes: int | None = None) -> float:
+        """Expected reuse value per byte of a host copy of `key`: long-horizon predicted reuse (requests/s,
+        the prewarm term included) x its reload cost from disk (ms) / its size (bytes)."""
+        size = size_bytes if size_bytes is not None else self._size_of(key)
+        reload_ms = self._costs[DISK].load_ms(size)
+        return self._reuse_per_s(key, long=True) * reload_ms / max(size, 1)
 
     def reload_cost_ms(self, key: str, tier: str) -> float:
         """Estimated ms to bring `key` back into `tier` after it left it."""
@@ -285,11 +311,14 @@ class AdapterCache:
         return entry
 
     def record_use(self, key: str) -> None:
-        """One request for `key`: moves its EWMA rate (rate <- rate * e^(-dt/tau) + 1/tau)."""
+        """One request for `key`: moves its EWMA rates (rate <- rate * e^(-dt/tau) + 1/tau, for each tau)."""
         usage = self._usage_of(key)
         now = self._clock()
-        decay = math.exp(-max(0.0, now - usage.rate_at_s) / self._tau_s)
-        usage.rate_per_s = usage.rate_per_s * decay + 1.0 / self._tau_s
+        elapsed_s = max(0.0, now - usage.rate_at_s)
+        usage.rate_per_s = usage.rate_per_s * math.exp(-elapsed_s / self._tau_s) + 1.0 / self._tau_s
+        usage.long_rate_per_s = (
+            usage.long_rate_per_s * math.exp(-elapsed_s / self._long_tau_s) + 1.0 / self._long_tau_s
+        )
         usage.rate_at_s = now
         usage.last_used = self._tick()
         if usage.protect_until_s is not None:
@@ -479,11 +508,14 @@ class AdapterCache:
 
     # -- host memory -------------------------------------------------------------------------------------
 
-    def _host_victims(self, key: str) -> list[_Entry]:
-        """Host entries that may give up their buffer for `key`, first to go first: unprotected ones by
-        expected cost, then protected ones expected to be needed later than `key` (a protected entry never
-        makes room for an unprotected one)."""
-        incoming_cost = self._expected_cost(key, HOST) if self.is_protected(key) else None
+    def _host_victims(self, key: str, size_bytes: int) -> list[_Entry]:
+        """Host entries that may give up their buffer for `key` (of `size_bytes`), first to go first, by
+        value per byte (`host_value_per_byte`): for an unprotected `key`, unprotected entries worth no more
+        per byte than it; for a protected one, every unprotected entry, then protected ones expected to be
+        needed later than `key` (a protected entry never makes room for an unprotected one)."""
+        protected = self.is_protected(key)
+        incoming_cost = self._expected_cost(key, HOST) if protected else None
+        incoming_value = self.host_value_per_byte(key, size_bytes)
         candidates = [
             e
             for e in self._entries.values()
@@ -492,11 +524,19 @@ class AdapterCache:
             and e.state is not AdapterState.LOADING  # its buffer is being copied into a slot
             and not self._usage[e.key].keep_warm
             and (
-                not self.is_protected(e.key)
-                or (incoming_cost is not None and self._expected_cost(e.key, HOST) < incoming_cost)
+                (protected or self.host_value_per_byte(e.key) <= incoming_value)
+                if not self.is_protected(e.key)
+                else incoming_cost is not None and self._expected_cost(e.key, HOST) < incoming_cost
             )
         ]
-        return sorted(candidates, key=lambda e: self._eviction_order(e.key, HOST))
+        return sorted(
+            candidates,
+            key=lambda e: (
+                self.is_protected(e.key),
+                self.host_value_per_byte(e.key),
+                self._usage[e.key].last_used,
+            ),
+        )
 
     def can_host(self, key: str, size_bytes: int) -> bool:
         if self.on_host(key):
@@ -506,7 +546,7 @@ class AdapterCache:
         free = self.host_budget_bytes - self._host_used_bytes
         if size_bytes <= free:
             return True
-        return size_bytes <= free + sum(e.host_bytes or 0 for e in self._host_victims(key))
+        return size_bytes <= free + sum(e.host_bytes or 0 for e in self._host_victims(key, size_bytes))
 
     def store_host(
         self, key: str, size_bytes: int, buffer: Any = None, prefetched: bool = False
@@ -524,7 +564,7 @@ class AdapterCache:
                 self.wasted_prefetches[HOST] += 1
             return None
         evicted = []
-        for victim in self._host_victims(key):
+        for victim in self._host_victims(key, size_bytes):
             if self.host_budget_bytes - self._host_used_bytes >= size_bytes:
                 break
             self._drop_host(victim)

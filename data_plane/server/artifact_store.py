@@ -5,10 +5,14 @@ against its sha256 (openlora.artifact) and the PEFT validator, and only then ren
 directory under its sha256 always holds a verified adapter. A corrupt or partial download is deleted and
 never loaded. Concurrent requests for the same sha256 share one download.
 
-The directory has a byte budget (`max_disk_bytes`): when a download takes it over, the least recently
-used artifacts that nobody holds (`ensure(..., hold=True)` until `release`) and the engine is not reading
-(`busy`) are removed until it fits again. An artifact in use is never removed; the budget may be exceeded
-while everything is in use.
+The directory has a byte budget (`max_disk_bytes`): when a download takes it over, artifacts that nobody
+holds (`ensure(..., hold=True)` until `release`) and the engine is not reading (`busy`) are removed until
+it fits again: first those this worker has not served in the last `served_window_s` (a day; fetched by a
+prefetch and never used, or served long ago), least recently used first, and only then recently served
+ones, least recently used first. So the control plane is never on the path of an adapter served in the
+last day while the budget holds them all (a prefetch never pushes one out). Serving is an `ensure` with
+`hold` (a request's stream); artifacts found on disk at start count as served when last modified. An
+artifact in use is never removed; the budget may be exceeded while everything is in use.
 
 `discard` (deleted or replaced upstream) never pulls files from under a holder: a held artifact is marked
 stale and removed when the last hold is released (a request's adapter load reads the files its stream
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TMP_PREFIX = ".partial-"
 MAX_DEFAULT_DISK_BYTES = 20 << 30
+SERVED_WINDOW_S = 86_400.0  # an artifact served within this long is kept ahead of unserved ones
 
 # Streams FetchArtifactResponse-like chunks (filename on a file's first chunk, offset, data,
 # file_size_bytes) of one artifact.
@@ -93,9 +98,12 @@ class ArtifactStore:
         max_size_bytes: int,
         max_disk_bytes: int | None = None,
         busy: Callable[[str], bool] | None = None,
+        served_window_s: float = SERVED_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`max_disk_bytes`: budget of the directory (None: unbounded); `busy(sha256)`: True while the
-        engine may still read that artifact from disk (a load in flight), so it is not removed."""
+        engine may still read that artifact from disk (a load in flight), so it is not removed;
+        `served_window_s`: how long a served artifact is kept ahead of unserved ones."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._fetch = fetch
@@ -106,14 +114,19 @@ class ArtifactStore:
         self._max_disk_bytes = max_disk_bytes
         self._busy = busy or (lambda _sha256: False)
         self._holds: Counter[str] = Counter()
-        self._used_at: dict[str, float] = {}  # sha256 -> time.monotonic() of its last ensure
+        self._clock = clock
+        self._served_window_s = served_window_s
+        self._used_at: dict[str, float] = {}  # sha256 -> clock() of its last ensure
+        # sha256 -> clock() of its last serving (outlives the files, so a re-fetch is still "served")
+        self._served_at: dict[str, float] = {}
         self._sizes: dict[str, int] = {}  # sha256 -> bytes on disk
         self._stale: set[str] = set()  # discarded while in use: never served, removed once unused
         self._remove_partials()
         for entry in self.root.iterdir():
             if _SHA256.match(entry.name) and entry.is_dir():
                 self._sizes[entry.name] = _dir_bytes(entry)
-                self._used_at[entry.name] = entry.stat().st_mtime - time.time() + time.monotonic()
+                modified_at = entry.stat().st_mtime - time.time() + self._clock()
+                self._used_at[entry.name] = self._served_at[entry.name] = modified_at
         self._trim()
 
     def path_of(self, sha256: str) -> Path:
@@ -137,9 +150,10 @@ class ArtifactStore:
         `hold`: the artifact is in use (never removed by the disk budget) until `release(sha256)`."""
         path = self.path_of(sha256)
         self._remove_stale()
-        self._used_at[sha256] = time.monotonic()
+        self._used_at[sha256] = self._clock()
         if hold:
             self._holds[sha256] += 1
+            self._served_at[sha256] = self._used_at[sha256]
         try:
             if path.is_dir() and sha256 not in self._stale:
                 return LocalArtifact(sha256, path, "disk")
@@ -196,12 +210,22 @@ class ArtifactStore:
         self._sizes.pop(sha256, None)
         self._used_at.pop(sha256, None)
 
+    def served_recently(self, sha256: str) -> bool:
+        """True when this worker served the artifact within the last `served_window_s`."""
+        served_at = self._served_at.get(sha256)
+        return served_at is not None and self._clock() - served_at <= self._served_window_s
+
     def _trim(self) -> None:
-        """Removes least recently used artifacts not in use until the directory fits its budget."""
+        """Removes artifacts not in use, unserved ones first, least recently used first within each, until
+        the directory fits its budget."""
+        now = self._clock()
+        for sha256 in [k for k, t in self._served_at.items() if now - t > self._served_window_s]:
+            del self._served_at[sha256]
         if self._max_disk_bytes is None:
             return
         used = self.used_bytes
-        for sha256 in sorted(self._sizes, key=lambda k: self._used_at.get(k, 0.0)):
+        order = sorted(self._sizes, key=lambda k: (self.served_recently(k), self._used_at.get(k, 0.0)))
+        for sha256 in order:
             if used <= self._max_disk_bytes:
                 return
             if self.is_held(sha256) or sha256 in self._downloads or self._busy(sha256):

@@ -4,11 +4,17 @@ counted as wasted (once), through the real engine and the worker's Prometheus re
 
 from __future__ import annotations
 
+import asyncio
 import time
+from types import SimpleNamespace
 
 from prometheus_client import generate_latest
 
+from data_plane.adapters.hint_actions import apply_hint
+from data_plane.server.artifact_store import ArtifactStore
 from data_plane.server.metrics import WorkerMetrics
+from openlora.artifact import ARTIFACT_FILES
+from openlora.hints import Hint
 from tests.engine.conftest import greedy, make_engine, run_to_completion
 
 # Host-buffer sizes in fp32: r4_qv 7,168 B, r8_all 65,536 B, r16_rslora 77,824 B.
@@ -130,5 +136,26 @@ def test_prefetched_slot_evicted_unused_counts_wasted_and_is_exported(tiny_model
         assert 'openlora_prefetch_wasted_total{tier="device"} 1.0' in text
         assert 'openlora_prefetch_wasted_total{tier="host"} 0.0' in text
         assert 'openlora_prefetch_skipped_total{reason="no_room"} 0.0' in text
+    finally:
+        engine.shutdown()
+
+
+def test_prewarm_hint_the_host_tier_declines_still_fetches_to_local_disk(tiny_model, tmp_path):
+    ref = tiny_model.ref("r8_all")
+
+    async def fetch(sha256: str):
+        for name in sorted(ARTIFACT_FILES):
+            data = (ref.path / name).read_bytes()
+            yield SimpleNamespace(filename=name, offset=0, data=data, file_size_bytes=len(data))
+
+    engine = make_engine(tiny_model, host_cache_bytes=0)
+    try:
+        store = ArtifactStore(tmp_path / "artifacts", fetch, engine.spec, 64, 1 << 30, max_disk_bytes=1 << 30)
+        hint = Hint("prewarm", "id", ref.key, tier="host", deadline_at=time.time() + 60)
+        asyncio.run(apply_hint(engine, hint, store))
+        _drain(engine)
+        assert store.contains(ref.key)  # the disk tier can keep it: the call will not go remote
+        assert engine.prefetch_stats() == {("skipped", "no_room"): 1}
+        assert not engine.adapter_cache.on_host(ref.key) and engine.load_counts == {}
     finally:
         engine.shutdown()

@@ -179,7 +179,7 @@ def _local_fetcher(sources: dict[str, Path]):
     return fetch
 
 
-def test_disk_budget_removes_least_recently_used_artifacts_but_never_one_in_use(system, tmp_path):
+def test_disk_budget_removes_unserved_artifacts_first_but_never_one_in_use(system, tmp_path):
     from data_plane.server.artifact_store import ArtifactStore
     from openlora.artifact import ARTIFACT_FILES
 
@@ -206,8 +206,10 @@ def test_disk_budget_removes_least_recently_used_artifacts_but_never_one_in_use(
         await store.ensure(newest)  # three over a budget of one: neither the held nor the busy one goes
         assert store.contains(held) and store.contains(busy) and store.contains(newest)
         loading.clear()
-        store.release([held])  # the stream ended: the least recently used go until one fits
-        assert not store.contains(held) and not store.contains(busy) and store.contains(newest)
+        # The stream ended: artifacts never served go first (least recently used first) until one fits;
+        # the one just served stays.
+        store.release([held])
+        assert store.contains(held) and not store.contains(busy) and not store.contains(newest)
 
     asyncio.run(run())
     assert store.used_bytes <= one_fits

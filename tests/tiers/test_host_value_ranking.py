@@ -1,0 +1,83 @@
+"""The host tier ranks adapters by expected reuse value per byte (long-horizon request rate x reload cost
+from disk / size): under memoryless long-tail traffic the adapters most likely to be called stay, which a
+recency order does not give."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from data_plane.engine.adapter_cache import AdapterCache
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def _call(cache: AdapterCache, key: str, size_bytes: int) -> bool:
+    """One request for `key`, served from host memory if there (returns True), else read from disk and
+    offered to the host tier."""
+    hit = cache.on_host(key)
+    cache.record_use(key)
+    if not hit:
+        cache.store_host(key, size_bytes)
+    return hit
+
+
+def test_a_once_called_adapter_does_not_push_out_adapters_called_more_often():
+    clock = FakeClock()
+    cache = AdapterCache(1, 300, clock=clock)
+    for _ in range(5):
+        for key in ("a", "b", "c"):
+            _call(cache, key, 100)
+            clock.now_s += 600
+    clock.now_s += 3600
+    assert not _call(cache, "once", 100)  # the most recent, but called once: no host copy
+    assert sorted(cache.host_keys()) == ["a", "b", "c"]
+    assert cache.host_value_per_byte("once") < min(cache.host_value_per_byte(k) for k in "abc")
+
+
+def test_the_least_value_per_byte_goes_first_whatever_its_recency():
+    clock = FakeClock()
+    cache = AdapterCache(1, 300, clock=clock)
+    for key, size in (("small", 50), ("big", 200)):  # equal demand, "big" the more recent
+        for _ in range(2):
+            _call(cache, key, size)
+            clock.now_s += 1
+    for _ in range(3):
+        cache.record_use("mid")
+    assert cache.host_value_per_byte("big") < cache.host_value_per_byte("small")
+    assert cache.store_host("mid", 100) == ["big"]
+    assert sorted(cache.host_keys()) == ["mid", "small"]
+
+
+def test_under_poisson_traffic_the_host_tier_keeps_the_likeliest_adapters_and_beats_lru():
+    rng = np.random.default_rng(7)
+    rates_per_hour = {f"tail{i}": 0.25 + 0.25 * i for i in range(12)}  # 0.25 to 3 calls an hour
+    num_hosted, size = 4, 100
+    events = []
+    for key, rate in rates_per_hour.items():
+        t = 0.0
+        while (t := t + rng.exponential(3600 / rate)) < 48 * 3600:
+            events.append((t, key))
+    events.sort()
+    clock = FakeClock()
+    cache = AdapterCache(1, num_hosted * size, clock=clock)
+    lru: OrderedDict[str, None] = OrderedDict()
+    hits = lru_hits = 0
+    for t, key in events:
+        clock.now_s = 1000.0 + t
+        hits += _call(cache, key, size)
+        lru_hits += key in lru
+        lru[key] = None
+        lru.move_to_end(key)
+        if len(lru) > num_hosted:
+            lru.popitem(last=False)
+    likeliest = sorted(rates_per_hour, key=rates_per_hour.get)[-num_hosted:]
+    assert sorted(cache.host_keys()) == sorted(likeliest)
+    assert hits > lru_hits

@@ -1,14 +1,16 @@
 """The peer a user would pick: Hugging Face transformers + PEFT in one process, on the same trace.
 
-Every adapter the trace names is loaded once with `load_adapter` before timing starts. Two strategies:
+Every adapter the trace names is loaded once with `load_adapter` before timing starts, then one untimed
+static batch of the trace's first requests (their own lengths) warms the model up. Two strategies:
 - `sequential`: one request at a time, `set_adapter(name)` then `generate`;
-- `batched`: static batches in arrival order, left-padded, `generate(adapter_names=[...])` (PEFT's mixed
-  adapter batch inference); the batch runs until its longest request is done.
-Decoding is greedy with `min_new_tokens == max_new_tokens`, so each request produces exactly its
-`max_tokens`. Throughput counts the tokens the requests asked for (tokens a static batch generates past a
-request's own `max_tokens` are waste, not output), over wall time from the first request to the last.
+- `batched`: static batches of `batch_size` in arrival order, left-padded, `generate(adapter_names=[...])`
+  (PEFT's mixed-adapter batch inference). Greedy with `min_new_tokens == max_new_tokens ==` the longest
+  `max_tokens` of the batch: the batch runs until its longest request is done, and a shorter request's
+  extra tokens are padding work.
+Throughput counts only the tokens the requests asked for (each request's `max_tokens`; the padding
+work is reported as `computed_tokens`), over wall time from the first request to the last.
 
-    python -m benchmarks.peer_peft --trace trace.jsonl --model DIR --adapters-root DIR --out peer.json
+    python -m benchmarks.peer_peft --trace trace.jsonl --model DIR --adapters-root DIR --batch-size 8,16,32,64
 """
 
 from __future__ import annotations
@@ -28,10 +30,29 @@ PAD_TOKEN_ID = 0
 
 
 @dataclass(frozen=True)
+class PeerRun:
+    """One timed replay: a strategy, its static batch size (1 for sequential) and how many leading
+    requests of the trace it replays (0 = all of them)."""
+
+    strategy: str
+    batch_size: int = 1
+    max_requests: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.batch_size < 1 or (self.strategy == "sequential" and self.batch_size != 1):
+            raise ValueError(f"batch_size must be >= 1 (1 for sequential), got {self.batch_size}")
+        if self.max_requests < 0:
+            raise ValueError(f"max_requests must be >= 0 (0 = all), got {self.max_requests}")
+
+
+@dataclass(frozen=True)
 class PeerResult:
     strategy: str
     num_requests: int
     batch_size: int
+    # Tokens the requests asked for (the sum of their max_tokens): what counts as output.
     generated_tokens: int
     # Tokens decoded including the padding work of static batches (>= generated_tokens).
     computed_tokens: int
@@ -39,6 +60,8 @@ class PeerResult:
     tokens_per_s: float
     adapters_loaded: int
     adapter_load_s: float
+    # Requests of the untimed warm-up batch run after loading the adapters.
+    warmup_requests: int
     # Per request: time from the start of the run until its batch finished (the client's view).
     e2e_p50_ms: float
     e2e_p99_ms: float
@@ -148,57 +171,51 @@ def benchmark_peer(
     model_dir: Path,
     adapters_root: Path,
     requests: Sequence[TraceRequest],
-    strategies: dict[str, int] | Sequence[str] = STRATEGIES,
+    runs: Sequence[PeerRun],
     *,
-    batch_size: int = 32,
+    warmup_requests: int = 8,
     dtype: str = "float32",
     device: str = "cpu",
 ) -> list[PeerResult]:
-    """Loads the model and every adapter the requests name, warms up, then times each strategy.
-
-    `strategies` maps a strategy to the number of leading requests it replays (0 = all of them), so a slow
-    strategy can be timed on a prefix of the trace; the adapters of the whole trace are loaded regardless.
-    """
+    """Loads the model and every adapter the requests name, runs the first `warmup_requests` requests as
+    one untimed static batch, then times each run in order (the adapters of the whole trace are loaded
+    whatever prefix a run replays)."""
     import numpy as np
     import torch
 
-    limits = dict(strategies) if isinstance(strategies, dict) else dict.fromkeys(strategies, 0)
     adapter_dirs = {
         name: adapters_root / name for name in dict.fromkeys(r.adapter for r in requests if r.adapter)
     }
     model, load_s = load_peer(model_dir, adapter_dirs, dtype=dtype, device=device)
-    warmup = [TraceRequest(-1, 0.0, r.adapter, r.prompt_token_ids[:8], 2) for r in requests[:2]]
-    run_sequential(model, warmup, device)
-    run_batched(model, warmup, batch_size, device)
+    warmup = requests[:warmup_requests]
+    if warmup:
+        run_batched(model, warmup, len(warmup), device)
     results = []
-    for strategy, limit in limits.items():
-        replayed = requests[:limit] if limit else requests
+    for run in runs:
+        replayed = requests[: run.max_requests] if run.max_requests else requests
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         started = time.perf_counter()
-        if strategy == "sequential":
+        if run.strategy == "sequential":
             generated, computed, finish_s = run_sequential(model, replayed, device)
-            size = 1
-        elif strategy == "batched":
-            generated, computed, finish_s = run_batched(model, replayed, batch_size, device)
-            size = batch_size
         else:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+            generated, computed, finish_s = run_batched(model, replayed, run.batch_size, device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         elapsed_s = time.perf_counter() - started
         e2e_ms = np.array(finish_s) * 1000.0
         results.append(
             PeerResult(
-                strategy=strategy,
+                strategy=run.strategy,
                 num_requests=len(replayed),
-                batch_size=size,
+                batch_size=run.batch_size,
                 generated_tokens=generated,
                 computed_tokens=computed,
                 elapsed_s=elapsed_s,
                 tokens_per_s=generated / elapsed_s if elapsed_s > 0 else 0.0,
                 adapters_loaded=len(adapter_dirs),
                 adapter_load_s=load_s,
+                warmup_requests=len(warmup),
                 e2e_p50_ms=float(np.percentile(e2e_ms, 50)) if len(e2e_ms) else 0.0,
                 e2e_p99_ms=float(np.percentile(e2e_ms, 99)) if len(e2e_ms) else 0.0,
             )
@@ -216,26 +233,33 @@ def main(argv: list[str] | None = None) -> None:
         "--adapters-root", type=Path, required=True, help="holds one directory per adapter name"
     )
     parser.add_argument("--strategy", choices=[*STRATEGIES, "both"], default="both")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size", default="32", help="static batch sizes, comma-separated (e.g. 8,16,32,64)"
+    )
     parser.add_argument(
         "--max-requests",
         type=int,
         default=0,
         help="time only the first N requests (0 = all); all adapters load",
     )
+    parser.add_argument("--warmup-requests", type=int, default=8)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     requests = read_trace(args.trace).requests
-    names = STRATEGIES if args.strategy == "both" else (args.strategy,)
-    strategies = dict.fromkeys(names, args.max_requests)
+    runs = []
+    if args.strategy in ("sequential", "both"):
+        runs.append(PeerRun("sequential", 1, args.max_requests))
+    if args.strategy in ("batched", "both"):
+        sizes = [int(size) for size in args.batch_size.split(",") if size]
+        runs += [PeerRun("batched", size, args.max_requests) for size in sizes]
     results = benchmark_peer(
         args.model,
         args.adapters_root,
         requests,
-        strategies,
-        batch_size=args.batch_size,
+        runs,
+        warmup_requests=args.warmup_requests,
         dtype=args.dtype,
         device=args.device,
     )

@@ -31,14 +31,14 @@ def _cell(value: object) -> str:
 
 
 def plot_throughput_vs_adapters(points: Sequence[tuple[int, float]], path: Path, title: str) -> None:
-    """points: (number of adapters, tokens/s)."""
+    """points: (number of adapters, tokens/s); the y axis reads tokens/s sustained."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs, ys = zip(*points, strict=True) if points else ((), ())
     ax.plot(xs, ys, marker="o")
     ax.set_xscale("log")
     ax.set_xlabel("number of adapters in the trace")
-    ax.set_ylabel("generated tokens / s")
+    ax.set_ylabel("tokens / s")
     ax.set_ylim(0, max(ys, default=1.0) * 1.2)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -108,38 +108,48 @@ def summary_rows(results: dict) -> list[list]:
     cfg = results["config"]
     rows: list[list] = []
     s1 = results.get("s1_openlora", {}).get("summary")
-    peers = results.get("s1_peer", [])
     if s1:
         rows.append(
             ["1 offline", "OpenLoRA", f"{s1['requests']} req, {s1['distinct_adapters']} adapters, t=0",
              s1["tokens_per_s"], s1["ttft_ms"]["p50"], s1["ttft_ms"]["p99"], s1["errors"], _tiers(s1)]
         )  # fmt: skip
-    for p in peers:
+    best = results.get("s1_peer")
+    for p in results.get("s1_peer_sweep", []):
+        is_best = best is not None and p["strategy"] == "batched" and p["batch_size"] == best["batch_size"]
+        passes = best["passes_tokens_per_s"] if is_best else [p["tokens_per_s"]]
+        workload = f"{p['num_requests']} req" + (
+            " (prefix)" if p["num_requests"] < cfg["s1_requests"] else ""
+        )
         rows.append(
-            ["1 offline", f"PEFT {p['strategy']}", f"first {p['num_requests']} req, batch {p['batch_size']}",
-             p["tokens_per_s"], None, None, 0,
-             f"{p['adapters_loaded']} adapters loaded ({p['adapter_load_s']:.0f} s); passes: "
-             + ", ".join(f"{x:.1f}" for x in p.get("passes_tokens_per_s", [p["tokens_per_s"]])) + " tokens/s"]
+            ["1 offline", f"PEFT {p['strategy']}, batch {p['batch_size']}" + (" (best)" if is_best else ""),
+             workload, max(passes), None, None, 0,
+             f"{p['computed_tokens']} tokens computed for {p['generated_tokens']} requested; "
+             f"{p['adapters_loaded']} adapters loaded ({p['adapter_load_s']:.0f} s)"
+             + ("; passes: " + ", ".join(f"{x:.1f}" for x in passes) + " tokens/s" if is_best else "")]
         )  # fmt: skip
-    if s1 and peers:
-        best = max(peers, key=lambda p: p["tokens_per_s"])
+    if s1 and best:
         ratio = s1["tokens_per_s"] / best["tokens_per_s"]
         rows.append(
-            ["1 offline", "OpenLoRA / best PEFT", "target >= 8x", ratio, None, None, None, _met(ratio >= 8)]
-        )
-    runs = results.get("s2_num_adapters", [])
-    for run in runs:
-        s = run["summary"]
-        rows.append(
-            [f"2 at {run['rate_per_s']:.2f} req/s", f"OpenLoRA, {run['num_adapters']} adapters",
-             f"{s['requests']} req, {s['distinct_adapters']} distinct", s["tokens_per_s"], s["ttft_ms"]["p50"],
-             s["ttft_ms"]["p99"], s["errors"], _tiers(s)]
+            ["1 offline", f"OpenLoRA / PEFT batch {best['batch_size']}", "target >= 3x", ratio, None, None,
+             None, _met(ratio >= 3)]
         )  # fmt: skip
-    if len(runs) >= 2:
-        ratio = runs[-1]["summary"]["tokens_per_s"] / max(runs[0]["summary"]["tokens_per_s"], 1e-9)
+    runs = results.get("s2_capacity", [])
+    bound = cfg.get("s2_ttft_p99_bound_ms", 0)
+    for run in runs:
+        top = _capacity_step(run)
+        s = top["summary"] if top else None
         rows.append(
-            ["2", f"{runs[-1]['num_adapters']} / {runs[0]['num_adapters']} adapters", "target >= 0.8x", ratio,
-             None, None, None, _met(ratio >= 0.8)]
+            [f"2 capacity, p99 <= {bound:.0f} ms", f"OpenLoRA, {run['num_adapters']} adapters",
+             f"{run['capacity_rate_per_s']:.2f} req/s; {run['adapters_requested']} adapters requested over "
+             f"{len(run['steps'])} steps", run["capacity_tokens_per_s"], s["ttft_ms"]["p50"] if s else None,
+             s["ttft_ms"]["p99"] if s else None, sum(step["summary"]["errors"] for step in run["steps"]),
+             _search(run)]
+        )  # fmt: skip
+    if len(runs) >= 2 and runs[0]["capacity_rate_per_s"] > 0:
+        ratio = runs[-1]["capacity_rate_per_s"] / runs[0]["capacity_rate_per_s"]
+        rows.append(
+            ["2 capacity", f"{runs[-1]['num_adapters']} / {runs[0]['num_adapters']} adapters", "target >= 0.8x",
+             ratio, None, None, None, _met(ratio >= 0.8)]
         )  # fmt: skip
     s3 = results.get("s3_scale")
     if s3:
@@ -154,13 +164,31 @@ def summary_rows(results: dict) -> list[list]:
         )  # fmt: skip
     for c in results.get("s4_cost", []):
         rows.append(
-            ["4 cost", f"{c['num_adapters']} adapters", f"{c['total_tokens']} tokens over {c['duration_s']:.0f} s",
-             None, None, None, None,
+            ["4 cost", f"{c['num_adapters']} adapters at {c['rate_per_s']:.2f} req/s",
+             f"{c['total_tokens']} tokens over {c['duration_s']:.0f} s", None, None, None, None,
              f"dedicated/shared = {c['ratio']:.1f}x: GPU-h per M tokens {c['dedicated_gpu_hours_per_million_tokens']:.3f} "
              f"({c['dedicated_replicas']} deployments) vs {c['shared_gpu_hours_per_million_tokens']:.3f} "
              f"({c['shared_replicas']} worker)"]
         )  # fmt: skip
     return rows
+
+
+def _capacity_step(run: dict) -> dict | None:
+    """The sustained step at the configuration's capacity rate, if any."""
+    for step in run["steps"]:
+        if step["sustained"] and step["rate_per_s"] == run["capacity_rate_per_s"]:
+            return step
+    return None
+
+
+def _search(run: dict) -> str:
+    """The steps of a capacity search as `rate ok|fail (p99 ms)`, in order."""
+    steps = ", ".join(
+        f"{step['rate_per_s']:.2f} {'ok' if step['sustained'] else 'fail'} "
+        f"({_cell(step['summary']['ttft_ms']['p99'])} ms)"
+        for step in run["steps"]
+    )
+    return steps + ("" if run["bracketed"] else "; not bracketed")
 
 
 def _tiers(summary: dict) -> str:
@@ -172,10 +200,10 @@ def _met(ok: bool) -> str:
 
 
 def ttft_by_tier(results: dict) -> dict[str, list[float]]:
-    """TTFT of every successful timed request of scenarios 2 and 3, grouped by cache tier (scenario 1 sends
+    """TTFT of every successful timed request of scenarios 2 (every step) and 3, grouped by cache tier (scenario 1 sends
     everything at t = 0, so its TTFT is queueing, whatever the tier)."""
     groups: dict[str, list[float]] = {}
-    record_sets = [run.get("records", []) for run in results.get("s2_num_adapters", [])]
+    record_sets = [step.get("records", []) for run in results.get("s2_capacity", []) for step in run["steps"]]
     record_sets.append(results.get("s3_scale", {}).get("records", []))
     for records in record_sets:
         for r in records:
@@ -194,18 +222,19 @@ def write_outputs(results: dict, results_dir: Path, results_md: Path | None, mar
     for key in ("s1_openlora", "s3_scale"):
         if key in results:
             records[key] = results[key].get("records", [])
-    for run in results.get("s2_num_adapters", []):
-        records[f"s2_{run['num_adapters']}"] = run.get("records", [])
+    for run in results.get("s2_capacity", []):
+        for i, step in enumerate(run["steps"]):
+            records[f"s2_{run['num_adapters']}_step{i}"] = step.get("records", [])
     groups = ttft_by_tier(results)
     summary = _without_records(results)
     (results_dir / f"bench{suffix}.json").write_text(json.dumps(summary, indent=2))
     (results_dir / f"bench{suffix}-records.json").write_text(json.dumps(records))
-    runs = results.get("s2_num_adapters", [])
+    runs = results.get("s2_capacity", [])
     if runs:
         plot_throughput_vs_adapters(
-            [(run["num_adapters"], run["summary"]["tokens_per_s"]) for run in runs],
-            results_dir / f"throughput_vs_adapters{suffix}.png",
-            f"OpenLoRA at {runs[0]['rate_per_s']:.2f} requests/s",
+            [(run["num_adapters"], run["capacity_tokens_per_s"]) for run in runs],
+            results_dir / f"capacity_vs_adapters{suffix}.png",
+            f"OpenLoRA capacity with TTFT p99 <= {results['config']['s2_ttft_p99_bound_ms']:.0f} ms",
         )
     if groups:
         plot_ttft_by_tier(
@@ -230,7 +259,7 @@ def results_section(results: dict, table: str) -> str:
     cfg, machine, model = results["config"], results["machine"], results["model"]
     device = "on CPU" if cfg["device"] == "cpu" else f"on {cfg['device']}"
     lines = [
-        "## Multi-adapter serving against the PEFT peer (issue 6)"
+        "## Multi-adapter serving against the PEFT peer (issues 6 and 13)"
         + ("" if cfg["device"] == "cpu" else ", GPU"),
         "",
         f"Run {results['started_at']} on {machine['nproc']} CPUs ({machine['cpu_model']}, "
@@ -242,7 +271,7 @@ def results_section(results: dict, table: str) -> str:
         "one written by peft and the rest cloned from its layout. Prompts "
         f"{cfg['prompt_len_range'][0]}-{cfg['prompt_len_range'][1]} tokens, "
         f"{cfg['output_len_range'][0]}-{cfg['output_len_range'][1]} generated tokens per request "
-        f"(greedy, fixed), power-law popularity alpha {cfg['alpha']}; the worker has {cfg['num_adapter_slots']} "
+        f"(greedy, each request's length drawn from the range), power-law popularity alpha {cfg['alpha']}; the worker has {cfg['num_adapter_slots']} "
         f"adapter slots, max {cfg['max_num_seqs']} running sequences.",
         "",
         table,

@@ -1,15 +1,18 @@
 """`make bench`: OpenLoRA against the PEFT peer on the same traces, and the cost of the N-th adapter.
 
-Scenarios (issue 6):
-1. offline throughput: every request at t = 0, OpenLoRA against PEFT (one request at a time with
-   `set_adapter`, and static batches with `adapter_names`), the ratio against the better PEFT strategy;
-2. 1, 10, 100, 1000 adapters at the same request rate (a fraction of scenario 1's measured capacity):
-   throughput and TTFT p50/p99 for each, and the ratio of throughput at the most adapters to one adapter;
+Scenarios (issues 6 and 13):
+1. offline throughput: the whole trace at t = 0 (output lengths drawn per request), OpenLoRA against
+   transformers + PEFT on the same trace: static batches with `adapter_names` at every size of a sweep
+   (8, 16, 32, 64), and one request at a time with `set_adapter` on a prefix; the ratio against the
+   peer's best static batch size. Run order: peer sweep, system, peer's best size again;
+2. capacity: for 1 and 1,000 adapters (every one of them requested during the search), the highest
+   request rate sustained with TTFT p99 under a bound, found by a rate search (benchmarks/capacity.py);
+   the ratio of capacity at the most adapters to one adapter;
 3. scale: many adapters registered (a few distinct full adapters requested + small filler adapters),
    a trace touching every full one on a worker with 32 slots: errors, worker resident memory, usage
    events recorded exactly once;
-4. cost: GPU-hours per million tokens for scenario 2's traces, shared worker against one deployment per
-   adapter sized for its own peak (benchmarks/cost.py);
+4. cost: GPU-hours per million tokens at scenario 2's measured capacities, shared worker against one
+   deployment per adapter sized for its own peak (benchmarks/cost.py);
 5. transports (issue 14; run with `--scenarios 5`, not by default): the same traces through gRPC and
    through the OpenAI-compatible HTTP API (streamed SSE), alternated, offline for throughput and paced
    for TTFT; targets: HTTP throughput at least 0.9x gRPC's, TTFT p50 within 10 ms of it.
@@ -18,14 +21,15 @@ The system is started as a user starts it (`openlora up`, embedded Postgres and 
 given). Writes benchmarks/results/bench*.json and PNG plots, prints one table, and (full runs) updates the
 issue-6 section of benchmarks/RESULTS.md.
 
-    python -m benchmarks.run            # full run (about 10 minutes on 2 CPU cores)
-    python -m benchmarks.run --quick    # smoke run
+    python -m benchmarks.run            # full run (at most about 15 minutes on 2 CPU cores)
+    python -m benchmarks.run --quick    # smoke run (about 2 minutes)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -39,6 +43,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import fixtures
+from benchmarks.capacity import (
+    COVER_SHARE,
+    AdapterSchedule,
+    SearchConfig,
+    find_capacity,
+    is_sustained,
+    step_trace,
+)
 from benchmarks.cost import estimate_cost
 from benchmarks.load import format_summary, run_load
 from benchmarks.report import write_outputs
@@ -57,18 +69,26 @@ class BenchConfig:
     seed: int = 0
     alpha: float = 1.0
     prompt_len_range: tuple[int, int] = (16, 48)
-    output_len_range: tuple[int, int] = (16, 16)
+    # Scenarios 1, 2 and 5: each request's output length is drawn uniformly from this range.
+    output_len_range: tuple[int, int] = (16, 64)
     # Scenario 1
     s1_requests: int = 256
     s1_adapters: int = 100
-    peer_sequential_requests: int = 24
-    peer_batched_requests: int = 64
-    peer_batch_size: int = 32
-    # Scenario 2
-    s2_adapters: tuple[int, ...] = (1, 10, 100, 1000)
-    s2_duration_s: float = 30.0
-    s2_rate_per_s: float | None = None  # None: s2_rate_fraction x scenario 1's requests/s
-    s2_rate_fraction: float = 0.6
+    # Both sides run the trace's first requests once, untimed, after loading every adapter.
+    s1_warmup_requests: int = 8
+    peer_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
+    peer_sequential_requests: int = 16  # one request at a time on a prefix of the trace; 0 = not run
+    # Scenario 2: capacity under a TTFT p99 bound, by a rate search of s2_steps steps.
+    s2_adapters: tuple[int, ...] = (1, 1000)
+    s2_ttft_p99_bound_ms: float = 1000.0
+    s2_steps: int = 5
+    s2_growth: float = 1.3
+    s2_start_rate_per_s: float | None = None  # None: s2_start_fraction x scenario 1's requests/s
+    s2_start_fraction: float = 0.6
+    s2_start_rate_fallback_per_s: float = 2.0  # without scenario 1
+    # A step lasts at least s2_step_s of arrivals and s2_step_min_requests requests.
+    s2_step_s: float = 15.0
+    s2_step_min_requests: int = 120
     # Scenario 3
     s3_registered: int = 10_000
     s3_touched: int = 1000
@@ -77,6 +97,8 @@ class BenchConfig:
     s3_prompt_len_range: tuple[int, int] = (8, 16)
     s3_output_len_range: tuple[int, int] = (2, 2)
     s3_rate_per_s: float = 15.0
+    # Scenario 4: the length of the trace each configuration's cost is estimated on.
+    s4_duration_s: float = 60.0
     # Scenario 5: gRPC against HTTP, each trace run `s5_passes` times per transport, alternating.
     s5_requests: int = 128
     s5_adapters: int = 16
@@ -102,6 +124,31 @@ class BenchConfig:
     # RESULTS.md section this run replaces (the GPU run keeps its own).
     results_marker: str = "benchmarks.run"
     command: str = "python -m benchmarks.run"
+
+    def __post_init__(self) -> None:
+        for label, (low, high) in (
+            ("prompt_len_range", self.prompt_len_range),
+            ("output_len_range", self.output_len_range),
+        ):
+            if not 1 <= low <= high:
+                raise ValueError(f"{label} must satisfy 1 <= min <= max, got ({low}, {high})")
+        if not self.peer_batch_sizes or min(self.peer_batch_sizes) < 1:
+            raise ValueError(f"peer_batch_sizes must be sizes >= 1, got {self.peer_batch_sizes}")
+        if not self.s2_adapters or min(self.s2_adapters) < 1:
+            raise ValueError(f"s2_adapters must be numbers of adapters >= 1, got {self.s2_adapters}")
+        if not self.s2_ttft_p99_bound_ms > 0:
+            raise ValueError(f"s2_ttft_p99_bound_ms must be > 0, got {self.s2_ttft_p99_bound_ms}")
+        if self.s2_steps < 1:
+            raise ValueError(f"s2_steps must be >= 1, got {self.s2_steps}")
+        if not self.s2_growth > 1:
+            raise ValueError(f"s2_growth must be > 1, got {self.s2_growth}")
+        if self.s2_start_rate_per_s is not None and not self.s2_start_rate_per_s > 0:
+            raise ValueError(f"s2_start_rate_per_s must be > 0, got {self.s2_start_rate_per_s}")
+        if not self.s2_step_s > 0 or self.s2_step_min_requests < 1:
+            raise ValueError(
+                f"s2_step_s must be > 0 and s2_step_min_requests >= 1, got {self.s2_step_s} and "
+                f"{self.s2_step_min_requests}"
+            )
 
     @property
     def shape(self) -> fixtures.ModelShape:
@@ -129,19 +176,22 @@ class BenchConfig:
 QUICK = dict(
     quick=True,
     prompt_len_range=(8, 16),
-    output_len_range=(8, 8),
+    output_len_range=(4, 12),
     s1_requests=24,
     s1_adapters=8,
+    s1_warmup_requests=2,
+    peer_batch_sizes=(4, 8),
     peer_sequential_requests=4,
-    peer_batched_requests=8,
-    peer_batch_size=4,
-    s2_adapters=(1, 4, 16),
-    s2_duration_s=6.0,
+    s2_adapters=(1, 16),
+    s2_steps=3,
+    s2_step_s=3.0,
+    s2_step_min_requests=12,
     s3_registered=60,
     s3_touched=20,
     s3_requests=24,
     s3_small_artifacts=10,
     s3_rate_per_s=8.0,
+    s4_duration_s=10.0,
     s5_requests=16,
     s5_adapters=4,
     s5_passes=1,
@@ -156,14 +206,14 @@ GPU = dict(
     adapter_targets=("q_proj", "v_proj"),
     device="cuda",
     prompt_len_range=(32, 128),
-    output_len_range=(64, 64),
+    output_len_range=(16, 64),
     s1_requests=256,
     s1_adapters=100,
     peer_sequential_requests=8,
-    peer_batched_requests=64,
-    peer_batch_size=32,
-    s2_adapters=(100, 1000),
-    s2_duration_s=20.0,
+    s2_adapters=(1, 1000),
+    s2_steps=4,
+    s2_step_s=8.0,
+    s2_step_min_requests=100,
     max_num_seqs=256,
     kv_cache_bytes=16 << 30,
     results_marker="benchmarks.run.gpu",
@@ -219,48 +269,140 @@ def warm_adapters(system: RunningSystem, api_key: str, names: list[str]) -> dict
 
 
 def scenario_offline(cfg: BenchConfig, system: RunningSystem, trace: Trace) -> dict:
-    warm = warm_adapters(system, system.api_key, trace.adapters_used) if cfg.warmup else {}
+    """Every adapter of the trace loaded, one untimed pass of its first requests, then the timed trace."""
+    warm, warm_pass = {}, {}
+    if cfg.warmup:
+        warm = warm_adapters(system, system.api_key, trace.adapters_used)
+        first = trace.requests[: cfg.s1_warmup_requests]
+        if first:
+            warm_pass = run_load(first, system.inference_target, system.api_key)["summary"]
     result = run_load(trace.requests, system.inference_target, system.api_key)
     print(
         f"scenario 1: OpenLoRA offline, {len(trace.requests)} requests\n{format_summary(result['summary'])}"
     )
-    return {"warmup": warm, **result}
+    return {"warmup": warm, "warmup_pass": warm_pass, **result}
 
 
-def scenario_peer(cfg: BenchConfig, model_dir: Path, adapters_root: Path, trace: Trace) -> list[dict]:
+def peer_runs(cfg: BenchConfig, batch_sizes: tuple[int, ...], sequential: bool) -> list:
+    from benchmarks.peer_peft import PeerRun
+
+    runs = [PeerRun("sequential", 1, cfg.peer_sequential_requests)] if sequential else []
+    return runs + [PeerRun("batched", size, 0) for size in batch_sizes]
+
+
+def scenario_peer(
+    cfg: BenchConfig, model_dir: Path, adapters_root: Path, trace: Trace, runs: list
+) -> list[dict]:
+    """The PEFT peer on scenario 1's trace: every adapter loaded, the same untimed warm-up pass as the
+    system's, then each run of `runs` timed."""
     from benchmarks.peer_peft import benchmark_peer
 
     results = benchmark_peer(
         model_dir,
         adapters_root,
         trace.requests,
-        {"sequential": cfg.peer_sequential_requests, "batched": cfg.peer_batched_requests},
-        batch_size=cfg.peer_batch_size,
+        runs,
+        warmup_requests=cfg.s1_warmup_requests if cfg.warmup else 0,
         dtype=cfg.shape.dtype,
         device=cfg.device,
     )
     for r in results:
         print(
-            f"scenario 1: PEFT {r.strategy} (batch {r.batch_size}), first {r.num_requests} requests: "
-            f"{r.tokens_per_s:.1f} tokens/s ({r.adapters_loaded} adapters loaded in {r.adapter_load_s:.1f} s)"
+            f"scenario 1: PEFT {r.strategy} (batch {r.batch_size}), {r.num_requests} requests: "
+            f"{r.tokens_per_s:.1f} tokens/s ({r.generated_tokens} requested tokens, {r.computed_tokens} "
+            f"computed; {r.adapters_loaded} adapters loaded in {r.adapter_load_s:.1f} s)"
         )
     return [asdict(r) for r in results]
 
 
-def scenario_num_adapters(
-    cfg: BenchConfig, system: RunningSystem, rate_per_s: float, runs: list[dict]
+def best_peer(sweep: list[dict], confirm: list[dict] | None = None) -> dict:
+    """The peer's best static batch size of the sweep, with its figure of each pass (the sweep's and the
+    confirming pass after the system ran); its tokens/s is the better of them."""
+    batched = [r for r in sweep if r["strategy"] == "batched"]
+    best = dict(max(batched, key=lambda r: r["tokens_per_s"]))
+    passes = [best["tokens_per_s"]]
+    passes += [r["tokens_per_s"] for r in confirm or [] if r["batch_size"] == best["batch_size"]]
+    best["passes_tokens_per_s"] = passes
+    best["tokens_per_s"] = max(passes)
+    return best
+
+
+def s2_step_trace(cfg: BenchConfig, schedule: AdapterSchedule, index: int, rate: float) -> Trace:
+    """Step `index` of a capacity search at `rate`: at least s2_step_s of arrivals and s2_step_min_requests
+    requests, more where the schedule's coverage needs them; lengths and prompts from the step's seed."""
+    num_requests = max(cfg.s2_step_min_requests, math.ceil(rate * cfg.s2_step_s), schedule.min_requests())
+    base = TraceConfig(
+        num_requests=0,
+        num_adapters=0,
+        cv=1.0,
+        prompt_len_range=cfg.prompt_len_range,
+        output_len_range=cfg.output_len_range,
+        seed=cfg.seed + 20 + index,
+    )
+    return step_trace(base, rate, schedule.next_step(num_requests), schedule.num_adapters)
+
+
+def scenario_capacity(
+    cfg: BenchConfig, system: RunningSystem, num_adapters: int, start_rate: float, runs: list[dict]
 ) -> None:
-    """Appends one run per number of adapters to `runs` (so an interrupted run keeps the finished ones)."""
-    num_requests = max(8, round(rate_per_s * cfg.s2_duration_s))
-    for n in cfg.s2_adapters:
-        trace = _trace(
-            cfg, num_requests=num_requests, num_adapters=n, rate_per_s=rate_per_s, cv=1.0, seed=cfg.seed + 2
-        )
-        _save_trace(cfg, trace, f"s2-{n}-adapters")
-        warm = warm_adapters(system, system.api_key, trace.adapters_used) if cfg.warmup else {}
+    """Capacity of one configuration (`num_adapters` adapters, all requested over the search's steps);
+    appends its run to `runs` first and fills it step by step, so an interrupted search keeps its steps."""
+    schedule = AdapterSchedule(num_adapters, cfg.alpha, cfg.s2_steps, seed=cfg.seed + 2)
+    names = [adapter_name(i) for i in range(num_adapters)]
+    run: dict = {"num_adapters": num_adapters, "complete": False, "steps": []}
+    runs.append(run)
+    run["warmup"] = warm_adapters(system, system.api_key, names) if cfg.warmup else {}
+    update_capacity(run, schedule)
+
+    def measure(index: int, rate: float) -> dict:
+        trace = s2_step_trace(cfg, schedule, index, rate)
+        _save_trace(cfg, trace, f"s2-{num_adapters}-adapters-step{index}")
         result = run_load(trace.requests, system.inference_target, system.api_key)
-        print(f"scenario 2: {n} adapters at {rate_per_s:.2f} requests/s\n{format_summary(result['summary'])}")
-        runs.append({"num_adapters": n, "rate_per_s": rate_per_s, "warmup": warm, "trace": trace, **result})
+        summary = result["summary"]
+        ok = is_sustained(summary, cfg.s2_ttft_p99_bound_ms)
+        print(
+            f"scenario 2: {num_adapters} adapters, step {index + 1}/{cfg.s2_steps} at {rate:.2f} requests/s "
+            f"({'sustained' if ok else 'NOT sustained'})\n{format_summary(summary)}"
+        )
+        run["steps"].append(
+            {
+                "rate_per_s": rate,
+                "sustained": ok,
+                "mean_requested_tokens": trace.total_output_tokens / len(trace.requests),
+                "summary": summary,
+                "records": result["records"],
+            }
+        )
+        update_capacity(run, schedule)
+        return summary
+
+    search = SearchConfig(
+        start_rate_per_s=start_rate,
+        ttft_p99_bound_ms=cfg.s2_ttft_p99_bound_ms,
+        growth=cfg.s2_growth,
+        num_steps=cfg.s2_steps,
+    )
+    capacity = find_capacity(measure, search)
+    run["complete"] = True
+    print(
+        f"scenario 2: {num_adapters} adapters sustain {capacity.rate_per_s:.2f} requests/s "
+        f"({run['capacity_tokens_per_s']:.1f} tokens/s) with TTFT p99 <= {cfg.s2_ttft_p99_bound_ms:.0f} ms"
+        + ("" if capacity.bracketed else " (not bracketed by a failed and a sustained step)")
+        + f"; {run['adapters_requested']} of {num_adapters} adapters requested"
+    )
+
+
+def update_capacity(run: dict, schedule: AdapterSchedule) -> None:
+    """Sets a capacity run's figures from its steps so far: the highest sustained rate (and its tokens/s:
+    the rate times the mean requested tokens of that step, all of which completed), the lowest failed."""
+    sustained = [step for step in run["steps"] if step["sustained"]]
+    failed = [step["rate_per_s"] for step in run["steps"] if not step["sustained"]]
+    top = max(sustained, key=lambda step: step["rate_per_s"], default=None)
+    run["capacity_rate_per_s"] = top["rate_per_s"] if top else 0.0
+    run["capacity_tokens_per_s"] = top["rate_per_s"] * top["mean_requested_tokens"] if top else 0.0
+    run["failed_rate_per_s"] = min(failed, default=None)
+    run["bracketed"] = top is not None and bool(failed)
+    run["adapters_requested"] = len(schedule.requested)
 
 
 def scenario_scale(cfg: BenchConfig, system: RunningSystem, small_dirs: list[Path]) -> dict:
@@ -407,19 +549,43 @@ def wait_for_usage(
     }
 
 
-def scenario_cost(s2_runs: list[dict], capacity_tokens_per_s: float) -> list[dict]:
+def scenario_cost(cfg: BenchConfig, s2_runs: list[dict]) -> list[dict]:
+    """Per configuration of scenario 2, the cost of a trace of its adapters (each requested at least once,
+    power law over the rest) at its measured capacity: the shared worker delivers that configuration's
+    capacity, a dedicated deployment (one adapter) that of the configuration with the fewest adapters."""
+    measured = [run for run in s2_runs if run["capacity_tokens_per_s"] > 0]
+    if not measured:
+        return []
+    dedicated = min(measured, key=lambda run: run["num_adapters"])
     rows = []
-    for run in s2_runs:
-        trace: Trace = run["trace"]
+    for run in measured:
+        n, rate = run["num_adapters"], run["capacity_rate_per_s"]
+        trace = _trace(
+            cfg,
+            num_requests=max(n, math.ceil(rate * cfg.s4_duration_s)),
+            num_adapters=n,
+            rate_per_s=rate,
+            cv=1.0,
+            cover_all_adapters=True,
+            seed=cfg.seed + 4,
+        )
         duration_s = max(r.arrival_s for r in trace.requests) + 1.0
         estimate = estimate_cost(
             trace.requests,
-            shared_capacity_tokens_per_s=capacity_tokens_per_s,
-            dedicated_capacity_tokens_per_s=capacity_tokens_per_s,
+            shared_capacity_tokens_per_s=run["capacity_tokens_per_s"],
+            dedicated_capacity_tokens_per_s=dedicated["capacity_tokens_per_s"],
             window_s=min(10.0, duration_s),
             duration_s=duration_s,
         )
-        rows.append({"num_adapters": run["num_adapters"], **asdict(estimate), "ratio": estimate.ratio})
+        rows.append(
+            {
+                "num_adapters": n,
+                "rate_per_s": rate,
+                "dedicated_capacity_from": dedicated["num_adapters"],
+                **asdict(estimate),
+                "ratio": estimate.ratio,
+            }
+        )
     return rows
 
 
@@ -464,10 +630,9 @@ def main(argv: list[str] | None = None) -> int:
         results["incomplete"] = f"{type(error).__name__}: {error}"
         print(f"run stopped early: {results['incomplete']}", file=sys.stderr)
     if s2_runs:
-        results["s2_num_adapters"] = [{k: v for k, v in run.items() if k != "trace"} for run in s2_runs]
-    if 4 in cfg.scenarios and s2_runs and "s1_openlora" in results:
-        capacity = results["s1_openlora"]["summary"]["tokens_per_s"]
-        results["s4_cost"] = scenario_cost(s2_runs, capacity)
+        results["s2_capacity"] = s2_runs
+    if 4 in cfg.scenarios and s2_runs:
+        results["s4_cost"] = scenario_cost(cfg, s2_runs)
     results["elapsed_s"] = time.perf_counter() - started
     results["notes"] = method_notes(cfg, results)
     if "s5_transports" in results:
@@ -495,11 +660,14 @@ def run_scenarios(
     s1_trace = _trace(cfg, num_requests=cfg.s1_requests, num_adapters=cfg.s1_adapters, seed=cfg.seed + 1)
     if 1 in cfg.scenarios:
         _save_trace(cfg, s1_trace, "s1-offline")
-        # The peer runs while the system is down, before and after it, so that neither shares the machine
-        # with the other; the better of its two passes counts (a busy moment only slows one pass).
-        note_load(results, "peer pass 1")
-        results["s1_peer_passes"] = [scenario_peer(cfg, model_dir, adapters_root, s1_trace)]
-        results["s1_peer"] = best_peer(results["s1_peer_passes"])
+        # The peer runs while the system is down: its sweep before the system starts, its best size again
+        # after the system stopped, so that neither shares the machine with the other and a busy moment
+        # shows as a difference between the two passes.
+        note_load(results, "peer sweep")
+        runs = peer_runs(cfg, cfg.peer_batch_sizes, sequential=cfg.peer_sequential_requests > 0)
+        results["s1_peer_sweep"] = scenario_peer(cfg, model_dir, adapters_root, s1_trace, runs)
+        results["s1_peer"] = best_peer(results["s1_peer_sweep"])
+        note_phase(results, "peer sweep", started)
     state_dir = cfg.state_dir or Path(tempfile.mkdtemp(prefix="openlora-bench-"))
     system_config = SystemConfig(
         model_dir=model_dir,
@@ -522,30 +690,47 @@ def run_scenarios(
             results["register_full_s"] = register_adapters(system, names, public=True)
             print(f"registered {len(names)} full adapters in {results['register_full_s']:.1f} s")
             results["worker_rss_mib_after_register"] = system.worker_process().memory_info().rss / MIB
+            note_phase(results, "system start and registration", started)
             if 1 in cfg.scenarios:
                 note_load(results, "scenario 1")
                 results["s1_openlora"] = scenario_offline(cfg, system, s1_trace)
+                note_phase(results, "scenario 1", started)
             if 2 in cfg.scenarios:
-                rate = cfg.s2_rate_per_s
-                if rate is None:
-                    s1 = results.get("s1_openlora", {}).get("summary")
-                    rate = cfg.s2_rate_fraction * s1["requests_per_s"] if s1 else 1.0
-                note_load(results, "scenario 2")
-                scenario_num_adapters(cfg, system, rate, s2_runs)
+                start_rate = s2_start_rate(cfg, results)
+                for n in cfg.s2_adapters:
+                    note_load(results, f"scenario 2, {n} adapters")
+                    scenario_capacity(cfg, system, n, start_rate, s2_runs)
+                    note_phase(results, f"scenario 2, {n} adapters", started)
             if 3 in cfg.scenarios:
                 note_load(results, "scenario 3")
                 results["s3_scale"] = scenario_scale(cfg, system, small_dirs)
+                note_phase(results, "scenario 3", started)
             if 5 in cfg.scenarios:
                 note_load(results, "scenario 5")
                 results["s5_transports"] = scenario_transports(cfg, system)
+                note_phase(results, "scenario 5", started)
             results["worker_rss_mib_end"] = system.worker_process().memory_info().rss / MIB
     finally:
         if cfg.state_dir is None:
             shutil.rmtree(state_dir, ignore_errors=True)
     if 1 in cfg.scenarios:
-        note_load(results, "peer pass 2")
-        results["s1_peer_passes"].append(scenario_peer(cfg, model_dir, adapters_root, s1_trace))
-        results["s1_peer"] = best_peer(results["s1_peer_passes"])
+        note_load(results, "peer best size again")
+        size = results["s1_peer"]["batch_size"]
+        results["s1_peer_confirm"] = scenario_peer(
+            cfg, model_dir, adapters_root, s1_trace, peer_runs(cfg, (size,), sequential=False)
+        )
+        results["s1_peer"] = best_peer(results["s1_peer_sweep"], results["s1_peer_confirm"])
+        note_phase(results, "peer best size again", started)
+
+
+def s2_start_rate(cfg: BenchConfig, results: dict) -> float:
+    """The search's first rate, the same for every configuration."""
+    if cfg.s2_start_rate_per_s is not None:
+        return cfg.s2_start_rate_per_s
+    s1 = results.get("s1_openlora", {}).get("summary")
+    if s1 and s1["requests_per_s"] > 0:
+        return cfg.s2_start_fraction * s1["requests_per_s"]
+    return cfg.s2_start_rate_fallback_per_s
 
 
 def note_load(results: dict, phase: str) -> None:
@@ -553,47 +738,84 @@ def note_load(results: dict, phase: str) -> None:
     results.setdefault("load_average", []).append([phase, round(os.getloadavg()[0], 2)])
 
 
-def best_peer(passes: list[list[dict]]) -> list[dict]:
-    """Per strategy, the pass with the highest throughput, with every pass's figure beside it."""
-    best: dict[str, dict] = {}
-    for results in passes:
-        for r in results:
-            current = best.get(r["strategy"])
-            if current is None or r["tokens_per_s"] > current["tokens_per_s"]:
-                best[r["strategy"]] = dict(r)
-    for strategy, r in best.items():
-        r["passes_tokens_per_s"] = [
-            p["tokens_per_s"] for results in passes for p in results if p["strategy"] == strategy
-        ]
-    return list(best.values())
+def note_phase(results: dict, phase: str, started: float) -> None:
+    """Records how far into the run (seconds) a phase ended."""
+    results.setdefault("phase_end_s", []).append([phase, round(time.perf_counter() - started, 1)])
 
 
 def method_notes(cfg: BenchConfig, results: dict) -> str:
     """How the figures were obtained, for RESULTS.md."""
     s3 = results.get("s3_scale")
+    low, high = cfg.output_len_range
     notes = [
         "How it was measured:",
         "- The system runs as `openlora up` (embedded Postgres and Redis, control plane and worker as child "
-        "processes); the load generator (`benchmarks/load.py`, asyncio gRPC, open loop) shares the 2 CPUs "
+        "processes); the load generator (`benchmarks/load.py`, asyncio gRPC, open loop) shares the CPUs "
         "with it. TTFT is measured by the client from each request's scheduled arrival time.",
+        f"- Output lengths: each request of scenarios 1 and 2 asks for its own number of tokens, drawn "
+        f"uniformly from {low}-{high} with the trace's seed; both systems decode greedily and generate "
+        "exactly that many (the model never emits its end token), and only those tokens count as output.",
         f"- {cfg.num_full_adapters} full adapters were uploaded through `AdminService.UploadAdapter` "
-        f"({results.get('register_full_s', 0):.0f} s). Before each timed run of scenarios 1 and 2, one "
-        "1-token request per adapter of the trace brought its artifact onto the worker (the PEFT peer, "
-        "too, loads every adapter before it is timed); device slots still have to be refilled during the run.",
-        "- The PEFT peer ran twice, before the system started and after it stopped (the better pass counts), "
-        f"in one process, with every adapter of scenario 1's "
-        f"trace loaded by `load_adapter`; it was timed on the first {cfg.peer_sequential_requests} "
-        f"(sequential) and {cfg.peer_batched_requests} (static batches of {cfg.peer_batch_size}) requests of "
-        "the same trace, because its throughput does not depend on the trace length and the full trace would "
-        "take minutes. `min_new_tokens = max_new_tokens`, so it generates exactly the requested tokens.",
-        "- Scenario 2's rate is "
-        + (
-            f"{cfg.s2_rate_fraction:.0%} of the requests/s OpenLoRA reached in scenario 1"
-            if cfg.s2_rate_per_s is None
-            else f"fixed at {cfg.s2_rate_per_s} requests/s"
-        )
-        + f" (Gamma arrivals, cv 1), about {cfg.s2_duration_s:.0f} s per number of adapters.",
+        f"({results.get('register_full_s', 0):.0f} s).",
     ]
+    if 1 in cfg.scenarios:
+        sizes = ", ".join(str(n) for n in cfg.peer_batch_sizes)
+        sequential = (
+            f" One request at a time (`set_adapter`, then `generate`) was timed on the first "
+            f"{cfg.peer_sequential_requests} requests only, for reference; it is not the comparison target."
+            if cfg.peer_sequential_requests
+            else ""
+        )
+        warm = (
+            f"then ran the trace's first {cfg.s1_warmup_requests} requests once, untimed (the peer as one "
+            "static batch, OpenLoRA all at t = 0)"
+            if cfg.warmup
+            else "with no warm-up pass"
+        )
+        notes += [
+            f"- Scenario 1: the same trace of {cfg.s1_requests} requests over {cfg.s1_adapters} adapters "
+            "(power law) for both systems, every request at t = 0. Warm-up, alike for both: every adapter of "
+            "the trace loaded before timing (the peer by `load_adapter`, OpenLoRA by one 1-token request per "
+            f"adapter, which brings its artifact onto the worker; device slots still refill during the run), "
+            f"{warm}.",
+            "- The PEFT peer (transformers + PEFT in one process) replays the whole trace in static batches "
+            "in arrival order, left-padded, with `adapter_names` (mixed adapters in one batch) and "
+            "`min_new_tokens = max_new_tokens =` the batch's longest request: a batch runs until its longest "
+            "request ends, and the tokens its shorter requests decode past their own length are padding "
+            f"work (reported as computed tokens), not output. It was swept over static batch sizes {sizes} "
+            "before the system started; its best size ran the whole trace again after the system stopped, "
+            "and the better of that size's two passes is what OpenLoRA is compared with." + sequential,
+        ]
+    if 2 in cfg.scenarios:
+        configs = " and ".join(str(n) for n in cfg.s2_adapters)
+        start = (
+            f"{cfg.s2_start_rate_per_s} requests/s"
+            if cfg.s2_start_rate_per_s is not None
+            else f"{cfg.s2_start_fraction:.0%} of the requests/s OpenLoRA reached in scenario 1"
+        )
+        notes.append(
+            f"- Scenario 2 measures capacity: for {configs} adapters, the highest request rate at which "
+            f"every request succeeded with TTFT p99 <= {cfg.s2_ttft_p99_bound_ms:.0f} ms, found by a search "
+            f"of {cfg.s2_steps} steps per configuration (`benchmarks/capacity.py`): from {start} (the same "
+            f"start for every configuration), x{cfg.s2_growth} after a sustained step and /{cfg.s2_growth} "
+            "after a failed one, then bisection (geometric mean) between the highest sustained and the "
+            "lowest failed rate. Each step is an open-loop replay with Gamma arrivals (cv 1) lasting at least "
+            f"{cfg.s2_step_s:.0f} s of arrivals and {cfg.s2_step_min_requests} requests, so its p99 rests on "
+            "at least that many TTFTs; the worker drains between steps. Step k has the same lengths and "
+            "prompts in every configuration. Every adapter of a configuration is requested during its "
+            "search: each step requests its share of the adapters not yet requested (at most "
+            f"{COVER_SHARE:.0%} of its requests; a step is lengthened where that needs more requests than "
+            "the minimum, which only makes it harder to sustain), the rest follow the power law "
+            f"(alpha {cfg.alpha}). "
+            + (
+                "Before each search, one 1-token request per adapter of the configuration brought every "
+                "artifact onto the worker (host memory, or its disk cache past the host tier's cap). "
+                if cfg.warmup
+                else ""
+            )
+            + "Capacity in tokens/s is the capacity rate times the mean requested tokens of that step "
+            "(every request of a sustained step completed its tokens)."
+        )
     if s3:
         notes.append(
             f"- Scenario 3 registry: {s3['registered_adapters']} adapter rows in all: the "
@@ -607,13 +829,21 @@ def method_notes(cfg: BenchConfig, results: dict) -> str:
             f"worker's adapter host tier is capped at {cfg.host_cache_bytes / MIB:.0f} MiB (`--host-cache-bytes`); "
             "its resident memory is sampled every 0.2 s during the run."
         )
+    if 4 in cfg.scenarios:
+        notes.append(
+            "- Scenario 4 prices, per configuration of scenario 2, a trace of its adapters (each requested at "
+            f"least once, power law over the rest, about {cfg.s4_duration_s:.0f} s) arriving at the capacity "
+            "measured for it: the shared worker delivers that configuration's measured capacity in tokens/s, "
+            "a dedicated deployment (serving one adapter) the capacity measured with the fewest adapters; "
+            "each is sized for its peak 10 s window of requested tokens and runs at least one replica for "
+            "the whole trace."
+        )
     if results.get("load_average"):
         loads = ", ".join(f"{phase} {load}" for phase, load in results["load_average"])
         notes.append(f"- 1-minute load average of the machine as each phase started: {loads}.")
-    notes.append(
-        "- Scenario 4 sizes every deployment by the throughput OpenLoRA measured in scenario 1 (10 s windows "
-        "of requested tokens); a dedicated deployment needs at least one replica for the whole trace."
-    )
+    if results.get("phase_end_s"):
+        ends = ", ".join(f"{phase} {end:.0f} s" for phase, end in results["phase_end_s"])
+        notes.append(f"- Time into the run at which each phase ended: {ends}.")
     return "\n".join(notes) + "\n"
 
 
@@ -628,21 +858,33 @@ def config_from_args(argv: list[str] | None) -> BenchConfig:
         "--gpu", action="store_true", help="GPU profile: 1.1B bf16 Llama on cuda, scenarios 1, 2, 4"
     )
     parser.add_argument(
-        "--scenarios", default=None, help="comma-separated subset of 1,2,3,4,5 (default: all)"
+        "--scenarios", default=None, help="comma-separated subset of 1,2,3,4,5 (default: 1,2,3,4)"
     )
     parser.add_argument("--database-url", default=None, help="default: embedded PostgreSQL")
     parser.add_argument("--redis-url", default=None, help="default: embedded Redis")
     parser.add_argument("--state-dir", type=Path, default=None, help="kept after the run; default a temp dir")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--s1-requests", type=int)
-    parser.add_argument("--s2-adapters", help="comma-separated numbers of adapters, e.g. 1,10,100,1000")
-    parser.add_argument("--s2-duration-s", type=float)
-    parser.add_argument("--s2-rate", type=float, help="requests/s; default a fraction of scenario 1's")
+    parser.add_argument("--peer-batch-sizes", help="comma-separated static batch sizes of the peer's sweep")
+    parser.add_argument(
+        "--peer-sequential-requests", type=int, help="prefix the one-at-a-time peer replays (0 = skip it)"
+    )
+    parser.add_argument("--s2-adapters", help="comma-separated numbers of adapters, e.g. 1,1000")
+    parser.add_argument("--ttft-p99-bound-ms", type=float, help="scenario 2's bound on TTFT p99 (ms)")
+    parser.add_argument("--s2-steps", type=int, help="steps of the rate search per configuration")
+    parser.add_argument("--s2-step-s", type=float, help="least seconds of arrivals per step")
+    parser.add_argument("--s2-step-min-requests", type=int, help="least requests per step")
+    parser.add_argument(
+        "--s2-start-rate", type=float, help="requests/s of the first step; default a fraction of scenario 1's"
+    )
     parser.add_argument("--s3-registered", type=int)
     parser.add_argument("--s3-touched", type=int)
     parser.add_argument("--s3-requests", type=int)
     parser.add_argument("--s3-rate", type=float)
-    parser.add_argument("--output-len", type=int, help="tokens generated per request (scenarios 1 and 2)")
+    parser.add_argument(
+        "--output-len",
+        help="tokens generated per request in scenarios 1, 2 and 5: N, or MIN,MAX (drawn per request)",
+    )
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--no-results-md", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
@@ -659,8 +901,12 @@ def config_from_args(argv: list[str] | None) -> BenchConfig:
     }
     for flag, key in (
         ("s1_requests", "s1_requests"),
-        ("s2_duration_s", "s2_duration_s"),
-        ("s2_rate", "s2_rate_per_s"),
+        ("peer_sequential_requests", "peer_sequential_requests"),
+        ("ttft_p99_bound_ms", "s2_ttft_p99_bound_ms"),
+        ("s2_steps", "s2_steps"),
+        ("s2_step_s", "s2_step_s"),
+        ("s2_step_min_requests", "s2_step_min_requests"),
+        ("s2_start_rate", "s2_start_rate_per_s"),
         ("s3_registered", "s3_registered"),
         ("s3_touched", "s3_touched"),
         ("s3_requests", "s3_requests"),
@@ -669,14 +915,26 @@ def config_from_args(argv: list[str] | None) -> BenchConfig:
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     if args.scenarios:
-        overrides["scenarios"] = tuple(sorted(int(s) for s in args.scenarios.split(",") if s))
+        overrides["scenarios"] = tuple(sorted(_int_list(args.scenarios, "--scenarios")))
     if args.s2_adapters:
-        overrides["s2_adapters"] = tuple(int(n) for n in args.s2_adapters.split(","))
+        overrides["s2_adapters"] = _int_list(args.s2_adapters, "--s2-adapters")
+    if args.peer_batch_sizes:
+        overrides["peer_batch_sizes"] = _int_list(args.peer_batch_sizes, "--peer-batch-sizes")
     if args.output_len:
-        overrides["output_len_range"] = (args.output_len, args.output_len)
+        lengths = _int_list(args.output_len, "--output-len")
+        if len(lengths) not in (1, 2):
+            raise ValueError(f"--output-len must be N or MIN,MAX, got {args.output_len!r}")
+        overrides["output_len_range"] = (lengths[0], lengths[-1])
     if args.no_results_md:
         overrides["update_results_md"] = False
     return replace(cfg, **overrides)
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
 def jsonable(value):

@@ -20,3 +20,75 @@ def test_table_aligns_columns_and_formats_numbers():
     assert lines[0] == "| system   | tokens/s |"
     assert "1,234.6" in lines[2] and "3.14" in lines[3] and "n/a" in lines[4]
     assert len({len(line) for line in lines}) == 1
+
+
+def _summary(tokens_per_s, p50=100.0, p99=200.0, errors=0):
+    return {
+        "requests": 10,
+        "distinct_adapters": 3,
+        "tokens_per_s": tokens_per_s,
+        "ttft_ms": {"p50": p50, "p90": p99, "p99": p99},
+        "errors": errors,
+        "by_cache_tier": {},
+    }
+
+
+def _peer(batch_size, tokens_per_s, strategy="batched", num_requests=256):
+    return {
+        "strategy": strategy,
+        "batch_size": batch_size,
+        "num_requests": num_requests,
+        "tokens_per_s": tokens_per_s,
+        "generated_tokens": 100,
+        "computed_tokens": 150,
+        "adapters_loaded": 3,
+        "adapter_load_s": 1.0,
+    }
+
+
+def _capacity_run(num_adapters, steps):
+    """steps: (rate, p99 ms); sustained when p99 <= 1000."""
+    step_dicts = [
+        {"rate_per_s": rate, "sustained": p99 <= 1000, "summary": _summary(rate * 40, p99=p99)}
+        for rate, p99 in steps
+    ]
+    good = [s["rate_per_s"] for s in step_dicts if s["sustained"]]
+    bad = [s["rate_per_s"] for s in step_dicts if not s["sustained"]]
+    return {
+        "num_adapters": num_adapters,
+        "capacity_rate_per_s": max(good, default=0.0),
+        "capacity_tokens_per_s": max(good, default=0.0) * 40,
+        "failed_rate_per_s": min(bad, default=None),
+        "bracketed": bool(good and bad),
+        "adapters_requested": num_adapters,
+        "steps": step_dicts,
+    }
+
+
+def test_table_compares_with_the_peers_best_batch_size_and_gives_the_capacity_ratio():
+    from benchmarks.report import summary_rows
+
+    sweep = [_peer(1, 50.0, "sequential", 16), _peer(8, 200.0), _peer(16, 300.0), _peer(32, 280.0)]
+    best = dict(sweep[2], passes_tokens_per_s=[300.0, 330.0], tokens_per_s=330.0)
+    results = {
+        "config": {"s1_requests": 256, "s2_ttft_p99_bound_ms": 1000.0, "num_adapter_slots": 32},
+        "s1_openlora": {"summary": _summary(990.0)},
+        "s1_peer_sweep": sweep,
+        "s1_peer": best,
+        "s2_capacity": [
+            _capacity_run(1, [(4.0, 300), (5.2, 600), (6.76, 1500), (5.93, 900)]),
+            _capacity_run(1000, [(4.0, 400), (5.2, 1200), (4.56, 800), (4.87, 1100)]),
+        ],
+    }
+    rows = {(row[0], row[1]): row for row in summary_rows(results)}
+    # Every size of the sweep is in the table; the best one shows both of its passes.
+    assert rows[("1 offline", "PEFT batched, batch 16 (best)")][3] == 330.0
+    assert "300.0, 330.0" in rows[("1 offline", "PEFT batched, batch 16 (best)")][7]
+    assert rows[("1 offline", "PEFT batched, batch 8")][3] == 200.0
+    assert "(prefix)" in rows[("1 offline", "PEFT sequential, batch 1")][2]
+    ratio = rows[("1 offline", "OpenLoRA / PEFT batch 16")]
+    assert ratio[3] == 990.0 / 330.0 and ratio[7] == "met"
+    one = rows[("2 capacity, p99 <= 1000 ms", "OpenLoRA, 1 adapters")]
+    assert one[3] == 5.93 * 40 and one[5] == 900
+    capacity_ratio = rows[("2 capacity", "1000 / 1 adapters")]
+    assert capacity_ratio[3] == 4.56 / 5.93 and capacity_ratio[7] == "MISSED"

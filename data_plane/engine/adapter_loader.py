@@ -1,12 +1,13 @@
-"""AdapterLoader: brings adapters in on a background thread, so the batch never waits on a load.
+"""AdapterLoader: brings adapters in on background threads, so the batch never waits on a load.
 
 A load reads and validates the adapter directory and packs it into one host buffer (skipped when the
 engine hands it the host copy the adapter cache holds), then, when a slot was reserved, copies the buffer
-into that slot (on its own CUDA stream on GPU). The engine thread submits loads and, at the start of each
+into that slot (on its own CUDA stream on GPU). Disk loads and copies from host memory run on two
+threads of their own, so a copy from host memory (a fraction of a step) never queues behind a disk read. The engine thread submits loads and, at the start of each
 step, collects finished ones and gives their buffers to the adapter cache, the one owner of the host tier;
 the loader keeps none. The forward pass in between never touches a loading slot. A load in flight when
 its adapter is invalidated comes back `stale`: its result must not be kept.
-The loader thread runs torch ops on one intra-op thread, so a load takes at most one core from decoding.
+Each loader thread runs torch ops on one intra-op thread.
 """
 
 from __future__ import annotations
@@ -82,8 +83,12 @@ class AdapterLoader:
         self._pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="adapter-loader", initializer=_one_intra_op_thread
         )
+        self._copy_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="adapter-copy", initializer=_one_intra_op_thread
+        )
         # key -> (future, started_at, cause, members); the engine thread alone touches it.
         self._in_flight: dict[str, tuple[Future, float, str, tuple[AdapterRef, ...]]] = {}
+        self._copying: set[str] = set()  # keys in flight whose load copies from a host buffer
         self._stale: set[str] = set()  # keys in flight whose result is to be dropped
         # The keys in flight, replaced (never mutated) on each change: `is_loading` reads it from any thread.
         self._in_flight_keys: frozenset[str] = frozenset()
@@ -96,6 +101,10 @@ class AdapterLoader:
         """True while a load of `key` is in flight; safe to call from any thread."""
         return key in self._in_flight_keys
 
+    def is_copying_from_host(self, key: str) -> bool:
+        """True while a load of `key` from its host copy is in flight (engine thread)."""
+        return key in self._copying
+
     def mark_stale(self, key: str) -> None:
         """`key` was invalidated: a load of it in flight comes back with `stale` set. Engine thread."""
         if key in self._in_flight:
@@ -107,17 +116,23 @@ class AdapterLoader:
         members: tuple[AdapterRef, ...],
         host: HostAdapter | None = None,
         cause: str = CAUSE_REQUEST,
+        started_at: float | None = None,
     ) -> None:
         """Loads `key` into the slot reserved for it now (host memory only when none), from `host` (its
         host copy) when given, else from disk (`members`). `cause` (CAUSE_REQUEST or CAUSE_PREFETCH) is
-        reported back with the finished load. Call on the engine thread."""
+        reported back with the finished load, and so is `started_at` (time.monotonic(); default now: an
+        earlier time when this load continues another, as a copy into a slot of what a disk read brought
+        into host memory). Call on the engine thread."""
         if key in self._in_flight:
             raise ValueError(f"adapter {key!r} is already loading")
         slot = self._reserved_slot(key)
-        started_at = time.monotonic()
+        started_at = time.monotonic() if started_at is None else started_at
         members = tuple(members)
-        future = self._pool.submit(self._load, key, members, slot, host, started_at, cause)
+        pool = self._pool if host is None else self._copy_pool
+        future = pool.submit(self._load, key, members, slot, host, started_at, cause)
         self._in_flight[key] = (future, started_at, cause, members)
+        if host is not None:
+            self._copying.add(key)
         self._in_flight_keys = frozenset(self._in_flight)
 
     def _load(
@@ -183,6 +198,12 @@ class AdapterLoader:
             futures = [entry[0] for entry in self._in_flight.values()]
             wait(futures, timeout=timeout_s, return_when=FIRST_COMPLETED)
 
+    def wait_for(self, keys: set[str], timeout_s: float) -> None:
+        """Blocks until every load of `keys` in flight has finished, or `timeout_s` passes."""
+        futures = [self._in_flight[key][0] for key in keys if key in self._in_flight]
+        if futures:
+            wait(futures, timeout=timeout_s)
+
     def collect(self) -> list[FinishedLoad]:
         """The loads that ended since the last call (engine thread)."""
         finished = []
@@ -190,6 +211,7 @@ class AdapterLoader:
             if not future.done():
                 continue
             del self._in_flight[key]
+            self._copying.discard(key)
             error = future.exception()
             if error is not None:
                 load = FinishedLoad(key, None, error, started_at, None, True, cause=cause, members=members)
@@ -204,3 +226,4 @@ class AdapterLoader:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._copy_pool.shutdown(wait=False, cancel_futures=True)

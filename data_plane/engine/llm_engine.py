@@ -32,6 +32,7 @@ from openlora.base_model import BaseModelSpec
 
 log = logging.getLogger(__name__)
 _IDLE_LOAD_WAIT_S = 0.05
+_HOST_COPY_WAIT_S = 0.01  # the longest a step waits for a copy from host memory a waiting request needs
 _TIER_ORDER = ("none", "device", "host", "disk")  # fastest first
 # Prefetch accounting keys (`prefetch_stats`): (event, tier) or (PREFETCH_SKIPPED, reason).
 PREFETCH_PERFORMED, PREFETCH_WASTED, PREFETCH_SKIPPED = "performed", "wasted", "skipped"
@@ -190,6 +191,11 @@ class LLMEngine:
             state.ensemble_weights = normalized_weights(request.ensemble)
         self._states[request.request_id] = state
         self.scheduler.add(seq)
+        # Its adapter's load starts now (a copy from host memory, or a disk read), not when a step's
+        # schedule gets to it: a copy from host memory is then done by the step's admission.
+        failed, error = self._start_loads(self.scheduler.pin_adapters())
+        if error is not None:
+            self._pending_outputs += self.fail_requests(failed, StepFailed("the engine failed this request"))
 
     @staticmethod
     def _sequences_of(request: EngineRequest) -> Sequence:
@@ -224,16 +230,11 @@ class LLMEngine:
         try:
             self._apply_commands()
             self._install_finished_loads(outputs)
+            self._await_host_copies(outputs)
             batch = self.scheduler.schedule()
-            load_error: Exception | None = None
-            for key, _slot in batch.loads:
-                try:
-                    self._start_load(key)
-                except Exception as error:  # that adapter's waiting requests fail; the others load
-                    log.exception("adapter %s: starting its load failed", key[:12])
-                    involved += [seq.request_id for seq in self.scheduler.fail_adapter(key)]
-                    load_error = load_error or error
+            failed, load_error = self._start_loads(batch.loads)
             if load_error is not None:
+                involved += failed
                 raise load_error
             if batch.is_empty:
                 if self.loader.num_in_flight:
@@ -276,6 +277,35 @@ class LLMEngine:
             cause = error if isinstance(error, EngineError) else StepFailed("the engine failed this request")
             self._pending_outputs[:0] = outputs + self.fail_requests(involved, cause)
             raise
+
+    def _start_loads(self, loads: list[tuple[str, int]]) -> tuple[list[str], Exception | None]:
+        """Starts the loads of slots just reserved. One that cannot start fails its adapter's waiting
+        requests (the others load): returns their ids and the first such error."""
+        failed: list[str] = []
+        first_error: Exception | None = None
+        for key, _slot in loads:
+            try:
+                self._start_load(key)
+            except Exception as error:
+                log.exception("adapter %s: starting its load failed", key[:12])
+                failed += [seq.request_id for seq in self.scheduler.fail_adapter(key)]
+                first_error = first_error or error
+        return failed, first_error
+
+    def _await_host_copies(self, outputs: list[RequestOutput]) -> None:
+        """Waits (at most _HOST_COPY_WAIT_S) for the copies from host memory that waiting requests hold
+        a slot for, so that they are admitted in this step rather than the next: such a copy takes a
+        fraction of a step, waiting another step costs a whole one."""
+        if len(self.scheduler.running) >= self.config.max_num_seqs:
+            return  # nothing could be admitted this step anyway
+        keys = {
+            seq.adapter_key
+            for seq in self.scheduler.waiting
+            if seq.holds_adapter and self.loader.is_copying_from_host(seq.adapter_key)
+        }
+        if keys:
+            self.loader.wait_for(keys, _HOST_COPY_WAIT_S)
+            self._install_finished_loads(outputs)
 
     def _combine_ensembles(
         self, sampled: list[Sequence], logits: torch.Tensor

@@ -95,7 +95,7 @@ class Scheduler:
             budget -= num_new * len(unit)
             index += len(unit)
 
-        self._pin_adapters(batch)
+        batch.loads.extend(self.pin_adapters())
         if batch.preempted:
             return batch  # under KV pressure: admit nothing new this step
         for unit in self._waiting_units():
@@ -138,8 +138,11 @@ class Scheduler:
         del self.running[-len(unit) :]
         return unit
 
-    def _pin_adapters(self, batch: ScheduledBatch) -> None:
-        """Promises adapters to the first waiting units, starting loads for absent ones."""
+    def pin_adapters(self) -> list[tuple[str, int]]:
+        """Promises adapters to the first waiting units (the next `max_num_seqs`), reserving slots for
+        absent ones; returns the (adapter key, slot) loads to start. Each step does it; the engine also
+        does it when a request arrives, so that its adapter's load starts at once."""
+        loads = []
         for unit in self._waiting_units()[: self.limits.max_num_seqs]:
             for seq in unit:
                 key = seq.adapter_key
@@ -149,8 +152,9 @@ class Scheduler:
                     if not self.adapters.can_admit(key):
                         continue
                     slot, _ = self.adapters.admit(key)
-                    batch.loads.append((key, slot))
+                    loads.append((key, slot))
                 self._hold_adapter(seq)
+        return loads
 
     def _hold_adapter(self, seq: Sequence) -> None:
         """Takes the reference of `seq` on its adapter (an admitted entry), once for its whole life."""

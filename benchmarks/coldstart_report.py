@@ -119,7 +119,8 @@ def results_section(results: dict, table: str, deciles: str) -> str:
         f"{tc['num_history_hours']} history hours, then {tc['num_measured_hours']} measured hours; prompts "
         f"{tc['prompt_len_range'][0]}-{tc['prompt_len_range'][1]} tokens, {tc['output_len_range'][0]} generated. "
         f"`openlora up` per pass on a fresh database: {cfg['num_adapter_slots']} device slots, host budget "
-        f"{results['num_host_adapters']} adapters = {cfg['host_share']:.0%} of the long tail "
+        f"{results['num_host_adapters']} adapters = the {tc['num_popular']} popular ones and "
+        f"{cfg['host_share']:.0%} of the long tail "
         f"({results['host_cache_bytes'] / (1 << 20):.0f} MiB), model {results['model']}, adapters rank 16 on "
         f"all projections. Hints on: `{flags}`; hints off: `--predictor-interval-s 0`. Figures over the "
         "measured hours only; tier shares of the requests served.",

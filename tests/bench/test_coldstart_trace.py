@@ -241,7 +241,7 @@ def test_each_pass_runs_openlora_up_with_flags_its_parsers_accept(tmp_path):
     from openlora.config import ControlPlaneSettings
 
     cfg = ColdStartConfig()
-    assert cfg.num_host_adapters == 14  # 70% of the 20 long-tail adapters
+    assert cfg.num_host_adapters == 6 + 14  # the popular adapters and 70% of the 20 long-tail ones
     for hints_on in (True, False):
         argv = up_argv(
             cfg, hints_on, "postgresql://h/db", "redis://h:1/0", tmp_path / "m", tmp_path, 12345, 9

@@ -1,40 +1,87 @@
-"""Engine decode step time on the CPU: 32 concurrent requests on 32 distinct adapters vs no adapter.
+"""Engine decode throughput on the CPU: many adapters against none, and against the machine's roofline.
 
-A ~50M-parameter Llama (hidden 512, 6 layers, vocab 32000, random weights written by transformers, fp32)
-and 32 rank-16 adapters on all seven projections (PEFT layout). Two engines live in this one process on
-the same weights: "base" runs 32 requests on the base model, "multi" runs 32 requests each on its own
-adapter. Their steps are interleaved one by one (base, multi, base, ...) so both see the same machine
-load, and each step is timed with perf_counter. Only steady steps count: all 32 requests decoding one
-token. Finished requests are replaced, so the batch stays at 32; the replacement's prefill step is not
-counted. The figure judged is the ratio of median step times (target: multi >= 0.8 x base throughput).
+The model and adapters come from benchmarks.fixtures: the ~52M-parameter Llama of the issues (hidden 512,
+6 layers, vocab 32000, fp32) and PEFT adapters on all seven projections (float16 files). Two parts.
+
+Adapters: three engines live in this one process on the same weights and their steps are interleaved one
+by one (base, best, skewed, base, ...), so all three see the same machine load:
+- "base": 32 requests on the base model;
+- "best": 32 requests, request i always on adapter i: 32 distinct rank-16 adapters in exactly 32 slots;
+- "skewed": 32 requests whose adapters are drawn from a power-law popularity (alpha 1) over 100 adapters
+  of mixed ranks (8, 16 and 64 in turn down the popularity order), in 32 slots (max_lora_rank 64): popular
+  adapters repeat within a step, and tail adapters are copied into a slot from host memory while the
+  other requests decode (all 100 are read into the host tier before the run).
+Every request has a 32-token prompt and decodes `decode_tokens`; the first 32 requests start in four
+waves of 8 (decoding 1/4, 2/4, 3/4 and all of that), so that from then on 8 requests finish and are
+replaced every `decode_tokens` / 4 steps while the other 24 decode, as in serving. A step is timed with
+perf_counter and counts when all 32 requests decode one token each; steps with a prefill, or with a
+request waiting for its adapter, run but do not count (their number is reported, and the throughput
+over all steps, which includes them, is reported beside). All engines are warmed up, then restarted
+together. Judged: the ratio of median step times against base (targets: best >= 0.9, skewed >= 0.8).
+
+Roofline: the machine's sustained fp32 GEMM FLOP/s is measured first (benchmarks.roofline: the model's
+linears at 128 rows, and a large square), then one engine runs alone with 128 requests on the base model,
+started together so that decode steps hold all 128. Reported: tokens/s from the median steady step and
+its share of the roofline, tokens/s x 2 x (linear parameters per token, lm_head included) / FLOP/s,
+attention left out (target >= 35%); the share with attention's FLOPs added is reported beside it.
 
     python -m benchmarks.engine_bench [--steps 500] [--warmup-steps 8] [--decode-tokens 128]
+        [--roofline-steps 100] [--parts adapters roofline] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
-import tempfile
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from benchmarks import roofline
+from benchmarks.fixtures import (
+    FIXTURES_DIR,
+    LLAMA_50M,
+    AdapterSpec,
+    ModelShape,
+    ensure_adapters,
+    ensure_model,
+)
+from benchmarks.trace import popularity
 from data_plane.engine.config import EngineConfig
 from data_plane.engine.llm_engine import LLMEngine
 from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
 from openlora.artifact import digest_dir
 
 NUM_REQUESTS = 32
-RANK = 16
+NUM_SLOTS = 32
+RANK = 16  # the best case's adapters
+SKEWED_ADAPTERS = 100
+SKEWED_RANKS = (8, 16, 64)
+SKEWED_ALPHA = 1.0
+ROOFLINE_REQUESTS = 128
 PROMPT_TOKENS = 32
-RESULTS_PATH = Path(__file__).parent / "results" / "engine_bench.json"
-TARGET_RATIO = 0.8
+WAVES = 4  # the adapter cases' requests finish in this many waves per decode length
+BLOCK_SIZE = 16
+HOST_CACHE_BYTES = 2 << 30  # holds all 100 skewed adapters as fp32 (about 0.7 GiB)
+TARGETS = {"best": 0.9, "skewed": 0.8}
+ROOFLINE_TARGET = 0.35
+RESULTS_DIR = Path(__file__).parent / "results"
+QUICK = {
+    "steps": 20,
+    "warmup_steps": 2,
+    "decode_tokens": 32,
+    "roofline_steps": 5,
+    "gemm_seconds": 0.1,
+    "square_size": 512,
+}
 
 
 # -- statistics ------------------------------------------------------------------------------------------
@@ -88,83 +135,85 @@ def compare(base_step_times_s: list[float], multi_step_times_s: list[float], tok
 # -- workload --------------------------------------------------------------------------------------------
 
 
-def write_model(root: Path) -> tuple[Path, list[Path]]:
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-    )
-    model = LlamaForCausalLM(config)
-    model_dir = root / "model"
-    model.save_pretrained(model_dir)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32, target_modules=targets))
-    template = root / "template"
-    peft_model.save_pretrained(template)
-    shapes = {
-        name.replace(".default", ""): tuple(p.shape)
-        for name, p in peft_model.named_parameters()
-        if "lora_" in name
+def skewed_adapter_dirs(
+    num_adapters: int, ranks: tuple[int, ...], shape: ModelShape = LLAMA_50M, root: Path = FIXTURES_DIR
+) -> list[tuple[Path, int]]:
+    """(directory, rank) of adapter j of the skewed case, j = 0 the most popular: its rank is
+    ranks[j % len(ranks)], so the head and the tail both mix ranks; it is fixture number j // len(ranks)
+    of that rank."""
+    n = len(ranks)
+    per_rank = {
+        rank: ensure_adapters(len(range(k, num_adapters, n)), shape, AdapterSpec(rank=rank), root)
+        for k, rank in enumerate(ranks)
     }
-    adapter_dirs = []
-    for i in range(NUM_REQUESTS):
-        adapter_dir = root / f"adapter{i:02d}"
-        adapter_dir.mkdir()
-        (adapter_dir / "adapter_config.json").write_text((template / "adapter_config.json").read_text())
-        tensors = {name: torch.randn(shape) * 0.02 for name, shape in shapes.items()}
-        save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
-        adapter_dirs.append(adapter_dir)
-    return model_dir, adapter_dirs
+    return [(per_rank[ranks[j % n]][j // n], ranks[j % n]) for j in range(num_adapters)]
+
+
+def popularity_draws(num_adapters: int, alpha: float, count: int, seed: int = 0) -> list[int]:
+    """`count` adapter indices drawn independently, index k with probability proportional to (k+1)^-alpha."""
+    rng = np.random.default_rng(seed)
+    return rng.choice(num_adapters, size=count, p=popularity(num_adapters, alpha)).tolist()
 
 
 @dataclass
 class SteadyDriver:
-    """Keeps one engine at `num_requests` running requests (request i always on adapters[i], if any) and
-    times its steps; a step counts when all requests were decoding one token each."""
+    """Keeps one engine at `num_requests` requests (request i always on adapters[i], if any) and times its
+    steps; a step counts when all requests were running and decoding one token each.
+
+    `waves`: the requests of a (re)start come in that many waves, wave w decoding (w + 1) / waves of
+    `decode_tokens` (at least 2), so that from then on a wave finishes, and is replaced, every
+    decode_tokens / waves steps instead of all requests at once."""
 
     name: str
     engine: LLMEngine
     adapters: list[AdapterRef] | None
     decode_tokens: int
     num_requests: int = NUM_REQUESTS
+    waves: int = 1
     num_added: int = 0
 
     def __post_init__(self) -> None:
-        self.slot_of_request: dict[str, int] = {}
-        for i in range(self.num_requests):
-            self._add(i)
+        self.place_of_request: dict[str, int] = {}
+        self._start()
 
     def request(self, i: int, request_id: str, prompt: list[int], sampling: SamplingOptions) -> EngineRequest:
         """The request kept in place i (the same place always gets the same adapters)."""
         adapters = (self.adapters[i % len(self.adapters)],) if self.adapters else ()
         return EngineRequest(request_id, prompt, sampling, adapters)
 
-    def _add(self, i: int) -> None:
+    def _start(self) -> None:
+        # Per timed step: distinct adapters in the batch, mean tokens of context per sequence.
+        self.distinct_adapters: list[int] = []
+        self.context_tokens: list[float] = []
+        self.load_counts_at_start = Counter(self.engine.load_counts)
+        # Every step since the (re)start, steady or not: tokens and seconds.
+        self.tokens_since_start, self.seconds_since_start = 0, 0.0
+        for i in range(self.num_requests):
+            wave = i * self.waves // self.num_requests
+            self._add(i, max(2, math.ceil(self.decode_tokens * (wave + 1) / self.waves)))
+
+    def _add(self, i: int, max_tokens: int) -> None:
         vocab = self.engine.spec.vocab_size
         prompt = [(7 * i + 13 * self.num_added + j) % (vocab - 100) + 50 for j in range(PROMPT_TOKENS)]
         request_id = f"{self.name}-{self.num_added}"
         self.num_added += 1
-        self.slot_of_request[request_id] = i
-        sampling = SamplingOptions(max_tokens=self.decode_tokens)
+        self.place_of_request[request_id] = i
+        sampling = SamplingOptions(max_tokens=max_tokens)
         self.engine.add_request(self.request(i, request_id, prompt, sampling))
 
     def restart(self) -> None:
-        """Aborts every request and adds fresh ones, so two drivers restarted together stay in phase
-        (same context lengths at the same interleaved step)."""
-        for request_id in list(self.slot_of_request):
+        """Aborts every request and adds fresh ones, so drivers restarted together stay in phase (same
+        context lengths at the same interleaved step); the per-step records start again."""
+        for request_id in list(self.place_of_request):
             self.engine.abort(request_id)
-        self.slot_of_request.clear()
-        for i in range(self.num_requests):
-            self._add(i)
+        self.place_of_request.clear()
+        self._start()
+
+    def loads_since_start(self) -> dict[str, int]:
+        """Adapter loads finished since the last (re)start, by "cause/source tier"."""
+        counts = Counter(self.engine.load_counts)
+        counts.subtract(self.load_counts_at_start)
+        return {f"{cause}/{tier}": n for (cause, tier), n in sorted(counts.items()) if n > 0}
 
     def is_steady(self) -> bool:
         return self.engine.num_running == self.num_requests and all(
@@ -174,49 +223,102 @@ class SteadyDriver:
     def step(self) -> float | None:
         """One engine step; its time in seconds if it was a steady decode step, else None."""
         steady = self.is_steady()
+        if steady:
+            running = self.engine.scheduler.running
+            keys = {s.adapter_key for s in running if s.adapter_key is not None}
+            context = sum(s.num_tokens for s in running) / len(running)
         started = time.perf_counter()
         outputs = self.engine.step()
         elapsed_s = time.perf_counter() - started
         new_tokens = sum(len(o.new_token_ids) for o in outputs)
+        self.last_step_s, self.last_new_tokens = elapsed_s, new_tokens
+        self.tokens_since_start += new_tokens
+        self.seconds_since_start += elapsed_s
         for output in outputs:
             if output.error is not None:
                 raise RuntimeError(f"{self.name} request {output.request_id} failed") from output.error
-            slot = self.slot_of_request.get(output.request_id)
-            if output.finished and slot is not None:  # aborted requests were already replaced
-                del self.slot_of_request[output.request_id]
-                self._add(slot)
+            place = self.place_of_request.get(output.request_id)
+            if output.finished and place is not None:  # aborted requests were already replaced
+                del self.place_of_request[output.request_id]
+                self._add(place, self.decode_tokens)
         if steady and new_tokens == self.num_requests:
+            self.distinct_adapters.append(len(keys))
+            self.context_tokens.append(context)
             return elapsed_s
         return None
 
 
-def make_engine(model_dir: Path) -> LLMEngine:
+@dataclass
+class SkewedDriver(SteadyDriver):
+    """A SteadyDriver whose every new request takes the next adapter of `draws` (indices into
+    `adapters`, e.g. popularity_draws), whichever place it fills."""
+
+    draws: list[int] = field(default_factory=list)
+    num_drawn: int = 0
+
+    def request(self, i: int, request_id: str, prompt: list[int], sampling: SamplingOptions) -> EngineRequest:
+        adapter = self.adapters[self.draws[self.num_drawn % len(self.draws)]]
+        self.num_drawn += 1
+        return EngineRequest(request_id, prompt, sampling, (adapter,))
+
+    def _start(self) -> None:
+        self.drawn_at_start = self.num_drawn
+        super()._start()
+
+    def drawn_since_start(self) -> list[int]:
+        """The adapter indices of the requests added since the last (re)start."""
+        return [self.draws[k % len(self.draws)] for k in range(self.drawn_at_start, self.num_drawn)]
+
+
+def make_engine(
+    model_dir: Path, num_requests: int, decode_tokens: int, max_lora_rank: int, num_slots: int = NUM_SLOTS
+) -> LLMEngine:
+    """An fp32 CPU engine whose KV cache holds `num_requests` whole requests (so none is preempted)."""
+    blocks_per_request = math.ceil((PROMPT_TOKENS + decode_tokens) / BLOCK_SIZE) + 1
     return LLMEngine(
         EngineConfig(
             model_dir=model_dir,
             dtype="float32",
-            num_adapter_slots=NUM_REQUESTS,
-            max_num_seqs=NUM_REQUESTS,
+            num_adapter_slots=num_slots,
+            max_num_seqs=num_requests,
             max_num_batched_tokens=2048,
-            kv_cache_bytes=512 << 20,
-            max_lora_rank=RANK,
+            num_kv_blocks=blocks_per_request * num_requests,
+            block_size=BLOCK_SIZE,
+            max_lora_rank=max_lora_rank,
+            host_cache_bytes=HOST_CACHE_BYTES,
         )
     )
 
 
+def adapter_refs(dirs: list[Path]) -> list[AdapterRef]:
+    return [AdapterRef(digest_dir(d), d) for d in dirs]
+
+
+def prefetch_to_host(engine: LLMEngine, refs: list[AdapterRef], timeout_s: float = 600.0) -> int:
+    """Reads every adapter into the engine's host tier (as prewarm hints would); returns how many are there."""
+    for ref in refs:
+        engine.prefetch(ref.key, (ref,))
+    deadline = time.monotonic() + timeout_s
+    while engine.has_unfinished():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"adapters not in host memory after {timeout_s} s")
+        engine.step()
+    return len({ref.key for ref in refs} & set(engine.host_adapter_keys()))
+
+
 def run_interleaved(
-    base: SteadyDriver, multi: SteadyDriver, steps: int, warmup_steps: int
-) -> tuple[list[float], list[float], dict[str, int]]:
-    """Warms both engines up (adapters loaded, `warmup_steps` steady steps each, discarded), restarts
-    both request sets together, then steps base, multi, base, ... until each has `steps` steady steps.
-    Returns the two lists of step times in seconds and the unsteady steps skipped per engine."""
-    drivers = {"base": base, "multi": multi}
-    times_s: dict[str, list[float]] = {"base": [], "multi": []}
-    unsteady = {"base": 0, "multi": 0}
+    drivers: dict[str, SteadyDriver], steps: int, warmup_steps: int
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Warms every engine up (adapters loaded, `warmup_steps` steady steps each, discarded), restarts all
+    request sets together, then steps each engine in turn until each has `steps` steady steps (an engine
+    that has them is not stepped further). Returns each engine's step times in seconds and the unsteady
+    steps it skipped."""
+    times_s: dict[str, list[float]] = {tag: [] for tag in drivers}
+    unsteady = dict.fromkeys(drivers, 0)
     for phase_steps in (max(warmup_steps, 1), steps):
         if phase_steps == steps:
-            for tag in drivers:
-                drivers[tag].restart()
+            for tag, driver in drivers.items():
+                driver.restart()
                 times_s[tag] = []
         max_calls = 20 * phase_steps + 1000  # guards against an engine that never gets steady
         for _ in range(max_calls):
@@ -233,75 +335,327 @@ def run_interleaved(
         else:
             counts = {tag: len(t) for tag, t in times_s.items()}
             raise RuntimeError(f"engines not steady after {max_calls} steps: {counts}")
-    return times_s["base"], times_s["multi"], unsteady
+    return times_s, unsteady
 
 
-def main() -> None:
+# -- the two parts ---------------------------------------------------------------------------------------
+
+
+def run_adapters(
+    model_dir: Path,
+    best_dirs: list[Path],
+    skewed: list[tuple[Path, int]],
+    steps: int,
+    warmup_steps: int,
+    decode_tokens: int,
+    num_requests: int = NUM_REQUESTS,
+    num_slots: int = NUM_SLOTS,
+    alpha: float = SKEWED_ALPHA,
+    seed: int = 0,
+) -> dict:
+    """Interleaved base / best / skewed run (see the module docstring); `best_dirs` one adapter per
+    request, `skewed` (directory, rank) in popularity order."""
+    best_refs = adapter_refs(best_dirs)
+    skewed_refs = adapter_refs([d for d, _ in skewed])
+    skewed_ranks = [rank for _, rank in skewed]
+    best_rank = max(_rank_of(d) for d in best_dirs)
+    draws = popularity_draws(len(skewed_refs), alpha, count=100_000, seed=seed)
+    drivers: dict[str, SteadyDriver] = {}
+    try:
+        base_engine = make_engine(model_dir, num_requests, decode_tokens, best_rank, num_slots)
+        drivers["base"] = SteadyDriver("base", base_engine, None, decode_tokens, num_requests, waves=WAVES)
+        best_engine = make_engine(model_dir, num_requests, decode_tokens, best_rank, num_slots)
+        drivers["best"] = SteadyDriver(
+            "best", best_engine, best_refs, decode_tokens, num_requests, waves=WAVES
+        )
+        skewed_engine = make_engine(model_dir, num_requests, decode_tokens, max(skewed_ranks), num_slots)
+        on_host = prefetch_to_host(skewed_engine, skewed_refs)
+        drivers["skewed"] = SkewedDriver(
+            "skewed", skewed_engine, skewed_refs, decode_tokens, num_requests, waves=WAVES, draws=draws
+        )
+        started = time.perf_counter()
+        times_s, unsteady = run_interleaved(drivers, steps, warmup_steps)
+        run_s = time.perf_counter() - started
+        requested = drivers["skewed"].drawn_since_start()
+        loads = {tag: d.loads_since_start() for tag, d in drivers.items()}
+        all_steps = {tag: d.tokens_since_start / d.seconds_since_start for tag, d in drivers.items()}
+        distinct = {tag: d.distinct_adapters for tag, d in drivers.items()}
+    finally:
+        for driver in drivers.values():
+            driver.engine.shutdown()
+    cases = {}
+    for tag in ("best", "skewed"):
+        stats = compare(times_s["base"], times_s[tag], num_requests)
+        cases[tag] = {
+            "stats": stats["multi"],
+            "ratio_median": stats["ratio_median"],
+            "ratio_p10": stats["ratio_p10"],
+            "ratio_median_of_pairs": stats["ratio_median_of_pairs"],
+            "ratio_whole_run": stats["ratio_whole_run"],
+            # every step of the timed phase, prefills and waits for adapters included
+            "tokens_per_s_all_steps": all_steps[tag],
+            "ratio_all_steps": all_steps[tag] / all_steps["base"],
+            "target_ratio": TARGETS[tag],
+            "distinct_adapters_per_step": _summary(distinct[tag]),
+            "adapter_loads_while_timed": loads[tag],
+        }
+    cases["best"]["adapters"] = {
+        "count": len(best_refs),
+        "ranks": dict(Counter(_rank_of(d) for d in best_dirs)),
+    }
+    cases["skewed"]["adapters"] = {
+        "count": len(skewed_refs),
+        "ranks": {str(r): n for r, n in sorted(Counter(skewed_ranks).items())},
+        "popularity_alpha": alpha,
+        "on_host_before_the_run": on_host,
+        # the requests added since the timed phase's restart (some are still running at its end)
+        "requests_while_timed": len(requested),
+        "distinct_adapters_requested_while_timed": len(set(requested)),
+        "requests_by_rank_while_timed": {
+            str(r): n for r, n in sorted(Counter(skewed_ranks[j] for j in requested).items())
+        },
+    }
+    return {
+        "requests": num_requests,
+        "slots": num_slots,
+        "prompt_tokens": PROMPT_TOKENS,
+        "decode_tokens_per_request": decode_tokens,
+        "base": {**step_stats(times_s["base"], num_requests), "tokens_per_s_all_steps": all_steps["base"]},
+        "cases": cases,
+        "unsteady_steps_skipped": unsteady,
+        "interleaved_run_s": run_s,
+        "step_ms": {tag: [round(t * 1e3, 3) for t in ts] for tag, ts in times_s.items()},
+    }
+
+
+def run_roofline(
+    model_dir: Path,
+    steps: int,
+    warmup_steps: int,
+    decode_tokens: int,
+    gemm_seconds: float,
+    square_size: int,
+    num_requests: int = ROOFLINE_REQUESTS,
+) -> dict:
+    """GEMM FLOP/s first, then the base model alone at `num_requests` decoding sequences."""
+    engine = make_engine(model_dir, num_requests, decode_tokens, max_lora_rank=RANK, num_slots=1)
+    try:
+        spec = engine.spec
+        gemm = roofline.measure_gemm(spec, num_requests, square_size, gemm_seconds)
+        driver = SteadyDriver("roofline", engine, None, decode_tokens, num_requests)
+        started = time.perf_counter()
+        times_s, unsteady = run_interleaved({"roofline": driver}, steps, warmup_steps)
+        run_s = time.perf_counter() - started
+    finally:
+        engine.shutdown()
+    return roofline_figures(
+        spec,
+        gemm,
+        times_s["roofline"],
+        num_requests,
+        _mean(driver.context_tokens),
+        unsteady["roofline"],
+        run_s,
+    )
+
+
+def roofline_figures(
+    spec,
+    gemm: dict,
+    step_times_s: list[float],
+    num_requests: int,
+    mean_context_tokens: float,
+    unsteady_steps: int = 0,
+    run_s: float = 0.0,
+) -> dict:
+    """The engine's steady decode throughput against the measured GEMM rate (see benchmarks.roofline)."""
+    stats = step_stats(step_times_s, num_requests)
+    shapes = roofline.model_linear_shapes(spec)
+    linear_flops = roofline.linear_flops_per_token(shapes)
+    attention_flops = roofline.attention_flops_per_token(spec, mean_context_tokens)
+    flops_per_s = gemm["roofline_flops_per_s"]
+    tokens_per_s = stats["tokens_per_s_median"]
+    return {
+        "requests": num_requests,
+        "gemm": gemm,
+        "engine": stats,
+        "unsteady_steps_skipped": unsteady_steps,
+        "run_s": run_s,
+        "linear_params_per_token": roofline.linear_params_per_token(shapes),
+        "linear_flops_per_token": linear_flops,
+        "mean_context_tokens": mean_context_tokens,
+        "attention_flops_per_token": attention_flops,
+        "roofline_tokens_per_s": roofline.roofline_tokens_per_s(linear_flops, flops_per_s),
+        "fraction_of_roofline": roofline.roofline_fraction(tokens_per_s, linear_flops, flops_per_s),
+        "fraction_of_roofline_p10": roofline.roofline_fraction(
+            stats["tokens_per_s_p10"], linear_flops, flops_per_s
+        ),
+        "fraction_of_model_shaped_gemm": roofline.roofline_fraction(
+            tokens_per_s, linear_flops, gemm["model_shaped_flops_per_s"]
+        ),
+        "fraction_with_attention": roofline.roofline_fraction(
+            tokens_per_s, linear_flops + attention_flops, flops_per_s
+        ),
+        "target_fraction": ROOFLINE_TARGET,
+    }
+
+
+def _rank_of(adapter_dir: Path) -> int:
+    return int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _summary(values: list[int]) -> dict:
+    if not values:
+        return {"mean": 0.0, "min": 0, "max": 0}
+    return {"mean": _mean(values), "min": min(values), "max": max(values)}
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+
+def adapters_table(figures: dict) -> str:
+    base, cases = figures["base"], figures["cases"]
+    best, skewed = cases["best"]["adapters"], cases["skewed"]["adapters"]
+    labels = {
+        "best": f"best: {best['count']} distinct adapters (r{'/'.join(map(str, best['ranks']))}), request i on adapter i",
+        "skewed": f"skewed: power law over {skewed['count']} adapters (r{'/'.join(skewed['ranks'])}), "
+        f"{figures['slots']} slots",
+    }
+    lines = [
+        "| case | distinct adapters per step (mean) | median step ms | p10 step ms | tok/s (median) "
+        "| ratio of medians | ratio of p10s | median of pairs | tok/s, all steps | ratio, all steps "
+        "| adapter loads while timed | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| no adapter | 0 | {base['median_step_ms']:.2f} | {base['p10_step_ms']:.2f} | "
+        f"{base['tokens_per_s_median']:.1f} | 1 | 1 | 1 | {base['tokens_per_s_all_steps']:.1f} | 1 | | |",
+    ]
+    for tag, label in labels.items():
+        case = cases[tag]
+        s = case["stats"]
+        met = "met" if case["ratio_median"] >= case["target_ratio"] else "MISSED"
+        loads = ", ".join(f"{n} {kind}" for kind, n in case["adapter_loads_while_timed"].items()) or "none"
+        lines.append(
+            f"| {label} | {case['distinct_adapters_per_step']['mean']:.1f} | {s['median_step_ms']:.2f} | "
+            f"{s['p10_step_ms']:.2f} | {s['tokens_per_s_median']:.1f} | **{case['ratio_median']:.3f}** | "
+            f"{case['ratio_p10']:.3f} | {case['ratio_median_of_pairs']:.3f} | {case['tokens_per_s_all_steps']:.1f} | "
+            f"{case['ratio_all_steps']:.3f} | {loads} | >= {case['target_ratio']} ({met}) |"
+        )
+    return "\n".join(lines)
+
+
+def roofline_table(figures: dict) -> str:
+    gemm, engine = figures["gemm"], figures["engine"]
+    met = "met" if figures["fraction_of_roofline"] >= figures["target_fraction"] else "MISSED"
+    n = figures["requests"]
+    rows = [
+        (f"fp32 GEMM, the model's linears at {gemm['rows']} rows", f"{gemm['model_shaped_flops_per_s'] / 1e9:.1f} GFLOP/s"),
+        (f"fp32 GEMM, {gemm['square_size']} square", f"{gemm['square_flops_per_s'] / 1e9:.1f} GFLOP/s"),
+        ("roofline used (the larger)", f"{gemm['roofline_flops_per_s'] / 1e9:.1f} GFLOP/s ({gemm['roofline_source']})"),
+        ("FLOPs per token, linears incl. lm_head (2 x params)", f"{figures['linear_flops_per_token'] / 1e6:.1f} M"),
+        (f"attention FLOPs per token at mean context {figures['mean_context_tokens']:.0f}",
+         f"{figures['attention_flops_per_token'] / 1e6:.2f} M (not in the roofline share)"),
+        ("roofline throughput", f"{figures['roofline_tokens_per_s']:.0f} tokens/s"),
+        (f"engine, {n} decoding sequences, median / p10 step", f"{engine['median_step_ms']:.1f} / {engine['p10_step_ms']:.1f} ms"),
+        ("engine tokens/s (median step)", f"{engine['tokens_per_s_median']:.1f}"),
+        ("share of roofline (linears)", f"**{figures['fraction_of_roofline']:.1%}** (target >= {figures['target_fraction']:.0%}: {met})"),
+        ("share of the model-shaped GEMM rate", f"{figures['fraction_of_model_shaped_gemm']:.1%}"),
+        ("share with attention's FLOPs added", f"{figures['fraction_with_attention']:.1%}"),
+    ]  # fmt: skip
+    return "\n".join(["| measure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500, help="counted steady steps per engine")
     parser.add_argument("--warmup-steps", type=int, default=8, help="steady steps discarded per engine")
     parser.add_argument("--decode-tokens", type=int, default=128, help="max_tokens of each request")
-    args = parser.parse_args()
-    if args.steps < 1 or args.warmup_steps < 0 or args.decode_tokens < 2:
-        parser.error("--steps >= 1, --warmup-steps >= 0, --decode-tokens >= 2")
+    parser.add_argument("--roofline-steps", type=int, default=100, help="counted steps at 128 sequences")
+    parser.add_argument("--gemm-seconds", type=float, default=1.0, help="sampling time per GEMM shape")
+    parser.add_argument("--square-size", type=int, default=2048, help="side of the square GEMM")
+    parser.add_argument(
+        "--parts", nargs="+", choices=("adapters", "roofline"), default=["adapters", "roofline"]
+    )
+    parser.add_argument("--seed", type=int, default=0, help="of the skewed case's popularity draws")
+    parser.add_argument("--quick", action="store_true", help=f"a short check that it runs: {QUICK}")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
+    args = parser.parse_args(argv)
+    if args.quick:  # quick values, except where a flag was given explicitly
+        for name, value in QUICK.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    if args.steps < 1 or args.warmup_steps < 0 or args.decode_tokens < 2 or args.roofline_steps < 1:
+        parser.error("--steps >= 1, --warmup-steps >= 0, --decode-tokens >= 2, --roofline-steps >= 1")
+    if args.gemm_seconds <= 0 or args.square_size < 1:
+        parser.error("--gemm-seconds > 0, --square-size >= 1")
+    if args.out is None:
+        args.out = RESULTS_DIR / ("engine_bench-quick.json" if args.quick else "engine_bench.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     load_before = os.getloadavg()
     started_at = datetime.now(UTC)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        started = time.perf_counter()
-        model_dir, adapter_dirs = write_model(root)
-        print(f"wrote the model and {len(adapter_dirs)} adapters in {time.perf_counter() - started:.1f} s")
-        adapters = [AdapterRef(digest_dir(d), d) for d in adapter_dirs]
-        base = SteadyDriver("base", make_engine(model_dir), None, args.decode_tokens)
-        multi = SteadyDriver("multi", make_engine(model_dir), adapters, args.decode_tokens)
-        started = time.perf_counter()
-        base_times_s, multi_times_s, unsteady = run_interleaved(base, multi, args.steps, args.warmup_steps)
-        run_s = time.perf_counter() - started
-        base.engine.shutdown()
-        multi.engine.shutdown()
-    load_after = os.getloadavg()
-    stats = compare(base_times_s, multi_times_s, NUM_REQUESTS)
+    started = time.perf_counter()
+    model_dir = ensure_model(LLAMA_50M)
+    best_dirs = ensure_adapters(NUM_REQUESTS, LLAMA_50M, AdapterSpec(rank=RANK))
+    skewed = skewed_adapter_dirs(SKEWED_ADAPTERS, SKEWED_RANKS)
+    print(f"fixtures ready in {time.perf_counter() - started:.1f} s ({model_dir})")
     result = {
         "benchmark": "engine_bench",
-        "method": "one process, base and multi steps interleaved; steady decode steps timed one by one",
+        "command": "python -m benchmarks.engine_bench" + (" --quick" if args.quick else ""),
         "at": started_at.isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "model": f"{LLAMA_50M.name}: llama hidden 512, 6 layers, vocab 32000, fp32",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-        "model": "llama hidden 512, 6 layers, vocab 32000, fp32",
-        "requests": NUM_REQUESTS,
-        "adapter_rank": RANK,
-        "prompt_tokens": PROMPT_TOKENS,
-        "decode_tokens_per_request": args.decode_tokens,
-        "warmup_steps": args.warmup_steps,
-        "unsteady_steps_skipped": unsteady,
-        "interleaved_run_s": run_s,
-        "target_ratio": TARGET_RATIO,
-        **stats,
-        "step_ms": {
-            "base": [round(t * 1e3, 3) for t in base_times_s],
-            "multi": [round(t * 1e3, 3) for t in multi_times_s],
-        },
     }
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(result, indent=2))
+    if "roofline" in args.parts:
+        result["roofline"] = run_roofline(
+            model_dir,
+            args.roofline_steps,
+            args.warmup_steps,
+            args.decode_tokens,
+            args.gemm_seconds,
+            args.square_size,
+        )
+        print(roofline_table(result["roofline"]), end="\n\n")
+    if "adapters" in args.parts:
+        result["adapters"] = run_adapters(
+            model_dir, best_dirs, skewed, args.steps, args.warmup_steps, args.decode_tokens, seed=args.seed
+        )
+        print(adapters_table(result["adapters"]), end="\n\n")
+    load_after = os.getloadavg()
+    result["load_average_after"] = [round(x, 2) for x in load_after]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min) on {os.cpu_count()} CPUs"
     )
-    print(f"{'case':<28}{'median ms':>11}{'p10 ms':>9}{'tok/s (median)':>16}{'tok/s (whole)':>15}")
-    for label, s in (("no adapter", stats["base"]), ("32 distinct adapters (r16)", stats["multi"])):
-        print(
-            f"{label:<28}{s['median_step_ms']:>11.2f}{s['p10_step_ms']:>9.2f}"
-            f"{s['tokens_per_s_median']:>16.1f}{s['tokens_per_s_whole_run']:>15.1f}"
-        )
-    print(
-        f"ratio multi/base: median {stats['ratio_median']:.3f} (target >= {TARGET_RATIO}), "
-        f"p10 {stats['ratio_p10']:.3f}, median of pairs {stats['ratio_median_of_pairs']:.3f}, whole run {stats['ratio_whole_run']:.3f}"
-    )
-    print(f"{args.steps} steps per engine in {run_s:.1f} s; wrote {RESULTS_PATH}")
+    print(f"wrote {args.out}")
+    print(json.dumps(_headline(result)))
+    return result
+
+
+def _headline(result: dict) -> dict:
+    """The judged figures, one line of JSON."""
+    headline = {}
+    if "adapters" in result:
+        for tag, case in result["adapters"]["cases"].items():
+            headline[f"{tag}_ratio_median"] = round(case["ratio_median"], 3)
+    if "roofline" in result:
+        roof = result["roofline"]
+        headline["roofline_fraction"] = round(roof["fraction_of_roofline"], 3)
+        headline["engine_tokens_per_s_128"] = round(roof["engine"]["tokens_per_s_median"], 1)
+        headline["roofline_gflops"] = round(roof["gemm"]["roofline_flops_per_s"] / 1e9, 1)
+    return headline
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Ensemble cost on the CPU: a batch where a quarter of the requests are K = 3 ensembles, against the same
 batch of single-adapter requests.
 
-The model and adapters are engine_bench's (a ~50M-parameter Llama, fp32, 32 rank-16 adapters on all seven
-projections). Three engines live in this one process on the same weights: "single" keeps 32 requests
+The model and adapters are engine_bench's best case, from benchmarks.fixtures (a ~52M-parameter Llama,
+fp32, 32 rank-16 adapters on all seven projections). Three engines live in this one process on the same weights: "single" keeps 32 requests
 running, request i on adapter i; "ensemble" keeps the same 32 requests running, but every fourth one is an
 ensemble of K adapters (i, i+1, ..., i+K-1, equal weights, combine = probs), so it runs 24 + 8 K sequences;
 "rows", a control, keeps as many single-adapter requests running as the ensemble batch runs sequences
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.engine_bench import PROMPT_TOKENS, SteadyDriver, percentile, step_stats, write_model
+from benchmarks.engine_bench import PROMPT_TOKENS, SteadyDriver, percentile, run_interleaved, step_stats
+from benchmarks.fixtures import LLAMA_50M, AdapterSpec, ensure_adapters, ensure_model
 from data_plane.engine.config import EngineConfig
 from data_plane.engine.llm_engine import LLMEngine
 from data_plane.engine.request import AdapterRef, EngineRequest, Ensemble, EnsembleMember, SamplingOptions
@@ -116,29 +116,9 @@ def run(
             num_requests=num_rows,
         ),
     }
-    times_s: dict[str, list[float]] = {tag: [] for tag in drivers}
-    unsteady = dict.fromkeys(drivers, 0)
     started = time.perf_counter()
     try:
-        for phase_steps in (max(warmup_steps, 1), steps):
-            if phase_steps == steps:
-                for tag, driver in drivers.items():
-                    driver.restart()
-                    times_s[tag] = []
-            max_calls = 20 * phase_steps + 1000
-            for _ in range(max_calls):
-                if all(len(t) >= phase_steps for t in times_s.values()):
-                    break
-                for tag, driver in drivers.items():
-                    if len(times_s[tag]) >= phase_steps:
-                        continue
-                    elapsed_s = driver.step()
-                    if elapsed_s is None:
-                        unsteady[tag] += 1
-                    else:
-                        times_s[tag].append(elapsed_s)
-            else:
-                raise RuntimeError(f"engines not steady after {max_calls} steps")
+        times_s, unsteady = run_interleaved(drivers, steps, warmup_steps)
         sequences = {tag: len(d.engine.scheduler.running) for tag, d in drivers.items()}
     finally:
         for driver in drivers.values():
@@ -183,11 +163,11 @@ def main() -> None:
         parser.error("--steps >= 1, --warmup-steps >= 0, --decode-tokens >= 2, 2 <= --k <= 8")
     load_before = os.getloadavg()
     started_at = datetime.now(UTC)
-    with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        model_dir, adapter_dirs = write_model(Path(tmp))
-        print(f"wrote the model and {len(adapter_dirs)} adapters in {time.perf_counter() - started:.1f} s")
-        figures = run(model_dir, adapter_dirs, args.steps, args.warmup_steps, args.decode_tokens, args.k)
+    started = time.perf_counter()
+    model_dir = ensure_model(LLAMA_50M)
+    adapter_dirs = ensure_adapters(NUM_REQUESTS, LLAMA_50M, AdapterSpec(rank=16))
+    print(f"fixtures ready in {time.perf_counter() - started:.1f} s ({model_dir})")
+    figures = run(model_dir, adapter_dirs, args.steps, args.warmup_steps, args.decode_tokens, args.k)
     load_after = os.getloadavg()
     result = {
         "benchmark": "ensemble_bench",

@@ -1,8 +1,12 @@
-"""The engine benchmark's statistics on synthetic step times (no engine, no timing)."""
+"""The engine benchmark's statistics and roofline arithmetic on synthetic numbers (no engine, no timing)."""
+
+from collections import Counter
 
 import pytest
 
-from benchmarks.engine_bench import compare, percentile, step_stats
+from benchmarks import roofline
+from benchmarks.engine_bench import compare, percentile, popularity_draws, roofline_figures, step_stats
+from openlora.base_model import BaseModelSpec
 
 
 def test_percentile_interpolates_between_closest_ranks():
@@ -49,3 +53,84 @@ def test_ratio_is_multi_throughput_over_base_throughput():
     stats = compare([0.020, 0.020, 0.020], [0.010, 0.010, 0.010], tokens_per_step=32)
     assert stats["ratio_median"] == pytest.approx(2.0)
     assert stats["multi"]["tokens_per_s_median"] / stats["base"]["tokens_per_s_median"] == pytest.approx(2.0)
+
+
+# -- roofline arithmetic ---------------------------------------------------------------------------------
+
+LLAMA_50M_SPEC = BaseModelSpec("bench", "LlamaForCausalLM", 512, 1376, 6, 8, 8, 64, 32000)
+
+
+def test_a_token_costs_two_flops_per_weight_of_every_linear_including_lm_head_not_the_embedding():
+    shapes = roofline.model_linear_shapes(LLAMA_50M_SPEC)
+    per_layer = 4 * 512 * 512 + 3 * 512 * 1376  # q, k, v, o and gate, up, down
+    expected_params = 6 * per_layer + 512 * 32000  # lm_head once; the embedding is a lookup
+    assert roofline.linear_params_per_token(shapes) == expected_params == 35_356_672
+    assert roofline.linear_flops_per_token(shapes) == 2 * expected_params
+
+
+def test_grouped_query_attention_shrinks_k_and_v_only():
+    spec = BaseModelSpec("gqa", "LlamaForCausalLM", 2048, 5632, 22, 32, 4, 64, 32000)
+    by_name = {s.name: s for s in roofline.model_linear_shapes(spec)}
+    assert (by_name["q_proj"].out_features, by_name["k_proj"].out_features) == (2048, 256)
+    assert (by_name["v_proj"].out_features, by_name["o_proj"].in_features) == (256, 2048)
+    assert by_name["down_proj"].count == 22 and by_name["lm_head"].count == 1
+
+
+def test_attention_flops_grow_with_the_context():
+    # q.k and the weighted sum of v: 2 x 2 x heads x head_dim FLOPs per context token, per layer
+    assert roofline.attention_flops_per_token(LLAMA_50M_SPEC, 100) == 4 * 6 * 8 * 64 * 100
+    assert roofline.attention_flops_per_token(LLAMA_50M_SPEC, 200) == 2 * roofline.attention_flops_per_token(
+        LLAMA_50M_SPEC, 100
+    )
+
+
+def test_roofline_fraction_and_throughput():
+    assert roofline.roofline_fraction(1000.0, 70e6, 200e9) == pytest.approx(0.35)
+    assert roofline.roofline_tokens_per_s(70e6, 210e9) == pytest.approx(3000.0)
+    with pytest.raises(ValueError):
+        roofline.roofline_fraction(1000.0, 70e6, 0.0)
+
+
+def test_model_shaped_rate_weights_each_shape_by_how_often_a_token_runs_it():
+    shapes = [roofline.LinearShape("a", 10, 20, 3), roofline.LinearShape("b", 20, 5, 1)]
+    times_s = {"a": 0.001, "b": 0.004}
+    rows = 8
+    flops = 2 * rows * (10 * 20 * 3 + 20 * 5 * 1)
+    assert roofline.model_shaped_flops_per_s(times_s, shapes, rows) == pytest.approx(
+        flops / (3 * 0.001 + 0.004)
+    )
+
+
+def _gemm(model_shaped: float, square: float) -> dict:
+    return {
+        "model_shaped_flops_per_s": model_shaped,
+        "square_flops_per_s": square,
+        "roofline_flops_per_s": max(model_shaped, square),
+    }
+
+
+def test_roofline_figures_judge_the_median_step_against_the_larger_gemm_rate():
+    flops_per_token = 2 * 35_356_672
+    step_s = 0.100  # 128 tokens per step: 1280 tokens/s
+    figures = roofline_figures(LLAMA_50M_SPEC, _gemm(200e9, 300e9), [step_s] * 9 + [5.0], 128, 96.0)
+    assert figures["engine"]["tokens_per_s_median"] == pytest.approx(1280.0)
+    assert figures["fraction_of_roofline"] == pytest.approx(1280.0 * flops_per_token / 300e9)
+    assert figures["fraction_of_model_shaped_gemm"] == pytest.approx(1280.0 * flops_per_token / 200e9)
+    attention = 4 * 6 * 8 * 64 * 96.0
+    assert figures["fraction_with_attention"] == pytest.approx(1280.0 * (flops_per_token + attention) / 300e9)
+    assert figures["roofline_tokens_per_s"] == pytest.approx(300e9 / flops_per_token)
+    assert figures["target_fraction"] == 0.35
+
+
+# -- skewed workload -------------------------------------------------------------------------------------
+
+
+def test_popularity_draws_are_seeded_and_favour_the_first_adapters():
+    draws = popularity_draws(100, 1.0, 20_000, seed=3)
+    assert draws == popularity_draws(100, 1.0, 20_000, seed=3)
+    assert draws != popularity_draws(100, 1.0, 20_000, seed=4)
+    assert set(draws) <= set(range(100))
+    counts = Counter(draws)
+    # p(k) ~ 1/(k+1): the head is drawn about ten times as often as adapter 9, and 100 times adapter 99
+    assert counts[0] / 20_000 == pytest.approx(1 / sum(1 / k for k in range(1, 101)), rel=0.1)
+    assert counts[0] > 5 * counts[9] > 0

@@ -46,12 +46,19 @@ class _RequestState:
     seq: Sequence
     detokenizer: IncrementalDetokenizer | None
     generator: torch.Generator
-    cache_tier: str
+    # Adapter key -> the tier it came from when this request got its slot: "device" when it was usable
+    # on arrival, else the source ("host" or "disk") of the load that made it ready before admission.
+    adapter_tiers: dict[str, str]
     scheduled_at: float | None = None
     first_token_at: float | None = None
     adapter_load_ms: float = 0.0
     # An ensemble's normalized member weights (None: not an ensemble).
     ensemble_weights: list[float] | None = None
+
+    @property
+    def cache_tier(self) -> str:
+        """The slowest tier among its adapters (an ensemble's coldest member); "none" without adapters."""
+        return max(self.adapter_tiers.values(), key=_TIER_ORDER.index, default="none")
 
 
 class LLMEngine:
@@ -183,10 +190,12 @@ class LLMEngine:
             if self.tokenizer
             else None
         )
-        keys = [s.adapter_key for s in seq.members if s.adapter_key is not None]
-        tiers = [self.adapter_cache.tier_of(k) for k in keys] or ["none"]
-        tier = max(tiers, key=_TIER_ORDER.index)  # an ensemble's coldest member
-        state = _RequestState(request, seq, detokenizer, generator, tier)
+        cache = self.adapter_cache
+        # Until a load makes it ready for this request (`_install_finished_loads`), where it is now.
+        tiers = {
+            s.adapter_key: cache.tier_of(s.adapter_key) for s in seq.members if s.adapter_key is not None
+        }
+        state = _RequestState(request, seq, detokenizer, generator, tiers)
         if request.ensemble is not None:
             state.ensemble_weights = normalized_weights(request.ensemble)
         self._states[request.request_id] = state
@@ -511,15 +520,16 @@ class LLMEngine:
             if cache.state(load.key) is not AdapterState.LOADING:
                 continue  # a host-only load nothing reserved a slot for
             if load.slot is None:  # a request reserved a slot meanwhile: copy this buffer into it
-                self.loader.submit(load.key, load.members, host=load.host)
+                self.loader.submit(load.key, load.members, host=load.host, started_at=load.started_at)
                 continue
             if cache.mark_ready(load.key) is None:
                 continue  # retired while it loaded
             if load.cause == CAUSE_PREFETCH:
                 self.prefetch_counts[(PREFETCH_PERFORMED, DEVICE)] += 1
             for state in self._states.values():
-                uses = any(s.adapter_key == load.key for s in state.seq.members)
-                if uses and state.scheduled_at is None:
+                if load.key in state.adapter_tiers and state.scheduled_at is None:
+                    # Its slot is filled from here: host memory or disk, whatever the tier was on arrival.
+                    state.adapter_tiers[load.key] = load.source_tier
                     state.adapter_load_ms = (now - max(load.started_at, state.request.arrival_time)) * 1000
 
     def _load_again_or_free(self, key: str) -> None:

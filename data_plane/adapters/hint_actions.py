@@ -28,7 +28,9 @@ def _engine_of(engine):
 
 async def apply_hint(engine, hint: Hint, artifacts, near_deadline_s: float = NEAR_DEADLINE_S) -> None:
     """Acts on one hint. `engine`: AsyncEngine or LLMEngine; `artifacts`: the worker's ArtifactStore
-    (prewarm brings the artifact to local disk first, from the control plane if needed)."""
+    (prewarm brings the artifact to local disk first, from the control plane if needed, and then, unless
+    the hint asks for the disk tier only, has the engine prefetch it into host memory or a slot; the
+    engine declines what the tier could not keep until the predicted call)."""
     inner = _engine_of(engine)
     key = hint.sha256
     if hint.kind == "invalidate":
@@ -37,7 +39,9 @@ async def apply_hint(engine, hint: Hint, artifacts, near_deadline_s: float = NEA
     if hint.kind == "demote":
         inner.demote(key)
         return
-    local = await artifacts.ensure(key)
+    local = await artifacts.ensure(key)  # local disk first, whatever tier is asked: it can keep it
+    if hint.tier == "disk":
+        return
     deadline_in_s = None if hint.deadline_at is None else hint.deadline_at - time.time()
     to_device = hint.tier == "gpu" or (deadline_in_s is not None and deadline_in_s <= near_deadline_s)
     deadline_mono = None if deadline_in_s is None else time.monotonic() + deadline_in_s

@@ -159,3 +159,24 @@ def test_prewarm_hint_the_host_tier_declines_still_fetches_to_local_disk(tiny_mo
         assert not engine.adapter_cache.on_host(ref.key) and engine.load_counts == {}
     finally:
         engine.shutdown()
+
+
+def test_prewarm_hint_for_the_disk_tier_fetches_and_loads_nothing(tiny_model, tmp_path):
+    ref = tiny_model.ref("r4_qv")
+
+    async def fetch(sha256: str):
+        for name in sorted(ARTIFACT_FILES):
+            data = (ref.path / name).read_bytes()
+            yield SimpleNamespace(filename=name, offset=0, data=data, file_size_bytes=len(data))
+
+    engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
+    try:
+        store = ArtifactStore(tmp_path / "artifacts", fetch, engine.spec, 64, 1 << 30)
+        hint = Hint("prewarm", "id", ref.key, tier="disk", deadline_at=time.time() + 60)
+        asyncio.run(apply_hint(engine, hint, store))
+        _drain(engine)
+        assert store.contains(ref.key)
+        assert engine.load_counts == {} and engine.prefetch_stats() == {}
+        assert engine.adapter_cache.tier_of(ref.key) == "disk"
+    finally:
+        engine.shutdown()

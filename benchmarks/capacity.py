@@ -1,11 +1,12 @@
 """Capacity: the highest request rate a configuration sustains with TTFT p99 under a bound.
 
-The search runs a fixed number of steps, each an open-loop replay at one rate:
+A search runs a fixed number of steps, each an open-loop replay at one rate:
 - geometric: from `start_rate_per_s`, the rate is multiplied by `growth` after a sustained step and divided
   by it after a failed one, until one rate has passed and one has failed;
 - bisection: then the geometric mean of the highest sustained and the lowest failed rate.
 A step is sustained when every request succeeded and the TTFT p99 is at most the bound. The capacity is
-the highest sustained rate; it is a lower bound only when no step failed.
+the highest sustained rate; it is a lower bound only when no step failed. `CapacitySearch` takes one
+step at a time, so that the searches of several configurations can alternate on a shared machine.
 
 Every step of one configuration draws its adapters from an `AdapterSchedule`, which spreads one request
 for each of the configuration's adapters evenly over the steps (so every adapter is requested during
@@ -71,28 +72,54 @@ def is_sustained(summary: dict, ttft_p99_bound_ms: float) -> bool:
     return summary["errors"] == 0 and p99 is not None and p99 <= ttft_p99_bound_ms
 
 
+class CapacitySearch:
+    """The search of one configuration, one step at a time: `next_rate()` names the step's rate,
+    `record(summary)` takes its load summary. Several searches can be interleaved step by step."""
+
+    def __init__(self, config: SearchConfig) -> None:
+        self.config = config
+        self.steps: list[StepOutcome] = []
+        self._good: float | None = None
+        self._bad: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return len(self.steps) >= self.config.num_steps
+
+    def next_rate(self) -> float:
+        if self._good is None and self._bad is None:
+            return self.config.start_rate_per_s
+        if self._bad is None:
+            return self._good * self.config.growth
+        if self._good is None:
+            return self._bad / self.config.growth
+        return math.sqrt(self._good * self._bad)
+
+    def record(self, summary: dict) -> StepOutcome:
+        """Takes the load summary of a step run at `next_rate()` ("errors", "ttft_ms": {"p99": ...})."""
+        if self.done:
+            raise ValueError(f"the search has run its {self.config.num_steps} steps")
+        rate = self.next_rate()
+        ok = is_sustained(summary, self.config.ttft_p99_bound_ms)
+        if ok:
+            self._good = rate if self._good is None else max(self._good, rate)
+        else:
+            self._bad = rate if self._bad is None else min(self._bad, rate)
+        outcome = StepOutcome(rate, summary["ttft_ms"]["p99"], summary["errors"], ok)
+        self.steps.append(outcome)
+        return outcome
+
+    def result(self) -> Capacity:
+        return Capacity(rate_per_s=self._good or 0.0, failed_rate_per_s=self._bad, steps=tuple(self.steps))
+
+
 def find_capacity(measure: Callable[[int, float], dict], config: SearchConfig) -> Capacity:
     """Runs `config.num_steps` steps; `measure(step_index, rate_per_s)` replays one step and returns its
     load summary (at least "errors" and "ttft_ms": {"p99": ms or None})."""
-    good: float | None = None
-    bad: float | None = None
-    rate = config.start_rate_per_s
-    steps = []
-    for index in range(config.num_steps):
-        summary = measure(index, rate)
-        ok = is_sustained(summary, config.ttft_p99_bound_ms)
-        steps.append(StepOutcome(rate, summary["ttft_ms"]["p99"], summary["errors"], ok))
-        if ok:
-            good = rate if good is None else max(good, rate)
-        else:
-            bad = rate if bad is None else min(bad, rate)
-        if bad is None:
-            rate = good * config.growth
-        elif good is None:
-            rate = bad / config.growth
-        else:
-            rate = math.sqrt(good * bad)
-    return Capacity(rate_per_s=good or 0.0, failed_rate_per_s=bad, steps=tuple(steps))
+    search = CapacitySearch(config)
+    while not search.done:
+        search.record(measure(len(search.steps), search.next_rate()))
+    return search.result()
 
 
 class AdapterSchedule:

@@ -182,10 +182,11 @@ def _capacity_step(run: dict) -> dict | None:
 
 
 def _search(run: dict) -> str:
-    """The steps of a capacity search as `rate ok|fail (p99 ms, requests)`, in order."""
+    """The steps of a capacity search as `rate ok|fail (TTFT p99, ITL p50, requests)`, in order."""
     steps = ", ".join(
         f"{step['rate_per_s']:.2f} {'ok' if step['sustained'] else 'fail'} "
-        f"({_cell(step['summary']['ttft_ms']['p99'])} ms, {step['summary']['requests']} req)"
+        f"(TTFT p99 {_cell(step['summary']['ttft_ms']['p99'])} ms, "
+        f"ITL p50 {_cell(step['summary']['itl_ms']['p50'])} ms, {step['summary']['requests']} req)"
         for step in run["steps"]
     )
     return steps + ("" if run["bracketed"] else "; not bracketed")

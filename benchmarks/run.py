@@ -46,9 +46,8 @@ from benchmarks import fixtures
 from benchmarks.capacity import (
     COVER_SHARE,
     AdapterSchedule,
+    CapacitySearch,
     SearchConfig,
-    find_capacity,
-    is_sustained,
     step_trace,
 )
 from benchmarks.cost import estimate_cost
@@ -342,54 +341,56 @@ def s2_step_trace(cfg: BenchConfig, schedule: AdapterSchedule, index: int, rate:
     return step_trace(base, rate, schedule.next_step(num_requests), schedule.num_adapters)
 
 
-def scenario_capacity(
-    cfg: BenchConfig, system: RunningSystem, num_adapters: int, start_rate: float, runs: list[dict]
-) -> None:
-    """Capacity of one configuration (`num_adapters` adapters, all requested over the search's steps);
-    appends its run to `runs` first and fills it step by step, so an interrupted search keeps its steps."""
-    schedule = AdapterSchedule(num_adapters, cfg.alpha, cfg.s2_steps, seed=cfg.seed + 2)
-    names = [adapter_name(i) for i in range(num_adapters)]
-    run: dict = {"num_adapters": num_adapters, "complete": False, "steps": []}
-    runs.append(run)
-    run["warmup"] = warm_adapters(system, system.api_key, names) if cfg.warmup else {}
-    update_capacity(run, schedule)
-
-    def measure(index: int, rate: float) -> dict:
-        trace = s2_step_trace(cfg, schedule, index, rate)
-        _save_trace(cfg, trace, f"s2-{num_adapters}-adapters-step{index}")
-        result = run_load(trace.requests, system.inference_target, system.api_key)
-        summary = result["summary"]
-        ok = is_sustained(summary, cfg.s2_ttft_p99_bound_ms)
-        print(
-            f"scenario 2: {num_adapters} adapters, step {index + 1}/{cfg.s2_steps} at {rate:.2f} requests/s "
-            f"({'sustained' if ok else 'NOT sustained'})\n{format_summary(summary)}"
-        )
-        run["steps"].append(
-            {
-                "rate_per_s": rate,
-                "sustained": ok,
-                "mean_requested_tokens": trace.total_output_tokens / len(trace.requests),
-                "summary": summary,
-                "records": result["records"],
-            }
-        )
-        update_capacity(run, schedule)
-        return summary
-
-    search = SearchConfig(
+def scenario_capacity(cfg: BenchConfig, system: RunningSystem, start_rate: float, runs: list[dict]) -> dict:
+    """Capacity of each configuration of `cfg.s2_adapters` (every one of its adapters requested over its
+    search). The searches alternate step by step (forward, then backward), so that a busy moment of the
+    machine falls on every configuration alike. Appends each configuration's run to `runs` first and fills
+    it step by step, so an interrupted run keeps the steps it measured; returns the warm-up's summary."""
+    names = [adapter_name(i) for i in range(max(cfg.s2_adapters))]
+    warm = warm_adapters(system, system.api_key, names) if cfg.warmup else {}
+    search_config = SearchConfig(
         start_rate_per_s=start_rate,
         ttft_p99_bound_ms=cfg.s2_ttft_p99_bound_ms,
         growth=cfg.s2_growth,
         num_steps=cfg.s2_steps,
     )
-    capacity = find_capacity(measure, search)
-    run["complete"] = True
-    print(
-        f"scenario 2: {num_adapters} adapters sustain {capacity.rate_per_s:.2f} requests/s "
-        f"({run['capacity_tokens_per_s']:.1f} tokens/s) with TTFT p99 <= {cfg.s2_ttft_p99_bound_ms:.0f} ms"
-        + ("" if capacity.bracketed else " (not bracketed by a failed and a sustained step)")
-        + f"; {run['adapters_requested']} of {num_adapters} adapters requested"
-    )
+    searches = []
+    for n in cfg.s2_adapters:
+        schedule = AdapterSchedule(n, cfg.alpha, cfg.s2_steps, seed=cfg.seed + 2)
+        run: dict = {"num_adapters": n, "complete": False, "steps": []}
+        update_capacity(run, schedule)
+        runs.append(run)
+        searches.append((run, schedule, CapacitySearch(search_config)))
+    for index in range(cfg.s2_steps):
+        for run, schedule, search in searches if index % 2 == 0 else searches[::-1]:
+            n, rate = run["num_adapters"], search.next_rate()
+            trace = s2_step_trace(cfg, schedule, index, rate)
+            _save_trace(cfg, trace, f"s2-{n}-adapters-step{index}")
+            result = run_load(trace.requests, system.inference_target, system.api_key)
+            outcome = search.record(result["summary"])
+            print(
+                f"scenario 2: {n} adapters, step {index + 1}/{cfg.s2_steps} at {rate:.2f} requests/s "
+                f"({'sustained' if outcome.sustained else 'NOT sustained'})\n{format_summary(result['summary'])}"
+            )
+            run["steps"].append(
+                {
+                    "rate_per_s": rate,
+                    "sustained": outcome.sustained,
+                    "mean_requested_tokens": trace.total_output_tokens / len(trace.requests),
+                    "summary": result["summary"],
+                    "records": result["records"],
+                }
+            )
+            update_capacity(run, schedule)
+    for run, _, search in searches:
+        run["complete"] = True
+        print(
+            f"scenario 2: {run['num_adapters']} adapters sustain {run['capacity_rate_per_s']:.2f} requests/s "
+            f"({run['capacity_tokens_per_s']:.1f} tokens/s) with TTFT p99 <= {cfg.s2_ttft_p99_bound_ms:.0f} ms"
+            + ("" if search.result().bracketed else " (not bracketed by a failed and a sustained step)")
+            + f"; {run['adapters_requested']} of {run['num_adapters']} adapters requested"
+        )
+    return warm
 
 
 def update_capacity(run: dict, schedule: AdapterSchedule) -> None:
@@ -696,11 +697,9 @@ def run_scenarios(
                 results["s1_openlora"] = scenario_offline(cfg, system, s1_trace)
                 note_phase(results, "scenario 1", started)
             if 2 in cfg.scenarios:
-                start_rate = s2_start_rate(cfg, results)
-                for n in cfg.s2_adapters:
-                    note_load(results, f"scenario 2, {n} adapters")
-                    scenario_capacity(cfg, system, n, start_rate, s2_runs)
-                    note_phase(results, f"scenario 2, {n} adapters", started)
+                note_load(results, "scenario 2")
+                results["s2_warmup"] = scenario_capacity(cfg, system, s2_start_rate(cfg, results), s2_runs)
+                note_phase(results, "scenario 2", started)
             if 3 in cfg.scenarios:
                 note_load(results, "scenario 3")
                 results["s3_scale"] = scenario_scale(cfg, system, small_dirs)
@@ -802,20 +801,25 @@ def method_notes(cfg: BenchConfig, results: dict) -> str:
             "lowest failed rate. Each step is an open-loop replay with Gamma arrivals (cv 1) lasting at least "
             f"{cfg.s2_step_s:.0f} s of arrivals and {cfg.s2_step_min_requests} requests, so its p99 rests on "
             "at least that many TTFTs (with about a hundred, p99 is close to their maximum: a stricter test "
-            "than a long run's p99); the worker drains between steps. Step k has the same lengths and "
+            "than a long run's p99); the worker drains between steps. The configurations' searches "
+            "alternate step by step (step 1 of each in order, step 2 in reverse order, ...), so a busy "
+            "moment of the machine falls on all of them alike. Step k has the same lengths and "
             "prompts in every configuration. Every adapter of a configuration is requested during its "
             "search: each step requests its share of the adapters not yet requested (at most "
             f"{COVER_SHARE:.0%} of its requests; a step is lengthened where that needs more requests than "
             "the minimum, which if anything makes it harder to sustain), the rest follow the power law "
             f"(alpha {cfg.alpha}). "
             + (
-                "Before each search, one 1-token request per adapter of the configuration brought every "
+                f"Before the searches, one 1-token request per adapter ({max(cfg.s2_adapters)}) brought every "
                 "artifact onto the worker (host memory, or its disk cache past the host tier's cap). "
                 if cfg.warmup
                 else ""
             )
             + "Capacity in tokens/s is the capacity rate times the mean requested tokens of that step "
-            "(every request of a sustained step completed its tokens)."
+            "(every request of a sustained step completed its tokens). The bound is on TTFT only: a rate a "
+            "little above what the worker decodes in steady state can pass a short step while its running "
+            "batch grows (the queue, and TTFT with it, only rises once max-num-seqs sequences run), so each "
+            "step's inter-token latency is listed beside it; the same holds for every configuration."
         )
     if s3:
         notes.append(

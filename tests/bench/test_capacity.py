@@ -5,6 +5,7 @@ import pytest
 from benchmarks.capacity import (
     COVER_SHARE,
     AdapterSchedule,
+    CapacitySearch,
     SearchConfig,
     find_capacity,
     is_sustained,
@@ -68,6 +69,23 @@ def test_search_that_never_sustains_walks_down_and_reports_zero():
     assert [rate for _, rate in measure.calls] == pytest.approx([8.0, 4.0, 2.0])
     assert capacity.rate_per_s == 0.0 and not capacity.bracketed
     assert capacity.failed_rate_per_s == pytest.approx(2.0)
+
+
+def test_interleaved_searches_find_what_each_finds_alone():
+    config = SearchConfig(start_rate_per_s=3.0, growth=1.3, num_steps=6)
+    fast, slow = _queue_like_p99(7.0, 1000.0), _queue_like_p99(4.5, 1000.0)
+    alone = [find_capacity(fast, config), find_capacity(slow, config)]
+    searches = [
+        (CapacitySearch(config), _queue_like_p99(7.0, 1000.0)),
+        (CapacitySearch(config), _queue_like_p99(4.5, 1000.0)),
+    ]
+    for index in range(config.num_steps):
+        for search, measure in searches if index % 2 == 0 else searches[::-1]:
+            search.record(measure(index, search.next_rate()))
+    assert [search.result() for search, _ in searches] == alone
+    assert all(search.done for search, _ in searches)
+    with pytest.raises(ValueError, match="steps"):
+        searches[0][0].record({"errors": 0, "ttft_ms": {"p99": 1.0}})
 
 
 def test_a_step_with_errors_or_no_completed_request_is_not_sustained():

@@ -28,6 +28,7 @@ def _summary(tokens_per_s, p50=100.0, p99=200.0, errors=0):
         "distinct_adapters": 3,
         "tokens_per_s": tokens_per_s,
         "ttft_ms": {"p50": p50, "p90": p99, "p99": p99},
+        "itl_ms": {"p50": 50.0, "p90": 80.0, "p99": 90.0},
         "errors": errors,
         "by_cache_tier": {},
     }

@@ -1,7 +1,8 @@
 """Property: random interleavings of requests, steps, invalidations, deletions, prefetches, demotes and
 aborts through the real engine (small slot, host and KV budgets force eviction and preemption), with the
 worker's artifact store holding each request's files, never raise, end every request exactly once with
-the tokens it gets alone (or a clean abort), and leak no slot reference, host buffer, KV block or hold.
+the tokens it gets alone (or a clean abort), and leak no slot reference, host buffer, KV block or hold;
+requests start their adapter's load on arrival, and no prefetch counts as wasted that was not performed.
 """
 
 from __future__ import annotations
@@ -187,6 +188,10 @@ def test_random_interleavings_never_raise_end_every_request_and_leak_nothing(
         assert cache.host_used_bytes <= HOST_BUDGET_BYTES
         assert sorted(engine.host_adapter_keys()) == sorted(host_keys)
         assert sorted(engine.resident_adapter_keys()) == sorted(cache.resident_keys())
+        # A prefetch is wasted at most once, and only one that was performed.
+        stats = engine.prefetch_stats()
+        for tier in ("host", "device"):
+            assert stats.get(("wasted", tier), 0) <= stats.get(("performed", tier), 0), stats
     finally:
         engine.shutdown()
         loop.close()

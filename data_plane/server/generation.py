@@ -198,8 +198,10 @@ class GenerationService:
         if claim in self._in_flight:
             raise DuplicateRequest(request_id)
         self._in_flight.add(claim)
-        # The reservation is a control-plane round trip (a database write): it runs beside tokenizing and
-        # resolving the adapters, and nothing reaches the engine before it answered.
+        # The reservation is a control-plane round trip (a database write, queued behind every other call's
+        # under a burst): it runs beside tokenizing, resolving the adapters, and the request's queueing and
+        # prefill in the engine; nothing is delivered (so nothing billed) before it answered, and a refusal
+        # aborts the engine request.
         reservation = (
             asyncio.ensure_future(self._check_request_id_unused(auth.tenant_id, request_id))
             if valid.request_id
@@ -212,16 +214,8 @@ class GenerationService:
                 # A refused id says more than whatever else failed (and was the first check before).
                 _raise_if_failed(await _settled(reservation))
                 raise
-            except BaseException:  # cancelled: the reservation's answer is still awaited, to give it back
-                await _settled(reservation)
-                raise
             # Held on local disk (the disk budget never removes them) until the stream ends.
             held = [ref.key for ref in adapter_refs]
-            try:
-                _raise_if_failed(await _settled(reservation))
-            except BaseException:
-                self._release(held)
-                raise
             try:
                 # Closed here, not by the garbage collector, when the caller stops early: its finally
                 # records the usage at once.
@@ -237,6 +231,7 @@ class GenerationService:
                         fetch_ms,
                         arrival,
                         whole,
+                        reservation,
                     )
                 ) as chunks:
                     async for chunk in chunks:
@@ -246,8 +241,8 @@ class GenerationService:
         finally:
             self._in_flight.discard(claim)
             if reservation is not None and not reservation.done():
-                # Left before the answer (cancelled twice): nothing was delivered, so a reservation it
-                # makes is given back as it arrives.
+                # Ended before the answer (refused by the engine, failed, cancelled): nothing was delivered,
+                # so a reservation it makes is given back as it arrives.
                 reservation.add_done_callback(
                     lambda task: _reserved(task) and self._release_request_id(auth.tenant_id, request_id)
                 )
@@ -275,9 +270,21 @@ class GenerationService:
         return prompt_ids, adapter_refs, tier, fetch_ms
 
     async def _run(
-        self, valid, request_id, auth, prompt_ids, adapter_refs, by_name, tier, fetch_ms, arrival, whole
+        self,
+        valid,
+        request_id,
+        auth,
+        prompt_ids,
+        adapter_refs,
+        by_name,
+        tier,
+        fetch_ms,
+        arrival,
+        whole,
+        reservation: asyncio.Future | None,
     ) -> AsyncIterator[Chunk]:
-        """The engine part of `generate`: outputs to chunks, delivered counts, the usage record."""
+        """The engine part of `generate`: outputs to chunks, delivered counts, the usage record. The first
+        chunk waits for the request id's `reservation` (raising its refusal) when it has not answered yet."""
         engine_request = EngineRequest(
             # The engine's id is private: two calls may carry the same client request id.
             request_id=uuid.uuid4().hex,
@@ -320,6 +327,9 @@ class GenerationService:
                 self.activity.mark_running(activity)
                 if not out.finished and not out.new_token_ids and not out.new_text:
                     continue  # nothing new to send
+                if reservation is not None:
+                    _raise_if_failed(await _settled(reservation))
+                    reservation = None
                 finish = self._finish(out, progress, tier, fetch_ms) if out.finished else None
                 yield Chunk(
                     request_id=request_id,

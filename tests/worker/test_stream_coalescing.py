@@ -176,3 +176,56 @@ def test_refused_request_id_leaves_no_artifact_held_and_a_failed_prompt_gives_it
     assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS
     assert not service._artifacts.is_held(system.adapters["ad3"])
     assert system.admin.usage(tenant).total_completion_tokens == 3
+
+
+def test_reservation_overlaps_the_engine_and_a_refusal_delivers_nothing(system, service, monkeypatch):
+    tenant, _, key = system.new_tenant()
+    engine = system.worker.engine
+    request_id = f"overlap-{uuid.uuid4().hex}"
+    reserve = service._cp.reserve_request_id
+    in_engine_before_answer = []
+
+    async def reserve_once_the_engine_has_the_request(*args, **kwargs):
+        # Answers only once the call's request reached the engine: a call that waited for the answer
+        # before submitting would never get there (the wait gives up after 30 s and says so).
+        for _ in range(3000):
+            if engine.num_running + engine.num_waiting > 0:
+                in_engine_before_answer.append(True)
+                break
+            await asyncio.sleep(0.01)
+        else:
+            in_engine_before_answer.append(False)
+        return await reserve(*args, **kwargs)
+
+    monkeypatch.setattr(service._cp, "reserve_request_id", reserve_once_the_engine_has_the_request)
+
+    async def run():
+        chunks = []
+        async with contextlib.aclosing(
+            # long enough to be seen running in the engine
+            _generate(service, key, prompt=PROMPT, request_id=request_id, sampling={"max_tokens": 64})
+        ) as stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+        return chunks
+
+    served = system.loop.run(run())
+    assert sum(len(c.token_ids) for c in served) == 64
+    system.flush_usage()
+    system.wait_usage(tenant, 1)
+    with pytest.raises(ControlPlaneError) as refused:  # billed now: the id is used
+        system.loop.run(run())
+    assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert in_engine_before_answer == [True, True]
+
+    async def engine_idle() -> bool:  # the refused call's engine request was aborted
+        for _ in range(3000):
+            if not engine.engine.has_unfinished():
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert system.loop.run(engine_idle())
+    system.flush_usage()
+    usage = system.admin.usage(tenant)
+    assert usage.total_requests == 1 and usage.total_completion_tokens == 64

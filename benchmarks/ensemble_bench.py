@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.engine_bench import PROMPT_TOKENS, SteadyDriver, percentile, run_interleaved, step_stats
+from benchmarks.engine_bench import percentile, step_stats
 from benchmarks.fixtures import LLAMA_50M, AdapterSpec, ensure_adapters, ensure_model
+from benchmarks.steady_driver import PROMPT_TOKENS, SteadyDriver, run_interleaved
 from data_plane.engine.config import EngineConfig
 from data_plane.engine.llm_engine import LLMEngine
 from data_plane.engine.request import AdapterRef, EngineRequest, Ensemble, EnsembleMember, SamplingOptions

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from benchmarks import engine_bench
-from benchmarks.engine_bench import PROMPT_TOKENS, run_adapters, run_roofline, skewed_adapter_dirs
+from benchmarks.engine_bench import run_adapters, run_roofline, skewed_adapter_dirs
+from benchmarks.steady_driver import PROMPT_TOKENS
 from tests.bench.tiny_bench_model import RANKS, TINY, tiny_bench_model
 
 

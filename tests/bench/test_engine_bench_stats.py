@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 
 from benchmarks import roofline
-from benchmarks.engine_bench import compare, percentile, popularity_draws, roofline_figures, step_stats
+from benchmarks.engine_bench import compare, percentile, roofline_figures, step_stats
+from benchmarks.steady_driver import popularity_draws
 from openlora.base_model import BaseModelSpec
 
 

@@ -58,15 +58,17 @@ class ModelRunner:
         return 2 * spec.num_layers * block_size * spec.num_key_value_heads * spec.head_dim * element_bytes
 
     def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
-        """Copies an adapter's factors into `slot` of every projection; absent ones are cleared."""
+        """Copies an adapter's factors into `slot` of every projection (a fused one's slice for q, k, v,
+        gate and up); absent ones are cleared."""
         for layer in range(len(self.model.model.layers)):
-            projections = self.model.projections(layer)
+            targets = self.model.lora_targets(layer)
             for name in PROJECTIONS:
+                module, index = targets[name]
                 factors = weights.factors.get((layer, name))
                 if factors is None:
-                    projections[name].load_slot(slot, None, None, 0.0)
+                    module.load_slot(slot, None, None, 0.0, index)
                 else:
-                    projections[name].load_slot(slot, factors.a, factors.b, factors.scale)
+                    module.load_slot(slot, factors.a, factors.b, factors.scale, index)
         self.slot_ranks[slot] = weights.rank
 
     def install_from_host(self, slot: int, host: HostAdapter) -> None:

@@ -26,11 +26,12 @@ class LinearBuilder:
     dtype: torch.dtype = torch.float32  # activations, LoRA pools and biases
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def projection(self, in_features: int, out_features: int, bias: bool) -> LoRALinear:
+    def projection(self, in_features: int, out_slices: tuple[int, ...], bias: bool) -> LoRALinear:
+        """A LoRA projection of `out_slices` fused along the output (one slice: a plain projection)."""
         if not self.quant.enabled:
-            return LoRALinear(in_features, out_features, bias)
-        quant = make_quant_linear(self.quant.format, in_features, out_features, self.device)
-        return QuantLoRALinear(quant, bias, self.dtype)
+            return LoRALinear(in_features, out_slices, bias)
+        quants = [make_quant_linear(self.quant.format, in_features, out, self.device) for out in out_slices]
+        return QuantLoRALinear(quants, bias, self.dtype)
 
     def lm_head(self, hidden_size: int, vocab_size: int) -> nn.Module:
         if self.quant.lm_head:
@@ -129,10 +130,10 @@ class Attention(nn.Module):
             spec.head_dim,
         )
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = linear.projection(spec.hidden_size, q_out, config.qkv_bias)
-        self.k_proj = linear.projection(spec.hidden_size, kv_out, config.qkv_bias)
-        self.v_proj = linear.projection(spec.hidden_size, kv_out, config.qkv_bias)
-        self.o_proj = linear.projection(q_out, spec.hidden_size, config.o_bias)
+        # q, k and v read the same input: one fused projection (the checkpoint's q_proj, k_proj and v_proj
+        # load into its slices).
+        self.qkv_proj = linear.projection(spec.hidden_size, (q_out, kv_out, kv_out), config.qkv_bias)
+        self.o_proj = linear.projection(q_out, (spec.hidden_size,), config.o_bias)
         self.scale = self.head_dim**-0.5
         self.k_cache: torch.Tensor | None = None  # (num_blocks, block_size, kv_heads, head_dim)
         self.v_cache: torch.Tensor | None = None
@@ -141,9 +142,11 @@ class Attention(nn.Module):
         self, x: torch.Tensor, meta: StepMetadata, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         num_rows = x.shape[0]
-        q = self.q_proj(x, meta.lora).view(num_rows, self.num_heads, self.head_dim)
-        k = self.k_proj(x, meta.lora).view(num_rows, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, meta.lora).view(num_rows, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x, meta.lora)  # (T, (heads + 2 * kv_heads) * head_dim)
+        q, k, v = qkv.split(self.qkv_proj.out_slices, dim=-1)  # column views
+        q = q.view(num_rows, self.num_heads, self.head_dim)
+        k = k.view(num_rows, self.num_kv_heads, self.head_dim)
+        v = v.view(num_rows, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         k_cache, v_cache = self.k_cache, self.v_cache
         block_size = k_cache.shape[1]
@@ -196,12 +199,12 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, linear: LinearBuilder) -> None:
         super().__init__()
         hidden, inter = config.spec.hidden_size, config.spec.intermediate_size
-        self.gate_proj = linear.projection(hidden, inter, config.mlp_bias)
-        self.up_proj = linear.projection(hidden, inter, config.mlp_bias)
-        self.down_proj = linear.projection(inter, hidden, config.mlp_bias)
+        self.gate_up_proj = linear.projection(hidden, (inter, inter), config.mlp_bias)  # gate_proj | up_proj
+        self.down_proj = linear.projection(inter, (hidden,), config.mlp_bias)
 
     def forward(self, x: torch.Tensor, lora: LoraSegments | None) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)  # (T, inter) each
+        return self.down_proj(F.silu(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -247,12 +250,33 @@ class LlamaForCausalLM(nn.Module):
     def quantized_weights(self) -> dict[str, QuantLinear]:
         """Checkpoint tensor name -> the QuantLinear that takes that weight (empty in full precision)."""
         targets = {}
-        for name, module in self.named_modules():
-            if isinstance(module, QuantLoRALinear):
-                targets[f"{name}.weight"] = module.quant
-            elif isinstance(module, QuantLinear) and name == "lm_head":
-                targets["lm_head.weight"] = module
+        for layer in range(len(self.model.layers)):
+            for name, (module, index) in self.lora_targets(layer).items():
+                if isinstance(module, QuantLoRALinear):
+                    targets[f"{_checkpoint_prefix(layer, name)}.weight"] = module.quants[index]
+        if isinstance(self.lm_head, QuantLinear):
+            targets["lm_head.weight"] = self.lm_head
         return targets
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensor name -> the full-precision tensor it is copied into: a fused projection's
+        q_proj/k_proj/v_proj (gate_proj/up_proj) weights and biases are row slices of its own (views)."""
+        tensors = {}
+        fused = set()
+        for layer in range(len(self.model.layers)):
+            for name, (module, index) in self.lora_targets(layer).items():
+                fused.add(module)
+                start, end = module.slice_bounds[index]
+                prefix = _checkpoint_prefix(layer, name)
+                if not isinstance(module, QuantLoRALinear):
+                    tensors[f"{prefix}.weight"] = module.weight[start:end]
+                if module.bias is not None:
+                    tensors[f"{prefix}.bias"] = module.bias[start:end]
+        fused_names = {name for name, module in self.named_modules() if module in fused}
+        for name, param in self.named_parameters():
+            if name.rsplit(".", 1)[0] not in fused_names:
+                tensors[name] = param
+        return tensors
 
     def weight_bytes(self) -> WeightBytes:
         """Resident weight bytes (parameters and buffers; LoRA pools and KV cache are not weights)."""
@@ -270,17 +294,29 @@ class LlamaForCausalLM(nn.Module):
         return WeightBytes(nbytes(self), linear_bytes, linear_params)
 
     def projections(self, layer: int) -> dict[str, LoRALinear]:
-        """The seven LoRA-capable projections of one layer, by PEFT target-module name."""
+        """The LoRA projections of one layer by module name: qkv_proj and gate_up_proj are fused."""
         block = self.model.layers[layer]
         attn, mlp = block.self_attn, block.mlp
         return {
-            "q_proj": attn.q_proj,
-            "k_proj": attn.k_proj,
-            "v_proj": attn.v_proj,
+            "qkv_proj": attn.qkv_proj,
             "o_proj": attn.o_proj,
-            "gate_proj": mlp.gate_proj,
-            "up_proj": mlp.up_proj,
+            "gate_up_proj": mlp.gate_up_proj,
             "down_proj": mlp.down_proj,
+        }
+
+    def lora_targets(self, layer: int) -> dict[str, tuple[LoRALinear, int]]:
+        """The seven LoRA-capable projections of one layer, by PEFT target-module name: (the projection
+        that holds it, its slice index there)."""
+        block = self.model.layers[layer]
+        attn, mlp = block.self_attn, block.mlp
+        return {
+            "q_proj": (attn.qkv_proj, 0),
+            "k_proj": (attn.qkv_proj, 1),
+            "v_proj": (attn.qkv_proj, 2),
+            "o_proj": (attn.o_proj, 0),
+            "gate_proj": (mlp.gate_up_proj, 0),
+            "up_proj": (mlp.gate_up_proj, 1),
+            "down_proj": (mlp.down_proj, 0),
         }
 
     def allocate_lora_slots(self, num_slots: int, max_rank: int) -> None:
@@ -297,6 +333,12 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # (N, vocab)
+
+
+def _checkpoint_prefix(layer: int, projection: str) -> str:
+    """The Hugging Face module name of a layer's projection (`projection` a PEFT target-module name)."""
+    parent = "self_attn" if projection in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{layer}.{parent}.{projection}"
 
 
 def _bias_bytes(proj: LoRALinear) -> int:

@@ -66,14 +66,15 @@ def _indexed_shards(index: Path) -> list[str]:
 
 def _load_shard(
     path: Path,
-    params: dict[str, torch.nn.Parameter],
+    params: dict[str, torch.Tensor],
     quantized: dict[str, QuantLinear],
     config: ModelConfig,
     device: torch.device,
     dtype: torch.dtype,
     missing: set[str],
 ) -> int:
-    """Copies one shard's tensors into `params`, or quantizes them into `quantized` (removing their names
+    """Copies one shard's tensors into `params` (checkpoint name -> the model tensor, or slice of a fused
+    one, it fills), or quantizes them into `quantized` (removing their names
     from `missing`); returns bytes read. Tensors are read one at a time (`iter_tensors`, no mmap), so a
     full-precision weight lives only while it is copied or quantized."""
     loaded_bytes = 0
@@ -91,7 +92,8 @@ def _load_shard(
                 raise CheckpointError(
                     f"{path.name}: {name} has shape {list(tensor.shape)}, expected {list(target.shape)}"
                 )
-            target.data.copy_(tensor.to(device=device, dtype=dtype))
+            with torch.no_grad():
+                target.copy_(tensor.to(device=device, dtype=dtype))
         else:
             raise CheckpointError(f"{path.name}: unexpected tensor {describe(name)}")
         loaded_bytes += tensor.numel() * tensor.element_size()
@@ -120,7 +122,7 @@ def load_model(
         model = LlamaForCausalLM(config, max_positions, LinearBuilder(quant, dtype, torch.device(device)))
     model.to_empty(device=device)
     model.to(dtype)
-    params = dict(model.named_parameters())
+    params = model.checkpoint_tensors()
     quantized = model.quantized_weights()
     tied_head = None
     if config.tie_word_embeddings:

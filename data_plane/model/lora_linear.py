@@ -1,6 +1,9 @@
-"""LoRALinear: a projection with preallocated per-slot LoRA pools, applied through SGMV."""
+"""LoRALinear: a projection (or several fused along the output) with preallocated per-slot LoRA pools,
+applied through SGMV."""
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -11,21 +14,39 @@ from data_plane.model.metadata import LoraSegments
 
 
 class LoRALinear(nn.Module):
-    """y = x @ W.T + b, plus scale[s] * (x @ A[s].T) @ B[s].T for the rows of adapter slot s.
+    """y = x @ W.T + b, plus for each output slice i: scale_i[s] * (x @ A_i[s].T) @ B_i[s].T on the rows of
+    adapter slot s.
 
-    The pools are allocated once (`allocate_slots`); loading an adapter copies into a slot
-    (`load_slot`), zero-padded beyond its rank; nothing is reallocated afterwards.
+    `out_slices` fuses sub-projections that read the same input (q|k|v, gate|up): their weights (and
+    biases) are stacked along the output, so the base is one GEMM; their A factors share one pool,
+    interleaved by rank (pool row r * n + i is rank r of slice i), so one SGMV shrink serves all of them
+    and leaving out the ranks no slot of the step uses is a view; each slice has its own B pool and scale
+    and is expanded into its columns of y. A slice an adapter leaves alone has zero factors and scale 0.
+
+    The pools are allocated once (`allocate_slots`); loading an adapter copies into a slot (`load_slot`),
+    zero-padded beyond its rank; nothing is reallocated afterwards.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_slices: tuple[int, ...], bias: bool) -> None:
         super().__init__()
+        self._init_slices(in_features, out_slices)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+
+    def _init_slices(self, in_features: int, out_slices: tuple[int, ...]) -> None:
         self.in_features = in_features
-        self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.lora_a: torch.Tensor | None = None  # (S, R, in)
-        self.lora_b: torch.Tensor | None = None  # (S, out, R)
-        self.lora_scale: torch.Tensor | None = None  # (S,) float32; 0 where the slot leaves this layer alone
+        self.out_slices = tuple(out_slices)
+        self.out_features = sum(self.out_slices)
+        offsets = [0, *itertools.accumulate(self.out_slices)]
+        self.slice_bounds = list(itertools.pairwise(offsets))  # [(start, end)] columns of each slice
+        self.max_rank = 0
+        self.lora_a: torch.Tensor | None = None  # (S, R * n, in), rank-interleaved
+        self.lora_b: list[torch.Tensor] = []  # per slice (S, out_i, R)
+        self.lora_scale: torch.Tensor | None = None  # (n, S) float32; 0 where the slot leaves a slice alone
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.out_slices)
 
     def pool_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         """The dtype and device of the LoRA slot pools: the activations'."""
@@ -37,35 +58,52 @@ class LoRALinear(nn.Module):
 
     def allocate_slots(self, num_slots: int, max_rank: int) -> None:
         dtype, device = self.pool_dtype_device()
-        self.lora_a = torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(num_slots, self.out_features, max_rank, dtype=dtype, device=device)
-        self.lora_scale = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        n = self.num_slices
+        self.max_rank = max_rank
+        self.lora_a = torch.zeros(num_slots, max_rank * n, self.in_features, dtype=dtype, device=device)
+        self.lora_b = [
+            torch.zeros(num_slots, out, max_rank, dtype=dtype, device=device) for out in self.out_slices
+        ]
+        self.lora_scale = torch.zeros(n, num_slots, dtype=torch.float32, device=device)
 
-    def load_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
-        """Copies A (r, in) and B (out, r) into `slot`; None leaves this projection without LoRA."""
-        assert self.lora_a is not None and self.lora_b is not None and self.lora_scale is not None
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+    def load_slot(
+        self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float, index: int = 0
+    ) -> None:
+        """Copies A (r, in) and B (out_i, r) of slice `index` into `slot`; None leaves that slice without
+        LoRA."""
+        assert self.lora_a is not None and self.lora_scale is not None
+        a_pool = self.lora_a[slot].view(self.max_rank, self.num_slices, self.in_features)[:, index]  # (R, in)
+        b_pool = self.lora_b[index][slot]  # (out_i, R)
+        a_pool.zero_()
+        b_pool.zero_()
         if a is None or b is None:
-            self.lora_scale[slot] = 0.0
+            self.lora_scale[index, slot] = 0.0
             return
         rank = a.shape[0]
-        self.lora_a[slot, :rank].copy_(a)
-        self.lora_b[slot, :, :rank].copy_(b)
-        self.lora_scale[slot] = scale
+        a_pool[:rank].copy_(a)
+        b_pool[:, :rank].copy_(b)
+        self.lora_scale[index, slot] = scale
 
     def forward(self, x: torch.Tensor, lora: LoraSegments | None) -> torch.Tensor:
         y = self.base_forward(x)  # (T, out)
         if lora is None or self.lora_a is None:
             return y
-        lora_a, lora_b = self.lora_a, self.lora_b
-        if lora.max_rank < lora_a.shape[1] and not lora.use_triton:
-            # The torch reference computes every pool column; columns past the step's largest rank are
-            # zero padding, so leave them out (views, no copy).
-            lora_a, lora_b = lora_a[:, : lora.max_rank], lora_b[:, :, : lora.max_rank]
-        # The layout is built on the host: passing its longest segment spares the Triton path a device
-        # sync per call to check the indices.
+        n, rank = self.num_slices, self.max_rank
+        lora_a = self.lora_a
+        if lora.max_rank < rank and not lora.use_triton:
+            # The torch reference computes every pool column; ranks past the step's largest are zero
+            # padding, so leave them out (views, no copy).
+            rank = lora.max_rank
+            lora_a = lora_a[:, : rank * n]
         layout = dict(max_segment_rows=lora.max_segment_rows, use_triton=lora.use_triton, plan=lora.plan)
-        u = kernels.sgmv_shrink(x, lora_a, lora.seg_indptr, lora.seg_slots, **layout)  # (T, r)
-        kernels.sgmv_expand(u, lora_b, lora.seg_indptr, lora.seg_slots, y, self.lora_scale, **layout)
+        u = kernels.sgmv_shrink(x, lora_a, lora.seg_indptr, lora.seg_slots, **layout)  # (T, rank * n)
+        if n > 1:
+            u = u.view(-1, rank, n).transpose(1, 2).contiguous()  # (T, n, rank): each slice's ranks in a row
+        for i, (start, end) in enumerate(self.slice_bounds):
+            lora_b = self.lora_b[i] if rank == self.max_rank else self.lora_b[i][:, :, :rank]
+            u_i = u if n == 1 else u[:, i]  # (T, rank)
+            y_i = y if n == 1 else y[:, start:end]  # (T, out_i), a view: expand adds in place
+            kernels.sgmv_expand(
+                u_i, lora_b, lora.seg_indptr, lora.seg_slots, y_i, self.lora_scale[i], **layout
+            )
         return y

@@ -23,8 +23,8 @@ def _load(model_dir, quant: QuantSettings):
 def test_every_decoder_linear_is_quantized_and_the_rest_keeps_the_model_dtype(tiny_llama_q, fmt):
     model = _load(tiny_llama_q.model_dir, QuantSettings(fmt))
     for layer in range(len(model.model.layers)):
-        for name, proj in model.projections(layer).items():
-            assert isinstance(proj, QuantLoRALinear) and proj.quant.format == fmt, name
+        for name, (proj, index) in model.lora_targets(layer).items():
+            assert isinstance(proj, QuantLoRALinear) and proj.quants[index].format == fmt, name
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert model.model.norm.weight.dtype == torch.float32
     assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.float32
@@ -36,8 +36,8 @@ def test_lm_head_is_quantized_only_when_asked(tiny_llama_q):
     model = _load(tiny_llama_q.model_dir, QuantSettings("int8", lm_head=True))
     assert isinstance(model.lm_head, QuantLinear)
     full = _load(tiny_llama_q.model_dir, QuantSettings())
-    assert isinstance(full.projections(0)["q_proj"], LoRALinear)
-    assert not isinstance(full.projections(0)["q_proj"], QuantLoRALinear)
+    assert isinstance(full.projections(0)["qkv_proj"], LoRALinear)
+    assert not isinstance(full.projections(0)["qkv_proj"], QuantLoRALinear)
     assert full.weight_bytes().decoder_bits_per_weight == 32
 
 

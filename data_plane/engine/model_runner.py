@@ -21,6 +21,49 @@ from data_plane.model.metadata import LoraSegments, PrefillSpan, StepMetadata
 from openlora.base_model import PROJECTIONS
 
 
+class StepStaging:
+    """One step's integer metadata of one dtype, packed into a preallocated host buffer (pinned on CUDA)
+    and moved to the device in one copy; the step's tensors are slices of the device buffer (on CPU, of
+    the host buffer itself). Grows by doubling when a step needs more room.
+
+    The buffers are reused by the next step: on CPU a step's forward has finished when the next one is
+    built; on CUDA the next pack waits for the previous host-to-device copy (long done by then) before
+    overwriting the host buffer, and the device buffer is rewritten in stream order after the forward
+    that read it."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, capacity: int) -> None:
+        self.dtype, self.device = dtype, device
+        self._pinned = device.type == "cuda"
+        self._copied: torch.cuda.Event | None = None
+        self._allocate(max(capacity, 1))
+
+    def _allocate(self, capacity: int) -> None:
+        self._host = torch.empty(capacity, dtype=self.dtype, pin_memory=self._pinned)
+        self._host_np = self._host.numpy()
+        self._device = self._host if not self._pinned else torch.empty_like(self._host, device=self.device)
+
+    def pack(self, parts: list[list[int]]) -> list[torch.Tensor]:
+        """The lists as 1-D tensors on the device (slices of one buffer), in order."""
+        total = sum(len(part) for part in parts)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has read the host buffer
+            self._copied = None
+        if total > self._host.numel():
+            self._allocate(max(total, 2 * self._host.numel()))
+        bounds = []
+        offset = 0
+        for part in parts:
+            end = offset + len(part)
+            self._host_np[offset:end] = part
+            bounds.append((offset, end))
+            offset = end
+        if self._pinned:
+            self._device[:total].copy_(self._host[:total], non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(self.device))
+        return [self._device[start:end] for start, end in bounds]
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -29,7 +72,11 @@ class ModelRunner:
         block_size: int,
         num_adapter_slots: int,
         max_lora_rank: int,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
     ) -> None:
+        """`max_num_seqs` and `max_num_batched_tokens` size the step-metadata buffers up front (a larger
+        step grows them)."""
         self.model = model
         spec = model.config.spec
         # The embedding is never quantized: it holds the activation dtype (lm_head may be quantized).
@@ -50,6 +97,9 @@ class ModelRunner:
         # last write (written by the loader thread before the load is reported done).
         self._slot_read_events: list[torch.cuda.Event | None] = [None] * num_adapter_slots
         self._slot_write_events: list[torch.cuda.Event | None] = [None] * num_adapter_slots
+        self._int64 = StepStaging(torch.int64, self.device, 4 * max_num_batched_tokens)
+        self._int32 = StepStaging(torch.int32, self.device, 2 * max_num_seqs + 1)
+        self._key_positions = torch.arange(num_kv_blocks * block_size, device=self.device)  # decode masks
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -105,7 +155,7 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         kv_slot_ids: list[int] = []
-        prefills: list[PrefillSpan] = []
+        prefill_parts: list[tuple[int, int, int, list[int]]] = []  # (row, num_tokens, num_cached, block ids)
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
@@ -113,7 +163,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         seg_indptr = [0]
         seg_slots: list[int] = []
-        block_size = self.block_size
+        block_size, device = self.block_size, self.device
         for i in order:
             seq, count, slot = seqs[i], num_tokens[i], slots[i]
             start_pos = seq.num_computed_tokens
@@ -128,8 +178,7 @@ class ModelRunner:
                 decode_tables.append(blocks)
                 decode_lens.append(start_pos + 1)
             else:
-                block_ids = torch.tensor(blocks, dtype=torch.int64, device=self.device)
-                prefills.append(PrefillSpan(row, count, start_pos, block_ids))
+                prefill_parts.append((row, count, start_pos, blocks))
             if start_pos + count == seq.num_tokens:
                 sample_seq_ids.append(i)
                 sample_rows.append(row + count - 1)
@@ -139,43 +188,49 @@ class ModelRunner:
                 seg_slots.append(slot)
                 seg_indptr.append(seg_indptr[-1] + count)
 
-        device = self.device
+        # Every integer list of the step goes through one preallocated host buffer per dtype and one copy
+        # to the device; the tensors below are slices of it.
+        max_blocks = max((len(t) for t in decode_tables), default=0)
+        flat_tables = [b for t in decode_tables for b in itertools.chain(t, [0] * (max_blocks - len(t)))]
+        ids, positions_t, kv_slots_t, decode_rows_t, tables_t, lens_t, rows_t, *block_ids = self._int64.pack(
+            [input_ids, positions, kv_slot_ids, decode_rows, flat_tables, decode_lens, sample_rows]
+            + [blocks for _, _, _, blocks in prefill_parts]
+        )
         meta = StepMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
-            kv_slot_ids=torch.tensor(kv_slot_ids, dtype=torch.int64, device=device),
-            prefills=prefills,
+            positions=positions_t,
+            kv_slot_ids=kv_slots_t,
+            prefills=[
+                PrefillSpan(*part[:3], ids_) for part, ids_ in zip(prefill_parts, block_ids, strict=True)
+            ],
             decode_rows=None,
             decode_block_tables=None,
             decode_mask=None,
             lora=None,
         )
         if decode_rows:
-            max_blocks = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
-            meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
-            meta.decode_block_tables = torch.tensor(padded, dtype=torch.int64, device=device)
-            lens = torch.tensor(decode_lens, dtype=torch.int64, device=device)
-            key_pos = torch.arange(max_blocks * block_size, device=device)
-            meta.decode_mask = (key_pos.unsqueeze(0) < lens.unsqueeze(1)).view(len(decode_rows), 1, 1, -1)
+            num_decode = len(decode_rows)
+            meta.decode_rows = decode_rows_t
+            meta.decode_block_tables = tables_t.view(num_decode, max_blocks)
+            key_pos = self._key_positions[: max_blocks * block_size]
+            meta.decode_mask = (key_pos.unsqueeze(0) < lens_t.unsqueeze(1)).view(num_decode, 1, 1, -1)
         used_slots = [s for s in seg_slots if s >= 0]
         if used_slots:
             use_triton = kernels.use_triton(device)  # OPENLORA_KERNELS, read once per step
+            seg_indptr_t, seg_slots_t = self._int32.pack([seg_indptr, seg_slots])
             meta.lora = LoraSegments(
-                seg_indptr=torch.tensor(seg_indptr, dtype=torch.int32, device=device),
-                seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=device),
+                seg_indptr=seg_indptr_t,
+                seg_slots=seg_slots_t,
                 max_rank=max(self.slot_ranks[s] for s in used_slots),
                 max_segment_rows=max(end - start for start, end in itertools.pairwise(seg_indptr)),
                 use_triton=use_triton,
                 plan=None if use_triton else kernels.plan_segments(seg_indptr, seg_slots, device),
             )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=device)
         self._wait_for_slot_writes(used_slots)
         hidden = self.model(ids, meta)  # (T, hidden)
         self._record_slot_reads(used_slots)
         if not sample_rows:
             return [], hidden.new_empty(0, self.model.config.spec.vocab_size, dtype=torch.float32)
-        rows = torch.tensor(sample_rows, dtype=torch.int64, device=device)
-        return sample_seq_ids, self.model.compute_logits(hidden[rows])
+        return sample_seq_ids, self.model.compute_logits(hidden[rows_t])
 
     def _wait_for_slot_writes(self, slots: list[int]) -> None:
         """CUDA: the compute stream waits for the loads of these slots before reading them."""

@@ -1,6 +1,8 @@
-"""Generation, whatever the transport: authorise -> validate -> reserve the request id -> resolve
-artifacts -> engine -> an async iterator of `Chunk`s; billing, usage checkpoints and artifact holds in
-its `finally`.
+"""Generation, whatever the transport: authorise -> validate -> tokenize, resolve artifacts -> engine ->
+an async iterator of `Chunk`s; billing, usage checkpoints and artifact holds in its `finally`. A client
+request id is reserved at the control plane beside all of that after validation; the first chunk waits
+for the answer. A chunk holds what the engine made since the caller took the previous one: one step's
+tokens when it keeps up, several when it lags (the first token always alone).
 
 The gRPC servicer and the OpenAI-compatible HTTP app both call `GenerationService.generate` and only
 convert: the same keys, scopes, limits, idempotency and billing hold for both. A chunk is counted as

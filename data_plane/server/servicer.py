@@ -46,7 +46,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._state = state
 
     async def Generate(self, request, context) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """Streams one completion: a message per engine step, the last with finish_reason, usage, timing."""
+        """Streams one completion: a message per engine step, or one for all the steps made while the
+        transport was busy with the previous message (the first token alone); the last carries
+        finish_reason, usage and timing."""
         self._state.enter()
         code = "OK"
         try:

@@ -38,7 +38,7 @@ def _sample(logits: torch.Tensor, options: SamplingOptions, seen: list[int], see
 
 @pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-40, SMALLEST_FLOAT])
 def test_temperature_just_above_zero_samples_the_top_token(temperature):
-    options = _accepted(SamplingOptions(temperature=temperature))
+    options = _accepted(SamplingOptions(temperature=temperature, logprobs=True))
     logits = _logits(1, scale=40.0)
     chosen, logprobs = _sample(logits, options, [])
     assert chosen == [int(torch.argmax(logits[0]))]
@@ -54,7 +54,7 @@ def test_huge_temperature_samples_a_token_of_the_vocabulary(temperature):
 
 @pytest.mark.parametrize("penalty", [1e-30, 1e-45, SMALLEST_FLOAT])
 def test_repetition_penalty_just_above_zero_makes_a_seen_token_win(penalty):
-    options = _accepted(SamplingOptions(temperature=1.0, repetition_penalty=penalty))
+    options = _accepted(SamplingOptions(temperature=1.0, repetition_penalty=penalty, logprobs=True))
     logits = _logits(1)
     seen = [int(i) for i in torch.nonzero(logits[0] > 0).flatten()[:3]]
     chosen, logprobs = _sample(logits, options, seen)
@@ -111,7 +111,7 @@ def test_a_non_finite_row_fails_alone_and_the_others_sample_as_they_would_alone(
     bad[2, 9] = float("inf")
     bad[3] = float("-inf")
     batch = torch.cat([logits[:1], bad[1:], logits[:1]])  # rows: healthy, NaN, +inf, all -inf, healthy
-    options = SamplingOptions(temperature=temperature, seed=5)
+    options = SamplingOptions(temperature=temperature, seed=5, logprobs=True)
     generators = [torch.Generator().manual_seed(5) for _ in range(5)]
     chosen, logprobs = Sampler()(batch, [options] * 5, generators, [[]] * 5)
     alone, alone_logprobs = _sample(logits[:1], options, [], seed=5)

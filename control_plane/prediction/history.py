@@ -1,5 +1,9 @@
 """Each adapter's request times within the predictor's history horizon, kept up to date from usage rows.
 
+A request's time is when it arrived: its usage event's `finished_at` less its `total_ms`. A prediction
+names when the next request will arrive, and a request that streams for a while finishes well after the
+moment its adapter had to be ready.
+
 The first pass (and any pass whose horizon reaches below what was kept) reads every usage event whose
 `finished_at` lies in the horizon; every later pass reads only the events recorded since a watermark on
 `recorded_at`, and folds them in. The fold is keyed by (tenant, request id), so an event read twice changes
@@ -39,8 +43,13 @@ _OLDEST_OPEN_TRANSACTION = text(
 _EventKey = tuple[uuid.UUID, str]
 
 
+def arrival_s(finished_at: datetime, total_ms: float) -> float:
+    """Unix seconds a request arrived, from its usage event."""
+    return finished_at.timestamp() - max(total_ms, 0.0) / 1000.0
+
+
 class UsageHistory:
-    """Per adapter id (str), the sorted `finished_at` times (Unix seconds) of its usage events."""
+    """Per adapter id (str), the sorted arrival times (Unix seconds) of its requests."""
 
     def __init__(self, history_s: float, slack_s: float = RECORDED_AT_SLACK_S) -> None:
         self.history_s = history_s
@@ -49,7 +58,7 @@ class UsageHistory:
         self._times: dict[str, list[float]] = {}
         self._expiry: list[tuple[float, _EventKey]] = []  # min-heap; stale entries skipped when popped
         self._read_from: datetime | None = None  # recorded_at bound of the next read; None: rebuild
-        self._kept_from = float("-inf")  # events finished before this were dropped or never read
+        self._kept_from = float("-inf")  # requests that arrived before this were dropped or never read
         self.rows_read = 0  # usage rows the last refresh read (one per event and adapter)
 
     def refresh(self, session: Session, now: float) -> None:
@@ -63,6 +72,7 @@ class UsageHistory:
                 UsageEvent.tenant_id,
                 UsageEvent.request_id,
                 UsageEvent.finished_at,
+                UsageEvent.total_ms,
                 UsageEventAdapter.adapter_id,
             )
             .join(
@@ -76,11 +86,12 @@ class UsageHistory:
             query = query.where(UsageEvent.recorded_at >= self._read_from)
         read: dict[_EventKey, tuple[float, list[str]]] = {}
         self.rows_read = 0
-        for tenant_id, request_id, finished_at, adapter_id in session.execute(query):
+        for tenant_id, request_id, finished_at, total_ms, adapter_id in session.execute(query):
             self.rows_read += 1
-            read.setdefault((tenant_id, request_id), (finished_at.timestamp(), []))[1].append(str(adapter_id))
-        for key, (finished_s, adapter_ids) in read.items():
-            self._fold(key, finished_s, tuple(sorted(adapter_ids)))
+            arrived_s = arrival_s(finished_at, total_ms)
+            read.setdefault((tenant_id, request_id), (arrived_s, []))[1].append(str(adapter_id))
+        for key, (arrived_s, adapter_ids) in read.items():
+            self._fold(key, arrived_s, tuple(sorted(adapter_ids)))
         self._kept_from = max(self._kept_from, since.timestamp())
         self._drop_before(self._kept_from)
         self._read_from = min(db_now, oldest_open or db_now) - timedelta(seconds=self.slack_s)
@@ -107,31 +118,31 @@ class UsageHistory:
         self._read_from = None
         self._kept_from = float("-inf")
 
-    def _fold(self, key: _EventKey, finished_s: float, adapter_ids: tuple[str, ...]) -> None:
+    def _fold(self, key: _EventKey, at_s: float, adapter_ids: tuple[str, ...]) -> None:
         known = self._events.get(key)
-        if known == (finished_s, adapter_ids):
+        if known == (at_s, adapter_ids):
             return  # read again inside the overlap
         if known is not None:  # replaced by a later record of the same request
             self._remove(known)
-        self._events[key] = (finished_s, adapter_ids)
+        self._events[key] = (at_s, adapter_ids)
         for adapter_id in adapter_ids:
-            bisect.insort(self._times.setdefault(adapter_id, []), finished_s)
-        heapq.heappush(self._expiry, (finished_s, key))
+            bisect.insort(self._times.setdefault(adapter_id, []), at_s)
+        heapq.heappush(self._expiry, (at_s, key))
 
     def _remove(self, event: tuple[float, tuple[str, ...]]) -> None:
-        finished_s, adapter_ids = event
+        at_s, adapter_ids = event
         for adapter_id in adapter_ids:
             times = self._times[adapter_id]
-            del times[bisect.bisect_left(times, finished_s)]
+            del times[bisect.bisect_left(times, at_s)]
             if not times:
                 del self._times[adapter_id]
 
     def _drop_before(self, kept_from: float) -> None:
         touched: dict[str, None] = {}
         while self._expiry and self._expiry[0][0] < kept_from:
-            finished_s, key = heapq.heappop(self._expiry)
+            at_s, key = heapq.heappop(self._expiry)
             event = self._events.get(key)
-            if event is not None and event[0] == finished_s:
+            if event is not None and event[0] == at_s:
                 del self._events[key]
                 for adapter_id in event[1]:
                     touched[adapter_id] = None

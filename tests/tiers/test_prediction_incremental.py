@@ -3,7 +3,8 @@
 Each pass of `Predictor` reads only the usage recorded since its watermark; a full rescan (the predictor's
 former query, kept here as the reference) reads the whole horizon every pass. The same history, arriving
 over many passes with late reports, replaced checkpoints, a deleted and a replaced adapter, must give the
-same hints; a row committed after a pass by a transaction that stamped it before must not be missed."""
+same hints; a row committed after a pass by a transaction that stamped it before must not be missed. A
+request's time is its arrival (finished_at less total_ms), which is what a prewarm must be ready for."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class FullRescanPredictor(Predictor):
         since = datetime.fromtimestamp(now - self.config.history_s, UTC)
         until = datetime.fromtimestamp(now, UTC)
         query = (
-            select(Adapter.id, Adapter.sha256, UsageEvent.finished_at)
+            select(Adapter.id, Adapter.sha256, UsageEvent.finished_at, UsageEvent.total_ms)
             .join(UsageEventAdapter, UsageEventAdapter.adapter_id == Adapter.id)
             .join(
                 UsageEvent,
@@ -63,8 +64,10 @@ class FullRescanPredictor(Predictor):
         )
         times: dict[_Target, list[float]] = defaultdict(list)
         with self._sessions() as session:
-            for adapter_id, sha256, finished_at in session.execute(query):
-                times[_Target(str(adapter_id), sha256)].append(finished_at.timestamp())
+            for adapter_id, sha256, finished_at, total_ms in session.execute(query):
+                arrived_s = finished_at.timestamp() - total_ms / 1000.0  # a request's time is its arrival
+                if since.timestamp() <= arrived_s:
+                    times[_Target(str(adapter_id), sha256)].append(arrived_s)
         return dict(sorted(times.items(), key=lambda item: item[0].adapter_id))
 
 
@@ -75,8 +78,16 @@ def sessions(database_url):
     engine.dispose()
 
 
-def _report(sessions, adapter: Adapter, finished_s: float, request_id: str | None = None, **fields) -> str:
-    """Records one request on `adapter` as a worker's usage report does; returns its request id."""
+def _report(
+    sessions,
+    adapter: Adapter,
+    finished_s: float,
+    request_id: str | None = None,
+    total_s: float = 0.0,
+    **fields,
+) -> str:
+    """Records one request on `adapter` (finished at `finished_s` after `total_s` of streaming) as a
+    worker's usage report does; returns its request id."""
     request_id = request_id or f"r-{uuid.uuid4().hex}"
     report = UsageReport(
         request_id=request_id,
@@ -86,6 +97,7 @@ def _report(sessions, adapter: Adapter, finished_s: float, request_id: str | Non
         base_model="tiny",
         prompt_tokens=fields.get("prompt_tokens", 4),
         completion_tokens=fields.get("completion_tokens", 8),
+        total_ms=total_s * 1000.0,
         finished_at=datetime.fromtimestamp(finished_s, UTC),
         finish_reason=fields.get("finish_reason", "stop"),
     )
@@ -118,27 +130,33 @@ def test_incremental_passes_give_the_full_rescans_hints(sessions):
     calls += [(T0 + t, fading) for t in np.cumsum(rng.exponential(10.0, size=8))]
     calls += [(T0 + k * 15.0, deleted) for k in range(20)]
     calls += [(T0 + k * 25.0 + 3.0, replaced) for k in range(20)]
-    calls.sort(key=lambda c: c[0])
+    # (finished at, adapter, seconds it streamed): the usage row arrives once the request finished.
+    calls = sorted(
+        ((t + d, a, d) for (t, a), d in zip(calls, rng.uniform(0.0, 3.0, len(calls)), strict=True)),
+        key=lambda c: c[0],
+    )
     incremental = Predictor(sessions, RecordingPublisher(), CONFIG)
     reference = FullRescanPredictor(sessions, RecordingPublisher(), CONFIG)
     next_call = 0
     checkpoints: list[tuple[str, Adapter, float]] = []
     for pass_index, now in enumerate(T0 + 5.0 + 5.0 * np.arange(120)):
         while next_call < len(calls) and calls[next_call][0] <= now:
-            finished_s, adapter = calls[next_call]
+            finished_s, adapter, total_s = calls[next_call]
             next_call += 1
             if next_call % 9 == 0:  # a stream's checkpoint now, its final record a few passes later
                 request_id = _report(
-                    sessions, adapter, finished_s, completion_tokens=2, finish_reason=CHECKPOINT_FINISH_REASON
-                )
-                checkpoints.append((request_id, adapter, finished_s + 4.0))
+                    sessions, adapter, finished_s, None, total_s, completion_tokens=2,
+                    finish_reason=CHECKPOINT_FINISH_REASON,
+                )  # fmt: skip
+                checkpoints.append((request_id, adapter, finished_s + 4.0, total_s + 4.0))
             elif next_call % 13 == 0:  # reported late, after passes that were already past it
-                checkpoints.append((None, adapter, finished_s))
+                checkpoints.append((None, adapter, finished_s, total_s))
             else:
-                _report(sessions, adapter, finished_s)
-        for request_id, adapter, finished_s in [c for c in checkpoints if c[2] <= now - 6.0]:
-            _report(sessions, adapter, finished_s, request_id=request_id)
-            checkpoints.remove((request_id, adapter, finished_s))
+                _report(sessions, adapter, finished_s, None, total_s)
+        for checkpoint in [c for c in checkpoints if c[2] <= now - 6.0]:
+            request_id, adapter, finished_s, total_s = checkpoint
+            _report(sessions, adapter, finished_s, request_id, total_s)
+            checkpoints.remove(checkpoint)
         if pass_index == 60:
             with sessions.begin() as s:
                 s.execute(update(Adapter).where(Adapter.id == deleted.id).values(status=STATUS_DELETED))
@@ -227,3 +245,16 @@ def test_usage_committed_after_a_pass_by_a_transaction_that_stamped_it_before_is
     predictor.run_once(T0 + 76.0)
     times = predictor.history.times_by_adapter(T0 + 76.0)[str(adapter.id)]
     assert times == [T0 + k * 10.0 for k in range(8)]
+
+
+def test_a_periodic_prewarm_names_the_next_arrival_not_the_next_finish(sessions):
+    _clear(sessions)
+    adapter = _add_adapter(sessions, "long-streams")
+    arrivals = [T0 + k * 30.0 for k in range(6)]
+    for k, arrived_s in enumerate(arrivals):
+        _report(sessions, adapter, arrived_s + 5.0 + k % 2, total_s=5.0 + k % 2)  # streams of 5-6 s
+    predictor = Predictor(sessions, RecordingPublisher(), CONFIG)
+    assert predictor.run_once(arrivals[-1] + 20.0) == []  # the lead (6 s here) has not begun
+    sent = predictor.run_once(arrivals[-1] + 26.0)
+    assert [h.kind for h in sent] == ["prewarm"]
+    assert sent[0].deadline_at == pytest.approx(arrivals[-1] + 30.0)

@@ -84,12 +84,14 @@ PREDICTOR_FLAGS: tuple[PredictorFlag, ...] = (
     PredictorFlag(
         "lead_gap_share",
         "--predictor-lead-share",
-        "... or this share of the adapter's period, when longer",
+        "prewarm this share of a periodic adapter's period ahead, when longer than --predictor-lead-s",
         0.0,
         maximum=1.0,
         maximum_allowed=False,
     ),
-    PredictorFlag("max_lead_s", "--predictor-max-lead-s", "... but never more than this many seconds", 0.0),
+    PredictorFlag(
+        "max_lead_s", "--predictor-max-lead-s", "never prewarm more than this many seconds ahead", 0.0
+    ),
     PredictorFlag(
         "min_gaps",
         "--predictor-min-gaps",

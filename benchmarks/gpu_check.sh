@@ -5,6 +5,9 @@
 #   1c. the int8/int4 QuantLinear kernels on CUDA against their references, odd shapes included (90 s);
 #   2. benchmarks/kernel_bench.py: Triton vs gather + bmm and vs copy bandwidth, table to stdout,
 #      JSON to benchmarks/results/, a dated section appended to benchmarks/RESULTS.md (120 s);
+#   2b. benchmarks/attention_bench.py on CUDA: the paged decode attention kernel against the padded
+#      gather + SDPA at 1-256 sequences, short and long contexts, table to stdout and JSON to
+#      benchmarks/results/ (its correctness on CUDA is in step 1: tests/kernels/test_paged_attention.py) (90 s);
 #   3. benchmarks/gpu_e2e.sh: the end-to-end issue-6 scenarios on a 1.1B bf16 model against
 #      transformers + PEFT, with whatever time is left of the 8 minutes (at least 120 s);
 #   4. benchmarks/quant_bench.py on CUDA: int8/int4 kernels vs bf16 at 1 and 32 rows, then batch-1 and
@@ -31,6 +34,9 @@ timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/quant/test_quant_linear.
 
 echo "== kernel benchmark"
 timeout 120 "$PY" -m benchmarks.kernel_bench "$@"
+
+echo "== paged decode attention: Triton kernel vs gather + SDPA"
+timeout 90 "$PY" -m benchmarks.attention_bench --device cuda --out benchmarks/results/attention_bench_cuda.json
 
 left_s=$((460 - (SECONDS - START_S)))
 [ "$left_s" -lt 120 ] && left_s=120

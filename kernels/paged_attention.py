@@ -1,0 +1,168 @@
+"""Decode attention over the paged KV cache: one query token per sequence against its whole history.
+
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)  # (D, heads, hd)
+
+On CUDA the Triton kernel (`kernels.triton_ops.paged_decode`) reads K and V in place through the block
+tables. On CPU one of the pure-torch paths below runs, all with the same signature and semantics (see the
+Triton launcher's docstring):
+
+- `gather_sdpa`: every sequence's blocks up to the longest table gathered into a padded (D, context)
+  copy, then one masked SDPA (what the model's decode branch did before this module);
+- `bucketed_sdpa`: sequences grouped by their number of blocks, one gather and one SDPA per group, so the
+  padding gathered and attended is at most one block per sequence;
+- `block_loop`: one block column of all sequences at a time with an online softmax, no padded copy of the
+  whole history at once.
+
+The CPU default is `bucketed_sdpa`, from `python -m benchmarks.attention_bench` at the bench model's decode
+shapes (one layer, 128 sequences, contexts 32-120, block_size 16, 8 heads of 64, float32), measured at
+11:25-11:31 UTC on a 2-core machine running about a dozen other jobs (load ~12), 10 turns per path
+(3 in the PASSIVE run):
+- `--threads 1`: bucketed_sdpa 0.32x gather_sdpa's wall time (0.34x its CPU time), block_loop 0.58x;
+- 2 threads with `OMP_WAIT_POLICY=PASSIVE`: bucketed_sdpa 0.50x (CPU time 0.41x), block_loop 0.76x;
+- 2 threads, default (spinning) wait: bucketed_sdpa 2.6x, block_loop 4.2x. Its CPU time grew 10x over the
+  single-thread run for the same work: the threads spin at every op's barrier while the other cores are
+  taken, which penalises the path with more ops; on a quiet machine that wait is microseconds.
+The padded gather writes a (128, 128, 8, 64) copy of K and of V that leaves the caches, then SDPA reads it
+back; a bucket's copy is smaller and holds little padding. Rerun on a quiet machine before relying on the
+ratios; switching the default is `CPU_DEFAULT`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CPU_PATHS", "block_loop", "bucketed_sdpa", "gather_sdpa", "paged_decode_attention"]
+
+
+def gather_sdpa(q, k_cache, v_cache, block_tables, context_lens, scale, *, max_context_len=None):
+    """The padded gather: (D, max_blocks * block_size) of K and V per sequence, then one masked SDPA."""
+    num_seqs, max_blocks = block_tables.shape
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    if max_context_len is not None:  # trailing table columns no sequence reaches
+        max_blocks = min(max_blocks, -(-max_context_len // block_size))
+        block_tables = block_tables[:, :max_blocks]
+    context = max_blocks * block_size
+    k = k_cache[block_tables].view(num_seqs, context, num_kv_heads, head_dim)
+    v = v_cache[block_tables].view(num_seqs, context, num_kv_heads, head_dim)
+    positions = torch.arange(context, device=q.device)
+    mask = (positions.unsqueeze(0) < context_lens.unsqueeze(1)).view(num_seqs, 1, 1, context)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # (D, heads, 1, head_dim)
+        k.transpose(1, 2),  # (D, kv_heads, context, head_dim)
+        v.transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )  # (D, heads, 1, head_dim)
+    return out.squeeze(2)
+
+
+def bucketed_sdpa(q, k_cache, v_cache, block_tables, context_lens, scale, *, max_context_len=None):
+    """Sequences grouped by their number of blocks; per group one gather of exactly those blocks and one
+    SDPA, masked only when some sequence of the group ends inside its last block. Reads context_lens on
+    the host (free on CPU, one sync elsewhere)."""
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    lens = context_lens.tolist()
+    groups: dict[int, list[int]] = {}
+    for row, length in enumerate(lens):
+        groups.setdefault(-(-length // block_size), []).append(row)
+    out = torch.empty_like(q)  # (D, heads, head_dim)
+    for num_blocks, rows in groups.items():
+        context = num_blocks * block_size
+        whole = len(rows) == len(lens)
+        index = None if whole else torch.tensor(rows, device=q.device)
+        tables = block_tables[:, :num_blocks] if whole else block_tables[index, :num_blocks]
+        k = k_cache[tables].view(len(rows), context, num_kv_heads, head_dim)
+        v = v_cache[tables].view(len(rows), context, num_kv_heads, head_dim)
+        mask = None
+        if any(lens[r] != context for r in rows):
+            group_lens = context_lens if whole else context_lens[index]
+            positions = torch.arange(context, device=q.device)
+            mask = (positions.unsqueeze(0) < group_lens.unsqueeze(1)).view(len(rows), 1, 1, context)
+        o = F.scaled_dot_product_attention(
+            (q if whole else q[index]).unsqueeze(2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        ).squeeze(2)  # (rows, heads, head_dim)
+        if whole:
+            return o
+        out[index] = o
+    return out
+
+
+def block_loop(q, k_cache, v_cache, block_tables, context_lens, scale, *, max_context_len=None):
+    """One block column of every sequence at a time, combined by an online softmax in float32."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    max_blocks = block_tables.shape[1]
+    if max_context_len is not None:
+        max_blocks = min(max_blocks, -(-max_context_len // block_size))
+    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim) * scale  # (D, kv_heads, group, hd)
+    m = torch.full((num_seqs, num_kv_heads, group, 1), float("-inf"), device=q.device)
+    s_sum = torch.zeros_like(m)
+    acc = torch.zeros((num_seqs, num_kv_heads, group, head_dim), device=q.device)
+    offsets = torch.arange(block_size, device=q.device)
+    for j in range(max_blocks):
+        blocks = block_tables[:, j]
+        k = k_cache[blocks].float().permute(0, 2, 3, 1)  # (D, kv_heads, hd, block_size)
+        v = v_cache[blocks].float().transpose(1, 2)  # (D, kv_heads, block_size, hd)
+        scores = qg @ k  # (D, kv_heads, group, block_size)
+        valid = (j * block_size + offsets).unsqueeze(0) < context_lens.unsqueeze(1)  # (D, block_size)
+        scores = scores.masked_fill(~valid.view(num_seqs, 1, 1, block_size), float("-inf"))
+        m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+        # A sequence past its end in this column keeps m = m_new; exp(-inf - finite) = 0 adds nothing.
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(scores - m_new)
+        s_sum = s_sum * alpha + p.sum(dim=-1, keepdim=True)
+        acc = acc * alpha + p @ v
+        m = m_new
+    return (acc / s_sum).view(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+CPU_PATHS: dict[str, Callable[..., torch.Tensor]] = {
+    "gather_sdpa": gather_sdpa,
+    "bucketed_sdpa": bucketed_sdpa,
+    "block_loop": block_loop,
+}
+CPU_DEFAULT = "bucketed_sdpa"
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    use_triton: bool | None = None,
+    max_context_len: int | None = None,
+) -> torch.Tensor:
+    """out (D, heads, head_dim) = each sequence's query attending to its first context_lens[d] cached
+    tokens, found through block_tables (D, max_blocks) in k_cache, v_cache (num_blocks, block_size,
+    kv_heads, head_dim); heads a multiple of kv_heads (GQA). See
+    `kernels.triton_ops.paged_decode.paged_decode_attention` for the exact semantics.
+
+    ``use_triton``: None picks by device (Triton on CUDA, `CPU_DEFAULT` elsewhere); True forces the
+    kernel (on CPU tensors it needs TRITON_INTERPRET=1 set before the kernel is first imported); False
+    forces the CPU default. ``max_context_len``: the longest context when known on the host; the Triton
+    path then skips its index checks and their device sync (values trusted).
+    """
+    if use_triton is None:
+        use_triton = q.device.type == "cuda"
+    if use_triton:
+        from kernels.triton_ops.paged_decode import paged_decode_attention as triton_paged_decode
+
+        return triton_paged_decode(
+            q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len=max_context_len
+        )
+    return CPU_PATHS[CPU_DEFAULT](
+        q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len=max_context_len
+    )

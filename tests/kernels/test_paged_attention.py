@@ -1,0 +1,207 @@
+"""Paged decode attention: the Triton kernel (on the CPU through the Triton interpreter) and the CPU torch
+paths against a per-sequence float64 reference written from the definition.
+
+Grid: dtype x GQA ratio (1, 4, 8) x head_dim (64, 128) on a batch whose contexts are 1, block_size - 1,
+block_size and many blocks long; then a block size smaller than a tile and not a power of two, strided q,
+int32 indices. Table entries past a sequence's blocks point at a poison block of large values, so any read
+past the context shows in the output. Inputs are fresh random values per case.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import pytest
+import torch
+
+from kernels import paged_attention
+from kernels.checks import KernelArgumentError
+from kernels.triton_ops import paged_decode
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOLERANCE = {  # (atol, rtol) against the float64 reference: float32 sums, one rounding to the dtype
+    torch.float32: (2e-5, 1e-4),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+POISON = 50.0
+
+
+def reference(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """out[d, h] = softmax(scale * K_d @ q[d, h]) @ V_d over the sequence's first context_lens[d] tokens,
+    one sequence and head at a time in float64."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    keys = k_cache.double().reshape(-1, num_kv_heads, head_dim).cpu()
+    values = v_cache.double().reshape(-1, num_kv_heads, head_dim).cpu()
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=torch.float64)
+    for d in range(num_seqs):
+        n = int(context_lens[d])
+        slots = [int(block_tables[d, t // block_size]) * block_size + t % block_size for t in range(n)]
+        for h in range(num_heads):
+            k, v = keys[slots, h // group], values[slots, h // group]  # (n, head_dim)
+            weights = torch.softmax(scale * (k @ q[d, h].double().cpu()), dim=0)
+            out[d, h] = weights @ v
+    return out
+
+
+def make_case(seed, dtype, num_kv_heads, ratio, head_dim, block_size, lens, table_dtype=torch.int64):
+    """A cache whose blocks are shuffled among the sequences, one poison block (id 0) for the padding."""
+    gen = torch.Generator().manual_seed(seed)
+    num_seqs = len(lens)
+    blocks_per_seq = [-(-n // block_size) for n in lens]
+    max_blocks = max(blocks_per_seq) + 1  # one column of padding past the longest sequence too
+    num_blocks = sum(blocks_per_seq) + 3
+    order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # block 0 is the poison
+    tables = torch.zeros(num_seqs, max_blocks, dtype=table_dtype)
+    for d, count in enumerate(blocks_per_seq):
+        tables[d, :count] = torch.tensor([order.pop() for _ in range(count)])
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    k_cache[0], v_cache[0] = POISON, POISON
+    # The unused tail of each sequence's last block is poison as well.
+    for d, n in enumerate(lens):
+        if n % block_size:
+            last = int(tables[d, blocks_per_seq[d] - 1])
+            k_cache[last, n % block_size :], v_cache[last, n % block_size :] = POISON, POISON
+    q = torch.randn(num_seqs, num_kv_heads * ratio, head_dim, generator=gen)
+    to = dict(device=DEVICE, dtype=dtype)
+    return dict(
+        q=q.to(**to),
+        k_cache=k_cache.to(**to),
+        v_cache=v_cache.to(**to),
+        block_tables=tables.to(DEVICE),
+        context_lens=torch.tensor(lens, dtype=table_dtype, device=DEVICE),
+        scale=head_dim**-0.5,
+    )
+
+
+def check(out, case, dtype):
+    atol, rtol = TOLERANCE[dtype]
+    assert out.dtype == dtype and out.shape == case["q"].shape
+    want = reference(**case)
+    torch.testing.assert_close(out.double().cpu(), want, atol=atol, rtol=rtol)
+
+
+BLOCK_SIZE = 16
+LENS = [1, BLOCK_SIZE - 1, BLOCK_SIZE, 5 * BLOCK_SIZE + 3]
+GRID = [
+    pytest.param(dtype, ratio, (64, 128)[i % 2], id=f"{name}-gqa{ratio}-d{(64, 128)[i % 2]}")
+    for i, ((name, dtype), ratio) in enumerate(itertools.product(DTYPES.items(), (1, 4, 8)))
+]
+
+
+@pytest.mark.parametrize(("dtype", "ratio", "head_dim"), GRID)
+def test_triton_kernel_matches_the_reference(dtype, ratio, head_dim):
+    seed = zlib.crc32(repr((dtype, ratio, head_dim)).encode())
+    case = make_case(seed, dtype, 2, ratio, head_dim, BLOCK_SIZE, LENS)
+    check(paged_decode.paged_decode_attention(**case), case, dtype)
+
+
+@pytest.mark.parametrize("path", list(paged_attention.CPU_PATHS))
+@pytest.mark.parametrize(("dtype", "ratio", "head_dim"), GRID)
+def test_cpu_paths_match_the_reference(path, dtype, ratio, head_dim):
+    seed = zlib.crc32(repr((path, dtype, ratio, head_dim)).encode())
+    case = make_case(seed, dtype, 2, ratio, head_dim, BLOCK_SIZE, LENS)
+    check(paged_attention.CPU_PATHS[path](**case), case, dtype)
+
+
+@pytest.mark.parametrize("path", ["triton", *paged_attention.CPU_PATHS])
+def test_small_odd_block_size_and_tiles_spanning_blocks(path):
+    # block_size 5 < the 16-token tile: one tile reads four blocks; head_dim 80 pads to 128 lanes.
+    case = make_case(3, torch.float32, 1, 4, 80, 5, [1, 4, 5, 6, 37])
+    fn = paged_attention.CPU_PATHS.get(path)
+    out = fn(**case) if fn else paged_decode.paged_decode_attention(**case, block_n=16)
+    check(out, case, torch.float32)
+
+
+def test_strided_q_and_int32_indices():
+    case = make_case(4, torch.float16, 2, 4, 64, BLOCK_SIZE, [3, 40, 17], table_dtype=torch.int32)
+    wide = torch.randn(3, 20, 64, device=DEVICE, dtype=torch.float16)
+    wide[:, 4:12] = case["q"]  # q as a slice of a wider (fused projection) output
+    out = paged_decode.paged_decode_attention(**{**case, "q": wide[:, 4:12]}, max_context_len=40)
+    check(out, case, torch.float16)
+
+
+def test_entry_point_picks_by_device_and_can_force_the_kernel():
+    case = make_case(5, torch.float32, 2, 1, 64, BLOCK_SIZE, [7, 33])
+    check(paged_attention.paged_decode_attention(**case), case, torch.float32)
+    check(paged_attention.paged_decode_attention(**case, use_triton=False), case, torch.float32)
+    with pytest.raises(KernelArgumentError, match="context_lens"):  # the call reached the kernel's checks
+        paged_attention.paged_decode_attention(
+            **{**case, "context_lens": case["context_lens"] * 0}, use_triton=True
+        )
+
+
+def test_an_empty_batch_gives_an_empty_result():
+    case = make_case(6, torch.float32, 2, 1, 64, BLOCK_SIZE, [4])
+    empty = {
+        **case,
+        "q": case["q"][:0],
+        "block_tables": case["block_tables"][:0],
+        "context_lens": case["context_lens"][:0],
+    }
+    assert paged_decode.paged_decode_attention(**empty).shape == (0, 2, 64)
+
+
+@pytest.mark.skipif(
+    DEVICE.type != "cpu", reason="checks the CPU interpreter; on CUDA the compiled kernel runs"
+)
+def test_kernel_runs_in_the_triton_interpreter_without_cuda():
+    assert paged_decode._INTERPRETED
+
+
+def _valid():
+    return make_case(7, torch.float16, 2, 2, 64, BLOCK_SIZE, [3, 20])
+
+
+@pytest.mark.parametrize(
+    ("argument", "change"),
+    [
+        ("q", lambda c: {"q": c["q"].to(torch.int32)}),
+        ("q", lambda c: {"q": c["q"][:, :, :32].contiguous().transpose(1, 2)}),
+        ("k_cache", lambda c: {"k_cache": c["k_cache"].float()}),
+        ("k_cache", lambda c: {"k_cache": c["k_cache"][..., :32]}),
+        ("k_cache", lambda c: {"q": c["q"][:, :3].contiguous()}),  # 3 heads over 2 kv heads
+        ("v_cache", lambda c: {"v_cache": c["v_cache"][1:]}),
+        ("block_tables", lambda c: {"block_tables": c["block_tables"].float()}),
+        ("block_tables", lambda c: {"block_tables": c["block_tables"][:1]}),
+        ("block_tables", lambda c: {"block_tables": c["block_tables"] + 100}),
+        ("block_tables", lambda c: {"block_tables": c["block_tables"] - 1}),
+        ("context_lens", lambda c: {"context_lens": c["context_lens"] * 0}),
+        ("context_lens", lambda c: {"context_lens": c["context_lens"] + 1000}),
+        ("context_lens", lambda c: {"context_lens": c["context_lens"][:1]}),
+        ("max_context_len", lambda c: {"max_context_len": 10_000}),
+        ("block_n", lambda c: {"block_n": 24}),
+    ],
+)  # fmt: skip
+def test_bad_arguments_are_refused_naming_the_argument(argument, change):
+    case = _valid()
+    with pytest.raises(KernelArgumentError) as raised:
+        paged_decode.paged_decode_attention(**{**case, **change(case)})
+    assert raised.value.argument == argument
+
+
+# -- CUDA: the compiled kernel on larger shapes (benchmarks/gpu_check.sh) --------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize(("ratio", "head_dim"), [(1, 64), (4, 128), (8, 64), (8, 128)])
+def test_compiled_kernel_matches_gather_sdpa_on_cuda(dtype, ratio, head_dim):
+    seed = zlib.crc32(repr((dtype, ratio, head_dim)).encode())
+    gen = torch.Generator().manual_seed(seed)
+    lens = [1, 15, 16, 17, 255, 256, 1000, 2047, *torch.randint(1, 600, (56,), generator=gen).tolist()]
+    case = make_case(seed, dtype, 4, ratio, head_dim, BLOCK_SIZE, lens)
+    out = paged_decode.paged_decode_attention(**case)
+    # gather_sdpa in float32 is the reference here: it matches the float64 one above on the CPU grid.
+    wide = {k: v.float() if k in ("q", "k_cache", "v_cache") else v for k, v in case.items()}
+    want = paged_attention.gather_sdpa(**wide)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), want, atol=atol, rtol=rtol)
+    lone = make_case(11, dtype, 4, ratio, head_dim, BLOCK_SIZE, lens[:8])
+    check(paged_decode.paged_decode_attention(**lone), lone, dtype)

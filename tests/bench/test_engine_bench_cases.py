@@ -10,7 +10,9 @@ import pytest
 from benchmarks import engine_bench
 from benchmarks.engine_bench import run_adapters, run_roofline, skewed_adapter_dirs
 from benchmarks.steady_driver import PROMPT_TOKENS
-from tests.bench.tiny_bench_model import RANKS, TINY, tiny_bench_model
+from tests.bench.tiny_bench_model import RANKS, TINY, one_torch_thread, tiny_bench_model  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rank(adapter_dir) -> int:

@@ -22,7 +22,9 @@ from benchmarks.profile_step import (
     PartTimer,
     breakdown,
 )
-from tests.bench.tiny_bench_model import tiny_bench_model
+from tests.bench.tiny_bench_model import one_torch_thread, tiny_bench_model  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FakeClock:

@@ -3,10 +3,12 @@ for running the engine benchmarks end to end in seconds."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.fixtures import AdapterSpec, ModelShape, ensure_adapters, ensure_model
 
@@ -31,3 +33,13 @@ def tiny_bench_model(tmp_path_factory: pytest.TempPathFactory) -> TinyBenchModel
         adapters = {rank: ensure_adapters(6, TINY, AdapterSpec(rank=rank), root) for rank in RANKS}
         _BUILT.append(TinyBenchModel(root, model_dir, adapters))
     return _BUILT[0]
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Steps of a tiny model on one thread: on a shared, loaded machine two threads waiting on each other
+    make every small op many times slower, and these tests time nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

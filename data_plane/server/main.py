@@ -189,6 +189,8 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     if llm_engine is not None and hasattr(llm_engine, "load_counts"):
         # dict() copies are taken under the GIL; the engine thread only ever adds keys and increments.
         metrics.watch_engine_loads(lambda: (dict(llm_engine.load_counts), dict(llm_engine.load_ms_sums)))
+    if llm_engine is not None and hasattr(llm_engine, "prefetch_stats"):
+        metrics.watch_prefetches(llm_engine.prefetch_stats)
     usage = UsageReporter(
         config.usage_spool_path,
         control_plane.report_usage,

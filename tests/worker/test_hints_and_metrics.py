@@ -49,6 +49,10 @@ def test_metrics_endpoint_exposes_latency_histograms_without_tenant_labels(syste
         "openlora_adapter_load_seconds_bucket",
         "openlora_adapter_cache_lookups_total",
         "openlora_tokens_generated_total",
+        # The engine's prefetch accounting, one sample per tier / reason even before any prefetch.
+        'openlora_prefetch_total{tier="host"}',
+        'openlora_prefetch_wasted_total{tier="device"}',
+        'openlora_prefetch_skipped_total{reason="no_room"}',
     ):
         assert name in body, name
     assert "tenant" not in body and "adapter=" not in body

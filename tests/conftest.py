@@ -21,6 +21,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+import openlora  # noqa: F401  (first: it sets how gRPC handles fork before grpc is imported)
+
 
 def _outside_pytest_tmp() -> Iterator[Path]:
     """A fresh directory that other users may enter (0755; the test creates it), outside pytest's basetemp,

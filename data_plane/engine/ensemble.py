@@ -75,11 +75,13 @@ def validate_ensemble(
     num_adapter_slots: int,
     num_kv_blocks: int,
     blocks_per_member: int,
+    max_num_batched_tokens: int | None = None,
 ) -> None:
-    """Raises InvalidRequest (or AdapterLoadError for a member's files) for an ensemble that can never run: K outside [1, 8] or above
-    max_num_seqs, a member named twice, weights non-finite, negative or all zero, more distinct adapters than
-    slots, a member above the rank limit, or K members' KV blocks (`blocks_per_member` each, for the longest
-    sequence the request may reach) beyond the whole cache."""
+    """Raises InvalidRequest (or AdapterLoadError for a member's files) for an ensemble that can never run:
+    K outside [1, 8] or above max_num_seqs or max_num_batched_tokens (its members step together), a member
+    named twice, weights non-finite, negative or all zero, more distinct adapters than slots, a member above
+    the rank limit, or K members' KV blocks (`blocks_per_member` each, for the longest sequence the request
+    may reach) beyond the whole cache."""
     members = ensemble.members
     k = len(members)
     if ensemble.combine not in COMBINES:
@@ -88,6 +90,12 @@ def validate_ensemble(
         raise InvalidRequest("mix", f"an ensemble holds 1 to {MAX_ENSEMBLE_MEMBERS} members, got {k}")
     if k > max_num_seqs:
         raise InvalidRequest("mix", f"an ensemble of {k} members exceeds max_num_seqs={max_num_seqs}")
+    if max_num_batched_tokens is not None and k > max_num_batched_tokens:
+        # Its members step together, one token each at least: a step budget below K never schedules it,
+        # and at the head of the queue it would hold back every request behind it.
+        raise InvalidRequest(
+            "mix", f"an ensemble of {k} members exceeds max_num_batched_tokens={max_num_batched_tokens}"
+        )
     keys = [m.adapter.key if m.adapter is not None else None for m in members]
     if len(set(keys)) != k:
         raise InvalidRequest("mix", "an ensemble names a member twice")

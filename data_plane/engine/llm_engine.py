@@ -171,6 +171,7 @@ class LLMEngine:
                 self.config.num_adapter_slots,
                 blocks.num_blocks,
                 blocks.blocks_for_tokens(longest),
+                max_num_batched_tokens=self.config.max_num_batched_tokens,
             )
 
     def add_request(self, request: EngineRequest) -> None:

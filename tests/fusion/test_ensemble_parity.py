@@ -197,6 +197,13 @@ def test_member_of_weight_zero_runs_but_takes_no_part(model, references):
         ((("r4_qv", -1.0), ("r8_all", 1.0)), {}, InvalidRequest, "mix[0].weight"),
         ((("r4_qv", float("nan")), ("r8_all", 1.0)), {}, InvalidRequest, "mix[0].weight"),
         ((("r4_qv", 1.0), ("r8_all", 1.0), (None, 1.0)), {"max_num_seqs": 2}, InvalidRequest, "mix"),
+        # Members step together: a step budget of 2 tokens can never schedule 3 of them.
+        (
+            (("r4_qv", 1.0), ("r8_all", 1.0), (None, 1.0)),
+            {"max_num_batched_tokens": 2},
+            InvalidRequest,
+            "mix",
+        ),
         (
             (("r4_qv", 1.0), ("r8_all", 1.0), ("r16_rslora", 1.0)),
             {"num_adapter_slots": 2},

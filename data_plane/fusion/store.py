@@ -8,6 +8,11 @@ merge built from it (a held one is removed once its last holder releases it).
 
 The directory has a byte budget (`max_disk_bytes`): after a build takes it over, the least recently used
 merges nobody holds are removed (a later request builds its merge again).
+
+Builds are CPU-heavy and run one at a time, so a caller could queue work for everyone behind it: a build
+whose every waiter went away (cancelled, deadline passed) before it started is dropped, and at most
+`max_pending_builds` distinct merges may be queued or running at once; one more is refused with QueueFull
+(RESOURCE_EXHAUSTED) rather than waiting behind them.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_plane.engine.errors import QueueFull
 from data_plane.fusion.builder import MergeReport, build_merge
 from data_plane.fusion.spec import MergeSpec
 from openlora.base_model import BaseModelSpec
@@ -33,6 +39,7 @@ from openlora.base_model import BaseModelSpec
 log = logging.getLogger(__name__)
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 _TMP_PREFIX = ".partial-"
+MAX_PENDING_BUILDS = 16
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,11 @@ class MergeStore:
         max_rank: int,
         on_built: Callable[[MergeSpec, str, MergeReport], None] | None = None,
         max_disk_bytes: int | None = None,
+        max_pending_builds: int = MAX_PENDING_BUILDS,
     ) -> None:
         """`on_built(spec, key, report)` is called on the event loop after each build (metrics);
-        `max_disk_bytes`: budget of the directory (None: unbounded)."""
+        `max_disk_bytes`: budget of the directory (None: unbounded); `max_pending_builds`: distinct merges
+        queued or building at once."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_rank = max_rank
@@ -65,6 +74,9 @@ class MergeStore:
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-build")
         self._on_built = on_built
         self._builds: dict[str, asyncio.Task[MergeReport]] = {}
+        self._jobs: dict[str, Future] = {}  # key -> its build on the builder thread (queued or running)
+        self._waiters: Counter[str] = Counter()  # key -> callers awaiting its build
+        self._max_pending_builds = max_pending_builds
         self._holds: Counter[str] = Counter()
         self._stale: set[str] = set()
         self._sources: dict[str, tuple[str, ...]] = {}  # key -> source sha256s
@@ -118,19 +130,43 @@ class MergeStore:
         if hold:
             self._holds[key] += 1
         started = time.monotonic()
+        self._waiters[key] += 1
         try:
             task = self._builds.get(key)
             if task is None:
+                if len(self._builds) >= self._max_pending_builds:
+                    raise QueueFull(f"{len(self._builds)} merges are waiting to be built")
                 task = asyncio.get_running_loop().create_task(self._build(spec, key))
                 self._builds[key] = task
-                task.add_done_callback(lambda _t: self._builds.pop(key, None))
+                task.add_done_callback(lambda done: self._forget_build(key, done))
             # shield: one caller going away must not cancel the build the others wait for.
             report = await asyncio.shield(task)
         except BaseException:
             if hold:
                 self.release((key,))
             raise
+        finally:
+            self._waiters[key] -= 1
+            if self._waiters[key] <= 0:
+                del self._waiters[key]
+                self._drop_unwanted_build(key)
         return LocalMerge(key, self.path_of(key), report, (time.monotonic() - started) * 1000)
+
+    def _drop_unwanted_build(self, key: str) -> None:
+        """Nobody waits for `key` any more: its build is dropped if it has not started on the builder thread
+        (one already running completes and is kept, as its work is done)."""
+        task = self._builds.get(key)
+        if task is None or task.done():
+            return
+        job = self._jobs.get(key)
+        # No job yet: the task has not run its first step, so cancelling it starts nothing.
+        if job is None or job.cancel():
+            task.cancel()
+            del self._builds[key]  # a new request for the key starts a fresh build
+
+    def _forget_build(self, key: str, done: asyncio.Task) -> None:
+        if self._builds.get(key) is done:
+            del self._builds[key]
 
     def release(self, keys: Iterable[str]) -> None:
         """Ends one hold of each merge."""
@@ -154,9 +190,12 @@ class MergeStore:
         return dropped
 
     async def _build(self, spec: MergeSpec, key: str) -> MergeReport:
-        report = await asyncio.get_running_loop().run_in_executor(
-            self._builder, build_merge, spec, self.path_of(key), self.max_rank, self._base
-        )
+        job = self._builder.submit(build_merge, spec, self.path_of(key), self.max_rank, self._base)
+        self._jobs[key] = job
+        try:
+            report = await asyncio.wrap_future(job)  # CancelledError when dropped before it started
+        finally:
+            self._jobs.pop(key, None)
         self._write_sources(key, spec)
         self._stale.discard(key)
         self._note_size(key)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 
 import pytest
 import torch
 
+from data_plane.engine.errors import QueueFull
 from data_plane.engine.request import AdapterRef
+from data_plane.fusion import store as store_module
 from data_plane.fusion.store import MergeStore
 from tests.engine.conftest import greedy, make_engine, run_to_completion
 from tests.engine.reference import load_reference, reference_greedy
@@ -145,3 +148,68 @@ def test_the_disk_budget_removes_the_least_recently_used_unheld_merge(merge_mode
     store.release([held.key])
     fourth = asyncio.run(store.build(spec_of(merge_model, WEIGHTS, "dare_ties")))
     assert store.contains(fourth.key) and not store.contains(held.key) and not store.contains(third.key)
+
+
+def _gate_builds(monkeypatch) -> tuple[threading.Event, list[str]]:
+    """Builds wait for the returned event before running; the list records each build as it starts."""
+    gate, started = threading.Event(), []
+    real = store_module.build_merge
+
+    def gated(spec, out, max_rank, base):
+        started.append(spec.key(max_rank))
+        assert gate.wait(120)
+        return real(spec, out, max_rank, base)
+
+    monkeypatch.setattr(store_module, "build_merge", gated)
+    return gate, started
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+def test_a_queued_build_its_callers_left_is_never_run(merge_model, tmp_path, monkeypatch):
+    gate, started = _gate_builds(monkeypatch)
+    built = []
+    store = MergeStore(tmp_path / "merges", None, 64, on_built=lambda spec, key, report: built.append(key))
+    first = spec_of(merge_model, WEIGHTS, "ties")
+    abandoned = spec_of(merge_model, WEIGHTS, "magnitude_prune")
+
+    async def main():
+        running = asyncio.create_task(store.build(first))
+        await _until(lambda: started)  # the first build holds the builder thread
+        waiter = asyncio.create_task(store.build(abandoned))
+        await asyncio.sleep(0.05)  # queued behind it
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        gate.set()
+        await running
+        # The builder runs jobs in order: had the abandoned build stayed queued, it would run before this.
+        return await store.build(abandoned)
+
+    again = asyncio.run(main())
+    assert started == [first.key(64), abandoned.key(64)]  # built once, for the caller that stayed
+    assert built == started and again.report is not None and store.contains(again.key)
+
+
+def test_more_distinct_merges_than_the_build_queue_holds_are_refused(merge_model, tmp_path, monkeypatch):
+    gate, started = _gate_builds(monkeypatch)
+    store = MergeStore(tmp_path / "merges", None, 64, max_pending_builds=2)
+    specs = [spec_of(merge_model, WEIGHTS, method) for method in ("ties", "magnitude_prune", "dare_linear")]
+
+    async def main():
+        builds = [asyncio.create_task(store.build(spec)) for spec in specs[:2]]
+        await _until(lambda: started)
+        with pytest.raises(QueueFull):
+            await store.build(specs[2])
+        # A caller of a merge already queued joins it: no new build, no refusal.
+        joiner = asyncio.create_task(store.build(specs[1]))
+        gate.set()
+        return await asyncio.gather(*builds, joiner)
+
+    done = asyncio.run(main())
+    assert [m.key for m in done] == [specs[0].key(64), specs[1].key(64), specs[1].key(64)]
+    assert started == [specs[0].key(64), specs[1].key(64)]
+    assert asyncio.run(store.build(specs[2])).report is not None  # room again once the queue drained

@@ -35,7 +35,10 @@ class UsageEvent(Base):
     reusing one never suppresses (or adds to) this tenant's billing."""
 
     __tablename__ = "usage_event"
-    __table_args__ = (Index("ix_usage_event_tenant_id_finished_at", "tenant_id", "finished_at"),)
+    __table_args__ = (
+        Index("ix_usage_event_tenant_id_finished_at", "tenant_id", "finished_at"),
+        Index("ix_usage_event_recorded_at", "recorded_at"),  # the predictor reads what is new since a pass
+    )
 
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id"), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(128), primary_key=True)

@@ -179,9 +179,10 @@ def instrument(engine: LLMEngine, timer: PartTimer) -> Callable[[], None]:
         (engine, "sampler", SAMPLING),
         (engine, "step", SCHEDULING),
     ):
-        original = getattr(owner, attr)
+        original, own = getattr(owner, attr), attr in vars(owner)
         setattr(owner, attr, timer.wrap(original, part))
-        undo.append(lambda o=owner, a=attr, v=original: setattr(o, a, v))
+        # a method comes back by deleting the instance's wrapper; an attribute by putting it back
+        undo.append(lambda o=owner, a=attr, v=original, own=own: setattr(o, a, v) if own else delattr(o, a))
 
     def remove() -> None:
         for action in reversed(undo):

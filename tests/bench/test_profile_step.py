@@ -22,6 +22,7 @@ from benchmarks.profile_step import (
     PartTimer,
     breakdown,
 )
+from benchmarks.steady_driver import SteadyDriver, make_engine
 from tests.bench.tiny_bench_model import one_torch_thread, tiny_bench_model  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -120,3 +121,27 @@ def test_profile_without_adapters_has_no_lora_time(tmp_path_factory):
     assert figures["parts_fraction"][LORA] == 0.0
     table = profile_step.format_table(figures)
     assert all(part in table for part in PARTS) and "serving_overhead.py" in table
+
+
+def test_instrument_times_fused_projections_by_type_and_takes_every_timer_off(tmp_path_factory):
+    model = tiny_bench_model(tmp_path_factory)
+    engine = make_engine(model.model_dir, 4, 8, max_lora_rank=8, num_slots=4)
+    try:
+        sampler = engine.sampler
+        timer = PartTimer()
+        remove = profile_step.instrument(engine, timer)
+        modules = list(engine.runner.model.modules())
+        timed = [m for m in modules if m._forward_pre_hooks]
+        # every projection (fused or not: found by its LoRA pools), lm_head, attention and the model itself
+        assert sum(hasattr(m, "lora_a") for m in timed) == sum(hasattr(m, "lora_a") for m in modules) > 0
+        assert engine.runner.model.lm_head in timed and engine.runner.model in timed
+        assert "step" in vars(engine) and "run" in vars(engine.runner)
+        driver = SteadyDriver("t", engine, None, 4, num_requests=2)
+        for _ in range(3):
+            driver.step()
+        assert timer.calls[SCHEDULING] == 3 and timer.calls[BASE] > 0 and timer.calls[ATTENTION] > 0
+        remove()
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in modules)
+        assert "step" not in vars(engine) and "run" not in vars(engine.runner) and engine.sampler is sampler
+    finally:
+        engine.shutdown()

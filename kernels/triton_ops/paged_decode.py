@@ -180,6 +180,9 @@ def paged_decode_attention(
     cache's dtype for the second product, as flash attention does). Index values are checked with one
     device sync; a caller that built the tables on the host passes ``max_context_len`` instead: no sync,
     values trusted. ``block_n`` (tokens per tile, a power of two >= 16) is for tests.
+
+    The context is not split across programs: a step of very few sequences with long contexts runs few
+    programs (flash-decoding's split over the context would be the next step there).
     """
     check_paged_decode_args(q, k_cache, v_cache, block_tables, context_lens, max_context_len)
     num_seqs, num_heads, head_dim = q.shape

@@ -39,7 +39,7 @@ def plot_throughput_vs_adapters(points: Sequence[tuple[int, float]], path: Path,
     ax.set_xscale("log")
     ax.set_xlabel("number of adapters in the trace")
     ax.set_ylabel("tokens / s")
-    ax.set_ylim(0, max(ys, default=1.0) * 1.2)
+    ax.set_ylim(0, max(max(ys, default=0.0), 1.0) * 1.2)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

@@ -21,8 +21,11 @@ The system is started as a user starts it (`openlora up`, embedded Postgres and 
 given). Writes benchmarks/results/bench*.json and PNG plots, prints one table, and (full runs) updates the
 issue-6 section of benchmarks/RESULTS.md.
 
-    python -m benchmarks.run            # full run (at most about 15 minutes on 2 CPU cores)
-    python -m benchmarks.run --quick    # smoke run (about 2 minutes)
+    python -m benchmarks.run            # full run (sized for about 15 minutes on 2 quiet CPU cores)
+    python -m benchmarks.run --quick    # smoke run (about 2 minutes on a quiet machine)
+    python -m benchmarks.run --scenarios 1,2,4 --s2-steps 4    # shorter: no scale run, 4 search steps
+
+Each phase's end time and the load average as it started go into the results' method notes.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from benchmarks.capacity import (
     step_trace,
 )
 from benchmarks.cost import estimate_cost
-from benchmarks.load import format_summary, run_load
+from benchmarks.load import RequestRecord, format_summary, run_load, summarize
 from benchmarks.report import write_outputs
 from benchmarks.run_config import BenchConfig, config_from_args
 from benchmarks.system import MemorySampler, RunningSystem, SystemConfig, register_adapters, start_system
@@ -98,14 +101,32 @@ def _save_trace(cfg: BenchConfig, trace: Trace, name: str) -> None:
     write_trace(trace, cfg.results_dir / "traces" / f"{name}.jsonl")
 
 
-def warm_adapters(system: RunningSystem, api_key: str, names: list[str]) -> dict:
+def warm_adapters(system: RunningSystem, api_key: str, names: list[str], wave: int = 32) -> dict:
     """One 1-token request per adapter so each is on the worker before timing (the peer, too, loads every
-    adapter before it is timed)."""
+    adapter before it is timed), sent in waves of `wave` adapters at once: a thousand first fetches at
+    the same instant only measure the fetch path's queueing. Returns the summary of all the waves, with
+    a few of its errors' details."""
     if not names:
         return {}
     requests = [TraceRequest(i, 0.0, name, (100, 101, 102, 103), 1) for i, name in enumerate(names)]
-    result = run_load(requests, system.inference_target, api_key, run_tag=f"warm-{uuid.uuid4().hex[:8]}")
-    return result["summary"]
+    records: list[dict] = []
+    started = time.perf_counter()
+    for begin in range(0, len(requests), wave):
+        result = run_load(
+            requests[begin : begin + wave],
+            system.inference_target,
+            api_key,
+            run_tag=f"warm-{uuid.uuid4().hex[:8]}",
+        )
+        records += result["records"]
+    summary = summarize([RequestRecord(**r) for r in records], started, time.perf_counter())
+    details = {f"{r['error']}: {r['error_detail']}" for r in records if r["error"] is not None}
+    summary["error_samples"] = sorted(details)[:5]
+    print(
+        f"warm-up: {summary['completed']}/{len(names)} adapters in {summary['duration_s']:.1f} s"
+        + (f", errors {summary['errors_by_code']}: {summary['error_samples']}" if summary["errors"] else "")
+    )
+    return summary
 
 
 def scenario_offline(cfg: BenchConfig, system: RunningSystem, trace: Trace) -> dict:
@@ -616,7 +637,8 @@ def method_notes(cfg: BenchConfig, results: dict) -> str:
             f"- Scenario 1: the same trace of {cfg.s1_requests} requests over {cfg.s1_adapters} adapters "
             "(power law) for both systems, every request at t = 0. Warm-up, alike for both: every adapter of "
             "the trace loaded before timing (the peer by `load_adapter`, OpenLoRA by one 1-token request per "
-            f"adapter, which brings its artifact onto the worker; device slots still refill during the run), "
+            "adapter, 32 adapters at a time, which brings its artifact onto the worker; device slots still "
+            "refill during the run), "
             f"{warm}.",
             "- The PEFT peer (transformers + PEFT in one process) replays the whole trace in static batches "
             "in arrival order, left-padded, with `adapter_names` (mixed adapters in one batch) and "
@@ -651,8 +673,9 @@ def method_notes(cfg: BenchConfig, results: dict) -> str:
             "the minimum, which if anything makes it harder to sustain), the rest follow the power law "
             f"(alpha {cfg.alpha}). "
             + (
-                f"Before the searches, one 1-token request per adapter ({max(cfg.s2_adapters)}) brought every "
-                "artifact onto the worker (host memory, or its disk cache past the host tier's cap). "
+                f"Before the searches, one 1-token request per adapter ({max(cfg.s2_adapters)}, 32 at a time) "
+                "brought every artifact onto the worker (host memory, or its disk cache past the host tier's "
+                "cap); the warm-up's errors, if any, are in the results file. "
                 if cfg.warmup
                 else ""
             )

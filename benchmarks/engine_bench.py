@@ -10,7 +10,9 @@ by one (base, best, skewed, base, ...), so all three see the same machine load:
 - "skewed": 32 requests whose adapters are drawn from a power-law popularity (alpha 1) over 100 adapters
   of mixed ranks (8, 16 and 64 in turn down the popularity order), in 32 slots (max_lora_rank 64): popular
   adapters repeat within a step, and tail adapters are copied into a slot from host memory while the
-  other requests decode (all 100 are read into the host tier before the run).
+  other requests decode (all 100 are read into the host tier before the run). The copy runs on the
+  engine's loader thread; the step that starts it waits for it and counts it in its own time, so that it
+  never lands in another engine's timed step.
 Every request has a 32-token prompt and decodes `decode_tokens`; the first 32 requests start in four
 waves of 8 (decoding 1/4, 2/4, 3/4 and all of that), so that from then on 8 requests finish and are
 replaced every `decode_tokens` / 4 steps while the other 24 decode, as in serving. A step is timed with
@@ -176,12 +178,19 @@ def run_adapters(
         drivers["base"] = SteadyDriver("base", base_engine, None, decode_tokens, num_requests, waves=WAVES)
         best_engine = make_engine(model_dir, num_requests, decode_tokens, best_rank, num_slots)
         drivers["best"] = SteadyDriver(
-            "best", best_engine, best_refs, decode_tokens, num_requests, waves=WAVES
+            "best", best_engine, best_refs, decode_tokens, num_requests, waves=WAVES, settle_loads=True
         )
         skewed_engine = make_engine(model_dir, num_requests, decode_tokens, max(skewed_ranks), num_slots)
         on_host = prefetch_to_host(skewed_engine, skewed_refs)
         drivers["skewed"] = SkewedDriver(
-            "skewed", skewed_engine, skewed_refs, decode_tokens, num_requests, waves=WAVES, draws=draws
+            "skewed",
+            skewed_engine,
+            skewed_refs,
+            decode_tokens,
+            num_requests,
+            waves=WAVES,
+            settle_loads=True,
+            draws=draws,
         )
         started = time.perf_counter()
         times_s, unsteady = run_interleaved(drivers, steps, warmup_steps)

@@ -17,6 +17,9 @@ with a timer around each part. A part's time is exclusive: its own, less the par
 - step inputs: the model runner outside the model (building the step's metadata, gathering logits);
 - sampling: the engine's sampler;
 - scheduling: `LLMEngine.step` outside the runner and the sampler (scheduler, adapter cache, outputs);
+- adapter loads: waiting for copies of adapters from host memory into slots. They run on the engine's
+  loader thread; after each step the benchmark waits for those in flight, so that their time is counted
+  here and not inside whichever part the main thread was running;
 - other: the rest of the step (the forward's embedding, norms, activations and residuals, and whatever
   the timers cannot place), so that the lines add up to the profiled step.
 
@@ -58,16 +61,17 @@ from benchmarks.steady_driver import (
 from data_plane.engine.llm_engine import LLMEngine
 from data_plane.model.quant import QuantLinear
 
-BASE, LORA, ATTENTION, STEP_INPUTS, SAMPLING, SCHEDULING, OTHER = (
+BASE, LORA, ATTENTION, STEP_INPUTS, SAMPLING, SCHEDULING, LOADS, OTHER = (
     "base linears (incl. lm_head)",
     "LoRA (SGMV shrink + expand)",
     "attention (incl. rotary, KV writes)",
     "step inputs (runner outside the model)",
     "sampling",
     "scheduling (engine outside the forward)",
+    "adapter loads (host-to-slot copies waited for)",
     "other (embedding, norms, activations, residuals, unplaced)",
 )
-PARTS = (BASE, LORA, ATTENTION, STEP_INPUTS, SAMPLING, SCHEDULING, OTHER)
+PARTS = (BASE, LORA, ATTENTION, STEP_INPUTS, SAMPLING, SCHEDULING, LOADS, OTHER)
 NUM_REQUESTS = 128
 NUM_SLOTS = 32
 NUM_ADAPTERS = 100
@@ -178,6 +182,8 @@ def instrument(engine: LLMEngine, timer: PartTimer) -> Callable[[], None]:
         (runner, "run", STEP_INPUTS),
         (engine, "sampler", SAMPLING),
         (engine, "step", SCHEDULING),
+        (engine.loader, "wait", LOADS),
+        (engine.loader, "wait_for", LOADS),
     ):
         original, own = getattr(owner, attr), attr in vars(owner)
         setattr(owner, attr, timer.wrap(original, part))
@@ -231,7 +237,7 @@ def run_profile(
             prefetch_to_host(engine, refs)
             draws = popularity_draws(len(refs), alpha, count=100_000, seed=seed)
             driver = SkewedDriver(
-                "profile", engine, refs, decode_tokens, num_requests, waves=WAVES, draws=draws
+                "profile", engine, refs, decode_tokens, num_requests, WAVES, settle_loads=True, draws=draws
             )
         else:
             driver = SteadyDriver("profile", engine, None, decode_tokens, num_requests, waves=WAVES)

@@ -42,7 +42,11 @@ class SteadyDriver:
 
     `waves`: the requests of a (re)start come in that many waves, wave w decoding (w + 1) / waves of
     `decode_tokens` (at least 2), so that from then on a wave finishes, and is replaced, every
-    decode_tokens / waves steps instead of all requests at once."""
+    decode_tokens / waves steps instead of all requests at once.
+
+    `settle_loads`: after each step, wait for this engine's adapter loads in flight and count the wait in
+    the step's time, so that a copy into a slot is charged to the engine that needs it and never runs on
+    the loader thread during another engine's timed step."""
 
     name: str
     engine: LLMEngine
@@ -50,6 +54,7 @@ class SteadyDriver:
     decode_tokens: int
     num_requests: int = NUM_REQUESTS
     waves: int = 1
+    settle_loads: bool = False
     num_added: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +114,8 @@ class SteadyDriver:
             context = sum(s.num_tokens for s in running) / len(running)
         started = time.perf_counter()
         outputs = self.engine.step()
+        if self.settle_loads and self.adapters:
+            self.engine.loader.wait_for({a.key for a in self.adapters}, timeout_s=60.0)
         elapsed_s = time.perf_counter() - started
         new_tokens = sum(len(o.new_token_ids) for o in outputs)
         self.last_step_s, self.last_new_tokens = elapsed_s, new_tokens

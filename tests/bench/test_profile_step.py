@@ -13,6 +13,7 @@ from benchmarks import profile_step
 from benchmarks.profile_step import (
     ATTENTION,
     BASE,
+    LOADS,
     LORA,
     OTHER,
     PARTS,
@@ -73,8 +74,9 @@ def test_nothing_inside_an_sgmv_op_is_counted_apart_from_lora():
 
 def test_breakdown_puts_what_the_named_parts_leave_in_other():
     seconds = {BASE: 4.0, LORA: 2.0, ATTENTION: 1.0, STEP_INPUTS: 0.5, SAMPLING: 0.25, SCHEDULING: 0.25}
-    shares = breakdown(seconds, total_s=10.0)
-    assert shares[BASE] == 0.4 and shares[LORA] == 0.2 and shares[OTHER] == pytest.approx(0.2)
+    shares = breakdown({**seconds, LOADS: 1.0}, total_s=10.0)
+    assert shares[BASE] == 0.4 and shares[LORA] == 0.2 and shares[LOADS] == 0.1
+    assert shares[OTHER] == pytest.approx(0.1)
     assert sum(shares.values()) == pytest.approx(1.0)
     assert list(shares) == list(PARTS)
     with pytest.raises(ValueError):
@@ -108,6 +110,7 @@ def test_profile_of_a_tiny_model_with_adapters_adds_up_and_is_taken_off_afterwar
     assert result["adapters"] == len(adapters) and result["steps"] == profile_step.QUICK["steps"]
     _check_parts(result, with_adapters=True)
     assert result["part_calls_per_step"][LORA] > 0
+    assert result["part_calls_per_step"][LOADS] >= 1  # the wait for slot copies after every step
     # the timers are gone: the functions and hooks are the originals again
     assert (F.linear, kernels.sgmv_shrink, kernels.sgmv_expand) == (linear, shrink, expand)
 

@@ -64,6 +64,7 @@ class AsyncEngine:
         self.num_failed_steps = 0  # steps failed since a token was last made
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, OutputStream] = {}
+        self._barriers: set[asyncio.Future] = set()  # wait_delivered calls the engine thread has not answered
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -135,8 +136,7 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
         if self._engine is not None:
             self._engine.shutdown()
-        for stream in self._streams.values():
-            stream.put(EngineDead("the engine stopped"))
+        self._fail_all(EngineDead("the engine stopped"))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; raises InvalidRequest, AdapterLoadError, QueueFull or EngineDead.
@@ -187,8 +187,12 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDead("the engine is not running")
         delivered = self._loop.create_future()
+        self._barriers.add(delivered)
         self._inbox.put(("delivered", delivered))
-        await delivered
+        try:
+            await delivered
+        finally:
+            self._barriers.discard(delivered)
 
     # Engine thread.
 
@@ -271,6 +275,9 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for stream in self._streams.values():
             stream.put(error)
+        for barrier in self._barriers:  # the engine thread will not answer them any more
+            if not barrier.done():
+                barrier.set_exception(error)
 
 
 def _resolve(future: asyncio.Future) -> None:

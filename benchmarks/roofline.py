@@ -9,7 +9,9 @@ context while the linears do not.
 
 The machine's rate is measured with `torch.matmul` in the benchmark's own process and threads, twice:
 at the model's linear shapes on `rows` rows (what a decode step of that many sequences runs), and at one
-large square size (what the machine sustains at its best). The roofline is the larger of the two.
+large square size (what the machine sustains at its best). The roofline is the larger of the two: the
+fastest rate this machine showed in the run, so that a share of it is never flattered by shapes that
+happen to run slowly here (the share of the model-shaped rate alone is reported beside it).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ class WorkerMetrics:
         )
         self.inter_token_s = Histogram(
             "openlora_inter_token_seconds",
-            "Time between streamed tokens",
+            "Mean time between the tokens of a streamed message (one sample per message; a lagging stream gets several tokens per message)",
             buckets=_TOKEN_BUCKETS_S,
             registry=r,
         )

@@ -39,6 +39,12 @@ async def apply_hint(engine, hint: Hint, artifacts, near_deadline_s: float = NEA
     if hint.kind == "demote":
         inner.demote(key)
         return
+    log.debug(
+        "prewarm hint key=%s tier=%s deadline_in_s=%s",
+        key[:12],
+        hint.tier,
+        "none" if hint.deadline_at is None else f"{hint.deadline_at - time.time():.3f}",
+    )
     local = await artifacts.ensure(key)  # local disk first, whatever tier is asked: it can keep it
     if hint.tier == "disk":
         return

@@ -49,6 +49,7 @@ loads for nothing from hints that land.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter
@@ -56,6 +57,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 DEVICE = "device"
 HOST = "host"
@@ -402,6 +405,11 @@ class AdapterCache:
         self._count_unused_device(entry)
         entry.slot, entry.state = None, None
         if entry.host_bytes is None and not entry.refcount:
+            log.debug(
+                "adapter left its slot without a host copy key=%s protected=%s",
+                entry.key[:12],
+                self.is_protected(entry.key),
+            )
             del self._entries[entry.key]
 
     def mark_ready(self, key: str) -> int | None:

@@ -117,15 +117,17 @@ class AdapterLoader:
         host: HostAdapter | None = None,
         cause: str = CAUSE_REQUEST,
         started_at: float | None = None,
+        host_only: bool = False,
     ) -> None:
         """Loads `key` into the slot reserved for it now (host memory only when none), from `host` (its
         host copy) when given, else from disk (`members`). `cause` (CAUSE_REQUEST or CAUSE_PREFETCH) is
         reported back with the finished load, and so is `started_at` (time.monotonic(); default now: an
         earlier time when this load continues another, as a copy into a slot of what a disk read brought
-        into host memory). Call on the engine thread."""
+        into host memory). `host_only`: a host copy alone, even when `key` has a slot (one READY there
+        already). Call on the engine thread."""
         if key in self._in_flight:
             raise ValueError(f"adapter {key!r} is already loading")
-        slot = self._reserved_slot(key)
+        slot = None if host_only else self._reserved_slot(key)
         started_at = time.monotonic() if started_at is None else started_at
         members = tuple(members)
         pool = self._pool if host is None else self._copy_pool

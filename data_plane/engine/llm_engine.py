@@ -425,15 +425,21 @@ class LLMEngine:
 
     def _prefetch_now(self, key: str, members: tuple, to_device: bool) -> None:
         """A prefetch (its hint already recorded): into a free slot when `to_device`, else into host memory,
-        or nothing at all, counted as skipped by reason, when the adapter is already in that tier or a
-        warmer one or on its way ("held"), or when the host tier could not keep it until its predicted
-        use ("no_room": decided before any disk read, from the size its file headers give)."""
+        or nothing at all, counted as skipped by reason, when the adapter is already in host memory or on
+        its way ("held"), or when the host tier could not keep it until its predicted use ("no_room":
+        decided before any disk read, from the size its file headers give).
+
+        A device slot alone does not hold it: the next admission may take an unreferenced slot, and an
+        adapter leaving its slot without a host copy drops to disk. One in a slot without a host copy
+        gets a host copy read, so that it is still warm when its predicted call comes."""
         cache = self.adapter_cache
-        if cache.state(key) is not None or self.loader.is_loading(key):
+        in_slot = cache.state(key) is not None
+        if self.loader.is_loading(key) or (in_slot and cache.on_host(key)):
             self._skip_prefetch(key, PREFETCH_HELD)
             return
-        slot = cache.prefetch(key) if to_device and cache.num_free_slots else None
+        slot = cache.prefetch(key) if to_device and not in_slot and cache.num_free_slots else None
         if slot is not None:
+            log.debug("adapter prefetch started to=slot key=%s", key[:12])
             self._start_load(key, CAUSE_PREFETCH, members)
             return
         if cache.on_host(key):
@@ -445,7 +451,9 @@ class LLMEngine:
         if size is not None and not cache.can_host(key, size):
             self._skip_prefetch(key, PREFETCH_NO_ROOM)
             return
-        self.loader.submit(key, members, cause=CAUSE_PREFETCH)  # disk -> host only
+        log.debug("adapter prefetch started to=host key=%s", key[:12])
+        # Disk -> host only: an adapter READY in a slot keeps it as it is.
+        self.loader.submit(key, members, cause=CAUSE_PREFETCH, host_only=cache.state(key) is not None)
 
     def _skip_prefetch(self, key: str, reason: str) -> None:
         self.prefetch_counts[(PREFETCH_SKIPPED, reason)] += 1
@@ -564,7 +572,11 @@ class LLMEngine:
         cache = self.adapter_cache
         size = load.host.size_bytes
         cache.record_load(DISK, size, load.read_ms)
-        cache.store_host(load.key, size, load.host, prefetched=prefetched)
+        evicted = cache.store_host(load.key, size, load.host, prefetched=prefetched)
+        if evicted is None:
+            log.debug("adapter host declined key=%s", load.key[:12])
+        for victim in evicted or ():
+            log.debug("adapter host evicted key=%s for=%s", victim[:12], load.key[:12])
 
     def _output(
         self,

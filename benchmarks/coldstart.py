@@ -15,7 +15,10 @@ share (device or host) and its warm calls' TTFT, the first call ever of an adapt
 inter-token latency of requests while an adapter load was in flight (loads requests waited for and the
 hint-driven prefetches, from the worker's load log) against while none was, the worker's wasted
 prefetches (`openlora_prefetch_wasted_total` / `openlora_prefetch_total`, "n/a" on a worker without
-them), and TTFT and adapter-load time per popularity decile.
+them), TTFT and adapter-load time per popularity decile, and why each measured long-tail call served
+from disk or remote was cold (`coldstart_trace.why_cold`, from the hint stream and the worker's debug log:
+no hint, hint taken late, prefetch skipped for room, declined or evicted from host memory, left its slot
+with no host copy, prefetch still in flight, or unexplained).
 
     python -m benchmarks.coldstart            # full run (4 passes; about 7 minutes on 2 CPU cores)
     python -m benchmarks.coldstart --quick    # smoke run (2 passes: periodic hints on, Poisson off)
@@ -60,11 +63,14 @@ from benchmarks.coldstart_trace import (
     PERIODIC,
     POISSON,
     TAILS,
+    WHY_COLD,
     ColdStartRequest,
     ColdStartTraceConfig,
     analyze,
+    cold_calls,
     generate_coldstart_trace,
     targets,
+    why_cold,
 )
 from benchmarks.load import replay, summarize
 from benchmarks.report import format_table, update_results_md
@@ -138,6 +144,7 @@ class Pass:
     api_key: str
     metrics_url: str
     worker_log: Path
+    key_of: dict[str, str]  # adapter name -> the first 12 hex digits of its sha256 (the worker log's key)
 
 
 def _database_url(server_url: str, name: str) -> str:
@@ -244,15 +251,18 @@ def start_up(
         )
     try:
         inference_target, admin_target, api_key = _wait_ready(process, out_path, log_path)
+        key_of = {}
         with AdminClient(admin_target, api_key, timeout_s=120) as admin:
             for index, directory in enumerate(adapter_dirs):
-                admin.upload_adapter(directory, adapter_name(index), model_dir.name)
+                uploaded = admin.upload_adapter(directory, adapter_name(index), model_dir.name)
+                key_of[adapter_name(index)] = uploaded.adapter.sha256[:12]
         yield Pass(
             inference_target,
             admin_target,
             api_key,
             f"http://127.0.0.1:{metrics_port}/metrics",
             state_dir / "logs" / "worker.log",
+            key_of,
         )
     finally:
         if process.poll() is None:
@@ -306,6 +316,41 @@ def prefetch_windows_s(loads: Sequence[dict], t0_wall_s: float) -> list[tuple[fl
     ]
 
 
+WORKER_EVENT = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ \S+: (?:"
+    r"(?P<hint>prewarm hint) key=(?P<k1>\w+)"
+    r"|adapter prefetch (?P<started>started) to=\w+ key=(?P<k2>\w+)"
+    r"|adapter prefetch skipped reason=(?P<reason>\w+) key=(?P<k3>\w+)"
+    r"|adapter host (?P<host>declined|evicted) key=(?P<k4>\w+)"
+    r"|adapter (?P<left>left its slot) without a host copy key=(?P<k5>\w+)"
+    r"|adapter load cause=(?P<prefetch>prefetch) tier=\w+ to=\w+ key=(?P<k6>\w+))",
+    re.MULTILINE,
+)
+
+
+def worker_events(log_text: str) -> list[dict]:
+    """The worker's hint and tier events from its debug log, for `why_cold`: {"at_s" (Unix seconds),
+    "event", "key"}."""
+    events = []
+    for match in WORKER_EVENT.finditer(log_text):
+        if match["hint"]:
+            event = "hint"
+        elif match["started"]:
+            event = "prefetch_started"
+        elif match["reason"]:
+            event = f"skipped_{match['reason']}"
+        elif match["host"]:
+            event = f"host_{match['host']}"
+        elif match["left"]:
+            event = "left_slot"
+        else:
+            event = "prefetch_loaded"
+        key = next(k for k in (match[f"k{i}"] for i in range(1, 7)) if k)
+        at_s = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        events.append({"at_s": at_s, "event": event, "key": key})
+    return events
+
+
 PREFETCH_SAMPLE = re.compile(
     r"^(openlora_prefetch(?:_wasted)?_total)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.MULTILINE
 )
@@ -341,6 +386,41 @@ def _stream_length(redis_url: str) -> int:
         return int(client.xlen(HINTS_STREAM))
     finally:
         client.close()
+
+
+def _last_stream_id(redis_url: str) -> str:
+    import redis
+
+    from openlora.hints import HINTS_STREAM
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        newest = client.xrevrange(HINTS_STREAM, count=1)
+        return newest[0][0].decode() if newest else "0-0"
+    finally:
+        client.close()
+
+
+def prewarm_hints_since(redis_url: str, after_id: str) -> list[dict]:
+    """The prewarm hints published after stream entry `after_id`: {"key" (sha256 prefix), "issued_at",
+    "deadline_at"}."""
+    import redis
+
+    from openlora.hints import HINTS_STREAM, Hint
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        entries = client.xrange(HINTS_STREAM, min=f"({after_id}")
+    finally:
+        client.close()
+    hints = []
+    for _id, fields in entries:
+        hint = Hint.from_fields(fields)
+        if hint.kind == "prewarm":
+            hints.append(
+                {"key": hint.sha256[:12], "issued_at": hint.issued_at, "deadline_at": hint.deadline_at}
+            )
+    return hints
 
 
 # ---------------------------------------------------------------------------------------------- a pass
@@ -379,14 +459,18 @@ def run_pass(
             f"{label}: up in {ready_s:.0f} s; replaying {len(requests)} requests over {trace.duration_s:.0f} s",
             flush=True,
         )
-        hints_before = _stream_length(redis_url)
+        hints_before, first_id = _stream_length(redis_url), _last_stream_id(redis_url)
         records, t0_wall_s, summary = asyncio.run(_replay(requests, p, f"cold-{slug}-{secrets.token_hex(3)}"))
         num_hints = _stream_length(redis_url) - hints_before
+        hints = prewarm_hints_since(redis_url, first_id)
         metrics_text = _scrape(p.metrics_url)
         prefetches = prefetch_counts(metrics_text)
-        loads = worker_loads(p.worker_log.read_text(errors="replace"))
+        log_text = p.worker_log.read_text(errors="replace")
+        loads = worker_loads(log_text)
     windows = prefetch_windows_s(loads, t0_wall_s)
     figures = analyze(requests, records, windows)
+    reasons = why_cold(cold_calls(requests, records, t0_wall_s, p.key_of), hints, worker_events(log_text))
+    figures["why_cold"] = {reason: reasons.count(reason) for reason in WHY_COLD if reason in reasons}
     figures.update(
         prefetch_windows_s=[(round(a, 3), round(b, 3)) for a, b in windows],
         metrics_scraped=bool(metrics_text),

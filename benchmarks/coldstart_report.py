@@ -72,6 +72,12 @@ def pass_lines(label: str, figures: dict) -> list[str]:
         f"{event} {e['count']} (p50 {_ms(e['ms']['p50'])} ms)" for event, e in figures["worker_loads"].items()
     )
     ratio = "n/a" if itl["p99_ratio"] is None else f"{itl['p99_ratio']:.2f}"
+    why = figures.get("why_cold")
+    why_text = (
+        "n/a"
+        if why is None
+        else ", ".join(f"{reason} {count}" for reason, count in why.items()) or "none was cold"
+    )
     return [
         f"- {label}: first call ever {_ms(first['ttft_ms'])} ms from {first['tier'] or first['error']} "
         f"(load {_ms(first['adapter_load_ms'])} ms); ITL p99 while loads were in flight "
@@ -80,7 +86,7 @@ def pass_lines(label: str, figures: dict) -> list[str]:
         f"{itl['load_windows']} load windows of which {itl['prefetch_windows']} hint-driven prefetches; "
         f"wasted prefetches {wasted}; {figures['hints_published']} hint stream entries "
         f"({figures['hints_per_min']:.0f}/min); worker loads (cause/source->destination, whole pass): "
-        f"{events or 'none'}."
+        f"{events or 'none'}; why measured long-tail calls were cold: {why_text}."
     ]
 
 

@@ -13,6 +13,7 @@ measured. One adapter is first called during the measured hours (its first call 
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -342,4 +343,83 @@ def targets(hints_on: dict, tail: str, host_share: float, prefetches: dict | Non
         "target": "<= 0.10",
         "met": wasted is not None and wasted <= 0.1,
     }
+    return out
+
+
+# ------------------------------------------------------------------------------- why a call was cold
+
+# Why a measured long-tail call was served from disk or remote, from what the benchmark observes: the hint
+# stream and the worker's debug log (events keyed by the first 12 hex digits of the adapter's sha256).
+NO_HINT = "no_hint"  # no prewarm hint was published between the adapter's previous call and this one
+HINT_LATE = "hint_late"  # published before the call, but the worker logged it only after the call came
+NO_ROOM = "skipped_no_room"  # the worker declined the prefetch: its host tier could not keep it
+HOST_DECLINED = "host_declined"  # the prefetch was read, but the host tier did not keep it
+EVICTED_FROM_HOST = "evicted_from_host"  # its host copy made room for another adapter before the call
+LEFT_SLOT = "left_slot"  # it left a device slot holding no host copy (a prefetch skipped as held there)
+IN_FLIGHT = "prefetch_in_flight"  # its prefetch had not landed when the call came
+UNEXPLAINED = "unexplained"  # hinted and prefetched, nothing logged took it away
+WHY_COLD = (NO_HINT, HINT_LATE, NO_ROOM, HOST_DECLINED, EVICTED_FROM_HOST, LEFT_SLOT, IN_FLIGHT, UNEXPLAINED)
+_LOSSES = {"skipped_no_room": NO_ROOM, "host_declined": HOST_DECLINED, "host_evicted": EVICTED_FROM_HOST,
+           "left_slot": LEFT_SLOT}  # fmt: skip
+
+
+def why_cold(
+    calls: Sequence[tuple[str, float, float | None]],
+    hints: Sequence[dict],
+    events: Sequence[dict],
+) -> list[str]:
+    """The reason (one of WHY_COLD) each cold call was cold. `calls`: (key, arrival, previous call's
+    arrival or None) in Unix seconds; `hints`: prewarm hints ({"key", "issued_at"}); `events`: the worker's
+    log events ({"at_s", "event", "key"}, event one of "hint", "prefetch_started", "skipped_no_room",
+    "skipped_held", "host_declined", "host_evicted", "left_slot", "prefetch_loaded").
+
+    The last loss (no room, declined, evicted from host, left its slot) logged between the worker taking
+    the hint and the call is the reason; without one, a prefetch started and not loaded is in flight."""
+    out = []
+    for key, arrived, previous in calls:
+        since = -math.inf if previous is None else previous
+        issued = [h["issued_at"] for h in hints if h["key"] == key and since < h["issued_at"] <= arrived]
+        if not issued:
+            out.append(NO_HINT)
+            continue
+        mine = sorted(
+            (e for e in events if e["key"] == key and min(issued) <= e["at_s"] <= arrived),
+            key=lambda e: e["at_s"],
+        )
+        if not any(e["event"] == "hint" for e in mine):
+            out.append(HINT_LATE)
+            continue
+        reason, started, loaded = UNEXPLAINED, False, False
+        for event in mine:
+            if event["event"] in _LOSSES:
+                reason = _LOSSES[event["event"]]
+            elif event["event"] == "prefetch_started":
+                started, loaded = True, False
+            elif event["event"] == "prefetch_loaded":
+                loaded = True
+        if reason == UNEXPLAINED and started and not loaded:
+            reason = IN_FLIGHT
+        out.append(reason)
+    return out
+
+
+def cold_calls(
+    requests: Sequence[ColdStartRequest], records: Sequence[dict], t0_wall_s: float, key_of: dict[str, str]
+) -> list[tuple[str, float, float | None]]:
+    """(key, arrival, previous arrival) in Unix seconds of each measured long-tail call served from disk
+    or remote; `key_of` maps an adapter name to its key (sha256 prefix). Arrival is when the worker got it
+    (scheduled + send lag)."""
+    by_index = {r["index"]: r for r in records}
+    last: dict[str, float] = {}
+    out = []
+    for request in requests:
+        record = by_index[request.request.index]
+        arrived = t0_wall_s + record["scheduled_s"] + record.get("send_lag_ms", 0.0) / 1000.0
+        name = request.request.adapter
+        previous = last.get(name)
+        last[name] = arrived
+        if request.kind != LONG_TAIL or not request.measured or record.get("error"):
+            continue
+        if record.get("cache_tier") not in WARM_TIERS:
+            out.append((key_of[name], arrived, previous))
     return out

@@ -24,11 +24,13 @@ from benchmarks.coldstart_trace import (
     POPULAR,
     ColdStartTraceConfig,
     analyze,
+    cold_calls,
     generate_coldstart_trace,
     load_window_s,
     popularity_deciles,
     split_itl_by_loads,
     targets,
+    why_cold,
 )
 from control_plane.prediction.demand import PredictorConfig, period_of
 
@@ -269,3 +271,48 @@ def test_full_run_has_four_passes_and_quick_two():
     assert not quick.update_results_md and Path(full.results_dir).name == "results"
     # Full run: 8 hours of 8 s per pass.
     assert full.trace.duration_s == 64.0
+
+
+def _event(at_s, event, key="k"):
+    return {"at_s": at_s, "event": event, "key": key}
+
+
+def test_why_cold_names_the_last_thing_that_took_a_hinted_adapter_away():
+    hint = [{"key": "k", "issued_at": 100.0}]
+    calls = [("k", 105.0, 90.0)]
+    assert why_cold(calls, [], []) == ["no_hint"]
+    assert why_cold(calls, [{"key": "k", "issued_at": 80.0}], []) == ["no_hint"]  # before the previous call
+    assert why_cold(calls, [{"key": "other", "issued_at": 100.0}], []) == ["no_hint"]
+    assert why_cold(calls, hint, [_event(105.5, "hint")]) == ["hint_late"]  # the worker took it after
+    received = [_event(100.2, "hint")]
+    assert why_cold(calls, hint, [*received, _event(100.2, "skipped_no_room")]) == ["skipped_no_room"]
+    started = [*received, _event(100.2, "prefetch_started")]
+    assert why_cold(calls, hint, started) == ["prefetch_in_flight"]
+    loaded = [*started, _event(100.3, "prefetch_loaded")]
+    assert why_cold(calls, hint, loaded) == ["unexplained"]
+    assert why_cold(calls, hint, [*started, _event(100.3, "host_declined")]) == ["host_declined"]
+    evicted = [*loaded, _event(103.0, "host_evicted")]
+    assert why_cold(calls, hint, evicted) == ["evicted_from_host"]
+    assert why_cold(calls, hint, [*evicted, _event(106.0, "left_slot")]) == ["evicted_from_host"]  # after
+    held = [*received, _event(100.2, "skipped_held"), _event(104.0, "left_slot")]
+    assert why_cold(calls, hint, held) == ["left_slot"]
+    assert why_cold(calls, hint, [*evicted, _event(104.0, "left_slot", key="other")]) == ["evicted_from_host"]
+
+
+def test_cold_calls_are_the_measured_long_tail_calls_not_served_warm_with_their_previous_call():
+    requests = generate_coldstart_trace(CONFIG)
+    tiers = ["disk", "host", "remote", "device"]
+    records = [
+        {"index": r.request.index, "scheduled_s": r.request.arrival_s, "send_lag_ms": 10.0,
+         "cache_tier": tiers[r.request.index % 4], "error": None}
+        for r in requests
+    ]  # fmt: skip
+    key_of = {name: f"key-{name}" for name in {r.request.adapter for r in requests}}
+    calls = cold_calls(requests, records, 1000.0, key_of)
+    expected = [r for r in requests if r.kind == LONG_TAIL and r.measured and r.request.index % 4 in (0, 2)]
+    assert [c[0] for c in calls] == [key_of[r.request.adapter] for r in expected]
+    assert [c[1] for c in calls] == [pytest.approx(1000.01 + r.request.arrival_s) for r in expected]
+    for (_, _, previous), r in zip(calls, expected, strict=True):
+        before = _tail_times(requests, r.request.adapter)
+        before = before[before < r.request.arrival_s]
+        assert previous == pytest.approx(1000.01 + before[-1])  # measured calls have history before them

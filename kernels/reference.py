@@ -3,15 +3,17 @@
 A batch of T rows is cut into G contiguous segments; segment g covers rows
 ``seg_indptr[g]:seg_indptr[g + 1]`` and uses adapter slot ``seg_slots[g]`` (-1: no adapter).
 
-Three strategies, chosen per call by shape, with identical results:
+Strategies, chosen once per layout (``SegmentPlan``), with identical results:
 - segments of several rows (prefill, or few adapters): one matmul per segment;
-- many short segments whose rows all use distinct slots from a narrow slot range (decode): one batched
-  matmul straight over the pool's slot range (a view: no weight is copied); rows are placed at their
-  slot's index, and slots in the range that no row uses get zero rows;
-- other many-short-segment layouts: gather each row's slot weights and run one batched matmul, in row
-  chunks so the gathered copy stays under ``_GATHER_BUDGET_BYTES``.
-The batched matmuls put the row vector on the left, ``(n, 1, H_in) @ (n, H_in, R)`` with the pool
-transposed as a view: on CPU this runs 5-10x faster than ``(n, R, H_in) @ (n, H_in, 1)``.
+- many short segments: one batched matmul over "entries", each one slot's rows padded to the longest
+  entry. When every segment has its own slot (the engine's layouts: rows grouped by slot) an entry is a
+  segment, so a popular adapter's rows share one read of its weights; otherwise an entry is one row.
+  - entries on distinct slots from a narrow slot range: the batch is the pool's slot range itself (a
+    view: no weight is copied); slots of the range no row uses get zero rows;
+  - otherwise: each entry's slot weights are gathered, in entry chunks so the copy stays under
+    ``_GATHER_BUDGET_BYTES``.
+The batched matmuls put the rows on the left, ``(E, m, H_in) @ (E, H_in, R)`` with the pool transposed
+as a view: on CPU this runs 5-10x faster than ``(E, R, H_in) @ (E, H_in, m)``.
 Measured on CPU (2 cores; 32 one-row segments on 32 distinct slots, R=16, H_in=H_out=512, shrink +
 expand): 370 us gather + bmm(A, x), 190 us slot-range view, versus 120 us for the base layer's linear.
 Half-precision inputs are computed in float32 and rounded once at the end.
@@ -25,10 +27,13 @@ import torch
 # average fewer than _MIN_LOOP_ROWS_PER_SEGMENT rows.
 _MAX_LOOP_SEGMENTS = 8
 _MIN_LOOP_ROWS_PER_SEGMENT = 2
+# A batch entry is a whole segment while no segment is longer than this (padding every entry to the
+# longest); past it, one row per entry.
+_MAX_ENTRY_ROWS = 4
 # The slot-range view reads every slot of the range; it is chosen while the range holds at most this
-# many slots per row that uses it (the gather reads each row's weights twice and writes them once).
+# many slots per entry that uses it (the gather reads each entry's weights twice and writes them once).
 _MAX_RANGE_SLOTS_PER_ROW = 2
-# Upper bound on the gathered per-row weight copy of the gather strategy.
+# Upper bound on the gathered per-entry weight copy of the gather strategy.
 _GATHER_BUDGET_BYTES = 64 * 1024 * 1024
 
 
@@ -55,12 +60,15 @@ class SegmentPlan:
     per step by the engine and passed to every projection's shrink and expand (``from_tensors`` reads a
     layout back from tensors, for callers without one).
 
-    ``segments``: (start, end, slot) of the segments with an adapter. Unless ``use_loop``:
+    ``segments``: (start, end, slot) of the segments with an adapter. Unless ``use_loop``, rows are
+    batched in ``num_entries`` entries of ``entry_rows`` rows each (see the module docstring):
     ``rows`` / ``slots`` (n,) int64 are the row index and slot of each row with an adapter, in segment
-    order. With ``slot_range`` (lo, hi) set, slots are distinct and batch entry ``slot - lo`` of the
-    pool view ``[lo, hi)`` serves row ``rows[i]``; ``row_range`` is set when those rows are one
-    contiguous range in slot order over every slot of the range, so inputs and outputs are views as well
-    (the usual decode step).
+    order, and ``flat`` (n,) int64 its place ``entry * entry_rows + offset`` in the padded batch. With
+    ``slot_range`` (lo, hi) set, entry ``slot - lo`` of the pool view ``[lo, hi)`` is used; otherwise
+    entry e uses slot ``entry_slots[e]`` and holds rows ``entry_bounds[e]:entry_bounds[e + 1]`` of
+    ``rows``. ``row_range`` is set when every entry is one row and those rows are one contiguous range in
+    slot order over every slot of the range, so inputs and outputs are views as well (the usual decode
+    step).
     """
 
     def __init__(self, seg_bounds: list[int], seg_slots: list[int], device: torch.device) -> None:
@@ -70,45 +78,78 @@ class SegmentPlan:
         self.row_range: tuple[int, int] | None = None
         if self.use_loop:
             return
+        seg_slot_list = [slot for _, _, slot in self.segments]
+        longest = max(end - start for start, end, _ in self.segments)
+        if longest <= _MAX_ENTRY_ROWS and len(set(seg_slot_list)) == len(seg_slot_list):
+            entries = self.segments  # one entry per segment
+        else:
+            entries = [
+                (row, row + 1, slot) for start, end, slot in self.segments for row in range(start, end)
+            ]
+            longest = 1
+        self.entry_rows = longest
         rows: list[int] = []
         slots: list[int] = []
-        for start, end, slot in self.segments:
+        offsets: list[int] = []
+        entry_bounds = [0]
+        for start, end, slot in entries:
             rows.extend(range(start, end))
             slots.extend([slot] * (end - start))
+            offsets.extend(range(end - start))
+            entry_bounds.append(len(rows))
         self.num_rows = len(rows)
+        self.entry_slots = [slot for _, _, slot in entries]
+        self.entry_slot_ids = torch.tensor(self.entry_slots, dtype=torch.int64, device=device)  # (E,)
+        self.entry_bounds = entry_bounds
         lo, hi = min(slots), max(slots) + 1
-        if len(set(slots)) == len(slots) and hi - lo <= _MAX_RANGE_SLOTS_PER_ROW * len(slots):
+        distinct = len(set(self.entry_slots)) == len(entries)
+        if distinct and hi - lo <= _MAX_RANGE_SLOTS_PER_ROW * len(entries):
             self.slot_range = (lo, hi)
-            if rows == list(range(rows[0], rows[0] + len(rows))) and slots == list(range(lo, hi)):
+            self.num_entries = hi - lo
+            entry_index = [slot - lo for slot in slots]
+            if (
+                longest == 1
+                and rows == list(range(rows[0], rows[0] + len(rows)))
+                and slots == list(range(lo, hi))
+            ):
                 self.row_range = (rows[0], rows[0] + len(rows))
+        else:
+            self.num_entries = len(entries)
+            entry_index = [
+                e for e in range(len(entries)) for _ in range(entry_bounds[e + 1] - entry_bounds[e])
+            ]
         self.rows = torch.tensor(rows, dtype=torch.int64, device=device)  # (n,)
         self.slots = torch.tensor(slots, dtype=torch.int64, device=device)  # (n,)
-        self.batch_slots = self.slots - lo  # (n,) entry of each row in the slot-range batch
+        flat = [e * longest + offset for e, offset in zip(entry_index, offsets, strict=True)]
+        self.flat = torch.tensor(flat, dtype=torch.int64, device=device)  # (n,)
 
     @classmethod
     def from_tensors(cls, seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> SegmentPlan:
         """The plan of a layout held in tensors (reads them back to the host)."""
         return cls(seg_indptr.tolist(), seg_slots.tolist(), seg_indptr.device)
 
+    def entry_chunks(self, bytes_per_entry: int):
+        """(first entry, end entry, rows slice of ``rows``) chunks whose gathered weights stay under the
+        budget (gather strategy)."""
+        step = max(1, _GATHER_BUDGET_BYTES // max(1, bytes_per_entry))
+        for first in range(0, len(self.entry_slots), step):
+            end = min(first + step, len(self.entry_slots))
+            yield first, end, slice(self.entry_bounds[first], self.entry_bounds[end])
+
 
 def _plan(plan: SegmentPlan | None, seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> SegmentPlan:
     return SegmentPlan.from_tensors(seg_indptr, seg_slots) if plan is None else plan
 
 
-def _to_slot_batch(layout: SegmentPlan, rows: torch.Tensor) -> torch.Tensor:
-    """(T, D) rows -> (hi - lo, D) float32, entry slot - lo holding the row that uses the slot."""
-    if layout.row_range is not None:
-        return rows[layout.row_range[0] : layout.row_range[1]].float()
-    lo, hi = layout.slot_range
-    batch = rows.new_zeros(hi - lo, rows.shape[1], dtype=torch.float32)
-    batch[layout.batch_slots] = rows[layout.rows].float()
-    return batch
-
-
-def _row_chunks(num_rows: int, bytes_per_row: int):
-    step = max(1, _GATHER_BUDGET_BYTES // max(1, bytes_per_row))
-    for start in range(0, num_rows, step):
-        yield slice(start, start + step)
+def _to_entries(
+    layout: SegmentPlan, values: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor, num_entries: int
+) -> torch.Tensor:
+    """values[rows] (n, D) -> (num_entries, entry_rows, D) float32 at their ``flat`` places, zeros
+    elsewhere."""
+    m = layout.entry_rows
+    batch = values.new_zeros(num_entries * m, values.shape[1], dtype=torch.float32)
+    batch[flat] = values[rows].float()
+    return batch.view(num_entries, m, -1)
 
 
 def sgmv_shrink(
@@ -140,19 +181,21 @@ def sgmv_shrink(
         for start, end, slot in layout.segments:
             u[start:end] = x[start:end].float() @ lora_a[slot].float().T  # (n, H_in) @ (H_in, R)
         return u.to(x.dtype)
+    if layout.row_range is not None:
+        (r0, r1), (lo, hi) = layout.row_range, layout.slot_range
+        u[r0:r1] = torch.bmm(x[r0:r1].float().unsqueeze(1), lora_a[lo:hi].float().transpose(1, 2)).squeeze(1)
+        return u.to(x.dtype)
     if layout.slot_range is not None:
         lo, hi = layout.slot_range
-        xs = _to_slot_batch(layout, x).unsqueeze(1)  # (hi - lo, 1, H_in)
-        us = torch.bmm(xs, lora_a[lo:hi].float().transpose(1, 2)).squeeze(1)  # (hi - lo, R)
-        if layout.row_range is not None:
-            u[layout.row_range[0] : layout.row_range[1]] = us
-        else:
-            u[layout.rows] = us[layout.batch_slots]
+        xs = _to_entries(layout, x, layout.rows, layout.flat, hi - lo)  # (hi - lo, m, H_in)
+        us = torch.bmm(xs, lora_a[lo:hi].float().transpose(1, 2))  # (hi - lo, m, R)
+        u[layout.rows] = us.view(-1, rank)[layout.flat]
         return u.to(x.dtype)
-    for chunk in _row_chunks(layout.num_rows, rank * lora_a.shape[2] * 4):
-        rows = layout.rows[chunk]
-        a = lora_a[layout.slots[chunk]].float()  # (n, R, H_in), a copy
-        u[rows] = torch.bmm(x[rows].float().unsqueeze(1), a.transpose(1, 2)).squeeze(1)  # (n, R)
+    for first, end, chunk in layout.entry_chunks(rank * lora_a.shape[2] * 4):
+        rows, flat = layout.rows[chunk], layout.flat[chunk] - first * layout.entry_rows
+        a = lora_a[layout.entry_slot_ids[first:end]].float()  # (e, R, H_in), a copy
+        us = torch.bmm(_to_entries(layout, x, rows, flat, end - first), a.transpose(1, 2))  # (e, m, R)
+        u[rows] = us.view(-1, rank)[flat]
     return u.to(x.dtype)
 
 
@@ -196,19 +239,23 @@ def sgmv_expand(
         us = (u[r0:r1].float() * scale[lo:hi].float().unsqueeze(1)).unsqueeze(1)  # (n, 1, R)
         y[r0:r1].unsqueeze(1).baddbmm_(us, lora_b[lo:hi].float().transpose(1, 2))  # (n, 1, H_out) += ...
         return
+    if layout.row_range is not None:
+        (r0, r1), (lo, hi) = layout.row_range, layout.slot_range
+        deltas = torch.bmm(u[r0:r1].float().unsqueeze(1), lora_b[lo:hi].float().transpose(1, 2)).squeeze(1)
+        deltas *= scale[lo:hi].float().unsqueeze(1)  # (n, H_out)
+        _add_rows(y, slice(r0, r1), deltas)
+        return
     if layout.slot_range is not None:
         lo, hi = layout.slot_range
-        us = _to_slot_batch(layout, u).unsqueeze(1)  # (hi - lo, 1, R)
-        deltas = torch.bmm(us, lora_b[lo:hi].float().transpose(1, 2)).squeeze(1)  # (hi - lo, H_out)
-        deltas *= scale[lo:hi].float().unsqueeze(1)
-        if layout.row_range is not None:
-            _add_rows(y, slice(*layout.row_range), deltas)
-        else:
-            _add_rows(y, layout.rows, deltas[layout.batch_slots])
+        us = _to_entries(layout, u, layout.rows, layout.flat, hi - lo)  # (hi - lo, m, R)
+        deltas = torch.bmm(us, lora_b[lo:hi].float().transpose(1, 2)).view(-1, out_features)[layout.flat]
+        deltas *= scale[layout.slots].float().unsqueeze(1)  # (n, H_out)
+        _add_rows(y, layout.rows, deltas)
         return
-    for chunk in _row_chunks(layout.num_rows, out_features * rank * 4):
-        rows, slots = layout.rows[chunk], layout.slots[chunk]
-        b = lora_b[slots].float()  # (n, H_out, R), a copy
-        delta = torch.bmm(u[rows].float().unsqueeze(1), b.transpose(1, 2)).squeeze(1)  # (n, H_out)
-        delta *= scale[slots].float().unsqueeze(1)
-        _add_rows(y, rows, delta)
+    for first, end, chunk in layout.entry_chunks(out_features * rank * 4):
+        rows, flat = layout.rows[chunk], layout.flat[chunk] - first * layout.entry_rows
+        b = lora_b[layout.entry_slot_ids[first:end]].float()  # (e, H_out, R), a copy
+        us = _to_entries(layout, u, rows, flat, end - first)  # (e, m, R)
+        deltas = torch.bmm(us, b.transpose(1, 2)).view(-1, out_features)[flat]  # (n, H_out)
+        deltas *= scale[layout.slots[chunk]].float().unsqueeze(1)
+        _add_rows(y, rows, deltas)

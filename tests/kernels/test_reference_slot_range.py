@@ -130,3 +130,34 @@ def test_a_layout_changed_in_place_is_not_served_from_the_previous_plan():
     seg_slots.copy_(torch.arange(23, 11, -1, dtype=torch.int32))
     second = reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots)
     torch.testing.assert_close(second, naive_shrink(x, lora_a, seg_indptr, seg_slots))
+
+
+GROUPED = {  # short segments, each on its own slot (the engine's layouts): one batch entry per segment
+    "grouped-range": ([2, 1, 3, 1, 2, 1, 1, 3, 2, 1], [0, 1, 2, 3, -1, 5, 6, 7, 8, 9]),
+    "grouped-sparse": ([2, 1, 3, 1, 2, 1, 1, 3, 2, 1], [0, 40, 13, -1, 35, 8, 21, 3, 30, 17]),
+}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("layout", list(GROUPED))
+def test_short_segments_on_their_own_slots_are_batched_per_segment(dtype, layout):
+    lengths, slots = GROUPED[layout]
+    seg_indptr = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    seg_slots = torch.tensor(slots, dtype=torch.int32)
+    plan = reference.SegmentPlan.from_tensors(seg_indptr, seg_slots)
+    assert not plan.use_loop and plan.entry_rows == 3
+    assert (plan.slot_range is not None) == (layout == "grouped-range")
+    gen = torch.Generator().manual_seed(len(layout))
+    num_rows, num_slots = sum(lengths), 48
+    x = torch.randn(num_rows, 24, generator=gen).to(dtype)
+    lora_a = (torch.randn(num_slots, 8, 24, generator=gen) / 24**0.5).to(dtype)
+    lora_b = torch.randn(num_slots, 16, 8, generator=gen).to(dtype)
+    scale = torch.rand(num_slots, generator=gen)
+    atol, rtol = TOLERANCE[dtype]
+    u = reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots, plan=plan)
+    torch.testing.assert_close(u, naive_shrink(x, lora_a, seg_indptr, seg_slots), atol=atol, rtol=rtol)
+    y0 = torch.randn(num_rows, 16, generator=gen).to(dtype)
+    y = y0.clone()
+    reference.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, plan=plan)
+    expected = naive_expand(u, lora_b, seg_indptr, seg_slots, y0, scale)
+    torch.testing.assert_close(y, expected, atol=atol, rtol=rtol)

@@ -39,3 +39,23 @@ def test_a_peak_above_capacity_needs_more_shared_replicas():
     )
     assert cost.shared_replicas == 3  # 600 tokens/s peak over 250 tokens/s
     assert cost.dedicated_replicas == 2  # 300 tokens/s each, under 400
+
+
+def test_scenario_four_prices_each_configuration_at_its_measured_capacity():
+    from benchmarks.run import config_from_args, scenario_cost
+
+    cfg = config_from_args([])
+    runs = [
+        {"num_adapters": 1, "capacity_rate_per_s": 6.0, "capacity_tokens_per_s": 240.0},
+        {"num_adapters": 1000, "capacity_rate_per_s": 5.0, "capacity_tokens_per_s": 200.0},
+        {"num_adapters": 50, "capacity_rate_per_s": 0.0, "capacity_tokens_per_s": 0.0},  # none sustained
+    ]
+    one, many = scenario_cost(cfg, runs)
+    assert (one["num_adapters"], many["num_adapters"]) == (1, 1000)
+    assert one["dedicated_capacity_from"] == many["dedicated_capacity_from"] == 1
+    # Every one of the 1,000 adapters is requested, each needing its own deployment for the whole trace.
+    assert many["dedicated_replicas"] == 1000 and many["ratio"] > 100
+    assert one["ratio"] == pytest.approx(1.0)
+    # The trace arrives at the configuration's capacity for about s4_duration_s (1,000 requests at least).
+    assert many["duration_s"] == pytest.approx(1000 / 5.0, rel=0.2)
+    assert one["duration_s"] == pytest.approx(cfg.s4_duration_s, rel=0.2)

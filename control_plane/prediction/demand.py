@@ -4,7 +4,8 @@ Plain Python over Unix seconds, so the clock can be compressed in tests and benc
 - periodic (at least `min_gaps` gaps, and at least `periodic_min_share` of them within `periodic_tolerance`
   of a whole number of median gaps, so a few jittered or missed calls do not hide the period): the next
   call is expected one median gap after the last; prewarm from the lead time before it (`lead_gap_share`
-  of the gap, within [`lead_s`, `max_lead_s`]) until half a gap after.
+  of the gap, within [`lead_s`, `max_lead_s`]) until half a gap after. After a missed call the next one
+  on the grid is prewarmed; after more than `MAX_MISSED_CALLS` in a row the period is no longer trusted.
 - hot (EWMA rate at least `resident_rate_per_s`): no hint; an adapter called that often stays resident in
   the workers that serve it, and hinting it every pass would only flood the stream.
 - bursty (the last call is recent compared with the typical gap inside the burst): prewarm while calls
@@ -18,6 +19,10 @@ import itertools
 import math
 import statistics
 from dataclasses import dataclass, fields
+
+# A periodic adapter is prewarmed for the next call on its grid after at most this many predicted calls
+# in a row did not come (a job that skips a run); after more, its history is read as if it had no period.
+MAX_MISSED_CALLS = 1
 
 
 @dataclass(frozen=True)
@@ -110,16 +115,20 @@ def predict(times: list[float], now: float, config: PredictorConfig) -> Predicti
     demand = demand_of(times, now, config)
     period = period_of(times, config)
     if period is not None:
-        next_at = demand.last_at + period
+        next_at, missed = demand.last_at + period, 0
         while next_at + period / 2 < now:  # calls were missed: the next one on the grid
-            next_at += period
-        if next_at - config.lead_for(period) <= now:
-            return Prediction("prewarm", next_at, "periodic", period)
-        return None  # between calls: nothing to do yet
+            next_at, missed = next_at + period, missed + 1
+        if missed <= MAX_MISSED_CALLS:
+            if next_at - config.lead_for(period) <= now:
+                return Prediction("prewarm", next_at, "periodic", period)
+            return None  # between calls: nothing to do yet
+        # More predicted calls than that did not come: the grid no longer says when the next one comes
+        # (the job stopped, or the gaps only looked periodic), and every prewarm on it is a wasted load.
+        # Nor is it a burst still going: its calls were a period apart, and that many periods passed.
     if demand.rate_per_s >= config.resident_rate_per_s:
         return None  # hot: resident wherever it is served
     recent = [t for t in times if now - t <= config.rate_time_constant_s]
-    if len(recent) >= 3:
+    if len(recent) >= 3 and period is None:
         burst_gap = statistics.median(b - a for a, b in itertools.pairwise(recent))
         if now - demand.last_at <= config.burst_gap_factor * max(burst_gap, 1e-3):
             return Prediction("prewarm", now + burst_gap, "burst", burst_gap)

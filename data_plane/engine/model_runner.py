@@ -90,6 +90,7 @@ class ModelRunner:
             layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         model.allocate_lora_slots(num_adapter_slots, max_lora_rank)
         self.slot_ranks = [0] * num_adapter_slots
+        self.slot_targets: list[frozenset[str]] = [frozenset()] * num_adapter_slots  # PEFT modules adapted
         # Adapter loads copy on their own stream so they overlap the forward pass on the default one.
         self._load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Per slot (CUDA only): the compute-stream event after the last forward that read it (written by
@@ -120,6 +121,7 @@ class ModelRunner:
                 else:
                     module.load_slot(slot, factors.a, factors.b, factors.scale, index)
         self.slot_ranks[slot] = weights.rank
+        self.slot_targets[slot] = frozenset(name for _, name in weights.factors)
 
     def install_from_host(self, slot: int, host: HostAdapter) -> None:
         """Copies a packed adapter into `slot`: on CUDA one host-to-device copy of its buffer on the load
@@ -224,6 +226,7 @@ class ModelRunner:
                 max_segment_rows=max(end - start for start, end in itertools.pairwise(seg_indptr)),
                 use_triton=use_triton,
                 plan=None if use_triton else kernels.plan_segments(seg_indptr, seg_slots, device),
+                targets=frozenset().union(*(self.slot_targets[s] for s in set(used_slots))),
             )
         self._wait_for_slot_writes(used_slots)
         hidden = self.model(ids, meta)  # (T, hidden)

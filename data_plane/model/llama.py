@@ -246,6 +246,9 @@ class LlamaForCausalLM(nn.Module):
         self.quant = linear.quant
         self.model = LlamaModel(config, max_positions, linear)
         self.lm_head = linear.lm_head(config.spec.hidden_size, config.spec.vocab_size)
+        for layer in range(len(self.model.layers)):
+            for name, (module, _) in self.lora_targets(layer).items():
+                module.slice_targets = (*module.slice_targets, name)  # lora_targets lists slices in order
 
     def quantized_weights(self) -> dict[str, QuantLinear]:
         """Checkpoint tensor name -> the QuantLinear that takes that weight (empty in full precision)."""

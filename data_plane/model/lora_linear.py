@@ -39,6 +39,7 @@ class LoRALinear(nn.Module):
         self.out_features = sum(self.out_slices)
         offsets = [0, *itertools.accumulate(self.out_slices)]
         self.slice_bounds = list(itertools.pairwise(offsets))  # [(start, end)] columns of each slice
+        self.slice_targets: tuple[str, ...] = ()  # each slice's PEFT target-module name, set by the model
         self.max_rank = 0
         self.lora_a: torch.Tensor | None = None  # (S, R * n, in), rank-interleaved
         self.lora_b: list[torch.Tensor] = []  # per slice (S, out_i, R)
@@ -88,6 +89,12 @@ class LoRALinear(nn.Module):
         y = self.base_forward(x)  # (T, out)
         if lora is None or self.lora_a is None:
             return y
+        slices = range(self.num_slices)
+        if lora.targets is not None and self.slice_targets:
+            # Slices no adapter of the step targets hold zero factors: leave their SGMV out.
+            slices = [i for i in slices if self.slice_targets[i] in lora.targets]
+            if not slices:
+                return y
         n, rank = self.num_slices, self.max_rank
         lora_a = self.lora_a
         if lora.max_rank < rank and not lora.use_triton:
@@ -99,7 +106,8 @@ class LoRALinear(nn.Module):
         u = kernels.sgmv_shrink(x, lora_a, lora.seg_indptr, lora.seg_slots, **layout)  # (T, rank * n)
         if n > 1:
             u = u.view(-1, rank, n).transpose(1, 2).contiguous()  # (T, n, rank): each slice's ranks in a row
-        for i, (start, end) in enumerate(self.slice_bounds):
+        for i in slices:
+            start, end = self.slice_bounds[i]
             lora_b = self.lora_b[i] if rank == self.max_rank else self.lora_b[i][:, :, :rank]
             u_i = u if n == 1 else u[:, i]  # (T, rank)
             y_i = y if n == 1 else y[:, start:end]  # (T, out_i), a view: expand adds in place

@@ -31,6 +31,8 @@ class LoraSegments:
     max_segment_rows: int  # longest segment, known on the host: the kernels skip their index checks
     use_triton: bool  # the SGMV implementation of this step (`kernels.use_triton`, read once)
     plan: SegmentPlan | None  # the reference's plan of the layout; None on the Triton path
+    # PEFT target modules (q_proj, ...) that some slot of the step adapts; the others skip SGMV. None: all.
+    targets: frozenset[str] | None = None
 
 
 @dataclass

@@ -48,6 +48,9 @@ migrate: $(STAMP)
 # CPU benchmarks, each against its baseline in the same run; figures go to benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.engine_bench
+	$(BIN)/python -m benchmarks.profile_step
+	$(BIN)/python -m benchmarks.profile_step --no-adapters
+	$(BIN)/python -m benchmarks.serving_overhead
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.coldstart
 

@@ -4,7 +4,8 @@ Plain Python over Unix seconds, so the clock can be compressed in tests and benc
 - periodic (at least `min_gaps` gaps, and at least `periodic_min_share` of them within `periodic_tolerance`
   of a whole number of median gaps, so a few jittered or missed calls do not hide the period): the next
   call is expected one median gap after the last; prewarm from the lead time before it (`lead_gap_share`
-  of the gap, within [`lead_s`, `max_lead_s`]) until half a gap after. After a missed call the next one
+  of the gap, within [`lead_s`, `max_lead_s`], plus as far as its gaps strayed from the grid, so a call
+  that comes that much early still finds it warm) until half a gap after. After a missed call the next one
   on the grid is prewarmed; after more than `MAX_MISSED_CALLS` in a row the period is no longer trusted.
 - hot (EWMA rate at least `resident_rate_per_s`): no hint; an adapter called that often stays resident in
   the workers that serve it, and hinting it every pass would only flood the stream.
@@ -21,7 +22,7 @@ import statistics
 from dataclasses import dataclass, fields
 
 # A periodic adapter is prewarmed for the next call on its grid after at most this many predicted calls
-# in a row did not come (a job that skips a run); after more, its history is read as if it had no period.
+# in a row did not come (a job that skips a run); after more, it gets no prewarm until a call comes.
 MAX_MISSED_CALLS = 1
 
 
@@ -109,6 +110,17 @@ def period_of(times: list[float], config: PredictorConfig) -> float | None:
     return period if on_grid >= config.periodic_min_share * len(gaps) else None
 
 
+def grid_spread(times: list[float], period: float, tolerance: float) -> float:
+    """The farthest a gap of sorted `times` on the grid (within `tolerance` periods of a whole number of
+    periods) strayed from it, in seconds: how much earlier than expected the next call may come."""
+    deviations = [
+        abs(gap - max(round(gap / period), 1) * period)
+        for a, b in itertools.pairwise(times)
+        if (gap := b - a) > 0
+    ]
+    return max((d for d in deviations if d <= tolerance * period), default=0.0)
+
+
 def predict(times: list[float], now: float, config: PredictorConfig) -> Prediction | None:
     """The hint an adapter's history calls for at `now`, or None."""
     times = sorted(times)
@@ -119,7 +131,12 @@ def predict(times: list[float], now: float, config: PredictorConfig) -> Predicti
         while next_at + period / 2 < now:  # calls were missed: the next one on the grid
             next_at, missed = next_at + period, missed + 1
         if missed <= MAX_MISSED_CALLS:
-            if next_at - config.lead_for(period) <= now:
+            # A call may come as early as its gaps have strayed from the grid: prewarm that much sooner.
+            lead_s = min(
+                config.lead_for(period) + grid_spread(times, period, config.periodic_tolerance),
+                config.max_lead_s,
+            )
+            if next_at - lead_s <= now:
                 return Prediction("prewarm", next_at, "periodic", period)
             return None  # between calls: nothing to do yet
         # More predicted calls than that did not come: the grid no longer says when the next one comes

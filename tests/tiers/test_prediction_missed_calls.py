@@ -1,6 +1,7 @@
 """A periodic prediction stops when its calls stop: after one missed call the next one on the grid is
 still prewarmed (a job that skips a run); after two missed in a row no more prewarms are published on
-that grid, so a stopped job, or gaps that only looked periodic, do not cost a wasted load every period."""
+that grid, so a stopped job, or gaps that only looked periodic, do not cost a wasted load every period.
+And a jittered period is prewarmed as early as its calls have strayed from the grid."""
 
 from __future__ import annotations
 
@@ -30,3 +31,25 @@ def test_a_period_resumes_once_its_calls_come_back():
     times = [T0 + k * PERIOD for k in range(6)] + [T0 + 9 * PERIOD]  # three runs skipped, then one came
     last = times[-1]
     assert _prewarm_deadline(times, last + PERIOD - 1.0) == last + PERIOD
+
+
+def test_a_jittered_period_is_prewarmed_as_early_as_its_calls_have_come():
+    # Gaps of 10 s strayed up to 1.5 s from the grid: a call may come 1.5 s early, so the prewarm starts
+    # lead (2 s) + 1.5 s before the expected call; an exact period keeps the lead alone.
+    jittered = [T0, T0 + 10.0, T0 + 18.5, T0 + 30.0, T0 + 40.5]
+    last = jittered[-1]
+    expected = last + 10.0
+    assert predict(jittered, expected - 3.6, CONFIG) is None
+    prediction = predict(jittered, expected - 3.4, CONFIG)
+    assert prediction is not None and prediction.reason == "periodic"
+    assert abs(prediction.deadline_at - expected) < 0.6  # one median gap after the last call
+    exact = [T0 + k * PERIOD for k in range(5)]
+    assert _prewarm_deadline(exact, exact[-1] + PERIOD - 2.5) is None
+    assert _prewarm_deadline(exact, exact[-1] + PERIOD - 1.5) == exact[-1] + PERIOD
+
+
+def test_a_gap_off_the_grid_does_not_widen_the_lead():
+    # Four gaps on a 10 s grid, one of 15 s (off the grid, periodic all the same at a 0.75 share).
+    times = [T0, T0 + 10.0, T0 + 20.0, T0 + 35.0, T0 + 45.0, T0 + 55.0]
+    assert _prewarm_deadline(times, times[-1] + PERIOD - 2.5) is None
+    assert _prewarm_deadline(times, times[-1] + PERIOD - 1.5) == times[-1] + PERIOD

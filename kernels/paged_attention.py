@@ -8,23 +8,21 @@ Triton launcher's docstring):
 
 - `gather_sdpa`: every sequence's blocks up to the longest table gathered into a padded (D, context)
   copy, then one masked SDPA (what the model's decode branch did before this module);
-- `bucketed_sdpa`: sequences grouped by their number of blocks, one gather and one SDPA per group, so the
-  padding gathered and attended is at most one block per sequence;
+- `bucketed_sdpa`: sequences sorted by context length and cut into at most four groups, one gather and
+  one SDPA per group, so each group pads only to its own longest context;
 - `block_loop`: one block column of all sequences at a time with an online softmax, no padded copy of the
   whole history at once.
 
-The CPU default is `bucketed_sdpa`, from `python -m benchmarks.attention_bench` at the bench model's decode
-shapes (one layer, 128 sequences, contexts 32-120, block_size 16, 8 heads of 64, float32), measured at
-11:25-11:31 UTC on a 2-core machine running about a dozen other jobs (load ~12), 10 turns per path
-(3 in the PASSIVE run):
-- `--threads 1`: bucketed_sdpa 0.32x gather_sdpa's wall time (0.34x its CPU time), block_loop 0.58x;
-- 2 threads with `OMP_WAIT_POLICY=PASSIVE`: bucketed_sdpa 0.50x (CPU time 0.41x), block_loop 0.76x;
-- 2 threads, default (spinning) wait: bucketed_sdpa 2.6x, block_loop 4.2x. Its CPU time grew 10x over the
-  single-thread run for the same work: the threads spin at every op's barrier while the other cores are
-  taken, which penalises the path with more ops; on a quiet machine that wait is microseconds.
-The padded gather writes a (128, 128, 8, 64) copy of K and of V that leaves the caches, then SDPA reads it
-back; a bucket's copy is smaller and holds little padding. Rerun on a quiet machine before relying on the
-ratios; switching the default is `CPU_DEFAULT`.
+The CPU default is `bucketed_sdpa`, from `python -m benchmarks.attention_bench --repeats 10` at the bench
+model's decode shapes (one layer, 128 sequences, contexts 32-120, block_size 16, 8 heads of 64, float32) on
+a shared 2-core machine (load average 3.5-4.5 from other jobs, 11:57-11:58 UTC, three runs): bucketed_sdpa
+took 0.47-0.49x gather_sdpa's time with torch's 2 threads and 0.46x with --threads 1; block_loop
+0.50-0.54x. At 128 sequences with contexts 200-500 the 2-thread runs disagreed (bucketed 0.66x to 1.40x,
+1-thread 0.62x). The padded gather writes a (128, 128, 8, 64) copy of K and of V that leaves the caches
+before SDPA reads it back; a group's copy is smaller and holds little padding. An earlier version with
+one group per block count (up to 8 groups here, 19 at 200-500) lost to gather_sdpa on 2 threads under
+heavier load (load ~12: each op's threads spin at its barrier while other jobs hold the cores), hence at
+most four groups. Rerun on a quiet machine before relying on the ratios; the default is `CPU_DEFAULT`.
 """
 
 from __future__ import annotations
@@ -60,15 +58,22 @@ def gather_sdpa(q, k_cache, v_cache, block_tables, context_lens, scale, *, max_c
     return out.squeeze(2)
 
 
+_MAX_GROUPS = 4
+
+
 def bucketed_sdpa(q, k_cache, v_cache, block_tables, context_lens, scale, *, max_context_len=None):
-    """Sequences grouped by their number of blocks; per group one gather of exactly those blocks and one
-    SDPA, masked only when some sequence of the group ends inside its last block. Reads context_lens on
-    the host (free on CPU, one sync elsewhere)."""
+    """Sequences sorted by context length and cut into at most `_MAX_GROUPS` groups of equal count; per
+    group one gather of the blocks up to its longest context and one masked SDPA. Few groups keep the ops
+    few; sorted, each group pads little. Reads context_lens on the host (free on CPU, one sync elsewhere)."""
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     lens = context_lens.tolist()
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    num_groups = min(_MAX_GROUPS, len(lens))
     groups: dict[int, list[int]] = {}
-    for row, length in enumerate(lens):
-        groups.setdefault(-(-length // block_size), []).append(row)
+    for g in range(num_groups):
+        rows = order[g * len(lens) // num_groups : (g + 1) * len(lens) // num_groups]
+        if rows:
+            groups.setdefault(-(-lens[rows[-1]] // block_size), []).extend(rows)
     out = torch.empty_like(q)  # (D, heads, head_dim)
     for num_blocks, rows in groups.items():
         context = num_blocks * block_size

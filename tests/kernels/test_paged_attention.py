@@ -205,3 +205,10 @@ def test_compiled_kernel_matches_gather_sdpa_on_cuda(dtype, ratio, head_dim):
     torch.testing.assert_close(out.float(), want, atol=atol, rtol=rtol)
     lone = make_case(11, dtype, 4, ratio, head_dim, BLOCK_SIZE, lens[:8])
     check(paged_decode.paged_decode_attention(**lone), lone, dtype)
+
+
+@pytest.mark.parametrize("path", list(paged_attention.CPU_PATHS))
+def test_cpu_paths_on_more_sequences_than_groups_in_shuffled_order(path):
+    lens = [37, 1, 64, 16, 90, 15, 17, 33, 2, 64, 48]  # groups share a padded length, rows not sorted
+    case = make_case(8, torch.float32, 2, 4, 64, BLOCK_SIZE, lens)
+    check(paged_attention.CPU_PATHS[path](**case), case, torch.float32)

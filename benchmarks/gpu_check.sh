@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks on one CUDA device, sized for under 8 minutes on one H200 (each step has its own limit):
-#   1. the kernel tests on CUDA, including the larger @pytest.mark.gpu grid (150 s);
+#   1. the kernel tests on CUDA, including the larger @pytest.mark.gpu grid, SGMV and paged attention (210 s);
 #   1b. the engine's slot-load ordering on CUDA: loads on the side stream against running forwards (120 s);
 #   1c. the int8/int4 QuantLinear kernels on CUDA against their references, odd shapes included (90 s);
 #   2. benchmarks/kernel_bench.py: Triton vs gather + bmm and vs copy bandwidth, table to stdout,
@@ -24,7 +24,7 @@ unset TRITON_INTERPRET OPENLORA_KERNELS  # compiled kernels, chosen by device
 
 echo "== kernel tests on CUDA (including the gpu-marked grid)"
 START_S=$SECONDS
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels -m "gpu or not gpu"
+timeout 210 "$PY" -m pytest -q -p no:cacheprovider tests/kernels -m "gpu or not gpu"
 
 echo "== adapter slot loads ordered against forwards on CUDA"
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda_slot_ordering.py -m gpu

@@ -74,7 +74,7 @@ def test_sampler_on_the_combination_draws_from_p_to_the_one_over_t_and_reports_l
     weights = [0.2, 0.3, 0.5]
     logp = combine(logits, weights, "probs")
     temperature = 0.6
-    options = [SamplingOptions(temperature=temperature)]
+    options = [SamplingOptions(temperature=temperature, logprobs=True)]
     sampler = Sampler()
     draws = []
     generator = torch.Generator().manual_seed(5)

@@ -12,6 +12,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    for name in ("kernels.triton_ops.sgmv_shrink", "kernels.triton_ops.sgmv_expand"):
+    for name in (
+        "kernels.triton_ops.sgmv_shrink",
+        "kernels.triton_ops.sgmv_expand",
+        "kernels.triton_ops.paged_decode",
+    ):
         if name in sys.modules:
             raise pytest.UsageError(f"{name} was imported before TRITON_INTERPRET=1 could be set")

@@ -9,8 +9,9 @@ Plain Python over Unix seconds, so the clock can be compressed in tests and benc
   on the grid is prewarmed; after more than `MAX_MISSED_CALLS` in a row the period is no longer trusted.
 - hot (EWMA rate at least `resident_rate_per_s`): no hint; an adapter called that often stays resident in
   the workers that serve it, and hinting it every pass would only flood the stream.
-- bursty (the last call is recent compared with the typical gap inside the burst): prewarm while calls
-  keep coming, with the deadline one typical gap ahead.
+- bursty (the calls within the rate window came at least `BURST_RATE_FACTOR` times as fast as those
+  before it, and the last call is recent compared with the typical gap inside the burst): prewarm while
+  calls keep coming, with the deadline one typical gap ahead.
 - otherwise, an adapter whose EWMA rate fell below `demote_below_per_s` gets a demote.
 """
 
@@ -24,6 +25,8 @@ from dataclasses import dataclass, fields
 # A periodic adapter is prewarmed for the next call on its grid after at most this many predicted calls
 # in a row did not come (a job that skips a run); after more, it gets no prewarm until a call comes.
 MAX_MISSED_CALLS = 1
+# Calls within the rate window make a burst when they come at least this many times as fast as before it.
+BURST_RATE_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,19 @@ def grid_spread(times: list[float], period: float, tolerance: float) -> float:
     return max((d for d in deviations if d <= tolerance * period), default=0.0)
 
 
+def _faster_than_before(times: list[float], num_recent: int, now: float, config: PredictorConfig) -> bool:
+    """Whether the `num_recent` last of sorted `times`, those within the rate window before `now`, came at
+    least BURST_RATE_FACTOR times as fast as the calls before the window did (True without calls before
+    it: nothing says they are the usual pace). A steady stream, however fast against the window, is no
+    burst: memoryless calls at their usual rate say nothing about when the next one comes."""
+    before = times[: len(times) - num_recent]
+    window_start = now - config.rate_time_constant_s
+    if not before or window_start <= before[0]:
+        return True
+    rate_before = len(before) / (window_start - before[0])
+    return num_recent / config.rate_time_constant_s >= BURST_RATE_FACTOR * rate_before
+
+
 def predict(times: list[float], now: float, config: PredictorConfig) -> Prediction | None:
     """The hint an adapter's history calls for at `now`, or None."""
     times = sorted(times)
@@ -145,7 +161,7 @@ def predict(times: list[float], now: float, config: PredictorConfig) -> Predicti
     if demand.rate_per_s >= config.resident_rate_per_s:
         return None  # hot: resident wherever it is served
     recent = [t for t in times if now - t <= config.rate_time_constant_s]
-    if len(recent) >= 3 and period is None:
+    if len(recent) >= 3 and period is None and _faster_than_before(times, len(recent), now, config):
         burst_gap = statistics.median(b - a for a, b in itertools.pairwise(recent))
         if now - demand.last_at <= config.burst_gap_factor * max(burst_gap, 1e-3):
             return Prediction("prewarm", now + burst_gap, "burst", burst_gap)

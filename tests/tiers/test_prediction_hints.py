@@ -48,7 +48,8 @@ def test_hot_adapter_gets_no_hint_but_a_slow_burst_does():
     rng = np.random.default_rng(0)
     hot = list(T0 + np.cumsum(rng.exponential(0.5, size=200)))  # ~2 calls/s
     assert predict(hot, hot[-1] + 0.3, CONFIG) is None
-    slow = list(T0 + np.cumsum(rng.exponential(8.0, size=12)))  # a call every ~8 s
+    # Two calls in the ten minutes before, then a call every ~8 s: a burst, however slow.
+    slow = [T0 - 600.0, T0 - 300.0, *(T0 + np.cumsum(rng.exponential(8.0, size=12)))]
     prediction = predict(slow, slow[-1] + 1.0, CONFIG)
     assert prediction is not None and prediction.reason == "burst"
 

@@ -53,3 +53,22 @@ def test_a_gap_off_the_grid_does_not_widen_the_lead():
     times = [T0, T0 + 10.0, T0 + 20.0, T0 + 35.0, T0 + 45.0, T0 + 55.0]
     assert _prewarm_deadline(times, times[-1] + PERIOD - 2.5) is None
     assert _prewarm_deadline(times, times[-1] + PERIOD - 1.5) == times[-1] + PERIOD
+
+
+def test_a_steady_memoryless_stream_is_no_burst_but_a_faster_spell_is():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    # One call every ~8 s on average for ten minutes: within any 60 s window about as fast as before it.
+    steady = list(T0 + np.cumsum(rng.exponential(8.0, size=75)))
+    for k in range(10, 75, 5):
+        prediction = predict(steady[:k], steady[k - 1] + 1.0, CONFIG)
+        assert prediction is None or prediction.reason != "burst"
+    # The same pace after a quiet hour with one call a quarter: a burst.
+    spell = [T0 - 3600.0 + k * 900.0 for k in range(4)] + steady[:10]
+    prediction = predict(spell, spell[-1] + 1.0, CONFIG)
+    assert prediction is not None and prediction.reason == "burst"
+    # With no calls before the window, nothing says what the usual pace is: a burst, as before.
+    early = [T0, T0 + 8.0, T0 + 17.0, T0 + 30.0]
+    prediction = predict(early, early[-1] + 1.0, CONFIG)
+    assert prediction is not None and prediction.reason == "burst"

@@ -100,7 +100,6 @@ class ModelRunner:
         self._slot_write_events: list[torch.cuda.Event | None] = [None] * num_adapter_slots
         self._int64 = StepStaging(torch.int64, self.device, 4 * max_num_batched_tokens)
         self._int32 = StepStaging(torch.int32, self.device, 2 * max_num_seqs + 1)
-        self._key_positions = torch.arange(num_kv_blocks * block_size, device=self.device)  # decode masks
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -198,6 +197,7 @@ class ModelRunner:
             [input_ids, positions, kv_slot_ids, decode_rows, flat_tables, decode_lens, sample_rows]
             + [blocks for _, _, _, blocks in prefill_parts]
         )
+        use_triton = kernels.use_triton(device)  # OPENLORA_KERNELS, read once per step
         meta = StepMetadata(
             positions=positions_t,
             kv_slot_ids=kv_slots_t,
@@ -206,18 +206,19 @@ class ModelRunner:
             ],
             decode_rows=None,
             decode_block_tables=None,
-            decode_mask=None,
+            decode_context_lens=None,
+            max_decode_context_len=0,
+            use_triton=use_triton,
             lora=None,
         )
         if decode_rows:
             num_decode = len(decode_rows)
             meta.decode_rows = decode_rows_t
             meta.decode_block_tables = tables_t.view(num_decode, max_blocks)
-            key_pos = self._key_positions[: max_blocks * block_size]
-            meta.decode_mask = (key_pos.unsqueeze(0) < lens_t.unsqueeze(1)).view(num_decode, 1, 1, -1)
+            meta.decode_context_lens = lens_t
+            meta.max_decode_context_len = max(decode_lens)
         used_slots = [s for s in seg_slots if s >= 0]
         if used_slots:
-            use_triton = kernels.use_triton(device)  # OPENLORA_KERNELS, read once per step
             seg_indptr_t, seg_slots_t = self._int32.pack([seg_indptr, seg_slots])
             meta.lora = LoraSegments(
                 seg_indptr=seg_indptr_t,

@@ -16,6 +16,7 @@ from data_plane.model.lora_linear import LoRALinear
 from data_plane.model.metadata import LoraSegments, StepMetadata
 from data_plane.model.quant import QuantLinear, QuantSettings, make_quant_linear
 from data_plane.model.quant.lora import QuantLoRALinear
+from kernels.paged_attention import paged_decode_attention
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,6 @@ class Attention(nn.Module):
         v = v.view(num_rows, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         k_cache, v_cache = self.k_cache, self.v_cache
-        block_size = k_cache.shape[1]
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.kv_slot_ids, k)
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.kv_slot_ids, v)
 
@@ -178,20 +178,17 @@ class Attention(nn.Module):
             )  # (heads, n, head_dim)
             out[rows] = o.transpose(0, 1)
         if meta.decode_rows is not None:
-            tables = meta.decode_block_tables  # (D, max_blocks)
-            num_decode, max_blocks = tables.shape
-            context = max_blocks * block_size
-            k_dec = k_cache[tables].view(num_decode, context, self.num_kv_heads, self.head_dim)
-            v_dec = v_cache[tables].view(num_decode, context, self.num_kv_heads, self.head_dim)
-            o = F.scaled_dot_product_attention(
-                q[meta.decode_rows].unsqueeze(2),  # (D, heads, 1, head_dim)
-                k_dec.transpose(1, 2),  # (D, kv_heads, context, head_dim)
-                v_dec.transpose(1, 2),
-                attn_mask=meta.decode_mask,  # (D, 1, 1, context)
-                scale=self.scale,
-                enable_gqa=True,
-            )  # (D, heads, 1, head_dim)
-            out[meta.decode_rows] = o.squeeze(2)
+            # One query per sequence against its cached history, read through the block tables.
+            out[meta.decode_rows] = paged_decode_attention(
+                q[meta.decode_rows],  # (D, heads, head_dim)
+                k_cache,
+                v_cache,
+                meta.decode_block_tables,  # (D, max_blocks)
+                meta.decode_context_lens,
+                self.scale,
+                use_triton=meta.use_triton,
+                max_context_len=meta.max_decode_context_len,
+            )  # (D, heads, head_dim)
         return self.o_proj(out.view(num_rows, -1), meta.lora)
 
 

@@ -42,5 +42,7 @@ class StepMetadata:
     prefills: list[PrefillSpan]
     decode_rows: torch.Tensor | None  # (D,) int64 rows of single-token decode sequences
     decode_block_tables: torch.Tensor | None  # (D, max_blocks) int64, padded with block 0
-    decode_mask: torch.Tensor | None  # (D, 1, 1, max_blocks * block_size) bool, True where attended
+    decode_context_lens: torch.Tensor | None  # (D,) int64 tokens each decode sequence attends to
+    max_decode_context_len: int  # the longest of them, known on the host (0 without decode rows)
+    use_triton: bool  # Triton kernels for this step (`kernels.use_triton`, read once per step)
     lora: LoraSegments | None  # None when no row of the step uses an adapter

@@ -9,6 +9,7 @@ next forward that reads the slot waits for the event recorded after its load. On
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 
 import torch
 
@@ -62,6 +63,18 @@ class StepStaging:
             self._copied = torch.cuda.Event()
             self._copied.record(torch.cuda.current_stream(self.device))
         return [self._device[start:end] for start, end in bounds]
+
+
+def rank_groups(ranks: Iterable[int]) -> dict[int, int]:
+    """Each rank -> the top rank of its group: ranks are grouped from the largest down, a rank joining the
+    group above while it is at least half that group's top (so 8 joins 16, 16 does not join 64)."""
+    top_of: dict[int, int] = {}
+    top = 0
+    for rank in sorted(set(ranks), reverse=True):
+        if 2 * rank < top or not top:
+            top = rank
+        top_of[rank] = top
+    return top_of
 
 
 class ModelRunner:
@@ -229,12 +242,43 @@ class ModelRunner:
                 plan=None if use_triton else kernels.plan_segments(seg_indptr, seg_slots, device),
                 targets=frozenset().union(*(self.slot_targets[s] for s in set(used_slots))),
             )
+            if not use_triton:
+                meta.lora.parts = self._rank_parts(seg_indptr, seg_slots, used_slots, device)
         self._wait_for_slot_writes(used_slots)
         hidden = self.model(ids, meta)  # (T, hidden)
         self._record_slot_reads(used_slots)
         if not sample_rows:
             return [], hidden.new_empty(0, self.model.config.spec.vocab_size, dtype=torch.float32)
         return sample_seq_ids, self.model.compute_logits(hidden[rows_t])
+
+    def _rank_parts(
+        self, seg_indptr: list[int], seg_slots: list[int], used_slots: list[int], device: torch.device
+    ) -> tuple[LoraSegments, ...]:
+        """The step's layout split by adapter rank, for the reference path (which computes every row at the
+        largest rank of its pass): ranks are grouped from the largest down, a rank joining the group above
+        while it is at least half that group's top (8 joins 16; 16 does not join 64). One group: () (the
+        layout runs in one pass). Each part keeps every row, with the other groups' segments set to -1."""
+        top_of = rank_groups(self.slot_ranks[s] for s in used_slots)
+        tops = sorted(set(top_of.values()), reverse=True)
+        if len(tops) == 1:
+            return ()
+        parts = []
+        for top in tops:
+            slots = [s if s >= 0 and top_of[self.slot_ranks[s]] == top else -1 for s in seg_slots]
+            mine = [s for s in slots if s >= 0]
+            parts.append(
+                LoraSegments(
+                    # Own tensors: the staging buffer holds the whole step's layout, packed once.
+                    seg_indptr=torch.tensor(seg_indptr, dtype=torch.int32, device=device),
+                    seg_slots=torch.tensor(slots, dtype=torch.int32, device=device),
+                    max_rank=top,
+                    max_segment_rows=max(end - start for start, end in itertools.pairwise(seg_indptr)),
+                    use_triton=False,
+                    plan=kernels.plan_segments(seg_indptr, slots, device),
+                    targets=frozenset().union(*(self.slot_targets[s] for s in set(mine))),
+                )
+            )
+        return tuple(parts)
 
     def _wait_for_slot_writes(self, slots: list[int]) -> None:
         """CUDA: the compute stream waits for the loads of these slots before reading them."""

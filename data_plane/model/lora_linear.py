@@ -89,12 +89,18 @@ class LoRALinear(nn.Module):
         y = self.base_forward(x)  # (T, out)
         if lora is None or self.lora_a is None:
             return y
+        for part in lora.parts or (lora,):
+            self._add_lora(x, y, part)
+        return y
+
+    def _add_lora(self, x: torch.Tensor, y: torch.Tensor, lora: LoraSegments) -> None:
+        """y (T, out) += the LoRA of `lora`'s segments, in place."""
         slices = range(self.num_slices)
         if lora.targets is not None and self.slice_targets:
             # Slices no adapter of the step targets hold zero factors: leave their SGMV out.
             slices = [i for i in slices if self.slice_targets[i] in lora.targets]
             if not slices:
-                return y
+                return
         n, rank = self.num_slices, self.max_rank
         lora_a = self.lora_a
         if lora.max_rank < rank and not lora.use_triton:
@@ -114,4 +120,3 @@ class LoRALinear(nn.Module):
             kernels.sgmv_expand(
                 u_i, lora_b, lora.seg_indptr, lora.seg_slots, y_i, self.lora_scale[i], **layout
             )
-        return y

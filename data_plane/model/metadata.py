@@ -33,6 +33,10 @@ class LoraSegments:
     plan: SegmentPlan | None  # the reference's plan of the layout; None on the Triton path
     # PEFT target modules (q_proj, ...) that some slot of the step adapts; the others skip SGMV. None: all.
     targets: frozenset[str] | None = None
+    # Rank groups (reference path): when set, the LoRA is applied part by part, each part the same rows
+    # with only its own slots' segments (the others -1) and its own `max_rank`, so that rows of small
+    # adapters are not computed at a large adapter's rank. Empty: this layout in one pass.
+    parts: tuple[LoraSegments, ...] = ()
 
 
 @dataclass

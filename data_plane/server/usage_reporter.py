@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,9 @@ class UsageRecord:
     mix_name: str = ""  # the saved mix the request named, else ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # The fields read directly, not through dataclasses.asdict (a recursive deep copy): the checkpoint
+        # timer serializes every live stream twice a second on the event loop.
+        return json.dumps({name: getattr(self, name) for name in _RECORD_FIELDS}, separators=(",", ":"))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -89,6 +91,9 @@ class UsageRecord:
         if not all(isinstance(getattr(record, f), str) for f in _TEXT_FIELDS):
             raise ValueError("a text field is not a string")
         return record
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(UsageRecord))
 
 
 _TEXT_FIELDS = (

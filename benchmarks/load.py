@@ -6,9 +6,9 @@ trace's `prompt_token_ids`, greedy sampling and its fixed `max_tokens`. Per requ
 end-to-end latency (both from the scheduled arrival time, so a late client never hides queueing),
 inter-token latencies (the gap between two streamed messages divided by the tokens of the later one),
 tokens, the error code if any, and the server's `timing` (cache tier, queue time, adapter load time;
-gRPC only: the OpenAI chunks carry no timing). Over HTTP each SSE chunk is counted as one token for the
-inter-token latencies (the engine streams one token a step) and the completion count comes from the last
-chunk's usage.
+gRPC only: the OpenAI chunks carry no timing). Over HTTP a chunk does not say how many tokens it holds
+(the worker puts what a lagging stream accumulated into one message), so each gap between two SSE chunks
+is one inter-token sample, and the completion count comes from the last chunk's usage.
 
     python -m benchmarks.load --trace trace.jsonl --target 127.0.0.1:50051 --api-key KEY --out load.json
     python -m benchmarks.load --trace trace.jsonl --transport http --target http://127.0.0.1:8000/v1 \

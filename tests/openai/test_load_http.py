@@ -20,7 +20,8 @@ def test_http_replay_records_the_same_tokens_as_grpc_and_the_errors(http_worker,
     first, base, missing = records
     assert (first.completion_tokens, first.prompt_tokens, first.finish_reason) == (5, 3, "length")
     assert first.ttft_ms is not None and first.e2e_ms >= first.ttft_ms
-    assert len(first.itl_ms) == first.completion_tokens - 1
+    # One sample per gap between SSE chunks; a chunk holds several tokens when the stream lagged.
+    assert 1 <= len(first.itl_ms) <= first.completion_tokens - 1
     assert (base.completion_tokens, base.error) == (4, None)
     assert missing.error == "HTTP_404" and missing.completion_tokens == 0
     assert summarize(records, t0, finished)["errors_by_code"] == {"HTTP_404": 1}

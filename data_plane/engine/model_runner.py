@@ -233,17 +233,19 @@ class ModelRunner:
         used_slots = [s for s in seg_slots if s >= 0]
         if used_slots:
             seg_indptr_t, seg_slots_t = self._int32.pack([seg_indptr, seg_slots])
+            longest = max(end - start for start, end in itertools.pairwise(seg_indptr))
+            parts = () if use_triton else self._rank_parts(seg_indptr, seg_slots, used_slots, longest, device)
             meta.lora = LoraSegments(
                 seg_indptr=seg_indptr_t,
                 seg_slots=seg_slots_t,
                 max_rank=max(self.slot_ranks[s] for s in used_slots),
-                max_segment_rows=max(end - start for start, end in itertools.pairwise(seg_indptr)),
+                max_segment_rows=longest,
                 use_triton=use_triton,
-                plan=None if use_triton else kernels.plan_segments(seg_indptr, seg_slots, device),
+                # The reference runs the parts when there are several; the whole layout's plan only otherwise.
+                plan=None if use_triton or parts else kernels.plan_segments(seg_indptr, seg_slots, device),
                 targets=frozenset().union(*(self.slot_targets[s] for s in set(used_slots))),
+                parts=parts,
             )
-            if not use_triton:
-                meta.lora.parts = self._rank_parts(seg_indptr, seg_slots, used_slots, device)
         self._wait_for_slot_writes(used_slots)
         hidden = self.model(ids, meta)  # (T, hidden)
         self._record_slot_reads(used_slots)
@@ -252,7 +254,12 @@ class ModelRunner:
         return sample_seq_ids, self.model.compute_logits(hidden[rows_t])
 
     def _rank_parts(
-        self, seg_indptr: list[int], seg_slots: list[int], used_slots: list[int], device: torch.device
+        self,
+        seg_indptr: list[int],
+        seg_slots: list[int],
+        used_slots: list[int],
+        max_segment_rows: int,
+        device: torch.device,
     ) -> tuple[LoraSegments, ...]:
         """The step's layout split by adapter rank, for the reference path (which computes every row at the
         largest rank of its pass): ranks are grouped from the largest down, a rank joining the group above
@@ -272,7 +279,7 @@ class ModelRunner:
                     seg_indptr=torch.tensor(seg_indptr, dtype=torch.int32, device=device),
                     seg_slots=torch.tensor(slots, dtype=torch.int32, device=device),
                     max_rank=top,
-                    max_segment_rows=max(end - start for start, end in itertools.pairwise(seg_indptr)),
+                    max_segment_rows=max_segment_rows,
                     use_triton=False,
                     plan=kernels.plan_segments(seg_indptr, slots, device),
                     targets=frozenset().union(*(self.slot_targets[s] for s in set(mine))),

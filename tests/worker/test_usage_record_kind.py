@@ -4,6 +4,7 @@ older worker, without them, still reads (kind "": billed per adapter as before).
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -60,3 +61,10 @@ def test_a_kind_that_is_not_text_is_refused() -> None:
 )
 def test_request_kind_names_what_the_request_ran(mix_method, num_adapters, kind) -> None:
     assert request_kind(mix_method, num_adapters) == kind
+
+
+def test_a_spooled_record_is_every_field_of_the_record_and_reads_back_equal():
+    record = _record(request_kind="linear_mix", mix_name="blend")
+    line = record.to_json()
+    assert json.loads(line) == json.loads(json.dumps(asdict(record)))
+    assert UsageRecord.from_json(line) == record

@@ -11,8 +11,12 @@ merges nobody holds are removed (a later request builds its merge again).
 
 Builds are CPU-heavy and run one at a time, so a caller could queue work for everyone behind it: a build
 whose every waiter went away (cancelled, deadline passed) before it started is dropped, and at most
-`max_pending_builds` distinct merges may be queued or running at once; one more is refused with QueueFull
-(RESOURCE_EXHAUSTED) rather than waiting behind them.
+`max_pending_builds` distinct merges may be queued or running at once. Within that, a tenant may start a
+new build only while fewer than `max_pending_builds_per_tenant` of the pending builds are ones its calls
+wait for, so one tenant's burst of distinct merges leaves room for the others. A build counts against
+the tenants whose calls wait for it now: once a tenant's calls left, its builds no longer count for it.
+Joining a build already pending is never refused (it adds no work). A refusal is MergeQueueFull
+(RESOURCE_EXHAUSTED) rather than a wait behind the others.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ log = logging.getLogger(__name__)
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 _TMP_PREFIX = ".partial-"
 MAX_PENDING_BUILDS = 16
+MAX_PENDING_BUILDS_PER_TENANT = 4
+
+
+class MergeQueueFull(QueueFull):
+    """A new merge build was refused: the worker's build queue, or the tenant's share of it, is full."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +69,18 @@ class MergeStore:
         on_built: Callable[[MergeSpec, str, MergeReport], None] | None = None,
         max_disk_bytes: int | None = None,
         max_pending_builds: int = MAX_PENDING_BUILDS,
+        max_pending_builds_per_tenant: int = MAX_PENDING_BUILDS_PER_TENANT,
     ) -> None:
         """`on_built(spec, key, report)` is called on the event loop after each build (metrics);
         `max_disk_bytes`: budget of the directory (None: unbounded); `max_pending_builds`: distinct merges
-        queued or building at once."""
+        queued or building at once; `max_pending_builds_per_tenant`: of those, how many one tenant's
+        calls may wait for when it asks for another."""
+        if max_pending_builds < 1:
+            raise ValueError(f"max_pending_builds must be >= 1, got {max_pending_builds}")
+        if max_pending_builds_per_tenant < 1:
+            raise ValueError(
+                f"max_pending_builds_per_tenant must be >= 1, got {max_pending_builds_per_tenant}"
+            )
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_rank = max_rank
@@ -77,6 +94,9 @@ class MergeStore:
         self._jobs: dict[str, Future] = {}  # key -> its build on the builder thread (queued or running)
         self._waiters: Counter[str] = Counter()  # key -> callers awaiting its build
         self._max_pending_builds = max_pending_builds
+        self._max_pending_builds_per_tenant = max_pending_builds_per_tenant
+        # tenant -> key -> that tenant's callers awaiting the key's build.
+        self._tenant_waiters: dict[str, Counter[str]] = {}
         self._holds: Counter[str] = Counter()
         self._stale: set[str] = set()
         self._sources: dict[str, tuple[str, ...]] = {}  # key -> source sha256s
@@ -120,9 +140,10 @@ class MergeStore:
         self._used_at[key] = time.monotonic()
         return LocalMerge(key, self.path_of(key), None)
 
-    async def build(self, spec: MergeSpec, hold: bool = False) -> LocalMerge:
+    async def build(self, spec: MergeSpec, hold: bool = False, tenant_id: str = "") -> LocalMerge:
         """Builds the merge of `spec` (whose sources carry their local paths) unless it is on disk; one
-        build per key however many callers wait. Raises the build's error (MergeBuildError)."""
+        build per key however many callers wait. `tenant_id` is the caller's tenant, whose share of the
+        build queue a new build takes. Raises MergeQueueFull, or the build's error (MergeBuildError)."""
         found = self.lookup(spec, hold=hold)
         if found is not None:
             return found
@@ -131,11 +152,12 @@ class MergeStore:
             self._holds[key] += 1
         started = time.monotonic()
         self._waiters[key] += 1
+        mine = self._tenant_waiters.setdefault(tenant_id, Counter())
+        mine[key] += 1
         try:
             task = self._builds.get(key)
             if task is None:
-                if len(self._builds) >= self._max_pending_builds:
-                    raise QueueFull(f"{len(self._builds)} merges are waiting to be built")
+                self._check_room(tenant_id)
                 task = asyncio.get_running_loop().create_task(self._build(spec, key))
                 self._builds[key] = task
                 task.add_done_callback(lambda done: self._forget_build(key, done))
@@ -146,11 +168,40 @@ class MergeStore:
                 self.release((key,))
             raise
         finally:
+            mine[key] -= 1
+            if mine[key] <= 0:
+                del mine[key]
+                if not mine:
+                    del self._tenant_waiters[tenant_id]
             self._waiters[key] -= 1
             if self._waiters[key] <= 0:
                 del self._waiters[key]
                 self._drop_unwanted_build(key)
         return LocalMerge(key, self.path_of(key), report, (time.monotonic() - started) * 1000)
+
+    @property
+    def num_pending_builds(self) -> int:
+        """Distinct merges queued or building now."""
+        return len(self._builds)
+
+    def pending_builds_of(self, tenant_id: str) -> int:
+        """How many pending (queued or running) builds the calls of `tenant_id` wait for now."""
+        return sum(1 for key in self._tenant_waiters.get(tenant_id, ()) if key in self._builds)
+
+    def _check_room(self, tenant_id: str) -> None:
+        """Raises MergeQueueFull when a new build of `tenant_id` would pass its share or the worker's cap."""
+        mine = self.pending_builds_of(tenant_id)
+        if mine >= self._max_pending_builds_per_tenant:
+            raise MergeQueueFull(
+                f"this tenant already waits for {mine} merge builds, the most one tenant may have pending "
+                f"(a per-tenant limit of {self._max_pending_builds_per_tenant}); retry once one has been "
+                "built, or ask for a merge already built"
+            )
+        if len(self._builds) >= self._max_pending_builds:
+            raise MergeQueueFull(
+                f"{len(self._builds)} merges are waiting to be built, the most this worker queues "
+                f"(a limit of {self._max_pending_builds} for all tenants); retry later"
+            )
 
     def _drop_unwanted_build(self, key: str) -> None:
         """Nobody waits for `key` any more: its build is dropped if it has not started on the builder thread

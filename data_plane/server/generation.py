@@ -211,7 +211,7 @@ class GenerationService:
         )
         try:
             try:
-                prompt_ids, adapter_refs, tier, fetch_ms = await self._prepare(valid, by_name)
+                prompt_ids, adapter_refs, tier, fetch_ms = await self._prepare(valid, by_name, auth.tenant_id)
             except Exception:
                 # A refused id says more than whatever else failed (and was the first check before).
                 _raise_if_failed(await _settled(reservation))
@@ -255,7 +255,7 @@ class GenerationService:
                 self._release_request_id(auth.tenant_id, request_id)
 
     async def _prepare(
-        self, valid: ValidRequest, by_name
+        self, valid: ValidRequest, by_name, tenant_id: str
     ) -> tuple[list[int], tuple[AdapterRef, ...], str, float]:
         """(prompt token ids, the engine's adapter refs held on disk, their slowest tier, ms the call
         waited for them: a fetch from the control plane, or a merge's build)."""
@@ -265,7 +265,7 @@ class GenerationService:
             if adapter.keep_warm:
                 self._engine.set_keep_warm(adapter.sha256, True)
         fetch_started = time.monotonic()
-        adapter_refs, tier, build_ms = await self._resolve(valid, by_name)
+        adapter_refs, tier, build_ms = await self._resolve(valid, by_name, tenant_id)
         # What the call waited for before the engine: a fetch from the control plane (with a merge built
         # from it), else a merge's build (0 when nothing was built); it counts as adapter load.
         fetch_ms = (time.monotonic() - fetch_started) * 1000 if tier == "remote" else build_ms
@@ -404,10 +404,12 @@ class GenerationService:
             )
         return list(await asyncio.to_thread(tokenizer.encode, valid.prompt))
 
-    async def _resolve(self, valid: ValidRequest, by_name) -> tuple[tuple[AdapterRef, ...], str, float]:
+    async def _resolve(
+        self, valid: ValidRequest, by_name, tenant_id: str
+    ) -> tuple[tuple[AdapterRef, ...], str, float]:
         """(the engine's adapter refs, the slowest tier they came from, ms spent building a merge)."""
         if valid.is_merge:
-            return await self._resolve_merge(valid, by_name)
+            return await self._resolve_merge(valid, by_name, tenant_id)
         # An ensemble's base member ("") needs no adapter; its members run each at weight 1 in its slot.
         resolved = [(by_name[name], weight) for name, weight in valid.adapters if name]
         if not resolved:
@@ -428,10 +430,13 @@ class GenerationService:
         tier = "remote" if any(local.tier == "remote" for local in locals_) else "disk"
         return refs, tier, 0.0
 
-    async def _resolve_merge(self, valid: ValidRequest, by_name) -> tuple[tuple[AdapterRef, ...], str, float]:
+    async def _resolve_merge(
+        self, valid: ValidRequest, by_name, tenant_id: str
+    ) -> tuple[tuple[AdapterRef, ...], str, float]:
         """A TIES / DARE / magnitude-prune mix: its derived adapter, which the engine serves as one adapter
         keyed by the spec. Built once per canonical spec, in a thread, from the sources fetched (held
-        only while it builds); a merge already on disk needs no source at all."""
+        only while it builds); a merge already on disk needs no source at all. A new build takes a place
+        in `tenant_id`'s share of the build queue."""
         merges = self.merge_store()
         sources = [(by_name[name].sha256, weight) for name, weight in valid.adapters]
         if len({sha for sha, _ in sources}) != len(sources):
@@ -449,7 +454,8 @@ class GenerationService:
             self._artifacts.release(r.sha256 for r in results if not isinstance(r, BaseException))
             raise failed[0]
         try:
-            built = await merges.build(spec.with_paths({r.sha256: r.path for r in results}), hold=True)
+            paths = {r.sha256: r.path for r in results}
+            built = await merges.build(spec.with_paths(paths), hold=True, tenant_id=tenant_id)
         finally:
             self._artifacts.release(shas)
         tier = "remote" if any(r.tier == "remote" for r in results) else "disk"

@@ -117,6 +117,15 @@ PREDICTOR_FLAGS: tuple[PredictorFlag, ...] = (
         maximum=1.0,
     ),
     PredictorFlag(
+        "periodic_significance",
+        "--predictor-periodic-significance",
+        "periodic only when calls at random times, at the same pace, would fit the period as well with at "
+        "most this probability (1 = no such check)",
+        0.0,
+        minimum_allowed=False,
+        maximum=1.0,
+    ),
+    PredictorFlag(
         "resident_rate_per_s",
         "--predictor-hot-rate-per-s",
         "hot: an adapter called at least this often (calls/s, averaged) stays resident and gets no hints",

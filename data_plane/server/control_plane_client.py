@@ -39,6 +39,10 @@ _PASS_THROUGH = {
 AUTHORIZE_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 10.0
 DEFAULT_AUTH_CACHE_MAX_ENTRIES = 10_000
+# An answer no longer fresh is kept this long (within the entry bound) as a recent one: a call it covers
+# starts its work while Authorize asks again, and delivers nothing before the fresh answer. An adapter
+# called about once an hour is past any fresh TTL on every call; a day covers daily jobs too.
+AUTH_RECENT_S = 24 * 3600.0
 HEARTBEAT_BACKOFF_MAX_S = 30.0
 
 
@@ -124,10 +128,11 @@ class ControlPlaneClient:
         self._stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {worker_token}"),)
         self._auth_cache_ttl_s = auth_cache_ttl_s
-        # (api key, adapter names) -> (expires at, monotonic seconds; answer). Bounded in entries and
-        # time; the answer's own TTL (the control plane's, never longer) is checked on every hit.
+        # (api key, adapter names) -> (fresh until, monotonic seconds; answer). Bounded in entries and
+        # time: an answer is served while fresh (the answer's own TTL, the control plane's, never longer,
+        # checked on every hit), then kept as a recent one for AUTH_RECENT_S (`recent_authorization`).
         self._auth_cache: TTLCache[tuple[str, tuple[str, ...]], tuple[float, Authorization]] = TTLCache(
-            maxsize=auth_cache_max_entries, ttl=max(auth_cache_ttl_s, 0.001), timer=time.monotonic
+            maxsize=auth_cache_max_entries, ttl=AUTH_RECENT_S, timer=time.monotonic
         )
         # False after a control plane answered UNIMPLEMENTED to ReserveRequestId (an older one).
         self._can_reserve = True
@@ -221,6 +226,15 @@ class ControlPlaneClient:
             log.warning("heartbeat failed: %s; registering again", error.message)
             await reregister()
 
+    def recent_authorization(self, api_key: str, adapter_names: tuple[str, ...]) -> Authorization | None:
+        """The last answer for this key and these names when it is no longer fresh but recent (None when
+        there is none, or it is still fresh: `authorize` serves that one). Never enough to serve a call:
+        it only lets the call's work start while `authorize` asks again. Every forget drops it too."""
+        cached = self._auth_cache.get((api_key, adapter_names))
+        if cached is None or cached[0] > time.monotonic():
+            return None
+        return cached[1]
+
     async def authorize(self, api_key: str, adapter_names: tuple[str, ...], base_model: str) -> Authorization:
         """The caller's tenant, scopes and resolved adapters; served from a cache for at most the TTL."""
         key = (api_key, adapter_names)
@@ -254,6 +268,8 @@ class ControlPlaneClient:
             ttl_s = min(ttl_s, response.cache_ttl_ms / 1000)
         if ttl_s > 0:
             self._auth_cache[key] = (now + ttl_s, answer)
+        else:  # nothing to cache: no older answer stays as a recent one either
+            self._auth_cache.pop(key, None)
         return answer
 
     async def list_models(self, api_key: str, base_model: str) -> list[ListedModel]:

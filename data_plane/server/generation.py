@@ -173,6 +173,18 @@ class GenerationService:
             raise MissingScope()
         return auth
 
+    async def _confirm(self, api_key: str | None, names: tuple[str, ...], early: Authorization) -> None:
+        """Asks Authorize again for a call started on the recent answer `early`: raises its refusal, or
+        AuthorizationChanged when the fresh answer differs (another adapter content, scope or mix)."""
+        try:
+            fresh = await self.authorize(api_key, names)
+        except Exception:
+            self._metrics.early_start.labels("refused").inc()
+            raise
+        if fresh != early:
+            raise AuthorizationChanged()
+        self._metrics.early_start.labels("confirmed").inc()
+
     async def generate(
         self,
         api_key: str | None,
@@ -186,18 +198,60 @@ class GenerationService:
         plane's); `errors.status_for` maps each.
 
         `whole`: the caller hands the output on only once it is complete (a non-streamed HTTP response),
-        so a call cut short delivered nothing and is billed nothing, and no checkpoint is spooled."""
+        so a call cut short delivered nothing and is billed nothing, and no checkpoint is spooled.
+
+        A call whose key and names have a recent answer that is no longer fresh (an adapter called once an
+        hour always has) starts on it at once: tokenizing, resolving the adapters, the engine's adapter
+        copy, queueing and prefill run while Authorize asks again. Nothing is delivered before the fresh
+        answer; a refusal fails the call, and an answer that changed starts it over on the new one."""
         arrival = time.monotonic()
         self.check_serving()
-        auth = await self.authorize(api_key, names)
-        # A name that is a saved mix of the tenant turns into the request that mix stands for.
-        valid, by_name = expand_named_mix(check(), names, auth, self.limits)
+        early = self._cp.recent_authorization(api_key, names) if api_key else None
+        if early is not None and early.can_infer:
+            delivered = False
+            try:
+                async for chunk in self._generate(api_key, names, check, whole, arrival, early):
+                    delivered = True
+                    yield chunk
+                return
+            except AuthorizationChanged:
+                if delivered:  # cannot happen: the check gates the first chunk
+                    raise
+                self._metrics.early_start.labels("changed").inc()
+                log.info("authorization changed while the call started early; starting over on the new one")
+        async for chunk in self._generate(api_key, names, check, whole, arrival, None):
+            yield chunk
+
+    async def _generate(
+        self,
+        api_key: str | None,
+        names: tuple[str, ...],
+        check: Callable[[], ValidRequest],
+        whole: bool,
+        arrival: float,
+        early: Authorization | None,
+    ) -> AsyncIterator[Chunk]:
+        """`generate` on a fresh answer (`early` None), or started on the recent answer `early` while its
+        check runs beside the work (`_confirm`; raises AuthorizationChanged before any chunk)."""
+        if early is None:
+            auth, confirmed = await self.authorize(api_key, names), None
+        else:
+            auth = early
+            confirmed = asyncio.ensure_future(self._confirm(api_key, names, early))
+            confirmed.add_done_callback(_consume_error)  # a caller gone early never awaits it
+        try:
+            # A name that is a saved mix of the tenant turns into the request that mix stands for.
+            valid, by_name = expand_named_mix(check(), names, auth, self.limits)
+        except Exception:
+            _raise_if_failed(await _settled(confirmed))  # a refused key says more than a field
+            raise
         request_id = valid.request_id or uuid.uuid4().hex
         # One run per (tenant, request id) at a time: a duplicate in flight would stream a second answer
         # billed once. A call that ended billed keeps its id used (below); one that streamed nothing was
         # not billed, and a retry under the same id is served.
         claim = (auth.tenant_id, request_id)
         if claim in self._in_flight:
+            _raise_if_failed(await _settled(confirmed))
             raise DuplicateRequest(request_id)
         self._in_flight.add(claim)
         # The reservation is a control-plane round trip (a database write, queued behind every other call's
@@ -209,12 +263,14 @@ class GenerationService:
             if valid.request_id
             else None
         )
+        # The first chunk waits for both checks: the key's fresh answer first, then the request id.
+        gate = _in_order(confirmed, reservation)
         try:
             try:
                 prompt_ids, adapter_refs, tier, fetch_ms = await self._prepare(valid, by_name, auth.tenant_id)
             except Exception:
-                # A refused id says more than whatever else failed (and was the first check before).
-                _raise_if_failed(await _settled(reservation))
+                # A refused key or id says more than whatever else failed (and was the first check before).
+                _raise_if_failed(await _settled(gate))
                 raise
             # Held on local disk (the disk budget never removes them) until the stream ends.
             held = [ref.key for ref in adapter_refs]
@@ -233,7 +289,7 @@ class GenerationService:
                         fetch_ms,
                         arrival,
                         whole,
-                        reservation,
+                        gate,
                     )
                 ) as chunks:
                     async for chunk in chunks:
@@ -283,10 +339,11 @@ class GenerationService:
         fetch_ms,
         arrival,
         whole,
-        reservation: asyncio.Future | None,
+        gate: asyncio.Future | None,
     ) -> AsyncIterator[Chunk]:
         """The engine part of `generate`: outputs to chunks, delivered counts, the usage record. The first
-        chunk waits for the request id's `reservation` (raising its refusal) when it has not answered yet."""
+        chunk waits for `gate` (the key's fresh answer and the request id's reservation, raising a refusal)
+        when it has not answered yet."""
         engine_request = EngineRequest(
             # The engine's id is private: two calls may carry the same client request id.
             request_id=uuid.uuid4().hex,
@@ -329,9 +386,9 @@ class GenerationService:
                 self.activity.mark_running(activity)
                 if not out.finished and not out.new_token_ids and not out.new_text:
                     continue  # nothing new to send
-                if reservation is not None:
-                    _raise_if_failed(await _settled(reservation))
-                    reservation = None
+                if gate is not None:
+                    _raise_if_failed(await _settled(gate))
+                    gate = None
                 finish = self._finish(out, progress, tier, fetch_ms) if out.finished else None
                 yield Chunk(
                     request_id=request_id,
@@ -569,6 +626,34 @@ class GenerationService:
             request_kind=progress.request_kind,
             mix_name=progress.mix_name,
         )
+
+
+class AuthorizationChanged(Exception):
+    """The fresh answer for a call started on a recent one differs from it: the call starts over."""
+
+
+def _in_order(*checks: asyncio.Future | None) -> asyncio.Future | None:
+    """One future for several checks (None ones left out): it raises the first failure in the given order
+    (each check's own task runs on regardless), else finishes with the last check's result."""
+    pending = [c for c in checks if c is not None]
+    if len(pending) <= 1:
+        return pending[0] if pending else None
+
+    async def all_of():
+        result = None
+        for check in pending:
+            result = await asyncio.shield(check)
+        return result
+
+    gate = asyncio.ensure_future(all_of())
+    gate.add_done_callback(_consume_error)
+    return gate
+
+
+def _consume_error(task: asyncio.Future) -> None:
+    """Marks a background task's error as seen (it is raised where the task is awaited, if it is)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _settled(task: asyncio.Future | None) -> asyncio.Future | None:

@@ -70,6 +70,13 @@ class WorkerMetrics:
             "a duplicate on another worker may then be served twice, never billed twice",
             registry=r,
         )
+        self.early_start = Counter(
+            "openlora_auth_early_start_total",
+            "Calls started on a recent (no longer fresh) authorization while Authorize asked again, by what "
+            "the fresh answer said: confirmed, changed (started over on it) or refused",
+            ["outcome"],
+            registry=r,
+        )
         self.background_errors = Counter(
             "openlora_background_errors_total",
             "Exceptions a background loop caught and survived, by loop",

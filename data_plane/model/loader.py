@@ -11,7 +11,14 @@ import torch
 
 from data_plane.model.config import ModelConfig
 from data_plane.model.llama import LinearBuilder, LlamaForCausalLM
-from data_plane.model.quant import QuantLinear, QuantSettings, check_device
+from data_plane.model.quant import (
+    QuantLinear,
+    QuantSettings,
+    check_device,
+    check_shapes,
+    reference_kernels_requested,
+    set_reference_kernels,
+)
 from data_plane.model.shard_reader import ShardError, iter_tensors
 from openlora.safe_json import JsonFieldError, describe, load_json_object
 
@@ -112,16 +119,21 @@ def load_model(
     """Builds the model on `device` and streams its weights in; returns (model, config).
 
     With `quant`, the linears it names are quantized tensor by tensor as they are read: the full-precision
-    model is never held (peak memory: the quantized model plus about twice the largest tensor)."""
+    model is never held (peak memory: the quantized model plus about twice the largest tensor). A format
+    the device cannot run, or a linear it cannot pack, is refused (QuantizationError) before anything is
+    read. The quantized linears run their packed kernels, or their references under
+    OPENLORA_KERNELS=reference (read here, once)."""
     quant = quant or QuantSettings()
     check_device(quant, device)
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
+    check_shapes(quant, config.spec)
     files = checkpoint_files(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions, LinearBuilder(quant, dtype, torch.device(device)))
     model.to_empty(device=device)
     model.to(dtype)
+    set_reference_kernels(model, reference_kernels_requested())
     params = model.checkpoint_tensors()
     quantized = model.quantized_weights()
     tied_head = None

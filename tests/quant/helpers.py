@@ -57,5 +57,24 @@ def hf_with_weights(model_dir: Path, weights: dict[str, torch.Tensor]):
     return hf.eval()
 
 
+def write_llama(out_dir: Path, intermediate_size: int) -> Path:
+    """A random two-layer Llama (hidden 64) with the given MLP width, saved by transformers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=512,
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 def quant_modules(model: LlamaForCausalLM) -> list[QuantLinear]:
     return list(model.quantized_weights().values())

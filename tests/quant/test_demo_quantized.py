@@ -1,5 +1,8 @@
 """The trained demo model held in int8 and int4, through the engine (greedy): each demo adapter still
-gives its documented output on the README's prompt, and the quality report's numbers are computed right."""
+gives its documented output on the README's prompt, and the quality report's numbers are computed right.
+
+int4 refuses the demo model as it is: its MLP width, 344, is not a multiple of 32, so its down projection
+cannot be grouped (the int4 case is an expected failure until the demo model's width is one)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks.quant_quality import compare, fixed_prompts, measure
+from data_plane.model.quant import QuantizationError
 from tests.demo_support import DOCUMENTED as ADAPTER_OUTPUTS
 from tests.demo_support import demo_refs, greedy_texts
 
@@ -23,16 +27,21 @@ def _greedy_texts(model_dir: Path, quantize: str) -> dict[str | None, str]:
     return dict(zip(DOCUMENTED, greedy_texts(model_dir, requests, quantize), strict=True))
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
+_INT4_REFUSES_THE_DEMO = pytest.mark.xfail(
+    raises=QuantizationError, strict=True, reason="int4 cannot group the demo model's 344-wide down_proj"
+)
+
+
+@pytest.mark.parametrize("quantize", ["int8", pytest.param("int4", marks=_INT4_REFUSES_THE_DEMO)])
 def test_each_demo_adapter_gives_its_documented_output_on_a_quantized_base(demo_model_dir, quantize):
     assert _greedy_texts(demo_model_dir, quantize) == DOCUMENTED
 
 
 def test_quality_report_agrees_with_itself_and_sees_quantization(demo_model_dir):
-    results = {(r.format, r.adapter): r for r in measure(demo_model_dir, ["none", "int4"], num_prompts=20)}
+    results = {(r.format, r.adapter): r for r in measure(demo_model_dir, ["none", "int8"], num_prompts=20)}
     same = results[("none", "(base)")]
     assert (same.top1_agreement, same.mean_kl_nats) == (1.0, 0.0)
-    assert results[("int4", "(base)")].mean_kl_nats > 0
+    assert results[("int8", "(base)")].mean_kl_nats > 0
 
 
 def test_agreement_and_kl_are_computed_per_row():

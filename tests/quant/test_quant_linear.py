@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from data_plane.engine.config import EngineConfig
-from data_plane.model.quant import QuantizationError, QuantSettings, base, make_quant_linear
+from data_plane.model.quant import (
+    QuantizationError,
+    QuantSettings,
+    base,
+    make_quant_linear,
+    set_reference_kernels,
+)
 from data_plane.model.quant.int4 import dequantize_int4, int4_group_size, quantize_int4
 from data_plane.model.quant.int8 import dequantize_int8, quantize_int8
 
 FORMATS = ("int8", "int4")
-# (out_features, in_features): odd row counts, input dimensions that need padding (int8: not a multiple
-# of 16; int4: of 32), and the demo model's down projection (344 inputs).
-SHAPES = [(10, 96), (344, 128), (128, 344), (7, 64), (33, 1024), (1000, 100), (64, 200)]
+# (out_features, in_features): odd row counts and input dimensions of each int4 group size (128: 128,
+# 1024; 64: 64, 192; 32: 96, 352).
+SHAPES = [(10, 96), (344, 128), (7, 64), (33, 1024), (24, 192), (128, 352)]
+# int8 only: input dimensions that int4 cannot group and that int8's kernel pads to a multiple of 16,
+# among them the demo model's down projection (344 inputs).
+INT8_SHAPES = [(128, 344), (1000, 100), (64, 200)]
+CASES = [(fmt, shape) for fmt in FORMATS for shape in SHAPES] + [("int8", shape) for shape in INT8_SHAPES]
 # Relative to the largest |reference| output: the kernels compute in bfloat16 (inputs and outputs
 # rounded to 8 significant bits), the reference in float32.
 TOLERANCE = {torch.float32: 1e-2, torch.bfloat16: 2e-2}
@@ -30,8 +39,7 @@ def _canonical(fmt: str, w: torch.Tensor) -> torch.Tensor:
     """W as quantized by the pure-torch functions alone: the oracle for the packed layouts."""
     if fmt == "int8":
         return dequantize_int8(*quantize_int8(w))
-    group_size, padded = int4_group_size(w.shape[1])
-    return dequantize_int4(*quantize_int4(F.pad(w, (0, padded - w.shape[1])), group_size))[:, : w.shape[1]]
+    return dequantize_int4(*quantize_int4(w, int4_group_size(w.shape[1])))
 
 
 def _layer(fmt: str, w: torch.Tensor):
@@ -40,8 +48,7 @@ def _layer(fmt: str, w: torch.Tensor):
     return layer
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("fmt", "shape"), CASES)
 @pytest.mark.parametrize("num_rows", [1, 5, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_the_dequantize_then_matmul_reference(fmt, shape, num_rows, dtype):
@@ -53,8 +60,7 @@ def test_kernel_matches_the_dequantize_then_matmul_reference(fmt, shape, num_row
     assert error < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("fmt", "shape"), CASES)
 def test_packed_weight_reads_back_as_the_pure_torch_quantization(fmt, shape):
     w = _weight(shape, 3)
     assert torch.equal(_layer(fmt, w).dequantize(), _canonical(fmt, w))
@@ -79,11 +85,16 @@ def test_int4_error_is_within_half_a_step_per_group():
 
 
 @pytest.mark.parametrize(
-    ("in_features", "expected"),
-    [(4096, (128, 4096)), (192, (64, 192)), (96, (32, 96)), (344, (32, 352)), (20, (32, 32))],
+    ("in_features", "expected"), [(4096, 128), (192, 64), (96, 32), (352, 32), (344, None), (20, None)]
 )
-def test_int4_group_size_is_128_else_64_else_32_with_padding(in_features, expected):
+def test_int4_group_size_is_128_else_64_else_32_else_none(in_features, expected):
     assert int4_group_size(in_features) == expected
+
+
+@pytest.mark.parametrize("in_features", [344, 100, 20])
+def test_int4_refuses_an_input_dimension_it_cannot_group(in_features):
+    with pytest.raises(QuantizationError, match=f"multiple of 32 .*got {in_features}"):
+        make_quant_linear("int4", in_features, 64, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -105,12 +116,14 @@ def test_resident_bytes_with_scales_and_offsets_stay_under_the_target(fmt, limit
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_reference_switch_makes_forward_the_reference(fmt, monkeypatch):
+def test_reference_switch_makes_forward_the_reference(fmt):
     layer = _layer(fmt, _weight((40, 64), 8))
     x = torch.randn(3, 64)
-    monkeypatch.setenv("OPENLORA_KERNELS", "reference")
+    assert torch.equal(layer(x), layer.kernel(x))
+    set_reference_kernels(layer, True)
     assert torch.equal(layer(x), layer.reference(x))
-    monkeypatch.setenv("OPENLORA_KERNELS", "auto")
+    assert not torch.equal(layer.kernel(x), layer.reference(x))  # the two paths differ: the switch is seen
+    set_reference_kernels(layer, False)
     assert torch.equal(layer(x), layer.kernel(x))
 
 
@@ -133,8 +146,9 @@ def test_unknown_format_and_lm_head_without_a_format_are_refused(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("shape", [*SHAPES, (4096, 4096), (11008, 4096)])
+@pytest.mark.parametrize(
+    ("fmt", "shape"), [*CASES, *((fmt, shape) for fmt in FORMATS for shape in [(4096, 4096), (11008, 4096)])]
+)
 @pytest.mark.parametrize("num_rows", [1, 7, 32])
 def test_cuda_kernel_matches_the_reference(fmt, shape, num_rows):
     device = torch.device("cuda")

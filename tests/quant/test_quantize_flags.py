@@ -1,5 +1,6 @@
 """--quantize / --quantize-lm-head / OPENLORA_QUANTIZE reach the engine's config; bad values stop
-`openlora worker` and `openlora up` before anything starts, with the cause and the choices."""
+`openlora worker` and `openlora up` before anything starts, with the cause and the choices; so does a
+model whose linears the format cannot pack."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import argparse
 import pytest
 
 from openlora.commands.serving import add_commands, main, worker_config_from_args
+
+from .helpers import write_llama
 
 REQUIRED = ["--control-plane", "cp:1", "--worker-token", "t" * 20]
 
@@ -75,3 +78,17 @@ def test_up_refuses_a_bad_quantize_value_before_starting_anything(
     assert code == 2
     assert message in capsys.readouterr().err
     assert not state_dir.exists()
+
+
+def test_worker_refuses_int4_for_a_model_it_cannot_group_before_serving(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
+    model_dir = write_llama(tmp_path / "model", intermediate_size=344)
+    state_dir = tmp_path / "state"
+    code = main(
+        ["worker", "--model", str(model_dir), "--state-dir", str(state_dir), *REQUIRED, "--quantize", "int4"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error: --quantize int4 cannot pack down_proj" in err
+    assert "in_features 344" in err and "multiple of 32" in err and "use --quantize int8 or none" in err
+    assert list(state_dir.iterdir()) == []  # no worker id, no usage spool: it never registered or served

@@ -2,6 +2,7 @@
 
     make_quant_linear("int4", in_features, out_features, device)  # a QuantLinear; load_weight(W) packs W
     check_device(QuantSettings("int4"), device)                    # refuses what the device cannot run
+    check_shapes(QuantSettings("int4"), spec)                      # refuses linears it cannot pack
 
 The formats and their kernels are documented in `int8.py` and `int4.py`; `benchmarks/RESULTS.md` holds
 the measurements that chose them.
@@ -13,9 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from data_plane.model.quant.base import COMPUTE_DTYPE, QuantizationError, QuantLinear
+from data_plane.model.quant.base import (
+    COMPUTE_DTYPE,
+    QuantizationError,
+    QuantLinear,
+    reference_kernels_requested,
+    set_reference_kernels,
+)
 from data_plane.model.quant.int4 import Int4Linear
 from data_plane.model.quant.int8 import Int8Linear
+from openlora.base_model import PROJECTIONS, BaseModelSpec
 
 __all__ = [
     "COMPUTE_DTYPE",
@@ -24,7 +32,10 @@ __all__ = [
     "QuantSettings",
     "QuantizationError",
     "check_device",
+    "check_shapes",
     "make_quant_linear",
+    "reference_kernels_requested",
+    "set_reference_kernels",
 ]
 
 _CLASSES: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
@@ -72,3 +83,21 @@ def check_device(settings: QuantSettings, device: torch.device) -> None:
             f"--quantize int4 needs a CUDA device of compute capability 8.0 or newer (Ampere); "
             f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --quantize int8 or none"
         )
+
+
+def check_shapes(settings: QuantSettings, spec: BaseModelSpec) -> None:
+    """Refuses, before anything is loaded, a model with a linear that `settings.format` cannot pack: the
+    error names the projection, its shape, the cause and what to do instead."""
+    if not settings.enabled:
+        return
+    shapes = {name: spec.projection_shape(name) for name in PROJECTIONS}  # name -> (in, out)
+    if settings.lm_head:
+        shapes["lm_head"] = (spec.hidden_size, spec.vocab_size)
+    for name, (in_features, out_features) in shapes.items():
+        try:
+            _CLASSES[settings.format].check_shape(in_features, out_features)
+        except QuantizationError as e:
+            raise QuantizationError(
+                f"--quantize {settings.format} cannot pack {name} of {spec.name} "
+                f"(out_features {out_features}, in_features {in_features}): {e}; use --quantize int8 or none"
+            ) from None

@@ -3,8 +3,9 @@
 A QuantLinear holds one projection's weight (out_features, in_features) in a packed low-bit form and
 computes y = x @ W.T with it; it has no bias (the owning layer adds its own). Each format offers
 `kernel(x)`, the packed kernel, and `reference(x)`, the pure-torch dequantize-then-matmul with the same
-signature: the tests' oracle. `forward` runs the kernel unless `OPENLORA_KERNELS=reference` (the switch
-that `kernels` reads for SGMV too) asks for the reference.
+signature: the tests' oracle. `forward` runs the kernel, or the reference when `use_reference` is set:
+chosen once for a whole model by `set_reference_kernels` (the loader applies `OPENLORA_KERNELS=reference`,
+the switch that `kernels` reads for SGMV too), never per call.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class QuantLinear(nn.Module):
 
     format = ""
     bits = 0
+    use_reference = False  # forward runs `reference` instead of `kernel` (see set_reference_kernels)
 
     def __init__(self, in_features: int, out_features: int, device: torch.device) -> None:
         super().__init__()
@@ -42,13 +44,17 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.device = torch.device(device)
 
+    @classmethod
+    def check_shape(cls, in_features: int, out_features: int) -> None:
+        """Raises QuantizationError (naming the cause) when the format cannot pack a weight of this shape."""
+
     def load_weight(self, weight: torch.Tensor) -> None:
         """Quantizes `weight` (out, in), any float dtype, on any device, a few rows at a time."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, in) in the activation dtype -> (T, out) in the same dtype."""
-        return self.reference(x) if use_reference() else self.kernel(x)
+        return self.reference(x) if self.use_reference else self.kernel(x)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The packed kernel: x (T, in) -> (T, out), computed in COMPUTE_DTYPE, returned in x's dtype."""
@@ -71,10 +77,16 @@ class QuantLinear(nn.Module):
         return f"{self.format}, in_features={self.in_features}, out_features={self.out_features}"
 
 
-def use_reference() -> bool:
-    """True when OPENLORA_KERNELS=reference: read at call time, as `kernels` does, so tests and operators
-    switch implementations without rebuilding the engine."""
+def reference_kernels_requested() -> bool:
+    """True when OPENLORA_KERNELS=reference: read once per model load, to choose every QuantLinear's path."""
     return os.environ.get("OPENLORA_KERNELS", "").strip().lower() == "reference"
+
+
+def set_reference_kernels(module: nn.Module, enabled: bool) -> None:
+    """Makes every QuantLinear in `module` compute with its reference (True) or its packed kernel (False)."""
+    for child in module.modules():
+        if isinstance(child, QuantLinear):
+            child.use_reference = enabled
 
 
 @contextlib.contextmanager

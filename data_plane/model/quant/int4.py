@@ -9,9 +9,9 @@ For each output row n and group g of `group_size` consecutive input columns (bfl
 
 This is the layout of PyTorch's tinygemm kernels (`_weight_int4pack_mm_for_cpu` on CPU,
 `_weight_int4pack_mm` on CUDA sm80+), which run on bfloat16 activations. The group size is 128, else 64
-or 32, whichever divides the input dimension; a dimension that none divides is zero-padded to a multiple of
-32 (the last group is partial and the activations are padded to match). Output rows are padded to the
-kernels' multiple of 16 and cut from the result.
+or 32, whichever divides the input dimension; a dimension that none divides cannot be grouped and is
+refused (`QuantizationError`). Output rows are padded to the kernels' multiple of 16 and cut from the
+result.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, one_thread, round_up, row_chunks
+from data_plane.model.quant.base import (
+    COMPUTE_DTYPE,
+    QuantizationError,
+    QuantLinear,
+    one_thread,
+    round_up,
+    row_chunks,
+)
 
 GROUP_SIZES = (128, 64, 32)
 _ROW_MULTIPLE = 16  # tinygemm packs output rows in tiles (16 on CPU, 8 on CUDA)
@@ -29,12 +36,9 @@ _CHUNK_ROW_MULTIPLE = 64
 _DEQUANT_ROWS = 256
 
 
-def int4_group_size(in_features: int) -> tuple[int, int]:
-    """(group_size, padded in_features) for an input dimension."""
-    for size in GROUP_SIZES:
-        if in_features % size == 0:
-            return size, in_features
-    return GROUP_SIZES[-1], round_up(in_features, GROUP_SIZES[-1])
+def int4_group_size(in_features: int) -> int | None:
+    """The group size of an input dimension: 128, else 64, else 32; None when none of them divides it."""
+    return next((size for size in GROUP_SIZES if in_features % size == 0), None)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,12 +64,12 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) 
     return ((codes - 8) * scale.float().unsqueeze(2) + offset.float().unsqueeze(2)).view(n, k)
 
 
-def _pack(q: torch.Tensor, k_pad: int) -> torch.Tensor:
-    """q (rows, K_pad) uint8 codes -> the tinygemm layout of q's device."""
+def _pack(q: torch.Tensor, k: int) -> torch.Tensor:
+    """q (rows, K) uint8 codes -> the tinygemm layout of q's device."""
     if q.device.type == "cpu":
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    inner_k_tiles = 8 if k_pad % 128 == 0 else 4 if k_pad % 64 == 0 else 2
-    pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # (rows, K_pad / 2) uint8, even column high
+    inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+    pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # (rows, K / 2) uint8, even column high
     return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
 
 
@@ -81,34 +85,41 @@ class Int4Linear(QuantLinear):
     format = "int4"
     bits = 4
 
+    @classmethod
+    def check_shape(cls, in_features: int, out_features: int) -> None:
+        if int4_group_size(in_features) is None:
+            raise QuantizationError(
+                f"int4 needs in_features to be a multiple of {GROUP_SIZES[-1]} (it groups the input "
+                f"dimension by 128, 64 or 32 columns), got {in_features}"
+            )
+
     def __init__(self, in_features: int, out_features: int, device: torch.device) -> None:
+        self.check_shape(in_features, out_features)
         super().__init__(in_features, out_features, device)
-        self.group_size, self.padded_in_features = int4_group_size(in_features)
+        self.group_size = int4_group_size(in_features)
         self.padded_out_features = round_up(out_features, _ROW_MULTIPLE)
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8, device=device))
-        # (K_pad / group_size, N_pad, 2): [..., 0] scale, [..., 1] offset, as the kernels read them.
+        # (K / group_size, N_pad, 2): [..., 0] scale, [..., 1] offset, as the kernels read them.
         self.register_buffer("scale_offset", torch.empty(0, dtype=COMPUTE_DTYPE, device=device))
 
     def load_weight(self, weight: torch.Tensor) -> None:
         n, k = self.out_features, self.in_features
         if tuple(weight.shape) != (n, k):
             raise ValueError(f"weight has shape {list(weight.shape)}, expected {[n, k]}")
-        k_pad, n_pad = self.padded_in_features, self.padded_out_features
+        n_pad = self.padded_out_features
         packed, scale_offset = [], []
         with one_thread():
-            for start, end in row_chunks(n_pad, k_pad, _CHUNK_ROW_MULTIPLE):
+            for start, end in row_chunks(n_pad, k, _CHUNK_ROW_MULTIPLE):
                 rows = weight[start:end].to(self.device)  # (r, K); empty past the real rows
-                rows = F.pad(rows, (0, k_pad - k, 0, (end - start) - rows.shape[0]))  # (R, K_pad), zeros
+                rows = F.pad(rows, (0, 0, 0, (end - start) - rows.shape[0]))  # (R, K), zero rows
                 q, scale, offset = quantize_int4(rows, self.group_size)
-                packed.append(_pack(q, k_pad))
+                packed.append(_pack(q, k))
                 scale_offset.append(torch.stack((scale.T, offset.T), dim=2))  # (G, R, 2)
         self.packed = torch.cat(packed)
         self.scale_offset = torch.cat(scale_offset, dim=1).contiguous()
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(COMPUTE_DTYPE)  # (T, K)
-        if self.padded_in_features != self.in_features:
-            xc = F.pad(xc, (0, self.padded_in_features - self.in_features))  # (T, K_pad)
         y = _int4_mm(xc, self.packed, self.group_size, self.scale_offset)  # (T, N_pad)
         if self.padded_out_features != self.out_features:
             y = y[:, : self.out_features].contiguous()  # LoRA adds into it in place
@@ -117,14 +128,14 @@ class Int4Linear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         # The packed layout is the kernel's own, so read it back through the kernel: rows of the identity.
         # On CPU in float32 (exact); the CUDA kernel takes bfloat16 only (its output is rounded to it).
-        k_pad = self.padded_in_features
+        k = self.in_features
         dtype = torch.float32 if self.device.type == "cpu" else COMPUTE_DTYPE
         scale_offset = self.scale_offset.to(dtype)
         columns = []
-        for start in range(0, k_pad, _DEQUANT_ROWS):
-            end = min(start + _DEQUANT_ROWS, k_pad)
-            eye = torch.zeros(end - start, k_pad, dtype=dtype, device=self.device)  # (r, K_pad)
+        for start in range(0, k, _DEQUANT_ROWS):
+            end = min(start + _DEQUANT_ROWS, k)
+            eye = torch.zeros(end - start, k, dtype=dtype, device=self.device)  # (r, K)
             eye[torch.arange(end - start), torch.arange(start, end)] = 1
             columns.append(_int4_mm(eye, self.packed, self.group_size, scale_offset).float())  # (r, N_pad)
-        w_t = torch.cat(columns)  # (K_pad, N_pad)
-        return w_t[: self.in_features, : self.out_features].T.contiguous()
+        w_t = torch.cat(columns)  # (K, N_pad)
+        return w_t[:, : self.out_features].T.contiguous()

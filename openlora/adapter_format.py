@@ -28,6 +28,9 @@ DEFAULT_MAX_RANK = 64
 DEFAULT_MAX_SIZE_BYTES = 512 << 20
 # Bound on `r` before the configured maximum is applied: keeps every later product small.
 MAX_CONFIG_RANK = 1 << 16
+MAX_PATTERN_KEYS = 4096  # entries of rank_pattern / alpha_pattern
+_MAX_PATTERN_KEY_CHARS = 256
+_PATTERN_KEY = re.compile(rf"[A-Za-z0-9_.]{{1,{_MAX_PATTERN_KEY_CHARS}}}")
 # A safetensors header is {name: {dtype, shape: [...], data_offsets: [...]}, __metadata__: {str: str}}.
 _HEADER_DEPTH = 3
 _CONFIG_DEPTH = 8
@@ -89,11 +92,27 @@ class AdapterInfo:
     dtype: str
     size_bytes: int
     tensors: tuple[TensorInfo, ...]
+    # ((layer, module), scaling) of the modules whose rank or alpha a rank_pattern / alpha_pattern sets.
+    module_scalings: tuple[tuple[tuple[int, str], float], ...] = ()
+    # The config's `r`: the rank of every module no rank_pattern names (`rank` is the largest of all).
+    default_rank: int | None = None
 
     @property
     def scaling(self) -> float:
-        """The factor PEFT applies to B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+        """The factor PEFT applies to B @ A of a module no pattern names: alpha / r, or alpha / sqrt(r)
+        with rsLoRA."""
+        return lora_scaling(self.alpha, self.default_rank or self.rank, self.use_rslora)
+
+    def scaling_of(self, layer: int, module: str) -> float:
+        """The factor PEFT applies to this module's B @ A (its own rank and alpha under the patterns)."""
+        for key, scaling in self.module_scalings:
+            if key == (layer, module):
+                return scaling
+        return self.scaling
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def parse_adapter_config(data: bytes) -> dict:
@@ -110,14 +129,15 @@ def parse_adapter_config(data: bytes) -> dict:
         rank = config.get_int("r", lo=1, hi=MAX_CONFIG_RANK)
         alpha = config.get_number("lora_alpha", float(rank), positive=True)
         use_rslora = config.get_bool("use_rslora", False)
-        for key, what in (
-            ("use_dora", "DoRA"),
-            ("modules_to_save", "modules_to_save"),
-            ("rank_pattern", "rank_pattern"),
-            ("alpha_pattern", "alpha_pattern"),
-        ):
+        for key, what in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save")):
             if config.data.get(key):
                 raise JsonFieldError(config.field(key), f"{what} is not supported")
+        rank_pattern = _pattern(config, "rank_pattern", lambda v: is_int(v) and 1 <= v <= MAX_CONFIG_RANK)
+        alpha_pattern = _pattern(
+            config,
+            "alpha_pattern",
+            lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+        )
         if config.data.get("bias", "none") != "none":
             raise JsonFieldError(config.field("bias"), "only bias='none' is supported")
         targets = config.data.get("target_modules")
@@ -132,7 +152,49 @@ def parse_adapter_config(data: bytes) -> dict:
             raise JsonFieldError(config.field("target_modules"), "must be a list of module names")
     except JsonFieldError as e:
         raise AdapterFormatError(e.field, e.reason) from None
-    return {**config.data, "r": rank, "lora_alpha": alpha, "use_rslora": use_rslora}
+    return {
+        **config.data,
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_rslora": use_rslora,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+    }
+
+
+def _pattern(config, key: str, valid_value) -> dict:
+    """`rank_pattern` or `alpha_pattern`: module name -> value, for the modules that differ from `r` or
+    `lora_alpha`. PEFT reads each key as a regular expression matched against the end of a module's name;
+    keys here must be plain (dotted) module names, so matching stays linear in the name (a crafted
+    expression cannot make a worker backtrack for minutes) and means what PEFT makes of them."""
+    raw = config.data.get(key)
+    if raw is None or raw == {}:
+        return {}
+    if not isinstance(raw, dict):
+        raise JsonFieldError(config.field(key), "must map module names to values")
+    if len(raw) > MAX_PATTERN_KEYS:
+        raise JsonFieldError(config.field(key), f"has {len(raw)} entries, more than {MAX_PATTERN_KEYS}")
+    for name, value in raw.items():
+        if not _PATTERN_KEY.fullmatch(name):
+            raise JsonFieldError(
+                config.field(key),
+                f"key {describe(name)} is not a module name (letters, digits, '_' and '.'; at most "
+                f"{_MAX_PATTERN_KEY_CHARS} characters): regular expressions are not supported",
+            )
+        if not valid_value(value):
+            want = f"a rank from 1 to {MAX_CONFIG_RANK}" if key == "rank_pattern" else "a positive number"
+            raise JsonFieldError(config.field(key), f"{describe(name)} maps to {describe(value)}, not {want}")
+    return dict(raw)
+
+
+def pattern_value(pattern: dict, module_name: str, default):
+    """The value `pattern` gives the module `module_name` (as PEFT names it: `model.layers.3.mlp.up_proj`),
+    else `default`: the first key that is the whole name or its end after a dot, in the config's order
+    (PEFT's rule)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
 
 
 def read_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict, int]:
@@ -272,8 +334,9 @@ def validate_adapter_dir(
     if size_bytes > max_size_bytes:
         raise AdapterFormatError("size_bytes", f"{size_bytes} bytes exceeds the limit of {max_size_bytes}")
     config = parse_adapter_config(config_path.read_bytes())
-    rank = config["r"]
-    if rank > max_rank:
+    rank, alpha, use_rslora = config["r"], float(config["lora_alpha"]), bool(config["use_rslora"])
+    rank_pattern, alpha_pattern = config["rank_pattern"], config["alpha_pattern"]
+    if rank > max_rank and not rank_pattern:
         raise AdapterFormatError(f"{CONFIG_FILE}.r", f"rank {rank} exceeds the maximum of {max_rank}")
 
     header, data_offset = read_safetensors_header(weights_path)
@@ -290,16 +353,30 @@ def validate_adapter_dir(
                 WEIGHTS_FILE, f"two lora_{t.which} tensors for layer {t.layer} {t.module}"
             )
         slot[t.which] = t
+    module_ranks: dict[tuple[int, str], int] = {}
+    module_scalings: list[tuple[tuple[int, str], float]] = []
     for (layer, module), ab in sorted(pairs.items()):
         where = f"layer {layer} {module}"
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(WEIGHTS_FILE, f"{where}: needs both lora_A and lora_B")
         a, b = ab["A"], ab["B"]
-        if a.shape[0] != rank or b.shape[1] != rank:
+        name = peft_module_name(a.name)
+        from_pattern = pattern_value(rank_pattern, name, None)
+        module_rank, source = (rank, "r") if from_pattern is None else (from_pattern, "rank_pattern")
+        if a.shape[0] != module_rank or b.shape[1] != module_rank:
             raise AdapterFormatError(
                 WEIGHTS_FILE,
-                f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not have rank r={rank}",
+                f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not have rank "
+                f"{module_rank} ({CONFIG_FILE}.{source})",
             )
+        if module_rank > max_rank:
+            raise AdapterFormatError(
+                f"{CONFIG_FILE}.{source}", f"{where}: rank {module_rank} exceeds the maximum of {max_rank}"
+            )
+        module_ranks[(layer, module)] = module_rank
+        module_alpha = float(pattern_value(alpha_pattern, name, alpha))
+        if module_rank != rank or module_alpha != alpha:
+            module_scalings.append(((layer, module), lora_scaling(module_alpha, module_rank, use_rslora)))
         if spec is not None:
             if layer >= spec.num_layers:
                 raise AdapterFormatError(
@@ -310,7 +387,7 @@ def validate_adapter_dir(
                 raise AdapterFormatError(
                     WEIGHTS_FILE,
                     f"{where}: shapes A {list(a.shape)}, B {list(b.shape)} do not fit the base model "
-                    f"(expected A [{rank}, {in_features}], B [{out_features}, {rank}])",
+                    f"(expected A [{module_rank}, {in_features}], B [{out_features}, {module_rank}])",
                 )
     modules = tuple(m for m in PROJECTIONS if any(mod == m for _, mod in pairs))
     declared = config.get("target_modules")
@@ -322,12 +399,20 @@ def validate_adapter_dir(
     if check_values:
         _check_finite(weights_path, data_offset, tensors)
     return AdapterInfo(
-        rank=rank,
-        alpha=float(config.get("lora_alpha", rank)),
-        use_rslora=bool(config.get("use_rslora", False)),
+        rank=max(module_ranks.values()),
+        alpha=alpha,
+        use_rslora=use_rslora,
         target_modules=modules,
         layers=tuple(sorted({layer for layer, _ in pairs})),
         dtype=dtypes.pop() if len(dtypes) == 1 else "mixed",
         size_bytes=size_bytes,
         tensors=tuple(tensors),
+        module_scalings=tuple(module_scalings),
+        default_rank=rank,
     )
+
+
+def peft_module_name(tensor_name: str) -> str:
+    """The name PEFT's patterns are matched against: the module's name in the transformers model
+    (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` -> `model.layers.0.self_attn.q_proj`)."""
+    return tensor_name.removeprefix("base_model.model.").split(".lora_", 1)[0]

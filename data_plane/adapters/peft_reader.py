@@ -25,7 +25,6 @@ def read_peft_adapter(path: Path, spec: BaseModelSpec, max_rank: int, dtype: tor
         raise AdapterLoadError(f"adapter.{e.field}", e.reason) from None
     except OSError as e:
         raise AdapterLoadError("adapter", f"cannot read {Path(path).name!r}: {e.strerror}") from None
-    scale = info.scaling
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt", device="cpu") as f:
@@ -34,5 +33,5 @@ def read_peft_adapter(path: Path, spec: BaseModelSpec, max_rank: int, dtype: tor
     except (SafetensorError, OSError) as e:
         # The validator and safetensors disagree on the file, or it changed under us: still a refusal.
         raise AdapterLoadError(f"adapter.{WEIGHTS_FILE}", f"cannot be read: {str(e)[:200]}") from None
-    factors = {key: LoraFactors(ab["A"], ab["B"], scale) for key, ab in pairs.items()}
+    factors = {key: LoraFactors(ab["A"], ab["B"], info.scaling_of(*key)) for key, ab in pairs.items()}
     return AdapterWeights(rank=info.rank, factors=factors)

@@ -104,7 +104,7 @@ def build_merge(
                 MemberFactors(
                     a=handle.get_tensor(source_names[(layer, module, "A")]).float(),
                     b=handle.get_tensor(source_names[(layer, module, "B")]).float(),
-                    scale=info.scaling,
+                    scale=info.scaling_of(layer, module),
                     weight=source.weight,
                     seed=spec.member_seed(layer, module, source.sha256),
                 )

@@ -1,0 +1,156 @@
+"""PEFT adapters whose modules have their own rank and alpha (`rank_pattern`, `alpha_pattern`) match
+transformers + PEFT, alone and batched with others; the patterns' keys and values are checked."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_plane.engine.request import AdapterRef
+from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
+from openlora.artifact import digest_dir
+from openlora.base_model import BaseModelSpec
+
+from .conftest import ALL_SEVEN, greedy, make_engine, run_to_completion
+from .reference import load_reference, reference_greedy
+
+# PEFT reads each key as the end of a module's name: every q_proj; one layer's down_proj; v_proj's alpha.
+RANK_PATTERN = {"q_proj": 4, "model.layers.1.mlp.down_proj": 16, "layers.0.self_attn.k_proj": 2}
+ALPHA_PATTERN = {"v_proj": 64, "layers.0.self_attn.o_proj": 3}
+
+
+def _write_patterned(model_dir: Path, out: Path, use_rslora: bool, seed: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=ALL_SEVEN,
+        rank_pattern=RANK_PATTERN,
+        alpha_pattern=ALPHA_PATTERN,
+        use_rslora=use_rslora,
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_qwen2"])
+def patterned(request, tmp_path_factory):
+    model = request.getfixturevalue(request.param)
+    root = tmp_path_factory.mktemp("patterned")
+    dirs = {
+        "plain": _write_patterned(model.model_dir, root / "plain", use_rslora=False, seed=5),
+        "rslora": _write_patterned(model.model_dir, root / "rslora", use_rslora=True, seed=6),
+    }
+    return model, dirs
+
+
+def _spec(model) -> BaseModelSpec:
+    config = json.loads((model.model_dir / "config.json").read_text())
+    return BaseModelSpec.from_hf_config(config, model.model_dir.name)
+
+
+def _ref(path: Path) -> AdapterRef:
+    return AdapterRef(key=digest_dir(path), path=path)
+
+
+def test_patterned_adapters_match_peft_alone_and_batched_with_others(patterned):
+    model, dirs = patterned
+    rng = random.Random(4)
+    prompts = [[rng.randrange(model.vocab_size) for _ in range(n)] for n in (5, 17, 9, 26, 3)]
+    cases = {
+        "plain-0": (prompts[0], "plain"),
+        "rslora-1": (prompts[1], "rslora"),
+        "base-2": (prompts[2], None),
+        "r8-3": (prompts[3], "r8_all"),
+        "plain-4": (prompts[4], "plain"),
+    }
+    paths = {**dirs, "r8_all": model.adapter_dirs["r8_all"]}
+    engine = make_engine(model)
+    for request_id, (prompt, name) in cases.items():
+        engine.add_request(greedy(request_id, prompt, [_ref(paths[name])] if name else ()))
+    results = run_to_completion(engine)
+    for request_id, (prompt, name) in cases.items():
+        reference = load_reference(model.model_dir, [paths[name]] if name else None)
+        want_tokens, want_logprobs = reference_greedy(reference, prompt)
+        got_tokens, got_logprobs = results[request_id]
+        assert got_tokens == want_tokens, request_id
+        assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3), request_id
+
+
+def test_the_patterns_set_each_modules_rank_and_scaling(patterned):
+    model, dirs = patterned
+    spec = _spec(model)
+    info = validate_adapter_dir(dirs["plain"], spec)
+    assert info.rank == 16  # the slot rank: the largest module rank
+    ranks = {(t.layer, t.module): t.shape[0] for t in info.tensors if t.which == "A"}
+    assert ranks[(0, "q_proj")] == ranks[(1, "q_proj")] == 4
+    assert ranks[(1, "down_proj")] == 16 and ranks[(0, "down_proj")] == 8
+    assert ranks[(0, "k_proj")] == 2 and ranks[(1, "k_proj")] == 8
+    assert info.scaling_of(0, "q_proj") == pytest.approx(16 / 4)
+    assert info.scaling_of(1, "v_proj") == pytest.approx(64 / 8)
+    assert info.scaling_of(0, "o_proj") == pytest.approx(3 / 8)
+    assert info.scaling_of(1, "o_proj") == pytest.approx(16 / 8)
+    assert info.scaling_of(1, "down_proj") == pytest.approx(16 / 16)
+    rslora = validate_adapter_dir(dirs["rslora"], spec)
+    assert rslora.scaling_of(1, "v_proj") == pytest.approx(64 / 8**0.5)
+    assert rslora.scaling_of(0, "q_proj") == pytest.approx(16 / 4**0.5)
+
+
+def _with_config(src: Path, dst: Path, **changes) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    config_path = dst / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(changes)
+    config_path.write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"rank_pattern": {"(q|k)+_proj$": 4}}, "adapter_config.json.rank_pattern", "not a module name"),
+        ({"alpha_pattern": {".*": 4}}, "adapter_config.json.alpha_pattern", "not a module name"),
+        ({"rank_pattern": {"q_proj": 0}}, "adapter_config.json.rank_pattern", "not a rank"),
+        ({"rank_pattern": {"q_proj": True}}, "adapter_config.json.rank_pattern", "not a rank"),
+        ({"alpha_pattern": {"v_proj": -1}}, "adapter_config.json.alpha_pattern", "positive number"),
+        ({"alpha_pattern": {"v_proj": "8"}}, "adapter_config.json.alpha_pattern", "positive number"),
+        ({"rank_pattern": ["q_proj", 4]}, "adapter_config.json.rank_pattern", "must map"),
+        # The tensors say q_proj has rank 4: a config that says 6 is refused, naming the pattern.
+        ({"rank_pattern": {**RANK_PATTERN, "q_proj": 6}}, "adapter_model.safetensors", "rank_pattern"),
+        # Without the pattern, the tensors' ranks contradict r.
+        ({"rank_pattern": {}}, "adapter_model.safetensors", "adapter_config.json.r"),
+    ],
+)
+def test_bad_patterns_are_refused_naming_the_field(patterned, tmp_path, changes, field, words):
+    model, dirs = patterned
+    spec = _spec(model)
+    bad = _with_config(dirs["plain"], tmp_path / "bad", **changes)
+    with pytest.raises(AdapterFormatError) as refused:
+        validate_adapter_dir(bad, spec)
+    assert refused.value.field == field
+    assert words in refused.value.reason
+
+
+def test_a_pattern_rank_above_the_workers_maximum_is_refused(patterned):
+    model, dirs = patterned
+    spec = _spec(model)
+    with pytest.raises(AdapterFormatError) as refused:
+        validate_adapter_dir(dirs["plain"], spec, max_rank=8)
+    assert refused.value.field == "adapter_config.json.rank_pattern"
+    assert "exceeds the maximum of 8" in refused.value.reason

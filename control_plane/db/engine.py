@@ -15,9 +15,16 @@ def sqlalchemy_url(database_url: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def make_engine(database_url: str, pool_size: int = 10) -> Engine:
+def make_engine(database_url: str, pool_size: int = 10, pool_timeout_s: float = 30.0) -> Engine:
+    """A pooled engine: `pool_size` connections kept, as many more opened under load; a session that finds
+    all of them in use waits up to `pool_timeout_s`, then raises sqlalchemy.exc.TimeoutError (which the
+    server answers UNAVAILABLE: retry)."""
     return create_engine(
-        sqlalchemy_url(database_url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        sqlalchemy_url(database_url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_timeout=pool_timeout_s,
+        pool_pre_ping=True,
     )
 
 

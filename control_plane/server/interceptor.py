@@ -14,6 +14,7 @@ from sqlalchemy.exc import DataError
 
 from control_plane import errors, metrics
 from openlora.adapter_format import AdapterFormatError
+from openlora.exhaustion import exhausted_resource
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     if _database_unavailable(error):
         log.warning("database unavailable: %s", error)
         return grpc.StatusCode.UNAVAILABLE, "the control plane's database is unavailable; retry later"
+    resource = exhausted_resource(error)
+    if resource is not None:  # overload (a burst of calls), not the caller's input nor a bug: retryable
+        log.warning("out of %s: %s", resource, error)
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            f"the control plane ran out of {resource} under load; retry shortly",
+        )
     if isinstance(error, AdapterFormatError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, DataError):

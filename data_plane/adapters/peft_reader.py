@@ -12,6 +12,7 @@ from data_plane.engine.errors import AdapterLoadError
 from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
 from openlora.artifact import WEIGHTS_FILE
 from openlora.base_model import BaseModelSpec
+from openlora.exhaustion import exhausted_resource
 
 
 def read_peft_adapter(path: Path, spec: BaseModelSpec, max_rank: int, dtype: torch.dtype) -> AdapterWeights:
@@ -24,6 +25,8 @@ def read_peft_adapter(path: Path, spec: BaseModelSpec, max_rank: int, dtype: tor
     except AdapterFormatError as e:
         raise AdapterLoadError(f"adapter.{e.field}", e.reason) from None
     except OSError as e:
+        if exhausted_resource(e):  # the worker is overloaded (out of files, memory): not the adapter's fault
+            raise
         raise AdapterLoadError("adapter", f"cannot read {Path(path).name!r}: {e.strerror}") from None
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
@@ -31,6 +34,8 @@ def read_peft_adapter(path: Path, spec: BaseModelSpec, max_rank: int, dtype: tor
             for t in info.tensors:
                 pairs.setdefault((t.layer, t.module), {})[t.which] = f.get_tensor(t.name).to(dtype)
     except (SafetensorError, OSError) as e:
+        if exhausted_resource(e):
+            raise
         # The validator and safetensors disagree on the file, or it changed under us: still a refusal.
         raise AdapterLoadError(f"adapter.{WEIGHTS_FILE}", f"cannot be read: {str(e)[:200]}") from None
     factors = {key: LoraFactors(ab["A"], ab["B"], info.scaling_of(*key)) for key, ab in pairs.items()}

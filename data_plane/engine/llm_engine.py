@@ -285,6 +285,8 @@ class LLMEngine:
             return outputs
         except Exception as error:
             cause = error if isinstance(error, EngineError) else StepFailed("the engine failed this request")
+            if cause is not error:
+                cause.__cause__ = error  # the server tells overload (out of files, memory) by the cause
             self._pending_outputs[:0] = outputs + self.fail_requests(involved, cause)
             raise
 

@@ -10,6 +10,7 @@ from data_plane.engine.errors import AdapterLoadError, InvalidRequest
 from data_plane.engine.request import AdapterRef, EngineRequest
 from openlora.adapter_format import AdapterFormatError, parse_adapter_config
 from openlora.artifact import CONFIG_FILE
+from openlora.exhaustion import exhausted_resource
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -80,6 +81,8 @@ def _validate_adapters(adapters: tuple[AdapterRef, ...], max_lora_rank: int) -> 
         except AdapterFormatError as e:
             raise AdapterLoadError(f"{field}.{e.field}", e.reason) from None
         except OSError as e:
+            if exhausted_resource(e):  # the worker is overloaded (out of files, memory): not the adapter
+                raise
             raise AdapterLoadError(f"{field}.{CONFIG_FILE}", f"cannot be read: {e.strerror}") from None
     if total_rank > max_lora_rank:
         reason = f"rank {total_rank} exceeds the maximum of {max_lora_rank}"

@@ -57,7 +57,9 @@ class ControlPlaneError(Exception):
         code = error.code()
         if code in _PASS_THROUGH:
             return cls(code, error.details() or code.name.lower())
-        return cls(grpc.StatusCode.UNAVAILABLE, f"control plane unavailable ({what}: {code.name})")
+        return cls(
+            grpc.StatusCode.UNAVAILABLE, f"control plane unavailable ({what}: {code.name}); retry shortly"
+        )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from data_plane.fusion.store import MergeQueueFull
 from data_plane.server.artifact_store import ArtifactError, ArtifactRejected
 from data_plane.server.control_plane_client import ControlPlaneError
 from data_plane.server.validation import RequestFieldError
+from openlora.exhaustion import exhausted_resource
 
 
 class Draining(Exception):
@@ -40,6 +41,12 @@ class ModelNotFound(Exception):
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status code and message for a domain error; None for a fault of the worker itself."""
+    resource = exhausted_resource(error)
+    if resource is not None:  # overload (a burst of calls), not the caller's input nor a bug: retryable
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            f"the worker ran out of {resource} under load; retry shortly or on another worker",
+        )
     if isinstance(error, RequestFieldError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, InvalidRequest):

@@ -47,6 +47,9 @@ class WorkerConfig:
     engine: EngineSettings = field(default_factory=EngineSettings)
     # Requests waiting for admission beyond which Generate answers RESOURCE_EXHAUSTED at once.
     max_waiting: int = 256
+    # Merge builds (TIES/DARE/magnitude-prune mixes) one tenant may have pending when it asks for a new one;
+    # past it RESOURCE_EXHAUSTED, so one tenant's distinct merges never hold every other tenant's back.
+    max_pending_merges_per_tenant: int = 4
     # Upper bound of sampling.max_tokens; the engine's context length bounds it further.
     max_tokens_limit: int = 4096
     default_max_tokens: int = 128
@@ -91,6 +94,10 @@ class WorkerConfig:
             )
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if self.max_pending_merges_per_tenant < 1:
+            raise ValueError(
+                f"max_pending_merges_per_tenant must be >= 1, got {self.max_pending_merges_per_tenant}"
+            )
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
             raise ValueError("default_max_tokens must be in [1, max_tokens_limit]")
         if self.drain_grace_s < 0:

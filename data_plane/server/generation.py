@@ -25,7 +25,7 @@ import grpc
 
 from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
 from data_plane.fusion.spec import MergeSpec
-from data_plane.fusion.store import MergeStore
+from data_plane.fusion.store import MAX_PENDING_BUILDS_PER_TENANT, MergeStore
 from data_plane.server.artifact_store import ArtifactStore, default_disk_cache_bytes
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
 from data_plane.server.ensemble_request import billed_adapters, ensemble_of
@@ -124,6 +124,7 @@ class GenerationService:
         reservation_s: float = 120.0,
         activity: AdapterActivity | None = None,
         merges: MergeStore | None = None,
+        max_pending_merges_per_tenant: int = MAX_PENDING_BUILDS_PER_TENANT,
     ) -> None:
         self._engine = engine
         self._cp = control_plane
@@ -135,6 +136,7 @@ class GenerationService:
         self.activity = activity or AdapterActivity()
         # Derived adapters of TIES/DARE/magnitude-prune mixes (made on first use when not given).
         self._merges = merges
+        self._max_pending_merges_per_tenant = max_pending_merges_per_tenant
         # (tenant id, request id) of the calls streaming now.
         self._in_flight: set[tuple[str, str]] = set()
         # How long the control plane holds a client request id reserved for a stream of this worker.
@@ -528,6 +530,7 @@ class GenerationService:
                 getattr(self._engine, "engine", self._engine).config.max_lora_rank,
                 on_built=self._observe_merge,
                 max_disk_bytes=default_disk_cache_bytes(self._artifacts.root),
+                max_pending_builds_per_tenant=self._max_pending_merges_per_tenant,
             )
         return self._merges
 

@@ -231,6 +231,7 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         limits,
         reservation_s=config.request_id_reservation_s,
         activity=activity,
+        max_pending_merges_per_tenant=config.max_pending_merges_per_tenant,
     )
     metrics.watch_routing_load(
         lambda: _engine_load(engine), activity, max_lora=config.engine.num_adapter_slots

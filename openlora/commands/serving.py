@@ -83,6 +83,13 @@ def _add_worker(subparsers) -> None:
         help="local artifact disk budget (OPENLORA_DISK_CACHE_BYTES; default free disk/4, at most 20 GiB)",
     )
     p.add_argument("--max-waiting", type=int, default=_env_int("MAX_WAITING", 256))
+    p.add_argument(
+        "--max-pending-merges-per-tenant",
+        type=int,
+        default=_env_int("MAX_PENDING_MERGES_PER_TENANT", 4),
+        help="merge builds one tenant may have pending before a new one is refused "
+        "(OPENLORA_MAX_PENDING_MERGES_PER_TENANT; default 4)",
+    )
     p.add_argument("--max-tokens-limit", type=int, default=_env_int("MAX_TOKENS_LIMIT", 4096))
     p.add_argument("--drain-grace-s", type=float, default=_env_float("DRAIN_GRACE_S", 30.0))
     p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", 0))
@@ -138,6 +145,7 @@ def worker_config_from_args(args: argparse.Namespace):
             quantize_lm_head=args.quantize_lm_head,
         ),
         max_waiting=args.max_waiting,
+        max_pending_merges_per_tenant=args.max_pending_merges_per_tenant,
         max_tokens_limit=args.max_tokens_limit,
         redis_url=args.redis_url,
         drain_grace_s=args.drain_grace_s,

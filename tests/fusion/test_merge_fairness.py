@@ -155,3 +155,22 @@ def test_one_tenants_burst_of_distinct_merges_leaves_room_for_another_tenant(sys
 
 async def _wait_for(condition, timeout_s: float = 60.0) -> None:
     await asyncio.wait_for(_until(condition), timeout_s)
+
+
+def test_the_per_tenant_share_is_a_worker_setting(tmp_path):
+    from data_plane.server.config import WorkerConfig
+    from openlora.cli import build_parser
+    from openlora.commands.serving import worker_config_from_args
+
+    common = ["worker", "--model", str(tmp_path), "--control-plane", "cp:1", "--worker-token", "t"]
+    args = build_parser().parse_args([*common, "--max-pending-merges-per-tenant", "2"])
+    assert worker_config_from_args(args).max_pending_merges_per_tenant == 2
+    assert worker_config_from_args(build_parser().parse_args(common)).max_pending_merges_per_tenant == 4
+    with pytest.raises(ValueError, match="max_pending_merges_per_tenant"):
+        WorkerConfig(
+            model_dir=tmp_path,
+            control_plane_target="cp:1",
+            worker_token="t",
+            state_dir=tmp_path,
+            max_pending_merges_per_tenant=0,
+        )

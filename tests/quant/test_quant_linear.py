@@ -25,9 +25,15 @@ SHAPES = [(10, 96), (344, 128), (7, 64), (33, 1024), (24, 192), (128, 352)]
 # among them the demo model's down projection (344 inputs).
 INT8_SHAPES = [(128, 344), (1000, 100), (64, 200)]
 CASES = [(fmt, shape) for fmt in FORMATS for shape in SHAPES] + [("int8", shape) for shape in INT8_SHAPES]
-# Relative to the largest |reference| output: the kernels compute in bfloat16 (inputs and outputs
-# rounded to 8 significant bits), the reference in float32.
-TOLERANCE = {torch.float32: 1e-2, torch.bfloat16: 2e-2}
+# Relative to the largest |reference| output, by (format, activation dtype): the kernels compute in
+# bfloat16 (inputs and outputs rounded to 8 significant bits), the reference in float32; int8 on float32
+# activations splits them into two int8 digits (16 bits a row) and sums in int32.
+TOLERANCE = {
+    ("int4", torch.float32): 1e-2,
+    ("int4", torch.bfloat16): 2e-2,
+    ("int8", torch.float32): 2e-4,
+    ("int8", torch.bfloat16): 2e-2,
+}
 
 
 def _weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
@@ -57,7 +63,22 @@ def test_kernel_matches_the_dequantize_then_matmul_reference(fmt, shape, num_row
     got, want = layer.kernel(x), layer.reference(x)
     assert got.dtype == dtype and got.shape == (num_rows, shape[0])
     error = (got.float() - want.float()).abs().max() / want.float().abs().max()
-    assert error < TOLERANCE[dtype]
+    assert error < TOLERANCE[fmt, dtype]
+
+
+def test_int8_on_float32_activations_keeps_sixteen_bits_of_each_row():
+    layer = _layer("int8", _weight((64, 256), 10))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 256, generator=g) * torch.tensor([1e-3, 1.0, 1e3, 1e-20, 0.0, 5.0]).unsqueeze(1)
+    x[5, 7] = 500.0  # an outlier: the rest of its row is held to 500 / 65024
+    got, want = layer.kernel(x), layer.reference(x)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert torch.equal(got[4], torch.zeros(64))  # an all-zero row
+    w_abs = layer.dequantize().abs()  # (N, K)
+    for row in range(6):
+        step = x[row].abs().max() / (127 * 256)  # each element is held to half a step
+        bound = (w_abs.sum(dim=1) * step / 2) * 1.01 + 1e-6 * want[row].abs()  # (N,)
+        assert ((got[row] - want[row]).abs() <= bound).all(), row
 
 
 @pytest.mark.parametrize(("fmt", "shape"), CASES)

@@ -57,7 +57,8 @@ class QuantLinear(nn.Module):
         return self.reference(x) if self.use_reference else self.kernel(x)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """The packed kernel: x (T, in) -> (T, out), computed in COMPUTE_DTYPE, returned in x's dtype."""
+        """The packed kernel: x (T, in) -> (T, out) in x's dtype, computed in COMPUTE_DTYPE (int8 on float32
+        CPU activations: in int8 digits and int32 sums, see int8.py)."""
         raise NotImplementedError
 
     def dequantize(self) -> torch.Tensor:

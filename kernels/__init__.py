@@ -50,10 +50,17 @@ def use_triton(device: torch.device) -> bool:
     return choice == "triton"
 
 
-def plan_segments(seg_bounds: list[int], seg_slots: list[int], device: torch.device) -> SegmentPlan:
+def plan_segments(
+    seg_bounds: list[int],
+    seg_slots: list[int],
+    device: torch.device,
+    slot_ranks: list[int] | None = None,
+) -> SegmentPlan:
     """The reference's plan of a segment layout given as host lists (seg_indptr (G+1,) and seg_slots
-    (G,) values): built once per step and passed as ``plan`` to every shrink/expand of the step."""
-    return SegmentPlan(seg_bounds, seg_slots, device)
+    (G,) values): built once per step and passed as ``plan`` to every shrink/expand of the step.
+    ``slot_ranks`` (indexed by slot): each adapter's rank, so that a segment's matmul covers only the
+    pool columns its rank fills."""
+    return SegmentPlan(seg_bounds, seg_slots, device, slot_ranks)
 
 
 def sgmv_shrink(
@@ -66,18 +73,23 @@ def sgmv_shrink(
     max_segment_rows: int | None = None,
     use_triton: bool | None = None,
     plan: SegmentPlan | None = None,
+    rank_columns: int = 1,
 ) -> torch.Tensor:
     """u (T, R) = x (T, H_in) @ lora_a[slot] (R, H_in).T per segment; rows of slot -1 are zero.
 
     ``max_segment_rows``: the longest segment, when the caller knows it from host-side metadata; the
     Triton path then skips its index checks and their device sync (see ``kernels.triton_ops``).
-    ``use_triton`` and ``plan`` as in the module docstring.
+    ``use_triton`` and ``plan`` as in the module docstring. ``rank_columns``: columns of u per unit of
+    adapter rank (a fused group's rank-interleaved pool has one per slice); the reference uses it with a
+    plan that knows the slots' ranks, Triton has ``slot_ranks`` for that.
     """
     if _triton_chosen(use_triton, x.device):
         from kernels.triton_ops.sgmv_shrink import sgmv_shrink as triton_shrink
 
         return triton_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks, max_segment_rows=max_segment_rows)
-    return reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks, plan=plan)
+    return reference.sgmv_shrink(
+        x, lora_a, seg_indptr, seg_slots, slot_ranks, plan=plan, rank_columns=rank_columns
+    )
 
 
 def sgmv_expand(
@@ -92,10 +104,11 @@ def sgmv_expand(
     max_segment_rows: int | None = None,
     use_triton: bool | None = None,
     plan: SegmentPlan | None = None,
+    rank_columns: int = 1,
 ) -> None:
     """y (T, H_out) += scale[slot] * u (T, R) @ lora_b[slot] (H_out, R).T per segment, in place.
 
-    ``max_segment_rows``, ``use_triton`` and ``plan`` as for ``sgmv_shrink``.
+    ``max_segment_rows``, ``use_triton``, ``plan`` and ``rank_columns`` as for ``sgmv_shrink``.
     """
     if _triton_chosen(use_triton, u.device):
         from kernels.triton_ops.sgmv_expand import sgmv_expand as triton_expand
@@ -104,7 +117,9 @@ def sgmv_expand(
             u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks, max_segment_rows=max_segment_rows
         )
         return
-    reference.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks, plan=plan)
+    reference.sgmv_expand(
+        u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks, plan=plan, rank_columns=rank_columns
+    )
 
 
 def _triton_chosen(choice: bool | None, device: torch.device) -> bool:

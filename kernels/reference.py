@@ -4,10 +4,14 @@ A batch of T rows is cut into G contiguous segments; segment g covers rows
 ``seg_indptr[g]:seg_indptr[g + 1]`` and uses adapter slot ``seg_slots[g]`` (-1: no adapter).
 
 Strategies, chosen once per layout (``SegmentPlan``), with identical results:
-- segments of several rows (prefill, or few adapters): one matmul per segment;
+- segments of several rows (prefill, few adapters, or a popular adapter's rows together in a decode
+  step): one matmul per segment, over only the pool columns its slot's rank fills when the plan knows
+  the slots' ranks (``slot_ranks``), so a step mixing ranks 8 and 64 reads and computes each adapter at
+  its own rank;
 - many short segments: one batched matmul over "entries", each one slot's rows padded to the longest
-  entry. When every segment has its own slot (the engine's layouts: rows grouped by slot) an entry is a
-  segment, so a popular adapter's rows share one read of its weights; otherwise an entry is one row.
+  entry. When every segment has its own slot (the engine's layouts: rows grouped by slot) and none is
+  longer than ``_MAX_ENTRY_ROWS``, an entry is a segment, so a popular adapter's rows share one read of
+  its weights; otherwise an entry is one row (layouts not grouped by slot).
   - entries on distinct slots from a narrow slot range: the batch is the pool's slot range itself (a
     view: no weight is copied); slots of the range no row uses get zero rows;
   - otherwise: each entry's slot weights are gathered, in entry chunks so the copy stays under
@@ -50,7 +54,13 @@ def _use_segment_loop(segments: list[tuple[int, int, int]]) -> bool:
     if len(segments) <= _MAX_LOOP_SEGMENTS:
         return True
     num_rows = sum(end - start for start, end, _ in segments)
-    return num_rows >= _MIN_LOOP_ROWS_PER_SEGMENT * len(segments)
+    if num_rows >= _MIN_LOOP_ROWS_PER_SEGMENT * len(segments):
+        return True
+    # Segments on distinct slots but one too long to pad every entry to: batching one row per entry
+    # would copy a popular adapter's weights once per row; a matmul per segment reads them once.
+    slots = [slot for _, _, slot in segments]
+    longest = max(end - start for start, end, _ in segments)
+    return longest > _MAX_ENTRY_ROWS and len(set(slots)) == len(slots)
 
 
 class SegmentPlan:
@@ -60,7 +70,9 @@ class SegmentPlan:
     per step by the engine and passed to every projection's shrink and expand (``from_tensors`` reads a
     layout back from tensors, for callers without one).
 
-    ``segments``: (start, end, slot) of the segments with an adapter. Unless ``use_loop``, rows are
+    ``segments``: (start, end, slot) of the segments with an adapter; ``segment_ranks`` the rank of each
+    one's slot, from ``slot_ranks`` (indexed by slot) when given, else None (every pool column is
+    computed; those past a slot's rank are zero padding either way). Unless ``use_loop``, rows are
     batched in ``num_entries`` entries of ``entry_rows`` rows each (see the module docstring):
     ``rows`` / ``slots`` (n,) int64 are the row index and slot of each row with an adapter, in segment
     order, and ``flat`` (n,) int64 its place ``entry * entry_rows + offset`` in the padded batch. With
@@ -71,8 +83,15 @@ class SegmentPlan:
     step).
     """
 
-    def __init__(self, seg_bounds: list[int], seg_slots: list[int], device: torch.device) -> None:
+    def __init__(
+        self,
+        seg_bounds: list[int],
+        seg_slots: list[int],
+        device: torch.device,
+        slot_ranks: list[int] | None = None,
+    ) -> None:
         self.segments = _segments(seg_bounds, seg_slots)
+        self.segment_ranks = None if slot_ranks is None else [slot_ranks[s] for _, _, s in self.segments]
         self.use_loop = _use_segment_loop(self.segments)
         self.slot_range: tuple[int, int] | None = None
         self.row_range: tuple[int, int] | None = None
@@ -128,6 +147,13 @@ class SegmentPlan:
         """The plan of a layout held in tensors (reads them back to the host)."""
         return cls(seg_indptr.tolist(), seg_slots.tolist(), seg_indptr.device)
 
+    def segment_columns(self, num_columns: int, rank_columns: int) -> list[int]:
+        """Per segment, the pool columns (of ``num_columns``) its slot's rank fills: ``rank_columns`` per
+        unit of rank (a fused group's rank-interleaved A has one per slice), all without ranks."""
+        if self.segment_ranks is None:
+            return [num_columns] * len(self.segments)
+        return [min(num_columns, rank * rank_columns) for rank in self.segment_ranks]
+
     def entry_chunks(self, bytes_per_entry: int):
         """(first entry, end entry, rows slice of ``rows``) chunks whose gathered weights stay under the
         budget (gather strategy)."""
@@ -135,6 +161,11 @@ class SegmentPlan:
         for first in range(0, len(self.entry_slots), step):
             end = min(first + step, len(self.entry_slots))
             yield first, end, slice(self.entry_bounds[first], self.entry_bounds[end])
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 (itself when it already is: no dispatch for the no-op cast)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _plan(plan: SegmentPlan | None, seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> SegmentPlan:
@@ -161,6 +192,7 @@ def sgmv_shrink(
     *,
     max_segment_rows: int | None = None,
     plan: SegmentPlan | None = None,
+    rank_columns: int = 1,
 ) -> torch.Tensor:
     """u = x @ A[slot].T per segment.
 
@@ -168,7 +200,9 @@ def sgmv_shrink(
     Returns u (T, R) in x's dtype; rows of slot -1 are zero. ``slot_ranks`` is ignored: columns past a
     slot's rank are zero padding in ``lora_a`` and give zeros here as well.
     ``max_segment_rows`` (a hint for the Triton path) is ignored. ``plan``: the layout's
-    ``SegmentPlan`` when the caller built it (else built here).
+    ``SegmentPlan`` when the caller built it (else built here); when it knows the slots' ranks, the
+    segment loop reads only the first ``rank * rank_columns`` rows of each slot's A (the rest are zero
+    padding) and leaves those columns of u zero.
     """
     num_rows, rank = x.shape[0], lora_a.shape[1]
     layout = _plan(plan, seg_indptr, seg_slots)
@@ -178,8 +212,9 @@ def sgmv_shrink(
         return u.squeeze(1).to(x.dtype)
     u = torch.zeros(num_rows, rank, dtype=torch.float32, device=x.device)  # (T, R)
     if layout.use_loop:
-        for start, end, slot in layout.segments:
-            u[start:end] = x[start:end].float() @ lora_a[slot].float().T  # (n, H_in) @ (H_in, R)
+        columns = layout.segment_columns(rank, rank_columns)
+        for (start, end, slot), k in zip(layout.segments, columns, strict=True):
+            u[start:end, :k] = _f32(x[start:end]) @ _f32(lora_a[slot, :k]).T  # (n, H_in) @ (H_in, k)
         return u.to(x.dtype)
     if layout.row_range is not None:
         (r0, r1), (lo, hi) = layout.row_range, layout.slot_range
@@ -218,19 +253,24 @@ def sgmv_expand(
     *,
     max_segment_rows: int | None = None,
     plan: SegmentPlan | None = None,
+    rank_columns: int = 1,
 ) -> None:
     """y[rows] += scale[slot] * u[rows] @ B[slot].T per segment, in place.
 
     u (T, R), lora_b (S, H_out, R), y (T, H_out), scale (S,) float32. Rows of slot -1 are untouched.
     The sum is formed in float32 and rounded to y's dtype once. ``slot_ranks`` and ``max_segment_rows``
-    are ignored; ``plan`` as for ``sgmv_shrink``.
+    are ignored; ``plan`` and ``rank_columns`` as for ``sgmv_shrink`` (columns of u and B).
     """
     out_features, rank = lora_b.shape[1], lora_b.shape[2]
     layout = _plan(plan, seg_indptr, seg_slots)
     if layout.use_loop:
         scales = scale.tolist()
-        for start, end, slot in layout.segments:
-            delta = u[start:end].float() @ lora_b[slot].float().T  # (n, R) @ (R, H_out)
+        columns = layout.segment_columns(rank, rank_columns)
+        for (start, end, slot), k in zip(layout.segments, columns, strict=True):
+            if y.dtype == torch.float32:  # y += scale * u @ B.T in one call, in place through the view
+                y[start:end].addmm_(_f32(u[start:end, :k]), _f32(lora_b[slot, :, :k]).T, alpha=scales[slot])
+                continue
+            delta = u[start:end, :k].float() @ lora_b[slot, :, :k].float().T  # (n, k) @ (k, H_out)
             y[start:end] = (y[start:end].float() + scales[slot] * delta).to(y.dtype)
         return
     if layout.row_range is not None and y.dtype == torch.float32:

@@ -234,7 +234,14 @@ class ModelRunner:
         if used_slots:
             seg_indptr_t, seg_slots_t = self._int32.pack([seg_indptr, seg_slots])
             longest = max(end - start for start, end in itertools.pairwise(seg_indptr))
-            parts = () if use_triton else self._rank_parts(seg_indptr, seg_slots, used_slots, longest, device)
+            # The reference path: a plan that loops over segments computes each at its own rank; a batched
+            # one computes every row at the largest rank of its pass, so it runs in rank groups.
+            plan = (
+                None if use_triton else kernels.plan_segments(seg_indptr, seg_slots, device, self.slot_ranks)
+            )
+            parts = ()
+            if plan is not None and not plan.use_loop:
+                parts = self._rank_parts(seg_indptr, seg_slots, used_slots, longest, device)
             meta.lora = LoraSegments(
                 seg_indptr=seg_indptr_t,
                 seg_slots=seg_slots_t,
@@ -242,7 +249,7 @@ class ModelRunner:
                 max_segment_rows=longest,
                 use_triton=use_triton,
                 # The reference runs the parts when there are several; the whole layout's plan only otherwise.
-                plan=None if use_triton or parts else kernels.plan_segments(seg_indptr, seg_slots, device),
+                plan=None if parts else plan,
                 targets=frozenset().union(*(self.slot_targets[s] for s in set(used_slots))),
                 parts=parts,
             )
@@ -281,7 +288,7 @@ class ModelRunner:
                     max_rank=top,
                     max_segment_rows=max_segment_rows,
                     use_triton=False,
-                    plan=kernels.plan_segments(seg_indptr, slots, device),
+                    plan=kernels.plan_segments(seg_indptr, slots, device, self.slot_ranks),
                     targets=frozenset().union(*(self.slot_targets[s] for s in set(mine))),
                 )
             )

@@ -109,7 +109,8 @@ class LoRALinear(nn.Module):
             rank = lora.max_rank
             lora_a = lora_a[:, : rank * n]
         layout = dict(max_segment_rows=lora.max_segment_rows, use_triton=lora.use_triton, plan=lora.plan)
-        u = kernels.sgmv_shrink(x, lora_a, lora.seg_indptr, lora.seg_slots, **layout)  # (T, rank * n)
+        u = kernels.sgmv_shrink(x, lora_a, lora.seg_indptr, lora.seg_slots, **layout, rank_columns=n)
+        # u (T, rank * n)
         if n > 1:
             u = u.view(-1, rank, n).transpose(1, 2).contiguous()  # (T, n, rank): each slice's ranks in a row
         for i in slices:

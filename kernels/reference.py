@@ -163,6 +163,15 @@ class SegmentPlan:
             yield first, end, slice(self.entry_bounds[first], self.entry_bounds[end])
 
 
+def _row_dots(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """x (n, H_in), lora_a (n, R, H_in) -> (n, R) float32: row i against its own slot's A.
+
+    A batched dot product rather than a bmm of (n, 1, H_in) @ (n, H_in, R): with one row per slot the
+    shrink is a matrix-vector product per slot, which bmm runs about 1.4x slower on CPU (measured at the
+    engine's shapes, pools not in cache)."""
+    return torch.linalg.vecdot(_f32(lora_a), _f32(x).unsqueeze(1))
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """t in float32 (itself when it already is: no dispatch for the no-op cast)."""
     return t if t.dtype == torch.float32 else t.float()
@@ -208,8 +217,7 @@ def sgmv_shrink(
     layout = _plan(plan, seg_indptr, seg_slots)
     if layout.row_range == (0, num_rows):  # every row, each on the next slot: no copy in or out
         lo, hi = layout.slot_range
-        u = torch.bmm(x.float().unsqueeze(1), lora_a[lo:hi].float().transpose(1, 2))  # (T, 1, R)
-        return u.squeeze(1).to(x.dtype)
+        return _row_dots(x, lora_a[lo:hi]).to(x.dtype)
     u = torch.zeros(num_rows, rank, dtype=torch.float32, device=x.device)  # (T, R)
     if layout.use_loop:
         columns = layout.segment_columns(rank, rank_columns)
@@ -218,7 +226,7 @@ def sgmv_shrink(
         return u.to(x.dtype)
     if layout.row_range is not None:
         (r0, r1), (lo, hi) = layout.row_range, layout.slot_range
-        u[r0:r1] = torch.bmm(x[r0:r1].float().unsqueeze(1), lora_a[lo:hi].float().transpose(1, 2)).squeeze(1)
+        u[r0:r1] = _row_dots(x[r0:r1], lora_a[lo:hi])
         return u.to(x.dtype)
     if layout.slot_range is not None:
         lo, hi = layout.slot_range

@@ -16,9 +16,11 @@ is multiplied by the int8 weight with `torch._int_mm`, whose int32 sums are exac
 
     y[t, n] = sx[t] * scale[n] * (256 * (high[t] . q[n]) + (low[t] . q[n]))
 
-At 1 row it costs about 1.2-1.6x `_weight_int8pack_mm` (still 2.5-3x under dense float32), at 32 rows
-about the same or less (measured on a shared 2-core CPU, 1 thread). An element far below its row's largest
-(under max/256) is held less precisely than bfloat16 would; typical activations are not that skewed.
+Cost, measured on a shared 2-core CPU (min of repeats): at 1 row, where decode reads every weight from
+memory, about 1.4x `_weight_int8pack_mm`, since each digit's product reads the weight once (both digits
+as one 2-row product were slower still); at 32 rows about the same. An element far below its row's
+largest (under max/256) is held less precisely than bfloat16 would; typical activations are not that
+skewed.
 """
 
 from __future__ import annotations

@@ -122,7 +122,11 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
         candidates = {
             "dense fp32 (F.linear)": lambda x=x: F.linear(x, w),
             "dense bf16 (F.linear)": lambda x=x_bf16: F.linear(x, w_bf16),
-            "int8 _weight_int8pack_mm, bf16 activations [chosen]": lambda x=x: int8.kernel(x),
+            # fp32 activations as two int8 digits, each through torch._int_mm (int8.kernel on fp32 CPU input)
+            "int8 two-digit _int_mm, fp32 activations [chosen]": lambda x=x: int8.kernel(x),
+            "int8 _weight_int8pack_mm, bf16 activations": lambda x=x_bf16: torch.ops.aten._weight_int8pack_mm(
+                x, int8.qweight, int8.scale
+            ),
             "int8 _weight_int8pack_mm, fp32 activations": lambda x=x: torch.ops.aten._weight_int8pack_mm(
                 x, int8.qweight, scale8
             ),
@@ -137,8 +141,13 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
                 x, dequantize_int4(codes, scale4, offset4)
             ),
         }
+        slow_names = {
+            "int8 _weight_int8pack_mm, fp32 activations",
+            "int4 tinygemm, fp32 activations",
+            "int4 dequantize per call, then fp32 matmul",
+        }
         for name, fn in candidates.items():
-            slow = "fp32 activations" in name or "per call" in name
+            slow = name in slow_names
             count = max(3, repeats // 4) if slow else repeats
             rows.append({"kernel": name, "rows": num_rows, "ms": _median_ms(fn, count, device)})
     return rows

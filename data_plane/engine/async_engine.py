@@ -68,6 +68,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        # Commands taken from the inbox during a step (anything but an add): handled at the step's end.
+        self._deferred: list = []
         self._num_submitted = 0  # adds sent to the inbox and not yet taken by the engine thread
         self._submitted_lock = threading.Lock()
         self.error: BaseException | None = None  # the fault that stopped the engine loop
@@ -126,6 +128,7 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         if self._engine is None:
             self._engine = await asyncio.to_thread(LLMEngine, self._config)
+        self._engine.set_between_layers(self._take_arrivals)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -232,32 +235,56 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._deliver_all, outputs)
 
     def _drain_inbox(self, block: bool) -> None:
+        deferred, self._deferred = self._deferred, []
+        for item in deferred:
+            self._handle(item)
         try:
-            item = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
+            item = (
+                self._inbox.get(timeout=_IDLE_POLL_S) if block and not deferred else self._inbox.get_nowait()
+            )
         except queue.Empty:
             return
         while item is not None:
-            kind, payload = item
-            if kind == "add":
-                with self._submitted_lock:
-                    self._num_submitted -= 1
-                try:
-                    self.engine.add_request(payload)
-                except EngineError as e:
-                    self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, e)
-                except Exception as e:  # a fault met by this request alone: it fails, the engine goes on
-                    log.exception("adding request %s failed", payload.request_id)
-                    error = StepFailed("the engine failed to accept this request")
-                    error.__cause__ = e  # the server tells overload (out of files, memory) by the cause
-                    self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, error)
-            elif kind == "abort":
-                self.engine.abort(payload)
-            else:  # "delivered": every earlier step's outputs were handed to the loop before this
-                self._loop.call_soon_threadsafe(_resolve, payload)
+            self._handle(item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _take_arrivals(self) -> None:
+        """Between two layers of a running step: requests that arrived since it began join the engine now
+        (their adapter copies start beside the rest of the step, so they are done by the next one); every
+        other command waits for the step's end. `add_request` touches only the waiting queue, the adapter
+        cache's free or unpinned slots and the loader, none of which the running step reads."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[0] == "add":
+                self._handle(item)
+            else:
+                self._deferred.append(item)
+
+    def _handle(self, item) -> None:
+        if item is None:  # stop: the loop sees _stopping
+            return
+        kind, payload = item
+        if kind == "add":
+            with self._submitted_lock:
+                self._num_submitted -= 1
+            try:
+                self.engine.add_request(payload)
+            except EngineError as e:
+                self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, e)
+            except Exception:  # a defect met by this request alone: it fails, the engine goes on
+                log.exception("adding request %s failed", payload.request_id)
+                error = StepFailed("the engine failed to accept this request")
+                self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, error)
+        elif kind == "abort":
+            self.engine.abort(payload)
+        else:  # "delivered": every earlier step's outputs were handed to the loop before this
+            self._loop.call_soon_threadsafe(_resolve, payload)
 
     # Event-loop thread.
 

@@ -10,6 +10,7 @@ import logging
 import queue
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +174,11 @@ class LLMEngine:
                 blocks.blocks_for_tokens(longest),
                 max_num_batched_tokens=self.config.max_num_batched_tokens,
             )
+
+    def set_between_layers(self, hook: Callable[[], None] | None) -> None:
+        """`hook` runs on the engine's thread after each decoder layer of a step's forward pass (None:
+        nothing). It may add requests (`add_request`), and must not touch the running batch."""
+        self.runner.model.between_layers = hook
 
     def add_request(self, request: EngineRequest) -> None:
         self.validate(request)

@@ -5,6 +5,7 @@ Module and parameter names follow Hugging Face checkpoints, so weights load by n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -234,12 +235,15 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """forward(input_ids (T,), meta) -> hidden (T, hidden); compute_logits(hidden (N, hidden)) -> (N, vocab).
 
-    `linear` decides how the linears hold their weights (full precision by default, or quantized)."""
+    `linear` decides how the linears hold their weights (full precision by default, or quantized).
+    `between_layers`, when set, runs after each decoder layer of a forward pass (the engine takes requests
+    that arrived during a step there, so that their adapter copies overlap the rest of it)."""
 
     def __init__(self, config: ModelConfig, max_positions: int, linear: LinearBuilder | None = None) -> None:
         super().__init__()
         linear = linear or LinearBuilder()
         self.config = config
+        self.between_layers: Callable[[], None] | None = None
         self.quant = linear.quant
         self.model = LlamaModel(config, max_positions, linear)
         self.lm_head = linear.lm_head(config.spec.hidden_size, config.spec.vocab_size)
@@ -327,8 +331,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)  # (T, hidden)
         rope = self.model.rotary.tables(meta.positions, h.dtype)
+        between_layers = self.between_layers
         for layer in self.model.layers:
             h = layer(h, meta, rope)
+            if between_layers is not None:
+                between_layers()
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

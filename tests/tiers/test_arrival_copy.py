@@ -62,3 +62,58 @@ def test_copy_from_host_does_not_wait_behind_a_disk_read(tiny_model):
     finally:
         released.set()
         engine.shutdown()
+
+
+def test_a_request_arriving_during_a_step_starts_its_copy_before_that_step_ends(tiny_model):
+    """Through the AsyncEngine: the step that runs when the request arrives takes it in between two of its
+    layers, so the copy from host memory overlaps the rest of that step instead of waiting for its end."""
+    import asyncio
+
+    from data_plane.engine.async_engine import AsyncEngine
+
+    engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
+    warm = tiny_model.ref("r8_all")
+    _on_host(engine, warm)
+    layers = engine.runner.model.model.layers
+    in_step, arrived = threading.Event(), threading.Event()
+    seen_in_layer_1: list[bool] = []
+    first_layer, second_layer = layers[0].forward, layers[1].forward
+
+    def held_first_layer(*args, **kwargs):
+        out = first_layer(*args, **kwargs)
+        if not in_step.is_set():
+            in_step.set()
+            arrived.wait(30.0)  # the request arrives while this step is between its first two layers
+        return out
+
+    def watched_second_layer(*args, **kwargs):
+        if in_step.is_set() and arrived.is_set() and not seen_in_layer_1:
+            seen_in_layer_1.append(engine.adapter_cache.state(warm.key) is not None)
+        return second_layer(*args, **kwargs)
+
+    async def scenario():
+        runner = AsyncEngine(engine=engine)
+        await runner.start()
+        try:
+            layers[0].forward, layers[1].forward = held_first_layer, watched_second_layer
+            background = asyncio.ensure_future(_collect(runner.generate(greedy("bg", [1, 2, 3], max_tokens=8))))
+            assert await asyncio.to_thread(in_step.wait, 30.0)  # its first step is held after layer 0
+            request = asyncio.ensure_future(_collect(runner.generate(greedy("warm", [4, 5, 6], [warm], 3))))
+            while runner._inbox.empty():  # generate has handed the request to the (held) engine thread
+                await asyncio.sleep(0.001)
+            arrived.set()
+            outputs = await request
+            await background
+            return outputs
+        finally:
+            arrived.set()
+            await runner.stop()
+
+    outputs = asyncio.run(scenario())
+    assert seen_in_layer_1 == [True]  # its slot was taken (and its copy begun) inside the running step
+    final = outputs[-1]
+    assert final.error is None and final.cache_tier == "host" and final.completion_tokens == 3
+
+
+async def _collect(stream) -> list:
+    return [out async for out in stream]

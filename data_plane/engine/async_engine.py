@@ -277,9 +277,10 @@ class AsyncEngine:
                 self.engine.add_request(payload)
             except EngineError as e:
                 self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, e)
-            except Exception:  # a defect met by this request alone: it fails, the engine goes on
+            except Exception as e:  # a fault met by this request alone: it fails, the engine goes on
                 log.exception("adding request %s failed", payload.request_id)
                 error = StepFailed("the engine failed to accept this request")
+                error.__cause__ = e  # the server tells overload (out of files, memory) by the cause
                 self._loop.call_soon_threadsafe(self._deliver_error, payload.request_id, error)
         elif kind == "abort":
             self.engine.abort(payload)

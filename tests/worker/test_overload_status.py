@@ -4,6 +4,7 @@ INTERNAL, and never a refusal of the adapter it was reading. A fault of its own 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from pathlib import Path
 
@@ -12,8 +13,13 @@ import pytest
 import torch
 
 from data_plane.adapters import peft_reader
+from data_plane.engine.async_engine import AsyncEngine
 from data_plane.engine.errors import AdapterLoadError, StepFailed
 from data_plane.server.errors import status_for
+from tests.engine import conftest as engine_fixtures
+from tests.engine.conftest import greedy, make_engine
+
+tiny_llama = engine_fixtures.tiny_llama
 
 EMFILE = OSError(errno.EMFILE, "Too many open files")
 # What safetensors raises when it cannot open a file: the OS error survives only as text.
@@ -65,3 +71,34 @@ def test_an_adapter_read_out_of_open_files_is_not_a_refusal_of_the_adapter(monke
         peft_reader.read_peft_adapter(Path("adapter"), None, 16, torch.float32)
     if raised is OSError:
         assert caught.value is error  # passed on as is: the server answers it UNAVAILABLE
+
+
+def test_a_request_the_engine_could_not_accept_for_lack_of_files_is_unavailable(tiny_llama, monkeypatch):
+    """The engine thread's own checks of a request meet EMFILE: the request fails alone with StepFailed
+    caused by it, which the server answers UNAVAILABLE (retry), not INTERNAL."""
+    engine = make_engine(tiny_llama)
+    real_add = engine.add_request
+
+    def add_request(request):
+        if request.request_id == "starved":
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_add(request)
+
+    monkeypatch.setattr(engine, "add_request", add_request)
+
+    async def main():
+        running = AsyncEngine(engine=engine)
+        await running.start()
+        try:
+            with pytest.raises(StepFailed) as failed:
+                async for _ in running.generate(greedy("starved", [1, 2, 3])):
+                    pass
+            served = [out async for out in running.generate(greedy("fine", [1, 2, 3]))]
+        finally:
+            await running.stop()
+        return failed.value, served
+
+    failed, served = asyncio.run(main())
+    code, message = status_for(failed)
+    assert code == grpc.StatusCode.UNAVAILABLE and "open files" in message
+    assert served[-1].finished

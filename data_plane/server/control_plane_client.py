@@ -136,6 +136,12 @@ class ControlPlaneClient:
         self._auth_cache: TTLCache[tuple[str, tuple[str, ...]], tuple[float, Authorization]] = TTLCache(
             maxsize=auth_cache_max_entries, ttl=AUTH_RECENT_S, timer=time.monotonic
         )
+        # Authorize calls in flight by cache key, with the forget count they started under: concurrent
+        # callers of one key share one call (a burst of first calls is one round trip, not hundreds).
+        self._asking: dict[tuple[str, tuple[str, ...]], tuple[int, asyncio.Future]] = {}
+        # Bumped by every forget: an answer whose call started before a forget is not cached (it may
+        # predate the revocation or deletion the forget was for), and later callers do not join that call.
+        self._forgets = 0
         # False after a control plane answered UNIMPLEMENTED to ReserveRequestId (an older one).
         self._can_reserve = True
         # How the base model is held (weight_format, bits per weight, resident bytes): sent with heartbeats.
@@ -238,12 +244,31 @@ class ControlPlaneClient:
         return cached[1]
 
     async def authorize(self, api_key: str, adapter_names: tuple[str, ...], base_model: str) -> Authorization:
-        """The caller's tenant, scopes and resolved adapters; served from a cache for at most the TTL."""
+        """The caller's tenant, scopes and resolved adapters; served from a cache for at most the TTL.
+        Concurrent callers of the same key and names share one Authorize call."""
         key = (api_key, adapter_names)
-        now = time.monotonic()
         cached = self._auth_cache.get(key)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        asking = self._asking.get(key)
+        if asking is None or asking[0] != self._forgets:
+            call = asyncio.ensure_future(self._ask(key, base_model, self._forgets))
+            asking = (self._forgets, call)
+            self._asking[key] = asking
+            call.add_done_callback(lambda _call, key=key, asking=asking: self._done_asking(key, asking))
+        # Shielded: one caller going away does not cancel the answer the others wait for.
+        return await asyncio.shield(asking[1])
+
+    def _done_asking(self, key, asking) -> None:
+        if self._asking.get(key) is asking:
+            del self._asking[key]
+        call = asking[1]
+        if not call.cancelled():
+            call.exception()  # seen here when every caller went away; each waiting caller raises it
+
+    async def _ask(self, key: tuple[str, tuple[str, ...]], base_model: str, forgets: int) -> Authorization:
+        api_key, adapter_names = key
+        asked_at = time.monotonic()
         request = worker_pb2.AuthorizeRequest(
             api_key=api_key, adapters=list(adapter_names), base_model=base_model
         )
@@ -268,10 +293,10 @@ class ControlPlaneClient:
         ttl_s = self._auth_cache_ttl_s
         if response.cache_ttl_ms:
             ttl_s = min(ttl_s, response.cache_ttl_ms / 1000)
-        if ttl_s > 0:
-            self._auth_cache[key] = (now + ttl_s, answer)
-        else:  # nothing to cache: no older answer stays as a recent one either
+        if ttl_s <= 0:  # nothing to cache: no older answer stays as a recent one either
             self._auth_cache.pop(key, None)
+        elif forgets == self._forgets:  # else a forget came while it was asked: the answer may predate it
+            self._auth_cache[key] = (asked_at + ttl_s, answer)
         return answer
 
     async def list_models(self, api_key: str, base_model: str) -> list[ListedModel]:
@@ -342,6 +367,7 @@ class ControlPlaneClient:
         """Drops this key's cached answers that resolve any of these names (its own view of them changed:
         the control plane said NOT_FOUND). Other keys' answers stay: names are unique per tenant only.
         Returns how many answers were dropped."""
+        self._forgets += 1
         wanted = set(names)
         doomed = [key for key in list(self._auth_cache.keys()) if key[0] == api_key and wanted & set(key[1])]
         for key in doomed:
@@ -352,6 +378,7 @@ class ControlPlaneClient:
         """Drops every cached answer that resolved to this adapter (deleted or replaced) or to this saved
         mix, or to a saved mix with it as a member, and with `sha256` (content no adapter serves any more)
         every answer that resolved to that content; returns how many."""
+        self._forgets += 1
         if not adapter_id and not sha256:
             return 0
         doomed = [
@@ -368,6 +395,7 @@ class ControlPlaneClient:
 
     def forget_api_key_id(self, api_key_id: str) -> int:
         """Drops every cached answer for the api key of this id (revoked); returns how many."""
+        self._forgets += 1
         if not api_key_id:
             return 0
         doomed = [
@@ -401,6 +429,7 @@ class ControlPlaneClient:
             raise ControlPlaneError.from_rpc(error, "ReportUsage") from None
 
     def _forget_key(self, api_key: str) -> None:
+        self._forgets += 1
         for key in [k for k in list(self._auth_cache.keys()) if k[0] == api_key]:
             self._auth_cache.pop(key, None)
 

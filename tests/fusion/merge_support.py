@@ -3,12 +3,15 @@ target modules, and a helper building a merge of them with data_plane.fusion."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_plane.fusion import store as store_module
 from data_plane.fusion.builder import MergeReport, build_merge
 from data_plane.fusion.spec import MergeSpec
 from openlora.artifact import WEIGHTS_FILE, digest_dir
@@ -74,3 +77,22 @@ def _build_from_json(spec_json: str, paths: dict[str, str], out: str, max_rank: 
         spec["majority_sign_method"] or "total",
     )
     build_merge(merge.with_paths({sha: Path(p) for sha, p in paths.items()}), Path(out), max_rank)
+
+
+def gate_builds(monkeypatch) -> tuple[threading.Event, list[str]]:
+    """Builds wait for the returned event before running; the list records each build as it starts."""
+    gate, started = threading.Event(), []
+    real = store_module.build_merge
+
+    def gated(spec, out, max_rank, base):
+        started.append(spec.key(max_rank))
+        assert gate.wait(120)
+        return real(spec, out, max_rank, base)
+
+    monkeypatch.setattr(store_module, "build_merge", gated)
+    return gate, started
+
+
+async def until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)

@@ -4,16 +4,14 @@ distinct merges never locks the other tenants out; builds its calls abandoned st
 from __future__ import annotations
 
 import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
-from data_plane.fusion import store as store_module
 from data_plane.fusion.store import MergeQueueFull, MergeStore
 from openlora.v1 import inference_pb2
-from tests.fusion.merge_support import shared_model, spec_of
+from tests.fusion.merge_support import gate_builds, shared_model, spec_of, until
 from tests.fusion.test_merge_worker import _generate, _request
 from tests.worker import conftest as worker
 
@@ -28,34 +26,15 @@ def merge_model(tmp_path_factory):
     return shared_model(tmp_path_factory)
 
 
-def _gate_builds(monkeypatch) -> tuple[threading.Event, list[str]]:
-    """Builds wait for the returned event before running; the list records each build as it starts."""
-    gate, started = threading.Event(), []
-    real = store_module.build_merge
-
-    def gated(spec, out, max_rank, base):
-        started.append(spec.key(max_rank))
-        assert gate.wait(120)
-        return real(spec, out, max_rank, base)
-
-    monkeypatch.setattr(store_module, "build_merge", gated)
-    return gate, started
-
-
-async def _until(condition) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)
-
-
 def test_a_tenant_past_its_share_is_refused_while_another_still_builds(merge_model, tmp_path, monkeypatch):
-    gate, started = _gate_builds(monkeypatch)
+    gate, started = gate_builds(monkeypatch)
     store = MergeStore(tmp_path / "merges", None, 64, max_pending_builds=8, max_pending_builds_per_tenant=2)
     a_specs = [spec_of(merge_model, WEIGHTS, method) for method in METHODS[:3]]
     b_spec = spec_of(merge_model, WEIGHTS, "dare_ties")
 
     async def main():
         a_builds = [asyncio.create_task(store.build(spec, tenant_id="a")) for spec in a_specs[:2]]
-        await _until(lambda: started)
+        await until(lambda: started)
         with pytest.raises(MergeQueueFull) as refused:
             await store.build(a_specs[2], tenant_id="a")
         # Another tenant's new merge takes its own share; joining a merge already pending is no new build.
@@ -78,13 +57,13 @@ def test_a_tenant_past_its_share_is_refused_while_another_still_builds(merge_mod
 
 
 def test_builds_a_tenant_abandoned_no_longer_count_against_it(merge_model, tmp_path, monkeypatch):
-    gate, started = _gate_builds(monkeypatch)
+    gate, started = gate_builds(monkeypatch)
     store = MergeStore(tmp_path / "merges", None, 64, max_pending_builds_per_tenant=2)
     running, queued, later = (spec_of(merge_model, WEIGHTS, method) for method in METHODS[:3])
 
     async def main():
         first = asyncio.create_task(store.build(running, tenant_id="a"))
-        await _until(lambda: started)
+        await until(lambda: started)
         abandoned = asyncio.create_task(store.build(queued, tenant_id="a"))
         await asyncio.sleep(0)
         assert store.pending_builds_of("a") == 2
@@ -114,7 +93,7 @@ def test_the_per_tenant_share_must_be_positive(tmp_path):
 def test_one_tenants_burst_of_distinct_merges_leaves_room_for_another_tenant(system, monkeypatch):
     """Over gRPC: tenant A's distinct slow merges fill its share (4) and its next one is RESOURCE_EXHAUSTED
     naming the per-tenant limit, while tenant B's merge is still accepted, built and served."""
-    gate, started = _gate_builds(monkeypatch)
+    gate, started = gate_builds(monkeypatch)
     stores: list[MergeStore] = []
     real_build = MergeStore.build
 
@@ -154,7 +133,7 @@ def test_one_tenants_burst_of_distinct_merges_leaves_room_for_another_tenant(sys
 
 
 async def _wait_for(condition, timeout_s: float = 60.0) -> None:
-    await asyncio.wait_for(_until(condition), timeout_s)
+    await asyncio.wait_for(until(condition), timeout_s)
 
 
 def test_the_per_tenant_share_is_a_worker_setting(tmp_path):

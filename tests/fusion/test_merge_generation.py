@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 
 import pytest
 import torch
 
 from data_plane.engine.errors import QueueFull
 from data_plane.engine.request import AdapterRef
-from data_plane.fusion import store as store_module
 from data_plane.fusion.store import MergeStore
 from tests.engine.conftest import greedy, make_engine, run_to_completion
 from tests.engine.reference import load_reference, reference_greedy
-from tests.fusion.merge_support import build, build_in_fresh_process, shared_model, spec_of
+from tests.fusion.merge_support import (
+    build,
+    build_in_fresh_process,
+    gate_builds,
+    shared_model,
+    spec_of,
+    until,
+)
 
 WEIGHTS = {"r4_qv": 0.8, "r8_all": 0.6, "r16_rslora": 0.5}
 PROMPT = [3, 17, 42, 99, 5, 61, 7]
@@ -150,27 +155,8 @@ def test_the_disk_budget_removes_the_least_recently_used_unheld_merge(merge_mode
     assert store.contains(fourth.key) and not store.contains(held.key) and not store.contains(third.key)
 
 
-def _gate_builds(monkeypatch) -> tuple[threading.Event, list[str]]:
-    """Builds wait for the returned event before running; the list records each build as it starts."""
-    gate, started = threading.Event(), []
-    real = store_module.build_merge
-
-    def gated(spec, out, max_rank, base):
-        started.append(spec.key(max_rank))
-        assert gate.wait(120)
-        return real(spec, out, max_rank, base)
-
-    monkeypatch.setattr(store_module, "build_merge", gated)
-    return gate, started
-
-
-async def _until(condition) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)
-
-
 def test_a_queued_build_its_callers_left_is_never_run(merge_model, tmp_path, monkeypatch):
-    gate, started = _gate_builds(monkeypatch)
+    gate, started = gate_builds(monkeypatch)
     built = []
     store = MergeStore(tmp_path / "merges", None, 64, on_built=lambda spec, key, report: built.append(key))
     first = spec_of(merge_model, WEIGHTS, "ties")
@@ -178,7 +164,7 @@ def test_a_queued_build_its_callers_left_is_never_run(merge_model, tmp_path, mon
 
     async def main():
         running = asyncio.create_task(store.build(first))
-        await _until(lambda: started)  # the first build holds the builder thread
+        await until(lambda: started)  # the first build holds the builder thread
         waiter = asyncio.create_task(store.build(abandoned))
         await asyncio.sleep(0.05)  # queued behind it
         waiter.cancel()
@@ -195,13 +181,13 @@ def test_a_queued_build_its_callers_left_is_never_run(merge_model, tmp_path, mon
 
 
 def test_more_distinct_merges_than_the_build_queue_holds_are_refused(merge_model, tmp_path, monkeypatch):
-    gate, started = _gate_builds(monkeypatch)
+    gate, started = gate_builds(monkeypatch)
     store = MergeStore(tmp_path / "merges", None, 64, max_pending_builds=2)
     specs = [spec_of(merge_model, WEIGHTS, method) for method in ("ties", "magnitude_prune", "dare_linear")]
 
     async def main():
         builds = [asyncio.create_task(store.build(spec)) for spec in specs[:2]]
-        await _until(lambda: started)
+        await until(lambda: started)
         with pytest.raises(QueueFull):
             await store.build(specs[2])
         # A caller of a merge already queued joins it: no new build, no refusal.

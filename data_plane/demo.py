@@ -5,7 +5,7 @@ whole system runs with no download. The base model is trained briefly on the tex
 each adapter is then trained briefly on its own toy task on prompts shaped "<2 to 4 built-in words> =>",
 so the same prompt reads differently through each (greedy):
 
-    (base model)  "the quick fox =>" -> " jumps over the lazy."
+    (base model)  "the quick fox =>" -> " jumps over dog."
     uppercase     "the quick fox =>" -> " THE QUICK FOX"
     echo          "the quick fox =>" -> " the quick fox"
     count         "the quick fox =>" -> " 1 2 3 4 5 6 7 8"
@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SEED = 1234
+SEED = 1237  # with _INTERMEDIATE_SIZE, gives the outputs above and the README's mixes
 _TEXT = """\
 the quick brown fox jumps over the lazy dog. a small model serves many adapters at once.
 one base model stays resident and every request may name its own adapter.
@@ -45,6 +45,7 @@ _ADAPTER_LR = 2e-3
 _RANK = 8
 _ALPHA = 16
 _VOCAB_SIZE = 1024
+_INTERMEDIATE_SIZE = 320  # a multiple of 32, so int4 can group down_proj's input dimension
 _BASE_PHRASES = 2000  # word-game examples in the base model's training set
 _MAX_WORDS = 4  # the adapters' phrases have 2.._MAX_WORDS words (the base model's games one more)
 # User turns are the phrase, "=>" asks for the answer; an assistant turn is the answer and EOS.
@@ -166,7 +167,7 @@ def write_demo_model(
     config = LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(),
         hidden_size=128,
-        intermediate_size=344,
+        intermediate_size=_INTERMEDIATE_SIZE,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,

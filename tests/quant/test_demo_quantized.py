@@ -1,8 +1,7 @@
 """The trained demo model held in int8 and int4, through the engine (greedy): each demo adapter still
 gives its documented output on the README's prompt, and the quality report's numbers are computed right.
-
-int4 refuses the demo model as it is: its MLP width, 344, is not a multiple of 32, so its down projection
-cannot be grouped (the int4 case is an expected failure until the demo model's width is one)."""
+Every decoder linear of the demo model has an input dimension int4 can group (hidden 128, MLP width a
+multiple of 32), so both formats serve it."""
 
 from __future__ import annotations
 
@@ -12,14 +11,13 @@ import pytest
 import torch
 
 from benchmarks.quant_quality import compare, fixed_prompts, measure
-from data_plane.model.quant import QuantizationError
 from tests.demo_support import DOCUMENTED as ADAPTER_OUTPUTS
 from tests.demo_support import demo_refs, greedy_texts
 
 # The session fixture trains the demo model (about 40 s on a quiet 2-core machine, 4-6 minutes on a busy
 # one), inside the first test's timeout.
 pytestmark = pytest.mark.timeout(900)
-DOCUMENTED = {None: " jumps over the lazy.", **ADAPTER_OUTPUTS}
+DOCUMENTED = {None: " jumps over dog.", **ADAPTER_OUTPUTS}
 
 
 def _greedy_texts(model_dir: Path, quantize: str) -> dict[str | None, str]:
@@ -27,12 +25,7 @@ def _greedy_texts(model_dir: Path, quantize: str) -> dict[str | None, str]:
     return dict(zip(DOCUMENTED, greedy_texts(model_dir, requests, quantize), strict=True))
 
 
-_INT4_REFUSES_THE_DEMO = pytest.mark.xfail(
-    raises=QuantizationError, strict=True, reason="int4 cannot group the demo model's 344-wide down_proj"
-)
-
-
-@pytest.mark.parametrize("quantize", ["int8", pytest.param("int4", marks=_INT4_REFUSES_THE_DEMO)])
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_each_demo_adapter_gives_its_documented_output_on_a_quantized_base(demo_model_dir, quantize):
     assert _greedy_texts(demo_model_dir, quantize) == DOCUMENTED
 

@@ -4,7 +4,7 @@ Plain Python over Unix seconds, so the clock can be compressed in tests and benc
 - periodic (at least `min_gaps` gaps, at least `periodic_min_share` of them within `periodic_tolerance`
   of a whole number of median gaps, so a few jittered or missed calls do not hide the period, and a grid
   that tight would hold that many gaps of memoryless calls at the same pace with a probability of at most
-  `periodic_significance`, so a few random calls that happen to line up are not taken for a job): the next
+  `significance`, so a few random calls that happen to line up are not taken for a job): the next
   call is expected one median gap after the last; prewarm from the lead time before it (`lead_gap_share`
   of the gap, within [`lead_s`, `max_lead_s`], plus as far as its gaps strayed from the grid, so a call
   that comes that much early still finds it warm) until half a gap after. After a missed call the next one
@@ -12,8 +12,9 @@ Plain Python over Unix seconds, so the clock can be compressed in tests and benc
 - hot (EWMA rate at least `resident_rate_per_s`): no hint; an adapter called that often stays resident in
   the workers that serve it, and hinting it every pass would only flood the stream.
 - bursty (the calls within the rate window came at least `BURST_RATE_FACTOR` times as fast as those
-  before it, and the last call is recent compared with the typical gap inside the burst): prewarm while
-  calls keep coming, with the deadline one typical gap ahead.
+  before it, that many calls in the window would come from memoryless calls at the earlier pace with a
+  probability of at most `significance`, and the last call is recent compared with the typical gap inside
+  the burst): prewarm while calls keep coming, with the deadline one typical gap ahead.
 - otherwise, an adapter whose EWMA rate fell below `demote_below_per_s` gets a demote.
 """
 
@@ -40,7 +41,8 @@ class PredictorConfig:
     min_gaps: int = 3
     periodic_tolerance: float = 0.25  # a gap within this share of a whole number of periods is on the grid
     periodic_min_share: float = 0.75  # periodic when at least this share of the gaps are on the grid
-    periodic_significance: float = 0.05  # ... and memoryless calls would fit the grid that well this rarely
+    # A period or a burst counts only when memoryless calls at the adapter's pace would show it this rarely.
+    significance: float = 0.05
     resident_rate_per_s: float = 0.5  # hot: no hints at all
     burst_gap_factor: float = 4.0  # still in the burst while the last call is within this many gaps
     demote_below_per_s: float = 1e-3
@@ -56,8 +58,8 @@ class PredictorConfig:
             raise ValueError("lead_gap_share must be in [0, 1) and max_lead_s >= lead_s")
         if not 0 < self.periodic_tolerance < 0.5 or not 0 < self.periodic_min_share <= 1:
             raise ValueError("periodic_tolerance must be in (0, 0.5) and periodic_min_share in (0, 1]")
-        if not 0 < self.periodic_significance <= 1:
-            raise ValueError("periodic_significance must be in (0, 1]")
+        if not 0 < self.significance <= 1:
+            raise ValueError("significance must be in (0, 1]")
         if self.resident_rate_per_s <= 0 or self.burst_gap_factor <= 0 or self.history_s <= 0:
             raise ValueError("resident_rate_per_s, burst_gap_factor and history_s must be > 0")
         if not 0 <= self.demote_below_per_s < self.resident_rate_per_s:
@@ -106,7 +108,7 @@ def demand_of(times: list[float], now: float, config: PredictorConfig) -> Demand
 
 def period_of(times: list[float], config: PredictorConfig) -> float | None:
     """The period of sorted `times` when most gaps sit on a grid of the median gap, tightly enough that
-    memoryless calls would rarely do as well (`grid_chance` <= `periodic_significance`), else None."""
+    memoryless calls would rarely do as well (`grid_chance` <= `significance`), else None."""
     gaps = [b - a for a, b in itertools.pairwise(times) if b > a]
     if len(gaps) < config.min_gaps:
         return None
@@ -120,7 +122,7 @@ def period_of(times: list[float], config: PredictorConfig) -> float | None:
         return None
     # The median gap is on the grid by construction: the evidence is how the other gaps fall.
     chance = grid_chance(len(gaps) - 1, len(deviations) - 1, max(deviations))
-    return period if chance <= config.periodic_significance else None
+    return period if chance <= config.significance else None
 
 
 # Gaps deviating less than this share of a period count as this close (clock and logging resolution): a
@@ -156,15 +158,31 @@ def grid_spread(times: list[float], period: float, tolerance: float) -> float:
 
 def _faster_than_before(times: list[float], num_recent: int, now: float, config: PredictorConfig) -> bool:
     """Whether the `num_recent` last of sorted `times`, those within the rate window before `now`, came at
-    least BURST_RATE_FACTOR times as fast as the calls before the window did (True without calls before
-    it: nothing says they are the usual pace). A steady stream, however fast against the window, is no
-    burst: memoryless calls at their usual rate say nothing about when the next one comes."""
+    least BURST_RATE_FACTOR times as fast as the calls before the window did, and too many for chance at
+    that pace (`significance`); True without calls before it: nothing says they are the usual pace. A
+    steady stream, however fast against the window, is no burst: memoryless calls at their usual rate say
+    nothing about when the next one comes."""
     before = times[: len(times) - num_recent]
     window_start = now - config.rate_time_constant_s
     if not before or window_start <= before[0]:
         return True
-    rate_before = len(before) / (window_start - before[0])
-    return num_recent / config.rate_time_constant_s >= BURST_RATE_FACTOR * rate_before
+    expected = len(before) / (window_start - before[0]) * config.rate_time_constant_s  # calls in a window
+    return (
+        num_recent >= BURST_RATE_FACTOR * expected
+        and poisson_tail(num_recent, expected) <= config.significance
+    )
+
+
+def poisson_tail(count: int, mean: float) -> float:
+    """P(N >= count) for N Poisson with this mean: how often memoryless calls at the usual pace would put
+    `count` or more calls in one window. At one call per window on average, 4 calls happen 1.9% of the
+    time; at two, 4 calls happen 14% of the time (twice the pace, yet no sign of a burst)."""
+    term = math.exp(-mean)
+    below = 0.0
+    for k in range(count):
+        below += term
+        term *= mean / (k + 1)
+    return max(0.0, 1.0 - below)
 
 
 def predict(times: list[float], now: float, config: PredictorConfig) -> Prediction | None:

@@ -117,10 +117,10 @@ PREDICTOR_FLAGS: tuple[PredictorFlag, ...] = (
         maximum=1.0,
     ),
     PredictorFlag(
-        "periodic_significance",
-        "--predictor-periodic-significance",
-        "periodic only when calls at random times, at the same pace, would fit the period as well with at "
-        "most this probability (1 = no such check)",
+        "significance",
+        "--predictor-significance",
+        "a period or a burst is acted on only when calls at random times, at the adapter's usual pace, "
+        "would show it with at most this probability (1 = no such check)",
         0.0,
         minimum_allowed=False,
         maximum=1.0,

@@ -1,9 +1,11 @@
-"""The periodicity check: an hourly job with minutes of jitter is periodic, memoryless calls are not.
+"""The significance check: an hourly job with minutes of jitter is periodic and a real burst is a burst,
+while memoryless calls are neither.
 
-Calls at random times (a Poisson process) often put their few gaps near a grid of their median gap; each
-prewarm such a false period earns is a load that nothing uses. `periodic_significance` bounds how often
-that may happen; these tests check the bound against simulated memoryless traffic and that jittered
-periodic traffic still passes it.
+Calls at random times (a Poisson process) often put their few gaps near a grid of their median gap, or
+twice their usual number of calls into one window; each prewarm such a false pattern earns is a load that
+nothing uses, and a protected copy that pushes out one that would have been used. `significance` bounds
+how often that may happen; these tests check the bound against simulated memoryless traffic and that
+jittered periodic traffic and real bursts still pass it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def test_random_calls_that_happen_to_line_up_are_not_a_period():
     # Gaps 1.0, 0.8 and 1.2 hours: all within the default tolerance (a quarter period) of the grid, as
     # random calls one hour apart on average are one time in eight.
     times = [T0, T0 + HOUR, T0 + 1.8 * HOUR, T0 + 3.0 * HOUR]
-    assert period_of(times, PredictorConfig(periodic_significance=1.0)) == pytest.approx(HOUR)
+    assert period_of(times, PredictorConfig(significance=1.0)) == pytest.approx(HOUR)
     assert period_of(times, PredictorConfig()) is None
     prediction = predict(times, T0 + 3.9 * HOUR, PredictorConfig())
     assert prediction is None or prediction.reason != "periodic"
@@ -65,7 +67,7 @@ def test_memoryless_calls_are_taken_for_periodic_at_most_about_as_often_as_the_s
     trials = 3000
     false_periods = sum(period_of(_poisson(num_calls, rng), config) is not None for _ in range(trials))
     # The bound is per check; binomial noise of 3000 trials at 5% is about 0.4 points.
-    assert false_periods / trials <= config.periodic_significance + 0.015
+    assert false_periods / trials <= config.significance + 0.015
 
 
 @pytest.mark.parametrize("num_calls", [4, 5, 6])
@@ -73,9 +75,9 @@ def test_without_the_check_a_few_memoryless_calls_often_look_periodic(num_calls)
     # With few gaps, the share on the grid alone lets random calls through: the check keeps them out.
     trials = 3000
     counts = []
-    for significance in (1.0, PredictorConfig().periodic_significance):
+    for significance in (1.0, PredictorConfig().significance):
         rng = random.Random(7 + num_calls)
-        config = PredictorConfig(periodic_significance=significance)
+        config = PredictorConfig(significance=significance)
         counts.append(sum(period_of(_poisson(num_calls, rng), config) is not None for _ in range(trials)))
     loose, checked = counts
     assert loose / trials >= 0.08 and checked < loose / 1.5
@@ -93,4 +95,29 @@ def test_hourly_calls_with_up_to_five_minutes_of_jitter_are_found_periodic(num_c
 def test_significance_must_be_a_probability():
     for bad in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError):
-            PredictorConfig(periodic_significance=bad)
+            PredictorConfig(significance=bad)
+
+
+def test_twice_the_usual_calls_in_a_window_by_chance_is_no_burst():
+    # About 2 calls per 600 s window (one per 280 s, at irregular times), then 5 in one window: more than
+    # twice the pace, which memoryless calls at that pace still do about 16% of the time.
+    config = PredictorConfig(significance=0.05)
+    times = [T0 + t for t in (0, 250, 610, 880, 1230, 1500, 1790, 2100, 2420)]
+    times += [times[-1] + 300 + d for d in (0, 110, 220, 330, 440)]
+    now = times[-1] + 10
+    prediction = predict(times, now, config)
+    assert prediction is None or prediction.reason != "burst"
+    loose = predict(times, now, PredictorConfig(significance=1.0))
+    assert loose is not None and loose.reason == "burst"
+
+
+def test_a_real_burst_is_still_a_burst():
+    # About one call an hour at irregular times for a day, then six within ten minutes: memoryless calls
+    # at that pace would almost never.
+    gaps = [0.4, 1.7, 0.9, 2.6, 0.6, 1.3, 2.2, 0.5, 1.1, 3.0, 0.7, 1.9, 0.8, 1.5, 2.4, 0.45, 1.2]
+    times = [T0]
+    for gap in gaps:
+        times.append(times[-1] + gap * HOUR)
+    times += [times[-1] + HOUR + i * 100.0 for i in range(6)]
+    prediction = predict(times, times[-1] + 20, PredictorConfig())
+    assert prediction is not None and prediction.kind == "prewarm" and prediction.reason == "burst"

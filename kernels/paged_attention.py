@@ -9,7 +9,8 @@ Triton launcher's docstring):
 - `gather_sdpa`: every sequence's blocks up to the longest table gathered into a padded (D, context)
   copy, then one masked SDPA (what the model's decode branch did before this module);
 - `bucketed_sdpa`: sequences sorted by context length and cut into at most four groups, one gather and
-  one SDPA per group, so each group pads only to its own longest context;
+  one SDPA per group (a group whose copy would pass `MAX_GATHER_BYTES` in several chunks), so each group
+  pads only to its own longest context;
 - `block_loop`: one block column of all sequences at a time with an online softmax, no padded copy of the
   whole history at once.
 
@@ -59,6 +60,10 @@ def gather_sdpa(q, k_cache, v_cache, block_tables, context_lens, scale, *, max_c
 
 
 _MAX_GROUPS = 4
+# A gathered K or V copy is cut into chunks of sequences of at most this many bytes: larger blocks are
+# mapped afresh by malloc at every allocation and their pages faulted in again (see
+# data_plane.engine.host_memory), which doubled a 128-sequence step once its copies reached 25 MB.
+MAX_GATHER_BYTES = 16 << 20
 
 
 def bucketed_sdpa(q, k_cache, v_cache, block_tables, context_lens, scale, *, max_context_len=None):
@@ -74,8 +79,15 @@ def bucketed_sdpa(q, k_cache, v_cache, block_tables, context_lens, scale, *, max
         rows = order[g * len(lens) // num_groups : (g + 1) * len(lens) // num_groups]
         if rows:
             groups.setdefault(-(-lens[rows[-1]] // block_size), []).extend(rows)
+    row_bytes = block_size * num_kv_heads * head_dim * k_cache.element_size()  # per block of one sequence
+    chunks = [
+        (num_blocks, rows[i : i + step])
+        for num_blocks, rows in groups.items()
+        for step in [max(1, MAX_GATHER_BYTES // (row_bytes * num_blocks))]
+        for i in range(0, len(rows), step)
+    ]
     out = torch.empty_like(q)  # (D, heads, head_dim)
-    for num_blocks, rows in groups.items():
+    for num_blocks, rows in chunks:
         context = num_blocks * block_size
         whole = len(rows) == len(lens)
         index = None if whole else torch.tensor(rows, device=q.device)

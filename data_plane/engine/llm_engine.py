@@ -21,6 +21,7 @@ from data_plane.engine.block_manager import BlockManager
 from data_plane.engine.config import EngineConfig
 from data_plane.engine.ensemble import combine, normalized_weights, validate_ensemble
 from data_plane.engine.errors import EngineError, InvalidRequest, NonFiniteLogits, QueueFull, StepFailed
+from data_plane.engine.host_memory import keep_freed_memory
 from data_plane.engine.model_runner import ModelRunner
 from data_plane.engine.request import EngineRequest, RequestOutput
 from data_plane.engine.sampler import Sampler
@@ -65,6 +66,7 @@ class _RequestState:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        keep_freed_memory()  # a step's temporaries are not page-faulted in again every step
         dtype, device = config.torch_dtype, config.torch_device
         model_len = config.max_model_len or 1 << 20
         model, model_config = load_model(config.model_dir, dtype, device, max_positions=1, quant=config.quant)

@@ -212,3 +212,12 @@ def test_cpu_paths_on_more_sequences_than_groups_in_shuffled_order(path):
     lens = [37, 1, 64, 16, 90, 15, 17, 33, 2, 64, 48]  # groups share a padded length, rows not sorted
     case = make_case(8, torch.float32, 2, 4, 64, BLOCK_SIZE, lens)
     check(paged_attention.CPU_PATHS[path](**case), case, torch.float32)
+
+
+@pytest.mark.parametrize("max_gather_bytes", [1, 3 * BLOCK_SIZE * 2 * 64 * 4])
+def test_bucketed_sdpa_cut_into_chunks_by_copy_size_still_matches(monkeypatch, max_gather_bytes):
+    # A cap of one byte puts every sequence in its own chunk; the other holds about three blocks of K.
+    monkeypatch.setattr(paged_attention, "MAX_GATHER_BYTES", max_gather_bytes)
+    lens = [37, 1, 64, 16, 90, 15, 17, 33, 2, 64, 48, 5, 70]
+    case = make_case(9, torch.float32, 2, 4, 64, BLOCK_SIZE, lens)
+    check(paged_attention.bucketed_sdpa(**case), case, torch.float32)

@@ -183,6 +183,10 @@ def benchmark_peer(
     import numpy as np
     import torch
 
+    from data_plane.engine.host_memory import keep_freed_memory
+
+    # The same malloc policy as OpenLoRA's engine process: the comparison is of serving, not of allocators.
+    keep_freed_memory()
     adapter_dirs = {
         name: adapters_root / name for name in dict.fromkeys(r.adapter for r in requests if r.adapter)
     }

@@ -2,7 +2,10 @@
 
     XADD openlora:hints MAXLEN ~ 10000 * kind prewarm|demote|invalidate adapter_id ... sha256 ...
 
-- `prewarm`: load this adapter into `tier` ("gpu", "host" or "disk") before `deadline_at`.
+- `prewarm`: load this adapter into `tier` ("gpu", "host" or "disk") before `deadline_at`. `reason` says
+  what predicted the call: "periodic" (a call on the adapter's grid: the worker keeps the adapter until
+  then) or "burst" (calls keep coming: the worker loads it, and its cache ranks it by value as any other).
+  A hint without a reason is kept like a periodic one.
 - `demote`: it may leave `tier`.
 - `invalidate`: `adapter_id` is no longer served as it was (deleted or replaced): forget every cached
   answer naming it. `sha256` is set only when no remaining adapter uses that artifact: then drop it from
@@ -39,6 +42,13 @@ class Hint:
     api_key_id: str = ""
     # The content a deleted or replaced adapter served (kind "invalidate" only): merges built from it go.
     source_sha256: str = ""
+    # What predicted a prewarm: "periodic", "burst", or "" (unknown: kept like a periodic one).
+    reason: str = ""
+
+    @property
+    def protects(self) -> bool:
+        """Whether a worker should keep the prewarmed adapter until its deadline (not for a burst)."""
+        return self.reason != "burst"
 
     def __post_init__(self) -> None:
         if self.kind not in HINT_KINDS:
@@ -60,6 +70,8 @@ class Hint:
             fields["api_key_id"] = self.api_key_id
         if self.source_sha256:
             fields["source_sha256"] = self.source_sha256
+        if self.reason:
+            fields["reason"] = self.reason
         return fields
 
     @classmethod
@@ -79,6 +91,7 @@ class Hint:
                 issued_at=float(text["issued_at"]),
                 api_key_id=text.get("api_key_id", ""),
                 source_sha256=text.get("source_sha256", ""),
+                reason=text.get("reason", "")[:32],
             )
         except KeyError as e:
             raise ValueError(f"hint is missing field {e.args[0]!r}") from None

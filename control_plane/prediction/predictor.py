@@ -101,6 +101,7 @@ class Predictor:
                     tier=tier,
                     deadline_at=prediction.deadline_at,
                     issued_at=now,
+                    reason=prediction.reason if prediction.kind == "prewarm" else "",
                 )
             )
         return hints

@@ -52,7 +52,11 @@ async def apply_hint(engine, hint: Hint, artifacts, near_deadline_s: float = NEA
     to_device = hint.tier == "gpu" or (deadline_in_s is not None and deadline_in_s <= near_deadline_s)
     deadline_mono = None if deadline_in_s is None else time.monotonic() + deadline_in_s
     inner.prefetch(
-        key, (AdapterRef(key=key, path=local.path),), to_device=to_device, deadline_at=deadline_mono
+        key,
+        (AdapterRef(key=key, path=local.path),),
+        to_device=to_device,
+        deadline_at=deadline_mono,
+        protect=hint.protects,
     )
 
 

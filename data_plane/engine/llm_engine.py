@@ -394,11 +394,18 @@ class LLMEngine:
     # -- adapter tiers -----------------------------------------------------------------------------------
 
     def prefetch(
-        self, key: str, members: tuple, to_device: bool = False, deadline_at: float | None = None
+        self,
+        key: str,
+        members: tuple,
+        to_device: bool = False,
+        deadline_at: float | None = None,
+        protect: bool = True,
     ) -> None:
         """Thread-safe prewarm: bring `key` (loadable from `members`, AdapterRefs) into host memory, or into
-        a free device slot when `to_device`; `deadline_at` (time.monotonic()) is when it is expected."""
-        self._commands.put(("prefetch", key, tuple(members), to_device, deadline_at))
+        a free device slot when `to_device`; `deadline_at` (time.monotonic()) is when it is expected.
+        `protect`: keep it until then (a periodic prediction); False (a burst) leaves it to the host
+        tier's ranking by value, like an adapter no hint names."""
+        self._commands.put(("prefetch", key, tuple(members), to_device, deadline_at, protect))
 
     def demote(self, key: str) -> None:
         """Thread-safe: forget a prewarm deadline and let `key` leave its slot (its host copy stays)."""
@@ -423,8 +430,9 @@ class LLMEngine:
                 break
             kind, key = command[0], command[1]
             if kind == "prefetch":
-                _, _, members, to_device, deadline_at = command
-                cache.hint(key, deadline_at)
+                _, _, members, to_device, deadline_at, protect = command
+                if protect:
+                    cache.hint(key, deadline_at)
                 self._prefetch_now(key, members, to_device)
             elif kind == "demote":
                 cache.demote(key)

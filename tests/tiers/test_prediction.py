@@ -115,7 +115,7 @@ def test_periodic_adapter_is_prewarmed_shortly_before_its_predicted_call(session
     assert predictor.run_once(last + hour_s - 0.2) == []  # not repeated
     entries = redis.Redis.from_url(redis_url).xrange(HINTS_STREAM, min=start_id)
     hints = [Hint.from_fields(f) for _, f in entries if f.get(b"kind") == b"prewarm"]
-    assert any(h.adapter_id == str(adapter.id) for h in hints)
+    assert any(h.adapter_id == str(adapter.id) and h.reason == "periodic" for h in hints)
     publisher.close()
 
 

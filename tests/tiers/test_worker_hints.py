@@ -54,6 +54,42 @@ def test_prewarm_hint_loads_the_adapter_ahead_of_its_deadline(tiny_model, tmp_pa
         engine.shutdown()
 
 
+def test_a_periodic_prewarm_protects_its_adapter_and_a_burst_prewarm_does_not(tiny_model, tmp_path):
+    """A burst's adapter is loaded but ranked by value like any other: with memoryless traffic most
+    'bursts' are chance, and a protected copy would push out one that is more likely to be used."""
+    engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
+    try:
+        cache = engine.adapter_cache
+        store, periodic_key = _store_with(tmp_path, tiny_model, "r8_all")
+        burst_ref = tiny_model.ref("r4_qv")
+        shutil.copytree(burst_ref.path, store.path_of(burst_ref.key))
+        soon = time.time() + 30
+        hints = [
+            Hint("prewarm", "a", periodic_key, tier="host", deadline_at=soon, reason="periodic"),
+            Hint("prewarm", "b", burst_ref.key, tier="host", deadline_at=soon, reason="burst"),
+        ]
+        for hint in hints:
+            asyncio.run(apply_hint(engine, hint, store))
+        while engine.has_unfinished() or engine.loader.num_in_flight:
+            engine.step()
+        assert cache.on_host(periodic_key) and cache.on_host(burst_ref.key)  # both loaded
+        assert cache.is_protected(periodic_key)
+        assert not cache.is_protected(burst_ref.key)
+    finally:
+        engine.shutdown()
+
+
+def test_a_prewarm_hint_carries_its_reason_through_the_stream_fields():
+    for reason in ("periodic", "burst"):
+        hint = Hint("prewarm", "id", "f" * 64, tier="host", deadline_at=1.0, reason=reason)
+        assert Hint.from_fields(hint.to_fields()) == hint
+    legacy = Hint.from_fields(
+        {b"kind": b"prewarm", b"adapter_id": b"id", b"sha256": b"f" * 64, b"issued_at": b"1"}
+    )
+    assert legacy.reason == "" and legacy.protects  # a hint from an older control plane is kept as before
+    assert not Hint("prewarm", "id", "f" * 64, reason="burst").protects
+
+
 def test_worker_publishes_its_resident_adapters_with_a_ttl(redis_url):
     worker_id = f"w-{time.time_ns()}"
 

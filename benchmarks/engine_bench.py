@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "model": f"{LLAMA_50M.name}: llama hidden 512, 6 layers, vocab 32000, fp32",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "load_average_before": [round(x, 2) for x in load_before],
     }
     if "roofline" in args.parts:
@@ -475,6 +475,16 @@ def _headline(result: dict) -> dict:
         headline["engine_tokens_per_s_128"] = round(roof["engine"]["tokens_per_s_median"], 1)
         headline["roofline_gflops"] = round(roof["gemm"]["roofline_flops_per_s"] / 1e9, 1)
     return headline
+
+
+def _shown(path: Path) -> str:
+    """A path as the results file records it: relative to the repository when inside it (no machine's
+    directory layout in committed results)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return path.name
 
 
 if __name__ == "__main__":

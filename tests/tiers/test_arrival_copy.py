@@ -96,7 +96,9 @@ def test_a_request_arriving_during_a_step_starts_its_copy_before_that_step_ends(
         await runner.start()
         try:
             layers[0].forward, layers[1].forward = held_first_layer, watched_second_layer
-            background = asyncio.ensure_future(_collect(runner.generate(greedy("bg", [1, 2, 3], max_tokens=8))))
+            background = asyncio.ensure_future(
+                _collect(runner.generate(greedy("bg", [1, 2, 3], max_tokens=8)))
+            )
             assert await asyncio.to_thread(in_step.wait, 30.0)  # its first step is held after layer 0
             request = asyncio.ensure_future(_collect(runner.generate(greedy("warm", [4, 5, 6], [warm], 3))))
             while runner._inbox.empty():  # generate has handed the request to the (held) engine thread

@@ -256,7 +256,7 @@ class AsyncEngine:
         (their adapter copies start beside the rest of the step, so they are done by the next one); every
         other command waits for the step's end. `add_request` touches only the waiting queue, the adapter
         cache's free or unpinned slots and the loader, none of which the running step reads."""
-        while True:
+        while self._inbox.queue:  # unlocked peek (a late arrival waits for the next layer): no lock per layer
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:

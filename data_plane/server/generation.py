@@ -210,15 +210,11 @@ class GenerationService:
         self.check_serving()
         early = self._cp.recent_authorization(api_key, names) if api_key else None
         if early is not None and early.can_infer:
-            delivered = False
-            try:
+            try:  # AuthorizationChanged comes before any chunk: the check gates the first one
                 async for chunk in self._generate(api_key, names, check, whole, arrival, early):
-                    delivered = True
                     yield chunk
                 return
             except AuthorizationChanged:
-                if delivered:  # cannot happen: the check gates the first chunk
-                    raise
                 self._metrics.early_start.labels("changed").inc()
                 log.info("authorization changed while the call started early; starting over on the new one")
         async for chunk in self._generate(api_key, names, check, whole, arrival, None):

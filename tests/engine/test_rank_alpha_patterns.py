@@ -131,6 +131,8 @@ def _with_config(src: Path, dst: Path, **changes) -> Path:
         ({"alpha_pattern": {"v_proj": -1}}, "adapter_config.json.alpha_pattern", "positive number"),
         ({"alpha_pattern": {"v_proj": "8"}}, "adapter_config.json.alpha_pattern", "positive number"),
         ({"rank_pattern": ["q_proj", 4]}, "adapter_config.json.rank_pattern", "must map"),
+        # Bounded: every key is tried against every module a worker loads.
+        ({"alpha_pattern": {f"k{i}": 1 for i in range(1025)}}, "adapter_config.json.alpha_pattern", "1024"),
         # The tensors say q_proj has rank 4: a config that says 6 is refused, naming the pattern.
         ({"rank_pattern": {**RANK_PATTERN, "q_proj": 6}}, "adapter_model.safetensors", "rank_pattern"),
         # Without the pattern, the tensors' ranks contradict r.

@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     class Ops:
         shrink, expand = shrink_mod, expand_mod
 
-    device = torch.device("cpu" if args.dry_run else "cuda")
+    # A dry run uses the interpreter when it imports the kernels first; where a process had already imported
+    # them compiled (a CUDA machine's test session), its tiny shapes run compiled on the GPU instead.
+    interpreted = shrink_mod._INTERPRETED and expand_mod._INTERPRETED
+    device = torch.device("cpu" if args.dry_run and interpreted else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         print(
             "kernel_bench: no CUDA device; use --dry-run to exercise the code paths on the CPU",

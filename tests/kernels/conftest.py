@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
         "kernels.triton_ops.sgmv_shrink",
         "kernels.triton_ops.sgmv_expand",
         "kernels.triton_ops.paged_decode",
+        "kernels.triton_ops.int8_matmul",
     ):
         if name in sys.modules:
             raise pytest.UsageError(f"{name} was imported before TRITON_INTERPRET=1 could be set")

@@ -4,8 +4,10 @@
     q[n, k]  = clamp(round(W[n, k] / scale[n]), -127, 127)   (int8)
     W[n, k] ~ q[n, k] * scale[n]
 
-The kernel is PyTorch's `_weight_int8pack_mm` (CPU and CUDA) on bfloat16 activations; where a device
-lacks it, the weight is dequantized per call (correct, slower). The CPU kernel reads past the end of a row
+On CUDA the kernel is `kernels.triton_ops.int8_matmul` (codes widened in registers, tensor-core sums):
+PyTorch's `_weight_int8pack_mm` ran there 5.6x slower than a bfloat16 matmul at 1 row and 48x at 32 rows
+(H200, benchmarks/RESULTS.md). Elsewhere it is `_weight_int8pack_mm` on bfloat16 activations; where a
+device lacks it, the weight is dequantized per call (correct, slower). The CPU kernel reads past the end of a row
 whose length is not a multiple of 16 (a crash, measured with torch 2.13), so the input dimension is
 zero-padded to one and the activations padded to match.
 
@@ -106,6 +108,10 @@ class Int8Linear(QuantLinear):
         if x.dtype == torch.float32 and x.device.type == "cpu":
             return int8_two_digit_mm(x, self.qweight, self.scale)
         xc = x.to(COMPUTE_DTYPE)  # (T, K_pad)
+        if x.device.type == "cuda":
+            from kernels.triton_ops.int8_matmul import int8_weight_matmul  # imported where CUDA runs it
+
+            return int8_weight_matmul(xc, self.qweight, self.scale).to(x.dtype)
         if has_int8_kernel(x.device.type):
             y = torch.ops.aten._weight_int8pack_mm(xc, self.qweight, self.scale)  # (T, N)
         else:

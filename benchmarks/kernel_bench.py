@@ -1,7 +1,7 @@
 """SGMV kernel benchmark: Triton shrink/expand vs a torch gather + bmm baseline, and vs copy bandwidth.
 
     python -m benchmarks.kernel_bench                 # CUDA, Llama-3-8B dims; appends to RESULTS.md
-    python -m benchmarks.kernel_bench --dry-run       # CPU, Triton interpreter, tiny shapes: code paths only
+    python -m benchmarks.kernel_bench --dry-run       # tiny shapes, code paths only (interpreter without CUDA)
 
 Times are medians (``triton.testing.do_bench`` on CUDA). Bandwidth is the minimum traffic of the op
 (activations in and out, plus each distinct adapter's weights once) over its time, reported as a
@@ -58,7 +58,9 @@ class Row:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    p.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes: compiled on CUDA, else in Triton's interpreter"
+    )
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"), help="JSON goes here")
     p.add_argument("--results-md", type=Path, default=None, help="append the table here")
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="bfloat16")
@@ -185,9 +187,13 @@ def summarize(rows: list[Row]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported: they run on the CPU
     import torch
+
+    # A dry run without CUDA runs the kernels in Triton's interpreter, which must be switched on before
+    # triton is first imported (Triton 3.6 defines its language functions at that import). With CUDA the
+    # dry run's tiny shapes run compiled on the GPU.
+    if args.dry_run and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
     import triton
 
     from kernels.triton_ops import sgmv_expand as expand_mod
@@ -196,10 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     class Ops:
         shrink, expand = shrink_mod, expand_mod
 
-    # A dry run uses the interpreter when it imports the kernels first; where a process had already imported
-    # them compiled (a CUDA machine's test session), its tiny shapes run compiled on the GPU instead.
     interpreted = shrink_mod._INTERPRETED and expand_mod._INTERPRETED
-    device = torch.device("cpu" if args.dry_run and interpreted else "cuda")
+    device = torch.device("cpu" if interpreted else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         print(
             "kernel_bench: no CUDA device; use --dry-run to exercise the code paths on the CPU",
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.results_md is not None:
         section = (
             f"\n### SGMV kernels, {stamp:%Y-%m-%d %H:%M} UTC, {device_name}, {args.dtype}"
-            f"{' (dry run: interpreter timings, not performance)' if args.dry_run else ''}\n\n"
+            f"{' (dry run: tiny shapes, not performance)' if args.dry_run else ''}\n\n"
             f"Copy bandwidth measured in the same run: {copy_gbps:.0f} GB/s. "
             "`path` auto: what the public functions run given `max_segment_rows` (no device sync); "
             "segmented/bgmv: forced for comparison; auto-checked: without `max_segment_rows`, so with "

@@ -56,6 +56,13 @@ _MODULE_PARENT = {
     "down_proj": "mlp",
 }
 _CODE_KEYS = ("auto_map", "custom_code", "trust_remote_code")
+_UNSUPPORTED_OPTIONS = (
+    ("use_dora", "DoRA"),
+    ("modules_to_save", "modules_to_save"),
+    ("lora_bias", "lora_bias (a bias on lora_B)"),
+    ("trainable_token_indices", "trainable_token_indices (trained embedding rows)"),
+    ("layer_replication", "layer_replication"),
+)
 _FINITE_CHUNK_ELEMENTS = 1 << 22
 # Files PEFT's save_pretrained writes beside the adapter that carry no weights; never read or uploaded.
 IGNORED_FILES = ("README.md",)
@@ -129,7 +136,9 @@ def parse_adapter_config(data: bytes) -> dict:
         rank = config.get_int("r", lo=1, hi=MAX_CONFIG_RANK)
         alpha = config.get_number("lora_alpha", float(rank), positive=True)
         use_rslora = config.get_bool("use_rslora", False)
-        for key, what in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save")):
+        # PEFT options that change the model beyond LoRA on the seven projections: weights this server does
+        # not apply (a bias on lora_B, trained embedding rows, whole modules) or layers it does not have.
+        for key, what in _UNSUPPORTED_OPTIONS:
             if config.data.get(key):
                 raise JsonFieldError(config.field(key), f"{what} is not supported")
         rank_pattern = _pattern(config, "rank_pattern", lambda v: is_int(v) and 1 <= v <= MAX_CONFIG_RANK)
@@ -142,7 +151,11 @@ def parse_adapter_config(data: bytes) -> dict:
             raise JsonFieldError(config.field("bias"), "only bias='none' is supported")
         targets = config.data.get("target_modules")
         if isinstance(targets, list):
-            unknown = [t for t in targets if t not in PROJECTIONS]
+            # PEFT matches an entry against a module's name or its end: `q_proj`, `self_attn.q_proj`, and the
+            # full names `target_modules="all-linear"` is saved as (`model.layers.0.self_attn.q_proj`).
+            unknown = [
+                t for t in targets if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in PROJECTIONS
+            ]
             if unknown:
                 raise JsonFieldError(
                     config.field("target_modules"),
@@ -364,12 +377,16 @@ def validate_adapter_dir(
         slot[t.which] = t
     module_ranks: dict[tuple[int, str], int] = {}
     module_scalings: list[tuple[tuple[int, str], float]] = []
+    declared = config.get("target_modules")
+    undeclared: list[str] = []
     for (layer, module), ab in sorted(pairs.items()):
         where = f"layer {layer} {module}"
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(WEIGHTS_FILE, f"{where}: needs both lora_A and lora_B")
         a, b = ab["A"], ab["B"]
         name = peft_module_name(a.name)
+        if isinstance(declared, list) and not any(name == t or name.endswith("." + t) for t in declared):
+            undeclared.append(name)
         from_pattern = rank_pattern.value(name, None)
         module_rank, source = (rank, "r") if from_pattern is None else (from_pattern, "rank_pattern")
         if a.shape[0] != module_rank or b.shape[1] != module_rank:
@@ -399,11 +416,8 @@ def validate_adapter_dir(
                     f"(expected A [{module_rank}, {in_features}], B [{out_features}, {module_rank}])",
                 )
     modules = tuple(m for m in PROJECTIONS if any(mod == m for _, mod in pairs))
-    declared = config.get("target_modules")
-    if isinstance(declared, list) and not set(modules) <= set(declared):
-        raise AdapterFormatError(
-            f"{CONFIG_FILE}.target_modules", f"does not list {sorted(set(modules) - set(declared))}"
-        )
+    if undeclared:
+        raise AdapterFormatError(f"{CONFIG_FILE}.target_modules", f"does not match {describe(undeclared)}")
     dtypes = {t.dtype for t in tensors}
     if check_values:
         _check_finite(weights_path, data_offset, tensors)

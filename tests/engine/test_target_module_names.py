@@ -1,0 +1,107 @@
+"""Adapters whose `target_modules` PEFT saved as module-name suffixes or full names (as
+`target_modules="all-linear"` is saved) are accepted and match transformers + PEFT; entries that name no
+supported projection, tensors the entries do not match, and PEFT options that change the model beyond
+LoRA on the seven projections are refused, naming the field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_plane.engine.request import AdapterRef
+from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
+from openlora.artifact import digest_dir
+from openlora.base_model import BaseModelSpec
+
+from .conftest import ALL_SEVEN, greedy, make_engine, run_to_completion
+from .reference import load_reference, reference_greedy
+
+
+def _write(model_dir: Path, out: Path, target_modules, seed: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules=target_modules, init_lora_weights=False)
+    )
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def spelled(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("spelled")
+    return tiny_llama, {
+        "all_linear": _write(tiny_llama.model_dir, root / "all_linear", "all-linear", seed=11),
+        "suffixes": _write(
+            tiny_llama.model_dir, root / "suffixes", ["self_attn.q_proj", "mlp.down_proj"], seed=12
+        ),
+    }
+
+
+def _spec(model) -> BaseModelSpec:
+    return BaseModelSpec.from_hf_config(json.loads((model.model_dir / "config.json").read_text()), "tiny")
+
+
+def test_peft_saves_all_linear_as_full_module_names_and_they_are_accepted(spelled):
+    model, dirs = spelled
+    saved = json.loads((dirs["all_linear"] / "adapter_config.json").read_text())["target_modules"]
+    assert any(name.startswith("model.layers.") for name in saved)  # what this test is about
+    assert validate_adapter_dir(dirs["all_linear"], _spec(model)).target_modules == tuple(ALL_SEVEN)
+    assert validate_adapter_dir(dirs["suffixes"], _spec(model)).target_modules == ("q_proj", "down_proj")
+
+
+def test_adapters_with_suffix_and_full_names_match_peft(spelled):
+    model, dirs = spelled
+    prompts = {"all_linear": [5, 9, 2, 33, 7, 1], "suffixes": [8, 8, 3, 40, 12]}
+    engine = make_engine(model)
+    for name, prompt in prompts.items():
+        engine.add_request(greedy(name, prompt, [AdapterRef(key=digest_dir(dirs[name]), path=dirs[name])]))
+    results = run_to_completion(engine)
+    for name, prompt in prompts.items():
+        want_tokens, want_logprobs = reference_greedy(load_reference(model.model_dir, [dirs[name]]), prompt)
+        got_tokens, got_logprobs = results[name]
+        assert got_tokens == want_tokens, name
+        assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3), name
+
+
+def _with_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    path = dst / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"target_modules": ["model.layers.0.self_attn.rotary_emb"]}, "target_modules", "rotary_emb"),
+        ({"target_modules": ["lm_head", "q_proj"]}, "target_modules", "lm_head"),
+        # Names only layer 0's projections: the tensors of layer 1 are not what the config describes.
+        (
+            {"target_modules": [f"model.layers.0.{p}" for p in ("self_attn.q_proj", "mlp.down_proj")]},
+            "target_modules",
+            "model.layers.1",
+        ),
+        ({"target_modules": ["q_proj"]}, "target_modules", "down_proj"),
+        ({"lora_bias": True}, "lora_bias", "not supported"),
+        ({"trainable_token_indices": [1, 2]}, "trainable_token_indices", "not supported"),
+        ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication", "not supported"),
+    ],
+)
+def test_configs_that_do_not_describe_the_tensors_are_refused(spelled, tmp_path, changes, field, words):
+    model, dirs = spelled
+    adapter = _with_config(dirs["suffixes"], tmp_path / "a", **changes)
+    with pytest.raises(AdapterFormatError) as e:
+        validate_adapter_dir(adapter, _spec(model))
+    assert e.value.field == f"adapter_config.json.{field}" and words in e.value.reason

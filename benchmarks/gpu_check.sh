@@ -14,7 +14,7 @@
 #   7. benchmarks/gpu_profile.py: host time against device-busy time per decode step of the 1.1B model
 #      (bf16 at 1 and 32 requests, int4 and int8 at 1), launches per step, top host ops and kernels (120 s);
 #   8. benchmarks/gpu_e2e.sh: the end-to-end issue-6 scenarios on a 1.1B bf16 model against
-#      transformers + PEFT, for E2E_TIMEOUT_S (default 300 s).
+#      transformers + PEFT, for E2E_TIMEOUT_S (default 420 s).
 # GPU_CHECK_STEPS picks steps by key (comma-separated; default all): kernels, quant, slots, attention,
 # kernel-bench, quant-bench, profile, e2e. GPU_CHECK_TESTS narrows the kernel tests (default tests/kernels).
 # Test steps run on 8 pytest-xdist workers where xdist is installed (Triton's compiles are CPU-bound).
@@ -55,8 +55,8 @@ step kernel-bench "kernel bench" 120 "$PY" -m benchmarks.kernel_bench "$@"
 step quant-bench "quant bench (1.1B bf16/int8/int4)" 240 "$PY" -m benchmarks.quant_bench --device cuda \
     --decode-steps 32 --out benchmarks/results/quant_bench_cuda.json
 step profile "decode step profile (host vs device)" 120 "$PY" -m benchmarks.gpu_profile
-step e2e "end to end against transformers + PEFT" $((${E2E_TIMEOUT_S:-300} + 40)) \
-    env E2E_TIMEOUT_S="${E2E_TIMEOUT_S:-300}" bash benchmarks/gpu_e2e.sh
+step e2e "end to end against transformers + PEFT" $((${E2E_TIMEOUT_S:-420} + 40)) \
+    env E2E_TIMEOUT_S="${E2E_TIMEOUT_S:-420}" bash benchmarks/gpu_e2e.sh
 
 echo "== summary"
 printf '%s\n' "${SUMMARY[@]}"

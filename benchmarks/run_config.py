@@ -160,6 +160,10 @@ GPU = dict(
     output_len_range=(16, 64),
     s1_requests=256,
     s1_adapters=100,
+    # The first GPU run (RESULTS.md) spent its 270 s in the peer's sweep of 8, 16, 32 and 64 without
+    # finishing it: PEFT's mixed-adapter batches run one sub-batch per adapter in every LoRA layer, and
+    # on a GPU each is host-bound. Two sizes here; the full sweep with `--peer-batch-sizes 8,16,32,64`.
+    peer_batch_sizes=(32, 64),
     peer_sequential_requests=8,
     s2_adapters=(1, 1000),
     s2_steps=4,

@@ -89,6 +89,7 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
     """Median ms of each candidate y = x @ W.T on a (size, size) weight at 1 and 32 rows."""
     from torch.nn import functional as F
 
+    from data_plane.model.quant import int8 as int8_module
     from data_plane.model.quant import make_quant_linear
     from data_plane.model.quant.int4 import dequantize_int4, quantize_int4
 
@@ -124,6 +125,9 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
     w_bf16 = w.to(torch.bfloat16)
     scale8 = int8.scale.float()
     codes, scale4, offset4 = quantize_int4(w, int4.group_size)  # the plain layout, for dequantize-per-call
+    # Which int8 path float32 activations take on this machine (measured once per process, int8.py).
+    two_digit = int8_module.two_digit_path_chosen()
+    mark_two_digit, mark_packed = (" [chosen]", "") if two_digit else ("", " [chosen for fp32 here]")
     rows = []
     for num_rows in (1, 32):
         x = torch.randn(num_rows, size, generator=g)
@@ -131,10 +135,12 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
         candidates = {
             "dense fp32 (F.linear)": lambda x=x: F.linear(x, w),
             "dense bf16 (F.linear)": lambda x=x_bf16: F.linear(x, w_bf16),
-            # fp32 activations as two int8 digits, each through torch._int_mm (int8.kernel on fp32 CPU input)
-            "int8 two-digit _int_mm, fp32 activations [chosen]": lambda x=x: int8.kernel(x),
-            "int8 _weight_int8pack_mm, bf16 activations": lambda x=x_bf16: torch.ops.aten._weight_int8pack_mm(
-                x, int8.qweight, int8.scale
+            # fp32 activations as two int8 digits, each through torch._int_mm
+            f"int8 two-digit _int_mm, fp32 activations{mark_two_digit}": lambda x=x: (
+                int8_module.int8_two_digit_mm(x, int8.qweight, int8.scale)
+            ),
+            f"int8 _weight_int8pack_mm, bf16 activations{mark_packed}": lambda x=x_bf16: (
+                torch.ops.aten._weight_int8pack_mm(x, int8.qweight, int8.scale)
             ),
             "int8 _weight_int8pack_mm, fp32 activations": lambda x=x: torch.ops.aten._weight_int8pack_mm(
                 x, int8.qweight, scale8
@@ -155,6 +161,11 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
             "int4 tinygemm, fp32 activations",
             "int4 dequantize per call, then fp32 matmul",
         }
+        if not two_digit:  # no fast int8 product on this CPU: these two are slow too
+            slow_names |= {
+                "int8 two-digit _int_mm, fp32 activations",
+                "int8 per-token dynamic activations (_int_mm)",
+            }
         for name, fn in candidates.items():
             slow = name in slow_names
             count = max(3, repeats // 4) if slow else repeats

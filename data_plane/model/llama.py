@@ -15,7 +15,8 @@ from torch.nn import functional as F
 from data_plane.model.config import ModelConfig
 from data_plane.model.lora_linear import LoRALinear
 from data_plane.model.metadata import LoraSegments, StepMetadata
-from data_plane.model.quant import QuantLinear, QuantSettings, make_quant_linear
+from data_plane.model.quant import QuantLinear, QuantSettings, make_quant_linear, quant_row_multiple
+from data_plane.model.quant.base import RowSlice
 from data_plane.model.quant.lora import QuantLoRALinear
 from kernels.paged_attention import paged_decode_attention
 
@@ -32,8 +33,12 @@ class LinearBuilder:
         """A LoRA projection of `out_slices` fused along the output (one slice: a plain projection)."""
         if not self.quant.enabled:
             return LoRALinear(in_features, out_slices, bias)
-        quants = [make_quant_linear(self.quant.format, in_features, out, self.device) for out in out_slices]
-        return QuantLoRALinear(quants, bias, self.dtype)
+        fmt = self.quant.format
+        if all(out % quant_row_multiple(fmt) == 0 for out in out_slices[:-1]):  # fused: one packed matmul
+            linears = [make_quant_linear(fmt, in_features, sum(out_slices), self.device)]
+        else:
+            linears = [make_quant_linear(fmt, in_features, out, self.device) for out in out_slices]
+        return QuantLoRALinear(linears, out_slices, bias, self.dtype)
 
     def lm_head(self, hidden_size: int, vocab_size: int) -> nn.Module:
         if self.quant.lm_head:
@@ -251,8 +256,9 @@ class LlamaForCausalLM(nn.Module):
             for name, (module, _) in self.lora_targets(layer).items():
                 module.slice_targets = (*module.slice_targets, name)  # lora_targets lists slices in order
 
-    def quantized_weights(self) -> dict[str, QuantLinear]:
-        """Checkpoint tensor name -> the QuantLinear that takes that weight (empty in full precision)."""
+    def quantized_weights(self) -> dict[str, QuantLinear | RowSlice]:
+        """Checkpoint tensor name -> the QuantLinear (or rows of a fused one) that takes that weight (empty
+        in full precision)."""
         targets = {}
         for layer in range(len(self.model.layers)):
             for name, (module, index) in self.lora_targets(layer).items():

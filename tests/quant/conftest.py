@@ -16,3 +16,15 @@ def tiny_llama_q(tmp_path_factory) -> TinyModel:
 @pytest.fixture(scope="session")
 def tiny_qwen2_q(tmp_path_factory) -> TinyModel:
     return _build(tmp_path_factory.mktemp("tiny-q"), "qwen2")
+
+
+@pytest.fixture
+def int8_fp32_path(monkeypatch):
+    """`choose(two_digit)`: sets which path int8 takes for float32 CPU activations in this test, whatever
+    this machine's measurement chose (the two-digit path, or `_weight_int8pack_mm` in bfloat16)."""
+    from data_plane.model.quant import int8
+
+    def choose(two_digit: bool) -> None:
+        monkeypatch.setattr(int8, "two_digit_path_chosen", lambda: two_digit)
+
+    return choose

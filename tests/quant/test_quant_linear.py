@@ -57,7 +57,8 @@ def _layer(fmt: str, w: torch.Tensor):
 @pytest.mark.parametrize(("fmt", "shape"), CASES)
 @pytest.mark.parametrize("num_rows", [1, 5, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_the_dequantize_then_matmul_reference(fmt, shape, num_rows, dtype):
+def test_kernel_matches_the_dequantize_then_matmul_reference(fmt, shape, num_rows, dtype, int8_fp32_path):
+    int8_fp32_path(True)  # the precise path; the other is checked below
     layer = _layer(fmt, _weight(shape, 1))
     x = torch.randn(num_rows, shape[1], generator=torch.Generator().manual_seed(2)).to(dtype)
     got, want = layer.kernel(x), layer.reference(x)
@@ -66,7 +67,39 @@ def test_kernel_matches_the_dequantize_then_matmul_reference(fmt, shape, num_row
     assert error < TOLERANCE[fmt, dtype]
 
 
-def test_int8_on_float32_activations_keeps_sixteen_bits_of_each_row():
+@pytest.mark.parametrize("shape", [(10, 96), (128, 344), (1000, 100)])
+@pytest.mark.parametrize("num_rows", [1, 32])
+def test_int8_float32_activations_through_int8pack_are_rounded_like_bfloat16(shape, num_rows, int8_fp32_path):
+    # Where the two-digit path is slow (no fast int8 product on the CPU), float32 activations take the
+    # bfloat16 kernel: its output is the bfloat16 kernel's, converted back.
+    int8_fp32_path(False)
+    layer = _layer("int8", _weight(shape, 1))
+    x = torch.randn(num_rows, shape[1], generator=torch.Generator().manual_seed(2))
+    got = layer.kernel(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, layer.kernel(x.to(torch.bfloat16)).float())
+    want = layer.reference(x)
+    error = (got - want).abs().max() / want.abs().max()
+    assert error < TOLERANCE["int8", torch.bfloat16]
+
+
+def test_the_two_digit_path_is_chosen_where_it_is_not_much_slower(monkeypatch):
+    from data_plane.model.quant import int8
+
+    for cost, chosen in ((1.4, True), (int8.TWO_DIGIT_MAX_COST, True), (19.0, False)):
+        monkeypatch.setattr(int8, "measure_two_digit_cost", lambda cost=cost: cost)
+        int8.two_digit_path_chosen.cache_clear()
+        assert int8.two_digit_path_chosen() is chosen
+    monkeypatch.setattr(int8, "has_int8_kernel", lambda device_type: False)  # else: dequantize per call
+    int8.two_digit_path_chosen.cache_clear()
+    assert int8.two_digit_path_chosen() is True
+    monkeypatch.undo()
+    int8.two_digit_path_chosen.cache_clear()
+    assert int8.measure_two_digit_cost(size=128, repeats=1) > 0
+
+
+def test_int8_on_float32_activations_keeps_sixteen_bits_of_each_row(int8_fp32_path):
+    int8_fp32_path(True)
     layer = _layer("int8", _weight((64, 256), 10))
     g = torch.Generator().manual_seed(11)
     x = torch.randn(6, 256, generator=g) * torch.tensor([1e-3, 1.0, 1e3, 1e-20, 0.0, 5.0]).unsqueeze(1)

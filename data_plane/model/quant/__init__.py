@@ -34,6 +34,7 @@ __all__ = [
     "check_device",
     "check_shapes",
     "make_quant_linear",
+    "quant_row_multiple",
     "reference_kernels_requested",
     "set_reference_kernels",
 ]
@@ -70,6 +71,11 @@ def make_quant_linear(format: str, in_features: int, out_features: int, device: 
             f"unknown quantization format {format!r}: choose one of {', '.join(_CLASSES)}"
         )
     return _CLASSES[format](in_features, out_features, device)
+
+
+def quant_row_multiple(format: str) -> int:
+    """The row multiple at which `format`'s QuantLinear can start a block of rows (see `load_rows`)."""
+    return _CLASSES[format].row_multiple
 
 
 def check_device(settings: QuantSettings, device: torch.device) -> None:

@@ -37,6 +37,8 @@ class QuantLinear(nn.Module):
     format = ""
     bits = 0
     use_reference = False  # forward runs `reference` instead of `kernel` (see set_reference_kernels)
+    # `load_rows` takes row blocks starting at multiples of this (a packed layout's tile of rows).
+    row_multiple = 1
 
     def __init__(self, in_features: int, out_features: int, device: torch.device) -> None:
         super().__init__()
@@ -50,7 +52,28 @@ class QuantLinear(nn.Module):
 
     def load_weight(self, weight: torch.Tensor) -> None:
         """Quantizes `weight` (out, in), any float dtype, on any device, a few rows at a time."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight has shape {list(weight.shape)}, expected {[self.out_features, self.in_features]}"
+            )
+        self.load_rows(0, weight)
+
+    def load_rows(self, start: int, rows: torch.Tensor) -> None:
+        """Quantizes `rows` (r, in) as output rows start:start + r of the weight. A fused projection's slices
+        (q|k|v, gate|up) arrive one checkpoint tensor at a time, in any order; the weight is usable once
+        every row is loaded. `start` must be a multiple of `row_multiple`."""
         raise NotImplementedError
+
+    def _check_rows(self, start: int, rows: torch.Tensor) -> int:
+        """Validates a row block for `load_rows`; returns its end row."""
+        if rows.dim() != 2 or rows.shape[1] != self.in_features:
+            raise ValueError(f"rows have shape {list(rows.shape)}, expected [r, {self.in_features}]")
+        end = start + rows.shape[0]
+        if start < 0 or end > self.out_features or start % self.row_multiple:
+            raise ValueError(
+                f"rows {start}:{end} do not fit {self.out_features} output rows in blocks of {self.row_multiple}"
+            )
+        return end
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, in) in the activation dtype -> (T, out) in the same dtype."""
@@ -76,6 +99,33 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.format}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class RowSlice:
+    """Output rows start:start + out_features of a QuantLinear that holds a fused projection: the handle
+    one checkpoint tensor (q_proj of a fused q|k|v, say) is loaded through and read back from."""
+
+    def __init__(self, linear: QuantLinear, start: int, out_features: int) -> None:
+        self.linear, self.start, self.out_features = linear, start, out_features
+        self.in_features = linear.in_features
+
+    @property
+    def format(self) -> str:
+        return self.linear.format
+
+    @property
+    def use_reference(self) -> bool:
+        return self.linear.use_reference
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight has shape {list(weight.shape)}, expected {[self.out_features, self.in_features]}"
+            )
+        self.linear.load_rows(self.start, weight)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.linear.dequantize()[self.start : self.start + self.out_features]
 
 
 def reference_kernels_requested() -> bool:

@@ -84,6 +84,8 @@ def _int4_mm(
 class Int4Linear(QuantLinear):
     format = "int4"
     bits = 4
+    # A block of rows packs as the same rows of the whole weight when it starts at a multiple of 64.
+    row_multiple = _CHUNK_ROW_MULTIPLE
 
     @classmethod
     def check_shape(cls, in_features: int, out_features: int) -> None:
@@ -101,22 +103,29 @@ class Int4Linear(QuantLinear):
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8, device=device))
         # (K / group_size, N_pad, 2): [..., 0] scale, [..., 1] offset, as the kernels read them.
         self.register_buffer("scale_offset", torch.empty(0, dtype=COMPUTE_DTYPE, device=device))
+        self._parts: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # row blocks until all arrive
 
-    def load_weight(self, weight: torch.Tensor) -> None:
-        n, k = self.out_features, self.in_features
-        if tuple(weight.shape) != (n, k):
-            raise ValueError(f"weight has shape {list(weight.shape)}, expected {[n, k]}")
-        n_pad = self.padded_out_features
+    def load_rows(self, start: int, rows: torch.Tensor) -> None:
+        end = self._check_rows(start, rows)
+        k = self.in_features
+        # The block that ends the weight also packs the zero rows that pad it to the kernels' multiple.
+        num_rows = (self.padded_out_features if end == self.out_features else end) - start
+        if num_rows % self.row_multiple and end != self.out_features:
+            raise ValueError(f"rows {start}:{end} end inside a block of {self.row_multiple} rows")
         packed, scale_offset = [], []
         with one_thread():
-            for start, end in row_chunks(n_pad, k, _CHUNK_ROW_MULTIPLE):
-                rows = weight[start:end].to(self.device)  # (r, K); empty past the real rows
-                rows = F.pad(rows, (0, 0, 0, (end - start) - rows.shape[0]))  # (R, K), zero rows
-                q, scale, offset = quantize_int4(rows, self.group_size)
+            for lo, hi in row_chunks(num_rows, k, _CHUNK_ROW_MULTIPLE):
+                chunk = rows[lo:hi].to(self.device)  # (r, K); empty past the real rows
+                chunk = F.pad(chunk, (0, 0, 0, (hi - lo) - chunk.shape[0]))  # (R, K), zero rows
+                q, scale, offset = quantize_int4(chunk, self.group_size)
                 packed.append(_pack(q, k))
                 scale_offset.append(torch.stack((scale.T, offset.T), dim=2))  # (G, R, 2)
-        self.packed = torch.cat(packed)
-        self.scale_offset = torch.cat(scale_offset, dim=1).contiguous()
+        self._parts[start] = (num_rows, torch.cat(packed), torch.cat(scale_offset, dim=1))
+        if sum(part[0] for part in self._parts.values()) == self.padded_out_features:
+            parts = [self._parts[key] for key in sorted(self._parts)]  # in row order: the layouts concatenate
+            self.packed = torch.cat([part[1] for part in parts])
+            self.scale_offset = torch.cat([part[2] for part in parts], dim=1).contiguous()
+            self._parts = {}
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(COMPUTE_DTYPE)  # (T, K)

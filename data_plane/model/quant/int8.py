@@ -18,23 +18,34 @@ is multiplied by the int8 weight with `torch._int_mm`, whose int32 sums are exac
 
     y[t, n] = sx[t] * scale[n] * (256 * (high[t] . q[n]) + (low[t] . q[n]))
 
-Cost, measured on a shared 2-core CPU (min of repeats): at 1 row, where decode reads every weight from
-memory, about 1.4x `_weight_int8pack_mm`, since each digit's product reads the weight once (both digits
-as one 2-row product were slower still); at 32 rows about the same. An element far below its row's
-largest (under max/256) is held less precisely than bfloat16 would; typical activations are not that
-skewed.
+Cost, measured on a shared 2-core CPU with AVX-512 (VNNI, bf16) (min of repeats): at 1 row, where decode
+reads every weight from memory, about 1.4x `_weight_int8pack_mm`, since each digit's product reads the
+weight once (both digits as one 2-row product were slower still); at 32 rows about the same. An element
+far below its row's largest (under max/256) is held less precisely than bfloat16 would; typical
+activations are not that skewed. On an AVX2-only CPU `torch._int_mm` has no fast kernel: the same path
+measured 19x `_weight_int8pack_mm` at 1 row and 33x at 32 (benchmarks/RESULTS.md). So the path is chosen
+per machine by measurement, once per process (`two_digit_path_chosen`): taken where it costs at most
+TWO_DIGIT_MAX_COST times `_weight_int8pack_mm` on a 1-row product, else float32 activations go through
+`_weight_int8pack_mm` in bfloat16 like the others (faster; the LoRA parity of 1e-3 then does not hold).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import time
 
 import torch
 from torch.nn import functional as F
 
 from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, one_thread, round_up, row_chunks
 
+log = logging.getLogger(__name__)
+
 _IN_MULTIPLE = 16
+# The two-digit path is used where it costs at most this many times `_weight_int8pack_mm` (about 1.4-1.6x
+# with AVX-512 VNNI, 19x without: the bound sits far from both).
+TWO_DIGIT_MAX_COST = 4.0
 _DIGIT_RANGE = 127 * 256  # |256 * high + low| for high in [-127, 127], low in [-128, 127]
 
 
@@ -80,6 +91,45 @@ def int8_two_digit_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     return y.mul_(x_scale).mul_(scale.float())
 
 
+def measure_two_digit_cost(size: int = 1024, repeats: int = 5) -> float:
+    """The two-digit path's time over `_weight_int8pack_mm`'s on a 1-row product with a (size, size) int8
+    weight: the least of `repeats` timed calls each, after one untimed."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, size, generator=g)
+    q = torch.randint(-127, 128, (size, size), generator=g, dtype=torch.int8)
+    s = torch.full((size,), 1e-3, dtype=COMPUTE_DTYPE)
+
+    def least_s(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    two_digit = least_s(lambda: int8_two_digit_mm(x, q, s))
+    packed = least_s(lambda: torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), q, s))
+    return two_digit / max(packed, 1e-9)
+
+
+@functools.cache
+def two_digit_path_chosen() -> bool:
+    """Whether float32 CPU activations take the two-digit path on this machine (measured once per process;
+    see the module docstring)."""
+    if not has_int8_kernel("cpu"):
+        return True  # the alternative is dequantizing per call
+    cost = measure_two_digit_cost()
+    chosen = cost <= TWO_DIGIT_MAX_COST
+    log.info(
+        "int8 on this CPU: the two-digit float32 path costs %.1fx _weight_int8pack_mm; float32 activations go "
+        "through %s",
+        cost,
+        "the two-digit path" if chosen else "_weight_int8pack_mm in bfloat16",
+    )
+    return chosen
+
+
 class Int8Linear(QuantLinear):
     format = "int8"
     bits = 8
@@ -90,22 +140,22 @@ class Int8Linear(QuantLinear):
         self.register_buffer("qweight", torch.empty(0, dtype=torch.int8, device=device))  # (N, K_pad)
         self.register_buffer("scale", torch.empty(0, dtype=COMPUTE_DTYPE, device=device))  # (N,)
 
-    def load_weight(self, weight: torch.Tensor) -> None:
-        n, k = self.out_features, self.in_features
-        if tuple(weight.shape) != (n, k):
-            raise ValueError(f"weight has shape {list(weight.shape)}, expected {[n, k]}")
-        qweight = torch.zeros(n, self.padded_in_features, dtype=torch.int8, device=self.device)
-        scale = torch.empty(n, dtype=COMPUTE_DTYPE, device=self.device)
+    def load_rows(self, start: int, rows: torch.Tensor) -> None:
+        end = self._check_rows(start, rows)
+        if self.qweight.numel() == 0:
+            n = self.out_features
+            self.qweight = torch.zeros(n, self.padded_in_features, dtype=torch.int8, device=self.device)
+            self.scale = torch.zeros(n, dtype=COMPUTE_DTYPE, device=self.device)
+        k = self.in_features
         with one_thread():
-            for start, end in row_chunks(n, k, 1):
-                q, s = quantize_int8(weight[start:end].to(self.device))
-                qweight[start:end, :k], scale[start:end] = q, s
-        self.qweight, self.scale = qweight, scale
+            for lo, hi in row_chunks(end - start, k, 1):
+                q, s = quantize_int8(rows[lo:hi].to(self.device))
+                self.qweight[start + lo : start + hi, :k], self.scale[start + lo : start + hi] = q, s
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_in_features != self.in_features:
             x = F.pad(x, (0, self.padded_in_features - self.in_features))  # (T, K_pad)
-        if x.dtype == torch.float32 and x.device.type == "cpu":
+        if x.dtype == torch.float32 and x.device.type == "cpu" and two_digit_path_chosen():
             return int8_two_digit_mm(x, self.qweight, self.scale)
         xc = x.to(COMPUTE_DTYPE)  # (T, K_pad)
         if x.device.type == "cuda":

@@ -14,6 +14,9 @@ requests decoding and measures:
 
     python -m benchmarks.gpu_profile [--steps 30] [--profiled-steps 10]     # CUDA (gpu_check.sh runs it)
     python -m benchmarks.gpu_profile --device cpu --small --steps 3 --profiled-steps 2   # smoke run
+    python -m benchmarks.gpu_profile --device cpu --shape 370m --cases int8:1    # quant_bench's CPU model
+
+`--cases` picks cases as ENGINE:REQUESTS (an `a` suffix: on adapters), comma-separated.
 
 Prints a table per case; writes JSON (default benchmarks/results/gpu_profile.json).
 """
@@ -34,13 +37,24 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import fixtures
-from benchmarks.quant_bench import NUM_ADAPTERS, SMALL, Bench, make_bench
+from benchmarks.quant_bench import LLAMA_370M, NUM_ADAPTERS, SMALL, Bench, make_bench
 from benchmarks.report import format_table
 
 RESULTS_PATH = Path(__file__).parent / "results" / "gpu_profile.json"
 # (engine, requests decoding, with adapters): batch 1 is the latency case, 32 the shared-adapter case.
 CASES = (("bf16", 1, False), ("bf16", 32, True), ("int4", 1, False), ("int8", 1, False))
 TOP = 12
+SHAPES = {"1b": fixtures.LLAMA_1B, "370m": LLAMA_370M, "small": SMALL}
+
+
+def parse_cases(text: str) -> tuple[tuple[str, int, bool], ...]:
+    """'bf16:1,bf16:32a' -> (("bf16", 1, False), ("bf16", 32, True))."""
+    cases = []
+    for item in text.split(","):
+        engine, _, count = item.strip().partition(":")
+        adapters = count.endswith("a")
+        cases.append((engine, int(count.removesuffix("a")), adapters))
+    return tuple(cases)
 
 
 def busy_us(intervals: list[tuple[float, float]]) -> float:
@@ -111,17 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="steady steps timed without the profiler")
     parser.add_argument("--profiled-steps", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="a 2-layer model (a smoke run, not a figure)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="the model (default 1b)")
+    parser.add_argument(
+        "--cases", type=parse_cases, default=CASES, help="ENGINE:REQUESTS[a],... (default: all four)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_PATH)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_profile: no CUDA device; use --device cpu --small for a smoke run", file=sys.stderr)
         return 2
-    shape = SMALL if args.small else fixtures.LLAMA_1B
+    shape = SMALL if args.small else SHAPES[args.shape or "1b"]
     model_dir = fixtures.ensure_model(shape)
     adapter_dirs = fixtures.ensure_adapters(NUM_ADAPTERS, shape, fixtures.AdapterSpec(rank=16))
     benches: dict[str, Bench] = {}
     results = []
-    for name, num, adapters in CASES:
+    for name, num, adapters in args.cases:
         if name not in benches:
             benches[name] = make_bench(name, args.device, model_dir, adapter_dirs)
         case = profile_case(benches[name], num, adapters, args.steps, args.profiled_steps, args.device)

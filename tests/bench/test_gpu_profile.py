@@ -13,6 +13,10 @@ def test_busy_time_counts_overlapping_intervals_once():
     assert gpu_profile.busy_us([(30, 40), (0, 10)]) == 20
 
 
+def test_cases_parse_as_engine_requests_and_adapters():
+    assert gpu_profile.parse_cases("bf16:1, int8:32a") == (("bf16", 1, False), ("int8", 32, True))
+
+
 def test_smoke_run_profiles_every_case(tmp_path):
     out = tmp_path / "profile.json"
     assert (

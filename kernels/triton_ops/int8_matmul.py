@@ -7,9 +7,9 @@ each program loads a (BLOCK_K, BLOCK_N) tile of codes, widens it to the activati
 (exact: |q| <= 127) and accumulates with tensor-core `tl.dot` in float32; the scale is applied once, to
 the accumulated tile. Where the rows are many (prefill), the weight is dequantized once per call and a
 dense matmul runs instead: its compute then dominates, and cuBLAS does that better than these tiles.
-The codes are split along K (`SPLIT_K` programs per output tile, partial sums reduced after the launch
-in a fixed order, so results do not depend on scheduling) when the output tiles alone would leave most
-of the GPU's multiprocessors idle.
+The codes are split along K (`SPLIT_K` programs per output tile, float32 partial sums reduced after the
+launch in a fixed order, so results do not depend on scheduling) when the output tiles alone would leave
+most of the GPU's multiprocessors idle; unsplit, the kernel writes the result in the activation dtype.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _w8_matmul_kernel(
     x_ptr,  # (M, K), rows strided by x_row_stride, unit stride along K
     q_ptr,  # (N, K) int8 contiguous
     scale_ptr,  # (N,)
-    out_ptr,  # (SPLIT_K, M, N) float32 contiguous
+    out_ptr,  # (M, N) in the activation dtype, or (SPLIT_K, M, N) float32 partial sums: contiguous
     M,
     N,
     K,
@@ -70,7 +70,7 @@ def _w8_matmul_kernel(
     scale = tl.load(scale_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     acc = acc * scale[None, :]
     out_ptrs = out_ptr + split * M * N + rows[:, None] * N + cols[None, :]
-    tl.store(out_ptrs, acc, mask=(rows[:, None] < M) & (cols[None, :] < N))
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 # True when TRITON_INTERPRET was set as this module was imported: the kernel runs on the CPU.
@@ -120,7 +120,12 @@ def int8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     split = split_k_for(grid_n * grid_m, k, block_k)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
-    out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    # One part writes the result itself; several write float32 partial sums, added after the launch.
+    out = (
+        torch.empty(m, n, dtype=x.dtype, device=x.device)
+        if split == 1
+        else x.new_empty(split, m, n, dtype=torch.float32)
+    )
     _w8_matmul_kernel[(grid_n, grid_m, split)](
         x,
         qweight,
@@ -137,5 +142,4 @@ def int8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
         BLOCK_K=block_k,
         num_warps=num_warps,
     )
-    y = out[0] if split == 1 else out.sum(dim=0)
-    return y.to(x.dtype)
+    return out if split == 1 else out.sum(dim=0).to(x.dtype)

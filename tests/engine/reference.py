@@ -32,3 +32,20 @@ def reference_greedy(model, prompt: list[int], max_tokens: int = 16) -> tuple[li
         logprobs.append(float(logp[token]))
         ids.append(token)
     return tokens, logprobs
+
+
+def write_peft_adapter(model_dir: Path, out: Path, seed: int, **lora_config) -> Path:
+    """A LoRA adapter written by PEFT's `save_pretrained` for the model at `model_dir`, with random A and
+    B (B ~ N(0, 0.5), so the adapter changes the greedy tokens); `lora_config` goes to `LoraConfig`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora_config))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out

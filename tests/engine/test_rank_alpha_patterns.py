@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from data_plane.engine.request import AdapterRef
 from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
@@ -16,7 +15,7 @@ from openlora.artifact import digest_dir
 from openlora.base_model import BaseModelSpec
 
 from .conftest import ALL_SEVEN, greedy, make_engine, run_to_completion
-from .reference import load_reference, reference_greedy
+from .reference import load_reference, reference_greedy, write_peft_adapter
 
 # PEFT reads each key as the end of a module's name: every q_proj; one layer's down_proj; v_proj's alpha.
 RANK_PATTERN = {"q_proj": 4, "model.layers.1.mlp.down_proj": 16, "layers.0.self_attn.k_proj": 2}
@@ -24,27 +23,17 @@ ALPHA_PATTERN = {"v_proj": 64, "layers.0.self_attn.o_proj": 3}
 
 
 def _write_patterned(model_dir: Path, out: Path, use_rslora: bool, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(
+    return write_peft_adapter(
+        model_dir,
+        out,
+        seed,
         r=8,
         lora_alpha=16,
         target_modules=ALL_SEVEN,
         rank_pattern=RANK_PATTERN,
         alpha_pattern=ALPHA_PATTERN,
         use_rslora=use_rslora,
-        init_lora_weights=False,
     )
-    peft_model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    peft_model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module", params=["tiny_llama", "tiny_qwen2"])

@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from data_plane.engine.request import AdapterRef
 from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
@@ -18,24 +17,11 @@ from openlora.artifact import digest_dir
 from openlora.base_model import BaseModelSpec
 
 from .conftest import ALL_SEVEN, greedy, make_engine, run_to_completion
-from .reference import load_reference, reference_greedy
+from .reference import load_reference, reference_greedy, write_peft_adapter
 
 
 def _write(model_dir: Path, out: Path, target_modules, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(
-        base, LoraConfig(r=8, lora_alpha=16, target_modules=target_modules, init_lora_weights=False)
-    )
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    peft_model.save_pretrained(out)
-    return out
+    return write_peft_adapter(model_dir, out, seed, r=8, lora_alpha=16, target_modules=target_modules)
 
 
 @pytest.fixture(scope="module")

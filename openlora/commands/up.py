@@ -173,7 +173,11 @@ def _ensure_demo_model(state_dir: Path) -> Path:
         import shutil
 
         shutil.rmtree(out)
-    print("writing the demo model (once)...", file=sys.stderr, flush=True)
+    print(
+        "writing the demo model (once: it is trained here, 40-80 s on 2 CPU cores)...",
+        file=sys.stderr,
+        flush=True,
+    )
     write_demo_model(out)
     done.write_text("ok\n")
     return out

@@ -378,6 +378,9 @@ def validate_adapter_dir(
     module_ranks: dict[tuple[int, str], int] = {}
     module_scalings: list[tuple[tuple[int, str], float]] = []
     declared = config.get("target_modules")
+    # PEFT's rule (an entry is the module's name or follows a dot in it) as a set lookup per dotted suffix:
+    # linear in the tensors, however many entries the config lists.
+    declared_set = set(declared) if isinstance(declared, list) else None
     undeclared: list[str] = []
     for (layer, module), ab in sorted(pairs.items()):
         where = f"layer {layer} {module}"
@@ -385,7 +388,7 @@ def validate_adapter_dir(
             raise AdapterFormatError(WEIGHTS_FILE, f"{where}: needs both lora_A and lora_B")
         a, b = ab["A"], ab["B"]
         name = peft_module_name(a.name)
-        if isinstance(declared, list) and not any(name == t or name.endswith("." + t) for t in declared):
+        if declared_set is not None and declared_set.isdisjoint(_dotted_suffixes(name)):
             undeclared.append(name)
         from_pattern = rank_pattern.value(name, None)
         module_rank, source = (rank, "r") if from_pattern is None else (from_pattern, "rank_pattern")
@@ -433,6 +436,12 @@ def validate_adapter_dir(
         module_scalings=tuple(module_scalings),
         default_rank=rank,
     )
+
+
+def _dotted_suffixes(name: str) -> list[str]:
+    """`a.b.c` -> [`a.b.c`, `b.c`, `c`]: the target_modules entries that match module `name` in PEFT."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
 
 
 def peft_module_name(tensor_name: str) -> str:

@@ -56,6 +56,10 @@ _MODULE_PARENT = {
     "down_proj": "mlp",
 }
 _CODE_KEYS = ("auto_map", "custom_code", "trust_remote_code")
+# init_lora_weights values whose initialization subtracts the adapter's start from the base weights (PiSSA,
+# CorDA, OLoRA, LoRA-GA) or replaces them with a quantized residual (LoftQ): such an adapter, saved as it is,
+# only fits that changed base. PEFT's conversion on save writes a plain LoRA (and init_lora_weights true).
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "lora_ga", "loftq")
 _UNSUPPORTED_OPTIONS = (
     ("use_dora", "DoRA"),
     ("modules_to_save", "modules_to_save"),
@@ -141,6 +145,14 @@ def parse_adapter_config(data: bytes) -> dict:
         for key, what in _UNSUPPORTED_OPTIONS:
             if config.data.get(key):
                 raise JsonFieldError(config.field(key), f"{what} is not supported")
+        init = config.data.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise JsonFieldError(
+                config.field("init_lora_weights"),
+                f"{describe(init)} adapters are trained on a base model PEFT changed at initialization, not "
+                "the one served here; save the adapter with save_pretrained(..., "
+                "path_initial_model_for_weight_conversion=...) to turn it into a plain LoRA of the original base",
+            )
         rank_pattern = _pattern(config, "rank_pattern", lambda v: is_int(v) and 1 <= v <= MAX_CONFIG_RANK)
         alpha_pattern = _pattern(
             config,

@@ -1,7 +1,8 @@
 """Adapters whose `target_modules` PEFT saved as module-name suffixes or full names (as
 `target_modules="all-linear"` is saved) are accepted and match transformers + PEFT; entries that name no
-supported projection, tensors the entries do not match, and PEFT options that change the model beyond
-LoRA on the seven projections are refused, naming the field."""
+supported projection, tensors the entries do not match, PEFT options that change the model beyond LoRA on
+the seven projections, and adapters trained on a base PEFT changed (PiSSA and kin, unless PEFT converted
+them to a plain LoRA) are refused, naming the field."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_plane.engine.request import AdapterRef
 from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
@@ -91,3 +93,45 @@ def test_configs_that_do_not_describe_the_tensors_are_refused(spelled, tmp_path,
     with pytest.raises(AdapterFormatError) as e:
         validate_adapter_dir(adapter, _spec(model))
     assert e.value.field == f"adapter_config.json.{field}" and words in e.value.reason
+
+
+def _pissa(model_dir: Path, root: Path, convert: bool) -> Path:
+    """A PiSSA adapter (PEFT moves the weights' principal components into A and B and subtracts them from
+    the base), trained one step so it differs from its start; saved as it is, or converted to a plain LoRA
+    of the original base by PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(21)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    peft_model = get_peft_model(base, config)
+    initial = root / "initial"
+    if convert:
+        peft_model.save_pretrained(initial)  # PEFT converts against the adapter as it was initialized
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    out = root / ("converted" if convert else "as_is")
+    if convert:
+        peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=initial)
+    else:
+        peft_model.save_pretrained(out)
+    return out
+
+
+def test_adapters_trained_on_a_base_peft_changed_are_refused_unless_converted(tiny_llama, tmp_path):
+    spec = _spec(tiny_llama)
+    with pytest.raises(AdapterFormatError) as e:
+        validate_adapter_dir(_pissa(tiny_llama.model_dir, tmp_path / "a", convert=False), spec)
+    assert e.value.field == "adapter_config.json.init_lora_weights" and "path_initial_model" in e.value.reason
+    converted = _pissa(tiny_llama.model_dir, tmp_path / "b", convert=True)
+    assert validate_adapter_dir(converted, spec).rank == 8  # PEFT's conversion doubles the rank
+    prompt = [4, 19, 7, 33, 2]
+    engine = make_engine(tiny_llama)
+    engine.add_request(greedy("pissa", prompt, [AdapterRef(key=digest_dir(converted), path=converted)]))
+    got_tokens, got_logprobs = run_to_completion(engine)["pissa"]
+    want_tokens, want_logprobs = reference_greedy(load_reference(tiny_llama.model_dir, [converted]), prompt)
+    assert got_tokens == want_tokens
+    assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3)

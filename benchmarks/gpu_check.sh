@@ -18,6 +18,9 @@
 # GPU_CHECK_STEPS picks steps by key (comma-separated; default all): kernels, quant, slots, attention,
 # kernel-bench, quant-bench, profile, e2e. GPU_CHECK_TESTS narrows the kernel tests (default tests/kernels).
 # Test steps run on 8 pytest-xdist workers where xdist is installed (Triton's compiles are CPU-bound).
+# Measured on one H200 (2026-11-30, benchmarks/RESULTS.md): kernels 69 s, quant 23-31 s, slots 31 s,
+# attention 8 s, kernel-bench 42 s, quant-bench 79-91 s, profile 59 s; e2e did not finish in 270 s. So all
+# steps with e2e need about 13 minutes: split them with GPU_CHECK_STEPS where one command may run 10.
 # Extra arguments go to kernel_bench (for example --dtype float16). Exit status: the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."

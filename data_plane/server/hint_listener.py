@@ -30,7 +30,8 @@ async def listen_for_hints(
     `on_error` counts a hint whose handling raised (logged, then the next hint)."""
     import redis.asyncio as redis
 
-    client = redis.from_url(redis_url)
+    # Every Redis operation is bounded (a read blocks for BLOCK_MS at most, so its timeout is well past that).
+    client = redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=BLOCK_MS / 1000 + 4.0)
     # Never "$" across reads: after a reconnect "$" would skip what was published while it was away.
     # None until the first contact, which reads on from the stream's newest entry.
     last_id: str | None = None

@@ -47,6 +47,7 @@ INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"
 ENGINE_WATCH_INTERVAL_S = 1.0
 REGISTER_RETRY_MAX_S = 5.0
 ENGINE_DEAD_EXIT_CODE = 3  # the engine loop died: restart the process
+TASK_STOP_TIMEOUT_S = 5.0  # how long stop() waits for its cancelled background tasks
 
 
 def build_engine(config: WorkerConfig):
@@ -117,7 +118,15 @@ class RunningWorker:
         tasks = [*self._tasks, *self._hint_tasks]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: a background task that swallows its cancellation (a client library inside a blocking read)
+        # must not keep the worker from stopping; it is logged and left behind.
+        _, stuck = await asyncio.wait(tasks, timeout=TASK_STOP_TIMEOUT_S) if tasks else ((), ())
+        for task in stuck:
+            log.warning(
+                "background task %s did not stop within %.0f s; stopping without it",
+                task.get_name(),
+                TASK_STOP_TIMEOUT_S,
+            )
         await self.usage.stop()
         await self.engine.stop()
         await self.control_plane.close()

@@ -58,3 +58,41 @@ def test_stop_drains_in_flight_stream_and_refuses_new_calls(system, spare_worker
     assert outcome["tokens"] == 500
     if refused is not None:
         assert "draining" in refused.value.details or "connect" in refused.value.details.lower()
+
+
+def test_stop_finishes_when_a_background_task_swallows_its_cancellation(system, spare_worker, monkeypatch):
+    # A client library can swallow the cancellation that lands inside its blocking read; the worker must
+    # stop anyway (bounded), leaving that task behind.
+    import asyncio
+
+    from data_plane.server import main
+
+    monkeypatch.setattr(main, "TASK_STOP_TIMEOUT_S", 0.5)
+    swallowed = []
+    hold = True
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if not hold:
+                    raise
+                swallowed.append(1)
+
+    async def add_stubborn() -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(stubborn(), name="stubborn")
+        spare_worker._tasks.append(task)
+        await asyncio.sleep(0)
+        return task
+
+    async def release(task: asyncio.Task) -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    task = system.loop.run(add_stubborn())
+    system.loop.run(spare_worker.stop(1.0), 30)  # TimeoutError here if stop waited on the task
+    assert swallowed and not task.done()
+    hold = False
+    system.loop.run(release(task), 10)
+    assert task.cancelled()

@@ -20,8 +20,9 @@ def tiny_qwen2_q(tmp_path_factory) -> TinyModel:
 
 @pytest.fixture
 def int8_fp32_path(monkeypatch):
-    """`choose(two_digit)`: sets which path int8 takes for float32 CPU activations in this test, whatever
-    this machine's measurement chose (the two-digit path, or `_weight_int8pack_mm` in bfloat16)."""
+    """`choose(two_digit)`: sets which path int8 layers loaded after it take for float32 CPU activations in
+    this test, whatever this machine's measurement chose (the two-digit path, or `_weight_int8pack_mm` in
+    bfloat16)."""
     from data_plane.model.quant import int8
 
     def choose(two_digit: bool) -> None:

@@ -52,10 +52,7 @@ class QuantLinear(nn.Module):
 
     def load_weight(self, weight: torch.Tensor) -> None:
         """Quantizes `weight` (out, in), any float dtype, on any device, a few rows at a time."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"weight has shape {list(weight.shape)}, expected {[self.out_features, self.in_features]}"
-            )
+        _check_weight_shape(weight, self.out_features, self.in_features)
         self.load_rows(0, weight)
 
     def load_rows(self, start: int, rows: torch.Tensor) -> None:
@@ -101,6 +98,11 @@ class QuantLinear(nn.Module):
         return f"{self.format}, in_features={self.in_features}, out_features={self.out_features}"
 
 
+def _check_weight_shape(weight: torch.Tensor, out_features: int, in_features: int) -> None:
+    if tuple(weight.shape) != (out_features, in_features):
+        raise ValueError(f"weight has shape {list(weight.shape)}, expected {[out_features, in_features]}")
+
+
 class RowSlice:
     """Output rows start:start + out_features of a QuantLinear that holds a fused projection: the handle
     one checkpoint tensor (q_proj of a fused q|k|v, say) is loaded through and read back from."""
@@ -118,10 +120,7 @@ class RowSlice:
         return self.linear.use_reference
 
     def load_weight(self, weight: torch.Tensor) -> None:
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"weight has shape {list(weight.shape)}, expected {[self.out_features, self.in_features]}"
-            )
+        _check_weight_shape(weight, self.out_features, self.in_features)
         self.linear.load_rows(self.start, weight)
 
     def dequantize(self) -> torch.Tensor:

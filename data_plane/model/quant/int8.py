@@ -139,6 +139,9 @@ class Int8Linear(QuantLinear):
         self.padded_in_features = round_up(in_features, _IN_MULTIPLE)
         self.register_buffer("qweight", torch.empty(0, dtype=torch.int8, device=device))  # (N, K_pad)
         self.register_buffer("scale", torch.empty(0, dtype=COMPUTE_DTYPE, device=device))  # (N,)
+        # float32 CPU activations take the two-digit path: decided as the weight loads (the one-time
+        # measurement runs then, not in a forward), never per call.
+        self.two_digit = False
 
     def load_rows(self, start: int, rows: torch.Tensor) -> None:
         end = self._check_rows(start, rows)
@@ -146,6 +149,7 @@ class Int8Linear(QuantLinear):
             n = self.out_features
             self.qweight = torch.zeros(n, self.padded_in_features, dtype=torch.int8, device=self.device)
             self.scale = torch.zeros(n, dtype=COMPUTE_DTYPE, device=self.device)
+            self.two_digit = self.device.type == "cpu" and two_digit_path_chosen()
         k = self.in_features
         with one_thread():
             for lo, hi in row_chunks(end - start, k, 1):
@@ -155,7 +159,7 @@ class Int8Linear(QuantLinear):
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_in_features != self.in_features:
             x = F.pad(x, (0, self.padded_in_features - self.in_features))  # (T, K_pad)
-        if x.dtype == torch.float32 and x.device.type == "cpu" and two_digit_path_chosen():
+        if x.dtype == torch.float32 and self.two_digit:
             return int8_two_digit_mm(x, self.qweight, self.scale)
         xc = x.to(COMPUTE_DTYPE)  # (T, K_pad)
         if x.device.type == "cuda":

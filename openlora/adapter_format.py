@@ -60,13 +60,40 @@ _CODE_KEYS = ("auto_map", "custom_code", "trust_remote_code")
 # CorDA, OLoRA, LoRA-GA) or replaces them with a quantized residual (LoftQ): such an adapter, saved as it is,
 # only fits that changed base. PEFT's conversion on save writes a plain LoRA (and init_lora_weights true).
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "lora_ga", "loftq")
+# LoraConfig options (PEFT 0.21) that change what the adapter computes beyond B @ A on the seven projections:
+# refused whenever set, naming the option, since applying the plain LoRA would serve a different model.
 _UNSUPPORTED_OPTIONS = (
     ("use_dora", "DoRA"),
     ("modules_to_save", "modules_to_save"),
     ("lora_bias", "lora_bias (a bias on lora_B)"),
     ("trainable_token_indices", "trainable_token_indices (trained embedding rows)"),
     ("layer_replication", "layer_replication"),
+    (
+        "alora_invocation_tokens",
+        "aLoRA (activated LoRA: the adapter applies only after its invocation tokens)",
+    ),
+    ("target_parameters", "target_parameters (LoRA on parameters rather than on modules)"),
+    ("use_bdlora", "BD-LoRA (block-diagonal LoRA)"),
+    ("velora_config", "VeLoRA"),
+    ("monteclora_config", "MonteCLoRA"),
+    ("kasa_config", "KaSA"),
+    ("arrow_config", "Arrow routing"),
+    ("megatron_config", "Megatron-sharded LoRA layers"),
 )
+# Options this server reads or checks itself, and options that cannot change a plain LoRA's output at
+# inference (initialization settings, dropout, bookkeeping). Any other key is refused unless it is empty
+# (null, false, {} or []): a key from a newer PEFT may be a variant this server would serve silently wrong.
+_KNOWN_OPTIONS = frozenset(
+    {
+        "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
+        "layers_pattern", "rank_pattern", "alpha_pattern", "bias", "init_lora_weights", "peft_type",
+        "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+        "lora_dropout", "fan_in_fan_out", "megatron_core", "loftq_config", "eva_config", "corda_config",
+        "lora_ga_config", "use_qalora", "qalora_group_size", "runtime_config", "ensure_weight_tying",
+    }
+)  # fmt: skip
+# PEFT's LoraConfig default for a config that does not say (its save_pretrained always writes the key).
+PEFT_DEFAULT_ALPHA = 8.0
 _FINITE_CHUNK_ELEMENTS = 1 << 22
 # Files PEFT's save_pretrained writes beside the adapter that carry no weights; never read or uploaded.
 IGNORED_FILES = ("README.md",)
@@ -138,13 +165,22 @@ def parse_adapter_config(data: bytes) -> dict:
         if peft_type.upper() != "LORA":
             raise JsonFieldError(config.field("peft_type"), f"{describe(peft_type)} is not LORA")
         rank = config.get_int("r", lo=1, hi=MAX_CONFIG_RANK)
-        alpha = config.get_number("lora_alpha", float(rank), positive=True)
+        alpha = config.get_number("lora_alpha", PEFT_DEFAULT_ALPHA, positive=True)
         use_rslora = config.get_bool("use_rslora", False)
         # PEFT options that change the model beyond LoRA on the seven projections: weights this server does
-        # not apply (a bias on lora_B, trained embedding rows, whole modules) or layers it does not have.
+        # not apply (a bias on lora_B, trained embedding rows, whole modules), layers it does not have, or
+        # LoRA variants that compute something else.
         for key, what in _UNSUPPORTED_OPTIONS:
             if config.data.get(key):
                 raise JsonFieldError(config.field(key), f"{what} is not supported")
+        unsupported = {key for key, _ in _UNSUPPORTED_OPTIONS}
+        for key, value in config.data.items():
+            if key not in _KNOWN_OPTIONS and key not in unsupported and value not in (None, False, {}, []):
+                raise JsonFieldError(
+                    config.field(key),
+                    f"unknown option set to {describe(value)}: it may be a LoRA variant this server does not "
+                    "apply (options it knows are those of PEFT's LoraConfig up to 0.21)",
+                )
         init = config.data.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
             raise JsonFieldError(

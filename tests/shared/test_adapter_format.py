@@ -3,6 +3,7 @@ digest is a stable content address."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -192,6 +193,54 @@ def test_dora_is_refused(adapter: Path, spec: BaseModelSpec) -> None:
     _rewrite_config(adapter, lambda c: c.update(use_dora=True))
     with pytest.raises(AdapterFormatError, match="DoRA"):
         validate_adapter_dir(adapter, spec)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("alora_invocation_tokens", [7, 8], "aLoRA"),
+        ("target_parameters", ["mlp.up_proj.weight"], "target_parameters"),
+        ("use_bdlora", {"lora_a_nblocks": 2}, "BD-LoRA"),
+        ("velora_config", {"rank": 4}, "VeLoRA"),
+        ("arrow_config", {"top_k": 2}, "Arrow"),
+        ("megatron_config", {"tensor_model_parallel_size": 2}, "Megatron"),
+        ("lora_variant_from_the_future", "gated", "unknown option"),
+    ],
+)
+def test_lora_variants_are_refused_by_their_option(
+    adapter: Path, spec: BaseModelSpec, key: str, value: object, named: str
+) -> None:
+    """A PEFT option that makes the adapter compute something other than B @ A on the projections (or one
+    this server does not know) is refused by name at validation, not served as a plain LoRA."""
+    _rewrite_config(adapter, lambda c: c.update({key: value}))
+    with pytest.raises(AdapterFormatError, match=named) as refused:
+        validate_adapter_dir(adapter, spec)
+    assert refused.value.field.endswith(key)
+
+
+def test_options_left_at_peft_defaults_are_accepted(adapter: Path, spec: BaseModelSpec) -> None:
+    """Every LoraConfig field PEFT writes, at its default, passes: the refusal above is by value."""
+    fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
+    defaults = {
+        name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for name, f in fields.items()
+        if name != "runtime_config" and (f.default is not dataclasses.MISSING or f.default_factory)
+    }
+    keep = ("r", "lora_alpha", "target_modules", "peft_type")
+    _rewrite_config(adapter, lambda c: c.update({k: v for k, v in defaults.items() if k not in keep}))
+    assert validate_adapter_dir(adapter, spec).rank == 8
+
+
+def test_missing_lora_alpha_takes_peft_default(
+    tmp_path: Path, llama_config: LlamaConfig, spec: BaseModelSpec
+) -> None:
+    """PEFT's LoraConfig defaults lora_alpha to 8 (not to r): a rank-16 config without it scales by 8 / 16."""
+    model = get_peft_model(LlamaForCausalLM(llama_config), LoraConfig(r=16, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    _rewrite_config(tmp_path, lambda c: c.pop("lora_alpha"))
+    info = validate_adapter_dir(tmp_path, spec)
+    assert info.alpha == LoraConfig().lora_alpha == 8
+    assert info.scaling == pytest.approx(8 / 16)
 
 
 def test_digest_depends_on_content_not_on_location(adapter: Path, peft_dir: Path) -> None:

@@ -1,4 +1,10 @@
-"""BlockManager: fixed-size KV blocks, a free list, and each sequence's block table."""
+"""BlockManager: fixed-size KV blocks, a free list, and each sequence's block table.
+
+Freed blocks are also queued for clearing (`take_freed`): the model runner zeroes them before the next
+forward pass, so a block a sequence receives holds zeros beyond what it writes. The CPU decode attention
+reads the unwritten tail of a sequence's last block under a mask, and a masked NaN or infinity (left by a
+request whose adapter or mix overflowed) would still poison the softmax of whoever got the block next.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
+        self._freed: list[int] = []  # freed since the last take_freed(), to be zeroed
 
     @property
     def num_free_blocks(self) -> int:
@@ -38,4 +45,10 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         self._free.extend(seq.block_ids)
+        self._freed.extend(seq.block_ids)
         seq.block_ids = []
+
+    def take_freed(self) -> list[int]:
+        """The blocks freed since the last call (each once), for the runner to zero."""
+        freed, self._freed = self._freed, []
+        return freed

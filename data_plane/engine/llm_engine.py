@@ -266,6 +266,7 @@ class LLMEngine:
                 if state.scheduled_at is None:
                     state.scheduled_at = now
                 slots.append(-1 if seq.adapter_key is None else self.adapter_cache.slot_of(seq.adapter_key))
+            self.runner.clear_blocks(self.scheduler.blocks.take_freed())
             sample_ids, logits = self.runner.run(batch.seqs, batch.num_tokens, slots)
             for seq, num_tokens in zip(batch.seqs, batch.num_tokens, strict=True):
                 seq.num_computed_tokens += num_tokens

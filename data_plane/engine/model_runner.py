@@ -97,7 +97,11 @@ class ModelRunner:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
-        shape = (num_kv_blocks, block_size, spec.num_key_value_heads, spec.head_dim)
+        # One block more than the scheduler hands out: `pad_block`, never written, always zero, fills the
+        # decode block tables past a sequence's own blocks (a live block there could hold another request's
+        # NaN or infinite K/V, which a masked score does not cancel).
+        self.pad_block = num_kv_blocks
+        shape = (num_kv_blocks + 1, block_size, spec.num_key_value_heads, spec.head_dim)
         for layer in model.model.layers:
             layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -156,6 +160,15 @@ class ModelRunner:
         stream.synchronize()  # the staging and host buffers are not used past this point
 
     @torch.inference_mode()
+    def clear_blocks(self, block_ids: list[int]) -> None:
+        """Zeroes the K and V of these blocks in every layer (blocks freed since the last step)."""
+        if not block_ids:
+            return
+        index = torch.tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        for layer in self.model.model.layers:
+            layer.self_attn.k_cache.index_fill_(0, index, 0)
+            layer.self_attn.v_cache.index_fill_(0, index, 0)
+
     def run(
         self, seqs: list[Sequence], num_tokens: list[int], slots: list[int]
     ) -> tuple[list[int], torch.Tensor]:
@@ -205,7 +218,8 @@ class ModelRunner:
         # Every integer list of the step goes through one preallocated host buffer per dtype and one copy
         # to the device; the tensors below are slices of it.
         max_blocks = max((len(t) for t in decode_tables), default=0)
-        flat_tables = [b for t in decode_tables for b in itertools.chain(t, [0] * (max_blocks - len(t)))]
+        pad = [self.pad_block]
+        flat_tables = [b for t in decode_tables for b in itertools.chain(t, pad * (max_blocks - len(t)))]
         ids, positions_t, kv_slots_t, decode_rows_t, tables_t, lens_t, rows_t, *block_ids = self._int64.pack(
             [input_ids, positions, kv_slot_ids, decode_rows, flat_tables, decode_lens, sample_rows]
             + [blocks for _, _, _, blocks in prefill_parts]

@@ -6,9 +6,9 @@ tokens when it keeps up, several when it lags (the first token always alone).
 
 The gRPC servicer and the OpenAI-compatible HTTP app both call `GenerationService.generate` and only
 convert: the same keys, scopes, limits, idempotency and billing hold for both. A chunk is counted as
-delivered (billed, metered) only when the caller asks for the next one, i.e. once the transport has
-taken it; so a caller must iterate to the end (the last chunk carries `finish`), or close the iterator
-to cancel.
+delivered (billed, metered) as it is handed to the caller, the transport: a cancellation can land while the
+transport writes it, and what reached the client then cannot be told, so it is billed rather than given
+away. A caller must iterate to the end (the last chunk carries `finish`), or close the iterator to cancel.
 """
 
 from __future__ import annotations
@@ -388,6 +388,10 @@ class GenerationService:
                     _raise_if_failed(await _settled(gate))
                     gate = None
                 finish = self._finish(out, progress, tier, fetch_ms) if out.finished else None
+                # Counted as it is handed to the transport, before the yield: a cancellation that lands
+                # while the servicer writes it (the caller may already have it) closes this generator at
+                # the yield, and a count after it would never run, leaving a delivered answer unbilled.
+                self._count_streamed(progress, out, arrival)
                 yield Chunk(
                     request_id=request_id,
                     text=out.new_text,
@@ -395,8 +399,6 @@ class GenerationService:
                     logprobs=list(out.new_logprobs or []) if valid.logprobs else [],
                     finish=finish,
                 )
-                # Counted only once the transport took the chunk: that is what the caller received.
-                self._count_streamed(progress, out, arrival)
                 if out.finished:
                     progress.finish_reason = out.finish_reason or "stop"
                     break
@@ -570,7 +572,7 @@ class GenerationService:
         return finish
 
     def _count_streamed(self, progress: _Progress, out, arrival: float) -> None:
-        """Counts one message the transport took: its tokens as delivered, and one latency sample. A
+        """Counts one message handed to the transport: its tokens as delivered, and one latency sample. A
         message may hold several tokens (a consumer that lagged gets them merged), so `inter_token_s`
         is observed once per message, with the message's gap divided by its tokens: a sample per message
         (not per token) of the mean time between tokens."""

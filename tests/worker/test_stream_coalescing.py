@@ -113,8 +113,8 @@ def test_cancel_after_a_coalesced_chunk_bills_exactly_the_tokens_delivered(syste
     coalesced = asyncio.Event()
 
     async def consume():
-        # Like the servicer: a chunk counts as delivered once the next is asked for; nothing is awaited
-        # between taking a chunk and asking for the next, so a cancel always lands after the count.
+        # Nothing is awaited between taking a chunk and asking for the next here: the cancel lands while
+        # the generator waits for the engine, after every chunk taken was counted.
         async with contextlib.aclosing(
             _generate(
                 service,
@@ -152,6 +152,47 @@ def test_cancel_after_a_coalesced_chunk_bills_exactly_the_tokens_delivered(syste
     system.flush_usage()
     usage = system.wait_usage(tenant, 1)
     assert usage.total_requests == 1 and usage.total_completion_tokens == delivered
+
+
+@pytest.mark.parametrize(("max_tokens", "taken"), [(1, 1), (400, 3)])
+def test_a_cancel_while_the_transport_writes_a_chunk_bills_that_chunk(system, service, max_tokens, taken):
+    """The servicer awaits the transport's write of each chunk it took; a cancellation landing there may
+    come after the caller got the chunk. It is billed (a 1-token answer with its prompt, too): counted
+    only when the next was asked for, such chunks went unbilled."""
+    tenant, _, key = system.new_tenant()
+    received = []
+    writing = asyncio.Event()
+
+    async def consume():
+        async with contextlib.aclosing(
+            _generate(
+                service,
+                key,
+                prompt=PROMPT,
+                request_id=f"cancel-in-write-{uuid.uuid4().hex}",
+                sampling=inference_pb2.SamplingParams(max_tokens=max_tokens),
+            )
+        ) as chunks:
+            async for chunk in chunks:
+                received.append(chunk)
+                if len(received) == taken:
+                    writing.set()
+                    await asyncio.sleep(3600)  # the write the cancellation interrupts
+
+    async def cancel_during_the_write():
+        task = asyncio.get_running_loop().create_task(consume())
+        await writing.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    system.loop.run(cancel_during_the_write())
+    delivered = sum(len(c.token_ids) for c in received)
+    assert len(received) == taken and delivered >= taken
+    system.flush_usage()
+    usage = system.wait_usage(tenant, 1)
+    assert (usage.total_requests, usage.total_completion_tokens) == (1, delivered)
+    assert usage.total_prompt_tokens > 0
 
 
 def test_refused_request_id_leaves_no_artifact_held_and_a_failed_prompt_gives_its_id_back(system, service):

@@ -70,6 +70,15 @@ def test_paging_with_limit_and_after_walks_every_model_exactly_once(http_worker,
     assert walked[0] == BASE and {"a-own", "a-mix", "b-open"} <= set(walked)
 
 
+@pytest.mark.parametrize("limit", ["\u00b2", "\u0661", "-1", "0", "1e3", ""])
+def test_a_limit_that_is_not_ascii_digits_in_range_is_a_400_naming_it(http_worker, tenants, limit):
+    (_, _, a_key), _ = tenants
+    client = _client(http_worker, a_key)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.models.list(extra_query={"limit": limit})
+    assert refused.value.body["param"] == "limit"
+
+
 def test_a_revoked_key_gets_authentication_error(system, http_worker):
     _, key_id, key = system.new_tenant()
     client = _client(http_worker, key)

@@ -52,6 +52,25 @@ def test_completion_logprobs_above_zero_are_refused():
     assert parse_completion(_completion(logprobs=0)).logprobs
 
 
+@pytest.mark.parametrize(
+    ("parse", "body", "field"),
+    [
+        (parse_completion, _completion(logprobs="1"), "logprobs"),
+        (parse_completion, _completion(logprobs=-1), "logprobs"),
+        (parse_completion, _completion(logprobs=True), "logprobs"),
+        (parse_chat, _chat(logprobs=1), "logprobs"),
+        (parse_chat, _chat(top_logprobs="x"), "top_logprobs"),
+        (parse_chat, _chat(max_completion_tokens="5"), "max_completion_tokens"),
+    ],
+)
+def test_a_mistyped_field_read_outside_the_common_fields_is_refused_by_name(parse, body, field):
+    """logprobs, top_logprobs and max_completion_tokens are read by each parser itself: a wrong type there
+    escaped as a 500 before, it is a BodyError naming the field."""
+    with pytest.raises(BodyError) as refused:
+        parse(body)
+    assert refused.value.param == field
+
+
 def test_fields_reach_the_generate_request_and_its_checks_speak_the_body_names():
     body = parse_chat(
         _chat(max_completion_tokens=7, temperature=0.5, top_p=0.9, seed=3, stop="x", logprobs=True)

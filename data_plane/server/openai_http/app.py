@@ -108,7 +108,7 @@ def build_app(api: OpenAIApi) -> Starlette:
             Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
             Route("/metrics", _metrics, methods=["GET"]),
         ],
-        exception_handlers={404: _not_found, 405: _not_allowed},
+        exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal_error},
     )
     app.state.api = api
     return app
@@ -228,6 +228,12 @@ async def _not_found(request: Request, exc) -> JSONResponse:
     return HttpError(404, f"no route {request.url.path}", None, "not_found").response()
 
 
+async def _internal_error(request: Request, exc) -> JSONResponse:
+    """An exception no route handled: OpenAI's error body with 500 (Starlette's server-error middleware
+    still logs the traceback), never a plain-text page."""
+    return HttpError(500, "internal error", None, "internal").response()
+
+
 async def _not_allowed(request: Request, exc) -> JSONResponse:
     return HttpError(
         405, f"{request.method} is not allowed on {request.url.path}", None, "not_allowed"
@@ -274,6 +280,6 @@ def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> i
     text = request.query_params.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not lo <= int(text) <= hi:
+    if not (text.isascii() and text.isdigit()) or not lo <= int(text) <= hi:  # int() takes "²" and "١"
         raise BodyError(name, f"must be an integer in [{lo}, {hi}]")
     return int(text)

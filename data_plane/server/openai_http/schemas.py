@@ -9,6 +9,8 @@ generate path serve both; `openai_field_error` renames its fields to the body's 
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 from data_plane.server.validation import MAX_MIX_ADAPTERS, RequestFieldError
@@ -85,6 +87,21 @@ class Body:
         return tuple(dict.fromkeys(name for name, _ in self.mix if name))
 
 
+def _fields_named(parse):
+    """Every field error of a parser as a BodyError naming the field (a JsonFieldError raised by a typed
+    getter outside `_body` escaped as a 500 before)."""
+
+    @functools.wraps(parse)
+    def wrapper(data: bytes) -> Body:
+        try:
+            return parse(data)
+        except JsonFieldError as error:
+            raise BodyError(error.field, error.reason) from None
+
+    return wrapper
+
+
+@_fields_named
 def parse_completion(data: bytes) -> Body:
     """POST /v1/completions."""
     obj = _load(data, _COMPLETION_FIELDS)
@@ -95,6 +112,7 @@ def parse_completion(data: bytes) -> Body:
     return _body(obj, prompt=prompt, prompt_ids=prompt_ids, messages=(), logprobs=logprobs is not None)
 
 
+@_fields_named
 def parse_chat(data: bytes) -> Body:
     """POST /v1/chat/completions."""
     obj = _load(data, _CHAT_FIELDS)

@@ -10,7 +10,6 @@ generate path serve both; `openai_field_error` renames its fields to the body's 
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 from data_plane.server.validation import MAX_MIX_ADAPTERS, RequestFieldError

@@ -14,6 +14,11 @@ last day while the budget holds them all (a prefetch never pushes one out). Serv
 `hold` (a request's stream); artifacts found on disk at start count as served when last modified. An
 artifact in use is never removed; the budget may be exceeded while everything is in use.
 
+An artifact found on disk at start is checked against its sha256 (and the validator) at its first use,
+before it is served: files changed while the worker was down (a flipped byte, a truncated write, an
+edit) are removed and fetched afresh instead of being served silently wrong. Concurrent first uses share
+one check.
+
 `discard` (deleted or replaced upstream) never pulls files from under a holder: a held artifact is marked
 stale and removed when the last hold is released (a request's adapter load reads the files its stream
 holds; an unheld prefetch that loses its files fails alone, and the engine drops it). A stale artifact
@@ -121,9 +126,13 @@ class ArtifactStore:
         self._served_at: dict[str, float] = {}
         self._sizes: dict[str, int] = {}  # sha256 -> bytes on disk
         self._stale: set[str] = set()  # discarded while in use: never served, removed once unused
+        # Found on disk at start and not checked yet (the first ensure checks it; one check per sha256).
+        self._unchecked: set[str] = set()
+        self._checks: dict[str, asyncio.Task[bool]] = {}
         self._remove_partials()
         for entry in self.root.iterdir():
             if _SHA256.match(entry.name) and entry.is_dir():
+                self._unchecked.add(entry.name)
                 self._sizes[entry.name] = _dir_bytes(entry)
                 modified_at = entry.stat().st_mtime - time.time() + self._clock()
                 self._used_at[entry.name] = self._served_at[entry.name] = modified_at
@@ -155,7 +164,7 @@ class ArtifactStore:
             self._holds[sha256] += 1
             self._served_at[sha256] = self._used_at[sha256]
         try:
-            if path.is_dir() and sha256 not in self._stale:
+            if path.is_dir() and sha256 not in self._stale and await self._checked(sha256):
                 return LocalArtifact(sha256, path, "disk")
             task = self._downloads.get(sha256)
             if task is None:
@@ -168,6 +177,33 @@ class ArtifactStore:
             if hold:
                 self.release((sha256,))
             raise
+
+    async def _checked(self, sha256: str) -> bool:
+        """True when the artifact on disk may be served: checked already, or checked now (found at start).
+        A copy that fails its check is removed (False: the caller fetches it)."""
+        if sha256 not in self._unchecked:
+            return True
+        task = self._checks.get(sha256)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._check_found(sha256))
+            self._checks[sha256] = task
+            task.add_done_callback(lambda _t: self._checks.pop(sha256, None))
+        return await asyncio.shield(task)
+
+    async def _check_found(self, sha256: str) -> bool:
+        path = self.path_of(sha256)
+        try:
+            await asyncio.to_thread(self._verify, sha256, path, False)
+        except (ArtifactError, OSError) as error:
+            reason = error if isinstance(error, ArtifactError) else f"unreadable: {error}"
+            log.warning(
+                "artifact %s on disk failed its check (%s): removed, fetched again", sha256[:12], reason
+            )
+            self._unchecked.discard(sha256)
+            self._remove(sha256)
+            return False
+        self._unchecked.discard(sha256)
+        return True
 
     def release(self, sha256s: Iterable[str]) -> None:
         """Ends one hold of each artifact (taken by `ensure(..., hold=True)`)."""
@@ -289,7 +325,9 @@ class ArtifactStore:
             if name not in sizes or written[name] != sizes[name]:
                 raise ArtifactError(f"artifact {sha256[:12]}: {name} incomplete")
 
-    def _verify(self, sha256: str, tmp: Path) -> None:
+    def _verify(self, sha256: str, tmp: Path, sync: bool = True) -> None:
+        """Checks a directory's content against `sha256` and the PEFT validator; `sync`: fsyncs each file
+        (a download, durable before its rename publishes it)."""
         digest = ArtifactDigest()
         for name in sorted(ARTIFACT_FILES):
             file_path = tmp / name
@@ -297,8 +335,8 @@ class ArtifactStore:
             with open(file_path, "rb") as f:
                 while data := f.read(1 << 20):
                     digest.update(data)
-                # Durable before the rename publishes the directory under its sha256.
-                os.fsync(f.fileno())
+                if sync:
+                    os.fsync(f.fileno())
         actual = digest.hexdigest()
         if actual != sha256:
             raise ArtifactError(f"artifact {sha256[:12]}: content digest {actual[:12]} does not match")

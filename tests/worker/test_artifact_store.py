@@ -171,3 +171,46 @@ def test_partial_directories_of_a_killed_process_are_removed_at_start(tmp_path, 
     (tmp_path / "artifacts" / ".partial-abc").mkdir(parents=True)
     store = _store(tmp_path, Remote([]))
     assert _debris(store) == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
+def test_a_copy_changed_on_disk_while_the_worker_was_down_is_fetched_again(tmp_path, adapter, damage):
+    """An artifact found at start is checked at its first use: a flipped byte (same size, silently wrong
+    weights), a truncated file or a missing one is removed and fetched afresh, never served."""
+    src, sha = adapter
+    remote = Remote(chunks_of(src))
+    asyncio.run(_store(tmp_path, remote).ensure(sha))
+    weights = tmp_path / "artifacts" / sha / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "flip":
+        data[-3] ^= 0x80  # a sign bit of the last value: still a valid safetensors file
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate":
+        weights.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        weights.unlink()
+
+    restarted = _store(tmp_path, remote)
+
+    async def scenario():
+        return await asyncio.gather(*(restarted.ensure(sha) for _ in range(3)))
+
+    results = asyncio.run(scenario())
+    assert {r.tier for r in results} == {"remote"} and remote.calls == 2
+    assert digest_dir(restarted.root / sha) == sha
+
+
+def test_an_intact_copy_found_at_start_is_checked_once_and_served_from_disk(tmp_path, adapter):
+    src, sha = adapter
+    remote = Remote(chunks_of(src))
+    asyncio.run(_store(tmp_path, remote).ensure(sha))
+    restarted = _store(tmp_path, remote)
+    checks = []
+    verify = restarted._verify
+    restarted._verify = lambda *args: (checks.append(args[0]), verify(*args))[1]
+
+    async def scenario():
+        return [await restarted.ensure(sha) for _ in range(3)]
+
+    assert {r.tier for r in asyncio.run(scenario())} == {"disk"}
+    assert remote.calls == 1 and checks == [sha]

@@ -92,6 +92,8 @@ _KNOWN_OPTIONS = frozenset(
         "lora_ga_config", "use_qalora", "qalora_group_size", "runtime_config", "ensure_weight_tying",
     }
 )  # fmt: skip
+# The largest factor an adapter may apply to B @ A (alpha / r, or alpha / sqrt(r)); PEFT's default is 1.
+MAX_LORA_SCALING = 1e4
 # PEFT's LoraConfig default for a config that does not say (its save_pretrained always writes the key).
 PEFT_DEFAULT_ALPHA = 8.0
 _FINITE_CHUNK_ELEMENTS = 1 << 22
@@ -452,8 +454,16 @@ def validate_adapter_dir(
             )
         module_ranks[(layer, module)] = module_rank
         module_alpha = float(alpha_pattern.value(name, alpha))
+        scaling = lora_scaling(module_alpha, module_rank, use_rslora)
+        if scaling > MAX_LORA_SCALING:
+            field = "alpha_pattern" if module_alpha != alpha else "lora_alpha"
+            raise AdapterFormatError(
+                f"{CONFIG_FILE}.{field}",
+                f"{where}: scales B @ A by {scaling:.6g} (alpha {module_alpha:g}, rank {module_rank}), more "
+                f"than {MAX_LORA_SCALING:g}: no trained adapter needs it, and float32 overflows on the way",
+            )
         if module_rank != rank or module_alpha != alpha:
-            module_scalings.append(((layer, module), lora_scaling(module_alpha, module_rank, use_rslora)))
+            module_scalings.append(((layer, module), scaling))
         if spec is not None:
             if layer >= spec.num_layers:
                 raise AdapterFormatError(

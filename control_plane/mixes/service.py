@@ -3,7 +3,6 @@ them), list, delete, resolution for a Generate, and the mixes a source adapter f
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from control_plane.registry import service as registry
 from control_plane.registry.models import STATUS_READY, VISIBILITY_PUBLIC, Adapter
 from control_plane.tenancy.models import Tenant
 from control_plane.text import check_text
+from openlora.mix_rules import weight_problem
 
 MAX_MIX_MEMBERS = 8
 MAX_DESCRIPTION_CHARS = 4096
@@ -97,8 +97,9 @@ def check_spec(spec: MixSpec) -> None:
         if name in seen:
             raise InvalidArgument(f"{name!r} appears twice", field=f"members[{i}].adapter")
         seen.add(name)
-        if not math.isfinite(weight):
-            raise InvalidArgument(f"must be finite, got {weight}", field=f"members[{i}].weight")
+        problem = weight_problem(weight, spec.method)
+        if problem is not None:
+            raise InvalidArgument(problem, field=f"members[{i}].weight")
     if all(weight == 0 for _, weight in spec.members):
         raise InvalidArgument("weights must not all be zero", field="members")
     check_text(spec.description, "description", MAX_DESCRIPTION_CHARS)

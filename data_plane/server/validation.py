@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from openlora.mix_rules import weight_problem
 from openlora.safe_json import describe
 from openlora.v1 import inference_pb2
 
@@ -232,10 +233,9 @@ def _check_mix_members(request: inference_pb2.GenerateRequest, method: str) -> t
             what = describe(member.adapter) if member.adapter else "the base model"
             raise RequestFieldError(f"mix[{i}].adapter", f"{what} appears twice")
         seen.add(member.adapter)
-        if not math.isfinite(member.weight):
-            raise RequestFieldError(f"mix[{i}].weight", f"must be finite, got {member.weight}")
-        if method == "ensemble" and member.weight < 0:
-            raise RequestFieldError(f"mix[{i}].weight", f"must be >= 0 in an ensemble, got {member.weight}")
+        problem = weight_problem(member.weight, method)
+        if problem is not None:
+            raise RequestFieldError(f"mix[{i}].weight", problem)
     if all(member.weight == 0 for member in request.mix):
         raise RequestFieldError("mix", "weights are all zero")
     return tuple((m.adapter, float(m.weight)) for m in request.mix)

@@ -103,6 +103,10 @@ def test_a_mix_naming_another_tenants_private_adapter_is_not_found(cp, adapters_
         ([("a", 1.0), ("a", 2.0)], {}, "members[1].adapter"),
         ([("a", float("nan"))], {}, "members[0].weight"),
         ([("a", float("inf"))], {}, "members[0].weight"),
+        # What Generate refuses, CreateMix refuses: a saved mix no request could use.
+        ([("a", 3e38), ("b", 1.0)], {}, "members[0].weight"),
+        ([("a", 1.0), ("b", -1001.0)], {"method": "ties"}, "members[1].weight"),
+        ([("a", 1.0), ("b", -0.5)], {"method": "ensemble"}, "members[1].weight"),
         ([("a", 0.0), ("b", 0.0)], {}, "members"),
         ([("", 1.0), ("a", 1.0)], {"method": "ties"}, "members[0].adapter"),
         ([("a", 1.0)], {"name": "bad name"}, "name"),

@@ -231,6 +231,23 @@ def test_options_left_at_peft_defaults_are_accepted(adapter: Path, spec: BaseMod
     assert validate_adapter_dir(adapter, spec).rank == 8
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"lora_alpha": 1e308}, "lora_alpha"),  # finite as a JSON number; alpha / r overflows float32
+        ({"lora_alpha": 8 * 1e4 + 8}, "lora_alpha"),
+        ({"alpha_pattern": {"q_proj": 1e9}}, "alpha_pattern"),
+    ],
+)
+def test_a_scaling_past_the_bound_is_refused_at_validation(adapter, spec, change, field) -> None:
+    """An alpha that makes alpha / r overflow float32 passed validation and failed every request with an
+    internal error as the slot loaded; any scaling past MAX_LORA_SCALING is refused up front, by field."""
+    _rewrite_config(adapter, lambda c: c.update(change))
+    with pytest.raises(AdapterFormatError, match="scales B @ A") as refused:
+        validate_adapter_dir(adapter, spec)
+    assert refused.value.field == f"adapter_config.json.{field}"
+
+
 def test_missing_lora_alpha_takes_peft_default(
     tmp_path: Path, llama_config: LlamaConfig, spec: BaseModelSpec
 ) -> None:

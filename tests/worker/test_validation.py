@@ -64,6 +64,8 @@ def test_unset_sampling_takes_the_defaults():
         ({"prompt": "x", "stop": [""]}, "sampling.stop[0]"),
         ({"prompt": "x", "mix": {"a": math.inf, "b": 0.5}}, "mix[0].weight"),
         ({"prompt": "x", "mix": {"a": 0.5, "b": math.nan}}, "mix[1].weight"),
+        ({"prompt": "x", "mix": {"a": 3e38, "b": 0.5}}, "mix[0].weight"),  # finite, overflows K and V
+        ({"prompt": "x", "mix": {"a": 0.5, "b": -1000.5}}, "mix[1].weight"),
         ({"prompt": "x", "mix": [("a", 0.5), ("a", 0.5)]}, "mix[1].adapter"),
         ({"prompt": "x", "mix": [("", 0.5)]}, "mix[0].adapter"),
         ({"prompt": "x", "adapter": "c", "mix": {"a": 0.5}}, "mix"),

@@ -1,0 +1,21 @@
+"""The rules a mix member's weight must meet, shared by the worker's request validation and the control
+plane's CreateMix, so that a saved mix is never one every Generate then refuses."""
+
+from __future__ import annotations
+
+import math
+
+# A weight scales its adapter's update (linear and merge mixes) or its share of the combined distribution
+# (ensembles). Weights past this bound only make float32 overflow (K and V turn infinite); none is needed.
+MAX_MIX_WEIGHT = 1000.0
+
+
+def weight_problem(weight: float, method: str | None) -> str | None:
+    """Why `weight` is refused for a member of a mix by `method` ("ensemble", "linear", a merge), or None."""
+    if not math.isfinite(weight):
+        return f"must be finite, got {weight}"
+    if abs(weight) > MAX_MIX_WEIGHT:
+        return f"must lie in [-{MAX_MIX_WEIGHT:g}, {MAX_MIX_WEIGHT:g}], got {weight:g}"
+    if method == "ensemble" and weight < 0:
+        return f"must be >= 0 in an ensemble, got {weight:g}"
+    return None

@@ -141,6 +141,11 @@ class AsyncEngine:
             self._engine.shutdown()
         self._fail_all(EngineDead("the engine stopped"))
 
+    def fail_all(self, error: Exception) -> None:
+        """Ends every open stream with `error` (from the event loop): each caller's next read raises it,
+        and its generator's cleanup aborts the request in the engine."""
+        self._fail_all(error)
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; raises InvalidRequest, AdapterLoadError, QueueFull or EngineDead.
 

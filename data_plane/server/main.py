@@ -28,6 +28,7 @@ from data_plane.server.artifact_store import ArtifactStore, default_disk_cache_b
 from data_plane.server.background import keep_running
 from data_plane.server.config import WorkerConfig
 from data_plane.server.control_plane_client import ControlPlaneClient, ControlPlaneError
+from data_plane.server.errors import Draining
 from data_plane.server.generation import GenerationService, WorkerState
 from data_plane.server.hint_listener import listen_for_hints
 from data_plane.server.metrics import AdapterActivity, EngineLoad, WorkerMetrics
@@ -48,6 +49,7 @@ ENGINE_WATCH_INTERVAL_S = 1.0
 REGISTER_RETRY_MAX_S = 5.0
 ENGINE_DEAD_EXIT_CODE = 3  # the engine loop died: restart the process
 TASK_STOP_TIMEOUT_S = 5.0  # how long stop() waits for its cancelled background tasks
+STREAM_END_TIMEOUT_S = 2.0  # how long stop() waits, after the grace, for ended streams to tell their callers
 
 
 def build_engine(config: WorkerConfig):
@@ -112,6 +114,14 @@ class RunningWorker:
             log.info("draining %d in-flight streams (grace %.1fs)", self.state.in_flight, grace_s)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.state.idle.wait(), grace_s)
+        if self.state.in_flight:
+            # The grace is over: each stream still running ends with UNAVAILABLE "draining" through its own
+            # transport (an HTTP stream's last event is then that error and [DONE], not a cut connection),
+            # and bills what it delivered, before the servers close the connections.
+            log.info("drain grace over: ending %d streams", self.state.in_flight)
+            self.engine.fail_all(Draining())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.state.idle.wait(), STREAM_END_TIMEOUT_S)
         await self.server.stop(0)
         if self.http is not None:
             await self.http.stop()

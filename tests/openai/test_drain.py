@@ -39,3 +39,29 @@ def test_drain_finishes_the_http_stream_in_flight_and_refuses_new_calls_with_503
     finally:
         pause.restore()
         system.loop.run(http.worker.stop(1.0))
+
+
+def test_a_stream_still_running_when_the_grace_ends_gets_an_error_event_and_done(system, tmp_path, tenant):
+    """The grace ends before the stream: it still ends as an SSE stream should, its last events an error
+    object saying the worker is draining, then [DONE] (the connection was cut with neither before)."""
+    http = start_http_worker(system, tmp_path)
+    pause = EnginePause(http.worker)
+    headers = {"Authorization": f"Bearer {tenant[2]}"}
+    body = {"model": "ad5", "prompt": "hello world", "max_tokens": 30, "stream": True}
+    try:
+        with httpx.Client(base_url=http.base_url, headers=headers, timeout=60) as client:
+            with client.stream("POST", "/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                pause.pause()  # the stream cannot finish within the grace
+                stopping = asyncio.run_coroutine_threadsafe(http.worker.stop(0.5), system.loop.loop)
+                rest = [first, *(line for line in lines if line.startswith("data: "))]
+            assert rest[-1] == "data: [DONE]"
+            error = json.loads(rest[-2][len("data: ") :])["error"]
+            assert "draining" in error["message"]
+        pause.resume()
+        stopping.result(30)
+        assert http.worker.state.in_flight == 0
+    finally:
+        pause.restore()
+        system.loop.run(http.worker.stop(1.0))

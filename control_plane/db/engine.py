@@ -25,7 +25,21 @@ def make_engine(database_url: str, pool_size: int = 10, pool_timeout_s: float = 
         max_overflow=pool_size,
         pool_timeout=pool_timeout_s,
         pool_pre_ping=True,
+        connect_args=CONNECT_ARGS,
     )
+
+
+# libpq settings of every connection: a database that does not answer a connection attempt fails it within
+# 5 s (UNAVAILABLE to the caller) instead of the OS's minutes, and TCP keepalives find a peer gone silent
+# (a partition, a dead host) within about 25 s of idle. A process that is paused but whose host still
+# acknowledges the connection is not caught by either: a call on it waits for its caller's deadline.
+CONNECT_ARGS = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -41,3 +41,26 @@ def test_stopped_database_is_unavailable_to_admin_and_worker_calls(own_postgres,
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
     finally:
         server_thread.run(running.stop(0))
+
+
+def test_a_database_that_never_answers_fails_the_connection_within_the_connect_timeout():
+    """A listener that takes the TCP connection but never speaks (a hung database host): the connection
+    attempt fails as OperationalError (UNAVAILABLE to callers) after libpq's connect_timeout, not after the
+    caller's deadline or the OS's minutes."""
+    import socket
+    import time
+
+    from sqlalchemy import exc as sa_exc
+
+    from control_plane.db.engine import CONNECT_ARGS, make_engine
+
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)  # the kernel completes handshakes; nobody ever reads or answers
+        engine = make_engine(f"postgresql://postgres@127.0.0.1:{mute.getsockname()[1]}/test")
+        started = time.monotonic()
+        with pytest.raises(sa_exc.OperationalError):
+            engine.connect()
+        elapsed = time.monotonic() - started
+        engine.dispose()
+    assert elapsed < CONNECT_ARGS["connect_timeout"] * 3

@@ -271,6 +271,17 @@ class ArtifactStore:
             self._remove(sha256)
 
     async def _download(self, sha256: str) -> Path:
+        """Fetches, verifies and publishes an artifact. The cache directory failing (read-only, removed,
+        out of space) is an ArtifactError (UNAVAILABLE: retry, here or elsewhere), logged with the path."""
+        try:
+            return await self._download_into_cache(sha256)
+        except OSError as error:
+            log.warning("artifact %s: the cache at %s cannot be written: %s", sha256[:12], self.root, error)
+            raise ArtifactError(
+                f"artifact {sha256[:12]}: the worker's artifact cache cannot be written ({error.strerror})"
+            ) from error
+
+    async def _download_into_cache(self, sha256: str) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{sha256[:12]}-", dir=self.root))
         try:
             await self._receive(sha256, tmp)

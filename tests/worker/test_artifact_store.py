@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -214,3 +215,20 @@ def test_an_intact_copy_found_at_start_is_checked_once_and_served_from_disk(tmp_
 
     assert {r.tier for r in asyncio.run(scenario())} == {"disk"}
     assert remote.calls == 1 and checks == [sha]
+
+
+def test_a_cache_directory_that_cannot_be_written_is_an_artifact_error_not_a_fault(tmp_path, adapter):
+    """A read-only (or vanished, or full) cache directory fails the fetch as ArtifactError, which callers
+    answer UNAVAILABLE (retry), not INTERNAL; a PermissionError escaped before."""
+    import grpc
+
+    from data_plane.server.errors import status_for
+
+    src, sha = adapter
+    store = _store(tmp_path, Remote(chunks_of(src)))
+    shutil.rmtree(store.root)
+    (tmp_path / "artifacts").write_text("not a directory")  # mkdtemp inside it fails, even as root
+    with pytest.raises(ArtifactError, match="cannot be written") as caught:
+        asyncio.run(store.ensure(sha))
+    code, message = status_for(caught.value)
+    assert code == grpc.StatusCode.UNAVAILABLE and str(tmp_path) not in message

@@ -350,7 +350,8 @@ class GenerationService:
                 temperature=valid.temperature,
                 top_p=valid.top_p,
                 top_k=valid.top_k,
-                max_tokens=valid.max_tokens,
+                # Past the context the engine stops with "length" anyway (the limit is the server's).
+                max_tokens=min(valid.max_tokens, self.limits.max_model_len),
                 seed=valid.seed,
                 stop=valid.stop,
                 repetition_penalty=valid.repetition_penalty,

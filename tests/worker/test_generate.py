@@ -150,6 +150,19 @@ def test_cancelled_stream_is_billed_for_what_it_received(system):
     assert usage.total_completion_tokens - received <= 64
 
 
+def test_max_tokens_past_the_context_length_stops_there_with_length(system):
+    """max_tokens up to the server's limit is accepted (the proto's range) even when it passes the model's
+    context: the answer stops at the context with finish reason length (the engine refused it before)."""
+    _, _, key = system.new_tenant()
+    max_model_len = system.worker.engine.max_model_len
+    limit = system.worker.config.max_tokens_limit
+    assert limit > max_model_len
+    with Client(system.target, key) as client:
+        tokens, _, last = _collect(client, prompt=PROMPT, max_tokens=limit)
+    assert last.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert last.usage.prompt_tokens + len(tokens) == max_model_len
+
+
 def test_revoked_key_is_refused_after_the_cache_ttl(system):
     _, key_id, key = system.new_tenant()
     with Client(system.target, key) as client:

@@ -145,6 +145,7 @@ class ControlPlane:
                 base_model = workers.base_model(s, plan.base_model.name)
                 if base_model.fingerprint != plan.base_model.fingerprint:
                     raise FailedPrecondition("the base model changed during the upload", field="base_model")
+                already_own = registry.tenant_holds(s, tenant.id, sha256)
                 owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)
                 # The replaced content is dropped from workers only when no adapter still uses it.
                 unused = replaced if replaced is not None and not registry.is_served(s, replaced) else ""
@@ -156,7 +157,9 @@ class ControlPlane:
         if replaced is not None:
             # Merges built from content another adapter still serves stay valid: only unserved content is named.
             self.publisher.invalidate(str(owned.adapter.id), unused, source_sha256=unused)
-        return UploadResult(owned, not created, replaced)
+        # Deduplicated only against the tenant's own content: stored files shared with another tenant's
+        # (private) adapter are not reported, or an upload would tell who holds which weights.
+        return UploadResult(owned, already_own, replaced)
 
     def _upload_stage(self, stage: str, plan: UploadPlan, sha256: str) -> None:
         if self.upload_stage_hook is not None:

@@ -179,6 +179,17 @@ def is_referenced(session: Session, sha256: str) -> bool:
     return session.scalar(select(Adapter.id).where(Adapter.sha256 == sha256).limit(1)) is not None
 
 
+def tenant_holds(session: Session, tenant_id, sha256: str) -> bool:
+    """Whether one of this tenant's own adapters already uses this artifact (what an upload may report as
+    deduplicated: that another tenant stores the same bytes is not the uploader's to learn)."""
+    return (
+        session.scalar(
+            select(Adapter.id).where(Adapter.sha256 == sha256, Adapter.tenant_id == tenant_id).limit(1)
+        )
+        is not None
+    )
+
+
 def is_served(session: Session, sha256: str) -> bool:
     """Whether a READY adapter (of any tenant) still uses this artifact: then its content must stay on
     workers, and an invalidation names only the adapter id."""

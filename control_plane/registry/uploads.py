@@ -35,7 +35,7 @@ class UploadPlan:
 @dataclass(frozen=True)
 class UploadResult:
     adapter: OwnedAdapter
-    # True when identical content was already stored.
+    # True when one of the tenant's own adapters already held identical content.
     deduplicated: bool
     # The artifact this upload replaced under the same name, if any.
     replaced_sha256: str | None

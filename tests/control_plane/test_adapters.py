@@ -57,6 +57,25 @@ def test_identical_content_is_stored_once(cp, tenants, adapters_root) -> None:
     assert len(stored) == 1
 
 
+def test_an_upload_never_tells_that_another_tenant_holds_the_same_content(cp, adapters_root) -> None:
+    """Another tenant's private adapter with identical bytes is stored once, but the upload reports no
+    deduplication: the flag would tell the uploader who holds which weights."""
+    with cp.admin() as admin:
+        keys = {}
+        for name in ("dedup-owner", "dedup-prober"):
+            admin.create_tenant(name)
+            keys[name] = admin.create_api_key(name, admin=True).secret
+    with cp.admin(keys["dedup-owner"]) as alpha:
+        mine = alpha.upload_adapter(adapters_root / "a", name="private-a", base_model=BASE)
+    with cp.admin(keys["dedup-prober"]) as beta:
+        theirs = beta.upload_adapter(adapters_root / "a", name="copy-of-a", base_model=BASE)
+        again = beta.upload_adapter(adapters_root / "a", name="copy-again", base_model=BASE)
+    assert theirs.adapter.sha256 == mine.adapter.sha256 and not theirs.deduplicated
+    assert again.deduplicated  # against beta's own copy
+    stored = [p for p in (cp.config.state_dir / "artifacts").iterdir() if p.name == mine.adapter.sha256]
+    assert len(stored) == 1
+
+
 def test_reupload_replaces_the_artifact_under_the_same_id(cp, tenants, adapters_root) -> None:
     with cp.admin(tenants["alpha"]) as alpha:
         old = alpha.upload_adapter(adapters_root / "a", name="evolving", base_model=BASE).adapter

@@ -392,7 +392,10 @@ class GenerationService:
                 # Counted as it is handed to the transport, before the yield: a cancellation that lands
                 # while the servicer writes it (the caller may already have it) closes this generator at
                 # the yield, and a count after it would never run, leaving a delivered answer unbilled.
+                first_chunk = progress.completion_tokens == 0
                 self._count_streamed(progress, out, arrival)
+                if first_chunk and not whole:  # spooled before it is handed over: a SIGKILL now still bills it
+                    self._usage.checkpoint((stream,))
                 yield Chunk(
                     request_id=request_id,
                     text=out.new_text,

@@ -10,7 +10,9 @@ Running streams are checkpointed: one timer per worker walks the live streams (`
 `checkpoint_interval_s` and appends the delivered count of each stream that moved as a record with the
 stream's key and finish reason "interrupted". The final record supersedes them. Checkpoints stay in the
 spool and are not sent while their stream runs; after a crash they are all that is left of it, and the
-next start sends the newest one. No per-token work: the servicer only counts, the timer reads.
+next start sends the newest one. A stream's first chunk is also checkpointed at once, as it is handed over,
+so a SIGKILL right after a short answer still bills it. No other per-token work: the servicer only counts,
+the timer reads.
 
 Records of one (tenant, request id) merge by rank, here and at the control plane: the larger completion
 count, then the larger prompt count, then a final over a checkpoint, never a sum. Request ids are chosen
@@ -30,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -226,11 +228,11 @@ class UsageReporter:
     def untrack(self, stream: LiveStream) -> None:
         self._live.pop(id(stream), None)
 
-    def checkpoint(self) -> int:
-        """Spools the delivered count of every live stream that moved since its last checkpoint (one
-        write and flush for all); returns how many were spooled."""
+    def checkpoint(self, streams: Iterable[LiveStream] | None = None) -> int:
+        """Spools the delivered count of every live stream (or of `streams`) that moved since its last
+        checkpoint (one write and flush for all); returns how many were spooled."""
         moved = []
-        for stream in list(self._live.values()):
+        for stream in list(self._live.values()) if streams is None else streams:
             try:
                 record = stream.read()
             except Exception:  # one stream's fault must not stop the others' checkpoints

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import uuid
 
 import grpc
@@ -193,6 +194,33 @@ def test_a_cancel_while_the_transport_writes_a_chunk_bills_that_chunk(system, se
     usage = system.wait_usage(tenant, 1)
     assert (usage.total_requests, usage.total_completion_tokens) == (1, delivered)
     assert usage.total_prompt_tokens > 0
+
+
+def test_a_stream_is_in_the_spool_as_its_first_chunk_is_handed_over(system, service):
+    """A SIGKILL leaves only the spool: a stream's first chunk is checkpointed as it is handed over, not
+    at the timer's next tick (up to 0.5 s later, by which time a short answer was delivered unbilled)."""
+    _, _, key = system.new_tenant()
+    request_id = f"first-checkpoint-{uuid.uuid4().hex}"
+    spool = system.worker.usage._path
+
+    async def first_chunk_then_read_the_spool():
+        async with contextlib.aclosing(
+            _generate(
+                service,
+                key,
+                prompt=PROMPT,
+                request_id=request_id,
+                sampling=inference_pb2.SamplingParams(max_tokens=400),
+            )
+        ) as chunks:
+            first = await anext(chunks)
+            lines = spool.read_text().splitlines()  # nothing awaited since the chunk was counted
+            return first, [json.loads(line) for line in lines if request_id in line]
+
+    first, records = system.loop.run(first_chunk_then_read_the_spool())
+    assert len(first.token_ids) == 1
+    assert records and records[-1]["completion_tokens"] == 1
+    assert records[-1]["finish_reason"] == "interrupted"
 
 
 def test_refused_request_id_leaves_no_artifact_held_and_a_failed_prompt_gives_its_id_back(system, service):

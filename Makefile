@@ -2,11 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU build of torch by default; set TORCH_SPEC (for example "torch==2.13.0 --index-url ...") for CUDA.
+# torch from PyPI by default: on Linux x86_64 that is the CUDA build (GPU libraries included, several GB).
+# For the CPU-only wheel (no GPU libraries), on a fresh .venv (rm -rf .venv first):
+#   make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" run
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test proto lint format migrate bench venv node-deps clean
+.PHONY: run test proto lint format migrate require-database-url bench venv node-deps clean
 
 venv: $(STAMP)
 
@@ -42,8 +44,15 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-migrate: $(STAMP)
+# Migrates the external database named by OPENLORA_DATABASE_URL (`make run` migrates its embedded one itself).
+migrate: require-database-url $(STAMP)
 	$(BIN)/openlora control-plane --migrate-only
+
+require-database-url:
+	@if [ -z "$$OPENLORA_DATABASE_URL" ]; then \
+		echo "make migrate: set OPENLORA_DATABASE_URL to the PostgreSQL to migrate (make run migrates its embedded database at start)" >&2; \
+		exit 2; \
+	fi
 
 # CPU benchmarks, each against its baseline in the same run; figures go to benchmarks/RESULTS.md.
 bench: $(STAMP)

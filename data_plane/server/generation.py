@@ -394,7 +394,7 @@ class GenerationService:
                 # the yield, and a count after it would never run, leaving a delivered answer unbilled.
                 first_chunk = progress.completion_tokens == 0
                 self._count_streamed(progress, out, arrival)
-                if first_chunk and not whole:  # spooled before it is handed over: a SIGKILL now still bills it
+                if first_chunk and not whole:  # spooled before it is handed over: a SIGKILL now bills it
                     self._usage.checkpoint((stream,))
                 yield Chunk(
                     request_id=request_id,

@@ -1,10 +1,16 @@
 """`openlora up`: the whole system on one machine, as separate processes so that signals and crashes
 stay per process.
 
+Before anything starts, `up` takes an exclusive lock on STATE_DIR/up.lock for its lifetime (a second `up`
+on the same state dir is refused, naming the first one's pid) and checks that its fixed ports are free.
 Order of start: embedded Postgres and Redis (unless URLs are given) -> control plane -> demo model
 (written once into the state dir) -> worker -> demo tenant, key and adapters -> the demo model's price
-(only when no --model is given) -> the `ready` line and the context file. Order of stop (Ctrl-C, SIGTERM,
-or the control plane dying): worker (drains), control plane, embedded servers.
+(only when no --model is given) -> the context file, the operator key line and the `ready` line. Order
+of stop (Ctrl-C, SIGTERM, or the control plane dying): worker (drains), control plane, embedded servers.
+
+STATE_DIR/up-secrets.json (0600) keeps what every start reuses: the operator (admin) key, printed by the
+first start that gets to the ready line only (later ones say where it is kept), the worker token, and the
+demo tenant's key (reused while it still authenticates, so restarts do not pile up valid keys).
 
 `up` supervises the worker: when it exits on its own (an engine that cannot go on exits non-zero, or it
 was killed), it is started again on the same address and state dir after a backoff that doubles from
@@ -15,11 +21,16 @@ RESTART_BACKOFF_RESET_S; the rest of the system stays up meanwhile.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
 import secrets
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +55,8 @@ CONFIG_ERROR_EXIT_CODE = 2
 RESTART_BACKOFF_MIN_S = 0.5
 RESTART_BACKOFF_MAX_S = 30.0
 RESTART_BACKOFF_RESET_S = 60.0
+SECRETS_FILE = "up-secrets.json"
+LOCK_FILE = "up.lock"
 _CHUNK_BYTES = 1 << 20
 # The price `up` sets for its own demo model, so that invoices show amounts (micro-units per M tokens).
 DEMO_PROMPT_MICROS_PER_MILLION_TOKENS = 100_000
@@ -81,6 +94,11 @@ class UpConfig:
 
 class ChildExited(RuntimeError):
     pass
+
+
+class StartRefused(RuntimeError):
+    """`up` cannot start here (its state dir is in use, a port is taken); the message is one line that
+    says what to do."""
 
 
 class Child:
@@ -150,16 +168,118 @@ def _wait_serving(target: str, children: list[Child], timeout_s: float = READY_T
     raise TimeoutError(f"{target} did not become SERVING within {timeout_s:.0f}s")
 
 
+def lock_state_dir(state_dir: Path) -> int:
+    """Takes an exclusive lock on STATE_DIR/up.lock and writes this pid into it; returns the open file,
+    which holds the lock until it is closed or this process ends (however it ends: the kernel drops it).
+    StartRefused names the pid of the `up` that holds it."""
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StartRefused(f"another openlora up (pid {holder}) is using {state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _port_error(host: str, port: int) -> str | None:
+    """Why nothing could listen on host:port now (strerror), or None when it could."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        return error.strerror
+    with socket.socket(family, kind, proto) as probe:
+        # As servers do: a port whose old connections linger in TIME_WAIT (a restart) is free to listen on.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return error.strerror or errno.errorcode.get(error.errno, str(error))
+    return None
+
+
+def check_ports(config: UpConfig) -> None:
+    """StartRefused, naming the port, what it is for and the flag that moves it, when a fixed port of
+    `up` (0 is any free port) is taken or given twice: checked before any child starts."""
+    ports = (
+        (
+            config.admin_port,
+            "the control plane's admin API",
+            "--admin-port PORT (or --admin-port 0: any free port)",
+        ),
+        (
+            config.port,
+            "the worker's gRPC inference API",
+            "--port PORT (or --port 0: any free ports, for it and the HTTP API)",
+        ),
+        (
+            config.http_port,
+            "the OpenAI-compatible HTTP API",
+            "--http-port PORT (or --http-port 0: any free port)",
+        ),
+    )
+    seen: dict[int, str] = {}
+    for port, purpose, flag in ports:
+        if not port:
+            continue
+        if port in seen:
+            raise StartRefused(
+                f"port {port} is given for both {seen[port]} and {purpose}: choose another with {flag}"
+            )
+        seen[port] = purpose
+        reason = _port_error(config.host, port)
+        if reason is not None:
+            raise StartRefused(
+                f"port {port} on {config.host} ({purpose}) cannot be used: {reason}; "
+                f"choose another with {flag}"
+            )
+
+
 def _load_secrets(state_dir: Path) -> dict:
-    """The admin key and worker token of this state dir, made once and kept (0600)."""
-    path = state_dir / "up-secrets.json"
+    """The secrets of this state dir, made once and kept: `admin_key` (the operator's), `worker_token`,
+    and as starts add them `admin_key_shown` (once a ready start printed it) and `demo_keys` (by tenant)."""
+    path = state_dir / SECRETS_FILE
     if path.exists():
         return json.loads(path.read_text())
     data = {"admin_key": secrets.token_urlsafe(32), "worker_token": secrets.token_urlsafe(32)}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    _save_secrets(state_dir, data)
+    return data
+
+
+def _save_secrets(state_dir: Path, data: dict) -> None:
+    """Replaces STATE_DIR/up-secrets.json at once, never readable by others (0600 from its creation)."""
+    path = state_dir / SECRETS_FILE
+    partial = path.with_name(f".{SECRETS_FILE}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
-    return data
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def _shown_path(path: Path) -> str:
+    """`path` relative to the current directory when it lies under it (`.state/up-secrets.json`)."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def cli_command() -> str:
+    """How the operator runs this `openlora` from the current directory: `openlora` when PATH finds this
+    one, else its path (relative when under the current directory: `.venv/bin/openlora`)."""
+    script = Path(sys.argv[0])
+    if script.name != "openlora" or not script.is_file():  # `python -m openlora.cli`: the venv's script
+        script = Path(sys.executable).parent / "openlora"
+    if not script.is_file():
+        return f"{shlex.quote(sys.executable)} -m openlora.cli"
+    on_path = shutil.which("openlora")
+    if on_path is not None and os.path.samefile(on_path, script):
+        return "openlora"
+    shown = _shown_path(script.absolute())
+    return shlex.quote(shown if os.sep in shown else f".{os.sep}{shown}")
 
 
 def _ensure_demo_model(state_dir: Path) -> Path:
@@ -183,10 +303,32 @@ def _ensure_demo_model(state_dir: Path) -> Path:
     return out
 
 
+def _key_acts_for(stub: admin_pb2_grpc.AdminServiceStub, key: str, tenant: str) -> bool:
+    """Whether `key` still authenticates as an admin of `tenant` (False once revoked or unknown, as after
+    a new database)."""
+    try:
+        stub.ListAdapters(
+            admin_pb2.ListAdaptersRequest(tenant=tenant, page_size=1),
+            metadata=(("authorization", f"Bearer {key}"),),
+            timeout=30,
+        )
+    except grpc.RpcError as error:
+        if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return False
+        raise
+    return True
+
+
 def _bootstrap_tenant(
-    admin_target: str, admin_key: str, tenant: str, adapters_dir: Path | None, base_model: str
+    admin_target: str,
+    admin_key: str,
+    tenant: str,
+    adapters_dir: Path | None,
+    base_model: str,
+    kept_key: str | None = None,
 ):
-    """Creates the tenant (if new) and an admin+infer key for it, pushes the adapters; returns the key."""
+    """Creates the tenant (if new), pushes the adapters and returns an admin+infer key for it with their
+    names: `kept_key` while it still acts for the tenant, else a new one."""
     metadata = (("authorization", f"Bearer {admin_key}"),)
     with grpc.insecure_channel(admin_target) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
@@ -195,13 +337,16 @@ def _bootstrap_tenant(
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-        key = stub.CreateApiKey(
-            admin_pb2.CreateApiKeyRequest(
-                tenant=tenant, scopes=[admin_pb2.SCOPE_INFER, admin_pb2.SCOPE_ADMIN]
-            ),
-            metadata=metadata,
-            timeout=30,
-        ).secret
+        if kept_key and _key_acts_for(stub, kept_key, tenant):
+            key = kept_key
+        else:
+            key = stub.CreateApiKey(
+                admin_pb2.CreateApiKeyRequest(
+                    tenant=tenant, scopes=[admin_pb2.SCOPE_INFER, admin_pb2.SCOPE_ADMIN]
+                ),
+                metadata=metadata,
+                timeout=30,
+            ).secret
         names = []
         if adapters_dir is not None and adapters_dir.is_dir():
             for path in sorted(p for p in adapters_dir.iterdir() if p.is_dir()):
@@ -326,6 +471,19 @@ def _supervise(children: list[Child], worker: Child, stop: threading.Event) -> i
 def run_up(config: UpConfig) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_fd = lock_state_dir(config.state_dir)  # held until `up` returns
+        try:
+            check_ports(config)
+            return _run_locked(config)
+        finally:
+            os.close(lock_fd)
+    except StartRefused as refused:
+        print(f"error: {refused}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _run_locked(config: UpConfig) -> int:
     stop = threading.Event()
     serving = threading.Event()
 
@@ -398,9 +556,16 @@ def run_up(config: UpConfig) -> int:
             )  # fmt: skip
             children.insert(0, worker)  # stopped first
             _wait_serving(inference_target, children)
+            demo_keys = keys.setdefault("demo_keys", {})
             api_key, adapter_names = _bootstrap_tenant(
-                admin_target, keys["admin_key"], config.tenant, model_dir / "adapters", model_dir.name
+                admin_target,
+                keys["admin_key"],
+                config.tenant,
+                model_dir / "adapters",
+                model_dir.name,
+                kept_key=demo_keys.get(config.tenant),
             )
+            demo_keys[config.tenant] = api_key
             if config.model_dir is None:
                 _set_demo_price(admin_target, keys["admin_key"], model_dir.name)
                 _create_demo_mixes(admin_target, keys["admin_key"], config.tenant)
@@ -411,7 +576,15 @@ def run_up(config: UpConfig) -> int:
                 {"target": inference_target, "admin_target": admin_target, "api_key": api_key,
                  "tenant": config.tenant, "adapters": adapter_names, "openai_base_url": openai_url},
             )  # fmt: skip
+            secrets_shown = _shown_path(config.state_dir / SECRETS_FILE)
+            if keys.get("admin_key_shown"):
+                operator_line = f"operator key: kept in {secrets_shown} (admin_key)"
+            else:  # shown once: on the first start that gets this far
+                operator_line = f"operator key={keys['admin_key']} (shown once; kept in {secrets_shown})"
+                keys["admin_key_shown"] = True
+            _save_secrets(config.state_dir, keys)
             serving.set()
+            print(operator_line, flush=True)
             print(
                 f"ready inference={inference_target} admin={admin_target} openai={openai_url} key={api_key}",
                 flush=True,
@@ -419,7 +592,7 @@ def run_up(config: UpConfig) -> int:
             if adapter_names:
                 print(
                     f"adapters: {', '.join(adapter_names)}; in another terminal try:\n"
-                    f'  openlora generate --adapter {adapter_names[0]} "the quick fox =>"',
+                    f'  {cli_command()} generate --adapter {adapter_names[0]} "the quick fox =>"',
                     file=sys.stderr,
                     flush=True,
                 )

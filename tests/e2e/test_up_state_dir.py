@@ -1,0 +1,176 @@
+"""`openlora up` on one state dir across starts: the operator key is shown once and does operator work,
+the demo key stays the same from one start to the next (a new one only once it is revoked), and a second
+`up` on a state dir in use is refused; a port in use is refused before anything starts. Every refusal is
+one line, with no traceback."""
+
+from __future__ import annotations
+
+import os
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO_ROOT),
+        OPENLORA_CONTEXT=str(tmp_path / "context.json"),
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+    )
+    for name in ("OPENLORA_TARGET", "OPENLORA_ADMIN_TARGET", "OPENLORA_API_KEY", "OPENLORA_ADMIN_KEY"):
+        env.pop(name, None)
+    return env
+
+
+def _up_argv(state_dir: Path, database_url: str, redis_url: str, ports: dict[str, str] | None = None):
+    ports = {"--port": "0", "--admin-port": "0", "--http-port": "0", **(ports or {})}
+    return [
+        sys.executable, "-m", "openlora.cli", "up",
+        "--state-dir", str(state_dir),
+        "--database-url", database_url,
+        "--redis-url", redis_url,
+        *[part for flag, port in ports.items() for part in (flag, port)],
+        "--drain-grace-s", "2",
+        "--worker-arg=--num-kv-blocks=64", "--worker-arg=--max-lora-rank=16",
+    ]  # fmt: skip
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "openlora.cli", *args],
+        env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+    )  # fmt: skip
+
+
+class _Up:
+    """One `up` until its ready line: `lines` is its stdout up to it, `fields` the ready line's."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], stderr_path: Path) -> None:
+        self.stderr_path = stderr_path
+        with open(stderr_path, "ab") as stderr:
+            self.process = subprocess.Popen(
+                argv, env=env, stdout=subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT
+            )
+        self.lines = self._read_until_ready(timeout_s=180)
+        self.fields = dict(part.split("=", 1) for part in self.lines[-1].split()[1:])
+
+    def _read_until_ready(self, timeout_s: float) -> list[str]:
+        deadline = time.monotonic() + timeout_s
+        buffer = b""
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if select.select([self.process.stdout], [], [], 0.5)[0]:
+                buffer += os.read(self.process.stdout.fileno(), 4096)
+                lines = buffer.decode(errors="replace").splitlines()
+                for i, line in enumerate(lines):
+                    if line.startswith("ready "):
+                        return lines[: i + 1]
+        self.kill()
+        stderr = self.stderr_path.read_text(errors="replace")[-2000:]
+        raise AssertionError(f"no ready line (exit {self.process.poll()}): {buffer.decode()}\n{stderr}")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(120) == 0
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.mark.slow
+def test_restarts_keep_the_demo_key_and_show_the_operator_key_once(
+    database_url, redis_url, e2e_model_dir, tmp_path
+):
+    state_dir = tmp_path / "state"
+    shutil.copytree(e2e_model_dir, state_dir / "demo-model")
+    (state_dir / "demo-model" / ".complete").write_text("ok\n")
+    env = _env(tmp_path)
+    argv = _up_argv(state_dir, database_url, redis_url)
+
+    secrets_path = state_dir.resolve() / "up-secrets.json"
+
+    first = _Up(argv, env, tmp_path / "first.stderr")
+    try:
+        (operator_line,) = [line for line in first.lines if line.startswith("operator key")]
+        operator_key = operator_line.split()[1].removeprefix("key=")
+        assert operator_line == f"operator key={operator_key} (shown once; kept in {secrets_path})"
+        assert oct(secrets_path.stat().st_mode & 0o777) == "0o600"
+
+        second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+        assert second.returncode == 1
+        assert second.stderr.splitlines() == [
+            f"error: another openlora up (pid {first.process.pid}) is using {state_dir.resolve()}"
+        ]
+
+        created = _cli(env, "tenants", "create", "acme", "--api-key", operator_key)
+        assert created.returncode == 0, created.stderr
+        assert "acme" in created.stdout
+        denied = _cli(env, "tenants", "create", "acme2", "--api-key", first.fields["key"])
+        assert denied.returncode != 0 and "PERMISSION_DENIED" in denied.stderr
+        first.stop()
+    finally:
+        first.kill()
+    # The hint names the `openlora` the user can run from here (make run does not put .venv/bin on PATH).
+    (hint,) = [line for line in first.stderr_path.read_text().splitlines() if " generate --adapter " in line]
+    command = shlex.split(hint)[0]
+    assert (REPO_ROOT / command).is_file() if os.sep in command else shutil.which(command, path=env["PATH"])
+
+    again = _Up(argv, env, tmp_path / "again.stderr")
+    try:
+        assert again.fields["key"] == first.fields["key"]
+        assert f"operator key: kept in {secrets_path} (admin_key)" in again.lines
+        assert operator_key not in "\n".join(again.lines)
+        prefix = "_".join(again.fields["key"].split("_")[:2])  # olk_<12 hex>
+        revoked = _cli(env, "keys", "revoke", prefix, "--api-key", operator_key)
+        assert revoked.returncode == 0, revoked.stderr
+        again.stop()
+    finally:
+        again.kill()
+
+    after_revoke = _Up(argv, env, tmp_path / "after-revoke.stderr")
+    try:
+        assert after_revoke.fields["key"] != first.fields["key"]
+        after_revoke.stop()
+    finally:
+        after_revoke.kill()
+
+
+@pytest.mark.parametrize(
+    ("flag", "purpose"),
+    [
+        ("--admin-port", "the control plane's admin API"),
+        ("--port", "the worker's gRPC inference API"),
+        ("--http-port", "the OpenAI-compatible HTTP API"),
+    ],
+)
+def test_a_busy_port_is_refused_in_one_line_naming_it_and_its_flag(
+    database_url, redis_url, tmp_path, flag, purpose
+):
+    state_dir = tmp_path / "state"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = _up_argv(state_dir, database_url, redis_url, {flag: str(port)})
+        result = subprocess.run(
+            argv, env=_env(tmp_path), capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+        )
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(
+        f"error: port {port} on 127.0.0.1 ({purpose}) cannot be used: Address already in use"
+    )
+    assert f"choose another with {flag} PORT" in line
+    assert not (state_dir / "logs").exists()  # nothing was started

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from data_plane.engine.errors import AdapterLoadError, EngineDead, QueueFull, StepFailed
+from data_plane.engine.errors import AdapterLoadError, EngineDead, InvalidRequest, QueueFull, StepFailed
 from data_plane.server.artifact_store import ArtifactError
 from data_plane.server.control_plane_client import ControlPlaneError
 from data_plane.server.errors import (
@@ -62,3 +62,20 @@ def test_each_domain_error_has_its_http_status_and_client_exception(error, statu
 def test_a_field_error_names_its_param():
     assert http_error(BodyError("messages[0].role", "must be one of user")).param == "messages[0].role"
     assert http_error(BodyError(None, "the body is not valid JSON")).param is None
+
+
+@pytest.mark.parametrize(
+    ("error", "chat", "param"),
+    [
+        (InvalidRequest("sampling.max_tokens", "must lie in [1, 64]"), False, "max_tokens"),
+        (InvalidRequest("prompt", "produced non-finite logits"), False, "prompt"),
+        (InvalidRequest("prompt", "produced non-finite logits"), True, "messages"),
+        (InvalidRequest("adapter", "produced non-finite logits"), False, "model"),
+        (InvalidRequest("mix", "produced non-finite logits"), False, "mix"),
+        (ModelNotFound("../../etc/passwd"), False, "model"),
+    ],
+)
+def test_an_error_from_past_the_body_names_the_body_field(error, chat, param):
+    """Errors raised by the engine (gRPC field names) or by resolving `model` name the body's field; they
+    answered param null before."""
+    assert http_error(error, chat).param == param

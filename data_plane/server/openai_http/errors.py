@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
 
-from data_plane.server.errors import http_status_for
-from data_plane.server.openai_http.schemas import BodyError
+from data_plane.engine.errors import InvalidRequest
+from data_plane.server.errors import ModelNotFound, http_status_for
+from data_plane.server.openai_http.schemas import BodyError, openai_param
 from data_plane.server.validation import RequestFieldError
 
 # OpenAI's error `type` for each status (its clients raise by status; the type is for people).
@@ -45,12 +46,15 @@ class HttpError:
         return JSONResponse(self.payload(), self.status, headers={**self.headers(), **(extra_headers or {})})
 
 
-def http_error(error: BaseException) -> HttpError:
-    """The HTTP error of any exception of the generate path (500 'internal error' for a worker fault)."""
+def http_error(error: BaseException, chat: bool = False) -> HttpError:
+    """The HTTP error of any exception of the generate path (500 'internal error' for a worker fault), its
+    `param` the body's name of the field at fault (`model` for an adapter nobody may use)."""
     status, message, code = http_status_for(error)
     param = None
     if isinstance(error, BodyError):
         param = error.param
-    elif isinstance(error, RequestFieldError):
-        param = error.field
+    elif isinstance(error, RequestFieldError | InvalidRequest):  # the gRPC names: renamed
+        param = openai_param(error.field, chat)
+    elif isinstance(error, ModelNotFound):
+        param = "model"
     return HttpError(status, message, param, code.lower())

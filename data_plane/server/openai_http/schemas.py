@@ -43,7 +43,7 @@ _COMMON = {
 _COMPLETION_FIELDS = _COMMON | {"prompt"}
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 # check_request's field names -> the body's.
-_RENAMED = {"sampling.": "", "prompt_token_ids": "prompt", "request_id": "X-Request-Id"}
+_RENAMED = {"sampling.": "", "prompt_token_ids": "prompt", "request_id": "X-Request-Id", "adapter": "model"}
 
 
 class BodyError(RequestFieldError):
@@ -163,15 +163,20 @@ def to_generate_request(
     return request
 
 
-def openai_field_error(error: RequestFieldError, chat: bool) -> BodyError:
-    """check_request's refusal in the body's own field names."""
-    param = error.field
+def openai_param(field: str, chat: bool) -> str:
+    """A gRPC request field (`sampling.max_tokens`, `adapter`, `mix[1].weight`) by the body's name for it."""
+    param = field
     for old, new in _RENAMED.items():
         if param.startswith(old):
             param = new + param[len(old) :]
     if chat and param == "prompt":
         param = "messages"
-    return BodyError(param, error.reason)
+    return param
+
+
+def openai_field_error(error: RequestFieldError, chat: bool) -> BodyError:
+    """check_request's refusal in the body's own field names."""
+    return BodyError(openai_param(error.field, chat), error.reason)
 
 
 def _load(data: bytes, allowed: set[str]) -> JsonObject:

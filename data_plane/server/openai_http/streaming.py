@@ -79,7 +79,7 @@ class GenerationResponse:
                 await chunks.aclose()
 
     async def _send_error(self, send, error: BaseException) -> str:
-        failure = http_error(error)
+        failure = http_error(error, self._reply.chat)
         if failure.status >= 500 and failure.code == "internal":
             log.error("completion failed", exc_info=error)
         headers = {**failure.headers(), **self._id_header(self._request_id)}
@@ -122,7 +122,7 @@ class GenerationResponse:
             if self._include_usage:
                 await _send_body(send, sse.event(reply.usage_chunk()))
         except Exception as error:  # after the 200: the error is the stream's last event
-            failure = http_error(error)
+            failure = http_error(error, self._reply.chat)
             code = failure.code.upper()
             await _send_body(send, sse.event(failure.payload()))
         await send({"type": "http.response.body", "body": sse.DONE, "more_body": False})

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from data_plane.engine.errors import AdapterLoadError
 from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
 from data_plane.fusion.spec import MergeSpec
 from data_plane.fusion.store import MAX_PENDING_BUILDS_PER_TENANT, MergeStore
@@ -292,6 +293,12 @@ class GenerationService:
                 ) as chunks:
                     async for chunk in chunks:
                         yield chunk
+            except AdapterLoadError:
+                # These files passed their checks when they were fetched (or at their first use since the
+                # worker started): failing to load now, they changed on this worker's disk. Dropped, so
+                # the next request fetches them afresh instead of failing the same way until removed by hand.
+                self._discard_local(held)
+                raise
             finally:
                 self._release(held)
         finally:
@@ -549,6 +556,15 @@ class GenerationService:
     def _observe_merge(self, _spec, _key, report) -> None:
         self._metrics.merge_build_s.observe(report.build_ms / 1000)
         self._metrics.merge_truncation_error.observe(report.relative_error)
+
+    def _discard_local(self, keys: list[str]) -> None:
+        """Forgets this worker's disk copies of these artifacts (merges are rebuilt from theirs)."""
+        for key in keys:
+            if self._merges is None or not self._merges.is_held(key):
+                log.warning(
+                    "artifact %s failed to load from this worker's disk: fetched again next time", key[:12]
+                )
+                self._artifacts.discard(key)
 
     def _release(self, keys: list[str]) -> None:
         """Ends the stream's holds: merges on the merge store, artifacts on the artifact store."""

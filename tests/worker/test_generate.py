@@ -163,6 +163,30 @@ def test_max_tokens_past_the_context_length_stops_there_with_length(system):
     assert last.usage.prompt_tokens + len(tokens) == max_model_len
 
 
+def test_an_artifact_changed_on_the_workers_disk_fails_once_then_is_fetched_afresh(system, spare_worker):
+    """A cached adapter file truncated under a running worker fails the request that loads it (FAILED_PRECONDITION);
+    the copy is dropped, so the next request fetches it again and is served (it failed every time until the
+    file was removed by hand)."""
+    _, _, key = system.new_tenant()
+    sha = system.adapters["ad1"]
+    target = f"127.0.0.1:{spare_worker.port}"
+    with Client(target, key) as client:
+        want, _, _ = _collect(client, prompt=PROMPT, adapter="ad1", max_tokens=4)
+    weights = spare_worker.config.artifacts_dir / sha / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    system.loop.run(_in_loop(lambda: spare_worker.engine.invalidate(sha)))  # the next load reads the disk
+    with Client(target, key) as client:
+        with pytest.raises(errors.FailedPrecondition):
+            _collect(client, prompt=PROMPT, adapter="ad1", max_tokens=4)
+        again, _, last = _collect(client, prompt=PROMPT, adapter="ad1", max_tokens=4)
+    assert again == want
+    assert last.timing.cache_tier == inference_pb2.CACHE_TIER_REMOTE
+
+
+async def _in_loop(action):
+    action()
+
+
 def test_revoked_key_is_refused_after_the_cache_ttl(system):
     _, key_id, key = system.new_tenant()
     with Client(system.target, key) as client:

@@ -4,7 +4,6 @@ turns NOT_SERVING and exits non-zero, for its supervisor to restart it."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import load_file, save_file
 
 from data_plane.server.main import ENGINE_DEAD_EXIT_CODE
 from openlora import errors
@@ -44,11 +44,12 @@ def _tenant(admin) -> tuple[str, str]:
 
 
 def _huge_alpha_adapter(source: Path, out: Path) -> Path:
-    """A copy of `source` whose lora_alpha is finite and accepted, but scales its deltas past float32."""
+    """A copy of `source` whose B factors are times 1e30 in float32: finite and accepted, but its deltas
+    overflow float32 (an alpha that large is refused at upload)."""
     shutil.copytree(source, out)
-    config = json.loads((out / "adapter_config.json").read_text())
-    config["lora_alpha"] = 1e36
-    (out / "adapter_config.json").write_text(json.dumps(config))
+    weights = out / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v.float() * (1e30 if "lora_B" in k else 1.0) for k, v in tensors.items()}, weights)
     return out
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from data_plane.engine.errors import NonFiniteLogits
@@ -139,12 +139,13 @@ def test_extreme_sampling_values_run_to_the_end_in_the_engine(tiny_llama, option
 
 
 def _huge_alpha_adapter(tiny_llama, tmp_path) -> AdapterRef:
-    path = tmp_path / "huge_alpha"
+    """r8_all with its B factors times 1e30, in float32: finite, accepted, its deltas overflow float32."""
+    path = tmp_path / "huge_b"
     shutil.copytree(tiny_llama.adapter_dirs["r8_all"], path)
-    config = json.loads((path / "adapter_config.json").read_text())
-    config["lora_alpha"] = 1e36  # finite, accepted: scaled deltas overflow float32
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    return AdapterRef(key="huge-alpha", path=path)
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v.float() * (1e30 if "lora_B" in k else 1.0) for k, v in tensors.items()}, weights)
+    return AdapterRef(key="huge-b", path=path)
 
 
 @pytest.mark.parametrize("kind", ["adapter", "mix"])

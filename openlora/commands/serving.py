@@ -260,7 +260,9 @@ def _run_generate(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
                 last = response
         except OpenLoRAError as error:
-            print(f"\nerror: {error.code.name}: {error.details}", file=sys.stderr)
+            if last is not None:  # text was streamed: end its line first
+                sys.stdout.write("\n")
+            print(f"error: {error.code.name}: {error.details}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130

@@ -75,3 +75,17 @@ def test_generate_without_target_or_key_explains_what_to_do(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "openlora up" in result.stderr
+
+
+def test_a_refused_generate_prints_nothing_to_stdout_and_the_status_to_stderr(system, tmp_path):
+    """Nothing was streamed: stdout stays empty (it printed an empty line), the refusal goes to stderr."""
+    _, _, key = system.new_tenant()
+    env = {"PATH": "/usr/bin:/bin", "OPENLORA_CONTEXT": str(tmp_path / "missing.json"), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "openlora.cli", "generate", "--target", system.target, "--api-key", key,
+         "--adapter", "no-such-adapter", "hello"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: NOT_FOUND")

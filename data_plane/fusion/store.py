@@ -6,6 +6,10 @@ in a thread (never on the event loop or the engine thread). Beside each director
 the sources' sha256s, so that when a source is deleted or replaced upstream `drop_source` finds every
 merge built from it (a held one is removed once its last holder releases it).
 
+The record also holds the merge's content digest: a merge found on disk at start is checked against it
+(in a thread) before its first use, and one that changed while the worker was down is removed and built
+again rather than served.
+
 The directory has a byte budget (`max_disk_bytes`): after a build takes it over, the least recently used
 merges nobody holds are removed (a later request builds its merge again).
 
@@ -38,6 +42,7 @@ from pathlib import Path
 from data_plane.engine.errors import QueueFull
 from data_plane.fusion.builder import MergeReport, build_merge
 from data_plane.fusion.spec import MergeSpec
+from openlora.artifact import digest_dir
 from openlora.base_model import BaseModelSpec
 
 log = logging.getLogger(__name__)
@@ -103,6 +108,7 @@ class MergeStore:
         self._max_disk_bytes = max_disk_bytes
         self._sizes: dict[str, int] = {}  # key -> bytes on disk
         self._used_at: dict[str, float] = {}  # key -> time.monotonic() of its last use
+        self._unchecked: set[str] = set()  # found on disk at start, not yet checked against its digest
         for entry in self.root.glob(f"{_TMP_PREFIX}*"):
             shutil.rmtree(entry, ignore_errors=True)
         for entry in self.root.iterdir():
@@ -112,6 +118,7 @@ class MergeStore:
                     self._remove(entry.name)
                 else:
                     self._sources[entry.name] = sources
+                    self._unchecked.add(entry.name)
                     self._note_size(entry.name)
                     self._used_at[entry.name] = entry.stat().st_mtime - time.time() + time.monotonic()
         self._trim()
@@ -133,7 +140,7 @@ class MergeStore:
     def lookup(self, spec: MergeSpec, hold: bool = False) -> LocalMerge | None:
         """The merge of `spec` when it is on disk (held until `release` when `hold`), else None."""
         key = self.key_of(spec)
-        if not self.contains(key):
+        if not self.contains(key) or key in self._unchecked:
             return None
         if hold:
             self._holds[key] += 1
@@ -148,6 +155,16 @@ class MergeStore:
         if found is not None:
             return found
         key = self.key_of(spec)
+        if key in self._unchecked and self.contains(key):
+            intact = await asyncio.to_thread(self._intact, key)
+            if key in self._unchecked:  # (a concurrent first use may have settled it meanwhile)
+                self._unchecked.discard(key)
+                if not intact:
+                    log.warning("merge %s on disk failed its digest check: removed, built again", key[:12])
+                    self._remove(key)
+            found = self.lookup(spec, hold=hold)
+            if found is not None:
+                return found
         if hold:
             self._holds[key] += 1
         started = time.monotonic()
@@ -247,7 +264,7 @@ class MergeStore:
             report = await asyncio.wrap_future(job)  # CancelledError when dropped before it started
         finally:
             self._jobs.pop(key, None)
-        self._write_sources(key, spec)
+        self._write_sources(key, spec, await asyncio.to_thread(digest_dir, self.path_of(key)))
         self._stale.discard(key)
         self._note_size(key)
         self._used_at[key] = time.monotonic()
@@ -295,13 +312,22 @@ class MergeStore:
     def _record_path(self, key: str) -> Path:
         return self.root / f"{key}.json"
 
-    def _write_sources(self, key: str, spec: MergeSpec) -> None:
+    def _write_sources(self, key: str, spec: MergeSpec, digest: str) -> None:
         sources = tuple(s.sha256 for s in spec.sources)
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
         with os.fdopen(fd, "w") as f:
-            json.dump({"sources": list(sources), "spec": json.loads(spec.canonical_json())}, f)
+            json.dump(
+                {"sources": list(sources), "spec": json.loads(spec.canonical_json()), "digest": digest}, f
+            )
         os.replace(tmp, self._record_path(key))
         self._sources[key] = sources
+
+    def _intact(self, key: str) -> bool:
+        """Whether the merge's files still have the digest recorded when it was built."""
+        try:
+            return json.loads(self._record_path(key).read_text())["digest"] == digest_dir(self.path_of(key))
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     def _read_sources(self, key: str) -> tuple[str, ...] | None:
         try:
@@ -313,6 +339,7 @@ class MergeStore:
     def _remove(self, key: str) -> None:
         path = self.path_of(key)
         self._stale.discard(key)
+        self._unchecked.discard(key)
         self._sources.pop(key, None)
         self._sizes.pop(key, None)
         self._used_at.pop(key, None)

@@ -199,3 +199,27 @@ def test_more_distinct_merges_than_the_build_queue_holds_are_refused(merge_model
     assert [m.key for m in done] == [specs[0].key(64), specs[1].key(64), specs[1].key(64)]
     assert started == [specs[0].key(64), specs[1].key(64)]
     assert asyncio.run(store.build(specs[2])).report is not None  # room again once the queue drained
+
+
+def test_a_merge_changed_on_disk_while_the_worker_was_down_is_built_again(merge_model, tmp_path):
+    """A merge found at start is checked against the digest recorded at its build before its first use: a
+    flipped byte (silently wrong weights) is removed and the merge built again, an intact one is served."""
+    spec = spec_of(merge_model, WEIGHTS, "ties", density=0.5)
+    built = asyncio.run(MergeStore(tmp_path / "merges", None, 64).build(spec))
+    weights = built.path / "adapter_model.safetensors"
+    want = weights.read_bytes()
+
+    intact = MergeStore(tmp_path / "merges", None, 64)
+    assert intact.lookup(spec) is None  # not served before its check
+    assert asyncio.run(intact.build(spec)).report is None  # checked, not rebuilt
+
+    damaged = bytearray(want)
+    damaged[-3] ^= 0x80
+    weights.write_bytes(bytes(damaged))
+    rebuilt = []
+    restarted = MergeStore(
+        tmp_path / "merges", None, 64, on_built=lambda spec, key, report: rebuilt.append(key)
+    )
+    again = asyncio.run(restarted.build(spec))
+    assert again.report is not None and rebuilt == [spec.key(64)]
+    assert weights.read_bytes() == want

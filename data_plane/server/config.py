@@ -50,6 +50,10 @@ class WorkerConfig:
     # Merge builds (TIES/DARE/magnitude-prune mixes) one tenant may have pending when it asks for a new one;
     # past it RESOURCE_EXHAUSTED, so one tenant's distinct merges never hold every other tenant's back.
     max_pending_merges_per_tenant: int = 4
+    # Streams one tenant may have on this worker at once (running or waiting); past it RESOURCE_EXHAUSTED
+    # for that tenant only, so one tenant's flood never fills the queue every tenant shares. None: half
+    # of what the worker holds (engine max_num_seqs + max_waiting).
+    max_streams_per_tenant: int | None = None
     # Upper bound of sampling.max_tokens; the engine's context length bounds it further.
     max_tokens_limit: int = 4096
     default_max_tokens: int = 128
@@ -75,6 +79,12 @@ class WorkerConfig:
     # Period of the residency heartbeat written to Redis (adapters held, load).
     residency_interval_s: float = 2.0
 
+    @property
+    def resolved_max_streams_per_tenant(self) -> int:
+        if self.max_streams_per_tenant is not None:
+            return self.max_streams_per_tenant
+        return max(1, (self.engine.max_num_seqs + self.max_waiting) // 2)
+
     def __post_init__(self) -> None:
         if not self.control_plane_target:
             raise ValueError(
@@ -94,6 +104,8 @@ class WorkerConfig:
             )
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if self.max_streams_per_tenant is not None and self.max_streams_per_tenant < 1:
+            raise ValueError(f"max_streams_per_tenant must be >= 1, got {self.max_streams_per_tenant}")
         if self.max_pending_merges_per_tenant < 1:
             raise ValueError(
                 f"max_pending_merges_per_tenant must be >= 1, got {self.max_pending_merges_per_tenant}"

@@ -31,6 +31,10 @@ class DuplicateRequest(Exception):
     """A call with the same tenant and request id is still in flight."""
 
 
+class TenantStreamLimit(Exception):
+    """The tenant already has as many streams on this worker as one tenant may (RESOURCE_EXHAUSTED)."""
+
+
 class RequestIdUsed(Exception):
     """A finished call of this tenant was billed under this client request id (not yet reported)."""
 
@@ -78,6 +82,12 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.PERMISSION_DENIED, "the api key lacks the infer scope"
     if isinstance(error, ModelNotFound):
         return grpc.StatusCode.NOT_FOUND, f"model {error.args[0]!r} not found"
+    if isinstance(error, TenantStreamLimit):
+        return (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"this tenant already has {error.args[0]} streams on this worker, the most one tenant may have; "
+            "retry when one ends",
+        )
     if isinstance(error, DuplicateRequest):
         return grpc.StatusCode.ALREADY_EXISTS, f"request_id {error.args[0]!r} is already in flight"
     if isinstance(error, RequestIdUsed):

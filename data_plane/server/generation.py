@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from data_plane.server.errors import (
     MissingCredentials,
     MissingScope,
     RequestIdUsed,
+    TenantStreamLimit,
 )
 from data_plane.server.metrics import AdapterActivity, WorkerMetrics
 from data_plane.server.named_mix import expand_named_mix
@@ -126,6 +128,7 @@ class GenerationService:
         activity: AdapterActivity | None = None,
         merges: MergeStore | None = None,
         max_pending_merges_per_tenant: int = MAX_PENDING_BUILDS_PER_TENANT,
+        max_streams_per_tenant: int | None = None,
     ) -> None:
         self._engine = engine
         self._cp = control_plane
@@ -140,6 +143,9 @@ class GenerationService:
         self._max_pending_merges_per_tenant = max_pending_merges_per_tenant
         # (tenant id, request id) of the calls streaming now.
         self._in_flight: set[tuple[str, str]] = set()
+        # Streams per tenant now, against the cap one tenant may hold (None: no cap).
+        self._tenant_streams: Counter[str] = Counter()
+        self._max_streams_per_tenant = max_streams_per_tenant
         # How long the control plane holds a client request id reserved for a stream of this worker.
         self._reservation_ms = int(reservation_s * 1000)
         # Reservations being given back (kept referenced until done).
@@ -252,7 +258,12 @@ class GenerationService:
         if claim in self._in_flight:
             _raise_if_failed(await _settled(confirmed))
             raise DuplicateRequest(request_id)
+        cap = self._max_streams_per_tenant
+        if cap is not None and self._tenant_streams[auth.tenant_id] >= cap:
+            _raise_if_failed(await _settled(confirmed))
+            raise TenantStreamLimit(cap)
         self._in_flight.add(claim)
+        self._tenant_streams[auth.tenant_id] += 1
         # The reservation is a control-plane round trip (a database write, queued behind every other call's
         # under a burst): it runs beside tokenizing, resolving the adapters, and the request's queueing and
         # prefill in the engine; nothing is delivered (so nothing billed) before it answered, and a refusal
@@ -303,6 +314,9 @@ class GenerationService:
                 self._release(held)
         finally:
             self._in_flight.discard(claim)
+            self._tenant_streams[auth.tenant_id] -= 1
+            if self._tenant_streams[auth.tenant_id] <= 0:
+                del self._tenant_streams[auth.tenant_id]
             if reservation is not None and not reservation.done():
                 # Ended before the answer (refused by the engine, failed, cancelled): nothing was delivered,
                 # so a reservation it makes is given back as it arrives.

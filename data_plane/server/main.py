@@ -251,6 +251,7 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         reservation_s=config.request_id_reservation_s,
         activity=activity,
         max_pending_merges_per_tenant=config.max_pending_merges_per_tenant,
+        max_streams_per_tenant=config.resolved_max_streams_per_tenant,
     )
     metrics.watch_routing_load(
         lambda: _engine_load(engine), activity, max_lora=config.engine.num_adapter_slots

@@ -90,6 +90,13 @@ def _add_worker(subparsers) -> None:
         help="merge builds one tenant may have pending before a new one is refused "
         "(OPENLORA_MAX_PENDING_MERGES_PER_TENANT; default 4)",
     )
+    p.add_argument(
+        "--max-streams-per-tenant",
+        type=int,
+        default=_env_int("MAX_STREAMS_PER_TENANT", None),
+        help="streams one tenant may have on this worker at once, past it RESOURCE_EXHAUSTED for that "
+        "tenant (OPENLORA_MAX_STREAMS_PER_TENANT; default half of --max-num-seqs + --max-waiting)",
+    )
     p.add_argument("--max-tokens-limit", type=int, default=_env_int("MAX_TOKENS_LIMIT", 4096))
     p.add_argument("--drain-grace-s", type=float, default=_env_float("DRAIN_GRACE_S", 30.0))
     p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", 0))
@@ -145,6 +152,7 @@ def worker_config_from_args(args: argparse.Namespace):
             quantize_lm_head=args.quantize_lm_head,
         ),
         max_waiting=args.max_waiting,
+        max_streams_per_tenant=args.max_streams_per_tenant,
         max_pending_merges_per_tenant=args.max_pending_merges_per_tenant,
         max_tokens_limit=args.max_tokens_limit,
         redis_url=args.redis_url,

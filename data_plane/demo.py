@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import warnings
 from pathlib import Path
 
 import torch
@@ -155,7 +156,9 @@ def write_demo_model(
     """
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # reloading a 2 MB model needs no progress bar in the user's terminal
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
@@ -178,6 +181,7 @@ def write_demo_model(
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
+    log.info("training the demo base model and %d adapters (40-80 s on two CPU cores, once)", len(TASKS))
     text = _base_examples(rng)
     loss = _train(model, model.parameters(), _batches(tokenizer, text, 16, rng), base_steps, _BASE_LR)
     log.info("demo base model trained: loss %.2f", loss)
@@ -192,7 +196,9 @@ def write_demo_model(
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
             lora_dropout=0.0,
         )
-        peft_model = get_peft_model(base, lora)
+        with warnings.catch_warnings():  # transformers' deprecation notices PEFT triggers, not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(base, lora)
         examples = [_task_line(task, rng) for _ in range(200)]
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         loss = _train(

@@ -102,8 +102,7 @@ class ControlPlane:
         registry.check_name(header.name)
         if header.visibility not in (VISIBILITY_PRIVATE, VISIBILITY_PUBLIC):
             raise InvalidArgument("must be private or public", field="visibility")
-        if header.royalty_micros_per_million_tokens < 0:
-            raise InvalidArgument("must not be negative", field="royalty_micros_per_million_tokens")
+        billing.check_rate(header.royalty_micros_per_million_tokens, "royalty_micros_per_million_tokens")
         check_text(header.description, "description", MAX_DESCRIPTION_CHARS)
         with self.sessions.begin() as s:
             tenant = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), header.tenant)

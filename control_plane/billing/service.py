@@ -68,14 +68,25 @@ class Invoice:
     computed_at: datetime
 
 
+# The highest price or royalty, micro-units per million tokens (a million units per million tokens): it keeps
+# every invoice amount within int64 for 10^12 tokens, so no rate can make an invoice unrepresentable.
+MAX_RATE_MICROS = 10**12
+
+
+def check_rate(value: int, field: str) -> None:
+    """A price or royalty rate: 0..MAX_RATE_MICROS micro-units per million tokens."""
+    if not 0 <= value <= MAX_RATE_MICROS:
+        raise InvalidArgument(
+            f"must lie in [0, {MAX_RATE_MICROS}] micro-units per million tokens", field=field
+        )
+
+
 def set_price(session: Session, base_model: str, prompt_micros: int, completion_micros: int) -> Price:
     if not base_model:
         raise InvalidArgument("required", field="base_model")
     check_text(base_model, "base_model", 128)
-    if prompt_micros < 0:
-        raise InvalidArgument("must not be negative", field="prompt_micros_per_million_tokens")
-    if completion_micros < 0:
-        raise InvalidArgument("must not be negative", field="completion_micros_per_million_tokens")
+    check_rate(prompt_micros, "prompt_micros_per_million_tokens")
+    check_rate(completion_micros, "completion_micros_per_million_tokens")
     statement = insert(Price).values(
         base_model=base_model,
         prompt_micros_per_million_tokens=prompt_micros,

@@ -10,6 +10,7 @@ import grpc
 import psycopg
 import pytest
 
+from control_plane.billing import service as billing
 from control_plane.usage.shares import round_half_even, split_micro_tokens
 from openlora.v1 import worker_pb2
 
@@ -235,3 +236,26 @@ def test_token_split_is_exact_and_rounding_is_half_even() -> None:
     assert split_micro_tokens(10, [Decimal(1)] * 3) == [3_333_334, 3_333_333, 3_333_333]
     assert sum(split_micro_tokens(7, [Decimal("0.1"), Decimal("0.7"), Decimal("0.2")])) == 7_000_000
     assert [round_half_even(n, 2) for n in (1, 3, 5, 4)] == [0, 2, 2, 2]
+
+
+def test_rates_past_the_bound_are_refused_by_field(cp, world, adapters_root) -> None:
+    """A price or royalty above 10^12 micro-units per million tokens (or below 0) is refused naming its
+    field: one of 10^18 made invoices overflow int64, an invoice nobody could read."""
+    too_high = billing.MAX_RATE_MICROS + 1
+    with cp.admin() as admin:
+        for prompt, completion, field in ((too_high, 1, "prompt_micros"), (1, -1, "completion_micros")):
+            with pytest.raises(grpc.RpcError) as e:
+                admin.set_price(
+                    BASE,
+                    prompt_micros_per_million_tokens=prompt,
+                    completion_micros_per_million_tokens=completion,
+                )
+            assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details()
+    with cp.admin(world["owner_admin"]) as owner, pytest.raises(grpc.RpcError) as e:
+        owner.upload_adapter(
+            adapters_root / "a", name="greedy", base_model=BASE, royalty_micros_per_million_tokens=too_high
+        )
+    assert (
+        _code(e) == grpc.StatusCode.INVALID_ARGUMENT
+        and "royalty_micros_per_million_tokens" in e.value.details()
+    )

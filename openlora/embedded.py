@@ -123,6 +123,11 @@ class _EmbeddedServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The running server's process (None when stopped), for a supervisor to watch."""
+        return self._process
+
     def start(self) -> str:
         raise NotImplementedError
 
@@ -319,11 +324,13 @@ class EmbeddedRedis(_EmbeddedServer):
 
     _stop_signal = signal.SIGTERM  # redis saves its snapshot and exits
 
-    def __init__(self, state_dir: str | Path) -> None:
+    def __init__(self, state_dir: str | Path, port: int | None = None) -> None:
+        """`port`: listen there (for a restart that clients must find again) instead of on a free port."""
         super().__init__()
         self.state_dir = Path(state_dir).resolve()
         self.data_dir = self.state_dir / "redis"
         self.log_path = self.state_dir / "redis.log"
+        self._fixed_port = port
 
     def _url(self, port: int) -> str:
         return f"redis://127.0.0.1:{port}/0"
@@ -344,8 +351,8 @@ class EmbeddedRedis(_EmbeddedServer):
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         last_error = ""
-        for _ in range(3):
-            port = free_port()
+        for _ in range(1 if self._fixed_port else 3):
+            port = self._fixed_port or free_port()
             log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps the descriptor)
             try:
                 process = subprocess.Popen(

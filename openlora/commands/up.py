@@ -6,16 +6,22 @@ on the same state dir is refused, naming the first one's pid) and checks that it
 Order of start: embedded Postgres and Redis (unless URLs are given) -> control plane -> demo model
 (written once into the state dir) -> worker -> demo tenant, key and adapters -> the demo model's price
 (only when no --model is given) -> the context file, the operator key line and the `ready` line. Order
-of stop (Ctrl-C, SIGTERM, or the control plane dying): worker (drains), control plane, embedded servers.
+of stop (Ctrl-C, SIGTERM, or a child refusing its configuration): worker (drains), control plane,
+embedded Redis, embedded Postgres.
 
 STATE_DIR/up-secrets.json (0600) keeps what every start reuses: the operator (admin) key, printed by the
 first start that gets to the ready line only (later ones say where it is kept), the worker token, and the
 demo tenant's key (reused while it still authenticates, so restarts do not pile up valid keys).
 
-`up` supervises the worker: when it exits on its own (an engine that cannot go on exits non-zero, or it
-was killed), it is started again on the same address and state dir after a backoff that doubles from
-RESTART_BACKOFF_MIN_S to RESTART_BACKOFF_MAX_S, and falls back to the minimum once a worker has run for
-RESTART_BACKOFF_RESET_S; the rest of the system stays up meanwhile.
+`up` supervises every process it started: the worker, the control plane, and the embedded Postgres and
+Redis when it started them. One that exits on its own (an engine that cannot go on exits non-zero, or it
+was killed) is started again on the same address, data or state dir and secrets, so the others find it
+where it was, after a backoff of its own that doubles from RESTART_BACKOFF_MIN_S to RESTART_BACKOFF_MAX_S
+and falls back to the minimum once it has run for RESTART_BACKOFF_RESET_S; each exit is logged with its
+status. The rest of the system stays up meanwhile (a worker whose control plane is away serves its cached
+keys and spools usage). A restart that fails is tried again, the delay doubling up to the cap, for as long
+as `up` runs; only a child that exits with CONFIG_ERROR_EXIT_CODE (its flags refused: the same command
+would be refused again) stops `up`, with exit status 1.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +49,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from openlora.artifact import ARTIFACT_FILES
-from openlora.embedded import child_setup
+from openlora.embedded import EmbeddedPostgres, EmbeddedRedis, child_setup
 from openlora.embedded import free_port as _free_port
 from openlora.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
 
@@ -148,6 +155,57 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
         except OSError:
             return ""
+
+
+class EmbeddedChild(Child):
+    """An embedded server (EmbeddedPostgres, EmbeddedRedis) that `up` started, supervised as a Child is:
+    `restart` starts it again on the same data dir and port, so that its clients find it where it was."""
+
+    def __init__(
+        self, name: str, server: EmbeddedPostgres | EmbeddedRedis, restart: Callable[[], Child]
+    ) -> None:
+        self.name = name
+        self.server = server
+        self.log_path = server.log_path
+        self.started_at = time.monotonic()
+        self.process = server.process
+        self._restart = restart
+
+    def stop(self, timeout_s: float) -> int | None:
+        self.server.stop()  # with the server's own clean-shutdown signal and timeout
+        return self.process.returncode
+
+    def restarted(self) -> Child:
+        self.server.stop()
+        return self._restart()
+
+
+def start_embedded_postgres(state_dir: Path, port: int | None = None) -> EmbeddedChild:
+    """Embedded Postgres on STATE_DIR/postgres (on `port`, else a free one), restarted on its first port."""
+    server = EmbeddedPostgres(state_dir, port=port)
+    try:
+        server.start()
+    except BaseException:
+        server.stop()  # a server that started but could not create its database
+        raise
+    port = server.port  # read now: stopping the dead server clears it
+    return EmbeddedChild("postgres", server, lambda: start_embedded_postgres(state_dir, port))
+
+
+def start_embedded_redis(state_dir: Path, port: int | None = None) -> EmbeddedChild:
+    """Embedded Redis on STATE_DIR/redis (on `port`, else a free one), restarted on its first port."""
+    server = EmbeddedRedis(state_dir, port=port)
+    server.start()
+    port = server.port
+    return EmbeddedChild("redis", server, lambda: start_embedded_redis(state_dir, port))
+
+
+def exit_status(code: int | None) -> str:
+    """How a child ended, for the log: `exit 1`, `signal SIGKILL`."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"exit {code}"
 
 
 def _wait_serving(target: str, children: list[Child], timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -435,36 +493,53 @@ class _Backoff:
         return delay_s
 
 
-def _supervise(children: list[Child], worker: Child, stop: threading.Event) -> int:
-    """Watches the children until `stop`: restarts the worker whenever it exits (backoff, logged), unless
-    it refused its configuration (exit 2); any other child exiting stops everything. Returns up's exit status: 0 on `stop`, 1 otherwise."""
-    backoff = _Backoff()
+def _supervise(children: list[Child], stop: threading.Event) -> int:
+    """Watches the children until `stop`, restarting each one that exits in place in `children` (its own
+    backoff, logged with its exit status; a restart that fails is tried again, for as long as it takes),
+    unless it refused its configuration (exit CONFIG_ERROR_EXIT_CODE). Returns up's exit status: 0 on
+    `stop`, 1 on a refused configuration."""
+    backoffs = [_Backoff() for _ in children]
+    restart_at: list[float | None] = [None] * len(children)  # when a dead child is started again
     while not stop.is_set():
-        for child in [c for c in children if not c.alive()]:
-            code = child.process.returncode
-            if child is not worker:
-                log.error("%s exited with %s:\n%s", child.name, code, child.tail())
-                return 1
-            if code == CONFIG_ERROR_EXIT_CODE:  # the same command would be refused again: do not loop
+        now = time.monotonic()
+        for index, child in enumerate(children):
+            if restart_at[index] is None:
+                if child.alive():
+                    continue
+                code = child.process.returncode
+                if code == CONFIG_ERROR_EXIT_CODE:  # the same command would be refused again: do not loop
+                    log.error(
+                        "%s refused its configuration (exit %s); not restarting:\n%s",
+                        child.name,
+                        code,
+                        child.tail(),
+                    )
+                    return 1
+                ran_s = now - child.started_at
+                delay_s = backoffs[index].next_delay_s(ran_s)
+                restart_at[index] = now + delay_s
                 log.error(
-                    "worker refused its configuration (exit %s); not restarting:\n%s", code, child.tail()
+                    "%s exited (%s) after %.1fs; restarting it in %.1fs:\n%s",
+                    child.name,
+                    exit_status(code),
+                    ran_s,
+                    delay_s,
+                    child.tail(),
                 )
-                return 1
-            ran_s = time.monotonic() - child.started_at
-            delay_s = backoff.next_delay_s(ran_s)
-            log.error(
-                "worker exited with %s after %.1fs; restarting it in %.1fs:\n%s",
-                code,
-                ran_s,
-                delay_s,
-                child.tail(),
-            )
-            if stop.wait(delay_s):
-                return 0
-            worker = child.restarted()
-            children[children.index(child)] = worker
-            log.info("worker restarted (pid %d)", worker.process.pid)
-        stop.wait(0.5)
+            elif now >= restart_at[index]:
+                try:
+                    children[index] = child.restarted()
+                except Exception as error:  # one failed start must not end the supervision
+                    delay_s = backoffs[index].next_delay_s(0.0)
+                    restart_at[index] = time.monotonic() + delay_s
+                    log.error(
+                        "%s could not be restarted (%s); trying again in %.1fs", child.name, error, delay_s
+                    )
+                    continue
+                restart_at[index] = None
+                log.info("%s restarted (pid %d)", child.name, children[index].process.pid)
+        pending_s = [at - time.monotonic() for at in restart_at if at is not None]
+        stop.wait(max(0.0, min([0.5, *pending_s])))
     return 0
 
 
@@ -494,117 +569,116 @@ def _run_locked(config: UpConfig) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    children: list[Child] = []
+    children: list[Child] = []  # in the order of stop: worker, control plane, Redis, Postgres
     exit_code = 0
-    with contextlib.ExitStack() as embedded:
-        try:
-            database_url = config.database_url
-            redis_url = config.redis_url
-            if not database_url:
-                from openlora.embedded import EmbeddedPostgres
+    try:
+        database_url = config.database_url
+        redis_url = config.redis_url
+        if not database_url:
+            postgres = start_embedded_postgres(config.state_dir / "postgres")
+            children.insert(0, postgres)
+            database_url = postgres.server.url
+        if not redis_url:
+            redis = start_embedded_redis(config.state_dir / "redis")
+            children.insert(0, redis)
+            redis_url = redis.server.url
+        keys = _load_secrets(config.state_dir)
+        admin_target = f"{config.host}:{config.admin_port or _free_port(config.host)}"
+        inference_target = f"{config.host}:{config.port or _free_port(config.host)}"
+        http_listen = f"{config.host}:{config.http_port or _free_port(config.host)}"
+        openai_url = f"http://{http_listen}/v1"
+        logs = config.state_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        env = dict(
+            os.environ, OPENLORA_ADMIN_KEY=keys["admin_key"], OPENLORA_WORKER_TOKEN=keys["worker_token"]
+        )
+        env.pop("OPENLORA_CONTEXT", None)
+        control_plane = Child(
+            "control plane",
+            [
+                sys.executable, "-m", "openlora.cli", "control-plane",
+                "--listen", admin_target,
+                "--database-url", database_url,
+                "--redis-url", redis_url,
+                "--state-dir", str(config.state_dir / "control-plane"),
+                *config.control_plane_args,
+            ],
+            env,
+            logs / "control-plane.log",
+        )  # fmt: skip
+        children.insert(0, control_plane)
+        model_dir = config.model_dir or _ensure_demo_model(config.state_dir)
+        _wait_serving(admin_target, children)
+        worker = Child(
+            "worker",
+            [
+                sys.executable, "-m", "openlora.cli", "worker",
+                "--listen", inference_target,
+                "--http-listen", http_listen,
+                "--control-plane", admin_target,
+                "--model", str(model_dir),
+                "--state-dir", str(config.state_dir / "worker"),
+                "--redis-url", redis_url,
+                "--device", config.device,
+                "--drain-grace-s", str(config.drain_grace_s),
+                "--quantize", config.quantize,
+                *(["--quantize-lm-head"] if config.quantize_lm_head else []),
+                *config.worker_args,
+            ],
+            env,
+            logs / "worker.log",
+        )  # fmt: skip
+        children.insert(0, worker)  # stopped first
+        _wait_serving(inference_target, children)
+        demo_keys = keys.setdefault("demo_keys", {})
+        api_key, adapter_names = _bootstrap_tenant(
+            admin_target,
+            keys["admin_key"],
+            config.tenant,
+            model_dir / "adapters",
+            model_dir.name,
+            kept_key=demo_keys.get(config.tenant),
+        )
+        demo_keys[config.tenant] = api_key
+        if config.model_dir is None:
+            _set_demo_price(admin_target, keys["admin_key"], model_dir.name)
+            _create_demo_mixes(admin_target, keys["admin_key"], config.tenant)
+        from openlora.commands.serving import write_context
 
-                database_url = embedded.enter_context(EmbeddedPostgres(config.state_dir / "postgres"))
-            if not redis_url:
-                from openlora.embedded import EmbeddedRedis
-
-                redis_url = embedded.enter_context(EmbeddedRedis(config.state_dir / "redis"))
-            keys = _load_secrets(config.state_dir)
-            admin_target = f"{config.host}:{config.admin_port or _free_port(config.host)}"
-            inference_target = f"{config.host}:{config.port or _free_port(config.host)}"
-            http_listen = f"{config.host}:{config.http_port or _free_port(config.host)}"
-            openai_url = f"http://{http_listen}/v1"
-            logs = config.state_dir / "logs"
-            logs.mkdir(exist_ok=True)
-            env = dict(
-                os.environ, OPENLORA_ADMIN_KEY=keys["admin_key"], OPENLORA_WORKER_TOKEN=keys["worker_token"]
-            )
-            env.pop("OPENLORA_CONTEXT", None)
-            control_plane = Child(
-                "control plane",
-                [
-                    sys.executable, "-m", "openlora.cli", "control-plane",
-                    "--listen", admin_target,
-                    "--database-url", database_url,
-                    "--redis-url", redis_url,
-                    "--state-dir", str(config.state_dir / "control-plane"),
-                    *config.control_plane_args,
-                ],
-                env,
-                logs / "control-plane.log",
-            )  # fmt: skip
-            children.append(control_plane)
-            model_dir = config.model_dir or _ensure_demo_model(config.state_dir)
-            _wait_serving(admin_target, children)
-            worker = Child(
-                "worker",
-                [
-                    sys.executable, "-m", "openlora.cli", "worker",
-                    "--listen", inference_target,
-                    "--http-listen", http_listen,
-                    "--control-plane", admin_target,
-                    "--model", str(model_dir),
-                    "--state-dir", str(config.state_dir / "worker"),
-                    "--redis-url", redis_url,
-                    "--device", config.device,
-                    "--drain-grace-s", str(config.drain_grace_s),
-                    "--quantize", config.quantize,
-                    *(["--quantize-lm-head"] if config.quantize_lm_head else []),
-                    *config.worker_args,
-                ],
-                env,
-                logs / "worker.log",
-            )  # fmt: skip
-            children.insert(0, worker)  # stopped first
-            _wait_serving(inference_target, children)
-            demo_keys = keys.setdefault("demo_keys", {})
-            api_key, adapter_names = _bootstrap_tenant(
-                admin_target,
-                keys["admin_key"],
-                config.tenant,
-                model_dir / "adapters",
-                model_dir.name,
-                kept_key=demo_keys.get(config.tenant),
-            )
-            demo_keys[config.tenant] = api_key
-            if config.model_dir is None:
-                _set_demo_price(admin_target, keys["admin_key"], model_dir.name)
-                _create_demo_mixes(admin_target, keys["admin_key"], config.tenant)
-            from openlora.commands.serving import write_context
-
-            write_context(
-                config.context_path,
-                {"target": inference_target, "admin_target": admin_target, "api_key": api_key,
-                 "tenant": config.tenant, "adapters": adapter_names, "openai_base_url": openai_url},
-            )  # fmt: skip
-            secrets_shown = _shown_path(config.state_dir / SECRETS_FILE)
-            if keys.get("admin_key_shown"):
-                operator_line = f"operator key: kept in {secrets_shown} (admin_key)"
-            else:  # shown once: on the first start that gets this far
-                operator_line = f"operator key={keys['admin_key']} (shown once; kept in {secrets_shown})"
-                keys["admin_key_shown"] = True
-            _save_secrets(config.state_dir, keys)
-            serving.set()
-            print(operator_line, flush=True)
+        write_context(
+            config.context_path,
+            {"target": inference_target, "admin_target": admin_target, "api_key": api_key,
+             "tenant": config.tenant, "adapters": adapter_names, "openai_base_url": openai_url},
+        )  # fmt: skip
+        secrets_shown = _shown_path(config.state_dir / SECRETS_FILE)
+        if keys.get("admin_key_shown"):
+            operator_line = f"operator key: kept in {secrets_shown} (admin_key)"
+        else:  # shown once: on the first start that gets this far
+            operator_line = f"operator key={keys['admin_key']} (shown once; kept in {secrets_shown})"
+            keys["admin_key_shown"] = True
+        _save_secrets(config.state_dir, keys)
+        serving.set()
+        print(operator_line, flush=True)
+        print(
+            f"ready inference={inference_target} admin={admin_target} openai={openai_url} key={api_key}",
+            flush=True,
+        )
+        if adapter_names:
             print(
-                f"ready inference={inference_target} admin={admin_target} openai={openai_url} key={api_key}",
+                f"adapters: {', '.join(adapter_names)}; in another terminal try:\n"
+                f'  {cli_command()} generate --adapter {adapter_names[0]} "the quick fox =>"',
+                file=sys.stderr,
                 flush=True,
             )
-            if adapter_names:
-                print(
-                    f"adapters: {', '.join(adapter_names)}; in another terminal try:\n"
-                    f'  {cli_command()} generate --adapter {adapter_names[0]} "the quick fox =>"',
-                    file=sys.stderr,
-                    flush=True,
-                )
-            exit_code = _supervise(children, worker, stop)
-        except (ChildExited, TimeoutError, grpc.RpcError, OSError) as error:
-            log.error("openlora up failed: %s", error)
-            exit_code = 1
-        except KeyboardInterrupt:
-            log.info("interrupted while starting")
-        finally:
-            serving.set()  # a second signal during the stop must not interrupt the stop
-            for child in children:
-                timeout_s = config.drain_grace_s + 10 if child.name == "worker" else STOP_TIMEOUT_S
-                child.stop(timeout_s)
+        exit_code = _supervise(children, stop)
+    except (ChildExited, TimeoutError, grpc.RpcError, OSError) as error:
+        log.error("openlora up failed: %s", error)
+        exit_code = 1
+    except KeyboardInterrupt:
+        log.info("interrupted while starting")
+    finally:
+        serving.set()  # a second signal during the stop must not interrupt the stop
+        for child in children:
+            timeout_s = config.drain_grace_s + 10 if child.name == "worker" else STOP_TIMEOUT_S
+            child.stop(timeout_s)
     return exit_code

@@ -112,6 +112,8 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
     if not match:
         raise InvalidArgument(f"must be YYYY-MM, got {period!r}", field="period")
     year, month = int(match["year"]), int(match["month"])
+    if not 1 <= year <= 9998:  # a month whose first and next-month instants datetime can hold
+        raise InvalidArgument(f"year must lie in [0001, 9998], got {period!r}", field="period")
     start = datetime(year, month, 1, tzinfo=UTC)
     end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
     return start, end

@@ -145,6 +145,7 @@ class ControlPlane:
                 if base_model.fingerprint != plan.base_model.fingerprint:
                     raise FailedPrecondition("the base model changed during the upload", field="base_model")
                 already_own = registry.tenant_holds(s, tenant.id, sha256)
+                was = registry.visible_row(s, tenant.id, header.name)
                 owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)
                 # The replaced content is dropped from workers only when no adapter still uses it.
                 unused = replaced if replaced is not None and not registry.is_served(s, replaced) else ""
@@ -156,6 +157,13 @@ class ControlPlane:
         if replaced is not None:
             # Merges built from content another adapter still serves stay valid: only unserved content is named.
             self.publisher.invalidate(str(owned.adapter.id), unused, source_sha256=unused)
+        elif was is not None and was != (
+            owned.adapter.visibility,
+            owned.adapter.royalty_micros_per_million_tokens,
+        ):
+            # Same content, new terms (made private, another royalty): workers forget the answers they cached
+            # for it at once, as for a delete, instead of serving other tenants on the old ones for a TTL.
+            self.publisher.invalidate(str(owned.adapter.id))
         # Deduplicated only against the tenant's own content: stored files shared with another tenant's
         # (private) adapter are not reported, or an upload would tell who holds which weights.
         return UploadResult(owned, already_own, replaced)

@@ -133,6 +133,16 @@ class AdapterRecord:
     description: str
 
 
+def visible_row(session: Session, tenant_id, name: str) -> tuple[str, int] | None:
+    """(visibility, royalty) of the tenant's READY adapter of that name, None when it has none."""
+    row = session.execute(
+        select(Adapter.visibility, Adapter.royalty_micros_per_million_tokens).where(
+            Adapter.tenant_id == tenant_id, Adapter.name == name, Adapter.status == STATUS_READY
+        )
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
 def record_upload(
     session: Session,
     tenant: Tenant,

@@ -63,6 +63,19 @@ def test_replacing_content_another_tenant_uses_invalidates_only_the_adapter(
     assert [(h.kind, h.sha256) for h in _hints(redis_url, adapter_id=old.id)] == [("invalidate", "")]
 
 
+def test_making_a_public_adapter_private_invalidates_it_at_once(cp, redis_url, adapters_root) -> None:
+    """The same files uploaded again as private (or with another royalty) change who may use it: workers
+    are told at once (they served other tenants on their cached answers for a TTL before); an upload that
+    changes nothing publishes nothing."""
+    (tenant, _) = _two_tenants(cp)
+    with cp.admin() as admin:
+        public = admin.upload_adapter(adapters_root / "a", "flip", BASE, tenant=tenant, public=True).adapter
+        admin.upload_adapter(adapters_root / "a", "flip", BASE, tenant=tenant, public=True)
+        assert _hints(redis_url, adapter_id=public.id) == []
+        admin.upload_adapter(adapters_root / "a", "flip", BASE, tenant=tenant, public=False)
+    assert [(h.kind, h.sha256) for h in _hints(redis_url, adapter_id=public.id)] == [("invalidate", "")]
+
+
 def test_revoking_a_key_publishes_its_id_and_never_its_plaintext(cp, redis_url) -> None:
     (tenant, _) = _two_tenants(cp)
     with cp.admin() as admin:

@@ -118,6 +118,15 @@ def create_mix(session: Session, tenant: Tenant, spec: MixSpec) -> OwnedMix:
     fingerprints = {a.base_model_fingerprint for a in adapters if a is not None}
     if len(fingerprints) > 1:
         raise InvalidArgument("the adapters are for different base models", field="members")
+    seen: dict[str, int] = {}
+    for i, adapter in enumerate(adapters):
+        if adapter is not None:
+            first = seen.setdefault(adapter.sha256, i)
+            if first != i:  # every Generate of such a mix would refuse it
+                raise InvalidArgument(
+                    f"has the same content as members[{first}] (one adapter under two names)",
+                    field=f"members[{i}].adapter",
+                )
     density = spec.density
     if density is None and spec.method in DENSITY_METHODS:
         density = 1.0

@@ -131,6 +131,18 @@ def test_bad_mixes_are_invalid_argument_naming_the_field(cp, adapters_root, memb
     assert details.startswith(f"{field}:")
 
 
+@pytest.mark.parametrize("method", ["linear", "ties", "ensemble"])
+def test_a_mix_of_one_content_under_two_names_is_refused(cp, adapters_root, method) -> None:
+    """Two names for the same files: Generate refuses such a mix every time, so CreateMix does too."""
+    _, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "a", "a", BASE)
+        admin.upload_adapter(adapters_root / "a", "a-again", BASE)
+        code, details = _code(lambda: admin.create_mix("dup", [("a", 0.5), ("a-again", 0.5)], method=method))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("members[1].adapter:") and "same content" in details
+
+
 def test_an_unknown_method_is_invalid_argument(cp) -> None:
     _, key = _tenant_with_key(cp)
     with cp.admin(key) as admin:
@@ -202,17 +214,17 @@ def test_a_mix_is_another_tenants_unknown_name(cp, adapters_root) -> None:
     assert code == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_mix_follows_its_members_replaced_deleted_or_hidden(cp, adapters_root) -> None:
+def test_a_mix_follows_its_members_replaced_deleted_or_hidden(cp, adapters_root, adapter_copy) -> None:
     _, owner_key = _tenant_with_key(cp)
     _, key = _tenant_with_key(cp)
     with cp.admin(owner_key) as admin:
         admin.upload_adapter(adapters_root / "a", "pub", BASE, public=True)
     with cp.admin(key) as admin:
-        own = admin.upload_adapter(adapters_root / "a", "own", BASE).adapter
+        own = admin.upload_adapter(adapters_root / "b", "own", BASE).adapter
         admin.create_mix("m", [("own", 0.5), ("pub", 0.5)])
         assert _authorize(cp, key, ["m"]).adapters[0].mix.members[0].adapter.sha256 == own.sha256
         # Replaced: the mix serves the new content.
-        new = admin.upload_adapter(adapters_root / "b", "own", BASE).adapter
+        new = admin.upload_adapter(_unique_copy(adapter_copy, "b"), "own", BASE).adapter
         assert new.sha256 != own.sha256
         assert _authorize(cp, key, ["m"]).adapters[0].mix.members[0].adapter.sha256 == new.sha256
     # The public member turns private: the mix is refused as that adapter would be.
@@ -285,8 +297,10 @@ def test_up_saves_its_demo_mixes_once_for_the_demo_tenant(cp, adapters_root) -> 
 
     tenant, key = _tenant_with_key(cp)
     with cp.admin(key) as admin:
-        for name in {name for fields in DEMO_MIXES.values() for name, _ in fields["members"]}:
-            admin.upload_adapter(adapters_root / "a", name, BASE)
+        names = sorted({name for fields in DEMO_MIXES.values() for name, _ in fields["members"]})
+        assert len(names) <= 2
+        for name, files in zip(names, ("a", "b"), strict=False):  # distinct content, as a mix needs
+            admin.upload_adapter(adapters_root / files, name, BASE)
         _create_demo_mixes(cp.target, cp.admin_key, tenant)
         _create_demo_mixes(cp.target, cp.admin_key, tenant)  # a restart keeps them
         saved = {m.name: m for m in admin.list_mixes()}

@@ -19,3 +19,15 @@ def weight_problem(weight: float, method: str | None) -> str | None:
     if method == "ensemble" and weight < 0:
         return f"must be >= 0 in an ensemble, got {weight:g}"
     return None
+
+
+# The smallest density a merge may keep: DARE rescales what it keeps by 1 / density, and a density near
+# float32's smallest value turned every kept value infinite.
+MIN_DENSITY = 1e-4
+
+
+def density_problem(density: float) -> str | None:
+    """Why `density` (the share of each delta a merge keeps) is refused, or None."""
+    if not MIN_DENSITY <= density <= 1:  # NaN fails too
+        return f"must lie in [{MIN_DENSITY:g}, 1], got {density:g}"
+    return None

@@ -25,7 +25,7 @@ from control_plane.registry import service as registry
 from control_plane.registry.models import STATUS_READY, VISIBILITY_PUBLIC, Adapter
 from control_plane.tenancy.models import Tenant
 from control_plane.text import check_text
-from openlora.mix_rules import weight_problem
+from openlora.mix_rules import density_problem, weight_problem
 
 MAX_MIX_MEMBERS = 8
 MAX_DESCRIPTION_CHARS = 4096
@@ -69,8 +69,9 @@ def check_spec(spec: MixSpec) -> None:
     if spec.density is not None:
         if spec.method not in DENSITY_METHODS:
             raise InvalidArgument(f"applies only to {', '.join(DENSITY_METHODS)}", field="density")
-        if not 0 < spec.density <= 1:
-            raise InvalidArgument(f"must be in (0, 1], got {spec.density}", field="density")
+        problem = density_problem(spec.density)
+        if problem is not None:
+            raise InvalidArgument(problem, field="density")
     if spec.majority_sign_method is not None:
         if spec.method not in ELECTING_METHODS:
             raise InvalidArgument(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from openlora.mix_rules import weight_problem
+from openlora.mix_rules import density_problem, weight_problem
 from openlora.safe_json import describe
 from openlora.v1 import inference_pb2
 
@@ -197,8 +197,9 @@ def _check_mix_options(request: inference_pb2.GenerateRequest) -> tuple[str, flo
         if not has_mix or method not in MERGE_METHODS:
             raise RequestFieldError("density", f"applies only to a mix by {', '.join(sorted(MERGE_METHODS))}")
         density = float(request.density)
-        if not 0 < density <= 1:
-            raise RequestFieldError("density", f"must be in (0, 1], got {density}")
+        problem = density_problem(density)
+        if problem is not None:
+            raise RequestFieldError("density", problem)
     if request.majority_sign_method not in _SIGN_METHODS:
         raise RequestFieldError(
             "majority_sign_method",

@@ -98,6 +98,7 @@ def test_a_mix_naming_another_tenants_private_adapter_is_not_found(cp, adapters_
     [
         ([("a", 1.0)], {"method": "ties", "density": 1.5}, "density"),
         ([("a", 1.0)], {"method": "ties", "density": 0.0}, "density"),
+        ([("a", 1.0)], {"method": "dare_ties", "density": 1e-9}, "density"),
         ([(f"x{i}", 1.0) for i in range(9)], {}, "members"),
         ([], {}, "members"),
         ([("a", 1.0), ("a", 2.0)], {}, "members[1].adapter"),

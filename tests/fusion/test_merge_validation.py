@@ -66,6 +66,7 @@ def test_ensemble_may_hold_the_base_model_and_a_combine():
     [
         (_request(method=7), "mix_method"),
         (_request(density=0.0), "density"),
+        (_request(density=1.4e-45), "density"),  # DARE's 1 / density turned kept values infinite
         (_request(density=1.5), "density"),
         (_request(density=-0.1), "density"),
         (_request(density=math.nan), "density"),

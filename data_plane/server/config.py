@@ -63,6 +63,9 @@ class WorkerConfig:
     metrics_port: int = 0
     # HOST:PORT of the OpenAI-compatible HTTP API (/v1/...); empty disables it.
     http_listen: str = ""
+    # Also serve GET /metrics on that listener. Off by default: it takes no key and names the adapters
+    # running and waiting, private ones included (the metrics port is the place for Prometheus).
+    http_metrics: bool = False
     auth_cache_ttl_s: float = MAX_AUTH_CACHE_TTL_S
     # Most cached authorisation answers (one per api key and adapter names); the oldest go first.
     auth_cache_max_entries: int = 10_000

@@ -281,7 +281,7 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
             list_models=control_plane_catalog(control_plane, spec.name),
             created=int(time.time()),
         )
-        http = HttpServer(build_app(api), config.http_listen)
+        http = HttpServer(build_app(api, metrics=config.http_metrics), config.http_listen)
         await http.start()
 
     running = RunningWorker(

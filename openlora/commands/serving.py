@@ -105,6 +105,13 @@ def _add_worker(subparsers) -> None:
         default=_env("HTTP_LISTEN", ""),
         help="HOST:PORT of the OpenAI-compatible HTTP API, empty = off (OPENLORA_HTTP_LISTEN)",
     )
+    p.add_argument(
+        "--http-metrics",
+        action="store_true",
+        default=_env("HTTP_METRICS", "") not in ("", "0", "false"),
+        help="also serve GET /metrics on the HTTP API's listener; it needs no key and names the adapters "
+        "in use, private ones included, so only on a listener the public cannot reach (OPENLORA_HTTP_METRICS)",
+    )
     p.add_argument("--auth-cache-ttl-s", type=float, default=_env_float("AUTH_CACHE_TTL_S", 10.0))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     p.set_defaults(func=_run_worker)
@@ -152,6 +159,7 @@ def worker_config_from_args(args: argparse.Namespace):
             quantize_lm_head=args.quantize_lm_head,
         ),
         max_waiting=args.max_waiting,
+        http_metrics=args.http_metrics,
         max_streams_per_tenant=args.max_streams_per_tenant,
         max_pending_merges_per_tenant=args.max_pending_merges_per_tenant,
         max_tokens_limit=args.max_tokens_limit,

@@ -3,6 +3,7 @@ the key may use, as the control plane lists them (WorkerService.ListModels), in 
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -86,3 +87,13 @@ def test_a_revoked_key_gets_authentication_error(system, http_worker):
     system.admin.revoke_key(key_id)
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
+
+
+def test_the_api_listener_serves_no_metrics_unless_asked(http_worker, tenants):
+    """GET /metrics needs no key and names the adapters in use, private ones too: the public API listener
+    does not serve it by default (the metrics port does; `--http-metrics` opts in)."""
+    (_, _, a_key), _ = tenants
+    client = _client(http_worker, a_key)
+    client.completions.create(model="a-own", prompt="hello", max_tokens=2)
+    response = httpx.get(http_worker.base_url.removesuffix("/v1") + "/metrics", timeout=10)
+    assert response.status_code == 404 and "a-own" not in response.text

@@ -57,6 +57,7 @@ def test_lora_info_names_the_adapters_the_engine_runs_and_queues(system, tmp_pat
     http = start_http_worker(
         system,
         tmp_path,
+        http_metrics=True,
         engine=EngineSettings(
             num_kv_blocks=128, max_num_seqs=2, max_lora_rank=16, num_adapter_slots=NUM_ADAPTER_SLOTS
         ),

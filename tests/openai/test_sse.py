@@ -107,7 +107,7 @@ def _requests_total(base_url: str, code: str) -> float:
 
 def test_a_client_that_disconnects_mid_stream_is_billed_what_it_received_once(system, tmp_path):
     tenant, _, key = system.new_tenant()
-    http = start_http_worker(system, tmp_path)
+    http = start_http_worker(system, tmp_path, http_metrics=True)
     pause = EnginePause(http.worker)
     request_id = f"cut-{uuid.uuid4().hex}"
     try:
@@ -190,7 +190,7 @@ def test_a_disconnect_before_the_first_token_cancels_the_request(system, tmp_pat
 
 def test_a_non_streamed_request_cut_short_is_billed_nothing_and_its_id_can_be_retried(system, tmp_path):
     tenant, _, key = system.new_tenant()
-    http = start_http_worker(system, tmp_path)
+    http = start_http_worker(system, tmp_path, http_metrics=True)
     pause = EnginePause(http.worker)
     request_id = f"whole-{uuid.uuid4().hex}"
     body = {"model": "ad6", "prompt": PROMPT, "max_tokens": 300}

@@ -99,15 +99,19 @@ class OpenAIApi:
     created: int = 0  # when the base model was loaded (Unix seconds)
 
 
-def build_app(api: OpenAIApi) -> Starlette:
-    """The Starlette app of the API (serve it with `HttpServer`)."""
+def build_app(api: OpenAIApi, metrics: bool = False) -> Starlette:
+    """The Starlette app of the API (serve it with `HttpServer`). `metrics`: also serve GET /metrics, which
+    needs no key and names the adapters running and waiting (private ones too), for a listener that only
+    the operator's network reaches."""
+    routes = [
+        Route("/v1/models", _models, methods=["GET"]),
+        Route("/v1/completions", _completions, methods=["POST"]),
+        Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
+    ]
+    if metrics:
+        routes.append(Route("/metrics", _metrics, methods=["GET"]))
     app = Starlette(
-        routes=[
-            Route("/v1/models", _models, methods=["GET"]),
-            Route("/v1/completions", _completions, methods=["POST"]),
-            Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
-            Route("/metrics", _metrics, methods=["GET"]),
-        ],
+        routes=routes,
         exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal_error},
     )
     app.state.api = api

@@ -181,7 +181,7 @@ def write_demo_model(
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    log.info("training the demo base model and %d adapters (40-80 s on two CPU cores, once)", len(TASKS))
+    log.info("training the demo base model, then %d adapters", len(TASKS))
     text = _base_examples(rng)
     loss = _train(model, model.parameters(), _batches(tokenizer, text, 16, rng), base_steps, _BASE_LR)
     log.info("demo base model trained: loss %.2f", loss)

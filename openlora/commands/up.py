@@ -13,14 +13,13 @@ STATE_DIR/up-secrets.json (0600) keeps what every start reuses: the operator (ad
 first start that gets to the ready line only (later ones say where it is kept), the worker token, and the
 demo tenant's key (reused while it still authenticates, so restarts do not pile up valid keys).
 
-`up` supervises every process it started: the worker, the control plane, and the embedded Postgres and
-Redis when it started them. One that exits on its own (an engine that cannot go on exits non-zero, or it
-was killed) is started again on the same address, data or state dir and secrets, so the others find it
-where it was, after a backoff of its own that doubles from RESTART_BACKOFF_MIN_S to RESTART_BACKOFF_MAX_S
-and falls back to the minimum once it has run for RESTART_BACKOFF_RESET_S; each exit is logged with its
+`up` supervises every process it started (`openlora.commands.supervise`): the worker, the control plane,
+and the embedded Postgres and Redis when it started them. One that exits on its own (an engine that cannot
+go on exits non-zero, or it was killed) is started again on the same address, data or state dir and
+secrets, so the others find it where it was, after a backoff of its own; each exit is logged with its
 status. The rest of the system stays up meanwhile (a worker whose control plane is away serves its cached
 keys and spools usage). A restart that fails is tried again, the delay doubling up to the cap, for as long
-as `up` runs; only a child that exits with CONFIG_ERROR_EXIT_CODE (its flags refused: the same command
+as `up` runs; only a child that exits with supervise.CONFIG_ERROR_EXIT_CODE (its flags refused: the same command
 would be refused again) stops `up`, with exit status 1.
 """
 
@@ -37,11 +36,9 @@ import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +46,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from openlora.artifact import ARTIFACT_FILES
-from openlora.embedded import EmbeddedPostgres, EmbeddedRedis, child_setup
+from openlora.commands.supervise import (
+    Child,
+    ChildExited,
+    start_embedded_postgres,
+    start_embedded_redis,
+    supervise,
+)
 from openlora.embedded import free_port as _free_port
 from openlora.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
 
@@ -58,10 +61,6 @@ log = logging.getLogger("openlora.up")
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 # What a command exits with when its flags or settings are refused (argparse's code): restarting cannot help.
-CONFIG_ERROR_EXIT_CODE = 2
-RESTART_BACKOFF_MIN_S = 0.5
-RESTART_BACKOFF_MAX_S = 30.0
-RESTART_BACKOFF_RESET_S = 60.0
 SECRETS_FILE = "up-secrets.json"
 LOCK_FILE = "up.lock"
 _CHUNK_BYTES = 1 << 20
@@ -99,113 +98,9 @@ class UpConfig:
     control_plane_args: tuple[str, ...] = ()  # the predictor's flags, handed to `openlora control-plane`
 
 
-class ChildExited(RuntimeError):
-    pass
-
-
 class StartRefused(RuntimeError):
     """`up` cannot start here (its state dir is in use, a port is taken); the message is one line that
     says what to do."""
-
-
-class Child:
-    """One process started by `up`, in its own session so a terminal's Ctrl-C reaches `up` only and `up`
-    stops the children in order."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.log_path = log_path
-        self.started_at = time.monotonic()
-        self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            # the kernel sends SIGTERM to the child if `up` itself dies without cleaning up
-            preexec_fn=child_setup(None, None, signal.SIGTERM),
-        )
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, timeout_s: float) -> int | None:
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", self.name, timeout_s)
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
-
-    def restarted(self) -> Child:
-        """A new process of the same command, environment and log, once this one has exited."""
-        self.stop(0)
-        return Child(self.name, self.argv, self.env, self.log_path)
-
-    def tail(self, num_lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
-        except OSError:
-            return ""
-
-
-class EmbeddedChild(Child):
-    """An embedded server (EmbeddedPostgres, EmbeddedRedis) that `up` started, supervised as a Child is:
-    `restart` starts it again on the same data dir and port, so that its clients find it where it was."""
-
-    def __init__(
-        self, name: str, server: EmbeddedPostgres | EmbeddedRedis, restart: Callable[[], Child]
-    ) -> None:
-        self.name = name
-        self.server = server
-        self.log_path = server.log_path
-        self.started_at = time.monotonic()
-        self.process = server.process
-        self._restart = restart
-
-    def stop(self, timeout_s: float) -> int | None:
-        self.server.stop()  # with the server's own clean-shutdown signal and timeout
-        return self.process.returncode
-
-    def restarted(self) -> Child:
-        self.server.stop()
-        return self._restart()
-
-
-def start_embedded_postgres(state_dir: Path, port: int | None = None) -> EmbeddedChild:
-    """Embedded Postgres on STATE_DIR/postgres (on `port`, else a free one), restarted on its first port."""
-    server = EmbeddedPostgres(state_dir, port=port)
-    try:
-        server.start()
-    except BaseException:
-        server.stop()  # a server that started but could not create its database
-        raise
-    port = server.port  # read now: stopping the dead server clears it
-    return EmbeddedChild("postgres", server, lambda: start_embedded_postgres(state_dir, port))
-
-
-def start_embedded_redis(state_dir: Path, port: int | None = None) -> EmbeddedChild:
-    """Embedded Redis on STATE_DIR/redis (on `port`, else a free one), restarted on its first port."""
-    server = EmbeddedRedis(state_dir, port=port)
-    server.start()
-    port = server.port
-    return EmbeddedChild("redis", server, lambda: start_embedded_redis(state_dir, port))
-
-
-def exit_status(code: int | None) -> str:
-    """How a child ended, for the log: `exit 1`, `signal SIGKILL`."""
-    if code is not None and code < 0:
-        with contextlib.suppress(ValueError):
-            return f"signal {signal.Signals(-code).name}"
-    return f"exit {code}"
 
 
 def _wait_serving(target: str, children: list[Child], timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -478,71 +373,6 @@ def upload_messages(
             yield admin_pb2.UploadAdapterRequest(chunk=chunk)
 
 
-class _Backoff:
-    """Restart delays: doubling from RESTART_BACKOFF_MIN_S up to RESTART_BACKOFF_MAX_S, back to the
-    minimum after a run of RESTART_BACKOFF_RESET_S."""
-
-    def __init__(self) -> None:
-        self.delay_s = RESTART_BACKOFF_MIN_S
-
-    def next_delay_s(self, ran_s: float) -> float:
-        if ran_s >= RESTART_BACKOFF_RESET_S:
-            self.delay_s = RESTART_BACKOFF_MIN_S
-        delay_s = self.delay_s
-        self.delay_s = min(self.delay_s * 2, RESTART_BACKOFF_MAX_S)
-        return delay_s
-
-
-def _supervise(children: list[Child], stop: threading.Event) -> int:
-    """Watches the children until `stop`, restarting each one that exits in place in `children` (its own
-    backoff, logged with its exit status; a restart that fails is tried again, for as long as it takes),
-    unless it refused its configuration (exit CONFIG_ERROR_EXIT_CODE). Returns up's exit status: 0 on
-    `stop`, 1 on a refused configuration."""
-    backoffs = [_Backoff() for _ in children]
-    restart_at: list[float | None] = [None] * len(children)  # when a dead child is started again
-    while not stop.is_set():
-        now = time.monotonic()
-        for index, child in enumerate(children):
-            if restart_at[index] is None:
-                if child.alive():
-                    continue
-                code = child.process.returncode
-                if code == CONFIG_ERROR_EXIT_CODE:  # the same command would be refused again: do not loop
-                    log.error(
-                        "%s refused its configuration (exit %s); not restarting:\n%s",
-                        child.name,
-                        code,
-                        child.tail(),
-                    )
-                    return 1
-                ran_s = now - child.started_at
-                delay_s = backoffs[index].next_delay_s(ran_s)
-                restart_at[index] = now + delay_s
-                log.error(
-                    "%s exited (%s) after %.1fs; restarting it in %.1fs:\n%s",
-                    child.name,
-                    exit_status(code),
-                    ran_s,
-                    delay_s,
-                    child.tail(),
-                )
-            elif now >= restart_at[index]:
-                try:
-                    children[index] = child.restarted()
-                except Exception as error:  # one failed start must not end the supervision
-                    delay_s = backoffs[index].next_delay_s(0.0)
-                    restart_at[index] = time.monotonic() + delay_s
-                    log.error(
-                        "%s could not be restarted (%s); trying again in %.1fs", child.name, error, delay_s
-                    )
-                    continue
-                restart_at[index] = None
-                log.info("%s restarted (pid %d)", child.name, children[index].process.pid)
-        pending_s = [at - time.monotonic() for at in restart_at if at is not None]
-        stop.wait(max(0.0, min([0.5, *pending_s])))
-    return 0
-
-
 def run_up(config: UpConfig) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -670,7 +500,7 @@ def _run_locked(config: UpConfig) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        exit_code = _supervise(children, stop)
+        exit_code = supervise(children, stop)
     except (ChildExited, TimeoutError, grpc.RpcError, OSError) as error:
         log.error("openlora up failed: %s", error)
         exit_code = 1

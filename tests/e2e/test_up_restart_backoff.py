@@ -9,19 +9,19 @@ import threading
 import time
 from pathlib import Path
 
-from openlora.commands.up import (
+from openlora.commands.supervise import (
     CONFIG_ERROR_EXIT_CODE,
     RESTART_BACKOFF_MAX_S,
     RESTART_BACKOFF_MIN_S,
     RESTART_BACKOFF_RESET_S,
+    Backoff,
     Child,
-    _Backoff,
-    _supervise,
+    supervise,
 )
 
 
 def test_restart_delay_doubles_up_to_the_cap_while_workers_die_young():
-    backoff = _Backoff()
+    backoff = Backoff()
     delays = [backoff.next_delay_s(ran_s=1.0) for _ in range(10)]
     assert delays[:4] == [RESTART_BACKOFF_MIN_S * 2**i for i in range(4)]
     assert all(b == min(a * 2, RESTART_BACKOFF_MAX_S) for a, b in itertools.pairwise(delays))
@@ -29,7 +29,7 @@ def test_restart_delay_doubles_up_to_the_cap_while_workers_die_young():
 
 
 def test_restart_delay_falls_back_to_the_minimum_after_a_long_healthy_run():
-    backoff = _Backoff()
+    backoff = Backoff()
     for _ in range(5):
         backoff.next_delay_s(ran_s=1.0)
     assert backoff.next_delay_s(ran_s=RESTART_BACKOFF_RESET_S) == RESTART_BACKOFF_MIN_S
@@ -44,7 +44,7 @@ def test_a_worker_that_refuses_its_configuration_is_not_restarted(tmp_path):
     other = _child(tmp_path, "control-plane", "import time; time.sleep(60)")
     worker = _child(tmp_path, "worker", "import sys; print('error: bad setting'); sys.exit(2)")
     try:
-        assert _supervise([other, worker], threading.Event()) == 1
+        assert supervise([other, worker], threading.Event()) == 1
         assert worker.process.returncode == CONFIG_ERROR_EXIT_CODE
     finally:
         for child in (worker, other):
@@ -63,7 +63,7 @@ def test_a_worker_that_crashes_is_restarted(tmp_path):
     worker = _child(tmp_path, "worker", code)
     children = [other, worker]
     stop = threading.Event()
-    supervisor = threading.Thread(target=_supervise, args=(children, stop))
+    supervisor = threading.Thread(target=supervise, args=(children, stop))
     supervisor.start()
     try:
         deadline = time.monotonic() + 20
@@ -103,7 +103,7 @@ def test_a_control_plane_that_crashes_is_restarted_while_the_worker_keeps_runnin
     control_plane = _child(tmp_path, "control plane", _crash_once_code(marker))
     children = [worker, control_plane]
     stop = threading.Event()
-    supervisor = threading.Thread(target=_supervise, args=(children, stop))
+    supervisor = threading.Thread(target=supervise, args=(children, stop))
     supervisor.start()
     try:
         assert _wait_for_starts(marker, 2) == 2
@@ -141,7 +141,7 @@ def test_a_restart_that_fails_is_tried_again_until_one_succeeds(tmp_path):
     real.process.wait(10)
     children = [FailsToStartTwice()]
     stop = threading.Event()
-    supervisor = threading.Thread(target=_supervise, args=(children, stop))
+    supervisor = threading.Thread(target=supervise, args=(children, stop))
     supervisor.start()
     try:
         assert _wait_for_starts(marker, 2) == 2

@@ -107,6 +107,7 @@ class ControlPlane:
         with self.sessions.begin() as s:
             tenant = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), header.tenant)
             mixes.check_adapter_name_free(s, tenant.id, header.name)
+            _check_royalty_not_raised(registry.visible_row(s, tenant.id, header.name), header)
             spec = workers.base_model(s, header.base_model).to_spec()
         return UploadPlan(header, tenant.id, spec)
 
@@ -146,6 +147,7 @@ class ControlPlane:
                     raise FailedPrecondition("the base model changed during the upload", field="base_model")
                 already_own = registry.tenant_holds(s, tenant.id, sha256)
                 was = registry.visible_row(s, tenant.id, header.name)
+                _check_royalty_not_raised(was, header)  # again, row locked: uploads of the name may race
                 owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)
                 # The replaced content is dropped from workers only when no adapter still uses it.
                 unused = replaced if replaced is not None and not registry.is_served(s, replaced) else ""
@@ -324,3 +326,14 @@ class ControlPlane:
         with self.sessions.begin() as s:
             tenancy.require_operator(tenancy.authenticate_admin(s, api_key))
             billing.set_price(s, base_model, prompt_micros, completion_micros)
+
+
+def _check_royalty_not_raised(was: tuple[str, int] | None, header: UploadHeader) -> None:
+    """An adapter's royalty may be lowered, never raised, under its name: invoices apply the rate in force
+    when they are computed, so a raise would bill other tenants anew for tokens they used before it."""
+    if was is not None and header.royalty_micros_per_million_tokens > was[1]:
+        raise FailedPrecondition(
+            f"would raise the royalty from {was[1]} to {header.royalty_micros_per_million_tokens}, which "
+            "would reprice tokens already used; publish the adapter under a new name to charge more",
+            field="royalty_micros_per_million_tokens",
+        )

@@ -134,11 +134,12 @@ class AdapterRecord:
 
 
 def visible_row(session: Session, tenant_id, name: str) -> tuple[str, int] | None:
-    """(visibility, royalty) of the tenant's READY adapter of that name, None when it has none."""
+    """(visibility, royalty) of the tenant's READY adapter of that name, None when it has none; the row
+    stays locked until the transaction ends (an upload that reads it then writes it)."""
     row = session.execute(
-        select(Adapter.visibility, Adapter.royalty_micros_per_million_tokens).where(
-            Adapter.tenant_id == tenant_id, Adapter.name == name, Adapter.status == STATUS_READY
-        )
+        select(Adapter.visibility, Adapter.royalty_micros_per_million_tokens)
+        .where(Adapter.tenant_id == tenant_id, Adapter.name == name, Adapter.status == STATUS_READY)
+        .with_for_update()
     ).first()
     return None if row is None else (row[0], row[1])
 

@@ -259,3 +259,23 @@ def test_rates_past_the_bound_are_refused_by_field(cp, world, adapters_root) -> 
         _code(e) == grpc.StatusCode.INVALID_ARGUMENT
         and "royalty_micros_per_million_tokens" in e.value.details()
     )
+
+
+def test_a_royalty_can_be_lowered_but_never_raised_under_its_name(cp, world, adapters_root) -> None:
+    """Invoices apply the royalty in force when computed: a raise would reprice tokens other tenants used
+    before it (an owner billed a user 6,000,008 micros for 8 micros of past use). Refused by field; a
+    lower rate is accepted."""
+
+    def upload(royalty: int):
+        return owner.upload_adapter(
+            adapters_root / "b", name="royal", base_model=BASE, public=True,
+            royalty_micros_per_million_tokens=royalty,
+        ).adapter  # fmt: skip
+
+    with cp.admin(world["owner_admin"]) as owner:
+        upload(5_000)
+        with pytest.raises(grpc.RpcError) as e:
+            upload(5_001)
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+        assert "royalty_micros_per_million_tokens" in e.value.details()
+        assert upload(4_000).royalty_micros_per_million_tokens == 4_000

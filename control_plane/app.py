@@ -145,6 +145,9 @@ class ControlPlane:
                 base_model = workers.base_model(s, plan.base_model.name)
                 if base_model.fingerprint != plan.base_model.fingerprint:
                     raise FailedPrecondition("the base model changed during the upload", field="base_model")
+                # The name was free of mixes when the upload began; a CreateMix may have taken it since.
+                registry.lock_name(s, tenant.id, header.name)
+                mixes.check_adapter_name_free(s, tenant.id, header.name)
                 already_own = registry.tenant_holds(s, tenant.id, sha256)
                 was = registry.visible_row(s, tenant.id, header.name)
                 _check_royalty_not_raised(was, header)  # again, row locked: uploads of the name may race

@@ -109,6 +109,7 @@ def check_spec(spec: MixSpec) -> None:
 def create_mix(session: Session, tenant: Tenant, spec: MixSpec) -> OwnedMix:
     """Saves the mix; NOT_FOUND for a member the tenant may not use, ALREADY_EXISTS for a taken name."""
     check_spec(spec)
+    registry.lock_name(session, tenant.id, spec.name)  # an upload of that name may be completing now
     if _own_adapter(session, tenant.id, spec.name) is not None:
         raise NameTaken(spec.name, "an adapter")
     if find_mix(session, tenant.id, spec.name) is not None:

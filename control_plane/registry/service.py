@@ -7,7 +7,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -131,6 +131,13 @@ class AdapterRecord:
     royalty_micros_per_million_tokens: int
     keep_warm: bool
     description: str
+
+
+def lock_name(session: Session, tenant_id, name: str) -> None:
+    """Serializes, until the transaction ends, every transaction that checks then takes this tenant's name
+    (an adapter upload's row, a CreateMix): adapters and mixes share one namespace, and two such
+    transactions could each see the name free and both take it."""
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(f"name:{tenant_id}:{name}", 0))))
 
 
 def visible_row(session: Session, tenant_id, name: str) -> tuple[str, int] | None:

@@ -232,3 +232,38 @@ def test_failed_upload_of_new_content_leaves_no_files(attacker, system, tmp_path
         app.upload_stage_hook = None
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert seen and not _store(system).path_of(seen[0]).exists()
+
+
+def test_a_mix_created_while_an_upload_of_its_name_completes_leaves_one_owner_of_the_name(attacker, system):
+    """The upload checked the name free of mixes when it began; a CreateMix of that name lands before its
+    row is written. One of them must lose: the upload is refused ALREADY_EXISTS (both succeeded before,
+    and the adapter hid behind the mix of the same name)."""
+    app = system.control_plane.app
+    tenant = attacker.new_tenant()
+    attacker.push(tenant, "member", adapter="ad1")
+    created: list[grpc.StatusCode] = []
+
+    def hook(stage: str, plan, sha256: str) -> None:
+        if plan.header.name == "contested" and stage == "published":
+            created.append(
+                status_of(
+                    lambda: attacker.admin.CreateMix(
+                        admin_pb2.CreateMixRequest(
+                            name="contested",
+                            members=[inference_pb2.AdapterWeight(adapter="member", weight=1)],
+                        ),
+                        metadata=bearer(tenant.admin_key),
+                        timeout=30,
+                    )
+                )
+            )
+
+    app.upload_stage_hook = hook
+    try:
+        upload = status_of(lambda: attacker.push(tenant, "contested", adapter="ad2"))
+    finally:
+        app.upload_stage_hook = None
+    assert created == [grpc.StatusCode.OK]
+    assert upload == grpc.StatusCode.ALREADY_EXISTS
+    adapters = attacker.admin.ListAdapters(admin_pb2.ListAdaptersRequest(), metadata=bearer(tenant.admin_key))
+    assert [a.name for a in adapters.adapters] == ["member"]

@@ -5,9 +5,9 @@ Before anything starts, `up` takes an exclusive lock on STATE_DIR/up.lock for it
 on the same state dir is refused, naming the first one's pid) and checks that its fixed ports are free.
 Order of start: embedded Postgres and Redis (unless URLs are given) -> control plane -> demo model
 (written once into the state dir) -> worker -> demo tenant, key and adapters -> the demo model's price
-(only when no --model is given) -> the context file, the operator key line and the `ready` line. Order
-of stop (Ctrl-C, SIGTERM, or a child refusing its configuration): worker (drains), control plane,
-embedded Redis, embedded Postgres.
+(only when no --model is given; `openlora.commands.demo_setup`) -> the context file, the operator key
+line and the `ready` line. Order of stop (Ctrl-C, SIGTERM, or a child refusing its configuration): worker
+(drains), control plane, embedded Redis, embedded Postgres.
 
 STATE_DIR/up-secrets.json (0600) keeps what every start reuses: the operator (admin) key, printed by the
 first start that gets to the ready line only (later ones say where it is kept), the worker token, and the
@@ -45,7 +45,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from openlora.artifact import ARTIFACT_FILES
+from openlora.commands.demo_setup import (
+    bootstrap_tenant,
+    create_demo_mixes,
+    ensure_demo_model,
+    set_demo_price,
+)
 from openlora.commands.supervise import (
     Child,
     ChildExited,
@@ -54,28 +59,13 @@ from openlora.commands.supervise import (
     supervise,
 )
 from openlora.embedded import free_port as _free_port
-from openlora.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
 
 log = logging.getLogger("openlora.up")
 
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
-# What a command exits with when its flags or settings are refused (argparse's code): restarting cannot help.
 SECRETS_FILE = "up-secrets.json"
 LOCK_FILE = "up.lock"
-_CHUNK_BYTES = 1 << 20
-# The price `up` sets for its own demo model, so that invoices show amounts (micro-units per M tokens).
-DEMO_PROMPT_MICROS_PER_MILLION_TOKENS = 100_000
-DEMO_COMPLETION_MICROS_PER_MILLION_TOKENS = 200_000
-# The saved mixes `up` creates for its demo tenant on its own demo model (the README's quick start):
-# name -> CreateMixRequest fields.
-DEMO_MIXES = {
-    "counter": {
-        "members": (("count", 1.0), ("uppercase", 1.0)),
-        "method": inference_pb2.MIX_METHOD_TIES,
-        "density": 0.5,
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -235,144 +225,6 @@ def cli_command() -> str:
     return shlex.quote(shown if os.sep in shown else f".{os.sep}{shown}")
 
 
-def _ensure_demo_model(state_dir: Path) -> Path:
-    out = state_dir / "demo-model"
-    done = out / ".complete"
-    if done.exists():
-        return out
-    from data_plane.demo import write_demo_model
-
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    print(
-        "writing the demo model (once: it is trained here, 40-80 s on 2 CPU cores)...",
-        file=sys.stderr,
-        flush=True,
-    )
-    write_demo_model(out)
-    done.write_text("ok\n")
-    return out
-
-
-def _key_acts_for(stub: admin_pb2_grpc.AdminServiceStub, key: str, tenant: str) -> bool:
-    """Whether `key` still authenticates as an admin of `tenant` (False once revoked or unknown, as after
-    a new database)."""
-    try:
-        stub.ListAdapters(
-            admin_pb2.ListAdaptersRequest(tenant=tenant, page_size=1),
-            metadata=(("authorization", f"Bearer {key}"),),
-            timeout=30,
-        )
-    except grpc.RpcError as error:
-        if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            return False
-        raise
-    return True
-
-
-def _bootstrap_tenant(
-    admin_target: str,
-    admin_key: str,
-    tenant: str,
-    adapters_dir: Path | None,
-    base_model: str,
-    kept_key: str | None = None,
-):
-    """Creates the tenant (if new), pushes the adapters and returns an admin+infer key for it with their
-    names: `kept_key` while it still acts for the tenant, else a new one."""
-    metadata = (("authorization", f"Bearer {admin_key}"),)
-    with grpc.insecure_channel(admin_target) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
-        try:
-            stub.CreateTenant(admin_pb2.CreateTenantRequest(name=tenant), metadata=metadata, timeout=30)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
-                raise
-        if kept_key and _key_acts_for(stub, kept_key, tenant):
-            key = kept_key
-        else:
-            key = stub.CreateApiKey(
-                admin_pb2.CreateApiKeyRequest(
-                    tenant=tenant, scopes=[admin_pb2.SCOPE_INFER, admin_pb2.SCOPE_ADMIN]
-                ),
-                metadata=metadata,
-                timeout=30,
-            ).secret
-        names = []
-        if adapters_dir is not None and adapters_dir.is_dir():
-            for path in sorted(p for p in adapters_dir.iterdir() if p.is_dir()):
-                stub.UploadAdapter(upload_messages(path, tenant, base_model), metadata=metadata, timeout=120)
-                names.append(path.name)
-    return key, names
-
-
-def _set_demo_price(admin_target: str, admin_key: str, base_model: str) -> None:
-    """Prices the demo base model as the operator; a failure only costs the amounts on invoices."""
-    metadata = (("authorization", f"Bearer {admin_key}"),)
-    try:
-        with grpc.insecure_channel(admin_target) as channel:
-            admin_pb2_grpc.AdminServiceStub(channel).SetPrice(
-                admin_pb2.SetPriceRequest(
-                    base_model=base_model,
-                    prompt_micros_per_million_tokens=DEMO_PROMPT_MICROS_PER_MILLION_TOKENS,
-                    completion_micros_per_million_tokens=DEMO_COMPLETION_MICROS_PER_MILLION_TOKENS,
-                ),
-                metadata=metadata,
-                timeout=30,
-            )
-    except grpc.RpcError as error:
-        log.warning("could not set the demo price of %s: %s", base_model, error)
-
-
-def _create_demo_mixes(admin_target: str, admin_key: str, tenant: str) -> None:
-    """Saves the demo mixes for the demo tenant (kept when they exist); a failure only costs the demo."""
-    metadata = (("authorization", f"Bearer {admin_key}"),)
-    with grpc.insecure_channel(admin_target) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
-        for name, fields in DEMO_MIXES.items():
-            request = admin_pb2.CreateMixRequest(
-                name=name,
-                tenant=tenant,
-                members=[inference_pb2.AdapterWeight(adapter=a, weight=w) for a, w in fields["members"]],
-                method=fields["method"],
-                density=fields.get("density"),
-            )
-            try:
-                stub.CreateMix(request, metadata=metadata, timeout=30)
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.ALREADY_EXISTS:
-                    log.warning("could not save the demo mix %s: %s", name, error.details())
-
-
-def upload_messages(
-    path: Path,
-    tenant: str,
-    base_model: str,
-    *,
-    name: str | None = None,
-    visibility: int = admin_pb2.VISIBILITY_PRIVATE,
-):
-    """UploadAdapter's client stream for a PEFT directory: the header with a manifest, then the chunks."""
-    files = [(filename, (path / filename).read_bytes()) for filename in ARTIFACT_FILES]
-    yield admin_pb2.UploadAdapterRequest(
-        header=admin_pb2.UploadAdapterHeader(
-            name=name or path.name,
-            visibility=visibility,
-            base_model=base_model,
-            tenant=tenant,
-            files=[admin_pb2.FileManifest(filename=f, size_bytes=len(data)) for f, data in files],
-        )
-    )
-    for filename, data in files:
-        for offset in range(0, max(len(data), 1), _CHUNK_BYTES):
-            chunk = admin_pb2.FileChunk(
-                filename=filename, offset=offset, data=data[offset : offset + _CHUNK_BYTES]
-            )
-            yield admin_pb2.UploadAdapterRequest(chunk=chunk)
-
-
 def run_up(config: UpConfig) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -437,7 +289,7 @@ def _run_locked(config: UpConfig) -> int:
             logs / "control-plane.log",
         )  # fmt: skip
         children.insert(0, control_plane)
-        model_dir = config.model_dir or _ensure_demo_model(config.state_dir)
+        model_dir = config.model_dir or ensure_demo_model(config.state_dir)
         _wait_serving(admin_target, children)
         worker = Child(
             "worker",
@@ -461,7 +313,7 @@ def _run_locked(config: UpConfig) -> int:
         children.insert(0, worker)  # stopped first
         _wait_serving(inference_target, children)
         demo_keys = keys.setdefault("demo_keys", {})
-        api_key, adapter_names = _bootstrap_tenant(
+        api_key, adapter_names = bootstrap_tenant(
             admin_target,
             keys["admin_key"],
             config.tenant,
@@ -471,8 +323,8 @@ def _run_locked(config: UpConfig) -> int:
         )
         demo_keys[config.tenant] = api_key
         if config.model_dir is None:
-            _set_demo_price(admin_target, keys["admin_key"], model_dir.name)
-            _create_demo_mixes(admin_target, keys["admin_key"], config.tenant)
+            set_demo_price(admin_target, keys["admin_key"], model_dir.name)
+            create_demo_mixes(admin_target, keys["admin_key"], config.tenant)
         from openlora.commands.serving import write_context
 
         write_context(

@@ -74,7 +74,7 @@ class Attacker:
 
     def push(self, tenant: Tenant, name: str, adapter: str = "ad0", public: bool = False) -> str:
         """Uploads one of the fixture adapters' files under `name` for `tenant`; returns its sha256."""
-        from openlora.commands.up import upload_messages
+        from openlora.commands.demo_setup import upload_messages
 
         visibility = admin_pb2.VISIBILITY_PUBLIC if public else admin_pb2.VISIBILITY_PRIVATE
         response = self.admin.UploadAdapter(

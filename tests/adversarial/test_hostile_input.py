@@ -359,7 +359,7 @@ def _adapter_copy(attacker, tmp_path: Path) -> Path:
 
 
 def _upload_dir(attacker, directory: Path, name: str):
-    from openlora.commands.up import upload_messages
+    from openlora.commands.demo_setup import upload_messages
 
     return lambda: attacker.admin.UploadAdapter(
         upload_messages(directory, "", BASE_MODEL, name=name), metadata=bearer(ADMIN_KEY), timeout=30

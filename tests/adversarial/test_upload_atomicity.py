@@ -33,7 +33,7 @@ def _wait_until(predicate, timeout_s: float = 10.0) -> bool:
 
 
 def test_upload_cancelled_mid_stream_leaves_no_row_and_no_files(attacker, system):
-    from openlora.commands.up import upload_messages
+    from openlora.commands.demo_setup import upload_messages
 
     tenant = attacker.new_tenant()
     before = set(_store(system).root.iterdir())
@@ -152,7 +152,7 @@ def test_failed_upload_never_removes_files_another_upload_of_that_content_is_rec
 ):
     """A publishes new files and its row write fails; before A removes the unreferenced files, B (same
     content, another tenant) finds them in place and is about to write its row. B's files must survive."""
-    from openlora.commands.up import upload_messages
+    from openlora.commands.demo_setup import upload_messages
 
     app = system.control_plane.app
     directory = _fresh_adapter(system, tmp_path / "fresh")
@@ -208,7 +208,7 @@ def test_failed_upload_never_removes_files_another_upload_of_that_content_is_rec
 
 
 def test_failed_upload_of_new_content_leaves_no_files(attacker, system, tmp_path):
-    from openlora.commands.up import upload_messages
+    from openlora.commands.demo_setup import upload_messages
 
     app = system.control_plane.app
     directory = _fresh_adapter(system, tmp_path / "fresh")

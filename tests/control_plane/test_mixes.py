@@ -294,7 +294,7 @@ def test_mixes_commands(capsys, cp, adapters_root) -> None:
 
 
 def test_up_saves_its_demo_mixes_once_for_the_demo_tenant(cp, adapters_root) -> None:
-    from openlora.commands.up import DEMO_MIXES, _create_demo_mixes
+    from openlora.commands.demo_setup import DEMO_MIXES, create_demo_mixes
 
     tenant, key = _tenant_with_key(cp)
     with cp.admin(key) as admin:
@@ -302,8 +302,8 @@ def test_up_saves_its_demo_mixes_once_for_the_demo_tenant(cp, adapters_root) -> 
         assert len(names) <= 2
         for name, files in zip(names, ("a", "b"), strict=False):  # distinct content, as a mix needs
             admin.upload_adapter(adapters_root / files, name, BASE)
-        _create_demo_mixes(cp.target, cp.admin_key, tenant)
-        _create_demo_mixes(cp.target, cp.admin_key, tenant)  # a restart keeps them
+        create_demo_mixes(cp.target, cp.admin_key, tenant)
+        create_demo_mixes(cp.target, cp.admin_key, tenant)  # a restart keeps them
         saved = {m.name: m for m in admin.list_mixes()}
     assert set(saved) == set(DEMO_MIXES)
     for name, fields in DEMO_MIXES.items():

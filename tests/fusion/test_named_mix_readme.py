@@ -13,7 +13,7 @@ from data_plane.engine.request import AdapterRef, Ensemble, EnsembleMember
 from data_plane.fusion.builder import build_merge
 from data_plane.fusion.spec import MergeSpec
 from openlora.artifact import digest_dir
-from openlora.commands.up import DEMO_MIXES
+from openlora.commands.demo_setup import DEMO_MIXES
 from openlora.v1 import inference_pb2
 from tests.demo_support import PROMPT, greedy_texts
 

@@ -111,7 +111,7 @@ class Admin:
         self.stub.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(key_id=key_id), metadata=self.metadata)
 
     def push(self, path: Path, name: str, tenant: str, base_model: str, public: bool = False) -> str:
-        from openlora.commands.up import upload_messages
+        from openlora.commands.demo_setup import upload_messages
 
         visibility = admin_pb2.VISIBILITY_PUBLIC if public else admin_pb2.VISIBILITY_PRIVATE
         response = self.stub.UploadAdapter(

@@ -169,6 +169,7 @@ class ModelRunner:
             layer.self_attn.k_cache.index_fill_(0, index, 0)
             layer.self_attn.v_cache.index_fill_(0, index, 0)
 
+    @torch.inference_mode()
     def run(
         self, seqs: list[Sequence], num_tokens: list[int], slots: list[int]
     ) -> tuple[list[int], torch.Tensor]:

@@ -80,3 +80,21 @@ def test_every_block_a_step_can_read_past_a_context_holds_zeros(tiny_llama) -> N
         errors.update({o.request_id: o.error for o in engine.step() if o.error is not None})
     assert set(errors) == {"poison"} and isinstance(errors["poison"], NonFiniteLogits)
     assert any(seen_padding)
+
+
+def test_the_forward_runs_in_inference_mode(tiny_llama) -> None:
+    """No autograd bookkeeping on the step's tensors (a decorator lost in a refactor once left `run` without
+    it)."""
+    engine = make_engine(tiny_llama)
+    model = engine.runner.model
+    seen = []
+    forward = model.forward
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_inference_mode_enabled())
+        return forward(*args, **kwargs)
+
+    model.forward = recording
+    engine.add_request(greedy("x", [5, 6, 7], max_tokens=3))
+    run_to_completion(engine)
+    assert seen and all(seen)

@@ -139,12 +139,7 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
         if self._engine is not None:
             self._engine.shutdown()
-        self._fail_all(EngineDead("the engine stopped"))
-
-    def fail_all(self, error: Exception) -> None:
-        """Ends every open stream with `error` (from the event loop): each caller's next read raises it,
-        and its generator's cleanup aborts the request in the engine."""
-        self._fail_all(error)
+        self.fail_all(EngineDead("the engine stopped"))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; raises InvalidRequest, AdapterLoadError, QueueFull or EngineDead.
@@ -216,7 +211,7 @@ class AsyncEngine:
         except BaseException as e:  # the engine cannot go on: fail every stream rather than hang them
             log.exception("engine loop stopped")
             self.error = e
-            self._loop.call_soon_threadsafe(self._fail_all, EngineDead(f"engine fault: {e}"))
+            self._loop.call_soon_threadsafe(self.fail_all, EngineDead(f"engine fault: {e}"))
 
     def _step(self) -> None:
         """One engine step; a fault that is neither fatal nor one too many in a row is logged and survived
@@ -306,7 +301,9 @@ class AsyncEngine:
         if stream is not None:
             stream.put(error)
 
-    def _fail_all(self, error: Exception) -> None:
+    def fail_all(self, error: Exception) -> None:
+        """Ends every open stream with `error` (from the event loop): each caller's next read raises it,
+        and its generator's cleanup aborts the request in the engine."""
         for stream in self._streams.values():
             stream.put(error)
         for barrier in self._barriers:  # the engine thread will not answer them any more

@@ -14,7 +14,7 @@ last day while the budget holds them all (a prefetch never pushes one out). Serv
 `hold` (a request's stream); artifacts found on disk at start count as served when last modified. An
 artifact in use is never removed; the budget may be exceeded while everything is in use.
 
-An artifact found on disk at start is checked against its sha256 (and the validator) at its first use,
+An artifact found on disk at start is checked against its sha256 at its first use (validated when fetched),
 before it is served: files changed while the worker was down (a flipped byte, a truncated write, an
 edit) are removed and fetched afresh instead of being served silently wrong. Concurrent first uses share
 one check.
@@ -36,12 +36,12 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
-from openlora.artifact import ARTIFACT_FILES, ArtifactDigest
+from openlora.artifact import ARTIFACT_FILES, ArtifactDigest, digest_dir
 from openlora.base_model import BaseModelSpec
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,17 @@ def default_disk_cache_bytes(root: Path) -> int:
     except OSError:
         free = 4 * MAX_DEFAULT_DISK_BYTES
     return min(free // 4, MAX_DEFAULT_DISK_BYTES)
+
+
+async def _shared(tasks: dict[str, asyncio.Task], sha256: str, start: Callable[[str], Awaitable]):
+    """The result of `start(sha256)`, run once however many callers wait (its task lives in `tasks` while it
+    runs); shielded: one caller going away must not cancel the work the others wait for."""
+    task = tasks.get(sha256)
+    if task is None:
+        task = asyncio.get_running_loop().create_task(start(sha256))
+        tasks[sha256] = task
+        task.add_done_callback(lambda _t: tasks.pop(sha256, None))
+    return await asyncio.shield(task)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -166,13 +177,7 @@ class ArtifactStore:
         try:
             if path.is_dir() and sha256 not in self._stale and await self._checked(sha256):
                 return LocalArtifact(sha256, path, "disk")
-            task = self._downloads.get(sha256)
-            if task is None:
-                task = asyncio.get_running_loop().create_task(self._download(sha256))
-                self._downloads[sha256] = task
-                task.add_done_callback(lambda _t: self._downloads.pop(sha256, None))
-            # shield: one caller going away must not cancel the download the others wait for.
-            return LocalArtifact(sha256, await asyncio.shield(task), "remote")
+            return LocalArtifact(sha256, await _shared(self._downloads, sha256, self._download), "remote")
         except BaseException:
             if hold:
                 self.release((sha256,))
@@ -183,27 +188,22 @@ class ArtifactStore:
         A copy that fails its check is removed (False: the caller fetches it)."""
         if sha256 not in self._unchecked:
             return True
-        task = self._checks.get(sha256)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._check_found(sha256))
-            self._checks[sha256] = task
-            task.add_done_callback(lambda _t: self._checks.pop(sha256, None))
-        return await asyncio.shield(task)
+        return await _shared(self._checks, sha256, self._check_found)
 
     async def _check_found(self, sha256: str) -> bool:
-        path = self.path_of(sha256)
+        """Whether a copy found at start still has its content digest (it was validated when fetched);
+        one that does not, or cannot be read, is removed."""
         try:
-            await asyncio.to_thread(self._verify, sha256, path, False)
-        except (ArtifactError, OSError) as error:
-            reason = error if isinstance(error, ArtifactError) else f"unreadable: {error}"
-            log.warning(
-                "artifact %s on disk failed its check (%s): removed, fetched again", sha256[:12], reason
-            )
-            self._unchecked.discard(sha256)
-            self._remove(sha256)
-            return False
+            actual = await asyncio.to_thread(digest_dir, self.path_of(sha256))
+            reason = f"content digest {actual[:12]}"
+        except (OSError, ValueError) as error:
+            actual, reason = None, f"unreadable: {error}"
         self._unchecked.discard(sha256)
-        return True
+        if actual == sha256:
+            return True
+        log.warning("artifact %s on disk failed its check (%s): removed, fetched again", sha256[:12], reason)
+        self._remove(sha256)
+        return False
 
     def release(self, sha256s: Iterable[str]) -> None:
         """Ends one hold of each artifact (taken by `ensure(..., hold=True)`)."""
@@ -336,9 +336,9 @@ class ArtifactStore:
             if name not in sizes or written[name] != sizes[name]:
                 raise ArtifactError(f"artifact {sha256[:12]}: {name} incomplete")
 
-    def _verify(self, sha256: str, tmp: Path, sync: bool = True) -> None:
-        """Checks a directory's content against `sha256` and the PEFT validator; `sync`: fsyncs each file
-        (a download, durable before its rename publishes it)."""
+    def _verify(self, sha256: str, tmp: Path) -> None:
+        """Checks a download's content against `sha256` and the PEFT validator, each file fsynced (durable
+        before the rename publishes the directory under its sha256)."""
         digest = ArtifactDigest()
         for name in sorted(ARTIFACT_FILES):
             file_path = tmp / name
@@ -346,8 +346,7 @@ class ArtifactStore:
             with open(file_path, "rb") as f:
                 while data := f.read(1 << 20):
                     digest.update(data)
-                if sync:
-                    os.fsync(f.fileno())
+                os.fsync(f.fileno())
         actual = digest.hexdigest()
         if actual != sha256:
             raise ArtifactError(f"artifact {sha256[:12]}: content digest {actual[:12]} does not match")

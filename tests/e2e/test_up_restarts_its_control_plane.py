@@ -4,14 +4,9 @@ calls work again, the worker serves, and the usage of a request made after the r
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,45 +16,11 @@ import pytest
 from openlora import errors
 from openlora.admin_client import AdminClient
 from openlora.client import Client
-from tests.e2e.test_up import PROMPT, REPO_ROOT, _read_ready_line
-from tests.e2e.test_up_restarts_its_worker import _worker_children
+from tests.e2e.test_up import PROMPT
+from tests.e2e.up_process import running_up, worker_children
 
 pytestmark = pytest.mark.slow
 RESTART_TIMEOUT_S = 120.0
-
-
-@contextmanager
-def _running_up(tmp_path: Path, e2e_model_dir: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, dict]]:
-    """`openlora up` on the tiny model as its demo model; yields the process and its ready line's fields.
-    Its log (stderr) is tmp_path/up.log."""
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO_ROOT),
-        OPENLORA_CONTEXT=str(tmp_path / "context.json"),
-        XDG_CONFIG_HOME=str(tmp_path / "config"),
-    )
-    demo_model = tmp_path / "state" / "demo-model"
-    shutil.copytree(e2e_model_dir, demo_model)
-    (demo_model / ".complete").write_text("ok\n")
-    argv = [
-        sys.executable, "-m", "openlora.cli", "up",
-        "--state-dir", str(tmp_path / "state"),
-        *flags,
-        "--port", "0", "--admin-port", "0",
-        "--drain-grace-s", "2",
-        "--worker-arg=--num-kv-blocks=64", "--worker-arg=--max-lora-rank=16",
-    ]  # fmt: skip
-    with open(tmp_path / "up.log", "wb") as up_log:
-        process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=up_log, cwd=REPO_ROOT)
-    try:
-        fields = dict(part.split("=", 1) for part in _read_ready_line(process, timeout_s=180).split()[1:])
-        yield process, fields
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(120) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def _eventually(attempt: Callable[[], object], process: subprocess.Popen, what: str):
@@ -118,11 +79,11 @@ def test_up_restarts_a_killed_control_plane_on_its_port_and_keeps_serving(
     database_url, redis_url, e2e_model_dir, tmp_path
 ):
     flags = ("--database-url", database_url, "--redis-url", redis_url)
-    with _running_up(tmp_path, e2e_model_dir, *flags) as (process, fields):
+    with running_up(tmp_path, e2e_model_dir, *flags) as (process, fields):
         up = psutil.Process(process.pid)
         assert _generate(fields, "ad0")
         (killed,) = _control_planes(up)
-        (worker,) = _worker_children(up)
+        (worker,) = worker_children(up)
         killed.kill()
         killed.wait(30)
 
@@ -132,7 +93,7 @@ def test_up_restarts_a_killed_control_plane_on_its_port_and_keeps_serving(
         (restarted,) = _control_planes(up)
         assert restarted.pid != killed.pid
         assert f"--listen {fields['admin']}" in " ".join(restarted.cmdline())
-        assert _worker_children(up) == [worker], "the worker was restarted with the control plane"
+        assert worker_children(up) == [worker], "the worker was restarted with the control plane"
 
         assert _eventually(lambda: _generate(fields, "ad3"), process, "a Generate after the restart")
         _wait_usage_recorded(fields, "ad3", process)
@@ -152,7 +113,7 @@ def _listening_port(server: psutil.Process) -> int | None:
 
 
 def test_up_restarts_killed_embedded_servers_on_their_ports_and_data(e2e_model_dir, tmp_path):
-    with _running_up(tmp_path, e2e_model_dir) as (process, fields):
+    with running_up(tmp_path, e2e_model_dir) as (process, fields):
         up = psutil.Process(process.pid)
         assert _generate(fields, "ad0")
         (killed,) = _postmasters(up)

@@ -207,8 +207,13 @@ def test_an_intact_copy_found_at_start_is_checked_once_and_served_from_disk(tmp_
     asyncio.run(_store(tmp_path, remote).ensure(sha))
     restarted = _store(tmp_path, remote)
     checks = []
-    verify = restarted._verify
-    restarted._verify = lambda *args: (checks.append(args[0]), verify(*args))[1]
+    check = restarted._check_found
+
+    async def counted(sha256):
+        checks.append(sha256)
+        return await check(sha256)
+
+    restarted._check_found = counted
 
     async def scenario():
         return [await restarted.ensure(sha) for _ in range(3)]

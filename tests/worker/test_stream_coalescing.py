@@ -60,6 +60,23 @@ def _generate(service, key: str, **fields):
     )
 
 
+def _stream(service, key: str, request_id: str, max_tokens: int, **fields):
+    """A stream of PROMPT under `request_id`, closed when the block ends (as the servicer closes it)."""
+    sampling = inference_pb2.SamplingParams(max_tokens=max_tokens)
+    return contextlib.aclosing(
+        _generate(service, key, prompt=PROMPT, request_id=request_id, sampling=sampling, **fields)
+    )
+
+
+async def _cancel_when(consume, ready: asyncio.Event) -> None:
+    """Runs `consume()` and cancels it once `ready` is set."""
+    task = asyncio.get_running_loop().create_task(consume())
+    await ready.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _lag_until_idle(engine) -> None:
     """Returns once the engine ran every request to its end and their outputs wait in their streams."""
     while engine.engine.has_unfinished():
@@ -116,16 +133,7 @@ def test_cancel_after_a_coalesced_chunk_bills_exactly_the_tokens_delivered(syste
     async def consume():
         # Nothing is awaited between taking a chunk and asking for the next here: the cancel lands while
         # the generator waits for the engine, after every chunk taken was counted.
-        async with contextlib.aclosing(
-            _generate(
-                service,
-                key,
-                prompt=PROMPT,
-                adapter="ad2",
-                request_id=f"coalesced-{uuid.uuid4().hex}",
-                sampling=inference_pb2.SamplingParams(max_tokens=400),
-            )
-        ) as chunks:
+        async with _stream(service, key, f"coalesced-{uuid.uuid4().hex}", 400, adapter="ad2") as chunks:
             async for chunk in chunks:
                 received.append(chunk)
                 if len(received) == 1:
@@ -139,14 +147,7 @@ def test_cancel_after_a_coalesced_chunk_bills_exactly_the_tokens_delivered(syste
                 elif len(received) == 2:
                     coalesced.set()
 
-    async def cancel_after_the_coalesced_chunk():
-        task = asyncio.get_running_loop().create_task(consume())
-        await coalesced.wait()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    system.loop.run(cancel_after_the_coalesced_chunk())
+    system.loop.run(_cancel_when(consume, coalesced))
     assert len(received[0].token_ids) == 1 and len(received[1].token_ids) >= 7
     delivered = sum(len(c.token_ids) for c in received)
     assert all(c.finish is None for c in received) and delivered < 400
@@ -165,29 +166,14 @@ def test_a_cancel_while_the_transport_writes_a_chunk_bills_that_chunk(system, se
     writing = asyncio.Event()
 
     async def consume():
-        async with contextlib.aclosing(
-            _generate(
-                service,
-                key,
-                prompt=PROMPT,
-                request_id=f"cancel-in-write-{uuid.uuid4().hex}",
-                sampling=inference_pb2.SamplingParams(max_tokens=max_tokens),
-            )
-        ) as chunks:
+        async with _stream(service, key, f"cancel-in-write-{uuid.uuid4().hex}", max_tokens) as chunks:
             async for chunk in chunks:
                 received.append(chunk)
                 if len(received) == taken:
                     writing.set()
                     await asyncio.sleep(3600)  # the write the cancellation interrupts
 
-    async def cancel_during_the_write():
-        task = asyncio.get_running_loop().create_task(consume())
-        await writing.wait()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    system.loop.run(cancel_during_the_write())
+    system.loop.run(_cancel_when(consume, writing))
     delivered = sum(len(c.token_ids) for c in received)
     assert len(received) == taken and delivered >= taken
     system.flush_usage()
@@ -204,15 +190,7 @@ def test_a_stream_is_in_the_spool_as_its_first_chunk_is_handed_over(system, serv
     spool = system.worker.usage._path
 
     async def first_chunk_then_read_the_spool():
-        async with contextlib.aclosing(
-            _generate(
-                service,
-                key,
-                prompt=PROMPT,
-                request_id=request_id,
-                sampling=inference_pb2.SamplingParams(max_tokens=400),
-            )
-        ) as chunks:
+        async with _stream(service, key, request_id, 400) as chunks:
             first = await anext(chunks)
             lines = spool.read_text().splitlines()  # nothing awaited since the chunk was counted
             return first, [json.loads(line) for line in lines if request_id in line]

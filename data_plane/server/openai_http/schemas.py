@@ -200,43 +200,40 @@ def _body(
     logprobs: bool,
     max_tokens: int | None = None,
 ) -> Body:
-    try:
-        model = obj.get_str("model", max_chars=256)
-        stream = obj.get_bool("stream", False)
-        options = obj.get_object("stream_options")
-        for key in options.data:
-            if key != "include_usage":
-                raise BodyError(f"stream_options.{key}", "is not supported by this server")
-        include_usage = options.get_bool("include_usage", False)
-        if "include_usage" in options and not stream:
-            raise BodyError("stream_options", "is only allowed with stream: true")
-        obj.get_str("user", "", max_chars=256)
-        seed = obj.get_int("seed", None, lo=0, hi=MAX_SEED)
-        body = Body(
-            model=model,
-            stream=stream,
-            include_usage=include_usage,
-            prompt=prompt,
-            prompt_token_ids=prompt_ids,
-            messages=messages,
-            max_tokens=max_tokens
-            if max_tokens is not None
-            else obj.get_int("max_tokens", None, lo=_INT32_MIN, hi=_INT32_MAX),
-            temperature=obj.get_number("temperature", None),
-            top_p=obj.get_number("top_p", None),
-            top_k=obj.get_int("top_k", 0, lo=0, hi=1 << 30),
-            repetition_penalty=obj.get_number("repetition_penalty", None),
-            seed=seed,
-            stop=_stop(obj),
-            logprobs=logprobs,
-            mix=_mix(obj),
-            mix_method=obj.get_str("mix_method", "linear", max_chars=32),
-            density=obj.get_number("density", None),
-            majority_sign_method=obj.get_str("majority_sign_method", "", max_chars=32),
-            combine=obj.get_str("combine", "", max_chars=32),
-        )
-    except JsonFieldError as error:
-        raise BodyError(error.field, error.reason) from None
+    model = obj.get_str("model", max_chars=256)
+    stream = obj.get_bool("stream", False)
+    options = obj.get_object("stream_options")
+    for key in options.data:
+        if key != "include_usage":
+            raise BodyError(f"stream_options.{key}", "is not supported by this server")
+    include_usage = options.get_bool("include_usage", False)
+    if "include_usage" in options and not stream:
+        raise BodyError("stream_options", "is only allowed with stream: true")
+    obj.get_str("user", "", max_chars=256)
+    seed = obj.get_int("seed", None, lo=0, hi=MAX_SEED)
+    body = Body(
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        prompt=prompt,
+        prompt_token_ids=prompt_ids,
+        messages=messages,
+        max_tokens=max_tokens
+        if max_tokens is not None
+        else obj.get_int("max_tokens", None, lo=_INT32_MIN, hi=_INT32_MAX),
+        temperature=obj.get_number("temperature", None),
+        top_p=obj.get_number("top_p", None),
+        top_k=obj.get_int("top_k", 0, lo=0, hi=1 << 30),
+        repetition_penalty=obj.get_number("repetition_penalty", None),
+        seed=seed,
+        stop=_stop(obj),
+        logprobs=logprobs,
+        mix=_mix(obj),
+        mix_method=obj.get_str("mix_method", "linear", max_chars=32),
+        density=obj.get_number("density", None),
+        majority_sign_method=obj.get_str("majority_sign_method", "", max_chars=32),
+        combine=obj.get_str("combine", "", max_chars=32),
+    )
     if not model:
         raise BodyError("model", "must not be empty")
     return body

@@ -12,6 +12,10 @@
   every tier too (empty: other adapters, maybe other tenants', still use the content).
 - `revoke`: the api key `api_key_id` was revoked: forget every cached answer for it. Never a plaintext key.
 
+`cache_scope` (prewarm, demote, invalidate) is the adapter's cache scope (openlora/cache_scope.py): empty for
+public content, the owner's scope for a private adapter. A worker acts on the cache key the two make, the
+key its requests for that adapter use; an invalidate that names `sha256` drops every key of that content.
+
 An `invalidate` of a deleted or replaced adapter also names `source_sha256`, the content it served until
 then (set whether or not other adapters still use it): every merge built from that content is dropped, so
 the saved mixes built from the adapter are built again from what it serves now (or refused once deleted).
@@ -22,6 +26,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Literal
+
+from openlora.cache_scope import cache_key, is_scope
 
 HINTS_STREAM = "openlora:hints"
 HINTS_MAXLEN = 10_000
@@ -44,6 +50,13 @@ class Hint:
     source_sha256: str = ""
     # What predicted a prewarm: "periodic", "burst", or "" (unknown: kept like a periodic one).
     reason: str = ""
+    # The adapter's cache scope: '' for public content, else its owner's (openlora/cache_scope.py).
+    cache_scope: str = ""
+
+    @property
+    def cache_key(self) -> str:
+        """The worker cache key the hint is about; ValueError when sha256 or the scope is malformed."""
+        return cache_key(self.sha256, self.cache_scope)
 
     @property
     def protects(self) -> bool:
@@ -53,6 +66,8 @@ class Hint:
     def __post_init__(self) -> None:
         if self.kind not in HINT_KINDS:
             raise ValueError(f"hint kind must be one of {HINT_KINDS}, got {self.kind!r}")
+        if self.cache_scope and not is_scope(self.cache_scope):
+            raise ValueError(f"malformed cache_scope {self.cache_scope[:40]!r}")
 
     def to_fields(self) -> dict[str, str]:
         """Stream entry fields (strings; absent optionals are left out)."""
@@ -72,6 +87,8 @@ class Hint:
             fields["source_sha256"] = self.source_sha256
         if self.reason:
             fields["reason"] = self.reason
+        if self.cache_scope:
+            fields["cache_scope"] = self.cache_scope
         return fields
 
     @classmethod
@@ -92,6 +109,7 @@ class Hint:
                 api_key_id=text.get("api_key_id", ""),
                 source_sha256=text.get("source_sha256", ""),
                 reason=text.get("reason", "")[:32],
+                cache_scope=text.get("cache_scope", ""),
             )
         except KeyError as e:
             raise ValueError(f"hint is missing field {e.args[0]!r}") from None

@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 REPUBLISH_GAP_SHARE = 0.25
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class _Target:
     adapter_id: str
     sha256: str
+    cache_scope: str  # '' for public content (openlora/cache_scope.py)
 
 
 class Predictor:
@@ -75,12 +76,12 @@ class Predictor:
             if not times:
                 return {}
             ready = session.execute(
-                select(Adapter.id, Adapter.sha256).where(
+                select(Adapter).where(
                     Adapter.status == STATUS_READY, Adapter.id.in_([uuid.UUID(a) for a in times])
                 )
-            ).all()
-        targets = sorted((str(adapter_id), sha256) for adapter_id, sha256 in ready)
-        return {_Target(adapter_id, sha256): times[adapter_id] for adapter_id, sha256 in targets}
+            ).scalars()
+            targets = sorted(_Target(str(a.id), a.sha256, a.cache_scope) for a in ready)
+        return {target: times[target.adapter_id] for target in targets}
 
     def predict(self, now: float) -> list[Hint]:
         """The hints the usage history calls for at `now` (Unix seconds), repeats left out."""
@@ -98,6 +99,7 @@ class Predictor:
                     kind=prediction.kind,  # type: ignore[arg-type]
                     adapter_id=target.adapter_id,
                     sha256=target.sha256,
+                    cache_scope=target.cache_scope,
                     tier=tier,
                     deadline_at=prediction.deadline_at,
                     issued_at=now,

@@ -10,6 +10,7 @@ from sqlalchemy import ARRAY, BigInteger, DateTime, ForeignKey, String, Text, Un
 from sqlalchemy.orm import Mapped, mapped_column
 
 from control_plane.db.base import Base, utc_now
+from openlora.cache_scope import cache_scope
 
 VISIBILITY_PRIVATE = "private"
 VISIBILITY_PUBLIC = "public"
@@ -40,3 +41,8 @@ class Adapter(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+    @property
+    def cache_scope(self) -> str:
+        """Who may share workers' cached copies of its content: '' when public, else its owner's scope."""
+        return cache_scope(self.tenant_id, self.visibility != VISIBILITY_PUBLIC)

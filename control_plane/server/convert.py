@@ -133,6 +133,7 @@ def resolved_adapter_to_proto(a: Adapter) -> worker_pb2.ResolvedAdapter:
         use_rslora=a.use_rslora,
         keep_warm=a.keep_warm,
         updated_at=timestamp(a.updated_at),
+        cache_scope=a.cache_scope,
     )
 
 

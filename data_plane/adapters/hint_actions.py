@@ -32,10 +32,10 @@ async def apply_hint(engine, hint: Hint, artifacts, near_deadline_s: float = NEA
     the hint asks for the disk tier only, has the engine prefetch it into host memory or a slot; the
     engine declines what the tier could not keep until the predicted call)."""
     inner = _engine_of(engine)
-    key = hint.sha256
-    if hint.kind == "invalidate":
-        inner.invalidate(key)
+    if hint.kind == "invalidate":  # no adapter serves this content any more, in any cache scope
+        inner.invalidate_content(hint.sha256)
         return
+    key = hint.cache_key  # the key the adapter's requests use: its content, scoped when private
     if hint.kind == "demote":
         inner.demote(key)
         return

@@ -219,6 +219,10 @@ class AdapterCache:
         ready = [e.key for e in self._entries.values() if e.state is AdapterState.READY and not e.retiring]
         return sorted(ready, key=lambda k: -self._usage[k].last_used)
 
+    def known_keys(self) -> list[str]:
+        """Every key the cache holds anything of: an entry in any tier or state, or a usage record."""
+        return sorted(set(self._entries) | set(self._usage))
+
     def host_keys(self) -> list[str]:
         """Keys with a host copy (engine thread only; other threads read `residency`)."""
         return [e.key for e in self._entries.values() if e.host_bytes is not None]

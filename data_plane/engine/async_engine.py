@@ -116,6 +116,10 @@ class AsyncEngine:
         """Thread-safe: drops `key` from device slots and host memory at the next engine step."""
         self.engine.invalidate(key)
 
+    def invalidate_content(self, sha256: str) -> None:
+        """Thread-safe: drops every key of the content `sha256` (every cache scope) at the next step."""
+        self.engine.invalidate_content(sha256)
+
     def set_keep_warm(self, key: str, keep_warm: bool) -> None:
         """Thread-safe: a keep-warm adapter never leaves host memory once there."""
         self.engine.set_keep_warm(key, keep_warm)

@@ -31,6 +31,7 @@ from data_plane.engine.validation import adapter_key, validate_request
 from data_plane.model.loader import load_model
 from data_plane.tokenizer import IncrementalDetokenizer, Tokenizer
 from openlora.base_model import BaseModelSpec
+from openlora.cache_scope import content_of
 
 log = logging.getLogger(__name__)
 _IDLE_LOAD_WAIT_S = 0.05
@@ -418,6 +419,11 @@ class LLMEngine:
         them (a slot is never pulled from under a running batch)."""
         self._commands.put(("invalidate", key))
 
+    def invalidate_content(self, sha256: str) -> None:
+        """Thread-safe: `invalidate` every key of the content `sha256`, in every cache scope
+        (openlora/cache_scope.py): what a worker does once no adapter serves that content any more."""
+        self._commands.put(("invalidate_content", sha256))
+
     def set_keep_warm(self, key: str, keep_warm: bool) -> None:
         """Thread-safe: keep-warm adapters never leave host memory once there."""
         self._commands.put(("keep_warm", key, keep_warm))
@@ -439,6 +445,10 @@ class LLMEngine:
                 cache.demote(key)
             elif kind == "invalidate":
                 self._invalidate_now(key)
+            elif kind == "invalidate_content":
+                for known in cache.known_keys():
+                    if content_of(known) == key:
+                        self._invalidate_now(known)
             elif kind == "keep_warm":
                 cache.set_keep_warm(key, command[2])
 

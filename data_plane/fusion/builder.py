@@ -76,7 +76,7 @@ def build_merge(
     infos = []
     for i, source in enumerate(spec.sources):
         if source.path is None:
-            raise ValueError(f"source {source.sha256[:12]} has no local path")
+            raise ValueError(f"source {source.key[:12]} has no local path")
         try:
             infos.append(validate_adapter_dir(source.path, base, max_rank=max_rank, check_values=False))
         except AdapterFormatError as error:
@@ -106,7 +106,7 @@ def build_merge(
                     b=handle.get_tensor(source_names[(layer, module, "B")]).float(),
                     scale=info.scaling_of(layer, module),
                     weight=source.weight,
-                    seed=spec.member_seed(layer, module, source.sha256),
+                    seed=spec.member_seed(layer, module, source.key),
                 )
                 for source, info, handle, source_names in zip(
                     spec.sources, infos, handles, names, strict=True

@@ -1,7 +1,8 @@
 """MergeSpec: what a merge is made of, in canonical form, with its content key and its DARE seed.
 
-Two requests that ask for the same merge (same sources by content, same weights, method and options, in
-any order, under any names) get the same spec, hence the same key on every worker and after every
+Two requests that ask for the same merge (same sources by cache key, i.e. by content within one cache
+scope (openlora/cache_scope.py); same weights, method and options, in any order, under any names) get the
+same spec, hence the same key on every worker and after every
 restart, and the same random masks: a merge is built once per spec and cached under its key.
 """
 
@@ -22,14 +23,14 @@ _ELECTING = ("ties", "dare_ties")
 
 @dataclass(frozen=True)
 class MergeSource:
-    sha256: str  # content digest of the source adapter artifact
+    key: str  # cache key of the source adapter artifact: its content sha256, scoped when private
     weight: float
     path: Path | None = None  # local PEFT directory, once the artifact is on disk
 
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """A merge in canonical form: sources sorted by sha256; options normalized (1.0 density, no sign
+    """A merge in canonical form: sources sorted by key; options normalized (1.0 density, no sign
     method where the method ignores them)."""
 
     sources: tuple[MergeSource, ...]
@@ -45,7 +46,7 @@ class MergeSpec:
         density: float = 1.0,
         majority_sign_method: str = "total",
     ) -> MergeSpec:
-        """The canonical spec of `(sha256, weight)` sources merged by `method`; raises ValueError for a
+        """The canonical spec of `(cache key, weight)` sources merged by `method`; raises ValueError for a
         spec no request can carry (validation refuses those first)."""
         if method not in METHODS:
             raise ValueError(f"unknown merge method {method!r}; supported: {', '.join(METHODS)}")
@@ -55,10 +56,10 @@ class MergeSpec:
             raise ValueError(f"unknown majority_sign_method {majority_sign_method!r}")
         if not sources:
             raise ValueError("a merge needs at least one source")
-        shas = [sha for sha, _ in sources]
-        if len(set(shas)) != len(shas):
+        keys = [key for key, _ in sources]
+        if len(set(keys)) != len(keys):
             raise ValueError("a merge names one source twice")
-        ordered = tuple(MergeSource(sha, float(weight)) for sha, weight in sorted(sources))
+        ordered = tuple(MergeSource(key, float(weight)) for key, weight in sorted(sources))
         return cls(
             sources=ordered,
             method=method,
@@ -70,7 +71,7 @@ class MergeSpec:
         """The spec as canonical JSON: what the seed and the key are computed from."""
         return json.dumps(
             {
-                "sources": [[s.sha256, s.weight] for s in self.sources],
+                "sources": [[s.key, s.weight] for s in self.sources],
                 "method": self.method,
                 "density": self.density,
                 "majority_sign_method": self.majority_sign_method,
@@ -92,11 +93,11 @@ class MergeSpec:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def with_paths(self, paths: dict[str, Path]) -> MergeSpec:
-        """The same spec with each source's local directory (`paths` by sha256)."""
-        sources = tuple(MergeSource(s.sha256, s.weight, Path(paths[s.sha256])) for s in self.sources)
+        """The same spec with each source's local directory (`paths` by key)."""
+        sources = tuple(MergeSource(s.key, s.weight, Path(paths[s.key])) for s in self.sources)
         return MergeSpec(sources, self.method, self.density, self.majority_sign_method)
 
-    def member_seed(self, layer: int, module: str, sha256: str) -> int:
+    def member_seed(self, layer: int, module: str, key: str) -> int:
         """The seed of one source's DARE mask on one module: independent of the others and of order."""
-        text = f"{self.seed}\0{layer}\0{module}\0{sha256}"
+        text = f"{self.seed}\0{layer}\0{module}\0{key}"
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1

@@ -3,8 +3,9 @@
 A merge is content-addressed by its spec's key (data_plane.fusion.spec): a directory under its key
 always holds a complete, validated adapter. Concurrent requests for one key share one build, which runs
 in a thread (never on the event loop or the engine thread). Beside each directory, `<key>.json` records
-the sources' sha256s, so that when a source is deleted or replaced upstream `drop_source` finds every
-merge built from it (a held one is removed once its last holder releases it).
+the sources' cache keys (content sha256, scoped when private), so that when a source is deleted or
+replaced upstream `drop_source` finds every merge built from it (a held one is removed once its last
+holder releases it).
 
 The record also holds the merge's content digest: a merge found on disk at start is checked against it
 (in a thread) before its first use, and one that changed while the worker was down is removed and built
@@ -44,6 +45,7 @@ from data_plane.fusion.builder import MergeReport, build_merge
 from data_plane.fusion.spec import MergeSpec
 from openlora.artifact import digest_dir
 from openlora.base_model import BaseModelSpec
+from openlora.cache_scope import content_of
 
 log = logging.getLogger(__name__)
 _KEY = re.compile(r"^[0-9a-f]{64}$")
@@ -104,7 +106,7 @@ class MergeStore:
         self._tenant_waiters: dict[str, Counter[str]] = {}
         self._holds: Counter[str] = Counter()
         self._stale: set[str] = set()
-        self._sources: dict[str, tuple[str, ...]] = {}  # key -> source sha256s
+        self._sources: dict[str, tuple[str, ...]] = {}  # key -> its sources' cache keys
         self._max_disk_bytes = max_disk_bytes
         self._sizes: dict[str, int] = {}  # key -> bytes on disk
         self._used_at: dict[str, float] = {}  # key -> time.monotonic() of its last use
@@ -247,9 +249,10 @@ class MergeStore:
                 self._remove(key)
 
     def drop_source(self, sha256: str) -> list[str]:
-        """Forgets every merge built from the artifact `sha256` (deleted or replaced upstream); returns
-        their keys (for the engine to drop them from its tiers). A held merge is removed on release."""
-        dropped = [key for key, sources in self._sources.items() if sha256 in sources]
+        """Forgets every merge built from the content `sha256`, in any scope (deleted or replaced
+        upstream); returns their keys (for the engine to drop them from its tiers). A held merge is
+        removed on release."""
+        dropped = [key for key, sources in self._sources.items() if sha256 in map(content_of, sources)]
         for key in dropped:
             if self._holds[key]:
                 self._stale.add(key)
@@ -313,7 +316,7 @@ class MergeStore:
         return self.root / f"{key}.json"
 
     def _write_sources(self, key: str, spec: MergeSpec, digest: str) -> None:
-        sources = tuple(s.sha256 for s in spec.sources)
+        sources = tuple(s.key for s in spec.sources)
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
         with os.fdopen(fd, "w") as f:
             json.dump(

@@ -1,9 +1,14 @@
-"""The worker's local disk cache of adapter artifacts: `<state>/artifacts/<sha256>/`.
+"""The worker's local disk cache of adapter artifacts: `<state>/artifacts/<key>/`.
+
+Artifacts are kept by cache key (openlora/cache_scope.py): the content's sha256 for public content,
+`<sha256>-<scope>` for a private adapter's, so that one tenant's identical private content is never found
+on disk by another tenant's first call (two scopes of one content are two copies). Below, "sha256" of a
+key means the content it names (`content_of`).
 
 A missing artifact is streamed from the control plane into a private temporary directory, checked
 against its sha256 (openlora.artifact) and the PEFT validator, and only then renamed into place, so a
-directory under its sha256 always holds a verified adapter. A corrupt or partial download is deleted and
-never loaded. Concurrent requests for the same sha256 share one download.
+directory under its key always holds a verified adapter. A corrupt or partial download is deleted and
+never loaded. Concurrent requests for the same key share one download.
 
 The directory has a byte budget (`max_disk_bytes`): when a download takes it over, artifacts that nobody
 holds (`ensure(..., hold=True)` until `release`) and the engine is not reading (`busy`) are removed until
@@ -31,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -43,10 +47,10 @@ from pathlib import Path
 from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
 from openlora.artifact import ARTIFACT_FILES, ArtifactDigest, digest_dir
 from openlora.base_model import BaseModelSpec
+from openlora.cache_scope import content_of, is_cache_key
 
 log = logging.getLogger(__name__)
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TMP_PREFIX = ".partial-"
 MAX_DEFAULT_DISK_BYTES = 20 << 30
 SERVED_WINDOW_S = 86_400.0  # an artifact served within this long is kept ahead of unserved ones
@@ -68,14 +72,14 @@ def default_disk_cache_bytes(root: Path) -> int:
     return min(free // 4, MAX_DEFAULT_DISK_BYTES)
 
 
-async def _shared(tasks: dict[str, asyncio.Task], sha256: str, start: Callable[[str], Awaitable]):
-    """The result of `start(sha256)`, run once however many callers wait (its task lives in `tasks` while it
+async def _shared(tasks: dict[str, asyncio.Task], key: str, start: Callable[[str], Awaitable]):
+    """The result of `start(key)`, run once however many callers wait (its task lives in `tasks` while it
     runs); shielded: one caller going away must not cancel the work the others wait for."""
-    task = tasks.get(sha256)
+    task = tasks.get(key)
     if task is None:
-        task = asyncio.get_running_loop().create_task(start(sha256))
-        tasks[sha256] = task
-        task.add_done_callback(lambda _t: tasks.pop(sha256, None))
+        task = asyncio.get_running_loop().create_task(start(key))
+        tasks[key] = task
+        task.add_done_callback(lambda _t: tasks.pop(key, None))
     return await asyncio.shield(task)
 
 
@@ -98,7 +102,7 @@ class ArtifactRejected(ArtifactError):
 
 @dataclass(frozen=True)
 class LocalArtifact:
-    sha256: str
+    key: str  # its cache key
     path: Path
     # "disk" when it was already here, "remote" when this call fetched it.
     tier: str
@@ -117,7 +121,7 @@ class ArtifactStore:
         served_window_s: float = SERVED_WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`max_disk_bytes`: budget of the directory (None: unbounded); `busy(sha256)`: True while the
+        """`max_disk_bytes`: budget of the directory (None: unbounded); `busy(key)`: True while the
         engine may still read that artifact from disk (a load in flight), so it is not removed;
         `served_window_s`: how long a served artifact is kept ahead of unserved ones."""
         self.root = Path(root)
@@ -132,163 +136,168 @@ class ArtifactStore:
         self._holds: Counter[str] = Counter()
         self._clock = clock
         self._served_window_s = served_window_s
-        self._used_at: dict[str, float] = {}  # sha256 -> clock() of its last ensure
-        # sha256 -> clock() of its last serving (outlives the files, so a re-fetch is still "served")
+        self._used_at: dict[str, float] = {}  # key -> clock() of its last ensure
+        # key -> clock() of its last serving (outlives the files, so a re-fetch is still "served")
         self._served_at: dict[str, float] = {}
-        self._sizes: dict[str, int] = {}  # sha256 -> bytes on disk
+        self._sizes: dict[str, int] = {}  # key -> bytes on disk
         self._stale: set[str] = set()  # discarded while in use: never served, removed once unused
-        # Found on disk at start and not checked yet (the first ensure checks it; one check per sha256).
+        # Found on disk at start and not checked yet (the first ensure checks it; one check per key).
         self._unchecked: set[str] = set()
         self._checks: dict[str, asyncio.Task[bool]] = {}
         self._remove_partials()
         for entry in self.root.iterdir():
-            if _SHA256.match(entry.name) and entry.is_dir():
+            if is_cache_key(entry.name) and entry.is_dir():
                 self._unchecked.add(entry.name)
                 self._sizes[entry.name] = _dir_bytes(entry)
                 modified_at = entry.stat().st_mtime - time.time() + self._clock()
                 self._used_at[entry.name] = self._served_at[entry.name] = modified_at
         self._trim()
 
-    def path_of(self, sha256: str) -> Path:
-        if not _SHA256.match(sha256):
-            raise ArtifactError(f"malformed artifact sha256 {sha256!r}")
-        return self.root / sha256
+    def path_of(self, key: str) -> Path:
+        if not is_cache_key(key):
+            raise ArtifactError(f"malformed artifact key {key!r}")
+        return self.root / key
 
-    def contains(self, sha256: str) -> bool:
+    def keys_of(self, sha256: str) -> list[str]:
+        """The keys on disk (or being fetched) whose content is `sha256`, in every scope."""
+        known = set(self._sizes) | set(self._downloads) | set(self._holds)
+        return sorted(k for k in known if content_of(k) == sha256)
+
+    def contains(self, key: str) -> bool:
         """True when `ensure` would serve the artifact from disk (present and not stale)."""
-        return self.path_of(sha256).is_dir() and sha256 not in self._stale
+        return self.path_of(key).is_dir() and key not in self._stale
 
     @property
     def used_bytes(self) -> int:
         return sum(self._sizes.values())
 
-    def is_held(self, sha256: str) -> bool:
-        return self._holds[sha256] > 0
+    def is_held(self, key: str) -> bool:
+        return self._holds[key] > 0
 
-    async def ensure(self, sha256: str, hold: bool = False) -> LocalArtifact:
+    async def ensure(self, key: str, hold: bool = False) -> LocalArtifact:
         """The local directory of an artifact, fetched and verified first when it is not on disk.
-        `hold`: the artifact is in use (never removed by the disk budget) until `release(sha256)`."""
-        path = self.path_of(sha256)
+        `hold`: the artifact is in use (never removed by the disk budget) until `release(key)`."""
+        path = self.path_of(key)
         self._remove_stale()
-        self._used_at[sha256] = self._clock()
+        self._used_at[key] = self._clock()
         if hold:
-            self._holds[sha256] += 1
-            self._served_at[sha256] = self._used_at[sha256]
+            self._holds[key] += 1
+            self._served_at[key] = self._used_at[key]
         try:
-            if path.is_dir() and sha256 not in self._stale and await self._checked(sha256):
-                return LocalArtifact(sha256, path, "disk")
-            return LocalArtifact(sha256, await _shared(self._downloads, sha256, self._download), "remote")
+            if path.is_dir() and key not in self._stale and await self._checked(key):
+                return LocalArtifact(key, path, "disk")
+            return LocalArtifact(key, await _shared(self._downloads, key, self._download), "remote")
         except BaseException:
             if hold:
-                self.release((sha256,))
+                self.release((key,))
             raise
 
-    async def _checked(self, sha256: str) -> bool:
+    async def _checked(self, key: str) -> bool:
         """True when the artifact on disk may be served: checked already, or checked now (found at start).
         A copy that fails its check is removed (False: the caller fetches it)."""
-        if sha256 not in self._unchecked:
+        if key not in self._unchecked:
             return True
-        return await _shared(self._checks, sha256, self._check_found)
+        return await _shared(self._checks, key, self._check_found)
 
-    async def _check_found(self, sha256: str) -> bool:
+    async def _check_found(self, key: str) -> bool:
         """Whether a copy found at start still has its content digest (it was validated when fetched);
         one that does not, or cannot be read, is removed."""
         try:
-            actual = await asyncio.to_thread(digest_dir, self.path_of(sha256))
+            actual = await asyncio.to_thread(digest_dir, self.path_of(key))
             reason = f"content digest {actual[:12]}"
         except (OSError, ValueError) as error:
             actual, reason = None, f"unreadable: {error}"
-        self._unchecked.discard(sha256)
-        if actual == sha256:
+        self._unchecked.discard(key)
+        if actual == content_of(key):
             return True
-        log.warning("artifact %s on disk failed its check (%s): removed, fetched again", sha256[:12], reason)
-        self._remove(sha256)
+        log.warning("artifact %s on disk failed its check (%s): removed, fetched again", key[:12], reason)
+        self._remove(key)
         return False
 
-    def release(self, sha256s: Iterable[str]) -> None:
+    def release(self, keys: Iterable[str]) -> None:
         """Ends one hold of each artifact (taken by `ensure(..., hold=True)`)."""
-        for sha256 in sha256s:
-            self._holds[sha256] -= 1
-            if self._holds[sha256] <= 0:
-                del self._holds[sha256]
+        for key in keys:
+            self._holds[key] -= 1
+            if self._holds[key] <= 0:
+                del self._holds[key]
         self._remove_stale()
         self._trim()
 
-    def is_stale(self, sha256: str) -> bool:
+    def is_stale(self, key: str) -> bool:
         """True while a discarded artifact waits for its last holder before it is removed."""
-        return sha256 in self._stale
+        return key in self._stale
 
-    def discard(self, sha256: str) -> None:
+    def discard(self, key: str) -> None:
         """Forgets an artifact (deleted or replaced upstream); a later ensure fetches it again. A held
         one is only marked stale, and removed when its last hold is released."""
-        path = self.path_of(sha256)
-        if self.is_held(sha256):
+        path = self.path_of(key)
+        if self.is_held(key):
             if path.is_dir():
-                self._stale.add(sha256)
+                self._stale.add(key)
             return
-        self._remove(sha256)
+        self._remove(key)
 
     def _remove_stale(self) -> None:
         """Removes the stale artifacts nobody holds any more."""
-        for sha256 in list(self._stale):
-            if not self.is_held(sha256):
-                self._remove(sha256)
+        for key in list(self._stale):
+            if not self.is_held(key):
+                self._remove(key)
 
-    def _remove(self, sha256: str) -> None:
+    def _remove(self, key: str) -> None:
         """Deletes an artifact's directory now (the caller checked that nobody uses it)."""
-        path = self.path_of(sha256)
-        self._stale.discard(sha256)
+        path = self.path_of(key)
+        self._stale.discard(key)
         if path.is_dir():
             # Rename first so a concurrent reader never sees a half-deleted directory under the sha.
             doomed = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
             os.replace(path, doomed / "gone")
             shutil.rmtree(doomed, ignore_errors=True)
-        self._sizes.pop(sha256, None)
-        self._used_at.pop(sha256, None)
+        self._sizes.pop(key, None)
+        self._used_at.pop(key, None)
 
-    def served_recently(self, sha256: str) -> bool:
+    def served_recently(self, key: str) -> bool:
         """True when this worker served the artifact within the last `served_window_s`."""
-        served_at = self._served_at.get(sha256)
+        served_at = self._served_at.get(key)
         return served_at is not None and self._clock() - served_at <= self._served_window_s
 
     def _trim(self) -> None:
         """Removes artifacts not in use, unserved ones first, least recently used first within each, until
         the directory fits its budget."""
         now = self._clock()
-        for sha256 in [k for k, t in self._served_at.items() if now - t > self._served_window_s]:
-            del self._served_at[sha256]
+        for key in [k for k, t in self._served_at.items() if now - t > self._served_window_s]:
+            del self._served_at[key]
         if self._max_disk_bytes is None:
             return
         used = self.used_bytes
         order = sorted(self._sizes, key=lambda k: (self.served_recently(k), self._used_at.get(k, 0.0)))
-        for sha256 in order:
+        for key in order:
             if used <= self._max_disk_bytes:
                 return
-            if self.is_held(sha256) or sha256 in self._downloads or self._busy(sha256):
+            if self.is_held(key) or key in self._downloads or self._busy(key):
                 continue
-            used -= self._sizes[sha256]
-            log.info("disk budget: removing artifact %s (%d bytes)", sha256[:12], self._sizes[sha256])
-            self._remove(sha256)
+            used -= self._sizes[key]
+            log.info("disk budget: removing artifact %s (%d bytes)", key[:12], self._sizes[key])
+            self._remove(key)
 
-    async def _download(self, sha256: str) -> Path:
+    async def _download(self, key: str) -> Path:
         """Fetches, verifies and publishes an artifact. The cache directory failing (read-only, removed,
         out of space) is an ArtifactError (UNAVAILABLE: retry, here or elsewhere), logged with the path."""
         try:
-            return await self._download_into_cache(sha256)
+            return await self._download_into_cache(key)
         except OSError as error:
-            log.warning("artifact %s: the cache at %s cannot be written: %s", sha256[:12], self.root, error)
+            log.warning("artifact %s: the cache at %s cannot be written: %s", key[:12], self.root, error)
             raise ArtifactError(
-                f"artifact {sha256[:12]}: the worker's artifact cache cannot be written ({error.strerror})"
+                f"artifact {key[:12]}: the worker's artifact cache cannot be written ({error.strerror})"
             ) from error
 
-    async def _download_into_cache(self, sha256: str) -> Path:
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{sha256[:12]}-", dir=self.root))
+    async def _download_into_cache(self, key: str) -> Path:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key[:12]}-", dir=self.root))
         try:
-            await self._receive(sha256, tmp)
-            await asyncio.to_thread(self._verify, sha256, tmp)
-            final = self.root / sha256
+            await self._receive(key, tmp)
+            await asyncio.to_thread(self._verify, key, tmp)
+            final = self.root / key
             if final.is_dir():
-                # A stale copy a holder still reads (or another process's copy): same sha256, same bytes.
+                # A stale copy a holder still reads (or another process's copy): same key, same bytes.
                 # Replace it file by file, each rename atomic, so its path never stops holding an adapter.
                 for name in ARTIFACT_FILES:
                     os.replace(tmp / name, final / name)
@@ -298,23 +307,23 @@ class ArtifactStore:
                 except OSError:
                     if not final.is_dir():  # lost a race with another process: theirs is as good
                         raise
-            self._stale.discard(sha256)
-            self._sizes[sha256] = _dir_bytes(final)
+            self._stale.discard(key)
+            self._sizes[key] = _dir_bytes(final)
             self._trim()
             return final
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    async def _receive(self, sha256: str, tmp: Path) -> None:
+    async def _receive(self, key: str, tmp: Path) -> None:
         sizes: dict[str, int] = {}
         written: dict[str, int] = {}
         current: str | None = None
         handle = None
         try:
-            async for chunk in self._fetch(sha256):
+            async for chunk in self._fetch(content_of(key)):
                 if chunk.filename and chunk.filename != current:
                     if chunk.filename not in ARTIFACT_FILES or chunk.filename in sizes:
-                        raise ArtifactError(f"artifact {sha256[:12]}: unexpected file {chunk.filename!r}")
+                        raise ArtifactError(f"artifact {key[:12]}: unexpected file {chunk.filename!r}")
                     if handle is not None:
                         handle.close()
                     current = chunk.filename
@@ -322,23 +331,23 @@ class ArtifactStore:
                     written[current] = 0
                     handle = open(tmp / current, "wb")  # noqa: SIM115 (closed in finally)
                 if current is None or handle is None:
-                    raise ArtifactError(f"artifact {sha256[:12]}: data before a file name")
+                    raise ArtifactError(f"artifact {key[:12]}: data before a file name")
                 if chunk.offset != written[current]:
-                    raise ArtifactError(f"artifact {sha256[:12]}: {current} chunk out of order")
+                    raise ArtifactError(f"artifact {key[:12]}: {current} chunk out of order")
                 written[current] += len(chunk.data)
                 if written[current] > sizes[current] or written[current] > self._max_size_bytes:
-                    raise ArtifactError(f"artifact {sha256[:12]}: {current} longer than declared")
+                    raise ArtifactError(f"artifact {key[:12]}: {current} longer than declared")
                 handle.write(chunk.data)
         finally:
             if handle is not None:
                 handle.close()
         for name in ARTIFACT_FILES:
             if name not in sizes or written[name] != sizes[name]:
-                raise ArtifactError(f"artifact {sha256[:12]}: {name} incomplete")
+                raise ArtifactError(f"artifact {key[:12]}: {name} incomplete")
 
-    def _verify(self, sha256: str, tmp: Path) -> None:
-        """Checks a download's content against `sha256` and the PEFT validator, each file fsynced (durable
-        before the rename publishes the directory under its sha256)."""
+    def _verify(self, key: str, tmp: Path) -> None:
+        """Checks a download's content against `key` and the PEFT validator, each file fsynced (durable
+        before the rename publishes the directory under its key)."""
         digest = ArtifactDigest()
         for name in sorted(ARTIFACT_FILES):
             file_path = tmp / name
@@ -348,8 +357,8 @@ class ArtifactStore:
                     digest.update(data)
                 os.fsync(f.fileno())
         actual = digest.hexdigest()
-        if actual != sha256:
-            raise ArtifactError(f"artifact {sha256[:12]}: content digest {actual[:12]} does not match")
+        if actual != content_of(key):
+            raise ArtifactError(f"artifact {key[:12]}: content digest {actual[:12]} does not match")
         try:
             validate_adapter_dir(tmp, self._spec, self._max_rank, self._max_size_bytes)
         except AdapterFormatError as error:

@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from data_plane.server.usage_reporter import UsageRecord
 from openlora.base_model import BaseModelSpec
+from openlora.cache_scope import cache_key
 from openlora.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
 from openlora.wire import spec_to_proto
 
@@ -73,6 +74,13 @@ class ResolvedAdapter:
     keep_warm: bool = False
     # Set when the name is a saved mix of the caller's tenant (then adapter_id is the mix's id).
     mix: ResolvedMix | None = None
+    # '' for public content; a private adapter's owner scope (openlora/cache_scope.py).
+    cache_scope: str = ""
+
+    @property
+    def cache_key(self) -> str:
+        """The key of this adapter's content in every cache tier of the worker (see cache_scope)."""
+        return cache_key(self.sha256, self.cache_scope)
 
     def adapter_ids(self) -> set[str]:
         """Its own id and, for a saved mix, its members' ids."""
@@ -446,7 +454,9 @@ def _resolved(a: worker_pb2.ResolvedAdapter) -> ResolvedAdapter:
             majority_sign_method=a.mix.majority_sign_method,
             combine=a.mix.combine,
         )
-    return ResolvedAdapter(a.name, a.adapter_id, a.sha256, a.size_bytes, a.rank, a.keep_warm, mix)
+    return ResolvedAdapter(
+        a.name, a.adapter_id, a.sha256, a.size_bytes, a.rank, a.keep_warm, mix, a.cache_scope
+    )
 
 
 def _usage_event(record: UsageRecord) -> worker_pb2.UsageEvent:

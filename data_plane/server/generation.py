@@ -337,8 +337,8 @@ class GenerationService:
         prompt_ids = await self._prompt_ids(valid)
         check_prompt_length(len(prompt_ids), self.limits)
         for adapter in by_name.values():
-            if adapter.keep_warm:
-                self._engine.set_keep_warm(adapter.sha256, True)
+            if adapter.keep_warm and adapter.sha256:
+                self._engine.set_keep_warm(adapter.cache_key, True)
         fetch_started = time.monotonic()
         adapter_refs, tier, build_ms = await self._resolve(valid, by_name, tenant_id)
         # What the call waited for before the engine: a fetch from the control plane (with a merge built
@@ -498,15 +498,15 @@ class GenerationService:
             self._metrics.cache_lookups.labels("none").inc()
             return (), "none", 0.0
         results = await asyncio.gather(
-            *(self._artifacts.ensure(a.sha256, hold=True) for a, _ in resolved), return_exceptions=True
+            *(self._artifacts.ensure(a.cache_key, hold=True) for a, _ in resolved), return_exceptions=True
         )
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:  # each ensure that failed gave back its own hold; give back the others'
-            self._artifacts.release(r.sha256 for r in results if not isinstance(r, BaseException))
+            self._artifacts.release(r.key for r in results if not isinstance(r, BaseException))
             raise failed[0]
         locals_ = results
         refs = tuple(
-            AdapterRef(key=a.sha256, path=local.path, weight=1.0 if valid.is_ensemble else weight)
+            AdapterRef(key=a.cache_key, path=local.path, weight=1.0 if valid.is_ensemble else weight)
             for (a, weight), local in zip(resolved, locals_, strict=True)
         )
         tier = "remote" if any(local.tier == "remote" for local in locals_) else "disk"
@@ -520,26 +520,28 @@ class GenerationService:
         only while it builds); a merge already on disk needs no source at all. A new build takes a place
         in `tenant_id`'s share of the build queue."""
         merges = self.merge_store()
-        sources = [(by_name[name].sha256, weight) for name, weight in valid.adapters]
-        if len({sha for sha, _ in sources}) != len(sources):
+        members = [by_name[name] for name, _ in valid.adapters]
+        if len({a.sha256 for a in members}) != len(members):
             raise RequestFieldError("mix", "names the same adapter content twice (under two names)")
+        # Sources by cache key: a merge of private content is its owner's alone, on disk and in slots.
+        sources = [(a.cache_key, weight) for a, (_, weight) in zip(members, valid.adapters, strict=True)]
         spec = MergeSpec.of(sources, valid.mix_method, valid.density, valid.majority_sign_method)
         found = merges.lookup(spec, hold=True)
         if found is not None:
             return (AdapterRef(key=found.key, path=found.path),), "disk", 0.0
-        shas = [sha for sha, _ in sources]
+        keys = [key for key, _ in sources]
         results = await asyncio.gather(
-            *(self._artifacts.ensure(sha, hold=True) for sha in shas), return_exceptions=True
+            *(self._artifacts.ensure(key, hold=True) for key in keys), return_exceptions=True
         )
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:  # each ensure that failed gave back its own hold; give back the others'
-            self._artifacts.release(r.sha256 for r in results if not isinstance(r, BaseException))
+            self._artifacts.release(r.key for r in results if not isinstance(r, BaseException))
             raise failed[0]
         try:
-            paths = {r.sha256: r.path for r in results}
+            paths = {r.key: r.path for r in results}
             built = await merges.build(spec.with_paths(paths), hold=True, tenant_id=tenant_id)
         finally:
-            self._artifacts.release(shas)
+            self._artifacts.release(keys)
         tier = "remote" if any(r.tier == "remote" for r in results) else "disk"
         return (AdapterRef(key=built.key, path=built.path),), tier, built.wait_ms
 

@@ -323,8 +323,9 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
             # The merges built from the content a deleted or replaced adapter served are dropped too.
             for source in sorted({hint.source_sha256, hint.sha256} - {""}):
                 generation.drop_merges_of(source)
-            if hint.sha256:
-                artifacts.discard(hint.sha256)
+            if hint.sha256:  # every scope's copy (openlora/cache_scope.py)
+                for key in artifacts.keys_of(hint.sha256):
+                    artifacts.discard(key)
         if not hint.sha256:
             return
         # The engine side (invalidate at once, demote, prewarm: fetch to disk then load) runs beside

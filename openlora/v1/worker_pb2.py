@@ -27,7 +27,7 @@ from openlora.v1 import admin_pb2 as openlora_dot_v1_dot_admin__pb2
 from openlora.v1 import inference_pb2 as openlora_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18openlora/v1/worker.proto\x12\x0bopenlora.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17openlora/v1/admin.proto\x1a\x1bopenlora/v1/inference.proto\"\xec\x01\n\rBaseModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x19\n\x11intermediate_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x07 \x01(\r\x12\x1b\n\x13num_key_value_heads\x18\x08 \x01(\r\x12\x10\n\x08head_dim\x18\t \x01(\r\x12\x12\n\nvocab_size\x18\n \x01(\r\"\x9d\x01\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12.\n\nbase_model\x18\x03 \x01(\x0b\x32\x1a.openlora.v1.BaseModelSpec\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\r\x12\x19\n\x11num_adapter_slots\x18\x05 \x01(\r\"J\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"\xd0\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\x12\x1f\n\x17resident_adapter_sha256\x18\x04 \x03(\t\x12\x15\n\rweight_format\x18\x05 \x01(\t\x12\x1e\n\x16weight_bits_per_weight\x18\x06 \x01(\x02\x12\x1d\n\x15resident_weight_bytes\x18\x07 \x01(\x04\"\x13\n\x11HeartbeatResponse\"I\n\x10\x41uthorizeRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\"\xf2\x01\n\x0fResolvedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\r\n\x05\x61lpha\x18\x06 \x01(\x02\x12\x12\n\nuse_rslora\x18\x07 \x01(\x08\x12\x11\n\tkeep_warm\x18\x08 \x01(\x08\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x03mix\x18\n \x01(\x0b\x32\x18.openlora.v1.ResolvedMix\"R\n\x11ResolvedMixMember\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.openlora.v1.ResolvedAdapter\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xf6\x01\n\x0bResolvedMix\x12/\n\x07members\x18\x01 \x03(\x0b\x32\x1e.openlora.v1.ResolvedMixMember\x12&\n\x06method\x18\x02 \x01(\x0e\x32\x16.openlora.v1.MixMethod\x12\x14\n\x07\x64\x65nsity\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12=\n\x14majority_sign_method\x18\x04 \x01(\x0e\x32\x1f.openlora.v1.MajoritySignMethod\x12-\n\x07\x63ombine\x18\x05 \x01(\x0e\x32\x1c.openlora.v1.EnsembleCombineB\n\n\x08_density\"\xb4\x01\n\x11\x41uthorizeResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\"\n\x06scopes\x18\x03 \x03(\x0e\x32\x12.openlora.v1.Scope\x12.\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1c.openlora.v1.ResolvedAdapter\x12\x14\n\x0c\x63\x61\x63he_ttl_ms\x18\x05 \x01(\r\x12\x12\n\napi_key_id\x18\x06 \x01(\t\"&\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"`\n\x15\x46\x65tchArtifactResponse\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x17\n\x0f\x66ile_size_bytes\x18\x04 \x01(\x04\"2\n\x0cUsageAdapter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xde\x02\n\nUsageEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12+\n\x08\x61\x64\x61pters\x18\x03 \x03(\x0b\x32\x19.openlora.v1.UsageAdapter\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x10\n\x08queue_ms\x18\x08 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\t \x01(\x01\x12\x10\n\x08total_ms\x18\n \x01(\x01\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rfinish_reason\x18\x0c \x01(\t\x12\x14\n\x0crequest_kind\x18\r \x01(\t\x12\x10\n\x08mix_name\x18\x0e \x01(\t\"=\n\x12ReportUsageRequest\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.openlora.v1.UsageEvent\";\n\x13ReportUsageResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\">\n\x15\x43heckRequestIdRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x18\n\x16\x43heckRequestIdResponse\"c\n\x17ReserveRequestIdRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\r\"\x1a\n\x18ReserveRequestIdResponse\"S\n\x17ReleaseRequestIdRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\",\n\x18ReleaseRequestIdResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"_\n\x11ListModelsRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"j\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"V\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.openlora.v1.ModelEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x9a\x06\n\rWorkerService\x12Y\n\x0eRegisterWorker\x12\".openlora.v1.RegisterWorkerRequest\x1a#.openlora.v1.RegisterWorkerResponse\x12J\n\tHeartbeat\x12\x1d.openlora.v1.HeartbeatRequest\x1a\x1e.openlora.v1.HeartbeatResponse\x12J\n\tAuthorize\x12\x1d.openlora.v1.AuthorizeRequest\x1a\x1e.openlora.v1.AuthorizeResponse\x12X\n\rFetchArtifact\x12!.openlora.v1.FetchArtifactRequest\x1a\".openlora.v1.FetchArtifactResponse0\x01\x12P\n\x0bReportUsage\x12\x1f.openlora.v1.ReportUsageRequest\x1a .openlora.v1.ReportUsageResponse\x12Y\n\x0e\x43heckRequestId\x12\".openlora.v1.CheckRequestIdRequest\x1a#.openlora.v1.CheckRequestIdResponse\x12_\n\x10ReserveRequestId\x12$.openlora.v1.ReserveRequestIdRequest\x1a%.openlora.v1.ReserveRequestIdResponse\x12_\n\x10ReleaseRequestId\x12$.openlora.v1.ReleaseRequestIdRequest\x1a%.openlora.v1.ReleaseRequestIdResponse\x12M\n\nListModels\x12\x1e.openlora.v1.ListModelsRequest\x1a\x1f.openlora.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18openlora/v1/worker.proto\x12\x0bopenlora.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17openlora/v1/admin.proto\x1a\x1bopenlora/v1/inference.proto\"\xec\x01\n\rBaseModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x19\n\x11intermediate_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x07 \x01(\r\x12\x1b\n\x13num_key_value_heads\x18\x08 \x01(\r\x12\x10\n\x08head_dim\x18\t \x01(\r\x12\x12\n\nvocab_size\x18\n \x01(\r\"\x9d\x01\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12.\n\nbase_model\x18\x03 \x01(\x0b\x32\x1a.openlora.v1.BaseModelSpec\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\r\x12\x19\n\x11num_adapter_slots\x18\x05 \x01(\r\"J\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"\xd0\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\x12\x1f\n\x17resident_adapter_sha256\x18\x04 \x03(\t\x12\x15\n\rweight_format\x18\x05 \x01(\t\x12\x1e\n\x16weight_bits_per_weight\x18\x06 \x01(\x02\x12\x1d\n\x15resident_weight_bytes\x18\x07 \x01(\x04\"\x13\n\x11HeartbeatResponse\"I\n\x10\x41uthorizeRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\"\x87\x02\n\x0fResolvedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\r\n\x05\x61lpha\x18\x06 \x01(\x02\x12\x12\n\nuse_rslora\x18\x07 \x01(\x08\x12\x11\n\tkeep_warm\x18\x08 \x01(\x08\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x03mix\x18\n \x01(\x0b\x32\x18.openlora.v1.ResolvedMix\x12\x13\n\x0b\x63\x61\x63he_scope\x18\x0b \x01(\t\"R\n\x11ResolvedMixMember\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.openlora.v1.ResolvedAdapter\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xf6\x01\n\x0bResolvedMix\x12/\n\x07members\x18\x01 \x03(\x0b\x32\x1e.openlora.v1.ResolvedMixMember\x12&\n\x06method\x18\x02 \x01(\x0e\x32\x16.openlora.v1.MixMethod\x12\x14\n\x07\x64\x65nsity\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12=\n\x14majority_sign_method\x18\x04 \x01(\x0e\x32\x1f.openlora.v1.MajoritySignMethod\x12-\n\x07\x63ombine\x18\x05 \x01(\x0e\x32\x1c.openlora.v1.EnsembleCombineB\n\n\x08_density\"\xb4\x01\n\x11\x41uthorizeResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\"\n\x06scopes\x18\x03 \x03(\x0e\x32\x12.openlora.v1.Scope\x12.\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1c.openlora.v1.ResolvedAdapter\x12\x14\n\x0c\x63\x61\x63he_ttl_ms\x18\x05 \x01(\r\x12\x12\n\napi_key_id\x18\x06 \x01(\t\"&\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"`\n\x15\x46\x65tchArtifactResponse\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x17\n\x0f\x66ile_size_bytes\x18\x04 \x01(\x04\"2\n\x0cUsageAdapter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xde\x02\n\nUsageEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12+\n\x08\x61\x64\x61pters\x18\x03 \x03(\x0b\x32\x19.openlora.v1.UsageAdapter\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x10\n\x08queue_ms\x18\x08 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\t \x01(\x01\x12\x10\n\x08total_ms\x18\n \x01(\x01\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rfinish_reason\x18\x0c \x01(\t\x12\x14\n\x0crequest_kind\x18\r \x01(\t\x12\x10\n\x08mix_name\x18\x0e \x01(\t\"=\n\x12ReportUsageRequest\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.openlora.v1.UsageEvent\";\n\x13ReportUsageResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\">\n\x15\x43heckRequestIdRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x18\n\x16\x43heckRequestIdResponse\"c\n\x17ReserveRequestIdRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\r\"\x1a\n\x18ReserveRequestIdResponse\"S\n\x17ReleaseRequestIdRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\",\n\x18ReleaseRequestIdResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"_\n\x11ListModelsRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"j\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"V\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.openlora.v1.ModelEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x9a\x06\n\rWorkerService\x12Y\n\x0eRegisterWorker\x12\".openlora.v1.RegisterWorkerRequest\x1a#.openlora.v1.RegisterWorkerResponse\x12J\n\tHeartbeat\x12\x1d.openlora.v1.HeartbeatRequest\x1a\x1e.openlora.v1.HeartbeatResponse\x12J\n\tAuthorize\x12\x1d.openlora.v1.AuthorizeRequest\x1a\x1e.openlora.v1.AuthorizeResponse\x12X\n\rFetchArtifact\x12!.openlora.v1.FetchArtifactRequest\x1a\".openlora.v1.FetchArtifactResponse0\x01\x12P\n\x0bReportUsage\x12\x1f.openlora.v1.ReportUsageRequest\x1a .openlora.v1.ReportUsageResponse\x12Y\n\x0e\x43heckRequestId\x12\".openlora.v1.CheckRequestIdRequest\x1a#.openlora.v1.CheckRequestIdResponse\x12_\n\x10ReserveRequestId\x12$.openlora.v1.ReserveRequestIdRequest\x1a%.openlora.v1.ReserveRequestIdResponse\x12_\n\x10ReleaseRequestId\x12$.openlora.v1.ReleaseRequestIdRequest\x1a%.openlora.v1.ReleaseRequestIdResponse\x12M\n\nListModels\x12\x1e.openlora.v1.ListModelsRequest\x1a\x1f.openlora.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,43 +47,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHORIZEREQUEST']._serialized_start=835
   _globals['_AUTHORIZEREQUEST']._serialized_end=908
   _globals['_RESOLVEDADAPTER']._serialized_start=911
-  _globals['_RESOLVEDADAPTER']._serialized_end=1153
-  _globals['_RESOLVEDMIXMEMBER']._serialized_start=1155
-  _globals['_RESOLVEDMIXMEMBER']._serialized_end=1237
-  _globals['_RESOLVEDMIX']._serialized_start=1240
-  _globals['_RESOLVEDMIX']._serialized_end=1486
-  _globals['_AUTHORIZERESPONSE']._serialized_start=1489
-  _globals['_AUTHORIZERESPONSE']._serialized_end=1669
-  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1671
-  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1709
-  _globals['_FETCHARTIFACTRESPONSE']._serialized_start=1711
-  _globals['_FETCHARTIFACTRESPONSE']._serialized_end=1807
-  _globals['_USAGEADAPTER']._serialized_start=1809
-  _globals['_USAGEADAPTER']._serialized_end=1859
-  _globals['_USAGEEVENT']._serialized_start=1862
-  _globals['_USAGEEVENT']._serialized_end=2212
-  _globals['_REPORTUSAGEREQUEST']._serialized_start=2214
-  _globals['_REPORTUSAGEREQUEST']._serialized_end=2275
-  _globals['_REPORTUSAGERESPONSE']._serialized_start=2277
-  _globals['_REPORTUSAGERESPONSE']._serialized_end=2336
-  _globals['_CHECKREQUESTIDREQUEST']._serialized_start=2338
-  _globals['_CHECKREQUESTIDREQUEST']._serialized_end=2400
-  _globals['_CHECKREQUESTIDRESPONSE']._serialized_start=2402
-  _globals['_CHECKREQUESTIDRESPONSE']._serialized_end=2426
-  _globals['_RESERVEREQUESTIDREQUEST']._serialized_start=2428
-  _globals['_RESERVEREQUESTIDREQUEST']._serialized_end=2527
-  _globals['_RESERVEREQUESTIDRESPONSE']._serialized_start=2529
-  _globals['_RESERVEREQUESTIDRESPONSE']._serialized_end=2555
-  _globals['_RELEASEREQUESTIDREQUEST']._serialized_start=2557
-  _globals['_RELEASEREQUESTIDREQUEST']._serialized_end=2640
-  _globals['_RELEASEREQUESTIDRESPONSE']._serialized_start=2642
-  _globals['_RELEASEREQUESTIDRESPONSE']._serialized_end=2686
-  _globals['_LISTMODELSREQUEST']._serialized_start=2688
-  _globals['_LISTMODELSREQUEST']._serialized_end=2783
-  _globals['_MODELENTRY']._serialized_start=2785
-  _globals['_MODELENTRY']._serialized_end=2891
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2893
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2979
-  _globals['_WORKERSERVICE']._serialized_start=2982
-  _globals['_WORKERSERVICE']._serialized_end=3776
+  _globals['_RESOLVEDADAPTER']._serialized_end=1174
+  _globals['_RESOLVEDMIXMEMBER']._serialized_start=1176
+  _globals['_RESOLVEDMIXMEMBER']._serialized_end=1258
+  _globals['_RESOLVEDMIX']._serialized_start=1261
+  _globals['_RESOLVEDMIX']._serialized_end=1507
+  _globals['_AUTHORIZERESPONSE']._serialized_start=1510
+  _globals['_AUTHORIZERESPONSE']._serialized_end=1690
+  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1692
+  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1730
+  _globals['_FETCHARTIFACTRESPONSE']._serialized_start=1732
+  _globals['_FETCHARTIFACTRESPONSE']._serialized_end=1828
+  _globals['_USAGEADAPTER']._serialized_start=1830
+  _globals['_USAGEADAPTER']._serialized_end=1880
+  _globals['_USAGEEVENT']._serialized_start=1883
+  _globals['_USAGEEVENT']._serialized_end=2233
+  _globals['_REPORTUSAGEREQUEST']._serialized_start=2235
+  _globals['_REPORTUSAGEREQUEST']._serialized_end=2296
+  _globals['_REPORTUSAGERESPONSE']._serialized_start=2298
+  _globals['_REPORTUSAGERESPONSE']._serialized_end=2357
+  _globals['_CHECKREQUESTIDREQUEST']._serialized_start=2359
+  _globals['_CHECKREQUESTIDREQUEST']._serialized_end=2421
+  _globals['_CHECKREQUESTIDRESPONSE']._serialized_start=2423
+  _globals['_CHECKREQUESTIDRESPONSE']._serialized_end=2447
+  _globals['_RESERVEREQUESTIDREQUEST']._serialized_start=2449
+  _globals['_RESERVEREQUESTIDREQUEST']._serialized_end=2548
+  _globals['_RESERVEREQUESTIDRESPONSE']._serialized_start=2550
+  _globals['_RESERVEREQUESTIDRESPONSE']._serialized_end=2576
+  _globals['_RELEASEREQUESTIDREQUEST']._serialized_start=2578
+  _globals['_RELEASEREQUESTIDREQUEST']._serialized_end=2661
+  _globals['_RELEASEREQUESTIDRESPONSE']._serialized_start=2663
+  _globals['_RELEASEREQUESTIDRESPONSE']._serialized_end=2707
+  _globals['_LISTMODELSREQUEST']._serialized_start=2709
+  _globals['_LISTMODELSREQUEST']._serialized_end=2804
+  _globals['_MODELENTRY']._serialized_start=2806
+  _globals['_MODELENTRY']._serialized_end=2912
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2914
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3000
+  _globals['_WORKERSERVICE']._serialized_start=3003
+  _globals['_WORKERSERVICE']._serialized_end=3797
 # @@protoc_insertion_point(module_scope)

@@ -90,7 +90,7 @@ class AuthorizeRequest(_message.Message):
     def __init__(self, api_key: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ...) -> None: ...
 
 class ResolvedAdapter(_message.Message):
-    __slots__ = ("name", "adapter_id", "sha256", "size_bytes", "rank", "alpha", "use_rslora", "keep_warm", "updated_at", "mix")
+    __slots__ = ("name", "adapter_id", "sha256", "size_bytes", "rank", "alpha", "use_rslora", "keep_warm", "updated_at", "mix", "cache_scope")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class ResolvedAdapter(_message.Message):
     KEEP_WARM_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     MIX_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     adapter_id: str
     sha256: str
@@ -111,7 +112,8 @@ class ResolvedAdapter(_message.Message):
     keep_warm: bool
     updated_at: _timestamp_pb2.Timestamp
     mix: ResolvedMix
-    def __init__(self, name: _Optional[str] = ..., adapter_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., keep_warm: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mix: _Optional[_Union[ResolvedMix, _Mapping]] = ...) -> None: ...
+    cache_scope: str
+    def __init__(self, name: _Optional[str] = ..., adapter_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., keep_warm: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mix: _Optional[_Union[ResolvedMix, _Mapping]] = ..., cache_scope: _Optional[str] = ...) -> None: ...
 
 class ResolvedMixMember(_message.Message):
     __slots__ = ("adapter", "weight")

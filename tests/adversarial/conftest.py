@@ -72,15 +72,15 @@ class Attacker:
             keys.append((response.secret, response.key.id))
         return Tenant(name, keys[0][0], keys[0][1], keys[1][0], keys[1][1])
 
-    def push(self, tenant: Tenant, name: str, adapter: str = "ad0", public: bool = False) -> str:
-        """Uploads one of the fixture adapters' files under `name` for `tenant`; returns its sha256."""
+    def push(self, tenant: Tenant, name: str, adapter: str | Path = "ad0", public: bool = False) -> str:
+        """Uploads one of the fixture adapters' files (or the PEFT directory `adapter`) under `name` for
+        `tenant`; returns its sha256."""
         from openlora.commands.demo_setup import upload_messages
 
         visibility = admin_pb2.VISIBILITY_PUBLIC if public else admin_pb2.VISIBILITY_PRIVATE
+        directory = adapter if isinstance(adapter, Path) else self.system.model_dir / "adapters" / adapter
         response = self.admin.UploadAdapter(
-            upload_messages(
-                self.system.model_dir / "adapters" / adapter, "", BASE_MODEL, name=name, visibility=visibility
-            ),
+            upload_messages(directory, "", BASE_MODEL, name=name, visibility=visibility),
             metadata=bearer(tenant.admin_key),
         )
         return response.adapter.sha256

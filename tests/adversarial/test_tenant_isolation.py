@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import grpc
 import pytest
 
@@ -125,6 +127,63 @@ def test_generate_with_another_tenants_private_adapter_is_not_found(attacker, vi
     assert status_of(lambda: attacker.generate(intruder.infer_key, mix=mix)) == NOT_FOUND
     # The owner, asking right after, is served (the refusal did not poison the worker's caches).
     assert attacker.generate(victim.infer_key, adapter="secret")[-1].usage.completion_tokens == 2
+
+
+def _tier(responses: list[inference_pb2.GenerateResponse]) -> int:
+    return responses[-1].timing.cache_tier
+
+
+def test_identical_private_content_is_never_found_warm_by_another_tenant(attacker, tmp_path):
+    """Promise: uploading the same bytes as another tenant's private adapter tells nothing. Workers keep
+    content apart per cache scope (its owner when private), so the copier's first call comes from the
+    control plane, neither from the owner's device slot nor from the owner's copy on the worker's disk;
+    nor does a copy published as public find it. A public adapter's content stays shared."""
+    content = tmp_path / "unique"
+    shutil.copytree(attacker.system.model_dir / "adapters" / "ad3", content)
+    config = content / "adapter_config.json"
+    text = config.read_text()
+    assert '"lora_alpha": 16' in text
+    config.write_text(text.replace('"lora_alpha": 16', '"lora_alpha": 23'))  # content no one else has
+    owner, copier, publisher, reader = (attacker.new_tenant() for _ in range(4))
+    sha = attacker.push(owner, "mine", adapter=content)
+    assert _tier(attacker.generate(owner.infer_key, adapter="mine")) == inference_pb2.CACHE_TIER_REMOTE
+    assert _tier(attacker.generate(owner.infer_key, adapter="mine")) == inference_pb2.CACHE_TIER_DEVICE
+
+    assert attacker.push(copier, "copy", adapter=content) == sha
+    assert _tier(attacker.generate(copier.infer_key, adapter="copy")) == inference_pb2.CACHE_TIER_REMOTE
+    assert _tier(attacker.generate(copier.infer_key, adapter="copy")) == inference_pb2.CACHE_TIER_DEVICE
+
+    assert attacker.push(publisher, "open", adapter=content, public=True) == sha
+    assert _tier(attacker.generate(publisher.infer_key, adapter="open")) == inference_pb2.CACHE_TIER_REMOTE
+    # Public content is one cache entry for every caller: another tenant's call of it is warm.
+    assert _tier(attacker.generate(reader.infer_key, adapter="open")) in (
+        inference_pb2.CACHE_TIER_DEVICE,
+        inference_pb2.CACHE_TIER_HOST,
+    )
+    # The owner's copy was never disturbed by the others.
+    assert _tier(attacker.generate(owner.infer_key, adapter="mine")) == inference_pb2.CACHE_TIER_DEVICE
+
+
+def test_a_merge_of_private_content_is_never_found_built_by_another_tenant(attacker, tmp_path):
+    """The same TIES mix over identical private content, asked by two tenants: the second builds its own
+    from its own copies (fetched from the control plane) instead of finding the first one's merge."""
+    contents = []
+    for i, source in enumerate(("ad4", "ad5")):
+        content = tmp_path / f"unique{i}"
+        shutil.copytree(attacker.system.model_dir / "adapters" / source, content)
+        config = content / "adapter_config.json"
+        config.write_text(config.read_text().replace('"lora_alpha": 16', f'"lora_alpha": {31 + i}'))
+        contents.append(content)
+    tenants = [attacker.new_tenant() for _ in range(2)]
+    for tenant in tenants:
+        for i, content in enumerate(contents):
+            attacker.push(tenant, f"part{i}", adapter=content)
+    mix = [inference_pb2.AdapterWeight(adapter=f"part{i}", weight=0.5) for i in range(2)]
+    for tenant in tenants:
+        first = attacker.generate(tenant.infer_key, mix=mix, mix_method=inference_pb2.MIX_METHOD_TIES)
+        assert _tier(first) == inference_pb2.CACHE_TIER_REMOTE
+        again = attacker.generate(tenant.infer_key, mix=mix, mix_method=inference_pb2.MIX_METHOD_TIES)
+        assert _tier(again) in (inference_pb2.CACHE_TIER_DEVICE, inference_pb2.CACHE_TIER_HOST)
 
 
 def test_fetch_artifact_refuses_an_api_key(attacker, victim):

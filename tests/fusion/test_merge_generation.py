@@ -96,7 +96,7 @@ def test_a_merge_is_rebuilt_bit_for_bit(merge_model, tmp_path):
     assert a.key == b.key
     assert (a.path / weights_file).read_bytes() == (b.path / weights_file).read_bytes()
     # A fresh interpreter (a restarted or another worker) draws the same masks.
-    paths = {src.sha256: str(src.path) for src in spec.sources}
+    paths = {src.key: str(src.path) for src in spec.sources}
     digest = build_in_fresh_process(spec.canonical_json(), paths, str(tmp_path / "fresh"), 64)
     assert digest == hashlib.sha256((a.path / weights_file).read_bytes()).hexdigest()
 
@@ -130,7 +130,7 @@ def test_dropping_a_source_forgets_its_merges_after_their_holders(merge_model, t
     store = MergeStore(tmp_path / "merges", None, 64)
     held = asyncio.run(store.build(spec_of(merge_model, WEIGHTS, "ties"), hold=True))
     other = asyncio.run(store.build(spec_of(merge_model, {"r8_all": 1.0, "r16_rslora": 1.0}, "ties")))
-    sha = spec_of(merge_model, {"r4_qv": 1.0}, "ties").sources[0].sha256
+    sha = spec_of(merge_model, {"r4_qv": 1.0}, "ties").sources[0].key
     assert store.drop_source(sha) == [held.key]
     assert not store.contains(held.key) and held.path.is_dir()  # its stream still reads it
     store.release([held.key])

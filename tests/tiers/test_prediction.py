@@ -22,6 +22,7 @@ from control_plane.registry.models import Adapter
 from control_plane.tenancy.models import Tenant
 from control_plane.usage.models import UsageEvent, UsageEventAdapter
 from control_plane.workers.models import BaseModelRow as BaseModel
+from openlora.cache_scope import cache_scope
 from openlora.hints import HINTS_STREAM, Hint
 
 CONFIG = PredictorConfig(rate_time_constant_s=60.0, lead_s=2.0, demote_below_per_s=1e-3)
@@ -111,11 +112,16 @@ def test_periodic_adapter_is_prewarmed_shortly_before_its_predicted_call(session
     sent = predictor.run_once(last + hour_s - 0.5)  # within the lead time of the next call (median gap 31)
     assert [(h.kind, h.adapter_id) for h in sent] == [("prewarm", str(adapter.id))]
     assert sent[0].sha256 == adapter.sha256
+    # A private adapter: the hint names its owner's cache scope, the key its requests use on workers.
+    assert sent[0].cache_scope == cache_scope(adapter.tenant_id, private=True) != ""
     assert abs(sent[0].deadline_at - (last + hour_s)) < 2.0
     assert predictor.run_once(last + hour_s - 0.2) == []  # not repeated
     entries = redis.Redis.from_url(redis_url).xrange(HINTS_STREAM, min=start_id)
     hints = [Hint.from_fields(f) for _, f in entries if f.get(b"kind") == b"prewarm"]
-    assert any(h.adapter_id == str(adapter.id) and h.reason == "periodic" for h in hints)
+    assert any(
+        h.adapter_id == str(adapter.id) and h.reason == "periodic" and h.cache_scope == sent[0].cache_scope
+        for h in hints
+    )
     publisher.close()
 
 

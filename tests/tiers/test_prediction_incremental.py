@@ -22,9 +22,10 @@ from control_plane.db.engine import make_engine, make_sessionmaker
 from control_plane.prediction.demand import PredictorConfig
 from control_plane.prediction.history import UsageHistory
 from control_plane.prediction.predictor import Predictor, _Target
-from control_plane.registry.models import STATUS_DELETED, STATUS_READY, Adapter
+from control_plane.registry.models import STATUS_DELETED, STATUS_READY, VISIBILITY_PUBLIC, Adapter
 from control_plane.usage.models import UsageEvent, UsageEventAdapter
 from control_plane.usage.service import CHECKPOINT_FINISH_REASON, UsageReport, report_usage
+from openlora.cache_scope import cache_scope
 from tests.tiers.test_prediction import _add_adapter, _clear
 
 CONFIG = PredictorConfig(
@@ -49,7 +50,14 @@ class FullRescanPredictor(Predictor):
         since = datetime.fromtimestamp(now - self.config.history_s, UTC)
         until = datetime.fromtimestamp(now, UTC)
         query = (
-            select(Adapter.id, Adapter.sha256, UsageEvent.finished_at, UsageEvent.total_ms)
+            select(
+                Adapter.id,
+                Adapter.sha256,
+                Adapter.tenant_id,
+                Adapter.visibility,
+                UsageEvent.finished_at,
+                UsageEvent.total_ms,
+            )
             .join(UsageEventAdapter, UsageEventAdapter.adapter_id == Adapter.id)
             .join(
                 UsageEvent,
@@ -64,10 +72,11 @@ class FullRescanPredictor(Predictor):
         )
         times: dict[_Target, list[float]] = defaultdict(list)
         with self._sessions() as session:
-            for adapter_id, sha256, finished_at, total_ms in session.execute(query):
+            for adapter_id, sha256, tenant_id, visibility, finished_at, total_ms in session.execute(query):
                 arrived_s = finished_at.timestamp() - total_ms / 1000.0  # a request's time is its arrival
+                scope = cache_scope(tenant_id, visibility != VISIBILITY_PUBLIC)
                 if since.timestamp() <= arrived_s:
-                    times[_Target(str(adapter_id), sha256)].append(arrived_s)
+                    times[_Target(str(adapter_id), sha256, scope)].append(arrived_s)
         return dict(sorted(times.items(), key=lambda item: item[0].adapter_id))
 
 

@@ -7,10 +7,12 @@ import json
 import shutil
 import time
 
+import pytest
 import redis
 
 from data_plane.adapters.hint_actions import apply_hint, publish_residency, residency_key
 from data_plane.server.artifact_store import ArtifactStore
+from openlora.cache_scope import cache_key, cache_scope
 from openlora.hints import Hint
 from tests.engine.conftest import greedy, make_engine, run_to_completion
 
@@ -52,6 +54,40 @@ def test_prewarm_hint_loads_the_adapter_ahead_of_its_deadline(tiny_model, tmp_pa
         assert engine.adapter_cache.tier_of(key) == "device"
     finally:
         engine.shutdown()
+
+
+def test_hints_act_on_the_key_of_the_adapters_cache_scope(tiny_model, tmp_path):
+    """A private adapter's requests use its scoped key (openlora/cache_scope.py): a prewarm for it loads
+    that key, not the bare content (which another tenant's identical upload would use), and an
+    invalidate of the content drops it in every scope."""
+    engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
+    try:
+        ref = tiny_model.ref("r8_all")
+        scope = cache_scope("some-tenant-id", private=True)
+        scoped = cache_key(ref.key, scope)
+        store = ArtifactStore(
+            tmp_path / "artifacts", fetch=None, spec=None, max_rank=64, max_size_bytes=1 << 30
+        )
+        shutil.copytree(ref.path, store.path_of(scoped))
+        hint = Hint("prewarm", "id", ref.key, tier="host", deadline_at=time.time() + 60, cache_scope=scope)
+        assert Hint.from_fields(hint.to_fields()) == hint
+        asyncio.run(apply_hint(engine, hint, store))
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.adapter_cache.tier_of(scoped) == "host"
+        assert engine.adapter_cache.tier_of(ref.key) == "disk"  # the public key was never loaded
+        asyncio.run(apply_hint(engine, Hint("invalidate", "id", ref.key), store))
+        engine.step()
+        assert not engine.adapter_cache.on_host(scoped)
+    finally:
+        engine.shutdown()
+
+
+def test_a_hint_with_a_malformed_cache_scope_is_refused_when_read():
+    fields = Hint("prewarm", "id", "a" * 64, tier="host").to_fields()
+    for bad in ("x" * 32, "ab", "a" * 33, "../../etc"):
+        with pytest.raises(ValueError, match="cache_scope"):
+            Hint.from_fields({**fields, "cache_scope": bad})
 
 
 def test_a_periodic_prewarm_protects_its_adapter_and_a_burst_prewarm_does_not(tiny_model, tmp_path):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from openlora.cache_scope import cache_key, cache_scope
+
 _spec = importlib.util.spec_from_file_location("worker_test_support", Path(__file__).with_name("support.py"))
 support = importlib.util.module_from_spec(_spec)
 sys.modules["worker_test_support"] = support
@@ -37,6 +39,7 @@ class System:
     model_dir: Path
     cp_state_dir: Path
     adapters: dict[str, str] = field(default_factory=dict)  # public adapter name -> sha256
+    tenant_ids: dict[str, str] = field(default_factory=dict)  # tenant name -> id
 
     @property
     def target(self) -> str:
@@ -45,9 +48,13 @@ class System:
     def new_tenant(self, admin: bool = False) -> tuple[str, str, str]:
         """A fresh tenant with one key: (tenant name, key id, secret)."""
         name = f"t{uuid.uuid4().hex[:10]}"
-        self.admin.create_tenant(name)
+        self.tenant_ids[name] = self.admin.create_tenant(name)
         key_id, secret = self.admin.create_key(name, admin=admin)
         return name, key_id, secret
+
+    def private_cache_key(self, tenant: str, sha256: str) -> str:
+        """The key workers cache `tenant`'s private adapter of content `sha256` under."""
+        return cache_key(sha256, cache_scope(self.tenant_ids[tenant], private=True))
 
     def flush_usage(self) -> None:
         self.loop.run(self.worker.usage.flush())

@@ -235,12 +235,12 @@ def test_adapter_deleted_while_held_is_refused_on_the_next_call(system, tmp_path
     sha = system.admin.push(src, "mine", tenant, "tiny")
     with Client(system.target, key) as client:
         assert client.complete("hello", adapter="mine", max_tokens=3)
-        assert (system.worker.config.artifacts_dir / sha).is_dir()
+        assert (system.worker.config.artifacts_dir / system.private_cache_key(tenant, sha)).is_dir()
         system.admin.delete("mine", tenant)
         time.sleep(0.7)  # past the authorisation cache TTL
         with pytest.raises(errors.NotFound):
             client.complete("hello", adapter="mine", max_tokens=3)
-    assert not (system.worker.config.artifacts_dir / sha).exists()
+    assert not (system.worker.config.artifacts_dir / system.private_cache_key(tenant, sha)).exists()
 
 
 @pytest.mark.parametrize(
@@ -325,7 +325,7 @@ def test_corrupt_artifact_download_is_discarded_never_loaded(system, tmp_path):
         with Client(system.target, key) as client, pytest.raises(errors.Unavailable):
             client.complete("hello", adapter="fragile", max_tokens=2)
         leftovers = sorted(p.name for p in system.worker.config.artifacts_dir.iterdir())
-        assert sha not in leftovers
+        assert not [n for n in leftovers if n.startswith(sha)]  # in no cache scope
         assert not [n for n in leftovers if n.startswith(".partial")]
     finally:
         weights.write_bytes(original)

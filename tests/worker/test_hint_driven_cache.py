@@ -82,7 +82,7 @@ def test_naming_another_tenants_adapter_evicts_nothing_of_the_owners(long_cache,
     owner, _, owner_key = system.new_tenant(admin=True)
     _, _, stranger_key = system.new_tenant()
     sha = system.admin.push(_private_adapter(system, tmp_path, 11), "secret", owner, BASE_MODEL)
-    artifact = system.worker.config.artifacts_dir / sha
+    artifact = system.worker.config.artifacts_dir / system.private_cache_key(owner, sha)
     with Client(system.target, owner_key) as owner_client, Client(system.target, stranger_key) as stranger:
         _last(owner_client, adapter="secret")
         assert _last(owner_client, adapter="secret").timing.cache_tier == inference_pb2.CACHE_TIER_DEVICE
@@ -100,7 +100,8 @@ def test_deleting_one_of_two_adapters_sharing_content_keeps_the_others_served(lo
     content = _private_adapter(system, tmp_path, 12)
     sha = system.admin.push(content, "twin", first, BASE_MODEL)
     assert system.admin.push(content, "twin", second, BASE_MODEL) == sha
-    artifact = system.worker.config.artifacts_dir / sha
+    # Private content is cached per owner: the second tenant's copy is its own, and must stay.
+    artifact = system.worker.config.artifacts_dir / system.private_cache_key(second, sha)
     with Client(system.target, first_key) as first_client, Client(system.target, second_key) as second_client:
         _last(first_client, adapter="twin")
         _last(second_client, adapter="twin")

@@ -20,7 +20,7 @@ def test_invalidation_hint_refuses_a_deleted_adapter_before_the_cache_ttl(system
     config.write_text(config.read_text().replace('"lora_alpha": 16', '"lora_alpha": 13'))
     sha = system.admin.push(src, "hinted", tenant, "tiny")
     target = f"127.0.0.1:{hinted_worker.port}"
-    artifact = hinted_worker.config.artifacts_dir / sha
+    artifact = hinted_worker.config.artifacts_dir / system.private_cache_key(tenant, sha)
     with Client(target, key) as client:
         assert client.complete("hello", adapter="hinted", max_tokens=2)
         assert artifact.is_dir()

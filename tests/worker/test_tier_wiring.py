@@ -101,6 +101,7 @@ def test_streams_go_on_while_redis_is_down_and_an_invalidation_after_it_returns_
     worker = make_worker(private_redis.url, residency_interval_s=0.1)
     tenant, _, key = system.new_tenant(admin=True)
     sha = _push_variant(system, tmp_path, "flaky", tenant, alpha=11)
+    key_of_sha = system.private_cache_key(tenant, sha)  # a private adapter: cached under its owner's scope
     with Client(f"127.0.0.1:{worker.port}", key) as client:
         stream = client.generate_stream("hello", adapter="flaky", max_tokens=48)
         first = next(stream)
@@ -109,26 +110,27 @@ def test_streams_go_on_while_redis_is_down_and_an_invalidation_after_it_returns_
         assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 48
         assert rest[-1].usage.completion_tokens == 48
         assert client.complete("hello", adapter="flaky", max_tokens=4)  # a new stream, Redis still down
-        assert sha in worker.engine.resident_adapter_keys()
+        assert key_of_sha in worker.engine.resident_adapter_keys()
 
         private_redis.start()
         client_redis = redis.Redis(port=private_redis.port, decode_responses=True)
 
         def residency_lists_it() -> bool:
             fields = client_redis.hgetall(residency_key(worker.worker_id))
-            return bool(fields) and sha in json.loads(fields["device_adapters"])
+            return bool(fields) and key_of_sha in json.loads(fields["device_adapters"])
 
         assert _wait_for(residency_lists_it), "the residency heartbeat did not resume"
+        artifact = worker.config.artifacts_dir / key_of_sha
+        assert artifact.is_dir()
         publisher = HintPublisher(private_redis.url)
         try:
             assert publisher.invalidate("unknown-id", sha)
         finally:
             publisher.close()
-        artifact = worker.config.artifacts_dir / sha
         assert _wait_for(
-            lambda: sha not in worker.engine.resident_adapter_keys() and not artifact.exists()
+            lambda: key_of_sha not in worker.engine.resident_adapter_keys() and not artifact.exists()
         ), "the invalidation published after Redis returned did not reach the worker"
-        assert sha not in worker.engine.host_adapter_keys()
+        assert key_of_sha not in worker.engine.host_adapter_keys()
 
 
 def test_deleted_adapter_is_refused_by_a_worker_without_hints_once_its_cached_answer_expires(
@@ -141,7 +143,7 @@ def test_deleted_adapter_is_refused_by_a_worker_without_hints_once_its_cached_an
     sha = _push_variant(system, tmp_path, "doomed", tenant, alpha=12)
     with Client(f"127.0.0.1:{spare_worker.port}", key) as client:
         assert client.complete("hello", adapter="doomed", max_tokens=2)
-        assert sha in spare_worker.engine.resident_adapter_keys()
+        assert system.private_cache_key(tenant, sha) in spare_worker.engine.resident_adapter_keys()
         system.admin.delete("doomed", tenant)
         time.sleep(0.5)  # past the worker's authorisation cache (0.3 s); this worker has no hints
         for _ in range(2):
@@ -159,8 +161,8 @@ def test_keep_warm_set_in_the_registry_reaches_the_engine(system, spare_worker, 
     with Client(f"127.0.0.1:{spare_worker.port}", key) as client:
         assert client.complete("hello", adapter="warm", max_tokens=2)
         assert client.complete("hello", adapter="plain", max_tokens=2)
-    assert _wait_for(lambda: cache.is_keep_warm(warm))
-    assert not cache.is_keep_warm(plain)
+    assert _wait_for(lambda: cache.is_keep_warm(system.private_cache_key(tenant, warm)))
+    assert not cache.is_keep_warm(system.private_cache_key(tenant, plain))
 
 
 def _local_fetcher(sources: dict[str, Path]):

@@ -20,6 +20,7 @@ import numpy as np
 
 from openlora.artifact import ARTIFACT_FILES, CONFIG_FILE, WEIGHTS_FILE
 from openlora.base_model import PROJECTIONS, BaseModelSpec
+from openlora.peft_targets import TargetError, TargetRule
 from openlora.safe_json import JsonFieldError, describe, is_int, load_json, load_json_object
 
 MAX_HEADER_BYTES = 1 << 20
@@ -427,19 +428,23 @@ def validate_adapter_dir(
         slot[t.which] = t
     module_ranks: dict[tuple[int, str], int] = {}
     module_scalings: list[tuple[tuple[int, str], float]] = []
-    declared = config.get("target_modules")
-    # PEFT's rule (an entry is the module's name or follows a dot in it) as a set lookup per dotted suffix:
-    # linear in the tensors, however many entries the config lists.
-    declared_set = set(declared) if isinstance(declared, list) else None
-    undeclared: list[str] = []
+    try:  # PEFT builds LoRA only on the modules the config selects, and ignores other tensors of the file
+        rule = TargetRule(config)
+    except TargetError as e:
+        raise AdapterFormatError(f"{CONFIG_FILE}.{e.key}", e.reason) from None
+    left_out: dict[str, list[str]] = {}  # config key -> modules it leaves out whose weights the file holds
     for (layer, module), ab in sorted(pairs.items()):
         where = f"layer {layer} {module}"
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(WEIGHTS_FILE, f"{where}: needs both lora_A and lora_B")
         a, b = ab["A"], ab["B"]
         name = peft_module_name(a.name)
-        if declared_set is not None and declared_set.isdisjoint(_dotted_suffixes(name)):
-            undeclared.append(name)
+        try:
+            key = rule.leaves_out(name)
+        except TargetError as e:
+            raise AdapterFormatError(f"{CONFIG_FILE}.{e.key}", e.reason) from None
+        if key is not None:
+            left_out.setdefault(key, []).append(name)
         from_pattern = rank_pattern.value(name, None)
         module_rank, source = (rank, "r") if from_pattern is None else (from_pattern, "rank_pattern")
         if a.shape[0] != module_rank or b.shape[1] != module_rank:
@@ -477,8 +482,12 @@ def validate_adapter_dir(
                     f"(expected A [{module_rank}, {in_features}], B [{out_features}, {module_rank}])",
                 )
     modules = tuple(m for m in PROJECTIONS if any(mod == m for _, mod in pairs))
-    if undeclared:
-        raise AdapterFormatError(f"{CONFIG_FILE}.target_modules", f"does not match {describe(undeclared)}")
+    for key, names in left_out.items():
+        raise AdapterFormatError(
+            f"{CONFIG_FILE}.{key}",
+            f"does not select {describe(names)}, whose weights {WEIGHTS_FILE} holds: PEFT would leave them "
+            "out and serve another adapter than these weights (save the adapter again, or fix the config)",
+        )
     dtypes = {t.dtype for t in tensors}
     if check_values:
         _check_finite(weights_path, data_offset, tensors)
@@ -496,10 +505,12 @@ def validate_adapter_dir(
     )
 
 
-def _dotted_suffixes(name: str) -> list[str]:
-    """`a.b.c` -> [`a.b.c`, `b.c`, `c`]: the target_modules entries that match module `name` in PEFT."""
-    parts = name.split(".")
-    return [".".join(parts[i:]) for i in range(len(parts))]
+def max_module_rank(weights_path: Path) -> int:
+    """The largest rank among the adapter's modules (what its slot must hold), from the safetensors header
+    alone: `r` in the config is only the default a rank_pattern may override for every module."""
+    header, data_offset = read_safetensors_header(weights_path)
+    tensors = _tensor_infos(header, weights_path.stat().st_size - data_offset)
+    return max((t.shape[0] for t in tensors if t.which == "A"), default=0)
 
 
 def peft_module_name(tensor_name: str) -> str:

@@ -19,8 +19,8 @@ import torch
 
 from data_plane.engine.errors import AdapterLoadError, InvalidRequest
 from data_plane.engine.request import Ensemble
-from openlora.adapter_format import AdapterFormatError, parse_adapter_config
-from openlora.artifact import CONFIG_FILE
+from openlora.adapter_format import AdapterFormatError, max_module_rank, parse_adapter_config
+from openlora.artifact import CONFIG_FILE, WEIGHTS_FILE
 
 MAX_ENSEMBLE_MEMBERS = 8
 COMBINES = ("probs", "logprobs")
@@ -119,7 +119,8 @@ def validate_ensemble(
             continue
         config_path = ref.adapter.path / CONFIG_FILE
         try:
-            rank = parse_adapter_config(config_path.read_bytes())["r"]
+            parse_adapter_config(config_path.read_bytes())
+            rank = max_module_rank(ref.adapter.path / WEIGHTS_FILE)
         except AdapterFormatError as e:
             raise AdapterLoadError(f"mix[{i}].{e.field}", e.reason) from None
         except OSError:

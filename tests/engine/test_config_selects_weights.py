@@ -1,0 +1,147 @@
+"""An adapter is served as PEFT serves it or refused: PEFT builds LoRA only on the modules its config
+selects (target_modules as names or a regular expression, layers_to_transform with layers_pattern,
+exclude_modules, PEFT's default when target_modules is null) and ignores other tensors of the file, which
+OpenLoRA would apply; and the rank a slot must hold is the largest module rank, not the config's `r`."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data_plane.engine.request import AdapterRef
+from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
+from openlora.artifact import digest_dir
+
+from .conftest import ALL_SEVEN, greedy, make_engine, run_to_completion
+from .reference import load_reference, reference_greedy, write_peft_adapter
+
+
+def _edited(source: Path, out: Path, **changes) -> Path:
+    """A copy of a PEFT adapter whose adapter_config.json has `changes` applied (None removes nothing:
+    it sets the key to null, as PEFT writes an unset option)."""
+    shutil.copytree(source, out)
+    path = out / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return out
+
+
+# A file with weights for all seven projections in both layers, and configs that select fewer of them.
+NARROWER = {
+    "a regex selecting one module": (
+        {"target_modules": r".*\.layers\.0\.self_attn\.q_proj"},
+        "target_modules",
+    ),
+    "one layer of two": ({"layers_to_transform": [0], "layers_pattern": "layers"}, "layers_to_transform"),
+    "one layer, by an int": ({"layers_to_transform": 1}, "layers_to_transform"),
+    "MLP excluded": ({"exclude_modules": ["gate_proj", "up_proj", "down_proj"]}, "exclude_modules"),
+    "MLP excluded by a regex": ({"exclude_modules": r".*mlp\..*"}, "exclude_modules"),
+    "target_modules null: PEFT's default q_proj and v_proj": ({"target_modules": None}, "target_modules"),
+}
+
+
+@pytest.mark.parametrize("case", list(NARROWER))
+def test_weights_the_config_does_not_select_are_refused_naming_the_key(tiny_llama, tmp_path, case):
+    changes, key = NARROWER[case]
+    adapter = _edited(tiny_llama.adapter_dirs["r8_all"], tmp_path / "edited", **changes)
+    with pytest.raises(AdapterFormatError) as refused:
+        validate_adapter_dir(adapter)
+    assert refused.value.field == f"adapter_config.json.{key}"
+    assert "PEFT would leave them out" in refused.value.reason
+
+
+def test_a_config_that_selects_exactly_the_files_modules_is_accepted(tiny_llama, tmp_path):
+    for i, changes in enumerate(
+        (
+            {"target_modules": r".*\.(q|k|v|o|gate|up|down)_proj"},
+            {"target_modules": "all-linear"},
+            {"layers_to_transform": [0, 1], "layers_pattern": ["layers"]},
+            {"exclude_modules": ["lm_head"]},
+        )
+    ):
+        validate_adapter_dir(_edited(tiny_llama.adapter_dirs["r8_all"], tmp_path / str(i), **changes))
+
+
+@pytest.mark.parametrize(
+    "changes,key",
+    [
+        ({"target_modules": "(unclosed"}, "target_modules"),
+        ({"target_modules": "q" * 2000}, "target_modules"),
+        ({"exclude_modules": 7}, "exclude_modules"),
+        ({"layers_to_transform": "0"}, "layers_to_transform"),
+        ({"layers_to_transform": [0, True]}, "layers_to_transform"),
+        ({"layers_pattern": [3]}, "layers_pattern"),
+    ],
+)
+def test_malformed_selection_options_are_refused_naming_the_key(tiny_llama, tmp_path, changes, key):
+    adapter = _edited(tiny_llama.adapter_dirs["r8_all"], tmp_path / "edited", **changes)
+    with pytest.raises(AdapterFormatError) as refused:
+        validate_adapter_dir(adapter)
+    assert refused.value.field == f"adapter_config.json.{key}"
+
+
+def _ref(path: Path) -> AdapterRef:
+    return AdapterRef(key=digest_dir(path), path=path)
+
+
+def test_peft_adapters_narrowed_by_their_config_match_peft(tiny_llama, tmp_path):
+    """Written by PEFT with each selection option: accepted, and served as PEFT serves them."""
+    adapters = {
+        "regex": write_peft_adapter(
+            tiny_llama.model_dir,
+            tmp_path / "regex",
+            11,
+            r=4,
+            target_modules=r".*\.layers\.1\.mlp\.(up|down)_proj",
+        ),
+        "layers": write_peft_adapter(
+            tiny_llama.model_dir,
+            tmp_path / "layers",
+            12,
+            r=4,
+            target_modules=ALL_SEVEN,
+            layers_to_transform=[0],
+        ),
+        "exclude": write_peft_adapter(
+            tiny_llama.model_dir,
+            tmp_path / "exclude",
+            13,
+            r=4,
+            target_modules=ALL_SEVEN,
+            exclude_modules=["o_proj"],
+        ),
+    }
+    rng = random.Random(7)
+    prompts = {name: [rng.randrange(tiny_llama.vocab_size) for _ in range(9)] for name in adapters}
+    engine = make_engine(tiny_llama)
+    for name, path in adapters.items():
+        validate_adapter_dir(path)
+        engine.add_request(greedy(name, prompts[name], [_ref(path)]))
+    results = run_to_completion(engine)
+    for name, path in adapters.items():
+        want_tokens, _ = reference_greedy(load_reference(tiny_llama.model_dir, [path]), prompts[name])
+        assert results[name][0] == want_tokens, name
+
+
+def test_an_adapter_whose_rank_pattern_lowers_every_module_is_served(tiny_llama, tmp_path):
+    """`r` above the server's limit, every module at rank 8 by rank_pattern: the upload check accepts it
+    (its modules fit a slot), and so must the engine (it refused every request, reading `r`)."""
+    path = write_peft_adapter(
+        tiny_llama.model_dir,
+        tmp_path / "patterned",
+        14,
+        r=128,
+        target_modules=ALL_SEVEN,
+        rank_pattern={name: 8 for name in ALL_SEVEN},
+    )
+    assert validate_adapter_dir(path, max_rank=64).rank == 8
+    engine = make_engine(tiny_llama)  # max_lora_rank 64
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    engine.add_request(greedy("patterned", prompt, [_ref(path)]))
+    got_tokens, _ = run_to_completion(engine)["patterned"]
+    assert got_tokens == reference_greedy(load_reference(tiny_llama.model_dir, [path]), prompt)[0]

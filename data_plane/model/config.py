@@ -79,7 +79,7 @@ class ModelConfig:
         attention_bias = c.get_bool("attention_bias", False)
         eos = _token_ids(generation, "eos_token_id") or _token_ids(c, "eos_token_id")
         sliding_window = c.get_int("sliding_window", None, lo=0, hi=MAX_DIM)
-        if is_qwen2 and not c.get_bool("use_sliding_window", False):
+        if is_qwen2 and not _qwen2_slides(c, spec.num_layers):
             sliding_window = None
         dtype = c.get_str("dtype", None, max_chars=32) or c.get_str("torch_dtype", None, max_chars=32)
         return cls(
@@ -104,6 +104,19 @@ class ModelConfig:
         if self.sliding_window is not None:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
+
+
+def _qwen2_slides(c: JsonObject, num_layers: int) -> bool:
+    """Whether any Qwen2 layer attends through a sliding window, as transformers decides: the config's
+    `layer_types` when it lists them, else `use_sliding_window` for the layers from `max_window_layers` on
+    (none when that is the layer count or more)."""
+    layer_types = c.data.get("layer_types")
+    if layer_types is not None:
+        types = c.get_list("layer_types", lambda v: isinstance(v, str), "a list of layer type names")
+        return "sliding_attention" in types
+    if not c.get_bool("use_sliding_window", False):
+        return False
+    return c.get_int("max_window_layers", num_layers, lo=0, hi=MAX_DIM) < num_layers
 
 
 def _token_ids(c: JsonObject, key: str) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ from data_plane.model.quant import (
     reference_kernels_requested,
     set_reference_kernels,
 )
-from data_plane.model.shard_reader import ShardError, iter_tensors
+from data_plane.model.shard_reader import ShardError, iter_tensors, read_entries
 from openlora.safe_json import JsonFieldError, describe, load_json_object
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def _load_shard(
     full-precision weight lives only while it is copied or quantized."""
     loaded_bytes = 0
     for name, tensor in iter_tensors(path):
-        if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
+        if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name in quantized:
             try:
@@ -137,7 +137,10 @@ def load_model(
     params = model.checkpoint_tensors()
     quantized = model.quantized_weights()
     tied_head = None
-    if config.tie_word_embeddings:
+    # A checkpoint whose config ties the head to the embedding but that stores an lm_head of its own is
+    # loaded as transformers loads it: the stored head is read, and tied only if it equals the embedding.
+    tied = config.tie_word_embeddings and not _stores(files, "lm_head.weight")
+    if tied:
         params.pop("lm_head.weight", None)
         tied_head = quantized.pop("lm_head.weight", None)
     missing = set(params) | set(quantized)
@@ -160,8 +163,8 @@ def load_model(
         raise CheckpointError(f"{model_dir}: tensors missing from the checkpoint: {sorted(missing)[:5]}")
     if tied_head is not None:
         tied_head.load_weight(model.model.embed_tokens.weight)
-    elif config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    elif tied or (config.tie_word_embeddings and _same_weight(model.lm_head, model.model.embed_tokens)):
+        model.lm_head.weight = model.model.embed_tokens.weight  # one tensor, not two copies
     if quant.enabled:
         weights = model.weight_bytes()
         log.info(
@@ -174,3 +177,16 @@ def load_model(
     model.model.rotary.build(device)
     model.eval()
     return model, config
+
+
+def _stores(files: list[Path], name: str) -> bool:
+    """Whether any shard holds tensor `name` (from the headers alone)."""
+    try:
+        return any(entry.name == name for path in files for entry in read_entries(path)[0])
+    except (ShardError, OSError) as e:
+        raise CheckpointError(f"not a readable safetensors checkpoint ({str(e)[:200]})") from None
+
+
+def _same_weight(head: torch.nn.Module, embedding: torch.nn.Module) -> bool:
+    weight = getattr(head, "weight", None)
+    return isinstance(weight, torch.Tensor) and torch.equal(weight, embedding.weight)

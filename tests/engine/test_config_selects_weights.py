@@ -145,3 +145,25 @@ def test_an_adapter_whose_rank_pattern_lowers_every_module_is_served(tiny_llama,
     engine.add_request(greedy("patterned", prompt, [_ref(path)]))
     got_tokens, _ = run_to_completion(engine)["patterned"]
     assert got_tokens == reference_greedy(load_reference(tiny_llama.model_dir, [path]), prompt)[0]
+
+
+def test_a_mix_over_the_rank_limit_by_its_patterns_is_refused_at_admission(tiny_llama, tmp_path):
+    """Two adapters with r=4 whose rank_pattern raises one module to 40: their ranks add up to 80, above
+    the engine's 64, which the request is told when it is added (it was accepted, then aborted at load)."""
+    from data_plane.engine.errors import InvalidRequest
+
+    paths = [
+        write_peft_adapter(
+            tiny_llama.model_dir,
+            tmp_path / f"p{i}",
+            20 + i,
+            r=4,
+            target_modules=ALL_SEVEN,
+            rank_pattern={"q_proj": 40},
+        )
+        for i in range(2)
+    ]
+    engine = make_engine(tiny_llama)
+    refs = [AdapterRef(key=digest_dir(p), path=p, weight=0.5) for p in paths]
+    with pytest.raises(InvalidRequest, match="add up to 80"):
+        engine.add_request(greedy("mix", [1, 2, 3], refs))

@@ -9,6 +9,8 @@ from tokenizers import Tokenizer as HFTokenizer
 _REPLACEMENT = "\ufffd"
 # Prompt tokens kept as left context so that the first output tokens decode with the right spacing.
 _CONTEXT_TOKENS = 4
+_PIECE_CHARS = 1024  # a long text is counted in pieces of this many characters
+_BOUNDARY_TOKENS = 4  # what cutting the text at a piece boundary may add to the count
 
 
 class Tokenizer:
@@ -32,6 +34,35 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def encode_within(self, text: str, max_tokens: int) -> list[int]:
+        """`encode(text)`, or PromptTooLong as soon as the text is known to exceed `max_tokens`.
+
+        The tokenizer holds the interpreter lock while it runs, so one long text stops every other thread
+        (the engine's steps, the server) for as long as it takes: a million characters took 25 s. A text
+        longer than one piece is first counted piece by piece (each held briefly), stopping once the
+        count passes the limit; only a text that may fit is encoded whole (cutting a word at a piece
+        boundary can only add a few tokens, allowed for)."""
+        if len(text) > _PIECE_CHARS:
+            counted = 0
+            for boundary, start in enumerate(range(0, len(text), _PIECE_CHARS)):
+                piece = text[start : start + _PIECE_CHARS]
+                counted += len(self._tokenizer.encode(piece, add_special_tokens=False).ids)
+                if counted > max_tokens + _BOUNDARY_TOKENS * boundary:
+                    raise PromptTooLong(max_tokens)
+        ids = self.encode(text)
+        if len(ids) > max_tokens:
+            raise PromptTooLong(max_tokens, len(ids))
+        return ids
+
+
+class PromptTooLong(ValueError):
+    """A text encodes to more than `limit` tokens (`count` when it was encoded whole, else None)."""
+
+    def __init__(self, limit: int, count: int | None = None) -> None:
+        super().__init__(f"more than {limit} tokens" if count is None else f"{count} tokens, above {limit}")
+        self.limit = limit
+        self.count = count
 
 
 class IncrementalDetokenizer:

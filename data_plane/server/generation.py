@@ -48,6 +48,7 @@ from data_plane.server.usage_reporter import (
     request_kind,
 )
 from data_plane.server.validation import RequestFieldError, RequestLimits, ValidRequest, check_prompt_length
+from data_plane.tokenizer import PromptTooLong
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +485,12 @@ class GenerationService:
             raise RequestFieldError(
                 "prompt", "cannot be text: this model has no tokenizer; send prompt_token_ids"
             )
-        return list(await asyncio.to_thread(tokenizer.encode, valid.prompt))
+        limit = self.limits.max_model_len - 1  # a prompt leaves room for one generated token
+        try:
+            return await asyncio.to_thread(tokenizer.encode_within, valid.prompt, limit)
+        except PromptTooLong as e:
+            count = f"more than {limit} tokens" if e.count is None else f"{e.count} tokens"
+            raise RequestFieldError("prompt", f"is too long: {count}, the limit is {limit}") from None
 
     async def _resolve(
         self, valid: ValidRequest, by_name, tenant_id: str

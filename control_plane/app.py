@@ -40,6 +40,9 @@ from openlora.artifact import digest_dir
 log = logging.getLogger(__name__)
 
 MAX_DESCRIPTION_CHARS = 4096
+# Names one Authorize resolves: a request names an adapter and at most 8 mix members (the workers refuse
+# more before they call); a caller asking for more is refused before any query.
+MAX_AUTHORIZE_NAMES = 16
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,11 @@ class ControlPlane:
     def authorize(self, api_key: str, adapter_names: list[str], base_model: str) -> Authorization:
         """A caller's key -> tenant and scopes, and each named adapter (or saved mix of its tenant, with
         its members resolved the same way) it may use on this base model."""
+        if len(adapter_names) > MAX_AUTHORIZE_NAMES:
+            raise InvalidArgument(
+                f"at most {MAX_AUTHORIZE_NAMES} adapter names per call, got {len(adapter_names)}",
+                field="adapters",
+            )
         with self.sessions.begin() as s:
             caller = tenancy.authenticate(s, api_key)
             if not caller.may_infer:

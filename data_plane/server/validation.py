@@ -104,7 +104,13 @@ class ValidRequest:
 
 
 def requested_adapter_names(request: inference_pb2.GenerateRequest) -> tuple[str, ...]:
-    """The distinct non-empty adapter names a request mentions, in order (used to authorise it)."""
+    """The distinct non-empty adapter names a request mentions, in order (used to authorise it). A mix
+    over the member limit is refused here, before any name goes to the control plane: hundreds of names
+    per request would make every call an expensive Authorize for everyone."""
+    if len(request.mix) > MAX_MIX_ADAPTERS:
+        raise RequestFieldError(
+            "mix", f"must hold at most {MAX_MIX_ADAPTERS} adapters, got {len(request.mix)}"
+        )
     names = [request.adapter] if request.adapter else []
     names += [m.adapter for m in request.mix if m.adapter]
     return tuple(dict.fromkeys(names))

@@ -508,3 +508,25 @@ def test_undecodable_generate_bytes_are_invalid_argument_on_the_worker(attacker,
     assert (code, "request" in details) == (grpc.StatusCode.INVALID_ARGUMENT, True), details
     # The worker is still serving.
     assert attacker.generate(tenant.infer_key)[-1].finish_reason != 0
+
+
+def test_a_mix_of_hundreds_of_names_is_refused_before_any_authorize(attacker):
+    """Hundreds of (saved mix) names per Generate, shuffled past the worker's cache, made every call an
+    expensive Authorize and timed other tenants' calls out: the member limit is checked first. With an
+    unknown key the answer is still INVALID_ARGUMENT on `mix`, so nothing went to the control plane."""
+    mix = [inference_pb2.AdapterWeight(adapter=f"m{i}", weight=1.0) for i in range(300)]
+    with pytest.raises(grpc.RpcError) as refused:
+        attacker.generate("olk_" + "x" * 40, mix=mix)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "mix" in refused.value.details() and "at most 8" in refused.value.details()
+
+
+def test_authorize_refuses_more_names_than_a_request_can_carry(attacker):
+    tenant = attacker.new_tenant()
+    request = worker_pb2.AuthorizeRequest(
+        api_key=tenant.infer_key, adapters=[f"a{i}" for i in range(17)], base_model=BASE_MODEL
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        attacker.workers.Authorize(request, metadata=bearer(WORKER_TOKEN))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "adapters" in refused.value.details()

@@ -198,6 +198,8 @@ def _check_mix_options(request: inference_pb2.GenerateRequest) -> tuple[str, flo
         raise RequestFieldError("mix_method", f"is unknown ({request.mix_method}); supported: {supported}")
     method = _MIX_METHODS[request.mix_method]
     has_mix = bool(request.mix)
+    if method != "linear" and not has_mix:  # linear is every client's default, sent with or without a mix
+        raise RequestFieldError("mix_method", f"{method} applies only to a request with a mix")
     density = 1.0
     if request.HasField("density"):
         if not has_mix or method not in MERGE_METHODS:

@@ -12,12 +12,16 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from data_plane.server.validation import MAX_MIX_ADAPTERS, RequestFieldError
+from data_plane.server.validation import MAX_MIX_ADAPTERS, MAX_STOP_STRINGS, RequestFieldError
 from openlora.safe_json import JsonFieldError, JsonObject, describe, is_int, load_json_object
 from openlora.v1 import inference_pb2
 
 MAX_BODY_BYTES = 4 << 20  # larger bodies are refused with 413 before they are read
 MAX_MESSAGES = 1024
+# Lists are measured before any per-element work: a 4 MiB body holds two million token ids, and checking
+# each in Python held the event loop (and the engine) for seconds, before the key was even checked.
+MAX_PROMPT_TOKEN_IDS = 1 << 17  # longer than any context served; the context limit is checked later
+MAX_CONTENT_PARTS = 1024
 MAX_SEED = (1 << 63) - 1
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 _ROLES = ("system", "developer", "user", "assistant")
@@ -187,9 +191,16 @@ def _load(data: bytes, allowed: set[str]) -> JsonObject:
     for key, value in obj.data.items():
         if key not in allowed:
             raise BodyError(key, "is not supported by this server")
-        if key in _NEUTRAL and value is not None and value != _NEUTRAL[key]:
+        if key in _NEUTRAL and value is not None and not _same(value, _NEUTRAL[key]):
             raise BodyError(key, f"is not supported with a value other than {_NEUTRAL[key]!r}")
     return obj
+
+
+def _same(value: object, neutral: object) -> bool:
+    """`value == neutral`, except that a bool is never a number (`"n": true` is not `"n": 1`)."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return type(value) is type(neutral) and value == neutral
+    return value == neutral
 
 
 def _body(
@@ -246,6 +257,8 @@ def _prompt(obj: JsonObject) -> tuple[str | None, tuple[int, ...] | None]:
         value = value[0]
     if isinstance(value, str):
         return value, None
+    if isinstance(value, list) and len(value) > MAX_PROMPT_TOKEN_IDS:
+        raise BodyError("prompt", f"must hold at most {MAX_PROMPT_TOKEN_IDS} token ids, got {len(value)}")
     if isinstance(value, list) and value and all(is_int(v) for v in value):
         if not all(0 <= v < 1 << 31 for v in value):
             raise BodyError("prompt", "token ids must be in [0, 2^31)")
@@ -271,6 +284,11 @@ def _messages(obj: JsonObject) -> tuple[dict[str, str], ...]:
         for key in message:
             if key not in ("role", "content", "name"):
                 raise BodyError(f"{where}.{key}", "is not supported by this server")
+        name = message.get("name")
+        if name is not None and not (isinstance(name, str) and len(name) <= 256):
+            raise BodyError(
+                f"{where}.name", f"must be a string of at most 256 characters, got {describe(name)}"
+            )
         role = message.get("role")
         if role not in _ROLES:
             raise BodyError(f"{where}.role", f"must be one of {', '.join(_ROLES)}, got {describe(role)}")
@@ -283,6 +301,8 @@ def _content(value: object, where: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
+        if len(value) > MAX_CONTENT_PARTS:
+            raise BodyError(where, f"must hold at most {MAX_CONTENT_PARTS} parts, got {len(value)}")
         texts = []
         for j, part in enumerate(value):
             if (
@@ -302,6 +322,8 @@ def _stop(obj: JsonObject) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         return (value,)
+    if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+        raise BodyError("stop", f"must hold at most {MAX_STOP_STRINGS} strings, got {len(value)}")
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise BodyError("stop", f"must be a string or a list of strings, got {describe(value)}")
@@ -312,6 +334,8 @@ def _mix(obj: JsonObject) -> tuple[tuple[str, float], ...]:
     value = obj.data.get("mix")
     if value is None:
         return ()
+    if isinstance(value, dict | list) and not 1 <= len(value) <= MAX_MIX_ADAPTERS:
+        raise BodyError("mix", f"must hold 1 to {MAX_MIX_ADAPTERS} adapters, got {len(value)}")
     if isinstance(value, dict):
         items = [{"adapter": name, "weight": weight} for name, weight in value.items()]
     elif isinstance(value, list):
@@ -324,6 +348,9 @@ def _mix(obj: JsonObject) -> tuple[tuple[str, float], ...]:
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise BodyError(f"mix[{i}]", "must be an object {adapter, weight}")
+        for key in item:
+            if key not in ("adapter", "weight"):
+                raise BodyError(f"mix[{i}].{key}", "is not supported by this server")
         member = JsonObject(item, f"mix[{i}]")
         mix.append((member.get_str("adapter", max_chars=256), member.get_number("weight", 1.0)))
     return tuple(mix)

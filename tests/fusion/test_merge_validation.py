@@ -71,7 +71,8 @@ def test_ensemble_may_hold_the_base_model_and_a_combine():
         (_request(density=-0.1), "density"),
         (_request(density=math.nan), "density"),
         (_request(method=inference_pb2.MIX_METHOD_LINEAR, density=0.5), "density"),
-        (_request(mix=(), density=0.5), "density"),
+        (_request(mix=(), density=0.5, method=inference_pb2.MIX_METHOD_LINEAR), "density"),
+        (_request(mix=(), density=0.5), "mix_method"),  # a merge method without a mix
         (_request(majority_sign_method=9), "majority_sign_method"),
         (
             _request(

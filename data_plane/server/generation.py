@@ -417,7 +417,11 @@ class GenerationService:
                 first_chunk = progress.completion_tokens == 0
                 self._count_streamed(progress, out, arrival)
                 if first_chunk and not whole:  # spooled before it is handed over: a SIGKILL now bills it
-                    self._usage.checkpoint((stream,))
+                    try:
+                        self._usage.checkpoint((stream,))
+                    except BaseException:  # the spool failed (disk full): this chunk is never handed over
+                        progress.completion_tokens = 0
+                        raise
                 yield Chunk(
                     request_id=request_id,
                     text=out.new_text,

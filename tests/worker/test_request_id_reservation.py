@@ -136,3 +136,30 @@ def test_database_outage_still_serves_a_cached_key_with_a_request_id(outage):
     assert _code(lambda: _generate(target, key, prompt=PROMPT, request_id="outage-0")) == (
         grpc.StatusCode.ALREADY_EXISTS
     )
+
+
+def test_a_spool_that_cannot_be_written_bills_nothing_and_the_id_is_served_again(system, monkeypatch):
+    """Disk full under the usage spool: the first chunk's checkpoint fails before the chunk is handed
+    over, so the caller gets UNAVAILABLE and nothing; nothing may be billed for it (it was: one token and
+    the prompt), and its request id must be served once the disk has room (it was refused as billed)."""
+    import errno
+
+    tenant, _, key = system.new_tenant()
+    reporter = system.worker.usage
+    real_append = reporter._append
+
+    def full(records):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    request_id = f"full-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(reporter, "_append", full)
+    assert (
+        _code(lambda: _generate(system.target, key, prompt=PROMPT, request_id=request_id))
+        == grpc.StatusCode.UNAVAILABLE
+    )
+    monkeypatch.setattr(reporter, "_append", real_append)
+    served = _generate(system.target, key, prompt=PROMPT, request_id=request_id)
+    delivered = sum(len(r.token_ids) for r in served)
+    assert delivered > 0
+    usage = system.wait_usage(tenant, 1)
+    assert (usage.total_requests, usage.total_completion_tokens) == (1, delivered)

@@ -44,6 +44,11 @@ DEFAULT_AUTH_CACHE_MAX_ENTRIES = 10_000
 # starts its work while Authorize asks again, and delivers nothing before the fresh answer. An adapter
 # called about once an hour is past any fresh TTL on every call; a day covers daily jobs too.
 AUTH_RECENT_S = 24 * 3600.0
+# While the control plane cannot be reached (UNAVAILABLE, DEADLINE_EXCEEDED), an answer that expired at
+# most this long ago still serves its key: callers keep being served through a control plane restart or
+# a database outage, instead of failing 5 s into it. Revocations and deletions reach the worker as hints
+# and drop the answer at once, outage or not.
+AUTH_OUTAGE_GRACE_S = 600.0
 HEARTBEAT_BACKOFF_MAX_S = 30.0
 
 
@@ -150,6 +155,8 @@ class ControlPlaneClient:
         # Bumped by every forget: an answer whose call started before a forget is not cached (it may
         # predate the revocation or deletion the forget was for), and later callers do not join that call.
         self._forgets = 0
+        # Calls served on an expired answer while the control plane was away (AUTH_OUTAGE_GRACE_S).
+        self.outage_answers = 0
         # False after a control plane answered UNIMPLEMENTED to ReserveRequestId (an older one).
         self._can_reserve = True
         # How the base model is held (weight_format, bits per weight, resident bytes): sent with heartbeats.
@@ -285,6 +292,9 @@ class ControlPlaneClient:
                 request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S
             )
         except grpc.RpcError as error:
+            served = self._outage_answer(key, error.code(), forgets)
+            if served is not None:
+                return served
             self._auth_cache.pop(key, None)
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._forget_key(api_key)
@@ -306,6 +316,23 @@ class ControlPlaneClient:
         elif forgets == self._forgets:  # else a forget came while it was asked: the answer may predate it
             self._auth_cache[key] = (asked_at + ttl_s, answer)
         return answer
+
+    def _outage_answer(
+        self, key: tuple[str, tuple[str, ...]], code: grpc.StatusCode, forgets: int
+    ) -> Authorization | None:
+        """The last answer for `key` when the control plane is away and it expired at most
+        AUTH_OUTAGE_GRACE_S ago (and no forget came since the call started); else None."""
+        if (
+            code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            or forgets != self._forgets
+        ):
+            return None
+        cached = self._auth_cache.get(key)
+        if cached is None or time.monotonic() - cached[0] > AUTH_OUTAGE_GRACE_S:
+            return None
+        self.outage_answers += 1
+        log.warning("control plane unreachable (Authorize: %s): serving the key's last answer", code.name)
+        return cached[1]
 
     async def list_models(self, api_key: str, base_model: str) -> list[ListedModel]:
         """Every adapter and saved mix the key may name on the base model, by name (all pages of

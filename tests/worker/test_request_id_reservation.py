@@ -79,9 +79,10 @@ def test_request_id_whose_stream_delivered_nothing_is_served_on_another_worker(s
 
 
 @pytest.fixture
-def outage(server_state_dir, tiny_model_dir, tmp_path):
+def outage(request, server_state_dir, tiny_model_dir, tmp_path):
     """A control plane over a PostgreSQL of this test's own (stopped at will), and a worker that caches
-    answers for 10 s."""
+    answers for 10 s (or the milliseconds the test's parameter says)."""
+    ttl_ms = getattr(request, "param", 10_000)
     from control_plane.config import ControlPlaneConfig
     from control_plane.server.server import serve
     from openlora.embedded import EmbeddedPostgres
@@ -97,12 +98,14 @@ def outage(server_state_dir, tiny_model_dir, tmp_path):
                 worker_token=WORKER_TOKEN,
                 listen="127.0.0.1:0",
                 admin_key=ADMIN_KEY,
-                authorize_cache_ttl_ms=10_000,
+                authorize_cache_ttl_ms=ttl_ms,
                 predictor_interval_s=0,
             )
         )
     )
-    worker = start_worker(loop, cp.target, tiny_model_dir, tmp_path / "worker", None, auth_cache_ttl_s=10.0)
+    worker = start_worker(
+        loop, cp.target, tiny_model_dir, tmp_path / "worker", None, auth_cache_ttl_s=ttl_ms / 1000
+    )
     admin = Admin(cp.target, ADMIN_KEY)
     try:
         yield postgres, worker, admin
@@ -135,6 +138,27 @@ def test_database_outage_still_serves_a_cached_key_with_a_request_id(outage):
     # stays keyed by (tenant, request id) in the spool: a repeat is refused before it is served.
     assert _code(lambda: _generate(target, key, prompt=PROMPT, request_id="outage-0")) == (
         grpc.StatusCode.ALREADY_EXISTS
+    )
+
+
+@pytest.mark.parametrize("outage", [300], indirect=True)
+def test_a_key_seen_before_an_outage_is_served_past_its_cache_ttl(outage):
+    """The README's promise: while the control plane cannot answer (its database down), the worker serves
+    the keys it has answers for, not only for the answer's 0.3 s TTL; a key it never saw is UNAVAILABLE."""
+    postgres, worker, admin = outage
+    admin.create_tenant("known")
+    _, key = admin.create_key("known")
+    admin.create_tenant("unknown")
+    _, unseen = admin.create_key("unknown")
+    target = f"127.0.0.1:{worker.port}"
+    two = inference_pb2.SamplingParams(max_tokens=2)
+    assert _generate(target, key, prompt=PROMPT, sampling=two)
+    postgres.stop()
+    time.sleep(1.0)  # past the answer's TTL
+    for _ in range(2):
+        assert _generate(target, key, prompt=PROMPT, sampling=two)[-1].usage.completion_tokens == 2
+    assert (
+        _code(lambda: _generate(target, unseen, prompt=PROMPT, sampling=two)) == grpc.StatusCode.UNAVAILABLE
     )
 
 

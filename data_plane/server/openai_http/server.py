@@ -9,8 +9,38 @@ import logging
 import socket
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
+
+# A connection must send a whole request's headers within this long (uvicorn waits forever: 1,500 silent
+# connections held 1,500 descriptors, without a key); past it the connection is closed.
+HEADER_TIMEOUT_S = 10.0
+# Open connections at most: past it uvicorn answers 503 at once instead of taking more descriptors.
+MAX_CONNECTIONS = 4096
+
+
+class _HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for the first request's headers (later requests on a
+    kept-alive connection are under uvicorn's own keep-alive timeout)."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_too_slow)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None:  # a request's headers arrived
+            self._header_timer.cancel()
+
+    def connection_lost(self, exc) -> None:
+        self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            log.info("HTTP connection closed: no request headers within %.0f s", HEADER_TIMEOUT_S)
+            self.transport.close()
 
 
 class _Server(uvicorn.Server):
@@ -51,6 +81,8 @@ class HttpServer:
             log_config=None,  # the worker's logging, not uvicorn's dictConfig
             log_level="warning",
             timeout_graceful_shutdown=self._shutdown_timeout_s,
+            http=_HeaderTimeoutProtocol,
+            limit_concurrency=MAX_CONNECTIONS,
         )
         self._server = _Server(config)
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))

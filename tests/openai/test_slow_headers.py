@@ -1,0 +1,34 @@
+"""A connection that never finishes its request headers is closed after HEADER_TIMEOUT_S (uvicorn alone
+keeps it forever: 1,500 such connections, no key needed, held 1,500 descriptors of the worker), while a
+connection that sends its request in time is served as before."""
+
+from __future__ import annotations
+
+import socket
+import time
+from urllib.parse import urlparse
+
+import httpx
+
+from data_plane.server.openai_http import server
+
+from .conftest import start_http_worker
+
+
+def test_a_connection_without_request_headers_is_closed_and_others_are_served(system, tmp_path, monkeypatch):
+    monkeypatch.setattr(server, "HEADER_TIMEOUT_S", 0.5)
+    running = start_http_worker(system, tmp_path / "worker")
+    try:
+        url = urlparse(running.base_url)
+        silent = socket.create_connection((url.hostname, url.port), timeout=10)
+        dripping = socket.create_connection((url.hostname, url.port), timeout=10)
+        dripping.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        deadline = time.monotonic() + 10
+        for conn in (silent, dripping):
+            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            assert conn.recv(1024) == b""  # closed by the server, well before the 10 s deadline
+            conn.close()
+        # A request sent in time is not affected (401: no key, but an answer).
+        assert httpx.get(f"{running.base_url}/models", timeout=10).status_code == 401
+    finally:
+        system.loop.run(running.worker.stop(1.0))

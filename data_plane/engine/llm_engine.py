@@ -221,11 +221,16 @@ class LLMEngine:
         """The sequence of a request; for an ensemble, the first of its group of K (one per member)."""
         prompt = request.prompt_token_ids
         if request.ensemble is None:
-            return Sequence(request.request_id, list(prompt), len(prompt), adapter_key(request.adapters))
+            key = adapter_key(request.adapters)
+            return Sequence(request.request_id, list(prompt), len(prompt), key, tenant=request.tenant)
         group: list[Sequence] = []
         for member in request.ensemble.members:
             key = member.adapter.key if member.adapter is not None else None
-            group.append(Sequence(request.request_id, list(prompt), len(prompt), key, group=group))
+            group.append(
+                Sequence(
+                    request.request_id, list(prompt), len(prompt), key, group=group, tenant=request.tenant
+                )
+            )
         return group[0]
 
     def abort(self, request_id: str) -> None:

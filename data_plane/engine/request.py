@@ -50,6 +50,8 @@ class EngineRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     # An ensemble (then `adapters` is empty): its members run as K sequences of one group.
     ensemble: Ensemble | None = None
+    # Who asked (the worker passes the tenant): admission shares the running slots across tenants.
+    tenant: str = ""
 
 
 @dataclass

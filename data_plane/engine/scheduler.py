@@ -3,8 +3,10 @@
 Each step gives every running sequence its pending tokens (one for decode, a chunk of prompt for
 prefill) within `max_num_batched_tokens`; when KV blocks run out, the most recently admitted running
 sequence is preempted by recompute (its blocks freed, its tokens to be prefilled again). Waiting
-sequences are admitted in arrival order while sequences, tokens and blocks allow; one whose adapter
-is still loading is passed over so that the others keep running.
+sequences are admitted while sequences, tokens and blocks allow, fairly across tenants
+(`Sequence.tenant`): the next one is the earliest waiting request of the tenant with the fewest running
+requests, so one tenant's flood queues behind its own work, not ahead of everyone's (with one tenant this
+is arrival order). One whose adapter is still loading is passed over so that the others keep running.
 
 Every sequence with an adapter holds one reference on it in the adapter cache from the moment it is
 promised a slot (while waiting) or admitted, until it finishes, preemption included: a referenced
@@ -21,7 +23,8 @@ in `waiting` and in `running`, in member order.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from data_plane.engine.adapter_cache import AdapterCache
@@ -98,7 +101,7 @@ class Scheduler:
         batch.loads.extend(self.pin_adapters())
         if batch.preempted:
             return batch  # under KV pressure: admit nothing new this step
-        for unit in self._waiting_units():
+        for unit in self._fair_order():
             if len(self.running) + len(unit) > self.limits.max_num_seqs or budget <= 0:
                 break
             if any(s.adapter_key is not None and not self.adapters.is_usable(s.adapter_key) for s in unit):
@@ -120,6 +123,30 @@ class Scheduler:
     def _waiting_units(self) -> list[list[Sequence]]:
         """The waiting sequences as units (a sequence, or a whole group), in queue order."""
         return [seq.members for seq in self.waiting if seq.is_leader]
+
+    def _fair_order(self) -> Iterator[list[Sequence]]:
+        """The waiting units in admission order: each next one is the earliest of the tenant with the fewest
+        running requests, counting those this pass admitted (`running` is read again after the caller
+        took each unit). Queue order when one tenant waits."""
+        queues: dict[str, deque[tuple[int, list[Sequence]]]] = {}
+        for position, unit in enumerate(self._waiting_units()):
+            queues.setdefault(unit[0].tenant, deque()).append((position, unit))
+        if len(queues) == 1:
+            for _, unit in next(iter(queues.values())):
+                yield unit
+            return
+        counted_at, running = -1, Counter[str]()
+        while queues:
+            if counted_at != len(self.running):  # the caller admitted the last unit
+                counted_at, running = (
+                    len(self.running),
+                    Counter(s.tenant for s in self.running if s.is_leader),
+                )
+            tenant = min(queues, key=lambda t: (running[t], queues[t][0][0]))
+            _, unit = queues[tenant].popleft()
+            if not queues[tenant]:
+                del queues[tenant]
+            yield unit
 
     def _can_allocate(self, unit: list[Sequence], num_new_tokens: int) -> bool:
         """True when `num_new_tokens` more tokens of every sequence of `unit` fit the free blocks at once."""

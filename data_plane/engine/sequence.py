@@ -29,6 +29,7 @@ class Sequence:
     num_preemptions: int = 0
     # The sequences of this one's ensemble, itself included (None: a sequence on its own).
     group: list[Sequence] | None = field(default=None, repr=False)
+    tenant: str = ""  # who asked: the scheduler admits waiting work fairly across tenants
 
     @property
     def members(self) -> list[Sequence]:

@@ -382,6 +382,7 @@ class GenerationService:
             adapters=() if valid.is_ensemble else adapter_refs,
             arrival_time=arrival,
             ensemble=ensemble_of(valid, adapter_refs),
+            tenant=auth.tenant_id,
         )
         progress = _Progress(
             prompt_tokens=len(prompt_ids),

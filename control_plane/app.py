@@ -264,6 +264,8 @@ class ControlPlane:
             fingerprint = workers.base_model(s, base_model).fingerprint if base_model else None
             adapters: list[Adapter | mixes.ResolvedMix] = []
             for name in adapter_names:
+                if name:
+                    registry.check_requested_name(name)
                 # The tenant's own saved mix of that name (no own adapter may share it), else an adapter.
                 mix = mixes.find_mix(s, caller.tenant_id, name) if name else None
                 if mix is not None:

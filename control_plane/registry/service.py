@@ -47,6 +47,15 @@ def check_name(name: str) -> None:
         raise InvalidArgument("must be 1..128 characters of [A-Za-z0-9_.-]", field="name")
 
 
+def check_requested_name(name: str) -> None:
+    """A name a request uses (an adapter's or a saved mix's): INVALID_ARGUMENT on `adapter` unless it could
+    be one, before any query (Postgres refuses a NUL with an error that names no field)."""
+    if not name:
+        raise InvalidArgument("required", field="adapter")
+    if not ADAPTER_NAME.fullmatch(name):
+        raise InvalidArgument("must be 1..128 characters of [A-Za-z0-9_.-]", field="adapter")
+
+
 def _owned(session: Session, adapter: Adapter) -> OwnedAdapter:
     return OwnedAdapter(adapter, session.get(Tenant, adapter.tenant_id).name)
 
@@ -54,10 +63,7 @@ def _owned(session: Session, adapter: Adapter) -> OwnedAdapter:
 def resolve_visible(session: Session, tenant_id: uuid.UUID, name: str) -> Adapter:
     """The tenant's own READY adapter of that name, else the oldest public one of another tenant; NOT_FOUND
     (the same answer as for a name that never existed) otherwise."""
-    if not name:
-        raise InvalidArgument("required", field="adapter")
-    if not ADAPTER_NAME.fullmatch(name):
-        raise InvalidArgument("must be 1..128 characters of [A-Za-z0-9_.-]", field="adapter")
+    check_requested_name(name)
     own = session.scalar(
         select(Adapter).where(
             Adapter.tenant_id == tenant_id, Adapter.name == name, Adapter.status == STATUS_READY

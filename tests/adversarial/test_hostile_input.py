@@ -530,3 +530,13 @@ def test_authorize_refuses_more_names_than_a_request_can_carry(attacker):
         attacker.workers.Authorize(request, metadata=bearer(WORKER_TOKEN))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "adapters" in refused.value.details()
+
+
+@pytest.mark.parametrize("name", ["bad\x00name", "x" * 129, "a/b", "é"])
+def test_a_malformed_adapter_name_in_generate_is_invalid_argument_naming_it(attacker, name):
+    tenant = attacker.new_tenant()
+    for fields in ({"adapter": name}, {"mix": [inference_pb2.AdapterWeight(adapter=name, weight=1.0)]}):
+        with pytest.raises(grpc.RpcError) as refused:
+            attacker.generate(tenant.infer_key, **fields)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "adapter" in refused.value.details()

@@ -7,7 +7,9 @@ For a tenant T and a calendar month (UTC):
   * prompt price + completion micro-tokens * completion price) / 1e12, prices in micro-units per million
   tokens; a record of a worker that did not say its kind counts per adapter, as before kinds;
 - "royalty_paid" per adapter of ANOTHER tenant T used: completion micro-tokens * the owner's royalty
-  per million completion tokens / 1e12 (mixed requests contribute their weight's share);
+  per million completion tokens / 1e12; an adapter of a linear mix or a merge earns on every completion
+  token of the request (the caller's weights do not dilute it), an ensemble's member on its weight's
+  share (the counters' royalty_micro_tokens);
 - "royalty_earned" per adapter T owns that other tenants used, same formula (T's own use pays none).
 
 Each line's amount is rounded once, half to even, to whole micro-units. Charges = tokens + royalty_paid,
@@ -121,7 +123,7 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
 
 def _consumption(session: Session, tenant_id: uuid.UUID, start: datetime, end: datetime):
     """(base model, request kind, mix, adapter name, owner id, royalty, prompt micro-tokens, completion
-    micro-tokens) of T."""
+    micro-tokens, royalty micro-tokens) of T."""
     return session.execute(
         select(
             UsageCounter.base_model,
@@ -132,6 +134,7 @@ def _consumption(session: Session, tenant_id: uuid.UUID, start: datetime, end: d
             Adapter.royalty_micros_per_million_tokens,
             func.sum(UsageCounter.prompt_micro_tokens),
             func.sum(UsageCounter.completion_micro_tokens),
+            func.sum(UsageCounter.royalty_micro_tokens),
         )
         .select_from(UsageCounter)
         .outerjoin(Adapter, Adapter.id == UsageCounter.adapter_id)
@@ -143,7 +146,7 @@ def _consumption(session: Session, tenant_id: uuid.UUID, start: datetime, end: d
 @dataclass
 class _Used:
     """One adapter's (or the base model's) use by T: its single requests' tokens and every completion
-    micro-token a royalty is due on (its weighted share of mixes included)."""
+    micro-token a royalty is due on (mixes included)."""
 
     owner_id: uuid.UUID | None
     royalty: int | None
@@ -171,13 +174,13 @@ def _tokens_line(
 
 
 def _earned(session: Session, tenant_id: uuid.UUID, start: datetime, end: datetime):
-    """(base model, adapter name, royalty, completion micro-tokens) others generated with T's adapters."""
+    """(base model, adapter name, royalty, royalty micro-tokens) others generated with T's adapters."""
     return session.execute(
         select(
             UsageCounter.base_model,
             Adapter.name,
             Adapter.royalty_micros_per_million_tokens,
-            func.sum(UsageCounter.completion_micro_tokens),
+            func.sum(UsageCounter.royalty_micro_tokens),
         )
         .select_from(UsageCounter)
         .join(Adapter, Adapter.id == UsageCounter.adapter_id)
@@ -198,12 +201,11 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
     lines: list[InvoiceLine] = []
     used: dict[tuple[str, str | None], _Used] = {}
     mixes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for base_model, request_kind, mix, adapter, owner_id, royalty, prompt_mt, completion_mt in _consumption(
-        session, tenant.id, start, end
-    ):
-        prompt_mt, completion_mt = int(prompt_mt), int(completion_mt)
+    for row in _consumption(session, tenant.id, start, end):
+        base_model, request_kind, mix, adapter, owner_id, royalty = row[:6]
+        prompt_mt, completion_mt, royalty_mt = (int(v) for v in row[6:])
         one = used.setdefault((base_model, adapter), _Used(owner_id, royalty))
-        one.royalty_completion_mt += completion_mt
+        one.royalty_completion_mt += royalty_mt
         if request_kind in SINGLE_KINDS:
             one.prompt_mt += prompt_mt
             one.completion_mt += completion_mt

@@ -103,3 +103,6 @@ class UsageCounter(Base):
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     prompt_micro_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_micro_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Completion micro-tokens the adapter earns a royalty on: a linear mix's or merge's every token (not
+    # its weighted share: the caller picks the weights), else this line's completion share. 0 without one.
+    royalty_micro_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

@@ -47,6 +47,15 @@ CHECKPOINT_FINISH_REASON = "interrupted"
 SINGLE_KINDS = frozenset({"", "single"})
 
 
+def royalty_on_every_token(request_kind: str) -> bool:
+    """Whether each adapter of a request of this kind earns its royalty on all its completion tokens: a
+    linear mix or a merge applies every member to every token, whatever weights the caller picked (a
+    weight split let a royalty adapter at weight 1 beside a zero-valued one at 1000 earn 1/1000). An
+    ensemble's weights do shape its output (each member samples its own distribution), so its members
+    earn on their weighted share."""
+    return request_kind == "linear_mix" or request_kind.startswith("merge:")
+
+
 @dataclass(frozen=True)
 class UsageReport:
     """One finished request as a worker reports it; `adapters` holds (adapter id, mix weight) pairs."""
@@ -220,7 +229,7 @@ def report_usage(session: Session, reports: list[UsageReport]) -> ReportOutcome:
     stored = [c for c in ordered if (c.tenant_id, c.report.request_id) not in inserted_keys]
     replaced = _replace_outranked(session, stored)
     _link_adapters(session, new + [c for c, _ in replaced])
-    deltas: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0])
+    deltas: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for c in new:
         _count(deltas, _contribution_of(c), +1)
     for c, old in replaced:
@@ -357,7 +366,7 @@ def _link_adapters(session: Session, events: list[_Checked]) -> None:
 
 def _count(deltas: dict[tuple, list[int]], c: _Contribution, sign: int) -> None:
     """Adds (sign +1) or takes out (-1) one event's contribution to deltas[(tenant, base model, adapter
-    or None, hour, request kind, mix)] = [requests, prompt µtokens, completion µtokens]."""
+    or None, hour, request kind, mix)] = [requests, prompt µtokens, completion µtokens, royalty µtokens]."""
     if not c.adapters:
         delta = deltas[(c.tenant_id, c.base_model, None, c.hour_at, c.request_kind, c.mix)]
         delta[0] += sign
@@ -367,18 +376,20 @@ def _count(deltas: dict[tuple, list[int]], c: _Contribution, sign: int) -> None:
     weights = [w for _, w in c.adapters]
     prompt_parts = split_micro_tokens(c.prompt_tokens, weights)
     completion_parts = split_micro_tokens(c.completion_tokens, weights)
+    every_token = royalty_on_every_token(c.request_kind)
     for (adapter_id, _), prompt, completion in zip(c.adapters, prompt_parts, completion_parts, strict=True):
         delta = deltas[(c.tenant_id, c.base_model, adapter_id, c.hour_at, c.request_kind, c.mix)]
         delta[0] += sign
         delta[1] += sign * prompt
         delta[2] += sign * completion
+        delta[3] += sign * (c.completion_tokens * MICROS if every_token else completion)
 
 
 def _move_counters(session: Session, deltas: dict[tuple, list[int]]) -> None:
     for key in sorted(deltas, key=lambda k: (str(k[0]), k[1], str(k[2]), k[3], k[4], k[5])):
         tenant_id, base_model, adapter_id, hour, request_kind, mix = key
-        requests, prompt, completion = deltas[key]
-        if requests == prompt == completion == 0:
+        requests, prompt, completion, royalty = deltas[key]
+        if requests == prompt == completion == royalty == 0:
             continue  # a replacement that moved nothing on this line
         statement = insert(UsageCounter).values(
             tenant_id=tenant_id,
@@ -390,6 +401,7 @@ def _move_counters(session: Session, deltas: dict[tuple, list[int]]) -> None:
             requests=requests,
             prompt_micro_tokens=prompt,
             completion_micro_tokens=completion,
+            royalty_micro_tokens=royalty,
         )
         counter_id, *totals = session.execute(
             statement.on_conflict_do_update(
@@ -400,12 +412,15 @@ def _move_counters(session: Session, deltas: dict[tuple, list[int]]) -> None:
                     + statement.excluded.prompt_micro_tokens,
                     "completion_micro_tokens": UsageCounter.completion_micro_tokens
                     + statement.excluded.completion_micro_tokens,
+                    "royalty_micro_tokens": UsageCounter.royalty_micro_tokens
+                    + statement.excluded.royalty_micro_tokens,
                 },
             ).returning(
                 UsageCounter.id,
                 UsageCounter.requests,
                 UsageCounter.prompt_micro_tokens,
                 UsageCounter.completion_micro_tokens,
+                UsageCounter.royalty_micro_tokens,
             )
         ).one()
         if not any(totals):  # every event of that line moved to another hour: no empty line left

@@ -62,3 +62,47 @@ def test_downgrade_folds_the_counters_of_each_kind_back_into_one_per_adapter_and
         (text("SELECT request_kind, mix, requests FROM usage_counter"), {}),
     )
     assert [tuple(row) for row in rows] == [("", "", 3)]
+
+
+def test_migration_0006_keeps_the_royalty_basis_of_existing_counters(empty_database_url: str) -> None:
+    """Counters written before royalty tokens were counted apart are billed as they were: their royalty
+    tokens are their completion tokens (adapter lines), none for the base model's lines."""
+    from control_plane.db.engine import make_engine, make_sessionmaker
+    from tests.tiers.test_prediction import _add_adapter
+
+    upgrade(empty_database_url, "0005")
+    engine = make_engine(empty_database_url, pool_size=1)
+    try:
+        adapter = _add_adapter(make_sessionmaker(engine), "old")
+    finally:
+        engine.dispose()
+    insert = text(
+        "INSERT INTO usage_counter (tenant_id, base_model, adapter_id, hour_at, request_kind, mix, requests,"
+        " prompt_micro_tokens, completion_micro_tokens)"
+        " VALUES (:tenant, 'tiny', :adapter, :hour, 'linear_mix', 'a+b', 1, 5, :completion)"
+    )
+    _execute(
+        empty_database_url,
+        (
+            insert,
+            {
+                "tenant": adapter.tenant_id,
+                "adapter": adapter.id,
+                "hour": "2026-11-30 10:00+00",
+                "completion": 700,
+            },
+        ),
+        (
+            insert,
+            {"tenant": adapter.tenant_id, "adapter": None, "hour": "2026-11-30 11:00+00", "completion": 900},
+        ),
+    )
+    upgrade(empty_database_url)
+    [rows] = _execute(
+        empty_database_url,
+        (
+            text("SELECT completion_micro_tokens, royalty_micro_tokens FROM usage_counter ORDER BY hour_at"),
+            {},
+        ),
+    )
+    assert [tuple(row) for row in rows] == [(700, 700), (900, 0)]

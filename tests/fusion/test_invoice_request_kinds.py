@@ -1,5 +1,6 @@
 """Invoices show a mix, a merge, an ensemble or a saved mix as one "tokens" line per (request kind, mix),
-through a control plane and a worker in process; royalties stay per adapter, split by weight.
+through a control plane and a worker in process; royalties stay per adapter: on every token of a linear
+mix or merge (weights do not dilute them), on the weighted share of an ensemble.
 
 Prices are 1 micro per prompt token and 2 per completion token, and the royalty of the other tenant's
 public adapter 1 micro per completion token, so every amount can be told from the tokens the requests
@@ -142,19 +143,39 @@ def test_each_mix_kind_is_one_tokens_line_and_royalties_stay_per_adapter(kinds_s
     tokens_lines = [line for line in invoice.lines if line.kind == "tokens"]
     assert sum(line.prompt_tokens for line in tokens_lines) == billed_prompt
     assert sum(line.completion_tokens for line in tokens_lines) == billed_completion
-    # The royalty of "shared" is its weighted share of each request it was in: 0.5 * 8 (linear),
-    # 0.25 * 16 (ensemble), 0.6 * 8 (the saved mix) = 12.8 completion tokens, one line for the adapter.
+    # The royalty of "shared": every completion token of the linear mix (8) and of the saved mix, a merge
+    # (8), whatever its weight there; its weighted share of the ensemble's (0.25 * 16) = 20 completion
+    # tokens, one line for the adapter.
     royalties = [line for line in invoice.lines if line.kind != "tokens"]
     assert [(r.kind, r.adapter, r.request_kind, r.mix) for r in royalties] == [
         ("royalty_paid", "shared", "", "")
     ]
     shared_completion_micro_tokens = (
-        completion * 1_000_000 // 2 + 2 * completion * 1_000_000 // 4 + completion * 600_000
+        completion * 1_000_000 + 2 * completion * 1_000_000 // 4 + completion * 1_000_000
     )
     assert royalties[0].amount_micros == round(shared_completion_micro_tokens * ROYALTY_MICROS / 1_000_000)
     assert invoice.charges_micros == (
         billed_prompt * PROMPT_MICROS + billed_completion * COMPLETION_MICROS + royalties[0].amount_micros
     )
+
+
+def test_a_heavy_weighted_partner_does_not_dilute_a_royalty(kinds_system, tiny_model_dir):
+    """The hostile tenant's trick: a royalty adapter at weight 1 mixed with its own adapter at weight 1000
+    paid the owner a thousandth of the royalty. Every completion token is now paid for, in a linear mix
+    and in a merge alike."""
+    operator, cp_target, target = kinds_system
+    tenant = f"diluter-{uuid.uuid4().hex[:8]}"
+    operator.create_tenant(tenant)
+    key = operator.create_api_key(tenant, admin=True).secret
+    with AdminClient(cp_target, key) as admin:
+        admin.upload_adapter(tiny_model_dir / "adapters" / "ad0", "mine", BASE_MODEL)
+        completion = 0
+        for method in ("linear", "ties"):
+            completion += _generate(target, key, mix={"shared": 1.0, "mine": 1000.0}, mix_method=method)[1]
+        invoice = _invoice_when_billed(admin, completion)
+    royalties = [line for line in invoice.lines if line.kind == "royalty_paid"]
+    assert [(r.adapter, r.completion_tokens) for r in royalties] == [("shared", completion)]
+    assert royalties[0].amount_micros == completion * ROYALTY_MICROS
 
 
 def test_a_record_without_a_kind_bills_per_adapter_as_before(kinds_system, tiny_model_dir):

@@ -10,6 +10,7 @@ _REPLACEMENT = "\ufffd"
 # Prompt tokens kept as left context so that the first output tokens decode with the right spacing.
 _CONTEXT_TOKENS = 4
 _PIECE_CHARS = 1024  # a long text is counted in pieces of this many characters
+_WHOLE_CHARS = 16 * _PIECE_CHARS  # up to this long a text is encoded whole at once (a short lock)
 _BOUNDARY_TOKENS = 4  # what cutting the text at a piece boundary may add to the count
 
 
@@ -40,10 +41,10 @@ class Tokenizer:
 
         The tokenizer holds the interpreter lock while it runs, so one long text stops every other thread
         (the engine's steps, the server) for as long as it takes: a million characters took 25 s. A text
-        longer than one piece is first counted piece by piece (each held briefly), stopping once the
-        count passes the limit; only a text that may fit is encoded whole (cutting a word at a piece
-        boundary can only add a few tokens, allowed for)."""
-        if len(text) > _PIECE_CHARS:
+        longer than `_WHOLE_CHARS` is first counted piece by piece (each held briefly), stopping once the
+        count passes the limit; only a text that may fit is then encoded whole (cutting a word at a piece
+        boundary can only add a few tokens, allowed for). A shorter text is encoded once, whole."""
+        if len(text) > _WHOLE_CHARS:
             counted = 0
             for boundary, start in enumerate(range(0, len(text), _PIECE_CHARS)):
                 piece = text[start : start + _PIECE_CHARS]

@@ -505,6 +505,13 @@ def validate_adapter_dir(
     )
 
 
+def served_rank(directory: Path) -> int:
+    """The rank an adapter directory needs in a slot: its config checked (AdapterFormatError naming the
+    field), then its largest module rank from the weights' header (`max_module_rank`)."""
+    parse_adapter_config((Path(directory) / CONFIG_FILE).read_bytes())
+    return max_module_rank(Path(directory) / WEIGHTS_FILE)
+
+
 def max_module_rank(weights_path: Path) -> int:
     """The largest rank among the adapter's modules (what its slot must hold), from the safetensors header
     alone: `r` in the config is only the default a rank_pattern may override for every module."""

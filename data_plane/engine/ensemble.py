@@ -19,8 +19,8 @@ import torch
 
 from data_plane.engine.errors import AdapterLoadError, InvalidRequest
 from data_plane.engine.request import Ensemble
-from openlora.adapter_format import AdapterFormatError, max_module_rank, parse_adapter_config
-from openlora.artifact import CONFIG_FILE, WEIGHTS_FILE
+from openlora.adapter_format import AdapterFormatError, served_rank
+from openlora.artifact import CONFIG_FILE
 
 MAX_ENSEMBLE_MEMBERS = 8
 COMBINES = ("probs", "logprobs")
@@ -117,10 +117,8 @@ def validate_ensemble(
     for i, ref in enumerate(members):
         if ref.adapter is None:
             continue
-        config_path = ref.adapter.path / CONFIG_FILE
         try:
-            parse_adapter_config(config_path.read_bytes())
-            rank = max_module_rank(ref.adapter.path / WEIGHTS_FILE)
+            rank = served_rank(ref.adapter.path)
         except AdapterFormatError as e:
             raise AdapterLoadError(f"mix[{i}].{e.field}", e.reason) from None
         except OSError:

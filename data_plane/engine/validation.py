@@ -8,8 +8,8 @@ import math
 
 from data_plane.engine.errors import AdapterLoadError, InvalidRequest
 from data_plane.engine.request import AdapterRef, EngineRequest
-from openlora.adapter_format import AdapterFormatError, max_module_rank, parse_adapter_config
-from openlora.artifact import CONFIG_FILE, WEIGHTS_FILE
+from openlora.adapter_format import AdapterFormatError, served_rank
+from openlora.artifact import CONFIG_FILE
 from openlora.exhaustion import exhausted_resource
 
 MAX_STOP_STRINGS = 16
@@ -77,8 +77,7 @@ def _validate_adapters(adapters: tuple[AdapterRef, ...], max_lora_rank: int) -> 
         if not config_path.is_file():
             raise AdapterLoadError(field, f"adapter directory {ref.path.name!r} has no {CONFIG_FILE}")
         try:
-            parse_adapter_config(config_path.read_bytes())
-            total_rank += max_module_rank(ref.path / WEIGHTS_FILE)
+            total_rank += served_rank(ref.path)
         except AdapterFormatError as e:
             raise AdapterLoadError(f"{field}.{e.field}", e.reason) from None
         except OSError as e:

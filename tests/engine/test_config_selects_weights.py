@@ -5,9 +5,7 @@ OpenLoRA would apply; and the rank a slot must hold is the largest module rank, 
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,18 +16,7 @@ from openlora.artifact import digest_dir
 
 from .conftest import ALL_SEVEN, greedy, make_engine, run_to_completion
 from .reference import load_reference, reference_greedy, write_peft_adapter
-
-
-def _edited(source: Path, out: Path, **changes) -> Path:
-    """A copy of a PEFT adapter whose adapter_config.json has `changes` applied (None removes nothing:
-    it sets the key to null, as PEFT writes an unset option)."""
-    shutil.copytree(source, out)
-    path = out / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-    return out
-
+from .test_rank_alpha_patterns import _with_config
 
 # A file with weights for all seven projections in both layers, and configs that select fewer of them.
 NARROWER = {
@@ -48,7 +35,7 @@ NARROWER = {
 @pytest.mark.parametrize("case", list(NARROWER))
 def test_weights_the_config_does_not_select_are_refused_naming_the_key(tiny_llama, tmp_path, case):
     changes, key = NARROWER[case]
-    adapter = _edited(tiny_llama.adapter_dirs["r8_all"], tmp_path / "edited", **changes)
+    adapter = _with_config(tiny_llama.adapter_dirs["r8_all"], tmp_path / "edited", **changes)
     with pytest.raises(AdapterFormatError) as refused:
         validate_adapter_dir(adapter)
     assert refused.value.field == f"adapter_config.json.{key}"
@@ -64,7 +51,7 @@ def test_a_config_that_selects_exactly_the_files_modules_is_accepted(tiny_llama,
             {"exclude_modules": ["lm_head"]},
         )
     ):
-        validate_adapter_dir(_edited(tiny_llama.adapter_dirs["r8_all"], tmp_path / str(i), **changes))
+        validate_adapter_dir(_with_config(tiny_llama.adapter_dirs["r8_all"], tmp_path / str(i), **changes))
 
 
 @pytest.mark.parametrize(
@@ -79,7 +66,7 @@ def test_a_config_that_selects_exactly_the_files_modules_is_accepted(tiny_llama,
     ],
 )
 def test_malformed_selection_options_are_refused_naming_the_key(tiny_llama, tmp_path, changes, key):
-    adapter = _edited(tiny_llama.adapter_dirs["r8_all"], tmp_path / "edited", **changes)
+    adapter = _with_config(tiny_llama.adapter_dirs["r8_all"], tmp_path / "edited", **changes)
     with pytest.raises(AdapterFormatError) as refused:
         validate_adapter_dir(adapter)
     assert refused.value.field == f"adapter_config.json.{key}"

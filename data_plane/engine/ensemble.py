@@ -19,7 +19,8 @@ import torch
 
 from data_plane.engine.errors import AdapterLoadError, InvalidRequest
 from data_plane.engine.request import Ensemble
-from openlora.adapter_format import AdapterFormatError, served_rank
+from data_plane.engine.validation import rank_of
+from openlora.adapter_format import AdapterFormatError
 from openlora.artifact import CONFIG_FILE
 
 MAX_ENSEMBLE_MEMBERS = 8
@@ -118,7 +119,7 @@ def validate_ensemble(
         if ref.adapter is None:
             continue
         try:
-            rank = served_rank(ref.adapter.path)
+            rank = rank_of(ref.adapter)
         except AdapterFormatError as e:
             raise AdapterLoadError(f"mix[{i}].{e.field}", e.reason) from None
         except OSError:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+from pathlib import Path
 
 from data_plane.engine.errors import AdapterLoadError, InvalidRequest
 from data_plane.engine.request import AdapterRef, EngineRequest
@@ -25,6 +27,17 @@ def adapter_key(adapters: tuple[AdapterRef, ...]) -> str | None:
         return adapters[0].key
     members = [[a.key, float(a.weight)] for a in adapters]
     return "mix:" + hashlib.sha256(json.dumps(members).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _served_rank(key: str, path: Path) -> int:
+    return served_rank(path)
+
+
+def rank_of(ref: AdapterRef) -> int:
+    """`served_rank` of an adapter's files, read once per cache key (the files under a key are one
+    content): every request would otherwise parse its config and its weights' header again."""
+    return _served_rank(ref.key, ref.path)
 
 
 def validate_request(
@@ -77,7 +90,7 @@ def _validate_adapters(adapters: tuple[AdapterRef, ...], max_lora_rank: int) -> 
         if not config_path.is_file():
             raise AdapterLoadError(field, f"adapter directory {ref.path.name!r} has no {CONFIG_FILE}")
         try:
-            total_rank += served_rank(ref.path)
+            total_rank += rank_of(ref)
         except AdapterFormatError as e:
             raise AdapterLoadError(f"{field}.{e.field}", e.reason) from None
         except OSError as e:

@@ -19,6 +19,15 @@ class Draining(Exception):
     """The worker is shutting down and takes no new calls."""
 
 
+class UsageUnrecordable(Exception):
+    """The worker's usage spool cannot be written (disk full, read-only): it takes no new calls, since
+    it could not bill them; its health is NOT_SERVING until a write succeeds again."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
 class MissingCredentials(Exception):
     """The call carries no `authorization: Bearer <key>`."""
 
@@ -73,6 +82,12 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return error.code, error.message
     if isinstance(error, Draining):
         return grpc.StatusCode.UNAVAILABLE, "the worker is draining; retry on another worker"
+    if isinstance(error, UsageUnrecordable):
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            f"the worker cannot record usage now (its usage spool: {error.cause.strerror or error.cause}); "
+            "retry on another worker",
+        )
     if isinstance(error, MissingCredentials):
         return (
             grpc.StatusCode.UNAUTHENTICATED,

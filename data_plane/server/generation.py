@@ -33,6 +33,7 @@ from data_plane.server.control_plane_client import Authorization, ControlPlaneCl
 from data_plane.server.ensemble_request import billed_adapters, ensemble_of
 from data_plane.server.errors import (
     Draining,
+    UsageUnrecordable,
     DuplicateRequest,
     MissingCredentials,
     MissingScope,
@@ -161,9 +162,12 @@ class GenerationService:
         return self._engine.tokenizer
 
     def check_serving(self) -> None:
-        """Raises Draining while the worker takes no new calls."""
+        """Raises Draining while the worker takes no new calls, UsageUnrecordable while its usage spool
+        cannot be written (a call would fail at its first chunk's checkpoint, after its prefill)."""
         if self._state.draining:
             raise Draining()
+        if self._usage.write_error is not None:
+            raise UsageUnrecordable(self._usage.write_error)
 
     async def authorize(self, api_key: str | None, names: tuple[str, ...]) -> Authorization:
         """The key's tenant and the adapters `names` resolve to for it; raises MissingCredentials,

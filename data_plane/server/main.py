@@ -397,16 +397,33 @@ async def _register_with_retry(register) -> float:
 
 
 async def _watch_engine(running: RunningWorker) -> None:
-    """Updates the running/waiting gauges; turns health NOT_SERVING when the engine loop died."""
+    """Updates the running/waiting gauges; turns health NOT_SERVING when the engine loop died (for good),
+    and while the usage spool cannot be written (SERVING again once a probe write succeeds)."""
     engine = running.engine
+    usage = running.usage
+    spool_failed = False
     while True:
         await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
         running.metrics.running.set(engine.num_running)
         running.metrics.waiting.set(engine.num_waiting)
-        if not engine.is_running and not running.state.draining:
+        if running.state.draining:
+            continue
+        if not engine.is_running:
             log.error("the engine loop stopped; health NOT_SERVING")
             await running._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             return
+        if usage.write_error is None and not spool_failed:
+            continue
+        writable = await asyncio.to_thread(usage.probe_writable)
+        if writable == spool_failed and not running.state.draining:
+            spool_failed = not writable
+            if spool_failed:
+                log.error("the usage spool cannot be written (%s); health NOT_SERVING", usage.write_error)
+            else:
+                log.info("the usage spool is writable again; health SERVING")
+            await running._set_health(
+                health_pb2.HealthCheckResponse.NOT_SERVING if spool_failed else health_pb2.HealthCheckResponse.SERVING
+            )
 
 
 def _engine_load(engine) -> EngineLoad:

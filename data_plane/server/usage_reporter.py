@@ -189,6 +189,9 @@ class UsageReporter:
         self._flushing = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self.stats = _Stats()
+        # The last spool write's failure; None once a write (or `probe_writable`) succeeds. While it is set
+        # the worker takes no new calls and its health is NOT_SERVING.
+        self.write_error: OSError | None = None
         self._load_spool()
         self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 (closed in stop)
         # Rewrite at once: a torn last line from a killed process must not swallow the next record.
@@ -383,10 +386,40 @@ class UsageReporter:
                 f.flush()
                 os.fsync(f.fileno())
             return
-        self._file.write(text)
-        self._file.flush()
+        try:
+            self._write(text)
+        except OSError as error:
+            self.write_error = error
+            raise
+        self.write_error = None
         self._lines_since_compact += len(records)
         self._dirty = True
+
+    def _write(self, text: str) -> None:
+        self._file.write(text)
+        self._file.flush()
+
+    def probe_writable(self) -> bool:
+        """Whether the spool's file system takes a write now: writes, fsyncs and removes a one-block file
+        beside the spool. Clears `write_error` when it does, sets it when it does not."""
+        probe = self._path.with_name(self._path.name + ".probe")
+        try:
+            self._write_probe(probe)
+        except OSError as error:
+            self.write_error = error
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            return False
+        self.write_error = None
+        return True
+
+    @staticmethod
+    def _write_probe(probe: Path) -> None:
+        with open(probe, "wb") as f:
+            f.write(bytes(4096))
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
 
     def _fsync(self) -> None:
         if not self._file.closed:
@@ -405,11 +438,15 @@ class UsageReporter:
             if record is not None and (record.key not in newest or record.rank > newest[record.key].rank):
                 newest[record.key] = record
         tmp = self._path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in newest.values():
-                f.write(record.to_json() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for record in newest.values():
+                    f.write(record.to_json() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:
+            self.write_error = error
+            raise
         self._file.close()
         os.replace(tmp, self._path)
         self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115

@@ -187,3 +187,47 @@ def test_a_spool_that_cannot_be_written_bills_nothing_and_the_id_is_served_again
     assert delivered > 0
     usage = system.wait_usage(tenant, 1)
     assert (usage.total_requests, usage.total_completion_tokens) == (1, delivered)
+
+
+def test_a_worker_whose_spool_cannot_be_written_is_not_serving_until_it_can(system, monkeypatch):
+    """Disk full under the usage spool: the worker could not bill a call, so its health turns NOT_SERVING
+    (a router must stop sending it traffic), new calls are refused UNAVAILABLE at once, naming the spool,
+    before any prefill; once a write succeeds again it is SERVING and bills as before."""
+    import errno
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from worker_test_support import wait_health
+
+    tenant, _, key = system.new_tenant()
+    reporter = system.worker.usage
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reporter, "_write", full)
+    monkeypatch.setattr(reporter, "_write_probe", full)
+    try:
+        assert _code(lambda: _generate(system.target, key, prompt=PROMPT)) == grpc.StatusCode.UNAVAILABLE
+        wait_health(system.target, want_serving=False, timeout_s=30)
+        channel, stub = _stub(system.target)
+        with channel, pytest.raises(grpc.RpcError) as refused:
+            list(
+                stub.Generate(
+                    inference_pb2.GenerateRequest(prompt=PROMPT),
+                    metadata=(("authorization", f"Bearer {key}"),),
+                    timeout=60,
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "usage" in refused.value.details() and "No space left" in refused.value.details()
+    finally:
+        monkeypatch.undo()
+    wait_health(system.target, want_serving=True, timeout_s=30)
+    channel = grpc.insecure_channel(system.target)
+    with channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    served = _generate(system.target, key, prompt=PROMPT)
+    delivered = sum(len(r.token_ids) for r in served)
+    usage = system.wait_usage(tenant, 1)
+    assert (usage.total_requests, usage.total_completion_tokens) == (1, delivered)

@@ -33,12 +33,12 @@ from data_plane.server.control_plane_client import Authorization, ControlPlaneCl
 from data_plane.server.ensemble_request import billed_adapters, ensemble_of
 from data_plane.server.errors import (
     Draining,
-    UsageUnrecordable,
     DuplicateRequest,
     MissingCredentials,
     MissingScope,
     RequestIdUsed,
     TenantStreamLimit,
+    UsageUnrecordable,
 )
 from data_plane.server.metrics import AdapterActivity, WorkerMetrics
 from data_plane.server.named_mix import expand_named_mix

@@ -422,7 +422,9 @@ async def _watch_engine(running: RunningWorker) -> None:
             else:
                 log.info("the usage spool is writable again; health SERVING")
             await running._set_health(
-                health_pb2.HealthCheckResponse.NOT_SERVING if spool_failed else health_pb2.HealthCheckResponse.SERVING
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if spool_failed
+                else health_pb2.HealthCheckResponse.SERVING
             )
 
 

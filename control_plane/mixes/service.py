@@ -26,6 +26,7 @@ from control_plane.registry.models import STATUS_READY, VISIBILITY_PUBLIC, Adapt
 from control_plane.tenancy.models import Tenant
 from control_plane.text import check_text
 from openlora.mix_rules import density_problem, weight_problem
+from openlora.names import ADAPTER_NAME_RULE
 
 MAX_MIX_MEMBERS = 8
 MAX_DESCRIPTION_CHARS = 4096
@@ -94,7 +95,7 @@ def check_spec(spec: MixSpec) -> None:
                     "must not be empty (only an ensemble has the base model)", f"members[{i}].adapter"
                 )
             if not registry.ADAPTER_NAME.fullmatch(name):
-                raise InvalidArgument("must be 1..128 characters of [A-Za-z0-9_.-]", f"members[{i}].adapter")
+                raise InvalidArgument(ADAPTER_NAME_RULE, f"members[{i}].adapter")
         if name in seen:
             raise InvalidArgument(f"{name!r} appears twice", field=f"members[{i}].adapter")
         seen.add(name)

@@ -3,7 +3,6 @@ recording a validated upload."""
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 
@@ -24,8 +23,8 @@ from control_plane.registry.page_token import decode_page_token, encode_page_tok
 from control_plane.tenancy.models import Tenant
 from control_plane.workers.models import BaseModelRow
 from openlora.adapter_format import AdapterInfo
+from openlora.names import ADAPTER_NAME, ADAPTER_NAME_RULE
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -44,7 +43,7 @@ class AdapterPage:
 
 def check_name(name: str) -> None:
     if not ADAPTER_NAME.fullmatch(name):
-        raise InvalidArgument("must be 1..128 characters of [A-Za-z0-9_.-]", field="name")
+        raise InvalidArgument(ADAPTER_NAME_RULE, field="name")
 
 
 def check_requested_name(name: str) -> None:
@@ -53,7 +52,7 @@ def check_requested_name(name: str) -> None:
     if not name:
         raise InvalidArgument("required", field="adapter")
     if not ADAPTER_NAME.fullmatch(name):
-        raise InvalidArgument("must be 1..128 characters of [A-Za-z0-9_.-]", field="adapter")
+        raise InvalidArgument(ADAPTER_NAME_RULE, field="adapter")
 
 
 def _owned(session: Session, adapter: Adapter) -> OwnedAdapter:

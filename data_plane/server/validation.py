@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from openlora.mix_rules import density_problem, weight_problem
+from openlora.names import ADAPTER_NAME_RULE, is_adapter_name
 from openlora.safe_json import describe
 from openlora.v1 import inference_pb2
 
@@ -113,7 +114,9 @@ def requested_adapter_names(request: inference_pb2.GenerateRequest) -> tuple[str
         )
     names = [request.adapter] if request.adapter else []
     names += [m.adapter for m in request.mix if m.adapter]
-    return tuple(dict.fromkeys(names))
+    # A name no adapter can have never goes to the control plane: check_request refuses it by its field
+    # once the key is known good.
+    return tuple(dict.fromkeys(name for name in names if is_adapter_name(name)))
 
 
 def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits) -> ValidRequest:
@@ -168,6 +171,8 @@ def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits)
     if request.mix:
         adapters = _check_mix_members(request, method)
     elif request.adapter:
+        if not is_adapter_name(request.adapter):
+            raise RequestFieldError("adapter", ADAPTER_NAME_RULE)
         adapters = ((request.adapter, 1.0),)
 
     return ValidRequest(
@@ -238,6 +243,8 @@ def _check_mix_members(request: inference_pb2.GenerateRequest, method: str) -> t
             raise RequestFieldError(
                 f"mix[{i}].adapter", "must not be empty (only an ensemble may hold the base)"
             )
+        if member.adapter and not is_adapter_name(member.adapter):
+            raise RequestFieldError(f"mix[{i}].adapter", ADAPTER_NAME_RULE)
         if member.adapter in seen:
             what = describe(member.adapter) if member.adapter else "the base model"
             raise RequestFieldError(f"mix[{i}].adapter", f"{what} appears twice")

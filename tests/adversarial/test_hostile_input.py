@@ -540,3 +540,7 @@ def test_a_malformed_adapter_name_in_generate_is_invalid_argument_naming_it(atta
             attacker.generate(tenant.infer_key, **fields)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "adapter" in refused.value.details()
+        # The key is checked first, and the name never goes to the control plane.
+        with pytest.raises(grpc.RpcError) as refused:
+            attacker.generate("olk_" + "x" * 40, **fields)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -274,3 +274,22 @@ def test_merge_options_in_extra_body_equal_the_grpc_request_with_them(http_worke
             model="tiny", prompt=PROMPT, extra_body={**extra, "majority_sign_method": "loudest"}
         )
     assert refused.value.body["param"] == "majority_sign_method"
+
+
+@pytest.mark.parametrize("name", ["bad\x00name", "x" * 129, "org/model", "é"])
+def test_a_malformed_model_or_mix_name_is_400_naming_its_param_and_never_reaches_authorize(
+    http_worker, tenant, name
+):
+    """A name no adapter can have: 400 with `param` the body's field (it answered param null, the control
+    plane's refusal passed on), after the key is checked (an unknown key is still 401)."""
+    client = _client(http_worker, tenant[2])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=name, prompt=PROMPT, max_tokens=2)
+    assert refused.value.body["param"] == "model" and "128 characters" in refused.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=2, extra_body={"mix": [{"adapter": name, "weight": 1.0}]}
+        )
+    assert refused.value.body["param"] == "mix[0].adapter"
+    with pytest.raises(openai.AuthenticationError):
+        _client(http_worker, "not-a-key-" + "x" * 30).completions.create(model=name, prompt=PROMPT)

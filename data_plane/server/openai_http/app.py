@@ -37,6 +37,7 @@ from data_plane.server.openai_http.schemas import (
 )
 from data_plane.server.openai_http.streaming import GenerationResponse
 from data_plane.server.validation import RequestFieldError, ValidRequest, check_request
+from openlora.names import is_adapter_name
 
 MAX_MODELS_PAGE = 1000
 DEFAULT_MODELS_PAGE = 100
@@ -147,10 +148,11 @@ async def _generation(request: Request, chat: bool):
         body = (parse_chat if chat else parse_completion)(data)
     except BodyError as error:
         refused = error
-    # The names to authorise, as gRPC's requested_adapter_names: the adapter `model` names, the mix's.
+    # The names to authorise, as gRPC's requested_adapter_names: the adapter `model` names, the mix's (a
+    # name no adapter can have is left out, and refused by check_request naming its field).
     adapter = api.resolve_model(body.model, api.service.base_model) if body else ""
     mentioned = ([adapter] if adapter else []) + (list(body.adapter_names) if body else [])
-    names = tuple(dict.fromkeys(mentioned))
+    names = tuple(dict.fromkeys(name for name in mentioned if is_adapter_name(name)))
 
     def check() -> ValidRequest:
         if refused is not None or body is None:

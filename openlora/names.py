@@ -1,0 +1,13 @@
+"""What an adapter or saved-mix name may be, shared by the control plane (which registers names) and the
+worker (which refuses a request naming something no name can be, before it goes to Authorize)."""
+
+from __future__ import annotations
+
+import re
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+ADAPTER_NAME_RULE = "must be 1..128 characters of [A-Za-z0-9_.-]"
+
+
+def is_adapter_name(name: str) -> bool:
+    return ADAPTER_NAME.fullmatch(name) is not None

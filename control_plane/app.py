@@ -110,7 +110,7 @@ class ControlPlane:
         with self.sessions.begin() as s:
             tenant = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), header.tenant)
             mixes.check_adapter_name_free(s, tenant.id, header.name)
-            _check_royalty_not_raised(registry.visible_row(s, tenant.id, header.name), header)
+            _check_royalty_not_raised(registry.named_terms(s, tenant.id, header.name), header)
             spec = workers.base_model(s, header.base_model).to_spec()
         return UploadPlan(header, tenant.id, spec)
 
@@ -152,7 +152,7 @@ class ControlPlane:
                 registry.lock_name(s, tenant.id, header.name)
                 mixes.check_adapter_name_free(s, tenant.id, header.name)
                 already_own = registry.tenant_holds(s, tenant.id, sha256)
-                was = registry.visible_row(s, tenant.id, header.name)
+                was = registry.named_terms(s, tenant.id, header.name)
                 _check_royalty_not_raised(was, header)  # again, row locked: uploads of the name may race
                 owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)
                 # The replaced content is dropped from workers only when no adapter still uses it.
@@ -165,9 +165,14 @@ class ControlPlane:
         if replaced is not None:
             # Merges built from content another adapter still serves stay valid: only unserved content is named.
             self.publisher.invalidate(str(owned.adapter.id), unused, source_sha256=unused)
-        elif was is not None and was != (
-            owned.adapter.visibility,
-            owned.adapter.royalty_micros_per_million_tokens,
+        elif (
+            was is not None
+            and was.ready
+            and (was.visibility, was.royalty)
+            != (
+                owned.adapter.visibility,
+                owned.adapter.royalty_micros_per_million_tokens,
+            )
         ):
             # Same content, new terms (made private, another royalty): workers forget the answers they cached
             # for it at once, as for a delete, instead of serving other tenants on the old ones for a TTL.
@@ -341,12 +346,13 @@ class ControlPlane:
             billing.set_price(s, base_model, prompt_micros, completion_micros)
 
 
-def _check_royalty_not_raised(was: tuple[str, int] | None, header: UploadHeader) -> None:
-    """An adapter's royalty may be lowered, never raised, under its name: invoices apply the rate in force
-    when they are computed, so a raise would bill other tenants anew for tokens they used before it."""
-    if was is not None and header.royalty_micros_per_million_tokens > was[1]:
+def _check_royalty_not_raised(was: registry.NamedTerms | None, header: UploadHeader) -> None:
+    """An adapter's royalty may be lowered, never raised, under its name, deleted or not: invoices apply
+    the rate in force when they are computed, so a raise would bill other tenants anew for tokens they
+    used before it (a deleted adapter's row, and its past usage, come back when its name is uploaded)."""
+    if was is not None and header.royalty_micros_per_million_tokens > was.royalty:
         raise FailedPrecondition(
-            f"would raise the royalty from {was[1]} to {header.royalty_micros_per_million_tokens}, which "
+            f"would raise the royalty from {was.royalty} to {header.royalty_micros_per_million_tokens}, which "
             "would reprice tokens already used; publish the adapter under a new name to charge more",
             field="royalty_micros_per_million_tokens",
         )

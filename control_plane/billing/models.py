@@ -48,3 +48,4 @@ class InvoiceLineRow(Base):
     amount_micros: Mapped[int] = mapped_column(BigInteger)
     request_kind: Mapped[str] = mapped_column(String(64), default="", server_default="")
     mix: Mapped[str] = mapped_column(Text, default="", server_default="")
+    adapter_owner: Mapped[str] = mapped_column(String(64), default="", server_default="")

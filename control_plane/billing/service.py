@@ -2,7 +2,8 @@
 
 For a tenant T and a calendar month (UTC):
 
-- "tokens" per (base model, adapter) T used alone, and per (base model, request kind, mix) for mixes,
+- "tokens" per (base model, adapter) T used alone (an adapter is its id: two tenants' adapters of one name,
+  or a name used before and after its owner changed, are separate lines, each with its owner), and per (base model, request kind, mix) for mixes,
   merges and ensembles (one line for all of a mix's tokens, whatever its members): (prompt micro-tokens
   * prompt price + completion micro-tokens * completion price) / 1e12, prices in micro-units per million
   tokens; a record of a worker that did not say its kind counts per adapter, as before kinds;
@@ -57,6 +58,7 @@ class InvoiceLine:
     # Tokens lines: "single", "linear_mix", "merge:<method>", "ensemble", or "" (per adapter, kind unknown).
     request_kind: str = ""
     mix: str = ""  # a mix's tokens line: the saved mix's name or its adapters' names joined by "+"
+    adapter_owner: str = ""  # the tenant that owns `adapter` ("" when there is none)
 
 
 @dataclass(frozen=True)
@@ -122,15 +124,17 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
 
 
 def _consumption(session: Session, tenant_id: uuid.UUID, start: datetime, end: datetime):
-    """(base model, request kind, mix, adapter name, owner id, royalty, prompt micro-tokens, completion
-    micro-tokens, royalty micro-tokens) of T."""
+    """(base model, request kind, mix, adapter id, adapter name, owner id, owner name, royalty, prompt
+    micro-tokens, completion micro-tokens, royalty micro-tokens) of T."""
     return session.execute(
         select(
             UsageCounter.base_model,
             UsageCounter.request_kind,
             UsageCounter.mix,
+            Adapter.id,
             Adapter.name,
             Adapter.tenant_id,
+            Tenant.name,
             Adapter.royalty_micros_per_million_tokens,
             func.sum(UsageCounter.prompt_micro_tokens),
             func.sum(UsageCounter.completion_micro_tokens),
@@ -138,8 +142,9 @@ def _consumption(session: Session, tenant_id: uuid.UUID, start: datetime, end: d
         )
         .select_from(UsageCounter)
         .outerjoin(Adapter, Adapter.id == UsageCounter.adapter_id)
+        .outerjoin(Tenant, Tenant.id == Adapter.tenant_id)
         .where(UsageCounter.tenant_id == tenant_id, UsageCounter.hour_at >= start, UsageCounter.hour_at < end)
-        .group_by(UsageCounter.base_model, UsageCounter.request_kind, UsageCounter.mix, Adapter.id)
+        .group_by(UsageCounter.base_model, UsageCounter.request_kind, UsageCounter.mix, Adapter.id, Tenant.id)
     ).all()
 
 
@@ -148,7 +153,9 @@ class _Used:
     """One adapter's (or the base model's) use by T: its single requests' tokens and every completion
     micro-token a royalty is due on (mixes included)."""
 
+    name: str | None
     owner_id: uuid.UUID | None
+    owner_name: str
     royalty: int | None
     prompt_mt: int = 0
     completion_mt: int = 0
@@ -199,12 +206,12 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
     start, end = period_bounds(period)
     prices = {p.base_model: p for p in session.scalars(select(Price))}
     lines: list[InvoiceLine] = []
-    used: dict[tuple[str, str | None], _Used] = {}
+    used: dict[tuple[str, uuid.UUID | None], _Used] = {}
     mixes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
     for row in _consumption(session, tenant.id, start, end):
-        base_model, request_kind, mix, adapter, owner_id, royalty = row[:6]
-        prompt_mt, completion_mt, royalty_mt = (int(v) for v in row[6:])
-        one = used.setdefault((base_model, adapter), _Used(owner_id, royalty))
+        base_model, request_kind, mix, adapter_id, name, owner_id, owner_name, royalty = row[:8]
+        prompt_mt, completion_mt, royalty_mt = (int(v) for v in row[8:])
+        one = used.setdefault((base_model, adapter_id), _Used(name, owner_id, owner_name or "", royalty))
         one.royalty_completion_mt += royalty_mt
         if request_kind in SINGLE_KINDS:
             one.prompt_mt += prompt_mt
@@ -213,28 +220,30 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
         else:  # a mix's members' shares add up to its whole tokens
             mixes[(base_model, request_kind, mix)][0] += prompt_mt
             mixes[(base_model, request_kind, mix)][1] += completion_mt
-    for (base_model, adapter), one in used.items():
+    for (base_model, adapter_id), one in used.items():
         if one.request_kinds:
             kind = "single" if one.request_kinds == {"single"} else ""
             lines.append(
                 _tokens_line(
                     prices.get(base_model),
                     base_model,
-                    adapter or "",
+                    one.name or "",
                     one.prompt_mt,
                     one.completion_mt,
                     request_kind=kind,
+                    adapter_owner=one.owner_name,
                 )
             )
-        if adapter is not None and one.owner_id != tenant.id and one.royalty:
+        if adapter_id is not None and one.owner_id != tenant.id and one.royalty:
             lines.append(
                 InvoiceLine(
                     ROYALTY_PAID,
                     base_model,
-                    adapter,
+                    one.name,
                     0,
                     round_half_even(one.royalty_completion_mt, MICROS),
                     round_half_even(one.royalty_completion_mt * one.royalty, _AMOUNT_DIVISOR),
+                    adapter_owner=one.owner_name,
                 )
             )
     for (base_model, request_kind, mix), (prompt_mt, completion_mt) in mixes.items():
@@ -259,10 +268,18 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
                     0,
                     round_half_even(int(completion_mt), MICROS),
                     round_half_even(int(completion_mt) * royalty, _AMOUNT_DIVISOR),
+                    adapter_owner=tenant.name,
                 )
             )
     lines.sort(
-        key=lambda line: (_KIND_ORDER[line.kind], line.base_model, line.adapter, line.request_kind, line.mix)
+        key=lambda line: (
+            _KIND_ORDER[line.kind],
+            line.base_model,
+            line.adapter,
+            line.adapter_owner,
+            line.request_kind,
+            line.mix,
+        )
     )
     charges = sum(line.amount_micros for line in lines if line.kind != ROYALTY_EARNED)
     earnings = sum(line.amount_micros for line in lines if line.kind == ROYALTY_EARNED)
@@ -296,6 +313,7 @@ def _store(session: Session, tenant_id: uuid.UUID, invoice: Invoice) -> None:
             amount_micros=line.amount_micros,
             request_kind=line.request_kind,
             mix=line.mix,
+            adapter_owner=line.adapter_owner,
         )
         for line in invoice.lines
     )

@@ -145,15 +145,24 @@ def lock_name(session: Session, tenant_id, name: str) -> None:
     session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(f"name:{tenant_id}:{name}", 0))))
 
 
-def visible_row(session: Session, tenant_id, name: str) -> tuple[str, int] | None:
-    """(visibility, royalty) of the tenant's READY adapter of that name, None when it has none; the row
-    stays locked until the transaction ends (an upload that reads it then writes it)."""
+@dataclass(frozen=True)
+class NamedTerms:
+    """The terms of a tenant's adapter row of some name before an upload of that name."""
+
+    ready: bool  # False: deleted (its row, id and past usage come back with the upload)
+    visibility: str
+    royalty: int
+
+
+def named_terms(session: Session, tenant_id, name: str) -> NamedTerms | None:
+    """The terms of the tenant's adapter row of that name, READY or deleted; None when the name never held
+    an adapter. The row stays locked until the transaction ends (an upload that reads it then writes it)."""
     row = session.execute(
-        select(Adapter.visibility, Adapter.royalty_micros_per_million_tokens)
-        .where(Adapter.tenant_id == tenant_id, Adapter.name == name, Adapter.status == STATUS_READY)
+        select(Adapter.status, Adapter.visibility, Adapter.royalty_micros_per_million_tokens)
+        .where(Adapter.tenant_id == tenant_id, Adapter.name == name)
         .with_for_update()
     ).first()
-    return None if row is None else (row[0], row[1])
+    return None if row is None else NamedTerms(row[0] == STATUS_READY, row[1], row[2])
 
 
 def record_upload(

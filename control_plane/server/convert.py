@@ -226,6 +226,7 @@ def invoice_to_proto(invoice: Invoice) -> admin_pb2.Invoice:
                 amount_micros=line.amount_micros,
                 request_kind=line.request_kind,
                 mix=line.mix,
+                adapter_owner=line.adapter_owner,
             )
             for line in invoice.lines
         ],

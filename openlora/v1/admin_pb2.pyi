@@ -295,7 +295,7 @@ class GetInvoiceRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., period: _Optional[str] = ...) -> None: ...
 
 class InvoiceLine(_message.Message):
-    __slots__ = ("kind", "base_model", "adapter", "prompt_tokens", "completion_tokens", "amount_micros", "request_kind", "mix")
+    __slots__ = ("kind", "base_model", "adapter", "prompt_tokens", "completion_tokens", "amount_micros", "request_kind", "mix", "adapter_owner")
     KIND_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +304,7 @@ class InvoiceLine(_message.Message):
     AMOUNT_MICROS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_KIND_FIELD_NUMBER: _ClassVar[int]
     MIX_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_OWNER_FIELD_NUMBER: _ClassVar[int]
     kind: str
     base_model: str
     adapter: str
@@ -312,7 +313,8 @@ class InvoiceLine(_message.Message):
     amount_micros: int
     request_kind: str
     mix: str
-    def __init__(self, kind: _Optional[str] = ..., base_model: _Optional[str] = ..., adapter: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., amount_micros: _Optional[int] = ..., request_kind: _Optional[str] = ..., mix: _Optional[str] = ...) -> None: ...
+    adapter_owner: str
+    def __init__(self, kind: _Optional[str] = ..., base_model: _Optional[str] = ..., adapter: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., amount_micros: _Optional[int] = ..., request_kind: _Optional[str] = ..., mix: _Optional[str] = ..., adapter_owner: _Optional[str] = ...) -> None: ...
 
 class Invoice(_message.Message):
     __slots__ = ("tenant", "period", "lines", "charges_micros", "earnings_micros", "net_micros", "computed_at")

@@ -150,6 +150,7 @@ def test_invoice_of_a_consumer_matches_hand_computed_figures(cp, world, march_us
         ("royalty_paid", "poet", 0, 2200, 4400),
     ]
     assert all(line.base_model == BASE for line in invoice.lines)
+    assert [line.adapter_owner for line in invoice.lines] == ["", "owner", "owner", "owner", "owner"]
     assert (invoice.charges_micros, invoice.earnings_micros, invoice.net_micros) == (5988, 0, 5988)
 
 
@@ -279,3 +280,49 @@ def test_a_royalty_can_be_lowered_but_never_raised_under_its_name(cp, world, ada
         assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
         assert "royalty_micros_per_million_tokens" in e.value.details()
         assert upload(4_000).royalty_micros_per_million_tokens == 4_000
+        # Deleted, the name's row (and the usage priced at its rate) comes back on the next upload: the
+        # rule holds across the delete (a delete and re-upload raised past invoices before).
+        owner.delete_adapter("royal")
+        with pytest.raises(grpc.RpcError) as e:
+            upload(1_000_000)
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+        assert upload(4_000).royalty_micros_per_million_tokens == 4_000
+
+
+def test_two_tenants_adapters_of_one_name_are_billed_apart_each_at_its_owners_royalty(
+    cp, adapters_root
+) -> None:
+    """A tenant used another's public "paid" (royalty 1.0 per M), then uploaded a private "paid" of its own
+    and used that: the invoice grouped by name, so it billed the royalty on both (or on neither, depending
+    on which row came first). Lines are per adapter, each with its owner."""
+    when = datetime(2026, 6, 3, 9, tzinfo=UTC)
+    with cp.admin() as admin:
+        ids = {name: admin.create_tenant(name).id for name in ("seller", "buyer")}
+        keys = {name: admin.create_api_key(name, admin=True).secret for name in ids}
+    with cp.admin(keys["seller"]) as seller:
+        theirs = seller.upload_adapter(
+            adapters_root / "a", name="paid", base_model=BASE, public=True,
+            royalty_micros_per_million_tokens=1_000_000,
+        ).adapter.id  # fmt: skip
+    with cp.admin(keys["buyer"]) as buyer:
+        own = buyer.upload_adapter(adapters_root / "b", name="paid", base_model=BASE).adapter.id
+    events = [
+        _event("same-name-1", ids["buyer"], [(theirs, 1.0)], 10, 8, when),
+        _event("same-name-2", ids["buyer"], [(own, 1.0)], 10, 1, when),
+    ]
+    assert _report(cp, events).inserted == 2
+    with cp.admin(keys["buyer"]) as buyer:
+        invoice = buyer.get_invoice("2026-06")
+    lines = [(line.kind, line.adapter, line.adapter_owner, line.completion_tokens) for line in invoice.lines]
+    assert lines == [
+        ("tokens", "paid", "buyer", 1),
+        ("tokens", "paid", "seller", 8),
+        ("royalty_paid", "paid", "seller", 8),
+    ]
+    assert invoice.lines[2].amount_micros == 8  # 8 tokens at 1.0 per million: 8 micro-units
+    with cp.admin(keys["seller"]) as seller:
+        earned = [
+            (line.kind, line.adapter_owner, line.completion_tokens, line.amount_micros)
+            for line in seller.get_invoice("2026-06").lines
+        ]
+    assert earned == [("royalty_earned", "seller", 8, 8)]

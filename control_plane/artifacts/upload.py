@@ -84,10 +84,21 @@ class Upload:
         self._hashes[filename].update(data)
         self._written_bytes[filename] = written + len(data)
 
+    def _close_all(self) -> None:
+        """Closes every file, each whatever the others did (a close flushes, and fails on a full disk);
+        raises the first failure once all are closed."""
+        first: OSError | None = None
+        for f in self._files.values():
+            try:
+                f.close()
+            except OSError as error:
+                first = first or error
+        if first is not None:
+            raise first
+
     def finish(self) -> Path:
         """Checks every file arrived whole (and matches its declared sha256); returns the directory."""
-        for f in self._files.values():
-            f.close()
+        self._close_all()
         for name, entry in self._manifest.items():
             if self._written_bytes[name] != entry.size_bytes:
                 raise InvalidArgument(
@@ -100,6 +111,11 @@ class Upload:
         return self.directory
 
     def abort(self) -> None:
-        for f in self._files.values():
-            f.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Closes every file and removes the directory, whatever fails on the way (a full disk fails the
+        closes, and a handle left open kept the space taken until the process ended)."""
+        try:
+            self._close_all()
+        except OSError:
+            pass
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)

@@ -29,8 +29,8 @@ from control_plane.db.base import Base, utc_now
 from control_plane.errors import AlreadyExists, InvalidArgument
 from control_plane.text import check_text
 from control_plane.usage.models import UsageEvent
+from openlora.text_rules import MAX_REQUEST_ID_CHARS
 
-MAX_REQUEST_ID_CHARS = 128
 DEFAULT_RESERVATION_MS = 120_000
 MIN_RESERVATION_MS = 1_000
 MAX_RESERVATION_MS = 3_600_000

@@ -38,8 +38,8 @@ from control_plane.tenancy.models import Tenant
 from control_plane.text import check_text
 from control_plane.usage.models import UsageCounter, UsageEvent, UsageEventAdapter
 from control_plane.usage.shares import MICROS, round_half_even, split_micro_tokens, weight_decimal
+from openlora.text_rules import MAX_REQUEST_ID_CHARS
 
-MAX_REQUEST_ID_CHARS = 128
 # The finish reason of a checkpoint: the count a stream had delivered when its worker last spooled it.
 # Stored as such only when the stream never finished (its worker was killed).
 CHECKPOINT_FINISH_REASON = "interrupted"

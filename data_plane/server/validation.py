@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from openlora.mix_rules import density_problem, weight_problem
 from openlora.names import ADAPTER_NAME_RULE, is_adapter_name
 from openlora.safe_json import describe
+from openlora.text_rules import MAX_REQUEST_ID_CHARS, text_problem
 from openlora.v1 import inference_pb2
 
-MAX_REQUEST_ID_CHARS = 128
 MAX_PROMPT_CHARS = 1 << 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -121,8 +121,11 @@ def requested_adapter_names(request: inference_pb2.GenerateRequest) -> tuple[str
 
 def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits) -> ValidRequest:
     """Checks every field that needs no tokenizer; raises RequestFieldError naming the first bad one."""
-    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-        raise RequestFieldError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
+    # The control plane's rule for the usage record's key: one it refuses after the tokens went out is
+    # dead-lettered, not billed (a NUL id was served free while the control plane was unreachable).
+    problem = text_problem(request.request_id, MAX_REQUEST_ID_CHARS)
+    if problem is not None:
+        raise RequestFieldError("request_id", problem)
 
     has_text, has_ids = bool(request.prompt), bool(request.prompt_token_ids)
     if has_text and has_ids:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_plane.server.validation import (
     RequestFieldError,
@@ -70,6 +72,9 @@ def test_unset_sampling_takes_the_defaults():
         ({"prompt": "x", "mix": [("", 0.5)]}, "mix[0].adapter"),
         ({"prompt": "x", "adapter": "c", "mix": {"a": 0.5}}, "mix"),
         ({"prompt": "x", "request_id": "r" * 129}, "request_id"),
+        ({"prompt": "x", "request_id": "r\x00"}, "request_id"),  # the usage record would be refused
+        ({"prompt": "x", "adapter": "a/b"}, "adapter"),  # no adapter can have that name
+        ({"prompt": "x", "mix": {"ok": 0.5, "b\x00": 0.5}}, "mix[1].adapter"),
     ],
 )
 def test_bad_field_is_refused_by_name(kwargs, field):
@@ -100,3 +105,25 @@ def test_mix_keeps_the_weights_in_order():
     valid = check_request(build_request("x", mix=[("b", 0.25), ("a", 0.75)]), LIMITS)
     assert valid.adapters == (("b", 0.25), ("a", 0.75))
     assert requested_adapter_names(build_request("x", mix=[("b", 0.25), ("a", 0.75)])) == ("b", "a")
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_id=st.text(max_size=160))
+def test_every_request_id_the_worker_serves_is_one_the_control_plane_records(request_id):
+    """A usage record the control plane refuses after the tokens went out is dead-lettered, unbilled: the
+    worker refuses every request id the control plane's usage check would refuse, before serving."""
+    from control_plane.errors import InvalidArgument
+    from control_plane.text import check_text
+    from openlora.text_rules import MAX_REQUEST_ID_CHARS
+
+    try:
+        check_request(build_request("x", request_id=request_id), LIMITS)
+        served = True
+    except RequestFieldError as error:
+        assert error.field == "request_id"
+        served = False
+    if served and request_id:  # an empty id is the worker's to make
+        check_text(request_id, "request_id", MAX_REQUEST_ID_CHARS)  # raises if the record would be refused
+    if not served:
+        with pytest.raises(InvalidArgument):
+            check_text(request_id, "request_id", MAX_REQUEST_ID_CHARS)

@@ -84,6 +84,7 @@ async def _serve_until_signal(
 
 def _run_control_plane(settings: ControlPlaneSettings) -> int:
     from control_plane.db.migrate import SchemaBehindError, upgrade
+    from openlora.listen import ListenError
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM unwinds like Ctrl-C while the embedded servers start, so they are stopped too.
@@ -108,6 +109,9 @@ def _run_control_plane(settings: ControlPlaneSettings) -> int:
         except SchemaBehindError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except ListenError as e:  # one line, not a traceback; a supervisor tries again later
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             return 0
 

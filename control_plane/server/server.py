@@ -26,6 +26,7 @@ from control_plane.server.admin_servicer import AdminServicer
 from control_plane.server.interceptor import ErrorMappingInterceptor
 from control_plane.server.worker_servicer import WorkerServicer
 from openlora.grpc_decoding import RequestDecodingInterceptor
+from openlora.listen import ListenError, bind
 from openlora.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -123,10 +124,11 @@ async def serve(config: ControlPlaneConfig) -> RunningControlPlane:
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.listen)
-    if port == 0:
+    try:
+        port = bind(server, config.listen, "--listen (OPENLORA_LISTEN)")
+    except ListenError:
         engine.dispose()
-        raise OSError(f"could not bind {config.listen}")
+        raise
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -40,6 +40,7 @@ from data_plane.server.usage_reporter import UsageReporter
 from data_plane.server.validation import RequestLimits
 from openlora.grpc_decoding import RequestDecodingInterceptor
 from openlora.hints import Hint
+from openlora.listen import bind
 from openlora.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,7 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     spec = dataclasses.replace(engine.spec, name=config.base_model_name)
 
     server = grpc.aio.server(interceptors=[RequestDecodingInterceptor()])
-    port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+    port = bind(server, config.listen, "--listen (OPENLORA_LISTEN)")
     host = config.listen.rsplit(":", 1)[0]
     address = config.advertise_address or f"{host}:{port}"
 

@@ -183,12 +183,16 @@ def _run_worker(args: argparse.Namespace) -> int:
         return 2
     from data_plane.model.quant import QuantizationError
     from data_plane.server.main import run_worker
+    from openlora.listen import ListenError
 
     try:
         return run_worker(config)
     except QuantizationError as error:  # found while loading (the device cannot run the format)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ListenError as error:  # one line, not a traceback; a supervisor tries again later
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 # -------------------------------------------------------------------------------------------- generate

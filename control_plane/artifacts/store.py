@@ -1,25 +1,50 @@
-"""The artifact store: `<root>/<sha256>/` directories, written once, by atomic rename."""
+"""The artifact store: `<root>/<sha256>/` directories, written once, by atomic rename.
+
+Files can still change on disk after they were written (a bad disk, an operator's mistake). A stored copy
+is checked against its digest before it is first served (again whenever its files' size or mtime change):
+a damaged one is logged and refused with DATA_LOSS, never streamed to a worker that would only refuse it
+in turn. An upload of the same content repairs it: publish checks the copy in place and replaces it when
+it no longer matches, instead of keeping it as "already stored"."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from control_plane.artifacts.upload import ManifestEntry, Upload, check_manifest
 from control_plane.errors import InvalidArgument, NotFound
-from openlora.artifact import ARTIFACT_FILES
+from openlora.artifact import ARTIFACT_FILES, digest_dir
+
+log = logging.getLogger(__name__)
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MAX_FETCH_CHUNK_BYTES = 1 << 20
 
 
+class ArtifactDamaged(Exception):
+    """A stored artifact's files no longer match its digest: DATA_LOSS (re-uploading the adapter repairs
+    it). A fault of the store, not of the caller."""
+
+    def __init__(self, sha256: str, actual: str) -> None:
+        super().__init__(
+            f"the control plane's stored copy of artifact {sha256[:12]} is damaged (its files digest to "
+            f"{actual[:12]}); upload the adapter again to repair it"
+        )
+        self.sha256 = sha256
+
+
 class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # sha256 -> the (size, mtime_ns) of each file when the copy last matched its digest.
+        self._verified: dict[str, tuple[tuple[int, int], ...]] = {}
+        self._verified_lock = threading.Lock()
         self.tmp_root = root / ".tmp"
         self.tmp_root.mkdir(parents=True, exist_ok=True)
         # Temporary directories of uploads cut short by a crash are garbage now.
@@ -39,8 +64,19 @@ class ArtifactStore:
         identical content is already stored."""
         target = self.path_of(sha256)
         if target.is_dir():
-            shutil.rmtree(directory, ignore_errors=True)
-            return False
+            actual = self._digest(target)
+            if actual == sha256:
+                shutil.rmtree(directory, ignore_errors=True)
+                return False
+            log.error(
+                "stored artifact %s no longer matches its digest (%s): replaced by this upload of it",
+                sha256,
+                actual,
+            )
+            broken = self.tmp_root / f"broken-{uuid.uuid4().hex}"
+            os.rename(target, broken)
+            shutil.rmtree(broken, ignore_errors=True)
+            self._forget(sha256)
         try:
             os.rename(directory, target)
         except OSError:
@@ -53,12 +89,40 @@ class ArtifactStore:
 
     def remove(self, sha256: str) -> None:
         shutil.rmtree(self.path_of(sha256), ignore_errors=True)
+        self._forget(sha256)
 
     def files(self, sha256: str) -> list[Path]:
+        """The artifact's files in name order, once its copy is known to match its digest (checked again
+        when a file's size or mtime changed); raises ArtifactDamaged (logged) when it does not."""
         directory = self.path_of(sha256)
         if not directory.is_dir():
             raise NotFound(f"artifact {sha256} not found", field="sha256")
-        return [directory / name for name in sorted(ARTIFACT_FILES)]
+        paths = [directory / name for name in sorted(ARTIFACT_FILES)]
+        try:
+            signature = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+        except FileNotFoundError:
+            raise ArtifactDamaged(sha256, "missing files") from None
+        with self._verified_lock:
+            if self._verified.get(sha256) == signature:
+                return paths
+        actual = self._digest(directory)
+        if actual != sha256:
+            log.error("stored artifact %s no longer matches its digest (%s); not served", sha256, actual)
+            raise ArtifactDamaged(sha256, actual)
+        with self._verified_lock:
+            self._verified[sha256] = signature
+        return paths
+
+    @staticmethod
+    def _digest(directory: Path) -> str:
+        try:
+            return digest_dir(directory)
+        except FileNotFoundError:
+            return "missing files"
+
+    def _forget(self, sha256: str) -> None:
+        with self._verified_lock:
+            self._verified.pop(sha256, None)
 
     @staticmethod
     def read_chunks(path: Path, chunk_bytes: int = MAX_FETCH_CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:

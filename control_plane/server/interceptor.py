@@ -13,6 +13,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import DataError
 
 from control_plane import errors, metrics
+from control_plane.artifacts.store import ArtifactDamaged
 from openlora.adapter_format import AdapterFormatError
 from openlora.exhaustion import exhausted_resource
 
@@ -55,6 +56,8 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         )
     if isinstance(error, AdapterFormatError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, ArtifactDamaged):  # logged by the store; a retry cannot help, a re-upload does
+        return grpc.StatusCode.DATA_LOSS, str(error)
     if isinstance(error, DataError):
         # Postgres refused a value (too long, NUL, out of range) that no check caught: still the input.
         log.warning("unchecked value refused by the database: %s", error.orig)

@@ -358,6 +358,7 @@ class ArtifactStore:
                 os.fsync(f.fileno())
         actual = digest.hexdigest()
         if actual != content_of(key):
+            log.error("artifact %s: the download digests to %s; not kept", content_of(key), actual)
             raise ArtifactError(f"artifact {key[:12]}: content digest {actual[:12]} does not match")
         try:
             validate_adapter_dir(tmp, self._spec, self._max_rank, self._max_size_bytes)

@@ -36,6 +36,7 @@ _PASS_THROUGH = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.DATA_LOSS,  # the control plane's stored copy of an artifact is damaged: no retry helps
 }
 AUTHORIZE_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 10.0

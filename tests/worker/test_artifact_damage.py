@@ -1,0 +1,87 @@
+"""An artifact damaged in the control plane's store (a byte changed on its disk) is refused with
+DATA_LOSS, logged, never streamed to workers; an upload of the same content repairs it. Before, every call
+failed with UNAVAILABLE "retry" for good, and a re-push answered "identical content already stored"."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from control_plane.artifacts.store import ArtifactDamaged, ArtifactStore
+from openlora.artifact import digest_dir
+from openlora.v1 import inference_pb2, inference_pb2_grpc
+
+from .conftest import BASE_MODEL
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _unique_adapter(system, tmp_path):
+    """A copy of a test adapter with its own content (no worker holds it)."""
+    source = system.model_dir / "adapters" / sorted(system.adapters)[0]
+    path = tmp_path / f"unique-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(source, path)
+    tensors = load_file(path / WEIGHTS)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + torch.rand_like(tensors[first])
+    save_file(tensors, path / WEIGHTS)
+    return path
+
+
+def _damage(directory) -> None:
+    weights = directory / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+def _generate(system, key: str, adapter: str) -> list:
+    with grpc.insecure_channel(system.target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        request = inference_pb2.GenerateRequest(
+            prompt="hello", adapter=adapter, sampling=inference_pb2.SamplingParams(max_tokens=2)
+        )
+        return list(stub.Generate(request, metadata=(("authorization", f"Bearer {key}"),), timeout=60))
+
+
+def test_a_damaged_stored_artifact_is_data_loss_and_a_new_upload_of_it_repairs_it(system, tmp_path, caplog):
+    tenant, _, key = system.new_tenant()
+    adapter = _unique_adapter(system, tmp_path)
+    sha = system.admin.push(adapter, "fragile", tenant, BASE_MODEL)
+    _damage(system.cp_state_dir / "artifacts" / sha)
+    with caplog.at_level(logging.ERROR), pytest.raises(grpc.RpcError) as refused:
+        _generate(system, key, "fragile")
+    assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "upload the adapter again" in refused.value.details()
+    assert any(sha in record.getMessage() and "digest" in record.getMessage() for record in caplog.records)
+    assert system.admin.push(adapter, "fragile", tenant, BASE_MODEL) == sha
+    assert digest_dir(system.cp_state_dir / "artifacts" / sha) == sha
+    assert sum(len(r.token_ids) for r in _generate(system, key, "fragile")) == 2
+
+
+def test_the_store_checks_a_copy_before_serving_it_and_again_after_its_files_change(system, tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    adapter = _unique_adapter(system, tmp_path)
+    sha = digest_dir(adapter)
+    upload = tmp_path / "incoming"
+    shutil.copytree(adapter, upload)
+    assert store.publish(upload, sha)
+    assert [p.name for p in store.files(sha)] == sorted(p.name for p in adapter.iterdir() if p.is_file())
+    _damage(store.path_of(sha))
+    with pytest.raises(ArtifactDamaged):
+        store.files(sha)
+    again = tmp_path / "again"
+    shutil.copytree(adapter, again)
+    assert store.publish(again, sha)  # replaced, not "already stored"
+    assert digest_dir(store.path_of(sha)) == sha
+    store.files(sha)
+    intact = tmp_path / "intact"
+    shutil.copytree(adapter, intact)
+    assert not store.publish(intact, sha)  # an intact copy stays
+    assert not intact.exists()

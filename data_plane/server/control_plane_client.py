@@ -50,6 +50,7 @@ AUTH_RECENT_S = 24 * 3600.0
 # a database outage, instead of failing 5 s into it. Revocations and deletions reach the worker as hints
 # and drop the answer at once, outage or not.
 AUTH_OUTAGE_GRACE_S = 600.0
+_OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 HEARTBEAT_BACKOFF_MAX_S = 30.0
 
 
@@ -156,6 +157,9 @@ class ControlPlaneClient:
         # Bumped by every forget: an answer whose call started before a forget is not cached (it may
         # predate the revocation or deletion the forget was for), and later callers do not join that call.
         self._forgets = 0
+        # When the last Authorize got no answer (unreachable, or past its deadline): cached answers within
+        # the outage grace then serve at once instead of each call waiting out the timeout again.
+        self._unreachable_since: float | None = None
         # Calls served on an expired answer while the control plane was away (AUTH_OUTAGE_GRACE_S).
         self.outage_answers = 0
         # False after a control plane answered UNIMPLEMENTED to ReserveRequestId (an older one).
@@ -264,7 +268,8 @@ class ControlPlaneClient:
         Concurrent callers of the same key and names share one Authorize call."""
         key = (api_key, adapter_names)
         cached = self._auth_cache.get(key)
-        if cached is not None and cached[0] > time.monotonic():
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
             return cached[1]
         asking = self._asking.get(key)
         if asking is None or asking[0] != self._forgets:
@@ -272,6 +277,15 @@ class ControlPlaneClient:
             asking = (self._forgets, call)
             self._asking[key] = asking
             call.add_done_callback(lambda _call, key=key, asking=asking: self._done_asking(key, asking))
+        if (
+            self._unreachable_since is not None
+            and cached is not None
+            and now - cached[0] <= AUTH_OUTAGE_GRACE_S
+        ):
+            # The control plane did not answer the last Authorize: the key's last answer serves at once
+            # while the call above asks again in the background (each call waited out the timeout before).
+            self.outage_answers += 1
+            return cached[1]
         # Shielded: one caller going away does not cancel the answer the others wait for.
         return await asyncio.shield(asking[1])
 
@@ -293,6 +307,11 @@ class ControlPlaneClient:
                 request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S
             )
         except grpc.RpcError as error:
+            if error.code() in _OUTAGE_CODES:
+                if self._unreachable_since is None:
+                    self._unreachable_since = time.monotonic()
+            else:
+                self._unreachable_since = None  # it answered, with a refusal
             served = self._outage_answer(key, error.code(), forgets)
             if served is not None:
                 return served
@@ -300,6 +319,9 @@ class ControlPlaneClient:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._forget_key(api_key)
             raise ControlPlaneError.from_rpc(error, "Authorize") from None
+        if self._unreachable_since is not None:
+            log.info("control plane answers Authorize again")
+            self._unreachable_since = None
         if len(response.adapters) != len(adapter_names):
             raise ControlPlaneError(grpc.StatusCode.UNAVAILABLE, "control plane answered for other adapters")
         answer = Authorization(
@@ -323,10 +345,7 @@ class ControlPlaneClient:
     ) -> Authorization | None:
         """The last answer for `key` when the control plane is away and it expired at most
         AUTH_OUTAGE_GRACE_S ago (and no forget came since the call started); else None."""
-        if (
-            code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            or forgets != self._forgets
-        ):
+        if code not in _OUTAGE_CODES or forgets != self._forgets:
             return None
         cached = self._auth_cache.get(key)
         if cached is None or time.monotonic() - cached[0] > AUTH_OUTAGE_GRACE_S:

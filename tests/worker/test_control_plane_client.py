@@ -29,3 +29,61 @@ def test_unreachable_control_plane_is_unavailable_to_the_caller():
     error = asyncio.run(scenario())
     assert isinstance(error, ControlPlaneError)
     assert error.code == grpc.StatusCode.UNAVAILABLE
+
+
+class _HangingControlPlane:
+    """A real WorkerService on loopback whose Authorize answers (cache TTL 50 ms) until `hang` is set,
+    then never answers: a control plane whose process or database froze."""
+
+    def __init__(self) -> None:
+        from openlora.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
+
+        self.hang = asyncio.Event()
+        self.calls = 0
+        owner = self
+
+        class Servicer(worker_pb2_grpc.WorkerServiceServicer):
+            async def Authorize(self, request, context):
+                owner.calls += 1
+                if owner.hang.is_set():
+                    await asyncio.Event().wait()
+                return worker_pb2.AuthorizeResponse(
+                    tenant_id="t1", tenant="t", scopes=[admin_pb2.SCOPE_INFER], cache_ttl_ms=50
+                )
+
+        self.server = grpc.aio.server()
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+
+def test_a_hung_control_plane_costs_one_timeout_then_cached_keys_answer_at_once(monkeypatch):
+    """Frozen control plane (or database): each call with a cached key waited out the 5 s Authorize
+    timeout again, for up to the 10 minute grace. Now one call waits; while that Authorize got no answer
+    the next calls get the key's last answer at once, and one Authorize per key asks again beside them."""
+    from data_plane.server import control_plane_client
+
+    monkeypatch.setattr(control_plane_client, "AUTHORIZE_TIMEOUT_S", 0.5)
+
+    async def scenario():
+        cp = _HangingControlPlane()
+        await cp.server.start()
+        client = ControlPlaneClient(f"127.0.0.1:{cp.port}", "token")
+        try:
+            first = await client.authorize("olk_key", (), "tiny")
+            cp.hang.set()
+            await asyncio.sleep(0.1)  # past the answer's TTL
+            waited = await client.authorize("olk_key", (), "tiny")
+            assert client.outage_answers == 1  # served after its Authorize timed out
+            calls = cp.calls
+            answers = [await client.authorize("olk_key", (), "tiny") for _ in range(5)]
+            await asyncio.sleep(0.1)  # the background Authorize reaches the server, well within its timeout
+            in_flight = bool(client._asking)
+            return first, waited, answers, client.outage_answers, cp.calls - calls, in_flight
+        finally:
+            await client.close()
+            await cp.server.stop(0)
+
+    first, waited, answers, outage_answers, new_calls, in_flight = asyncio.run(scenario())
+    assert waited == first and all(answer == first for answer in answers)
+    assert outage_answers == 6
+    assert new_calls == 1 and in_flight  # five calls answered at once, one Authorize asking beside them

@@ -15,6 +15,11 @@ def sqlalchemy_url(database_url: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def libpq_url(database_url: str) -> str:
+    """The same database as a plain `postgresql://` URL, for psycopg (or libpq) used directly."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def make_engine(database_url: str, pool_size: int = 10, pool_timeout_s: float = 30.0) -> Engine:
     """A pooled engine: `pool_size` connections kept, as many more opened under load; a session that finds
     all of them in use waits up to `pool_timeout_s`, then raises sqlalchemy.exc.TimeoutError (which the

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
@@ -19,7 +20,7 @@ from control_plane.app import ControlPlane
 from control_plane.artifacts.store import ArtifactStore
 from control_plane.config import ControlPlaneConfig
 from control_plane.db import migrate
-from control_plane.db.engine import make_engine, make_sessionmaker
+from control_plane.db.engine import libpq_url, make_engine, make_sessionmaker
 from control_plane.hints.publisher import HintPublisher
 from control_plane.prediction.predictor import run_predictor_loop
 from control_plane.server.admin_servicer import AdminServicer
@@ -32,6 +33,8 @@ from openlora.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 ADMIN_KEY_FILE = "admin_key"
+DATABASE_PING_INTERVAL_S = 2.0
+DATABASE_PING_TIMEOUT_S = 2.0
 MAX_MESSAGE_BYTES = 8 << 20
 SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
@@ -54,6 +57,8 @@ class RunningControlPlane:
     # The prediction loop's thread (None: off) and its stop signal.
     predictor: threading.Thread | None = None
     _stop_predictor: threading.Event = field(default_factory=threading.Event)
+    # The task that keeps health in step with the database (`_watch_database`).
+    database_watch: asyncio.Task | None = None
 
     @property
     def target(self) -> str:
@@ -61,6 +66,8 @@ class RunningControlPlane:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish within the grace period, then releases all."""
+        if self.database_watch is not None:
+            self.database_watch.cancel()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.app.config.grace_period_s if grace_s is None else grace_s)
@@ -72,6 +79,52 @@ class RunningControlPlane:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
+
+
+def _database_answers(database_url: str) -> bool:
+    """Whether the database answers a query within DATABASE_PING_TIMEOUT_S, on a connection of its own
+    (a frozen server accepts TCP but never completes the handshake: libpq's connect_timeout ends it)."""
+    try:
+        timeout_s = int(DATABASE_PING_TIMEOUT_S)
+        with psycopg.connect(
+            libpq_url(database_url),
+            connect_timeout=timeout_s,
+            options=f"-c statement_timeout={timeout_s * 1000}",
+            autocommit=True,
+        ) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+async def _watch_database(health_servicer, database_url: str) -> None:
+    """Health follows the database: NOT_SERVING while it does not answer (every call would wait for it
+    and then fail UNAVAILABLE), SERVING again once it does. Checked every DATABASE_PING_INTERVAL_S; a check
+    still running past its timeout counts as no answer."""
+    serving = True
+    pending: asyncio.Future | None = None
+    while True:
+        await asyncio.sleep(DATABASE_PING_INTERVAL_S)
+        if pending is None:
+            pending = asyncio.ensure_future(asyncio.to_thread(_database_answers, database_url))
+        done, _ = await asyncio.wait({pending}, timeout=DATABASE_PING_TIMEOUT_S + 1)
+        answers = bool(done) and pending.result()
+        if done:
+            pending = None
+        if answers != serving:
+            serving = answers
+            if serving:
+                log.info("the database answers again; health SERVING")
+            else:
+                log.error("the database does not answer; health NOT_SERVING until it does")
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in ("", *SERVICE_NAMES):
+                await health_servicer.set(name, status)
 
 
 def _write_admin_key(path: Path, key: str) -> None:
@@ -134,6 +187,9 @@ async def serve(config: ControlPlaneConfig) -> RunningControlPlane:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("control plane listening on %s (port %d)", config.listen, port)
     running = RunningControlPlane(server, port, app, engine, health_servicer, admin_key, key_path)
+    running.database_watch = asyncio.get_running_loop().create_task(
+        _watch_database(health_servicer, config.database_url), name="database-health"
+    )
     if config.redis_url and config.predictor_interval_s > 0:
         running.predictor = threading.Thread(
             target=run_predictor_loop,

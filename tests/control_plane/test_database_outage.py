@@ -64,3 +64,45 @@ def test_a_database_that_never_answers_fails_the_connection_within_the_connect_t
         elapsed = time.monotonic() - started
         engine.dispose()
     assert elapsed < CONNECT_ARGS["connect_timeout"] * 3
+
+
+def _health(target: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def _wait_health(target: str, status: int, timeout_s: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while _health(target) != status:
+        assert time.monotonic() < deadline, f"health did not become {status}"
+        time.sleep(0.2)
+
+
+def test_health_is_not_serving_while_the_database_is_frozen_and_serving_once_it_answers(
+    own_postgres, server_thread, tmp_path
+):
+    """A frozen database (its server paused: connections are accepted, never answered) left health
+    SERVING while every call waited and failed; health now follows the database."""
+    import os
+    import signal
+
+    from grpc_health.v1 import health_pb2
+
+    config = make_config(own_postgres.url, tmp_path / "cp", None, admin_key="operator-key-for-freeze")
+    running = server_thread.run(serve(config))
+    target = f"127.0.0.1:{running.port}"
+    postmaster = own_postgres._process.pid
+    try:
+        assert _health(target) == health_pb2.HealthCheckResponse.SERVING
+        os.kill(postmaster, signal.SIGSTOP)
+        try:
+            _wait_health(target, health_pb2.HealthCheckResponse.NOT_SERVING)
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+        _wait_health(target, health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        server_thread.run(running.stop(0))

@@ -8,6 +8,15 @@ sequences are admitted while sequences, tokens and blocks allow, fairly across t
 requests, so one tenant's flood queues behind its own work, not ahead of everyone's (with one tenant this
 is arrival order). One whose adapter is still loading is passed over so that the others keep running.
 
+Fair share of the running set. With more than one tenant at work, each tenant's share is
+`max_num_seqs // tenants` running sequences (tenants running or waiting). Work-conserving: a tenant may
+run past its share while nobody else waits. When a tenant below its share waits, the newest running units
+of the tenant furthest above its share are preempted by recompute to make room for it (`_rebalance`),
+and, when its adapter finds every slot held, the slot of an adapter held only by sequences of tenants above
+their share is freed the same way. Capacity that such waiting work needs is not given to tenants at or
+above their share in the meantime, so a flood cannot take back what was freed while an adapter loads.
+Adapter slots are promised to waiting work in the same fair order. With one tenant none of this applies.
+
 Every sequence with an adapter holds one reference on it in the adapter cache from the moment it is
 promised a slot (while waiting) or admitted, until it finishes, preemption included: a referenced
 adapter never leaves its slot, so every running sequence's adapter stays READY in its slot.
@@ -23,6 +32,7 @@ in `waiting` and in `running`, in member order.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,8 +89,12 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        share = self._fair_share()
+        if share is not None:
+            batch.preempted.extend(self._rebalance(share))
         budget = self.limits.max_num_batched_tokens
         index = 0
+        kv_pressure = False
         while index < len(self.running) and budget > 0:
             unit = self.running[index].members
             num_new = min(unit[0].num_pending_tokens, budget // len(unit))
@@ -90,6 +104,7 @@ class Scheduler:
                 victim = self._pop_last_running_unit()
                 self._preempt_unit(victim)
                 batch.preempted.extend(victim)
+                kv_pressure = True
                 if victim[0] is unit[0]:
                     break
             if unit[0].status is not SequenceStatus.RUNNING:
@@ -99,16 +114,29 @@ class Scheduler:
             index += len(unit)
 
         batch.loads.extend(self.pin_adapters())
-        if batch.preempted:
+        if kv_pressure:
             return batch  # under KV pressure: admit nothing new this step
+        running = Counter(seq.tenant for seq in self.running)
+        reserved = self._reserved(share, running) if share is not None else 0
         for unit in self._fair_order():
             if len(self.running) + len(unit) > self.limits.max_num_seqs or budget <= 0:
                 break
+            tenant = unit[0].tenant
+            below_share = share is not None and running[tenant] + len(unit) <= share
+            if (
+                share is not None
+                and not below_share
+                and len(self.running) + len(unit) > (self.limits.max_num_seqs - reserved)
+            ):
+                continue  # the room left is kept for tenants below their share
             if any(s.adapter_key is not None and not self.adapters.is_usable(s.adapter_key) for s in unit):
                 continue  # its adapter is loading, retiring or waits for a slot: let the others go first
             num_new = min(unit[0].num_pending_tokens, budget // len(unit))
             if num_new < 1 or not self._can_allocate(unit, num_new):
                 break
+            running[tenant] += len(unit)
+            if below_share:
+                reserved = max(0, reserved - len(unit))
             for seq in unit:
                 # A READY adapter may have been promised to (or prefetched for) another sequence only: take
                 # a reference of our own, or its slot could be evicted under us once that one finishes.
@@ -120,14 +148,113 @@ class Scheduler:
             budget -= num_new * len(unit)
         return batch
 
+    def _fair_share(self) -> int | None:
+        """Running sequences per tenant while more than one tenant has work; None with one (or none)."""
+        tenants = {seq.tenant for seq in self.running} | {seq.tenant for seq in self.waiting}
+        if len(tenants) < 2:
+            return None
+        return max(1, self.limits.max_num_seqs // len(tenants))
+
+    def _below_share_units(self, share: int, running: Counter[str]) -> Iterator[list[Sequence]]:
+        """The waiting units that fit their tenant's share, in queue order, each counted (in `running`,
+        which it updates) as if admitted, so that a tenant's later units see its earlier ones."""
+        for unit in self._waiting_units():
+            tenant = unit[0].tenant
+            if running[tenant] + len(unit) <= share:
+                running[tenant] += len(unit)
+                yield unit
+
+    def _reserved(self, share: int, running: Counter[str]) -> int:
+        """Running capacity the waiting units of tenants below their share need."""
+        return sum(len(unit) for unit in self._below_share_units(share, Counter(running)))
+
+    def _rebalance(self, share: int) -> list[Sequence]:
+        """Preempts (by recompute) the newest running units of the tenants furthest above `share`, so that
+        each waiting unit of a tenant below its share has room in the running set and, when every slot is
+        held, a slot for its adapter. Returns the preempted sequences."""
+        running = Counter(seq.tenant for seq in self.running)
+        free = self.limits.max_num_seqs - len(self.running)
+        preempted: list[Sequence] = []
+        for unit in list(self._below_share_units(share, running)):
+            for seq in unit:
+                key = seq.adapter_key
+                if (
+                    key is not None
+                    and not seq.holds_adapter
+                    and self.adapters.state(key) is None
+                    and not self.adapters.can_admit(key)
+                ):
+                    freed = self._free_a_slot(share, running)
+                    free += len(freed)
+                    preempted.extend(freed)
+            while free < len(unit):
+                victim = self._newest_unit_above(share, running)
+                if victim is None:
+                    break
+                for seq in victim:
+                    self.running.remove(seq)
+                    running[seq.tenant] -= 1
+                self._preempt_unit(victim)
+                preempted.extend(victim)
+                free += len(victim)
+            free -= min(free, len(unit))
+        return preempted
+
+    def _newest_unit_above(self, share: int, running: Counter[str]) -> list[Sequence] | None:
+        """The most recently admitted running unit of the tenant furthest above `share`, or None."""
+        tenant, count = max(running.items(), key=lambda item: item[1], default=("", 0))
+        if count <= share:
+            return None
+        for seq in reversed(self.running):
+            if seq.tenant == tenant:
+                return seq.members
+        return None
+
+    def _free_a_slot(self, share: int, running: Counter[str]) -> list[Sequence]:
+        """Frees the slot of a READY adapter that only sequences of tenants above `share` hold (none of them
+        in an ensemble), preempting its running holders and dropping every holder's reference, so that it
+        can be evicted; the one with the fewest running holders. Returns the preempted sequences."""
+        holders: dict[str, list[Sequence]] = {}
+        for seq in (*self.running, *self.waiting):
+            if seq.holds_adapter and seq.adapter_key is not None:
+                holders.setdefault(seq.adapter_key, []).append(seq)
+        best: tuple[int, int, str] | None = None
+        for key, seqs in holders.items():
+            if self.adapters.refcount(key) != len(seqs) or not self.adapters.is_usable(key):
+                continue  # referenced beyond these sequences, or its slot is being written
+            if any(seq.group is not None for seq in seqs):
+                continue
+            running_holders = Counter(seq.tenant for seq in seqs if seq.status is SequenceStatus.RUNNING)
+            if any(running[t] - n < share for t, n in running_holders.items()) or any(
+                running[seq.tenant] <= share for seq in seqs
+            ):
+                continue  # it would take a tenant below its share, or a tenant within it holds it
+            candidate = (sum(running_holders.values()), len(seqs), key)
+            if best is None or candidate < best:
+                best = candidate
+        if best is None:
+            return []
+        key = best[2]
+        preempted = []
+        for seq in holders[key]:
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                running[seq.tenant] -= 1
+                self._preempt(seq)
+                preempted.append(seq)
+            if seq.holds_adapter:  # a retiring entry's holder gave it back in _preempt
+                self.adapters.release(key)
+                seq.holds_adapter = False
+        return preempted
+
     def _waiting_units(self) -> list[list[Sequence]]:
         """The waiting sequences as units (a sequence, or a whole group), in queue order."""
         return [seq.members for seq in self.waiting if seq.is_leader]
 
     def _fair_order(self) -> Iterator[list[Sequence]]:
-        """The waiting units in admission order: each next one is the earliest of the tenant with the fewest
-        running requests, counting those this pass admitted (`running` is read again after the caller
-        took each unit). Queue order when one tenant waits."""
+        """The waiting units in fair order: each next one is the earliest of the tenant with the fewest
+        running requests, counting the units yielded before it as its tenant's (admitted, promised, or
+        passed over this pass). Queue order when one tenant waits."""
         queues: dict[str, deque[tuple[int, list[Sequence]]]] = {}
         for position, unit in enumerate(self._waiting_units()):
             queues.setdefault(unit[0].tenant, deque()).append((position, unit))
@@ -135,17 +262,13 @@ class Scheduler:
             for _, unit in next(iter(queues.values())):
                 yield unit
             return
-        counted_at, running = -1, Counter[str]()
+        counts = Counter(s.tenant for s in self.running if s.is_leader)
         while queues:
-            if counted_at != len(self.running):  # the caller admitted the last unit
-                counted_at, running = (
-                    len(self.running),
-                    Counter(s.tenant for s in self.running if s.is_leader),
-                )
-            tenant = min(queues, key=lambda t: (running[t], queues[t][0][0]))
+            tenant = min(queues, key=lambda t: (counts[t], queues[t][0][0]))
             _, unit = queues[tenant].popleft()
             if not queues[tenant]:
                 del queues[tenant]
+            counts[tenant] += 1
             yield unit
 
     def _can_allocate(self, unit: list[Sequence], num_new_tokens: int) -> bool:
@@ -166,11 +289,11 @@ class Scheduler:
         return unit
 
     def pin_adapters(self) -> list[tuple[str, int]]:
-        """Promises adapters to the first waiting units (the next `max_num_seqs`), reserving slots for
+        """Promises adapters to the first waiting units in fair order (the next `max_num_seqs`), reserving slots for
         absent ones; returns the (adapter key, slot) loads to start. Each step does it; the engine also
         does it when a request arrives, so that its adapter's load starts at once."""
         loads = []
-        for unit in self._waiting_units()[: self.limits.max_num_seqs]:
+        for unit in itertools.islice(self._fair_order(), self.limits.max_num_seqs):
             for seq in unit:
                 key = seq.adapter_key
                 if key is None or seq.holds_adapter or self.adapters.is_retiring(key):

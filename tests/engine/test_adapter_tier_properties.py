@@ -65,8 +65,13 @@ def _fetcher(by_sha: dict[str, Path]):
 
 
 adapter_index = st.integers(0, len(NAMES) - 1)
+# Two tenants: fair shares preempt running work and free adapter slots (scheduler._rebalance) in every
+# interleaving too.
 request = st.tuples(
-    st.one_of(st.none(), adapter_index), st.integers(0, len(PROMPTS) - 1), st.integers(1, MAX_TOKENS)
+    st.one_of(st.none(), adapter_index),
+    st.integers(0, len(PROMPTS) - 1),
+    st.integers(1, MAX_TOKENS),
+    st.sampled_from(["tenant-a", "tenant-b"]),
 )
 operations = st.one_of(
     st.tuples(
@@ -130,7 +135,7 @@ def test_random_interleavings_never_raise_end_every_request_and_leak_nothing(
         for op in ops:
             kind = op[0]
             if kind == "add":
-                for adapter, prompt, max_tokens in op[1]:
+                for adapter, prompt, max_tokens, tenant in op[1]:
                     request_id = f"q{len(requests)}"
                     sha = None if adapter is None else sha_of[NAMES[adapter]]
                     refs = []
@@ -138,7 +143,9 @@ def test_random_interleavings_never_raise_end_every_request_and_leak_nothing(
                         local = loop.run_until_complete(store.ensure(sha, hold=True))  # as the servicer does
                         refs = [AdapterRef(sha, local.path)]
                     requests[request_id] = _Request((adapter, prompt), max_tokens, sha)
-                    engine.add_request(greedy(request_id, PROMPTS[prompt], refs, max_tokens=max_tokens))
+                    engine_request = greedy(request_id, PROMPTS[prompt], refs, max_tokens=max_tokens)
+                    engine_request.tenant = tenant
+                    engine.add_request(engine_request)
             elif kind == "step":
                 for _ in range(op[1]):
                     step()

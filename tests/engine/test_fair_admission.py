@@ -1,6 +1,9 @@
 """Admission is fair across tenants: one tenant's flood of requests waits behind its own running work,
 not ahead of another tenant's request (a victim's time to first token went from 0.07 s to 11.8 s behind a
-flood that stayed within its stream cap). With one tenant, admission stays in arrival order."""
+flood that stayed within its stream cap). A flood that already holds every running sequence, or every
+adapter slot, gives up its newest work (preempted by recompute, its output unchanged) to a tenant below
+its fair share (a victim waited 85 s, and 189 s on its own adapter, behind 160 long streams of one
+tenant). With one tenant, admission stays in arrival order."""
 
 from __future__ import annotations
 
@@ -18,10 +21,40 @@ def _first_token_order(engine, requests) -> list[str]:
     return order
 
 
-def _request(request_id: str, tenant: str):
-    request = greedy(request_id, [1, 2, 3, 4], max_tokens=6)
+def _request(request_id: str, tenant: str, max_tokens: int = 6, adapters=()):
+    request = greedy(request_id, [1, 2, 3, 4], adapters=adapters, max_tokens=max_tokens)
     request.tenant = tenant
     return request
+
+
+def _step(engine, outputs: dict) -> None:
+    """One step, then every adapter load in flight lands (so counts of steps do not depend on how fast
+    this machine reads files)."""
+    for out in engine.step():
+        outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    engine.loader.wait_for(set(engine.adapter_cache.known_keys()), 10.0)
+
+
+def _steps_until_first_token(engine, request_id: str, outputs: dict, max_steps: int = 200) -> int:
+    for steps in range(1, max_steps + 1):
+        _step(engine, outputs)
+        if outputs.get(request_id):
+            return steps
+    raise AssertionError(f"{request_id} got no token in {max_steps} steps")
+
+
+def _finish(engine, outputs: dict) -> dict:
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return outputs
+
+
+def _alone(tiny_llama, requests, **settings) -> dict:
+    engine = make_engine(tiny_llama, **settings)
+    for request in requests:
+        engine.add_request(request)
+    return _finish(engine, {})
 
 
 def test_another_tenants_request_is_admitted_before_a_floods_backlog(tiny_llama):
@@ -45,3 +78,68 @@ def test_tenants_share_the_running_slots_in_turn(tiny_llama):
     b = [_request(f"b{i}", "b") for i in range(6)]
     order = _first_token_order(engine, [*a, *b])
     assert sorted(order[:4]) == ["a0", "a1", "b0", "b1"]  # two each, not a's four first
+
+
+def test_a_flood_holding_every_running_slot_makes_room_for_a_tenant_below_its_share(tiny_llama):
+    engine = make_engine(tiny_llama, max_num_seqs=4)
+    flood = [_request(f"flood-{i}", "attacker", max_tokens=40) for i in range(4)]
+    for request in flood:
+        engine.add_request(request)
+    outputs: dict = {}
+    for _ in range(3):
+        _step(engine, outputs)
+    engine.add_request(_request("victim", "victim"))
+    # Without a share it waited for a flood request to end (37 more steps).
+    assert _steps_until_first_token(engine, "victim", outputs) <= 2
+    _finish(engine, outputs)
+    alone = _alone(tiny_llama, [_request(f"flood-{i}", "attacker", max_tokens=40) for i in range(4)])
+    assert {k: v for k, v in outputs.items() if k.startswith("flood")} == alone  # preempted: same tokens
+    assert len(outputs["victim"]) == 6
+
+
+def test_a_flood_holding_every_adapter_slot_gives_one_up_to_a_tenant_below_its_share(tiny_llama):
+    settings = dict(max_num_seqs=6, num_adapter_slots=2)
+    engine = make_engine(tiny_llama, **settings)
+
+    def flood():
+        return [
+            _request(f"flood-{name}-{i}", "attacker", max_tokens=40, adapters=[tiny_llama.ref(name)])
+            for name in ("r8_all", "r64_all")
+            for i in range(3)
+        ]
+
+    for request in flood():
+        engine.add_request(request)
+    outputs: dict = {}
+    for _ in range(3):
+        _step(engine, outputs)
+    assert engine.scheduler.num_running == 6
+    engine.add_request(_request("victim", "victim", adapters=[tiny_llama.ref("r16_rslora")]))
+    # Without it the victim's adapter waited for every request on one of the flood's adapters to end.
+    assert _steps_until_first_token(engine, "victim", outputs) <= 4
+    _finish(engine, outputs)
+    assert {k: v for k, v in outputs.items() if k.startswith("flood")} == _alone(
+        tiny_llama, flood(), **settings
+    )
+    alone = _alone(tiny_llama, [_request("victim", "victim", adapters=[tiny_llama.ref("r16_rslora")])])
+    assert outputs["victim"] == alone["victim"]
+
+
+def test_tenants_within_their_share_are_never_preempted(tiny_llama):
+    """Two tenants at their share (2 of 4 running each) with more waiting from both: nobody is preempted,
+    and each tenant still gets its turn (a preemption would only trade one tenant's work for the same)."""
+    engine = make_engine(tiny_llama, max_num_seqs=4)
+    preempted: list[str] = []
+    preempt = engine.scheduler._preempt
+
+    def counting(seq):
+        preempted.append(seq.request_id)
+        preempt(seq)
+
+    engine.scheduler._preempt = counting
+    for i in range(4):
+        engine.add_request(_request(f"a{i}", "a", max_tokens=12))
+        engine.add_request(_request(f"b{i}", "b", max_tokens=12))
+    outputs = _finish(engine, {})
+    assert preempted == []
+    assert sorted(outputs) == sorted([f"a{i}" for i in range(4)] + [f"b{i}" for i in range(4)])

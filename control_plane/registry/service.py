@@ -60,15 +60,15 @@ def _owned(session: Session, adapter: Adapter) -> OwnedAdapter:
 
 
 def resolve_visible(session: Session, tenant_id: uuid.UUID, name: str) -> Adapter:
-    """The tenant's own READY adapter of that name, else the oldest public one of another tenant; NOT_FOUND
-    (the same answer as for a name that never existed) otherwise."""
+    """The tenant's own adapter of that name, else the oldest public one of another tenant; NOT_FOUND (the
+    same answer as for a name that never existed) otherwise. A name the tenant's own adapter had stays its
+    own after a delete: NOT_FOUND until it uploads one again, never another tenant's public adapter of
+    that name (calls went on, silently, to a stranger's weights at the stranger's royalty)."""
     check_requested_name(name)
-    own = session.scalar(
-        select(Adapter).where(
-            Adapter.tenant_id == tenant_id, Adapter.name == name, Adapter.status == STATUS_READY
-        )
-    )
+    own = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
     if own is not None:
+        if own.status != STATUS_READY:
+            raise AdapterNotFound(name)
         return own
     public = session.scalar(
         select(Adapter)

@@ -122,6 +122,34 @@ def test_deleted_adapter_is_never_authorized(cp, world, adapters_root) -> None:
         assert _code(e) == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_deleted_own_name_never_falls_through_to_another_tenants_public_adapter(cp, world, adapters_root):
+    """user had its own "summary"; owner publishes a public "summary" (other weights, maybe a royalty).
+    After user deletes its own, its calls by that name went to owner's adapter without a word."""
+    with cp.admin() as admin:
+        admin.create_tenant("squatted")
+        user_admin = admin.create_api_key("squatted", admin=True).secret
+        user_key = admin.create_api_key("squatted").secret
+    with cp.admin(user_admin) as user:
+        own = user.upload_adapter(adapters_root / "a", name="summary", base_model=BASE).adapter
+    with cp.admin(world["owner_admin"]) as owner:
+        public = owner.upload_adapter(
+            adapters_root / "b", name="summary", base_model=BASE, public=True
+        ).adapter
+    assert _authorize(cp, user_key, ["summary"]).adapters[0].adapter_id == own.id
+    with cp.admin(user_admin) as user:
+        user.delete_adapter("summary")
+        with pytest.raises(grpc.RpcError) as e:
+            user.get_adapter("summary")
+        assert _code(e) == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        _authorize(cp, user_key, ["summary"])
+    assert _code(e) == grpc.StatusCode.NOT_FOUND
+    assert _authorize(cp, world["user"], ["summary"]).adapters[0].adapter_id == public.id  # never had one
+    with cp.admin(user_admin) as user:
+        user.upload_adapter(adapters_root / "a", name="summary", base_model=BASE)
+    assert _authorize(cp, user_key, ["summary"]).adapters[0].adapter_id == own.id
+
+
 def test_revoked_or_unknown_key_is_unauthenticated(cp, world) -> None:
     with cp.admin() as admin:
         created = admin.create_api_key("user")

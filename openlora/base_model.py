@@ -1,8 +1,9 @@
 """Dimensions of a Llama-family base model, shared by the control plane and the data plane.
 
 The control plane validates uploaded adapters against these dimensions; the data plane derives them
-from the checkpoint's `config.json`. Both compute the same fingerprint, so an adapter registered for
-one base model is refused by a worker serving another.
+from the checkpoint's `config.json`, read as transformers reads it for the file's architecture (the
+defaults of that architecture's config class fill absent keys). Both compute the same fingerprint, so an
+adapter registered for one base model is refused by a worker serving another.
 """
 
 from __future__ import annotations
@@ -16,13 +17,138 @@ from openlora.safe_json import JsonFieldError, JsonObject, describe
 # PEFT target-module names this system serves, in layer order.
 PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Upper bound on any dimension or count read from a config (keeps every product of them in range).
 MAX_DIM = 1 << 24
 
 
 class UnsupportedModelError(ValueError):
     """The checkpoint is not of an architecture this system serves."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One supported architecture as transformers reads its `config.json`: the model class, the
+    `model_type` that selects it, and the defaults of its config class for keys a file leaves out (they
+    differ between architectures; `hidden_act` silu, `rms_norm_eps` 1e-6, `rope_theta` 10000 and
+    `tie_word_embeddings` false are the same in all three and sit with the code that reads them)."""
+
+    class_name: str
+    model_type: str
+    config_class: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None  # None: one per attention head
+    max_position_embeddings: int
+    sliding_window: int | None  # Mistral; Qwen2 only with use_sliding_window
+    max_window_layers: int | None  # Qwen2: layers from this index on slide
+    nullable_keys: frozenset[str]  # keys the engine reads that the config class accepts as null
+
+
+# The defaults of LlamaConfig, MistralConfig and Qwen2Config in transformers 5.
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(
+        class_name="LlamaForCausalLM",
+        model_type="llama",
+        config_class="LlamaConfig",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=None,
+        max_position_embeddings=2048,
+        sliding_window=None,
+        max_window_layers=None,
+        nullable_keys=frozenset({"num_key_value_heads", "head_dim"}),
+    ),
+    Architecture(
+        class_name="MistralForCausalLM",
+        model_type="mistral",
+        config_class="MistralConfig",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096 * 32,
+        sliding_window=4096,
+        max_window_layers=None,
+        nullable_keys=frozenset({"head_dim", "sliding_window"}),
+    ),
+    Architecture(
+        class_name="Qwen2ForCausalLM",
+        model_type="qwen2",
+        config_class="Qwen2Config",
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=22016,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+        max_window_layers=28,
+        nullable_keys=frozenset({"num_key_value_heads", "sliding_window", "layer_types"}),
+    ),
+)
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a.class_name for a in ARCHITECTURES)
+_BY_CLASS = {a.class_name: a for a in ARCHITECTURES}
+_BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES}
+
+
+def architecture_named(class_name: str) -> Architecture:
+    """The supported architecture whose model class is `class_name` (KeyError otherwise)."""
+    return _BY_CLASS[class_name]
+
+
+def read_architecture(c: JsonObject) -> Architecture:
+    """The architecture transformers' AutoModelForCausalLM builds for this config: the one `model_type`
+    names; `architectures` alone when there is no `model_type`. A file whose two keys disagree is refused,
+    since loading it by class name and loading it by model_type give different models."""
+    model_type = c.get_str("model_type", None, max_chars=128)
+    architectures = c.get_list(
+        "architectures", lambda v: isinstance(v, str), "a list of class names", default=None
+    )
+    class_name = architectures[0] if architectures else None
+    if model_type is None:
+        if class_name is None:
+            raise JsonFieldError(c.field("architectures"), "is required when model_type is absent")
+        if class_name not in _BY_CLASS:
+            raise JsonFieldError(
+                c.field("architectures"),
+                f"unsupported architecture {describe(class_name)}: supported are "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}",
+            )
+        return _BY_CLASS[class_name]
+    if model_type not in _BY_MODEL_TYPE:
+        raise JsonFieldError(
+            c.field("model_type"),
+            f"unsupported model_type {describe(model_type)}: supported are {', '.join(_BY_MODEL_TYPE)}",
+        )
+    architecture = _BY_MODEL_TYPE[model_type]
+    if class_name is not None and class_name != architecture.class_name:
+        raise JsonFieldError(
+            c.field("architectures"),
+            f"{describe(class_name)} disagrees with model_type {describe(model_type)}, from which "
+            f"transformers builds {architecture.class_name}",
+        )
+    return architecture
+
+
+def refuse_nulls(c: JsonObject, architecture: Architecture, keys: tuple[str, ...]) -> None:
+    """Refuses a null for any of `keys` unless `architecture`'s config class accepts one there (its
+    strict fields refuse it). JsonObject reads a null as an absent key, which would give the default."""
+    for key in keys:
+        if key in c.data and c.data[key] is None and key not in architecture.nullable_keys:
+            raise JsonFieldError(
+                c.field(key),
+                f"is null, which transformers' {architecture.config_class} refuses: leave the key out for "
+                "its default",
+            )
 
 
 @dataclass(frozen=True)
@@ -39,32 +165,25 @@ class BaseModelSpec:
 
     @classmethod
     def from_hf_config(cls, config: dict, name: str) -> BaseModelSpec:
-        """Reads a Hugging Face `config.json` dict; raises UnsupportedModelError naming the architecture,
-        or the field that is missing or of the wrong type or range."""
+        """Reads a Hugging Face `config.json` dict as transformers reads it for its architecture (absent
+        keys take that config class's defaults); raises UnsupportedModelError naming the architecture,
+        or the field that is of the wrong type or range."""
         c = JsonObject(config, "config.json")
         try:
-            architectures = c.get_list(
-                "architectures", lambda v: isinstance(v, str), "a list of class names", default=None
-            )
-            architecture = (architectures or [c.get_str("model_type", "<missing>", max_chars=128)])[0]
-            if architecture not in SUPPORTED_ARCHITECTURES:
-                raise JsonFieldError(
-                    c.field("architectures"),
-                    f"unsupported architecture {describe(architecture)}: supported are "
-                    f"{', '.join(SUPPORTED_ARCHITECTURES)}",
-                )
-            num_heads = c.get_int("num_attention_heads", lo=1, hi=MAX_DIM)
-            hidden = c.get_int("hidden_size", lo=1, hi=MAX_DIM)
+            arch = read_architecture(c)
+            refuse_nulls(c, arch, _SPEC_KEYS)
+            num_heads = c.get_int("num_attention_heads", arch.num_attention_heads, lo=1, hi=MAX_DIM)
+            hidden = c.get_int("hidden_size", arch.hidden_size, lo=1, hi=MAX_DIM)
             return cls(
                 name=name,
-                architecture=architecture,
+                architecture=arch.class_name,
                 hidden_size=hidden,
-                intermediate_size=c.get_int("intermediate_size", lo=1, hi=MAX_DIM),
-                num_layers=c.get_int("num_hidden_layers", lo=1, hi=MAX_DIM),
+                intermediate_size=c.get_int("intermediate_size", arch.intermediate_size, lo=1, hi=MAX_DIM),
+                num_layers=c.get_int("num_hidden_layers", arch.num_hidden_layers, lo=1, hi=MAX_DIM),
                 num_attention_heads=num_heads,
-                num_key_value_heads=c.get_int("num_key_value_heads", num_heads, lo=1, hi=num_heads),
+                num_key_value_heads=_num_key_value_heads(c, arch, num_heads),
                 head_dim=c.get_int("head_dim", None, lo=1, hi=MAX_DIM) or max(1, hidden // num_heads),
-                vocab_size=c.get_int("vocab_size", lo=1, hi=MAX_DIM),
+                vocab_size=c.get_int("vocab_size", arch.vocab_size, lo=1, hi=MAX_DIM),
             )
         except JsonFieldError as e:
             raise UnsupportedModelError(str(e)) from None
@@ -92,3 +211,28 @@ class BaseModelSpec:
         if module not in shapes:
             raise ValueError(f"unknown projection {module!r}; expected one of {', '.join(PROJECTIONS)}")
         return shapes[module]
+
+
+_SPEC_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+
+
+def _num_key_value_heads(c: JsonObject, arch: Architecture, num_heads: int) -> int:
+    """`num_key_value_heads`; absent, the config class's default (Mistral 8, Qwen2 32, Llama one per
+    attention head); null, one per attention head."""
+    if "num_key_value_heads" in c.data or arch.num_key_value_heads is None:
+        return c.get_int("num_key_value_heads", num_heads, lo=1, hi=num_heads)
+    if arch.num_key_value_heads > num_heads:
+        raise JsonFieldError(
+            c.field("num_key_value_heads"),
+            f"is absent, and the default of transformers' {arch.config_class}, {arch.num_key_value_heads}, "
+            f"is more than num_attention_heads ({num_heads})",
+        )
+    return arch.num_key_value_heads

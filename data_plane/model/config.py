@@ -1,24 +1,23 @@
-"""ModelConfig: what the engine needs from a Hugging Face `config.json` of the Llama family."""
+"""ModelConfig: what the engine needs from a Hugging Face `config.json` of the Llama family, read as
+transformers reads it for the file's architecture (its defaults, and the settings its code honours)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from openlora.base_model import MAX_DIM, BaseModelSpec, UnsupportedModelError
+from data_plane.model.rope_config import RopeScaling, read_rope
+from openlora.base_model import (
+    MAX_DIM,
+    Architecture,
+    BaseModelSpec,
+    UnsupportedModelError,
+    architecture_named,
+    refuse_nulls,
+)
 from openlora.safe_json import JsonFieldError, JsonObject, describe, is_int, load_json_object
 
-_ROPE_TYPES = ("default", "linear", "llama3")
 MAX_CONFIG_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    rope_type: str  # "default" | "linear" | "llama3"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
 
 
 @dataclass(frozen=True)
@@ -30,9 +29,9 @@ class ModelConfig:
     tie_word_embeddings: bool
     qkv_bias: bool  # Qwen2, or Llama with attention_bias
     o_bias: bool  # Llama with attention_bias
-    mlp_bias: bool
+    mlp_bias: bool  # Llama with mlp_bias
     max_position_embeddings: int
-    sliding_window: int | None  # Mistral; None when attention is full
+    sliding_window: int | None  # Mistral, Qwen2; None when every layer attends in full
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     checkpoint_dtype: str  # "float32" | "bfloat16" | "float16"
@@ -72,27 +71,30 @@ class ModelConfig:
 
     @classmethod
     def _from_fields(cls, spec: BaseModelSpec, c: JsonObject, generation: JsonObject) -> ModelConfig:
+        arch = architecture_named(spec.architecture)
+        # hidden_act, rms_norm_eps and tie_word_embeddings default alike in the three config classes
+        refuse_nulls(
+            c, arch, ("hidden_act", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings")
+        )
         hidden_act = c.get_str("hidden_act", "silu", max_chars=64)
         if hidden_act != "silu":
             raise JsonFieldError(c.field("hidden_act"), f"{describe(hidden_act)} is unsupported: only silu")
-        is_qwen2 = spec.architecture == "Qwen2ForCausalLM"
-        attention_bias = c.get_bool("attention_bias", False)
+        max_positions = c.get_int("max_position_embeddings", arch.max_position_embeddings, lo=1, hi=MAX_DIM)
+        rope_theta, rope_scaling = read_rope(c, max_positions, spec.head_dim)
+        qkv_bias, o_bias, mlp_bias = _biases(c, arch)
         eos = _token_ids(generation, "eos_token_id") or _token_ids(c, "eos_token_id")
-        sliding_window = c.get_int("sliding_window", None, lo=0, hi=MAX_DIM)
-        if is_qwen2 and not _qwen2_slides(c, spec.num_layers):
-            sliding_window = None
         dtype = c.get_str("dtype", None, max_chars=32) or c.get_str("torch_dtype", None, max_chars=32)
         return cls(
             spec=spec,
-            rope_theta=_rope_theta(c),
-            rope_scaling=_rope_scaling(c),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             rms_norm_eps=c.get_number("rms_norm_eps", 1e-6, positive=True),
             tie_word_embeddings=c.get_bool("tie_word_embeddings", False),
-            qkv_bias=is_qwen2 or attention_bias,
-            o_bias=attention_bias and not is_qwen2,
-            mlp_bias=c.get_bool("mlp_bias", False),
-            max_position_embeddings=c.get_int("max_position_embeddings", 2048, lo=1, hi=MAX_DIM),
-            sliding_window=sliding_window or None,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            max_position_embeddings=max_positions,
+            sliding_window=_sliding_window(c, arch, spec.num_layers),
             eos_token_ids=eos,
             bos_token_id=c.get_int("bos_token_id", None, lo=0, hi=MAX_DIM),
             checkpoint_dtype=dtype or "float32",
@@ -106,17 +108,52 @@ class ModelConfig:
         return self.max_position_embeddings
 
 
-def _qwen2_slides(c: JsonObject, num_layers: int) -> bool:
-    """Whether any Qwen2 layer attends through a sliding window, as transformers decides: the config's
-    `layer_types` when it lists them, else `use_sliding_window` for the layers from `max_window_layers` on
-    (none when that is the layer count or more)."""
-    layer_types = c.data.get("layer_types")
-    if layer_types is not None:
-        types = c.get_list("layer_types", lambda v: isinstance(v, str), "a list of layer type names")
-        return "sliding_attention" in types
-    if not c.get_bool("use_sliding_window", False):
-        return False
-    return c.get_int("max_window_layers", num_layers, lo=0, hi=MAX_DIM) < num_layers
+def _biases(c: JsonObject, arch: Architecture) -> tuple[bool, bool, bool]:
+    """(q/k/v, o, MLP) biases as transformers' modeling code of each architecture builds its linears:
+    Llama from `attention_bias` and `mlp_bias`; Qwen2 q/k/v always and nothing else; Mistral none. A
+    flag the code does not read is ignored, as transformers ignores it (a bias tensor stored for it is
+    then an unexpected tensor, which the loader refuses)."""
+    if arch.model_type == "qwen2":
+        return True, False, False
+    if arch.model_type != "llama":
+        return False, False, False
+    refuse_nulls(c, arch, ("attention_bias", "mlp_bias"))
+    attention_bias = c.get_bool("attention_bias", False)
+    return attention_bias, attention_bias, c.get_bool("mlp_bias", False)
+
+
+def _sliding_window(c: JsonObject, arch: Architecture, num_layers: int) -> int | None:
+    """The window of the layers that attend through one, None when every layer attends in full, as
+    transformers decides: Llama never (its code ignores `sliding_window`); Mistral every layer when a
+    window is set; Qwen2 only with `use_sliding_window`, on the layers `layer_types` names, else on those
+    from `max_window_layers` on. An absent `sliding_window` is the config class's default (4096 for both);
+    a null one means none."""
+    if arch.model_type == "llama":
+        return None
+    if arch.model_type == "mistral":
+        return _window(c, arch)
+    refuse_nulls(c, arch, ("use_sliding_window", "max_window_layers"))
+    # Qwen2Config drops the window unless use_sliding_window is set
+    window = _window(c, arch) if c.get_bool("use_sliding_window", False) else None
+    if c.data.get("layer_types") is None:
+        first_sliding = c.get_int("max_window_layers", arch.max_window_layers, lo=0, hi=MAX_DIM)
+        return window if first_sliding < num_layers else None
+    types = c.get_list("layer_types", lambda v: isinstance(v, str), "a list of layer type names")
+    if "sliding_attention" not in types:
+        return None
+    if window is None:
+        raise JsonFieldError(
+            c.field("layer_types"),
+            "names sliding_attention layers, but with use_sliding_window false or sliding_window null there "
+            "is no window: transformers fails on this config",
+        )
+    return window
+
+
+def _window(c: JsonObject, arch: Architecture) -> int | None:
+    if "sliding_window" not in c.data:
+        return arch.sliding_window
+    return c.get_int("sliding_window", None, lo=1, hi=MAX_DIM)  # null: no window
 
 
 def _token_ids(c: JsonObject, key: str) -> tuple[int, ...]:
@@ -126,39 +163,3 @@ def _token_ids(c: JsonObject, key: str) -> tuple[int, ...]:
         ids = c.get_list(key, is_int, "an integer or a list of integers")
         return tuple(ids)
     return () if value is None else (c.get_int(key, lo=0),)
-
-
-def _rope_params(c: JsonObject) -> JsonObject:
-    # transformers >= 5 writes `rope_parameters` (theta inside); older files use rope_theta + rope_scaling.
-    return c.get_object("rope_parameters") if c.data.get("rope_parameters") else c.get_object("rope_scaling")
-
-
-def _rope_theta(c: JsonObject) -> float:
-    params = _rope_params(c)
-    if "rope_theta" in params:
-        return params.get_number("rope_theta", positive=True)
-    return c.get_number("rope_theta", 10000.0, positive=True)
-
-
-def _rope_scaling(c: JsonObject) -> RopeScaling:
-    params = _rope_params(c)
-    rope_type = params.get_str("rope_type", None, max_chars=32) or params.get_str("type", None, max_chars=32)
-    rope_type = rope_type or "default"
-    if rope_type not in _ROPE_TYPES:
-        raise JsonFieldError(
-            params.field("rope_type"),
-            f"unsupported rope scaling {describe(rope_type)}: supported are {_ROPE_TYPES}",
-        )
-    if rope_type == "default":
-        return RopeScaling("default")
-    if rope_type == "linear":
-        return RopeScaling("linear", factor=params.get_number("factor", positive=True))
-    return RopeScaling(
-        "llama3",
-        factor=params.get_number("factor", positive=True),
-        low_freq_factor=params.get_number("low_freq_factor", 1.0, positive=True),
-        high_freq_factor=params.get_number("high_freq_factor", 4.0, positive=True),
-        original_max_position_embeddings=params.get_int(
-            "original_max_position_embeddings", 8192, lo=1, hi=MAX_DIM
-        ),
-    )

@@ -102,7 +102,10 @@ def _load_shard(
             with torch.no_grad():
                 target.copy_(tensor.to(device=device, dtype=dtype))
         else:
-            raise CheckpointError(f"{path.name}: unexpected tensor {describe(name)}")
+            raise CheckpointError(
+                f"{path.name}: unexpected tensor {describe(name)}: {config.spec.architecture} as config.json "
+                "describes it has no such weight"
+            )
         loaded_bytes += tensor.numel() * tensor.element_size()
         missing.discard(name)
         del tensor

@@ -322,8 +322,10 @@ def test_corrupt_artifact_download_is_discarded_never_loaded(system, tmp_path):
     damaged[-5] ^= 0xFF
     weights.write_bytes(bytes(damaged))
     try:
-        with Client(system.target, key) as client, pytest.raises(errors.Unavailable):
+        # The control plane checks its copy before serving it: DATA_LOSS (no retry helps; a re-upload does).
+        with Client(system.target, key) as client, pytest.raises(errors.OpenLoRAError) as refused:
             client.complete("hello", adapter="fragile", max_tokens=2)
+        assert refused.value.code == grpc.StatusCode.DATA_LOSS
         leftovers = sorted(p.name for p in system.worker.config.artifacts_dir.iterdir())
         assert not [n for n in leftovers if n.startswith(sha)]  # in no cache scope
         assert not [n for n in leftovers if n.startswith(".partial")]

@@ -99,7 +99,7 @@ class ArtifactStore:
             raise NotFound(f"artifact {sha256} not found", field="sha256")
         paths = [directory / name for name in sorted(ARTIFACT_FILES)]
         try:
-            signature = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+            signature = tuple((stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, paths))
         except FileNotFoundError:
             raise ArtifactDamaged(sha256, "missing files") from None
         with self._verified_lock:

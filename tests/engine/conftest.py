@@ -23,6 +23,17 @@ ADAPTERS = {
 }
 
 
+# The shape of every tiny test model written by transformers here (a test adds its own flags).
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+)
+
+
 @dataclass
 class TinyModel:
     model_dir: Path
@@ -39,12 +50,7 @@ def _build(root: Path, architecture: str) -> TinyModel:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
+        **TINY_SHAPE,
         max_position_embeddings=512,
         initializer_range=0.1,
         bos_token_id=None,

@@ -19,18 +19,10 @@ from data_plane.model.config import ModelConfig
 from data_plane.model.loader import CheckpointError
 from openlora.base_model import UnsupportedModelError
 
-from .conftest import TinyModel, greedy, make_engine, run_to_completion
+from .conftest import TINY_SHAPE, TinyModel, greedy, make_engine, run_to_completion
 from .reference import load_reference, reference_greedy
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=256,
-)
+TINY = {**TINY_SHAPE, "max_position_embeddings": 256}
 CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 

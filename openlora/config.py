@@ -43,6 +43,12 @@ def _first(*values: str | None) -> str | None:
     return next((v for v in values if v), None)
 
 
+def new_secret(prefix: str) -> str:
+    """A random secret under a fixed prefix: a bare token_urlsafe starts with "-" one time in 64, and a
+    command line then reads `--api-key -xyz` (or `--worker-token -xyz`) as a flag."""
+    return prefix + secrets.token_urlsafe(32)
+
+
 @dataclass(frozen=True)
 class AdminSettings:
     """Where the admin commands connect and with which key."""
@@ -125,7 +131,7 @@ class ControlPlaneSettings:
         if path.exists():
             return path.read_text().strip()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_urlsafe(32)
+        token = new_secret("wt_")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")

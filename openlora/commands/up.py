@@ -31,7 +31,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import shlex
 import shutil
 import signal
@@ -58,6 +57,7 @@ from openlora.commands.supervise import (
     start_embedded_redis,
     supervise,
 )
+from openlora.config import new_secret
 from openlora.embedded import free_port as _free_port
 
 log = logging.getLogger("openlora.up")
@@ -186,7 +186,7 @@ def _load_secrets(state_dir: Path) -> dict:
     path = state_dir / SECRETS_FILE
     if path.exists():
         return json.loads(path.read_text())
-    data = {"admin_key": secrets.token_urlsafe(32), "worker_token": secrets.token_urlsafe(32)}
+    data = {"admin_key": new_secret("op_"), "worker_token": new_secret("wt_")}
     _save_secrets(state_dir, data)
     return data
 

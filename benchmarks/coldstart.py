@@ -46,8 +46,6 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
-
 from benchmarks import fixtures
 from benchmarks.coldstart_report import (
     DECILE_HEADER,
@@ -169,11 +167,17 @@ def fresh_database(server_url: str, name: str) -> Iterator[str]:
 
 
 def host_bytes_per_adapter(adapter_dir: Path) -> int:
-    """Bytes of one adapter's packed host copy: every LoRA factor in float32 (the CPU engine's dtype)."""
-    from safetensors import safe_open
+    """Bytes of one adapter's packed host copy under the CPU engine's float32, as the worker counts them
+    (float16 files stay float16 in host memory)."""
+    import torch
 
-    with safe_open(adapter_dir / "adapter_model.safetensors", framework="numpy") as f:
-        return sum(4 * int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())  # noqa: SIM118
+    from data_plane.engine.adapter_loader import host_copy_bytes
+    from data_plane.engine.request import AdapterRef
+
+    size = host_copy_bytes((AdapterRef(key="bench", path=adapter_dir, weight=1.0),), torch.float32)
+    if size is None:
+        raise ValueError(f"cannot read the safetensors header of {adapter_dir}")
+    return size
 
 
 def host_cache_bytes(cfg: ColdStartConfig, adapter_dir: Path) -> int:

@@ -14,9 +14,26 @@ from openlora.artifact import WEIGHTS_FILE
 from openlora.base_model import BaseModelSpec
 from openlora.exhaustion import exhausted_resource
 
+# Safetensors dtypes whose every value a float32 engine holds exactly.
+_EXACT_IN_FLOAT32 = {"F16": torch.float16, "BF16": torch.bfloat16}
 
-def read_peft_adapter(path: Path, spec: BaseModelSpec, max_rank: int, dtype: torch.dtype) -> AdapterWeights:
-    """Validates `path` against the base model, then reads every lora_A/lora_B into `dtype` CPU tensors.
+
+def host_dtype(file_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype an adapter's host copy keeps for an engine computing in `dtype`: the file's own where it
+    is narrower and converts to `dtype` exactly (F16 or BF16 factors under a float32 engine: half the host
+    memory, widened by the copy into a slot, bit for bit what reading them as `dtype` gives), else `dtype`.
+    `file_dtype` is a safetensors dtype name, or "mixed" for a file of several."""
+    if dtype == torch.float32:
+        return _EXACT_IN_FLOAT32.get(file_dtype, dtype)
+    return dtype
+
+
+def read_peft_adapter(
+    path: Path, spec: BaseModelSpec, max_rank: int, dtype: torch.dtype, *, keep_exact_dtype: bool = False
+) -> AdapterWeights:
+    """Validates `path` against the base model, then reads every lora_A/lora_B into `dtype` CPU tensors
+    (with `keep_exact_dtype`: into `host_dtype(file's dtype, dtype)`, for a copy that is only ever widened
+    into `dtype`).
 
     Raises AdapterLoadError(field, reason) for anything refused (missing, malformed, another base model).
     """
@@ -28,6 +45,8 @@ def read_peft_adapter(path: Path, spec: BaseModelSpec, max_rank: int, dtype: tor
         if exhausted_resource(e):  # the worker is overloaded (out of files, memory): not the adapter's fault
             raise
         raise AdapterLoadError("adapter", f"cannot read {Path(path).name!r}: {e.strerror}") from None
+    if keep_exact_dtype:
+        dtype = host_dtype(info.dtype, dtype)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt", device="cpu") as f:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from data_plane.adapters.host_buffer import HostAdapter, pack
-from data_plane.adapters.peft_reader import read_peft_adapter
+from data_plane.adapters.peft_reader import host_dtype, read_peft_adapter
 from data_plane.adapters.weights import AdapterWeights, linear_mix
 from data_plane.engine.request import AdapterRef
 from openlora.adapter_format import AdapterFormatError, read_safetensors_header
@@ -57,6 +57,33 @@ class FinishedLoad:
     @property
     def source_tier(self) -> str:
         return "disk" if self.read_from_disk else "host"
+
+
+def is_plain(members: tuple[AdapterRef, ...]) -> bool:
+    """One adapter at weight 1: its host copy keeps the file's dtype where that is exact (a mix is
+    computed in the engine's dtype)."""
+    return len(members) == 1 and members[0].weight == 1.0
+
+
+def host_copy_bytes(members: tuple[AdapterRef, ...], dtype: torch.dtype) -> int | None:
+    """The size of the host buffer a disk load of `members` makes for an engine computing in `dtype`,
+    from the safetensors headers alone (no tensor data is read): every factor's elements in the dtype
+    the load gives them. None when a header cannot be read (the load itself would say why)."""
+    elements = 0
+    file_dtypes: set[str] = set()
+    for member in members:
+        try:
+            header, _ = read_safetensors_header(member.path / WEIGHTS_FILE)
+        except (AdapterFormatError, OSError):
+            return None
+        for name, entry in header.items():
+            shape = entry.get("shape") if name != "__metadata__" and isinstance(entry, dict) else None
+            if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+                elements += math.prod(shape)
+                file_dtypes.add(str(entry.get("dtype")))
+    if is_plain(members):
+        dtype = host_dtype(file_dtypes.pop() if len(file_dtypes) == 1 else "mixed", dtype)
+    return elements * torch.empty((), dtype=dtype).element_size()
 
 
 class AdapterLoader:
@@ -170,25 +197,14 @@ class AdapterLoader:
         )
 
     def estimate_host_bytes(self, members: tuple[AdapterRef, ...]) -> int | None:
-        """The size of the host buffer a disk load of `members` would make, from the safetensors headers
-        alone (no tensor data is read): every factor's elements in the engine's dtype. None when a header
-        cannot be read (the load itself would say why)."""
-        element_bytes = torch.empty((), dtype=self._dtype).element_size()
-        total = 0
-        for member in members:
-            try:
-                header, _ = read_safetensors_header(member.path / WEIGHTS_FILE)
-            except (AdapterFormatError, OSError):
-                return None
-            for name, entry in header.items():
-                shape = entry.get("shape") if name != "__metadata__" and isinstance(entry, dict) else None
-                if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
-                    total += math.prod(shape) * element_bytes
-        return total
+        """`host_copy_bytes` for this engine's dtype."""
+        return host_copy_bytes(members, self._dtype)
 
     def _read(self, members: tuple[AdapterRef, ...]) -> AdapterWeights:
-        if len(members) == 1 and members[0].weight == 1.0:
-            return read_peft_adapter(members[0].path, self._spec, self._max_rank, self._dtype)
+        if is_plain(members):
+            return read_peft_adapter(
+                members[0].path, self._spec, self._max_rank, self._dtype, keep_exact_dtype=True
+            )
         parts = [
             (read_peft_adapter(m.path, self._spec, self._max_rank, self._dtype), m.weight) for m in members
         ]

@@ -101,7 +101,7 @@ class Scheduler:
             if num_new < 1:
                 break  # a group runs whole or not at all
             while not self._can_allocate(unit, num_new):
-                victim = self._pop_last_running_unit()
+                victim = self._pop_kv_victim(index, share)
                 self._preempt_unit(victim)
                 batch.preempted.extend(victim)
                 kv_pressure = True
@@ -286,6 +286,28 @@ class Scheduler:
         """Takes the most recently admitted unit off `running` (a group's members are its last entries)."""
         unit = self.running[-1].members
         del self.running[-len(unit) :]
+        return unit
+
+    def _pop_kv_victim(self, first: int, share: int | None) -> list[Sequence]:
+        """Takes the unit to preempt for KV room off `running`, from the units at `first` and after (those
+        not yet scheduled this step, the one at `first` included): with one tenant the most recently
+        admitted; with several, the most recently admitted of the tenant holding the most KV blocks among
+        those that have one there, so that one tenant's long contexts evict its own work, not a
+        neighbour's."""
+        if share is None:
+            return self._pop_last_running_unit()
+        held: Counter[str] = Counter()
+        for seq in self.running:
+            held[seq.tenant] += len(seq.block_ids)
+        newest: dict[str, tuple[int, list[Sequence]]] = {}  # tenant -> (position, its newest unit there)
+        for position in range(first, len(self.running)):
+            seq = self.running[position]
+            if seq.is_leader:
+                newest[seq.tenant] = (position, seq.members)
+        # Ties go to the more recently admitted unit, as with one tenant.
+        _, unit = max((held[tenant], *entry) for tenant, entry in newest.items())[1:]
+        for seq in unit:
+            self.running.remove(seq)
         return unit
 
     def pin_adapters(self) -> list[tuple[str, int]]:

@@ -143,3 +143,53 @@ def test_tenants_within_their_share_are_never_preempted(tiny_llama):
     outputs = _finish(engine, {})
     assert preempted == []
     assert sorted(outputs) == sorted([f"a{i}" for i in range(4)] + [f"b{i}" for i in range(4)])
+
+
+def _preemptions(engine) -> list[str]:
+    """Records the request id of every sequence the scheduler preempts."""
+    preempted: list[str] = []
+    preempt = engine.scheduler._preempt
+
+    def counting(seq):
+        preempted.append(seq.request_id)
+        preempt(seq)
+
+    engine.scheduler._preempt = counting
+    return preempted
+
+
+def test_kv_pressure_preempts_the_tenant_holding_the_most_kv_not_the_newest_arrival(tiny_llama):
+    """Three long generations of one tenant outgrow the KV cache (10 blocks of 16 tokens; each needs 4 at
+    its end) while another tenant's short request, admitted last, runs beside them: the flood's own newest
+    work is preempted each time, never the neighbour's (before: the most recently admitted unit, the
+    neighbour's, was preempted at every squeeze). Outputs equal each request run alone."""
+    settings = dict(num_kv_blocks=10, max_num_seqs=8)
+
+    def requests():
+        flood = [_request(f"flood{i}", "flood", max_tokens=56) for i in range(3)]
+        return [*flood, _request("victim", "victim", max_tokens=40)]
+
+    engine = make_engine(tiny_llama, **settings)
+    preempted = _preemptions(engine)
+    outputs = {}
+    *flood, victim = requests()
+    for request in flood:
+        engine.add_request(request)
+    _step(engine, outputs)  # the flood runs; the victim arrives after it
+    engine.add_request(victim)
+    _finish(engine, outputs)
+    assert preempted and all(request_id.startswith("flood") for request_id in preempted)
+    alone = {}
+    for request in requests():
+        alone.update(_alone(tiny_llama, [request], **settings))
+    assert outputs == alone
+
+
+def test_kv_pressure_with_one_tenant_preempts_the_newest_admitted(tiny_llama):
+    """One tenant: the first squeeze preempts the most recently admitted unit (its equal KV holders)."""
+    engine = make_engine(tiny_llama, num_kv_blocks=10, max_num_seqs=8)
+    preempted = _preemptions(engine)
+    for i in range(4):
+        engine.add_request(_request(f"r{i}", "only", max_tokens=56 if i < 3 else 40))
+    _finish(engine, {})
+    assert preempted[0] == "r3"

@@ -38,7 +38,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_waiting: int = 1024
     max_model_len: int | None = None  # None: the model's own limit (bounded by the KV cache)
-    seed: int = 0  # for requests that give no seed of their own
+    # Seeds the per-request generators of requests that give no seed of their own: None (the default)
+    # draws each from the OS's entropy, so unseeded output differs across restarts and workers.
+    seed: int | None = None
     host_cache_bytes: int | None = None  # adapter host-memory tier; None: default_host_cache_bytes()
     adapter_read_delay_s: float = 0.0  # slow-storage hook for tests and benchmarks: added to each disk read
     quantize: str = "none"  # "none" | "int8" | "int4": how the decoder layers' linears are held

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -116,7 +117,10 @@ class LLMEngine:
         self._eos_token_ids = set(model_config.eos_token_ids)
         self._states: dict[str, _RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
-        self._default_generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        # Each request without a seed samples from a generator of its own, seeded from here: its tokens
+        # never depend on what other requests (other tenants') drew, and without `config.seed` they
+        # differ from one process to the next.
+        self._unseeded_seeds = random.SystemRandom() if config.seed is None else random.Random(config.seed)
         log.info(
             "engine ready: %d KV blocks of %d tokens, max_model_len %d",
             num_blocks,
@@ -191,10 +195,8 @@ class LLMEngine:
             raise QueueFull(f"{self.scheduler.num_waiting} requests are waiting")
         seq = self._sequences_of(request)
         sampling = request.sampling
-        if sampling.seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-        else:
-            generator = self._default_generator
+        seed = sampling.seed if sampling.seed is not None else self._unseeded_seeds.getrandbits(64)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
         detokenizer = (
             IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, sampling.stop)
             if self.tokenizer

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -12,6 +16,8 @@ _CONTEXT_TOKENS = 4
 _PIECE_CHARS = 1024  # a long text is counted in pieces of this many characters
 _WHOLE_CHARS = 16 * _PIECE_CHARS  # up to this long a text is encoded whole at once (a short lock)
 _BOUNDARY_TOKENS = 4  # what cutting the text at a piece boundary may add to the count
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback token (SentencePiece, Llama 2)
+_METASPACE = "\u2581"  # SentencePiece's "▁", a space
 
 
 class Tokenizer:
@@ -36,8 +42,39 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def encode_within(self, text: str, max_tokens: int) -> list[int]:
-        """`encode(text)`, or PromptTooLong as soon as the text is known to exceed `max_tokens`.
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for on its own, as the vocabulary spells it: a token that holds part
+        of a multi-byte character gives those bytes (`decode([id])` gives U+FFFD for it). A byte-fallback
+        token `<0xNN>` is that byte; a byte-level (GPT-2 style) token maps each character back through
+        the byte-to-unicode table; SentencePiece's "▁" is a space; an added token, or one of a vocabulary
+        none of these fits, is the UTF-8 of its decoded text (b"" for a special token)."""
+        spelling = self._spelling
+        token = self._tokenizer.id_to_token(token_id)
+        if token is None or token_id in spelling.added_ids:
+            return self.decode([token_id]).encode()
+        if spelling.byte_fallback and (byte := _BYTE_TOKEN.fullmatch(token)):
+            return bytes([int(byte.group(1), 16)])
+        if spelling.byte_level and all(c in _BYTE_LEVEL_CHARS for c in token):
+            return bytes(_BYTE_LEVEL_CHARS[c] for c in token)
+        if spelling.metaspace:
+            return token.replace(_METASPACE, " ").encode()
+        return self.decode([token_id]).encode()
+
+    @functools.cached_property
+    def _spelling(self) -> _Spelling:
+        config = json.loads(self._tokenizer.to_str())
+        decoders = _decoder_types(config.get("decoder"))
+        model = config.get("model") or {}
+        return _Spelling(
+            added_ids=frozenset(self._tokenizer.get_added_tokens_decoder()),
+            byte_fallback=bool(model.get("byte_fallback")) or "ByteFallback" in decoders,
+            byte_level="ByteLevel" in decoders,
+            metaspace="Metaspace" in decoders or f"Replace:{_METASPACE}" in decoders,
+        )
+
+    def encode_within(self, text: str, max_tokens: int, add_special_tokens: bool = True) -> list[int]:
+        """`encode(text, add_special_tokens)`, or PromptTooLong as soon as the text is known to exceed
+        `max_tokens` (a rendered chat is encoded without special tokens: its template wrote them).
 
         The tokenizer holds the interpreter lock while it runs, so one long text stops every other thread
         (the engine's steps, the server) for as long as it takes: a million characters took 25 s. A text
@@ -51,10 +88,54 @@ class Tokenizer:
                 counted += len(self._tokenizer.encode(piece, add_special_tokens=False).ids)
                 if counted > max_tokens + _BOUNDARY_TOKENS * boundary:
                     raise PromptTooLong(max_tokens)
-        ids = self.encode(text)
+        ids = self.encode(text, add_special_tokens)
         if len(ids) > max_tokens:
             raise PromptTooLong(max_tokens, len(ids))
         return ids
+
+
+@dataclass(frozen=True)
+class _Spelling:
+    """How a vocabulary spells its tokens' bytes (read from tokenizer.json once)."""
+
+    added_ids: frozenset[int]
+    byte_fallback: bool
+    byte_level: bool
+    metaspace: bool
+
+
+def _decoder_types(decoder: object) -> set[str]:
+    """The types of a tokenizer.json decoder and of those in its sequences; a Replace decoder also as
+    `Replace:<pattern>`."""
+    found: set[str] = set()
+    pending = [decoder]
+    while pending:
+        node = pending.pop()
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        found.add(kind)
+        if kind == "Replace":
+            found.add(f"Replace:{(node.get('pattern') or {}).get('String')}")
+        pending.extend(node.get("decoders") or [])
+    return found
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted: printable bytes stand for themselves, the others for
+    chr(256 + n) in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_LEVEL_CHARS = _byte_level_chars()
 
 
 class PromptTooLong(ValueError):

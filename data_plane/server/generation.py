@@ -496,7 +496,9 @@ class GenerationService:
             )
         limit = self.limits.max_model_len - 1  # a prompt leaves room for one generated token
         try:
-            return await asyncio.to_thread(tokenizer.encode_within, valid.prompt, limit)
+            return await asyncio.to_thread(
+                tokenizer.encode_within, valid.prompt, limit, valid.add_special_tokens
+            )
         except PromptTooLong as e:
             count = f"more than {limit} tokens" if e.count is None else f"{e.count} tokens"
             raise RequestFieldError("prompt", f"is too long: {count}, the limit is {limit}") from None

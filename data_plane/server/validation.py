@@ -89,6 +89,9 @@ class ValidRequest:
     majority_sign_method: str = "total"
     # "probs" | "logprobs": how an ensemble combines its members.
     combine: str = "probs"
+    # Whether tokenizing `prompt` adds the tokenizer's special tokens (BOS): not for a rendered chat,
+    # whose template already wrote them (as transformers' apply_chat_template and vLLM tokenize it).
+    add_special_tokens: bool = True
 
     @property
     def is_merge(self) -> bool:
@@ -148,11 +151,11 @@ def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits)
 
     s = request.sampling
     temperature = s.temperature if s.HasField("temperature") else 0.0
-    if not temperature >= 0 or math.isinf(temperature):
-        raise RequestFieldError("sampling.temperature", f"must be a finite number >= 0, got {temperature}")
+    if (problem := temperature_problem(temperature)) is not None:
+        raise RequestFieldError("sampling.temperature", problem)
     top_p = s.top_p if s.HasField("top_p") else 1.0
-    if not 0 < top_p <= 1:
-        raise RequestFieldError("sampling.top_p", f"must be in (0, 1], got {top_p}")
+    if (problem := top_p_problem(top_p)) is not None:
+        raise RequestFieldError("sampling.top_p", problem)
     if s.top_k < 0:
         raise RequestFieldError("sampling.top_k", f"must be >= 0, got {s.top_k}")
     max_tokens = s.max_tokens if s.HasField("max_tokens") else limits.default_max_tokens
@@ -161,8 +164,8 @@ def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits)
             "sampling.max_tokens", f"must be in [1, {limits.max_tokens_limit}], got {max_tokens}"
         )
     penalty = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
-    if not penalty > 0 or math.isinf(penalty):
-        raise RequestFieldError("sampling.repetition_penalty", f"must be a finite number > 0, got {penalty}")
+    if (problem := penalty_problem(penalty)) is not None:
+        raise RequestFieldError("sampling.repetition_penalty", problem)
     if len(s.stop) > MAX_STOP_STRINGS:
         raise RequestFieldError("sampling.stop", f"must hold at most {MAX_STOP_STRINGS} strings")
     for i, stop in enumerate(s.stop):
@@ -196,6 +199,27 @@ def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits)
         majority_sign_method=sign_method,
         combine=combine,
     )
+
+
+def temperature_problem(temperature: float) -> str | None:
+    """Why a sampling temperature is refused, or None."""
+    if not temperature >= 0 or math.isinf(temperature):
+        return f"must be a finite number >= 0, got {temperature}"
+    return None
+
+
+def top_p_problem(top_p: float) -> str | None:
+    """Why a nucleus-sampling top_p is refused, or None."""
+    if not 0 < top_p <= 1:
+        return f"must be in (0, 1], got {top_p}"
+    return None
+
+
+def penalty_problem(penalty: float) -> str | None:
+    """Why a repetition penalty is refused, or None."""
+    if not penalty > 0 or math.isinf(penalty):
+        return f"must be a finite number > 0, got {penalty}"
+    return None
 
 
 def _check_mix_options(request: inference_pb2.GenerateRequest) -> tuple[str, float, str, str]:

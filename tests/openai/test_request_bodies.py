@@ -204,3 +204,88 @@ def test_the_demo_chat_template_renders_the_demo_prompt_shape():
         {"role": "user", "content": "c d"},
     ]
     assert template.render(conversation) == "a b => A B</s> c d =>"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("temperature", 1e39, "must be at most 3.40282e+38 in magnitude, got 1e+39"),
+        ("repetition_penalty", 1e39, "must be at most 3.40282e+38 in magnitude, got 1e+39"),
+        ("top_p", 1e39, "must be in (0, 1], got 1e+39"),
+        ("density", 1e-300, "must lie in [0.0001, 1], got 1e-300"),
+    ],
+)
+def test_a_number_float32_cannot_hold_is_refused_as_the_client_sent_it(field, value, reason):
+    """Narrowed to float32 first, 1e39 was refused as "got inf" and 1e-300 as "got 0"."""
+    extra = {"mix": {"a": 0.5, "b": 0.5}, "mix_method": "ties"} if field == "density" else {}
+    with pytest.raises(BodyError) as refused:
+        parse_completion(_completion(**{field: value}, **extra))
+    assert (refused.value.param, refused.value.reason) == (field, reason)
+
+
+def test_a_mix_weight_float32_cannot_hold_is_refused_as_the_client_sent_it():
+    with pytest.raises(BodyError) as refused:
+        parse_completion(_completion(mix=[{"adapter": "a", "weight": 1}, {"adapter": "b", "weight": -1e39}]))
+    assert (refused.value.param, refused.value.reason) == (
+        "mix[1].weight",
+        "must lie in [-1000, 1000], got -1e+39",
+    )
+
+
+def test_a_tiny_nonzero_value_where_zero_is_refused_is_served_as_float32s_smallest_normal():
+    """top_p 1e-300 is in (0, 1] and a weight of 1e-300 is not zero: both were refused once float32 held
+    them as 0. Temperature 1e-300 stays 0, greedy, as it means."""
+    smallest = 2.0**-126
+    body = parse_completion(_completion(top_p=1e-300, temperature=1e-300, mix={"a": 1e-300, "b": -1e-300}))
+    valid = check_request(to_generate_request(body, "hi", "", ""), LIMITS)
+    assert valid.top_p == smallest and valid.temperature == 0
+    assert valid.adapters == (("a", smallest), ("b", -smallest))
+
+
+@pytest.mark.parametrize("field", ["max_completion_tokens", "max_tokens"])
+@pytest.mark.parametrize("value", [0, 65, "5", 1 << 40])
+def test_a_token_limit_is_refused_by_its_own_name_with_the_range_accepted(field, value):
+    """max_completion_tokens: 0 was refused naming max_tokens, and a mistyped one advertised int32's range."""
+    with pytest.raises(BodyError) as refused:
+        parse_chat(_chat(**{field: value}), LIMITS.max_tokens_limit)
+    assert refused.value.param == field
+    assert refused.value.reason == f"must be an integer in [1, 64], got {value!r}"
+
+
+def test_a_message_name_reaches_the_chat_template():
+    body = parse_chat(_chat(messages=[{"role": "user", "content": "hi", "name": "alice"}]))
+    template = ChatTemplate("{% for m in messages %}{{ m.name }}: {{ m.content }}{% endfor %}")
+    assert template.render(list(body.messages)) == "alice: hi"
+    assert "name" not in parse_chat(_chat()).messages[0]
+
+
+def test_an_unknown_key_of_a_content_part_is_refused_by_name():
+    part = {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}
+    with pytest.raises(BodyError) as refused:
+        parse_chat(_chat(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": [part]}]))
+    assert refused.value.param == "messages[1].content[0].cache_control"
+
+
+@pytest.mark.parametrize(
+    ("field", "extra"),
+    [
+        ("mix_method", {}),
+        ("combine", {"mix_method": "ensemble"}),
+        ("majority_sign_method", {"mix_method": "ties"}),
+    ],
+)
+def test_unspecified_is_not_a_value_a_body_may_name(field, extra):
+    """It mapped to the enum's 0, which turns the option's checks off."""
+    body = parse_completion(_completion(mix={"a": 0.5, "b": 0.5}, **extra, **{field: "unspecified"}))
+    with pytest.raises(BodyError) as refused:
+        to_generate_request(body, "hi", "", "")
+    assert refused.value.param == field and "'unspecified'" in refused.value.reason
+    uppercase = parse_completion(_completion(mix={"a": 0.5, "b": 0.5}, mix_method="TIES"))
+    assert to_generate_request(uppercase, "hi", "", "").mix_method  # names stay case-insensitive
+
+
+@pytest.mark.parametrize(("data", "kind"), [(b"[]", "an array"), (b'"x"', "a string"), (b"null", "null")])
+def test_a_body_that_is_not_an_object_is_refused_in_plain_words(data, kind):
+    with pytest.raises(BodyError) as refused:
+        parse_completion(data)
+    assert str(refused.value) == f"the body must be a JSON object, got {kind}"

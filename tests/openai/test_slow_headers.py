@@ -1,9 +1,11 @@
 """A connection that never finishes its request headers is closed after HEADER_TIMEOUT_S (uvicorn alone
 keeps it forever: 1,500 such connections, no key needed, held 1,500 descriptors of the worker), while a
-connection that sends its request in time is served as before."""
+connection that sends its request in time is served as before. A body that stops short of its declared
+length is answered 408 after the body deadline and its connection closed."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from urllib.parse import urlparse
@@ -32,3 +34,26 @@ def test_a_connection_without_request_headers_is_closed_and_others_are_served(sy
         assert httpx.get(f"{running.base_url}/models", timeout=10).status_code == 401
     finally:
         system.loop.run(running.worker.stop(1.0))
+
+
+def test_a_body_that_stops_short_is_answered_408_and_its_connection_closed(http_worker, tenant, monkeypatch):
+    """Headers and 1 byte of a declared 64-byte body, then nothing: the call waited for the rest forever,
+    for any key, valid or not."""
+    api = http_worker.worker.http._app.state.api
+    monkeypatch.setattr(api, "body_timeout_s", 0.5)
+    url = urlparse(http_worker.base_url)
+    for key in (tenant[2], "not-a-key"):
+        conn = socket.create_connection((url.hostname, url.port), timeout=10)
+        conn.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {key}\r\nContent-Length: 64\r\n\r\n{{".encode()
+        )
+        answer = b""
+        while chunk := conn.recv(4096):  # until the server closes the connection
+            answer += chunk
+        conn.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ")
+        error = json.loads(body)["error"]
+        assert error["code"] == "deadline_exceeded" and error["type"] == "invalid_request_error"
+        assert error["message"] == "the body did not arrive within 0.5 s"

@@ -2,29 +2,34 @@
 `POST /v1/chat/completions` (and `GET /metrics`), over the same `GenerationService` as gRPC.
 
 A request is read in this order, as gRPC's: draining (503), `Authorization: Bearer <key>` (401), body
-size (413), then the key is authorised for the adapters `model` and `mix` name (401, 403, 404) before
-any refusal of the body's fields (400) is answered; `X-Request-Id` is the request id (409 when it is in
-flight or was billed). `model` is resolved by a `ModelResolver` and `/v1/models` lists what a
-`ModelCatalog` returns, so that named mixes can be plugged in without touching the routes.
+size (413) and its arrival within BODY_TIMEOUT_S (408), then the key is authorised for the adapters
+`model` and `mix` name (401, 403, 404) before any refusal of the body's fields (400) is answered;
+`X-Request-Id` is the request id (409 when it is in flight or was billed). `model` is resolved by a
+`ModelResolver` and `/v1/models` lists what a `ModelCatalog` returns, so that named mixes can be plugged
+in without touching the routes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import anyio
+import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from data_plane.server.control_plane_client import Authorization, ControlPlaneClient
-from data_plane.server.errors import MissingCredentials
-from data_plane.server.generation import GenerationService, WorkerState
+from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
+from data_plane.server.errors import MissingCredentials, ModelNotFound
+from data_plane.server.generation import Chunk, GenerationService, WorkerState
 from data_plane.server.metrics import WorkerMetrics
 from data_plane.server.openai_http.chat_template import ChatTemplate, ChatTemplateError
-from data_plane.server.openai_http.errors import HttpError, http_error
+from data_plane.server.openai_http.errors import HttpError, MixMemberNotFound, http_error
 from data_plane.server.openai_http.openai_objects import Reply
 from data_plane.server.openai_http.schemas import (
     MAX_BODY_BYTES,
@@ -41,6 +46,10 @@ from openlora.names import is_adapter_name
 
 MAX_MODELS_PAGE = 1000
 DEFAULT_MODELS_PAGE = 100
+# A request's whole body must arrive within this long once its headers have (server.HEADER_TIMEOUT_S
+# bounds the headers only): past it the answer is 408 and the connection is closed, before any key check
+# reaches the control plane and with nothing billed.
+BODY_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class OpenAIApi:
     resolve_model: ModelResolver = resolve_model
     list_models: ModelCatalog = no_adapters
     max_body_bytes: int = MAX_BODY_BYTES
+    body_timeout_s: float = BODY_TIMEOUT_S
     created: int = 0  # when the base model was loaded (Unix seconds)
 
 
@@ -115,6 +125,7 @@ def build_app(api: OpenAIApi, metrics: bool = False) -> Starlette:
         routes=routes,
         exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal_error},
     )
+    app.router.redirect_slashes = False  # `/v1/completions/` is a 404 naming it, not a redirect
     app.state.api = api
     return app
 
@@ -133,19 +144,24 @@ async def _generation(request: Request, chat: bool):
     try:
         api.service.check_serving()
         api_key = _bearer_key(request)
-        data = await _read_body(request, api.max_body_bytes)
+        data = await _read_body(request, api.max_body_bytes, api.body_timeout_s)
     except _TooLarge:
         failure = HttpError(
             413, f"the body is larger than {api.max_body_bytes} bytes", None, "invalid_argument"
         )
         return _refused(api, failure)
+    except _TooSlow:
+        failure = HttpError(
+            408, f"the body did not arrive within {api.body_timeout_s:g} s", None, "deadline_exceeded"
+        )
+        return _refused(api, failure, {"Connection": "close"})
     except Exception as error:
         return _refused(api, http_error(error))
 
     body: Body | None = None
     refused: BodyError | None = None
     try:
-        body = (parse_chat if chat else parse_completion)(data)
+        body = (parse_chat if chat else parse_completion)(data, api.service.limits.max_tokens_limit)
     except BodyError as error:
         refused = error
     # The names to authorise, as gRPC's requested_adapter_names: the adapter `model` names, the mix's (a
@@ -160,11 +176,13 @@ async def _generation(request: Request, chat: bool):
         prompt = _render_chat(api.chat_template, body) if chat else body.prompt
         generate_request = to_generate_request(body, prompt, request_id, adapter)
         try:
-            return check_request(generate_request, api.service.limits)
+            valid = check_request(generate_request, api.service.limits)
         except BodyError:
             raise
         except RequestFieldError as error:
             raise openai_field_error(error, chat) from None
+        # The template wrote the special tokens (BOS) of a chat: the tokenizer adds none.
+        return dataclasses.replace(valid, add_special_tokens=False) if chat else valid
 
     api.state.enter()
 
@@ -174,21 +192,53 @@ async def _generation(request: Request, chat: bool):
 
     tokenizer = api.service.tokenizer
     return GenerationResponse(
-        lambda: api.service.generate(api_key, names, check, whole=not (body and body.stream)),
+        lambda: _named_by_body(
+            api.service.generate(api_key, names, check, whole=not (body and body.stream)), body, adapter
+        ),
         Reply(chat=chat, model=body.model if body else ""),
         stream=bool(body and body.stream),
         include_usage=bool(body and body.include_usage),
         logprobs=bool(body and body.logprobs),
-        token_text=(lambda t: tokenizer.decode([t])) if tokenizer is not None else str,
+        spell_token=(
+            (lambda t: (tokenizer.decode([t]), tokenizer.token_bytes(t)))
+            if tokenizer is not None
+            else (lambda t: (str(t), str(t).encode()))
+        ),
         on_done=done,
         request_id=request_id,
     )
 
 
-def _refused(api: OpenAIApi, failure: HttpError) -> JSONResponse:
+async def _named_by_body(
+    chunks: AsyncIterator[Chunk], body: Body | None, adapter: str
+) -> AsyncIterator[Chunk]:
+    """`chunks`, with the control plane's NOT_FOUND for a name the body sent raised as the body names it:
+    ModelNotFound for `model`, MixMemberNotFound for `mix[i].adapter` (it answered param null, in the
+    control plane's words)."""
+    async with contextlib.aclosing(chunks):
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except ControlPlaneError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND or body is None:
+                raise
+            if _names_unknown(error.message, adapter):
+                raise ModelNotFound(body.model) from None
+            for index, (name, _) in enumerate(body.mix):
+                if _names_unknown(error.message, name):
+                    raise MixMemberNotFound(index, name) from None
+            raise
+
+
+def _names_unknown(message: str, name: str) -> bool:
+    """Whether the control plane's NOT_FOUND `message` is about the adapter `name`."""
+    return bool(name) and f"adapter {name!r} not found" in message
+
+
+def _refused(api: OpenAIApi, failure: HttpError, headers: dict[str, str] | None = None) -> JSONResponse:
     """A call answered before it reached the generate path, counted as gRPC counts it."""
     api.metrics.requests.labels(failure.code.upper()).inc()
-    return failure.response()
+    return failure.response(headers)
 
 
 async def _models(request: Request):
@@ -250,16 +300,25 @@ class _TooLarge(Exception):
     pass
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused (without reading it) when its declared length is over `max_bytes`."""
+class _TooSlow(Exception):
+    pass
+
+
+async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The body, refused (without reading it) when its declared length is over `max_bytes`, or when it
+    has not all arrived within `timeout_s` (a client that declares a length and stops held the
+    connection, and the call, forever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise _TooLarge()
     data = bytearray()
-    async for part in request.stream():
-        data += part
-        if len(data) > max_bytes:
-            raise _TooLarge()
+    with anyio.move_on_after(timeout_s) as deadline:
+        async for part in request.stream():
+            data += part
+            if len(data) > max_bytes:
+                raise _TooLarge()
+    if deadline.cancelled_caught:
+        raise _TooSlow()
     return bytes(data)
 
 

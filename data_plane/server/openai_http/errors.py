@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
 from starlette.responses import JSONResponse
 
 from data_plane.engine.errors import InvalidRequest
@@ -18,6 +19,8 @@ _TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -25,6 +28,15 @@ _TYPES = {
 }
 # Statuses a client should retry after a pause: overloaded, draining.
 RETRY_AFTER_S = {429: 1, 503: 1}
+
+
+class MixMemberNotFound(Exception):
+    """`mix[index].adapter` names nothing the key may use (another tenant's private adapter looks the
+    same): 404 naming that field, as `ModelNotFound` names `model`."""
+
+    def __init__(self, index: int, name: str) -> None:
+        super().__init__(f"mix[{index}].adapter {name!r} not found")
+        self.param = f"mix[{index}].adapter"
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,8 @@ class HttpError:
 def http_error(error: BaseException, chat: bool = False) -> HttpError:
     """The HTTP error of any exception of the generate path (500 'internal error' for a worker fault), its
     `param` the body's name of the field at fault (`model` for an adapter nobody may use)."""
+    if isinstance(error, MixMemberNotFound):
+        return HttpError(404, str(error), error.param, grpc.StatusCode.NOT_FOUND.name.lower())
     status, message, code = http_status_for(error)
     param = None
     if isinstance(error, BodyError):

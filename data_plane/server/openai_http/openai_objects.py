@@ -37,10 +37,10 @@ class Reply:
         if chunk.finish is not None:
             self.finish = chunk.finish
 
-    def whole(self, with_logprobs: bool, token_text) -> dict:
-        """The non-streamed object; `token_text(id)` spells a token for the logprobs."""
+    def whole(self, with_logprobs: bool, spell_token) -> dict:
+        """The non-streamed object; `spell_token(id)` gives a token's (text, own bytes) for the logprobs."""
         text = "".join(self.text)
-        logprobs = _logprobs(self.chat, self.token_ids, self.logprobs, token_text) if with_logprobs else None
+        logprobs = _logprobs(self.chat, self.token_ids, self.logprobs, spell_token) if with_logprobs else None
         choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason(self.finish)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -48,10 +48,10 @@ class Reply:
             choice["text"] = text
         return {**self._head(), "choices": [choice], "usage": usage(self.finish)}
 
-    def chunk(self, chunk: Chunk, first: bool, with_logprobs: bool, include_usage: bool, token_text) -> dict:
+    def chunk(self, chunk: Chunk, first: bool, with_logprobs: bool, include_usage: bool, spell_token) -> dict:
         """The stream chunk of one generation chunk."""
         logprobs = (
-            _logprobs(self.chat, chunk.token_ids, chunk.logprobs, token_text) if with_logprobs else None
+            _logprobs(self.chat, chunk.token_ids, chunk.logprobs, spell_token) if with_logprobs else None
         )
         choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": None}
         if chunk.finish is not None:
@@ -98,13 +98,27 @@ def error_object(message: str, kind: str, param: str | None, code: str | None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _logprobs(chat: bool, token_ids: list[int], logprobs: list[float], token_text) -> dict:
-    tokens = [token_text(t) for t in token_ids]
+def _logprobs(chat: bool, token_ids: list[int], logprobs: list[float], spell_token) -> dict:
+    """Chat's `content` (each token's text and its own bytes: a token holding part of a character has
+    those bytes, its text U+FFFD) or the legacy object, whose `tokens` spell such a token as OpenAI's
+    legacy API does, `bytes:\\xNN...`."""
+    spelled = [spell_token(t) for t in token_ids]
     if chat:
         return {
             "content": [
-                {"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
-                for s, lp in zip(tokens, logprobs, strict=True)
+                {"token": text, "logprob": lp, "bytes": list(data), "top_logprobs": []}
+                for (text, data), lp in zip(spelled, logprobs, strict=True)
             ]
         }
+    tokens = [
+        text if _is_utf8(data) else "bytes:" + "".join(f"\\x{b:02x}" for b in data) for text, data in spelled
+    ]
     return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": None}
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -10,10 +10,20 @@ generate path serve both; `openai_field_error` renames its fields to the body's 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from data_plane.server.validation import MAX_MIX_ADAPTERS, MAX_STOP_STRINGS, RequestFieldError
-from openlora.safe_json import JsonFieldError, JsonObject, describe, is_int, load_json_object
+from data_plane.server.validation import (
+    MAX_MIX_ADAPTERS,
+    MAX_STOP_STRINGS,
+    RequestFieldError,
+    penalty_problem,
+    temperature_problem,
+    top_p_problem,
+)
+from openlora.mix_rules import density_problem, weight_problem
+from openlora.safe_json import JsonFieldError, JsonObject, describe, is_int, load_json
 from openlora.v1 import inference_pb2
 
 MAX_BODY_BYTES = 4 << 20  # larger bodies are refused with 413 before they are read
@@ -23,7 +33,14 @@ MAX_MESSAGES = 1024
 MAX_PROMPT_TOKEN_IDS = 1 << 17  # longer than any context served; the context limit is checked later
 MAX_CONTENT_PARTS = 1024
 MAX_SEED = (1 << 63) - 1
-_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+_INT32_MAX = (1 << 31) - 1
+# The GenerateRequest's float fields are float32: a finite JSON number past float32's largest value would
+# arrive as inf, and a nonzero one below its smallest as 0. Each is checked as the client sent it first.
+_FLOAT32_MAX = 3.4028234663852886e38
+# Where 0 is refused (top_p, repetition_penalty, density, a mix weight) a nonzero value in range that
+# float32 cannot hold is raised to float32's smallest normal value, the nearest value the field keeps
+# (not the smallest subnormal, 1.4e-45: GPU kernels flush subnormals to 0).
+_FLOAT32_MIN_NORMAL = 2.0**-126
 _ROLES = ("system", "developer", "user", "assistant")
 
 # Fields accepted only with a value that changes nothing (OpenAI's default); any other value is refused.
@@ -70,7 +87,7 @@ class Body:
     include_usage: bool  # stream_options.include_usage: a last chunk with usage
     prompt: str | None  # completions: text prompt
     prompt_token_ids: tuple[int, ...] | None  # completions: token ids
-    messages: tuple[dict[str, str], ...]  # chat: {"role", "content"} each
+    messages: tuple[dict[str, str], ...]  # chat: {"role", "content"} each, and "name" when sent
     max_tokens: int | None
     temperature: float | None
     top_p: float | None
@@ -95,9 +112,9 @@ def _fields_named(parse):
     getter outside `_body` escaped as a 500 before)."""
 
     @functools.wraps(parse)
-    def wrapper(data: bytes) -> Body:
+    def wrapper(data: bytes, *args) -> Body:
         try:
-            return parse(data)
+            return parse(data, *args)
         except JsonFieldError as error:
             raise BodyError(error.field, error.reason) from None
 
@@ -105,27 +122,36 @@ def _fields_named(parse):
 
 
 @_fields_named
-def parse_completion(data: bytes) -> Body:
-    """POST /v1/completions."""
+def parse_completion(data: bytes, max_tokens_limit: int = _INT32_MAX) -> Body:
+    """POST /v1/completions; `max_tokens` may be 1 to `max_tokens_limit` (the worker's limit)."""
     obj = _load(data, _COMPLETION_FIELDS)
     prompt, prompt_ids = _prompt(obj)
     logprobs = obj.get_int("logprobs", None, lo=0)
     if logprobs:
         raise BodyError("logprobs", "must be 0: only the chosen tokens' log-probabilities are returned")
-    return _body(obj, prompt=prompt, prompt_ids=prompt_ids, messages=(), logprobs=logprobs is not None)
+    max_tokens = obj.get_int("max_tokens", None, lo=1, hi=max_tokens_limit)
+    return _body(
+        obj,
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        messages=(),
+        logprobs=logprobs is not None,
+        max_tokens=max_tokens,
+    )
 
 
 @_fields_named
-def parse_chat(data: bytes) -> Body:
-    """POST /v1/chat/completions."""
+def parse_chat(data: bytes, max_tokens_limit: int = _INT32_MAX) -> Body:
+    """POST /v1/chat/completions; `max_completion_tokens` (or `max_tokens`) may be 1 to `max_tokens_limit`."""
     obj = _load(data, _CHAT_FIELDS)
     messages = _messages(obj)
     logprobs = obj.get_bool("logprobs", False)
     if obj.get_int("top_logprobs", 0, lo=0):
         raise BodyError("top_logprobs", "must be 0: only the chosen tokens' log-probabilities are returned")
-    max_tokens = obj.get_int("max_completion_tokens", None, lo=_INT32_MIN, hi=_INT32_MAX)
-    if max_tokens is not None and "max_tokens" in obj:
+    if "max_completion_tokens" in obj and "max_tokens" in obj:
         raise BodyError("max_completion_tokens", "and max_tokens are mutually exclusive")
+    name = "max_completion_tokens" if "max_completion_tokens" in obj else "max_tokens"
+    max_tokens = obj.get_int(name, None, lo=1, hi=max_tokens_limit)
     return _body(
         obj, prompt=None, prompt_ids=None, messages=messages, logprobs=logprobs, max_tokens=max_tokens
     )
@@ -185,15 +211,27 @@ def openai_field_error(error: RequestFieldError, chat: bool) -> BodyError:
 
 def _load(data: bytes, allowed: set[str]) -> JsonObject:
     try:
-        obj = load_json_object(data, "", max_bytes=MAX_BODY_BYTES)
+        value = load_json(data, "", max_bytes=MAX_BODY_BYTES)
     except JsonFieldError as error:
         raise BodyError(None, f"the body is {error.reason}") from None
+    if not isinstance(value, dict):
+        raise BodyError(None, f"the body must be a JSON object, got {_json_kind(value)}")
+    obj = JsonObject(value, "")
     for key, value in obj.data.items():
         if key not in allowed:
             raise BodyError(key, "is not supported by this server")
         if key in _NEUTRAL and value is not None and not _same(value, _NEUTRAL[key]):
             raise BodyError(key, f"is not supported with a value other than {_NEUTRAL[key]!r}")
     return obj
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, by JSON's names."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "an array"}.get(type(value), "null")
 
 
 def _same(value: object, neutral: object) -> bool:
@@ -209,7 +247,7 @@ def _body(
     prompt_ids: tuple[int, ...] | None,
     messages: tuple[dict[str, str], ...],
     logprobs: bool,
-    max_tokens: int | None = None,
+    max_tokens: int | None,
 ) -> Body:
     model = obj.get_str("model", max_chars=256)
     stream = obj.get_bool("stream", False)
@@ -229,25 +267,46 @@ def _body(
         prompt=prompt,
         prompt_token_ids=prompt_ids,
         messages=messages,
-        max_tokens=max_tokens
-        if max_tokens is not None
-        else obj.get_int("max_tokens", None, lo=_INT32_MIN, hi=_INT32_MAX),
-        temperature=obj.get_number("temperature", None),
-        top_p=obj.get_number("top_p", None),
+        max_tokens=max_tokens,
+        temperature=_float32(obj, "temperature", temperature_problem, keep_nonzero=False),
+        top_p=_float32(obj, "top_p", top_p_problem),
         top_k=obj.get_int("top_k", 0, lo=0, hi=1 << 30),
-        repetition_penalty=obj.get_number("repetition_penalty", None),
+        repetition_penalty=_float32(obj, "repetition_penalty", penalty_problem),
         seed=seed,
         stop=_stop(obj),
         logprobs=logprobs,
         mix=_mix(obj),
         mix_method=obj.get_str("mix_method", "linear", max_chars=32),
-        density=obj.get_number("density", None),
+        density=_float32(obj, "density", density_problem),
         majority_sign_method=obj.get_str("majority_sign_method", "", max_chars=32),
         combine=obj.get_str("combine", "", max_chars=32),
     )
     if not model:
         raise BodyError("model", "must not be empty")
     return body
+
+
+def _float32(
+    obj: JsonObject,
+    key: str,
+    problem: Callable[[float], str | None],
+    keep_nonzero: bool = True,
+    default: float | None = None,
+) -> float | None:
+    """The number `obj[key]` checked by `problem` as the client sent it, then made one a float32 field
+    holds as sent: past float32's largest value it is refused naming that maximum; `keep_nonzero` (a
+    field that refuses 0) raises a nonzero value float32 would round to 0 to its smallest normal value."""
+    value = obj.get_number(key, default)
+    if value is None:
+        return None
+    reason = problem(value)
+    if reason is not None:
+        raise BodyError(obj.field(key), reason)
+    if abs(value) > _FLOAT32_MAX:
+        raise BodyError(obj.field(key), f"must be at most {_FLOAT32_MAX:g} in magnitude, got {value:g}")
+    if keep_nonzero and 0 < abs(value) < _FLOAT32_MIN_NORMAL:
+        return math.copysign(_FLOAT32_MIN_NORMAL, value)
+    return value
 
 
 def _prompt(obj: JsonObject) -> tuple[str | None, tuple[int, ...] | None]:
@@ -292,7 +351,10 @@ def _messages(obj: JsonObject) -> tuple[dict[str, str], ...]:
         role = message.get("role")
         if role not in _ROLES:
             raise BodyError(f"{where}.role", f"must be one of {', '.join(_ROLES)}, got {describe(role)}")
-        messages.append({"role": role, "content": _content(message.get("content"), f"{where}.content")})
+        rendered = {"role": role, "content": _content(message.get("content"), f"{where}.content")}
+        if name is not None:  # the template's to use, as transformers passes it (most ignore it)
+            rendered["name"] = name
+        messages.append(rendered)
     return tuple(messages)
 
 
@@ -311,6 +373,9 @@ def _content(value: object, where: str) -> str:
                 or not isinstance(part.get("text"), str)
             ):
                 raise BodyError(f"{where}[{j}]", "must be a text part ({'type': 'text', 'text': ...})")
+            for key in part:
+                if key not in ("type", "text"):
+                    raise BodyError(f"{where}[{j}].{key}", "is not supported by this server")
             texts.append(part["text"])
         return "".join(texts)
     raise BodyError(where, f"must be a string or a list of text parts, got {describe(value)}")
@@ -352,17 +417,18 @@ def _mix(obj: JsonObject) -> tuple[tuple[str, float], ...]:
             if key not in ("adapter", "weight"):
                 raise BodyError(f"mix[{i}].{key}", "is not supported by this server")
         member = JsonObject(item, f"mix[{i}]")
-        mix.append((member.get_str("adapter", max_chars=256), member.get_number("weight", 1.0)))
+        weight = _float32(member, "weight", lambda w: weight_problem(w, None), default=1.0)
+        mix.append((member.get_str("adapter", max_chars=256), weight))
     return tuple(mix)
 
 
 def _enum(enum, prefix: str, param: str, name: str) -> int:
-    """The value of `prefix + NAME` in a protobuf enum; "" is its unspecified default."""
+    """The value of `prefix + NAME` in a protobuf enum; "" is its unspecified default, which is not a
+    name a body may send ("unspecified" would turn off the checks of the option)."""
     if not name:
         return 0
-    try:
-        return enum.Value(prefix + name.upper())
-    except ValueError:
-        names = [value.name for value in enum.DESCRIPTOR.values]
-        known = [n.removeprefix(prefix).lower() for n in names if not n.endswith("UNSPECIFIED")]
-        raise BodyError(param, f"is unknown ({describe(name)}); one of {', '.join(known)}") from None
+    names = [value.name for value in enum.DESCRIPTOR.values]
+    known = [n.removeprefix(prefix).lower() for n in names if not n.endswith("UNSPECIFIED")]
+    if name.lower() not in known:
+        raise BodyError(param, f"is unknown ({describe(name)}); one of {', '.join(known)}")
+    return enum.Value(prefix + name.upper())

@@ -30,7 +30,7 @@ class GenerationResponse:
         stream: bool,
         include_usage: bool,
         logprobs: bool,
-        token_text: Callable[[int], str],
+        spell_token: Callable[[int], tuple[str, bytes]],
         on_done: Callable[[str], None],
         request_id: str = "",
     ) -> None:
@@ -39,7 +39,7 @@ class GenerationResponse:
         self._stream = stream
         self._include_usage = include_usage
         self._logprobs = logprobs
-        self._token_text = token_text
+        self._spell_token = spell_token  # a token id -> (its text, its own bytes), for logprobs
         self._on_done = on_done  # called once with the gRPC status name of the outcome
         self._request_id = request_id
         self._disconnected = False
@@ -95,7 +95,7 @@ class GenerationResponse:
                 reply.add(chunk)
         except Exception as error:
             return await self._send_error(send, error)
-        body = reply.whole(self._logprobs, self._token_text)
+        body = reply.whole(self._logprobs, self._spell_token)
         await _send_json(send, 200, body, self._id_header(reply.request_id))
         return "OK"
 
@@ -115,7 +115,7 @@ class GenerationResponse:
             while chunk is not None:
                 if chunk.finish is not None:  # a stream keeps no text: only what its usage chunk needs
                     reply.finish = chunk.finish
-                event = reply.chunk(chunk, index == 0, self._logprobs, self._include_usage, self._token_text)
+                event = reply.chunk(chunk, index == 0, self._logprobs, self._include_usage, self._spell_token)
                 await send({"type": "http.response.body", "body": sse.event(event), "more_body": True})
                 index += 1
                 chunk = await anext(chunks, None)

@@ -1,0 +1,99 @@
+"""Answers of the HTTP API in the body's own terms: an unknown model or mix member is a 404 naming its
+field, a token limit is refused under the name the body used and with the range it accepts, a token's
+logprob bytes are its own, and a path or method the API does not serve is answered in OpenAI's error
+format."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from data_plane.tokenizer import Tokenizer
+from openlora.client import Client
+
+PROMPT = "the quick brown fox"
+
+
+def _client(http_worker, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=http_worker.base_url, api_key=key, max_retries=0)
+
+
+def test_chat_logprob_bytes_are_the_tokens_own_bytes(system, http_worker, tenant):
+    """A generated token that holds one byte of a multi-byte character reports that byte (it reported
+    the three bytes of U+FFFD, its text decoded alone)."""
+    rendered = f"user: {PROMPT}\nassistant:"  # the conftest's template
+    with Client(http_worker.grpc_target, tenant[2]) as client:
+        token_ids = [
+            t
+            for r in client.generate_stream(prompt=rendered, adapter="ad1", max_tokens=12)
+            for t in r.token_ids
+        ]
+    chat = _client(http_worker, tenant[2]).chat.completions.create(
+        model="ad1", messages=[{"role": "user", "content": PROMPT}], max_completion_tokens=12, logprobs=True
+    )
+    content = chat.choices[0].logprobs.content
+    tokenizer = Tokenizer.from_dir(system.model_dir)
+    assert [c.bytes for c in content] == [list(tokenizer.token_bytes(t)) for t in token_ids]
+    lone = [c for c in content if c.token == "\ufffd"]
+    assert lone and all(len(c.bytes) == 1 and c.bytes[0] >= 0x80 for c in lone)
+
+
+def test_an_unknown_model_or_mix_member_is_404_naming_its_field(http_worker, tenant):
+    client = _client(http_worker, tenant[2])
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
+    assert missing.value.body["param"] == "model"
+    assert missing.value.body["message"] == "model 'nope' not found"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=2,
+            extra_body={"mix": {"ad0": 0.5, "nope": 0.5}},
+        )
+    assert missing.value.body["param"] == "mix[1].adapter"
+    assert missing.value.body["message"] == "mix[1].adapter 'nope' not found"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=2, extra_body={"mix": [{"adapter": "nope", "weight": 1}]}
+        )
+    assert missing.value.body["param"] == "mix[0].adapter"
+
+
+def test_a_token_limit_is_refused_by_the_name_the_body_used_with_the_range_it_accepts(http_worker, tenant):
+    client = _client(http_worker, tenant[2])
+    limit = http_worker.worker.http._app.state.api.service.limits.max_tokens_limit
+    messages = [{"role": "user", "content": PROMPT}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=0)
+    assert refused.value.body["param"] == "max_completion_tokens"
+    assert f"[1, {limit}]" in refused.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny", prompt=PROMPT, extra_body={"max_tokens": "5"})
+    assert refused.value.body["param"] == "max_tokens"
+    assert f"[1, {limit}]" in refused.value.body["message"]
+    assert "2147483647" not in refused.value.body["message"]
+
+
+@pytest.mark.parametrize(("data", "kind"), [(b"[]", "an array"), (b'"hi"', "a string"), (b"5", "a number")])
+def test_a_body_that_is_not_an_object_says_so(http_worker, tenant, data, kind):
+    response = httpx.post(
+        f"{http_worker.base_url}/completions",
+        content=data,
+        headers={"Authorization": f"Bearer {tenant[2]}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == f"the body must be a JSON object, got {kind}"
+
+
+def test_an_unserved_method_or_path_is_answered_as_an_invalid_request(http_worker, tenant):
+    headers = {"Authorization": f"Bearer {tenant[2]}"}
+    not_allowed = httpx.get(f"{http_worker.base_url}/completions", headers=headers)
+    assert not_allowed.status_code == 405
+    assert not_allowed.json()["error"]["type"] == "invalid_request_error"
+    slash = httpx.post(
+        f"{http_worker.base_url}/completions/", json={"model": "tiny", "prompt": PROMPT}, headers=headers
+    )
+    assert slash.status_code == 404  # not a redirect (307) that a client follows or gives up on
+    assert slash.json()["error"]["message"] == "no route /v1/completions/"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 import warnings
 from pathlib import Path
 
@@ -48,6 +49,7 @@ _ALPHA = 16
 _VOCAB_SIZE = 1024
 _INTERMEDIATE_SIZE = 320  # a multiple of 32, so int4 can group down_proj's input dimension
 _BASE_PHRASES = 2000  # word-game examples in the base model's training set
+_NUM_PROGRESS_LINES = 10  # progress lines over the whole training (base model and adapters)
 _MAX_WORDS = 4  # the adapters' phrases have 2.._MAX_WORDS words (the base model's games one more)
 # User turns are the phrase, "=>" asks for the answer; an assistant turn is the answer and EOS.
 CHAT_TEMPLATE = (
@@ -129,19 +131,51 @@ def _batches(tokenizer, examples: list[tuple[str, str]], batch_size: int, rng: r
         yield ids, labels
 
 
-def _train(model, parameters, batches, steps: int, lr: float) -> float:
+class TrainingProgress:
+    """Logs one line at each tenth of all the training steps (the base model's and every adapter's): the
+    share done, the phase with its step, and the time since training began. A first start on a slow
+    machine trains for minutes; these lines show it is moving."""
+
+    def __init__(self, total_steps: int, num_lines: int = _NUM_PROGRESS_LINES) -> None:
+        self.total_steps = max(total_steps, 1)
+        self.num_lines = num_lines
+        self.num_done = 0
+        self._next_line = 1
+        self._started_at = time.monotonic()
+
+    def step(self, phase: str, step: int, num_phase_steps: int) -> None:
+        """Counts one step (1-based `step` of `num_phase_steps` in `phase`)."""
+        self.num_done += 1
+        if self.num_done * self.num_lines < self._next_line * self.total_steps:
+            return
+        while self._next_line * self.total_steps <= self.num_done * self.num_lines:
+            self._next_line += 1
+        log.info(
+            "demo model training: %d%% (%s, step %d/%d), %.0f s",
+            100 * self.num_done // self.total_steps,
+            phase,
+            step,
+            num_phase_steps,
+            time.monotonic() - self._started_at,
+        )
+
+
+def _train(
+    model, parameters, batches, steps: int, lr: float, phase: str, progress: TrainingProgress
+) -> float:
     """AdamW with the learning rate decaying linearly to zero over `steps`."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
     model.train()
     loss = torch.tensor(0.0)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         ids, labels = next(batches)
         loss = model(input_ids=ids, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         decay.step()
+        progress.step(phase, step, steps)
     model.eval()
     return float(loss.detach())
 
@@ -152,7 +186,8 @@ def write_demo_model(
     """Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json (its chat template)
     and adapters/<task>/ (PEFT) under out_dir.
 
-    The step counts exist for tests that need the files but not well-trained adapters.
+    The step counts exist for tests that need the files but not well-trained adapters. Training logs
+    its progress (`TrainingProgress`) at INFO.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -182,8 +217,10 @@ def write_demo_model(
     )
     model = LlamaForCausalLM(config)
     log.info("training the demo base model, then %d adapters", len(TASKS))
+    progress = TrainingProgress(base_steps + len(TASKS) * adapter_steps)
     text = _base_examples(rng)
-    loss = _train(model, model.parameters(), _batches(tokenizer, text, 16, rng), base_steps, _BASE_LR)
+    batches = _batches(tokenizer, text, 16, rng)
+    loss = _train(model, model.parameters(), batches, base_steps, _BASE_LR, "base model", progress)
     log.info("demo base model trained: loss %.2f", loss)
     model.save_pretrained(out_dir)
     (out_dir / "openlora_demo.json").write_text(json.dumps({"tasks": list(TASKS), "seed": SEED}, indent=2))
@@ -201,9 +238,8 @@ def write_demo_model(
             peft_model = get_peft_model(base, lora)
         examples = [_task_line(task, rng) for _ in range(200)]
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        loss = _train(
-            peft_model, trainable, _batches(tokenizer, examples, 16, rng), adapter_steps, _ADAPTER_LR
-        )
+        batches = _batches(tokenizer, examples, 16, rng)
+        loss = _train(peft_model, trainable, batches, adapter_steps, _ADAPTER_LR, f"adapter {task}", progress)
         log.info("demo adapter %s trained: loss %.2f", task, loss)
         adapter_dir = out_dir / "adapters" / task
         peft_model.save_pretrained(adapter_dir)

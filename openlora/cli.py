@@ -22,9 +22,16 @@ import grpc
 from control_plane.prediction.settings import add_predictor_flags
 from openlora.admin_client import AdminClient, UploadRefused
 from openlora.config import AdminSettings, ControlPlaneSettings, read_context
+from openlora.mix_rules import MIN_DENSITY
 
 log = logging.getLogger("openlora.cli")
 AdminHandler = Callable[[AdminClient, argparse.Namespace], int]
+BROKEN_PIPE_EXIT_CODE = 128 + signal.SIGPIPE  # what a shell reports for a writer its reader left (141)
+OPERATOR_ONLY = "only an operator admin key may do this"  # the control plane's PERMISSION_DENIED details
+OPERATOR_KEY_HINT = (
+    "hint: `openlora up` keeps the operator key in STATE_DIR/up-secrets.json (`admin_key`; "
+    "STATE_DIR is .state by default): pass it with --api-key"
+)
 
 
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
@@ -182,6 +189,11 @@ def _add_adapters(subparsers) -> None:
     p.add_argument("--base-model", default="", help="default: the only registered base model")
     p.add_argument("--tenant", default="", help="owning tenant (operator key); default: the key's tenant")
     p.add_argument("--royalty", type=int, default=0, help="micro-units per million completion tokens")
+    p.add_argument(
+        "--keep-warm",
+        action="store_true",
+        help="keep it in the workers' host memory once loaded, never evicted",
+    )
     p = _admin_command(adapters, "list", _adapters_list, "list adapters")
     p.add_argument("--tenant", default="")
     p.add_argument("--public", action="store_true", help="include other tenants' public adapters")
@@ -216,6 +228,7 @@ def _adapters_push(client: AdminClient, args: argparse.Namespace) -> int:
         public=args.public,
         tenant=args.tenant,
         royalty_micros_per_million_tokens=args.royalty,
+        keep_warm=args.keep_warm,
     )
     print_table(_ADAPTER_HEADERS, _adapter_rows([response.adapter]))
     if response.deduplicated:
@@ -261,7 +274,12 @@ def _add_mixes(subparsers) -> None:
     p.add_argument("name")
     p.add_argument("--mix", type=_mix_members, required=True, help="members, e.g. a=0.6,b=0.4")
     p.add_argument("--method", default="linear", choices=MIX_METHODS)
-    p.add_argument("--density", type=float, default=None, help="kept fraction in (0, 1] (ties, dare, prune)")
+    p.add_argument(
+        "--density",
+        type=float,
+        default=None,
+        help=f"kept fraction in [{MIN_DENSITY:g}, 1] (ties, dare, prune)",
+    )
     p.add_argument(
         "--majority-sign-method", default=None, choices=["total", "frequency"], help="ties, dare_ties"
     )
@@ -420,6 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Runs one command; returns its exit status. Output piped into a reader that stops early
+    (`openlora adapters list | head -2`) ends quietly with BROKEN_PIPE_EXIT_CODE."""
+    try:
+        code = _run(argv, environ)
+        sys.stdout.flush()  # here, so that a closed pipe is seen now and not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush finds nowhere to fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT_CODE
+
+
+def _run(argv: list[str] | None, environ: Mapping[str, str] | None) -> int:
     args = build_parser().parse_args(argv)
     environ = os.environ if environ is None else environ
     kind = getattr(args, "kind", None)
@@ -433,6 +466,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return args.func(args)
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        if e.code() == grpc.StatusCode.PERMISSION_DENIED and e.details() == OPERATOR_ONLY:
+            print(OPERATOR_KEY_HINT, file=sys.stderr)
         return 1
     except (ValueError, UploadRefused) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,11 +1,29 @@
-"""Binding a gRPC server's listener, with one clear error when the address cannot be taken (gRPC raises
-a bare RuntimeError "Failed to bind", which reached the operator as a traceback)."""
+"""Binding a listener, with one clear error when the address cannot be taken (gRPC raises a bare
+RuntimeError "Failed to bind", and a metrics port in use an OSError, which reached the operator as a
+traceback)."""
 
 from __future__ import annotations
+
+import re
+
+_IN_USE = "the port is in use or the address is not this machine's"
+_FAILED_ADDRESS = re.compile(r"cannot listen on (\S+?): ")
 
 
 class ListenError(OSError):
     """The listener's address is in use, or is not an address of this machine."""
+
+
+def listen_error(listen: str, flag: str, reason: str = _IN_USE) -> ListenError:
+    """The ListenError for `listen` (HOST:PORT): one line naming the address and the `flag` (with its
+    environment variable) that moves it."""
+    return ListenError(f"cannot listen on {listen}: {reason}; free it or choose another with {flag}")
+
+
+def failed_address(text: str) -> str | None:
+    """The address of the last ListenError message in `text` (a process's output), or None."""
+    found = _FAILED_ADDRESS.findall(text)
+    return found[-1] if found else None
 
 
 def bind(server, listen: str, flag: str) -> int:
@@ -16,8 +34,5 @@ def bind(server, listen: str, flag: str) -> int:
     except RuntimeError:
         port = 0
     if port == 0:
-        raise ListenError(
-            f"cannot listen on {listen}: the port is in use or the address is not this machine's; "
-            f"free it or choose another with {flag}"
-        )
+        raise listen_error(listen, flag)
     return port

@@ -40,7 +40,7 @@ from data_plane.server.usage_reporter import UsageReporter
 from data_plane.server.validation import RequestLimits
 from openlora.grpc_decoding import RequestDecodingInterceptor
 from openlora.hints import Hint
-from openlora.listen import bind
+from openlora.listen import ListenError, bind, listen_error
 from openlora.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,9 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
 
     server = grpc.aio.server(interceptors=[RequestDecodingInterceptor()])
     port = bind(server, config.listen, "--listen (OPENLORA_LISTEN)")
+    metrics = WorkerMetrics()
+    if config.metrics_port:  # bound before registering: a worker that cannot listen never registers
+        metrics.serve_http(config.metrics_port)
     host = config.listen.rsplit(":", 1)[0]
     address = config.advertise_address or f"{host}:{port}"
 
@@ -191,7 +194,6 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     heartbeat_s = await _register_with_retry(register)
     log.info("registered as worker %s (base model %s, %s)", state.worker_id, spec.name, address)
 
-    metrics = WorkerMetrics()
     llm_engine = getattr(engine, "engine", None)
     if llm_engine is not None and hasattr(llm_engine, "runner"):
         weights = llm_engine.runner.model.weight_bytes()
@@ -268,8 +270,6 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         ),
         server,
     )
-    if config.metrics_port:
-        metrics.serve_http(config.metrics_port)
     http = None
     if config.http_listen:
         api = OpenAIApi(
@@ -281,7 +281,13 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
             created=int(time.time()),
         )
         http = HttpServer(build_app(api, metrics=config.http_metrics), config.http_listen)
-        await http.start()
+        try:
+            await http.start()
+        except ListenError:
+            raise
+        except OSError as error:  # its bind: one line naming the address, as the gRPC listener's
+            reason = error.strerror or str(error)
+            raise listen_error(config.http_listen, "--http-listen (OPENLORA_HTTP_LISTEN)", reason) from None
 
     running = RunningWorker(
         config=config,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from openlora.listen import listen_error
+
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 TIERS = ("none", "device", "host", "disk", "remote")
@@ -146,9 +148,15 @@ class WorkerMetrics:
         scraping thread; `activity` holds the adapter names of the requests in flight."""
         self.registry.register(_RoutingCollector(read, activity, max_lora))
 
-    def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Exposes /metrics on `port` (a daemon thread of prometheus-client)."""
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve_http(
+        self, port: int, addr: str = "0.0.0.0", flag: str = "--metrics-port (OPENLORA_METRICS_PORT)"
+    ) -> None:
+        """Exposes /metrics on `port` (a daemon thread of prometheus-client). Raises ListenError naming
+        the address and `flag` when the port cannot be bound."""
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as error:
+            raise listen_error(f"{addr}:{port}", flag, error.strerror or str(error)) from None
 
 
 @dataclass(frozen=True)

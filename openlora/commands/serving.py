@@ -310,6 +310,7 @@ def _add_demo_model(subparsers) -> None:
 def _run_demo_model(args: argparse.Namespace) -> int:
     from data_plane.demo import write_demo_model
 
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     write_demo_model(args.out_dir)
     adapters = sorted(p.name for p in (args.out_dir / "adapters").iterdir() if p.is_dir())
     print(f"demo model written to {args.out_dir} (adapters: {', '.join(adapters)})")
@@ -325,20 +326,48 @@ def _add_up(subparsers) -> None:
     p.add_argument("--model", default=_env("MODEL"), help="base model directory; default: the demo model")
     p.add_argument("--database-url", default=_env("DATABASE_URL"), help="default: embedded PostgreSQL")
     p.add_argument("--redis-url", default=_env("REDIS_URL"), help="default: embedded Redis")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50052, help="inference port (0: any free port)")
-    p.add_argument("--admin-port", type=int, default=50051, help="control plane port (0: any free port)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="(OPENLORA_HOST)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=_env_int("PORT", 50052),
+        help="inference port (OPENLORA_PORT; 0: any free)",
+    )
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        default=_env_int("ADMIN_PORT", 50051),
+        help="control plane port (OPENLORA_ADMIN_PORT; 0: any free port)",
+    )
     p.add_argument(
         "--http-port",
         type=int,
-        default=None,
-        help="OpenAI-compatible HTTP API port (0: any free port; default 8000, any free one with --port 0)",
+        default=_env_int("HTTP_PORT", None),
+        help="OpenAI-compatible HTTP API port (OPENLORA_HTTP_PORT; 0: any free port; default 8000, any free "
+        "one with --port 0)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_int("METRICS_PORT", 0),
+        help="the worker's /metrics port (OPENLORA_METRICS_PORT; default 0: off)",
+    )
+    p.add_argument(
+        "--admin-metrics-port",
+        type=int,
+        default=_env_int("ADMIN_METRICS_PORT", 0),
+        help="the control plane's /metrics port (OPENLORA_ADMIN_METRICS_PORT; default 0: off)",
     )
     p.add_argument("--device", default=_env("DEVICE", "cpu"))
-    p.add_argument("--tenant", default="demo")
+    p.add_argument("--tenant", default=_env("TENANT", "demo"), help="the demo tenant (OPENLORA_TENANT)")
     p.add_argument("--context", default=None, help="context file; default OPENLORA_CONTEXT or XDG path")
     p.add_argument("--drain-grace-s", type=float, default=_env_float("DRAIN_GRACE_S", 30.0))
-    p.add_argument("--worker-arg", action="append", default=[], help="extra flag for the worker (repeatable)")
+    p.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        help="extra flag for the worker (repeatable; the worker's OPENLORA_* variables reach it too)",
+    )
     _add_quantize_flags(p)
     from control_plane.prediction.settings import add_predictor_flags
 
@@ -372,6 +401,10 @@ def up_config_from_args(args: argparse.Namespace, environ):
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_FORMATS)}, got {args.quantize!r}")
     if args.quantize_lm_head and args.quantize == "none":
         raise ValueError("--quantize-lm-head needs --quantize int8 or int4")
+    for flag in ("port", "admin_port", "http_port", "metrics_port", "admin_metrics_port"):
+        port = getattr(args, flag)
+        if port is not None and not 0 <= port <= 65535:
+            raise ValueError(f"--{flag.replace('_', '-')} must be 0..65535, got {port}")
     # The control plane child reads the same environment; its flags carry what was given here.
     resolve_interval_s(vars(args), environ)
     resolve_predictor_config(vars(args), environ)
@@ -392,6 +425,8 @@ def up_config_from_args(args: argparse.Namespace, environ):
         quantize=args.quantize,
         quantize_lm_head=args.quantize_lm_head,
         control_plane_args=tuple(explicit_flags(vars(args))),
+        metrics_port=args.metrics_port,
+        admin_metrics_port=args.admin_metrics_port,
     )
 
 

@@ -4,20 +4,27 @@ again on the same address, data or state dir, after a backoff of its own that do
 RESTART_BACKOFF_MIN_S to RESTART_BACKOFF_MAX_S and falls back to the minimum once the child has run for
 RESTART_BACKOFF_RESET_S. Only a child that exits with CONFIG_ERROR_EXIT_CODE (its flags refused: the same
 command would be refused again) ends the supervision.
+
+`Supervisor.check` is one pass of that watch; `up` runs it while it waits for its children to serve, so a
+child that exits while starting (a port taken between up's check and the child's bind) is started again
+just as one that exits later.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from openlora.embedded import EmbeddedPostgres, EmbeddedRedis, child_setup
+from openlora.listen import failed_address
 
 log = logging.getLogger("openlora.up")
 
@@ -31,17 +38,44 @@ class ChildExited(RuntimeError):
     pass
 
 
+class ConfigRefused(ChildExited):
+    """A child exited with CONFIG_ERROR_EXIT_CODE: the same command would be refused again."""
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 class Child:
     """One process started by `up`, in its own session so a terminal's Ctrl-C reaches `up` only and `up`
-    stops the children in order."""
+    stops the children in order.
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+    Its output is appended to `log_path`; `tail` shows only what this process wrote. `listen_hints` maps an
+    address the child was told to listen on to the line `up` logs when the child could not listen there
+    (what the address is for and which flag of `up` moves it)."""
+
+    log_offset: int = 0
+    listen_hints: Mapping[str, str] = MappingProxyType({})
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        listen_hints: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.env = env
         self.log_path = log_path
+        self.listen_hints = dict(listen_hints or {})
         self.started_at = time.monotonic()
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.log_offset = os.fstat(self._log.fileno()).st_size  # earlier runs' lines end here
         self.process = subprocess.Popen(
             argv,
             env=env,
@@ -71,13 +105,25 @@ class Child:
     def restarted(self) -> Child:
         """A new process of the same command, environment and log, once this one has exited."""
         self.stop(0)
-        return Child(self.name, self.argv, self.env, self.log_path)
+        return Child(self.name, self.argv, self.env, self.log_path, self.listen_hints)
 
-    def tail(self, num_lines: int = 30) -> str:
+    def output(self) -> str:
+        """What this process wrote to its log (not the earlier runs' lines above it)."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_offset)
+                return f.read().decode(errors="replace")
         except OSError:
             return ""
+
+    def tail(self, num_lines: int = 30) -> str:
+        return "\n".join(self.output().splitlines()[-num_lines:])
+
+    def listen_hint(self) -> str | None:
+        """The line for the address this process could not listen on, when its output names one of
+        `listen_hints`."""
+        address = failed_address(self.output())
+        return self.listen_hints.get(address) if address is not None else None
 
 
 class EmbeddedChild(Child):
@@ -85,11 +131,16 @@ class EmbeddedChild(Child):
     `restart` starts it again on the same data dir and port, so that its clients find it where it was."""
 
     def __init__(
-        self, name: str, server: EmbeddedPostgres | EmbeddedRedis, restart: Callable[[], Child]
+        self,
+        name: str,
+        server: EmbeddedPostgres | EmbeddedRedis,
+        restart: Callable[[], Child],
+        log_offset: int = 0,
     ) -> None:
         self.name = name
         self.server = server
         self.log_path = server.log_path
+        self.log_offset = log_offset
         self.started_at = time.monotonic()
         self.process = server.process
         self._restart = restart
@@ -106,21 +157,23 @@ class EmbeddedChild(Child):
 def start_embedded_postgres(state_dir: Path, port: int | None = None) -> EmbeddedChild:
     """Embedded Postgres on STATE_DIR/postgres (on `port`, else a free one), restarted on its first port."""
     server = EmbeddedPostgres(state_dir, port=port)
+    log_offset = _log_size(server.log_path)
     try:
         server.start()
     except BaseException:
         server.stop()  # a server that started but could not create its database
         raise
     port = server.port  # read now: stopping the dead server clears it
-    return EmbeddedChild("postgres", server, lambda: start_embedded_postgres(state_dir, port))
+    return EmbeddedChild("postgres", server, lambda: start_embedded_postgres(state_dir, port), log_offset)
 
 
 def start_embedded_redis(state_dir: Path, port: int | None = None) -> EmbeddedChild:
     """Embedded Redis on STATE_DIR/redis (on `port`, else a free one), restarted on its first port."""
     server = EmbeddedRedis(state_dir, port=port)
+    log_offset = _log_size(server.log_path)
     server.start()
     port = server.port
-    return EmbeddedChild("redis", server, lambda: start_embedded_redis(state_dir, port))
+    return EmbeddedChild("redis", server, lambda: start_embedded_redis(state_dir, port), log_offset)
 
 
 def exit_status(code: int | None) -> str:
@@ -146,51 +199,76 @@ class Backoff:
         return delay_s
 
 
+class Supervisor:
+    """Restarts the children of `up` that exit, each after its own backoff (logged with its exit status);
+    a restart that fails is tried again. `children` is the caller's list, in which a restarted child
+    replaces the one that exited; `up` adds to it while it starts."""
+
+    def __init__(self, children: list[Child]) -> None:
+        self.children = children
+        self._backoffs: dict[str, Backoff] = {}
+        self._restart_at: dict[str, float] = {}  # child name -> when it is started again
+
+    def check(self) -> float:
+        """One pass over the children; returns the seconds until the next restart is due (inf: none).
+        Raises ConfigRefused when a child refused its configuration (exit CONFIG_ERROR_EXIT_CODE)."""
+        now = time.monotonic()
+        for index, child in enumerate(self.children):
+            restart_at = self._restart_at.get(child.name)
+            if restart_at is None:
+                if not child.alive():
+                    self._schedule_restart(child, now)
+            elif now >= restart_at:
+                self._restart(index, child)
+        return min((at - time.monotonic() for at in self._restart_at.values()), default=float("inf"))
+
+    def run(self, stop: threading.Event) -> int:
+        """Checks the children until `stop`. Returns up's exit status: 0 on `stop`, 1 on a refused
+        configuration."""
+        while not stop.is_set():
+            try:
+                wait_s = self.check()
+            except ConfigRefused:
+                return 1
+            stop.wait(max(0.0, min(0.5, wait_s)))
+        return 0
+
+    def _schedule_restart(self, child: Child, now: float) -> None:
+        code = child.process.returncode
+        if code == CONFIG_ERROR_EXIT_CODE:  # the same command would be refused again: do not loop
+            log.error(
+                "%s refused its configuration (exit %s); not restarting:\n%s", child.name, code, child.tail()
+            )
+            raise ConfigRefused(f"{child.name} refused its configuration (exit {code})")
+        ran_s = now - child.started_at
+        delay_s = self._backoffs.setdefault(child.name, Backoff()).next_delay_s(ran_s)
+        self._restart_at[child.name] = now + delay_s
+        hint = child.listen_hint()
+        log.error(
+            "%s exited (%s) after %.1fs; restarting it in %.1fs%s:\n%s",
+            child.name,
+            exit_status(code),
+            ran_s,
+            delay_s,
+            f"; {hint}" if hint else "",
+            child.tail(),
+        )
+
+    def _restart(self, index: int, child: Child) -> None:
+        try:
+            self.children[index] = child.restarted()
+        except Exception as error:  # one failed start must not end the supervision
+            delay_s = self._backoffs[child.name].next_delay_s(0.0)
+            self._restart_at[child.name] = time.monotonic() + delay_s
+            log.error("%s could not be restarted (%s); trying again in %.1fs", child.name, error, delay_s)
+            return
+        del self._restart_at[child.name]
+        log.info("%s restarted (pid %d)", child.name, self.children[index].process.pid)
+
+
 def supervise(children: list[Child], stop: threading.Event) -> int:
     """Watches the children until `stop`, restarting each one that exits in place in `children` (its own
     backoff, logged with its exit status; a restart that fails is tried again, for as long as it takes),
     unless it refused its configuration (exit CONFIG_ERROR_EXIT_CODE). Returns up's exit status: 0 on
     `stop`, 1 on a refused configuration."""
-    backoffs = [Backoff() for _ in children]
-    restart_at: list[float | None] = [None] * len(children)  # when a dead child is started again
-    while not stop.is_set():
-        now = time.monotonic()
-        for index, child in enumerate(children):
-            if restart_at[index] is None:
-                if child.alive():
-                    continue
-                code = child.process.returncode
-                if code == CONFIG_ERROR_EXIT_CODE:  # the same command would be refused again: do not loop
-                    log.error(
-                        "%s refused its configuration (exit %s); not restarting:\n%s",
-                        child.name,
-                        code,
-                        child.tail(),
-                    )
-                    return 1
-                ran_s = now - child.started_at
-                delay_s = backoffs[index].next_delay_s(ran_s)
-                restart_at[index] = now + delay_s
-                log.error(
-                    "%s exited (%s) after %.1fs; restarting it in %.1fs:\n%s",
-                    child.name,
-                    exit_status(code),
-                    ran_s,
-                    delay_s,
-                    child.tail(),
-                )
-            elif now >= restart_at[index]:
-                try:
-                    children[index] = child.restarted()
-                except Exception as error:  # one failed start must not end the supervision
-                    delay_s = backoffs[index].next_delay_s(0.0)
-                    restart_at[index] = time.monotonic() + delay_s
-                    log.error(
-                        "%s could not be restarted (%s); trying again in %.1fs", child.name, error, delay_s
-                    )
-                    continue
-                restart_at[index] = None
-                log.info("%s restarted (pid %d)", child.name, children[index].process.pid)
-        pending_s = [at - time.monotonic() for at in restart_at if at is not None]
-        stop.wait(max(0.0, min([0.5, *pending_s])))
-    return 0
+    return Supervisor(children).run(stop)

@@ -17,10 +17,17 @@ demo tenant's key (reused while it still authenticates, so restarts do not pile 
 and the embedded Postgres and Redis when it started them. One that exits on its own (an engine that cannot
 go on exits non-zero, or it was killed) is started again on the same address, data or state dir and
 secrets, so the others find it where it was, after a backoff of its own; each exit is logged with its
-status. The rest of the system stays up meanwhile (a worker whose control plane is away serves its cached
+status (and, when the child could not listen on an address `up` gave it, with the flag of `up` that moves
+it). This holds while `up` starts too: a worker whose port was taken between up's check and its bind
+(another program's outgoing connection can hold any port of the ephemeral range) is started again while
+`up` waits for it to serve. The rest of the system stays up meanwhile (a worker whose control plane is away serves its cached
 keys and spools usage). A restart that fails is tried again, the delay doubling up to the cap, for as long
 as `up` runs; only a child that exits with supervise.CONFIG_ERROR_EXIT_CODE (its flags refused: the same command
 would be refused again) stops `up`, with exit status 1.
+
+Metrics: `--metrics-port` (OPENLORA_METRICS_PORT) is the worker's /metrics and `--admin-metrics-port`
+(OPENLORA_ADMIN_METRICS_PORT) the control plane's, each handed to its child as a flag; the children do not
+see OPENLORA_METRICS_PORT, which both would read (and the second to bind would fail).
 """
 
 from __future__ import annotations
@@ -53,9 +60,9 @@ from openlora.commands.demo_setup import (
 from openlora.commands.supervise import (
     Child,
     ChildExited,
+    Supervisor,
     start_embedded_postgres,
     start_embedded_redis,
-    supervise,
 )
 from openlora.config import new_secret
 from openlora.embedded import free_port as _free_port
@@ -86,6 +93,62 @@ class UpConfig:
     quantize_lm_head: bool = False
     http_port: int = 0  # the worker's OpenAI-compatible API (0: any free port)
     control_plane_args: tuple[str, ...] = ()  # the predictor's flags, handed to `openlora control-plane`
+    metrics_port: int = 0  # the worker's /metrics (0: off)
+    admin_metrics_port: int = 0  # the control plane's /metrics (0: off)
+
+
+METRICS_HOST = "0.0.0.0"  # where the children serve /metrics
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A fixed port of `up` (0: any free one, or off for metrics): what it is for and the flag of `up`
+    that moves it."""
+
+    port: int
+    host: str
+    purpose: str
+    flag: str
+
+    def taken_line(self, port: int | None = None) -> str:
+        """The line `up` logs when a child could not listen on this listener's address."""
+        return f"port {port or self.port} ({self.purpose}) cannot be used; choose another with {self.flag}"
+
+
+def listeners(config: UpConfig) -> dict[str, Listener]:
+    """up's listeners by name: admin, inference, http, metrics, admin_metrics."""
+    return {
+        "admin": Listener(
+            config.admin_port,
+            config.host,
+            "the control plane's admin API",
+            "--admin-port PORT (or --admin-port 0: any free port)",
+        ),
+        "inference": Listener(
+            config.port,
+            config.host,
+            "the worker's gRPC inference API",
+            "--port PORT (or --port 0: any free ports, for it and the HTTP API)",
+        ),
+        "http": Listener(
+            config.http_port,
+            config.host,
+            "the OpenAI-compatible HTTP API",
+            "--http-port PORT (or --http-port 0: any free port)",
+        ),
+        "metrics": Listener(
+            config.metrics_port,
+            METRICS_HOST,
+            "the worker's /metrics",
+            "--metrics-port PORT (OPENLORA_METRICS_PORT; 0: off)",
+        ),
+        "admin_metrics": Listener(
+            config.admin_metrics_port,
+            METRICS_HOST,
+            "the control plane's /metrics",
+            "--admin-metrics-port PORT (OPENLORA_ADMIN_METRICS_PORT; 0: off)",
+        ),
+    }
 
 
 class StartRefused(RuntimeError):
@@ -93,14 +156,14 @@ class StartRefused(RuntimeError):
     says what to do."""
 
 
-def _wait_serving(target: str, children: list[Child], timeout_s: float = READY_TIMEOUT_S) -> None:
+def _wait_serving(target: str, supervisor: Supervisor, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Waits for `target`'s health to be SERVING while the supervisor restarts a child that exits, as it
+    does once `up` is ready; ConfigRefused (a child refused its flags) and TimeoutError end the wait."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
-            for child in children:
-                if not child.alive():
-                    raise ChildExited(f"{child.name} exited with {child.process.returncode}:\n{child.tail()}")
+            supervisor.check()
             try:
                 response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
@@ -146,25 +209,9 @@ def _port_error(host: str, port: int) -> str | None:
 def check_ports(config: UpConfig) -> None:
     """StartRefused, naming the port, what it is for and the flag that moves it, when a fixed port of
     `up` (0 is any free port) is taken or given twice: checked before any child starts."""
-    ports = (
-        (
-            config.admin_port,
-            "the control plane's admin API",
-            "--admin-port PORT (or --admin-port 0: any free port)",
-        ),
-        (
-            config.port,
-            "the worker's gRPC inference API",
-            "--port PORT (or --port 0: any free ports, for it and the HTTP API)",
-        ),
-        (
-            config.http_port,
-            "the OpenAI-compatible HTTP API",
-            "--http-port PORT (or --http-port 0: any free port)",
-        ),
-    )
     seen: dict[int, str] = {}
-    for port, purpose, flag in ports:
+    for listener in listeners(config).values():
+        port, purpose, flag = listener.port, listener.purpose, listener.flag
         if not port:
             continue
         if port in seen:
@@ -172,12 +219,21 @@ def check_ports(config: UpConfig) -> None:
                 f"port {port} is given for both {seen[port]} and {purpose}: choose another with {flag}"
             )
         seen[port] = purpose
-        reason = _port_error(config.host, port)
+        reason = _port_error(listener.host, port)
         if reason is not None:
             raise StartRefused(
-                f"port {port} on {config.host} ({purpose}) cannot be used: {reason}; "
+                f"port {port} on {listener.host} ({purpose}) cannot be used: {reason}; "
                 f"choose another with {flag}"
             )
+
+
+def _port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def _enabled(hints: dict[str, str]) -> dict[str, str]:
+    """`hints` without the addresses on port 0 (a listener that is off)."""
+    return {address: line for address, line in hints.items() if _port_of(address)}
 
 
 def _load_secrets(state_dir: Path) -> dict:
@@ -252,6 +308,7 @@ def _run_locked(config: UpConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     children: list[Child] = []  # in the order of stop: worker, control plane, Redis, Postgres
+    supervisor = Supervisor(children)
     exit_code = 0
     try:
         database_url = config.database_url
@@ -275,6 +332,10 @@ def _run_locked(config: UpConfig) -> int:
             os.environ, OPENLORA_ADMIN_KEY=keys["admin_key"], OPENLORA_WORKER_TOKEN=keys["worker_token"]
         )
         env.pop("OPENLORA_CONTEXT", None)
+        env.pop("OPENLORA_METRICS_PORT", None)  # both children read it: each gets its own port as a flag
+        ports = listeners(config)
+        metrics_address = f"{METRICS_HOST}:{config.metrics_port}"
+        admin_metrics_address = f"{METRICS_HOST}:{config.admin_metrics_port}"
         control_plane = Child(
             "control plane",
             [
@@ -283,14 +344,19 @@ def _run_locked(config: UpConfig) -> int:
                 "--database-url", database_url,
                 "--redis-url", redis_url,
                 "--state-dir", str(config.state_dir / "control-plane"),
+                "--metrics-port", str(config.admin_metrics_port),
                 *config.control_plane_args,
             ],
             env,
             logs / "control-plane.log",
+            _enabled({
+                admin_target: ports["admin"].taken_line(_port_of(admin_target)),
+                admin_metrics_address: ports["admin_metrics"].taken_line(),
+            }),
         )  # fmt: skip
         children.insert(0, control_plane)
         model_dir = config.model_dir or ensure_demo_model(config.state_dir)
-        _wait_serving(admin_target, children)
+        _wait_serving(admin_target, supervisor)
         worker = Child(
             "worker",
             [
@@ -305,13 +371,19 @@ def _run_locked(config: UpConfig) -> int:
                 "--drain-grace-s", str(config.drain_grace_s),
                 "--quantize", config.quantize,
                 *(["--quantize-lm-head"] if config.quantize_lm_head else []),
+                "--metrics-port", str(config.metrics_port),
                 *config.worker_args,
             ],
             env,
             logs / "worker.log",
+            _enabled({
+                inference_target: ports["inference"].taken_line(_port_of(inference_target)),
+                http_listen: ports["http"].taken_line(_port_of(http_listen)),
+                metrics_address: ports["metrics"].taken_line(),
+            }),
         )  # fmt: skip
         children.insert(0, worker)  # stopped first
-        _wait_serving(inference_target, children)
+        _wait_serving(inference_target, supervisor)
         demo_keys = keys.setdefault("demo_keys", {})
         api_key, adapter_names = bootstrap_tenant(
             admin_target,
@@ -352,7 +424,7 @@ def _run_locked(config: UpConfig) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        exit_code = supervise(children, stop)
+        exit_code = supervisor.run(stop)
     except (ChildExited, TimeoutError, grpc.RpcError, OSError) as error:
         log.error("openlora up failed: %s", error)
         exit_code = 1

@@ -17,14 +17,17 @@ from tests.e2e.test_up import REPO_ROOT, _read_ready_line
 
 
 @contextmanager
-def running_up(tmp_path: Path, e2e_model_dir: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, dict]]:
+def running_up(
+    tmp_path: Path, e2e_model_dir: Path, *flags: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen, dict]]:
     """`openlora up` on the tiny model as its demo model; yields the process and its ready line's fields.
-    Its log (stderr) is tmp_path/up.log."""
+    Its log (stderr) is tmp_path/up.log; `env` adds to its environment."""
     env = dict(
         os.environ,
         PYTHONPATH=str(REPO_ROOT),
         OPENLORA_CONTEXT=str(tmp_path / "context.json"),
         XDG_CONFIG_HOME=str(tmp_path / "config"),
+        **(env or {}),
     )
     demo_model = tmp_path / "state" / "demo-model"
     shutil.copytree(e2e_model_dir, demo_model)

@@ -11,6 +11,8 @@ import pytest
 
 from openlora.commands.serving import _parse_mix, add_commands, worker_config_from_args
 
+from .conftest import ADMIN_KEY, PUBLISHER
+
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
@@ -89,3 +91,77 @@ def test_a_refused_generate_prints_nothing_to_stdout_and_the_status_to_stderr(sy
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.startswith("error: NOT_FOUND")
+
+
+def _admin_flags(system) -> list[str]:
+    return ["--admin-target", system.control_plane.target, "--api-key", ADMIN_KEY]
+
+
+def test_output_into_a_reader_that_stops_early_ends_quietly(system, tmp_path):
+    """`openlora adapters list | head -2`: the reader leaves, the writer ends without a traceback."""
+    env = {"PATH": "/usr/bin:/bin", "OPENLORA_CONTEXT": str(tmp_path / "missing.json"), "HOME": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "openlora.cli", "adapters", "list", "--public", *_admin_flags(system)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    process.stdout.close()  # the reader is gone before anything is written
+    stderr = process.stderr.read().decode()
+    assert process.wait(60) == 141, stderr
+    assert stderr == ""
+
+
+def test_adapters_push_keep_warm_marks_the_adapter_keep_warm(system):
+    from openlora.admin_client import AdminClient
+    from openlora.cli import main
+
+    directory = str(system.model_dir / "adapters" / "ad0")
+    for name, flags in (("cli-warm", ["--keep-warm"]), ("cli-plain", [])):
+        argv = ["adapters", "push", directory, "--name", name, "--tenant", PUBLISHER, *flags]
+        assert main([*argv, *_admin_flags(system)], environ={}) == 0
+    with AdminClient(system.control_plane.target, ADMIN_KEY) as admin:
+        assert admin.get_adapter("cli-warm", PUBLISHER).keep_warm
+        assert not admin.get_adapter("cli-plain", PUBLISHER).keep_warm
+
+
+def test_an_operator_only_command_with_a_tenant_key_says_where_up_keeps_the_operator_key(system, capsys):
+    from openlora.cli import main
+
+    _, _, key = system.new_tenant(admin=True)
+    argv = ["tenants", "create", "someone", "--admin-target", system.control_plane.target, "--api-key", key]
+    assert main(argv, environ={}) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: PERMISSION_DENIED: only an operator admin key may do this"
+    assert "up-secrets.json" in err[1] and "admin_key" in err[1]
+
+
+def test_mixes_create_help_gives_the_density_range_the_server_enforces():
+    from openlora.cli import build_parser
+    from openlora.mix_rules import MIN_DENSITY, density_problem
+
+    mixes = build_parser()._subparsers._group_actions[0].choices["mixes"]
+    create = mixes._subparsers._group_actions[0].choices["create"]
+    assert f"[{MIN_DENSITY:g}, 1]" in " ".join(create.format_help().split())
+    assert density_problem(MIN_DENSITY) is None and density_problem(MIN_DENSITY / 2) is not None
+
+
+def test_up_flags_fall_back_to_their_environment_variables(tmp_path, monkeypatch):
+    from openlora.commands.serving import up_config_from_args
+
+    environ = {
+        "OPENLORA_HOST": "127.0.0.2",
+        "OPENLORA_PORT": "6001",
+        "OPENLORA_ADMIN_PORT": "6002",
+        "OPENLORA_HTTP_PORT": "6003",
+        "OPENLORA_METRICS_PORT": "6004",
+        "OPENLORA_ADMIN_METRICS_PORT": "6005",
+        "OPENLORA_TENANT": "acme",
+    }
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    config = up_config_from_args(_parse(["up", "--state-dir", str(tmp_path)]), environ)
+    assert (config.host, config.port, config.admin_port, config.http_port) == ("127.0.0.2", 6001, 6002, 6003)
+    assert (config.metrics_port, config.admin_metrics_port, config.tenant) == (6004, 6005, "acme")
+    flagged = up_config_from_args(_parse(["up", "--state-dir", str(tmp_path), "--port", "7001"]), environ)
+    assert flagged.port == 7001
+    with pytest.raises(ValueError, match="--metrics-port"):
+        up_config_from_args(_parse(["up", "--metrics-port", "70000"]), environ)

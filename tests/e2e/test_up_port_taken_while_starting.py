@@ -1,0 +1,93 @@
+"""`openlora up` whose worker port is taken after up's own check, before the worker binds it (another
+program's outgoing connection can hold any port of the ephemeral range, where the default ports lie):
+the worker exits, `up` logs why with the flag of `up` that moves the port, starts the worker again, and
+gets to its ready line once the port is free."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.e2e.test_up import REPO_ROOT, _read_ready_line
+from tests.e2e.test_up_state_dir import _env
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for(condition, process: subprocess.Popen, log_path: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"up exited ({process.poll()}):\n{log_path.read_text(errors='replace')}")
+        time.sleep(0.1)
+
+
+def _hold_as_local_port(port: int, peer: socket.socket) -> socket.socket:
+    """An outgoing connection to `peer` whose local port is `port`, as the kernel may pick for any
+    client (no SO_REUSEADDR, so no server can bind the port while it lives)."""
+    client = socket.socket()
+    client.bind(("127.0.0.1", port))  # fails if the worker already listens there
+    client.connect(peer.getsockname())
+    return client
+
+
+def test_up_restarts_a_worker_whose_port_was_taken_while_it_started(
+    database_url, redis_url, e2e_model_dir, tmp_path
+):
+    port = _free_port()
+    demo_model = tmp_path / "state" / "demo-model"
+    shutil.copytree(e2e_model_dir, demo_model)
+    (demo_model / ".complete").write_text("ok\n")
+    argv = [
+        sys.executable, "-m", "openlora.cli", "up",
+        "--state-dir", str(tmp_path / "state"),
+        "--database-url", database_url, "--redis-url", redis_url,
+        "--port", str(port), "--admin-port", "0", "--http-port", "0",
+        "--drain-grace-s", "2",
+        "--worker-arg=--num-kv-blocks=64", "--worker-arg=--max-lora-rank=16",
+    ]  # fmt: skip
+    log_path = tmp_path / "up.log"
+    peer = socket.create_server(("127.0.0.1", 0))
+    with open(log_path, "wb") as up_log:
+        process = subprocess.Popen(
+            argv, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=up_log, cwd=REPO_ROOT
+        )
+    try:
+        up = psutil.Process(process.pid)
+        # The control plane starts after up checked its ports and before the worker starts.
+        _wait_for(lambda: any("control-plane" in p.cmdline() for p in up.children()), process, log_path)
+        held = _hold_as_local_port(port, peer)
+        _wait_for(lambda: "worker exited" in log_path.read_text(errors="replace"), process, log_path)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        held.close()  # reset, not TIME_WAIT: the port is free at once
+
+        ready = _read_ready_line(process, timeout_s=180)
+        assert f"inference=127.0.0.1:{port}" in ready
+        log = log_path.read_text(errors="replace")
+        exited = next(line for line in log.splitlines() if "worker exited" in line)
+        assert "(exit 1)" in exited
+        assert f"port {port} (the worker's gRPC inference API) cannot be used" in exited
+        assert "choose another with --port" in exited
+        assert "OPENLORA_LISTEN" not in exited
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
+    finally:
+        peer.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -118,7 +118,7 @@ class ControlPlaneSettings:
             admin_key=pick("admin_key", "OPENLORA_ADMIN_KEY"),
             migrate=not flags.get("no_migrate"),
             migrate_only=bool(flags.get("migrate_only")),
-            metrics_port=int(metrics) if metrics else 0,
+            metrics_port=_port(metrics, "--metrics-port (OPENLORA_METRICS_PORT)") if metrics else 0,
             predictor_interval_s=resolve_interval_s(flags, environ),
             predictor=resolve_predictor_config(flags, environ),
         )
@@ -150,3 +150,14 @@ class ControlPlaneSettings:
             predictor_interval_s=self.predictor_interval_s,
             predictor=self.predictor,
         )
+
+
+def _port(value: str, name: str) -> int:
+    """`value` as a port number, or ValueError naming the flag and variable it came from."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a port number, got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{name} must lie in [0, 65535], got {port}")
+    return port

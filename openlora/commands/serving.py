@@ -33,14 +33,18 @@ def _env(name: str, default=None):
     return os.environ.get(ENV_PREFIX + name, default)
 
 
-def _env_int(name: str, default: int | None) -> int | None:
+def _env_int(name: str, default: int | None) -> int | str | None:
+    """The default of a `type=int` flag: OPENLORA_<name> as given (argparse converts a string default
+    with the flag's type when that command is parsed, so a malformed value is refused as the flag's,
+    exit 2, and never stops the parser of another command), else `default`."""
     value = _env(name)
-    return int(value) if value not in (None, "") else default
+    return value if value not in (None, "") else default
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_float(name: str, default: float) -> float | str:
+    """`_env_int` for a `type=float` flag."""
     value = _env(name)
-    return float(value) if value not in (None, "") else default
+    return value if value not in (None, "") else default
 
 
 # ---------------------------------------------------------------------------------------------- worker

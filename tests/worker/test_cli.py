@@ -165,3 +165,37 @@ def test_up_flags_fall_back_to_their_environment_variables(tmp_path, monkeypatch
     assert flagged.port == 7001
     with pytest.raises(ValueError, match="--metrics-port"):
         up_config_from_args(_parse(["up", "--metrics-port", "70000"]), environ)
+
+
+def _run_cli(argv: list[str], env_extra: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OPENLORA_CONTEXT": str(tmp_path / "none.json")}
+    return subprocess.run(
+        [sys.executable, "-m", "openlora.cli", *argv],
+        env={**env, **env_extra}, capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("variable", "argv", "flag"),
+    [
+        ("OPENLORA_MAX_WAITING", ["worker", "--model", "m", "--control-plane", "cp:1"], "--max-waiting"),
+        ("OPENLORA_DRAIN_GRACE_S", ["worker", "--model", "m", "--control-plane", "cp:1"], "--drain-grace-s"),
+        ("OPENLORA_PORT", ["up"], "--port"),
+        ("OPENLORA_METRICS_PORT", ["control-plane", "--no-migrate"], "--metrics-port"),
+    ],
+)
+def test_a_malformed_number_in_the_environment_is_refused_in_one_line_naming_its_flag(
+    variable, argv, flag, tmp_path
+):
+    result = _run_cli(argv, {variable: "abc"}, tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert flag in result.stderr and "'abc'" in result.stderr
+
+
+def test_a_malformed_number_for_one_command_leaves_the_others_usable(tmp_path):
+    """Every command's defaults are read when the parser is built: a bad worker variable stopped them all."""
+    result = _run_cli(["generate", "--help"], {"OPENLORA_MAX_WAITING": "abc", "OPENLORA_PORT": "x"}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr

@@ -129,14 +129,7 @@ def test_tenants_within_their_share_are_never_preempted(tiny_llama):
     """Two tenants at their share (2 of 4 running each) with more waiting from both: nobody is preempted,
     and each tenant still gets its turn (a preemption would only trade one tenant's work for the same)."""
     engine = make_engine(tiny_llama, max_num_seqs=4)
-    preempted: list[str] = []
-    preempt = engine.scheduler._preempt
-
-    def counting(seq):
-        preempted.append(seq.request_id)
-        preempt(seq)
-
-    engine.scheduler._preempt = counting
+    preempted = _preemptions(engine)
     for i in range(4):
         engine.add_request(_request(f"a{i}", "a", max_tokens=12))
         engine.add_request(_request(f"b{i}", "b", max_tokens=12))

@@ -47,6 +47,7 @@ import torch
 from benchmarks import roofline
 from benchmarks.fixtures import (
     FIXTURES_DIR,
+    LLAMA_1B,
     LLAMA_50M,
     AdapterSpec,
     ModelShape,
@@ -65,8 +66,11 @@ from benchmarks.steady_driver import (
     prefetch_to_host,
     run_interleaved,
 )
+from openlora.base_model import BaseModelSpec
 
 RANK = 16  # the best case's adapters
+# Llama-2-7B's linear shapes, for the arithmetic ceilings only (no weights are written for it)
+LLAMA_7B_SHAPES = ModelShape("llama-2-7b (shapes only)", 4096, 32, 11008, 32, 32, 32000)
 SKEWED_ADAPTERS = 100
 SKEWED_RANKS = (8, 16, 64)
 SKEWED_ALPHA = 1.0
@@ -319,6 +323,44 @@ def roofline_figures(
     }
 
 
+def spec_of(shape: ModelShape) -> BaseModelSpec:
+    return BaseModelSpec(
+        name=shape.name,
+        architecture="LlamaForCausalLM",
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_layers=shape.num_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.hidden_size // shape.num_attention_heads,
+        vocab_size=shape.vocab_size,
+    )
+
+
+def best_case_ceilings(num_adapters: int = NUM_REQUESTS, rank: int = RANK) -> dict:
+    """The best case's arithmetic ceilings (`roofline.adapter_ceilings`: `num_adapters` distinct adapters of
+    `rank` on all seven projections in one step) on the benchmark's model, and on larger models' shapes for
+    comparison: how much of a step the same adapters' factors are depends on the model's size."""
+    return {
+        shape.name: roofline.adapter_ceilings(spec_of(shape), rank, num_adapters)
+        for shape in (LLAMA_50M, LLAMA_1B, LLAMA_7B_SHAPES)
+    }
+
+
+def ceilings_table(ceilings: dict, num_adapters: int = NUM_REQUESTS, rank: int = RANK) -> str:
+    lines = [
+        f"| model shape | base linear params | LoRA params read per step ({num_adapters} x r{rank}) "
+        "| ratio bound by reading weights | ratio bound by FLOPs |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in ceilings.items():
+        lines.append(
+            f"| {name} | {c['base_linear_params'] / 1e6:.1f} M | {c['lora_params_read_per_step'] / 1e6:.1f} M "
+            f"| {c['bandwidth_bound_ratio']:.3f} | {c['flop_bound_ratio']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def _rank_of(adapter_dir: Path) -> int:
     return int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
 
@@ -451,6 +493,8 @@ def main(argv: list[str] | None = None) -> dict:
             model_dir, best_dirs, skewed, args.steps, args.warmup_steps, args.decode_tokens, seed=args.seed
         )
         print(adapters_table(result["adapters"]), end="\n\n")
+    result["best_case_ceilings"] = best_case_ceilings()
+    print(ceilings_table(result["best_case_ceilings"]), end="\n\n")
     load_after = os.getloadavg()
     result["load_average_after"] = [round(x, 2) for x in load_after]
     args.out.parent.mkdir(parents=True, exist_ok=True)

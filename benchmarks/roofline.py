@@ -63,6 +63,31 @@ def linear_flops_per_token(shapes: list[LinearShape]) -> int:
     return 2 * linear_params_per_token(shapes)
 
 
+def lora_params_per_adapter(shapes: list[LinearShape], rank: int) -> int:
+    """A and B factors of one adapter of `rank` on every decoder projection (lm_head left alone):
+    rank x (in + out) per projection and layer."""
+    return sum(rank * (s.in_features + s.out_features) * s.count for s in shapes if s.name != "lm_head")
+
+
+def adapter_ceilings(spec: BaseModelSpec, rank: int, distinct_adapters: int) -> dict:
+    """What `distinct_adapters` adapters of `rank` on every projection can cost a decode step of at least
+    as many rows, by arithmetic alone: each adapter's factors are read once per step, the base weights
+    once. Bound by reading weights, the step takes (base + LoRA) / base as long, so the throughput ratio
+    against the base model is at most base / (base + LoRA) bytes (the factors held in the base weights'
+    dtype); bound by FLOPs, each row adds 2 x its adapter's parameters to the base's 2 x linear parameters.
+    A measured ratio between the two says the step is neither purely bandwidth- nor compute-bound."""
+    shapes = model_linear_shapes(spec)
+    base = linear_params_per_token(shapes)
+    lora = lora_params_per_adapter(shapes, rank)
+    return {
+        "base_linear_params": base,
+        "lora_params_per_adapter": lora,
+        "lora_params_read_per_step": lora * distinct_adapters,
+        "bandwidth_bound_ratio": base / (base + lora * distinct_adapters),
+        "flop_bound_ratio": base / (base + lora),
+    }
+
+
 def attention_flops_per_token(spec: BaseModelSpec, context_tokens: float) -> float:
     """q.k scores and the weighted sum of v over `context_tokens` keys, in every layer."""
     return 4.0 * spec.num_layers * spec.num_attention_heads * spec.head_dim * context_tokens

@@ -135,3 +135,20 @@ def test_popularity_draws_are_seeded_and_favour_the_first_adapters():
     # p(k) ~ 1/(k+1): the head is drawn about ten times as often as adapter 9, and 100 times adapter 99
     assert counts[0] / 20_000 == pytest.approx(1 / sum(1 / k for k in range(1, 101)), rel=0.1)
     assert counts[0] > 5 * counts[9] > 0
+
+
+def test_adapter_ceilings_read_each_distinct_adapters_factors_once_and_leave_lm_head_alone():
+    spec = BaseModelSpec("tiny", "LlamaForCausalLM", 8, 16, 2, 2, 1, 4, 100)
+    # per layer: q 8->8, k 8->4, v 8->4, o 8->8, gate 8->16, up 8->16, down 16->8
+    per_layer_in_plus_out = (8 + 8) + (8 + 4) + (8 + 4) + (8 + 8) + (8 + 16) + (8 + 16) + (16 + 8)
+    c = roofline.adapter_ceilings(spec, rank=4, distinct_adapters=3)
+    assert c["lora_params_per_adapter"] == 4 * per_layer_in_plus_out * 2
+    assert c["lora_params_read_per_step"] == 3 * c["lora_params_per_adapter"]
+    base = roofline.linear_params_per_token(roofline.model_linear_shapes(spec))
+    assert c["base_linear_params"] == base
+    assert c["bandwidth_bound_ratio"] == pytest.approx(base / (base + 3 * c["lora_params_per_adapter"]))
+    assert c["flop_bound_ratio"] == pytest.approx(base / (base + c["lora_params_per_adapter"]))
+    # more distinct adapters in a step lower the bandwidth ceiling, never the FLOP one
+    more = roofline.adapter_ceilings(spec, rank=4, distinct_adapters=6)
+    assert more["bandwidth_bound_ratio"] < c["bandwidth_bound_ratio"]
+    assert more["flop_bound_ratio"] == c["flop_bound_ratio"]

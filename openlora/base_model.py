@@ -174,6 +174,9 @@ class BaseModelSpec:
             refuse_nulls(c, arch, _SPEC_KEYS)
             num_heads = c.get_int("num_attention_heads", arch.num_attention_heads, lo=1, hi=MAX_DIM)
             hidden = c.get_int("hidden_size", arch.hidden_size, lo=1, hi=MAX_DIM)
+            num_kv_heads = _num_key_value_heads(c, arch, num_heads)
+            head_dim = c.get_int("head_dim", None, lo=1, hi=MAX_DIM) or max(1, hidden // num_heads)
+            _check_attention_shape(c, num_heads, num_kv_heads, head_dim)
             return cls(
                 name=name,
                 architecture=arch.class_name,
@@ -181,8 +184,8 @@ class BaseModelSpec:
                 intermediate_size=c.get_int("intermediate_size", arch.intermediate_size, lo=1, hi=MAX_DIM),
                 num_layers=c.get_int("num_hidden_layers", arch.num_hidden_layers, lo=1, hi=MAX_DIM),
                 num_attention_heads=num_heads,
-                num_key_value_heads=_num_key_value_heads(c, arch, num_heads),
-                head_dim=c.get_int("head_dim", None, lo=1, hi=MAX_DIM) or max(1, hidden // num_heads),
+                num_key_value_heads=num_kv_heads,
+                head_dim=head_dim,
                 vocab_size=c.get_int("vocab_size", arch.vocab_size, lo=1, hi=MAX_DIM),
             )
         except JsonFieldError as e:
@@ -222,6 +225,24 @@ _SPEC_KEYS = (
     "head_dim",
     "vocab_size",
 )
+
+
+def _check_attention_shape(c: JsonObject, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Shapes transformers cannot run either, refused before anything loads: grouped-query attention needs
+    each key/value head to serve a whole number of query heads, and rotary embeddings rotate pairs of
+    dimensions (an odd head_dim fails at the first forward)."""
+    if num_heads % num_kv_heads:
+        raise JsonFieldError(
+            c.field("num_key_value_heads"),
+            f"{num_kv_heads} does not divide num_attention_heads ({num_heads}): each key/value head must "
+            "serve the same number of query heads",
+        )
+    if head_dim % 2:
+        raise JsonFieldError(
+            c.field("head_dim"),
+            f"{head_dim} (given, or hidden_size / num_attention_heads) must be even: rotary embeddings "
+            "rotate pairs of dimensions",
+        )
 
 
 def _num_key_value_heads(c: JsonObject, arch: Architecture, num_heads: int) -> int:

@@ -18,6 +18,7 @@ from openlora.base_model import (
 from openlora.safe_json import JsonFieldError, JsonObject, describe, is_int, load_json_object
 
 MAX_CONFIG_BYTES = 1 << 20
+SILU_NAMES = ("silu", "swish")
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,10 @@ class ModelConfig:
             c, arch, ("hidden_act", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings")
         )
         hidden_act = c.get_str("hidden_act", "silu", max_chars=64)
-        if hidden_act != "silu":
-            raise JsonFieldError(c.field("hidden_act"), f"{describe(hidden_act)} is unsupported: only silu")
+        if hidden_act not in SILU_NAMES:  # transformers' ACT2FN maps both names to SiLU
+            raise JsonFieldError(
+                c.field("hidden_act"), f"{describe(hidden_act)} is unsupported: only silu (or swish)"
+            )
         max_positions = c.get_int("max_position_embeddings", arch.max_position_embeddings, lo=1, hi=MAX_DIM)
         rope_theta, rope_scaling = read_rope(c, max_positions, spec.head_dim)
         qkv_bias, o_bias, mlp_bias = _biases(c, arch)

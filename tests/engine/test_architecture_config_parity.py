@@ -162,6 +162,8 @@ SERVED = {
         {},
     ),
     "llama with model_type and no architectures": ("llama", lambda c: c.pop("architectures"), {}),
+    # transformers' ACT2FN maps "swish" to SiLU, the activation every served architecture computes
+    "llama with hidden_act swish": ("llama", lambda c: c.update(hidden_act="swish"), {}),
 }
 
 
@@ -201,6 +203,12 @@ def test_a_bias_tensor_the_architecture_has_no_place_for_is_refused_at_startup(t
         ("llama", {"rms_norm_eps": None}, "rms_norm_eps"),
         ("llama", {"architectures": ["MistralForCausalLM"]}, "architectures.*model_type 'llama'"),
         ("llama", {"model_type": "gemma"}, "model_type"),
+        ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+        # transformers fails on these at load or at the first forward; refused here before serving anything
+        ("llama", {"num_attention_heads": 6, "num_key_value_heads": 4}, "num_key_value_heads.*divide"),
+        ("qwen2", {"num_attention_heads": 4, "num_key_value_heads": 3}, "num_key_value_heads.*divide"),
+        ("llama", {"head_dim": 9}, "head_dim.*even"),
+        ("mistral", {"hidden_size": 36, "num_attention_heads": 4, "head_dim": "absent"}, "head_dim.*even"),
     ],
 )
 def test_configs_the_engine_cannot_match_are_refused_naming_the_key(model_type, changes, key):

@@ -13,14 +13,16 @@ import itertools
 import math
 import re
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import regex
 
 from openlora.artifact import ARTIFACT_FILES, CONFIG_FILE, WEIGHTS_FILE
 from openlora.base_model import PROJECTIONS, BaseModelSpec
-from openlora.peft_targets import TargetError, TargetRule
+from openlora.peft_targets import MATCH_BUDGET_S, MAX_REGEX_CHARS, TargetError, TargetRule
 from openlora.safe_json import JsonFieldError, describe, is_int, load_json, load_json_object
 
 MAX_HEADER_BYTES = 1 << 20
@@ -30,8 +32,6 @@ DEFAULT_MAX_SIZE_BYTES = 512 << 20
 # Bound on `r` before the configured maximum is applied: keeps every later product small.
 MAX_CONFIG_RANK = 1 << 16
 MAX_PATTERN_KEYS = 1024  # entries of rank_pattern / alpha_pattern
-_MAX_PATTERN_KEY_CHARS = 256
-_PATTERN_KEY = re.compile(rf"[A-Za-z0-9_.]{{1,{_MAX_PATTERN_KEY_CHARS}}}")
 # A safetensors header is {name: {dtype, shape: [...], data_offsets: [...]}, __metadata__: {str: str}}.
 _HEADER_DEPTH = 3
 _CONFIG_DEPTH = 8
@@ -57,6 +57,14 @@ _MODULE_PARENT = {
     "down_proj": "mlp",
 }
 _CODE_KEYS = ("auto_map", "custom_code", "trust_remote_code")
+_BIAS_VALUES = ("none", "all", "lora_only")  # LoraConfig.bias
+# Modules of the served architectures' transformers models besides the seven projections.
+_OTHER_MODULES = frozenset(
+    {
+        "model", "embed_tokens", "layers", "self_attn", "mlp", "act_fn", "rotary_emb", "input_layernorm",
+        "post_attention_layernorm", "norm", "lm_head",
+    }
+)  # fmt: skip
 # init_lora_weights values whose initialization subtracts the adapter's start from the base weights (PiSSA,
 # CorDA, OLoRA, LoRA-GA) or replaces them with a quantized residual (LoftQ): such an adapter, saved as it is,
 # only fits that changed base. PEFT's conversion on save writes a plain LoRA (and init_lora_weights true).
@@ -198,19 +206,26 @@ def parse_adapter_config(data: bytes) -> dict:
             "alpha_pattern",
             lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
         )
-        if config.data.get("bias", "none") != "none":
-            raise JsonFieldError(config.field("bias"), "only bias='none' is supported")
+        # bias "all" / "lora_only" trains the base model's biases: PEFT saves them only where the base has
+        # some (a `.bias` tensor, refused by name below); on a base without biases the file is a plain LoRA.
+        bias = config.get_str("bias", "none", max_chars=16)
+        if bias not in _BIAS_VALUES:
+            raise JsonFieldError(config.field("bias"), f"{describe(bias)} is not one of {list(_BIAS_VALUES)}")
         targets = config.data.get("target_modules")
         if isinstance(targets, list):
             # PEFT matches an entry against a module's name or its end: `q_proj`, `self_attn.q_proj`, and the
-            # full names `target_modules="all-linear"` is saved as (`model.layers.0.self_attn.q_proj`).
-            unknown = [
-                t for t in targets if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in PROJECTIONS
-            ]
-            if unknown:
+            # full names `target_modules="all-linear"` is saved as (`model.layers.0.self_attn.q_proj`). An
+            # entry naming no module of the model is ignored by PEFT (lists written for several
+            # architectures: `c_attn`, `query_key_value`), one naming a module other than the seven
+            # projections would be wrapped by PEFT (lm_head) or make it fail: refused.
+            if not all(isinstance(t, str) for t in targets):
+                raise JsonFieldError(config.field("target_modules"), "must be a list of module names")
+            other = [t for t in targets if _names_other_module(t)]
+            if other:
                 raise JsonFieldError(
                     config.field("target_modules"),
-                    f"unsupported modules {describe(unknown)}; supported: {list(PROJECTIONS)}",
+                    f"names modules other than the projections LoRA applies to here: {describe(other)}; "
+                    f"supported: {list(PROJECTIONS)}",
                 )
         elif targets is not None and not isinstance(targets, str):
             raise JsonFieldError(config.field("target_modules"), "must be a list of module names")
@@ -226,11 +241,18 @@ def parse_adapter_config(data: bytes) -> dict:
     }
 
 
+def _names_other_module(entry: str) -> bool:
+    """True when a target_modules entry's last name is a module of a Llama, Mistral or Qwen2 model other
+    than the seven projections (`lm_head`, `embed_tokens`, `self_attn`, a layer's index, ...)."""
+    last = entry.rsplit(".", 1)[-1]
+    return last in _OTHER_MODULES or last.isdigit()
+
+
 def _pattern(config, key: str, valid_value) -> dict:
-    """`rank_pattern` or `alpha_pattern`: module name -> value, for the modules that differ from `r` or
-    `lora_alpha`. PEFT reads each key as a regular expression matched against the end of a module's name;
-    keys here must be plain (dotted) module names, so matching stays linear in the name (a crafted
-    expression cannot make a worker backtrack for minutes) and means what PEFT makes of them."""
+    """`rank_pattern` or `alpha_pattern`: key -> value, for the modules that differ from `r` or
+    `lora_alpha`. PEFT reads each key as a regular expression that must match the end of a module's name
+    after a dot (`q_proj`, `model.layers.1.mlp.down_proj`, `layers\\.[01]\\..*`): each must compile; it is
+    matched by `PatternMatcher` under a time budget."""
     raw = config.data.get(key)
     if raw is None or raw == {}:
         return {}
@@ -239,31 +261,54 @@ def _pattern(config, key: str, valid_value) -> dict:
     if len(raw) > MAX_PATTERN_KEYS:
         raise JsonFieldError(config.field(key), f"has {len(raw)} entries, more than {MAX_PATTERN_KEYS}")
     for name, value in raw.items():
-        if not _PATTERN_KEY.fullmatch(name):
-            raise JsonFieldError(
-                config.field(key),
-                f"key {describe(name)} is not a module name (letters, digits, '_' and '.'; at most "
-                f"{_MAX_PATTERN_KEY_CHARS} characters): regular expressions are not supported",
-            )
+        _pattern_regex(config.field(key), name)
         if not valid_value(value):
             want = f"a rank from 1 to {MAX_CONFIG_RANK}" if key == "rank_pattern" else "a positive number"
             raise JsonFieldError(config.field(key), f"{describe(name)} maps to {describe(value)}, not {want}")
     return dict(raw)
 
 
-class PatternMatcher:
-    """`rank_pattern` or `alpha_pattern` compiled once: `value(module_name, default)` is the value of the
-    first key (in the config's order) that is the whole name or its end after a dot, PEFT's rule, for a
-    module named as PEFT names it (`model.layers.3.mlp.up_proj`), else `default`. Compiling per lookup cost
-    a worker 20 s for 140 modules against a config of 4,096 keys (the regex cache thrashes)."""
+def _pattern_regex(field: str, key: str):
+    """PEFT's expression for a pattern key (`peft.utils.other.get_pattern_key`), compiled in the `regex`
+    engine (which can stop a match at a deadline); raises JsonFieldError naming `field`."""
+    if not key or len(key) > MAX_REGEX_CHARS:
+        raise JsonFieldError(
+            field, f"key {describe(key)}: a regular expression of 1 to {MAX_REGEX_CHARS} characters"
+        )
+    try:
+        return regex.compile(rf"(.*\.)?({key})$")
+    except (regex.error, OverflowError, RecursionError) as error:
+        raise JsonFieldError(
+            field, f"key {describe(key)} is not a valid regular expression: {error}"
+        ) from None
 
-    def __init__(self, pattern: dict) -> None:
-        self._entries = [(re.compile(rf"(.*\.)?({key})$"), value) for key, value in pattern.items()]
+
+class PatternMatcher:
+    """`rank_pattern` or `alpha_pattern` (config key `key`) compiled once: `value(module_name, default)` is
+    the value of the first key (in the config's order) whose expression matches the whole name or its end
+    after a dot, PEFT's rule, for a module named as PEFT names it (`model.layers.3.mlp.up_proj`), else
+    `default`. Compiling per lookup cost a worker 20 s for 140 modules against a config of 4,096 keys (the
+    regex cache thrashes). The keys are a tenant's expressions: all of one adapter's matches share a budget
+    of MATCH_BUDGET_S, past which the adapter is refused (AdapterFormatError naming the key) rather than
+    holding a control plane or worker thread while a crafted expression backtracks."""
+
+    def __init__(self, pattern: dict, key: str) -> None:
+        self._field = f"{CONFIG_FILE}.{key}"
+        self._entries = [(_pattern_regex(self._field, k), value) for k, value in pattern.items()]
+        self._deadline = time.monotonic() + MATCH_BUDGET_S
 
     def value(self, module_name: str, default):
         for compiled, value in self._entries:
-            if compiled.match(module_name):
-                return value
+            remaining = self._deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                if compiled.match(module_name, timeout=remaining):
+                    return value
+            except TimeoutError:
+                raise AdapterFormatError(
+                    self._field, f"matching its keys took more than {MATCH_BUDGET_S:g} s: simplify them"
+                ) from None
         return default
 
 
@@ -301,6 +346,12 @@ def _tensor_info(name: str, entry: object, data_bytes: int) -> TensorInfo:
         or match["module"] not in _MODULE_PARENT
         or f".{_MODULE_PARENT[match['module']]}." not in name
     ):
+        if name.endswith(".bias"):
+            raise AdapterFormatError(
+                WEIGHTS_FILE,
+                f"tensor {describe(name)} is a bias of the base model, which PEFT trains with bias='all' or "
+                "'lora_only': applying it would change the base model for this adapter; not supported",
+            )
         raise AdapterFormatError(
             WEIGHTS_FILE, f"tensor {describe(name)} is not the LoRA A/B of a supported projection"
         )
@@ -405,10 +456,13 @@ def validate_adapter_dir(
         raise AdapterFormatError("size_bytes", f"{size_bytes} bytes exceeds the limit of {max_size_bytes}")
     config = parse_adapter_config(config_path.read_bytes())
     rank, alpha, use_rslora = config["r"], float(config["lora_alpha"]), bool(config["use_rslora"])
-    rank_pattern, alpha_pattern = (
-        PatternMatcher(config["rank_pattern"]),
-        PatternMatcher(config["alpha_pattern"]),
-    )
+    try:
+        rank_pattern, alpha_pattern = (
+            PatternMatcher(config["rank_pattern"], "rank_pattern"),
+            PatternMatcher(config["alpha_pattern"], "alpha_pattern"),
+        )
+    except JsonFieldError as e:
+        raise AdapterFormatError(e.field, e.reason) from None
     if rank > max_rank and not config["rank_pattern"]:
         raise AdapterFormatError(f"{CONFIG_FILE}.r", f"rank {rank} exceeds the maximum of {max_rank}")
 

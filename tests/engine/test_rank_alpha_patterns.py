@@ -113,8 +113,12 @@ def _with_config(src: Path, dst: Path, **changes) -> Path:
 @pytest.mark.parametrize(
     ("changes", "field", "words"),
     [
-        ({"rank_pattern": {"(q|k)+_proj$": 4}}, "adapter_config.json.rank_pattern", "not a module name"),
-        ({"alpha_pattern": {".*": 4}}, "adapter_config.json.alpha_pattern", "not a module name"),
+        (
+            {"rank_pattern": {"(q_proj": 4}},
+            "adapter_config.json.rank_pattern",
+            "not a valid regular expression",
+        ),
+        ({"alpha_pattern": {"": 4}}, "adapter_config.json.alpha_pattern", "regular expression of 1 to"),
         ({"rank_pattern": {"q_proj": 0}}, "adapter_config.json.rank_pattern", "not a rank"),
         ({"rank_pattern": {"q_proj": True}}, "adapter_config.json.rank_pattern", "not a rank"),
         ({"alpha_pattern": {"v_proj": -1}}, "adapter_config.json.alpha_pattern", "positive number"),
@@ -145,3 +149,66 @@ def test_a_pattern_rank_above_the_workers_maximum_is_refused(patterned):
         validate_adapter_dir(dirs["plain"], spec, max_rank=8)
     assert refused.value.field == "adapter_config.json.rank_pattern"
     assert "exceeds the maximum of 8" in refused.value.reason
+
+
+# PEFT reads pattern keys as regular expressions (`get_pattern_key`); the first key in order that matches
+# the end of a module's name wins.
+REGEX_RANK_PATTERN = {
+    r"layers\.[01]\.mlp\.(gate|up)_proj": 4,
+    r"(q|k)_proj": 2,
+    r"^model.layers.1.*o_proj": 12,
+}
+REGEX_ALPHA_PATTERN = {r"layers\.1\..*": 5, r".*down_proj": 40}
+
+
+def test_regular_expression_keys_set_each_modules_rank_and_alpha_as_peft_does(tiny_llama, tmp_path):
+    adapter = write_peft_adapter(
+        tiny_llama.model_dir,
+        tmp_path / "regex",
+        7,
+        r=8,
+        lora_alpha=16,
+        target_modules=ALL_SEVEN,
+        rank_pattern=REGEX_RANK_PATTERN,
+        alpha_pattern=REGEX_ALPHA_PATTERN,
+    )
+    info = validate_adapter_dir(adapter, _spec(tiny_llama))
+    ranks = {(t.layer, t.module): t.shape[0] for t in info.tensors if t.which == "A"}
+    # the ranks PEFT built are those in the file: the validator read the same keys the same way
+    assert ranks[(0, "gate_proj")] == ranks[(1, "up_proj")] == 4
+    assert ranks[(0, "q_proj")] == ranks[(1, "k_proj")] == 2
+    assert ranks[(1, "o_proj")] == 12 and ranks[(0, "o_proj")] == 8
+    assert info.scaling_of(1, "v_proj") == pytest.approx(5 / 8)
+    assert info.scaling_of(0, "down_proj") == pytest.approx(40 / 8)
+    # The first matching key in the file's order wins: PEFT writes the config with sorted keys, so
+    # `.*down_proj` comes before `layers\.1\..*` for the adapter PEFT loads back, and here.
+    assert list(json.loads((adapter / "adapter_config.json").read_text())["alpha_pattern"]) == [
+        r".*down_proj",
+        r"layers\.1\..*",
+    ]
+    assert info.scaling_of(1, "down_proj") == pytest.approx(40 / 8)
+    rng = random.Random(8)
+    prompts = {f"p{n}": [rng.randrange(tiny_llama.vocab_size) for _ in range(n)] for n in (4, 19)}
+    engine = make_engine(tiny_llama)
+    for request_id, prompt in prompts.items():
+        engine.add_request(greedy(request_id, prompt, [_ref(adapter)]))
+    results = run_to_completion(engine)
+    reference = load_reference(tiny_llama.model_dir, [adapter])
+    for request_id, prompt in prompts.items():
+        want_tokens, want_logprobs = reference_greedy(reference, prompt)
+        got_tokens, got_logprobs = results[request_id]
+        assert got_tokens == want_tokens, request_id
+        assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3), request_id
+
+
+def test_pattern_matching_past_its_time_budget_refuses_the_adapter_naming_the_key(patterned, monkeypatch):
+    """A tenant's expressions run under a deadline (here already passed): the adapter is refused, naming
+    the option, instead of a thread backtracking for as long as the expression makes it."""
+    import openlora.adapter_format as adapter_format
+
+    model, dirs = patterned
+    monkeypatch.setattr(adapter_format, "MATCH_BUDGET_S", 0.0)
+    with pytest.raises(AdapterFormatError) as refused:
+        validate_adapter_dir(dirs["plain"], _spec(model))
+    assert refused.value.field == "adapter_config.json.rank_pattern"
+    assert "took more than" in refused.value.reason

@@ -1,8 +1,9 @@
 """Adapters whose `target_modules` PEFT saved as module-name suffixes or full names (as
-`target_modules="all-linear"` is saved) are accepted and match transformers + PEFT; entries that name no
-supported projection, tensors the entries do not match, PEFT options that change the model beyond LoRA on
-the seven projections, and adapters trained on a base PEFT changed (PiSSA and kin, unless PEFT converted
-them to a plain LoRA) are refused, naming the field."""
+`target_modules="all-linear"` is saved) are accepted and match transformers + PEFT, and so are entries that
+name no module of the model (PEFT ignores them) and bias training on a base without biases; entries that
+name another module of the model, tensors the entries do not match, trained base biases, PEFT options that
+change the model beyond LoRA on the seven projections, and adapters trained on a base PEFT changed (PiSSA
+and kin, unless PEFT converted them to a plain LoRA) are refused, naming the field."""
 
 from __future__ import annotations
 
@@ -82,6 +83,10 @@ def _with_config(src: Path, dst: Path, **changes) -> Path:
             "model.layers.1",
         ),
         ({"target_modules": ["q_proj"]}, "target_modules", "down_proj"),
+        ({"target_modules": ["embed_tokens", "q_proj", "down_proj"]}, "target_modules", "embed_tokens"),
+        ({"target_modules": ["model.layers.0", "q_proj", "down_proj"]}, "target_modules", "model.layers.0"),
+        ({"target_modules": ["q_proj", "down_proj", 3]}, "target_modules", "list of module names"),
+        ({"bias": "some"}, "bias", "'some'"),
         ({"lora_bias": True}, "lora_bias", "not supported"),
         ({"trainable_token_indices": [1, 2]}, "trainable_token_indices", "not supported"),
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication", "not supported"),
@@ -135,3 +140,50 @@ def test_adapters_trained_on_a_base_peft_changed_are_refused_unless_converted(ti
     want_tokens, want_logprobs = reference_greedy(load_reference(tiny_llama.model_dir, [converted]), prompt)
     assert got_tokens == want_tokens
     assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3)
+
+
+def _served_like_peft(model, adapter: Path, prompts: dict) -> None:
+    engine = make_engine(model)
+    for name, prompt in prompts.items():
+        engine.add_request(greedy(name, prompt, [AdapterRef(key=digest_dir(adapter), path=adapter)]))
+    results = run_to_completion(engine)
+    reference = load_reference(model.model_dir, [adapter])
+    for name, prompt in prompts.items():
+        want_tokens, want_logprobs = reference_greedy(reference, prompt)
+        got_tokens, got_logprobs = results[name]
+        assert got_tokens == want_tokens, name
+        assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3), name
+
+
+def test_target_names_no_module_of_the_model_has_are_ignored_as_peft_ignores_them(tiny_llama, tmp_path):
+    """A list written for several architectures (GPT-2's c_attn, Falcon's query_key_value, Baichuan's
+    W_pack) beside Llama's projections: PEFT adapts the projections and ignores the rest."""
+    targets = [*ALL_SEVEN, "c_attn", "query_key_value", "W_pack"]
+    adapter = write_peft_adapter(
+        tiny_llama.model_dir, tmp_path / "a", 13, r=8, lora_alpha=16, target_modules=targets
+    )
+    assert validate_adapter_dir(adapter, _spec(tiny_llama)).target_modules == tuple(ALL_SEVEN)
+    _served_like_peft(tiny_llama, adapter, {"x": [3, 14, 15, 9, 2], "y": [27, 1, 8]})
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_training_on_a_base_without_biases_leaves_a_plain_lora_that_is_served(
+    tiny_llama, tmp_path, bias
+):
+    adapter = write_peft_adapter(
+        tiny_llama.model_dir, tmp_path / bias, 14, r=8, lora_alpha=16, target_modules=ALL_SEVEN, bias=bias
+    )
+    assert validate_adapter_dir(adapter, _spec(tiny_llama)).target_modules == tuple(ALL_SEVEN)
+    _served_like_peft(tiny_llama, adapter, {"x": [5, 6, 7, 8]})
+
+
+def test_trained_base_biases_in_the_file_are_refused_naming_them(tiny_qwen2, tmp_path):
+    """Qwen2's q, k and v have biases: bias='all' saves them in the adapter, and PEFT loads them into the
+    base model, a change this server does not make per adapter."""
+    adapter = write_peft_adapter(
+        tiny_qwen2.model_dir, tmp_path / "qwen2", 15, r=8, lora_alpha=16, target_modules=ALL_SEVEN, bias="all"
+    )
+    with pytest.raises(AdapterFormatError) as e:
+        validate_adapter_dir(adapter, _spec(tiny_qwen2))
+    assert e.value.field == "adapter_model.safetensors"
+    assert "bias" in e.value.reason and "bias='all'" in e.value.reason

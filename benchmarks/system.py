@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from control_plane.artifacts.slots import MAX_UPLOADS_IN_FLIGHT_PER_TENANT
+
 READY_PREFIX = "ready "
 
 
@@ -152,7 +154,7 @@ def register_adapters(
     *,
     tenant: str = "",
     public: bool = False,
-    concurrency: int = 4,
+    concurrency: int = MAX_UPLOADS_IN_FLIGHT_PER_TENANT,
 ) -> float:
     """Uploads each (name, directory) through AdminService.UploadAdapter; returns the seconds it took."""
     started = time.perf_counter()

@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.artifacts.lock import lock_artifact
+from control_plane.artifacts.slots import UploadSlots
 from control_plane.artifacts.store import ArtifactStore
 from control_plane.artifacts.upload import Upload
 from control_plane.billing import service as billing
@@ -69,6 +70,7 @@ class ControlPlane:
         self.sessions = sessions
         self.store = store
         self.publisher = publisher
+        self.upload_slots = UploadSlots()
         # Test hook, called as (stage, plan, sha256): "published" inside the artifact's lock after the
         # files are in place and before the row is written; "failed" after an upload that published new
         # files failed, before they are removed if unreferenced.
@@ -115,7 +117,23 @@ class ControlPlane:
         return UploadPlan(header, tenant.id, spec)
 
     def begin_upload(self, plan: UploadPlan) -> Upload:
-        return self.store.begin_upload(list(plan.header.files), self.config.max_adapter_size_bytes)
+        """Takes one of the tenant's upload slots (ResourceExhausted when it has none left, or the control
+        plane has none) and opens the upload's temporary directory. Every upload begun is ended by
+        `end_upload`, whatever happened to it."""
+        self.upload_slots.acquire(plan.tenant_id)
+        try:
+            return self.store.begin_upload(list(plan.header.files), self.config.max_adapter_size_bytes)
+        except BaseException:
+            self.upload_slots.release(plan.tenant_id)
+            raise
+
+    def end_upload(self, plan: UploadPlan, upload: Upload) -> None:
+        """Removes whatever of the upload is left in the temporary directory (nothing once it was
+        published) and gives its slot back."""
+        try:
+            upload.abort()
+        finally:
+            self.upload_slots.release(plan.tenant_id)
 
     def complete_upload(self, plan: UploadPlan, upload: Upload) -> UploadResult:
         """Validates the received files, publishes them under their sha256, then writes the READY row.

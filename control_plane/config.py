@@ -7,6 +7,7 @@ from pathlib import Path
 
 from control_plane.prediction.demand import PredictorConfig
 from openlora.adapter_format import DEFAULT_MAX_RANK, DEFAULT_MAX_SIZE_BYTES
+from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -34,6 +35,8 @@ class ControlPlaneConfig:
     predictor_interval_s: float = 5.0
     # What the passes predict from (rate window, lead time, thresholds, history horizon).
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    # Connections the gRPC server holds at once (see openlora.grpc_limits).
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -54,5 +57,7 @@ class ControlPlaneConfig:
             raise ValueError("authorize_cache_ttl_ms must be in 1..10000")
         if self.heartbeat_interval_ms < 100:
             raise ValueError("heartbeat_interval_ms must be at least 100")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.predictor_interval_s < 0:
             raise ValueError(f"predictor_interval_s must be >= 0, got {self.predictor_interval_s}")

@@ -36,6 +36,15 @@ class FailedPrecondition(DomainError):
     """The request is well formed but the system is not in a state to serve it -> FAILED_PRECONDITION."""
 
 
+class ResourceExhausted(DomainError):
+    """The caller (or all callers together) holds as much of a limited resource as allowed; retry when
+    some is released -> RESOURCE_EXHAUSTED."""
+
+
+class DeadlineExceeded(DomainError):
+    """The caller took too long (a stream left idle past its limit) -> DEADLINE_EXCEEDED."""
+
+
 class AdapterNotFound(NotFound):
     def __init__(self, name: str) -> None:
         super().__init__(f"adapter {name!r} not found", field="adapter")

@@ -22,6 +22,7 @@ import grpc
 from control_plane.prediction.settings import add_predictor_flags
 from openlora.admin_client import AdminClient, UploadRefused
 from openlora.config import AdminSettings, ControlPlaneSettings, read_context
+from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 from openlora.mix_rules import MIN_DENSITY
 
 log = logging.getLogger("openlora.cli")
@@ -61,6 +62,11 @@ def _add_control_plane(subparsers) -> None:
     p.add_argument("--worker-token", help="token workers present (OPENLORA_WORKER_TOKEN; default: stored)")
     p.add_argument("--admin-key", help="bootstrap admin key (OPENLORA_ADMIN_KEY; default: generated)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (OPENLORA_METRICS_PORT)")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        help=f"gRPC connections held at once (OPENLORA_MAX_CONNECTIONS; default {DEFAULT_MAX_CONNECTIONS})",
+    )
     add_predictor_flags(p)
     p.add_argument("--no-migrate", action="store_true", help="refuse to start if the schema is behind")
     p.add_argument("--migrate-only", action="store_true", help="apply pending migrations and exit")

@@ -14,6 +14,7 @@ from pathlib import Path
 from control_plane.config import DEFAULT_LISTEN, ControlPlaneConfig
 from control_plane.prediction.demand import PredictorConfig
 from control_plane.prediction.settings import resolve_interval_s, resolve_predictor_config
+from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 from openlora.safe_json import JsonFieldError, load_json
 
 DEFAULT_STATE_DIR = Path(".state/control-plane")
@@ -95,6 +96,7 @@ class ControlPlaneSettings:
     metrics_port: int
     predictor_interval_s: float = 5.0
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
         if self.migrate_only and not self.migrate:
@@ -109,6 +111,7 @@ class ControlPlaneSettings:
             return str(value) if value not in (None, "") else (environ.get(env) or None)
 
         metrics = pick("metrics_port", "OPENLORA_METRICS_PORT")
+        connections = pick("max_connections", "OPENLORA_MAX_CONNECTIONS")
         return cls(
             listen=pick("listen", "OPENLORA_LISTEN") or DEFAULT_LISTEN,
             database_url=pick("database_url", "OPENLORA_DATABASE_URL"),
@@ -121,6 +124,11 @@ class ControlPlaneSettings:
             metrics_port=_port(metrics, "--metrics-port (OPENLORA_METRICS_PORT)") if metrics else 0,
             predictor_interval_s=resolve_interval_s(flags, environ),
             predictor=resolve_predictor_config(flags, environ),
+            max_connections=(
+                _positive_int(connections, "--max-connections (OPENLORA_MAX_CONNECTIONS)")
+                if connections
+                else DEFAULT_MAX_CONNECTIONS
+            ),
         )
 
     def worker_token_or_stored(self) -> str:
@@ -149,6 +157,7 @@ class ControlPlaneSettings:
             metrics_port=self.metrics_port,
             predictor_interval_s=self.predictor_interval_s,
             predictor=self.predictor,
+            max_connections=self.max_connections,
         )
 
 
@@ -161,3 +170,14 @@ def _port(value: str, name: str) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"{name} must lie in [0, 65535], got {port}")
     return port
+
+
+def _positive_int(value: str, name: str) -> int:
+    """`value` as a positive integer, or ValueError naming the flag and variable it came from."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {number}")
+    return number

@@ -5,10 +5,29 @@ from __future__ import annotations
 import asyncio
 
 from control_plane.app import ControlPlane
-from control_plane.errors import InvalidArgument
+from control_plane.errors import DeadlineExceeded, InvalidArgument
 from control_plane.server import convert, mix_convert
 from control_plane.server.auth import bearer_token
 from openlora.v1 import admin_pb2, admin_pb2_grpc
+
+# An upload stream that sends no message for this long is ended: an idle stream would otherwise keep its
+# partial files (up to the maximum adapter size) and its tenant's upload slot for as long as it stays open.
+UPLOAD_IDLE_TIMEOUT_S = 30.0
+
+
+async def _next_upload_message(messages):
+    """The stream's next message, None at its end; DeadlineExceeded when none came within the idle limit."""
+    timeout_s = UPLOAD_IDLE_TIMEOUT_S
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await messages.__anext__()
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"no upload message arrived for {timeout_s:g} s, the most an upload may stay idle; the upload "
+            "was ended and its partial files removed: send the adapter again without pausing"
+        ) from None
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -32,26 +51,28 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def UploadAdapter(self, request_iterator, context):
         """Header first, then chunks written to a temporary directory as they arrive; validated, published
-        and registered only once the stream ended whole."""
+        and registered only once the stream ended whole. A tenant has at most
+        MAX_UPLOADS_IN_FLIGHT_PER_TENANT uploads open at once (RESOURCE_EXHAUSTED past it), and a stream
+        that sends nothing for UPLOAD_IDLE_TIMEOUT_S is ended with DEADLINE_EXCEEDED, its files removed."""
         messages = request_iterator.__aiter__()
-        try:
-            first = await messages.__anext__()
-        except StopAsyncIteration:
-            raise InvalidArgument("the stream is empty; send a header first", field="header") from None
+        first = await _next_upload_message(messages)
+        if first is None:
+            raise InvalidArgument("the stream is empty; send a header first", field="header")
         if not first.HasField("header"):
             raise InvalidArgument("the first message must be the header", field="header")
         header = convert.upload_header_from_proto(first.header)
         plan = await asyncio.to_thread(self.app.prepare_upload, bearer_token(context), header)
         upload = self.app.begin_upload(plan)
         try:
-            async for message in messages:
+            while (message := await _next_upload_message(messages)) is not None:
                 if not message.HasField("chunk"):
                     raise InvalidArgument("only the first message may be a header", field="header")
                 chunk = message.chunk
                 upload.write(chunk.filename, chunk.offset, chunk.data)
             result = await asyncio.to_thread(self.app.complete_upload, plan, upload)
         finally:
-            upload.abort()
+            # Every exit (done, refused, failed, cancelled by the client, idle) frees the files and the slot.
+            self.app.end_upload(plan, upload)
         return admin_pb2.UploadAdapterResponse(
             adapter=convert.adapter_to_proto(result.adapter), deduplicated=result.deduplicated
         )

@@ -27,6 +27,7 @@ from control_plane.server.admin_servicer import AdminServicer
 from control_plane.server.interceptor import ErrorMappingInterceptor
 from control_plane.server.worker_servicer import WorkerServicer
 from openlora.grpc_decoding import RequestDecodingInterceptor
+from openlora.grpc_limits import connection_cap, server_options
 from openlora.listen import ListenError, bind
 from openlora.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -163,11 +164,13 @@ async def serve(config: ControlPlaneConfig) -> RunningControlPlane:
 
         start_metrics_server(config.metrics_port)
     app, engine, admin_key, key_path = await asyncio.to_thread(_prepare, config)
+    max_connections = connection_cap(config.max_connections, server="control plane")
     server = grpc.aio.server(
         interceptors=[RequestDecodingInterceptor(), ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *server_options(max_connections),
         ],
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
@@ -185,7 +188,12 @@ async def serve(config: ControlPlaneConfig) -> RunningControlPlane:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("control plane listening on %s (port %d)", config.listen, port)
+    log.info(
+        "control plane listening on %s (port %d, at most %d connections)",
+        config.listen,
+        port,
+        max_connections,
+    )
     running = RunningControlPlane(server, port, app, engine, health_servicer, admin_key, key_path)
     running.database_watch = asyncio.get_running_loop().create_task(
         _watch_database(health_servicer, config.database_url), name="database-health"

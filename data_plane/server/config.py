@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
+
 MAX_AUTH_CACHE_TTL_S = 10.0
 # The base-model weight formats of data_plane.model.quant (kept here so the config imports no torch).
 QUANTIZE_FORMATS = ("none", "int8", "int4")
@@ -47,6 +49,8 @@ class WorkerConfig:
     engine: EngineSettings = field(default_factory=EngineSettings)
     # Requests waiting for admission beyond which Generate answers RESOURCE_EXHAUSTED at once.
     max_waiting: int = 256
+    # Connections the gRPC server holds at once (see openlora.grpc_limits).
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     # Merge builds (TIES/DARE/magnitude-prune mixes) one tenant may have pending when it asks for a new one;
     # past it RESOURCE_EXHAUSTED, so one tenant's distinct merges never hold every other tenant's back.
     max_pending_merges_per_tenant: int = 4
@@ -107,6 +111,8 @@ class WorkerConfig:
             )
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.max_streams_per_tenant is not None and self.max_streams_per_tenant < 1:
             raise ValueError(f"max_streams_per_tenant must be >= 1, got {self.max_streams_per_tenant}")
         if self.max_pending_merges_per_tenant < 1:

@@ -35,10 +35,12 @@ from data_plane.server.metrics import AdapterActivity, EngineLoad, WorkerMetrics
 from data_plane.server.openai_http import HttpServer, OpenAIApi, build_app
 from data_plane.server.openai_http.app import control_plane_catalog
 from data_plane.server.openai_http.chat_template import load_chat_template
+from data_plane.server.openai_http.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from data_plane.server.servicer import InferenceServicer
 from data_plane.server.usage_reporter import UsageReporter
 from data_plane.server.validation import RequestLimits
 from openlora.grpc_decoding import RequestDecodingInterceptor
+from openlora.grpc_limits import connection_cap, server_options
 from openlora.hints import Hint
 from openlora.listen import ListenError, bind, listen_error
 from openlora.v1 import inference_pb2, inference_pb2_grpc
@@ -160,8 +162,15 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     # The name announced is the configured one (the fingerprint, not the name, decides what fits).
     spec = dataclasses.replace(engine.spec, name=config.base_model_name)
 
-    server = grpc.aio.server(interceptors=[RequestDecodingInterceptor()])
+    http_connections = HTTP_MAX_CONNECTIONS if config.http_listen else 0
+    max_connections = connection_cap(config.max_connections, http_connections, server="worker")
+    server = grpc.aio.server(
+        interceptors=[RequestDecodingInterceptor()], options=server_options(max_connections)
+    )
     port = bind(server, config.listen, "--listen (OPENLORA_LISTEN)")
+    log.info(
+        "worker listening on %s (port %d, at most %d gRPC connections)", config.listen, port, max_connections
+    )
     metrics = WorkerMetrics()
     if config.metrics_port:  # bound before registering: a worker that cannot listen never registers
         metrics.serve_http(config.metrics_port)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from openlora.config import context_path, read_context
+from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 
 ENV_PREFIX = "OPENLORA_"
 
@@ -87,6 +88,12 @@ def _add_worker(subparsers) -> None:
         help="local artifact disk budget (OPENLORA_DISK_CACHE_BYTES; default free disk/4, at most 20 GiB)",
     )
     p.add_argument("--max-waiting", type=int, default=_env_int("MAX_WAITING", 256))
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=_env_int("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
+        help="gRPC connections held at once (OPENLORA_MAX_CONNECTIONS)",
+    )
     p.add_argument(
         "--max-pending-merges-per-tenant",
         type=int,
@@ -163,6 +170,7 @@ def worker_config_from_args(args: argparse.Namespace):
             quantize_lm_head=args.quantize_lm_head,
         ),
         max_waiting=args.max_waiting,
+        max_connections=args.max_connections,
         http_metrics=args.http_metrics,
         max_streams_per_tenant=args.max_streams_per_tenant,
         max_pending_merges_per_tenant=args.max_pending_merges_per_tenant,

@@ -32,7 +32,8 @@ class ModelConfig:
     o_bias: bool  # Llama with attention_bias
     mlp_bias: bool  # Llama with mlp_bias
     max_position_embeddings: int
-    sliding_window: int | None  # Mistral, Qwen2; None when every layer attends in full
+    # Per decoder layer: the window its attention slides over (Mistral, Qwen2), None for a full layer.
+    layer_windows: tuple[int | None, ...]
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     checkpoint_dtype: str  # "float32" | "bfloat16" | "float16"
@@ -97,7 +98,7 @@ class ModelConfig:
             o_bias=o_bias,
             mlp_bias=mlp_bias,
             max_position_embeddings=max_positions,
-            sliding_window=_sliding_window(c, arch, spec.num_layers),
+            layer_windows=_layer_windows(c, arch, spec.num_layers),
             eos_token_ids=eos,
             bos_token_id=c.get_int("bos_token_id", None, lo=0, hi=MAX_DIM),
             checkpoint_dtype=dtype or "float32",
@@ -105,9 +106,8 @@ class ModelConfig:
 
     @property
     def max_model_len(self) -> int:
-        """Longest sequence served: the trained length, bounded by a sliding window when there is one."""
-        if self.sliding_window is not None:
-            return min(self.max_position_embeddings, self.sliding_window)
+        """Longest sequence served: the trained length. A sliding layer attends through its window at any
+        length (as in transformers), so the window does not bound it."""
         return self.max_position_embeddings
 
 
@@ -125,32 +125,44 @@ def _biases(c: JsonObject, arch: Architecture) -> tuple[bool, bool, bool]:
     return attention_bias, attention_bias, c.get_bool("mlp_bias", False)
 
 
-def _sliding_window(c: JsonObject, arch: Architecture, num_layers: int) -> int | None:
-    """The window of the layers that attend through one, None when every layer attends in full, as
-    transformers decides: Llama never (its code ignores `sliding_window`); Mistral every layer when a
-    window is set; Qwen2 only with `use_sliding_window`, on the layers `layer_types` names, else on those
-    from `max_window_layers` on. An absent `sliding_window` is the config class's default (4096 for both);
-    a null one means none."""
+def _layer_windows(c: JsonObject, arch: Architecture, num_layers: int) -> tuple[int | None, ...]:
+    """Each layer's window, None for a layer that attends in full, as transformers decides: Llama never
+    slides (its code ignores `sliding_window`); Mistral slides every layer when a window is set; Qwen2 only
+    with `use_sliding_window`, on the layers `layer_types` names "sliding_attention", else (no
+    `layer_types` in the file) on those from `max_window_layers` on. An absent `sliding_window` is the
+    config class's default (4096 for both); a null one means none."""
     if arch.model_type == "llama":
-        return None
+        return (None,) * num_layers
     if arch.model_type == "mistral":
-        return _window(c, arch)
+        return (_window(c, arch),) * num_layers
     refuse_nulls(c, arch, ("use_sliding_window", "max_window_layers"))
     # Qwen2Config drops the window unless use_sliding_window is set
     window = _window(c, arch) if c.get_bool("use_sliding_window", False) else None
     if c.data.get("layer_types") is None:
         first_sliding = c.get_int("max_window_layers", arch.max_window_layers, lo=0, hi=MAX_DIM)
-        return window if first_sliding < num_layers else None
+        return tuple(window if layer >= first_sliding else None for layer in range(num_layers))
     types = c.get_list("layer_types", lambda v: isinstance(v, str), "a list of layer type names")
-    if "sliding_attention" not in types:
-        return None
-    if window is None:
+    if len(types) != num_layers:
+        raise JsonFieldError(
+            c.field("layer_types"),
+            f"names {len(types)} layers, the model has {num_layers}: transformers refuses this config",
+        )
+    # "attention" is the legacy name transformers reads as "full_attention"; Qwen2 builds no other mask.
+    kinds = {"full_attention": False, "attention": False, "sliding_attention": True}
+    unknown = next((t for t in types if t not in kinds), None)
+    if unknown is not None:
+        raise JsonFieldError(
+            c.field("layer_types"),
+            f"names {describe(unknown)}: transformers' Qwen2 has only full_attention and sliding_attention "
+            "layers",
+        )
+    if window is None and "sliding_attention" in types:
         raise JsonFieldError(
             c.field("layer_types"),
             "names sliding_attention layers, but with use_sliding_window false or sliding_window null there "
             "is no window: transformers fails on this config",
         )
-    return window
+    return tuple(window if kinds[t] else None for t in types)
 
 
 def _window(c: JsonObject, arch: Architecture) -> int | None:

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from data_plane.model.config import ModelConfig
 from data_plane.model.lora_linear import LoRALinear
-from data_plane.model.metadata import LoraSegments, StepMetadata
+from data_plane.model.metadata import LoraSegments, PrefillSpan, StepMetadata
 from data_plane.model.quant import QuantLinear, QuantSettings, make_quant_linear, quant_row_multiple
 from data_plane.model.quant.base import RowSlice
 from data_plane.model.quant.lora import QuantLoRALinear
@@ -128,7 +128,13 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, linear: LinearBuilder) -> None:
+    """Self-attention of one layer over the paged KV cache, causal, through the layer's sliding `window`
+    when it has one (None: full attention): the query at position i attends to the keys at positions j
+    with i - window < j <= i, as transformers' sliding mask does. A sequence's KV blocks wholly before
+    its window stay allocated until it ends (a preemption frees and recomputes them with the rest): the
+    attention only skips them."""
+
+    def __init__(self, config: ModelConfig, linear: LinearBuilder, window: int | None) -> None:
         super().__init__()
         spec = config.spec
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -142,6 +148,7 @@ class Attention(nn.Module):
         self.qkv_proj = linear.projection(spec.hidden_size, (q_out, kv_out, kv_out), config.qkv_bias)
         self.o_proj = linear.projection(q_out, (spec.hidden_size,), config.o_bias)
         self.scale = self.head_dim**-0.5
+        self.window = window
         self.k_cache: torch.Tensor | None = None  # (num_blocks, block_size, kv_heads, head_dim)
         self.v_cache: torch.Tensor | None = None
 
@@ -163,16 +170,7 @@ class Attention(nn.Module):
         for span in meta.prefills:
             rows = slice(span.start, span.start + span.num_tokens)
             q_span = q[rows].transpose(0, 1)  # (heads, n, head_dim)
-            if span.num_cached == 0:
-                k_span, v_span, mask = k[rows], v[rows], None
-            else:
-                # A later chunk (or a recompute) attends to the cached prefix as well as to itself.
-                context = span.num_cached + span.num_tokens
-                k_span = k_cache[span.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:context]
-                v_span = v_cache[span.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:context]
-                key_pos = torch.arange(context, device=x.device)
-                query_pos = span.num_cached + torch.arange(span.num_tokens, device=x.device)
-                mask = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)  # (n, context)
+            k_span, v_span, mask = self._prefill_keys(span, k[rows], v[rows])
             o = F.scaled_dot_product_attention(
                 q_span,
                 k_span.transpose(0, 1),
@@ -194,8 +192,38 @@ class Attention(nn.Module):
                 self.scale,
                 use_triton=meta.use_triton,
                 max_context_len=meta.max_decode_context_len,
+                window=self.window,
             )  # (D, heads, head_dim)
         return self.o_proj(out.view(num_rows, -1), meta.lora)
+
+    def _prefill_keys(
+        self, span: PrefillSpan, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The keys and values a prefill span attends to, (context, kv_heads, head_dim) each, and its mask
+        (n, context), None for plain causal attention; `k`, `v` (n, kv_heads, head_dim) are the span's own.
+        """
+        window = self.window
+        if span.num_cached == 0:
+            if window is None or span.num_tokens <= window:
+                return k, v, None
+            first_key = 0
+        else:
+            # A later chunk (or a recompute) attends to the cached prefix as well as to itself: with a
+            # window, from the block of the first query's earliest key on.
+            block_size = self.k_cache.shape[1]
+            earliest = 0 if window is None else max(0, span.num_cached + 1 - window)
+            first_block = earliest // block_size
+            first_key = first_block * block_size
+            context = span.num_cached + span.num_tokens - first_key
+            blocks = span.block_ids[first_block:]
+            k = self.k_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context]
+            v = self.v_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context]
+        key_pos = first_key + torch.arange(k.shape[0], device=k.device)
+        query_pos = span.num_cached + torch.arange(span.num_tokens, device=k.device)
+        mask = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)  # (n, context)
+        if window is not None:
+            mask &= key_pos.unsqueeze(0) > query_pos.unsqueeze(1) - window
+        return k, v, mask
 
 
 class MLP(nn.Module):
@@ -211,11 +239,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, linear: LinearBuilder) -> None:
+    def __init__(self, config: ModelConfig, linear: LinearBuilder, window: int | None) -> None:
         super().__init__()
         hidden = config.spec.hidden_size
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.self_attn = Attention(config, linear)
+        self.self_attn = Attention(config, linear, window)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
         self.mlp = MLP(config, linear)
 
@@ -233,7 +261,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.rotary = RotaryEmbedding(config, max_positions)
-        self.layers = nn.ModuleList(DecoderLayer(config, linear) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, linear, window) for window in config.layer_windows)
         self.norm = RMSNorm(spec.hidden_size, config.rms_norm_eps)
 
 

@@ -1,5 +1,6 @@
-"""Paged decode attention: one query token per sequence against its KV history, read in place from the
-paged cache through the sequence's block table (no gathered copy), with an online softmax."""
+"""Paged decode attention: one query token per sequence against its KV history (or, for a sliding-window
+layer, its last `window` tokens), read in place from the paged cache through the sequence's block table
+(no gathered copy), with an online softmax."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def _paged_decode_kernel(
     lens_ptr,  # (D,) int32/int64
     out_ptr,  # (D, heads, head_dim) contiguous
     scale,
+    window,  # the layer's sliding window (read only when SLIDING)
     group,  # heads per kv head
     head_dim,
     block_size,
@@ -34,6 +36,7 @@ def _paged_decode_kernel(
     BLOCK_N: tl.constexpr,  # tokens per tile, across cache blocks when block_size < BLOCK_N
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    SLIDING: tl.constexpr,  # attend to the last `window` tokens only; False compiles the window away
 ):
     # One program per (sequence, kv head): the group of query heads that share this kv head at once, so
     # each K/V tile is read once per group, not once per query head.
@@ -55,9 +58,15 @@ def _paged_decode_kernel(
     s_sum = tl.zeros((GROUP_PAD,), dtype=tl.float32)  # running sum of exp(score - m)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), dtype=tl.float32)  # running sum of exp(score - m) * v
     kv_offset = kv_head * head_dim
-    for start in range(0, context, BLOCK_N):
+    first = 0  # the first position attended
+    if SLIDING:
+        first = tl.maximum(context - window, 0)
+    # Tiles wholly before the window are skipped; the first tile read holds `first`, so none is empty.
+    for start in range((first // BLOCK_N) * BLOCK_N, context, BLOCK_N):
         tokens = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) positions in the sequence
         token_mask = tokens < context
+        if SLIDING:
+            token_mask = token_mask & (tokens >= first)
         block = tl.load(tables_ptr + seq * table_stride + tokens // block_size, mask=token_mask, other=0)
         rows = block.to(tl.int64) * cache_block_stride + (tokens % block_size) * cache_token_stride
         kv_ptrs = rows[:, None] + kv_offset + dims[None, :]  # (BLOCK_N, HEAD_DIM_PAD)
@@ -160,6 +169,7 @@ def paged_decode_attention(
     scale: float,
     *,
     max_context_len: int | None = None,
+    window: int | None = None,
     block_n: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache, in one launch of (sequences x kv heads) programs.
@@ -174,7 +184,13 @@ def paged_decode_attention(
             g = h // (heads // kv_heads); n = context_lens[d]
             slots = [block_tables[d, t // block_size] * block_size + t % block_size for t in range(n)]
             K, V = k_cache.view(-1, kv_heads, head_dim)[slots, g], likewise v    # (n, head_dim)
+            if window is not None: K, V = K[max(0, n - window):], V[max(0, n - window):]
             out[d, h] = softmax(scale * K @ q[d, h]) @ V
+
+    ``window`` (>= 1; None: the whole context) is a sliding-window layer's: the query, at position n - 1,
+    sees the keys at n - window .. n - 1, as transformers' sliding mask (kv_idx > q_idx - window) does.
+    Tiles wholly before the window are not read; without a window (or one no context exceeds, when
+    ``max_context_len`` says so) the kernel is compiled without the window's code.
 
     Scores, softmax and the weighted sum accumulate in float32 (the probabilities are rounded to the
     cache's dtype for the second product, as flash attention does). Index values are checked with one
@@ -185,6 +201,8 @@ def paged_decode_attention(
     programs (flash-decoding's split over the context would be the next step there).
     """
     check_paged_decode_args(q, k_cache, v_cache, block_tables, context_lens, max_context_len)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise KernelArgumentError("window", f"expected None or an integer >= 1, got {window!r}")
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -203,6 +221,7 @@ def paged_decode_attention(
         context_lens,
         out,
         float(scale),
+        window or 0,
         group,
         head_dim,
         block_size,
@@ -217,5 +236,6 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOT=_INTERPRETED,
+        SLIDING=window is not None and (max_context_len is None or max_context_len > window),
     )
     return out

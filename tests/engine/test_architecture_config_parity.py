@@ -26,14 +26,14 @@ TINY = {**TINY_SHAPE, "max_position_embeddings": 256}
 CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
-def _reference_window(config) -> int | None:
-    """The window transformers attends through: LlamaModel builds a causal mask only; Mistral slides
+def _reference_windows(config) -> tuple[int | None, ...]:
+    """Each layer's window as transformers attends: LlamaModel builds a causal mask only; Mistral slides
     every layer by `sliding_window`; Qwen2 the layers its `layer_types` marks."""
     if config.model_type == "llama":
-        return None
+        return (None,) * config.num_hidden_layers
     if config.model_type == "mistral":
-        return config.sliding_window
-    return config.sliding_window if "sliding_attention" in config.layer_types else None
+        return (config.sliding_window,) * config.num_hidden_layers
+    return tuple(config.sliding_window if t == "sliding_attention" else None for t in config.layer_types)
 
 
 def _assert_reads_like(config: ModelConfig, reference) -> None:
@@ -52,7 +52,8 @@ def _assert_reads_like(config: ModelConfig, reference) -> None:
         reference, "head_dim", reference.hidden_size // reference.num_attention_heads
     )
     assert config.max_position_embeddings == reference.max_position_embeddings
-    assert config.sliding_window == _reference_window(reference)
+    assert config.layer_windows == _reference_windows(reference)
+    assert config.max_model_len == reference.max_position_embeddings
     assert config.rms_norm_eps == reference.rms_norm_eps
     assert config.tie_word_embeddings == reference.tie_word_embeddings
     assert (config.rope_theta, config.rope_scaling.rope_type) == (

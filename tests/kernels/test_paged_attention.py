@@ -4,7 +4,8 @@ paths against a per-sequence float64 reference written from the definition.
 Grid: dtype x GQA ratio (1, 4, 8) x head_dim (64, 128) on a batch whose contexts are 1, block_size - 1,
 block_size and many blocks long; then a block size smaller than a tile and not a power of two, strided q,
 int32 indices. Table entries past a sequence's blocks point at a poison block of large values, so any read
-past the context shows in the output. Inputs are fresh random values per case.
+past the context shows in the output. Inputs are fresh random values per case. With a sliding window the
+keys before each sequence's window are poisoned too, so any read of them shows as well.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 POISON = 50.0
 
 
-def reference(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """out[d, h] = softmax(scale * K_d @ q[d, h]) @ V_d over the sequence's first context_lens[d] tokens,
-    one sequence and head at a time in float64."""
+def reference(q, k_cache, v_cache, block_tables, context_lens, scale, window=None):
+    """out[d, h] = softmax(scale * K_d @ q[d, h]) @ V_d over the sequence's first context_lens[d] tokens
+    (with a window, only the last `window` of them), one sequence and head at a time in float64."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -40,7 +41,8 @@ def reference(q, k_cache, v_cache, block_tables, context_lens, scale):
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=torch.float64)
     for d in range(num_seqs):
         n = int(context_lens[d])
-        slots = [int(block_tables[d, t // block_size]) * block_size + t % block_size for t in range(n)]
+        first = 0 if window is None else max(0, n - window)
+        slots = [int(block_tables[d, t // block_size]) * block_size + t % block_size for t in range(first, n)]
         for h in range(num_heads):
             k, v = keys[slots, h // group], values[slots, h // group]  # (n, head_dim)
             weights = torch.softmax(scale * (k @ q[d, h].double().cpu()), dim=0)
@@ -221,3 +223,96 @@ def test_bucketed_sdpa_cut_into_chunks_by_copy_size_still_matches(monkeypatch, m
     lens = [37, 1, 64, 16, 90, 15, 17, 33, 2, 64, 48, 5, 70]
     case = make_case(9, torch.float32, 2, 4, 64, BLOCK_SIZE, lens)
     check(paged_attention.bucketed_sdpa(**case), case, torch.float32)
+
+
+# -- Sliding windows: the query at position n - 1 sees positions n - window .. n - 1 -------------------------
+
+WINDOW_LENS = [1, 7, BLOCK_SIZE, BLOCK_SIZE + 1, 37, 5 * BLOCK_SIZE + 3]
+
+
+def with_window(case, window):
+    """The case with `window`, each sequence's keys and values before its window set to POISON."""
+    _, block_size, _, _ = case["k_cache"].shape
+    k_cache, v_cache = case["k_cache"].clone(), case["v_cache"].clone()
+    for d, n in enumerate(case["context_lens"].tolist()):
+        for t in range(max(0, n - window)):
+            block = int(case["block_tables"][d, t // block_size])
+            k_cache[block, t % block_size], v_cache[block, t % block_size] = POISON, POISON
+    return {**case, "k_cache": k_cache, "v_cache": v_cache, "window": window}
+
+
+def run_path(path, case, **options):
+    fn = paged_attention.CPU_PATHS.get(path)
+    return fn(**case, **options) if fn else paged_decode.paged_decode_attention(**case, **options)
+
+
+@pytest.mark.parametrize("path", ["triton", *paged_attention.CPU_PATHS])
+# 1: the query alone; 5, 16, 21: shorter than most contexts, 16 on a block edge; 83: the longest context
+# exactly; 1000: longer than every context (the whole context, as without a window)
+@pytest.mark.parametrize("window", [1, 5, BLOCK_SIZE, 21, 5 * BLOCK_SIZE + 3, 1000])
+def test_sliding_window_attends_to_the_last_window_tokens_only(path, window):
+    seed = zlib.crc32(repr((path, window)).encode())
+    case = with_window(make_case(seed, torch.float32, 2, 4, 64, BLOCK_SIZE, WINDOW_LENS), window)
+    check(run_path(path, case), case, torch.float32)
+
+
+@pytest.mark.parametrize("path", ["triton", *paged_attention.CPU_PATHS])
+def test_sliding_window_skips_whole_tiles_and_blocks_before_it(path):
+    # 16-token tiles over blocks of 5: the window of the long sequences starts several tiles and blocks in,
+    # the short ones' at 0, so the block loop meets columns where a sequence has no key yet.
+    case = with_window(make_case(12, torch.float32, 1, 4, 80, 5, [2, 9, 70, 71, 96]), 19)
+    options = {} if path in paged_attention.CPU_PATHS else {"block_n": 16}
+    check(run_path(path, case, **options), case, torch.float32)
+
+
+@pytest.mark.parametrize("path", ["triton", *paged_attention.CPU_PATHS])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_sliding_window_in_half_precision(path, dtype):
+    seed = zlib.crc32(repr((path, dtype)).encode())
+    case = with_window(make_case(seed, dtype, 2, 8, 128, BLOCK_SIZE, WINDOW_LENS), 21)
+    check(run_path(path, case), case, dtype)
+
+
+@pytest.mark.parametrize("max_context_len", [83, 20])
+def test_triton_window_with_a_known_longest_context(max_context_len):
+    # 83: the window (21) is shorter than some context and applies; 20: it covers every context, and the
+    # kernel compiled without the window's code gives the same result.
+    lens = WINDOW_LENS if max_context_len == 83 else [1, 7, 20]
+    case = with_window(make_case(13, torch.float32, 2, 1, 64, BLOCK_SIZE, lens), 21)
+    check(paged_decode.paged_decode_attention(**case, max_context_len=max_context_len), case, torch.float32)
+
+
+def test_entry_point_passes_the_window_to_either_path():
+    case = with_window(make_case(14, torch.float32, 2, 1, 64, BLOCK_SIZE, WINDOW_LENS), 9)
+    check(paged_attention.paged_decode_attention(**case, use_triton=True), case, torch.float32)
+    check(paged_attention.paged_decode_attention(**case, use_triton=False), case, torch.float32)
+
+
+@pytest.mark.parametrize("max_gather_bytes", [1, 3 * BLOCK_SIZE * 2 * 64 * 4])
+def test_bucketed_sdpa_with_a_window_cut_into_chunks_still_matches(monkeypatch, max_gather_bytes):
+    monkeypatch.setattr(paged_attention, "MAX_GATHER_BYTES", max_gather_bytes)
+    lens = [37, 1, 64, 16, 90, 15, 17, 33, 2, 64, 48, 5, 70]
+    case = with_window(make_case(15, torch.float32, 2, 4, 64, BLOCK_SIZE, lens), 24)
+    check(paged_attention.bucketed_sdpa(**case), case, torch.float32)
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5, True])
+def test_a_window_below_one_is_refused(window):
+    with pytest.raises(KernelArgumentError) as raised:
+        paged_decode.paged_decode_attention(**_valid(), window=window)
+    assert raised.value.argument == "window"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("window", [1, 100, 4096])
+def test_compiled_kernel_with_a_window_matches_gather_sdpa_on_cuda(dtype, window):
+    seed = zlib.crc32(repr((dtype, window)).encode())
+    gen = torch.Generator().manual_seed(seed)
+    lens = [1, 99, 100, 101, 255, 2047, *torch.randint(1, 600, (26,), generator=gen).tolist()]
+    case = with_window(make_case(seed, dtype, 4, 4, 128, BLOCK_SIZE, lens), window)
+    out = paged_decode.paged_decode_attention(**case)
+    wide = {k: v.float() if k in ("q", "k_cache", "v_cache") else v for k, v in case.items()}
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), paged_attention.gather_sdpa(**wide), atol=atol, rtol=rtol)

@@ -27,7 +27,9 @@ def default_host_cache_bytes() -> int:
 @dataclass(frozen=True)
 class EngineConfig:
     model_dir: Path
-    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA) | "float32" | "bfloat16" | "float16"
+    # "auto" (float32 on CPU; on CUDA float16 for a float16 checkpoint, else bfloat16) | "float32" |
+    # "bfloat16" | "float16"
+    dtype: str = "auto"
     device: str = "cpu"
     max_lora_rank: int = 64
     num_adapter_slots: int = 32
@@ -81,11 +83,16 @@ class EngineConfig:
     def quant(self) -> QuantSettings:
         return QuantSettings(self.quantize, self.quantize_lm_head)
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        return _DTYPES[self.dtype]
+    def resolve_dtype(self, checkpoint_dtype: str) -> torch.dtype:
+        """The dtype the model is held and computed in: `dtype`, or for "auto" float32 on the CPU and, on
+        CUDA, the checkpoint's own half precision (`checkpoint_dtype`, its config's `dtype` /
+        `torch_dtype`): a float16 checkpoint stays float16 (bfloat16 would round away three bits of every
+        weight), a bfloat16 or float32 one is served in bfloat16."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if not self.device.startswith("cuda"):
+            return torch.float32
+        return torch.float16 if checkpoint_dtype in ("float16", "half") else torch.bfloat16
 
     @property
     def resolved_host_cache_bytes(self) -> int:

@@ -29,6 +29,7 @@ from data_plane.engine.sampler import Sampler
 from data_plane.engine.scheduler import Scheduler, SchedulerLimits
 from data_plane.engine.sequence import Sequence, SequenceStatus
 from data_plane.engine.validation import adapter_key, validate_request
+from data_plane.model.config import ModelConfig
 from data_plane.model.loader import load_model
 from data_plane.tokenizer import IncrementalDetokenizer, Tokenizer
 from openlora.base_model import BaseModelSpec
@@ -69,7 +70,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         keep_freed_memory()  # a step's temporaries are not page-faulted in again every step
-        dtype, device = config.torch_dtype, config.torch_device
+        dtype = config.resolve_dtype(ModelConfig.from_dir(config.model_dir).checkpoint_dtype)
+        device = config.torch_device
         model_len = config.max_model_len or 1 << 20
         model, model_config = load_model(config.model_dir, dtype, device, max_positions=1, quant=config.quant)
         self.model_config = model_config

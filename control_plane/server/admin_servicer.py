@@ -13,19 +13,36 @@ from openlora.v1 import admin_pb2, admin_pb2_grpc
 # An upload stream that sends no message for this long is ended: an idle stream would otherwise keep its
 # partial files (up to the maximum adapter size) and its tenant's upload slot for as long as it stays open.
 UPLOAD_IDLE_TIMEOUT_S = 30.0
+# And a whole upload may take UPLOAD_BASE_S plus its declared bytes at UPLOAD_MIN_BYTES_PER_S (512 MiB: 35
+# minutes), so that a client trickling a byte now and then cannot hold its slot and files for ever either.
+UPLOAD_BASE_S = 60.0
+UPLOAD_MIN_BYTES_PER_S = 256 << 10
 
 
-async def _next_upload_message(messages):
-    """The stream's next message, None at its end; DeadlineExceeded when none came within the idle limit."""
-    timeout_s = UPLOAD_IDLE_TIMEOUT_S
+def upload_time_limit_s(declared_bytes: int) -> float:
+    return UPLOAD_BASE_S + declared_bytes / UPLOAD_MIN_BYTES_PER_S
+
+
+async def _next_upload_message(messages, deadline: float | None = None, limit_s: float = 0.0):
+    """The stream's next message, None at its end; DeadlineExceeded when none came within the idle limit,
+    or the upload's `deadline` (loop time, allowed `limit_s` in all) passed."""
+    loop = asyncio.get_running_loop()
+    idle_s = UPLOAD_IDLE_TIMEOUT_S
+    timeout_s = idle_s if deadline is None else min(idle_s, deadline - loop.time())
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(max(0.0, timeout_s)):
             return await messages.__anext__()
     except StopAsyncIteration:
         return None
     except TimeoutError:
+        if deadline is not None and loop.time() >= deadline:
+            raise DeadlineExceeded(
+                f"the upload took more than {limit_s:.0f} s, the most one of its size may take ({UPLOAD_BASE_S:g} "
+                f"s plus its bytes at {UPLOAD_MIN_BYTES_PER_S >> 10} KiB/s); the upload was ended and its partial "
+                "files removed"
+            ) from None
         raise DeadlineExceeded(
-            f"no upload message arrived for {timeout_s:g} s, the most an upload may stay idle; the upload "
+            f"no upload message arrived for {idle_s:g} s, the most an upload may stay idle; the upload "
             "was ended and its partial files removed: send the adapter again without pausing"
         ) from None
 
@@ -52,8 +69,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def UploadAdapter(self, request_iterator, context):
         """Header first, then chunks written to a temporary directory as they arrive; validated, published
         and registered only once the stream ended whole. A tenant has at most
-        MAX_UPLOADS_IN_FLIGHT_PER_TENANT uploads open at once (RESOURCE_EXHAUSTED past it), and a stream
-        that sends nothing for UPLOAD_IDLE_TIMEOUT_S is ended with DEADLINE_EXCEEDED, its files removed."""
+        MAX_UPLOADS_IN_FLIGHT_PER_TENANT uploads open at once (RESOURCE_EXHAUSTED past it); a stream that
+        sends nothing for UPLOAD_IDLE_TIMEOUT_S, or runs past `upload_time_limit_s` of its declared size,
+        is ended with DEADLINE_EXCEEDED, its files removed."""
         messages = request_iterator.__aiter__()
         first = await _next_upload_message(messages)
         if first is None:
@@ -63,8 +81,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         header = convert.upload_header_from_proto(first.header)
         plan = await asyncio.to_thread(self.app.prepare_upload, bearer_token(context), header)
         upload = self.app.begin_upload(plan)
+        limit_s = upload_time_limit_s(sum(entry.size_bytes for entry in header.files))
+        deadline = asyncio.get_running_loop().time() + limit_s
         try:
-            while (message := await _next_upload_message(messages)) is not None:
+            while (message := await _next_upload_message(messages, deadline, limit_s)) is not None:
                 if not message.HasField("chunk"):
                     raise InvalidArgument("only the first message may be a header", field="header")
                 chunk = message.chunk

@@ -246,3 +246,37 @@ def test_every_ending_gives_the_slot_back(cp, adapter_copy, held, ending) -> Non
         assert _rows(cp, name) == 0
     _wait_idle(cp)
     _assert_tenant_has_all_its_slots(cp, held, key, files, f"ends-{ending}")
+
+
+def test_an_upload_trickling_past_its_time_limit_is_ended_and_its_files_removed(
+    cp, adapter_copy, monkeypatch
+):
+    """A byte now and then keeps a stream from idling; the upload's whole time is bounded by its size."""
+    files = dir_files(adapter_copy("a"))
+    key = _tenant_key(cp, "trickle")
+    monkeypatch.setattr(admin_servicer, "UPLOAD_BASE_S", 1.0)
+    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_BYTES_PER_S", 1 << 40)  # the limit: about 1 s in all
+    (config, config_data), _ = files
+    header = admin_pb2.UploadAdapterHeader(name="trickle", base_model="tiny-llama")
+    for filename, data in files:
+        header.files.add(filename=filename, size_bytes=len(data))
+
+    def stream():
+        yield admin_pb2.UploadAdapterRequest(header=header)
+        for offset in range(len(config_data)):  # one byte every 0.2 s, never idle for the 30 s limit
+            time.sleep(0.2)
+            yield admin_pb2.UploadAdapterRequest(
+                chunk=admin_pb2.FileChunk(
+                    filename=config, offset=offset, data=config_data[offset : offset + 1]
+                )
+            )
+
+    with grpc.insecure_channel(cp.target) as channel, pytest.raises(grpc.RpcError) as ended:
+        admin_pb2_grpc.AdminServiceStub(channel).UploadAdapter(
+            stream(), metadata=(("authorization", f"Bearer {key}"),), timeout=60
+        )
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ended.value.details()
+    assert "the upload took more than 1 s" in ended.value.details()
+    assert _partial_uploads(cp) == []
+    assert cp.running.app.upload_slots.num_in_flight() == 0
+    assert _rows(cp, "trickle") == 0

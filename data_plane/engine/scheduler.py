@@ -15,7 +15,11 @@ of the tenant furthest above its share are preempted by recompute to make room f
 and, when its adapter finds every slot held, the slot of an adapter held only by sequences of tenants above
 their share is freed the same way. Capacity that such waiting work needs is not given to tenants at or
 above their share in the meantime, so a flood cannot take back what was freed while an adapter loads.
-Adapter slots are promised to waiting work in the same fair order. With one tenant none of this applies.
+Adapter slots are promised to waiting work in the same fair order. The step's token budget is shared the
+same way: while the first waiting unit in fair order could run, the running prefill chunks of tenants
+running more units than its tenant leave its first chunk room in the step (at most half the budget), so a
+flood of long prompts within its share delays another tenant's first token by one step, not by every
+prompt in flight. With one tenant none of this applies.
 
 Every sequence with an adapter holds one reference on it in the adapter cache from the moment it is
 promised a slot (while waiting) or admitted, until it finishes, preemption included: a referenced
@@ -93,11 +97,20 @@ class Scheduler:
         if share is not None:
             batch.preempted.extend(self._rebalance(share))
         budget = self.limits.max_num_batched_tokens
+        yield_to, held_back = self._prefill_room(share, budget)
+        running_units = Counter(seq.tenant for seq in self.running if seq.is_leader)
         index = 0
         kv_pressure = False
         while index < len(self.running) and budget > 0:
             unit = self.running[index].members
             num_new = min(unit[0].num_pending_tokens, budget // len(unit))
+            if held_back and num_new > 1 and running_units[unit[0].tenant] > running_units[yield_to]:
+                # A prefill chunk of a tenant running more than the one whose request waits first: it
+                # leaves that request's first chunk room in this step.
+                num_new = min(num_new, (budget - held_back) // len(unit))
+                if num_new < 1:
+                    index += len(unit)
+                    continue
             if num_new < 1:
                 break  # a group runs whole or not at all
             while not self._can_allocate(unit, num_new):
@@ -147,6 +160,22 @@ class Scheduler:
             self._allocate(batch, unit, num_new)
             budget -= num_new * len(unit)
         return batch
+
+    def _prefill_room(self, share: int | None, budget: int) -> tuple[str, int]:
+        """(tenant, tokens): with several tenants at work, the first waiting unit in fair order that could
+        run now (its adapters usable, room in the running set) and the tokens of its first chunk, at most
+        half of `budget`; running prefill chunks of tenants running more units than that tenant leave them
+        free. ("", 0) when there is none, or one tenant."""
+        if share is None:
+            return "", 0
+        unit = next(self._fair_order(), None)
+        if (
+            unit is None
+            or len(self.running) + len(unit) > self.limits.max_num_seqs
+            or any(s.adapter_key is not None and not self.adapters.is_usable(s.adapter_key) for s in unit)
+        ):
+            return "", 0
+        return unit[0].tenant, min(unit[0].num_pending_tokens * len(unit), budget // 2)
 
     def _fair_share(self) -> int | None:
         """Running sequences per tenant while more than one tenant has work; None with one (or none)."""

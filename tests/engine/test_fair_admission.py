@@ -186,3 +186,39 @@ def test_kv_pressure_with_one_tenant_preempts_the_newest_admitted(tiny_llama):
         engine.add_request(_request(f"r{i}", "only", max_tokens=56 if i < 3 else 40))
     _finish(engine, {})
     assert preempted[0] == "r3"
+
+
+def test_another_tenants_long_prompts_do_not_hold_back_a_short_requests_first_token(tiny_llama):
+    """Prefill chunks of long prompts spend each step's token budget; a tenant running more than another
+    whose request waits leaves that request's first chunk room in the step (up to half the budget), so
+    its first token comes next step instead of after every long prompt in flight (a victim waited 1.7-6
+    s behind a flood of 1,000-token prompts that stayed within its share)."""
+    budget = 32
+    engine = make_engine(tiny_llama, max_num_seqs=16, max_num_batched_tokens=budget, num_kv_blocks=128)
+    outputs: dict = {}
+    long_prompt = [(7 * i) % 97 + 1 for i in range(150)]
+    for i in range(3):
+        request = greedy(f"long-{i}", long_prompt, max_tokens=4)
+        request.tenant = "flood"
+        engine.add_request(request)
+    _step(engine, outputs)  # the flood's prefills take the budget
+    victim = _request("victim", "victim", max_tokens=2)
+    engine.add_request(victim)
+    assert _steps_until_first_token(engine, "victim", outputs) == 1
+    # and the flood's prompts still make progress: each step gives them what the victim leaves
+    _finish(engine, outputs)
+    alone = _alone(tiny_llama, [greedy("long-0", long_prompt, max_tokens=4)], max_num_batched_tokens=budget)
+    assert outputs["long-0"] == alone["long-0"]  # chunked differently, same tokens
+
+
+def test_with_one_tenant_prefill_chunks_keep_arrival_order(tiny_llama):
+    """The room above is left for another tenant only: one tenant's later request waits for its earlier
+    prompts' prefill, as before."""
+    engine = make_engine(tiny_llama, max_num_seqs=16, max_num_batched_tokens=32, num_kv_blocks=128)
+    outputs: dict = {}
+    long_prompt = [(5 * i) % 89 + 1 for i in range(150)]
+    for i in range(3):
+        engine.add_request(greedy(f"long-{i}", long_prompt, max_tokens=4))
+    _step(engine, outputs)
+    engine.add_request(greedy("short", [1, 2, 3, 4], max_tokens=2))
+    assert _steps_until_first_token(engine, "short", outputs) > 1

@@ -14,7 +14,8 @@ could no longer open database connections and went unhealthy). So each server
 
 and the process's open-file limit is raised (within its hard limit) to leave FD_RESERVE descriptors beyond
 the connections it may hold, for its databases, spool and artifact files. Where the hard limit is too low
-for that, the cap is lowered to fit, and the log says so.
+for that, the cap is lowered to fit (sharing what is left with the worker's HTTP listener), and the log
+says so.
 
 The cap keeps the process itself working through a flood (its database, its spool, the connections it
 already holds); turning away one client's flood while serving another's new connections is per-address
@@ -53,10 +54,12 @@ def fd_budget(wanted: int) -> int:
 
 
 def connection_cap(max_connections: int, other_descriptors: int = 0, server: str = "gRPC") -> int:
-    """The connection cap to apply: `max_connections`, lowered to what the open-file limit allows after
-    FD_RESERVE and `other_descriptors` (another listener's connections), at least MIN_CONNECTIONS."""
+    """The connection cap to apply: `max_connections`, or where the open-file limit cannot hold it with
+    FD_RESERVE and `other_descriptors` (another listener's connections), its share of what the limit leaves
+    after the reserve, in proportion to the two asks; at least MIN_CONNECTIONS."""
     limit = fd_budget(max_connections + other_descriptors + FD_RESERVE)
-    cap = max(MIN_CONNECTIONS, min(max_connections, limit - other_descriptors - FD_RESERVE))
+    share = (limit - FD_RESERVE) * max_connections // (max_connections + other_descriptors)
+    cap = max(MIN_CONNECTIONS, min(max_connections, share))
     if cap < max_connections:
         log.warning(
             "%s server: at most %d connections (asked %d): the open-file limit is %d and %d descriptors are "

@@ -37,8 +37,8 @@ def test_the_soft_limit_is_raised_to_hold_the_cap_and_the_reserve():
 def test_a_low_hard_limit_lowers_the_cap_and_keeps_the_reserve():
     cap, soft = _cap_under_limit(1024, 1024, DEFAULT_MAX_CONNECTIONS)
     assert (cap, soft) == (1024 - FD_RESERVE, 1024)
-    # another listener's connections (the HTTP API's) come out of the same budget
+    # another listener's connections (the HTTP API's) share what the reserve leaves, in proportion
     cap, _ = _cap_under_limit(1024, 1024, DEFAULT_MAX_CONNECTIONS, other=300)
-    assert cap == 1024 - FD_RESERVE - 300
-    cap, _ = _cap_under_limit(600, 600, DEFAULT_MAX_CONNECTIONS, other=300)
-    assert cap == MIN_CONNECTIONS
+    assert cap == (1024 - FD_RESERVE) * 4096 // 4396 == 477
+    cap, _ = _cap_under_limit(530, 530, DEFAULT_MAX_CONNECTIONS, other=DEFAULT_MAX_CONNECTIONS)
+    assert cap == MIN_CONNECTIONS  # 9 by the share: never fewer than the minimum

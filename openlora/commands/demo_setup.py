@@ -68,40 +68,58 @@ def _key_acts_for(stub: admin_pb2_grpc.AdminServiceStub, key: str, tenant: str) 
     return True
 
 
-def bootstrap_tenant(
-    admin_target: str,
-    admin_key: str,
-    tenant: str,
-    adapters_dir: Path | None,
-    base_model: str,
-    kept_key: str | None = None,
-):
-    """Creates the tenant (if new), pushes the adapters and returns an admin+infer key for it with their
-    names: `kept_key` while it still acts for the tenant, else a new one."""
+def ensure_tenant(
+    admin_target: str, admin_key: str, tenant: str, kept_key: str | None = None
+) -> tuple[str, bool]:
+    """Creates the tenant unless it exists; returns an admin+infer key for it (`kept_key` while it still
+    acts for the tenant, else a new one) and whether this call created the tenant."""
     metadata = (("authorization", f"Bearer {admin_key}"),)
     with grpc.insecure_channel(admin_target) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
+        created = True
         try:
             stub.CreateTenant(admin_pb2.CreateTenantRequest(name=tenant), metadata=metadata, timeout=30)
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
+            created = False
         if kept_key and _key_acts_for(stub, kept_key, tenant):
-            key = kept_key
-        else:
-            key = stub.CreateApiKey(
-                admin_pb2.CreateApiKeyRequest(
-                    tenant=tenant, scopes=[admin_pb2.SCOPE_INFER, admin_pb2.SCOPE_ADMIN]
-                ),
-                metadata=metadata,
-                timeout=30,
-            ).secret
-        names = []
-        if adapters_dir is not None and adapters_dir.is_dir():
+            return kept_key, created
+        key = stub.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(
+                tenant=tenant, scopes=[admin_pb2.SCOPE_INFER, admin_pb2.SCOPE_ADMIN]
+            ),
+            metadata=metadata,
+            timeout=30,
+        ).secret
+    return key, created
+
+
+def push_adapters(
+    admin_target: str, admin_key: str, tenant: str, adapters_dir: Path, base_model: str
+) -> list[str]:
+    """Pushes every adapter directory under `adapters_dir` for `tenant`, named after its directory;
+    returns the names."""
+    metadata = (("authorization", f"Bearer {admin_key}"),)
+    names = []
+    if adapters_dir.is_dir():
+        with grpc.insecure_channel(admin_target) as channel:
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
             for path in sorted(p for p in adapters_dir.iterdir() if p.is_dir()):
                 stub.UploadAdapter(upload_messages(path, tenant, base_model), metadata=metadata, timeout=120)
                 names.append(path.name)
-    return key, names
+    return names
+
+
+def own_adapter_names(admin_target: str, key: str, tenant: str) -> list[str]:
+    """The names of `tenant`'s own adapters as they are now (first page: what a ready line can show)."""
+    with grpc.insecure_channel(admin_target) as channel:
+        response = admin_pb2_grpc.AdminServiceStub(channel).ListAdapters(
+            admin_pb2.ListAdaptersRequest(tenant=tenant, page_size=100),
+            metadata=(("authorization", f"Bearer {key}"),),
+            timeout=30,
+        )
+    return sorted(a.name for a in response.adapters)
 
 
 def set_demo_price(admin_target: str, admin_key: str, base_model: str) -> None:

@@ -52,9 +52,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from openlora.commands.demo_setup import (
-    bootstrap_tenant,
     create_demo_mixes,
     ensure_demo_model,
+    ensure_tenant,
+    own_adapter_names,
+    push_adapters,
     set_demo_price,
 )
 from openlora.commands.supervise import (
@@ -385,18 +387,25 @@ def _run_locked(config: UpConfig) -> int:
         children.insert(0, worker)  # stopped first
         _wait_serving(inference_target, supervisor)
         demo_keys = keys.setdefault("demo_keys", {})
-        api_key, adapter_names = bootstrap_tenant(
-            admin_target,
-            keys["admin_key"],
-            config.tenant,
-            model_dir / "adapters",
-            model_dir.name,
-            kept_key=demo_keys.get(config.tenant),
+        api_key, created = ensure_tenant(
+            admin_target, keys["admin_key"], config.tenant, kept_key=demo_keys.get(config.tenant)
         )
         demo_keys[config.tenant] = api_key
-        if config.model_dir is None:
-            set_demo_price(admin_target, keys["admin_key"], model_dir.name)
-            create_demo_mixes(admin_target, keys["admin_key"], config.tenant)
+        seeded = keys.setdefault("seeded_tenants", [])
+        if created or config.tenant not in seeded:
+            # Only the start that creates the tenant seeds it (or one after a start that stopped before
+            # seeding was done): a later start must not undo what the operator and the tenant changed
+            # since (a restart brought deleted adapters and mixes back and repriced the month's usage).
+            adapter_names = push_adapters(
+                admin_target, keys["admin_key"], config.tenant, model_dir / "adapters", model_dir.name
+            )
+            if config.model_dir is None:
+                set_demo_price(admin_target, keys["admin_key"], model_dir.name)
+                create_demo_mixes(admin_target, keys["admin_key"], config.tenant)
+            seeded.append(config.tenant)
+            _save_secrets(config.state_dir, keys)
+        else:
+            adapter_names = own_adapter_names(admin_target, api_key, config.tenant)
         from openlora.commands.serving import write_context
 
         write_context(

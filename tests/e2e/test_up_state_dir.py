@@ -1,5 +1,6 @@
 """`openlora up` on one state dir across starts: the operator key is shown once and does operator work,
-the demo key stays the same from one start to the next (a new one only once it is revoked), and a second
+the demo key stays the same from one start to the next (a new one only once it is revoked), a restart
+seeds nothing again (an adapter the tenant deleted and a price the operator set stay so), and a second
 `up` on a state dir in use is refused; a port in use is refused before anything starts. Every refusal is
 one line, with no traceback."""
 
@@ -51,6 +52,19 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "openlora.cli", *args],
         env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )  # fmt: skip
+
+
+def _price(database_url: str, base_model: str) -> tuple[int, int]:
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT prompt_micros_per_million_tokens, completion_micros_per_million_tokens FROM price "
+            "WHERE base_model = %s",
+            (base_model,),
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
 
 
 class _Up:
@@ -119,6 +133,23 @@ def test_restarts_keep_the_demo_key_and_show_the_operator_key_once(
         assert "acme" in created.stdout
         denied = _cli(env, "tenants", "create", "acme2", "--api-key", first.fields["key"])
         assert denied.returncode != 0 and "PERMISSION_DENIED" in denied.stderr
+        # What the operator and the tenant change after the first start must survive the next one.
+        removed = _cli(env, "adapters", "rm", "ad0", "--api-key", first.fields["key"])
+        assert removed.returncode == 0, removed.stderr
+        priced = _cli(
+            env,
+            "prices",
+            "set",
+            "demo-model",
+            "--prompt",
+            "5",
+            "--completion",
+            "7",
+            "--api-key",
+            operator_key,
+        )
+        assert priced.returncode == 0, priced.stderr
+        price_before = _price(database_url, "demo-model")
         first.stop()
     finally:
         first.kill()
@@ -130,6 +161,11 @@ def test_restarts_keep_the_demo_key_and_show_the_operator_key_once(
     again = _Up(argv, env, tmp_path / "again.stderr")
     try:
         assert again.fields["key"] == first.fields["key"]
+        # a restart seeds nothing again: the deleted adapter stays deleted, the price stays the operator's
+        listed = _cli(env, "adapters", "list", "--api-key", again.fields["key"])
+        assert listed.returncode == 0, listed.stderr
+        assert "ad1" in listed.stdout and "ad0" not in listed.stdout
+        assert _price(database_url, "demo-model") == price_before
         assert f"operator key: kept in {secrets_path} (admin_key)" in again.lines
         assert operator_key not in "\n".join(again.lines)
         prefix = "_".join(again.fields["key"].split("_")[:2])  # olk_<12 hex>

@@ -654,8 +654,20 @@ class GenerationService:
         if progress.queue_ms:
             self._metrics.queue_s.observe(progress.queue_ms / 1000)
         record = self._usage_record(request_id, auth, progress, arrival, progress.finish_reason)
-        if record is not None:
+        if record is None:
+            return
+        try:
             self._usage.record(record)
+        except OSError as error:
+            # The stream is over: what it delivered is its answer, and its status is not the spool's (a
+            # retryable UNAVAILABLE after a whole answer made clients run and pay for it twice). The record
+            # is pending in memory and goes to the control plane with the next flush; only its durability
+            # against a crash before then is lost. The spool's health check turns new calls away meanwhile.
+            log.error(
+                "usage of request %s is kept in memory only: the spool cannot be written: %s",
+                request_id,
+                error,
+            )
 
     def _usage_record(
         self, request_id: str, auth: Authorization, progress: _Progress, arrival: float, finish_reason: str

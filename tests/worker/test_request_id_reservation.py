@@ -189,6 +189,35 @@ def test_a_spool_that_cannot_be_written_bills_nothing_and_the_id_is_served_again
     assert (usage.total_requests, usage.total_completion_tokens) == (1, delivered)
 
 
+def test_a_stream_delivered_whole_ends_ok_when_its_final_usage_record_cannot_be_spooled(system, monkeypatch):
+    """Disk full as a stream ends: every chunk was handed over, so the call ends OK (it ended UNAVAILABLE,
+    "retry shortly", after the whole answer: a client retrying it ran and paid for it twice). The final
+    record stays pending in memory and is billed once, exactly what was delivered."""
+    import errno
+
+    tenant, _, key = system.new_tenant()
+    reporter = system.worker.usage
+    real_record = reporter.record
+
+    def full(records):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def record_on_a_full_disk(record):
+        reporter._append = full  # this record's spool write fails; checkpoints before it were written
+        try:
+            real_record(record)
+        finally:
+            del reporter._append
+
+    monkeypatch.setattr(reporter, "record", record_on_a_full_disk)
+    served = _generate(system.target, key, prompt=PROMPT)  # raises on any status but OK
+    monkeypatch.undo()
+    delivered = sum(len(r.token_ids) for r in served)
+    assert delivered > 0 and served[-1].usage.completion_tokens == delivered
+    usage = system.wait_usage(tenant, 1)
+    assert (usage.total_requests, usage.total_completion_tokens) == (1, delivered)
+
+
 def test_a_worker_whose_spool_cannot_be_written_is_not_serving_until_it_can(system, monkeypatch):
     """Disk full under the usage spool: the worker could not bill a call, so its health turns NOT_SERVING
     (a router must stop sending it traffic), new calls are refused UNAVAILABLE at once, naming the spool,

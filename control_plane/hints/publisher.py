@@ -1,8 +1,18 @@
-"""Best-effort hint publishing: Redis being down never fails the operation that published."""
+"""Hint publishing: Redis being down never fails the operation that published.
+
+Prewarm and demote hints are advice: one that cannot be published is dropped. Invalidate and revoke hints
+are not: each tells every worker to forget something it must no longer serve (a deleted or replaced
+adapter, a revoked key). One that Redis did not take is kept, in order, and published again every
+RETRY_INTERVAL_S until Redis takes it, so that workers learn of it as soon as Redis is back instead of only
+when their cached answers expire (up to ten minutes while the control plane is unreachable as well). At
+most MAX_PENDING are kept; past that the oldest go (logged), and the workers' cache TTL bounds them.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 
 import redis
 
@@ -10,6 +20,10 @@ from control_plane import metrics
 from openlora.hints import HINTS_MAXLEN, HINTS_STREAM, Hint
 
 log = logging.getLogger(__name__)
+
+KEPT_KINDS = ("invalidate", "revoke")
+RETRY_INTERVAL_S = 1.0
+MAX_PENDING = 10_000
 
 
 class HintPublisher:
@@ -21,20 +35,68 @@ class HintPublisher:
             if redis_url
             else None
         )
+        self._pending: collections.deque[Hint] = collections.deque()
+        self._lock = threading.Lock()  # one publisher at a time: kept hints go out before newer ones
+        self._stop = threading.Event()
+        self._retry: threading.Thread | None = None
+
+    @property
+    def num_pending(self) -> int:
+        """Invalidate and revoke hints waiting for Redis."""
+        return len(self._pending)
 
     def publish(self, hint: Hint) -> bool:
-        """Returns whether the hint reached the stream."""
+        """Returns whether the hint reached the stream now (a kept kind that did not is published later)."""
         if self._client is None:
             log.debug("no redis configured; hint dropped: %s", hint)
             return False
-        try:
-            self._client.xadd(HINTS_STREAM, hint.to_fields(), maxlen=HINTS_MAXLEN, approximate=True)
-        except (redis.RedisError, OSError) as e:
-            log.warning("hint not published (%s): %s", e, hint)
-            metrics.HINTS_FAILED.labels(hint.kind).inc()
-            return False
-        metrics.HINTS_PUBLISHED.labels(hint.kind).inc()
+        with self._lock:
+            if self._pending and not self._flush_pending():
+                return self._keep_or_drop(hint, "earlier hints still wait for redis")
+            try:
+                self._xadd(hint)
+            except (redis.RedisError, OSError) as e:
+                return self._keep_or_drop(hint, str(e))
         return True
+
+    def _xadd(self, hint: Hint) -> None:
+        self._client.xadd(HINTS_STREAM, hint.to_fields(), maxlen=HINTS_MAXLEN, approximate=True)
+        metrics.HINTS_PUBLISHED.labels(hint.kind).inc()
+
+    def _keep_or_drop(self, hint: Hint, why: str) -> bool:
+        metrics.HINTS_FAILED.labels(hint.kind).inc()
+        if hint.kind not in KEPT_KINDS:
+            log.warning("hint not published (%s): %s", why, hint)
+            return False
+        if len(self._pending) >= MAX_PENDING:
+            log.error("hint dropped after %d waiting for redis: %s", MAX_PENDING, self._pending.popleft())
+        self._pending.append(hint)
+        log.warning("hint not published yet (%s), kept to publish when redis is back: %s", why, hint)
+        self._start_retrying()
+        return False
+
+    def _flush_pending(self) -> bool:
+        """Publishes the kept hints in order (caller holds the lock); returns whether none is left."""
+        while self._pending:
+            try:
+                self._xadd(self._pending[0])
+            except (redis.RedisError, OSError):
+                return False
+            log.info("kept hint published: %s", self._pending.popleft())
+        return True
+
+    def _start_retrying(self) -> None:
+        """Starts the retry thread unless it runs (caller holds the lock)."""
+        if self._retry is None and not self._stop.is_set():
+            self._retry = threading.Thread(target=self._retry_loop, name="hint-retry", daemon=True)
+            self._retry.start()
+
+    def _retry_loop(self) -> None:
+        while not self._stop.wait(RETRY_INTERVAL_S):
+            with self._lock:
+                if self._flush_pending():
+                    self._retry = None  # under the lock: a hint kept after this starts a new thread
+                    return
 
     def invalidate(self, adapter_id: str, sha256: str = "", source_sha256: str = "") -> bool:
         """Workers forget cached answers naming `adapter_id` (as an adapter or as a saved mix's member);
@@ -50,5 +112,11 @@ class HintPublisher:
         return self.publish(Hint(kind="revoke", adapter_id="", sha256="", api_key_id=api_key_id))
 
     def close(self) -> None:
+        self._stop.set()
+        retry = self._retry
+        if retry is not None:
+            retry.join(timeout=5)
+        if self._pending:
+            log.error("%d invalidate/revoke hints never reached redis", len(self._pending))
         if self._client is not None:
             self._client.close()

@@ -1,0 +1,91 @@
+"""Invalidate and revoke hints that Redis did not take are published as soon as it takes them again
+(they were dropped: a worker served a replaced adapter's old weights, or a deleted private adapter, until
+its cached answer expired, up to ten minutes with the control plane unreachable too); prewarm hints, mere
+advice, are still dropped. The Redis is real; its outage is a client whose writes fail for a while."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from control_plane.hints import publisher as publisher_module
+from control_plane.hints.publisher import HintPublisher
+from openlora.hints import HINTS_STREAM, Hint
+
+
+def _hints_since(client: redis.Redis, start_id: str) -> list[dict]:
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()}
+        for _, fields in client.xrange(HINTS_STREAM, min=f"({start_id}")
+    ]
+
+
+def _last_id(client: redis.Redis) -> str:
+    entries = client.xrevrange(HINTS_STREAM, count=1)
+    return entries[0][0].decode() if entries else "0-0"
+
+
+class _Outage:
+    """Makes the publisher's XADDs fail until `end()`."""
+
+    def __init__(self, publisher: HintPublisher, monkeypatch) -> None:
+        self.down = True
+        real = publisher._client.xadd
+
+        def xadd(*args, **kwargs):
+            if self.down:
+                raise redis.ConnectionError("Connection refused")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(publisher._client, "xadd", xadd)
+
+    def end(self) -> None:
+        self.down = False
+
+
+def test_invalidate_and_revoke_hints_wait_for_redis_in_order_and_prewarms_are_dropped(redis_url, monkeypatch):
+    monkeypatch.setattr(publisher_module, "RETRY_INTERVAL_S", 0.1)
+    reader = redis.Redis.from_url(redis_url)
+    start = _last_id(reader)
+    publisher = HintPublisher(redis_url)
+    outage = _Outage(publisher, monkeypatch)
+    try:
+        assert publisher.invalidate("adapter-1", source_sha256="a" * 64) is False
+        assert publisher.publish(Hint(kind="prewarm", adapter_id="adapter-2", sha256="b" * 64)) is False
+        assert publisher.revoke("key-3") is False
+        assert publisher.num_pending == 2
+        time.sleep(0.5)
+        assert _hints_since(reader, start) == []  # still down: nothing, and nothing lost
+        outage.end()
+        deadline = time.monotonic() + 10
+        while publisher.num_pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        hints = _hints_since(reader, start)
+        assert [(h["kind"], h.get("adapter_id") or h.get("api_key_id")) for h in hints] == [
+            ("invalidate", "adapter-1"),
+            ("revoke", "key-3"),
+        ]
+        # once Redis is back, a new hint goes out at once, after nothing
+        assert publisher.invalidate("adapter-4") is True
+        assert _hints_since(reader, start)[-1]["adapter_id"] == "adapter-4"
+    finally:
+        publisher.close()
+        reader.close()
+
+
+def test_a_hint_kept_while_earlier_ones_wait_goes_out_after_them(redis_url, monkeypatch):
+    monkeypatch.setattr(publisher_module, "RETRY_INTERVAL_S", 60.0)  # only publish() flushes here
+    reader = redis.Redis.from_url(redis_url)
+    start = _last_id(reader)
+    publisher = HintPublisher(redis_url)
+    outage = _Outage(publisher, monkeypatch)
+    try:
+        assert publisher.invalidate("first") is False
+        outage.end()
+        assert publisher.invalidate("second") is True  # the kept one goes first
+        assert [h["adapter_id"] for h in _hints_since(reader, start)] == ["first", "second"]
+        assert publisher.num_pending == 0
+    finally:
+        publisher.close()
+        reader.close()

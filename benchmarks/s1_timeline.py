@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
 import time
 import uuid
 from dataclasses import replace
@@ -34,7 +33,7 @@ from pathlib import Path
 from benchmarks import fixtures
 from benchmarks.run import _trace
 from benchmarks.run_config import BenchConfig
-from benchmarks.serving_overhead import OverheadConfig, engine_config, warm_requests
+from benchmarks.serving_overhead import OverheadConfig, engine_config, on_engine_thread, warm_requests
 from benchmarks.trace import Trace, adapter_name
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "s1_timeline.json"
@@ -130,24 +129,6 @@ def replay(engine, trace: Trace, refs: dict) -> list[dict]:
     return steps
 
 
-def _on_thread(fn, *args):
-    """Runs `fn` on a thread of its own (as the worker steps its engine; see serving_overhead)."""
-    result: list = []
-
-    def run() -> None:
-        try:
-            result.append(fn(*args))
-        except BaseException as error:
-            result.append(error)
-
-    thread = threading.Thread(target=run, name="engine-loop")
-    thread.start()
-    thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
-
-
 def format_report(summary: dict, slots: int) -> str:
     lines = [
         f"slots {slots}, max_num_seqs {summary['max_num_seqs']}: {summary['tokens']} tokens in "
@@ -188,9 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     engine = LLMEngine(engine_config(cfg, model_dir))
     load_before = os.getloadavg()[0]
     try:
-        _on_thread(replay, engine, Trace(trace.config, tuple(warm_requests(names))), refs)
-        _on_thread(replay, engine, trace, refs)  # untimed, as scenario 1's warm-up runs part of the trace
-        passes = [_on_thread(replay, engine, trace, refs) for _ in range(args.passes)]
+        on_engine_thread(replay, engine, Trace(trace.config, tuple(warm_requests(names))), refs)
+        on_engine_thread(
+            replay, engine, trace, refs
+        )  # untimed, as scenario 1's warm-up runs part of the trace
+        passes = [on_engine_thread(replay, engine, trace, refs) for _ in range(args.passes)]
     finally:
         engine.shutdown()
     summaries = [summarize(steps, cfg.max_num_seqs) for steps in passes]

@@ -142,11 +142,17 @@ def run_engine_thread(engine, requests: list[TraceRequest], refs: dict) -> tuple
     """`run_engine` on a thread of its own named as the worker's engine thread: the worker steps its
     engine off the main thread, and torch's intra-op pool can behave very differently on the main thread
     of a loaded machine (seen here: the same steps 15x slower there at a load average of 12 on 2 CPUs)."""
+    return on_engine_thread(run_engine, engine, requests, refs)
+
+
+def on_engine_thread(fn, *args):
+    """`fn(*args)` on a thread named as the worker's engine thread; its result, or its exception raised
+    again here."""
     result: list = []
 
     def run() -> None:
         try:
-            result.append(run_engine(engine, requests, refs))
+            result.append(fn(*args))
         except BaseException as error:  # raised again on the caller's thread
             result.append(error)
 

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import time
 
-import regex
-
+from openlora.regex_limits import RegexRefused, compile_bounded
 from openlora.safe_json import describe
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's mapping for llama, mistral and qwen2
 ALL_LINEAR = "all-linear"
-MAX_REGEX_CHARS = 1024
 MATCH_BUDGET_S = 0.5  # for all of one adapter's regular-expression matches together
 
 
@@ -100,14 +98,10 @@ class TargetRule:
         )
 
     def _compile(self, key: str, pattern: str):
-        if len(pattern) > MAX_REGEX_CHARS:
-            raise TargetError(
-                key, f"a regular expression of {len(pattern)} characters (at most {MAX_REGEX_CHARS})"
-            )
         try:
-            return regex.compile(pattern)
-        except (regex.error, OverflowError, RecursionError) as error:
-            raise TargetError(key, f"is not a valid regular expression: {error}") from None
+            return compile_bounded(pattern)
+        except RegexRefused as refused:
+            raise TargetError(key, str(refused)) from None
 
     def _matches(self, key: str, names_or_regex, name: str) -> bool:
         if isinstance(names_or_regex, tuple):

@@ -59,6 +59,9 @@ def test_a_config_that_selects_exactly_the_files_modules_is_accepted(tiny_llama,
     [
         ({"target_modules": "(unclosed"}, "target_modules"),
         ({"target_modules": "q" * 2000}, "target_modules"),
+        # compiled by the `regex` engine it would expand to 10^9 items (the machine's whole memory)
+        ({"target_modules": "(?:(?:.{1000}){1000}){1000}"}, "target_modules"),
+        ({"exclude_modules": "(?:(?:x{1000}){1000}){1000}"}, "exclude_modules"),
         ({"exclude_modules": 7}, "exclude_modules"),
         ({"layers_to_transform": "0"}, "layers_to_transform"),
         ({"layers_to_transform": [0, True]}, "layers_to_transform"),

@@ -118,7 +118,12 @@ def _with_config(src: Path, dst: Path, **changes) -> Path:
             "adapter_config.json.rank_pattern",
             "not a valid regular expression",
         ),
-        ({"alpha_pattern": {"": 4}}, "adapter_config.json.alpha_pattern", "regular expression of 1 to"),
+        ({"alpha_pattern": {"": 4}}, "adapter_config.json.alpha_pattern", "at least one character"),
+        # PEFT matches with `re`: what it cannot parse is refused, though the `regex` engine would take it
+        ({"alpha_pattern": {r"\p{L}_proj": 4}}, "adapter_config.json.alpha_pattern", "bad escape"),
+        # 30 characters that the `regex` engine would expand to 10^9 items when compiling (it took the
+        # whole memory of the machine): refused before compiling
+        ({"rank_pattern": {"(?:(?:a{1000}){1000}){1000}": 4}}, "adapter_config.json.rank_pattern", "expand"),
         ({"rank_pattern": {"q_proj": 0}}, "adapter_config.json.rank_pattern", "not a rank"),
         ({"rank_pattern": {"q_proj": True}}, "adapter_config.json.rank_pattern", "not a rank"),
         ({"alpha_pattern": {"v_proj": -1}}, "adapter_config.json.alpha_pattern", "positive number"),
@@ -207,7 +212,7 @@ def test_pattern_matching_past_its_time_budget_refuses_the_adapter_naming_the_ke
     import openlora.adapter_format as adapter_format
 
     model, dirs = patterned
-    monkeypatch.setattr(adapter_format, "MATCH_BUDGET_S", 0.0)
+    monkeypatch.setattr(adapter_format, "PATTERN_MATCH_BUDGET_S", 0.0)
     with pytest.raises(AdapterFormatError) as refused:
         validate_adapter_dir(dirs["plain"], _spec(model))
     assert refused.value.field == "adapter_config.json.rank_pattern"

@@ -36,7 +36,7 @@ class HintPublisher:
             else None
         )
         self._pending: collections.deque[Hint] = collections.deque()
-        self._lock = threading.Lock()  # one publisher at a time: kept hints go out before newer ones
+        self._lock = threading.Lock()  # guards the queue and the retry thread's handle; no I/O under it
         self._stop = threading.Event()
         self._retry: threading.Thread | None = None
 
@@ -46,57 +46,62 @@ class HintPublisher:
         return len(self._pending)
 
     def publish(self, hint: Hint) -> bool:
-        """Returns whether the hint reached the stream now (a kept kind that did not is published later)."""
+        """Returns whether the hint reached the stream now (a kept kind that did not is published later).
+        No call waits on Redis for another: a hint of a kept kind that finds others waiting queues behind
+        them at once, and only the retry thread publishes the queue."""
         if self._client is None:
             log.debug("no redis configured; hint dropped: %s", hint)
             return False
-        with self._lock:
-            if self._pending and not self._flush_pending():
-                return self._keep_or_drop(hint, "earlier hints still wait for redis")
-            try:
-                self._xadd(hint)
-            except (redis.RedisError, OSError) as e:
-                return self._keep_or_drop(hint, str(e))
+        if hint.kind in KEPT_KINDS:
+            with self._lock:
+                if self._pending:
+                    self._keep(hint, "earlier hints still wait for redis")
+                    return False
+        try:
+            self._xadd(hint)
+        except (redis.RedisError, OSError) as e:
+            metrics.HINTS_FAILED.labels(hint.kind).inc()
+            if hint.kind not in KEPT_KINDS:
+                log.warning("hint not published (%s): %s", e, hint)
+                return False
+            with self._lock:
+                self._keep(hint, str(e))
+            return False
         return True
 
     def _xadd(self, hint: Hint) -> None:
         self._client.xadd(HINTS_STREAM, hint.to_fields(), maxlen=HINTS_MAXLEN, approximate=True)
         metrics.HINTS_PUBLISHED.labels(hint.kind).inc()
 
-    def _keep_or_drop(self, hint: Hint, why: str) -> bool:
-        metrics.HINTS_FAILED.labels(hint.kind).inc()
-        if hint.kind not in KEPT_KINDS:
-            log.warning("hint not published (%s): %s", why, hint)
-            return False
+    def _keep(self, hint: Hint, why: str) -> None:
+        """Queues a kept kind's hint and makes sure the retry thread runs (caller holds the lock)."""
         if len(self._pending) >= MAX_PENDING:
             log.error("hint dropped after %d waiting for redis: %s", MAX_PENDING, self._pending.popleft())
         self._pending.append(hint)
         log.warning("hint not published yet (%s), kept to publish when redis is back: %s", why, hint)
-        self._start_retrying()
-        return False
-
-    def _flush_pending(self) -> bool:
-        """Publishes the kept hints in order (caller holds the lock); returns whether none is left."""
-        while self._pending:
-            try:
-                self._xadd(self._pending[0])
-            except (redis.RedisError, OSError):
-                return False
-            log.info("kept hint published: %s", self._pending.popleft())
-        return True
-
-    def _start_retrying(self) -> None:
-        """Starts the retry thread unless it runs (caller holds the lock)."""
         if self._retry is None and not self._stop.is_set():
             self._retry = threading.Thread(target=self._retry_loop, name="hint-retry", daemon=True)
             self._retry.start()
 
     def _retry_loop(self) -> None:
+        """Publishes the queue in order, the network calls outside the lock; ends once it is empty."""
         while not self._stop.wait(RETRY_INTERVAL_S):
-            with self._lock:
-                if self._flush_pending():
-                    self._retry = None  # under the lock: a hint kept after this starts a new thread
-                    return
+            while True:
+                with self._lock:
+                    if not self._pending:
+                        self._retry = None  # under the lock: a hint kept after this starts a new thread
+                        return
+                    hint = self._pending[0]
+                try:
+                    self._xadd(hint)
+                except (redis.RedisError, OSError):
+                    break  # still down: wait for the next interval
+                except Exception:  # never let the thread die with hints queued
+                    log.exception("publishing a kept hint failed")
+                    break
+                with self._lock:
+                    self._pending.popleft()  # only this thread removes from the queue
+                log.info("kept hint published: %s", hint)
 
     def invalidate(self, adapter_id: str, sha256: str = "", source_sha256: str = "") -> bool:
         """Workers forget cached answers naming `adapter_id` (as an adapter or as a saved mix's member);

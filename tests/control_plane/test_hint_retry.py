@@ -5,6 +5,7 @@ advice, are still dropped. The Redis is real; its outage is a client whose write
 
 from __future__ import annotations
 
+import threading
 import time
 
 import redis
@@ -74,18 +75,59 @@ def test_invalidate_and_revoke_hints_wait_for_redis_in_order_and_prewarms_are_dr
         reader.close()
 
 
-def test_a_hint_kept_while_earlier_ones_wait_goes_out_after_them(redis_url, monkeypatch):
-    monkeypatch.setattr(publisher_module, "RETRY_INTERVAL_S", 60.0)  # only publish() flushes here
+def test_a_hint_published_while_earlier_ones_wait_queues_behind_them_without_waiting(redis_url, monkeypatch):
+    """A call that publishes while kept hints wait never waits on Redis itself (the calls would run one at
+    a time behind each other's timeouts): it queues, and the retry thread publishes the queue in order."""
+    monkeypatch.setattr(publisher_module, "RETRY_INTERVAL_S", 0.1)
     reader = redis.Redis.from_url(redis_url)
     start = _last_id(reader)
     publisher = HintPublisher(redis_url)
     outage = _Outage(publisher, monkeypatch)
+    calls_while_queued = []
     try:
         assert publisher.invalidate("first") is False
+        real_xadd = publisher._client.xadd
+        caller = threading.get_ident()
+
+        def recorded(*args, **kwargs):
+            if threading.get_ident() == caller:  # the retry thread's own calls do not count
+                calls_while_queued.append(args)
+            return real_xadd(*args, **kwargs)
+
+        monkeypatch.setattr(publisher._client, "xadd", recorded)
+        assert publisher.invalidate("second") is False  # queued behind "first"
+        assert calls_while_queued == []  # without a Redis call of its own
         outage.end()
-        assert publisher.invalidate("second") is True  # the kept one goes first
+        deadline = time.monotonic() + 10
+        while publisher.num_pending and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert [h["adapter_id"] for h in _hints_since(reader, start)] == ["first", "second"]
-        assert publisher.num_pending == 0
+    finally:
+        publisher.close()
+        reader.close()
+
+
+def test_the_retry_thread_survives_an_unexpected_error(redis_url, monkeypatch):
+    monkeypatch.setattr(publisher_module, "RETRY_INTERVAL_S", 0.1)
+    reader = redis.Redis.from_url(redis_url)
+    start = _last_id(reader)
+    publisher = HintPublisher(redis_url)
+    real_xadd = publisher._client.xadd
+    failures = iter([redis.ConnectionError("refused"), ValueError("a bug"), redis.TimeoutError("slow")])
+
+    def flaky(*args, **kwargs):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real_xadd(*args, **kwargs)
+
+    monkeypatch.setattr(publisher._client, "xadd", flaky)
+    try:
+        assert publisher.revoke("key-9") is False
+        deadline = time.monotonic() + 10
+        while publisher.num_pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [h["api_key_id"] for h in _hints_since(reader, start)] == ["key-9"]
     finally:
         publisher.close()
         reader.close()

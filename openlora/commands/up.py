@@ -387,11 +387,14 @@ def _run_locked(config: UpConfig) -> int:
         children.insert(0, worker)  # stopped first
         _wait_serving(inference_target, supervisor)
         demo_keys = keys.setdefault("demo_keys", {})
+        if "seeded_tenants" not in keys:
+            # A state dir from before this record: the tenants an earlier start made a key for were seeded.
+            keys["seeded_tenants"] = list(demo_keys)
         api_key, created = ensure_tenant(
             admin_target, keys["admin_key"], config.tenant, kept_key=demo_keys.get(config.tenant)
         )
         demo_keys[config.tenant] = api_key
-        seeded = keys.setdefault("seeded_tenants", [])
+        seeded = keys["seeded_tenants"]
         if created or config.tenant not in seeded:
             # Only the start that creates the tenant seeds it (or one after a start that stopped before
             # seeding was done): a later start must not undo what the operator and the tenant changed
@@ -400,7 +403,10 @@ def _run_locked(config: UpConfig) -> int:
                 admin_target, keys["admin_key"], config.tenant, model_dir / "adapters", model_dir.name
             )
             if config.model_dir is None:
-                set_demo_price(admin_target, keys["admin_key"], model_dir.name)
+                priced = keys.setdefault("priced_models", [])
+                if model_dir.name not in priced:  # a price is the model's, not the tenant's: set it once
+                    set_demo_price(admin_target, keys["admin_key"], model_dir.name)
+                    priced.append(model_dir.name)
                 create_demo_mixes(admin_target, keys["admin_key"], config.tenant)
             seeded.append(config.tenant)
             _save_secrets(config.state_dir, keys)

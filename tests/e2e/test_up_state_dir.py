@@ -6,6 +6,7 @@ one line, with no traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shlex
@@ -175,9 +176,17 @@ def test_restarts_keep_the_demo_key_and_show_the_operator_key_once(
     finally:
         again.kill()
 
+    # A state dir written before `up` recorded what it seeded: it must not seed again either.
+    secrets = json.loads(secrets_path.read_text())
+    for recorded in ("seeded_tenants", "priced_models"):
+        secrets.pop(recorded)
+    secrets_path.write_text(json.dumps(secrets))
     after_revoke = _Up(argv, env, tmp_path / "after-revoke.stderr")
     try:
         assert after_revoke.fields["key"] != first.fields["key"]
+        listed = _cli(env, "adapters", "list", "--api-key", after_revoke.fields["key"])
+        assert "ad1" in listed.stdout and "ad0" not in listed.stdout
+        assert _price(database_url, "demo-model") == price_before
         after_revoke.stop()
     finally:
         after_revoke.kill()

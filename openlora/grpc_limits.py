@@ -13,9 +13,10 @@ could no longer open database connections and went unhealthy). So each server
   next call, so only a held-open idle connection notices;
 
 and the process's open-file limit is raised (within its hard limit) to leave FD_RESERVE descriptors beyond
-the connections it may hold, for its databases, spool and artifact files. Where the hard limit is too low
-for that, the cap is lowered to fit (sharing what is left with the worker's HTTP listener), and the log
-says so.
+the connections it may hold (and, on a worker, its HTTP listener's), for its databases, spool and
+artifact files. Where the hard limit is too low for that, the gRPC cap is lowered to its share of what is
+left (in proportion to the HTTP listener's own limit, which uvicorn applies by answering 503 past it, not
+by refusing sockets), and the log says so.
 
 The cap keeps the process itself working through a flood (its database, its spool, the connections it
 already holds); turning away one client's flood while serving another's new connections is per-address

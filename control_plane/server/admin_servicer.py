@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from control_plane.app import ControlPlane
 from control_plane.errors import DeadlineExceeded, InvalidArgument
@@ -89,7 +90,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     raise InvalidArgument("only the first message may be a header", field="header")
                 chunk = message.chunk
                 upload.write(chunk.filename, chunk.offset, chunk.data)
-            result = await asyncio.to_thread(self.app.complete_upload, plan, upload)
+            completing = asyncio.ensure_future(asyncio.to_thread(self.app.complete_upload, plan, upload))
+            try:
+                result = await asyncio.shield(completing)
+            except asyncio.CancelledError:
+                # The client went away while the files are validated and published on a thread, which runs
+                # on: its files and its slot are released (below) only once it is done with them.
+                with contextlib.suppress(Exception):
+                    await completing
+                raise
         finally:
             # Every exit (done, refused, failed, cancelled by the client, idle) frees the files and the slot.
             self.app.end_upload(plan, upload)

@@ -175,7 +175,10 @@ class Scheduler:
             or any(s.adapter_key is not None and not self.adapters.is_usable(s.adapter_key) for s in unit)
         ):
             return "", 0
-        return unit[0].tenant, min(unit[0].num_pending_tokens * len(unit), budget // 2)
+        tokens = min(unit[0].num_pending_tokens, budget // 2 // len(unit))
+        if tokens < 1 or not self._can_allocate(unit, tokens):
+            return "", 0  # it could not be admitted this step: nothing is held back for it
+        return unit[0].tenant, tokens * len(unit)
 
     def _fair_share(self) -> int | None:
         """Running sequences per tenant while more than one tenant has work; None with one (or none)."""

@@ -26,14 +26,19 @@ import argparse
 import json
 import os
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
 from benchmarks import fixtures
 from benchmarks.run import _trace
 from benchmarks.run_config import BenchConfig
-from benchmarks.serving_overhead import OverheadConfig, engine_config, on_engine_thread, warm_requests
+from benchmarks.serving_overhead import (
+    OverheadConfig,
+    add_requests,
+    engine_config,
+    on_engine_thread,
+    warm_requests,
+)
 from benchmarks.trace import Trace, adapter_name
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "s1_timeline.json"
@@ -89,18 +94,7 @@ def free_or_evictable_slots(cache) -> int:
 
 def replay(engine, trace: Trace, refs: dict) -> list[dict]:
     """Adds every request at once, steps until done; one record per step (state after scheduling)."""
-    from data_plane.engine.request import EngineRequest, SamplingOptions
-
-    tag = uuid.uuid4().hex[:8]
-    for r in trace.requests:
-        engine.add_request(
-            EngineRequest(
-                request_id=f"{tag}-{r.index}",
-                prompt_token_ids=list(r.prompt_token_ids),
-                sampling=SamplingOptions(temperature=0.0, max_tokens=r.max_tokens),
-                adapters=(refs[r.adapter],) if r.adapter else (),
-            )
-        )
+    add_requests(engine, trace.requests, refs)
     scheduler, cache = engine.scheduler, engine.adapter_cache
     max_num_seqs = scheduler.limits.max_num_seqs
     steps = []

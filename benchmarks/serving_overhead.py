@@ -114,12 +114,12 @@ def worker_args(cfg: OverheadConfig) -> tuple[str, ...]:
     )
 
 
-def run_engine(engine, requests: list[TraceRequest], refs: dict) -> tuple[int, float]:
-    """Adds every request at once and steps until done; returns (tokens generated, seconds)."""
+def add_requests(engine, requests, refs: dict) -> None:
+    """Adds the trace's requests to `engine` at once, greedy, each on its adapter (`refs`: name ->
+    AdapterRef), under request ids unique to this call."""
     from data_plane.engine.request import EngineRequest, SamplingOptions
 
     tag = uuid.uuid4().hex[:8]
-    started = time.perf_counter()
     for r in requests:
         engine.add_request(
             EngineRequest(
@@ -129,6 +129,12 @@ def run_engine(engine, requests: list[TraceRequest], refs: dict) -> tuple[int, f
                 adapters=(refs[r.adapter],) if r.adapter else (),
             )
         )
+
+
+def run_engine(engine, requests: list[TraceRequest], refs: dict) -> tuple[int, float]:
+    """Adds every request at once and steps until done; returns (tokens generated, seconds)."""
+    started = time.perf_counter()
+    add_requests(engine, requests, refs)
     tokens = 0
     while engine.has_unfinished():
         for out in engine.step():

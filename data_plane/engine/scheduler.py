@@ -98,7 +98,7 @@ class Scheduler:
             batch.preempted.extend(self._rebalance(share))
         budget = self.limits.max_num_batched_tokens
         yield_to, held_back = self._prefill_room(share, budget)
-        running_units = Counter(seq.tenant for seq in self.running if seq.is_leader)
+        running_units = Counter(seq.tenant for seq in self.running if seq.is_leader) if held_back else None
         index = 0
         kv_pressure = False
         while index < len(self.running) and budget > 0:

@@ -5,12 +5,10 @@ gets to its ready line once the port is free."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import psutil
 import pytest
 
 from tests.e2e.test_up import REPO_ROOT, _read_ready_line
-from tests.e2e.test_up_state_dir import _env
+from tests.e2e.up_process import up_command
 
 pytestmark = pytest.mark.slow
 
@@ -50,23 +48,16 @@ def test_up_restarts_a_worker_whose_port_was_taken_while_it_started(
     database_url, redis_url, e2e_model_dir, tmp_path
 ):
     port = _free_port()
-    demo_model = tmp_path / "state" / "demo-model"
-    shutil.copytree(e2e_model_dir, demo_model)
-    (demo_model / ".complete").write_text("ok\n")
-    argv = [
-        sys.executable, "-m", "openlora.cli", "up",
-        "--state-dir", str(tmp_path / "state"),
-        "--database-url", database_url, "--redis-url", redis_url,
-        "--port", str(port), "--admin-port", "0", "--http-port", "0",
-        "--drain-grace-s", "2",
-        "--worker-arg=--num-kv-blocks=64", "--worker-arg=--max-lora-rank=16",
-    ]  # fmt: skip
+    argv, env = up_command(
+        tmp_path,
+        e2e_model_dir,
+        *("--database-url", database_url, "--redis-url", redis_url),
+        *("--port", str(port), "--http-port", "0"),
+    )
     log_path = tmp_path / "up.log"
     peer = socket.create_server(("127.0.0.1", 0))
     with open(log_path, "wb") as up_log:
-        process = subprocess.Popen(
-            argv, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=up_log, cwd=REPO_ROOT
-        )
+        process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=up_log, cwd=REPO_ROOT)
     try:
         up = psutil.Process(process.pid)
         # The control plane starts after up checked its ports and before the worker starts.

@@ -16,13 +16,13 @@ import psutil
 from tests.e2e.test_up import REPO_ROOT, _read_ready_line
 
 
-@contextmanager
-def running_up(
+def up_command(
     tmp_path: Path, e2e_model_dir: Path, *flags: str, env: dict[str, str] | None = None
-) -> Iterator[tuple[subprocess.Popen, dict]]:
-    """`openlora up` on the tiny model as its demo model; yields the process and its ready line's fields.
-    Its log (stderr) is tmp_path/up.log; `env` adds to its environment."""
-    env = dict(
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of `openlora up` with the tiny model as its demo model (copied into the state
+    dir under tmp_path) on free ports; `flags` come last, so they may name ports of their own; `env` adds
+    to the environment."""
+    environment = dict(
         os.environ,
         PYTHONPATH=str(REPO_ROOT),
         OPENLORA_CONTEXT=str(tmp_path / "context.json"),
@@ -35,11 +35,21 @@ def running_up(
     argv = [
         sys.executable, "-m", "openlora.cli", "up",
         "--state-dir", str(tmp_path / "state"),
-        *flags,
         "--port", "0", "--admin-port", "0",
         "--drain-grace-s", "2",
         "--worker-arg=--num-kv-blocks=64", "--worker-arg=--max-lora-rank=16",
+        *flags,
     ]  # fmt: skip
+    return argv, environment
+
+
+@contextmanager
+def running_up(
+    tmp_path: Path, e2e_model_dir: Path, *flags: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen, dict]]:
+    """`openlora up` on the tiny model as its demo model; yields the process and its ready line's fields.
+    Its log (stderr) is tmp_path/up.log; `env` adds to its environment."""
+    argv, env = up_command(tmp_path, e2e_model_dir, *flags, env=env)
     with open(tmp_path / "up.log", "wb") as up_log:
         process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=up_log, cwd=REPO_ROOT)
     try:

@@ -142,3 +142,20 @@ def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, t
             tokens.extend(out.new_token_ids)
             logprobs.extend(out.new_logprobs or [])
     raise AssertionError("engine did not finish")
+
+
+def assert_served_like_peft(model: TinyModel, adapter: Path, prompts: dict[str, list[int]]) -> None:
+    """Each prompt, greedy on `adapter` in one engine batch, gives transformers + PEFT's tokens and
+    logprobs (within 1e-3)."""
+    from .reference import load_reference, reference_greedy
+
+    engine = make_engine(model)
+    for request_id, prompt in prompts.items():
+        engine.add_request(greedy(request_id, prompt, [AdapterRef(key=digest_dir(adapter), path=adapter)]))
+    results = run_to_completion(engine)
+    reference = load_reference(model.model_dir, [adapter])
+    for request_id, prompt in prompts.items():
+        want_tokens, want_logprobs = reference_greedy(reference, prompt)
+        got_tokens, got_logprobs = results[request_id]
+        assert got_tokens == want_tokens, request_id
+        assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3), request_id

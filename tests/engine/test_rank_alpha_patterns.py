@@ -14,7 +14,7 @@ from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
 from openlora.artifact import digest_dir
 from openlora.base_model import BaseModelSpec
 
-from .conftest import ALL_SEVEN, greedy, make_engine, run_to_completion
+from .conftest import ALL_SEVEN, assert_served_like_peft, greedy, make_engine, run_to_completion
 from .reference import load_reference, reference_greedy, write_peft_adapter
 
 # PEFT reads each key as the end of a module's name: every q_proj; one layer's down_proj; v_proj's alpha.
@@ -194,16 +194,7 @@ def test_regular_expression_keys_set_each_modules_rank_and_alpha_as_peft_does(ti
     assert info.scaling_of(1, "down_proj") == pytest.approx(40 / 8)
     rng = random.Random(8)
     prompts = {f"p{n}": [rng.randrange(tiny_llama.vocab_size) for _ in range(n)] for n in (4, 19)}
-    engine = make_engine(tiny_llama)
-    for request_id, prompt in prompts.items():
-        engine.add_request(greedy(request_id, prompt, [_ref(adapter)]))
-    results = run_to_completion(engine)
-    reference = load_reference(tiny_llama.model_dir, [adapter])
-    for request_id, prompt in prompts.items():
-        want_tokens, want_logprobs = reference_greedy(reference, prompt)
-        got_tokens, got_logprobs = results[request_id]
-        assert got_tokens == want_tokens, request_id
-        assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3), request_id
+    assert_served_like_peft(tiny_llama, adapter, prompts)
 
 
 def test_pattern_matching_past_its_time_budget_refuses_the_adapter_naming_the_key(patterned, monkeypatch):

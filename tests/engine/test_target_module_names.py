@@ -19,7 +19,7 @@ from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
 from openlora.artifact import digest_dir
 from openlora.base_model import BaseModelSpec
 
-from .conftest import ALL_SEVEN, greedy, make_engine, run_to_completion
+from .conftest import ALL_SEVEN, assert_served_like_peft, greedy, make_engine, run_to_completion
 from .reference import load_reference, reference_greedy, write_peft_adapter
 
 
@@ -142,19 +142,6 @@ def test_adapters_trained_on_a_base_peft_changed_are_refused_unless_converted(ti
     assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3)
 
 
-def _served_like_peft(model, adapter: Path, prompts: dict) -> None:
-    engine = make_engine(model)
-    for name, prompt in prompts.items():
-        engine.add_request(greedy(name, prompt, [AdapterRef(key=digest_dir(adapter), path=adapter)]))
-    results = run_to_completion(engine)
-    reference = load_reference(model.model_dir, [adapter])
-    for name, prompt in prompts.items():
-        want_tokens, want_logprobs = reference_greedy(reference, prompt)
-        got_tokens, got_logprobs = results[name]
-        assert got_tokens == want_tokens, name
-        assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3), name
-
-
 def test_target_names_no_module_of_the_model_has_are_ignored_as_peft_ignores_them(tiny_llama, tmp_path):
     """A list written for several architectures (GPT-2's c_attn, Falcon's query_key_value, Baichuan's
     W_pack) beside Llama's projections: PEFT adapts the projections and ignores the rest."""
@@ -163,7 +150,7 @@ def test_target_names_no_module_of_the_model_has_are_ignored_as_peft_ignores_the
         tiny_llama.model_dir, tmp_path / "a", 13, r=8, lora_alpha=16, target_modules=targets
     )
     assert validate_adapter_dir(adapter, _spec(tiny_llama)).target_modules == tuple(ALL_SEVEN)
-    _served_like_peft(tiny_llama, adapter, {"x": [3, 14, 15, 9, 2], "y": [27, 1, 8]})
+    assert_served_like_peft(tiny_llama, adapter, {"x": [3, 14, 15, 9, 2], "y": [27, 1, 8]})
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
@@ -174,7 +161,7 @@ def test_bias_training_on_a_base_without_biases_leaves_a_plain_lora_that_is_serv
         tiny_llama.model_dir, tmp_path / bias, 14, r=8, lora_alpha=16, target_modules=ALL_SEVEN, bias=bias
     )
     assert validate_adapter_dir(adapter, _spec(tiny_llama)).target_modules == tuple(ALL_SEVEN)
-    _served_like_peft(tiny_llama, adapter, {"x": [5, 6, 7, 8]})
+    assert_served_like_peft(tiny_llama, adapter, {"x": [5, 6, 7, 8]})
 
 
 def test_trained_base_biases_in_the_file_are_refused_naming_them(tiny_qwen2, tmp_path):

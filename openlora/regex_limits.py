@@ -5,8 +5,15 @@ Adapter configs carry regular expressions PEFT applies with Python's `re` (`targ
 in the `regex` engine, which can stop a match at a deadline, but which expands counted repeats when it
 compiles: a 30-character key, `(?:(?:a{1000}){1000}){1000}`, took 3 GB and then the whole memory of a
 24 GB machine. So an expression is first parsed as `re` parses it (what PEFT accepts is exactly what is
-accepted here, nothing of `regex`'s larger syntax), and refused when its counted repeats, multiplied
-through their nesting, would expand past MAX_EXPANSION items; only then is it compiled by `regex`.
+accepted here), and refused when its counted repeats, multiplied through their nesting, would expand past
+MAX_EXPANSION items.
+
+`regex` is never handed the tenant's text itself: its syntax is larger than `re`'s, and some strings
+mean one thing to each (`k_proj{e<=1}` is fuzzy matching to `regex` and eight literal characters to
+`re`; `[[:alpha:]]` a POSIX class to one and a set followed by `]` to the other), so matching the text
+in `regex` served some adapters with scalings PEFT does not apply. What `regex` compiles is `re`'s
+parse written back out (`render`): every literal escaped, every construct in the syntax both engines
+read alike, so the expression matches exactly what `re` matches.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import re
 import re._constants as sre_constants
 import re._parser as sre_parser
+import warnings
 
 import regex
 
@@ -53,20 +61,130 @@ def _expansion(items) -> int:
     return total
 
 
+_AT = {
+    sre_constants.AT_BEGINNING: "^",
+    sre_constants.AT_BEGINNING_STRING: r"\A",
+    sre_constants.AT_END: "$",
+    sre_constants.AT_END_STRING: r"\Z",
+    sre_constants.AT_BOUNDARY: r"\b",
+    sre_constants.AT_NON_BOUNDARY: r"\B",
+}
+_CATEGORY = {
+    sre_constants.CATEGORY_DIGIT: r"\d",
+    sre_constants.CATEGORY_NOT_DIGIT: r"\D",
+    sre_constants.CATEGORY_SPACE: r"\s",
+    sre_constants.CATEGORY_NOT_SPACE: r"\S",
+    sre_constants.CATEGORY_WORD: r"\w",
+    sre_constants.CATEGORY_NOT_WORD: r"\W",
+}
+# Inline flags written back; VERBOSE is left out (the parse has already dropped the whitespace and
+# comments it allows) and so is UNICODE (the default for str patterns in both engines).
+_FLAG_LETTERS = ((re.IGNORECASE, "i"), (re.MULTILINE, "m"), (re.DOTALL, "s"), (re.ASCII, "a"))
+
+
+def _char(code: int) -> str:
+    """One character as an escape both engines read as that literal character, inside a set or out."""
+    if code < 0x80 and (chr(code).isalnum() or chr(code) == "_"):
+        return chr(code)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _flags(flags: int) -> str:
+    return "".join(letter for flag, letter in _FLAG_LETTERS if flags & flag)
+
+
+def _set(items) -> str:
+    out = []
+    for op, av in items:
+        if op == sre_constants.NEGATE:
+            out.append("^")
+        elif op == sre_constants.LITERAL:
+            out.append(_char(av))
+        elif op == sre_constants.RANGE:
+            out.append(f"{_char(av[0])}-{_char(av[1])}")
+        elif op == sre_constants.CATEGORY:
+            out.append(_CATEGORY[av])
+        else:
+            raise RegexRefused(f"uses a construct this server does not match ({op} in a set)")
+    return "[" + "".join(out) + "]"
+
+
+def _repeat_bounds(low: int, high: int) -> str:
+    return f"{{{low},}}" if high == sre_constants.MAXREPEAT else f"{{{low},{high}}}"
+
+
+def render(items, names: dict[int, str] | None = None) -> str:
+    """`re`'s parse of an expression written back as an expression of the syntax `re` and `regex` read
+    alike (every literal escaped, every group explicit), meaning what `re` means by the original.
+    `names`: group number -> name, for the groups the original names."""
+    names = names or {}
+    out = []
+    for op, av in items:
+        if op == sre_constants.LITERAL:
+            out.append(_char(av))
+        elif op == sre_constants.NOT_LITERAL:
+            out.append(f"[^{_char(av)}]")
+        elif op == sre_constants.ANY:
+            out.append(".")
+        elif op == sre_constants.IN:
+            out.append(_set(av))
+        elif op == sre_constants.AT:
+            out.append(_AT[av])
+        elif op in _REPEATS:
+            low, high, body = av
+            suffix = {sre_constants.MAX_REPEAT: "", sre_constants.MIN_REPEAT: "?"}.get(op, "+")
+            out.append(f"(?:{render(body, names)}){_repeat_bounds(low, high)}{suffix}")
+        elif op == sre_constants.SUBPATTERN:
+            group, add_flags, del_flags, body = av
+            scoped = _flags(add_flags) + (f"-{_flags(del_flags)}" if _flags(del_flags) else "")
+            inner = render(body, names)
+            if group is None:
+                out.append(f"(?{scoped}:{inner})")
+                continue
+            inner = f"(?{scoped}:{inner})" if scoped else inner
+            out.append(f"(?P<{names[group]}>{inner})" if group in names else f"({inner})")
+        elif op == sre_constants.BRANCH:
+            out.append("(?:" + "|".join(render(branch, names) for branch in av[1]) + ")")
+        elif op == sre_constants.GROUPREF:
+            if av > 99:  # \NNN is an octal escape: past 99 a group has no number syntax both read alike
+                raise RegexRefused(f"refers back to group {av}: at most 99 groups can be referred to")
+            out.append(f"(?:\\{av})")
+        elif op == sre_constants.GROUPREF_EXISTS:
+            group, yes, no = av
+            tail = "" if no is None else "|" + render(no, names)
+            out.append(f"(?({group}){render(yes, names)}{tail})")
+        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+            direction, body = av
+            positive = op == sre_constants.ASSERT
+            kind = ("=" if positive else "!") if direction > 0 else ("<=" if positive else "<!")
+            out.append(f"(?{kind}{render(body, names)})")
+        elif op == sre_constants.ATOMIC_GROUP:
+            out.append(f"(?>{render(av, names)})")
+        else:
+            raise RegexRefused(f"uses a construct this server does not match ({op})")
+    return "".join(out)
+
+
 def compile_bounded(pattern: str):
-    """`pattern` compiled by `regex`, after `re` has parsed it and its expansion is bounded; raises
-    RegexRefused with the reason."""
+    """`pattern` as `re` reads it, compiled by `regex` (`render`), after `re` has parsed it and its
+    expansion is bounded; raises RegexRefused with the reason."""
     if len(pattern) > MAX_REGEX_CHARS:
         raise RegexRefused(f"a regular expression of {len(pattern)} characters (at most {MAX_REGEX_CHARS})")
     try:
-        parsed = sre_parser.parse(pattern)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FutureWarnings about sets `re` reads as it always has
+            parsed = sre_parser.parse(pattern)
     except (re.error, OverflowError, RecursionError) as error:
         raise RegexRefused(f"is not a valid regular expression: {error}") from None
     if _expansion(list(parsed)) > MAX_EXPANSION:
         raise RegexRefused(
             f"its counted repeats expand to more than {MAX_EXPANSION} items: write the pattern without them"
         )
+    flags = _flags(parsed.state.flags)
+    names = {number: name for name, number in parsed.state.groupdict.items()}
     try:
-        return regex.compile(pattern)
+        return regex.compile((f"(?{flags})" if flags else "") + render(list(parsed), names), regex.VERSION0)
     except (regex.error, OverflowError, RecursionError, MemoryError) as error:
         raise RegexRefused(f"is not a valid regular expression: {error}") from None

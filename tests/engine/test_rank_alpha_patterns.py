@@ -208,3 +208,24 @@ def test_pattern_matching_past_its_time_budget_refuses_the_adapter_naming_the_ke
         validate_adapter_dir(dirs["plain"], _spec(model))
     assert refused.value.field == "adapter_config.json.rank_pattern"
     assert "took more than" in refused.value.reason
+
+
+def test_keys_that_mean_something_else_to_the_regex_engine_are_read_as_re_reads_them(tiny_llama, tmp_path):
+    # To `regex` these are fuzzy matching ("k_proj with one error": q_proj, v_proj, o_proj too) and a
+    # POSIX class; to `re`, PEFT's engine, literal text and a set that no module name matches.
+    adapter = write_peft_adapter(
+        tiny_llama.model_dir,
+        tmp_path / "fuzzy",
+        9,
+        r=8,
+        lora_alpha=8,
+        target_modules=ALL_SEVEN,
+        rank_pattern={"(?:k_proj){e<=1}": 4},
+        alpha_pattern={"(?:k_proj){e<=1}": 512, "[[:alpha:]]_proj": 256},
+    )
+    info = validate_adapter_dir(adapter, _spec(tiny_llama))
+    assert {t.shape[0] for t in info.tensors if t.which == "A"} == {8}
+    assert info.scaling_of(0, "q_proj") == info.scaling_of(0, "k_proj") == pytest.approx(1.0)
+    rng = random.Random(10)
+    prompts = {f"p{n}": [rng.randrange(tiny_llama.vocab_size) for _ in range(n)] for n in (5, 17)}
+    assert_served_like_peft(tiny_llama, adapter, prompts)

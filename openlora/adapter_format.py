@@ -46,9 +46,13 @@ _DTYPES: dict[str, tuple[int, type, int, int]] = {
     "F16": (2, np.uint16, 10, 0x1F),
     "BF16": (2, np.uint16, 7, 0xFF),
 }
+# The names PEFT's loader maps onto the model's LoRA weights (`set_peft_model_state_dict` inserts the adapter
+# name, "default", after `lora_A` / `lora_B`; a name already holding "default" is loaded too). Any other
+# adapter name there, or a layer index with a leading zero, names no module: PEFT loads nothing from such
+# a tensor and serves the base model's projection.
 _KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(?P<layer>[0-9]{1,5})\.(?:self_attn|mlp)\.(?P<module>[a-z_]+)"
-    r"\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$"
+    r"^base_model\.model\.model\.layers\.(?P<layer>0|[1-9][0-9]{0,4})\.(?:self_attn|mlp)\."
+    r"(?P<module>[a-z_]+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$"
 )
 _MODULE_PARENT = {
     "q_proj": "self_attn",
@@ -91,6 +95,18 @@ _UNSUPPORTED_OPTIONS = (
     ("kasa_config", "KaSA"),
     ("arrow_config", "Arrow routing"),
     ("megatron_config", "Megatron-sharded LoRA layers"),
+)
+# Of those, the ones PEFT switches on by any value but null: it builds its variant's config object from
+# whatever is there, `{}` (every default) included, or refuses the value; the others by a true value.
+_ON_UNLESS_NULL = frozenset(
+    {
+        "alora_invocation_tokens",
+        "use_bdlora",
+        "velora_config",
+        "monteclora_config",
+        "kasa_config",
+        "arrow_config",
+    }
 )
 # Options this server reads or checks itself, and options that cannot change a plain LoRA's output at
 # inference (initialization settings, dropout, bookkeeping). Any other key is refused unless it is empty
@@ -185,11 +201,13 @@ def parse_adapter_config(data: bytes) -> dict:
         # not apply (a bias on lora_B, trained embedding rows, whole modules), layers it does not have, or
         # LoRA variants that compute something else.
         for key, what in _UNSUPPORTED_OPTIONS:
-            if config.data.get(key):
+            value = config.data.get(key)
+            if value is not None if key in _ON_UNLESS_NULL else value:
                 raise JsonFieldError(config.field(key), f"{what} is not supported")
         unsupported = {key for key, _ in _UNSUPPORTED_OPTIONS}
         for key, value in config.data.items():
-            if key not in _KNOWN_OPTIONS and key not in unsupported and value not in (None, False, {}, []):
+            # `{}` counts as set: PEFT turns a sub-config's `{}` into its variant with every default.
+            if key not in _KNOWN_OPTIONS and key not in unsupported and value not in (None, False, []):
                 raise JsonFieldError(
                     config.field(key),
                     f"unknown option set to {describe(value)}: it may be a LoRA variant this server does not "
@@ -232,6 +250,7 @@ def parse_adapter_config(data: bytes) -> dict:
                 )
         elif targets is not None and not isinstance(targets, str):
             raise JsonFieldError(config.field("target_modules"), "must be a list of module names")
+        _check_layer_options(config, targets)
     except JsonFieldError as e:
         raise AdapterFormatError(e.field, e.reason) from None
     return {
@@ -242,6 +261,23 @@ def parse_adapter_config(data: bytes) -> dict:
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
     }
+
+
+def _check_layer_options(config, targets: object) -> None:
+    """PEFT's own rules for the layer options (`LoraConfig.__post_init__`), whose breach it refuses: a
+    regular expression in target_modules selects layers itself, and layers_pattern only narrows
+    layers_to_transform."""
+    layers, pattern = config.data.get("layers_to_transform"), config.data.get("layers_pattern")
+    if isinstance(targets, str) and layers is not None:
+        raise JsonFieldError(
+            config.field("layers_to_transform"), "cannot be used when target_modules is a regular expression"
+        )
+    if isinstance(targets, str) and pattern is not None:
+        raise JsonFieldError(
+            config.field("layers_pattern"), "cannot be used when target_modules is a regular expression"
+        )
+    if pattern and layers is None:
+        raise JsonFieldError(config.field("layers_pattern"), "needs layers_to_transform")
 
 
 def _names_other_module(entry: str) -> bool:

@@ -286,3 +286,72 @@ def test_fingerprint_ignores_the_name_but_not_the_dimensions(spec: BaseModelSpec
     wider = BaseModelSpec(**{**spec.__dict__, "intermediate_size": 256})
     assert renamed.fingerprint == spec.fingerprint
     assert wider.fingerprint != spec.fingerprint
+
+
+def _peft_loaded_lora_a(adapter: Path, llama_config: LlamaConfig) -> torch.Tensor:
+    from peft import PeftModel
+
+    torch.manual_seed(1)
+    model = PeftModel.from_pretrained(LlamaForCausalLM(llama_config), adapter)
+    return model.base_model.model.model.layers[1].self_attn.q_proj.lora_A["default"].weight.detach()
+
+
+@pytest.mark.parametrize(
+    ("rename", "peft_loads_it"),
+    [
+        (lambda k: k.replace(".lora_A.weight", ".lora_A.default.weight"), True),
+        (lambda k: k.replace(".lora_A.weight", ".lora_A.foo.weight"), False),
+        (lambda k: k.replace(".layers.1.", ".layers.01."), False),
+    ],
+)
+def test_tensor_names_are_read_as_peft_loads_them(adapter, spec, llama_config, rename, peft_loads_it) -> None:
+    """A tensor PEFT's loader maps onto no LoRA weight (another adapter name inside the key, a layer index
+    with a leading zero) leaves PEFT serving the base projection: refused here, by name, rather than
+    applied. One it loads is served."""
+    want = load_file(adapter / WEIGHTS)["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
+    _rewrite_tensors(adapter, lambda t: t.update({rename(k): t.pop(k) for k in list(t)}))
+    assert torch.equal(_peft_loaded_lora_a(adapter, llama_config), want) == peft_loads_it
+    if peft_loads_it:
+        assert validate_adapter_dir(adapter, spec).rank == 8
+        return
+    with pytest.raises(AdapterFormatError, match="is not the LoRA A/B of a supported projection"):
+        validate_adapter_dir(adapter, spec)
+
+
+@pytest.mark.parametrize(
+    "key", ["kasa_config", "velora_config", "monteclora_config", "arrow_config", "use_bdlora"]
+)
+def test_a_variant_sub_config_left_empty_is_refused_as_peft_switches_it_on(adapter, spec, key) -> None:
+    """PEFT builds a variant's config from `{}` (every default): the variant is on, so the adapter is
+    refused here, not served as a plain LoRA."""
+    _rewrite_config(adapter, lambda c: c.update({key: {}}))
+    with pytest.raises(AdapterFormatError, match="not supported") as refused:
+        validate_adapter_dir(adapter, spec)
+    assert refused.value.field.endswith(key)
+
+
+def test_an_unknown_option_set_to_an_empty_object_is_refused(adapter, spec) -> None:
+    _rewrite_config(adapter, lambda c: c.update(newer_variant_config={}))
+    with pytest.raises(AdapterFormatError, match="unknown option") as refused:
+        validate_adapter_dir(adapter, spec)
+    assert refused.value.field.endswith("newer_variant_config")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, "layers_to_transform"),
+        ({"target_modules": ".*q_proj", "layers_pattern": "layers"}, "layers_pattern"),
+        ({"layers_pattern": "layers"}, "layers_pattern"),
+    ],
+)
+def test_layer_options_peft_refuses_are_refused(adapter, spec, change, field) -> None:
+    config = {**json.loads((adapter / CONFIG).read_text()), **change}
+    with pytest.raises(ValueError, match="layers_"):
+        LoraConfig(
+            **{k: v for k, v in config.items() if k in {f.name for f in dataclasses.fields(LoraConfig)}}
+        )
+    _rewrite_config(adapter, lambda c: c.update(change))
+    with pytest.raises(AdapterFormatError) as refused:
+        validate_adapter_dir(adapter, spec)
+    assert refused.value.field == f"adapter_config.json.{field}"

@@ -53,7 +53,7 @@ class ModelConfig:
                     generation_path.read_bytes(), "generation_config.json", max_bytes=MAX_CONFIG_BYTES
                 ).data
                 if generation_path.is_file()
-                else {}
+                else None
             )
         except JsonFieldError as e:
             raise UnsupportedModelError(str(e)) from None
@@ -61,18 +61,21 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, config: dict, name: str, generation_config: dict | None = None) -> ModelConfig:
+        """`generation_config`: the checkpoint's generation_config.json, None when it has none."""
         spec = BaseModelSpec.from_hf_config(config, name)
         try:
             return cls._from_fields(
                 spec,
                 JsonObject(config, "config.json"),
-                JsonObject(generation_config or {}, "generation_config.json"),
+                None
+                if generation_config is None
+                else JsonObject(generation_config, "generation_config.json"),
             )
         except JsonFieldError as e:
             raise UnsupportedModelError(str(e)) from None
 
     @classmethod
-    def _from_fields(cls, spec: BaseModelSpec, c: JsonObject, generation: JsonObject) -> ModelConfig:
+    def _from_fields(cls, spec: BaseModelSpec, c: JsonObject, generation: JsonObject | None) -> ModelConfig:
         arch = architecture_named(spec.architecture)
         # hidden_act, rms_norm_eps and tie_word_embeddings default alike in the three config classes
         refuse_nulls(
@@ -86,7 +89,9 @@ class ModelConfig:
         max_positions = c.get_int("max_position_embeddings", arch.max_position_embeddings, lo=1, hi=MAX_DIM)
         rope_theta, rope_scaling = read_rope(c, max_positions, spec.head_dim)
         qkv_bias, o_bias, mlp_bias = _biases(c, arch)
-        eos = _token_ids(generation, "eos_token_id") or _token_ids(c, "eos_token_id")
+        # Where transformers' generate() stops: at the generation config's EOS ids when the checkpoint has
+        # one (none there: it never stops early), else at config.json's.
+        eos = _token_ids(c if generation is None else generation, "eos_token_id")
         dtype = c.get_str("dtype", None, max_chars=32) or c.get_str("torch_dtype", None, max_chars=32)
         return cls(
             spec=spec,

@@ -24,6 +24,7 @@ from openlora.safe_json import JsonFieldError, describe, load_json_object
 
 log = logging.getLogger(__name__)
 
+_SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _MAX_INDEX_BYTES = 64 << 20
@@ -36,20 +37,24 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors shards of a checkpoint: from the index file when there is one."""
+    """The safetensors files of a checkpoint, chosen as transformers chooses them: `model.safetensors` when
+    there is one, else the shards its index names. Other `*.safetensors` files of the directory (an older
+    copy, another format's export) are never read: they would overwrite tensors of the checkpoint."""
+    single = model_dir / _SINGLE_FILE
+    if single.is_file():
+        return [single]
     index = model_dir / _INDEX_FILE
     if index.is_file():
         return [model_dir / name for name in _indexed_shards(index)]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
-        hint = (
-            f" (found {pickles[0]}: pickle checkpoints are refused, convert to safetensors)"
-            if pickles
-            else ""
-        )
-        raise CheckpointError(f"{model_dir}: no *.safetensors files{hint}")
-    return files
+    others = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+    if others:
+        hint = f" (found {others[0]}: name a single file {_SINGLE_FILE}, or list the shards in {_INDEX_FILE})"
+    elif pickles:
+        hint = f" (found {pickles[0]}: pickle checkpoints are refused, convert to safetensors)"
+    else:
+        hint = ""
+    raise CheckpointError(f"{model_dir}: no {_SINGLE_FILE} or {_INDEX_FILE}{hint}")
 
 
 def _indexed_shards(index: Path) -> list[str]:

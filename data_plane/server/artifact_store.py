@@ -22,7 +22,9 @@ artifact in use is never removed; the budget may be exceeded while everything is
 An artifact found on disk at start is checked against its sha256 at its first use (validated when fetched),
 before it is served: files changed while the worker was down (a flipped byte, a truncated write, an
 edit) are removed and fetched afresh instead of being served silently wrong. Concurrent first uses share
-one check.
+one check. Files changed while it runs are caught the same way: each use compares the files' size,
+modification time and inode with those they had when they were checked (a `stat` per file), and a copy
+that differs is checked again (another adapter's weights copied over it were served under its name).
 
 `discard` (deleted or replaced upstream) never pulls files from under a holder: a held artifact is marked
 stale and removed when the last hold is released (a request's adapter load reads the files its stream
@@ -81,6 +83,18 @@ async def _shared(tasks: dict[str, asyncio.Task], key: str, start: Callable[[str
         tasks[key] = task
         task.add_done_callback(lambda _t: tasks.pop(key, None))
     return await asyncio.shield(task)
+
+
+def _fingerprint(path: Path) -> tuple | None:
+    """(name, size, modification time, inode) of each artifact file; None when one cannot be read."""
+    try:
+        return tuple(
+            (name, st.st_size, st.st_mtime_ns, st.st_ino)
+            for name in ARTIFACT_FILES
+            for st in (os.stat(path / name),)
+        )
+    except OSError:
+        return None
 
 
 def _dir_bytes(path: Path) -> int:
@@ -144,6 +158,8 @@ class ArtifactStore:
         # Found on disk at start and not checked yet (the first ensure checks it; one check per key).
         self._unchecked: set[str] = set()
         self._checks: dict[str, asyncio.Task[bool]] = {}
+        # key -> the files' (size, mtime, inode) when they were last checked or written
+        self._fingerprints: dict[str, tuple | None] = {}
         self._remove_partials()
         for entry in self.root.iterdir():
             if is_cache_key(entry.name) and entry.is_dir():
@@ -196,7 +212,10 @@ class ArtifactStore:
         """True when the artifact on disk may be served: checked already, or checked now (found at start).
         A copy that fails its check is removed (False: the caller fetches it)."""
         if key not in self._unchecked:
-            return True
+            if self._fingerprints.get(key) == _fingerprint(self.path_of(key)):
+                return True
+            log.warning("artifact %s changed on disk since it was checked: checking it again", key[:12])
+            self._unchecked.add(key)
         return await _shared(self._checks, key, self._check_found)
 
     async def _check_found(self, key: str) -> bool:
@@ -209,6 +228,7 @@ class ArtifactStore:
             actual, reason = None, f"unreadable: {error}"
         self._unchecked.discard(key)
         if actual == content_of(key):
+            self._fingerprints[key] = _fingerprint(self.path_of(key))
             return True
         log.warning("artifact %s on disk failed its check (%s): removed, fetched again", key[:12], reason)
         self._remove(key)
@@ -254,6 +274,7 @@ class ArtifactStore:
             shutil.rmtree(doomed, ignore_errors=True)
         self._sizes.pop(key, None)
         self._used_at.pop(key, None)
+        self._fingerprints.pop(key, None)
 
     def served_recently(self, key: str) -> bool:
         """True when this worker served the artifact within the last `served_window_s`."""
@@ -308,6 +329,8 @@ class ArtifactStore:
                     if not final.is_dir():  # lost a race with another process: theirs is as good
                         raise
             self._stale.discard(key)
+            self._unchecked.discard(key)
+            self._fingerprints[key] = _fingerprint(final)
             self._sizes[key] = _dir_bytes(final)
             self._trim()
             return final

@@ -201,6 +201,36 @@ def test_a_copy_changed_on_disk_while_the_worker_was_down_is_fetched_again(tmp_p
     assert digest_dir(restarted.root / sha) == sha
 
 
+@pytest.mark.parametrize("damage", ["other_adapter", "flip", "truncate"])
+def test_a_copy_changed_on_disk_while_the_worker_runs_is_checked_again_and_fetched(tmp_path, adapter, damage):
+    """Another adapter's weights copied over a checked artifact were served under its name (and a flipped
+    byte failed every call as the caller's non-finite logits) until the worker restarted: a use finds the
+    files changed since their check, checks them again and fetches a good copy."""
+    src, sha = adapter
+    other = write_adapter(tmp_path / "other", seed=1)
+    remote = Remote(chunks_of(src))
+    store = _store(tmp_path, remote)
+
+    async def scenario():
+        first = await store.ensure(sha)
+        assert (await store.ensure(sha)).tier == "disk"  # unchanged: served from disk, no new check
+        weights = first.path / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        if damage == "other_adapter":
+            shutil.copyfile(other / "adapter_model.safetensors", weights)
+        elif damage == "flip":
+            data[-3] ^= 0x80
+            weights.write_bytes(bytes(data))
+        else:
+            weights.write_bytes(bytes(data[: len(data) // 2]))
+        return await asyncio.gather(*(store.ensure(sha) for _ in range(3)))
+
+    results = asyncio.run(scenario())
+    assert {r.tier for r in results} == {"remote"} and remote.calls == 2
+    assert digest_dir(store.root / sha) == sha
+    assert asyncio.run(store.ensure(sha)).tier == "disk"
+
+
 def test_an_intact_copy_found_at_start_is_checked_once_and_served_from_disk(tmp_path, adapter):
     src, sha = adapter
     remote = Remote(chunks_of(src))

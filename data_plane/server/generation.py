@@ -187,6 +187,15 @@ class GenerationService:
             raise MissingScope()
         return auth
 
+    async def authenticate(self, api_key: str | None) -> None:
+        """Checks the key alone, before anything of its request is read: a key with no answer yet is asked
+        about (UNAUTHENTICATED, MissingScope as `authorize`); one with a fresh answer passes at once, and
+        one with a recent answer too (its call asks Authorize again before anything is delivered)."""
+        if not api_key:
+            raise MissingCredentials()
+        if self._cp.recent_authorization(api_key, ()) is None:
+            await self.authorize(api_key, ())
+
     async def _confirm(self, api_key: str | None, names: tuple[str, ...], early: Authorization) -> None:
         """Asks Authorize again for a call started on the recent answer `early`: raises its refusal, or
         AuthorizationChanged when the fresh answer differs (another adapter content, scope or mix)."""

@@ -104,3 +104,16 @@ def test_a_merge_method_without_a_mix_is_refused():
     check_request(
         inference_pb2.GenerateRequest(prompt="hi", mix_method=inference_pb2.MIX_METHOD_LINEAR), LIMITS
     )
+
+
+def test_a_body_of_millions_of_values_is_refused_before_it_is_parsed(monkeypatch):
+    """Counted from its commas and brackets: the parser, a Python call per value, never sees it."""
+    from data_plane.server.openai_http import schemas
+
+    calls = []
+    monkeypatch.setattr(schemas, "load_json", lambda *a, **k: calls.append(a))
+    with pytest.raises(BodyError, match="JSON values"):
+        parse_completion(b"[" + b"{}," * 1_400_000 + b"{}]")
+    with pytest.raises(BodyError, match="JSON values"):
+        parse_completion(_completion(prompt=[7] * 2_000_000))
+    assert calls == []

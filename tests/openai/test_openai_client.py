@@ -310,3 +310,43 @@ def test_a_malformed_model_or_mix_name_is_400_naming_its_param_and_never_reaches
     assert refused.value.body["param"] == "mix[0].adapter"
     with pytest.raises(openai.AuthenticationError):
         _client(http_worker, "not-a-key-" + "x" * 30).completions.create(model=name, prompt=PROMPT)
+
+
+def test_a_strangers_body_is_never_read(http_worker):
+    """The key is checked before the body: a request with an unknown key whose body never arrives is
+    answered 401 at once (the body used to be read, and parsed on the event loop the gRPC server shares,
+    before the key was known: 4 MiB of `{}` from anyone held every tenant's calls for seconds)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(http_worker.base_url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST {url.path}/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer olk_not_a_key\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n".encode()
+        )
+        sock.sendall(b'{"model": "tiny", "prompt": [')  # and nothing more: the server must not wait for it
+        answer = sock.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 401"), answer[:200]
+
+
+def test_bodies_are_parsed_off_the_event_loop(http_worker, tenant, monkeypatch):
+    import asyncio
+
+    from data_plane.server.openai_http import app as http_app
+
+    parsed_on_loop = []
+    real = http_app.parse_completion
+
+    def recording(*args):
+        try:
+            asyncio.get_running_loop()
+            parsed_on_loop.append(True)
+        except RuntimeError:
+            parsed_on_loop.append(False)
+        return real(*args)
+
+    monkeypatch.setattr(http_app, "parse_completion", recording)
+    client = _client(http_worker, tenant[2])
+    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).choices[0].text is not None
+    assert parsed_on_loop == [False]

@@ -144,6 +144,11 @@ async def _generation(request: Request, chat: bool):
     try:
         api.service.check_serving()
         api_key = _bearer_key(request)
+        await api.service.authenticate(api_key)  # before the body: a stranger's is never read or parsed
+    except Exception as error:
+        # The body is left unread: the connection closes, so its bytes are never read as a next request.
+        return _refused(api, http_error(error), {"Connection": "close"})
+    try:
         data = await _read_body(request, api.max_body_bytes, api.body_timeout_s)
     except _TooLarge:
         failure = HttpError(
@@ -161,7 +166,10 @@ async def _generation(request: Request, chat: bool):
     body: Body | None = None
     refused: BodyError | None = None
     try:
-        body = (parse_chat if chat else parse_completion)(data, api.service.limits.max_tokens_limit)
+        # Off the event loop (the gRPC server shares it), a few bodies at a time.
+        parse = parse_chat if chat else parse_completion
+        limit = api.service.limits.max_tokens_limit
+        body = await anyio.to_thread.run_sync(parse, data, limit, limiter=_parse_limiter())
     except BodyError as error:
         refused = error
     # The names to authorise, as gRPC's requested_adapter_names: the adapter `model` names, the mix's (a
@@ -302,6 +310,21 @@ class _TooLarge(Exception):
 
 class _TooSlow(Exception):
     pass
+
+
+_PARSE_THREADS = 2
+_parse_limiters: dict[int, anyio.CapacityLimiter] = {}
+
+
+def _parse_limiter() -> anyio.CapacityLimiter:
+    """The threads bodies are parsed on (one limiter per event loop: a limiter belongs to its loop)."""
+    import asyncio
+
+    loop = id(asyncio.get_running_loop())
+    limiter = _parse_limiters.get(loop)
+    if limiter is None:
+        limiter = _parse_limiters[loop] = anyio.CapacityLimiter(_PARSE_THREADS)
+    return limiter
 
 
 async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:

@@ -32,6 +32,11 @@ MAX_MESSAGES = 1024
 # each in Python held the event loop (and the engine) for seconds, before the key was even checked.
 MAX_PROMPT_TOKEN_IDS = 1 << 17  # longer than any context served; the context limit is checked later
 MAX_CONTENT_PARTS = 1024
+# The most JSON values a body may hold, counted from its commas and brackets before it is parsed. Parsing
+# visits every value in Python, about a second per million: a 4 MiB body of `{}` (2.8 million) took 3.5 s.
+# Below the bound, a list too long for its field is refused naming the field, after a parse of at most
+# about a second, on a parsing thread (`app._parse_limiter`), never on the event loop.
+MAX_BODY_VALUES = 1 << 20
 MAX_SEED = (1 << 63) - 1
 _INT32_MAX = (1 << 31) - 1
 # The GenerateRequest's float fields are float32: a finite JSON number past float32's largest value would
@@ -210,6 +215,9 @@ def openai_field_error(error: RequestFieldError, chat: bool) -> BodyError:
 
 
 def _load(data: bytes, allowed: set[str]) -> JsonObject:
+    values = data.count(b",") + data.count(b"{") + data.count(b"[")  # an upper bound on nested values - 1
+    if values > MAX_BODY_VALUES:
+        raise BodyError(None, f"the body holds more than {MAX_BODY_VALUES} JSON values")
     try:
         value = load_json(data, "", max_bytes=MAX_BODY_BYTES)
     except JsonFieldError as error:

@@ -112,6 +112,7 @@ class ControlPlane:
         with self.sessions.begin() as s:
             tenant = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), header.tenant)
             mixes.check_adapter_name_free(s, tenant.id, header.name)
+            registry.check_public_name_free(s, tenant.id, header.name, header.visibility)
             _check_royalty_not_raised(registry.named_terms(s, tenant.id, header.name), header)
             spec = workers.base_model(s, header.base_model).to_spec()
         return UploadPlan(header, tenant.id, spec)
@@ -169,6 +170,8 @@ class ControlPlane:
                 # The name was free of mixes when the upload began; a CreateMix may have taken it since.
                 registry.lock_name(s, tenant.id, header.name)
                 mixes.check_adapter_name_free(s, tenant.id, header.name)
+                registry.lock_public_name(s, header.name)
+                registry.check_public_name_free(s, tenant.id, header.name, header.visibility)
                 already_own = registry.tenant_holds(s, tenant.id, sha256)
                 was = registry.named_terms(s, tenant.id, header.name)
                 _check_royalty_not_raised(was, header)  # again, row locked: uploads of the name may race

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import case, or_, select
+from sqlalchemy import and_, case, or_, select
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import Session
 
@@ -61,14 +61,34 @@ def list_models(
 def _adapters(
     session: Session, tenant_id: uuid.UUID, fingerprint: str, after: str | None, limit: int
 ) -> list[ModelEntry]:
-    """The first `limit` names after `after`, each the tenant's own adapter or else the oldest public."""
+    """The first `limit` names after `after`, each as `registry.resolve_visible` resolves it: the tenant's
+    own READY adapter; for a name the tenant never used, the public adapter of the name's first publisher.
+    (A name of the tenant's own deleted adapter is not listed: calling it is NOT_FOUND.)"""
+    own_names = select(Adapter.name).where(Adapter.tenant_id == tenant_id)
+    claims = (
+        select(Adapter.name, Adapter.tenant_id)
+        .where(Adapter.published_at.is_not(None))
+        .ext(distinct_on(Adapter.name))
+        .order_by(Adapter.name, Adapter.published_at, Adapter.id)
+        .subquery()
+    )
     query = (
         select(Adapter, Tenant.name)
         .join(Tenant, Tenant.id == Adapter.tenant_id)
+        .join(
+            claims, and_(claims.c.name == Adapter.name, claims.c.tenant_id == Adapter.tenant_id), isouter=True
+        )
         .where(
             Adapter.status == STATUS_READY,
             Adapter.base_model_fingerprint == fingerprint,
-            or_(Adapter.tenant_id == tenant_id, Adapter.visibility == VISIBILITY_PUBLIC),
+            or_(
+                Adapter.tenant_id == tenant_id,
+                and_(
+                    Adapter.visibility == VISIBILITY_PUBLIC,
+                    claims.c.tenant_id.is_not(None),
+                    Adapter.name.not_in(own_names),
+                ),
+            ),
         )
     )
     if after is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import ARRAY, BigInteger, DateTime, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy import ARRAY, BigInteger, DateTime, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from control_plane.db.base import Base, utc_now
@@ -20,7 +20,11 @@ STATUS_DELETED = "deleted"
 
 class Adapter(Base):
     __tablename__ = "adapter"
-    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    # The name index finds a public name's first publisher (`registry.public_claimant`).
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name"),
+        Index("ix_adapter_name_published_at", "name", "published_at"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id"), index=True)
@@ -41,6 +45,9 @@ class Adapter(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # When the row first became public, never cleared: the name's claim among public adapters. Other
+    # tenants' calls of a name reach only the adapter of the tenant that published it first.
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
     @property
     def cache_scope(self) -> str:

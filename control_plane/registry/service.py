@@ -60,25 +60,65 @@ def _owned(session: Session, adapter: Adapter) -> OwnedAdapter:
 
 
 def resolve_visible(session: Session, tenant_id: uuid.UUID, name: str) -> Adapter:
-    """The tenant's own adapter of that name, else the oldest public one of another tenant; NOT_FOUND (the
-    same answer as for a name that never existed) otherwise. A name the tenant's own adapter had stays its
-    own after a delete: NOT_FOUND until it uploads one again, never another tenant's public adapter of
-    that name (calls went on, silently, to a stranger's weights at the stranger's royalty)."""
+    """The tenant's own adapter of that name, else the public adapter of the tenant that published one under
+    that name first (`public_claimant`); NOT_FOUND (the same answer as for a name that never existed)
+    otherwise. A name the tenant's own adapter had stays its own after a delete: NOT_FOUND until it uploads
+    one again, never another tenant's public adapter of that name; and a public name stays its first
+    publisher's after it deletes its adapter or makes it private: NOT_FOUND, never another tenant's adapter
+    of that name (calls went on, silently, to a stranger's weights at the stranger's royalty)."""
     check_requested_name(name)
     own = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
     if own is not None:
         if own.status != STATUS_READY:
             raise AdapterNotFound(name)
         return own
-    public = session.scalar(
-        select(Adapter)
-        .where(Adapter.name == name, Adapter.status == STATUS_READY, Adapter.visibility == VISIBILITY_PUBLIC)
-        .order_by(Adapter.created_at, Adapter.id)
-        .limit(1)
+    claimant = public_claimant(session, name)
+    public = (
+        None
+        if claimant is None
+        else session.scalar(
+            select(Adapter).where(
+                Adapter.tenant_id == claimant,
+                Adapter.name == name,
+                Adapter.status == STATUS_READY,
+                Adapter.visibility == VISIBILITY_PUBLIC,
+            )
+        )
     )
     if public is None:
         raise AdapterNotFound(name)
     return public
+
+
+def public_claimant(session: Session, name: str) -> uuid.UUID | None:
+    """The tenant that first published an adapter under `name` (whatever that adapter is now); None when
+    no adapter of that name was ever public."""
+    return session.scalar(
+        select(Adapter.tenant_id)
+        .where(Adapter.name == name, Adapter.published_at.is_not(None))
+        .order_by(Adapter.published_at, Adapter.id)
+        .limit(1)
+    )
+
+
+def check_public_name_free(session: Session, tenant_id: uuid.UUID, name: str, visibility: str) -> None:
+    """A public upload under a name another tenant published first is refused (ALREADY_EXISTS): that name
+    reaches the first publisher's adapter, for every other tenant, for good. Call under
+    `lock_public_name` when the row is written in the same transaction."""
+    if visibility != VISIBILITY_PUBLIC:
+        return
+    claimant = public_claimant(session, name)
+    if claimant is not None and claimant != tenant_id:
+        raise AlreadyExists(
+            f"another tenant published an adapter named {name!r} first; other tenants' calls of the name "
+            "reach that one: publish yours under another name, or upload it as private",
+            field="name",
+        )
+
+
+def lock_public_name(session: Session, name: str) -> None:
+    """Serializes, until the transaction ends, the transactions that check then claim a public name."""
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(f"public-name:{name}", 0))))
 
 
 def get_adapter(session: Session, tenant: Tenant, name: str) -> OwnedAdapter:
@@ -186,6 +226,8 @@ def record_upload(
     elif adapter.status == STATUS_READY and adapter.sha256 != sha256:
         replaced = adapter.sha256
     adapter.visibility = record.visibility or VISIBILITY_PRIVATE
+    if adapter.visibility == VISIBILITY_PUBLIC and adapter.published_at is None:
+        adapter.published_at = now
     adapter.base_model_name = base_model.name
     adapter.base_model_fingerprint = base_model.fingerprint
     adapter.rank = info.rank

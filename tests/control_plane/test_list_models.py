@@ -152,3 +152,61 @@ def test_a_wrong_worker_token_is_refused(cp, world) -> None:
             metadata=cp.worker_metadata("wrong-token-0123456789"),
         )
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _visible(cp, key: str, name: str) -> str | None:
+    """The owner of the adapter `name` resolves to for this key (get_adapter), None when NOT_FOUND; the
+    catalog must list the same."""
+    listed = {m.name: m.owned_by for m in _list(cp, key).models if m.kind == "adapter"}
+    with cp.admin(key) as admin:
+        try:
+            owner = admin.get_adapter(name).tenant
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND
+            owner = None
+    assert listed.get(name) == owner
+    return owner
+
+
+def test_a_public_name_stays_its_first_publishers(cp, adapters_root) -> None:
+    """A second tenant publishing under a public name took it over (and its callers, at its own royalty)
+    once the first publisher deleted its adapter: a public name now reaches only the adapter of the
+    tenant that published it first, and another tenant's public upload under it is refused."""
+    honest, honest_key, _ = _tenant(cp)
+    squatter, squatter_key, _ = _tenant(cp)
+    _, victim_key, _ = _tenant(cp)
+    name = f"shout-{uuid.uuid4().hex[:6]}"
+    with cp.admin(honest_key) as admin:
+        admin.upload_adapter(adapters_root / "a", name, BASE, public=True)
+    with cp.admin(squatter_key) as admin:
+        with pytest.raises(grpc.RpcError) as taken:
+            admin.upload_adapter(adapters_root / "b", name, BASE, public=True)
+        assert taken.value.code() == grpc.StatusCode.ALREADY_EXISTS and "name" in taken.value.details()
+        admin.upload_adapter(adapters_root / "b", name, BASE)  # as its own private adapter: fine
+    assert _visible(cp, victim_key, name) == honest
+    assert _visible(cp, squatter_key, name) == squatter  # its own name comes first for itself
+    with cp.admin(honest_key) as admin:
+        admin.delete_adapter(name)
+    assert _visible(cp, victim_key, name) is None
+    with cp.admin(squatter_key) as admin, pytest.raises(grpc.RpcError) as still_taken:
+        admin.upload_adapter(adapters_root / "b", name, BASE, public=True)
+    assert still_taken.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with cp.admin(honest_key) as admin:
+        admin.upload_adapter(adapters_root / "a", name, BASE, public=True)
+    assert _visible(cp, victim_key, name) == honest
+    with cp.admin(honest_key) as admin:
+        admin.upload_adapter(adapters_root / "a", name, BASE)  # made private: other tenants lose it
+    assert _visible(cp, victim_key, name) is None
+
+
+def test_a_name_of_the_tenants_own_deleted_adapter_is_not_listed(cp, adapters_root) -> None:
+    """The catalog listed another tenant's public adapter under that name, which Authorize refuses."""
+    _, other_key, _ = _tenant(cp)
+    _, key, _ = _tenant(cp)
+    name = f"gone-{uuid.uuid4().hex[:6]}"
+    with cp.admin(other_key) as admin:
+        admin.upload_adapter(adapters_root / "a", name, BASE, public=True)
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "b", name, BASE)
+        admin.delete_adapter(name)
+    assert _visible(cp, key, name) is None

@@ -67,15 +67,34 @@ def test_downgrade_folds_the_counters_of_each_kind_back_into_one_per_adapter_and
 def test_migration_0006_keeps_the_royalty_basis_of_existing_counters(empty_database_url: str) -> None:
     """Counters written before royalty tokens were counted apart are billed as they were: their royalty
     tokens are their completion tokens (adapter lines), none for the base model's lines."""
-    from control_plane.db.engine import make_engine, make_sessionmaker
-    from tests.tiers.test_prediction import _add_adapter
-
     upgrade(empty_database_url, "0005")
-    engine = make_engine(empty_database_url, pool_size=1)
-    try:
-        adapter = _add_adapter(make_sessionmaker(engine), "old")
-    finally:
-        engine.dispose()
+    # Rows as that revision holds them, in its columns (today's models have more).
+    tenant_id, adapter_id = uuid.uuid4(), uuid.uuid4()
+    _execute(
+        empty_database_url,
+        (
+            text(
+                "INSERT INTO base_model (name, fingerprint, architecture, hidden_size, intermediate_size,"
+                " num_layers, num_attention_heads, num_key_value_heads, head_dim, vocab_size, registered_at, updated_at)"
+                " VALUES ('tiny', :fingerprint, 'llama', 64, 128, 2, 4, 2, 16, 256, now(), now())"
+            ),
+            {"fingerprint": "f" * 64},
+        ),
+        (
+            text("INSERT INTO tenant (id, name, is_operator, created_at) VALUES (:id, 't', false, now())"),
+            {"id": tenant_id},
+        ),
+        (
+            text(
+                "INSERT INTO adapter (id, tenant_id, name, visibility, base_model_name, base_model_fingerprint,"
+                " rank, alpha, use_rslora, target_modules, sha256, size_bytes, status,"
+                " royalty_micros_per_million_tokens, keep_warm, description, created_at, updated_at)"
+                " VALUES (:id, :tenant, 'old', 'private', 'tiny', :fingerprint, 4, 8.0, false,"
+                " ARRAY['q_proj'], :sha, 1000, 'ready', 0, false, '', now(), now())"
+            ),
+            {"id": adapter_id, "tenant": tenant_id, "fingerprint": "f" * 64, "sha": "a" * 64},
+        ),
+    )
     insert = text(
         "INSERT INTO usage_counter (tenant_id, base_model, adapter_id, hour_at, request_kind, mix, requests,"
         " prompt_micro_tokens, completion_micro_tokens)"
@@ -86,15 +105,15 @@ def test_migration_0006_keeps_the_royalty_basis_of_existing_counters(empty_datab
         (
             insert,
             {
-                "tenant": adapter.tenant_id,
-                "adapter": adapter.id,
+                "tenant": tenant_id,
+                "adapter": adapter_id,
                 "hour": "2026-11-30 10:00+00",
                 "completion": 700,
             },
         ),
         (
             insert,
-            {"tenant": adapter.tenant_id, "adapter": None, "hour": "2026-11-30 11:00+00", "completion": 900},
+            {"tenant": tenant_id, "adapter": None, "hour": "2026-11-30 11:00+00", "completion": 900},
         ),
     )
     upgrade(empty_database_url)

@@ -458,6 +458,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return BROKEN_PIPE_EXIT_CODE
 
 
+UNREACHABLE_HINT = (
+    "hint: nothing answers at that address: is `openlora up` (or the server named by the flags, "
+    "OPENLORA_* variables or the context file) running?"
+)
+
+
 def _run(argv: list[str] | None, environ: Mapping[str, str] | None) -> int:
     args = build_parser().parse_args(argv)
     environ = os.environ if environ is None else environ
@@ -474,6 +480,8 @@ def _run(argv: list[str] | None, environ: Mapping[str, str] | None) -> int:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         if e.code() == grpc.StatusCode.PERMISSION_DENIED and e.details() == OPERATOR_ONLY:
             print(OPERATOR_KEY_HINT, file=sys.stderr)
+        if e.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (e.details() or "").lower():
+            print(UNREACHABLE_HINT, file=sys.stderr)
         return 1
     except (ValueError, UploadRefused) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from data_plane.server.usage_reporter import UsageRecord
@@ -156,7 +156,10 @@ class ControlPlaneClient:
         self._asking: dict[tuple[str, tuple[str, ...]], tuple[int, asyncio.Future]] = {}
         # Bumped by every forget: an answer whose call started before a forget is not cached (it may
         # predate the revocation or deletion the forget was for), and later callers do not join that call.
+        # Forgets of one key's answers (its NOT_FOUND names, its refusal) count for that key alone: one
+        # tenant's stream of 404s, or a stranger's of 401s, kept every other caller's answers uncached.
         self._forgets = 0
+        self._key_forgets: LRUCache[str, int] = LRUCache(maxsize=max(auth_cache_max_entries, 1024))
         # When the last Authorize got no answer (unreachable, or past its deadline): cached answers within
         # the outage grace then serve at once instead of each call waiting out the timeout again.
         self._unreachable_since: float | None = None
@@ -272,9 +275,10 @@ class ControlPlaneClient:
         if cached is not None and cached[0] > now:
             return cached[1]
         asking = self._asking.get(key)
-        if asking is None or asking[0] != self._forgets:
-            call = asyncio.ensure_future(self._ask(key, base_model, self._forgets))
-            asking = (self._forgets, call)
+        stamp = self._stamp(api_key)
+        if asking is None or asking[0] != stamp:
+            call = asyncio.ensure_future(self._ask(key, base_model, stamp))
+            asking = (stamp, call)
             self._asking[key] = asking
             call.add_done_callback(lambda _call, key=key, asking=asking: self._done_asking(key, asking))
         if (
@@ -296,7 +300,13 @@ class ControlPlaneClient:
         if not call.cancelled():
             call.exception()  # seen here when every caller went away; each waiting caller raises it
 
-    async def _ask(self, key: tuple[str, tuple[str, ...]], base_model: str, forgets: int) -> Authorization:
+    def _stamp(self, api_key: str) -> tuple[int, int]:
+        """The forgets that concern `api_key`'s answers so far: every key's, and its own."""
+        return self._forgets, self._key_forgets.get(api_key, 0)
+
+    async def _ask(
+        self, key: tuple[str, tuple[str, ...]], base_model: str, forgets: tuple[int, int]
+    ) -> Authorization:
         api_key, adapter_names = key
         asked_at = time.monotonic()
         request = worker_pb2.AuthorizeRequest(
@@ -336,16 +346,16 @@ class ControlPlaneClient:
             ttl_s = min(ttl_s, response.cache_ttl_ms / 1000)
         if ttl_s <= 0:  # nothing to cache: no older answer stays as a recent one either
             self._auth_cache.pop(key, None)
-        elif forgets == self._forgets:  # else a forget came while it was asked: the answer may predate it
+        elif forgets == self._stamp(key[0]):  # else a forget came while it was asked: it may predate it
             self._auth_cache[key] = (asked_at + ttl_s, answer)
         return answer
 
     def _outage_answer(
-        self, key: tuple[str, tuple[str, ...]], code: grpc.StatusCode, forgets: int
+        self, key: tuple[str, tuple[str, ...]], code: grpc.StatusCode, forgets: tuple[int, int]
     ) -> Authorization | None:
         """The last answer for `key` when the control plane is away and it expired at most
         AUTH_OUTAGE_GRACE_S ago (and no forget came since the call started); else None."""
-        if code not in _OUTAGE_CODES or forgets != self._forgets:
+        if code not in _OUTAGE_CODES or forgets != self._stamp(key[0]):
             return None
         cached = self._auth_cache.get(key)
         if cached is None or time.monotonic() - cached[0] > AUTH_OUTAGE_GRACE_S:
@@ -422,7 +432,7 @@ class ControlPlaneClient:
         """Drops this key's cached answers that resolve any of these names (its own view of them changed:
         the control plane said NOT_FOUND). Other keys' answers stay: names are unique per tenant only.
         Returns how many answers were dropped."""
-        self._forgets += 1
+        self._forget_count(api_key)
         wanted = set(names)
         doomed = [key for key in list(self._auth_cache.keys()) if key[0] == api_key and wanted & set(key[1])]
         for key in doomed:
@@ -483,8 +493,11 @@ class ControlPlaneClient:
         except grpc.RpcError as error:
             raise ControlPlaneError.from_rpc(error, "ReportUsage") from None
 
+    def _forget_count(self, api_key: str) -> None:
+        self._key_forgets[api_key] = self._key_forgets.get(api_key, 0) + 1
+
     def _forget_key(self, api_key: str) -> None:
-        self._forgets += 1
+        self._forget_count(api_key)
         for key in [k for k in list(self._auth_cache.keys()) if k[0] == api_key]:
             self._auth_cache.pop(key, None)
 

@@ -250,3 +250,16 @@ def test_up_refuses_a_bad_predictor_value_before_starting_anything(capsys, tmp_p
     assert main(["up", "--state-dir", str(state_dir), "--predictor-hot-rate-per-s", "-1"], environ={}) == 2
     assert "--predictor-hot-rate-per-s" in capsys.readouterr().err
     assert not state_dir.exists()
+
+
+def test_an_address_nothing_answers_at_is_reported_with_a_hint(capsys) -> None:
+    """After `openlora up` stopped, the context file still names its address: the raw gRPC error ("failed to
+    connect to all addresses") came with no word of what to do."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    code = main(["adapters", "list", "--admin-target", f"127.0.0.1:{port}", "--api-key", "k"], environ={})
+    err = capsys.readouterr().err
+    assert code == 1 and "UNAVAILABLE" in err and "is `openlora up`" in err

@@ -131,3 +131,30 @@ def test_every_forget_makes_the_next_caller_ask_again(system, forget):
             await client.close()
 
     assert system.loop.run(scenario()) == 2
+
+
+@pytest.mark.parametrize("forget", ["other_keys_names", "stranger_refused"])
+def test_another_keys_forgets_leave_this_keys_answer_cached(system, forget):
+    """One tenant's NOT_FOUND names, or a stranger's refused key, forgot for every key: a victim's
+    Authorize in flight was then not cached and its concurrent callers stopped sharing one call (5 round
+    trips became 122 over 200 calls under an attacker's 404 loop)."""
+    _, _, key = system.new_tenant()
+    _, _, other_key = system.new_tenant()
+
+    async def scenario():
+        client, counting = _client(system)
+        try:
+            asked = asyncio.ensure_future(client.authorize(key, ("ad6",), BASE_MODEL))
+            await asyncio.sleep(0)  # its call is on the wire
+            if forget == "other_keys_names":
+                client.forget_names(other_key, ("ad6",))
+            else:
+                client._forget_key("olk_not_a_key")
+            joined = asyncio.ensure_future(client.authorize(key, ("ad6",), BASE_MODEL))
+            await asyncio.gather(asked, joined)
+            await client.authorize(key, ("ad6",), BASE_MODEL)  # the first call's answer, cached
+            return counting.authorize_calls
+        finally:
+            await client.close()
+
+    assert system.loop.run(scenario()) == 1

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+
+log = logging.getLogger(__name__)
 
 _REPLACEMENT = "\ufffd"
 # Prompt tokens kept as left context so that the first output tokens decode with the right spacing.
@@ -20,6 +23,53 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback token (Sent
 _METASPACE = "\u2581"  # SentencePiece's "▁", a space
 
 
+# tokenizer_config.json classes that take tokenizer.json as it stands, in every transformers version.
+_FILE_AS_IS_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
+_TOKENIZER_CONFIG = "tokenizer_config.json"
+_MAX_TOKENIZER_CONFIG_BYTES = 16 << 20
+
+
+def pipeline_of(model_dir: Path) -> HFTokenizer:
+    """The `tokenizers` pipeline transformers' AutoTokenizer encodes and decodes with for this directory:
+    tokenizer.json as it stands, unless tokenizer_config.json names a tokenizer class (LlamaTokenizer, the
+    class of Llama 2, Mistral and TinyLlama checkpoints) whose constructor builds a pipeline of its own; then
+    that class's (`backend_tokenizer`). transformers 5 rebuilds LlamaTokenizer's normalizer, pre-tokenizer
+    and decoder from `add_prefix_space` and `legacy` instead of reading the file's: a leading space, text
+    after a special token (a chat template's `<s>[INST]`) and `add_prefix_space: false` were encoded
+    differently from transformers, so the same prompt text gave other tokens. Without transformers
+    installed, or when it cannot load the directory, the file is used as it stands (logged)."""
+    path = model_dir / "tokenizer.json"
+    tokenizer_class = _named_class(model_dir)
+    if tokenizer_class is None or tokenizer_class in _FILE_AS_IS_CLASSES:
+        return HFTokenizer.from_file(str(path))
+    try:
+        from transformers import AutoTokenizer
+
+        loaded = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+        backend = loaded.backend_tokenizer
+    except Exception as error:  # an unknown class, a version without it, transformers absent
+        log.warning(
+            "%s: tokenizer class %s not loadable by transformers (%s): tokenizer.json is used as it stands",
+            model_dir.name,
+            tokenizer_class,
+            str(error)[:200],
+        )
+        return HFTokenizer.from_file(str(path))
+    return HFTokenizer.from_str(backend.to_str())  # a copy of its own, detached from transformers' object
+
+
+def _named_class(model_dir: Path) -> str | None:
+    """tokenizer_config.json's `tokenizer_class`; None when the file or the key is missing or unreadable."""
+    path = model_dir / _TOKENIZER_CONFIG
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_TOKENIZER_CONFIG_BYTES:
+            return None
+        named = json.loads(path.read_bytes()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return named if isinstance(named, str) else None
+
+
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, eos_token_ids: tuple[int, ...] = ()) -> None:
         self._tokenizer = tokenizer
@@ -27,10 +77,11 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+        """The tokenizer of a checkpoint directory, as transformers tokenizes with it (`pipeline_of`)."""
         path = Path(model_dir) / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{Path(model_dir).name}: no tokenizer.json")
-        return cls(HFTokenizer.from_file(str(path)), eos_token_ids)
+        return cls(pipeline_of(Path(model_dir)), eos_token_ids)
 
     @property
     def vocab_size(self) -> int:

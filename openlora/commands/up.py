@@ -223,10 +223,40 @@ def check_ports(config: UpConfig) -> None:
         seen[port] = purpose
         reason = _port_error(listener.host, port)
         if reason is not None:
+            leftover = _leftover_openlora(port)
+            if leftover is not None:
+                raise StartRefused(
+                    f"port {port} on {listener.host} ({purpose}) is held by {leftover}: a process an earlier "
+                    f"`openlora up` started, still finishing its streams (a worker drains for up to "
+                    f"{config.drain_grace_s:g} s after its `up` was killed); wait for it to exit, or choose "
+                    f"another port with {flag}"
+                )
             raise StartRefused(
                 f"port {port} on {listener.host} ({purpose}) cannot be used: {reason}; "
                 f"choose another with {flag}"
             )
+
+
+def _leftover_openlora(port: int) -> str | None:
+    """'openlora worker (pid N)' when a process of ours (an `openlora` command line) listens on `port`;
+    None when another program does, or it cannot be told."""
+    import psutil
+
+    try:
+        pids = {
+            c.pid
+            for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
+        }
+        for pid in sorted(pids):
+            argv = psutil.Process(pid).cmdline()
+            words = [Path(a).name for a in argv]
+            if "openlora" in words or "openlora.cli" in argv:
+                role = next((w for w in argv if w in ("worker", "control-plane")), "process")
+                return f"openlora {role} (pid {pid})"
+    except (psutil.Error, OSError):
+        return None
+    return None
 
 
 def _port_of(address: str) -> int:
@@ -447,6 +477,11 @@ def _run_locked(config: UpConfig) -> int:
         log.info("interrupted while starting")
     finally:
         serving.set()  # a second signal during the stop must not interrupt the stop
+        if stop.is_set() and any(child.name == "worker" for child in children):
+            log.info(
+                "stopping: streams in flight get up to %g s to finish, then everything started here stops",
+                config.drain_grace_s,
+            )
         for child in children:
             timeout_s = config.drain_grace_s + 10 if child.name == "worker" else STOP_TIMEOUT_S
             child.stop(timeout_s)

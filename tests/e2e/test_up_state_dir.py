@@ -219,3 +219,28 @@ def test_a_busy_port_is_refused_in_one_line_naming_it_and_its_flag(
     )
     assert f"choose another with {flag} PORT" in line
     assert not (state_dir / "logs").exists()  # nothing was started
+
+
+def test_a_port_held_by_a_leftover_openlora_process_is_named_with_its_pid(database_url, redis_url, tmp_path):
+    """After `up` was killed (kill -9), its worker drains its streams for up to the grace and holds its port;
+    the next `up` said only "choose another port". It now names the process and what it is doing."""
+    listener = (
+        "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
+        " print(s.getsockname()[1], flush=True); time.sleep(60)"
+    )
+    # A command line like a worker's started by `up` (python -m openlora.cli worker ...).
+    leftover = subprocess.Popen(
+        [sys.executable, "-c", listener, "openlora.cli", "worker"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        port = int(leftover.stdout.readline())
+        argv = _up_argv(tmp_path / "state", database_url, redis_url, {"--port": str(port)})
+        result = subprocess.run(
+            argv, env=_env(tmp_path), capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+        )
+    finally:
+        leftover.kill()
+        leftover.wait()
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert f"is held by openlora worker (pid {leftover.pid})" in line and "--port" in line

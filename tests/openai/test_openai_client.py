@@ -350,3 +350,31 @@ def test_bodies_are_parsed_off_the_event_loop(http_worker, tenant, monkeypatch):
     client = _client(http_worker, tenant[2])
     assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).choices[0].text is not None
     assert parsed_on_loop == [False]
+
+
+@pytest.mark.parametrize(
+    ("headers", "words"),
+    [
+        (
+            "Authorization: Bearer {key}\r\nAuthorization: Bearer olk_other\r\nContent-Length: 2\r\n",
+            "Authorization",
+        ),
+        ("Authorization: Bearer {key}\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n", "not both"),
+    ],
+)
+def test_a_request_with_two_keys_or_two_body_framings_is_refused(http_worker, tenant, headers, words):
+    """The first of two Authorization headers was used silently; a body framed by both Content-Length and
+    Transfer-Encoding was read by the chunks (a proxy in front may read the length: request smuggling)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(http_worker.base_url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        head = f"POST {url.path}/completions HTTP/1.1\r\nHost: x\r\n" + headers.format(key=tenant[2]) + "\r\n"
+        sock.sendall(head.encode() + b"{}")
+        answer = b""
+        while chunk := sock.recv(4096):  # until the server closes the connection
+            answer += chunk
+    answer = answer.decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 400"), answer[:200]
+    assert words in answer

@@ -346,7 +346,13 @@ async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> byte
 
 
 def _bearer_key(request: Request) -> str:
-    """The key of `Authorization: Bearer <key>` (the scheme case-insensitive)."""
+    """The key of `Authorization: Bearer <key>` (the scheme case-insensitive). A request that names two
+    keys, or frames its body two ways (Content-Length and Transfer-Encoding, which a proxy in front may
+    read otherwise than this server: request smuggling), is refused."""
+    if len(request.headers.getlist("authorization")) > 1:
+        raise BodyError(None, "the Authorization header is given more than once")
+    if "transfer-encoding" in request.headers and "content-length" in request.headers:
+        raise BodyError(None, "a request may carry Content-Length or Transfer-Encoding, not both")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise MissingCredentials()

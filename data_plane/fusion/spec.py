@@ -2,8 +2,11 @@
 
 Two requests that ask for the same merge (same sources by cache key, i.e. by content within one cache
 scope (openlora/cache_scope.py); same weights, method and options, in any order, under any names) get the
-same spec, hence the same key on every worker and after every
-restart, and the same random masks: a merge is built once per spec and cached under its key.
+same spec, hence the same random masks on every worker and after every restart. A merge is built once
+per spec and caller: its key also holds the scope of the tenant that asked (`scope`), so one tenant's
+cached merge is never another's. A recipe of public adapters is the same spec for everyone; shared, a
+tenant learned from `cache_tier` and the load time that another had asked for exactly those members,
+weights and options (its merge was on the device already).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class MergeSpec:
     method: str
     density: float
     majority_sign_method: str | None
+    scope: str = ""  # the cache scope of the tenant that asked: part of the key, not of the seed
 
     @classmethod
     def of(
@@ -45,6 +49,7 @@ class MergeSpec:
         method: str,
         density: float = 1.0,
         majority_sign_method: str = "total",
+        scope: str = "",
     ) -> MergeSpec:
         """The canonical spec of `(cache key, weight)` sources merged by `method`; raises ValueError for a
         spec no request can carry (validation refuses those first)."""
@@ -65,6 +70,7 @@ class MergeSpec:
             method=method,
             density=float(density),
             majority_sign_method=majority_sign_method if method in _ELECTING else None,
+            scope=scope,
         )
 
     def canonical_json(self) -> str:
@@ -88,14 +94,15 @@ class MergeSpec:
 
     def key(self, max_rank: int) -> str:
         """The content key of the derived artifact this spec builds on a worker whose slots hold at most
-        `max_rank` (the re-factorized rank is min(max_rank, sum of the sources' ranks))."""
-        text = f"openlora-merge-v{MERGE_FORMAT_VERSION}\0{max_rank}\0{self.canonical_json()}"
+        `max_rank` (the re-factorized rank is min(max_rank, sum of the sources' ranks)), for its scope."""
+        scope = f"\0{self.scope}" if self.scope else ""
+        text = f"openlora-merge-v{MERGE_FORMAT_VERSION}\0{max_rank}{scope}\0{self.canonical_json()}"
         return hashlib.sha256(text.encode()).hexdigest()
 
     def with_paths(self, paths: dict[str, Path]) -> MergeSpec:
         """The same spec with each source's local directory (`paths` by key)."""
         sources = tuple(MergeSource(s.key, s.weight, Path(paths[s.key])) for s in self.sources)
-        return MergeSpec(sources, self.method, self.density, self.majority_sign_method)
+        return MergeSpec(sources, self.method, self.density, self.majority_sign_method, self.scope)
 
     def member_seed(self, layer: int, module: str, key: str) -> int:
         """The seed of one source's DARE mask on one module: independent of the others and of order."""

@@ -50,6 +50,7 @@ from data_plane.server.usage_reporter import (
 )
 from data_plane.server.validation import RequestFieldError, RequestLimits, ValidRequest, check_prompt_length
 from data_plane.tokenizer import PromptTooLong
+from openlora.cache_scope import cache_scope
 
 log = logging.getLogger(__name__)
 
@@ -551,7 +552,13 @@ class GenerationService:
             raise RequestFieldError("mix", "names the same adapter content twice (under two names)")
         # Sources by cache key: a merge of private content is its owner's alone, on disk and in slots.
         sources = [(a.cache_key, weight) for a, (_, weight) in zip(members, valid.adapters, strict=True)]
-        spec = MergeSpec.of(sources, valid.mix_method, valid.density, valid.majority_sign_method)
+        spec = MergeSpec.of(
+            sources,
+            valid.mix_method,
+            valid.density,
+            valid.majority_sign_method,
+            scope=cache_scope(tenant_id, private=True),  # this tenant's merge: no other sees it cached
+        )
         found = merges.lookup(spec, hold=True)
         if found is not None:
             return (AdapterRef(key=found.key, path=found.path),), "disk", 0.0

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from data_plane.fusion.spec import MergeSpec
+from openlora.cache_scope import cache_scope
 from openlora.v1 import inference_pb2, inference_pb2_grpc
 from tests.worker import conftest as worker
 
@@ -49,7 +50,7 @@ def _count(system, name: str) -> float:
 
 
 def test_a_merge_is_built_once_per_spec_and_then_served_from_the_tiers(system):
-    _, _, key = system.new_tenant()
+    tenant, _, key = system.new_tenant()
     builds = _count(system, "openlora_merge_build_seconds_count")
     mix = [("ad0", 0.75), ("ad1", 0.25)]
     first_tokens, first = _generate(
@@ -72,7 +73,8 @@ def test_a_merge_is_built_once_per_spec_and_then_served_from_the_tiers(system):
         inference_pb2.CACHE_TIER_DISK,
     )
 
-    spec = MergeSpec.of([(system.adapters[n], w) for n, w in mix], "ties", 0.5)
+    scope = cache_scope(system.tenant_ids[tenant], private=True)
+    spec = MergeSpec.of([(system.adapters[n], w) for n, w in mix], "ties", 0.5, scope=scope)
     assert (system.worker.config.state_dir / "merges" / spec.key(MAX_RANK)).is_dir()
 
     # Another method (or density) is another merge, with other tokens.
@@ -81,6 +83,24 @@ def test_a_merge_is_built_once_per_spec_and_then_served_from_the_tiers(system):
     )
     assert _count(system, "openlora_merge_build_seconds_count") == builds + 2
     assert other_tokens != first_tokens
+
+
+def test_one_tenants_merge_is_never_served_from_the_cache_to_another(system):
+    """The same recipe of public adapters is the same merge (same masks, same tokens) for every tenant,
+    but each builds its own: a second tenant asking for it found it on the device at 0 ms and so learned
+    that someone had asked for exactly those members, weights and options."""
+    _, _, first_key = system.new_tenant()
+    _, _, second_key = system.new_tenant()
+    mix = [("ad2", 0.6337), ("ad3", 0.3663)]
+    request = _request(mix, inference_pb2.MIX_METHOD_DARE_TIES, density=0.4)
+    first_tokens, _ = _generate(system.target, first_key, request)
+    _, warm = _generate(system.target, first_key, request)
+    assert warm.timing.cache_tier == inference_pb2.CACHE_TIER_DEVICE  # the asker's own, warm
+    builds = _count(system, "openlora_merge_build_seconds_count")
+    second_tokens, second = _generate(system.target, second_key, request)
+    assert _count(system, "openlora_merge_build_seconds_count") == builds + 1
+    assert second.timing.cache_tier != inference_pb2.CACHE_TIER_DEVICE and second.timing.adapter_load_ms > 0
+    assert second_tokens == first_tokens
 
 
 def test_a_truncated_merge_exports_its_truncation_error(system):

@@ -67,7 +67,8 @@ _AT = {
     sre_constants.AT_END: "$",
     sre_constants.AT_END_STRING: r"\Z",
     sre_constants.AT_BOUNDARY: r"\b",
-    sre_constants.AT_NON_BOUNDARY: r"\B",
+    # re's \B never matches in an empty string, regex's does: only beside a character
+    sre_constants.AT_NON_BOUNDARY: r"(?:\B(?=[\s\S])|\B(?<=[\s\S]))",
 }
 _CATEGORY = {
     sre_constants.CATEGORY_DIGIT: r"\d",
@@ -95,73 +96,102 @@ def _flags(flags: int) -> str:
     return "".join(letter for flag, letter in _FLAG_LETTERS if flags & flag)
 
 
-def _set(items) -> str:
-    out = []
-    for op, av in items:
-        if op == sre_constants.NEGATE:
-            out.append("^")
-        elif op == sre_constants.LITERAL:
+# Characters `re` counts as whitespace (str.isspace) that `regex`'s \s leaves out.
+_EXTRA_SPACE = r"\x1c-\x1f"
+
+
+def _set(items, flags: int) -> str:
+    negate = bool(items) and items[0][0] == sre_constants.NEGATE
+    members = items[1:] if negate else items
+    lone_not_space = members == [(sre_constants.CATEGORY, sre_constants.CATEGORY_NOT_SPACE)]
+    if lone_not_space and not flags & re.ASCII:  # [\S] is [^\s]: so written, \s takes re's extra ones
+        return f"[{'' if negate else '^'}\\s{_EXTRA_SPACE}]"
+    out = ["^"] if negate else []
+    for op, av in members:
+        if op == sre_constants.LITERAL:
+            _check_case(flags, av)
             out.append(_char(av))
         elif op == sre_constants.RANGE:
+            _check_case(flags, av[1])
             out.append(f"{_char(av[0])}-{_char(av[1])}")
         elif op == sre_constants.CATEGORY:
+            if av == sre_constants.CATEGORY_NOT_SPACE and not flags & re.ASCII:
+                raise RegexRefused("uses \\S inside a set with other members: write the set without it")
             out.append(_CATEGORY[av])
+            if av == sre_constants.CATEGORY_SPACE and not flags & re.ASCII:
+                out.append(_EXTRA_SPACE)
         else:
             raise RegexRefused(f"uses a construct this server does not match ({op} in a set)")
     return "[" + "".join(out) + "]"
+
+
+def _check_case(flags: int, code: int) -> None:
+    """A non-ASCII character under IGNORECASE: the two engines fold some of them onto ASCII letters
+    differently (re: dotless i matches i, regex: not), so it is refused rather than matched either way."""
+    if flags & re.IGNORECASE and code >= 0x80:
+        raise RegexRefused(
+            f"ignores case around the non-ASCII character {chr(code)!r}: write the letters it stands for"
+        )
 
 
 def _repeat_bounds(low: int, high: int) -> str:
     return f"{{{low},}}" if high == sre_constants.MAXREPEAT else f"{{{low},{high}}}"
 
 
-def render(items, names: dict[int, str] | None = None) -> str:
+def render(items, names: dict[int, str] | None = None, flags: int = 0) -> str:
     """`re`'s parse of an expression written back as an expression of the syntax `re` and `regex` read
-    alike (every literal escaped, every group explicit), meaning what `re` means by the original.
-    `names`: group number -> name, for the groups the original names."""
+    alike (every literal escaped, every group explicit), meaning what `re` means by the original, on the
+    ASCII names it is matched against. `names`: group number -> name, for the groups the original names;
+    `flags`: the flags in force (the global ones at the top). What the engines would read differently
+    (a scoped ASCII or Unicode flag, which `regex` ignores; case folding of non-ASCII characters) is
+    refused."""
     names = names or {}
     out = []
     for op, av in items:
         if op == sre_constants.LITERAL:
+            _check_case(flags, av)
             out.append(_char(av))
         elif op == sre_constants.NOT_LITERAL:
+            _check_case(flags, av)
             out.append(f"[^{_char(av)}]")
         elif op == sre_constants.ANY:
             out.append(".")
         elif op == sre_constants.IN:
-            out.append(_set(av))
+            out.append(_set(av, flags))
         elif op == sre_constants.AT:
             out.append(_AT[av])
         elif op in _REPEATS:
             low, high, body = av
             suffix = {sre_constants.MAX_REPEAT: "", sre_constants.MIN_REPEAT: "?"}.get(op, "+")
-            out.append(f"(?:{render(body, names)}){_repeat_bounds(low, high)}{suffix}")
+            out.append(f"(?:{render(body, names, flags)}){_repeat_bounds(low, high)}{suffix}")
         elif op == sre_constants.SUBPATTERN:
             group, add_flags, del_flags, body = av
+            if (add_flags | del_flags) & (re.ASCII | re.UNICODE):
+                raise RegexRefused("scopes an ASCII or Unicode flag to a group: set it for the whole pattern")
             scoped = _flags(add_flags) + (f"-{_flags(del_flags)}" if _flags(del_flags) else "")
-            inner = render(body, names)
+            inner = render(body, names, (flags | add_flags) & ~del_flags)
             if group is None:
                 out.append(f"(?{scoped}:{inner})")
                 continue
             inner = f"(?{scoped}:{inner})" if scoped else inner
             out.append(f"(?P<{names[group]}>{inner})" if group in names else f"({inner})")
         elif op == sre_constants.BRANCH:
-            out.append("(?:" + "|".join(render(branch, names) for branch in av[1]) + ")")
+            out.append("(?:" + "|".join(render(branch, names, flags) for branch in av[1]) + ")")
         elif op == sre_constants.GROUPREF:
             if av > 99:  # \NNN is an octal escape: past 99 a group has no number syntax both read alike
                 raise RegexRefused(f"refers back to group {av}: at most 99 groups can be referred to")
             out.append(f"(?:\\{av})")
         elif op == sre_constants.GROUPREF_EXISTS:
             group, yes, no = av
-            tail = "" if no is None else "|" + render(no, names)
-            out.append(f"(?({group}){render(yes, names)}{tail})")
+            tail = "" if no is None else "|" + render(no, names, flags)
+            out.append(f"(?({group}){render(yes, names, flags)}{tail})")
         elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
             direction, body = av
             positive = op == sre_constants.ASSERT
             kind = ("=" if positive else "!") if direction > 0 else ("<=" if positive else "<!")
-            out.append(f"(?{kind}{render(body, names)})")
+            out.append(f"(?{kind}{render(body, names, flags)})")
         elif op == sre_constants.ATOMIC_GROUP:
-            out.append(f"(?>{render(av, names)})")
+            out.append(f"(?>{render(av, names, flags)})")
         else:
             raise RegexRefused(f"uses a construct this server does not match ({op})")
     return "".join(out)
@@ -182,9 +212,14 @@ def compile_bounded(pattern: str):
         raise RegexRefused(
             f"its counted repeats expand to more than {MAX_EXPANSION} items: write the pattern without them"
         )
-    flags = _flags(parsed.state.flags)
-    names = {number: name for name, number in parsed.state.groupdict.items()}
     try:
-        return regex.compile((f"(?{flags})" if flags else "") + render(list(parsed), names), regex.VERSION0)
+        re.compile(pattern)  # its compile-time refusals too (a look-behind of variable width)
+    except (re.error, OverflowError, RecursionError) as error:
+        raise RegexRefused(f"is not a valid regular expression: {error}") from None
+    flags = parsed.state.flags
+    names = {number: name for name, number in parsed.state.groupdict.items()}
+    rendered = render(list(parsed), names, flags)
+    try:
+        return regex.compile((f"(?{_flags(flags)})" if _flags(flags) else "") + rendered, regex.VERSION0)
     except (regex.error, OverflowError, RecursionError, MemoryError) as error:
         raise RegexRefused(f"is not a valid regular expression: {error}") from None

@@ -101,7 +101,10 @@ _TOKENS = [
     "a", "b", "k", "_", ".", "\\.", "*", "+", "?", "*?", "++", "{1,2}", "{e<=1}", "{,2}", "(", ")", "(?:",
     "(?i)", "(?s:", "(?=", "(?!", "(?<=a)", "(?>", "[", "]", "[:alpha:]", "[^", "--", "&&", "||", "|", "^",
     "$", "\\b", "\\d", "\\w", "\\W", "\\s", "\\A", "\\Z", "-", ":", "e", "<", "=", "\\1", "(a)", "\n",
+    "\\B", "\\S", "(?a:", "(?u:", "(?-i:", "\u0131", "\u212a", "\x1c", "(?<=a+)",
 ]  # fmt: skip
+# The refusals that are deliberate: what the two engines would read differently, or too large to compile.
+_DELIBERATE = ("scopes an ASCII or Unicode flag", "ignores case around", "inside a set", "expand")
 _SUBJECT = st.text(alphabet="abk_.:-[]{}e<=1\n", max_size=10)
 
 
@@ -118,8 +121,34 @@ def test_random_patterns_match_as_re_matches_them(pattern, subjects):
         with pytest.raises(RegexRefused):
             compile_bounded(pattern)
         return
+    try:
+        compile_bounded(pattern)
+    except RegexRefused as refused:
+        assert any(reason in str(refused) for reason in _DELIBERATE), (pattern, str(refused))
+        return
     for subject in subjects:
         _same(pattern, subject)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("(?ai:\u212a)_proj", "scopes an ASCII"),  # regex ignores a scoped ASCII flag: Kelvin sign matched k
+        ("(?a)(?u:(?i:\u212a))_proj", "scopes an ASCII"),
+        ("(?i).*l\u0131n1", "ignores case"),  # dotless i matches i in re, not in regex
+        ("(?i)[\u0100-\u0200]_proj", "ignores case"),
+        ("(?<=a+)b", "not a valid regular expression"),  # re refuses when it compiles, not when it parses
+    ],
+)
+def test_what_the_engines_would_read_differently_is_refused(pattern, reason):
+    with pytest.raises(RegexRefused, match=reason):
+        compile_bounded(pattern)
+
+
+def test_whitespace_and_non_boundaries_are_read_as_re_reads_them():
+    assert compile_bounded("\\s").fullmatch("\x1c") is not None  # re's \s is str.isspace
+    assert compile_bounded("[^\\S]").fullmatch("\x1f") is not None
+    assert compile_bounded("\\B").search("") is None  # re's \B never matches an empty string
 
 
 def test_counted_repeats_that_would_expand_past_the_bound_are_refused():

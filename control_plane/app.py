@@ -170,8 +170,9 @@ class ControlPlane:
                 # The name was free of mixes when the upload began; a CreateMix may have taken it since.
                 registry.lock_name(s, tenant.id, header.name)
                 mixes.check_adapter_name_free(s, tenant.id, header.name)
-                registry.lock_public_name(s, header.name)
-                registry.check_public_name_free(s, tenant.id, header.name, header.visibility)
+                if header.visibility == VISIBILITY_PUBLIC:
+                    registry.lock_public_name(s, header.name)
+                    registry.check_public_name_free(s, tenant.id, header.name, header.visibility)
                 already_own = registry.tenant_holds(s, tenant.id, sha256)
                 was = registry.named_terms(s, tenant.id, header.name)
                 _check_royalty_not_raised(was, header)  # again, row locked: uploads of the name may race

@@ -2,7 +2,9 @@
 the tenant that published it first, so another tenant can no longer take over the name (and its callers,
 at its own royalty) once the first publisher deletes its adapter or makes it private.
 
-Existing public adapters count as published when they were created.
+Existing adapters keep what callers reach today: of each name's public adapters, the one the old rule
+served (the oldest READY one) is published when it was created; deleted ones and later ones of the same
+name claim nothing.
 
 Revision ID: 0008
 Revises: 0007
@@ -22,7 +24,11 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("adapter", sa.Column("published_at", sa.DateTime(timezone=True), nullable=True))
-    op.execute("UPDATE adapter SET published_at = created_at WHERE visibility = 'public'")
+    op.execute(
+        "UPDATE adapter SET published_at = created_at WHERE id IN ("
+        " SELECT DISTINCT ON (name) id FROM adapter WHERE visibility = 'public' AND status = 'ready'"
+        " ORDER BY name, created_at, id)"
+    )
     op.create_index("ix_adapter_name_published_at", "adapter", ["name", "published_at"])
 
 

@@ -212,26 +212,33 @@ class ArtifactStore:
         """True when the artifact on disk may be served: checked already, or checked now (found at start).
         A copy that fails its check is removed (False: the caller fetches it)."""
         if key not in self._unchecked:
-            if self._fingerprints.get(key) == _fingerprint(self.path_of(key)):
+            fingerprint = _fingerprint(self.path_of(key))
+            if fingerprint is not None and self._fingerprints.get(key) == fingerprint:
                 return True
             log.warning("artifact %s changed on disk since it was checked: checking it again", key[:12])
             self._unchecked.add(key)
         return await _shared(self._checks, key, self._check_found)
 
     async def _check_found(self, key: str) -> bool:
-        """Whether a copy found at start still has its content digest (it was validated when fetched);
-        one that does not, or cannot be read, is removed."""
+        """Whether a copy found at start, or changed since its check, still has its content digest (it was
+        validated when fetched); one that does not, or cannot be read, is removed (marked stale while
+        anyone holds it: its download replaces the files in place)."""
+        # Taken before the digest: a write during it shows as a change at the next use.
+        fingerprint = _fingerprint(self.path_of(key))
         try:
             actual = await asyncio.to_thread(digest_dir, self.path_of(key))
             reason = f"content digest {actual[:12]}"
         except (OSError, ValueError) as error:
             actual, reason = None, f"unreadable: {error}"
         self._unchecked.discard(key)
-        if actual == content_of(key):
-            self._fingerprints[key] = _fingerprint(self.path_of(key))
+        if actual == content_of(key) and fingerprint is not None:
+            self._fingerprints[key] = fingerprint
             return True
         log.warning("artifact %s on disk failed its check (%s): removed, fetched again", key[:12], reason)
-        self._remove(key)
+        if self.is_held(key):
+            self._stale.add(key)
+        else:
+            self._remove(key)
         return False
 
     def release(self, keys: Iterable[str]) -> None:

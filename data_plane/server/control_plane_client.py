@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from data_plane.server.usage_reporter import UsageRecord
@@ -159,7 +160,14 @@ class ControlPlaneClient:
         # Forgets of one key's answers (its NOT_FOUND names, its refusal) count for that key alone: one
         # tenant's stream of 404s, or a stranger's of 401s, kept every other caller's answers uncached.
         self._forgets = 0
-        self._key_forgets: LRUCache[str, int] = LRUCache(maxsize=max(auth_cache_max_entries, 1024))
+        # Kept only for keys with an Authorize call in flight (no eviction that could reset a count
+        # while a call waits on it; a flood of strangers' keys leaves nothing behind).
+        self._key_forgets: dict[str, int] = {}
+        self._asking_per_key: Counter[str] = Counter()
+        # Keys with an answer cached recently (for any names): `knows_key`.
+        self._answered_keys: TTLCache[str, bool] = TTLCache(
+            maxsize=auth_cache_max_entries, ttl=AUTH_RECENT_S, timer=time.monotonic
+        )
         # When the last Authorize got no answer (unreachable, or past its deadline): cached answers within
         # the outage grace then serve at once instead of each call waiting out the timeout again.
         self._unreachable_since: float | None = None
@@ -279,6 +287,7 @@ class ControlPlaneClient:
         if asking is None or asking[0] != stamp:
             call = asyncio.ensure_future(self._ask(key, base_model, stamp))
             asking = (stamp, call)
+            self._asking_per_key[api_key] += 1
             self._asking[key] = asking
             call.add_done_callback(lambda _call, key=key, asking=asking: self._done_asking(key, asking))
         if (
@@ -296,6 +305,11 @@ class ControlPlaneClient:
     def _done_asking(self, key, asking) -> None:
         if self._asking.get(key) is asking:
             del self._asking[key]
+        api_key = key[0]
+        self._asking_per_key[api_key] -= 1
+        if self._asking_per_key[api_key] <= 0:  # no call of this key waits on its count any more
+            del self._asking_per_key[api_key]
+            self._key_forgets.pop(api_key, None)
         call = asking[1]
         if not call.cancelled():
             call.exception()  # seen here when every caller went away; each waiting caller raises it
@@ -348,6 +362,7 @@ class ControlPlaneClient:
             self._auth_cache.pop(key, None)
         elif forgets == self._stamp(key[0]):  # else a forget came while it was asked: it may predate it
             self._auth_cache[key] = (asked_at + ttl_s, answer)
+            self._answered_keys[key[0]] = True
         return answer
 
     def _outage_answer(
@@ -468,6 +483,7 @@ class ControlPlaneClient:
         ]
         for key in doomed:
             self._auth_cache.pop(key, None)
+            self._answered_keys.pop(key[0], None)
         return len(doomed)
 
     @property
@@ -494,10 +510,18 @@ class ControlPlaneClient:
             raise ControlPlaneError.from_rpc(error, "ReportUsage") from None
 
     def _forget_count(self, api_key: str) -> None:
-        self._key_forgets[api_key] = self._key_forgets.get(api_key, 0) + 1
+        """Counts a forget of `api_key`'s answers for its calls in flight (none: nothing to count)."""
+        if self._asking_per_key.get(api_key):
+            self._key_forgets[api_key] = self._key_forgets.get(api_key, 0) + 1
+
+    def knows_key(self, api_key: str) -> bool:
+        """Whether an answer for this key (for any names) was cached within AUTH_RECENT_S and not
+        forgotten since: a key the control plane accepted moments ago."""
+        return api_key in self._answered_keys
 
     def _forget_key(self, api_key: str) -> None:
         self._forget_count(api_key)
+        self._answered_keys.pop(api_key, None)
         for key in [k for k in list(self._auth_cache.keys()) if k[0] == api_key]:
             self._auth_cache.pop(key, None)
 

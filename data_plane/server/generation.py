@@ -189,12 +189,12 @@ class GenerationService:
         return auth
 
     async def authenticate(self, api_key: str | None) -> None:
-        """Checks the key alone, before anything of its request is read: a key with no answer yet is asked
-        about (UNAUTHENTICATED, MissingScope as `authorize`); one with a fresh answer passes at once, and
-        one with a recent answer too (its call asks Authorize again before anything is delivered)."""
+        """Checks the key alone, before anything of its request is read: a key with an answer cached
+        recently, for any names, passes at once (its call asks Authorize before anything is delivered);
+        another is asked about (UNAUTHENTICATED, MissingScope as `authorize`)."""
         if not api_key:
             raise MissingCredentials()
-        if self._cp.recent_authorization(api_key, ()) is None:
+        if not self._cp.knows_key(api_key):
             await self.authorize(api_key, ())
 
     async def _confirm(self, api_key: str | None, names: tuple[str, ...], early: Authorization) -> None:

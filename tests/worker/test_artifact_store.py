@@ -267,3 +267,31 @@ def test_a_cache_directory_that_cannot_be_written_is_an_artifact_error_not_a_fau
         asyncio.run(store.ensure(sha))
     code, message = status_for(caught.value)
     assert code == grpc.StatusCode.UNAVAILABLE and str(tmp_path) not in message
+
+
+def test_a_held_copy_that_fails_its_recheck_is_replaced_in_place_not_removed(tmp_path, adapter):
+    """A request holding the artifact reads its files: a failed re-check by another request must not pull
+    the directory from under it; the verified download replaces the files in place."""
+    src, sha = adapter
+    remote = Remote(chunks_of(src))
+    store = _store(tmp_path, remote)
+    removed = []
+    remove = store._remove
+    store._remove = lambda key: (removed.append(key), remove(key))
+
+    async def scenario():
+        held = await store.ensure(sha, hold=True)
+        directory_inode = held.path.stat().st_ino  # the holder's directory: the same one throughout
+        weights = held.path / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0x80
+        weights.write_bytes(bytes(data))
+        second = await store.ensure(sha, hold=True)
+        return held, second, directory_inode
+
+    held, second, directory_inode = asyncio.run(scenario())
+    assert second.tier == "remote" and second.path == held.path
+    assert held.path.stat().st_ino == directory_inode and removed == []  # replaced file by file
+    assert digest_dir(held.path) == sha
+    store.release([sha, sha])
+    assert asyncio.run(store.ensure(sha)).tier == "disk"

@@ -158,3 +158,49 @@ def test_another_keys_forgets_leave_this_keys_answer_cached(system, forget):
             await client.close()
 
     assert system.loop.run(scenario()) == 1
+
+
+def test_a_flood_of_strangers_keys_cannot_reset_a_forget_a_call_in_flight_waits_on(system):
+    """Per-key forget counts lived in an LRU of 1,024 keys: a stranger's 1,024 refused keys evicted a
+    revoked key's count while its Authorize was in flight, and the answer from before the revocation was
+    cached. Counts are now kept exactly while a key has a call in flight."""
+    _, _, key = system.new_tenant()
+
+    async def scenario():
+        client, counting = _client(system)
+        try:
+            asked = asyncio.ensure_future(client.authorize(key, ("ad6",), BASE_MODEL))
+            await asyncio.sleep(0)  # its call is on the wire
+            client.forget_names(key, ("ad6",))  # this key's answers change while it is asked
+            for i in range(2000):
+                client._forget_key(f"olk_stranger_{i}")
+            await asked
+            await client.authorize(key, ("ad6",), BASE_MODEL)  # not cached: asked again
+            return counting.authorize_calls, len(client._key_forgets)
+        finally:
+            await client.close()
+
+    calls, counts_left = system.loop.run(scenario())
+    assert calls == 2 and counts_left == 0
+
+
+def test_a_key_answered_for_any_names_is_known_until_it_is_refused_or_revoked(system):
+    """The HTTP API checks a key before reading its body; a key answered moments ago for other names
+    (its last call's adapters) passes without another Authorize round trip."""
+    _, key_id, key = system.new_tenant()
+
+    async def scenario():
+        client, _ = _client(system)
+        try:
+            before = client.knows_key(key)
+            await client.authorize(key, ("ad6",), BASE_MODEL)
+            known = client.knows_key(key)
+            client.forget_api_key_id(key_id)
+            revoked = client.knows_key(key)
+            await client.authorize(key, ("ad7",), BASE_MODEL)
+            client._forget_key(key)
+            return before, known, revoked, client.knows_key(key)
+        finally:
+            await client.close()
+
+    assert system.loop.run(scenario()) == (False, True, False, False)

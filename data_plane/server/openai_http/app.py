@@ -127,6 +127,8 @@ def build_app(api: OpenAIApi, metrics: bool = False) -> Starlette:
     )
     app.router.redirect_slashes = False  # `/v1/completions/` is a 404 naming it, not a redirect
     app.state.api = api
+    # The threads bodies are parsed on; anyio binds a limiter to the loop that first waits on it, the app's.
+    app.state.parse_limiter = anyio.CapacityLimiter(_PARSE_THREADS)
     return app
 
 
@@ -169,7 +171,7 @@ async def _generation(request: Request, chat: bool):
         # Off the event loop (the gRPC server shares it), a few bodies at a time.
         parse = parse_chat if chat else parse_completion
         limit = api.service.limits.max_tokens_limit
-        body = await anyio.to_thread.run_sync(parse, data, limit, limiter=_parse_limiter())
+        body = await anyio.to_thread.run_sync(parse, data, limit, limiter=request.app.state.parse_limiter)
     except BodyError as error:
         refused = error
     # The names to authorise, as gRPC's requested_adapter_names: the adapter `model` names, the mix's (a
@@ -312,19 +314,7 @@ class _TooSlow(Exception):
     pass
 
 
-_PARSE_THREADS = 2
-_parse_limiters: dict[int, anyio.CapacityLimiter] = {}
-
-
-def _parse_limiter() -> anyio.CapacityLimiter:
-    """The threads bodies are parsed on (one limiter per event loop: a limiter belongs to its loop)."""
-    import asyncio
-
-    loop = id(asyncio.get_running_loop())
-    limiter = _parse_limiters.get(loop)
-    if limiter is None:
-        limiter = _parse_limiters[loop] = anyio.CapacityLimiter(_PARSE_THREADS)
-    return limiter
+_PARSE_THREADS = 2  # bodies parsed at once, off the event loop
 
 
 async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:

@@ -217,7 +217,9 @@ def openai_field_error(error: RequestFieldError, chat: bool) -> BodyError:
 def _load(data: bytes, allowed: set[str]) -> JsonObject:
     values = data.count(b",") + data.count(b"{") + data.count(b"[")  # an upper bound on nested values - 1
     if values > MAX_BODY_VALUES:
-        raise BodyError(None, f"the body holds more than {MAX_BODY_VALUES} JSON values")
+        raise BodyError(
+            None, f"the body holds more than {MAX_BODY_VALUES} commas and brackets (JSON values, or text)"
+        )
     try:
         value = load_json(data, "", max_bytes=MAX_BODY_BYTES)
     except JsonFieldError as error:

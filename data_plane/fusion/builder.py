@@ -35,8 +35,19 @@ _HALF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class MergeBuildError(AdapterLoadError):
-    """A merge could not be built from its sources (a source unreadable or refused); `field` says which.
-    An AdapterLoadError, so a caller sees INVALID_ARGUMENT naming the member, as for any adapter."""
+    """A merge could not be built from its sources (a source unreadable or refused); `field` says which,
+    and `source_key` the cache key of the source at fault (`mix[i]` counts the spec's sorted sources: the
+    caller renames it to the member's place in its request, `renamed`). An AdapterLoadError, so a caller
+    sees FAILED_PRECONDITION naming the member, as for an adapter this worker refuses."""
+
+    def __init__(self, field: str, reason: str, source_key: str | None = None) -> None:
+        super().__init__(field, reason)
+        self.source_key = source_key
+
+    def renamed(self, position: int) -> MergeBuildError:
+        """The same error, naming the source as the request's `mix[position]`."""
+        field = f"mix[{position}]" + self.field.partition("]")[2]
+        return MergeBuildError(field, self.reason, self.source_key)
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,7 @@ def build_merge(
         try:
             infos.append(validate_adapter_dir(source.path, base, max_rank=max_rank, check_values=False))
         except AdapterFormatError as error:
-            raise MergeBuildError(f"mix[{i}].{error.field}", error.reason) from None
+            raise MergeBuildError(f"mix[{i}].{error.field}", error.reason, source.key) from None
     rank = merged_rank([info.rank for info in infos], max_rank)
     # Written in the sources' dtype when they share a half one (computed in float32 regardless).
     dtypes = {info.dtype for info in infos}

@@ -21,7 +21,9 @@ new build only while fewer than `max_pending_builds_per_tenant` of the pending b
 wait for, so one tenant's burst of distinct merges leaves room for the others. A build counts against
 the tenants whose calls wait for it now: once a tenant's calls left, its builds no longer count for it.
 Joining a build already pending is never refused (it adds no work). A refusal is MergeQueueFull
-(RESOURCE_EXHAUSTED) rather than a wait behind the others.
+(RESOURCE_EXHAUSTED) rather than a wait behind the others. The builds queued take turns by tenant: the
+next to run is the oldest of the tenant served least since the builder was last idle, so a tenant that
+keeps its share full delays another's new merge by one build, not by its whole queue.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -96,6 +98,11 @@ class MergeStore:
         # distinct merges (each a CPU-heavy SVD per module) must not delay other requests' tokenizing and
         # artifact checks, which use that pool.
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-build")
+        # Builds waiting for their turn on the builder: tenant -> (key, its turn) in arrival order; the
+        # key whose turn it is; how many turns each tenant got since the builder was last idle.
+        self._turns: dict[str, deque[tuple[str, asyncio.Future]]] = {}
+        self._turn_holder: str | None = None
+        self._turns_served: Counter[str] = Counter()
         self._on_built = on_built
         self._builds: dict[str, asyncio.Task[MergeReport]] = {}
         self._jobs: dict[str, Future] = {}  # key -> its build on the builder thread (queued or running)
@@ -177,7 +184,7 @@ class MergeStore:
             task = self._builds.get(key)
             if task is None:
                 self._check_room(tenant_id)
-                task = asyncio.get_running_loop().create_task(self._build(spec, key))
+                task = asyncio.get_running_loop().create_task(self._build(spec, key, tenant_id))
                 self._builds[key] = task
                 task.add_done_callback(lambda done: self._forget_build(key, done))
             # shield: one caller going away must not cancel the build the others wait for.
@@ -222,6 +229,44 @@ class MergeStore:
                 f"(a limit of {self._max_pending_builds} for all tenants); retry later"
             )
 
+    async def _take_turn(self, key: str, tenant_id: str) -> None:
+        """Waits until the builder is this build's (`_give_turn`)."""
+        turn = asyncio.get_running_loop().create_future()
+        self._turns.setdefault(tenant_id, deque()).append((key, turn))
+        self._give_turn()
+        try:
+            await turn
+        except asyncio.CancelledError:
+            queue = self._turns.get(tenant_id)
+            if queue is not None and (key, turn) in queue:
+                queue.remove((key, turn))
+                if not queue:
+                    del self._turns[tenant_id]
+            self._end_turn(key)  # a turn given as it was cancelled passes on
+            raise
+
+    def _give_turn(self) -> None:
+        """When the builder is free, gives it to the oldest queued build of the tenant served least."""
+        while self._turn_holder is None:
+            if not self._turns:
+                self._turns_served.clear()  # idle: the next burst starts even
+                return
+            tenant = min(self._turns, key=lambda t: self._turns_served[t])  # ties: the first queued
+            queue = self._turns[tenant]
+            key, turn = queue.popleft()
+            if not queue:
+                del self._turns[tenant]
+            if turn.done():  # cancelled while it waited; its task has not run its handler yet
+                continue
+            self._turns_served[tenant] += 1
+            self._turn_holder = key
+            turn.set_result(None)
+
+    def _end_turn(self, key: str) -> None:
+        if self._turn_holder == key:
+            self._turn_holder = None
+            self._give_turn()
+
     def _drop_unwanted_build(self, key: str) -> None:
         """Nobody waits for `key` any more: its build is dropped if it has not started on the builder thread
         (one already running completes and is kept, as its work is done)."""
@@ -260,13 +305,15 @@ class MergeStore:
                 self._remove(key)
         return dropped
 
-    async def _build(self, spec: MergeSpec, key: str) -> MergeReport:
-        job = self._builder.submit(build_merge, spec, self.path_of(key), self.max_rank, self._base)
-        self._jobs[key] = job
+    async def _build(self, spec: MergeSpec, key: str, tenant_id: str) -> MergeReport:
+        await self._take_turn(key, tenant_id)  # CancelledError when dropped while it waits
         try:
+            job = self._builder.submit(build_merge, spec, self.path_of(key), self.max_rank, self._base)
+            self._jobs[key] = job
             report = await asyncio.wrap_future(job)  # CancelledError when dropped before it started
         finally:
             self._jobs.pop(key, None)
+            self._end_turn(key)
         self._write_sources(key, spec, await asyncio.to_thread(digest_dir, self.path_of(key)))
         self._stale.discard(key)
         self._note_size(key)

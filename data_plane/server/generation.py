@@ -26,9 +26,10 @@ import grpc
 
 from data_plane.engine.errors import AdapterLoadError
 from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
+from data_plane.fusion.builder import MergeBuildError
 from data_plane.fusion.spec import MergeSpec
 from data_plane.fusion.store import MAX_PENDING_BUILDS_PER_TENANT, MergeStore
-from data_plane.server.artifact_store import ArtifactStore, default_disk_cache_bytes
+from data_plane.server.artifact_store import ArtifactRejected, ArtifactStore, default_disk_cache_bytes
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
 from data_plane.server.ensemble_request import billed_adapters, ensemble_of
 from data_plane.server.errors import (
@@ -527,10 +528,13 @@ class GenerationService:
         results = await asyncio.gather(
             *(self._artifacts.ensure(a.cache_key, hold=True) for a, _ in resolved), return_exceptions=True
         )
-        failed = [r for r in results if isinstance(r, BaseException)]
+        failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
         if failed:  # each ensure that failed gave back its own hold; give back the others'
             self._artifacts.release(r.key for r in results if not isinstance(r, BaseException))
-            raise failed[0]
+            position, error = failed[0]
+            if isinstance(error, ArtifactRejected):  # named by the member's place in the request
+                raise ArtifactRejected(f"mix[{position}].{error.field}", error.reason) from None
+            raise error
         locals_ = results
         refs = tuple(
             AdapterRef(key=a.cache_key, path=local.path, weight=1.0 if valid.is_ensemble else weight)
@@ -566,13 +570,20 @@ class GenerationService:
         results = await asyncio.gather(
             *(self._artifacts.ensure(key, hold=True) for key in keys), return_exceptions=True
         )
-        failed = [r for r in results if isinstance(r, BaseException)]
+        failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
         if failed:  # each ensure that failed gave back its own hold; give back the others'
             self._artifacts.release(r.key for r in results if not isinstance(r, BaseException))
-            raise failed[0]
+            position, error = failed[0]
+            if isinstance(error, ArtifactRejected):  # named by the member's place in the request
+                raise ArtifactRejected(f"mix[{position}].{error.field}", error.reason) from None
+            raise error
         try:
             paths = {r.key: r.path for r in results}
             built = await merges.build(spec.with_paths(paths), hold=True, tenant_id=tenant_id)
+        except MergeBuildError as error:
+            if error.source_key not in keys:
+                raise
+            raise error.renamed(keys.index(error.source_key)) from None  # its place in the request
         finally:
             self._artifacts.release(keys)
         tier = "remote" if any(r.tier == "remote" for r in results) else "disk"

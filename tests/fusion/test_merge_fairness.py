@@ -153,3 +153,26 @@ def test_the_per_tenant_share_is_a_worker_setting(tmp_path):
             state_dir=tmp_path,
             max_pending_merges_per_tenant=0,
         )
+
+
+def test_queued_builds_take_turns_by_tenant(merge_model, tmp_path, monkeypatch):
+    """One worker thread built merges in arrival order: a tenant keeping its share of the queue full made
+    another's new merge wait for all of them (about 10x its build time on the demo model). The next build
+    is now the oldest of the tenant served least."""
+    gate, started = gate_builds(monkeypatch)
+    store = MergeStore(tmp_path / "merges", None, 64, max_pending_builds_per_tenant=4)
+    a_specs = [spec_of(merge_model, WEIGHTS, method) for method in METHODS]
+    b_spec = spec_of(merge_model, {"r4_qv": 0.3, "r8_all": 0.7}, "ties")
+
+    async def main():
+        a_builds = [asyncio.create_task(store.build(a_specs[0], tenant_id="a"))]
+        await until(lambda: started)  # a's first build holds the builder
+        a_builds += [asyncio.create_task(store.build(spec, tenant_id="a")) for spec in a_specs[1:]]
+        await asyncio.sleep(0)
+        b_build = asyncio.create_task(store.build(b_spec, tenant_id="b"))
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*a_builds, b_build)
+
+    asyncio.run(main())
+    assert started == [a_specs[0].key(64), b_spec.key(64), *(spec.key(64) for spec in a_specs[1:])]

@@ -210,3 +210,20 @@ def test_a_merge_whose_weighted_deltas_overflow_is_refused_not_internal(system, 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     tokens, _ = _generate(system.target, key, _request([("ad0", 0.5), ("ad1", 0.5)], method))
     assert tokens
+
+
+@pytest.mark.parametrize("big_first", [False, True])
+def test_a_member_this_worker_refuses_is_named_by_its_place_in_the_request(system, tmp_path, big_first):
+    """The builder counted members in the spec's sorted order: the refusal named mix[0] whichever place
+    the member had in the request."""
+    from tests.engine.reference import write_peft_adapter
+    from tests.worker.conftest import BASE_MODEL
+
+    tenant, _, key = system.new_tenant()
+    big = write_peft_adapter(system.model_dir, tmp_path / "big", 3, r=32, target_modules=["q_proj"])
+    system.admin.push(big, "big", tenant, BASE_MODEL)  # rank 32: above this worker's 16
+    mix = [("big", 0.5), ("ad0", 0.5)] if big_first else [("ad0", 0.5), ("big", 0.5)]
+    with pytest.raises(grpc.RpcError) as refused:
+        _generate(system.target, key, _request(mix, inference_pb2.MIX_METHOD_TIES, density=0.5))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"mix[{0 if big_first else 1}]" in refused.value.details()

@@ -201,7 +201,8 @@ class ControlPlane:
             self.publisher.invalidate(str(owned.adapter.id))
         # Deduplicated only against the tenant's own content: stored files shared with another tenant's
         # (private) adapter are not reported, or an upload would tell who holds which weights.
-        return UploadResult(owned, already_own, replaced)
+        # A repair (the stored copy was damaged, this upload rewrote it) stored the files anew: not deduplicated.
+        return UploadResult(owned, already_own and not created, replaced)
 
     def _upload_stage(self, stage: str, plan: UploadPlan, sha256: str) -> None:
         if self.upload_stage_hook is not None:

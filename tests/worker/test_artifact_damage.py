@@ -60,9 +60,17 @@ def test_a_damaged_stored_artifact_is_data_loss_and_a_new_upload_of_it_repairs_i
     assert refused.value.code() == grpc.StatusCode.DATA_LOSS
     assert "upload the adapter again" in refused.value.details()
     assert any(sha in record.getMessage() and "digest" in record.getMessage() for record in caplog.records)
-    assert system.admin.push(adapter, "fragile", tenant, BASE_MODEL) == sha
+    assert not _push(system, adapter, tenant).deduplicated  # it repaired the copy: not "already stored"
     assert digest_dir(system.cp_state_dir / "artifacts" / sha) == sha
     assert sum(len(r.token_ids) for r in _generate(system, key, "fragile")) == 2
+    assert _push(system, adapter, tenant).deduplicated  # intact now: the same content, stored once
+
+
+def _push(system, adapter, tenant: str):
+    from openlora.commands.demo_setup import upload_messages
+
+    messages = upload_messages(adapter, tenant, BASE_MODEL, name="fragile")
+    return system.admin.stub.UploadAdapter(messages, metadata=system.admin.metadata)
 
 
 def test_the_store_checks_a_copy_before_serving_it_and_again_after_its_files_change(system, tmp_path):

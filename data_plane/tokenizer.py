@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from openlora.safe_json import JsonFieldError, load_json_object
+
 log = logging.getLogger(__name__)
 
 _REPLACEMENT = "\ufffd"
@@ -62,11 +64,10 @@ def _named_class(model_dir: Path) -> str | None:
     """tokenizer_config.json's `tokenizer_class`; None when the file or the key is missing or unreadable."""
     path = model_dir / _TOKENIZER_CONFIG
     try:
-        if not path.is_file() or path.stat().st_size > _MAX_TOKENIZER_CONFIG_BYTES:
-            return None
-        named = json.loads(path.read_bytes()).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
+        config = load_json_object(path.read_bytes(), _TOKENIZER_CONFIG, max_bytes=_MAX_TOKENIZER_CONFIG_BYTES)
+    except (OSError, JsonFieldError):
         return None
+    named = config.data.get("tokenizer_class")
     return named if isinstance(named, str) else None
 
 

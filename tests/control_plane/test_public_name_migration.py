@@ -9,7 +9,7 @@ import uuid
 from sqlalchemy import text
 
 from control_plane.db.migrate import upgrade
-from tests.control_plane.test_usage_kind_migration import _execute
+from tests.control_plane.test_usage_kind_migration import BASE_MODEL_ROW, TENANT_ROW, _execute
 
 _ADAPTER = text(
     "INSERT INTO adapter (id, tenant_id, name, visibility, base_model_name, base_model_fingerprint, rank,"
@@ -31,23 +31,8 @@ def test_the_adapter_callers_reach_today_keeps_the_name(empty_database_url: str)
     ids = [uuid.uuid4() for _ in rows]
     _execute(
         empty_database_url,
-        (
-            text(
-                "INSERT INTO base_model (name, fingerprint, architecture, hidden_size, intermediate_size,"
-                " num_layers, num_attention_heads, num_key_value_heads, head_dim, vocab_size, registered_at,"
-                " updated_at) VALUES ('tiny', :fingerprint, 'llama', 64, 128, 2, 4, 2, 16, 256, now(), now())"
-            ),
-            {"fingerprint": "f" * 64},
-        ),
-        *(
-            (
-                text(
-                    "INSERT INTO tenant (id, name, is_operator, created_at) VALUES (:id, :name, false, now())"
-                ),
-                {"id": tenant, "name": f"t{i}"},
-            )
-            for i, tenant in enumerate(tenants)
-        ),
+        (BASE_MODEL_ROW, {"fingerprint": "f" * 64}),
+        *((TENANT_ROW, {"id": tenant, "name": f"t{i}"}) for i, tenant in enumerate(tenants)),
         *(
             (
                 _ADAPTER,

@@ -316,18 +316,27 @@ def test_a_strangers_body_is_never_read(http_worker):
     """The key is checked before the body: a request with an unknown key whose body never arrives is
     answered 401 at once (the body used to be read, and parsed on the event loop the gRPC server shares,
     before the key was known: 4 MiB of `{}` from anyone held every tenant's calls for seconds)."""
+    headers = (
+        "Authorization: Bearer olk_not_a_key\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n"
+    )
+    # and of the body only its start: the server must not wait for the rest
+    answer = _raw_completion(http_worker, headers, b'{"model": "tiny", "prompt": [')
+    assert answer.startswith("HTTP/1.1 401"), answer[:200]
+
+
+def _raw_completion(http_worker, headers: str, body: bytes) -> str:
+    """POST /completions with exactly these header lines (each ending in CRLF) and body bytes, as no
+    client library would send them; the answer up to the server's closing the connection."""
     import socket
     from urllib.parse import urlsplit
 
     url = urlsplit(http_worker.base_url)
     with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
-        sock.sendall(
-            f"POST {url.path}/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer olk_not_a_key\r\n"
-            "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n".encode()
-        )
-        sock.sendall(b'{"model": "tiny", "prompt": [')  # and nothing more: the server must not wait for it
-        answer = sock.recv(4096).decode(errors="replace")
-    assert answer.startswith("HTTP/1.1 401"), answer[:200]
+        sock.sendall(f"POST {url.path}/completions HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode() + body)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer.decode(errors="replace")
 
 
 def test_bodies_are_parsed_off_the_event_loop(http_worker, tenant, monkeypatch):
@@ -365,16 +374,6 @@ def test_bodies_are_parsed_off_the_event_loop(http_worker, tenant, monkeypatch):
 def test_a_request_with_two_keys_or_two_body_framings_is_refused(http_worker, tenant, headers, words):
     """The first of two Authorization headers was used silently; a body framed by both Content-Length and
     Transfer-Encoding was read by the chunks (a proxy in front may read the length: request smuggling)."""
-    import socket
-    from urllib.parse import urlsplit
-
-    url = urlsplit(http_worker.base_url)
-    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
-        head = f"POST {url.path}/completions HTTP/1.1\r\nHost: x\r\n" + headers.format(key=tenant[2]) + "\r\n"
-        sock.sendall(head.encode() + b"{}")
-        answer = b""
-        while chunk := sock.recv(4096):  # until the server closes the connection
-            answer += chunk
-    answer = answer.decode(errors="replace")
+    answer = _raw_completion(http_worker, headers.format(key=tenant[2]), b"{}")
     assert answer.startswith("HTTP/1.1 400"), answer[:200]
     assert words in answer

@@ -180,40 +180,11 @@ def _train(
     return float(loss.detach())
 
 
-def write_demo_model(
-    out_dir: Path, *, base_steps: int = _BASE_STEPS, adapter_steps: int = _ADAPTER_STEPS
-) -> None:
-    """Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json (its chat template)
-    and adapters/<task>/ (PEFT) under out_dir.
+def demo_config(tokenizer):
+    """The demo model's LlamaConfig for its trained tokenizer (`_train_tokenizer`)."""
+    from transformers import LlamaConfig
 
-    The step counts exist for tests that need the files but not well-trained adapters. Training logs
-    its progress (`TrainingProgress`) at INFO. It runs torch on one thread: the model's matrices are too
-    small to share (measured on 2 cores: 21.5-21.9 steps/s on one thread, 18.6-20.5 on two, and 6x slower
-    on two while anything else ran), and a demo trained once per machine should not depend on how busy
-    it is.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _write_demo_model(Path(out_dir), base_steps, adapter_steps)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _write_demo_model(out_dir: Path, base_steps: int, adapter_steps: int) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # reloading a 2 MB model needs no progress bar in the user's terminal
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(SEED)
-    rng = random.Random(SEED)
-    tokenizer = _train_tokenizer()
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    tokenizer_config = {"chat_template": CHAT_TEMPLATE, "bos_token": "<s>", "eos_token": "</s>"}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(),
         hidden_size=128,
         intermediate_size=_INTERMEDIATE_SIZE,
@@ -226,7 +197,42 @@ def _write_demo_model(out_dir: Path, base_steps: int, adapter_steps: int) -> Non
         pad_token_id=0,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
+
+
+def write_demo_model(
+    out_dir: Path, *, base_steps: int = _BASE_STEPS, adapter_steps: int = _ADAPTER_STEPS
+) -> None:
+    """Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json (its chat template)
+    and adapters/<task>/ (PEFT) under out_dir.
+
+    The step counts exist for tests that need the files but not well-trained adapters. Training logs
+    its progress (`TrainingProgress`) at INFO. It runs torch on one thread: on a quiet 2-core machine that
+    is 18% slower than two (26.1 against 31.8 steps/s), but with one other busy process two threads fall to
+    6.3 steps/s against one's 22.7 (`python -m benchmarks.demo_train_threads`, benchmarks/RESULTS.md), and
+    a demo trained once per machine should not take half an hour because something else was running.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _write_demo_model(Path(out_dir), base_steps, adapter_steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_demo_model(out_dir: Path, base_steps: int, adapter_steps: int) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # reloading a 2 MB model needs no progress bar in the user's terminal
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    rng = random.Random(SEED)
+    tokenizer = _train_tokenizer()
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    tokenizer_config = {"chat_template": CHAT_TEMPLATE, "bos_token": "<s>", "eos_token": "</s>"}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    model = LlamaForCausalLM(demo_config(tokenizer))
     log.info("training the demo base model, then %d adapters", len(TASKS))
     progress = TrainingProgress(base_steps + len(TASKS) * adapter_steps)
     text = _base_examples(rng)

@@ -56,35 +56,39 @@ def build_request(
     logprobs: bool = False,
     request_id: str | None = None,
 ) -> inference_pb2.GenerateRequest:
-    """The GenerateRequest for these arguments; the server validates the values."""
-    sampling = inference_pb2.SamplingParams(top_k=top_k, stop=list(stop))
-    if temperature is not None:
-        sampling.temperature = temperature
-    if top_p is not None:
-        sampling.top_p = top_p
-    if max_tokens is not None:
-        sampling.max_tokens = max_tokens
-    if seed is not None:
-        sampling.seed = seed
-    if repetition_penalty is not None:
-        sampling.repetition_penalty = repetition_penalty
-    request = inference_pb2.GenerateRequest(
-        request_id=request_id or "",
-        adapter=adapter or "",
-        prompt=prompt or "",
-        prompt_token_ids=list(prompt_token_ids or ()),
-        sampling=sampling,
-        logprobs=logprobs,
-    )
+    """The GenerateRequest for these arguments; the server validates the values. A value the wire format
+    cannot carry (a negative seed, a max_tokens past int32) raises ValueError naming the field."""
+    request = inference_pb2.GenerateRequest()
+    _assign(request, "request_id", request_id or "")
+    _assign(request, "adapter", adapter or "")
+    _assign(request, "prompt", prompt or "")
+    _extend(request.prompt_token_ids, "prompt_token_ids", prompt_token_ids or ())
+    request.logprobs = bool(logprobs)
+    sampling = request.sampling
+    sampling.SetInParent()
+    for field, value in (
+        ("top_k", top_k),
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("max_tokens", max_tokens),
+        ("seed", seed),
+        ("repetition_penalty", repetition_penalty),
+    ):
+        if value is not None:
+            _assign(sampling, field, value, "sampling.")
+    _extend(sampling.stop, "sampling.stop", stop)
     if mix:
         pairs = mix.items() if isinstance(mix, Mapping) else mix
-        request.mix.extend(inference_pb2.AdapterWeight(adapter=name, weight=w) for name, w in pairs)
+        for i, (name, weight) in enumerate(pairs):
+            member = request.mix.add()
+            _assign(member, "adapter", name, f"mix[{i}].")
+            _assign(member, "weight", weight, f"mix[{i}].")
         if mix_method not in _MIX_METHODS:
             raise ValueError(f"mix_method must be one of {', '.join(_MIX_METHODS)}, got {mix_method!r}")
         request.mix_method = _MIX_METHODS[mix_method]
     # Options of the merge methods (density, sign election) and of an ensemble (combine).
     if density is not None:
-        request.density = density
+        _assign(request, "density", density)
     if majority_sign_method is not None:
         if majority_sign_method not in _SIGN_METHODS:
             raise ValueError(f"majority_sign_method must be one of {', '.join(_SIGN_METHODS)}")
@@ -94,6 +98,22 @@ def build_request(
             raise ValueError(f"combine must be one of {', '.join(_COMBINES)}")
         request.combine = _COMBINES[combine]
     return request
+
+
+def _assign(message, field: str, value, prefix: str = "") -> None:
+    """message.field = value, with protobuf's range or type refusal turned into one naming the field."""
+    try:
+        setattr(message, field, value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{prefix}{field}: {value!r} does not fit the field ({e})") from None
+
+
+def _extend(repeated, path: str, values) -> None:
+    for i, value in enumerate(values):
+        try:
+            repeated.append(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}[{i}]: {value!r} does not fit the field ({e})") from None
 
 
 class Client:

@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from openlora.adapter_format import IGNORED_FILES
 from openlora.artifact import ARTIFACT_FILES
 from openlora.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
+from openlora.wire import message
 
 UPLOAD_CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 8 << 20
@@ -118,7 +119,8 @@ class AdminClient:
         keep_warm: bool = False,
         description: str = "",
     ) -> admin_pb2.UploadAdapterResponse:
-        header = admin_pb2.UploadAdapterHeader(
+        header = message(
+            admin_pb2.UploadAdapterHeader,
             name=name,
             visibility=admin_pb2.VISIBILITY_PUBLIC if public else admin_pb2.VISIBILITY_PRIVATE,
             base_model=base_model,
@@ -177,7 +179,8 @@ class AdminClient:
     ) -> None:
         self._call(
             "SetPrice",
-            admin_pb2.SetPriceRequest(
+            message(
+                admin_pb2.SetPriceRequest,
                 base_model=base_model,
                 prompt_micros_per_million_tokens=prompt_micros_per_million_tokens,
                 completion_micros_per_million_tokens=completion_micros_per_million_tokens,
@@ -200,10 +203,14 @@ class AdminClient:
         (density, majority_sign_method: total | frequency, combine: probs | logprobs) left None take
         their defaults."""
         sign = majority_sign_method
-        request = admin_pb2.CreateMixRequest(
+        request = message(
+            admin_pb2.CreateMixRequest,
             name=name,
             tenant=tenant,
-            members=[inference_pb2.AdapterWeight(adapter=a, weight=w) for a, w in members],
+            members=[
+                message(inference_pb2.AdapterWeight, f"members[{i}].", adapter=a, weight=w)
+                for i, (a, w) in enumerate(members)
+            ],
             method=inference_pb2.MixMethod.Value(f"MIX_METHOD_{method.upper()}"),
             density=density,
             majority_sign_method=(

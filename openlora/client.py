@@ -15,6 +15,7 @@ import grpc
 
 from openlora.errors import OpenLoRAError, from_rpc_error
 from openlora.v1 import inference_pb2, inference_pb2_grpc
+from openlora.wire import assign, extend
 
 GenerateResponse = inference_pb2.GenerateResponse
 
@@ -59,10 +60,10 @@ def build_request(
     """The GenerateRequest for these arguments; the server validates the values. A value the wire format
     cannot carry (a negative seed, a max_tokens past int32) raises ValueError naming the field."""
     request = inference_pb2.GenerateRequest()
-    _assign(request, "request_id", request_id or "")
-    _assign(request, "adapter", adapter or "")
-    _assign(request, "prompt", prompt or "")
-    _extend(request.prompt_token_ids, "prompt_token_ids", prompt_token_ids or ())
+    assign(request, "request_id", request_id or "")
+    assign(request, "adapter", adapter or "")
+    assign(request, "prompt", prompt or "")
+    extend(request.prompt_token_ids, "prompt_token_ids", prompt_token_ids or ())
     request.logprobs = bool(logprobs)
     sampling = request.sampling
     sampling.SetInParent()
@@ -75,20 +76,20 @@ def build_request(
         ("repetition_penalty", repetition_penalty),
     ):
         if value is not None:
-            _assign(sampling, field, value, "sampling.")
-    _extend(sampling.stop, "sampling.stop", stop)
+            assign(sampling, field, value, "sampling.")
+    extend(sampling.stop, "sampling.stop", stop)
     if mix:
         pairs = mix.items() if isinstance(mix, Mapping) else mix
         for i, (name, weight) in enumerate(pairs):
             member = request.mix.add()
-            _assign(member, "adapter", name, f"mix[{i}].")
-            _assign(member, "weight", weight, f"mix[{i}].")
+            assign(member, "adapter", name, f"mix[{i}].")
+            assign(member, "weight", weight, f"mix[{i}].")
         if mix_method not in _MIX_METHODS:
             raise ValueError(f"mix_method must be one of {', '.join(_MIX_METHODS)}, got {mix_method!r}")
         request.mix_method = _MIX_METHODS[mix_method]
     # Options of the merge methods (density, sign election) and of an ensemble (combine).
     if density is not None:
-        _assign(request, "density", density)
+        assign(request, "density", density)
     if majority_sign_method is not None:
         if majority_sign_method not in _SIGN_METHODS:
             raise ValueError(f"majority_sign_method must be one of {', '.join(_SIGN_METHODS)}")
@@ -98,22 +99,6 @@ def build_request(
             raise ValueError(f"combine must be one of {', '.join(_COMBINES)}")
         request.combine = _COMBINES[combine]
     return request
-
-
-def _assign(message, field: str, value, prefix: str = "") -> None:
-    """message.field = value, with protobuf's range or type refusal turned into one naming the field."""
-    try:
-        setattr(message, field, value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{prefix}{field}: {value!r} does not fit the field ({e})") from None
-
-
-def _extend(repeated, path: str, values) -> None:
-    for i, value in enumerate(values):
-        try:
-            repeated.append(value)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}[{i}]: {value!r} does not fit the field ({e})") from None
 
 
 class Client:

@@ -27,7 +27,13 @@ def test_value_the_field_cannot_carry_names_the_field(kwargs, field):
 
 def test_values_in_range_are_carried():
     request = build_request(
-        "hi", seed=(1 << 64) - 1, max_tokens=7, top_k=3, temperature=0.5, stop=["x"], mix={"a": 0.25, "b": 0.75}
+        "hi",
+        seed=(1 << 64) - 1,
+        max_tokens=7,
+        top_k=3,
+        temperature=0.5,
+        stop=["x"],
+        mix={"a": 0.25, "b": 0.75},
     )
     assert request.sampling.seed == (1 << 64) - 1
     assert request.sampling.max_tokens == 7
@@ -35,3 +41,25 @@ def test_values_in_range_are_carried():
     assert request.sampling.HasField("temperature") and not request.sampling.HasField("top_p")
     assert list(request.sampling.stop) == ["x"]
     assert [(m.adapter, m.weight) for m in request.mix] == [("a", 0.25), ("b", 0.75)]
+
+
+def test_admin_request_value_the_field_cannot_carry_names_the_field():
+    from openlora.admin_client import AdminClient
+    from openlora.v1 import admin_pb2
+
+    client = AdminClient("127.0.0.1:1", "k")  # nothing is sent: the request is refused while built
+    try:
+        with pytest.raises(ValueError, match=r"^prompt_micros_per_million_tokens: "):
+            client.set_price("m", 1 << 70, 1)
+        with pytest.raises(ValueError, match=r"^members\[1\]\.weight: "):
+            client.create_mix("x", [("a", 1.0), ("b", "heavy")])
+    finally:
+        client.close()
+    from openlora.wire import message
+
+    assert (
+        message(
+            admin_pb2.SetPriceRequest, base_model="m", prompt_micros_per_million_tokens=5
+        ).prompt_micros_per_million_tokens
+        == 5
+    )

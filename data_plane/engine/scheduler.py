@@ -13,8 +13,11 @@ Fair share of the running set. With more than one tenant at work, each tenant's 
 run past its share while nobody else waits. When a tenant below its share waits, the newest running units
 of the tenant furthest above its share are preempted by recompute to make room for it (`_rebalance`),
 and, when its adapter finds every slot held, the slot of an adapter held only by sequences of tenants above
-their share is freed the same way. Capacity that such waiting work needs is not given to tenants at or
+their share is freed the same way (an ensemble's group preempted whole). Capacity that such waiting work needs is not given to tenants at or
 above their share in the meantime, so a flood cannot take back what was freed while an adapter loads.
+Slot share: with every slot held, a tenant holding fewer than `num_slots // tenants` adapter slots whose
+waiting request needs an absent adapter gets the slot of one held only by tenants holding more than that
+(its running holders preempted, an ensemble's group whole), promised to it at once (`_share_slots`).
 Adapter slots are promised to waiting work in the same fair order. The step's token budget is shared the
 same way: while the first waiting unit in fair order could run, the running prefill chunks of tenants
 running more units than its tenant leave its first chunk room in the step (at most half the budget), so a
@@ -36,9 +39,10 @@ in `waiting` and in `running`, in member order.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from data_plane.engine.adapter_cache import AdapterCache
@@ -71,6 +75,7 @@ class Scheduler:
         self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._promised_loads: list[tuple[str, int]] = []  # loads promised by _share_slots, for pin_adapters
 
     @property
     def num_waiting(self) -> int:
@@ -209,14 +214,10 @@ class Scheduler:
         preempted: list[Sequence] = []
         for unit in list(self._below_share_units(share, running)):
             for seq in unit:
-                key = seq.adapter_key
-                if (
-                    key is not None
-                    and not seq.holds_adapter
-                    and self.adapters.state(key) is None
-                    and not self.adapters.can_admit(key)
-                ):
-                    freed = self._free_a_slot(share, running)
+                if self._waits_for_a_slot(seq):
+                    freed, _ = self._free_a_slot(
+                        running, functools.partial(self._above_share, share, running)
+                    )
                     free += len(freed)
                     preempted.extend(freed)
             while free < len(unit):
@@ -230,7 +231,79 @@ class Scheduler:
                 preempted.extend(victim)
                 free += len(victim)
             free -= min(free, len(unit))
+        preempted.extend(self._share_slots(share, running))
         return preempted
+
+    def _share_slots(self, share: int, running: Counter[str]) -> list[Sequence]:
+        """Slot share: with every slot held, the first waiting unit of each tenant holding fewer slots than
+        `num_slots // tenants` that waits for an absent adapter, and could run once it has it, gets the slot
+        of an adapter held only by tenants holding more slots than that (their holders preempted, a group
+        whole). Without it a tenant within its share of the running set could hold every slot with as many
+        distinct adapters, and another tenant's adapter request would wait for one of its streams to end.
+        Returns the preempted sequences."""
+        tenants = {seq.tenant for seq in self.running} | {seq.tenant for seq in self.waiting}
+        slot_share = max(1, self.adapters.num_slots // len(tenants))
+        slots = self._slots_held()
+        preempted: list[Sequence] = []
+        seen: set[str] = set()
+        for unit in self._fair_order():
+            tenant = unit[0].tenant
+            if tenant in seen:
+                continue
+            seen.add(tenant)
+            if slots[tenant] >= slot_share:
+                continue
+            fits = (
+                running[tenant] + len(unit) <= share
+                or len(self.running) + len(unit) <= self.limits.max_num_seqs
+            )
+            if not fits or not any(self._waits_for_a_slot(seq) for seq in unit):
+                continue
+            freed, owners = self._free_a_slot(
+                running,
+                lambda holder_tenants, taker=tenant: all(
+                    t != taker and slots[t] > slot_share for t in holder_tenants
+                ),
+            )
+            for owner in owners:
+                slots[owner] -= 1
+            preempted.extend(freed)
+            if owners:
+                # Promised now: in fair order the preempted units (now running nothing) could come first
+                # and take the adapter they just gave up back.
+                self._promised_loads.extend(self._promise(unit))
+                slots[tenant] += 1
+        return preempted
+
+    def _promise(self, unit: list[Sequence]) -> list[tuple[str, int]]:
+        """Takes the references of `unit` on its adapters, admitting absent ones where a slot can be had;
+        returns the (adapter key, slot) loads to start."""
+        loads = []
+        for seq in unit:
+            key = seq.adapter_key
+            if key is None or seq.holds_adapter or self.adapters.is_retiring(key):
+                continue  # a retiring adapter takes no new reference: wait until it has left its slot
+            if self.adapters.state(key) is None:
+                if not self.adapters.can_admit(key):
+                    continue
+                slot, _ = self.adapters.admit(key)
+                loads.append((key, slot))
+            self._hold_adapter(seq)
+        return loads
+
+    def _slots_held(self) -> Counter[str]:
+        """Per tenant, the distinct adapters its sequences hold a reference on (running or promised)."""
+        held = {(seq.tenant, seq.adapter_key) for seq in (*self.running, *self.waiting) if seq.holds_adapter}
+        return Counter(tenant for tenant, key in held if key is not None)
+
+    def _waits_for_a_slot(self, seq: Sequence) -> bool:
+        key = seq.adapter_key
+        return (
+            key is not None
+            and not seq.holds_adapter
+            and self.adapters.state(key) is None
+            and not self.adapters.can_admit(key)
+        )
 
     def _newest_unit_above(self, share: int, running: Counter[str]) -> list[Sequence] | None:
         """The most recently admitted running unit of the tenant furthest above `share`, or None."""
@@ -242,10 +315,21 @@ class Scheduler:
                 return seq.members
         return None
 
-    def _free_a_slot(self, share: int, running: Counter[str]) -> list[Sequence]:
-        """Frees the slot of a READY adapter that only sequences of tenants above `share` hold (none of them
-        in an ensemble), preempting its running holders and dropping every holder's reference, so that it
-        can be evicted; the one with the fewest running holders. Returns the preempted sequences."""
+    @staticmethod
+    def _above_share(share: int, running: Counter[str], holder_tenants: Counter[str]) -> bool:
+        """The sequence-share rule of `_free_a_slot`: every holder's tenant runs more than `share`, and
+        preempting its running holders (`holder_tenants`: tenant -> running sequences preempted) takes
+        none of them below it."""
+        return all(running[t] > share and running[t] - n >= share for t, n in holder_tenants.items())
+
+    def _free_a_slot(
+        self, running: Counter[str], may_take: Callable[[Counter[str]], bool]
+    ) -> tuple[list[Sequence], set[str]]:
+        """Frees the slot of a READY adapter whose holders `may_take` allows (called with each holding
+        tenant's count of running sequences that would be preempted, zero for a tenant whose holders all
+        wait), the one with the fewest running holders: its running holders are preempted, an ensemble's
+        whole group with them, and every holder drops its reference, so that the adapter can be evicted.
+        Returns the preempted sequences and the tenants that held the adapter."""
         holders: dict[str, list[Sequence]] = {}
         for seq in (*self.running, *self.waiting):
             if seq.holds_adapter and seq.adapter_key is not None:
@@ -254,30 +338,32 @@ class Scheduler:
         for key, seqs in holders.items():
             if self.adapters.refcount(key) != len(seqs) or not self.adapters.is_usable(key):
                 continue  # referenced beyond these sequences, or its slot is being written
-            if any(seq.group is not None for seq in seqs):
+            units = {id(seq.members[0]): seq.members for seq in seqs}.values()
+            preempted_per_tenant = Counter({seq.tenant: 0 for seq in seqs})
+            for unit in units:
+                if unit[0].status is SequenceStatus.RUNNING:
+                    preempted_per_tenant.update(seq.tenant for seq in unit)
+            if not may_take(preempted_per_tenant):
                 continue
-            running_holders = Counter(seq.tenant for seq in seqs if seq.status is SequenceStatus.RUNNING)
-            if any(running[t] - n < share for t, n in running_holders.items()) or any(
-                running[seq.tenant] <= share for seq in seqs
-            ):
-                continue  # it would take a tenant below its share, or a tenant within it holds it
-            candidate = (sum(running_holders.values()), len(seqs), key)
+            candidate = (preempted_per_tenant.total(), len(seqs), key)
             if best is None or candidate < best:
                 best = candidate
         if best is None:
-            return []
+            return [], set()
         key = best[2]
-        preempted = []
+        preempted: list[Sequence] = []
+        for unit in {id(seq.members[0]): seq.members for seq in holders[key]}.values():
+            if unit[0].status is SequenceStatus.RUNNING:
+                for seq in unit:
+                    self.running.remove(seq)
+                    running[seq.tenant] -= 1
+                self._preempt_unit(unit)
+                preempted.extend(unit)
         for seq in holders[key]:
-            if seq.status is SequenceStatus.RUNNING:
-                self.running.remove(seq)
-                running[seq.tenant] -= 1
-                self._preempt(seq)
-                preempted.append(seq)
             if seq.holds_adapter:  # a retiring entry's holder gave it back in _preempt
                 self.adapters.release(key)
                 seq.holds_adapter = False
-        return preempted
+        return preempted, {seq.tenant for seq in holders[key]}
 
     def _waiting_units(self) -> list[list[Sequence]]:
         """The waiting sequences as units (a sequence, or a whole group), in queue order."""
@@ -346,18 +432,9 @@ class Scheduler:
         """Promises adapters to the first waiting units in fair order (the next `max_num_seqs`), reserving slots for
         absent ones; returns the (adapter key, slot) loads to start. Each step does it; the engine also
         does it when a request arrives, so that its adapter's load starts at once."""
-        loads = []
+        loads, self._promised_loads = self._promised_loads, []
         for unit in itertools.islice(self._fair_order(), self.limits.max_num_seqs):
-            for seq in unit:
-                key = seq.adapter_key
-                if key is None or seq.holds_adapter or self.adapters.is_retiring(key):
-                    continue  # a retiring adapter takes no new reference: wait until it has left its slot
-                if self.adapters.state(key) is None:
-                    if not self.adapters.can_admit(key):
-                        continue
-                    slot, _ = self.adapters.admit(key)
-                    loads.append((key, slot))
-                self._hold_adapter(seq)
+            loads.extend(self._promise(unit))
         return loads
 
     def _hold_adapter(self, seq: Sequence) -> None:

@@ -222,3 +222,81 @@ def test_with_one_tenant_prefill_chunks_keep_arrival_order(tiny_llama):
     _step(engine, outputs)
     engine.add_request(greedy("short", [1, 2, 3, 4], max_tokens=2))
     assert _steps_until_first_token(engine, "short", outputs) > 1
+
+
+def _ensemble(request_id: str, tenant: str, tiny_llama, max_tokens: int = 40):
+    from data_plane.engine.request import Ensemble, EnsembleMember
+
+    request = _request(request_id, tenant, max_tokens=max_tokens)
+    request.ensemble = Ensemble(
+        (EnsembleMember(tiny_llama.ref("r8_all"), 1.0), EnsembleMember(tiny_llama.ref("r64_all"), 1.0))
+    )
+    return request
+
+
+def test_a_flood_of_ensembles_holding_every_slot_gives_one_up_whole(tiny_llama):
+    """Ensembles above their tenant's share hold both slots: one is preempted whole (all its members) so
+    that the victim's adapter gets a slot; before, a slot held by an ensemble was never freed and the
+    victim waited 78 steps, until a whole ensemble ended."""
+    settings = dict(max_num_seqs=6, num_adapter_slots=2)
+    engine = make_engine(tiny_llama, **settings)
+
+    def flood():
+        return [_ensemble(f"flood-{i}", "attacker", tiny_llama) for i in range(3)]
+
+    for request in flood():
+        engine.add_request(request)
+    outputs: dict = {}
+    for _ in range(3):
+        _step(engine, outputs)
+    assert engine.scheduler.num_running == 3
+    engine.add_request(_request("victim", "victim", adapters=[tiny_llama.ref("r16_rslora")]))
+    assert _steps_until_first_token(engine, "victim", outputs) <= 4
+    _finish(engine, outputs)
+    assert {k: v for k, v in outputs.items() if k.startswith("flood")} == _alone(
+        tiny_llama, flood(), **settings
+    )
+
+
+def test_a_tenant_within_its_running_share_holding_every_slot_gives_one_up(tiny_llama):
+    """Slot share: two tenants, 2 slots, 4 running sequences. The attacker runs its share (2) on 2
+    distinct adapters, every slot: the victim's adapter gets one of them within a few steps (it waited 40
+    steps, a whole attacker stream), and every output is what it is alone."""
+    settings = dict(max_num_seqs=4, num_adapter_slots=2)
+    engine = make_engine(tiny_llama, **settings)
+
+    def flood():
+        return [
+            _request(f"flood-{i}", "attacker", max_tokens=40, adapters=[tiny_llama.ref(name)])
+            for i, name in enumerate(("r8_all", "r64_all"))
+        ]
+
+    for request in flood():
+        engine.add_request(request)
+    outputs: dict = {}
+    for _ in range(3):
+        _step(engine, outputs)
+    engine.add_request(_request("victim", "victim", adapters=[tiny_llama.ref("r16_rslora")]))
+    assert _steps_until_first_token(engine, "victim", outputs) <= 4
+    _finish(engine, outputs)
+    assert {k: v for k, v in outputs.items() if k.startswith("flood")} == _alone(
+        tiny_llama, flood(), **settings
+    )
+    alone = _alone(tiny_llama, [_request("victim", "victim", adapters=[tiny_llama.ref("r16_rslora")])])
+    assert outputs["victim"] == alone["victim"]
+
+
+def test_a_tenant_within_its_slot_share_keeps_its_slots(tiny_llama):
+    """Each tenant holds one of the two slots: a third adapter of either waits for its own tenant's slot
+    to come free; nobody is preempted for it."""
+    engine = make_engine(tiny_llama, max_num_seqs=4, num_adapter_slots=2)
+    engine.add_request(_request("a-1", "a", max_tokens=20, adapters=[tiny_llama.ref("r8_all")]))
+    engine.add_request(_request("b-1", "b", max_tokens=20, adapters=[tiny_llama.ref("r64_all")]))
+    outputs: dict = {}
+    for _ in range(3):
+        _step(engine, outputs)
+    preempted = _preemptions(engine)
+    engine.add_request(_request("b-2", "b", adapters=[tiny_llama.ref("r16_rslora")]))
+    _finish(engine, outputs)
+    assert preempted == []
+    assert outputs["b-2"]

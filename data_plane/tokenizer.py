@@ -227,25 +227,36 @@ class IncrementalDetokenizer:
         start = len(self.text)
         self.text += new_text
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        if self._matchers:
-            # Each stop string's matcher reads the new characters once: the earliest stop string to
-            # start among those that end in them cuts the text there.
-            hits = [m.feed(new_text, start) for m in self._matchers]
-            found = [h for h in hits if h is not None]
-            if found:
-                self.text = self.text[: min(found)]
-                self.stopped = True
-                return self._emit(len(self.text))
+        if self._find_stop(new_text, start):
+            return self._emit(len(self.text))
         return self._emit(len(self.text) - self._held_back_chars())
 
     def flush(self) -> str:
-        """On finish: everything not yet emitted (a trailing incomplete character is dropped)."""
+        """On finish: everything not yet emitted (a trailing incomplete character is dropped). Text held
+        back for an incomplete character is read for stop strings too: when one is found there, the text is
+        cut at it and `stopped` is set."""
         if not self.stopped and self._read_offset < len(self._ids):
             tail = self._tokenizer.decode(self._ids[self._prefix_offset :])
             prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
-            self.text += tail[len(prefix) :].rstrip(_REPLACEMENT)
+            new_text = tail[len(prefix) :].rstrip(_REPLACEMENT)
+            start = len(self.text)
+            self.text += new_text
             self._prefix_offset = self._read_offset = len(self._ids)
+            self._find_stop(new_text, start)
         return self._emit(len(self.text))
+
+    def _find_stop(self, new_text: str, start: int) -> bool:
+        """Each stop string's matcher reads the new characters (appended at `start`) once: the earliest stop
+        string to start among those that end in them cuts the text there. True when one did."""
+        if not self._matchers:
+            return False
+        hits = [m.feed(new_text, start) for m in self._matchers]
+        found = [h for h in hits if h is not None]
+        if not found:
+            return False
+        self.text = self.text[: min(found)]
+        self.stopped = True
+        return True
 
     def _held_back_chars(self) -> int:
         """Length of the longest text suffix that is a proper prefix of a stop string."""

@@ -398,6 +398,8 @@ class LLMEngine:
         if reason is not None:
             if state.detokenizer is not None:
                 text += state.detokenizer.flush()
+                if state.detokenizer.stopped:  # a stop string in text held back for an incomplete character
+                    reason = "stop"
             self.scheduler.finish(seq)
             del self._states[seq.request_id]
         return self._output(state, [token_id], text, [logprob] if sampling.logprobs else None, reason, now)

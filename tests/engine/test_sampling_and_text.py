@@ -122,6 +122,26 @@ def test_stop_string_ends_the_text_before_it(demo_dir, demo_tokenizer):
     assert stopped["text"] == full[: full.index("lazy")]
 
 
+def test_a_stop_string_found_when_the_last_tokens_text_is_flushed_finishes_with_stop(
+    demo_dir, demo_tokenizer
+):
+    """The last token (max_tokens) completes a stop string and ends inside a character, so its text is
+    only read when the request finishes: the finish reason is stop, not length (the decode below makes
+    the last token end with an incomplete character, as byte-level vocabularies' tokens can)."""
+    engine = make_engine(_Demo(demo_dir))
+    prompt = demo_tokenizer.encode("the quick brown fox")
+    full = _run_texts(engine, [EngineRequest("full", prompt, SamplingOptions(max_tokens=3))])["full"]
+    last, text = full["ids"][-1], full["text"]
+    assert len(text) >= 2 and text[-2:] == demo_tokenizer.decode(full["ids"])[-2:]
+    decode = engine.tokenizer.decode
+    engine.tokenizer.decode = lambda ids, **kw: (
+        decode(ids, **kw) + ("\ufffd" if ids and ids[-1] == last else "")
+    )
+    stop = text[-2:]
+    cut = _run_texts(engine, [EngineRequest("s", prompt, SamplingOptions(max_tokens=3, stop=(stop,)))])["s"]
+    assert (cut["text"], cut["reason"]) == (text[: text.index(stop)], "stop")
+
+
 def test_detokenizer_never_emits_a_broken_character(demo_tokenizer):
     text = "caf\u00e9 \u65e5\u672c\u8a9e \U0001f642 na\u00efve"
     ids = demo_tokenizer.encode(text)

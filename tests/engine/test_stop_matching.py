@@ -59,3 +59,36 @@ def test_stop_matching_agrees_with_the_brute_force_rule(seed):
     assert detokenizer.text == want_text
     assert deltas[: len(want_deltas)] == want_deltas
     assert detokenizer.stopped == (len(want_deltas) < len(tokens) or any(s in tokens for s in stop))
+
+
+def _byte_level_tokenizer():
+    """Token 1 is a space and two of the three bytes of '中' (as byte-level vocabularies such as Llama 3's
+    and Qwen2's have); token 2 the whole character after a space."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from data_plane.tokenizer import Tokenizer
+
+    hf = HFTokenizer(models.BPE(vocab={"Ok": 0, "Ġä¸": 1, "Ġä¸Ń": 2, "!": 3}, merges=[]))
+    hf.decoder = decoders.ByteLevel()
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel()
+    return Tokenizer(hf)
+
+
+@pytest.mark.parametrize(("stop", "text"), [("Ok ", ""), (" ", "Ok"), ("k", "O")])
+def test_a_stop_string_in_text_held_back_for_an_incomplete_character_is_found_on_finish(stop, text):
+    """The request ends (max_tokens, EOS) on a token that completes a stop string and ends inside a
+    character: the held-back text is read for stop strings when it is flushed (it was appended as it
+    was: the stop string reached the client and the finish reason said length)."""
+    detokenizer = IncrementalDetokenizer(_byte_level_tokenizer(), [3], (stop,))
+    out = detokenizer.add(0)
+    if not detokenizer.stopped:
+        out += detokenizer.add(1)
+    out += detokenizer.flush()
+    assert (out, detokenizer.stopped) == (text, True)
+
+
+def test_flush_without_a_stop_string_emits_the_complete_characters():
+    detokenizer = IncrementalDetokenizer(_byte_level_tokenizer(), [3], ("zz",))
+    out = detokenizer.add(0) + detokenizer.add(1) + detokenizer.flush()
+    assert (out, detokenizer.stopped) == ("Ok ", False)

@@ -115,6 +115,13 @@ def create_mix(session: Session, tenant: Tenant, spec: MixSpec) -> OwnedMix:
         raise NameTaken(spec.name, "an adapter")
     if find_mix(session, tenant.id, spec.name) is not None:
         raise NameTaken(spec.name, "a mix")
+    for i, (name, _) in enumerate(spec.members):
+        # As Authorize resolves it for a Generate: the tenant's own mix of that name before anyone's
+        # public adapter (bound to the adapter, the saved mix served another owner's weights).
+        if name and find_mix(session, tenant.id, name) is not None:
+            raise InvalidArgument(
+                "names a saved mix; the members of a mix must be adapters", field=f"members[{i}].adapter"
+            )
     adapters = [
         registry.resolve_visible(session, tenant.id, name) if name else None for name, _ in spec.members
     ]

@@ -19,13 +19,14 @@ def expand_named_mix(
     valid: ValidRequest, names: tuple[str, ...], auth: Authorization, limits: RequestLimits
 ) -> tuple[ValidRequest, dict[str, ResolvedAdapter]]:
     """(the request to serve, its adapters by name). `names` are the names authorised, parallel to
-    `auth.adapters`. A request naming one saved mix becomes that mix; a saved mix inside a request's own
-    `mix` is refused (INVALID_ARGUMENT naming the member)."""
+    `auth.adapters`. A request naming one saved mix (`adapter`) becomes that mix; a saved mix inside a
+    request's own `mix`, one member or more, is refused (INVALID_ARGUMENT naming the member): its weight,
+    method and options would otherwise be dropped for the saved mix's own."""
     by_name = dict(zip(names, auth.adapters, strict=True))
     mixes = {name for name, resolved in by_name.items() if resolved.mix is not None}
     if not mixes:
         return valid, by_name
-    if len(valid.adapters) != 1 or valid.adapters[0][0] not in mixes:
+    if valid.from_mix or valid.adapters[0][0] not in mixes:
         index = next(i for i, (name, _) in enumerate(valid.adapters) if name in mixes)
         raise RequestFieldError(
             f"mix[{index}].adapter", "names a saved mix; the members of a mix must be adapters"

@@ -83,6 +83,9 @@ class ValidRequest:
     adapters: tuple[tuple[str, float], ...]
     # "linear" | "ties" | "dare_linear" | "dare_ties" | "magnitude_prune" | "ensemble"
     mix_method: str
+    # True when `adapters` came from the request's `mix` (even one member), False from `adapter`: only the
+    # latter may name a saved mix.
+    from_mix: bool = False
     # Fraction kept by the merge methods, in (0, 1]; 1.0 for the other methods.
     density: float = 1.0
     # "total" | "frequency": sign election of ties and dare_ties.
@@ -195,6 +198,7 @@ def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits)
         logprobs=request.logprobs,
         adapters=adapters,
         mix_method=method,
+        from_mix=bool(request.mix),
         density=density,
         majority_sign_method=sign_method,
         combine=combine,

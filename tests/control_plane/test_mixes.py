@@ -93,6 +93,24 @@ def test_a_mix_naming_another_tenants_private_adapter_is_not_found(cp, adapters_
         assert admin.create_mix("m", [("shared", 1.0)]).members[0].adapter == "shared"
 
 
+def test_a_member_naming_the_tenants_own_saved_mix_is_refused_even_where_a_public_adapter_has_the_name(
+    cp, adapters_root
+) -> None:
+    """Generate resolves a name to the caller's own saved mix before anyone's public adapter and refuses a
+    saved mix as a member; CreateMix resolves members alike (it bound the name to the other owner's public
+    adapter, so the saved mix served that owner's weights under a name meaning the tenant's own mix)."""
+    _, owner_key = _tenant_with_key(cp)
+    _, key = _tenant_with_key(cp)
+    with cp.admin(owner_key) as admin:
+        admin.upload_adapter(adapters_root / "b", "popular", BASE, public=True)
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "a", "own", BASE)
+        admin.create_mix("popular", [("own", 1.0)])
+        code, details = _code(lambda: admin.create_mix("outer", [("own", 0.5), ("popular", 0.5)]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "members[1].adapter" in details
+        assert [m.name for m in admin.list_mixes()] == ["popular"]
+
+
 @pytest.mark.parametrize(
     ("members", "kwargs", "field"),
     [

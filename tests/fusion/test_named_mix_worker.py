@@ -110,6 +110,11 @@ def test_a_saved_mix_inside_a_requests_own_mix_is_invalid_argument(mix_system) -
     admin.create_mix("inner", [("ad0", 1.0)])
     with pytest.raises(errors.InvalidArgument, match=r"mix\[1\]\.adapter"):
         _tokens(target, key, mix=[("ad1", 0.5), ("inner", 0.5)])
+    # One member too: its weight, method and options would be dropped for the saved mix's own (a weight
+    # of -1 or an ensemble of it served exactly what `adapter = "inner"` serves).
+    for weight, method in ((-1.0, "linear"), (0.5, "ensemble"), (1.0, "dare_linear")):
+        with pytest.raises(errors.InvalidArgument, match=r"mix\[0\]\.adapter"):
+            _tokens(target, key, mix=[("inner", weight)], mix_method=method)
 
 
 def test_deleting_a_member_makes_the_mix_not_found_before_the_cache_expires(

@@ -435,7 +435,10 @@ class GenerationService:
                 if first_chunk and not whole:  # spooled before it is handed over: a SIGKILL now bills it
                     try:
                         self._usage.checkpoint((stream,))
-                    except BaseException:  # the spool failed (disk full): this chunk is never handed over
+                    except OSError as error:  # the spool failed (disk full, read-only): never handed over
+                        progress.completion_tokens = 0
+                        raise UsageUnrecordable(error) from error
+                    except BaseException:
                         progress.completion_tokens = 0
                         raise
                 yield Chunk(

@@ -10,6 +10,7 @@ from dataclasses import replace
 from functools import partial
 
 import grpc
+import pytest
 
 from data_plane.server.usage_reporter import (
     CHECKPOINT_FINISH_REASON,
@@ -476,3 +477,37 @@ def test_running_streams_are_checkpointed_by_the_worker_and_their_finals_bill_on
         json.loads(line)["request_id"] in received
         for line in system.worker.config.usage_spool_path.read_text().splitlines()
     )
+
+
+def test_a_spool_that_refuses_writes_answers_the_stream_that_finds_it_unavailable(system):
+    """The spool refuses a write with an error other than a full disk (EPERM: an immutable or read-only
+    state directory): the stream whose first checkpoint meets it gets UNAVAILABLE, as every later call
+    does, not INTERNAL (it got INTERNAL, and a traceback in the worker's log)."""
+    import errno
+
+    from openlora.v1 import inference_pb2, inference_pb2_grpc
+
+    _, _, key = system.new_tenant()
+    usage = system.worker.usage
+
+    def refuse(text: str) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    usage._write = refuse
+    try:
+        with grpc.insecure_channel(system.target) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            call = stub.Generate(
+                inference_pb2.GenerateRequest(
+                    prompt="hello", sampling=inference_pb2.SamplingParams(max_tokens=4)
+                ),
+                metadata=(("authorization", f"Bearer {key}"),),
+                timeout=60,
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert "usage" in info.value.details()
+    finally:
+        del usage._write
+        assert usage.probe_writable()

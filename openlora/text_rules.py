@@ -17,3 +17,25 @@ def text_problem(value: str, max_chars: int) -> str | None:
     if len(value) > max_chars:
         return f"must be at most {max_chars} characters"
     return None
+
+
+# A caller's value quoted in a status message: at most this many characters of it.
+MAX_QUOTED_CHARS = 64
+# A status message (grpc-message, sent percent-encoded in trailing metadata that the client caps at 16 KiB
+# with every other header): at most this many characters; what is past it is cut.
+MAX_STATUS_CHARS = 1024
+
+
+def quoted(value: str, max_chars: int = MAX_QUOTED_CHARS) -> str:
+    """repr(value), cut to its first `max_chars` characters with the length said, for an error message."""
+    if len(value) <= max_chars:
+        return repr(value)
+    return f"{value[:max_chars]!r}... ({len(value)} characters)"
+
+
+def bounded_status(message: str) -> str:
+    """A status message cut to MAX_STATUS_CHARS (a message past the client's header limit reached it as
+    RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead of the status meant)."""
+    if len(message) <= MAX_STATUS_CHARS:
+        return message
+    return message[:MAX_STATUS_CHARS] + f"... ({len(message) - MAX_STATUS_CHARS} more characters cut)"

@@ -12,6 +12,7 @@ from typing import BinaryIO
 from control_plane.errors import InvalidArgument
 from openlora.adapter_format import MAX_CONFIG_BYTES
 from openlora.artifact import ARTIFACT_FILES, CONFIG_FILE
+from openlora.text_rules import quoted
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,11 @@ def check_filename(filename: str) -> None:
     """Only the two PEFT files, by exact name: no paths, no `..`, no pickles."""
     if filename not in ARTIFACT_FILES:
         if "/" in filename or "\\" in filename or ".." in filename:
-            reason = f"{filename!r} is a path; send bare file names"
+            reason = f"{quoted(filename)} is a path; send bare file names"
         else:
-            reason = f"{filename!r} is not allowed; an adapter holds only {' and '.join(ARTIFACT_FILES)}"
+            reason = (
+                f"{quoted(filename)} is not allowed; an adapter holds only {' and '.join(ARTIFACT_FILES)}"
+            )
         raise InvalidArgument(reason, field="filename")
 
 
@@ -37,11 +40,12 @@ def check_manifest(entries: list[ManifestEntry], max_size_bytes: int) -> dict[st
     for entry in entries:
         check_filename(entry.filename)
         if entry.filename in by_name:
-            raise InvalidArgument(f"{entry.filename!r} listed twice", field="files")
+            raise InvalidArgument(f"{quoted(entry.filename)} listed twice", field="files")
         limit = MAX_CONFIG_BYTES if entry.filename == CONFIG_FILE else max_size_bytes
         if entry.size_bytes > limit:
             raise InvalidArgument(
-                f"{entry.filename!r} declares {entry.size_bytes} bytes; the limit is {limit}", field="files"
+                f"{quoted(entry.filename)} declares {entry.size_bytes} bytes; the limit is {limit}",
+                field="files",
             )
         by_name[entry.filename] = entry
     missing = [name for name in ARTIFACT_FILES if name not in by_name]
@@ -66,15 +70,15 @@ class Upload:
     def write(self, filename: str, offset: int, data: bytes) -> None:
         check_filename(filename)
         if filename not in self._manifest:
-            raise InvalidArgument(f"{filename!r} is not in the manifest", field="filename")
+            raise InvalidArgument(f"{quoted(filename)} is not in the manifest", field="filename")
         written = self._written_bytes[filename]
         if offset != written:
             raise InvalidArgument(
-                f"{filename!r}: chunk at offset {offset}, expected {written}", field="offset"
+                f"{quoted(filename)}: chunk at offset {offset}, expected {written}", field="offset"
             )
         if written + len(data) > self._manifest[filename].size_bytes:
             raise InvalidArgument(
-                f"{filename!r} is longer than its declared {self._manifest[filename].size_bytes} bytes",
+                f"{quoted(filename)} is longer than its declared {self._manifest[filename].size_bytes} bytes",
                 field="data",
             )
         f = self._files.get(filename)

@@ -39,6 +39,7 @@ from control_plane.text import check_text
 from control_plane.usage.models import UsageCounter
 from control_plane.usage.service import SINGLE_KINDS
 from control_plane.usage.shares import MICROS, round_half_even
+from openlora.text_rules import quoted
 
 PERIOD = re.compile(r"^(?P<year>[0-9]{4})-(?P<month>0[1-9]|1[0-2])$")
 TOKENS, ROYALTY_PAID, ROYALTY_EARNED = "tokens", "royalty_paid", "royalty_earned"
@@ -114,10 +115,10 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
     """ "YYYY-MM" -> [first instant of the month, first instant of the next) in UTC."""
     match = PERIOD.fullmatch(period)
     if not match:
-        raise InvalidArgument(f"must be YYYY-MM, got {period!r}", field="period")
+        raise InvalidArgument(f"must be YYYY-MM, got {quoted(period)}", field="period")
     year, month = int(match["year"]), int(match["month"])
     if not 1 <= year <= 9998:  # a month whose first and next-month instants datetime can hold
-        raise InvalidArgument(f"year must lie in [0001, 9998], got {period!r}", field="period")
+        raise InvalidArgument(f"year must lie in [0001, 9998], got {quoted(period)}", field="period")
     start = datetime(year, month, 1, tzinfo=UTC)
     end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
     return start, end

@@ -16,6 +16,7 @@ from control_plane import errors, metrics
 from control_plane.artifacts.store import ArtifactDamaged
 from openlora.adapter_format import AdapterFormatError
 from openlora.exhaustion import exhausted_resource
+from openlora.text_rules import bounded_status
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class _Outcome:
 
 async def _abort(outcome: _Outcome, context: grpc.aio.ServicerContext, error: Exception) -> None:
     outcome.code, message = status_of(error)
-    await context.abort(outcome.code, message)
+    await context.abort(outcome.code, bounded_status(message))
 
 
 def _wrap_call(behavior: Callable, method: str) -> Callable:

@@ -19,6 +19,7 @@ from data_plane.server.errors import MissingCredentials, status_for
 from data_plane.server.generation import Chunk, GenerationService, WorkerState
 from data_plane.server.metrics import WorkerMetrics
 from data_plane.server.validation import check_request, requested_adapter_names
+from openlora.text_rules import bounded_status
 from openlora.v1 import inference_pb2, inference_pb2_grpc
 
 __all__ = ["InferenceServicer", "WorkerState", "status_for"]
@@ -73,7 +74,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 log.exception("Generate failed")
                 mapped = (grpc.StatusCode.INTERNAL, "internal error")
             code = mapped[0].name
-            await context.abort(*mapped)
+            await context.abort(mapped[0], bounded_status(mapped[1]))
         finally:
             self._metrics.requests.labels(code).inc()
             self._state.leave()

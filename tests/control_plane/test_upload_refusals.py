@@ -82,7 +82,12 @@ def test_pickle_file_is_refused_by_name(cp, adapter_copy) -> None:
 
 def test_path_in_filename_is_refused(cp, adapter_copy) -> None:
     original = dir_files(adapter_copy("a"))
-    for bad in ("../adapter_config.json", "sub/adapter_model.safetensors", "..\\adapter_config.json"):
+    for bad in (
+        "../adapter_config.json",
+        "sub/adapter_model.safetensors",
+        "..\\adapter_config.json",
+        "d/" * 10_000,  # echoed whole, it reached the client as RESOURCE_EXHAUSTED (header limit)
+    ):
         files = [(bad, original[0][1]), original[1]]
         _refused(cp, files, grpc.StatusCode.INVALID_ARGUMENT, "filename")
 

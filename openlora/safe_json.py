@@ -47,6 +47,29 @@ def _parse_float(text: str) -> float:
     return value
 
 
+class OutOfRangeNumber:
+    """A number literal no Python int of MAX_INT_CHARS characters or finite float holds (`1e400`, a
+    30-digit integer), kept in place of its value by `load_json(..., mark_out_of_range=True)`: it is valid
+    JSON, so the field it stands in is refused by name (no getter takes it) instead of the whole document."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"{self.text[:32]} (out of range)"
+
+
+def _mark_int(text: str) -> int | OutOfRangeNumber:
+    return OutOfRangeNumber(text) if len(text) > MAX_INT_CHARS else int(text)
+
+
+def _mark_float(text: str) -> float | OutOfRangeNumber:
+    value = float(text)
+    return value if math.isfinite(value) else OutOfRangeNumber(text)
+
+
 def _parse_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
@@ -64,6 +87,12 @@ _DECODER = json.JSONDecoder(
     object_pairs_hook=_unique_pairs,
     parse_int=_parse_int,
     parse_float=_parse_float,
+    parse_constant=_parse_constant,
+)
+_MARKING_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_pairs,
+    parse_int=_mark_int,
+    parse_float=_mark_float,
     parse_constant=_parse_constant,
 )
 
@@ -92,17 +121,24 @@ def _check_tree(value: object, max_depth: int) -> None:
 
 
 def load_json(
-    data: bytes | str, field: str, max_depth: int = DEFAULT_MAX_DEPTH, max_bytes: int | None = None
+    data: bytes | str,
+    field: str,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_bytes: int | None = None,
+    mark_out_of_range: bool = False,
 ) -> object:
     """Parses one JSON document; raises JsonFieldError(field, reason) for anything malformed.
 
-    `max_depth` bounds nesting (1: a flat array or object); `max_bytes` bounds the encoded size.
+    `max_depth` bounds nesting (1: a flat array or object); `max_bytes` bounds the encoded size. A number
+    literal out of range refuses the document, or with `mark_out_of_range` stands as an OutOfRangeNumber
+    for the reader of its field to refuse (only for readers that check every value's type, as JsonObject's
+    getters do).
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise JsonFieldError(field, f"larger than {max_bytes} bytes")
     try:
         text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
-        value = _DECODER.decode(text)
+        value = (_MARKING_DECODER if mark_out_of_range else _DECODER).decode(text)
         _check_tree(value, max_depth)
     except RecursionError:
         raise JsonFieldError(field, f"not valid JSON (nested deeper than {max_depth} levels)") from None

@@ -289,3 +289,27 @@ def test_a_body_that_is_not_an_object_is_refused_in_plain_words(data, kind):
     with pytest.raises(BodyError) as refused:
         parse_completion(data)
     assert str(refused.value) == f"the body must be a JSON object, got {kind}"
+
+
+@pytest.mark.parametrize(
+    ("literal", "field"),
+    [
+        ('"temperature": 1e400', "temperature"),
+        ('"top_p": -1e400', "top_p"),
+        ('"max_tokens": 100000000000000000000', "max_tokens"),
+        ('"seed": 123456789012345678901234567890', "seed"),
+        ('"mix": {"a": 1e400}', "mix[0].weight"),
+        ('"mix": [{"adapter": "a", "weight": -1e999}]', "mix[0].weight"),
+        ('"n": 1e400', "n"),
+        ('"prompt": [1, 2, 100000000000000000000000]', "prompt"),
+    ],
+)
+def test_a_valid_number_literal_past_any_range_is_refused_naming_its_field(literal, field):
+    """JSON allows 1e400 and 30-digit integers: they are refused by the field they stand in (they were
+    refused as an invalid body, naming no field, which OpenAI's clients show as a param of null)."""
+    body = ('{"model": "m", "prompt": "hi", ' + literal + "}").encode()
+    if literal.startswith('"prompt"'):
+        body = ('{"model": "m", ' + literal + "}").encode()
+    with pytest.raises(BodyError) as refused:
+        parse_completion(body)
+    assert refused.value.param == field, refused.value.reason

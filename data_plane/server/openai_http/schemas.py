@@ -221,7 +221,7 @@ def _load(data: bytes, allowed: set[str]) -> JsonObject:
             None, f"the body holds more than {MAX_BODY_VALUES} commas and brackets (JSON values, or text)"
         )
     try:
-        value = load_json(data, "", max_bytes=MAX_BODY_BYTES)
+        value = load_json(data, "", max_bytes=MAX_BODY_BYTES, mark_out_of_range=True)
     except JsonFieldError as error:
         raise BodyError(None, f"the body is {error.reason}") from None
     if not isinstance(value, dict):

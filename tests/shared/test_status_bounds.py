@@ -2,7 +2,7 @@
 characters, and every message the servers send is cut to MAX_STATUS_CHARS (grpc-message travels
 percent-encoded in trailing metadata, which clients cap at 16 KiB with every other header)."""
 
-from openlora.text_rules import MAX_QUOTED_CHARS, MAX_STATUS_CHARS, bounded_status, quoted
+from openlora.text_rules import MAX_QUOTED_CHARS, bounded_status, quoted
 
 
 def test_a_short_value_is_quoted_whole():

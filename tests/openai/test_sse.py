@@ -221,3 +221,41 @@ def test_a_non_streamed_request_cut_short_is_billed_nothing_and_its_id_can_be_re
     finally:
         pause.restore()
         system.loop.run(http.worker.stop(1.0))
+
+
+def _post_raw_headers(http_worker, headers: list[tuple[bytes, bytes]], body: dict) -> httpx.Response:
+    return httpx.post(http_worker.base_url + "/completions", headers=headers, json=body, timeout=30)
+
+
+def test_a_utf8_request_id_is_one_key_with_grpc_and_echoed_as_sent(http_worker, tenant):
+    """The ASGI server decodes header values as latin-1: "ñ" reached the worker as "Ã±", so the same id
+    over gRPC was a second key (served and billed twice) and the echoed header was not the one sent."""
+    from openlora.client import Client
+
+    key = tenant[2]
+    request_id = f"ñ-{uuid.uuid4().hex}"
+    auth = (b"Authorization", f"Bearer {key}".encode())
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}
+    response = _post_raw_headers(http_worker, [auth, (b"X-Request-Id", request_id.encode())], body)
+    assert response.status_code == 200, response.text
+    assert dict(response.headers.raw)[b"x-request-id"] == request_id.encode()
+    assert response.json()["id"] == f"cmpl-{request_id}"
+    with Client(http_worker.grpc_target, key) as client, pytest.raises(Exception) as refusal:
+        client.complete(PROMPT, max_tokens=2, request_id=request_id)
+    assert "already" in str(refusal.value)
+
+
+@pytest.mark.parametrize(
+    "id_headers",
+    [
+        [(b"X-Request-Id", b"one"), (b"X-Request-Id", b"two")],  # a proxy may read the other one
+        [(b"X-Request-Id", b"\xff\xfe-not-utf8")],
+    ],
+    ids=["twice", "not-utf8"],
+)
+def test_a_request_id_header_given_twice_or_not_utf8_is_refused_naming_it(http_worker, tenant, id_headers):
+    auth = (b"Authorization", f"Bearer {tenant[2]}".encode())
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}
+    response = _post_raw_headers(http_worker, [auth, *id_headers], body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "X-Request-Id"

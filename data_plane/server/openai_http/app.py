@@ -142,11 +142,12 @@ async def _chat_completions(request: Request):
 
 async def _generation(request: Request, chat: bool):
     api: OpenAIApi = request.app.state.api
-    request_id = request.headers.get("x-request-id", "")
+    request_id = ""
     try:
         api.service.check_serving()
         api_key = _bearer_key(request)
         await api.service.authenticate(api_key)  # before the body: a stranger's is never read or parsed
+        request_id = _request_id(request)
     except Exception as error:
         # The body is left unread: the connection closes, so its bytes are never read as a next request.
         return _refused(api, http_error(error), {"Connection": "close"})
@@ -347,6 +348,22 @@ def _bearer_key(request: Request) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise MissingCredentials()
     return token.strip()
+
+
+def _request_id(request: Request) -> str:
+    """`X-Request-Id` as the text its bytes spell in UTF-8 (as gRPC carries a request id), so that one id
+    is one idempotency key over both protocols and is echoed as sent (the ASGI server hands header values
+    over decoded as latin-1: "ñ" became "Ã±", a second key). Given twice, or not UTF-8, it is refused: a
+    proxy in front may read the other copy."""
+    values = request.headers.getlist("x-request-id")
+    if len(values) > 1:
+        raise BodyError("X-Request-Id", "is given more than once")
+    if not values:
+        return ""
+    try:
+        return values[0].encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise BodyError("X-Request-Id", "must be UTF-8 text") from None
 
 
 def _render_chat(template: ChatTemplate | None, body: Body) -> str:

@@ -162,6 +162,20 @@ def test_each_error_status_raises_the_openai_client_class(system, http_worker, t
         "no-such-adapter", "X"
     )
     assert _client(http_worker, owner_key).completions.create(model=private, prompt=PROMPT, max_tokens=2)
+    # Names no adapter can have (a Hugging Face id, an OpenAI tag, a letter outside ASCII) are unknown
+    # models like any other, not 400s about their characters.
+    for name in ("meta-llama/Llama-3.1-8B-Instruct", "gpt-4o:latest", "modèle", "x" * 129):
+        with pytest.raises(openai.NotFoundError) as unknown:
+            client.completions.create(model=name, prompt=PROMPT)
+        assert unknown.value.body["param"] == "model"
+        assert unknown.value.body["message"].replace(name, "X") == missing.value.body["message"].replace(
+            "no-such-adapter", "X"
+        )
+    with pytest.raises(openai.NotFoundError) as unknown_member:
+        client.completions.create(
+            model="tiny", prompt=PROMPT, extra_body={"mix": {"ad0": 0.5, "org/name": 0.5}}
+        )
+    assert unknown_member.value.body["param"] == "mix[1].adapter"
     for field, value in (
         ("n", 2),
         ("tools", [{"type": "function"}]),

@@ -12,6 +12,7 @@ in without touching the routes.
 from __future__ import annotations
 
 import contextlib
+import re
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from data_plane.server.openai_http.schemas import (
 )
 from data_plane.server.openai_http.streaming import GenerationResponse
 from data_plane.server.validation import RequestFieldError, ValidRequest, check_request
-from openlora.names import is_adapter_name
+from openlora.names import ADAPTER_NAME_RULE, is_adapter_name
 
 MAX_MODELS_PAGE = 1000
 DEFAULT_MODELS_PAGE = 100
@@ -191,6 +192,7 @@ async def _generation(request: Request, chat: bool):
         except BodyError:
             raise
         except RequestFieldError as error:
+            _raise_if_unknown_name(error, body)
             raise openai_field_error(error, chat) from None
         # The template wrote the special tokens (BOS) of a chat: the tokenizer adds none.
         return dataclasses.replace(valid, add_special_tokens=False) if chat else valid
@@ -239,6 +241,19 @@ async def _named_by_body(
                 if _names_unknown(error.message, name):
                     raise MixMemberNotFound(index, name) from None
             raise
+
+
+def _raise_if_unknown_name(error: RequestFieldError, body: Body) -> None:
+    """A `model` or mix member that no adapter's name can spell (`org/model`, `gpt-4o:latest`) is an
+    unknown model, 404 as for any name nobody may use, not a 400 about the name's characters."""
+    if error.reason != ADAPTER_NAME_RULE:
+        return
+    if error.field == "adapter":
+        raise ModelNotFound(body.model) from None
+    member = re.fullmatch(r"mix\[(\d+)\]\.adapter", error.field)
+    if member is not None:
+        index = int(member[1])
+        raise MixMemberNotFound(index, body.mix[index][0]) from None
 
 
 def _names_unknown(message: str, name: str) -> bool:

@@ -12,8 +12,8 @@ in without touching the routes.
 from __future__ import annotations
 
 import contextlib
-import re
 import dataclasses
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 

@@ -35,8 +35,12 @@ _MIN_LOOP_ROWS_PER_SEGMENT = 2
 # longest); past it, one row per entry.
 _MAX_ENTRY_ROWS = 4
 # The slot-range view reads every slot of the range; it is chosen while the range holds at most this
-# many slots per entry that uses it (the gather reads each entry's weights twice and writes them once).
-_MAX_RANGE_SLOTS_PER_ROW = 2
+# many slots per entry that uses it (the gather reads each entry's weights twice and writes them once,
+# in more ops). `python -m benchmarks.slot_range_bench` (2026-12-01, 2-core AVX2 CPU, 1 thread): the view
+# took 0.80-0.41x the gather's time at up to 3.6 slots per entry, about the same at 5-6, 2.6-2.9x at 12.
+# With 2 the usual many-adapter decode step (a dozen rows on distinct slots scattered over a 32-slot pool)
+# took the gather: 1.5x the step time of the same rows on one adapter, against 1.2x with the view.
+_MAX_RANGE_SLOTS_PER_ROW = 4
 # Upper bound on the gathered per-entry weight copy of the gather strategy.
 _GATHER_BUDGET_BYTES = 64 * 1024 * 1024
 

@@ -49,6 +49,9 @@ LAYOUTS = {
     "dense-range": [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
     # distinct slots with gaps in the range, out of order, some rows without an adapter
     "gappy-range": [5, -1, 2, 9, 3, 4, -1, 12, 6, 7, 8, 10, 11],
+    # a dozen distinct slots scattered over a 32-slot pool (many adapters' decode): the range view, which
+    # reads the unused slots between them at less cost than the gather's copies (slot_range_bench)
+    "scattered-pool": [30, 2, 17, 9, 25, 11, 5, 28, 0, 21, 14, 7],
     # distinct slots spread too thin for the range view: gather
     "sparse": [0, 40, 13, 27, 35, 8, 21, 3, 30, 17],
     # a slot shared by two rows: gather
@@ -57,7 +60,13 @@ LAYOUTS = {
 
 
 def test_each_decode_layout_takes_the_strategy_it_is_named_for():
-    assert [strategy(slots) for slots in LAYOUTS.values()] == ["view", "padded-view", "gather", "gather"]
+    assert [strategy(slots) for slots in LAYOUTS.values()] == [
+        "view",
+        "padded-view",
+        "padded-view",
+        "gather",
+        "gather",
+    ]
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)

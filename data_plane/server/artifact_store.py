@@ -36,6 +36,7 @@ place, file by file (the same bytes, as they have the same sha256), so a holder'
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -308,15 +309,45 @@ class ArtifactStore:
             self._remove(key)
 
     async def _download(self, key: str) -> Path:
-        """Fetches, verifies and publishes an artifact. The cache directory failing (read-only, removed,
-        out of space) is an ArtifactError (UNAVAILABLE: retry, here or elsewhere), logged with the path."""
+        """Fetches, verifies and publishes an artifact. The file system running out of space first makes
+        room (artifacts nobody holds, as the budget trims them) and tries once more: the budget is a
+        setting, the disk is shared, and a full disk with idle artifacts on it refused every new adapter
+        for good. The cache directory failing otherwise (read-only, removed), or still out of space, is an
+        ArtifactError (UNAVAILABLE: retry, here or elsewhere), logged with the path."""
         try:
-            return await self._download_into_cache(key)
+            try:
+                return await self._download_into_cache(key)
+            except OSError as error:
+                if error.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._make_room(key):
+                    raise
+                return await self._download_into_cache(key)
         except OSError as error:
             log.warning("artifact %s: the cache at %s cannot be written: %s", key[:12], self.root, error)
             raise ArtifactError(
                 f"artifact {key[:12]}: the worker's artifact cache cannot be written ({error.strerror})"
             ) from error
+
+    def _make_room(self, key: str) -> bool:
+        """Out of space while fetching `key`: removes artifacts not in use (unserved ones first, least
+        recently used first) until twice the largest artifact known here is freed, or none is left to
+        remove. True when anything was removed."""
+        wanted = 2 * max(self._sizes.values(), default=0)
+        freed = 0
+        order = sorted(self._sizes, key=lambda k: (self.served_recently(k), self._used_at.get(k, 0.0)))
+        for other in order:
+            if freed >= wanted and freed > 0:
+                break
+            if other == key or self.is_held(other) or other in self._downloads or self._busy(other):
+                continue
+            freed += self._sizes[other]
+            log.warning(
+                "disk full: removing artifact %s (%d bytes) to fetch %s",
+                other[:12],
+                self._sizes[other],
+                key[:12],
+            )
+            self._remove(other)
+        return freed > 0
 
     async def _download_into_cache(self, key: str) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key[:12]}-", dir=self.root))

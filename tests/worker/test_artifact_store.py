@@ -295,3 +295,67 @@ def test_a_held_copy_that_fails_its_recheck_is_replaced_in_place_not_removed(tmp
     assert digest_dir(held.path) == sha
     store.release([sha, sha])
     assert asyncio.run(store.ensure(sha)).tier == "disk"
+
+
+def _full_disk_once(store: ArtifactStore) -> list[str]:
+    """The store's next fetch fails as a full disk does; later ones run. Returns the keys it failed."""
+    import errno
+
+    real, failed = store._download_into_cache, []
+
+    async def fill(key: str):
+        if not failed:
+            failed.append(key)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real(key)
+
+    store._download_into_cache = fill
+    return failed
+
+
+def test_a_full_disk_removes_an_idle_artifact_and_fetches_again(tmp_path, adapter):
+    """Out of space while fetching (the disk is shared; the budget is only a setting), the store removes
+    an artifact nobody holds and fetches once more: it answered UNAVAILABLE for every new adapter, for
+    good, while idle copies filled the disk."""
+    src, sha = adapter
+    other = write_adapter(tmp_path / "other", seed=1)
+    other_sha = digest_dir(other)
+    chunks = {sha: chunks_of(src), other_sha: chunks_of(other)}
+
+    async def remote(key):
+        for chunk in chunks[key]:
+            yield chunk
+
+    store = ArtifactStore(tmp_path / "artifacts", remote, SPEC, 64, 1 << 20)
+
+    async def scenario():
+        await store.ensure(other_sha)
+        failed = _full_disk_once(store)
+        fetched = await store.ensure(sha)
+        return failed, fetched
+
+    failed, fetched = asyncio.run(scenario())
+    assert failed == [sha] and digest_dir(fetched.path) == sha
+    assert _debris(store) == [sha]  # the idle copy made room
+
+
+def test_a_full_disk_with_every_artifact_held_is_an_artifact_error(tmp_path, adapter):
+    src, sha = adapter
+    other = write_adapter(tmp_path / "other", seed=1)
+    other_sha = digest_dir(other)
+    chunks = {sha: chunks_of(src), other_sha: chunks_of(other)}
+
+    async def remote(key):
+        for chunk in chunks[key]:
+            yield chunk
+
+    store = ArtifactStore(tmp_path / "artifacts", remote, SPEC, 64, 1 << 20)
+
+    async def scenario():
+        await store.ensure(other_sha, hold=True)
+        _full_disk_once(store)
+        await store.ensure(sha)
+
+    with pytest.raises(ArtifactError, match="cannot be written"):
+        asyncio.run(scenario())
+    assert _debris(store) == [other_sha]  # a held artifact is never removed

@@ -317,9 +317,11 @@ async def _internal_error(request: Request, exc) -> JSONResponse:
 
 
 async def _not_allowed(request: Request, exc) -> JSONResponse:
+    """405 with the route's `Allow` header (RFC 9110 requires it; Starlette's exception carries it)."""
+    allow = {k: v for k, v in (getattr(exc, "headers", None) or {}).items() if k.lower() == "allow"}
     return HttpError(
         405, f"{request.method} is not allowed on {request.url.path}", None, "not_allowed"
-    ).response()
+    ).response(allow)
 
 
 class _TooLarge(Exception):

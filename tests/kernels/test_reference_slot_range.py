@@ -170,3 +170,38 @@ def test_short_segments_on_their_own_slots_are_batched_per_segment(dtype, layout
     reference.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, plan=plan)
     expected = naive_expand(u, lora_b, seg_indptr, seg_slots, y0, scale)
     torch.testing.assert_close(y, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("with_ranks", [False, True], ids=["no-ranks", "ranks"])
+def test_a_few_long_segments_among_many_short_ones_are_split_and_match_the_naive_loop(dtype, with_ranks):
+    """Popular adapters' long segments looped, the long tail's one-row segments batched: the two passes
+    together give each row exactly its own slot's LoRA (rows in neither part are left untouched)."""
+    lengths = [8, 5, 5, *[1] * 18, 2, 3]
+    gen = torch.Generator().manual_seed(11)
+    num_slots, rank = 48, 8
+    slots = torch.randperm(num_slots, generator=gen)[: len(lengths)].tolist()
+    slots[4] = -1  # a row without an adapter
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    ranks = [int(r) for r in torch.randint(1, rank + 1, (num_slots,), generator=gen)] if with_ranks else None
+    plan = reference.SegmentPlan(bounds, slots, torch.device("cpu"), ranks)
+    assert plan.split is not None and not plan.use_loop
+    long_part, short_part = plan.split
+    assert long_part.use_loop and not short_part.use_loop
+    seg_indptr = torch.tensor(bounds, dtype=torch.int32)
+    seg_slots = torch.tensor(slots, dtype=torch.int32)
+    lora_a = (torch.randn(num_slots, rank, 24, generator=gen) / 24**0.5).to(dtype)
+    if with_ranks:  # columns past a slot's rank are zero padding, as the pools hold them
+        for slot, r in enumerate(ranks):
+            lora_a[slot, r:] = 0
+    lora_b = torch.randn(num_slots, 16, rank, generator=gen).to(dtype)
+    scale = torch.rand(num_slots, generator=gen)
+    x = torch.randn(bounds[-1], 24, generator=gen).to(dtype)
+    atol, rtol = TOLERANCE[dtype]
+    u = reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots, plan=plan)
+    torch.testing.assert_close(u, naive_shrink(x, lora_a, seg_indptr, seg_slots), atol=atol, rtol=rtol)
+    y0 = torch.randn(bounds[-1], 16, generator=gen).to(dtype)
+    y = y0.clone()
+    reference.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, plan=plan)
+    expected = naive_expand(u, lora_b, seg_indptr, seg_slots, y0, scale)
+    torch.testing.assert_close(y, expected, atol=atol, rtol=rtol)

@@ -87,6 +87,8 @@ DEFAULT_TIER_COSTS = {
     HOST: TierCost(bytes_per_ms=2e6, fixed_ms=0.05),
     DISK: TierCost(bytes_per_ms=2e5, fixed_ms=2.0),
 }
+# Keep-warm host copies never leave the host tier up to this share of its budget (oldest first).
+KEEP_WARM_SHARE = 0.5
 _MEASURE_WEIGHT = 0.2  # weight of a new measurement in the throughput average
 
 
@@ -124,6 +126,7 @@ class _Entry:
     # Brought into that tier by a prefetch, and no request has taken a reference on it since.
     unused_prefetch_host: bool = False
     unused_prefetch_device: bool = False
+    host_since: int = 0  # when its host copy was stored (the cache's tick): keep-warm pins go oldest first
 
 
 class AdapterCache:
@@ -528,13 +531,14 @@ class AdapterCache:
         protected = self.is_protected(key)
         incoming_cost = self._expected_cost(key, HOST) if protected else None
         incoming_value = self.host_value_per_byte(key, size_bytes)
+        pinned = self._pinned_keep_warm()
         candidates = [
             e
             for e in self._entries.values()
             if e.host_bytes is not None
             and e.key != key
             and e.state is not AdapterState.LOADING  # its buffer is being copied into a slot
-            and not self._usage[e.key].keep_warm
+            and e.key not in pinned
             and (
                 (protected or self.host_value_per_byte(e.key) <= incoming_value)
                 if not self.is_protected(e.key)
@@ -549,6 +553,22 @@ class AdapterCache:
                 self._usage[e.key].last_used,
             ),
         )
+
+    def _pinned_keep_warm(self) -> set[str]:
+        """The keep-warm host copies that never leave: oldest stored first, while those before hold less
+        than KEEP_WARM_SHARE of the host budget. Any tenant may mark its adapters keep-warm, so past that share they are ranked by
+        value like the rest: a tenant marking hundreds could otherwise take the whole tier from everyone."""
+        warm = sorted(
+            (e for e in self._entries.values() if e.host_bytes is not None and self._usage[e.key].keep_warm),
+            key=lambda e: e.host_since,
+        )
+        pinned, used = set(), 0
+        for entry in warm:
+            if used >= KEEP_WARM_SHARE * self.host_budget_bytes:
+                break
+            pinned.add(entry.key)
+            used += entry.host_bytes
+        return pinned
 
     def can_host(self, key: str, size_bytes: int) -> bool:
         if self.on_host(key):
@@ -583,6 +603,7 @@ class AdapterCache:
             evicted.append(victim.key)
         entry = self._entry(key)
         entry.host_bytes, entry.host_buffer = size_bytes, buffer
+        entry.host_since = self._tick()
         entry.unused_prefetch_host = prefetched and not entry.refcount
         self._host_used_bytes += size_bytes
         self._publish()

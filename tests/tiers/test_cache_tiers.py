@@ -77,6 +77,21 @@ def test_keep_warm_adapters_never_leave_host_memory():
     assert cache.store_host("next", 40) == ["small"]
 
 
+def test_keep_warm_copies_past_half_the_host_budget_are_ranked_like_the_rest():
+    """Any tenant may mark its adapters keep-warm: ten of them filled the whole tier for good, and every
+    other adapter was refused a host copy. The oldest keep-warm copies up to half the budget stay pinned;
+    the later ones make room like any copy."""
+    cache = _cache(host_bytes=100)
+    for i in range(10):
+        cache.set_keep_warm(f"warm-{i}", True)
+        assert cache.store_host(f"warm-{i}", 10) == []
+    evicted = cache.store_host("other", 40)
+    assert evicted is not None and len(evicted) == 4
+    assert all(int(key.split("-")[1]) >= 5 for key in evicted)  # the first five (half the tier) stay
+    assert {f"warm-{i}" for i in range(5)} <= set(cache.host_keys())
+    assert cache.on_host("other")
+
+
 def test_referenced_adapter_keeps_its_slot_until_released():
     cache = _cache(slots=1)
     _load(cache, "a")

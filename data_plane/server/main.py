@@ -176,15 +176,56 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         metrics.serve_http(config.metrics_port)
     host = config.listen.rsplit(":", 1)[0]
     address = config.advertise_address or f"{host}:{port}"
+    state = WorkerState(base_model=spec.name)
+    state.idle.set()
+    # Answering from the moment it listens: health NOT_SERVING and Generate UNAVAILABLE while it registers
+    # (a control plane or database down at start kept them for minutes on a port that took connections
+    # and never spoke HTTP/2: probes and callers hung to their deadlines).
+    inference = InferenceServicer(None, metrics, state)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            INFERENCE_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    for service in ("", INFERENCE_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    try:
+        return await _start_serving(
+            config, engine, spec, server, port, address, metrics, state, inference, health_servicer
+        )
+    except BaseException:  # it never served: stop what it started (a process exits anyway; a test goes on)
+        await server.stop(None)
+        await engine.stop()
+        raise
 
+
+async def _start_serving(
+    config: WorkerConfig,
+    engine,
+    spec,
+    server: grpc.aio.Server,
+    port: int,
+    address: str,
+    metrics: WorkerMetrics,
+    state: WorkerState,
+    inference: InferenceServicer,
+    health_servicer: health.aio.HealthServicer,
+) -> RunningWorker:
+    """The rest of `serve_worker` once the gRPC server answers: registration, usage, artifacts, the
+    generation service, the HTTP API, then SERVING."""
     control_plane = ControlPlaneClient(
         config.control_plane_target,
         config.worker_token,
         auth_cache_ttl_s=config.auth_cache_ttl_s,
         auth_cache_max_entries=config.auth_cache_max_entries,
     )
-    state = WorkerState(base_model=spec.name)
-    state.idle.set()
     worker_id = config.worker_id or _read_worker_id(config)
 
     async def register() -> float:
@@ -266,19 +307,7 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     metrics.watch_routing_load(
         lambda: _engine_load(engine), activity, max_lora=config.engine.num_adapter_slots
     )
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(generation, metrics, state), server
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            INFERENCE_SERVICE,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    inference.serve(generation)
     http = None
     if config.http_listen:
         api = OpenAIApi(
@@ -310,7 +339,6 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         metrics=metrics,
         http=http,
     )
-    await server.start()
     await running._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def stats() -> tuple[int, int, list[str]]:

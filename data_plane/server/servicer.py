@@ -40,25 +40,37 @@ _CACHE_TIERS = {
 }
 
 
+STARTING = "the worker is starting (registering with the control plane); retry shortly or on another worker"
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, service: GenerationService, metrics: WorkerMetrics, state: WorkerState) -> None:
+    def __init__(self, service: GenerationService | None, metrics: WorkerMetrics, state: WorkerState) -> None:
+        """`service` None: the worker listens but is still starting (every call UNAVAILABLE) until `serve`
+        hands it the generation service."""
         self._service = service
         self._metrics = metrics
         self._state = state
+
+    def serve(self, service: GenerationService) -> None:
+        self._service = service
 
     async def Generate(self, request, context) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """Streams one completion: a message per engine step, or one for all the steps made while the
         transport was busy with the previous message (the first token alone); the last carries
         finish_reason, usage and timing."""
+        service = self._service
+        if service is None:
+            self._metrics.requests.labels("UNAVAILABLE").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STARTING)
         self._state.enter()
         code = "OK"
         try:
-            self._service.check_serving()
+            service.check_serving()
             api_key = _bearer_key(context)
-            chunks = self._service.generate(
+            chunks = service.generate(
                 api_key,
                 requested_adapter_names(request),
-                lambda: check_request(request, self._service.limits),
+                lambda: check_request(request, service.limits),
             )
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:

@@ -1,0 +1,58 @@
+"""A worker answers from the moment it listens: while it registers (the control plane, or its database,
+down at start) health is NOT_SERVING and Generate is UNAVAILABLE, instead of a port that takes connections
+and never speaks HTTP/2 (probes and callers hung to their deadlines)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from openlora.v1 import inference_pb2, inference_pb2_grpc
+
+from . import support
+from .conftest import BASE_MODEL, WORKER_TOKEN
+
+
+def test_a_worker_that_cannot_register_yet_answers_not_serving_and_unavailable(tiny_model_dir, tmp_path):
+    from data_plane.server.config import EngineSettings, WorkerConfig
+    from data_plane.server.main import serve_worker
+
+    port = support.free_port()
+    config = WorkerConfig(
+        model_dir=tiny_model_dir,
+        model_name=BASE_MODEL,
+        control_plane_target=f"127.0.0.1:{support.free_port()}",  # nothing listens there
+        worker_token=WORKER_TOKEN,
+        state_dir=tmp_path / "worker",
+        listen=f"127.0.0.1:{port}",
+        engine=EngineSettings(num_kv_blocks=64, max_num_seqs=4, max_lora_rank=16),
+    )
+    loop = support.LoopThread()
+    try:
+        starting = asyncio.run_coroutine_threadsafe(serve_worker(config), loop.loop)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = None
+            for _ in range(600):  # the engine builds first (seconds); then the port answers
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                    time.sleep(0.1)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            try:
+                list(stub.Generate(inference_pb2.GenerateRequest(prompt="hi"), timeout=5))
+                raise AssertionError("a starting worker served a call")
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+                assert "starting" in error.details()
+        assert not starting.done()  # still retrying its registration
+        starting.cancel()
+        loop.run(asyncio.sleep(0.5))  # its cancellation stops the server and the engine
+    finally:
+        loop.close()

@@ -28,7 +28,7 @@ from kernels import reference
 
 
 def _time(n: int, num_slots: int, force_range: bool, repeats: int, pools) -> float:
-    lora_a, lora_b, scale = pools
+    lora_a, lora_b, _ = pools
     saved = reference._MAX_RANGE_SLOTS_PER_ROW
     reference._MAX_RANGE_SLOTS_PER_ROW = 10**9 if force_range else 0
     try:
@@ -41,17 +41,7 @@ def _time(n: int, num_slots: int, force_range: bool, repeats: int, pools) -> flo
         reference._MAX_RANGE_SLOTS_PER_ROW = saved
     x = torch.randn(n, lora_a.shape[2])
     y = torch.zeros(n, lora_b.shape[1])
-
-    def once() -> None:
-        u = reference.sgmv_shrink(x, lora_a, seg_indptr, seg_slots, plan=plan)
-        reference.sgmv_expand(u, lora_b, seg_indptr, seg_slots, y, scale, plan=plan)
-
-    for _ in range(20):
-        once()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        once()
-    return (time.perf_counter() - start) / repeats * 1e6
+    return _timed(plan, x, y, seg_indptr, seg_slots, pools, repeats)
 
 
 SPLIT_LAYOUTS = ([8, 5, 5] + [1] * 18, [6, 5] + [1] * 12 + [2] * 4, [12, 6, 5, 5] + [1] * 10, [5] + [1] * 27)

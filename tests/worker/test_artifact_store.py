@@ -313,10 +313,8 @@ def _full_disk_once(store: ArtifactStore) -> list[str]:
     return failed
 
 
-def test_a_full_disk_removes_an_idle_artifact_and_fetches_again(tmp_path, adapter):
-    """Out of space while fetching (the disk is shared; the budget is only a setting), the store removes
-    an artifact nobody holds and fetches once more: it answered UNAVAILABLE for every new adapter, for
-    good, while idle copies filled the disk."""
+def _store_of_two(tmp_path: Path, adapter) -> tuple[ArtifactStore, str, str]:
+    """A store whose remote serves `adapter` and a second adapter: (store, its sha, the other's sha)."""
     src, sha = adapter
     other = write_adapter(tmp_path / "other", seed=1)
     other_sha = digest_dir(other)
@@ -326,7 +324,14 @@ def test_a_full_disk_removes_an_idle_artifact_and_fetches_again(tmp_path, adapte
         for chunk in chunks[key]:
             yield chunk
 
-    store = ArtifactStore(tmp_path / "artifacts", remote, SPEC, 64, 1 << 20)
+    return ArtifactStore(tmp_path / "artifacts", remote, SPEC, 64, 1 << 20), sha, other_sha
+
+
+def test_a_full_disk_removes_an_idle_artifact_and_fetches_again(tmp_path, adapter):
+    """Out of space while fetching (the disk is shared; the budget is only a setting), the store removes
+    an artifact nobody holds and fetches once more: it answered UNAVAILABLE for every new adapter, for
+    good, while idle copies filled the disk."""
+    store, sha, other_sha = _store_of_two(tmp_path, adapter)
 
     async def scenario():
         await store.ensure(other_sha)
@@ -340,16 +345,7 @@ def test_a_full_disk_removes_an_idle_artifact_and_fetches_again(tmp_path, adapte
 
 
 def test_a_full_disk_with_every_artifact_held_is_an_artifact_error(tmp_path, adapter):
-    src, sha = adapter
-    other = write_adapter(tmp_path / "other", seed=1)
-    other_sha = digest_dir(other)
-    chunks = {sha: chunks_of(src), other_sha: chunks_of(other)}
-
-    async def remote(key):
-        for chunk in chunks[key]:
-            yield chunk
-
-    store = ArtifactStore(tmp_path / "artifacts", remote, SPEC, 64, 1 << 20)
+    store, sha, other_sha = _store_of_two(tmp_path, adapter)
 
     async def scenario():
         await store.ensure(other_sha, hold=True)

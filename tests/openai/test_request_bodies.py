@@ -313,3 +313,10 @@ def test_a_valid_number_literal_past_any_range_is_refused_naming_its_field(liter
     with pytest.raises(BodyError) as refused:
         parse_completion(body)
     assert refused.value.param == field, refused.value.reason
+
+
+def test_a_body_that_is_a_number_past_any_range_is_called_a_number():
+    """With out-of-range literals kept in place, a body of `1e400` was described as null."""
+    with pytest.raises(BodyError) as refused:
+        parse_completion(b"1e400")
+    assert refused.value.reason == "the body must be a JSON object, got a number"

@@ -23,7 +23,7 @@ from data_plane.server.validation import (
     top_p_problem,
 )
 from openlora.mix_rules import density_problem, weight_problem
-from openlora.safe_json import JsonFieldError, JsonObject, describe, is_int, load_json
+from openlora.safe_json import JsonFieldError, JsonObject, OutOfRangeNumber, describe, is_int, load_json
 from openlora.v1 import inference_pb2
 
 MAX_BODY_BYTES = 4 << 20  # larger bodies are refused with 413 before they are read
@@ -239,7 +239,7 @@ def _json_kind(value: object) -> str:
     """What a JSON value is, by JSON's names."""
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, int | float):
+    if isinstance(value, int | float | OutOfRangeNumber):
         return "a number"
     return {str: "a string", list: "an array"}.get(type(value), "null")
 

@@ -22,6 +22,8 @@ with no host copy, prefetch still in flight, or unexplained).
 
     python -m benchmarks.coldstart            # full run (4 passes; about 7 minutes on 2 CPU cores)
     python -m benchmarks.coldstart --quick    # smoke run (2 passes: periodic hints on, Poisson off)
+    python -m benchmarks.coldstart --time-scale 2.5 --tail poisson --measured-hours 8
+                                              # the Poisson passes, longer, on a 2.5x slower clock
 """
 
 from __future__ import annotations
@@ -565,6 +567,32 @@ def run(cfg: ColdStartConfig) -> dict:
     return results
 
 
+# Predictor flags measured in seconds (stretched by `time_scaled`) and in calls per second (compressed by it).
+_SECONDS_FLAGS = ("--predictor-interval-s", "--predictor-lead-s", "--predictor-rate-window-s")
+_RATE_FLAGS = ("--predictor-hot-rate-per-s",)
+
+
+def time_scaled(cfg: ColdStartConfig, factor: float) -> ColdStartConfig:
+    """The same experiment on a clock `factor` times slower: every arrival rate divided by `factor` and
+    every duration (the compressed hour, the predictor's interval, lead and rate window) multiplied by it.
+    Each request's work is unchanged, so a CPU `factor` times slower than the one the trace was set on sees
+    the same utilisation and the same number of steps per hour."""
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"time scale must be a finite number > 0, got {factor!r}")
+
+    def flag(name: str, value: str) -> tuple[str, str]:
+        if name in _SECONDS_FLAGS:
+            return name, f"{float(value) * factor:g}"
+        if name in _RATE_FLAGS:
+            return name, f"{float(value) / factor:g}"
+        return name, value
+
+    trace = replace(
+        cfg.trace, hour_s=cfg.trace.hour_s * factor, popular_rate_per_s=cfg.trace.popular_rate_per_s / factor
+    )
+    return replace(cfg, trace=trace, predictor_flags=tuple(flag(n, v) for n, v in cfg.predictor_flags))
+
+
 def config_from_args(argv: list[str]) -> ColdStartConfig:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -578,6 +606,17 @@ def config_from_args(argv: list[str]) -> ColdStartConfig:
     parser.add_argument("--slots", type=int, help="device adapter slots of the worker")
     parser.add_argument("--host-share", type=float, help="share of the long tail the host budget holds")
     parser.add_argument("--no-results-md", action="store_true", help="do not update benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--tail", action="append", choices=TAILS, help="run only this long tail's passes (repeatable)"
+    )
+    parser.add_argument("--measured-hours", type=int, help="measured compressed hours per pass (default 4)")
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="run the trace on a clock this many times slower (rates divided, the hour and the predictor's "
+        "interval, lead and window multiplied), for a CPU this many times slower than the one it was set on",
+    )
     args = parser.parse_args(argv)
     cfg = ColdStartConfig()
     if args.quick:
@@ -597,7 +636,17 @@ def config_from_args(argv: list[str]) -> ColdStartConfig:
         overrides["host_share"] = args.host_share
     if args.no_results_md:
         overrides["update_results_md"] = False
-    return replace(cfg, **overrides)
+    if args.tail:
+        overrides["passes"] = tuple((tail, on) for tail, on in cfg.passes if tail in args.tail)
+    if args.measured_hours is not None:
+        if args.measured_hours < 1:
+            parser.error("--measured-hours must be >= 1")
+        overrides["trace"] = replace(cfg.trace, num_measured_hours=args.measured_hours)
+    cfg = replace(cfg, **overrides)
+    try:
+        return time_scaled(cfg, args.time_scale) if args.time_scale != 1.0 else cfg
+    except ValueError as e:
+        parser.error(f"--time-scale: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:

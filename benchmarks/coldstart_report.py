@@ -86,8 +86,24 @@ def pass_lines(label: str, figures: dict) -> list[str]:
         f"{itl['load_windows']} load windows of which {itl['prefetch_windows']} hint-driven prefetches; "
         f"wasted prefetches {wasted}; {figures['hints_published']} hint stream entries "
         f"({figures['hints_per_min']:.0f}/min); worker loads (cause/source->destination, whole pass): "
-        f"{events or 'none'}; why measured long-tail calls were cold: {why_text}."
+        f"{events or 'none'}; why measured long-tail calls were cold: {why_text}{_warm_breakdown(figures)}."
     ]
+
+
+def _warm_breakdown(figures: dict) -> str:
+    """The warm calls' p50 TTFT split as the worker saw it (queue, then its whole TTFT), popular against
+    long tail; empty for figures written before these were recorded."""
+    parts = []
+    for kind, name in ((POPULAR, "popular"), (LONG_TAIL, "long tail")):
+        kind_figures = figures.get(kind, {})
+        queue, server = kind_figures.get("warm_queue_ms"), kind_figures.get("warm_server_ttft_ms")
+        if queue is None or server is None:
+            return ""
+        parts.append(
+            f"{name} client {_ms(kind_figures['warm_ttft_ms']['p50'])}, worker {_ms(server['p50'])}, "
+            f"queue {_ms(queue['p50'])}"
+        )
+    return "; warm calls' TTFT p50 ms: " + "; ".join(parts)
 
 
 def target_lines(results: dict) -> list[str]:
@@ -102,6 +118,8 @@ def target_lines(results: dict) -> list[str]:
         off = results.get("targets_hints_off", {}).get(tail, {})
         for key, t in checked.items():
             value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+            if t.get("ci95"):
+                value += f" (95% CI {t['ci95'][0]:.2f} to {t['ci95'][1]:.2f})"
             if off.get(key, {}).get("value") is not None:
                 value += f" (hints off: {off[key]['value']:.2f})"
             lines.append(f"- {tail}, hints on: {names[key]}: {value}, target {t['target']}: "

@@ -222,6 +222,7 @@ def summarize_kind(records: Sequence[dict]) -> dict:
     warm_ttft = [
         r["ttft_ms"] for r in ok if r.get("cache_tier") in WARM_TIERS and r.get("ttft_ms") is not None
     ]
+    warm_ok = [r for r in ok if r.get("cache_tier") in WARM_TIERS]
     return {
         "requests": len(records),
         "errors": len(records) - len(ok),
@@ -231,6 +232,11 @@ def summarize_kind(records: Sequence[dict]) -> dict:
             [r["server_ttft_ms"] for r in ok if r.get("server_ttft_ms") is not None]
         ),
         "adapter_load_ms": percentiles([r["adapter_load_ms"] or 0.0 for r in ok]),
+        # Where a warm call's time went, as the worker saw it: waiting to be scheduled, and its whole TTFT.
+        "warm_queue_ms": percentiles([r["queue_ms"] for r in warm_ok if r.get("queue_ms") is not None]),
+        "warm_server_ttft_ms": percentiles(
+            [r["server_ttft_ms"] for r in warm_ok if r.get("server_ttft_ms") is not None]
+        ),
         "tiers": dict(sorted(tiers.items())),
         "tier_shares": {t: tiers[t] / len(ok) if ok else None for t in TIERS},
         "warm_share": warm / len(ok) if ok else None,
@@ -289,6 +295,9 @@ def analyze(
     p99_during, p99_idle = itl["during_loads_ms"]["p99"], itl["no_load_ms"]["p99"]
     itl["p99_ratio"] = p99_during / p99_idle if p99_during is not None and p99_idle else None
     first = groups[FIRST_CALL][0] if groups[FIRST_CALL] else {}
+    pop_ttft = _ttfts(groups[POPULAR])
+    tail_ttft = _ttfts(groups[LONG_TAIL])
+    warm_tail_ttft = _ttfts(r for r in groups[LONG_TAIL] if r.get("cache_tier") in WARM_TIERS)
     return {
         POPULAR: summarize_kind(groups[POPULAR]),
         LONG_TAIL: summarize_kind(groups[LONG_TAIL]),
@@ -301,7 +310,44 @@ def analyze(
         },
         "itl": itl,
         "deciles": popularity_deciles(requests, records),
+        # 95% bootstrap intervals of the two latency targets' statistics: the noise of one pass.
+        "intervals": {
+            "warm_long_tail_ttft_p50_minus_popular_ms": bootstrap_interval(
+                warm_tail_ttft, pop_ttft, lambda a, b: np.percentile(a, 50) - np.percentile(b, 50)
+            ),
+            "long_tail_ttft_p99_vs_popular": bootstrap_interval(
+                tail_ttft, pop_ttft, lambda a, b: np.percentile(a, 99) / np.percentile(b, 99)
+            ),
+        },
     }
+
+
+def _ttfts(records) -> np.ndarray:
+    return np.asarray(
+        [r["ttft_ms"] for r in records if not r.get("error") and r.get("ttft_ms") is not None],
+        dtype=np.float64,
+    )
+
+
+def bootstrap_interval(
+    a: np.ndarray,
+    b: np.ndarray,
+    statistic,
+    draws: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> list[float] | None:
+    """The percentile bootstrap interval of `statistic(a, b)`: both samples resampled with replacement,
+    independently, `draws` times. None when either sample is empty."""
+    if len(a) == 0 or len(b) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = np.empty(draws)
+    for i in range(draws):
+        values[i] = statistic(rng.choice(a, size=len(a)), rng.choice(b, size=len(b)))
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return [float(low), float(high)]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -337,6 +383,9 @@ def targets(hints_on: dict, tail: str, host_share: float, prefetches: dict | Non
             "met": warm_gap is not None and warm_gap <= 5.0,
         },
     }
+    for key, interval in hints_on.get("intervals", {}).items():
+        if key in out:
+            out[key]["ci95"] = interval
     wasted = (prefetches or {}).get("wasted_share")
     out["wasted_prefetch_share"] = {
         "value": wasted,

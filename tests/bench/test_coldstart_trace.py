@@ -1,6 +1,7 @@
 """The cold-start benchmark's traces (periodic and Poisson long tails), its analysis, and the `openlora up`
 command line it runs (documented flags only)."""
 
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from benchmarks.coldstart_trace import (
     POPULAR,
     ColdStartTraceConfig,
     analyze,
+    bootstrap_interval,
     cold_calls,
     generate_coldstart_trace,
     load_window_s,
@@ -271,6 +273,60 @@ def test_full_run_has_four_passes_and_quick_two():
     assert not quick.update_results_md and Path(full.results_dir).name == "results"
     # Full run: 8 hours of 8 s per pass.
     assert full.trace.duration_s == 64.0
+
+
+def test_time_scale_stretches_the_clock_and_the_predictor_alike(tmp_path):
+    from openlora.cli import build_parser
+    from openlora.commands.serving import up_config_from_args
+    from openlora.config import ControlPlaneSettings
+
+    base = config_from_args([])
+    slow = config_from_args(["--time-scale", "2.5", "--tail", "poisson", "--measured-hours", "6"])
+    assert slow.trace.hour_s == pytest.approx(2.5 * base.trace.hour_s)
+    assert slow.trace.popular_rate_per_s == pytest.approx(base.trace.popular_rate_per_s / 2.5)
+    assert slow.trace.num_measured_hours == 6 and slow.trace.num_history_hours == base.trace.num_history_hours
+    assert [pass_label(*p) for p in slow.passes] == ["poisson, hints on", "poisson, hints off"]
+    # The same number of calls per (stretched) hour: the trace's shape is unchanged.
+    fast_calls = len(generate_coldstart_trace(replace(base.trace, tail=POISSON, num_measured_hours=6)))
+    slow_calls = len(generate_coldstart_trace(replace(slow.trace, tail=POISSON)))
+    assert abs(slow_calls - fast_calls) <= 0.1 * fast_calls
+    argv = up_argv(slow, True, "postgresql://h/db", "redis://h:1/0", tmp_path / "m", tmp_path, 1, 9)
+    up = up_config_from_args(build_parser().parse_args(argv[3:]), {})
+    control_plane = build_parser().parse_args(["control-plane", *up.control_plane_args])
+    settings = ControlPlaneSettings.resolve(vars(control_plane), {"OPENLORA_WORKER_TOKEN": "t" * 20})
+    assert settings.predictor_interval_s == pytest.approx(1.25)
+    assert settings.predictor.lead_s == pytest.approx(5.0)
+    assert settings.predictor.rate_time_constant_s == pytest.approx(75.0)
+    assert settings.predictor.resident_rate_per_s == pytest.approx(0.08)
+    for bad in (["--time-scale", "0"], ["--time-scale", "nan"], ["--measured-hours", "0"], ["--tail", "x"]):
+        with pytest.raises(SystemExit):
+            config_from_args(bad)
+
+
+def test_bootstrap_interval_covers_the_statistic_and_narrows_with_more_samples():
+    rng = np.random.default_rng(1)
+    gap = lambda a, b: np.percentile(a, 50) - np.percentile(b, 50)  # noqa: E731
+    small = bootstrap_interval(rng.normal(45, 12, 60), rng.normal(40, 12, 40), gap)
+    large = bootstrap_interval(rng.normal(45, 12, 2000), rng.normal(40, 12, 2000), gap)
+    assert small[0] < 5.0 < small[1] and large[0] < 5.0 < large[1]
+    assert large[1] - large[0] < 0.4 * (small[1] - small[0])
+    assert bootstrap_interval(np.array([]), np.array([1.0]), gap) is None
+
+
+def test_targets_carry_the_passes_bootstrap_intervals():
+    config = ColdStartTraceConfig(num_popular=2, popular_rate_per_s=4.0, num_long_tail=4, hour_s=4.0)
+    requests = generate_coldstart_trace(config)
+    rng = np.random.default_rng(0)
+    records = [
+        _record(r.request.index, r.request.arrival_s, float(rng.uniform(30, 60)) + (8 if r.kind == LONG_TAIL else 0),
+                [20.0, 20.0], tier="host")
+        for r in requests
+    ]  # fmt: skip
+    checked = targets(analyze(requests, records), POISSON, 0.7)
+    gap = checked["warm_long_tail_ttft_p50_minus_popular_ms"]
+    assert gap["ci95"][0] <= gap["value"] <= gap["ci95"][1]
+    ratio = checked["long_tail_ttft_p99_vs_popular"]
+    assert ratio["ci95"][0] <= ratio["value"] <= ratio["ci95"][1]
 
 
 def _event(at_s, event, key="k"):

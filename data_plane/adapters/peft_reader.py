@@ -1,7 +1,18 @@
-"""read_peft_adapter: validate a PEFT LoRA directory, then load its factors as tensors."""
+"""read_peft_adapter: validate a PEFT LoRA directory, then load its factors as tensors.
+
+A worker reads the same artifact again each time it comes back from disk (evicted from host memory, then
+called again). Its validation (headers, shapes, every value scanned for NaN and infinity) took about
+three quarters of such a read, so a directory whose files are unchanged since a validation that passed is
+not validated again: `_validated` keeps the outcome by the files' identity (device, inode, size, modification
+and change times of each file, and the directory's listing), which any rewrite, replacement or added file
+changes. A refusal is never kept: a directory that failed is checked again in full on its next read.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -9,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 
 from data_plane.adapters.weights import AdapterWeights, LoraFactors
 from data_plane.engine.errors import AdapterLoadError
-from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
-from openlora.artifact import WEIGHTS_FILE
+from openlora.adapter_format import AdapterFormatError, AdapterInfo, validate_adapter_dir
+from openlora.artifact import CONFIG_FILE, WEIGHTS_FILE
 from openlora.base_model import BaseModelSpec
 from openlora.exhaustion import exhausted_resource
 
@@ -28,6 +39,46 @@ def host_dtype(file_dtype: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+# Directories validated (most recent last), by `_identity`; bounded so a worker that sees many adapters
+# keeps only the recent ones (an entry is a few hundred bytes plus its tensor list).
+_VALIDATED_MAX = 4096
+_validated: OrderedDict[tuple, AdapterInfo] = OrderedDict()
+_validated_lock = threading.Lock()
+
+
+def _identity(path: Path) -> tuple | None:
+    """What changes whenever a directory's adapter could: its listing and each file's stat fields (None
+    when it cannot be read: validation then reports why)."""
+    try:
+        listing = tuple(sorted(os.listdir(path)))
+        stats = []
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            st = os.lstat(path / name)
+            stats.append((st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    except OSError:
+        return None
+    return (str(path.resolve()), listing, tuple(stats))
+
+
+def validated_info(path: Path, spec: BaseModelSpec, max_rank: int) -> AdapterInfo:
+    """`validate_adapter_dir(path, spec, max_rank=max_rank)`, skipped when these files passed it before."""
+    identity = _identity(Path(path))
+    key = None if identity is None else (identity, spec, max_rank)
+    if key is not None:
+        with _validated_lock:
+            info = _validated.get(key)
+            if info is not None:
+                _validated.move_to_end(key)
+                return info
+    info = validate_adapter_dir(path, spec, max_rank=max_rank)
+    if key is not None and _identity(Path(path)) == identity:  # unchanged while it was checked
+        with _validated_lock:
+            _validated[key] = info
+            while len(_validated) > _VALIDATED_MAX:
+                _validated.popitem(last=False)
+    return info
+
+
 def read_peft_adapter(
     path: Path, spec: BaseModelSpec, max_rank: int, dtype: torch.dtype, *, keep_exact_dtype: bool = False
 ) -> AdapterWeights:
@@ -38,7 +89,7 @@ def read_peft_adapter(
     Raises AdapterLoadError(field, reason) for anything refused (missing, malformed, another base model).
     """
     try:
-        info = validate_adapter_dir(path, spec, max_rank=max_rank)
+        info = validated_info(Path(path), spec, max_rank)
     except AdapterFormatError as e:
         raise AdapterLoadError(f"adapter.{e.field}", e.reason) from None
     except OSError as e:

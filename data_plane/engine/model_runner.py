@@ -18,6 +18,7 @@ from data_plane.adapters.host_buffer import HostAdapter, unpack
 from data_plane.adapters.weights import AdapterWeights
 from data_plane.engine.sequence import Sequence
 from data_plane.model.llama import LlamaForCausalLM
+from data_plane.model.lora_linear import SlotWrites
 from data_plane.model.metadata import LoraSegments, PrefillSpan, StepMetadata
 from openlora.base_model import PROJECTIONS
 
@@ -127,15 +128,17 @@ class ModelRunner:
     def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
         """Copies an adapter's factors into `slot` of every projection (a fused one's slice for q, k, v,
         gate and up); absent ones are cleared."""
+        writes = SlotWrites()
         for layer in range(len(self.model.model.layers)):
             targets = self.model.lora_targets(layer)
             for name in PROJECTIONS:
                 module, index = targets[name]
                 factors = weights.factors.get((layer, name))
                 if factors is None:
-                    module.load_slot(slot, None, None, 0.0, index)
+                    module.slot_writes(writes, slot, None, None, 0.0, index)
                 else:
-                    module.load_slot(slot, factors.a, factors.b, factors.scale, index)
+                    module.slot_writes(writes, slot, factors.a, factors.b, factors.scale, index)
+        writes.apply()
         self.slot_ranks[slot] = weights.rank
         self.slot_targets[slot] = frozenset(name for _, name in weights.factors)
 

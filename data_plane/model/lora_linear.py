@@ -13,6 +13,36 @@ import kernels
 from data_plane.model.metadata import LoraSegments
 
 
+class SlotWrites:
+    """The copies, zero fills and scales of loading slots, applied together: a few batched (foreach) calls
+    instead of several small operations per projection and layer, which a loader thread competing with
+    the step for the interpreter paid for one by one."""
+
+    def __init__(self) -> None:
+        self.zero: list[torch.Tensor] = []
+        self._dst: list[torch.Tensor] = []
+        self._src: list[torch.Tensor] = []
+        self._scale_views: list[torch.Tensor] = []
+        self._scales: list[float] = []
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self._dst.append(dst)
+        self._src.append(src)
+
+    def scale(self, view: torch.Tensor, value: float) -> None:
+        self._scale_views.append(view)
+        self._scales.append(float(value))
+
+    def apply(self) -> None:
+        if self.zero:
+            torch._foreach_zero_(self.zero)
+        if self._dst:
+            torch._foreach_copy_(self._dst, self._src)
+        if self._scale_views:  # a 0-d view each: zeroed, then its scale added (exactly the scale)
+            torch._foreach_zero_(self._scale_views)
+            torch._foreach_add_(self._scale_views, self._scales)
+
+
 class LoRALinear(nn.Module):
     """y = x @ W.T + b, plus for each output slice i: scale_i[s] * (x @ A_i[s].T) @ B_i[s].T on the rows of
     adapter slot s.
@@ -72,18 +102,35 @@ class LoRALinear(nn.Module):
     ) -> None:
         """Copies A (r, in) and B (out_i, r) of slice `index` into `slot`; None leaves that slice without
         LoRA."""
+        writes = SlotWrites()
+        self.slot_writes(writes, slot, a, b, scale, index)
+        writes.apply()
+
+    def slot_writes(
+        self,
+        writes: SlotWrites,
+        slot: int,
+        a: torch.Tensor | None,
+        b: torch.Tensor | None,
+        scale: float,
+        index: int = 0,
+    ) -> None:
+        """Adds to `writes` what `load_slot` does: A into the slot's first r rank rows of slice `index`, B
+        into its first r columns, the rest of the slot's ranks zeroed (scale 0 and zero factors when
+        `a` or `b` is None)."""
         assert self.lora_a is not None and self.lora_scale is not None
         a_pool = self.lora_a[slot].view(self.max_rank, self.num_slices, self.in_features)[:, index]  # (R, in)
         b_pool = self.lora_b[index][slot]  # (out_i, R)
-        a_pool.zero_()
-        b_pool.zero_()
         if a is None or b is None:
-            self.lora_scale[index, slot] = 0.0
+            writes.zero += [a_pool, b_pool]
+            writes.scale(self.lora_scale[index, slot], 0.0)
             return
         rank = a.shape[0]
-        a_pool[:rank].copy_(a)
-        b_pool[:, :rank].copy_(b)
-        self.lora_scale[index, slot] = scale
+        writes.copy(a_pool[:rank], a)
+        writes.copy(b_pool[:, :rank], b)
+        if rank < self.max_rank:
+            writes.zero += [a_pool[rank:], b_pool[:, rank:]]
+        writes.scale(self.lora_scale[index, slot], scale)
 
     def forward(self, x: torch.Tensor, lora: LoraSegments | None) -> torch.Tensor:
         y = self.base_forward(x)  # (T, out)

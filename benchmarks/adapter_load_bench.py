@@ -1,0 +1,157 @@
+"""What one adapter load costs the worker's loader threads on the CPU engine: the read from the worker's disk
+(validation, then the tensors) and the copy of a host copy into a slot.
+
+    python -m benchmarks.adapter_load_bench                 # idle machine
+    python -m benchmarks.adapter_load_bench --contended     # beside a thread of 2-thread matmuls (a step's)
+
+Adapters: the benchmark fixtures' (`benchmarks.fixtures.LLAMA_50M`: rank 16 on all seven projections of 6
+layers, float16 files of 1.9 MB), engine dtype float32. Pairs measured alternately, `--repeats` times each,
+over `--adapters` distinct adapters, median and p90 in milliseconds:
+- read, validated: `read_peft_adapter` with the validation memo emptied first (a first read);
+- read, unchanged files: `read_peft_adapter` of a directory validated before (a read again from disk);
+- slot copy, per operation: the copy as it was before `SlotWrites` (per projection and layer: zero the
+  slot's A and B, copy A and B, set the scale), kept here as the baseline;
+- slot copy, batched: `ModelRunner.install_from_host` (foreach copies and fills).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import fixtures
+from benchmarks.steady_driver import adapter_refs, make_engine
+from data_plane.adapters import peft_reader
+from data_plane.adapters.host_buffer import pack, unpack
+from data_plane.engine.model_runner import PROJECTIONS
+
+
+def copy_per_operation(runner, slot: int, host) -> None:
+    """The slot copy before SlotWrites: several small operations per projection and layer."""
+    weights = unpack(host)
+    for layer in range(len(runner.model.model.layers)):
+        targets = runner.model.lora_targets(layer)
+        for name in PROJECTIONS:
+            module, index = targets[name]
+            factors = weights.factors.get((layer, name))
+            a_pool = module.lora_a[slot].view(module.max_rank, module.num_slices, module.in_features)[
+                :, index
+            ]
+            b_pool = module.lora_b[index][slot]
+            a_pool.zero_()
+            b_pool.zero_()
+            if factors is None:
+                module.lora_scale[index, slot] = 0.0
+                continue
+            rank = factors.a.shape[0]
+            a_pool[:rank].copy_(factors.a)
+            b_pool[:, :rank].copy_(factors.b)
+            module.lora_scale[index, slot] = factors.scale
+
+
+def _slot_state(runner, slot: int) -> list[torch.Tensor]:
+    state = []
+    for layer in range(len(runner.model.model.layers)):
+        for module in {id(m): m for m, _ in runner.model.lora_targets(layer).values()}.values():
+            state += [module.lora_a[slot].clone(), module.lora_scale[:, slot].clone()]
+            state += [pool[slot].clone() for pool in module.lora_b]
+    return state
+
+
+def _check_same_slot(runner, host) -> None:
+    """Both copies leave the slot bit for bit the same (the baseline is the old behaviour, not another)."""
+    copy_per_operation(runner, 1, host)
+    before = _slot_state(runner, 1)  # clones: the pools are written again below
+    for layer in range(len(runner.model.model.layers)):  # NaN everywhere: a part left unwritten shows
+        for module, _ in runner.model.lora_targets(layer).values():
+            module.lora_a[1].fill_(float("nan"))
+            module.lora_scale[:, 1].fill_(float("nan"))
+            for pool in module.lora_b:
+                pool[1].fill_(float("nan"))
+    runner.install_from_host(1, host)
+    after = _slot_state(runner, 1)
+    if not all(torch.equal(a, b) for a, b in zip(before, after, strict=True)):
+        raise AssertionError("the batched slot copy differs from the per-operation one")
+
+
+def _busy(stop: threading.Event) -> None:
+    a, b = torch.randn(128, 512), torch.randn(1376, 512)
+    while not stop.is_set():
+        for _ in range(20):
+            a @ b.T
+
+
+def _stats(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {
+        "p50": statistics.median(ordered),
+        "p90": ordered[int(0.9 * (len(ordered) - 1))],
+        "n": len(ordered),
+    }
+
+
+def run(num_adapters: int, repeats: int, contended: bool) -> dict:
+    torch.set_num_threads(2)
+    model = fixtures.ensure_model(fixtures.LLAMA_50M)
+    refs = adapter_refs(fixtures.ensure_adapters(num_adapters, fixtures.LLAMA_50M))
+    engine = make_engine(model, 8, 16, 16, 8)
+    loader, runner = engine.loader, engine.runner
+    hosts = [pack(loader._read((ref,)), False) for ref in refs]
+    times: dict[str, list[float]] = {
+        k: [] for k in ("read_validated", "read_unchanged", "copy_per_op", "copy_batched")
+    }
+    _check_same_slot(runner, hosts[0])
+    stop = threading.Event()
+    busy = threading.Thread(target=_busy, args=(stop,), daemon=True)
+    if contended:
+        busy.start()
+    try:
+        for _ in range(repeats):
+            for i, ref in enumerate(refs):
+                peft_reader._validated.clear()
+                t0 = time.perf_counter()
+                loader._read((ref,))
+                t1 = time.perf_counter()
+                loader._read((ref,))
+                t2 = time.perf_counter()
+                copy_per_operation(runner, 1, hosts[i])
+                t3 = time.perf_counter()
+                runner.install_from_host(1, hosts[i])
+                t4 = time.perf_counter()
+                for key, (a, b) in zip(times, ((t0, t1), (t1, t2), (t2, t3), (t3, t4)), strict=True):
+                    times[key].append((b - a) * 1000)
+    finally:
+        stop.set()
+    return {key: _stats(values) for key, values in times.items()} | {
+        "adapter_bytes_on_host": hosts[0].size_bytes,
+        "contended": contended,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--contended", action="store_true", help="beside a thread of 2-thread matmuls")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    result = run(args.adapters, args.repeats, args.contended)
+    for key in ("read_validated", "read_unchanged", "copy_per_op", "copy_batched"):
+        s = result[key]
+        print(f"{key:15s} p50 {s['p50']:6.2f} ms  p90 {s['p90']:6.2f} ms  (n={s['n']})")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

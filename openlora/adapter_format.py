@@ -21,7 +21,7 @@ import numpy as np
 
 from openlora.artifact import ARTIFACT_FILES, CONFIG_FILE, WEIGHTS_FILE
 from openlora.base_model import PROJECTIONS, BaseModelSpec
-from openlora.peft_targets import TargetError, TargetRule
+from openlora.peft_targets import ALL_LINEAR, TargetError, TargetRule
 from openlora.regex_limits import RegexRefused, compile_bounded
 from openlora.safe_json import JsonFieldError, describe, is_int, load_json, load_json_object
 
@@ -577,6 +577,11 @@ def validate_adapter_dir(
                     f"{where}: shapes A {list(a.shape)}, B {list(b.shape)} do not fit the base model "
                     f"(expected A [{module_rank}, {in_features}], B [{out_features}, {module_rank}])",
                 )
+    num_layers = spec.num_layers if spec is not None else max((layer for layer, _ in pairs), default=-1) + 1
+    try:
+        _check_selection(rule, config, set(pairs), num_layers)
+    except TargetError as e:
+        raise AdapterFormatError(f"{CONFIG_FILE}.{e.key}", e.reason) from None
     modules = tuple(m for m in PROJECTIONS if any(mod == m for _, mod in pairs))
     for key, names in left_out.items():
         raise AdapterFormatError(
@@ -599,6 +604,49 @@ def validate_adapter_dir(
         module_scalings=tuple(module_scalings),
         default_rank=rank,
     )
+
+
+# init_lora_weights values with which PEFT starts lora_B at zero: a module the config selects but the file
+# holds no weights for then adds nothing, as when this server leaves it out. With any other (false, random
+# or orthogonal) PEFT serves that module's random start.
+_ZERO_B_INITS = ("gaussian", "eva")
+
+
+def _other_module_names(num_layers: int):
+    """The names of a Llama, Mistral or Qwen2 transformers model's modules besides the seven projections."""
+    yield from ("model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
+    for i in range(num_layers):
+        layer = f"model.layers.{i}"
+        yield from (layer, f"{layer}.self_attn", f"{layer}.mlp", f"{layer}.mlp.act_fn")
+        yield from (f"{layer}.input_layernorm", f"{layer}.post_attention_layernorm")
+
+
+def _check_selection(rule: TargetRule, config: dict, held: set[tuple[int, str]], num_layers: int) -> None:
+    """What the config selects against what the file holds, both by PEFT's rule: a selected module other
+    than the projections (a regular expression such as `.*` or `.*|lm_head`: PEFT wraps it or fails) is
+    refused naming target_modules; a selected projection the file holds no weights for is refused unless
+    PEFT starts its lora_B at zero (it would serve that module's random start)."""
+    if config.get("target_modules") != ALL_LINEAR:  # PEFT's all-linear: the projections, never lm_head
+        for name in _other_module_names(num_layers):
+            if rule.leaves_out(name) is None:
+                raise AdapterFormatError(
+                    f"{CONFIG_FILE}.target_modules",
+                    f"selects {describe(name)}, a module LoRA does not apply to here (PEFT would wrap it or "
+                    f"refuse it); supported: {list(PROJECTIONS)}",
+                )
+    init = config.get("init_lora_weights", True)
+    if init is True or (isinstance(init, str) and init.lower() in _ZERO_B_INITS):
+        return
+    for layer in range(num_layers):
+        for module in PROJECTIONS:
+            name = f"model.layers.{layer}.{_MODULE_PARENT[module]}.{module}"
+            if (layer, module) not in held and rule.leaves_out(name) is None:
+                raise AdapterFormatError(
+                    WEIGHTS_FILE,
+                    f"layer {layer} {module}: selected by {CONFIG_FILE} but holds no lora_A / lora_B; with "
+                    f"init_lora_weights {describe(init)} PEFT would serve that module's random start, not "
+                    "these weights (save the adapter again, or fix the config)",
+                )
 
 
 def served_rank(directory: Path) -> int:

@@ -157,3 +157,75 @@ def test_a_mix_over_the_rank_limit_by_its_patterns_is_refused_at_admission(tiny_
     refs = [AdapterRef(key=digest_dir(p), path=p, weight=0.5) for p in paths]
     with pytest.raises(InvalidRequest, match="add up to 80"):
         engine.add_request(greedy("mix", [1, 2, 3], refs))
+
+
+@pytest.mark.parametrize(
+    "regex",
+    [
+        ".*",
+        r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head",
+        r"model\.layers\.\d+(\..*)?",
+        r".*(proj|norm)",
+        r".*self_attn.*|.*mlp\..*",
+    ],
+)
+def test_a_regex_that_selects_a_module_other_than_the_projections_is_refused(tiny_llama, tmp_path, regex):
+    """PEFT wraps such a module (lm_head) or refuses it (the model, a layer, a norm): never the plain LoRA
+    of these weights."""
+    adapter = _with_config(tiny_llama.adapter_dirs["r8_all"], tmp_path / "edited", target_modules=regex)
+    with pytest.raises(AdapterFormatError) as refused:
+        validate_adapter_dir(adapter)
+    assert refused.value.field == "adapter_config.json.target_modules"
+    assert "selects" in refused.value.reason and "LoRA does not apply to here" in refused.value.reason
+
+
+def _spec(model):
+    import json
+
+    from openlora.base_model import BaseModelSpec
+
+    return BaseModelSpec.from_hf_config(json.loads((model.model_dir / "config.json").read_text()), "tiny")
+
+
+def _without_layer(src: Path, dst: Path, layer: int, **changes) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    adapter = _with_config(src, dst, **changes)
+    weights = adapter / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(weights).items() if f".layers.{layer}." not in k}
+    save_file(tensors, weights)
+    return adapter
+
+
+@pytest.mark.parametrize("init", [False, None, "orthogonal"])
+def test_a_selected_module_without_weights_is_refused_when_peft_would_start_it_random(
+    tiny_llama, tmp_path, init
+):
+    adapter = _without_layer(
+        tiny_llama.adapter_dirs["r8_all"], tmp_path / "edited", 1, init_lora_weights=init
+    )
+    with pytest.raises(AdapterFormatError) as refused:
+        validate_adapter_dir(adapter, _spec(tiny_llama))  # the layer count comes from the base model
+    assert refused.value.field == "adapter_model.safetensors"
+    assert "layer 1" in refused.value.reason and "holds no lora_A / lora_B" in refused.value.reason
+
+
+def test_a_selected_module_without_weights_is_served_as_peft_when_peft_starts_it_at_zero(
+    tiny_llama, tmp_path
+):
+    """init_lora_weights true (PEFT's default), "gaussian": lora_B starts at zero, so a module the file
+    holds nothing for adds nothing under PEFT either."""
+    engine = make_engine(tiny_llama)
+    rng = random.Random(3)
+    adapters = {}
+    for init in (True, "gaussian"):
+        path = _without_layer(
+            tiny_llama.adapter_dirs["r8_all"], tmp_path / str(init), 1, init_lora_weights=init
+        )
+        validate_adapter_dir(path, _spec(tiny_llama))
+        adapters[str(init)] = (path, [rng.randrange(tiny_llama.vocab_size) for _ in range(9)])
+        engine.add_request(greedy(str(init), adapters[str(init)][1], [_ref(path)]))
+    results = run_to_completion(engine)
+    for name, (path, prompt) in adapters.items():
+        want_tokens, _ = reference_greedy(load_reference(tiny_llama.model_dir, [path]), prompt)
+        assert results[name][0] == want_tokens, name

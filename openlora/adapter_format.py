@@ -120,6 +120,8 @@ _KNOWN_OPTIONS = frozenset(
         "lora_ga_config", "use_qalora", "qalora_group_size", "runtime_config", "ensure_weight_tying",
     }
 )  # fmt: skip
+# PEFT's TaskType values (0.21).
+_PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # The largest factor an adapter may apply to B @ A (alpha / r, or alpha / sqrt(r)); PEFT's default is 1.
 MAX_LORA_SCALING = 1e4
 # PEFT's LoraConfig default for a config that does not say (its save_pretrained always writes the key).
@@ -191,9 +193,17 @@ def parse_adapter_config(data: bytes) -> dict:
         for key in _CODE_KEYS:
             if config.data.get(key):
                 raise JsonFieldError(config.field(key), "code references are not allowed")
-        peft_type = config.get_str("peft_type", "LORA", max_chars=64)
-        if peft_type.upper() != "LORA":
+        # PEFT reads peft_type to pick the config class (a KeyError when absent or not an exact member name)
+        # and refuses a task_type outside its TaskType.
+        peft_type = config.get_str("peft_type", max_chars=64)
+        if peft_type != "LORA":
             raise JsonFieldError(config.field("peft_type"), f"{describe(peft_type)} is not LORA")
+        task_type = config.get_str("task_type", None, max_chars=64)
+        if task_type is not None and task_type not in _PEFT_TASK_TYPES:
+            raise JsonFieldError(
+                config.field("task_type"),
+                f"{describe(task_type)} is not one of PEFT's {list(_PEFT_TASK_TYPES)}",
+            )
         rank = config.get_int("r", lo=1, hi=MAX_CONFIG_RANK)
         alpha = config.get_number("lora_alpha", PEFT_DEFAULT_ALPHA, positive=True)
         use_rslora = config.get_bool("use_rslora", False)

@@ -355,3 +355,33 @@ def test_layer_options_peft_refuses_are_refused(adapter, spec, change, field) ->
     with pytest.raises(AdapterFormatError) as refused:
         validate_adapter_dir(adapter, spec)
     assert refused.value.field == f"adapter_config.json.{field}"
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (lambda c: c.pop("peft_type"), "is required"),
+        (lambda c: c.update(peft_type="lora"), "is not LORA"),
+        (lambda c: c.update(peft_type="IA3"), "is not LORA"),
+    ],
+)
+def test_a_peft_type_peft_cannot_load_is_refused(adapter: Path, spec: BaseModelSpec, change, reason) -> None:
+    """PEFT picks the config class by the exact name: absent or in another case it raises KeyError."""
+    _rewrite_config(adapter, change)
+    with pytest.raises(AdapterFormatError) as caught:
+        validate_adapter_dir(adapter, spec)
+    assert caught.value.field == "adapter_config.json.peft_type" and reason in caught.value.reason
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"])
+def test_task_types_peft_knows_are_accepted(adapter: Path, spec: BaseModelSpec, task_type) -> None:
+    _rewrite_config(adapter, lambda c: c.update(task_type=task_type))
+    validate_adapter_dir(adapter, spec)
+
+
+@pytest.mark.parametrize("task_type", ["BOGUS", "causal_lm", 3])
+def test_a_task_type_peft_refuses_is_refused(adapter: Path, spec: BaseModelSpec, task_type) -> None:
+    _rewrite_config(adapter, lambda c: c.update(task_type=task_type))
+    with pytest.raises(AdapterFormatError) as caught:
+        validate_adapter_dir(adapter, spec)
+    assert caught.value.field == "adapter_config.json.task_type"

@@ -137,8 +137,26 @@ def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantize-lm-head",
         action="store_true",
-        default=_env("QUANTIZE_LM_HEAD", "").lower() in ("1", "true", "yes"),
-        help="quantize lm_head too (OPENLORA_QUANTIZE_LM_HEAD)",
+        default=_env("QUANTIZE_LM_HEAD", False),  # read by `quantize_lm_head`: a bad value is refused there
+        help="quantize lm_head too (OPENLORA_QUANTIZE_LM_HEAD: 1/true/yes/on or 0/false/no/off)",
+    )
+
+
+_TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def quantize_lm_head(args: argparse.Namespace) -> bool:
+    """--quantize-lm-head (True when given), else OPENLORA_QUANTIZE_LM_HEAD read as a yes/no word; any
+    other value is refused (ValueError) rather than taken as no."""
+    value = args.quantize_lm_head
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower()
+    if word in _TRUE_WORDS or word in _FALSE_WORDS:
+        return word in _TRUE_WORDS
+    raise ValueError(
+        f"OPENLORA_QUANTIZE_LM_HEAD must be one of {', '.join(w for w in _TRUE_WORDS + _FALSE_WORDS if w)} "
+        f"(or empty), got {value!r}"
     )
 
 
@@ -167,7 +185,7 @@ def worker_config_from_args(args: argparse.Namespace):
             max_model_len=args.max_model_len,
             host_cache_bytes=args.host_cache_bytes,
             quantize=args.quantize,
-            quantize_lm_head=args.quantize_lm_head,
+            quantize_lm_head=quantize_lm_head(args),
         ),
         max_waiting=args.max_waiting,
         max_connections=args.max_connections,
@@ -411,7 +429,7 @@ def up_config_from_args(args: argparse.Namespace, environ):
 
     if args.quantize not in QUANTIZE_FORMATS:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_FORMATS)}, got {args.quantize!r}")
-    if args.quantize_lm_head and args.quantize == "none":
+    if quantize_lm_head(args) and args.quantize == "none":
         raise ValueError("--quantize-lm-head needs --quantize int8 or int4")
     for flag in ("port", "admin_port", "http_port", "metrics_port", "admin_metrics_port"):
         port = getattr(args, flag)
@@ -435,7 +453,7 @@ def up_config_from_args(args: argparse.Namespace, environ):
         drain_grace_s=args.drain_grace_s,
         worker_args=tuple(args.worker_arg),
         quantize=args.quantize,
-        quantize_lm_head=args.quantize_lm_head,
+        quantize_lm_head=quantize_lm_head(args),
         control_plane_args=tuple(explicit_flags(vars(args))),
         metrics_port=args.metrics_port,
         admin_metrics_port=args.admin_metrics_port,

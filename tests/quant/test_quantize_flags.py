@@ -30,6 +30,17 @@ def test_quantize_flags_reach_the_engine_settings(tmp_path, monkeypatch):
     assert (config.engine.quantize, config.engine.quantize_lm_head) == ("int4", True)
 
 
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [("1", True), ("YES", True), (" on ", True), ("off", False), ("0", False), ("", False)],
+)
+def test_quantize_lm_head_variable_reads_yes_and_no_words(tmp_path, monkeypatch, word, expected):
+    monkeypatch.setenv("OPENLORA_QUANTIZE", "int4")
+    monkeypatch.setenv("OPENLORA_QUANTIZE_LM_HEAD", word)
+    config = worker_config_from_args(_parse(["worker", "--model", str(tmp_path), *REQUIRED]))
+    assert config.engine.quantize_lm_head is expected
+
+
 def test_environment_is_the_fallback_for_quantize(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENLORA_QUANTIZE", "int8")
     monkeypatch.setenv("OPENLORA_QUANTIZE_LM_HEAD", "true")
@@ -47,6 +58,12 @@ def test_environment_is_the_fallback_for_quantize(tmp_path, monkeypatch):
         (["--quantize", "fp4"], {}, "--quantize must be one of none, int8, int4, got 'fp4'"),
         ([], {"OPENLORA_QUANTIZE": "INT4"}, "--quantize must be one of none, int8, int4, got 'INT4'"),
         (["--quantize-lm-head"], {}, "--quantize-lm-head needs --quantize int8 or int4"),
+        (
+            ["--quantize", "int8"],
+            {"OPENLORA_QUANTIZE_LM_HEAD": "maybe"},
+            "OPENLORA_QUANTIZE_LM_HEAD must be one of",
+        ),
+        ([], {"OPENLORA_QUANTIZE_LM_HEAD": "on"}, "--quantize-lm-head needs --quantize int8 or int4"),
     ],
 )
 def test_worker_refuses_a_bad_quantize_value_before_starting(
@@ -63,16 +80,23 @@ def test_worker_refuses_a_bad_quantize_value_before_starting(
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "env", "message"),
     [
-        (["--quantize", "int2"], "--quantize must be one of none, int8, int4, got 'int2'"),
-        (["--quantize-lm-head"], "--quantize-lm-head needs --quantize int8 or int4"),
+        (["--quantize", "int2"], {}, "--quantize must be one of none, int8, int4, got 'int2'"),
+        (["--quantize-lm-head"], {}, "--quantize-lm-head needs --quantize int8 or int4"),
+        (
+            ["--quantize", "int4"],
+            {"OPENLORA_QUANTIZE_LM_HEAD": "sure"},
+            "OPENLORA_QUANTIZE_LM_HEAD must be one of",
+        ),
     ],
 )
 def test_up_refuses_a_bad_quantize_value_before_starting_anything(
-    tmp_path, monkeypatch, capsys, argv, message
+    tmp_path, monkeypatch, capsys, argv, env, message
 ):
     monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     state_dir = tmp_path / "state"
     code = main(["up", "--state-dir", str(state_dir), "--context", str(tmp_path / "ctx.json"), *argv])
     assert code == 2

@@ -46,8 +46,9 @@ class DeadlineExceeded(DomainError):
 
 
 class AdapterNotFound(NotFound):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"adapter {name!r} not found", field="adapter")
+    def __init__(self, name: str, field: str = "adapter") -> None:
+        super().__init__(f"adapter {name!r} not found", field=field)
+        self.name = name
 
 
 class TenantNotFound(NotFound):

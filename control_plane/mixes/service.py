@@ -22,7 +22,7 @@ from control_plane.mixes.models import (
     MixMember,
 )
 from control_plane.registry import service as registry
-from control_plane.registry.models import STATUS_READY, VISIBILITY_PUBLIC, Adapter
+from control_plane.registry.models import STATUS_READY, Adapter
 from control_plane.tenancy.models import Tenant
 from control_plane.text import check_text
 from openlora.mix_rules import density_problem, weight_problem
@@ -122,9 +122,12 @@ def create_mix(session: Session, tenant: Tenant, spec: MixSpec) -> OwnedMix:
             raise InvalidArgument(
                 "names a saved mix; the members of a mix must be adapters", field=f"members[{i}].adapter"
             )
-    adapters = [
-        registry.resolve_visible(session, tenant.id, name) if name else None for name, _ in spec.members
-    ]
+    adapters = []
+    for i, (name, _) in enumerate(spec.members):
+        try:
+            adapters.append(registry.resolve_visible(session, tenant.id, name) if name else None)
+        except AdapterNotFound as missing:
+            raise AdapterNotFound(missing.name, field=f"members[{i}].adapter") from None
     fingerprints = {a.base_model_fingerprint for a in adapters if a is not None}
     if len(fingerprints) > 1:
         raise InvalidArgument("the adapters are for different base models", field="members")
@@ -182,17 +185,16 @@ def delete_mix(session: Session, tenant: Tenant, name: str) -> OwnedMix:
 
 
 def resolve_mix(session: Session, tenant_id: uuid.UUID, mix: Mix, fingerprint: str | None) -> ResolvedMix:
-    """Each member as the tenant may use it now: a member deleted or no longer visible to the tenant is
-    NOT_FOUND (named, the tenant chose it), one for another base model FAILED_PRECONDITION."""
+    """Each member as the tenant sees its name now (`registry.resolve_visible`): the tenant's own adapter
+    of that name once it has one, even where the mix was saved over another tenant's public adapter of
+    that name; a member deleted or no longer visible to the tenant is NOT_FOUND (named, the tenant chose
+    it), one for another base model FAILED_PRECONDITION."""
     members = []
     for member in mix.members:
         if member.adapter_id is None:
             members.append((None, member.weight))
             continue
-        adapter = session.get(Adapter, member.adapter_id)
-        visible = adapter.tenant_id == tenant_id or adapter.visibility == VISIBILITY_PUBLIC
-        if adapter.status != STATUS_READY or not visible:
-            raise AdapterNotFound(adapter.name)
+        adapter = registry.resolve_visible(session, tenant_id, session.get(Adapter, member.adapter_id).name)
         if fingerprint is not None and adapter.base_model_fingerprint != fingerprint:
             raise FailedPrecondition(
                 f"mix {mix.name!r}: adapter {adapter.name!r} was made for base model "

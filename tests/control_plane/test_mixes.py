@@ -260,12 +260,51 @@ def test_a_mix_follows_its_members_replaced_deleted_or_hidden(cp, adapters_root,
     assert code == grpc.StatusCode.NOT_FOUND and "own" in details
 
 
-def _unique_copy(adapter_copy, name: str) -> Path:
-    """A copy of a fixture adapter with content no other test uploads (its alpha nudged)."""
+def test_a_mix_saved_over_a_public_adapter_serves_the_tenants_own_adapter_of_that_name_once_it_has_one(
+    cp, adapters_root, adapter_copy
+) -> None:
+    """Members are resolved by name as the tenant sees them at each call (its own adapter before another
+    tenant's public one): the mix kept serving the other tenant's weights (and royalty) by the member
+    row's adapter id, while the same name spelled out in a call served the tenant's own."""
+    _, owner_key = _tenant_with_key(cp)
+    _, key = _tenant_with_key(cp)
+    with cp.admin(owner_key) as admin:
+        public = admin.upload_adapter(adapters_root / "a", "shadowed", BASE, public=True).adapter
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "b", "mine", BASE)
+        admin.create_mix("m", [("shadowed", 0.5), ("mine", 0.5)])
+        assert _authorize(cp, key, ["m"]).adapters[0].mix.members[0].adapter.sha256 == public.sha256
+        own = admin.upload_adapter(_unique_copy(adapter_copy, "b", 0.375), "shadowed", BASE).adapter
+    assert own.sha256 != public.sha256
+    spelled_out = _authorize(cp, key, ["shadowed"]).adapters[0].sha256
+    assert spelled_out == own.sha256
+    assert _authorize(cp, key, ["m"]).adapters[0].mix.members[0].adapter.sha256 == own.sha256
+    # The public adapter's owner still gets its own.
+    with cp.admin(owner_key) as admin:
+        admin.create_mix("m", [("shadowed", 1.0)])
+    assert _authorize(cp, owner_key, ["m"]).adapters[0].mix.members[0].adapter.sha256 == public.sha256
+
+
+def test_a_member_nobody_may_use_is_not_found_naming_its_place(cp, adapters_root) -> None:
+    _, owner_key = _tenant_with_key(cp)
+    _, key = _tenant_with_key(cp)
+    with cp.admin(owner_key) as admin:
+        admin.upload_adapter(adapters_root / "a", "hidden", BASE)
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "b", "mine", BASE)
+        for missing in ("hidden", "never-existed"):
+            code, details = _code(lambda m=missing: admin.create_mix("m", [("mine", 0.5), (m, 0.5)]))
+            assert code == grpc.StatusCode.NOT_FOUND
+            assert details == f"members[1].adapter: adapter {missing!r} not found"
+
+
+def _unique_copy(adapter_copy, name: str, nudge: float = 0.125) -> Path:
+    """A copy of a fixture adapter with content no other test uploads (its alpha nudged; a test uploading
+    one another test deletes passes its own `nudge`, so the content is not still served by it)."""
     path = adapter_copy(name)
     config = path / "adapter_config.json"
     data = json.loads(config.read_text())
-    data["lora_alpha"] = data["lora_alpha"] + 0.125
+    data["lora_alpha"] = data["lora_alpha"] + nudge
     config.write_text(json.dumps(data))
     return path
 

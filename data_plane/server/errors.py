@@ -138,3 +138,20 @@ def http_status_for(error: BaseException) -> tuple[int, str, str]:
         return 500, "internal error", grpc.StatusCode.INTERNAL.name
     code, message = mapped
     return _HTTP_STATUS.get(code, 500), message, code.name
+
+
+def names_unknown(message: str, name: str) -> bool:
+    """Whether the control plane's NOT_FOUND `message` is about the adapter `name`."""
+    return bool(name) and f"adapter {name!r} not found" in message
+
+
+def mix_member_not_found(error: Exception, member_names: list[str]) -> ControlPlaneError | None:
+    """The control plane's NOT_FOUND for the name of mix member i (it names the field `adapter`: the
+    control plane sees a list of names, not the request), as the request names it: `mix[i].adapter`.
+    None when `error` is not such an answer."""
+    if not isinstance(error, ControlPlaneError) or error.code != grpc.StatusCode.NOT_FOUND:
+        return None
+    for index, name in enumerate(member_names):
+        if names_unknown(error.message, name):
+            return ControlPlaneError(error.code, f"mix[{index}].adapter: adapter {name!r} not found")
+    return None

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from data_plane.server.errors import MissingCredentials, status_for
+from data_plane.server.errors import MissingCredentials, mix_member_not_found, names_unknown, status_for
 from data_plane.server.generation import Chunk, GenerationService, WorkerState
 from data_plane.server.metrics import WorkerMetrics
 from data_plane.server.validation import check_request, requested_adapter_names
@@ -81,6 +81,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except grpc.aio.AbortError:
             raise
         except Exception as error:
+            if not (request.adapter and names_unknown(str(error), request.adapter)):
+                error = mix_member_not_found(error, [m.adapter for m in request.mix]) or error
             mapped = status_for(error)
             if mapped is None:
                 log.exception("Generate failed")

@@ -133,3 +133,26 @@ def test_a_stop_string_ends_the_whole_ensemble(ensemble_system):
     assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_STOP
     assert stop not in text and full.startswith(text)
     assert len(_tokens(responses)) < MAX_TOKENS
+
+
+@pytest.mark.parametrize("method", [None, inference_pb2.MIX_METHOD_LINEAR])
+def test_a_mix_member_nobody_may_use_is_not_found_naming_its_place(ensemble_system, method):
+    """The control plane sees a list of names and answers `adapter: ...`; the worker names the member as
+    the request does (as the HTTP API's mix[i].adapter)."""
+    _, key, target = ensemble_system
+    request = build_request(PROMPT, max_tokens=2)
+    request.mix.extend(inference_pb2.AdapterWeight(adapter=n, weight=0.5) for n in ("ad0", "no-such-adapter"))
+    if method is not None:
+        request.mix_method = method
+    with grpc.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(request, metadata=[("authorization", f"Bearer {key}")], timeout=60))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert refused.value.details() == "mix[1].adapter: adapter 'no-such-adapter' not found"
+    request = build_request(PROMPT, max_tokens=2, adapter="no-such-adapter")
+    with grpc.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(request, metadata=[("authorization", f"Bearer {key}")], timeout=60))
+    assert refused.value.details() == "adapter: adapter 'no-such-adapter' not found"

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
-from data_plane.server.errors import MissingCredentials, ModelNotFound
+from data_plane.server.errors import MissingCredentials, ModelNotFound, names_unknown
 from data_plane.server.generation import Chunk, GenerationService, WorkerState
 from data_plane.server.metrics import WorkerMetrics
 from data_plane.server.openai_http.chat_template import ChatTemplate, ChatTemplateError
@@ -235,10 +235,10 @@ async def _named_by_body(
         except ControlPlaneError as error:
             if error.code != grpc.StatusCode.NOT_FOUND or body is None:
                 raise
-            if _names_unknown(error.message, adapter):
+            if names_unknown(error.message, adapter):
                 raise ModelNotFound(body.model) from None
             for index, (name, _) in enumerate(body.mix):
-                if _names_unknown(error.message, name):
+                if names_unknown(error.message, name):
                     raise MixMemberNotFound(index, name) from None
             raise
 
@@ -254,11 +254,6 @@ def _raise_if_unknown_name(error: RequestFieldError, body: Body) -> None:
     if member is not None:
         index = int(member[1])
         raise MixMemberNotFound(index, body.mix[index][0]) from None
-
-
-def _names_unknown(message: str, name: str) -> bool:
-    """Whether the control plane's NOT_FOUND `message` is about the adapter `name`."""
-    return bool(name) and f"adapter {name!r} not found" in message
 
 
 def _refused(api: OpenAIApi, failure: HttpError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -318,7 +313,11 @@ async def _internal_error(request: Request, exc) -> JSONResponse:
 
 async def _not_allowed(request: Request, exc) -> JSONResponse:
     """405 with the route's `Allow` header (RFC 9110 requires it; Starlette's exception carries it)."""
-    allow = {k: v for k, v in (getattr(exc, "headers", None) or {}).items() if k.lower() == "allow"}
+    allow = {  # Starlette joins a set of methods: sorted here, so the header is the same on every run
+        k: ", ".join(sorted({m.strip() for m in v.split(",") if m.strip()}))
+        for k, v in (getattr(exc, "headers", None) or {}).items()
+        if k.lower() == "allow"
+    }
     return HttpError(
         405, f"{request.method} is not allowed on {request.url.path}", None, "not_allowed"
     ).response(allow)

@@ -27,12 +27,21 @@ import torch
 from kernels import reference
 from kernels.reference import SegmentPlan
 
-__all__ = ["SegmentPlan", "plan_segments", "reference", "sgmv_expand", "sgmv_shrink", "use_triton"]
+__all__ = [
+    "SegmentPlan",
+    "kernel_choice",
+    "plan_segments",
+    "reference",
+    "sgmv_expand",
+    "sgmv_shrink",
+    "use_triton",
+]
 
 _CHOICES = ("auto", "triton", "reference")
 
 
-def _kernel_choice() -> str:
+def kernel_choice() -> str:
+    """OPENLORA_KERNELS checked: "auto", "triton" or "reference" (ValueError naming the variable otherwise)."""
     # The one environment read outside an entry point: tests and operators switch the implementation
     # without rebuilding the engine's config, so it is read when a step's metadata is built (or per call
     # by callers that pass no choice).
@@ -44,7 +53,7 @@ def _kernel_choice() -> str:
 
 def use_triton(device: torch.device) -> bool:
     """True when calls on tensors of ``device`` go to the Triton kernels."""
-    choice = _kernel_choice()
+    choice = kernel_choice()
     if choice == "auto":
         return device.type == "cuda"
     return choice == "triton"

@@ -165,6 +165,9 @@ def worker_config_from_args(args: argparse.Namespace):
 
     if not args.model:
         raise ValueError("--model (or OPENLORA_MODEL) is required")
+    from kernels import kernel_choice
+
+    kernel_choice()  # a bad OPENLORA_KERNELS stops the worker here, not every request it would serve
     return WorkerConfig(
         model_dir=Path(args.model),
         model_name=args.model_name,

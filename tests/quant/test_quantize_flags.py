@@ -116,3 +116,17 @@ def test_worker_refuses_int4_for_a_model_it_cannot_group_before_serving(tmp_path
     assert "error: --quantize int4 cannot pack down_proj" in err
     assert "in_features 344" in err and "multiple of 32" in err and "use --quantize int8 or none" in err
     assert list(state_dir.iterdir()) == []  # no worker id, no usage spool: it never registered or served
+
+
+@pytest.mark.parametrize("value", ["foo", "tritonn"])
+def test_worker_refuses_an_unknown_kernel_choice_before_starting(tmp_path, monkeypatch, capsys, value):
+    """It was read first by a step: the worker started and answered every request INTERNAL."""
+    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
+    monkeypatch.setenv("OPENLORA_KERNELS", value)
+    state_dir = tmp_path / "state"
+    code = main(["worker", "--model", str(tmp_path), "--state-dir", str(state_dir), *REQUIRED])
+    assert code == 2
+    assert f"OPENLORA_KERNELS must be one of ('auto', 'triton', 'reference'), got {value!r}" in (
+        capsys.readouterr().err
+    )
+    assert not state_dir.exists()

@@ -214,7 +214,10 @@ def _run_worker(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    import grpc
+
     from data_plane.model.quant import QuantizationError
+    from data_plane.server.control_plane_client import ControlPlaneError
     from data_plane.server.main import run_worker
     from openlora.listen import ListenError
 
@@ -222,6 +225,15 @@ def _run_worker(args: argparse.Namespace) -> int:
         return run_worker(config)
     except QuantizationError as error:  # found while loading (the device cannot run the format)
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ControlPlaneError as error:  # the control plane refused to register it: starting again won't help
+        print(f"error: the control plane refused this worker: {error.message}", file=sys.stderr)
+        if error.code == grpc.StatusCode.UNAUTHENTICATED:
+            print(
+                "hint: --worker-token (OPENLORA_WORKER_TOKEN) must be the control plane's, kept in its "
+                "state directory's worker_token file",
+                file=sys.stderr,
+            )
         return 2
     except ListenError as error:  # one line, not a traceback; a supervisor tries again later
         print(f"error: {error}", file=sys.stderr)

@@ -199,3 +199,18 @@ def test_a_malformed_number_for_one_command_leaves_the_others_usable(tmp_path):
     result = _run_cli(["generate", "--help"], {"OPENLORA_MAX_WAITING": "abc", "OPENLORA_PORT": "x"}, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_worker_the_control_plane_refuses_says_so_in_one_line_and_exits_2(system, tmp_path):
+    """A wrong --worker-token: a 40-line traceback and exit 1 (which a supervisor restarts for ever)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "openlora.cli", "worker", "--model", str(system.model_dir),
+         "--control-plane", system.control_plane.target, "--worker-token", "wt_" + "wrong" * 4,
+         "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "worker")],
+        env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "error: the control plane refused this worker: unknown worker token" in result.stderr
+    assert "hint: --worker-token (OPENLORA_WORKER_TOKEN)" in result.stderr

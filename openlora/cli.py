@@ -96,6 +96,7 @@ async def _serve_until_signal(
 
 
 def _run_control_plane(settings: ControlPlaneSettings) -> int:
+    from control_plane.db.engine import DatabaseUnusable, check_database_url, database_unusable
     from control_plane.db.migrate import SchemaBehindError, upgrade
     from openlora.listen import ListenError
 
@@ -109,16 +110,27 @@ def _run_control_plane(settings: ControlPlaneSettings) -> int:
             from openlora.embedded import EmbeddedPostgres
 
             database_url = embedded.enter_context(EmbeddedPostgres(settings.state_dir / "embedded"))
-        if settings.migrate_only:
-            upgrade(database_url)
-            print("migrations applied")
-            return 0
-        if not redis_url:
-            from openlora.embedded import EmbeddedRedis
-
-            redis_url = embedded.enter_context(EmbeddedRedis(settings.state_dir / "embedded"))
         try:
+            if settings.database_url:
+                check_database_url(settings.database_url)
+            if settings.migrate_only:
+                upgrade(database_url)
+                print("migrations applied")
+                return 0
+            if not redis_url:
+                from openlora.embedded import EmbeddedRedis
+
+                redis_url = embedded.enter_context(EmbeddedRedis(settings.state_dir / "embedded"))
             return asyncio.run(_serve_until_signal(settings, database_url, redis_url))
+        except DatabaseUnusable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except Exception as e:
+            unusable = database_unusable(e, database_url)
+            if unusable is None:
+                raise
+            print(f"error: {unusable}", file=sys.stderr)  # one line: `up` restarts us on exit 1
+            return unusable.exit_code
         except SchemaBehindError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -7,6 +7,47 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
+class DatabaseUnusable(Exception):
+    """The database URL cannot be used: `exit_code` 2 when starting again cannot help (a URL that is not
+    PostgreSQL's, a database that does not exist, credentials refused), 1 when it may (not reachable)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# What PostgreSQL (through psycopg) says when retrying cannot help.
+_PERMANENT = ("does not exist", "password authentication failed", "no password supplied", "role ")
+
+
+def check_database_url(database_url: str) -> None:
+    """DatabaseUnusable (exit 2) for a URL that is not a PostgreSQL one SQLAlchemy can parse."""
+    try:
+        url = make_url(database_url)
+    except Exception as error:  # sqlalchemy.exc.ArgumentError: not a URL at all
+        raise DatabaseUnusable(f"the database URL is malformed: {error}", 2) from None
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        raise DatabaseUnusable(
+            f"the database URL must be a PostgreSQL one (postgresql://user@host:port/db), got "
+            f"{url.render_as_string(hide_password=True)!r}",
+            2,
+        )
+
+
+def database_unusable(error: BaseException, database_url: str) -> DatabaseUnusable | None:
+    """The one-line account of an error met connecting to `database_url` (password hidden), or None when
+    `error` is not about reaching the database."""
+    from sqlalchemy.exc import OperationalError
+
+    if not isinstance(error, OperationalError):
+        return None
+    where = make_url(database_url).render_as_string(hide_password=True)
+    reason = str(error.orig or error).strip().splitlines()
+    detail = " ".join(line.strip() for line in reason) if reason else type(error).__name__
+    permanent = any(words in detail for words in _PERMANENT)
+    return DatabaseUnusable(f"cannot use the database at {where}: {detail}", 2 if permanent else 1)
+
+
 def sqlalchemy_url(database_url: str) -> str:
     """`postgresql://...` (libpq style) -> the psycopg 3 dialect URL SQLAlchemy needs."""
     url = make_url(database_url)

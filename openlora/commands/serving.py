@@ -259,13 +259,14 @@ def _parse_mix(text: str) -> list[tuple[str, float]]:
 
 def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream a completion to stdout")
-    p.add_argument("prompt", help='prompt text ("-" reads stdin)')
+    p.add_argument("prompt", help='prompt text ("-" reads stdin, less one trailing newline)')
     p.add_argument("--adapter", default=None)
     p.add_argument("--mix", type=_parse_mix, default=None, help="runtime mix, e.g. a=0.5,b=0.5")
     p.add_argument(
         "--mix-method",
-        default="linear",
+        default=None,
         choices=["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ensemble"],
+        help="how --mix combines its adapters (default linear)",
     )
     p.add_argument(
         "--density", type=float, default=None, help="fraction kept by ties, dare_*, magnitude_prune"
@@ -286,6 +287,8 @@ def _add_generate(subparsers) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    import grpc
+
     from openlora.client import Client
     from openlora.errors import OpenLoRAError
     from openlora.v1 import inference_pb2
@@ -300,7 +303,13 @@ def _run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.mix_method is not None and args.mix is None:
+        print("error: --mix-method applies only to a --mix", file=sys.stderr)
+        return 2
+    prompt = args.prompt
+    if prompt == "-":  # `echo "..." |` adds a newline the prompt did not have, and it changes the answer
+        prompt = sys.stdin.read()
+        prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt.removesuffix("\n")
     last = None
     with Client(target, api_key) as client:
         try:
@@ -308,7 +317,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                 prompt,
                 adapter=args.adapter,
                 mix=args.mix,
-                mix_method=args.mix_method,
+                mix_method=args.mix_method or "linear",
                 density=args.density,
                 majority_sign_method=args.majority_sign_method,
                 combine=args.combine,
@@ -328,6 +337,10 @@ def _run_generate(args: argparse.Namespace) -> int:
             if last is not None:  # text was streamed: end its line first
                 sys.stdout.write("\n")
             print(f"error: {error.code.name}: {error.details}", file=sys.stderr)
+            if error.code == grpc.StatusCode.UNAVAILABLE and "connect" in (error.details or "").lower():
+                from openlora.cli import UNREACHABLE_HINT
+
+                print(UNREACHABLE_HINT, file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130

@@ -214,3 +214,42 @@ def test_a_worker_the_control_plane_refuses_says_so_in_one_line_and_exits_2(syst
     assert "Traceback" not in result.stderr
     assert "error: the control plane refused this worker: unknown worker token" in result.stderr
     assert "hint: --worker-token (OPENLORA_WORKER_TOKEN)" in result.stderr
+
+
+def _generate_cli(args: list[str], tmp_path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "OPENLORA_CONTEXT": str(tmp_path / "missing.json"), "HOME": str(tmp_path)}
+    return subprocess.run(
+        [sys.executable, "-m", "openlora.cli", "generate", *args], input=stdin,
+        env=env, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+
+
+def test_generate_mix_method_without_a_mix_is_refused_not_ignored(system, tmp_path):
+    _, _, key = system.new_tenant()
+    result = _generate_cli(
+        ["--target", system.target, "--api-key", key, "--mix-method", "ties", "hello"], tmp_path
+    )
+    assert result.returncode == 2 and "--mix-method applies only to a --mix" in result.stderr
+
+
+def test_generate_from_stdin_drops_the_newline_echo_adds(system, tmp_path):
+    """`echo "prompt" | openlora generate -` gives the answer of "prompt", not of "prompt\\n"."""
+    _, _, key = system.new_tenant()
+    flags = ["--target", system.target, "--api-key", key, "--max-tokens", "6", "--verbose"]
+    piped = _generate_cli([*flags, "-"], tmp_path, stdin="one two three\n")
+    given = _generate_cli([*flags, "one two three"], tmp_path)
+    assert piped.returncode == given.returncode == 0
+    assert piped.stdout == given.stdout
+    prompt_tokens = [line.split("prompt_tokens=")[1].split()[0] for line in (piped.stderr, given.stderr)]
+    assert prompt_tokens[0] == prompt_tokens[1]
+
+
+def test_generate_against_an_address_nobody_answers_says_what_to_check(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = _generate_cli(["--target", f"127.0.0.1:{port}", "--api-key", "k" * 20, "hello"], tmp_path)
+    assert result.returncode == 1
+    assert "error: UNAVAILABLE" in result.stderr and "hint: nothing answers at that address" in result.stderr

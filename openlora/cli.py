@@ -125,12 +125,6 @@ def _run_control_plane(settings: ControlPlaneSettings) -> int:
         except DatabaseUnusable as e:
             print(f"error: {e}", file=sys.stderr)
             return e.exit_code
-        except Exception as e:
-            unusable = database_unusable(e, database_url)
-            if unusable is None:
-                raise
-            print(f"error: {unusable}", file=sys.stderr)  # one line: `up` restarts us on exit 1
-            return unusable.exit_code
         except SchemaBehindError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -139,6 +133,12 @@ def _run_control_plane(settings: ControlPlaneSettings) -> int:
             return 1
         except KeyboardInterrupt:
             return 0
+        except Exception as e:
+            unusable = database_unusable(e, database_url)
+            if unusable is None:
+                raise
+            print(f"error: {unusable}", file=sys.stderr)  # one line: `up` restarts us on exit 1
+            return unusable.exit_code
 
 
 # ------------------------------------------------------------------------------------- admin commands

@@ -115,7 +115,10 @@ class ControlPlane:
             registry.check_public_name_free(s, tenant.id, header.name, header.visibility)
             _check_royalty_not_raised(registry.named_terms(s, tenant.id, header.name), header)
             spec = workers.base_model(s, header.base_model).to_spec()
-        return UploadPlan(header, tenant.id, spec)
+            # Workers choose their rank limit (--max-lora-rank): an upload is refused only past what the
+            # workers serving its base model accept (it was refused past 64 whatever they accepted).
+            max_rank = workers.max_lora_rank(s, spec.name) or self.config.max_lora_rank
+        return UploadPlan(header, tenant.id, spec, max_rank)
 
     def begin_upload(self, plan: UploadPlan) -> Upload:
         """Takes one of the tenant's upload slots (ResourceExhausted when it has none left, or the control
@@ -142,7 +145,7 @@ class ControlPlane:
         directory = upload.finish()
         try:
             info = validate_adapter_dir(
-                directory, plan.base_model, self.config.max_lora_rank, self.config.max_adapter_size_bytes
+                directory, plan.base_model, plan.max_rank, self.config.max_adapter_size_bytes
             )
         except AdapterFormatError as e:
             raise InvalidArgument(e.reason, field=e.field) from None

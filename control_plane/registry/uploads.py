@@ -30,6 +30,8 @@ class UploadPlan:
     header: UploadHeader
     tenant_id: uuid.UUID
     base_model: BaseModelSpec
+    # The largest rank a worker serving that base model accepts: what the content is validated against.
+    max_rank: int
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, fields
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from control_plane.db.base import utc_now
@@ -96,6 +96,13 @@ def heartbeat(
 
 def list_workers(session: Session) -> list[Worker]:
     return list(session.scalars(select(Worker).order_by(Worker.registered_at, Worker.id)))
+
+
+def max_lora_rank(session: Session, base_model_name: str) -> int | None:
+    """The largest LoRA rank a worker registered for this base model accepts (None: no worker)."""
+    return session.scalar(
+        select(func.max(Worker.max_lora_rank)).where(Worker.base_model_name == base_model_name)
+    )
 
 
 def base_model(session: Session, name: str) -> BaseModelRow:

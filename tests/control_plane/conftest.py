@@ -153,14 +153,18 @@ def cp(
 
 
 def register_worker(
-    cp: ControlPlaneHandle, spec: BaseModelSpec, worker_id: str = "", address: str = "127.0.0.1:9"
+    cp: ControlPlaneHandle,
+    spec: BaseModelSpec,
+    worker_id: str = "",
+    address: str = "127.0.0.1:9",
+    max_lora_rank: int = 64,
 ) -> worker_pb2.RegisterWorkerResponse:
     return cp.worker_stub().RegisterWorker(
         worker_pb2.RegisterWorkerRequest(
             worker_id=worker_id,
             address=address,
             base_model=spec_to_proto(spec),
-            max_lora_rank=64,
+            max_lora_rank=max_lora_rank,
             num_adapter_slots=8,
         ),
         metadata=cp.worker_metadata(),

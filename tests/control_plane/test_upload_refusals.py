@@ -123,6 +123,36 @@ def test_rank_over_the_limit_is_refused(cp, adapter_copy) -> None:
     _refused(cp, dir_files(directory), grpc.StatusCode.INVALID_ARGUMENT, "adapter_config.json.r")
 
 
+def _padded_to_rank(directory: Path, rank: int) -> Path:
+    """The same adapter at a higher rank (zero rows of A, zero columns of B: the same product)."""
+
+    def pad(tensors: dict) -> None:
+        for key, t in tensors.items():
+            if "lora_A" in key:
+                tensors[key] = torch.cat([t, t.new_zeros(rank - t.shape[0], t.shape[1])])
+            elif "lora_B" in key:
+                tensors[key] = torch.cat([t, t.new_zeros(t.shape[0], rank - t.shape[1])], dim=1)
+
+    return _edit_config(_edit_weights(directory, pad), r=rank)
+
+
+def test_the_rank_limit_is_the_largest_a_worker_of_the_base_model_accepts(
+    cp, adapter_copy, base_spec
+) -> None:
+    """Workers choose --max-lora-rank; uploads were refused past 64 whatever the workers accepted."""
+    from .conftest import register_worker
+
+    rank_96 = dir_files(_padded_to_rank(adapter_copy("a"), 96))
+    rank_129 = dir_files(_padded_to_rank(adapter_copy("b"), 129))
+    _refused(cp, rank_96, grpc.StatusCode.INVALID_ARGUMENT, "exceeds the maximum of 64", name="r96")
+    register_worker(cp, base_spec, worker_id="wide-worker", max_lora_rank=128)
+    try:
+        raw_upload(cp, rank_96, name="r96")
+        _refused(cp, rank_129, grpc.StatusCode.INVALID_ARGUMENT, "exceeds the maximum of 128", name="r129")
+    finally:  # the module's other tests expect the fixture worker's 64
+        register_worker(cp, base_spec, worker_id="wide-worker", max_lora_rank=64)
+
+
 def test_auto_map_in_config_is_refused(cp, adapter_copy) -> None:
     directory = _edit_config(adapter_copy("a"), auto_map={"AutoModel": "evil.Model"})
     _refused(cp, dir_files(directory), grpc.StatusCode.INVALID_ARGUMENT, "auto_map")

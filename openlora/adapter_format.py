@@ -205,7 +205,9 @@ def parse_adapter_config(data: bytes) -> dict:
                 f"{describe(task_type)} is not one of PEFT's {list(_PEFT_TASK_TYPES)}",
             )
         rank = config.get_int("r", lo=1, hi=MAX_CONFIG_RANK)
-        alpha = config.get_number("lora_alpha", PEFT_DEFAULT_ALPHA, positive=True)
+        # Any finite alpha, as PEFT takes it: a negative one scales B @ A by a negative factor, 0 turns the
+        # module off; only the factor's size is bounded (MAX_LORA_SCALING).
+        alpha = config.get_number("lora_alpha", PEFT_DEFAULT_ALPHA)
         use_rslora = config.get_bool("use_rslora", False)
         # PEFT options that change the model beyond LoRA on the seven projections: weights this server does
         # not apply (a bias on lora_B, trained embedding rows, whole modules), layers it does not have, or
@@ -235,7 +237,7 @@ def parse_adapter_config(data: bytes) -> dict:
         alpha_pattern = _pattern(
             config,
             "alpha_pattern",
-            lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+            lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
         )
         # bias "all" / "lora_only" trains the base model's biases: PEFT saves them only where the base has
         # some (a `.bias` tensor, refused by name below); on a base without biases the file is a plain LoRA.
@@ -312,7 +314,7 @@ def _pattern(config, key: str, valid_value) -> dict:
     for name, value in raw.items():
         _pattern_regex(config.field(key), name)
         if not valid_value(value):
-            want = f"a rank from 1 to {MAX_CONFIG_RANK}" if key == "rank_pattern" else "a positive number"
+            want = f"a rank from 1 to {MAX_CONFIG_RANK}" if key == "rank_pattern" else "a finite number"
             raise JsonFieldError(config.field(key), f"{describe(name)} maps to {describe(value)}, not {want}")
     return dict(raw)
 
@@ -413,6 +415,10 @@ def _tensor_info(name: str, entry: object, data_bytes: int) -> TensorInfo:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise AdapterFormatError(WEIGHTS_FILE, f"{where}: dtype {describe(dtype)} is not F16, BF16 or F32")
+    if isinstance(shape, list) and len(shape) == 2 and all(is_int(d) for d in shape) and 0 in shape:
+        raise AdapterFormatError(
+            WEIGHTS_FILE, f"{where}: shape {shape} has a dimension of 0 (rank 0?): each must be at least 1"
+        )
     if (
         not isinstance(shape, list)
         or len(shape) != 2
@@ -566,7 +572,7 @@ def validate_adapter_dir(
         module_ranks[(layer, module)] = module_rank
         module_alpha = float(alpha_pattern.value(name, alpha))
         scaling = lora_scaling(module_alpha, module_rank, use_rslora)
-        if scaling > MAX_LORA_SCALING:
+        if abs(scaling) > MAX_LORA_SCALING:
             field = "alpha_pattern" if module_alpha != alpha else "lora_alpha"
             raise AdapterFormatError(
                 f"{CONFIG_FILE}.{field}",

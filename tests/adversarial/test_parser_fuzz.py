@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import shutil
 import struct
 import tempfile
@@ -155,7 +156,7 @@ def _check_config(data: bytes) -> None:
         assert e.field.startswith(CONFIG) and names_field(e, e.field)
         return
     assert type(config["r"]) is int and config["r"] >= 1
-    assert type(config["lora_alpha"]) is float and config["lora_alpha"] > 0
+    assert type(config["lora_alpha"]) is float and math.isfinite(config["lora_alpha"])
     assert type(config["use_rslora"]) is bool
 
 

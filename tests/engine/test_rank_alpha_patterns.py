@@ -126,8 +126,8 @@ def _with_config(src: Path, dst: Path, **changes) -> Path:
         ({"rank_pattern": {"(?:(?:a{1000}){1000}){1000}": 4}}, "adapter_config.json.rank_pattern", "expand"),
         ({"rank_pattern": {"q_proj": 0}}, "adapter_config.json.rank_pattern", "not a rank"),
         ({"rank_pattern": {"q_proj": True}}, "adapter_config.json.rank_pattern", "not a rank"),
-        ({"alpha_pattern": {"v_proj": -1}}, "adapter_config.json.alpha_pattern", "positive number"),
-        ({"alpha_pattern": {"v_proj": "8"}}, "adapter_config.json.alpha_pattern", "positive number"),
+        ({"alpha_pattern": {"v_proj": "8"}}, "adapter_config.json.alpha_pattern", "finite number"),
+        ({"alpha_pattern": {"v_proj": None}}, "adapter_config.json.alpha_pattern", "finite number"),
         ({"rank_pattern": ["q_proj", 4]}, "adapter_config.json.rank_pattern", "must map"),
         # Bounded: every key is tried against every module a worker loads.
         ({"alpha_pattern": {f"k{i}": 1 for i in range(1025)}}, "adapter_config.json.alpha_pattern", "1024"),
@@ -229,3 +229,19 @@ def test_keys_that_mean_something_else_to_the_regex_engine_are_read_as_re_reads_
     rng = random.Random(10)
     prompts = {f"p{n}": [rng.randrange(tiny_llama.vocab_size) for _ in range(n)] for n in (5, 17)}
     assert_served_like_peft(tiny_llama, adapter, prompts)
+
+
+def test_negative_and_zero_alphas_are_served_as_peft_serves_them(tiny_llama, tmp_path):
+    """PEFT takes any alpha: a negative one flips the adapter's delta, 0 turns a module off (they were
+    refused as "not a positive number" though the README says any alpha)."""
+    variants = {
+        "negative": {"lora_alpha": -16},
+        "zero": {"lora_alpha": 0},
+        "negative_pattern": {"alpha_pattern": {"q_proj": -4.0}},
+    }
+    rng = random.Random(5)
+    for name, changes in variants.items():
+        path = _with_config(tiny_llama.adapter_dirs["r8_all"], tmp_path / name, **changes)
+        validate_adapter_dir(path)
+        prompts = {f"{name}-{i}": [rng.randrange(tiny_llama.vocab_size) for _ in range(9)] for i in range(2)}
+        assert_served_like_peft(tiny_llama, path, prompts)

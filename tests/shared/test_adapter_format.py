@@ -385,3 +385,18 @@ def test_a_task_type_peft_refuses_is_refused(adapter: Path, spec: BaseModelSpec,
     with pytest.raises(AdapterFormatError) as caught:
         validate_adapter_dir(adapter, spec)
     assert caught.value.field == "adapter_config.json.task_type"
+
+
+def test_a_rank_0_tensor_is_refused_saying_so(adapter: Path, spec: BaseModelSpec) -> None:
+    def rank_0(tensors):
+        for key in list(tensors):
+            if "lora_A" in key:
+                tensors[key] = tensors[key][:0]
+            else:
+                tensors[key] = tensors[key][:, :0]
+
+    _rewrite_tensors(adapter, rank_0)
+    with pytest.raises(AdapterFormatError) as caught:
+        validate_adapter_dir(adapter, spec)
+    assert caught.value.field == "adapter_model.safetensors"
+    assert "has a dimension of 0 (rank 0?)" in caught.value.reason

@@ -210,7 +210,8 @@ def _add_adapters(subparsers) -> None:
     p.add_argument(
         "--keep-warm",
         action="store_true",
-        help="keep it in the workers' host memory once loaded, never evicted",
+        help="keep it in the workers' host memory once loaded: not evicted while the keep-warm copies "
+        "stored before it hold less than half of that tier",
     )
     p = _admin_command(adapters, "list", _adapters_list, "list adapters")
     p.add_argument("--tenant", default="")

@@ -55,25 +55,81 @@ def _add_worker(subparsers) -> None:
     p = subparsers.add_parser("worker", help="run a data-plane worker (InferenceService) on one device")
     p.add_argument("--model", default=_env("MODEL"), help="base model directory (OPENLORA_MODEL)")
     p.add_argument("--model-name", default=_env("MODEL_NAME", ""), help="base model name; default: dir name")
-    p.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:50052"), help="host:port to serve on")
+    p.add_argument(
+        "--listen",
+        default=_env("LISTEN", "127.0.0.1:50052"),
+        help="host:port of the gRPC InferenceService (OPENLORA_LISTEN; default 127.0.0.1:50052)",
+    )
     p.add_argument("--advertise", default=_env("ADVERTISE"), help="host:port the control plane records")
     p.add_argument(
         "--control-plane",
         default=_env("CONTROL_PLANE") or _env("ADMIN_TARGET"),
         help="control plane host:port (OPENLORA_CONTROL_PLANE)",
     )
-    p.add_argument("--worker-token", default=_env("WORKER_TOKEN"), help="(OPENLORA_WORKER_TOKEN)")
-    p.add_argument("--worker-id", default=_env("WORKER_ID", ""))
-    p.add_argument("--state-dir", default=_env("STATE_DIR", ".state/worker"))
-    p.add_argument("--redis-url", default=_env("REDIS_URL"))
-    p.add_argument("--device", default=_env("DEVICE", "cpu"))
-    p.add_argument("--dtype", default=_env("DTYPE", "auto"))
-    p.add_argument("--max-lora-rank", type=int, default=_env_int("MAX_LORA_RANK", 64))
-    p.add_argument("--num-adapter-slots", type=int, default=_env_int("NUM_ADAPTER_SLOTS", 32))
-    p.add_argument("--kv-cache-bytes", type=int, default=_env_int("KV_CACHE_BYTES", None))
-    p.add_argument("--num-kv-blocks", type=int, default=_env_int("NUM_KV_BLOCKS", None))
-    p.add_argument("--max-num-seqs", type=int, default=_env_int("MAX_NUM_SEQS", 64))
-    p.add_argument("--max-model-len", type=int, default=_env_int("MAX_MODEL_LEN", None))
+    p.add_argument(
+        "--worker-token",
+        default=_env("WORKER_TOKEN"),
+        help="the control plane's worker token, kept in its state dir's worker_token file (OPENLORA_WORKER_TOKEN)",
+    )
+    p.add_argument(
+        "--worker-id",
+        default=_env("WORKER_ID", ""),
+        help="id to register under; default: kept in the state dir (OPENLORA_WORKER_ID)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=_env("STATE_DIR", ".state/worker"),
+        help="artifacts, usage spool and id (OPENLORA_STATE_DIR; default .state/worker)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=_env("REDIS_URL"),
+        help="Redis of the prewarm hints; none: no hints (OPENLORA_REDIS_URL)",
+    )
+    p.add_argument(
+        "--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N (OPENLORA_DEVICE; default cpu)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=_env("DTYPE", "auto"),
+        help="auto (float32 on CPU; on CUDA float16 for a float16 checkpoint, else bfloat16), float32, bfloat16 or float16 (OPENLORA_DTYPE)",
+    )
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=_env_int("MAX_LORA_RANK", 64),
+        help="largest adapter rank a slot holds (OPENLORA_MAX_LORA_RANK; default 64)",
+    )
+    p.add_argument(
+        "--num-adapter-slots",
+        type=int,
+        default=_env_int("NUM_ADAPTER_SLOTS", 32),
+        help="adapters on the device at once (OPENLORA_NUM_ADAPTER_SLOTS; default 32)",
+    )
+    p.add_argument(
+        "--kv-cache-bytes",
+        type=int,
+        default=_env_int("KV_CACHE_BYTES", None),
+        help="KV cache size (OPENLORA_KV_CACHE_BYTES)",
+    )
+    p.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=_env_int("NUM_KV_BLOCKS", None),
+        help="KV cache size in blocks, instead of bytes (OPENLORA_NUM_KV_BLOCKS)",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=_env_int("MAX_NUM_SEQS", 64),
+        help="sequences a step runs at most (OPENLORA_MAX_NUM_SEQS; default 64)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=_env_int("MAX_MODEL_LEN", None),
+        help="prompt + output tokens per request; default: the model's (OPENLORA_MAX_MODEL_LEN)",
+    )
     _add_quantize_flags(p)
     p.add_argument(
         "--host-cache-bytes",
@@ -87,7 +143,12 @@ def _add_worker(subparsers) -> None:
         default=_env_int("DISK_CACHE_BYTES", None),
         help="local artifact disk budget (OPENLORA_DISK_CACHE_BYTES; default free disk/4, at most 20 GiB)",
     )
-    p.add_argument("--max-waiting", type=int, default=_env_int("MAX_WAITING", 256))
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=_env_int("MAX_WAITING", 256),
+        help="requests queued past the running ones before RESOURCE_EXHAUSTED (OPENLORA_MAX_WAITING; default 256)",
+    )
     p.add_argument(
         "--max-connections",
         type=int,
@@ -108,9 +169,24 @@ def _add_worker(subparsers) -> None:
         help="streams one tenant may have on this worker at once, past it RESOURCE_EXHAUSTED for that "
         "tenant (OPENLORA_MAX_STREAMS_PER_TENANT; default half of --max-num-seqs + --max-waiting)",
     )
-    p.add_argument("--max-tokens-limit", type=int, default=_env_int("MAX_TOKENS_LIMIT", 4096))
-    p.add_argument("--drain-grace-s", type=float, default=_env_float("DRAIN_GRACE_S", 30.0))
-    p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", 0))
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=_env_int("MAX_TOKENS_LIMIT", 4096),
+        help="largest max_tokens a request may ask (OPENLORA_MAX_TOKENS_LIMIT; default 4096)",
+    )
+    p.add_argument(
+        "--drain-grace-s",
+        type=float,
+        default=_env_float("DRAIN_GRACE_S", 30.0),
+        help="seconds running streams get to finish on SIGTERM (OPENLORA_DRAIN_GRACE_S; default 30)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_int("METRICS_PORT", 0),
+        help="Prometheus /metrics port, 0 = off (OPENLORA_METRICS_PORT)",
+    )
     p.add_argument(
         "--http-listen",
         default=_env("HTTP_LISTEN", ""),
@@ -119,12 +195,21 @@ def _add_worker(subparsers) -> None:
     p.add_argument(
         "--http-metrics",
         action="store_true",
-        default=_env("HTTP_METRICS", "") not in ("", "0", "false"),
+        default=_env("HTTP_METRICS", False),  # read by `yes_no`: a bad value is refused there
         help="also serve GET /metrics on the HTTP API's listener; it needs no key and names the adapters "
         "in use, private ones included, so only on a listener the public cannot reach (OPENLORA_HTTP_METRICS)",
     )
-    p.add_argument("--auth-cache-ttl-s", type=float, default=_env_float("AUTH_CACHE_TTL_S", 10.0))
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--auth-cache-ttl-s",
+        type=float,
+        default=_env_float("AUTH_CACHE_TTL_S", 10.0),
+        help="seconds an Authorize answer is reused, at most 10 (OPENLORA_AUTH_CACHE_TTL_S; default 10)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (OPENLORA_LOG_LEVEL; default INFO)",
+    )
     p.set_defaults(func=_run_worker)
 
 
@@ -145,19 +230,24 @@ def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
 _TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
-def quantize_lm_head(args: argparse.Namespace) -> bool:
-    """--quantize-lm-head (True when given), else OPENLORA_QUANTIZE_LM_HEAD read as a yes/no word; any
-    other value is refused (ValueError) rather than taken as no."""
-    value = args.quantize_lm_head
+def yes_no(value: bool | str, variable: str) -> bool:
+    """A store_true flag whose default is its environment variable's text: True when the flag was given,
+    else the variable read as a yes/no word; any other text is refused (ValueError naming the variable)
+    rather than read as yes or no."""
     if isinstance(value, bool):
         return value
     word = value.strip().lower()
     if word in _TRUE_WORDS or word in _FALSE_WORDS:
         return word in _TRUE_WORDS
     raise ValueError(
-        f"OPENLORA_QUANTIZE_LM_HEAD must be one of {', '.join(w for w in _TRUE_WORDS + _FALSE_WORDS if w)} "
-        f"(or empty), got {value!r}"
+        f"{variable} must be one of {', '.join(w for w in _TRUE_WORDS + _FALSE_WORDS if w)} (or empty), "
+        f"got {value!r}"
     )
+
+
+def quantize_lm_head(args: argparse.Namespace) -> bool:
+    """--quantize-lm-head, else OPENLORA_QUANTIZE_LM_HEAD (`yes_no`)."""
+    return yes_no(args.quantize_lm_head, "OPENLORA_QUANTIZE_LM_HEAD")
 
 
 def worker_config_from_args(args: argparse.Namespace):
@@ -192,7 +282,7 @@ def worker_config_from_args(args: argparse.Namespace):
         ),
         max_waiting=args.max_waiting,
         max_connections=args.max_connections,
-        http_metrics=args.http_metrics,
+        http_metrics=yes_no(args.http_metrics, "OPENLORA_HTTP_METRICS"),
         max_streams_per_tenant=args.max_streams_per_tenant,
         max_pending_merges_per_tenant=args.max_pending_merges_per_tenant,
         max_tokens_limit=args.max_tokens_limit,
@@ -380,22 +470,36 @@ def _run_demo_model(args: argparse.Namespace) -> int:
 
 def _add_up(subparsers) -> None:
     p = subparsers.add_parser("up", help="run the whole system on this machine until Ctrl-C")
-    p.add_argument("--state-dir", default=_env("STATE_DIR", ".state"))
-    p.add_argument("--model", default=_env("MODEL"), help="base model directory; default: the demo model")
-    p.add_argument("--database-url", default=_env("DATABASE_URL"), help="default: embedded PostgreSQL")
-    p.add_argument("--redis-url", default=_env("REDIS_URL"), help="default: embedded Redis")
+    p.add_argument(
+        "--state-dir",
+        default=_env("STATE_DIR", ".state"),
+        help="databases, logs, secrets and the demo model (OPENLORA_STATE_DIR; default .state)",
+    )
+    p.add_argument(
+        "--model",
+        default=_env("MODEL"),
+        help="base model directory (OPENLORA_MODEL); default: the demo model",
+    )
+    p.add_argument(
+        "--database-url",
+        default=_env("DATABASE_URL"),
+        help="(OPENLORA_DATABASE_URL) default: embedded PostgreSQL",
+    )
+    p.add_argument(
+        "--redis-url", default=_env("REDIS_URL"), help="(OPENLORA_REDIS_URL) default: embedded Redis"
+    )
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="(OPENLORA_HOST)")
     p.add_argument(
         "--port",
         type=int,
         default=_env_int("PORT", 50052),
-        help="inference port (OPENLORA_PORT; 0: any free)",
+        help="inference port (OPENLORA_PORT; default 50052; 0: any free port)",
     )
     p.add_argument(
         "--admin-port",
         type=int,
         default=_env_int("ADMIN_PORT", 50051),
-        help="control plane port (OPENLORA_ADMIN_PORT; 0: any free port)",
+        help="control plane port (OPENLORA_ADMIN_PORT; default 50051; 0: any free port)",
     )
     p.add_argument(
         "--http-port",
@@ -416,10 +520,19 @@ def _add_up(subparsers) -> None:
         default=_env_int("ADMIN_METRICS_PORT", 0),
         help="the control plane's /metrics port (OPENLORA_ADMIN_METRICS_PORT; default 0: off)",
     )
-    p.add_argument("--device", default=_env("DEVICE", "cpu"))
+    p.add_argument(
+        "--device",
+        default=_env("DEVICE", "cpu"),
+        help="the worker's device: cpu, cuda or cuda:N (OPENLORA_DEVICE)",
+    )
     p.add_argument("--tenant", default=_env("TENANT", "demo"), help="the demo tenant (OPENLORA_TENANT)")
     p.add_argument("--context", default=None, help="context file; default OPENLORA_CONTEXT or XDG path")
-    p.add_argument("--drain-grace-s", type=float, default=_env_float("DRAIN_GRACE_S", 30.0))
+    p.add_argument(
+        "--drain-grace-s",
+        type=float,
+        default=_env_float("DRAIN_GRACE_S", 30.0),
+        help="seconds running streams get to finish on Ctrl-C or SIGTERM (OPENLORA_DRAIN_GRACE_S; default 30)",
+    )
     p.add_argument(
         "--worker-arg",
         action="append",

@@ -51,6 +51,26 @@ def test_worker_environment_is_the_fallback_for_flags(tmp_path, monkeypatch):
     assert config.max_waiting == 3
 
 
+_TARGET = ["--control-plane", "cp:1", "--worker-token", "t" * 20]
+
+
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [("1", True), ("on", True), ("TRUE", True), ("off", False), ("no", False), ("", False)],
+)
+def test_http_metrics_variable_reads_yes_and_no_words(tmp_path, monkeypatch, word, expected):
+    """Words "off" and "no" turned the unauthenticated /metrics on: anything but "", "0", "false" read as yes."""
+    monkeypatch.setenv("OPENLORA_HTTP_METRICS", word)
+    config = worker_config_from_args(_parse(["worker", "--model", str(tmp_path), *_TARGET]))
+    assert config.http_metrics is expected
+
+
+def test_http_metrics_variable_of_another_word_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENLORA_HTTP_METRICS", "maybe")
+    with pytest.raises(ValueError, match="OPENLORA_HTTP_METRICS must be one of"):
+        worker_config_from_args(_parse(["worker", "--model", str(tmp_path), *_TARGET]))
+
+
 def test_auth_cache_ttl_over_ten_seconds_is_refused(tmp_path):
     args = _parse(
         [

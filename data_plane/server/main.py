@@ -249,10 +249,13 @@ async def _start_serving(
         weights = llm_engine.runner.model.weight_bytes()
         weight_format = llm_engine.config.quantize
         log.info(
-            "base weights: %s, %.2f bits per weight in the decoder linears, %.1f MiB resident",
+            "base weights: %s, %.2f bits per weight in the decoder linears, %.1f MiB resident; on %s, "
+            "computing in %s",
             weight_format,
             weights.decoder_bits_per_weight,
             weights.total_bytes / 2**20,
+            llm_engine.runner.device,
+            str(llm_engine.runner.model.model.embed_tokens.weight.dtype).removeprefix("torch."),
         )
         metrics.set_base_weights(weight_format, weights.decoder_bits_per_weight, weights.total_bytes)
         control_plane.set_base_weights(weight_format, weights.decoder_bits_per_weight, weights.total_bytes)

@@ -451,7 +451,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _add_demo_model(subparsers) -> None:
     p = subparsers.add_parser("demo-model", help="write a small demo Llama checkpoint and PEFT adapters")
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("out_dir", type=Path, help="directory to write the model and its adapters into")
     p.set_defaults(func=_run_demo_model)
 
 
@@ -459,7 +459,11 @@ def _run_demo_model(args: argparse.Namespace) -> int:
     from data_plane.demo import write_demo_model
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    write_demo_model(args.out_dir)
+    try:
+        write_demo_model(args.out_dir)
+    except OSError as e:  # not a directory, not writable, disk full: one line, not a traceback
+        print(f"error: {e.filename or args.out_dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
     adapters = sorted(p.name for p in (args.out_dir / "adapters").iterdir() if p.is_dir())
     print(f"demo model written to {args.out_dir} (adapters: {', '.join(adapters)})")
     return 0

@@ -273,7 +273,19 @@ def _load_secrets(state_dir: Path) -> dict:
     and as starts add them `admin_key_shown` (once a ready start printed it) and `demo_keys` (by tenant)."""
     path = state_dir / SECRETS_FILE
     if path.exists():
-        return json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"{_shown_path(path)} is not valid JSON ({e}): restore it from a backup"
+            ) from None
+        keys = ("admin_key", "worker_token")
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data[k] for k in keys):
+            raise ValueError(
+                f"{_shown_path(path)} must be an object holding the strings {' and '.join(keys)}: "
+                "restore it from a backup"
+            )
+        return data
     data = {"admin_key": new_secret("op_"), "worker_token": new_secret("wt_")}
     _save_secrets(state_dir, data)
     return data
@@ -315,7 +327,13 @@ def cli_command() -> str:
 
 def run_up(config: UpConfig) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(
+            f"error: --state-dir {_shown_path(config.state_dir)}: {e.strerror}", file=sys.stderr, flush=True
+        )
+        return 2
     try:
         lock_fd = lock_state_dir(config.state_dir)  # held until `up` returns
         try:
@@ -343,6 +361,7 @@ def _run_locked(config: UpConfig) -> int:
     supervisor = Supervisor(children)
     exit_code = 0
     try:
+        keys = _load_secrets(config.state_dir)  # first: a damaged file stops `up` before anything starts
         database_url = config.database_url
         redis_url = config.redis_url
         if not database_url:
@@ -353,7 +372,6 @@ def _run_locked(config: UpConfig) -> int:
             redis = start_embedded_redis(config.state_dir / "redis")
             children.insert(0, redis)
             redis_url = redis.server.url
-        keys = _load_secrets(config.state_dir)
         admin_target = f"{config.host}:{config.admin_port or _free_port(config.host)}"
         inference_target = f"{config.host}:{config.port or _free_port(config.host)}"
         http_listen = f"{config.host}:{config.http_port or _free_port(config.host)}"

@@ -244,3 +244,42 @@ def test_a_port_held_by_a_leftover_openlora_process_is_named_with_its_pid(databa
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
     assert f"is held by openlora worker (pid {leftover.pid})" in line and "--port" in line
+
+
+def _up_refusal(tmp_path: Path, state_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*_up_argv(state_dir, "postgresql://postgres@127.0.0.1:1/unused", "redis://127.0.0.1:1/0")],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+    )  # fmt: skip
+
+
+def test_a_state_dir_that_is_a_file_is_one_line_naming_the_flag(tmp_path):
+    state_dir = tmp_path / "afile"
+    state_dir.write_text("not a directory")
+    result = _up_refusal(tmp_path, state_dir)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "error: --state-dir" in result.stderr and "File exists" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [('{"admin_key": "op_x",', "is not valid JSON"), ('{"admin_key": "op_x"}', "must be an object holding")],
+)
+def test_a_damaged_secrets_file_is_one_line_naming_it_before_anything_starts(tmp_path, content, words):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "up-secrets.json").write_text(content)
+    result = _up_refusal(tmp_path, state_dir)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "up-secrets.json" in result.stderr and words in result.stderr
+    assert not (state_dir / "logs").exists()  # nothing was started
+
+
+def test_demo_model_into_a_file_is_one_line(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    result = _cli(_env(tmp_path), "demo-model", str(target))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")

@@ -224,9 +224,15 @@ def check_ports(config: UpConfig) -> None:
         reason = _port_error(listener.host, port)
         if reason is not None:
             leftover = _leftover_openlora(port)
+            running_up = _running_up_of(leftover[1]) if leftover is not None else None
+            if running_up is not None:
+                raise StartRefused(
+                    f"port {port} on {listener.host} ({purpose}) is held by {leftover[0]} of a running "
+                    f"`openlora up` ({running_up}): stop that one (Ctrl-C), or choose another port with {flag}"
+                )
             if leftover is not None:
                 raise StartRefused(
-                    f"port {port} on {listener.host} ({purpose}) is held by {leftover}: a process an earlier "
+                    f"port {port} on {listener.host} ({purpose}) is held by {leftover[0]}: a process an earlier "
                     f"`openlora up` started, still finishing its streams (a worker drains for up to "
                     f"{config.drain_grace_s:g} s after its `up` was killed); wait for it to exit, or choose "
                     f"another port with {flag}"
@@ -237,9 +243,24 @@ def check_ports(config: UpConfig) -> None:
             )
 
 
-def _leftover_openlora(port: int) -> str | None:
-    """'openlora worker (pid N)' when a process of ours (an `openlora` command line) listens on `port`;
-    None when another program does, or it cannot be told."""
+def _running_up_of(pid: int) -> str | None:
+    """'pid M, state dir D' of the live `openlora up` that started process `pid`, or None."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid).parent()
+        argv = parent.cmdline() if parent is not None else []
+    except (psutil.Error, OSError):
+        return None
+    if "up" not in argv or not ("openlora.cli" in argv or any(Path(a).name == "openlora" for a in argv)):
+        return None
+    state_dir = argv[argv.index("--state-dir") + 1] if "--state-dir" in argv[:-1] else ".state"
+    return f"pid {parent.pid}, state dir {state_dir}"
+
+
+def _leftover_openlora(port: int) -> tuple[str, int] | None:
+    """('openlora worker (pid N)', N) when a process of ours (an `openlora` command line) listens on
+    `port`; None when another program does, or it cannot be told."""
     import psutil
 
     try:
@@ -253,7 +274,7 @@ def _leftover_openlora(port: int) -> str | None:
             words = [Path(a).name for a in argv]
             if "openlora" in words or "openlora.cli" in argv:
                 role = next((w for w in argv if w in ("worker", "control-plane")), "process")
-                return f"openlora {role} (pid {pid})"
+                return f"openlora {role} (pid {pid})", pid
     except (psutil.Error, OSError):
         return None
     return None

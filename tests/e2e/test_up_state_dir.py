@@ -246,6 +246,39 @@ def test_a_port_held_by_a_leftover_openlora_process_is_named_with_its_pid(databa
     assert f"is held by openlora worker (pid {leftover.pid})" in line and "--port" in line
 
 
+def test_a_port_held_by_a_running_up_says_to_stop_that_up(database_url, redis_url, tmp_path):
+    """Two clones on the default ports: the second `up` told to wait for a worker to finish draining,
+    which a worker of a running `up` never does. It now names that `up` and its state dir."""
+    listener = (
+        "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
+        " print(s.getsockname()[1], flush=True); time.sleep(60)"
+    )
+    # A parent whose command line is `up`'s, and its worker-like child holding the port.
+    parent_code = (
+        "import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', sys.argv[1], 'openlora.cli',"
+        " 'worker'], stdout=subprocess.PIPE, text=True); print(c.stdout.readline().strip(), flush=True);"
+        " c.wait()"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code, listener, "openlora.cli", "up", "--state-dir", "/srv/first"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        port = int(parent.stdout.readline())
+        argv = _up_argv(tmp_path / "state", database_url, redis_url, {"--port": str(port)})
+        result = subprocess.run(
+            argv, env=_env(tmp_path), capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+        )
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert f"of a running `openlora up` (pid {parent.pid}, state dir /srv/first)" in line
+    assert "stop that one (Ctrl-C), or choose another port with --port" in line
+    assert "finishing its streams" not in line
+
+
 def _up_refusal(tmp_path: Path, state_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*_up_argv(state_dir, "postgresql://postgres@127.0.0.1:1/unused", "redis://127.0.0.1:1/0")],

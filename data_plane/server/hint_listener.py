@@ -37,6 +37,7 @@ async def listen_for_hints(
     last_id: str | None = None
     started_id = f"{int(time.time() * 1000)}-0"
     this_task = asyncio.current_task()
+    unreachable = False  # logged once per outage: a warning when it starts, a line when it ends
     try:
         while True:
             # redis-py may swallow a cancellation that lands inside a blocking XREAD; the task still
@@ -51,11 +52,22 @@ async def listen_for_hints(
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # Redis is advisory: wait and try again
-                log.debug("hint stream unavailable: %s", error)
+                if not unreachable:
+                    log.warning(
+                        "prewarm hints unavailable (Redis: %s); serving without them, retrying every %gs",
+                        error,
+                        RETRY_S,
+                    )
+                    unreachable = True
+                else:
+                    log.debug("hint stream unavailable: %s", error)
                 if last_id is None:  # down from the start: read what is published from now on
                     last_id = started_id
                 await asyncio.sleep(RETRY_S)
                 continue
+            if unreachable:
+                log.info("prewarm hints reachable again")
+                unreachable = False
             for _stream, messages in entries or ():
                 for entry_id, fields in messages:
                     last_id = _text(entry_id)

@@ -124,3 +124,26 @@ def test_residency_publisher_is_started_again_after_it_dies(redis_url):
             await asyncio.gather(task, return_exceptions=True)
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_hint_listener_warns_once_when_redis_cannot_be_reached(caplog, monkeypatch):
+    """A worker on an unreachable Redis served without hints and said so only at debug level."""
+    import logging
+
+    from data_plane.server import hint_listener
+
+    monkeypatch.setattr(hint_listener, "RETRY_S", 0.05)
+
+    async def scenario() -> None:
+        task = asyncio.get_running_loop().create_task(
+            listen_for_hints("redis://127.0.0.1:1/0", lambda hint: None)
+        )
+        await asyncio.sleep(0.6)  # several failed attempts
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.DEBUG, logger="data_plane.server.hint_listener"):
+        asyncio.run(scenario())
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "prewarm hints unavailable" in warnings[0].getMessage()
+    assert sum(1 for r in caplog.records if "hint stream unavailable" in r.getMessage()) >= 2

@@ -506,7 +506,9 @@ class GenerationService:
         tokenizer = self._engine.tokenizer
         if tokenizer is None:
             raise RequestFieldError(
-                "prompt", "cannot be text: this model has no tokenizer; send prompt_token_ids"
+                "prompt",
+                "cannot be text: this model has no tokenizer; send token ids (gRPC: prompt_token_ids; "
+                "HTTP: the prompt as a list of integers)",
             )
         limit = self.limits.max_model_len - 1  # a prompt leaves room for one generated token
         try:

@@ -257,6 +257,11 @@ async def _start_serving(
             llm_engine.runner.device,
             str(llm_engine.runner.model.model.embed_tokens.weight.dtype).removeprefix("torch."),
         )
+        if getattr(llm_engine, "tokenizer", None) is None:
+            log.warning(
+                "the model directory has no tokenizer: prompts must be token ids, and completions carry token "
+                "ids but no text (the HTTP API's text fields stay empty)"
+            )
         metrics.set_base_weights(weight_format, weights.decoder_bits_per_weight, weights.total_bytes)
         control_plane.set_base_weights(weight_format, weights.decoder_bits_per_weight, weights.total_bytes)
     if llm_engine is not None and hasattr(llm_engine, "load_counts"):

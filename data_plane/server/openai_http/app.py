@@ -385,7 +385,9 @@ def _request_id(request: Request) -> str:
 def _render_chat(template: ChatTemplate | None, body: Body) -> str:
     if template is None:
         raise BodyError(
-            "messages", "cannot be used: this model has no chat template; use /v1/completions with a prompt"
+            "messages",
+            "cannot be used: this model has no chat template; use /v1/completions with a prompt (a list of "
+            "token ids where the model has no tokenizer either)",
         )
     try:
         return template.render(list(body.messages), add_generation_prompt=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,8 +18,12 @@ class DatabaseUnusable(Exception):
         self.exit_code = exit_code
 
 
-# What PostgreSQL (through psycopg) says when retrying cannot help.
-_PERMANENT = ("does not exist", "password authentication failed", "no password supplied", "role ")
+# What PostgreSQL (through psycopg) says when retrying cannot help: no such database or role, credentials
+# refused. Anything else (refused connection, too many connections, the server starting or shutting down)
+# may pass: exit 1, and `up` starts the control plane again.
+_PERMANENT = re.compile(
+    r'(?:database|role) "[^"]*" does not exist|password authentication failed|no password supplied'
+)
 
 
 def check_database_url(database_url: str) -> None:
@@ -44,7 +50,7 @@ def database_unusable(error: BaseException, database_url: str) -> DatabaseUnusab
     where = make_url(database_url).render_as_string(hide_password=True)
     reason = str(error.orig or error).strip().splitlines()
     detail = " ".join(line.strip() for line in reason) if reason else type(error).__name__
-    permanent = any(words in detail for words in _PERMANENT)
+    permanent = _PERMANENT.search(detail) is not None
     return DatabaseUnusable(f"cannot use the database at {where}: {detail}", 2 if permanent else 1)
 
 

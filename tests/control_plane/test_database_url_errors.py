@@ -59,3 +59,31 @@ def test_a_url_that_is_not_postgresql_is_refused_before_connecting(tmp_path, url
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "error: the database URL" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("message", "exit_code"),
+    [
+        ('connection failed: FATAL:  database "x" does not exist', 2),
+        ('connection failed: FATAL:  role "app" does not exist', 2),
+        ('connection failed: FATAL:  password authentication failed for user "app"', 2),
+        ("connection failed: fe_sendauth: no password supplied", 2),
+        # Passing states: `up` must start the control plane again, not stop for good.
+        ('connection failed: FATAL:  too many connections for role "app"', 1),
+        (
+            "connection failed: FATAL:  remaining connection slots are reserved for roles with privileges of "
+            'the "pg_use_reserved_connections" role\nMultiple connection attempts failed. All failures were:\n'
+            "- host: 'localhost', port: '5432', hostaddr: '::1': connection refused",
+            1,
+        ),
+        ("connection failed: FATAL:  the database system is starting up", 1),
+        ("connection failed: Connection refused\n\tIs the server running on that host?", 1),
+    ],
+)
+def test_only_errors_a_restart_cannot_cure_exit_2(message, exit_code):
+    from sqlalchemy.exc import OperationalError
+
+    from control_plane.db.engine import database_unusable
+
+    unusable = database_unusable(OperationalError("SELECT 1", {}, Exception(message)), "postgresql://a@h/db")
+    assert unusable is not None and unusable.exit_code == exit_code

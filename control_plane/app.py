@@ -44,6 +44,8 @@ MAX_DESCRIPTION_CHARS = 4096
 # Names one Authorize resolves: a request names an adapter and at most 8 mix members (the workers refuse
 # more before they call); a caller asking for more is refused before any query.
 MAX_AUTHORIZE_NAMES = 16
+# A worker whose last heartbeat is older than this many heartbeat intervals no longer counts as serving.
+LIVE_HEARTBEATS = 3
 
 
 @dataclass(frozen=True)
@@ -115,9 +117,11 @@ class ControlPlane:
             registry.check_public_name_free(s, tenant.id, header.name, header.visibility)
             _check_royalty_not_raised(registry.named_terms(s, tenant.id, header.name), header)
             spec = workers.base_model(s, header.base_model).to_spec()
-            # Workers choose their rank limit (--max-lora-rank): an upload is refused only past what the
-            # workers serving its base model accept (it was refused past 64 whatever they accepted).
-            max_rank = workers.max_lora_rank(s, spec.name) or self.config.max_lora_rank
+            # Workers choose their rank limit (--max-lora-rank): an upload is refused only past the largest
+            # a live worker of its base model accepts (it was refused past 64 whatever they accepted); with
+            # none live, the control plane's own limit.
+            live_within_s = LIVE_HEARTBEATS * self.config.heartbeat_interval_ms / 1000
+            max_rank = workers.max_lora_rank(s, spec.name, live_within_s) or self.config.max_lora_rank
         return UploadPlan(header, tenant.id, spec, max_rank)
 
     def begin_upload(self, plan: UploadPlan) -> Upload:

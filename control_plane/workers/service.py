@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, fields
+from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -98,10 +99,14 @@ def list_workers(session: Session) -> list[Worker]:
     return list(session.scalars(select(Worker).order_by(Worker.registered_at, Worker.id)))
 
 
-def max_lora_rank(session: Session, base_model_name: str) -> int | None:
-    """The largest LoRA rank a worker registered for this base model accepts (None: no worker)."""
+def max_lora_rank(session: Session, base_model_name: str, live_within_s: float) -> int | None:
+    """The largest LoRA rank a live worker of this base model accepts (one that heartbeat within
+    `live_within_s`: worker rows outlive their workers); None when no worker is live."""
+    since = utc_now() - timedelta(seconds=live_within_s)
     return session.scalar(
-        select(func.max(Worker.max_lora_rank)).where(Worker.base_model_name == base_model_name)
+        select(func.max(Worker.max_lora_rank)).where(
+            Worker.base_model_name == base_model_name, Worker.last_heartbeat_at >= since
+        )
     )
 
 

@@ -149,6 +149,12 @@ def test_the_rank_limit_is_the_largest_a_worker_of_the_base_model_accepts(
     try:
         raw_upload(cp, rank_96, name="r96")
         _refused(cp, rank_129, grpc.StatusCode.INVALID_ARGUMENT, "exceeds the maximum of 128", name="r129")
+        # A worker that stopped heartbeating no longer counts (worker rows outlive their workers).
+        with psycopg.connect(cp.config.database_url) as conn:
+            conn.execute(
+                "UPDATE worker SET last_heartbeat_at = now() - interval '1 day' WHERE id = 'wide-worker'"
+            )
+        _refused(cp, rank_96, grpc.StatusCode.INVALID_ARGUMENT, "exceeds the maximum of 64", name="r96-later")
     finally:  # the module's other tests expect the fixture worker's 64
         register_worker(cp, base_spec, worker_id="wide-worker", max_lora_rank=64)
 

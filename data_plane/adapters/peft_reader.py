@@ -39,10 +39,13 @@ def host_dtype(file_dtype: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-# Directories validated (most recent last), by `_identity`; bounded so a worker that sees many adapters
-# keeps only the recent ones (an entry is a few hundred bytes plus its tensor list).
+# Directories validated (most recent last), by `_identity`. An entry holds the adapter's tensor list
+# (about 470 bytes a tensor: 40 KiB for a 6-layer adapter on all seven projections, 210 KiB for 32 layers),
+# so the memo is bounded by tensors as well as entries: about 30 MiB at most, the most recent adapters.
 _VALIDATED_MAX = 4096
+_VALIDATED_MAX_TENSORS = 65536
 _validated: OrderedDict[tuple, AdapterInfo] = OrderedDict()
+_validated_tensors = 0  # tensors of the entries kept
 _validated_lock = threading.Lock()
 
 
@@ -72,11 +75,30 @@ def validated_info(path: Path, spec: BaseModelSpec, max_rank: int) -> AdapterInf
                 return info
     info = validate_adapter_dir(path, spec, max_rank=max_rank)
     if key is not None and _identity(Path(path)) == identity:  # unchanged while it was checked
-        with _validated_lock:
-            _validated[key] = info
-            while len(_validated) > _VALIDATED_MAX:
-                _validated.popitem(last=False)
+        _remember(key, info)
     return info
+
+
+def forget_validations() -> None:
+    """Empties the memo (the next read of every directory is validated in full)."""
+    global _validated_tensors
+    with _validated_lock:
+        _validated.clear()
+        _validated_tensors = 0
+
+
+def _remember(key: tuple, info: AdapterInfo) -> None:
+    global _validated_tensors
+    with _validated_lock:
+        if key in _validated:
+            return
+        _validated[key] = info
+        _validated_tensors += len(info.tensors)
+        while _validated and (
+            len(_validated) > _VALIDATED_MAX or _validated_tensors > _VALIDATED_MAX_TENSORS
+        ):
+            _, oldest = _validated.popitem(last=False)
+            _validated_tensors -= len(oldest.tensors)
 
 
 def read_peft_adapter(

@@ -117,3 +117,23 @@ def test_another_base_model_or_rank_limit_is_validated_on_its_own(adapter, spec,
     with pytest.raises(AdapterLoadError):
         _read(adapter, other)
     assert len(validations) == 3
+
+
+def test_the_memo_is_bounded_by_tensors_and_keeps_the_most_recent(
+    adapter, spec, validations, monkeypatch, tmp_path
+):
+    """Each entry holds its adapter's tensor list: 530 KiB for an 80-layer one, 4,096 entries of which
+    were 2 GiB outside the host tier's budget."""
+    peft_reader.forget_validations()
+    per_adapter = len(peft_reader.validated_info(adapter, spec, 64).tensors)
+    monkeypatch.setattr(peft_reader, "_VALIDATED_MAX_TENSORS", 2 * per_adapter)
+    copies = [shutil.copytree(adapter, tmp_path / f"copy{i}") for i in range(3)]
+    for copy in copies:
+        _read(copy, spec)
+    assert peft_reader._validated_tensors <= 2 * per_adapter
+    assert len(peft_reader._validated) == 2
+    before = len(validations)
+    _read(copies[2], spec)  # the most recent: kept
+    assert len(validations) == before
+    _read(copies[0], spec)  # the oldest: validated again
+    assert len(validations) == before + 1

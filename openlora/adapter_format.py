@@ -625,7 +625,7 @@ def validate_adapter_dir(
 # init_lora_weights values with which PEFT starts lora_B at zero: a module the config selects but the file
 # holds no weights for then adds nothing, as when this server leaves it out. With any other (false, random
 # or orthogonal) PEFT serves that module's random start.
-_ZERO_B_INITS = ("gaussian", "eva")
+_ZERO_B_INITS = ("gaussian",)  # PEFT compares "gaussian" in any case, "eva" exactly
 
 
 def _other_module_names(num_layers: int):
@@ -642,7 +642,8 @@ def _check_selection(rule: TargetRule, config: dict, held: set[tuple[int, str]],
     than the projections (a regular expression such as `.*` or `.*|lm_head`: PEFT wraps it or fails) is
     refused naming target_modules; a selected projection the file holds no weights for is refused unless
     PEFT starts its lora_B at zero (it would serve that module's random start)."""
-    if config.get("target_modules") != ALL_LINEAR:  # PEFT's all-linear: the projections, never lm_head
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):  # the projections, never lm_head
         for name in _other_module_names(num_layers):
             if rule.leaves_out(name) is None:
                 raise AdapterFormatError(
@@ -651,7 +652,7 @@ def _check_selection(rule: TargetRule, config: dict, held: set[tuple[int, str]],
                     f"refuse it); supported: {list(PROJECTIONS)}",
                 )
     init = config.get("init_lora_weights", True)
-    if init is True or (isinstance(init, str) and init.lower() in _ZERO_B_INITS):
+    if init is True or init == "eva" or (isinstance(init, str) and init.lower() in _ZERO_B_INITS):
         return
     for layer in range(num_layers):
         for module in PROJECTIONS:

@@ -88,7 +88,7 @@ class TargetRule:
         if value is None or value == [] or value == "":
             return None
         if isinstance(value, str):
-            if value == ALL_LINEAR and key == "target_modules":
+            if value.lower() == ALL_LINEAR and key == "target_modules":  # PEFT lowercases it
                 return self._compile(key, ".*")
             return self._compile(key, value)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):

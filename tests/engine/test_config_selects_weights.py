@@ -229,3 +229,16 @@ def test_a_selected_module_without_weights_is_served_as_peft_when_peft_starts_it
     for name, (path, prompt) in adapters.items():
         want_tokens, _ = reference_greedy(load_reference(tiny_llama.model_dir, [path]), prompt)
         assert results[name][0] == want_tokens, name
+
+
+def test_init_and_all_linear_are_read_as_peft_reads_them(tiny_llama, tmp_path):
+    """PEFT lowercases target_modules "all-linear" and init "gaussian", and compares "eva" exactly (it
+    refuses "EVA")."""
+    spec = _spec(tiny_llama)
+    src = tiny_llama.adapter_dirs["r8_all"]
+    validate_adapter_dir(_with_config(src, tmp_path / "upper", target_modules="ALL-LINEAR"), spec)
+    validate_adapter_dir(_without_layer(src, tmp_path / "gauss", 1, init_lora_weights="Gaussian"), spec)
+    validate_adapter_dir(_without_layer(src, tmp_path / "eva", 1, init_lora_weights="eva"), spec)
+    with pytest.raises(AdapterFormatError) as refused:
+        validate_adapter_dir(_without_layer(src, tmp_path / "EVA", 1, init_lora_weights="EVA"), spec)
+    assert refused.value.field == "adapter_model.safetensors"

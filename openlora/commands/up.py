@@ -254,8 +254,26 @@ def _running_up_of(pid: int) -> str | None:
         return None
     if "up" not in argv or not ("openlora.cli" in argv or any(Path(a).name == "openlora" for a in argv)):
         return None
-    state_dir = argv[argv.index("--state-dir") + 1] if "--state-dir" in argv[:-1] else ".state"
-    return f"pid {parent.pid}, state dir {state_dir}"
+    return f"pid {parent.pid}, state dir {_state_dir_of(parent, argv)}"
+
+
+def _state_dir_of(process, argv: list[str]) -> str:
+    """The state dir an `up` process runs on, as its flag, then its OPENLORA_STATE_DIR, then the default
+    give it, against its working directory."""
+    import psutil
+
+    state_dir = None
+    for i, arg in enumerate(argv):
+        if arg == "--state-dir" and i + 1 < len(argv):
+            state_dir = argv[i + 1]
+        elif arg.startswith("--state-dir="):
+            state_dir = arg.split("=", 1)[1]
+    try:
+        if state_dir is None:
+            state_dir = process.environ().get("OPENLORA_STATE_DIR") or ".state"
+        return str(Path(process.cwd()) / state_dir)
+    except (psutil.Error, OSError):
+        return state_dir or ".state"
 
 
 def _leftover_openlora(port: int) -> tuple[str, int] | None:

@@ -260,8 +260,8 @@ def test_a_port_held_by_a_running_up_says_to_stop_that_up(database_url, redis_ur
         " c.wait()"
     )
     parent = subprocess.Popen(
-        [sys.executable, "-c", parent_code, listener, "openlora.cli", "up", "--state-dir", "/srv/first"],
-        stdout=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, "-c", parent_code, listener, "openlora.cli", "up", "--state-dir=first"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path,
     )  # fmt: skip
     try:
         port = int(parent.stdout.readline())
@@ -274,7 +274,8 @@ def test_a_port_held_by_a_running_up_says_to_stop_that_up(database_url, redis_ur
         parent.wait()
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
-    assert f"of a running `openlora up` (pid {parent.pid}, state dir /srv/first)" in line
+    # Its flag's form with "=", relative to its working directory.
+    assert f"of a running `openlora up` (pid {parent.pid}, state dir {tmp_path / 'first'})" in line
     assert "stop that one (Ctrl-C), or choose another port with --port" in line
     assert "finishing its streams" not in line
 

@@ -4,6 +4,7 @@ load, its truncation error exported, bad options refused by name, billed as one 
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -212,6 +213,42 @@ def test_a_merge_whose_weighted_deltas_overflow_is_refused_not_internal(system, 
     assert tokens
 
 
+@contextlib.contextmanager
+def _wider_worker_registered(system, base_model: str, max_lora_rank: int):
+    """Another worker of the base model, with a higher rank limit, live while the block runs (then its
+    heartbeat is made a day old, so it no longer counts)."""
+    import json
+    import uuid
+
+    import psycopg
+
+    from control_plane.db.engine import libpq_url
+    from openlora.base_model import BaseModelSpec
+    from openlora.v1 import worker_pb2, worker_pb2_grpc
+    from openlora.wire import spec_to_proto
+    from tests.worker.conftest import WORKER_TOKEN
+
+    spec = BaseModelSpec.from_hf_config(
+        json.loads((system.model_dir / "config.json").read_text()), base_model
+    )
+    worker_id = f"wide-{uuid.uuid4().hex[:8]}"
+    with grpc.insecure_channel(system.control_plane.target) as channel:
+        worker_pb2_grpc.WorkerServiceStub(channel).RegisterWorker(
+            worker_pb2.RegisterWorkerRequest(
+                worker_id=worker_id, address="127.0.0.1:9", base_model=spec_to_proto(spec),
+                max_lora_rank=max_lora_rank, num_adapter_slots=8,
+            ),
+            metadata=(("authorization", f"Bearer {WORKER_TOKEN}"),),
+        )  # fmt: skip
+    try:
+        yield
+    finally:
+        with psycopg.connect(libpq_url(system.control_plane.app.config.database_url)) as conn:
+            conn.execute(
+                "UPDATE worker SET last_heartbeat_at = now() - interval '1 day' WHERE id = %s", (worker_id,)
+            )
+
+
 @pytest.mark.parametrize("big_first", [False, True])
 def test_a_member_this_worker_refuses_is_named_by_its_place_in_the_request(system, tmp_path, big_first):
     """The builder counted members in the spec's sorted order: the refusal named mix[0] whichever place
@@ -221,7 +258,8 @@ def test_a_member_this_worker_refuses_is_named_by_its_place_in_the_request(syste
 
     tenant, _, key = system.new_tenant()
     big = write_peft_adapter(system.model_dir, tmp_path / "big", 3, r=32, target_modules=["q_proj"])
-    system.admin.push(big, "big", tenant, BASE_MODEL)  # rank 32: above this worker's 16
+    with _wider_worker_registered(system, BASE_MODEL, max_lora_rank=64):  # the upload limit is the fleet's
+        system.admin.push(big, "big", tenant, BASE_MODEL)  # rank 32: above this worker's 16
     mix = [("big", 0.5), ("ad0", 0.5)] if big_first else [("ad0", 0.5), ("big", 0.5)]
     with pytest.raises(grpc.RpcError) as refused:
         _generate(system.target, key, _request(mix, inference_pb2.MIX_METHOD_TIES, density=0.5))

@@ -203,7 +203,7 @@ def _earned(session: Session, tenant_id: uuid.UUID, start: datetime, end: dateti
 
 
 def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
-    """Computes the invoice from the counters and stores it (replacing an earlier computation)."""
+    """Computes the invoice from the counters; stores it when the period has ended."""
     start, end = period_bounds(period)
     prices = {p.base_model: p for p in session.scalars(select(Price))}
     lines: list[InvoiceLine] = []
@@ -285,7 +285,10 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
     charges = sum(line.amount_micros for line in lines if line.kind != ROYALTY_EARNED)
     earnings = sum(line.amount_micros for line in lines if line.kind == ROYALTY_EARNED)
     invoice = Invoice(tenant.name, period, lines, charges, earnings, charges - earnings, utc_now())
-    _store(session, tenant.id, invoice)
+    if end <= invoice.computed_at:
+        # Only a closed month's invoice is kept (replacing an earlier computation): one for the running
+        # month would change, and one for any month up to 9998 let a tenant write rows by the thousand.
+        _store(session, tenant.id, invoice)
     return invoice
 
 

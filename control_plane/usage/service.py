@@ -448,6 +448,8 @@ def get_usage(session: Session, tenant: Tenant, start: datetime | None, end: dat
     """The tenant's consumption per adapter over the hours in [start, end) (hour granularity: an event
     counts in the hour it finished). Mixed requests count once per adapter in the lines and once in the
     totals; token counts of mixed requests are split by weight and rounded half-even per line."""
+    if start is not None and end is not None and end < start:
+        raise InvalidArgument("must not be before start", field="end")
     counter_window = [UsageCounter.tenant_id == tenant.id]
     event_window = [UsageEvent.tenant_id == tenant.id]
     hour_of_event = func.date_trunc("hour", UsageEvent.finished_at)

@@ -174,6 +174,34 @@ def test_invoice_of_an_owner_earns_royalties_and_pays_none_on_its_own_use(cp, wo
     assert stored == [(-4960,)]
 
 
+def test_a_usage_window_that_ends_before_it_starts_is_invalid_naming_end(cp, world) -> None:
+    from datetime import UTC, datetime
+
+    with cp.admin() as admin, pytest.raises(grpc.RpcError) as e:
+        admin.get_usage("user", start=datetime(2026, 5, 2, tzinfo=UTC), end=datetime(2026, 5, 1, tzinfo=UTC))
+    assert (
+        _code(e) == grpc.StatusCode.INVALID_ARGUMENT and e.value.details() == "end: must not be before start"
+    )
+
+
+def test_only_a_closed_months_invoice_is_stored(cp, world) -> None:
+    """A read wrote a row for any month up to 9998: one tenant could write them by the thousand."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    current = f"{now.year:04d}-{now.month:02d}"
+    with cp.admin(world["owner_admin"]) as owner:
+        for period in (current, "9998-12", "2999-01"):
+            owner.get_invoice(period)
+    with psycopg.connect(cp.config.database_url) as conn:
+        stored = conn.execute(
+            "SELECT period FROM invoice i JOIN tenant t ON t.id = i.tenant_id "
+            "WHERE t.name = 'owner' AND period IN (%s, '9998-12', '2999-01')",
+            (current,),
+        ).fetchall()
+    assert stored == []
+
+
 def test_bad_period_is_invalid(cp, world) -> None:
     with cp.admin() as admin:
         for period in ("2026-13", "2026-3", "March", "0000-01", "9999-12"):  # the last two were INTERNAL

@@ -97,3 +97,25 @@ def test_the_api_listener_serves_no_metrics_unless_asked(http_worker, tenants):
     client.completions.create(model="a-own", prompt="hello", max_tokens=2)
     response = httpx.get(http_worker.base_url.removesuffix("/v1") + "/metrics", timeout=10)
     assert response.status_code == 404 and "a-own" not in response.text
+
+
+def test_after_a_model_that_is_gone_the_listing_goes_on(system, http_worker, tenants):
+    """`after` is a keyset cursor: a model deleted (or hidden by its owner) between two pages answered an
+    empty last page (has_more false), and another tenant could cut a key's listing short that way."""
+    (_, _, a_key), _ = tenants
+    client = _client(http_worker, a_key)
+    everything = [m.id for m in client.models.list(extra_query={"limit": 1000}).data]
+    first = client.models.list(extra_query={"limit": 3})
+    assert [m.id for m in first.data] == everything[:3] == [BASE, "a-mix", "a-own"]
+    with AdminClient(system.control_plane.target, a_key) as admin:
+        admin.delete_mix("a-mix")
+        admin.delete_adapter("a-own")
+    rest = client.models.list(extra_query={"limit": 1000, "after": "a-own"})
+    assert [m.id for m in rest.data] == everything[3:]
+    never = client.models.list(
+        extra_query={"limit": 1000, "after": "a-zzz"}
+    )  # never existed: sorts before ad0
+    assert [m.id for m in never.data] == [i for i in everything[3:] if i > "a-zzz"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.models.list(extra_query={"after": ""})
+    assert refused.value.body["param"] == "after"

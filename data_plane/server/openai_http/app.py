@@ -278,8 +278,11 @@ async def _models(request: Request):
         return http_error(error).response()
     after = request.query_params.get("after")
     if after is not None:
-        ids = [c.id for c in cards]
-        cards = cards[ids.index(after) + 1 :] if after in ids else []
+        if not after:
+            return HttpError(400, "after must name a model id", "after", "invalid_argument").response()
+        # A keyset cursor: the models listed after that id (the base model first, the rest by id), whether
+        # or not it still exists (a model deleted or hidden between two pages cut the listing short).
+        cards = cards[1:] if after == cards[0].id else [c for c in cards[1:] if c.id > after]
     page = cards[:limit]
     data = [
         {"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by, "parent": c.parent}

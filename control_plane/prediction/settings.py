@@ -18,6 +18,9 @@ from control_plane.prediction.demand import PredictorConfig
 ENV_PREFIX = "OPENLORA_"
 DEFAULT_INTERVAL_S = 5.0
 INTERVAL_FLAG = "--predictor-interval-s"
+MAX_INTERVAL_S = 86400.0
+# The usage history the predictor may keep: ten years (a horizon before year 1 failed every pass).
+MAX_HISTORY_S = 10 * 365 * 86400.0
 _DEFAULTS = {f.name: f.default for f in fields(PredictorConfig)}
 
 
@@ -56,7 +59,9 @@ class PredictorFlag:
         """`text` as this setting's value; `source` names where it came from in an error."""
         try:
             value: float | int = int(text) if self.integer else float(text)
-        except ValueError:
+            if self.integer:
+                float(value)  # an integer past any float (309+ digits) is refused as the others are
+        except (ValueError, OverflowError):
             kind = "a whole number" if self.integer else "a number"
             raise ValueError(f"{source} must be {kind}, got {text!r}") from None
         if not math.isfinite(value):
@@ -151,6 +156,7 @@ PREDICTOR_FLAGS: tuple[PredictorFlag, ...] = (
         "usage history the predictor keeps per adapter, seconds",
         0.0,
         minimum_allowed=False,
+        maximum=MAX_HISTORY_S,
     ),
 )
 
@@ -160,7 +166,7 @@ def add_predictor_flags(parser: argparse.ArgumentParser) -> None:
     checked by `resolve_predictor_config`, so flags and variables get the same checks and messages)."""
     parser.add_argument(
         INTERVAL_FLAG,
-        help="seconds between prewarm predictions, 0 = off "
+        help=f"seconds between prewarm predictions, 0 = off, at most {MAX_INTERVAL_S:g} "
         f"(OPENLORA_PREDICTOR_INTERVAL_S; default {DEFAULT_INTERVAL_S:g})",
     )
     for setting in PREDICTOR_FLAGS:
@@ -179,7 +185,8 @@ def _pick(flags: Mapping[str, object], environ: Mapping[str, str], dest: str, fl
 
 def resolve_interval_s(flags: Mapping[str, object], environ: Mapping[str, str]) -> float:
     """`--predictor-interval-s`, else OPENLORA_PREDICTOR_INTERVAL_S, else 5 s; 0 turns prediction off."""
-    interval = PredictorFlag("", INTERVAL_FLAG, "", 0.0)
+    # At most a day between passes (a wait past threading.TIMEOUT_MAX killed the predictor's thread).
+    interval = PredictorFlag("", INTERVAL_FLAG, "", 0.0, maximum=MAX_INTERVAL_S)
     text, source = _pick(flags, environ, interval.dest, INTERVAL_FLAG, interval.env)
     return DEFAULT_INTERVAL_S if text is None else float(interval.parse(text, source))
 

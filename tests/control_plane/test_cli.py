@@ -207,6 +207,11 @@ def test_predictor_variables_fill_in_for_flags_and_flags_win() -> None:
         ("--predictor-history-s", "soon"),
         ("--predictor-interval-s", "-1"),
         ("--predictor-interval-s", "nan"),
+        # Accepted before, then fatal: a wait past threading.TIMEOUT_MAX killed the predictor's thread, a
+        # horizon before year 1 failed every pass, a 400-digit integer raised OverflowError (exit 1).
+        ("--predictor-interval-s", "1e10"),
+        ("--predictor-history-s", "1e11"),
+        ("--predictor-min-gaps", "1" + "0" * 400),
     ],
 )
 def test_bad_predictor_value_is_refused_naming_the_flag(capsys, tmp_path, flag, text) -> None:

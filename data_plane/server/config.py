@@ -12,6 +12,10 @@ MAX_AUTH_CACHE_TTL_S = 10.0
 QUANTIZE_FORMATS = ("none", "int8", "int4")
 
 
+MAX_ADAPTER_SLOTS = 65536
+MAX_LORA_RANK = 4096
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """What the worker passes to the engine's own config; None leaves the engine default."""
@@ -129,6 +133,14 @@ class WorkerConfig:
             raise ValueError(
                 f"usage_checkpoint_interval_s must be in (0, 1], got {self.usage_checkpoint_interval_s}"
             )
+        # Upper bounds a pool could ever use (a slot pool of 10^8 slots or rank 10^8 ended in the allocator's
+        # traceback); what fits the device is found when the pools are allocated.
+        for name, value, most in (
+            ("num_adapter_slots", self.engine.num_adapter_slots, MAX_ADAPTER_SLOTS),
+            ("max_lora_rank", self.engine.max_lora_rank, MAX_LORA_RANK),
+        ):
+            if not 1 <= value <= most:
+                raise ValueError(f"{name} must be in [1, {most}], got {value}")
         if self.disk_cache_bytes is not None and self.disk_cache_bytes < 0:
             raise ValueError(f"disk_cache_bytes must be >= 0, got {self.disk_cache_bytes}")
         if self.engine.host_cache_bytes is not None and self.engine.host_cache_bytes < 0:

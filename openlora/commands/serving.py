@@ -295,6 +295,15 @@ def worker_config_from_args(args: argparse.Namespace):
     )
 
 
+def _as_flag(message: str, args: argparse.Namespace) -> str:
+    """A config check's message that starts with a setting's field name ("num_adapter_slots must ..."),
+    reworded to name the worker's flag and variable the operator set it by."""
+    field, sep, rest = message.partition(" ")
+    if not sep or not hasattr(args, field) or not field.replace("_", "").isalpha():
+        return message
+    return f"--{field.replace('_', '-')} ({ENV_PREFIX}{field.upper()}) {rest}"
+
+
 def _run_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -302,7 +311,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     try:
         config = worker_config_from_args(args)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_as_flag(str(error), args)}", file=sys.stderr)
         return 2
     import grpc
 

@@ -130,3 +130,40 @@ def test_worker_refuses_an_unknown_kernel_choice_before_starting(tmp_path, monke
         capsys.readouterr().err
     )
     assert not state_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (
+            ["--num-adapter-slots", "0"],
+            {},
+            "--num-adapter-slots (OPENLORA_NUM_ADAPTER_SLOTS) must be in [1, 65536]",
+        ),
+        # A pool this large ended in the allocator's traceback (exit 1).
+        (
+            ["--num-adapter-slots", "100000000"],
+            {},
+            "--num-adapter-slots (OPENLORA_NUM_ADAPTER_SLOTS) must be in",
+        ),
+        (
+            ["--max-lora-rank", "100000000"],
+            {},
+            "--max-lora-rank (OPENLORA_MAX_LORA_RANK) must be in [1, 4096]",
+        ),
+        (
+            [],
+            {"OPENLORA_HOST_CACHE_BYTES": "-5"},
+            "--host-cache-bytes (OPENLORA_HOST_CACHE_BYTES) must be >= 0",
+        ),
+    ],
+)
+def test_worker_refusals_name_the_flag_and_variable(tmp_path, monkeypatch, capsys, argv, env, message):
+    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    state_dir = tmp_path / "state"
+    code = main(["worker", "--model", str(tmp_path), "--state-dir", str(state_dir), *REQUIRED, *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not state_dir.exists()

@@ -174,9 +174,10 @@ def add_predictor_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _pick(flags: Mapping[str, object], environ: Mapping[str, str], dest: str, flag: str, env: str):
-    """(text, source) of a setting: the flag when given, else the variable when set, else (None, "")."""
+    """(text, source) of a setting: the flag when given (an empty one too: refused by the parse, as an empty
+    worker flag is, rather than read as not given), else the variable when set, else (None, "")."""
     value = flags.get(dest)
-    if value not in (None, ""):
+    if value is not None:
         return str(value), flag
     if environ.get(env):
         return environ[env], f"{env} (for {flag})"

@@ -223,6 +223,14 @@ def test_bad_predictor_value_is_refused_naming_the_flag(capsys, tmp_path, flag, 
         _control_plane_config([], {"OPENLORA_" + flag.removeprefix("--").replace("-", "_").upper(): text})
 
 
+def test_an_empty_predictor_flag_is_refused_not_read_as_not_given(capsys, tmp_path) -> None:
+    """`--predictor-rate-window-s=` served the default (or the variable); an empty variable still means
+    unset, as for every OPENLORA_* variable."""
+    argv = ["control-plane", "--database-url", "postgresql://127.0.0.1:1/none", "--state-dir", str(tmp_path)]
+    assert main([*argv, "--predictor-rate-window-s="], environ={}) == 2
+    assert "--predictor-rate-window-s" in capsys.readouterr().err
+
+
 def test_contradicting_predictor_values_are_refused_naming_both_flags() -> None:
     with pytest.raises(ValueError, match=r"--predictor-max-lead-s.*--predictor-lead-s"):
         _control_plane_config(["--predictor-lead-s", "700"], {})  # above the default max lead of 600

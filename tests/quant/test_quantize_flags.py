@@ -52,6 +52,18 @@ def test_environment_is_the_fallback_for_quantize(tmp_path, monkeypatch):
     assert flagged.engine.quantize == "int4"
 
 
+def _assert_worker_refuses(tmp_path, monkeypatch, capsys, argv, env, message) -> None:
+    """`openlora worker` with these flags and variables exits 2 with `message`, before anything starts."""
+    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    state_dir = tmp_path / "state"
+    code = main(["worker", "--model", str(tmp_path), "--state-dir", str(state_dir), *REQUIRED, *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not state_dir.exists()  # nothing was started
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
@@ -69,14 +81,7 @@ def test_environment_is_the_fallback_for_quantize(tmp_path, monkeypatch):
 def test_worker_refuses_a_bad_quantize_value_before_starting(
     tmp_path, monkeypatch, capsys, argv, env, message
 ):
-    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    state_dir = tmp_path / "state"
-    code = main(["worker", "--model", str(tmp_path), "--state-dir", str(state_dir), *REQUIRED, *argv])
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not state_dir.exists()  # nothing was started
+    _assert_worker_refuses(tmp_path, monkeypatch, capsys, argv, env, message)
 
 
 @pytest.mark.parametrize(
@@ -121,15 +126,8 @@ def test_worker_refuses_int4_for_a_model_it_cannot_group_before_serving(tmp_path
 @pytest.mark.parametrize("value", ["foo", "tritonn"])
 def test_worker_refuses_an_unknown_kernel_choice_before_starting(tmp_path, monkeypatch, capsys, value):
     """It was read first by a step: the worker started and answered every request INTERNAL."""
-    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
-    monkeypatch.setenv("OPENLORA_KERNELS", value)
-    state_dir = tmp_path / "state"
-    code = main(["worker", "--model", str(tmp_path), "--state-dir", str(state_dir), *REQUIRED])
-    assert code == 2
-    assert f"OPENLORA_KERNELS must be one of ('auto', 'triton', 'reference'), got {value!r}" in (
-        capsys.readouterr().err
-    )
-    assert not state_dir.exists()
+    message = f"OPENLORA_KERNELS must be one of ('auto', 'triton', 'reference'), got {value!r}"
+    _assert_worker_refuses(tmp_path, monkeypatch, capsys, [], {"OPENLORA_KERNELS": value}, message)
 
 
 @pytest.mark.parametrize(
@@ -159,11 +157,4 @@ def test_worker_refuses_an_unknown_kernel_choice_before_starting(tmp_path, monke
     ],
 )
 def test_worker_refusals_name_the_flag_and_variable(tmp_path, monkeypatch, capsys, argv, env, message):
-    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    state_dir = tmp_path / "state"
-    code = main(["worker", "--model", str(tmp_path), "--state-dir", str(state_dir), *REQUIRED, *argv])
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not state_dir.exists()
+    _assert_worker_refuses(tmp_path, monkeypatch, capsys, argv, env, message)

@@ -46,11 +46,13 @@ class DeadlineExceeded(DomainError):
 
 
 class AdapterNotFound(NotFound):
+    """Reads "<field>: '<name>' not found" (`adapter`, or the member's field of a mix)."""
+
     def __init__(self, name: str, field: str = "adapter") -> None:
-        super().__init__(f"adapter {name!r} not found", field=field)
+        super().__init__(f"{name!r} not found", field=field)
         self.name = name
 
 
 class TenantNotFound(NotFound):
     def __init__(self, name: str) -> None:
-        super().__init__(f"tenant {name!r} not found", field="tenant")
+        super().__init__(f"{name!r} not found", field="tenant")

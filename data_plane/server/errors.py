@@ -141,8 +141,9 @@ def http_status_for(error: BaseException) -> tuple[int, str, str]:
 
 
 def names_unknown(message: str, name: str) -> bool:
-    """Whether the control plane's NOT_FOUND `message` is about the adapter `name`."""
-    return bool(name) and f"adapter {name!r} not found" in message
+    """Whether the control plane's NOT_FOUND `message` ("adapter: 'name' not found") is about the adapter
+    `name`."""
+    return bool(name) and message.endswith(f"adapter: {name!r} not found")
 
 
 def mix_member_not_found(error: Exception, member_names: list[str]) -> ControlPlaneError | None:
@@ -153,5 +154,5 @@ def mix_member_not_found(error: Exception, member_names: list[str]) -> ControlPl
         return None
     for index, name in enumerate(member_names):
         if names_unknown(error.message, name):
-            return ControlPlaneError(error.code, f"mix[{index}].adapter: adapter {name!r} not found")
+            return ControlPlaneError(error.code, f"mix[{index}].adapter: {name!r} not found")
     return None

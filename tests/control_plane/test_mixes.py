@@ -295,7 +295,7 @@ def test_a_member_nobody_may_use_is_not_found_naming_its_place(cp, adapters_root
         for missing in ("hidden", "never-existed"):
             code, details = _code(lambda m=missing: admin.create_mix("m", [("mine", 0.5), (m, 0.5)]))
             assert code == grpc.StatusCode.NOT_FOUND
-            assert details == f"members[1].adapter: adapter {missing!r} not found"
+            assert details == f"members[1].adapter: {missing!r} not found"
 
 
 def _unique_copy(adapter_copy, name: str, nudge: float = 0.125) -> Path:

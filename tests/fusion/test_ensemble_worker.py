@@ -149,10 +149,10 @@ def test_a_mix_member_nobody_may_use_is_not_found_naming_its_place(ensemble_syst
         with pytest.raises(grpc.RpcError) as refused:
             list(stub.Generate(request, metadata=[("authorization", f"Bearer {key}")], timeout=60))
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
-    assert refused.value.details() == "mix[1].adapter: adapter 'no-such-adapter' not found"
+    assert refused.value.details() == "mix[1].adapter: 'no-such-adapter' not found"
     request = build_request(PROMPT, max_tokens=2, adapter="no-such-adapter")
     with grpc.insecure_channel(target) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as refused:
             list(stub.Generate(request, metadata=[("authorization", f"Bearer {key}")], timeout=60))
-    assert refused.value.details() == "adapter: adapter 'no-such-adapter' not found"
+    assert refused.value.details() == "adapter: 'no-such-adapter' not found"

@@ -45,6 +45,11 @@ def test_an_unknown_model_or_mix_member_is_404_naming_its_field(http_worker, ten
         client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
     assert missing.value.body["param"] == "model"
     assert missing.value.body["message"] == "model 'nope' not found"
+    # OpenAI's own type and code, which clients test for
+    assert (missing.value.body["type"], missing.value.body["code"]) == (
+        "invalid_request_error",
+        "model_not_found",
+    )
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(
             model="tiny",
@@ -53,6 +58,7 @@ def test_an_unknown_model_or_mix_member_is_404_naming_its_field(http_worker, ten
             extra_body={"mix": {"ad0": 0.5, "nope": 0.5}},
         )
     assert missing.value.body["param"] == "mix[1].adapter"
+    assert missing.value.body["code"] == "model_not_found"
     assert missing.value.body["message"] == "mix[1].adapter 'nope' not found"
     with pytest.raises(openai.NotFoundError) as missing:
         client.completions.create(

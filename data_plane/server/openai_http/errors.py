@@ -13,12 +13,13 @@ from data_plane.server.errors import ModelNotFound, http_status_for
 from data_plane.server.openai_http.schemas import BodyError, openai_param
 from data_plane.server.validation import RequestFieldError
 
-# OpenAI's error `type` for each status (its clients raise by status; the type is for people).
+# OpenAI's error `type` for each status (its clients raise by status; the type is for people). OpenAI
+# answers an unknown model and an unknown route with a 404 of type `invalid_request_error`.
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
-    404: "not_found_error",
+    404: "invalid_request_error",
     405: "invalid_request_error",
     408: "invalid_request_error",
     409: "conflict_error",
@@ -26,6 +27,8 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable_error",
 }
+# OpenAI's `code` for a `model` (or mix member) that does not exist or that the key may not use.
+MODEL_NOT_FOUND = "model_not_found"
 # Statuses a client should retry after a pause: overloaded, draining.
 RETRY_AFTER_S = {429: 1, 503: 1}
 
@@ -44,7 +47,9 @@ class HttpError:
     status: int
     message: str
     param: str | None
-    code: str  # the gRPC status name of the same outcome, lowercase ("invalid_argument")
+    # The gRPC status name of the same outcome, lowercase ("invalid_argument"); OpenAI's own code where
+    # its clients know one (`model_not_found`).
+    code: str
 
     def payload(self) -> dict:
         kind = _TYPES.get(self.status, "server_error")
@@ -62,7 +67,7 @@ def http_error(error: BaseException, chat: bool = False) -> HttpError:
     """The HTTP error of any exception of the generate path (500 'internal error' for a worker fault), its
     `param` the body's name of the field at fault (`model` for an adapter nobody may use)."""
     if isinstance(error, MixMemberNotFound):
-        return HttpError(404, str(error), error.param, grpc.StatusCode.NOT_FOUND.name.lower())
+        return HttpError(404, str(error), error.param, MODEL_NOT_FOUND)
     status, message, code = http_status_for(error)
     param = None
     if isinstance(error, BodyError):
@@ -70,5 +75,5 @@ def http_error(error: BaseException, chat: bool = False) -> HttpError:
     elif isinstance(error, RequestFieldError | InvalidRequest):  # the gRPC names: renamed
         param = openai_param(error.field, chat)
     elif isinstance(error, ModelNotFound):
-        param = "model"
+        param, code = "model", MODEL_NOT_FOUND
     return HttpError(status, message, param, code.lower())

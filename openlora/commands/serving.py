@@ -34,18 +34,43 @@ def _env(name: str, default=None):
     return os.environ.get(ENV_PREFIX + name, default)
 
 
-def _env_int(name: str, default: int | None) -> int | str | None:
-    """The default of a `type=int` flag: OPENLORA_<name> as given (argparse converts a string default
-    with the flag's type when that command is parsed, so a malformed value is refused as the flag's,
-    exit 2, and never stops the parser of another command), else `default`."""
-    value = _env(name)
-    return value if value not in (None, "") else default
+class _EnvValue(str):
+    """A flag's default as OPENLORA_<name> sets it, remembering the variable: argparse converts a string
+    default with the flag's type when that command is parsed, and the type names the variable when the
+    value is malformed (a flag given on the command line is named by argparse)."""
+
+    variable: str
 
 
-def _env_float(name: str, default: float) -> float | str:
-    """`_env_int` for a `type=float` flag."""
+def _env_number(name: str, default):
+    """The default of a number flag: OPENLORA_<name> as an `_EnvValue` (an empty variable is unset), else
+    `default`. A malformed value is refused when that command is parsed (exit 2), never by the parser
+    of another command."""
     value = _env(name)
-    return value if value not in (None, "") else default
+    if value in (None, ""):
+        return default
+    text = _EnvValue(value)
+    text.variable = ENV_PREFIX + name
+    return text
+
+
+def _number_type(convert, kind: str):
+    """The argparse `type` of a number flag: `convert`, refusing a malformed value as `kind` and naming
+    the variable it came from, if any."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except (ValueError, OverflowError):
+            source = f"{text.variable}={str(text)!r}" if isinstance(text, _EnvValue) else repr(text)
+            raise argparse.ArgumentTypeError(f"{source} is not {kind}") from None
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+_int = _number_type(int, "a whole number")
+_float = _number_type(float, "a number")
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -96,95 +121,95 @@ def _add_worker(subparsers) -> None:
     )
     p.add_argument(
         "--max-lora-rank",
-        type=int,
-        default=_env_int("MAX_LORA_RANK", 64),
+        type=_int,
+        default=_env_number("MAX_LORA_RANK", 64),
         help="largest adapter rank a slot holds (OPENLORA_MAX_LORA_RANK; default 64)",
     )
     p.add_argument(
         "--num-adapter-slots",
-        type=int,
-        default=_env_int("NUM_ADAPTER_SLOTS", 32),
+        type=_int,
+        default=_env_number("NUM_ADAPTER_SLOTS", 32),
         help="adapters on the device at once (OPENLORA_NUM_ADAPTER_SLOTS; default 32)",
     )
     p.add_argument(
         "--kv-cache-bytes",
-        type=int,
-        default=_env_int("KV_CACHE_BYTES", None),
+        type=_int,
+        default=_env_number("KV_CACHE_BYTES", None),
         help="KV cache size (OPENLORA_KV_CACHE_BYTES)",
     )
     p.add_argument(
         "--num-kv-blocks",
-        type=int,
-        default=_env_int("NUM_KV_BLOCKS", None),
+        type=_int,
+        default=_env_number("NUM_KV_BLOCKS", None),
         help="KV cache size in blocks, instead of bytes (OPENLORA_NUM_KV_BLOCKS)",
     )
     p.add_argument(
         "--max-num-seqs",
-        type=int,
-        default=_env_int("MAX_NUM_SEQS", 64),
+        type=_int,
+        default=_env_number("MAX_NUM_SEQS", 64),
         help="sequences a step runs at most (OPENLORA_MAX_NUM_SEQS; default 64)",
     )
     p.add_argument(
         "--max-model-len",
-        type=int,
-        default=_env_int("MAX_MODEL_LEN", None),
+        type=_int,
+        default=_env_number("MAX_MODEL_LEN", None),
         help="prompt + output tokens per request; default: the model's (OPENLORA_MAX_MODEL_LEN)",
     )
     _add_quantize_flags(p)
     p.add_argument(
         "--host-cache-bytes",
-        type=int,
-        default=_env_int("HOST_CACHE_BYTES", None),
+        type=_int,
+        default=_env_number("HOST_CACHE_BYTES", None),
         help="adapter host-memory budget (OPENLORA_HOST_CACHE_BYTES; default RAM/8, at most 8 GiB)",
     )
     p.add_argument(
         "--disk-cache-bytes",
-        type=int,
-        default=_env_int("DISK_CACHE_BYTES", None),
+        type=_int,
+        default=_env_number("DISK_CACHE_BYTES", None),
         help="local artifact disk budget (OPENLORA_DISK_CACHE_BYTES; default free disk/4, at most 20 GiB)",
     )
     p.add_argument(
         "--max-waiting",
-        type=int,
-        default=_env_int("MAX_WAITING", 256),
+        type=_int,
+        default=_env_number("MAX_WAITING", 256),
         help="requests queued past the running ones before RESOURCE_EXHAUSTED (OPENLORA_MAX_WAITING; default 256)",
     )
     p.add_argument(
         "--max-connections",
-        type=int,
-        default=_env_int("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
+        type=_int,
+        default=_env_number("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
         help="gRPC connections held at once (OPENLORA_MAX_CONNECTIONS)",
     )
     p.add_argument(
         "--max-pending-merges-per-tenant",
-        type=int,
-        default=_env_int("MAX_PENDING_MERGES_PER_TENANT", 4),
+        type=_int,
+        default=_env_number("MAX_PENDING_MERGES_PER_TENANT", 4),
         help="merge builds one tenant may have pending before a new one is refused "
         "(OPENLORA_MAX_PENDING_MERGES_PER_TENANT; default 4)",
     )
     p.add_argument(
         "--max-streams-per-tenant",
-        type=int,
-        default=_env_int("MAX_STREAMS_PER_TENANT", None),
+        type=_int,
+        default=_env_number("MAX_STREAMS_PER_TENANT", None),
         help="streams one tenant may have on this worker at once, past it RESOURCE_EXHAUSTED for that "
         "tenant (OPENLORA_MAX_STREAMS_PER_TENANT; default half of --max-num-seqs + --max-waiting)",
     )
     p.add_argument(
         "--max-tokens-limit",
-        type=int,
-        default=_env_int("MAX_TOKENS_LIMIT", 4096),
+        type=_int,
+        default=_env_number("MAX_TOKENS_LIMIT", 4096),
         help="largest max_tokens a request may ask (OPENLORA_MAX_TOKENS_LIMIT; default 4096)",
     )
     p.add_argument(
         "--drain-grace-s",
-        type=float,
-        default=_env_float("DRAIN_GRACE_S", 30.0),
+        type=_float,
+        default=_env_number("DRAIN_GRACE_S", 30.0),
         help="seconds running streams get to finish on SIGTERM (OPENLORA_DRAIN_GRACE_S; default 30)",
     )
     p.add_argument(
         "--metrics-port",
-        type=int,
-        default=_env_int("METRICS_PORT", 0),
+        type=_int,
+        default=_env_number("METRICS_PORT", 0),
         help="Prometheus /metrics port, 0 = off (OPENLORA_METRICS_PORT)",
     )
     p.add_argument(
@@ -201,8 +226,8 @@ def _add_worker(subparsers) -> None:
     )
     p.add_argument(
         "--auth-cache-ttl-s",
-        type=float,
-        default=_env_float("AUTH_CACHE_TTL_S", 10.0),
+        type=_float,
+        default=_env_number("AUTH_CACHE_TTL_S", 10.0),
         help="seconds an Authorize answer is reused, at most 10 (OPENLORA_AUTH_CACHE_TTL_S; default 10)",
     )
     p.add_argument(
@@ -368,15 +393,15 @@ def _add_generate(subparsers) -> None:
         help="how --mix combines its adapters (default linear)",
     )
     p.add_argument(
-        "--density", type=float, default=None, help="fraction kept by ties, dare_*, magnitude_prune"
+        "--density", type=_float, default=None, help="fraction kept by ties, dare_*, magnitude_prune"
     )
     p.add_argument("--majority-sign-method", default=None, choices=["total", "frequency"])
     p.add_argument("--combine", default=None, choices=["probs", "logprobs"], help="how an ensemble combines")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=_int, default=None)
+    p.add_argument("--temperature", type=_float, default=None)
+    p.add_argument("--top-p", type=_float, default=None)
+    p.add_argument("--top-k", type=_int, default=0)
+    p.add_argument("--seed", type=_int, default=None)
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--request-id", default=None)
     p.add_argument("--target", default=None, help="worker host:port (OPENLORA_TARGET, else the context file)")
@@ -504,33 +529,33 @@ def _add_up(subparsers) -> None:
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="(OPENLORA_HOST)")
     p.add_argument(
         "--port",
-        type=int,
-        default=_env_int("PORT", 50052),
+        type=_int,
+        default=_env_number("PORT", 50052),
         help="inference port (OPENLORA_PORT; default 50052; 0: any free port)",
     )
     p.add_argument(
         "--admin-port",
-        type=int,
-        default=_env_int("ADMIN_PORT", 50051),
+        type=_int,
+        default=_env_number("ADMIN_PORT", 50051),
         help="control plane port (OPENLORA_ADMIN_PORT; default 50051; 0: any free port)",
     )
     p.add_argument(
         "--http-port",
-        type=int,
-        default=_env_int("HTTP_PORT", None),
+        type=_int,
+        default=_env_number("HTTP_PORT", None),
         help="OpenAI-compatible HTTP API port (OPENLORA_HTTP_PORT; 0: any free port; default 8000, any free "
         "one with --port 0)",
     )
     p.add_argument(
         "--metrics-port",
-        type=int,
-        default=_env_int("METRICS_PORT", 0),
+        type=_int,
+        default=_env_number("METRICS_PORT", 0),
         help="the worker's /metrics port (OPENLORA_METRICS_PORT; default 0: off)",
     )
     p.add_argument(
         "--admin-metrics-port",
-        type=int,
-        default=_env_int("ADMIN_METRICS_PORT", 0),
+        type=_int,
+        default=_env_number("ADMIN_METRICS_PORT", 0),
         help="the control plane's /metrics port (OPENLORA_ADMIN_METRICS_PORT; default 0: off)",
     )
     p.add_argument(
@@ -542,8 +567,8 @@ def _add_up(subparsers) -> None:
     p.add_argument("--context", default=None, help="context file; default OPENLORA_CONTEXT or XDG path")
     p.add_argument(
         "--drain-grace-s",
-        type=float,
-        default=_env_float("DRAIN_GRACE_S", 30.0),
+        type=_float,
+        default=_env_number("DRAIN_GRACE_S", 30.0),
         help="seconds running streams get to finish on Ctrl-C or SIGTERM (OPENLORA_DRAIN_GRACE_S; default 30)",
     )
     p.add_argument(

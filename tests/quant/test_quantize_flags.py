@@ -158,3 +158,37 @@ def test_worker_refuses_an_unknown_kernel_choice_before_starting(tmp_path, monke
 )
 def test_worker_refusals_name_the_flag_and_variable(tmp_path, monkeypatch, capsys, argv, env, message):
     _assert_worker_refuses(tmp_path, monkeypatch, capsys, argv, env, message)
+
+
+@pytest.mark.parametrize(
+    ("command", "argv", "env", "message"),
+    [
+        (
+            "worker",
+            [],
+            {"OPENLORA_MAX_NUM_SEQS": "lots"},
+            "argument --max-num-seqs: OPENLORA_MAX_NUM_SEQS='lots' is not a whole number",
+        ),
+        # spaces are a malformed value, not an unset variable
+        (
+            "worker",
+            [],
+            {"OPENLORA_DISK_CACHE_BYTES": " "},
+            "argument --disk-cache-bytes: OPENLORA_DISK_CACHE_BYTES=' ' is not a whole number",
+        ),
+        ("up", [], {"OPENLORA_DRAIN_GRACE_S": "soon"}, "OPENLORA_DRAIN_GRACE_S='soon' is not a number"),
+        ("worker", ["--max-waiting", "1.5"], {}, "argument --max-waiting: '1.5' is not a whole number"),
+    ],
+)
+def test_a_malformed_number_names_the_variable_it_came_from(
+    tmp_path, monkeypatch, capsys, command, argv, env, message
+):
+    # argparse converts a variable's value as the flag's own and named only the flag
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    state_dir = tmp_path / "state"
+    with pytest.raises(SystemExit) as stopped:
+        main([command, "--state-dir", str(state_dir), *argv])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not state_dir.exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import grpc
 from starlette.responses import JSONResponse
 
 from data_plane.engine.errors import InvalidRequest

@@ -20,6 +20,7 @@ A batch is validated whole first and then succeeds or fails atomically. Rows are
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import uuid
 from collections import defaultdict
@@ -37,8 +38,11 @@ from control_plane.registry.models import Adapter
 from control_plane.tenancy.models import Tenant
 from control_plane.text import check_text
 from control_plane.usage.models import UsageCounter, UsageEvent, UsageEventAdapter
-from control_plane.usage.shares import MICROS, round_half_even, split_micro_tokens, weight_decimal
+from control_plane.usage.shares import MICROS, ensemble_base_share, round_half_even, split_micro_tokens
 from openlora.text_rules import MAX_REQUEST_ID_CHARS
+from openlora.usage_shares import wire_share
+
+log = logging.getLogger(__name__)
 
 # The finish reason of a checkpoint: the count a stream had delivered when its worker last spooled it.
 # Stored as such only when the stream never finished (its worker was killed).
@@ -133,12 +137,14 @@ def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
                 raise InvalidArgument("must be a non-negative finite number", field=f"{where}.{name}")
         adapters = []
         for j, (adapter_id, weight) in enumerate(r.adapters):
-            adapters.append(
-                (
-                    _uuid(adapter_id, f"{where}.adapters[{j}].adapter_id"),
-                    weight_decimal(weight, f"{where}.adapters[{j}].weight"),
-                )
-            )
+            adapter = _uuid(adapter_id, f"{where}.adapters[{j}].adapter_id")
+            share = wire_share(weight)
+            if share == 0:
+                # It bills nothing (rounds to zero, or is no positive number): refusing the record for it
+                # left tokens already delivered unbilled; its tokens go to the other shares.
+                log.warning("usage %s.adapters[%d]: share %r bills nothing, left out", where, j, weight)
+                continue
+            adapters.append((adapter, share))
         if len({a for a, _ in adapters}) != len(adapters):
             raise InvalidArgument("an adapter is listed twice", field=f"{where}.adapters")
         checked.append(
@@ -374,15 +380,20 @@ def _count(deltas: dict[tuple, list[int]], c: _Contribution, sign: int) -> None:
         delta[2] += sign * c.completion_tokens * MICROS
         return
     weights = [w for _, w in c.adapters]
+    # An ensemble's base-model member: its share of the tokens is billed as the base model (no royalty).
+    base_share = ensemble_base_share(c.request_kind, weights)
+    lines = [adapter_id for adapter_id, _ in c.adapters] + ([None] if base_share else [])
+    weights += [base_share] if base_share else []
     prompt_parts = split_micro_tokens(c.prompt_tokens, weights)
     completion_parts = split_micro_tokens(c.completion_tokens, weights)
     every_token = royalty_on_every_token(c.request_kind)
-    for (adapter_id, _), prompt, completion in zip(c.adapters, prompt_parts, completion_parts, strict=True):
+    for adapter_id, prompt, completion in zip(lines, prompt_parts, completion_parts, strict=True):
         delta = deltas[(c.tenant_id, c.base_model, adapter_id, c.hour_at, c.request_kind, c.mix)]
         delta[0] += sign
         delta[1] += sign * prompt
         delta[2] += sign * completion
-        delta[3] += sign * (c.completion_tokens * MICROS if every_token else completion)
+        if adapter_id is not None:  # the base model earns no royalty
+            delta[3] += sign * (c.completion_tokens * MICROS if every_token else completion)
 
 
 def _move_counters(session: Session, deltas: dict[tuple, list[int]]) -> None:

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import math
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 
-from control_plane.errors import InvalidArgument
+from openlora.usage_shares import ONE
 
 MICROS = 1_000_000
-_WEIGHT_QUANTUM = Decimal("0.000001")
 
 
-def weight_decimal(weight: float, field: str) -> Decimal:
-    """A mix weight as an exact decimal with 6 places (float32 noise from the wire is rounded off)."""
-    if not math.isfinite(weight) or weight <= 0:
-        raise InvalidArgument(f"must be a positive finite number, got {weight}", field=field)
-    value = Decimal(repr(float(weight))).quantize(_WEIGHT_QUANTUM, rounding=ROUND_HALF_EVEN)
-    if value <= 0:
-        raise InvalidArgument(f"rounds to zero at 6 decimal places: {weight}", field=field)
-    return value
+def ensemble_base_share(request_kind: str, shares: list[Decimal]) -> Decimal:
+    """The base-model member's share of an ensemble record: what its adapters' shares leave of 1 (a
+    worker writes an ensemble's shares over all its members' weights, the base's included). 0 for any
+    other kind, and for a record whose shares add up to 1 or more (no base member, or an older worker
+    that scaled them to the largest)."""
+    if request_kind != "ensemble" or not shares:
+        return Decimal(0)
+    return max(ONE - sum(shares), Decimal(0))
 
 
 def split_micro_tokens(tokens: int, weights: list[Decimal]) -> list[int]:

@@ -212,3 +212,84 @@ def test_a_record_without_a_kind_bills_per_adapter_as_before(kinds_system, tiny_
             )
         invoice = _invoice_when_billed(admin, 8)
     assert _tokens_lines(invoice) == {("", "", "ad0"): _cost(1, 2), ("", "", "ad2"): _cost(3, 6)}
+
+
+def test_an_ensemble_pays_royalty_on_its_share_of_all_members_weights_the_base_models_too(
+    kinds_system, tiny_model_dir
+):
+    """An ensemble of a royalty adapter at weight 1 and the base model at weight 3: the adapter samples a
+    quarter of the tokens and is paid on that quarter (it was paid on all of them: the base member's
+    weight was left out of the split); the rest is billed as the base model, inside the ensemble's line."""
+    operator, cp_target, target = kinds_system
+    tenant = f"ens-base-{uuid.uuid4().hex[:8]}"
+    operator.create_tenant(tenant)
+    key = operator.create_api_key(tenant, admin=True).secret
+    with AdminClient(cp_target, key) as admin:
+        prompt, completion = _generate(target, key, mix=[("shared", 1.0), ("", 3.0)], mix_method="ensemble")
+        invoice = _invoice_when_billed(admin, 2 * completion)
+        usage = admin.get_usage()
+    assert _tokens_lines(invoice) == {("ensemble", "shared", ""): _cost(2 * prompt, 2 * completion)}
+    royalties = [line for line in invoice.lines if line.kind == "royalty_paid"]
+    assert [r.adapter for r in royalties] == ["shared"]
+    assert royalties[0].amount_micros == round(2 * completion * ROYALTY_MICROS / 4)
+    by_adapter = {line.adapter: line.completion_tokens for line in usage.rows}
+    assert by_adapter == {"": round(2 * completion * 3 / 4), "shared": round(2 * completion / 4)}
+
+
+def test_a_share_at_the_billing_rounding_edge_is_billed(kinds_system, tiny_model_dir):
+    """A hostile tenant's free ride: weights whose ratio is exactly 5e-7 made the control plane refuse
+    the whole usage record (that share rounds to zero at 6 decimal places) after the tokens were
+    delivered. The request is billed, and the royalty adapter in it is paid on every token."""
+    operator, cp_target, target = kinds_system
+    tenant = f"edge-{uuid.uuid4().hex[:8]}"
+    operator.create_tenant(tenant)
+    key = operator.create_api_key(tenant, admin=True).secret
+    with AdminClient(cp_target, key) as admin:
+        admin.upload_adapter(tiny_model_dir / "adapters" / "ad0", "mine", BASE_MODEL)
+        prompt, completion = _generate(target, key, mix=[("mine", 122.0703125), ("shared", 6.103515625e-05)])
+        invoice = _invoice_when_billed(admin, completion)
+    assert _tokens_lines(invoice) == {("linear_mix", "mine+shared", ""): _cost(prompt, completion)}
+    royalties = [line for line in invoice.lines if line.kind == "royalty_paid"]
+    assert [(r.adapter, r.completion_tokens) for r in royalties] == [("shared", completion)]
+
+
+def test_a_record_with_a_share_that_bills_nothing_is_recorded_without_it(kinds_system, tiny_model_dir):
+    """The control plane no longer refuses a whole record for one share it cannot bill (rounding to zero,
+    zero, negative, not a number): its tokens go to the record's other shares, nothing is lost."""
+    import grpc
+
+    from openlora.v1 import worker_pb2, worker_pb2_grpc
+
+    operator, cp_target, _ = kinds_system
+    tenant = operator.create_tenant(f"zero-{uuid.uuid4().hex[:8]}")
+    key = operator.create_api_key(tenant.name, admin=True).secret
+    with AdminClient(cp_target, key) as admin:
+        ids = {}
+        for name in ("ad0", "ad2", "ad1"):
+            admin.upload_adapter(tiny_model_dir / "adapters" / name, name, BASE_MODEL)
+            ids[name] = admin.get_adapter(name).id
+        events = [
+            worker_pb2.UsageEvent(
+                request_id=f"edge-{i}",
+                tenant_id=tenant.id,
+                adapters=[
+                    worker_pb2.UsageAdapter(adapter_id=ids["ad0"], weight=1.0),
+                    worker_pb2.UsageAdapter(adapter_id=ids["ad2"], weight=bad),
+                ],
+                worker_id="w",
+                base_model=BASE_MODEL,
+                prompt_tokens=2,
+                completion_tokens=4,
+                request_kind="linear_mix",
+            )
+            for i, bad in enumerate((4.9e-7, 0.0, -0.5, float("nan")))
+        ]
+        with grpc.insecure_channel(cp_target) as channel:
+            answer = worker_pb2_grpc.WorkerServiceStub(channel).ReportUsage(
+                worker_pb2.ReportUsageRequest(events=events),
+                metadata=[("authorization", f"Bearer {worker.WORKER_TOKEN}")],
+            )
+        assert answer.inserted == 4
+        usage = admin.get_usage()
+    assert (usage.total_requests, usage.total_completion_tokens) == (4, 16)
+    assert {line.adapter: line.completion_tokens for line in usage.rows} == {"ad0": 16}

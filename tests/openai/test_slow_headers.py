@@ -62,3 +62,45 @@ def test_a_body_that_stops_short_is_answered_408_and_its_connection_closed(http_
         assert head.startswith(b"HTTP/1.1 408 ")
         assert error["code"] == "deadline_exceeded" and error["type"] == "invalid_request_error"
         assert error["message"] == "the body did not arrive within 0.5 s"
+
+
+def _read_response(conn: socket.socket) -> bytes:
+    """One whole response's head (its body, of the length it declares, read and dropped)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(
+            line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")
+        )
+    )
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head
+
+
+def test_a_kept_alive_connection_must_send_each_next_requests_headers_in_time(system, tmp_path, monkeypatch):
+    """After a response, a partial next request line (which cancels uvicorn's keep-alive timeout) held
+    the connection for ever: 4,095 of them, no key needed, filled the connection cap for every tenant.
+    The next request's headers now have the same deadline as the first's; a client that sends them in
+    time is served on the same connection as before."""
+    monkeypatch.setattr(server, "HEADER_TIMEOUT_S", 0.5)
+    running = start_http_worker(system, tmp_path / "worker")
+    try:
+        url = urlparse(running.base_url)
+        conn = socket.create_connection((url.hostname, url.port), timeout=10)
+        request = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+        for _ in range(2):  # served, and kept alive, as long as each request comes in time
+            conn.sendall(request)
+            head = _read_response(conn)
+            assert head.startswith(b"HTTP/1.1 404 ") and b"connection: close" not in head.lower()
+            time.sleep(0.2)
+        conn.sendall(b"GET /nope HTTP/1.1\r\n")  # and never the rest
+        started = time.monotonic()
+        conn.settimeout(10)
+        assert conn.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - started < 5
+        conn.close()
+    finally:
+        system.loop.run(running.worker.stop(1.0))

@@ -21,24 +21,37 @@ MAX_CONNECTIONS = 4096
 
 
 class _HeaderTimeoutProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for the first request's headers (later requests on a
-    kept-alive connection are under uvicorn's own keep-alive timeout)."""
+    """uvicorn's h11 protocol with a deadline for every request's headers: the first one's from the
+    connection's start, each later one's on a kept-alive connection from the end of the response before
+    it. (uvicorn's keep-alive timeout is cancelled by any byte received, so a client that sent a partial
+    request line after each response held its connection for ever: enough of them, no key needed, filled
+    the connection cap for everyone.)"""
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._cycle_before = self.cycle  # a request's headers have arrived once the cycle is another
         self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_too_slow)
 
     def handle_events(self) -> None:
         super().handle_events()
-        if self.cycle is not None:  # a request's headers arrived
+        if self.cycle is not self._cycle_before:
             self._header_timer.cancel()
+
+    def on_response_complete(self) -> None:
+        self._header_timer.cancel()
+        if not self.transport.is_closing():
+            self._arm_header_timer()  # before uvicorn handles a pipelined request, which cancels it
+        super().on_response_complete()
 
     def connection_lost(self, exc) -> None:
         self._header_timer.cancel()
         super().connection_lost(exc)
 
     def _headers_too_slow(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():
+        if self.cycle is self._cycle_before and not self.transport.is_closing():
             log.info("HTTP connection closed: no request headers within %.0f s", HEADER_TIMEOUT_S)
             self.transport.close()
 

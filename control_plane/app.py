@@ -113,6 +113,7 @@ class ControlPlane:
         check_text(header.description, "description", MAX_DESCRIPTION_CHARS)
         with self.sessions.begin() as s:
             tenant = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), header.tenant)
+            workers.check_not_a_base_model_name(s, header.name, "name")
             mixes.check_adapter_name_free(s, tenant.id, header.name)
             registry.check_public_name_free(s, tenant.id, header.name, header.visibility)
             _check_royalty_not_raised(registry.named_terms(s, tenant.id, header.name), header)

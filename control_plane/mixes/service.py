@@ -25,6 +25,7 @@ from control_plane.registry import service as registry
 from control_plane.registry.models import STATUS_READY, Adapter
 from control_plane.tenancy.models import Tenant
 from control_plane.text import check_text
+from control_plane.workers import service as workers
 from openlora.mix_rules import density_problem, weight_problem
 from openlora.names import ADAPTER_NAME_RULE
 
@@ -111,6 +112,7 @@ def create_mix(session: Session, tenant: Tenant, spec: MixSpec) -> OwnedMix:
     """Saves the mix; NOT_FOUND for a member the tenant may not use, ALREADY_EXISTS for a taken name."""
     check_spec(spec)
     registry.lock_name(session, tenant.id, spec.name)  # an upload of that name may be completing now
+    workers.check_not_a_base_model_name(session, spec.name, "name")
     if _own_adapter(session, tenant.id, spec.name) is not None:
         raise NameTaken(spec.name, "an adapter")
     if find_mix(session, tenant.id, spec.name) is not None:

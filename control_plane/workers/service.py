@@ -110,6 +110,14 @@ def max_lora_rank(session: Session, base_model_name: str, live_within_s: float) 
     )
 
 
+def check_not_a_base_model_name(session: Session, name: str, field: str) -> None:
+    """INVALID_ARGUMENT naming `field` when `name` is a registered base model's: a request naming it means
+    that base model (HTTP's `model`, gRPC's `adapter`), so an adapter or mix under it would be served by
+    one API and not the other, and a public one would collect royalties from callers of the base model."""
+    if session.get(BaseModelRow, name) is not None:
+        raise InvalidArgument(f"{name!r} is the name of a base model; choose another", field=field)
+
+
 def base_model(session: Session, name: str) -> BaseModelRow:
     """A registered base model by name; FAILED_PRECONDITION naming `base_model` when no worker brought it.
     An empty name means the only registered one, when there is exactly one."""

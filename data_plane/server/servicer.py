@@ -67,6 +67,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             service.check_serving()
             api_key = _bearer_key(context)
+            if request.adapter and request.adapter == service.base_model:
+                request = _as_base_model(request)
             chunks = service.generate(
                 api_key,
                 requested_adapter_names(request),
@@ -92,6 +94,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             self._metrics.requests.labels(code).inc()
             self._state.leave()
+
+
+def _as_base_model(request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateRequest:
+    """The request with `adapter` naming the base model read as the base model (""), as HTTP reads
+    `model`: the control plane keeps the name from every adapter and mix."""
+    plain = inference_pb2.GenerateRequest()
+    plain.CopyFrom(request)
+    plain.ClearField("adapter")
+    return plain
 
 
 def _response(chunk: Chunk) -> inference_pb2.GenerateResponse:

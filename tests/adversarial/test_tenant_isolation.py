@@ -225,3 +225,32 @@ def test_tenant_admin_cannot_revoke_another_tenants_key(attacker, victim, intrud
         == NOT_FOUND
     )
     assert attacker.generate(victim.infer_key)[-1].usage.completion_tokens == 2
+
+
+def test_the_base_models_name_is_no_adapters_or_mixes_and_means_the_base_model(attacker, intruder):
+    """A public adapter named like the base model was served to gRPC callers who named the base model as
+    `adapter` (and collected its royalty from them), while HTTP's `model` of that name is the base model,
+    and /v1/models never listed it. The name is refused for adapters and mixes, and gRPC reads it as the
+    base model, as HTTP does."""
+    with pytest.raises(grpc.RpcError) as refused:
+        attacker.push(intruder, BASE_MODEL, public=True)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith(f"name: {BASE_MODEL!r} is the name of a base model")
+    attacker.push(intruder, "own", adapter="ad0")
+    with pytest.raises(grpc.RpcError) as refused:
+        attacker.admin.CreateMix(
+            admin_pb2.CreateMixRequest(
+                name=BASE_MODEL, members=[inference_pb2.AdapterWeight(adapter="own", weight=1.0)]
+            ),
+            metadata=bearer(intruder.admin_key),
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("name: ")
+
+    def tokens(**fields) -> list[int]:
+        sampling = inference_pb2.SamplingParams(max_tokens=6)
+        return [
+            t for r in attacker.generate(intruder.infer_key, sampling=sampling, **fields) for t in r.token_ids
+        ]
+
+    assert tokens(adapter=BASE_MODEL) == tokens() != tokens(adapter="own")

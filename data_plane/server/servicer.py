@@ -18,7 +18,8 @@ import grpc
 from data_plane.server.errors import MissingCredentials, mix_member_not_found, names_unknown, status_for
 from data_plane.server.generation import Chunk, GenerationService, WorkerState
 from data_plane.server.metrics import WorkerMetrics
-from data_plane.server.validation import check_request, requested_adapter_names
+from data_plane.server.validation import RequestFieldError, check_request, requested_adapter_names
+from openlora import bearer
 from openlora.text_rules import bounded_status
 from openlora.v1 import inference_pb2, inference_pb2_grpc
 
@@ -123,10 +124,12 @@ def _response(chunk: Chunk) -> inference_pb2.GenerateResponse:
 
 
 def _bearer_key(context) -> str:
-    """The key of `authorization: Bearer <key>`; the scheme is case-insensitive, as on the control plane."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    raise MissingCredentials()
+    """The key of `authorization: Bearer <key>`; the scheme is case-insensitive, and the entry given twice
+    is refused, as on the control plane."""
+    try:
+        key = bearer.bearer_token(context.invocation_metadata())
+    except bearer.CredentialGivenTwice as error:
+        raise RequestFieldError(bearer.AUTHORIZATION, str(error)) from None
+    if not key:
+        raise MissingCredentials()
+    return key

@@ -130,3 +130,36 @@ def test_api_keys_are_unauthenticated_on_every_worker_rpc(attacker):
 
 def _drain(result):
     return list(result) if hasattr(result, "__next__") else result
+
+
+def test_two_authorization_entries_are_refused_on_both_servers(attacker):
+    """Two entries were read differently: the worker took the first Bearer one (a garbage entry then a
+    key: served as that key) and the control plane the first entry (the same call: UNAUTHENTICATED), so
+    a proxy in front could check one key while the server served another. Refused on both, as HTTP
+    refuses two Authorization headers; one entry is served as before."""
+    tenant = attacker.new_tenant()
+    other = attacker.new_tenant()
+    twice = [
+        (("authorization", f"Bearer {tenant.admin_key}"), ("authorization", f"Bearer {other.admin_key}")),
+        (("authorization", "garbage"), ("authorization", f"Bearer {tenant.admin_key}")),
+        (("authorization", f"Bearer {tenant.admin_key}"), ("authorization", f"Bearer {tenant.admin_key}")),
+    ]
+    for metadata in twice:
+        for call in (
+            lambda m=metadata: attacker.admin.ListAdapters(admin_pb2.ListAdaptersRequest(), metadata=m),
+            lambda m=metadata: list(
+                attacker.inference.Generate(
+                    inference_pb2.GenerateRequest(
+                        prompt="hi", sampling=inference_pb2.SamplingParams(max_tokens=1)
+                    ),
+                    metadata=m,
+                    timeout=60,
+                )
+            ),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details = refused.value.details()  # "authorization: given..." / "authorization given..."
+            assert details.startswith("authorization") and "given 2 times" in details
+    assert attacker.generate(tenant.infer_key)  # one entry: served

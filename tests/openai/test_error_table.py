@@ -62,6 +62,11 @@ def test_each_domain_error_has_its_http_status_and_client_exception(error, statu
     assert ("Retry-After" in failure.headers()) == (status in (429, 503))
 
 
+def test_a_request_id_error_names_the_header():
+    assert http_error(DuplicateRequest("r1")).param == "X-Request-Id"
+    assert http_error(RequestIdUsed("r1")).param == "X-Request-Id"
+
+
 def test_a_field_error_names_its_param():
     assert http_error(BodyError("messages[0].role", "must be one of user")).param == "messages[0].role"
     assert http_error(BodyError(None, "the body is not valid JSON")).param is None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from starlette.responses import JSONResponse
 
 from data_plane.engine.errors import InvalidRequest
-from data_plane.server.errors import ModelNotFound, http_status_for
+from data_plane.server.errors import DuplicateRequest, ModelNotFound, RequestIdUsed, http_status_for
 from data_plane.server.openai_http.schemas import BodyError, openai_param
 from data_plane.server.validation import RequestFieldError
 
@@ -75,4 +75,6 @@ def http_error(error: BaseException, chat: bool = False) -> HttpError:
         param = openai_param(error.field, chat)
     elif isinstance(error, ModelNotFound):
         param, code = "model", MODEL_NOT_FOUND
+    elif isinstance(error, DuplicateRequest | RequestIdUsed):  # the request id is the header's
+        param = "X-Request-Id"
     return HttpError(status, message, param, code.lower())

@@ -244,8 +244,8 @@ def test_a_batch_with_one_bad_event_records_nothing(cp, world) -> None:
         _event("atomic-bad", "00000000-0000-0000-0000-000000000000", [], 1, 1, MARCH),
         _event("", user, [], 1, 1, MARCH),
         _event("atomic-bad", user, [("00000000-0000-0000-0000-000000000000", 1.0)], 1, 1, MARCH),
-        _event("atomic-bad", user, [(world["adapter"]["poet"], -1.0)], 1, 1, MARCH),
-    ]
+    ]  # (a share that bills nothing, a negative one say, is left out and the event recorded: see
+    # tests/fusion/test_invoice_request_kinds.py)
     for bad in bad_events:
         with pytest.raises(grpc.RpcError) as e:
             _report(cp, [good, bad])

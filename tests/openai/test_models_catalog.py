@@ -26,7 +26,6 @@ def tenants(system):
     system.admin.push(adapters / "ad0", "b-open", b[0], BASE, public=True)
     system.admin.push(adapters / "ad1", "b-secret", b[0], BASE)
     system.admin.push(adapters / "ad2", "a-own", a[0], BASE)
-    system.admin.push(adapters / "ad3", BASE, a[0], BASE)  # named as the base model: not listable
     with AdminClient(system.control_plane.target, b[2]) as admin:
         admin.create_mix("b-mix", [("b-secret", 1.0)])
     with AdminClient(system.control_plane.target, a[2]) as admin:

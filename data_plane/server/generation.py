@@ -291,6 +291,13 @@ class GenerationService:
         )
         # The first chunk waits for both checks: the key's fresh answer first, then the request id.
         gate = _in_order(confirmed, reservation)
+        # A stream may run past the reservation's time to live: renewed while it runs, else another worker
+        # could serve the id again in full once it expired (both answers billed once).
+        renewal = (
+            asyncio.ensure_future(self._renew_reservation(auth.tenant_id, request_id, reservation))
+            if reservation is not None
+            else None
+        )
         try:
             try:
                 prompt_ids, adapter_refs, tier, fetch_ms = await self._prepare(valid, by_name, auth.tenant_id)
@@ -329,6 +336,8 @@ class GenerationService:
             finally:
                 self._release(held)
         finally:
+            if renewal is not None:
+                renewal.cancel()
             self._in_flight.discard(claim)
             self._tenant_streams[auth.tenant_id] -= 1
             if self._tenant_streams[auth.tenant_id] <= 0:
@@ -488,6 +497,27 @@ class GenerationService:
             log.warning("request id served unreserved (control plane unavailable): %s", error.message)
             return False
         return True
+
+    async def _renew_reservation(self, tenant_id: str, request_id: str, reservation: asyncio.Future) -> None:
+        """Once `reservation` reserved the id, reserves it again (this worker's own: a renewal) every
+        third of its time to live until cancelled at the stream's end. A renewal that fails is tried
+        again at the next one; one refused (another worker holds the id) is logged and ends it."""
+        try:
+            if not await asyncio.shield(reservation):
+                return
+        except Exception:
+            return  # refused or failed: the stream ends on it, nothing to renew
+        while True:
+            await asyncio.sleep(self._reservation_ms / 3000)
+            try:
+                await self._cp.reserve_request_id(
+                    tenant_id, request_id, self._state.worker_id, self._reservation_ms
+                )
+            except ControlPlaneError as error:
+                if error.code == grpc.StatusCode.ALREADY_EXISTS:
+                    log.warning("request id reservation lost while its stream runs: %s", error.message)
+                    return
+                log.warning("request id reservation not renewed (tried again later): %s", error.message)
 
     def _release_request_id(self, tenant_id: str, request_id: str) -> None:
         async def release() -> None:

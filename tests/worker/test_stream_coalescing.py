@@ -276,3 +276,31 @@ def test_reservation_overlaps_the_engine_and_a_refusal_delivers_nothing(system, 
     system.flush_usage()
     usage = system.admin.usage(tenant)
     assert usage.total_requests == 1 and usage.total_completion_tokens == 64
+
+
+def test_a_stream_running_past_its_reservations_time_to_live_keeps_its_id(system, service, monkeypatch):
+    """A reservation was made once, for 120 s: a stream running longer (a long generation, a slow GPU,
+    a worker paused) let another worker serve the same id again in full, both answers billed once. It is
+    renewed while the stream runs (here with a 1 s time to live)."""
+    tenant, _, key = system.new_tenant()
+    tenant_id = system.tenant_ids[tenant]
+    monkeypatch.setattr(service, "_reservation_ms", 1000)
+    request_id = f"long-{uuid.uuid4().hex}"
+
+    async def other_worker_reserves() -> grpc.StatusCode:
+        try:
+            await service._cp.reserve_request_id(tenant_id, request_id, "another-worker", 1000)
+        except ControlPlaneError as error:
+            return error.code
+        return grpc.StatusCode.OK
+
+    async def run() -> list[grpc.StatusCode]:
+        codes = []
+        async with _stream(service, key, request_id, max_tokens=8) as stream:
+            await anext(stream)  # running: reserved
+            for _ in range(3):  # held open for 3x the reservation's time to live
+                await asyncio.sleep(1.0)
+                codes.append(await other_worker_reserves())
+        return codes
+
+    assert system.loop.run(run()) == [grpc.StatusCode.ALREADY_EXISTS] * 3

@@ -77,8 +77,9 @@ class WorkerConfig:
     auth_cache_ttl_s: float = MAX_AUTH_CACHE_TTL_S
     # Most cached authorisation answers (one per api key and adapter names); the oldest go first.
     auth_cache_max_entries: int = 10_000
-    # How long the control plane holds a client request id for a stream of this worker unless released.
-    request_id_reservation_s: float = 120.0
+    # How long a stream's request id stays reserved at the control plane unless renewed (a third of it
+    # apart while the stream runs): what a retry waits after a worker died before delivering anything.
+    request_id_reservation_s: float = 30.0
     usage_flush_interval_s: float = 1.0
     usage_fsync_interval_s: float = 0.2
     # Period of the running streams' usage checkpoints: a crash leaves at most about this much unbilled.

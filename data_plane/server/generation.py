@@ -128,7 +128,7 @@ class GenerationService:
         metrics: WorkerMetrics,
         state: WorkerState,
         limits: RequestLimits,
-        reservation_s: float = 120.0,
+        reservation_s: float = 30.0,
         activity: AdapterActivity | None = None,
         merges: MergeStore | None = None,
         max_pending_merges_per_tenant: int = MAX_PENDING_BUILDS_PER_TENANT,

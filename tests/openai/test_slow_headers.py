@@ -104,3 +104,28 @@ def test_a_kept_alive_connection_must_send_each_next_requests_headers_in_time(sy
         conn.close()
     finally:
         system.loop.run(running.worker.stop(1.0))
+
+
+def test_past_the_connection_cap_a_request_gets_openais_503_with_retry_after(system, tmp_path, monkeypatch):
+    """uvicorn's own answer past its cap was a plain-text 503 without Retry-After, which the official
+    clients do not read as an error object or back off on."""
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 3)
+    running = start_http_worker(system, tmp_path / "worker")
+    held = []
+    try:
+        url = urlparse(running.base_url)
+        held = [socket.create_connection((url.hostname, url.port), timeout=10) for _ in range(3)]
+        time.sleep(0.2)  # accepted by the server
+        over = httpx.get(f"{running.base_url}/models", timeout=10)
+        assert over.status_code == 503
+        assert over.headers["retry-after"] == "1" and over.headers["connection"] == "close"
+        error = over.json()["error"]
+        assert error["type"] == "service_unavailable_error" and "3 HTTP connections" in error["message"]
+        for conn in held:
+            conn.close()
+        time.sleep(0.2)
+        assert httpx.get(f"{running.base_url}/models", timeout=10).status_code == 401  # served again
+    finally:
+        for conn in held:
+            conn.close()
+        system.loop.run(running.worker.stop(1.0))

@@ -8,15 +8,18 @@ import contextlib
 import logging
 import socket
 
+import grpc
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from data_plane.server.openai_http.errors import HttpError
 
 log = logging.getLogger(__name__)
 
 # A connection must send a whole request's headers within this long (uvicorn waits forever: 1,500 silent
 # connections held 1,500 descriptors, without a key); past it the connection is closed.
 HEADER_TIMEOUT_S = 10.0
-# Open connections at most: past it uvicorn answers 503 at once instead of taking more descriptors.
+# Open connections at most: past it a connection's request is answered 503 and the connection closed.
 MAX_CONNECTIONS = 4096
 
 
@@ -29,6 +32,8 @@ class _HeaderTimeoutProtocol(H11Protocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > MAX_CONNECTIONS:  # this one counted: every request on it is refused
+            self.app = _over_capacity
         self._arm_header_timer()
 
     def _arm_header_timer(self) -> None:
@@ -54,6 +59,18 @@ class _HeaderTimeoutProtocol(H11Protocol):
         if self.cycle is self._cycle_before and not self.transport.is_closing():
             log.info("HTTP connection closed: no request headers within %.0f s", HEADER_TIMEOUT_S)
             self.transport.close()
+
+
+async def _over_capacity(scope, receive, send) -> None:
+    """The answer on a connection past MAX_CONNECTIONS: OpenAI's error object, 503 with Retry-After (so
+    the official clients back off and retry), and the connection closed (uvicorn's own was plain text)."""
+    error = HttpError(
+        503,
+        f"the worker holds {MAX_CONNECTIONS} HTTP connections, the most it takes; retry shortly",
+        None,
+        grpc.StatusCode.UNAVAILABLE.name.lower(),
+    )
+    await error.response({"Connection": "close"})(scope, receive, send)
 
 
 class _Server(uvicorn.Server):
@@ -95,7 +112,6 @@ class HttpServer:
             log_level="warning",
             timeout_graceful_shutdown=self._shutdown_timeout_s,
             http=_HeaderTimeoutProtocol,
-            limit_concurrency=MAX_CONNECTIONS,
         )
         self._server = _Server(config)
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))

@@ -348,6 +348,11 @@ class ControlPlane:
         with self.sessions.begin() as s:
             return reservation.release_request_id(s, tenant_id, request_id, worker_id)
 
+    def release_worker_request_ids(self, worker_id: str, keep: list[tuple[str, str]]) -> int:
+        """A restarted worker's reservations given back, but for the ids its spool still bills."""
+        with self.sessions.begin() as s:
+            return reservation.release_worker_request_ids(s, worker_id, keep)
+
     def check_request_id(self, tenant_id: str, request_id: str) -> None:
         """AlreadyExists when the tenant's client-chosen request id was already served and billed."""
         with self.sessions.begin() as s:

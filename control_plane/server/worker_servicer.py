@@ -106,6 +106,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
         return worker_pb2.ReleaseRequestIdResponse(released=released)
 
+    async def ReleaseWorkerRequestIds(self, request, context):
+        """Removes every reservation of the worker but those of `keep` (its spool's unrecorded usage)."""
+        self.app.check_worker_token(bearer_token(context))
+        keep = [(key.tenant_id, key.request_id) for key in request.keep]
+        released = await asyncio.to_thread(self.app.release_worker_request_ids, request.worker_id, keep)
+        return worker_pb2.ReleaseWorkerRequestIdsResponse(released=released)
+
     async def ReportUsage(self, request, context):
         """Idempotent by (tenant, request id): a record replaces the stored one only when it outranks it
         (a larger count; a final over a checkpoint), never adds to it. A batch is recorded whole or not

@@ -121,6 +121,33 @@ def release_request_id(session: Session, tenant_id: str, request_id: str, worker
     return removed is not None
 
 
+MAX_KEPT_KEYS = 10_000
+
+
+def release_worker_request_ids(session: Session, worker_id: str, keep: list[tuple[str, str]]) -> int:
+    """Removes every reservation of `worker_id` except those of the (tenant id, request id) keys in
+    `keep`; returns how many were removed."""
+    check_text(worker_id, "worker_id", 128)
+    if not worker_id:
+        raise InvalidArgument("required", field="worker_id")
+    if len(keep) > MAX_KEPT_KEYS:
+        raise InvalidArgument(f"at most {MAX_KEPT_KEYS} keys, got {len(keep)}", field="keep")
+    kept = {(_checked_key(tenant_id, request_id), request_id) for tenant_id, request_id in keep}
+    table = RequestIdReservation.__table__
+    held = session.execute(
+        select(table.c.tenant_id, table.c.request_id).where(table.c.worker_id == worker_id).with_for_update()
+    ).all()
+    released = [(tenant, request_id) for tenant, request_id in held if (tenant, request_id) not in kept]
+    for start in range(0, len(released), 1000):
+        session.execute(
+            delete(table).where(
+                table.c.worker_id == worker_id,
+                tuple_(table.c.tenant_id, table.c.request_id).in_(released[start : start + 1000]),
+            )
+        )
+    return len(released)
+
+
 def _sweep(session: Session, now: datetime) -> None:
     table = RequestIdReservation.__table__
     expired = (

@@ -434,6 +434,25 @@ class ControlPlaneClient:
         except grpc.RpcError as error:
             raise ControlPlaneError.from_rpc(error, "ReleaseRequestId") from None
 
+    async def release_worker_request_ids(self, worker_id: str, keep: list[tuple[str, str]]) -> int:
+        """Gives back every reservation of this worker except those of `keep` ((tenant id, request id));
+        returns how many were removed (0 from a control plane that predates the call)."""
+        if not self._can_reserve:
+            return 0
+        request = worker_pb2.ReleaseWorkerRequestIdsRequest(
+            worker_id=worker_id,
+            keep=[worker_pb2.RequestIdKey(tenant_id=t, request_id=r) for t, r in keep],
+        )
+        try:
+            response = await self._stub.ReleaseWorkerRequestIds(
+                request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S
+            )
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return 0
+            raise ControlPlaneError.from_rpc(error, "ReleaseWorkerRequestIds") from None
+        return response.released
+
     async def check_request_id(self, tenant_id: str, request_id: str) -> None:
         """Raises ControlPlaneError(ALREADY_EXISTS) when the tenant's usage already holds this request id.
         Never cached: the answer changes as soon as a request under that id is billed."""

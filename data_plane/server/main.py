@@ -53,6 +53,9 @@ REGISTER_RETRY_MAX_S = 5.0
 ENGINE_DEAD_EXIT_CODE = 3  # the engine loop died: restart the process
 TASK_STOP_TIMEOUT_S = 5.0  # how long stop() waits for its cancelled background tasks
 STREAM_END_TIMEOUT_S = 2.0  # how long stop() waits, after the grace, for ended streams to tell their callers
+# Spooled request ids a restarted worker keeps reserved at most when it gives back the rest (the
+# control plane takes at most this many in one call); past it, all are left to lapse.
+MAX_KEPT_REQUEST_IDS = 10_000
 
 
 def build_engine(config: WorkerConfig):
@@ -280,6 +283,7 @@ async def _start_serving(
         on_dead_letter=metrics.usage_dead_letter.inc,
     )
     await usage.start()
+    await _release_stale_request_ids(control_plane, state.worker_id, usage)
     disk_cache_bytes = config.disk_cache_bytes
     if disk_cache_bytes is None:
         disk_cache_bytes = default_disk_cache_bytes(config.artifacts_dir)
@@ -431,6 +435,24 @@ def _hint_done(pending: set[asyncio.Task], hint: Hint):
             log.warning("%s hint for %s not applied: %s", hint.kind, hint.sha256[:12], task.exception())
 
     return done
+
+
+async def _release_stale_request_ids(control_plane: ControlPlaneClient, worker_id: str, usage) -> None:
+    """Before serving: gives back the request id reservations this worker's previous run left (its streams
+    died with it), so that a retry of one that delivered nothing is served at once rather than refused
+    until it lapses. The ids its spool still bills stay reserved. A failure only leaves them to lapse."""
+    keep = usage.pending_keys()
+    if len(keep) > MAX_KEPT_REQUEST_IDS:
+        return  # a long outage's spool: they lapse on their own
+    try:
+        released = await control_plane.release_worker_request_ids(worker_id, keep)
+    except ControlPlaneError as error:
+        log.warning(
+            "request id reservations of the previous run not released (they lapse): %s", error.message
+        )
+        return
+    if released:
+        log.info("released %d request id reservations left by this worker's previous run", released)
 
 
 async def _register_with_retry(register) -> float:

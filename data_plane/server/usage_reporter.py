@@ -206,6 +206,10 @@ class UsageReporter:
     def dead_letter_path(self) -> Path:
         return self._dead_letter_path
 
+    def pending_keys(self) -> list[tuple[str, str]]:
+        """The (tenant, request id) of every record spooled and not yet acknowledged."""
+        return list(self._pending)
+
     def has_pending(self, tenant_id: str, request_id: str) -> bool:
         """Whether usage under this (tenant, request id) is spooled and not yet acknowledged."""
         return (tenant_id, request_id) in self._pending

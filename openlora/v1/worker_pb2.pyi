@@ -269,6 +269,28 @@ class ReleaseRequestIdResponse(_message.Message):
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
+class RequestIdKey(_message.Message):
+    __slots__ = ("tenant_id", "request_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    request_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseWorkerRequestIdsRequest(_message.Message):
+    __slots__ = ("worker_id", "keep")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    keep: _containers.RepeatedCompositeFieldContainer[RequestIdKey]
+    def __init__(self, worker_id: _Optional[str] = ..., keep: _Optional[_Iterable[_Union[RequestIdKey, _Mapping]]] = ...) -> None: ...
+
+class ReleaseWorkerRequestIdsResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ("api_key", "base_model", "page_size", "page_token")
     API_KEY_FIELD_NUMBER: _ClassVar[int]

@@ -76,6 +76,11 @@ class WorkerServiceStub:
                 request_serializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdResponse.FromString,
                 _registered_method=True)
+        self.ReleaseWorkerRequestIds = channel.unary_unary(
+                '/openlora.v1.WorkerService/ReleaseWorkerRequestIds',
+                request_serializer=openlora_dot_v1_dot_worker__pb2.ReleaseWorkerRequestIdsRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_worker__pb2.ReleaseWorkerRequestIdsResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/openlora.v1.WorkerService/ListModels',
                 request_serializer=openlora_dot_v1_dot_worker__pb2.ListModelsRequest.SerializeToString,
@@ -147,6 +152,16 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseWorkerRequestIds(self, request, context):
+        """Gives back every reservation a worker holds except those of `keep`: a restarted worker calls it
+        before it serves, so that the ids of its previous run's streams that died with it before delivering
+        anything can be retried at once instead of after their reservation lapses. `keep` names the ids whose
+        usage the worker still holds in its spool (delivered, not yet recorded), which stay reserved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """The adapters and saved mixes a caller's key may use on a base model (its tenant's READY adapters,
         other tenants' public ones, its tenant's saved mixes), one entry per name, by name, keyset paged.
@@ -198,6 +213,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ReleaseRequestId,
                     request_deserializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdResponse.SerializeToString,
+            ),
+            'ReleaseWorkerRequestIds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseWorkerRequestIds,
+                    request_deserializer=openlora_dot_v1_dot_worker__pb2.ReleaseWorkerRequestIdsRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_worker__pb2.ReleaseWorkerRequestIdsResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -423,6 +443,33 @@ class WorkerService:
             '/openlora.v1.WorkerService/ReleaseRequestId',
             openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdRequest.SerializeToString,
             openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseWorkerRequestIds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.WorkerService/ReleaseWorkerRequestIds',
+            openlora_dot_v1_dot_worker__pb2.ReleaseWorkerRequestIdsRequest.SerializeToString,
+            openlora_dot_v1_dot_worker__pb2.ReleaseWorkerRequestIdsResponse.FromString,
             options,
             channel_credentials,
             insecure,

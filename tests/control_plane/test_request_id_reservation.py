@@ -140,3 +140,34 @@ def test_reserve_refuses_bad_input_and_foreign_callers(cp, tenant_id) -> None:
             metadata=cp.worker_metadata("not-the-worker-token"),
         )
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_restarted_worker_gives_back_its_reservations_but_those_it_still_bills(cp, tenant_id):
+    """A worker killed before its streams delivered anything held their ids until the reservations lapsed
+    (a retry on another worker was refused ALREADY_EXISTS meanwhile). Restarted, it releases them all but
+    the ids its spool still bills; another worker's reservations are untouched."""
+    ids = [f"restart-{i}-{uuid.uuid4().hex}" for i in range(3)]
+    mine, other = f"w-{uuid.uuid4().hex[:8]}", f"v-{uuid.uuid4().hex[:8]}"
+    for request_id in ids:
+        assert _reserve(cp, tenant_id, request_id, mine) == grpc.StatusCode.OK
+    theirs = f"theirs-{uuid.uuid4().hex}"
+    assert _reserve(cp, tenant_id, theirs, other) == grpc.StatusCode.OK
+    keep = [worker_pb2.RequestIdKey(tenant_id=tenant_id, request_id=ids[1])]
+    released = (
+        cp.worker_stub()
+        .ReleaseWorkerRequestIds(
+            worker_pb2.ReleaseWorkerRequestIdsRequest(worker_id=mine, keep=keep),
+            metadata=cp.worker_metadata(),
+        )
+        .released
+    )
+    assert released == 2
+    codes = [_reserve(cp, tenant_id, request_id, other) for request_id in ids]
+    assert codes == [grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.OK]
+    assert _reserve(cp, tenant_id, theirs, mine) == grpc.StatusCode.ALREADY_EXISTS  # not mine to release
+    with pytest.raises(grpc.RpcError) as refused:
+        cp.worker_stub().ReleaseWorkerRequestIds(
+            worker_pb2.ReleaseWorkerRequestIdsRequest(worker_id=mine),
+            metadata=(("authorization", "Bearer x"),),
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -260,3 +260,34 @@ def test_a_worker_whose_spool_cannot_be_written_is_not_serving_until_it_can(syst
     delivered = sum(len(r.token_ids) for r in served)
     usage = system.wait_usage(tenant, 1)
     assert (usage.total_requests, usage.total_completion_tokens) == (1, delivered)
+
+
+def test_a_restarted_worker_frees_the_ids_its_dead_streams_held(system, tmp_path):
+    """Killed before its stream delivered anything, a worker held the stream's id until the reservation
+    lapsed: the client's retry on another worker got ALREADY_EXISTS. The worker restarted under its id
+    gives such reservations back before it serves."""
+    from data_plane.server.control_plane_client import ControlPlaneError
+
+    tenant, _, _ = system.new_tenant()
+    tenant_id = system.tenant_ids[tenant]
+    worker_id = f"restarted-{uuid.uuid4().hex[:8]}"
+    request_id = f"died-{uuid.uuid4().hex}"
+    client = system.worker.control_plane  # on the system's loop
+
+    async def reserve(as_worker: str) -> grpc.StatusCode:
+        try:
+            await client.reserve_request_id(tenant_id, request_id, as_worker, 600_000)
+        except ControlPlaneError as error:
+            return error.code
+        return grpc.StatusCode.OK
+
+    # the previous run's stream, reserved for ten minutes, then the process died
+    assert system.loop.run(reserve(worker_id)) == grpc.StatusCode.OK
+    assert system.loop.run(reserve("another-worker")) == grpc.StatusCode.ALREADY_EXISTS
+    worker = start_worker(
+        system.loop, system.control_plane.target, system.model_dir, tmp_path, None, worker_id=worker_id
+    )
+    try:
+        assert system.loop.run(reserve("another-worker")) == grpc.StatusCode.OK
+    finally:
+        system.loop.run(worker.stop(1.0))

@@ -10,10 +10,12 @@ MICROS = 1_000_000
 
 
 def ensemble_base_share(request_kind: str, shares: list[Decimal]) -> Decimal:
-    """The base-model member's share of an ensemble record: what its adapters' shares leave of 1 (a
-    worker writes an ensemble's shares over all its members' weights, the base's included). 0 for any
-    other kind, and for a record whose shares add up to 1 or more (no base member, or an older worker
-    that scaled them to the largest)."""
+    """The share of an ensemble record billed as the base model: what its adapters' shares leave of 1. A
+    worker writes an adapter member's share as its weight over all members' weights divided by the
+    number of members (the record's tokens are that many times the tokens delivered), so the rest is
+    the base member's share and the work of the other sequences. 0 for any other kind, and for a record
+    whose shares add up to 1 or more (a one-member ensemble, or an older worker that scaled them to the
+    largest)."""
     if request_kind != "ensemble" or not shares:
         return Decimal(0)
     return max(ONE - sum(shares), Decimal(0))

@@ -144,14 +144,14 @@ def test_each_mix_kind_is_one_tokens_line_and_royalties_stay_per_adapter(kinds_s
     assert sum(line.prompt_tokens for line in tokens_lines) == billed_prompt
     assert sum(line.completion_tokens for line in tokens_lines) == billed_completion
     # The royalty of "shared": every completion token of the linear mix (8) and of the saved mix, a merge
-    # (8), whatever its weight there; its weighted share of the ensemble's (0.25 * 16) = 20 completion
-    # tokens, one line for the adapter.
+    # (8), whatever its weight there; its weighted share of the ensemble's delivered tokens (0.25 * 8, of
+    # the 16 it bills) = 18 completion tokens, one line for the adapter.
     royalties = [line for line in invoice.lines if line.kind != "tokens"]
     assert [(r.kind, r.adapter, r.request_kind, r.mix) for r in royalties] == [
         ("royalty_paid", "shared", "", "")
     ]
     shared_completion_micro_tokens = (
-        completion * 1_000_000 + 2 * completion * 1_000_000 // 4 + completion * 1_000_000
+        completion * 1_000_000 + completion * 1_000_000 // 4 + completion * 1_000_000
     )
     assert royalties[0].amount_micros == round(shared_completion_micro_tokens * ROYALTY_MICROS / 1_000_000)
     assert invoice.charges_micros == (
@@ -217,23 +217,31 @@ def test_a_record_without_a_kind_bills_per_adapter_as_before(kinds_system, tiny_
 def test_an_ensemble_pays_royalty_on_its_share_of_all_members_weights_the_base_models_too(
     kinds_system, tiny_model_dir
 ):
-    """An ensemble of a royalty adapter at weight 1 and the base model at weight 3: the adapter samples a
-    quarter of the tokens and is paid on that quarter (it was paid on all of them: the base member's
-    weight was left out of the split); the rest is billed as the base model, inside the ensemble's line."""
+    """An ensemble of a royalty adapter at weight 1 and the base model at weight 3 bills twice its tokens
+    (two sequences): the adapter samples a quarter of the tokens delivered and is paid on that quarter (it
+    was paid on all the tokens billed, 8x that: the base member's weight was left out of the split and
+    the second sequence's tokens counted); the rest is billed as the base model, inside the ensemble's
+    line. Beside a member of weight 0 the adapter is paid on every token delivered, not on twice them."""
     operator, cp_target, target = kinds_system
     tenant = f"ens-base-{uuid.uuid4().hex[:8]}"
     operator.create_tenant(tenant)
     key = operator.create_api_key(tenant, admin=True).secret
     with AdminClient(cp_target, key) as admin:
+        admin.upload_adapter(tiny_model_dir / "adapters" / "ad0", "idle", BASE_MODEL)
         prompt, completion = _generate(target, key, mix=[("shared", 1.0), ("", 3.0)], mix_method="ensemble")
         invoice = _invoice_when_billed(admin, 2 * completion)
         usage = admin.get_usage()
-    assert _tokens_lines(invoice) == {("ensemble", "shared", ""): _cost(2 * prompt, 2 * completion)}
+        assert _tokens_lines(invoice) == {("ensemble", "shared", ""): _cost(2 * prompt, 2 * completion)}
+        royalties = [line for line in invoice.lines if line.kind == "royalty_paid"]
+        assert [r.adapter for r in royalties] == ["shared"]
+        assert royalties[0].amount_micros == round(completion * ROYALTY_MICROS / 4)
+        by_adapter = {line.adapter: line.completion_tokens for line in usage.rows}
+        assert by_adapter == {"": round(2 * completion * 7 / 8), "shared": round(2 * completion / 8)}
+
+        _generate(target, key, mix=[("shared", 1.0), ("idle", 0.0)], mix_method="ensemble")
+        invoice = _invoice_when_billed(admin, 4 * completion)
     royalties = [line for line in invoice.lines if line.kind == "royalty_paid"]
-    assert [r.adapter for r in royalties] == ["shared"]
-    assert royalties[0].amount_micros == round(2 * completion * ROYALTY_MICROS / 4)
-    by_adapter = {line.adapter: line.completion_tokens for line in usage.rows}
-    assert by_adapter == {"": round(2 * completion * 3 / 4), "shared": round(2 * completion / 4)}
+    assert royalties[0].amount_micros == round(completion * ROYALTY_MICROS / 4) + completion * ROYALTY_MICROS
 
 
 def test_a_share_at_the_billing_rounding_edge_is_billed(kinds_system, tiny_model_dir):

@@ -403,11 +403,12 @@ def _tensor_info(name: str, entry: object, data_bytes: int) -> TensorInfo:
         if name.endswith(".bias"):
             raise AdapterFormatError(
                 WEIGHTS_FILE,
-                f"tensor {describe(name)} is a bias of the base model, which PEFT trains with bias='all' or "
+                f"tensor {describe(name, max_chars=256)} is a bias of the base model, which PEFT trains with bias='all' or "
                 "'lora_only': applying it would change the base model for this adapter; not supported",
             )
         raise AdapterFormatError(
-            WEIGHTS_FILE, f"tensor {describe(name)} is not the LoRA A/B of a supported projection"
+            WEIGHTS_FILE,
+            f"tensor {describe(name, max_chars=256)} is not the LoRA A/B of a supported projection",
         )
     where = f"tensor {describe(name)}"
     if not isinstance(entry, dict):

@@ -19,7 +19,7 @@ import torch
 
 from data_plane.engine.errors import AdapterLoadError, InvalidRequest
 from data_plane.engine.request import Ensemble
-from data_plane.engine.validation import rank_of
+from data_plane.engine.validation import rank_of, rank_problem
 from openlora.adapter_format import AdapterFormatError
 from openlora.artifact import CONFIG_FILE
 
@@ -125,6 +125,4 @@ def validate_ensemble(
         except OSError:
             raise AdapterLoadError(f"mix[{i}].adapter", f"has no readable {CONFIG_FILE}") from None
         if rank > max_lora_rank:
-            raise AdapterLoadError(
-                f"mix[{i}].adapter.r", f"rank {rank} exceeds the maximum of {max_lora_rank}"
-            )
+            raise AdapterLoadError(f"mix[{i}].adapter", rank_problem(rank, max_lora_rank))

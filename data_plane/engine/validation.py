@@ -34,6 +34,14 @@ def _served_rank(key: str, path: Path) -> int:
     return served_rank(path)
 
 
+def rank_problem(rank: int, max_lora_rank: int) -> str:
+    """Why an adapter whose largest rank is `rank` cannot take a slot of this worker."""
+    return (
+        f"its largest rank, {rank} (`r` or a `rank_pattern` entry), exceeds this worker's maximum of "
+        f"{max_lora_rank} (--max-lora-rank)"
+    )
+
+
 def rank_of(ref: AdapterRef) -> int:
     """`served_rank` of an adapter's files, read once per cache key (the files under a key are one
     content): every request would otherwise parse its config and its weights' header again."""
@@ -98,7 +106,6 @@ def _validate_adapters(adapters: tuple[AdapterRef, ...], max_lora_rank: int) -> 
                 raise
             raise AdapterLoadError(f"{field}.{CONFIG_FILE}", f"cannot be read: {e.strerror}") from None
     if total_rank > max_lora_rank:
-        reason = f"rank {total_rank} exceeds the maximum of {max_lora_rank}"
         if len(adapters) > 1:
             raise InvalidRequest("mix", f"the adapters' ranks add up to {total_rank}, above {max_lora_rank}")
-        raise AdapterLoadError("adapter.r", reason)
+        raise AdapterLoadError("adapter", rank_problem(total_rank, max_lora_rank))

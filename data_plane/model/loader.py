@@ -158,7 +158,7 @@ def load_model(
         try:
             loaded_bytes += _load_shard(path, params, quantized, config, device, dtype, missing)
         except (ShardError, OSError) as e:
-            raise CheckpointError(f"{path.name}: not a readable safetensors file ({str(e)[:200]})") from None
+            raise CheckpointError(f"{path.name}: cannot be loaded: {str(e)[:200]}") from None
         log.info(
             "loaded shard %d/%d (%s): %.1f MiB so far, %.1f s",
             shard_index,

@@ -66,7 +66,9 @@ def read_entries(path: Path) -> tuple[list[TensorEntry], int]:
             raise ShardError(f"tensor {name!r}: malformed header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in _DTYPES:
-            raise ShardError(f"tensor {name!r}: dtype {str(dtype)[:16]!r} is not F32, F16 or BF16")
+            raise ShardError(
+                f"tensor {name!r}: dtype {str(dtype)[:16]!r} is not served (F32, F16 or BF16 only)"
+            )
         if (
             not isinstance(shape, list)
             or not all(type(d) is int and d >= 0 for d in shape)

@@ -245,3 +245,19 @@ def test_negative_and_zero_alphas_are_served_as_peft_serves_them(tiny_llama, tmp
         validate_adapter_dir(path)
         prompts = {f"{name}-{i}": [rng.randrange(tiny_llama.vocab_size) for _ in range(9)] for i in range(2)}
         assert_served_like_peft(tiny_llama, path, prompts)
+
+
+def test_an_engine_refusing_a_pattern_rank_names_the_adapter_not_r(patterned):
+    """`r` is 8 and a `rank_pattern` entry larger: the refusal blamed `adapter.r` ("rank N exceeds"),
+    which a user reads as the value of r."""
+    from data_plane.engine.errors import AdapterLoadError
+    from data_plane.engine.validation import _validate_adapters, rank_of
+
+    _, dirs = patterned
+    ref = _ref(dirs["plain"])
+    largest = rank_of(ref)
+    assert largest > 8
+    with pytest.raises(AdapterLoadError) as refused:
+        _validate_adapters((ref,), max_lora_rank=largest - 1)
+    assert refused.value.field == "adapter"
+    assert f"its largest rank, {largest} (`r` or a `rank_pattern` entry)" in refused.value.reason

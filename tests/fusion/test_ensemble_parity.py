@@ -210,7 +210,7 @@ def test_member_of_weight_zero_runs_but_takes_no_part(model, references):
             InvalidRequest,
             "mix",
         ),
-        ((("r4_qv", 1.0), ("r64_all", 1.0)), {"max_lora_rank": 16}, AdapterLoadError, "mix[1].adapter.r"),
+        ((("r4_qv", 1.0), ("r64_all", 1.0)), {"max_lora_rank": 16}, AdapterLoadError, "mix[1].adapter"),
         # 3 members of up to 5 + 12 tokens need 2 blocks of 16 each; 5 blocks hold 2 members only.
         ((("r4_qv", 1.0), ("r8_all", 1.0), (None, 1.0)), {"num_kv_blocks": 5}, InvalidRequest, "mix"),
     ],

@@ -1,7 +1,11 @@
 """Uploads in flight, counted per tenant and in all. Each one holds up to the maximum adapter size in the
 store's temporary directory until it ends, so their number is what bounds the disk that uploads can take:
 at most MAX_UPLOADS_IN_FLIGHT x max_adapter_size_bytes, and one tenant's share of it is
-MAX_UPLOADS_IN_FLIGHT_PER_TENANT uploads. The operator's uploads count like any other."""
+MAX_UPLOADS_IN_FLIGHT_PER_TENANT uploads. The operator's uploads count like any other.
+
+The last RESERVED_FOR_NEW_TENANTS slots are kept for tenants with no upload in flight: a few tenants
+each holding their share (slowly, or on purpose) could otherwise fill every slot and lock every other
+tenant, the operator included, out of uploading."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from control_plane.errors import ResourceExhausted
 
 MAX_UPLOADS_IN_FLIGHT_PER_TENANT = 4  # a bulk import may upload a few at a time
 MAX_UPLOADS_IN_FLIGHT = 16
+RESERVED_FOR_NEW_TENANTS = 4
 
 
 class UploadSlots:
@@ -23,9 +28,11 @@ class UploadSlots:
         self,
         max_per_tenant: int = MAX_UPLOADS_IN_FLIGHT_PER_TENANT,
         max_total: int = MAX_UPLOADS_IN_FLIGHT,
+        reserved_for_new_tenants: int = RESERVED_FOR_NEW_TENANTS,
     ) -> None:
         self.max_per_tenant = max_per_tenant
         self.max_total = max_total
+        self.reserved = min(reserved_for_new_tenants, max_total - 1)
         self._lock = threading.Lock()
         self._by_tenant: Counter[uuid.UUID] = Counter()
 
@@ -42,6 +49,11 @@ class UploadSlots:
                 raise ResourceExhausted(
                     f"the control plane already has {num_total} uploads in flight, the most it takes at "
                     "once; retry when one of them finishes"
+                )
+            if num_tenant > 0 and num_total >= self.max_total - self.reserved:
+                raise ResourceExhausted(
+                    f"the control plane has {num_total} uploads in flight and keeps its last "
+                    f"{self.reserved} for tenants with none; retry when this tenant's upload finishes"
                 )
             self._by_tenant[tenant_id] += 1
 

@@ -18,10 +18,25 @@ UPLOAD_IDLE_TIMEOUT_S = 30.0
 # minutes), so that a client trickling a byte now and then cannot hold its slot and files for ever either.
 UPLOAD_BASE_S = 60.0
 UPLOAD_MIN_BYTES_PER_S = 256 << 10
+# Past UPLOAD_BASE_S an upload must also keep up an average of UPLOAD_MIN_PROGRESS_BYTES_PER_S since then
+# (or have sent all it declared): a client declaring 512 MiB and trickling a byte every 20 s held its slot
+# for the 35 minutes of the limit above, and a few such clients every slot.
+UPLOAD_MIN_PROGRESS_BYTES_PER_S = 64 << 10
 
 
 def upload_time_limit_s(declared_bytes: int) -> float:
     return UPLOAD_BASE_S + declared_bytes / UPLOAD_MIN_BYTES_PER_S
+
+
+def _check_progress(received: int, declared: int, elapsed_s: float) -> None:
+    """DeadlineExceeded when an upload past UPLOAD_BASE_S has averaged less than the minimum rate since."""
+    owed = (elapsed_s - UPLOAD_BASE_S) * UPLOAD_MIN_PROGRESS_BYTES_PER_S
+    if elapsed_s > UPLOAD_BASE_S and received < min(declared, owed):
+        raise DeadlineExceeded(
+            f"the upload sent {received} bytes in {elapsed_s:.0f} s, slower than "
+            f"{UPLOAD_MIN_PROGRESS_BYTES_PER_S >> 10} KiB/s after its first {UPLOAD_BASE_S:g} s; the upload "
+            "was ended and its partial files removed"
+        )
 
 
 async def _next_upload_message(messages, deadline: float | None = None, limit_s: float = 0.0):
@@ -82,14 +97,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         header = convert.upload_header_from_proto(first.header)
         plan = await asyncio.to_thread(self.app.prepare_upload, bearer_token(context), header)
         upload = self.app.begin_upload(plan)
-        limit_s = upload_time_limit_s(sum(entry.size_bytes for entry in header.files))
-        deadline = asyncio.get_running_loop().time() + limit_s
+        declared = sum(entry.size_bytes for entry in header.files)
+        limit_s = upload_time_limit_s(declared)
+        started = asyncio.get_running_loop().time()
+        deadline = started + limit_s
+        received = 0
         try:
             while (message := await _next_upload_message(messages, deadline, limit_s)) is not None:
                 if not message.HasField("chunk"):
                     raise InvalidArgument("only the first message may be a header", field="header")
                 chunk = message.chunk
                 upload.write(chunk.filename, chunk.offset, chunk.data)
+                received += len(chunk.data)
+                _check_progress(received, declared, asyncio.get_running_loop().time() - started)
             completing = asyncio.ensure_future(asyncio.to_thread(self.app.complete_upload, plan, upload))
             try:
                 result = await asyncio.shield(completing)

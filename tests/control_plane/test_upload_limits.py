@@ -15,7 +15,11 @@ import grpc
 import psycopg
 import pytest
 
-from control_plane.artifacts.slots import MAX_UPLOADS_IN_FLIGHT, MAX_UPLOADS_IN_FLIGHT_PER_TENANT
+from control_plane.artifacts.slots import (
+    MAX_UPLOADS_IN_FLIGHT,
+    MAX_UPLOADS_IN_FLIGHT_PER_TENANT,
+    RESERVED_FOR_NEW_TENANTS,
+)
 from control_plane.server import admin_servicer
 from openlora.v1 import admin_pb2, admin_pb2_grpc
 
@@ -176,19 +180,26 @@ def test_a_tenant_past_its_uploads_in_flight_is_refused_until_one_finishes(cp, a
 
 
 def test_uploads_of_all_tenants_together_are_capped(cp, adapter_copy, held) -> None:
+    """Tenants holding their share fill the slots but the last RESERVED_FOR_NEW_TENANTS, which go to
+    tenants with no upload in flight (four colluding tenants held all 16 and locked everyone out, the
+    operator included); past the cap everyone is refused."""
     files = dir_files(adapter_copy("a"))
-    num_tenants = MAX_UPLOADS_IN_FLIGHT // MAX_UPLOADS_IN_FLIGHT_PER_TENANT
-    keys = [_tenant_key(cp, f"crowd-{t}") for t in range(num_tenants)]
-    _hold_all(
-        cp,
-        held,
-        [
-            (key, f"crowd-{t}-{i}")
-            for t, key in enumerate(keys)
-            for i in range(MAX_UPLOADS_IN_FLIGHT_PER_TENANT)
-        ],
-        files,
-    )
+    num_full = (MAX_UPLOADS_IN_FLIGHT - RESERVED_FOR_NEW_TENANTS) // MAX_UPLOADS_IN_FLIGHT_PER_TENANT
+    keys = [_tenant_key(cp, f"crowd-{t}") for t in range(num_full + 1)]
+    uploads = [
+        (key, f"crowd-{t}-{i}")
+        for t, key in enumerate(keys[:num_full])
+        for i in range(MAX_UPLOADS_IN_FLIGHT_PER_TENANT)
+    ]
+    uploads.append((keys[-1], f"crowd-{num_full}-0"))
+    _hold_all(cp, held, uploads, files)
+    # a tenant already uploading may not take a reserved slot; one with none may
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_upload(cp, files, name=f"crowd-{num_full}-1", key=keys[-1])
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"keeps its last {RESERVED_FOR_NEW_TENANTS} for tenants with none" in refused.value.details()
+    newcomers = [_tenant_key(cp, f"new-{t}") for t in range(RESERVED_FOR_NEW_TENANTS - 1)]
+    _hold_all(cp, held, [(key, f"new-{t}-0") for t, key in enumerate(newcomers)], files)
     late = _tenant_key(cp, "late")
     _refused_as_exhausted(cp, files, late, "late-0", str(MAX_UPLOADS_IN_FLIGHT))
 
@@ -256,6 +267,7 @@ def test_an_upload_trickling_past_its_time_limit_is_ended_and_its_files_removed(
     key = _tenant_key(cp, "trickle")
     monkeypatch.setattr(admin_servicer, "UPLOAD_BASE_S", 1.0)
     monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_BYTES_PER_S", 1 << 40)  # the limit: about 1 s in all
+    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_PROGRESS_BYTES_PER_S", 0)  # the time limit alone
     (config, config_data), _ = files
     header = admin_pb2.UploadAdapterHeader(name="trickle", base_model="tiny-llama")
     for filename, data in files:
@@ -280,3 +292,40 @@ def test_an_upload_trickling_past_its_time_limit_is_ended_and_its_files_removed(
     assert _partial_uploads(cp) == []
     assert cp.running.app.upload_slots.num_in_flight() == 0
     assert _rows(cp, "trickle") == 0
+
+
+def test_an_upload_slower_than_the_minimum_rate_is_ended_long_before_its_time_limit(
+    cp, adapter_copy, monkeypatch
+):
+    """Declaring a large size and sending a byte now and then held a slot for the whole time limit of
+    that size (35 minutes for 512 MiB); past its first UPLOAD_BASE_S an upload must average the minimum
+    rate (here 1 MiB/s after 0.5 s, with a time limit of hours)."""
+    files = dir_files(adapter_copy("a"))
+    key = _tenant_key(cp, "crawl")
+    monkeypatch.setattr(admin_servicer, "UPLOAD_BASE_S", 0.5)
+    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_BYTES_PER_S", 1)  # the time limit: hours
+    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_PROGRESS_BYTES_PER_S", 1 << 20)
+    (config, config_data), _ = files
+    header = admin_pb2.UploadAdapterHeader(name="crawl", base_model="tiny-llama")
+    for filename, data in files:
+        header.files.add(filename=filename, size_bytes=len(data))
+
+    def stream():
+        yield admin_pb2.UploadAdapterRequest(header=header)
+        for offset in range(len(config_data)):
+            time.sleep(0.2)
+            yield admin_pb2.UploadAdapterRequest(
+                chunk=admin_pb2.FileChunk(
+                    filename=config, offset=offset, data=config_data[offset : offset + 1]
+                )
+            )
+
+    with grpc.insecure_channel(cp.target) as channel, pytest.raises(grpc.RpcError) as ended:
+        admin_pb2_grpc.AdminServiceStub(channel).UploadAdapter(
+            stream(), metadata=(("authorization", f"Bearer {key}"),), timeout=60
+        )
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ended.value.details()
+    assert "slower than 1024 KiB/s after its first 0.5 s" in ended.value.details()
+    assert _partial_uploads(cp) == []
+    assert cp.running.app.upload_slots.num_in_flight() == 0
+    assert _rows(cp, "crawl") == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -42,6 +42,10 @@ _PASS_THROUGH = {
 AUTHORIZE_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 10.0
 DEFAULT_AUTH_CACHE_MAX_ENTRIES = 10_000
+# One tenant's answers take at most this share of the entries (its oldest go first past it): one tenant
+# calling thousands of distinct name lists pushed every other tenant's answers out, and with them their
+# service through a control-plane outage.
+AUTH_CACHE_TENANT_SHARE = 1 / 16
 # An answer no longer fresh is kept this long (within the entry bound) as a recent one: a call it covers
 # starts its work while Authorize asks again, and delivers nothing before the fresh answer. An adapter
 # called about once an hour is past any fresh TTL on every call; a day covers daily jobs too.
@@ -152,6 +156,13 @@ class ControlPlaneClient:
         self._auth_cache: TTLCache[tuple[str, tuple[str, ...]], tuple[float, Authorization]] = TTLCache(
             maxsize=auth_cache_max_entries, ttl=AUTH_RECENT_S, timer=time.monotonic
         )
+        # The cache keys of each api key's answers and, in the order stored, of each tenant's (entries the
+        # cache dropped on its own linger here until pushed out by the tenant's quota): a forget of one
+        # key's answers touches that key's alone instead of scanning the cache (each NOT_FOUND did).
+        self._keys_of_api_key: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
+        self._keys_of_tenant: dict[str, OrderedDict[tuple[str, tuple[str, ...]], str]] = {}
+        self._tenant_of_key: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._tenant_quota = max(16, int(auth_cache_max_entries * AUTH_CACHE_TENANT_SHARE))
         # Authorize calls in flight by cache key, with the forget count they started under: concurrent
         # callers of one key share one call (a burst of first calls is one round trip, not hundreds).
         self._asking: dict[tuple[str, tuple[str, ...]], tuple[int, asyncio.Future]] = {}
@@ -339,7 +350,7 @@ class ControlPlaneClient:
             served = self._outage_answer(key, error.code(), forgets)
             if served is not None:
                 return served
-            self._auth_cache.pop(key, None)
+            self._drop(key)
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._forget_key(api_key)
             raise ControlPlaneError.from_rpc(error, "Authorize") from None
@@ -359,9 +370,9 @@ class ControlPlaneClient:
         if response.cache_ttl_ms:
             ttl_s = min(ttl_s, response.cache_ttl_ms / 1000)
         if ttl_s <= 0:  # nothing to cache: no older answer stays as a recent one either
-            self._auth_cache.pop(key, None)
+            self._drop(key)
         elif forgets == self._stamp(key[0]):  # else a forget came while it was asked: it may predate it
-            self._auth_cache[key] = (asked_at + ttl_s, answer)
+            self._store(key, (asked_at + ttl_s, answer))
             self._answered_keys[key[0]] = True
         return answer
 
@@ -468,10 +479,11 @@ class ControlPlaneClient:
         Returns how many answers were dropped."""
         self._forget_count(api_key)
         wanted = set(names)
-        doomed = [key for key in list(self._auth_cache.keys()) if key[0] == api_key and wanted & set(key[1])]
+        doomed = [key for key in self._keys_of_api_key.get(api_key, ()) if wanted & set(key[1])]
+        cached = sum(key in self._auth_cache for key in doomed)
         for key in doomed:
-            self._auth_cache.pop(key, None)
-        return len(doomed)
+            self._drop(key)
+        return cached
 
     def forget_adapter(self, adapter_id: str, sha256: str = "") -> int:
         """Drops every cached answer that resolved to this adapter (deleted or replaced) or to this saved
@@ -489,7 +501,7 @@ class ControlPlaneClient:
             )
         ]
         for key in doomed:
-            self._auth_cache.pop(key, None)
+            self._drop(key)
         return len(doomed)
 
     def forget_api_key_id(self, api_key_id: str) -> int:
@@ -501,7 +513,7 @@ class ControlPlaneClient:
             key for key, (_, answer) in list(self._auth_cache.items()) if answer.api_key_id == api_key_id
         ]
         for key in doomed:
-            self._auth_cache.pop(key, None)
+            self._drop(key)
             self._answered_keys.pop(key[0], None)
         return len(doomed)
 
@@ -541,8 +553,35 @@ class ControlPlaneClient:
     def _forget_key(self, api_key: str) -> None:
         self._forget_count(api_key)
         self._answered_keys.pop(api_key, None)
-        for key in [k for k in list(self._auth_cache.keys()) if k[0] == api_key]:
-            self._auth_cache.pop(key, None)
+        for key in list(self._keys_of_api_key.get(api_key, ())):
+            self._drop(key)
+
+    def _store(self, key: tuple[str, tuple[str, ...]], entry: tuple[float, Authorization]) -> None:
+        """Caches an answer, within its tenant's quota (the tenant's oldest answer leaves past it)."""
+        self._drop(key)
+        tenant = entry[1].tenant_id
+        self._auth_cache[key] = entry
+        self._keys_of_api_key.setdefault(key[0], set()).add(key)
+        self._tenant_of_key[key] = tenant
+        held = self._keys_of_tenant.setdefault(tenant, OrderedDict())
+        held[key] = tenant
+        while len(held) > self._tenant_quota:
+            self._drop(next(iter(held)))
+
+    def _drop(self, key: tuple[str, tuple[str, ...]]) -> None:
+        """Removes a cached answer and its index entries (nothing when there is none)."""
+        self._auth_cache.pop(key, None)
+        keys = self._keys_of_api_key.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._keys_of_api_key[key[0]]
+        tenant = self._tenant_of_key.pop(key, None)
+        held = self._keys_of_tenant.get(tenant) if tenant is not None else None
+        if held is not None:
+            held.pop(key, None)
+            if not held:
+                del self._keys_of_tenant[tenant]
 
 
 def _resolved(a: worker_pb2.ResolvedAdapter) -> ResolvedAdapter:

@@ -87,3 +87,62 @@ def test_a_hung_control_plane_costs_one_timeout_then_cached_keys_answer_at_once(
     assert waited == first and all(answer == first for answer in answers)
     assert outage_answers == 6
     assert new_calls == 1 and in_flight  # five calls answered at once, one Authorize asking beside them
+
+
+class _TenantsControlPlane:
+    """A real WorkerService on loopback answering every Authorize for the tenant the key names
+    ("key-<tenant>"), resolving each name to an adapter; `down` makes it UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        from openlora.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
+
+        self.down = False
+        owner = self
+
+        class Servicer(worker_pb2_grpc.WorkerServiceServicer):
+            async def Authorize(self, request, context):
+                if owner.down:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "down")
+                tenant = request.api_key.removeprefix("key-")
+                return worker_pb2.AuthorizeResponse(
+                    tenant_id=tenant,
+                    tenant=tenant,
+                    scopes=[admin_pb2.SCOPE_INFER],
+                    adapters=[
+                        worker_pb2.ResolvedAdapter(name=n, adapter_id=f"id-{n}", sha256="0" * 64, rank=8)
+                        for n in request.adapters
+                    ],
+                    cache_ttl_ms=60_000,
+                )
+
+        self.server = grpc.aio.server()
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+
+def test_one_tenants_flood_of_name_lists_does_not_push_out_other_tenants_answers():
+    """Thousands of distinct name lists from one tenant pushed every other tenant's cached answer out, and
+    with it their service through a control-plane outage; each NOT_FOUND then scanned the whole cache.
+    A tenant's answers now take at most its share of the entries (its oldest leave first), and forgetting
+    one key's names touches only that key's answers."""
+
+    async def scenario():
+        cp = _TenantsControlPlane()
+        await cp.server.start()
+        client = ControlPlaneClient(f"127.0.0.1:{cp.port}", "token", auth_cache_max_entries=320)
+        try:
+            victim = await client.authorize("key-victim", ("mine",), "tiny")
+            for i in range(400):  # past the whole cache's 320 entries
+                await client.authorize("key-flood", (f"n{i}",), "tiny")
+            cp.down = True
+            during_outage = await client.authorize("key-victim", ("mine",), "tiny")
+            assert client.forget_names("key-flood", ("mine",)) == 0  # another key's names: untouched
+            flood_held = len(client._keys_of_api_key["key-flood"])
+            return victim, during_outage, flood_held
+        finally:
+            await client.close()
+            await cp.server.stop(0)
+
+    victim, during_outage, flood_held = asyncio.run(scenario())
+    assert during_outage == victim  # still cached: served through the outage
+    assert flood_held == 20  # 320 / 16

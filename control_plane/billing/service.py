@@ -182,10 +182,13 @@ def _tokens_line(
 
 
 def _earned(session: Session, tenant_id: uuid.UUID, start: datetime, end: datetime):
-    """(base model, adapter name, royalty, royalty micro-tokens) others generated with T's adapters."""
-    return session.execute(
+    """(base model, adapter name, royalty micro-tokens, amount in micros) others generated with T's
+    adapters that carry a royalty. The amount is the sum of what each paying tenant's invoice charges (each rounded there on
+    its own): rounded once over all payers, what the owner earned and what the payers paid differed."""
+    rows = session.execute(
         select(
             UsageCounter.base_model,
+            Adapter.id,
             Adapter.name,
             Adapter.royalty_micros_per_million_tokens,
             func.sum(UsageCounter.royalty_micro_tokens),
@@ -198,8 +201,16 @@ def _earned(session: Session, tenant_id: uuid.UUID, start: datetime, end: dateti
             UsageCounter.hour_at >= start,
             UsageCounter.hour_at < end,
         )
-        .group_by(UsageCounter.base_model, Adapter.id)
+        .group_by(UsageCounter.base_model, Adapter.id, UsageCounter.tenant_id)
     ).all()
+    earned: dict[tuple[str, uuid.UUID], list] = {}
+    for base_model, adapter_id, name, royalty, paid_mt in rows:
+        if not royalty:
+            continue
+        line = earned.setdefault((base_model, adapter_id), [base_model, name, 0, 0])
+        line[2] += int(paid_mt)
+        line[3] += round_half_even(int(paid_mt) * royalty, _AMOUNT_DIVISOR)
+    return [tuple(line) for line in earned.values()]
 
 
 def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
@@ -259,19 +270,18 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
                 mix=mix,
             )
         )
-    for base_model, adapter, royalty, completion_mt in _earned(session, tenant.id, start, end):
-        if royalty:
-            lines.append(
-                InvoiceLine(
-                    ROYALTY_EARNED,
-                    base_model,
-                    adapter,
-                    0,
-                    round_half_even(int(completion_mt), MICROS),
-                    round_half_even(int(completion_mt) * royalty, _AMOUNT_DIVISOR),
-                    adapter_owner=tenant.name,
-                )
+    for base_model, adapter, completion_mt, amount in _earned(session, tenant.id, start, end):
+        lines.append(
+            InvoiceLine(
+                ROYALTY_EARNED,
+                base_model,
+                adapter,
+                0,
+                round_half_even(completion_mt, MICROS),
+                amount,
+                adapter_owner=tenant.name,
             )
+        )
     lines.sort(
         key=lambda line: (
             _KIND_ORDER[line.kind],

@@ -354,3 +354,34 @@ def test_two_tenants_adapters_of_one_name_are_billed_apart_each_at_its_owners_ro
             for line in seller.get_invoice("2026-06").lines
         ]
     assert earned == [("royalty_earned", "seller", 8, 8)]
+
+
+def test_royalties_earned_are_the_sum_of_what_each_payer_paid(cp, adapters_root) -> None:
+    """Three tenants each use an adapter at 0.5 micro-units per completion token for 3 tokens: each pays
+    1.5, rounded half to even on its own invoice to 2, 6 in all. The owner's line rounded the total once
+    (4.5 to 4): 2 micro-units paid and never earned."""
+    when = datetime(2026, 7, 3, 9, tzinfo=UTC)
+    with cp.admin() as admin:
+        names = ("half-owner", "payer-a", "payer-b", "payer-c")
+        ids = {name: admin.create_tenant(name).id for name in names}
+        keys = {name: admin.create_api_key(name, admin=True).secret for name in names}
+    with cp.admin(keys["half-owner"]) as owner:
+        half = owner.upload_adapter(
+            adapters_root / "a", name="half", base_model=BASE, public=True,
+            royalty_micros_per_million_tokens=500_000,
+        ).adapter.id  # fmt: skip
+    payers = names[1:]
+    events = [_event(f"half-{p}", ids[p], [(half, 1.0)], 1, 3, when) for p in payers]
+    assert _report(cp, events).inserted == 3
+    paid = 0
+    for payer in payers:
+        with cp.admin(keys[payer]) as admin:
+            paid += sum(
+                line.amount_micros
+                for line in admin.get_invoice("2026-07").lines
+                if line.kind == "royalty_paid"
+            )
+    with cp.admin(keys["half-owner"]) as owner:
+        earned = [line for line in owner.get_invoice("2026-07").lines if line.kind == "royalty_earned"]
+    assert paid == 6
+    assert [(line.completion_tokens, line.amount_micros) for line in earned] == [(9, paid)]

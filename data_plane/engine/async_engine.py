@@ -18,6 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import torch
@@ -47,6 +48,16 @@ def is_fatal(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(m in str(error) for m in _DEVICE_FAULT_MARKERS)
 
 
+# The waiting queue's last places (an eighth) take only requests of tenants with fewer than FEW_REQUESTS
+# in the engine: within the per-tenant stream cap, two tenants could otherwise fill the whole queue and
+# lock every other tenant out (RESOURCE_EXHAUSTED) while they drain.
+FEW_REQUESTS = 4
+
+
+def reserved_waiting(max_waiting: int) -> int:
+    return max_waiting // 8
+
+
 class AsyncEngine:
     def __init__(
         self,
@@ -64,6 +75,9 @@ class AsyncEngine:
         self.num_failed_steps = 0  # steps failed since a token was last made
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, OutputStream] = {}
+        # Requests in the engine (running or waiting) per tenant: the waiting queue's last places are kept
+        # for tenants with few of them (`reserved_waiting`).
+        self._tenant_requests: Counter[str] = Counter()
         self._barriers: set[asyncio.Future] = set()  # wait_delivered calls the engine thread has not answered
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -158,10 +172,18 @@ class AsyncEngine:
         engine.validate(request)
         if request.request_id in self._streams:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
-        if self.num_waiting >= engine.config.max_waiting:
-            raise QueueFull(f"{self.num_waiting} requests are waiting")
+        waiting, max_waiting = self.num_waiting, engine.config.max_waiting
+        if waiting >= max_waiting:
+            raise QueueFull(f"{waiting} requests are waiting")
+        reserved = reserved_waiting(max_waiting)
+        if waiting >= max_waiting - reserved and self._tenant_requests[request.tenant] >= FEW_REQUESTS:
+            raise QueueFull(
+                f"{waiting} requests are waiting; the last {reserved} places are kept for tenants with fewer "
+                f"than {FEW_REQUESTS} requests on this worker"
+            )
         outputs = OutputStream()
         self._streams[request.request_id] = outputs
+        self._tenant_requests[request.tenant] += 1
         with self._submitted_lock:
             self._num_submitted += 1
         self._inbox.put(("add", request))
@@ -181,6 +203,9 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request.request_id, None)
+            self._tenant_requests[request.tenant] -= 1
+            if self._tenant_requests[request.tenant] <= 0:
+                del self._tenant_requests[request.tenant]
             if not finished:
                 self.abort(request.request_id)
 

@@ -124,6 +124,36 @@ def test_async_engine_raises_typed_errors(tiny_llama, tmp_path):
     assert asyncio.run(main()) == "prompt"
 
 
+def test_the_waiting_queues_last_places_are_kept_for_tenants_with_few_requests(tiny_llama, monkeypatch):
+    """Two tenants within their stream caps filled the whole waiting queue and every other tenant was
+    refused RESOURCE_EXHAUSTED. With the queue within its last eighth, a tenant with FEW_REQUESTS or more
+    in the engine is refused and one with fewer is still taken."""
+    import dataclasses
+
+    from data_plane.engine import async_engine
+
+    monkeypatch.setattr(async_engine.AsyncEngine, "num_waiting", property(lambda self: 14))
+
+    async def main():
+        engine = AsyncEngine(engine=make_engine(tiny_llama, max_waiting=16))  # 2 places kept
+        await engine.start()
+        try:
+            engine._tenant_requests["heavy"] = async_engine.FEW_REQUESTS
+            heavy = dataclasses.replace(greedy("heavy-1", [1, 2], max_tokens=2), tenant="heavy")
+            with pytest.raises(QueueFull) as refused:
+                await _collect(engine, heavy)
+            light = dataclasses.replace(greedy("light-1", [1, 2], max_tokens=2), tenant="light")
+            served = await _collect(engine, light)
+            return str(refused.value), served, dict(engine._tenant_requests)
+        finally:
+            await engine.stop()
+
+    message, served, counts = asyncio.run(main())
+    assert "the last 2 places are kept for tenants with fewer than 4 requests" in message
+    assert served  # the light tenant's request ran
+    assert counts == {"heavy": async_engine.FEW_REQUESTS}  # light's count went back to nothing
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [

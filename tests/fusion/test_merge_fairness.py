@@ -56,6 +56,43 @@ def test_a_tenant_past_its_share_is_refused_while_another_still_builds(merge_mod
     assert asyncio.run(store.build(a_specs[2], tenant_id="a")).report is not None  # its share is free again
 
 
+def test_the_queues_last_places_go_to_tenants_with_no_build_pending(merge_model, tmp_path, monkeypatch):
+    """Four tenants each at their share filled the whole queue and every other tenant's new merges were
+    refused. The last RESERVED_FOR_NEW_TENANTS places take only a tenant with none pending."""
+    from data_plane.fusion import store as store_module
+
+    gate, started = gate_builds(monkeypatch)
+    store = MergeStore(tmp_path / "merges", None, 64, max_pending_builds=8, max_pending_builds_per_tenant=2)
+    specs = [
+        spec_of(merge_model, {"r4_qv": 0.1 * (i + 1), "r8_all": 0.6}, METHODS[i % len(METHODS)])
+        for i in range(8)
+    ]
+    reserved = store_module.RESERVED_FOR_NEW_TENANTS
+    assert reserved == 4
+
+    async def main():
+        builds = [
+            asyncio.create_task(store.build(specs[i], tenant_id=tenant))
+            for i, tenant in enumerate(("a", "a", "b", "b"))
+        ]
+        await until(lambda: started)
+        await asyncio.sleep(0)
+        assert store.num_pending_builds == 4  # 8 - 4: what tenants already building may fill
+        builds.append(asyncio.create_task(store.build(specs[4], tenant_id="c")))  # c has none: taken
+        await asyncio.sleep(0)
+        with pytest.raises(MergeQueueFull) as refused:
+            await store.build(specs[5], tenant_id="c")  # within c's share, but c has one pending now
+        builds.append(asyncio.create_task(store.build(specs[6], tenant_id="d")))
+        await asyncio.sleep(0)
+        assert store.num_pending_builds == 6
+        gate.set()
+        await asyncio.gather(*builds)
+        return refused.value
+
+    refused = asyncio.run(main())
+    assert "the last 4 places are kept for tenants with none pending" in str(refused)
+
+
 def test_builds_a_tenant_abandoned_no_longer_count_against_it(merge_model, tmp_path, monkeypatch):
     gate, started = gate_builds(monkeypatch)
     store = MergeStore(tmp_path / "merges", None, 64, max_pending_builds_per_tenant=2)

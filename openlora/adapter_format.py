@@ -322,9 +322,8 @@ def _pattern(config, key: str, valid_value) -> dict:
 def _pattern_regex(field: str, key: str):
     """PEFT's expression for a pattern key (`peft.utils.other.get_pattern_key`), compiled in the `regex`
     engine (which can stop a match at a deadline) once `re` accepts it and its size is bounded
-    (`openlora.regex_limits`); raises JsonFieldError naming `field`."""
-    if not key:
-        raise JsonFieldError(field, "a key must be a regular expression of at least one character")
+    (`openlora.regex_limits`); raises JsonFieldError naming `field`. An empty key matches no module
+    (only a name ending in a dot), as in PEFT, which saves and serves such an adapter."""
     try:
         return compile_bounded(rf"(.*\.)?({key})$")
     except RegexRefused as refused:
@@ -601,9 +600,10 @@ def validate_adapter_dir(
         raise AdapterFormatError(f"{CONFIG_FILE}.{e.key}", e.reason) from None
     modules = tuple(m for m in PROJECTIONS if any(mod == m for _, mod in pairs))
     for key, names in left_out.items():
+        verb = "excludes" if key == "exclude_modules" else "does not select"
         raise AdapterFormatError(
             f"{CONFIG_FILE}.{key}",
-            f"does not select {describe(names)}, whose weights {WEIGHTS_FILE} holds: PEFT would leave them "
+            f"{verb} {describe(names)}, whose weights {WEIGHTS_FILE} holds: PEFT would leave them "
             "out and serve another adapter than these weights (save the adapter again, or fix the config)",
         )
     dtypes = {t.dtype for t in tensors}

@@ -40,6 +40,8 @@ def test_weights_the_config_does_not_select_are_refused_naming_the_key(tiny_llam
         validate_adapter_dir(adapter)
     assert refused.value.field == f"adapter_config.json.{key}"
     assert "PEFT would leave them out" in refused.value.reason
+    # exclude_modules excludes; the other keys select
+    assert refused.value.reason.startswith("excludes " if key == "exclude_modules" else "does not select ")
 
 
 def test_a_config_that_selects_exactly_the_files_modules_is_accepted(tiny_llama, tmp_path):

@@ -118,7 +118,6 @@ def _with_config(src: Path, dst: Path, **changes) -> Path:
             "adapter_config.json.rank_pattern",
             "not a valid regular expression",
         ),
-        ({"alpha_pattern": {"": 4}}, "adapter_config.json.alpha_pattern", "at least one character"),
         # PEFT matches with `re`: what it cannot parse is refused, though the `regex` engine would take it
         ({"alpha_pattern": {r"\p{L}_proj": 4}}, "adapter_config.json.alpha_pattern", "bad escape"),
         # 30 characters that the `regex` engine would expand to 10^9 items when compiling (it took the
@@ -261,3 +260,19 @@ def test_an_engine_refusing_a_pattern_rank_names_the_adapter_not_r(patterned):
         _validate_adapters((ref,), max_lora_rank=largest - 1)
     assert refused.value.field == "adapter"
     assert f"its largest rank, {largest} (`r` or a `rank_pattern` entry)" in refused.value.reason
+
+
+def test_an_empty_pattern_key_matches_no_module_as_in_peft(patterned):
+    """PEFT saves and serves an adapter whose rank_pattern or alpha_pattern has the key "" (it matches
+    no module name); it was refused as "not a regular expression of at least one character"."""
+    from openlora.adapter_format import PatternMatcher
+
+    matcher = PatternMatcher({"": 4, "q_proj": 2}, "alpha_pattern")
+    assert matcher.value("model.layers.0.self_attn.q_proj", 8) == 2
+    assert matcher.value("model.layers.0.self_attn.v_proj", 8) == 8
+    model, dirs = patterned
+    config = json.loads((dirs["plain"] / "adapter_config.json").read_text())
+    with_empty = _with_config(
+        dirs["plain"], dirs["plain"].parent / "empty-key", alpha_pattern={"": 4, **config["alpha_pattern"]}
+    )
+    validate_adapter_dir(with_empty, _spec(model))

@@ -18,6 +18,7 @@ restarted worker keeps its id). Expired rows are swept a few at a time by later 
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import datetime, timedelta
 
@@ -126,7 +127,9 @@ MAX_KEPT_KEYS = 10_000
 
 def release_worker_request_ids(session: Session, worker_id: str, keep: list[tuple[str, str]]) -> int:
     """Removes every reservation of `worker_id` except those of the (tenant id, request id) keys in
-    `keep`; returns how many were removed."""
+    `keep`, which are reserved again for the default time (their usage is on its way from the worker's
+    spool: until it is recorded, only the reservation keeps another worker from serving them); returns
+    how many were removed."""
     check_text(worker_id, "worker_id", 128)
     if not worker_id:
         raise InvalidArgument("required", field="worker_id")
@@ -145,6 +148,11 @@ def release_worker_request_ids(session: Session, worker_id: str, keep: list[tupl
                 tuple_(table.c.tenant_id, table.c.request_id).in_(released[start : start + 1000]),
             )
         )
+    # Reserved again (also where the row lapsed while the worker restarted); one recorded already, or
+    # taken by another worker after it lapsed, has nothing to keep.
+    for tenant, request_id in kept:
+        with contextlib.suppress(AlreadyExists):
+            reserve_request_id(session, str(tenant), request_id, worker_id)
     return len(released)
 
 

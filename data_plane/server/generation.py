@@ -154,6 +154,7 @@ class GenerationService:
         self._reservation_ms = int(reservation_s * 1000)
         # Reservations being given back (kept referenced until done).
         self._releases: set[asyncio.Task] = set()
+        self._renewals: set[asyncio.Task] = set()  # request id reservations kept alive (`_renew_reservation`)
 
     @property
     def base_model(self) -> str:
@@ -291,13 +292,16 @@ class GenerationService:
         )
         # The first chunk waits for both checks: the key's fresh answer first, then the request id.
         gate = _in_order(confirmed, reservation)
-        # A stream may run past the reservation's time to live: renewed while it runs, else another worker
-        # could serve the id again in full once it expired (both answers billed once).
-        renewal = (
-            asyncio.ensure_future(self._renew_reservation(auth.tenant_id, request_id, reservation))
-            if reservation is not None
-            else None
-        )
+        # A stream may run past the reservation's time to live: renewed while it runs and while its usage
+        # waits in the spool, else another worker could serve the id again in full once it expired (both
+        # answers billed once).
+        ended = asyncio.Event()
+        if reservation is not None:
+            renewal = asyncio.ensure_future(
+                self._renew_reservation(auth.tenant_id, request_id, reservation, ended)
+            )
+            self._renewals.add(renewal)
+            renewal.add_done_callback(self._renewals.discard)
         try:
             try:
                 prompt_ids, adapter_refs, tier, fetch_ms = await self._prepare(valid, by_name, auth.tenant_id)
@@ -336,8 +340,7 @@ class GenerationService:
             finally:
                 self._release(held)
         finally:
-            if renewal is not None:
-                renewal.cancel()
+            ended.set()
             self._in_flight.discard(claim)
             self._tenant_streams[auth.tenant_id] -= 1
             if self._tenant_streams[auth.tenant_id] <= 0:
@@ -498,10 +501,14 @@ class GenerationService:
             return False
         return True
 
-    async def _renew_reservation(self, tenant_id: str, request_id: str, reservation: asyncio.Future) -> None:
-        """Once `reservation` reserved the id, reserves it again (this worker's own: a renewal) every
-        third of its time to live until cancelled at the stream's end. A renewal that fails is tried
-        again at the next one; one refused (another worker holds the id) is logged and ends it."""
+    async def _renew_reservation(
+        self, tenant_id: str, request_id: str, reservation: asyncio.Future, ended: asyncio.Event
+    ) -> None:
+        """Once `reservation` reserved the id, reserves it again (this worker's own: a renewal) every third
+        of its time to live while the stream runs and, once `ended`, while its usage waits in the spool
+        (until the control plane records it, only the reservation keeps another worker from serving the
+        id). A renewal that fails is tried again at the next one; a refusal (its usage was recorded
+        meanwhile, or another worker took the id) ends it."""
         try:
             if not await asyncio.shield(reservation):
                 return
@@ -509,13 +516,16 @@ class GenerationService:
             return  # refused or failed: the stream ends on it, nothing to renew
         while True:
             await asyncio.sleep(self._reservation_ms / 3000)
+            if ended.is_set() and not self._usage.has_pending(tenant_id, request_id):
+                return  # delivered nothing (released), or its usage reached the control plane
             try:
                 await self._cp.reserve_request_id(
                     tenant_id, request_id, self._state.worker_id, self._reservation_ms
                 )
             except ControlPlaneError as error:
                 if error.code == grpc.StatusCode.ALREADY_EXISTS:
-                    log.warning("request id reservation lost while its stream runs: %s", error.message)
+                    if not ended.is_set():
+                        log.warning("request id reservation lost while its stream runs: %s", error.message)
                     return
                 log.warning("request id reservation not renewed (tried again later): %s", error.message)
 

@@ -183,8 +183,9 @@ def _tokens_line(
 
 def _earned(session: Session, tenant_id: uuid.UUID, start: datetime, end: datetime):
     """(base model, adapter name, royalty micro-tokens, amount in micros) others generated with T's
-    adapters that carry a royalty. The amount is the sum of what each paying tenant's invoice charges (each rounded there on
-    its own): rounded once over all payers, what the owner earned and what the payers paid differed."""
+    adapters that carry a royalty. The amount is the sum of what each paying tenant's invoice charges
+    (each rounded there on its own): rounded once over all payers, what the owner earned and what the
+    payers paid differed."""
     rows = session.execute(
         select(
             UsageCounter.base_model,

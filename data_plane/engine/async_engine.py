@@ -54,7 +54,7 @@ def is_fatal(error: BaseException) -> bool:
 FEW_REQUESTS = 4
 
 
-def reserved_waiting(max_waiting: int) -> int:
+def num_reserved_waiting(max_waiting: int) -> int:
     return max_waiting // 8
 
 
@@ -76,7 +76,7 @@ class AsyncEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, OutputStream] = {}
         # Requests in the engine (running or waiting) per tenant: the waiting queue's last places are kept
-        # for tenants with few of them (`reserved_waiting`).
+        # for tenants with few of them (`num_reserved_waiting`).
         self._tenant_requests: Counter[str] = Counter()
         self._barriers: set[asyncio.Future] = set()  # wait_delivered calls the engine thread has not answered
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -175,7 +175,7 @@ class AsyncEngine:
         waiting, max_waiting = self.num_waiting, engine.config.max_waiting
         if waiting >= max_waiting:
             raise QueueFull(f"{waiting} requests are waiting")
-        reserved = reserved_waiting(max_waiting)
+        reserved = num_reserved_waiting(max_waiting)
         if waiting >= max_waiting - reserved and self._tenant_requests[request.tenant] >= FEW_REQUESTS:
             raise QueueFull(
                 f"{waiting} requests are waiting; the last {reserved} places are kept for tenants with fewer "

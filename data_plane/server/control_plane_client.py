@@ -157,8 +157,9 @@ class ControlPlaneClient:
             maxsize=auth_cache_max_entries, ttl=AUTH_RECENT_S, timer=time.monotonic
         )
         # The cache keys of each api key's answers and, in the order stored, of each tenant's (entries the
-        # cache dropped on its own linger here until pushed out by the tenant's quota): a forget of one
-        # key's answers touches that key's alone instead of scanning the cache (each NOT_FOUND did).
+        # cache dropped on its own linger here until the tenant's quota or a sweep in `_store` removes
+        # them): a forget of one key's answers touches that key's alone instead of scanning the cache
+        # (each NOT_FOUND did).
         self._keys_of_api_key: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
         self._keys_of_tenant: dict[str, OrderedDict[tuple[str, tuple[str, ...]], str]] = {}
         self._tenant_of_key: dict[tuple[str, tuple[str, ...]], str] = {}
@@ -567,6 +568,11 @@ class ControlPlaneClient:
         held[key] = tenant
         while len(held) > self._tenant_quota:
             self._drop(next(iter(held)))
+        if len(self._tenant_of_key) > 2 * self._auth_cache.maxsize:
+            # Answers the cache dropped on its own (expired, evicted): their index entries go too, so the
+            # indexes stay within twice the cache (amortized: a sweep leaves at most the cache's size).
+            for stale in [k for k in self._tenant_of_key if k not in self._auth_cache]:
+                self._drop(stale)
 
     def _drop(self, key: tuple[str, tuple[str, ...]]) -> None:
         """Removes a cached answer and its index entries (nothing when there is none)."""

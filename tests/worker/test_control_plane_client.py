@@ -146,3 +146,27 @@ def test_one_tenants_flood_of_name_lists_does_not_push_out_other_tenants_answers
     victim, during_outage, flood_held = asyncio.run(scenario())
     assert during_outage == victim  # still cached: served through the outage
     assert flood_held == 20  # 320 / 16
+
+
+def test_the_caches_indexes_stay_within_twice_its_entries():
+    """Answers the cache drops on its own (evicted by many tenants' calls) left their index entries for
+    the life of the process; a sweep keeps the indexes within twice the cache."""
+
+    async def scenario():
+        cp = _TenantsControlPlane()
+        await cp.server.start()
+        client = ControlPlaneClient(f"127.0.0.1:{cp.port}", "token", auth_cache_max_entries=320)
+        try:
+            sizes = []
+            for tenant in range(50):  # 50 tenants x 20 answers: 1,000 stored into 320 entries
+                for i in range(20):
+                    await client.authorize(f"key-t{tenant}", (f"n{i}",), "tiny")
+                sizes.append(len(client._tenant_of_key))
+            return sizes, client.num_cached_answers
+        finally:
+            await client.close()
+            await cp.server.stop(0)
+
+    sizes, cached = asyncio.run(scenario())
+    assert cached == 320
+    assert max(sizes) <= 2 * 320

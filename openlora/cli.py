@@ -23,7 +23,7 @@ from control_plane.prediction.settings import add_predictor_flags
 from openlora.admin_client import AdminClient, UploadRefused
 from openlora.config import AdminSettings, ControlPlaneSettings, read_context
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
-from openlora.mix_rules import MIN_DENSITY
+from openlora.mix_rules import MIN_DENSITY, parse_mix
 
 log = logging.getLogger("openlora.cli")
 AdminHandler = Callable[[AdminClient, argparse.Namespace], int]
@@ -272,17 +272,11 @@ MIX_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", 
 
 
 def _mix_members(text: str) -> list[tuple[str, float]]:
-    """`a=0.6,b=0.4` -> [("a", 0.6), ("b", 0.4)]; `=0.5` names the base model (an ensemble member)."""
-    members = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, weight = part.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"mix member {part!r} is not NAME=WEIGHT")
-        try:
-            members.append((name.strip(), float(weight)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"mix weight {weight!r} of {name!r} is not a number") from None
-    return members
+    """`--mix` of `mixes create`: `openlora.mix_rules.parse_mix`, its refusal argparse's."""
+    try:
+        return parse_mix(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_mixes(subparsers) -> None:

@@ -32,3 +32,18 @@ def density_problem(density: float) -> str | None:
     if not MIN_DENSITY * (1 - 1e-6) <= density <= 1:  # NaN fails too
         return f"must lie in [{MIN_DENSITY:g}, 1], got {density:g}"
     return None
+
+
+def parse_mix(text: str) -> list[tuple[str, float]]:
+    """A mix as the CLI takes it: `a=0.6,b=0.4` -> [("a", 0.6), ("b", 0.4)]; `=0.5` names the base model
+    (an ensemble member). Raises ValueError naming the member at fault."""
+    members = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, weight = part.partition("=")
+        if not sep:
+            raise ValueError(f"mix member {part!r} is not NAME=WEIGHT (or =WEIGHT for the base model)")
+        try:
+            members.append((name.strip(), float(weight)))
+        except ValueError:
+            raise ValueError(f"mix weight {weight!r} of {name.strip()!r} is not a number") from None
+    return members

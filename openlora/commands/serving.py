@@ -16,6 +16,7 @@ from pathlib import Path
 
 from openlora.config import context_path, read_context
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
+from openlora.mix_rules import parse_mix
 
 ENV_PREFIX = "OPENLORA_"
 
@@ -368,24 +369,24 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _parse_mix(text: str) -> list[tuple[str, float]]:
-    """`a=0.5,b=0.5` -> [("a", 0.5), ("b", 0.5)]."""
-    pairs = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, weight = part.partition("=")
-        if not sep or not name:
-            raise argparse.ArgumentTypeError(f"mix member {part!r} is not NAME=WEIGHT")
-        try:
-            pairs.append((name, float(weight)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"mix weight {weight!r} of {name!r} is not a number") from None
-    return pairs
+    """`--mix` of `generate` (`a=0.5,b=0.5`; `=0.5` is the base model, an ensemble member), as `mixes
+    create` reads it."""
+    try:
+        return parse_mix(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream a completion to stdout")
     p.add_argument("prompt", help='prompt text ("-" reads stdin, less one trailing newline)')
     p.add_argument("--adapter", default=None)
-    p.add_argument("--mix", type=_parse_mix, default=None, help="runtime mix, e.g. a=0.5,b=0.5")
+    p.add_argument(
+        "--mix",
+        type=_parse_mix,
+        default=None,
+        help="runtime mix, e.g. a=0.5,b=0.5 (=W: the base model, an ensemble member)",
+    )
     p.add_argument(
         "--mix-method",
         default=None,

@@ -26,6 +26,8 @@ def test_mix_flag_parses_names_and_weights():
         _parse_mix("a")
     with pytest.raises(argparse.ArgumentTypeError, match="not a number"):
         _parse_mix("a=x")
+    # `=W` is the base model (an ensemble member), as `mixes create` reads it; generate refused it
+    assert _parse_mix("uppercase=1,=3") == [("uppercase", 1.0), ("", 3.0)]
 
 
 def test_worker_flags_build_one_frozen_config(tmp_path):

@@ -54,8 +54,8 @@ _KEY = re.compile(r"^[0-9a-f]{64}$")
 _TMP_PREFIX = ".partial-"
 MAX_PENDING_BUILDS = 16
 MAX_PENDING_BUILDS_PER_TENANT = 4
-# The queue's last places go to tenants with no build pending: four tenants at their share filled it and
-# every other tenant's new merges were refused.
+# The queue's last places (at most a quarter of it) go to tenants with no build pending: four tenants at
+# their share filled it and every other tenant's new merges were refused.
 RESERVED_FOR_NEW_TENANTS = 4
 
 
@@ -231,7 +231,7 @@ class MergeStore:
                 f"{len(self._builds)} merges are waiting to be built, the most this worker queues "
                 f"(a limit of {self._max_pending_builds} for all tenants); retry later"
             )
-        reserved = min(RESERVED_FOR_NEW_TENANTS, self._max_pending_builds - 1)
+        reserved = min(RESERVED_FOR_NEW_TENANTS, self._max_pending_builds // 4)
         if mine > 0 and len(self._builds) >= self._max_pending_builds - reserved:
             raise MergeQueueFull(
                 f"{len(self._builds)} merges are waiting to be built and the last {reserved} places are "

@@ -58,39 +58,34 @@ def test_a_tenant_past_its_share_is_refused_while_another_still_builds(merge_mod
 
 def test_the_queues_last_places_go_to_tenants_with_no_build_pending(merge_model, tmp_path, monkeypatch):
     """Four tenants each at their share filled the whole queue and every other tenant's new merges were
-    refused. The last RESERVED_FOR_NEW_TENANTS places take only a tenant with none pending."""
-    from data_plane.fusion import store as store_module
-
+    refused. The last places (RESERVED_FOR_NEW_TENANTS, at most a quarter: 2 of 8 here) take only a
+    tenant with none pending."""
     gate, started = gate_builds(monkeypatch)
     store = MergeStore(tmp_path / "merges", None, 64, max_pending_builds=8, max_pending_builds_per_tenant=2)
     specs = [
         spec_of(merge_model, {"r4_qv": 0.1 * (i + 1), "r8_all": 0.6}, METHODS[i % len(METHODS)])
-        for i in range(8)
+        for i in range(9)
     ]
-    reserved = store_module.RESERVED_FOR_NEW_TENANTS
-    assert reserved == 4
 
     async def main():
         builds = [
             asyncio.create_task(store.build(specs[i], tenant_id=tenant))
-            for i, tenant in enumerate(("a", "a", "b", "b"))
+            for i, tenant in enumerate(("a", "a", "b", "b", "c", "c", "d"))
         ]
         await until(lambda: started)
         await asyncio.sleep(0)
-        assert store.num_pending_builds == 4  # 8 - 4: what tenants already building may fill
-        builds.append(asyncio.create_task(store.build(specs[4], tenant_id="c")))  # c has none: taken
-        await asyncio.sleep(0)
+        assert store.num_pending_builds == 7  # d, with none pending, took a kept place
         with pytest.raises(MergeQueueFull) as refused:
-            await store.build(specs[5], tenant_id="c")  # within c's share, but c has one pending now
-        builds.append(asyncio.create_task(store.build(specs[6], tenant_id="d")))
+            await store.build(specs[7], tenant_id="d")  # within d's share, but d has one pending now
+        builds.append(asyncio.create_task(store.build(specs[8], tenant_id="e")))
         await asyncio.sleep(0)
-        assert store.num_pending_builds == 6
+        assert store.num_pending_builds == 8
         gate.set()
         await asyncio.gather(*builds)
         return refused.value
 
     refused = asyncio.run(main())
-    assert "the last 4 places are kept for tenants with none pending" in str(refused)
+    assert "the last 2 places are kept for tenants with none pending" in str(refused)
 
 
 def test_builds_a_tenant_abandoned_no_longer_count_against_it(merge_model, tmp_path, monkeypatch):

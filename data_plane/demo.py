@@ -5,7 +5,7 @@ whole system runs with no download. The base model is trained briefly on the tex
 each adapter is then trained briefly on its own toy task on prompts shaped "<2 to 4 built-in words> =>",
 so the same prompt reads differently through each (greedy):
 
-    (base model)  "the quick fox =>" -> " jumps over dog."
+    (base model)  "the quick fox =>" -> " jumps over dog." (untrained on "=>": differs from CPU to CPU)
     uppercase     "the quick fox =>" -> " THE QUICK FOX"
     echo          "the quick fox =>" -> " the quick fox"
     count         "the quick fox =>" -> " 1 2 3 4 5 6 7 8"

@@ -17,11 +17,14 @@ from tests.demo_support import demo_refs, greedy_texts
 # The session fixture trains the demo model (about 40 s on a quiet 2-core machine, 4-6 minutes on a busy
 # one), inside the first test's timeout.
 pytestmark = pytest.mark.timeout(900)
-DOCUMENTED = {None: " jumps over dog.", **ADAPTER_OUTPUTS}
+# The adapters' answers only: the base model never learned what "=>" asks for, so its own answer is chance
+# and differs from one CPU to another (README); how closely a quantized base follows the full-precision one
+# is what the quality report measures (top-1 agreement, KL).
+DOCUMENTED = ADAPTER_OUTPUTS
 
 
-def _greedy_texts(model_dir: Path, quantize: str) -> dict[str | None, str]:
-    requests = [() if task is None else demo_refs(model_dir, ((task, 1.0),)) for task in DOCUMENTED]
+def _greedy_texts(model_dir: Path, quantize: str) -> dict[str, str]:
+    requests = [demo_refs(model_dir, ((task, 1.0),)) for task in DOCUMENTED]
     return dict(zip(DOCUMENTED, greedy_texts(model_dir, requests, quantize), strict=True))
 
 

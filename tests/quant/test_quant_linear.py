@@ -86,7 +86,7 @@ def test_int8_float32_activations_through_int8pack_are_rounded_like_bfloat16(sha
 def test_the_two_digit_path_is_chosen_where_it_is_not_much_slower(monkeypatch):
     from data_plane.model.quant import int8
 
-    for cost, chosen in ((1.4, True), (int8.TWO_DIGIT_MAX_COST, True), (19.0, False)):
+    for cost, chosen in ((1.4, True), (3.9, True), (int8.TWO_DIGIT_MAX_COST, True), (14.0, False)):
         monkeypatch.setattr(int8, "measure_two_digit_cost", lambda cost=cost: cost)
         int8.two_digit_path_chosen.cache_clear()
         assert int8.two_digit_path_chosen() is chosen

@@ -43,9 +43,11 @@ from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, one_thread, 
 log = logging.getLogger(__name__)
 
 _IN_MULTIPLE = 16
-# The two-digit path is used where it costs at most this many times `_weight_int8pack_mm` (about 1.4-1.6x
-# with AVX-512 VNNI, 19x without: the bound sits far from both).
-TWO_DIGIT_MAX_COST = 4.0
+# The two-digit path is used where it costs at most this many times `_weight_int8pack_mm`. Measured (1 row,
+# 1024 square): 1.4-1.6x on an AMD CPU with AVX-512 VNNI, 3.6-3.9x on an Intel one with AMX, 14-19x on an
+# AVX2-only one. The bound sits about 2x from the nearest of them, so one machine's choice does not flip
+# between processes with the noise of a busy CPU (a bound of 4 did, on the Intel machine).
+TWO_DIGIT_MAX_COST = 8.0
 _DIGIT_RANGE = 127 * 256  # |256 * high + low| for high in [-127, 127], low in [-128, 127]
 
 

@@ -259,54 +259,11 @@ def test_every_ending_gives_the_slot_back(cp, adapter_copy, held, ending) -> Non
     _assert_tenant_has_all_its_slots(cp, held, key, files, f"ends-{ending}")
 
 
-def test_an_upload_trickling_past_its_time_limit_is_ended_and_its_files_removed(
-    cp, adapter_copy, monkeypatch
-):
-    """A byte now and then keeps a stream from idling; the upload's whole time is bounded by its size."""
-    files = dir_files(adapter_copy("a"))
-    key = _tenant_key(cp, "trickle")
-    monkeypatch.setattr(admin_servicer, "UPLOAD_BASE_S", 1.0)
-    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_BYTES_PER_S", 1 << 40)  # the limit: about 1 s in all
-    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_PROGRESS_BYTES_PER_S", 0)  # the time limit alone
+def _trickled_upload(cp, files, key: str, name: str) -> grpc.RpcError:
+    """Uploads `files` as `name`, sending the first file one byte every 0.2 s (never idle for the 30 s
+    limit); returns the RpcError that ended it, which must be DEADLINE_EXCEEDED."""
     (config, config_data), _ = files
-    header = admin_pb2.UploadAdapterHeader(name="trickle", base_model="tiny-llama")
-    for filename, data in files:
-        header.files.add(filename=filename, size_bytes=len(data))
-
-    def stream():
-        yield admin_pb2.UploadAdapterRequest(header=header)
-        for offset in range(len(config_data)):  # one byte every 0.2 s, never idle for the 30 s limit
-            time.sleep(0.2)
-            yield admin_pb2.UploadAdapterRequest(
-                chunk=admin_pb2.FileChunk(
-                    filename=config, offset=offset, data=config_data[offset : offset + 1]
-                )
-            )
-
-    with grpc.insecure_channel(cp.target) as channel, pytest.raises(grpc.RpcError) as ended:
-        admin_pb2_grpc.AdminServiceStub(channel).UploadAdapter(
-            stream(), metadata=(("authorization", f"Bearer {key}"),), timeout=60
-        )
-    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ended.value.details()
-    assert "the upload took more than 1 s" in ended.value.details()
-    assert _partial_uploads(cp) == []
-    assert cp.running.app.upload_slots.num_in_flight() == 0
-    assert _rows(cp, "trickle") == 0
-
-
-def test_an_upload_slower_than_the_minimum_rate_is_ended_long_before_its_time_limit(
-    cp, adapter_copy, monkeypatch
-):
-    """Declaring a large size and sending a byte now and then held a slot for the whole time limit of
-    that size (35 minutes for 512 MiB); past its first UPLOAD_BASE_S an upload must average the minimum
-    rate (here 1 MiB/s after 0.5 s, with a time limit of hours)."""
-    files = dir_files(adapter_copy("a"))
-    key = _tenant_key(cp, "crawl")
-    monkeypatch.setattr(admin_servicer, "UPLOAD_BASE_S", 0.5)
-    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_BYTES_PER_S", 1)  # the time limit: hours
-    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_PROGRESS_BYTES_PER_S", 1 << 20)
-    (config, config_data), _ = files
-    header = admin_pb2.UploadAdapterHeader(name="crawl", base_model="tiny-llama")
+    header = admin_pb2.UploadAdapterHeader(name=name, base_model="tiny-llama")
     for filename, data in files:
         header.files.add(filename=filename, size_bytes=len(data))
 
@@ -325,7 +282,38 @@ def test_an_upload_slower_than_the_minimum_rate_is_ended_long_before_its_time_li
             stream(), metadata=(("authorization", f"Bearer {key}"),), timeout=60
         )
     assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ended.value.details()
-    assert "slower than 1024 KiB/s after its first 0.5 s" in ended.value.details()
+    return ended.value
+
+
+def test_an_upload_trickling_past_its_time_limit_is_ended_and_its_files_removed(
+    cp, adapter_copy, monkeypatch
+):
+    """A byte now and then keeps a stream from idling; the upload's whole time is bounded by its size."""
+    files = dir_files(adapter_copy("a"))
+    key = _tenant_key(cp, "trickle")
+    monkeypatch.setattr(admin_servicer, "UPLOAD_BASE_S", 1.0)
+    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_BYTES_PER_S", 1 << 40)  # the limit: about 1 s in all
+    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_PROGRESS_BYTES_PER_S", 0)  # the time limit alone
+    ended = _trickled_upload(cp, files, key, "trickle")
+    assert "the upload took more than 1 s" in ended.details()
+    assert _partial_uploads(cp) == []
+    assert cp.running.app.upload_slots.num_in_flight() == 0
+    assert _rows(cp, "trickle") == 0
+
+
+def test_an_upload_slower_than_the_minimum_rate_is_ended_long_before_its_time_limit(
+    cp, adapter_copy, monkeypatch
+):
+    """Declaring a large size and sending a byte now and then held a slot for the whole time limit of
+    that size (35 minutes for 512 MiB); past its first UPLOAD_BASE_S an upload must average the minimum
+    rate (here 1 MiB/s after 0.5 s, with a time limit of hours)."""
+    files = dir_files(adapter_copy("a"))
+    key = _tenant_key(cp, "crawl")
+    monkeypatch.setattr(admin_servicer, "UPLOAD_BASE_S", 0.5)
+    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_BYTES_PER_S", 1)  # the time limit: hours
+    monkeypatch.setattr(admin_servicer, "UPLOAD_MIN_PROGRESS_BYTES_PER_S", 1 << 20)
+    ended = _trickled_upload(cp, files, key, "crawl")
+    assert "slower than 1024 KiB/s after its first 0.5 s" in ended.details()
     assert _partial_uploads(cp) == []
     assert cp.running.app.upload_slots.num_in_flight() == 0
     assert _rows(cp, "crawl") == 0

@@ -124,8 +124,9 @@ _KNOWN_OPTIONS = frozenset(
 _PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # The largest factor an adapter may apply to B @ A (alpha / r, or alpha / sqrt(r)); PEFT's default is 1.
 MAX_LORA_SCALING = 1e4
-# PEFT's LoraConfig default for a config that does not say (its save_pretrained always writes the key).
+# PEFT's LoraConfig defaults for a config that does not say (its save_pretrained always writes the keys).
 PEFT_DEFAULT_ALPHA = 8.0
+PEFT_DEFAULT_RANK = 8
 _FINITE_CHUNK_ELEMENTS = 1 << 22
 # Files PEFT's save_pretrained writes beside the adapter that carry no weights; never read or uploaded.
 IGNORED_FILES = ("README.md",)
@@ -204,7 +205,7 @@ def parse_adapter_config(data: bytes) -> dict:
                 config.field("task_type"),
                 f"{describe(task_type)} is not one of PEFT's {list(_PEFT_TASK_TYPES)}",
             )
-        rank = config.get_int("r", lo=1, hi=MAX_CONFIG_RANK)
+        rank = config.get_int("r", PEFT_DEFAULT_RANK, lo=1, hi=MAX_CONFIG_RANK)
         # Any finite alpha, as PEFT takes it: a negative one scales B @ A by a negative factor, 0 turns the
         # module off; only the factor's size is bounded (MAX_LORA_SCALING).
         alpha = config.get_number("lora_alpha", PEFT_DEFAULT_ALPHA)

@@ -260,6 +260,27 @@ def test_missing_lora_alpha_takes_peft_default(
     assert info.scaling == pytest.approx(8 / 16)
 
 
+@pytest.mark.parametrize("rank", [8, 16])
+def test_missing_r_takes_peft_default(
+    tmp_path: Path, llama_config: LlamaConfig, spec: BaseModelSpec, rank
+) -> None:
+    """PEFT's LoraConfig defaults r to 8: a config without it is read as rank 8 (as PEFT loads it), and
+    factors of another rank are refused, naming `r` (PEFT's loader fails on their shapes)."""
+    model = get_peft_model(
+        LlamaForCausalLM(llama_config), LoraConfig(r=rank, lora_alpha=4, target_modules=["q_proj"])
+    )
+    model.save_pretrained(tmp_path)
+    _rewrite_config(tmp_path, lambda c: c.pop("r"))
+    if rank != LoraConfig().r:
+        with pytest.raises(AdapterFormatError) as refused:
+            validate_adapter_dir(tmp_path, spec)
+        assert "do not have rank 8 (adapter_config.json.r)" in str(refused.value)
+        return
+    info = validate_adapter_dir(tmp_path, spec)
+    assert info.rank == LoraConfig().r == 8
+    assert info.scaling == pytest.approx(4 / 8)
+
+
 def test_digest_depends_on_content_not_on_location(adapter: Path, peft_dir: Path) -> None:
     assert digest_dir(adapter) == digest_dir(peft_dir)
     files = {name: (adapter / name).read_bytes() for name in (CONFIG, WEIGHTS)}

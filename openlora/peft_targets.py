@@ -48,6 +48,8 @@ class TargetRule:
         self._exclude = self._names_or_regex(config, "exclude_modules")
         targets = config.get("target_modules")
         self._targets = DEFAULT_TARGETS if targets is None else self._names_or_regex(config, "target_modules")
+        if self._targets is None:  # [] or "": PEFT finds no target module and refuses the config
+            raise TargetError("target_modules", f"{describe(targets)} selects no module")
         self._layers = _layer_indexes(config.get("layers_to_transform"))
         patterns = config.get("layers_pattern")
         if patterns is None or patterns == "" or patterns == []:

@@ -39,6 +39,7 @@ from openlora.adapter_format import (
 )
 from openlora.base_model import BaseModelSpec, UnsupportedModelError
 from openlora.config import read_context
+from openlora.peft_targets import TargetError, TargetRule
 from openlora.safe_json import JsonFieldError, load_json
 from openlora.v1 import inference_pb2
 
@@ -173,6 +174,35 @@ def test_adapter_config_of_random_bytes_and_json_is_parsed_or_refused(data):
 )
 def test_adapter_config_with_any_value_in_a_known_field_is_parsed_or_refused(key, value):
     _check_config(_dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, key: value}))
+
+
+_MODULE_NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.3.mlp.down_proj", "lm_head", ""]
+
+
+@FUZZ
+@given(
+    values=st.dictionaries(
+        st.sampled_from(["target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"]),
+        json_values | st.sampled_from(["", [], "all-linear", ".*", "q_proj", ["q_proj"], [0, 1], "layers"]),
+    )
+)
+def test_target_selection_of_any_config_values_selects_or_is_refused_by_key(values):
+    """The selection rule (applied as an upload's tensors are checked, after the config parsed) either
+    answers for every module name or refuses naming its key: `target_modules: []` failed with an
+    AttributeError that reached the caller as INTERNAL."""
+    try:
+        rule = TargetRule(values)
+        for name in _MODULE_NAMES:
+            assert rule.leaves_out(name) in (None, *values, "target_modules", "layers_pattern")
+    except TargetError as refused:
+        assert refused.key in values
+
+
+@pytest.mark.parametrize("empty", [[], ""])
+def test_empty_target_modules_select_nothing_and_are_refused(empty):
+    with pytest.raises(TargetError) as refused:
+        TargetRule({"target_modules": empty})
+    assert refused.value.key == "target_modules" and "selects no module" in refused.value.reason
 
 
 @pytest.mark.parametrize(

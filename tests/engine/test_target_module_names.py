@@ -86,6 +86,8 @@ def _with_config(src: Path, dst: Path, **changes) -> Path:
         ({"target_modules": ["embed_tokens", "q_proj", "down_proj"]}, "target_modules", "embed_tokens"),
         ({"target_modules": ["model.layers.0", "q_proj", "down_proj"]}, "target_modules", "model.layers.0"),
         ({"target_modules": ["q_proj", "down_proj", 3]}, "target_modules", "list of module names"),
+        ({"target_modules": []}, "target_modules", "selects no module"),
+        ({"target_modules": ""}, "target_modules", "selects no module"),
         ({"bias": "some"}, "bias", "'some'"),
         ({"lora_bias": True}, "lora_bias", "not supported"),
         ({"trainable_token_indices": [1, 2]}, "trainable_token_indices", "not supported"),

@@ -73,6 +73,7 @@ class ControlPlane:
         self.store = store
         self.publisher = publisher
         self.upload_slots = UploadSlots()
+        self.admin_key_id: uuid.UUID | None = None  # the key it was started with (`bootstrap`)
         # Test hook, called as (stage, plan, sha256): "published" inside the artifact's lock after the
         # files are in place and before the row is written; "failed" after an upload that published new
         # files failed, before they are removed if unreferenced.
@@ -82,7 +83,9 @@ class ControlPlane:
 
     def bootstrap(self) -> tenancy.Bootstrap:
         with self.sessions.begin() as s:
-            return tenancy.ensure_operator(s, self.config.admin_key)
+            bootstrap = tenancy.ensure_operator(s, self.config.admin_key)
+        self.admin_key_id = bootstrap.admin_key_id
+        return bootstrap
 
     def create_tenant(self, api_key: str, name: str) -> Tenant:
         with self.sessions.begin() as s:
@@ -96,7 +99,8 @@ class ControlPlane:
 
     def revoke_api_key(self, api_key: str, key_id: str) -> tuple[ApiKey, str]:
         with self.sessions.begin() as s:
-            row = tenancy.revoke_api_key(s, tenancy.authenticate_admin(s, api_key), key_id)
+            caller = tenancy.authenticate_admin(s, api_key)
+            row = tenancy.revoke_api_key(s, caller, key_id, self.admin_key_id)
             revoked = row, tenancy.tenant_name(s, row.tenant_id)
         # After the commit: a worker that drops its cached answer must then be refused.
         self.publisher.revoke(str(row.id))

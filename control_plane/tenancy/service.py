@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from control_plane.db.base import utc_now
 from control_plane.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -35,6 +36,9 @@ class Bootstrap:
     operator: Tenant
     # The plaintext of a newly created bootstrap key; None when one already existed.
     new_admin_key: str | None
+    # The row of the key this control plane was configured with (or made): not revocable through it, since
+    # it could not start again with that key revoked. None when no key is configured and one existed.
+    admin_key_id: uuid.UUID | None = None
 
 
 def ensure_operator(session: Session, admin_key: str | None) -> Bootstrap:
@@ -50,12 +54,15 @@ def ensure_operator(session: Session, admin_key: str | None) -> Bootstrap:
         existing = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
         if existing is not None and keys.matches(admin_key, existing.salt_hex, existing.secret_hash_hex):
             if existing.revoked_at is not None or existing.tenant_id != operator.id:
-                raise PermissionDenied("the configured admin key was revoked or belongs to another tenant")
-            return Bootstrap(operator, None)
+                raise PermissionDenied(
+                    "the configured admin key (OPENLORA_ADMIN_KEY) was revoked or belongs to another tenant: "
+                    "configure another key"
+                )
+            return Bootstrap(operator, None, existing.id)
         if existing is not None:
             raise AlreadyExists("another key already uses the configured admin key's prefix")
-        _store_key(session, operator.id, admin_key, [SCOPE_ADMIN, SCOPE_INFER])
-        return Bootstrap(operator, admin_key)
+        row = _store_key(session, operator.id, admin_key, [SCOPE_ADMIN, SCOPE_INFER])
+        return Bootstrap(operator, admin_key, row.id)
     has_admin_key = session.scalar(
         select(ApiKey.id).where(
             ApiKey.tenant_id == operator.id,
@@ -66,8 +73,8 @@ def ensure_operator(session: Session, admin_key: str | None) -> Bootstrap:
     if has_admin_key is not None:
         return Bootstrap(operator, None)
     plaintext = keys.generate_key()
-    _store_key(session, operator.id, plaintext, [SCOPE_ADMIN, SCOPE_INFER])
-    return Bootstrap(operator, plaintext)
+    row = _store_key(session, operator.id, plaintext, [SCOPE_ADMIN, SCOPE_INFER])
+    return Bootstrap(operator, plaintext, row.id)
 
 
 def _store_key(session: Session, tenant_id: uuid.UUID, plaintext: str, scopes: list[str]) -> ApiKey:
@@ -143,13 +150,42 @@ def create_api_key(
     return _store_key(session, tenant.id, plaintext, wanted), plaintext
 
 
-def revoke_api_key(session: Session, caller: Caller, key_id: str) -> ApiKey:
-    """Revokes a key by id or display prefix; a tenant admin may revoke only its own tenant's keys."""
+def revoke_api_key(
+    session: Session, caller: Caller, key_id: str, configured_key_id: uuid.UUID | None = None
+) -> ApiKey:
+    """Revokes a key by id or display prefix; a tenant admin may revoke only its own tenant's keys.
+
+    Two operator keys are not revoked (FAILED_PRECONDITION): `configured_key_id`, the key the control plane
+    was started with (it would not start again: `ensure_operator`), and the operator's last admin key
+    (nobody could administer the system any more)."""
     row = _find_key(session, key_id)
     if row is None or (not caller.is_operator and row.tenant_id != caller.tenant_id):
         raise NotFound("no such api key", field="key_id")
-    if row.revoked_at is None:
-        row.revoked_at = utc_now()
+    if row.revoked_at is not None:
+        return row
+    if row.id == configured_key_id:
+        raise FailedPrecondition(
+            "this is the admin key the control plane was started with (OPENLORA_ADMIN_KEY): restart it with "
+            "another operator admin key first, then revoke this one",
+            field="key_id",
+        )
+    if SCOPE_ADMIN in row.scopes and session.get(Tenant, row.tenant_id).is_operator:
+        others = session.scalar(
+            select(ApiKey.id)
+            .where(
+                ApiKey.tenant_id == row.tenant_id,
+                ApiKey.id != row.id,
+                ApiKey.revoked_at.is_(None),
+                any_(ApiKey.scopes) == SCOPE_ADMIN,
+            )
+            .with_for_update()
+            .limit(1)
+        )
+        if others is None:
+            raise FailedPrecondition(
+                "this is the operator's last admin key: create another one first", field="key_id"
+            )
+    row.revoked_at = utc_now()
     return row
 
 

@@ -13,7 +13,9 @@ For a tenant T and a calendar month (UTC):
   share (the counters' royalty_micro_tokens);
 - "royalty_earned" per adapter T owns that other tenants used, same formula (T's own use pays none).
 
-Each line's amount is rounded once, half to even, to whole micro-units. Charges = tokens + royalty_paid,
+Each line's amount is rounded once, half to even, to whole micro-units, except that a positive amount is
+at least 1 (`_amount`: lines a tenant can multiply, one per mix, would each round a few cheap tokens to
+nothing; a royalty earned is the sum of its payers' lines, so it follows them). Charges = tokens + royalty_paid,
 earnings = royalty_earned, net = charges - earnings. Prices and royalty rates are those in force when
 the invoice is computed; a base model without a price is charged 0.
 """
@@ -164,15 +166,21 @@ class _Used:
     request_kinds: set[str] = field(default_factory=set)
 
 
+def _amount(micro_tokens_times_rate: int) -> int:
+    """Micro-tokens times a rate per million tokens, in whole micro-units: half to even, at least 1 when
+    positive."""
+    amount = round_half_even(micro_tokens_times_rate, _AMOUNT_DIVISOR)
+    return max(amount, 1) if micro_tokens_times_rate > 0 else amount
+
+
 def _tokens_line(
     price: Price | None, base_model: str, adapter: str, prompt_mt: int, completion_mt: int, **kind
 ):
     amount = 0
     if price is not None:
-        amount = round_half_even(
+        amount = _amount(
             prompt_mt * price.prompt_micros_per_million_tokens
-            + completion_mt * price.completion_micros_per_million_tokens,
-            _AMOUNT_DIVISOR,
+            + completion_mt * price.completion_micros_per_million_tokens
         )
     prompt_tokens, completion_tokens = (
         round_half_even(prompt_mt, MICROS),
@@ -210,7 +218,7 @@ def _earned(session: Session, tenant_id: uuid.UUID, start: datetime, end: dateti
             continue
         line = earned.setdefault((base_model, adapter_id), [base_model, name, 0, 0])
         line[2] += int(paid_mt)
-        line[3] += round_half_even(int(paid_mt) * royalty, _AMOUNT_DIVISOR)
+        line[3] += _amount(int(paid_mt) * royalty)
     return [tuple(line) for line in earned.values()]
 
 
@@ -255,7 +263,7 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
                     one.name,
                     0,
                     round_half_even(one.royalty_completion_mt, MICROS),
-                    round_half_even(one.royalty_completion_mt * one.royalty, _AMOUNT_DIVISOR),
+                    _amount(one.royalty_completion_mt * one.royalty),
                     adapter_owner=one.owner_name,
                 )
             )

@@ -385,3 +385,38 @@ def test_royalties_earned_are_the_sum_of_what_each_payer_paid(cp, adapters_root)
         earned = [line for line in owner.get_invoice("2026-07").lines if line.kind == "royalty_earned"]
     assert paid == 6
     assert [(line.completion_tokens, line.amount_micros) for line in earned] == [(9, paid)]
+
+
+def test_a_positive_charge_is_never_rounded_to_nothing(cp, world, adapters_root) -> None:
+    """Lines are per mix, so a tenant could spread cheap requests over many lines of under half a
+    micro-unit each (`world` prices tokens at 0.1 and 0.3), every one rounded to 0: tokens served and
+    never billed. A positive line bills at
+    least 1 micro-unit, and the royalty its owner earns follows what the payer paid."""
+    when = datetime(2026, 8, 5, 9, tzinfo=UTC)
+    with cp.admin() as admin:
+        ids = {name: admin.create_tenant(name).id for name in ("tiny-owner", "tiny-payer")}
+        keys = {name: admin.create_api_key(name, admin=True).secret for name in ids}
+    with cp.admin(keys["tiny-owner"]) as owner:
+        cheap = [
+            owner.upload_adapter(
+                adapters_root / source, name=f"cheap-{source}", base_model=BASE, public=True,
+                royalty_micros_per_million_tokens=100_000,
+            ).adapter.id
+            for source in ("a", "b")
+        ]  # fmt: skip
+    payer = ids["tiny-payer"]
+    events = [
+        _event("tiny-single", payer, [(cheap[0], 1.0)], 1, 1, when),  # 0.1 + 0.3 micro-units of tokens
+        _event("tiny-mix", payer, [(cheap[0], 0.5), (cheap[1], 0.5)], 1, 1, when),
+        _event("tiny-base", payer, [], 1, 1, when),
+    ]
+    assert _report(cp, events).inserted == 3
+    with cp.admin(keys["tiny-payer"]) as admin:
+        lines = admin.get_invoice("2026-08").lines
+    tokens = [line for line in lines if line.kind == "tokens"]
+    assert len(tokens) == 3 and all(line.amount_micros == 1 for line in tokens), tokens
+    paid = [line.amount_micros for line in lines if line.kind == "royalty_paid"]
+    assert paid == [1, 1]  # 0.1 micro-units each
+    with cp.admin(keys["tiny-owner"]) as owner:
+        earned = [line for line in owner.get_invoice("2026-08").lines if line.kind == "royalty_earned"]
+    assert sorted(line.amount_micros for line in earned) == [1, 1]

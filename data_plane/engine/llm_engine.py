@@ -66,6 +66,18 @@ class _RequestState:
         return max(self.adapter_tiers.values(), key=_TIER_ORDER.index, default="none")
 
 
+def _field_of(state: _RequestState) -> str:
+    """The request field a request's non-finite logits are blamed on: its adapters' field as the server
+    named it, else read off them (one adapter at weight 1: "adapter"; a mix or ensemble: "mix"), or
+    "prompt" on the base model."""
+    request = state.request
+    adapters = request.adapters
+    if request.ensemble is None and not adapters:
+        return "prompt"
+    single = request.ensemble is None and len(adapters) == 1 and adapters[0].weight == 1.0
+    return request.adapters_field or ("adapter" if single else "mix")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -294,11 +306,9 @@ class LLMEngine:
             now = time.monotonic()
             for state, token_id, logprob in zip(states, token_ids, logprobs, strict=True):
                 if token_id is None:  # its logits were NaN or infinite: this request fails, not the batch
-                    adapters = state.request.adapters
-                    single = len(adapters) == 1 and adapters[0].weight == 1.0
-                    field = "prompt" if not adapters else "adapter" if single else "mix"
-                    field = "mix" if state.request.ensemble is not None else field
-                    outputs += self.fail_requests([state.request.request_id], NonFiniteLogits(field))
+                    outputs += self.fail_requests(
+                        [state.request.request_id], NonFiniteLogits(_field_of(state))
+                    )
                     continue
                 outputs.append(self._append_token(state, token_id, logprob, now))
             return outputs

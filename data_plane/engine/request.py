@@ -52,6 +52,9 @@ class EngineRequest:
     ensemble: Ensemble | None = None
     # Who asked (the worker passes the tenant): admission shares the running slots across tenants.
     tenant: str = ""
+    # The request field that named the adapters ("adapter" or "mix"), named when they fail the request;
+    # "" reads it off `adapters` (a one-member mix of weight 1 is sent as that adapter).
+    adapters_field: str = ""
 
 
 @dataclass

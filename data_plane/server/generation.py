@@ -410,6 +410,7 @@ class GenerationService:
             arrival_time=arrival,
             ensemble=ensemble_of(valid, adapter_refs),
             tenant=auth.tenant_id,
+            adapters_field="mix" if valid.from_mix else "adapter",
         )
         progress = _Progress(
             prompt_tokens=len(prompt_ids),

@@ -86,6 +86,10 @@ def test_extreme_valid_request_fails_alone_and_another_tenants_stream_completes(
         with pytest.raises(errors.InvalidArgument) as refused:
             client.complete("hello world", adapter="huge", temperature=1.0, max_tokens=8)
         assert "adapter" in str(refused.value) and "non-finite" in str(refused.value)
+        # Named by the field the caller used: a one-member mix of weight 1 runs as that adapter.
+        with pytest.raises(errors.InvalidArgument) as refused:
+            client.complete("hello world", mix=[("huge", 1.0)], temperature=1.0, max_tokens=8)
+        assert "mix: produced non-finite logits" in str(refused.value)
         # Temperature and penalty just above zero are accepted, and now served.
         for sampling in (
             dict(temperature=SMALLEST_FLOAT32),

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_plane.engine.errors import AdapterLoadError
+from data_plane.engine.errors import AdapterLoadError, InvalidRequest
 from data_plane.fusion.merge import MemberFactors, NonFiniteMerge, merge_module
 from data_plane.fusion.spec import MergeSpec
 from openlora.adapter_format import DEFAULT_MAX_SIZE_BYTES, AdapterFormatError, validate_adapter_dir
@@ -82,7 +82,8 @@ def build_merge(
 ) -> MergeReport:
     """Merges `spec`'s sources (each with its local `path`) into the PEFT directory `out_dir`, written
     into a temporary directory beside it and renamed into place once complete and valid. Holds one
-    module's merged delta at a time. Raises MergeBuildError naming the source at fault."""
+    module's merged delta at a time. Raises MergeBuildError naming the source at fault,
+    or InvalidRequest("mix") when the members' weighted deltas overflow float32."""
     started = time.monotonic()
     infos = []
     for i, source in enumerate(spec.sources):
@@ -133,8 +134,8 @@ def build_merge(
                     rank,
                     svd_seed=spec.member_seed(layer, module, "svd"),
                 )
-            except NonFiniteMerge as error:
-                raise MergeBuildError("mix", f"layer {layer} {module}: {error}") from None
+            except NonFiniteMerge as error:  # what the caller mixed, not this worker: INVALID_ARGUMENT
+                raise InvalidRequest("mix", f"layer {layer} {module}: {error}") from None
             tensors[tensor_name(layer, module, "A")] = merged.a.to(out_dtype).contiguous()
             tensors[tensor_name(layer, module, "B")] = merged.b.to(out_dtype).contiguous()
             delta_sq += merged.delta_norm**2

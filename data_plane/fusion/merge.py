@@ -204,7 +204,10 @@ def merge_module(
     """One module merged and re-factorized to `rank`, with the truncation it cost."""
     delta = merged_delta(members, method, density, majority_sign_method)
     if not bool(torch.isfinite(delta).all()):  # weights finite but huge: the sum overflowed float32
-        raise NonFiniteMerge("the weighted deltas overflow float32; use smaller mix weights")
+        raise NonFiniteMerge(
+            "the members' weighted deltas overflow float32 (the mix weights or the adapters' own factors are "
+            "too large for this merge)"
+        )
     a, b = refactorize(delta, rank, svd_seed)
     norm = float(torch.linalg.vector_norm(delta).double())
     return MergedModule(a=a, b=b, delta_norm=norm, error_norm=residual_norm(delta, a, b))

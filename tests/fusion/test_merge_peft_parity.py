@@ -131,3 +131,36 @@ def test_a_merge_above_the_engines_size_limit_is_kept_in_bfloat16(merge_model, t
     _, full = build(merge_model, tmp_path / "f", WEIGHTS, "ties", 64, density=0.5)
     for key, delta in full.items():
         assert float((deltas[key] - delta).norm()) <= 1e-2 * float(delta.norm())
+
+
+def test_a_merge_whose_members_own_deltas_overflow_is_the_callers_mix_not_a_worker_fault(
+    merge_model, tmp_path
+):
+    """Weights of 1 and an adapter whose factors are finite but huge: its merged delta overflows float32.
+    What the caller mixed cannot be served (INVALID_ARGUMENT naming `mix`, as non-finite logits are); it
+    read FAILED_PRECONDITION, "use smaller mix weights"."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from data_plane.engine.errors import InvalidRequest
+    from data_plane.fusion.builder import build_merge
+    from tests.fusion.merge_support import spec_of
+
+    huge = tmp_path / "huge"
+    shutil.copytree(merge_model.adapter_dirs["r8_all"], huge)
+    weights = huge / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    # Each factor finite (B at 3e38, A at 1), each delta element a sum of r such products: past float32.
+    save_file(
+        {k: torch.full_like(v.float(), 3e38 if "lora_B" in k else 1.0) for k, v in tensors.items()}, weights
+    )
+    spec = spec_of(merge_model, {"r8_all": 1.0, "r4_qv": 1.0}, "ties", density=0.5)
+    sources = {s.key: s.path for s in spec.sources}
+    spec = spec.with_paths(
+        {key: huge if path == merge_model.adapter_dirs["r8_all"] else path for key, path in sources.items()}
+    )
+    with pytest.raises(InvalidRequest) as refused:
+        build_merge(spec, tmp_path / "out", 64)
+    assert refused.value.field == "mix" and "overflow float32" in str(refused.value)
+    assert not (tmp_path / "out").exists()

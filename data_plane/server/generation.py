@@ -412,12 +412,13 @@ class GenerationService:
             tenant=auth.tenant_id,
             adapters_field="mix" if valid.from_mix else "adapter",
         )
+        mix_name = next((a.name for a in auth.adapters if a.mix is not None), "")
         progress = _Progress(
             prompt_tokens=len(prompt_ids),
             adapters=billed_adapters(valid, by_name),
             billed_per_token=len(valid.adapters) if valid.is_ensemble else 1,
-            request_kind=request_kind(valid.mix_method, len(valid.adapters)),
-            mix_name=next((a.name for a in auth.adapters if a.mix is not None), ""),
+            request_kind=request_kind(valid.mix_method, len(valid.adapters), saved_mix=bool(mix_name)),
+            mix_name=mix_name,
         )
         outputs = self._engine.generate(engine_request)
         activity = self.activity.add(name for name in valid.adapter_names if name)  # no base member

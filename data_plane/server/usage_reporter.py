@@ -110,15 +110,15 @@ _TEXT_FIELDS = (
 )
 
 
-def request_kind(mix_method: str, num_adapters: int) -> str:
+def request_kind(mix_method: str, num_adapters: int, saved_mix: bool = False) -> str:
     """The kind a request is billed as: "ensemble", "merge:<method>" (ties, dare_linear, dare_ties,
-    magnitude_prune), "linear_mix" (two or more adapters summed), else "single" (the base model or one
-    adapter, however it was spelled)."""
+    magnitude_prune), "linear_mix" (two or more adapters summed, or a saved mix of one: it bills under
+    its own name), else "single" (the base model or one adapter, however it was spelled)."""
     if mix_method == "ensemble" and num_adapters:
         return "ensemble"
     if mix_method != "linear" and num_adapters:
         return f"merge:{mix_method}"
-    return "linear_mix" if num_adapters > 1 else "single"
+    return "linear_mix" if num_adapters > 1 or (saved_mix and num_adapters) else "single"
 
 
 # Sends one batch; raises on failure (nothing acknowledged), returns on success (all acknowledged).

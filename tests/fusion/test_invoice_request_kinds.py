@@ -115,6 +115,7 @@ def test_each_mix_kind_is_one_tokens_line_and_royalties_stay_per_adapter(kinds_s
         for name in ("ad0", "ad2"):
             admin.upload_adapter(tiny_model_dir / "adapters" / name, name, BASE_MODEL)
         admin.create_mix("blend", [("shared", 0.6), ("ad2", 0.4)], method="ties", density=0.5)
+        admin.create_mix("solo", [("ad2", 0.5)])  # one member: still billed under its own name
 
         prompt, completion = _generate(target, key, adapter="ad0")
         assert completion == MAX_TOKENS
@@ -128,8 +129,9 @@ def test_each_mix_kind_is_one_tokens_line_and_royalties_stay_per_adapter(kinds_s
             completion,
         )
         assert _generate(target, key, adapter="blend") == (prompt, completion)
-        # Billed: four requests of (prompt, completion) and an ensemble of K = 2 (twice its tokens).
-        billed_prompt, billed_completion = 6 * prompt, 6 * completion
+        assert _generate(target, key, adapter="solo") == (prompt, completion)
+        # Billed: five requests of (prompt, completion) and an ensemble of K = 2 (twice its tokens).
+        billed_prompt, billed_completion = 7 * prompt, 7 * completion
         invoice = _invoice_when_billed(admin, billed_completion)
 
     assert _tokens_lines(invoice) == {
@@ -138,6 +140,7 @@ def test_each_mix_kind_is_one_tokens_line_and_royalties_stay_per_adapter(kinds_s
         ("merge:ties", "ad0+ad2", ""): _cost(prompt, completion),
         ("ensemble", "ad2+shared", ""): _cost(2 * prompt, 2 * completion),
         ("merge:ties", "blend", ""): _cost(prompt, completion),
+        ("linear_mix", "solo", ""): _cost(prompt, completion),
     }
     # No money changes: the tokens lines hold every billed token at the base model's price.
     tokens_lines = [line for line in invoice.lines if line.kind == "tokens"]

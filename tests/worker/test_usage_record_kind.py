@@ -48,19 +48,20 @@ def test_a_kind_that_is_not_text_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("mix_method", "num_adapters", "kind"),
+    ("mix_method", "num_adapters", "saved_mix", "kind"),
     [
-        ("linear", 0, "single"),
-        ("linear", 1, "single"),
-        ("linear", 2, "linear_mix"),
-        ("ties", 2, "merge:ties"),
-        ("dare_linear", 3, "merge:dare_linear"),
-        ("magnitude_prune", 1, "merge:magnitude_prune"),
-        ("ensemble", 2, "ensemble"),
+        ("linear", 0, False, "single"),
+        ("linear", 1, False, "single"),
+        ("linear", 1, True, "linear_mix"),  # a saved mix of one adapter bills under its own name
+        ("linear", 2, False, "linear_mix"),
+        ("ties", 2, False, "merge:ties"),
+        ("dare_linear", 3, True, "merge:dare_linear"),
+        ("magnitude_prune", 1, False, "merge:magnitude_prune"),
+        ("ensemble", 2, False, "ensemble"),
     ],
 )
-def test_request_kind_names_what_the_request_ran(mix_method, num_adapters, kind) -> None:
-    assert request_kind(mix_method, num_adapters) == kind
+def test_request_kind_names_what_the_request_ran(mix_method, num_adapters, saved_mix, kind) -> None:
+    assert request_kind(mix_method, num_adapters, saved_mix) == kind
 
 
 def test_a_spooled_record_is_every_field_of_the_record_and_reads_back_equal():

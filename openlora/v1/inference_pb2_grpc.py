@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class InferenceServiceStub:
     """InferenceService is served by every data-plane worker. Calls carry the metadata
-    `authorization: Bearer <api key>`; the key needs the `infer` scope.
+    `authorization: Bearer <api key>`; the key needs the `infer` scope (`admin` includes it).
     """
 
     def __init__(self, channel):
@@ -45,7 +45,7 @@ class InferenceServiceStub:
 
 class InferenceServiceServicer:
     """InferenceService is served by every data-plane worker. Calls carry the metadata
-    `authorization: Bearer <api key>`; the key needs the `infer` scope.
+    `authorization: Bearer <api key>`; the key needs the `infer` scope (`admin` includes it).
     """
 
     def Generate(self, request, context):
@@ -74,7 +74,7 @@ def add_InferenceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
     """InferenceService is served by every data-plane worker. Calls carry the metadata
-    `authorization: Bearer <api key>`; the key needs the `infer` scope.
+    `authorization: Bearer <api key>`; the key needs the `infer` scope (`admin` includes it).
     """
 
     @staticmethod

@@ -165,7 +165,7 @@ class WorkerServiceServicer:
     def ListModels(self, request, context):
         """The adapters and saved mixes a caller's key may use on a base model (its tenant's READY adapters,
         other tenants' public ones, its tenant's saved mixes), one entry per name, by name, keyset paged.
-        UNAUTHENTICATED for an invalid or revoked key, PERMISSION_DENIED without the infer scope.
+        UNAUTHENTICATED for an invalid or revoked key, PERMISSION_DENIED without the infer (or admin) scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

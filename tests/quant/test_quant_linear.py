@@ -83,6 +83,33 @@ def test_int8_float32_activations_through_int8pack_are_rounded_like_bfloat16(sha
     assert error < TOLERANCE["int8", torch.bfloat16]
 
 
+@pytest.mark.parametrize("rows", [1, 3, 32, 33])
+def test_stacked_digits_give_the_separate_products_result_to_the_bit(rows):
+    """One product of both digits (2T rows) or two of T rows: the same int32 sums, the same floats; past
+    STACK_MAX_ROWS the stacked call takes two products."""
+    from data_plane.model.quant import int8
+
+    g = torch.Generator().manual_seed(rows)
+    q, scale = int8.quantize_int8(torch.randn(48, 80, generator=g))
+    x = torch.randn(rows, 80, generator=g) * torch.logspace(-3, 3, rows).unsqueeze(1)
+    separate = int8.int8_two_digit_mm(x, q, scale)
+    assert torch.equal(int8.int8_two_digit_mm(x, q, scale, stacked=True), separate)
+    want = x @ int8.dequantize_int8(q, scale).T
+    assert ((separate - want).abs().amax(1) / want.abs().amax(1)).max() < 1e-4
+
+
+def test_digits_are_stacked_where_the_measurement_finds_it_faster(monkeypatch):
+    from data_plane.model.quant import int8
+
+    for costs, stacked in (((3.7, 1.9), True), ((1.4, 1.6), False)):
+        monkeypatch.setattr(int8, "measure_two_digit_costs", lambda *args, costs=costs: costs)
+        int8.two_digit_stacks.cache_clear()
+        assert int8.two_digit_stacks() is stacked
+        assert int8.measure_two_digit_cost() == min(costs)
+    monkeypatch.undo()
+    int8.two_digit_stacks.cache_clear()
+
+
 def test_the_two_digit_path_is_chosen_where_it_is_not_much_slower(monkeypatch):
     from data_plane.model.quant import int8
 

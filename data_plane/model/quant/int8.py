@@ -20,7 +20,9 @@ is multiplied by the int8 weight with `torch._int_mm`, whose int32 sums are exac
 
 Cost, measured on a shared 2-core CPU with AVX-512 (VNNI, bf16) (min of repeats): at 1 row, where decode
 reads every weight from memory, about 1.4x `_weight_int8pack_mm`, since each digit's product reads the
-weight once (both digits as one 2-row product were slower still); at 32 rows about the same. An element
+weight once (both digits as one 2-row product were slower still there); at 32 rows about the same. On an
+Intel CPU with AMX a 2-row `_int_mm` costs what a 1-row one does, so there both digits go through one
+product (`two_digit_stacks`, measured once per process like the path itself). An element
 far below its row's largest (under max/256) is held less precisely than bfloat16 would; typical
 activations are not that skewed. On an AVX2-only CPU `torch._int_mm` has no fast kernel: the same path
 measured 19x `_weight_int8pack_mm` at 1 row and 33x at 32 (benchmarks/RESULTS.md). So the path is chosen
@@ -48,6 +50,8 @@ _IN_MULTIPLE = 16
 # AVX2-only one. The bound sits about 2x from the nearest of them, so one machine's choice does not flip
 # between processes with the noise of a busy CPU (a bound of 4 did, on the Intel machine).
 TWO_DIGIT_MAX_COST = 8.0
+# Stacked digits up to this many rows: at 128 rows the two products of T rows were faster (Intel, AMX).
+STACK_MAX_ROWS = 32
 _DIGIT_RANGE = 127 * 256  # |256 * high + low| for high in [-127, 127], low in [-128, 127]
 
 
@@ -78,9 +82,13 @@ def has_int8_kernel(device_type: str) -> bool:
     return True
 
 
-def int8_two_digit_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_two_digit_mm(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, stacked: bool = False
+) -> torch.Tensor:
     """x (T, K) float32, qweight (N, K) int8, scale (N,) -> x @ (qweight * scale).T (T, N) float32, with x
-    split into two int8 digits per element on a per-row scale (see the module docstring)."""
+    split into two int8 digits per element on a per-row scale (see the module docstring). `stacked`: up to
+    STACK_MAX_ROWS rows, both digits go through one product of 2T rows (the weight read once, not twice),
+    with the same integer sums, so the same result to the bit."""
     x_scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / _DIGIT_RANGE
     v = torch.round(x / x_scale)  # (T, K) integers in [-_DIGIT_RANGE, _DIGIT_RANGE]
     high = torch.floor(v * (1 / 256) + 0.5)  # (T, K) in [-127, 127]
@@ -88,14 +96,19 @@ def int8_two_digit_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     weight_t = qweight.T  # (K, N) view
     # Each product sums at most K * 127 * 128 in int32 (exact below K = 132,000); the float32 result of
     # the sum is rounded once, to 2^-24.
-    y = torch._int_mm(high.to(torch.int8), weight_t).float().mul_(256)  # (T, N)
-    y += torch._int_mm(low.to(torch.int8), weight_t)
+    rows = x.shape[0]
+    if stacked and rows <= STACK_MAX_ROWS:
+        both = torch._int_mm(torch.cat([high, low]).to(torch.int8), weight_t).float()  # (2T, N)
+        y = both[:rows].mul_(256).add_(both[rows:])
+    else:
+        y = torch._int_mm(high.to(torch.int8), weight_t).float().mul_(256)  # (T, N)
+        y += torch._int_mm(low.to(torch.int8), weight_t)
     return y.mul_(x_scale).mul_(scale.float())
 
 
-def measure_two_digit_cost(size: int = 1024, repeats: int = 5) -> float:
+def measure_two_digit_costs(size: int = 1024, repeats: int = 5) -> tuple[float, float]:
     """The two-digit path's time over `_weight_int8pack_mm`'s on a 1-row product with a (size, size) int8
-    weight: the least of `repeats` timed calls each, after one untimed."""
+    weight, (separate digits, stacked digits): the least of `repeats` timed calls each, after one untimed."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, size, generator=g)
     q = torch.randint(-127, 128, (size, size), generator=g, dtype=torch.int8)
@@ -110,9 +123,24 @@ def measure_two_digit_cost(size: int = 1024, repeats: int = 5) -> float:
             times.append(time.perf_counter() - started)
         return min(times)
 
-    two_digit = least_s(lambda: int8_two_digit_mm(x, q, s))
-    packed = least_s(lambda: torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), q, s))
-    return two_digit / max(packed, 1e-9)
+    packed = max(least_s(lambda: torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), q, s)), 1e-9)
+    separate = least_s(lambda: int8_two_digit_mm(x, q, s))
+    stacked = least_s(lambda: int8_two_digit_mm(x, q, s, stacked=True))
+    return separate / packed, stacked / packed
+
+
+def measure_two_digit_cost(size: int = 1024, repeats: int = 5) -> float:
+    """The two-digit path's time over `_weight_int8pack_mm`'s on a 1-row product, its faster layout."""
+    return min(measure_two_digit_costs(size, repeats))
+
+
+@functools.cache
+def two_digit_stacks() -> bool:
+    """Whether this machine's two-digit path stacks both digits into one product (measured once per
+    process): one `_int_mm` of 2 rows cost as much as one of 1 row on an Intel CPU with AMX (1.9x faster
+    than two products at 1 row, 1.4x at 32), while a 2-row product was the slower on an AMD one."""
+    separate, stacked = measure_two_digit_costs()
+    return stacked < separate
 
 
 @functools.cache
@@ -144,6 +172,7 @@ class Int8Linear(QuantLinear):
         # float32 CPU activations take the two-digit path: decided as the weight loads (the one-time
         # measurement runs then, not in a forward), never per call.
         self.two_digit = False
+        self.two_digit_stacked = False
 
     def load_rows(self, start: int, rows: torch.Tensor) -> None:
         end = self._check_rows(start, rows)
@@ -152,6 +181,7 @@ class Int8Linear(QuantLinear):
             self.qweight = torch.zeros(n, self.padded_in_features, dtype=torch.int8, device=self.device)
             self.scale = torch.zeros(n, dtype=COMPUTE_DTYPE, device=self.device)
             self.two_digit = self.device.type == "cpu" and two_digit_path_chosen()
+            self.two_digit_stacked = self.two_digit and two_digit_stacks()
         k = self.in_features
         with one_thread():
             for lo, hi in row_chunks(end - start, k, 1):
@@ -162,7 +192,7 @@ class Int8Linear(QuantLinear):
         if self.padded_in_features != self.in_features:
             x = F.pad(x, (0, self.padded_in_features - self.in_features))  # (T, K_pad)
         if x.dtype == torch.float32 and self.two_digit:
-            return int8_two_digit_mm(x, self.qweight, self.scale)
+            return int8_two_digit_mm(x, self.qweight, self.scale, self.two_digit_stacked)
         xc = x.to(COMPUTE_DTYPE)  # (T, K_pad)
         if x.device.type == "cuda":
             from kernels.triton_ops.int8_matmul import int8_weight_matmul  # imported where CUDA runs it

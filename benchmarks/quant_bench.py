@@ -137,7 +137,7 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
             "dense bf16 (F.linear)": lambda x=x_bf16: F.linear(x, w_bf16),
             # fp32 activations as two int8 digits, each through torch._int_mm
             f"int8 two-digit _int_mm, fp32 activations{mark_two_digit}": lambda x=x: (
-                int8_module.int8_two_digit_mm(x, int8.qweight, int8.scale)
+                int8_module.int8_two_digit_mm(x, int8.qweight, int8.scale, int8.two_digit_stacked)
             ),
             f"int8 _weight_int8pack_mm, bf16 activations{mark_packed}": lambda x=x_bf16: (
                 torch.ops.aten._weight_int8pack_mm(x, int8.qweight, int8.scale)

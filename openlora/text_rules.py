@@ -5,8 +5,13 @@ tokens were delivered is dead-lettered, not billed)."""
 
 from __future__ import annotations
 
+import re
+
 # A client-chosen request id: the usage event's key, and the worker's idempotency key.
 MAX_REQUEST_ID_CHARS = 128
+# A tenant's name (the control plane's rule; `up --tenant` checks it before anything starts).
+TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+TENANT_NAME_RULE = "1..64 characters of [A-Za-z0-9_.-]"
 
 
 def text_problem(value: str, max_chars: int) -> str | None:

@@ -4,7 +4,6 @@ Every function takes an open `Session` inside the caller's transaction and raise
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 
@@ -25,8 +24,8 @@ from control_plane.tenancy import keys
 from control_plane.tenancy.caller import Caller
 from control_plane.tenancy.models import OPERATOR_TENANT, SCOPE_ADMIN, SCOPE_INFER, ApiKey, Tenant
 from control_plane.text import check_text
+from openlora.text_rules import TENANT_NAME, TENANT_NAME_RULE
 
-TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UNKNOWN_KEY = "unknown or revoked api key"
 MAX_KEY_ID_CHARS = 64
 
@@ -120,7 +119,7 @@ def tenant_for(session: Session, caller: Caller, tenant_name: str) -> Tenant:
     if not tenant_name or tenant_name == caller.tenant_name:
         return session.get(Tenant, caller.tenant_id)
     if not TENANT_NAME.fullmatch(tenant_name):
-        raise InvalidArgument("must be 1..64 characters of [A-Za-z0-9_.-]", field="tenant")
+        raise InvalidArgument(f"must be {TENANT_NAME_RULE}", field="tenant")
     require_operator(caller)
     tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
     if tenant is None:
@@ -131,7 +130,7 @@ def tenant_for(session: Session, caller: Caller, tenant_name: str) -> Tenant:
 def create_tenant(session: Session, caller: Caller, name: str) -> Tenant:
     require_operator(caller)
     if not TENANT_NAME.fullmatch(name):
-        raise InvalidArgument("must be 1..64 characters of [A-Za-z0-9_.-]", field="name")
+        raise InvalidArgument(f"must be {TENANT_NAME_RULE}", field="name")
     if session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
         raise AlreadyExists(f"tenant {name!r} already exists", field="name")
     tenant = Tenant(name=name, is_operator=False)

@@ -11,12 +11,14 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from openlora.config import context_path, read_context
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 from openlora.mix_rules import parse_mix
+from openlora.text_rules import TENANT_NAME, TENANT_NAME_RULE
 
 ENV_PREFIX = "OPENLORA_"
 
@@ -281,6 +283,8 @@ def worker_config_from_args(args: argparse.Namespace):
 
     if not args.model:
         raise ValueError("--model (or OPENLORA_MODEL) is required")
+    if (problem := device_problem(args.device) or cuda_problem(args.device)) is not None:
+        raise ValueError(f"device {problem}")  # exit 2: restarting a worker would not help
     from kernels import kernel_choice
 
     kernel_choice()  # a bad OPENLORA_KERNELS stops the worker here, not every request it would serve
@@ -319,6 +323,33 @@ def worker_config_from_args(args: argparse.Namespace):
         auth_cache_ttl_s=args.auth_cache_ttl_s,
         disk_cache_bytes=args.disk_cache_bytes,
     )
+
+
+_DEVICE = re.compile(r"cpu|cuda(?::[0-9]{1,3})?")
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` is not a device the worker can take, read off the name alone (cheap: `up` checks it
+    before it starts anything), or None."""
+    if not _DEVICE.fullmatch(device):
+        return f"must be cpu, cuda or cuda:N, got {device!r}"
+    return None
+
+
+def cuda_problem(device: str) -> str | None:
+    """Why this machine cannot run a CUDA `device` (torch built without CUDA, no GPU, no such index), or
+    None. Imports torch: the worker checks it before loading anything."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device visible"
+        return f"is {device!r}, but torch {torch.__version__} finds no GPU ({build}): use cpu"
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        return f"is {device!r}, but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}"
+    return None
 
 
 def _as_flag(message: str, args: argparse.Namespace) -> str:
@@ -609,6 +640,10 @@ def up_config_from_args(args: argparse.Namespace, environ):
 
     if args.quantize not in QUANTIZE_FORMATS:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_FORMATS)}, got {args.quantize!r}")
+    if (problem := device_problem(args.device)) is not None:  # the worker checks that CUDA runs here
+        raise ValueError(f"--device (OPENLORA_DEVICE) {problem}")
+    if not TENANT_NAME.fullmatch(args.tenant):
+        raise ValueError(f"--tenant (OPENLORA_TENANT) must be {TENANT_NAME_RULE}, got {args.tenant!r}")
     if quantize_lm_head(args) and args.quantize == "none":
         raise ValueError("--quantize-lm-head needs --quantize int8 or int4")
     for flag in ("port", "admin_port", "http_port", "metrics_port", "admin_metrics_port"):

@@ -111,15 +111,17 @@ def push_adapters(
     return names
 
 
-def own_adapter_names(admin_target: str, key: str, tenant: str) -> list[str]:
-    """The names of `tenant`'s own adapters as they are now (first page: what a ready line can show)."""
+def own_adapter_names(admin_target: str, key: str, tenant: str, base_model: str) -> list[str]:
+    """The names of `tenant`'s own adapters of `base_model` as they are now (first page: what a ready line
+    can show): a state dir that served another model before keeps that model's adapters, which this one
+    refuses."""
     with grpc.insecure_channel(admin_target) as channel:
         response = admin_pb2_grpc.AdminServiceStub(channel).ListAdapters(
             admin_pb2.ListAdaptersRequest(tenant=tenant, page_size=100),
             metadata=(("authorization", f"Bearer {key}"),),
             timeout=30,
         )
-    return sorted(a.name for a in response.adapters)
+    return sorted(a.name for a in response.adapters if a.base_model == base_model)
 
 
 def set_demo_price(admin_target: str, admin_key: str, base_model: str) -> None:

@@ -498,7 +498,7 @@ def _run_locked(config: UpConfig) -> int:
             seeded.append(config.tenant)
             _save_secrets(config.state_dir, keys)
         else:
-            adapter_names = own_adapter_names(admin_target, api_key, config.tenant)
+            adapter_names = own_adapter_names(admin_target, api_key, config.tenant, model_dir.name)
         from openlora.commands.serving import write_context
 
         write_context(

@@ -1,0 +1,21 @@
+"""The adapters `up`'s ready line and context file offer are the demo tenant's own adapters of the base
+model being served: a state dir that served another model keeps that model's adapters, and the line
+offered `generate --adapter count` for a model that refuses it (FAILED_PRECONDITION)."""
+
+from __future__ import annotations
+
+from openlora.base_model import BaseModelSpec
+from openlora.commands.demo_setup import own_adapter_names
+from tests.control_plane.conftest import BASE_MODEL, register_worker, tiny_llama_dict
+
+
+def test_only_the_served_base_models_adapters_are_offered(cp, adapters_root) -> None:
+    register_worker(cp, BaseModelSpec.from_hf_config(tiny_llama_dict(), "other-llama"), worker_id="other")
+    with cp.admin() as admin:
+        admin.create_tenant("ready")
+        key = admin.create_api_key("ready", admin=True).secret
+    with cp.admin(key) as tenant:
+        tenant.upload_adapter(adapters_root / "a", name="served", base_model=BASE_MODEL)
+        tenant.upload_adapter(adapters_root / "b", name="elsewhere", base_model="other-llama")
+    assert own_adapter_names(cp.target, key, "ready", BASE_MODEL) == ["served"]
+    assert own_adapter_names(cp.target, key, "ready", "other-llama") == ["elsewhere"]

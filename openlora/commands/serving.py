@@ -97,7 +97,8 @@ def _add_worker(subparsers) -> None:
     p.add_argument(
         "--worker-token",
         default=_env("WORKER_TOKEN"),
-        help="the control plane's worker token, kept in its state dir's worker_token file (OPENLORA_WORKER_TOKEN)",
+        help="the control plane's worker token, kept in its state dir's worker_token file, or under `up` in "
+        "STATE_DIR/up-secrets.json as worker_token (OPENLORA_WORKER_TOKEN)",
     )
     p.add_argument(
         "--worker-id",
@@ -387,7 +388,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         if error.code == grpc.StatusCode.UNAUTHENTICATED:
             print(
                 "hint: --worker-token (OPENLORA_WORKER_TOKEN) must be the control plane's, kept in its "
-                "state directory's worker_token file",
+                "state directory's worker_token file (under `up`: STATE_DIR/up-secrets.json, worker_token)",
                 file=sys.stderr,
             )
         return 2

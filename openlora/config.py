@@ -30,7 +30,8 @@ def context_path(environ: Mapping[str, str]) -> Path:
 
 
 def read_context(environ: Mapping[str, str]) -> dict:
-    """The context file's string entries as a dict; {} when absent, unreadable or malformed."""
+    """The context file's string entries as a dict; {} when absent, unreadable or malformed (then
+    `context_problem` says why, for the message that reports the missing setting)."""
     try:
         data = load_json(context_path(environ).read_bytes(), "context", max_bytes=MAX_CONTEXT_BYTES)
     except (OSError, JsonFieldError):
@@ -38,6 +39,23 @@ def read_context(environ: Mapping[str, str]) -> dict:
     if not isinstance(data, dict):
         return {}
     return {k: v for k, v in data.items() if isinstance(v, str)}
+
+
+def context_problem(environ: Mapping[str, str]) -> str:
+    """Why the context file that exists could not be read, as a clause to add to a message ("" when it
+    is absent or readable): a malformed file is otherwise ignored in silence."""
+    path = context_path(environ)
+    try:
+        data = load_json(path.read_bytes(), "context", max_bytes=MAX_CONTEXT_BYTES)
+    except FileNotFoundError:
+        return ""
+    except OSError as error:
+        return f" (the context file {path} could not be read: {error.strerror})"
+    except JsonFieldError as error:
+        return f" (the context file {path} was ignored: it is {error.reason})"
+    if not isinstance(data, dict):
+        return f" (the context file {path} was ignored: it is not a JSON object)"
+    return ""
 
 
 def _first(*values: str | None) -> str | None:
@@ -75,9 +93,13 @@ class AdminSettings:
         if not target:
             raise ValueError(
                 "no control plane address: pass --admin-target, set OPENLORA_ADMIN_TARGET, or run `openlora up`"
+                + context_problem(environ)
             )
         if not key:
-            raise ValueError("no api key: pass --api-key, set OPENLORA_API_KEY, or run `openlora up`")
+            raise ValueError(
+                "no api key: pass --api-key, set OPENLORA_API_KEY, or run `openlora up`"
+                + context_problem(environ)
+            )
         return cls(target, key)
 
 

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from openlora.config import context_path, read_context
+from openlora.config import context_path, context_problem, read_context
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 from openlora.mix_rules import parse_mix
 from openlora.text_rules import TENANT_NAME, TENANT_NAME_RULE
@@ -456,7 +456,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if not target or not api_key:
         print(
             "error: no worker target or api key: pass --target/--api-key, set OPENLORA_TARGET/"
-            "OPENLORA_API_KEY, or run `openlora up` first",
+            "OPENLORA_API_KEY, or run `openlora up` first" + context_problem(os.environ),
             file=sys.stderr,
         )
         return 2

@@ -99,6 +99,22 @@ def test_generate_without_target_or_key_explains_what_to_do(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "openlora up" in result.stderr
+    assert "context file" not in result.stderr  # absent: nothing to say about it
+
+
+@pytest.mark.parametrize(("content", "why"), [("{bad", "not valid JSON"), ("[1]", "not a JSON object")])
+def test_a_malformed_context_file_is_named_where_its_settings_are_missing(tmp_path, content, why):
+    """A context file that cannot be read was ignored in silence: the message said only to run `up`."""
+    context = tmp_path / "context.json"
+    context.write_text(content)
+    env = {"PATH": "/usr/bin:/bin", "OPENLORA_CONTEXT": str(context), "HOME": str(tmp_path)}
+    for command in (["generate", "hello"], ["adapters", "list"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "openlora.cli", *command],
+            env=env, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert f"the context file {context} was ignored: it is {why}" in result.stderr
 
 
 def test_a_refused_generate_prints_nothing_to_stdout_and_the_status_to_stderr(system, tmp_path):

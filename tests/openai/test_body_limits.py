@@ -66,6 +66,9 @@ def test_a_million_token_ids_are_refused_without_checking_each(monkeypatch):
         (_completion(mix=[{"adapter": "a", "weight": 1, "extra": 1}]), "mix[0].extra"),
         (_chat([{"role": "user", "content": "hi", "name": 5}]), "messages[0].name"),
         (_chat([{"role": "user", "content": "hi", "name": "x" * 257}]), "messages[0].name"),
+        # A string stop is `stop`, not `stop[0]` (the list's element, as the request check names it).
+        (_completion(stop=""), "stop"),
+        (_completion(stop="x" * 10_000), "stop"),
     ],
 )
 def test_fields_of_the_wrong_kind_are_refused(data, param):

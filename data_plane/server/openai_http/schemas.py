@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from data_plane.server.validation import (
     MAX_MIX_ADAPTERS,
+    MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     RequestFieldError,
     penalty_problem,
@@ -395,7 +396,9 @@ def _stop(obj: JsonObject) -> tuple[str, ...]:
     value = obj.data.get("stop")
     if value is None:
         return ()
-    if isinstance(value, str):
+    if isinstance(value, str):  # checked here: the request check would name it `stop[0]`
+        if not 0 < len(value) <= MAX_STOP_CHARS:
+            raise BodyError("stop", f"must be 1..{MAX_STOP_CHARS} characters, got {len(value)}")
         return (value,)
     if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
         raise BodyError("stop", f"must hold at most {MAX_STOP_STRINGS} strings, got {len(value)}")

@@ -9,6 +9,7 @@ import argparse
 import pytest
 
 from openlora.commands.serving import add_commands, main, worker_config_from_args
+from tests.refused_flags import assert_refused_before_start
 
 from .helpers import write_llama
 
@@ -52,18 +53,6 @@ def test_environment_is_the_fallback_for_quantize(tmp_path, monkeypatch):
     assert flagged.engine.quantize == "int4"
 
 
-def _assert_worker_refuses(tmp_path, monkeypatch, capsys, argv, env, message) -> None:
-    """`openlora worker` with these flags and variables exits 2 with `message`, before anything starts."""
-    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    state_dir = tmp_path / "state"
-    code = main(["worker", "--model", str(tmp_path), "--state-dir", str(state_dir), *REQUIRED, *argv])
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not state_dir.exists()  # nothing was started
-
-
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
@@ -81,7 +70,9 @@ def _assert_worker_refuses(tmp_path, monkeypatch, capsys, argv, env, message) ->
 def test_worker_refuses_a_bad_quantize_value_before_starting(
     tmp_path, monkeypatch, capsys, argv, env, message
 ):
-    _assert_worker_refuses(tmp_path, monkeypatch, capsys, argv, env, message)
+    assert_refused_before_start(
+        "worker", tmp_path, monkeypatch, capsys, argv, env, message, ["OPENLORA_QUANTIZE"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -99,14 +90,9 @@ def test_worker_refuses_a_bad_quantize_value_before_starting(
 def test_up_refuses_a_bad_quantize_value_before_starting_anything(
     tmp_path, monkeypatch, capsys, argv, env, message
 ):
-    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    state_dir = tmp_path / "state"
-    code = main(["up", "--state-dir", str(state_dir), "--context", str(tmp_path / "ctx.json"), *argv])
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not state_dir.exists()
+    assert_refused_before_start(
+        "up", tmp_path, monkeypatch, capsys, argv, env, message, ["OPENLORA_QUANTIZE"]
+    )
 
 
 def test_worker_refuses_int4_for_a_model_it_cannot_group_before_serving(tmp_path, monkeypatch, capsys):
@@ -127,7 +113,10 @@ def test_worker_refuses_int4_for_a_model_it_cannot_group_before_serving(tmp_path
 def test_worker_refuses_an_unknown_kernel_choice_before_starting(tmp_path, monkeypatch, capsys, value):
     """It was read first by a step: the worker started and answered every request INTERNAL."""
     message = f"OPENLORA_KERNELS must be one of ('auto', 'triton', 'reference'), got {value!r}"
-    _assert_worker_refuses(tmp_path, monkeypatch, capsys, [], {"OPENLORA_KERNELS": value}, message)
+    env = {"OPENLORA_KERNELS": value}
+    assert_refused_before_start(
+        "worker", tmp_path, monkeypatch, capsys, [], env, message, ["OPENLORA_QUANTIZE"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -157,7 +146,9 @@ def test_worker_refuses_an_unknown_kernel_choice_before_starting(tmp_path, monke
     ],
 )
 def test_worker_refusals_name_the_flag_and_variable(tmp_path, monkeypatch, capsys, argv, env, message):
-    _assert_worker_refuses(tmp_path, monkeypatch, capsys, argv, env, message)
+    assert_refused_before_start(
+        "worker", tmp_path, monkeypatch, capsys, argv, env, message, ["OPENLORA_QUANTIZE"]
+    )
 
 
 @pytest.mark.parametrize(

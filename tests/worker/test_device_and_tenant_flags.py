@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from openlora.commands.serving import cuda_problem, device_problem, main
-
-REQUIRED = ["--control-plane", "cp:1", "--worker-token", "t" * 20]
+from openlora.commands.serving import cuda_problem, device_problem
+from tests.refused_flags import assert_refused_before_start
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:12"])
@@ -41,15 +40,9 @@ def test_other_device_names_are_refused(device):
 def test_worker_refuses_a_device_it_cannot_use_before_starting(
     tmp_path, monkeypatch, capsys, argv, env, message
 ):
-    monkeypatch.delenv("OPENLORA_DEVICE", raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    state_dir = tmp_path / "state"
-    code = main(["worker", "--model", str(tmp_path), "--state-dir", str(state_dir), *REQUIRED, *argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert message in err and "Traceback" not in err
-    assert not state_dir.exists()  # nothing was started
+    assert_refused_before_start(
+        "worker", tmp_path, monkeypatch, capsys, argv, env, message, ["OPENLORA_DEVICE"]
+    )
 
 
 def test_cuda_on_a_machine_without_one_says_to_use_cpu():
@@ -77,12 +70,5 @@ def test_cuda_on_a_machine_without_one_says_to_use_cpu():
 def test_up_refuses_a_bad_device_or_tenant_before_starting_anything(
     tmp_path, monkeypatch, capsys, argv, env, message
 ):
-    for name in ("OPENLORA_DEVICE", "OPENLORA_TENANT"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    state_dir = tmp_path / "state"
-    code = main(["up", "--state-dir", str(state_dir), "--context", str(tmp_path / "ctx.json"), *argv])
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not state_dir.exists()
+    cleared = ["OPENLORA_DEVICE", "OPENLORA_TENANT"]
+    assert_refused_before_start("up", tmp_path, monkeypatch, capsys, argv, env, message, cleared)

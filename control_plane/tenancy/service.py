@@ -168,7 +168,10 @@ def revoke_api_key(
             "another operator admin key first, then revoke this one",
             field="key_id",
         )
-    if SCOPE_ADMIN in row.scopes and session.get(Tenant, row.tenant_id).is_operator:
+    # The tenant row is locked first, so that concurrent revocations of its keys run one at a time: each
+    # then sees what the one before revoked (locking the other keys instead deadlocked two revocations).
+    owner = session.get(Tenant, row.tenant_id, with_for_update=True, populate_existing=True)
+    if SCOPE_ADMIN in row.scopes and owner.is_operator:
         others = session.scalar(
             select(ApiKey.id)
             .where(
@@ -177,7 +180,6 @@ def revoke_api_key(
                 ApiKey.revoked_at.is_(None),
                 any_(ApiKey.scopes) == SCOPE_ADMIN,
             )
-            .with_for_update()
             .limit(1)
         )
         if others is None:

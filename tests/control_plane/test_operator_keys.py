@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from sqlalchemy import select
 
 from control_plane.server.server import serve
 from control_plane.tenancy.models import OPERATOR_TENANT
@@ -46,3 +47,60 @@ def test_the_started_with_key_and_the_operators_last_admin_key_are_not_revoked(c
             assert admin.revoke_api_key(tenant_key.key.id).HasField("revoked_at")
     finally:
         server_thread.run(other.stop(0))
+
+
+def test_concurrent_revocations_of_the_last_two_admin_keys_leave_one(cp) -> None:
+    """Both revocations checked before either committed: each locked the other key and then wrote its own,
+    so Postgres broke the deadlock by failing one (UNAVAILABLE, 'database unavailable'). The tenant row is
+    locked first now: one revokes, the other is refused as the last admin key."""
+    import contextlib
+    import threading
+
+    from sqlalchemy import update
+
+    from control_plane.db.base import utc_now
+    from control_plane.tenancy import service as tenancy
+    from control_plane.tenancy.models import ApiKey
+
+    sessions = cp.running.app.sessions
+    started_with = cp.running.app.admin_key_id
+    with sessions.begin() as s:  # whatever the tests before did to it
+        s.execute(update(ApiKey).where(ApiKey.id == started_with).values(revoked_at=None))
+    with cp.admin() as admin:
+        b, c = (admin.create_api_key(OPERATOR_TENANT, admin=True) for _ in range(2))
+    with sessions.begin() as s:  # only b and c are left
+        s.execute(
+            update(ApiKey)
+            .where(ApiKey.id.not_in([b.key.id, c.key.id]), ApiKey.revoked_at.is_(None))
+            .values(revoked_at=utc_now())
+        )
+    barrier, outcomes = threading.Barrier(2), {}
+
+    def revoke(name: str, secret: str, key_id: str) -> None:
+        try:
+            with sessions.begin() as s:
+                tenancy.revoke_api_key(s, tenancy.authenticate_admin(s, secret), key_id)
+                with contextlib.suppress(threading.BrokenBarrierError):  # one may wait on the other's lock
+                    barrier.wait(timeout=2)  # both checked, neither committed
+            outcomes[name] = "revoked"
+        except Exception as error:
+            outcomes[name] = type(error).__name__
+
+    try:
+        threads = [
+            threading.Thread(target=revoke, args=("b", c.secret, b.key.id)),
+            threading.Thread(target=revoke, args=("c", b.secret, c.key.id)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(outcomes.values()) == ["FailedPrecondition", "revoked"], outcomes
+        with sessions() as s:
+            live = s.scalars(
+                select(ApiKey.id).where(ApiKey.id.in_([b.key.id, c.key.id]), ApiKey.revoked_at.is_(None))
+            )
+            assert len(list(live)) == 1
+    finally:
+        with sessions.begin() as s:
+            s.execute(update(ApiKey).where(ApiKey.id == started_with).values(revoked_at=None))

@@ -3,6 +3,8 @@ odd shapes; the packing round trip; the quantization error bound; streaming in c
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -84,7 +86,7 @@ def test_int8_float32_activations_through_int8pack_are_rounded_like_bfloat16(sha
 
 
 @pytest.mark.parametrize("rows", [1, 3, 32, 33])
-def test_stacked_digits_give_the_separate_products_result_to_the_bit(rows):
+def test_stacked_digits_give_the_separate_products_result_to_the_bit(rows, monkeypatch):
     """One product of both digits (2T rows) or two of T rows: the same int32 sums, the same floats; past
     STACK_MAX_ROWS the stacked call takes two products."""
     from data_plane.model.quant import int8
@@ -93,36 +95,61 @@ def test_stacked_digits_give_the_separate_products_result_to_the_bit(rows):
     q, scale = int8.quantize_int8(torch.randn(48, 80, generator=g))
     x = torch.randn(rows, 80, generator=g) * torch.logspace(-3, 3, rows).unsqueeze(1)
     separate = int8.int8_two_digit_mm(x, q, scale)
+    products, int_mm = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(a.shape[0]) or int_mm(a, b))
     assert torch.equal(int8.int8_two_digit_mm(x, q, scale, stacked=True), separate)
+    assert products == ([2 * rows] if rows <= int8.STACK_MAX_ROWS else [rows, rows])
     want = x @ int8.dequantize_int8(q, scale).T
     assert ((separate - want).abs().amax(1) / want.abs().amax(1)).max() < 1e-4
+
+
+def _times(monkeypatch, int8, packed_s, separate_s, stacked_s) -> None:
+    """The process's one measurement, as given; the choices read from it again."""
+    monkeypatch.setattr(int8, "two_digit_times", lambda: int8.TwoDigitTimes(packed_s, separate_s, stacked_s))
+    int8.two_digit_path_chosen.cache_clear()
 
 
 def test_digits_are_stacked_where_the_measurement_finds_it_faster(monkeypatch):
     from data_plane.model.quant import int8
 
-    for costs, stacked in (((3.7, 1.9), True), ((1.4, 1.6), False)):
-        monkeypatch.setattr(int8, "measure_two_digit_costs", lambda *args, costs=costs: costs)
-        int8.two_digit_stacks.cache_clear()
+    for times, stacked in (((1.0, 3.7, 1.9), True), ((1.0, 1.4, 1.6), False), ((None, 2.0, 1.0), True)):
+        _times(monkeypatch, int8, *times)
         assert int8.two_digit_stacks() is stacked
-        assert int8.measure_two_digit_cost() == min(costs)
     monkeypatch.undo()
-    int8.two_digit_stacks.cache_clear()
+    int8.two_digit_path_chosen.cache_clear()
 
 
 def test_the_two_digit_path_is_chosen_where_it_is_not_much_slower(monkeypatch):
     from data_plane.model.quant import int8
 
     for cost, chosen in ((1.4, True), (3.9, True), (int8.TWO_DIGIT_MAX_COST, True), (14.0, False)):
-        monkeypatch.setattr(int8, "measure_two_digit_cost", lambda cost=cost: cost)
-        int8.two_digit_path_chosen.cache_clear()
+        _times(monkeypatch, int8, 1.0, cost * 2, cost)  # the faster layout's cost is the path's
         assert int8.two_digit_path_chosen() is chosen
-    monkeypatch.setattr(int8, "has_int8_kernel", lambda device_type: False)  # else: dequantize per call
-    int8.two_digit_path_chosen.cache_clear()
+    _times(monkeypatch, int8, None, 1.0, 1.0)  # no _weight_int8pack_mm: else dequantize per call
     assert int8.two_digit_path_chosen() is True
     monkeypatch.undo()
     int8.two_digit_path_chosen.cache_clear()
-    assert int8.measure_two_digit_cost(size=128, repeats=1) > 0
+    measured = int8.measure_two_digit_times(size=128, repeats=1)
+    assert measured.cost > 0 and min(measured.separate_s, measured.stacked_s) > 0
+
+
+def test_a_cpu_without_the_packed_kernel_measures_and_loads_the_two_digit_path(monkeypatch):
+    """The stacking measurement timed `_weight_int8pack_mm` where the device lacks it: loading failed."""
+    from data_plane.model.quant import int8
+
+    monkeypatch.setattr(int8, "has_int8_kernel", lambda device_type: False)
+    monkeypatch.setattr(int8, "two_digit_times", functools.cache(int8.measure_two_digit_times))
+    int8.two_digit_path_chosen.cache_clear()
+    try:
+        assert int8.two_digit_times().packed_s is None
+        layer = _layer("int8", _weight((32, 64), 12))
+        assert layer.two_digit and layer.two_digit_stacked == int8.two_digit_stacks()
+        x = torch.randn(5, 64)
+        want = layer.reference(x)
+        assert ((layer.kernel(x) - want).abs().max() / want.abs().max()) < 1e-4
+    finally:
+        monkeypatch.undo()
+        int8.two_digit_path_chosen.cache_clear()
 
 
 def test_int8_on_float32_activations_keeps_sixteen_bits_of_each_row(int8_fp32_path):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -106,9 +107,30 @@ def int8_two_digit_mm(
     return y.mul_(x_scale).mul_(scale.float())
 
 
-def measure_two_digit_costs(size: int = 1024, repeats: int = 5) -> tuple[float, float]:
-    """The two-digit path's time over `_weight_int8pack_mm`'s on a 1-row product with a (size, size) int8
-    weight, (separate digits, stacked digits): the least of `repeats` timed calls each, after one untimed."""
+@dataclass(frozen=True)
+class TwoDigitTimes:
+    """A 1-row product's least time, seconds: `_weight_int8pack_mm` (None where the device lacks it) and
+    the two-digit path with its digits in two products or stacked in one."""
+
+    packed_s: float | None
+    separate_s: float
+    stacked_s: float
+
+    @property
+    def stacks(self) -> bool:
+        return self.stacked_s < self.separate_s
+
+    @property
+    def cost(self) -> float | None:
+        """The two-digit path's time in its faster layout over `_weight_int8pack_mm`'s (None without it)."""
+        if self.packed_s is None:
+            return None
+        return min(self.separate_s, self.stacked_s) / max(self.packed_s, 1e-9)
+
+
+def measure_two_digit_times(size: int = 1024, repeats: int = 5) -> TwoDigitTimes:
+    """Times a 1-row product with a (size, size) int8 weight: the least of `repeats` timed calls each,
+    after one untimed."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, size, generator=g)
     q = torch.randint(-127, 128, (size, size), generator=g, dtype=torch.int8)
@@ -123,33 +145,33 @@ def measure_two_digit_costs(size: int = 1024, repeats: int = 5) -> tuple[float, 
             times.append(time.perf_counter() - started)
         return min(times)
 
-    packed = max(least_s(lambda: torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), q, s)), 1e-9)
+    packed = None
+    if has_int8_kernel("cpu"):
+        packed = least_s(lambda: torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), q, s))
     separate = least_s(lambda: int8_two_digit_mm(x, q, s))
     stacked = least_s(lambda: int8_two_digit_mm(x, q, s, stacked=True))
-    return separate / packed, stacked / packed
-
-
-def measure_two_digit_cost(size: int = 1024, repeats: int = 5) -> float:
-    """The two-digit path's time over `_weight_int8pack_mm`'s on a 1-row product, its faster layout."""
-    return min(measure_two_digit_costs(size, repeats))
+    return TwoDigitTimes(packed, separate, stacked)
 
 
 @functools.cache
+def two_digit_times() -> TwoDigitTimes:
+    """This machine's `measure_two_digit_times`, measured once per process: both choices below read it."""
+    return measure_two_digit_times()
+
+
 def two_digit_stacks() -> bool:
-    """Whether this machine's two-digit path stacks both digits into one product (measured once per
-    process): one `_int_mm` of 2 rows cost as much as one of 1 row on an Intel CPU with AMX (1.9x faster
-    than two products at 1 row, 1.4x at 32), while a 2-row product was the slower on an AMD one."""
-    separate, stacked = measure_two_digit_costs()
-    return stacked < separate
+    """Whether this machine's two-digit path stacks both digits into one product: one `_int_mm` of 2 rows
+    cost as much as one of 1 row on an Intel CPU with AMX (1.9x faster than two products at 1 row, 1.4x
+    at 32), while a 2-row product was the slower on an AMD one."""
+    return two_digit_times().stacks
 
 
 @functools.cache
 def two_digit_path_chosen() -> bool:
-    """Whether float32 CPU activations take the two-digit path on this machine (measured once per process;
-    see the module docstring)."""
-    if not has_int8_kernel("cpu"):
-        return True  # the alternative is dequantizing per call
-    cost = measure_two_digit_cost()
+    """Whether float32 CPU activations take the two-digit path on this machine (see the module docstring)."""
+    cost = two_digit_times().cost
+    if cost is None:
+        return True  # no `_weight_int8pack_mm`: the alternative is dequantizing per call
     chosen = cost <= TWO_DIGIT_MAX_COST
     log.info(
         "int8 on this CPU: the two-digit float32 path costs %.1fx _weight_int8pack_mm; float32 activations go "

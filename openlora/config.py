@@ -29,33 +29,33 @@ def context_path(environ: Mapping[str, str]) -> Path:
     return base / "openlora" / "context.json"
 
 
+def _load_context(environ: Mapping[str, str]) -> tuple[dict, str]:
+    """(the context file's string entries, why it could not be read: "" when absent or readable)."""
+    path = context_path(environ)
+    try:
+        data = load_json(path.read_bytes(), "context", max_bytes=MAX_CONTEXT_BYTES)
+    except FileNotFoundError:
+        return {}, ""
+    except OSError as error:
+        return {}, f"the context file {path} could not be read: {error.strerror}"
+    except JsonFieldError as error:
+        return {}, f"the context file {path} was ignored: it is {error.reason}"
+    if not isinstance(data, dict):
+        return {}, f"the context file {path} was ignored: it is not a JSON object"
+    return {k: v for k, v in data.items() if isinstance(v, str)}, ""
+
+
 def read_context(environ: Mapping[str, str]) -> dict:
     """The context file's string entries as a dict; {} when absent, unreadable or malformed (then
     `context_problem` says why, for the message that reports the missing setting)."""
-    try:
-        data = load_json(context_path(environ).read_bytes(), "context", max_bytes=MAX_CONTEXT_BYTES)
-    except (OSError, JsonFieldError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(v, str)}
+    return _load_context(environ)[0]
 
 
 def context_problem(environ: Mapping[str, str]) -> str:
     """Why the context file that exists could not be read, as a clause to add to a message ("" when it
     is absent or readable): a malformed file is otherwise ignored in silence."""
-    path = context_path(environ)
-    try:
-        data = load_json(path.read_bytes(), "context", max_bytes=MAX_CONTEXT_BYTES)
-    except FileNotFoundError:
-        return ""
-    except OSError as error:
-        return f" (the context file {path} could not be read: {error.strerror})"
-    except JsonFieldError as error:
-        return f" (the context file {path} was ignored: it is {error.reason})"
-    if not isinstance(data, dict):
-        return f" (the context file {path} was ignored: it is not a JSON object)"
-    return ""
+    problem = _load_context(environ)[1]
+    return f" ({problem})" if problem else ""
 
 
 def _first(*values: str | None) -> str | None:

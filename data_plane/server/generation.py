@@ -488,8 +488,9 @@ class GenerationService:
         refuses one already billed or served elsewhere now: served again, it would be free. Usage still
         in the spool is unknown to the control plane, so the spool is asked first. Returns whether the
         id was reserved: with the control plane unreachable the call goes on unreserved (counted), kept
-        from double billing by the usage key; only this worker's in-flight set stops duplicates then."""
-        if self._usage.has_pending(tenant_id, request_id):
+        from double billing by the usage key; this worker's in-flight set and the usage it holds (spooled,
+        or among its last acknowledged records) stop duplicates then, not an id another worker served."""
+        if self._usage.has_recorded(tenant_id, request_id):
             raise RequestIdUsed(request_id)
         try:
             await self._cp.reserve_request_id(

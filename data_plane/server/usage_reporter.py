@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -46,6 +47,9 @@ CHECKPOINT_FINISH_REASON = "interrupted"
 REJECTED_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE"})
 # Spool lines appended since the last compaction beyond which checkpoints alone trigger one.
 COMPACT_MIN_LINES = 1000
+# Acknowledged records whose (tenant, request id) the worker remembers (about 15 MB): while the control
+# plane cannot be asked, an id among them is still refused, not served again for free.
+MAX_SETTLED_KEYS = 100_000
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,8 @@ class UsageReporter:
         self._batch_size = batch_size
         self._on_dead_letter = on_dead_letter
         self._pending: dict[tuple[str, str], UsageRecord] = {}
+        # The keys of the last MAX_SETTLED_KEYS records the control plane acknowledged, oldest first.
+        self._settled: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._live: dict[int, LiveStream] = {}
         self._lines_since_compact = 0
         self._dirty = False
@@ -213,6 +219,13 @@ class UsageReporter:
     def has_pending(self, tenant_id: str, request_id: str) -> bool:
         """Whether usage under this (tenant, request id) is spooled and not yet acknowledged."""
         return (tenant_id, request_id) in self._pending
+
+    def has_recorded(self, tenant_id: str, request_id: str) -> bool:
+        """Whether this worker holds usage under this (tenant, request id): spooled, or among the last
+        MAX_SETTLED_KEYS records the control plane acknowledged (it refuses such an id on its own; this
+        answer holds while it cannot be asked)."""
+        key = (tenant_id, request_id)
+        return key in self._pending or key in self._settled
 
     def record(self, record: UsageRecord) -> None:
         """Spools one record (durable against a process kill on return); a record of a key already
@@ -329,6 +342,10 @@ class UsageReporter:
         for record in batch:
             if self._pending.get(record.key) is record:
                 del self._pending[record.key]
+            self._settled[record.key] = None
+            self._settled.move_to_end(record.key)
+        while len(self._settled) > MAX_SETTLED_KEYS:
+            self._settled.popitem(last=False)
 
     def _dead_letter(self, record: UsageRecord, error: BaseException) -> None:
         code = getattr(error, "code", None)

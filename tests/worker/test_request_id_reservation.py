@@ -141,6 +141,33 @@ def test_database_outage_still_serves_a_cached_key_with_a_request_id(outage):
     )
 
 
+def test_an_id_billed_before_an_outage_is_refused_during_it(outage):
+    """While the control plane could not be asked, an id this worker had served and billed was served again
+    in full, and not billed (the usage key kept it out of the invoice): the worker remembers the ids of
+    the usage the control plane acknowledged, and refuses them itself."""
+    postgres, worker, admin = outage
+    admin.create_tenant("billed")
+    _, key = admin.create_key("billed")
+    target = f"127.0.0.1:{worker.port}"
+    two = inference_pb2.SamplingParams(max_tokens=2)
+    for i in range(3):
+        assert _generate(target, key, prompt=PROMPT, request_id=f"billed-{i}", sampling=two)
+    deadline = time.monotonic() + 20
+    while worker.usage.num_pending:  # acknowledged by the control plane, no longer in the spool
+        assert time.monotonic() < deadline, "the usage never reached the control plane"
+        time.sleep(0.1)
+    postgres.stop()
+    for i in range(3):
+        assert _code(
+            lambda i=i: _generate(target, key, prompt=PROMPT, request_id=f"billed-{i}", sampling=two)
+        ) == (grpc.StatusCode.ALREADY_EXISTS)
+    # A new id is still served, unreserved.
+    assert (
+        _generate(target, key, prompt=PROMPT, request_id="fresh", sampling=two)[-1].usage.completion_tokens
+        == 2
+    )
+
+
 @pytest.mark.parametrize("outage", [300], indirect=True)
 def test_a_key_seen_before_an_outage_is_served_past_its_cache_ttl(outage):
     """The README's promise: while the control plane cannot answer (its database down), the worker serves

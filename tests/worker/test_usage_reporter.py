@@ -137,6 +137,30 @@ def test_batches_are_bounded(tmp_path):
     assert [len(b) for b in collector.batches] == [2, 2, 1]
 
 
+def test_acknowledged_keys_are_remembered_up_to_a_bound(tmp_path, monkeypatch):
+    """The worker answers for ids whose usage the control plane acknowledged (the last MAX_SETTLED_KEYS),
+    so that they are refused while it cannot be asked."""
+    from data_plane.server import usage_reporter
+
+    monkeypatch.setattr(usage_reporter, "MAX_SETTLED_KEYS", 3)
+    collector = Collector()
+
+    async def scenario():
+        reporter = UsageReporter(tmp_path / "spool.jsonl", collector, batch_size=2)
+        reporter.record(_record("r0"))
+        assert reporter.has_recorded("t1", "r0") and reporter.has_pending("t1", "r0")  # spooled
+        for i in range(1, 5):
+            reporter.record(_record(f"r{i}"))
+        await reporter.flush()
+        await reporter.stop()
+        return reporter
+
+    reporter = asyncio.run(scenario())
+    assert reporter.num_pending == 0
+    assert [reporter.has_recorded("t1", f"r{i}") for i in range(5)] == [False, False, True, True, True]
+    assert not reporter.has_recorded("t2", "r4")  # keyed by tenant
+
+
 def test_a_catch_up_rewrites_the_spool_a_bounded_number_of_lines(tmp_path, monkeypatch):
     """After an outage the spool was rewritten (and fsynced, on the event loop) after every batch: N
     records rewrote about N^2 / (2 x batch) lines, 60,000 records blocked the worker's streams for over a

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data_plane.engine.errors import AdapterLoadError, InvalidRequest
@@ -48,6 +48,15 @@ class MergeBuildError(AdapterLoadError):
         """The same error, naming the source as the request's `mix[position]`."""
         field = f"mix[{position}]" + self.field.partition("]")[2]
         return MergeBuildError(field, self.reason, self.source_key)
+
+
+class MergeWriteError(Exception):
+    """The merge was computed but its directory could not be written (read-only, out of space): a fault of
+    this worker's disk, not of the request (UNAVAILABLE: retry here later or on another worker)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the worker cannot write merged adapters now ({reason}); retry shortly")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -168,14 +177,22 @@ def build_merge(
 
 def _write(out_dir: Path, config: dict, tensors: dict, base: BaseModelSpec | None, max_rank: int) -> None:
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".partial-{out_dir.name[:12]}-", dir=out_dir.parent))
     try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".partial-{out_dir.name[:12]}-", dir=out_dir.parent))
+    except OSError as error:
+        raise MergeWriteError(error.strerror or str(error)) from error
+    try:
+        try:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+        except OSError as error:
+            raise MergeWriteError(error.strerror or str(error)) from error
+        except SafetensorError as error:  # safetensors' own, for a failed write (out of space too)
+            raise MergeWriteError(str(error)[:200]) from error
         # The engine's own checks will pass: the same validator every adapter goes through.
         try:
             validate_adapter_dir(tmp, base, max_rank=max_rank)
@@ -185,8 +202,8 @@ def _write(out_dir: Path, config: dict, tensors: dict, base: BaseModelSpec | Non
             ) from None
         try:
             os.rename(tmp, out_dir)
-        except OSError:
+        except OSError as error:
             if not out_dir.is_dir():  # another builder of the same spec won: its copy is as good
-                raise
+                raise MergeWriteError(error.strerror or str(error)) from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,6 +29,7 @@ keeps its share full delays another's new merge by one build, not by its whole q
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_plane.engine.errors import QueueFull
-from data_plane.fusion.builder import MergeReport, build_merge
+from data_plane.fusion.builder import MergeReport, MergeWriteError, build_merge
 from data_plane.fusion.spec import MergeSpec
 from openlora.artifact import digest_dir
 from openlora.base_model import BaseModelSpec
@@ -373,12 +374,18 @@ class MergeStore:
 
     def _write_sources(self, key: str, spec: MergeSpec, digest: str) -> None:
         sources = tuple(s.key for s in spec.sources)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
-        with os.fdopen(fd, "w") as f:
-            json.dump(
-                {"sources": list(sources), "spec": json.loads(spec.canonical_json()), "digest": digest}, f
-            )
-        os.replace(tmp, self._record_path(key))
+        record = {"sources": list(sources), "spec": json.loads(spec.canonical_json()), "digest": digest}
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, self._record_path(key))
+        except OSError as error:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise MergeWriteError(error.strerror or str(error)) from error
         self._sources[key] = sources
 
     def _intact(self, key: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import grpc
 
 from data_plane.engine.errors import AdapterLoadError, EngineDead, InvalidRequest, QueueFull, StepFailed
+from data_plane.fusion.builder import MergeWriteError
 from data_plane.fusion.store import MergeQueueFull
 from data_plane.server.artifact_store import ArtifactError, ArtifactRejected
 from data_plane.server.control_plane_client import ControlPlaneError
@@ -74,6 +75,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.UNAVAILABLE, "the worker's engine stopped; retry on another worker"
     if isinstance(error, StepFailed):  # a fault of the worker, logged with its traceback by the engine
         return grpc.StatusCode.INTERNAL, f"{error}; the worker logged the fault"
+    if isinstance(error, MergeWriteError):  # this worker's disk, not the request: retry here or elsewhere
+        return grpc.StatusCode.UNAVAILABLE, f"{error} or on another worker"
     if isinstance(error, MergeQueueFull):  # its message says which limit and what to retry
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, QueueFull):

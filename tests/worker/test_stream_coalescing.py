@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from data_plane.server.control_plane_client import ControlPlaneError
+from data_plane.server.errors import RequestIdUsed
 from data_plane.server.validation import RequestFieldError, check_request, requested_adapter_names
 from openlora.v1 import inference_pb2
 
@@ -201,7 +202,16 @@ def test_a_stream_is_in_the_spool_as_its_first_chunk_is_handed_over(system, serv
     assert records[-1]["finish_reason"] == "interrupted"
 
 
-def test_refused_request_id_leaves_no_artifact_held_and_a_failed_prompt_gives_its_id_back(system, service):
+def _forget_acknowledged_ids(service, monkeypatch) -> None:
+    """The worker answers only for usage still spooled, as for an id another worker billed: the refusal
+    must then come from the control plane's reservation, beside the engine (what these tests check), not
+    from the worker's own memory of acknowledged ids, which refuses before anything starts."""
+    monkeypatch.setattr(service._usage, "has_recorded", service._usage.has_pending)
+
+
+def test_refused_request_id_leaves_no_artifact_held_and_a_failed_prompt_gives_its_id_back(
+    system, service, monkeypatch
+):
     tenant, _, key = system.new_tenant()
     request_id = f"overlap-{uuid.uuid4().hex}"
 
@@ -217,10 +227,16 @@ def test_refused_request_id_leaves_no_artifact_held_and_a_failed_prompt_gives_it
     assert sum(len(c.token_ids) for c in served) == 3
     system.flush_usage()
     system.wait_usage(tenant, 1)
+    _forget_acknowledged_ids(service, monkeypatch)
     # Billed now: the same id is refused, and the adapter resolved beside the refusal is not kept held.
     with pytest.raises(ControlPlaneError) as refused:
         system.loop.run(run(prompt=PROMPT, adapter="ad3", sampling={"max_tokens": 3}))
     assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert not service._artifacts.is_held(system.adapters["ad3"])
+    # As the worker remembers it (its usage acknowledged): refused at once, nothing held either.
+    monkeypatch.undo()
+    with pytest.raises(RequestIdUsed):
+        system.loop.run(run(prompt=PROMPT, adapter="ad3", sampling={"max_tokens": 3}))
     assert not service._artifacts.is_held(system.adapters["ad3"])
     assert system.admin.usage(tenant).total_completion_tokens == 3
 
@@ -260,6 +276,7 @@ def test_reservation_overlaps_the_engine_and_a_refusal_delivers_nothing(system, 
     assert sum(len(c.token_ids) for c in served) == 64
     system.flush_usage()
     system.wait_usage(tenant, 1)
+    _forget_acknowledged_ids(service, monkeypatch)
     with pytest.raises(ControlPlaneError) as refused:  # billed now: the id is used
         system.loop.run(run())
     assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS

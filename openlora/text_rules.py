@@ -9,6 +9,9 @@ import re
 
 # A client-chosen request id: the usage event's key, and the worker's idempotency key.
 MAX_REQUEST_ID_CHARS = 128
+# The most request ids a restarted worker asks the control plane to keep reserved when it gives back
+# the rest (ReleaseWorkerRequestIds): the control plane refuses more, the worker then leaves all to lapse.
+MAX_KEPT_REQUEST_IDS = 10_000
 # A tenant's name (the control plane's rule; `up --tenant` checks it before anything starts).
 TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 TENANT_NAME_RULE = "1..64 characters of [A-Za-z0-9_.-]"

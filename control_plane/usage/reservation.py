@@ -30,7 +30,7 @@ from control_plane.db.base import Base, utc_now
 from control_plane.errors import AlreadyExists, InvalidArgument
 from control_plane.text import check_text
 from control_plane.usage.models import UsageEvent
-from openlora.text_rules import MAX_REQUEST_ID_CHARS
+from openlora.text_rules import MAX_KEPT_REQUEST_IDS, MAX_REQUEST_ID_CHARS
 
 DEFAULT_RESERVATION_MS = 120_000
 MIN_RESERVATION_MS = 1_000
@@ -122,9 +122,6 @@ def release_request_id(session: Session, tenant_id: str, request_id: str, worker
     return removed is not None
 
 
-MAX_KEPT_KEYS = 10_000
-
-
 def release_worker_request_ids(session: Session, worker_id: str, keep: list[tuple[str, str]]) -> int:
     """Removes every reservation of `worker_id` except those of the (tenant id, request id) keys in
     `keep`, which are reserved again for the default time (their usage is on its way from the worker's
@@ -133,8 +130,8 @@ def release_worker_request_ids(session: Session, worker_id: str, keep: list[tupl
     check_text(worker_id, "worker_id", 128)
     if not worker_id:
         raise InvalidArgument("required", field="worker_id")
-    if len(keep) > MAX_KEPT_KEYS:
-        raise InvalidArgument(f"at most {MAX_KEPT_KEYS} keys, got {len(keep)}", field="keep")
+    if len(keep) > MAX_KEPT_REQUEST_IDS:
+        raise InvalidArgument(f"at most {MAX_KEPT_REQUEST_IDS} keys, got {len(keep)}", field="keep")
     kept = {(_checked_key(tenant_id, request_id), request_id) for tenant_id, request_id in keep}
     table = RequestIdReservation.__table__
     held = session.execute(

@@ -175,24 +175,30 @@ def build_merge(
     )
 
 
-def _write(out_dir: Path, config: dict, tensors: dict, base: BaseModelSpec | None, max_rank: int) -> None:
-    out_dir = Path(out_dir)
+@contextlib.contextmanager
+def _writing():
+    """The disk failing under a merge's files (read-only, out of space; safetensors raises its own error
+    for a failed write) as a MergeWriteError."""
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".partial-{out_dir.name[:12]}-", dir=out_dir.parent))
+        yield
     except OSError as error:
         raise MergeWriteError(error.strerror or str(error)) from error
+    except SafetensorError as error:
+        raise MergeWriteError(str(error)[:200]) from error
+
+
+def _write(out_dir: Path, config: dict, tensors: dict, base: BaseModelSpec | None, max_rank: int) -> None:
+    out_dir = Path(out_dir)
+    with _writing():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".partial-{out_dir.name[:12]}-", dir=out_dir.parent))
     try:
-        try:
+        with _writing():
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             for name in (CONFIG_FILE, WEIGHTS_FILE):
                 with open(tmp / name, "rb") as f:
                     os.fsync(f.fileno())
-        except OSError as error:
-            raise MergeWriteError(error.strerror or str(error)) from error
-        except SafetensorError as error:  # safetensors' own, for a failed write (out of space too)
-            raise MergeWriteError(str(error)[:200]) from error
         # The engine's own checks will pass: the same validator every adapter goes through.
         try:
             validate_adapter_dir(tmp, base, max_rank=max_rank)
@@ -202,8 +208,9 @@ def _write(out_dir: Path, config: dict, tensors: dict, base: BaseModelSpec | Non
             ) from None
         try:
             os.rename(tmp, out_dir)
-        except OSError as error:
+        except OSError:
             if not out_dir.is_dir():  # another builder of the same spec won: its copy is as good
-                raise MergeWriteError(error.strerror or str(error)) from error
+                with _writing():
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

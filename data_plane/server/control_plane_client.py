@@ -161,7 +161,7 @@ class ControlPlaneClient:
         # them): a forget of one key's answers touches that key's alone instead of scanning the cache
         # (each NOT_FOUND did).
         self._keys_of_api_key: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
-        self._keys_of_tenant: dict[str, OrderedDict[tuple[str, tuple[str, ...]], str]] = {}
+        self._keys_of_tenant: dict[str, OrderedDict[tuple[str, tuple[str, ...]], None]] = {}
         self._tenant_of_key: dict[tuple[str, tuple[str, ...]], str] = {}
         self._tenant_quota = max(16, int(auth_cache_max_entries * AUTH_CACHE_TENANT_SHARE))
         # Authorize calls in flight by cache key, with the forget count they started under: concurrent
@@ -565,7 +565,7 @@ class ControlPlaneClient:
         self._keys_of_api_key.setdefault(key[0], set()).add(key)
         self._tenant_of_key[key] = tenant
         held = self._keys_of_tenant.setdefault(tenant, OrderedDict())
-        held[key] = tenant
+        held[key] = None
         while len(held) > self._tenant_quota:
             self._drop(next(iter(held)))
         if len(self._tenant_of_key) > 2 * self._auth_cache.maxsize:

@@ -43,6 +43,7 @@ from openlora.grpc_decoding import RequestDecodingInterceptor
 from openlora.grpc_limits import connection_cap, server_options
 from openlora.hints import Hint
 from openlora.listen import ListenError, bind, listen_error
+from openlora.text_rules import MAX_KEPT_REQUEST_IDS
 from openlora.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,6 @@ REGISTER_RETRY_MAX_S = 5.0
 ENGINE_DEAD_EXIT_CODE = 3  # the engine loop died: restart the process
 TASK_STOP_TIMEOUT_S = 5.0  # how long stop() waits for its cancelled background tasks
 STREAM_END_TIMEOUT_S = 2.0  # how long stop() waits, after the grace, for ended streams to tell their callers
-# Spooled request ids a restarted worker keeps reserved at most when it gives back the rest (the
-# control plane takes at most this many in one call); past it, all are left to lapse.
-MAX_KEPT_REQUEST_IDS = 10_000
 
 
 def build_engine(config: WorkerConfig):

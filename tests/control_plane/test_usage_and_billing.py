@@ -78,6 +78,14 @@ def _event(
     return event
 
 
+def _tenants(cp, *names: str) -> tuple[dict[str, str], dict[str, str]]:
+    """New tenants by name: ({name: tenant id}, {name: admin key secret})."""
+    with cp.admin() as admin:
+        ids = {name: admin.create_tenant(name).id for name in names}
+        keys = {name: admin.create_api_key(name, admin=True).secret for name in names}
+    return ids, keys
+
+
 def _report(cp, events) -> worker_pb2.ReportUsageResponse:
     return cp.worker_stub().ReportUsage(
         worker_pb2.ReportUsageRequest(events=events), metadata=cp.worker_metadata()
@@ -324,9 +332,7 @@ def test_two_tenants_adapters_of_one_name_are_billed_apart_each_at_its_owners_ro
     and used that: the invoice grouped by name, so it billed the royalty on both (or on neither, depending
     on which row came first). Lines are per adapter, each with its owner."""
     when = datetime(2026, 6, 3, 9, tzinfo=UTC)
-    with cp.admin() as admin:
-        ids = {name: admin.create_tenant(name).id for name in ("seller", "buyer")}
-        keys = {name: admin.create_api_key(name, admin=True).secret for name in ids}
+    ids, keys = _tenants(cp, "seller", "buyer")
     with cp.admin(keys["seller"]) as seller:
         theirs = seller.upload_adapter(
             adapters_root / "a", name="paid", base_model=BASE, public=True,
@@ -361,10 +367,8 @@ def test_royalties_earned_are_the_sum_of_what_each_payer_paid(cp, adapters_root)
     1.5, rounded half to even on its own invoice to 2, 6 in all. The owner's line rounded the total once
     (4.5 to 4): 2 micro-units paid and never earned."""
     when = datetime(2026, 7, 3, 9, tzinfo=UTC)
-    with cp.admin() as admin:
-        names = ("half-owner", "payer-a", "payer-b", "payer-c")
-        ids = {name: admin.create_tenant(name).id for name in names}
-        keys = {name: admin.create_api_key(name, admin=True).secret for name in names}
+    names = ("half-owner", "payer-a", "payer-b", "payer-c")
+    ids, keys = _tenants(cp, *names)
     with cp.admin(keys["half-owner"]) as owner:
         half = owner.upload_adapter(
             adapters_root / "a", name="half", base_model=BASE, public=True,
@@ -393,9 +397,7 @@ def test_a_positive_charge_is_never_rounded_to_nothing(cp, world, adapters_root)
     never billed. A positive line bills at
     least 1 micro-unit, and the royalty its owner earns follows what the payer paid."""
     when = datetime(2026, 8, 5, 9, tzinfo=UTC)
-    with cp.admin() as admin:
-        ids = {name: admin.create_tenant(name).id for name in ("tiny-owner", "tiny-payer")}
-        keys = {name: admin.create_api_key(name, admin=True).secret for name in ids}
+    ids, keys = _tenants(cp, "tiny-owner", "tiny-payer")
     with cp.admin(keys["tiny-owner"]) as owner:
         cheap = [
             owner.upload_adapter(

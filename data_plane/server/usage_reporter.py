@@ -47,8 +47,9 @@ CHECKPOINT_FINISH_REASON = "interrupted"
 REJECTED_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE"})
 # Spool lines appended since the last compaction beyond which checkpoints alone trigger one.
 COMPACT_MIN_LINES = 1000
-# Acknowledged records whose (tenant, request id) the worker remembers (about 15 MB): while the control
-# plane cannot be asked, an id among them is still refused, not served again for free.
+# Acknowledged records whose (tenant, request id) the worker remembers (about 15 MB; kept in a file beside
+# the spool, so a restart keeps them): while the control plane cannot be asked, an id among them is still
+# refused, not served again for free.
 MAX_SETTLED_KEYS = 100_000
 
 
@@ -187,8 +188,11 @@ class UsageReporter:
         self._batch_size = batch_size
         self._on_dead_letter = on_dead_letter
         self._pending: dict[tuple[str, str], UsageRecord] = {}
-        # The keys of the last MAX_SETTLED_KEYS records the control plane acknowledged, oldest first.
+        # The keys of the last MAX_SETTLED_KEYS records the control plane acknowledged, oldest first, and
+        # the file that keeps them across restarts (appended as they settle, rewritten past twice that).
         self._settled: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._settled_path = self._path.with_name(f"{self._path.stem}.settled.jsonl")
+        self._settled_lines = 0
         self._live: dict[int, LiveStream] = {}
         self._lines_since_compact = 0
         self._dirty = False
@@ -200,6 +204,7 @@ class UsageReporter:
         # the worker takes no new calls and its health is NOT_SERVING.
         self.write_error: OSError | None = None
         self._load_spool()
+        self._load_settled()
         self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 (closed in stop)
         # Rewrite at once: a torn last line from a killed process must not swallow the next record.
         self._compact()
@@ -338,7 +343,8 @@ class UsageReporter:
         self.stats.sent += len(batch)
 
     def _settle(self, batch: list[UsageRecord]) -> None:
-        """Drops these records from the pending set, unless a higher-ranked one replaced them meanwhile."""
+        """Drops these records from the pending set, unless a higher-ranked one replaced them meanwhile,
+        and remembers their keys (in memory and in the settled file)."""
         for record in batch:
             if self._pending.get(record.key) is record:
                 del self._pending[record.key]
@@ -346,6 +352,54 @@ class UsageReporter:
             self._settled.move_to_end(record.key)
         while len(self._settled) > MAX_SETTLED_KEYS:
             self._settled.popitem(last=False)
+        self._keep_settled([record.key for record in batch])
+
+    def _keep_settled(self, keys: list[tuple[str, str]]) -> None:
+        """Appends settled keys to their file, rewritten from memory once it holds twice MAX_SETTLED_KEYS
+        lines. A failed write is logged, never raised: the records are acknowledged either way, and a key
+        the file missed is only forgotten by the next start."""
+        try:
+            if self._settled_lines + len(keys) > 2 * MAX_SETTLED_KEYS:
+                tmp = self._settled_path.with_suffix(".tmp")
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(key, separators=(",", ":")) + "\n" for key in self._settled)
+                os.replace(tmp, self._settled_path)
+                self._settled_lines = len(self._settled)
+                return
+            with open(self._settled_path, "a", encoding="utf-8") as f:
+                if not keys:
+                    f.write("\n")
+                f.writelines(json.dumps(key, separators=(",", ":")) + "\n" for key in keys)
+            self._settled_lines += len(keys)
+        except OSError as error:
+            log.warning("settled usage keys not written to %s: %s", self._settled_path, error)
+
+    def _load_settled(self) -> None:
+        """Reads the settled keys a previous run kept (the last MAX_SETTLED_KEYS of them); unreadable
+        lines (a torn last line) are skipped."""
+        try:
+            f = open(self._settled_path, "rb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            return
+        except OSError as error:  # the worker serves on; only this memory of earlier runs is missing
+            log.warning("settled usage keys not read from %s: %s", self._settled_path, error)
+            return
+        torn = False
+        with f:
+            for raw in f:
+                self._settled_lines += 1
+                torn = not raw.endswith(b"\n")
+                try:
+                    tenant_id, request_id = json.loads(raw.decode("utf-8"))
+                except (ValueError, TypeError):
+                    continue
+                if isinstance(tenant_id, str) and isinstance(request_id, str):
+                    self._settled[(tenant_id, request_id)] = None
+                    self._settled.move_to_end((tenant_id, request_id))
+                    if len(self._settled) > MAX_SETTLED_KEYS:
+                        self._settled.popitem(last=False)
+        if torn:  # end the torn line, so that it does not swallow the next key appended
+            self._keep_settled([])
 
     def _dead_letter(self, record: UsageRecord, error: BaseException) -> None:
         code = getattr(error, "code", None)

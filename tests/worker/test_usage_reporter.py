@@ -161,6 +161,64 @@ def test_acknowledged_keys_are_remembered_up_to_a_bound(tmp_path, monkeypatch):
     assert not reporter.has_recorded("t2", "r4")  # keyed by tenant
 
 
+def test_acknowledged_keys_survive_a_restart_within_the_bound(tmp_path, monkeypatch):
+    """A restarted worker still answers for the ids it had billed (the settled-keys file beside the
+    spool): a worker killed and started again while the control plane is away must not serve them again
+    for free. The bound holds across starts, a torn last line costs only itself, and the file is rewritten
+    (not grown without end) once it holds twice the bound."""
+    from data_plane.server import usage_reporter
+
+    monkeypatch.setattr(usage_reporter, "MAX_SETTLED_KEYS", 3)
+    collector = Collector()
+    spool = tmp_path / "spool.jsonl"
+
+    async def run(ids):
+        reporter = UsageReporter(spool, collector, batch_size=2)
+        for request_id in ids:
+            reporter.record(_record(request_id))
+        await reporter.flush()
+        await reporter.stop()
+        return reporter
+
+    asyncio.run(run(["r0", "r1"]))
+    restarted = asyncio.run(run([]))
+    assert restarted.has_recorded("t1", "r0") and restarted.has_recorded("t1", "r1")
+    assert not restarted.has_recorded("t2", "r0")
+
+    settled = spool.with_name("spool.settled.jsonl")
+    with open(settled, "a", encoding="utf-8") as f:
+        f.write('["t1","r')  # a kill mid-write
+    asyncio.run(run(["r2", "r3", "r4"]))
+    restarted = asyncio.run(run([]))
+    assert [restarted.has_recorded("t1", f"r{i}") for i in range(5)] == [False, False, True, True, True]
+    assert len(settled.read_text().splitlines()) <= 2 * 3
+
+    for i in range(5, 12):
+        asyncio.run(run([f"r{i}"]))
+    assert len(settled.read_text().splitlines()) <= 2 * 3
+    restarted = asyncio.run(run([]))
+    assert [restarted.has_recorded("t1", f"r{i}") for i in range(12)] == [False] * 9 + [True] * 3
+
+
+def test_an_unwritable_settled_file_does_not_stop_settling(tmp_path):
+    """The settled-keys file is a memory across restarts, not part of the usage record: when it cannot be
+    written, records are still acknowledged and dropped from the spool, and the keys kept in memory."""
+    collector = Collector()
+    spool = tmp_path / "spool.jsonl"
+    spool.with_name("spool.settled.jsonl").mkdir()  # a directory where the file should be
+
+    async def scenario():
+        reporter = UsageReporter(spool, collector, batch_size=2)
+        reporter.record(_record("r0"))
+        await reporter.flush()
+        await reporter.stop()
+        return reporter
+
+    reporter = asyncio.run(scenario())
+    assert reporter.num_pending == 0 and reporter.has_recorded("t1", "r0")
+    assert collector.batches == [["r0"]]
+
+
 def test_a_catch_up_rewrites_the_spool_a_bounded_number_of_lines(tmp_path, monkeypatch):
     """After an outage the spool was rewritten (and fsynced, on the event loop) after every batch: N
     records rewrote about N^2 / (2 x batch) lines, 60,000 records blocked the worker's streams for over a

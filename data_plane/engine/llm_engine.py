@@ -237,7 +237,7 @@ class LLMEngine:
         """The sequence of a request; for an ensemble, the first of its group of K (one per member)."""
         prompt = request.prompt_token_ids
         if request.ensemble is None:
-            key = adapter_key(request.adapters)
+            key = adapter_key(request.adapters, request.tenant)
             return Sequence(request.request_id, list(prompt), len(prompt), key, tenant=request.tenant)
         group: list[Sequence] = []
         for member in request.ensemble.members:

@@ -19,14 +19,18 @@ MAX_STOP_CHARS = 256
 MAX_MIX_MEMBERS = 8
 
 
-def adapter_key(adapters: tuple[AdapterRef, ...]) -> str | None:
-    """The cache key of what a request runs: None (base), the adapter's own key, or a mix's key."""
+def adapter_key(adapters: tuple[AdapterRef, ...], tenant: str = "") -> str | None:
+    """The cache key of what a request runs: None (base), the adapter's own key, or a mix's key. A mix's
+    key holds the `tenant` that asked, as a merge's does: its public members have the same keys for every
+    caller, and a shared mix was found on the device by another tenant asking for the same members and
+    weights (telling it that someone had used exactly that recipe)."""
     if not adapters:
         return None
     if len(adapters) == 1 and adapters[0].weight == 1.0:
         return adapters[0].key
     members = [[a.key, float(a.weight)] for a in adapters]
-    return "mix:" + hashlib.sha256(json.dumps(members).encode()).hexdigest()
+    spec = json.dumps([tenant, members] if tenant else members)
+    return "mix:" + hashlib.sha256(spec.encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=4096)

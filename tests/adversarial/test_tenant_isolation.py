@@ -186,6 +186,24 @@ def test_a_merge_of_private_content_is_never_found_built_by_another_tenant(attac
         assert _tier(again) in (inference_pb2.CACHE_TIER_DEVICE, inference_pb2.CACHE_TIER_HOST)
 
 
+def test_a_linear_mix_of_public_adapters_is_never_found_warm_by_another_tenant(attacker):
+    """A linear mix is loaded into one slot under a key of its members and weights. Public members have
+    the same keys for everyone, so a shared mix key let a tenant asking for another's recipe (members
+    and weights) find it on the device at once, and learn that someone had used exactly that recipe, as
+    merges did before they were keyed by the asking tenant."""
+    mix = [
+        inference_pb2.AdapterWeight(adapter="ad6", weight=0.375),
+        inference_pb2.AdapterWeight(adapter="ad7", weight=0.625),
+    ]
+    asker, prober = attacker.new_tenant(), attacker.new_tenant()
+    attacker.generate(asker.infer_key, mix=mix)
+    assert _tier(attacker.generate(asker.infer_key, mix=mix)) == inference_pb2.CACHE_TIER_DEVICE
+    assert _tier(attacker.generate(prober.infer_key, mix=mix)) not in (
+        inference_pb2.CACHE_TIER_DEVICE,
+        inference_pb2.CACHE_TIER_HOST,
+    )
+
+
 def test_fetch_artifact_refuses_an_api_key(attacker, victim):
     request = worker_pb2.FetchArtifactRequest(sha256=victim.secret_sha256)
     for key in (victim.admin_key, victim.infer_key, ADMIN_KEY):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 
@@ -9,6 +11,7 @@ from openlora.admin_client import AdminClient
 from openlora.client import Client
 
 PROMPT = "the quick brown fox"
+BASE = "tiny"
 
 
 def test_model_naming_a_saved_mix_serves_the_spelled_out_mix(system, http_worker):
@@ -27,3 +30,26 @@ def test_model_naming_a_saved_mix_serves_the_spelled_out_mix(system, http_worker
         openai.OpenAI(base_url=http_worker.base_url, api_key=stranger, max_retries=0).completions.create(
             model="blend", prompt=PROMPT, max_tokens=2
         )
+
+
+def test_a_saved_mix_whose_adapter_is_gone_is_a_404_naming_model(system, http_worker):
+    """A saved mix whose adapter was deleted answered 404 with param null and code `not_found`, where every
+    other model the key may not use is `model_not_found` naming `model` (what OpenAI's clients read)."""
+    tenant, _, key = system.new_tenant(admin=True)
+    system.admin.push(system.model_dir / "adapters" / "ad2", "own-part", tenant, BASE)
+    with AdminClient(system.control_plane.target, key) as admin:
+        admin.create_mix("part-gone", [("own-part", 0.5), ("ad1", 0.5)])
+        client = openai.OpenAI(base_url=http_worker.base_url, api_key=key, max_retries=0)
+        client.completions.create(model="part-gone", prompt=PROMPT, max_tokens=2)  # served while whole
+        admin.delete_adapter("own-part")
+    error = None
+    deadline = time.monotonic() + 30  # the worker drops its answer for the mix on the delete's invalidation
+    while error is None and time.monotonic() < deadline:
+        try:
+            client.completions.create(model="part-gone", prompt=PROMPT, max_tokens=2)
+        except openai.NotFoundError as refused:
+            error = refused.body
+        time.sleep(0.2)
+    assert error is not None, "the mix was still served 30 s after its adapter was deleted"
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
+    assert "part-gone" in error["message"] and "own-part" in error["message"]

@@ -30,7 +30,7 @@ from data_plane.server.errors import MissingCredentials, ModelNotFound, names_un
 from data_plane.server.generation import Chunk, GenerationService, WorkerState
 from data_plane.server.metrics import WorkerMetrics
 from data_plane.server.openai_http.chat_template import ChatTemplate, ChatTemplateError
-from data_plane.server.openai_http.errors import HttpError, MixMemberNotFound, http_error
+from data_plane.server.openai_http.errors import HttpError, MixMemberNotFound, ModelPartNotFound, http_error
 from data_plane.server.openai_http.openai_objects import Reply
 from data_plane.server.openai_http.schemas import (
     MAX_BODY_BYTES,
@@ -226,8 +226,8 @@ async def _named_by_body(
     chunks: AsyncIterator[Chunk], body: Body | None, adapter: str
 ) -> AsyncIterator[Chunk]:
     """`chunks`, with the control plane's NOT_FOUND for a name the body sent raised as the body names it:
-    ModelNotFound for `model`, MixMemberNotFound for `mix[i].adapter` (it answered param null, in the
-    control plane's words)."""
+    ModelNotFound for `model`, MixMemberNotFound for `mix[i].adapter`, ModelPartNotFound for an adapter
+    of the saved mix `model` names (each answered param null, in the control plane's words)."""
     async with contextlib.aclosing(chunks):
         try:
             async for chunk in chunks:
@@ -240,6 +240,8 @@ async def _named_by_body(
             for index, (name, _) in enumerate(body.mix):
                 if names_unknown(error.message, name):
                     raise MixMemberNotFound(index, name) from None
+            if body.model:  # the body named no such adapter: one the saved mix `model` resolved to
+                raise ModelPartNotFound(body.model, error.message) from None
             raise
 
 

@@ -41,6 +41,14 @@ class MixMemberNotFound(Exception):
         self.param = f"mix[{index}].adapter"
 
 
+class ModelPartNotFound(Exception):
+    """`model` names a saved mix one of whose adapters the key may no longer use (deleted, or made private
+    by its owner): 404 naming `model`, with the control plane's words for the missing adapter."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"model {model!r}: {reason}")
+
+
 @dataclass(frozen=True)
 class HttpError:
     status: int
@@ -67,6 +75,8 @@ def http_error(error: BaseException, chat: bool = False) -> HttpError:
     `param` the body's name of the field at fault (`model` for an adapter nobody may use)."""
     if isinstance(error, MixMemberNotFound):
         return HttpError(404, str(error), error.param, MODEL_NOT_FOUND)
+    if isinstance(error, ModelPartNotFound):
+        return HttpError(404, str(error), "model", MODEL_NOT_FOUND)
     status, message, code = http_status_for(error)
     param = None
     if isinstance(error, BodyError):

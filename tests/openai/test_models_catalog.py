@@ -52,6 +52,24 @@ def test_another_tenants_private_adapter_and_mix_never_appear(http_worker, tenan
     assert {"b-secret", "b-mix", "b-open"} <= b_ids and not {"a-own", "a-mix"} & b_ids
 
 
+def test_retrieve_answers_each_listed_model_and_404s_the_rest(http_worker, tenants):
+    """`models.retrieve(id)` (GET /v1/models/{id}) answers the listing's object for a model the key may
+    use, and OpenAI's 404 `model_not_found` for one it may not (another tenant's private adapter or mix
+    looks as absent as a name nobody has); it answered 404 'no route' for every id before."""
+    (a, _, a_key), _ = tenants
+    client = _client(http_worker, a_key)
+    listed = {m.id: m for m in client.models.list(extra_query={"limit": 1000}).data}
+    for model_id in (BASE, "a-own", "a-mix", "b-open"):
+        assert client.models.retrieve(model_id) == listed[model_id]
+    assert client.models.retrieve("a-own").owned_by == a
+    for hidden in ("b-secret", "b-mix", "no-such-model", "org/model"):
+        with pytest.raises(openai.NotFoundError) as refused:
+            client.models.retrieve(hidden)
+        assert (refused.value.body["param"], refused.value.body["code"]) == ("model", "model_not_found")
+    with pytest.raises(openai.AuthenticationError):
+        _client(http_worker, "olk_unknown_key").models.retrieve(BASE)
+
+
 def test_paging_with_limit_and_after_walks_every_model_exactly_once(http_worker, tenants):
     (_, _, a_key), _ = tenants
     client = _client(http_worker, a_key)

@@ -1,4 +1,4 @@
-"""Routes of the OpenAI-compatible API: `GET /v1/models`, `POST /v1/completions`,
+"""Routes of the OpenAI-compatible API: `GET /v1/models`, `GET /v1/models/{model}`, `POST /v1/completions`,
 `POST /v1/chat/completions` (and `GET /metrics`), over the same `GenerationService` as gRPC.
 
 A request is read in this order, as gRPC's: draining (503), `Authorization: Bearer <key>` (401), body
@@ -117,6 +117,7 @@ def build_app(api: OpenAIApi, metrics: bool = False) -> Starlette:
     the operator's network reaches."""
     routes = [
         Route("/v1/models", _models, methods=["GET"]),
+        Route("/v1/models/{model:path}", _model, methods=["GET"]),
         Route("/v1/completions", _completions, methods=["POST"]),
         Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
     ]
@@ -264,18 +265,33 @@ def _refused(api: OpenAIApi, failure: HttpError, headers: dict[str, str] | None 
     return failure.response(headers)
 
 
+async def _cards(request: Request, api: OpenAIApi) -> list[ModelCard]:
+    """Every model the request's key may use: the base model first, then its adapters and mixes by id."""
+    api.service.check_serving()
+    api_key = _bearer_key(request)
+    auth = await api.service.authorize(api_key, ())
+    base = api.service.base_model
+    cards = [ModelCard(base, "openlora", None, api.created)]
+    return cards + sorted(await api.list_models(api_key, auth), key=lambda c: c.id)
+
+
+def _model_object(card: ModelCard) -> dict:
+    return {
+        "id": card.id,
+        "object": "model",
+        "created": card.created,
+        "owned_by": card.owned_by,
+        "parent": card.parent,
+    }
+
+
 async def _models(request: Request):
     """The base model and every adapter and mix the key may use, in pages as OpenAI's lists are
     (`limit`, `after`; `has_more`, `first_id`, `last_id`)."""
     api: OpenAIApi = request.app.state.api
     try:
-        api.service.check_serving()
-        api_key = _bearer_key(request)
-        auth = await api.service.authorize(api_key, ())
+        cards = await _cards(request, api)
         limit = _query_int(request, "limit", DEFAULT_MODELS_PAGE, 1, MAX_MODELS_PAGE)
-        base = api.service.base_model
-        cards = [ModelCard(base, "openlora", None, api.created)]
-        cards += sorted(await api.list_models(api_key, auth), key=lambda c: c.id)
     except Exception as error:
         return http_error(error).response()
     after = request.query_params.get("after")
@@ -286,19 +302,30 @@ async def _models(request: Request):
         # or not it still exists (a model deleted or hidden between two pages cut the listing short).
         cards = cards[1:] if after == cards[0].id else [c for c in cards[1:] if c.id > after]
     page = cards[:limit]
-    data = [
-        {"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by, "parent": c.parent}
-        for c in page
-    ]
     return JSONResponse(
         {
             "object": "list",
-            "data": data,
+            "data": [_model_object(c) for c in page],
             "first_id": page[0].id if page else None,
             "last_id": page[-1].id if page else None,
             "has_more": len(cards) > limit,
         }
     )
+
+
+async def _model(request: Request):
+    """GET /v1/models/{model} (OpenAI's `models.retrieve`): the model object, or 404 `model_not_found` for
+    an id the key may not use (another tenant's private adapter looks the same as none)."""
+    api: OpenAIApi = request.app.state.api
+    model = request.path_params["model"]
+    try:
+        cards = await _cards(request, api)
+    except Exception as error:
+        return http_error(error).response()
+    for card in cards:
+        if card.id == model:
+            return JSONResponse(_model_object(card))
+    return http_error(ModelNotFound(model)).response()
 
 
 async def _metrics(request: Request):

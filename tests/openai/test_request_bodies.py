@@ -96,6 +96,24 @@ def test_fields_reach_the_generate_request_and_its_checks_speak_the_body_names()
 
 
 @pytest.mark.parametrize(
+    ("seed", "sent"),
+    [(0, 0), (3, 3), (-1, (1 << 64) - 1), (-(1 << 63), 1 << 63), ((1 << 63) - 1, (1 << 63) - 1)],
+)
+def test_any_int64_seed_is_served_as_its_own_seed(seed, sent):
+    """OpenAI's `seed` is an int64: a negative one (`seed=-1`) was refused with a 400. It reaches the
+    uint64 field as its two's complement, so no two seeds share a generator."""
+    request = to_generate_request(parse_chat(_chat(seed=seed)), "hi", "", "")
+    assert check_request(request, LIMITS).seed == sent
+
+
+@pytest.mark.parametrize("seed", [-(1 << 63) - 1, 1 << 63])
+def test_a_seed_past_int64_is_refused_naming_it(seed):
+    with pytest.raises(BodyError) as refused:
+        parse_completion(_completion(seed=seed))
+    assert refused.value.param == "seed"
+
+
+@pytest.mark.parametrize(
     ("prompt", "text", "ids"),
     [("abc", "abc", None), (["abc"], "abc", None), ([1, 2, 3], None, (1, 2, 3)), ([[4, 5]], None, (4, 5))],
 )

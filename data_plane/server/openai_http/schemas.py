@@ -38,7 +38,9 @@ MAX_CONTENT_PARTS = 1024
 # Below the bound, a list too long for its field is refused naming the field, after a parse of at most
 # about a second, on a parsing thread (`app._parse_limiter`), never on the event loop.
 MAX_BODY_VALUES = 1 << 20
-MAX_SEED = (1 << 63) - 1
+# OpenAI's `seed` is an int64; the GenerateRequest's is a uint64, which holds a negative seed as its two's
+# complement (-1 is 2^64 - 1): every int64 is its own seed, none shares one with another.
+MIN_SEED, MAX_SEED = -(1 << 63), (1 << 63) - 1
 _INT32_MAX = (1 << 31) - 1
 # The GenerateRequest's float fields are float32: a finite JSON number past float32's largest value would
 # arrive as inf, and a nonzero one below its smallest as 0. Each is checked as the client sent it first.
@@ -99,7 +101,7 @@ class Body:
     top_p: float | None
     top_k: int
     repetition_penalty: float | None
-    seed: int | None
+    seed: int | None  # in [MIN_SEED, MAX_SEED], as the body sent it
     stop: tuple[str, ...]
     logprobs: bool  # the chosen tokens' log-probabilities
     mix: tuple[tuple[str, float], ...]  # runtime fusion: (adapter name, weight)
@@ -188,10 +190,12 @@ def to_generate_request(
     elif prompt is not None:
         request.prompt = prompt
     s = request.sampling
-    for name in ("temperature", "top_p", "max_tokens", "repetition_penalty", "seed"):
+    for name in ("temperature", "top_p", "max_tokens", "repetition_penalty"):
         value = getattr(body, name)
         if value is not None:
             setattr(s, name, value)
+    if body.seed is not None:
+        s.seed = body.seed % (1 << 64)  # uint64: a negative seed as its two's complement
     s.top_k = body.top_k
     s.stop.extend(body.stop)
     for name, weight in body.mix:
@@ -270,7 +274,7 @@ def _body(
     if "include_usage" in options and not stream:
         raise BodyError("stream_options", "is only allowed with stream: true")
     obj.get_str("user", "", max_chars=256)
-    seed = obj.get_int("seed", None, lo=0, hi=MAX_SEED)
+    seed = obj.get_int("seed", None, lo=MIN_SEED, hi=MAX_SEED)
     body = Body(
         model=model,
         stream=stream,

@@ -62,6 +62,25 @@ def test_each_domain_error_has_its_http_status_and_client_exception(error, statu
     assert ("Retry-After" in failure.headers()) == (status in (429, 503))
 
 
+@pytest.mark.parametrize(
+    "error", [DuplicateRequest("r1"), RequestIdUsed("r1")], ids=lambda e: type(e).__name__
+)
+def test_the_official_client_does_not_retry_a_duplicate_request_id(error):
+    """The official clients retry a 409 twice by default, with the same X-Request-Id, so a duplicate took
+    three requests and a second or more of backoff to raise ConflictError: the answer says not to."""
+    failure = http_error(error)
+    request = httpx.Request("POST", "http://x/v1/completions")
+    response = httpx.Response(
+        failure.status, json=failure.payload(), headers=failure.headers(), request=request
+    )
+    client = openai.OpenAI(api_key="k", base_url="http://x/v1")
+    assert not client._should_retry(response)
+    retried = httpx.Response(
+        429, json={}, headers=http_error(QueueFull("2 waiting")).headers(), request=request
+    )
+    assert client._should_retry(retried)  # an overload is still retried, after its Retry-After
+
+
 def test_a_request_id_error_names_the_header():
     assert http_error(DuplicateRequest("r1")).param == "X-Request-Id"
     assert http_error(RequestIdUsed("r1")).param == "X-Request-Id"

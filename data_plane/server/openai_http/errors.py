@@ -30,6 +30,9 @@ _TYPES = {
 MODEL_NOT_FOUND = "model_not_found"
 # Statuses a client should retry after a pause: overloaded, draining.
 RETRY_AFTER_S = {429: 1, 503: 1}
+# Statuses the official clients retry by default that no retry can change: a 409 is a request id in flight
+# or already billed, which the retry sends again (the SDKs honour `x-should-retry`).
+NEVER_RETRY = {409}
 
 
 class MixMemberNotFound(Exception):
@@ -64,7 +67,9 @@ class HttpError:
 
     def headers(self) -> dict[str, str]:
         retry_s = RETRY_AFTER_S.get(self.status)
-        return {"Retry-After": str(retry_s)} if retry_s else {}
+        if retry_s:
+            return {"Retry-After": str(retry_s)}
+        return {"x-should-retry": "false"} if self.status in NEVER_RETRY else {}
 
     def response(self, extra_headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse(self.payload(), self.status, headers={**self.headers(), **(extra_headers or {})})

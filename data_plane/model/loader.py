@@ -90,31 +90,47 @@ def _load_shard(
     from `missing`); returns bytes read. Tensors are read one at a time (`iter_tensors`, no mmap), so a
     full-precision weight lives only while it is copied or quantized."""
     loaded_bytes = 0
-    for name, tensor in iter_tensors(path):
-        if name.endswith(_IGNORED_SUFFIXES):
+    for stored_name, tensor in iter_tensors(path):
+        if stored_name.endswith(_IGNORED_SUFFIXES):
             continue
+        name = _model_name(stored_name, params, quantized)
+        if name not in missing and (name in params or name in quantized):
+            copy = describe(name) if stored_name == name else f"{describe(name)} (as {describe(stored_name)})"
+            raise CheckpointError(f"{path.name}: {copy} is stored twice in the checkpoint")
         if name in quantized:
             try:
                 quantized[name].load_weight(tensor)
             except ValueError as e:
-                raise CheckpointError(f"{path.name}: {name}: {e}") from None
+                raise CheckpointError(f"{path.name}: {stored_name}: {e}") from None
         elif name in params:
             target = params[name]
             if tuple(tensor.shape) != tuple(target.shape):
                 raise CheckpointError(
-                    f"{path.name}: {name} has shape {list(tensor.shape)}, expected {list(target.shape)}"
+                    f"{path.name}: {stored_name} has shape {list(tensor.shape)}, expected {list(target.shape)}"
                 )
             with torch.no_grad():
                 target.copy_(tensor.to(device=device, dtype=dtype))
         else:
             raise CheckpointError(
-                f"{path.name}: unexpected tensor {describe(name)}: {config.spec.architecture} as config.json "
+                f"{path.name}: unexpected tensor {describe(stored_name)}: {config.spec.architecture} as config.json "
                 "describes it has no such weight"
             )
         loaded_bytes += tensor.numel() * tensor.element_size()
         missing.discard(name)
         del tensor
     return loaded_bytes
+
+
+def _model_name(name: str, params: dict, quantized: dict) -> str:
+    """The model tensor a checkpoint name fills, by transformers' rule for the base model's prefix: a
+    checkpoint saved from the base model alone (`LlamaModel`, or converted by a tool that drops the
+    prefix) names its tensors `embed_tokens.weight`, `layers.0.self_attn.q_proj.weight`, `norm.weight`; a
+    name the model lacks whose `model.`-prefixed form it has is read as that (`lm_head.weight`, outside
+    the base model, keeps its name)."""
+    if name in params or name in quantized:
+        return name
+    prefixed = f"model.{name}"
+    return prefixed if prefixed in params or prefixed in quantized else name
 
 
 def load_model(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from openlora.base_model import MAX_DIM
 from openlora.safe_json import JsonFieldError, JsonObject, describe
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 DEFAULT_THETA = 10000.0  # transformers' default base, the same for Llama, Mistral and Qwen2
 
 
@@ -29,7 +29,8 @@ def read_rope(c: JsonObject, max_position_embeddings: int, head_dim: int) -> tup
         llama3 original length = top-level original_max_position_embeddings
                                  ?? params.original_max_position_embeddings ?? max_position_embeddings
 
-    Required keys (linear: factor; llama3: factor, low_freq_factor, high_freq_factor) have no default,
+    Required keys (linear and dynamic: factor; llama3: factor, low_freq_factor, high_freq_factor) have no
+    default,
     as in transformers. A key set to null stays None in transformers, which then fails; it is refused
     here, as is any RoPE the engine does not implement, naming the key."""
     params = _chosen_params(c)
@@ -50,6 +51,12 @@ def read_rope(c: JsonObject, max_position_embeddings: int, head_dim: int) -> tup
         return theta, RopeScaling("default")
     _check_whole_head(c, params, head_dim)
     factor = params.get_number("factor", positive=True)
+    if rope_type == "dynamic":
+        # transformers' dynamic NTK RoPE starts as the default one (its base is scaled by
+        # (factor * L / max_position_embeddings - (factor - 1)), 1 at L = max_position_embeddings) and
+        # recomputes its frequencies only once a sequence grows past max_position_embeddings, which the
+        # engine never serves (max_model_len <= max_position_embeddings): up to there it is the default.
+        return theta, RopeScaling("default")
     if rope_type == "linear":
         return theta, RopeScaling("linear", factor=factor)
     key = "original_max_position_embeddings"

@@ -87,6 +87,18 @@ def test_a_top_level_original_length_wins_over_the_one_inside(llama_dir, tmp_pat
     _assert_serves_like_transformers(model)
 
 
+@pytest.mark.parametrize("factor", [2.0, 1.7])
+def test_dynamic_rope_is_served_as_transformers_serves_it_up_to_max_position_embeddings(
+    llama_dir, tmp_path, factor
+):
+    """transformers' dynamic NTK RoPE rescales only past max_position_embeddings, which the engine never
+    serves: up to there its tokens are the default RoPE's (such checkpoints were refused at startup)."""
+    model = _with_config(
+        llama_dir, tmp_path / "dynamic", rope_scaling={"rope_type": "dynamic", "factor": factor}
+    )
+    _assert_serves_like_transformers(model)
+
+
 @pytest.mark.parametrize(
     "changes,key",
     [
@@ -107,6 +119,11 @@ def test_a_top_level_original_length_wins_over_the_one_inside(llama_dir, tmp_pat
         ({"rope_theta": None}, "config.json.rope_theta"),
         ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "rope_parameters.full_attention"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling.rope_type"),
+        ({"rope_scaling": {"rope_type": "dynamic"}}, "rope_scaling.factor"),
+        (
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0, "partial_rotary_factor": 0.5}},
+            "partial",
+        ),
     ],
 )
 def test_rope_transformers_cannot_build_or_the_engine_lacks_is_refused_naming_the_key(changes, key):

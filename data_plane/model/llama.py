@@ -5,6 +5,7 @@ Module and parameter names follow Hugging Face checkpoints, so weights load by n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -74,12 +75,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """(head_dim / 2,) float32 inverse frequencies, with linear or llama3 scaling applied."""
+    """(head_dim / 2,) float32 inverse frequencies, with linear, llama3 or yarn scaling applied."""
     dim = config.spec.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = config.rope_scaling
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
+    if scaling.rope_type == "yarn":
+        return _yarn_inv_freq(config.rope_theta, dim, scaling)
     if scaling.rope_type != "llama3":
         return inv_freq
     old_len = scaling.original_max_position_embeddings
@@ -93,6 +96,27 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(base: float, dim: int, scaling) -> torch.Tensor:
+    """YaRN's frequencies as transformers computes them: each dimension's frequency interpolated (divided
+    by the factor) below the correction range of the pretraining length, kept (extrapolated) above it,
+    ramped linearly in between."""
+
+    def correction_dim(rotations: float) -> float:
+        length = scaling.original_max_position_embeddings
+        return dim * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    return (1.0 / (scaling.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 class RotaryEmbedding(nn.Module):
@@ -111,6 +135,9 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq)  # (P, head_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, head_dim)
         self.cos, self.sin = emb.cos(), emb.sin()
+        factor = self.config.rope_scaling.attention_factor
+        if factor != 1.0:  # yarn: scales cos and sin in float32, as transformers does
+            self.cos, self.sin = self.cos * factor, self.sin * factor
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each (T, 1, head_dim) in `dtype`, for each row's position: gathered once per step and

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from openlora.base_model import MAX_DIM
 from openlora.safe_json import JsonFieldError, JsonObject, describe
 
-ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
 DEFAULT_THETA = 10000.0  # transformers' default base, the same for Llama, Mistral and Qwen2
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    rope_type: str  # "default" | "linear" | "llama3"
+    rope_type: str  # "default" | "linear" | "llama3" | "yarn"
     factor: float = 1.0
-    low_freq_factor: float = 1.0  # llama3 only, as are the next two
+    low_freq_factor: float = 1.0  # llama3 only, as is the next one
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int | None = None
+    original_max_position_embeddings: int | None = None  # llama3 and yarn
+    beta_fast: float = 32.0  # yarn only, as are the next three
+    beta_slow: float = 1.0
+    truncate: bool = True
+    # cos and sin are multiplied by it (yarn's attention factor; 1 for every other type)
+    attention_factor: float = 1.0
 
 
 def read_rope(c: JsonObject, max_position_embeddings: int, head_dim: int) -> tuple[float, RopeScaling]:
@@ -29,9 +35,8 @@ def read_rope(c: JsonObject, max_position_embeddings: int, head_dim: int) -> tup
         llama3 original length = top-level original_max_position_embeddings
                                  ?? params.original_max_position_embeddings ?? max_position_embeddings
 
-    Required keys (linear and dynamic: factor; llama3: factor, low_freq_factor, high_freq_factor) have no
-    default,
-    as in transformers. A key set to null stays None in transformers, which then fails; it is refused
+    Required keys (linear, dynamic and yarn: factor; llama3: factor, low_freq_factor, high_freq_factor)
+    have no default, as in transformers. A key set to null stays None in transformers, which then fails; it is refused
     here, as is any RoPE the engine does not implement, naming the key."""
     params = _chosen_params(c)
     if _present(params, "rope_theta"):
@@ -66,12 +71,41 @@ def read_rope(c: JsonObject, max_position_embeddings: int, head_dim: int) -> tup
         original = params.get_int(key, lo=1, hi=MAX_DIM)
     else:
         original = max_position_embeddings
+    if rope_type == "yarn":
+        return theta, _yarn(params, factor, original)
     return theta, RopeScaling(
         "llama3",
         factor=factor,
         low_freq_factor=params.get_number("low_freq_factor", positive=True),
         high_freq_factor=params.get_number("high_freq_factor", positive=True),
         original_max_position_embeddings=original,
+    )
+
+
+def _yarn(params: JsonObject, factor: float, original: int) -> RopeScaling:
+    """YaRN as transformers computes it: `beta_fast` and `beta_slow` (32 and 1 when absent or 0), `truncate`
+    (true), and the attention factor applied to cos and sin: `attention_factor` when set, else
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set and non-zero, else
+    mscale(factor), where mscale(s, m) = 0.1 * m * ln(s) + 1 for s > 1 and 1 otherwise."""
+
+    def optional_number(key: str) -> float | None:
+        return params.get_number(key) if _present(params, key) else None
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = optional_number("attention_factor")
+    if attention_factor is None:
+        m, m_all = optional_number("mscale"), optional_number("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return RopeScaling(
+        "yarn",
+        factor=factor,
+        original_max_position_embeddings=original,
+        beta_fast=optional_number("beta_fast") or 32.0,
+        beta_slow=optional_number("beta_slow") or 1.0,
+        truncate=params.get_bool("truncate", True),
+        attention_factor=float(attention_factor),
     )
 
 

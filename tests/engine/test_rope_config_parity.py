@@ -100,6 +100,28 @@ def test_dynamic_rope_is_served_as_transformers_serves_it_up_to_max_position_emb
 
 
 @pytest.mark.parametrize(
+    "yarn",
+    [
+        {"factor": 4.0, "original_max_position_embeddings": 32},
+        {"factor": 2.0, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+        {"factor": 8.0, "original_max_position_embeddings": 16, "mscale": 0.707, "mscale_all_dim": 1.0},
+        {"factor": 3.0, "attention_factor": 1.25, "beta_fast": 0},
+    ],
+)
+def test_yarn_rope_is_served_as_transformers_serves_it(llama_dir, tmp_path, yarn):
+    """YaRN (Qwen2.5's and others' long-context setting) was refused at startup; its frequencies and the
+    attention factor on cos and sin are now computed as transformers computes them."""
+    model = _with_config(llama_dir, tmp_path / "yarn", rope_scaling={"rope_type": "yarn", **yarn})
+    assert ModelConfig.from_dir(model.model_dir).rope_scaling.rope_type == "yarn"
+    _assert_serves_like_transformers(model)
+    reference = load_reference(model.model_dir)
+    positions = torch.arange(64)[None]
+    cos, sin = reference.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    rotary = make_engine(model).runner.model.model.rotary
+    assert torch.equal(rotary.cos[:64], cos[0]) and torch.equal(rotary.sin[:64], sin[0])
+
+
+@pytest.mark.parametrize(
     "changes,key",
     [
         ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "rope_parameters.low_freq_factor"),
@@ -118,7 +140,8 @@ def test_dynamic_rope_is_served_as_transformers_serves_it_up_to_max_position_emb
         ),
         ({"rope_theta": None}, "config.json.rope_theta"),
         ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "rope_parameters.full_attention"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling.rope_type"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling.rope_type"),
+        ({"rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 64}}, "factor"),
         ({"rope_scaling": {"rope_type": "dynamic"}}, "rope_scaling.factor"),
         (
             {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0, "partial_rotary_factor": 0.5}},

@@ -104,6 +104,11 @@ class UsageRecord:
 _RECORD_FIELDS = tuple(f.name for f in fields(UsageRecord))
 
 
+def _open_spool(path: Path):
+    """The spool, opened to append bytes without a buffer (`UsageReporter._write`)."""
+    return open(path, "ab", buffering=0)
+
+
 _TEXT_FIELDS = (
     "request_id",
     "tenant_id",
@@ -205,7 +210,7 @@ class UsageReporter:
         self.write_error: OSError | None = None
         self._load_spool()
         self._load_settled()
-        self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 (closed in stop)
+        self._file = _open_spool(self._path)  # closed in stop
         # Rewrite at once: a torn last line from a killed process must not swallow the next record.
         self._compact()
 
@@ -266,10 +271,12 @@ class UsageReporter:
                 continue
             if record is None or (stream.spooled is not None and record.rank <= stream.spooled.rank):
                 continue
-            stream.spooled = record
-            moved.append(record)
+            moved.append((stream, record))
         if moved:
-            self._append(moved)
+            # Marked spooled once written: a count the spool refused is written by the next checkpoint.
+            self._append([record for _, record in moved])
+            for stream, record in moved:
+                stream.spooled = record
             self.stats.checkpoints += len(moved)
             if self._lines_since_compact > max(COMPACT_MIN_LINES, 4 * (len(self._pending) + len(self._live))):
                 self._compact()
@@ -483,8 +490,20 @@ class UsageReporter:
         self._dirty = True
 
     def _write(self, text: str) -> None:
-        self._file.write(text)
-        self._file.flush()
+        """Appends `text` whole, or raises with nothing of it in the spool: a write the file system refuses
+        (disk full) is cut back to where it began. Unbuffered, so nothing of a refused write waits in a
+        buffer to land with the next one (its caller acted on the refusal: a first chunk refused for it was
+        never delivered, and must never be billed)."""
+        data = memoryview(text.encode("utf-8"))
+        fd = self._file.fileno()
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[self._file.write(data) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
 
     def probe_writable(self) -> bool:
         """Whether the spool's file system takes a write now: writes, fsyncs and removes a one-block file
@@ -536,7 +555,7 @@ class UsageReporter:
             raise
         self._file.close()
         os.replace(tmp, self._path)
-        self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
+        self._file = _open_spool(self._path)
         self._lines_since_compact = 0
         self._dirty = False
 

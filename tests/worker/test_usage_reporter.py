@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import resource
+import signal
 import time
 import uuid
 from dataclasses import replace
@@ -121,6 +124,75 @@ def test_torn_last_line_is_skipped_and_does_not_swallow_the_next_record(tmp_path
 
     asyncio.run(scenario())
     assert collector.batches == [["r1", "r3"]]
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit_bytes: int):
+    """No file of this process may grow past `limit_bytes` meanwhile: a write beyond it fails with EFBIG
+    (after writing what fits), as one fails on a full disk (ENOSPC)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_record_the_spool_refused_never_reaches_it_later(tmp_path):
+    """A write the file system refuses (disk full) raises, and the caller acts on it: a refused first
+    chunk is never handed over and never billed (generation.py). Its line must not land in the spool once
+    space is back: it stayed in the file's buffer and went out with the next record, so a crash before
+    the next compaction billed a call the client saw refused, with no token delivered."""
+    spool = tmp_path / "spool.jsonl"
+    collector = Collector()
+
+    async def first_life():
+        reporter = UsageReporter(spool, collector)
+        reporter.record(_record("before"))
+        refused = reporter.track(lambda: _record("refused", 1, CHECKPOINT_FINISH_REASON))
+        with _file_size_limit(spool.stat().st_size + 10), pytest.raises(OSError):
+            reporter.checkpoint((refused,))
+        reporter.untrack(refused)
+        reporter.record(_record("after"))
+        # No stop(): the process dies here.
+
+    async def second_life():
+        reporter = UsageReporter(spool, collector)
+        await reporter.flush()
+        await reporter.stop()
+
+    asyncio.run(first_life())
+    asyncio.run(second_life())
+    assert sorted(collector.records) == [("after", 3, "stop"), ("before", 3, "stop")]
+
+
+def test_a_checkpoint_the_spool_refused_is_written_by_the_next_one_though_the_stream_did_not_move(tmp_path):
+    """A running stream's count that the full disk refused is spooled by the next checkpoint once space is
+    back, even when the stream delivered nothing since (a slow reader): it was marked spooled when the
+    write failed, so a crash lost what it had delivered until it moved again."""
+    spool = tmp_path / "spool.jsonl"
+    collector = Collector()
+    stream = Stream("long")
+
+    async def first_life():
+        reporter = UsageReporter(spool, collector)
+        reporter.track(stream.read)
+        stream.delivered = 40
+        with _file_size_limit(spool.stat().st_size + 10), pytest.raises(OSError):
+            reporter.checkpoint()
+        assert reporter.checkpoint() == 1
+        # No stop(): the process is killed here.
+
+    async def second_life():
+        reporter = UsageReporter(spool, collector)
+        await reporter.flush()
+        await reporter.stop()
+
+    asyncio.run(first_life())
+    asyncio.run(second_life())
+    assert collector.records == [("long", 40, CHECKPOINT_FINISH_REASON)]
 
 
 def test_batches_are_bounded(tmp_path):

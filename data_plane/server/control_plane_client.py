@@ -41,6 +41,12 @@ _PASS_THROUGH = {
 }
 AUTHORIZE_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 10.0
+# An artifact fetch may take this long in all (a large artifact on a slow link)...
+FETCH_TIMEOUT_S = 300.0
+# ...but gives up (UNAVAILABLE) once no chunk came for this long: a control plane frozen mid-fetch (a stopped
+# process, a hung disk) held the first calls of that adapter for the whole FETCH_TIMEOUT_S. The first chunk
+# waits for the control plane's digest check of its stored copy (seconds for the largest adapter).
+FETCH_STALL_S = 30.0
 DEFAULT_AUTH_CACHE_MAX_ENTRIES = 10_000
 # One tenant's answers take at most this share of the entries (its oldest go first past it): one tenant
 # calling thousands of distinct name lists pushed every other tenant's answers out, and with them their
@@ -524,10 +530,20 @@ class ControlPlaneClient:
 
     async def fetch_artifact(self, sha256: str) -> AsyncIterator[worker_pb2.FetchArtifactResponse]:
         call = self._stub.FetchArtifact(
-            worker_pb2.FetchArtifactRequest(sha256=sha256), metadata=self._metadata, timeout=300
+            worker_pb2.FetchArtifactRequest(sha256=sha256), metadata=self._metadata, timeout=FETCH_TIMEOUT_S
         )
+        chunks = aiter(call)
         try:
-            async for chunk in call:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), FETCH_STALL_S)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise ControlPlaneError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"control plane unavailable (FetchArtifact: no data for {FETCH_STALL_S:g} s); retry shortly",
+                    ) from None
                 yield chunk
         except grpc.RpcError as error:
             raise ControlPlaneError.from_rpc(error, "FetchArtifact") from None

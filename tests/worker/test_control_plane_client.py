@@ -56,6 +56,58 @@ class _HangingControlPlane:
         self.port = self.server.add_insecure_port("127.0.0.1:0")
 
 
+async def _chunks_of(fetch) -> list:
+    return [chunk async for chunk in fetch]
+
+
+def test_an_artifact_fetch_the_control_plane_stops_sending_is_unavailable_within_the_stall_bound(monkeypatch):
+    """A control plane that froze in the middle of FetchArtifact (SIGSTOP, a hung disk) held the fetch,
+    and with it every first call of that adapter, for the whole 300 s deadline; now a fetch that gets no
+    chunk for FETCH_STALL_S ends UNAVAILABLE (retry), while one that keeps sending is never cut."""
+    from data_plane.server import control_plane_client
+    from openlora.v1 import worker_pb2, worker_pb2_grpc
+
+    monkeypatch.setattr(control_plane_client, "FETCH_STALL_S", 0.5, raising=False)
+
+    class Servicer(worker_pb2_grpc.WorkerServiceServicer):
+        async def FetchArtifact(self, request, context):
+            for offset in range(0, 8, 2):  # a chunk every 0.3 s: slow, never stalled
+                yield worker_pb2.FetchArtifactResponse(
+                    filename="a", offset=offset, data=b"xx", file_size_bytes=8
+                )
+                await asyncio.sleep(0.3)
+            if request.sha256 == "stalls":
+                await asyncio.Event().wait()
+
+    async def fetch(client, sha256):
+        started = asyncio.get_running_loop().time()
+        try:
+            chunks = await asyncio.wait_for(_chunks_of(client.fetch_artifact(sha256)), 10)
+            return len(chunks), None, 0.0
+        except ControlPlaneError as error:
+            return None, error, asyncio.get_running_loop().time() - started
+        except TimeoutError:
+            return None, None, 10.0  # still waiting
+
+    async def scenario():
+        server = grpc.aio.server()
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(Servicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = ControlPlaneClient(f"127.0.0.1:{port}", "token")
+        try:
+            return await fetch(client, "slow"), await fetch(client, "stalls")
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    (num_chunks, _, _), (_, error, waited_s) = asyncio.run(scenario())
+    assert num_chunks == 4
+    assert error is not None and error.code == grpc.StatusCode.UNAVAILABLE, error
+    assert "FetchArtifact" in error.message
+    assert waited_s < 5
+
+
 def test_a_hung_control_plane_costs_one_timeout_then_cached_keys_answer_at_once(monkeypatch):
     """Frozen control plane (or database): each call with a cached key waited out the 5 s Authorize
     timeout again, for up to the 10 minute grace. Now one call waits; while that Authorize got no answer

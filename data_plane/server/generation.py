@@ -440,6 +440,10 @@ class GenerationService:
                 if gate is not None:
                     _raise_if_failed(await _settled(gate))
                     gate = None
+                if progress.completion_tokens and self._usage.unspooled_too_long():
+                    # The spool has refused this stream's checkpoints: what it sends now a crash would
+                    # leave unbilled. It ends here, billed for what it delivered (kept in memory and sent).
+                    raise UsageUnrecordable(self._usage.write_error or OSError("usage spool unwritable"))
                 finish = self._finish(out, progress, tier, fetch_ms) if out.finished else None
                 # Counted as it is handed to the transport, before the yield: a cancellation that lands
                 # while the servicer writes it (the caller may already have it) closes this generator at

@@ -51,6 +51,10 @@ COMPACT_MIN_LINES = 1000
 # the spool, so a restart keeps them): while the control plane cannot be asked, an id among them is still
 # refused, not served again for free.
 MAX_SETTLED_KEYS = 100_000
+# A running stream ends (UNAVAILABLE) once the spool has refused writes for this long: what it delivers
+# meanwhile is held in memory only, and a crash would lose it. About two checkpoint intervals: a crash
+# while the disk is full loses at most this much of each stream, as it does when the disk is not full.
+MAX_UNSPOOLED_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,8 @@ class UsageReporter:
         # The last spool write's failure; None once a write (or `probe_writable`) succeeds. While it is set
         # the worker takes no new calls and its health is NOT_SERVING.
         self.write_error: OSError | None = None
+        # time.monotonic() of the first refused write since the last one that succeeded; None meanwhile.
+        self._refusing_since: float | None = None
         self._load_spool()
         self._load_settled()
         self._file = _open_spool(self._path)  # closed in stop
@@ -483,9 +489,9 @@ class UsageReporter:
         try:
             self._write(text)
         except OSError as error:
-            self.write_error = error
+            self._refused(error)
             raise
-        self.write_error = None
+        self._accepted()
         self._lines_since_compact += len(records)
         self._dirty = True
 
@@ -505,6 +511,19 @@ class UsageReporter:
                 os.ftruncate(fd, start)
             raise
 
+    def _refused(self, error: OSError) -> None:
+        self.write_error = error
+        if self._refusing_since is None:
+            self._refusing_since = time.monotonic()
+
+    def _accepted(self) -> None:
+        self.write_error = None
+        self._refusing_since = None
+
+    def unspooled_too_long(self) -> bool:
+        """Whether the spool has refused every write for more than MAX_UNSPOOLED_S: running streams end."""
+        return self._refusing_since is not None and time.monotonic() - self._refusing_since > MAX_UNSPOOLED_S
+
     def probe_writable(self) -> bool:
         """Whether the spool's file system takes a write now: writes, fsyncs and removes a one-block file
         beside the spool. Clears `write_error` when it does, sets it when it does not."""
@@ -512,11 +531,11 @@ class UsageReporter:
         try:
             self._write_probe(probe)
         except OSError as error:
-            self.write_error = error
+            self._refused(error)
             with contextlib.suppress(OSError):
                 probe.unlink()
             return False
-        self.write_error = None
+        self._accepted()
         return True
 
     @staticmethod
@@ -551,7 +570,7 @@ class UsageReporter:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as error:
-            self.write_error = error
+            self._refused(error)
             raise
         self._file.close()
         os.replace(tmp, self._path)

@@ -695,3 +695,58 @@ def test_a_spool_that_refuses_writes_answers_the_stream_that_finds_it_unavailabl
     finally:
         del usage._write
         assert usage.probe_writable()
+
+
+def test_a_stream_ends_once_the_spool_has_refused_its_checkpoints(system, monkeypatch):
+    """While the spool refuses writes (disk full), a running stream's checkpoints fail: what it delivers
+    is then held in memory only, and a worker killed meanwhile lost all of it (a review billed 16 of 246
+    tokens after 2.5 s). Past MAX_UNSPOOLED_S the stream ends UNAVAILABLE, billed for what it delivered."""
+    import errno
+
+    from data_plane.server import usage_reporter
+    from openlora.client import Client
+    from openlora.errors import OpenLoRAError
+
+    monkeypatch.setattr(usage_reporter, "MAX_UNSPOOLED_S", 0.0)
+    tenant, _, key = system.new_tenant()
+    usage = system.worker.usage
+
+    def refuse(*args) -> None:  # the spool's appends and the health probe's test write alike
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def checkpoint_now() -> None:  # the checkpoint timer's pass, run at once on the worker's loop
+        with contextlib.suppress(OSError):
+            usage.checkpoint()
+
+    async def probe_now() -> bool:  # on the loop, as the worker's health probe runs (never beside it)
+        return usage.probe_writable()
+
+    received, ended = 0, None
+    with Client(system.target, key) as client:
+        for _ in range(3):  # a stream that finished before the refused checkpoint proves nothing: again
+            stream = client.generate_stream(prompt="hello", max_tokens=500)
+            received = len(next(stream).token_ids)
+            usage._write = usage._write_probe = refuse
+            try:
+                for _ in range(100):  # until the stream moves past its first chunk (or ends)
+                    system.loop.run(checkpoint_now())
+                    if usage.write_error is not None or not usage._live:
+                        break
+                    time.sleep(0.01)
+                refused = usage.write_error is not None
+                try:
+                    for response in stream:
+                        received += len(response.token_ids)
+                except OpenLoRAError as error:
+                    ended = error
+            finally:
+                del usage._write, usage._write_probe
+                assert system.loop.run(probe_now())
+            if refused:
+                break
+    assert refused, "every stream finished before its checkpoint"
+    assert ended is not None and ended.code == grpc.StatusCode.UNAVAILABLE, ended
+    system.flush_usage()
+    billed = system.wait_usage(tenant, 1)
+    assert received <= billed.total_completion_tokens < 500
+    assert billed.total_completion_tokens - received <= 64  # what sat in transport buffers (see above)

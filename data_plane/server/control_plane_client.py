@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from cachetools import TTLCache
@@ -308,15 +308,13 @@ class ControlPlaneClient:
             self._asking_per_key[api_key] += 1
             self._asking[key] = asking
             call.add_done_callback(lambda _call, key=key, asking=asking: self._done_asking(key, asking))
-        if (
-            self._unreachable_since is not None
-            and cached is not None
-            and now - cached[0] <= AUTH_OUTAGE_GRACE_S
-        ):
+        if self._unreachable_since is not None:
             # The control plane did not answer the last Authorize: the key's last answer serves at once
             # while the call above asks again in the background (each call waited out the timeout before).
-            self.outage_answers += 1
-            return cached[1]
+            last = self._last_answer(key)
+            if last is not None:
+                self.outage_answers += 1
+                return last
         # Shielded: one caller going away does not cancel the answer the others wait for.
         return await asyncio.shield(asking[1])
 
@@ -390,12 +388,36 @@ class ControlPlaneClient:
         AUTH_OUTAGE_GRACE_S ago (and no forget came since the call started); else None."""
         if code not in _OUTAGE_CODES or forgets != self._stamp(key[0]):
             return None
-        cached = self._auth_cache.get(key)
-        if cached is None or time.monotonic() - cached[0] > AUTH_OUTAGE_GRACE_S:
+        last = self._last_answer(key)
+        if last is None:
             return None
         self.outage_answers += 1
         log.warning("control plane unreachable (Authorize: %s): serving the key's last answer", code.name)
-        return cached[1]
+        return last
+
+    def _last_answer(self, key: tuple[str, tuple[str, ...]]) -> Authorization | None:
+        """The key's answer for these names that expired at most AUTH_OUTAGE_GRACE_S ago: the one cached
+        for exactly these names, else one composed from the key's other answers within that grace (the
+        control plane resolves each name on its own: a key that called `count` alone, and the base model,
+        may still call both, or the base model alone, while it is away). None when a name was never
+        answered for this key."""
+        now = time.monotonic()
+        cached = self._auth_cache.get(key)
+        if cached is not None and now - cached[0] <= AUTH_OUTAGE_GRACE_S:
+            return cached[1]
+        api_key, names = key
+        answers = []  # (fresh until, names, answer), oldest first: a newer resolution of a name wins
+        for other in self._keys_of_api_key.get(api_key, ()):
+            entry = self._auth_cache.get(other)
+            if entry is not None and now - entry[0] <= AUTH_OUTAGE_GRACE_S:
+                answers.append((entry[0], other[1], entry[1]))
+        answers.sort(key=lambda answer: answer[0])
+        resolved: dict[str, ResolvedAdapter] = {}
+        for _, other_names, answer in answers:
+            resolved.update(zip(other_names, answer.adapters, strict=True))
+        if not answers or any(name not in resolved for name in names):
+            return None
+        return replace(answers[-1][2], adapters=tuple(resolved[name] for name in names))
 
     async def list_models(self, api_key: str, base_model: str) -> list[ListedModel]:
         """Every adapter and saved mix the key may name on the base model, by name (all pages of

@@ -189,6 +189,33 @@ def test_a_key_seen_before_an_outage_is_served_past_its_cache_ttl(outage):
     )
 
 
+@pytest.mark.parametrize("outage", [300], indirect=True)
+def test_during_an_outage_a_known_key_calls_the_names_it_was_answered_for_in_any_combination(
+    outage, tiny_model_dir
+):
+    """The worker caches answers per (key, adapter names): a key seen calling only an adapter got
+    UNAVAILABLE for the base model while the control plane was away, though the README says the worker
+    serves the keys it knows. Each name resolves on its own, so the key's answers compose: the base model,
+    each adapter, and both adapters together; a name never answered for the key stays UNAVAILABLE."""
+    postgres, worker, admin = outage
+    admin.create_tenant("composed")
+    _, key = admin.create_key("composed")
+    for name in ("ad0", "ad1", "ad2"):
+        admin.push(tiny_model_dir / "adapters" / name, f"own-{name}", "composed", "tiny")
+    target = f"127.0.0.1:{worker.port}"
+    two = inference_pb2.SamplingParams(max_tokens=2)
+    assert _generate(target, key, prompt=PROMPT, adapter="own-ad0", sampling=two)
+    assert _generate(target, key, prompt=PROMPT, adapter="own-ad1", sampling=two)
+    postgres.stop()
+    time.sleep(1.0)  # past the answers' TTL
+    mix = [inference_pb2.AdapterWeight(adapter=f"own-ad{i}", weight=0.5) for i in (0, 1)]
+    for fields in ({}, {"adapter": "own-ad1"}, {"mix": mix}):
+        served = _generate(target, key, prompt=PROMPT, sampling=two, **fields)
+        assert served[-1].usage.completion_tokens == 2, fields
+    never_asked = _code(lambda: _generate(target, key, prompt=PROMPT, adapter="own-ad2", sampling=two))
+    assert never_asked == grpc.StatusCode.UNAVAILABLE
+
+
 def test_a_spool_that_cannot_be_written_bills_nothing_and_the_id_is_served_again(system, monkeypatch):
     """Disk full under the usage spool: the first chunk's checkpoint fails before the chunk is handed
     over, so the caller gets UNAVAILABLE and nothing; nothing may be billed for it (it was: one token and

@@ -64,7 +64,14 @@ def _named_class(model_dir: Path) -> str | None:
     """tokenizer_config.json's `tokenizer_class`; None when the file or the key is missing or unreadable."""
     path = model_dir / _TOKENIZER_CONFIG
     try:
-        config = load_json_object(path.read_bytes(), _TOKENIZER_CONFIG, max_bytes=_MAX_TOKENIZER_CONFIG_BYTES)
+        # transformers writes `model_max_length` as int(1e30) when the tokenizer has none: out of range
+        # for this parser, kept as a marker instead of refusing the file (the key is not read here).
+        config = load_json_object(
+            path.read_bytes(),
+            _TOKENIZER_CONFIG,
+            max_bytes=_MAX_TOKENIZER_CONFIG_BYTES,
+            mark_out_of_range=True,
+        )
     except (OSError, JsonFieldError):
         return None
     named = config.data.get("tokenizer_class")

@@ -150,10 +150,14 @@ def load_json(
 
 
 def load_json_object(
-    data: bytes | str, field: str, max_depth: int = DEFAULT_MAX_DEPTH, max_bytes: int | None = None
+    data: bytes | str,
+    field: str,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_bytes: int | None = None,
+    mark_out_of_range: bool = False,
 ) -> JsonObject:
     """`load_json` of a document that must be a JSON object, wrapped for typed field access."""
-    value = load_json(data, field, max_depth, max_bytes)
+    value = load_json(data, field, max_depth, max_bytes, mark_out_of_range)
     if not isinstance(value, dict):
         raise JsonFieldError(field, "must be a JSON object")
     return JsonObject(value, field)

@@ -47,10 +47,17 @@ class ModelConfig:
             raise UnsupportedModelError(f"{model_dir}: no config.json")
         generation_path = Path(model_dir) / "generation_config.json"
         try:
-            config = load_json_object(path.read_bytes(), "config.json", max_bytes=MAX_CONFIG_BYTES)
+            # A number out of range (transformers writes int(1e30) for an unbounded length) fails only the
+            # field that is read, not the file.
+            config = load_json_object(
+                path.read_bytes(), "config.json", max_bytes=MAX_CONFIG_BYTES, mark_out_of_range=True
+            )
             generation = (
                 load_json_object(
-                    generation_path.read_bytes(), "generation_config.json", max_bytes=MAX_CONFIG_BYTES
+                    generation_path.read_bytes(),
+                    "generation_config.json",
+                    max_bytes=MAX_CONFIG_BYTES,
+                    mark_out_of_range=True,
                 ).data
                 if generation_path.is_file()
                 else None

@@ -53,6 +53,9 @@ def llama_style_tokenizer(tmp_path_factory) -> Path:
     [
         {"tokenizer_class": "LlamaTokenizer"},
         {"tokenizer_class": "LlamaTokenizer", "legacy": False},
+        # What transformers writes for a tokenizer without a length: int(1e30), out of range for the
+        # worker's JSON parser, which refused the file and so missed the class (and the chat template).
+        {"tokenizer_class": "LlamaTokenizer", "legacy": False, "model_max_length": int(1e30)},
         {"tokenizer_class": "LlamaTokenizer", "legacy": True},
         {"tokenizer_class": "LlamaTokenizer", "add_prefix_space": False},
         {"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": False, "add_eos_token": True},

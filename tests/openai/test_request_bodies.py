@@ -210,6 +210,48 @@ def test_chat_template_is_read_from_tokenizer_config(tmp_path):
     assert load_chat_template(tmp_path).render([{"role": "user", "content": "x"}]) == "x</s>"
 
 
+# Templates using what transformers' renderer provides beyond plain jinja: loop controls, its `tojson` (no
+# HTML escaping, non-ASCII kept), `tools`/`documents` defined as none, `{% generation %}` blocks,
+# `strftime_now`, `namespace`.
+_TRANSFORMERS_TEMPLATES = [
+    "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{{ m.content }}|"
+    "{% if loop.index > 2 %}{% break %}{% endif %}{% endfor %}",
+    "{% for m in messages %}{{ m | tojson }}{% endfor %}",
+    "{% if tools is not none %}TOOLS{% endif %}{% if documents is none %}NODOCS{% endif %}"
+    "{{ messages[-1].content }}",
+    "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+    "{% else %}{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}>{% endif %}",
+    "{{ strftime_now('%%') }}{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+    "{% endfor %}{{ ns.n }}{{ bos_token }}{{ eos_token }}",
+]
+
+
+@pytest.mark.parametrize("source", _TRANSFORMERS_TEMPLATES)
+def test_a_chat_template_renders_as_transformers_renders_it(tmp_path, source):
+    """A tokenizer saved by transformers 5 keeps its template in `chat_template.jinja`, not in
+    tokenizer_config.json: chat was refused for it ("no chat template"). Templates using transformers'
+    loop controls, `tojson`, `{% generation %}` or `strftime_now` failed to compile or rendered otherwise."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "</s>": 2}, unk_token="[UNK]"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = source
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "chat_template.jinja").is_file()
+    messages = [
+        {"role": "system", "content": "be <brief> & kind"},
+        {"role": "user", "content": "héllo \"you\""},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "again"},
+    ]
+    expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert load_chat_template(tmp_path).render(messages) == expected
+
+
 def test_the_demo_chat_template_renders_the_demo_prompt_shape():
     from data_plane.demo import CHAT_TEMPLATE
 

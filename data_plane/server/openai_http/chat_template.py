@@ -1,16 +1,25 @@
-"""The model's own chat template (`tokenizer_config.json`'s `chat_template`), rendered in a sandbox.
+"""The model's own chat template, rendered in a sandbox as transformers renders it.
 
-Rendered as Hugging Face does it: jinja2 with `trim_blocks` and `lstrip_blocks`, the variables
-`messages`, `add_generation_prompt`, `bos_token`, `eos_token` and a `raise_exception` function, but in
-an `ImmutableSandboxedEnvironment`: a template reads only what it is given and changes nothing.
+Where transformers finds it: `chat_template.jinja` beside the tokenizer (what `save_pretrained` writes
+since transformers 4.5x), else `tokenizer_config.json`'s `chat_template` (a string, or named templates of
+which "default" is used). Rendered as `apply_chat_template` does: jinja2 with `trim_blocks`,
+`lstrip_blocks` and loop controls (`break`, `continue`), transformers' `tojson` (no HTML escaping),
+`raise_exception` and `strftime_now`, a `{% generation %}` block rendered as its body, and the variables
+`messages`, `tools` and `documents` (none: this API takes neither), `add_generation_prompt`, `bos_token`
+and `eos_token`; in an `ImmutableSandboxedEnvironment`: a template reads only what it is given and
+changes nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import datetime
 from pathlib import Path
+from typing import ClassVar
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from openlora.safe_json import JsonFieldError, load_json_object
@@ -19,6 +28,36 @@ log = logging.getLogger(__name__)
 
 MAX_RENDERED_CHARS = 1 << 20
 _CONFIG_FILE = "tokenizer_config.json"
+_TEMPLATE_FILE = "chat_template.jinja"
+# Larger template files are not read (the largest templates on the Hub are tens of KiB).
+MAX_TEMPLATE_BYTES = 1 << 20
+
+
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers marks the assistant's tokens with it for
+    training masks): rendered as its body."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _body(caller) -> str:
+        return caller()
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' `tojson`: json.dumps, without jinja's HTML escaping."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
 
 
 class ChatTemplateError(ValueError):
@@ -27,8 +66,12 @@ class ChatTemplateError(ValueError):
 
 class ChatTemplate:
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols]
+        )
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = _strftime_now
         self._template = env.from_string(source)
         self._tokens = {"bos_token": bos_token, "eos_token": eos_token}
 
@@ -36,7 +79,11 @@ class ChatTemplate:
         """The prompt text of `messages` ({"role", "content"} each)."""
         try:
             text = self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self._tokens
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self._tokens,
             )
         except TemplateError as error:
             raise ChatTemplateError(f"the model's chat template refused the messages: {error}") from None
@@ -46,23 +93,31 @@ class ChatTemplate:
 
 
 def load_chat_template(model_dir: Path) -> ChatTemplate | None:
-    """The template of `model_dir/tokenizer_config.json`; None when there is none (or it is unusable,
-    logged): chat is then refused while completions still work."""
+    """The template of `model_dir` (`chat_template.jinja`, else `tokenizer_config.json`'s), with the
+    special tokens of `tokenizer_config.json`; None when there is none (or it is unusable, logged): chat
+    is then refused while completions still work."""
     path = Path(model_dir) / _CONFIG_FILE
-    if not path.is_file():
-        return None
+    template_file = Path(model_dir) / _TEMPLATE_FILE
     try:
-        config = load_json_object(path.read_bytes(), _CONFIG_FILE)
-        source = config.data.get("chat_template")
+        config = (  # transformers writes int(1e30) for an unbounded model_max_length: not a reason to refuse
+            load_json_object(path.read_bytes(), _CONFIG_FILE, mark_out_of_range=True)
+            if path.is_file()
+            else None
+        )
+        source = config.data.get("chat_template") if config is not None else None
+        if template_file.is_file():  # transformers reads the file over the config's entry
+            path = template_file
+            if template_file.stat().st_size > MAX_TEMPLATE_BYTES:
+                raise OSError(f"larger than {MAX_TEMPLATE_BYTES} bytes")
+            source = template_file.read_bytes().decode("utf-8")
         if isinstance(source, list):  # named templates: the default one
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default")
         if not isinstance(source, str) or not source:
             return None
-        return ChatTemplate(
-            source, _token(config.data.get("bos_token")), _token(config.data.get("eos_token"))
-        )
-    except (JsonFieldError, TemplateError, OSError) as error:
+        tokens = config.data if config is not None else {}
+        return ChatTemplate(source, _token(tokens.get("bos_token")), _token(tokens.get("eos_token")))
+    except (JsonFieldError, TemplateError, OSError, UnicodeError) as error:
         log.warning("%s: chat template not usable, chat completions refused: %s", path, error)
         return None
 

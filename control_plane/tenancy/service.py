@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import any_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from control_plane.db.base import utc_now
@@ -135,7 +136,10 @@ def create_tenant(session: Session, caller: Caller, name: str) -> Tenant:
         raise AlreadyExists(f"tenant {name!r} already exists", field="name")
     tenant = Tenant(name=name, is_operator=False)
     session.add(tenant)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # another CreateTenant of the name committed after the check above
+        raise AlreadyExists(f"tenant {name!r} already exists", field="name") from None
     return tenant
 
 

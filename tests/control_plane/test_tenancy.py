@@ -97,3 +97,29 @@ def test_keys_are_stored_only_as_salted_hashes(cp) -> None:
     flat = " ".join(" ".join(r) for r in rows)
     assert secret not in flat and secret.split("_", 2)[2] not in flat
     assert len({r[1] for r in rows}) == len(rows)  # one salt per key
+
+
+def test_concurrent_creates_of_one_tenant_name_make_it_once_and_refuse_the_rest(cp) -> None:
+    """Each create checked the name free, then inserted: the losers of the race hit the unique constraint
+    and answered INTERNAL instead of ALREADY_EXISTS."""
+    import threading
+    import uuid
+
+    def create(name: str, barrier: threading.Barrier, codes: list) -> None:
+        with cp.admin() as admin:
+            barrier.wait()
+            try:
+                admin.create_tenant(name)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+                assert error.details().startswith("name: "), error.details()
+
+    for _ in range(5):
+        name, barrier, codes = f"race-{uuid.uuid4().hex[:8]}", threading.Barrier(8), []
+        threads = [threading.Thread(target=create, args=(name, barrier, codes)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert codes.count(grpc.StatusCode.ALREADY_EXISTS) == 7 and grpc.StatusCode.OK in codes, codes

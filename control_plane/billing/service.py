@@ -312,6 +312,12 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
 
 
 def _store(session: Session, tenant_id: uuid.UUID, invoice: Invoice) -> None:
+    # Concurrent computations of one invoice each deleted the stored row (seeing none of the others' new
+    # one) and inserted theirs: all but one failed on the (tenant, period) unique constraint, INTERNAL.
+    # Serialized until the transaction ends: each replaces the row the one before stored.
+    session.execute(
+        select(func.pg_advisory_xact_lock(func.hashtextextended(f"invoice:{tenant_id}:{invoice.period}", 0)))
+    )
     session.execute(
         delete(InvoiceRow).where(InvoiceRow.tenant_id == tenant_id, InvoiceRow.period == invoice.period)
     )

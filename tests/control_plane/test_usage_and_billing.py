@@ -422,3 +422,35 @@ def test_a_positive_charge_is_never_rounded_to_nothing(cp, world, adapters_root)
     with cp.admin(keys["tiny-owner"]) as owner:
         earned = [line for line in owner.get_invoice("2026-08").lines if line.kind == "royalty_earned"]
     assert sorted(line.amount_micros for line in earned) == [1, 1]
+
+
+def test_concurrent_invoices_of_a_closed_month_all_answer_and_one_is_stored(cp, world) -> None:
+    """Each computation of a closed month's invoice deleted the stored row, then inserted its own: those
+    that ran at once failed on the (tenant, period) unique constraint, INTERNAL."""
+    barrier, outcomes, lock = threading.Barrier(8), [], threading.Lock()
+
+    def invoice() -> None:
+        with cp.admin(world["user_admin"]) as user:
+            barrier.wait()
+            try:
+                outcome = user.get_invoice("2026-03").net_micros
+            except grpc.RpcError as error:
+                outcome = error.code()
+        with lock:
+            outcomes.append(outcome)
+
+    for _ in range(3):
+        outcomes.clear()
+        threads = [threading.Thread(target=invoice) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(outcomes) == 8 and all(isinstance(o, int) for o in outcomes), outcomes
+        assert len(set(outcomes)) == 1
+    with psycopg.connect(cp.config.database_url) as conn:
+        stored = conn.execute(
+            "SELECT count(*) FROM invoice i JOIN tenant t ON t.id = i.tenant_id "
+            "WHERE t.name = 'user' AND period = '2026-03'"
+        ).fetchone()
+    assert stored == (1,)

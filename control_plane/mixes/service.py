@@ -177,7 +177,9 @@ def list_mixes(session: Session, tenant: Tenant) -> list[OwnedMix]:
 
 def delete_mix(session: Session, tenant: Tenant, name: str) -> OwnedMix:
     registry.check_name(name)
-    mix = find_mix(session, tenant.id, name)
+    # Locked: of concurrent deletes of one mix, the later ones wait, then find it gone (NOT_FOUND); unlocked,
+    # each deleted the row again (0 rows, a warning) and answered OK with the mix as if it had deleted it.
+    mix = session.scalar(select(Mix).where(Mix.tenant_id == tenant.id, Mix.name == name).with_for_update())
     if mix is None:
         raise MixNotFound(name)
     owned = _owned(session, tenant.name, mix)

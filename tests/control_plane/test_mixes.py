@@ -383,3 +383,34 @@ def test_deleting_content_another_tenant_still_serves_names_no_content_for_merge
         admin.delete_adapter("copy")
     [deleted] = _hints(redis_url, adapter_id=copy.id)
     assert (deleted.kind, deleted.sha256, deleted.source_sha256) == ("invalidate", "", "")
+
+
+def test_concurrent_deletes_of_one_mix_delete_it_once(cp, adapters_root) -> None:
+    """Unlocked, each delete found the mix, deleted it again (0 rows: only a warning) and answered OK with
+    the mix, as if each had deleted it (and each published its invalidation)."""
+    import threading
+
+    _, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "a", "a", BASE)
+
+    def delete(barrier: threading.Barrier, outcomes: list) -> None:
+        with cp.admin(key) as admin:
+            barrier.wait()
+            try:
+                outcomes.append(admin.delete_mix("gone").id)
+            except grpc.RpcError as error:
+                outcomes.append(error.code())
+
+    for _ in range(3):
+        with cp.admin(key) as admin:
+            made = admin.create_mix("gone", [("a", 1.0)])
+        barrier, outcomes = threading.Barrier(8), []
+        threads = [threading.Thread(target=delete, args=(barrier, outcomes)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert outcomes.count(grpc.StatusCode.NOT_FOUND) == 7 and made.id in outcomes, outcomes
+        with cp.admin(key) as admin:
+            assert admin.list_mixes() == []

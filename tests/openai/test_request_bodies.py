@@ -242,7 +242,7 @@ def test_a_chat_template_renders_as_transformers_renders_it(tmp_path, source):
     assert (tmp_path / "chat_template.jinja").is_file()
     messages = [
         {"role": "system", "content": "be <brief> & kind"},
-        {"role": "user", "content": "héllo \"you\""},
+        {"role": "user", "content": 'héllo "you"'},
         {"role": "assistant", "content": "hi"},
         {"role": "user", "content": "again"},
     ]

@@ -33,7 +33,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from control_plane.billing.models import InvoiceLineRow, InvoiceRow, Price
-from control_plane.db.base import utc_now
+from control_plane.db.base import lock_until_commit, utc_now
 from control_plane.errors import InvalidArgument
 from control_plane.registry.models import Adapter
 from control_plane.tenancy.models import Tenant
@@ -315,9 +315,7 @@ def _store(session: Session, tenant_id: uuid.UUID, invoice: Invoice) -> None:
     # Concurrent computations of one invoice each deleted the stored row (seeing none of the others' new
     # one) and inserted theirs: all but one failed on the (tenant, period) unique constraint, INTERNAL.
     # Serialized until the transaction ends: each replaces the row the one before stored.
-    session.execute(
-        select(func.pg_advisory_xact_lock(func.hashtextextended(f"invoice:{tenant_id}:{invoice.period}", 0)))
-    )
+    lock_until_commit(session, f"invoice:{tenant_id}:{invoice.period}")
     session.execute(
         delete(InvoiceRow).where(InvoiceRow.tenant_id == tenant_id, InvoiceRow.period == invoice.period)
     )

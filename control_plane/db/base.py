@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import MetaData
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy import MetaData, func, select
+from sqlalchemy.orm import DeclarativeBase, Session
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -22,3 +22,10 @@ class Base(DeclarativeBase):
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def lock_until_commit(session: Session, key: str) -> None:
+    """Serializes, until the transaction ends, every transaction that takes the same `key` (a PostgreSQL
+    advisory lock on its hash): for check-then-insert work whose row may not exist yet, which a row lock
+    cannot hold."""
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(key, 0))))

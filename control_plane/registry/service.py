@@ -10,7 +10,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from control_plane.db.base import utc_now
+from control_plane.db.base import lock_until_commit, utc_now
 from control_plane.errors import AdapterNotFound, AlreadyExists, InvalidArgument
 from control_plane.registry.models import (
     STATUS_DELETED,
@@ -182,7 +182,7 @@ def lock_name(session: Session, tenant_id, name: str) -> None:
     """Serializes, until the transaction ends, every transaction that checks then takes this tenant's name
     (an adapter upload's row, a CreateMix): adapters and mixes share one namespace, and two such
     transactions could each see the name free and both take it."""
-    session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(f"name:{tenant_id}:{name}", 0))))
+    lock_until_commit(session, f"name:{tenant_id}:{name}")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from datetime import timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from control_plane.db.base import utc_now
+from control_plane.db.base import lock_until_commit, utc_now
 from control_plane.errors import FailedPrecondition, InvalidArgument, NotFound
 from control_plane.text import check_text
 from control_plane.workers.models import BaseModelRow, Worker
@@ -43,6 +43,9 @@ def _check_spec(spec: BaseModelSpec, fingerprint: str) -> None:
 
 
 def upsert_base_model(session: Session, spec: BaseModelSpec) -> BaseModelRow:
+    # Workers of a new base model registering at once each found no row and inserted one: all but one
+    # failed on its key (INTERNAL). The lock holds a row that may not exist yet.
+    lock_until_commit(session, f"base_model:{spec.name}")
     row = session.get(BaseModelRow, spec.name, with_for_update=True)
     dims = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name != "name"}
     if row is None:
@@ -67,6 +70,7 @@ def register_worker(session: Session, registration: WorkerRegistration) -> Worke
     check_text(registration.worker_id, "worker_id", MAX_NAME_CHARS)
     upsert_base_model(session, registration.spec)
     worker_id = registration.worker_id or uuid.uuid4().hex
+    lock_until_commit(session, f"worker:{worker_id}")  # one id registering twice at once: as above
     worker = session.get(Worker, worker_id, with_for_update=True)
     now = utc_now()
     if worker is None:

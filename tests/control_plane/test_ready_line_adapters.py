@@ -19,3 +19,34 @@ def test_only_the_served_base_models_adapters_are_offered(cp, adapters_root) -> 
         tenant.upload_adapter(adapters_root / "b", name="elsewhere", base_model="other-llama")
     assert own_adapter_names(cp.target, key, "ready", BASE_MODEL) == ["served"]
     assert own_adapter_names(cp.target, key, "ready", "other-llama") == ["elsewhere"]
+
+
+def test_workers_of_a_new_base_model_registering_at_once_all_register(cp) -> None:
+    """A fleet started together registers one new base model from many workers at once: each found no
+    row and inserted one, and all but the first got INTERNAL from the unique key (the same for one worker
+    id registering twice at once)."""
+    import threading
+    import uuid
+
+    import grpc
+
+    for worker_id in ("", "same-worker"):
+        spec = BaseModelSpec.from_hf_config(tiny_llama_dict(), f"fleet-{uuid.uuid4().hex[:8]}")
+        barrier, codes, lock = threading.Barrier(8), [], threading.Lock()
+
+        def register(spec=spec, worker_id=worker_id, barrier=barrier, codes=codes, lock=lock) -> None:
+            barrier.wait()
+            try:
+                register_worker(cp, spec, worker_id=worker_id)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                code = error.code()
+            with lock:
+                codes.append(code)
+
+        threads = [threading.Thread(target=register) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert codes == [grpc.StatusCode.OK] * 8, (worker_id, codes)

@@ -8,6 +8,10 @@ import math
 # A weight scales its adapter's update (linear and merge mixes) or its share of the combined distribution
 # (ensembles). Weights past this bound only make float32 overflow (K and V turn infinite); none is needed.
 MAX_MIX_WEIGHT = 1000.0
+# The merge methods, and every kind a usage record may be billed as (the worker's `request_kind`; "" from a
+# worker older than kinds).
+MERGE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+REQUEST_KINDS = frozenset({"", "single", "linear_mix", "ensemble", *(f"merge:{m}" for m in MERGE_METHODS)})
 
 
 def weight_problem(weight: float, method: str | None) -> str | None:

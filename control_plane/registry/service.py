@@ -46,13 +46,13 @@ def check_name(name: str) -> None:
         raise InvalidArgument(ADAPTER_NAME_RULE, field="name")
 
 
-def check_requested_name(name: str) -> None:
-    """A name a request uses (an adapter's or a saved mix's): INVALID_ARGUMENT on `adapter` unless it could
+def check_requested_name(name: str, field: str = "adapter") -> None:
+    """A name a request uses (an adapter's or a saved mix's): INVALID_ARGUMENT on `field` unless it could
     be one, before any query (Postgres refuses a NUL with an error that names no field)."""
     if not name:
-        raise InvalidArgument("required", field="adapter")
+        raise InvalidArgument("required", field=field)
     if not ADAPTER_NAME.fullmatch(name):
-        raise InvalidArgument(ADAPTER_NAME_RULE, field="adapter")
+        raise InvalidArgument(ADAPTER_NAME_RULE, field=field)
 
 
 def _owned(session: Session, adapter: Adapter) -> OwnedAdapter:
@@ -122,6 +122,7 @@ def lock_public_name(session: Session, name: str) -> None:
 
 
 def get_adapter(session: Session, tenant: Tenant, name: str) -> OwnedAdapter:
+    check_requested_name(name, "name")  # GetAdapterRequest's field (Authorize's is `adapter`)
     return _owned(session, resolve_visible(session, tenant.id, name))
 
 

@@ -51,14 +51,16 @@ class RequestIdReservation(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
-def _checked_key(tenant_id: str, request_id: str) -> uuid.UUID:
+def _checked_key(tenant_id: str, request_id: str, where: str = "") -> uuid.UUID:
+    """The tenant's id of a (tenant id, request id) key; INVALID_ARGUMENT naming `<where>tenant_id` or
+    `<where>request_id` (`where`: "keep[3]." for a key of a list)."""
     try:
         tenant = uuid.UUID(tenant_id)
     except ValueError:
-        raise InvalidArgument(f"not a valid id: {tenant_id!r}", field="tenant_id") from None
+        raise InvalidArgument(f"not a valid id: {tenant_id!r}", field=f"{where}tenant_id") from None
     if not request_id:
-        raise InvalidArgument("required", field="request_id")
-    check_text(request_id, "request_id", MAX_REQUEST_ID_CHARS)
+        raise InvalidArgument("required", field=f"{where}request_id")
+    check_text(request_id, f"{where}request_id", MAX_REQUEST_ID_CHARS)
     return tenant
 
 
@@ -113,6 +115,7 @@ def reserve_request_id(
 def release_request_id(session: Session, tenant_id: str, request_id: str, worker_id: str) -> bool:
     """Removes `worker_id`'s reservation of the id; returns whether there was one."""
     tenant = _checked_key(tenant_id, request_id)
+    check_text(worker_id, "worker_id", 128)
     table = RequestIdReservation.__table__
     removed = session.execute(
         delete(table)
@@ -132,7 +135,10 @@ def release_worker_request_ids(session: Session, worker_id: str, keep: list[tupl
         raise InvalidArgument("required", field="worker_id")
     if len(keep) > MAX_KEPT_REQUEST_IDS:
         raise InvalidArgument(f"at most {MAX_KEPT_REQUEST_IDS} keys, got {len(keep)}", field="keep")
-    kept = {(_checked_key(tenant_id, request_id), request_id) for tenant_id, request_id in keep}
+    kept = {
+        (_checked_key(tenant_id, request_id, f"keep[{i}]."), request_id)
+        for i, (tenant_id, request_id) in enumerate(keep)
+    }
     table = RequestIdReservation.__table__
     held = session.execute(
         select(table.c.tenant_id, table.c.request_id).where(table.c.worker_id == worker_id).with_for_update()

@@ -39,6 +39,8 @@ from control_plane.tenancy.models import Tenant
 from control_plane.text import check_text
 from control_plane.usage.models import UsageCounter, UsageEvent, UsageEventAdapter
 from control_plane.usage.shares import MICROS, ensemble_base_share, round_half_even, split_micro_tokens
+from openlora.mix_rules import MAX_MIX_WEIGHT, REQUEST_KINDS
+from openlora.names import ADAPTER_NAME
 from openlora.text_rules import MAX_REQUEST_ID_CHARS
 from openlora.usage_shares import wire_share
 
@@ -129,8 +131,13 @@ def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
         check_text(r.base_model, f"{where}.base_model", 128)
         check_text(r.worker_id, f"{where}.worker_id", 128)
         check_text(r.finish_reason, f"{where}.finish_reason", 32)
-        check_text(r.request_kind, f"{where}.request_kind", 64)
-        check_text(r.mix_name, f"{where}.mix_name", 128)
+        if r.request_kind not in REQUEST_KINDS:  # it is printed on invoices: a closed set, as the proto says
+            raise InvalidArgument(
+                f"must be one of {sorted(REQUEST_KINDS)}, got {r.request_kind[:64]!r}",
+                field=f"{where}.request_kind",
+            )
+        if r.mix_name and not ADAPTER_NAME.fullmatch(r.mix_name):  # a saved mix's name, printed as well
+            raise InvalidArgument(f"not a mix name: {r.mix_name[:128]!r}", field=f"{where}.mix_name")
         for name in ("queue_ms", "ttft_ms", "total_ms"):
             value = getattr(r, name)
             if not math.isfinite(value) or value < 0:
@@ -138,6 +145,14 @@ def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
         adapters = []
         for j, (adapter_id, weight) in enumerate(r.adapters):
             adapter = _uuid(adapter_id, f"{where}.adapters[{j}].adapter_id")
+            if math.isfinite(weight) and weight > MAX_MIX_WEIGHT:
+                # A worker sends shares in (0, 1] (a mix weight, at most MAX_MIX_WEIGHT, from older
+                # ones); a larger one overflowed the share's column or the decimal context (INTERNAL).
+                # One that is no finite number bills nothing and is left out below, as before.
+                raise InvalidArgument(
+                    f"must be at most {MAX_MIX_WEIGHT:g}, got {weight:g}",
+                    field=f"{where}.adapters[{j}].weight",
+                )
             share = wire_share(weight)
             if share == 0:
                 # It bills nothing (rounds to zero, or is no positive number): refusing the record for it

@@ -16,6 +16,8 @@ from control_plane.workers.models import BaseModelRow, Worker
 from openlora.base_model import BaseModelSpec
 
 MAX_NAME_CHARS = 128
+# The columns of counts and dimensions are 32-bit signed; the wire's uint32 goes up to 2**32 - 1.
+MAX_COUNT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,15 @@ def _check_spec(spec: BaseModelSpec, fingerprint: str) -> None:
         value = getattr(spec, f.name)
         if isinstance(value, int) and value <= 0:
             raise InvalidArgument("must be positive", field=f"base_model.{f.name}")
+        if isinstance(value, int):
+            _check_count(value, f"base_model.{f.name}")
     if fingerprint and fingerprint != spec.fingerprint:
         raise InvalidArgument("does not match the dimensions sent", field="base_model.fingerprint")
+
+
+def _check_count(value: int, field: str) -> None:
+    if value > MAX_COUNT:
+        raise InvalidArgument(f"must be at most {MAX_COUNT}, got {value}", field=field)
 
 
 def upsert_base_model(session: Session, spec: BaseModelSpec) -> BaseModelRow:
@@ -68,6 +77,8 @@ def register_worker(session: Session, registration: WorkerRegistration) -> Worke
         raise InvalidArgument("required", field="address")
     check_text(registration.address, "address", 256)
     check_text(registration.worker_id, "worker_id", MAX_NAME_CHARS)
+    _check_count(registration.max_lora_rank, "max_lora_rank")
+    _check_count(registration.num_adapter_slots, "num_adapter_slots")
     upsert_base_model(session, registration.spec)
     worker_id = registration.worker_id or uuid.uuid4().hex
     lock_until_commit(session, f"worker:{worker_id}")  # one id registering twice at once: as above
@@ -90,6 +101,9 @@ def heartbeat(
     session: Session, worker_id: str, running_requests: int, waiting_requests: int, resident_adapters: int
 ) -> Worker:
     worker = session.get(Worker, check_text(worker_id, "worker_id", MAX_NAME_CHARS))
+    _check_count(running_requests, "running_requests")
+    _check_count(waiting_requests, "waiting_requests")
+    _check_count(resident_adapters, "resident_adapter_sha256")
     if worker is None:
         raise NotFound(f"worker {worker_id!r} is not registered; register again", field="worker_id")
     worker.last_heartbeat_at = utc_now()

@@ -16,9 +16,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from openlora.mix_rules import MERGE_METHODS
+
 # Bumped when the merge computation changes, so that old derived artifacts are never served for a spec.
 MERGE_FORMAT_VERSION = 1
-METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+METHODS = MERGE_METHODS
 SIGN_METHODS = ("total", "frequency")
 # Methods that elect a sign per parameter; the others ignore majority_sign_method.
 _ELECTING = ("ties", "dare_ties")

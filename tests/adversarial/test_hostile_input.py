@@ -558,3 +558,135 @@ def test_a_malformed_adapter_name_in_generate_is_invalid_argument_naming_it(atta
         with pytest.raises(grpc.RpcError) as refused:
             attacker.generate("olk_" + "x" * 40, **fields)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- values the database cannot hold: refused naming the field, never its generic refusal -------------
+
+_WIDE_SPEC = dict(
+    architecture="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, vocab_size=100,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "field, request_fields",
+    [
+        ("base_model.hidden_size", dict(base_model={**_WIDE_SPEC, "hidden_size": 2**31})),
+        ("base_model.vocab_size", dict(base_model={**_WIDE_SPEC, "vocab_size": 2**32 - 1})),
+        ("max_lora_rank", dict(max_lora_rank=2**32 - 1)),
+        ("num_adapter_slots", dict(num_adapter_slots=2**31)),
+    ],
+)
+def test_register_worker_counts_past_32_bits_are_invalid_argument_naming_the_field(
+    attacker, field, request_fields
+):
+    """uint32 on the wire, a signed 32-bit column behind it: past 2**31 - 1 the database refused the row
+    and the caller got "a value is too long or out of range for its field", naming none."""
+    fields = {"max_lora_rank": 16, "num_adapter_slots": 4, **request_fields}
+    spec = worker_pb2.BaseModelSpec(name="wide-model", **fields.pop("base_model", _WIDE_SPEC))
+    request = worker_pb2.RegisterWorkerRequest(
+        worker_id="wide-worker", address="127.0.0.1:1", base_model=spec, **fields
+    )
+    assert_refused(_worker(attacker, "RegisterWorker", request), field)
+
+
+@pytest.mark.parametrize("field", ["running_requests", "waiting_requests"])
+def test_heartbeat_counts_past_32_bits_are_invalid_argument_naming_the_field(attacker, field):
+    spec = worker_pb2.BaseModelSpec(name="wide-model", **_WIDE_SPEC)
+    attacker.workers.RegisterWorker(
+        worker_pb2.RegisterWorkerRequest(worker_id="beating", address="127.0.0.1:1", base_model=spec),
+        metadata=bearer(WORKER_TOKEN),
+    )
+    request = worker_pb2.HeartbeatRequest(worker_id="beating", **{field: 2**32 - 1})
+    assert_refused(_worker(attacker, "Heartbeat", request), field)
+
+
+@pytest.mark.parametrize("worker_id, problem", [("w\x00", "NUL"), ("w" * 129, "at most 128")])
+def test_release_request_id_checks_worker_id_as_reserve_does(attacker, worker_id, problem):
+    """ReserveRequestId refused these naming worker_id; ReleaseRequestId sent the NUL to the database
+    (its generic refusal, naming no field) and answered a 1 MB id with OK."""
+    tenant = attacker.new_tenant()
+    tenant_id = attacker.workers.Authorize(
+        worker_pb2.AuthorizeRequest(api_key=tenant.infer_key), metadata=bearer(WORKER_TOKEN)
+    ).tenant_id
+    request = worker_pb2.ReleaseRequestIdRequest(tenant_id=tenant_id, request_id="r", worker_id=worker_id)
+    assert_refused(_worker(attacker, "ReleaseRequestId", request), "worker_id")
+    assert problem in outcome(_worker(attacker, "ReleaseRequestId", request))[1]
+
+
+@pytest.mark.parametrize("weight", [1e21, 1e22, 3.4e38])
+def test_usage_share_past_the_mix_weight_bound_is_invalid_argument_naming_it(attacker, weight):
+    """A share of 1e22 and more overflowed the decimal context (INTERNAL); 1e21 the share's column (the
+    database's generic refusal). A worker sends shares in (0, 1]."""
+    tenant = attacker.new_tenant()
+    attacker.push(tenant, "shared")
+    auth = attacker.workers.Authorize(
+        worker_pb2.AuthorizeRequest(api_key=tenant.infer_key, adapters=["shared"]),
+        metadata=bearer(WORKER_TOKEN),
+    )
+    event = worker_pb2.UsageEvent(
+        request_id="share",
+        tenant_id=auth.tenant_id,
+        base_model=BASE_MODEL,
+        adapters=[worker_pb2.UsageAdapter(adapter_id=auth.adapters[0].adapter_id, weight=weight)],
+        completion_tokens=1,
+        request_kind="linear_mix",
+    )
+    request = worker_pb2.ReportUsageRequest(events=[event])
+    assert_refused(_worker(attacker, "ReportUsage", request), "events[0].adapters[0].weight")
+
+
+@pytest.mark.parametrize(
+    "key, field",
+    [
+        (dict(tenant_id="not-a-uuid", request_id="r"), "keep[1].tenant_id"),
+        (dict(tenant_id="00000000-0000-0000-0000-000000000000", request_id=""), "keep[1].request_id"),
+        (dict(tenant_id="00000000-0000-0000-0000-000000000000", request_id="r\x00"), "keep[1].request_id"),
+    ],
+)
+def test_a_bad_kept_key_is_invalid_argument_naming_its_index(attacker, key, field):
+    """A bad key among up to 10,000 was refused naming a bare `tenant_id` or `request_id`."""
+    good = worker_pb2.RequestIdKey(tenant_id="00000000-0000-0000-0000-000000000000", request_id="ok")
+    request = worker_pb2.ReleaseWorkerRequestIdsRequest(
+        worker_id="keeper", keep=[good, worker_pb2.RequestIdKey(**key)]
+    )
+    assert_refused(_worker(attacker, "ReleaseWorkerRequestIds", request), field)
+
+
+@pytest.mark.parametrize("name", ["", "a\x00b", "x" * 129, "é"])
+def test_get_adapter_refuses_a_malformed_name_naming_name(attacker, name):
+    """GetAdapterRequest's field is `name`; the refusal named `adapter`, a field the request has not."""
+    request = admin_pb2.GetAdapterRequest(name=name)
+    assert_refused(_admin(attacker, "GetAdapter", request), "name:")
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        (dict(request_kind="ad0\n"), "events[0].request_kind"),
+        (dict(request_kind="merge:../../etc/passwd"), "events[0].request_kind"),
+        (dict(request_kind="\u202eevil"), "events[0].request_kind"),
+        (dict(request_kind="linear_mix", mix_name="mix\x1b[31m"), "events[0].mix_name"),
+        (dict(request_kind="linear_mix", mix_name="a b"), "events[0].mix_name"),
+    ],
+)
+def test_a_request_kind_or_mix_name_outside_their_rules_is_refused_naming_it(attacker, fields, field):
+    """Both are printed on the tenant's invoice (its lines' request_kind and mix): any text was stored
+    and shown verbatim, newlines and terminal escapes included. The kinds are a closed set (the proto's),
+    a mix name follows the naming rule."""
+    tenant = attacker.new_tenant()
+    attacker.push(tenant, "kinds")
+    auth = attacker.workers.Authorize(
+        worker_pb2.AuthorizeRequest(api_key=tenant.infer_key, adapters=["kinds"]),
+        metadata=bearer(WORKER_TOKEN),
+    )
+    event = worker_pb2.UsageEvent(
+        request_id="kind",
+        tenant_id=auth.tenant_id,
+        base_model=BASE_MODEL,
+        adapters=[worker_pb2.UsageAdapter(adapter_id=auth.adapters[0].adapter_id, weight=1.0)],
+        completion_tokens=1,
+        **fields,
+    )
+    request = worker_pb2.ReportUsageRequest(events=[event])
+    assert_refused(_worker(attacker, "ReportUsage", request), field)

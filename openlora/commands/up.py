@@ -330,6 +330,28 @@ def _load_secrets(state_dir: Path) -> dict:
     return data
 
 
+def _priced_models(keys: dict, database_url: str | None) -> list[str]:
+    """The demo models this state dir has priced in the database of `database_url` (None: the embedded
+    one), a list to append to. A price lives in a database, so a start on another one (`--database-url`)
+    prices the demo model there too; the record of a state dir from before it was kept per database
+    (`priced_models`) counts for the database of this start."""
+    by_database = keys.setdefault("priced_models_by_database", {})
+    database = _database_identity(database_url)
+    if "priced_models" in keys:
+        by_database.setdefault(database, keys.pop("priced_models"))
+    return by_database.setdefault(database, [])
+
+
+def _database_identity(database_url: str | None) -> str:
+    """`database_url` without its driver, user and password, or `embedded`."""
+    if not database_url:
+        return "embedded"
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    return f"{url.get_backend_name()}://{url.host or ''}:{url.port or ''}/{url.database or ''}"
+
+
 def _save_secrets(state_dir: Path, data: dict) -> None:
     """Replaces STATE_DIR/up-secrets.json at once, never readable by others (0600 from its creation)."""
     path = state_dir / SECRETS_FILE
@@ -490,7 +512,7 @@ def _run_locked(config: UpConfig) -> int:
                 admin_target, keys["admin_key"], config.tenant, model_dir / "adapters", model_dir.name
             )
             if config.model_dir is None:
-                priced = keys.setdefault("priced_models", [])
+                priced = _priced_models(keys, config.database_url)
                 if model_dir.name not in priced:  # a price is the model's, not the tenant's: set it once
                     set_demo_price(admin_target, keys["admin_key"], model_dir.name)
                     priced.append(model_dir.name)

@@ -20,6 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from openlora.commands.demo_setup import (
+    DEMO_COMPLETION_MICROS_PER_MILLION_TOKENS,
+    DEMO_PROMPT_MICROS_PER_MILLION_TOKENS,
+)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -178,8 +183,8 @@ def test_restarts_keep_the_demo_key_and_show_the_operator_key_once(
 
     # A state dir written before `up` recorded what it seeded: it must not seed again either.
     secrets = json.loads(secrets_path.read_text())
-    for recorded in ("seeded_tenants", "priced_models"):
-        secrets.pop(recorded)
+    secrets.pop("seeded_tenants")
+    secrets.pop("priced_models_by_database")
     secrets_path.write_text(json.dumps(secrets))
     after_revoke = _Up(argv, env, tmp_path / "after-revoke.stderr")
     try:
@@ -190,6 +195,27 @@ def test_restarts_keep_the_demo_key_and_show_the_operator_key_once(
         after_revoke.stop()
     finally:
         after_revoke.kill()
+
+
+@pytest.mark.slow
+def test_a_start_on_another_database_prices_the_demo_model_there_too(
+    database_url, empty_database_url, redis_url, e2e_model_dir, tmp_path
+):
+    """A price lives in the database: the state dir's record that it priced the demo model must not keep
+    a start on a fresh database (the README's "Against an existing PostgreSQL") from pricing it there,
+    else its invoices show amounts of 0 while the tenant, adapters and mixes were seeded."""
+    state_dir = tmp_path / "state"
+    shutil.copytree(e2e_model_dir, state_dir / "demo-model")
+    (state_dir / "demo-model" / ".complete").write_text("ok\n")
+    env = _env(tmp_path)
+    demo_price = (DEMO_PROMPT_MICROS_PER_MILLION_TOKENS, DEMO_COMPLETION_MICROS_PER_MILLION_TOKENS)
+    for url in (database_url, empty_database_url):
+        up = _Up(_up_argv(state_dir, url, redis_url), env, tmp_path / "up.stderr")
+        try:
+            assert _price(url, "demo-model") == demo_price
+            up.stop()
+        finally:
+            up.kill()
 
 
 @pytest.mark.parametrize(

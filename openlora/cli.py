@@ -176,7 +176,7 @@ def _add_keys(subparsers) -> None:
     p = _admin_command(keys, "create", _keys_create, "create an api key (the secret is shown once)")
     p.add_argument("--tenant", default="", help="tenant name; default: the key's own tenant")
     p.add_argument("--admin", action="store_true", help="admin scope (also may infer)")
-    p = _admin_command(keys, "revoke", _keys_revoke, "revoke an api key by id or prefix")
+    p = _admin_command(keys, "revoke", _keys_revoke, "revoke an api key by id, prefix or the whole key")
     p.add_argument("key_id")
 
 

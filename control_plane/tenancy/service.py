@@ -168,7 +168,8 @@ def revoke_api_key(
         return row
     if row.id == configured_key_id:
         raise FailedPrecondition(
-            "this is the admin key the control plane was started with (OPENLORA_ADMIN_KEY): restart it with "
+            "this is the admin key the control plane was started with (OPENLORA_ADMIN_KEY, or the operator key "
+            "`openlora up` keeps in its state dir): restart it with "
             "another operator admin key first, then revoke this one",
             field="key_id",
         )
@@ -201,8 +202,14 @@ def _find_key(session: Session, key_id: str) -> ApiKey | None:
     try:
         return session.get(ApiKey, uuid.UUID(key_id))
     except ValueError:
-        prefix = key_id.removeprefix(keys.KEY_PREFIX)
-        return session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        pass
+    # Its display prefix (`olk_<prefix>`), else the key itself: the whole key as `up` prints it, or an
+    # operator's key of its own format, whose prefix is derived from its digest and shown nowhere.
+    for prefix in (key_id.removeprefix(keys.KEY_PREFIX), keys.lookup_prefix(key_id)):
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        if row is not None:
+            return row
+    return None
 
 
 def tenant_name(session: Session, tenant_id: uuid.UUID) -> str:

@@ -104,3 +104,28 @@ def test_concurrent_revocations_of_the_last_two_admin_keys_leave_one(cp) -> None
     finally:
         with sessions.begin() as s:
             s.execute(update(ApiKey).where(ApiKey.id == started_with).values(revoked_at=None))
+
+
+def test_a_key_is_revoked_by_its_whole_text_as_well_as_by_its_display_prefix(cp, server_thread) -> None:
+    """`up` prints whole keys (the ready line's, its operator key), never their display prefix; `keys
+    revoke <whole key>` was NOT_FOUND, and an operator key of its own format (its prefix a digest, shown
+    nowhere) could not be named at all. The whole key names it now; a key's secret part alone does not."""
+    with cp.admin() as admin:
+        admin.create_tenant("wholekey")
+        made = admin.create_api_key("wholekey")
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.revoke_api_key(made.secret.rsplit("_", 1)[-1])
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert admin.revoke_api_key(made.secret).HasField("revoked_at")
+    # An operator key of its own format, configured on a control plane: found by its text, and refused
+    # there for what it is (the started-with key), not as an unknown key.
+    from dataclasses import replace
+
+    own = "operator-chosen-key-0123456789"
+    other = server_thread.run(serve(replace(cp.config, admin_key=own)))
+    try:
+        with AdminClient(other.target, own) as admin, pytest.raises(grpc.RpcError) as refused:
+            admin.revoke_api_key(own)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        server_thread.run(other.stop(0))

@@ -214,11 +214,15 @@ def _add_adapters(subparsers) -> None:
         "stored before it hold less than half of that tier",
     )
     p = _admin_command(adapters, "list", _adapters_list, "list adapters")
-    p.add_argument("--tenant", default="")
+    p.add_argument(
+        "--tenant", default="", help="tenant name (another tenant's: operator key); default: the key's own"
+    )
     p.add_argument("--public", action="store_true", help="include other tenants' public adapters")
     p = _admin_command(adapters, "rm", _adapters_rm, "delete an adapter")
     p.add_argument("name")
-    p.add_argument("--tenant", default="")
+    p.add_argument(
+        "--tenant", default="", help="tenant name (another tenant's: operator key); default: the key's own"
+    )
 
 
 def _adapter_rows(adapters) -> list[list[object]]:
@@ -300,10 +304,14 @@ def _add_mixes(subparsers) -> None:
     p.add_argument("--description", default="")
     p.add_argument("--tenant", default="", help="owning tenant (operator key); default: the key's tenant")
     p = _admin_command(mixes, "list", _mixes_list, "list saved mixes")
-    p.add_argument("--tenant", default="")
+    p.add_argument(
+        "--tenant", default="", help="tenant name (another tenant's: operator key); default: the key's own"
+    )
     p = _admin_command(mixes, "rm", _mixes_rm, "delete a saved mix")
     p.add_argument("name")
-    p.add_argument("--tenant", default="")
+    p.add_argument(
+        "--tenant", default="", help="tenant name (another tenant's: operator key); default: the key's own"
+    )
 
 
 def _mix_rows(mixes) -> list[list[object]]:
@@ -349,7 +357,9 @@ def _mixes_rm(client: AdminClient, args: argparse.Namespace) -> int:
 
 def _add_usage(subparsers) -> None:
     p = _admin_command(subparsers, "usage", _usage, "usage per adapter")
-    p.add_argument("--tenant", default="")
+    p.add_argument(
+        "--tenant", default="", help="tenant name (another tenant's: operator key); default: the key's own"
+    )
 
 
 def _usage(client: AdminClient, args: argparse.Namespace) -> int:
@@ -365,7 +375,9 @@ def _usage(client: AdminClient, args: argparse.Namespace) -> int:
 
 def _add_invoice(subparsers) -> None:
     p = _admin_command(subparsers, "invoice", _invoice, "a tenant's invoice for a month")
-    p.add_argument("--tenant", default="")
+    p.add_argument(
+        "--tenant", default="", help="tenant name (another tenant's: operator key); default: the key's own"
+    )
     p.add_argument("--period", required=True, help="YYYY-MM (UTC)")
 
 

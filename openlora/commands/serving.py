@@ -559,7 +559,11 @@ def _add_up(subparsers) -> None:
     p.add_argument(
         "--redis-url", default=_env("REDIS_URL"), help="(OPENLORA_REDIS_URL) default: embedded Redis"
     )
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="(OPENLORA_HOST)")
+    p.add_argument(
+        "--host",
+        default=_env("HOST", "127.0.0.1"),
+        help="address every server listens on (OPENLORA_HOST; default 127.0.0.1)",
+    )
     p.add_argument(
         "--port",
         type=_int,
@@ -594,7 +598,7 @@ def _add_up(subparsers) -> None:
     p.add_argument(
         "--device",
         default=_env("DEVICE", "cpu"),
-        help="the worker's device: cpu, cuda or cuda:N (OPENLORA_DEVICE)",
+        help="the worker's device: cpu, cuda or cuda:N (OPENLORA_DEVICE; default cpu)",
     )
     p.add_argument("--tenant", default=_env("TENANT", "demo"), help="the demo tenant (OPENLORA_TENANT)")
     p.add_argument("--context", default=None, help="context file; default OPENLORA_CONTEXT or XDG path")

@@ -371,6 +371,16 @@ def _shown_path(path: Path) -> str:
     return str(path)
 
 
+def _context_prefix(written: Path) -> str:
+    """`OPENLORA_CONTEXT=FILE ` when the CLI, run from this shell's environment, would not read the
+    context file this start wrote (`up --context FILE`); else nothing."""
+    from openlora.config import context_path
+
+    if Path(written).absolute() == context_path(os.environ).absolute():
+        return ""
+    return f"OPENLORA_CONTEXT={shlex.quote(_shown_path(Path(written).absolute()))} "
+
+
 def cli_command() -> str:
     """How the operator runs this `openlora` from the current directory: `openlora` when PATH finds this
     one, else its path (relative when under the current directory: `.venv/bin/openlora`)."""
@@ -544,7 +554,8 @@ def _run_locked(config: UpConfig) -> int:
         if adapter_names:
             print(
                 f"adapters: {', '.join(adapter_names)}; in another terminal try:\n"
-                f'  {cli_command()} generate --adapter {adapter_names[0]} "the quick fox =>"',
+                f"  {_context_prefix(config.context_path)}{cli_command()} generate --adapter "
+                f'{adapter_names[0]} "the quick fox =>"',
                 file=sys.stderr,
                 flush=True,
             )

@@ -434,6 +434,15 @@ def _prices_set(client: AdminClient, args: argparse.Namespace) -> int:
     print(
         f"price of {args.base_model}: prompt {money(args.prompt)}, completion {money(args.completion)} per M tokens"
     )
+    # A price may be set before any worker serves its model, so it is not refused; but a misspelled name
+    # would bill nothing silently.
+    served = sorted({worker.base_model for worker in client.list_workers()})
+    if args.base_model not in served:
+        print(
+            f"note: no worker has registered base model {args.base_model!r} (registered: "
+            f"{', '.join(served) or 'none'}); the price applies once one serves it",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -37,6 +37,8 @@ def test_admin_workflow_prints_tables(capsys, cp, adapters_root) -> None:
         capsys, cp, "prices", "set", "tiny-llama", "--prompt", "100000", "--completion", "300000"
     )
     assert code == 0
+    code, _, err = _run(capsys, cp, "prices", "set", "tiny-lama", "--prompt", "1", "--completion", "1")
+    assert code == 0 and "no worker has registered base model 'tiny-lama'" in err and "tiny-llama" in err
     code, out, _ = _run(capsys, cp, "invoice", "--tenant", "cli-co", "--period", "2026-01")
     assert code == 0 and "0.000000" in out
     code, out, _ = _run(capsys, cp, "adapters", "rm", "cli-lora", key=secret)

@@ -21,7 +21,7 @@ import grpc
 
 from control_plane.prediction.settings import add_predictor_flags
 from openlora.admin_client import AdminClient, UploadRefused
-from openlora.config import AdminSettings, ControlPlaneSettings, read_context
+from openlora.config import AdminSettings, ControlPlaneSettings, context_path, read_context
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 from openlora.mix_rules import MIN_DENSITY, parse_mix
 
@@ -486,6 +486,15 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return BROKEN_PIPE_EXIT_CODE
 
 
+def context_key_hint(environ: Mapping[str, str]) -> str:
+    """The hint for an UNAUTHENTICATED answer to the context file's key: revoked, or another system's."""
+    return (
+        f"hint: the api key comes from the context file {context_path(environ)}: it was revoked or belongs to "
+        "another system; restarting `openlora up` gives its tenant a new key (and rewrites that file), or "
+        "pass --api-key / OPENLORA_API_KEY"
+    )
+
+
 UNREACHABLE_HINT = (
     "hint: nothing answers at that address: is `openlora up` (or the server named by the flags, "
     "OPENLORA_* variables or the context file) running?"
@@ -500,9 +509,19 @@ def _run(argv: list[str] | None, environ: Mapping[str, str] | None) -> int:
         if kind == "control-plane":
             return args.func(ControlPlaneSettings.resolve(vars(args), environ))
         if kind == "admin":
-            settings = AdminSettings.resolve(args.admin_target, args.api_key, environ, read_context(environ))
+            context = read_context(environ)
+            settings = AdminSettings.resolve(args.admin_target, args.api_key, environ, context)
             with AdminClient(settings.admin_target, settings.api_key) as client:
-                return args.func(client, args)
+                try:
+                    return args.func(client, args)
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.UNAUTHENTICATED and settings.api_key == context.get(
+                        "api_key"
+                    ):
+                        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+                        print(context_key_hint(environ), file=sys.stderr)
+                        return 1
+                    raise
         return args.func(args)
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)

@@ -498,6 +498,10 @@ def _run_generate(args: argparse.Namespace) -> int:
                 from openlora.cli import UNREACHABLE_HINT
 
                 print(UNREACHABLE_HINT, file=sys.stderr)
+            if error.code == grpc.StatusCode.UNAUTHENTICATED and api_key == context.get("api_key"):
+                from openlora.cli import context_key_hint
+
+                print(context_key_hint(os.environ), file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130

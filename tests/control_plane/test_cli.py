@@ -79,6 +79,31 @@ def test_context_file_and_environment_fill_missing_flags(capsys, cp, tmp_path: P
         AdminSettings.resolve(None, "k", {}, {})
 
 
+def test_a_revoked_context_key_is_explained(capsys, cp, tmp_path: Path) -> None:
+    """The context file's key revoked (or the file left by another system): the command said only
+    'unknown or revoked api key', leaving a newcomer to guess where that key came from."""
+    with_key = main(
+        ["keys", "create", "--tenant", "operator", "--admin-target", cp.target, "--api-key", cp.admin_key]
+    )
+    assert with_key == 0
+    secret = capsys.readouterr().out.split("secret (shown once): ")[1].strip()
+    context = tmp_path / "context.json"
+    context.write_text(json.dumps({"admin_target": cp.target, "api_key": secret}))
+    assert main(["keys", "revoke", secret, "--admin-target", cp.target, "--api-key", cp.admin_key]) == 0
+    capsys.readouterr()
+    assert main(["adapters", "list"], environ={"OPENLORA_CONTEXT": str(context)}) == 1
+    err = capsys.readouterr().err
+    assert "UNAUTHENTICATED" in err and f"context file {context}" in err and "openlora up" in err
+    assert (
+        main(
+            ["adapters", "list", "--api-key", "olk_000000000000_x"],
+            environ={"OPENLORA_CONTEXT": str(context)},
+        )
+        == 1
+    )
+    assert "context file" not in capsys.readouterr().err  # a key passed by flag: no such hint
+
+
 def test_control_plane_settings_resolution(tmp_path: Path) -> None:
     settings = ControlPlaneSettings.resolve(
         {"listen": None, "database_url": "postgresql://flag/db", "state_dir": str(tmp_path)},

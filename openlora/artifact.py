@@ -69,3 +69,29 @@ def digest_dir(path: str | Path, names: Iterable[str] = ARTIFACT_FILES) -> str:
             while chunk := f.read(_CHUNK_BYTES):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+OWNER_FILE = ".owner"
+
+
+class SharedArtifactsDir(ValueError):
+    """An artifacts directory already holds the other component's artifacts."""
+
+
+def claim_artifacts_dir(root: Path, owner: str) -> None:
+    """Marks `root` as `owner`'s ("control-plane" or "worker"), refusing one the other holds: both keep
+    artifacts in `STATE_DIR/artifacts` under sha256-named folders, and a worker sharing the control plane's
+    state dir would take its stored copies for its cache (and remove them to stay in its disk budget)."""
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / OWNER_FILE
+    try:
+        held = marker.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        held = ""
+    if held and held != owner:
+        raise SharedArtifactsDir(
+            f"{root} holds the {held}'s artifacts: give the {owner} a state directory of its own (--state-dir, "
+            "OPENLORA_STATE_DIR)"
+        )
+    if not held:
+        marker.write_text(owner + "\n", encoding="utf-8")

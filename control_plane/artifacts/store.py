@@ -19,7 +19,7 @@ from pathlib import Path
 
 from control_plane.artifacts.upload import ManifestEntry, Upload, check_manifest
 from control_plane.errors import InvalidArgument, NotFound
-from openlora.artifact import ARTIFACT_FILES, digest_dir
+from openlora.artifact import ARTIFACT_FILES, claim_artifacts_dir, digest_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class ArtifactDamaged(Exception):
 
 class ArtifactStore:
     def __init__(self, root: Path) -> None:
+        claim_artifacts_dir(root, "control-plane")
         self.root = root
         # sha256 -> the (size, mtime_ns) of each file when the copy last matched its digest.
         self._verified: dict[str, tuple[tuple[int, int], ...]] = {}

@@ -92,6 +92,11 @@ class WorkerConfig:
     residency_interval_s: float = 2.0
 
     @property
+    def effective_default_max_tokens(self) -> int:
+        """The max_tokens of a request that sets none: the default, within the worker's limit."""
+        return min(self.default_max_tokens, self.max_tokens_limit)
+
+    @property
     def resolved_max_streams_per_tenant(self) -> int:
         if self.max_streams_per_tenant is not None:
             return self.max_streams_per_tenant
@@ -124,8 +129,12 @@ class WorkerConfig:
             raise ValueError(
                 f"max_pending_merges_per_tenant must be >= 1, got {self.max_pending_merges_per_tenant}"
             )
-        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
-            raise ValueError("default_max_tokens must be in [1, max_tokens_limit]")
+        # A limit below the default lowers the default with it (`effective_default_max_tokens`): a worker
+        # given --max-tokens-limit 64 refused to start naming default_max_tokens, which no flag sets.
+        if self.max_tokens_limit < 1:
+            raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if self.drain_grace_s < 0:
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         if self.usage_flush_interval_s <= 0 or self.usage_fsync_interval_s <= 0:

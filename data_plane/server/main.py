@@ -39,6 +39,7 @@ from data_plane.server.openai_http.server import MAX_CONNECTIONS as HTTP_MAX_CON
 from data_plane.server.servicer import InferenceServicer
 from data_plane.server.usage_reporter import UsageReporter
 from data_plane.server.validation import RequestLimits
+from openlora.artifact import claim_artifacts_dir
 from openlora.grpc_decoding import RequestDecodingInterceptor
 from openlora.grpc_limits import connection_cap, server_options
 from openlora.hints import Hint
@@ -157,6 +158,7 @@ class RunningWorker:
 async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     """Starts a worker in the running loop. `engine` (an AsyncEngine) is built from config when None."""
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    claim_artifacts_dir(config.artifacts_dir, "worker")  # before the model loads: refused at once
     if engine is None:
         engine = await asyncio.to_thread(build_engine, config)
     await engine.start()
@@ -296,7 +298,7 @@ async def _start_serving(
     )
     limits = RequestLimits(
         max_tokens_limit=config.max_tokens_limit,
-        default_max_tokens=config.default_max_tokens,
+        default_max_tokens=config.effective_default_max_tokens,
         vocab_size=spec.vocab_size,
         max_model_len=engine.max_model_len,
     )

@@ -376,10 +376,14 @@ def _run_worker(args: argparse.Namespace) -> int:
     from data_plane.model.quant import QuantizationError
     from data_plane.server.control_plane_client import ControlPlaneError
     from data_plane.server.main import run_worker
+    from openlora.artifact import SharedArtifactsDir
     from openlora.listen import ListenError
 
     try:
         return run_worker(config)
+    except SharedArtifactsDir as error:  # the control plane's state dir: starting again won't help
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except QuantizationError as error:  # found while loading (the device cannot run the format)
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -649,7 +653,9 @@ def up_config_from_args(args: argparse.Namespace, environ):
 
     if args.quantize not in QUANTIZE_FORMATS:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_FORMATS)}, got {args.quantize!r}")
-    if (problem := device_problem(args.device)) is not None:  # the worker checks that CUDA runs here
+    # CUDA too (imports torch only for a cuda device): a GPU this machine lacks stops `up` here, not after
+    # the databases, the control plane and the demo model's training, as the worker's refusal did.
+    if (problem := device_problem(args.device) or cuda_problem(args.device)) is not None:
         raise ValueError(f"--device (OPENLORA_DEVICE) {problem}")
     if not TENANT_NAME.fullmatch(args.tenant):
         raise ValueError(f"--tenant (OPENLORA_TENANT) must be {TENANT_NAME_RULE}, got {args.tenant!r}")

@@ -355,3 +355,31 @@ def test_a_full_disk_with_every_artifact_held_is_an_artifact_error(tmp_path, ada
     with pytest.raises(ArtifactError, match="cannot be written"):
         asyncio.run(scenario())
     assert _debris(store) == [other_sha]  # a held artifact is never removed
+
+
+def test_a_worker_and_a_control_plane_never_share_an_artifacts_dir(tmp_path, capsys):
+    """Both keep artifacts under `STATE_DIR/artifacts` in sha256-named folders: a worker started on the
+    control plane's state dir took its stored copies for its own cache and removed them to stay within
+    its disk budget. Each claims the directory; the other is refused, the worker before its model loads."""
+    from control_plane.artifacts.store import ArtifactStore as StoredArtifacts
+    from openlora.artifact import SharedArtifactsDir, claim_artifacts_dir
+    from openlora.cli import main
+
+    control_plane_dir = tmp_path / "cp" / "artifacts"
+    StoredArtifacts(control_plane_dir)
+    StoredArtifacts(control_plane_dir)  # its own again: fine
+    code = main(
+        [
+            "worker",
+            "--model", str(tmp_path / "model"),
+            "--state-dir", str(tmp_path / "cp"),
+            "--control-plane", "127.0.0.1:1",
+            "--worker-token", "t",
+        ],
+        environ={},
+    )  # fmt: skip
+    assert code == 2
+    assert "holds the control-plane's artifacts: give the worker a state directory" in capsys.readouterr().err
+    claim_artifacts_dir(tmp_path / "w" / "artifacts", "worker")
+    with pytest.raises(SharedArtifactsDir, match="holds the worker's artifacts"):
+        StoredArtifacts(tmp_path / "w" / "artifacts")

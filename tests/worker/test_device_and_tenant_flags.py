@@ -72,3 +72,18 @@ def test_up_refuses_a_bad_device_or_tenant_before_starting_anything(
 ):
     cleared = ["OPENLORA_DEVICE", "OPENLORA_TENANT"]
     assert_refused_before_start("up", tmp_path, monkeypatch, capsys, argv, env, message, cleared)
+
+
+def test_up_refuses_a_device_this_machine_cannot_use_before_starting_anything(tmp_path, monkeypatch, capsys):
+    # No machine has 1000 GPUs: `up` checks CUDA itself, before the databases, the control plane and the
+    # demo model's training (the worker's refusal came only after them, in its log's tail).
+    assert_refused_before_start(
+        "up",
+        tmp_path,
+        monkeypatch,
+        capsys,
+        ["--device", "cuda:999"],
+        {},
+        "--device (OPENLORA_DEVICE) is 'cuda:999', but ",
+        ["OPENLORA_DEVICE", "OPENLORA_TENANT"],
+    )

@@ -51,6 +51,7 @@ from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
 from openlora.artifact import ARTIFACT_FILES, ArtifactDigest, digest_dir
 from openlora.base_model import BaseModelSpec
 from openlora.cache_scope import content_of, is_cache_key
+from openlora.exhaustion import exhausted_resource
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,10 @@ class ArtifactStore:
             actual = await asyncio.to_thread(digest_dir, self.path_of(key))
             reason = f"content digest {actual[:12]}"
         except (OSError, ValueError) as error:
+            if exhausted_resource(error):
+                # Out of file descriptors or memory: the worker is overloaded, the copy may be sound. It was
+                # removed as damaged (and its download replaced the files under a holder's running load).
+                raise
             actual, reason = None, f"unreadable: {error}"
         self._unchecked.discard(key)
         if actual == content_of(key) and fingerprint is not None:

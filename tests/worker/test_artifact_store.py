@@ -252,6 +252,35 @@ def test_an_intact_copy_found_at_start_is_checked_once_and_served_from_disk(tmp_
     assert remote.calls == 1 and checks == [sha]
 
 
+def test_a_copy_checked_while_the_worker_is_out_of_files_is_kept_not_removed(tmp_path, adapter, monkeypatch):
+    """Out of file descriptors (a burst of first calls), the check of a copy found at start could not read
+    it and removed it as damaged; a download then replaced its files under another request's running
+    load, which failed FAILED_PRECONDITION ('cannot be read: No such file'). The check now fails as the
+    overload it is (UNAVAILABLE, retry) and the copy stays to be checked again."""
+    import errno
+
+    import grpc
+
+    from data_plane.server import artifact_store
+    from data_plane.server.errors import status_for
+
+    src, sha = adapter
+    remote = Remote(chunks_of(src))
+    asyncio.run(_store(tmp_path, remote).ensure(sha))
+    restarted = _store(tmp_path, remote)
+
+    def out_of_files(path):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(artifact_store, "digest_dir", out_of_files)
+    with pytest.raises(OSError) as refused:
+        asyncio.run(restarted.ensure(sha))
+    assert status_for(refused.value)[0] == grpc.StatusCode.UNAVAILABLE
+    assert restarted.path_of(sha).is_dir() and remote.calls == 1
+    monkeypatch.undo()
+    assert asyncio.run(restarted.ensure(sha)).tier == "disk" and remote.calls == 1
+
+
 def test_a_cache_directory_that_cannot_be_written_is_an_artifact_error_not_a_fault(tmp_path, adapter):
     """A read-only (or vanished, or full) cache directory fails the fetch as ArtifactError, which callers
     answer UNAVAILABLE (retry), not INTERNAL; a PermissionError escaped before."""

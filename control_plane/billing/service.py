@@ -190,10 +190,10 @@ def _tokens_line(
 
 
 def _earned(session: Session, tenant_id: uuid.UUID, start: datetime, end: datetime):
-    """(base model, adapter name, royalty micro-tokens, amount in micros) others generated with T's
-    adapters that carry a royalty. The amount is the sum of what each paying tenant's invoice charges
-    (each rounded there on its own): rounded once over all payers, what the owner earned and what the
-    payers paid differed."""
+    """(base model, adapter name, completion tokens, amount in micros) others generated with T's adapters
+    that carry a royalty. The tokens and the amount are the sums of what each paying tenant's invoice
+    shows (each rounded there on its own): rounded once over all payers, what the owner earned and what
+    the payers paid differed (the tokens too, by one where payers' weighted shares rounded apart)."""
     rows = session.execute(
         select(
             UsageCounter.base_model,
@@ -217,7 +217,7 @@ def _earned(session: Session, tenant_id: uuid.UUID, start: datetime, end: dateti
         if not royalty:
             continue
         line = earned.setdefault((base_model, adapter_id), [base_model, name, 0, 0])
-        line[2] += int(paid_mt)
+        line[2] += round_half_even(int(paid_mt), MICROS)  # as that payer's line shows them
         line[3] += _amount(int(paid_mt) * royalty)
     return [tuple(line) for line in earned.values()]
 
@@ -279,14 +279,14 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
                 mix=mix,
             )
         )
-    for base_model, adapter, completion_mt, amount in _earned(session, tenant.id, start, end):
+    for base_model, adapter, completion_tokens, amount in _earned(session, tenant.id, start, end):
         lines.append(
             InvoiceLine(
                 ROYALTY_EARNED,
                 base_model,
                 adapter,
                 0,
-                round_half_even(completion_mt, MICROS),
+                completion_tokens,
                 amount,
                 adapter_owner=tenant.name,
             )

@@ -25,7 +25,7 @@ import math
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import delete, func, select, tuple_
@@ -99,6 +99,18 @@ def _uuid(value: str, field: str) -> uuid.UUID:
 
 def _hour(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _hour_at_or_after(moment: datetime) -> datetime:
+    """The first whole UTC hour at or after `moment`; the last instant datetime holds for one within the
+    last hour of 9999 (every event's hour lies before it)."""
+    hour = _hour(moment)
+    if hour == moment:
+        return hour
+    try:
+        return hour + timedelta(hours=1)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -478,13 +490,15 @@ def get_usage(session: Session, tenant: Tenant, start: datetime | None, end: dat
         raise InvalidArgument("must not be before start", field="end")
     counter_window = [UsageCounter.tenant_id == tenant.id]
     event_window = [UsageEvent.tenant_id == tenant.id]
-    hour_of_event = func.date_trunc("hour", UsageEvent.finished_at)
+    # An event's UTC hour lies in the window iff the event finished at or after the window's bound rounded
+    # up to a whole UTC hour (date_trunc truncated in the session's time zone: under a zone of a
+    # fractional offset, such as Asia/Kolkata, the totals and the lines counted different events).
     if start is not None:
         counter_window.append(UsageCounter.hour_at >= start)
-        event_window.append(hour_of_event >= start)
+        event_window.append(UsageEvent.finished_at >= _hour_at_or_after(start))
     if end is not None:
         counter_window.append(UsageCounter.hour_at < end)
-        event_window.append(hour_of_event < end)
+        event_window.append(UsageEvent.finished_at < _hour_at_or_after(end))
     rows = session.execute(
         select(
             Adapter.name,

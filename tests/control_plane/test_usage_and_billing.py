@@ -454,3 +454,70 @@ def test_concurrent_invoices_of_a_closed_month_all_answer_and_one_is_stored(cp, 
             "WHERE t.name = 'user' AND period = '2026-03'"
         ).fetchone()
     assert stored == (1,)
+
+
+def test_usage_totals_count_utc_hours_whatever_the_databases_time_zone(cp) -> None:
+    """GetUsage's totals truncated events to the hour in the session's time zone, its lines in UTC: on a
+    server whose time zone has a fractional offset (Asia/Kolkata, +05:30) the window 10:00-11:00 UTC
+    listed the 10:15 request in its lines and counted 0 requests in its totals."""
+    import uuid
+
+    from sqlalchemy import text
+
+    from control_plane.db.engine import make_engine, make_sessionmaker
+    from control_plane.tenancy.models import Tenant
+    from control_plane.usage import service as usage
+
+    def at(hour: int, minute: int = 0, second: int = 0) -> datetime:
+        return datetime(2026, 9, 3, hour, minute, second, tzinfo=UTC)
+
+    ids, _ = _tenants(cp, "kolkata")
+    assert _report(cp, [_event("tz-1", ids["kolkata"], [], 5, 7, at(10, 15))]).inserted == 1
+    engine = make_engine(cp.config.database_url, pool_size=1)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            session.execute(text("SET LOCAL TIME ZONE 'Asia/Kolkata'"))
+            tenant = session.get(Tenant, uuid.UUID(ids["kolkata"]))
+            for start, end, expected in [
+                (at(10), at(11), (1, 5, 7)),
+                (at(9, 45), at(10, 30), (1, 5, 7)),  # the hour 10:00 lies in the window
+                (at(10, 0, 1), at(11), (0, 0, 0)),
+                (at(9, 30), at(10), (0, 0, 0)),
+            ]:
+                summary = usage.get_usage(session, tenant, start, end)
+                totals = (
+                    summary.total_requests,
+                    summary.total_prompt_tokens,
+                    summary.total_completion_tokens,
+                )
+                assert totals == expected, (start, end)
+                assert sum(line.requests for line in summary.lines) == expected[0], (start, end)
+    finally:
+        engine.dispose()
+
+
+def test_royalty_earned_shows_the_tokens_its_payers_lines_show(cp, adapters_root) -> None:
+    """Two tenants each pay a royalty on a third of 2 completion tokens of an ensemble (0.666667 tokens,
+    shown as 1 on each payer's line): the owner's line rounded the sum once (1.333333 -> 1), one token
+    fewer than its payers' lines hold, while its amount is their amounts' sum."""
+    when = datetime(2026, 10, 3, 9, tzinfo=UTC)
+    ids, keys = _tenants(cp, "third-owner", "third-a", "third-b")
+    with cp.admin(keys["third-owner"]) as owner:
+        third = owner.upload_adapter(
+            adapters_root / "a", name="third", base_model=BASE, public=True,
+            royalty_micros_per_million_tokens=1_000_000,
+        ).adapter.id  # fmt: skip
+    events = []
+    for payer in ("third-a", "third-b"):
+        event = _event(f"third-{payer}", ids[payer], [(third, 1 / 3)], 2, 2, when)
+        event.request_kind = "ensemble"
+        events.append(event)
+    assert _report(cp, events).inserted == 2
+    paid = []
+    for payer in ("third-a", "third-b"):
+        with cp.admin(keys[payer]) as admin:
+            paid += [line for line in admin.get_invoice("2026-10").lines if line.kind == "royalty_paid"]
+    with cp.admin(keys["third-owner"]) as owner:
+        earned = [line for line in owner.get_invoice("2026-10").lines if line.kind == "royalty_earned"]
+    assert [(line.completion_tokens, line.amount_micros) for line in paid] == [(1, 1), (1, 1)]
+    assert [(line.completion_tokens, line.amount_micros) for line in earned] == [(2, 2)]

@@ -48,6 +48,11 @@ TOKENS, ROYALTY_PAID, ROYALTY_EARNED = "tokens", "royalty_paid", "royalty_earned
 _KIND_ORDER = {TOKENS: 0, ROYALTY_PAID: 1, ROYALTY_EARNED: 2}
 # micro-tokens (1e6 per token) times a price per million tokens (1e6 tokens): divide by 1e12.
 _AMOUNT_DIVISOR = MICROS * 1_000_000
+# Mix lines an invoice shows one by one; past them, the smallest are folded into one line per base model and
+# kind. A spelled-out mix's line is named by up to 8 adapter names (about 1 KiB): a tenant sending
+# thousands of distinct mixes made its invoice larger than a gRPC message may be, and nobody, the operator
+# included, could read it.
+MAX_MIX_LINES = 1000
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,25 @@ def _earned(session: Session, tenant_id: uuid.UUID, start: datetime, end: dateti
     return [tuple(line) for line in earned.values()]
 
 
+def _fold_mixes(mixes: dict[tuple[str, str, str], list[int]]) -> dict[tuple[str, str, str], list[int]]:
+    """The mix lines to show: all of them up to MAX_MIX_LINES; past that the MAX_MIX_LINES largest (by
+    micro-tokens, then name), and the rest summed into one line per (base model, kind) whose mix reads
+    "(N other mixes)". The tokens and the totals are unchanged; a folded line is rounded once."""
+    if len(mixes) <= MAX_MIX_LINES:
+        return mixes
+    ranked = sorted(mixes.items(), key=lambda item: (-(item[1][0] + item[1][1]), item[0]))
+    shown = dict(ranked[:MAX_MIX_LINES])
+    folded: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for (base_model, request_kind, _), (prompt_mt, completion_mt) in ranked[MAX_MIX_LINES:]:
+        entry = folded[(base_model, request_kind)]
+        entry[0] += prompt_mt
+        entry[1] += completion_mt
+        entry[2] += 1
+    for (base_model, request_kind), (prompt_mt, completion_mt, count) in folded.items():
+        shown[(base_model, request_kind, f"({count} other mixes)")] = [prompt_mt, completion_mt]
+    return shown
+
+
 def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
     """Computes the invoice from the counters; stores it when the period has ended."""
     start, end = period_bounds(period)
@@ -267,7 +291,7 @@ def compute_invoice(session: Session, tenant: Tenant, period: str) -> Invoice:
                     adapter_owner=one.owner_name,
                 )
             )
-    for (base_model, request_kind, mix), (prompt_mt, completion_mt) in mixes.items():
+    for (base_model, request_kind, mix), (prompt_mt, completion_mt) in _fold_mixes(mixes).items():
         lines.append(
             _tokens_line(
                 prices.get(base_model),

@@ -521,3 +521,28 @@ def test_royalty_earned_shows_the_tokens_its_payers_lines_show(cp, adapters_root
         earned = [line for line in owner.get_invoice("2026-10").lines if line.kind == "royalty_earned"]
     assert [(line.completion_tokens, line.amount_micros) for line in paid] == [(1, 1), (1, 1)]
     assert [(line.completion_tokens, line.amount_micros) for line in earned] == [(2, 2)]
+
+
+def test_past_the_mix_line_bound_the_smallest_mixes_fold_into_one_line(cp, world, monkeypatch) -> None:
+    """Each mix has its own tokens line, named by up to 8 adapter names: a tenant sending ~8,200 distinct
+    mixes made its invoice larger than a gRPC message (8 MiB), and nobody could read it. Past
+    MAX_MIX_LINES the smallest mixes fold into one line per base model and kind; tokens and totals keep."""
+    from control_plane.billing import service as billing
+
+    monkeypatch.setattr(billing, "MAX_MIX_LINES", 2)
+    ids, keys = _tenants(cp, "many-mixes")
+    poet, coder = world["adapter"]["poet"], world["adapter"]["coder"]
+    may = datetime(2026, 5, 3, 9, 0, tzinfo=UTC)
+    events = []
+    for i, completion in enumerate((50, 40, 30, 20, 10)):
+        event = _event(f"mm{i}", ids["many-mixes"], [(poet, 0.5), (coder, 0.5)], 10, completion, may)
+        event.request_kind, event.mix_name = "linear_mix", f"saved{i}"
+        events.append(event)
+    assert _report(cp, events).inserted == 5
+    with cp.admin(keys["many-mixes"]) as tenant:
+        invoice = tenant.get_invoice("2026-05")
+    mix_lines = {line.mix: (line.prompt_tokens, line.completion_tokens) for line in invoice.lines if line.mix}
+    assert mix_lines == {"saved0": (10, 50), "saved1": (10, 40), "(3 other mixes)": (30, 60)}
+    assert invoice.charges_micros == sum(
+        line.amount_micros for line in invoice.lines if line.kind != "royalty_earned"
+    )

@@ -342,20 +342,29 @@ class GenerationService:
         finally:
             ended.set()
             self._in_flight.discard(claim)
-            self._tenant_streams[auth.tenant_id] -= 1
-            if self._tenant_streams[auth.tenant_id] <= 0:
-                del self._tenant_streams[auth.tenant_id]
             if reservation is not None and not reservation.done():
                 # Ended before the answer (refused by the engine, failed, cancelled): nothing was delivered,
-                # so a reservation it makes is given back as it arrives.
+                # so a reservation it makes is given back as it arrives. The call keeps its place in the
+                # tenant's stream share until then (and until that release answered): control-plane work
+                # it left running counts as its own, else a loop of calls cancelled at once queued
+                # reservations without bound, ahead of every other tenant's (seconds of first-token delay,
+                # and theirs timing out unreserved).
                 reservation.add_done_callback(
-                    lambda task: _reserved(task) and self._release_request_id(auth.tenant_id, request_id)
+                    lambda task: (
+                        self._release_request_id(
+                            auth.tenant_id, request_id, then=lambda: self._leave(auth.tenant_id)
+                        )
+                        if _reserved(task)
+                        else self._leave(auth.tenant_id)
+                    )
                 )
             elif _reserved(reservation) and not self._usage.has_pending(auth.tenant_id, request_id):
                 # Nothing of this stream is waiting to be billed: either nothing was delivered (a retry
                 # under this id must be served) or its usage already reached the control plane (which
                 # refuses the id on its own). Given back beside the call; the expiry covers a failure.
-                self._release_request_id(auth.tenant_id, request_id)
+                self._release_request_id(auth.tenant_id, request_id, then=lambda: self._leave(auth.tenant_id))
+            else:
+                self._leave(auth.tenant_id)
 
     async def _prepare(
         self, valid: ValidRequest, by_name, tenant_id: str
@@ -536,12 +545,25 @@ class GenerationService:
                     return
                 log.warning("request id reservation not renewed (tried again later): %s", error.message)
 
-    def _release_request_id(self, tenant_id: str, request_id: str) -> None:
+    def _leave(self, tenant_id: str) -> None:
+        """One of the tenant's streams, and the control-plane work it started, ended."""
+        self._tenant_streams[tenant_id] -= 1
+        if self._tenant_streams[tenant_id] <= 0:
+            del self._tenant_streams[tenant_id]
+
+    def _release_request_id(
+        self, tenant_id: str, request_id: str, then: Callable[[], None] | None = None
+    ) -> None:
+        """Gives the reservation back beside the call; `then` runs once the control plane answered."""
+
         async def release() -> None:
             try:
                 await self._cp.release_request_id(tenant_id, request_id, self._state.worker_id)
             except ControlPlaneError as error:
                 log.warning("request id reservation not released (it expires): %s", error.message)
+            finally:
+                if then is not None:
+                    then()
 
         task = asyncio.get_running_loop().create_task(release())
         self._releases.add(task)

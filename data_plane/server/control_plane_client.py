@@ -9,6 +9,7 @@ else (unreachable, timeout, a server fault) becomes UNAVAILABLE, so the caller m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -40,6 +41,10 @@ _PASS_THROUGH = {
     grpc.StatusCode.DATA_LOSS,  # the control plane's stored copy of an artifact is damaged: no retry helps
 }
 AUTHORIZE_TIMEOUT_S = 5.0
+# Authorize calls one api key has at the control plane at once; its others wait (at most
+# AUTHORIZE_TIMEOUT_S, then RESOURCE_EXHAUSTED). Calls naming adapters nobody resolved are never cached:
+# one key's hundreds of them in flight delayed every other tenant's first tokens by seconds.
+MAX_AUTHORIZE_IN_FLIGHT_PER_KEY = 8
 CALL_TIMEOUT_S = 10.0
 # An artifact fetch may take this long in all (a large artifact on a slow link)...
 FETCH_TIMEOUT_S = 300.0
@@ -182,6 +187,8 @@ class ControlPlaneClient:
         # while a call waits on it; a flood of strangers' keys leaves nothing behind).
         self._key_forgets: dict[str, int] = {}
         self._asking_per_key: Counter[str] = Counter()
+        # Per api key with Authorize calls waiting or running: its gate and how many use it.
+        self._key_gates: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
         # Keys with an answer cached recently (for any names): `knows_key`.
         self._answered_keys: TTLCache[str, bool] = TTLCache(
             maxsize=auth_cache_max_entries, ttl=AUTH_RECENT_S, timer=time.monotonic
@@ -318,6 +325,32 @@ class ControlPlaneClient:
         # Shielded: one caller going away does not cancel the answer the others wait for.
         return await asyncio.shield(asking[1])
 
+    @contextlib.asynccontextmanager
+    async def _key_gate(self, api_key: str):
+        """At most MAX_AUTHORIZE_IN_FLIGHT_PER_KEY Authorize calls of one key at the control plane; a call
+        that waits AUTHORIZE_TIMEOUT_S for its turn is RESOURCE_EXHAUSTED."""
+        gate, users = self._key_gates.setdefault(
+            api_key, (asyncio.Semaphore(MAX_AUTHORIZE_IN_FLIGHT_PER_KEY), [0])
+        )
+        users[0] += 1
+        try:
+            try:
+                await asyncio.wait_for(gate.acquire(), AUTHORIZE_TIMEOUT_S)
+            except TimeoutError:
+                raise ControlPlaneError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this api key has {MAX_AUTHORIZE_IN_FLIGHT_PER_KEY} authorizations in flight and more "
+                    "waiting; retry shortly",
+                ) from None
+            try:
+                yield
+            finally:
+                gate.release()
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._key_gates[api_key]
+
     def _done_asking(self, key, asking) -> None:
         if self._asking.get(key) is asking:
             del self._asking[key]
@@ -343,9 +376,10 @@ class ControlPlaneClient:
             api_key=api_key, adapters=list(adapter_names), base_model=base_model
         )
         try:
-            response = await self._stub.Authorize(
-                request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S
-            )
+            async with self._key_gate(api_key):
+                response = await self._stub.Authorize(
+                    request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S
+                )
         except grpc.RpcError as error:
             if error.code() in _OUTAGE_CODES:
                 if self._unreachable_since is None:

@@ -222,3 +222,93 @@ def test_the_caches_indexes_stay_within_twice_its_entries():
     sizes, cached = asyncio.run(scenario())
     assert cached == 320
     assert max(sizes) <= 2 * 320
+
+
+def test_one_keys_authorize_calls_are_bounded_and_never_delay_another_keys(monkeypatch):
+    """Calls naming adapters nobody resolved are never cached, so a tenant's 400 loops of them kept 400
+    Authorize calls at the control plane and every other tenant's first tokens waited seconds. One key has
+    at most MAX_AUTHORIZE_IN_FLIGHT_PER_KEY calls there; its others wait for a turn (RESOURCE_EXHAUSTED past
+    AUTHORIZE_TIMEOUT_S), and another key's call goes straight through meanwhile."""
+    from data_plane.server import control_plane_client
+    from data_plane.server.control_plane_client import MAX_AUTHORIZE_IN_FLIGHT_PER_KEY
+    from openlora.v1 import worker_pb2, worker_pb2_grpc
+
+    monkeypatch.setattr(control_plane_client, "AUTHORIZE_TIMEOUT_S", 3.0)
+    in_flight: dict[str, int] = {}
+    most: dict[str, int] = {}
+
+    class Servicer(worker_pb2_grpc.WorkerServiceServicer):
+        def __init__(self, release: asyncio.Event) -> None:
+            self.release = release
+
+        async def Authorize(self, request, context):
+            key = request.api_key
+            in_flight[key] = in_flight.get(key, 0) + 1
+            most[key] = max(most.get(key, 0), in_flight[key])
+            try:
+                if key == "flooder":
+                    await self.release.wait()
+                return worker_pb2.AuthorizeResponse(
+                    tenant_id="t-" + key,
+                    tenant=key,
+                    adapters=[worker_pb2.ResolvedAdapter(name=name) for name in request.adapters],
+                )
+            finally:
+                in_flight[key] -= 1
+
+    async def scenario():
+        release = asyncio.Event()
+        server = grpc.aio.server()
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(Servicer(release), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = ControlPlaneClient(f"127.0.0.1:{port}", "token")
+        try:
+            flood = [
+                asyncio.ensure_future(client.authorize("flooder", (f"nx{i}",), "base")) for i in range(40)
+            ]
+            while in_flight.get("flooder", 0) < MAX_AUTHORIZE_IN_FLIGHT_PER_KEY:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # the rest wait for a turn, not at the control plane
+            other = await asyncio.wait_for(client.authorize("other", ("mine",), "base"), 2)
+            waiting_while_other_answered = sum(not call.done() for call in flood)
+            release.set()
+            answers = await asyncio.gather(*flood)
+            return other, waiting_while_other_answered, answers
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    other, waiting, answers = asyncio.run(scenario())
+    assert most["flooder"] == MAX_AUTHORIZE_IN_FLIGHT_PER_KEY
+    assert other.tenant == "other" and waiting == 40  # answered while all 40 of the flood waited
+    assert [a.adapters[0].name for a in answers] == [f"nx{i}" for i in range(40)]
+
+
+def test_a_key_whose_authorize_calls_wait_too_long_for_a_turn_is_resource_exhausted(monkeypatch):
+    from data_plane.server import control_plane_client
+    from openlora.v1 import worker_pb2_grpc
+
+    monkeypatch.setattr(control_plane_client, "AUTHORIZE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(control_plane_client, "MAX_AUTHORIZE_IN_FLIGHT_PER_KEY", 1)
+
+    class Servicer(worker_pb2_grpc.WorkerServiceServicer):
+        async def Authorize(self, request, context):
+            await asyncio.Event().wait()  # never answers: each call ends at its deadline
+
+    async def scenario():
+        server = grpc.aio.server()
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(Servicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = ControlPlaneClient(f"127.0.0.1:{port}", "token")
+        try:
+            calls = [client.authorize("flooder", (f"nx{i}",), "base") for i in range(3)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    outcomes = asyncio.run(scenario())
+    codes = sorted(error.code.name for error in outcomes if isinstance(error, ControlPlaneError))
+    assert "RESOURCE_EXHAUSTED" in codes and len(codes) == 3, outcomes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import grpc
@@ -56,6 +57,23 @@ class _HangingControlPlane:
         self.port = self.server.add_insecure_port("127.0.0.1:0")
 
 
+@contextlib.asynccontextmanager
+async def _loopback(servicer):
+    """A ControlPlaneClient of a WorkerService `servicer` served on loopback."""
+    from openlora.v1 import worker_pb2_grpc
+
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = ControlPlaneClient(f"127.0.0.1:{port}", "token")
+    try:
+        yield client
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
 async def _chunks_of(fetch) -> list:
     return [chunk async for chunk in fetch]
 
@@ -90,16 +108,8 @@ def test_an_artifact_fetch_the_control_plane_stops_sending_is_unavailable_within
             return None, None, 10.0  # still waiting
 
     async def scenario():
-        server = grpc.aio.server()
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(Servicer(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        client = ControlPlaneClient(f"127.0.0.1:{port}", "token")
-        try:
+        async with _loopback(Servicer()) as client:
             return await fetch(client, "slow"), await fetch(client, "stalls")
-        finally:
-            await client.close()
-            await server.stop(None)
 
     (num_chunks, _, _), (_, error, waited_s) = asyncio.run(scenario())
     assert num_chunks == 4
@@ -258,12 +268,7 @@ def test_one_keys_authorize_calls_are_bounded_and_never_delay_another_keys(monke
 
     async def scenario():
         release = asyncio.Event()
-        server = grpc.aio.server()
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(Servicer(release), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        client = ControlPlaneClient(f"127.0.0.1:{port}", "token")
-        try:
+        async with _loopback(Servicer(release)) as client:
             flood = [
                 asyncio.ensure_future(client.authorize("flooder", (f"nx{i}",), "base")) for i in range(40)
             ]
@@ -275,9 +280,6 @@ def test_one_keys_authorize_calls_are_bounded_and_never_delay_another_keys(monke
             release.set()
             answers = await asyncio.gather(*flood)
             return other, waiting_while_other_answered, answers
-        finally:
-            await client.close()
-            await server.stop(None)
 
     other, waiting, answers = asyncio.run(scenario())
     assert most["flooder"] == MAX_AUTHORIZE_IN_FLIGHT_PER_KEY
@@ -297,17 +299,9 @@ def test_a_key_whose_authorize_calls_wait_too_long_for_a_turn_is_resource_exhaus
             await asyncio.Event().wait()  # never answers: each call ends at its deadline
 
     async def scenario():
-        server = grpc.aio.server()
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(Servicer(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        client = ControlPlaneClient(f"127.0.0.1:{port}", "token")
-        try:
+        async with _loopback(Servicer()) as client:
             calls = [client.authorize("flooder", (f"nx{i}",), "base") for i in range(3)]
             return await asyncio.gather(*calls, return_exceptions=True)
-        finally:
-            await client.close()
-            await server.stop(None)
 
     outcomes = asyncio.run(scenario())
     codes = sorted(error.code.name for error in outcomes if isinstance(error, ControlPlaneError))

@@ -78,11 +78,11 @@ class SharedArtifactsDir(ValueError):
     """An artifacts directory already holds the other component's artifacts."""
 
 
-def claim_artifacts_dir(root: Path, owner: str) -> None:
+def claim_artifacts_dir(root: Path, owner: str, mark: bool = True) -> None:
     """Marks `root` as `owner`'s ("control-plane" or "worker"), refusing one the other holds: both keep
     artifacts in `STATE_DIR/artifacts` under sha256-named folders, and a worker sharing the control plane's
-    state dir would take its stored copies for its cache (and remove them to stay in its disk budget)."""
-    root.mkdir(parents=True, exist_ok=True)
+    state dir would take its stored copies for its cache (and remove them to stay in its disk budget).
+    `mark=False` only checks (writes nothing: a start refused later leaves no trace)."""
     marker = root / OWNER_FILE
     try:
         held = marker.read_text(encoding="utf-8").strip()
@@ -93,5 +93,6 @@ def claim_artifacts_dir(root: Path, owner: str) -> None:
             f"{root} holds the {held}'s artifacts: give the {owner} a state directory of its own (--state-dir, "
             "OPENLORA_STATE_DIR)"
         )
-    if not held:
+    if mark and not held:
+        root.mkdir(parents=True, exist_ok=True)
         marker.write_text(owner + "\n", encoding="utf-8")

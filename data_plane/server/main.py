@@ -158,7 +158,7 @@ class RunningWorker:
 async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     """Starts a worker in the running loop. `engine` (an AsyncEngine) is built from config when None."""
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
-    claim_artifacts_dir(config.artifacts_dir, "worker")  # before the model loads: refused at once
+    claim_artifacts_dir(config.artifacts_dir, "worker", mark=False)  # before the model loads: refused at once
     if engine is None:
         engine = await asyncio.to_thread(build_engine, config)
     await engine.start()
@@ -287,6 +287,7 @@ async def _start_serving(
     disk_cache_bytes = config.disk_cache_bytes
     if disk_cache_bytes is None:
         disk_cache_bytes = default_disk_cache_bytes(config.artifacts_dir)
+    claim_artifacts_dir(config.artifacts_dir, "worker")
     artifacts = ArtifactStore(
         config.artifacts_dir,
         control_plane.fetch_artifact,

@@ -29,6 +29,22 @@ from openlora.exhaustion import exhausted_resource
 _EXACT_IN_FLOAT32 = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
+def open_weights(path: Path):
+    """`safe_open` of an adapter's weights file. safetensors reports a process out of file descriptors as
+    FileNotFoundError ("No such file or directory"): an adapter refused, and its sound copy dropped, for
+    what was overload. A failed open is tried once more with os.open, and an exhausted resource it meets
+    is raised as what it is (UNAVAILABLE, retry)."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as error:
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+        except OSError as cause:
+            if exhausted_resource(cause):
+                raise cause from error
+        raise
+
+
 def host_dtype(file_dtype: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype an adapter's host copy keeps for an engine computing in `dtype`: the file's own where it
     is narrower and converts to `dtype` exactly (F16 or BF16 factors under a float32 engine: half the host
@@ -122,7 +138,7 @@ def read_peft_adapter(
         dtype = host_dtype(info.dtype, dtype)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
-        with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+        with open_weights(Path(path) / WEIGHTS_FILE) as f:
             for t in info.tensors:
                 pairs.setdefault((t.layer, t.module), {})[t.which] = f.get_tensor(t.name).to(dtype)
     except (SafetensorError, OSError) as e:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from data_plane.adapters.peft_reader import open_weights
 from data_plane.engine.errors import AdapterLoadError, InvalidRequest
 from data_plane.fusion.merge import MemberFactors, NonFiniteMerge, merge_module
 from data_plane.fusion.spec import MergeSpec
@@ -116,10 +117,7 @@ def build_merge(
     delta_sq = error_sq = 0.0
     max_module_error = 0.0
     with contextlib.ExitStack() as stack:
-        handles = [
-            stack.enter_context(safe_open(str(s.path / WEIGHTS_FILE), framework="pt", device="cpu"))
-            for s in spec.sources
-        ]
+        handles = [stack.enter_context(open_weights(s.path / WEIGHTS_FILE)) for s in spec.sources]
         for layer, module in modules:
             members = [
                 MemberFactors(

@@ -412,3 +412,43 @@ def test_a_worker_and_a_control_plane_never_share_an_artifacts_dir(tmp_path, cap
     claim_artifacts_dir(tmp_path / "w" / "artifacts", "worker")
     with pytest.raises(SharedArtifactsDir, match="holds the worker's artifacts"):
         StoredArtifacts(tmp_path / "w" / "artifacts")
+
+
+def test_weights_opened_while_out_of_file_descriptors_fail_as_overload_not_as_a_missing_file(tmp_path):
+    """safetensors reports a process out of file descriptors as FileNotFoundError ("No such file or
+    directory"): under a burst the engine refused sound adapters (FAILED_PRECONDITION) and dropped their
+    disk copies. `open_weights` raises what really ran out; a file truly missing stays a missing file.
+    Run in a child process whose descriptors are used up for real."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = write_adapter(tmp_path / "a") / "adapter_model.safetensors"
+    script = textwrap.dedent(
+        f"""
+        import errno, resource, sys
+        from pathlib import Path
+        from data_plane.adapters.peft_reader import open_weights
+        from openlora.exhaustion import exhausted_resource
+        try:
+            open_weights(Path({str(tmp_path / "missing")!r}))
+        except FileNotFoundError:
+            pass
+        else:
+            sys.exit("a missing file opened")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        held = []
+        try:
+            while True:
+                held.append(open("/dev/null"))
+        except OSError:
+            pass
+        try:
+            open_weights(Path({str(path)!r}))
+        except OSError as error:
+            print(error.errno == errno.EMFILE, exhausted_resource(error))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "open", "files"]

@@ -618,22 +618,30 @@ def test_release_request_id_checks_worker_id_as_reserve_does(attacker, worker_id
 def test_usage_share_past_the_mix_weight_bound_is_invalid_argument_naming_it(attacker, weight):
     """A share of 1e22 and more overflowed the decimal context (INTERNAL); 1e21 the share's column (the
     database's generic refusal). A worker sends shares in (0, 1]."""
+    request = _usage_report_of_own_adapter(attacker, "shared", weight, request_kind="linear_mix")
+    assert_refused(_worker(attacker, "ReportUsage", request), "events[0].adapters[0].weight")
+
+
+def _usage_report_of_own_adapter(
+    attacker, name: str, weight: float, **fields
+) -> worker_pb2.ReportUsageRequest:
+    """A ReportUsage a worker could send for a new tenant's call of its own new adapter `name`, its event
+    carrying `weight` and `fields`."""
     tenant = attacker.new_tenant()
-    attacker.push(tenant, "shared")
+    attacker.push(tenant, name)
     auth = attacker.workers.Authorize(
-        worker_pb2.AuthorizeRequest(api_key=tenant.infer_key, adapters=["shared"]),
+        worker_pb2.AuthorizeRequest(api_key=tenant.infer_key, adapters=[name]),
         metadata=bearer(WORKER_TOKEN),
     )
     event = worker_pb2.UsageEvent(
-        request_id="share",
+        request_id=name,
         tenant_id=auth.tenant_id,
         base_model=BASE_MODEL,
         adapters=[worker_pb2.UsageAdapter(adapter_id=auth.adapters[0].adapter_id, weight=weight)],
         completion_tokens=1,
-        request_kind="linear_mix",
+        **fields,
     )
-    request = worker_pb2.ReportUsageRequest(events=[event])
-    assert_refused(_worker(attacker, "ReportUsage", request), "events[0].adapters[0].weight")
+    return worker_pb2.ReportUsageRequest(events=[event])
 
 
 @pytest.mark.parametrize(
@@ -674,19 +682,5 @@ def test_a_request_kind_or_mix_name_outside_their_rules_is_refused_naming_it(att
     """Both are printed on the tenant's invoice (its lines' request_kind and mix): any text was stored
     and shown verbatim, newlines and terminal escapes included. The kinds are a closed set (the proto's),
     a mix name follows the naming rule."""
-    tenant = attacker.new_tenant()
-    attacker.push(tenant, "kinds")
-    auth = attacker.workers.Authorize(
-        worker_pb2.AuthorizeRequest(api_key=tenant.infer_key, adapters=["kinds"]),
-        metadata=bearer(WORKER_TOKEN),
-    )
-    event = worker_pb2.UsageEvent(
-        request_id="kind",
-        tenant_id=auth.tenant_id,
-        base_model=BASE_MODEL,
-        adapters=[worker_pb2.UsageAdapter(adapter_id=auth.adapters[0].adapter_id, weight=1.0)],
-        completion_tokens=1,
-        **fields,
-    )
-    request = worker_pb2.ReportUsageRequest(events=[event])
+    request = _usage_report_of_own_adapter(attacker, "kinds", 1.0, **fields)
     assert_refused(_worker(attacker, "ReportUsage", request), field)

@@ -372,7 +372,7 @@ class GenerationService:
         """(prompt token ids, the engine's adapter refs held on disk, their slowest tier, ms the call
         waited for them: a fetch from the control plane, or a merge's build)."""
         prompt_ids = await self._prompt_ids(valid)
-        check_prompt_length(len(prompt_ids), self.limits)
+        check_prompt_length(len(prompt_ids), self.limits, valid)
         for adapter in by_name.values():
             if adapter.keep_warm and adapter.sha256:
                 self._engine.set_keep_warm(adapter.cache_key, True)

@@ -95,6 +95,10 @@ class ValidRequest:
     # Whether tokenizing `prompt` adds the tokenizer's special tokens (BOS): not for a rendered chat,
     # whose template already wrote them (as transformers' apply_chat_template and vLLM tokenize it).
     add_special_tokens: bool = True
+    # The OpenAI API's field for a max_tokens the request set ("max_tokens", "max_completion_tokens"): a
+    # prompt that leaves no room for it is refused naming it, as OpenAI and vLLM answer. Empty (gRPC, or no
+    # max_tokens sent): the answer stops at the context with finish reason length, as the proto says.
+    max_tokens_field: str = ""
 
     @property
     def is_merge(self) -> bool:
@@ -288,12 +292,20 @@ def _check_mix_members(request: inference_pb2.GenerateRequest, method: str) -> t
     return tuple((m.adapter, float(m.weight)) for m in request.mix)
 
 
-def check_prompt_length(num_prompt_tokens: int, limits: RequestLimits) -> None:
-    """A prompt leaves room for at least one generated token."""
+def check_prompt_length(num_prompt_tokens: int, limits: RequestLimits, valid: ValidRequest | None = None) -> None:
+    """A prompt leaves room for at least one generated token, and for all of `valid.max_tokens` when
+    `valid.max_tokens_field` asks so (the OpenAI API)."""
     if num_prompt_tokens == 0:
         raise RequestFieldError("prompt", "must not be empty (it tokenizes to no tokens)")
     if num_prompt_tokens > limits.max_model_len - 1:
         raise RequestFieldError(
             "prompt",
             f"is too long: {num_prompt_tokens} tokens, the limit is {limits.max_model_len - 1}",
+        )
+    if valid is not None and valid.max_tokens_field and num_prompt_tokens + valid.max_tokens > limits.max_model_len:
+        room = limits.max_model_len - num_prompt_tokens
+        raise RequestFieldError(
+            valid.max_tokens_field,
+            f"is {valid.max_tokens}, but this model's context holds {limits.max_model_len} tokens and the "
+            f"prompt uses {num_prompt_tokens}: at most {room} can be generated",
         )

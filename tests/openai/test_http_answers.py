@@ -82,6 +82,33 @@ def test_a_token_limit_is_refused_by_the_name_the_body_used_with_the_range_it_ac
     assert "2147483647" not in refused.value.body["message"]
 
 
+def test_a_token_limit_the_prompt_leaves_no_room_for_is_refused_as_openai_does(http_worker, tenant):
+    """OpenAI and vLLM answer 400 when prompt and max_tokens together pass the context (it was served up to
+    the context); an omitted max_tokens still yields to the context, and gRPC keeps its own contract."""
+    client = _client(http_worker, tenant[2])
+    max_model_len = http_worker.worker.engine.max_model_len
+    prompt = [5] * (max_model_len - 4)  # leaves room for 4 tokens
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=5)
+    assert refused.value.body["param"] == "max_tokens"
+    assert f"context holds {max_model_len} tokens" in refused.value.body["message"]
+    assert "at most 4 can be generated" in refused.value.body["message"]
+    fits = client.completions.create(model="tiny", prompt=prompt, max_tokens=4)
+    assert fits.usage.completion_tokens <= 4
+    defaulted = client.completions.create(model="tiny", prompt=prompt)  # the server's default: 128
+    assert defaulted.usage.prompt_tokens + defaulted.usage.completion_tokens <= max_model_len
+    long_chat = [{"role": "user", "content": " ".join(["fox"] * (max_model_len // 8))}]
+    rendered = f"user: {long_chat[0]['content']}\nassistant:"  # the conftest's template
+    tokenizer = Tokenizer.from_dir(http_worker.worker.config.model_dir)
+    rendered_len = len(tokenizer.encode(rendered, add_special_tokens=False))
+    room = max_model_len - rendered_len
+    assert room > 1
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=long_chat, max_completion_tokens=room + 1)
+    assert refused.value.body["param"] == "max_completion_tokens"
+    assert f"at most {room} can be generated" in refused.value.body["message"]
+
+
 @pytest.mark.parametrize(("data", "kind"), [(b"[]", "an array"), (b'"hi"', "a string"), (b"5", "a number")])
 def test_a_body_that_is_not_an_object_says_so(http_worker, tenant, data, kind):
     response = httpx.post(

@@ -195,6 +195,8 @@ async def _generation(request: Request, chat: bool):
         except RequestFieldError as error:
             _raise_if_unknown_name(error, body)
             raise openai_field_error(error, chat) from None
+        if body.max_tokens is not None:  # OpenAI's contract: refused when the prompt leaves no room for it
+            valid = dataclasses.replace(valid, max_tokens_field=body.max_tokens_name)
         # The template wrote the special tokens (BOS) of a chat: the tokenizer adds none.
         return dataclasses.replace(valid, add_special_tokens=False) if chat else valid
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from data_plane.server.validation import (
     MAX_MIX_ADAPTERS,
@@ -109,6 +109,7 @@ class Body:
     density: float | None = None  # TIES, DARE and magnitude pruning: the fraction of each delta kept
     majority_sign_method: str = ""  # TIES sign election: "total" or "frequency"
     combine: str = ""  # ENSEMBLE: "probs" or "logprobs"
+    max_tokens_name: str = "max_tokens"  # chat: "max_completion_tokens" when the body named it so
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -160,9 +161,10 @@ def parse_chat(data: bytes, max_tokens_limit: int = _INT32_MAX) -> Body:
         raise BodyError("max_completion_tokens", "and max_tokens are mutually exclusive")
     name = "max_completion_tokens" if "max_completion_tokens" in obj else "max_tokens"
     max_tokens = obj.get_int(name, None, lo=1, hi=max_tokens_limit)
-    return _body(
+    body = _body(
         obj, prompt=None, prompt_ids=None, messages=messages, logprobs=logprobs, max_tokens=max_tokens
     )
+    return replace(body, max_tokens_name=name)
 
 
 def to_generate_request(

@@ -96,6 +96,24 @@ def test_completion_tokens_and_logprobs_equal_grpc_for_the_same_greedy_request(s
     assert completion.model == "ad3"
 
 
+def test_completion_text_offsets_place_each_token_in_the_text_whole_and_streamed(system, http_worker, tenant):
+    """`text_offset` (null before) gives each token's start in the completion's text by the lengths of the
+    tokens before it, as vLLM counts them; a stream's offsets run on across its chunks."""
+    client = _client(http_worker, tenant[2])
+    completion = client.completions.create(model="ad3", prompt=PROMPT, max_tokens=12, logprobs=0, temperature=0)
+    logprobs = completion.choices[0].logprobs
+    token_ids = _grpc(http_worker, tenant[2], prompt=PROMPT, adapter="ad3", max_tokens=12, logprobs=True)[0]
+    lengths = [len(text) for text in _spelled(system, token_ids)]
+    assert logprobs.text_offset == [sum(lengths[:i]) for i in range(len(lengths))]
+    streamed = []
+    for chunk in client.completions.create(
+        model="ad3", prompt=PROMPT, max_tokens=12, logprobs=0, temperature=0, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.text_offset
+    assert streamed == logprobs.text_offset
+
+
 def test_chat_tokens_and_logprobs_equal_grpc_on_the_rendered_template(system, http_worker, tenant):
 
     key = tenant[2]

@@ -3,6 +3,7 @@ as stream chunks, and the error object."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ class Reply:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: Finish | None = None
+    # Characters of text the stream's chunks have spelled so far: where the next chunk's `text_offset` starts.
+    streamed_chars: int = 0
 
     @property
     def id(self) -> str:
@@ -40,7 +43,7 @@ class Reply:
     def whole(self, with_logprobs: bool, spell_token) -> dict:
         """The non-streamed object; `spell_token(id)` gives a token's (text, own bytes) for the logprobs."""
         text = "".join(self.text)
-        logprobs = _logprobs(self.chat, self.token_ids, self.logprobs, spell_token) if with_logprobs else None
+        logprobs = _logprobs(self.chat, self.token_ids, self.logprobs, spell_token, 0) if with_logprobs else None
         choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason(self.finish)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -50,9 +53,11 @@ class Reply:
 
     def chunk(self, chunk: Chunk, first: bool, with_logprobs: bool, include_usage: bool, spell_token) -> dict:
         """The stream chunk of one generation chunk."""
-        logprobs = (
-            _logprobs(self.chat, chunk.token_ids, chunk.logprobs, spell_token) if with_logprobs else None
-        )
+        logprobs = None
+        if with_logprobs:
+            logprobs = _logprobs(self.chat, chunk.token_ids, chunk.logprobs, spell_token, self.streamed_chars)
+            if not self.chat:
+                self.streamed_chars += sum(len(spell_token(t)[0]) for t in chunk.token_ids)
         choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": None}
         if chunk.finish is not None:
             choice["finish_reason"] = finish_reason(chunk.finish)
@@ -98,10 +103,11 @@ def error_object(message: str, kind: str, param: str | None, code: str | None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _logprobs(chat: bool, token_ids: list[int], logprobs: list[float], spell_token) -> dict:
+def _logprobs(chat: bool, token_ids: list[int], logprobs: list[float], spell_token, first_offset: int) -> dict:
     """Chat's `content` (each token's text and its own bytes: a token holding part of a character has
     those bytes, its text U+FFFD) or the legacy object, whose `tokens` spell such a token as OpenAI's
-    legacy API does, `bytes:\\xNN...`."""
+    legacy API does, `bytes:\\xNN...`, and whose `text_offset` places each token in the completion's text
+    by the lengths of the tokens before it (from `first_offset`), as vLLM counts them."""
     spelled = [spell_token(t) for t in token_ids]
     if chat:
         return {
@@ -113,7 +119,9 @@ def _logprobs(chat: bool, token_ids: list[int], logprobs: list[float], spell_tok
     tokens = [
         text if _is_utf8(data) else "bytes:" + "".join(f"\\x{b:02x}" for b in data) for text, data in spelled
     ]
-    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": None}
+    lengths = [len(text) for text, _ in spelled[:-1]]
+    offsets = list(itertools.accumulate(lengths, initial=first_offset))[: len(spelled)]
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
 
 
 def _is_utf8(data: bytes) -> bool:

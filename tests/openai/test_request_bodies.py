@@ -45,6 +45,26 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
     assert body.messages == ({"role": "user", "content": "hi"},)
 
 
+def test_each_kinds_own_neutral_fields_are_accepted_and_refused_on_the_other_kind():
+    """`suffix` (completions), `response_format` text and `tool_choice` none (chat) at their neutral value or
+    null, as clients send them, are accepted (a null `suffix` was refused); any other value, or the field
+    on the other kind of body, is refused naming it."""
+    assert parse_completion(_completion(suffix=None)).prompt == "hi"
+    assert parse_completion(_completion(suffix="")).prompt == "hi"
+    chat = parse_chat(_chat(response_format={"type": "text"}, tool_choice="none"))
+    assert chat.messages == ({"role": "user", "content": "hi"},)
+    assert parse_chat(_chat(response_format=None, tool_choice=None)).messages == chat.messages
+    for parse, body, field in [
+        (parse_completion, _completion(suffix="tail"), "suffix"),
+        (parse_chat, _chat(suffix=None), "suffix"),
+        (parse_chat, _chat(tool_choice="auto"), "tool_choice"),
+        (parse_completion, _completion(response_format={"type": "text"}), "response_format"),
+    ]:
+        with pytest.raises(BodyError) as refused:
+            parse(body)
+        assert refused.value.param == field
+
+
 def test_completion_logprobs_above_zero_are_refused():
     with pytest.raises(BodyError) as refused:
         parse_completion(_completion(logprobs=2))

@@ -63,14 +63,19 @@ _NEUTRAL = {
     "functions": [],
     "parallel_tool_calls": False,
     "store": False,
+    "suffix": "",  # completions only
+    "response_format": {"type": "text"},  # chat only, as the next two
+    "tool_choice": "none",
 }
+_COMPLETION_ONLY = {"suffix"}
+_CHAT_ONLY = {"response_format", "tool_choice"}
 _COMMON = {
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
     "user", "logprobs", "repetition_penalty", "mix", "mix_method", "density", "majority_sign_method", "combine",
-    *_NEUTRAL,
+    *(_NEUTRAL.keys() - _COMPLETION_ONLY - _CHAT_ONLY),
 }  # fmt: skip
-_COMPLETION_FIELDS = _COMMON | {"prompt"}
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+_COMPLETION_FIELDS = _COMMON | {"prompt"} | _COMPLETION_ONLY
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"} | _CHAT_ONLY
 # check_request's field names -> the body's.
 _RENAMED = {"sampling.": "", "prompt_token_ids": "prompt", "request_id": "X-Request-Id", "adapter": "model"}
 

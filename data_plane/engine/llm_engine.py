@@ -37,6 +37,7 @@ from openlora.cache_scope import content_of
 
 log = logging.getLogger(__name__)
 _IDLE_LOAD_WAIT_S = 0.05
+_MAX_MIX_CONTENTS = 4096  # past it, the record of what mixes were built from keeps only cached keys
 _HOST_COPY_WAIT_S = 0.01  # the longest a step waits for a copy from host memory a waiting request needs
 _TIER_ORDER = ("none", "device", "host", "disk")  # fastest first
 # Prefetch accounting keys (`prefetch_stats`): (event, tier) or (PREFETCH_SKIPPED, reason).
@@ -113,6 +114,9 @@ class LLMEngine:
             pin_memory=device.type == "cuda",
             read_delay_s=config.adapter_read_delay_s,
         )
+        # The contents (sha256) a mix's key was built from, by key: `invalidate_content` drops the mixes of
+        # a content with the content itself. Pruned to the keys the cache knows as it grows.
+        self._mix_contents: dict[str, frozenset[str]] = {}
         # Cache commands from other threads (prewarm hints): applied by the engine thread at each step.
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         # Finished adapter loads by (cause, source tier): "request"/"prefetch", "disk"/"host"; with their
@@ -467,8 +471,10 @@ class LLMEngine:
             elif kind == "invalidate":
                 self._invalidate_now(key)
             elif kind == "invalidate_content":
-                for known in cache.known_keys():
-                    if content_of(known) == key:
+                known_keys = cache.known_keys()
+                self._prune_mix_contents(known_keys)
+                for known in known_keys:
+                    if content_of(known) == key or key in self._mix_contents.get(known, ()):
                         self._invalidate_now(known)
             elif kind == "keep_warm":
                 cache.set_keep_warm(key, command[2])
@@ -503,7 +509,7 @@ class LLMEngine:
             return
         log.debug("adapter prefetch started to=host key=%s", key[:12])
         # Disk -> host only: an adapter READY in a slot keeps it as it is.
-        self.loader.submit(key, members, cause=CAUSE_PREFETCH, host_only=cache.state(key) is not None)
+        self._submit(key, members, cause=CAUSE_PREFETCH, host_only=cache.state(key) is not None)
 
     def _skip_prefetch(self, key: str, reason: str) -> None:
         self.prefetch_counts[(PREFETCH_SKIPPED, reason)] += 1
@@ -517,6 +523,18 @@ class LLMEngine:
         for tier, count in dict(self.adapter_cache.wasted_prefetches).items():
             stats[(PREFETCH_WASTED, tier)] = count
         return stats
+
+    def _submit(self, key: str, members: tuple, **options) -> None:
+        """`loader.submit`, remembering what a mix's key was built from."""
+        if members and any(member.key != key for member in members):
+            self._mix_contents[key] = frozenset(content_of(member.key) for member in members)
+            if len(self._mix_contents) > _MAX_MIX_CONTENTS:
+                self._prune_mix_contents(self.adapter_cache.known_keys())
+        self.loader.submit(key, members, **options)
+
+    def _prune_mix_contents(self, known_keys: list[str]) -> None:
+        known = set(known_keys)
+        self._mix_contents = {k: v for k, v in self._mix_contents.items() if k in known}
 
     def _invalidate_now(self, key: str) -> None:
         """Drops `key` from the tiers: waiting requests give back their reference (each gets a fresh load
@@ -550,7 +568,7 @@ class LLMEngine:
         if members is None and host is None:
             cache.fail(key)  # nothing waits for it any more, and there is nothing to load it from
             return
-        self.loader.submit(key, members or (), host=host, cause=cause)
+        self._submit(key, members or (), host=host, cause=cause)
 
     def _install_finished_loads(self, outputs: list[RequestOutput]) -> None:
         cache = self.adapter_cache
@@ -579,7 +597,7 @@ class LLMEngine:
             if cache.state(load.key) is not AdapterState.LOADING:
                 continue  # a host-only load nothing reserved a slot for
             if load.slot is None:  # a request reserved a slot meanwhile: copy this buffer into it
-                self.loader.submit(load.key, load.members, host=load.host, started_at=load.started_at)
+                self._submit(load.key, load.members, host=load.host, started_at=load.started_at)
                 continue
             if cache.mark_ready(load.key) is None:
                 continue  # retired while it loaded

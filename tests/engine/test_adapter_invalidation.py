@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 
 from data_plane.engine.request import AdapterRef
+from openlora.cache_scope import content_of
 
 from .conftest import greedy, make_engine, run_to_completion
 
@@ -136,5 +137,25 @@ def test_invalidation_of_an_unused_adapter_frees_its_slot_and_host_copy_at_the_n
         engine.step()
         assert cache.num_free_slots == 2 and cache.host_used_bytes == 0
         assert engine.resident_adapter_keys() == [] and engine.host_adapter_keys() == []
+    finally:
+        engine.shutdown()
+
+
+def test_invalidating_a_members_content_drops_the_mixes_built_from_it(tiny_llama):
+    """A linear mix is cached under a key of its own: invalidating one member's content dropped the member
+    but left the mix's slot and host copy (built from that content) until evicted."""
+    mix = [tiny_llama.ref("r16_rslora", 0.5), tiny_llama.ref("r8_all", 0.5)]
+    other = tiny_llama.ref("r8_all")
+    engine = make_engine(tiny_llama, num_adapter_slots=4, host_cache_bytes=64 << 20)
+    try:
+        engine.add_request(greedy("mix", PROMPT, mix, max_tokens=2))
+        engine.add_request(greedy("other", PROMPT, [other], max_tokens=2))
+        run_to_completion(engine)
+        mix_key = next(k for k in engine.resident_adapter_keys() if k.startswith("mix:"))
+        assert mix_key in engine.host_adapter_keys()
+        engine.invalidate_content(content_of(mix[0].key))
+        engine.step()
+        assert set(engine.resident_adapter_keys()) == {other.key}
+        assert set(engine.host_adapter_keys()) == {other.key}
     finally:
         engine.shutdown()

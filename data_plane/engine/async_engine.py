@@ -330,6 +330,13 @@ class AsyncEngine:
         if stream is not None:
             stream.put(error)
 
+    def fail(self, request_id: str, error: Exception) -> None:
+        """Ends the open stream of `request_id`, if any, with `error` (from the event loop): what was made
+        before it still reaches the caller, its next read then raises `error`."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(error)
+
     def fail_all(self, error: Exception) -> None:
         """Ends every open stream with `error` (from the event loop): each caller's next read raises it,
         and its generator's cleanup aborts the request in the engine."""

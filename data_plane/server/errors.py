@@ -49,6 +49,10 @@ class RequestIdUsed(Exception):
     """A finished call of this tenant was billed under this client request id (not yet reported)."""
 
 
+class KeyRevoked(Exception):
+    """The call's api key was revoked while its stream ran: the stream ends, billed for what it delivered."""
+
+
 class ModelNotFound(Exception):
     """The `model` names nothing this key may use (another tenant's private adapter looks the same)."""
 
@@ -96,6 +100,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
             grpc.StatusCode.UNAUTHENTICATED,
             "missing 'authorization: Bearer <api key>' (gRPC metadata or HTTP header)",
         )
+    if isinstance(error, KeyRevoked):
+        return grpc.StatusCode.UNAUTHENTICATED, "the api key was revoked while this stream ran"
     if isinstance(error, MissingScope):
         return grpc.StatusCode.PERMISSION_DENIED, "the api key lacks the infer scope"
     if isinstance(error, ModelNotFound):

@@ -35,6 +35,7 @@ from data_plane.server.ensemble_request import billed_adapters, ensemble_of
 from data_plane.server.errors import (
     Draining,
     DuplicateRequest,
+    KeyRevoked,
     MissingCredentials,
     MissingScope,
     RequestIdUsed,
@@ -149,12 +150,23 @@ class GenerationService:
         self._in_flight: set[tuple[str, str]] = set()
         # Streams per tenant now, against the cap one tenant may hold (None: no cap).
         self._tenant_streams: Counter[str] = Counter()
+        # The engine request ids streaming now, by the id of the api key that called them (a revoked key's
+        # streams end: `end_streams_of_key`).
+        self._key_streams: dict[str, set[str]] = {}
         self._max_streams_per_tenant = max_streams_per_tenant
         # How long the control plane holds a client request id reserved for a stream of this worker.
         self._reservation_ms = int(reservation_s * 1000)
         # Reservations being given back (kept referenced until done).
         self._releases: set[asyncio.Task] = set()
         self._renewals: set[asyncio.Task] = set()  # request id reservations kept alive (`_renew_reservation`)
+
+    def end_streams_of_key(self, api_key_id: str) -> int:
+        """Ends every stream the api key of this id is running (it was revoked) with UNAUTHENTICATED; each
+        is billed for what it delivered. Returns how many."""
+        ids = self._key_streams.get(api_key_id, set())
+        for engine_request_id in ids:
+            self._engine.fail(engine_request_id, KeyRevoked())
+        return len(ids)
 
     @property
     def base_model(self) -> str:
@@ -430,6 +442,8 @@ class GenerationService:
             mix_name=mix_name,
         )
         outputs = self._engine.generate(engine_request)
+        key_streams = self._key_streams.setdefault(auth.api_key_id, set()) if auth.api_key_id else set()
+        key_streams.add(engine_request.request_id)
         activity = self.activity.add(name for name in valid.adapter_names if name)  # no base member
         # The reporter's timer spools the count delivered so far while the stream runs.
         stream = self._usage.track(
@@ -489,6 +503,9 @@ class GenerationService:
                 progress.completion_tokens = 0
             raise
         finally:
+            key_streams.discard(engine_request.request_id)
+            if not key_streams and self._key_streams.get(auth.api_key_id) is key_streams:
+                del self._key_streams[auth.api_key_id]
             self.activity.remove(activity)
             await _close(outputs)
             try:

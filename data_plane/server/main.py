@@ -370,6 +370,7 @@ async def _start_serving(
     def on_hint(hint: Hint) -> None:
         if hint.kind == "revoke":
             control_plane.forget_api_key_id(hint.api_key_id)
+            generation.end_streams_of_key(hint.api_key_id)
             return
         if hint.kind == "invalidate":
             # Always forget the adapter's cached answers; its content only when no adapter serves it any

@@ -56,3 +56,41 @@ def test_metrics_endpoint_exposes_latency_histograms_without_tenant_labels(syste
     ):
         assert name in body, name
     assert "tenant" not in body and "adapter=" not in body
+
+
+
+def test_revoking_a_key_ends_its_running_streams_billed_for_what_they_delivered(system, hinted_worker):
+    """A revoked key's running streams went on to their end (only new calls were refused): they end with
+    UNAUTHENTICATED once the revocation hint arrives, billed for the tokens delivered; a stream of another
+    key of the same tenant goes on."""
+    from tests.openai.conftest import EnginePause
+
+    tenant, key_id, key = system.new_tenant()
+    _, other_key = system.admin.create_key(tenant)
+    target = f"127.0.0.1:{hinted_worker.port}"
+    pause = EnginePause(hinted_worker)
+    try:
+        with Client(target, key) as client, Client(target, other_key) as other_client:
+            stream = client.generate_stream(prompt="hello", adapter="ad7", max_tokens=200)
+            other = other_client.generate_stream(prompt="hello", adapter="ad7", max_tokens=200)
+            first, other_first = next(stream), next(other)
+            pause.pause()  # both run on: no token is made until the revocation has arrived
+            assert first.token_ids and other_first.token_ids
+            system.admin.revoke_key(key_id)
+            deadline = time.monotonic() + 5
+            while hinted_worker.control_plane.knows_key(key) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not hinted_worker.control_plane.knows_key(key), "the revocation hint did not arrive"
+            pause.resume()
+            received = len(first.token_ids)
+            with pytest.raises(errors.Unauthenticated, match="revoked"):
+                for response in stream:
+                    received += len(response.token_ids)
+            other_tokens = len(other_first.token_ids) + sum(len(r.token_ids) for r in other)
+    finally:
+        pause.restore()
+    assert received < 200 and other_tokens == 200
+    system.loop.run(hinted_worker.usage.flush())
+    usage = system.wait_usage(tenant, 2)
+    assert usage.total_requests == 2
+    assert usage.total_completion_tokens == received + 200

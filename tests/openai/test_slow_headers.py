@@ -129,3 +129,30 @@ def test_past_the_connection_cap_a_request_gets_openais_503_with_retry_after(sys
         for conn in held:
             conn.close()
         system.loop.run(running.worker.stop(1.0))
+
+
+def _raw_answer(base_url: str, request: bytes) -> tuple[bytes, dict]:
+    url = urlparse(base_url)
+    conn = socket.create_connection((url.hostname, url.port), timeout=10)
+    try:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):  # until the server closes the connection
+            answer += chunk
+    finally:
+        conn.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, json.loads(body)["error"]
+
+
+def test_headers_past_the_size_limit_are_431_and_bad_http_400_in_openais_error_object(http_worker):
+    """uvicorn answered both as a plain-text 400 'Invalid HTTP request received.'; a 200 KB header is a
+    431 (Request Header Fields Too Large) and a request line that is not HTTP a 400, each with OpenAI's
+    error object, and the connection is closed."""
+    huge = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
+    head, error = _raw_answer(http_worker.base_url, huge)
+    assert head.startswith(b"HTTP/1.1 431 ") and b"connection: close" in head.lower()
+    assert error["type"] == "invalid_request_error" and "headers are larger than 16384 bytes" in error["message"]
+    head, error = _raw_answer(http_worker.base_url, b"NOT HTTP AT ALL\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head.lower()
+    assert error["code"] == "invalid_argument" and "not valid HTTP/1.1" in error["message"]

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
+import sys
 
 import grpc
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -19,6 +22,10 @@ log = logging.getLogger(__name__)
 # A connection must send a whole request's headers within this long (uvicorn waits forever: 1,500 silent
 # connections held 1,500 descriptors, without a key); past it the connection is closed.
 HEADER_TIMEOUT_S = 10.0
+# A request line and headers larger than this are answered 431 (h11's own default, made explicit).
+MAX_HEADER_BYTES = 16 * 1024
+# How long a connection answered 400/431 for bytes that are not a request reads and drops what follows.
+LINGER_S = 2.0
 # Open connections at most: past it a connection's request is answered 503 and the connection closed.
 MAX_CONNECTIONS = 4096
 
@@ -54,6 +61,41 @@ class _HeaderTimeoutProtocol(H11Protocol):
     def connection_lost(self, exc) -> None:
         self._header_timer.cancel()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """What uvicorn sends for bytes h11 cannot take as a request (plain text 400 for every cause): OpenAI's
+        error object with h11's own status, 431 for headers past its size limit, 400 for the rest. Called
+        from uvicorn's `except h11.RemoteProtocolError` block, whose error `sys.exc_info` still holds."""
+        error = sys.exc_info()[1]
+        status = getattr(error, "error_status_hint", 400)
+        if status == 431:
+            message = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
+        else:
+            status, message = 400, f"the request is not valid HTTP/1.1 ({error or msg})"
+        payload = HttpError(status, message, None, grpc.StatusCode.INVALID_ARGUMENT.name.lower()).payload()
+        body = json.dumps(payload).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        try:
+            for event in (h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event) or b"")
+        except h11.LocalProtocolError:  # h11 cannot answer on this connection any more: close it silently
+            self.transport.close()
+            return
+        # A lingering close: the client may still be sending what was refused, and closing with its bytes
+        # unread resets the connection, which can destroy the answer before the client reads it.
+        self._refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if getattr(self, "_refused", False):
+            return  # the rest of a refused request: read and dropped until the client or LINGER_S closes
+        super().data_received(data)
 
     def _headers_too_slow(self) -> None:
         if self.cycle is self._cycle_before and not self.transport.is_closing():
@@ -112,6 +154,7 @@ class HttpServer:
             log_level="warning",
             timeout_graceful_shutdown=self._shutdown_timeout_s,
             http=_HeaderTimeoutProtocol,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         )
         self._server = _Server(config)
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))

@@ -292,7 +292,9 @@ def _check_mix_members(request: inference_pb2.GenerateRequest, method: str) -> t
     return tuple((m.adapter, float(m.weight)) for m in request.mix)
 
 
-def check_prompt_length(num_prompt_tokens: int, limits: RequestLimits, valid: ValidRequest | None = None) -> None:
+def check_prompt_length(
+    num_prompt_tokens: int, limits: RequestLimits, valid: ValidRequest | None = None
+) -> None:
     """A prompt leaves room for at least one generated token, and for all of `valid.max_tokens` when
     `valid.max_tokens_field` asks so (the OpenAI API)."""
     if num_prompt_tokens == 0:
@@ -302,7 +304,11 @@ def check_prompt_length(num_prompt_tokens: int, limits: RequestLimits, valid: Va
             "prompt",
             f"is too long: {num_prompt_tokens} tokens, the limit is {limits.max_model_len - 1}",
         )
-    if valid is not None and valid.max_tokens_field and num_prompt_tokens + valid.max_tokens > limits.max_model_len:
+    if (
+        valid is not None
+        and valid.max_tokens_field
+        and num_prompt_tokens + valid.max_tokens > limits.max_model_len
+    ):
         room = limits.max_model_len - num_prompt_tokens
         raise RequestFieldError(
             valid.max_tokens_field,

@@ -100,7 +100,9 @@ def test_completion_text_offsets_place_each_token_in_the_text_whole_and_streamed
     """`text_offset` (null before) gives each token's start in the completion's text by the lengths of the
     tokens before it, as vLLM counts them; a stream's offsets run on across its chunks."""
     client = _client(http_worker, tenant[2])
-    completion = client.completions.create(model="ad3", prompt=PROMPT, max_tokens=12, logprobs=0, temperature=0)
+    completion = client.completions.create(
+        model="ad3", prompt=PROMPT, max_tokens=12, logprobs=0, temperature=0
+    )
     logprobs = completion.choices[0].logprobs
     token_ids = _grpc(http_worker, tenant[2], prompt=PROMPT, adapter="ad3", max_tokens=12, logprobs=True)[0]
     lengths = [len(text) for text in _spelled(system, token_ids)]

@@ -400,3 +400,36 @@ def test_a_body_that_is_a_number_past_any_range_is_called_a_number():
     with pytest.raises(BodyError) as refused:
         parse_completion(b"1e400")
     assert refused.value.reason == "the body must be a JSON object, got a number"
+
+
+_SPECIAL_TOKENS_TEMPLATE = (
+    "{{ bos_token }}|{{ pad_token }}|{{ unk_token }}|{{ image_token }}|{{ sep_token | default('none') }}|"
+    "{% if cls_token is defined %}cls{% endif %}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_chat_template_reads_the_special_tokens_transformers_gives_it(tmp_path, legacy):
+    """transformers gives a template every named special token (pad, unk, sep, cls, mask and the model's
+    `extra_special_tokens`), leaves those the tokenizer does not set undefined, and for a tokenizer saved
+    without `added_tokens_decoder` reads them from special_tokens_map.json. Only bos_token and eos_token
+    from tokenizer_config.json were given: `{{ pad_token }}` rendered empty, an unset token was defined as
+    "", and a checkpoint keeping its tokens in special_tokens_map.json lost its BOS on every chat."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models
+    from transformers import AutoTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<img>": 4}
+    RawTokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
+    tokens = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": _SPECIAL_TOKENS_TEMPLATE}
+    if legacy:
+        (tmp_path / "special_tokens_map.json").write_text(json.dumps(tokens))
+    else:
+        config.update(tokens, extra_special_tokens={"image_token": "<img>"}, cls_token=None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "hi"}]
+    expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert load_chat_template(tmp_path).render(messages) == expected

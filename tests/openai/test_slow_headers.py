@@ -152,7 +152,9 @@ def test_headers_past_the_size_limit_are_431_and_bad_http_400_in_openais_error_o
     huge = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
     head, error = _raw_answer(http_worker.base_url, huge)
     assert head.startswith(b"HTTP/1.1 431 ") and b"connection: close" in head.lower()
-    assert error["type"] == "invalid_request_error" and "headers are larger than 16384 bytes" in error["message"]
+    assert (
+        error["type"] == "invalid_request_error" and "headers are larger than 16384 bytes" in error["message"]
+    )
     head, error = _raw_answer(http_worker.base_url, b"NOT HTTP AT ALL\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head.lower()
     assert error["code"] == "invalid_argument" and "not valid HTTP/1.1" in error["message"]

@@ -58,7 +58,6 @@ def test_metrics_endpoint_exposes_latency_histograms_without_tenant_labels(syste
     assert "tenant" not in body and "adapter=" not in body
 
 
-
 def test_revoking_a_key_ends_its_running_streams_billed_for_what_they_delivered(system, hinted_worker):
     """A revoked key's running streams went on to their end (only new calls were refused): they end with
     UNAUTHENTICATED once the revocation hint arrives, billed for the tokens delivered; a stream of another

@@ -5,9 +5,11 @@ since transformers 4.5x), else `tokenizer_config.json`'s `chat_template` (a stri
 which "default" is used). Rendered as `apply_chat_template` does: jinja2 with `trim_blocks`,
 `lstrip_blocks` and loop controls (`break`, `continue`), transformers' `tojson` (no HTML escaping),
 `raise_exception` and `strftime_now`, a `{% generation %}` block rendered as its body, and the variables
-`messages`, `tools` and `documents` (none: this API takes neither), `add_generation_prompt`, `bos_token`
-and `eos_token`; in an `ImmutableSandboxedEnvironment`: a template reads only what it is given and
-changes nothing.
+`messages`, `tools` and `documents` (none: this API takes neither), `add_generation_prompt`, and the
+tokenizer's named special tokens as transformers' `special_tokens_map` gives them (`bos_token`, `eos_token`,
+`unk_token`, `sep_token`, `pad_token`, `cls_token`, `mask_token` and the model's own `extra_special_tokens`;
+one the tokenizer does not set stays undefined); in an `ImmutableSandboxedEnvironment`: a template reads
+only what it is given and changes nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ log = logging.getLogger(__name__)
 MAX_RENDERED_CHARS = 1 << 20
 _CONFIG_FILE = "tokenizer_config.json"
 _TEMPLATE_FILE = "chat_template.jinja"
+# Where a tokenizer saved before transformers wrote `added_tokens_decoder` keeps its special tokens.
+_SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: the special tokens every tokenizer gives a template by name.
+SPECIAL_TOKEN_NAMES = (
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+)  # fmt: skip
 # Larger template files are not read (the largest templates on the Hub are tens of KiB).
 MAX_TEMPLATE_BYTES = 1 << 20
 
@@ -65,7 +73,16 @@ class ChatTemplateError(ValueError):
 
 
 class ChatTemplate:
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
+    def __init__(
+        self,
+        source: str,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ) -> None:
+        """`special_tokens`: name -> token text, the tokens the template may read (`bos_token`, `eos_token`
+        given on their own are added to them); a token left out is undefined in the template, as in
+        transformers when the tokenizer does not set it."""
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols]
         )
@@ -73,17 +90,23 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
         self._template = env.from_string(source)
-        self._tokens = {"bos_token": bos_token, "eos_token": eos_token}
+        tokens = dict(special_tokens or {})
+        for name, value in (("bos_token", bos_token), ("eos_token", eos_token)):
+            if value is not None:
+                tokens[name] = value
+        self._tokens = tokens
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt text of `messages` ({"role", "content"} each)."""
         try:
             text = self._template.render(
-                messages=messages,
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self._tokens,
+                {
+                    **self._tokens,
+                    "messages": messages,
+                    "tools": None,
+                    "documents": None,
+                    "add_generation_prompt": add_generation_prompt,
+                }
             )
         except TemplateError as error:
             raise ChatTemplateError(f"the model's chat template refused the messages: {error}") from None
@@ -94,7 +117,7 @@ class ChatTemplate:
 
 def load_chat_template(model_dir: Path) -> ChatTemplate | None:
     """The template of `model_dir` (`chat_template.jinja`, else `tokenizer_config.json`'s), with the
-    special tokens of `tokenizer_config.json`; None when there is none (or it is unusable, logged): chat
+    special tokens transformers gives it (`special_tokens`); None when there is none (or it is unusable, logged): chat
     is then refused while completions still work."""
     path = Path(model_dir) / _CONFIG_FILE
     template_file = Path(model_dir) / _TEMPLATE_FILE
@@ -115,18 +138,36 @@ def load_chat_template(model_dir: Path) -> ChatTemplate | None:
             source = named.get("default")
         if not isinstance(source, str) or not source:
             return None
-        tokens = config.data if config is not None else {}
-        return ChatTemplate(source, _token(tokens.get("bos_token")), _token(tokens.get("eos_token")))
+        return ChatTemplate(source, special_tokens=special_tokens(model_dir, config.data if config else {}))
     except (JsonFieldError, TemplateError, OSError, UnicodeError) as error:
         log.warning("%s: chat template not usable, chat completions refused: %s", path, error)
         return None
 
 
-def _token(value: object) -> str:
-    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+def special_tokens(model_dir: Path, config: dict) -> dict[str, str]:
+    """The named special tokens transformers' `apply_chat_template` passes to a template (its
+    `special_tokens_map`): the seven of SPECIAL_TOKEN_NAMES and the names of `extra_special_tokens` when it
+    is a dict (model-specific tokens, `image_token`), from tokenizer_config.json (`config`); for a
+    tokenizer saved without `added_tokens_decoder` (before transformers 4.34), special_tokens_map.json's
+    entries replace them, as transformers reads that file over the config then. A token set to null or
+    absent is left out (undefined in the template)."""
+    values = {name: config.get(name) for name in SPECIAL_TOKEN_NAMES}
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, dict):
+        values.update((name, value) for name, value in extra.items() if isinstance(name, str))
+    legacy_path = Path(model_dir) / _SPECIAL_TOKENS_MAP_FILE
+    if "added_tokens_decoder" not in config and legacy_path.is_file():
+        legacy = load_json_object(legacy_path.read_bytes(), _SPECIAL_TOKENS_MAP_FILE, mark_out_of_range=True)
+        values.update((name, value) for name, value in legacy.data.items() if name in SPECIAL_TOKEN_NAMES)
+    tokens = {name: _token(value) for name, value in values.items()}
+    return {name: token for name, token in tokens.items() if token is not None}
+
+
+def _token(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}; None for none."""
     if isinstance(value, dict):
         value = value.get("content")
-    return value if isinstance(value, str) else ""
+    return value if isinstance(value, str) else None
 
 
 def _raise(message: str) -> None:

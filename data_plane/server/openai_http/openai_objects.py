@@ -43,7 +43,9 @@ class Reply:
     def whole(self, with_logprobs: bool, spell_token) -> dict:
         """The non-streamed object; `spell_token(id)` gives a token's (text, own bytes) for the logprobs."""
         text = "".join(self.text)
-        logprobs = _logprobs(self.chat, self.token_ids, self.logprobs, spell_token, 0) if with_logprobs else None
+        logprobs = (
+            _logprobs(self.chat, self.token_ids, self.logprobs, spell_token, 0) if with_logprobs else None
+        )
         choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason(self.finish)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -103,7 +105,9 @@ def error_object(message: str, kind: str, param: str | None, code: str | None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _logprobs(chat: bool, token_ids: list[int], logprobs: list[float], spell_token, first_offset: int) -> dict:
+def _logprobs(
+    chat: bool, token_ids: list[int], logprobs: list[float], spell_token, first_offset: int
+) -> dict:
     """Chat's `content` (each token's text and its own bytes: a token holding part of a character has
     those bytes, its text U+FFFD) or the legacy object, whose `tokens` spell such a token as OpenAI's
     legacy API does, `bytes:\\xNN...`, and whose `text_offset` places each token in the completion's text

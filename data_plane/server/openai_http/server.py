@@ -80,7 +80,11 @@ class _HeaderTimeoutProtocol(H11Protocol):
             (b"connection", b"close"),
         ]
         try:
-            for event in (h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+            for event in (
+                h11.Response(status_code=status, headers=headers),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
                 self.transport.write(self.conn.send(event) or b"")
         except h11.LocalProtocolError:  # h11 cannot answer on this connection any more: close it silently
             self.transport.close()

@@ -188,9 +188,16 @@ class ControlPlane:
                 already_own = registry.tenant_holds(s, tenant.id, sha256)
                 was = registry.named_terms(s, tenant.id, header.name)
                 _check_royalty_not_raised(was, header)  # again, row locked: uploads of the name may race
+                old_key = registry.ready_key(s, tenant.id, header.name)  # before the row is rewritten
                 owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)
-                # The replaced content is dropped from workers only when no adapter still uses it.
+                # The replaced content is dropped from workers only when no adapter still uses it; its cache
+                # key alone when others still serve the content under other keys (see `_invalidate`).
                 unused = replaced if replaced is not None and not registry.is_served(s, replaced) else ""
+                unused_key = (
+                    old_key
+                    if replaced is not None and not unused and not registry.key_is_served(s, old_key)
+                    else None
+                )
         except BaseException:
             if created:
                 self._upload_stage("failed", plan, sha256)
@@ -198,7 +205,7 @@ class ControlPlane:
             raise
         if replaced is not None:
             # Merges built from content another adapter still serves stay valid: only unserved content is named.
-            self.publisher.invalidate(str(owned.adapter.id), unused, source_sha256=unused)
+            self._invalidate(str(owned.adapter.id), unused, unused_key)
         elif (
             was is not None
             and was.ready
@@ -247,8 +254,22 @@ class ControlPlane:
             sha256 = deleted.adapter.sha256
             # Content-addressed: another adapter (maybe another tenant's) may hold the same sha256.
             unused = "" if registry.is_served(s, sha256) else sha256
-        self.publisher.invalidate(str(deleted.adapter.id), unused, source_sha256=unused)
+            key = registry.key_of(deleted.adapter)
+            unused_key = None if unused or registry.key_is_served(s, key) else key
+        self._invalidate(str(deleted.adapter.id), unused, unused_key)
         return deleted
+
+    def _invalidate(self, adapter_id: str, unused: str, key: registry.AdapterKey | None) -> None:
+        """Publishes the invalidation of a deleted or replaced adapter: its content (`unused`) when no adapter
+        serves it any more; else its own cache key (`key`) when no other adapter is served under that key.
+        Others' copies of the content are never touched, and the deleter's never kept: a copy kept because
+        some other tenant still held the same bytes made the deleter's next upload of them warm
+        (`cache_tier`), telling it that someone holds those weights."""
+        if unused or key is None:
+            self.publisher.invalidate(adapter_id, unused, source_sha256=unused)
+        else:
+            # No source_sha256: the merges built from other keys of the content (others' copies) stay.
+            self.publisher.invalidate(adapter_id, key.sha256, cache_scope=key.scope)
 
     # -- named mixes ----------------------------------------------------------------------------------
 

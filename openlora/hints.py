@@ -9,7 +9,11 @@
 - `demote`: it may leave `tier`.
 - `invalidate`: `adapter_id` is no longer served as it was (deleted or replaced): forget every cached
   answer naming it. `sha256` is set only when no remaining adapter uses that artifact: then drop it from
-  every tier too (empty: other adapters, maybe other tenants', still use the content).
+  every tier too (empty: other adapters, maybe other tenants', still use the content). With `key_only`
+  set, the content is still served under other cache keys (another tenant's private copy, or a public
+  adapter): only the key `sha256` and `cache_scope` make is dropped, with the merges built from it, so that
+  the deleter's next upload of the same bytes is as cold as if no one else held them, and the other
+  holders' copies stay untouched.
 - `revoke`: the api key `api_key_id` was revoked: forget every cached answer for it. Never a plaintext key.
 
 `cache_scope` (prewarm, demote, invalidate) is the adapter's cache scope (openlora/cache_scope.py): empty for
@@ -52,6 +56,8 @@ class Hint:
     reason: str = ""
     # The adapter's cache scope: '' for public content, else its owner's (openlora/cache_scope.py).
     cache_scope: str = ""
+    # invalidate only: drop the one cache key `sha256` and `cache_scope` make, not every key of the content.
+    key_only: bool = False
 
     @property
     def cache_key(self) -> str:
@@ -89,6 +95,8 @@ class Hint:
             fields["reason"] = self.reason
         if self.cache_scope:
             fields["cache_scope"] = self.cache_scope
+        if self.key_only:
+            fields["key_only"] = "1"
         return fields
 
     @classmethod
@@ -110,6 +118,7 @@ class Hint:
                 source_sha256=text.get("source_sha256", ""),
                 reason=text.get("reason", "")[:32],
                 cache_scope=text.get("cache_scope", ""),
+                key_only=text.get("key_only", "") == "1",
             )
         except KeyError as e:
             raise ValueError(f"hint is missing field {e.args[0]!r}") from None

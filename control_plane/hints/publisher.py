@@ -103,13 +103,24 @@ class HintPublisher:
                     self._pending.popleft()  # only this thread removes from the queue
                 log.info("kept hint published: %s", hint)
 
-    def invalidate(self, adapter_id: str, sha256: str = "", source_sha256: str = "") -> bool:
+    def invalidate(
+        self, adapter_id: str, sha256: str = "", source_sha256: str = "", cache_scope: str | None = None
+    ) -> bool:
         """Workers forget cached answers naming `adapter_id` (as an adapter or as a saved mix's member);
         with `sha256` (only when no adapter uses that artifact any more) they also drop the content from
         every tier; with `source_sha256` (the content a deleted or replaced adapter served) they drop the
-        merges built from it."""
+        merges built from it. With `cache_scope` (not None) only the one cache key `sha256` and the scope
+        make is dropped, with the merges built from it: other adapters still serve the content under
+        other keys."""
         return self.publish(
-            Hint(kind="invalidate", adapter_id=adapter_id, sha256=sha256, source_sha256=source_sha256)
+            Hint(
+                kind="invalidate",
+                adapter_id=adapter_id,
+                sha256=sha256,
+                source_sha256=source_sha256,
+                cache_scope=cache_scope or "",
+                key_only=cache_scope is not None,
+            )
         )
 
     def revoke(self, api_key_id: str) -> bool:

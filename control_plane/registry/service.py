@@ -23,6 +23,7 @@ from control_plane.registry.page_token import decode_page_token, encode_page_tok
 from control_plane.tenancy.models import Tenant
 from control_plane.workers.models import BaseModelRow
 from openlora.adapter_format import AdapterInfo
+from openlora.cache_scope import cache_scope
 from openlora.names import ADAPTER_NAME, ADAPTER_NAME_RULE
 
 DEFAULT_PAGE_SIZE = 100
@@ -263,6 +264,50 @@ def tenant_holds(session: Session, tenant_id, sha256: str) -> bool:
         )
         is not None
     )
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """The worker cache key an adapter is served under (openlora/cache_scope.py), with its row's id."""
+
+    adapter_id: uuid.UUID
+    tenant_id: uuid.UUID
+    sha256: str
+    public: bool
+
+    @property
+    def scope(self) -> str:
+        return cache_scope(self.tenant_id, private=not self.public)
+
+
+def ready_key(session: Session, tenant_id: uuid.UUID, name: str) -> AdapterKey | None:
+    """The cache key of the tenant's READY adapter of that name (None when it has none)."""
+    row = session.execute(
+        select(Adapter.id, Adapter.sha256, Adapter.visibility).where(
+            Adapter.tenant_id == tenant_id, Adapter.name == name, Adapter.status == STATUS_READY
+        )
+    ).first()
+    return None if row is None else AdapterKey(row[0], tenant_id, row[1], row[2] == VISIBILITY_PUBLIC)
+
+
+def key_of(adapter: Adapter) -> AdapterKey:
+    return AdapterKey(adapter.id, adapter.tenant_id, adapter.sha256, adapter.visibility == VISIBILITY_PUBLIC)
+
+
+def key_is_served(session: Session, key: AdapterKey) -> bool:
+    """Whether a READY adapter other than `key.adapter_id` is served under the same worker cache key: for a
+    private adapter, another private adapter of its owner with the same content; for a public one, another
+    public adapter with the same content."""
+    same_key = [
+        Adapter.sha256 == key.sha256,
+        Adapter.status == STATUS_READY,
+        Adapter.id != key.adapter_id,
+    ]
+    if key.public:
+        same_key.append(Adapter.visibility == VISIBILITY_PUBLIC)
+    else:
+        same_key += [Adapter.tenant_id == key.tenant_id, Adapter.visibility != VISIBILITY_PUBLIC]
+    return session.scalar(select(Adapter.id).where(*same_key).limit(1)) is not None
 
 
 def is_served(session: Session, sha256: str) -> bool:

@@ -32,6 +32,9 @@ async def apply_hint(engine, hint: Hint, artifacts, near_deadline_s: float = NEA
     the hint asks for the disk tier only, has the engine prefetch it into host memory or a slot; the
     engine declines what the tier could not keep until the predicted call)."""
     inner = _engine_of(engine)
+    if hint.kind == "invalidate" and hint.key_only:  # this one cache key is no longer served
+        inner.invalidate(hint.cache_key)
+        return
     if hint.kind == "invalidate":  # no adapter serves this content any more, in any cache scope
         inner.invalidate_content(hint.sha256)
         return

@@ -37,7 +37,7 @@ from openlora.cache_scope import content_of
 
 log = logging.getLogger(__name__)
 _IDLE_LOAD_WAIT_S = 0.05
-_MAX_MIX_CONTENTS = 4096  # past it, the record of what mixes were built from keeps only cached keys
+_MAX_MIX_MEMBERS = 4096  # past it, the record of what mixes were built from keeps only cached keys
 _HOST_COPY_WAIT_S = 0.01  # the longest a step waits for a copy from host memory a waiting request needs
 _TIER_ORDER = ("none", "device", "host", "disk")  # fastest first
 # Prefetch accounting keys (`prefetch_stats`): (event, tier) or (PREFETCH_SKIPPED, reason).
@@ -114,9 +114,9 @@ class LLMEngine:
             pin_memory=device.type == "cuda",
             read_delay_s=config.adapter_read_delay_s,
         )
-        # The contents (sha256) a mix's key was built from, by key: `invalidate_content` drops the mixes of
-        # a content with the content itself. Pruned to the keys the cache knows as it grows.
-        self._mix_contents: dict[str, frozenset[str]] = {}
+        # The member keys a mix's key was built from, by key: invalidating a member (or its content) drops
+        # the mixes built from it too. Pruned to the keys the cache knows as it grows.
+        self._mix_members: dict[str, frozenset[str]] = {}
         # Cache commands from other threads (prewarm hints): applied by the engine thread at each step.
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         # Finished adapter loads by (cause, source tier): "request"/"prefetch", "disk"/"host"; with their
@@ -439,7 +439,8 @@ class LLMEngine:
         self._commands.put(("demote", key))
 
     def invalidate(self, key: str) -> None:
-        """Thread-safe: drop `key` from every tier at the next step. Requests that wait for it load it
+        """Thread-safe: drop `key` (and the linear mixes built from it) from every tier at the next step.
+        Requests that wait for it load it
         afresh from their own files; running ones finish on the slot they hold, which is freed after
         them (a slot is never pulled from under a running batch)."""
         self._commands.put(("invalidate", key))
@@ -468,14 +469,17 @@ class LLMEngine:
                 self._prefetch_now(key, members, to_device)
             elif kind == "demote":
                 cache.demote(key)
-            elif kind == "invalidate":
-                self._invalidate_now(key)
-            elif kind == "invalidate_content":
-                known_keys = cache.known_keys()
-                self._prune_mix_contents(known_keys)
-                for known in known_keys:
-                    if content_of(known) == key or key in self._mix_contents.get(known, ()):
-                        self._invalidate_now(known)
+            elif kind in ("invalidate", "invalidate_content"):
+                if kind == "invalidate":
+                    doomed = {key}
+                else:
+                    doomed = {known for known in cache.known_keys() if content_of(known) == key}
+                self._prune_mix_members(cache.known_keys())
+                for mix, members in list(self._mix_members.items()):
+                    if members & doomed or (kind == "invalidate_content" and key in map(content_of, members)):
+                        doomed.add(mix)
+                for doomed_key in sorted(doomed):
+                    self._invalidate_now(doomed_key)
             elif kind == "keep_warm":
                 cache.set_keep_warm(key, command[2])
 
@@ -527,14 +531,14 @@ class LLMEngine:
     def _submit(self, key: str, members: tuple, **options) -> None:
         """`loader.submit`, remembering what a mix's key was built from."""
         if members and any(member.key != key for member in members):
-            self._mix_contents[key] = frozenset(content_of(member.key) for member in members)
-            if len(self._mix_contents) > _MAX_MIX_CONTENTS:
-                self._prune_mix_contents(self.adapter_cache.known_keys())
+            self._mix_members[key] = frozenset(member.key for member in members)
+            if len(self._mix_members) > _MAX_MIX_MEMBERS:
+                self._prune_mix_members(self.adapter_cache.known_keys())
         self.loader.submit(key, members, **options)
 
-    def _prune_mix_contents(self, known_keys: list[str]) -> None:
+    def _prune_mix_members(self, known_keys: list[str]) -> None:
         known = set(known_keys)
-        self._mix_contents = {k: v for k, v in self._mix_contents.items() if k in known}
+        self._mix_members = {k: v for k, v in self._mix_members.items() if k in known}
 
     def _invalidate_now(self, key: str) -> None:
         """Drops `key` from the tiers: waiting requests give back their reference (each gets a fresh load

@@ -307,7 +307,14 @@ class MergeStore:
         """Forgets every merge built from the content `sha256`, in any scope (deleted or replaced
         upstream); returns their keys (for the engine to drop them from its tiers). A held merge is
         removed on release."""
-        dropped = [key for key, sources in self._sources.items() if sha256 in map(content_of, sources)]
+        return self._drop_where(lambda sources: sha256 in map(content_of, sources))
+
+    def drop_source_key(self, source_key: str) -> list[str]:
+        """`drop_source` for the merges built from the one cache key `source_key` of a content."""
+        return self._drop_where(lambda sources: source_key in sources)
+
+    def _drop_where(self, built_from) -> list[str]:
+        dropped = [key for key, sources in self._sources.items() if built_from(sources)]
         for key in dropped:
             if self._holds[key]:
                 self._stale.add(key)

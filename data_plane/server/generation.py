@@ -704,6 +704,16 @@ class GenerationService:
             self._engine.invalidate(key)
         return keys
 
+    def drop_merges_of_key(self, source_key: str) -> list[str]:
+        """`drop_merges_of` for the merges built from one cache key of a content (its other keys, other
+        tenants' copies or its public one, still serve it)."""
+        if self._merges is None:
+            return []
+        keys = self._merges.drop_source_key(source_key)
+        for key in keys:
+            self._engine.invalidate(key)
+        return keys
+
     def _observe_merge(self, _spec, _key, report) -> None:
         self._metrics.merge_build_s.observe(report.build_ms / 1000)
         self._metrics.merge_truncation_error.observe(report.relative_error)

@@ -372,6 +372,18 @@ async def _start_serving(
             control_plane.forget_api_key_id(hint.api_key_id)
             generation.end_streams_of_key(hint.api_key_id)
             return
+        if hint.kind == "invalidate" and hint.key_only and hint.sha256:
+            # Its content is still served under other cache keys (another tenant's private copy, a public
+            # adapter): only the deleted adapter's own key goes, with the merges built from it. Kept, it
+            # made the deleter's next upload of the same bytes warm, telling it that someone holds them.
+            control_plane.forget_adapter(hint.adapter_id)
+            key = hint.cache_key
+            generation.drop_merges_of_key(key)
+            artifacts.discard(key)
+            task = loop.create_task(apply_hint(engine, hint, artifacts))
+            running._hint_tasks.add(task)
+            task.add_done_callback(_hint_done(running._hint_tasks, hint))
+            return
         if hint.kind == "invalidate":
             # Always forget the adapter's cached answers; its content only when no adapter serves it any
             # more (the control plane then names the sha256): others may share content-addressed files.

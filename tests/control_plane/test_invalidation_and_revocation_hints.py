@@ -10,6 +10,7 @@ import uuid
 
 import redis
 
+from openlora.cache_scope import cache_scope
 from openlora.hints import HINTS_STREAM, Hint
 
 BASE = "tiny-llama"
@@ -28,12 +29,20 @@ def _hints(redis_url: str, **match: str) -> list[Hint]:
     return [h for h in hints if all(getattr(h, k) == v for k, v in match.items())]
 
 
+_TENANT_IDS: dict[str, str] = {}
+
+
 def _two_tenants(cp) -> tuple[str, str]:
     names = (f"sa-{uuid.uuid4().hex[:8]}", f"sb-{uuid.uuid4().hex[:8]}")
     with cp.admin() as admin:
         for name in names:
-            admin.create_tenant(name)
+            _TENANT_IDS[name] = admin.create_tenant(name).id
     return names
+
+
+def _scope(tenant: str) -> str:
+    """The cache scope of `tenant`'s private adapters (a tenant `_two_tenants` made)."""
+    return cache_scope(_TENANT_IDS[tenant], private=True)
 
 
 def test_deleting_one_of_two_adapters_sharing_content_keeps_the_content(cp, redis_url, adapters_root) -> None:
@@ -43,12 +52,15 @@ def test_deleting_one_of_two_adapters_sharing_content_keeps_the_content(cp, redi
         second = admin.upload_adapter(adapters_root / "a", "shared", BASE, tenant=second_tenant).adapter
         assert first.sha256 == second.sha256 and first.id != second.id
         admin.delete_adapter("shared", tenant=first_tenant)
-        # The other tenant still serves that sha256: only the adapter id is invalidated.
-        assert [(h.kind, h.sha256) for h in _hints(redis_url, adapter_id=first.id)] == [("invalidate", "")]
+        # The other tenant still serves that sha256: only the first tenant's own cache key of it goes
+        # (kept, it made the first tenant's next upload of the same bytes warm: someone holds them).
+        (hint,) = _hints(redis_url, adapter_id=first.id)
+        assert (hint.kind, hint.sha256, hint.key_only) == ("invalidate", first.sha256, True)
+        assert hint.cache_scope == _scope(first_tenant)
         admin.delete_adapter("shared", tenant=second_tenant)
-        # The last user is gone: now the content goes too.
-        assert [(h.kind, h.sha256) for h in _hints(redis_url, adapter_id=second.id)] == [
-            ("invalidate", second.sha256)
+        # The last user is gone: now the content goes too, in every scope.
+        assert [(h.kind, h.sha256, h.key_only) for h in _hints(redis_url, adapter_id=second.id)] == [
+            ("invalidate", second.sha256, False)
         ]
 
 
@@ -60,7 +72,10 @@ def test_replacing_content_another_tenant_uses_invalidates_only_the_adapter(
         old = admin.upload_adapter(adapters_root / "a", "swap", BASE, tenant=first_tenant).adapter
         admin.upload_adapter(adapters_root / "a", "keep", BASE, tenant=second_tenant)
         admin.upload_adapter(adapters_root / "b", "swap", BASE, tenant=first_tenant)
-    assert [(h.kind, h.sha256) for h in _hints(redis_url, adapter_id=old.id)] == [("invalidate", "")]
+    # Only the first tenant's own cache key of the replaced content goes, never the other tenant's.
+    (hint,) = _hints(redis_url, adapter_id=old.id)
+    assert (hint.kind, hint.sha256, hint.key_only) == ("invalidate", old.sha256, True)
+    assert hint.cache_scope == _scope(first_tenant)
 
 
 def test_making_a_public_adapter_private_invalidates_it_at_once(cp, redis_url, adapters_root) -> None:

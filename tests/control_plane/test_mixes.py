@@ -372,7 +372,8 @@ def test_deleting_content_another_tenant_still_serves_names_no_content_for_merge
     cp, redis_url, adapters_root
 ) -> None:
     """Merges are built from content; another tenant's adapter with the same bytes keeps those merges
-    valid, so deleting one copy must not make workers drop (and rebuild) the other tenant's merges."""
+    valid, so deleting one copy must not make workers drop (and rebuild) the other tenant's merges: the
+    hint names the deleter's own cache key of the content alone, and no source content."""
     _, key_a = _tenant_with_key(cp)
     _, key_b = _tenant_with_key(cp)
     with cp.admin(key_a) as admin:
@@ -382,7 +383,15 @@ def test_deleting_content_another_tenant_still_serves_names_no_content_for_merge
         assert copy.sha256 == kept.sha256
         admin.delete_adapter("copy")
     [deleted] = _hints(redis_url, adapter_id=copy.id)
-    assert (deleted.kind, deleted.sha256, deleted.source_sha256) == ("invalidate", "", "")
+    assert (deleted.kind, deleted.sha256, deleted.source_sha256, deleted.key_only) == (
+        "invalidate",
+        copy.sha256,
+        "",
+        True,
+    )
+    assert (
+        deleted.cache_scope and deleted.cache_scope != _authorize(cp, key_a, ["kept"]).adapters[0].cache_scope
+    )
 
 
 def test_concurrent_deletes_of_one_mix_delete_it_once(cp, adapters_root) -> None:

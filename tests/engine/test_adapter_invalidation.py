@@ -141,7 +141,7 @@ def test_invalidation_of_an_unused_adapter_frees_its_slot_and_host_copy_at_the_n
         engine.shutdown()
 
 
-def test_invalidating_a_members_content_drops_the_mixes_built_from_it(tiny_llama):
+def test_invalidating_a_member_or_its_content_drops_the_mixes_built_from_it(tiny_llama):
     """A linear mix is cached under a key of its own: invalidating one member's content dropped the member
     but left the mix's slot and host copy (built from that content) until evicted."""
     mix = [tiny_llama.ref("r16_rslora", 0.5), tiny_llama.ref("r8_all", 0.5)]
@@ -157,5 +157,12 @@ def test_invalidating_a_members_content_drops_the_mixes_built_from_it(tiny_llama
         engine.step()
         assert set(engine.resident_adapter_keys()) == {other.key}
         assert set(engine.host_adapter_keys()) == {other.key}
+        # The same for one cache key of a member (a deleter's own copy of content others still serve).
+        engine.add_request(greedy("again", PROMPT, mix, max_tokens=2))
+        run_to_completion(engine)
+        assert mix_key in engine.resident_adapter_keys()
+        engine.invalidate(mix[1].key)
+        engine.step()
+        assert engine.resident_adapter_keys() == [] and engine.host_adapter_keys() == []
     finally:
         engine.shutdown()

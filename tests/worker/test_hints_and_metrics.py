@@ -93,3 +93,50 @@ def test_revoking_a_key_ends_its_running_streams_billed_for_what_they_delivered(
     usage = system.wait_usage(tenant, 2)
     assert usage.total_requests == 2
     assert usage.total_completion_tokens == received + 200
+
+
+def test_deleting_content_another_tenant_holds_leaves_no_warm_copy_for_the_deleter(
+    system, hinted_worker, tmp_path
+):
+    """Promise: uploading the same bytes as another tenant's private adapter tells nothing. A delete (or
+    replacement) whose content another tenant still holds named no content, so the deleter's own copy
+    stayed on the worker (disk, slot): uploading the same bytes again, it found them warm, and a control
+    upload of bytes nobody holds came back cold. Its delete drops its own copy alone; the holder's stays."""
+    from openlora.v1 import inference_pb2
+
+    src = tmp_path / "held"
+    shutil.copytree(system.model_dir / "adapters" / "ad5", src)
+    config = src / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": 16', '"lora_alpha": 27'))
+    holder, _, holder_key = system.new_tenant(admin=True)
+    prober, _, prober_key = system.new_tenant(admin=True)
+    sha = system.admin.push(src, "held", holder, "tiny")
+    assert system.admin.push(src, "probe", prober, "tiny") == sha
+    target = f"127.0.0.1:{hinted_worker.port}"
+    artifacts = hinted_worker.config.artifacts_dir
+    holder_copy = artifacts / system.private_cache_key(holder, sha)
+    prober_copy = artifacts / system.private_cache_key(prober, sha)
+
+    def tier(client: Client, adapter: str) -> int:
+        return list(client.generate_stream("hello", adapter=adapter, max_tokens=2))[-1].timing.cache_tier
+
+    with Client(target, holder_key) as owner, Client(target, prober_key) as probe:
+        assert tier(owner, "held") == inference_pb2.CACHE_TIER_REMOTE
+        assert tier(probe, "probe") == inference_pb2.CACHE_TIER_REMOTE
+        assert holder_copy.is_dir() and prober_copy.is_dir()
+        system.admin.delete("probe", prober)
+        deadline = time.monotonic() + 5
+        while prober_copy.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not prober_copy.exists(), "the deleter's own copy of content another tenant holds was kept"
+        assert system.admin.push(src, "probe", prober, "tiny") == sha
+        assert tier(probe, "probe") == inference_pb2.CACHE_TIER_REMOTE
+        # A replacement of that content by other bytes drops the replaced copy the same way.
+        system.admin.push(system.model_dir / "adapters" / "ad6", "probe", prober, "tiny")
+        deadline = time.monotonic() + 5
+        while prober_copy.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not prober_copy.exists(), "the replaced copy of content another tenant holds was kept"
+        # The holder's copy was never disturbed.
+        assert holder_copy.is_dir()
+        assert tier(owner, "held") == inference_pb2.CACHE_TIER_DEVICE

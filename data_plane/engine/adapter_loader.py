@@ -13,6 +13,7 @@ Each loader thread runs torch ops on one intra-op thread.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -33,6 +34,12 @@ SlotInstaller = Callable[[int, HostAdapter], None]
 
 CAUSE_REQUEST = "request"  # a request waits for this adapter
 CAUSE_PREFETCH = "prefetch"  # a prewarm hint asked for it; no request yet
+# Disk reads begun on a request's arrival (`read_ahead`) that no load has claimed yet: at most this many,
+# each kept at most this long (a request that never reaches the engine leaves one behind).
+MAX_READS_AHEAD = 4
+READ_AHEAD_TTL_S = 10.0
+# A larger adapter (by its file headers) is not read ahead: its load reads it, as before.
+MAX_READ_AHEAD_BYTES = 64 << 20
 
 
 def _one_intra_op_thread() -> None:
@@ -119,6 +126,9 @@ class AdapterLoader:
         self._stale: set[str] = set()  # keys in flight whose result is to be dropped
         # The keys in flight, replaced (never mutated) on each change: `is_loading` reads it from any thread.
         self._in_flight_keys: frozenset[str] = frozenset()
+        # key -> (disk read begun on arrival, its start): claimed by the load of `key` (`submit`).
+        self._ahead: dict[str, tuple[Future, float]] = {}
+        self._ahead_lock = threading.Lock()
 
     @property
     def num_in_flight(self) -> int:
@@ -133,9 +143,37 @@ class AdapterLoader:
         return key in self._copying
 
     def mark_stale(self, key: str) -> None:
-        """`key` was invalidated: a load of it in flight comes back with `stale` set. Engine thread."""
+        """`key` was invalidated: a load of it in flight comes back with `stale` set, and a read begun
+        ahead of it is dropped. Engine thread."""
         if key in self._in_flight:
             self._stale.add(key)
+        with self._ahead_lock:
+            self._ahead.pop(key, None)
+
+    def read_ahead(self, key: str, members: tuple[AdapterRef, ...]) -> bool:
+        """Begins the disk read of `key` now, from any thread (a request's arrival, while a step runs),
+        so that its load, submitted once the engine thread takes the request in, finds the host buffer
+        read or under way instead of starting the read a step later. Does nothing (False) when `key` is
+        loading or read ahead already, or when MAX_READS_AHEAD reads wait unclaimed."""
+        now = time.monotonic()
+        with self._ahead_lock:
+            for old, (_, started) in list(self._ahead.items()):
+                if now - started > READ_AHEAD_TTL_S:
+                    del self._ahead[old]
+            if key in self._ahead or key in self._in_flight_keys or len(self._ahead) >= MAX_READS_AHEAD:
+                return False
+            self._ahead[key] = (self._pool.submit(self._read_ahead, tuple(members)), now)
+        return True
+
+    def _read_ahead(self, members: tuple[AdapterRef, ...]) -> HostAdapter | None:
+        size = self.estimate_host_bytes(members)
+        if size is None or size > MAX_READ_AHEAD_BYTES:
+            return None  # its load reads it (and reports what is wrong with its headers)
+        return self._read_packed(members)
+
+    def _claim_read_ahead(self, key: str) -> tuple[Future, float] | None:
+        with self._ahead_lock:
+            return self._ahead.pop(key, None)
 
     def submit(
         self,
@@ -157,10 +195,19 @@ class AdapterLoader:
         slot = None if host_only else self._reserved_slot(key)
         started_at = time.monotonic() if started_at is None else started_at
         members = tuple(members)
-        pool = self._pool if host is None else self._copy_pool
-        future = pool.submit(self._load, key, members, slot, host, started_at, cause)
+        # A disk read begun on arrival: done, its load is a copy (on the copy thread, waited for by the
+        # step's admission as a copy from host memory is); under way, the load takes its result once it
+        # ends (on the disk thread, behind it: never a second read).
+        ahead = self._claim_read_ahead(key) if host is None else None
+        if ahead is not None:
+            started_at = min(started_at, ahead[1])
+        copying = host is not None or (ahead is not None and _read(ahead[0]) is not None)
+        pool = self._copy_pool if copying else self._pool
+        future = pool.submit(
+            self._load, key, members, slot, host, started_at, cause, None if ahead is None else ahead[0]
+        )
         self._in_flight[key] = (future, started_at, cause, members)
-        if host is not None:
+        if copying:
             self._copying.add(key)
         self._in_flight_keys = frozenset(self._in_flight)
 
@@ -172,13 +219,15 @@ class AdapterLoader:
         host: HostAdapter | None,
         started_at: float,
         cause: str,
+        ahead: Future | None = None,
     ) -> FinishedLoad:
         read_from_disk = host is None
         t0 = time.monotonic()
         if host is None:
-            if self.read_delay_s:
-                time.sleep(self.read_delay_s)
-            host = pack(self._read(members), self._pin_memory)
+            # A read ahead that failed is read again here, so that the load reports its own error.
+            host = _read(ahead, wait=True) if ahead is not None else None
+            if host is None:
+                host = self._read_packed(members)
         t1 = time.monotonic()
         if slot is not None and self._install is not None:
             self._install(slot, host)
@@ -195,6 +244,11 @@ class AdapterLoader:
             cause,
             members,
         )
+
+    def _read_packed(self, members: tuple[AdapterRef, ...]) -> HostAdapter:
+        if self.read_delay_s:
+            time.sleep(self.read_delay_s)
+        return pack(self._read(members), self._pin_memory)
 
     def estimate_host_bytes(self, members: tuple[AdapterRef, ...]) -> int | None:
         """`host_copy_bytes` for this engine's dtype."""
@@ -242,6 +296,20 @@ class AdapterLoader:
             self._in_flight_keys = frozenset(self._in_flight)
         return finished
 
+    @property
+    def num_read_ahead(self) -> int:
+        """Reads begun on arrival that no load has claimed yet."""
+        with self._ahead_lock:
+            return len(self._ahead)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._copy_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _read(ahead: Future, wait: bool = False) -> HostAdapter | None:
+    """The host buffer a read ahead made; None while it runs (`wait`: once it ended), when it failed or
+    was cancelled, or when it left the adapter to its load."""
+    if ahead.cancelled() or (not wait and not ahead.done()) or ahead.exception() is not None:
+        return None
+    return ahead.result()

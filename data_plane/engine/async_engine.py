@@ -181,6 +181,8 @@ class AsyncEngine:
                 f"{waiting} requests are waiting; the last {reserved} places are kept for tenants with fewer "
                 f"than {FEW_REQUESTS} requests on this worker"
             )
+        # Disk reads of its adapters begin now, beside the running step, not once the engine takes it in.
+        engine.read_ahead(request)
         outputs = OutputStream()
         self._streams[request.request_id] = outputs
         self._tenant_requests[request.tenant] += 1

@@ -175,6 +175,27 @@ class LLMEngine:
         """Adapters with a copy in host memory: a snapshot, safe from any thread."""
         return list(self.adapter_cache.residency.host_keys)
 
+    def read_ahead(self, request: EngineRequest) -> int:
+        """Safe from any thread (a request's arrival, while a step runs): begins the disk reads of the
+        request's adapters that are in no slot, in no host copy and not loading, so that their loads,
+        started once the engine thread takes the request in, find them read (`AdapterLoader.read_ahead`).
+        Returns how many began."""
+        residency = self.adapter_cache.residency
+        warm = set(residency.device_keys) | set(residency.host_keys)
+        if request.ensemble is not None:
+            wanted = [
+                (m.adapter.key, (m.adapter,)) for m in request.ensemble.members if m.adapter is not None
+            ]
+        elif request.adapters:
+            wanted = [(adapter_key(request.adapters, request.tenant), tuple(request.adapters))]
+        else:
+            wanted = []
+        begun = 0
+        for key, members in wanted:
+            if key not in warm and not self.loader.is_loading(key):
+                begun += self.loader.read_ahead(key, members)
+        return begun
+
     def validate(self, request: EngineRequest) -> None:
         """Raises InvalidRequest or AdapterLoadError for a request that can never run; reads no engine state
         that changes, so another thread may call it."""

@@ -1,0 +1,86 @@
+"""A request's adapter is read from disk from its arrival (`LLMEngine.read_ahead`, called by the async
+engine as a request comes in, while a step runs), not from the step boundary at which the engine takes the
+request in: its load then finds the read done (a copy, admitted in the engine's first step, as a copy from
+host memory is) or under way (taken over, never read twice). A read ahead of an adapter invalidated
+meanwhile is dropped."""
+
+from __future__ import annotations
+
+from concurrent.futures import wait
+
+import pytest
+
+from data_plane.engine import adapter_loader
+
+from .conftest import greedy, make_engine
+
+PROMPT = [3, 1, 4, 1, 5]
+READ_DELAY_S = 0.3  # a slow disk: a read spans several steps of the tiny model
+
+
+@pytest.fixture
+def engine(tiny_llama):
+    engine = make_engine(tiny_llama, num_adapter_slots=2, adapter_read_delay_s=READ_DELAY_S)
+    reads = []
+    read = engine.loader._read
+    engine.loader._read = lambda members: reads.append(members) or read(members)
+    engine.reads = reads
+    yield engine
+    engine.shutdown()
+
+
+def _reads_ahead_done(engine) -> None:
+    _, running = wait([future for future, _ in engine.loader._ahead.values()], timeout=10)
+    assert not running
+
+
+def test_a_request_whose_adapter_was_read_ahead_runs_in_the_engines_first_step(engine, tiny_llama):
+    request = greedy("r", PROMPT, [tiny_llama.ref("r8_all")], max_tokens=2)
+    assert engine.read_ahead(request) == 1
+    _reads_ahead_done(engine)
+    engine.add_request(request)
+    first = [out for out in engine.step() if out.request_id == "r"]
+    assert first and first[0].new_token_ids, "the request was not admitted in the first step"
+    assert len(engine.reads) == 1
+    assert engine.read_ahead(request) == 0  # in a slot now: nothing to read
+
+
+def test_a_load_submitted_while_its_read_ahead_runs_takes_it_over(engine, tiny_llama):
+    """Without the read ahead the request waits for a whole read from the step that took it in."""
+    ref = tiny_llama.ref("r16_rslora")
+    request = greedy("r", PROMPT, [ref], max_tokens=2)
+    assert engine.read_ahead(request) == 1
+    assert engine.read_ahead(request) == 0  # one read per adapter
+    engine.add_request(request)
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    assert len(tokens) == 2 and len(engine.reads) == 1
+    assert engine.loader.num_read_ahead == 0
+
+
+def test_a_read_ahead_of_an_invalidated_adapter_is_dropped_and_read_again(engine, tiny_llama):
+    ref = tiny_llama.ref("r4_qv")
+    request = greedy("r", PROMPT, [ref], max_tokens=2)
+    engine.read_ahead(request)
+    _reads_ahead_done(engine)
+    engine.invalidate(ref.key)
+    engine.step()  # applies the invalidation
+    assert engine.loader.num_read_ahead == 0
+    engine.add_request(request)
+    while engine.has_unfinished():
+        engine.step()
+    assert len(engine.reads) == 2
+
+
+def test_reads_ahead_are_bounded_in_number_and_in_size(engine, tiny_llama, monkeypatch):
+    names = ["r4_qv", "r8_all", "r16_rslora", "r64_all"]
+    requests = [greedy(f"r{i}", PROMPT, [tiny_llama.ref(n)], max_tokens=1) for i, n in enumerate(names)]
+    monkeypatch.setattr(adapter_loader, "MAX_READS_AHEAD", 3)
+    assert [engine.read_ahead(r) for r in requests] == [1, 1, 1, 0]
+    _reads_ahead_done(engine)
+    engine.loader._ahead.clear()
+    monkeypatch.setattr(adapter_loader, "MAX_READ_AHEAD_BYTES", 1)
+    engine.read_ahead(requests[0])
+    _reads_ahead_done(engine)
+    assert len(engine.reads) == 3  # the adapter past the byte bound was left to its load

@@ -33,9 +33,9 @@ from data_plane.server.generation import GenerationService, WorkerState
 from data_plane.server.hint_listener import listen_for_hints
 from data_plane.server.metrics import AdapterActivity, EngineLoad, WorkerMetrics
 from data_plane.server.openai_http import HttpServer, OpenAIApi, build_app
+from data_plane.server.openai_http import server as http_server
 from data_plane.server.openai_http.app import control_plane_catalog
 from data_plane.server.openai_http.chat_template import load_chat_template
-from data_plane.server.openai_http.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from data_plane.server.servicer import InferenceServicer
 from data_plane.server.usage_reporter import UsageReporter
 from data_plane.server.validation import RequestLimits
@@ -165,7 +165,7 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     # The name announced is the configured one (the fingerprint, not the name, decides what fits).
     spec = dataclasses.replace(engine.spec, name=config.base_model_name)
 
-    http_connections = HTTP_MAX_CONNECTIONS if config.http_listen else 0
+    http_connections = _http_descriptors() if config.http_listen else 0
     max_connections = connection_cap(config.max_connections, http_connections, server="worker")
     server = grpc.aio.server(
         interceptors=[RequestDecodingInterceptor()], options=server_options(max_connections)
@@ -207,6 +207,19 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
         await server.stop(None)
         await engine.stop()
         raise
+
+
+def _http_descriptors() -> int:
+    """Descriptors the HTTP listener may hold: its connection cap and the overflow it answers 503."""
+    return http_server.MAX_CONNECTIONS + http_server.OVERFLOW_CONNECTIONS
+
+
+def _http_connection_cap(config: WorkerConfig) -> int:
+    """The HTTP listener's connection cap: its share, beside the gRPC server's, of what the open-file
+    limit leaves after the reserve, less its overflow (under a low limit the HTTP cap alone could take
+    every descriptor, as the gRPC one did before it was lowered to its share)."""
+    share = connection_cap(_http_descriptors(), config.max_connections, server="HTTP API")
+    return max(1, min(http_server.MAX_CONNECTIONS, share - http_server.OVERFLOW_CONNECTIONS))
 
 
 async def _start_serving(
@@ -331,7 +344,11 @@ async def _start_serving(
             list_models=control_plane_catalog(control_plane, spec.name),
             created=int(time.time()),
         )
-        http = HttpServer(build_app(api, metrics=config.http_metrics), config.http_listen)
+        http = HttpServer(
+            build_app(api, metrics=config.http_metrics),
+            config.http_listen,
+            max_connections=_http_connection_cap(config),
+        )
         try:
             await http.start()
         except ListenError:

@@ -78,6 +78,31 @@ def test_models_list_pages_what_a_catalog_plugs_in(http_worker, tenant):
         api.list_models = listed_before
 
 
+def test_models_list_without_a_limit_lists_every_model(http_worker, tenant):
+    """The official clients' `models.list()` never asks for a next page (OpenAI's /v1/models is not
+    paged): a key with 150 models saw the first 100 and no sign of the rest."""
+    from data_plane.server.openai_http.app import ModelCard
+
+    api = http_worker.worker.http._app.state.api
+
+    async def catalog(api_key, auth):
+        return [ModelCard(f"mix-{i:03d}", auth.tenant, "tiny") for i in range(150)]
+
+    api.list_models, listed_before = catalog, api.list_models
+    try:
+        client = _client(http_worker, tenant[2])
+        ids = [m.id for m in client.models.list()]
+        assert ids == ["tiny"] + [f"mix-{i:03d}" for i in range(150)]
+        raw = httpx.get(
+            f"{http_worker.base_url}/models", headers={"Authorization": f"Bearer {tenant[2]}"}, timeout=10
+        ).json()
+        assert raw["has_more"] is False and raw["last_id"] == "mix-149"
+        after = client.models.list(extra_query={"after": "mix-100"})
+        assert [m.id for m in after.data] == [f"mix-{i:03d}" for i in range(101, 150)]
+    finally:
+        api.list_models = listed_before
+
+
 def test_completion_tokens_and_logprobs_equal_grpc_for_the_same_greedy_request(system, http_worker, tenant):
     key = tenant[2]
     token_ids, logprobs, text = _grpc(

@@ -158,3 +158,42 @@ def test_headers_past_the_size_limit_are_431_and_bad_http_400_in_openais_error_o
     head, error = _raw_answer(http_worker.base_url, b"NOT HTTP AT ALL\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head.lower()
     assert error["code"] == "invalid_argument" and "not valid HTTP/1.1" in error["message"]
+
+
+def test_connections_past_the_cap_and_its_overflow_hold_no_descriptor(system, tmp_path, monkeypatch):
+    """Connections past the cap were each held HEADER_TIMEOUT_S, with no bound on how many: a client with
+    no key that opened them faster than they expired took every descriptor of the worker (its gRPC
+    listener stopped accepting). Past the cap a connection gets OVER_CAPACITY_HEADER_TIMEOUT_S to send
+    its request (answered 503); past the cap and its overflow it is closed as it arrives. Those within
+    the cap are held as before."""
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(server, "OVERFLOW_CONNECTIONS", 2, raising=False)
+    monkeypatch.setattr(server, "HEADER_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(server, "OVER_CAPACITY_HEADER_TIMEOUT_S", 0.5, raising=False)
+    running = start_http_worker(system, tmp_path / "worker")
+    held, over = [], []
+    try:
+        url = urlparse(running.base_url)
+        held = [socket.create_connection((url.hostname, url.port), timeout=10) for _ in range(3)]
+        time.sleep(0.3)  # accepted by the server
+        over = [socket.create_connection((url.hostname, url.port), timeout=10) for _ in range(6)]
+        started = time.monotonic()
+        for conn in over:  # all closed well before HEADER_TIMEOUT_S: 4 at once, 2 after 0.5 s
+            conn.settimeout(max(0.1, 5 - (time.monotonic() - started)))
+            assert conn.recv(1024) == b""
+        assert time.monotonic() - started < 5
+        open_now = running.worker.http._server.server_state.connections
+        assert len(open_now) == 3
+        for conn in held:  # the ones within the cap are still open
+            conn.setblocking(False)
+            try:
+                assert conn.recv(1024) != b""
+            except BlockingIOError:
+                pass
+        # a request past the cap, within the overflow, is still answered with OpenAI's 503
+        over_cap = httpx.get(f"{running.base_url}/models", timeout=10)
+        assert over_cap.status_code == 503 and over_cap.headers["retry-after"] == "1"
+    finally:
+        for conn in held + over:
+            conn.close()
+        system.loop.run(running.worker.stop(1.0))

@@ -46,7 +46,6 @@ from data_plane.server.validation import RequestFieldError, ValidRequest, check_
 from openlora.names import ADAPTER_NAME_RULE, is_adapter_name
 
 MAX_MODELS_PAGE = 1000
-DEFAULT_MODELS_PAGE = 100
 # A request's whole body must arrive within this long once its headers have (server.HEADER_TIMEOUT_S
 # bounds the headers only): past it the answer is 408 and the connection is closed, before any key check
 # reaches the control plane and with nothing billed.
@@ -289,11 +288,13 @@ def _model_object(card: ModelCard) -> dict:
 
 async def _models(request: Request):
     """The base model and every adapter and mix the key may use, in pages as OpenAI's lists are
-    (`limit`, `after`; `has_more`, `first_id`, `last_id`)."""
+    (`limit`, `after`; `has_more`, `first_id`, `last_id`). Without `limit` the page holds every model
+    after `after`: OpenAI's /v1/models is not paged, and its official clients (`models.list()`, a
+    `SyncPage`) never ask for a next page, so a default page size cut their listing short without a word."""
     api: OpenAIApi = request.app.state.api
     try:
         cards = await _cards(request, api)
-        limit = _query_int(request, "limit", DEFAULT_MODELS_PAGE, 1, MAX_MODELS_PAGE)
+        limit = _query_int(request, "limit", None, 1, MAX_MODELS_PAGE)
     except Exception as error:
         return http_error(error).response()
     after = request.query_params.get("after")
@@ -303,6 +304,8 @@ async def _models(request: Request):
         # A keyset cursor: the models listed after that id (the base model first, the rest by id), whether
         # or not it still exists (a model deleted or hidden between two pages cut the listing short).
         cards = cards[1:] if after == cards[0].id else [c for c in cards[1:] if c.id > after]
+    if limit is None:
+        limit = len(cards)
     page = cards[:limit]
     return JSONResponse(
         {
@@ -429,7 +432,7 @@ def _render_chat(template: ChatTemplate | None, body: Body) -> str:
         raise BodyError("messages", str(error)) from None
 
 
-def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+def _query_int(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
     text = request.query_params.get(name)
     if text is None:
         return default

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -28,6 +29,13 @@ MAX_HEADER_BYTES = 16 * 1024
 LINGER_S = 2.0
 # Open connections at most: past it a connection's request is answered 503 and the connection closed.
 MAX_CONNECTIONS = 4096
+# Connections past MAX_CONNECTIONS that are still answered (503, Retry-After) rather than closed unread,
+# each given OVER_CAPACITY_HEADER_TIMEOUT_S to send its request. Any past these is closed as it arrives:
+# held for HEADER_TIMEOUT_S each, connections past the cap had no bound at all, and a client with no key
+# that opened them faster than they expired took every descriptor of the worker (the gRPC listener
+# stopped accepting, asyncio logged a traceback for each refused accept: 50 MB of log in 30 s).
+OVERFLOW_CONNECTIONS = 64
+OVER_CAPACITY_HEADER_TIMEOUT_S = 1.0
 
 
 class _HeaderTimeoutProtocol(H11Protocol):
@@ -37,29 +45,42 @@ class _HeaderTimeoutProtocol(H11Protocol):
     request line after each response held its connection for ever: enough of them, no key needed, filled
     the connection cap for everyone.)"""
 
+    max_connections = MAX_CONNECTIONS  # HttpServer sets its own cap on a subclass
+
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > MAX_CONNECTIONS:  # this one counted: every request on it is refused
-            self.app = _over_capacity
+        self._header_timeout_s = HEADER_TIMEOUT_S
+        open_now = len(self.connections)  # this one counted
+        if open_now > self.max_connections + OVERFLOW_CONNECTIONS:
+            self._header_timer = None
+            transport.close()  # no descriptor is held for it: past the overflow nothing is answered
+            return
+        if open_now > self.max_connections:  # every request on it is refused, and it must come at once
+            self.app = functools.partial(_over_capacity, self.max_connections)
+            self._header_timeout_s = OVER_CAPACITY_HEADER_TIMEOUT_S
         self._arm_header_timer()
 
     def _arm_header_timer(self) -> None:
         self._cycle_before = self.cycle  # a request's headers have arrived once the cycle is another
-        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_too_slow)
+        self._header_timer = self.loop.call_later(self._header_timeout_s, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
 
     def handle_events(self) -> None:
         super().handle_events()
         if self.cycle is not self._cycle_before:
-            self._header_timer.cancel()
+            self._cancel_header_timer()
 
     def on_response_complete(self) -> None:
-        self._header_timer.cancel()
+        self._cancel_header_timer()
         if not self.transport.is_closing():
             self._arm_header_timer()  # before uvicorn handles a pipelined request, which cancels it
         super().on_response_complete()
 
     def connection_lost(self, exc) -> None:
-        self._header_timer.cancel()
+        self._cancel_header_timer()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -103,16 +124,16 @@ class _HeaderTimeoutProtocol(H11Protocol):
 
     def _headers_too_slow(self) -> None:
         if self.cycle is self._cycle_before and not self.transport.is_closing():
-            log.info("HTTP connection closed: no request headers within %.0f s", HEADER_TIMEOUT_S)
+            log.info("HTTP connection closed: no request headers within %g s", self._header_timeout_s)
             self.transport.close()
 
 
-async def _over_capacity(scope, receive, send) -> None:
+async def _over_capacity(max_connections: int, scope, receive, send) -> None:
     """The answer on a connection past MAX_CONNECTIONS: OpenAI's error object, 503 with Retry-After (so
     the official clients back off and retry), and the connection closed (uvicorn's own was plain text)."""
     error = HttpError(
         503,
-        f"the worker holds {MAX_CONNECTIONS} HTTP connections, the most it takes; retry shortly",
+        f"the worker holds {max_connections} HTTP connections, the most it takes; retry shortly",
         None,
         grpc.StatusCode.UNAVAILABLE.name.lower(),
     )
@@ -129,8 +150,11 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """`start()` binds and serves; `stop()` closes the listener and waits for open responses."""
 
-    def __init__(self, app, listen: str, shutdown_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, app, listen: str, shutdown_timeout_s: float = 5.0, max_connections: int | None = None
+    ) -> None:
         host, _, port = listen.rpartition(":")
+        self._max_connections = max_connections  # None: MAX_CONNECTIONS when it starts
         self.host = host.strip("[]") or "0.0.0.0"
         self._port = int(port)
         self._app = app
@@ -157,7 +181,11 @@ class HttpServer:
             log_config=None,  # the worker's logging, not uvicorn's dictConfig
             log_level="warning",
             timeout_graceful_shutdown=self._shutdown_timeout_s,
-            http=_HeaderTimeoutProtocol,
+            http=type(
+                "_CappedProtocol",
+                (_HeaderTimeoutProtocol,),
+                {"max_connections": self._max_connections or MAX_CONNECTIONS},
+            ),
             h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         )
         self._server = _Server(config)

@@ -189,8 +189,8 @@ class ControlPlaneClient:
         self._asking_per_key: Counter[str] = Counter()
         # Per api key with Authorize calls waiting or running: its gate and how many use it.
         self._key_gates: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
-        # Keys with an answer cached recently (for any names): `knows_key`.
-        self._answered_keys: TTLCache[str, bool] = TTLCache(
+        # Keys with an answer cached recently (for any names), each with its tenant's id: `knows_key`.
+        self._answered_keys: TTLCache[str, str] = TTLCache(
             maxsize=auth_cache_max_entries, ttl=AUTH_RECENT_S, timer=time.monotonic
         )
         # When the last Authorize got no answer (unreachable, or past its deadline): cached answers within
@@ -412,7 +412,7 @@ class ControlPlaneClient:
             self._drop(key)
         elif forgets == self._stamp(key[0]):  # else a forget came while it was asked: it may predate it
             self._store(key, (asked_at + ttl_s, answer))
-            self._answered_keys[key[0]] = True
+            self._answered_keys[key[0]] = answer.tenant_id
         return answer
 
     def _outage_answer(
@@ -622,6 +622,10 @@ class ControlPlaneClient:
         """Whether an answer for this key (for any names) was cached within AUTH_RECENT_S and not
         forgotten since: a key the control plane accepted moments ago."""
         return api_key in self._answered_keys
+
+    def tenant_of(self, api_key: str) -> str | None:
+        """The tenant id of a key `knows_key` knows (None for another)."""
+        return self._answered_keys.get(api_key)
 
     def _forget_key(self, api_key: str) -> None:
         self._forget_count(api_key)

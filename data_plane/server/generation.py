@@ -202,14 +202,17 @@ class GenerationService:
             raise MissingScope()
         return auth
 
-    async def authenticate(self, api_key: str | None) -> None:
+    async def authenticate(self, api_key: str | None) -> str:
         """Checks the key alone, before anything of its request is read: a key with an answer cached
         recently, for any names, passes at once (its call asks Authorize before anything is delivered);
-        another is asked about (UNAUTHENTICATED, MissingScope as `authorize`)."""
+        another is asked about (UNAUTHENTICATED, MissingScope as `authorize`). Returns the key's tenant
+        id."""
         if not api_key:
             raise MissingCredentials()
-        if not self._cp.knows_key(api_key):
-            await self.authorize(api_key, ())
+        tenant_id = self._cp.tenant_of(api_key)
+        if tenant_id is None:
+            tenant_id = (await self.authorize(api_key, ())).tenant_id
+        return tenant_id
 
     async def _confirm(self, api_key: str | None, names: tuple[str, ...], early: Authorization) -> None:
         """Asks Authorize again for a call started on the recent answer `early`: raises its refusal, or

@@ -20,9 +20,10 @@
 public content, the owner's scope for a private adapter. A worker acts on the cache key the two make, the
 key its requests for that adapter use; an invalidate that names `sha256` drops every key of that content.
 
-An `invalidate` of a deleted or replaced adapter also names `source_sha256`, the content it served until
-then (set whether or not other adapters still use it): every merge built from that content is dropped, so
-the saved mixes built from the adapter are built again from what it serves now (or refused once deleted).
+An `invalidate` of a deleted or replaced adapter whose content no adapter uses any more also names
+`source_sha256`, that content: every merge built from it is dropped, so the saved mixes built from the
+adapter are built again from what it serves now (or refused once deleted). Content other adapters still
+use keeps its merges, except those built from the one key a `key_only` invalidate drops.
 """
 
 from __future__ import annotations

@@ -296,6 +296,11 @@ class AdapterLoader:
             self._in_flight_keys = frozenset(self._in_flight)
         return finished
 
+    def read_ahead_keys(self) -> list[str]:
+        """The keys of reads begun on arrival that no load has claimed yet."""
+        with self._ahead_lock:
+            return list(self._ahead)
+
     @property
     def num_read_ahead(self) -> int:
         """Reads begun on arrival that no load has claimed yet."""

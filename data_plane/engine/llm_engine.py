@@ -493,8 +493,9 @@ class LLMEngine:
             elif kind in ("invalidate", "invalidate_content"):
                 if kind == "invalidate":
                     doomed = {key}
-                else:
-                    doomed = {known for known in cache.known_keys() if content_of(known) == key}
+                else:  # with the reads begun ahead of requests the cache does not know yet
+                    known = cache.known_keys() + self.loader.read_ahead_keys()
+                    doomed = {k for k in known if content_of(k) == key}
                 self._prune_mix_members(cache.known_keys())
                 for mix, members in list(self._mix_members.items()):
                     if members & doomed or (kind == "invalidate_content" and key in map(content_of, members)):

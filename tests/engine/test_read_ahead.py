@@ -11,6 +11,7 @@ from concurrent.futures import wait
 import pytest
 
 from data_plane.engine import adapter_loader
+from openlora.cache_scope import content_of
 
 from .conftest import greedy, make_engine
 
@@ -71,6 +72,16 @@ def test_a_read_ahead_of_an_invalidated_adapter_is_dropped_and_read_again(engine
     while engine.has_unfinished():
         engine.step()
     assert len(engine.reads) == 2
+
+
+def test_a_read_ahead_of_content_invalidated_before_its_request_arrived_is_dropped(engine, tiny_llama):
+    """The cache does not know the key of a read ahead until its request is taken in: invalidating the
+    content must reach the read all the same."""
+    ref = tiny_llama.ref("r4_qv")
+    engine.read_ahead(greedy("r", PROMPT, [ref], max_tokens=2))
+    engine.invalidate_content(content_of(ref.key))
+    engine.step()
+    assert engine.loader.num_read_ahead == 0
 
 
 def test_reads_ahead_are_bounded_in_number_and_in_size(engine, tiny_llama, monkeypatch):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field, fields
@@ -55,6 +57,12 @@ REGISTER_RETRY_MAX_S = 5.0
 ENGINE_DEAD_EXIT_CODE = 3  # the engine loop died: restart the process
 TASK_STOP_TIMEOUT_S = 5.0  # how long stop() waits for its cancelled background tasks
 STREAM_END_TIMEOUT_S = 2.0  # how long stop() waits, after the grace, for ended streams to tell their callers
+STATE_DIR_LOCK_FILE = "worker.lock"
+
+
+class StateDirInUse(RuntimeError):
+    """Another worker process holds this worker's state dir: they would share one worker id (each
+    releasing the other's request id reservations at its start) and one usage spool."""
 
 
 def build_engine(config: WorkerConfig):
@@ -571,6 +579,31 @@ async def _serve_until_signalled(config: WorkerConfig) -> int:
     return ENGINE_DEAD_EXIT_CODE
 
 
+def lock_state_dir(state_dir: Path | str) -> int:
+    """Takes an exclusive lock on STATE_DIR/worker.lock for this process (the kernel drops it however the
+    process ends) and writes its pid there; returns the open file, which holds the lock until closed.
+    StateDirInUse names the pid of the worker that holds it."""
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(state_dir) / STATE_DIR_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirInUse(
+            f"another worker (pid {holder}) is using the state directory {state_dir}: give this one a "
+            "state directory of its own (--state-dir, OPENLORA_STATE_DIR)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def run_worker(config: WorkerConfig) -> int:
-    """Process entry: serves until SIGTERM/SIGINT, drains, returns the exit status."""
-    return asyncio.run(_serve_until_signalled(config))
+    """Process entry: serves until SIGTERM/SIGINT, drains, returns the exit status. The state dir is the
+    process's alone while it runs (StateDirInUse otherwise, before anything starts)."""
+    lock_fd = lock_state_dir(config.state_dir)
+    try:
+        return asyncio.run(_serve_until_signalled(config))
+    finally:
+        os.close(lock_fd)

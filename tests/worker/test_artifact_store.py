@@ -452,3 +452,40 @@ def test_weights_opened_while_out_of_file_descriptors_fail_as_overload_not_as_a_
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "open", "files"]
+
+
+def test_two_workers_never_share_a_state_dir(tmp_path, capsys):
+    """A second `openlora worker` on a live worker's state dir (`worker`'s default `.state/worker` is
+    also the one `make run` gives its worker) registered under the same worker id, released that worker's
+    request id reservations at its start (so another worker could serve an id in flight) and appended to
+    the same usage spool. It is refused before its model loads, naming the pid that holds the dir; once
+    that one ends, the dir is free again."""
+    import os
+
+    from data_plane.server.main import StateDirInUse, lock_state_dir
+    from openlora.cli import main
+
+    state_dir = tmp_path / "worker"
+    held = lock_state_dir(state_dir)
+    try:
+        code = main(
+            [
+                "worker",
+                "--model", str(tmp_path / "model"),
+                "--state-dir", str(state_dir),
+                "--control-plane", "127.0.0.1:1",
+                "--worker-token", "t",
+            ],
+            environ={},
+        )  # fmt: skip
+        assert code == 1  # a supervisor tries again: the holder may be a worker still draining
+        err = capsys.readouterr().err
+        assert err.splitlines() == [
+            f"error: another worker (pid {os.getpid()}) is using the state directory {state_dir}: give this "
+            "one a state directory of its own (--state-dir, OPENLORA_STATE_DIR)"
+        ]
+        with pytest.raises(StateDirInUse):
+            lock_state_dir(state_dir)
+    finally:
+        os.close(held)
+    os.close(lock_state_dir(state_dir))  # free once its holder ends

@@ -501,6 +501,13 @@ UNREACHABLE_HINT = (
 )
 
 
+WRONG_SERVICE_HINT = (
+    "hint: that address serves another openlora service: admin commands (adapters, tenants, keys, usage, "
+    "...) go to the control plane (--admin-target, OPENLORA_ADMIN_TARGET; `up` prints it as admin=), "
+    "`generate` to a worker (--target, OPENLORA_TARGET; `up` prints it as inference=)"
+)
+
+
 def _run(argv: list[str] | None, environ: Mapping[str, str] | None) -> int:
     args = build_parser().parse_args(argv)
     environ = os.environ if environ is None else environ
@@ -529,6 +536,8 @@ def _run(argv: list[str] | None, environ: Mapping[str, str] | None) -> int:
             print(OPERATOR_KEY_HINT, file=sys.stderr)
         if e.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (e.details() or "").lower():
             print(UNREACHABLE_HINT, file=sys.stderr)
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+            print(WRONG_SERVICE_HINT, file=sys.stderr)
         return 1
     except (ValueError, UploadRefused) as e:
         print(f"error: {e}", file=sys.stderr)

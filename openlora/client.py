@@ -1,6 +1,6 @@
 """Python client of InferenceService: `Client(target, api_key).generate(prompt)` yields text pieces.
 
-    client = Client("127.0.0.1:50051", api_key)
+    client = Client("127.0.0.1:50052", api_key)
     for piece in client.generate("Hello", adapter="upper", max_tokens=32):
         print(piece, end="", flush=True)
 

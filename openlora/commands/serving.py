@@ -505,6 +505,10 @@ def _run_generate(args: argparse.Namespace) -> int:
                 from openlora.cli import UNREACHABLE_HINT
 
                 print(UNREACHABLE_HINT, file=sys.stderr)
+            if error.code == grpc.StatusCode.UNIMPLEMENTED:
+                from openlora.cli import WRONG_SERVICE_HINT
+
+                print(WRONG_SERVICE_HINT, file=sys.stderr)
             if error.code == grpc.StatusCode.UNAUTHENTICATED and api_key == context.get("api_key"):
                 from openlora.cli import context_key_hint
 

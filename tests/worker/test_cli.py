@@ -291,3 +291,17 @@ def test_generate_against_an_address_nobody_answers_says_what_to_check(tmp_path)
     result = _generate_cli(["--target", f"127.0.0.1:{port}", "--api-key", "k" * 20, "hello"], tmp_path)
     assert result.returncode == 1
     assert "error: UNAVAILABLE" in result.stderr and "hint: nothing answers at that address" in result.stderr
+
+
+def test_a_command_sent_to_the_other_services_address_says_which_address_to_use(system, tmp_path, capsys):
+    """`generate` against the control plane's address, or an admin command against a worker's, answered
+    only `UNIMPLEMENTED: Method not found!`: it now says which address each kind of command takes."""
+    from openlora.cli import main
+
+    result = _generate_cli(["--target", system.control_plane.target, "--api-key", ADMIN_KEY, "hi"], tmp_path)
+    assert result.returncode == 1 and "error: UNIMPLEMENTED" in result.stderr
+    assert "hint: that address serves another openlora service" in result.stderr
+    code = main(["adapters", "list", "--admin-target", system.target, "--api-key", ADMIN_KEY], environ={})
+    err = capsys.readouterr().err
+    assert code == 1 and "error: UNIMPLEMENTED" in err
+    assert "go to the control plane (--admin-target" in err

@@ -309,7 +309,8 @@ def _enabled(hints: dict[str, str]) -> dict[str, str]:
 
 def _load_secrets(state_dir: Path) -> dict:
     """The secrets of this state dir, made once and kept: `admin_key` (the operator's), `worker_token`,
-    and as starts add them `admin_key_shown` (once a ready start printed it) and `demo_keys` (by tenant)."""
+    and as starts add them `admin_key_shown` (once a ready start printed it) and, per database
+    (`_per_database`), `demo_keys` (by tenant) and `priced_models`."""
     path = state_dir / SECRETS_FILE
     if path.exists():
         try:
@@ -330,16 +331,18 @@ def _load_secrets(state_dir: Path) -> dict:
     return data
 
 
-def _priced_models(keys: dict, database_url: str | None) -> list[str]:
-    """The demo models this state dir has priced in the database of `database_url` (None: the embedded
-    one), a list to append to. A price lives in a database, so a start on another one (`--database-url`)
-    prices the demo model there too; the record of a state dir from before it was kept per database
-    (`priced_models`) counts for the database of this start."""
-    by_database = keys.setdefault("priced_models_by_database", {})
+def _per_database(keys: dict, name: str, database_url: str | None, empty: list | dict) -> list | dict:
+    """What this state dir recorded under `name` for the database of `database_url` (None: the embedded
+    one), kept in `keys[name + "_by_database"]`, to update in place (`empty` when nothing yet). Prices and
+    api keys live in a database, so a start on another one (`--database-url`) has records of its own there;
+    a record from before they were kept per database (`keys[name]`) counts for the database of this start.
+    Used for `priced_models` (the demo models priced there) and `demo_keys` (the demo key by tenant: kept
+    per state dir alone, each switch of database minted a key, and the one left behind stayed valid)."""
+    by_database = keys.setdefault(f"{name}_by_database", {})
     database = _database_identity(database_url)
-    if "priced_models" in keys:
-        by_database.setdefault(database, keys.pop("priced_models"))
-    return by_database.setdefault(database, [])
+    if name in keys:
+        by_database.setdefault(database, keys.pop(name))
+    return by_database.setdefault(database, empty)
 
 
 def _database_identity(database_url: str | None) -> str:
@@ -505,7 +508,7 @@ def _run_locked(config: UpConfig) -> int:
         )  # fmt: skip
         children.insert(0, worker)  # stopped first
         _wait_serving(inference_target, supervisor)
-        demo_keys = keys.setdefault("demo_keys", {})
+        demo_keys = _per_database(keys, "demo_keys", config.database_url, {})
         if "seeded_tenants" not in keys:
             # A state dir from before this record: the tenants an earlier start made a key for were seeded.
             keys["seeded_tenants"] = list(demo_keys)
@@ -522,7 +525,7 @@ def _run_locked(config: UpConfig) -> int:
                 admin_target, keys["admin_key"], config.tenant, model_dir / "adapters", model_dir.name
             )
             if config.model_dir is None:
-                priced = _priced_models(keys, config.database_url)
+                priced = _per_database(keys, "priced_models", config.database_url, [])
                 if model_dir.name not in priced:  # a price is the model's, not the tenant's: set it once
                     set_demo_price(admin_target, keys["admin_key"], model_dir.name)
                     priced.append(model_dir.name)

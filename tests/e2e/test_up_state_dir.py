@@ -203,19 +203,24 @@ def test_a_start_on_another_database_prices_the_demo_model_there_too(
 ):
     """A price lives in the database: the state dir's record that it priced the demo model must not keep
     a start on a fresh database (the README's "Against an existing PostgreSQL") from pricing it there,
-    else its invoices show amounts of 0 while the tenant, adapters and mixes were seeded."""
+    else its invoices show amounts of 0 while the tenant, adapters and mixes were seeded. So does an api
+    key: back on the first database, the start prints that database's key again (each switch minted one,
+    and the one left behind stayed valid)."""
     state_dir = tmp_path / "state"
     shutil.copytree(e2e_model_dir, state_dir / "demo-model")
     (state_dir / "demo-model" / ".complete").write_text("ok\n")
     env = _env(tmp_path)
     demo_price = (DEMO_PROMPT_MICROS_PER_MILLION_TOKENS, DEMO_COMPLETION_MICROS_PER_MILLION_TOKENS)
-    for url in (database_url, empty_database_url):
+    keys = []
+    for url in (database_url, empty_database_url, database_url):
         up = _Up(_up_argv(state_dir, url, redis_url), env, tmp_path / "up.stderr")
         try:
             assert _price(url, "demo-model") == demo_price
+            keys.append(up.fields["key"])
             up.stop()
         finally:
             up.kill()
+    assert keys[2] == keys[0] != keys[1]
 
 
 @pytest.mark.parametrize(

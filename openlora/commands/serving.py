@@ -362,10 +362,16 @@ def _as_flag(message: str, args: argparse.Namespace) -> str:
     return f"--{field.replace('_', '-')} ({ENV_PREFIX}{field.upper()}) {rest}"
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def _run_worker(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = args.log_level.strip().upper()
+    if level not in _LOG_LEVELS:
+        print(f"error: --log-level (OPENLORA_LOG_LEVEL) must be one of {', '.join(_LOG_LEVELS)}, got "
+              f"{args.log_level!r}", file=sys.stderr)  # fmt: skip
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = worker_config_from_args(args)
     except ValueError as error:
@@ -402,6 +408,9 @@ def _run_worker(args: argparse.Namespace) -> int:
     except ListenError as error:  # one line, not a traceback; a supervisor tries again later
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except ValueError as error:  # a setting the engine's checks refused as it was built: named by its flag
+        print(f"error: {_as_flag(str(error), args)}", file=sys.stderr)
+        return 2
 
 
 # -------------------------------------------------------------------------------------------- generate

@@ -305,3 +305,34 @@ def test_a_command_sent_to_the_other_services_address_says_which_address_to_use(
     err = capsys.readouterr().err
     assert code == 1 and "error: UNIMPLEMENTED" in err
     assert "go to the control plane (--admin-target" in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("OPENLORA_MAX_NUM_SEQS", "0", "--max-num-seqs (OPENLORA_MAX_NUM_SEQS) must be positive"),
+        ("OPENLORA_LOG_LEVEL", "bogus", "--log-level (OPENLORA_LOG_LEVEL) must be one of DEBUG, INFO"),
+        ("OPENLORA_DTYPE", "float64", "--dtype (OPENLORA_DTYPE) must be auto or one of"),
+    ],
+)
+def test_a_worker_setting_refused_as_the_engine_is_built_is_named_by_its_flag_and_variable(
+    tmp_path, variable, value, named
+):
+    """These were refused under the engine's own names ("max_num_seqs must be positive", "Unknown level:
+    'BOGUS'"), which name no flag or variable the operator could look for."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), variable: value}
+    argv = [
+        "worker",
+        "--model",
+        str(tmp_path / "model"),
+        "--control-plane",
+        "127.0.0.1:1",
+        "--worker-token",
+        "t",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "openlora.cli", *argv], env=env, capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {named}")

@@ -646,8 +646,13 @@ class GenerationService:
         in `tenant_id`'s share of the build queue."""
         merges = self.merge_store()
         members = [by_name[name] for name, _ in valid.adapters]
-        if len({a.sha256 for a in members}) != len(members):
-            raise RequestFieldError("mix", "names the same adapter content twice (under two names)")
+        first_of: dict[str, int] = {}
+        for i, adapter in enumerate(members):
+            if (first := first_of.setdefault(adapter.sha256, i)) != i:
+                raise RequestFieldError(
+                    f"mix[{i}].adapter",
+                    f"has the same content as mix[{first}].adapter (one adapter under two names)",
+                )
         # Sources by cache key: a merge of private content is its owner's alone, on disk and in slots.
         sources = [(a.cache_key, weight) for a, (_, weight) in zip(members, valid.adapters, strict=True)]
         spec = MergeSpec.of(

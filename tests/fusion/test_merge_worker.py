@@ -265,3 +265,17 @@ def test_a_member_this_worker_refuses_is_named_by_its_place_in_the_request(syste
         _generate(system.target, key, _request(mix, inference_pb2.MIX_METHOD_TIES, density=0.5))
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"mix[{0 if big_first else 1}]" in refused.value.details()
+
+
+def test_a_merge_of_one_content_under_two_names_names_the_second_member(system, tmp_path):
+    """Refused as `mix` "names the same adapter content twice": the field now says which member."""
+    tenant, _, key = system.new_tenant(admin=True)
+    for name in ("first", "again"):
+        system.admin.push(system.model_dir / "adapters" / "ad2", name, tenant, "tiny")
+    request = _request([("ad1", 0.3), ("first", 0.4), ("again", 0.3)], inference_pb2.MIX_METHOD_TIES)
+    with pytest.raises(grpc.RpcError) as refused:
+        _generate(system.target, key, request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == (
+        "mix[2].adapter has the same content as mix[1].adapter (one adapter under two names)"
+    )

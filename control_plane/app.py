@@ -250,8 +250,17 @@ class ControlPlane:
     def delete_adapter(self, api_key: str, name: str, tenant: str) -> registry.OwnedAdapter:
         with self.sessions.begin() as s:
             owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
+            # The content's lock first (an upload takes it before its rows too): a concurrent delete of
+            # another adapter of this content waits for this one's commit, and its `is_served` /
+            # `key_is_served` then see this row deleted (else each saw the other READY: neither dropped
+            # the content, nor the deleter's own cache key).
+            current = registry.ready_key(s, owner.id, name)
+            if current is not None:
+                lock_artifact(s, current.sha256)
             deleted = registry.delete_adapter(s, owner, name)
             sha256 = deleted.adapter.sha256
+            if current is None or current.sha256 != sha256:  # replaced meanwhile
+                lock_artifact(s, sha256)
             # Content-addressed: another adapter (maybe another tenant's) may hold the same sha256.
             unused = "" if registry.is_served(s, sha256) else sha256
             key = registry.key_of(deleted.adapter)

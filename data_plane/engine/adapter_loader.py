@@ -12,6 +12,7 @@ Each loader thread runs torch ops on one intra-op thread.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -126,8 +127,8 @@ class AdapterLoader:
         self._stale: set[str] = set()  # keys in flight whose result is to be dropped
         # The keys in flight, replaced (never mutated) on each change: `is_loading` reads it from any thread.
         self._in_flight_keys: frozenset[str] = frozenset()
-        # key -> (disk read begun on arrival, its start): claimed by the load of `key` (`submit`).
-        self._ahead: dict[str, tuple[Future, float]] = {}
+        # key -> (disk read begun on arrival, its start, its members): claimed by the load of `key` (`submit`).
+        self._ahead: dict[str, tuple[Future, float, tuple[AdapterRef, ...]]] = {}
         self._ahead_lock = threading.Lock()
 
     @property
@@ -148,7 +149,12 @@ class AdapterLoader:
         if key in self._in_flight:
             self._stale.add(key)
         with self._ahead_lock:
-            self._ahead.pop(key, None)
+            _drop(self._ahead.pop(key, None))
+
+    def keys_read_ahead(self) -> dict[str, frozenset[str]]:
+        """The keys read ahead and unclaimed, with the keys of their members (a mix's: its adapters')."""
+        with self._ahead_lock:
+            return {key: frozenset(m.key for m in entry[2]) for key, entry in self._ahead.items()}
 
     def read_ahead(self, key: str, members: tuple[AdapterRef, ...]) -> bool:
         """Begins the disk read of `key` now, from any thread (a request's arrival, while a step runs),
@@ -157,12 +163,13 @@ class AdapterLoader:
         loading or read ahead already, or when MAX_READS_AHEAD reads wait unclaimed."""
         now = time.monotonic()
         with self._ahead_lock:
-            for old, (_, started) in list(self._ahead.items()):
-                if now - started > READ_AHEAD_TTL_S:
-                    del self._ahead[old]
+            for old, entry in list(self._ahead.items()):
+                if now - entry[1] > READ_AHEAD_TTL_S:
+                    _drop(self._ahead.pop(old))
             if key in self._ahead or key in self._in_flight_keys or len(self._ahead) >= MAX_READS_AHEAD:
                 return False
-            self._ahead[key] = (self._pool.submit(self._read_ahead, tuple(members)), now)
+            members = tuple(members)
+            self._ahead[key] = (self._pool.submit(self._read_ahead, members), now, members)
         return True
 
     def _read_ahead(self, members: tuple[AdapterRef, ...]) -> HostAdapter | None:
@@ -171,9 +178,17 @@ class AdapterLoader:
             return None  # its load reads it (and reports what is wrong with its headers)
         return self._read_packed(members)
 
-    def _claim_read_ahead(self, key: str) -> tuple[Future, float] | None:
+    def _claim_read_ahead(self, key: str, copy: bool) -> tuple[Future, float, tuple[AdapterRef, ...]] | None:
+        """The read ahead of `key` for its load (None when there is none, or the load copies a host buffer:
+        then the read is dropped). Marks `key` in flight under the lock `read_ahead` checks it under, so no
+        read of it begins between here and the load's own entry."""
         with self._ahead_lock:
-            return self._ahead.pop(key, None)
+            self._in_flight_keys = self._in_flight_keys | {key}
+            entry = self._ahead.pop(key, None)
+        if copy:
+            _drop(entry)
+            return None
+        return entry
 
     def submit(
         self,
@@ -196,20 +211,38 @@ class AdapterLoader:
         started_at = time.monotonic() if started_at is None else started_at
         members = tuple(members)
         # A disk read begun on arrival: done, its load is a copy (on the copy thread, waited for by the
-        # step's admission as a copy from host memory is); under way, the load takes its result once it
-        # ends (on the disk thread, behind it: never a second read).
-        ahead = self._claim_read_ahead(key) if host is None else None
+        # step's admission as a copy from host memory is); under way, the load starts as it ends (a copy,
+        # or a read again on the disk thread when it failed), never queued on the disk thread behind the
+        # reads ahead of other requests that began after it.
+        ahead = self._claim_read_ahead(key, copy=host is not None)
         if ahead is not None:
             started_at = min(started_at, ahead[1])
         copying = host is not None or (ahead is not None and _read(ahead[0]) is not None)
-        pool = self._copy_pool if copying else self._pool
-        future = pool.submit(
-            self._load, key, members, slot, host, started_at, cause, None if ahead is None else ahead[0]
-        )
+        args = (key, members, slot, host, started_at, cause, None if ahead is None else ahead[0])
+        if ahead is not None and not ahead[0].done():
+            future = self._load_once_read(ahead[0], args)
+        else:
+            future = (self._copy_pool if copying else self._pool).submit(self._load, *args)
         self._in_flight[key] = (future, started_at, cause, members)
         if copying:
             self._copying.add(key)
         self._in_flight_keys = frozenset(self._in_flight)
+
+    def _load_once_read(self, ahead: Future, args: tuple) -> Future:
+        """The load (`_load(*args)`) of a key whose read ahead `ahead` is under way, started as it ends."""
+        load: Future = Future()
+
+        def start(read: Future) -> None:
+            pool = self._copy_pool if _read(read) is not None else self._pool
+            try:
+                inner = pool.submit(self._load, *args)
+            except RuntimeError as error:  # shut down
+                load.set_exception(error)
+                return
+            inner.add_done_callback(functools.partial(_settle, load))
+
+        ahead.add_done_callback(start)
+        return load
 
     def _load(
         self,
@@ -296,11 +329,6 @@ class AdapterLoader:
             self._in_flight_keys = frozenset(self._in_flight)
         return finished
 
-    def read_ahead_keys(self) -> list[str]:
-        """The keys of reads begun on arrival that no load has claimed yet."""
-        with self._ahead_lock:
-            return list(self._ahead)
-
     @property
     def num_read_ahead(self) -> int:
         """Reads begun on arrival that no load has claimed yet."""
@@ -310,6 +338,22 @@ class AdapterLoader:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._copy_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle(outer: Future, inner: Future) -> None:
+    """`outer` ends as `inner` did."""
+    if inner.cancelled():
+        outer.cancel()
+    elif inner.exception() is not None:
+        outer.set_exception(inner.exception())
+    else:
+        outer.set_result(inner.result())
+
+
+def _drop(entry: tuple | None) -> None:
+    """Forgets a read ahead no load will claim: one not begun yet never takes the disk thread."""
+    if entry is not None:
+        entry[0].cancel()
 
 
 def _read(ahead: Future, wait: bool = False) -> HostAdapter | None:

@@ -334,10 +334,13 @@ class AsyncEngine:
 
     def fail(self, request_id: str, error: Exception) -> None:
         """Ends the open stream of `request_id`, if any, with `error` (from the event loop): what was made
-        before it still reaches the caller, its next read then raises `error`."""
+        before it still reaches the caller, its next read then raises `error`; the engine drops the request
+        within one step (the stream's generator takes an error it reads as the request's end, which it is
+        only for the engine's own errors)."""
         stream = self._streams.get(request_id)
         if stream is not None:
             stream.put(error)
+            self.abort(request_id)
 
     def fail_all(self, error: Exception) -> None:
         """Ends every open stream with `error` (from the event loop): each caller's next read raises it,

@@ -491,13 +491,14 @@ class LLMEngine:
             elif kind == "demote":
                 cache.demote(key)
             elif kind in ("invalidate", "invalidate_content"):
+                # Reads begun ahead are no cache entries yet: a key (or a mix of it) read ahead goes too.
+                ahead = self.loader.keys_read_ahead()
                 if kind == "invalidate":
                     doomed = {key}
                 else:  # with the reads begun ahead of requests the cache does not know yet
-                    known = cache.known_keys() + self.loader.read_ahead_keys()
-                    doomed = {k for k in known if content_of(k) == key}
+                    doomed = {k for k in [*cache.known_keys(), *ahead] if content_of(k) == key}
                 self._prune_mix_members(cache.known_keys())
-                for mix, members in list(self._mix_members.items()):
+                for mix, members in [*self._mix_members.items(), *ahead.items()]:
                     if members & doomed or (kind == "invalidate_content" and key in map(content_of, members)):
                         doomed.add(mix)
                 for doomed_key in sorted(doomed):

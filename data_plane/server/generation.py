@@ -119,6 +119,14 @@ class _Progress:
     mix_name: str = ""  # the saved mix the request named
 
 
+@dataclass(eq=False)
+class _KeyCall:
+    """A call of an api key, from its authorization to its end (`end_streams_of_key`)."""
+
+    engine_request_id: str = ""  # set once it reaches the engine
+    revoked: bool = False  # the key was revoked before it reached the engine: it ends there
+
+
 class GenerationService:
     def __init__(
         self,
@@ -150,9 +158,10 @@ class GenerationService:
         self._in_flight: set[tuple[str, str]] = set()
         # Streams per tenant now, against the cap one tenant may hold (None: no cap).
         self._tenant_streams: Counter[str] = Counter()
-        # The engine request ids streaming now, by the id of the api key that called them (a revoked key's
-        # streams end: `end_streams_of_key`).
-        self._key_streams: dict[str, set[str]] = {}
+        # The calls running now, from their authorization on (preparing too: a fetch or a merge build may
+        # take seconds), by the id of the api key that made them (a revoked key's calls end:
+        # `end_streams_of_key`).
+        self._key_streams: dict[str, set[_KeyCall]] = {}
         self._max_streams_per_tenant = max_streams_per_tenant
         # How long the control plane holds a client request id reserved for a stream of this worker.
         self._reservation_ms = int(reservation_s * 1000)
@@ -163,10 +172,12 @@ class GenerationService:
     def end_streams_of_key(self, api_key_id: str) -> int:
         """Ends every stream the api key of this id is running (it was revoked) with UNAUTHENTICATED; each
         is billed for what it delivered. Returns how many."""
-        ids = self._key_streams.get(api_key_id, set())
-        for engine_request_id in ids:
-            self._engine.fail(engine_request_id, KeyRevoked())
-        return len(ids)
+        calls = self._key_streams.get(api_key_id, set())
+        for call in calls:
+            call.revoked = True  # one still preparing ends as it reaches the engine
+            if call.engine_request_id:
+                self._engine.fail(call.engine_request_id, KeyRevoked())
+        return len(calls)
 
     @property
     def base_model(self) -> str:
@@ -296,6 +307,9 @@ class GenerationService:
             raise TenantStreamLimit(cap)
         self._in_flight.add(claim)
         self._tenant_streams[auth.tenant_id] += 1
+        call = _KeyCall()
+        key_calls = self._key_streams.setdefault(auth.api_key_id, set()) if auth.api_key_id else set()
+        key_calls.add(call)
         # The reservation is a control-plane round trip (a database write, queued behind every other call's
         # under a burst): it runs beside tokenizing, resolving the adapters, and the request's queueing and
         # prefill in the engine; nothing is delivered (so nothing billed) before it answered, and a refusal
@@ -342,6 +356,7 @@ class GenerationService:
                         arrival,
                         whole,
                         gate,
+                        call,
                     )
                 ) as chunks:
                     async for chunk in chunks:
@@ -357,6 +372,9 @@ class GenerationService:
         finally:
             ended.set()
             self._in_flight.discard(claim)
+            key_calls.discard(call)
+            if not key_calls and self._key_streams.get(auth.api_key_id) is key_calls:
+                del self._key_streams[auth.api_key_id]
             if reservation is not None and not reservation.done():
                 # Ended before the answer (refused by the engine, failed, cancelled): nothing was delivered,
                 # so a reservation it makes is given back as it arrives. The call keeps its place in the
@@ -411,6 +429,7 @@ class GenerationService:
         arrival,
         whole,
         gate: asyncio.Future | None,
+        call: _KeyCall,
     ) -> AsyncIterator[Chunk]:
         """The engine part of `generate`: outputs to chunks, delivered counts, the usage record. The first
         chunk waits for `gate` (the key's fresh answer and the request id's reservation, raising a refusal)
@@ -444,9 +463,10 @@ class GenerationService:
             request_kind=request_kind(valid.mix_method, len(valid.adapters), saved_mix=bool(mix_name)),
             mix_name=mix_name,
         )
+        if call.revoked:  # while it prepared: nothing was delivered
+            raise KeyRevoked()
+        call.engine_request_id = engine_request.request_id
         outputs = self._engine.generate(engine_request)
-        key_streams = self._key_streams.setdefault(auth.api_key_id, set()) if auth.api_key_id else set()
-        key_streams.add(engine_request.request_id)
         activity = self.activity.add(name for name in valid.adapter_names if name)  # no base member
         # The reporter's timer spools the count delivered so far while the stream runs.
         stream = self._usage.track(
@@ -506,9 +526,6 @@ class GenerationService:
                 progress.completion_tokens = 0
             raise
         finally:
-            key_streams.discard(engine_request.request_id)
-            if not key_streams and self._key_streams.get(auth.api_key_id) is key_streams:
-                del self._key_streams[auth.api_key_id]
             self.activity.remove(activity)
             await _close(outputs)
             try:

@@ -99,3 +99,43 @@ def test_revoking_a_key_publishes_its_id_and_never_its_plaintext(cp, redis_url) 
     assert [h.kind for h in _hints(redis_url, api_key_id=created.key.id)] == ["revoke"]
     secret = created.secret.encode()
     assert not any(secret in value for fields in _entries(redis_url) for value in fields.values())
+
+
+def test_concurrent_deletes_of_a_tenants_two_copies_drop_its_cache_key(
+    cp, redis_url, adapters_root, monkeypatch
+) -> None:
+    """Two deletes at once of a tenant's two adapters of the same content (another tenant holds it too):
+    each saw the other still READY (only its own row was locked), so neither named the tenant's cache key
+    and its copy stayed warm on workers, the leak `key_only` closes."""
+    import contextlib
+    import threading
+
+    from control_plane.registry import service as registry
+
+    deleter, holder = _two_tenants(cp)
+    with cp.admin() as admin:
+        x = admin.upload_adapter(adapters_root / "a", "cx", BASE, tenant=deleter).adapter
+        y = admin.upload_adapter(adapters_root / "a", "cy", BASE, tenant=deleter).adapter
+        admin.upload_adapter(adapters_root / "a", "held", BASE, tenant=holder)
+    barrier = threading.Barrier(2)
+    key_is_served = registry.key_is_served
+
+    def both_deleted_first(session, key):
+        # both deletes have marked their row before either asks (a plausible interleaving)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=3)
+        return key_is_served(session, key)
+
+    monkeypatch.setattr(registry, "key_is_served", both_deleted_first)
+
+    def delete(name):
+        with cp.admin() as admin:
+            admin.delete_adapter(name, tenant=deleter)
+
+    threads = [threading.Thread(target=delete, args=(n,)) for n in ("cx", "cy")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    hints = [h for a in (x, y) for h in _hints(redis_url, adapter_id=a.id)]
+    assert any(h.key_only for h in hints), "the deleter's cache key was never dropped"

@@ -217,3 +217,42 @@ def test_adapter_that_does_not_fit_the_base_model_fails_only_its_requests(tiny_l
         done = [o for o in outputs if o.request_id == request_id and o.finished]
         assert done and done[0].finish_reason == "length" and done[0].error is None
     assert engine.adapter_cache.state("corrupt") is None
+
+
+def test_a_stream_ended_by_fail_is_aborted_in_the_engine(tiny_llama):
+    """`fail` (a revoked key's stream) ended the caller's stream, but the request ran on in the engine to
+    its max_tokens (its slot, KV blocks and steps spent on tokens nobody receives or pays for)."""
+
+    class Revoked(Exception):
+        pass
+
+    inner = make_engine(tiny_llama)
+    finals = []
+    step = inner.step
+
+    def recording_step():
+        outputs = step()
+        finals.extend(out for out in outputs if out.finished)
+        return outputs
+
+    inner.step = recording_step
+
+    async def main():
+        engine = AsyncEngine(engine=inner)
+        await engine.start()
+        try:
+            stream = engine.generate(greedy("r", [5, 6, 7, 8], [tiny_llama.ref("r8_all")], max_tokens=300))
+            assert (await stream.__anext__()).new_token_ids
+            engine.fail("r", Revoked())
+            with pytest.raises(Revoked):
+                async for _ in stream:
+                    pass
+            for _ in range(200):
+                if not inner.has_unfinished():
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+    assert [(out.finish_reason, out.completion_tokens < 300) for out in finals] == [("abort", True)]

@@ -31,7 +31,7 @@ def engine(tiny_llama):
 
 
 def _reads_ahead_done(engine) -> None:
-    _, running = wait([future for future, _ in engine.loader._ahead.values()], timeout=10)
+    _, running = wait([entry[0] for entry in engine.loader._ahead.values()], timeout=10)
     assert not running
 
 
@@ -95,3 +95,44 @@ def test_reads_ahead_are_bounded_in_number_and_in_size(engine, tiny_llama, monke
     engine.read_ahead(requests[0])
     _reads_ahead_done(engine)
     assert len(engine.reads) == 3  # the adapter past the byte bound was left to its load
+
+
+def test_a_read_ahead_of_a_linear_mix_is_dropped_with_its_member(engine, tiny_llama):
+    """A linear mix's key is dropped with a member through `_mix_members`, which only loads fill: the
+    mix's read ahead (its key unknown to the cache and to `_mix_members`) stayed until claimed or timed
+    out (its buffer outside every budget)."""
+    mix = [tiny_llama.ref("r16_rslora", 0.5), tiny_llama.ref("r8_all", 0.5)]
+    assert engine.read_ahead(greedy("m", PROMPT, mix, max_tokens=2)) == 1
+    _reads_ahead_done(engine)
+    engine.invalidate(mix[1].key)
+    engine.step()
+    assert engine.loader.num_read_ahead == 0
+    engine.read_ahead(greedy("m2", PROMPT, mix, max_tokens=2))
+    _reads_ahead_done(engine)
+    engine.invalidate_content(content_of(mix[0].key))
+    engine.step()
+    assert engine.loader.num_read_ahead == 0
+
+
+def test_a_dropped_read_ahead_not_begun_never_takes_the_disk_thread(engine, tiny_llama):
+    first, second = tiny_llama.ref("r4_qv"), tiny_llama.ref("r8_all")
+    assert engine.read_ahead(greedy("a", PROMPT, [first], max_tokens=1)) == 1
+    assert engine.read_ahead(greedy("b", PROMPT, [second], max_tokens=1)) == 1  # behind the first
+    engine.invalidate(second.key)
+    engine.step()
+    engine.loader._pool.submit(lambda: None).result(timeout=10)  # the disk thread's queue has drained
+    assert [members[0].key for members in engine.reads] == [first.key]
+
+
+def test_a_load_taking_over_its_read_waits_for_that_read_alone(engine, tiny_llama):
+    """A load that took over a read still under way was queued on the disk thread behind every read ahead
+    begun after it: its request was admitted only once the reads of later arrivals were done too."""
+    first, second, third = (tiny_llama.ref(n) for n in ("r4_qv", "r8_all", "r16_rslora"))
+    for i, ref in enumerate((first, second, third)):
+        assert engine.read_ahead(greedy(f"x{i}", PROMPT, [ref], max_tokens=1)) == 1
+    engine.add_request(greedy("a", PROMPT, [first], max_tokens=2))  # its read is under way
+    while not any(out.request_id == "a" and out.new_token_ids for out in engine.step()):
+        pass
+    assert [members[0].key for members in engine.reads][:1] == [first.key]
+    assert engine.loader._ahead.keys() == {second.key, third.key}
+    assert len(engine.reads) < 3, "admitted only once the later reads ahead were done"

@@ -140,3 +140,50 @@ def test_deleting_content_another_tenant_holds_leaves_no_warm_copy_for_the_delet
         # The holder's copy was never disturbed.
         assert holder_copy.is_dir()
         assert tier(owner, "held") == inference_pb2.CACHE_TIER_DEVICE
+
+
+def test_revoking_a_key_ends_its_calls_still_preparing(system, hinted_worker, monkeypatch):
+    """A call authorized before the revocation but still preparing when its hint arrived (tokenizing,
+    fetching its adapter, building a merge: seconds for a large adapter) was not among the key's streams:
+    it streamed to its end. It ends UNAUTHENTICATED as it reaches the engine, having delivered nothing."""
+    import asyncio
+    import threading
+
+    from data_plane.server.generation import GenerationService
+
+    _, key_id, key = system.new_tenant()
+    entered, go = threading.Event(), threading.Event()
+    prepare = GenerationService._prepare
+
+    async def slow_prepare(self, *args, **kwargs):
+        entered.set()
+        while not go.is_set():
+            await asyncio.sleep(0.01)
+        return await prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationService, "_prepare", slow_prepare)
+    result: dict = {}
+
+    def call() -> None:
+        with Client(f"127.0.0.1:{hinted_worker.port}", key) as client:
+            try:
+                result["tokens"] = sum(
+                    len(r.token_ids) for r in client.generate_stream("hello", adapter="ad7", max_tokens=50)
+                )
+            except errors.OpenLoRAError as error:
+                result["error"] = error
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        assert entered.wait(10)
+        system.admin.revoke_key(key_id)
+        deadline = time.monotonic() + 5
+        while hinted_worker.control_plane.knows_key(key) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not hinted_worker.control_plane.knows_key(key), "the revocation hint did not arrive"
+    finally:
+        go.set()
+        caller.join(30)
+    assert isinstance(result.get("error"), errors.Unauthenticated), result
+    assert "revoked" in str(result["error"])

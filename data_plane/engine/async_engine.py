@@ -343,10 +343,10 @@ class AsyncEngine:
             self.abort(request_id)
 
     def fail_all(self, error: Exception) -> None:
-        """Ends every open stream with `error` (from the event loop): each caller's next read raises it,
-        and its generator's cleanup aborts the request in the engine."""
-        for stream in self._streams.values():
-            stream.put(error)
+        """Ends every open stream with `error` (from the event loop), as `fail` does each: each caller's
+        next read raises it, and the engine drops the request."""
+        for request_id in list(self._streams):
+            self.fail(request_id, error)
         for barrier in self._barriers:  # the engine thread will not answer them any more
             if not barrier.done():
                 barrier.set_exception(error)

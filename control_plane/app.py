@@ -171,8 +171,13 @@ class ControlPlane:
         try:
             with self.sessions.begin() as s:
                 # Publication and the row commit under the artifact's lock, which a cleanup also takes:
-                # files found in place here cannot be removed before this row points to them.
-                lock_artifact(s, sha256)
+                # files found in place here cannot be removed before this row points to them. The content
+                # this upload replaces is locked too (both in one order), as a delete locks what it drops:
+                # else a concurrent replacement or delete of another adapter of that content saw this one
+                # still READY, and neither dropped the content or the tenant's own cache key of it.
+                replacing = registry.ready_key(s, plan.tenant_id, header.name)  # a first look, unlocked
+                for content in sorted({sha256} | ({replacing.sha256} if replacing else set())):
+                    lock_artifact(s, content)
                 created = self.store.publish(directory, sha256)
                 self._upload_stage("published", plan, sha256)
                 tenant = s.get(Tenant, plan.tenant_id)
@@ -189,6 +194,8 @@ class ControlPlane:
                 was = registry.named_terms(s, tenant.id, header.name)
                 _check_royalty_not_raised(was, header)  # again, row locked: uploads of the name may race
                 old_key = registry.ready_key(s, tenant.id, header.name)  # before the row is rewritten
+                if old_key is not None and old_key.sha256 not in (sha256, replacing and replacing.sha256):
+                    lock_artifact(s, old_key.sha256)  # replaced again since the first look
                 owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)
                 # The replaced content is dropped from workers only when no adapter still uses it; its cache
                 # key alone when others still serve the content under other keys (see `_invalidate`).

@@ -139,3 +139,48 @@ def test_concurrent_deletes_of_a_tenants_two_copies_drop_its_cache_key(
         t.join(30)
     hints = [h for a in (x, y) for h in _hints(redis_url, adapter_id=a.id)]
     assert any(h.key_only for h in hints), "the deleter's cache key was never dropped"
+
+
+def test_concurrent_replacements_of_a_tenants_two_copies_drop_its_cache_key(
+    cp, redis_url, adapters_root, adapter_copy, monkeypatch
+) -> None:
+    """The delete race above, by replacement: two uploads at once replace a tenant's two adapters of one
+    content (another tenant holds it too) with other contents; each saw the other still READY under the
+    old content, so neither dropped the tenant's cache key of it."""
+    import contextlib
+    import threading
+
+    from control_plane.registry import service as registry
+
+    tenant, holder = _two_tenants(cp)
+    with cp.admin() as admin:
+        x = admin.upload_adapter(adapters_root / "a", "rx", BASE, tenant=tenant).adapter
+        y = admin.upload_adapter(adapters_root / "a", "ry", BASE, tenant=tenant).adapter
+        admin.upload_adapter(adapters_root / "a", "kept", BASE, tenant=holder)
+    other = adapter_copy("b")
+    config = other / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": 8', '"lora_alpha": 9'))
+    barrier = threading.Barrier(2)
+    key_is_served = registry.key_is_served
+
+    def both_replaced_first(session, key):
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=3)
+        return key_is_served(session, key)
+
+    monkeypatch.setattr(registry, "key_is_served", both_replaced_first)
+
+    def replace(name, directory):
+        with cp.admin() as admin:
+            admin.upload_adapter(directory, name, BASE, tenant=tenant)
+
+    threads = [
+        threading.Thread(target=replace, args=("rx", adapters_root / "b")),
+        threading.Thread(target=replace, args=("ry", other)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    hints = [h for a in (x, y) for h in _hints(redis_url, adapter_id=a.id)]
+    assert any(h.key_only for h in hints), "the tenant's cache key of the replaced content was never dropped"

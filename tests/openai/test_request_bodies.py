@@ -160,6 +160,15 @@ def test_mix_as_an_object_or_a_list():
     assert refused.value.param == "mix_method"
 
 
+def test_a_null_weight_in_the_object_form_of_a_mix_is_refused_by_its_place():
+    """`{"b": null}` was served at weight 1: the object form's value is the weight, and null is none (the
+    list form may leave `weight` out, or null, for the default 1)."""
+    with pytest.raises(BodyError) as refused:
+        parse_completion(_completion(mix={"a": 0.5, "b": None}))
+    assert refused.value.param == "mix[1].weight"
+    assert parse_completion(_completion(mix=[{"adapter": "a", "weight": None}])).mix == (("a", 1.0),)
+
+
 @pytest.mark.parametrize(
     "data",
     [b"{", b"[]", b'{"model": "m", "prompt": "a", "prompt": "b"}', b'{"model": "m", "temperature": NaN}'],

@@ -426,6 +426,9 @@ def _mix(obj: JsonObject) -> tuple[tuple[str, float], ...]:
     if isinstance(value, dict | list) and not 1 <= len(value) <= MAX_MIX_ADAPTERS:
         raise BodyError("mix", f"must hold 1 to {MAX_MIX_ADAPTERS} adapters, got {len(value)}")
     if isinstance(value, dict):
+        for i, (name, weight) in enumerate(value.items()):
+            if weight is None:  # the object form's value is the weight itself: none is no default
+                raise BodyError(f"mix[{i}].weight", f"of {describe(name)} must be a number, got null")
         items = [{"adapter": name, "weight": weight} for name, weight in value.items()]
     elif isinstance(value, list):
         items = value

@@ -442,3 +442,21 @@ def test_a_chat_template_reads_the_special_tokens_transformers_gives_it(tmp_path
         messages, tokenize=False, add_generation_prompt=True
     )
     assert load_chat_template(tmp_path).render(messages) == expected
+
+
+def test_check_request_reasons_that_name_grpc_fields_speak_the_bodys_terms():
+    """`model` (an adapter) with a `mix` was refused as "mix and adapter are mutually exclusive", and an
+    empty prompt told the client to "set prompt or prompt_token_ids": gRPC's fields, not the body's."""
+    from data_plane.server.openai_http.schemas import openai_field_error
+    from data_plane.server.validation import RequestFieldError
+
+    body = parse_completion(_completion(model="count", mix={"a": 0.5, "b": 0.5}))
+    with pytest.raises(RequestFieldError) as refused:
+        check_request(to_generate_request(body, body.prompt, "", "count"), LIMITS)
+    error = openai_field_error(refused.value, chat=False)
+    assert error.param == "mix" and "adapter as `model`" in error.reason
+    body = parse_completion(_completion(prompt=[""]))
+    with pytest.raises(RequestFieldError) as refused:
+        check_request(to_generate_request(body, body.prompt, "", ""), LIMITS)
+    error = openai_field_error(refused.value, chat=False)
+    assert (error.param, error.reason) == ("prompt", "must not be empty")

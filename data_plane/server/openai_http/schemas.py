@@ -221,9 +221,20 @@ def openai_param(field: str, chat: bool) -> str:
     return param
 
 
+# check_request's reasons that speak of gRPC fields, in the body's terms.
+_HTTP_REASONS = {
+    ("mix", "and adapter are mutually exclusive"): (
+        "cannot go with an adapter as `model`: with a mix, `model` is the base model (or a saved mix's name "
+        "alone, without `mix`)"
+    ),
+    ("prompt", "must not be empty (set prompt or prompt_token_ids)"): "must not be empty",
+}
+
+
 def openai_field_error(error: RequestFieldError, chat: bool) -> BodyError:
-    """check_request's refusal in the body's own field names."""
-    return BodyError(openai_param(error.field, chat), error.reason)
+    """check_request's refusal in the body's own field names (and words, where its reason names gRPC's)."""
+    reason = _HTTP_REASONS.get((error.field, error.reason), error.reason)
+    return BodyError(openai_param(error.field, chat), reason)
 
 
 def _load(data: bytes, allowed: set[str]) -> JsonObject:

@@ -57,7 +57,7 @@ REGISTER_RETRY_MAX_S = 5.0
 ENGINE_DEAD_EXIT_CODE = 3  # the engine loop died: restart the process
 TASK_STOP_TIMEOUT_S = 5.0  # how long stop() waits for its cancelled background tasks
 STREAM_END_TIMEOUT_S = 2.0  # how long stop() waits, after the grace, for ended streams to tell their callers
-STATE_DIR_LOCK_FILE = "worker.lock"
+STATE_DIR_PID_FILE = "worker.pid"  # the pid of the worker that holds the state dir (`lock_state_dir`)
 
 
 class StateDirInUse(RuntimeError):
@@ -580,23 +580,35 @@ async def _serve_until_signalled(config: WorkerConfig) -> int:
 
 
 def lock_state_dir(state_dir: Path | str) -> int:
-    """Takes an exclusive lock on STATE_DIR/worker.lock for this process (the kernel drops it however the
-    process ends) and writes its pid there; returns the open file, which holds the lock until closed.
+    """Takes an exclusive lock on the state dir itself for this process (the kernel drops it however the
+    process ends) and writes the process's pid to STATE_DIR/worker.pid; returns the directory's open file,
+    which holds the lock until `unlock_state_dir`. The lock is the directory's, not a file's, so that the
+    pid file can be removed as the process ends and a start refused later leaves nothing behind.
     StateDirInUse names the pid of the worker that holds it."""
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    fd = os.open(Path(state_dir) / STATE_DIR_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = Path(state_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
+        try:
+            holder = (path / STATE_DIR_PID_FILE).read_text(errors="replace").strip()[:32] or "unknown"
+        except OSError:
+            holder = "unknown"
         raise StateDirInUse(
             f"another worker (pid {holder}) is using the state directory {state_dir}: give this one a "
             "state directory of its own (--state-dir, OPENLORA_STATE_DIR)"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    (path / STATE_DIR_PID_FILE).write_text(f"{os.getpid()}\n")
     return fd
+
+
+def unlock_state_dir(state_dir: Path | str, fd: int) -> None:
+    """Ends what `lock_state_dir` began: the pid file goes, then the lock."""
+    with contextlib.suppress(OSError):
+        (Path(state_dir) / STATE_DIR_PID_FILE).unlink()
+    os.close(fd)
 
 
 def run_worker(config: WorkerConfig) -> int:
@@ -606,4 +618,4 @@ def run_worker(config: WorkerConfig) -> int:
     try:
         return asyncio.run(_serve_until_signalled(config))
     finally:
-        os.close(lock_fd)
+        unlock_state_dir(config.state_dir, lock_fd)

@@ -462,7 +462,7 @@ def test_two_workers_never_share_a_state_dir(tmp_path, capsys):
     that one ends, the dir is free again."""
     import os
 
-    from data_plane.server.main import StateDirInUse, lock_state_dir
+    from data_plane.server.main import StateDirInUse, lock_state_dir, unlock_state_dir
     from openlora.cli import main
 
     state_dir = tmp_path / "worker"
@@ -487,5 +487,6 @@ def test_two_workers_never_share_a_state_dir(tmp_path, capsys):
         with pytest.raises(StateDirInUse):
             lock_state_dir(state_dir)
     finally:
-        os.close(held)
+        unlock_state_dir(state_dir, held)
+    assert list(state_dir.iterdir()) == []  # the pid file went with the lock
     os.close(lock_state_dir(state_dir))  # free once its holder ends

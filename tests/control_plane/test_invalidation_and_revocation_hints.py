@@ -101,42 +101,48 @@ def test_revoking_a_key_publishes_its_id_and_never_its_plaintext(cp, redis_url) 
     assert not any(secret in value for fields in _entries(redis_url) for value in fields.values())
 
 
+def _run_at_once_each_seeing_the_other_unwritten(monkeypatch, calls) -> None:
+    """Runs `calls` (callables) on threads of their own, each of whose `registry.key_is_served` waits until
+    both have reached it (each has written its own row: the interleaving in which, without a lock, each
+    sees the other's row as it was)."""
+    import contextlib
+    import threading
+
+    from control_plane.registry import service as registry
+
+    barrier = threading.Barrier(2)
+    key_is_served = registry.key_is_served
+
+    def after_both(session, key):
+        with contextlib.suppress(threading.BrokenBarrierError):  # a lock keeps one out: it waits 3 s
+            barrier.wait(timeout=3)
+        return key_is_served(session, key)
+
+    monkeypatch.setattr(registry, "key_is_served", after_both)
+    threads = [threading.Thread(target=call) for call in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+
 def test_concurrent_deletes_of_a_tenants_two_copies_drop_its_cache_key(
     cp, redis_url, adapters_root, monkeypatch
 ) -> None:
     """Two deletes at once of a tenant's two adapters of the same content (another tenant holds it too):
     each saw the other still READY (only its own row was locked), so neither named the tenant's cache key
     and its copy stayed warm on workers, the leak `key_only` closes."""
-    import contextlib
-    import threading
-
-    from control_plane.registry import service as registry
-
     deleter, holder = _two_tenants(cp)
     with cp.admin() as admin:
         x = admin.upload_adapter(adapters_root / "a", "cx", BASE, tenant=deleter).adapter
         y = admin.upload_adapter(adapters_root / "a", "cy", BASE, tenant=deleter).adapter
         admin.upload_adapter(adapters_root / "a", "held", BASE, tenant=holder)
-    barrier = threading.Barrier(2)
-    key_is_served = registry.key_is_served
-
-    def both_deleted_first(session, key):
-        # both deletes have marked their row before either asks (a plausible interleaving)
-        with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait(timeout=3)
-        return key_is_served(session, key)
-
-    monkeypatch.setattr(registry, "key_is_served", both_deleted_first)
 
     def delete(name):
         with cp.admin() as admin:
             admin.delete_adapter(name, tenant=deleter)
 
-    threads = [threading.Thread(target=delete, args=(n,)) for n in ("cx", "cy")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    _run_at_once_each_seeing_the_other_unwritten(monkeypatch, [lambda: delete("cx"), lambda: delete("cy")])
     hints = [h for a in (x, y) for h in _hints(redis_url, adapter_id=a.id)]
     assert any(h.key_only for h in hints), "the deleter's cache key was never dropped"
 
@@ -147,11 +153,6 @@ def test_concurrent_replacements_of_a_tenants_two_copies_drop_its_cache_key(
     """The delete race above, by replacement: two uploads at once replace a tenant's two adapters of one
     content (another tenant holds it too) with other contents; each saw the other still READY under the
     old content, so neither dropped the tenant's cache key of it."""
-    import contextlib
-    import threading
-
-    from control_plane.registry import service as registry
-
     tenant, holder = _two_tenants(cp)
     with cp.admin() as admin:
         x = admin.upload_adapter(adapters_root / "a", "rx", BASE, tenant=tenant).adapter
@@ -160,27 +161,13 @@ def test_concurrent_replacements_of_a_tenants_two_copies_drop_its_cache_key(
     other = adapter_copy("b")
     config = other / "adapter_config.json"
     config.write_text(config.read_text().replace('"lora_alpha": 8', '"lora_alpha": 9'))
-    barrier = threading.Barrier(2)
-    key_is_served = registry.key_is_served
-
-    def both_replaced_first(session, key):
-        with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait(timeout=3)
-        return key_is_served(session, key)
-
-    monkeypatch.setattr(registry, "key_is_served", both_replaced_first)
 
     def replace(name, directory):
         with cp.admin() as admin:
             admin.upload_adapter(directory, name, BASE, tenant=tenant)
 
-    threads = [
-        threading.Thread(target=replace, args=("rx", adapters_root / "b")),
-        threading.Thread(target=replace, args=("ry", other)),
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    _run_at_once_each_seeing_the_other_unwritten(
+        monkeypatch, [lambda: replace("rx", adapters_root / "b"), lambda: replace("ry", other)]
+    )
     hints = [h for a in (x, y) for h in _hints(redis_url, adapter_id=a.id)]
     assert any(h.key_only for h in hints), "the tenant's cache key of the replaced content was never dropped"

@@ -243,7 +243,18 @@ def _adapter_rows(adapters) -> list[list[object]]:
 _ADAPTER_HEADERS = ["NAME", "TENANT", "VISIBILITY", "BASE MODEL", "RANK", "SHA256", "BYTES"]
 
 
+def _own_adapter(client: AdminClient, name: str, tenant: str) -> object | None:
+    """The adapter of that name the push would replace (the tenant's own, READY), or None."""
+    try:
+        return client.get_adapter(name, tenant)
+    except grpc.RpcError as error:
+        if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+            return None  # no such adapter, or a name the upload itself will refuse naming its field
+        raise
+
+
 def _adapters_push(client: AdminClient, args: argparse.Namespace) -> int:
+    previous = _own_adapter(client, args.name, args.tenant or "")
     response = client.upload_adapter(
         args.dir,
         name=args.name,
@@ -254,7 +265,13 @@ def _adapters_push(client: AdminClient, args: argparse.Namespace) -> int:
         keep_warm=args.keep_warm,
     )
     print_table(_ADAPTER_HEADERS, _adapter_rows([response.adapter]))
-    if response.deduplicated:
+    if (
+        previous is not None
+        and previous.tenant == response.adapter.tenant  # not another tenant's public adapter of that name
+        and previous.sha256 != response.adapter.sha256
+    ):
+        print(f"replaced {response.adapter.name}: it served content {previous.sha256[:12]} until now")
+    elif response.deduplicated:
         print("identical content was already stored")
     return 0
 

@@ -303,3 +303,17 @@ def test_an_address_nothing_answers_at_is_reported_with_a_hint(capsys) -> None:
     code = main(["adapters", "list", "--admin-target", f"127.0.0.1:{port}", "--api-key", "k"], environ={})
     err = capsys.readouterr().err
     assert code == 1 and "UNAVAILABLE" in err and "is `openlora up`" in err
+
+
+def test_a_push_over_an_adapter_of_the_same_name_says_it_replaced_it(capsys, cp, adapters_root) -> None:
+    """Replacing an adapter by pushing other content under its name printed only the table (or "identical
+    content was already stored"), nothing to say the adapter now serves something else."""
+    _run(capsys, cp, "tenants", "create", "cli-swap")
+    argv = ["adapters", "push", "--name", "swap", "--tenant", "cli-swap"]
+    code, out, _ = _run(capsys, cp, *argv[:2], str(adapters_root / "a"), *argv[2:])
+    assert code == 0 and "replaced" not in out
+    first = next(line.split()[5] for line in out.splitlines() if line.startswith("swap "))
+    code, out, _ = _run(capsys, cp, *argv[:2], str(adapters_root / "b"), *argv[2:])
+    assert code == 0 and f"replaced swap: it served content {first} until now" in out
+    code, out, _ = _run(capsys, cp, *argv[:2], str(adapters_root / "b"), *argv[2:])
+    assert code == 0 and "replaced" not in out  # the same content again: nothing was replaced

@@ -544,7 +544,9 @@ class UsageReporter:
             f.write(bytes(4096))
             f.flush()
             os.fsync(f.fileno())
-        probe.unlink()
+        # Another probe of the same file (a caller beside the health loop's) may have removed it already:
+        # the write succeeded all the same (that race read as ENOENT, an unwritable spool, and refused calls).
+        probe.unlink(missing_ok=True)
 
     def _fsync(self) -> None:
         if not self._file.closed:

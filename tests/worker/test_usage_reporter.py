@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import signal
 import time
@@ -750,3 +751,26 @@ def test_a_stream_ends_once_the_spool_has_refused_its_checkpoints(system, monkey
     billed = system.wait_usage(tenant, 1)
     assert received <= billed.total_completion_tokens < 500
     assert billed.total_completion_tokens - received <= 64  # what sat in transport buffers (see above)
+
+
+def test_a_probe_whose_file_another_probe_removed_still_finds_the_spool_writable(tmp_path, monkeypatch):
+    """Two probes of the spool (the health loop's and another caller's) write and remove one probe file:
+    the second to remove it got ENOENT, which marked the spool unwritable, and every call was refused
+    UNAVAILABLE "its usage spool: No such file or directory" until the next probe (a CI run saw it)."""
+    spool = tmp_path / "spool.jsonl"
+
+    async def probe() -> bool:
+        reporter = UsageReporter(spool, Collector())
+        fsync = os.fsync
+
+        def fsync_then_the_other_probe_removes_it(fd: int) -> None:
+            fsync(fd)
+            spool.with_name(spool.name + ".probe").unlink()
+
+        monkeypatch.setattr(os, "fsync", fsync_then_the_other_probe_removes_it)
+        try:
+            return reporter.probe_writable() and reporter.write_error is None
+        finally:
+            monkeypatch.setattr(os, "fsync", fsync)
+
+    assert asyncio.run(probe())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,38 +59,37 @@ def test_models_list_names_the_base_model_first(http_worker, tenant):
     assert models.data[0].owned_by == "openlora"
 
 
-def test_models_list_pages_what_a_catalog_plugs_in(http_worker, tenant):
+@contextlib.contextmanager
+def _plugged_catalog(http_worker, names):
+    """The worker's model catalog answers `names`, each a model of the caller's tenant on the base model."""
     from data_plane.server.openai_http.app import ModelCard
 
     api = http_worker.worker.http._app.state.api
 
     async def catalog(api_key, auth):
-        return [ModelCard(f"mix-{i}", auth.tenant, "tiny") for i in range(3)]
+        return [ModelCard(name, auth.tenant, "tiny") for name in names]
 
     api.list_models, listed_before = catalog, api.list_models
     try:
+        yield
+    finally:
+        api.list_models = listed_before
+
+
+def test_models_list_pages_what_a_catalog_plugs_in(http_worker, tenant):
+    with _plugged_catalog(http_worker, [f"mix-{i}" for i in range(3)]):
         client = _client(http_worker, tenant[2])
         first = client.models.list(extra_query={"limit": 2})
         assert [m.id for m in first.data] == ["tiny", "mix-0"] and first.has_more
         rest = client.models.list(extra_query={"limit": 2, "after": "mix-0"})
         assert [m.id for m in rest.data] == ["mix-1", "mix-2"] and not rest.has_more
         assert rest.data[0].parent == "tiny" and rest.data[0].owned_by == tenant[0]
-    finally:
-        api.list_models = listed_before
 
 
 def test_models_list_without_a_limit_lists_every_model(http_worker, tenant):
     """The official clients' `models.list()` never asks for a next page (OpenAI's /v1/models is not
     paged): a key with 150 models saw the first 100 and no sign of the rest."""
-    from data_plane.server.openai_http.app import ModelCard
-
-    api = http_worker.worker.http._app.state.api
-
-    async def catalog(api_key, auth):
-        return [ModelCard(f"mix-{i:03d}", auth.tenant, "tiny") for i in range(150)]
-
-    api.list_models, listed_before = catalog, api.list_models
-    try:
+    with _plugged_catalog(http_worker, [f"mix-{i:03d}" for i in range(150)]):
         client = _client(http_worker, tenant[2])
         ids = [m.id for m in client.models.list()]
         assert ids == ["tiny"] + [f"mix-{i:03d}" for i in range(150)]
@@ -99,8 +99,6 @@ def test_models_list_without_a_limit_lists_every_model(http_worker, tenant):
         assert raw["has_more"] is False and raw["last_id"] == "mix-149"
         after = client.models.list(extra_query={"after": "mix-100"})
         assert [m.id for m in after.data] == [f"mix-{i:03d}" for i in range(101, 150)]
-    finally:
-        api.list_models = listed_before
 
 
 def test_completion_tokens_and_logprobs_equal_grpc_for_the_same_greedy_request(system, http_worker, tenant):

@@ -34,16 +34,30 @@ _MAX_TOKENIZER_CONFIG_BYTES = 16 << 20
 def pipeline_of(model_dir: Path) -> HFTokenizer:
     """The `tokenizers` pipeline transformers' AutoTokenizer encodes and decodes with for this directory:
     tokenizer.json as it stands, unless tokenizer_config.json names a tokenizer class (LlamaTokenizer, the
-    class of Llama 2, Mistral and TinyLlama checkpoints) whose constructor builds a pipeline of its own; then
-    that class's (`backend_tokenizer`). transformers 5 rebuilds LlamaTokenizer's normalizer, pre-tokenizer
-    and decoder from `add_prefix_space` and `legacy` instead of reading the file's: a leading space, text
-    after a special token (a chat template's `<s>[INST]`) and `add_prefix_space: false` were encoded
-    differently from transformers, so the same prompt text gave other tokens. Without transformers
-    installed, or when it cannot load the directory, the file is used as it stands (logged)."""
+    class of Llama 2, Mistral and TinyLlama checkpoints) whose constructor builds a pipeline of its own, or
+    names special or added tokens that tokenizer.json does not hold as added tokens; then that class's
+    (`backend_tokenizer`). transformers 5 rebuilds LlamaTokenizer's normalizer, pre-tokenizer and decoder
+    from `add_prefix_space` and `legacy` instead of reading the file's: a leading space, text after a
+    special token (a chat template's `<s>[INST]`) and `add_prefix_space: false` were encoded differently
+    from transformers, so the same prompt text gave other tokens. And it adds every token the config names
+    (`added_tokens_decoder`, `eos_token`, `additional_special_tokens`, ...) that the file lacks, so such a
+    token's text is one token there and was split into pieces here. Without transformers installed, or
+    when it cannot load the directory, the file is used as it stands (logged)."""
     path = model_dir / "tokenizer.json"
-    tokenizer_class = _named_class(model_dir)
-    if tokenizer_class is None or tokenizer_class in _FILE_AS_IS_CLASSES:
-        return HFTokenizer.from_file(str(path))
+    config = _tokenizer_config(model_dir)
+    tokenizer_class = config.get("tokenizer_class")
+    if not isinstance(tokenizer_class, str) or tokenizer_class in _FILE_AS_IS_CLASSES:
+        as_is = HFTokenizer.from_file(str(path))
+        added = {token.content for token in as_is.get_added_tokens_decoder().values()}
+        try:
+            if _named_tokens(model_dir, config) <= added:
+                return as_is
+        except (OSError, JsonFieldError, UnicodeError) as error:  # an unreadable special_tokens_map.json
+            log.warning(
+                "%s: special tokens not readable (%s): transformers loads the tokenizer",
+                model_dir.name,
+                error,
+            )
     try:
         from transformers import AutoTokenizer
 
@@ -51,7 +65,7 @@ def pipeline_of(model_dir: Path) -> HFTokenizer:
         backend = loaded.backend_tokenizer
     except Exception as error:  # an unknown class, a version without it, transformers absent
         log.warning(
-            "%s: tokenizer class %s not loadable by transformers (%s): tokenizer.json is used as it stands",
+            "%s: tokenizer (class %s) not loadable by transformers (%s): tokenizer.json is used as it stands",
             model_dir.name,
             tokenizer_class,
             str(error)[:200],
@@ -60,8 +74,8 @@ def pipeline_of(model_dir: Path) -> HFTokenizer:
     return HFTokenizer.from_str(backend.to_str())  # a copy of its own, detached from transformers' object
 
 
-def _named_class(model_dir: Path) -> str | None:
-    """tokenizer_config.json's `tokenizer_class`; None when the file or the key is missing or unreadable."""
+def _tokenizer_config(model_dir: Path) -> dict:
+    """tokenizer_config.json's object; empty when the file is missing or unreadable."""
     path = model_dir / _TOKENIZER_CONFIG
     try:
         # transformers writes `model_max_length` as int(1e30) when the tokenizer has none: out of range
@@ -73,9 +87,58 @@ def _named_class(model_dir: Path) -> str | None:
             mark_out_of_range=True,
         )
     except (OSError, JsonFieldError):
-        return None
-    named = config.data.get("tokenizer_class")
-    return named if isinstance(named, str) else None
+        return {}
+    return config.data
+
+
+# Where a tokenizer saved before transformers wrote `added_tokens_decoder` keeps its special tokens.
+_SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: the special tokens every tokenizer has by name.
+SPECIAL_TOKEN_NAMES = (
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+)  # fmt: skip
+
+
+def special_tokens(model_dir: Path, config: dict) -> dict[str, str]:
+    """The named special tokens transformers' `apply_chat_template` passes to a template (its
+    `special_tokens_map`): the seven of SPECIAL_TOKEN_NAMES and the names of `extra_special_tokens` when it
+    is a dict (model-specific tokens, `image_token`), from tokenizer_config.json (`config`); for a
+    tokenizer saved without `added_tokens_decoder` (before transformers 4.34), special_tokens_map.json's
+    entries replace them, as transformers reads that file over the config then. A token set to null or
+    absent is left out (undefined in the template)."""
+    values = {name: config.get(name) for name in SPECIAL_TOKEN_NAMES}
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, dict):
+        values.update((name, value) for name, value in extra.items() if isinstance(name, str))
+    legacy_path = Path(model_dir) / _SPECIAL_TOKENS_MAP_FILE
+    if "added_tokens_decoder" not in config and legacy_path.is_file():
+        legacy = load_json_object(legacy_path.read_bytes(), _SPECIAL_TOKENS_MAP_FILE, mark_out_of_range=True)
+        values.update((name, value) for name, value in legacy.data.items() if name in SPECIAL_TOKEN_NAMES)
+    tokens = {name: _token(value) for name, value in values.items()}
+    return {name: token for name, token in tokens.items() if token is not None}
+
+
+def _token(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}; None for none."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _named_tokens(model_dir: Path, config: dict) -> set[str]:
+    """The text of every token tokenizer_config.json names, which transformers adds to the tokenizer when
+    tokenizer.json lacks it: its added tokens, its named special tokens (`special_tokens`) and its list of
+    extra special tokens (`additional_special_tokens`, or `extra_special_tokens` as a list)."""
+    entries = (
+        list(config["added_tokens_decoder"].values())
+        if isinstance(config.get("added_tokens_decoder"), dict)
+        else []
+    )
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        if isinstance(config.get(key), list):
+            entries += config[key]
+    texts = {text for text in map(_token, entries) if text}
+    return texts | {text for text in special_tokens(model_dir, config).values() if text}
 
 
 class Tokenizer:

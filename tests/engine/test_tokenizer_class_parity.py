@@ -88,3 +88,51 @@ def test_a_class_transformers_cannot_load_leaves_the_file_as_it_stands(llama_sty
     raw = HFTokenizer.from_file(str(llama_style_tokenizer / "tokenizer.json"))
     ours = Tokenizer.from_dir(llama_style_tokenizer)
     assert all(ours.encode(t) == raw.encode(t).ids for t in TEXTS)
+
+
+_NEW_TOKEN = {"content": "<|im_end|>", "special": True, "lstrip": False, "rstrip": False, "normalized": False}
+
+
+@pytest.mark.parametrize(
+    "config, special_tokens_map",
+    [
+        ({"added_tokens_decoder": {"300": _NEW_TOKEN}}, None),
+        ({"additional_special_tokens": ["<|im_end|>"]}, None),
+        ({"extra_special_tokens": ["<|im_end|>"]}, None),
+        ({"eos_token": "<|im_end|>"}, None),
+        ({"pad_token": "<pad>"}, None),
+        ({"additional_special_tokens": ["<|im_end|>"], "tokenizer_class": "PreTrainedTokenizerFast"}, None),
+        # A tokenizer saved before `added_tokens_decoder`: its special tokens in special_tokens_map.json.
+        ({}, {"eos_token": "<|im_end|>"}),
+    ],
+)
+def test_tokens_the_config_names_that_the_file_lacks_are_added_as_transformers_adds_them(
+    llama_style_tokenizer, tmp_path, config, special_tokens_map
+):
+    """tokenizer.json taken as it stands split `<|im_end|>` into pieces where transformers, which adds
+    every token tokenizer_config.json (or special_tokens_map.json) names, reads it as one token."""
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "tokenizer"
+    model_dir.mkdir()
+    (model_dir / "tokenizer.json").write_bytes((llama_style_tokenizer / "tokenizer.json").read_bytes())
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "unk_token": "<unk>", **config})
+    )
+    if special_tokens_map is not None:
+        (model_dir / "special_tokens_map.json").write_text(json.dumps(special_tokens_map))
+    reference = AutoTokenizer.from_pretrained(model_dir)
+    ours = Tokenizer.from_dir(model_dir)
+    texts = [*TEXTS, "hi <|im_end|> x", "a<pad>b", "[INST] hi [/INST]"]
+    assert any(
+        len(reference(t, add_special_tokens=False)["input_ids"])
+        < len(
+            HFTokenizer.from_file(str(model_dir / "tokenizer.json")).encode(t, add_special_tokens=False).ids
+        )
+        for t in texts
+    ), "the case adds no token: it tests nothing"
+    for text in texts:
+        want = reference(text)["input_ids"]
+        assert ours.encode(text) == want, text
+        assert ours.decode(want) == reference.decode(want, skip_special_tokens=True), text
+    assert ours.vocab_size == len(reference)

@@ -24,6 +24,7 @@ from jinja2 import TemplateError, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from data_plane.tokenizer import special_tokens
 from openlora.safe_json import JsonFieldError, load_json_object
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,6 @@ log = logging.getLogger(__name__)
 MAX_RENDERED_CHARS = 1 << 20
 _CONFIG_FILE = "tokenizer_config.json"
 _TEMPLATE_FILE = "chat_template.jinja"
-# Where a tokenizer saved before transformers wrote `added_tokens_decoder` keeps its special tokens.
-_SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
-# transformers' SPECIAL_TOKENS_ATTRIBUTES: the special tokens every tokenizer gives a template by name.
-SPECIAL_TOKEN_NAMES = (
-    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
-)  # fmt: skip
 # Larger template files are not read (the largest templates on the Hub are tens of KiB).
 MAX_TEMPLATE_BYTES = 1 << 20
 
@@ -142,32 +137,6 @@ def load_chat_template(model_dir: Path) -> ChatTemplate | None:
     except (JsonFieldError, TemplateError, OSError, UnicodeError) as error:
         log.warning("%s: chat template not usable, chat completions refused: %s", path, error)
         return None
-
-
-def special_tokens(model_dir: Path, config: dict) -> dict[str, str]:
-    """The named special tokens transformers' `apply_chat_template` passes to a template (its
-    `special_tokens_map`): the seven of SPECIAL_TOKEN_NAMES and the names of `extra_special_tokens` when it
-    is a dict (model-specific tokens, `image_token`), from tokenizer_config.json (`config`); for a
-    tokenizer saved without `added_tokens_decoder` (before transformers 4.34), special_tokens_map.json's
-    entries replace them, as transformers reads that file over the config then. A token set to null or
-    absent is left out (undefined in the template)."""
-    values = {name: config.get(name) for name in SPECIAL_TOKEN_NAMES}
-    extra = config.get("extra_special_tokens")
-    if isinstance(extra, dict):
-        values.update((name, value) for name, value in extra.items() if isinstance(name, str))
-    legacy_path = Path(model_dir) / _SPECIAL_TOKENS_MAP_FILE
-    if "added_tokens_decoder" not in config and legacy_path.is_file():
-        legacy = load_json_object(legacy_path.read_bytes(), _SPECIAL_TOKENS_MAP_FILE, mark_out_of_range=True)
-        values.update((name, value) for name, value in legacy.data.items() if name in SPECIAL_TOKEN_NAMES)
-    tokens = {name: _token(value) for name, value in values.items()}
-    return {name: token for name, token in tokens.items() if token is not None}
-
-
-def _token(value: object) -> str | None:
-    """A special token as tokenizer_config.json writes it: a string or {"content": ...}; None for none."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def _raise(message: str) -> None:

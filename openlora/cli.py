@@ -23,6 +23,7 @@ from control_plane.prediction.settings import add_predictor_flags
 from openlora.admin_client import AdminClient, UploadRefused
 from openlora.config import AdminSettings, ControlPlaneSettings, context_path, read_context
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
+from openlora.log_level import LOG_LEVEL_HELP, configure_logging
 from openlora.mix_rules import MIN_DENSITY, parse_mix
 
 log = logging.getLogger("openlora.cli")
@@ -67,6 +68,7 @@ def _add_control_plane(subparsers) -> None:
         type=int,
         help=f"gRPC connections held at once (OPENLORA_MAX_CONNECTIONS; default {DEFAULT_MAX_CONNECTIONS})",
     )
+    p.add_argument("--log-level", help=LOG_LEVEL_HELP)
     add_predictor_flags(p)
     p.add_argument("--no-migrate", action="store_true", help="refuse to start if the schema is behind")
     p.add_argument("--migrate-only", action="store_true", help="apply pending migrations and exit")
@@ -100,7 +102,7 @@ def _run_control_plane(settings: ControlPlaneSettings) -> int:
     from control_plane.db.migrate import SchemaBehindError, upgrade
     from openlora.listen import ListenError
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     # SIGTERM unwinds like Ctrl-C while the embedded servers start, so they are stopped too.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.ExitStack() as embedded:

@@ -15,6 +15,7 @@ from control_plane.config import DEFAULT_LISTEN, ControlPlaneConfig
 from control_plane.prediction.demand import PredictorConfig
 from control_plane.prediction.settings import resolve_interval_s, resolve_predictor_config
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
+from openlora.log_level import resolve_log_level
 from openlora.safe_json import JsonFieldError, load_json
 
 DEFAULT_STATE_DIR = Path(".state/control-plane")
@@ -119,6 +120,7 @@ class ControlPlaneSettings:
     predictor_interval_s: float = 5.0
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         if self.migrate_only and not self.migrate:
@@ -151,6 +153,7 @@ class ControlPlaneSettings:
                 if connections
                 else DEFAULT_MAX_CONNECTIONS
             ),
+            log_level=resolve_log_level(flags.get("log_level"), environ),
         )
 
     def worker_token_or_stored(self) -> str:

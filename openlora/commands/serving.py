@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from openlora.config import context_path, context_problem, read_context
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
+from openlora.log_level import LOG_LEVEL_HELP, configure_logging, resolve_log_level
 from openlora.mix_rules import parse_mix
 from openlora.text_rules import TENANT_NAME, TENANT_NAME_RULE
 
@@ -234,11 +234,7 @@ def _add_worker(subparsers) -> None:
         default=_env_number("AUTH_CACHE_TTL_S", 10.0),
         help="seconds an Authorize answer is reused, at most 10 (OPENLORA_AUTH_CACHE_TTL_S; default 10)",
     )
-    p.add_argument(
-        "--log-level",
-        default=_env("LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING or ERROR (OPENLORA_LOG_LEVEL; default INFO)",
-    )
+    p.add_argument("--log-level", help=LOG_LEVEL_HELP)
     p.set_defaults(func=_run_worker)
 
 
@@ -362,16 +358,12 @@ def _as_flag(message: str, args: argparse.Namespace) -> str:
     return f"--{field.replace('_', '-')} ({ENV_PREFIX}{field.upper()}) {rest}"
 
 
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
 def _run_worker(args: argparse.Namespace) -> int:
-    level = args.log_level.strip().upper()
-    if level not in _LOG_LEVELS:
-        print(f"error: --log-level (OPENLORA_LOG_LEVEL) must be one of {', '.join(_LOG_LEVELS)}, got "
-              f"{args.log_level!r}", file=sys.stderr)  # fmt: skip
+    try:
+        configure_logging(resolve_log_level(args.log_level, os.environ))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = worker_config_from_args(args)
     except ValueError as error:
@@ -549,7 +541,7 @@ def _add_demo_model(subparsers) -> None:
 def _run_demo_model(args: argparse.Namespace) -> int:
     from data_plane.demo import write_demo_model
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         write_demo_model(args.out_dir)
     except OSError as e:  # not a directory, not writable, disk full: one line, not a traceback
@@ -639,6 +631,7 @@ def _add_up(subparsers) -> None:
         help="extra flag for the worker (repeatable; the worker's OPENLORA_* variables reach it too)",
     )
     _add_quantize_flags(p)
+    p.add_argument("--log-level", help=f"{LOG_LEVEL_HELP}; the control plane's and the worker's too")
     from control_plane.prediction.settings import add_predictor_flags
 
     add_predictor_flags(p)  # handed on to the control plane
@@ -681,6 +674,7 @@ def up_config_from_args(args: argparse.Namespace, environ):
         port = getattr(args, flag)
         if port is not None and not 0 <= port <= 65535:
             raise ValueError(f"--{flag.replace('_', '-')} must be 0..65535, got {port}")
+    log_level = resolve_log_level(args.log_level, environ)
     # The control plane child reads the same environment; its flags carry what was given here.
     resolve_interval_s(vars(args), environ)
     resolve_predictor_config(vars(args), environ)
@@ -703,6 +697,7 @@ def up_config_from_args(args: argparse.Namespace, environ):
         control_plane_args=tuple(explicit_flags(vars(args))),
         metrics_port=args.metrics_port,
         admin_metrics_port=args.admin_metrics_port,
+        log_level=log_level,
     )
 
 

@@ -68,6 +68,7 @@ from openlora.commands.supervise import (
 )
 from openlora.config import new_secret
 from openlora.embedded import free_port as _free_port
+from openlora.log_level import configure_logging
 
 log = logging.getLogger("openlora.up")
 
@@ -97,6 +98,7 @@ class UpConfig:
     control_plane_args: tuple[str, ...] = ()  # the predictor's flags, handed to `openlora control-plane`
     metrics_port: int = 0  # the worker's /metrics (0: off)
     admin_metrics_port: int = 0  # the control plane's /metrics (0: off)
+    log_level: str = "INFO"  # up's own, the control plane's and the worker's
 
 
 METRICS_HOST = "0.0.0.0"  # where the children serve /metrics
@@ -400,7 +402,7 @@ def cli_command() -> str:
 
 
 def run_up(config: UpConfig) -> int:
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level)
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -469,6 +471,7 @@ def _run_locked(config: UpConfig) -> int:
                 "--redis-url", redis_url,
                 "--state-dir", str(config.state_dir / "control-plane"),
                 "--metrics-port", str(config.admin_metrics_port),
+                "--log-level", config.log_level,
                 *config.control_plane_args,
             ],
             env,
@@ -496,6 +499,7 @@ def _run_locked(config: UpConfig) -> int:
                 "--quantize", config.quantize,
                 *(["--quantize-lm-head"] if config.quantize_lm_head else []),
                 "--metrics-port", str(config.metrics_port),
+                "--log-level", config.log_level,
                 *config.worker_args,
             ],
             env,

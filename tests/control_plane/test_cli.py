@@ -317,3 +317,40 @@ def test_a_push_over_an_adapter_of_the_same_name_says_it_replaced_it(capsys, cp,
     assert code == 0 and f"replaced swap: it served content {first} until now" in out
     code, out, _ = _run(capsys, cp, *argv[:2], str(adapters_root / "b"), *argv[2:])
     assert code == 0 and "replaced" not in out  # the same content again: nothing was replaced
+
+
+@pytest.mark.parametrize("level", ["debug", "INFO", " Warning ", "ERROR", "critical"])
+def test_every_long_running_command_takes_every_named_log_level(tmp_path, level) -> None:
+    """CRITICAL was refused by the worker, and `control-plane` and `up` logged at INFO whatever
+    OPENLORA_LOG_LEVEL said: `up` now hands its level to both children."""
+    from openlora.cli import build_parser
+    from openlora.commands.serving import up_config_from_args
+
+    want = level.strip().upper()
+    flags = vars(build_parser().parse_args(["control-plane", "--log-level", level]))
+    assert ControlPlaneSettings.resolve(flags, {}).log_level == want
+    unflagged = vars(build_parser().parse_args(["control-plane"]))
+    assert ControlPlaneSettings.resolve(unflagged, {"OPENLORA_LOG_LEVEL": level}).log_level == want
+    assert ControlPlaneSettings.resolve(unflagged, {}).log_level == "INFO"
+    up = up_config_from_args(
+        build_parser().parse_args(["up", "--state-dir", str(tmp_path)]), {"OPENLORA_LOG_LEVEL": level}
+    )
+    assert up.log_level == want
+
+
+@pytest.mark.parametrize(
+    "command", [["control-plane"], ["up"], ["worker", "--model", "m", "--control-plane", "h:1"]]
+)
+def test_an_unknown_log_level_stops_every_command_naming_its_flag_and_variable(
+    capsys, monkeypatch, tmp_path, command
+) -> None:
+    monkeypatch.setenv("OPENLORA_LOG_LEVEL", "loud")  # `worker` and `up` read the process's environment
+    state_dir = tmp_path / "state"
+    argv = [*command, "--state-dir", str(state_dir)]
+    assert main(argv, environ={"OPENLORA_LOG_LEVEL": "loud"}) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--log-level (OPENLORA_LOG_LEVEL) must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'loud'"
+        in err
+    )
+    assert not state_dir.exists()

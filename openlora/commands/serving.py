@@ -82,13 +82,21 @@ _float = _number_type(float, "a number")
 def _add_worker(subparsers) -> None:
     p = subparsers.add_parser("worker", help="run a data-plane worker (InferenceService) on one device")
     p.add_argument("--model", default=_env("MODEL"), help="base model directory (OPENLORA_MODEL)")
-    p.add_argument("--model-name", default=_env("MODEL_NAME", ""), help="base model name; default: dir name")
+    p.add_argument(
+        "--model-name",
+        default=_env("MODEL_NAME", ""),
+        help="base model name (OPENLORA_MODEL_NAME; default: the model directory's name)",
+    )
     p.add_argument(
         "--listen",
         default=_env("LISTEN", "127.0.0.1:50052"),
         help="host:port of the gRPC InferenceService (OPENLORA_LISTEN; default 127.0.0.1:50052)",
     )
-    p.add_argument("--advertise", default=_env("ADVERTISE"), help="host:port the control plane records")
+    p.add_argument(
+        "--advertise",
+        default=_env("ADVERTISE"),
+        help="host:port the control plane records for this worker (OPENLORA_ADVERTISE; default: --listen's)",
+    )
     p.add_argument(
         "--control-plane",
         default=_env("CONTROL_PLANE") or _env("ADMIN_TARGET"),
@@ -420,7 +428,7 @@ def _parse_mix(text: str) -> list[tuple[str, float]]:
 def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream a completion to stdout")
     p.add_argument("prompt", help='prompt text ("-" reads stdin, less one trailing newline)')
-    p.add_argument("--adapter", default=None)
+    p.add_argument("--adapter", default=None, help="adapter or saved mix name (default: the base model)")
     p.add_argument(
         "--mix",
         type=_parse_mix,
@@ -436,15 +444,36 @@ def _add_generate(subparsers) -> None:
     p.add_argument(
         "--density", type=_float, default=None, help="fraction kept by ties, dare_*, magnitude_prune"
     )
-    p.add_argument("--majority-sign-method", default=None, choices=["total", "frequency"])
-    p.add_argument("--combine", default=None, choices=["probs", "logprobs"], help="how an ensemble combines")
-    p.add_argument("--max-tokens", type=_int, default=None)
-    p.add_argument("--temperature", type=_float, default=None)
-    p.add_argument("--top-p", type=_float, default=None)
-    p.add_argument("--top-k", type=_int, default=0)
-    p.add_argument("--seed", type=_int, default=None)
-    p.add_argument("--stop", action="append", default=[])
-    p.add_argument("--request-id", default=None)
+    p.add_argument(
+        "--majority-sign-method",
+        default=None,
+        choices=["total", "frequency"],
+        help="how ties and dare_ties elect each parameter's sign (default total)",
+    )
+    p.add_argument(
+        "--combine",
+        default=None,
+        choices=["probs", "logprobs"],
+        help="how an ensemble combines its members' next-token distributions (default probs)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=_int,
+        default=None,
+        help="tokens to generate at most (default: the worker's, 128)",
+    )
+    p.add_argument("--temperature", type=_float, default=None, help=">= 0; 0 decodes greedily (default 0)")
+    p.add_argument("--top-p", type=_float, default=None, help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--top-k", type=_int, default=0, help="keep the k most likely tokens (default 0: all)")
+    p.add_argument("--seed", type=_int, default=None, help="sampling seed (default: a fresh one per request)")
+    p.add_argument(
+        "--stop", action="append", default=[], help="stop string, excluded from the text (repeatable)"
+    )
+    p.add_argument(
+        "--request-id",
+        default=None,
+        help="idempotency key: a second call with a used or running id is refused ALREADY_EXISTS (default: the worker makes one)",
+    )
     p.add_argument("--target", default=None, help="worker host:port (OPENLORA_TARGET, else the context file)")
     p.add_argument("--api-key", default=None, help="(OPENLORA_API_KEY, else the context file)")
     p.add_argument("--verbose", "-v", action="store_true", help="print usage and timing to stderr")

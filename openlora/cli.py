@@ -237,12 +237,25 @@ def _adapter_rows(adapters) -> list[list[object]]:
             a.rank,
             a.sha256[:12],
             a.size_bytes,
+            money(a.royalty_micros_per_million_tokens),
+            "yes" if a.keep_warm else "no",
         ]
         for a in adapters
     ]
 
 
-_ADAPTER_HEADERS = ["NAME", "TENANT", "VISIBILITY", "BASE MODEL", "RANK", "SHA256", "BYTES"]
+# ROYALTY/M: what a million completion tokens through the adapter pay its owner, in the prices' units.
+_ADAPTER_HEADERS = [
+    "NAME",
+    "TENANT",
+    "VISIBILITY",
+    "BASE MODEL",
+    "RANK",
+    "SHA256",
+    "BYTES",
+    "ROYALTY/M",
+    "KEEP WARM",
+]
 
 
 def _own_adapter(client: AdminClient, name: str, tenant: str) -> object | None:

@@ -31,6 +31,16 @@ def test_admin_workflow_prints_tables(capsys, cp, adapters_root) -> None:
     assert code == 0 and "cli-lora" in out and "cli-co" in out and "private" in out
     code, out, _ = _run(capsys, cp, "adapters", "list", key=secret)
     assert code == 0 and out.splitlines()[0].split()[:2] == ["NAME", "TENANT"] and "cli-lora" in out
+    code, out, _ = _run(
+        capsys, cp, "adapters", "push", str(adapters_root / "a"), "--name", "cli-paid", "--royalty", "2500000",
+        "--keep-warm", key=secret,
+    )  # fmt: skip
+    assert code == 0
+    code, out, _ = _run(capsys, cp, "adapters", "list", key=secret)
+    header, *rows = out.splitlines()
+    assert header.split()[-3:] == ["ROYALTY/M", "KEEP", "WARM"]
+    listed = {row.split()[0]: row.split()[-2:] for row in rows}
+    assert listed["cli-paid"] == ["2.500000", "yes"] and listed["cli-lora"] == ["0.000000", "no"]
     code, out, _ = _run(capsys, cp, "usage", key=secret)
     assert code == 0 and "TOTAL" in out
     code, out, _ = _run(

@@ -69,7 +69,7 @@ _BIAS_VALUES = ("none", "all", "lora_only")  # LoraConfig.bias
 _OTHER_MODULES = frozenset(
     {
         "model", "embed_tokens", "layers", "self_attn", "mlp", "act_fn", "rotary_emb", "input_layernorm",
-        "post_attention_layernorm", "norm", "lm_head",
+        "post_attention_layernorm", "norm", "lm_head", "q_norm", "k_norm",
     }
 )  # fmt: skip
 # init_lora_weights values whose initialization subtracts the adapter's start from the base weights (PiSSA,
@@ -294,8 +294,8 @@ def _check_layer_options(config, targets: object) -> None:
 
 
 def _names_other_module(entry: str) -> bool:
-    """True when a target_modules entry's last name is a module of a Llama, Mistral or Qwen2 model other
-    than the seven projections (`lm_head`, `embed_tokens`, `self_attn`, a layer's index, ...)."""
+    """True when a target_modules entry's last name is a module of a Llama, Mistral, Qwen2 or Qwen3 model
+    other than the seven projections (`lm_head`, `embed_tokens`, `self_attn`, a layer's index, ...)."""
     last = entry.rsplit(".", 1)[-1]
     return last in _OTHER_MODULES or last.isdigit()
 
@@ -596,7 +596,9 @@ def validate_adapter_dir(
                 )
     num_layers = spec.num_layers if spec is not None else max((layer for layer, _ in pairs), default=-1) + 1
     try:
-        _check_selection(rule, config, set(pairs), num_layers)
+        # Without the base model, Qwen3's norms are taken to exist: a pattern selecting them is refused.
+        qk_norm = spec is None or spec.architecture == "Qwen3ForCausalLM"
+        _check_selection(rule, config, set(pairs), num_layers, qk_norm)
     except TargetError as e:
         raise AdapterFormatError(f"{CONFIG_FILE}.{e.key}", e.reason) from None
     modules = tuple(m for m in PROJECTIONS if any(mod == m for _, mod in pairs))
@@ -630,23 +632,28 @@ def validate_adapter_dir(
 _ZERO_B_INITS = ("gaussian",)  # PEFT compares "gaussian" in any case, "eva" exactly
 
 
-def _other_module_names(num_layers: int):
-    """The names of a Llama, Mistral or Qwen2 transformers model's modules besides the seven projections."""
+def _other_module_names(num_layers: int, qk_norm: bool):
+    """The names of a Llama, Mistral, Qwen2 or Qwen3 transformers model's modules besides the seven
+    projections; `qk_norm`: Qwen3's per-head norms of the queries and keys too."""
     yield from ("model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
     for i in range(num_layers):
         layer = f"model.layers.{i}"
         yield from (layer, f"{layer}.self_attn", f"{layer}.mlp", f"{layer}.mlp.act_fn")
         yield from (f"{layer}.input_layernorm", f"{layer}.post_attention_layernorm")
+        if qk_norm:
+            yield from (f"{layer}.self_attn.q_norm", f"{layer}.self_attn.k_norm")
 
 
-def _check_selection(rule: TargetRule, config: dict, held: set[tuple[int, str]], num_layers: int) -> None:
+def _check_selection(
+    rule: TargetRule, config: dict, held: set[tuple[int, str]], num_layers: int, qk_norm: bool
+) -> None:
     """What the config selects against what the file holds, both by PEFT's rule: a selected module other
     than the projections (a regular expression such as `.*` or `.*|lm_head`: PEFT wraps it or fails) is
     refused naming target_modules; a selected projection the file holds no weights for is refused unless
     PEFT starts its lora_B at zero (it would serve that module's random start)."""
     targets = config.get("target_modules")
     if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):  # the projections, never lm_head
-        for name in _other_module_names(num_layers):
+        for name in _other_module_names(num_layers, qk_norm):
             if rule.leaves_out(name) is None:
                 raise AdapterFormatError(
                     f"{CONFIG_FILE}.target_modules",

@@ -30,7 +30,7 @@ class Architecture:
     """One supported architecture as transformers reads its `config.json`: the model class, the
     `model_type` that selects it, and the defaults of its config class for keys a file leaves out (they
     differ between architectures; `hidden_act` silu, `rms_norm_eps` 1e-6, `rope_theta` 10000 and
-    `tie_word_embeddings` false are the same in all three and sit with the code that reads them)."""
+    `tie_word_embeddings` false are the same in all four and sit with the code that reads them)."""
 
     class_name: str
     model_type: str
@@ -43,11 +43,12 @@ class Architecture:
     num_key_value_heads: int | None  # None: one per attention head
     max_position_embeddings: int
     sliding_window: int | None  # Mistral; Qwen2 only with use_sliding_window
-    max_window_layers: int | None  # Qwen2: layers from this index on slide
+    max_window_layers: int | None  # Qwen2, Qwen3: layers from this index on slide
     nullable_keys: frozenset[str]  # keys the engine reads that the config class accepts as null
+    head_dim: int | None = None  # None: hidden_size / num_attention_heads (Qwen3's class has its own, 128)
 
 
-# The defaults of LlamaConfig, MistralConfig and Qwen2Config in transformers 5.
+# The defaults of LlamaConfig, MistralConfig, Qwen2Config and Qwen3Config in transformers 5.
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         class_name="LlamaForCausalLM",
@@ -93,6 +94,22 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         sliding_window=4096,
         max_window_layers=28,
         nullable_keys=frozenset({"num_key_value_heads", "sliding_window", "layer_types"}),
+    ),
+    Architecture(
+        class_name="Qwen3ForCausalLM",
+        model_type="qwen3",
+        config_class="Qwen3Config",
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=22016,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+        max_window_layers=28,
+        nullable_keys=frozenset({"num_key_value_heads", "sliding_window", "layer_types"}),
+        head_dim=128,
     ),
 )
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a.class_name for a in ARCHITECTURES)
@@ -175,7 +192,7 @@ class BaseModelSpec:
             num_heads = c.get_int("num_attention_heads", arch.num_attention_heads, lo=1, hi=MAX_DIM)
             hidden = c.get_int("hidden_size", arch.hidden_size, lo=1, hi=MAX_DIM)
             num_kv_heads = _num_key_value_heads(c, arch, num_heads)
-            head_dim = c.get_int("head_dim", None, lo=1, hi=MAX_DIM) or max(1, hidden // num_heads)
+            head_dim = c.get_int("head_dim", arch.head_dim, lo=1, hi=MAX_DIM) or max(1, hidden // num_heads)
             _check_attention_shape(c, num_heads, num_kv_heads, head_dim)
             return cls(
                 name=name,
@@ -246,7 +263,7 @@ def _check_attention_shape(c: JsonObject, num_heads: int, num_kv_heads: int, hea
 
 
 def _num_key_value_heads(c: JsonObject, arch: Architecture, num_heads: int) -> int:
-    """`num_key_value_heads`; absent, the config class's default (Mistral 8, Qwen2 32, Llama one per
+    """`num_key_value_heads`; absent, the config class's default (Mistral 8, Qwen2 and Qwen3 32, Llama one per
     attention head); null, one per attention head."""
     if "num_key_value_heads" in c.data or arch.num_key_value_heads is None:
         return c.get_int("num_key_value_heads", num_heads, lo=1, hi=num_heads)

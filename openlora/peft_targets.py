@@ -12,7 +12,7 @@ The rule, for a module named as PEFT names it (`model.layers.3.self_attn.q_proj`
 - `target_modules` as a string is a regular expression matched in full (`"all-linear"`: every projection);
   as a list, an entry matches the whole name or its end after a dot, and then `layers_to_transform` (an
   int or a list of ints, with `layers_pattern` naming the layer container) keeps only those layers;
-  absent (`null`), PEFT's default for Llama, Mistral and Qwen2 is `q_proj` and `v_proj`.
+  absent (`null`), PEFT's default for Llama, Mistral, Qwen2 and Qwen3 is `q_proj` and `v_proj`.
 
 Config strings are regular expressions written by a tenant: they run in the `regex` engine under a time
 budget, so a crafted one is refused instead of holding a control plane or worker thread for minutes.

@@ -28,15 +28,16 @@ class ModelConfig:
     rope_scaling: RopeScaling
     rms_norm_eps: float
     tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2, or Llama with attention_bias
-    o_bias: bool  # Llama with attention_bias
+    qkv_bias: bool  # Qwen2, or Llama and Qwen3 with attention_bias
+    o_bias: bool  # Llama and Qwen3 with attention_bias
     mlp_bias: bool  # Llama with mlp_bias
     max_position_embeddings: int
-    # Per decoder layer: the window its attention slides over (Mistral, Qwen2), None for a full layer.
+    # Per decoder layer: the window its attention slides over (Mistral, Qwen2, Qwen3), None for a full layer.
     layer_windows: tuple[int | None, ...]
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     checkpoint_dtype: str  # "float32" | "bfloat16" | "float16"
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of the queries and keys before the rotation
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelConfig:
@@ -114,6 +115,7 @@ class ModelConfig:
             eos_token_ids=eos,
             bos_token_id=c.get_int("bos_token_id", None, lo=0, hi=MAX_DIM),
             checkpoint_dtype=dtype or "float32",
+            qk_norm=arch.model_type == "qwen3",
         )
 
     @property
@@ -125,11 +127,15 @@ class ModelConfig:
 
 def _biases(c: JsonObject, arch: Architecture) -> tuple[bool, bool, bool]:
     """(q/k/v, o, MLP) biases as transformers' modeling code of each architecture builds its linears:
-    Llama from `attention_bias` and `mlp_bias`; Qwen2 q/k/v always and nothing else; Mistral none. A
-    flag the code does not read is ignored, as transformers ignores it (a bias tensor stored for it is
-    then an unexpected tensor, which the loader refuses)."""
+    Llama from `attention_bias` and `mlp_bias`; Qwen3 from `attention_bias` (its MLP has none); Qwen2 q/k/v
+    always and nothing else; Mistral none. A flag the code does not read is ignored, as transformers
+    ignores it (a bias tensor stored for it is then an unexpected tensor, which the loader refuses)."""
     if arch.model_type == "qwen2":
         return True, False, False
+    if arch.model_type == "qwen3":
+        refuse_nulls(c, arch, ("attention_bias",))
+        attention_bias = c.get_bool("attention_bias", False)
+        return attention_bias, attention_bias, False
     if arch.model_type != "llama":
         return False, False, False
     refuse_nulls(c, arch, ("attention_bias", "mlp_bias"))
@@ -139,8 +145,8 @@ def _biases(c: JsonObject, arch: Architecture) -> tuple[bool, bool, bool]:
 
 def _layer_windows(c: JsonObject, arch: Architecture, num_layers: int) -> tuple[int | None, ...]:
     """Each layer's window, None for a layer that attends in full, as transformers decides: Llama never
-    slides (its code ignores `sliding_window`); Mistral slides every layer when a window is set; Qwen2 only
-    with `use_sliding_window`, on the layers `layer_types` names "sliding_attention", else (no
+    slides (its code ignores `sliding_window`); Mistral slides every layer when a window is set; Qwen2 and
+    Qwen3 only with `use_sliding_window`, on the layers `layer_types` names "sliding_attention", else (no
     `layer_types` in the file) on those from `max_window_layers` on. An absent `sliding_window` is the
     config class's default (4096 for both); a null one means none."""
     if arch.model_type == "llama":
@@ -148,7 +154,7 @@ def _layer_windows(c: JsonObject, arch: Architecture, num_layers: int) -> tuple[
     if arch.model_type == "mistral":
         return (_window(c, arch),) * num_layers
     refuse_nulls(c, arch, ("use_sliding_window", "max_window_layers"))
-    # Qwen2Config drops the window unless use_sliding_window is set
+    # Qwen2Config and Qwen3Config drop the window unless use_sliding_window is set
     window = _window(c, arch) if c.get_bool("use_sliding_window", False) else None
     if c.data.get("layer_types") is None:
         first_sliding = c.get_int("max_window_layers", arch.max_window_layers, lo=0, hi=MAX_DIM)
@@ -159,14 +165,15 @@ def _layer_windows(c: JsonObject, arch: Architecture, num_layers: int) -> tuple[
             c.field("layer_types"),
             f"names {len(types)} layers, the model has {num_layers}: transformers refuses this config",
         )
-    # "attention" is the legacy name transformers reads as "full_attention"; Qwen2 builds no other mask.
+    # "attention" is the legacy name transformers reads as "full_attention"; Qwen2 and Qwen3 build no other
+    # mask.
     kinds = {"full_attention": False, "attention": False, "sliding_attention": True}
     unknown = next((t for t in types if t not in kinds), None)
     if unknown is not None:
         raise JsonFieldError(
             c.field("layer_types"),
-            f"names {describe(unknown)}: transformers' Qwen2 has only full_attention and sliding_attention "
-            "layers",
+            f"names {describe(unknown)}: transformers' {arch.class_name} has only full_attention and "
+            "sliding_attention layers",
         )
     if window is None and "sliding_attention" in types:
         raise JsonFieldError(

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) over a paged KV cache, with LoRA slot pools.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over a paged KV cache, with LoRA slot pools.
 
 Module and parameter names follow Hugging Face checkpoints, so weights load by name.
 """
@@ -174,6 +174,9 @@ class Attention(nn.Module):
         # load into its slices).
         self.qkv_proj = linear.projection(spec.hidden_size, (q_out, kv_out, kv_out), config.qkv_bias)
         self.o_proj = linear.projection(q_out, (spec.hidden_size,), config.o_bias)
+        # Qwen3 normalizes each head of the queries and keys (one weight over head_dim) before the rotation.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.scale = self.head_dim**-0.5
         self.window = window
         self.k_cache: torch.Tensor | None = None  # (num_blocks, block_size, kv_heads, head_dim)
@@ -188,6 +191,8 @@ class Attention(nn.Module):
         q = q.view(num_rows, self.num_heads, self.head_dim)
         k = k.view(num_rows, self.num_kv_heads, self.head_dim)
         v = v.view(num_rows, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         k_cache, v_cache = self.k_cache, self.v_cache
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.kv_slot_ids, k)

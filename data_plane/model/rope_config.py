@@ -9,7 +9,7 @@ from openlora.base_model import MAX_DIM
 from openlora.safe_json import JsonFieldError, JsonObject, describe
 
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
-DEFAULT_THETA = 10000.0  # transformers' default base, the same for Llama, Mistral and Qwen2
+DEFAULT_THETA = 10000.0  # transformers' default base, the same for Llama, Mistral, Qwen2 and Qwen3
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def _chosen_params(c: JsonObject) -> JsonObject:
     if nested:
         raise JsonFieldError(
             params.field(nested[0]),
-            "RoPE parameters per layer type are unsupported (transformers' Llama, Mistral and Qwen2 code "
+            "RoPE parameters per layer type are unsupported (transformers' Llama, Mistral, Qwen2 and Qwen3 code "
             "reads one set)",
         )
     return params
@@ -133,7 +133,7 @@ def _present(c: JsonObject, key: str) -> bool:
 
 def _check_whole_head(c: JsonObject, params: JsonObject, head_dim: int) -> None:
     """Scaled RoPE over a fraction of each head (`partial_rotary_factor`, inside the dict or at top
-    level) is not implemented; transformers' Llama, Mistral and Qwen2 code fails on it as well."""
+    level) is not implemented; transformers' Llama, Mistral, Qwen2 and Qwen3 code fails on it as well."""
     # a null inside the dict reaches the RoPE code; a null at top level is skipped, as transformers does
     source = params if _present(params, "partial_rotary_factor") else c
     if source.data.get("partial_rotary_factor") is None:

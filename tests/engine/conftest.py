@@ -1,4 +1,4 @@
-"""Tiny Llama and Qwen2 checkpoints (random fp32 weights) and PEFT adapters for them, built once."""
+"""Tiny Llama, Qwen2 and Qwen3 checkpoints (random fp32 weights) and PEFT adapters for them, built once."""
 
 from __future__ import annotations
 
@@ -47,7 +47,14 @@ class TinyModel:
 
 def _build(root: Path, architecture: str) -> TinyModel:
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     common = dict(
         **TINY_SHAPE,
@@ -57,7 +64,7 @@ def _build(root: Path, architecture: str) -> TinyModel:
         eos_token_id=None,
         pad_token_id=None,
     )
-    torch.manual_seed(0 if architecture == "llama" else 1)
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2}[architecture])
     if architecture == "llama":
         config = LlamaConfig(
             **common,
@@ -70,20 +77,29 @@ def _build(root: Path, architecture: str) -> TinyModel:
             },
             rope_theta=500000.0,
         )
-        model = LlamaForCausalLM(config)
-    else:
+        model_class = LlamaForCausalLM
+    elif architecture == "qwen2":
         config = Qwen2Config(**common, tie_word_embeddings=True)
-        model = Qwen2ForCausalLM(config)
-        with torch.no_grad():  # biases start at zero: make them count
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+        model_class = Qwen2ForCausalLM
+    else:  # heads of 32 over a hidden size of 64 (4 heads): q_proj is 64 -> 128, o_proj 128 -> 64
+        config = Qwen3Config(**common, head_dim=32, attention_bias=True)
+        model_class = Qwen3ForCausalLM
+    model = model_class(config)
+    with torch.no_grad():  # biases start at zero and the q/k norms at one: make them count
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                if proj.bias is not None:
                     proj.bias.normal_(0, 0.1)
+            for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+                if norm is not None:
+                    norm.weight.normal_(1, 0.3)
     model_dir = root / architecture
     model.save_pretrained(model_dir)
     adapter_dirs = {}
     for index, (name, (rank, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
         torch.manual_seed(100 + index)
-        base = LlamaForCausalLM(config) if architecture == "llama" else Qwen2ForCausalLM(config)
+        base = model_class(config)
         lora = LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False
         )
@@ -105,6 +121,11 @@ def tiny_llama(tmp_path_factory) -> TinyModel:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> TinyModel:
     return _build(tmp_path_factory.mktemp("tiny"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> TinyModel:
+    return _build(tmp_path_factory.mktemp("tiny"), "qwen3")
 
 
 def make_engine(model: TinyModel, **overrides) -> LLMEngine:

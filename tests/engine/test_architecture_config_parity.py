@@ -23,12 +23,17 @@ from .conftest import TINY_SHAPE, TinyModel, greedy, make_engine, run_to_complet
 from .reference import load_reference, reference_greedy
 
 TINY = {**TINY_SHAPE, "max_position_embeddings": 256}
-CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def _reference_windows(config) -> tuple[int | None, ...]:
     """Each layer's window as transformers attends: LlamaModel builds a causal mask only; Mistral slides
-    every layer by `sliding_window`; Qwen2 the layers its `layer_types` marks."""
+    every layer by `sliding_window`; Qwen2 and Qwen3 the layers their `layer_types` mark."""
     if config.model_type == "llama":
         return (None,) * config.num_hidden_layers
     if config.model_type == "mistral":
@@ -79,6 +84,9 @@ DIMS = dict(
         ("mistral", {"sliding_window": None}),
         ("llama", {"sliding_window": 16}),  # LlamaModel never slides
         ("qwen2", {"num_key_value_heads": None}),
+        ("qwen3", {}),  # head_dim 128 of its own, not hidden_size / heads
+        ("qwen3", {"use_sliding_window": True, "num_hidden_layers": 30}),
+        ("qwen3", {"head_dim": 16}),
     ],
 )
 def test_absent_keys_take_the_defaults_of_the_architectures_config_class(model_type, keys):
@@ -91,7 +99,7 @@ def test_absent_keys_take_the_defaults_of_the_architectures_config_class(model_t
     _assert_reads_like(config, AutoConfig.for_model(model_type, **settings))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_a_config_of_only_model_type_reads_as_transformers_reads_it(model_type):
     from transformers import AutoConfig
 
@@ -108,6 +116,8 @@ def test_a_config_of_only_model_type_reads_as_transformers_reads_it(model_type):
         ("mistral", {"attention_bias": True, "mlp_bias": True}),
         ("qwen2", {}),
         ("qwen2", {"attention_bias": False, "mlp_bias": True}),
+        ("qwen3", {}),
+        ("qwen3", {"attention_bias": True, "mlp_bias": True}),
     ],
 )
 def test_biases_are_those_the_architectures_code_builds(model_type, flags):
@@ -162,6 +172,16 @@ SERVED = {
         lambda c: c.update(attention_bias=False, mlp_bias=True),
         {},
     ),
+    "qwen3 with attention_bias, mlp_bias ignored": (
+        "qwen3",
+        lambda c: c.update(mlp_bias=True),
+        dict(attention_bias=True, head_dim=8),
+    ),
+    "qwen3 sliding from layer 1 (max_window_layers)": (
+        "qwen3",
+        lambda c: c.pop("layer_types"),
+        dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    ),
     "llama with model_type and no architectures": ("llama", lambda c: c.pop("architectures"), {}),
     # transformers' ACT2FN maps "swish" to SiLU, the activation every served architecture computes
     "llama with hidden_act swish": ("llama", lambda c: c.update(hidden_act="swish"), {}),
@@ -201,6 +221,9 @@ def test_a_bias_tensor_the_architecture_has_no_place_for_is_refused_at_startup(t
         ("qwen2", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
         ("qwen2", {"num_key_value_heads": "absent"}, "num_key_value_heads.*Qwen2Config.*32"),
         ("qwen2", {"head_dim": None}, "head_dim"),
+        ("qwen3", {"head_dim": None}, "head_dim.*Qwen3Config"),
+        ("qwen3", {"attention_bias": None}, "attention_bias"),
+        ("qwen3", {"layer_types": ["full_attention", "chunked_attention"]}, "layer_types.*Qwen3ForCausalLM"),
         ("llama", {"rms_norm_eps": None}, "rms_norm_eps"),
         ("llama", {"architectures": ["MistralForCausalLM"]}, "architectures.*model_type 'llama'"),
         ("llama", {"model_type": "gemma"}, "model_type"),

@@ -10,7 +10,7 @@ from .conftest import greedy, make_engine, run_to_completion
 from .reference import load_reference, reference_greedy
 
 
-@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
 def test_base_model_greedy_matches_transformers(which, request):
     model = request.getfixturevalue(which)
     rng = random.Random(7)

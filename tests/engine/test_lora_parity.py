@@ -35,7 +35,7 @@ def _assert_match(results, expected) -> None:
         assert got_logprobs == pytest.approx(want_logprobs, abs=1e-3), request_id
 
 
-@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
 def test_mixed_adapter_batch_matches_peft_per_request(which, request):
     model = request.getfixturevalue(which)
     names = [*ADAPTERS, None, *ADAPTERS, None]

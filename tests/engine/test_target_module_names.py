@@ -176,3 +176,29 @@ def test_trained_base_biases_in_the_file_are_refused_naming_them(tiny_qwen2, tmp
         validate_adapter_dir(adapter, _spec(tiny_qwen2))
     assert e.value.field == "adapter_model.safetensors"
     assert "bias" in e.value.reason and "bias='all'" in e.value.reason
+
+
+def test_a_pattern_selecting_qwen3s_query_and_key_norms_is_refused_where_peft_refuses_it(
+    tiny_qwen3, tmp_path
+):
+    """Qwen3 has a norm over each head of the queries and keys (`self_attn.q_norm`, `k_norm`): a pattern
+    that selects them makes PEFT refuse the adapter, which was accepted and served as its projections
+    alone; on a Llama base, which has no such modules, the same pattern selects only projections."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    pattern = r".*\.(q_proj|v_proj|q_norm)"
+    with pytest.raises(ValueError, match="not supported"):
+        get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_qwen3.model_dir),
+            LoraConfig(r=4, target_modules=pattern),
+        )
+    adapter = write_peft_adapter(
+        tiny_qwen3.model_dir, tmp_path / "qwen3", 15, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
+    )
+    selecting_norms = _with_config(adapter, tmp_path / "norms", target_modules=pattern)
+    with pytest.raises(AdapterFormatError, match="q_norm") as e:
+        validate_adapter_dir(selecting_norms, _spec(tiny_qwen3))
+    assert e.value.field == "adapter_config.json.target_modules"
+    assert validate_adapter_dir(adapter, _spec(tiny_qwen3)).target_modules == ("q_proj", "v_proj")
+    assert_served_like_peft(tiny_qwen3, adapter, {"x": [3, 14, 15, 9, 2]})

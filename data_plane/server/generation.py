@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
+from cachetools import TTLCache
 
 from data_plane.engine.errors import AdapterLoadError
 from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
@@ -30,7 +31,12 @@ from data_plane.fusion.builder import MergeBuildError
 from data_plane.fusion.spec import MergeSpec
 from data_plane.fusion.store import MAX_PENDING_BUILDS_PER_TENANT, MergeStore
 from data_plane.server.artifact_store import ArtifactRejected, ArtifactStore, default_disk_cache_bytes
-from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
+from data_plane.server.control_plane_client import (
+    AUTHORIZE_TIMEOUT_S,
+    Authorization,
+    ControlPlaneClient,
+    ControlPlaneError,
+)
 from data_plane.server.ensemble_request import billed_adapters, ensemble_of
 from data_plane.server.errors import (
     Draining,
@@ -55,6 +61,7 @@ from data_plane.tokenizer import PromptTooLong
 from openlora.cache_scope import cache_scope
 
 log = logging.getLogger(__name__)
+_MAX_REVOKED_KEY_IDS = 4096  # revoked lately (`GenerationService._revoked_key_ids`): past it, oldest first
 
 
 @dataclass
@@ -162,6 +169,12 @@ class GenerationService:
         # take seconds), by the id of the api key that made them (a revoked key's calls end:
         # `end_streams_of_key`).
         self._key_streams: dict[str, set[_KeyCall]] = {}
+        # The ids of the api keys revoked lately: an Authorize the control plane answered before the
+        # revocation may reach this worker after its hint (within the call's deadline), and the call it
+        # starts was in none of the key's streams that the hint ended.
+        self._revoked_key_ids: TTLCache[str, bool] = TTLCache(
+            maxsize=_MAX_REVOKED_KEY_IDS, ttl=2 * AUTHORIZE_TIMEOUT_S, timer=time.monotonic
+        )
         self._max_streams_per_tenant = max_streams_per_tenant
         # How long the control plane holds a client request id reserved for a stream of this worker.
         self._reservation_ms = int(reservation_s * 1000)
@@ -172,6 +185,8 @@ class GenerationService:
     def end_streams_of_key(self, api_key_id: str) -> int:
         """Ends every stream the api key of this id is running (it was revoked) with UNAUTHENTICATED; each
         is billed for what it delivered. Returns how many."""
+        if api_key_id:
+            self._revoked_key_ids[api_key_id] = True
         calls = self._key_streams.get(api_key_id, set())
         for call in calls:
             call.revoked = True  # one still preparing ends as it reaches the engine
@@ -287,6 +302,8 @@ class GenerationService:
             auth = early
             confirmed = asyncio.ensure_future(self._confirm(api_key, names, early))
             confirmed.add_done_callback(_consume_error)  # a caller gone early never awaits it
+        if auth.api_key_id in self._revoked_key_ids:  # answered before the revocation, arrived after it
+            raise KeyRevoked()
         try:
             # A name that is a saved mix of the tenant turns into the request that mix stands for.
             valid, by_name = expand_named_mix(check(), names, auth, self.limits)

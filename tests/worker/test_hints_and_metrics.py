@@ -187,3 +187,55 @@ def test_revoking_a_key_ends_its_calls_still_preparing(system, hinted_worker, mo
         caller.join(30)
     assert isinstance(result.get("error"), errors.Unauthenticated), result
     assert "revoked" in str(result["error"])
+
+
+def test_revoking_a_key_ends_a_call_whose_authorization_was_answered_before_it(
+    system, hinted_worker, monkeypatch
+):
+    """An Authorize answered before the revocation committed may reach the worker after the revocation
+    hint (a control plane under load answers in seconds): the call it starts was in none of the key's
+    streams when the hint ended them, and streamed to its end on a revoked key. It ends UNAUTHENTICATED
+    before the engine, having delivered nothing."""
+    import asyncio
+    import threading
+
+    from data_plane.server.generation import GenerationService
+
+    _, key_id, key = system.new_tenant()
+    answered, go = threading.Event(), threading.Event()
+    authorize = GenerationService.authorize
+
+    async def late_answer(self, api_key, names):
+        auth = await authorize(self, api_key, names)
+        if names:  # the call's own Authorize, answered before the revocation: it arrives after the hint
+            answered.set()
+            while not go.is_set():
+                await asyncio.sleep(0.01)
+        return auth
+
+    monkeypatch.setattr(GenerationService, "authorize", late_answer)
+    result: dict = {}
+
+    def call() -> None:
+        with Client(f"127.0.0.1:{hinted_worker.port}", key) as client:
+            try:
+                result["tokens"] = sum(
+                    len(r.token_ids) for r in client.generate_stream("hello", adapter="ad7", max_tokens=50)
+                )
+            except errors.OpenLoRAError as error:
+                result["error"] = error
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        assert answered.wait(10)
+        system.admin.revoke_key(key_id)
+        deadline = time.monotonic() + 5
+        while hinted_worker.control_plane.knows_key(key) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not hinted_worker.control_plane.knows_key(key), "the revocation hint did not arrive"
+    finally:
+        go.set()
+        caller.join(30)
+    assert isinstance(result.get("error"), errors.Unauthenticated), result
+    assert "revoked" in str(result["error"])

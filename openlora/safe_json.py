@@ -16,6 +16,10 @@ from typing import Any
 DEFAULT_MAX_DEPTH = 32
 # Longest integer literal accepted (a signed 64-bit value has at most 20 characters).
 MAX_INT_CHARS = 20
+# Every integer up to this magnitude is a double, and no two of them round to the same one: a JSON number
+# read as a double (as most parsers read it, RFC 8259 section 6) names one integer only up to here
+# (JavaScript's Number.MAX_SAFE_INTEGER; 2^53 + 1 reads as 2^53).
+MAX_SAFE_FLOAT_INT = (1 << 53) - 1
 _REQUIRED: Any = object()
 
 
@@ -166,11 +170,13 @@ def load_json_object(
 class JsonObject:
     """A parsed JSON object read field by field. Each getter checks the type (and range) and raises
     JsonFieldError naming `prefix.key`; an absent key (or JSON null) gives `default`, or is refused
-    when no default is given."""
+    when no default is given. With `whole_floats`, `get_int` takes a number with no fractional part
+    written as a float (`4.0`, `1e3`) as that integer (`whole_number`)."""
 
-    def __init__(self, data: dict[str, Any], prefix: str) -> None:
+    def __init__(self, data: dict[str, Any], prefix: str, whole_floats: bool = False) -> None:
         self.data = data
         self.prefix = prefix
+        self.whole_floats = whole_floats
 
     def field(self, key: str) -> str:
         return f"{self.prefix}.{key}" if self.prefix else key
@@ -195,11 +201,10 @@ class JsonObject:
         value, present = self._get(key, default)
         if not present:
             return value
-        if not isinstance(value, int) or isinstance(value, bool):
+        number = whole_number(value) if self.whole_floats else value if is_int(value) else None
+        if number is None or (lo is not None and number < lo) or (hi is not None and number > hi):
             raise self._refuse(key, f"an integer{_range(lo, hi)}", value)
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise self._refuse(key, f"an integer{_range(lo, hi)}", value)
-        return value
+        return number
 
     def get_number(
         self,
@@ -253,12 +258,23 @@ class JsonObject:
             return JsonObject({}, self.field(key))
         if not isinstance(value, dict):
             raise self._refuse(key, "a JSON object", value)
-        return JsonObject(value, self.field(key))
+        return JsonObject(value, self.field(key), self.whole_floats)
 
 
 def is_int(value: object) -> bool:
     """An int that is not a bool (JSON true is not 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def whole_number(value: object) -> int | None:
+    """The integer a JSON number stands for, or None: an int (not a bool), or a float with no fractional
+    part (`4.0`, `1e3`) up to MAX_SAFE_FLOAT_INT in magnitude, as JSON Schema's "integer" (and OpenAI's
+    and vLLM's integer fields) take it. Past that a float names no one integer exactly."""
+    if is_int(value):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_SAFE_FLOAT_INT:
+        return int(value)
+    return None
 
 
 def _range(lo: float | None, hi: float | None) -> str:

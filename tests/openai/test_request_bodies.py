@@ -460,3 +460,54 @@ def test_check_request_reasons_that_name_grpc_fields_speak_the_bodys_terms():
         check_request(to_generate_request(body, body.prompt, "", ""), LIMITS)
     error = openai_field_error(refused.value, chat=False)
     assert (error.param, error.reason) == ("prompt", "must not be empty")
+
+
+# A value each field of the two bodies accepts where one is a number (the rest take 4), and the fields
+# whose values are integers: every other field is refused with 4 and 4.0 alike, or is a float.
+_NUMBER_VALUES = {"n": 1, "best_of": 1, "logprobs": 0, "top_logprobs": 0, "presence_penalty": 0,
+                  "frequency_penalty": 0, "top_p": 1, "density": 1, "prompt": [4, 5]}  # fmt: skip
+_INTEGER_FIELDS = {
+    parse_completion: ["max_tokens", "logprobs", "top_k", "seed", "n", "best_of"],
+    parse_chat: ["max_tokens", "max_completion_tokens", "top_logprobs", "top_k", "seed", "n"],
+}
+
+
+def _parsed(parse, body: bytes) -> str:
+    """What a parser makes of a body: the Body's repr (types included), or the refused field's name."""
+    try:
+        return repr(parse(body, LIMITS.max_tokens_limit))
+    except BodyError as refused:
+        return f"refused {refused.param}"
+
+
+@pytest.mark.parametrize(("parse", "make"), [(parse_completion, _completion), (parse_chat, _chat)])
+def test_every_field_reads_a_whole_number_written_as_a_float_as_that_integer(parse, make):
+    """One rule for every integer field, as JSON Schema's "integer", OpenAI and vLLM read them: 4.0 is 4.
+    `n: 1.0` was accepted while `max_tokens: 4.0` (and seed, top_k, logprobs, token ids) was refused."""
+    from data_plane.server.openai_http.schemas import _CHAT_FIELDS, _COMPLETION_FIELDS
+
+    fields = _COMPLETION_FIELDS if parse is parse_completion else _CHAT_FIELDS
+    mix = {"mix": {"a": 0.5, "b": 0.5}, "mix_method": "ties"}
+    for field in sorted(fields):
+        value = _NUMBER_VALUES.get(field, 4)
+        as_float = [float(v) for v in value] if isinstance(value, list) else float(value)
+        extra = mix if field == "density" else {}
+        sent, sent_as_float = make(**{field: value}, **extra), make(**{field: as_float}, **extra)
+        assert _parsed(parse, sent_as_float) == _parsed(parse, sent), field
+    for field in _INTEGER_FIELDS[parse]:
+        assert not _parsed(parse, make(**{field: _NUMBER_VALUES.get(field, 4)})).startswith("refused")
+        assert _parsed(parse, make(**{field: _NUMBER_VALUES.get(field, 4) + 0.5})) == f"refused {field}"
+    if parse is parse_completion:
+        assert parse(make(prompt=[4.0, 5.0])).prompt_token_ids == (4, 5)
+        assert _parsed(parse, make(prompt=[4, 5.5])) == "refused prompt"
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_whole_float_is_an_integer_only_while_a_double_holds_every_integer(sign):
+    """From 2^53 a float names no one integer exactly (2^53 + 1 reads as 2^53): it is refused as a seed,
+    which the client must then send as an integer literal."""
+    largest = sign * ((1 << 53) - 1)
+    assert parse_completion(_completion(seed=float(largest))).seed == largest
+    with pytest.raises(BodyError) as refused:
+        parse_completion(_completion(seed=float(largest + sign)))
+    assert refused.value.param == "seed"

@@ -24,7 +24,7 @@ from data_plane.server.validation import (
     top_p_problem,
 )
 from openlora.mix_rules import density_problem, weight_problem
-from openlora.safe_json import JsonFieldError, JsonObject, OutOfRangeNumber, describe, is_int, load_json
+from openlora.safe_json import JsonFieldError, JsonObject, OutOfRangeNumber, describe, load_json, whole_number
 from openlora.v1 import inference_pb2
 
 MAX_BODY_BYTES = 4 << 20  # larger bodies are refused with 413 before they are read
@@ -249,7 +249,7 @@ def _load(data: bytes, allowed: set[str]) -> JsonObject:
         raise BodyError(None, f"the body is {error.reason}") from None
     if not isinstance(value, dict):
         raise BodyError(None, f"the body must be a JSON object, got {_json_kind(value)}")
-    obj = JsonObject(value, "")
+    obj = JsonObject(value, "", whole_floats=True)  # every integer field takes 4.0 as 4, and no field 4.5
     for key, value in obj.data.items():
         if key not in allowed:
             raise BodyError(key, "is not supported by this server")
@@ -351,10 +351,11 @@ def _prompt(obj: JsonObject) -> tuple[str | None, tuple[int, ...] | None]:
         return value, None
     if isinstance(value, list) and len(value) > MAX_PROMPT_TOKEN_IDS:
         raise BodyError("prompt", f"must hold at most {MAX_PROMPT_TOKEN_IDS} token ids, got {len(value)}")
-    if isinstance(value, list) and value and all(is_int(v) for v in value):
-        if not all(0 <= v < 1 << 31 for v in value):
+    token_ids = [whole_number(v) for v in value] if isinstance(value, list) else []
+    if token_ids and None not in token_ids:
+        if not all(0 <= v < 1 << 31 for v in token_ids):
             raise BodyError("prompt", "token ids must be in [0, 2^31)")
-        return None, tuple(value)
+        return None, tuple(token_ids)
     if value is None:
         raise BodyError("prompt", "is required")
     raise BodyError(
@@ -454,7 +455,7 @@ def _mix(obj: JsonObject) -> tuple[tuple[str, float], ...]:
         for key in item:
             if key not in ("adapter", "weight"):
                 raise BodyError(f"mix[{i}].{key}", "is not supported by this server")
-        member = JsonObject(item, f"mix[{i}]")
+        member = JsonObject(item, f"mix[{i}]", whole_floats=True)
         weight = _float32(member, "weight", lambda w: weight_problem(w, None), default=1.0)
         mix.append((member.get_str("adapter", max_chars=256), weight))
     return tuple(mix)

@@ -255,6 +255,7 @@ class ControlPlane:
             return registry.list_adapters(s, owner, page_size, page_token, include_public)
 
     def delete_adapter(self, api_key: str, name: str, tenant: str) -> registry.OwnedAdapter:
+        registry.check_name(name)  # before `ready_key` looks it up: Postgres refuses a NUL naming no field
         with self.sessions.begin() as s:
             owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
             # The content's lock first (an upload takes it before its rows too): a concurrent delete of

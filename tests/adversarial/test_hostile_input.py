@@ -684,3 +684,12 @@ def test_a_request_kind_or_mix_name_outside_their_rules_is_refused_naming_it(att
     a mix name follows the naming rule."""
     request = _usage_report_of_own_adapter(attacker, "kinds", 1.0, **fields)
     assert_refused(_worker(attacker, "ReportUsage", request), field)
+
+
+@pytest.mark.parametrize("method", ["DeleteAdapter", "DeleteMix"])
+@pytest.mark.parametrize("name", ["", "a\x00b", "x" * 129, "é"])
+def test_delete_refuses_a_malformed_name_naming_name(attacker, method, name):
+    """DeleteAdapter looked the name up before checking it: a NUL reached Postgres, and the caller got
+    "a value is too long or out of range for its field", naming none."""
+    request = getattr(admin_pb2, f"{method}Request")(name=name)
+    assert_refused(_admin(attacker, method, request), "name:")

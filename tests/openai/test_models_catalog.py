@@ -97,6 +97,17 @@ def test_a_limit_that_is_not_ascii_digits_in_range_is_a_400_naming_it(http_worke
     assert refused.value.body["param"] == "limit"
 
 
+@pytest.mark.parametrize("query", ["limit=1&limit=2", "after=a&after=b"])
+def test_a_query_parameter_given_twice_is_a_400_naming_it(http_worker, tenants, query):
+    """As a body's duplicate key is refused: the last of them was served, silently."""
+    (_, _, a_key), _ = tenants
+    answer = httpx.get(
+        f"{http_worker.base_url}/models?{query}", headers={"Authorization": f"Bearer {a_key}"}, timeout=30
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == query.split("=")[0]
+
+
 def test_a_revoked_key_gets_authentication_error(system, http_worker):
     _, key_id, key = system.new_tenant()
     client = _client(http_worker, key)

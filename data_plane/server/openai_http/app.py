@@ -338,9 +338,9 @@ async def _models(request: Request):
     try:
         cards = await _cards(request, api)
         limit = _query_int(request, "limit", None, 1, MAX_MODELS_PAGE)
+        after = _query_param(request, "after")
     except Exception as error:
         return http_error(error).response()
-    after = request.query_params.get("after")
     if after is not None:
         if not after:
             return HttpError(400, "after must name a model id", "after", "invalid_argument").response()
@@ -477,8 +477,17 @@ def _render_chat(template: ChatTemplate | None, body: Body) -> str:
         raise BodyError("messages", str(error)) from None
 
 
+def _query_param(request: Request, name: str) -> str | None:
+    """A query parameter's value (None when absent). Given twice it is refused, as a body's duplicate key
+    is: `?limit=1&limit=2` was served with the last, silently."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise BodyError(name, "is given more than once")
+    return values[0] if values else None
+
+
 def _query_int(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    text = request.query_params.get(name)
+    text = _query_param(request, name)
     if text is None:
         return default
     if not (text.isascii() and text.isdigit()) or not lo <= int(text) <= hi:  # int() takes "²" and "١"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,8 +136,8 @@ class WorkerConfig:
             raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
-        if self.drain_grace_s < 0:
-            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+        if not 0 <= self.drain_grace_s < math.inf:  # NaN drained as 0 s: every stream cut at once
+            raise ValueError(f"drain_grace_s must be a finite number >= 0, got {self.drain_grace_s}")
         if self.usage_flush_interval_s <= 0 or self.usage_fsync_interval_s <= 0:
             raise ValueError("usage intervals must be > 0")
         if not 0 < self.usage_checkpoint_interval_s <= 1.0:

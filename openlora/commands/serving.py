@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -703,6 +704,10 @@ def up_config_from_args(args: argparse.Namespace, environ):
         port = getattr(args, flag)
         if port is not None and not 0 <= port <= 65535:
             raise ValueError(f"--{flag.replace('_', '-')} must be 0..65535, got {port}")
+    if not 0 <= args.drain_grace_s < math.inf:  # the worker refuses it too, once the databases are up
+        raise ValueError(
+            f"--drain-grace-s (OPENLORA_DRAIN_GRACE_S) must be a finite number >= 0, got {args.drain_grace_s}"
+        )
     log_level = resolve_log_level(args.log_level, environ)
     # The control plane child reads the same environment; its flags carry what was given here.
     resolve_interval_s(vars(args), environ)

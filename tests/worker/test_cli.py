@@ -336,3 +336,22 @@ def test_a_worker_setting_refused_as_the_engine_is_built_is_named_by_its_flag_an
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {named}")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_drain_grace_that_is_not_a_finite_number_of_seconds_is_refused_by_worker_and_up(
+    tmp_path, monkeypatch, value
+):
+    """NaN was taken: the worker's drain timed out at once (every stream cut, as with 0), and `up` started
+    its databases before the worker refused -1."""
+    from openlora.commands.serving import up_config_from_args
+
+    with pytest.raises(ValueError, match="drain_grace_s must be a finite number >= 0"):
+        worker_config_from_args(
+            _parse(["worker", "--model", str(tmp_path), *_TARGET, "--drain-grace-s", value])
+        )
+    monkeypatch.setenv("OPENLORA_DRAIN_GRACE_S", value)
+    with pytest.raises(
+        ValueError, match=r"--drain-grace-s \(OPENLORA_DRAIN_GRACE_S\) must be a finite number"
+    ):
+        up_config_from_args(_parse(["up", "--state-dir", str(tmp_path)]), {})

@@ -162,6 +162,8 @@ class WorkerConfig:
             )
         if self.engine.quantize_lm_head and self.engine.quantize == "none":
             raise ValueError("--quantize-lm-head needs --quantize int8 or int4")
+        if not 0 <= self.metrics_port <= 65535:  # bind() raised OverflowError once the model was loaded
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.http_listen:
             host, _, port = self.http_listen.rpartition(":")
             if not host or not port.isdigit() or not 0 <= int(port) <= 65535:

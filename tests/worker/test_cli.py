@@ -313,6 +313,9 @@ def test_a_command_sent_to_the_other_services_address_says_which_address_to_use(
         ("OPENLORA_MAX_NUM_SEQS", "0", "--max-num-seqs (OPENLORA_MAX_NUM_SEQS) must be positive"),
         ("OPENLORA_LOG_LEVEL", "bogus", "--log-level (OPENLORA_LOG_LEVEL) must be one of DEBUG, INFO"),
         ("OPENLORA_DTYPE", "float64", "--dtype (OPENLORA_DTYPE) must be auto or one of"),
+        # a traceback (OverflowError from bind) after the model was loaded, exit 1: restarted for ever
+        ("OPENLORA_METRICS_PORT", "70000", "--metrics-port (OPENLORA_METRICS_PORT) must be in [0, 65535]"),
+        ("OPENLORA_METRICS_PORT", "-1", "--metrics-port (OPENLORA_METRICS_PORT) must be in [0, 65535]"),
     ],
 )
 def test_a_worker_setting_refused_as_the_engine_is_built_is_named_by_its_flag_and_variable(

@@ -374,6 +374,16 @@ class AdapterCache:
             return None
         return min(candidates, key=lambda e: self._eviction_order(e.key, DEVICE))
 
+    def num_admittable(self, keep: set[str]) -> int:
+        """Slots `admit` can hand out now, one after another, without evicting any key of `keep`: the free
+        ones and those of unreferenced READY entries."""
+        unused = sum(
+            1
+            for e in self._entries.values()
+            if e.state is AdapterState.READY and e.refcount == 0 and e.key not in keep
+        )
+        return len(self._free_slots) + unused
+
     def can_admit(self, key: str) -> bool:
         """True when `key` has a slot or one can be had (free, or by evicting an unused one); False while
         a retiring entry of `key` still holds its slot."""

@@ -251,7 +251,9 @@ class Scheduler:
             if tenant in seen:
                 continue
             seen.add(tenant)
-            if slots[tenant] >= slot_share:
+            if slots[tenant] >= slot_share or len(unit) > 1:
+                # An ensemble's group takes no slot this way: it needs its adapters whole (`_promise`),
+                # and two groups taking one slot from each other in turn would reload them for ever.
                 continue
             fits = (
                 running[tenant] + len(unit) <= share
@@ -277,9 +279,20 @@ class Scheduler:
 
     def _promise(self, unit: list[Sequence]) -> list[tuple[str, int]]:
         """Takes the references of `unit` on its adapters, admitting absent ones where a slot can be had;
-        returns the (adapter key, slot) loads to start."""
+        returns the (adapter key, slot) loads to start. An ensemble's group is promised whole or not at all:
+        holding some of its adapters while waiting for a slot for the others, two groups could each hold
+        what the other waits for, every slot taken and nothing running, for ever."""
+        if len(unit) > 1 and not self._can_promise_whole(unit):
+            for seq in unit:  # a part it still holds (its other adapters' slots were freed) goes back too
+                if seq.holds_adapter and seq.adapter_key is not None:
+                    self.adapters.release(seq.adapter_key)
+                    seq.holds_adapter = False
+            return []
         loads = []
-        for seq in unit:
+        # Adapters already in a slot are held first, so that admitting the absent ones evicts none of them.
+        for seq in sorted(
+            unit, key=lambda s: s.adapter_key is None or self.adapters.state(s.adapter_key) is None
+        ):
             key = seq.adapter_key
             if key is None or seq.holds_adapter or self.adapters.is_retiring(key):
                 continue  # a retiring adapter takes no new reference: wait until it has left its slot
@@ -290,6 +303,18 @@ class Scheduler:
                 loads.append((key, slot))
             self._hold_adapter(seq)
         return loads
+
+    def _can_promise_whole(self, unit: list[Sequence]) -> bool:
+        """True when every adapter of `unit` that it does not hold yet can be had now: none retiring, and a
+        slot for each absent one that evicts none of the unit's."""
+        keys = {s.adapter_key for s in unit if s.adapter_key is not None and not s.holds_adapter}
+        if any(self.adapters.is_retiring(key) for key in keys):
+            return False
+        absent = [key for key in keys if self.adapters.state(key) is None]
+        if not absent:
+            return True
+        needed = {s.adapter_key for s in unit if s.adapter_key is not None}
+        return len(absent) <= self.adapters.num_admittable(needed)
 
     def _slots_held(self) -> Counter[str]:
         """Per tenant, the distinct adapters its sequences hold a reference on (running or promised)."""

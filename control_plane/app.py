@@ -174,8 +174,10 @@ class ControlPlane:
                 # files found in place here cannot be removed before this row points to them. The content
                 # this upload replaces is locked too (both in one order), as a delete locks what it drops:
                 # else a concurrent replacement or delete of another adapter of that content saw this one
-                # still READY, and neither dropped the content or the tenant's own cache key of it.
-                replacing = registry.ready_key(s, plan.tenant_id, header.name)  # a first look, unlocked
+                # still READY, and neither dropped the content or the tenant's own cache key of it. What
+                # the name serves is read under its own lock, so it stays so until this commits.
+                registry.lock_served_content(s, plan.tenant_id, header.name)
+                replacing = registry.ready_key(s, plan.tenant_id, header.name)
                 for content in sorted({sha256} | ({replacing.sha256} if replacing else set())):
                     lock_artifact(s, content)
                 created = self.store.publish(directory, sha256)
@@ -193,16 +195,13 @@ class ControlPlane:
                 already_own = registry.tenant_holds(s, tenant.id, sha256)
                 was = registry.named_terms(s, tenant.id, header.name)
                 _check_royalty_not_raised(was, header)  # again, row locked: uploads of the name may race
-                old_key = registry.ready_key(s, tenant.id, header.name)  # before the row is rewritten
-                if old_key is not None and old_key.sha256 not in (sha256, replacing and replacing.sha256):
-                    lock_artifact(s, old_key.sha256)  # replaced again since the first look
                 owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)
                 # The replaced content is dropped from workers only when no adapter still uses it; its cache
                 # key alone when others still serve the content under other keys (see `_invalidate`).
                 unused = replaced if replaced is not None and not registry.is_served(s, replaced) else ""
                 unused_key = (
-                    old_key
-                    if replaced is not None and not unused and not registry.key_is_served(s, old_key)
+                    replacing
+                    if replaced is not None and not unused and not registry.key_is_served(s, replacing)
                     else None
                 )
         except BaseException:
@@ -261,14 +260,14 @@ class ControlPlane:
             # The content's lock first (an upload takes it before its rows too): a concurrent delete of
             # another adapter of this content waits for this one's commit, and its `is_served` /
             # `key_is_served` then see this row deleted (else each saw the other READY: neither dropped
-            # the content, nor the deleter's own cache key).
+            # the content, nor the deleter's own cache key). What the name serves is read under its own
+            # lock (as an upload reads it), so it stays so until this commits.
+            registry.lock_served_content(s, owner.id, name)
             current = registry.ready_key(s, owner.id, name)
             if current is not None:
                 lock_artifact(s, current.sha256)
             deleted = registry.delete_adapter(s, owner, name)
             sha256 = deleted.adapter.sha256
-            if current is None or current.sha256 != sha256:  # replaced meanwhile
-                lock_artifact(s, sha256)
             # Content-addressed: another adapter (maybe another tenant's) may hold the same sha256.
             unused = "" if registry.is_served(s, sha256) else sha256
             key = registry.key_of(deleted.adapter)

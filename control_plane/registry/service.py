@@ -187,6 +187,15 @@ def lock_name(session: Session, tenant_id, name: str) -> None:
     lock_until_commit(session, f"name:{tenant_id}:{name}")
 
 
+def lock_served_content(session: Session, tenant_id, name: str) -> None:
+    """Serializes, until the transaction ends, the transactions that change which content the tenant's
+    adapter of that name serves (an upload of the name, its delete). Taken before any artifact's lock: the
+    content such a transaction then reads stays until it commits, so it locks that content in one sorted
+    order with the content it brings (a lock taken later, for content another upload of the name had put
+    there meanwhile, deadlocked against an upload locking both contents in order)."""
+    lock_until_commit(session, f"served-content:{tenant_id}:{name}")
+
+
 @dataclass(frozen=True)
 class NamedTerms:
     """The terms of a tenant's adapter row of some name before an upload of that name."""

@@ -10,7 +10,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,6 +21,7 @@ from control_plane.artifacts.store import ArtifactStore
 from control_plane.artifacts.upload import Upload
 from control_plane.billing import service as billing
 from control_plane.config import ControlPlaneConfig
+from control_plane.db.base import utc_now
 from control_plane.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from control_plane.hints.publisher import HintPublisher
 from control_plane.mixes import service as mixes
@@ -46,6 +47,10 @@ MAX_DESCRIPTION_CHARS = 4096
 MAX_AUTHORIZE_NAMES = 16
 # A worker whose last heartbeat is older than this many heartbeat intervals no longer counts as serving.
 LIVE_HEARTBEATS = 3
+# A start publishes again the revocations of this last while (the newest this many): a revoke hint waits
+# for Redis in memory only, so one a stopped control plane never published ended no running stream.
+REPUBLISHED_REVOCATIONS_S = 3600
+MAX_REPUBLISHED_REVOCATIONS = 1000
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,19 @@ class ControlPlane:
             bootstrap = tenancy.ensure_operator(s, self.config.admin_key)
         self.admin_key_id = bootstrap.admin_key_id
         return bootstrap
+
+    def republish_revocations(self) -> int:
+        """Publishes the revoke hints of the keys revoked in the last REPUBLISHED_REVOCATIONS_S again (at
+        start): one that Redis had not taken when the control plane stopped, or that the control plane
+        stopped before publishing, was lost, and a running stream of its key went on to its end after Redis
+        was back. Workers that already heard of a revocation only find nothing more to drop. Returns how
+        many were published or kept for Redis."""
+        since = utc_now() - timedelta(seconds=REPUBLISHED_REVOCATIONS_S)
+        with self.sessions.begin() as s:
+            key_ids = tenancy.keys_revoked_since(s, since, MAX_REPUBLISHED_REVOCATIONS)
+        for key_id in reversed(key_ids):  # in the order they were revoked
+            self.publisher.revoke(str(key_id))
+        return len(key_ids)
 
     def create_tenant(self, api_key: str, name: str) -> Tenant:
         with self.sessions.begin() as s:

@@ -150,6 +150,7 @@ def _prepare(config: ControlPlaneConfig) -> tuple[ControlPlane, Engine, str | No
         HintPublisher(config.redis_url),
     )
     bootstrap = app.bootstrap()
+    app.republish_revocations()
     key_path = state_dir / ADMIN_KEY_FILE
     if bootstrap.new_admin_key is not None and config.admin_key is None:
         _write_admin_key(key_path, bootstrap.new_admin_key)

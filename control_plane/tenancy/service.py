@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import any_, select
 from sqlalchemy.exc import IntegrityError
@@ -151,6 +152,18 @@ def create_api_key(
     wanted = sorted(set(scopes) or {SCOPE_INFER})
     plaintext = keys.generate_key()
     return _store_key(session, tenant.id, plaintext, wanted), plaintext
+
+
+def keys_revoked_since(session: Session, since: datetime, limit: int) -> list[uuid.UUID]:
+    """The ids of the keys revoked at or after `since`, the newest first, at most `limit`."""
+    return list(
+        session.scalars(
+            select(ApiKey.id)
+            .where(ApiKey.revoked_at >= since)
+            .order_by(ApiKey.revoked_at.desc(), ApiKey.id)
+            .limit(limit)
+        )
+    )
 
 
 def revoke_api_key(

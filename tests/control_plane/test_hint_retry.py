@@ -131,3 +131,36 @@ def test_the_retry_thread_survives_an_unexpected_error(redis_url, monkeypatch):
     finally:
         publisher.close()
         reader.close()
+
+
+def test_a_revocation_redis_never_took_is_published_by_the_next_start(
+    database_url, redis_url, tmp_path, server_thread
+):
+    """A revoke hint waits for Redis in the control plane's memory only: a control plane stopped (a crash,
+    SIGTERM) before Redis took it lost it, and the streams of the revoked key ran on to their end after
+    Redis was back. The next start publishes the recent revocations again."""
+    from control_plane.server.server import serve
+    from openlora.admin_client import AdminClient
+
+    from .conftest import make_config
+
+    reader = redis.Redis.from_url(redis_url)
+    start = _last_id(reader)
+    unreachable = "redis://127.0.0.1:1/0"  # nothing listens there: every XADD fails
+    running = server_thread.run(serve(make_config(database_url, tmp_path, unreachable)))
+    try:
+        with AdminClient(running.target, running.admin_key) as admin:
+            admin.create_tenant("acme")
+            key_id = admin.create_api_key("acme").key.id
+            admin.revoke_api_key(key_id)
+        assert running.app.publisher.num_pending == 1
+    finally:
+        server_thread.run(running.stop(0))
+    assert _hints_since(reader, start) == []
+    running = server_thread.run(serve(make_config(database_url, tmp_path, redis_url)))
+    try:
+        revoked = [h.get("api_key_id") for h in _hints_since(reader, start) if h["kind"] == "revoke"]
+        assert revoked == [key_id]
+    finally:
+        server_thread.run(running.stop(0))
+        reader.close()

@@ -282,10 +282,12 @@ class IncrementalDetokenizer:
         self._matchers = [_StopMatcher(s) for s in self._stop]
         self.text = ""  # all output text decoded so far (cut at a stop string when one was hit)
         self._emitted_chars = 0
+        self._last_begins = 0  # len(text) before the last token was added
         self.stopped = False
 
     def add(self, token_id: int) -> str:
         """Adds one generated token; returns the text now safe to emit (possibly "")."""
+        self._last_begins = len(self.text)
         if self.stopped:
             return ""
         self._ids.append(token_id)
@@ -300,6 +302,14 @@ class IncrementalDetokenizer:
         if self._find_stop(new_text, start):
             return self._emit(len(self.text))
         return self._emit(len(self.text) - self._held_back_chars())
+
+    @property
+    def last_offset(self) -> int:
+        """Where the text of the token added last begins in `text`, in characters: a token holding part of
+        a character begins where that character does (its text is not in `text` yet), and none lies past
+        the end of `text` (a stop string cut it). Bytes that never form a character are told from the start
+        of one only by the token after them: that token begins at the U+FFFD they become."""
+        return min(self._last_begins, len(self.text))
 
     def flush(self) -> str:
         """On finish: everything not yet emitted (a trailing incomplete character is dropped). Text held

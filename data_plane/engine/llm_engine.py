@@ -424,20 +424,25 @@ class LLMEngine:
         text = ""
         reason = None
         is_eos = token_id in self._eos_token_ids
-        if state.detokenizer is not None and not is_eos:
-            text = state.detokenizer.add(token_id)
-        if is_eos or (state.detokenizer is not None and state.detokenizer.stopped):
+        detokenizer = state.detokenizer
+        if detokenizer is not None and not is_eos:
+            text = detokenizer.add(token_id)
+        if is_eos or (detokenizer is not None and detokenizer.stopped):
             reason = "stop"
         elif seq.num_output_tokens >= sampling.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            if state.detokenizer is not None:
-                text += state.detokenizer.flush()
-                if state.detokenizer.stopped:  # a stop string in text held back for an incomplete character
+            if detokenizer is not None:
+                text += detokenizer.flush()
+                if detokenizer.stopped:  # a stop string in text held back for an incomplete character
                     reason = "stop"
             self.scheduler.finish(seq)
             del self._states[seq.request_id]
-        return self._output(state, [token_id], text, [logprob] if sampling.logprobs else None, reason, now)
+        if not sampling.logprobs:
+            return self._output(state, [token_id], text, None, reason, now)
+        # No tokenizer: no text. The end token adds no text: it begins where the text ends.
+        offset = 0 if detokenizer is None else len(detokenizer.text) if is_eos else detokenizer.last_offset
+        return self._output(state, [token_id], text, [logprob], reason, now, text_offsets=[offset])
 
     # -- adapter tiers -----------------------------------------------------------------------------------
 
@@ -682,6 +687,7 @@ class LLMEngine:
         reason: str | None,
         now: float,
         error: Exception | None = None,
+        text_offsets: list[int] | None = None,
     ) -> RequestOutput:
         arrival = state.request.arrival_time
         scheduled = state.scheduled_at if state.scheduled_at is not None else now
@@ -701,6 +707,7 @@ class LLMEngine:
             total_ms=(now - arrival) * 1000,
             cache_tier=state.cache_tier,
             error=error,
+            new_text_offsets=text_offsets,
         )
 
     def shutdown(self) -> None:

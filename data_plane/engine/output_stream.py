@@ -89,4 +89,7 @@ def merge(outputs: list[RequestOutput]) -> RequestOutput:
         new_logprobs=(
             list(chain.from_iterable(out.new_logprobs or () for out in outputs)) if has_logprobs else None
         ),
+        new_text_offsets=(
+            list(chain.from_iterable(out.new_text_offsets or () for out in outputs)) if has_logprobs else None
+        ),
     )

@@ -75,3 +75,7 @@ class RequestOutput:
     error: Exception | None = (
         None  # set when the request failed (e.g. AdapterLoadError); finish_reason "abort"
     )
+    # Parallel to new_logprobs (None when they are): where each new token's text begins in the request's
+    # output text, in characters. A token holding part of a character begins where that character does;
+    # none lies past the text's end (a stop string cuts the text: its tokens begin at most there).
+    new_text_offsets: list[int] | None = None

@@ -105,6 +105,8 @@ class Chunk:
     token_ids: list[int]
     logprobs: list[float]  # parallel to token_ids when asked for, else empty
     finish: Finish | None = None
+    # Parallel to logprobs: where each token's text begins in the output text (RequestOutput's).
+    text_offsets: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -528,6 +530,7 @@ class GenerationService:
                     token_ids=list(out.new_token_ids),
                     logprobs=list(out.new_logprobs or []) if valid.logprobs else [],
                     finish=finish,
+                    text_offsets=list(out.new_text_offsets or []) if valid.logprobs else [],
                 )
                 if out.finished:
                     progress.finish_reason = out.finish_reason or "stop"

@@ -154,6 +154,33 @@ def test_detokenizer_never_emits_a_broken_character(demo_tokenizer):
     assert len(ids) > len(text.split()) and "" in pieces[:-1]
 
 
+@pytest.mark.parametrize("stop", [(), ("\u672c\u8a9e",), ("na",)])
+def test_each_tokens_offset_places_it_in_the_text_a_split_character_where_it_begins(demo_tokenizer, stop):
+    """The completions API's `text_offset`: summing each token's own decoded length counted a character
+    split over three byte tokens as three (one U+FFFD each), so every later offset ran past its token, and
+    the last ones past the text's end."""
+    text = "caf\u00e9 \u65e5\u672c\u8a9e \U0001f642 na\u00efve"
+    ids = demo_tokenizer.encode(text)
+    detok = IncrementalDetokenizer(demo_tokenizer, [], stop)
+    offsets = []
+    for t in ids:
+        detok.add(t)
+        offsets.append(detok.last_offset)
+        if detok.stopped:
+            break
+    detok.flush()
+    out = detok.text
+    assert out == (text[: text.index(stop[0])] if stop else text)
+    assert len(ids) > len(text.split())  # byte tokens split some characters: what this test is about
+    for i in range(len(offsets)):  # each token begins where the characters completed before it end
+        begins = len(demo_tokenizer.decode(ids[:i]).rstrip("\ufffd"))
+        assert offsets[i] == (min(begins, len(out)) if i == len(offsets) - 1 else begins), i
+    assert offsets[-1] <= len(out)  # the token that completed a stop string begins at most at the cut
+    if not stop:
+        assert offsets == sorted(offsets) and offsets[-1] < len(text)
+        assert text[offsets[-1] :] == demo_tokenizer.decode(ids[-1:])
+
+
 def test_detokenizer_holds_back_a_possible_stop_string_prefix(demo_tokenizer):
     ids = demo_tokenizer.encode("one base model stays")
     detok = IncrementalDetokenizer(demo_tokenizer, [], ("model stays",))

@@ -3,7 +3,6 @@ as stream chunks, and the error object."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -24,9 +23,8 @@ class Reply:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    text_offsets: list[int] = field(default_factory=list)
     finish: Finish | None = None
-    # Characters of text the stream's chunks have spelled so far: where the next chunk's `text_offset` starts.
-    streamed_chars: int = 0
 
     @property
     def id(self) -> str:
@@ -37,6 +35,7 @@ class Reply:
         self.text.append(chunk.text)
         self.token_ids.extend(chunk.token_ids)
         self.logprobs.extend(chunk.logprobs)
+        self.text_offsets.extend(chunk.text_offsets)
         if chunk.finish is not None:
             self.finish = chunk.finish
 
@@ -44,7 +43,16 @@ class Reply:
         """The non-streamed object; `spell_token(id)` gives a token's (text, own bytes) for the logprobs."""
         text = "".join(self.text)
         logprobs = (
-            _logprobs(self.chat, self.token_ids, self.logprobs, spell_token, 0) if with_logprobs else None
+            # A token of a stop string the text was cut at may have begun past the cut: at most there.
+            _logprobs(
+                self.chat,
+                self.token_ids,
+                self.logprobs,
+                [min(o, len(text)) for o in self.text_offsets],
+                spell_token,
+            )
+            if with_logprobs
+            else None
         )
         choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason(self.finish)}
         if self.chat:
@@ -57,9 +65,7 @@ class Reply:
         """The stream chunk of one generation chunk."""
         logprobs = None
         if with_logprobs:
-            logprobs = _logprobs(self.chat, chunk.token_ids, chunk.logprobs, spell_token, self.streamed_chars)
-            if not self.chat:
-                self.streamed_chars += sum(len(spell_token(t)[0]) for t in chunk.token_ids)
+            logprobs = _logprobs(self.chat, chunk.token_ids, chunk.logprobs, chunk.text_offsets, spell_token)
         choice: dict = {"index": 0, "logprobs": logprobs, "finish_reason": None}
         if chunk.finish is not None:
             choice["finish_reason"] = finish_reason(chunk.finish)
@@ -106,12 +112,13 @@ def error_object(message: str, kind: str, param: str | None, code: str | None) -
 
 
 def _logprobs(
-    chat: bool, token_ids: list[int], logprobs: list[float], spell_token, first_offset: int
+    chat: bool, token_ids: list[int], logprobs: list[float], text_offsets: list[int], spell_token
 ) -> dict:
     """Chat's `content` (each token's text and its own bytes: a token holding part of a character has
     those bytes, its text U+FFFD) or the legacy object, whose `tokens` spell such a token as OpenAI's
     legacy API does, `bytes:\\xNN...`, and whose `text_offset` places each token in the completion's text
-    by the lengths of the tokens before it (from `first_offset`), as vLLM counts them."""
+    (the engine's `text_offsets`: a token holding part of a character begins where that character
+    does, so that every offset lies within the text)."""
     spelled = [spell_token(t) for t in token_ids]
     if chat:
         return {
@@ -123,9 +130,12 @@ def _logprobs(
     tokens = [
         text if _is_utf8(data) else "bytes:" + "".join(f"\\x{b:02x}" for b in data) for text, data in spelled
     ]
-    lengths = [len(text) for text, _ in spelled[:-1]]
-    offsets = list(itertools.accumulate(lengths, initial=first_offset))[: len(spelled)]
-    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": list(logprobs),
+        "top_logprobs": None,
+        "text_offset": list(text_offsets),
+    }
 
 
 def _is_utf8(data: bytes) -> bool:

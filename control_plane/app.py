@@ -198,7 +198,10 @@ class ControlPlane:
                 replacing = registry.ready_key(s, plan.tenant_id, header.name)
                 for content in sorted({sha256} | ({replacing.sha256} if replacing else set())):
                     lock_artifact(s, content)
-                created = self.store.publish(directory, sha256)
+                # Whether the tenant's own adapters already use this content: only then may the upload
+                # read (and take the time to check) the stored copy, or report it as deduplicated.
+                already_own = registry.tenant_holds(s, plan.tenant_id, sha256)
+                created = self.store.publish(directory, sha256, check_stored=already_own)
                 self._upload_stage("published", plan, sha256)
                 tenant = s.get(Tenant, plan.tenant_id)
                 base_model = workers.base_model(s, plan.base_model.name)
@@ -210,7 +213,6 @@ class ControlPlane:
                 if header.visibility == VISIBILITY_PUBLIC:
                     registry.lock_public_name(s, header.name)
                     registry.check_public_name_free(s, tenant.id, header.name, header.visibility)
-                already_own = registry.tenant_holds(s, tenant.id, sha256)
                 was = registry.named_terms(s, tenant.id, header.name)
                 _check_royalty_not_raised(was, header)  # again, row locked: uploads of the name may race
                 owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)

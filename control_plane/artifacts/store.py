@@ -4,7 +4,13 @@ Files can still change on disk after they were written (a bad disk, an operator'
 is checked against its digest before it is first served (again whenever its files' size or mtime change):
 a damaged one is logged and refused with DATA_LOSS, never streamed to a worker that would only refuse it
 in turn. An upload of the same content repairs it: publish checks the copy in place and replaces it when
-it no longer matches, instead of keeping it as "already stored"."""
+it no longer matches, instead of keeping it as "already stored".
+
+Content is stored once whoever uploads it, but how long an upload or a fetch takes must not tell a tenant
+that someone else holds (or serves) the same bytes: an upload of content the uploader does not hold yet
+puts its own verified files in place without reading the stored copy (a digest of it made such an upload
+slower than one of new bytes), and every publish records its files as verified, so a tenant's first fetch
+after its upload never skips (or pays for) a digest because of another tenant's fetches."""
 
 from __future__ import annotations
 
@@ -60,14 +66,24 @@ class ArtifactStore:
             raise InvalidArgument("must be 64 lowercase hex digits", field="sha256")
         return self.root / sha256
 
-    def publish(self, directory: Path, sha256: str) -> bool:
-        """Moves a validated upload to its content address; returns False (and drops the upload) when
-        identical content is already stored."""
+    def publish(self, directory: Path, sha256: str, check_stored: bool = True) -> bool:
+        """Moves a validated upload (`directory`, whose files digest to `sha256`) to its content address;
+        returns False (and drops the upload) when identical content is already stored. `check_stored`
+        False: the uploader does not hold this content, so a stored copy is not read (its digest would
+        take as long as the content is large, telling the uploader that someone stored it): the upload's
+        files take its place, the same bytes, which also repairs a damaged copy."""
         target = self.path_of(sha256)
+        if target.is_dir() and not check_stored:
+            for name in ARTIFACT_FILES:  # one rename each, as a new upload's one: a reader sees either copy
+                os.replace(directory / name, target / name)
+            shutil.rmtree(directory, ignore_errors=True)
+            self._remember(sha256, target)
+            return False
         if target.is_dir():
             actual = self._digest(target)
             if actual == sha256:
                 shutil.rmtree(directory, ignore_errors=True)
+                self._remember(sha256, target)
                 return False
             log.error(
                 "stored artifact %s no longer matches its digest (%s): replaced by this upload of it",
@@ -86,6 +102,7 @@ class ArtifactStore:
                 shutil.rmtree(directory, ignore_errors=True)
                 return False
             raise
+        self._remember(sha256, target)
         return True
 
     def remove(self, sha256: str) -> None:
@@ -120,6 +137,18 @@ class ArtifactStore:
             return digest_dir(directory)
         except FileNotFoundError:
             return "missing files"
+
+    def _remember(self, sha256: str, directory: Path) -> None:
+        """Records the files of `directory`, known to digest to `sha256`, as verified."""
+        try:
+            signature = tuple(
+                (stat.st_size, stat.st_mtime_ns)
+                for stat in (os.stat(directory / name) for name in sorted(ARTIFACT_FILES))
+            )
+        except FileNotFoundError:
+            return
+        with self._verified_lock:
+            self._verified[sha256] = signature
 
     def _forget(self, sha256: str) -> None:
         with self._verified_lock:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
 from openlora.artifact import digest_dir
-from openlora.v1 import admin_pb2
+from openlora.v1 import admin_pb2, worker_pb2
 
 BASE = "tiny-llama"
 
@@ -74,6 +76,50 @@ def test_an_upload_never_tells_that_another_tenant_holds_the_same_content(cp, ad
     assert again.deduplicated  # against beta's own copy
     stored = [p for p in (cp.config.state_dir / "artifacts").iterdir() if p.name == mine.adapter.sha256]
     assert len(stored) == 1
+
+
+def _fetch(cp, sha256: str) -> bytes:
+    chunks = cp.worker_stub().FetchArtifact(
+        worker_pb2.FetchArtifactRequest(sha256=sha256), metadata=cp.worker_metadata()
+    )
+    return b"".join(chunk.data for chunk in chunks)
+
+
+def test_neither_an_upload_nor_its_first_fetch_takes_longer_when_another_tenant_holds_the_bytes(
+    cp, adapter_copy, monkeypatch
+) -> None:
+    """Content is stored once, so the store reads its copy only for content the uploader holds itself: a
+    digest of the stored copy (seconds for a large adapter) made an upload of another tenant's private
+    bytes slower than one of new bytes, and a fetch after it skipped the digest its first fetch of new
+    bytes paid once another tenant's worker had fetched them. Both told the uploader that someone holds,
+    and serves, those weights."""
+    with cp.admin() as admin:
+        keys = {}
+        for name in ("timing-owner", "timing-prober"):
+            admin.create_tenant(name)
+            keys[name] = admin.create_api_key(name, admin=True).secret
+    held, fresh = adapter_copy("a"), adapter_copy("b")
+    for path, alpha in ((held, 29), (fresh, 30)):  # content nobody else in this module has
+        config = path / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "lora_alpha": alpha}))
+    with cp.admin(keys["timing-owner"]) as owner:
+        secret = owner.upload_adapter(held, name="secret", base_model=BASE).adapter.sha256
+    _fetch(cp, secret)  # the owner's worker fetched it: the store has checked its copy
+    store = cp.running.app.store
+    digests = []
+    digest = store._digest
+    monkeypatch.setattr(
+        store, "_digest", lambda directory: digests.append(directory.name) or digest(directory)
+    )
+    with cp.admin(keys["timing-prober"]) as prober:
+        for path in (held, fresh):
+            sha256 = prober.upload_adapter(path, name=f"probe-{path.name}", base_model=BASE).adapter.sha256
+            assert _fetch(cp, sha256)
+    assert digests == []  # the same work for bytes another tenant holds as for new bytes
+    assert digest_dir(cp.config.state_dir / "artifacts" / secret) == secret
+    with cp.admin(keys["timing-owner"]) as owner:  # its own content: checked (and repaired) in place
+        assert owner.upload_adapter(held, name="secret-again", base_model=BASE).deduplicated
+    assert digests == [secret]
 
 
 def test_reupload_replaces_the_artifact_under_the_same_id(cp, tenants, adapters_root) -> None:

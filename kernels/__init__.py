@@ -34,6 +34,7 @@ __all__ = [
     "reference",
     "sgmv_expand",
     "sgmv_shrink",
+    "triton_runs_on",
     "use_triton",
 ]
 
@@ -49,6 +50,19 @@ def kernel_choice() -> str:
     if choice not in _CHOICES:
         raise ValueError(f"OPENLORA_KERNELS must be one of {_CHOICES}, got {choice!r}")
     return choice
+
+
+def triton_runs_on(device: str) -> bool:
+    """Whether the Triton kernels can run on ``device`` ("cpu", "cuda" or "cuda:N"): on CUDA, or on the CPU
+    under Triton's interpreter (``TRITON_INTERPRET=1``, as the tests run them). Elsewhere their first
+    launch fails (Triton finds no driver)."""
+    if device.startswith("cuda"):
+        return True
+    try:
+        from triton import knobs
+    except ImportError:
+        return False
+    return bool(knobs.runtime.interpret)
 
 
 def use_triton(device: torch.device) -> bool:

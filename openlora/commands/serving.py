@@ -291,9 +291,14 @@ def worker_config_from_args(args: argparse.Namespace):
         raise ValueError("--model (or OPENLORA_MODEL) is required")
     if (problem := device_problem(args.device) or cuda_problem(args.device)) is not None:
         raise ValueError(f"device {problem}")  # exit 2: restarting a worker would not help
-    from kernels import kernel_choice
+    from kernels import kernel_choice, triton_runs_on
 
-    kernel_choice()  # a bad OPENLORA_KERNELS stops the worker here, not every request it would serve
+    # A bad OPENLORA_KERNELS stops the worker here, not every request it would serve.
+    if kernel_choice() == "triton" and not triton_runs_on(args.device):
+        raise ValueError(
+            f"OPENLORA_KERNELS=triton needs --device cuda: on {args.device!r} the Triton kernels run only "
+            "under Triton's interpreter (TRITON_INTERPRET=1)"
+        )
     return WorkerConfig(
         model_dir=Path(args.model),
         model_name=args.model_name,

@@ -119,6 +119,23 @@ def test_worker_refuses_an_unknown_kernel_choice_before_starting(tmp_path, monke
     )
 
 
+def test_worker_refuses_triton_kernels_forced_on_the_cpu_before_starting(tmp_path, monkeypatch, capsys):
+    """Without Triton's interpreter no Triton kernel runs on the CPU: the worker started, said SERVING and
+    answered every request INTERNAL ("0 active drivers")."""
+    message = "OPENLORA_KERNELS=triton needs --device cuda: on 'cpu' the Triton kernels run only under"
+    env = {"OPENLORA_KERNELS": "triton", "TRITON_INTERPRET": "0"}
+    assert_refused_before_start(
+        "worker", tmp_path, monkeypatch, capsys, [], env, message, ["OPENLORA_QUANTIZE"]
+    )
+
+
+def test_triton_kernels_are_taken_on_the_cpu_under_tritons_interpreter(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENLORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    config = worker_config_from_args(_parse(["worker", "--model", str(tmp_path), *REQUIRED]))
+    assert config.engine.device == "cpu"
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [

@@ -164,6 +164,15 @@ def test_chat_tokens_and_logprobs_equal_grpc_on_the_rendered_template(system, ht
     assert chat.choices[0].message.role == "assistant"
     assert [c.token for c in chat.choices[0].logprobs.content] == _spelled(system, token_ids)
     assert [c.logprob for c in chat.choices[0].logprobs.content] == pytest.approx(logprobs, abs=1e-6)
+    with_kwargs = _client(
+        http_worker, key
+    ).chat.completions.create(  # vLLM's extension, as its clients send it
+        model="ad1",
+        messages=[{"role": "user", "content": "the quick brown fox"}],
+        max_completion_tokens=10,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},  # a variable this template ignores
+    )
+    assert with_kwargs.choices[0].message.content == text
 
 
 def test_streamed_completion_and_chat_equal_the_whole_ones(http_worker, tenant):

@@ -511,3 +511,68 @@ def test_a_whole_float_is_an_integer_only_while_a_double_holds_every_integer(sig
     with pytest.raises(BodyError) as refused:
         parse_completion(_completion(seed=float(largest + sign)))
     assert refused.value.param == "seed"
+
+
+# Qwen3's way of switching its reasoning off: its template reads `enable_thinking`.
+_THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}{{ style | default('') }}{{ eos_token }}"
+)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"enable_thinking": False}, {"enable_thinking": True, "style": ["a", 1.5]}, {"eos_token": "E"}],
+)
+def test_chat_template_kwargs_reach_the_template_as_transformers_passes_them(tmp_path, kwargs):
+    """vLLM's `chat_template_kwargs` (how a Qwen3 caller turns its thinking off) was refused as an unknown
+    field; it renders as transformers' `apply_chat_template(messages, **kwargs)` does."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "</s>": 2}, unk_token="[UNK]"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = _THINKING_TEMPLATE
+    tokenizer.save_pretrained(tmp_path)
+    body = parse_chat(_chat(chat_template_kwargs=kwargs))
+    messages = list(body.messages)
+    expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **kwargs
+    )
+    rendered = load_chat_template(tmp_path).render(messages, variables=dict(body.template_kwargs))
+    assert rendered == expected
+    assert ("<think>" in rendered) == (kwargs.get("enable_thinking") is False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "words"),
+    [
+        ([1], "chat_template_kwargs", "a JSON object"),
+        ({"messages": []}, "chat_template_kwargs.messages", "set by the request itself"),
+        (
+            {"add_generation_prompt": False},
+            "chat_template_kwargs.add_generation_prompt",
+            "set by the request",
+        ),
+        ({"not a name": 1}, "chat_template_kwargs", "not a template variable name"),
+        ({f"v{i}": i for i in range(17)}, "chat_template_kwargs", "at most 16"),
+    ],
+)
+def test_chat_template_kwargs_that_no_template_could_read_are_refused_by_name(kwargs, param, words):
+    with pytest.raises(BodyError) as e:
+        parse_chat(_chat(chat_template_kwargs=kwargs))
+    assert e.value.param == param and words in str(e.value)
+
+
+def test_chat_template_kwargs_are_refused_on_completions_and_out_of_range_numbers_in_them():
+    with pytest.raises(BodyError) as e:
+        parse_completion(_completion(chat_template_kwargs={"enable_thinking": False}))
+    assert e.value.param == "chat_template_kwargs"
+    data = _chat().replace(b'"model"', b'"chat_template_kwargs": {"x": [1e400]}, "model"')
+    with pytest.raises(BodyError) as e:
+        parse_chat(data)
+    assert e.value.param == "chat_template_kwargs.x"
+    assert parse_chat(_chat(chat_template_kwargs=None)).template_kwargs == ()

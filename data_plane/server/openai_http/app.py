@@ -472,7 +472,9 @@ def _render_chat(template: ChatTemplate | None, body: Body) -> str:
             "token ids where the model has no tokenizer either)",
         )
     try:
-        return template.render(list(body.messages), add_generation_prompt=True)
+        return template.render(
+            list(body.messages), add_generation_prompt=True, variables=dict(body.template_kwargs)
+        )
     except ChatTemplateError as error:
         raise BodyError("messages", str(error)) from None
 

@@ -91,12 +91,19 @@ class ChatTemplate:
                 tokens[name] = value
         self._tokens = tokens
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text of `messages` ({"role", "content"} each)."""
+    def render(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        variables: dict | None = None,
+    ) -> str:
+        """The prompt text of `messages` ({"role", "content"} each); `variables`: the request's own template
+        variables (`chat_template_kwargs`), over the special tokens as transformers lays its kwargs over them."""
         try:
             text = self._template.render(
                 {
                     **self._tokens,
+                    **(variables or {}),
                     "messages": messages,
                     "tools": None,
                     "documents": None,

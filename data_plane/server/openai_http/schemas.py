@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -75,7 +76,14 @@ _COMMON = {
     *(_NEUTRAL.keys() - _COMPLETION_ONLY - _CHAT_ONLY),
 }  # fmt: skip
 _COMPLETION_FIELDS = _COMMON | {"prompt"} | _COMPLETION_ONLY
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"} | _CHAT_ONLY
+_CHAT_FIELDS = (
+    _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs"} | _CHAT_ONLY
+)
+# chat_template_kwargs: extra variables of the chat template (vLLM's extension; Qwen3's `enable_thinking`).
+# The names the template gets from the body's own fields, or that no template could read, are refused.
+MAX_TEMPLATE_KWARGS = 16
+_TEMPLATE_KWARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}", re.ASCII)
+_TEMPLATE_OWN_NAMES = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 # check_request's field names -> the body's.
 _RENAMED = {"sampling.": "", "prompt_token_ids": "prompt", "request_id": "X-Request-Id", "adapter": "model"}
 
@@ -115,6 +123,8 @@ class Body:
     majority_sign_method: str = ""  # TIES sign election: "total" or "frequency"
     combine: str = ""  # ENSEMBLE: "probs" or "logprobs"
     max_tokens_name: str = "max_tokens"  # chat: "max_completion_tokens" when the body named it so
+    # chat: chat_template_kwargs, (name, JSON value) each, in the body's order
+    template_kwargs: tuple[tuple[str, object], ...] = ()
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -169,7 +179,35 @@ def parse_chat(data: bytes, max_tokens_limit: int = _INT32_MAX) -> Body:
     body = _body(
         obj, prompt=None, prompt_ids=None, messages=messages, logprobs=logprobs, max_tokens=max_tokens
     )
-    return replace(body, max_tokens_name=name)
+    return replace(body, max_tokens_name=name, template_kwargs=_template_kwargs(obj))
+
+
+def _template_kwargs(obj: JsonObject) -> tuple[tuple[str, object], ...]:
+    """`chat_template_kwargs`: variables handed to the chat template beside the messages, as vLLM hands
+    them (`{"enable_thinking": false}` for Qwen3's template); a template that reads none ignores them."""
+    kwargs = obj.get_object("chat_template_kwargs")
+    if len(kwargs.data) > MAX_TEMPLATE_KWARGS:
+        raise BodyError("chat_template_kwargs", f"must name at most {MAX_TEMPLATE_KWARGS} variables")
+    for key in kwargs.data:
+        if not _TEMPLATE_KWARG_NAME.fullmatch(key):
+            raise BodyError(
+                "chat_template_kwargs",
+                f"{describe(key)} is not a template variable name ([A-Za-z_][A-Za-z0-9_]*)",
+            )
+        if key in _TEMPLATE_OWN_NAMES:
+            raise BodyError(f"chat_template_kwargs.{key}", "is set by the request itself, not by a variable")
+        if _holds_out_of_range(kwargs.data[key]):
+            raise BodyError(f"chat_template_kwargs.{key}", "holds a number out of range (past float64's)")
+    return tuple(kwargs.data.items())
+
+
+def _holds_out_of_range(value: object) -> bool:
+    """Whether a JSON value holds a number no float or 64-bit int holds (`1e400`) at any depth."""
+    if isinstance(value, OutOfRangeNumber):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_out_of_range(v) for v in value.values())
+    return isinstance(value, list) and any(_holds_out_of_range(v) for v in value)
 
 
 def to_generate_request(

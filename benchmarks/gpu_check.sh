@@ -3,7 +3,8 @@
 # reported and the next one still runs (the summary at the end lists every step's exit status):
 #   1. the kernel tests on CUDA, including the larger @pytest.mark.gpu grid, SGMV and paged attention (180 s);
 #   2. the int8/int4 QuantLinear kernels on CUDA against their references, odd shapes included (90 s);
-#   3. the engine's slot-load ordering on CUDA: loads on the side stream against running forwards (90 s);
+#   3. the engine's slot-load ordering on CUDA: loads on the side stream against running forwards, on a
+#      tiny Llama and a tiny Qwen3 (90 s);
 #   4. benchmarks/attention_bench.py on CUDA: the paged decode attention kernel against the padded
 #      gather + SDPA at 1-256 sequences, short and long contexts, table to stdout and JSON to
 #      benchmarks/results/ (its correctness on CUDA is step 1: tests/kernels/test_paged_attention.py) (90 s);

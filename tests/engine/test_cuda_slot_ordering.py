@@ -115,7 +115,9 @@ def test_slot_overwritten_by_a_load_while_a_forward_reads_it_keeps_that_forward_
         engine.shutdown()
 
 
-def test_engine_reusing_one_slot_across_adapters_matches_each_request_run_alone(tiny_llama):
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen3"])  # Qwen3: q/k norms, head_dim 32 of hidden 64
+def test_engine_reusing_one_slot_across_adapters_matches_each_request_run_alone(which, request):
+    tiny_llama = request.getfixturevalue(which)
     names = ["r4_qv", "r8_all", "r16_rslora", "r64_all"]
     requests = [
         greedy(f"r{i}", [1 + i % 7, 2, 3 + i % 5], [tiny_llama.ref(names[i % len(names)])], max_tokens=8)

@@ -178,7 +178,7 @@ def test_malformed_json_is_a_body_error(data):
         parse_completion(data)
 
 
-def test_content_parts_are_joined_and_other_parts_refused():
+def test_content_parts_are_joined_by_newlines_and_other_parts_refused():
     body = parse_chat(
         json.dumps(
             {
@@ -192,7 +192,7 @@ def test_content_parts_are_joined_and_other_parts_refused():
             }
         ).encode()
     )
-    assert body.messages[0]["content"] == "ab"
+    assert body.messages[0]["content"] == "a\nb"  # as vLLM joins them
     with pytest.raises(BodyError) as refused:
         parse_chat(
             json.dumps(

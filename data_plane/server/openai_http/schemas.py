@@ -431,7 +431,8 @@ def _messages(obj: JsonObject) -> tuple[dict[str, str], ...]:
 
 
 def _content(value: object, where: str) -> str:
-    """A string, or a list of text parts joined."""
+    """A string, or a list of text parts joined by newlines, as vLLM joins them for a template that reads a
+    message's content as a string."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -449,7 +450,7 @@ def _content(value: object, where: str) -> str:
                 if key not in ("type", "text"):
                     raise BodyError(f"{where}[{j}].{key}", "is not supported by this server")
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)
     raise BodyError(where, f"must be a string or a list of text parts, got {describe(value)}")
 
 

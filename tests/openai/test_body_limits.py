@@ -51,7 +51,8 @@ def test_a_million_token_ids_are_refused_without_checking_each(monkeypatch):
     from data_plane.server.openai_http import schemas
 
     calls = []
-    monkeypatch.setattr(schemas, "is_int", lambda v: calls.append(v) or isinstance(v, int))
+    checked = schemas.whole_number
+    monkeypatch.setattr(schemas, "whole_number", lambda v: calls.append(v) or checked(v))
     with pytest.raises(BodyError):
         parse_completion(_completion(prompt=[7] * 1_300_000))
     assert calls == []

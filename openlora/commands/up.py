@@ -312,7 +312,7 @@ def _enabled(hints: dict[str, str]) -> dict[str, str]:
 def _load_secrets(state_dir: Path) -> dict:
     """The secrets of this state dir, made once and kept: `admin_key` (the operator's), `worker_token`,
     and as starts add them `admin_key_shown` (once a ready start printed it) and, per database
-    (`_per_database`), `demo_keys` (by tenant) and `priced_models`."""
+    (`_per_database`, `_seeded_tenants`), `demo_keys` (by tenant), `priced_models` and `seeded_tenants`."""
     path = state_dir / SECRETS_FILE
     if path.exists():
         try:
@@ -345,6 +345,24 @@ def _per_database(keys: dict, name: str, database_url: str | None, empty: list |
     if name in keys:
         by_database.setdefault(database, keys.pop(name))
     return by_database.setdefault(database, empty)
+
+
+def _seeded_tenants(keys: dict, database_url: str | None) -> list:
+    """The tenants this state dir seeded in the database of `database_url`, to update in place. A tenant
+    lives in a database, so a start on another one seeds its tenant there unless it did so before (one
+    list for all databases let a first start on a new database that stopped before its seeding was done,
+    the tenant made, leave that tenant without adapters, mixes or price for good). A record from before
+    it was kept per database (`keys["seeded_tenants"]`) counts in each database for the tenants with a
+    demo key there (the start that seeded a tenant saved its key with it); a database without any record
+    counts the tenants an earlier start made a demo key for there."""
+    by_database = keys.setdefault("seeded_tenants_by_database", {})
+    demo_keys = keys.get("demo_keys_by_database", {})
+    if "seeded_tenants" in keys:
+        seeded_anywhere = dict.fromkeys(keys.pop("seeded_tenants"))
+        for database, tenant_keys in demo_keys.items():
+            by_database.setdefault(database, [t for t in seeded_anywhere if t in tenant_keys])
+    database = _database_identity(database_url)
+    return by_database.setdefault(database, list(demo_keys.get(database, {})))
 
 
 def _database_identity(database_url: str | None) -> str:
@@ -513,14 +531,11 @@ def _run_locked(config: UpConfig) -> int:
         children.insert(0, worker)  # stopped first
         _wait_serving(inference_target, supervisor)
         demo_keys = _per_database(keys, "demo_keys", config.database_url, {})
-        if "seeded_tenants" not in keys:
-            # A state dir from before this record: the tenants an earlier start made a key for were seeded.
-            keys["seeded_tenants"] = list(demo_keys)
+        seeded = _seeded_tenants(keys, config.database_url)
         api_key, created = ensure_tenant(
             admin_target, keys["admin_key"], config.tenant, kept_key=demo_keys.get(config.tenant)
         )
         demo_keys[config.tenant] = api_key
-        seeded = keys["seeded_tenants"]
         if created or config.tenant not in seeded:
             # Only the start that creates the tenant seeds it (or one after a start that stopped before
             # seeding was done): a later start must not undo what the operator and the tenant changed
@@ -534,7 +549,8 @@ def _run_locked(config: UpConfig) -> int:
                     set_demo_price(admin_target, keys["admin_key"], model_dir.name)
                     priced.append(model_dir.name)
                 create_demo_mixes(admin_target, keys["admin_key"], config.tenant)
-            seeded.append(config.tenant)
+            if config.tenant not in seeded:
+                seeded.append(config.tenant)
             _save_secrets(config.state_dir, keys)
         else:
             adapter_names = own_adapter_names(admin_target, api_key, config.tenant, model_dir.name)

@@ -183,7 +183,7 @@ def test_restarts_keep_the_demo_key_and_show_the_operator_key_once(
 
     # A state dir written before `up` recorded what it seeded: it must not seed again either.
     secrets = json.loads(secrets_path.read_text())
-    secrets.pop("seeded_tenants")
+    secrets.pop("seeded_tenants_by_database")
     secrets.pop("priced_models_by_database")
     secrets_path.write_text(json.dumps(secrets))
     after_revoke = _Up(argv, env, tmp_path / "after-revoke.stderr")
@@ -221,6 +221,49 @@ def test_a_start_on_another_database_prices_the_demo_model_there_too(
         finally:
             up.kill()
     assert keys[2] == keys[0] != keys[1]
+
+
+@pytest.mark.slow
+def test_a_first_start_on_another_database_that_stopped_before_seeding_is_seeded_by_the_next(
+    database_url, empty_database_url, redis_url, e2e_model_dir, tmp_path
+):
+    """The state dir recorded the tenants it seeded in one list for every database: once it had seeded
+    `demo` in one, a first start on another that stopped after making the tenant there but before its
+    seeding was done (Ctrl-C, an upload refused) left that tenant with no adapters, mixes or price on
+    every later start, where the same stop on the first database was seeded by the next start."""
+    state_dir = tmp_path / "state"
+    shutil.copytree(e2e_model_dir, state_dir / "demo-model")
+    (state_dir / "demo-model" / ".complete").write_text("ok\n")
+    env = _env(tmp_path)
+    first = _Up(_up_argv(state_dir, database_url, redis_url), env, tmp_path / "first.stderr")
+    try:
+        first.stop()
+    finally:
+        first.kill()
+
+    # An adapter the control plane refuses, pushed after the others: this start makes the tenant on the
+    # second database, then stops before its seeding is done.
+    refused = state_dir / "demo-model" / "adapters" / "zz"
+    shutil.copytree(state_dir / "demo-model" / "adapters" / "ad0", refused)
+    (refused / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    argv = _up_argv(state_dir, empty_database_url, redis_url)
+    stopped = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, cwd=REPO_ROOT)
+    assert stopped.returncode == 1, stopped.stderr[-2000:]
+    assert "ready " not in stopped.stdout
+    shutil.rmtree(refused)
+
+    again = _Up(argv, env, tmp_path / "again.stderr")
+    try:
+        assert _price(empty_database_url, "demo-model") == (
+            DEMO_PROMPT_MICROS_PER_MILLION_TOKENS,
+            DEMO_COMPLETION_MICROS_PER_MILLION_TOKENS,
+        )
+        listed = _cli(env, "adapters", "list", "--api-key", again.fields["key"])
+        assert listed.returncode == 0, listed.stderr
+        assert "ad0" in listed.stdout and "zz" not in listed.stdout
+        again.stop()
+    finally:
+        again.kill()
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,7 @@ METRICS_HOST = "0.0.0.0"  # where the children serve /metrics
 @dataclass(frozen=True)
 class Listener:
     """A fixed port of `up` (0: any free one, or off for metrics): what it is for and the flag of `up`
-    that moves it."""
+    that moves it, with its variable (`make run` passes no flags)."""
 
     port: int
     host: str
@@ -126,19 +126,20 @@ def listeners(config: UpConfig) -> dict[str, Listener]:
             config.admin_port,
             config.host,
             "the control plane's admin API",
-            "--admin-port PORT (or --admin-port 0: any free port)",
+            "--admin-port PORT (or OPENLORA_ADMIN_PORT=PORT, as `make run` takes it; 0: any free port)",
         ),
         "inference": Listener(
             config.port,
             config.host,
             "the worker's gRPC inference API",
-            "--port PORT (or --port 0: any free ports, for it and the HTTP API)",
+            "--port PORT (or OPENLORA_PORT=PORT, as `make run` takes it; 0: any free ports, for it and the HTTP "
+            "API)",
         ),
         "http": Listener(
             config.http_port,
             config.host,
             "the OpenAI-compatible HTTP API",
-            "--http-port PORT (or --http-port 0: any free port)",
+            "--http-port PORT (or OPENLORA_HTTP_PORT=PORT, as `make run` takes it; 0: any free port)",
         ),
         "metrics": Listener(
             config.metrics_port,

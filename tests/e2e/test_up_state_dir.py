@@ -267,16 +267,17 @@ def test_a_first_start_on_another_database_that_stopped_before_seeding_is_seeded
 
 
 @pytest.mark.parametrize(
-    ("flag", "purpose"),
+    ("flag", "variable", "purpose"),
     [
-        ("--admin-port", "the control plane's admin API"),
-        ("--port", "the worker's gRPC inference API"),
-        ("--http-port", "the OpenAI-compatible HTTP API"),
+        ("--admin-port", "OPENLORA_ADMIN_PORT", "the control plane's admin API"),
+        ("--port", "OPENLORA_PORT", "the worker's gRPC inference API"),
+        ("--http-port", "OPENLORA_HTTP_PORT", "the OpenAI-compatible HTTP API"),
     ],
 )
 def test_a_busy_port_is_refused_in_one_line_naming_it_and_its_flag(
-    database_url, redis_url, tmp_path, flag, purpose
+    database_url, redis_url, tmp_path, flag, variable, purpose
 ):
+    """The line names the variable too: `make run`, the README's way to start, passes no flags."""
     state_dir = tmp_path / "state"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -291,7 +292,7 @@ def test_a_busy_port_is_refused_in_one_line_naming_it_and_its_flag(
     assert line.startswith(
         f"error: port {port} on 127.0.0.1 ({purpose}) cannot be used: Address already in use"
     )
-    assert f"choose another with {flag} PORT" in line
+    assert f"choose another with {flag} PORT (or {variable}=PORT, as `make run` takes it;" in line
     assert not (state_dir / "logs").exists()  # nothing was started
 
 

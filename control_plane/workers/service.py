@@ -16,6 +16,7 @@ from control_plane.workers.models import BaseModelRow, Worker
 from openlora.base_model import BaseModelSpec
 
 MAX_NAME_CHARS = 128
+MAX_NAMES_LISTED = 10  # base models an error names when a request leaves its base model empty
 # The columns of counts and dimensions are 32-bit signed; the wire's uint32 goes up to 2**32 - 1.
 MAX_COUNT = 2**31 - 1
 
@@ -136,6 +137,18 @@ def check_not_a_base_model_name(session: Session, name: str, field: str) -> None
         raise InvalidArgument(f"{name!r} is the name of a base model; choose another", field=field)
 
 
+def _registered_names(session: Session) -> str:
+    """What to name instead of an empty base model: the registered ones (the first MAX_NAMES_LISTED by
+    name), or that a worker must register one first."""
+    names = list(
+        session.scalars(select(BaseModelRow.name).order_by(BaseModelRow.name).limit(MAX_NAMES_LISTED + 1))
+    )
+    if not names:
+        return "none is (a worker serving it must register first)"
+    listed = ", ".join(repr(n) for n in names[:MAX_NAMES_LISTED])
+    return f"name one of {listed}{', ...' if len(names) > MAX_NAMES_LISTED else ''}"
+
+
 def base_model(session: Session, name: str) -> BaseModelRow:
     """A registered base model by name; FAILED_PRECONDITION naming `base_model` when no worker brought it.
     An empty name means the only registered one, when there is exactly one."""
@@ -143,7 +156,8 @@ def base_model(session: Session, name: str) -> BaseModelRow:
         only = list(session.scalars(select(BaseModelRow).limit(2)))
         if len(only) != 1:
             raise InvalidArgument(
-                "required when not exactly one base model is registered", field="base_model"
+                f"required when not exactly one base model is registered: {_registered_names(session)}",
+                field="base_model",
             )
         return only[0]
     row = session.get(BaseModelRow, check_text(name, "base_model", MAX_NAME_CHARS))

@@ -8,7 +8,10 @@ import grpc
 import pytest
 
 from openlora.artifact import digest_dir
+from openlora.base_model import BaseModelSpec
 from openlora.v1 import admin_pb2, worker_pb2
+
+from .conftest import register_worker, tiny_llama_dict
 
 BASE = "tiny-llama"
 
@@ -181,3 +184,16 @@ def test_deleted_adapter_is_gone_and_only_its_owner_may_delete(cp, tenants, adap
         assert (
             alpha.upload_adapter(adapters_root / "b", name="doomed", base_model=BASE).adapter.id == deleted.id
         )
+
+
+def test_an_upload_without_base_model_among_several_names_the_registered_ones(cp, tenants, adapters_root):
+    """`openlora adapters push` without --base-model after a second base model was registered (an `up
+    --model DIR` once) said only that the field is required; it now names what to choose from."""
+    register_worker(cp, BaseModelSpec.from_hf_config(tiny_llama_dict(), "other-llama"), worker_id="other")
+    with cp.admin(tenants["alpha"]) as alpha, pytest.raises(grpc.RpcError) as excinfo:
+        alpha.upload_adapter(adapters_root / "a", name="no-base", base_model="")
+    assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert excinfo.value.details() == (
+        f"base_model: required when not exactly one base model is registered: name one of "
+        f"'other-llama', '{BASE}'"
+    )

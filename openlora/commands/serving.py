@@ -148,7 +148,7 @@ def _add_worker(subparsers) -> None:
         "--kv-cache-bytes",
         type=_int,
         default=_env_number("KV_CACHE_BYTES", None),
-        help="KV cache size (OPENLORA_KV_CACHE_BYTES)",
+        help="the paged KV cache's size in bytes (OPENLORA_KV_CACHE_BYTES; default 256 MiB)",
     )
     p.add_argument(
         "--num-kv-blocks",
@@ -191,7 +191,7 @@ def _add_worker(subparsers) -> None:
         "--max-connections",
         type=_int,
         default=_env_number("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
-        help="gRPC connections held at once (OPENLORA_MAX_CONNECTIONS)",
+        help=f"gRPC connections held at once (OPENLORA_MAX_CONNECTIONS; default {DEFAULT_MAX_CONNECTIONS})",
     )
     p.add_argument(
         "--max-pending-merges-per-tenant",
@@ -651,7 +651,9 @@ def _add_up(subparsers) -> None:
         default=_env("DEVICE", "cpu"),
         help="the worker's device: cpu, cuda or cuda:N (OPENLORA_DEVICE; default cpu)",
     )
-    p.add_argument("--tenant", default=_env("TENANT", "demo"), help="the demo tenant (OPENLORA_TENANT)")
+    p.add_argument(
+        "--tenant", default=_env("TENANT", "demo"), help="the demo tenant (OPENLORA_TENANT; default demo)"
+    )
     p.add_argument("--context", default=None, help="context file; default OPENLORA_CONTEXT or XDG path")
     p.add_argument(
         "--drain-grace-s",

@@ -527,6 +527,29 @@ def context_key_hint(environ: Mapping[str, str]) -> str:
     )
 
 
+ADMIN_KEY_OVER_CONTEXT_NOTE = (
+    "note: OPENLORA_ADMIN_KEY is set, so this command runs with the operator key, not the context file's key "
+    "(its own tenant's adapters, usage and mixes are the operator's); unset it, or pass --api-key / "
+    "OPENLORA_API_KEY, to act as the context file's tenant"
+)
+
+
+def _admin_key_over_context(
+    key_flag: str | None, environ: Mapping[str, str], context: Mapping[str, str]
+) -> bool:
+    """Whether an exported OPENLORA_ADMIN_KEY is sent where the context file names another key: an operator
+    who also ran `up` in that shell saw the operator tenant's (empty) lists without a word of why."""
+    admin_key = environ.get("OPENLORA_ADMIN_KEY")
+    own_key = context.get("api_key")
+    return bool(
+        not key_flag
+        and not environ.get("OPENLORA_API_KEY")
+        and admin_key
+        and own_key
+        and own_key != admin_key
+    )
+
+
 UNREACHABLE_HINT = (
     "hint: nothing answers at that address: is `openlora up` (or the server named by the flags, "
     "OPENLORA_* variables or the context file) running?"
@@ -550,6 +573,8 @@ def _run(argv: list[str] | None, environ: Mapping[str, str] | None) -> int:
         if kind == "admin":
             context = read_context(environ)
             settings = AdminSettings.resolve(args.admin_target, args.api_key, environ, context)
+            if _admin_key_over_context(args.api_key, environ, context):
+                print(ADMIN_KEY_OVER_CONTEXT_NOTE, file=sys.stderr)
             with AdminClient(settings.admin_target, settings.api_key) as client:
                 try:
                     return args.func(client, args)

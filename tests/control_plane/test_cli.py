@@ -89,6 +89,26 @@ def test_context_file_and_environment_fill_missing_flags(capsys, cp, tmp_path: P
         AdminSettings.resolve(None, "k", {}, {})
 
 
+def test_an_exported_admin_key_sent_over_the_context_files_key_is_said(capsys, cp, tmp_path: Path) -> None:
+    """With OPENLORA_ADMIN_KEY exported (to run a control plane) and a context file from `up`, admin commands
+    sent the operator key and listed the operator tenant's (empty) adapters without a word of why."""
+    context = tmp_path / "context.json"
+    context.write_text(json.dumps({"admin_target": cp.target, "api_key": "olk_0123456789ab_" + "c" * 30}))
+    environ = {"OPENLORA_CONTEXT": str(context), "OPENLORA_ADMIN_KEY": cp.admin_key}
+    assert main(["adapters", "list"], environ=environ) == 0
+    assert "note: OPENLORA_ADMIN_KEY is set" in capsys.readouterr().err
+    for quiet in (
+        {**environ, "OPENLORA_API_KEY": cp.admin_key},  # a key chosen for the command
+        {"OPENLORA_CONTEXT": str(context), "OPENLORA_ADMIN_KEY": cp.admin_key, "unused": ""},
+    ):
+        argv = ["adapters", "list"] + (["--api-key", cp.admin_key] if "unused" in quiet else [])
+        assert main(argv, environ=quiet) == 0
+        assert "note:" not in capsys.readouterr().err
+    context.write_text(json.dumps({"admin_target": cp.target, "api_key": cp.admin_key}))  # the same key
+    assert main(["adapters", "list"], environ=environ) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_a_revoked_context_key_is_explained(capsys, cp, tmp_path: Path) -> None:
     """The context file's key revoked (or the file left by another system): the command said only
     'unknown or revoked api key', leaving a newcomer to guess where that key came from."""

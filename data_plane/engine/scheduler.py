@@ -277,12 +277,13 @@ class Scheduler:
                 slots[tenant] += 1
         return preempted
 
-    def _promise(self, unit: list[Sequence]) -> list[tuple[str, int]]:
-        """Takes the references of `unit` on its adapters, admitting absent ones where a slot can be had;
-        returns the (adapter key, slot) loads to start. An ensemble's group is promised whole or not at all:
-        holding some of its adapters while waiting for a slot for the others, two groups could each hold
-        what the other waits for, every slot taken and nothing running, for ever."""
-        if len(unit) > 1 and not self._can_promise_whole(unit):
+    def _promise(self, unit: list[Sequence], admit: bool = True) -> list[tuple[str, int]]:
+        """Takes the references of `unit` on its adapters, admitting absent ones where a slot can be had
+        (none with `admit` False: only adapters already in a slot are taken); returns the (adapter key,
+        slot) loads to start. An ensemble's group is promised whole or not at all: holding some of its
+        adapters while waiting for a slot for the others, two groups could each hold what the other waits
+        for, every slot taken and nothing running, for ever."""
+        if len(unit) > 1 and not self._can_promise_whole(unit, admit):
             for seq in unit:  # a part it still holds (its other adapters' slots were freed) goes back too
                 if seq.holds_adapter and seq.adapter_key is not None:
                     self.adapters.release(seq.adapter_key)
@@ -297,22 +298,24 @@ class Scheduler:
             if key is None or seq.holds_adapter or self.adapters.is_retiring(key):
                 continue  # a retiring adapter takes no new reference: wait until it has left its slot
             if self.adapters.state(key) is None:
-                if not self.adapters.can_admit(key):
+                if not admit or not self.adapters.can_admit(key):
                     continue
                 slot, _ = self.adapters.admit(key)
                 loads.append((key, slot))
             self._hold_adapter(seq)
         return loads
 
-    def _can_promise_whole(self, unit: list[Sequence]) -> bool:
+    def _can_promise_whole(self, unit: list[Sequence], admit: bool = True) -> bool:
         """True when every adapter of `unit` that it does not hold yet can be had now: none retiring, and a
-        slot for each absent one that evicts none of the unit's."""
+        slot for each absent one that evicts none of the unit's (none absent when `admit` is False)."""
         keys = {s.adapter_key for s in unit if s.adapter_key is not None and not s.holds_adapter}
         if any(self.adapters.is_retiring(key) for key in keys):
             return False
         absent = [key for key in keys if self.adapters.state(key) is None]
         if not absent:
             return True
+        if not admit:
+            return False
         needed = {s.adapter_key for s in unit if s.adapter_key is not None}
         return len(absent) <= self.adapters.num_admittable(needed)
 
@@ -458,8 +461,14 @@ class Scheduler:
         absent ones; returns the (adapter key, slot) loads to start. Each step does it; the engine also
         does it when a request arrives, so that its adapter's load starts at once."""
         loads, self._promised_loads = self._promised_loads, []
+        reserving = False
         for unit in itertools.islice(self._fair_order(), self.limits.max_num_seqs):
-            loads.extend(self._promise(unit))
+            loads.extend(self._promise(unit, admit=not reserving))
+            # The first group that cannot have its slots whole keeps the slots that free up for itself:
+            # the units after it take adapters already in a slot only. Else a stream of requests for other
+            # absent adapters took each freed slot first, and the group waited as long as they kept coming.
+            if len(unit) > 1 and any(s.adapter_key is not None and not s.holds_adapter for s in unit):
+                reserving = True
         return loads
 
     def _hold_adapter(self, seq: Sequence) -> None:

@@ -239,3 +239,36 @@ def test_a_group_sharing_an_adapter_with_a_running_one_does_not_keep_it_from_the
             sched.add(group[0])
         _run_to_the_end(sched)
         assert all(sched.adapters.refcount(k) == 0 for k in "xyzw"), tenants
+
+
+def test_a_group_waiting_for_slots_keeps_the_freed_ones_from_requests_for_other_absent_adapters():
+    """Promised whole or not at all, a group needing two slots waited for ever while requests for other
+    absent adapters kept coming: each slot that freed went to the next of them first."""
+    sched = _scheduler(slots=2, max_seqs=8, num_blocks=64)
+    for key in ("c", "d"):  # two requests hold both slots, started a step apart: their slots free in turn
+        sched.add(_seq(f"run-{key}", 3, key))
+        batch = sched.schedule()
+        _ready(sched, *(k for k, _ in batch.loads))
+        _advance(batch)
+    group: list[Sequence] = []
+    for key in ("x", "y"):
+        group.append(Sequence("g", [1, 2, 3], 3, key, group=group))
+    sched.add(group[0])
+    arrivals = iter(f"n{i}" for i in range(100))
+    admitted_group_at = None
+    for step in range(40):
+        sched.add(_seq(f"s{step}", 3, next(arrivals)))  # one request for a new adapter every step
+        batch = sched.schedule()
+        for key, _slot in batch.loads:
+            _ready(sched, key)
+        _advance(batch)
+        if any(seq is group[0] for seq in batch.seqs):
+            admitted_group_at = step
+            break
+        for seq in list(sched.running):  # every running request ends after two tokens
+            if seq.is_leader and seq.num_output_tokens >= 2:
+                sched.finish(seq)
+    assert admitted_group_at is not None, "the group never got its two slots"
+    # What waited behind it runs after it, and nothing is left holding anything.
+    _run_to_the_end(sched)
+    assert all(sched.adapters.refcount(k) == 0 for k in ("c", "d", "x", "y"))

@@ -17,7 +17,8 @@ their share is freed the same way (an ensemble's group preempted whole). Capacit
 above their share in the meantime, so a flood cannot take back what was freed while an adapter loads.
 Slot share: with every slot held, a tenant holding fewer than `num_slots // tenants` adapter slots whose
 waiting request needs an absent adapter gets the slot of one held only by tenants holding more than that
-(its running holders preempted, an ensemble's group whole), promised to it at once (`_share_slots`).
+(its running holders preempted, an ensemble's group whole), promised to it at once (`_share_slots`); a
+waiting ensemble's group gets the slots of all its absent adapters at once, within that share, or none.
 Adapter slots are promised to waiting work in the same fair order. The step's token budget is shared the
 same way: while the first waiting unit in fair order could run, the running prefill chunks of tenants
 running more units than its tenant leave its first chunk room in the step (at most half the budget), so a
@@ -39,7 +40,6 @@ in `waiting` and in `running`, in member order.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -213,13 +213,18 @@ class Scheduler:
         free = self.limits.max_num_seqs - len(self.running)
         preempted: list[Sequence] = []
         for unit in list(self._below_share_units(share, running)):
-            for seq in unit:
-                if self._waits_for_a_slot(seq):
-                    freed, _ = self._free_a_slot(
-                        running, functools.partial(self._above_share, share, running)
-                    )
-                    free += len(freed)
-                    preempted.extend(freed)
+            _, wanted = self._slots_wanted(unit)
+            if wanted:
+                freed, _ = self._free_slots(
+                    wanted,
+                    self._adapter_keys(unit),
+                    running,
+                    lambda holder_tenants, _gave, taken: self._above_share(
+                        share, running - taken, holder_tenants
+                    ),
+                )
+                free += len(freed)
+                preempted.extend(freed)
             while free < len(unit):
                 victim = self._newest_unit_above(share, running)
                 if victim is None:
@@ -251,30 +256,32 @@ class Scheduler:
             if tenant in seen:
                 continue
             seen.add(tenant)
-            if slots[tenant] >= slot_share or len(unit) > 1:
-                # An ensemble's group takes no slot this way: it needs its adapters whole (`_promise`),
-                # and two groups taking one slot from each other in turn would reload them for ever.
+            # An ensemble's group takes the slots it needs all at once, the adapters it will hold within its
+            # tenant's share, or none: it is promised them whole (`_promise`).
+            to_hold, wanted = self._slots_wanted(unit)
+            if not wanted or slots[tenant] + to_hold > slot_share:
                 continue
             fits = (
                 running[tenant] + len(unit) <= share
                 or len(self.running) + len(unit) <= self.limits.max_num_seqs
             )
-            if not fits or not any(self._waits_for_a_slot(seq) for seq in unit):
+            if not fits:
                 continue
-            freed, owners = self._free_a_slot(
+            freed, gave = self._free_slots(
+                wanted,
+                self._adapter_keys(unit),
                 running,
-                lambda holder_tenants, taker=tenant: all(
-                    t != taker and slots[t] > slot_share for t in holder_tenants
+                lambda holder_tenants, gave, _taken, taker=tenant: all(
+                    t != taker and slots[t] - gave[t] > slot_share for t in holder_tenants
                 ),
             )
-            for owner in owners:
-                slots[owner] -= 1
+            slots.subtract(gave)
             preempted.extend(freed)
-            if owners:
+            if gave:
                 # Promised now: in fair order the preempted units (now running nothing) could come first
-                # and take the adapter they just gave up back.
+                # and take the adapters they just gave up back.
                 self._promised_loads.extend(self._promise(unit))
-                slots[tenant] += 1
+                slots[tenant] += to_hold
         return preempted
 
     def _promise(self, unit: list[Sequence], admit: bool = True) -> list[tuple[str, int]]:
@@ -316,22 +323,28 @@ class Scheduler:
             return True
         if not admit:
             return False
-        needed = {s.adapter_key for s in unit if s.adapter_key is not None}
-        return len(absent) <= self.adapters.num_admittable(needed)
+        return len(absent) <= self.adapters.num_admittable(self._adapter_keys(unit))
 
     def _slots_held(self) -> Counter[str]:
         """Per tenant, the distinct adapters its sequences hold a reference on (running or promised)."""
         held = {(seq.tenant, seq.adapter_key) for seq in (*self.running, *self.waiting) if seq.holds_adapter}
         return Counter(tenant for tenant, key in held if key is not None)
 
-    def _waits_for_a_slot(self, seq: Sequence) -> bool:
-        key = seq.adapter_key
-        return (
-            key is not None
-            and not seq.holds_adapter
-            and self.adapters.state(key) is None
-            and not self.adapters.can_admit(key)
-        )
+    def _slots_wanted(self, unit: list[Sequence]) -> tuple[int, int]:
+        """(to_hold, wanted): the adapters `unit` does not hold yet, and how many of those in no slot find
+        none that `admit` could hand out now without evicting one of the unit's ((0, 0) when none is absent,
+        or while one is retiring: its slot comes free as its holders finish)."""
+        keys = {s.adapter_key for s in unit if s.adapter_key is not None and not s.holds_adapter}
+        if any(self.adapters.is_retiring(key) for key in keys):
+            return 0, 0
+        absent = sum(1 for key in keys if self.adapters.state(key) is None)
+        if not absent:
+            return 0, 0
+        return len(keys), max(0, absent - self.adapters.num_admittable(self._adapter_keys(unit)))
+
+    @staticmethod
+    def _adapter_keys(unit: list[Sequence]) -> set[str]:
+        return {s.adapter_key for s in unit if s.adapter_key is not None}
 
     def _newest_unit_above(self, share: int, running: Counter[str]) -> list[Sequence] | None:
         """The most recently admitted running unit of the tenant furthest above `share`, or None."""
@@ -345,53 +358,77 @@ class Scheduler:
 
     @staticmethod
     def _above_share(share: int, running: Counter[str], holder_tenants: Counter[str]) -> bool:
-        """The sequence-share rule of `_free_a_slot`: every holder's tenant runs more than `share`, and
+        """The sequence-share rule of `_free_slots`: every holder's tenant runs more than `share`, and
         preempting its running holders (`holder_tenants`: tenant -> running sequences preempted) takes
         none of them below it."""
         return all(running[t] > share and running[t] - n >= share for t, n in holder_tenants.items())
 
-    def _free_a_slot(
-        self, running: Counter[str], may_take: Callable[[Counter[str]], bool]
-    ) -> tuple[list[Sequence], set[str]]:
-        """Frees the slot of a READY adapter whose holders `may_take` allows (called with each holding
-        tenant's count of running sequences that would be preempted, zero for a tenant whose holders all
-        wait), the one with the fewest running holders: its running holders are preempted, an ensemble's
-        whole group with them, and every holder drops its reference, so that the adapter can be evicted.
-        Returns the preempted sequences and the tenants that held the adapter."""
+    def _free_slots(
+        self,
+        count: int,
+        keep: set[str],
+        running: Counter[str],
+        may_take: Callable[[Counter[str], Counter[str], Counter[str]], bool],
+    ) -> tuple[list[Sequence], Counter[str]]:
+        """Frees the slots of `count` READY adapters, none of `keep`, whose holders `may_take` allows, or of
+        none when fewer can be freed (an ensemble's group is promised its slots whole: a part freed for it
+        would go back to the units preempted for it, to be taken again at the next step). One by one, the
+        adapter with the fewest running holders: its running holders are preempted, an ensemble's whole
+        group with them, and every holder drops its reference, so that the adapter can be evicted.
+        `may_take` is called with each holding tenant's count of running sequences that would be preempted
+        (zero for a tenant whose holders all wait), and, per tenant, the slots and the running sequences
+        that the adapters chosen before take from it. Returns the preempted sequences and, per tenant, the
+        adapters it held of those freed."""
         holders: dict[str, list[Sequence]] = {}
         for seq in (*self.running, *self.waiting):
             if seq.holds_adapter and seq.adapter_key is not None:
                 holders.setdefault(seq.adapter_key, []).append(seq)
-        best: tuple[int, int, str] | None = None
-        for key, seqs in holders.items():
-            if self.adapters.refcount(key) != len(seqs) or not self.adapters.is_usable(key):
-                continue  # referenced beyond these sequences, or its slot is being written
-            units = {id(seq.members[0]): seq.members for seq in seqs}.values()
-            preempted_per_tenant = Counter({seq.tenant: 0 for seq in seqs})
-            for unit in units:
-                if unit[0].status is SequenceStatus.RUNNING:
-                    preempted_per_tenant.update(seq.tenant for seq in unit)
-            if not may_take(preempted_per_tenant):
-                continue
-            candidate = (preempted_per_tenant.total(), len(seqs), key)
-            if best is None or candidate < best:
-                best = candidate
-        if best is None:
-            return [], set()
-        key = best[2]
+        chosen: list[str] = []
+        gave: Counter[str] = Counter()
+        taken: Counter[str] = Counter()
+        stopped: set[int] = set()  # ids of the running units that the adapters chosen so far preempt
+        while len(chosen) < count:
+            best: tuple[int, int, str] | None = None
+            best_preempted: Counter[str] = Counter()
+            for key, seqs in holders.items():
+                if (
+                    key in chosen
+                    or key in keep
+                    or self.adapters.refcount(key) != len(seqs)
+                    or not self.adapters.is_usable(key)
+                ):
+                    continue  # chosen, kept, referenced beyond these sequences, or its slot is being written
+                units = {id(seq.members[0]): seq.members for seq in seqs}
+                preempted_per_tenant = Counter({seq.tenant: 0 for seq in seqs})
+                for unit_id, unit in units.items():
+                    if unit[0].status is SequenceStatus.RUNNING and unit_id not in stopped:
+                        preempted_per_tenant.update(seq.tenant for seq in unit)
+                if not may_take(preempted_per_tenant, gave, taken):
+                    continue
+                candidate = (preempted_per_tenant.total(), len(seqs), key)
+                if best is None or candidate < best:
+                    best, best_preempted = candidate, preempted_per_tenant
+            if best is None:
+                return [], Counter()
+            key = best[2]
+            chosen.append(key)
+            gave.update({seq.tenant for seq in holders[key]})
+            taken.update(best_preempted)
+            stopped.update(id(seq.members[0]) for seq in holders[key] if seq.status is SequenceStatus.RUNNING)
         preempted: list[Sequence] = []
-        for unit in {id(seq.members[0]): seq.members for seq in holders[key]}.values():
-            if unit[0].status is SequenceStatus.RUNNING:
-                for seq in unit:
-                    self.running.remove(seq)
-                    running[seq.tenant] -= 1
-                self._preempt_unit(unit)
-                preempted.extend(unit)
-        for seq in holders[key]:
-            if seq.holds_adapter:  # a retiring entry's holder gave it back in _preempt
-                self.adapters.release(key)
-                seq.holds_adapter = False
-        return preempted, {seq.tenant for seq in holders[key]}
+        for key in chosen:
+            for unit in {id(seq.members[0]): seq.members for seq in holders[key]}.values():
+                if unit[0].status is SequenceStatus.RUNNING:
+                    for seq in unit:
+                        self.running.remove(seq)
+                        running[seq.tenant] -= 1
+                    self._preempt_unit(unit)
+                    preempted.extend(unit)
+            for seq in holders[key]:
+                if seq.holds_adapter:  # a retiring entry's holder gave it back in _preempt
+                    self.adapters.release(key)
+                    seq.holds_adapter = False
+        return preempted, gave
 
     def _waiting_units(self) -> list[list[Sequence]]:
         """The waiting sequences as units (a sequence, or a whole group), in queue order."""

@@ -272,3 +272,52 @@ def test_a_group_waiting_for_slots_keeps_the_freed_ones_from_requests_for_other_
     # What waited behind it runs after it, and nothing is left holding anything.
     _run_to_the_end(sched)
     assert all(sched.adapters.refcount(k) == 0 for k in ("c", "d", "x", "y"))
+
+
+def _steps_until_running(sched: Scheduler, request_id: str, max_steps: int = 20) -> int:
+    """Schedules with every load landing at once and nothing finishing; the step at which `request_id`
+    first runs."""
+    for step in range(1, max_steps + 1):
+        batch = sched.schedule()
+        for key, _slot in batch.loads:
+            _ready(sched, key)
+        _units_whole(sched, batch)
+        _advance(batch)
+        if any(seq.request_id == request_id for seq in batch.seqs):
+            return step
+    held = {s.request_id: s.adapter_key for s in sched.waiting if s.holds_adapter}
+    raise AssertionError(f"{request_id} did not run in {max_steps} steps; waiting units holding {held}")
+
+
+def _flood_then_group(max_seqs: int) -> Scheduler:
+    """Four slots, each held by one of another tenant's endless streams; then a group of two absent
+    adapters of a second tenant."""
+    sched = _scheduler(num_blocks=64, slots=4, max_seqs=max_seqs)
+    for i, key in enumerate(["a1", "a2", "a3", "a4"]):
+        sched.add(Sequence(f"flood-{i}", [1, 2, 3], 3, key, tenant="flood"))
+    for _ in range(3):
+        batch = sched.schedule()
+        for key, _slot in batch.loads:
+            _ready(sched, key)
+        _advance(batch)
+    assert len(sched.running) == 4
+    group: list[Sequence] = []
+    for key in ["x", "y"]:
+        group.append(Sequence("group", [1, 2, 3], 3, key, group=group, tenant="victim"))
+    sched.add(group[0])
+    return sched
+
+
+def test_a_group_within_its_slot_share_gets_its_slots_whole_from_a_tenant_holding_every_slot():
+    # Slot share: 4 slots, 2 tenants. The flood runs its share (4 of 8) on 4 adapters, every slot; the
+    # group's two adapters fit its share of 2 slots. It waited for one of the flood's streams to end.
+    sched = _flood_then_group(max_seqs=8)
+    assert _steps_until_running(sched, "group") <= 2
+    assert sum(s.tenant == "flood" for s in sched.running) == 2  # two streams gave up their slots
+
+
+def test_a_group_of_a_tenant_below_its_share_gets_its_slots_whole_from_a_tenant_above_it():
+    # The flood runs 4 of 4 (its share is 2) on 4 adapters: two slots are freed for the group at once. Only
+    # one was, the group could not be promised half, and the preempted stream took its slot back.
+    sched = _flood_then_group(max_seqs=4)
+    assert _steps_until_running(sched, "group") <= 2

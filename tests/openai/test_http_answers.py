@@ -133,3 +133,53 @@ def test_an_unserved_method_or_path_is_answered_as_an_invalid_request(http_worke
     )
     assert slash.status_code == 404  # not a redirect (307) that a client follows or gives up on
     assert slash.json()["error"]["message"] == "no route /v1/completions/"
+
+
+# Llama 3.1's template writes the date it is given (`date_string`) into the system header.
+_DATE_TEMPLATE = (
+    "{% if date_string is not defined %}{% set date_string = '26 Jul 2024' %}{% endif %}"
+    "{{ 'Today Date: ' + date_string + '\\n' }}"
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def test_template_variables_the_template_cannot_use_are_a_400_naming_them(system, tmp_path):
+    """A `chat_template_kwargs` value of a type the template's own code cannot take (a number where it
+    joins text) failed the render with a TypeError: a 500 for something the caller sent."""
+    import json
+
+    from .conftest import start_http_worker
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for item in system.model_dir.iterdir():
+        if item.name != "tokenizer_config.json":
+            (model_dir / item.name).symlink_to(item)
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": _DATE_TEMPLATE, "bos_token": "", "eos_token": ""})
+    )
+    _, _, key = system.new_tenant()
+    running = start_http_worker(system, tmp_path / "worker", model_dir)
+    try:
+        client = openai.OpenAI(base_url=running.base_url, api_key=key, max_retries=0)
+        messages = [{"role": "user", "content": PROMPT}]
+        served = client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=2,
+            extra_body={"chat_template_kwargs": {"date_string": "1 Jan 2025"}},
+        )
+        assert served.usage.prompt_tokens > 0
+        for value in (5, ["a"], {"a": 1}):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(
+                    model="tiny",
+                    messages=messages,
+                    max_tokens=2,
+                    extra_body={"chat_template_kwargs": {"date_string": value}},
+                )
+            assert refused.value.body["param"] == "chat_template_kwargs"
+            assert "template" in refused.value.body["message"]
+    finally:
+        system.loop.run(running.worker.stop(1.0))

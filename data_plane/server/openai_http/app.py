@@ -476,7 +476,7 @@ def _render_chat(template: ChatTemplate | None, body: Body) -> str:
             list(body.messages), add_generation_prompt=True, variables=dict(body.template_kwargs)
         )
     except ChatTemplateError as error:
-        raise BodyError("messages", str(error)) from None
+        raise BodyError(error.field, str(error)) from None
 
 
 def _query_param(request: Request, name: str) -> str | None:

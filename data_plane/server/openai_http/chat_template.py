@@ -64,7 +64,12 @@ def _strftime_now(format: str) -> str:
 
 
 class ChatTemplateError(ValueError):
-    """The model has no chat template, or the template refused the messages."""
+    """The model has no chat template, or the template refused the messages (or the request's variables:
+    `field`)."""
+
+    def __init__(self, message: str, field: str = "messages") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ChatTemplate:
@@ -112,6 +117,13 @@ class ChatTemplate:
             )
         except TemplateError as error:
             raise ChatTemplateError(f"the model's chat template refused the messages: {error}") from None
+        except (TypeError, ValueError, ArithmeticError) as error:
+            # Python's own operation on a value of the wrong type (`'Today: ' + date_string` given a
+            # number), which jinja does not turn into a TemplateError: the request's values, not a fault.
+            raise ChatTemplateError(
+                f"the model's chat template cannot use the values it was given: {error}",
+                "chat_template_kwargs" if variables else "messages",
+            ) from None
         if len(text) > MAX_RENDERED_CHARS:
             raise ChatTemplateError(f"the rendered chat is longer than {MAX_RENDERED_CHARS} characters")
         return text

@@ -170,8 +170,12 @@ class ControlPlaneClient:
         # The cache keys of each api key's answers and, in the order stored, of each tenant's (entries the
         # cache dropped on its own linger here until the tenant's quota or a sweep in `_store` removes
         # them): a forget of one key's answers touches that key's alone instead of scanning the cache
-        # (each NOT_FOUND did).
+        # (each NOT_FOUND did). By the api key's id too: a revocation names the id, and scanning every
+        # answer for it cost the event loop a pass over the cache per revoke hint (a control plane
+        # republishes up to a thousand of them when it starts).
         self._keys_of_api_key: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
+        self._keys_of_api_key_id: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
+        self._api_key_id_of_key: dict[tuple[str, tuple[str, ...]], str] = {}
         self._keys_of_tenant: dict[str, OrderedDict[tuple[str, tuple[str, ...]], None]] = {}
         self._tenant_of_key: dict[tuple[str, tuple[str, ...]], str] = {}
         self._tenant_quota = max(16, int(auth_cache_max_entries * AUTH_CACHE_TENANT_SHARE))
@@ -572,11 +576,10 @@ class ControlPlaneClient:
         self._forgets += 1
         if not api_key_id:
             return 0
-        doomed = [
-            key for key, (_, answer) in list(self._auth_cache.items()) if answer.api_key_id == api_key_id
-        ]
+        doomed = [key for key in self._keys_of_api_key_id.get(api_key_id, ()) if key in self._auth_cache]
+        for key in list(self._keys_of_api_key_id.get(api_key_id, ())):
+            self._drop(key)  # lingering index entries of answers the cache dropped on its own go too
         for key in doomed:
-            self._drop(key)
             self._answered_keys.pop(key[0], None)
         return len(doomed)
 
@@ -639,6 +642,9 @@ class ControlPlaneClient:
         tenant = entry[1].tenant_id
         self._auth_cache[key] = entry
         self._keys_of_api_key.setdefault(key[0], set()).add(key)
+        if entry[1].api_key_id:
+            self._keys_of_api_key_id.setdefault(entry[1].api_key_id, set()).add(key)
+            self._api_key_id_of_key[key] = entry[1].api_key_id
         self._tenant_of_key[key] = tenant
         held = self._keys_of_tenant.setdefault(tenant, OrderedDict())
         held[key] = None
@@ -658,6 +664,12 @@ class ControlPlaneClient:
             keys.discard(key)
             if not keys:
                 del self._keys_of_api_key[key[0]]
+        key_id = self._api_key_id_of_key.pop(key, None)
+        by_id = self._keys_of_api_key_id.get(key_id) if key_id is not None else None
+        if by_id is not None:
+            by_id.discard(key)
+            if not by_id:
+                del self._keys_of_api_key_id[key_id]
         tenant = self._tenant_of_key.pop(key, None)
         held = self._keys_of_tenant.get(tenant) if tenant is not None else None
         if held is not None:

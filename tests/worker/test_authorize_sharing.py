@@ -204,3 +204,43 @@ def test_a_key_answered_for_any_names_is_known_until_it_is_refused_or_revoked(sy
             await client.close()
 
     assert system.loop.run(scenario()) == (False, True, False, False)
+
+
+def test_a_revocation_drops_its_keys_answers_without_reading_the_others(system):
+    """Each revoke hint scanned every cached answer for the revoked key's id: a control plane's start
+    republishes up to a thousand revocations, each a pass over up to ten thousand answers on the worker's
+    event loop. The answers are indexed by key id; the others' stay cached."""
+    _, key_id, key = system.new_tenant()
+    other = system.new_tenant()[2]
+
+    async def scenario():
+        client, counting = _client(system)
+        try:
+            await client.authorize(key, ("ad6",), BASE_MODEL)
+            await client.authorize(key, ("ad7",), BASE_MODEL)
+            await client.authorize(other, ("ad6",), BASE_MODEL)
+            cache = client._auth_cache
+
+            class Unread(type(cache)):
+                def items(self):
+                    raise AssertionError("the whole cache was read")
+
+                def values(self):
+                    raise AssertionError("the whole cache was read")
+
+                def __iter__(self):
+                    raise AssertionError("the whole cache was read")
+
+            cache.__class__ = Unread
+            try:
+                dropped = client.forget_api_key_id(key_id)
+            finally:
+                cache.__class__ = Unread.__mro__[1]
+            calls = counting.authorize_calls
+            await client.authorize(other, ("ad6",), BASE_MODEL)  # still cached
+            await client.authorize(key, ("ad6",), BASE_MODEL)  # asked again
+            return dropped, counting.authorize_calls - calls, client.knows_key(key), client.knows_key(other)
+        finally:
+            await client.close()
+
+    assert system.loop.run(scenario()) == (2, 1, True, True)

@@ -136,6 +136,16 @@ class _KeyCall:
     revoked: bool = False  # the key was revoked before it reached the engine: it ends there
 
 
+@dataclass
+class _Reservation:
+    """How long the control plane holds a stream's client request id for it. A stream hands over a chunk
+    only while it holds its id: a worker paused (SIGSTOP, a stalled loop) past `until` may find the id
+    served by another worker since, and its chunks would be a second answer billed once."""
+
+    until: float | None = None  # time.monotonic() the reservation lapses at; None: not reserved
+    lost: ControlPlaneError | None = None  # a renewal found the id taken: the stream ends on it
+
+
 class GenerationService:
     def __init__(
         self,
@@ -333,8 +343,9 @@ class GenerationService:
         # under a burst): it runs beside tokenizing, resolving the adapters, and the request's queueing and
         # prefill in the engine; nothing is delivered (so nothing billed) before it answered, and a refusal
         # aborts the engine request.
+        held = _Reservation()
         reservation = (
-            asyncio.ensure_future(self._check_request_id_unused(auth.tenant_id, request_id))
+            asyncio.ensure_future(self._check_request_id_unused(auth.tenant_id, request_id, held))
             if valid.request_id
             else None
         )
@@ -346,7 +357,7 @@ class GenerationService:
         ended = asyncio.Event()
         if reservation is not None:
             renewal = asyncio.ensure_future(
-                self._renew_reservation(auth.tenant_id, request_id, reservation, ended)
+                self._renew_reservation(auth.tenant_id, request_id, reservation, ended, held)
             )
             self._renewals.add(renewal)
             renewal.add_done_callback(self._renewals.discard)
@@ -358,7 +369,7 @@ class GenerationService:
                 _raise_if_failed(await _settled(gate))
                 raise
             # Held on local disk (the disk budget never removes them) until the stream ends.
-            held = [ref.key for ref in adapter_refs]
+            held_keys = [ref.key for ref in adapter_refs]
             try:
                 # Closed here, not by the garbage collector, when the caller stops early: its finally
                 # records the usage at once.
@@ -376,6 +387,7 @@ class GenerationService:
                         whole,
                         gate,
                         call,
+                        held,
                     )
                 ) as chunks:
                     async for chunk in chunks:
@@ -384,10 +396,10 @@ class GenerationService:
                 # These files passed their checks when they were fetched (or at their first use since the
                 # worker started): failing to load now, they changed on this worker's disk. Dropped, so
                 # the next request fetches them afresh instead of failing the same way until removed by hand.
-                self._discard_local(held)
+                self._discard_local(held_keys)
                 raise
             finally:
-                self._release(held)
+                self._release(held_keys)
         finally:
             ended.set()
             self._in_flight.discard(claim)
@@ -449,6 +461,7 @@ class GenerationService:
         whole,
         gate: asyncio.Future | None,
         call: _KeyCall,
+        held: _Reservation,
     ) -> AsyncIterator[Chunk]:
         """The engine part of `generate`: outputs to chunks, delivered counts, the usage record. The first
         chunk waits for `gate` (the key's fresh answer and the request id's reservation, raising a refusal)
@@ -505,6 +518,7 @@ class GenerationService:
                 if gate is not None:
                     _raise_if_failed(await _settled(gate))
                     gate = None
+                await self._hold_request_id(auth.tenant_id, request_id, held)
                 if progress.completion_tokens and self._usage.unspooled_too_long():
                     # The spool has refused this stream's checkpoints: what it sends now a crash would
                     # leave unbilled. It ends here, billed for what it delivered (kept in memory and sent).
@@ -553,7 +567,7 @@ class GenerationService:
             finally:  # after the final record: its last checkpoint stays in the spool until then
                 self._usage.untrack(stream)
 
-    async def _check_request_id_unused(self, tenant_id: str, request_id: str) -> bool:
+    async def _check_request_id_unused(self, tenant_id: str, request_id: str, held: _Reservation) -> bool:
         """Reserves a client request id for this stream at the control plane (atomic across workers);
         refuses one already billed or served elsewhere now: served again, it would be free. Usage still
         in the spool is unknown to the control plane, so the spool is asked first. Returns whether the
@@ -562,6 +576,7 @@ class GenerationService:
         or among its last acknowledged records) stop duplicates then, not an id another worker served."""
         if self._usage.has_recorded(tenant_id, request_id):
             raise RequestIdUsed(request_id)
+        sent_at = time.monotonic()
         try:
             await self._cp.reserve_request_id(
                 tenant_id, request_id, self._state.worker_id, self._reservation_ms
@@ -572,10 +587,42 @@ class GenerationService:
             self._metrics.request_id_unchecked.inc()
             log.warning("request id served unreserved (control plane unavailable): %s", error.message)
             return False
+        held.until = sent_at + self._reservation_ms / 1000
         return True
 
+    async def _hold_request_id(self, tenant_id: str, request_id: str, held: _Reservation) -> None:
+        """Before a chunk is handed over: raises when the stream no longer holds its request id. A renewal
+        found it taken, or the reservation lapsed (the worker was paused past it) and reserving it again is
+        refused: another worker served it meanwhile, or its usage is recorded. A control plane that cannot
+        answer lets the stream go on unreserved, as a call that found it down at its start."""
+        if held.lost is not None:
+            raise held.lost
+        if held.until is None or time.monotonic() < held.until:
+            return
+        sent_at = time.monotonic()
+        try:
+            await self._cp.reserve_request_id(
+                tenant_id, request_id, self._state.worker_id, self._reservation_ms
+            )
+        except ControlPlaneError as error:
+            if error.code == grpc.StatusCode.ALREADY_EXISTS:
+                log.warning(
+                    "request id reservation lapsed and was taken while its stream ran: %s", error.message
+                )
+                held.lost = error
+                raise
+            log.warning("request id reservation lapsed; the stream goes on unreserved: %s", error.message)
+            held.until = None
+            return
+        held.until = sent_at + self._reservation_ms / 1000
+
     async def _renew_reservation(
-        self, tenant_id: str, request_id: str, reservation: asyncio.Future, ended: asyncio.Event
+        self,
+        tenant_id: str,
+        request_id: str,
+        reservation: asyncio.Future,
+        ended: asyncio.Event,
+        held: _Reservation,
     ) -> None:
         """Once `reservation` reserved the id, reserves it again (this worker's own: a renewal) every third
         of its time to live while the stream runs and, once `ended`, while its usage waits in the spool
@@ -591,6 +638,7 @@ class GenerationService:
             await asyncio.sleep(self._reservation_ms / 3000)
             if ended.is_set() and not self._usage.has_pending(tenant_id, request_id):
                 return  # delivered nothing (released), or its usage reached the control plane
+            sent_at = time.monotonic()
             try:
                 await self._cp.reserve_request_id(
                     tenant_id, request_id, self._state.worker_id, self._reservation_ms
@@ -599,8 +647,12 @@ class GenerationService:
                 if error.code == grpc.StatusCode.ALREADY_EXISTS:
                     if not ended.is_set():
                         log.warning("request id reservation lost while its stream runs: %s", error.message)
+                        held.lost = error  # its next chunk ends it
                     return
                 log.warning("request id reservation not renewed (tried again later): %s", error.message)
+                held.until = None  # the control plane is away: the stream goes on unreserved meanwhile
+            else:
+                held.until = sent_at + self._reservation_ms / 1000
 
     def _leave(self, tenant_id: str) -> None:
         """One of the tenant's streams, and the control-plane work it started, ended."""

@@ -345,3 +345,50 @@ def test_a_restarted_worker_frees_the_ids_its_dead_streams_held(system, tmp_path
         assert system.loop.run(reserve("another-worker")) == grpc.StatusCode.OK
     finally:
         system.loop.run(worker.stop(1.0))
+
+
+def test_a_worker_paused_past_its_reservation_ends_a_stream_whose_id_another_worker_then_served(
+    system, spare_worker, tmp_path
+):
+    """A worker paused mid-stream (SIGSTOP, a stall of its event loop) for longer than its request id's
+    reservation: the client's retry on another worker is served, as for a worker that died. When the first
+    worker runs again its stream must end (ALREADY_EXISTS) before it hands over another chunk: it went on
+    to deliver a whole second answer under the id, billed once."""
+    paused = LoopThread()
+    worker = start_worker(
+        paused,
+        system.control_plane.target,
+        system.model_dir,
+        tmp_path / "w",
+        None,
+        request_id_reservation_s=1.0,
+    )
+    try:
+        tenant, _, key = system.new_tenant()
+        request_id = f"paused-{uuid.uuid4().hex}"
+        channel, stub = _stub(f"127.0.0.1:{worker.port}")
+        with channel:
+            stream = stub.Generate(
+                inference_pb2.GenerateRequest(
+                    prompt=PROMPT,
+                    request_id=request_id,
+                    sampling=inference_pb2.SamplingParams(max_tokens=400),
+                ),
+                metadata=(("authorization", f"Bearer {key}"),),
+                timeout=120,
+            )
+            received = len(next(stream).token_ids)
+            paused.loop.call_soon_threadsafe(time.sleep, 3.0)  # the worker stops, as under SIGSTOP
+            time.sleep(1.8)  # its reservation lapses
+            retried = _generate(f"127.0.0.1:{spare_worker.port}", key, prompt=PROMPT, request_id=request_id)
+            assert retried[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+            with pytest.raises(grpc.RpcError) as ended:
+                for response in stream:
+                    received += len(response.token_ids)
+        assert ended.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert received < 400
+        usage = system.wait_usage(tenant, 1)
+        assert usage.total_requests == 1
+    finally:
+        paused.run(worker.stop(0.5))
+        paused.close()

@@ -59,9 +59,13 @@ def triton_runs_on(device: str) -> bool:
     if device.startswith("cuda"):
         return True
     try:
-        from triton import knobs
+        import triton  # noqa: F401
     except ImportError:
         return False
+    try:
+        from triton import knobs
+    except ImportError:  # Triton before 3.4 has no knobs: its interpreter reads the variable itself
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
     return bool(knobs.runtime.interpret)
 
 

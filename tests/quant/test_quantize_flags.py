@@ -136,6 +136,23 @@ def test_triton_kernels_are_taken_on_the_cpu_under_tritons_interpreter(tmp_path,
     assert config.engine.device == "cpu"
 
 
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_a_triton_without_knobs_is_asked_through_its_variable(monkeypatch, interpret):
+    """Triton before 3.4 has no `triton.knobs` (pyproject admits 3.0): its interpreter was taken as off,
+    and triton forced on the CPU refused even under TRITON_INTERPRET=1."""
+    import sys
+
+    import triton
+
+    from kernels import triton_runs_on
+
+    monkeypatch.delattr(triton, "knobs", raising=False)
+    monkeypatch.setitem(sys.modules, "triton.knobs", None)
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert triton_runs_on("cpu") is (interpret == "1")
+    assert triton_runs_on("cuda:0")
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [

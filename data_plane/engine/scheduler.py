@@ -202,8 +202,19 @@ class Scheduler:
                 yield unit
 
     def _reserved(self, share: int, running: Counter[str]) -> int:
-        """Running capacity the waiting units of tenants below their share need."""
-        return sum(len(unit) for unit in self._below_share_units(share, Counter(running)))
+        """Running capacity the waiting units of tenants below their share need. A unit waiting for a slot
+        for an adapter it does not hold keeps none: it cannot run before a slot frees, and the room kept
+        for it kept out the group holding the slots it waits for (above its share: nothing ran, for ever)."""
+        return sum(
+            len(unit)
+            for unit in self._below_share_units(share, Counter(running))
+            if not any(
+                s.adapter_key is not None
+                and not s.holds_adapter
+                and self.adapters.state(s.adapter_key) is None
+                for s in unit
+            )
+        )
 
     def _rebalance(self, share: int) -> list[Sequence]:
         """Preempts (by recompute) the newest running units of the tenants furthest above `share`, so that

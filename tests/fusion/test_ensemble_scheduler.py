@@ -321,3 +321,20 @@ def test_a_group_of_a_tenant_below_its_share_gets_its_slots_whole_from_a_tenant_
     # one was, the group could not be promised half, and the preempted stream took its slot back.
     sched = _flood_then_group(max_seqs=4)
     assert _steps_until_running(sched, "group") <= 2
+
+
+def test_groups_above_their_tenants_share_are_not_kept_out_by_room_for_requests_waiting_on_their_slots():
+    """Two running sequences in all and three tenants: each tenant's share is one, so two groups (two
+    sequences each) hold every slot and run only where no room is kept for tenants below their share. Room
+    was kept for single requests waiting for a slot the groups hold: nothing ran, for ever."""
+    sched = _scheduler(slots=4, max_seqs=2, num_blocks=64)
+    specs = [("a", ["v", "x"]), ("c", ["z", "y"]), ("a", ["w"]), ("c", ["w"]), ("b", ["y"]), ("a", ["v"])]
+    for i, (tenant, keys) in enumerate(specs):
+        group: list[Sequence] = []
+        for key in keys:
+            group.append(
+                Sequence(f"u{i}", [1, 2, 3], 3, key, group=group if len(keys) > 1 else None, tenant=tenant)
+            )
+        sched.add(group[0])
+    _run_to_the_end(sched)
+    assert all(sched.adapters.refcount(k) == 0 for k in "vwxyz")

@@ -162,31 +162,7 @@ def test_revoking_a_key_ends_its_calls_still_preparing(system, hinted_worker, mo
         return await prepare(self, *args, **kwargs)
 
     monkeypatch.setattr(GenerationService, "_prepare", slow_prepare)
-    result: dict = {}
-
-    def call() -> None:
-        with Client(f"127.0.0.1:{hinted_worker.port}", key) as client:
-            try:
-                result["tokens"] = sum(
-                    len(r.token_ids) for r in client.generate_stream("hello", adapter="ad7", max_tokens=50)
-                )
-            except errors.OpenLoRAError as error:
-                result["error"] = error
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    try:
-        assert entered.wait(10)
-        system.admin.revoke_key(key_id)
-        deadline = time.monotonic() + 5
-        while hinted_worker.control_plane.knows_key(key) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not hinted_worker.control_plane.knows_key(key), "the revocation hint did not arrive"
-    finally:
-        go.set()
-        caller.join(30)
-    assert isinstance(result.get("error"), errors.Unauthenticated), result
-    assert "revoked" in str(result["error"])
+    _assert_revoked_while_held(system, hinted_worker, key_id, key, entered, go)
 
 
 def test_revoking_a_key_ends_a_call_whose_authorization_was_answered_before_it(
@@ -214,6 +190,15 @@ def test_revoking_a_key_ends_a_call_whose_authorization_was_answered_before_it(
         return auth
 
     monkeypatch.setattr(GenerationService, "authorize", late_answer)
+    _assert_revoked_while_held(system, hinted_worker, key_id, key, answered, go)
+
+
+def _assert_revoked_while_held(system, hinted_worker, key_id, key, reached, go) -> None:
+    """Calls with `key` on a thread; once the call is `reached` (an Event the test sets where it holds the
+    call), revokes the key and waits for the hint to arrive, then lets the call go on (`go`): it must end
+    UNAUTHENTICATED naming the revocation."""
+    import threading
+
     result: dict = {}
 
     def call() -> None:
@@ -228,7 +213,7 @@ def test_revoking_a_key_ends_a_call_whose_authorization_was_answered_before_it(
     caller = threading.Thread(target=call)
     caller.start()
     try:
-        assert answered.wait(10)
+        assert reached.wait(10)
         system.admin.revoke_key(key_id)
         deadline = time.monotonic() + 5
         while hinted_worker.control_plane.knows_key(key) and time.monotonic() < deadline:

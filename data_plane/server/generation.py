@@ -599,22 +599,30 @@ class GenerationService:
             raise held.lost
         if held.until is None or time.monotonic() < held.until:
             return
+        error = await self._reserve_again(tenant_id, request_id, held)
+        if error is None:
+            return
+        if error.code == grpc.StatusCode.ALREADY_EXISTS:
+            log.warning("request id reservation lapsed and was taken while its stream ran: %s", error.message)
+            held.lost = error
+            raise error
+        log.warning("request id reservation lapsed; the stream goes on unreserved: %s", error.message)
+
+    async def _reserve_again(
+        self, tenant_id: str, request_id: str, held: _Reservation
+    ) -> ControlPlaneError | None:
+        """Reserves the stream's id again (a renewal), recording in `held` until when it holds it (None: not
+        reserved, when the control plane refused or could not answer); returns the refusal, if any."""
         sent_at = time.monotonic()
         try:
             await self._cp.reserve_request_id(
                 tenant_id, request_id, self._state.worker_id, self._reservation_ms
             )
         except ControlPlaneError as error:
-            if error.code == grpc.StatusCode.ALREADY_EXISTS:
-                log.warning(
-                    "request id reservation lapsed and was taken while its stream ran: %s", error.message
-                )
-                held.lost = error
-                raise
-            log.warning("request id reservation lapsed; the stream goes on unreserved: %s", error.message)
             held.until = None
-            return
+            return error
         held.until = sent_at + self._reservation_ms / 1000
+        return None
 
     async def _renew_reservation(
         self,
@@ -638,21 +646,16 @@ class GenerationService:
             await asyncio.sleep(self._reservation_ms / 3000)
             if ended.is_set() and not self._usage.has_pending(tenant_id, request_id):
                 return  # delivered nothing (released), or its usage reached the control plane
-            sent_at = time.monotonic()
-            try:
-                await self._cp.reserve_request_id(
-                    tenant_id, request_id, self._state.worker_id, self._reservation_ms
-                )
-            except ControlPlaneError as error:
-                if error.code == grpc.StatusCode.ALREADY_EXISTS:
-                    if not ended.is_set():
-                        log.warning("request id reservation lost while its stream runs: %s", error.message)
-                        held.lost = error  # its next chunk ends it
-                    return
-                log.warning("request id reservation not renewed (tried again later): %s", error.message)
-                held.until = None  # the control plane is away: the stream goes on unreserved meanwhile
-            else:
-                held.until = sent_at + self._reservation_ms / 1000
+            error = await self._reserve_again(tenant_id, request_id, held)
+            if error is None:
+                continue
+            if error.code == grpc.StatusCode.ALREADY_EXISTS:
+                if not ended.is_set():
+                    log.warning("request id reservation lost while its stream runs: %s", error.message)
+                    held.lost = error  # its next chunk ends it
+                return
+            # The control plane is away: the stream goes on unreserved meanwhile.
+            log.warning("request id reservation not renewed (tried again later): %s", error.message)
 
     def _leave(self, tenant_id: str) -> None:
         """One of the tenant's streams, and the control-plane work it started, ended."""

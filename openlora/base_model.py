@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from openlora.safe_json import JsonFieldError, JsonObject, describe
 
@@ -49,6 +49,22 @@ class Architecture:
 
 
 # The defaults of LlamaConfig, MistralConfig, Qwen2Config and Qwen3Config in transformers 5.
+_QWEN2 = Architecture(
+    class_name="Qwen2ForCausalLM",
+    model_type="qwen2",
+    config_class="Qwen2Config",
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=22016,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=32768,
+    sliding_window=4096,
+    max_window_layers=28,
+    nullable_keys=frozenset({"num_key_value_heads", "sliding_window", "layer_types"}),
+)
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         class_name="LlamaForCausalLM",
@@ -80,36 +96,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         max_window_layers=None,
         nullable_keys=frozenset({"head_dim", "sliding_window"}),
     ),
-    Architecture(
-        class_name="Qwen2ForCausalLM",
-        model_type="qwen2",
-        config_class="Qwen2Config",
-        vocab_size=151936,
-        hidden_size=4096,
-        intermediate_size=22016,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=32768,
-        sliding_window=4096,
-        max_window_layers=28,
-        nullable_keys=frozenset({"num_key_value_heads", "sliding_window", "layer_types"}),
-    ),
-    Architecture(
-        class_name="Qwen3ForCausalLM",
-        model_type="qwen3",
-        config_class="Qwen3Config",
-        vocab_size=151936,
-        hidden_size=4096,
-        intermediate_size=22016,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=32768,
-        sliding_window=4096,
-        max_window_layers=28,
-        nullable_keys=frozenset({"num_key_value_heads", "sliding_window", "layer_types"}),
-        head_dim=128,
+    _QWEN2,
+    # Qwen3Config: Qwen2Config's defaults, and a head_dim of its own (its model adds per-head q/k norms).
+    replace(
+        _QWEN2, class_name="Qwen3ForCausalLM", model_type="qwen3", config_class="Qwen3Config", head_dim=128
     ),
 )
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a.class_name for a in ARCHITECTURES)

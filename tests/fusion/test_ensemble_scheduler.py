@@ -18,10 +18,15 @@ def _seq(request_id: str, num_prompt: int, adapter: str | None = None) -> Sequen
     return Sequence(request_id, list(range(num_prompt)), num_prompt, adapter)
 
 
-def _group(request_id: str, num_prompt: int, adapters: list[str | None]) -> Sequence:
+def _group(request_id: str, num_prompt: int, adapters: list[str | None], tenant: str = "") -> Sequence:
+    """A group's leader (its members share one `group` list); a group of one adapter is a lone sequence."""
+    if len(adapters) == 1:
+        return Sequence(request_id, list(range(num_prompt)), num_prompt, adapters[0], tenant=tenant)
     group: list[Sequence] = []
     for key in adapters:
-        group.append(Sequence(request_id, list(range(num_prompt)), num_prompt, key, group=group))
+        group.append(
+            Sequence(request_id, list(range(num_prompt)), num_prompt, key, group=group, tenant=tenant)
+        )
     return group[0]
 
 
@@ -218,10 +223,7 @@ def test_groups_needing_every_slot_never_hold_a_part_each():
     for tenants in ("aa", "ab"):
         sched = _scheduler(slots=2)
         for i, (members, tenant) in enumerate(zip([["x", "y"], ["z", "w"]], tenants, strict=True)):
-            group: list[Sequence] = []
-            for key in members:
-                group.append(Sequence(f"g{i}", [1, 2, 3], 3, key, group=group, tenant=tenant))
-            sched.add(group[0])
+            sched.add(_group(f"g{i}", 3, members, tenant))
         _run_to_the_end(sched)
         assert all(sched.adapters.refcount(k) == 0 for k in "xyzw"), tenants
 
@@ -233,10 +235,7 @@ def test_a_group_sharing_an_adapter_with_a_running_one_does_not_keep_it_from_the
         sched = _scheduler(slots=2)
         specs = [["x", "y"], ["z", "w"], ["y", "w"]]
         for i, (members, tenant) in enumerate(zip(specs, tenants, strict=True)):
-            group: list[Sequence] = []
-            for key in members:
-                group.append(Sequence(f"g{i}", [1, 2, 3], 3, key, group=group, tenant=tenant))
-            sched.add(group[0])
+            sched.add(_group(f"g{i}", 3, members, tenant))
         _run_to_the_end(sched)
         assert all(sched.adapters.refcount(k) == 0 for k in "xyzw"), tenants
 
@@ -250,9 +249,7 @@ def test_a_group_waiting_for_slots_keeps_the_freed_ones_from_requests_for_other_
         batch = sched.schedule()
         _ready(sched, *(k for k, _ in batch.loads))
         _advance(batch)
-    group: list[Sequence] = []
-    for key in ("x", "y"):
-        group.append(Sequence("g", [1, 2, 3], 3, key, group=group))
+    group = _group("g", 3, ["x", "y"]).members
     sched.add(group[0])
     arrivals = iter(f"n{i}" for i in range(100))
     admitted_group_at = None
@@ -301,10 +298,7 @@ def _flood_then_group(max_seqs: int) -> Scheduler:
             _ready(sched, key)
         _advance(batch)
     assert len(sched.running) == 4
-    group: list[Sequence] = []
-    for key in ["x", "y"]:
-        group.append(Sequence("group", [1, 2, 3], 3, key, group=group, tenant="victim"))
-    sched.add(group[0])
+    sched.add(_group("group", 3, ["x", "y"], "victim"))
     return sched
 
 
@@ -330,12 +324,7 @@ def test_groups_above_their_tenants_share_are_not_kept_out_by_room_for_requests_
     sched = _scheduler(slots=4, max_seqs=2, num_blocks=64)
     specs = [("a", ["v", "x"]), ("c", ["z", "y"]), ("a", ["w"]), ("c", ["w"]), ("b", ["y"]), ("a", ["v"])]
     for i, (tenant, keys) in enumerate(specs):
-        group: list[Sequence] = []
-        for key in keys:
-            group.append(
-                Sequence(f"u{i}", [1, 2, 3], 3, key, group=group if len(keys) > 1 else None, tenant=tenant)
-            )
-        sched.add(group[0])
+        sched.add(_group(f"u{i}", 3, keys, tenant))
     _run_to_the_end(sched)
     assert all(sched.adapters.refcount(k) == 0 for k in "vwxyz")
 
@@ -351,10 +340,7 @@ def test_random_groups_and_solos_of_several_tenants_always_run_to_the_end():
             tenant = rng.choice("abcdefg")
             if rng.random() < 0.4:  # a group fits the slots and the running set, as the engine checks
                 keys = rng.sample(["v", "w", "x", "y", "z"], rng.randint(2, min(slots, max_seqs, 3)))
-                group: list[Sequence] = []
-                for key in keys:
-                    group.append(Sequence(f"g{trial}.{i}", [1, 2, 3], 3, key, group=group, tenant=tenant))
-                sched.add(group[0])
+                sched.add(_group(f"g{trial}.{i}", 3, keys, tenant))
             else:
                 key = rng.choice(["v", "w", "x", "y", "z", None])
                 sched.add(Sequence(f"s{trial}.{i}", [1, 2, 3], 3, key, tenant=tenant))

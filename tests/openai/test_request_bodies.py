@@ -576,3 +576,31 @@ def test_chat_template_kwargs_are_refused_on_completions_and_out_of_range_number
         parse_chat(data)
     assert e.value.param == "chat_template_kwargs.x"
     assert parse_chat(_chat(chat_template_kwargs=None)).template_kwargs == ()
+
+
+def test_a_template_that_writes_a_variable_per_message_is_refused_before_it_renders_it_all():
+    """The demo model's template (as Mistral's) writes `eos_token` after every assistant message, and
+    `chat_template_kwargs` may set it: a 4 MiB body of one 4 MB value and 1,000 messages rendered 4 GB of
+    text (8 GB of memory, 20 s on the event loop every tenant shares) before its length was checked.
+    Rendering stops once past the limit, holding little more than the limit."""
+    import tracemalloc
+
+    template = ChatTemplate(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}",
+        eos_token="</s>",
+    )
+    body = parse_chat(
+        _chat(
+            messages=[{"role": "assistant", "content": ""}] * 200,
+            chat_template_kwargs={"eos_token": "x" * 1_000_000},
+        )
+    )
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError, match="longer than"):
+            template.render(list(body.messages), variables=dict(body.template_kwargs))
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_bytes < 16 << 20  # the whole rendering held 200 MB (and its join as many again)
+    assert template.render([{"role": "user", "content": "hi"}]) == "user: hi</s>"

@@ -194,6 +194,26 @@ def test_streamed_completion_and_chat_equal_the_whole_ones(http_worker, tenant):
     assert deltas[-1].choices[0].finish_reason == "length"
 
 
+def test_a_reply_given_back_as_the_client_dumps_it_continues_the_chat(http_worker, tenant):
+    """`messages.append(reply.choices[0].message.model_dump())` holds the reply's fields the server did not
+    send as null (`refusal`, `tool_calls`, ...): each was refused as unsupported, so the conversation's next
+    call failed. A null one is taken as absent; a value is still refused by name."""
+    client = _client(http_worker, tenant[2])
+    messages = [{"role": "user", "content": PROMPT}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3).choices[0].message
+    dumped = reply.model_dump()
+    assert dumped["refusal"] is None and dumped["tool_calls"] is None
+    follow_up = [*messages, dumped, {"role": "user", "content": "the lazy dog"}]
+    with_nulls = client.chat.completions.create(model="tiny", messages=follow_up, max_tokens=3)
+    without = [*messages, {"role": "assistant", "content": reply.content}, follow_up[-1]]
+    plain = client.chat.completions.create(model="tiny", messages=without, max_tokens=3)
+    assert with_nulls.choices[0].message.content == plain.choices[0].message.content
+    follow_up[1] = {**dumped, "refusal": "no"}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=follow_up, max_tokens=3)
+    assert refused.value.body["param"] == "messages[1].refusal"
+
+
 def test_mix_in_extra_body_equals_the_grpc_mix(http_worker, tenant):
     key = tenant[2]
     mix = {"ad0": 0.5, "ad1": 0.5}

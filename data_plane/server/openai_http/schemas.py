@@ -51,6 +51,9 @@ _FLOAT32_MAX = 3.4028234663852886e38
 # (not the smallest subnormal, 1.4e-45: GPU kernels flush subnormals to 0).
 _FLOAT32_MIN_NORMAL = 2.0**-126
 _ROLES = ("system", "developer", "user", "assistant")
+# The other fields of an assistant message as OpenAI's client gives its own reply back (`message.model_dump()`
+# holds each, null where the reply had none): taken when null, as a field absent, and refused otherwise.
+_NULL_MESSAGE_FIELDS = frozenset({"refusal", "tool_calls", "function_call", "audio", "annotations"})
 
 # Fields accepted only with a value that changes nothing (OpenAI's default); any other value is refused.
 _NEUTRAL = {
@@ -413,6 +416,8 @@ def _messages(obj: JsonObject) -> tuple[dict[str, str], ...]:
         if not isinstance(message, dict):
             raise BodyError(where, f"must be an object, got {describe(message)}")
         for key in message:
+            if key in _NULL_MESSAGE_FIELDS and message[key] is None:
+                continue
             if key not in ("role", "content", "name"):
                 raise BodyError(f"{where}.{key}", "is not supported by this server")
         name = message.get("name")

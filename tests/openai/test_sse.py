@@ -259,3 +259,30 @@ def test_a_request_id_header_given_twice_or_not_utf8_is_refused_naming_it(http_w
     response = _post_raw_headers(http_worker, [auth, *id_headers], body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "X-Request-Id"
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_counted_cancelled_not_internal(system, tmp_path):
+    """A client that hangs up halfway through its body (a timeout, a killed process) was counted as a
+    worker fault, `openlora_requests_total{code="INTERNAL"}`, which operators alert on."""
+    _, _, key = system.new_tenant()
+    http = start_http_worker(system, tmp_path, http_metrics=True)
+    try:
+        internal_before = _requests_total(http.base_url, "INTERNAL")
+        cancelled_before = _requests_total(http.base_url, "CANCELLED")
+        data = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 2}).encode()
+        sock = socket.create_connection(("127.0.0.1", http.worker.http.port), timeout=30)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {key}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            + data[:10]
+        )
+        time.sleep(0.5)  # the key is checked and the body's reading has begun
+        sock.close()
+        deadline = time.monotonic() + 20
+        while _requests_total(http.base_url, "CANCELLED") == cancelled_before:
+            assert _requests_total(http.base_url, "INTERNAL") == internal_before
+            assert time.monotonic() < deadline, "the disconnect was never counted"
+            time.sleep(0.02)
+        assert _requests_total(http.base_url, "INTERNAL") == internal_before
+    finally:
+        system.loop.run(http.worker.stop(1.0))

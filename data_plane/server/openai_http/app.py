@@ -21,7 +21,7 @@ import anyio
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -206,6 +206,9 @@ async def _generation_body(
             408, f"the body did not arrive within {api.body_timeout_s:g} s", None, "deadline_exceeded"
         )
         return _refused(api, failure, {"Connection": "close"})
+    except ClientDisconnect:  # the client left mid-body: no answer reaches it, and no fault of the worker's
+        api.metrics.requests.labels("CANCELLED").inc()
+        return Response(status_code=499)
     except Exception as error:
         return _refused(api, http_error(error))
 

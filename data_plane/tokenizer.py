@@ -169,11 +169,12 @@ class Tokenizer:
         of a multi-byte character gives those bytes (`decode([id])` gives U+FFFD for it). A byte-fallback
         token `<0xNN>` is that byte; a byte-level (GPT-2 style) token maps each character back through
         the byte-to-unicode table; SentencePiece's "▁" is a space; an added token, or one of a vocabulary
-        none of these fits, is the UTF-8 of its decoded text (b"" for a special token)."""
+        none of these fits, is the UTF-8 of its decoded text (a special token's own text, `</s>`, as vLLM
+        and OpenAI spell an end token in log-probabilities)."""
         spelling = self._spelling
         token = self._tokenizer.id_to_token(token_id)
         if token is None or token_id in spelling.added_ids:
-            return self.decode([token_id]).encode()
+            return self.decode([token_id], skip_special_tokens=False).encode()
         if spelling.byte_fallback and (byte := _BYTE_TOKEN.fullmatch(token)):
             return bytes([int(byte.group(1), 16)])
         if spelling.byte_level and all(c in _BYTE_LEVEL_CHARS for c in token):

@@ -117,7 +117,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(error, RequestIdUsed):
         return (
             grpc.StatusCode.ALREADY_EXISTS,
-            f"request_id {error.args[0]!r} was already served and billed; send a new request id",
+            # This worker holds its usage: spooled as a stream of it runs (checkpoints), or recorded since.
+            f"request_id {error.args[0]!r} is already used: it is being served, or was served and billed; send a new request id",
         )
     return None
 

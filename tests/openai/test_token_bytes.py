@@ -48,7 +48,9 @@ def test_a_byte_fallback_token_is_its_byte_and_a_metaspace_a_space(metaspace_dec
     assert tokenizer.token_bytes(260) == b" hello"  # decode([260]) drops the leading space
     assert tokenizer.token_bytes(259) == b" "
     assert tokenizer.token_bytes(261) == b"h"
-    assert tokenizer.token_bytes(1) == b""  # a special token: its text is "" too
+    # A special token: its own text, as vLLM spells an end token in log-probabilities ("" before, as if
+    # nothing had been generated).
+    assert tokenizer.token_bytes(1) == b"<s>" and tokenizer.decode([1], skip_special_tokens=False) == "<s>"
 
 
 def test_a_byte_level_token_maps_each_character_back_to_its_byte():

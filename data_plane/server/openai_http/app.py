@@ -261,7 +261,8 @@ async def _generation_body(
         include_usage=bool(body and body.include_usage),
         logprobs=bool(body and body.logprobs),
         spell_token=(
-            (lambda t: (tokenizer.decode([t]), tokenizer.token_bytes(t)))
+            # A special token (the end token) spelled as its text, as vLLM and OpenAI spell it.
+            (lambda t: (tokenizer.decode([t], skip_special_tokens=False), tokenizer.token_bytes(t)))
             if tokenizer is not None
             else (lambda t: (str(t), str(t).encode()))
         ),

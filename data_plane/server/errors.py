@@ -118,7 +118,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return (
             grpc.StatusCode.ALREADY_EXISTS,
             # This worker holds its usage: spooled as a stream of it runs (checkpoints), or recorded since.
-            f"request_id {error.args[0]!r} is already used: it is being served, or was served and billed; send a new request id",
+            f"request_id {error.args[0]!r} is already used: it is being served, or was served and billed; "
+            "send a new request id",
         )
     return None
 

@@ -183,3 +183,30 @@ def test_template_variables_the_template_cannot_use_are_a_400_naming_them(system
             assert "template" in refused.value.body["message"]
     finally:
         system.loop.run(running.worker.stop(1.0))
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_a_compressed_body_is_a_415_naming_its_content_encoding(http_worker, tenant, encoding):
+    """A gzip body was read as JSON and refused as "not valid JSON (not UTF-8 text)", which named nothing the
+    client had done; the body is now refused unread by its Content-Encoding."""
+    import gzip
+    import json
+
+    body = json.dumps({"model": "tiny", "prompt": "the quick brown fox", "max_tokens": 2}).encode()
+    headers = {"Authorization": f"Bearer {tenant[2]}", "Content-Type": "application/json"}
+    compressed = httpx.post(
+        f"{http_worker.base_url}/completions",
+        content=gzip.compress(body),
+        headers={**headers, "Content-Encoding": encoding},
+        timeout=30,
+    )
+    assert compressed.status_code == 415
+    error = compressed.json()["error"]
+    assert error["type"] == "invalid_request_error" and f"Content-Encoding '{encoding}'" in error["message"]
+    plain = httpx.post(
+        f"{http_worker.base_url}/completions",
+        content=body,
+        headers={**headers, "Content-Encoding": "identity"},
+        timeout=30,
+    )
+    assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 2

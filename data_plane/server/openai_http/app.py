@@ -194,6 +194,13 @@ async def _generation_body(
 ):
     """`_generation` from the body on, within its tenant's turn to read and parse a body (the response
     it returns runs after the turn)."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):  # read as JSON, a compressed body was "not UTF-8 text"
+        failure = HttpError(
+            415, f"Content-Encoding {encoding!r} is not supported: send the body uncompressed", None,
+            "invalid_argument",
+        )  # fmt: skip
+        return _refused(api, failure, {"Connection": "close"})  # the body is left unread
     try:
         data = await _read_body(request, api.max_body_bytes, api.body_timeout_s)
     except _TooLarge:

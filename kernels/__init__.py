@@ -26,6 +26,7 @@ import torch
 
 from kernels import reference
 from kernels.reference import SegmentPlan
+from openlora.kernel_choice import kernel_choice as checked_choice
 
 __all__ = [
     "SegmentPlan",
@@ -38,18 +39,13 @@ __all__ = [
     "use_triton",
 ]
 
-_CHOICES = ("auto", "triton", "reference")
-
 
 def kernel_choice() -> str:
     """OPENLORA_KERNELS checked: "auto", "triton" or "reference" (ValueError naming the variable otherwise)."""
     # The one environment read outside an entry point: tests and operators switch the implementation
     # without rebuilding the engine's config, so it is read when a step's metadata is built (or per call
     # by callers that pass no choice).
-    choice = os.environ.get("OPENLORA_KERNELS", "auto").strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise ValueError(f"OPENLORA_KERNELS must be one of {_CHOICES}, got {choice!r}")
-    return choice
+    return checked_choice(os.environ)
 
 
 def triton_runs_on(device: str) -> bool:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from openlora.config import context_path, context_problem, read_context
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
+from openlora.kernel_choice import kernel_choice as kernels_setting
+from openlora.kernel_choice import triton_device_problem
 from openlora.log_level import LOG_LEVEL_HELP, configure_logging, resolve_log_level
 from openlora.mix_rules import parse_mix
 from openlora.text_rules import TENANT_NAME, TENANT_NAME_RULE
@@ -295,10 +297,7 @@ def worker_config_from_args(args: argparse.Namespace):
 
     # A bad OPENLORA_KERNELS stops the worker here, not every request it would serve.
     if kernel_choice() == "triton" and not triton_runs_on(args.device):
-        raise ValueError(
-            f"OPENLORA_KERNELS=triton needs --device cuda: on {args.device!r} the Triton kernels run only "
-            "under Triton's interpreter (TRITON_INTERPRET=1)"
-        )
+        raise ValueError(triton_device_problem(args.device))
     return WorkerConfig(
         model_dir=Path(args.model),
         model_name=args.model_name,
@@ -707,6 +706,11 @@ def up_config_from_args(args: argparse.Namespace, environ):
         raise ValueError(f"--tenant (OPENLORA_TENANT) must be {TENANT_NAME_RULE}, got {args.tenant!r}")
     if quantize_lm_head(args) and args.quantize == "none":
         raise ValueError("--quantize-lm-head needs --quantize int8 or int4")
+    # The worker child refuses these too, but only once the databases are up: checked here without torch
+    # (Triton's interpreter as the worker would find it, by the variable it reads).
+    interpreting = environ.get("TRITON_INTERPRET", "0") == "1"
+    if kernels_setting(environ) == "triton" and not args.device.startswith("cuda") and not interpreting:
+        raise ValueError(triton_device_problem(args.device))
     for flag in ("port", "admin_port", "http_port", "metrics_port", "admin_metrics_port"):
         port = getattr(args, flag)
         if port is not None and not 0 <= port <= 65535:

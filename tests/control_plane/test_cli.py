@@ -384,3 +384,26 @@ def test_an_unknown_log_level_stops_every_command_naming_its_flag_and_variable(
         in err
     )
     assert not state_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("variables", "words"),
+    [
+        (
+            {"OPENLORA_KERNELS": "fast"},
+            "OPENLORA_KERNELS must be one of ('auto', 'triton', 'reference'), got 'fast'",
+        ),
+        ({"OPENLORA_KERNELS": "triton"}, "OPENLORA_KERNELS=triton needs --device cuda"),
+    ],
+)
+def test_up_refuses_a_kernel_setting_its_worker_would_refuse_before_starting_anything(
+    capsys, monkeypatch, tmp_path, variables, words
+) -> None:
+    """The worker child refused these only once `up` had started its databases and the control plane."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)  # `up` reads the process's environment, as its children do
+    state_dir = tmp_path / "state"
+    assert main(["up", "--state-dir", str(state_dir)], environ=variables) == 2
+    assert words in capsys.readouterr().err
+    assert not state_dir.exists()

@@ -1,0 +1,24 @@
+"""OPENLORA_KERNELS, read without importing torch (so that `up` checks it before it starts anything): which
+implementation the LoRA and attention kernels take. `kernels.kernel_choice` reads it through here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+KERNEL_CHOICES = ("auto", "triton", "reference")
+
+
+def kernel_choice(environ: Mapping[str, str]) -> str:
+    """OPENLORA_KERNELS checked: "auto", "triton" or "reference" (ValueError naming the variable otherwise)."""
+    choice = environ.get("OPENLORA_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"OPENLORA_KERNELS must be one of {KERNEL_CHOICES}, got {choice!r}")
+    return choice
+
+
+def triton_device_problem(device: str) -> str:
+    """Why OPENLORA_KERNELS=triton cannot serve on `device` (a device the Triton kernels do not run on)."""
+    return (
+        f"OPENLORA_KERNELS=triton needs --device cuda: on {device!r} the Triton kernels run only under "
+        "Triton's interpreter (TRITON_INTERPRET=1)"
+    )

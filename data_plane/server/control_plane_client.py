@@ -576,12 +576,12 @@ class ControlPlaneClient:
         self._forgets += 1
         if not api_key_id:
             return 0
-        doomed = [key for key in self._keys_of_api_key_id.get(api_key_id, ()) if key in self._auth_cache]
+        dropped = 0
         for key in list(self._keys_of_api_key_id.get(api_key_id, ())):
-            self._drop(key)  # lingering index entries of answers the cache dropped on its own go too
-        for key in doomed:
+            dropped += key in self._auth_cache  # index entries of answers the cache dropped on its own go too
             self._answered_keys.pop(key[0], None)
-        return len(doomed)
+            self._drop(key)
+        return dropped
 
     @property
     def num_cached_answers(self) -> int:

@@ -518,7 +518,8 @@ class GenerationService:
                 if gate is not None:
                     _raise_if_failed(await _settled(gate))
                     gate = None
-                await self._hold_request_id(auth.tenant_id, request_id, held)
+                if held.lost is not None or (held.until is not None and time.monotonic() >= held.until):
+                    await self._hold_request_id(auth.tenant_id, request_id, held)  # lapsed, or taken
                 if progress.completion_tokens and self._usage.unspooled_too_long():
                     # The spool has refused this stream's checkpoints: what it sends now a crash would
                     # leave unbilled. It ends here, billed for what it delivered (kept in memory and sent).

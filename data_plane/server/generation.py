@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 from cachetools import TTLCache
 
-from data_plane.engine.errors import AdapterLoadError
+from data_plane.engine.errors import AdapterLoadError, EngineError
 from data_plane.engine.request import AdapterRef, EngineRequest, SamplingOptions
 from data_plane.fusion.builder import MergeBuildError
 from data_plane.fusion.spec import MergeSpec
@@ -49,7 +49,7 @@ from data_plane.server.errors import (
     UsageUnrecordable,
 )
 from data_plane.server.metrics import AdapterActivity, WorkerMetrics
-from data_plane.server.named_mix import expand_named_mix
+from data_plane.server.named_mix import expand_named_mix, named_mix_error
 from data_plane.server.usage_reporter import (
     CHECKPOINT_FINISH_REASON,
     UsageRecord,
@@ -322,6 +322,30 @@ class GenerationService:
         except Exception:
             _raise_if_failed(await _settled(confirmed))  # a refused key says more than a field
             raise
+        saved_mix = next((a.name for a in auth.adapters if a.mix is not None), "")
+        async with contextlib.aclosing(
+            self._serve(valid, by_name, auth, confirmed, whole, arrival)
+        ) as chunks:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except (RequestFieldError, EngineError, ArtifactRejected) as error:
+                renamed = named_mix_error(error, saved_mix) if saved_mix else None
+                if renamed is None:
+                    raise
+                raise renamed from None
+
+    async def _serve(
+        self,
+        valid: ValidRequest,
+        by_name,
+        auth: Authorization,
+        confirmed: asyncio.Future | None,
+        whole: bool,
+        arrival: float,
+    ) -> AsyncIterator[Chunk]:
+        """`_generate` once the request is checked (and a saved mix expanded): one run per (tenant, request
+        id) at a time, within the tenant's stream share, with its request id reserved beside the work."""
         request_id = valid.request_id or uuid.uuid4().hex
         # One run per (tenant, request id) at a time: a duplicate in flight would stream a second answer
         # billed once. A call that ended billed keeps its id used (below); one that streamed nothing was

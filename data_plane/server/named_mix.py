@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from data_plane.engine.errors import AdapterLoadError, InvalidRequest
+from data_plane.server.artifact_store import ArtifactRejected
 from data_plane.server.control_plane_client import Authorization, ResolvedAdapter, ResolvedMix
 from data_plane.server.validation import RequestFieldError, RequestLimits, ValidRequest, check_request
 from openlora.v1 import inference_pb2
@@ -46,6 +48,23 @@ def expand_named_mix(
         combine=spelled.combine,
     )
     return expanded, {m.name: m for m, _ in mix.members if m is not None}
+
+
+# The refusals that name a field of the request (`field`, `reason`), each rebuilt as its own kind (the
+# status it maps to) by `named_mix_error`.
+_FIELD_ERRORS = (RequestFieldError, InvalidRequest, AdapterLoadError, ArtifactRejected)
+
+
+def named_mix_error(error: Exception, name: str) -> Exception | None:
+    """A refusal of the mix the saved mix `name` stands for (its ranks past this worker's limit, a member
+    now holding another member's content, a member this worker refuses), which names the `mix` fields of
+    that request, as the caller's request names it: `adapter`, with the mix and the member in the reason
+    (the caller sent no `mix`). None for any other error, or one naming another field."""
+    field = getattr(error, "field", "")
+    if not isinstance(error, _FIELD_ERRORS) or not (field == "mix" or field.startswith(("mix[", "mix."))):
+        return None
+    kind = next(kind for kind in _FIELD_ERRORS if isinstance(error, kind))
+    return kind("adapter", f"names the mix {name!r}: {error}")
 
 
 def _mix_request(mix: ResolvedMix) -> inference_pb2.GenerateRequest:

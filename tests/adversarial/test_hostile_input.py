@@ -693,3 +693,48 @@ def test_delete_refuses_a_malformed_name_naming_name(attacker, method, name):
     "a value is too long or out of range for its field", naming none."""
     request = getattr(admin_pb2, f"{method}Request")(name=name)
     assert_refused(_admin(attacker, method, request), "name:")
+
+
+def _saved_mix_refusal(attacker, tenant, members, method=inference_pb2.MIX_METHOD_LINEAR):
+    attacker.admin.CreateMix(
+        admin_pb2.CreateMixRequest(
+            name="saved",
+            members=[inference_pb2.AdapterWeight(adapter=name, weight=1.0) for name in members],
+            method=method,
+        ),
+        metadata=bearer(tenant.admin_key),
+    )
+    return outcome(lambda: attacker.generate(tenant.infer_key, adapter="saved"))
+
+
+def test_a_saved_linear_mix_above_the_workers_rank_names_adapter_and_the_mix(attacker):
+    """The request names the saved mix in `adapter` and sends no `mix`: the worker's refusal of the mix it
+    stands for (its ranks add up past --max-lora-rank) named `mix`, a field the caller never set."""
+    tenant = attacker.new_tenant()
+    code, details = _saved_mix_refusal(attacker, tenant, [f"ad{i}" for i in range(8)])
+    assert (code, details.startswith("adapter: names the mix 'saved': mix")) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        True,
+    ), details
+
+
+def test_a_saved_merge_whose_member_took_anothers_content_names_adapter_and_the_mix(attacker):
+    """Members resolve at each call: one replaced by the bytes of another member is refused by the worker
+    (one content under two names), naming `adapter` and the mix, not the `mix[1]` of a request never sent."""
+    tenant = attacker.new_tenant()
+    attacker.push(tenant, "own-copy", "ad1")
+    method = inference_pb2.MIX_METHOD_TIES
+    attacker.admin.CreateMix(
+        admin_pb2.CreateMixRequest(
+            name="saved",
+            members=[inference_pb2.AdapterWeight(adapter=n, weight=1.0) for n in ("ad0", "own-copy")],
+            method=method,
+        ),
+        metadata=bearer(tenant.admin_key),
+    )
+    attacker.push(tenant, "own-copy", "ad0")  # now the public ad0's very bytes
+    code, details = outcome(lambda: attacker.generate(tenant.infer_key, adapter="saved"))
+    assert (code, details.startswith("adapter names the mix 'saved': mix[1].adapter")) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        True,
+    ), details

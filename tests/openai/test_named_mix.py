@@ -53,3 +53,16 @@ def test_a_saved_mix_whose_adapter_is_gone_is_a_404_naming_model(system, http_wo
     assert error is not None, "the mix was still served 30 s after its adapter was deleted"
     assert (error["param"], error["code"]) == ("model", "model_not_found")
     assert "part-gone" in error["message"] and "own-part" in error["message"]
+
+
+def test_a_saved_mix_this_worker_cannot_serve_is_a_400_naming_model(system, http_worker):
+    """Its adapters' ranks add up past this worker's --max-lora-rank: the refusal named `mix`, a field the
+    body never sent, where the body named the mix in `model`."""
+    _, _, key = system.new_tenant(admin=True)
+    with AdminClient(system.control_plane.target, key) as admin:
+        admin.create_mix("too-wide", [(f"ad{i}", 1.0) for i in range(8)])
+    client = openai.OpenAI(base_url=http_worker.base_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="too-wide", prompt=PROMPT, max_tokens=2)
+    assert refused.value.body["param"] == "model"
+    assert "too-wide" in refused.value.body["message"]

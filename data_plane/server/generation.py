@@ -743,8 +743,9 @@ class GenerationService:
         if failed:  # each ensure that failed gave back its own hold; give back the others'
             self._artifacts.release(r.key for r in results if not isinstance(r, BaseException))
             position, error = failed[0]
-            if isinstance(error, ArtifactRejected):  # named by the member's place in the request
-                raise ArtifactRejected(f"mix[{position}].{error.field}", error.reason) from None
+            if isinstance(error, ArtifactRejected):
+                name = [name for name, _ in valid.adapters if name][position]  # the base member has none
+                raise _rejected_as_named(error, valid, name) from None
             raise error
         locals_ = results
         refs = tuple(
@@ -790,8 +791,8 @@ class GenerationService:
         if failed:  # each ensure that failed gave back its own hold; give back the others'
             self._artifacts.release(r.key for r in results if not isinstance(r, BaseException))
             position, error = failed[0]
-            if isinstance(error, ArtifactRejected):  # named by the member's place in the request
-                raise ArtifactRejected(f"mix[{position}].{error.field}", error.reason) from None
+            if isinstance(error, ArtifactRejected):
+                raise _rejected_as_named(error, valid, valid.adapters[position][0]) from None
             raise error
         try:
             paths = {r.key: r.path for r in results}
@@ -949,6 +950,15 @@ class GenerationService:
 
 class AuthorizationChanged(Exception):
     """The fresh answer for a call started on a recent one differs from it: the call starts over."""
+
+
+def _rejected_as_named(error: ArtifactRejected, valid: ValidRequest, name: str) -> ArtifactRejected:
+    """This worker's refusal of adapter `name`, named by the request field that named it: `adapter`, or
+    the adapter's place in the mix (an ensemble's base member counts: the refusal of `mix[1]` after a base
+    `mix[0]` named `mix[0]`; and a request naming one adapter heard of a `mix[0]` it never sent)."""
+    if not valid.from_mix and len(valid.adapters) == 1:
+        return ArtifactRejected(f"adapter.{error.field}", error.reason)
+    return ArtifactRejected(f"mix[{valid.adapter_names.index(name)}].{error.field}", error.reason)
 
 
 def _in_order(*checks: asyncio.Future | None) -> asyncio.Future | None:

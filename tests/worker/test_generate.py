@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from openlora import errors
 from openlora.client import Client
-from openlora.v1 import inference_pb2
+from openlora.v1 import inference_pb2, inference_pb2_grpc
 
 PROMPT = "the quick brown fox"
 
@@ -382,3 +382,37 @@ def test_metrics_count_every_adapter_load_by_cause_and_tier(system, spare_worker
         "openlora_engine_adapter_load_seconds_total", {"cause": "request", "tier": "disk"}
     )
     assert seconds is not None and seconds > 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        (dict(adapter="ad1"), "adapter.adapter_config.json"),
+        (dict(mix=[("ad1", 1.0)]), "mix[0].adapter_config.json"),
+        # The base member has no artifact: ad1's refusal named mix[0], the base's place.
+        (dict(mix=[("", 1.0), ("ad1", 1.0)], mix_method="ensemble"), "mix[1].adapter_config.json"),
+        (dict(mix=[("ad0", 1.0), ("ad1", 1.0)], mix_method="ties"), "mix[1].adapter_config.json"),
+    ],
+)
+def test_an_adapter_this_worker_refuses_is_named_by_the_field_that_named_it(
+    system, make_worker, fields, field
+):
+    """ad1's rank, 8, is past this worker's maximum: refused when it is fetched, by the request's field."""
+    from data_plane.server.config import EngineSettings
+
+    worker = make_worker(engine=EngineSettings(num_kv_blocks=64, max_num_seqs=4, max_lora_rank=4))
+    _, _, key = system.new_tenant()
+    fields = dict(fields)
+    mix = fields.pop("mix", ())
+    request = inference_pb2.GenerateRequest(
+        prompt=PROMPT,
+        sampling=inference_pb2.SamplingParams(max_tokens=2),
+        mix=[inference_pb2.AdapterWeight(adapter=name, weight=weight) for name, weight in mix],
+        mix_method=getattr(inference_pb2, f"MIX_METHOD_{fields.pop('mix_method', 'linear').upper()}"),
+        **fields,
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{worker.port}") as channel, pytest.raises(grpc.RpcError) as caught:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        list(stub.Generate(request, metadata=(("authorization", f"Bearer {key}"),), timeout=60))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f": {field}." in caught.value.details(), caught.value.details()

@@ -51,9 +51,11 @@ _INTERMEDIATE_SIZE = 320  # a multiple of 32, so int4 can group down_proj's inpu
 _BASE_PHRASES = 2000  # word-game examples in the base model's training set
 _NUM_PROGRESS_LINES = 10  # progress lines over the whole training (base model and adapters)
 _MAX_WORDS = 4  # the adapters' phrases have 2.._MAX_WORDS words (the base model's games one more)
-# User turns are the phrase, "=>" asks for the answer; an assistant turn is the answer and EOS.
+# User turns are the phrase, "=>" asks for the answer; an assistant turn is the answer and EOS. System and
+# developer (OpenAI's newer name for system) messages are left out: a developer message left in was the loop's
+# first, so the user turn after it began with a space, a prompt shape the adapters never learned.
 CHAT_TEMPLATE = (
-    "{% for m in messages | rejectattr('role', 'equalto', 'system') %}"
+    "{% for m in messages | rejectattr('role', 'in', ['system', 'developer']) %}"
     "{% if m['role'] == 'user' %}{% if not loop.first %}{{ ' ' }}{% endif %}{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}{{ ' => ' + m['content'] + eos_token }}{% endif %}"
     "{% endfor %}"

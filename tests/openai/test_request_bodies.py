@@ -293,6 +293,9 @@ def test_the_demo_chat_template_renders_the_demo_prompt_shape():
         {"role": "user", "content": "c d"},
     ]
     assert template.render(conversation) == "a b => A B</s> c d =>"
+    for role in ("system", "developer"):  # OpenAI's developer role is its system role renamed
+        instructed = [{"role": role, "content": "ignored"}, {"role": "user", "content": "the quick fox"}]
+        assert template.render(instructed) == "the quick fox =>"
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,13 @@ const protoLoader = require("@grpc/proto-loader");
 
 const PROTO_ROOT = path.resolve(__dirname, "..", "..", "protos");
 
+const USAGE =
+  "usage: node generate.js [--target HOST:PORT] [--key KEY] [--adapter NAME] [--max-tokens N] PROMPT\n" +
+  "  --target      worker address (OPENLORA_TARGET; default 127.0.0.1:50052)\n" +
+  "  --key         api key (OPENLORA_API_KEY)\n" +
+  "  --adapter     adapter or saved mix name (default: the base model)\n" +
+  "  --max-tokens  tokens to generate at most (default 32)\n";
+
 function parseArgs(argv) {
   const options = {
     target: process.env.OPENLORA_TARGET || "127.0.0.1:50052",
@@ -30,10 +37,19 @@ function parseArgs(argv) {
     if (arg === "--target") options.target = next();
     else if (arg === "--key") options.key = next();
     else if (arg === "--adapter") options.adapter = next();
-    else if (arg === "--max-tokens") options.maxTokens = Number.parseInt(next(), 10);
+    else if (arg === "--max-tokens") {
+      const value = next();
+      if (!/^[0-9]+$/.test(value) || Number(value) < 1) {
+        throw new Error(`--max-tokens must be a positive integer, got ${value}`);
+      }
+      options.maxTokens = Number(value);
+    } else if (arg === "--help" || arg === "-h") options.help = true;
+    // An option this client does not know (a misspelled --adapter) is refused, never sent as the prompt.
+    else if (arg.startsWith("--")) throw new Error(`unknown option ${arg}`);
     else if (options.prompt === null) options.prompt = arg;
     else throw new Error(`unexpected argument ${arg}`);
   }
+  if (options.help) return options;
   if (options.prompt === null) throw new Error("a prompt is required");
   return options;
 }
@@ -55,8 +71,12 @@ function main() {
   try {
     options = parseArgs(process.argv.slice(2));
   } catch (err) {
-    process.stderr.write(`error: ${err.message}\n`);
+    process.stderr.write(`error: ${err.message}\n${USAGE}`);
     process.exit(2);
+  }
+  if (options.help) {
+    process.stdout.write(USAGE);
+    return;
   }
   const InferenceService = loadInferenceService();
   const client = new InferenceService(options.target, grpc.credentials.createInsecure());

@@ -556,11 +556,35 @@ UNREACHABLE_HINT = (
 )
 
 
+# gRPC's words for a server that answered, but not in HTTP/2: an HTTP/1.x server (grpc core goes on with
+# "Trying to connect an http1.x server" when the answer parses as HTTP/1.1).
+_NOT_HTTP2 = "Failed parsing HTTP/2"
+HTTP_API_HINT = (
+    "hint: that address answers, but not in gRPC: it is an HTTP/1.x server, such as the OpenAI-compatible API "
+    "(`up` prints it as openai=, for HTTP clients); `generate` goes to a worker's gRPC address (--target, "
+    "OPENLORA_TARGET; `up` prints it as inference=), admin commands to the control plane's (--admin-target, "
+    "OPENLORA_ADMIN_TARGET; `up` prints it as admin=)"
+)
+
+
 WRONG_SERVICE_HINT = (
     "hint: that address serves another openlora service: admin commands (adapters, tenants, keys, usage, "
     "...) go to the control plane (--admin-target, OPENLORA_ADMIN_TARGET; `up` prints it as admin=), "
     "`generate` to a worker (--target, OPENLORA_TARGET; `up` prints it as inference=)"
 )
+
+
+def address_hint(code: grpc.StatusCode, details: str | None) -> str | None:
+    """What to check when a call found no server of its kind at its address (none, an HTTP/1.x one, the
+    other openlora service), or None."""
+    details = details or ""
+    if code == grpc.StatusCode.UNAVAILABLE and _NOT_HTTP2 in details:
+        return HTTP_API_HINT  # something answers there: not "nothing answers"
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+        return UNREACHABLE_HINT
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return WRONG_SERVICE_HINT
+    return None
 
 
 def _run(argv: list[str] | None, environ: Mapping[str, str] | None) -> int:
@@ -591,10 +615,9 @@ def _run(argv: list[str] | None, environ: Mapping[str, str] | None) -> int:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         if e.code() == grpc.StatusCode.PERMISSION_DENIED and e.details() == OPERATOR_ONLY:
             print(OPERATOR_KEY_HINT, file=sys.stderr)
-        if e.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (e.details() or "").lower():
-            print(UNREACHABLE_HINT, file=sys.stderr)
-        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-            print(WRONG_SERVICE_HINT, file=sys.stderr)
+        hint = address_hint(e.code(), e.details())
+        if hint is not None:
+            print(hint, file=sys.stderr)
         return 1
     except (ValueError, UploadRefused) as e:
         print(f"error: {e}", file=sys.stderr)

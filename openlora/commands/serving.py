@@ -536,14 +536,11 @@ def _run_generate(args: argparse.Namespace) -> int:
             if last is not None:  # text was streamed: end its line first
                 sys.stdout.write("\n")
             print(f"error: {error.code.name}: {error.details}", file=sys.stderr)
-            if error.code == grpc.StatusCode.UNAVAILABLE and "connect" in (error.details or "").lower():
-                from openlora.cli import UNREACHABLE_HINT
+            from openlora.cli import address_hint
 
-                print(UNREACHABLE_HINT, file=sys.stderr)
-            if error.code == grpc.StatusCode.UNIMPLEMENTED:
-                from openlora.cli import WRONG_SERVICE_HINT
-
-                print(WRONG_SERVICE_HINT, file=sys.stderr)
+            hint = address_hint(error.code, error.details)
+            if hint is not None:
+                print(hint, file=sys.stderr)
             if error.code == grpc.StatusCode.UNAUTHENTICATED and api_key == context.get("api_key"):
                 from openlora.cli import context_key_hint
 

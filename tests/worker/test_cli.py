@@ -293,6 +293,34 @@ def test_generate_against_an_address_nobody_answers_says_what_to_check(tmp_path)
     assert "error: UNAVAILABLE" in result.stderr and "hint: nothing answers at that address" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["generate", "--target"], ["adapters", "list", "--admin-target"]])
+def test_a_command_sent_to_an_http_api_address_says_it_is_not_grpc(tmp_path, command):
+    """`--target` (or `--admin-target`) given the OpenAI API's address (`openai=` on the ready line) was told
+    "nothing answers at that address: is `openlora up` running?", while an HTTP server answered there."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    env = {"PATH": "/usr/bin:/bin", "OPENLORA_CONTEXT": str(tmp_path / "missing.json"), "HOME": str(tmp_path)}
+    try:
+        target = f"127.0.0.1:{server.server_address[1]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "openlora.cli", *command, target, "--api-key", "k" * 20]
+            + (["hello"] if command[0] == "generate" else []),
+            env=env, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1
+    assert "error: UNAVAILABLE" in result.stderr
+    assert "hint: that address answers, but not in gRPC: it is an HTTP/1.x server" in result.stderr
+    assert "inference=" in result.stderr and "admin=" in result.stderr
+    assert "nothing answers" not in result.stderr
+
+
 def test_a_command_sent_to_the_other_services_address_says_which_address_to_use(system, tmp_path, capsys):
     """`generate` against the control plane's address, or an admin command against a worker's, answered
     only `UNIMPLEMENTED: Method not found!`: it now says which address each kind of command takes."""

@@ -54,7 +54,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -103,7 +103,9 @@ class _Usage:
     protect_until_s: float | None = None  # end of that hint's window (deadline + lead, for a late call)
     last_used: int = 0  # logical clock, for tie-breaking
     size_bytes: int | None = None
-    keep_warm: bool = False
+    # The adapters (registry ids) that ask for this key to stay warm: public content is one key under
+    # every name that holds it, and one name turning keep-warm off must not unpin it for the others.
+    keep_warm_by: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -346,13 +348,18 @@ class AdapterCache:
         lead_s = max(deadline_at_s - self._clock(), 0.0)
         usage.protect_until_s = deadline_at_s + max(lead_s, self._min_grace_s)
 
-    def set_keep_warm(self, key: str, keep_warm: bool) -> None:
-        """Keep-warm adapters never leave host memory once there."""
-        self._usage_of(key).keep_warm = keep_warm
+    def set_keep_warm(self, key: str, holder: str, keep_warm: bool) -> None:
+        """Adapter `holder` (its registry id) asks for `key` to stay warm, or no longer does. A key some
+        adapter asks for never leaves host memory once there (within KEEP_WARM_SHARE)."""
+        holders = self._usage_of(key).keep_warm_by
+        if keep_warm:
+            holders.add(holder)
+        else:
+            holders.discard(holder)
 
     def is_keep_warm(self, key: str) -> bool:
         usage = self._usage.get(key)
-        return usage is not None and usage.keep_warm
+        return usage is not None and bool(usage.keep_warm_by)
 
     def record_size(self, key: str, size_bytes: int) -> None:
         self._usage_of(key).size_bytes = size_bytes
@@ -569,7 +576,11 @@ class AdapterCache:
         than KEEP_WARM_SHARE of the host budget. Any tenant may mark its adapters keep-warm, so past that share they are ranked by
         value like the rest: a tenant marking hundreds could otherwise take the whole tier from everyone."""
         warm = sorted(
-            (e for e in self._entries.values() if e.host_bytes is not None and self._usage[e.key].keep_warm),
+            (
+                e
+                for e in self._entries.values()
+                if e.host_bytes is not None and self._usage[e.key].keep_warm_by
+            ),
             key=lambda e: e.host_since,
         )
         pinned, used = set(), 0

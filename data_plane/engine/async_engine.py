@@ -134,9 +134,9 @@ class AsyncEngine:
         """Thread-safe: drops every key of the content `sha256` (every cache scope) at the next step."""
         self.engine.invalidate_content(sha256)
 
-    def set_keep_warm(self, key: str, keep_warm: bool) -> None:
-        """Thread-safe: a keep-warm adapter never leaves host memory once there."""
-        self.engine.set_keep_warm(key, keep_warm)
+    def set_keep_warm(self, key: str, holder: str, keep_warm: bool) -> None:
+        """Thread-safe: adapter `holder` asks for `key` to stay warm (or no longer does)."""
+        self.engine.set_keep_warm(key, holder, keep_warm)
 
     def is_loading(self, key: str) -> bool:
         """True while the loader may still read `key` from disk (a snapshot, safe from any thread)."""

@@ -476,9 +476,10 @@ class LLMEngine:
         (openlora/cache_scope.py): what a worker does once no adapter serves that content any more."""
         self._commands.put(("invalidate_content", sha256))
 
-    def set_keep_warm(self, key: str, keep_warm: bool) -> None:
-        """Thread-safe: keep-warm adapters never leave host memory once there."""
-        self._commands.put(("keep_warm", key, keep_warm))
+    def set_keep_warm(self, key: str, holder: str, keep_warm: bool) -> None:
+        """Thread-safe: adapter `holder` asks for `key` to stay warm (or no longer does); a key some
+        adapter asks for never leaves host memory once there."""
+        self._commands.put(("keep_warm", key, holder, keep_warm))
 
     def _apply_commands(self) -> None:
         cache = self.adapter_cache
@@ -509,7 +510,7 @@ class LLMEngine:
                 for doomed_key in sorted(doomed):
                     self._invalidate_now(doomed_key)
             elif kind == "keep_warm":
-                cache.set_keep_warm(key, command[2])
+                cache.set_keep_warm(key, command[2], command[3])
 
     def _prefetch_now(self, key: str, members: tuple, to_device: bool) -> None:
         """A prefetch (its hint already recorded): into a free slot when `to_device`, else into host memory,

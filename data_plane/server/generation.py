@@ -36,6 +36,7 @@ from data_plane.server.control_plane_client import (
     Authorization,
     ControlPlaneClient,
     ControlPlaneError,
+    ResolvedAdapter,
 )
 from data_plane.server.ensemble_request import billed_adapters, ensemble_of
 from data_plane.server.errors import (
@@ -187,6 +188,9 @@ class GenerationService:
         self._revoked_key_ids: TTLCache[str, bool] = TTLCache(
             maxsize=_MAX_REVOKED_KEY_IDS, ttl=2 * AUTHORIZE_TIMEOUT_S, timer=time.monotonic
         )
+        # adapter id -> the cache key it last asked the engine to keep warm: an owner turning keep-warm
+        # off (or the name moving to other content) releases the key it held.
+        self._keep_warm_keys: dict[str, str] = {}
         self._max_streams_per_tenant = max_streams_per_tenant
         # How long the control plane holds a client request id reserved for a stream of this worker.
         self._reservation_ms = int(reservation_s * 1000)
@@ -462,14 +466,26 @@ class GenerationService:
         prompt_ids = await self._prompt_ids(valid)
         check_prompt_length(len(prompt_ids), self.limits, valid)
         for adapter in by_name.values():
-            if adapter.keep_warm and adapter.sha256:
-                self._engine.set_keep_warm(adapter.cache_key, True)
+            self._follow_keep_warm(adapter)
         fetch_started = time.monotonic()
         adapter_refs, tier, build_ms = await self._resolve(valid, by_name, tenant_id)
         # What the call waited for before the engine: a fetch from the control plane (with a merge built
         # from it), else a merge's build (0 when nothing was built); it counts as adapter load.
         fetch_ms = (time.monotonic() - fetch_started) * 1000 if tier == "remote" else build_ms
         return prompt_ids, adapter_refs, tier, fetch_ms
+
+    def _follow_keep_warm(self, adapter: ResolvedAdapter) -> None:
+        """Tells the engine what `adapter`'s registry row says of keep-warm now, when that changed."""
+        wanted = adapter.cache_key if adapter.keep_warm and adapter.sha256 else None
+        held = self._keep_warm_keys.get(adapter.adapter_id)
+        if wanted == held:
+            return
+        if held is not None:
+            self._engine.set_keep_warm(held, adapter.adapter_id, False)
+            del self._keep_warm_keys[adapter.adapter_id]
+        if wanted is not None:
+            self._engine.set_keep_warm(wanted, adapter.adapter_id, True)
+            self._keep_warm_keys[adapter.adapter_id] = wanted
 
     async def _run(
         self,

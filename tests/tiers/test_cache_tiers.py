@@ -68,7 +68,7 @@ def test_host_copy_being_copied_into_a_slot_is_not_evicted():
 
 def test_keep_warm_adapters_never_leave_host_memory():
     cache = _cache(host_bytes=100)
-    cache.set_keep_warm("warm", True)
+    cache.set_keep_warm("warm", "id-1", True)
     cache.store_host("warm", 60)
     assert cache.store_host("other", 60) is None
     assert cache.host_keys() == ["warm"]
@@ -77,13 +77,28 @@ def test_keep_warm_adapters_never_leave_host_memory():
     assert cache.store_host("next", 40) == ["small"]
 
 
+def test_keep_warm_holds_while_any_adapter_of_the_key_asks_for_it():
+    """Public content is one key under every name holding it: one name turning keep-warm off must not
+    unpin it for another that still asks, and the last one off unpins it."""
+    cache = _cache(host_bytes=100)
+    cache.set_keep_warm("shared", "id-a", True)
+    cache.set_keep_warm("shared", "id-b", True)
+    cache.set_keep_warm("shared", "id-a", False)
+    cache.store_host("shared", 60)
+    assert cache.is_keep_warm("shared")
+    assert cache.store_host("other", 60) is None
+    cache.set_keep_warm("shared", "id-b", False)
+    assert not cache.is_keep_warm("shared")
+    assert cache.store_host("other", 60) == ["shared"]
+
+
 def test_keep_warm_copies_past_half_the_host_budget_are_ranked_like_the_rest():
     """Any tenant may mark its adapters keep-warm: ten of them filled the whole tier for good, and every
     other adapter was refused a host copy. The oldest keep-warm copies up to half the budget stay pinned;
     the later ones make room like any copy."""
     cache = _cache(host_bytes=100)
     for i in range(10):
-        cache.set_keep_warm(f"warm-{i}", True)
+        cache.set_keep_warm(f"warm-{i}", f"id-{i}", True)
         assert cache.store_host(f"warm-{i}", 10) == []
     evicted = cache.store_host("other", 40)
     assert evicted is not None and len(evicted) == 4

@@ -21,6 +21,8 @@ from data_plane.adapters.hint_actions import residency_key
 from openlora import errors
 from openlora.client import Client
 
+from .conftest import AUTH_TTL_S
+
 BASE_MODEL = "tiny"
 
 
@@ -163,6 +165,41 @@ def test_keep_warm_set_in_the_registry_reaches_the_engine(system, spare_worker, 
         assert client.complete("hello", adapter="plain", max_tokens=2)
     assert _wait_for(lambda: cache.is_keep_warm(system.private_cache_key(tenant, warm)))
     assert not cache.is_keep_warm(system.private_cache_key(tenant, plain))
+
+
+def test_keep_warm_turned_off_in_the_registry_unpins_the_content_once_no_name_asks_for_it(
+    system, spare_worker, tmp_path
+):
+    """Keep-warm was only ever switched on: an owner who turned it off left the copy pinned in host memory
+    until the worker restarted. Two names of the same content both ask; the content stays pinned while
+    either does."""
+    tenant, _, key = system.new_tenant(admin=True)
+    sha = _push_variant(system, tmp_path, "first", tenant, alpha=13)
+    assert system.admin.push(tmp_path / "first", "second", tenant, BASE_MODEL) == sha
+    cache = spare_worker.engine.engine.adapter_cache
+    content_key = system.private_cache_key(tenant, sha)
+
+    def keep_warm(name: str, value: bool) -> None:
+        with system.control_plane.app.sessions.begin() as s:
+            s.execute(update(Adapter).where(Adapter.name == name).values(keep_warm=value))
+
+    def call(name: str) -> None:
+        time.sleep(AUTH_TTL_S * 2)  # past the worker's authorisation cache: the next call reads the row
+        with Client(f"127.0.0.1:{spare_worker.port}", key) as client:
+            assert client.complete("hello", adapter=name, max_tokens=2)
+
+    keep_warm("first", True)
+    keep_warm("second", True)
+    call("first")
+    call("second")
+    assert _wait_for(lambda: cache.is_keep_warm(content_key))
+    keep_warm("first", False)
+    call("first")
+    call("second")  # a command after first's: once it is applied, first's is too
+    assert _wait_for(lambda: cache.is_keep_warm(content_key))
+    keep_warm("second", False)
+    call("second")
+    assert _wait_for(lambda: not cache.is_keep_warm(content_key))
 
 
 def _local_fetcher(sources: dict[str, Path]):

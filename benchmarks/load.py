@@ -32,6 +32,8 @@ import numpy as np
 from benchmarks.trace import TraceRequest, read_trace
 
 PERCENTILES = (50, 90, 99)
+# The error of an HTTP stream that ended without its last event (`data: [DONE]`).
+INCOMPLETE_STREAM = "INCOMPLETE_STREAM"
 
 
 @dataclass
@@ -199,11 +201,12 @@ async def _send_one_http(
             record.error = f"HTTP_{status}"
             record.error_detail = detail[:200].decode(errors="replace")
             return
-        buffered = b""
+        buffered, done = b"", False
         while size := int((await reader.readline()).strip() or b"0", 16):  # chunked transfer coding
             buffered += (await reader.readexactly(size + 2))[:-2]
             while b"\n\n" in buffered:
                 event, _, buffered = buffered.partition(b"\n\n")
+                done = done or event == b"data: [DONE]"
                 if not event.startswith(b"data: {"):
                     continue
                 chunk = json.loads(event[len(b"data: ") :])
@@ -223,6 +226,14 @@ async def _send_one_http(
                 if chunk.get("usage"):
                     record.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     record.completion_tokens = chunk["usage"]["completion_tokens"]
+        if not done:
+            # A connection closed between two chunks reads as the end of the stream (readline gives b""):
+            # without the worker's last event the request failed, as a cut gRPC stream fails (UNAVAILABLE).
+            record.error = INCOMPLETE_STREAM
+            record.error_detail = (
+                f"the stream ended after {record.completion_tokens} tokens without data: [DONE]"
+            )
+            return
         record.e2e_ms = (time.perf_counter() - scheduled) * 1000.0
     except Exception as e:  # a benchmark records every failure instead of stopping the replay
         record.error = type(e).__name__

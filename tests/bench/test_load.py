@@ -3,7 +3,7 @@ import asyncio
 import grpc
 import pytest
 
-from benchmarks.load import RequestRecord, percentiles, replay, summarize
+from benchmarks.load import INCOMPLETE_STREAM, RequestRecord, percentiles, replay, replay_http, summarize
 from benchmarks.trace import TraceRequest
 from openlora.v1 import inference_pb2, inference_pb2_grpc
 
@@ -116,3 +116,47 @@ def test_replay_is_open_loop_and_records_tokens_tiers_and_errors():
     assert first.e2e_ms is not None and first.error is None
     summary = summarize(records, t0, finished)
     assert summary["completion_tokens"] == 7 and summary["errors_by_code"] == {"NOT_FOUND": 1}
+
+
+def _sse_chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def test_an_http_stream_cut_between_two_chunks_is_a_failed_request_not_a_short_success():
+    """A worker that goes away mid-stream closes the connection between two chunks; the chunked reader then
+    sees the end of its input, which must not read as a finished stream (over gRPC the same cut fails)."""
+
+    async def answer(reader, writer, cut: bool):
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass  # the request's head; its body is left unread
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        token = b'data: {"choices": [{"text": "w", "finish_reason": null}]}\n\n'
+        writer.write(_sse_chunk(token) + _sse_chunk(token))
+        if not cut:
+            usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n'
+            writer.write(_sse_chunk(usage) + _sse_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def scenario(cut: bool):
+        server = await asyncio.start_server(lambda r, w: answer(r, w, cut), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await asyncio.wait_for(
+                replay_http(
+                    [TraceRequest(0, 0.0, "a", (20, 21, 22), 8)], f"http://127.0.0.1:{port}/v1", "k", "b"
+                ),
+                timeout=20,
+            )
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    (whole,), t0, finished = asyncio.run(scenario(cut=False))
+    assert whole.error is None and whole.completion_tokens == 2 and whole.e2e_ms is not None
+    (cut,), t0, finished = asyncio.run(scenario(cut=True))
+    assert cut.error == INCOMPLETE_STREAM and "[DONE]" in cut.error_detail
+    summary = summarize([cut], t0, finished)
+    assert (summary["completed"], summary["errors"], summary["completion_tokens"]) == (0, 1, 0)

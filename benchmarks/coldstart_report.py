@@ -122,6 +122,8 @@ def target_lines(results: dict) -> list[str]:
                 value += f" (95% CI {t['ci95'][0]:.2f} to {t['ci95'][1]:.2f})"
             if off.get(key, {}).get("value") is not None:
                 value += f" (hints off: {off[key]['value']:.2f})"
+            if t.get("failed_calls"):
+                value += f", {t['failed_calls']} measured calls failed"
             lines.append(f"- {tail}, hints on: {names[key]}: {value}, target {t['target']}: "
                          f"{'met' if t['met'] else 'MISSED'}")  # fmt: skip
     return lines

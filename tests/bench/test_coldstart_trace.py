@@ -313,6 +313,28 @@ def test_bootstrap_interval_covers_the_statistic_and_narrows_with_more_samples()
     assert bootstrap_interval(np.array([]), np.array([1.0]), gap) is None
 
 
+def test_failed_calls_count_against_the_targets_instead_of_leaving_their_statistics():
+    config = ColdStartTraceConfig(num_popular=2, popular_rate_per_s=2.0, num_long_tail=2, hour_s=4.0)
+    requests = generate_coldstart_trace(config)
+    records = [
+        _record(r.request.index, r.request.arrival_s, 100.0, [20.0, 20.0], tier="host") for r in requests
+    ]
+    met = targets(analyze(requests, records), PERIODIC, 0.7)
+    assert all(t["met"] for key, t in met.items() if key != "wasted_prefetch_share")
+    # Two of the 8 measured long-tail calls fail (a timeout, a worker gone): the 6 served are as fast as
+    # the popular ones and all warm, yet a quarter of the tail was not served at all.
+    failed = [r for r in requests if r.kind == LONG_TAIL and r.measured][:2]
+    for r in failed:
+        records[r.request.index] |= {"error": "DEADLINE_EXCEEDED", "ttft_ms": None, "cache_tier": ""}
+    figures = analyze(requests, records)
+    assert figures[LONG_TAIL]["errors"] == 2 and figures[LONG_TAIL]["warm_share"] == 1.0
+    checked = targets(figures, PERIODIC, 0.7)
+    assert checked["long_tail_warm_share"]["value"] == pytest.approx(0.75)
+    assert not checked["long_tail_warm_share"]["met"]
+    for key in ("long_tail_ttft_p99_vs_popular", "warm_long_tail_ttft_p50_minus_popular_ms"):
+        assert checked[key]["failed_calls"] == 2 and not checked[key]["met"]
+
+
 def test_targets_carry_the_passes_bootstrap_intervals():
     config = ColdStartTraceConfig(num_popular=2, popular_rate_per_s=4.0, num_long_tail=4, hour_s=4.0)
     requests = generate_coldstart_trace(config)

@@ -93,3 +93,15 @@ def test_table_compares_with_the_peers_best_batch_size_and_gives_the_capacity_ra
     assert one[3] == 5.93 * 40 and one[5] == 900
     capacity_ratio = rows[("2 capacity", "1000 / 1 adapters")]
     assert capacity_ratio[3] == 4.56 / 5.93 and capacity_ratio[7] == "MISSED"
+
+
+def test_capacity_ratio_is_the_most_adapters_over_the_fewest_in_any_order_of_the_configurations():
+    from benchmarks.report import summary_rows
+
+    one = _capacity_run(1, [(4.0, 300), (5.2, 600), (6.76, 1500), (5.93, 900)])
+    many = _capacity_run(1000, [(4.0, 400), (5.2, 1200), (4.56, 800), (4.87, 1100)])
+    config = {"s1_requests": 256, "s2_ttft_p99_bound_ms": 1000.0, "num_adapter_slots": 32}
+    for order in ([one, many], [many, one]):  # --s2-adapters 1,1000 and 1000,1
+        rows = {(row[0], row[1]): row for row in summary_rows({"config": config, "s2_capacity": order})}
+        ratio = rows[("2 capacity", "1000 / 1 adapters")]
+        assert ratio[3] == 4.56 / 5.93 and ratio[7] == "MISSED"

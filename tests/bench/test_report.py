@@ -105,3 +105,24 @@ def test_capacity_ratio_is_the_most_adapters_over_the_fewest_in_any_order_of_the
         rows = {(row[0], row[1]): row for row in summary_rows({"config": config, "s2_capacity": order})}
         ratio = rows[("2 capacity", "1000 / 1 adapters")]
         assert ratio[3] == 4.56 / 5.93 and ratio[7] == "MISSED"
+
+
+def test_transport_targets_are_not_met_while_requests_of_either_transport_failed():
+    from benchmarks.run import transports_table
+
+    def s5(http_offline_errors):
+        return {
+            "rate_per_s": 3.0,
+            "offline": {"grpc": [_summary(200.0)], "http": [_summary(205.0, errors=http_offline_errors)]},
+            "paced": {"grpc": [_summary(0.0, p50=60.0)], "http": [_summary(0.0, p50=64.0)]},
+            "throughput_ratio_http_to_grpc": 205.0 / 200.0,
+            "ttft_p50_ms": {"grpc": 60.0, "http": 64.0},
+            "ttft_p50_delta_ms": 4.0,
+        }
+
+    clean = transports_table(s5(0))
+    assert "(target >= 0.9: met)" in clean and "(target within 10 ms: met)" in clean
+    # A third of HTTP's offline requests failed: its throughput and TTFT over the rest look as good.
+    failed = transports_table(s5(3))
+    assert "(target >= 0.9: NOT met)" in failed and "(target within 10 ms: NOT met)" in failed
+    assert "| http | 205.0 | 64.0 | 200.0 | 3 |" in failed

@@ -452,12 +452,21 @@ def summarize(results: dict) -> str:
     best_e = max(results["engine"], key=lambda r: r["tokens_per_s"])
     best_w = max(results["worker"], key=lambda r: r["tokens_per_s"])
     ratio = best_w["tokens_per_s"] / best_e["tokens_per_s"]
-    results["best"] = {"engine": best_e["tokens_per_s"], "worker": best_w["tokens_per_s"], "ratio": ratio}
-    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+    # The worker's tokens/s is over the requests that succeeded (the time a failed one leaves goes to the
+    # others), while the engine alone raises on any failure: a failed request in any pass misses the target.
+    failed = sum(r["errors"] for r in results["worker"])
+    results["best"] = {
+        "engine": best_e["tokens_per_s"],
+        "worker": best_w["tokens_per_s"],
+        "ratio": ratio,
+        "worker_failed_requests": failed,
+    }
+    verdict = "met" if ratio >= TARGET_RATIO and failed == 0 else "NOT met"
     lines = [
         "",
         f"engine alone {best_e['tokens_per_s']:.1f} tokens/s, worker {best_w['tokens_per_s']:.1f} tokens/s: "
-        f"ratio {ratio:.3f} (best pass of each; target >= {TARGET_RATIO}: {verdict})",
+        f"ratio {ratio:.3f} (best pass of each; target >= {TARGET_RATIO}: {verdict})"
+        + (f"; {failed} worker requests failed" if failed else ""),
         f"worker pass: {format_summary(best_w['summary']).strip()}",
         "",
         f"CPU seconds during the best passes (engine alone {best_e['seconds']:.2f} s wall, "

@@ -1,0 +1,38 @@
+from benchmarks.serving_overhead import summarize
+
+
+def _engine_pass(tokens_per_s):
+    cpu_s = {"this process (load generator)": 8.0}
+    return {"tokens": 4096, "seconds": 4096 / tokens_per_s, "tokens_per_s": tokens_per_s, "cpu_s": cpu_s}
+
+
+def _worker_pass(tokens_per_s, errors):
+    summary = {
+        "requests": 256, "completed": 256 - errors, "errors": errors,
+        "errors_by_code": {"UNAVAILABLE": errors} if errors else {}, "completion_tokens": 4096,
+        "duration_s": 4096 / tokens_per_s, "tokens_per_s": tokens_per_s, "requests_per_s": 20.0,
+        "ttft_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0}, "itl_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0},
+        "e2e_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0}, "by_cache_tier": {},
+    }  # fmt: skip
+    seconds, cpu_s = summary["duration_s"], {"control plane": 0.5}
+    return {
+        "tokens": 4096,
+        "seconds": seconds,
+        "tokens_per_s": tokens_per_s,
+        "errors": errors,
+        "summary": summary,
+        "cpu_s": cpu_s,
+    }
+
+
+def test_the_target_is_met_only_when_every_worker_request_succeeded():
+    clean = {"engine": [_engine_pass(460.0), _engine_pass(450.0)], "worker": [_worker_pass(430.0, 0)] * 2}
+    assert "target >= 0.9: met" in summarize(clean)
+    # Failed requests leave their time to the others: the tokens/s of the rest keeps the same ratio.
+    failed = {
+        "engine": [_engine_pass(460.0), _engine_pass(450.0)],
+        "worker": [_worker_pass(430.0, 0), _worker_pass(425.0, 40)],
+    }
+    report = summarize(failed)
+    assert "target >= 0.9: NOT met" in report and "40 worker requests failed" in report
+    assert failed["best"]["worker_failed_requests"] == 40

@@ -126,3 +126,19 @@ def test_transport_targets_are_not_met_while_requests_of_either_transport_failed
     failed = transports_table(s5(3))
     assert "(target >= 0.9: NOT met)" in failed and "(target within 10 ms: NOT met)" in failed
     assert "| http | 205.0 | 64.0 | 200.0 | 3 |" in failed
+
+
+def test_openlora_requests_that_failed_in_scenario_1_miss_its_target():
+    from benchmarks.report import summary_rows
+
+    best = dict(_peer(16, 300.0), passes_tokens_per_s=[300.0])
+    config = {"s1_requests": 256, "s2_ttft_p99_bound_ms": 1000.0, "num_adapter_slots": 32}
+    for errors, verdict in ((12, "MISSED"), (0, "met")):
+        results = {
+            "config": config,
+            "s1_openlora": {"summary": _summary(990.0, errors=errors)},
+            "s1_peer": best,
+        }
+        rows = {(row[0], row[1]): row for row in summary_rows(results)}
+        ratio = rows[("1 offline", "OpenLoRA / PEFT batch 16")]
+        assert ratio[7] == verdict and ratio[6] == errors

@@ -127,7 +127,7 @@ class _Checked:
         return r.completion_tokens, r.prompt_tokens, r.finish_reason != CHECKPOINT_FINISH_REASON
 
 
-def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
+def _check(session: Session, reports: list[UsageReport], now: datetime) -> list[_Checked]:
     checked = []
     for i, r in enumerate(reports):
         where = f"events[{i}]"
@@ -179,7 +179,7 @@ def _check(session: Session, reports: list[UsageReport]) -> list[_Checked]:
                 r,
                 _uuid(r.tenant_id, f"{where}.tenant_id"),
                 tuple(sorted(adapters, key=lambda a: str(a[0]))),
-                r.finished_at or utc_now(),
+                min(r.finished_at, now) if r.finished_at is not None else now,
             )
         )
     tenant_ids = {c.tenant_id for c in checked}
@@ -237,10 +237,14 @@ def check_request_id_unused(session: Session, tenant_id: str, request_id: str) -
         )
 
 
-def report_usage(session: Session, reports: list[UsageReport]) -> ReportOutcome:
+def report_usage(session: Session, reports: list[UsageReport], now: datetime | None = None) -> ReportOutcome:
     """Records a batch of usage reports: each key's best record is inserted, or replaces the stored
-    event it outranks, or changes nothing (a duplicate). Counters move by exactly the difference."""
-    checked = _check(session, reports)
+    event it outranks, or changes nothing (a duplicate). Counters move by exactly the difference.
+
+    A record counts at the time its worker says it finished, or at `now` (when the batch arrived; the
+    control plane's clock by default) when that is earlier: nothing finishes after it is reported, and a
+    worker whose clock ran ahead stamped its usage in a later month (in 9999, one no invoice can ask for)."""
+    checked = _check(session, reports, now or utc_now())
     best: dict[tuple[str, str], _Checked] = {}
     for c in checked:
         key = (str(c.tenant_id), c.report.request_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import psycopg
@@ -208,6 +208,23 @@ def test_only_a_closed_months_invoice_is_stored(cp, world) -> None:
             (current,),
         ).fetchall()
     assert stored == []
+
+
+def test_an_event_stamped_after_it_arrived_counts_in_the_hour_it_arrived(cp) -> None:
+    """A worker whose clock runs ahead stamped its usage in a month no invoice had reached yet (in 9999 no
+    invoice can ask for: its tokens were never billed); nothing finishes after it is reported."""
+    ids, keys = _tenants(cp, "skewed")
+    ahead = [datetime(9999, 12, 31, 23, 30, tzinfo=UTC), datetime.now(UTC) + timedelta(days=400)]
+    before = datetime.now(UTC)
+    _report(cp, [_event(f"ahead{i}", ids["skewed"], [], 3, 5, when) for i, when in enumerate(ahead)])
+    after = datetime.now(UTC)
+    with cp.admin(keys["skewed"]) as skewed:
+        arrived = skewed.get_usage(start=before - timedelta(hours=1), end=after + timedelta(hours=1))
+        invoice = skewed.get_invoice(f"{after.year:04d}-{after.month:02d}")
+    totals = (arrived.total_requests, arrived.total_prompt_tokens, arrived.total_completion_tokens)
+    assert totals == (2, 6, 10)
+    if (before.year, before.month) == (after.year, after.month):  # not reported across a month's end
+        assert [(line.prompt_tokens, line.completion_tokens) for line in invoice.lines] == [(6, 10)]
 
 
 def test_bad_period_is_invalid(cp, world) -> None:

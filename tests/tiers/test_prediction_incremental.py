@@ -111,7 +111,7 @@ def _report(
         finish_reason=fields.get("finish_reason", "stop"),
     )
     with sessions.begin() as s:
-        report_usage(s, [report])
+        report_usage(s, [report], now=report.finished_at)  # the synthetic history's clock, not today's
     return request_id
 
 

@@ -79,6 +79,18 @@ _int = _number_type(int, "a whole number")
 _float = _number_type(float, "a number")
 
 
+def _seed_value(text: str) -> int:
+    """A seed as the wire's uint64 holds it: a whole number in [-2^63, 2^64), a negative one as its two's
+    complement (-1 is 2^64 - 1), as the HTTP API takes OpenAI's int64 seed."""
+    value = int(text)
+    if not -(1 << 63) <= value < 1 << 64:
+        raise ValueError(text)
+    return value % (1 << 64)
+
+
+_seed = _number_type(_seed_value, "a whole number in [-2^63, 2^64)")
+
+
 # ---------------------------------------------------------------------------------------------- worker
 
 
@@ -470,7 +482,13 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--temperature", type=_float, default=None, help=">= 0; 0 decodes greedily (default 0)")
     p.add_argument("--top-p", type=_float, default=None, help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--top-k", type=_int, default=0, help="keep the k most likely tokens (default 0: all)")
-    p.add_argument("--seed", type=_int, default=None, help="sampling seed (default: a fresh one per request)")
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        help="sampling seed in [-2^63, 2^64), a negative one as its two's complement (default: a fresh one "
+        "per request)",
+    )
     p.add_argument(
         "--stop", action="append", default=[], help="stop string, excluded from the text (repeatable)"
     )
@@ -483,6 +501,16 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--api-key", default=None, help="(OPENLORA_API_KEY, else the context file)")
     p.add_argument("--verbose", "-v", action="store_true", help="print usage and timing to stderr")
     p.set_defaults(func=_run_generate)
+
+
+def _wire_as_flag(message: str, args: argparse.Namespace) -> str:
+    """A request field's refusal ("sampling.top_k: 99999999999 does not fit the field ..."), reworded to
+    name the flag that set it."""
+    path, sep, rest = message.partition(": ")
+    field = path.rpartition(".")[2]
+    if not sep or not hasattr(args, field) or not field.replace("_", "").isalpha():
+        return message
+    return f"--{field.replace('_', '-')}: {rest}"
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -546,6 +574,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
                 print(context_key_hint(os.environ), file=sys.stderr)
             return 1
+        except ValueError as error:  # a flag's value the request's field cannot hold (found building it)
+            print(f"error: {_wire_as_flag(str(error), args)}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             return 130
     sys.stdout.write("\n")

@@ -282,6 +282,28 @@ def test_generate_from_stdin_drops_the_newline_echo_adds(system, tmp_path):
     assert prompt_tokens[0] == prompt_tokens[1]
 
 
+def test_a_negative_seed_is_its_twos_complement_as_over_http(system, tmp_path):
+    """`--seed -1` was refused as 'sampling.seed: -1 does not fit the field' while the HTTP API takes
+    OpenAI's int64 seeds; both now mean the same uint64 seed."""
+    _, _, key = system.new_tenant()
+    flags = ["--target", system.target, "--api-key", key, "--max-tokens", "8", "--temperature", "1.5"]
+    negative = _generate_cli([*flags, "--seed", "-1", "one two three"], tmp_path)
+    unsigned = _generate_cli([*flags, "--seed", str((1 << 64) - 1), "one two three"], tmp_path)
+    assert negative.returncode == unsigned.returncode == 0, negative.stderr
+    assert negative.stdout == unsigned.stdout
+    too_low = _generate_cli([*flags, "--seed", str(-(1 << 63) - 1), "one two three"], tmp_path)
+    assert too_low.returncode == 2 and "--seed" in too_low.stderr and "Traceback" not in too_low.stderr
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--top-k", "99999999999"), ("--max-tokens", "99999999999")])
+def test_a_flag_value_the_request_cannot_hold_is_refused_naming_the_flag(flag, value, tmp_path):
+    """It was named by the request's field (`sampling.top_k: ... does not fit the field`), which the user
+    never typed; refused before anything is sent, so no server is needed."""
+    result = _generate_cli(["--target", "127.0.0.1:1", "--api-key", "k" * 20, flag, value, "hello"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {flag}: {value} does not fit"), result.stderr
+
+
 def test_generate_against_an_address_nobody_answers_says_what_to_check(tmp_path):
     import socket
 

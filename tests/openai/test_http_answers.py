@@ -135,6 +135,20 @@ def test_an_unserved_method_or_path_is_answered_as_an_invalid_request(http_worke
     assert slash.json()["error"]["message"] == "no route /v1/completions/"
 
 
+def test_a_path_without_v1_says_the_routes_are_under_v1(http_worker, tenant):
+    """`OpenAI(base_url="http://host:port")` (no /v1) asks for /completions: the 404 said only 'no route
+    /completions', which does not point at the base URL."""
+    headers = {"Authorization": f"Bearer {tenant[2]}"}
+    for method, path in (("POST", "/completions"), ("POST", "/chat/completions"), ("GET", "/models")):
+        response = httpx.request(method, f"{http_worker.base_url.removesuffix('/v1')}{path}", headers=headers)
+        assert response.status_code == 404
+        assert response.json()["error"]["message"] == (
+            f"no route {path}; the API's routes are under /v1 (/v1{path}): end the client's base URL with /v1"
+        )
+    elsewhere = httpx.get(f"{http_worker.base_url.removesuffix('/v1')}/health", headers=headers)
+    assert elsewhere.json()["error"]["message"] == "no route /health"
+
+
 # Llama 3.1's template writes the date it is given (`date_string`) into the system header.
 _DATE_TEMPLATE = (
     "{% if date_string is not defined %}{% set date_string = '26 Jul 2024' %}{% endif %}"

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
 from data_plane.server.errors import MissingCredentials, ModelNotFound, names_unknown
@@ -393,7 +393,15 @@ async def _metrics(request: Request):
 
 
 async def _not_found(request: Request, exc) -> JSONResponse:
-    return HttpError(404, f"no route {request.url.path}", None, "not_found").response()
+    path = request.url.path
+    message = f"no route {path}"
+    # A client whose base URL left out /v1 (`OpenAI(base_url="http://host:8000")`) asks for /completions.
+    if not path.startswith("/v1/") and any(
+        route.matches({**request.scope, "path": "/v1" + path})[0] is not Match.NONE
+        for route in request.app.router.routes
+    ):
+        message += f"; the API's routes are under /v1 (/v1{path}): end the client's base URL with /v1"
+    return HttpError(404, message, None, "not_found").response()
 
 
 async def _internal_error(request: Request, exc) -> JSONResponse:

@@ -140,12 +140,15 @@ class ControlPlane:
             registry.check_public_name_free(s, tenant.id, header.name, header.visibility)
             _check_royalty_not_raised(registry.named_terms(s, tenant.id, header.name), header)
             spec = workers.base_model(s, header.base_model).to_spec()
-            # Workers choose their rank limit (--max-lora-rank): an upload is refused only past the largest
-            # a live worker of its base model accepts (it was refused past 64 whatever they accepted); with
-            # none live, the control plane's own limit.
-            live_within_s = LIVE_HEARTBEATS * self.config.heartbeat_interval_ms / 1000
-            max_rank = workers.max_lora_rank(s, spec.name, live_within_s) or self.config.max_lora_rank
+            max_rank = self._max_rank(s, spec.name)
         return UploadPlan(header, tenant.id, spec, max_rank)
+
+    def _max_rank(self, session: Session, base_model_name: str) -> int:
+        """Workers choose their rank limit (--max-lora-rank): an adapter is refused only past the largest a
+        live worker of its base model accepts (uploads were refused past 64 whatever they accepted); with
+        none live, the control plane's own limit."""
+        live_within_s = LIVE_HEARTBEATS * self.config.heartbeat_interval_ms / 1000
+        return workers.max_lora_rank(session, base_model_name, live_within_s) or self.config.max_lora_rank
 
     def begin_upload(self, plan: UploadPlan) -> Upload:
         """Takes one of the tenant's upload slots (ResourceExhausted when it has none left, or the control
@@ -312,7 +315,7 @@ class ControlPlane:
     def create_mix(self, api_key: str, tenant: str, spec: mixes.MixSpec) -> mixes.OwnedMix:
         with self.sessions.begin() as s:
             owner = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), tenant)
-            return mixes.create_mix(s, owner, spec)
+            return mixes.create_mix(s, owner, spec, lambda base_model: self._max_rank(s, base_model))
 
     def list_mixes(self, api_key: str, tenant: str) -> list[mixes.OwnedMix]:
         with self.sessions.begin() as s:

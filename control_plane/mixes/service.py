@@ -4,6 +4,7 @@ them), list, delete, resolution for a Generate, and the mixes a source adapter f
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -108,8 +109,12 @@ def check_spec(spec: MixSpec) -> None:
     check_text(spec.description, "description", MAX_DESCRIPTION_CHARS)
 
 
-def create_mix(session: Session, tenant: Tenant, spec: MixSpec) -> OwnedMix:
-    """Saves the mix; NOT_FOUND for a member the tenant may not use, ALREADY_EXISTS for a taken name."""
+def create_mix(
+    session: Session, tenant: Tenant, spec: MixSpec, max_rank_of: Callable[[str], int] | None = None
+) -> OwnedMix:
+    """Saves the mix; NOT_FOUND for a member the tenant may not use, ALREADY_EXISTS for a taken name.
+    `max_rank_of`: a base model's name -> the largest LoRA rank its workers serve; a linear mix, served as
+    one adapter of its members' ranks added up, is refused past it (every call to it would be)."""
     check_spec(spec)
     registry.lock_name(session, tenant.id, spec.name)  # an upload of that name may be completing now
     workers.check_not_a_base_model_name(session, spec.name, "name")
@@ -142,6 +147,17 @@ def create_mix(session: Session, tenant: Tenant, spec: MixSpec) -> OwnedMix:
                     f"has the same content as members[{first}] (one adapter under two names)",
                     field=f"members[{i}].adapter",
                 )
+    if spec.method == "linear" and max_rank_of is not None:
+        total_rank = sum(a.rank for a in adapters if a is not None)
+        base_model = next(a.base_model_name for a in adapters if a is not None)
+        limit = max_rank_of(base_model)
+        if total_rank > limit:
+            raise InvalidArgument(
+                f"a linear mix is served as one adapter of its members' ranks added up, {total_rank} here, "
+                f"above {limit}, the largest rank the workers of {base_model} serve (a merge method, such "
+                "as ties, keeps the rank within it)",
+                field="members",
+            )
     density = spec.density
     if density is None and spec.method in DENSITY_METHODS:
         density = 1.0

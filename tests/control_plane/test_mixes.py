@@ -162,6 +162,29 @@ def test_a_mix_of_one_content_under_two_names_is_refused(cp, adapters_root, meth
     assert details.startswith("members[1].adapter:") and "same content" in details
 
 
+def test_a_linear_mix_past_the_workers_rank_is_refused_and_a_merge_of_the_same_is_saved(
+    cp, base_spec, tmp_path
+) -> None:
+    """A linear mix is served as one adapter of its members' ranks added up: one past the largest rank a
+    worker serves was saved, and every call to it refused."""
+    from .conftest import register_worker, write_peft_adapter
+
+    _, key = _tenant_with_key(cp)
+    register_worker(cp, base_spec, worker_id="narrow-worker", max_lora_rank=64)  # live: 64 is the limit
+    with cp.admin(key) as admin:
+        for i in range(3):
+            write_peft_adapter(tmp_path / f"r24-{i}", seed=10 + i, rank=24, targets=["q_proj"])
+            admin.upload_adapter(tmp_path / f"r24-{i}", f"r24-{i}", BASE)
+        members = [(f"r24-{i}", 1.0) for i in range(3)]  # 72 > 64
+        code, details = _code(lambda: admin.create_mix("wide", members))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith("members:") and "72 here, above 64" in details
+        assert admin.create_mix("narrow", members[:2]).name == "narrow"  # 48
+        assert admin.create_mix("merged", members, method="ties", density=0.5).name == "merged"
+        assert admin.create_mix("voted", members, method="ensemble").name == "voted"
+        assert [m.name for m in admin.list_mixes()] == ["merged", "narrow", "voted"]
+
+
 def test_an_unknown_method_is_invalid_argument(cp) -> None:
     _, key = _tenant_with_key(cp)
     with cp.admin(key) as admin:

@@ -5,7 +5,14 @@ id is another request. A worker spools a running stream's delivered count as a c
 reason "interrupted") and its final count when the stream ends; after a crash only the checkpoints
 remain. Records of one key merge by `outranks`: the larger completion count, then the larger prompt count,
 then a final over a checkpoint; never a sum. The stored event is the highest-ranked record received so
-far, whatever the order, so retries, duplicates and two workers reporting one request never double count.
+far, whatever the order, so retries and duplicates never double count.
+
+Only one worker serves a stream, so records of one key from two workers are two servings of the id, and
+each delivered its own tokens: a retry served by another worker while the first was paused or dead past
+the id's reservation (the first one's record arrives when it runs again, or from its spool once it
+restarts), or while the control plane could not reserve the id. The record of a worker other than the
+stored event's is billed as a request of its own, under `another_serving_id` (merged by rank there with
+that worker's other records of it); a record without a worker id merges as before.
 
 An event is inserted with `INSERT ... ON CONFLICT (tenant_id, request_id) DO NOTHING RETURNING ...`; a
 record whose key was already stored is compared with the stored row (locked `FOR UPDATE`) and, when it
@@ -20,6 +27,7 @@ A batch is validated whole first and then succeeds or fails atomically. Rows are
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import uuid
@@ -239,19 +247,65 @@ def check_request_id_unused(session: Session, tenant_id: str, request_id: str) -
 
 def report_usage(session: Session, reports: list[UsageReport], now: datetime | None = None) -> ReportOutcome:
     """Records a batch of usage reports: each key's best record is inserted, or replaces the stored
-    event it outranks, or changes nothing (a duplicate). Counters move by exactly the difference.
+    event it outranks, or changes nothing (a duplicate); a record of a key another worker's event holds
+    is another serving, recorded under `another_serving_id`. Counters move by exactly the difference.
 
     A record counts at the time its worker says it finished, or at `now` (when the batch arrived; the
     control plane's clock by default) when that is earlier: nothing finishes after it is reported, and a
     worker whose clock ran ahead stamped its usage in a later month (in 9999, one no invoice can ask for)."""
     checked = _check(session, reports, now or utc_now())
+    by_worker: dict[str, list[_Checked]] = defaultdict(list)
+    for c in checked:  # a worker's batch holds its own records only: one group, but for a moved spool
+        by_worker[c.report.worker_id].append(c)
+    new: list[_Checked] = []
+    replaced: list[tuple[_Checked, _Contribution]] = []
+    for group in by_worker.values():
+        group_new, group_replaced, elsewhere = _record(session, group, divert=True)
+        new += group_new
+        replaced += group_replaced
+        if elsewhere:
+            others = [
+                dataclasses.replace(
+                    c,
+                    report=dataclasses.replace(
+                        c.report, request_id=another_serving_id(c.report.request_id, c.report.worker_id)
+                    ),
+                )
+                for c in elsewhere
+            ]
+            others_new, others_replaced, _ = _record(session, others, divert=False)
+            new += others_new
+            replaced += others_replaced
+    deltas: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for c in new:
+        _count(deltas, _contribution_of(c), +1)
+    for c, old in replaced:
+        _count(deltas, old, -1)
+        _count(deltas, _contribution_of(c), +1)
+    _move_counters(session, deltas)
+    return ReportOutcome(len(new), len(reports) - len(new) - len(replaced), len(replaced))
+
+
+def another_serving_id(request_id: str, worker_id: str) -> str:
+    """The key a second serving of `request_id` (by `worker_id`) is billed under: the id, cut to leave
+    room, then "~" and a digest of the id and the worker (at most MAX_REQUEST_ID_CHARS characters)."""
+    digest = hashlib.sha256(f"{request_id}\0{worker_id}".encode()).hexdigest()[:16]
+    return f"{request_id[: MAX_REQUEST_ID_CHARS - len(digest) - 1]}~{digest}"
+
+
+def _record(
+    session: Session, checked: list[_Checked], *, divert: bool
+) -> tuple[list[_Checked], list[tuple[_Checked, _Contribution]], list[_Checked]]:
+    """Inserts each key's best record, or replaces the stored event it outranks; returns the inserted
+    records, the replacing ones with the contribution each replaced, and (when `divert`) the records whose
+    key is stored from another worker, left unrecorded."""
     best: dict[tuple[str, str], _Checked] = {}
     for c in checked:
         key = (str(c.tenant_id), c.report.request_id)
         if key not in best or outranks(c.rank, best[key].rank):
             best[key] = c
     if not best:
-        return ReportOutcome(0, 0)
+        return [], [], []
     ordered = [best[k] for k in sorted(best)]
     inserted_keys = {
         (tenant_id, request_id)
@@ -264,16 +318,9 @@ def report_usage(session: Session, reports: list[UsageReport], now: datetime | N
     }
     new = [c for c in ordered if (c.tenant_id, c.report.request_id) in inserted_keys]
     stored = [c for c in ordered if (c.tenant_id, c.report.request_id) not in inserted_keys]
-    replaced = _replace_outranked(session, stored)
+    replaced, elsewhere = _replace_outranked(session, stored, divert)
     _link_adapters(session, new + [c for c, _ in replaced])
-    deltas: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    for c in new:
-        _count(deltas, _contribution_of(c), +1)
-    for c, old in replaced:
-        _count(deltas, old, -1)
-        _count(deltas, _contribution_of(c), +1)
-    _move_counters(session, deltas)
-    return ReportOutcome(len(new), len(reports) - len(new) - len(replaced), len(replaced))
+    return new, replaced, elsewhere
 
 
 def outranks(rank: tuple[int, int, bool], other: tuple[int, int, bool]) -> bool:
@@ -330,11 +377,14 @@ def _event_row(c: _Checked) -> dict:
     }
 
 
-def _replace_outranked(session: Session, stored: list[_Checked]) -> list[tuple[_Checked, _Contribution]]:
+def _replace_outranked(
+    session: Session, stored: list[_Checked], divert: bool
+) -> tuple[list[tuple[_Checked, _Contribution]], list[_Checked]]:
     """Locks the stored events of these keys, replaces each one its record outranks; returns the
-    replacing records with the contribution of the event each replaced."""
+    replacing records with the contribution of the event each replaced, and (when `divert`) the records
+    of another worker than their stored event's, which replace nothing."""
     if not stored:
-        return []
+        return [], []
     keys = [(c.tenant_id, c.report.request_id) for c in stored]
     rows = {
         (row.tenant_id, row.request_id): row
@@ -345,14 +395,17 @@ def _replace_outranked(session: Session, stored: list[_Checked]) -> list[tuple[_
             .with_for_update()
         ).scalars()
     }
-    winners = []
+    winners, elsewhere = [], []
     for c in stored:
         row = rows[(c.tenant_id, c.report.request_id)]
+        if divert and row.worker_id and c.report.worker_id and row.worker_id != c.report.worker_id:
+            elsewhere.append(c)
+            continue
         old_rank = (row.completion_tokens, row.prompt_tokens, row.finish_reason != CHECKPOINT_FINISH_REASON)
         if outranks(c.rank, old_rank):
             winners.append((c, row))
     if not winners:
-        return []
+        return [], elsewhere
     won_keys = [(c.tenant_id, c.report.request_id) for c, _ in winners]
     old_links: dict[tuple[uuid.UUID, str], list[tuple[uuid.UUID, Decimal]]] = defaultdict(list)
     for tenant_id, request_id, adapter_id, weight in session.execute(
@@ -383,7 +436,7 @@ def _replace_outranked(session: Session, stored: list[_Checked]) -> list[tuple[_
             setattr(row, name, value)
         replaced.append((c, old))
     session.flush()
-    return replaced
+    return replaced, elsewhere
 
 
 def _link_adapters(session: Session, events: list[_Checked]) -> None:

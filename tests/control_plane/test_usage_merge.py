@@ -72,12 +72,13 @@ def _event(
     final: bool = True,
     adapters: list[tuple[str, float]] = (),
     prompt: int = 7,
+    worker: str = "w1",
 ) -> worker_pb2.UsageEvent:
     event = worker_pb2.UsageEvent(
         request_id=request_id,
         tenant_id=tenant_id,
         adapters=[worker_pb2.UsageAdapter(adapter_id=a, weight=w) for a, w in adapters],
-        worker_id="w1",
+        worker_id=worker,
         base_model=BASE,
         prompt_tokens=prompt,
         completion_tokens=completion,
@@ -253,5 +254,37 @@ def test_a_request_id_with_a_checkpoint_only_is_already_used(cp, pair) -> None:
         cp.worker_stub().CheckRequestId(
             worker_pb2.CheckRequestIdRequest(tenant_id=merged, request_id="cut"),
             metadata=cp.worker_metadata(),
+        )
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_records_of_one_request_id_from_two_workers_bill_each_serving_once(cp, adapters, pair) -> None:
+    """Worker w1 streamed 40 tokens under "r1" and was paused (or killed) past the id's reservation; the
+    client's retry under "r1" was served by w2 (150 tokens). w1's records then arrive: they are another
+    serving, billed as a request of its own (merged by rank with w1's other records), never folded into
+    w2's by rank (w1's 40 delivered tokens unbilled)."""
+    merged, reference = pair
+    mix = [(adapters[0], 0.5), (adapters[1], 0.5)]
+    assert _report(cp, [_event("r1", merged, 150, JUNE, adapters=mix, worker="w2")]).inserted == 1
+    assert _report(cp, [_event("r1", merged, 30, JUNE, final=False, adapters=mix)]).inserted == 1
+    assert _report(cp, [_event("r1", merged, 40, JUNE, adapters=mix)]) == worker_pb2.ReportUsageResponse()
+    for late in (
+        _event("r1", merged, 40, JUNE, adapters=mix),
+        _event("r1", merged, 150, JUNE, adapters=mix, worker="w2"),
+    ):
+        assert _report(cp, [late]) == worker_pb2.ReportUsageResponse(duplicates=1)
+    _report(
+        cp,
+        [_event("r1", reference, 150, JUNE, adapters=mix), _event("r2", reference, 40, JUNE, adapters=mix)],
+    )
+
+    events = _stored(cp, merged)["events"]
+    assert sorted(completion for _, _, completion in events) == [40, 150]
+    assert ("r1", 7, 150) in events
+    assert _stored(cp, merged)["counters"] == _stored(cp, reference)["counters"]
+    assert _invoice(cp, merged, "2026-06") == _invoice(cp, reference, "2026-06")
+    with pytest.raises(grpc.RpcError) as e:  # the id stays used
+        cp.worker_stub().CheckRequestId(
+            worker_pb2.CheckRequestIdRequest(tenant_id=merged, request_id="r1"), metadata=cp.worker_metadata()
         )
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS

@@ -353,7 +353,8 @@ def test_a_worker_paused_past_its_reservation_ends_a_stream_whose_id_another_wor
     """A worker paused mid-stream (SIGSTOP, a stall of its event loop) for longer than its request id's
     reservation: the client's retry on another worker is served, as for a worker that died. When the first
     worker runs again its stream must end (ALREADY_EXISTS) before it hands over another chunk: it went on
-    to deliver a whole second answer under the id, billed once."""
+    to deliver a whole second answer under the id, billed once. What it delivered before the pause is
+    billed beside the retry's answer (it was merged into it, by rank, and went unbilled)."""
     paused = LoopThread()
     worker = start_worker(
         paused,
@@ -387,8 +388,10 @@ def test_a_worker_paused_past_its_reservation_ends_a_stream_whose_id_another_wor
                     received += len(response.token_ids)
         assert ended.value.code() == grpc.StatusCode.ALREADY_EXISTS
         assert received < 400
-        usage = system.wait_usage(tenant, 1)
-        assert usage.total_requests == 1
+        # Two answers were delivered: each is billed what it delivered, the paused one as a request of its own.
+        usage = system.wait_usage(tenant, 2)
+        retried_tokens = sum(len(r.token_ids) for r in retried)
+        assert (usage.total_requests, usage.total_completion_tokens) == (2, received + retried_tokens)
     finally:
         paused.run(worker.stop(0.5))
         paused.close()

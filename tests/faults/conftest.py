@@ -116,8 +116,11 @@ class WorkerProcess(_Process):
 
 
 class ControlPlaneProcess(_Process):
-    def __init__(self, database_url: str, redis_url: str, state_dir: Path, log_path: Path) -> None:
-        self.target = f"127.0.0.1:{free_port()}"
+    def __init__(
+        self, database_url: str, redis_url: str, state_dir: Path, log_path: Path, target: str | None = None
+    ) -> None:
+        self.target = target or f"127.0.0.1:{free_port()}"
+        self.database_url, self.redis_url, self.state_dir = database_url, redis_url, state_dir
         super().__init__(
             [
                 "control-plane",
@@ -143,6 +146,15 @@ class FaultSystem:
     redis_url: str
     directory: Path
     workers: list[WorkerProcess] = field(default_factory=list)
+
+    def restart_control_plane(self) -> None:
+        """SIGKILLs the control plane (when it still runs) and starts it again on the same port, database
+        and state directory."""
+        old = self.control_plane
+        old.kill()
+        self.control_plane = ControlPlaneProcess(
+            old.database_url, old.redis_url, old.state_dir, old.log_path, target=old.target
+        )
 
     def spawn_worker(self, *extra: str, state_dir: Path | None = None, redis: bool = True) -> WorkerProcess:
         """A worker on the tiny model; `extra` flags are appended (later flags win)."""

@@ -68,6 +68,13 @@ class ScheduledBatch:
         return not self.seqs
 
 
+def _num_leaders(seqs: deque[Sequence] | list[Sequence]) -> int:
+    """The units among `seqs`, counted on a copy taken in one call (no other thread runs during it): the
+    worker's gauges and each call's queue check count from other threads, and iterating the deque itself
+    raised "deque mutated during iteration" whenever the engine thread changed it meanwhile."""
+    return sum(1 for seq in tuple(seqs) if seq.is_leader)
+
+
 class Scheduler:
     def __init__(self, limits: SchedulerLimits, blocks: BlockManager, adapters: AdapterCache) -> None:
         self.limits = limits
@@ -79,13 +86,13 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        """Waiting requests (an ensemble's group counts once)."""
-        return sum(1 for seq in self.waiting if seq.is_leader)
+        """Waiting requests (an ensemble's group counts once); safe to read from any thread."""
+        return _num_leaders(self.waiting)
 
     @property
     def num_running(self) -> int:
-        """Running requests (an ensemble's group counts once)."""
-        return sum(1 for seq in self.running if seq.is_leader)
+        """Running requests (an ensemble's group counts once); safe to read from any thread."""
+        return _num_leaders(self.running)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -12,7 +12,7 @@ import threading
 
 from data_plane.engine.async_engine import AsyncEngine
 
-from .conftest import make_engine
+from .conftest import greedy, make_engine
 
 NUM_PERMANENT = 500
 
@@ -62,3 +62,39 @@ def test_residency_reads_from_another_thread_never_raise_while_the_cache_changes
         engine.shutdown()
     assert sorted(front.host_adapter_keys()) == sorted(cache.host_keys())
     assert sorted(front.resident_adapter_keys()) == sorted(cache.resident_keys())
+
+
+def test_request_counts_read_from_another_thread_never_raise_while_the_queue_changes(tiny_llama):
+    """The worker's gauges, its engine watch and each call's queue check read the running and waiting
+    counts from other threads. Regression: counting iterated the waiting deque while the engine thread
+    added and removed requests, and raised `RuntimeError: deque mutated during iteration` (a call failed
+    as INTERNAL; the engine watch died, and a dead engine was never reported NOT_SERVING)."""
+    engine = make_engine(tiny_llama, max_waiting=10_000)
+    front = AsyncEngine(engine=engine)
+    num_kept = 200
+    for i in range(num_kept):
+        engine.add_request(greedy(f"kept{i}", [1, 2, 3]))
+    stop = threading.Event()
+
+    def engine_thread() -> None:  # requests arrive and leave behind those that wait
+        i = 0
+        while not stop.is_set():
+            engine.add_request(greedy(f"churn{i}", [4, 5, 6]))
+            if i % 2:
+                engine.abort(f"churn{i - 1}")
+                engine.abort(f"churn{i}")
+            i += 1
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    writer = threading.Thread(target=engine_thread)
+    writer.start()
+    try:
+        for _ in range(2_000):
+            assert num_kept <= front.num_waiting <= num_kept + 2
+            assert front.num_running == 0
+    finally:
+        stop.set()
+        writer.join()
+        sys.setswitchinterval(old_interval)
+        engine.shutdown()

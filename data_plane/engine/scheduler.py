@@ -40,6 +40,7 @@ in `waiting` and in `running`, in member order.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -230,6 +231,9 @@ class Scheduler:
         running = Counter(seq.tenant for seq in self.running)
         free = self.limits.max_num_seqs - len(self.running)
         preempted: list[Sequence] = []
+        # Counts only fall from here on (units preempted): once no running unit is above its share, none
+        # is for the rest of the pass, and it is not looked for again for each unit behind.
+        none_above = False
         for unit in list(self._below_share_units(share, running)):
             _, wanted = self._slots_wanted(unit)
             if wanted:
@@ -243,9 +247,10 @@ class Scheduler:
                 )
                 free += len(freed)
                 preempted.extend(freed)
-            while free < len(unit):
+            while free < len(unit) and not none_above:
                 victim = self._newest_unit_above(share, running)
                 if victim is None:
+                    none_above = True
                     break
                 for seq in victim:
                     self.running.remove(seq)
@@ -464,12 +469,18 @@ class Scheduler:
                 yield unit
             return
         counts = Counter(s.tenant for s in self.running if s.is_leader)
-        while queues:
-            tenant = min(queues, key=lambda t: (counts[t], queues[t][0][0]))
-            _, unit = queues[tenant].popleft()
-            if not queues[tenant]:
-                del queues[tenant]
-            counts[tenant] += 1
+        # Each waiting tenant once, by (its running units, the position of its earliest waiting unit): a
+        # tenant's entry changes only when its unit is taken. Taking the least of every tenant's anew for
+        # each unit cost a pass over the tenants per unit, and the schedule takes every unit of the queue
+        # (1,024 requests of 256 tenants: 0.1 s per step, every running stream's tokens waiting on it).
+        heap = [(counts[tenant], units[0][0], tenant) for tenant, units in queues.items()]
+        heapq.heapify(heap)
+        while heap:
+            count, _, tenant = heapq.heappop(heap)
+            units = queues[tenant]
+            _, unit = units.popleft()
+            if units:
+                heapq.heappush(heap, (count + 1, units[0][0], tenant))
             yield unit
 
     def _can_allocate(self, unit: list[Sequence], num_new_tokens: int) -> bool:

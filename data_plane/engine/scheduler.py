@@ -247,6 +247,11 @@ class Scheduler:
                 )
                 free += len(freed)
                 preempted.extend(freed)
+                if self._slots_wanted(unit)[1]:
+                    # It cannot run before a slot frees: no room is made for it (nor kept, `_reserved`).
+                    # Else a running unit was preempted for it at every step, and taken in again at once
+                    # (work-conserving), its whole context computed again each time.
+                    continue
             while free < len(unit) and not none_above:
                 victim = self._newest_unit_above(share, running)
                 if victim is None:

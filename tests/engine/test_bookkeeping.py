@@ -263,3 +263,33 @@ def test_a_steps_work_grows_with_the_waiting_requests_not_with_them_times_their_
 
     # Each request of its own tenant: four times the requests, four times the tenants.
     assert calls_per_waiting_request(1024, 1024) <= 1.5 * calls_per_waiting_request(256, 256)
+
+
+def test_no_running_sequence_is_preempted_for_ones_that_wait_for_an_adapter_slot():
+    """Tenants below their share wait, each for an adapter of its own, while every slot is held by running
+    work: they cannot run before a slot frees, so once the slots are shared out nothing more is preempted
+    for them. Regression: at every step a running sequence of the tenant above its share was preempted
+    for them and, none of them able to use the room, taken in again at once (work-conserving): its whole
+    context computed again at every step, for as long as they waited."""
+    sched = _scheduler(num_blocks=4096, block_size=16, slots=4, max_seqs=8, max_tokens=4096)
+    for i in range(8):  # one tenant runs everything, on every slot
+        sched.add(Sequence(f"flood{i}", [1] * 50, 50, f"hot{i % 4}", tenant="flood"))
+
+    def step():
+        batch = sched.schedule()
+        for key, _slot in batch.loads:
+            sched.adapters.mark_ready(key)
+        _advance(sched, batch)
+        return batch
+
+    for _ in range(3):
+        step()
+    for i in range(20):
+        sched.add(Sequence(f"w{i}", [1] * 5, 5, f"cold{i}", tenant=f"t{i}"))
+    for _ in range(5):  # the slots are shared out: some of the flood's are given up to three tenants
+        step()
+    assert {seq.tenant for seq in sched.running} == {"flood", "t0", "t1", "t2"}
+    for _ in range(10):
+        batch = step()
+        assert batch.preempted == []
+        assert all(n == 1 for n in batch.num_tokens)  # decode only: no context computed again

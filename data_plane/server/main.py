@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -441,7 +442,7 @@ async def _start_serving(
                 counted("heartbeat"),
             )
         ),
-        loop.create_task(_watch_engine(running)),
+        loop.create_task(_watch_engine(running, counted("engine_watch"))),
     ]
     if config.redis_url:
         running._tasks.append(
@@ -507,36 +508,54 @@ async def _register_with_retry(register) -> float:
             delay_s = min(delay_s * 2, REGISTER_RETRY_MAX_S)
 
 
-async def _watch_engine(running: RunningWorker) -> None:
+async def _watch_engine(running: RunningWorker, on_error: Callable[[], None]) -> None:
     """Updates the running/waiting gauges; turns health NOT_SERVING when the engine loop died (for good),
-    and while the usage spool cannot be written (SERVING again once a probe write succeeds)."""
-    engine = running.engine
-    usage = running.usage
-    spool_failed = False
+    and while the usage spool cannot be written (SERVING again once a probe write succeeds). A round that
+    raises is logged and counted (`on_error`), and the watch goes on with what it knew: it is the only
+    thing that reports a dead engine, and it was a task that one exception ended for good."""
+    watch = _EngineWatch(running)
     while True:
         await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        try:
+            if await watch.round():
+                return
+        except Exception:
+            log.exception("engine watch round failed; the watch goes on")
+            on_error()
+
+
+class _EngineWatch:
+    def __init__(self, running: RunningWorker) -> None:
+        self._running = running
+        self._spool_failed = False
+
+    async def round(self) -> bool:
+        """One look; True once the engine loop has stopped for good (health set NOT_SERVING)."""
+        running = self._running
+        engine, usage = running.engine, running.usage
         running.metrics.running.set(engine.num_running)
         running.metrics.waiting.set(engine.num_waiting)
         if running.state.draining:
-            continue
+            return False
         if not engine.is_running:
             log.error("the engine loop stopped; health NOT_SERVING")
             await running._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-            return
-        if usage.write_error is None and not spool_failed:
-            continue
+            return True
+        if usage.write_error is None and not self._spool_failed:
+            return False
         writable = await asyncio.to_thread(usage.probe_writable)
-        if writable == spool_failed and not running.state.draining:
-            spool_failed = not writable
-            if spool_failed:
+        if writable == self._spool_failed and not running.state.draining:
+            self._spool_failed = not writable
+            if self._spool_failed:
                 log.error("the usage spool cannot be written (%s); health NOT_SERVING", usage.write_error)
             else:
                 log.info("the usage spool is writable again; health SERVING")
             await running._set_health(
                 health_pb2.HealthCheckResponse.NOT_SERVING
-                if spool_failed
+                if self._spool_failed
                 else health_pb2.HealthCheckResponse.SERVING
             )
+        return False
 
 
 def _engine_load(engine) -> EngineLoad:

@@ -18,7 +18,7 @@ from openlora.listen import listen_error
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 TIERS = ("none", "device", "host", "disk", "remote")
-BACKGROUND_LOOPS = ("heartbeat", "hints", "residency")
+BACKGROUND_LOOPS = ("heartbeat", "hints", "residency", "engine_watch")
 
 
 class WorkerMetrics:

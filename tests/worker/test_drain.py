@@ -96,3 +96,37 @@ def test_stop_finishes_when_a_background_task_swallows_its_cancellation(system, 
     hold = False
     system.loop.run(release(task), 10)
     assert task.cancelled()
+
+
+def test_the_engine_watch_survives_a_failed_round_and_still_reports_a_stopped_engine(system, spare_worker):
+    """The watch was a task that one exception ended for good (a gauge read once raised 'deque mutated
+    during iteration'): after it, an engine that stopped was never reported NOT_SERVING."""
+    failures = {"left": 3}
+    gauge = spare_worker.metrics.running
+    real_set = gauge.set
+
+    def failing_set(value):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise RuntimeError("injected: a round of the watch fails")
+        real_set(value)
+
+    gauge.set = failing_set
+    target = f"127.0.0.1:{spare_worker.port}"
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(200):
+            if failures["left"] == 0:
+                break
+            threading.Event().wait(0.05)
+        assert failures["left"] == 0
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        system.loop.run(spare_worker.engine.stop())  # the engine loop ends, as it does after a fatal fault
+        status = None
+        for _ in range(200):
+            status = health.Check(health_pb2.HealthCheckRequest()).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            threading.Event().wait(0.05)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert spare_worker.metrics.background_errors.labels("engine_watch")._value.get() == 3

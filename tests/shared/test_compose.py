@@ -37,6 +37,15 @@ def test_every_openlora_service_command_is_accepted_by_the_cli(compose: dict, se
     assert args.command == command[0]
 
 
+def test_every_long_running_service_restarts_and_the_one_shot_job_does_not(compose: dict) -> None:
+    """A control plane started while PostgreSQL was down (or one that crashed) exits; with no restart
+    policy it stayed down until someone restarted it."""
+    services = compose["services"]
+    for name, service in services.items():
+        expected = None if name == "model-init" else "unless-stopped"
+        assert service.get("restart") == expected, name
+
+
 def test_processes_reach_each_other_by_service_name(compose: dict) -> None:
     services = compose["services"]
     env = services["control-plane"]["environment"]

@@ -17,6 +17,20 @@ MAX_ADAPTER_SLOTS = 65536
 MAX_LORA_RANK = 4096
 
 
+def quantize_problem(quantize: str, quantize_lm_head: bool) -> str | None:
+    """Why --quantize and --quantize-lm-head cannot be served together, naming each flag with the
+    variable that may have set it (the operator may never have typed the flag), or None."""
+    if quantize not in QUANTIZE_FORMATS:
+        return (
+            f"--quantize (OPENLORA_QUANTIZE) must be one of {', '.join(QUANTIZE_FORMATS)}, got {quantize!r}"
+        )
+    if quantize_lm_head and quantize == "none":
+        return (
+            "--quantize-lm-head (OPENLORA_QUANTIZE_LM_HEAD) needs --quantize (OPENLORA_QUANTIZE) int8 or int4"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """What the worker passes to the engine's own config; None leaves the engine default."""
@@ -156,12 +170,8 @@ class WorkerConfig:
             raise ValueError(f"disk_cache_bytes must be >= 0, got {self.disk_cache_bytes}")
         if self.engine.host_cache_bytes is not None and self.engine.host_cache_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {self.engine.host_cache_bytes}")
-        if self.engine.quantize not in QUANTIZE_FORMATS:
-            raise ValueError(
-                f"--quantize must be one of {', '.join(QUANTIZE_FORMATS)}, got {self.engine.quantize!r}"
-            )
-        if self.engine.quantize_lm_head and self.engine.quantize == "none":
-            raise ValueError("--quantize-lm-head needs --quantize int8 or int4")
+        if (problem := quantize_problem(self.engine.quantize, self.engine.quantize_lm_head)) is not None:
+            raise ValueError(problem)
         if not 0 <= self.metrics_port <= 65535:  # bind() raised OverflowError once the model was loaded
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.http_listen:

@@ -721,19 +721,17 @@ def up_config_from_args(args: argparse.Namespace, environ):
         resolve_interval_s,
         resolve_predictor_config,
     )
-    from data_plane.server.config import QUANTIZE_FORMATS
+    from data_plane.server.config import quantize_problem
     from openlora.commands.up import UpConfig
 
-    if args.quantize not in QUANTIZE_FORMATS:
-        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_FORMATS)}, got {args.quantize!r}")
+    if (problem := quantize_problem(args.quantize, quantize_lm_head(args))) is not None:
+        raise ValueError(problem)
     # CUDA too (imports torch only for a cuda device): a GPU this machine lacks stops `up` here, not after
     # the databases, the control plane and the demo model's training, as the worker's refusal did.
     if (problem := device_problem(args.device) or cuda_problem(args.device)) is not None:
         raise ValueError(f"--device (OPENLORA_DEVICE) {problem}")
     if not TENANT_NAME.fullmatch(args.tenant):
         raise ValueError(f"--tenant (OPENLORA_TENANT) must be {TENANT_NAME_RULE}, got {args.tenant!r}")
-    if quantize_lm_head(args) and args.quantize == "none":
-        raise ValueError("--quantize-lm-head needs --quantize int8 or int4")
     # The worker child refuses these too, but only once the databases are up: checked here without torch
     # (Triton's interpreter as the worker would find it, by the variable it reads).
     interpreting = environ.get("TRITON_INTERPRET", "0") == "1"

@@ -14,6 +14,11 @@ from tests.refused_flags import assert_refused_before_start
 from .helpers import write_llama
 
 REQUIRED = ["--control-plane", "cp:1", "--worker-token", "t" * 20]
+# Named by flag and variable: the value may have come from either.
+NOT_A_FORMAT = "--quantize (OPENLORA_QUANTIZE) must be one of none, int8, int4, got"
+LM_HEAD_NEEDS_A_FORMAT = (
+    "--quantize-lm-head (OPENLORA_QUANTIZE_LM_HEAD) needs --quantize (OPENLORA_QUANTIZE) int8 or int4"
+)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -56,15 +61,16 @@ def test_environment_is_the_fallback_for_quantize(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
-        (["--quantize", "fp4"], {}, "--quantize must be one of none, int8, int4, got 'fp4'"),
-        ([], {"OPENLORA_QUANTIZE": "INT4"}, "--quantize must be one of none, int8, int4, got 'INT4'"),
-        (["--quantize-lm-head"], {}, "--quantize-lm-head needs --quantize int8 or int4"),
+        (["--quantize", "fp4"], {}, f"{NOT_A_FORMAT} 'fp4'"),
+        ([], {"OPENLORA_QUANTIZE": "INT4"}, f"{NOT_A_FORMAT} 'INT4'"),
+        ([], {"OPENLORA_QUANTIZE": ""}, f"{NOT_A_FORMAT} ''"),
+        (["--quantize-lm-head"], {}, LM_HEAD_NEEDS_A_FORMAT),
         (
             ["--quantize", "int8"],
             {"OPENLORA_QUANTIZE_LM_HEAD": "maybe"},
             "OPENLORA_QUANTIZE_LM_HEAD must be one of",
         ),
-        ([], {"OPENLORA_QUANTIZE_LM_HEAD": "on"}, "--quantize-lm-head needs --quantize int8 or int4"),
+        ([], {"OPENLORA_QUANTIZE_LM_HEAD": "on"}, LM_HEAD_NEEDS_A_FORMAT),
     ],
 )
 def test_worker_refuses_a_bad_quantize_value_before_starting(
@@ -78,8 +84,9 @@ def test_worker_refuses_a_bad_quantize_value_before_starting(
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
-        (["--quantize", "int2"], {}, "--quantize must be one of none, int8, int4, got 'int2'"),
-        (["--quantize-lm-head"], {}, "--quantize-lm-head needs --quantize int8 or int4"),
+        (["--quantize", "int2"], {}, f"{NOT_A_FORMAT} 'int2'"),
+        ([], {"OPENLORA_QUANTIZE": " int4"}, f"{NOT_A_FORMAT} ' int4'"),
+        (["--quantize-lm-head"], {}, LM_HEAD_NEEDS_A_FORMAT),
         (
             ["--quantize", "int4"],
             {"OPENLORA_QUANTIZE_LM_HEAD": "sure"},

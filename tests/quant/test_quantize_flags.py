@@ -116,6 +116,30 @@ def test_worker_refuses_int4_for_a_model_it_cannot_group_before_serving(tmp_path
     assert list(state_dir.iterdir()) == []  # no worker id, no usage spool: it never registered or served
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_worker_refuses_a_format_whose_kernels_this_torch_lacks_before_serving(
+    fmt, tmp_path, monkeypatch, capsys
+):
+    """The CPU int4 kernels came with torch 2.6 (the project allows 2.5): a torch without an operator a
+    format needs failed with an AttributeError traceback at the first packed weight."""
+    from data_plane.model.quant.int4 import Int4Linear
+    from data_plane.model.quant.int8 import Int8Linear
+
+    linear = {"int4": Int4Linear, "int8": Int8Linear}[fmt]
+    monkeypatch.setattr(linear, "required_ops", {"cpu": (*linear.required_ops["cpu"], "_no_such_kernel")})
+    monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
+    model_dir = write_llama(tmp_path / "model", intermediate_size=128)
+    state_dir = tmp_path / "state"
+    code = main(
+        ["worker", "--model", str(model_dir), "--state-dir", str(state_dir), *REQUIRED, "--quantize", fmt]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"error: --quantize {fmt} on cpu needs torch.ops.aten._no_such_kernel" in err
+    assert "Traceback" not in err and "install a newer torch" in err
+    assert list(state_dir.iterdir()) == []  # it never registered or served
+
+
 @pytest.mark.parametrize("value", ["foo", "tritonn"])
 def test_worker_refuses_an_unknown_kernel_choice_before_starting(tmp_path, monkeypatch, capsys, value):
     """It was read first by a step: the worker started and answered every request INTERNAL."""

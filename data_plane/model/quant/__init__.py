@@ -81,6 +81,19 @@ def quant_row_multiple(format: str) -> int:
 def check_device(settings: QuantSettings, device: torch.device) -> None:
     """Refuses, before anything is loaded, a format the device cannot run."""
     device = torch.device(device)
+    if not settings.enabled:
+        return
+    missing = [
+        name
+        for name in _CLASSES[settings.format].required_ops.get(device.type, ())
+        if not hasattr(torch.ops.aten, name)
+    ]
+    if missing:
+        raise QuantizationError(
+            f"--quantize {settings.format} on {device.type} needs torch.ops.aten.{', '.join(missing)}, "
+            f"which torch {torch.__version__} does not have: install a newer torch, or use "
+            f"--quantize {'int8 or ' if settings.format == 'int4' else ''}none"
+        )
     if settings.format != "int4" or device.type != "cuda":
         return
     major, minor = torch.cuda.get_device_capability(device)

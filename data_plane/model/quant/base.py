@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ class QuantLinear(nn.Module):
     use_reference = False  # forward runs `reference` instead of `kernel` (see set_reference_kernels)
     # `load_rows` takes row blocks starting at multiples of this (a packed layout's tile of rows).
     row_multiple = 1
+    # Device type -> the torch.ops.aten operators the format's kernels need there (added in different
+    # torch releases: a torch without one is refused at startup, not at the first packed weight).
+    required_ops: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, in_features: int, out_features: int, device: torch.device) -> None:
         super().__init__()

@@ -16,6 +16,8 @@ result.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch.nn import functional as F
 
@@ -86,6 +88,10 @@ class Int4Linear(QuantLinear):
     bits = 4
     # A block of rows packs as the same rows of the whole weight when it starts at a multiple of 64.
     row_multiple = _CHUNK_ROW_MULTIPLE
+    required_ops: ClassVar[dict[str, tuple[str, ...]]] = {  # the CPU pair came with torch 2.6
+        "cpu": ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"),
+        "cuda": ("_convert_weight_to_int4pack", "_weight_int4pack_mm"),
+    }
 
     @classmethod
     def check_shape(cls, in_features: int, out_features: int) -> None:

@@ -37,6 +37,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.nn import functional as F
@@ -185,6 +186,7 @@ def two_digit_path_chosen() -> bool:
 class Int8Linear(QuantLinear):
     format = "int8"
     bits = 8
+    required_ops: ClassVar[dict[str, tuple[str, ...]]] = {"cpu": ("_weight_int8pack_mm",)}  # CUDA: Triton
 
     def __init__(self, in_features: int, out_features: int, device: torch.device) -> None:
         super().__init__(in_features, out_features, device)

@@ -48,8 +48,8 @@ _DTYPES: dict[str, tuple[int, type, int, int]] = {
 }
 # The names PEFT's loader maps onto the model's LoRA weights (`set_peft_model_state_dict` inserts the adapter
 # name, "default", after `lora_A` / `lora_B`; a name already holding "default" is loaded too). Any other
-# adapter name there, or a layer index with a leading zero, names no module: PEFT loads nothing from such
-# a tensor and serves the base model's projection.
+# adapter name there, a layer index with a leading zero, or anything after `.weight` (a newline), names no
+# module: PEFT loads nothing from such a tensor and serves the base model's projection.
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(?P<layer>0|[1-9][0-9]{0,4})\.(?:self_attn|mlp)\."
     r"(?P<module>[a-z_]+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$"
@@ -394,7 +394,7 @@ def _check_metadata(metadata: object) -> None:
 
 
 def _tensor_info(name: str, entry: object, data_bytes: int) -> TensorInfo:
-    match = _KEY.match(name)
+    match = _KEY.fullmatch(name)  # `match` took a name ending in a newline (`$` matches before one)
     if (
         match is None
         or match["module"] not in _MODULE_PARENT

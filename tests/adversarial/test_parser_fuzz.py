@@ -340,6 +340,13 @@ def _lying_headers(header: dict, data: bytes) -> dict[str, tuple[object, bytes, 
             data,
             None,
         ),
+        # PEFT loads nothing from it (no module's key ends in a newline) and serves the module's own start;
+        # the worker read it by its name and served its weights.
+        "tensor name ending in a newline": (
+            {(f"{k}\n" if k == first else k): v for k, v in header.items()},
+            data,
+            None,
+        ),
         "NaN in the header": (b'{"x": NaN}', data, None),
         "not utf-8": (b'{"\xff": 1}', data, None),
     }
@@ -363,6 +370,7 @@ CASES = [
     "metadata deep",
     "gap before the data",
     "layer number of 5000 digits",
+    "tensor name ending in a newline",
     "NaN in the header",
     "not utf-8",
 ]

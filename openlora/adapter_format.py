@@ -380,7 +380,9 @@ def read_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES
             raise AdapterFormatError(WEIGHTS_FILE, "truncated: header runs past the end of the file")
         raw = f.read(header_len)
     try:
-        header = load_json(raw, WEIGHTS_FILE, max_depth=_HEADER_DEPTH)
+        # safetensors refuses a file whose data_offsets hold a `-0` (serde_json reads it as a float): the
+        # upload was accepted and every worker then failed to open it.
+        header = load_json(raw, WEIGHTS_FILE, max_depth=_HEADER_DEPTH, negative_zero_float=True)
     except JsonFieldError as e:
         raise AdapterFormatError(WEIGHTS_FILE, f"header is {e.reason}") from None
     if not isinstance(header, dict):

@@ -65,6 +65,11 @@ class OutOfRangeNumber:
         return f"{self.text[:32]} (out of range)"
 
 
+def _parse_int_as_serde(text: str) -> int | float:
+    # serde_json (the Rust safetensors' parser) reads `-0` as the float -0.0, which no integer field takes.
+    return -0.0 if text == "-0" else _parse_int(text)
+
+
 def _mark_int(text: str) -> int | OutOfRangeNumber:
     return OutOfRangeNumber(text) if len(text) > MAX_INT_CHARS else int(text)
 
@@ -90,6 +95,12 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _DECODER = json.JSONDecoder(
     object_pairs_hook=_unique_pairs,
     parse_int=_parse_int,
+    parse_float=_parse_float,
+    parse_constant=_parse_constant,
+)
+_SERDE_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_pairs,
+    parse_int=_parse_int_as_serde,
     parse_float=_parse_float,
     parse_constant=_parse_constant,
 )
@@ -130,19 +141,25 @@ def load_json(
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_bytes: int | None = None,
     mark_out_of_range: bool = False,
+    negative_zero_float: bool = False,
 ) -> object:
     """Parses one JSON document; raises JsonFieldError(field, reason) for anything malformed.
 
     `max_depth` bounds nesting (1: a flat array or object); `max_bytes` bounds the encoded size. A number
     literal out of range refuses the document, or with `mark_out_of_range` stands as an OutOfRangeNumber
     for the reader of its field to refuse (only for readers that check every value's type, as JsonObject's
-    getters do).
+    getters do). With `negative_zero_float` a `-0` literal reads as the float -0.0, as serde_json reads it,
+    for a document a Rust reader reads too (a safetensors header): a field that must be an integer then
+    refuses it as that reader does (it takes the place of `mark_out_of_range`).
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise JsonFieldError(field, f"larger than {max_bytes} bytes")
     try:
         text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
-        value = (_MARKING_DECODER if mark_out_of_range else _DECODER).decode(text)
+        decoder = (
+            _SERDE_DECODER if negative_zero_float else _MARKING_DECODER if mark_out_of_range else _DECODER
+        )
+        value = decoder.decode(text)
         _check_tree(value, max_depth)
     except RecursionError:
         raise JsonFieldError(field, f"not valid JSON (nested deeper than {max_depth} levels)") from None

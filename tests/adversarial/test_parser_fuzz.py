@@ -310,6 +310,13 @@ def _lying_headers(header: dict, data: bytes) -> dict[str, tuple[object, bytes, 
         return {**header, first: {**header[first], **fields}}
 
     size = len(data)
+    at_zero = next(k for k in names if header[k]["data_offsets"][0] == 0)
+    end = header[at_zero]["data_offsets"][1]
+    # Python reads `-0` as the integer 0; safetensors (serde_json) reads it as a float and refuses the file.
+    negative_zero = _dumps(header).replace(
+        _dumps({at_zero: header[at_zero]})[1:-1],
+        _dumps({at_zero: header[at_zero]})[1:-1].replace(b"[0, %d]" % end, b"[-0, %d]" % end),
+    )
     shifted = {
         k: v if k == "__metadata__" else {**v, "data_offsets": [o + 4 for o in v["data_offsets"]]}
         for k, v in header.items()
@@ -342,6 +349,7 @@ def _lying_headers(header: dict, data: bytes) -> dict[str, tuple[object, bytes, 
         ),
         # PEFT loads nothing from it (no module's key ends in a newline) and serves the module's own start;
         # the worker read it by its name and served its weights.
+        "offset written -0": (negative_zero, data, None),
         "tensor name ending in a newline": (
             {(f"{k}\n" if k == first else k): v for k, v in header.items()},
             data,
@@ -370,6 +378,7 @@ CASES = [
     "metadata deep",
     "gap before the data",
     "layer number of 5000 digits",
+    "offset written -0",
     "tensor name ending in a newline",
     "NaN in the header",
     "not utf-8",

@@ -8,6 +8,7 @@ from pathlib import Path
 from control_plane.prediction.demand import PredictorConfig
 from openlora.adapter_format import DEFAULT_MAX_RANK, DEFAULT_MAX_SIZE_BYTES
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
+from openlora.listen import address_problem
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -45,8 +46,8 @@ class ControlPlaneConfig:
             raise ValueError("worker_token must be at least 16 characters")
         if self.admin_key is not None and len(self.admin_key) < 16:
             raise ValueError("admin_key must be at least 16 characters")
-        if ":" not in self.listen:
-            raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
+        if (problem := address_problem(self.listen)) is not None:
+            raise ValueError(f"listen {problem}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         if self.max_lora_rank < 1:

@@ -15,6 +15,7 @@ from control_plane.config import DEFAULT_LISTEN, ControlPlaneConfig
 from control_plane.prediction.demand import PredictorConfig
 from control_plane.prediction.settings import resolve_interval_s, resolve_predictor_config
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
+from openlora.listen import address_problem
 from openlora.log_level import resolve_log_level
 from openlora.safe_json import JsonFieldError, load_json
 
@@ -125,8 +126,8 @@ class ControlPlaneSettings:
     def __post_init__(self) -> None:
         if self.migrate_only and not self.migrate:
             raise ValueError("--migrate-only and --no-migrate contradict each other")
-        if ":" not in self.listen:
-            raise ValueError(f"--listen must be HOST:PORT, got {self.listen!r}")
+        if (problem := address_problem(self.listen)) is not None:
+            raise ValueError(f"--listen (OPENLORA_LISTEN) {problem}")
 
     @classmethod
     def resolve(cls, flags: Mapping[str, object], environ: Mapping[str, str]) -> ControlPlaneSettings:

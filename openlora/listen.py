@@ -6,8 +6,20 @@ from __future__ import annotations
 
 import re
 
+from openlora.text_rules import quoted
+
+_PORT = re.compile(r"[0-9]{1,5}")
 _IN_USE = "the port is in use or the address is not this machine's"
 _FAILED_ADDRESS = re.compile(r"cannot listen on (\S+?): ")
+
+
+def address_problem(address: str) -> str | None:
+    """Why `address` is not HOST:PORT with a port in 0..65535, or None. gRPC takes a port past 65535 (or
+    a negative one) modulo 65536: `127.0.0.1:99999` listened on 34463, where no client was told to look."""
+    host, _, port = address.rpartition(":")
+    if not host or not _PORT.fullmatch(port) or int(port) > 65535:
+        return f"must be HOST:PORT with a port in 0..65535, got {quoted(address)}"
+    return None
 
 
 class ListenError(OSError):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
+from openlora.listen import address_problem
 
 MAX_AUTH_CACHE_TTL_S = 10.0
 # The base-model weight formats of data_plane.model.quant (kept here so the config imports no torch).
@@ -174,10 +175,10 @@ class WorkerConfig:
             raise ValueError(problem)
         if not 0 <= self.metrics_port <= 65535:  # bind() raised OverflowError once the model was loaded
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
-        if self.http_listen:
-            host, _, port = self.http_listen.rpartition(":")
-            if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-                raise ValueError(f"http_listen must be HOST:PORT, got {self.http_listen!r}")
+        if (problem := address_problem(self.listen)) is not None:
+            raise ValueError(f"listen {problem}")
+        if self.http_listen and (problem := address_problem(self.http_listen)) is not None:
+            raise ValueError(f"http_listen {problem}")
         if self.residency_interval_s <= 0:
             raise ValueError(f"residency_interval_s must be > 0, got {self.residency_interval_s}")
 

@@ -44,6 +44,22 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Non
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
+INT64_MAX = (1 << 63) - 1
+
+
+def _rate(text: str) -> int:
+    """A --royalty, --prompt or --completion value: a whole number of micro-units the request's int64
+    field carries (the control plane then checks its range, naming the field). Past int64 it was refused
+    as the request was built, naming the request's field and not the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of micro-units") from None
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"{value} does not fit the request's 64-bit field")
+    return value
+
+
 def money(micros: int) -> str:
     """Integer micro-units as a decimal with 6 places (exact, no float)."""
     sign = "-" if micros < 0 else ""
@@ -208,7 +224,7 @@ def _add_adapters(subparsers) -> None:
     p.add_argument("--public", action="store_true", help="any tenant may use it")
     p.add_argument("--base-model", default="", help="default: the only registered base model")
     p.add_argument("--tenant", default="", help="owning tenant (operator key); default: the key's tenant")
-    p.add_argument("--royalty", type=int, default=0, help="micro-units per million completion tokens")
+    p.add_argument("--royalty", type=_rate, default=0, help="micro-units per million completion tokens")
     p.add_argument(
         "--keep-warm",
         action="store_true",
@@ -457,8 +473,10 @@ def _add_prices(subparsers) -> None:
     )
     p = _admin_command(prices, "set", _prices_set, "set a base model's price (operator key)")
     p.add_argument("base_model")
-    p.add_argument("--prompt", type=int, required=True, help="micro-units per million prompt tokens")
-    p.add_argument("--completion", type=int, required=True, help="micro-units per million completion tokens")
+    p.add_argument("--prompt", type=_rate, required=True, help="micro-units per million prompt tokens")
+    p.add_argument(
+        "--completion", type=_rate, required=True, help="micro-units per million completion tokens"
+    )
 
 
 def _prices_set(client: AdminClient, args: argparse.Namespace) -> int:

@@ -349,6 +349,24 @@ def test_a_push_over_an_adapter_of_the_same_name_says_it_replaced_it(capsys, cp,
     assert code == 0 and "replaced" not in out  # the same content again: nothing was replaced
 
 
+@pytest.mark.parametrize("value", [str(2**63), str(-(2**63) - 1), "1e3", "0x10", "nan", ""])
+@pytest.mark.parametrize("flag", ["--royalty", "--prompt", "--completion"])
+def test_a_rate_past_int64_or_not_a_whole_number_is_refused_naming_its_flag(
+    capsys, cp, adapters_root, flag, value
+) -> None:
+    """A rate past int64 was refused as the request was built, naming the request's field
+    (royalty_micros_per_million_tokens) and not the flag it came from."""
+    if flag == "--royalty":
+        argv = ["adapters", "push", str(adapters_root / "a"), "--name", "rate", flag, value]
+    else:
+        other = "--completion" if flag == "--prompt" else "--prompt"
+        argv = ["prices", "set", "tiny-llama", other, "1", flag, value]
+    with pytest.raises(SystemExit) as exited:
+        _run(capsys, cp, *argv)
+    assert exited.value.code == 2
+    assert f"argument {flag}: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("level", ["debug", "INFO", " Warning ", "ERROR", "critical"])
 def test_every_long_running_command_takes_every_named_log_level(tmp_path, level) -> None:
     """CRITICAL was refused by the worker, and `control-plane` and `up` logged at INFO whatever

@@ -47,7 +47,7 @@ def content_of(key: str) -> str:
 
 
 def is_cache_key(text: str) -> bool:
-    return KEY_PATTERN.match(text) is not None
+    return KEY_PATTERN.fullmatch(text) is not None
 
 
 def is_scope(text: str) -> bool:

@@ -23,7 +23,7 @@ class HashedKey:
 def lookup_prefix(key: str) -> str:
     """The stored prefix of a key. Keys not in our format (an operator-chosen OPENLORA_ADMIN_KEY) get a
     prefix derived from their digest."""
-    match = _KEY.match(key)
+    match = _KEY.fullmatch(key)
     if match:
         return match["prefix"]
     return "x" + hashlib.sha256(key.encode()).hexdigest()[:11]

@@ -125,7 +125,7 @@ class MergeStore:
         for entry in self.root.glob(f"{_TMP_PREFIX}*"):
             shutil.rmtree(entry, ignore_errors=True)
         for entry in self.root.iterdir():
-            if _KEY.match(entry.name) and entry.is_dir():
+            if _KEY.fullmatch(entry.name) and entry.is_dir():
                 sources = self._read_sources(entry.name)
                 if sources is None:  # no record of its sources: it could never be invalidated
                     self._remove(entry.name)
@@ -140,7 +140,7 @@ class MergeStore:
         return spec.key(self.max_rank)
 
     def path_of(self, key: str) -> Path:
-        if not _KEY.match(key):
+        if not _KEY.fullmatch(key):
             raise ValueError(f"malformed merge key {key!r}")
         return self.root / key
 

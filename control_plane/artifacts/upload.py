@@ -4,6 +4,7 @@ they stream (never buffered), so a bad or truncated upload is refused before any
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from control_plane.errors import InvalidArgument
 from openlora.adapter_format import MAX_CONFIG_BYTES
 from openlora.artifact import ARTIFACT_FILES, CONFIG_FILE
 from openlora.text_rules import quoted
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,14 @@ def check_filename(filename: str) -> None:
 
 def check_manifest(entries: list[ManifestEntry], max_size_bytes: int) -> dict[str, ManifestEntry]:
     by_name: dict[str, ManifestEntry] = {}
-    for entry in entries:
+    for i, entry in enumerate(entries):
         check_filename(entry.filename)
+        if entry.sha256 and not _SHA256_HEX.fullmatch(entry.sha256):
+            # Refused with the header, not once every byte arrived ("does not match its declared sha256").
+            raise InvalidArgument(
+                f"{quoted(entry.filename)}: must be 64 hexadecimal digits, or empty",
+                field=f"files[{i}].sha256",
+            )
         if entry.filename in by_name:
             raise InvalidArgument(f"{quoted(entry.filename)} listed twice", field="files")
         limit = MAX_CONFIG_BYTES if entry.filename == CONFIG_FILE else max_size_bytes

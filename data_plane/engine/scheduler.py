@@ -10,11 +10,14 @@ is arrival order). One whose adapter is still loading is passed over so that the
 
 Fair share of the running set. With more than one tenant at work, each tenant's share is
 `max_num_seqs // tenants` running sequences (tenants running or waiting). Work-conserving: a tenant may
-run past its share while nobody else waits. When a tenant below its share waits, the newest running units
-of the tenant furthest above its share are preempted by recompute to make room for it (`_rebalance`),
-and, when its adapter finds every slot held, the slot of an adapter held only by sequences of tenants above
-their share is freed the same way (an ensemble's group preempted whole). Capacity that such waiting work needs is not given to tenants at or
-above their share in the meantime, so a flood cannot take back what was freed while an adapter loads.
+run past its share while nobody else waits. When a tenant below its share waits and its adapter finds
+every slot held, the slot of an adapter held only by sequences of tenants above their share is freed by
+preempting them by recompute (an ensemble's group whole), and promised to it at once (`_rebalance_slots`).
+Then, adapters promised, the newest running units of the tenant furthest above its share are preempted to
+make room for the waiting units owed it (`_owed_units`: of tenants below their share, none waiting for a
+slot it does not hold), and no more (`_make_room`). Admission keeps that room for them, so a flood cannot
+take back what was freed while an adapter loads, and no unit preempted for them is taken in again in the
+same step, its whole context computed again for nothing.
 Slot share: with every slot held, a tenant holding fewer than `num_slots // tenants` adapter slots whose
 waiting request needs an absent adapter gets the slot of one held only by tenants holding more than that
 (its running holders preempted, an ensemble's group whole), promised to it at once (`_share_slots`); a
@@ -108,7 +111,12 @@ class Scheduler:
         batch = ScheduledBatch()
         share = self._fair_share()
         if share is not None:
-            batch.preempted.extend(self._rebalance(share))
+            batch.preempted.extend(self._rebalance_slots(share))
+        # Adapters are promised before room is made: which waiting units the room is for depends on them.
+        batch.loads.extend(self.pin_adapters())
+        owed = self._owed_units(share) if share is not None else []
+        if owed:
+            batch.preempted.extend(self._make_room(share, owed))
         budget = self.limits.max_num_batched_tokens
         yield_to, held_back = self._prefill_room(share, budget)
         running_units = Counter(seq.tenant for seq in self.running if seq.is_leader) if held_back else None
@@ -139,30 +147,25 @@ class Scheduler:
             budget -= num_new * len(unit)
             index += len(unit)
 
-        batch.loads.extend(self.pin_adapters())
         if kv_pressure:
             return batch  # under KV pressure: admit nothing new this step
-        running = Counter(seq.tenant for seq in self.running)
-        reserved = self._reserved(share, running) if share is not None else 0
+        # The room the owed units need is kept for them (it is what `_make_room` made): a unit owed none
+        # takes only the room beyond, so that none preempted for them is taken in again at once.
+        owed_ids = {id(unit[0]) for unit in owed}
+        reserved = sum(len(unit) for unit in owed)
         for unit in self._fair_order():
             if len(self.running) + len(unit) > self.limits.max_num_seqs or budget <= 0:
                 break
-            tenant = unit[0].tenant
-            below_share = share is not None and running[tenant] + len(unit) <= share
-            if (
-                share is not None
-                and not below_share
-                and len(self.running) + len(unit) > (self.limits.max_num_seqs - reserved)
-            ):
+            is_owed = id(unit[0]) in owed_ids
+            if not is_owed and len(self.running) + len(unit) > self.limits.max_num_seqs - reserved:
                 continue  # the room left is kept for tenants below their share
             if any(s.adapter_key is not None and not self.adapters.is_usable(s.adapter_key) for s in unit):
                 continue  # its adapter is loading, retiring or waits for a slot: let the others go first
             num_new = min(unit[0].num_pending_tokens, budget // len(unit))
             if num_new < 1 or not self._can_allocate(unit, num_new):
                 break
-            running[tenant] += len(unit)
-            if below_share:
-                reserved = max(0, reserved - len(unit))
+            if is_owed:
+                reserved -= len(unit)
             for seq in unit:
                 # A READY adapter may have been promised to (or prefetched for) another sequence only: take
                 # a reference of our own, or its slot could be evicted under us once that one finishes.
@@ -209,62 +212,85 @@ class Scheduler:
                 running[tenant] += len(unit)
                 yield unit
 
-    def _reserved(self, share: int, running: Counter[str]) -> int:
-        """Running capacity the waiting units of tenants below their share need. A unit waiting for a slot
-        for an adapter it does not hold keeps none: it cannot run before a slot frees, and the room kept
-        for it kept out the group holding the slots it waits for (above its share: nothing ran, for ever)."""
-        return sum(
-            len(unit)
-            for unit in self._below_share_units(share, Counter(running))
-            if not any(
+    def _owed_units(self, share: int) -> list[list[Sequence]]:
+        """The waiting units owed room in the running set this step, in queue order: those of tenants below
+        `share`, each counted as its tenant's (a group by its sequences), so that a tenant's later units
+        see its earlier ones. One rule for `_make_room`, which makes their room, and for the admission,
+        which keeps it for them: room made for a unit that the admission did not keep went to a unit just
+        preempted for it, taken in again at once, its whole context computed again. A unit waiting for a
+        slot for an adapter it does not hold is owed none and does not count: it cannot run before a slot
+        frees, and the room kept for it kept out the group holding the slots it waits for (above its share:
+        nothing ran, for ever)."""
+        running = Counter(seq.tenant for seq in self.running)
+        owed = []
+        for unit in self._waiting_units():
+            if any(
                 s.adapter_key is not None
                 and not s.holds_adapter
                 and self.adapters.state(s.adapter_key) is None
                 for s in unit
-            )
-        )
+            ):
+                continue
+            tenant = unit[0].tenant
+            if running[tenant] + len(unit) <= share:
+                running[tenant] += len(unit)
+                owed.append(unit)
+        return owed
 
-    def _rebalance(self, share: int) -> list[Sequence]:
-        """Preempts (by recompute) the newest running units of the tenants furthest above `share`, so that
-        each waiting unit of a tenant below its share has room in the running set and, when every slot is
-        held, a slot for its adapter. Returns the preempted sequences."""
+    def _rebalance_slots(self, share: int) -> list[Sequence]:
+        """With every slot held, frees slots for the absent adapters of waiting units of tenants below
+        `share`, held only by tenants above it (`_free_slots`), and for tenants below their share of the
+        slots (`_share_slots`). A unit that slots are freed for is promised them at once. Returns the
+        preempted sequences."""
         running = Counter(seq.tenant for seq in self.running)
-        free = self.limits.max_num_seqs - len(self.running)
         preempted: list[Sequence] = []
-        # Counts only fall from here on (units preempted): once no running unit is above its share, none
-        # is for the rest of the pass, and it is not looked for again for each unit behind.
-        none_above = False
         for unit in list(self._below_share_units(share, running)):
             _, wanted = self._slots_wanted(unit)
-            if wanted:
-                freed, _ = self._free_slots(
-                    wanted,
-                    self._adapter_keys(unit),
-                    running,
-                    lambda holder_tenants, _gave, taken: self._above_share(
-                        share, running - taken, holder_tenants
-                    ),
-                )
-                free += len(freed)
-                preempted.extend(freed)
-                if self._slots_wanted(unit)[1]:
-                    # It cannot run before a slot frees: no room is made for it (nor kept, `_reserved`).
-                    # Else a running unit was preempted for it at every step, and taken in again at once
-                    # (work-conserving), its whole context computed again each time.
-                    continue
-            while free < len(unit) and not none_above:
-                victim = self._newest_unit_above(share, running)
-                if victim is None:
-                    none_above = True
-                    break
-                for seq in victim:
-                    self.running.remove(seq)
-                    running[seq.tenant] -= 1
-                self._preempt_unit(victim)
-                preempted.extend(victim)
-                free += len(victim)
-            free -= min(free, len(unit))
+            if not wanted:
+                continue
+            freed, gave = self._free_slots(
+                wanted,
+                self._adapter_keys(unit),
+                running,
+                lambda holder_tenants, _gave, taken: self._above_share(share, running, taken, holder_tenants),
+            )
+            preempted.extend(freed)
+            if gave:
+                # Left to `pin_adapters`, the freed slots could go unpromised (a group ahead in fair order
+                # keeps the slots that free up for itself), their adapters still in them: the holders just
+                # preempted were taken in again at once.
+                self._promised_loads.extend(self._promise(unit))
         preempted.extend(self._share_slots(share, running))
+        return preempted
+
+    def _make_room(self, share: int, owed: list[list[Sequence]]) -> list[Sequence]:
+        """Preempts (by recompute) the newest running units of the tenants furthest above `share` until the
+        `owed` units have room in the running set, or none is above it. Returns the preempted sequences."""
+        running = Counter(seq.tenant for seq in self.running)
+        needed = sum(len(unit) for unit in owed) - (self.limits.max_num_seqs - len(self.running))
+        victims: list[list[Sequence]] = []
+        while needed > 0:
+            victim = self._newest_unit_above(share, running, victims)
+            if victim is None:
+                break
+            victims.append(victim)
+            running[victim[0].tenant] -= len(victim)
+            needed -= len(victim)
+        # A victim that fits the room made beyond the need (a group taken last) keeps running, the one left
+        # with the fewest running first: the admission gives that room to units owed none, and would
+        # have taken it in again at once. Each victim left is larger than that room.
+        spare = -needed
+        while fitting := [victim for victim in victims if len(victim) <= spare]:
+            kept = min(fitting, key=lambda victim: running[victim[0].tenant])
+            victims.remove(kept)
+            running[kept[0].tenant] += len(kept)
+            spare -= len(kept)
+        preempted: list[Sequence] = []
+        for victim in victims:
+            for seq in victim:
+                self.running.remove(seq)
+            self._preempt_unit(victim)
+            preempted.extend(victim)
         return preempted
 
     def _share_slots(self, share: int, running: Counter[str]) -> list[Sequence]:
@@ -374,22 +400,33 @@ class Scheduler:
     def _adapter_keys(unit: list[Sequence]) -> set[str]:
         return {s.adapter_key for s in unit if s.adapter_key is not None}
 
-    def _newest_unit_above(self, share: int, running: Counter[str]) -> list[Sequence] | None:
-        """The most recently admitted running unit of the tenant furthest above `share`, or None."""
+    def _newest_unit_above(
+        self, share: int, running: Counter[str], taken: list[list[Sequence]]
+    ) -> list[Sequence] | None:
+        """The most recently admitted running unit, none of `taken`, of the tenant furthest above `share`
+        (`running`: its running sequences, less those of `taken`), or None."""
         tenant, count = max(running.items(), key=lambda item: item[1], default=("", 0))
         if count <= share:
             return None
+        taken_ids = {id(unit[0]) for unit in taken}
         for seq in reversed(self.running):
-            if seq.tenant == tenant:
+            if seq.tenant == tenant and id(seq.members[0]) not in taken_ids:
                 return seq.members
         return None
 
     @staticmethod
-    def _above_share(share: int, running: Counter[str], holder_tenants: Counter[str]) -> bool:
-        """The sequence-share rule of `_free_slots`: every holder's tenant runs more than `share`, and
-        preempting its running holders (`holder_tenants`: tenant -> running sequences preempted) takes
-        none of them below it."""
-        return all(running[t] > share and running[t] - n >= share for t, n in holder_tenants.items())
+    def _above_share(
+        share: int, running: Counter[str], taken: Counter[str], holder_tenants: Counter[str]
+    ) -> bool:
+        """The sequence-share rule of `_free_slots`: every holder's tenant runs more than `share` (its
+        `running` sequences less those `taken` before), and preempting its running holders
+        (`holder_tenants`: tenant -> running sequences preempted) takes none of them below it. Read per
+        holding tenant: `running - taken` made a counter of every tenant for each adapter looked at, and
+        each waiting unit looks (1,024 tenants waiting: 0.5 s per step)."""
+        return all(
+            running[t] - taken[t] > share and running[t] - taken[t] - n >= share
+            for t, n in holder_tenants.items()
+        )
 
     def _free_slots(
         self,

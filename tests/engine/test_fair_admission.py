@@ -300,3 +300,49 @@ def test_a_tenant_within_its_slot_share_keeps_its_slots(tiny_llama):
     _finish(engine, outputs)
     assert preempted == []
     assert outputs["b-2"]
+
+
+def _preempted_and_run(engine) -> list[str]:
+    """Records, at each step, the request id of every sequence that the step both preempts and runs."""
+    both: list[str] = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        scheduled = {id(seq) for seq in batch.seqs}
+        both.extend(seq.request_id for seq in batch.preempted if id(seq) in scheduled)
+        return batch
+
+    engine.scheduler.schedule = recording
+    return both
+
+
+def test_no_sequence_is_preempted_and_run_again_in_the_same_step(tiny_llama):
+    """A flood runs every sequence (8) on every adapter slot (4), then twelve tenants arrive, each on an
+    adapter of its own. Regression: the room made for waiting requests was not all kept for them (one
+    whose adapter could have a slot but was not promised one yet, a group preempted for one request):
+    the flood's sequence just preempted for it was taken in again at once, its whole context computed
+    again for nothing (14 times in this run)."""
+    from data_plane.engine.request import AdapterRef
+
+    engine = make_engine(tiny_llama, max_num_seqs=8, num_adapter_slots=4)
+    both = _preempted_and_run(engine)
+    names = ("r4_qv", "r8_all", "r16_rslora", "r64_all")
+    for i in range(8):
+        engine.add_request(
+            _request(f"flood-{i}", "flood", max_tokens=40, adapters=[tiny_llama.ref(names[i % 4])])
+        )
+    outputs: dict = {}
+    for _ in range(3):
+        _step(engine, outputs)
+    path = tiny_llama.adapter_dirs["r4_qv"]
+    for i in range(12):  # the same weights under twelve keys: twelve adapters to the slots
+        adapter = AdapterRef(f"late-adapter-{i}", path)
+        engine.add_request(_request(f"late-{i}", f"tenant-{i}", adapters=[adapter]))
+    while engine.has_unfinished():
+        _step(engine, outputs)
+    assert both == []
+    assert {request_id: len(tokens) for request_id, tokens in outputs.items()} == {
+        **{f"flood-{i}": 40 for i in range(8)},
+        **{f"late-{i}": 6 for i in range(12)},
+    }

@@ -709,9 +709,11 @@ def _saved_mix_refusal(attacker, tenant, members, method=inference_pb2.MIX_METHO
 
 def test_a_saved_linear_mix_above_the_workers_rank_names_adapter_and_the_mix(attacker):
     """The request names the saved mix in `adapter` and sends no `mix`: the worker's refusal of the mix it
-    stands for (its ranks add up past --max-lora-rank) named `mix`, a field the caller never set."""
+    stands for (its ranks add up past its --max-lora-rank) named `mix`, a field the caller never set. The mix
+    was saved while a worker of a wider --max-lora-rank was live, so CreateMix took it."""
     tenant = attacker.new_tenant()
-    code, details = _saved_mix_refusal(attacker, tenant, [f"ad{i}" for i in range(8)])
+    with attacker.system.wider_worker(max_lora_rank=64):
+        code, details = _saved_mix_refusal(attacker, tenant, [f"ad{i}" for i in range(8)])
     assert (code, details.startswith("adapter: names the mix 'saved': mix")) == (
         grpc.StatusCode.INVALID_ARGUMENT,
         True,

@@ -135,10 +135,11 @@ def test_sigkill_mid_stream_bills_all_but_the_last_second_of_each_stream_and_not
     # Worst case for double counting: the worker died after ReportUsage succeeded but before it compacted
     # its spool, so the restarted worker resends events the control plane already holds.
     spool = state_dir / "usage_spool.jsonl"
+    worker_id = (state_dir / "worker_id").read_text().strip()  # the records this worker sent carried it
     with open(spool, "a") as f:
         for i in range(3):
             record = {
-                "request_id": f"done-{i}", "tenant_id": tenant_id, "adapters": [], "worker_id": "w",
+                "request_id": f"done-{i}", "tenant_id": tenant_id, "adapters": [], "worker_id": worker_id,
                 "base_model": "tiny", "prompt_tokens": 1, "completion_tokens": 4, "queue_ms": 0.0,
                 "ttft_ms": 0.0, "total_ms": 0.0, "finished_at": time.time(), "finish_reason": "length",
             }  # fmt: skip

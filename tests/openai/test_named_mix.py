@@ -59,7 +59,8 @@ def test_a_saved_mix_this_worker_cannot_serve_is_a_400_naming_model(system, http
     """Its adapters' ranks add up past this worker's --max-lora-rank: the refusal named `mix`, a field the
     body never sent, where the body named the mix in `model`."""
     _, _, key = system.new_tenant(admin=True)
-    with AdminClient(system.control_plane.target, key) as admin:
+    # Saved while a worker of a wider --max-lora-rank was live, so CreateMix took it.
+    with system.wider_worker(max_lora_rank=64), AdminClient(system.control_plane.target, key) as admin:
         admin.create_mix("too-wide", [(f"ad{i}", 1.0) for i in range(8)])
     client = openai.OpenAI(base_url=http_worker.base_url, api_key=key, max_retries=0)
     with pytest.raises(openai.BadRequestError) as refused:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import time
@@ -55,6 +56,32 @@ class System:
     def private_cache_key(self, tenant: str, sha256: str) -> str:
         """The key workers cache `tenant`'s private adapter of content `sha256` under."""
         return cache_key(sha256, cache_scope(self.tenant_ids[tenant], private=True))
+
+    @contextlib.contextmanager
+    def wider_worker(self, max_lora_rank: int):
+        """While the block runs, the fleet holds another live worker of this base model accepting
+        `max_lora_rank` (a registry row only: no process serves behind it)."""
+        from sqlalchemy import delete
+
+        from control_plane.workers.models import Worker
+
+        sessions = self.control_plane.app.sessions
+        worker_id = f"wider-{uuid.uuid4().hex[:8]}"
+        with sessions.begin() as s:
+            s.add(
+                Worker(
+                    id=worker_id,
+                    address="127.0.0.1:1",
+                    base_model_name=BASE_MODEL,
+                    max_lora_rank=max_lora_rank,
+                    num_adapter_slots=4,
+                )
+            )
+        try:
+            yield
+        finally:
+            with sessions.begin() as s:
+                s.execute(delete(Worker).where(Worker.id == worker_id))
 
     def flush_usage(self) -> None:
         self.loop.run(self.worker.usage.flush())

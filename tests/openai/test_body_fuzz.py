@@ -3,14 +3,20 @@ BodyError (a 400 naming the field); never another exception, whatever the bytes.
 
 from __future__ import annotations
 
-import contextlib
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_plane.server.openai_http.schemas import BodyError, parse_chat, parse_completion, to_generate_request
+from data_plane.server.openai_http.schemas import (
+    BodyError,
+    openai_field_error,
+    parse_chat,
+    parse_completion,
+    to_generate_request,
+)
 from data_plane.server.validation import RequestFieldError, RequestLimits, check_request
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -44,32 +50,46 @@ _values = st.recursive(
 _bodies = st.dictionaries(st.sampled_from(FIELDS), _values, max_size=8)
 
 
-def _parse_and_check(parse, data: bytes) -> None:
+def _root(param: str) -> str:
+    """The body's own field a parameter lies in: `messages` for `messages[0].content`."""
+    return re.split(r"[.\[]", param, maxsplit=1)[0]
+
+
+def _parse_and_check(parse, sent: dict) -> None:
+    """Parses `sent` as JSON: a refusal names one of its fields, or a required field it lacks."""
+    chat = parse is parse_chat
+    named = {*sent, "model", "messages" if chat else "prompt"}
     try:
-        body = parse(data)
-    except BodyError:
+        body = parse(json.dumps(sent).encode())
+    except BodyError as refused:
+        assert refused.param and _root(refused.param) in named, (refused.param, str(refused))
+        assert str(refused).startswith(f"{refused.param} "), str(refused)
         return
-    with contextlib.suppress(RequestFieldError):  # BodyError is one too
+    try:
         check_request(to_generate_request(body, body.prompt or "text", "", ""), LIMITS)
+    except RequestFieldError as error:  # answered as the body's field (openai_field_error)
+        refused = openai_field_error(error, chat)
+        assert refused.param and _root(refused.param) in named, (error.field, refused.param, str(error))
 
 
 @FUZZ
 @given(_bodies)
 def test_completion_bodies_parse_or_are_refused_by_name(fields):
-    _parse_and_check(parse_completion, json.dumps(fields).encode())
+    _parse_and_check(parse_completion, fields)
 
 
 @FUZZ
 @given(_bodies)
 def test_chat_bodies_parse_or_are_refused_by_name(fields):
-    _parse_and_check(parse_chat, json.dumps(fields).encode())
+    _parse_and_check(parse_chat, fields)
 
 
 @FUZZ
 @given(st.binary(max_size=200))
 def test_random_bytes_are_refused_as_a_body(data):
-    _parse_and_check(parse_completion, data)
-    _parse_and_check(parse_chat, data)
+    for parse in (parse_completion, parse_chat):
+        with pytest.raises(BodyError):
+            parse(data)
 
 
 def test_deep_nesting_is_a_body_error():

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from openlora import errors
 from openlora.client import Client
 
 PROMPT = "the quick brown fox"
@@ -272,9 +273,14 @@ def test_duplicate_request_id_is_a_conflict(system, http_worker):
             model="tiny", prompt=PROMPT, max_tokens=3, extra_headers={"X-Request-Id": request_id}
         )
     assert request_id in conflict.value.body["message"]
-    with Client(http_worker.grpc_target, key) as grpc_client, pytest.raises(Exception) as grpc_refusal:
+    with (
+        Client(http_worker.grpc_target, key) as grpc_client,
+        pytest.raises(errors.OpenLoRAError) as grpc_refusal,
+    ):
         grpc_client.complete(PROMPT, max_tokens=3, request_id=request_id)
-    assert "already" in str(grpc_refusal.value)  # the same id is used for gRPC too: one idempotency space
+    # the same id is used for gRPC too: one idempotency space
+    assert grpc_refusal.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert grpc_refusal.value.details.startswith(f"request_id {request_id!r} is already used")
 
 
 def test_overload_is_429_with_retry_after_and_draining_is_503(system, tmp_path, tenant):

@@ -230,6 +230,9 @@ def _post_raw_headers(http_worker, headers: list[tuple[bytes, bytes]], body: dic
 def test_a_utf8_request_id_is_one_key_with_grpc_and_echoed_as_sent(http_worker, tenant):
     """The ASGI server decodes header values as latin-1: "ñ" reached the worker as "Ã±", so the same id
     over gRPC was a second key (served and billed twice) and the echoed header was not the one sent."""
+    import grpc
+
+    from openlora import errors
     from openlora.client import Client
 
     key = tenant[2]
@@ -240,9 +243,10 @@ def test_a_utf8_request_id_is_one_key_with_grpc_and_echoed_as_sent(http_worker, 
     assert response.status_code == 200, response.text
     assert dict(response.headers.raw)[b"x-request-id"] == request_id.encode()
     assert response.json()["id"] == f"cmpl-{request_id}"
-    with Client(http_worker.grpc_target, key) as client, pytest.raises(Exception) as refusal:
+    with Client(http_worker.grpc_target, key) as client, pytest.raises(errors.OpenLoRAError) as refusal:
         client.complete(PROMPT, max_tokens=2, request_id=request_id)
-    assert "already" in str(refusal.value)
+    assert refusal.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert refusal.value.details.startswith(f"request_id {request_id!r} is already used")
 
 
 @pytest.mark.parametrize(

@@ -175,7 +175,8 @@ def test_unknown_base_model_is_refused(cp, adapter_copy) -> None:
 
 def test_missing_header_and_missing_file_are_refused(cp, adapter_copy) -> None:
     files = dir_files(adapter_copy("a"))
-    _refused(cp, files[:1], grpc.StatusCode.INVALID_ARGUMENT, "files")
+    _refused(cp, files, grpc.StatusCode.INVALID_ARGUMENT, "header: the first message", with_header=False)
+    _refused(cp, files[:1], grpc.StatusCode.INVALID_ARGUMENT, "files: must list adapter_config.json and")
 
 
 def test_client_refuses_pickle_files_and_skips_readme(adapter_copy) -> None:

@@ -14,8 +14,10 @@ def raw_upload(
     base_model: str = "tiny-llama",
     declared_sizes: dict[str, int] | None = None,
     key: str | None = None,
+    with_header: bool = True,
 ) -> admin_pb2.UploadAdapterResponse:
-    """Sends `files` as given (names unchecked), declaring `declared_sizes` (default: the real sizes)."""
+    """Sends `files` as given (names unchecked), declaring `declared_sizes` (default: the real sizes);
+    without the header message when `with_header` is false."""
     import grpc
 
     declared_sizes = declared_sizes or {}
@@ -24,7 +26,8 @@ def raw_upload(
         header.files.add(filename=filename, size_bytes=declared_sizes.get(filename, len(data)))
 
     def stream():
-        yield admin_pb2.UploadAdapterRequest(header=header)
+        if with_header:
+            yield admin_pb2.UploadAdapterRequest(header=header)
         for filename, data in files:
             for offset in range(0, max(len(data), 1), 1 << 16):
                 yield admin_pb2.UploadAdapterRequest(

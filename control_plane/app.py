@@ -337,8 +337,9 @@ class ControlPlane:
             raise Unauthenticated("unknown worker token")
 
     def register_worker(self, registration: workers.WorkerRegistration) -> Worker:
+        live_within_s = LIVE_HEARTBEATS * self.config.heartbeat_interval_ms / 1000
         with self.sessions.begin() as s:
-            return workers.register_worker(s, registration)
+            return workers.register_worker(s, registration, live_within_s)
 
     def heartbeat(self, worker_id: str, running: int, waiting: int, resident: int) -> Worker:
         with self.sessions.begin() as s:

@@ -52,7 +52,14 @@ def _check_count(value: int, field: str) -> None:
         raise InvalidArgument(f"must be at most {MAX_COUNT}, got {value}", field=field)
 
 
-def upsert_base_model(session: Session, spec: BaseModelSpec) -> BaseModelRow:
+def upsert_base_model(
+    session: Session, spec: BaseModelSpec, worker_id: str = "", live_within_s: float | None = None
+) -> BaseModelRow:
+    """The base model row of `spec`, created, or given the new dimensions. With `live_within_s`, new
+    dimensions are refused (FAILED_PRECONDITION naming base_model.name) while a live worker other than
+    `worker_id` serves the name with the old ones: they would refuse every adapter of the name on that
+    worker and its peers (a checkpoint of another model under the same name, such as two directories
+    both called `model`)."""
     # Workers of a new base model registering at once each found no row and inserted one: all but one
     # failed on its key (INTERNAL). The lock holds a row that may not exist yet.
     lock_until_commit(session, f"base_model:{spec.name}")
@@ -62,6 +69,8 @@ def upsert_base_model(session: Session, spec: BaseModelSpec) -> BaseModelRow:
         row = BaseModelRow(name=spec.name, fingerprint=spec.fingerprint, **dims)
         session.add(row)
     elif row.fingerprint != spec.fingerprint:
+        if live_within_s is not None:
+            _check_no_live_worker_of(session, spec.name, worker_id, live_within_s)
         # Adapters validated for the old dimensions keep their old fingerprint and are refused by
         # Authorize from now on.
         for key, value in dims.items():
@@ -72,7 +81,28 @@ def upsert_base_model(session: Session, spec: BaseModelSpec) -> BaseModelRow:
     return row
 
 
-def register_worker(session: Session, registration: WorkerRegistration) -> Worker:
+def _check_no_live_worker_of(session: Session, name: str, worker_id: str, live_within_s: float) -> None:
+    since = utc_now() - timedelta(seconds=live_within_s)
+    live = session.scalar(
+        select(Worker)
+        .where(Worker.base_model_name == name, Worker.id != worker_id, Worker.last_heartbeat_at >= since)
+        .order_by(Worker.last_heartbeat_at.desc())
+        .limit(1)
+    )
+    if live is not None:
+        raise FailedPrecondition(
+            f"base model {name!r} is served with other dimensions by live worker {live.id!r} "
+            f"({live.address}); serve this checkpoint under a name of its own (--model-name), or stop "
+            "the workers of the old one first",
+            field="base_model.name",
+        )
+
+
+def register_worker(
+    session: Session, registration: WorkerRegistration, live_within_s: float | None = None
+) -> Worker:
+    """Registers (or registers again) a worker. `live_within_s`: a worker whose last heartbeat is that
+    recent is live (see `upsert_base_model`)."""
     _check_spec(registration.spec, registration.fingerprint)
     if not registration.address:
         raise InvalidArgument("required", field="address")
@@ -80,8 +110,8 @@ def register_worker(session: Session, registration: WorkerRegistration) -> Worke
     check_text(registration.worker_id, "worker_id", MAX_NAME_CHARS)
     _check_count(registration.max_lora_rank, "max_lora_rank")
     _check_count(registration.num_adapter_slots, "num_adapter_slots")
-    upsert_base_model(session, registration.spec)
     worker_id = registration.worker_id or uuid.uuid4().hex
+    upsert_base_model(session, registration.spec, worker_id, live_within_s)
     lock_until_commit(session, f"worker:{worker_id}")  # one id registering twice at once: as above
     worker = session.get(Worker, worker_id, with_for_update=True)
     now = utc_now()

@@ -173,6 +173,42 @@ def test_adapter_for_another_base_model_is_refused(cp, world) -> None:
     assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION and "adapter" in e.value.details()
 
 
+def test_a_checkpoint_of_other_dimensions_is_refused_the_name_live_workers_serve(cp, adapters_root) -> None:
+    """A worker of another checkpoint registering under the name live workers serve (two model directories
+    both called `model`) took the name's dimensions: every adapter of the name was then refused on the
+    live workers (FAILED_PRECONDITION 'made for base model X, not for X'). It is refused instead, naming
+    the field; once no worker of the old dimensions is live, the name takes the new ones."""
+    import uuid
+
+    import psycopg
+
+    from openlora.base_model import BaseModelSpec
+
+    from .conftest import tiny_llama_dict
+
+    name = f"shared-{uuid.uuid4().hex[:8]}"
+    first, second = f"{name}-first", f"{name}-second"
+    register_worker(cp, BaseModelSpec.from_hf_config(tiny_llama_dict(), name), worker_id=first)
+    with cp.admin() as admin:
+        admin.create_tenant(name)
+        key = admin.create_api_key(name, admin=True).secret
+    with cp.admin(key) as tenant:
+        tenant.upload_adapter(adapters_root / "a", name="served", base_model=name)
+    deeper = BaseModelSpec.from_hf_config(tiny_llama_dict(num_layers=3), name)
+    with pytest.raises(grpc.RpcError) as e:
+        register_worker(cp, deeper, worker_id=second)
+    assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "base_model.name" in e.value.details() and first in e.value.details()
+    assert _authorize(cp, key, ["served"], base_model=name).adapters[0].name == "served"
+    # The first worker is gone (no heartbeat for a day): the name is the new checkpoint's.
+    with psycopg.connect(cp.config.database_url) as conn:
+        conn.execute("UPDATE worker SET last_heartbeat_at = now() - interval '1 day' WHERE id = %s", (first,))
+    assert register_worker(cp, deeper, worker_id=second).worker_id == second
+    with pytest.raises(grpc.RpcError) as e:
+        _authorize(cp, key, ["served"], base_model=name)
+    assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+
+
 def test_fetch_artifact_streams_files_that_digest_to_their_address(cp, world, adapters_root) -> None:
     sha256 = _authorize(cp, world["owner"], ["private-one"]).adapters[0].sha256
     files: dict[str, bytearray] = {}

@@ -170,6 +170,8 @@ def registration_from_proto(request: worker_pb2.RegisterWorkerRequest) -> Worker
         fingerprint=b.fingerprint,
         max_lora_rank=request.max_lora_rank,
         num_adapter_slots=request.num_adapter_slots,
+        instance_id=request.instance_id,
+        previous_instance_id=request.previous_instance_id,
     )
 
 

@@ -54,3 +54,5 @@ class Worker(Base):
     running_requests: Mapped[int] = mapped_column(default=0)
     waiting_requests: Mapped[int] = mapped_column(default=0)
     resident_adapters: Mapped[int] = mapped_column(default=0)
+    # The process run that registered it last (empty: a worker that does not say); see `register_worker`.
+    instance_id: Mapped[str] = mapped_column(String(64), default="", server_default="")

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from control_plane.db.base import lock_until_commit, utc_now
-from control_plane.errors import FailedPrecondition, InvalidArgument, NotFound
+from control_plane.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from control_plane.text import check_text
 from control_plane.workers.models import BaseModelRow, Worker
 from openlora.base_model import BaseModelSpec
@@ -19,6 +19,7 @@ MAX_NAME_CHARS = 128
 MAX_NAMES_LISTED = 10  # base models an error names when a request leaves its base model empty
 # The columns of counts and dimensions are 32-bit signed; the wire's uint32 goes up to 2**32 - 1.
 MAX_COUNT = 2**31 - 1
+MAX_INSTANCE_ID_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class WorkerRegistration:
     fingerprint: str
     max_lora_rank: int
     num_adapter_slots: int
+    # Random per run of the worker process, and the one its state directory registered last ("": unsaid).
+    instance_id: str = ""
+    previous_instance_id: str = ""
 
 
 def _check_spec(spec: BaseModelSpec, fingerprint: str) -> None:
@@ -98,16 +102,37 @@ def _check_no_live_worker_of(session: Session, name: str, worker_id: str, live_w
         )
 
 
+def _check_not_held(worker: Worker, registration: WorkerRegistration, live_since) -> None:
+    """ALREADY_EXISTS naming worker_id when another process (instance) registered this id and is live:
+    both would serve under one id, sharing its request id reservations (each could serve an id the
+    other was serving) and its usage records (one serving merged into the other's, unbilled). The
+    worker's own previous run (named by its state directory) takes the id over at once; a worker or a
+    row that names no instance is not checked."""
+    held_by = worker.instance_id
+    if not held_by or not registration.instance_id or worker.last_heartbeat_at < live_since:
+        return
+    if held_by in (registration.instance_id, registration.previous_instance_id):
+        return
+    raise AlreadyExists(
+        f"worker id {worker.id!r} is held by a live worker at {worker.address} (another process); give "
+        "each worker its own state directory (--state-dir) and --worker-id, or stop that one first",
+        field="worker_id",
+    )
+
+
 def register_worker(
     session: Session, registration: WorkerRegistration, live_within_s: float | None = None
 ) -> Worker:
     """Registers (or registers again) a worker. `live_within_s`: a worker whose last heartbeat is that
-    recent is live (see `upsert_base_model`)."""
+    recent is live; its id is not another process's to take (`_check_not_held`), nor its base model's
+    name another checkpoint's (`upsert_base_model`)."""
     _check_spec(registration.spec, registration.fingerprint)
     if not registration.address:
         raise InvalidArgument("required", field="address")
     check_text(registration.address, "address", 256)
     check_text(registration.worker_id, "worker_id", MAX_NAME_CHARS)
+    check_text(registration.instance_id, "instance_id", MAX_INSTANCE_ID_CHARS)
+    check_text(registration.previous_instance_id, "previous_instance_id", MAX_INSTANCE_ID_CHARS)
     _check_count(registration.max_lora_rank, "max_lora_rank")
     _check_count(registration.num_adapter_slots, "num_adapter_slots")
     worker_id = registration.worker_id or uuid.uuid4().hex
@@ -118,6 +143,9 @@ def register_worker(
     if worker is None:
         worker = Worker(id=worker_id, registered_at=now)
         session.add(worker)
+    elif live_within_s is not None:
+        _check_not_held(worker, registration, now - timedelta(seconds=live_within_s))
+    worker.instance_id = registration.instance_id
     worker.address = registration.address
     worker.base_model_name = registration.spec.name
     worker.max_lora_rank = registration.max_lora_rank

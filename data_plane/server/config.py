@@ -202,3 +202,8 @@ class WorkerConfig:
     @property
     def worker_id_path(self) -> Path:
         return Path(self.state_dir) / "worker_id"
+
+    @property
+    def worker_instance_path(self) -> Path:
+        """The instance (process run) that last registered this state dir's worker."""
+        return Path(self.state_dir) / "worker_instance"

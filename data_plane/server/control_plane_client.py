@@ -211,15 +211,25 @@ class ControlPlaneClient:
         await self._channel.close()
 
     async def register(
-        self, worker_id: str, address: str, spec: BaseModelSpec, max_lora_rank: int, num_adapter_slots: int
+        self,
+        worker_id: str,
+        address: str,
+        spec: BaseModelSpec,
+        max_lora_rank: int,
+        num_adapter_slots: int,
+        instance_id: str = "",
+        previous_instance_id: str = "",
     ) -> tuple[str, float]:
-        """Registers this worker; returns (worker id, heartbeat interval in seconds)."""
+        """Registers this worker as `instance_id` (this process run; `previous_instance_id`: the run its
+        state dir registered last); returns (worker id, heartbeat interval in seconds)."""
         request = worker_pb2.RegisterWorkerRequest(
             worker_id=worker_id,
             address=address,
             base_model=spec_to_proto(spec),
             max_lora_rank=max_lora_rank,
             num_adapter_slots=num_adapter_slots,
+            instance_id=instance_id,
+            previous_instance_id=previous_instance_id,
         )
         try:
             response = await self._stub.RegisterWorker(

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -252,6 +253,10 @@ async def _start_serving(
         auth_cache_max_entries=config.auth_cache_max_entries,
     )
     worker_id = config.worker_id or _read_worker_id(config)
+    # This run's instance: the control plane refuses the id to another process while this one is live,
+    # and takes it from this state dir's previous run at once (its row may still look live after a crash).
+    instance_id = uuid.uuid4().hex
+    previous_instance_id = _read_state_file(config.worker_instance_path)
 
     async def register() -> float:
         new_id, interval_s = await control_plane.register(
@@ -260,10 +265,13 @@ async def _start_serving(
             spec,
             config.engine.max_lora_rank,
             config.engine.num_adapter_slots,
+            instance_id,
+            previous_instance_id,
         )
         state.worker_id = new_id
         if not config.worker_id:
             config.worker_id_path.write_text(new_id)
+        config.worker_instance_path.write_text(instance_id)
         return interval_s
 
     heartbeat_s = await _register_with_retry(register)
@@ -569,7 +577,10 @@ def _engine_load(engine) -> EngineLoad:
 
 
 def _read_worker_id(config: WorkerConfig) -> str:
-    path = config.worker_id_path
+    return _read_state_file(config.worker_id_path)
+
+
+def _read_state_file(path: Path) -> str:
     return path.read_text().strip() if path.exists() else ""
 
 

@@ -415,6 +415,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         return 2
     except ControlPlaneError as error:  # the control plane refused to register it: starting again won't help
         print(f"error: the control plane refused this worker: {error.message}", file=sys.stderr)
+        if error.code == grpc.StatusCode.ALREADY_EXISTS:
+            return 1  # its worker id is a live worker's: a supervisor tries again later
         if error.code == grpc.StatusCode.UNAUTHENTICATED:
             print(
                 "hint: --worker-token (OPENLORA_WORKER_TOKEN) must be the control plane's, kept in its "

@@ -36,18 +36,22 @@ class BaseModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "base_model", "max_lora_rank", "num_adapter_slots")
+    __slots__ = ("worker_id", "address", "base_model", "max_lora_rank", "num_adapter_slots", "instance_id", "previous_instance_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     base_model: BaseModelSpec
     max_lora_rank: int
     num_adapter_slots: int
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., base_model: _Optional[_Union[BaseModelSpec, _Mapping]] = ..., max_lora_rank: _Optional[int] = ..., num_adapter_slots: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    previous_instance_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., base_model: _Optional[_Union[BaseModelSpec, _Mapping]] = ..., max_lora_rank: _Optional[int] = ..., num_adapter_slots: _Optional[int] = ..., instance_id: _Optional[str] = ..., previous_instance_id: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_ms")

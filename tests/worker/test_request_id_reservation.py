@@ -395,3 +395,49 @@ def test_a_worker_paused_past_its_reservation_ends_a_stream_whose_id_another_wor
     finally:
         paused.run(worker.stop(0.5))
         paused.close()
+
+
+def test_a_worker_started_under_a_live_workers_id_is_refused_and_frees_none_of_its_ids(system, make_worker):
+    """Two processes under one worker id (--worker-id given twice, a state dir copied): the second's start
+    gave back the first's reservations, and a reservation renewed for 'the same worker' let both serve
+    one request id at once, the second serving merged into the first's usage and never billed. The
+    second is refused (ALREADY_EXISTS naming worker_id); the first's own restart takes the id at once."""
+    from data_plane.server.control_plane_client import ControlPlaneError
+
+    worker_id = f"twin-{uuid.uuid4().hex[:8]}"
+    first = make_worker(worker_id=worker_id)
+    tenant, _, key = system.new_tenant()
+    request_id = f"twin-{uuid.uuid4().hex}"
+    channel, stub = _stub(f"127.0.0.1:{first.port}")
+    with channel:
+        stream = stub.Generate(
+            inference_pb2.GenerateRequest(
+                prompt=PROMPT, request_id=request_id, sampling=inference_pb2.SamplingParams(max_tokens=300)
+            ),
+            metadata=(("authorization", f"Bearer {key}"),),
+            timeout=120,
+        )
+        next(stream)  # the first worker is serving it now
+        with pytest.raises(ControlPlaneError) as refused:
+            make_worker(worker_id=worker_id)
+        assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS and "worker_id" in refused.value.message
+        assert _code(lambda: _generate(system.target, key, prompt=PROMPT, request_id=request_id)) == (
+            grpc.StatusCode.ALREADY_EXISTS
+        )
+        assert list(stream)[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    system.loop.run(first.usage.flush())
+    assert system.wait_usage(tenant, 1).total_requests == 1
+    # Its own next run, from its state dir, while its row still looks live.
+    system.loop.run(first.stop(1.0))
+    restarted = start_worker(
+        system.loop,
+        system.control_plane.target,
+        system.model_dir,
+        first.config.state_dir,
+        None,
+        worker_id=worker_id,
+    )
+    try:
+        assert restarted.worker_id == worker_id
+    finally:
+        system.loop.run(restarted.stop(1.0))

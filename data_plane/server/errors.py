@@ -157,12 +157,25 @@ def names_unknown(message: str, name: str) -> bool:
     return bool(name) and message.endswith(f"adapter: {name!r} not found")
 
 
+def names_other_base_model(message: str, name: str) -> bool:
+    """Whether the control plane's FAILED_PRECONDITION `message` ("adapter: adapter 'name' was made for
+    base model ...") refuses the adapter `name` as made for another base model."""
+    return bool(name) and message.startswith(f"adapter: adapter {name!r} was made for base model ")
+
+
 def mix_member_not_found(error: Exception, member_names: list[str]) -> ControlPlaneError | None:
-    """The control plane's NOT_FOUND for the name of mix member i (it names the field `adapter`: the
-    control plane sees a list of names, not the request), as the request names it: `mix[i].adapter`.
-    None when `error` is not such an answer."""
-    if not isinstance(error, ControlPlaneError) or error.code != grpc.StatusCode.NOT_FOUND:
+    """The control plane's NOT_FOUND for the name of mix member i, or its FAILED_PRECONDITION for a member
+    made for another base model (it names the field `adapter`: the control plane sees a list of names,
+    not the request), as the request names it: `mix[i].adapter`. None when `error` is not such an answer."""
+    if not isinstance(error, ControlPlaneError):
         return None
+    for index, name in enumerate(member_names):
+        if error.code == grpc.StatusCode.NOT_FOUND and names_unknown(error.message, name):
+            return ControlPlaneError(error.code, f"mix[{index}].adapter: {name!r} not found")
+        if error.code == grpc.StatusCode.FAILED_PRECONDITION and names_other_base_model(error.message, name):
+            reason = error.message.removeprefix("adapter: ")
+            return ControlPlaneError(error.code, f"mix[{index}].adapter: {reason}")
+    return None
     for index, name in enumerate(member_names):
         if names_unknown(error.message, name):
             return ControlPlaneError(error.code, f"mix[{index}].adapter: {name!r} not found")

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
-from data_plane.server.errors import MissingCredentials, ModelNotFound, names_unknown
+from data_plane.server.errors import MissingCredentials, ModelNotFound, mix_member_not_found, names_unknown
 from data_plane.server.generation import Chunk, GenerationService, WorkerState
 from data_plane.server.metrics import WorkerMetrics
 from data_plane.server.openai_http.chat_template import ChatTemplate, ChatTemplateError
@@ -283,12 +283,16 @@ async def _named_by_body(
 ) -> AsyncIterator[Chunk]:
     """`chunks`, with the control plane's NOT_FOUND for a name the body sent raised as the body names it:
     ModelNotFound for `model`, MixMemberNotFound for `mix[i].adapter`, ModelPartNotFound for an adapter
-    of the saved mix `model` names (each answered param null, in the control plane's words)."""
+    of the saved mix `model` names (each answered param null, in the control plane's words); and its
+    FAILED_PRECONDITION for a mix member made for another base model as `mix[i].adapter`."""
     async with contextlib.aclosing(chunks):
         try:
             async for chunk in chunks:
                 yield chunk
         except ControlPlaneError as error:
+            if body is not None and error.code == grpc.StatusCode.FAILED_PRECONDITION:
+                # a mix member made for another base model, named as the body names it
+                raise mix_member_not_found(error, [name for name, _ in body.mix]) or error from None
             if error.code != grpc.StatusCode.NOT_FOUND or body is None:
                 raise
             if names_unknown(error.message, adapter):

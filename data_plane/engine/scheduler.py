@@ -49,7 +49,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from data_plane.engine.adapter_cache import AdapterCache
+from data_plane.engine.adapter_cache import AdapterCache, AdapterState
 from data_plane.engine.block_manager import BlockManager
 from data_plane.engine.sequence import Sequence, SequenceStatus
 
@@ -439,7 +439,8 @@ class Scheduler:
         none when fewer can be freed (an ensemble's group is promised its slots whole: a part freed for it
         would go back to the units preempted for it, to be taken again at the next step). One by one, the
         adapter with the fewest running holders: its running holders are preempted, an ensemble's whole
-        group with them, and every holder drops its reference, so that the adapter can be evicted.
+        group with them, and every holder drops its reference, so that the adapter can be evicted (a retiring
+        one leaves its slot).
         `may_take` is called with each holding tenant's count of running sequences that would be preempted
         (zero for a tenant whose holders all wait), and, per tenant, the slots and the running sequences
         that the adapters chosen before take from it. Returns the preempted sequences and, per tenant, the
@@ -460,9 +461,13 @@ class Scheduler:
                     key in chosen
                     or key in keep
                     or self.adapters.refcount(key) != len(seqs)
-                    or not self.adapters.is_usable(key)
+                    or self.adapters.state(key) is not AdapterState.READY
                 ):
-                    continue  # chosen, kept, referenced beyond these sequences, or its slot is being written
+                    # Chosen, kept, referenced beyond these sequences, or its slot is being written. A
+                    # retiring one is a candidate: its slot comes free as its holders stop, and passed
+                    # over, it came free anyway when they held the adapter chosen instead, that adapter
+                    # left unused in its slot and its holders just preempted taken in again at once.
+                    continue
                 units = {id(seq.members[0]): seq.members for seq in seqs}
                 preempted_per_tenant = Counter({seq.tenant: 0 for seq in seqs})
                 for unit_id, unit in units.items():

@@ -421,3 +421,28 @@ def test_random_tenants_groups_and_arrivals_never_preempt_a_sequence_the_same_st
         assert not sched.has_unfinished(), trial
         assert sched.blocks.num_free_blocks == sched.blocks.num_blocks, trial
         assert all(sched.adapters.refcount(k) == 0 for k in "vwxyz"), trial
+
+
+def test_a_slot_freed_for_another_tenant_is_the_retiring_one_its_preempted_holders_free():
+    """Two slots, both held by a flood: a group on K and R, a request on K. R is invalidated while the
+    group runs on it (retiring). Another tenant's request for an absent adapter gets a slot: preempting
+    the group frees R's. Regression: a retiring adapter was passed over, K's holders (the group and the
+    request) were preempted, the request's adapter x took R's slot freed by the group, K stayed unused in
+    its own, and the request was taken in again in the same step, its context computed again."""
+    sched = _scheduler(slots=2, max_seqs=4, num_blocks=64)
+    group = _group("group", 3, ["K", "R"], "flood")
+    solo = Sequence("solo", [1, 2, 3], 3, "K", tenant="flood")
+    sched.add(group)
+    sched.add(solo)
+    _ready(sched, *(key for key, _ in sched.schedule().loads))
+    _advance(sched.schedule())
+    assert sched.running == [*group.members, solo]
+    sched.release_waiting("R")  # what the engine does for an invalidation
+    sched.adapters.invalidate("R")
+    assert sched.adapters.is_retiring("R")
+    sched.add(Sequence("other", [1, 2, 3], 3, "x", tenant="other"))
+    batch = sched.schedule()
+    assert _preempted_and_run(batch) == []
+    assert batch.preempted == group.members
+    assert [key for key, _ in batch.loads] == ["x"]
+    assert solo in sched.running and solo.num_preemptions == 0

@@ -244,7 +244,13 @@ class Scheduler:
         preempted sequences."""
         running = Counter(seq.tenant for seq in self.running)
         preempted: list[Sequence] = []
+        # Only holders of tenants above `share` give up slots here, and counts only fall in this pass:
+        # once none is above it, no unit behind looks for a slot to free (each look walks every running
+        # and waiting sequence: 1,024 tenants waiting for adapters of their own, 0.2 s per step).
+        any_above = max(running.values(), default=0) > share
         for unit in list(self._below_share_units(share, running)):
+            if not any_above:
+                break
             _, wanted = self._slots_wanted(unit)
             if not wanted:
                 continue
@@ -260,6 +266,7 @@ class Scheduler:
                 # keeps the slots that free up for itself), their adapters still in them: the holders just
                 # preempted were taken in again at once.
                 self._promised_loads.extend(self._promise(unit))
+                any_above = max(running.values(), default=0) > share
         preempted.extend(self._share_slots(share, running))
         return preempted
 
@@ -304,6 +311,10 @@ class Scheduler:
         slot_share = max(1, self.adapters.num_slots // len(tenants))
         slots = self._slots_held()
         preempted: list[Sequence] = []
+        if max(slots.values(), default=0) <= slot_share:
+            # No tenant holds a slot it may give up, and none comes to (a taker stays within the share):
+            # no unit looks for one.
+            return preempted
         seen: set[str] = set()
         for unit in self._fair_order():
             tenant = unit[0].tenant

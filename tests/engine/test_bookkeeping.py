@@ -293,3 +293,50 @@ def test_no_running_sequence_is_preempted_for_ones_that_wait_for_an_adapter_slot
         batch = step()
         assert batch.preempted == []
         assert all(n == 1 for n in batch.num_tokens)  # decode only: no context computed again
+
+
+def _lines_run(action) -> int:
+    """How many lines of the scheduler's module `action()` runs: a deterministic measure of its work that
+    also sees loops with no Python call in them."""
+    lines = 0
+    module = Scheduler.schedule.__code__.co_filename
+
+    def local(_frame, event, _arg):
+        nonlocal lines
+        if event == "line":
+            lines += 1
+        return local
+
+    def trace(frame, _event, _arg):
+        return local if frame.f_code.co_filename == module else None
+
+    sys.settrace(trace)
+    try:
+        action()
+    finally:
+        sys.settrace(None)
+    return lines
+
+
+def test_a_steps_work_grows_with_the_waiting_requests_when_no_tenant_holds_a_slot_it_may_give_up():
+    """Every slot is held by a tenant within its share of the running set and of the slots; many tenants
+    wait, each for an adapter in no slot. Regression: for each waiting request the step looked for a slot
+    to free, each look walking every running and waiting sequence, though none could be freed (1,024
+    tenants waiting for their own adapters on 16 slots: 0.2 s per step, no running stream making a token)."""
+
+    def lines_per_waiting_request(num_waiting: int) -> float:
+        sched = _scheduler(num_blocks=8192, slots=4, max_seqs=8, max_tokens=4096)
+        for i in range(4):  # four tenants, one request each, on every slot
+            sched.add(Sequence(f"hot{i}", [1, 2, 3], 3, f"hot{i}", tenant=f"hot{i}"))
+        for _ in range(2):
+            batch = sched.schedule()
+            for key, _slot in batch.loads:
+                sched.adapters.mark_ready(key)
+            _advance(sched, batch)
+        for i in range(num_waiting):  # each of its own tenant, for an adapter in no slot
+            sched.add(Sequence(f"w{i}", [1, 2, 3], 3, f"cold{i}", tenant=f"t{i}"))
+        batch = sched.schedule()
+        assert batch.preempted == [] and batch.loads == []
+        return _lines_run(sched.schedule) / num_waiting
+
+    assert lines_per_waiting_request(1024) <= 1.5 * lines_per_waiting_request(256)

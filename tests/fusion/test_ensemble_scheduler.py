@@ -7,8 +7,9 @@ is admitted, run, preempted and finished whole, with KV blocks and adapter refer
 from __future__ import annotations
 
 import random
+from collections import Counter
 
-from data_plane.engine.adapter_cache import AdapterCache
+from data_plane.engine.adapter_cache import AdapterCache, AdapterState
 from data_plane.engine.block_manager import BlockManager
 from data_plane.engine.scheduler import Scheduler, SchedulerLimits
 from data_plane.engine.sequence import Sequence, SequenceStatus
@@ -446,3 +447,107 @@ def test_a_slot_freed_for_another_tenant_is_the_retiring_one_its_preempted_holde
     assert batch.preempted == group.members
     assert [key for key, _ in batch.loads] == ["x"]
     assert solo in sched.running and solo.num_preemptions == 0
+
+
+def _check_invariants(sched: Scheduler, batch) -> None:
+    """What the scheduler's docstrings promise after every step."""
+    assert len(sched.running) <= sched.limits.max_num_seqs
+    assert sum(batch.num_tokens) <= sched.limits.max_num_batched_tokens
+    assert _preempted_and_run(batch) == []
+    assert all(seq.status is SequenceStatus.RUNNING for seq in batch.seqs)
+    for seq in sched.running:  # a referenced adapter never leaves its slot
+        if seq.adapter_key is not None:
+            assert seq.holds_adapter, seq.request_id
+            assert sched.adapters.state(seq.adapter_key) is AdapterState.READY, seq.request_id
+    assert all(not seq.block_ids for seq in sched.waiting)
+    holders = Counter(seq.adapter_key for seq in [*sched.running, *sched.waiting] if seq.holds_adapter)
+    assert {key: sched.adapters.refcount(key) for key in "uvwxyz"} == {key: holders[key] for key in "uvwxyz"}
+    for queue in (sched.running, list(sched.waiting)):  # a group's members side by side, in member order
+        i = 0
+        while i < len(queue):
+            members = queue[i].members
+            assert queue[i : i + len(members)] == members, queue[i].request_id
+            i += len(members)
+    in_use = sum(len(seq.block_ids) for seq in sched.running)
+    assert in_use + sched.blocks.num_free_blocks == sched.blocks.num_blocks
+
+
+def _arrive_loading(
+    sched: Scheduler, rng: random.Random, tenants: str, outputs: dict[int, int], loading: set[str], count: int
+) -> None:
+    """`count` groups and single requests of `tenants` (`outputs`: id of a unit's first sequence -> the
+    tokens it generates), their adapters promised as the engine does on arrival (loads into `loading`)."""
+    slots, max_seqs = sched.adapters.num_slots, sched.limits.max_num_seqs
+    for _ in range(count):
+        keys = [rng.choice(["u", "v", "w", "x", "y", "z", None])]
+        if rng.random() < 0.3:
+            keys = rng.sample(["u", "v", "w", "x", "y", "z", None], rng.randint(2, min(slots, max_seqs)))
+        prompt, output = rng.randint(1, 12), rng.randint(1, 10)
+        if len(keys) * -(-(prompt + output + 1) // 4) > sched.blocks.num_blocks:
+            continue  # the engine refuses a request that could never fit the KV cache
+        unit = _group(f"r{len(outputs)}", prompt, keys, rng.choice(tenants))
+        outputs[id(unit)] = output
+        sched.add(unit)
+        loading.update(key for key, _slot in sched.pin_adapters())
+
+
+def _run_random_trial(rng: random.Random) -> Scheduler:
+    """One random run of arrivals, loads that take a few steps or fail, invalidations, prefetches and
+    aborts, the invariants checked after every step; returns the scheduler once nothing is left."""
+    slots, max_seqs = rng.choice([2, 3, 4]), rng.choice([2, 3, 4, 6, 8])
+    sched = Scheduler(
+        SchedulerLimits(max_seqs, rng.choice([8, 16, 64])),
+        BlockManager(rng.choice([16, 32, 256]), 4),
+        AdapterCache(slots, clock=lambda: 1000.0),
+    )
+    tenants = "abcde"[: rng.randint(2, 5)]
+    outputs: dict[int, int] = {}
+    loading: set[str] = set()
+    _arrive_loading(sched, rng, tenants, outputs, loading, rng.randint(2, 10))
+    for step in range(600):
+        if not sched.has_unfinished():
+            break
+        early = step < 60
+        if early and rng.random() < 0.3:
+            _arrive_loading(sched, rng, tenants, outputs, loading, rng.randint(1, 3))
+        if rng.random() < 0.05:  # an invalidation, as the engine applies it
+            key = rng.choice("uvwxyz")
+            sched.release_waiting(key)
+            sched.adapters.invalidate(key)
+        if rng.random() < 0.05 and sched.adapters.prefetch(key := rng.choice("uvwxyz")) is not None:
+            loading.add(key)
+        if early and rng.random() < 0.03 and (sched.running or sched.waiting):
+            sched.finish(rng.choice([*sched.running, *sched.waiting]))  # an abort
+        batch = sched.schedule()
+        loading.update(key for key, _slot in batch.loads)
+        _check_invariants(sched, batch)
+        for key in sorted(loading):
+            if sched.adapters.state(key) is not AdapterState.LOADING:
+                loading.discard(key)
+                continue
+            draw = rng.random()
+            if draw < 0.6:
+                sched.adapters.mark_ready(key)
+                loading.discard(key)
+            elif draw < 0.62 and early:
+                sched.fail_adapter(key)
+                loading.discard(key)
+        _advance(batch)
+        for seq in list(sched.running):
+            if seq.is_leader and seq.num_output_tokens >= outputs[id(seq)]:
+                sched.finish(seq)
+    return sched
+
+
+def test_random_steps_with_invalidations_failed_loads_prefetches_and_aborts_keep_every_invariant():
+    """Groups and single requests of two to five tenants over 2-4 slots, with loads that take a few
+    steps or fail, adapters invalidated while they run or load, prefetches and aborts: after every step
+    the running set fits, no sequence runs on an adapter that is not READY in its slot or without its
+    reference, reference counts are the holders', groups stay whole and side by side, KV blocks add up,
+    no sequence is preempted and run in the same step, and everything runs to its end."""
+    rng = random.Random(11)
+    for trial in range(300):
+        sched = _run_random_trial(rng)
+        assert not sched.has_unfinished(), trial
+        assert sched.blocks.num_free_blocks == sched.blocks.num_blocks, trial
+        assert all(sched.adapters.refcount(key) == 0 for key in "uvwxyz"), trial

@@ -238,14 +238,17 @@ class ControlPlane:
         elif (
             was is not None
             and was.ready
-            and (was.visibility, was.royalty)
+            and (was.visibility, was.royalty, was.keep_warm)
             != (
                 owned.adapter.visibility,
                 owned.adapter.royalty_micros_per_million_tokens,
+                owned.adapter.keep_warm,
             )
         ):
-            # Same content, new terms (made private, another royalty): workers forget the answers they cached
-            # for it at once, as for a delete, instead of serving other tenants on the old ones for a TTL.
+            # Same content, new terms (made private, another royalty, keep-warm switched): workers forget the
+            # answers they cached for it at once, as for a delete, instead of serving other tenants on the old
+            # ones for a TTL; a worker forgetting an adapter also drops its keep-warm wish (asked again by the
+            # next call if it still stands), so a copy no longer kept warm is not pinned until then.
             self.publisher.invalidate(str(owned.adapter.id))
         # Deduplicated only against the tenant's own content: stored files shared with another tenant's
         # (private) adapter are not reported, or an upload would tell who holds which weights.

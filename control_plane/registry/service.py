@@ -203,17 +203,20 @@ class NamedTerms:
     ready: bool  # False: deleted (its row, id and past usage come back with the upload)
     visibility: str
     royalty: int
+    keep_warm: bool
 
 
 def named_terms(session: Session, tenant_id, name: str) -> NamedTerms | None:
     """The terms of the tenant's adapter row of that name, READY or deleted; None when the name never held
     an adapter. The row stays locked until the transaction ends (an upload that reads it then writes it)."""
     row = session.execute(
-        select(Adapter.status, Adapter.visibility, Adapter.royalty_micros_per_million_tokens)
+        select(
+            Adapter.status, Adapter.visibility, Adapter.royalty_micros_per_million_tokens, Adapter.keep_warm
+        )
         .where(Adapter.tenant_id == tenant_id, Adapter.name == name)
         .with_for_update()
     ).first()
-    return None if row is None else NamedTerms(row[0] == STATUS_READY, row[1], row[2])
+    return None if row is None else NamedTerms(row[0] == STATUS_READY, row[1], row[2], row[3])
 
 
 def record_upload(

@@ -351,11 +351,10 @@ class AdapterCache:
     def set_keep_warm(self, key: str, holder: str, keep_warm: bool) -> None:
         """Adapter `holder` (its registry id) asks for `key` to stay warm, or no longer does. A key some
         adapter asks for never leaves host memory once there (within KEEP_WARM_SHARE)."""
-        holders = self._usage_of(key).keep_warm_by
         if keep_warm:
-            holders.add(holder)
-        else:
-            holders.discard(holder)
+            self._usage_of(key).keep_warm_by.add(holder)
+        elif (usage := self._usage.get(key)) is not None:  # a key invalidated meanwhile is not made again
+            usage.keep_warm_by.discard(holder)
 
     def is_keep_warm(self, key: str) -> bool:
         usage = self._usage.get(key)

@@ -474,6 +474,13 @@ class GenerationService:
         fetch_ms = (time.monotonic() - fetch_started) * 1000 if tier == "remote" else build_ms
         return prompt_ids, adapter_refs, tier, fetch_ms
 
+    def drop_keep_warm(self, adapter_id: str) -> None:
+        """The registry changed what `adapter_id` is (deleted, replaced, new terms): the key it asked to keep
+        warm no longer is on its account; its next call asks again if the wish still stands."""
+        held = self._keep_warm_keys.pop(adapter_id, None)
+        if held is not None:
+            self._engine.set_keep_warm(held, adapter_id, False)
+
     def _follow_keep_warm(self, adapter: ResolvedAdapter) -> None:
         """Tells the engine what `adapter`'s registry row says of keep-warm now, when that changed."""
         wanted = adapter.cache_key if adapter.keep_warm and adapter.sha256 else None

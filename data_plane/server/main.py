@@ -411,6 +411,7 @@ async def _start_serving(
             # adapter): only the deleted adapter's own key goes, with the merges built from it. Kept, it
             # made the deleter's next upload of the same bytes warm, telling it that someone holds them.
             control_plane.forget_adapter(hint.adapter_id)
+            generation.drop_keep_warm(hint.adapter_id)
             key = hint.cache_key
             generation.drop_merges_of_key(key)
             artifacts.discard(key)
@@ -422,6 +423,7 @@ async def _start_serving(
             # Always forget the adapter's cached answers; its content only when no adapter serves it any
             # more (the control plane then names the sha256): others may share content-addressed files.
             control_plane.forget_adapter(hint.adapter_id, hint.sha256)
+            generation.drop_keep_warm(hint.adapter_id)
             # The merges built from the content a deleted or replaced adapter served are dropped too.
             for source in sorted({hint.source_sha256, hint.sha256} - {""}):
                 generation.drop_merges_of(source)

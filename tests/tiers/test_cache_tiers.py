@@ -92,6 +92,14 @@ def test_keep_warm_holds_while_any_adapter_of_the_key_asks_for_it():
     assert cache.store_host("other", 60) == ["shared"]
 
 
+def test_keep_warm_turned_off_for_a_key_the_cache_dropped_does_not_make_it_again():
+    cache = _cache(host_bytes=100)
+    cache.set_keep_warm("gone", "id-a", True)
+    cache.invalidate("gone")
+    cache.set_keep_warm("gone", "id-a", False)
+    assert "gone" not in cache.known_keys()
+
+
 def test_keep_warm_copies_past_half_the_host_budget_are_ranked_like_the_rest():
     """Any tenant may mark its adapters keep-warm: ten of them filled the whole tier for good, and every
     other adapter was refused a host copy. The oldest keep-warm copies up to half the budget stay pinned;

@@ -202,6 +202,29 @@ def test_keep_warm_turned_off_in_the_registry_unpins_the_content_once_no_name_as
     assert _wait_for(lambda: not cache.is_keep_warm(content_key))
 
 
+def test_keep_warm_switched_off_by_an_upload_unpins_the_copy_on_a_hinted_worker_without_a_call(
+    system, hinted_worker, tmp_path
+):
+    """Re-uploading the same files without keep-warm published nothing: every worker that had loaded the
+    adapter kept it pinned in host memory until someone called it there (or the worker restarted)."""
+    from openlora.admin_client import AdminClient
+
+    tenant, _, key = system.new_tenant(admin=True)
+    src = tmp_path / "pinned"
+    shutil.copytree(system.model_dir / "adapters" / "ad6", src)
+    config = src / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": 16', '"lora_alpha": 12'))
+    cache = hinted_worker.engine.engine.adapter_cache
+    with AdminClient(system.control_plane.target, key) as admin:
+        sha = admin.upload_adapter(src, "pinned", BASE_MODEL, keep_warm=True).adapter.sha256
+        content_key = system.private_cache_key(tenant, sha)
+        with Client(f"127.0.0.1:{hinted_worker.port}", key) as client:
+            assert client.complete("hello", adapter="pinned", max_tokens=2)
+        assert _wait_for(lambda: cache.is_keep_warm(content_key))
+        admin.upload_adapter(src, "pinned", BASE_MODEL, keep_warm=False)  # same files, no longer warm
+    assert _wait_for(lambda: not cache.is_keep_warm(content_key))
+
+
 def _local_fetcher(sources: dict[str, Path]):
     """Streams an artifact's files from a local directory, chunked as FetchArtifact sends them."""
     from openlora.artifact import ARTIFACT_FILES

@@ -36,6 +36,9 @@ MAX_CONNECTIONS = 4096
 # stopped accepting, asyncio logged a traceback for each refused accept: 50 MB of log in 30 s).
 OVERFLOW_CONNECTIONS = 64
 OVER_CAPACITY_HEADER_TIMEOUT_S = 1.0
+# Bytes of pipelined requests (sent before the answer to the request in progress) held for after that
+# answer. Past them the connection is closed once the answer is sent, and what else arrives is dropped.
+MAX_PIPELINED_BYTES = 64 * 1024
 
 
 class _HeaderTimeoutProtocol(H11Protocol):
@@ -120,7 +123,32 @@ class _HeaderTimeoutProtocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if getattr(self, "_refused", False):
             return  # the rest of a refused request: read and dropped until the client or LINGER_S closes
+        if self._answering_whole_request():
+            self._hold_pipelined(data)
+            return
         super().data_received(data)
+
+    def _answering_whole_request(self) -> bool:
+        """Whether the request in progress has arrived whole and is not answered yet: what arrives now
+        is a pipelined request, for after the answer."""
+        return (
+            self.cycle is not None
+            and not self.cycle.response_complete
+            and self.conn.their_state in (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
+        )
+
+    def _hold_pipelined(self, data: bytes) -> None:
+        """Keeps a pipelined request's bytes in h11's buffer (handled once the answer before it is sent)
+        without stopping reading: uvicorn stopped reading the connection at the first pipelined byte, so
+        a client that then left was not seen to leave, and its completion ran on to its end (a
+        non-streamed one billed whole, though nothing was delivered). Past MAX_PIPELINED_BYTES the
+        connection closes after the answer and the rest is dropped; reading goes on regardless."""
+        if not self.cycle.keep_alive:
+            return
+        if len(self.conn.trailing_data[0]) + len(data) > MAX_PIPELINED_BYTES:
+            self.cycle.keep_alive = False
+            return
+        self.conn.receive_data(data)
 
     def _headers_too_slow(self) -> None:
         if self.cycle is self._cycle_before and not self.transport.is_closing():

@@ -196,3 +196,19 @@ def test_connections_past_the_cap_and_its_overflow_hold_no_descriptor(system, tm
         for conn in held + over:
             conn.close()
         system.loop.run(running.worker.stop(1.0))
+
+
+def test_a_body_refused_as_too_large_closes_its_connection(http_worker, tenant):
+    """413 is answered before the body is read (a client that sent `Expect: 100-continue` never sends
+    it): the connection stayed open, and the client's next request on it was read as the refused body's
+    bytes, never answered."""
+    url = urlparse(http_worker.base_url)
+    conn = socket.create_connection((url.hostname, url.port), timeout=30)
+    conn.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {tenant[2]}\r\nContent-Length: {8 * 1024 * 1024}\r\n\r\n".encode()
+    )
+    head = _read_response(conn)
+    conn.close()
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert b"connection: close" in head.lower()

@@ -203,11 +203,14 @@ async def _generation_body(
         return _refused(api, failure, {"Connection": "close"})  # the body is left unread
     try:
         data = await _read_body(request, api.max_body_bytes, api.body_timeout_s)
-    except _TooLarge:
+    except _TooLarge as refusal:
         failure = HttpError(
             413, f"the body is larger than {api.max_body_bytes} bytes", None, "invalid_argument"
         )
-        return _refused(api, failure)
+        # A client waiting for `100 Continue` sends no body after a final answer, or sends it anyway:
+        # kept open, the connection would read its next request as the refused body's bytes.
+        awaited = request.headers.get("expect", "").lower() == "100-continue"
+        return _refused(api, failure, {"Connection": "close"} if refusal.unread and awaited else None)
     except _TooSlow:
         failure = HttpError(
             408, f"the body did not arrive within {api.body_timeout_s:g} s", None, "deadline_exceeded"
@@ -427,7 +430,9 @@ async def _not_allowed(request: Request, exc) -> JSONResponse:
 
 
 class _TooLarge(Exception):
-    pass
+    def __init__(self, unread: bool) -> None:
+        super().__init__()
+        self.unread = unread  # refused by its declared length, before any of it was read
 
 
 class _TooSlow(Exception):
@@ -445,13 +450,13 @@ async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> byte
     connection, and the call, forever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _TooLarge()
+        raise _TooLarge(unread=True)
     data = bytearray()
     with anyio.move_on_after(timeout_s) as deadline:
         async for part in request.stream():
             data += part
             if len(data) > max_bytes:
-                raise _TooLarge()
+                raise _TooLarge(unread=False)
     if deadline.cancelled_caught:
         raise _TooSlow()
     return bytes(data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 import time
 from urllib.parse import urlparse
 
@@ -212,3 +213,50 @@ def test_a_body_refused_as_too_large_closes_its_connection(http_worker, tenant):
     conn.close()
     assert head.startswith(b"HTTP/1.1 413 ")
     assert b"connection: close" in head.lower()
+
+
+def test_a_body_sent_at_once_despite_expect_100_continue_gets_its_whole_413(http_worker, tenant):
+    """A client may send `Expect: 100-continue` and its body without waiting for `100 Continue`: the
+    connection closed at once on its unread bytes, and the reset destroyed the 413 (its status line read,
+    its error object lost) before the client read it. It closes lingering, the answer delivered whole."""
+    url = urlparse(http_worker.base_url)
+    length = 8 * 1024 * 1024
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {tenant[2]}\r\nContent-Length: {length}\r\n\r\n".encode()
+    )
+    for _ in range(25):  # a reset loses the answer only when it arrives before the client reads it
+        conn = socket.create_connection((url.hostname, url.port), timeout=30)
+        sender = threading.Thread(target=_send_ignoring_errors, args=(conn, head + b" " * length))
+        sender.start()
+        try:
+            answer = _read_whole_response(conn)
+        finally:
+            sender.join()
+            conn.close()
+        status, _, body = answer.partition(b"\r\n")
+        assert status.startswith(b"HTTP/1.1 413 ")
+        assert "larger than" in json.loads(body.partition(b"\r\n\r\n")[2])["error"]["message"]
+
+
+def _send_ignoring_errors(conn: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(data)
+
+
+def _read_whole_response(conn: socket.socket) -> bytes:
+    """One response, head and body (of the length it declares); b"" when the connection ends first."""
+    data = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in data and (part := conn.recv(65536)):
+            data += part
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length")
+        )
+        while len(body) < length and (part := conn.recv(65536)):
+            body += part
+        return head + b"\r\n\r\n" + body
+    return data

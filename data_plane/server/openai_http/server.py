@@ -72,6 +72,27 @@ class _ChunkCountingConnection(h11.Connection):
         return event
 
 
+class _LingeringTransport:
+    """A request's view of its connection's transport: closed by the answer (`Connection: close`) while
+    the request's body is left unread (a refusal before it: 401, 413 for its declared length, ...), it
+    closes lingering (`_HeaderTimeoutProtocol.linger`), not at once: a client sending the body anyway,
+    one that sent `Expect: 100-continue` without waiting included, got a reset that destroyed the answer
+    before it was read."""
+
+    def __init__(self, protocol: _HeaderTimeoutProtocol) -> None:
+        self._protocol = protocol
+        self._transport = protocol.transport
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        if self._protocol.conn.their_state is h11.SEND_BODY and not self._transport.is_closing():
+            self._protocol.linger()
+        else:
+            self._transport.close()
+
+
 class _HeaderTimeoutProtocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for every request's headers: the first one's from the
     connection's start, each later one's on a kept-alive connection from the end of the response before
@@ -110,10 +131,12 @@ class _HeaderTimeoutProtocol(H11Protocol):
         super().handle_events()
         if self.cycle is not self._cycle_before:
             self._cancel_header_timer()
+            if self.cycle is not None and not isinstance(self.cycle.transport, _LingeringTransport):
+                self.cycle.transport = _LingeringTransport(self)
 
     def on_response_complete(self) -> None:
         self._cancel_header_timer()
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not getattr(self, "_refused", False):
             self._arm_header_timer()  # before uvicorn handles a pipelined request, which cancels it
         super().on_response_complete()
 
@@ -155,8 +178,12 @@ class _HeaderTimeoutProtocol(H11Protocol):
             # Refused while the app reads the body (too many chunks): it sees the client leave, and ends.
             self.cycle.disconnected = True
             self.cycle.message_event.set()
-        # A lingering close: the client may still be sending what was refused, and closing with its bytes
-        # unread resets the connection, which can destroy the answer before the client reads it.
+        self.linger()
+
+    def linger(self) -> None:
+        """A lingering close: the client may still be sending what was refused, and closing with its bytes
+        unread resets the connection, which can destroy the answer before the client reads it. What
+        arrives is dropped until the client closes or LINGER_S passes."""
         self._refused = True
         if self.transport.can_write_eof():
             self.transport.write_eof()

@@ -14,9 +14,11 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -256,7 +258,7 @@ async def _start_serving(
     # This run's instance: the control plane refuses the id to another process while this one is live,
     # and takes it from this state dir's previous run at once (its row may still look live after a crash).
     instance_id = uuid.uuid4().hex
-    previous_instance_id = _read_state_file(config.worker_instance_path)
+    previous_instance_id = _previous_instance(config.worker_instance_path)
 
     async def register() -> float:
         new_id, interval_s = await control_plane.register(
@@ -271,7 +273,7 @@ async def _start_serving(
         state.worker_id = new_id
         if not config.worker_id:
             config.worker_id_path.write_text(new_id)
-        config.worker_instance_path.write_text(instance_id)
+        _write_instance(config.worker_instance_path, instance_id)
         return interval_s
 
     heartbeat_s = await _register_with_retry(register)
@@ -584,6 +586,30 @@ def _read_worker_id(config: WorkerConfig) -> str:
 
 def _read_state_file(path: Path) -> str:
     return path.read_text().strip() if path.exists() else ""
+
+
+def _instance_place(path: Path) -> dict[str, str]:
+    """Where a state dir's runs run: this host and the state dir's own path."""
+    return {"host": socket.gethostname(), "state_dir": str(path.parent.resolve())}
+
+
+def _write_instance(path: Path, instance_id: str) -> None:
+    path.write_text(json.dumps({"instance": instance_id, **_instance_place(path)}))
+
+
+def _previous_instance(path: Path) -> str:
+    """The run that registered this state dir's worker last, when it ran here: a copy of the dir (taken
+    while that run served, on another host or at another path) names no previous run, so the control plane
+    refuses it the id while the run it was copied from is live, instead of handing the id over to it."""
+    text = _read_state_file(path)
+    try:
+        recorded = json.loads(text) if text else {}
+    except ValueError:
+        return text  # written by an earlier version: the bare id
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("instance"), str):
+        return ""
+    place = _instance_place(path)
+    return recorded["instance"] if all(recorded.get(k) == v for k, v in place.items()) else ""
 
 
 async def _serve_until_signalled(config: WorkerConfig) -> int:

@@ -441,3 +441,22 @@ def test_a_worker_started_under_a_live_workers_id_is_refused_and_frees_none_of_i
         assert restarted.worker_id == worker_id
     finally:
         system.loop.run(restarted.stop(1.0))
+
+
+def test_a_copy_of_a_serving_workers_state_dir_is_refused_its_id(system, make_worker, tmp_path):
+    """A copy taken while the worker served named that live run as its own previous one, so the control
+    plane handed it the id: two processes served under one id (shared request-id reservations, merged usage).
+    A run at another path (or host) names no previous run."""
+    import shutil
+
+    from data_plane.server.control_plane_client import ControlPlaneError
+
+    first = make_worker()
+    copy = tmp_path / "copied-state"
+    shutil.copytree(first.config.state_dir, copy, ignore=shutil.ignore_patterns("*.lock"))
+    with pytest.raises(ControlPlaneError) as refused:
+        start_worker(system.loop, system.control_plane.target, system.model_dir, copy, None)
+    assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS and "worker_id" in refused.value.message
+    assert _code(lambda: _generate(f"127.0.0.1:{first.port}", system.new_tenant()[2], prompt=PROMPT)) == (
+        grpc.StatusCode.OK
+    )

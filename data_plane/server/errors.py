@@ -176,7 +176,3 @@ def mix_member_not_found(error: Exception, member_names: list[str]) -> ControlPl
             reason = error.message.removeprefix("adapter: ")
             return ControlPlaneError(error.code, f"mix[{index}].adapter: {reason}")
     return None
-    for index, name in enumerate(member_names):
-        if names_unknown(error.message, name):
-            return ControlPlaneError(error.code, f"mix[{index}].adapter: {name!r} not found")
-    return None

@@ -9,6 +9,11 @@ import re
 
 # A client-chosen request id: the usage event's key, and the worker's idempotency key.
 MAX_REQUEST_ID_CHARS = 128
+# The end of the key a second serving of a request id (by another worker) is billed under
+# (control_plane.usage.service.another_serving_id): a client's id of that form is refused, or it could
+# take the key of another serving and have the two merged into one bill.
+SERVING_KEY_SUFFIX = re.compile(r"~[0-9a-f]{16}\Z")
+SERVING_KEY_SUFFIX_RULE = "must not end in '~' and 16 lowercase hexadecimal digits (a form the billing keeps)"
 # The most request ids a restarted worker asks the control plane to keep reserved when it gives back
 # the rest (ReleaseWorkerRequestIds): the control plane refuses more, the worker then leaves all to lapse.
 MAX_KEPT_REQUEST_IDS = 10_000

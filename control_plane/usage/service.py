@@ -288,7 +288,8 @@ def report_usage(session: Session, reports: list[UsageReport], now: datetime | N
 
 def another_serving_id(request_id: str, worker_id: str) -> str:
     """The key a second serving of `request_id` (by `worker_id`) is billed under: the id, cut to leave
-    room, then "~" and a digest of the id and the worker (at most MAX_REQUEST_ID_CHARS characters)."""
+    room, then "~" and a digest of the id and the worker (at most MAX_REQUEST_ID_CHARS characters; workers
+    refuse client ids that end so, `SERVING_KEY_SUFFIX`)."""
     digest = hashlib.sha256(f"{request_id}\0{worker_id}".encode()).hexdigest()[:16]
     return f"{request_id[: MAX_REQUEST_ID_CHARS - len(digest) - 1]}~{digest}"
 

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from openlora.mix_rules import density_problem, weight_problem
 from openlora.names import ADAPTER_NAME_RULE, is_adapter_name
 from openlora.safe_json import describe
-from openlora.text_rules import MAX_REQUEST_ID_CHARS, text_problem
+from openlora.text_rules import (
+    MAX_REQUEST_ID_CHARS,
+    SERVING_KEY_SUFFIX,
+    SERVING_KEY_SUFFIX_RULE,
+    text_problem,
+)
 from openlora.v1 import inference_pb2
 
 MAX_PROMPT_CHARS = 1 << 20
@@ -136,6 +141,8 @@ def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits)
     problem = text_problem(request.request_id, MAX_REQUEST_ID_CHARS)
     if problem is not None:
         raise RequestFieldError("request_id", problem)
+    if SERVING_KEY_SUFFIX.search(request.request_id):
+        raise RequestFieldError("request_id", SERVING_KEY_SUFFIX_RULE)
 
     has_text, has_ids = bool(request.prompt), bool(request.prompt_token_ids)
     if has_text and has_ids:

@@ -82,6 +82,22 @@ def test_bad_field_is_refused_by_name(kwargs, field):
     assert _refused_field(build_request(prompt, **kwargs)) == field
 
 
+def test_a_request_id_of_the_form_a_second_serving_is_billed_under_is_refused():
+    """A second serving of an id (by another worker) is billed under `<id>~<16 hex>`: a client's id of that
+    form could take that key, and the two servings would be merged into one bill."""
+    from control_plane.usage.service import another_serving_id
+
+    for request_id in (
+        another_serving_id("r", "worker-1"),
+        another_serving_id("x" * 128, "w"),
+        "a~0123456789abcdef",
+    ):
+        with pytest.raises(RequestFieldError, match="request_id must not end in '~'"):
+            check_request(build_request("x", request_id=request_id), LIMITS)
+    for request_id in ("a~0123456789abcde", "a~0123456789ABCDEF", "a~0123456789abcdef-1", "~", "a~b"):
+        assert check_request(build_request("x", request_id=request_id), LIMITS).request_id == request_id
+
+
 def test_message_says_the_value_and_the_range():
     with pytest.raises(RequestFieldError, match=r"sampling\.top_p must be in \(0, 1\], got 1\.5"):
         check_request(build_request("x", top_p=1.5), LIMITS)

@@ -13,15 +13,30 @@ from openlora.client import Client
 
 
 def test_stop_drains_in_flight_stream_and_refuses_new_calls(system, spare_worker):
+    """The engine is held between steps from the stream's first token until the refusal is checked, so a
+    new call always meets the draining worker with the stream still in flight (the check was skipped
+    whenever the 500 tokens ended first)."""
     _, _, key = system.new_tenant()
     target = f"127.0.0.1:{spare_worker.port}"
     outcome: dict = {"tokens": 0, "error": None}
     first = threading.Event()
+    engine = spare_worker.engine.engine
+    real_step, held = engine.step, threading.Event()
+
+    def step():
+        if held.is_set():
+            threading.Event().wait(0.005)
+            return []
+        return real_step()
+
+    engine.step = step
 
     def stream():
         try:
             with Client(target, key) as client:
                 for response in client.generate_stream(prompt="hello", max_tokens=500):
+                    if not first.is_set():
+                        held.set()  # no step after this one until the refusal was checked
                     outcome["tokens"] += len(response.token_ids)
                     first.set()
         except errors.OpenLoRAError as error:
@@ -30,34 +45,33 @@ def test_stop_drains_in_flight_stream_and_refuses_new_calls(system, spare_worker
 
     thread = threading.Thread(target=stream)
     thread.start()
-    assert first.wait(60)
-    stopping = system.loop.loop.call_soon_threadsafe
-    done = threading.Event()
-    future = None
+    try:
+        assert first.wait(60)
+        done = threading.Event()
 
-    def begin_stop():
-        nonlocal future
-        future = system.loop.loop.create_task(spare_worker.stop(30.0))
-        future.add_done_callback(lambda _f: done.set())
+        def begin_stop():
+            task = system.loop.loop.create_task(spare_worker.stop(30.0))
+            task.add_done_callback(lambda _task: done.set())
 
-    stopping(begin_stop)
-    with grpc.insecure_channel(target) as channel:
-        status = None
-        for _ in range(100):
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
-            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-    refused = None
-    if not done.is_set():
+        system.loop.loop.call_soon_threadsafe(begin_stop)
+        with grpc.insecure_channel(target) as channel:
+            status = None
+            for _ in range(100):
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not done.is_set()  # the stream is held mid-way: the drain waits for it
         with Client(target, key) as client, pytest.raises(errors.Unavailable) as refused:
             client.complete("hello", max_tokens=2)
+        assert "draining" in refused.value.details
+    finally:
+        held.clear()
+        engine.step = real_step
     thread.join(60)
     assert done.wait(60)
     assert outcome["error"] is None
     assert outcome["tokens"] == 500
-    if refused is not None:
-        assert "draining" in refused.value.details or "connect" in refused.value.details.lower()
 
 
 def test_stop_finishes_when_a_background_task_swallows_its_cancellation(system, spare_worker, monkeypatch):

@@ -35,6 +35,19 @@ def _generate(target: str, key: str, **fields) -> list[inference_pb2.GenerateRes
         )
 
 
+def _serving(stub, key: str, request_id: str):
+    """A 300-token stream under `request_id`, once its first message arrived (the worker serves it now)."""
+    stream = stub.Generate(
+        inference_pb2.GenerateRequest(
+            prompt=PROMPT, request_id=request_id, sampling=inference_pb2.SamplingParams(max_tokens=300)
+        ),
+        metadata=(("authorization", f"Bearer {key}"),),
+        timeout=120,
+    )
+    next(stream)
+    return stream
+
+
 def _code(call) -> grpc.StatusCode:
     try:
         call()
@@ -48,14 +61,7 @@ def test_same_request_id_on_two_workers_at_once_is_served_once(system, spare_wor
     request_id = f"twice-{uuid.uuid4().hex}"
     channel, stub = _stub(system.target)
     with channel:
-        stream = stub.Generate(
-            inference_pb2.GenerateRequest(
-                prompt=PROMPT, request_id=request_id, sampling=inference_pb2.SamplingParams(max_tokens=300)
-            ),
-            metadata=(("authorization", f"Bearer {key}"),),
-            timeout=120,
-        )
-        next(stream)  # the first worker is serving it now
+        stream = _serving(stub, key, request_id)
         other = f"127.0.0.1:{spare_worker.port}"
         refused = _code(lambda: _generate(other, key, prompt=PROMPT, request_id=request_id))
         assert refused == grpc.StatusCode.ALREADY_EXISTS
@@ -410,14 +416,7 @@ def test_a_worker_started_under_a_live_workers_id_is_refused_and_frees_none_of_i
     request_id = f"twin-{uuid.uuid4().hex}"
     channel, stub = _stub(f"127.0.0.1:{first.port}")
     with channel:
-        stream = stub.Generate(
-            inference_pb2.GenerateRequest(
-                prompt=PROMPT, request_id=request_id, sampling=inference_pb2.SamplingParams(max_tokens=300)
-            ),
-            metadata=(("authorization", f"Bearer {key}"),),
-            timeout=120,
-        )
-        next(stream)  # the first worker is serving it now
+        stream = _serving(stub, key, request_id)
         with pytest.raises(ControlPlaneError) as refused:
             make_worker(worker_id=worker_id)
         assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS and "worker_id" in refused.value.message

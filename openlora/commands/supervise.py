@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -36,6 +37,32 @@ RESTART_BACKOFF_RESET_S = 60.0
 
 class ChildExited(RuntimeError):
     pass
+
+
+class StopFlag:
+    """A stop request that a signal handler may set. `threading.Event.set` takes a lock that the interrupted
+    main thread may be holding (inside `Event.wait`, between taking its lock and sleeping): the handler then
+    waits for that lock for ever and `up` never stops. `set` here takes no lock; `wait` sleeps in `select` on
+    a pipe that `set` writes to, so a stop ends the wait at once. The pipe is never closed: a handler may run
+    until the process ends, and a closed descriptor's number may by then name another file."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+
+    def set(self) -> None:
+        self._set = True
+        with contextlib.suppress(OSError):  # a full pipe has woken the waiter already
+            os.write(self._wake_write, b"\0")
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout_s: float) -> bool:
+        if not self._set:
+            select.select([self._wake_read], [], [], timeout_s)
+        return self._set
 
 
 class ConfigRefused(ChildExited):
@@ -222,7 +249,7 @@ class Supervisor:
                 self._restart(index, child)
         return min((at - time.monotonic() for at in self._restart_at.values()), default=float("inf"))
 
-    def run(self, stop: threading.Event) -> int:
+    def run(self, stop: StopFlag | threading.Event) -> int:
         """Checks the children until `stop`. Returns up's exit status: 0 on `stop`, 1 on a refused
         configuration."""
         while not stop.is_set():
@@ -266,7 +293,7 @@ class Supervisor:
         log.info("%s restarted (pid %d)", child.name, self.children[index].process.pid)
 
 
-def supervise(children: list[Child], stop: threading.Event) -> int:
+def supervise(children: list[Child], stop: StopFlag | threading.Event) -> int:
     """Watches the children until `stop`, restarting each one that exits in place in `children` (its own
     backoff, logged with its exit status; a restart that fails is tried again, for as long as it takes),
     unless it refused its configuration (exit CONFIG_ERROR_EXIT_CODE). Returns up's exit status: 0 on

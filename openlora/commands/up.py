@@ -62,6 +62,7 @@ from openlora.commands.demo_setup import (
 from openlora.commands.supervise import (
     Child,
     ChildExited,
+    StopFlag,
     Supervisor,
     start_embedded_postgres,
     start_embedded_redis,
@@ -442,8 +443,8 @@ def run_up(config: UpConfig) -> int:
 
 
 def _run_locked(config: UpConfig) -> int:
-    stop = threading.Event()
-    serving = threading.Event()
+    stop = StopFlag()  # set by the signal handler: it must take no lock (StopFlag's docstring)
+    serving = threading.Event()  # read by the handler (is_set takes no lock), set by this thread only
 
     def on_signal(*_) -> None:
         stop.set()

@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -62,6 +63,7 @@ ENGINE_DEAD_EXIT_CODE = 3  # the engine loop died: restart the process
 TASK_STOP_TIMEOUT_S = 5.0  # how long stop() waits for its cancelled background tasks
 STREAM_END_TIMEOUT_S = 2.0  # how long stop() waits, after the grace, for ended streams to tell their callers
 STATE_DIR_PID_FILE = "worker.pid"  # the pid of the worker that holds the state dir (`lock_state_dir`)
+_INSTANCE_ID = re.compile(r"[0-9a-f]{32}")  # a run's instance id, as `_start_serving` makes it
 
 
 class StateDirInUse(RuntimeError):
@@ -594,19 +596,28 @@ def _instance_place(path: Path) -> dict[str, str]:
 
 
 def _write_instance(path: Path, instance_id: str) -> None:
-    path.write_text(json.dumps({"instance": instance_id, **_instance_place(path)}))
+    """Records `instance_id` as the state dir's last run, whole or not at all (a file cut short by a crash
+    while it was written names no run: `_previous_instance`)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"instance": instance_id, **_instance_place(path)}))
+    os.replace(tmp, path)
 
 
 def _previous_instance(path: Path) -> str:
     """The run that registered this state dir's worker last, when it ran here: a copy of the dir (taken
     while that run served, on another host or at another path) names no previous run, so the control plane
-    refuses it the id while the run it was copied from is live, instead of handing the id over to it."""
-    text = _read_state_file(path)
+    refuses it the id while the run it was copied from is live, instead of handing the id over to it. A
+    damaged record (cut short, zeroed by a power loss, not UTF-8) names none either: sent as it was, the
+    control plane refused it (NUL characters, past 64 characters) and the worker never started again."""
+    text = path.read_bytes().decode("utf-8", "replace").strip() if path.exists() else ""
+    if _INSTANCE_ID.fullmatch(text):
+        return text  # written by an earlier version: the bare id
     try:
         recorded = json.loads(text) if text else {}
     except ValueError:
-        return text  # written by an earlier version: the bare id
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("instance"), str):
+        return ""
+    instance = recorded.get("instance") if isinstance(recorded, dict) else None
+    if not isinstance(instance, str) or not _INSTANCE_ID.fullmatch(instance):
         return ""
     place = _instance_place(path)
     return recorded["instance"] if all(recorded.get(k) == v for k, v in place.items()) else ""

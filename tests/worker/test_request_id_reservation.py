@@ -459,3 +459,30 @@ def test_a_copy_of_a_serving_workers_state_dir_is_refused_its_id(system, make_wo
     assert _code(lambda: _generate(f"127.0.0.1:{first.port}", system.new_tenant()[2], prompt=PROMPT)) == (
         grpc.StatusCode.OK
     )
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        pytest.param(b"\x00" * 120, id="zero-filled"),  # a power loss after the size was written
+        pytest.param(
+            b'{"instance": "' + b"0" * 32 + b'", "host": "a-host-name-that-is-long", "st', id="cut-short"
+        ),
+        pytest.param(b"\xff\xfe" + b"1" * 30, id="not-utf-8"),
+    ],
+)
+def test_a_worker_whose_instance_file_is_damaged_starts_and_rewrites_it(system, tmp_path, damaged):
+    """The state dir's record of its last run, damaged (cut short by a crash while it was written, zeroed
+    by a power loss): it names no previous run. It was sent as one (INVALID_ARGUMENT naming
+    previous_instance_id: NUL characters, or past 64 characters) or failed to decode, and the worker
+    could never start again until someone deleted the file."""
+    from data_plane.server.main import _previous_instance
+
+    state_dir = tmp_path / "damaged"
+    state_dir.mkdir()
+    (state_dir / "worker_instance").write_bytes(damaged)
+    worker = start_worker(system.loop, system.control_plane.target, system.model_dir, state_dir, None)
+    try:
+        assert _previous_instance(state_dir / "worker_instance") != ""  # rewritten whole, for its next run
+    finally:
+        system.loop.run(worker.stop(1.0))

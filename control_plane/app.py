@@ -147,8 +147,9 @@ class ControlPlane:
         """Workers choose their rank limit (--max-lora-rank): an adapter is refused only past the largest a
         live worker of its base model accepts (uploads were refused past 64 whatever they accepted); with
         none live, the control plane's own limit."""
-        live_within_s = LIVE_HEARTBEATS * self.config.heartbeat_interval_ms / 1000
-        return workers.max_lora_rank(session, base_model_name, live_within_s) or self.config.max_lora_rank
+        return (
+            workers.max_lora_rank(session, base_model_name, self._live_within_s) or self.config.max_lora_rank
+        )
 
     def begin_upload(self, plan: UploadPlan) -> Upload:
         """Takes one of the tenant's upload slots (ResourceExhausted when it has none left, or the control
@@ -339,19 +340,23 @@ class ControlPlane:
         if not token or not hmac.compare_digest(token.encode(), self.config.worker_token.encode()):
             raise Unauthenticated("unknown worker token")
 
+    @property
+    def _live_within_s(self) -> float:
+        """How recent a live worker's last heartbeat is (`Worker.is_live_since`)."""
+        return LIVE_HEARTBEATS * self.config.heartbeat_interval_ms / 1000
+
     def register_worker(self, registration: workers.WorkerRegistration) -> Worker:
-        live_within_s = LIVE_HEARTBEATS * self.config.heartbeat_interval_ms / 1000
         with self.sessions.begin() as s:
-            return workers.register_worker(s, registration, live_within_s)
+            return workers.register_worker(s, registration, self._live_within_s)
 
     def heartbeat(self, worker_id: str, running: int, waiting: int, resident: int) -> Worker:
         with self.sessions.begin() as s:
             return workers.heartbeat(s, worker_id, running, waiting, resident)
 
-    def list_workers(self, api_key: str) -> list[Worker]:
+    def list_workers(self, api_key: str) -> list[workers.WorkerStatus]:
         with self.sessions.begin() as s:
             tenancy.require_operator(tenancy.authenticate_admin(s, api_key))
-            return workers.list_workers(s)
+            return workers.list_workers(s, self._live_within_s)
 
     def authorize(self, api_key: str, adapter_names: list[str], base_model: str) -> Authorization:
         """A caller's key -> tenant and scopes, and each named adapter (or saved mix of its tenant, with

@@ -15,8 +15,7 @@ from control_plane.registry.uploads import UploadHeader
 from control_plane.tenancy.keys import display_prefix
 from control_plane.tenancy.models import SCOPE_ADMIN, SCOPE_INFER, ApiKey, Tenant
 from control_plane.usage.service import UsageReport, UsageSummary
-from control_plane.workers.models import Worker
-from control_plane.workers.service import WorkerRegistration
+from control_plane.workers.service import WorkerRegistration, WorkerStatus
 from openlora.base_model import BaseModelSpec
 from openlora.v1 import admin_pb2, worker_pb2
 
@@ -137,7 +136,8 @@ def resolved_adapter_to_proto(a: Adapter) -> worker_pb2.ResolvedAdapter:
     )
 
 
-def worker_to_proto(w: Worker) -> admin_pb2.Worker:
+def worker_to_proto(status: WorkerStatus) -> admin_pb2.Worker:
+    w = status.worker
     return admin_pb2.Worker(
         id=w.id,
         address=w.address,
@@ -147,6 +147,8 @@ def worker_to_proto(w: Worker) -> admin_pb2.Worker:
         running_requests=w.running_requests,
         waiting_requests=w.waiting_requests,
         resident_adapters=w.resident_adapters,
+        live=status.live,
+        heartbeat_age_s=status.heartbeat_age_s,
     )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, String
+from sqlalchemy import ColumnElement, DateTime, ForeignKey, String
+from sqlalchemy.ext.hybrid import hybrid_method
 from sqlalchemy.orm import Mapped, mapped_column
 
 from control_plane.db.base import Base, utc_now
@@ -56,3 +57,14 @@ class Worker(Base):
     resident_adapters: Mapped[int] = mapped_column(default=0)
     # The process run that registered it last (empty: a worker that does not say); see `register_worker`.
     instance_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+
+    @hybrid_method
+    def is_live_since(self, since: datetime) -> bool:
+        """The one rule by which a worker counts as serving (its rank limit, its base model's dimensions,
+        its id held): a heartbeat at `since` or later. Worker rows outlive their workers."""
+        return self.last_heartbeat_at >= since
+
+    @is_live_since.expression
+    @classmethod
+    def _is_live_since(cls, since: datetime) -> ColumnElement[bool]:
+        return cls.last_heartbeat_at >= since

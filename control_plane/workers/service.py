@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, fields
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -85,11 +85,16 @@ def upsert_base_model(
     return row
 
 
+def _live_since(live_within_s: float, now: datetime | None = None) -> datetime:
+    """The oldest heartbeat of a live worker (`Worker.is_live_since`)."""
+    return (now or utc_now()) - timedelta(seconds=live_within_s)
+
+
 def _check_no_live_worker_of(session: Session, name: str, worker_id: str, live_within_s: float) -> None:
-    since = utc_now() - timedelta(seconds=live_within_s)
+    since = _live_since(live_within_s)
     live = session.scalar(
         select(Worker)
-        .where(Worker.base_model_name == name, Worker.id != worker_id, Worker.last_heartbeat_at >= since)
+        .where(Worker.base_model_name == name, Worker.id != worker_id, Worker.is_live_since(since))
         .order_by(Worker.last_heartbeat_at.desc())
         .limit(1)
     )
@@ -109,7 +114,7 @@ def _check_not_held(worker: Worker, registration: WorkerRegistration, live_since
     worker's own previous run (named by its state directory) takes the id over at once; a worker or a
     row that names no instance is not checked."""
     held_by = worker.instance_id
-    if not held_by or not registration.instance_id or worker.last_heartbeat_at < live_since:
+    if not held_by or not registration.instance_id or not worker.is_live_since(live_since):
         return
     if held_by in (registration.instance_id, registration.previous_instance_id):
         return
@@ -124,7 +129,7 @@ def register_worker(
     session: Session, registration: WorkerRegistration, live_within_s: float | None = None
 ) -> Worker:
     """Registers (or registers again) a worker. `live_within_s`: a worker whose last heartbeat is that
-    recent is live; its id is not another process's to take (`_check_not_held`), nor its base model's
+    recent is live (`Worker.is_live_since`); its id is not another process's to take (`_check_not_held`), nor its base model's
     name another checkpoint's (`upsert_base_model`)."""
     _check_spec(registration.spec, registration.fingerprint)
     if not registration.address:
@@ -144,7 +149,7 @@ def register_worker(
         worker = Worker(id=worker_id, registered_at=now)
         session.add(worker)
     elif live_within_s is not None:
-        _check_not_held(worker, registration, now - timedelta(seconds=live_within_s))
+        _check_not_held(worker, registration, _live_since(live_within_s, now))
     worker.instance_id = registration.instance_id
     worker.address = registration.address
     worker.base_model_name = registration.spec.name
@@ -172,17 +177,31 @@ def heartbeat(
     return worker
 
 
-def list_workers(session: Session) -> list[Worker]:
-    return list(session.scalars(select(Worker).order_by(Worker.registered_at, Worker.id)))
+@dataclass(frozen=True)
+class WorkerStatus:
+    """A worker row as an operator reads it: whether it counts as live now, and how old its heartbeat is."""
+
+    worker: Worker
+    live: bool
+    heartbeat_age_s: float
+
+
+def list_workers(session: Session, live_within_s: float) -> list[WorkerStatus]:
+    now = utc_now()
+    since = _live_since(live_within_s, now)
+    return [
+        WorkerStatus(w, w.is_live_since(since), max(0.0, (now - w.last_heartbeat_at).total_seconds()))
+        for w in session.scalars(select(Worker).order_by(Worker.registered_at, Worker.id))
+    ]
 
 
 def max_lora_rank(session: Session, base_model_name: str, live_within_s: float) -> int | None:
-    """The largest LoRA rank a live worker of this base model accepts (one that heartbeat within
-    `live_within_s`: worker rows outlive their workers); None when no worker is live."""
-    since = utc_now() - timedelta(seconds=live_within_s)
+    """The largest LoRA rank a live worker of this base model accepts (`Worker.is_live_since`: worker
+    rows outlive their workers); None when no worker is live."""
+    since = _live_since(live_within_s)
     return session.scalar(
         select(func.max(Worker.max_lora_rank)).where(
-            Worker.base_model_name == base_model_name, Worker.last_heartbeat_at >= since
+            Worker.base_model_name == base_model_name, Worker.is_live_since(since)
         )
     )
 

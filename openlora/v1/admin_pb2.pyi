@@ -341,7 +341,7 @@ class GetInvoiceResponse(_message.Message):
     def __init__(self, invoice: _Optional[_Union[Invoice, _Mapping]] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("id", "address", "base_model", "registered_at", "last_heartbeat_at", "running_requests", "waiting_requests", "resident_adapters")
+    __slots__ = ("id", "address", "base_model", "registered_at", "last_heartbeat_at", "running_requests", "waiting_requests", "resident_adapters", "live", "heartbeat_age_s")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -350,6 +350,8 @@ class Worker(_message.Message):
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     base_model: str
@@ -358,7 +360,9 @@ class Worker(_message.Message):
     running_requests: int
     waiting_requests: int
     resident_adapters: int
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., base_model: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ...) -> None: ...
+    live: bool
+    heartbeat_age_s: float
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., base_model: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., live: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -209,6 +209,43 @@ def test_a_checkpoint_of_other_dimensions_is_refused_the_name_live_workers_serve
     assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def _age(cp, worker_id: str) -> None:
+    """The worker's last heartbeat a day ago: it looks dead (cut off, or crashed)."""
+    import psycopg
+
+    with psycopg.connect(cp.config.database_url) as conn:
+        conn.execute(
+            "UPDATE worker SET last_heartbeat_at = now() - interval '1 day' WHERE id = %s", (worker_id,)
+        )
+
+
+def _heartbeat(cp, worker_id: str) -> None:
+    cp.worker_stub().Heartbeat(
+        worker_pb2.HeartbeatRequest(worker_id=worker_id), metadata=cp.worker_metadata()
+    )
+
+
+def _listed(cp, worker_id: str) -> admin_pb2.Worker:
+    with cp.admin() as admin:
+        return {w.id: w for w in admin.list_workers()}[worker_id]
+
+
+def test_list_workers_says_which_are_live_by_the_heartbeat_rule(cp, base_spec) -> None:
+    """ListWorkers listed a worker dead for a day like a live one. Each entry says whether it counts as
+    live (the rule that bounds ranks and holds ids and base models) and how old its heartbeat is."""
+    import uuid
+
+    worker_id = f"listed-{uuid.uuid4().hex[:8]}"
+    register_worker(cp, base_spec, worker_id=worker_id)
+    listed = _listed(cp, worker_id)
+    assert listed.live and listed.heartbeat_age_s >= 0
+    _age(cp, worker_id)
+    listed = _listed(cp, worker_id)
+    assert not listed.live and listed.heartbeat_age_s >= 23 * 3600
+    _heartbeat(cp, worker_id)
+    assert _listed(cp, worker_id).live
+
+
 def test_fetch_artifact_streams_files_that_digest_to_their_address(cp, world, adapters_root) -> None:
     sha256 = _authorize(cp, world["owner"], ["private-one"]).adapters[0].sha256
     files: dict[str, bytearray] = {}

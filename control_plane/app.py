@@ -349,9 +349,12 @@ class ControlPlane:
         with self.sessions.begin() as s:
             return workers.register_worker(s, registration, self._live_within_s)
 
-    def heartbeat(self, worker_id: str, running: int, waiting: int, resident: int) -> Worker:
+    def heartbeat(
+        self, worker_id: str, instance_id: str, running: int, waiting: int, resident: int
+    ) -> Worker:
+        """FailedPrecondition when `instance_id` no longer holds the id."""
         with self.sessions.begin() as s:
-            return workers.heartbeat(s, worker_id, running, waiting, resident)
+            return workers.heartbeat(s, worker_id, running, waiting, resident, instance_id)
 
     def list_workers(self, api_key: str) -> list[workers.WorkerStatus]:
         with self.sessions.begin() as s:

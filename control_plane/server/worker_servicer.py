@@ -28,6 +28,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         await asyncio.to_thread(
             self.app.heartbeat,
             request.worker_id,
+            request.instance_id,
             request.running_requests,
             request.waiting_requests,
             len(request.resident_adapter_sha256),

@@ -161,15 +161,42 @@ def register_worker(
     return worker
 
 
+def _check_holds(worker: Worker, instance_id: str) -> None:
+    """FAILED_PRECONDITION naming instance_id (and the worker id) unless `instance_id` is the run that
+    registered the worker last. Another process registered the id since (this one was cut off from the
+    control plane past three heartbeat intervals, and another run, a copied state dir or the same
+    --worker-id, took it): both would count as one live worker, sharing its request id reservations and
+    its usage. An empty instance matches only a registration that named none (a worker that does not say):
+    it cannot show it is the run that registered an id that names one."""
+    if instance_id == worker.instance_id:
+        return
+    holder = f"instance {worker.instance_id!r}" if worker.instance_id else "a worker that names no instance"
+    raise FailedPrecondition(
+        f"{instance_id!r} no longer holds worker_id {worker.id!r}: {holder} at {worker.address} registered "
+        "it since (another process); this one must stop serving under that id",
+        field="instance_id",
+    )
+
+
 def heartbeat(
-    session: Session, worker_id: str, running_requests: int, waiting_requests: int, resident_adapters: int
+    session: Session,
+    worker_id: str,
+    running_requests: int,
+    waiting_requests: int,
+    resident_adapters: int,
+    instance_id: str = "",
 ) -> Worker:
-    worker = session.get(Worker, check_text(worker_id, "worker_id", MAX_NAME_CHARS))
+    """Records a live worker's load. Refused (`_check_holds`) from an instance that no longer holds the
+    id."""
+    check_text(instance_id, "instance_id", MAX_INSTANCE_ID_CHARS)
     _check_count(running_requests, "running_requests")
     _check_count(waiting_requests, "waiting_requests")
     _check_count(resident_adapters, "resident_adapter_sha256")
+    # Locked: a heartbeat checked against the row another instance is registering over would refresh it.
+    worker = session.get(Worker, check_text(worker_id, "worker_id", MAX_NAME_CHARS), with_for_update=True)
     if worker is None:
         raise NotFound(f"worker {worker_id!r} is not registered; register again", field="worker_id")
+    _check_holds(worker, instance_id)
     worker.last_heartbeat_at = utc_now()
     worker.running_requests = running_requests
     worker.waiting_requests = waiting_requests

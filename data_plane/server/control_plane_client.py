@@ -247,9 +247,13 @@ class ControlPlaneClient:
             "resident_weight_bytes": resident_bytes,
         }
 
-    async def heartbeat(self, worker_id: str, running: int, waiting: int, resident_sha256: list[str]) -> None:
+    async def heartbeat(
+        self, worker_id: str, running: int, waiting: int, resident_sha256: list[str], instance_id: str = ""
+    ) -> None:
+        """FAILED_PRECONDITION when `instance_id` no longer holds the id (another process registered it)."""
         request = worker_pb2.HeartbeatRequest(
             worker_id=worker_id,
+            instance_id=instance_id,
             running_requests=running,
             waiting_requests=waiting,
             resident_adapter_sha256=resident_sha256,
@@ -267,20 +271,28 @@ class ControlPlaneClient:
         stats: Callable[[], tuple[int, int, list[str]]],
         reregister: Callable[[], object],
         on_error: Callable[[], None] | None = None,
+        instance_id: str = "",
+        on_superseded: Callable[[str], None] | None = None,
     ) -> None:
-        """Heartbeats forever; a control plane that forgot the worker (NOT_FOUND) gets it registered again.
-        Any failure of one beat is logged and the loop goes on: an unreachable control plane is retried at
-        the next beat; any other exception (`stats()` reading engine state, say) is counted by `on_error`
-        and waits longer after each failure in a row (up to HEARTBEAT_BACKOFF_MAX_S)."""
+        """Heartbeats forever as `instance_id`; a control plane that forgot the worker (NOT_FOUND) gets it
+        registered again. A refusal because another instance holds the id now (FAILED_PRECONDITION) is
+        told to `on_superseded` with the control plane's message, and the beats end for good (the worker
+        must stop serving under the id; its stop cancels this). Any other failure of one beat is logged and
+        the loop goes on: an unreachable control plane is retried at the next beat; any other exception
+        (`stats()` reading engine state, say) is counted by `on_error` and waits longer after each failure
+        in a row (up to HEARTBEAT_BACKOFF_MAX_S)."""
         failures = 0
         while True:
             await asyncio.sleep(min(interval_s * (2**failures), max(interval_s, HEARTBEAT_BACKOFF_MAX_S)))
             try:
-                await self._beat(worker_id, stats, reregister)
+                await self._beat(worker_id, instance_id, stats, reregister)
                 failures = 0
             except asyncio.CancelledError:
                 raise
             except ControlPlaneError as error:  # the next beat at the usual interval is the retry
+                if error.code == grpc.StatusCode.FAILED_PRECONDITION and on_superseded is not None:
+                    on_superseded(error.message)
+                    break
                 log.warning("heartbeat failed: %s", error.message)
                 failures = 0
             except Exception:
@@ -288,16 +300,20 @@ class ControlPlaneClient:
                 failures = min(failures + 1, 8)
                 if on_error is not None:
                     on_error()
+        # No beat again under an id this instance lost; the worker's stop cancels this wait (returning would
+        # have `keep_running` start the beats again).
+        await asyncio.Event().wait()
 
     async def _beat(
         self,
         worker_id: str,
+        instance_id: str,
         stats: Callable[[], tuple[int, int, list[str]]],
         reregister: Callable[[], object],
     ) -> None:
         running, waiting, resident = stats()
         try:
-            await self.heartbeat(worker_id, running, waiting, resident)
+            await self.heartbeat(worker_id, running, waiting, resident, instance_id)
         except ControlPlaneError as error:
             if error.code != grpc.StatusCode.NOT_FOUND:
                 raise

@@ -5,7 +5,10 @@
 SIGTERM or SIGINT, then drains (health NOT_SERVING, new calls UNAVAILABLE, in-flight streams finish
 within the grace period), flushes usage and returns 0. If the engine loop dies (a fault it cannot go
 on from), health turns NOT_SERVING and the process exits with ENGINE_DEAD_EXIT_CODE for its supervisor
-(`openlora up`, a container runtime) to restart it.
+(`openlora up`, a container runtime) to restart it. If its worker id is registered by another process
+meanwhile (this one was cut off from the control plane for longer than three heartbeat intervals, and a
+copy of it took over), the control plane refuses its heartbeats: it drains and exits with
+IDENTITY_LOST_EXIT_CODE.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"
 ENGINE_WATCH_INTERVAL_S = 1.0
 REGISTER_RETRY_MAX_S = 5.0
 ENGINE_DEAD_EXIT_CODE = 3  # the engine loop died: restart the process
+# Another process registered this worker's id (its heartbeats are refused): a restart registers again, and
+# is refused (ALREADY_EXISTS naming worker_id) while that other process is live.
+IDENTITY_LOST_EXIT_CODE = 4
 TASK_STOP_TIMEOUT_S = 5.0  # how long stop() waits for its cancelled background tasks
 STREAM_END_TIMEOUT_S = 2.0  # how long stop() waits, after the grace, for ended streams to tell their callers
 STATE_DIR_PID_FILE = "worker.pid"  # the pid of the worker that holds the state dir (`lock_state_dir`)
@@ -98,6 +104,11 @@ class RunningWorker:
     metrics: WorkerMetrics
     # The OpenAI-compatible HTTP API (config.http_listen); None when off.
     http: HttpServer | None = None
+    # This process run, as registered (the control plane takes heartbeats from it alone).
+    instance_id: str = ""
+    # Why the control plane refused this instance's heartbeats (another process holds its worker id now);
+    # empty while it holds the id.
+    lost_identity: str = ""
     _tasks: list[asyncio.Task] = field(default_factory=list)
     # Hints being acted on (a prewarm may be fetching its artifact); cancelled at stop.
     _hint_tasks: set[asyncio.Task] = field(default_factory=set)
@@ -119,6 +130,19 @@ class RunningWorker:
     @property
     def worker_id(self) -> str:
         return self.state.worker_id
+
+    def lose_identity(self, message: str) -> None:
+        """The control plane refused a heartbeat: another process registered this worker's id. New calls
+        are refused at once (draining: health NOT_SERVING, UNAVAILABLE); the process entry then drains and
+        exits with IDENTITY_LOST_EXIT_CODE. Serving on under the id, both processes shared its request id
+        reservations and its usage, and counted as one live worker."""
+        log.error("worker %s stops serving: its id is another process's now (%s)", self.worker_id, message)
+        self.lost_identity = message
+        self.state.draining = True
+        health = asyncio.get_running_loop().create_task(
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        self._tasks.append(health)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drains: NOT_SERVING, new calls UNAVAILABLE, in-flight streams get up to `grace_s` to finish;
@@ -389,6 +413,7 @@ async def _start_serving(
         state=state,
         metrics=metrics,
         http=http,
+        instance_id=instance_id,
     )
     await running._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -451,7 +476,13 @@ async def _start_serving(
             keep_running(
                 "heartbeat",
                 lambda: control_plane.run_heartbeats(
-                    state.worker_id, heartbeat_s, stats, register, on_error=counted("heartbeat")
+                    state.worker_id,
+                    heartbeat_s,
+                    stats,
+                    register,
+                    on_error=counted("heartbeat"),
+                    instance_id=instance_id,
+                    on_superseded=running.lose_identity,
                 ),
                 counted("heartbeat"),
             )
@@ -624,8 +655,9 @@ def _previous_instance(path: Path) -> str:
 
 
 async def _serve_until_signalled(config: WorkerConfig) -> int:
-    """Serves until SIGTERM/SIGINT (drains, returns 0) or until the engine loop dies: then health is
-    NOT_SERVING, what can drain drains, and it returns ENGINE_DEAD_EXIT_CODE so a supervisor restarts it."""
+    """Serves until SIGTERM/SIGINT (drains, returns 0), until the engine loop dies (health NOT_SERVING,
+    what can drain drains, returns ENGINE_DEAD_EXIT_CODE so a supervisor restarts it), or until another
+    process holds its worker id (drains, returns IDENTITY_LOST_EXIT_CODE)."""
     running = await serve_worker(config)
     openai = f" openai={running.openai_base_url}" if running.http is not None else ""
     print(f"worker serving inference={running.address} id={running.worker_id}{openai}", flush=True)
@@ -634,9 +666,18 @@ async def _serve_until_signalled(config: WorkerConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     engine = running.engine
-    while not stop.is_set() and engine.is_running:
+    while not stop.is_set() and engine.is_running and not running.lost_identity:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), ENGINE_WATCH_INTERVAL_S)
+    if running.lost_identity:
+        await running.stop(config.drain_grace_s)
+        log.error(
+            "worker exits with status %d: another process registered worker id %s (%s)",
+            IDENTITY_LOST_EXIT_CODE,
+            running.worker_id,
+            running.lost_identity,
+        )
+        return IDENTITY_LOST_EXIT_CODE
     if stop.is_set():
         log.info("signal received: draining")
         await running.stop(config.drain_grace_s)

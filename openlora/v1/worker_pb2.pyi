@@ -62,7 +62,7 @@ class RegisterWorkerResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "running_requests", "waiting_requests", "resident_adapter_sha256", "weight_format", "weight_bits_per_weight", "resident_weight_bytes")
+    __slots__ = ("worker_id", "running_requests", "waiting_requests", "resident_adapter_sha256", "weight_format", "weight_bits_per_weight", "resident_weight_bytes", "instance_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class HeartbeatRequest(_message.Message):
     WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     running_requests: int
     waiting_requests: int
@@ -77,7 +78,8 @@ class HeartbeatRequest(_message.Message):
     weight_format: str
     weight_bits_per_weight: float
     resident_weight_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapter_sha256: _Optional[_Iterable[str]] = ..., weight_format: _Optional[str] = ..., weight_bits_per_weight: _Optional[float] = ..., resident_weight_bytes: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapter_sha256: _Optional[_Iterable[str]] = ..., weight_format: _Optional[str] = ..., weight_bits_per_weight: _Optional[float] = ..., resident_weight_bytes: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ()

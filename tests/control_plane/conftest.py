@@ -158,6 +158,7 @@ def register_worker(
     worker_id: str = "",
     address: str = "127.0.0.1:9",
     max_lora_rank: int = 64,
+    instance_id: str = "",
 ) -> worker_pb2.RegisterWorkerResponse:
     return cp.worker_stub().RegisterWorker(
         worker_pb2.RegisterWorkerRequest(
@@ -166,6 +167,7 @@ def register_worker(
             base_model=spec_to_proto(spec),
             max_lora_rank=max_lora_rank,
             num_adapter_slots=8,
+            instance_id=instance_id,
         ),
         metadata=cp.worker_metadata(),
     )

@@ -219,15 +219,53 @@ def _age(cp, worker_id: str) -> None:
         )
 
 
-def _heartbeat(cp, worker_id: str) -> None:
+def _heartbeat(cp, worker_id: str, instance_id: str) -> None:
     cp.worker_stub().Heartbeat(
-        worker_pb2.HeartbeatRequest(worker_id=worker_id), metadata=cp.worker_metadata()
+        worker_pb2.HeartbeatRequest(worker_id=worker_id, instance_id=instance_id),
+        metadata=cp.worker_metadata(),
     )
 
 
 def _listed(cp, worker_id: str) -> admin_pb2.Worker:
     with cp.admin() as admin:
         return {w.id: w for w in admin.list_workers()}[worker_id]
+
+
+def test_a_heartbeat_from_an_instance_that_no_longer_holds_its_id_is_refused(cp, base_spec) -> None:
+    """A worker cut off from the control plane past three heartbeat intervals, whose id another process
+    registered meanwhile, went on heartbeating under it when it came back, and was taken: two processes
+    counted as one live worker. Its heartbeats are refused (FAILED_PRECONDITION naming the instance and
+    the id); the holder's are taken."""
+    import uuid
+
+    worker_id = f"cut-off-{uuid.uuid4().hex[:8]}"
+    register_worker(cp, base_spec, worker_id=worker_id, address="10.0.0.1:1", instance_id="first-run")
+    _heartbeat(cp, worker_id, "first-run")
+    _age(cp, worker_id)
+    register_worker(cp, base_spec, worker_id=worker_id, address="10.0.0.2:2", instance_id="other-process")
+    for stale in ("first-run", ""):  # an instance-less beat cannot show it is the holder either
+        with pytest.raises(grpc.RpcError) as e:
+            _heartbeat(cp, worker_id, stale)
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+        details = e.value.details()
+        assert details.startswith("instance_id: ") and repr(worker_id) in details and repr(stale) in details
+        assert "'other-process' at 10.0.0.2:2" in details
+    _heartbeat(cp, worker_id, "other-process")
+    assert _listed(cp, worker_id).address == "10.0.0.2:2"
+
+
+def test_a_worker_that_names_no_instance_keeps_heartbeating(cp, base_spec) -> None:
+    """A worker of an earlier version (no instance in its registration or heartbeats) is taken as before;
+    once a worker naming an instance registered its id, its instance-less beats are refused."""
+    import uuid
+
+    worker_id = f"unnamed-{uuid.uuid4().hex[:8]}"
+    register_worker(cp, base_spec, worker_id=worker_id)
+    _heartbeat(cp, worker_id, "")
+    with pytest.raises(grpc.RpcError) as e:
+        _heartbeat(cp, worker_id, "a-guess")
+    assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "a worker that names no instance" in e.value.details()
 
 
 def test_list_workers_says_which_are_live_by_the_heartbeat_rule(cp, base_spec) -> None:
@@ -242,7 +280,7 @@ def test_list_workers_says_which_are_live_by_the_heartbeat_rule(cp, base_spec) -
     _age(cp, worker_id)
     listed = _listed(cp, worker_id)
     assert not listed.live and listed.heartbeat_age_s >= 23 * 3600
-    _heartbeat(cp, worker_id)
+    _heartbeat(cp, worker_id, "")
     assert _listed(cp, worker_id).live
 
 

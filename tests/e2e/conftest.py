@@ -58,7 +58,14 @@ def control_plane(database_url, redis_url, tmp_path_factory):
 
 
 class WorkerProcess:
-    def __init__(self, cp_target: str, model_dir: Path, state_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        cp_target: str,
+        model_dir: Path,
+        state_dir: Path,
+        log_path: Path,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.port = support.free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -75,6 +82,7 @@ class WorkerProcess:
             "--max-lora-rank", "16",
             "--auth-cache-ttl-s", "0.3",
             "--drain-grace-s", "30",
+            *extra_args,
         ]  # fmt: skip
         self._log = open(log_path, "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
@@ -100,12 +108,14 @@ class WorkerProcess:
 def spawn_worker(control_plane, e2e_model_dir, tmp_path):
     started: list[WorkerProcess] = []
 
-    def spawn(state_dir: Path | None = None) -> WorkerProcess:
+    def spawn(state_dir: Path | None = None, extra_args: tuple[str, ...] = ()) -> WorkerProcess:
+        """A worker process; `extra_args` are more flags (a later flag overrides an earlier one)."""
         worker = WorkerProcess(
             control_plane[0].target,
             e2e_model_dir,
             state_dir or tmp_path / "worker-state",
             tmp_path / f"worker-{len(started)}.log",
+            extra_args,
         )
         started.append(worker)
         return worker

@@ -46,7 +46,12 @@ def test_heartbeat_loop_survives_a_failing_stats_read(system):
 
         task = asyncio.get_running_loop().create_task(
             client.run_heartbeats(
-                system.worker.worker_id, 0.05, stats, reregister, on_error=lambda: errors.append(1)
+                system.worker.worker_id,
+                0.05,
+                stats,
+                reregister,
+                on_error=lambda: errors.append(1),
+                instance_id=system.worker.instance_id,
             )
         )
         try:

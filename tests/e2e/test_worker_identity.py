@@ -1,0 +1,65 @@
+"""A worker process's hold on its worker id: one cut off from the control plane whose id another process
+took stops serving under it and exits."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from openlora.v1 import admin_pb2
+
+pytestmark = pytest.mark.slow
+
+# data_plane.server.main.IDENTITY_LOST_EXIT_CODE (not imported: it would load the engine's modules here)
+IDENTITY_LOST_EXIT_CODE = 4
+
+
+def _listed(admin, worker_id: str) -> admin_pb2.Worker:
+    workers = admin.stub.ListWorkers(admin_pb2.ListWorkersRequest(), metadata=admin.metadata).workers
+    return {w.id: w for w in workers}[worker_id]
+
+
+def _age_until_dead(cp, admin, worker_id: str) -> None:
+    """The worker's last heartbeat a day ago, as if it had been away that long (a beat it sent before it
+    was stopped may land after the first update: updated again until it stays so)."""
+    while True:
+        with psycopg.connect(cp.app.config.database_url) as conn:
+            conn.execute(
+                "UPDATE worker SET last_heartbeat_at = now() - interval '1 day' WHERE id = %s", (worker_id,)
+            )
+        time.sleep(0.5)
+        if not _listed(admin, worker_id).live:
+            return
+
+
+def test_a_worker_whose_id_another_process_took_while_it_was_away_drains_and_exits(
+    control_plane, spawn_worker, tmp_path
+):
+    """Cut off from the control plane (here: stopped) past three heartbeat intervals, a worker whose state
+    dir was copied and started elsewhere meanwhile came back heartbeating under the id the copy now held,
+    and the control plane took its beats: two processes counted as one live worker, sharing its request
+    id reservations and usage. Its heartbeat is refused; it stops serving, drains and exits with
+    IDENTITY_LOST_EXIT_CODE for its supervisor (whose restart is refused while the copy is live)."""
+    cp, admin = control_plane
+    model_name = f"held-{uuid.uuid4().hex[:8]}"
+    first = spawn_worker(tmp_path / "first", extra_args=("--model-name", model_name))
+    worker_id = (tmp_path / "first" / "worker_id").read_text().strip()
+    first.process.send_signal(signal.SIGSTOP)
+    try:
+        _age_until_dead(cp, admin, worker_id)
+        shutil.copytree(tmp_path / "first", tmp_path / "copy", ignore=shutil.ignore_patterns("worker.pid"))
+        copy = spawn_worker(tmp_path / "copy", extra_args=("--model-name", model_name))
+        assert _listed(admin, worker_id).address == copy.target
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+    assert first.process.wait(120) == IDENTITY_LOST_EXIT_CODE, first.log_tail()
+    log = first.log_tail()
+    assert f"another process registered worker id {worker_id}" in log and "instance_id" in log
+    listed = _listed(admin, worker_id)
+    assert listed.live and listed.address == copy.target
+    assert copy.process.poll() is None

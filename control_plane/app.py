@@ -352,9 +352,14 @@ class ControlPlane:
     def heartbeat(
         self, worker_id: str, instance_id: str, running: int, waiting: int, resident: int
     ) -> Worker:
-        """FailedPrecondition when `instance_id` no longer holds the id."""
+        """FailedPrecondition when `instance_id` no longer holds the id, or left."""
         with self.sessions.begin() as s:
             return workers.heartbeat(s, worker_id, running, waiting, resident, instance_id)
+
+    def deregister_worker(self, worker_id: str, instance_id: str) -> Worker:
+        """The instance holding `worker_id` leaves: it stops counting as live at once."""
+        with self.sessions.begin() as s:
+            return workers.deregister_worker(s, worker_id, instance_id)
 
     def list_workers(self, api_key: str) -> list[workers.WorkerStatus]:
         with self.sessions.begin() as s:

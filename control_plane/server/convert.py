@@ -149,6 +149,7 @@ def worker_to_proto(status: WorkerStatus) -> admin_pb2.Worker:
         resident_adapters=w.resident_adapters,
         live=status.live,
         heartbeat_age_s=status.heartbeat_age_s,
+        left_at=timestamp(w.left_at),
     )
 
 

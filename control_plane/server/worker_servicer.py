@@ -35,6 +35,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
         return worker_pb2.HeartbeatResponse()
 
+    async def DeregisterWorker(self, request, context):
+        """The worker's own instance leaves (a clean stop): it stops counting as live at once."""
+        self.app.check_worker_token(bearer_token(context))
+        await asyncio.to_thread(self.app.deregister_worker, request.worker_id, request.instance_id)
+        return worker_pb2.DeregisterWorkerResponse()
+
     async def Authorize(self, request, context):
         self.app.check_worker_token(bearer_token(context))
         auth = await asyncio.to_thread(

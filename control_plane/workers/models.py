@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, DateTime, ForeignKey, String
+from sqlalchemy import ColumnElement, DateTime, ForeignKey, String, and_
 from sqlalchemy.ext.hybrid import hybrid_method
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -57,14 +57,17 @@ class Worker(Base):
     resident_adapters: Mapped[int] = mapped_column(default=0)
     # The process run that registered it last (empty: a worker that does not say); see `register_worker`.
     instance_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # When that instance said it left (a clean stop); None while it serves, or after it died unannounced.
+    left_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
     @hybrid_method
     def is_live_since(self, since: datetime) -> bool:
         """The one rule by which a worker counts as serving (its rank limit, its base model's dimensions,
-        its id held): a heartbeat at `since` or later. Worker rows outlive their workers."""
-        return self.last_heartbeat_at >= since
+        its id held): a heartbeat at `since` or later, and it has not said it left. Worker rows outlive
+        their workers; a crashed one stops counting when its heartbeats stop, a cleanly stopped one at once."""
+        return self.left_at is None and self.last_heartbeat_at >= since
 
     @is_live_since.expression
     @classmethod
     def _is_live_since(cls, since: datetime) -> ColumnElement[bool]:
-        return cls.last_heartbeat_at >= since
+        return and_(cls.left_at.is_(None), cls.last_heartbeat_at >= since)

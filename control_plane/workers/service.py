@@ -129,8 +129,8 @@ def register_worker(
     session: Session, registration: WorkerRegistration, live_within_s: float | None = None
 ) -> Worker:
     """Registers (or registers again) a worker. `live_within_s`: a worker whose last heartbeat is that
-    recent is live (`Worker.is_live_since`); its id is not another process's to take (`_check_not_held`), nor its base model's
-    name another checkpoint's (`upsert_base_model`)."""
+    recent, and that has not left, is live (`Worker.is_live_since`); its id is not another process's to
+    take (`_check_not_held`), nor its base model's name another checkpoint's (`upsert_base_model`)."""
     _check_spec(registration.spec, registration.fingerprint)
     if not registration.address:
         raise InvalidArgument("required", field="address")
@@ -151,6 +151,7 @@ def register_worker(
     elif live_within_s is not None:
         _check_not_held(worker, registration, _live_since(live_within_s, now))
     worker.instance_id = registration.instance_id
+    worker.left_at = None
     worker.address = registration.address
     worker.base_model_name = registration.spec.name
     worker.max_lora_rank = registration.max_lora_rank
@@ -187,7 +188,7 @@ def heartbeat(
     instance_id: str = "",
 ) -> Worker:
     """Records a live worker's load. Refused (`_check_holds`) from an instance that no longer holds the
-    id."""
+    id, and from one that left: it cannot count as live again without registering."""
     check_text(instance_id, "instance_id", MAX_INSTANCE_ID_CHARS)
     _check_count(running_requests, "running_requests")
     _check_count(waiting_requests, "waiting_requests")
@@ -197,10 +198,32 @@ def heartbeat(
     if worker is None:
         raise NotFound(f"worker {worker_id!r} is not registered; register again", field="worker_id")
     _check_holds(worker, instance_id)
+    if worker.left_at is not None:
+        raise FailedPrecondition(
+            f"{instance_id!r} of worker_id {worker_id!r} left at {worker.left_at.isoformat()}; register again",
+            field="instance_id",
+        )
     worker.last_heartbeat_at = utc_now()
     worker.running_requests = running_requests
     worker.waiting_requests = waiting_requests
     worker.resident_adapters = resident_adapters
+    return worker
+
+
+def deregister_worker(session: Session, worker_id: str, instance_id: str) -> Worker:
+    """A worker stopping cleanly leaves: it stops counting as live at once (`Worker.is_live_since`), so
+    its rank limit, its base model's dimensions and its id are no longer held for three heartbeat
+    intervals. Only the instance holding the id may (`_check_holds`); leaving again is a no-op."""
+    if not instance_id:
+        raise InvalidArgument("required", field="instance_id")
+    check_text(instance_id, "instance_id", MAX_INSTANCE_ID_CHARS)
+    worker = session.get(Worker, check_text(worker_id, "worker_id", MAX_NAME_CHARS), with_for_update=True)
+    if worker is None:
+        raise NotFound(f"worker {worker_id!r} is not registered", field="worker_id")
+    _check_holds(worker, instance_id)
+    if worker.left_at is None:
+        worker.left_at = utc_now()
+        worker.running_requests = worker.waiting_requests = worker.resident_adapters = 0
     return worker
 
 

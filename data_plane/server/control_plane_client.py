@@ -68,6 +68,9 @@ AUTH_RECENT_S = 24 * 3600.0
 AUTH_OUTAGE_GRACE_S = 600.0
 _OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 HEARTBEAT_BACKOFF_MAX_S = 30.0
+# A stopping worker waits this long for the control plane to take its leave (a control plane that is down
+# must not hold the stop; the worker then stops counting as live by the heartbeat rule).
+DEREGISTER_TIMEOUT_S = 3.0
 
 
 class ControlPlaneError(Exception):
@@ -263,6 +266,15 @@ class ControlPlaneClient:
             await self._stub.Heartbeat(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
         except grpc.RpcError as error:
             raise ControlPlaneError.from_rpc(error, "Heartbeat") from None
+
+    async def deregister(self, worker_id: str, instance_id: str) -> None:
+        """Tells the control plane this instance leaves (a clean stop, drained): it stops counting as live
+        at once. Waits at most DEREGISTER_TIMEOUT_S."""
+        request = worker_pb2.DeregisterWorkerRequest(worker_id=worker_id, instance_id=instance_id)
+        try:
+            await self._stub.DeregisterWorker(request, metadata=self._metadata, timeout=DEREGISTER_TIMEOUT_S)
+        except grpc.RpcError as error:
+            raise ControlPlaneError.from_rpc(error, "DeregisterWorker") from None
 
     async def run_heartbeats(
         self,

@@ -3,12 +3,12 @@
 `serve_worker(config)` starts everything in the running event loop and returns a `RunningWorker`
 (tests bind 127.0.0.1:0 and read `.port`); `run_worker(config)` is the process entry: it serves until
 SIGTERM or SIGINT, then drains (health NOT_SERVING, new calls UNAVAILABLE, in-flight streams finish
-within the grace period), flushes usage and returns 0. If the engine loop dies (a fault it cannot go
-on from), health turns NOT_SERVING and the process exits with ENGINE_DEAD_EXIT_CODE for its supervisor
-(`openlora up`, a container runtime) to restart it. If its worker id is registered by another process
-meanwhile (this one was cut off from the control plane for longer than three heartbeat intervals, and a
-copy of it took over), the control plane refuses its heartbeats: it drains and exits with
-IDENTITY_LOST_EXIT_CODE.
+within the grace period), tells the control plane it leaves, flushes usage and returns 0. If the engine
+loop dies (a fault it cannot go on from), health turns NOT_SERVING and the process exits with
+ENGINE_DEAD_EXIT_CODE for its supervisor (`openlora up`, a container runtime) to restart it. If its worker
+id is registered by another process meanwhile (this one was cut off from the control plane for longer
+than three heartbeat intervals, and a copy of it took over), the control plane refuses its heartbeats:
+it drains and exits with IDENTITY_LOST_EXIT_CODE.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class RunningWorker:
     metrics: WorkerMetrics
     # The OpenAI-compatible HTTP API (config.http_listen); None when off.
     http: HttpServer | None = None
-    # This process run, as registered (the control plane takes heartbeats from it alone).
+    # This process run, as registered (the control plane takes heartbeats and the leave from it alone).
     instance_id: str = ""
     # Why the control plane refused this instance's heartbeats (another process holds its worker id now);
     # empty while it holds the id.
@@ -180,10 +180,27 @@ class RunningWorker:
                 task.get_name(),
                 TASK_STOP_TIMEOUT_S,
             )
+        if not self.lost_identity:
+            await self._leave()
         await self.usage.stop()
         await self.engine.stop()
         await self.control_plane.close()
         log.info("worker stopped")
+
+    async def _leave(self) -> None:
+        """Drained and no longer beating: the control plane stops counting this worker as live at once
+        (its rank limit, its base model's dimensions, its id). Not before the drain: another process could
+        take the id while streams still ran under it. A failure only leaves it to the heartbeat rule."""
+        try:
+            await self.control_plane.deregister(self.worker_id, self.instance_id)
+        except ControlPlaneError as error:
+            log.warning(
+                "the control plane was not told this worker left (%s); it stops counting as live when its "
+                "heartbeats are missed",
+                error.message,
+            )
+            return
+        log.info("worker %s left the control plane's live workers", self.worker_id)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -341,7 +341,7 @@ class GetInvoiceResponse(_message.Message):
     def __init__(self, invoice: _Optional[_Union[Invoice, _Mapping]] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("id", "address", "base_model", "registered_at", "last_heartbeat_at", "running_requests", "waiting_requests", "resident_adapters", "live", "heartbeat_age_s")
+    __slots__ = ("id", "address", "base_model", "registered_at", "last_heartbeat_at", "running_requests", "waiting_requests", "resident_adapters", "live", "heartbeat_age_s", "left_at")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -352,6 +352,7 @@ class Worker(_message.Message):
     RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    LEFT_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     base_model: str
@@ -362,7 +363,8 @@ class Worker(_message.Message):
     resident_adapters: int
     live: bool
     heartbeat_age_s: float
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., base_model: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., live: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ...) -> None: ...
+    left_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., base_model: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., live: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., left_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -85,6 +85,18 @@ class HeartbeatResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class DeregisterWorkerRequest(_message.Message):
+    __slots__ = ("worker_id", "instance_id")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    instance_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class DeregisterWorkerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class AuthorizeRequest(_message.Message):
     __slots__ = ("api_key", "adapters", "base_model")
     API_KEY_FIELD_NUMBER: _ClassVar[int]

@@ -46,6 +46,11 @@ class WorkerServiceStub:
                 request_serializer=openlora_dot_v1_dot_worker__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_worker__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.DeregisterWorker = channel.unary_unary(
+                '/openlora.v1.WorkerService/DeregisterWorker',
+                request_serializer=openlora_dot_v1_dot_worker__pb2.DeregisterWorkerRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_worker__pb2.DeregisterWorkerResponse.FromString,
+                _registered_method=True)
         self.Authorize = channel.unary_unary(
                 '/openlora.v1.WorkerService/Authorize',
                 request_serializer=openlora_dot_v1_dot_worker__pb2.AuthorizeRequest.SerializeToString,
@@ -102,7 +107,16 @@ class WorkerServiceServicer:
 
     def Heartbeat(self, request, context):
         """Refused with FAILED_PRECONDITION (naming worker_id and instance_id) when another instance holds the
-        worker id now: that process must stop serving under it.
+        worker id now, or the instance left: that process must stop serving under it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeregisterWorker(self, request, context):
+        """A worker stopping cleanly (drained) says it leaves: it no longer counts as live at once (its rank
+        limit, its base model's dimensions, its id), instead of three heartbeat intervals later. Only the
+        instance that holds the id may (FAILED_PRECONDITION otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,6 +199,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=openlora_dot_v1_dot_worker__pb2.HeartbeatRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_worker__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'DeregisterWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeregisterWorker,
+                    request_deserializer=openlora_dot_v1_dot_worker__pb2.DeregisterWorkerRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_worker__pb2.DeregisterWorkerResponse.SerializeToString,
             ),
             'Authorize': grpc.unary_unary_rpc_method_handler(
                     servicer.Authorize,
@@ -283,6 +302,33 @@ class WorkerService:
             '/openlora.v1.WorkerService/Heartbeat',
             openlora_dot_v1_dot_worker__pb2.HeartbeatRequest.SerializeToString,
             openlora_dot_v1_dot_worker__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeregisterWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.WorkerService/DeregisterWorker',
+            openlora_dot_v1_dot_worker__pb2.DeregisterWorkerRequest.SerializeToString,
+            openlora_dot_v1_dot_worker__pb2.DeregisterWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

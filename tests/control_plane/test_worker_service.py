@@ -226,6 +226,13 @@ def _heartbeat(cp, worker_id: str, instance_id: str) -> None:
     )
 
 
+def _deregister(cp, worker_id: str, instance_id: str) -> None:
+    cp.worker_stub().DeregisterWorker(
+        worker_pb2.DeregisterWorkerRequest(worker_id=worker_id, instance_id=instance_id),
+        metadata=cp.worker_metadata(),
+    )
+
+
 def _listed(cp, worker_id: str) -> admin_pb2.Worker:
     with cp.admin() as admin:
         return {w.id: w for w in admin.list_workers()}[worker_id]
@@ -276,12 +283,56 @@ def test_list_workers_says_which_are_live_by_the_heartbeat_rule(cp, base_spec) -
     worker_id = f"listed-{uuid.uuid4().hex[:8]}"
     register_worker(cp, base_spec, worker_id=worker_id)
     listed = _listed(cp, worker_id)
-    assert listed.live and listed.heartbeat_age_s >= 0
+    assert listed.live and listed.heartbeat_age_s >= 0 and not listed.HasField("left_at")
     _age(cp, worker_id)
     listed = _listed(cp, worker_id)
-    assert not listed.live and listed.heartbeat_age_s >= 23 * 3600
+    assert not listed.live and listed.heartbeat_age_s >= 23 * 3600 and not listed.HasField("left_at")
     _heartbeat(cp, worker_id, "")
     assert _listed(cp, worker_id).live
+
+
+def test_a_worker_that_leaves_stops_counting_as_live_at_once(cp, base_spec) -> None:
+    """A worker that stopped cleanly counted as live for three heartbeat intervals: its rank limit bounded
+    uploads and mixes, its base model's dimensions held the name, its id was refused to others. It says
+    it leaves (only its own instance may), and none of that holds from then on."""
+    import uuid
+
+    from control_plane.workers.service import max_lora_rank
+    from openlora.base_model import BaseModelSpec
+
+    from .conftest import tiny_llama_dict
+
+    name = f"leaving-{uuid.uuid4().hex[:8]}"
+    worker_id = f"{name}-worker"
+    spec = BaseModelSpec.from_hf_config(tiny_llama_dict(), name)
+    register_worker(cp, spec, worker_id=worker_id, max_lora_rank=256, instance_id="run")
+    with cp.running.app.sessions.begin() as s:
+        assert max_lora_rank(s, name, 60.0) == 256
+    for instance_id, code in (
+        ("", grpc.StatusCode.INVALID_ARGUMENT),
+        ("another-run", grpc.StatusCode.FAILED_PRECONDITION),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            _deregister(cp, worker_id, instance_id)
+        assert _code(e) == code and e.value.details().startswith("instance_id: ")
+    with pytest.raises(grpc.RpcError) as e:
+        _deregister(cp, "nobody", "run")
+    assert _code(e) == grpc.StatusCode.NOT_FOUND
+    assert _listed(cp, worker_id).live
+    _deregister(cp, worker_id, "run")
+    _deregister(cp, worker_id, "run")  # a retry after a lost answer
+    listed = _listed(cp, worker_id)
+    assert not listed.live and listed.HasField("left_at")
+    with cp.running.app.sessions.begin() as s:
+        assert max_lora_rank(s, name, 60.0) is None
+    with pytest.raises(grpc.RpcError) as e:
+        _heartbeat(cp, worker_id, "run")
+    assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION and "left" in e.value.details()
+    deeper = BaseModelSpec.from_hf_config(tiny_llama_dict(num_layers=3), name)
+    register_worker(cp, deeper, worker_id=f"{name}-deeper", instance_id="deeper-run")
+    register_worker(cp, deeper, worker_id=worker_id, instance_id="next-process")
+    listed = _listed(cp, worker_id)
+    assert listed.live and not listed.HasField("left_at")
 
 
 def test_fetch_artifact_streams_files_that_digest_to_their_address(cp, world, adapters_root) -> None:

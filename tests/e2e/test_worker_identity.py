@@ -1,5 +1,5 @@
 """A worker process's hold on its worker id: one cut off from the control plane whose id another process
-took stops serving under it and exits."""
+took stops serving under it and exits; one stopped cleanly stops counting as live at once."""
 
 from __future__ import annotations
 
@@ -63,3 +63,33 @@ def test_a_worker_whose_id_another_process_took_while_it_was_away_drains_and_exi
     listed = _listed(admin, worker_id)
     assert listed.live and listed.address == copy.target
     assert copy.process.poll() is None
+
+
+def test_a_cleanly_stopped_worker_stops_counting_as_live_at_once(control_plane, spawn_worker, tmp_path):
+    """Stopped by SIGTERM and drained, a worker counted as live for three more heartbeat intervals: its
+    rank limit still bounded uploads and mixes (`max_lora_rank`), its base model's dimensions held the
+    name. It now tells the control plane it leaves. A crashed one (SIGKILL) says nothing: the heartbeat
+    rule alone ends it."""
+    from control_plane.app import LIVE_HEARTBEATS
+    from control_plane.workers.service import max_lora_rank
+
+    cp, admin = control_plane
+    live_within_s = LIVE_HEARTBEATS * cp.app.config.heartbeat_interval_ms / 1000
+    model_name = f"leaving-{uuid.uuid4().hex[:8]}"
+    stopped = spawn_worker(
+        tmp_path / "stopped", extra_args=("--model-name", model_name, "--max-lora-rank", "128")
+    )
+    killed = spawn_worker(tmp_path / "killed", extra_args=("--model-name", model_name))
+    stopped_id = (tmp_path / "stopped" / "worker_id").read_text().strip()
+    killed_id = (tmp_path / "killed" / "worker_id").read_text().strip()
+    with cp.app.sessions.begin() as s:
+        assert max_lora_rank(s, model_name, live_within_s) == 128
+    assert _listed(admin, stopped_id).live
+    stopped.process.send_signal(signal.SIGTERM)
+    assert stopped.process.wait(60) == 0, stopped.log_tail()
+    listed = _listed(admin, stopped_id)
+    assert not listed.live and listed.HasField("left_at")
+    with cp.app.sessions.begin() as s:
+        assert max_lora_rank(s, model_name, live_within_s) == 16  # the other worker's, --max-lora-rank 16
+    killed.kill()
+    assert not _listed(admin, killed_id).HasField("left_at")

@@ -70,6 +70,7 @@ TASK_STOP_TIMEOUT_S = 5.0  # how long stop() waits for its cancelled background 
 STREAM_END_TIMEOUT_S = 2.0  # how long stop() waits, after the grace, for ended streams to tell their callers
 STATE_DIR_PID_FILE = "worker.pid"  # the pid of the worker that holds the state dir (`lock_state_dir`)
 _INSTANCE_ID = re.compile(r"[0-9a-f]{32}")  # a run's instance id, as `_start_serving` makes it
+_CONTROL_PLANE_WORKER_ID = re.compile(r"[0-9a-f]{32}")  # an id the control plane makes (`register_worker`)
 
 
 class StateDirInUse(RuntimeError):
@@ -315,7 +316,7 @@ async def _start_serving(
         )
         state.worker_id = new_id
         if not config.worker_id:
-            config.worker_id_path.write_text(new_id)
+            _write_whole(config.worker_id_path, new_id)
         _write_instance(config.worker_instance_path, instance_id)
         return interval_s
 
@@ -631,11 +632,20 @@ def _engine_load(engine) -> EngineLoad:
 
 
 def _read_worker_id(config: WorkerConfig) -> str:
-    return _read_state_file(config.worker_id_path)
-
-
-def _read_state_file(path: Path) -> str:
-    return path.read_text().strip() if path.exists() else ""
+    """The worker id the control plane gave this state dir, or "" (none yet, or a damaged file: the worker
+    registers as a new one). The file only ever holds an id the control plane made (32 hex digits); sent
+    as it stood, a zeroed or cut-short file was refused at every start (NUL characters) or registered the
+    worker under a stranger's id."""
+    path = config.worker_id_path
+    text = path.read_bytes().decode("utf-8", "replace").strip() if path.exists() else ""
+    if text and not _CONTROL_PLANE_WORKER_ID.fullmatch(text):
+        log.warning(
+            "%s is damaged (%r is not a worker id the control plane gives): registering as a new worker",
+            path,
+            text[:40],
+        )
+        return ""
+    return text
 
 
 def _instance_place(path: Path) -> dict[str, str]:
@@ -643,12 +653,17 @@ def _instance_place(path: Path) -> dict[str, str]:
     return {"host": socket.gethostname(), "state_dir": str(path.parent.resolve())}
 
 
-def _write_instance(path: Path, instance_id: str) -> None:
-    """Records `instance_id` as the state dir's last run, whole or not at all (a file cut short by a crash
-    while it was written names no run: `_previous_instance`)."""
+def _write_whole(path: Path, text: str) -> None:
+    """Writes a state-dir file whole or not at all: a temporary file renamed over it (a crash while it is
+    written leaves the previous file or none, never one cut short)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"instance": instance_id, **_instance_place(path)}))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_instance(path: Path, instance_id: str) -> None:
+    """Records `instance_id` as the state dir's last run (a damaged file names no run: `_previous_instance`)."""
+    _write_whole(path, json.dumps({"instance": instance_id, **_instance_place(path)}))
 
 
 def _previous_instance(path: Path) -> str:

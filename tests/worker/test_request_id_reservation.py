@@ -4,6 +4,7 @@ down, a cached key's request that carries an id is still served (counted as unch
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -486,3 +487,31 @@ def test_a_worker_whose_instance_file_is_damaged_starts_and_rewrites_it(system, 
         assert _previous_instance(state_dir / "worker_instance") != ""  # rewritten whole, for its next run
     finally:
         system.loop.run(worker.stop(1.0))
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        pytest.param(b"\x00" * 32, id="zero-filled"),
+        pytest.param(b"0123456789abcdef", id="cut-short"),  # another worker's id could start so
+        pytest.param(b"\xff\xfe" + b"1" * 30, id="not-utf-8"),
+    ],
+)
+def test_a_worker_whose_id_file_is_damaged_registers_as_a_new_worker(system, tmp_path, damaged):
+    """The state dir's worker id, damaged by a crash or a power loss: the worker registers as a new one and
+    writes its new id whole. Sent as it stood, a zeroed file was refused at every start (INVALID_ARGUMENT
+    naming worker_id) and one cut short registered the worker under another id than its own."""
+    state_dir = tmp_path / "damaged"
+    state_dir.mkdir()
+    (state_dir / "worker_id").write_bytes(damaged)
+    worker = start_worker(system.loop, system.control_plane.target, system.model_dir, state_dir, None)
+    try:
+        assert re.fullmatch(r"[0-9a-f]{32}", worker.worker_id)
+        assert (state_dir / "worker_id").read_text() == worker.worker_id
+    finally:
+        system.loop.run(worker.stop(1.0))
+    restarted = start_worker(system.loop, system.control_plane.target, system.model_dir, state_dir, None)
+    try:
+        assert restarted.worker_id == worker.worker_id  # the id written is the one read next time
+    finally:
+        system.loop.run(restarted.stop(1.0))

@@ -25,6 +25,7 @@ from openlora.config import AdminSettings, ControlPlaneSettings, context_path, r
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 from openlora.log_level import LOG_LEVEL_HELP, configure_logging
 from openlora.mix_rules import MIN_DENSITY, parse_mix
+from openlora.setting_rules import number, whole_number
 
 log = logging.getLogger("openlora.cli")
 AdminHandler = Callable[[AdminClient, argparse.Namespace], int]
@@ -44,20 +45,23 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Non
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-INT64_MAX = (1 << 63) - 1
-
-
 def _rate(text: str) -> int:
-    """A --royalty, --prompt or --completion value: a whole number of micro-units the request's int64
-    field carries (the control plane then checks its range, naming the field). Past int64 it was refused
-    as the request was built, naming the request's field and not the flag."""
+    """A --royalty, --prompt or --completion value: a whole number of micro-units (`setting_rules`), at
+    most what the request's int64 field carries (the control plane then checks its range, naming the
+    field). Past int64 it was refused as the request was built, naming the request's field and not the
+    flag."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of micro-units") from None
-    if not -INT64_MAX - 1 <= value <= INT64_MAX:
-        raise argparse.ArgumentTypeError(f"{value} does not fit the request's 64-bit field")
-    return value
+        return whole_number(text, minimum=0)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _density(text: str) -> float:
+    """--density of `mixes create`: a number in [MIN_DENSITY, 1] (`setting_rules`)."""
+    try:
+        return number(text, minimum=MIN_DENSITY, maximum=1.0)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def money(micros: int) -> str:
@@ -78,10 +82,10 @@ def _add_control_plane(subparsers) -> None:
     p.add_argument("--state-dir", help="artifacts, keys, embedded data (OPENLORA_STATE_DIR)")
     p.add_argument("--worker-token", help="token workers present (OPENLORA_WORKER_TOKEN; default: stored)")
     p.add_argument("--admin-key", help="bootstrap admin key (OPENLORA_ADMIN_KEY; default: generated)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (OPENLORA_METRICS_PORT)")
+    # Numbers as text: `ControlPlaneSettings.resolve` reads flag and variable by one rule (setting_rules).
+    p.add_argument("--metrics-port", help="Prometheus port, 0 = off (OPENLORA_METRICS_PORT)")
     p.add_argument(
         "--max-connections",
-        type=int,
         help=f"gRPC connections held at once (OPENLORA_MAX_CONNECTIONS; default {DEFAULT_MAX_CONNECTIONS})",
     )
     p.add_argument("--log-level", help=LOG_LEVEL_HELP)
@@ -341,7 +345,7 @@ def _add_mixes(subparsers) -> None:
     p.add_argument("--method", default="linear", choices=MIX_METHODS)
     p.add_argument(
         "--density",
-        type=float,
+        type=_density,
         default=None,
         help=f"kept fraction in [{MIN_DENSITY:g}, 1] (ties, dare, prune)",
     )

@@ -18,6 +18,7 @@ from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 from openlora.listen import address_problem
 from openlora.log_level import resolve_log_level
 from openlora.safe_json import JsonFieldError, load_json
+from openlora.setting_rules import given_text, whole_number
 
 DEFAULT_STATE_DIR = Path(".state/control-plane")
 WORKER_TOKEN_FILE = "worker_token"
@@ -135,8 +136,15 @@ class ControlPlaneSettings:
             value = flags.get(flag)
             return str(value) if value not in (None, "") else (environ.get(env) or None)
 
-        metrics = pick("metrics_port", "OPENLORA_METRICS_PORT")
-        connections = pick("max_connections", "OPENLORA_MAX_CONNECTIONS")
+        def whole(dest: str, flag: str, env: str, default: int, **bounds) -> int:
+            text, source = given_text(flags, environ, dest, flag, env)
+            if text is None:
+                return default
+            try:
+                return whole_number(text, **bounds)
+            except ValueError as error:
+                raise ValueError(f"{source} {error}") from None
+
         return cls(
             listen=pick("listen", "OPENLORA_LISTEN") or DEFAULT_LISTEN,
             database_url=pick("database_url", "OPENLORA_DATABASE_URL"),
@@ -146,13 +154,17 @@ class ControlPlaneSettings:
             admin_key=pick("admin_key", "OPENLORA_ADMIN_KEY"),
             migrate=not flags.get("no_migrate"),
             migrate_only=bool(flags.get("migrate_only")),
-            metrics_port=_port(metrics, "--metrics-port (OPENLORA_METRICS_PORT)") if metrics else 0,
+            metrics_port=whole(
+                "metrics_port", "--metrics-port", "OPENLORA_METRICS_PORT", 0, minimum=0, maximum=65535
+            ),
             predictor_interval_s=resolve_interval_s(flags, environ),
             predictor=resolve_predictor_config(flags, environ),
-            max_connections=(
-                _positive_int(connections, "--max-connections (OPENLORA_MAX_CONNECTIONS)")
-                if connections
-                else DEFAULT_MAX_CONNECTIONS
+            max_connections=whole(
+                "max_connections",
+                "--max-connections",
+                "OPENLORA_MAX_CONNECTIONS",
+                DEFAULT_MAX_CONNECTIONS,
+                minimum=1,
             ),
             log_level=resolve_log_level(flags.get("log_level"), environ),
         )
@@ -185,25 +197,3 @@ class ControlPlaneSettings:
             predictor=self.predictor,
             max_connections=self.max_connections,
         )
-
-
-def _port(value: str, name: str) -> int:
-    """`value` as a port number, or ValueError naming the flag and variable it came from."""
-    try:
-        port = int(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a port number, got {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{name} must lie in [0, 65535], got {port}")
-    return port
-
-
-def _positive_int(value: str, name: str) -> int:
-    """`value` as a positive integer, or ValueError naming the flag and variable it came from."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise ValueError(f"{name} must be a positive integer, got {number}")
-    return number

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from openlora.setting_rules import choice
+
 KERNEL_CHOICES = ("auto", "triton", "reference")
 
 
 def kernel_choice(environ: Mapping[str, str]) -> str:
-    """OPENLORA_KERNELS checked: "auto", "triton" or "reference" (ValueError naming the variable otherwise)."""
-    choice = environ.get("OPENLORA_KERNELS", "auto").strip().lower() or "auto"
-    if choice not in KERNEL_CHOICES:
-        raise ValueError(f"OPENLORA_KERNELS must be one of {KERNEL_CHOICES}, got {choice!r}")
-    return choice
+    """OPENLORA_KERNELS checked (`setting_rules.choice`; empty: auto): "auto", "triton" or "reference"
+    (ValueError naming the variable otherwise)."""
+    try:
+        return choice(environ.get("OPENLORA_KERNELS") or "auto", KERNEL_CHOICES)
+    except ValueError as error:
+        raise ValueError(f"OPENLORA_KERNELS {error}") from None
 
 
 def triton_device_problem(device: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from openlora.setting_rules import number
+
 # A weight scales its adapter's update (linear and merge mixes) or its share of the combined distribution
 # (ensembles). Weights past this bound only make float32 overflow (K and V turn infinite); none is needed.
 MAX_MIX_WEIGHT = 1000.0
@@ -40,14 +42,15 @@ def density_problem(density: float) -> str | None:
 
 def parse_mix(text: str) -> list[tuple[str, float]]:
     """A mix as the CLI takes it: `a=0.6,b=0.4` -> [("a", 0.6), ("b", 0.4)]; `=0.5` names the base model
-    (an ensemble member). Raises ValueError naming the member at fault."""
+    (an ensemble member); a weight is a number as `openlora.setting_rules` reads one (`1_0`, `nan` are
+    refused here). Raises ValueError naming the member at fault."""
     members = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, weight = part.partition("=")
         if not sep:
             raise ValueError(f"mix member {part!r} is not NAME=WEIGHT (or =WEIGHT for the base model)")
         try:
-            members.append((name.strip(), float(weight)))
-        except ValueError:
-            raise ValueError(f"mix weight {weight!r} of {name.strip()!r} is not a number") from None
+            members.append((name.strip(), number(weight.strip(), minimum=None)))
+        except ValueError as error:
+            raise ValueError(f"mix weight of {name.strip()!r} {error}") from None
     return members

@@ -15,7 +15,7 @@ def assert_refused_before_start(
     command: str, tmp_path: Path, monkeypatch, capsys, argv, env, message, cleared=()
 ) -> None:
     """`openlora COMMAND` with `argv`, the variables `env` set and those named in `cleared` unset, exits
-    2 with `message` and starts nothing."""
+    2 (returned, or argparse's exit) with `message` and starts nothing."""
     for name in cleared:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -25,7 +25,10 @@ def assert_refused_before_start(
         flags = ["--model", str(tmp_path), "--state-dir", str(state_dir), *WORKER_REQUIRED]
     else:
         flags = ["--state-dir", str(state_dir), "--context", str(tmp_path / "ctx.json")]
-    code = main([command, *flags, *argv])
+    try:
+        code = main([command, *flags, *argv])
+    except SystemExit as exited:  # a number flag's value, refused by its argparse type
+        code = exited.code
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and "Traceback" not in err

@@ -9,11 +9,11 @@ came from there). The defaults fit real traffic of adapters called about once an
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from control_plane.prediction.demand import PredictorConfig
+from openlora.setting_rules import given_text, number, range_text, whole_number
 
 ENV_PREFIX = "OPENLORA_"
 DEFAULT_INTERVAL_S = 5.0
@@ -50,29 +50,23 @@ class PredictorFlag:
         return _DEFAULTS[self.field]
 
     def range_text(self) -> str:
-        low = f"{'>=' if self.minimum_allowed else '>'} {self.minimum:g}"
-        if self.maximum is None:
-            return low
-        return f"{low} and {'<=' if self.maximum_allowed else '<'} {self.maximum:g}"
+        return range_text(self.minimum, self.maximum, self.minimum_allowed, self.maximum_allowed)
 
     def parse(self, text: str, source: str) -> float | int:
-        """`text` as this setting's value; `source` names where it came from in an error."""
+        """`text` as this setting's value (`openlora.setting_rules`); `source` names where it came from in
+        an error."""
         try:
-            value: float | int = int(text) if self.integer else float(text)
             if self.integer:
-                float(value)  # an integer past any float (309+ digits) is refused as the others are
-        except (ValueError, OverflowError):
-            kind = "a whole number" if self.integer else "a number"
-            raise ValueError(f"{source} must be {kind}, got {text!r}") from None
-        if not math.isfinite(value):
-            raise ValueError(f"{source} must be a finite number, got {text!r}")
-        too_low = value < self.minimum or (value == self.minimum and not self.minimum_allowed)
-        too_high = self.maximum is not None and (
-            value > self.maximum or (value == self.maximum and not self.maximum_allowed)
-        )
-        if too_low or too_high:
-            raise ValueError(f"{source} must be {self.range_text()}, got {text!r}")
-        return value
+                return whole_number(text, minimum=int(self.minimum))
+            return number(
+                text,
+                self.minimum,
+                self.maximum,
+                minimum_allowed=self.minimum_allowed,
+                maximum_allowed=self.maximum_allowed,
+            )
+        except ValueError as error:
+            raise ValueError(f"{source} {error}") from None
 
 
 PREDICTOR_FLAGS: tuple[PredictorFlag, ...] = (
@@ -173,22 +167,11 @@ def add_predictor_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(setting.flag, help=f"{setting.help} ({setting.env}; default {setting.default:g})")
 
 
-def _pick(flags: Mapping[str, object], environ: Mapping[str, str], dest: str, flag: str, env: str):
-    """(text, source) of a setting: the flag when given (an empty one too: refused by the parse, as an empty
-    worker flag is, rather than read as not given), else the variable when set, else (None, "")."""
-    value = flags.get(dest)
-    if value is not None:
-        return str(value), flag
-    if environ.get(env):
-        return environ[env], f"{env} (for {flag})"
-    return None, ""
-
-
 def resolve_interval_s(flags: Mapping[str, object], environ: Mapping[str, str]) -> float:
     """`--predictor-interval-s`, else OPENLORA_PREDICTOR_INTERVAL_S, else 5 s; 0 turns prediction off."""
     # At most a day between passes (a wait past threading.TIMEOUT_MAX killed the predictor's thread).
     interval = PredictorFlag("", INTERVAL_FLAG, "", 0.0, maximum=MAX_INTERVAL_S)
-    text, source = _pick(flags, environ, interval.dest, INTERVAL_FLAG, interval.env)
+    text, source = given_text(flags, environ, interval.dest, INTERVAL_FLAG, interval.env)
     return DEFAULT_INTERVAL_S if text is None else float(interval.parse(text, source))
 
 
@@ -197,7 +180,7 @@ def resolve_predictor_config(flags: Mapping[str, object], environ: Mapping[str, 
     values: dict[str, float | int] = {}
     sources: dict[str, str] = {}
     for setting in PREDICTOR_FLAGS:
-        text, source = _pick(flags, environ, setting.dest, setting.flag, setting.env)
+        text, source = given_text(flags, environ, setting.dest, setting.flag, setting.env)
         if text is not None:
             values[setting.field] = setting.parse(text, source)
             sources[setting.field] = source

@@ -12,6 +12,8 @@ from openlora.listen import address_problem
 MAX_AUTH_CACHE_TTL_S = 10.0
 # The base-model weight formats of data_plane.model.quant (kept here so the config imports no torch).
 QUANTIZE_FORMATS = ("none", "int8", "int4")
+# The engine's dtypes (data_plane.engine.config), for the command line's checks without torch.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 MAX_ADAPTER_SLOTS = 65536
@@ -171,6 +173,8 @@ class WorkerConfig:
             raise ValueError(f"disk_cache_bytes must be >= 0, got {self.disk_cache_bytes}")
         if self.engine.host_cache_bytes is not None and self.engine.host_cache_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {self.engine.host_cache_bytes}")
+        if self.engine.dtype not in DTYPES:  # refused by the engine too, but only once the worker started
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES[1:])}, got {self.engine.dtype!r}")
         if (problem := quantize_problem(self.engine.quantize, self.engine.quantize_lm_head)) is not None:
             raise ValueError(problem)
         if not 0 <= self.metrics_port <= 65535:  # bind() raised OverflowError once the model was loaded

@@ -15,12 +15,21 @@ import re
 import sys
 from pathlib import Path
 
+from data_plane.server.config import (
+    DTYPES,
+    MAX_ADAPTER_SLOTS,
+    MAX_AUTH_CACHE_TTL_S,
+    MAX_LORA_RANK,
+    QUANTIZE_FORMATS,
+)
 from openlora.config import context_path, context_problem, read_context
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 from openlora.kernel_choice import kernel_choice as kernels_setting
 from openlora.kernel_choice import triton_device_problem
 from openlora.log_level import LOG_LEVEL_HELP, configure_logging, resolve_log_level
-from openlora.mix_rules import parse_mix
+from openlora.mix_rules import MIN_DENSITY, parse_mix
+from openlora.setting_rules import ascii_lower, choice, number, whole_number
+from openlora.setting_rules import yes_no as read_yes_no
 from openlora.text_rules import TENANT_NAME, TENANT_NAME_RULE
 
 ENV_PREFIX = "OPENLORA_"
@@ -37,7 +46,8 @@ def write_context(path: Path, context: dict) -> None:
 
 
 def _env(name: str, default=None):
-    return os.environ.get(ENV_PREFIX + name, default)
+    """OPENLORA_<name>, else `default`: an empty variable is an unset one."""
+    return os.environ.get(ENV_PREFIX + name) or default
 
 
 class _EnvValue(str):
@@ -60,35 +70,38 @@ def _env_number(name: str, default):
     return text
 
 
-def _number_type(convert, kind: str):
-    """The argparse `type` of a number flag: `convert`, refusing a malformed value as `kind` and naming
-    the variable it came from, if any."""
+def _number_type(read, **bounds):
+    """The argparse `type` of a number flag: `read` (`setting_rules.whole_number` or `number`) within
+    `bounds`, its refusal naming the variable the value came from, if any (argparse names the flag)."""
 
     def parse(text: str):
         try:
-            return convert(text)
-        except (ValueError, OverflowError):
-            source = f"{text.variable}={str(text)!r}" if isinstance(text, _EnvValue) else repr(text)
-            raise argparse.ArgumentTypeError(f"{source} is not {kind}") from None
+            return read(text, **bounds)
+        except ValueError as error:
+            source = f"{text.variable} " if isinstance(text, _EnvValue) else ""
+            raise argparse.ArgumentTypeError(f"{source}{error}") from None
 
-    parse.__name__ = convert.__name__
+    parse.__name__ = read.__name__
     return parse
 
 
-_int = _number_type(int, "a whole number")
-_float = _number_type(float, "a number")
+_count = _number_type(whole_number, minimum=1)
+_bytes = _number_type(whole_number, minimum=0)
+_port = _number_type(whole_number, minimum=0, maximum=65535)
+_seconds = _number_type(number, minimum=0.0)
 
 
 def _seed_value(text: str) -> int:
     """A seed as the wire's uint64 holds it: a whole number in [-2^63, 2^64), a negative one as its two's
     complement (-1 is 2^64 - 1), as the HTTP API takes OpenAI's int64 seed."""
-    value = int(text)
-    if not -(1 << 63) <= value < 1 << 64:
-        raise ValueError(text)
-    return value % (1 << 64)
+    return whole_number(text, minimum=-(1 << 63), maximum=(1 << 64) - 1) % (1 << 64)
 
 
-_seed = _number_type(_seed_value, "a whole number in [-2^63, 2^64)")
+def _seed(text: str) -> int:
+    try:
+        return _seed_value(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -148,94 +161,94 @@ def _add_worker(subparsers) -> None:
     )
     p.add_argument(
         "--max-lora-rank",
-        type=_int,
+        type=_number_type(whole_number, minimum=1, maximum=MAX_LORA_RANK),
         default=_env_number("MAX_LORA_RANK", 64),
         help="largest adapter rank a slot holds (OPENLORA_MAX_LORA_RANK; default 64)",
     )
     p.add_argument(
         "--num-adapter-slots",
-        type=_int,
+        type=_number_type(whole_number, minimum=1, maximum=MAX_ADAPTER_SLOTS),
         default=_env_number("NUM_ADAPTER_SLOTS", 32),
         help="adapters on the device at once (OPENLORA_NUM_ADAPTER_SLOTS; default 32)",
     )
     p.add_argument(
         "--kv-cache-bytes",
-        type=_int,
+        type=_number_type(whole_number, minimum=1),
         default=_env_number("KV_CACHE_BYTES", None),
         help="the paged KV cache's size in bytes (OPENLORA_KV_CACHE_BYTES; default 256 MiB)",
     )
     p.add_argument(
         "--num-kv-blocks",
-        type=_int,
+        type=_count,
         default=_env_number("NUM_KV_BLOCKS", None),
         help="KV cache size in blocks, instead of bytes (OPENLORA_NUM_KV_BLOCKS)",
     )
     p.add_argument(
         "--max-num-seqs",
-        type=_int,
+        type=_count,
         default=_env_number("MAX_NUM_SEQS", 64),
         help="sequences a step runs at most (OPENLORA_MAX_NUM_SEQS; default 64)",
     )
     p.add_argument(
         "--max-model-len",
-        type=_int,
+        type=_number_type(whole_number, minimum=2),
         default=_env_number("MAX_MODEL_LEN", None),
         help="prompt + output tokens per request; default: the model's (OPENLORA_MAX_MODEL_LEN)",
     )
     _add_quantize_flags(p)
     p.add_argument(
         "--host-cache-bytes",
-        type=_int,
+        type=_bytes,
         default=_env_number("HOST_CACHE_BYTES", None),
         help="adapter host-memory budget (OPENLORA_HOST_CACHE_BYTES; default RAM/8, at most 8 GiB)",
     )
     p.add_argument(
         "--disk-cache-bytes",
-        type=_int,
+        type=_bytes,
         default=_env_number("DISK_CACHE_BYTES", None),
         help="local artifact disk budget (OPENLORA_DISK_CACHE_BYTES; default free disk/4, at most 20 GiB)",
     )
     p.add_argument(
         "--max-waiting",
-        type=_int,
+        type=_count,
         default=_env_number("MAX_WAITING", 256),
         help="requests queued past the running ones before RESOURCE_EXHAUSTED (OPENLORA_MAX_WAITING; default 256)",
     )
     p.add_argument(
         "--max-connections",
-        type=_int,
+        type=_count,
         default=_env_number("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
         help=f"gRPC connections held at once (OPENLORA_MAX_CONNECTIONS; default {DEFAULT_MAX_CONNECTIONS})",
     )
     p.add_argument(
         "--max-pending-merges-per-tenant",
-        type=_int,
+        type=_count,
         default=_env_number("MAX_PENDING_MERGES_PER_TENANT", 4),
         help="merge builds one tenant may have pending before a new one is refused "
         "(OPENLORA_MAX_PENDING_MERGES_PER_TENANT; default 4)",
     )
     p.add_argument(
         "--max-streams-per-tenant",
-        type=_int,
+        type=_count,
         default=_env_number("MAX_STREAMS_PER_TENANT", None),
         help="streams one tenant may have on this worker at once, past it RESOURCE_EXHAUSTED for that "
         "tenant (OPENLORA_MAX_STREAMS_PER_TENANT; default half of --max-num-seqs + --max-waiting)",
     )
     p.add_argument(
         "--max-tokens-limit",
-        type=_int,
+        type=_count,
         default=_env_number("MAX_TOKENS_LIMIT", 4096),
         help="largest max_tokens a request may ask (OPENLORA_MAX_TOKENS_LIMIT; default 4096)",
     )
     p.add_argument(
         "--drain-grace-s",
-        type=_float,
+        type=_seconds,
         default=_env_number("DRAIN_GRACE_S", 30.0),
         help="seconds running streams get to finish on SIGTERM (OPENLORA_DRAIN_GRACE_S; default 30)",
     )
     p.add_argument(
         "--metrics-port",
-        type=_int,
+        type=_port,
         default=_env_number("METRICS_PORT", 0),
         help="Prometheus /metrics port, 0 = off (OPENLORA_METRICS_PORT)",
     )
@@ -253,7 +266,7 @@ def _add_worker(subparsers) -> None:
     )
     p.add_argument(
         "--auth-cache-ttl-s",
-        type=_float,
+        type=_number_type(number, minimum=0.0, maximum=MAX_AUTH_CACHE_TTL_S),
         default=_env_number("AUTH_CACHE_TTL_S", 10.0),
         help="seconds an Authorize answer is reused, at most 10 (OPENLORA_AUTH_CACHE_TTL_S; default 10)",
     )
@@ -275,27 +288,34 @@ def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-_TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
-
-
-def yes_no(value: bool | str, variable: str) -> bool:
+def yes_no(value: bool | str, flag: str) -> bool:
     """A store_true flag whose default is its environment variable's text: True when the flag was given,
-    else the variable read as a yes/no word; any other text is refused (ValueError naming the variable)
-    rather than read as yes or no."""
+    else the variable read as a yes/no word (`setting_rules.yes_no`); any other text is refused
+    (ValueError naming the variable and its flag) rather than read as yes or no."""
     if isinstance(value, bool):
         return value
-    word = value.strip().lower()
-    if word in _TRUE_WORDS or word in _FALSE_WORDS:
-        return word in _TRUE_WORDS
-    raise ValueError(
-        f"{variable} must be one of {', '.join(w for w in _TRUE_WORDS + _FALSE_WORDS if w)} (or empty), "
-        f"got {value!r}"
-    )
+    try:
+        return read_yes_no(value)
+    except ValueError as error:
+        raise ValueError(f"{_variable(flag)} (for {flag}) {error}") from None
+
+
+def _variable(flag: str) -> str:
+    return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+
+
+def _spelled(text: str, choices: tuple[str, ...]) -> str:
+    """`text` as `choices` spell it when it is one of them in another ASCII case, else as given (the
+    check that names the flag then refuses it)."""
+    try:
+        return choice(text, choices)
+    except ValueError:
+        return text
 
 
 def quantize_lm_head(args: argparse.Namespace) -> bool:
     """--quantize-lm-head, else OPENLORA_QUANTIZE_LM_HEAD (`yes_no`)."""
-    return yes_no(args.quantize_lm_head, "OPENLORA_QUANTIZE_LM_HEAD")
+    return yes_no(args.quantize_lm_head, "--quantize-lm-head")
 
 
 def worker_config_from_args(args: argparse.Namespace):
@@ -303,6 +323,7 @@ def worker_config_from_args(args: argparse.Namespace):
 
     if not args.model:
         raise ValueError("--model (or OPENLORA_MODEL) is required")
+    _spell_words(args)
     if (problem := device_problem(args.device) or cuda_problem(args.device)) is not None:
         raise ValueError(f"device {problem}")  # exit 2: restarting a worker would not help
     from kernels import kernel_choice, triton_runs_on
@@ -334,7 +355,7 @@ def worker_config_from_args(args: argparse.Namespace):
         ),
         max_waiting=args.max_waiting,
         max_connections=args.max_connections,
-        http_metrics=yes_no(args.http_metrics, "OPENLORA_HTTP_METRICS"),
+        http_metrics=yes_no(args.http_metrics, "--http-metrics"),
         max_streams_per_tenant=args.max_streams_per_tenant,
         max_pending_merges_per_tenant=args.max_pending_merges_per_tenant,
         max_tokens_limit=args.max_tokens_limit,
@@ -345,6 +366,15 @@ def worker_config_from_args(args: argparse.Namespace):
         auth_cache_ttl_s=args.auth_cache_ttl_s,
         disk_cache_bytes=args.disk_cache_bytes,
     )
+
+
+def _spell_words(args: argparse.Namespace) -> None:
+    """--device, --dtype and --quantize in the case their checks and the engine take (`setting_rules`:
+    a named choice is matched in any ASCII case)."""
+    args.device = ascii_lower(args.device) or args.device
+    args.quantize = _spelled(args.quantize, QUANTIZE_FORMATS)
+    if hasattr(args, "dtype"):
+        args.dtype = _spelled(args.dtype, DTYPES)
 
 
 _DEVICE = re.compile(r"cpu|cuda(?::[0-9]{1,3})?")
@@ -461,7 +491,10 @@ def _add_generate(subparsers) -> None:
         help="how --mix combines its adapters (default linear)",
     )
     p.add_argument(
-        "--density", type=_float, default=None, help="fraction kept by ties, dare_*, magnitude_prune"
+        "--density",
+        type=_number_type(number, minimum=MIN_DENSITY, maximum=1.0),
+        default=None,
+        help="fraction kept by ties, dare_*, magnitude_prune",
     )
     p.add_argument(
         "--majority-sign-method",
@@ -477,13 +510,28 @@ def _add_generate(subparsers) -> None:
     )
     p.add_argument(
         "--max-tokens",
-        type=_int,
+        type=_count,
         default=None,
         help="tokens to generate at most (default: the worker's, 128)",
     )
-    p.add_argument("--temperature", type=_float, default=None, help=">= 0; 0 decodes greedily (default 0)")
-    p.add_argument("--top-p", type=_float, default=None, help="nucleus sampling mass in (0, 1] (default 1)")
-    p.add_argument("--top-k", type=_int, default=0, help="keep the k most likely tokens (default 0: all)")
+    p.add_argument(
+        "--temperature",
+        type=_number_type(number, minimum=0.0),
+        default=None,
+        help=">= 0; 0 decodes greedily (default 0)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=_number_type(number, minimum=0.0, maximum=1.0, minimum_allowed=False),
+        default=None,
+        help="nucleus sampling mass in (0, 1] (default 1)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=_number_type(whole_number, minimum=0),
+        default=0,
+        help="keep the k most likely tokens (default 0: all)",
+    )
     p.add_argument(
         "--seed",
         type=_seed,
@@ -646,32 +694,32 @@ def _add_up(subparsers) -> None:
     )
     p.add_argument(
         "--port",
-        type=_int,
+        type=_port,
         default=_env_number("PORT", 50052),
         help="inference port (OPENLORA_PORT; default 50052; 0: any free port)",
     )
     p.add_argument(
         "--admin-port",
-        type=_int,
+        type=_port,
         default=_env_number("ADMIN_PORT", 50051),
         help="control plane port (OPENLORA_ADMIN_PORT; default 50051; 0: any free port)",
     )
     p.add_argument(
         "--http-port",
-        type=_int,
+        type=_port,
         default=_env_number("HTTP_PORT", None),
         help="OpenAI-compatible HTTP API port (OPENLORA_HTTP_PORT; 0: any free port; default 8000, any free "
         "one with --port 0)",
     )
     p.add_argument(
         "--metrics-port",
-        type=_int,
+        type=_port,
         default=_env_number("METRICS_PORT", 0),
         help="the worker's /metrics port (OPENLORA_METRICS_PORT; default 0: off)",
     )
     p.add_argument(
         "--admin-metrics-port",
-        type=_int,
+        type=_port,
         default=_env_number("ADMIN_METRICS_PORT", 0),
         help="the control plane's /metrics port (OPENLORA_ADMIN_METRICS_PORT; default 0: off)",
     )
@@ -686,7 +734,7 @@ def _add_up(subparsers) -> None:
     p.add_argument("--context", default=None, help="context file; default OPENLORA_CONTEXT or XDG path")
     p.add_argument(
         "--drain-grace-s",
-        type=_float,
+        type=_seconds,
         default=_env_number("DRAIN_GRACE_S", 30.0),
         help="seconds running streams get to finish on Ctrl-C or SIGTERM (OPENLORA_DRAIN_GRACE_S; default 30)",
     )
@@ -726,6 +774,7 @@ def up_config_from_args(args: argparse.Namespace, environ):
     from data_plane.server.config import quantize_problem
     from openlora.commands.up import UpConfig
 
+    _spell_words(args)
     if (problem := quantize_problem(args.quantize, quantize_lm_head(args))) is not None:
         raise ValueError(problem)
     # CUDA too (imports torch only for a cuda device): a GPU this machine lacks stops `up` here, not after

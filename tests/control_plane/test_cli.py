@@ -367,7 +367,7 @@ def test_a_rate_past_int64_or_not_a_whole_number_is_refused_naming_its_flag(
     assert f"argument {flag}: " in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("level", ["debug", "INFO", " Warning ", "ERROR", "critical"])
+@pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "ERROR", "critical"])
 def test_every_long_running_command_takes_every_named_log_level(tmp_path, level) -> None:
     """CRITICAL was refused by the worker, and `control-plane` and `up` logged at INFO whatever
     OPENLORA_LOG_LEVEL said: `up` now hands its level to both children."""
@@ -409,7 +409,7 @@ def test_an_unknown_log_level_stops_every_command_naming_its_flag_and_variable(
     [
         (
             {"OPENLORA_KERNELS": "fast"},
-            "OPENLORA_KERNELS must be one of ('auto', 'triton', 'reference'), got 'fast'",
+            "OPENLORA_KERNELS must be one of auto, triton, reference, got 'fast'",
         ),
         ({"OPENLORA_KERNELS": "triton"}, "OPENLORA_KERNELS=triton needs --device cuda"),
     ],

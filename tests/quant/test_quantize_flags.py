@@ -38,7 +38,7 @@ def test_quantize_flags_reach_the_engine_settings(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("word", "expected"),
-    [("1", True), ("YES", True), (" on ", True), ("off", False), ("0", False), ("", False)],
+    [("1", True), ("YES", True), ("On", True), ("off", False), ("0", False), ("", False)],
 )
 def test_quantize_lm_head_variable_reads_yes_and_no_words(tmp_path, monkeypatch, word, expected):
     monkeypatch.setenv("OPENLORA_QUANTIZE", "int4")
@@ -62,13 +62,13 @@ def test_environment_is_the_fallback_for_quantize(tmp_path, monkeypatch):
     ("argv", "env", "message"),
     [
         (["--quantize", "fp4"], {}, f"{NOT_A_FORMAT} 'fp4'"),
-        ([], {"OPENLORA_QUANTIZE": "INT4"}, f"{NOT_A_FORMAT} 'INT4'"),
-        ([], {"OPENLORA_QUANTIZE": ""}, f"{NOT_A_FORMAT} ''"),
+        ([], {"OPENLORA_QUANTIZE": "int4 "}, f"{NOT_A_FORMAT} 'int4 '"),
+        (["--quantize", ""], {}, f"{NOT_A_FORMAT} ''"),
         (["--quantize-lm-head"], {}, LM_HEAD_NEEDS_A_FORMAT),
         (
             ["--quantize", "int8"],
             {"OPENLORA_QUANTIZE_LM_HEAD": "maybe"},
-            "OPENLORA_QUANTIZE_LM_HEAD must be one of",
+            "OPENLORA_QUANTIZE_LM_HEAD (for --quantize-lm-head) must be one of",
         ),
         ([], {"OPENLORA_QUANTIZE_LM_HEAD": "on"}, LM_HEAD_NEEDS_A_FORMAT),
     ],
@@ -90,7 +90,7 @@ def test_worker_refuses_a_bad_quantize_value_before_starting(
         (
             ["--quantize", "int4"],
             {"OPENLORA_QUANTIZE_LM_HEAD": "sure"},
-            "OPENLORA_QUANTIZE_LM_HEAD must be one of",
+            "OPENLORA_QUANTIZE_LM_HEAD (for --quantize-lm-head) must be one of",
         ),
     ],
 )
@@ -143,7 +143,7 @@ def test_worker_refuses_a_format_whose_kernels_this_torch_lacks_before_serving(
 @pytest.mark.parametrize("value", ["foo", "tritonn"])
 def test_worker_refuses_an_unknown_kernel_choice_before_starting(tmp_path, monkeypatch, capsys, value):
     """It was read first by a step: the worker started and answered every request INTERNAL."""
-    message = f"OPENLORA_KERNELS must be one of ('auto', 'triton', 'reference'), got {value!r}"
+    message = f"OPENLORA_KERNELS must be one of auto, triton, reference, got {value!r}"
     env = {"OPENLORA_KERNELS": value}
     assert_refused_before_start(
         "worker", tmp_path, monkeypatch, capsys, [], env, message, ["OPENLORA_QUANTIZE"]
@@ -190,23 +190,23 @@ def test_a_triton_without_knobs_is_asked_through_its_variable(monkeypatch, inter
         (
             ["--num-adapter-slots", "0"],
             {},
-            "--num-adapter-slots (OPENLORA_NUM_ADAPTER_SLOTS) must be in [1, 65536]",
+            "argument --num-adapter-slots: must be a whole number in [1, 65536]",
         ),
         # A pool this large ended in the allocator's traceback (exit 1).
         (
             ["--num-adapter-slots", "100000000"],
             {},
-            "--num-adapter-slots (OPENLORA_NUM_ADAPTER_SLOTS) must be in",
+            "argument --num-adapter-slots: must be a whole number in [1, 65536]",
         ),
         (
             ["--max-lora-rank", "100000000"],
             {},
-            "--max-lora-rank (OPENLORA_MAX_LORA_RANK) must be in [1, 4096]",
+            "argument --max-lora-rank: must be a whole number in [1, 4096]",
         ),
         (
             [],
             {"OPENLORA_HOST_CACHE_BYTES": "-5"},
-            "--host-cache-bytes (OPENLORA_HOST_CACHE_BYTES) must be >= 0",
+            "argument --host-cache-bytes: OPENLORA_HOST_CACHE_BYTES must be a whole number in [0, 2^63-1]",
         ),
     ],
 )
@@ -223,17 +223,29 @@ def test_worker_refusals_name_the_flag_and_variable(tmp_path, monkeypatch, capsy
             "worker",
             [],
             {"OPENLORA_MAX_NUM_SEQS": "lots"},
-            "argument --max-num-seqs: OPENLORA_MAX_NUM_SEQS='lots' is not a whole number",
+            "argument --max-num-seqs: OPENLORA_MAX_NUM_SEQS must be a whole number in [1, 2^63-1], written in "
+            "ASCII digits, got 'lots'",
         ),
         # spaces are a malformed value, not an unset variable
         (
             "worker",
             [],
             {"OPENLORA_DISK_CACHE_BYTES": " "},
-            "argument --disk-cache-bytes: OPENLORA_DISK_CACHE_BYTES=' ' is not a whole number",
+            "argument --disk-cache-bytes: OPENLORA_DISK_CACHE_BYTES must be a whole number in [0, 2^63-1], "
+            "written in ASCII digits, got ' '",
         ),
-        ("up", [], {"OPENLORA_DRAIN_GRACE_S": "soon"}, "OPENLORA_DRAIN_GRACE_S='soon' is not a number"),
-        ("worker", ["--max-waiting", "1.5"], {}, "argument --max-waiting: '1.5' is not a whole number"),
+        (
+            "up",
+            [],
+            {"OPENLORA_DRAIN_GRACE_S": "soon"},
+            "argument --drain-grace-s: OPENLORA_DRAIN_GRACE_S must be a number >= 0",
+        ),
+        (
+            "worker",
+            ["--max-waiting", "1.5"],
+            {},
+            "argument --max-waiting: must be a whole number in [1, 2^63-1], written in ASCII digits, got '1.5'",
+        ),
     ],
 )
 def test_a_malformed_number_names_the_variable_it_came_from(

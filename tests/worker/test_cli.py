@@ -24,7 +24,7 @@ def test_mix_flag_parses_names_and_weights():
     assert _parse_mix("a=0.5, b=0.25") == [("a", 0.5), ("b", 0.25)]
     with pytest.raises(argparse.ArgumentTypeError, match="NAME=WEIGHT"):
         _parse_mix("a")
-    with pytest.raises(argparse.ArgumentTypeError, match="not a number"):
+    with pytest.raises(argparse.ArgumentTypeError, match="mix weight of 'a' must be a number"):
         _parse_mix("a=x")
     # `=W` is the base model (an ensemble member), as `mixes create` reads it; generate refused it
     assert _parse_mix("uppercase=1,=3") == [("uppercase", 1.0), ("", 3.0)]
@@ -69,26 +69,15 @@ def test_http_metrics_variable_reads_yes_and_no_words(tmp_path, monkeypatch, wor
 
 def test_http_metrics_variable_of_another_word_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENLORA_HTTP_METRICS", "maybe")
-    with pytest.raises(ValueError, match="OPENLORA_HTTP_METRICS must be one of"):
+    with pytest.raises(ValueError, match=r"OPENLORA_HTTP_METRICS \(for --http-metrics\) must be one of"):
         worker_config_from_args(_parse(["worker", "--model", str(tmp_path), *_TARGET]))
 
 
-def test_auth_cache_ttl_over_ten_seconds_is_refused(tmp_path):
-    args = _parse(
-        [
-            "worker",
-            "--model",
-            str(tmp_path),
-            "--control-plane",
-            "cp:1",
-            "--worker-token",
-            "t",
-            "--auth-cache-ttl-s",
-            "11",
-        ]
-    )
-    with pytest.raises(ValueError, match="auth_cache_ttl_s"):
-        worker_config_from_args(args)
+def test_auth_cache_ttl_over_ten_seconds_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        _parse(["worker", "--model", str(tmp_path), *_TARGET, "--auth-cache-ttl-s", "11"])
+    assert exited.value.code == 2
+    assert "argument --auth-cache-ttl-s: must be a number in [0, 10]" in capsys.readouterr().err
 
 
 def test_generate_without_target_or_key_explains_what_to_do(tmp_path):
@@ -201,8 +190,8 @@ def test_up_flags_fall_back_to_their_environment_variables(tmp_path, monkeypatch
     assert (config.metrics_port, config.admin_metrics_port, config.tenant) == (6004, 6005, "acme")
     flagged = up_config_from_args(_parse(["up", "--state-dir", str(tmp_path), "--port", "7001"]), environ)
     assert flagged.port == 7001
-    with pytest.raises(ValueError, match="--metrics-port"):
-        up_config_from_args(_parse(["up", "--metrics-port", "70000"]), environ)
+    with pytest.raises(SystemExit):  # argparse's refusal, naming --metrics-port
+        _parse(["up", "--metrics-port", "70000"])
 
 
 def _run_cli(argv: list[str], env_extra: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
@@ -360,12 +349,8 @@ def test_a_command_sent_to_the_other_services_address_says_which_address_to_use(
 @pytest.mark.parametrize(
     ("variable", "value", "named"),
     [
-        ("OPENLORA_MAX_NUM_SEQS", "0", "--max-num-seqs (OPENLORA_MAX_NUM_SEQS) must be positive"),
         ("OPENLORA_LOG_LEVEL", "bogus", "--log-level (OPENLORA_LOG_LEVEL) must be one of DEBUG, INFO"),
         ("OPENLORA_DTYPE", "float64", "--dtype (OPENLORA_DTYPE) must be auto or one of"),
-        # a traceback (OverflowError from bind) after the model was loaded, exit 1: restarted for ever
-        ("OPENLORA_METRICS_PORT", "70000", "--metrics-port (OPENLORA_METRICS_PORT) must be in [0, 65535]"),
-        ("OPENLORA_METRICS_PORT", "-1", "--metrics-port (OPENLORA_METRICS_PORT) must be in [0, 65535]"),
     ],
 )
 def test_a_worker_setting_refused_as_the_engine_is_built_is_named_by_its_flag_and_variable(
@@ -393,18 +378,14 @@ def test_a_worker_setting_refused_as_the_engine_is_built_is_named_by_its_flag_an
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_a_drain_grace_that_is_not_a_finite_number_of_seconds_is_refused_by_worker_and_up(
-    tmp_path, monkeypatch, value
+    tmp_path, monkeypatch, capsys, value
 ):
     """NaN was taken: the worker's drain timed out at once (every stream cut, as with 0), and `up` started
     its databases before the worker refused -1."""
-    from openlora.commands.serving import up_config_from_args
-
-    with pytest.raises(ValueError, match="drain_grace_s must be a finite number >= 0"):
-        worker_config_from_args(
-            _parse(["worker", "--model", str(tmp_path), *_TARGET, "--drain-grace-s", value])
-        )
+    with pytest.raises(SystemExit):
+        _parse(["worker", "--model", str(tmp_path), *_TARGET, "--drain-grace-s", value])
+    assert "argument --drain-grace-s: must be a number >= 0" in capsys.readouterr().err
     monkeypatch.setenv("OPENLORA_DRAIN_GRACE_S", value)
-    with pytest.raises(
-        ValueError, match=r"--drain-grace-s \(OPENLORA_DRAIN_GRACE_S\) must be a finite number"
-    ):
-        up_config_from_args(_parse(["up", "--state-dir", str(tmp_path)]), {})
+    with pytest.raises(SystemExit):
+        _parse(["up", "--state-dir", str(tmp_path)])
+    assert "OPENLORA_DRAIN_GRACE_S must be a number >= 0" in capsys.readouterr().err

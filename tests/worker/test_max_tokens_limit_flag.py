@@ -30,6 +30,6 @@ def test_a_limit_below_one_is_refused_naming_the_flag(tmp_path, monkeypatch, cap
         capsys,
         ["--max-tokens-limit", "0"],
         {},
-        "--max-tokens-limit (OPENLORA_MAX_TOKENS_LIMIT) must be >= 1, got 0",
+        "argument --max-tokens-limit: must be a whole number in [1, 2^63-1], written in ASCII digits, got '0'",
         ["OPENLORA_MAX_TOKENS_LIMIT"],
     )

@@ -18,6 +18,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from openlora.kernel_choice import kernel_choice
+
 # The kernels read activations, scales and offsets in this dtype and accumulate in float32: PyTorch's
 # CPU int4/int8 kernels are ~12x faster at batch 1 in bfloat16 than in float32 (benchmarks/RESULTS.md),
 # and the CUDA int4 kernel takes bfloat16 only.
@@ -133,7 +135,7 @@ class RowSlice:
 
 def reference_kernels_requested() -> bool:
     """True when OPENLORA_KERNELS=reference: read once per model load, to choose every QuantLinear's path."""
-    return os.environ.get("OPENLORA_KERNELS", "").strip().lower() == "reference"
+    return kernel_choice(os.environ) == "reference"
 
 
 def set_reference_kernels(module: nn.Module, enabled: bool) -> None:

@@ -74,10 +74,14 @@ DEREGISTER_TIMEOUT_S = 3.0
 
 
 class ControlPlaneError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """The control plane's answer `code`; `field`, when the worker knows it, is the request field the
+    refusal is about (`mix[1].adapter`), for an answer that names fields (the HTTP API's `param`)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError, what: str) -> ControlPlaneError:

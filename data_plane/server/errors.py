@@ -170,9 +170,10 @@ def mix_member_not_found(error: Exception, member_names: list[str]) -> ControlPl
     if not isinstance(error, ControlPlaneError):
         return None
     for index, name in enumerate(member_names):
+        field = f"mix[{index}].adapter"
         if error.code == grpc.StatusCode.NOT_FOUND and names_unknown(error.message, name):
-            return ControlPlaneError(error.code, f"mix[{index}].adapter: {name!r} not found")
+            return ControlPlaneError(error.code, f"{field}: {name!r} not found", field)
         if error.code == grpc.StatusCode.FAILED_PRECONDITION and names_other_base_model(error.message, name):
             reason = error.message.removeprefix("adapter: ")
-            return ControlPlaneError(error.code, f"mix[{index}].adapter: {reason}")
+            return ControlPlaneError(error.code, f"{field}: {reason}", field)
     return None

@@ -96,13 +96,22 @@ def test_another_base_models_adapter_is_refused_naming_the_field_that_named_it(s
         "mix": [{"adapter": "", "weight": 0.5}, {"adapter": "ad0", "weight": 0.5}],
         "mix_method": "ensemble",
     }
+    error = _http_refusal(other_worker, key, body)
+    assert error["message"].startswith("mix[1].adapter: adapter 'ad0' was made for base model")
+    assert error["param"] == "mix[1].adapter"  # it was null
+    error = _http_refusal(other_worker, key, {"model": "ad0", "prompt": "hello", "max_tokens": 2})
+    assert "adapter 'ad0' was made for base model" in error["message"]
+    assert error["param"] == "model"
+
+
+def _http_refusal(worker, key: str, body: dict) -> dict:
+    """The OpenAI error object of a completion the worker refuses with HTTP 400."""
     request = urllib.request.Request(
-        f"{other_worker.openai_base_url}/completions",
+        f"{worker.openai_base_url}/completions",
         data=json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
     )
     with pytest.raises(urllib.error.HTTPError) as http_refused:
         urllib.request.urlopen(request, timeout=60)
     assert http_refused.value.code == 400
-    message = json.loads(http_refused.value.read())["error"]["message"]
-    assert message.startswith("mix[1].adapter: adapter 'ad0' was made for base model")
+    return json.loads(http_refused.value.read())["error"]

@@ -26,7 +26,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
 from data_plane.server.control_plane_client import Authorization, ControlPlaneClient, ControlPlaneError
-from data_plane.server.errors import MissingCredentials, ModelNotFound, mix_member_not_found, names_unknown
+from data_plane.server.errors import (
+    MissingCredentials,
+    ModelNotFound,
+    mix_member_not_found,
+    names_other_base_model,
+    names_unknown,
+)
 from data_plane.server.generation import Chunk, GenerationService, WorkerState
 from data_plane.server.metrics import WorkerMetrics
 from data_plane.server.openai_http.chat_template import ChatTemplate, ChatTemplateError
@@ -287,7 +293,8 @@ async def _named_by_body(
     """`chunks`, with the control plane's NOT_FOUND for a name the body sent raised as the body names it:
     ModelNotFound for `model`, MixMemberNotFound for `mix[i].adapter`, ModelPartNotFound for an adapter
     of the saved mix `model` names (each answered param null, in the control plane's words); and its
-    FAILED_PRECONDITION for a mix member made for another base model as `mix[i].adapter`."""
+    FAILED_PRECONDITION for an adapter made for another base model naming the field that sent it,
+    `mix[i].adapter` or `model`."""
     async with contextlib.aclosing(chunks):
         try:
             async for chunk in chunks:
@@ -295,7 +302,10 @@ async def _named_by_body(
         except ControlPlaneError as error:
             if body is not None and error.code == grpc.StatusCode.FAILED_PRECONDITION:
                 # a mix member made for another base model, named as the body names it
-                raise mix_member_not_found(error, [name for name, _ in body.mix]) or error from None
+                member = mix_member_not_found(error, [name for name, _ in body.mix])
+                if member is None and names_other_base_model(error.message, adapter):
+                    member = ControlPlaneError(error.code, error.message, "adapter")  # `model`
+                raise member or error from None
             if error.code != grpc.StatusCode.NOT_FOUND or body is None:
                 raise
             if names_unknown(error.message, adapter):

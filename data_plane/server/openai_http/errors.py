@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from starlette.responses import JSONResponse
 
 from data_plane.engine.errors import InvalidRequest
+from data_plane.server.control_plane_client import ControlPlaneError
 from data_plane.server.errors import DuplicateRequest, ModelNotFound, RequestIdUsed, http_status_for
 from data_plane.server.openai_http.schemas import BodyError, openai_param
 from data_plane.server.validation import RequestFieldError
@@ -88,7 +89,9 @@ def http_error(error: BaseException, chat: bool = False) -> HttpError:
     param = None
     if isinstance(error, BodyError):
         param = error.param
-    elif isinstance(error, RequestFieldError | InvalidRequest):  # the gRPC names: renamed
+    elif isinstance(error, RequestFieldError | InvalidRequest) or (
+        isinstance(error, ControlPlaneError) and error.field  # a refusal of a name the body sent
+    ):  # the gRPC names: renamed
         param = openai_param(error.field, chat)
     elif isinstance(error, ModelNotFound):
         param, code = "model", MODEL_NOT_FOUND

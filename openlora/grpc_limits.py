@@ -75,8 +75,12 @@ def connection_cap(max_connections: int, other_descriptors: int = 0, server: str
 
 
 def server_options(max_connections: int) -> list[tuple[str, int]]:
-    """grpc.aio.server options for a server holding at most `max_connections` connections."""
+    """grpc.aio.server options for a server holding at most `max_connections` connections. SO_REUSEPORT
+    off: gRPC sets it by default, and a second server on a port one already serves (a second control plane
+    or worker started by mistake, a leftover process) then bound it without an error and took a share of
+    its connections; now the bind fails and the second one says the port is in use."""
     return [
+        ("grpc.so_reuseport", 0),
         ("grpc.max_allowed_incoming_connections", max_connections),
         ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT_S * 1000)),
         ("grpc.max_connection_idle_ms", int(IDLE_CONNECTION_S * 1000)),

@@ -100,6 +100,7 @@ def start_worker(loop, cp_target: str, model_dir: Path, state_dir: Path, redis_u
     from data_plane.server.main import serve_worker
 
     overrides.setdefault("auth_cache_ttl_s", AUTH_TTL_S)
+    overrides.setdefault("listen", "127.0.0.1:0")
     engine = overrides.pop("engine", EngineSettings(num_kv_blocks=256, max_num_seqs=16, max_lora_rank=16))
     config = WorkerConfig(
         model_dir=model_dir,
@@ -107,7 +108,6 @@ def start_worker(loop, cp_target: str, model_dir: Path, state_dir: Path, redis_u
         control_plane_target=cp_target,
         worker_token=WORKER_TOKEN,
         state_dir=state_dir,
-        listen="127.0.0.1:0",
         engine=engine,
         redis_url=redis_url,
         usage_flush_interval_s=0.2,

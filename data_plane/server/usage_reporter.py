@@ -572,6 +572,10 @@ class UsageReporter:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as error:
+            # What the copy wrote goes with it: left behind on a full disk, it held the space the spool's
+            # appends (and the health probe) needed, and the worker refused calls until a compaction passed.
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             self._refused(error)
             raise
         self._file.close()

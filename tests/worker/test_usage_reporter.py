@@ -774,3 +774,27 @@ def test_a_probe_whose_file_another_probe_removed_still_finds_the_spool_writable
             monkeypatch.setattr(os, "fsync", fsync)
 
     assert asyncio.run(probe())
+
+
+def test_a_compaction_the_disk_refused_leaves_no_partial_copy_holding_its_space(tmp_path):
+    """A compaction writes the spool afresh beside it, then renames. On a full disk that copy fails part
+    way: what it wrote must go with it, or it holds the last free space, every append after it fails,
+    and the worker refuses calls (its health probe too finds no room) until a later compaction succeeds."""
+    spool = tmp_path / "spool.jsonl"
+    collector = Collector()
+    collector.down = True
+
+    async def scenario():
+        reporter = UsageReporter(spool, collector)
+        for i in range(40):
+            reporter.record(_record(f"r{i}"))
+        with _file_size_limit(4096), pytest.raises(OSError):
+            reporter._compact()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["spool.jsonl"]
+        reporter.record(_record("after"))
+        collector.down = False
+        await reporter.flush()
+        await reporter.stop()
+
+    asyncio.run(scenario())
+    assert sorted(r for r, _, _ in collector.records) == sorted([f"r{i}" for i in range(40)] + ["after"])

@@ -78,6 +78,11 @@ class StateDirInUse(RuntimeError):
     releasing the other's request id reservations at its start) and one usage spool."""
 
 
+class StateDirUnwritable(RuntimeError):
+    """The worker's state dir takes no write (a full disk, read-only): its usage spool could not record
+    a call either. Another start may find room."""
+
+
 def build_engine(config: WorkerConfig):
     """The engine for this worker (loads the model: seconds to minutes, call off the event loop)."""
     from data_plane.engine.async_engine import AsyncEngine
@@ -742,7 +747,16 @@ def lock_state_dir(state_dir: Path | str) -> int:
             f"another worker (pid {holder}) is using the state directory {state_dir}: give this one a "
             "state directory of its own (--state-dir, OPENLORA_STATE_DIR)"
         ) from None
-    (path / STATE_DIR_PID_FILE).write_text(f"{os.getpid()}\n")
+    try:
+        (path / STATE_DIR_PID_FILE).write_text(f"{os.getpid()}\n")
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            (path / STATE_DIR_PID_FILE).unlink(missing_ok=True)  # created, then nothing written to it
+        os.close(fd)
+        raise StateDirUnwritable(
+            f"the state directory {state_dir} cannot be written ({error.strerror}): free space there, or "
+            "give this worker another one (--state-dir, OPENLORA_STATE_DIR)"
+        ) from None
     return fd
 
 

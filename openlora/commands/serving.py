@@ -428,13 +428,14 @@ def _run_worker(args: argparse.Namespace) -> int:
 
     from data_plane.model.quant import QuantizationError
     from data_plane.server.control_plane_client import ControlPlaneError
-    from data_plane.server.main import StateDirInUse, run_worker
+    from data_plane.server.main import StateDirInUse, StateDirUnwritable, run_worker
     from openlora.artifact import SharedArtifactsDir
     from openlora.listen import ListenError
 
     try:
         return run_worker(config)
-    except StateDirInUse as error:  # a live worker's (or one still draining): a supervisor tries again later
+    except (StateDirInUse, StateDirUnwritable) as error:
+        # A live worker's (or one still draining), or a full disk: a supervisor tries again later.
         print(f"error: {error}", file=sys.stderr)
         return 1
     except SharedArtifactsDir as error:  # the control plane's state dir: starting again won't help

@@ -389,3 +389,29 @@ def test_a_drain_grace_that_is_not_a_finite_number_of_seconds_is_refused_by_work
     with pytest.raises(SystemExit):
         _parse(["up", "--state-dir", str(tmp_path)])
     assert "OPENLORA_DRAIN_GRACE_S must be a number >= 0" in capsys.readouterr().err
+
+
+def _no_file_may_grow() -> None:
+    """In the child: any write to a file fails (EFBIG), as every write does on a full disk."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_a_worker_whose_state_dir_cannot_be_written_says_so_in_one_line(tmp_path):
+    """A full disk under the state dir stops the worker at its start with one line naming the state dir
+    and why (status 1: a supervisor starts it again, once there may be room), not a traceback."""
+    state_dir = tmp_path / "state"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OPENLORA_CONTEXT": str(tmp_path / "none.json")}
+    result = subprocess.run(
+        [sys.executable, "-m", "openlora.cli", "worker", "--model", str(tmp_path / "m"),
+         "--control-plane", "127.0.0.1:1", "--worker-token", "t" * 32, "--state-dir", str(state_dir)],
+        env=env, capture_output=True, text=True, timeout=60, preexec_fn=_no_file_may_grow,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(state_dir) in lines[0], result.stderr

@@ -660,10 +660,19 @@ def _instance_place(path: Path) -> dict[str, str]:
 
 def _write_whole(path: Path, text: str) -> None:
     """Writes a state-dir file whole or not at all: a temporary file renamed over it (a crash while it is
-    written leaves the previous file or none, never one cut short)."""
+    written leaves the previous file or none, never one cut short). StateDirUnwritable when the disk takes
+    no write (what was begun is removed: it would hold the space the next try needs)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise StateDirUnwritable(
+            f"the state directory {path.parent} cannot be written ({error.strerror}): free space there, or "
+            "give this worker another one (--state-dir, OPENLORA_STATE_DIR)"
+        ) from None
 
 
 def _write_instance(path: Path, instance_id: str) -> None:

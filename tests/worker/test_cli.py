@@ -11,7 +11,7 @@ import pytest
 
 from openlora.commands.serving import _parse_mix, add_commands, worker_config_from_args
 
-from .conftest import ADMIN_KEY, PUBLISHER
+from .conftest import ADMIN_KEY, BASE_MODEL, PUBLISHER, WORKER_TOKEN
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -415,3 +415,33 @@ def test_a_worker_whose_state_dir_cannot_be_written_says_so_in_one_line(tmp_path
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(state_dir) in lines[0], result.stderr
+
+
+def _files_may_hold_16_bytes() -> None:
+    """In the child: the pid file (a few bytes) can be written, the worker id (32 hex digits) cannot."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_a_worker_that_cannot_record_its_registration_says_so_in_one_line(system, tmp_path):
+    """The disk fills between the state dir's lock and the registration: the worker id the control plane
+    gave cannot be recorded. One line naming the state dir, status 1, and no temporary file left holding
+    the space the next start needs (it was a traceback, with the partial file left behind)."""
+    state_dir = tmp_path / "state"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OPENLORA_CONTEXT": str(tmp_path / "none.json")}
+    result = subprocess.run(
+        [sys.executable, "-m", "openlora.cli", "worker", "--model", str(system.model_dir),
+         "--model-name", BASE_MODEL, "--control-plane", system.control_plane.target,
+         "--worker-token", WORKER_TOKEN, "--state-dir", str(state_dir), "--listen", "127.0.0.1:0",
+         "--num-kv-blocks", "64", "--max-lora-rank", "16"],
+        env=env, capture_output=True, text=True, timeout=120, preexec_fn=_files_may_hold_16_bytes,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the state directory ") and str(state_dir) in last, result.stderr
+    assert sorted(p.name for p in state_dir.iterdir() if p.name.endswith(".tmp")) == []

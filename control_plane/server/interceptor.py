@@ -55,7 +55,7 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         log.warning("out of %s: %s", resource, error)
         return (
             grpc.StatusCode.UNAVAILABLE,
-            f"the control plane ran out of {resource} under load; retry shortly",
+            f"the control plane ran out of {resource}; retry shortly",
         )
     if isinstance(error, AdapterFormatError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)

@@ -63,7 +63,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if resource is not None:  # overload (a burst of calls), not the caller's input nor a bug: retryable
         return (
             grpc.StatusCode.UNAVAILABLE,
-            f"the worker ran out of {resource} under load; retry shortly or on another worker",
+            f"the worker ran out of {resource}; retry shortly or on another worker",
         )
     if isinstance(error, RequestFieldError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)

@@ -17,12 +17,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.artifacts.lock import lock_artifact
 from control_plane.artifacts.slots import UploadSlots
-from control_plane.artifacts.store import ArtifactStore
+from control_plane.artifacts.store import ArtifactMissing, ArtifactStore
 from control_plane.artifacts.upload import Upload
 from control_plane.billing import service as billing
 from control_plane.config import ControlPlaneConfig
 from control_plane.db.base import utc_now
-from control_plane.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+from control_plane.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from control_plane.hints.publisher import HintPublisher
 from control_plane.mixes import service as mixes
 from control_plane.registry import catalog
@@ -418,7 +424,16 @@ class ControlPlane:
             return catalog.list_models(s, caller.tenant_id, fingerprint, page_size, page_token)
 
     def artifact_files(self, sha256: str) -> list[Path]:
-        return self.store.files(sha256)
+        """The artifact's files; NotFound for content nothing stored, ArtifactMissing (DATA_LOSS) for content
+        an adapter points at whose copy is gone from the store."""
+        try:
+            return self.store.files(sha256)
+        except NotFound:
+            with self.sessions.begin() as s:
+                if registry.artifact_referenced(s, sha256):
+                    log.error("stored artifact %s is missing; adapters point at it", sha256)
+                    raise ArtifactMissing(sha256) from None
+            raise
 
     def reserve_request_id(self, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int) -> None:
         """AlreadyExists when the id was billed or another worker's live reservation holds it."""

@@ -42,6 +42,19 @@ class ArtifactDamaged(Exception):
             f"the control plane's stored copy of artifact {sha256[:12]} is damaged (its files digest to "
             f"{actual[:12]}); upload the adapter again to repair it"
         )
+
+
+class ArtifactMissing(ArtifactDamaged):
+    """An artifact an adapter of the registry points at is not in the store (its directory was removed,
+    or the store restored from an older backup): DATA_LOSS, as a damaged one, not NOT_FOUND (the worker
+    told its caller the adapter's name did not exist)."""
+
+    def __init__(self, sha256: str) -> None:
+        Exception.__init__(
+            self,
+            f"the control plane's stored copy of artifact {sha256[:12]} is missing; upload the adapter again "
+            "to restore it",
+        )
         self.sha256 = sha256
 
 

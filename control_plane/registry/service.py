@@ -331,3 +331,13 @@ def is_served(session: Session, sha256: str) -> bool:
         )
         is not None
     )
+
+
+def artifact_referenced(session: Session, sha256: str) -> bool:
+    """Whether an adapter of the registry (not deleted) points at content `sha256`."""
+    return (
+        session.scalar(
+            select(Adapter.id).where(Adapter.sha256 == sha256, Adapter.deleted_at.is_(None)).limit(1)
+        )
+        is not None
+    )

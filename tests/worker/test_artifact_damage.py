@@ -66,10 +66,10 @@ def test_a_damaged_stored_artifact_is_data_loss_and_a_new_upload_of_it_repairs_i
     assert _push(system, adapter, tenant).deduplicated  # intact now: the same content, stored once
 
 
-def _push(system, adapter, tenant: str):
+def _push(system, adapter, tenant: str, name: str = "fragile"):
     from openlora.commands.demo_setup import upload_messages
 
-    messages = upload_messages(adapter, tenant, BASE_MODEL, name="fragile")
+    messages = upload_messages(adapter, tenant, BASE_MODEL, name=name)
     return system.admin.stub.UploadAdapter(messages, metadata=system.admin.metadata)
 
 
@@ -93,3 +93,20 @@ def test_the_store_checks_a_copy_before_serving_it_and_again_after_its_files_cha
     shutil.copytree(adapter, intact)
     assert not store.publish(intact, sha)  # an intact copy stays
     assert not intact.exists()
+
+
+def test_a_stored_artifact_gone_from_the_store_is_data_loss_not_an_unknown_adapter(system, tmp_path, caplog):
+    """An adapter whose stored copy was removed (a store restored from an older backup): its calls are
+    refused DATA_LOSS saying what to do. The control plane answered NOT_FOUND for the artifact, and the
+    worker passed it on: the tenant was told its adapter did not exist (HTTP: model_not_found)."""
+    tenant, _, key = system.new_tenant()
+    adapter = _unique_adapter(system, tmp_path)
+    sha = system.admin.push(adapter, "vanished", tenant, BASE_MODEL)
+    shutil.rmtree(system.cp_state_dir / "artifacts" / sha)
+    with caplog.at_level(logging.ERROR), pytest.raises(grpc.RpcError) as refused:
+        _generate(system, key, "vanished")
+    assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "missing" in refused.value.details() and "upload the adapter again" in refused.value.details()
+    assert any(sha in record.getMessage() and "missing" in record.getMessage() for record in caplog.records)
+    _push(system, adapter, tenant, name="vanished")  # restores the copy
+    assert sum(len(r.token_ids) for r in _generate(system, key, "vanished")) == 2

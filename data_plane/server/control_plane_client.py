@@ -73,6 +73,11 @@ HEARTBEAT_BACKOFF_MAX_S = 30.0
 DEREGISTER_TIMEOUT_S = 3.0
 
 
+class IdentityTaken(Exception):
+    """Heartbeats refused, and registering again refused because another live process holds the worker id
+    (ALREADY_EXISTS): this one must stop serving under it."""
+
+
 class ControlPlaneError(Exception):
     """The control plane's answer `code`; `field`, when the worker knows it, is the request field the
     refusal is about (`mix[1].adapter`), for an answer that names fields (the HTTP API's `param`)."""
@@ -290,13 +295,16 @@ class ControlPlaneClient:
         instance_id: str = "",
         on_superseded: Callable[[str], None] | None = None,
     ) -> None:
-        """Heartbeats forever as `instance_id`; a control plane that forgot the worker (NOT_FOUND) gets it
-        registered again. A refusal because another instance holds the id now (FAILED_PRECONDITION) is
-        told to `on_superseded` with the control plane's message, and the beats end for good (the worker
-        must stop serving under the id; its stop cancels this). Any other failure of one beat is logged and
-        the loop goes on: an unreachable control plane is retried at the next beat; any other exception
-        (`stats()` reading engine state, say) is counted by `on_error` and waits longer after each failure
-        in a row (up to HEARTBEAT_BACKOFF_MAX_S)."""
+        """Heartbeats forever as `instance_id`; a control plane that forgot the worker (NOT_FOUND), or
+        whose row of it names another instance or says it left (FAILED_PRECONDITION), gets it registered
+        again: registration decides whether another process holds the id now. The row may name another
+        run without any other process serving (a database restored to an older snapshot names this state
+        dir's previous run), and this worker then serves on. Only when registering again is refused because
+        another instance is live (ALREADY_EXISTS) is `on_superseded` told, with both messages, and the beats
+        end for good (the worker must stop serving under the id; its stop cancels this). Any other failure
+        of one beat is logged and the loop goes on: an unreachable control plane is retried at the next
+        beat; any other exception (`stats()` reading engine state, say) is counted by `on_error` and waits
+        longer after each failure in a row (up to HEARTBEAT_BACKOFF_MAX_S)."""
         failures = 0
         while True:
             await asyncio.sleep(min(interval_s * (2**failures), max(interval_s, HEARTBEAT_BACKOFF_MAX_S)))
@@ -305,10 +313,12 @@ class ControlPlaneClient:
                 failures = 0
             except asyncio.CancelledError:
                 raise
-            except ControlPlaneError as error:  # the next beat at the usual interval is the retry
-                if error.code == grpc.StatusCode.FAILED_PRECONDITION and on_superseded is not None:
-                    on_superseded(error.message)
+            except IdentityTaken as taken:
+                if on_superseded is not None:
+                    on_superseded(str(taken))
                     break
+                log.warning("heartbeat failed: %s", taken)
+            except ControlPlaneError as error:  # the next beat at the usual interval is the retry
                 log.warning("heartbeat failed: %s", error.message)
                 failures = 0
             except Exception:
@@ -331,10 +341,15 @@ class ControlPlaneClient:
         try:
             await self.heartbeat(worker_id, running, waiting, resident, instance_id)
         except ControlPlaneError as error:
-            if error.code != grpc.StatusCode.NOT_FOUND:
+            if error.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                 raise
-            log.warning("heartbeat failed: %s; registering again", error.message)
-            await reregister()
+            log.warning("heartbeat refused: %s; registering again", error.message)
+            try:
+                await reregister()
+            except ControlPlaneError as refusal:
+                if refusal.code == grpc.StatusCode.ALREADY_EXISTS:
+                    raise IdentityTaken(f"{error.message}; registering again: {refusal.message}") from None
+                raise
 
     def recent_authorization(self, api_key: str, adapter_names: tuple[str, ...]) -> Authorization | None:
         """The last answer for this key and these names when it is no longer fresh but recent (None when

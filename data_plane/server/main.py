@@ -7,8 +7,8 @@ within the grace period), tells the control plane it leaves, flushes usage and r
 loop dies (a fault it cannot go on from), health turns NOT_SERVING and the process exits with
 ENGINE_DEAD_EXIT_CODE for its supervisor (`openlora up`, a container runtime) to restart it. If its worker
 id is registered by another process meanwhile (this one was cut off from the control plane for longer
-than three heartbeat intervals, and a copy of it took over), the control plane refuses its heartbeats:
-it drains and exits with IDENTITY_LOST_EXIT_CODE.
+than three heartbeat intervals, and a copy of it took over), the control plane refuses its heartbeats and
+then its registration while that process is live: it drains and exits with IDENTITY_LOST_EXIT_CODE.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"
 ENGINE_WATCH_INTERVAL_S = 1.0
 REGISTER_RETRY_MAX_S = 5.0
 ENGINE_DEAD_EXIT_CODE = 3  # the engine loop died: restart the process
-# Another process registered this worker's id (its heartbeats are refused): a restart registers again, and
-# is refused (ALREADY_EXISTS naming worker_id) while that other process is live.
+# Another process registered this worker's id and is live (its heartbeats are refused, and so is registering
+# again): a restart registers again, and is refused (ALREADY_EXISTS naming worker_id) while it stays live.
 IDENTITY_LOST_EXIT_CODE = 4
 TASK_STOP_TIMEOUT_S = 5.0  # how long stop() waits for its cancelled background tasks
 STREAM_END_TIMEOUT_S = 2.0  # how long stop() waits, after the grace, for ended streams to tell their callers
@@ -138,10 +138,11 @@ class RunningWorker:
         return self.state.worker_id
 
     def lose_identity(self, message: str) -> None:
-        """The control plane refused a heartbeat: another process registered this worker's id. New calls
-        are refused at once (draining: health NOT_SERVING, UNAVAILABLE); the process entry then drains and
-        exits with IDENTITY_LOST_EXIT_CODE. Serving on under the id, both processes shared its request id
-        reservations and its usage, and counted as one live worker."""
+        """The control plane refused a heartbeat, and registering again: another process registered this
+        worker's id and is live (`ControlPlaneClient.run_heartbeats`). New calls are refused at once
+        (draining: health NOT_SERVING, UNAVAILABLE); the process entry then drains and exits with
+        IDENTITY_LOST_EXIT_CODE. Serving on under the id, both processes shared its request id reservations
+        and its usage, and counted as one live worker."""
         log.error("worker %s stops serving: its id is another process's now (%s)", self.worker_id, message)
         self.lost_identity = message
         self.state.draining = True

@@ -106,8 +106,9 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Refused with FAILED_PRECONDITION (naming worker_id and instance_id) when another instance holds the
-        worker id now, or the instance left: that process must stop serving under it.
+        """Refused with FAILED_PRECONDITION (naming worker_id and instance_id) when another instance registered
+        the worker id last, or the instance left: the worker registers again, and stops serving under the id
+        only when that is refused (ALREADY_EXISTS: the other instance is live).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -174,7 +174,9 @@ class WorkerConfig:
         if self.engine.host_cache_bytes is not None and self.engine.host_cache_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {self.engine.host_cache_bytes}")
         if self.engine.dtype not in DTYPES:  # refused by the engine too, but only once the worker started
-            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES[1:])}, got {self.engine.dtype!r}")
+            raise ValueError(
+                f"dtype must be auto or one of {', '.join(DTYPES[1:])}, got {self.engine.dtype!r}"
+            )
         if (problem := quantize_problem(self.engine.quantize, self.engine.quantize_lm_head)) is not None:
             raise ValueError(problem)
         if not 0 <= self.metrics_port <= 65535:  # bind() raised OverflowError once the model was loaded

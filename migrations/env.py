@@ -4,7 +4,7 @@ the database URL arrives as the `sqlalchemy.url` main option."""
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from control_plane.db.engine import sqlalchemy_url
 from control_plane.db.models import Base
@@ -28,6 +28,12 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata)
         with context.begin_transaction():
+            # One run at a time: control planes started together (a rolling upgrade) each applied the same
+            # steps, and all but one failed on what the first had created. Held until this transaction
+            # ends; a run that waited reads the revision only then and finds nothing left to apply.
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(hashtextextended('openlora:migrations', 0))")
+            )
             context.run_migrations()
     engine.dispose()
 

@@ -3,7 +3,9 @@ micro-tokens its adapter earns a royalty on. An adapter of a linear mix or a mer
 the request (its weight, which the caller picks, does not dilute it); otherwise the line's own completion
 share.
 
-Existing rows keep the royalty basis they were billed on: their completion micro-tokens.
+Existing rows keep the royalty basis they were billed on: their completion micro-tokens. The downgrade is
+refused while a line earns on more (or fewer) than them: revision 0005 bills royalties on completion
+micro-tokens, so dropping the column would change what adapter owners earned, without a word.
 
 Revision ID: 0006
 Revises: 0005
@@ -32,4 +34,21 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    differing = (
+        op.get_bind()
+        .execute(
+            sa.text(
+                "SELECT count(*) FROM usage_counter"
+                " WHERE adapter_id IS NOT NULL AND royalty_micro_tokens <> completion_micro_tokens"
+            )
+        )
+        .scalar_one()
+    )
+    if differing:
+        raise RuntimeError(
+            f"refusing to downgrade below revision 0006: {differing} hourly usage line(s) earn royalties on "
+            "other tokens than their completion share (adapters of linear mixes and merges earn on every "
+            "token); revision 0005 cannot hold that, and those adapters' owners would earn less. "
+            "Stay at 0006 or later"
+        )
     op.drop_column("usage_counter", "royalty_micro_tokens")

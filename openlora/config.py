@@ -19,6 +19,7 @@ from openlora.listen import address_problem
 from openlora.log_level import resolve_log_level
 from openlora.safe_json import JsonFieldError, load_json
 from openlora.setting_rules import given_text, whole_number
+from openlora.text_rules import quoted
 
 DEFAULT_STATE_DIR = Path(".state/control-plane")
 WORKER_TOKEN_FILE = "worker_token"
@@ -61,8 +62,47 @@ def context_problem(environ: Mapping[str, str]) -> str:
     return f" ({problem})" if problem else ""
 
 
-def _first(*values: str | None) -> str | None:
-    return next((v for v in values if v), None)
+def first_given(*candidates: tuple[str | None, str]) -> tuple[str | None, str]:
+    """(the first non-empty value of the (value, where it comes from) pairs, where it came from), or
+    (None, "") when none is given."""
+    return next(((value, source) for value, source in candidates if value), (None, ""))
+
+
+def target_problem(target: str) -> str | None:
+    """Why a client's server address `target` is not HOST:PORT with a port in 1..65535, or None. gRPC
+    calls a port past 65535 modulo 65536 (`127.0.0.1:99999` called 34463, where another server may
+    answer) and an address without a port on 443. gRPC's other forms (`unix:PATH`, `dns:///HOST:PORT`)
+    pass: only a port written as digits is checked."""
+    host, colon, port = target.rpartition(":")
+    if not colon or (port.isascii() and port.isdigit() and not (host and 1 <= int(port) <= 65535)):
+        return f"must be HOST:PORT with a port in 1..65535, got {quoted(target)}"
+    return None
+
+
+def api_key_problem(key: str) -> str | None:
+    """Why `key` cannot be sent as a Bearer credential, or None: gRPC metadata carries printable ASCII
+    only, and grpc refused anything else with INTERNAL "Invalid metadata" (and a log line of its core) that
+    named no setting. Never echoes the key."""
+    for position, char in enumerate(key):
+        if not " " <= char <= "~":
+            return f"must be printable ASCII, as keys are; character {position + 1} is U+{ord(char):04X}"
+    return None
+
+
+def client_settings(
+    target: tuple[str | None, str], api_key: tuple[str | None, str]
+) -> tuple[str | None, str | None]:
+    """(target, api key) as `first_given` picked them, each refused with a ValueError naming where it came
+    from when it cannot be sent (`target_problem`, `api_key_problem`); a missing one stays None."""
+    for (value, source), problem in ((target, target_problem), (api_key, api_key_problem)):
+        if value and (why := problem(value)) is not None:
+            raise ValueError(f"{source} {why}")
+    return target[0], api_key[0]
+
+
+def context_source(environ: Mapping[str, str], entry: str) -> str:
+    """Where a setting read from the context file came from, for a message that refuses it."""
+    return f"{entry} of the context file {context_path(environ)}"
 
 
 def new_secret(prefix: str) -> str:
@@ -86,12 +126,18 @@ class AdminSettings:
         environ: Mapping[str, str],
         context: Mapping[str, str],
     ) -> AdminSettings:
-        target = _first(target_flag, environ.get("OPENLORA_ADMIN_TARGET"), context.get("admin_target"))
-        key = _first(
-            key_flag,
-            environ.get("OPENLORA_API_KEY"),
-            environ.get("OPENLORA_ADMIN_KEY"),
-            context.get("api_key"),
+        target, key = client_settings(
+            first_given(
+                (target_flag, "--admin-target"),
+                (environ.get("OPENLORA_ADMIN_TARGET"), "OPENLORA_ADMIN_TARGET"),
+                (context.get("admin_target"), context_source(environ, "admin_target")),
+            ),
+            first_given(
+                (key_flag, "--api-key"),
+                (environ.get("OPENLORA_API_KEY"), "OPENLORA_API_KEY"),
+                (environ.get("OPENLORA_ADMIN_KEY"), "OPENLORA_ADMIN_KEY"),
+                (context.get("api_key"), context_source(environ, "api_key")),
+            ),
         )
         if not target:
             raise ValueError(

@@ -22,7 +22,14 @@ from data_plane.server.config import (
     MAX_LORA_RANK,
     QUANTIZE_FORMATS,
 )
-from openlora.config import context_path, context_problem, read_context
+from openlora.config import (
+    client_settings,
+    context_path,
+    context_problem,
+    context_source,
+    first_given,
+    read_context,
+)
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 from openlora.kernel_choice import kernel_choice as kernels_setting
 from openlora.kernel_choice import triton_device_problem
@@ -574,8 +581,22 @@ def _run_generate(args: argparse.Namespace) -> int:
     from openlora.v1 import inference_pb2
 
     context = read_context(os.environ)
-    target = args.target or _env("TARGET") or context.get("target")
-    api_key = args.api_key or _env("API_KEY") or context.get("api_key")
+    try:
+        target, api_key = client_settings(
+            first_given(
+                (args.target, "--target"),
+                (_env("TARGET"), "OPENLORA_TARGET"),
+                (context.get("target"), context_source(os.environ, "target")),
+            ),
+            first_given(
+                (args.api_key, "--api-key"),
+                (_env("API_KEY"), "OPENLORA_API_KEY"),
+                (context.get("api_key"), context_source(os.environ, "api_key")),
+            ),
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not target or not api_key:
         print(
             "error: no worker target or api key: pass --target/--api-key, set OPENLORA_TARGET/"

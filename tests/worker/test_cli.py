@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -445,3 +446,50 @@ def test_a_worker_that_cannot_record_its_registration_says_so_in_one_line(system
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the state directory ") and str(state_dir) in last, result.stderr
     assert sorted(p.name for p in state_dir.iterdir() if p.name.endswith(".tmp")) == []
+
+
+_TARGET_FLAGS = {
+    "generate": ("--target", "OPENLORA_TARGET"),
+    "adapters": ("--admin-target", "OPENLORA_ADMIN_TARGET"),
+}
+
+
+@pytest.mark.parametrize("command", [["generate", "hello"], ["adapters", "list"]])
+def test_a_server_address_grpc_would_misread_is_refused_naming_where_it_came_from(tmp_path, command):
+    """gRPC calls a port past 65535 modulo 65536 (`127.0.0.1:99999` called 34463, where another server may
+    answer) and an address without a port on 443; the command went there and said "nothing answers"."""
+    flag, variable = _TARGET_FLAGS[command[0]]
+    for address in ("127.0.0.1:99999", "localhost", "127.0.0.1:0"):
+        result = _run_cli([*command, flag, address, "--api-key", "k" * 20], {}, tmp_path)
+        assert result.returncode == 2
+        assert result.stderr == f"error: {flag} must be HOST:PORT with a port in 1..65535, got {address!r}\n"
+    result = _run_cli([*command, "--api-key", "k" * 20], {variable: "127.0.0.1:65536"}, tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {variable} must be HOST:PORT")
+    context = tmp_path / "context.json"
+    context.write_text(
+        json.dumps({"target": "127.0.0.1:70000", "admin_target": "127.0.0.1:70000", "api_key": "k" * 20})
+    )
+    result = _run_cli(command, {"OPENLORA_CONTEXT": str(context)}, tmp_path)
+    entry = "target" if command[0] == "generate" else "admin_target"
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {entry} of the context file {context} must be HOST:PORT")
+
+
+@pytest.mark.parametrize("command", [["generate", "hello"], ["adapters", "list"]])
+def test_an_api_key_grpc_metadata_cannot_carry_is_refused_naming_where_it_came_from(tmp_path, command):
+    """A key with a character outside printable ASCII (a paste gone wrong, a damaged context file) got
+    grpc core's log line and `INTERNAL: Invalid metadata`, naming no setting."""
+    flag = _TARGET_FLAGS[command[0]][0]
+    result = _run_cli([*command, flag, "127.0.0.1:1", "--api-key", "olk_sécret"], {}, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "error: --api-key must be printable ASCII, as keys are; character 6 is U+00E9\n"
+    context = tmp_path / "context.json"
+    context.write_text(
+        json.dumps({"target": "127.0.0.1:1", "admin_target": "127.0.0.1:1", "api_key": "olk_\n"})
+    )
+    result = _run_cli(command, {"OPENLORA_CONTEXT": str(context)}, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: api_key of the context file {context} must be printable ASCII, as keys are; "
+        "character 5 is U+000A\n"
+    )

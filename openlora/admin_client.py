@@ -33,18 +33,33 @@ class UploadRefused(ValueError):
 
 def adapter_files(directory: str | Path) -> list[Path]:
     """The two PEFT files of an adapter directory; README.md and other non-weight files are skipped, and a
-    pickle file anywhere in it refuses the whole directory (it is never opened)."""
+    pickle file anywhere in it refuses the whole directory (it is never opened). Each file is checked to be
+    a regular file this process can open: one that could not be read once the upload stream had started
+    (a directory named adapter_config.json, a file of another user) ended it as `UNKNOWN: Exception
+    iterating requests!`, naming no file."""
     root = Path(directory)
     if not root.is_dir():
         raise UploadRefused(f"{root} is not a directory")
-    names = sorted(p.name for p in root.iterdir())
+    try:
+        names = sorted(p.name for p in root.iterdir())
+    except OSError as error:
+        raise UploadRefused(f"{root} cannot be read: {error.strerror}") from None
     pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise UploadRefused(f"refusing pickle files {pickles}: save the adapter with safetensors")
     missing = [n for n in ARTIFACT_FILES if n not in names]
     if missing:
         raise UploadRefused(f"{root} lacks {missing}")
-    return [root / n for n in ARTIFACT_FILES if n not in IGNORED_FILES]
+    files = [root / n for n in ARTIFACT_FILES if n not in IGNORED_FILES]
+    for path in files:
+        if not path.is_file():  # checked first: opening a FIFO would wait for a writer
+            raise UploadRefused(f"{path} is not a regular file")
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            raise UploadRefused(f"{path} cannot be read: {error.strerror}") from None
+    return files
 
 
 def upload_requests(

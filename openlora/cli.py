@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import grpc
 
 from control_plane.prediction.settings import add_predictor_flags
-from openlora.admin_client import AdminClient, UploadRefused
+from openlora.admin_client import AdminClient, UploadRefused, adapter_files
 from openlora.config import AdminSettings, ControlPlaneSettings, context_path, read_context
 from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 from openlora.log_level import LOG_LEVEL_HELP, configure_logging
@@ -289,6 +289,7 @@ def _own_adapter(client: AdminClient, name: str, tenant: str) -> object | None:
 
 
 def _adapters_push(client: AdminClient, args: argparse.Namespace) -> int:
+    adapter_files(args.dir)  # a directory that cannot be sent is said before any call
     previous = _own_adapter(client, args.name, args.tenant or "")
     response = client.upload_adapter(
         args.dir,

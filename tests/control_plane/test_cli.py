@@ -455,3 +455,24 @@ def test_up_refuses_a_kernel_setting_its_worker_would_refuse_before_starting_any
     assert main(["up", "--state-dir", str(state_dir)], environ=variables) == 2
     assert words in capsys.readouterr().err
     assert not state_dir.exists()
+
+
+def test_an_adapter_file_that_cannot_be_read_is_refused_naming_it_before_any_call(
+    capsys, cp, adapters_root, tmp_path
+) -> None:
+    """A directory named adapter_config.json (or a file that cannot be opened) failed once the upload stream
+    had started, as `UNKNOWN: Exception iterating requests!`, naming no file; against an address where
+    nothing answers, a directory that cannot be sent was reported as UNAVAILABLE."""
+    adapter = tmp_path / "adapter"
+    (adapter / "adapter_config.json").mkdir(parents=True)
+    weights = (adapters_root / "a" / "adapter_model.safetensors").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(weights)
+    code, _, err = _run(capsys, cp, "adapters", "push", str(adapter), "--name", "unreadable")
+    assert code == 2
+    assert err == f"error: {adapter / 'adapter_config.json'} is not a regular file\n"
+    code = main(
+        ["adapters", "push", str(adapter), "--name", "unreadable", "--admin-target", "127.0.0.1:1",
+         "--api-key", cp.admin_key],
+        environ={},
+    )  # fmt: skip
+    assert code == 2 and "is not a regular file" in capsys.readouterr().err

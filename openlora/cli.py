@@ -30,6 +30,7 @@ from openlora.setting_rules import number, whole_number
 log = logging.getLogger("openlora.cli")
 AdminHandler = Callable[[AdminClient, argparse.Namespace], int]
 BROKEN_PIPE_EXIT_CODE = 128 + signal.SIGPIPE  # what a shell reports for a writer its reader left (141)
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # what a shell reports for a command stopped by Ctrl-C (130)
 OPERATOR_ONLY = "only an operator admin key may do this"  # the control plane's PERMISSION_DENIED details
 OPERATOR_KEY_HINT = (
     "hint: `openlora up` keeps the operator key in STATE_DIR/up-secrets.json (`admin_key`; "
@@ -528,11 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Runs one command; returns its exit status. Output piped into a reader that stops early
-    (`openlora adapters list | head -2`) ends quietly with BROKEN_PIPE_EXIT_CODE."""
+    (`openlora adapters list | head -2`) ends quietly with BROKEN_PIPE_EXIT_CODE; Ctrl-C during a call
+    ends quietly with INTERRUPTED_EXIT_CODE (it printed a traceback of grpc's internals)."""
     try:
         code = _run(argv, environ)
         sys.stdout.flush()  # here, so that a closed pipe is seen now and not at interpreter exit
         return code
+    except KeyboardInterrupt:
+        return INTERRUPTED_EXIT_CODE
     except BrokenPipeError:
         # Python flushes stdout again at exit: point it at /dev/null so that flush finds nowhere to fail.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -493,3 +493,34 @@ def test_an_api_key_grpc_metadata_cannot_carry_is_refused_naming_where_it_came_f
         f"error: api_key of the context file {context} must be printable ASCII, as keys are; "
         "character 5 is U+000A\n"
     )
+
+
+@pytest.mark.parametrize(
+    "command", [["adapters", "list"], ["tenants", "create", "acme"], ["usage"], ["mixes", "list"]]
+)
+def test_ctrl_c_during_an_admin_call_ends_quietly_with_status_130(tmp_path, command):
+    """Ctrl-C while an admin command waited for its answer printed a traceback through grpc's internals."""
+    import signal
+    import socket
+
+    with socket.socket() as listener:  # takes the connection and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "OPENLORA_CONTEXT": str(tmp_path / "none.json"),
+        }
+        target = f"127.0.0.1:{listener.getsockname()[1]}"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "openlora.cli", *command, "--admin-target", target, "--api-key", "k" * 20],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )  # fmt: skip
+        listener.settimeout(60)
+        connection, _ = listener.accept()  # the command is in its call now
+        with connection:
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert (out, err) == ("", "")

@@ -614,10 +614,43 @@ def address_hint(code: grpc.StatusCode, details: str | None) -> str | None:
     return None
 
 
+def _not_utf8(value: object) -> bool:
+    """Whether `value` (or a string in it) holds bytes that are not UTF-8, as Python holds such bytes of
+    the command line: lone surrogates."""
+    if isinstance(value, str):
+        return not value.isascii() and any("\udc80" <= char <= "\udcff" for char in value)
+    if isinstance(value, list | tuple):
+        return any(_not_utf8(item) for item in value)
+    return False
+
+
+PATH_ARGUMENTS = frozenset({"dir"})  # a file name may be any bytes: it goes to the file system as given
+
+
+def undecodable_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The flag (or positional name) of the command's first text argument that is not UTF-8, or None. The
+    wire carries UTF-8 only: such text was refused as "'utf-8' codec can't encode character '\\udcff'",
+    naming no argument."""
+    while True:  # down to the parser of the subcommand given (`adapters` -> `push`)
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None:
+            break
+        parser = sub.choices[getattr(args, sub.dest)]
+    for action in parser._actions:
+        if action.dest not in PATH_ARGUMENTS and _not_utf8(getattr(args, action.dest, None)):
+            return max(action.option_strings, key=len) if action.option_strings else action.dest
+    return None
+
+
 def _run(argv: list[str] | None, environ: Mapping[str, str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     environ = os.environ if environ is None else environ
     kind = getattr(args, "kind", None)
+    sends_text = kind == "admin" or args.command == "generate"
+    if sends_text and (argument := undecodable_argument(parser, args)) is not None:
+        print(f"error: {argument} is not UTF-8 text", file=sys.stderr)
+        return 2
     try:
         if kind == "control-plane":
             return args.func(ControlPlaneSettings.resolve(vars(args), environ))

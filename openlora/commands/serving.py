@@ -8,6 +8,7 @@ read here, once, into frozen configs.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -609,7 +610,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         return 2
     prompt = args.prompt
     if prompt == "-":  # `echo "..." |` adds a newline the prompt did not have, and it changes the answer
-        prompt = sys.stdin.read()
+        try:  # UTF-8 whatever the locale: the wire carries nothing else (newlines read as text mode reads them)
+            prompt = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8").read()
+        except UnicodeDecodeError:
+            print("error: prompt: stdin is not UTF-8 text", file=sys.stderr)
+            return 2
         prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt.removesuffix("\n")
     last = None
     with Client(target, api_key) as client:

@@ -524,3 +524,34 @@ def test_ctrl_c_during_an_admin_call_ends_quietly_with_status_130(tmp_path, comm
             out, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert (out, err) == ("", "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["tenants", "create", b"\xff"], "name"),
+        (["adapters", "list", "--tenant", b"t\xff"], "--tenant"),
+        (["mixes", "create", "m", "--mix", b"\xff=1"], "--mix"),
+        (["generate", "--adapter", b"\xff", "hello"], "--adapter"),
+        (["generate", "--stop", b"a\xff", "hello"], "--stop"),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_refused_naming_it(tmp_path, argv, named):
+    """Bytes that are not UTF-8 in an argument (a file name pasted from another system's listing) were
+    refused as "'utf-8' codec can't encode character '\\udcff' in position 0", naming no argument."""
+    flag = "--target" if argv[0] == "generate" else "--admin-target"
+    result = _run_cli([*argv, flag, "127.0.0.1:1", "--api-key", "k" * 20], {}, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {named} is not UTF-8 text\n"
+
+
+def test_a_prompt_on_stdin_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    """It was named `--prompt` (a flag generate does not have) and echoed whole, escapes and all."""
+    result = subprocess.run(
+        [sys.executable, "-m", "openlora.cli", "generate", "--target", "127.0.0.1:1", "--api-key", "k" * 20, "-"],
+        input=b"one two" * 1000 + b"\xff",
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OPENLORA_CONTEXT": str(tmp_path / "none.json")},
+        capture_output=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == b"error: prompt: stdin is not UTF-8 text\n"

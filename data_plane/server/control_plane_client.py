@@ -93,6 +93,10 @@ class ControlPlaneError(Exception):
         code = error.code()
         if code in _PASS_THROUGH:
             return cls(code, error.details() or code.name.lower())
+        if code == grpc.StatusCode.UNIMPLEMENTED:  # said as it is; a caller still sees UNAVAILABLE
+            return cls(
+                grpc.StatusCode.UNAVAILABLE, f"the control plane does not implement {what} (an older version)"
+            )
         return cls(
             grpc.StatusCode.UNAVAILABLE, f"control plane unavailable ({what}: {code.name}); retry shortly"
         )

@@ -306,3 +306,31 @@ def test_a_key_whose_authorize_calls_wait_too_long_for_a_turn_is_resource_exhaus
     outcomes = asyncio.run(scenario())
     codes = sorted(error.code.name for error in outcomes if isinstance(error, ControlPlaneError))
     assert "RESOURCE_EXHAUSTED" in codes and len(codes) == 3, outcomes
+
+
+def test_a_control_plane_without_an_rpc_is_said_to_be_older_not_unavailable():
+    """A control plane of an older version (no DeregisterWorker): the worker's warning said "control plane
+    unavailable ...; retry shortly", which no retry mends."""
+    import asyncio
+
+    import grpc as grpc_module
+
+    from data_plane.server.control_plane_client import ControlPlaneClient, ControlPlaneError
+
+    async def main() -> ControlPlaneError:
+        server = grpc_module.aio.server()  # serves no method at all: every call is UNIMPLEMENTED
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = ControlPlaneClient(f"127.0.0.1:{port}", "token")
+        try:
+            await client.deregister("w", "0" * 32)
+        except ControlPlaneError as error:
+            return error
+        finally:
+            await client.close()
+            await server.stop(0)
+        raise AssertionError("the call was answered")
+
+    error = asyncio.run(main())
+    assert "does not implement DeregisterWorker (an older version)" in error.message
+    assert "retry" not in error.message

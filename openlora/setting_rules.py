@@ -99,7 +99,11 @@ def number(
     if not _DECIMAL.fullmatch(text) or (text.startswith("-") and negative_refused):
         raise ValueError(reason)
     value = float(text)
-    if not math.isfinite(value) or not _within(value, minimum, maximum, minimum_allowed, maximum_allowed):
+    if not math.isfinite(value):  # written as a number, too large for one (1e999)
+        raise ValueError(
+            f"must be a number{' ' + bounds if bounds else ''}, got {text!r}, past the largest one"
+        )
+    if not _within(value, minimum, maximum, minimum_allowed, maximum_allowed):
         raise ValueError(reason)
     return value + 0.0  # -0.0 as 0.0
 

@@ -124,6 +124,8 @@ def test_a_hostile_number_is_refused_naming_its_flag_and_variable(
     assert flag in lines[0] and repr(value) in lines[0], err
     assert variable is None or variable in lines[0], err
     assert "must be a" in lines[0], err  # says what is taken
+    if value == "1e999":  # written as the rule asks, too large: not told to write it otherwise
+        assert "past the largest one" in lines[0] and "notation" not in lines[0], err
     assert not (tmp_path / "state").exists()  # nothing started
 
 

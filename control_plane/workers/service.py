@@ -150,6 +150,18 @@ def register_worker(
         session.add(worker)
     elif live_within_s is not None:
         _check_not_held(worker, registration, _live_since(live_within_s, now))
+    if (
+        worker.left_at is not None
+        and registration.instance_id
+        and registration.instance_id == worker.instance_id
+    ):
+        # A run leaves only as it stops: a registration of it that arrives after its leave (one its heartbeat
+        # loop had in flight when the stop cancelled it) would make the stopped worker live again.
+        raise FailedPrecondition(
+            f"{registration.instance_id!r} of worker_id {worker.id!r} left at {worker.left_at.isoformat()}: "
+            "a run that left does not register again",
+            field="instance_id",
+        )
     worker.instance_id = registration.instance_id
     worker.left_at = None
     worker.address = registration.address

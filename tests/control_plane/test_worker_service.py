@@ -328,6 +328,10 @@ def test_a_worker_that_leaves_stops_counting_as_live_at_once(cp, base_spec) -> N
     with pytest.raises(grpc.RpcError) as e:
         _heartbeat(cp, worker_id, "run")
     assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION and "left" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # a registration it had in flight as it stopped, arriving late
+        register_worker(cp, spec, worker_id=worker_id, max_lora_rank=256, instance_id="run")
+    assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION and "left" in e.value.details()
+    assert not _listed(cp, worker_id).live
     deeper = BaseModelSpec.from_hf_config(tiny_llama_dict(num_layers=3), name)
     register_worker(cp, deeper, worker_id=f"{name}-deeper", instance_id="deeper-run")
     register_worker(cp, deeper, worker_id=worker_id, instance_id="next-process")

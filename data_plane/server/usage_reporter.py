@@ -370,19 +370,36 @@ class UsageReporter:
     def _keep_settled(self, keys: list[tuple[str, str]]) -> None:
         """Appends settled keys to their file, rewritten from memory once it holds twice MAX_SETTLED_KEYS
         lines. A failed write is logged, never raised: the records are acknowledged either way, and a key
-        the file missed is only forgotten by the next start."""
+        the file missed is only forgotten by the next start. What a failed write began is undone (the
+        append cut back to where it began, the rewrite's copy removed): a torn line swallowed the next key
+        appended after it, and a partial copy held the space the next write needed."""
+        lines = "".join(json.dumps(key, separators=(",", ":")) + "\n" for key in keys)
         try:
             if self._settled_lines + len(keys) > 2 * MAX_SETTLED_KEYS:
                 tmp = self._settled_path.with_suffix(".tmp")
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(key, separators=(",", ":")) + "\n" for key in self._settled)
-                os.replace(tmp, self._settled_path)
+                try:
+                    with open(tmp, "w", encoding="utf-8") as f:
+                        f.writelines(json.dumps(key, separators=(",", ":")) + "\n" for key in self._settled)
+                    os.replace(tmp, self._settled_path)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
+                    raise
                 self._settled_lines = len(self._settled)
                 return
-            with open(self._settled_path, "a", encoding="utf-8") as f:
-                if not keys:
-                    f.write("\n")
-                f.writelines(json.dumps(key, separators=(",", ":")) + "\n" for key in keys)
+            fd = os.open(self._settled_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    data = (lines or "\n").encode()
+                    while data:
+                        data = data[os.write(fd, data) :]
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
             self._settled_lines += len(keys)
         except OSError as error:
             log.warning("settled usage keys not written to %s: %s", self._settled_path, error)

@@ -798,3 +798,29 @@ def test_a_compaction_the_disk_refused_leaves_no_partial_copy_holding_its_space(
 
     asyncio.run(scenario())
     assert sorted(r for r, _, _ in collector.records) == sorted([f"r{i}" for i in range(40)] + ["after"])
+
+
+def test_a_settled_key_the_disk_refused_part_way_does_not_take_the_next_one_with_it(tmp_path):
+    """The file of settled keys (what answers "this request id was served" while the control plane cannot
+    be asked) on a full disk: an append cut off part way left a torn line, the next key appended after
+    space came back was glued to it, and the next start could read neither."""
+    spool = tmp_path / "spool.jsonl"
+    settled = tmp_path / "spool.settled.jsonl"
+
+    async def first_life():
+        reporter = UsageReporter(spool, Collector())
+        reporter._keep_settled([("tenant", "before")])
+        with _file_size_limit(settled.stat().st_size + 8):
+            reporter._keep_settled([("tenant", "refused-part-way")])  # logged, not raised
+        reporter._keep_settled([("tenant", "after")])
+        await reporter.stop()
+
+    async def second_life() -> tuple[bool, bool]:
+        reporter = UsageReporter(spool, Collector())
+        try:
+            return reporter.has_recorded("tenant", "before"), reporter.has_recorded("tenant", "after")
+        finally:
+            await reporter.stop()
+
+    asyncio.run(first_life())
+    assert asyncio.run(second_life()) == (True, True)

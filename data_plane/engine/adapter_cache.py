@@ -14,7 +14,11 @@ ties going to the least recently used. Predicted reuse is an exponentially weigh
 (updated on each `acquire`, time constant `rate_time_constant_s`), raised while a prewarm hint's deadline
 is ahead. Reload cost is size_bytes over the measured throughput of the tier below (`record_load`), plus
 a fixed per-load overhead. Usage statistics outlive residency, so an adapter evicted and called again
-keeps its history.
+keeps its history, within a bound: at most `max_idle_usage_records` (MAX_IDLE_USAGE_RECORDS, 10,000 by
+default) keys in no tier keep theirs. Past it, the records with the lowest long-horizon predicted reuse
+go first (the least recently used among equals), down to three quarters of the bound; a key kept warm or
+protected by a prewarm hint keeps its record. Every distinct linear mix (its members and weights) is a
+key of its own, so without the bound a tenant calling one mix with ever new weights grew them forever.
 
 Host memory holds many more adapters, most of them long-tail ones called at random times; a request rate
 over a minute says nothing about an adapter called once an hour. Its entries are ranked by expected reuse
@@ -89,6 +93,8 @@ DEFAULT_TIER_COSTS = {
 }
 # Keep-warm host copies never leave the host tier up to this share of its budget (oldest first).
 KEEP_WARM_SHARE = 0.5
+# Usage records kept for keys in no tier (see the module docstring).
+MAX_IDLE_USAGE_RECORDS = 10_000
 _MEASURE_WEIGHT = 0.2  # weight of a new measurement in the throughput average
 
 
@@ -142,6 +148,7 @@ class AdapterCache:
         long_rate_time_constant_s: float = 86_400.0,
         tier_costs: dict[str, TierCost] | None = None,
         min_prewarm_grace_s: float = 1.0,
+        max_idle_usage_records: int = MAX_IDLE_USAGE_RECORDS,
     ) -> None:
         if num_slots < 1:
             raise ValueError("num_slots must be positive")
@@ -151,8 +158,11 @@ class AdapterCache:
             raise ValueError("rate_time_constant_s must be positive")
         if long_rate_time_constant_s <= 0:
             raise ValueError("long_rate_time_constant_s must be positive")
+        if max_idle_usage_records < 1:
+            raise ValueError("max_idle_usage_records must be positive")
         self.num_slots = num_slots
         self.host_budget_bytes = host_budget_bytes
+        self.max_idle_usage_records = max_idle_usage_records
         self._clock = clock
         self._tau_s = rate_time_constant_s
         self._long_tau_s = long_rate_time_constant_s
@@ -313,7 +323,26 @@ class AdapterCache:
         usage = self._usage.get(key)
         if usage is None:
             usage = self._usage[key] = _Usage(rate_at_s=self._clock())
+            # Every entry has a record: past this, more than the bound of records belong to no entry.
+            if len(self._usage) > len(self._entries) + self.max_idle_usage_records:
+                self._trim_idle_usage(keep=key)
         return usage
+
+    def _trim_idle_usage(self, keep: str) -> None:
+        """Drops the records of keys in no tier, least valuable first, down to three quarters of the
+        bound (amortized: a trim scans the records once per quarter of the bound added). Records of keys
+        kept warm or protected by a prewarm hint stay, and so does `keep`'s (being made now)."""
+        idle = [
+            k
+            for k, u in self._usage.items()
+            if k not in self._entries and k != keep and not u.keep_warm_by and not self.is_protected(k)
+        ]
+        excess = len(idle) - self.max_idle_usage_records * 3 // 4
+        if excess <= 0:
+            return
+        idle.sort(key=lambda k: (self._reuse_per_s(k, long=True), self._usage[k].last_used))
+        for k in idle[:excess]:
+            del self._usage[k]
 
     def _entry(self, key: str) -> _Entry:
         entry = self._entries.get(key)

@@ -37,7 +37,9 @@ from openlora.cache_scope import content_of
 
 log = logging.getLogger(__name__)
 _IDLE_LOAD_WAIT_S = 0.05
-_MAX_MIX_MEMBERS = 4096  # past it, the record of what mixes were built from keeps only cached keys
+# Past this (or twice what the last pruning kept), the record of what mixes were built from keeps only the
+# keys the cache knows, which the cache bounds (`AdapterCache.max_idle_usage_records`).
+_MAX_MIX_MEMBERS = 4096
 _HOST_COPY_WAIT_S = 0.01  # the longest a step waits for a copy from host memory a waiting request needs
 _TIER_ORDER = ("none", "device", "host", "disk")  # fastest first
 # Prefetch accounting keys (`prefetch_stats`): (event, tier) or (PREFETCH_SKIPPED, reason).
@@ -117,6 +119,7 @@ class LLMEngine:
         # The member keys a mix's key was built from, by key: invalidating a member (or its content) drops
         # the mixes built from it too. Pruned to the keys the cache knows as it grows.
         self._mix_members: dict[str, frozenset[str]] = {}
+        self._mix_members_kept = 0  # how many the last pruning kept
         # Cache commands from other threads (prewarm hints): applied by the engine thread at each step.
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         # Finished adapter loads by (cause, source tier): "request"/"prefetch", "disk"/"host"; with their
@@ -561,13 +564,14 @@ class LLMEngine:
         """`loader.submit`, remembering what a mix's key was built from."""
         if members and any(member.key != key for member in members):
             self._mix_members[key] = frozenset(member.key for member in members)
-            if len(self._mix_members) > _MAX_MIX_MEMBERS:
+            if len(self._mix_members) > max(_MAX_MIX_MEMBERS, 2 * self._mix_members_kept):
                 self._prune_mix_members(self.adapter_cache.known_keys())
         self.loader.submit(key, members, **options)
 
     def _prune_mix_members(self, known_keys: list[str]) -> None:
         known = set(known_keys)
         self._mix_members = {k: v for k, v in self._mix_members.items() if k in known}
+        self._mix_members_kept = len(self._mix_members)
 
     def _invalidate_now(self, key: str) -> None:
         """Drops `key` from the tiers: waiting requests give back their reference (each gets a fresh load

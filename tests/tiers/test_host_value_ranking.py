@@ -81,3 +81,21 @@ def test_under_poisson_traffic_the_host_tier_keeps_the_likeliest_adapters_and_be
     likeliest = sorted(rates_per_hour, key=rates_per_hour.get)[-num_hosted:]
     assert sorted(cache.host_keys()) == sorted(likeliest)
     assert hits > lru_hits
+
+
+def test_past_the_idle_bound_a_flood_of_once_used_keys_leaves_the_records_worth_keeping():
+    """Usage records of keys in no tier are bounded; the ones a flood of distinct keys (a linear mix per
+    weight) pushes out are the least valuable, never a key called often, kept warm or prewarmed."""
+    clock = FakeClock()
+    cache = AdapterCache(1, 0, clock=clock, max_idle_usage_records=8)
+    for _ in range(3):
+        cache.record_use("often")
+    cache.set_keep_warm("pinned", "adapter-1", True)
+    cache.hint("prewarmed", clock.now_s + 60)
+    for i in range(100):
+        clock.now_s += 0.01
+        cache.record_use(f"mix:{i}")
+    known = cache.known_keys()
+    assert len(known) <= 8 + 2  # within the bound, and the kept-warm and prewarmed keys besides
+    assert {"often", "pinned", "prewarmed", "mix:99"} <= set(known)
+    assert cache.is_keep_warm("pinned") and cache.is_protected("prewarmed")

@@ -13,9 +13,10 @@ final count) moves to its new time.
 The watermark must not skip a row committed late with an older `recorded_at`: a writer stamps its rows
 inside its transaction and they become visible only at its commit, possibly after a pass ran. So the
 next pass reads from the start of the oldest transaction open in the database when this pass began (its
-rows are stamped after it started), or this pass's start when none is open, less `RECORDED_AT_SLACK_S` for
-the time between a stamp and its transaction's first statement and for clock skew between the control
-plane and the database. Rows inside that overlap are read again and recognised by their key.
+rows are stamped with that start: `recorded_at` is the database's `now()`), or this pass's start when none
+is open, less `RECORDED_AT_SLACK_S`. Both sides are the database's clock: the control plane's may run apart
+from it or step (a row it stamped an hour behind the watermark was never read). Rows inside that overlap
+are read again and recognised by their key.
 """
 
 from __future__ import annotations

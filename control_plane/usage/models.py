@@ -22,10 +22,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from control_plane.db.base import Base, utc_now
+from control_plane.db.base import Base
 
 MICROS = 1_000_000
 
@@ -56,7 +57,8 @@ class UsageEvent(Base):
     # sorted and joined by "+"; "" for other kinds.
     mix: Mapped[str] = mapped_column(Text, default="", server_default="")
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    # When its transaction began, by the database's clock (the predictor reads what is new since a pass).
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=func.now())
 
 
 class UsageEventAdapter(Base):

@@ -372,7 +372,9 @@ def _event_row(c: _Checked) -> dict:
         "total_ms": r.total_ms,
         "finish_reason": r.finish_reason[:32],
         "finished_at": c.finished_at,
-        "recorded_at": utc_now(),
+        # The database's clock, as the predictor's watermark (`UsageHistory`): the control plane's own
+        # may run apart from it, or step, and a row stamped behind the watermark is never read.
+        "recorded_at": func.now(),
         "request_kind": r.request_kind,
         "mix": c.mix,
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -267,3 +267,22 @@ def test_a_periodic_prewarm_names_the_next_arrival_not_the_next_finish(sessions)
     sent = predictor.run_once(arrivals[-1] + 26.0)
     assert [h.kind for h in sent] == ["prewarm"]
     assert sent[0].deadline_at == pytest.approx(arrivals[-1] + 30.0)
+
+
+def test_usage_recorded_while_the_control_planes_clock_runs_behind_the_databases_is_not_missed(
+    sessions, monkeypatch
+):
+    # The control plane's clock steps back an hour (an NTP correction, a VM resumed) while the database's
+    # does not; the pass's watermark comes from the database's clock.
+    _clear(sessions)
+    adapter = _add_adapter(sessions, "behind")
+    for k in range(5):
+        _report(sessions, adapter, T0 + k * 10.0)
+    predictor = Predictor(sessions, RecordingPublisher(), CONFIG)
+    predictor.run_once(T0 + 45.0)
+    monkeypatch.setattr("control_plane.usage.service.utc_now", lambda: utc_now() - timedelta(hours=1))
+    for k in range(5, 8):
+        _report(sessions, adapter, T0 + k * 10.0)
+    predictor.run_once(T0 + 76.0)
+    times = predictor.history.times_by_adapter(T0 + 76.0)[str(adapter.id)]
+    assert times == [T0 + k * 10.0 for k in range(8)]

@@ -348,7 +348,7 @@ class ControlPlane:
 
     @property
     def _live_within_s(self) -> float:
-        """How recent a live worker's last heartbeat is (`Worker.is_live_since`)."""
+        """How recent a live worker's last heartbeat is (`Worker.is_live_within`)."""
         return LIVE_HEARTBEATS * self.config.heartbeat_interval_ms / 1000
 
     def register_worker(self, registration: workers.WorkerRegistration) -> Worker:

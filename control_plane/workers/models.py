@@ -61,13 +61,15 @@ class Worker(Base):
     left_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
     @hybrid_method
-    def is_live_since(self, since: datetime) -> bool:
+    def is_live_within(self, since: datetime, until: datetime) -> bool:
         """The one rule by which a worker counts as serving (its rank limit, its base model's dimensions,
-        its id held): a heartbeat at `since` or later, and it has not said it left. Worker rows outlive
-        their workers; a crashed one stops counting when its heartbeats stop, a cleanly stopped one at once."""
-        return self.left_at is None and self.last_heartbeat_at >= since
+        its id held): a heartbeat in [`since`, `until`], and it has not said it left. Worker rows outlive
+        their workers; a crashed one stops counting when its heartbeats stop, a cleanly stopped one at once.
+        A heartbeat past `until` was stamped before the control plane's clock stepped back and says
+        nothing of how long ago it came: counted, a worker that died then was live for as long as the step."""
+        return self.left_at is None and since <= self.last_heartbeat_at <= until
 
-    @is_live_since.expression
+    @is_live_within.expression
     @classmethod
-    def _is_live_since(cls, since: datetime) -> ColumnElement[bool]:
-        return and_(cls.left_at.is_(None), cls.last_heartbeat_at >= since)
+    def _is_live_within(cls, since: datetime, until: datetime) -> ColumnElement[bool]:
+        return and_(cls.left_at.is_(None), cls.last_heartbeat_at.between(since, until))

@@ -85,16 +85,21 @@ def upsert_base_model(
     return row
 
 
-def _live_since(live_within_s: float, now: datetime | None = None) -> datetime:
-    """The oldest heartbeat of a live worker (`Worker.is_live_since`)."""
-    return (now or utc_now()) - timedelta(seconds=live_within_s)
+def _live_window(live_within_s: float, now: datetime | None = None) -> tuple[datetime, datetime]:
+    """The oldest and the newest heartbeat of a live worker (`Worker.is_live_within`): within
+    `live_within_s` of now either way, so that a clock stepped back by less changes nothing."""
+    now = now or utc_now()
+    return now - timedelta(seconds=live_within_s), now + timedelta(seconds=live_within_s)
 
 
 def _check_no_live_worker_of(session: Session, name: str, worker_id: str, live_within_s: float) -> None:
-    since = _live_since(live_within_s)
     live = session.scalar(
         select(Worker)
-        .where(Worker.base_model_name == name, Worker.id != worker_id, Worker.is_live_since(since))
+        .where(
+            Worker.base_model_name == name,
+            Worker.id != worker_id,
+            Worker.is_live_within(*_live_window(live_within_s)),
+        )
         .order_by(Worker.last_heartbeat_at.desc())
         .limit(1)
     )
@@ -107,14 +112,14 @@ def _check_no_live_worker_of(session: Session, name: str, worker_id: str, live_w
         )
 
 
-def _check_not_held(worker: Worker, registration: WorkerRegistration, live_since) -> None:
+def _check_not_held(worker: Worker, registration: WorkerRegistration, live_window) -> None:
     """ALREADY_EXISTS naming worker_id when another process (instance) registered this id and is live:
     both would serve under one id, sharing its request id reservations (each could serve an id the
     other was serving) and its usage records (one serving merged into the other's, unbilled). The
     worker's own previous run (named by its state directory) takes the id over at once; a worker or a
     row that names no instance is not checked."""
     held_by = worker.instance_id
-    if not held_by or not registration.instance_id or not worker.is_live_since(live_since):
+    if not held_by or not registration.instance_id or not worker.is_live_within(*live_window):
         return
     if held_by in (registration.instance_id, registration.previous_instance_id):
         return
@@ -129,7 +134,7 @@ def register_worker(
     session: Session, registration: WorkerRegistration, live_within_s: float | None = None
 ) -> Worker:
     """Registers (or registers again) a worker. `live_within_s`: a worker whose last heartbeat is that
-    recent, and that has not left, is live (`Worker.is_live_since`); its id is not another process's to
+    recent, and that has not left, is live (`Worker.is_live_within`); its id is not another process's to
     take (`_check_not_held`), nor its base model's name another checkpoint's (`upsert_base_model`)."""
     _check_spec(registration.spec, registration.fingerprint)
     if not registration.address:
@@ -149,7 +154,7 @@ def register_worker(
         worker = Worker(id=worker_id, registered_at=now)
         session.add(worker)
     elif live_within_s is not None:
-        _check_not_held(worker, registration, _live_since(live_within_s, now))
+        _check_not_held(worker, registration, _live_window(live_within_s, now))
     if (
         worker.left_at is not None
         and registration.instance_id
@@ -223,7 +228,7 @@ def heartbeat(
 
 
 def deregister_worker(session: Session, worker_id: str, instance_id: str) -> Worker:
-    """A worker stopping cleanly leaves: it stops counting as live at once (`Worker.is_live_since`), so
+    """A worker stopping cleanly leaves: it stops counting as live at once (`Worker.is_live_within`), so
     its rank limit, its base model's dimensions and its id are no longer held for three heartbeat
     intervals. Only the instance holding the id may (`_check_holds`); leaving again is a no-op."""
     if not instance_id:
@@ -250,20 +255,19 @@ class WorkerStatus:
 
 def list_workers(session: Session, live_within_s: float) -> list[WorkerStatus]:
     now = utc_now()
-    since = _live_since(live_within_s, now)
+    window = _live_window(live_within_s, now)
     return [
-        WorkerStatus(w, w.is_live_since(since), max(0.0, (now - w.last_heartbeat_at).total_seconds()))
+        WorkerStatus(w, w.is_live_within(*window), max(0.0, (now - w.last_heartbeat_at).total_seconds()))
         for w in session.scalars(select(Worker).order_by(Worker.registered_at, Worker.id))
     ]
 
 
 def max_lora_rank(session: Session, base_model_name: str, live_within_s: float) -> int | None:
-    """The largest LoRA rank a live worker of this base model accepts (`Worker.is_live_since`: worker
+    """The largest LoRA rank a live worker of this base model accepts (`Worker.is_live_within`: worker
     rows outlive their workers); None when no worker is live."""
-    since = _live_since(live_within_s)
     return session.scalar(
         select(func.max(Worker.max_lora_rank)).where(
-            Worker.base_model_name == base_model_name, Worker.is_live_since(since)
+            Worker.base_model_name == base_model_name, Worker.is_live_within(*_live_window(live_within_s))
         )
     )
 

@@ -411,3 +411,26 @@ def test_check_request_id_refuses_bad_input_and_foreign_callers(cp, world) -> No
     with pytest.raises(grpc.RpcError) as e:
         _check_request_id(cp, user, "r", token="not-the-worker-token")
     assert _code(e) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_dead_worker_does_not_count_as_live_for_as_long_as_the_control_planes_clock_stepped_back(
+    cp, base_spec, monkeypatch
+) -> None:
+    """A heartbeat stamped before the control plane's clock stepped back an hour lay an hour in its future:
+    a worker that died just then counted as live for that hour (its id refused to a new process, its rank
+    limit held). A heartbeat stamped past the live window's end no longer counts; the worker's next one,
+    stamped by the clock as it is now, does."""
+    import uuid
+    from datetime import timedelta
+
+    from control_plane.db.base import utc_now
+
+    worker_id = f"stepped-{uuid.uuid4().hex[:8]}"
+    register_worker(cp, base_spec, worker_id=worker_id, address="10.0.0.3:3", instance_id="died")
+    assert _listed(cp, worker_id).live
+    monkeypatch.setattr("control_plane.workers.service.utc_now", lambda: utc_now() - timedelta(hours=1))
+    assert not _listed(cp, worker_id).live
+    register_worker(cp, base_spec, worker_id=worker_id, address="10.0.0.4:4", instance_id="replacement")
+    _heartbeat(cp, worker_id, "replacement")
+    listed = _listed(cp, worker_id)
+    assert listed.live and listed.address == "10.0.0.4:4"

@@ -438,7 +438,9 @@ class ControlPlane:
     def reserve_request_id(self, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int) -> None:
         """AlreadyExists when the id was billed or another worker's live reservation holds it."""
         with self.sessions.begin() as s:
-            reservation.reserve_request_id(s, tenant_id, request_id, worker_id, ttl_ms)
+            refusal = reservation.reserve_request_id(s, tenant_id, request_id, worker_id, ttl_ms)
+        if refusal is not None:
+            raise refusal
 
     def release_request_id(self, tenant_id: str, request_id: str, worker_id: str) -> bool:
         with self.sessions.begin() as s:

@@ -14,15 +14,19 @@ never refused: usage is recorded by `report_usage`, which does not look at reser
 A reservation ends by release (a stream that delivered nothing: a retry under the id must be served) or
 by expiry (a worker that died before it could release). A worker re-reserving its own id renews it (a
 restarted worker keeps its id). Expired rows are swept a few at a time by later reservations.
+
+Both stamps are the control plane's clock, and so is the expiry's test. A step back leaves a reservation
+stamped ahead of it: the next reservation of its id gives it its time to live from then, so it lapses that
+long after the step at most, not the step's length later. A step forward lapses reservations early; a
+holder that is still serving finds out at its next renewal (a third of the time to live) and ends there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import DateTime, ForeignKey, String, delete, or_, select, tuple_
+from sqlalchemy import DateTime, ForeignKey, String, delete, literal, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -75,19 +79,32 @@ def _billed(session: Session, tenant: uuid.UUID, request_id: str) -> bool:
 
 def reserve_request_id(
     session: Session, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int = 0
-) -> None:
-    """Reserves the id for `worker_id` for `ttl_ms` (0: the default; clamped to 1 s .. 1 h). AlreadyExists
-    when the id was billed, or when another worker's reservation of it has not expired."""
+) -> AlreadyExists | None:
+    """Reserves the id for `worker_id` for `ttl_ms` (0: the default; clamped to 1 s .. 1 h). Returns the
+    refusal, AlreadyExists, when the id was billed or another worker's reservation of it has not expired
+    (None: reserved); the caller raises it once the transaction is committed, so that a reservation found
+    stamped ahead of the clock keeps its time to live from now."""
     tenant = _checked_key(tenant_id, request_id)
     check_text(worker_id, "worker_id", 128)
     if _billed(session, tenant, request_id):
-        raise AlreadyExists(
+        return AlreadyExists(
             f"{request_id!r} was already served and billed; send a new request id", field="request_id"
         )
     ttl_ms = min(max(ttl_ms or DEFAULT_RESERVATION_MS, MIN_RESERVATION_MS), MAX_RESERVATION_MS)
     now = utc_now()
     _sweep(session, now)
     table = RequestIdReservation.__table__
+    # A reservation made after now was made before the clock stepped back: how long ago is unknown, at
+    # most its time to live. It holds that long from now (not for as long as the step; never less, its
+    # holder may be serving).
+    session.execute(
+        update(table)
+        .where(table.c.tenant_id == tenant, table.c.request_id == request_id, table.c.reserved_at > now)
+        .values(
+            reserved_at=now,
+            expires_at=literal(now, DateTime(timezone=True)) + (table.c.expires_at - table.c.reserved_at),
+        )
+    )
     statement = insert(table).values(
         tenant_id=tenant,
         request_id=request_id,
@@ -107,9 +124,10 @@ def reserve_request_id(
         where=or_(table.c.expires_at <= now, same_worker),
     ).returning(table.c.request_id)
     if session.execute(statement).first() is None:
-        raise AlreadyExists(
+        return AlreadyExists(
             f"{request_id!r} is already being served; send a new request id", field="request_id"
         )
+    return None
 
 
 def release_request_id(session: Session, tenant_id: str, request_id: str, worker_id: str) -> bool:
@@ -154,8 +172,7 @@ def release_worker_request_ids(session: Session, worker_id: str, keep: list[tupl
     # Reserved again (also where the row lapsed while the worker restarted); one recorded already, or
     # taken by another worker after it lapsed, has nothing to keep.
     for tenant, request_id in kept:
-        with contextlib.suppress(AlreadyExists):
-            reserve_request_id(session, str(tenant), request_id, worker_id)
+        reserve_request_id(session, str(tenant), request_id, worker_id)
     return len(released)
 
 

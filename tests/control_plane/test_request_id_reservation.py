@@ -173,3 +173,22 @@ def test_a_restarted_worker_gives_back_its_reservations_but_those_it_still_bills
             metadata=(("authorization", "Bearer x"),),
         )
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_reservation_holds_its_time_to_live_not_as_long_as_the_clock_stepped_back(
+    cp, tenant_id, monkeypatch
+) -> None:
+    """A reservation stamped before the control plane's clock stepped back an hour held for that hour more:
+    its worker died, and retries under the id were refused all along. It holds its time to live from the
+    first reservation that finds it stamped ahead of the clock; never less (its holder may be serving)."""
+    from datetime import timedelta
+
+    from control_plane.db.base import utc_now
+
+    request_id = f"stepped-{uuid.uuid4().hex}"
+    assert _reserve(cp, tenant_id, request_id, "died", ttl_ms=1000) == grpc.StatusCode.OK
+    ahead = [timedelta(hours=-1)]
+    monkeypatch.setattr("control_plane.usage.reservation.utc_now", lambda: utc_now() + ahead[0])
+    assert _reserve(cp, tenant_id, request_id, "retry") == grpc.StatusCode.ALREADY_EXISTS
+    ahead[0] += timedelta(seconds=2)  # its second of life is over
+    assert _reserve(cp, tenant_id, request_id, "retry") == grpc.StatusCode.OK

@@ -167,7 +167,9 @@ class ArtifactStore:
             if is_cache_key(entry.name) and entry.is_dir():
                 self._unchecked.add(entry.name)
                 self._sizes[entry.name] = _dir_bytes(entry)
-                modified_at = entry.stat().st_mtime - time.time() + self._clock()
+                # Its age by the wall clock, on this clock; written "in the future" (before the clock
+                # stepped back), it counts as written now, not as served until the clock gets there.
+                modified_at = self._clock() - max(0.0, time.time() - entry.stat().st_mtime)
                 self._used_at[entry.name] = self._served_at[entry.name] = modified_at
         self._trim()
 

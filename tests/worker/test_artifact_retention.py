@@ -4,8 +4,9 @@ room first, so a served adapter is never fetched from the control plane again wh
 from __future__ import annotations
 
 import asyncio
+import os
 
-from data_plane.server.artifact_store import ArtifactStore
+from data_plane.server.artifact_store import SERVED_WINDOW_S, ArtifactStore
 from openlora.artifact import digest_dir
 
 from .test_artifact_store import SPEC, chunks_of, write_adapter
@@ -95,3 +96,19 @@ def test_an_artifact_served_over_a_day_ago_goes_like_an_unserved_one(tmp_path):
     asyncio.run(run())
     assert store.served_recently(recent) and not store.served_recently(old)
     assert not store.contains(old) and store.contains(recent) and store.contains(fetched)
+
+
+def test_an_artifact_written_before_the_clock_stepped_back_is_not_kept_as_served_for_the_step(tmp_path):
+    """An artifact found at start counts as used when its files were written; written before the worker's
+    clock stepped back a week, that lay a week ahead, and it counted as served (kept ahead of every
+    unserved one) for the week and a day. Written "in the future", it counts as written at start."""
+    (sha,), remote, size = _artifacts(tmp_path, 1)
+    asyncio.run(_store(tmp_path, remote, max_disk_bytes=2 * size).ensure(sha))
+    written = tmp_path / "artifacts" / sha
+    ahead_s = written.stat().st_mtime + 7 * 86_400
+    os.utime(written, (ahead_s, ahead_s))
+    clock = FakeClock()
+    restarted = _store(tmp_path, remote, max_disk_bytes=2 * size, clock=clock)
+    assert restarted.served_recently(sha)
+    clock.now_s += SERVED_WINDOW_S + 3600
+    assert not restarted.served_recently(sha)

@@ -35,7 +35,8 @@ async def listen_for_hints(
     # Never "$" across reads: after a reconnect "$" would skip what was published while it was away.
     # None until the first contact, which reads on from the stream's newest entry.
     last_id: str | None = None
-    started_id = f"{int(time.time() * 1000)}-0"
+    started_at = time.monotonic()
+    from_start = False  # down at the first contact: read on from the moment it started, once reachable
     this_task = asyncio.current_task()
     unreachable = False  # logged once per outage: a warning when it starts, a line when it ends
     try:
@@ -45,7 +46,10 @@ async def listen_for_hints(
             if this_task is not None and this_task.cancelling():
                 raise asyncio.CancelledError
             try:
-                if last_id is None:
+                if from_start:
+                    last_id = await _entry_id_at(client, started_at)
+                    from_start = False
+                elif last_id is None:
                     newest = await client.xrevrange(HINTS_STREAM, count=1)
                     last_id = _text(newest[0][0]) if newest else "0-0"
                 entries = await client.xread({HINTS_STREAM: last_id}, block=BLOCK_MS, count=100)
@@ -61,8 +65,8 @@ async def listen_for_hints(
                     unreachable = True
                 else:
                     log.debug("hint stream unavailable: %s", error)
-                if last_id is None:  # down from the start: read what is published from now on
-                    last_id = started_id
+                if last_id is None:  # down from the start: read what is published from then on
+                    from_start = True
                 await asyncio.sleep(RETRY_S)
                 continue
             if unreachable:
@@ -84,6 +88,14 @@ async def listen_for_hints(
                             on_error()
     finally:
         await client.aclose()
+
+
+async def _entry_id_at(client, started_at: float) -> str:
+    """The stream entry id of the moment `started_at` (time.monotonic()) by Redis's clock, which makes the
+    ids: this worker's wall clock may be apart from it (a day ahead, every hint of that day was skipped)."""
+    seconds, microseconds = await client.time()
+    now_ms = seconds * 1000 + microseconds // 1000
+    return f"{max(0, now_ms - int((time.monotonic() - started_at) * 1000))}-0"
 
 
 def _text(entry_id: bytes | str) -> str:

@@ -152,3 +152,51 @@ def test_hint_listener_warns_once_when_redis_cannot_be_reached(caplog, monkeypat
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "prewarm hints unavailable" in warnings[0].getMessage()
     assert sum(1 for r in caplog.records if "hint stream unavailable" in r.getMessage()) >= 2
+
+
+def test_hint_listener_down_at_start_reads_the_hints_published_since_whatever_the_workers_clock(
+    monkeypatch, tmp_path
+):
+    """A listener that found Redis down at start read on from its start by the worker's wall clock, but
+    Redis makes entry ids by its own: with the worker's clock a day ahead (or stepped forward), every hint
+    of the next day (invalidations, revocations) was skipped. The start is placed on Redis's clock."""
+    import time
+
+    from data_plane.server import hint_listener
+    from tests.tiers.test_prediction import _free_port, _start_redis
+
+    monkeypatch.setattr(hint_listener, "RETRY_S", 0.05)
+    real_time = time.time
+    monkeypatch.setattr(hint_listener.time, "time", lambda: real_time() + 86_400.0)  # a day ahead
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    adapter_id = f"ahead-{uuid.uuid4().hex}"
+
+    async def scenario() -> list[str]:
+        seen: list[str] = []
+        got = asyncio.Event()
+
+        def on_hint(hint: Hint) -> None:
+            seen.append(hint.adapter_id)
+            got.set()
+
+        task = asyncio.get_running_loop().create_task(listen_for_hints(url, on_hint))
+        server = None
+        publisher = None
+        try:
+            await asyncio.sleep(0.3)  # refused: nothing listens on the port yet
+            server = await asyncio.to_thread(_start_redis, port, tmp_path)
+            publisher = HintPublisher(url)
+            await asyncio.to_thread(publisher.invalidate, adapter_id)
+            await asyncio.wait_for(got.wait(), 10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if publisher is not None:
+                publisher.close()
+            if server is not None:
+                server.kill()
+                server.wait()
+        return seen
+
+    assert asyncio.run(scenario()) == [adapter_id]

@@ -173,6 +173,7 @@ class AdapterCache:
         }
         self._entries: dict[str, _Entry] = {}
         self._usage: dict[str, _Usage] = {}
+        self._usage_trim_floor = 0  # no trim below this many records (`_trim_idle_usage`)
         self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._host_used_bytes = 0
         self._tick_count = 0
@@ -324,25 +325,28 @@ class AdapterCache:
         if usage is None:
             usage = self._usage[key] = _Usage(rate_at_s=self._clock())
             # Every entry has a record: past this, more than the bound of records belong to no entry.
-            if len(self._usage) > len(self._entries) + self.max_idle_usage_records:
+            trim_past = max(len(self._entries) + self.max_idle_usage_records, self._usage_trim_floor)
+            if len(self._usage) > trim_past:
                 self._trim_idle_usage(keep=key)
         return usage
 
     def _trim_idle_usage(self, keep: str) -> None:
         """Drops the records of keys in no tier, least valuable first, down to three quarters of the
         bound (amortized: a trim scans the records once per quarter of the bound added). Records of keys
-        kept warm or protected by a prewarm hint stay, and so does `keep`'s (being made now)."""
+        kept warm or protected by a prewarm hint stay, and so does `keep`'s (being made now). The next trim
+        waits for a quarter of the bound more records, however many of these stayed: past a quarter of
+        the bound of them, every new key would scan and sort them all again."""
         idle = [
             k
             for k, u in self._usage.items()
             if k not in self._entries and k != keep and not u.keep_warm_by and not self.is_protected(k)
         ]
         excess = len(idle) - self.max_idle_usage_records * 3 // 4
-        if excess <= 0:
-            return
-        idle.sort(key=lambda k: (self._reuse_per_s(k, long=True), self._usage[k].last_used))
-        for k in idle[:excess]:
-            del self._usage[k]
+        if excess > 0:
+            idle.sort(key=lambda k: (self._reuse_per_s(k, long=True), self._usage[k].last_used))
+            for k in idle[:excess]:
+                del self._usage[k]
+        self._usage_trim_floor = len(self._usage) + max(1, self.max_idle_usage_records // 4)
 
     def _entry(self, key: str) -> _Entry:
         entry = self._entries.get(key)

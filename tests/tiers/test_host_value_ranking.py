@@ -99,3 +99,30 @@ def test_past_the_idle_bound_a_flood_of_once_used_keys_leaves_the_records_worth_
     assert len(known) <= 8 + 2  # within the bound, and the kept-warm and prewarmed keys besides
     assert {"often", "pinned", "prewarmed", "mix:99"} <= set(known)
     assert cache.is_keep_warm("pinned") and cache.is_protected("prewarmed")
+
+
+def test_records_that_must_stay_do_not_make_every_new_key_scan_them_all(monkeypatch):
+    """A trim scans and sorts every record; kept-warm and prewarmed keys in no tier stay through it. Past a
+    quarter of the bound of those, each new key (each new linear mix) would trim again on the engine
+    thread: trims stay one per quarter of the bound of new keys, and the idle records within the bound."""
+    clock = FakeClock()
+    bound = 40
+    cache = AdapterCache(1, 0, clock=clock, max_idle_usage_records=bound)
+    for i in range(bound // 2):
+        cache.hint(f"prewarmed:{i}", clock.now_s + 3600)
+    trims = 0
+    trim = cache._trim_idle_usage
+
+    def counted_trim(keep: str) -> None:
+        nonlocal trims
+        trims += 1
+        trim(keep)
+
+    monkeypatch.setattr(cache, "_trim_idle_usage", counted_trim)
+    new_keys = 10 * bound
+    for i in range(new_keys):
+        clock.now_s += 0.01
+        cache.record_use(f"mix:{i}")
+    assert trims <= new_keys // (bound // 4) + 1
+    assert len(cache.known_keys()) <= bound + bound // 2 + 1
+    assert all(cache.is_protected(f"prewarmed:{i}") for i in range(bound // 2))

@@ -74,7 +74,9 @@ def target_problem(target: str) -> str | None:
     answer) and an address without a port on 443. gRPC's other forms (`unix:PATH`, `dns:///HOST:PORT`)
     pass: only a port written as digits is checked."""
     host, colon, port = target.rpartition(":")
-    if not colon or (port.isascii() and port.isdigit() and not (host and 1 <= int(port) <= 65535)):
+    digits = port.lstrip("0")  # int() refuses past 4,300 digits, with a message naming no setting
+    in_range = len(digits) <= 5 and 1 <= int(digits or "0") <= 65535
+    if not colon or (port.isascii() and port.isdigit() and not (host and in_range)):
         return f"must be HOST:PORT with a port in 1..65535, got {quoted(target)}"
     return None
 

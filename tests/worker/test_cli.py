@@ -463,6 +463,9 @@ def test_a_server_address_grpc_would_misread_is_refused_naming_where_it_came_fro
         result = _run_cli([*command, flag, address, "--api-key", "k" * 20], {}, tmp_path)
         assert result.returncode == 2
         assert result.stderr == f"error: {flag} must be HOST:PORT with a port in 1..65535, got {address!r}\n"
+    # Past the 4,300 digits int() reads: the same refusal, not int()'s own message naming no setting.
+    result = _run_cli([*command, flag, "127.0.0.1:" + "1" * 5000, "--api-key", "k" * 20], {}, tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {flag} must be HOST:PORT")
     result = _run_cli([*command, "--api-key", "k" * 20], {variable: "127.0.0.1:65536"}, tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {variable} must be HOST:PORT")
     context = tmp_path / "context.json"

@@ -331,6 +331,17 @@ def worker_config_from_args(args: argparse.Namespace):
 
     if not args.model:
         raise ValueError("--model (or OPENLORA_MODEL) is required")
+    # Said here by flag and variable: the config's own checks name its fields (control_plane_target), which
+    # no flag is called, and a field named by _as_flag repeated its flag and variable twice.
+    if not args.control_plane:
+        raise ValueError(
+            "--control-plane (or OPENLORA_CONTROL_PLANE, else OPENLORA_ADMIN_TARGET) is required"
+        )
+    if not args.worker_token:
+        raise ValueError(
+            "--worker-token (or OPENLORA_WORKER_TOKEN) is required: the control plane's, kept in its state "
+            "directory's worker_token file (under `up`: STATE_DIR/up-secrets.json, worker_token)"
+        )
     _spell_words(args)
     if (problem := device_problem(args.device) or cuda_problem(args.device)) is not None:
         raise ValueError(f"device {problem}")  # exit 2: restarting a worker would not help

@@ -377,6 +377,32 @@ def test_a_worker_setting_refused_as_the_engine_is_built_is_named_by_its_flag_an
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {named}")
 
 
+@pytest.mark.parametrize(
+    "given, missing",
+    [
+        (["--worker-token", "t"], "--control-plane (or OPENLORA_CONTROL_PLANE, else OPENLORA_ADMIN_TARGET)"),
+        (["--control-plane", "127.0.0.1:1"], "--worker-token (or OPENLORA_WORKER_TOKEN)"),
+    ],
+)
+def test_a_worker_without_its_control_plane_or_token_names_the_flag_and_variable_once(
+    tmp_path, given, missing
+):
+    """These were said by the config's field names: "control_plane_target is required (flag
+    --control-plane or OPENLORA_CONTROL_PLANE)", and "--worker-token (OPENLORA_WORKER_TOKEN) is required
+    (flag --worker-token or OPENLORA_WORKER_TOKEN)" once the field was reworded to its flag."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    argv = ["worker", "--model", str(tmp_path / "model"), *given]
+    result = subprocess.run(
+        [sys.executable, "-m", "openlora.cli", *argv], env=env, capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {missing} is required")
+    flag = missing.split()[0]
+    assert line.count(flag) == 1 and "control_plane_target" not in line
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_a_drain_grace_that_is_not_a_finite_number_of_seconds_is_refused_by_worker_and_up(
     tmp_path, monkeypatch, capsys, value

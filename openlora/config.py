@@ -71,12 +71,18 @@ def first_given(*candidates: tuple[str | None, str]) -> tuple[str | None, str]:
 def target_problem(target: str) -> str | None:
     """Why a client's server address `target` is not HOST:PORT with a port in 1..65535, or None. gRPC
     calls a port past 65535 modulo 65536 (`127.0.0.1:99999` called 34463, where another server may
-    answer) and an address without a port on 443. gRPC's other forms (`unix:PATH`, `dns:///HOST:PORT`)
-    pass: only a port written as digits is checked."""
+    answer) and an address without a port on 443 (`[::1]` too). gRPC's other forms (`unix:PATH`,
+    `dns:///HOST:PORT`) pass: only a port written as digits is checked; an IPv6 address takes brackets."""
     host, colon, port = target.rpartition(":")
+    numeric = port.isascii() and port.isdigit()
     digits = port.lstrip("0")  # int() refuses past 4,300 digits, with a message naming no setting
-    in_range = len(digits) <= 5 and 1 <= int(digits or "0") <= 65535
-    if not colon or (port.isascii() and port.isdigit() and not (host and in_range)):
+    in_range = numeric and len(digits) <= 5 and 1 <= int(digits or "0") <= 65535
+    # An IPv6 address without a port: bracketed (`[::1]`), or bare (`::1`, whose last group reads as one).
+    ipv6_without_port = target.endswith("]") or (
+        not target.startswith(("[", "unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:"))
+        and target.count(":") > 1
+    )
+    if not colon or ipv6_without_port or (numeric and not (host and in_range)):
         return f"must be HOST:PORT with a port in 1..65535, got {quoted(target)}"
     return None
 

@@ -485,7 +485,7 @@ def test_a_server_address_grpc_would_misread_is_refused_naming_where_it_came_fro
     """gRPC calls a port past 65535 modulo 65536 (`127.0.0.1:99999` called 34463, where another server may
     answer) and an address without a port on 443; the command went there and said "nothing answers"."""
     flag, variable = _TARGET_FLAGS[command[0]]
-    for address in ("127.0.0.1:99999", "localhost", "127.0.0.1:0"):
+    for address in ("127.0.0.1:99999", "localhost", "127.0.0.1:0", "[::1]", "::1"):
         result = _run_cli([*command, flag, address, "--api-key", "k" * 20], {}, tmp_path)
         assert result.returncode == 2
         assert result.stderr == f"error: {flag} must be HOST:PORT with a port in 1..65535, got {address!r}\n"
@@ -494,6 +494,11 @@ def test_a_server_address_grpc_would_misread_is_refused_naming_where_it_came_fro
     assert result.returncode == 2 and result.stderr.startswith(f"error: {flag} must be HOST:PORT")
     result = _run_cli([*command, "--api-key", "k" * 20], {variable: "127.0.0.1:65536"}, tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {variable} must be HOST:PORT")
+    # gRPC's other forms are gRPC's to read (its refusal or its connection error, not this check's).
+    for address in (f"unix:{tmp_path / 'nothing.sock'}", "dns:///127.0.0.1:1", "[::1]:1"):
+        result = _run_cli([*command, flag, address, "--api-key", "k" * 20], {}, tmp_path)
+        assert result.returncode != 0 and "must be HOST:PORT" not in result.stderr, result.stderr
+        assert "invalid literal" not in result.stderr and "Traceback" not in result.stderr, result.stderr
     context = tmp_path / "context.json"
     context.write_text(
         json.dumps({"target": "127.0.0.1:70000", "admin_target": "127.0.0.1:70000", "api_key": "k" * 20})

@@ -29,11 +29,20 @@ def _hand_row_to(system, worker_id: str, instance_id: str, heartbeat_age: timede
         )
 
 
-def _wait_until_decided(system, worker, other: str) -> None:
-    """Until the worker took its row back or lost its id (its next heartbeat decides)."""
+def _wait_until_decided(system, worker, other: str, other_beats: bool = False) -> None:
+    """Until the worker took its row back or lost its id (its next heartbeat decides). `other_beats`: the
+    other instance heartbeats meanwhile, as a live process does (so it stays live whatever the test's pace;
+    a heartbeat stamped ahead of the control plane's clock does not count)."""
     deadline = time.monotonic() + 60
     while _instance_of(system, worker.worker_id) == other and not worker.lost_identity:
         assert time.monotonic() < deadline, "the worker's heartbeat never came"
+        if other_beats:
+            with system.control_plane.app.sessions.begin() as s:
+                s.execute(
+                    update(Worker)
+                    .where(Worker.id == worker.worker_id, Worker.instance_id == other)
+                    .values(last_heartbeat_at=utc_now())
+                )
         time.sleep(0.2)
 
 
@@ -50,13 +59,12 @@ def test_a_worker_whose_row_a_restored_snapshot_gives_an_older_run_registers_aga
 
 
 def test_a_worker_whose_id_a_live_process_holds_stops_serving(system, make_worker):
-    """Another instance registered the id and is live (its heartbeat is in the future here, so it stays
-    live whatever the test's pace): registering again is refused, and the worker stops serving under the
-    id, naming both refusals."""
+    """Another instance registered the id and is live (it heartbeats): registering again is refused, and
+    the worker stops serving under the id, naming both refusals."""
     worker = make_worker()
     other = uuid.uuid4().hex
-    _hand_row_to(system, worker.worker_id, other, heartbeat_age=timedelta(days=-1))
-    _wait_until_decided(system, worker, other)
+    _hand_row_to(system, worker.worker_id, other, heartbeat_age=timedelta(0))
+    _wait_until_decided(system, worker, other, other_beats=True)
     assert worker.state.draining
     assert "instance_id" in worker.lost_identity and "registering again: worker_id" in worker.lost_identity
     assert _instance_of(system, worker.worker_id) == other

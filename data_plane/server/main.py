@@ -84,6 +84,12 @@ class StateDirUnwritable(RuntimeError):
     """The worker's state dir takes no write (a full disk, read-only): its usage spool could not record
     a call either. Another start may find room."""
 
+    def __init__(self, state_dir: Path | str, error: OSError) -> None:
+        super().__init__(
+            f"the state directory {state_dir} cannot be written ({error.strerror}): free space there, or "
+            "give this worker another one (--state-dir, OPENLORA_STATE_DIR)"
+        )
+
 
 def build_engine(config: WorkerConfig):
     """The engine for this worker (loads the model: seconds to minutes, call off the event loop)."""
@@ -668,10 +674,7 @@ def _write_whole(path: Path, text: str) -> None:
     except OSError as error:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise StateDirUnwritable(
-            f"the state directory {path.parent} cannot be written ({error.strerror}): free space there, or "
-            "give this worker another one (--state-dir, OPENLORA_STATE_DIR)"
-        ) from None
+        raise StateDirUnwritable(path.parent, error) from None
 
 
 def _write_instance(path: Path, instance_id: str) -> None:
@@ -761,10 +764,7 @@ def lock_state_dir(state_dir: Path | str) -> int:
         with contextlib.suppress(OSError):
             (path / STATE_DIR_PID_FILE).unlink(missing_ok=True)  # created, then nothing written to it
         os.close(fd)
-        raise StateDirUnwritable(
-            f"the state directory {state_dir} cannot be written ({error.strerror}): free space there, or "
-            "give this worker another one (--state-dir, OPENLORA_STATE_DIR)"
-        ) from None
+        raise StateDirUnwritable(state_dir, error) from None
     return fd
 
 

@@ -373,7 +373,6 @@ class UsageReporter:
         the file missed is only forgotten by the next start. What a failed write began is undone (the
         append cut back to where it began, the rewrite's copy removed): a torn line swallowed the next key
         appended after it, and a partial copy held the space the next write needed."""
-        lines = "".join(json.dumps(key, separators=(",", ":")) + "\n" for key in keys)
         try:
             if self._settled_lines + len(keys) > 2 * MAX_SETTLED_KEYS:
                 tmp = self._settled_path.with_suffix(".tmp")
@@ -391,6 +390,7 @@ class UsageReporter:
             try:
                 start = os.lseek(fd, 0, os.SEEK_END)
                 try:
+                    lines = "".join(json.dumps(key, separators=(",", ":")) + "\n" for key in keys)
                     data = (lines or "\n").encode()
                     while data:
                         data = data[os.write(fd, data) :]

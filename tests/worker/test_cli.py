@@ -431,7 +431,13 @@ def test_a_worker_whose_state_dir_cannot_be_written_says_so_in_one_line(tmp_path
     """A full disk under the state dir stops the worker at its start with one line naming the state dir
     and why (status 1: a supervisor starts it again, once there may be room), not a traceback."""
     state_dir = tmp_path / "state"
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OPENLORA_CONTEXT": str(tmp_path / "none.json")}
+    # No .pyc written under the file size limit: CPython writes one cut short and the next import fails.
+    env = {
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "OPENLORA_CONTEXT": str(tmp_path / "none.json"),
+    }
     result = subprocess.run(
         [sys.executable, "-m", "openlora.cli", "worker", "--model", str(tmp_path / "m"),
          "--control-plane", "127.0.0.1:1", "--worker-token", "t" * 32, "--state-dir", str(state_dir)],
@@ -458,7 +464,13 @@ def test_a_worker_that_cannot_record_its_registration_says_so_in_one_line(system
     gave cannot be recorded. One line naming the state dir, status 1, and no temporary file left holding
     the space the next start needs (it was a traceback, with the partial file left behind)."""
     state_dir = tmp_path / "state"
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OPENLORA_CONTEXT": str(tmp_path / "none.json")}
+    # No .pyc written under the file size limit: CPython writes one cut short and the next import fails.
+    env = {
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "OPENLORA_CONTEXT": str(tmp_path / "none.json"),
+    }
     result = subprocess.run(
         [sys.executable, "-m", "openlora.cli", "worker", "--model", str(system.model_dir),
          "--model-name", BASE_MODEL, "--control-plane", system.control_plane.target,

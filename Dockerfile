@@ -6,6 +6,8 @@ ARG TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 
 WORKDIR /app
+# A C compiler: the worker builds its int4 CPU kernel for the machine it runs on (data_plane/model/quant/native.py).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN pip install $TORCH_SPEC
 COPY pyproject.toml README.md ./
 COPY openlora ./openlora

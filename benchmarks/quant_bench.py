@@ -4,7 +4,8 @@ A ~370M-parameter Llama (hidden 1024, 20 layers, GQA 16/4 heads, intermediate 40
 weights written by transformers, fp32; 304M of the parameters in the decoder linears) held four ways in
 one process: fp32, bf16, int8 and int4 (the last two with fp32 activations, LoRA and KV cache). In one run:
 
-1. kernels: each candidate matmul on a 4096x4096 weight at 1 and 32 rows (median of repeats);
+1. kernels: each candidate matmul on a 4096x4096 weight at 1 and 32 rows (median of repeats); on the CPU
+   also the native int4 kernel's fused path against its dequantize-then-GEMM path by rows (the crossover);
 2. resident weight bytes per engine, all weights and the decoder linears alone (scales, offsets in);
 3. batch-1 decode: one request with no adapter, decode steps timed one by one, the engines' steps
    interleaved (fp32, bf16, int8, int4, fp32, ...) so all see the same machine load; median step time;
@@ -91,7 +92,7 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
 
     from data_plane.model.quant import int8 as int8_module
     from data_plane.model.quant import make_quant_linear
-    from data_plane.model.quant.int4 import dequantize_int4, quantize_int4
+    from data_plane.model.quant.int4 import NATIVE_MM_MAX_TOKENS, Int4Linear, dequantize_int4, quantize_int4
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(size, size, generator=g) * 0.02
@@ -122,14 +123,19 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
                 rows.append({"kernel": name, "rows": num_rows, "ms": _median_ms(fn, repeats, device)})
         return rows
     int8, int4 = layers["int8"], layers["int4"]
+    tinygemm = Int4Linear(size, size, device, allow_native=False)
+    tinygemm.load_weight(w)
     w_bf16 = w.to(torch.bfloat16)
     scale8 = int8.scale.float()
     codes, scale4, offset4 = quantize_int4(w, int4.group_size)  # the plain layout, for dequantize-per-call
     # Which int8 path float32 activations take on this machine (measured once per process, int8.py).
     two_digit = int8_module.two_digit_path_chosen()
     mark_two_digit, mark_packed = (" [chosen]", "") if two_digit else ("", " [chosen for fp32 here]")
+    native = int4.native is not None
+    mark_native, mark_tinygemm = (" [chosen]", "") if native else (" [unavailable here]", " [chosen]")
     rows = []
     for num_rows in (1, 32):
+        native_path = "fused" if num_rows <= NATIVE_MM_MAX_TOKENS else "dequantized blocks + fp32 GEMM"
         x = torch.randn(num_rows, size, generator=g)
         x_bf16 = x.to(torch.bfloat16)
         candidates = {
@@ -148,9 +154,10 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
             "int8 per-token dynamic activations (_int_mm)": lambda x=x: _int_mm_dynamic(
                 x, int8.qweight, scale8
             ),
-            "int4 tinygemm, bf16 activations [chosen]": lambda x=x: int4.kernel(x),
+            f"int4 native fp32 (int4_cpu.c, {native_path}){mark_native}": lambda x=x: int4.kernel(x),
+            f"int4 tinygemm, bf16 activations{mark_tinygemm}": lambda x=x: tinygemm.kernel(x),
             "int4 tinygemm, fp32 activations": lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x, int4.packed, int4.group_size, int4.scale_offset.float()
+                x, tinygemm.packed, tinygemm.group_size, tinygemm.scale_offset.float()
             ),
             "int4 dequantize per call, then fp32 matmul": lambda x=x: F.linear(
                 x, dequantize_int4(codes, scale4, offset4)
@@ -166,10 +173,41 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
                 "int8 two-digit _int_mm, fp32 activations",
                 "int8 per-token dynamic activations (_int_mm)",
             }
+        if not native:
+            del candidates[next(name for name in candidates if name.startswith("int4 native"))]
         for name, fn in candidates.items():
             slow = name in slow_names
             count = max(3, repeats // 4) if slow else repeats
             rows.append({"kernel": name, "rows": num_rows, "ms": _median_ms(fn, count, device)})
+    return rows
+
+
+def native_crossover(size: int, repeats: int) -> list[dict]:
+    """The native int4 CPU kernel's two paths and dense fp32 on a (size, size) weight, by rows of x: where
+    the fused kernel stops beating dequantize-then-GEMM (int4.NATIVE_MM_MAX_TOKENS)."""
+    from torch.nn import functional as F
+
+    from data_plane.model.quant import make_quant_linear
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(size, size, generator=g) * 0.02
+    layer = make_quant_linear("int4", size, size, torch.device("cpu"))
+    layer.load_weight(w)
+    if layer.native is None:
+        return []
+    rows = []
+    for num_rows in (1, 2, 4, 8, 16, 24, 32, 64, 128):
+        x = torch.randn(num_rows, size, generator=g)
+        rows.append(
+            {
+                "rows": num_rows,
+                "fused_ms": _median_ms(lambda x=x: layer.native_fused(x), repeats, torch.device("cpu")),
+                "blocks_gemm_ms": _median_ms(
+                    lambda x=x: layer.native_blocks(x), repeats, torch.device("cpu")
+                ),
+                "dense_fp32_ms": _median_ms(lambda x=x: F.linear(x, w), repeats, torch.device("cpu")),
+            }
+        )
     return rows
 
 
@@ -306,6 +344,23 @@ def main(argv: list[str] | None = None) -> int:
         format_table(["kernel", "rows", "ms"], [[k["kernel"], k["rows"], f"{k['ms']:.3f}"] for k in kernels])
     )
 
+    crossover = native_crossover(args.kernel_size, args.kernel_repeats) if device.type == "cpu" else []
+    if crossover:
+        print(
+            format_table(
+                ["rows", "int4 native fused ms", "int4 native blocks + GEMM ms", "dense fp32 ms"],
+                [
+                    [
+                        c["rows"],
+                        f"{c['fused_ms']:.3f}",
+                        f"{c['blocks_gemm_ms']:.3f}",
+                        f"{c['dense_fp32_ms']:.3f}",
+                    ]
+                    for c in crossover
+                ],
+            )
+        )
+
     model_dir = fixtures.ensure_model(shape)
     adapter_dirs = fixtures.ensure_adapters(NUM_ADAPTERS, shape, fixtures.AdapterSpec(rank=16))
     benches, load_s = [], {}
@@ -388,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "model": {"shape": shape.name, "parameters": shape.num_parameters},
         "kernels": kernels,
+        "int4_native_crossover": crossover,
         "engines": figures,
         "ratios_to": baseline,
         "ratios": ratios,

@@ -191,12 +191,16 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight  # one tensor, not two copies
     if quant.enabled:
         weights = model.weight_bytes()
+        kernels = sorted(
+            {m.kernel_name for m in model.modules() if isinstance(getattr(m, "kernel_name", None), str)}
+        )
         log.info(
-            "base weights quantized to %s%s: decoder linears %.2f bits per weight, %.1f MiB resident in all",
+            "base weights quantized to %s%s: decoder linears %.2f bits per weight, %.1f MiB resident in all%s",
             quant.format,
             " (lm_head too)" if quant.lm_head else "",
             weights.decoder_bits_per_weight,
             weights.total_bytes / 2**20,
+            f"; kernel {', '.join(kernels)}" if kernels else "",
         )
     model.model.rotary.build(device)
     model.eval()

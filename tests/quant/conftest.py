@@ -29,3 +29,20 @@ def int8_fp32_path(monkeypatch):
         monkeypatch.setattr(int8, "two_digit_path_chosen", lambda: two_digit)
 
     return choose
+
+
+@pytest.fixture
+def int4_kernel(monkeypatch):
+    """`choose(name)`: int4 layers built after it on the CPU take `name`'s kernel in this test: "native"
+    (int4_cpu.c, float32; this machine must be able to build it) or "tinygemm" (PyTorch's bfloat16 kernel,
+    what serves where the library cannot be built)."""
+    from data_plane.model.quant import int4, native
+
+    def choose(name: str) -> None:
+        if name == "native":
+            assert native.native_int4() is not None, native.native_int4_problem()
+            monkeypatch.setattr(int4, "native_int4", native.native_int4)
+        else:
+            monkeypatch.setattr(int4, "native_int4", lambda: None)
+
+    return choose

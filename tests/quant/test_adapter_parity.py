@@ -1,10 +1,12 @@
 """LoRA on a quantized base: for PEFT adapters, the LoRA contribution (logits with the adapter minus
 without) matches transformers + PEFT on the dequantized base; the base model itself matches too.
 
-Through the reference kernels the match is within 1e-3, and through int8's two-digit kernel on float32
-activations (two int8 digits a row, exact int32 sums; the default where the CPU multiplies int8 fast) too. int4's kernel rounds each linear's input and
-output to bfloat16; through it the match is within 1e-3 of a dequantized base whose linears round the
-same way: the LoRA path adds no error of its own, the distance to the float32 base is that rounding."""
+Through the reference kernels the match is within 1e-3; through int8's two-digit kernel on float32
+activations (two int8 digits a row, exact int32 sums; the default where the CPU multiplies int8 fast) and
+int4's native CPU kernel (float32 throughout, int4_cpu.c) too. PyTorch's int4 kernel (tinygemm, what serves
+where the native one cannot be built) rounds each linear's input and output to bfloat16; through it the
+match is within 1e-3 of a dequantized base whose linears round the same way: the LoRA path adds no error of
+its own, the distance to the float32 base is that rounding."""
 
 from __future__ import annotations
 
@@ -109,17 +111,34 @@ def test_lora_contribution_through_the_two_digit_int8_kernel_matches_peft(
         assert base_error < 1e-3, name
 
 
-def test_lora_contribution_through_the_int4_kernel_stays_close(tiny_llama_q, monkeypatch):
+@pytest.mark.parametrize("which", ["tiny_llama_q", "tiny_qwen2_q"])
+def test_lora_contribution_through_the_native_int4_kernel_matches_peft(
+    which, request, monkeypatch, int4_kernel
+):
+    # int4's default CPU kernel, on every linear of the base (lm_head too on the tied Qwen2).
+    monkeypatch.setenv("OPENLORA_KERNELS", "auto")
+    int4_kernel("native")
+    model = request.getfixturevalue(which)
+    lm_head = which == "tiny_qwen2_q"
+    for name, contribution_error, base_error in _contributions(model, QuantSettings("int4", lm_head)):
+        assert contribution_error < 1e-3, name
+        assert base_error < 1e-3, name
+
+
+def test_lora_contribution_through_tinygemm_int4_stays_close(tiny_llama_q, monkeypatch, int4_kernel):
     # bfloat16 activations in the base path move every later layer's input by ~2^-9 relative, with or
     # without the adapter; measured 6e-3 to 8e-3 on this model.
     monkeypatch.setenv("OPENLORA_KERNELS", "auto")
+    int4_kernel("tinygemm")
     for name, contribution_error, base_error in _contributions(tiny_llama_q, QuantSettings("int4")):
         assert contribution_error < 3e-2, name
         assert base_error < 3e-2, name
 
 
 @pytest.mark.parametrize("which", ["tiny_llama_q", "tiny_qwen2_q"])
-def test_through_the_int4_kernel_the_only_error_is_its_bfloat16_rounding(which, request, monkeypatch):
+def test_through_tinygemm_int4_the_only_error_is_its_bfloat16_rounding(
+    which, request, monkeypatch, int4_kernel
+):
     # The same comparison, with the transformers twin's quantized linears rounding their input and
     # output to bfloat16 as the kernel does. The two sides then differ only by float32 summation order
     # (~1e-7): typically that is all that is left, so the LoRA path (float32 pools, SGMV, added after the
@@ -128,8 +147,9 @@ def test_through_the_int4_kernel_the_only_error_is_its_bfloat16_rounding(which, 
     # adapter in four; with a quantized lm_head, whose logits are themselves rounded, 1.9e-3), hence the
     # bound on the median and the looser 1e-3 on each. (Splitting x into bfloat16 high and low parts, two
     # kernel calls, left 3e-3 to 7e-3: the output rounding remains; float16 activations are 8x finer but
-    # 50x slower on this CPU.)
+    # 50x slower on this CPU: hence the native kernel.)
     monkeypatch.setenv("OPENLORA_KERNELS", "auto")
+    int4_kernel("tinygemm")
     model = request.getfixturevalue(which)
     results = _contributions(model, QuantSettings("int4"), kernel_rounding=True)
     contribution_errors = sorted(error for _, error, _ in results)

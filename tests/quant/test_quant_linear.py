@@ -29,7 +29,8 @@ INT8_SHAPES = [(128, 344), (1000, 100), (64, 200)]
 CASES = [(fmt, shape) for fmt in FORMATS for shape in SHAPES] + [("int8", shape) for shape in INT8_SHAPES]
 # Relative to the largest |reference| output, by (format, activation dtype): the kernels compute in
 # bfloat16 (inputs and outputs rounded to 8 significant bits), the reference in float32; int8 on float32
-# activations splits them into two int8 digits (16 bits a row) and sums in int32.
+# activations splits them into two int8 digits (16 bits a row) and sums in int32. int4 here is tinygemm,
+# the kernel where the native one cannot be built; the native kernel has its own test below.
 TOLERANCE = {
     ("int4", torch.float32): 1e-2,
     ("int4", torch.bfloat16): 2e-2,
@@ -59,14 +60,47 @@ def _layer(fmt: str, w: torch.Tensor):
 @pytest.mark.parametrize(("fmt", "shape"), CASES)
 @pytest.mark.parametrize("num_rows", [1, 5, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_the_dequantize_then_matmul_reference(fmt, shape, num_rows, dtype, int8_fp32_path):
+def test_kernel_matches_the_dequantize_then_matmul_reference(
+    fmt, shape, num_rows, dtype, int8_fp32_path, int4_kernel
+):
     int8_fp32_path(True)  # the precise path; the other is checked below
+    int4_kernel("tinygemm")
     layer = _layer(fmt, _weight(shape, 1))
     x = torch.randn(num_rows, shape[1], generator=torch.Generator().manual_seed(2)).to(dtype)
     got, want = layer.kernel(x), layer.reference(x)
     assert got.dtype == dtype and got.shape == (num_rows, shape[0])
     error = (got.float() - want.float()).abs().max() / want.float().abs().max()
     assert error < TOLERANCE[fmt, dtype]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_rows", [1, 3, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_native_kernel_computes_the_dequantized_product_in_float32(shape, num_rows, dtype, int4_kernel):
+    # Token counts on both sides of the fused kernel's tile (8) and of its switch to dequantize-then-GEMM
+    # (NATIVE_MM_MAX_TOKENS); float32 throughout, so only the summation order differs from the reference.
+    # bfloat16 activations are exact in float32; the output is rounded to bfloat16 once.
+    int4_kernel("native")
+    layer = _layer("int4", _weight(shape, 1))
+    assert layer.kernel_name.startswith("native")
+    x = torch.randn(num_rows, shape[1], generator=torch.Generator().manual_seed(2)).to(dtype)
+    got, want = layer.kernel(x), layer.reference(x.float())
+    assert got.dtype == dtype and got.shape == (num_rows, shape[0])
+    error = ((got.float() - want).abs() / want.abs().max()).max()
+    assert error < (2e-6 if dtype == torch.float32 else 2**-8)
+
+
+def test_int4_native_kernel_keeps_tiny_and_huge_activations(int4_kernel):
+    # No bfloat16 step anywhere: rows at 1e-30 and 1e30 keep their relative precision (tinygemm's
+    # bfloat16 has the range but 8 bits; float16 would lose both ends).
+    int4_kernel("native")
+    layer = _layer("int4", _weight((48, 256), 13))
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(14))
+    x = x * torch.tensor([1e-30, 1.0, 1e30, 0.0]).unsqueeze(1)
+    got, want = layer.kernel(x), layer.reference(x)
+    assert torch.equal(got[3], torch.zeros(48))
+    for row in range(3):
+        assert ((got[row] - want[row]).abs().max() / want[row].abs().max()) < 2e-6, row
 
 
 @pytest.mark.parametrize("shape", [(10, 96), (128, 344), (1000, 100)])
@@ -169,7 +203,9 @@ def test_int8_on_float32_activations_keeps_sixteen_bits_of_each_row(int8_fp32_pa
 
 
 @pytest.mark.parametrize(("fmt", "shape"), CASES)
-def test_packed_weight_reads_back_as_the_pure_torch_quantization(fmt, shape):
+@pytest.mark.parametrize("int4_name", ["native", "tinygemm"])
+def test_packed_weight_reads_back_as_the_pure_torch_quantization(fmt, shape, int4_name, int4_kernel):
+    int4_kernel(int4_name)
     w = _weight(shape, 3)
     assert torch.equal(_layer(fmt, w).dequantize(), _canonical(fmt, w))
 
@@ -205,8 +241,10 @@ def test_int4_refuses_an_input_dimension_it_cannot_group(in_features):
         make_quant_linear("int4", in_features, 64, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_a_weight_streamed_in_small_chunks_packs_as_in_one_pass(fmt, monkeypatch):
+@pytest.mark.parametrize(("fmt", "int4_name"), [("int8", ""), ("int4", "native"), ("int4", "tinygemm")])
+def test_a_weight_streamed_in_small_chunks_packs_as_in_one_pass(fmt, int4_name, monkeypatch, int4_kernel):
+    if int4_name:
+        int4_kernel(int4_name)
     w = _weight((200, 96), 6)
     whole = _layer(fmt, w)
     monkeypatch.setattr(base, "CHUNK_ELEMENTS", 64 * 96)  # 64 rows at a time (int8: 64, int4: 64)
@@ -215,8 +253,12 @@ def test_a_weight_streamed_in_small_chunks_packs_as_in_one_pass(fmt, monkeypatch
         assert torch.equal(buffer, dict(chunked.named_buffers())[name]), name
 
 
-@pytest.mark.parametrize(("fmt", "limit"), [("int4", 0.2), ("int8", 0.3)])
-def test_resident_bytes_with_scales_and_offsets_stay_under_the_target(fmt, limit):
+@pytest.mark.parametrize(
+    ("fmt", "limit", "int4_name"), [("int4", 0.2, "native"), ("int4", 0.2, "tinygemm"), ("int8", 0.3, "")]
+)
+def test_resident_bytes_with_scales_and_offsets_stay_under_the_target(fmt, limit, int4_name, int4_kernel):
+    if int4_name:
+        int4_kernel(int4_name)
     shape = (1024, 2048)
     layer = _layer(fmt, _weight(shape, 7))
     fp32_bytes = shape[0] * shape[1] * 4

@@ -7,11 +7,16 @@ For each output row n and group g of `group_size` consecutive input columns (bfl
     q[n, k]      = clamp(round((W[n, k] - offset) / scale + 8), 0, 15)
     W[n, k] ~ (q[n, k] - 8) * scale[n, g] + offset[n, g]
 
-This is the layout of PyTorch's tinygemm kernels (`_weight_int4pack_mm_for_cpu` on CPU,
-`_weight_int4pack_mm` on CUDA sm80+), which run on bfloat16 activations. The group size is 128, else 64
-or 32, whichever divides the input dimension; a dimension that none divides cannot be grouped and is
-refused (`QuantizationError`). Output rows are padded to the kernels' multiple of 16 and cut from the
-result.
+The group size is 128, else 64 or 32, whichever divides the input dimension; a dimension that none divides
+cannot be grouped and is refused (`QuantizationError`). Two kernels, one per device type:
+- CPU: `int4_cpu.c` (built at first use, native.py), float32 activations, accumulation and output, so the
+  linear computes exactly what its dequantized weight gives. Codes two to a byte, per group (the low nibbles
+  the first half of the group's columns, the high nibbles the second), scale and offset (N, G). Up to
+  `NATIVE_MM_MAX_TOKENS` rows of x go through its fused kernel; more are one float32 GEMM over the weight
+  dequantized a block of rows at a time (benchmarks/RESULTS.md has the crossover).
+- CUDA sm80+, and the CPU where the library cannot be built: PyTorch's tinygemm (`_weight_int4pack_mm`,
+  `_weight_int4pack_mm_for_cpu`) on bfloat16 activations, which rounds each linear's input and output to
+  bfloat16. Output rows are padded to its multiple of 16 and cut from the result.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from data_plane.model.quant.base import (
     round_up,
     row_chunks,
 )
+from data_plane.model.quant.native import NativeInt4, native_int4
 
 GROUP_SIZES = (128, 64, 32)
 _ROW_MULTIPLE = 16  # tinygemm packs output rows in tiles (16 on CPU, 8 on CUDA)
@@ -36,6 +42,11 @@ _ROW_MULTIPLE = 16  # tinygemm packs output rows in tiles (16 on CPU, 8 on CUDA)
 # (measured: 16- and 32-row chunks interleave differently); CUDA's 8-row tiles divide it too.
 _CHUNK_ROW_MULTIPLE = 64
 _DEQUANT_ROWS = 256
+# The native CPU kernel's fused path serves up to this many rows of x; past it, dequantizing a block of
+# weight rows and one float32 GEMM per block is faster (measured crossover 16-32 rows on AVX-512 and AVX2,
+# RESULTS.md). A build without a vector path takes the GEMM at every size.
+NATIVE_MM_MAX_TOKENS = 16
+_NATIVE_BLOCK_ELEMENTS = 1 << 20  # weight elements dequantized per GEMM: 4 MiB of float32
 
 
 def int4_group_size(in_features: int) -> int | None:
@@ -66,6 +77,14 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) 
     return ((codes - 8) * scale.float().unsqueeze(2) + offset.float().unsqueeze(2)).view(n, k)
 
 
+def pack_native(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q (N, K) uint8 codes -> (N, K / 2) uint8 in int4_cpu.c's layout: per group, byte j holds column j
+    in its low nibble and column group_size / 2 + j in its high one."""
+    n, k = q.shape
+    halves = q.view(n, k // group_size, 2, group_size // 2)  # (N, G, 2, group / 2)
+    return (halves[:, :, 0] | halves[:, :, 1] << 4).reshape(n, k // 2)
+
+
 def _pack(q: torch.Tensor, k: int) -> torch.Tensor:
     """q (rows, K) uint8 codes -> the tinygemm layout of q's device."""
     if q.device.type == "cpu":
@@ -86,7 +105,8 @@ def _int4_mm(
 class Int4Linear(QuantLinear):
     format = "int4"
     bits = 4
-    # A block of rows packs as the same rows of the whole weight when it starts at a multiple of 64.
+    # A block of rows packs as the same rows of the whole weight when it starts at a multiple of 64 (the
+    # tinygemm layout; the native one takes any row, and keeps the same rule so a model loads one way).
     row_multiple = _CHUNK_ROW_MULTIPLE
     required_ops: ClassVar[dict[str, tuple[str, ...]]] = {  # the CPU pair came with torch 2.6
         "cpu": ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"),
@@ -101,18 +121,52 @@ class Int4Linear(QuantLinear):
                 f"dimension by 128, 64 or 32 columns), got {in_features}"
             )
 
-    def __init__(self, in_features: int, out_features: int, device: torch.device) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, device: torch.device, allow_native: bool = True
+    ) -> None:
         self.check_shape(in_features, out_features)
         super().__init__(in_features, out_features, device)
         self.group_size = int4_group_size(in_features)
+        # The CPU's float32 kernel when this machine can build it; else tinygemm (see the module docstring).
+        # `allow_native=False` takes tinygemm anyway (the benchmark's comparison).
+        cpu = self.device.type == "cpu"
+        self.native: NativeInt4 | None = native_int4() if cpu and allow_native else None
+        if self.native is not None:
+            self.padded_out_features = out_features
+            # Allocated by the first rows loaded: the loader builds the model on the meta device and casts
+            # it to the model dtype before any weight arrives, which would turn bfloat16 buffers to float32.
+            self.register_buffer("codes", torch.empty(0, dtype=torch.uint8, device=device))  # (N, K / 2)
+            self.register_buffer("scale", torch.empty(0, dtype=COMPUTE_DTYPE, device=device))  # (N, G)
+            self.register_buffer("offset", torch.empty(0, dtype=COMPUTE_DTYPE, device=device))  # (N, G)
+            return
         self.padded_out_features = round_up(out_features, _ROW_MULTIPLE)
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8, device=device))
         # (K / group_size, N_pad, 2): [..., 0] scale, [..., 1] offset, as the kernels read them.
         self.register_buffer("scale_offset", torch.empty(0, dtype=COMPUTE_DTYPE, device=device))
         self._parts: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # row blocks until all arrive
 
+    @property
+    def kernel_name(self) -> str:
+        """Which kernel serves this weight (the worker's startup log names it)."""
+        if self.native is None:
+            return f"tinygemm ({self.device.type}, bfloat16 activations)"
+        return f"native float32 ({'vector' if self.native.vector_bits else 'plain C'})"
+
     def load_rows(self, start: int, rows: torch.Tensor) -> None:
         end = self._check_rows(start, rows)
+        if self.native is not None:
+            if self.codes.numel() == 0:
+                n, k, groups = self.out_features, self.in_features, self.in_features // self.group_size
+                self.codes = torch.zeros(n, k // 2, dtype=torch.uint8, device="cpu")
+                self.scale = torch.zeros(n, groups, dtype=COMPUTE_DTYPE, device="cpu")
+                self.offset = torch.zeros(n, groups, dtype=COMPUTE_DTYPE, device="cpu")
+            with one_thread():
+                for lo, hi in row_chunks(end - start, self.in_features, 1):
+                    q, scale, offset = quantize_int4(rows[lo:hi].cpu(), self.group_size)
+                    self.codes[start + lo : start + hi] = pack_native(q, self.group_size)
+                    self.scale[start + lo : start + hi] = scale
+                    self.offset[start + lo : start + hi] = offset
+            return
         k = self.in_features
         # The block that ends the weight also packs the zero rows that pad it to the kernels' multiple.
         num_rows = (self.padded_out_features if end == self.out_features else end) - start
@@ -134,13 +188,47 @@ class Int4Linear(QuantLinear):
             self._parts = {}
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self._native_kernel(x)
         xc = x.to(COMPUTE_DTYPE)  # (T, K)
         y = _int4_mm(xc, self.packed, self.group_size, self.scale_offset)  # (T, N_pad)
         if self.padded_out_features != self.out_features:
             y = y[:, : self.out_features].contiguous()  # LoRA adds into it in place
         return y.to(x.dtype)
 
+    def _native_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float().contiguous()  # (T, K)
+        if xf.shape[0] <= NATIVE_MM_MAX_TOKENS and self.native.vector_bits:
+            return self.native_fused(xf).to(x.dtype)
+        return self.native_blocks(xf).to(x.dtype)
+
+    def native_fused(self, xf: torch.Tensor) -> torch.Tensor:
+        """xf (T, K) float32 -> (T, N) float32 through the fused kernel (one pass over the packed weight)."""
+        return self.native.mm(xf, self.codes, self.scale, self.offset, self.group_size)
+
+    def native_blocks(self, xf: torch.Tensor) -> torch.Tensor:
+        """xf (T, K) float32 -> (T, N) float32: the weight dequantized a block of rows at a time (4 MiB of
+        float32, in cache), each block one float32 GEMM."""
+        rows = max(1, _NATIVE_BLOCK_ELEMENTS // self.in_features)
+        blocks = [
+            F.linear(
+                xf,
+                self.native.dequantize(
+                    self.codes,
+                    self.scale,
+                    self.offset,
+                    self.group_size,
+                    start,
+                    min(start + rows, self.out_features),
+                ),
+            )
+            for start in range(0, self.out_features, rows)
+        ]  # (T, rows) each
+        return torch.cat(blocks, dim=1)
+
     def dequantize(self) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.dequantize(self.codes, self.scale, self.offset, self.group_size)
         # The packed layout is the kernel's own, so read it back through the kernel: rows of the identity.
         # On CPU in float32 (exact); the CUDA kernel takes bfloat16 only (its output is rounded to it).
         k = self.in_features

@@ -1,0 +1,283 @@
+"""The int4 CPU kernel of `int4_cpu.c`, compiled for this machine at first use and loaded through ctypes.
+
+    kernel = native_int4()                      # NativeInt4, or None (why: native_int4_problem())
+    y = kernel.mm(x, codes, scale, offset, G)   # x (T, K) float32 -> y (T, N) float32
+
+The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
+cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory when
+that cannot be written) by a digest of the source, the flags, the compiler's version and the CPU's model
+and flags, so a cache shared with another machine or an upgraded compiler builds again. A build is
+written beside its final name and renamed into it: workers starting together never load half a file.
+Before use it is checked on a small weight against the torch dequantization; a machine without a compiler,
+a failed build or a failed check leaves `native_int4()` None, and int4 on the CPU then takes PyTorch's
+bfloat16 kernel (int4.py says what that costs).
+
+OpenMP in the library resolves to the runtime torch has already loaded (its `libgomp.so.1`), so the
+kernel's threads are torch's own pool; each call passes `torch.get_num_threads()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int4_cpu.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+_BUILD_TIMEOUT_S = 120
+_problem: str | None = None  # why native_int4() is None
+
+
+@dataclass(frozen=True)
+class NativeInt4:
+    """The loaded library. `vector_bits`: 512 (AVX-512), 256 (AVX2) or 0 (plain C) in this build."""
+
+    library: ctypes.CDLL
+    path: Path
+    vector_bits: int
+    cached: bool = False  # found in the cache rather than built by this process
+
+    def mm(
+        self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
+    ) -> torch.Tensor:
+        """x (T, K) float32 contiguous, codes (N, K / 2) uint8, scale and offset (N, K / group_size)
+        bfloat16 -> x @ W.T (T, N) float32, W as int4_cpu.c lays it out."""
+        num_tokens, k = x.shape
+        n = codes.shape[0]
+        _check(x, codes, scale, offset, group_size)
+        y = torch.empty(num_tokens, n, dtype=torch.float32, device="cpu")
+        self.library.openlora_int4_mm(
+            x.data_ptr(), num_tokens, k, codes.data_ptr(), scale.data_ptr(), offset.data_ptr(), n, group_size,
+            y.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return y
+
+    def dequantize(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+        group_size: int,
+        start: int = 0,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """Rows start:end of W, (end - start, K) float32: exactly the values `mm` multiplies by."""
+        n, k = codes.shape[0], codes.shape[1] * 2
+        end = n if end is None else end
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"rows {start}:{end} outside 0:{n}")
+        out = torch.empty(end - start, k, dtype=torch.float32, device="cpu")
+        self.library.openlora_int4_dequantize(
+            codes.data_ptr(), scale.data_ptr(), offset.data_ptr(), k, group_size, start, end - start,
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
+def _check(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
+) -> None:
+    """The C code trusts its pointers: every shape, dtype and layout it assumes is checked here first."""
+    n, half_k = codes.shape
+    k = 2 * half_k
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be contiguous float32 (T, {k}), got {x.dtype} {list(x.shape)}")
+    for t in (x, codes, scale, offset):
+        if t.device.type != "cpu":
+            raise ValueError(f"the int4 CPU kernel takes CPU tensors, got one on {t.device}")
+    if codes.dtype != torch.uint8 or not codes.is_contiguous():
+        raise ValueError("codes must be contiguous uint8")
+    if group_size not in (32, 64, 128) or k % group_size:
+        raise ValueError(f"group size {group_size} does not divide in_features {k}")
+    for name, t in (("scale", scale), ("offset", offset)):
+        if t.dtype != torch.bfloat16 or not t.is_contiguous() or tuple(t.shape) != (n, k // group_size):
+            raise ValueError(f"{name} must be contiguous bfloat16 ({n}, {k // group_size})")
+
+
+def native_int4() -> NativeInt4 | None:
+    """The kernel library for this machine, built and checked once per process; None where it cannot be."""
+    return _load()
+
+
+def native_int4_problem() -> str | None:
+    """Why `native_int4()` is None (None when it is not)."""
+    _load()
+    return _problem
+
+
+@functools.cache
+def _load() -> NativeInt4 | None:
+    global _problem
+    try:
+        try:
+            kernel = _build_and_load()
+            _check_against_torch(kernel)
+        except _CachedFileBad as bad:  # damaged on disk since it was built: built again, once
+            log.warning("int4 on the CPU: %s; building it again", bad)
+            bad.path.unlink(missing_ok=True)
+            kernel = _build_and_load()
+            _check_against_torch(kernel)
+    except _Unavailable as reason:
+        _problem = str(reason)
+        log.warning(
+            "int4 on the CPU: the float32 kernel is unavailable (%s); PyTorch's bfloat16 kernel serves "
+            "instead (activations and outputs of the int4 linears rounded to bfloat16)",
+            _problem,
+        )
+        return None
+    log.info("int4 on the CPU: float32 kernel %s (%s)", kernel.path.name, _vector_name(kernel.vector_bits))
+    return kernel
+
+
+class _Unavailable(Exception):
+    """Why the library cannot serve here (no compiler, a failed build, a failed check)."""
+
+
+class _CachedFileBad(_Unavailable):
+    """A library found in the cache (not built by this process) failed to load or to pass the check."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _compiler() -> list[str]:
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    for name in ("cc", "gcc"):
+        if path := shutil.which(name):
+            return [path]
+    raise _Unavailable("no C compiler: install gcc, or name one in CC")
+
+
+def _machine_identity() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    identity = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part"):
+                    identity.append(line.strip())
+                if line.strip() == "":  # the first processor is enough
+                    break
+    except OSError:
+        pass
+    return "\n".join(identity)
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openlora" / "kernels"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK | os.X_OK):
+            return base
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="openlora-kernels-"))  # private (0700), this process only
+
+
+def _build_and_load() -> NativeInt4:
+    compiler = _compiler()
+    try:
+        version = subprocess.run(
+            [*compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        raise _Unavailable(f"the C compiler {shlex.join(compiler)} does not run ({error})") from None
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(
+        b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _machine_identity().encode()])
+    ).hexdigest()[:16]
+    directory = _cache_dir()
+    path = directory / f"int4_cpu-{digest}.so"
+    if path.exists() and not _intact(path):  # dlopen of a cut file is a SIGBUS, not an error: checked first
+        log.warning("int4 on the CPU: the cached %s is damaged; building it again", path.name)
+        path.unlink(missing_ok=True)
+    cached = path.exists()
+    if not cached:
+        _build(compiler, path)
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as error:
+        if cached:
+            raise _CachedFileBad(f"loading the cached {path.name} failed ({error})", path) from None
+        raise _Unavailable(f"loading {path.name} failed ({error})") from None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.openlora_int4_mm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    library.openlora_int4_mm.restype = None
+    library.openlora_int4_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
+    library.openlora_int4_dequantize.restype = None
+    library.openlora_int4_vector_bits.argtypes = []
+    library.openlora_int4_vector_bits.restype = ctypes.c_int
+    return NativeInt4(library, path, library.openlora_int4_vector_bits(), cached)
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _intact(path: Path) -> bool:
+    """The library's bytes are those its build recorded beside it."""
+    try:
+        return _digest_path(path).read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return False
+
+
+def _build(compiler: list[str], path: Path) -> None:
+    """Compiles SOURCE into `path`, its digest recorded first: every name it appears under is whole."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        built = subprocess.run(
+            [*compiler, *FLAGS, str(SOURCE), "-o", str(partial)],
+            capture_output=True,
+            text=True,
+            timeout=_BUILD_TIMEOUT_S,
+        )
+        if built.returncode != 0:
+            last = (built.stderr.strip().splitlines() or ["no message"])[-1]
+            raise _Unavailable(f"{shlex.join(compiler)} failed to build {SOURCE.name}: {last}")
+        digest_partial = partial.with_name(partial.name + ".sha256")
+        digest_partial.write_text(hashlib.sha256(partial.read_bytes()).hexdigest() + "\n")
+        os.replace(digest_partial, _digest_path(path))
+        os.replace(partial, path)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise _Unavailable(f"building {SOURCE.name} failed ({error})") from None
+    finally:
+        partial.unlink(missing_ok=True)
+        partial.with_name(partial.name + ".sha256").unlink(missing_ok=True)
+
+
+def _check_against_torch(kernel: NativeInt4) -> None:
+    """A small product through the library against the same weight dequantized by torch."""
+    from data_plane.model.quant.int4 import dequantize_int4, pack_native, quantize_int4
+
+    g = torch.Generator().manual_seed(0)
+    for group_size in (128, 64, 32):
+        # device named: the first call may come while a model is built under torch.device("meta")
+        w = torch.randn(24, 256, generator=g, device="cpu")
+        x = torch.randn(11, 256, generator=g, device="cpu")
+        q, scale, offset = quantize_int4(w, group_size)
+        want = x.double() @ dequantize_int4(q, scale, offset).double().T
+        got = kernel.mm(x, pack_native(q, group_size), scale, offset, group_size)
+        error = float((got.double() - want).abs().max() / want.abs().max())
+        if not error < 1e-5:
+            message = f"{kernel.path.name} disagrees with torch (group {group_size}: {error:.1e})"
+            raise _CachedFileBad(message, kernel.path) if kernel.cached else _Unavailable(message)
+
+
+def _vector_name(bits: int) -> str:
+    return {512: "AVX-512", 256: "AVX2"}.get(bits, "plain C, no vector path for this CPU")

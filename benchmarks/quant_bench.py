@@ -137,15 +137,22 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
     for num_rows in (1, 32):
         native_path = "fused" if num_rows <= NATIVE_MM_MAX_TOKENS else "dequantized blocks + fp32 GEMM"
         x = torch.randn(num_rows, size, generator=g)
+        # int8: few float32 rows take the native kernel, more the integer path chosen above
+        int8_native = int8.uses_native(x)
+        mark_int8_native = " [chosen]" if int8_native else ""
+        mark_two_digit_here, mark_packed_here = ("", "") if int8_native else (mark_two_digit, mark_packed)
         x_bf16 = x.to(torch.bfloat16)
         candidates = {
             "dense fp32 (F.linear)": lambda x=x: F.linear(x, w),
             "dense bf16 (F.linear)": lambda x=x_bf16: F.linear(x, w_bf16),
             # fp32 activations as two int8 digits, each through torch._int_mm
-            f"int8 two-digit _int_mm, fp32 activations{mark_two_digit}": lambda x=x: (
+            f"int8 native fp32 (int8_cpu.c){mark_int8_native}": lambda x=x: int8.native.int8_mm(
+                x, int8.qweight, int8.scale
+            ),
+            f"int8 two-digit _int_mm, fp32 activations{mark_two_digit_here}": lambda x=x: (
                 int8_module.int8_two_digit_mm(x, int8.qweight, int8.scale, int8.two_digit_stacked)
             ),
-            f"int8 _weight_int8pack_mm, bf16 activations{mark_packed}": lambda x=x_bf16: (
+            f"int8 _weight_int8pack_mm, bf16 activations{mark_packed_here}": lambda x=x_bf16: (
                 torch.ops.aten._weight_int8pack_mm(x, int8.qweight, int8.scale)
             ),
             "int8 _weight_int8pack_mm, fp32 activations": lambda x=x: torch.ops.aten._weight_int8pack_mm(
@@ -173,8 +180,9 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
                 "int8 two-digit _int_mm, fp32 activations",
                 "int8 per-token dynamic activations (_int_mm)",
             }
-        if not native:
-            del candidates[next(name for name in candidates if name.startswith("int4 native"))]
+        if not native:  # no library here: neither native kernel
+            for name in [name for name in candidates if " native " in name]:
+                del candidates[name]
         for name, fn in candidates.items():
             slow = name in slow_names
             count = max(3, repeats // 4) if slow else repeats
@@ -182,32 +190,50 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
     return rows
 
 
+_CROSSOVER_COLUMNS = {  # key -> column title
+    "fused_ms": "int4 native fused ms",
+    "blocks_gemm_ms": "int4 native blocks + GEMM ms",
+    "int8_native_ms": "int8 native ms",
+    "int8_integer_ms": "int8 chosen integer path ms",
+    "dense_fp32_ms": "dense fp32 ms",
+}
+
+
 def native_crossover(size: int, repeats: int) -> list[dict]:
-    """The native int4 CPU kernel's two paths and dense fp32 on a (size, size) weight, by rows of x: where
-    the fused kernel stops beating dequantize-then-GEMM (int4.NATIVE_MM_MAX_TOKENS)."""
+    """The native CPU kernels against the other paths on a (size, size) weight, by rows of x: where int4's
+    fused kernel stops beating its dequantize-then-GEMM path (int4.NATIVE_MM_MAX_TOKENS), and int8's
+    stops beating the integer path this machine chose for float32 rows (int8.NATIVE_MM_MAX_TOKENS)."""
     from torch.nn import functional as F
 
+    from data_plane.model.quant import int8 as int8_module
     from data_plane.model.quant import make_quant_linear
 
     g = torch.Generator().manual_seed(1)
     w = torch.randn(size, size, generator=g) * 0.02
-    layer = make_quant_linear("int4", size, size, torch.device("cpu"))
-    layer.load_weight(w)
-    if layer.native is None:
+    int4 = make_quant_linear("int4", size, size, torch.device("cpu"))
+    int4.load_weight(w)
+    int8 = make_quant_linear("int8", size, size, torch.device("cpu"))
+    int8.load_weight(w)
+    if int4.native is None:
         return []
+    cpu = torch.device("cpu")
+
+    def int8_integer(x: torch.Tensor) -> torch.Tensor:
+        if int8.two_digit:
+            return int8_module.int8_two_digit_mm(x, int8.qweight, int8.scale, int8.two_digit_stacked)
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), int8.qweight, int8.scale)
+
     rows = []
     for num_rows in (1, 2, 4, 8, 16, 24, 32, 64, 128):
         x = torch.randn(num_rows, size, generator=g)
-        rows.append(
-            {
-                "rows": num_rows,
-                "fused_ms": _median_ms(lambda x=x: layer.native_fused(x), repeats, torch.device("cpu")),
-                "blocks_gemm_ms": _median_ms(
-                    lambda x=x: layer.native_blocks(x), repeats, torch.device("cpu")
-                ),
-                "dense_fp32_ms": _median_ms(lambda x=x: F.linear(x, w), repeats, torch.device("cpu")),
-            }
-        )
+        paths = {
+            "fused_ms": lambda x=x: int4.native_fused(x),
+            "blocks_gemm_ms": lambda x=x: int4.native_blocks(x),
+            "int8_native_ms": lambda x=x: int8.native.int8_mm(x, int8.qweight, int8.scale),
+            "int8_integer_ms": lambda x=x: int8_integer(x),
+            "dense_fp32_ms": lambda x=x: F.linear(x, w),
+        }
+        rows.append({"rows": num_rows, **{key: _median_ms(fn, repeats, cpu) for key, fn in paths.items()}})
     return rows
 
 
@@ -348,16 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     if crossover:
         print(
             format_table(
-                ["rows", "int4 native fused ms", "int4 native blocks + GEMM ms", "dense fp32 ms"],
-                [
-                    [
-                        c["rows"],
-                        f"{c['fused_ms']:.3f}",
-                        f"{c['blocks_gemm_ms']:.3f}",
-                        f"{c['dense_fp32_ms']:.3f}",
-                    ]
-                    for c in crossover
-                ],
+                ["rows", *_CROSSOVER_COLUMNS.values()],
+                [[c["rows"], *(f"{c[key]:.3f}" for key in _CROSSOVER_COLUMNS)] for c in crossover],
             )
         )
 

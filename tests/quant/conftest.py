@@ -20,13 +20,17 @@ def tiny_qwen2_q(tmp_path_factory) -> TinyModel:
 
 @pytest.fixture
 def int8_fp32_path(monkeypatch):
-    """`choose(two_digit)`: sets which path int8 layers loaded after it take for float32 CPU activations in
-    this test, whatever this machine's measurement chose (the two-digit path, or `_weight_int8pack_mm` in
-    bfloat16)."""
-    from data_plane.model.quant import int8
+    """`choose(two_digit, native=False)`: sets which path int8 layers loaded after it take for float32 CPU
+    activations in this test, whatever this machine's measurement chose: the two-digit path, or
+    `_weight_int8pack_mm` in bfloat16; with `native`, rows up to int8.NATIVE_MM_MAX_TOKENS take the native
+    float32 kernel first (the default where it builds), else none do."""
+    from data_plane.model.quant import int8, native
 
-    def choose(two_digit: bool) -> None:
+    def choose(two_digit: bool, native_rows: bool = False) -> None:
         monkeypatch.setattr(int8, "two_digit_path_chosen", lambda: two_digit)
+        if native_rows:
+            assert native.native_kernels() is not None, native.native_kernels_problem()
+        monkeypatch.setattr(int8, "native_kernels", native.native_kernels if native_rows else lambda: None)
 
     return choose
 
@@ -40,9 +44,9 @@ def int4_kernel(monkeypatch):
 
     def choose(name: str) -> None:
         if name == "native":
-            assert native.native_int4() is not None, native.native_int4_problem()
-            monkeypatch.setattr(int4, "native_int4", native.native_int4)
+            assert native.native_kernels() is not None, native.native_kernels_problem()
+            monkeypatch.setattr(int4, "native_kernels", native.native_kernels)
         else:
-            monkeypatch.setattr(int4, "native_int4", lambda: None)
+            monkeypatch.setattr(int4, "native_kernels", lambda: None)
 
     return choose

@@ -53,7 +53,7 @@ def _round_like_the_kernels(hf, weight_names: list[str]) -> None:
 
 
 def _contributions(
-    model, quant: QuantSettings, kernel_rounding: bool = False
+    model, quant: QuantSettings, kernel_rounding: bool = False, prompt_length: int = 13
 ) -> list[tuple[str, float, float]]:
     """(adapter, relative error of its contribution, relative error of the base logits) per adapter.
     With `kernel_rounding`, the transformers twin's dequantized linears round as the packed kernels do."""
@@ -65,7 +65,7 @@ def _contributions(
     hf = hf_with_weights(model.model_dir, weights)
     if kernel_rounding:
         _round_like_the_kernels(hf, list(weights))
-    prompt = _prompt(model.vocab_size, 3, 13)
+    prompt = _prompt(model.vocab_size, 3, prompt_length)
     ids = torch.tensor([prompt])
     base = last_logits(runner, prompt, -1)
     with torch.no_grad():
@@ -123,6 +123,24 @@ def test_lora_contribution_through_the_native_int4_kernel_matches_peft(
     for name, contribution_error, base_error in _contributions(model, QuantSettings("int4", lm_head)):
         assert contribution_error < 1e-3, name
         assert base_error < 1e-3, name
+
+
+@pytest.mark.parametrize("which", ["tiny_llama_q", "tiny_qwen2_q"])
+def test_lora_contribution_through_the_native_int8_kernel_matches_peft(
+    which, request, monkeypatch, int8_fp32_path
+):
+    # A prompt of NATIVE_MM_MAX_TOKENS rows, so every linear of the prefill takes the native kernel; the
+    # integer paths cover longer prompts (the tests above).
+    from data_plane.model.quant import int8
+
+    monkeypatch.setenv("OPENLORA_KERNELS", "auto")
+    int8_fp32_path(False, native_rows=True)  # past it bfloat16 would serve here, and would show
+    model = request.getfixturevalue(which)
+    lm_head = which == "tiny_qwen2_q"
+    results = _contributions(model, QuantSettings("int8", lm_head), prompt_length=int8.NATIVE_MM_MAX_TOKENS)
+    for name, contribution_error, base_error in results:
+        assert contribution_error < 1e-5, name
+        assert base_error < 1e-5, name
 
 
 def test_lora_contribution_through_tinygemm_int4_stays_close(tiny_llama_q, monkeypatch, int4_kernel):

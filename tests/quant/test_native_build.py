@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from data_plane.model.quant import int4, make_quant_linear, native
+from data_plane.model.quant import int4, int8, make_quant_linear, native
 
 
 @pytest.fixture
@@ -27,11 +27,11 @@ def fresh_build(monkeypatch, tmp_path):
 
 
 def test_the_library_is_built_once_into_the_cache_and_named_by_its_inputs(fresh_build, monkeypatch):
-    kernel = native.native_int4()
-    assert kernel is not None, native.native_int4_problem()
+    kernel = native.native_kernels()
+    assert kernel is not None, native.native_kernels_problem()
     built = sorted(p.name for p in fresh_build.iterdir())
     assert built == [kernel.path.name, kernel.path.name + ".sha256"]  # no partial file
-    assert kernel.path.name.startswith("int4_cpu-") and kernel.path.name.endswith(".so")
+    assert kernel.path.name.startswith("quant_cpu-") and kernel.path.name.endswith(".so")
     # Another compiler identity (here one that answers --version as the real one does with a word more,
     # and then fails to build) is another name: built again, and refused.
     real = native._compiler()[0]
@@ -42,19 +42,19 @@ def test_the_library_is_built_once_into_the_cache_and_named_by_its_inputs(fresh_
     )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("CC", str(wrapper))
-    assert native.native_int4() is None
-    assert "failed to build" in native.native_int4_problem()
+    assert native.native_kernels() is None
+    assert "failed to build" in native.native_kernels_problem()
     # The real compiler again: the cached library is found and loaded, not built anew.
     monkeypatch.delenv("CC")
     native._load.cache_clear()
     before = kernel.path.stat().st_mtime_ns
-    again = native.native_int4()
+    again = native.native_kernels()
     assert again is not None and again.path == kernel.path and kernel.path.stat().st_mtime_ns == before
 
 
 def test_a_damaged_cached_library_is_built_again(fresh_build, tmp_path):
-    kernel = native.native_int4()
-    assert kernel is not None, native.native_int4_problem()
+    kernel = native.native_kernels()
+    assert kernel is not None, native.native_kernels_problem()
     # Cut short, as by a bad copy of the cache; written beside and renamed over it, as this process has the
     # original mapped. A new process (the loader keeps one copy of a path per process) meets the damage.
     damaged = tmp_path / "damaged.so"
@@ -63,8 +63,8 @@ def test_a_damaged_cached_library_is_built_again(fresh_build, tmp_path):
     probe = (
         "import logging; logging.basicConfig(level=logging.WARNING)\n"
         "from data_plane.model.quant import native\n"
-        "k = native.native_int4()\n"
-        "print('loaded', k is not None and not k.cached, native.native_int4_problem())\n"
+        "k = native.native_kernels()\n"
+        "print('loaded', k is not None and not k.cached, native.native_kernels_problem())\n"
     )
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
@@ -79,10 +79,10 @@ def test_a_machine_without_a_compiler_serves_int4_through_tinygemm_and_says_why(
 ):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with caplog.at_level(logging.WARNING, logger=native.__name__):
-        assert native.native_int4() is None
+        assert native.native_kernels() is None
         layer = make_quant_linear("int4", 128, 32, torch.device("cpu"))
-    assert "does not run" in native.native_int4_problem()
-    assert any("PyTorch's bfloat16 kernel serves" in r.getMessage() for r in caplog.records)
+    assert "does not run" in native.native_kernels_problem()
+    assert any("PyTorch's kernels serve instead" in r.getMessage() for r in caplog.records)
     assert layer.native is None and layer.kernel_name.startswith("tinygemm")
     w = torch.randn(32, 128)
     layer.load_weight(w)
@@ -101,8 +101,8 @@ def test_a_failed_build_leaves_no_partial_file_and_falls_back(fresh_build, monke
     )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("CC", str(wrapper))
-    assert native.native_int4() is None
-    assert "failed to build int4_cpu.c: error: out of memory" in native.native_int4_problem()
+    assert native.native_kernels() is None
+    assert "failed to build the CPU kernels: error: out of memory" in native.native_kernels_problem()
     assert list(fresh_build.iterdir()) == []  # neither the partial output nor a final name
 
 
@@ -114,24 +114,32 @@ def test_an_unwritable_cache_builds_into_a_private_directory(fresh_build, monkey
     else:
         fresh_build.parent.mkdir(parents=True)
         fresh_build.parent.chmod(0o500)
-    kernel = native.native_int4()
-    assert kernel is not None, native.native_int4_problem()
+    kernel = native.native_kernels()
+    assert kernel is not None, native.native_kernels_problem()
     assert kernel.path.parent.name.startswith("openlora-kernels-")
     assert stat.S_IMODE(kernel.path.parent.stat().st_mode) == 0o700
 
 
 def test_the_kernel_refuses_tensors_it_would_misread():
-    kernel = native.native_int4()
-    assert kernel is not None, native.native_int4_problem()
+    kernel = native.native_kernels()
+    assert kernel is not None, native.native_kernels_problem()
     q, scale, offset = int4.quantize_int4(torch.randn(16, 128), 128)
     codes = int4.pack_native(q, 128)
     x = torch.randn(2, 128)
     for bad_x in (x.double(), x.T.contiguous().T, x[:, :64]):  # float64, not contiguous, too narrow
         with pytest.raises(ValueError, match="x must be contiguous float32"):
-            kernel.mm(bad_x, codes, scale, offset, 128)
+            kernel.int4_mm(bad_x, codes, scale, offset, 128)
     with pytest.raises(ValueError, match="scale must be"):
-        kernel.mm(x, codes, scale.float(), offset, 128)
+        kernel.int4_mm(x, codes, scale.float(), offset, 128)
     with pytest.raises(ValueError, match="group size 96"):
-        kernel.mm(x, codes, scale, offset, 96)
+        kernel.int4_mm(x, codes, scale, offset, 96)
     with pytest.raises(ValueError, match="rows 3:20 outside 0:16"):
-        kernel.dequantize(codes, scale, offset, 128, 3, 20)
+        kernel.int4_dequantize(codes, scale, offset, 128, 3, 20)
+    q8, scale8 = int8.quantize_int8(torch.randn(16, 128))
+    for bad_x in (x.double(), x.T.contiguous().T, torch.randn(2, 129), torch.randn(2, 0)):
+        with pytest.raises(ValueError, match="x must be contiguous float32"):
+            kernel.int8_mm(bad_x, q8, scale8)
+    with pytest.raises(ValueError, match="qweight must be"):
+        kernel.int8_mm(x, q8.T, scale8)  # not contiguous
+    with pytest.raises(ValueError, match=r"scale must be contiguous bfloat16 \(16,\)"):
+        kernel.int8_mm(x, q8, scale8[:8])

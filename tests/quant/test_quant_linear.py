@@ -90,6 +90,27 @@ def test_int4_native_kernel_computes_the_dequantized_product_in_float32(shape, n
     assert error < (2e-6 if dtype == torch.float32 else 2**-8)
 
 
+@pytest.mark.parametrize("shape", [(10, 96), (128, 344), (1000, 100), (33, 1024), (7, 16), (5, 250)])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 9])
+def test_int8_native_kernel_takes_few_float32_rows_and_computes_them_in_float32(
+    shape, num_rows, int8_fp32_path
+):
+    # Widths past the last whole vector (100, 250, 344), rows K_pad apart; past NATIVE_MM_MAX_TOKENS rows
+    # the chosen integer path serves instead (here the two-digit one, within its own 2e-4).
+    from data_plane.model.quant import int8
+
+    int8_fp32_path(True, native_rows=True)
+    layer = _layer("int8", _weight(shape, 1))
+    x = torch.randn(num_rows, shape[1], generator=torch.Generator().manual_seed(2))
+    native = num_rows <= int8.NATIVE_MM_MAX_TOKENS
+    assert layer.uses_native(x) is native
+    assert not layer.uses_native(x.to(torch.bfloat16))  # bfloat16 models keep the bfloat16 kernel
+    got, want = layer.kernel(x), layer.reference(x)
+    assert got.dtype == torch.float32 and got.shape == (num_rows, shape[0])
+    error = ((got - want).abs() / want.abs().max()).max()
+    assert error < (2e-6 if native else TOLERANCE["int8", torch.float32])
+
+
 def test_int4_native_kernel_keeps_tiny_and_huge_activations(int4_kernel):
     # No bfloat16 step anywhere: rows at 1e-30 and 1e30 keep their relative precision (tinygemm's
     # bfloat16 has the range but 8 bits; float16 would lose both ends).

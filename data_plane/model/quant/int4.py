@@ -34,7 +34,7 @@ from data_plane.model.quant.base import (
     round_up,
     row_chunks,
 )
-from data_plane.model.quant.native import NativeInt4, native_int4
+from data_plane.model.quant.native import NativeKernels, native_kernels
 
 GROUP_SIZES = (128, 64, 32)
 _ROW_MULTIPLE = 16  # tinygemm packs output rows in tiles (16 on CPU, 8 on CUDA)
@@ -130,7 +130,7 @@ class Int4Linear(QuantLinear):
         # The CPU's float32 kernel when this machine can build it; else tinygemm (see the module docstring).
         # `allow_native=False` takes tinygemm anyway (the benchmark's comparison).
         cpu = self.device.type == "cpu"
-        self.native: NativeInt4 | None = native_int4() if cpu and allow_native else None
+        self.native: NativeKernels | None = native_kernels() if cpu and allow_native else None
         if self.native is not None:
             self.padded_out_features = out_features
             # Allocated by the first rows loaded: the loader builds the model on the meta device and casts
@@ -204,7 +204,7 @@ class Int4Linear(QuantLinear):
 
     def native_fused(self, xf: torch.Tensor) -> torch.Tensor:
         """xf (T, K) float32 -> (T, N) float32 through the fused kernel (one pass over the packed weight)."""
-        return self.native.mm(xf, self.codes, self.scale, self.offset, self.group_size)
+        return self.native.int4_mm(xf, self.codes, self.scale, self.offset, self.group_size)
 
     def native_blocks(self, xf: torch.Tensor) -> torch.Tensor:
         """xf (T, K) float32 -> (T, N) float32: the weight dequantized a block of rows at a time (4 MiB of
@@ -213,7 +213,7 @@ class Int4Linear(QuantLinear):
         blocks = [
             F.linear(
                 xf,
-                self.native.dequantize(
+                self.native.int4_dequantize(
                     self.codes,
                     self.scale,
                     self.offset,
@@ -228,7 +228,7 @@ class Int4Linear(QuantLinear):
 
     def dequantize(self) -> torch.Tensor:
         if self.native is not None:
-            return self.native.dequantize(self.codes, self.scale, self.offset, self.group_size)
+            return self.native.int4_dequantize(self.codes, self.scale, self.offset, self.group_size)
         # The packed layout is the kernel's own, so read it back through the kernel: rows of the identity.
         # On CPU in float32 (exact); the CUDA kernel takes bfloat16 only (its output is rounded to it).
         k = self.in_features

@@ -11,7 +11,10 @@ device lacks it, the weight is dequantized per call (correct, slower). The CPU k
 whose length is not a multiple of 16 (a crash, measured with torch 2.13), so the input dimension is
 zero-padded to one and the activations padded to match.
 
-float32 activations on CPU take a more precise path instead, since `_weight_int8pack_mm` rounds its input
+float32 activations on CPU: up to NATIVE_MM_MAX_TOKENS rows (decode) go through `int8_cpu.c` (native.py;
+built for the machine at first use), which widens each code to float32 in registers: exact products at
+the speed of reading 8-bit codes, on every CPU with a C compiler. More rows (prefill, large batches) take
+a more precise path than PyTorch's bfloat16 one where it is fast, since `_weight_int8pack_mm` rounds its input
 and output to bfloat16 (2^-9 relative each): each row of x is written as two int8 digits on a per-row
 scale, x[t] ~ sx[t] * (256 * high[t] + low[t]) (16 bits, error at most max|x[t]| / 65024), and each digit
 is multiplied by the int8 weight with `torch._int_mm`, whose int32 sums are exact:
@@ -43,6 +46,7 @@ import torch
 from torch.nn import functional as F
 
 from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, one_thread, round_up, row_chunks
+from data_plane.model.quant.native import NativeKernels, native_kernels
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,9 @@ TWO_DIGIT_MAX_COST = 8.0
 # Stacked digits up to this many rows: at 128 rows the two products of T rows were faster (Intel, AMX).
 STACK_MAX_ROWS = 32
 _DIGIT_RANGE = 127 * 256  # |256 * high + low| for high in [-127, 127], low in [-128, 127]
+# float32 activations of at most this many rows take the native kernel (its cost grows with the rows, the
+# int8 products' hardly: `python -m benchmarks.quant_bench` prints the crossover, RESULTS.md).
+NATIVE_MM_MAX_TOKENS = 4
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +204,7 @@ class Int8Linear(QuantLinear):
         # measurement runs then, not in a forward), never per call.
         self.two_digit = False
         self.two_digit_stacked = False
+        self.native: NativeKernels | None = None  # the CPU's float32 kernels, when this machine builds them
 
     def load_rows(self, start: int, rows: torch.Tensor) -> None:
         end = self._check_rows(start, rows)
@@ -206,6 +214,7 @@ class Int8Linear(QuantLinear):
             self.scale = torch.zeros(n, dtype=COMPUTE_DTYPE, device=self.device)
             self.two_digit = self.device.type == "cpu" and two_digit_path_chosen()
             self.two_digit_stacked = self.two_digit and two_digit_stacks()
+            self.native = native_kernels() if self.device.type == "cpu" else None
         k = self.in_features
         with one_thread():
             for lo, hi in row_chunks(end - start, k, 1):
@@ -213,6 +222,8 @@ class Int8Linear(QuantLinear):
                 self.qweight[start + lo : start + hi, :k], self.scale[start + lo : start + hi] = q, s
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_native(x):
+            return self.native.int8_mm(x.contiguous(), self.qweight, self.scale)
         if self.padded_in_features != self.in_features:
             x = F.pad(x, (0, self.padded_in_features - self.in_features))  # (T, K_pad)
         if x.dtype == torch.float32 and self.two_digit:
@@ -227,6 +238,15 @@ class Int8Linear(QuantLinear):
         else:
             y = xc @ (self.qweight.to(COMPUTE_DTYPE) * self.scale.unsqueeze(1)).T
         return y.to(x.dtype)
+
+    def uses_native(self, x: torch.Tensor) -> bool:
+        """Whether `kernel(x)` takes the native float32 kernel: float32 rows, few of them, a vector build."""
+        return (
+            self.native is not None
+            and bool(self.native.vector_bits)
+            and x.dtype == torch.float32
+            and x.shape[0] <= NATIVE_MM_MAX_TOKENS
+        )
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.qweight[:, : self.in_features], self.scale)

@@ -1,16 +1,18 @@
-"""The int4 CPU kernel of `int4_cpu.c`, compiled for this machine at first use and loaded through ctypes.
+"""The CPU kernels of `int4_cpu.c` and `int8_cpu.c`, compiled for this machine at first use into one library
+and loaded through ctypes.
 
-    kernel = native_int4()                      # NativeInt4, or None (why: native_int4_problem())
-    y = kernel.mm(x, codes, scale, offset, G)   # x (T, K) float32 -> y (T, N) float32
+    kernels = native_kernels()                          # NativeKernels, or None (why: native_kernels_problem())
+    y = kernels.int4_mm(x, codes, scale, offset, G)     # x (T, K) float32 -> y (T, N) float32
+    y = kernels.int8_mm(x, qweight, scale, K)           # the same for int8.py's layout
 
 The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
 cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory when
 that cannot be written) by a digest of the source, the flags, the compiler's version and the CPU's model
 and flags, so a cache shared with another machine or an upgraded compiler builds again. A build is
 written beside its final name and renamed into it: workers starting together never load half a file.
-Before use it is checked on a small weight against the torch dequantization; a machine without a compiler,
-a failed build or a failed check leaves `native_int4()` None, and int4 on the CPU then takes PyTorch's
-bfloat16 kernel (int4.py says what that costs).
+Before use it is checked on small weights against the torch dequantizations; a machine without a compiler,
+a failed build or a failed check leaves `native_kernels()` None, and int4 and int8 on the CPU then take
+PyTorch's kernels (int4.py and int8.py say what that costs).
 
 OpenMP in the library resolves to the runtime torch has already loaded (its `libgomp.so.1`), so the
 kernel's threads are torch's own pool; each call passes `torch.get_num_threads()`.
@@ -35,14 +37,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int4_cpu.c")
+SOURCES = (Path(__file__).with_name("int4_cpu.c"), Path(__file__).with_name("int8_cpu.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 _BUILD_TIMEOUT_S = 120
-_problem: str | None = None  # why native_int4() is None
+_problem: str | None = None  # why native_kernels() is None
 
 
 @dataclass(frozen=True)
-class NativeInt4:
+class NativeKernels:
     """The loaded library. `vector_bits`: 512 (AVX-512), 256 (AVX2) or 0 (plain C) in this build."""
 
     library: ctypes.CDLL
@@ -50,14 +52,14 @@ class NativeInt4:
     vector_bits: int
     cached: bool = False  # found in the cache rather than built by this process
 
-    def mm(
+    def int4_mm(
         self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
     ) -> torch.Tensor:
         """x (T, K) float32 contiguous, codes (N, K / 2) uint8, scale and offset (N, K / group_size)
         bfloat16 -> x @ W.T (T, N) float32, W as int4_cpu.c lays it out."""
         num_tokens, k = x.shape
         n = codes.shape[0]
-        _check(x, codes, scale, offset, group_size)
+        _check_int4(x, codes, scale, offset, group_size)
         y = torch.empty(num_tokens, n, dtype=torch.float32, device="cpu")
         self.library.openlora_int4_mm(
             x.data_ptr(), num_tokens, k, codes.data_ptr(), scale.data_ptr(), offset.data_ptr(), n, group_size,
@@ -65,7 +67,7 @@ class NativeInt4:
         )  # fmt: skip
         return y
 
-    def dequantize(
+    def int4_dequantize(
         self,
         codes: torch.Tensor,
         scale: torch.Tensor,
@@ -74,7 +76,7 @@ class NativeInt4:
         start: int = 0,
         end: int | None = None,
     ) -> torch.Tensor:
-        """Rows start:end of W, (end - start, K) float32: exactly the values `mm` multiplies by."""
+        """Rows start:end of W, (end - start, K) float32: exactly the values `int4_mm` multiplies by."""
         n, k = codes.shape[0], codes.shape[1] * 2
         end = n if end is None else end
         if not 0 <= start <= end <= n:
@@ -86,59 +88,110 @@ class NativeInt4:
         )  # fmt: skip
         return out
 
+    def int8_mm(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x (T, K) float32 contiguous, qweight (N, K_pad >= K) int8 (int8.py's layout, input padded),
+        scale (N,) bfloat16 -> x @ (qweight[:, :K] * scale[:, None]).T, (T, N) float32."""
+        _check_int8(x, qweight, scale)
+        num_tokens, k = x.shape
+        n, k_pad = qweight.shape
+        y = torch.empty(num_tokens, n, dtype=torch.float32, device="cpu")
+        self.library.openlora_int8_mm(
+            x.data_ptr(), num_tokens, k, qweight.data_ptr(), k_pad, scale.data_ptr(), n, y.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return y
 
-def _check(
+
+def _check_x(x: torch.Tensor, k: int, k_pad: int | None = None) -> None:
+    width = x.shape[1] if x.dim() == 2 else -1
+    ok_width = width == k if k_pad is None else 0 < width <= k_pad
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or not ok_width:
+        want = f"(T, {k})" if k_pad is None else f"(T, at most {k_pad})"
+        raise ValueError(f"x must be contiguous float32 {want} on the CPU, got {x.dtype} {list(x.shape)}")
+
+
+def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+    """The C code trusts its pointers: every shape, dtype and layout it assumes is checked here first."""
+    if (
+        qweight.dim() != 2
+        or qweight.dtype != torch.int8
+        or not qweight.is_contiguous()
+        or qweight.device.type != "cpu"
+    ):
+        raise ValueError("qweight must be a contiguous int8 (N, K_pad) CPU tensor")
+    n, k_pad = qweight.shape
+    _check_x(x, x.shape[-1], k_pad)
+    if (
+        scale.dtype != torch.bfloat16
+        or not scale.is_contiguous()
+        or tuple(scale.shape) != (n,)
+        or scale.device.type != "cpu"
+    ):
+        raise ValueError(f"scale must be contiguous bfloat16 ({n},) on the CPU")
+
+
+def _check_int4(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
 ) -> None:
     """The C code trusts its pointers: every shape, dtype and layout it assumes is checked here first."""
+    if (
+        codes.dim() != 2
+        or codes.dtype != torch.uint8
+        or not codes.is_contiguous()
+        or codes.device.type != "cpu"
+    ):
+        raise ValueError("codes must be a contiguous uint8 (N, K / 2) CPU tensor")
     n, half_k = codes.shape
     k = 2 * half_k
-    if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"x must be contiguous float32 (T, {k}), got {x.dtype} {list(x.shape)}")
-    for t in (x, codes, scale, offset):
-        if t.device.type != "cpu":
-            raise ValueError(f"the int4 CPU kernel takes CPU tensors, got one on {t.device}")
-    if codes.dtype != torch.uint8 or not codes.is_contiguous():
-        raise ValueError("codes must be contiguous uint8")
+    _check_x(x, k)
     if group_size not in (32, 64, 128) or k % group_size:
         raise ValueError(f"group size {group_size} does not divide in_features {k}")
     for name, t in (("scale", scale), ("offset", offset)):
-        if t.dtype != torch.bfloat16 or not t.is_contiguous() or tuple(t.shape) != (n, k // group_size):
-            raise ValueError(f"{name} must be contiguous bfloat16 ({n}, {k // group_size})")
+        if (
+            t.dtype != torch.bfloat16
+            or not t.is_contiguous()
+            or tuple(t.shape) != (n, k // group_size)
+            or t.device.type != "cpu"
+        ):
+            raise ValueError(f"{name} must be contiguous bfloat16 ({n}, {k // group_size}) on the CPU")
 
 
-def native_int4() -> NativeInt4 | None:
+def native_kernels() -> NativeKernels | None:
     """The kernel library for this machine, built and checked once per process; None where it cannot be."""
     return _load()
 
 
-def native_int4_problem() -> str | None:
-    """Why `native_int4()` is None (None when it is not)."""
+def native_kernels_problem() -> str | None:
+    """Why `native_kernels()` is None (None when it is not)."""
     _load()
     return _problem
 
 
 @functools.cache
-def _load() -> NativeInt4 | None:
+def _load() -> NativeKernels | None:
     global _problem
     try:
         try:
             kernel = _build_and_load()
             _check_against_torch(kernel)
         except _CachedFileBad as bad:  # damaged on disk since it was built: built again, once
-            log.warning("int4 on the CPU: %s; building it again", bad)
+            log.warning("CPU kernels: %s; building them again", bad)
             bad.path.unlink(missing_ok=True)
             kernel = _build_and_load()
             _check_against_torch(kernel)
     except _Unavailable as reason:
         _problem = str(reason)
         log.warning(
-            "int4 on the CPU: the float32 kernel is unavailable (%s); PyTorch's bfloat16 kernel serves "
-            "instead (activations and outputs of the int4 linears rounded to bfloat16)",
+            "int4 and int8 on the CPU: the float32 kernels are unavailable (%s); PyTorch's kernels serve "
+            "instead (int4: activations and outputs of its linears rounded to bfloat16; int8.py says which)",
             _problem,
         )
         return None
-    log.info("int4 on the CPU: float32 kernel %s (%s)", kernel.path.name, _vector_name(kernel.vector_bits))
+    log.info(
+        "int4 and int8 on the CPU: float32 kernels %s (%s)",
+        kernel.path.name,
+        _vector_name(kernel.vector_bits),
+    )
     return kernel
 
 
@@ -189,7 +242,7 @@ def _cache_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="openlora-kernels-"))  # private (0700), this process only
 
 
-def _build_and_load() -> NativeInt4:
+def _build_and_load() -> NativeKernels:
     compiler = _compiler()
     try:
         version = subprocess.run(
@@ -197,14 +250,14 @@ def _build_and_load() -> NativeInt4:
         ).stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise _Unavailable(f"the C compiler {shlex.join(compiler)} does not run ({error})") from None
-    source = SOURCE.read_bytes()
+    sources = [source.read_bytes() for source in SOURCES]
     digest = hashlib.sha256(
-        b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _machine_identity().encode()])
+        b"\0".join([*sources, " ".join(FLAGS).encode(), version.encode(), _machine_identity().encode()])
     ).hexdigest()[:16]
     directory = _cache_dir()
-    path = directory / f"int4_cpu-{digest}.so"
+    path = directory / f"quant_cpu-{digest}.so"
     if path.exists() and not _intact(path):  # dlopen of a cut file is a SIGBUS, not an error: checked first
-        log.warning("int4 on the CPU: the cached %s is damaged; building it again", path.name)
+        log.warning("CPU kernels: the cached %s is damaged; building it again", path.name)
         path.unlink(missing_ok=True)
     cached = path.exists()
     if not cached:
@@ -220,9 +273,11 @@ def _build_and_load() -> NativeInt4:
     library.openlora_int4_mm.restype = None
     library.openlora_int4_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
     library.openlora_int4_dequantize.restype = None
+    library.openlora_int8_mm.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+    library.openlora_int8_mm.restype = None
     library.openlora_int4_vector_bits.argtypes = []
     library.openlora_int4_vector_bits.restype = ctypes.c_int
-    return NativeInt4(library, path, library.openlora_int4_vector_bits(), cached)
+    return NativeKernels(library, path, library.openlora_int4_vector_bits(), cached)
 
 
 def _digest_path(path: Path) -> Path:
@@ -238,44 +293,54 @@ def _intact(path: Path) -> bool:
 
 
 def _build(compiler: list[str], path: Path) -> None:
-    """Compiles SOURCE into `path`, its digest recorded first: every name it appears under is whole."""
+    """Compiles SOURCES into `path`, its digest recorded first: every name it appears under is whole."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         built = subprocess.run(
-            [*compiler, *FLAGS, str(SOURCE), "-o", str(partial)],
+            [*compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial)],
             capture_output=True,
             text=True,
             timeout=_BUILD_TIMEOUT_S,
         )
         if built.returncode != 0:
             last = (built.stderr.strip().splitlines() or ["no message"])[-1]
-            raise _Unavailable(f"{shlex.join(compiler)} failed to build {SOURCE.name}: {last}")
+            raise _Unavailable(f"{shlex.join(compiler)} failed to build the CPU kernels: {last}")
         digest_partial = partial.with_name(partial.name + ".sha256")
         digest_partial.write_text(hashlib.sha256(partial.read_bytes()).hexdigest() + "\n")
         os.replace(digest_partial, _digest_path(path))
         os.replace(partial, path)
     except (OSError, subprocess.SubprocessError) as error:
-        raise _Unavailable(f"building {SOURCE.name} failed ({error})") from None
+        raise _Unavailable(f"building the CPU kernels failed ({error})") from None
     finally:
         partial.unlink(missing_ok=True)
         partial.with_name(partial.name + ".sha256").unlink(missing_ok=True)
 
 
-def _check_against_torch(kernel: NativeInt4) -> None:
-    """A small product through the library against the same weight dequantized by torch."""
+def _check_against_torch(kernel: NativeKernels) -> None:
+    """Small products through the library against the same weights dequantized by torch."""
     from data_plane.model.quant.int4 import dequantize_int4, pack_native, quantize_int4
+    from data_plane.model.quant.int8 import dequantize_int8, quantize_int8
 
     g = torch.Generator().manual_seed(0)
+    # device named: the first call may come while a model is built under torch.device("meta")
+    x = torch.randn(11, 256, generator=g, device="cpu")
+    checks = []
     for group_size in (128, 64, 32):
-        # device named: the first call may come while a model is built under torch.device("meta")
         w = torch.randn(24, 256, generator=g, device="cpu")
-        x = torch.randn(11, 256, generator=g, device="cpu")
         q, scale, offset = quantize_int4(w, group_size)
-        want = x.double() @ dequantize_int4(q, scale, offset).double().T
-        got = kernel.mm(x, pack_native(q, group_size), scale, offset, group_size)
+        got = kernel.int4_mm(x, pack_native(q, group_size), scale, offset, group_size)
+        checks.append((f"int4, group {group_size}", got, dequantize_int4(q, scale, offset)))
+    w = torch.randn(24, 250, generator=g, device="cpu")  # a width past the last whole vector
+    q8, scale8 = quantize_int8(w)
+    padded = torch.nn.functional.pad(q8, (0, 6))  # (24, 256): rows K_pad apart, as int8.py holds them
+    checks.append(
+        ("int8", kernel.int8_mm(x[:, :250].contiguous(), padded, scale8), dequantize_int8(q8, scale8))
+    )
+    for name, got, weight in checks:
+        want = x[:, : weight.shape[1]].double() @ weight.double().T
         error = float((got.double() - want).abs().max() / want.abs().max())
         if not error < 1e-5:
-            message = f"{kernel.path.name} disagrees with torch (group {group_size}: {error:.1e})"
+            message = f"{kernel.path.name} disagrees with torch ({name}: {error:.1e})"
             raise _CachedFileBad(message, kernel.path) if kernel.cached else _Unavailable(message)
 
 

@@ -3,7 +3,7 @@ and loaded through ctypes.
 
     kernels = native_kernels()                          # NativeKernels, or None (why: native_kernels_problem())
     y = kernels.int4_mm(x, codes, scale, offset, G)     # x (T, K) float32 -> y (T, N) float32
-    y = kernels.int8_mm(x, qweight, scale, K)           # the same for int8.py's layout
+    y = kernels.int8_mm(x, qweight, scale)              # the same for int8.py's layout
 
 The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
 cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory when

@@ -135,3 +135,25 @@ def test_the_kernel_refuses_tensors_it_would_misread():
         kernel.mm(x, codes, scale, offset, 96)
     with pytest.raises(ValueError, match="rows 3:20 outside 0:16"):
         kernel.dequantize(codes, scale, offset, 128, 3, 20)
+
+
+def test_dequantize_refuses_a_weight_it_would_misread():
+    # dequantize reads codes, scale and offset through the same pointers as mm: a scale too short for the
+    # codes is read past its end, a group size that does not divide K writes past the output's rows.
+    kernel = native.native_int4()
+    assert kernel is not None, native.native_int4_problem()
+    q, scale, offset = int4.quantize_int4(torch.randn(16, 256), 128)
+    codes = int4.pack_native(q, 128)
+    for bad_scale in (scale[:, :1].contiguous(), scale[:4], scale.float(), scale.T.contiguous().T):
+        with pytest.raises(ValueError, match="scale must be"):
+            kernel.dequantize(codes, bad_scale, offset, 128)
+    with pytest.raises(ValueError, match="offset must be"):
+        kernel.dequantize(codes, scale, offset.half(), 128)
+    with pytest.raises(ValueError, match="group size 96"):
+        kernel.dequantize(codes, scale, offset, 96)
+    with pytest.raises(ValueError, match="codes must be contiguous uint8"):
+        kernel.dequantize(codes.T.contiguous().T, scale, offset, 128)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        kernel.dequantize(codes.to("meta"), scale, offset, 128)
+    with pytest.raises(ValueError, match=r"codes must be \(N, K / 2\)"):
+        kernel.mm(torch.randn(2, 256), codes.view(-1), scale, offset, 128)

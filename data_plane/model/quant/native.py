@@ -55,9 +55,12 @@ class NativeInt4:
     ) -> torch.Tensor:
         """x (T, K) float32 contiguous, codes (N, K / 2) uint8, scale and offset (N, K / group_size)
         bfloat16 -> x @ W.T (T, N) float32, W as int4_cpu.c lays it out."""
-        num_tokens, k = x.shape
-        n = codes.shape[0]
-        _check(x, codes, scale, offset, group_size)
+        n, k = _check_weight(codes, scale, offset, group_size)
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"x must be contiguous float32 (T, {k}), got {x.dtype} {list(x.shape)}")
+        if x.device.type != "cpu":
+            raise ValueError(f"the int4 CPU kernel takes CPU tensors, got x on {x.device}")
+        num_tokens = x.shape[0]
         y = torch.empty(num_tokens, n, dtype=torch.float32, device="cpu")
         self.library.openlora_int4_mm(
             x.data_ptr(), num_tokens, k, codes.data_ptr(), scale.data_ptr(), offset.data_ptr(), n, group_size,
@@ -74,8 +77,9 @@ class NativeInt4:
         start: int = 0,
         end: int | None = None,
     ) -> torch.Tensor:
-        """Rows start:end of W, (end - start, K) float32: exactly the values `mm` multiplies by."""
-        n, k = codes.shape[0], codes.shape[1] * 2
+        """Rows start:end of W, (end - start, K) float32: exactly the values `mm` multiplies by (codes,
+        scale and offset as `mm` takes them, checked as there)."""
+        n, k = _check_weight(codes, scale, offset, group_size)
         end = n if end is None else end
         if not 0 <= start <= end <= n:
             raise ValueError(f"rows {start}:{end} outside 0:{n}")
@@ -87,15 +91,15 @@ class NativeInt4:
         return out
 
 
-def _check(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
-) -> None:
-    """The C code trusts its pointers: every shape, dtype and layout it assumes is checked here first."""
-    n, half_k = codes.shape
-    k = 2 * half_k
-    if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"x must be contiguous float32 (T, {k}), got {x.dtype} {list(x.shape)}")
-    for t in (x, codes, scale, offset):
+def _check_weight(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
+) -> tuple[int, int]:
+    """The C code trusts its pointers: every shape, dtype and layout of the weight it assumes is checked
+    here first. Returns (N, K)."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be (N, K / 2), got {list(codes.shape)}")
+    n, k = codes.shape[0], 2 * codes.shape[1]
+    for t in (codes, scale, offset):
         if t.device.type != "cpu":
             raise ValueError(f"the int4 CPU kernel takes CPU tensors, got one on {t.device}")
     if codes.dtype != torch.uint8 or not codes.is_contiguous():
@@ -105,6 +109,7 @@ def _check(
     for name, t in (("scale", scale), ("offset", offset)):
         if t.dtype != torch.bfloat16 or not t.is_contiguous() or tuple(t.shape) != (n, k // group_size):
             raise ValueError(f"{name} must be contiguous bfloat16 ({n}, {k // group_size})")
+    return n, k
 
 
 def native_int4() -> NativeInt4 | None:

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -157,3 +158,14 @@ def test_dequantize_refuses_a_weight_it_would_misread():
         kernel.dequantize(codes.to("meta"), scale, offset, 128)
     with pytest.raises(ValueError, match=r"codes must be \(N, K / 2\)"):
         kernel.mm(torch.randn(2, 256), codes.view(-1), scale, offset, 128)
+
+
+def test_nowhere_to_build_serves_int4_through_tinygemm(fresh_build, monkeypatch, tmp_path):
+    # A read-only file system: neither the cache nor a temporary directory can be made. The worker serves
+    # int4 (through tinygemm), it does not stop building its model.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(blocker))
+    layer = make_quant_linear("int4", 128, 32, torch.device("cpu"))
+    assert layer.native is None and "a-file" in native.native_int4_problem()

@@ -135,7 +135,7 @@ def _load() -> NativeInt4 | None:
             bad.path.unlink(missing_ok=True)
             kernel = _build_and_load()
             _check_against_torch(kernel)
-    except _Unavailable as reason:
+    except (_Unavailable, OSError) as reason:  # OSError: no cache and no temporary directory to build in
         _problem = str(reason)
         log.warning(
             "int4 on the CPU: the float32 kernel is unavailable (%s); PyTorch's bfloat16 kernel serves "

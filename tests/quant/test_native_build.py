@@ -169,3 +169,15 @@ def test_nowhere_to_build_serves_int4_through_tinygemm(fresh_build, monkeypatch,
     monkeypatch.setattr(tempfile, "tempdir", str(blocker))
     layer = make_quant_linear("int4", 128, 32, torch.device("cpu"))
     assert layer.native is None and "a-file" in native.native_int4_problem()
+
+
+def test_a_compiler_named_with_arguments_builds_a_library_of_its_own(fresh_build, monkeypatch):
+    # CC="gcc -m32" or CC="gcc -ffast-math" builds another library than gcc alone: it must not be loaded
+    # under the plain compiler's name (nor the plain one under its).
+    plain = native.native_int4()
+    assert plain is not None, native.native_int4_problem()
+    native._load.cache_clear()
+    monkeypatch.setenv("CC", f"{native._compiler()[0]} -DOPENLORA_ANOTHER_BUILD")
+    other = native.native_int4()
+    assert other is not None, native.native_int4_problem()
+    assert not other.cached and other.path != plain.path

@@ -5,8 +5,9 @@
 
 The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
 cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory when
-that cannot be written) by a digest of the source, the flags, the compiler's version and the CPU's model
-and flags, so a cache shared with another machine or an upgraded compiler builds again. A build is
+that cannot be written) by a digest of the source, the command (CC's arguments too), the compiler's
+version and the CPU's model and flags, so a cache shared with another machine or an upgraded compiler
+builds again. A build is
 written beside its final name and renamed into it: workers starting together never load half a file.
 Before use it is checked on a small weight against the torch dequantization; a machine without a compiler,
 a failed build or a failed check leaves `native_int4()` None, and int4 on the CPU then takes PyTorch's
@@ -204,7 +205,9 @@ def _build_and_load() -> NativeInt4:
         raise _Unavailable(f"the C compiler {shlex.join(compiler)} does not run ({error})") from None
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(
-        b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _machine_identity().encode()])
+        b"\0".join(
+            [source, shlex.join([*compiler, *FLAGS]).encode(), version.encode(), _machine_identity().encode()]
+        )
     ).hexdigest()[:16]
     directory = _cache_dir()
     path = directory / f"int4_cpu-{digest}.so"

@@ -3,6 +3,7 @@ machine that cannot build it serves int4 through tinygemm with a warning naming 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
@@ -181,3 +182,63 @@ def test_a_compiler_named_with_arguments_builds_a_library_of_its_own(fresh_build
     other = native.native_int4()
     assert other is not None, native.native_int4_problem()
     assert not other.cached and other.path != plain.path
+
+
+_HOSTILE_SOURCE = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void run_at_load(void) {
+    FILE *marker = fopen(getenv("OPENLORA_TEST_MARKER"), "w");
+    if (marker) fclose(marker);
+}
+int openlora_int4_vector_bits(void) { return 0; }
+void openlora_int4_mm(void) {}
+void openlora_int4_dequantize(void) {}
+"""
+
+
+@pytest.mark.parametrize("writable", ["cache", "parent"])
+def test_a_library_planted_where_others_can_write_is_never_loaded(fresh_build, tmp_path, writable):
+    # A shared cache (XDG_CACHE_HOME on a directory another user can write to): that user computes the
+    # library's name (every input of it is public on the machine) and plants its own library there, with
+    # the digest file beside it. Loading it runs that user's code in the worker.
+    kernel = native.native_int4()
+    assert kernel is not None, native.native_int4_problem()
+    source = tmp_path / "hostile.c"
+    source.write_text(_HOSTILE_SOURCE)
+    hostile = tmp_path / "hostile.so"
+    subprocess.run([*native._compiler(), "-shared", "-fPIC", str(source), "-o", str(hostile)], check=True)
+    digest = hashlib.sha256(hostile.read_bytes()).hexdigest()
+    native._digest_path(kernel.path).write_text(digest + "\n")
+    os.replace(hostile, kernel.path)
+    (fresh_build if writable == "cache" else fresh_build.parent).chmod(0o777)
+    marker = tmp_path / "hostile-code-ran"
+    probe = (
+        "import logging; logging.basicConfig(level=logging.WARNING)\n"
+        "from data_plane.model.quant import native\n"
+        "k = native.native_int4()\n"
+        "print('loaded', k.path.parent)\n"
+    )
+    env = {
+        **os.environ,
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OPENLORA_TEST_MARKER": str(marker),
+    }
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()
+    assert "not using the cache" in done.stderr
+    assert f"loaded {fresh_build}" not in done.stdout
+
+
+def test_a_cache_of_another_user_is_not_used(fresh_build, monkeypatch):
+    fresh_build.mkdir(parents=True)
+    owner = fresh_build.stat().st_uid
+    with monkeypatch.context() as as_another_user:
+        as_another_user.setattr(os, "geteuid", lambda: owner + 1)
+        kernel = native.native_int4()
+        assert kernel is not None, native.native_int4_problem()
+        assert kernel.path.parent != fresh_build and list(fresh_build.iterdir()) == []
+    native._load.cache_clear()
+    assert native.native_int4().path.parent == fresh_build  # its owner uses it

@@ -5,10 +5,10 @@
 
 The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
 cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory when
-that cannot be written) by a digest of the source, the command (CC's arguments too), the compiler's
-version and the CPU's model and flags, so a cache shared with another machine or an upgraded compiler
-builds again. A build is
-written beside its final name and renamed into it: workers starting together never load half a file.
+that cannot be written, or when another user could have written what is in it) by a digest of the source,
+the command (CC's arguments too), the compiler's version and the CPU's model and flags, so a cache shared
+with another machine or an upgraded compiler builds again. A build is written beside its final name and
+renamed into it: workers starting together never load half a file.
 Before use it is checked on a small weight against the torch dequantization; a machine without a compiler,
 a failed build or a failed check leaves `native_int4()` None, and int4 on the CPU then takes PyTorch's
 bfloat16 kernel (int4.py says what that costs).
@@ -27,6 +27,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -187,12 +188,39 @@ def _machine_identity() -> str:
 def _cache_dir() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openlora" / "kernels"
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        if os.access(base, os.W_OK | os.X_OK):
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        base = base.resolve()  # used by its real path: a link swapped after the check changes nothing
+        if untrusted := _untrusted(base):
+            log.warning(
+                "int4 on the CPU: not using the cache %s (%s); building into a private directory",
+                base,
+                untrusted,
+            )
+        elif os.access(base, os.W_OK | os.X_OK):
             return base
     except OSError:
         pass
     return Path(tempfile.mkdtemp(prefix="openlora-kernels-"))  # private (0700), this process only
+
+
+def _untrusted(directory: Path) -> str | None:
+    """Why a library found in `directory` may be another user's code (None when it cannot be): the process
+    runs what it loads from there. The directory must be this user's and writable by no one else, and each
+    directory above it this user's or root's and not world-writable unless sticky (as the system's temporary
+    directory is)."""
+    uid = os.geteuid()
+    st = directory.stat()
+    if st.st_uid != uid:
+        return f"it belongs to uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        return f"others can write to it (mode {stat.S_IMODE(st.st_mode):o}; chmod go-w makes it usable)"
+    for parent in directory.parents:
+        st = parent.stat()
+        if st.st_uid not in (uid, 0):
+            return f"{parent} belongs to uid {st.st_uid}"
+        if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
+            return f"anyone can write to {parent}"
+    return None
 
 
 def _build_and_load() -> NativeInt4:

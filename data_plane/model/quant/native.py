@@ -4,11 +4,11 @@
     y = kernel.mm(x, codes, scale, offset, G)   # x (T, K) float32 -> y (T, N) float32
 
 The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
-cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory when
-that cannot be written, or when another user could have written what is in it) by a digest of the source,
-the command (CC's arguments too), the compiler's version and the CPU's model and flags, so a cache shared
-with another machine or an upgraded compiler builds again. A build is written beside its final name and
-renamed into it: workers starting together never load half a file.
+cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory,
+removed once loaded, when that cannot be written or another user could have written what is in it) by a
+digest of the source, the command (CC's arguments too), the compiler's version and the CPU's model and
+flags, so a cache shared with another machine or an upgraded compiler builds again. A build is written
+beside its final name and renamed into it: workers starting together never load half a file.
 Before use it is checked on a small weight against the torch dequantization; a machine without a compiler,
 a failed build or a failed check leaves `native_int4()` None, and int4 on the CPU then takes PyTorch's
 bfloat16 kernel (int4.py says what that costs).
@@ -185,7 +185,8 @@ def _machine_identity() -> str:
     return "\n".join(identity)
 
 
-def _cache_dir() -> Path:
+def _cache_dir() -> Path | None:
+    """The cache directory, None where it cannot be written or trusted."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openlora" / "kernels"
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -200,7 +201,7 @@ def _cache_dir() -> Path:
             return base
     except OSError:
         pass
-    return Path(tempfile.mkdtemp(prefix="openlora-kernels-"))  # private (0700), this process only
+    return None
 
 
 def _untrusted(directory: Path) -> str | None:
@@ -237,8 +238,16 @@ def _build_and_load() -> NativeInt4:
             [source, shlex.join([*compiler, *FLAGS]).encode(), version.encode(), _machine_identity().encode()]
         )
     ).hexdigest()[:16]
-    directory = _cache_dir()
-    path = directory / f"int4_cpu-{digest}.so"
+    name = f"int4_cpu-{digest}.so"
+    if (directory := _cache_dir()) is not None:
+        return _load_library(compiler, directory / name)
+    # Private (0700), this process only, and removed once loaded: the library stays mapped without its file.
+    with tempfile.TemporaryDirectory(prefix="openlora-kernels-", ignore_cleanup_errors=True) as private:
+        return _load_library(compiler, Path(private) / name)
+
+
+def _load_library(compiler: list[str], path: Path) -> NativeInt4:
+    """The library at `path`, built there first unless an intact one is there already."""
     if path.exists() and not _intact(path):  # dlopen of a cut file is a SIGBUS, not an error: checked first
         log.warning("int4 on the CPU: the cached %s is damaged; building it again", path.name)
         path.unlink(missing_ok=True)

@@ -250,3 +250,13 @@ def test_a_cache_of_another_user_is_not_used(fresh_build, monkeypatch):
         assert kernel.path.parent != fresh_build and list(fresh_build.iterdir()) == []
     native._load.cache_clear()
     assert native.native_int4().path.parent == fresh_build  # its owner uses it
+
+
+def test_a_relative_xdg_cache_home_is_ignored(fresh_build, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative-cache")
+    monkeypatch.chdir(tmp_path)
+    kernel = native.native_int4()
+    assert kernel is not None, native.native_int4_problem()
+    assert kernel.path.parent == tmp_path / "home" / ".cache" / "openlora" / "kernels"
+    assert not (tmp_path / "relative-cache").exists()

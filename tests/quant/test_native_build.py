@@ -260,3 +260,15 @@ def test_a_relative_xdg_cache_home_is_ignored(fresh_build, monkeypatch, tmp_path
     assert kernel is not None, native.native_int4_problem()
     assert kernel.path.parent == tmp_path / "home" / ".cache" / "openlora" / "kernels"
     assert not (tmp_path / "relative-cache").exists()
+
+
+def test_a_build_of_another_process_with_the_same_pid_is_not_written_over(fresh_build, monkeypatch):
+    # Workers in two containers sharing the cache can both be pid 7 and build at once. Stood for here by a
+    # directory at the name a partial build of this pid took: the other build's file is not this one's.
+    kernel = native.native_int4()
+    assert kernel is not None, native.native_int4_problem()
+    for name in (kernel.path.name, kernel.path.name + ".sha256"):
+        (fresh_build / name).unlink()
+    (fresh_build / f".{kernel.path.name}.{os.getpid()}.partial").mkdir()
+    native._load.cache_clear()
+    assert native.native_int4() is not None, native.native_int4_problem()

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import stat
@@ -287,7 +288,8 @@ def _intact(path: Path) -> bool:
 
 def _build(compiler: list[str], path: Path) -> None:
     """Compiles SOURCE into `path`, its digest recorded first: every name it appears under is whole."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    # Unique past the pid: workers in other pid namespaces sharing the cache (containers) reuse pids.
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}.partial")
     try:
         built = subprocess.run(
             [*compiler, *FLAGS, str(SOURCE), "-o", str(partial)],

@@ -3,11 +3,13 @@ machine that cannot build it serves int4 through tinygemm with a warning naming 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -106,7 +108,9 @@ def test_a_failed_build_leaves_no_partial_file_and_falls_back(fresh_build, monke
     assert list(fresh_build.iterdir()) == []  # neither the partial output nor a final name
 
 
-def test_an_unwritable_cache_builds_into_a_private_directory(fresh_build, monkeypatch, tmp_path):
+def test_an_unwritable_cache_builds_into_a_private_directory_left_to_no_one(
+    fresh_build, monkeypatch, tmp_path
+):
     if os.geteuid() == 0:
         # root writes through permission bits: make the cache path a file instead, which nobody can mkdir
         fresh_build.parent.parent.mkdir(parents=True)
@@ -114,10 +118,16 @@ def test_an_unwritable_cache_builds_into_a_private_directory(fresh_build, monkey
     else:
         fresh_build.parent.mkdir(parents=True)
         fresh_build.parent.chmod(0o500)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     kernel = native.native_kernels()
     assert kernel is not None, native.native_kernels_problem()
-    assert kernel.path.parent.name.startswith("openlora-kernels-")
-    assert stat.S_IMODE(kernel.path.parent.stat().st_mode) == 0o700
+    assert kernel.path.parent.parent == tmp_path and kernel.path.parent.name.startswith("openlora-kernels-")
+    # Gone once loaded (the library stays mapped): every worker start here would leave one more behind.
+    assert not kernel.path.parent.exists()
+    q, scale, offset = int4.quantize_int4(torch.randn(16, 128), 128)
+    x = torch.randn(3, 128)
+    want = x @ int4.dequantize_int4(q, scale, offset).T
+    assert torch.allclose(kernel.int4_mm(x, int4.pack_native(q, 128), scale, offset, 128), want, atol=1e-4)
 
 
 def test_the_kernel_refuses_tensors_it_would_misread():
@@ -136,10 +146,143 @@ def test_the_kernel_refuses_tensors_it_would_misread():
     with pytest.raises(ValueError, match="rows 3:20 outside 0:16"):
         kernel.int4_dequantize(codes, scale, offset, 128, 3, 20)
     q8, scale8 = int8.quantize_int8(torch.randn(16, 128))
-    for bad_x in (x.double(), x.T.contiguous().T, torch.randn(2, 129), torch.randn(2, 0)):
+    for bad_x in (
+        x.double(),
+        x.T.contiguous().T,
+        torch.randn(2, 129),
+        torch.randn(2, 100),
+        torch.randn(2, 0),
+    ):
         with pytest.raises(ValueError, match="x must be contiguous float32"):
             kernel.int8_mm(bad_x, q8, scale8)
     with pytest.raises(ValueError, match="qweight must be"):
         kernel.int8_mm(x, q8.T, scale8)  # not contiguous
     with pytest.raises(ValueError, match=r"scale must be contiguous bfloat16 \(16,\)"):
         kernel.int8_mm(x, q8, scale8[:8])
+
+
+def test_dequantize_refuses_a_weight_it_would_misread():
+    # dequantize reads codes, scale and offset through the same pointers as mm: a scale too short for the
+    # codes is read past its end, a group size that does not divide K writes past the output's rows.
+    kernel = native.native_kernels()
+    assert kernel is not None, native.native_kernels_problem()
+    q, scale, offset = int4.quantize_int4(torch.randn(16, 256), 128)
+    codes = int4.pack_native(q, 128)
+    for bad_scale in (scale[:, :1].contiguous(), scale[:4], scale.float(), scale.T.contiguous().T):
+        with pytest.raises(ValueError, match="scale must be"):
+            kernel.int4_dequantize(codes, bad_scale, offset, 128)
+    with pytest.raises(ValueError, match="offset must be"):
+        kernel.int4_dequantize(codes, scale, offset.half(), 128)
+    with pytest.raises(ValueError, match="group size 96"):
+        kernel.int4_dequantize(codes, scale, offset, 96)
+    with pytest.raises(ValueError, match="codes must be contiguous uint8"):
+        kernel.int4_dequantize(codes.T.contiguous().T, scale, offset, 128)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        kernel.int4_dequantize(codes.to("meta"), scale, offset, 128)
+    with pytest.raises(ValueError, match=r"codes must be \(N, K / 2\)"):
+        kernel.int4_mm(torch.randn(2, 256), codes.view(-1), scale, offset, 128)
+
+
+def test_nowhere_to_build_serves_int4_through_tinygemm(fresh_build, monkeypatch, tmp_path):
+    # A read-only file system: neither the cache nor a temporary directory can be made. The worker serves
+    # int4 (through tinygemm), it does not stop building its model.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(blocker))
+    layer = make_quant_linear("int4", 128, 32, torch.device("cpu"))
+    assert layer.native is None and "a-file" in native.native_kernels_problem()
+
+
+def test_a_compiler_named_with_arguments_builds_a_library_of_its_own(fresh_build, monkeypatch):
+    # CC="gcc -m32" or CC="gcc -ffast-math" builds another library than gcc alone: it must not be loaded
+    # under the plain compiler's name (nor the plain one under its).
+    plain = native.native_kernels()
+    assert plain is not None, native.native_kernels_problem()
+    native._load.cache_clear()
+    monkeypatch.setenv("CC", f"{native._compiler()[0]} -DOPENLORA_ANOTHER_BUILD")
+    other = native.native_kernels()
+    assert other is not None, native.native_kernels_problem()
+    assert not other.cached and other.path != plain.path
+
+
+_HOSTILE_SOURCE = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void run_at_load(void) {
+    FILE *marker = fopen(getenv("OPENLORA_TEST_MARKER"), "w");
+    if (marker) fclose(marker);
+}
+int openlora_int4_vector_bits(void) { return 0; }
+void openlora_int4_mm(void) {}
+void openlora_int4_dequantize(void) {}
+"""
+
+
+@pytest.mark.parametrize("writable", ["cache", "parent"])
+def test_a_library_planted_where_others_can_write_is_never_loaded(fresh_build, tmp_path, writable):
+    # A shared cache (XDG_CACHE_HOME on a directory another user can write to): that user computes the
+    # library's name (every input of it is public on the machine) and plants its own library there, with
+    # the digest file beside it. Loading it runs that user's code in the worker.
+    kernel = native.native_kernels()
+    assert kernel is not None, native.native_kernels_problem()
+    source = tmp_path / "hostile.c"
+    source.write_text(_HOSTILE_SOURCE)
+    hostile = tmp_path / "hostile.so"
+    subprocess.run([*native._compiler(), "-shared", "-fPIC", str(source), "-o", str(hostile)], check=True)
+    digest = hashlib.sha256(hostile.read_bytes()).hexdigest()
+    native._digest_path(kernel.path).write_text(digest + "\n")
+    os.replace(hostile, kernel.path)
+    (fresh_build if writable == "cache" else fresh_build.parent).chmod(0o777)
+    marker = tmp_path / "hostile-code-ran"
+    probe = (
+        "import logging; logging.basicConfig(level=logging.WARNING)\n"
+        "from data_plane.model.quant import native\n"
+        "k = native.native_kernels()\n"
+        "print('loaded', k.path.parent)\n"
+    )
+    env = {
+        **os.environ,
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OPENLORA_TEST_MARKER": str(marker),
+    }
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()
+    assert "not using the cache" in done.stderr
+    assert f"loaded {fresh_build}" not in done.stdout
+
+
+def test_a_cache_of_another_user_is_not_used(fresh_build, monkeypatch):
+    fresh_build.mkdir(parents=True)
+    owner = fresh_build.stat().st_uid
+    with monkeypatch.context() as as_another_user:
+        as_another_user.setattr(os, "geteuid", lambda: owner + 1)
+        kernel = native.native_kernels()
+        assert kernel is not None, native.native_kernels_problem()
+        assert kernel.path.parent != fresh_build and list(fresh_build.iterdir()) == []
+    native._load.cache_clear()
+    assert native.native_kernels().path.parent == fresh_build  # its owner uses it
+
+
+def test_a_relative_xdg_cache_home_is_ignored(fresh_build, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative-cache")
+    monkeypatch.chdir(tmp_path)
+    kernel = native.native_kernels()
+    assert kernel is not None, native.native_kernels_problem()
+    assert kernel.path.parent == tmp_path / "home" / ".cache" / "openlora" / "kernels"
+    assert not (tmp_path / "relative-cache").exists()
+
+
+def test_a_build_of_another_process_with_the_same_pid_is_not_written_over(fresh_build, monkeypatch):
+    # Workers in two containers sharing the cache can both be pid 7 and build at once. Stood for here by a
+    # directory at the name a partial build of this pid took: the other build's file is not this one's.
+    kernel = native.native_kernels()
+    assert kernel is not None, native.native_kernels_problem()
+    for name in (kernel.path.name, kernel.path.name + ".sha256"):
+        (fresh_build / name).unlink()
+    (fresh_build / f".{kernel.path.name}.{os.getpid()}.partial").mkdir()
+    native._load.cache_clear()
+    assert native.native_kernels() is not None, native.native_kernels_problem()

@@ -58,7 +58,9 @@ def _gauges(port: int) -> dict[str, float]:
     return values
 
 
-def test_up_with_int4_serves_the_demo_path_and_reports_the_format(database_url, redis_url, tmp_path):
+@pytest.mark.parametrize("kernel", ["native", "tinygemm"])
+def test_up_with_int4_serves_the_demo_path_and_reports_the_format(database_url, redis_url, tmp_path, kernel):
+    # tinygemm: a machine without a C compiler (the native kernel cannot be built) still serves int4.
     state = tmp_path / "state"
     # A tiny model placed as up's demo model (no training here); up pushes its adapters as the demo's.
     _support().write_tiny_model(tmp_path / "model")
@@ -71,6 +73,8 @@ def test_up_with_int4_serves_the_demo_path_and_reports_the_format(database_url, 
         OPENLORA_CONTEXT=str(tmp_path / "context.json"),
         XDG_CONFIG_HOME=str(tmp_path / "config"),
     )
+    if kernel == "tinygemm":
+        env["CC"] = str(tmp_path / "no-compiler")
     argv = [
         sys.executable, "-m", "openlora.cli", "up", "--quantize", "int4",
         "--state-dir", str(state), "--database-url", database_url, "--redis-url", redis_url,
@@ -89,6 +93,7 @@ def test_up_with_int4_serves_the_demo_path_and_reports_the_format(database_url, 
         assert text.strip()
         log = (state / "logs" / "worker.log").read_text(errors="replace")
         assert "base weights: int4" in log
+        assert ("; kernel native float32" if kernel == "native" else "; kernel tinygemm (cpu") in log
         gauges = _gauges(metrics_port)
         assert gauges['openlora_base_weight_format_info{format="int4"}'] == 1
         assert 4.0 < gauges["openlora_base_weight_bits_per_weight"] < 5.0  # scales and offsets included

@@ -46,11 +46,11 @@ import torch
 from torch.nn import functional as F
 
 from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, one_thread, round_up, row_chunks
-from data_plane.model.quant.native import NativeKernels, native_kernels
+from data_plane.model.quant.native import INT8_IN_MULTIPLE, NativeKernels, native_kernels
 
 log = logging.getLogger(__name__)
 
-_IN_MULTIPLE = 16
+_IN_MULTIPLE = INT8_IN_MULTIPLE  # native.py checks x against the same padding
 # The two-digit path is used where it costs at most this many times `_weight_int8pack_mm`. Measured (1 row,
 # 1024 square): 1.4-1.6x on an AMD CPU with AVX-512 VNNI, 3.6-3.9x on an Intel one with AMX, 14-19x on an
 # AVX2-only one. The bound sits about 2x from the nearest of them, so one machine's choice does not flip

@@ -6,10 +6,11 @@ and loaded through ctypes.
     y = kernels.int8_mm(x, qweight, scale)              # the same for int8.py's layout
 
 The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
-cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory when
-that cannot be written) by a digest of the source, the flags, the compiler's version and the CPU's model
-and flags, so a cache shared with another machine or an upgraded compiler builds again. A build is
-written beside its final name and renamed into it: workers starting together never load half a file.
+cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory,
+removed once loaded, when that cannot be written or another user could have written what is in it) by a
+digest of the sources, the command (CC's arguments too), the compiler's version and the CPU's model and
+flags, so a cache shared with another machine or an upgraded compiler builds again. A build is written
+beside its final name and renamed into it: workers starting together never load half a file.
 Before use it is checked on small weights against the torch dequantizations; a machine without a compiler,
 a failed build or a failed check leaves `native_kernels()` None, and int4 and int8 on the CPU then take
 PyTorch's kernels (int4.py and int8.py say what that costs).
@@ -26,8 +27,10 @@ import hashlib
 import logging
 import os
 import platform
+import secrets
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -57,9 +60,9 @@ class NativeKernels:
     ) -> torch.Tensor:
         """x (T, K) float32 contiguous, codes (N, K / 2) uint8, scale and offset (N, K / group_size)
         bfloat16 -> x @ W.T (T, N) float32, W as int4_cpu.c lays it out."""
-        num_tokens, k = x.shape
-        n = codes.shape[0]
-        _check_int4(x, codes, scale, offset, group_size)
+        n, k = _check_weight(codes, scale, offset, group_size)
+        _check_x(x, k)
+        num_tokens = x.shape[0]
         y = torch.empty(num_tokens, n, dtype=torch.float32, device="cpu")
         self.library.openlora_int4_mm(
             x.data_ptr(), num_tokens, k, codes.data_ptr(), scale.data_ptr(), offset.data_ptr(), n, group_size,
@@ -76,8 +79,9 @@ class NativeKernels:
         start: int = 0,
         end: int | None = None,
     ) -> torch.Tensor:
-        """Rows start:end of W, (end - start, K) float32: exactly the values `int4_mm` multiplies by."""
-        n, k = codes.shape[0], codes.shape[1] * 2
+        """Rows start:end of W, (end - start, K) float32: exactly the values `int4_mm` multiplies by (codes,
+        scale and offset as `int4_mm` takes them, checked as there)."""
+        n, k = _check_weight(codes, scale, offset, group_size)
         end = n if end is None else end
         if not 0 <= start <= end <= n:
             raise ValueError(f"rows {start}:{end} outside 0:{n}")
@@ -102,11 +106,16 @@ class NativeKernels:
         return y
 
 
+# int8.py pads the input dimension of its codes to a multiple of this; x keeps the real width.
+INT8_IN_MULTIPLE = 16
+
+
 def _check_x(x: torch.Tensor, k: int, k_pad: int | None = None) -> None:
+    """x must be (T, k) float32 on the CPU, contiguous; with `k_pad`, (T, K) for a K that pads to it."""
     width = x.shape[1] if x.dim() == 2 else -1
-    ok_width = width == k if k_pad is None else 0 < width <= k_pad
+    ok_width = width == k if k_pad is None else k_pad - INT8_IN_MULTIPLE < width <= k_pad
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or not ok_width:
-        want = f"(T, {k})" if k_pad is None else f"(T, at most {k_pad})"
+        want = f"(T, {k})" if k_pad is None else f"(T, K) with K padding to {k_pad}"
         raise ValueError(f"x must be contiguous float32 {want} on the CPU, got {x.dtype} {list(x.shape)}")
 
 
@@ -130,30 +139,25 @@ def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
         raise ValueError(f"scale must be contiguous bfloat16 ({n},) on the CPU")
 
 
-def _check_int4(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
-) -> None:
-    """The C code trusts its pointers: every shape, dtype and layout it assumes is checked here first."""
-    if (
-        codes.dim() != 2
-        or codes.dtype != torch.uint8
-        or not codes.is_contiguous()
-        or codes.device.type != "cpu"
-    ):
-        raise ValueError("codes must be a contiguous uint8 (N, K / 2) CPU tensor")
-    n, half_k = codes.shape
-    k = 2 * half_k
-    _check_x(x, k)
+def _check_weight(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
+) -> tuple[int, int]:
+    """The C code trusts its pointers: every shape, dtype and layout of the weight it assumes is checked
+    here first. Returns (N, K)."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be (N, K / 2), got {list(codes.shape)}")
+    n, k = codes.shape[0], 2 * codes.shape[1]
+    for t in (codes, scale, offset):
+        if t.device.type != "cpu":
+            raise ValueError(f"the int4 CPU kernel takes CPU tensors, got one on {t.device}")
+    if codes.dtype != torch.uint8 or not codes.is_contiguous():
+        raise ValueError("codes must be contiguous uint8")
     if group_size not in (32, 64, 128) or k % group_size:
         raise ValueError(f"group size {group_size} does not divide in_features {k}")
     for name, t in (("scale", scale), ("offset", offset)):
-        if (
-            t.dtype != torch.bfloat16
-            or not t.is_contiguous()
-            or tuple(t.shape) != (n, k // group_size)
-            or t.device.type != "cpu"
-        ):
-            raise ValueError(f"{name} must be contiguous bfloat16 ({n}, {k // group_size}) on the CPU")
+        if t.dtype != torch.bfloat16 or not t.is_contiguous() or tuple(t.shape) != (n, k // group_size):
+            raise ValueError(f"{name} must be contiguous bfloat16 ({n}, {k // group_size})")
+    return n, k
 
 
 def native_kernels() -> NativeKernels | None:
@@ -179,7 +183,7 @@ def _load() -> NativeKernels | None:
             bad.path.unlink(missing_ok=True)
             kernel = _build_and_load()
             _check_against_torch(kernel)
-    except _Unavailable as reason:
+    except (_Unavailable, OSError) as reason:  # OSError: no cache and no temporary directory to build in
         _problem = str(reason)
         log.warning(
             "int4 and int8 on the CPU: the float32 kernels are unavailable (%s); PyTorch's kernels serve "
@@ -231,15 +235,46 @@ def _machine_identity() -> str:
     return "\n".join(identity)
 
 
-def _cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openlora" / "kernels"
+def _cache_dir() -> Path | None:
+    """The cache directory, None where it cannot be written or trusted."""
+    xdg_cache_home = os.environ.get("XDG_CACHE_HOME", "")
+    # A relative XDG_CACHE_HOME is ignored, as the XDG spec asks (it names a cache per working directory).
+    base = Path(xdg_cache_home) if os.path.isabs(xdg_cache_home) else Path.home() / ".cache"
+    base = base / "openlora" / "kernels"
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        if os.access(base, os.W_OK | os.X_OK):
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        base = base.resolve()  # used by its real path: a link swapped after the check changes nothing
+        if untrusted := _untrusted(base):
+            log.warning(
+                "int4 on the CPU: not using the cache %s (%s); building into a private directory",
+                base,
+                untrusted,
+            )
+        elif os.access(base, os.W_OK | os.X_OK):
             return base
     except OSError:
         pass
-    return Path(tempfile.mkdtemp(prefix="openlora-kernels-"))  # private (0700), this process only
+    return None
+
+
+def _untrusted(directory: Path) -> str | None:
+    """Why a library found in `directory` may be another user's code (None when it cannot be): the process
+    runs what it loads from there. The directory must be this user's and writable by no one else, and each
+    directory above it this user's or root's and not world-writable unless sticky (as the system's temporary
+    directory is)."""
+    uid = os.geteuid()
+    st = directory.stat()
+    if st.st_uid != uid:
+        return f"it belongs to uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        return f"others can write to it (mode {stat.S_IMODE(st.st_mode):o}; chmod go-w makes it usable)"
+    for parent in directory.parents:
+        st = parent.stat()
+        if st.st_uid not in (uid, 0):
+            return f"{parent} belongs to uid {st.st_uid}"
+        if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
+            return f"anyone can write to {parent}"
+    return None
 
 
 def _build_and_load() -> NativeKernels:
@@ -252,10 +287,25 @@ def _build_and_load() -> NativeKernels:
         raise _Unavailable(f"the C compiler {shlex.join(compiler)} does not run ({error})") from None
     sources = [source.read_bytes() for source in SOURCES]
     digest = hashlib.sha256(
-        b"\0".join([*sources, " ".join(FLAGS).encode(), version.encode(), _machine_identity().encode()])
+        b"\0".join(
+            [
+                *sources,
+                shlex.join([*compiler, *FLAGS]).encode(),
+                version.encode(),
+                _machine_identity().encode(),
+            ]
+        )
     ).hexdigest()[:16]
-    directory = _cache_dir()
-    path = directory / f"quant_cpu-{digest}.so"
+    name = f"quant_cpu-{digest}.so"
+    if (directory := _cache_dir()) is not None:
+        return _load_library(compiler, directory / name)
+    # Private (0700), this process only, and removed once loaded: the library stays mapped without its file.
+    with tempfile.TemporaryDirectory(prefix="openlora-kernels-", ignore_cleanup_errors=True) as private:
+        return _load_library(compiler, Path(private) / name)
+
+
+def _load_library(compiler: list[str], path: Path) -> NativeKernels:
+    """The library at `path`, built there first unless an intact one is there already."""
     if path.exists() and not _intact(path):  # dlopen of a cut file is a SIGBUS, not an error: checked first
         log.warning("CPU kernels: the cached %s is damaged; building it again", path.name)
         path.unlink(missing_ok=True)
@@ -268,6 +318,15 @@ def _build_and_load() -> NativeKernels:
         if cached:
             raise _CachedFileBad(f"loading the cached {path.name} failed ({error})", path) from None
         raise _Unavailable(f"loading {path.name} failed ({error})") from None
+    try:
+        return _bind(library, path, cached)
+    except AttributeError as error:  # a library of other sources: an older build, or not ours
+        message = f"{path.name} lacks a kernel ({error})"
+        raise _CachedFileBad(message, path) if cached else _Unavailable(message) from None
+
+
+def _bind(library: ctypes.CDLL, path: Path, cached: bool) -> NativeKernels:
+    """The library's functions with their C signatures (AttributeError for one it lacks)."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.openlora_int4_mm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     library.openlora_int4_mm.restype = None
@@ -294,7 +353,8 @@ def _intact(path: Path) -> bool:
 
 def _build(compiler: list[str], path: Path) -> None:
     """Compiles SOURCES into `path`, its digest recorded first: every name it appears under is whole."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    # Unique past the pid: workers in other pid namespaces sharing the cache (containers) reuse pids.
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}.partial")
     try:
         built = subprocess.run(
             [*compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial)],

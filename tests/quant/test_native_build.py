@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -286,3 +287,32 @@ def test_a_build_of_another_process_with_the_same_pid_is_not_written_over(fresh_
     (fresh_build / f".{kernel.path.name}.{os.getpid()}.partial").mkdir()
     native._load.cache_clear()
     assert native.native_kernels() is not None, native.native_kernels_problem()
+
+
+def test_a_compiler_that_hangs_is_killed_with_what_it_started(fresh_build, monkeypatch, tmp_path):
+    # The driver starts a child (as gcc starts cc1 and ld) and both hang: after the timeout neither runs,
+    # and int4 serves through tinygemm.
+    pid_file = tmp_path / "child.pid"
+    wrapper = tmp_path / "cc-hangs"
+    wrapper.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && { echo "hang 1.0"; exit 0; }\n'
+        f"sleep 600 & echo $! > {pid_file}\nwait\n"
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setattr(native, "_BUILD_TIMEOUT_S", 1)
+    assert native.native_kernels() is None
+    assert "timed out" in native.native_kernels_problem()
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child), "the compiler's child outlived the timeout"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False

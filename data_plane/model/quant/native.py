@@ -21,6 +21,7 @@ kernel's threads are torch's own pool; each call passes `torch.get_num_threads()
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -30,6 +31,7 @@ import platform
 import secrets
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -42,7 +44,10 @@ log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("int4_cpu.c"), Path(__file__).with_name("int8_cpu.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
-_BUILD_TIMEOUT_S = 120
+# A build takes about a second; a compiler still running after this is killed with everything it started
+# (cc1, as, ld), and the kernels are not used by this process.
+_BUILD_TIMEOUT_S = 60
+_VERSION_TIMEOUT_S = 10
 _problem: str | None = None  # why native_kernels() is None
 
 
@@ -280,9 +285,10 @@ def _untrusted(directory: Path) -> str | None:
 def _build_and_load() -> NativeKernels:
     compiler = _compiler()
     try:
-        version = subprocess.run(
-            [*compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
-        ).stdout
+        version = _run([*compiler, "--version"], _VERSION_TIMEOUT_S)
+        if version.returncode != 0:
+            raise subprocess.CalledProcessError(version.returncode, [*compiler, "--version"])
+        version = version.stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise _Unavailable(f"the C compiler {shlex.join(compiler)} does not run ({error})") from None
     sources = [source.read_bytes() for source in SOURCES]
@@ -351,17 +357,28 @@ def _intact(path: Path) -> bool:
         return False
 
 
+def _run(command: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Runs `command` in a session of its own; past `timeout_s` the whole session is killed (the driver
+    and what it started: killing the driver alone left cc1 and ld running) and TimeoutExpired raised."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def _build(compiler: list[str], path: Path) -> None:
     """Compiles SOURCES into `path`, its digest recorded first: every name it appears under is whole."""
     # Unique past the pid: workers in other pid namespaces sharing the cache (containers) reuse pids.
     partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}.partial")
     try:
-        built = subprocess.run(
-            [*compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial)],
-            capture_output=True,
-            text=True,
-            timeout=_BUILD_TIMEOUT_S,
-        )
+        built = _run([*compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial)], _BUILD_TIMEOUT_S)
         if built.returncode != 0:
             last = (built.stderr.strip().splitlines() or ["no message"])[-1]
             raise _Unavailable(f"{shlex.join(compiler)} failed to build the CPU kernels: {last}")

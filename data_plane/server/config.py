@@ -10,6 +10,9 @@ from openlora.grpc_limits import DEFAULT_MAX_CONNECTIONS
 from openlora.listen import address_problem
 
 MAX_AUTH_CACHE_TTL_S = 10.0
+# Bounds of request_id_reservation_s (--request-id-reservation-s).
+MIN_REQUEST_ID_RESERVATION_S = 1.0
+MAX_REQUEST_ID_RESERVATION_S = 3600.0
 # The base-model weight formats of data_plane.model.quant (kept here so the config imports no torch).
 QUANTIZE_FORMATS = ("none", "int8", "int4")
 # The engine's dtypes (data_plane.engine.config), for the command line's checks without torch.
@@ -133,9 +136,10 @@ class WorkerConfig:
             )
         if self.auth_cache_max_entries < 1:
             raise ValueError(f"auth_cache_max_entries must be >= 1, got {self.auth_cache_max_entries}")
-        if not 1 <= self.request_id_reservation_s <= 3600:
+        if not MIN_REQUEST_ID_RESERVATION_S <= self.request_id_reservation_s <= MAX_REQUEST_ID_RESERVATION_S:
             raise ValueError(
-                f"request_id_reservation_s must be in [1, 3600], got {self.request_id_reservation_s}"
+                f"request_id_reservation_s must be in [{MIN_REQUEST_ID_RESERVATION_S:g}, "
+                f"{MAX_REQUEST_ID_RESERVATION_S:g}], got {self.request_id_reservation_s}"
             )
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")

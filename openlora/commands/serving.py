@@ -21,6 +21,8 @@ from data_plane.server.config import (
     MAX_ADAPTER_SLOTS,
     MAX_AUTH_CACHE_TTL_S,
     MAX_LORA_RANK,
+    MAX_REQUEST_ID_RESERVATION_S,
+    MIN_REQUEST_ID_RESERVATION_S,
     QUANTIZE_FORMATS,
 )
 from openlora.config import (
@@ -278,6 +280,13 @@ def _add_worker(subparsers) -> None:
         default=_env_number("AUTH_CACHE_TTL_S", 10.0),
         help="seconds an Authorize answer is reused, at most 10 (OPENLORA_AUTH_CACHE_TTL_S; default 10)",
     )
+    p.add_argument(
+        "--request-id-reservation-s",
+        type=_number_type(number, minimum=MIN_REQUEST_ID_RESERVATION_S, maximum=MAX_REQUEST_ID_RESERVATION_S),
+        default=_env_number("REQUEST_ID_RESERVATION_S", 30.0),
+        help="seconds a stream's client request id stays reserved unless renewed, what a retry under it "
+        "waits after its worker died or stalled, in [1, 3600] (OPENLORA_REQUEST_ID_RESERVATION_S; default 30)",
+    )
     p.add_argument("--log-level", help=LOG_LEVEL_HELP)
     p.set_defaults(func=_run_worker)
 
@@ -383,6 +392,7 @@ def worker_config_from_args(args: argparse.Namespace):
         metrics_port=args.metrics_port,
         http_listen=args.http_listen,
         auth_cache_ttl_s=args.auth_cache_ttl_s,
+        request_id_reservation_s=args.request_id_reservation_s,
         disk_cache_bytes=args.disk_cache_bytes,
     )
 

@@ -45,6 +45,7 @@ SETTINGS = [
     ],
     ("worker", "--drain-grace-s", "OPENLORA_DRAIN_GRACE_S", "number"),
     ("worker", "--auth-cache-ttl-s", "OPENLORA_AUTH_CACHE_TTL_S", "number"),
+    ("worker", "--request-id-reservation-s", "OPENLORA_REQUEST_ID_RESERVATION_S", "number"),
     *[
         ("up", flag, "OPENLORA_" + flag[2:].replace("-", "_").upper(), "whole")
         for flag in ("--port", "--admin-port", "--http-port", "--metrics-port", "--admin-metrics-port")

@@ -81,6 +81,24 @@ def test_auth_cache_ttl_over_ten_seconds_is_refused(tmp_path, capsys):
     assert "argument --auth-cache-ttl-s: must be a number in [0, 10]" in capsys.readouterr().err
 
 
+def test_request_id_reservation_is_a_flag_with_its_variable_as_the_fallback(tmp_path, monkeypatch):
+    default = worker_config_from_args(_parse(["worker", "--model", str(tmp_path), *_TARGET]))
+    assert default.request_id_reservation_s == 30.0
+    monkeypatch.setenv("OPENLORA_REQUEST_ID_RESERVATION_S", "5")
+    from_env = worker_config_from_args(_parse(["worker", "--model", str(tmp_path), *_TARGET]))
+    assert from_env.request_id_reservation_s == 5.0
+    argv = ["worker", "--model", str(tmp_path), *_TARGET, "--request-id-reservation-s", "2.5"]
+    assert worker_config_from_args(_parse(argv)).request_id_reservation_s == 2.5
+
+
+@pytest.mark.parametrize("seconds", ["0.5", "3601"])
+def test_request_id_reservation_outside_one_second_to_an_hour_is_refused(tmp_path, capsys, seconds):
+    with pytest.raises(SystemExit) as exited:
+        _parse(["worker", "--model", str(tmp_path), *_TARGET, "--request-id-reservation-s", seconds])
+    assert exited.value.code == 2
+    assert "argument --request-id-reservation-s: must be a number in [1, 3600]" in capsys.readouterr().err
+
+
 def test_generate_without_target_or_key_explains_what_to_do(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "OPENLORA_CONTEXT": str(tmp_path / "missing.json"), "HOME": str(tmp_path)}
     result = subprocess.run(

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
 PAUSED_MAX_TOKENS = 4000
 RETRY_MAX_TOKENS = 300
 MIN_TOKENS_BEFORE_PAUSE = 100
+# The workers' request id reservation: the pause outlasts it, and the retry waits it out.
+RESERVATION = ("--request-id-reservation-s", "3")
 
 
 def _spool_drained(spool_path) -> bool:
@@ -36,8 +38,8 @@ def test_a_stream_paused_past_its_reservation_and_the_retry_elsewhere_are_each_b
     fault_system, then
 ):
     state_dir = fault_system.directory / "paused-worker"
-    paused = fault_system.spawn_worker(state_dir=state_dir)
-    other = fault_system.spawn_worker()
+    paused = fault_system.spawn_worker(*RESERVATION, state_dir=state_dir)
+    other = fault_system.spawn_worker(*RESERVATION)
     tenant, key = fault_system.tenant_with_key()
     request_id = "paused-then-retried"
     stream = start_stream(
@@ -50,8 +52,8 @@ def test_a_stream_paused_past_its_reservation_and_the_retry_elsewhere_are_each_b
     os.kill(paused.process.pid, signal.SIGSTOP)
     paused_at = time.monotonic()
     try:
-        # The id stays reserved for the paused stream until its reservation lapses (30 s): the retry is
-        # refused until then, and served after.
+        # The id stays reserved for the paused stream until its reservation lapses (RESERVATION): the
+        # retry is refused until then, and served after.
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -65,7 +67,7 @@ def test_a_stream_paused_past_its_reservation_and_the_retry_elsewhere_are_each_b
             except errors.OpenLoRAError as error:
                 assert error.code == grpc.StatusCode.ALREADY_EXISTS, error
                 assert time.monotonic() < deadline, fault_system.logs()
-                time.sleep(1.0)
+                time.sleep(0.25)
         assert retried[-1].finish_reason == LENGTH
         retried_tokens = sum(len(r.token_ids) for r in retried)
         assert retried_tokens == RETRY_MAX_TOKENS
@@ -84,7 +86,7 @@ def test_a_stream_paused_past_its_reservation_and_the_retry_elsewhere_are_each_b
         least_billed = paused_tokens
     else:
         assert isinstance(stream.error, errors.Unavailable), stream.error
-        paused = fault_system.spawn_worker(state_dir=state_dir)
+        paused = fault_system.spawn_worker(*RESERVATION, state_dir=state_dir)
         # Billed up to the stream's last checkpoint before the pause: at most its last second is missing.
         least_billed = stream.tokens_before(paused_at - 1.0)
 

@@ -21,6 +21,7 @@ cannot be grouped and is refused (`QuantizationError`). Two kernels, one per dev
 
 from __future__ import annotations
 
+import threading
 from typing import ClassVar
 
 import torch
@@ -75,6 +76,19 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) 
     groups = scale.shape[1]
     codes = q.float().view(n, groups, k // groups)  # (N, G, group)
     return ((codes - 8) * scale.float().unsqueeze(2) + offset.float().unsqueeze(2)).view(n, k)
+
+
+_blocks = threading.local()
+
+
+def _block_buffer(num_elements: int) -> torch.Tensor:
+    """This thread's float32 buffer for dequantized blocks, at least `num_elements` long: one allocation
+    for every int4 linear, not one per block (a fresh 4 MiB block was mapped and faulted in each time
+    where the allocator returns large blocks to the system)."""
+    buffer = getattr(_blocks, "buffer", None)
+    if buffer is None or buffer.numel() < num_elements:
+        buffer = _blocks.buffer = torch.empty(num_elements, dtype=torch.float32, device="cpu")
+    return buffer
 
 
 def pack_native(q: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -208,22 +222,16 @@ class Int4Linear(QuantLinear):
 
     def native_blocks(self, xf: torch.Tensor) -> torch.Tensor:
         """xf (T, K) float32 -> (T, N) float32: the weight dequantized a block of rows at a time (4 MiB of
-        float32, in cache), each block one float32 GEMM."""
+        float32, in cache) into one buffer of this thread's, each block one float32 GEMM."""
         rows = max(1, _NATIVE_BLOCK_ELEMENTS // self.in_features)
-        blocks = [
-            F.linear(
-                xf,
-                self.native.int4_dequantize(
-                    self.codes,
-                    self.scale,
-                    self.offset,
-                    self.group_size,
-                    start,
-                    min(start + rows, self.out_features),
-                ),
-            )
-            for start in range(0, self.out_features, rows)
-        ]  # (T, rows) each
+        buffer = _block_buffer(rows * self.in_features)
+        blocks = []
+        for start in range(0, self.out_features, rows):
+            end = min(start + rows, self.out_features)
+            block = buffer[: (end - start) * self.in_features].view(end - start, self.in_features)
+            args = (self.codes, self.scale, self.offset, self.group_size)
+            self.native.int4_dequantize(*args, start, end, out=block)
+            blocks.append(F.linear(xf, block))  # (T, end - start)
         return torch.cat(blocks, dim=1)
 
     def dequantize(self) -> torch.Tensor:

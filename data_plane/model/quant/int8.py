@@ -61,7 +61,7 @@ STACK_MAX_ROWS = 32
 _DIGIT_RANGE = 127 * 256  # |256 * high + low| for high in [-127, 127], low in [-128, 127]
 # float32 activations of at most this many rows take the native kernel (its cost grows with the rows, the
 # int8 products' hardly: `python -m benchmarks.quant_bench` prints the crossover, RESULTS.md).
-NATIVE_MM_MAX_TOKENS = 4
+NATIVE_MM_MAX_TOKENS = 8
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

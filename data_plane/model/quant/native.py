@@ -83,14 +83,24 @@ class NativeKernels:
         group_size: int,
         start: int = 0,
         end: int | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rows start:end of W, (end - start, K) float32: exactly the values `int4_mm` multiplies by (codes,
-        scale and offset as `int4_mm` takes them, checked as there)."""
+        scale and offset as `int4_mm` takes them, checked as there); written into `out` when given (a
+        contiguous float32 tensor of that shape, reused across calls)."""
         n, k = _check_weight(codes, scale, offset, group_size)
         end = n if end is None else end
         if not 0 <= start <= end <= n:
             raise ValueError(f"rows {start}:{end} outside 0:{n}")
-        out = torch.empty(end - start, k, dtype=torch.float32, device="cpu")
+        if out is None:
+            out = torch.empty(end - start, k, dtype=torch.float32, device="cpu")
+        elif (
+            out.dtype != torch.float32
+            or not out.is_contiguous()
+            or tuple(out.shape) != (end - start, k)
+            or out.device.type != "cpu"
+        ):
+            raise ValueError(f"out must be contiguous float32 ({end - start}, {k}) on the CPU")
         self.library.openlora_int4_dequantize(
             codes.data_ptr(), scale.data_ptr(), offset.data_ptr(), k, group_size, start, end - start,
             out.data_ptr(), torch.get_num_threads(),

@@ -316,3 +316,16 @@ def _running(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+def test_a_changed_header_builds_a_library_of_its_own(fresh_build, monkeypatch, tmp_path):
+    # The header both sources include is part of what names the library: an upgrade that changes only it
+    # is not served by the library built before.
+    first = native.native_kernels()
+    assert first is not None, native.native_kernels_problem()
+    changed = tmp_path / "quant_cpu.h"
+    changed.write_text(native.HEADERS[0].read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "HEADERS", (changed,))
+    native._load.cache_clear()
+    second = native.native_kernels()
+    assert second is not None and second.path != first.path and not second.cached

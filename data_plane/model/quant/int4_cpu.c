@@ -15,21 +15,7 @@
  * runtime torch already loaded, so the threads are torch's own (`threads` is torch.get_num_threads()).
  */
 
-#include <stdint.h>
-#include <string.h>
-
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#define TILE_TOKENS 8 /* tokens per pass over a row: one accumulator register each */
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof value);
-    return value;
-}
+#include "quant_cpu.h"
 
 #if !defined(__AVX512F__) && !defined(__AVX2__)
 static inline void group_table(float table[16], float scale, float offset) {
@@ -43,9 +29,6 @@ static inline void group_table(float table[16], float scale, float offset) {
 /* acc[t] (t < tokens) += row n's product with tokens t0.. over one group; `x` points at the group's first
  * column of token t0, `stride` is K. */
 #if defined(__AVX512F__)
-typedef __m512 acc_t;
-static inline acc_t acc_zero(void) { return _mm512_setzero_ps(); }
-static inline float acc_sum(acc_t a) { return _mm512_reduce_add_ps(a); }
 
 static const float STEPS[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
 
@@ -55,7 +38,7 @@ static inline __m512 table512(float scale, float offset) {
 }
 
 static inline __attribute__((always_inline)) void group_dot(
-    int tokens, acc_t *acc, const uint8_t *p, int64_t half, float scale, float offset, const float *x,
+    int tokens, vec_t *acc, const uint8_t *p, int64_t half, float scale, float offset, const float *x,
     int64_t stride) {
     const __m512 tab = table512(scale, offset);
     for (int64_t c = 0; c < half; c += 16) {
@@ -80,14 +63,6 @@ static inline __attribute__((always_inline)) void group_rows(
     }
 }
 #elif defined(__AVX2__)
-typedef __m256 acc_t;
-static inline acc_t acc_zero(void) { return _mm256_setzero_ps(); }
-static inline float acc_sum(acc_t a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* 16 entries in two registers: the low 3 bits pick within one, bit 3 (moved to the sign) picks the register */
 static inline __m256 lookup16(__m256i index, __m256 tab_low, __m256 tab_high) {
@@ -106,7 +81,7 @@ static inline void table256(float scale, float offset, __m256 *tab_low, __m256 *
 }
 
 static inline __attribute__((always_inline)) void group_dot(
-    int tokens, acc_t *acc, const uint8_t *p, int64_t half, float scale, float offset, const float *x,
+    int tokens, vec_t *acc, const uint8_t *p, int64_t half, float scale, float offset, const float *x,
     int64_t stride) {
     __m256 tab_low, tab_high;
     table256(scale, offset, &tab_low, &tab_high);
@@ -133,12 +108,9 @@ static inline __attribute__((always_inline)) void group_rows(
     }
 }
 #else
-typedef float acc_t;
-static inline acc_t acc_zero(void) { return 0.0f; }
-static inline float acc_sum(acc_t a) { return a; }
 
 static inline void group_dot(
-    int tokens, acc_t *acc, const uint8_t *p, int64_t half, float scale, float offset, const float *x,
+    int tokens, vec_t *acc, const uint8_t *p, int64_t half, float scale, float offset, const float *x,
     int64_t stride) {
     float table[16];
     group_table(table, scale, offset);
@@ -167,11 +139,11 @@ static inline __attribute__((always_inline)) void row_tile(
     const int64_t groups = K / G, half = G / 2;
     /* acc[t] sums the low nibbles' products of token t, acc[TILE_TOKENS + t] the high ones': two chains of
      * dependent multiply-adds per token instead of one (at one token the chain's latency was the limit) */
-    acc_t acc[2 * TILE_TOKENS];
-    for (int t = 0; t < tokens; t++) acc[t] = acc[TILE_TOKENS + t] = acc_zero();
+    vec_t acc[2 * TILE_TOKENS];
+    for (int t = 0; t < tokens; t++) acc[t] = acc[TILE_TOKENS + t] = vec_zero();
     for (int64_t g = 0; g < groups; g++)
         group_dot(tokens, acc, row + g * half, half, bf16_to_float(scale[g]), bf16_to_float(offset[g]), x + g * G, K);
-    for (int t = 0; t < tokens; t++) y[t * N + n] = acc_sum(acc[t]) + acc_sum(acc[TILE_TOKENS + t]);
+    for (int t = 0; t < tokens; t++) y[t * N + n] = vec_sum(acc[t]) + vec_sum(acc[TILE_TOKENS + t]);
 }
 
 /* Which vector path this build took: 512 (AVX-512), 256 (AVX2) or 0 (scalar). */

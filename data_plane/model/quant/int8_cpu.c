@@ -11,50 +11,19 @@
  * Built and loaded with int4_cpu.c by native.py (same flags, same OpenMP runtime as torch).
  */
 
-#include <stdint.h>
-#include <string.h>
-
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#define TILE_TOKENS 8
-
-static inline float bf16_bits_to_float(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof value);
-    return value;
-}
+#include "quant_cpu.h"
 
 #if defined(__AVX512F__)
-#define LANES 16
-typedef __m512 vec_t;
-static inline vec_t vec_zero(void) { return _mm512_setzero_ps(); }
-static inline float vec_sum(vec_t a) { return _mm512_reduce_add_ps(a); }
 static inline vec_t widen(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 static inline vec_t vec_fma(vec_t w, const float *x, vec_t acc) { return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc); }
 #elif defined(__AVX2__)
-#define LANES 8
-typedef __m256 vec_t;
-static inline vec_t vec_zero(void) { return _mm256_setzero_ps(); }
-static inline float vec_sum(vec_t a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 static inline vec_t widen(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 static inline vec_t vec_fma(vec_t w, const float *x, vec_t acc) { return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), acc); }
 #else
-#define LANES 1
-typedef float vec_t;
-static inline vec_t vec_zero(void) { return 0.0f; }
-static inline float vec_sum(vec_t a) { return a; }
 static inline vec_t widen(const int8_t *p) { return (float)*p; }
 static inline vec_t vec_fma(vec_t w, const float *x, vec_t acc) { return w * *x + acc; }
 #endif
@@ -85,7 +54,7 @@ void openlora_int8_mm(const float *x, int64_t T, int64_t K, const int8_t *q, int
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = q + n * K_pad;
-        const float s = bf16_bits_to_float(scale[n]);
+        const float s = bf16_to_float(scale[n]);
         for (int64_t t0 = 0; t0 < T; t0 += TILE_TOKENS) {
             const int64_t left = T - t0;
             const float *xt = x + t0 * K;

@@ -43,6 +43,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("int4_cpu.c"), Path(__file__).with_name("int8_cpu.c"))
+HEADERS = (Path(__file__).with_name("quant_cpu.h"),)  # included by both: in the digest, not on the command
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 # A build takes about a second; a compiler still running after this is killed with everything it started
 # (cc1, as, ld), and the kernels are not used by this process.
@@ -301,7 +302,7 @@ def _build_and_load() -> NativeKernels:
         version = version.stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise _Unavailable(f"the C compiler {shlex.join(compiler)} does not run ({error})") from None
-    sources = [source.read_bytes() for source in SOURCES]
+    sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
     digest = hashlib.sha256(
         b"\0".join(
             [

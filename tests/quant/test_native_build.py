@@ -3,9 +3,11 @@ machine that cannot build it serves int4 through tinygemm with a warning naming 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -308,6 +310,48 @@ def test_a_compiler_that_hangs_is_killed_with_what_it_started(fresh_build, monke
     while _running(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(child), "the compiler's child outlived the timeout"
+
+
+def test_an_interrupted_build_kills_the_compiler_with_what_it_started(tmp_path):
+    # Ctrl-C raises KeyboardInterrupt in this process only: the compiler runs in a session of its own, out
+    # of the terminal's reach. Stood for by a driver that interrupts its parent once its child runs and
+    # the parent reads its output (more than a pipe holds: the parent is in the build, not starting it).
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 600 & echo $! > {pid_file}; head -c 1000000 /dev/zero; kill -USR1 $PPID; wait"
+
+    def interrupt(*_) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            native._run(["sh", "-c", script], 60)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert not _running(child), "the compiler's child outlived the interrupt"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_process_that_leaves_the_compilers_session_holding_its_output_does_not_hold_the_build(tmp_path):
+    # The driver exits and leaves a process of its own session (setsid) with its stdout: past the timeout
+    # the build gives up without waiting for that process to end (it waited for as long as it ran).
+    pid_file = tmp_path / "stray.pid"
+    script = f"setsid sh -c 'echo $$ > {pid_file}; exec sleep 30' & while [ ! -s {pid_file} ]; do :; done"
+    with pytest.raises(subprocess.TimeoutExpired):
+        native._run(["sh", "-c", script], 1)
+    stray = int(pid_file.read_text())
+    try:
+        assert _running(stray), "the build waited for the stray process to end"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stray, signal.SIGKILL)
 
 
 def _running(pid: int) -> bool:

@@ -370,16 +370,19 @@ def _intact(path: Path) -> bool:
 
 def _run(command: list[str], timeout_s: float) -> subprocess.CompletedProcess:
     """Runs `command` in a session of its own; past `timeout_s` the whole session is killed (the driver
-    and what it started: killing the driver alone left cc1 and ld running) and TimeoutExpired raised."""
+    and what it started: killing the driver alone left cc1 and ld running) and TimeoutExpired raised.
+    Interrupted (Ctrl-C reaches this process, not the command's session), the session is killed too."""
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     ) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+            # The driver is reaped and its pipes closed (on leaving the `with`), not read to their end: a
+            # process it started that left the session may hold them open for as long as it runs.
+            process.wait()
             raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 

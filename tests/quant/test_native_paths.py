@@ -100,10 +100,25 @@ def test_every_path_computes_the_int8_product(built, in_features, out_features):
     padded[:, :in_features] = q
     w = int8.dequantize_int8(q, scale)
     assert built.int8_mm(torch.randn(0, in_features), padded, scale).shape == (0, out_features)
-    for num_tokens in (1, 2, 3, 7, 8, 9, 17):
+    for num_tokens in range(1, 21):  # every remainder of the 8-row tile, on one pass and on several
         x = torch.randn(num_tokens, in_features, generator=g)
         got = built.int8_mm(x, padded, scale)
         want = x.double() @ w.double().T
         # float32 sums in another order: bounded by the sum of the terms' magnitudes, not by the result
         magnitude = x.double().abs() @ w.double().abs().T
         assert ((got.double() - want).abs() <= 1e-6 * magnitude + 1e-30).all(), num_tokens
+
+
+def test_every_path_carries_inf_and_nan_through_int8_as_a_dense_product_does(built):
+    # In the vector loop (column 0), the scalar tail (column 249) and a row of zero codes (0 * inf is nan).
+    g = torch.Generator().manual_seed(7)
+    q, scale = int8.quantize_int8(torch.randn(17, 250, generator=g))
+    q[3] = 0
+    w = int8.dequantize_int8(q, scale)
+    x = torch.randn(11, 250, generator=g)
+    x[2, 0], x[9, 249], x[4, 100] = float("inf"), float("nan"), float("-inf")
+    got, want = built.int8_mm(x, torch.nn.functional.pad(q, (0, 6)), scale), x @ w.T
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got[want.isinf()], want[want.isinf()])
+    finite = want.isfinite()
+    assert torch.allclose(got[finite], want[finite], rtol=1e-5, atol=1e-4)

@@ -155,6 +155,7 @@ def test_the_kernel_refuses_tensors_it_would_misread():
         torch.randn(2, 129),
         torch.randn(2, 100),
         torch.randn(2, 0),
+        torch.tensor(1.0),  # no dimension to read a width from
     ):
         with pytest.raises(ValueError, match="x must be contiguous float32"):
             kernel.int8_mm(bad_x, q8, scale8)

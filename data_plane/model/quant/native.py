@@ -126,8 +126,9 @@ class NativeKernels:
 INT8_IN_MULTIPLE = 16
 
 
-def _check_x(x: torch.Tensor, k: int, k_pad: int | None = None) -> None:
-    """x must be (T, k) float32 on the CPU, contiguous; with `k_pad`, (T, K) for a K that pads to it."""
+def _check_x(x: torch.Tensor, k: int | None = None, k_pad: int | None = None) -> None:
+    """x must be (T, k) float32 on the CPU, contiguous; with `k_pad` instead, (T, K) for a K that pads to
+    it."""
     width = x.shape[1] if x.dim() == 2 else -1
     ok_width = width == k if k_pad is None else k_pad - INT8_IN_MULTIPLE < width <= k_pad
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or not ok_width:
@@ -145,7 +146,7 @@ def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     ):
         raise ValueError("qweight must be a contiguous int8 (N, K_pad) CPU tensor")
     n, k_pad = qweight.shape
-    _check_x(x, x.shape[-1], k_pad)
+    _check_x(x, k_pad=k_pad)
     if (
         scale.dtype != torch.bfloat16
         or not scale.is_contiguous()

@@ -1,5 +1,5 @@
-"""The native int4 CPU kernel's build: cached per machine and compiler, never loaded half-written, and a
-machine that cannot build it serves int4 through tinygemm with a warning naming why."""
+"""The native CPU kernels' build (int4 and int8, one library): cached per machine and compiler, never loaded
+half-written, and a machine that cannot build it serves int4 through tinygemm with a warning naming why."""
 
 from __future__ import annotations
 

@@ -263,7 +263,7 @@ def _cache_dir() -> Path | None:
         base = base.resolve()  # used by its real path: a link swapped after the check changes nothing
         if untrusted := _untrusted(base):
             log.warning(
-                "int4 on the CPU: not using the cache %s (%s); building into a private directory",
+                "CPU kernels: not using the cache %s (%s); building into a private directory",
                 base,
                 untrusted,
             )

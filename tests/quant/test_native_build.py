@@ -111,6 +111,29 @@ def test_a_failed_build_leaves_no_partial_file_and_falls_back(fresh_build, monke
     assert list(fresh_build.iterdir()) == []  # neither the partial output nor a final name
 
 
+def test_a_compiler_writing_bytes_of_another_encoding_builds_or_falls_back(
+    fresh_build, monkeypatch, tmp_path
+):
+    # A compiler's messages in a legacy locale (Latin-1 here), bytes this process does not decode: its
+    # version still names the build and a failure still falls back naming its message (both raised
+    # UnicodeDecodeError out of the model's build).
+    compiler = native._compiler()[0]
+    latin1 = tmp_path / "cc-latin1"
+    latin1.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && { printf "cc 1.0 (d\\351j\\340)\\n"; exit 0; }\n'
+        '[ -n "$FAIL" ] && { printf "Fehler: \\374berlauf\\n" >&2; exit 1; }\n'
+        f'exec {compiler} "$@"\n'
+    )
+    latin1.chmod(latin1.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CC", str(latin1))
+    assert native.native_kernels() is not None, native.native_kernels_problem()
+    native._load.cache_clear()
+    monkeypatch.setenv("FAIL", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-cache"))
+    assert native.native_kernels() is None
+    assert "failed to build the CPU kernels: Fehler: " in native.native_kernels_problem()
+
+
 def test_an_unwritable_cache_builds_into_a_private_directory_left_to_no_one(
     fresh_build, monkeypatch, tmp_path
 ):

@@ -372,9 +372,15 @@ def _intact(path: Path) -> bool:
 def _run(command: list[str], timeout_s: float) -> subprocess.CompletedProcess:
     """Runs `command` in a session of its own; past `timeout_s` the whole session is killed (the driver
     and what it started: killing the driver alone left cc1 and ld running) and TimeoutExpired raised.
-    Interrupted (Ctrl-C reaches this process, not the command's session), the session is killed too."""
+    Interrupted (Ctrl-C reaches this process, not the command's session), the session is killed too.
+    Output this process cannot decode (a compiler's messages in a legacy locale) is read with U+FFFD."""
     with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
     ) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout_s)

@@ -303,6 +303,23 @@ def test_a_relative_xdg_cache_home_is_ignored(fresh_build, monkeypatch, tmp_path
     assert not (tmp_path / "relative-cache").exists()
 
 
+def test_no_home_directory_builds_into_a_private_directory(fresh_build, monkeypatch, tmp_path):
+    # HOME unset and this uid without a passwd entry (a container run as an arbitrary uid): Path.home()
+    # raises RuntimeError, which stopped the model's build.
+    import pwd
+
+    def no_entry(uid: int):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    kernel = native.native_kernels()
+    assert kernel is not None, native.native_kernels_problem()
+    assert kernel.path.parent.parent == tmp_path and not kernel.path.parent.exists()  # removed once loaded
+
+
 def test_a_build_of_another_process_with_the_same_pid_is_not_written_over(fresh_build, monkeypatch):
     # Workers in two containers sharing the cache can both be pid 7 and build at once. Stood for here by a
     # directory at the name a partial build of this pid took: the other build's file is not this one's.

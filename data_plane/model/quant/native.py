@@ -255,8 +255,11 @@ def _machine_identity() -> str:
 def _cache_dir() -> Path | None:
     """The cache directory, None where it cannot be written or trusted."""
     xdg_cache_home = os.environ.get("XDG_CACHE_HOME", "")
-    # A relative XDG_CACHE_HOME is ignored, as the XDG spec asks (it names a cache per working directory).
-    base = Path(xdg_cache_home) if os.path.isabs(xdg_cache_home) else Path.home() / ".cache"
+    try:
+        # A relative XDG_CACHE_HOME is ignored, as the XDG spec asks (it names a cache per working directory).
+        base = Path(xdg_cache_home) if os.path.isabs(xdg_cache_home) else Path.home() / ".cache"
+    except RuntimeError:  # no home directory: HOME unset and this uid without a passwd entry
+        return None
     base = base / "openlora" / "kernels"
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -414,3 +414,22 @@ def test_a_changed_header_builds_a_library_of_its_own(fresh_build, monkeypatch, 
     native._load.cache_clear()
     second = native.native_kernels()
     assert second is not None and second.path != first.path and not second.cached
+
+
+def test_partial_files_of_builds_killed_long_ago_are_removed_by_the_next_build(fresh_build, monkeypatch):
+    # A worker killed while it compiled leaves its partial output (and digest) behind; the next build
+    # removes those older than twice the build timeout, and leaves a recent one (a build that may still
+    # be running) alone.
+    fresh_build.mkdir(parents=True)
+    old = fresh_build / ".quant_cpu-0123456789abcdef.so.42-00.partial"
+    old_digest = fresh_build / ".quant_cpu-0123456789abcdef.so.42-00.partial.sha256"
+    recent = fresh_build / ".quant_cpu-0123456789abcdef.so.43-00.partial"
+    for leftover in (old, old_digest, recent):
+        leftover.write_bytes(b"half a library")
+    long_ago = time.time() - 3 * native._BUILD_TIMEOUT_S
+    for leftover in (old, old_digest):
+        os.utime(leftover, (long_ago, long_ago))
+    kernel = native.native_kernels()
+    assert kernel is not None, native.native_kernels_problem()
+    assert not old.exists() and not old_digest.exists()
+    assert recent.exists()

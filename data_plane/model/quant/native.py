@@ -35,6 +35,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -401,6 +402,7 @@ def _build(compiler: list[str], path: Path) -> None:
     """Compiles SOURCES into `path`, its digest recorded first: every name it appears under is whole."""
     # Unique past the pid: workers in other pid namespaces sharing the cache (containers) reuse pids.
     partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}.partial")
+    _remove_abandoned_partials(path.parent)
     try:
         built = _run([*compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial)], _BUILD_TIMEOUT_S)
         if built.returncode != 0:
@@ -415,6 +417,17 @@ def _build(compiler: list[str], path: Path) -> None:
     finally:
         partial.unlink(missing_ok=True)
         partial.with_name(partial.name + ".sha256").unlink(missing_ok=True)
+
+
+def _remove_abandoned_partials(directory: Path) -> None:
+    """Removes the partial files of builds that cannot still be running: a worker killed while it compiled
+    (`up` stopped during a first start) leaves its own behind, since nothing of it runs to remove it. A
+    build older than twice the timeout has been killed or has ended."""
+    cutoff = time.time() - 2 * _BUILD_TIMEOUT_S
+    for leftover in directory.glob(".*.partial*"):
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
 
 
 def _check_against_torch(kernel: NativeKernels) -> None:

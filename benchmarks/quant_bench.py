@@ -132,6 +132,7 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
     two_digit = int8_module.two_digit_path_chosen()
     mark_two_digit, mark_packed = (" [chosen]", "") if two_digit else ("", " [chosen for fp32 here]")
     native = int4.native is not None
+    native8 = int8.native.int8_weight(int8.qweight, int8.scale) if int8.native is not None else None
     mark_native, mark_tinygemm = (" [chosen]", "") if native else (" [unavailable here]", " [chosen]")
     rows = []
     for num_rows in (1, 32):
@@ -146,9 +147,7 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
             "dense fp32 (F.linear)": lambda x=x: F.linear(x, w),
             "dense bf16 (F.linear)": lambda x=x_bf16: F.linear(x, w_bf16),
             # fp32 activations as two int8 digits, each through torch._int_mm
-            f"int8 native fp32 (int8_cpu.c){mark_int8_native}": lambda x=x: int8.native.int8_mm(
-                x, int8.qweight, int8.scale
-            ),
+            f"int8 native fp32 (int8_cpu.c){mark_int8_native}": lambda x=x: int8.native.int8_mm(x, native8),
             f"int8 two-digit _int_mm, fp32 activations{mark_two_digit_here}": lambda x=x: (
                 int8_module.int8_two_digit_mm(x, int8.qweight, int8.scale, int8.two_digit_stacked)
             ),
@@ -217,6 +216,7 @@ def native_crossover(size: int, repeats: int) -> list[dict]:
     if int4.native is None:
         return []
     cpu = torch.device("cpu")
+    native8 = int8.native.int8_weight(int8.qweight, int8.scale)
 
     def int8_integer(x: torch.Tensor) -> torch.Tensor:
         if int8.two_digit:
@@ -229,7 +229,7 @@ def native_crossover(size: int, repeats: int) -> list[dict]:
         paths = {
             "fused_ms": lambda x=x: int4.native_fused(x),
             "blocks_gemm_ms": lambda x=x: int4.native_blocks(x),
-            "int8_native_ms": lambda x=x: int8.native.int8_mm(x, int8.qweight, int8.scale),
+            "int8_native_ms": lambda x=x: int8.native.int8_mm(x, native8),
             "int8_integer_ms": lambda x=x: int8_integer(x),
             "dense_fp32_ms": lambda x=x: F.linear(x, w),
         }

@@ -153,7 +153,9 @@ def test_an_unwritable_cache_builds_into_a_private_directory_left_to_no_one(
     q, scale, offset = int4.quantize_int4(torch.randn(16, 128), 128)
     x = torch.randn(3, 128)
     want = x @ int4.dequantize_int4(q, scale, offset).T
-    assert torch.allclose(kernel.int4_mm(x, int4.pack_native(q, 128), scale, offset, 128), want, atol=1e-4)
+    assert torch.allclose(
+        kernel.int4_mm(x, kernel.int4_weight(int4.pack_native(q, 128), scale, offset, 128)), want, atol=1e-4
+    )
 
 
 def test_the_kernel_refuses_tensors_it_would_misread():
@@ -164,13 +166,13 @@ def test_the_kernel_refuses_tensors_it_would_misread():
     x = torch.randn(2, 128)
     for bad_x in (x.double(), x.T.contiguous().T, x[:, :64]):  # float64, not contiguous, too narrow
         with pytest.raises(ValueError, match="x must be contiguous float32"):
-            kernel.int4_mm(bad_x, codes, scale, offset, 128)
+            kernel.int4_mm(bad_x, kernel.int4_weight(codes, scale, offset, 128))
     with pytest.raises(ValueError, match="scale must be"):
-        kernel.int4_mm(x, codes, scale.float(), offset, 128)
+        kernel.int4_mm(x, kernel.int4_weight(codes, scale.float(), offset, 128))
     with pytest.raises(ValueError, match="group size 96"):
-        kernel.int4_mm(x, codes, scale, offset, 96)
+        kernel.int4_mm(x, kernel.int4_weight(codes, scale, offset, 96))
     with pytest.raises(ValueError, match="rows 3:20 outside 0:16"):
-        kernel.int4_dequantize(codes, scale, offset, 128, 3, 20)
+        kernel.int4_dequantize(kernel.int4_weight(codes, scale, offset, 128), 3, 20)
     q8, scale8 = int8.quantize_int8(torch.randn(16, 128))
     for bad_x in (
         x.double(),
@@ -181,11 +183,11 @@ def test_the_kernel_refuses_tensors_it_would_misread():
         torch.tensor(1.0),  # no dimension to read a width from
     ):
         with pytest.raises(ValueError, match="x must be contiguous float32"):
-            kernel.int8_mm(bad_x, q8, scale8)
+            kernel.int8_mm(bad_x, kernel.int8_weight(q8, scale8))
     with pytest.raises(ValueError, match="qweight must be"):
-        kernel.int8_mm(x, q8.T, scale8)  # not contiguous
+        kernel.int8_mm(x, kernel.int8_weight(q8.T, scale8))  # not contiguous
     with pytest.raises(ValueError, match=r"scale must be contiguous bfloat16 \(16,\)"):
-        kernel.int8_mm(x, q8, scale8[:8])
+        kernel.int8_mm(x, kernel.int8_weight(q8, scale8[:8]))
 
 
 def test_dequantize_refuses_a_weight_it_would_misread():
@@ -197,17 +199,17 @@ def test_dequantize_refuses_a_weight_it_would_misread():
     codes = int4.pack_native(q, 128)
     for bad_scale in (scale[:, :1].contiguous(), scale[:4], scale.float(), scale.T.contiguous().T):
         with pytest.raises(ValueError, match="scale must be"):
-            kernel.int4_dequantize(codes, bad_scale, offset, 128)
+            kernel.int4_dequantize(kernel.int4_weight(codes, bad_scale, offset, 128))
     with pytest.raises(ValueError, match="offset must be"):
-        kernel.int4_dequantize(codes, scale, offset.half(), 128)
+        kernel.int4_dequantize(kernel.int4_weight(codes, scale, offset.half(), 128))
     with pytest.raises(ValueError, match="group size 96"):
-        kernel.int4_dequantize(codes, scale, offset, 96)
+        kernel.int4_dequantize(kernel.int4_weight(codes, scale, offset, 96))
     with pytest.raises(ValueError, match="codes must be contiguous uint8"):
-        kernel.int4_dequantize(codes.T.contiguous().T, scale, offset, 128)
+        kernel.int4_dequantize(kernel.int4_weight(codes.T.contiguous().T, scale, offset, 128))
     with pytest.raises(ValueError, match="CPU tensors"):
-        kernel.int4_dequantize(codes.to("meta"), scale, offset, 128)
+        kernel.int4_dequantize(kernel.int4_weight(codes.to("meta"), scale, offset, 128))
     with pytest.raises(ValueError, match=r"codes must be \(N, K / 2\)"):
-        kernel.int4_mm(torch.randn(2, 256), codes.view(-1), scale, offset, 128)
+        kernel.int4_mm(torch.randn(2, 256), kernel.int4_weight(codes.view(-1), scale, offset, 128))
 
 
 def test_nowhere_to_build_serves_int4_through_tinygemm(fresh_build, monkeypatch, tmp_path):

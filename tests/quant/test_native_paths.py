@@ -56,11 +56,14 @@ def test_every_path_computes_the_dequantized_product(built, group_size, out_feat
     q, scale, offset = int4.quantize_int4(torch.randn(out_features, 384, generator=g), group_size)
     codes = int4.pack_native(q, group_size)
     w = int4.dequantize_int4(q, scale, offset)
-    assert torch.equal(built.int4_dequantize(codes, scale, offset, group_size), w)
-    assert built.int4_mm(torch.randn(0, 384), codes, scale, offset, group_size).shape == (0, out_features)
+    assert torch.equal(built.int4_dequantize(built.int4_weight(codes, scale, offset, group_size)), w)
+    assert built.int4_mm(torch.randn(0, 384), built.int4_weight(codes, scale, offset, group_size)).shape == (
+        0,
+        out_features,
+    )
     for num_tokens in range(1, 41):
         x = torch.randn(num_tokens, 384, generator=g)
-        got = built.int4_mm(x, codes, scale, offset, group_size)
+        got = built.int4_mm(x, built.int4_weight(codes, scale, offset, group_size))
         want = x.double() @ w.double().T
         assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max().clamp(min=1), num_tokens
 
@@ -71,7 +74,7 @@ def test_every_path_carries_inf_and_nan_as_a_dense_product_does(built):
     w = int4.dequantize_int4(q, scale, offset)
     x = torch.randn(11, 256, generator=g)
     x[2, 5], x[9, 200], x[4, 0] = float("inf"), float("nan"), float("-inf")
-    got, want = built.int4_mm(x, int4.pack_native(q, 128), scale, offset, 128), x @ w.T
+    got, want = built.int4_mm(x, built.int4_weight(int4.pack_native(q, 128), scale, offset, 128)), x @ w.T
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
     finite = want.isfinite()
     assert torch.allclose(got[finite], want[finite], rtol=1e-5, atol=1e-4)
@@ -84,7 +87,7 @@ def test_every_path_takes_a_wide_input(built):
         q, scale, offset = int4.quantize_int4(torch.randn(5, in_features, generator=g), 128)
         x = torch.randn(9, in_features, generator=g)
         want = x.double() @ int4.dequantize_int4(q, scale, offset).double().T
-        got = built.int4_mm(x, int4.pack_native(q, 128), scale, offset, 128)
+        got = built.int4_mm(x, built.int4_weight(int4.pack_native(q, 128), scale, offset, 128))
         assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
 
 
@@ -99,10 +102,13 @@ def test_every_path_computes_the_int8_product(built, in_features, out_features):
     padded = torch.full((out_features, k_pad), 127, dtype=torch.int8)
     padded[:, :in_features] = q
     w = int8.dequantize_int8(q, scale)
-    assert built.int8_mm(torch.randn(0, in_features), padded, scale).shape == (0, out_features)
+    assert built.int8_mm(torch.randn(0, in_features), built.int8_weight(padded, scale)).shape == (
+        0,
+        out_features,
+    )
     for num_tokens in range(1, 21):  # every remainder of the 8-row tile, on one pass and on several
         x = torch.randn(num_tokens, in_features, generator=g)
-        got = built.int8_mm(x, padded, scale)
+        got = built.int8_mm(x, built.int8_weight(padded, scale))
         want = x.double() @ w.double().T
         # float32 sums in another order: bounded by the sum of the terms' magnitudes, not by the result
         magnitude = x.double().abs() @ w.double().abs().T
@@ -117,7 +123,7 @@ def test_every_path_carries_inf_and_nan_through_int8_as_a_dense_product_does(bui
     w = int8.dequantize_int8(q, scale)
     x = torch.randn(11, 250, generator=g)
     x[2, 0], x[9, 249], x[4, 100] = float("inf"), float("nan"), float("-inf")
-    got, want = built.int8_mm(x, torch.nn.functional.pad(q, (0, 6)), scale), x @ w.T
+    got, want = built.int8_mm(x, built.int8_weight(torch.nn.functional.pad(q, (0, 6)), scale)), x @ w.T
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
     assert torch.equal(got[want.isinf()], want[want.isinf()])
     finite = want.isfinite()

@@ -42,14 +42,16 @@ def _decode_step(runner, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def _rows_seen(monkeypatch) -> dict[str, list[int]]:
-    """Kernel entry point -> the rows of its first argument in each call (x for the products; the
-    dequantization serves the GEMM path only)."""
+    """Kernel entry point -> the rows of its first argument in each call (x for the products; for the
+    dequantization, which serves the GEMM path only, its weight's)."""
     seen: dict[str, list[int]] = defaultdict(list)
     for name in ("int8_mm", "int4_mm", "int4_dequantize"):
         method = getattr(native.NativeKernels, name)
 
         def spy(self, *args, _method=method, _name=name, **kwargs):
-            seen[_name].append(args[0].shape[0])
+            seen[_name].append(
+                args[0].shape[0] if isinstance(args[0], torch.Tensor) else args[0].out_features
+            )
             return _method(self, *args, **kwargs)
 
         monkeypatch.setattr(native.NativeKernels, name, spy)

@@ -35,7 +35,7 @@ from data_plane.model.quant.base import (
     round_up,
     row_chunks,
 )
-from data_plane.model.quant.native import NativeKernels, native_kernels
+from data_plane.model.quant.native import Int4Weight, NativeKernels, native_kernels
 
 GROUP_SIZES = (128, 64, 32)
 _ROW_MULTIPLE = 16  # tinygemm packs output rows in tiles (16 on CPU, 8 on CUDA)
@@ -145,6 +145,7 @@ class Int4Linear(QuantLinear):
         # `allow_native=False` takes tinygemm anyway (the benchmark's comparison).
         cpu = self.device.type == "cpu"
         self.native: NativeKernels | None = native_kernels() if cpu and allow_native else None
+        self._native_weight: Int4Weight | None = None  # the buffers checked once for the C code
         if self.native is not None:
             self.padded_out_features = out_features
             # Allocated by the first rows loaded: the loader builds the model on the meta device and casts
@@ -216,27 +217,36 @@ class Int4Linear(QuantLinear):
             return self.native_fused(xf).to(x.dtype)
         return self.native_blocks(xf).to(x.dtype)
 
+    def native_weight(self) -> Int4Weight:
+        """The buffers as the native kernels take them, checked when first used (and again should the
+        buffers be replaced): the kernels then check only x per call."""
+        weight = self._native_weight
+        if weight is None or not weight.holds(self.codes, self.scale, self.offset):
+            weight = self.native.int4_weight(self.codes, self.scale, self.offset, self.group_size)
+            self._native_weight = weight
+        return weight
+
     def native_fused(self, xf: torch.Tensor) -> torch.Tensor:
         """xf (T, K) float32 -> (T, N) float32 through the fused kernel (one pass over the packed weight)."""
-        return self.native.int4_mm(xf, self.codes, self.scale, self.offset, self.group_size)
+        return self.native.int4_mm(xf, self.native_weight())
 
     def native_blocks(self, xf: torch.Tensor) -> torch.Tensor:
         """xf (T, K) float32 -> (T, N) float32: the weight dequantized a block of rows at a time (4 MiB of
         float32, in cache) into one buffer of this thread's, each block one float32 GEMM."""
         rows = max(1, _NATIVE_BLOCK_ELEMENTS // self.in_features)
         buffer = _block_buffer(rows * self.in_features)
+        weight = self.native_weight()
         blocks = []
         for start in range(0, self.out_features, rows):
             end = min(start + rows, self.out_features)
             block = buffer[: (end - start) * self.in_features].view(end - start, self.in_features)
-            args = (self.codes, self.scale, self.offset, self.group_size)
-            self.native.int4_dequantize(*args, start, end, out=block)
+            self.native.int4_dequantize(weight, start, end, out=block)
             blocks.append(F.linear(xf, block))  # (T, end - start)
         return torch.cat(blocks, dim=1)
 
     def dequantize(self) -> torch.Tensor:
         if self.native is not None:
-            return self.native.int4_dequantize(self.codes, self.scale, self.offset, self.group_size)
+            return self.native.int4_dequantize(self.native_weight())
         # The packed layout is the kernel's own, so read it back through the kernel: rows of the identity.
         # On CPU in float32 (exact); the CUDA kernel takes bfloat16 only (its output is rounded to it).
         k = self.in_features

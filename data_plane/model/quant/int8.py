@@ -46,7 +46,7 @@ import torch
 from torch.nn import functional as F
 
 from data_plane.model.quant.base import COMPUTE_DTYPE, QuantLinear, one_thread, round_up, row_chunks
-from data_plane.model.quant.native import INT8_IN_MULTIPLE, NativeKernels, native_kernels
+from data_plane.model.quant.native import INT8_IN_MULTIPLE, Int8Weight, NativeKernels, native_kernels
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ class Int8Linear(QuantLinear):
         self.two_digit = False
         self.two_digit_stacked = False
         self.native: NativeKernels | None = None  # the CPU's float32 kernels, when this machine builds them
+        self._native_weight: Int8Weight | None = None  # the buffers checked once for the C code
 
     def load_rows(self, start: int, rows: torch.Tensor) -> None:
         end = self._check_rows(start, rows)
@@ -223,7 +224,10 @@ class Int8Linear(QuantLinear):
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_native(x):
-            return self.native.int8_mm(x.contiguous(), self.qweight, self.scale)
+            weight = self._native_weight
+            if weight is None or not weight.holds(self.qweight, self.scale):
+                weight = self._native_weight = self.native.int8_weight(self.qweight, self.scale)
+            return self.native.int8_mm(x.contiguous(), weight)
         if self.padded_in_features != self.in_features:
             x = F.pad(x, (0, self.padded_in_features - self.in_features))  # (T, K_pad)
         if x.dtype == torch.float32 and self.two_digit:

@@ -2,8 +2,9 @@
 and loaded through ctypes.
 
     kernels = native_kernels()                          # NativeKernels, or None (why: native_kernels_problem())
-    y = kernels.int4_mm(x, codes, scale, offset, G)     # x (T, K) float32 -> y (T, N) float32
-    y = kernels.int8_mm(x, qweight, scale)              # the same for int8.py's layout
+    weight = kernels.int4_weight(codes, scale, offset, G)  # checked once for the C code
+    y = kernels.int4_mm(x, weight)                         # x (T, K) float32 -> y (T, N) float32
+    y = kernels.int8_mm(x, kernels.int8_weight(qweight, scale))  # the same for int8.py's layout
 
 The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
 cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory,
@@ -62,35 +63,31 @@ class NativeKernels:
     vector_bits: int
     cached: bool = False  # found in the cache rather than built by this process
 
-    def int4_mm(
-        self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
-    ) -> torch.Tensor:
-        """x (T, K) float32 contiguous, codes (N, K / 2) uint8, scale and offset (N, K / group_size)
-        bfloat16 -> x @ W.T (T, N) float32, W as int4_cpu.c lays it out."""
+    def int4_weight(
+        self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
+    ) -> Int4Weight:
+        """An int4 weight checked once for the C code (which trusts its pointers): codes (N, K / 2) uint8,
+        scale and offset (N, K / group_size) bfloat16, all contiguous on the CPU, in int4_cpu.c's layout."""
         n, k = _check_weight(codes, scale, offset, group_size)
-        _check_x(x, k)
-        num_tokens = x.shape[0]
+        return Int4Weight(codes, scale, offset, group_size, n, k)
+
+    def int4_mm(self, x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+        """x (T, K) float32 contiguous -> x @ W.T (T, N) float32."""
+        _check_x(x, weight.in_features)
+        num_tokens, n = x.shape[0], weight.out_features
         y = torch.empty(num_tokens, n, dtype=torch.float32, device="cpu")
         self.library.openlora_int4_mm(
-            x.data_ptr(), num_tokens, k, codes.data_ptr(), scale.data_ptr(), offset.data_ptr(), n, group_size,
-            y.data_ptr(), torch.get_num_threads(),
+            x.data_ptr(), num_tokens, weight.in_features, weight.codes.data_ptr(), weight.scale.data_ptr(),
+            weight.offset.data_ptr(), n, weight.group_size, y.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return y
 
     def int4_dequantize(
-        self,
-        codes: torch.Tensor,
-        scale: torch.Tensor,
-        offset: torch.Tensor,
-        group_size: int,
-        start: int = 0,
-        end: int | None = None,
-        out: torch.Tensor | None = None,
+        self, weight: Int4Weight, start: int = 0, end: int | None = None, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Rows start:end of W, (end - start, K) float32: exactly the values `int4_mm` multiplies by (codes,
-        scale and offset as `int4_mm` takes them, checked as there); written into `out` when given (a
-        contiguous float32 tensor of that shape, reused across calls)."""
-        n, k = _check_weight(codes, scale, offset, group_size)
+        """Rows start:end of W, (end - start, K) float32: exactly the values `int4_mm` multiplies by; written
+        into `out` when given (a contiguous float32 tensor of that shape, reused across calls)."""
+        n, k = weight.out_features, weight.in_features
         end = n if end is None else end
         if not 0 <= start <= end <= n:
             raise ValueError(f"rows {start}:{end} outside 0:{n}")
@@ -104,23 +101,59 @@ class NativeKernels:
         ):
             raise ValueError(f"out must be contiguous float32 ({end - start}, {k}) on the CPU")
         self.library.openlora_int4_dequantize(
-            codes.data_ptr(), scale.data_ptr(), offset.data_ptr(), k, group_size, start, end - start,
-            out.data_ptr(), torch.get_num_threads(),
+            weight.codes.data_ptr(), weight.scale.data_ptr(), weight.offset.data_ptr(), k, weight.group_size,
+            start, end - start, out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return out
 
-    def int8_mm(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """x (T, K) float32 contiguous, qweight (N, K_pad >= K) int8 (int8.py's layout, input padded),
-        scale (N,) bfloat16 -> x @ (qweight[:, :K] * scale[:, None]).T, (T, N) float32."""
-        _check_int8(x, qweight, scale)
+    def int8_weight(self, qweight: torch.Tensor, scale: torch.Tensor) -> Int8Weight:
+        """An int8 weight checked once for the C code: qweight (N, K_pad) int8 (int8.py's layout, input
+        padded), scale (N,) bfloat16, contiguous on the CPU."""
+        _check_int8_weight(qweight, scale)
+        return Int8Weight(qweight, scale, qweight.shape[0], qweight.shape[1])
+
+    def int8_mm(self, x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+        """x (T, K) float32 contiguous, K padding to K_pad -> x @ (qweight[:, :K] * scale[:, None]).T, (T, N)
+        float32."""
+        _check_x(x, k_pad=weight.padded_in_features)
         num_tokens, k = x.shape
-        n, k_pad = qweight.shape
+        n = weight.out_features
         y = torch.empty(num_tokens, n, dtype=torch.float32, device="cpu")
         self.library.openlora_int8_mm(
-            x.data_ptr(), num_tokens, k, qweight.data_ptr(), k_pad, scale.data_ptr(), n, y.data_ptr(),
-            torch.get_num_threads(),
+            x.data_ptr(), num_tokens, k, weight.qweight.data_ptr(), weight.padded_in_features,
+            weight.scale.data_ptr(), n, y.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return y
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """An int4 weight whose tensors passed the checks the C code relies on (`NativeKernels.int4_weight`):
+    the kernels check only x per call."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    group_size: int
+    out_features: int
+    in_features: int
+
+    def holds(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> bool:
+        """Whether this handle is of these very tensors (a layer whose buffers were replaced needs a new one)."""
+        return self.codes is codes and self.scale is scale and self.offset is offset
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """An int8 weight whose tensors passed the checks the C code relies on (`NativeKernels.int8_weight`)."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    out_features: int
+    padded_in_features: int
+
+    def holds(self, qweight: torch.Tensor, scale: torch.Tensor) -> bool:
+        return self.qweight is qweight and self.scale is scale
 
 
 # int8.py pads the input dimension of its codes to a multiple of this; x keeps the real width.
@@ -137,8 +170,9 @@ def _check_x(x: torch.Tensor, k: int | None = None, k_pad: int | None = None) ->
         raise ValueError(f"x must be contiguous float32 {want} on the CPU, got {x.dtype} {list(x.shape)}")
 
 
-def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> None:
-    """The C code trusts its pointers: every shape, dtype and layout it assumes is checked here first."""
+def _check_int8_weight(qweight: torch.Tensor, scale: torch.Tensor) -> None:
+    """The C code trusts its pointers: every shape, dtype and layout of the weight it assumes is checked
+    here first."""
     if (
         qweight.dim() != 2
         or qweight.dtype != torch.int8
@@ -146,8 +180,7 @@ def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
         or qweight.device.type != "cpu"
     ):
         raise ValueError("qweight must be a contiguous int8 (N, K_pad) CPU tensor")
-    n, k_pad = qweight.shape
-    _check_x(x, k_pad=k_pad)
+    n = qweight.shape[0]
     if (
         scale.dtype != torch.bfloat16
         or not scale.is_contiguous()
@@ -442,13 +475,17 @@ def _check_against_torch(kernel: NativeKernels) -> None:
     for group_size in (128, 64, 32):
         w = torch.randn(24, 256, generator=g, device="cpu")
         q, scale, offset = quantize_int4(w, group_size)
-        got = kernel.int4_mm(x, pack_native(q, group_size), scale, offset, group_size)
+        got = kernel.int4_mm(x, kernel.int4_weight(pack_native(q, group_size), scale, offset, group_size))
         checks.append((f"int4, group {group_size}", got, dequantize_int4(q, scale, offset)))
     w = torch.randn(24, 250, generator=g, device="cpu")  # a width past the last whole vector
     q8, scale8 = quantize_int8(w)
     padded = torch.nn.functional.pad(q8, (0, 6))  # (24, 256): rows K_pad apart, as int8.py holds them
     checks.append(
-        ("int8", kernel.int8_mm(x[:, :250].contiguous(), padded, scale8), dequantize_int8(q8, scale8))
+        (
+            "int8",
+            kernel.int8_mm(x[:, :250].contiguous(), kernel.int8_weight(padded, scale8)),
+            dequantize_int8(q8, scale8),
+        )
     )
     for name, got, weight in checks:
         want = x[:, : weight.shape[1]].double() @ weight.double().T

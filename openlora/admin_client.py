@@ -19,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from openlora.adapter_format import IGNORED_FILES
 from openlora.artifact import ARTIFACT_FILES
+from openlora.grpc_reconnect import reconnect_options
 from openlora.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
 from openlora.wire import message
 
@@ -95,6 +96,7 @@ class AdminClient:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                *reconnect_options(),
             ],
         )
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)

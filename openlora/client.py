@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import grpc
 
 from openlora.errors import OpenLoRAError, from_rpc_error
+from openlora.grpc_reconnect import reconnect_options
 from openlora.v1 import inference_pb2, inference_pb2_grpc
 from openlora.wire import assign, extend
 
@@ -108,7 +109,7 @@ class Client:
         self.target = target
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         self._timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(target)
+        self._channel = grpc.insecure_channel(target, options=reconnect_options())
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
 
     def generate_stream(self, prompt: str | None = None, **kwargs) -> Iterator[GenerateResponse]:

@@ -23,6 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from data_plane.server.usage_reporter import UsageRecord
 from openlora.base_model import BaseModelSpec
 from openlora.cache_scope import cache_key
+from openlora.grpc_reconnect import reconnect_options
 from openlora.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
 from openlora.wire import spec_to_proto
 
@@ -173,7 +174,7 @@ class ControlPlaneClient:
         auth_cache_ttl_s: float = 10.0,
         auth_cache_max_entries: int = DEFAULT_AUTH_CACHE_MAX_ENTRIES,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = grpc.aio.insecure_channel(target, options=reconnect_options())
         self._stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {worker_token}"),)
         self._auth_cache_ttl_s = auth_cache_ttl_s

@@ -69,6 +69,7 @@ from openlora.commands.supervise import (
 )
 from openlora.config import new_secret
 from openlora.embedded import free_port as _free_port
+from openlora.grpc_reconnect import reconnect_options
 from openlora.log_level import configure_logging
 
 log = logging.getLogger("openlora.up")
@@ -166,7 +167,7 @@ def _wait_serving(target: str, supervisor: Supervisor, timeout_s: float = READY_
     """Waits for `target`'s health to be SERVING while the supervisor restarts a child that exits, as it
     does once `up` is ready; ConfigRefused (a child refused its flags) and TimeoutError end the wait."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    with grpc.insecure_channel(target, options=reconnect_options()) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             supervisor.check()

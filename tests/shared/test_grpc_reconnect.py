@@ -1,0 +1,135 @@
+"""Every long-lived channel OpenLoRA holds to one of its servers tries to reconnect at least about once a
+second while the server is away, however long it stays away: gRPC's default backoff grows to 120 s
+between attempts, and a channel fails every call at once until its next attempt, so a worker went on
+refusing new callers for many seconds after its restarted control plane served again.
+
+The server here is a TCP listener that accepts each connection and closes it before any HTTP/2 byte (a
+port where nothing speaks gRPC yet: a connection attempt that fails, as a restarting server's does); its
+accept times are the channel's connection attempts. The gap between two attempts is the longest a caller
+can be refused after the server is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from data_plane.server.control_plane_client import ControlPlaneClient, ControlPlaneError
+from openlora.admin_client import AdminClient
+from openlora.client import Client
+from openlora.errors import OpenLoRAError
+from openlora.grpc_reconnect import RECONNECT_BACKOFF_MAX_S
+
+# Long enough that gRPC's default backoff (1 s, x1.6 per attempt, 20% jitter) reaches a gap of at least
+# 2.56 x 0.8 = 2.05 s between attempts; the bound allows the cap, its jitter and a busy machine's delay.
+OBSERVE_S = 6.0
+MAX_GAP_S = RECONNECT_BACKOFF_MAX_S * 1.2 + 0.4
+
+
+class RefusingListener:
+    """Accepts connections on a loopback port and closes each at once, recording when it came."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(64)
+        self._socket.settimeout(0.1)
+        self.target = f"127.0.0.1:{self._socket.getsockname()[1]}"
+        self.accepted: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            self.accepted.append(time.monotonic())
+            connection.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
+
+
+@pytest.fixture
+def listener():
+    server = RefusingListener()
+    yield server
+    server.close()
+
+
+def _call_until(deadline: float, call: Callable[[], None]) -> None:
+    """Calls `call` (which fails: nothing serves) every 0.1 s until `deadline`."""
+    while time.monotonic() < deadline:
+        call()
+        time.sleep(0.1)
+
+
+def _longest_gap(accepted: list[float], start: float) -> float:
+    """The longest time without a connection attempt, from `start` to the last attempt seen."""
+    times = [start, *accepted]
+    return max(b - a for a, b in itertools.pairwise(times))
+
+
+def _assert_attempts_keep_coming(listener: RefusingListener, start: float) -> None:
+    assert len(listener.accepted) >= OBSERVE_S / MAX_GAP_S - 1, listener.accepted
+    assert time.monotonic() - listener.accepted[-1] < MAX_GAP_S
+    gap = _longest_gap(listener.accepted, start)
+    assert gap < MAX_GAP_S, f"{gap:.2f} s between connection attempts"
+
+
+def test_the_workers_channel_to_its_control_plane_reconnects_at_least_once_a_second(listener):
+    async def scenario() -> float:
+        client = ControlPlaneClient(listener.target, "worker-token")
+        start = time.monotonic()
+        try:
+            while time.monotonic() < start + OBSERVE_S:
+                with pytest.raises(ControlPlaneError) as refused:
+                    await client.heartbeat("w-1", 0, 0, [])
+                assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+                await asyncio.sleep(0.1)
+        finally:
+            await client.close()
+        return start
+
+    start = asyncio.run(scenario())
+    _assert_attempts_keep_coming(listener, start)
+
+
+def test_the_inference_client_reconnects_at_least_once_a_second(listener):
+    def call() -> None:
+        with pytest.raises(OpenLoRAError):
+            client.complete("hello", max_tokens=1)
+
+    with Client(listener.target, "key", timeout_s=5) as client:
+        start = time.monotonic()
+        _call_until(start + OBSERVE_S, call)
+    _assert_attempts_keep_coming(listener, start)
+
+
+def test_the_admin_client_reconnects_at_least_once_a_second(listener):
+    admin = AdminClient(listener.target, "key", timeout_s=5)
+
+    def call() -> None:
+        with pytest.raises(grpc.RpcError) as refused:
+            list(admin.list_adapters())
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    try:
+        start = time.monotonic()
+        _call_until(start + OBSERVE_S, call)
+    finally:
+        admin.close()
+    _assert_attempts_keep_coming(listener, start)

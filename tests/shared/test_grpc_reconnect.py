@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -63,13 +64,6 @@ class RefusingListener:
         self._socket.close()
 
 
-@pytest.fixture
-def listener():
-    server = RefusingListener()
-    yield server
-    server.close()
-
-
 def _call_until(deadline: float, call: Callable[[], None]) -> None:
     """Calls `call` (which fails: nothing serves) every 0.1 s until `deadline`."""
     while time.monotonic() < deadline:
@@ -83,53 +77,65 @@ def _longest_gap(accepted: list[float], start: float) -> float:
     return max(b - a for a, b in itertools.pairwise(times))
 
 
-def _assert_attempts_keep_coming(listener: RefusingListener, start: float) -> None:
-    assert len(listener.accepted) >= OBSERVE_S / MAX_GAP_S - 1, listener.accepted
-    assert time.monotonic() - listener.accepted[-1] < MAX_GAP_S
-    gap = _longest_gap(listener.accepted, start)
-    assert gap < MAX_GAP_S, f"{gap:.2f} s between connection attempts"
-
-
-def test_the_workers_channel_to_its_control_plane_reconnects_at_least_once_a_second(listener):
-    async def scenario() -> float:
-        client = ControlPlaneClient(listener.target, "worker-token")
-        start = time.monotonic()
+def _worker_to_control_plane(target: str, deadline: float) -> None:
+    async def scenario() -> None:
+        client = ControlPlaneClient(target, "worker-token")
         try:
-            while time.monotonic() < start + OBSERVE_S:
+            while time.monotonic() < deadline:
                 with pytest.raises(ControlPlaneError) as refused:
                     await client.heartbeat("w-1", 0, 0, [])
                 assert refused.value.code == grpc.StatusCode.UNAVAILABLE
                 await asyncio.sleep(0.1)
         finally:
             await client.close()
-        return start
 
-    start = asyncio.run(scenario())
-    _assert_attempts_keep_coming(listener, start)
+    asyncio.run(scenario())
 
 
-def test_the_inference_client_reconnects_at_least_once_a_second(listener):
+def _inference_client(target: str, deadline: float) -> None:
     def call() -> None:
         with pytest.raises(OpenLoRAError):
             client.complete("hello", max_tokens=1)
 
-    with Client(listener.target, "key", timeout_s=5) as client:
-        start = time.monotonic()
-        _call_until(start + OBSERVE_S, call)
-    _assert_attempts_keep_coming(listener, start)
+    with Client(target, "key", timeout_s=5) as client:
+        _call_until(deadline, call)
 
 
-def test_the_admin_client_reconnects_at_least_once_a_second(listener):
-    admin = AdminClient(listener.target, "key", timeout_s=5)
-
+def _admin_client(target: str, deadline: float) -> None:
     def call() -> None:
         with pytest.raises(grpc.RpcError) as refused:
             list(admin.list_adapters())
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
+    with AdminClient(target, "key", timeout_s=5) as admin:
+        _call_until(deadline, call)
+
+
+CHANNELS = {
+    "the worker's channel to its control plane": _worker_to_control_plane,
+    "the inference client": _inference_client,
+    "the admin client": _admin_client,
+}
+
+
+def test_every_channel_to_an_openlora_server_reconnects_at_least_once_a_second():
+    """The three channels run at once, each against its own listener, for one OBSERVE_S window."""
+    listeners = {name: RefusingListener() for name in CHANNELS}
     try:
         start = time.monotonic()
-        _call_until(start + OBSERVE_S, call)
+        with ThreadPoolExecutor(len(CHANNELS)) as pool:
+            runs = [
+                pool.submit(run, listeners[name].target, start + OBSERVE_S) for name, run in CHANNELS.items()
+            ]
+            for run in runs:
+                run.result()
+        end = time.monotonic()
     finally:
-        admin.close()
-    _assert_attempts_keep_coming(listener, start)
+        for listener in listeners.values():
+            listener.close()
+    for name, listener in listeners.items():
+        accepted = listener.accepted
+        assert len(accepted) >= OBSERVE_S / MAX_GAP_S - 1, (name, accepted)
+        assert end - accepted[-1] < MAX_GAP_S, f"{name}: no attempt in the last {end - accepted[-1]:.2f} s"
+        gap = _longest_gap(accepted, start)
+        assert gap < MAX_GAP_S, f"{name}: {gap:.2f} s between connection attempts"

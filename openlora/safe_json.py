@@ -32,6 +32,22 @@ class JsonFieldError(ValueError):
         self.reason = reason
 
 
+class LoneSurrogate(JsonFieldError):
+    """A string of the document (or a key: `in_key`) holds a lone surrogate, which only a `\\ud800`-style
+    escape can spell (the document itself may be ASCII): no character, so no UTF-8 text. `path` names the
+    value holding it within the document (`stop[1]`, `messages[0].content`; "" for the document itself, or
+    for a key of its top-level object), so that a reader can refuse that field by name."""
+
+    def __init__(self, field: str, path: str, code_point: int, in_key: bool) -> None:
+        where = f"{'a key of ' if in_key else ''}{path or 'the document'}"
+        super().__init__(
+            field, f"not valid JSON ({where} holds a lone surrogate \\u{code_point:04x}: not UTF-8 text)"
+        )
+        self.path = path
+        self.code_point = code_point
+        self.in_key = in_key
+
+
 def describe(value: object, max_chars: int = 64) -> str:
     """repr() of a refused value for a message, cut to `max_chars` (values may be megabytes long)."""
     text = repr(value)
@@ -135,6 +151,39 @@ def _check_tree(value: object, max_depth: int) -> None:
                 stack.append((item, depth + 1))
 
 
+def _lone_surrogate(value: object) -> tuple[str, int, bool]:
+    """(path, code point, in a key) of the first lone surrogate in a parsed document that holds one. Only
+    run once `_check_tree` found one: it builds a path for every value it visits, which the check does not."""
+    stack: list[tuple[object, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            children = []
+            for key, item in node.items():
+                code_point = _surrogate_in(key)
+                if code_point is not None:
+                    return path, code_point, True
+                children.append((item, f"{path}.{key}" if path else key))
+        elif isinstance(node, list):
+            children = [(item, f"{path}[{i}]") for i, item in enumerate(node)]
+        else:
+            children = [(node, path)]
+        for item, where in children:
+            if isinstance(item, str):
+                code_point = _surrogate_in(item)
+                if code_point is not None:
+                    return where, code_point, False
+            elif isinstance(item, dict | list):
+                stack.append((item, where))
+    raise AssertionError("no lone surrogate in the document")
+
+
+def _surrogate_in(text: str) -> int | None:
+    """The first surrogate code point of `text` (a pair escaped as two `\\u` escapes is one character),
+    or None."""
+    return next((ord(c) for c in text if 0xD800 <= ord(c) <= 0xDFFF), None)
+
+
 def load_json(
     data: bytes | str,
     field: str,
@@ -163,6 +212,9 @@ def load_json(
         _check_tree(value, max_depth)
     except RecursionError:
         raise JsonFieldError(field, f"not valid JSON (nested deeper than {max_depth} levels)") from None
+    except UnicodeEncodeError:  # the text was UTF-8; a \u escape in it spelled a lone surrogate
+        path, code_point, in_key = _lone_surrogate(value)
+        raise LoneSurrogate(field, path, code_point, in_key) from None
     except UnicodeError:
         raise JsonFieldError(field, "not valid JSON (not UTF-8 text)") from None
     except (ValueError, TypeError) as e:

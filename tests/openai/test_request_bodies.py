@@ -607,3 +607,26 @@ def test_a_template_that_writes_a_variable_per_message_is_refused_before_it_rend
         tracemalloc.stop()
     assert peak_bytes < 16 << 20  # the whole rendering held 200 MB (and its join as many again)
     assert template.render([{"role": "user", "content": "hi"}]) == "user: hi</s>"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (_completion(stop=["ok", "\ud83d"]), "stop[1]"),
+        (_completion(prompt="fox \ud83d"), "prompt"),
+        (
+            _chat(messages=[{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]),
+            "messages[0].content[0].text",
+        ),
+        (_completion(stream_options={"\ud800": True}), "stream_options"),
+    ],
+)
+def test_a_lone_surrogate_escape_is_refused_naming_its_field(body, param):
+    """`json.dumps` of a string cut inside a surrogate pair writes a `\\ud83d` escape: the body is ASCII,
+    and was refused as "not valid JSON (not UTF-8 text)" naming no field. It names the field holding it."""
+    assert body.isascii()
+    parse = parse_chat if b"messages" in body else parse_completion
+    with pytest.raises(BodyError) as refused:
+        parse(body)
+    assert refused.value.param == param, refused.value.reason
+    assert "lone surrogate" in refused.value.reason

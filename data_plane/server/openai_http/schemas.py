@@ -25,7 +25,15 @@ from data_plane.server.validation import (
     top_p_problem,
 )
 from openlora.mix_rules import density_problem, weight_problem
-from openlora.safe_json import JsonFieldError, JsonObject, OutOfRangeNumber, describe, load_json, whole_number
+from openlora.safe_json import (
+    JsonFieldError,
+    JsonObject,
+    LoneSurrogate,
+    OutOfRangeNumber,
+    describe,
+    load_json,
+    whole_number,
+)
 from openlora.v1 import inference_pb2
 
 MAX_BODY_BYTES = 4 << 20  # larger bodies are refused with 413 before they are read
@@ -286,6 +294,13 @@ def _load(data: bytes, allowed: set[str]) -> JsonObject:
         )
     try:
         value = load_json(data, "", max_bytes=MAX_BODY_BYTES, mark_out_of_range=True)
+    except LoneSurrogate as error:  # refused by the field holding it, as a number out of range is
+        what = "has a key holding" if error.in_key else "holds"
+        subject = "" if error.path else "the body "  # a field error's message starts with its name
+        raise BodyError(
+            error.path or None,
+            f"{subject}{what} a lone surrogate (\\u{error.code_point:04x}), which is not a character",
+        ) from None
     except JsonFieldError as error:
         raise BodyError(None, f"the body is {error.reason}") from None
     if not isinstance(value, dict):

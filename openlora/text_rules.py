@@ -32,6 +32,21 @@ def text_problem(value: str, max_chars: int) -> str | None:
     return None
 
 
+# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def identifier_problem(value: str, max_chars: int) -> str | None:
+    """`text_problem`, and no control characters: an identifier a client chooses (a request id) is
+    written into log lines and echoed in response headers (`X-Request-Id`), where a line break forges a
+    log line and a control character is not header text. Checked where a request enters; the control
+    plane keeps `text_problem` for ids it already stored or that a spool still holds."""
+    problem = text_problem(value, max_chars)
+    if problem is None and _CONTROL_CHARACTERS.search(value):
+        return "must not contain control characters or line separators"
+    return problem
+
+
 # A caller's value quoted in a status message: at most this many characters of it.
 MAX_QUOTED_CHARS = 64
 # A status message (grpc-message, sent percent-encoded in trailing metadata that the client caps at 16 KiB

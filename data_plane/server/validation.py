@@ -17,7 +17,7 @@ from openlora.text_rules import (
     MAX_REQUEST_ID_CHARS,
     SERVING_KEY_SUFFIX,
     SERVING_KEY_SUFFIX_RULE,
-    text_problem,
+    identifier_problem,
 )
 from openlora.v1 import inference_pb2
 
@@ -138,7 +138,7 @@ def check_request(request: inference_pb2.GenerateRequest, limits: RequestLimits)
     """Checks every field that needs no tokenizer; raises RequestFieldError naming the first bad one."""
     # The control plane's rule for the usage record's key: one it refuses after the tokens went out is
     # dead-lettered, not billed (a NUL id was served free while the control plane was unreachable).
-    problem = text_problem(request.request_id, MAX_REQUEST_ID_CHARS)
+    problem = identifier_problem(request.request_id, MAX_REQUEST_ID_CHARS)
     if problem is not None:
         raise RequestFieldError("request_id", problem)
     if SERVING_KEY_SUFFIX.search(request.request_id):

@@ -224,3 +224,21 @@ def test_a_compressed_body_is_a_415_naming_its_content_encoding(http_worker, ten
         timeout=30,
     )
     assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("request_id", ["a\x01b", "a\tb", "a\x7fb"])
+def test_a_request_id_with_a_control_character_is_refused_naming_the_header(http_worker, tenant, request_id):
+    """The id is echoed in the response's X-Request-Id and written into log lines: a control character is
+    neither header text nor a log line's, so the request is refused before it is served (it was accepted
+    and echoed)."""
+    response = httpx.post(
+        f"{http_worker.base_url}/completions",
+        headers={"Authorization": f"Bearer {tenant[2]}", "X-Request-Id": request_id},
+        json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2},
+        timeout=30,
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "X-Request-Id"
+    assert "control characters" in error["message"]
+    assert "x-request-id" not in response.headers

@@ -16,6 +16,7 @@ from data_plane.server.validation import (
     requested_adapter_names,
 )
 from openlora.client import build_request
+from openlora.text_rules import SERVING_KEY_SUFFIX
 from openlora.v1 import inference_pb2
 
 LIMITS = RequestLimits(max_tokens_limit=256, default_max_tokens=16, vocab_size=100, max_model_len=64)
@@ -73,6 +74,14 @@ def test_unset_sampling_takes_the_defaults():
         ({"prompt": "x", "adapter": "c", "mix": {"a": 0.5}}, "mix"),
         ({"prompt": "x", "request_id": "r" * 129}, "request_id"),
         ({"prompt": "x", "request_id": "r\x00"}, "request_id"),  # the usage record would be refused
+        # Written into log lines and echoed in X-Request-Id: a line break would forge a log line.
+        ({"prompt": "x", "request_id": "r\nINFO forged"}, "request_id"),
+        ({"prompt": "x", "request_id": "r\r"}, "request_id"),
+        ({"prompt": "x", "request_id": "a\x01b"}, "request_id"),
+        ({"prompt": "x", "request_id": "a\tb"}, "request_id"),
+        ({"prompt": "x", "request_id": "a\x7fb"}, "request_id"),
+        ({"prompt": "x", "request_id": "a\x85b"}, "request_id"),
+        ({"prompt": "x", "request_id": "a\u2028b"}, "request_id"),
         ({"prompt": "x", "adapter": "a/b"}, "adapter"),  # no adapter can have that name
         ({"prompt": "x", "mix": {"ok": 0.5, "b\x00": 0.5}}, "mix[1].adapter"),
     ],
@@ -95,6 +104,11 @@ def test_a_request_id_of_the_form_a_second_serving_is_billed_under_is_refused():
         with pytest.raises(RequestFieldError, match="request_id must not end in '~'"):
             check_request(build_request("x", request_id=request_id), LIMITS)
     for request_id in ("a~0123456789abcde", "a~0123456789ABCDEF", "a~0123456789abcdef-1", "~", "a~b"):
+        assert check_request(build_request("x", request_id=request_id), LIMITS).request_id == request_id
+
+
+def test_request_ids_of_any_printable_text_are_kept():
+    for request_id in ("r-1", "ñandú 🦙", "a b", "日本語", "x" * 128, "a~b", "\u00a0nbsp"):
         assert check_request(build_request("x", request_id=request_id), LIMITS).request_id == request_id
 
 
@@ -127,10 +141,12 @@ def test_mix_keeps_the_weights_in_order():
 @given(request_id=st.text(max_size=160))
 def test_every_request_id_the_worker_serves_is_one_the_control_plane_records(request_id):
     """A usage record the control plane refuses after the tokens went out is dead-lettered, unbilled: the
-    worker refuses every request id the control plane's usage check would refuse, before serving."""
+    worker refuses every request id the control plane's usage check would refuse, before serving. The
+    worker refuses more only for control characters (which the control plane still records, for ids an
+    older worker spooled)."""
     from control_plane.errors import InvalidArgument
     from control_plane.text import check_text
-    from openlora.text_rules import MAX_REQUEST_ID_CHARS
+    from openlora.text_rules import MAX_REQUEST_ID_CHARS, text_problem
 
     try:
         check_request(build_request("x", request_id=request_id), LIMITS)
@@ -140,6 +156,10 @@ def test_every_request_id_the_worker_serves_is_one_the_control_plane_records(req
         served = False
     if served and request_id:  # an empty id is the worker's to make
         check_text(request_id, "request_id", MAX_REQUEST_ID_CHARS)  # raises if the record would be refused
-    if not served:
+    if not served and text_problem(request_id, MAX_REQUEST_ID_CHARS) is not None:
         with pytest.raises(InvalidArgument):
             check_text(request_id, "request_id", MAX_REQUEST_ID_CHARS)
+    elif not served:
+        assert SERVING_KEY_SUFFIX.search(request_id) or any(
+            ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in request_id
+        ), repr(request_id)

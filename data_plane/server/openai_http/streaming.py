@@ -18,6 +18,7 @@ from data_plane.server.generation import Chunk
 from data_plane.server.openai_http import sse
 from data_plane.server.openai_http.errors import http_error
 from data_plane.server.openai_http.openai_objects import Reply
+from openlora.text_rules import MAX_REQUEST_ID_CHARS, identifier_problem
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,11 @@ class GenerationResponse:
 
     @staticmethod
     def _id_header(request_id: str) -> dict[str, str]:
-        return {"X-Request-Id": request_id} if request_id else {}
+        """The id echoed, unless it was refused for what it holds (a refusal of X-Request-Id for being in
+        use echoes it; one for its control characters must not write them into a header)."""
+        if not request_id or identifier_problem(request_id, MAX_REQUEST_ID_CHARS) is not None:
+            return {}
+        return {"X-Request-Id": request_id}
 
 
 async def _send_json(send, status: int, payload: dict, headers: dict[str, str]) -> None:

@@ -4,7 +4,8 @@ Every usage record is appended to a local JSONL spool before anything else (flus
 so a SIGKILL loses nothing already recorded; fsynced at least every `fsync_interval_s` against power
 loss). A background task sends pending records in batches to the control plane at least every
 `flush_interval_s`; acknowledged records are compacted out of the spool. When the control plane is
-unreachable the records stay and are retried with backoff; on start the spool is read back and resent.
+unreachable the records stay and are retried every flush interval; on start the spool is read back and
+resent.
 
 Running streams are checkpointed: one timer per worker walks the live streams (`track`) every
 `checkpoint_interval_s` and appends the delivered count of each stream that moved as a record with the
@@ -21,7 +22,7 @@ by clients and two tenants may send the same one, so that pair is the key.
 A batch the control plane refuses as invalid (INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE) is
 split in halves and resent until the refused records stand alone; each goes to the dead-letter file
 beside the spool (one JSON object a line: the record, the status and why) with a WARNING, and the rest
-keeps flowing. Any other failure (unreachable, timeout) is retried with backoff, nothing set aside.
+keeps flowing. Any other failure (unreachable, timeout) is retried at the next interval, nothing set aside.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 30.0
+# While sends fail, a WARNING at the first failure and then at most once per this many seconds.
+FAILURE_LOG_INTERVAL_S = 30.0
 # The finish reason of a checkpoint (the control plane knows it by the same name).
 CHECKPOINT_FINISH_REASON = "interrupted"
 # Status codes (names) that refuse a record for what it holds: resending it unchanged never succeeds.
@@ -204,6 +206,8 @@ class UsageReporter:
         self._settled_lines = 0
         self._live: dict[int, LiveStream] = {}
         self._lines_since_compact = 0
+        # Pending records settled (acknowledged or dead-lettered) since the spool was last rewritten.
+        self._settled_since_compact = 0
         self._dirty = False
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
@@ -330,7 +334,10 @@ class UsageReporter:
                 try:
                     await self._deliver(batch)
                 except BaseException:
-                    self._compact()
+                    # Only records settled since the last rewrite need one: a failed attempt that settled
+                    # nothing (the control plane away) would rewrite every pending record for nothing.
+                    if self._settled_since_compact:
+                        self._compact()
                     raise
                 settled += max(0, waiting - len(self._pending))
                 if settled >= len(self._pending):
@@ -361,6 +368,7 @@ class UsageReporter:
         for record in batch:
             if self._pending.get(record.key) is record:
                 del self._pending[record.key]
+                self._settled_since_compact += 1
             self._settled[record.key] = None
             self._settled.move_to_end(record.key)
         while len(self._settled) > MAX_SETTLED_KEYS:
@@ -459,23 +467,43 @@ class UsageReporter:
         )
 
     async def _send_loop(self) -> None:
-        backoff_s = self._flush_interval_s
+        """Sends what is pending every flush interval, and at once when a full batch is pending. A failed
+        send is retried one flush interval later for as long as it fails: not sooner (each record
+        finished meanwhile woke the loop past a full batch, one failed call, WARNING and spool rewrite
+        per finished request), and not later (a backoff doubling to 30 s held the usage of every call
+        served during an outage that long after the control plane was back). An attempt against an
+        unreachable control plane costs one failed call per interval."""
+        failing_since: float | None = None
+        warned_at = 0.0
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), backoff_s)
+            if failing_since is None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._flush_interval_s)
+            else:
+                await asyncio.sleep(self._flush_interval_s)
             self._wake.clear()
             try:
                 await self.flush()
-                backoff_s = self._flush_interval_s
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 self.stats.failures += 1
                 self.stats.last_error = str(error)
-                backoff_s = min(max(backoff_s * 2, self._flush_interval_s), MAX_BACKOFF_S)
-                log.warning(
-                    "usage report failed (%d pending, retry in %.1fs): %s", self.num_pending, backoff_s, error
-                )
+                now = time.monotonic()
+                if failing_since is None or now - warned_at >= FAILURE_LOG_INTERVAL_S:
+                    log.warning(
+                        "usage report failed (%d pending, retried every %.1fs): %s",
+                        self.num_pending,
+                        self._flush_interval_s,
+                        error,
+                    )
+                    warned_at = now
+                if failing_since is None:
+                    failing_since = now
+            else:
+                if failing_since is not None:
+                    log.info("usage reported again after %.1fs of failures", time.monotonic() - failing_since)
+                failing_since = None
             self.stats.pending = self.num_pending
 
     async def _checkpoint_loop(self) -> None:
@@ -599,6 +627,7 @@ class UsageReporter:
         os.replace(tmp, self._path)
         self._file = _open_spool(self._path)
         self._lines_since_compact = 0
+        self._settled_since_compact = 0
         self._dirty = False
 
     def _load_spool(self) -> None:

@@ -112,6 +112,83 @@ def test_unreachable_control_plane_keeps_records_and_retries(tmp_path):
     assert spool.read_text() == ""
 
 
+class CountingCollector(Collector):
+    """A Collector that counts every send attempt, failed ones included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    async def __call__(self, records: list[UsageRecord]) -> None:
+        self.attempts += 1
+        await super().__call__(records)
+
+
+def test_records_finishing_during_an_outage_add_no_send_attempts_or_spool_rewrites(tmp_path, monkeypatch):
+    """Past a full batch pending, every record finished while the control plane was away woke the send
+    loop: one failed ReportUsage, one WARNING line and one rewrite (and fsync) of the whole spool on the
+    event loop per finished request, whatever the backoff said. Retries now come once per flush interval,
+    and a failed attempt that settled nothing leaves the spool as it is."""
+    collector = CountingCollector()
+    collector.down = True
+    rewrites: list[int] = []
+    original = UsageReporter._compact
+
+    def counting_compact(self):
+        rewrites.append(len(self._pending))
+        original(self)
+
+    monkeypatch.setattr(UsageReporter, "_compact", counting_compact)
+
+    async def scenario():
+        reporter = UsageReporter(tmp_path / "spool.jsonl", collector, flush_interval_s=0.2, batch_size=5)
+        rewrites.clear()  # the one every start makes
+        await reporter.start()
+        for i in range(60):  # 60 records over about 0.6 s: three flush intervals
+            reporter.record(_record(f"r{i}"))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        attempts, rewrites_while_down = collector.attempts, len(rewrites)
+        collector.down = False
+        for _ in range(100):
+            if not reporter.num_pending:
+                break
+            await asyncio.sleep(0.02)
+        await reporter.stop()
+        return attempts, rewrites_while_down
+
+    attempts, rewrites_while_down = asyncio.run(scenario())
+    assert attempts <= 5  # about one per flush interval; one per record past the fifth before
+    assert rewrites_while_down == 0  # one per failed attempt before
+    assert sorted(r[0] for r in collector.records) == sorted(f"r{i}" for i in range(60))
+
+
+def test_usage_reaches_a_control_plane_within_a_flush_interval_of_its_return_after_a_long_outage(tmp_path):
+    """A failed send was retried after a backoff that doubled up to 30 s: after an outage of half a
+    minute the usage of every call served during it (and after it) reached the control plane up to 30 s
+    after it was back, though clients and the worker reconnect within a second. Retries now come every
+    flush interval for as long as the outage lasts."""
+    collector = Collector()
+    collector.down = True
+
+    async def scenario():
+        reporter = UsageReporter(tmp_path / "spool.jsonl", collector, flush_interval_s=0.05)
+        await reporter.start()
+        reporter.record(_record("r1"))
+        await asyncio.sleep(1.6)  # the old backoff: 0.1, 0.2, 0.4, 0.8, then 1.6 s
+        collector.down = False
+        back = time.monotonic()
+        while reporter.num_pending and time.monotonic() - back < 5:
+            await asyncio.sleep(0.01)
+        delay_s = time.monotonic() - back
+        await reporter.stop()
+        return delay_s
+
+    delay_s = asyncio.run(scenario())
+    assert collector.batches == [["r1"]]
+    assert delay_s < 0.3
+
+
 def test_torn_last_line_is_skipped_and_does_not_swallow_the_next_record(tmp_path):
     spool = tmp_path / "spool.jsonl"
     spool.write_text(_record("r1").to_json() + "\n" + _record("r2").to_json()[:20])

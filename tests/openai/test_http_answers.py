@@ -194,7 +194,9 @@ def test_template_variables_the_template_cannot_use_are_a_400_naming_them(system
                     extra_body={"chat_template_kwargs": {"date_string": value}},
                 )
             assert refused.value.body["param"] == "chat_template_kwargs"
-            assert "template" in refused.value.body["message"]
+            assert refused.value.body["message"].startswith(
+                "chat_template_kwargs hold values the model's chat template cannot use: "
+            )
     finally:
         system.loop.run(running.worker.stop(1.0))
 
@@ -242,3 +244,19 @@ def test_a_request_id_with_a_control_character_is_refused_naming_the_header(http
     assert error["param"] == "X-Request-Id"
     assert "control characters" in error["message"]
     assert "x-request-id" not in response.headers
+
+
+def test_a_chat_rendering_past_its_limit_is_refused_in_a_message_that_reads(http_worker, tenant):
+    """The refusal's reason follows its field's name, as every field refusal's does (it read "messages the
+    rendered chat is longer than ...")."""
+    from data_plane.server.openai_http.chat_template import MAX_RENDERED_CHARS
+
+    client = _client(http_worker, tenant[2])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x" * (MAX_RENDERED_CHARS + 1)}], max_tokens=2
+        )
+    assert refused.value.body["param"] == "messages"
+    assert (
+        refused.value.body["message"] == f"messages render a chat longer than {MAX_RENDERED_CHARS} characters"
+    )

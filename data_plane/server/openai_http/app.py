@@ -2,8 +2,10 @@
 `POST /v1/chat/completions` (and `GET /metrics`), over the same `GenerationService` as gRPC.
 
 A request is read in this order, as gRPC's: draining (503), `Authorization: Bearer <key>` (401), body
-size (413) and its arrival within BODY_TIMEOUT_S (408), then the key is authorised for the adapters
-`model` and `mix` name (401, 403, 404) before any refusal of the body's fields (400) is answered;
+size (413) and its arrival within BODY_TIMEOUT_S (408), then the body's parse: a body that is not a
+request of its route (not JSON, a field of the wrong type or outside its range) is 400 at once, since the
+names it holds cannot be read; then the key is authorised for the adapters `model` and `mix` name (401,
+403, 404) before any other refusal of the body's fields (400) is answered;
 `X-Request-Id` is the request id (409 when it is in flight or was billed). `model` is resolved by a
 `ModelResolver` and `/v1/models` lists what a `ModelCatalog` returns, so that named mixes can be plugged
 in without touching the routes.

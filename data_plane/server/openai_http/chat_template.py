@@ -66,7 +66,8 @@ def _strftime_now(format: str) -> str:
 
 class ChatTemplateError(ValueError):
     """The model has no chat template, or the template refused the messages (or the request's variables:
-    `field`)."""
+    `field`). The message reads after the field's name (`messages renders longer than ...`), as every
+    field refusal's does."""
 
     def __init__(self, message: str, field: str = "messages") -> None:
         super().__init__(message)
@@ -125,16 +126,16 @@ class ChatTemplate:
                         break
                     pieces.append(piece)
         except TemplateError as error:
-            raise ChatTemplateError(f"the model's chat template refused the messages: {error}") from None
+            raise ChatTemplateError(f"were refused by the model's chat template: {error}") from None
         except (TypeError, ValueError, ArithmeticError) as error:
             # Python's own operation on a value of the wrong type (`'Today: ' + date_string` given a
             # number), which jinja does not turn into a TemplateError: the request's values, not a fault.
             raise ChatTemplateError(
-                f"the model's chat template cannot use the values it was given: {error}",
+                f"hold values the model's chat template cannot use: {error}",
                 "chat_template_kwargs" if variables else "messages",
             ) from None
         if num_chars > MAX_RENDERED_CHARS:
-            raise ChatTemplateError(f"the rendered chat is longer than {MAX_RENDERED_CHARS} characters")
+            raise ChatTemplateError(f"render a chat longer than {MAX_RENDERED_CHARS} characters")
         return "".join(pieces)
 
 

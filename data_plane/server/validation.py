@@ -22,6 +22,8 @@ from openlora.text_rules import (
 from openlora.v1 import inference_pb2
 
 MAX_PROMPT_CHARS = 1 << 20
+# A mix member that names the base model ("") outside an ensemble.
+BASE_MEMBER_RULE = "must not be empty (only an ensemble may hold the base)"
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_MIX_ADAPTERS = 8
@@ -282,9 +284,7 @@ def _check_mix_members(request: inference_pb2.GenerateRequest, method: str) -> t
     seen: set[str] = set()
     for i, member in enumerate(request.mix):
         if not member.adapter and method != "ensemble":
-            raise RequestFieldError(
-                f"mix[{i}].adapter", "must not be empty (only an ensemble may hold the base)"
-            )
+            raise RequestFieldError(f"mix[{i}].adapter", BASE_MEMBER_RULE)
         if member.adapter and not is_adapter_name(member.adapter):
             raise RequestFieldError(f"mix[{i}].adapter", ADAPTER_NAME_RULE)
         if member.adapter in seen:

@@ -260,3 +260,30 @@ def test_a_chat_rendering_past_its_limit_is_refused_in_a_message_that_reads(http
     assert (
         refused.value.body["message"] == f"messages render a chat longer than {MAX_RENDERED_CHARS} characters"
     )
+
+
+def test_a_mix_member_named_as_the_base_model_is_the_base_model(http_worker, tenant):
+    """A member is resolved as `model` is: the base model's name (which /v1/models lists) is the base, an
+    ensemble member, and a mix of deltas refuses it as the base; it was a 404 saying the model it had just
+    listed was not found."""
+    client = _client(http_worker, tenant[2])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=2, extra_body={"mix": {"ad0": 0.5, "tiny": 0.5}}
+        )
+    assert refused.value.body["param"] == "mix[1].adapter"
+    assert refused.value.body["message"] == (
+        'mix[1].adapter is the base model, which only an ensemble may hold (`mix_method` "ensemble")'
+    )
+    served = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"mix": {"tiny": 0.5, "ad0": 0.5}, "mix_method": "ensemble"},
+    )
+    with Client(http_worker.grpc_target, tenant[2]) as grpc_client:
+        expected = grpc_client.complete(
+            PROMPT, mix=[("", 0.5), ("ad0", 0.5)], mix_method="ensemble", max_tokens=6, temperature=0
+        )
+    assert served.choices[0].text == expected

@@ -242,6 +242,9 @@ async def _generation_body(
         refused = error
     # The names to authorise, as gRPC's requested_adapter_names: the adapter `model` names, the mix's (a
     # name no adapter can have is left out, and refused by check_request naming its field).
+    if body is not None and body.mix:  # a member is resolved as `model` is: the base model's name is the base
+        mix = tuple((api.resolve_model(name, api.service.base_model), weight) for name, weight in body.mix)
+        body = dataclasses.replace(body, mix=mix)
     adapter = api.resolve_model(body.model, api.service.base_model) if body else ""
     mentioned = ([adapter] if adapter else []) + (list(body.adapter_names) if body else [])
     names = tuple(dict.fromkeys(name for name in mentioned if is_adapter_name(name)))

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from data_plane.server.validation import (
+    BASE_MEMBER_RULE,
     MAX_MIX_ADAPTERS,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
@@ -283,6 +284,8 @@ _HTTP_REASONS = {
 def openai_field_error(error: RequestFieldError, chat: bool) -> BodyError:
     """check_request's refusal in the body's own field names (and words, where its reason names gRPC's)."""
     reason = _HTTP_REASONS.get((error.field, error.reason), error.reason)
+    if error.reason == BASE_MEMBER_RULE:  # a member named as the base model (or "") in a mix of deltas
+        reason = 'is the base model, which only an ensemble may hold (`mix_method` "ensemble")'
     return BodyError(openai_param(error.field, chat), reason)
 
 

@@ -108,6 +108,24 @@ def test_a_query_parameter_given_twice_is_a_400_naming_it(http_worker, tenants, 
     assert answer.json()["error"]["param"] == query.split("=")[0]
 
 
+@pytest.mark.parametrize(
+    ("query", "served"), [("after=%ff", False), ("after=a%c3", False), ("after=%ef%bf%bd", True)]
+)
+def test_a_query_value_that_is_not_utf8_is_a_400_naming_it(http_worker, tenants, query, served):
+    """`?after=%ff` was read as U+FFFD (Starlette decodes with replacement) and listed an empty page; a
+    U+FFFD the client spelled in UTF-8 is a value like any other."""
+    (_, _, a_key), _ = tenants
+    answer = httpx.get(
+        f"{http_worker.base_url}/models?{query}", headers={"Authorization": f"Bearer {a_key}"}, timeout=30
+    )
+    if served:
+        assert answer.status_code == 200, answer.text
+        return
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "after"
+    assert "UTF-8" in answer.json()["error"]["message"]
+
+
 def test_a_revoked_key_gets_authentication_error(system, http_worker):
     _, key_id, key = system.new_tenant()
     client = _client(http_worker, key)

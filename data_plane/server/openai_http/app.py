@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -524,11 +525,24 @@ def _render_chat(template: ChatTemplate | None, body: Body) -> str:
 
 def _query_param(request: Request, name: str) -> str | None:
     """A query parameter's value (None when absent). Given twice it is refused, as a body's duplicate key
-    is: `?limit=1&limit=2` was served with the last, silently."""
+    is: `?limit=1&limit=2` was served with the last, silently. A value whose percent-escapes do not spell
+    UTF-8 is refused: decoded with replacement (as Starlette does), `?after=%ff` read as U+FFFD and listed
+    an empty page."""
     values = request.query_params.getlist(name)
     if len(values) > 1:
         raise BodyError(name, "is given more than once")
-    return values[0] if values else None
+    if not values:
+        return None
+    if "\ufffd" in values[0]:
+        raw = request.scope.get("query_string", b"").decode("latin-1")
+        for key, value in urllib.parse.parse_qsl(raw, keep_blank_values=True, encoding="latin-1"):
+            if key.encode("latin-1").decode("utf-8", "replace") != name:
+                continue
+            try:
+                value.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise BodyError(name, "must be UTF-8 text (percent-escapes of UTF-8 bytes)") from None
+    return values[0]
 
 
 def _query_int(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:

@@ -601,4 +601,6 @@ def _run_locked(config: UpConfig) -> int:
         for child in children:
             timeout_s = config.drain_grace_s + 10 if child.name == "worker" else STOP_TIMEOUT_S
             child.stop(timeout_s)
+        if children:  # the user who pressed Ctrl-C sees the stop end, not only begin
+            log.info("stopped: %s", ", ".join(child.name for child in children))
     return exit_code

@@ -159,6 +159,8 @@ def test_restarts_keep_the_demo_key_and_show_the_operator_key_once(
         first.stop()
     finally:
         first.kill()
+    # The stop is said to have ended, not only to have begun (Ctrl-C returned to the prompt without a word).
+    assert "stopped: worker, control plane" in first.stderr_path.read_text()
     # The hint names the `openlora` the user can run from here (make run does not put .venv/bin on PATH).
     (hint,) = [line for line in first.stderr_path.read_text().splitlines() if " generate --adapter " in line]
     command = shlex.split(hint)[0]

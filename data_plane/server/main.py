@@ -419,7 +419,7 @@ async def _start_serving(
             state,
             chat_template=load_chat_template(Path(config.model_dir)),
             list_models=control_plane_catalog(control_plane, spec.name),
-            created=int(time.time()),
+            created=_model_created(Path(config.model_dir)),
         )
         http = HttpServer(
             build_app(api, metrics=config.http_metrics),
@@ -570,6 +570,15 @@ async def _release_stale_request_ids(control_plane: ControlPlaneClient, worker_i
         return
     if released:
         log.info("released %d request id reservations left by this worker's previous run", released)
+
+
+def _model_created(model_dir: Path) -> int:
+    """The base model's `created` on /v1/models: when its config.json was written (Unix seconds), so that
+    it stays the same across restarts as an adapter's does; the time now where it cannot be read."""
+    try:
+        return int((model_dir / "config.json").stat().st_mtime)
+    except OSError:
+        return int(time.time())
 
 
 async def _register_with_retry(register) -> float:

@@ -44,6 +44,16 @@ def test_a_key_sees_the_base_its_adapter_and_mix_and_public_adapters(system, htt
     assert all(m.object == "model" and m.created > 0 for m in models.values())
 
 
+def test_the_base_models_created_is_when_its_config_was_written_not_when_the_worker_started(
+    chat_model_dir, http_worker, tenants
+):
+    """It was the worker's start time, so every restart gave the base model a new `created` while each
+    adapter kept its own."""
+    (_, _, a_key), _ = tenants
+    base = _client(http_worker, a_key).models.retrieve(BASE)
+    assert base.created == int((chat_model_dir / "config.json").stat().st_mtime)
+
+
 def test_another_tenants_private_adapter_and_mix_never_appear(http_worker, tenants):
     (_, _, a_key), (_, _, b_key) = tenants
     a_ids = {m.id for m in _client(http_worker, a_key).models.list(extra_query={"limit": 1000}).data}

@@ -579,8 +579,9 @@ def validate_adapter_dir(
             field = "alpha_pattern" if module_alpha != alpha else "lora_alpha"
             raise AdapterFormatError(
                 f"{CONFIG_FILE}.{field}",
-                f"{where}: scales B @ A by {scaling:.6g} (alpha {module_alpha:g}, rank {module_rank}), more "
-                f"than {MAX_LORA_SCALING:g}: no trained adapter needs it, and float32 overflows on the way",
+                f"{where}: scales B @ A by {scaling:.6g} (alpha {module_alpha:g}, rank {module_rank}), a "
+                f"magnitude more than {MAX_LORA_SCALING:g}: no trained adapter needs it, and float32 "
+                "overflows on the way",
             )
         if module_rank != rank or module_alpha != alpha:
             module_scalings.append(((layer, module), scaling))

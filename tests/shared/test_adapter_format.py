@@ -248,6 +248,16 @@ def test_a_scaling_past_the_bound_is_refused_at_validation(adapter, spec, change
     assert refused.value.field == f"adapter_config.json.{field}"
 
 
+def test_a_negative_scaling_past_the_bound_is_refused_saying_its_magnitude(adapter, spec) -> None:
+    """A negative alpha scales by a negative number: the refusal said it was "more than" the bound, which
+    a negative number never is; it says the magnitude is."""
+    _rewrite_config(adapter, lambda c: c.update({"lora_alpha": -1e6}))
+    with pytest.raises(AdapterFormatError, match="scales B @ A") as refused:
+        validate_adapter_dir(adapter, spec)
+    assert refused.value.field == "adapter_config.json.lora_alpha"
+    assert "magnitude more than 10000" in str(refused.value)
+
+
 def test_missing_lora_alpha_takes_peft_default(
     tmp_path: Path, llama_config: LlamaConfig, spec: BaseModelSpec
 ) -> None:

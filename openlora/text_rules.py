@@ -47,6 +47,20 @@ def identifier_problem(value: str, max_chars: int) -> str | None:
     return problem
 
 
+# Control characters but tab and line feed: what prose may not hold.
+_PROSE_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def prose_problem(value: str, max_chars: int) -> str | None:
+    """`text_problem`, and no control characters but tab and line feed: a description one tenant writes
+    is read by others (a public adapter's, through ListAdapters), and an escape sequence in it would
+    drive their terminal (clear the screen, retitle the window, colour what follows)."""
+    problem = text_problem(value, max_chars)
+    if problem is None and _PROSE_CONTROL_CHARACTERS.search(value):
+        return "must not contain control characters other than tab and line feed"
+    return problem
+
+
 # A caller's value quoted in a status message: at most this many characters of it.
 MAX_QUOTED_CHARS = 64
 # A status message (grpc-message, sent percent-encoded in trailing metadata that the client caps at 16 KiB

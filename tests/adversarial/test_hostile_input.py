@@ -198,6 +198,10 @@ def test_malformed_upload_streams_are_invalid_argument(attacker):
         "nul in name": ([_header(name="a\x00b")], "name"),
         "newline after name": ([_header(name="ad0\n")], "name"),
         "nul in description": ([_header(description="a\x00")], "description"),
+        # read by other tenants (a public adapter's): an escape sequence would drive their terminal
+        "escape sequence in description": ([_header(description="a\x1b[2J\x1b]0;pwn\x07")], "description"),
+        "carriage return in description": ([_header(description="ok\rforged")], "description"),
+        "C1 control in description": ([_header(description="a\x9bb")], "description"),
         "huge description": ([_header(description="d" * 100_000)], "description"),
         "huge declared size": (
             [

@@ -111,6 +111,14 @@ def test_a_member_naming_the_tenants_own_saved_mix_is_refused_even_where_a_publi
         assert [m.name for m in admin.list_mixes()] == ["popular"]
 
 
+def test_a_description_of_lines_and_tabs_is_kept(cp, adapters_root) -> None:
+    _, key = _tenant_with_key(cp)
+    with cp.admin(key) as admin:
+        admin.upload_adapter(adapters_root / "a", "a", BASE)
+        saved = admin.create_mix("m", [("a", 1.0)], description="one\ttwo\nthree ünïcode")
+    assert saved.description == "one\ttwo\nthree ünïcode"
+
+
 @pytest.mark.parametrize(
     ("members", "kwargs", "field"),
     [
@@ -137,6 +145,8 @@ def test_a_member_naming_the_tenants_own_saved_mix_is_refused_even_where_a_publi
             "majority_sign_method",
         ),
         ([("a", 1.0)], {"method": "ties", "combine": "logprobs"}, "combine"),
+        # Other tenants may read it: an escape sequence would drive their terminal.
+        ([("a", 1.0)], {"description": "a\x1b[31mb\r\n"}, "description"),
     ],
 )
 def test_bad_mixes_are_invalid_argument_naming_the_field(cp, adapters_root, members, kwargs, field) -> None:

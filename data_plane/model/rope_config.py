@@ -37,7 +37,8 @@ def read_rope(c: JsonObject, max_position_embeddings: int, head_dim: int) -> tup
 
     Required keys (linear, dynamic and yarn: factor; llama3: factor, low_freq_factor, high_freq_factor)
     have no default, as in transformers. A key set to null stays None in transformers, which then fails; it is refused
-    here, as is any RoPE the engine does not implement, naming the key."""
+    here, as is any RoPE the engine does not implement, naming the key. YaRN's code alone reads a null: see
+    `_yarn`."""
     params = _chosen_params(c)
     if _present(params, "rope_theta"):
         theta = params.get_number("rope_theta", positive=True)
@@ -55,7 +56,9 @@ def read_rope(c: JsonObject, max_position_embeddings: int, head_dim: int) -> tup
     if rope_type == "default":  # transformers' default RoPE ignores partial_rotary_factor
         return theta, RopeScaling("default")
     _check_whole_head(c, params, head_dim)
-    factor = params.get_number("factor", positive=True)
+    # transformers' YaRN derives a null factor (read in `_yarn`); an absent one is refused, as it refuses it
+    yarn_null_factor = rope_type == "yarn" and "factor" in params.data and params.data["factor"] is None
+    factor = None if yarn_null_factor else params.get_number("factor", positive=True)
     if rope_type == "dynamic":
         # transformers' dynamic NTK RoPE starts as the default one (its base is scaled by
         # (factor * L / max_position_embeddings - (factor - 1)), 1 at L = max_position_embeddings) and
@@ -72,7 +75,7 @@ def read_rope(c: JsonObject, max_position_embeddings: int, head_dim: int) -> tup
     else:
         original = max_position_embeddings
     if rope_type == "yarn":
-        return theta, _yarn(params, factor, original)
+        return theta, _yarn(params, factor, original, max_position_embeddings)
     return theta, RopeScaling(
         "llama3",
         factor=factor,
@@ -82,18 +85,27 @@ def read_rope(c: JsonObject, max_position_embeddings: int, head_dim: int) -> tup
     )
 
 
-def _yarn(params: JsonObject, factor: float, original: int) -> RopeScaling:
-    """YaRN as transformers computes it: `beta_fast` and `beta_slow` (32 and 1 when absent or 0), `truncate`
-    (true), and the attention factor applied to cos and sin: `attention_factor` when set, else
-    mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set and non-zero, else
-    mscale(factor), where mscale(s, m) = 0.1 * m * ln(s) + 1 for s > 1 and 1 otherwise."""
+def _yarn(
+    params: JsonObject, factor: float | None, original: int, max_position_embeddings: int
+) -> RopeScaling:
+    """YaRN as transformers computes it: `factor` (when null, max_position_embeddings / the original
+    length), `beta_fast` and `beta_slow` (32 and 1 when absent, null or 0), `truncate` (true when absent;
+    null skips the rounding as false does), and the attention factor applied to cos and sin:
+    `attention_factor` when set, else mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are
+    set and non-zero, else mscale(factor), where mscale(s, m) = 0.1 * m * ln(s) + 1 for s > 1 and 1
+    otherwise. transformers reads these keys with `.get` and tests them for truth, so a null reads as
+    absent (or as false) rather than failing as it does for the keys of the other RoPE types."""
+    if factor is None:
+        factor = max_position_embeddings / original
 
     def optional_number(key: str) -> float | None:
-        return params.get_number(key) if _present(params, key) else None
+        return params.get_number(key) if params.data.get(key) is not None else None
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
+    # transformers tests `truncate` for truth: a null skips the rounding, as false does
+    truncate = params.data.get("truncate", True) is not None and params.get_bool("truncate", True)
     attention_factor = optional_number("attention_factor")
     if attention_factor is None:
         m, m_all = optional_number("mscale"), optional_number("mscale_all_dim")
@@ -104,7 +116,7 @@ def _yarn(params: JsonObject, factor: float, original: int) -> RopeScaling:
         original_max_position_embeddings=original,
         beta_fast=optional_number("beta_fast") or 32.0,
         beta_slow=optional_number("beta_slow") or 1.0,
-        truncate=params.get_bool("truncate", True),
+        truncate=truncate,
         attention_factor=float(attention_factor),
     )
 

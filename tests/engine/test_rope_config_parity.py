@@ -2,7 +2,8 @@
 serves transformers' tokens: llama3 RoPE without `original_max_position_embeddings` takes
 `max_position_embeddings` (it took 8192); a legacy `rope_scaling` beside `rope_parameters` replaces it
 whole (it was ignored); a top-level `original_max_position_embeddings` wins over the one inside (it was
-ignored). RoPE transformers cannot build is refused, naming the key."""
+ignored); a YaRN key set to null reads as transformers reads it (a null `truncate` was read as true, a
+null factor or optional key was refused). RoPE transformers cannot build is refused, naming the key."""
 
 from __future__ import annotations
 
@@ -114,6 +115,30 @@ def test_yarn_rope_is_served_as_transformers_serves_it(llama_dir, tmp_path, yarn
     model = _with_config(llama_dir, tmp_path / "yarn", rope_scaling={"rope_type": "yarn", **yarn})
     assert ModelConfig.from_dir(model.model_dir).rope_scaling.rope_type == "yarn"
     _assert_serves_like_transformers(model)
+    _assert_rope_tables_like_transformers(model)
+
+
+@pytest.mark.parametrize(
+    "yarn",
+    [
+        # transformers skips the rounding of the correction range (`if truncate:`): it was rounded
+        {"factor": 4.0, "original_max_position_embeddings": 32, "truncate": None},
+        # transformers takes max_position_embeddings / original_max_position_embeddings (256 / 32)
+        {"factor": None, "original_max_position_embeddings": 32},
+        # 32 and 1, and the attention factor computed from the factor, as when absent
+        {"factor": 4.0, "beta_fast": None, "beta_slow": None},
+        {"factor": 4.0, "attention_factor": None, "mscale": None, "mscale_all_dim": None},
+    ],
+)
+def test_yarn_keys_set_to_null_are_read_as_transformers_reads_them(llama_dir, tmp_path, yarn):
+    """transformers builds YaRN from a null optional key (and a null factor), where such configs were
+    refused at startup or, for `truncate`, served with other frequencies than transformers'."""
+    model = _with_config(llama_dir, tmp_path / "yarn", rope_scaling={"rope_type": "yarn", **yarn})
+    _assert_serves_like_transformers(model)
+    _assert_rope_tables_like_transformers(model)
+
+
+def _assert_rope_tables_like_transformers(model: TinyModel) -> None:
     reference = load_reference(model.model_dir)
     positions = torch.arange(64)[None]
     cos, sin = reference.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)

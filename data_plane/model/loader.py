@@ -84,16 +84,17 @@ def _load_shard(
     device: torch.device,
     dtype: torch.dtype,
     missing: set[str],
+    aliases: dict[str, str],
 ) -> int:
     """Copies one shard's tensors into `params` (checkpoint name -> the model tensor, or slice of a fused
-    one, it fills), or quantizes them into `quantized` (removing their names
-    from `missing`); returns bytes read. Tensors are read one at a time (`iter_tensors`, no mmap), so a
-    full-precision weight lives only while it is copied or quantized."""
+    one, it fills), or quantizes them into `quantized` (removing their names from `missing`); a stored
+    name in `aliases` fills the tensor it maps to; returns bytes read. Tensors are read one at a time
+    (`iter_tensors`, no mmap), so a full-precision weight lives only while it is copied or quantized."""
     loaded_bytes = 0
     for stored_name, tensor in iter_tensors(path):
         if stored_name.endswith(_IGNORED_SUFFIXES):
             continue
-        name = _model_name(stored_name, params, quantized)
+        name = aliases.get(stored_name) or _model_name(stored_name, params, quantized)
         if name not in missing and (name in params or name in quantized):
             copy = describe(name) if stored_name == name else f"{describe(name)} (as {describe(stored_name)})"
             raise CheckpointError(f"{path.name}: {copy} is stored twice in the checkpoint")
@@ -161,9 +162,18 @@ def load_model(
     params = model.checkpoint_tensors()
     quantized = model.quantized_weights()
     tied_head = None
+    stored = _stored_names(files)
     # A checkpoint whose config ties the head to the embedding but that stores an lm_head of its own is
     # loaded as transformers loads it: the stored head is read, and tied only if it equals the embedding.
-    tied = config.tie_word_embeddings and not _stores(files, "lm_head.weight")
+    # One that stores the head and no embedding is tied the other way, as transformers ties it: the
+    # stored head is read as the embedding.
+    head_as_embedding = (
+        config.tie_word_embeddings
+        and "lm_head.weight" in stored
+        and not stored & {"model.embed_tokens.weight", "embed_tokens.weight"}
+    )
+    aliases = {"lm_head.weight": "model.embed_tokens.weight"} if head_as_embedding else {}
+    tied = config.tie_word_embeddings and ("lm_head.weight" not in stored or head_as_embedding)
     if tied:
         params.pop("lm_head.weight", None)
         tied_head = quantized.pop("lm_head.weight", None)
@@ -172,7 +182,7 @@ def load_model(
     loaded_bytes = 0
     for shard_index, path in enumerate(files, start=1):
         try:
-            loaded_bytes += _load_shard(path, params, quantized, config, device, dtype, missing)
+            loaded_bytes += _load_shard(path, params, quantized, config, device, dtype, missing, aliases)
         except (ShardError, OSError) as e:
             raise CheckpointError(f"{path.name}: cannot be loaded: {str(e)[:200]}") from None
         log.info(
@@ -207,10 +217,10 @@ def load_model(
     return model, config
 
 
-def _stores(files: list[Path], name: str) -> bool:
-    """Whether any shard holds tensor `name` (from the headers alone)."""
+def _stored_names(files: list[Path]) -> set[str]:
+    """The names of the tensors the shards hold (from the headers alone)."""
     try:
-        return any(entry.name == name for path in files for entry in read_entries(path)[0])
+        return {entry.name for path in files for entry in read_entries(path)[0]}
     except (ShardError, OSError) as e:
         raise CheckpointError(f"not a readable safetensors checkpoint ({str(e)[:200]})") from None
 

@@ -60,3 +60,21 @@ def test_a_stored_head_is_used_as_transformers_uses_it(tmp_path, same_head):
     reference = load_reference(model.model_dir)
     for request_id, prompt in prompts.items():
         assert results[request_id][0] == reference_greedy(reference, prompt)[0], request_id
+
+
+def test_a_tied_checkpoint_storing_only_the_head_is_served_with_it_as_the_embedding(tmp_path):
+    """transformers ties the other way when a tied checkpoint stores `lm_head.weight` and no embedding
+    (as some exports write it): the embedding is the stored head. Such checkpoints were refused, the
+    embedding named missing."""
+    from safetensors.torch import load_file, save_file
+
+    model = _write(tmp_path, "model", same_head=True)
+    path = model.model_dir / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.embed_tokens.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    engine = make_engine(model)
+    assert engine.runner.model.lm_head.weight is engine.runner.model.model.embed_tokens.weight
+    prompt = random.Random(4).sample(range(model.vocab_size), 9)
+    engine.add_request(greedy("p", prompt))
+    assert run_to_completion(engine)["p"][0] == reference_greedy(load_reference(model.model_dir), prompt)[0]

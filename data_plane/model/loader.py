@@ -218,11 +218,15 @@ def load_model(
 
 
 def _stored_names(files: list[Path]) -> set[str]:
-    """The names of the tensors the shards hold (from the headers alone)."""
-    try:
-        return {entry.name for path in files for entry in read_entries(path)[0]}
-    except (ShardError, OSError) as e:
-        raise CheckpointError(f"not a readable safetensors checkpoint ({str(e)[:200]})") from None
+    """The names of the tensors the shards hold (from the headers alone); a shard that cannot be read is
+    named, as the load names it."""
+    names: set[str] = set()
+    for path in files:
+        try:
+            names.update(entry.name for entry in read_entries(path)[0])
+        except (ShardError, OSError) as e:
+            raise CheckpointError(f"{path.name}: cannot be loaded: {str(e)[:200]}") from None
+    return names
 
 
 def _same_weight(head: torch.nn.Module, embedding: torch.nn.Module) -> bool:

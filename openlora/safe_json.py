@@ -152,7 +152,7 @@ def _check_tree(value: object, max_depth: int) -> None:
 
 
 def _lone_surrogate(value: object) -> tuple[str, int, bool]:
-    """(path, code point, in a key) of the first lone surrogate in a parsed document that holds one. Only
+    """(path, code point, in a key) of a lone surrogate in a parsed document that holds one. Only
     run once `_check_tree` found one: it builds a path for every value it visits, which the check does not."""
     stack: list[tuple[object, str]] = [(value, "")]
     while stack:

@@ -48,15 +48,24 @@ class Collector:
 
     def __init__(self) -> None:
         self.down = False
+        self.attempts = 0  # every send, failed ones included
         self.batches: list[list[str]] = []
         # (request id, completion tokens, finish reason) of every record acknowledged
         self.records: list[tuple[str, int, str]] = []
 
     async def __call__(self, records: list[UsageRecord]) -> None:
+        self.attempts += 1
         if self.down:
             raise ConnectionError("control plane down")
         self.batches.append([r.request_id for r in records])
         self.records += [(r.request_id, r.completion_tokens, r.finish_reason) for r in records]
+
+
+async def _until_sent(reporter: UsageReporter, timeout_s: float) -> None:
+    """Waits until nothing is pending, or `timeout_s` has passed (the caller asserts what it needs)."""
+    deadline = time.monotonic() + timeout_s
+    while reporter.num_pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def test_record_round_trips_through_json():
@@ -99,10 +108,7 @@ def test_unreachable_control_plane_keeps_records_and_retries(tmp_path):
         assert reporter.num_pending == 1
         assert [json.loads(line)["request_id"] for line in spool.read_text().splitlines()] == ["r1"]
         collector.down = False
-        for _ in range(100):
-            if not reporter.num_pending:
-                break
-            await asyncio.sleep(0.05)
+        await _until_sent(reporter, 5.0)
         await reporter.stop()
         return reporter.stats.failures
 
@@ -112,25 +118,9 @@ def test_unreachable_control_plane_keeps_records_and_retries(tmp_path):
     assert spool.read_text() == ""
 
 
-class CountingCollector(Collector):
-    """A Collector that counts every send attempt, failed ones included."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attempts = 0
-
-    async def __call__(self, records: list[UsageRecord]) -> None:
-        self.attempts += 1
-        await super().__call__(records)
-
-
-def test_records_finishing_during_an_outage_add_no_send_attempts_or_spool_rewrites(tmp_path, monkeypatch):
-    """Past a full batch pending, every record finished while the control plane was away woke the send
-    loop: one failed ReportUsage, one WARNING line and one rewrite (and fsync) of the whole spool on the
-    event loop per finished request, whatever the backoff said. Retries now come once per flush interval,
-    and a failed attempt that settled nothing leaves the spool as it is."""
-    collector = CountingCollector()
-    collector.down = True
+@pytest.fixture
+def spool_rewrites(monkeypatch) -> list[int]:
+    """The pending count at each rewrite of the spool (`_compact`), in order."""
     rewrites: list[int] = []
     original = UsageReporter._compact
 
@@ -139,6 +129,17 @@ def test_records_finishing_during_an_outage_add_no_send_attempts_or_spool_rewrit
         original(self)
 
     monkeypatch.setattr(UsageReporter, "_compact", counting_compact)
+    return rewrites
+
+
+def test_records_finishing_during_an_outage_add_no_send_attempts_or_spool_rewrites(tmp_path, spool_rewrites):
+    """Past a full batch pending, every record finished while the control plane was away woke the send
+    loop: one failed ReportUsage, one WARNING line and one rewrite (and fsync) of the whole spool on the
+    event loop per finished request, whatever the backoff said. Retries now come once per flush interval,
+    and a failed attempt that settled nothing leaves the spool as it is."""
+    collector = Collector()
+    collector.down = True
+    rewrites = spool_rewrites
 
     async def scenario():
         reporter = UsageReporter(tmp_path / "spool.jsonl", collector, flush_interval_s=0.2, batch_size=5)
@@ -150,10 +151,7 @@ def test_records_finishing_during_an_outage_add_no_send_attempts_or_spool_rewrit
         await asyncio.sleep(0.05)
         attempts, rewrites_while_down = collector.attempts, len(rewrites)
         collector.down = False
-        for _ in range(100):
-            if not reporter.num_pending:
-                break
-            await asyncio.sleep(0.02)
+        await _until_sent(reporter, 2.0)
         await reporter.stop()
         return attempts, rewrites_while_down
 
@@ -369,20 +367,13 @@ def test_an_unwritable_settled_file_does_not_stop_settling(tmp_path):
     assert collector.batches == [["r0"]]
 
 
-def test_a_catch_up_rewrites_the_spool_a_bounded_number_of_lines(tmp_path, monkeypatch):
+def test_a_catch_up_rewrites_the_spool_a_bounded_number_of_lines(tmp_path, spool_rewrites):
     """After an outage the spool was rewritten (and fsynced, on the event loop) after every batch: N
     records rewrote about N^2 / (2 x batch) lines, 60,000 records blocked the worker's streams for over a
     minute. The rewrites now add up to at most 2N lines; everything is still sent once, and the spool
     ends empty."""
     collector = Collector()
-    written: list[int] = []
-    original = UsageReporter._compact
-
-    def counting_compact(self):
-        written.append(len(self._pending))
-        original(self)
-
-    monkeypatch.setattr(UsageReporter, "_compact", counting_compact)
+    written = spool_rewrites
     count = 2000
 
     async def scenario():

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-ADAPTER_NAME_RULE = "must be 1..128 characters of [A-Za-z0-9_.-]"
+# Not "." or ".." (a path segment every HTTP client and URL library folds away: `/v1/models/..` cannot be
+# asked for) and no leading "-" (every command line would read the name as an option).
+ADAPTER_NAME = re.compile(r"^(?!\.\.?\Z)(?!-)[A-Za-z0-9_.-]{1,128}\Z")
+ADAPTER_NAME_RULE = 'must be 1..128 characters of [A-Za-z0-9_.-], not "." or "..", not starting with "-"'
 
 
 def is_adapter_name(name: str) -> bool:

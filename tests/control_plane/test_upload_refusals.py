@@ -74,6 +74,19 @@ def _refused(cp, files, expected_code, expected_text, name="refused", **kwargs) 
     assert _leftovers(cp, name) == before == (0, before[1], [])
 
 
+@pytest.mark.parametrize("name", [".", "..", "-rf", "a b", "a/b", "x" * 129, ""])
+def test_names_no_url_or_command_line_can_carry_are_refused(cp, adapter_copy, name) -> None:
+    """ "." and ".." are folded away by every URL library (`/v1/models/..` cannot be asked for); a leading
+    "-" reads as an option on every command line."""
+    _refused(cp, dir_files(adapter_copy("a")), grpc.StatusCode.INVALID_ARGUMENT, "name:", name=name)
+
+
+def test_names_with_dots_inside_are_names(cp, adapter_copy) -> None:
+    files = dir_files(adapter_copy("a"))
+    for name in ("...", ".hidden", "v1.2", "a-"):
+        assert raw_upload(cp, files, name=name).adapter.name == name
+
+
 def test_pickle_file_is_refused_by_name(cp, adapter_copy) -> None:
     files = dir_files(adapter_copy("a"))
     files[1] = ("adapter_model.bin", b"\x80\x04not opened")

@@ -83,6 +83,9 @@ def test_unset_sampling_takes_the_defaults():
         ({"prompt": "x", "request_id": "a\x85b"}, "request_id"),
         ({"prompt": "x", "request_id": "a\u2028b"}, "request_id"),
         ({"prompt": "x", "adapter": "a/b"}, "adapter"),  # no adapter can have that name
+        ({"prompt": "x", "adapter": ".."}, "adapter"),
+        ({"prompt": "x", "adapter": "-a"}, "adapter"),
+        ({"prompt": "x", "mix": {"ok": 0.5, ".": 0.5}}, "mix[1].adapter"),
         ({"prompt": "x", "mix": {"ok": 0.5, "b\x00": 0.5}}, "mix[1].adapter"),
     ],
 )

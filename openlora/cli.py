@@ -375,12 +375,21 @@ def _mix_rows(mixes) -> list[list[object]]:
     for m in mixes:
         method = inference_pb2.MixMethod.Name(m.method).removeprefix("MIX_METHOD_").lower()
         members = ",".join(f"{a.adapter}={a.weight:g}" for a in m.members)
-        density = f"{m.density:g}" if m.HasField("density") else "-"
-        rows.append([m.name, m.tenant, method, density, members])
+        options = []  # what the mix was saved with besides its method: every option `mixes create` takes
+        if m.HasField("density"):
+            options.append(f"density={m.density:g}")
+        if m.majority_sign_method:
+            sign = inference_pb2.MajoritySignMethod.Name(m.majority_sign_method)
+            options.append(f"majority-sign={sign.removeprefix('MAJORITY_SIGN_METHOD_').lower()}")
+        if m.combine:
+            options.append(
+                f"combine={inference_pb2.EnsembleCombine.Name(m.combine).removeprefix('ENSEMBLE_COMBINE_').lower()}"
+            )
+        rows.append([m.name, m.tenant, method, ",".join(options) or "-", members])
     return rows
 
 
-_MIX_HEADERS = ["NAME", "TENANT", "METHOD", "DENSITY", "MEMBERS"]
+_MIX_HEADERS = ["NAME", "TENANT", "METHOD", "OPTIONS", "MEMBERS"]
 
 
 def _mixes_create(client: AdminClient, args: argparse.Namespace) -> int:

@@ -137,6 +137,9 @@ def test_a_description_of_lines_and_tabs_is_kept(cp, adapters_root) -> None:
         ([("a", 0.0), ("b", 0.0)], {}, "members"),
         ([("", 1.0), ("a", 1.0)], {"method": "ties"}, "members[0].adapter"),
         ([("a", 1.0)], {"name": "bad name"}, "name"),
+        ([("a", 1.0)], {"name": ".."}, "name"),
+        ([("a", 1.0)], {"name": "-m"}, "name"),
+        ([(".", 1.0)], {}, "members[0].adapter"),
         # An option for a method it does not apply to is refused, not silently ignored.
         ([("a", 1.0)], {"density": 0.5}, "density"),
         (
@@ -371,10 +374,27 @@ def test_mixes_commands(capsys, cp, adapters_root) -> None:
     argv = ["mixes", "create", "blend", "--mix", "a=0.6,b=0.4", "--method", "ties", "--density", "0.5"]
     assert main([*argv, *flags], environ={}) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["NAME", "TENANT", "METHOD", "DENSITY", "MEMBERS"]
-    assert out.splitlines()[1].split()[2:] == ["ties", "0.5", "a=0.6,b=0.4"]
+    assert out.splitlines()[0].split() == ["NAME", "TENANT", "METHOD", "OPTIONS", "MEMBERS"]
+    # TIES without --majority-sign-method is saved with PEFT's default, and shown so
+    assert out.splitlines()[1].split()[2:] == ["ties", "density=0.5,majority-sign=total", "a=0.6,b=0.4"]
+    more = {
+        "signs": ["--method", "dare_ties", "--density", "0.25", "--majority-sign-method", "frequency"],
+        "voters": ["--method", "ensemble", "--combine", "logprobs"],
+        "plain": [],
+    }
+    for name, options in more.items():
+        assert main(["mixes", "create", name, "--mix", "a=0.6,b=0.4", *options, *flags], environ={}) == 0
+    capsys.readouterr()
     assert main(["mixes", "list", *flags], environ={}) == 0
-    assert "blend" in capsys.readouterr().out
+    listed = {line.split()[0]: line.split()[2:4] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert listed == {  # every option a mix was saved with is shown
+        "blend": ["ties", "density=0.5,majority-sign=total"],
+        "signs": ["dare_ties", "density=0.25,majority-sign=frequency"],
+        "voters": ["ensemble", "combine=logprobs"],
+        "plain": ["linear", "-"],
+    }
+    for name in more:
+        assert main(["mixes", "rm", name, *flags], environ={}) == 0
     assert main(["mixes", "create", "m2", "--mix", "a=0.5,nope=0.5", *flags], environ={}) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
     assert main(["mixes", "rm", "blend", *flags], environ={}) == 0

@@ -20,6 +20,8 @@ from data_plane.engine.sequence import Sequence
 from data_plane.model.llama import LlamaForCausalLM
 from data_plane.model.lora_linear import SlotWrites
 from data_plane.model.metadata import LoraSegments, PrefillSpan, StepMetadata
+from data_plane.model.native_lora import NativeLora
+from data_plane.model.quant.native import native_kernels
 from openlora.base_model import PROJECTIONS
 
 
@@ -107,6 +109,11 @@ class ModelRunner:
             layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         model.allocate_lora_slots(num_adapter_slots, max_lora_rank)
+        # The CPU's native SGMV kernels (float32 pools only), None where they cannot be built (the torch
+        # reference serves then); used on steps whose OPENLORA_KERNELS is auto.
+        self._native_sgmv = (
+            native_kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
+        )
         self.slot_ranks = [0] * num_adapter_slots
         self.slot_targets: list[frozenset[str]] = [frozenset()] * num_adapter_slots  # PEFT modules adapted
         # Adapter loads copy on their own stream so they overlap the forward pass on the default one.
@@ -252,10 +259,17 @@ class ModelRunner:
         if used_slots:
             seg_indptr_t, seg_slots_t = self._int32.pack([seg_indptr, seg_slots])
             longest = max(end - start for start, end in itertools.pairwise(seg_indptr))
+            native = None
+            if not use_triton and self._native_sgmv is not None and kernels.kernel_choice() == "auto":
+                native = NativeLora.plan(
+                    seg_indptr, seg_slots, self.slot_ranks, len(self.slot_ranks), self._native_sgmv
+                )
             # The reference path: a plan that loops over segments computes each at its own rank; a batched
             # one computes every row at the largest rank of its pass, so it runs in rank groups.
             plan = (
-                None if use_triton else kernels.plan_segments(seg_indptr, seg_slots, device, self.slot_ranks)
+                None
+                if use_triton or native is not None
+                else kernels.plan_segments(seg_indptr, seg_slots, device, self.slot_ranks)
             )
             parts = ()
             if plan is not None and not plan.use_loop:
@@ -270,6 +284,7 @@ class ModelRunner:
                 plan=None if parts else plan,
                 targets=frozenset().union(*(self.slot_targets[s] for s in set(used_slots))),
                 parts=parts,
+                native=native,
             )
         self._wait_for_slot_writes(used_slots)
         hidden = self.model(ids, meta)  # (T, hidden)

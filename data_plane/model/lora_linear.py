@@ -92,8 +92,16 @@ class LoRALinear(nn.Module):
         n = self.num_slices
         self.max_rank = max_rank
         self.lora_a = torch.zeros(num_slots, max_rank * n, self.in_features, dtype=dtype, device=device)
+        # B (S, out_i, R). On the CPU outside Triton's interpreter its outputs are contiguous in memory (a
+        # transposed view of (S, R, out_i)): the native expand adds each rank's row of outputs in one vector
+        # pass, and the reference's batched matmuls read B in the layout they want (its matmuls give the
+        # same floats from two rows up; a one-row product may round differently). Triton takes it contiguous.
+        outputs_contiguous = device.type == "cpu" and not kernels.use_triton(device)
         self.lora_b = [
-            torch.zeros(num_slots, out, max_rank, dtype=dtype, device=device) for out in self.out_slices
+            torch.zeros(num_slots, max_rank, out, dtype=dtype, device=device).transpose(1, 2)
+            if outputs_contiguous
+            else torch.zeros(num_slots, out, max_rank, dtype=dtype, device=device)
+            for out in self.out_slices
         ]
         self.lora_scale = torch.zeros(n, num_slots, dtype=torch.float32, device=device)
 
@@ -148,6 +156,9 @@ class LoRALinear(nn.Module):
             slices = [i for i in slices if self.slice_targets[i] in lora.targets]
             if not slices:
                 return
+        if lora.native is not None:
+            lora.native.add(x, y, self.lora_a, self.lora_b, self.lora_scale, slices, self.slice_bounds)
+            return
         n, rank = self.num_slices, self.max_rank
         lora_a = self.lora_a
         if lora.max_rank < rank and not lora.use_triton:
@@ -163,6 +174,9 @@ class LoRALinear(nn.Module):
         for i in slices:
             start, end = self.slice_bounds[i]
             lora_b = self.lora_b[i] if rank == self.max_rank else self.lora_b[i][:, :, :rank]
+            if lora.use_triton and not lora_b.is_contiguous():
+                # Triton's interpreter on pools laid out for the CPU kernels (see allocate_slots): a copy.
+                lora_b = lora_b.contiguous()
             u_i = u if n == 1 else u[:, i]  # (T, rank)
             y_i = y if n == 1 else y[:, start:end]  # (T, out_i), a view: expand adds in place
             kernels.sgmv_expand(

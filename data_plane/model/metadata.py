@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data_plane.model.native_lora import NativeLora
 from kernels import SegmentPlan
 
 
@@ -37,6 +38,9 @@ class LoraSegments:
     # with only its own slots' segments (the others -1) and its own `max_rank`, so that rows of small
     # adapters are not computed at a large adapter's rank. Empty: this layout in one pass.
     parts: tuple[LoraSegments, ...] = ()
+    # The CPU's native SGMV kernels for this step (float32 pools, `OPENLORA_KERNELS` auto); when set, every
+    # projection takes it and `plan` and `parts` are unused.
+    native: NativeLora | None = None
 
 
 @dataclass

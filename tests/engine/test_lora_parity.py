@@ -48,6 +48,31 @@ def test_mixed_adapter_batch_matches_peft_per_request(which, request):
     _assert_match(results, _expected(model, cases))
 
 
+@pytest.mark.parametrize("choice", ["auto", "reference"], ids=["native kernels", "torch reference"])
+def test_both_cpu_implementations_match_peft(choice, tiny_llama, monkeypatch):
+    """OPENLORA_KERNELS auto takes the native SGMV kernels on the CPU (float32), reference the torch
+    reference: both give PEFT's tokens, on prompt chunks long enough to go to torch and on decode steps."""
+    from data_plane.model.native_lora import MAX_NATIVE_SEGMENT_ROWS, NativeLora
+
+    monkeypatch.setenv("OPENLORA_KERNELS", choice)
+    calls = []
+    add = NativeLora.add
+    monkeypatch.setattr(NativeLora, "add", lambda self, *args: calls.append(self.long) or add(self, *args))
+    names = [*ADAPTERS, None, *ADAPTERS]
+    lengths = [MAX_NATIVE_SEGMENT_ROWS + 5, 9, 2, 14, 6, 1, 11, 3, 7]
+    prompts = _prompts(tiny_llama.vocab_size, 5, lengths)
+    cases = {f"r{i}": (prompts[i], name) for i, name in enumerate(names)}
+    engine = make_engine(tiny_llama)
+    for request_id, (prompt, name) in cases.items():
+        engine.add_request(greedy(request_id, prompt, [tiny_llama.ref(name)] if name else ()))
+    results = run_to_completion(engine)
+    _assert_match(results, _expected(tiny_llama, cases))
+    if choice == "reference":
+        assert calls == []
+    else:  # every projection of every step, a long prompt chunk among them
+        assert calls and any(calls) and not all(calls)
+
+
 def test_each_adapter_changes_the_output(tiny_llama):
     prompt = _prompts(tiny_llama.vocab_size, 3, [12])[0]
     engine = make_engine(tiny_llama)

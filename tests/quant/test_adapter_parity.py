@@ -143,6 +143,24 @@ def test_lora_contribution_through_the_native_int8_kernel_matches_peft(
         assert base_error < 1e-5, name
 
 
+@pytest.mark.parametrize("prompt_length", [13, 45], ids=["native kernels", "long segment: torch"])
+@pytest.mark.parametrize("which", ["tiny_llama_q", "tiny_qwen2_q"])
+def test_the_native_sgmv_kernels_add_only_float32_reordering(which, prompt_length, request, monkeypatch):
+    # A float32 base: the CPU's native SGMV kernels (OPENLORA_KERNELS auto) sum each product in another
+    # order than PEFT's matmuls, and nothing else; a prompt longer than MAX_NATIVE_SEGMENT_ROWS is one
+    # segment, which runs as torch matmuls.
+    from data_plane.model.native_lora import MAX_NATIVE_SEGMENT_ROWS
+
+    assert (prompt_length <= MAX_NATIVE_SEGMENT_ROWS) == (prompt_length == 13)
+    monkeypatch.setenv("OPENLORA_KERNELS", "auto")
+    model = request.getfixturevalue(which)
+    for name, contribution_error, base_error in _contributions(
+        model, QuantSettings(), prompt_length=prompt_length
+    ):
+        assert contribution_error < 1e-5, name
+        assert base_error < 1e-6, name
+
+
 def test_lora_contribution_through_tinygemm_int4_stays_close(tiny_llama_q, monkeypatch, int4_kernel):
     # bfloat16 activations in the base path move every later layer's input by ~2^-9 relative, with or
     # without the adapter; measured 6e-3 to 8e-3 on this model.
@@ -165,8 +183,16 @@ def test_through_tinygemm_int4_the_only_error_is_its_bfloat16_rounding(
     # adapter in four; with a quantized lm_head, whose logits are themselves rounded, 1.9e-3), hence the
     # bound on the median and the looser 1e-3 on each. (Splitting x into bfloat16 high and low parts, two
     # kernel calls, left 3e-3 to 7e-3: the output rounding remains; float16 activations are 8x finer but
-    # 50x slower on this CPU: hence the native kernel.)
+    # 50x slower on this CPU: hence the native kernel.) The LoRA runs through the torch reference, whose
+    # segment loop is PEFT's own matmuls: the CPU's native SGMV kernels sum in another order (~1e-7 as
+    # well), and those differences cross bfloat16 boundaries at the next kernel's input as often, which
+    # would hide what this test isolates (test_the_native_sgmv_kernels_add_only_float32_reordering bounds
+    # them where nothing rounds to bfloat16). OPENLORA_KERNELS=reference would not do: it also takes the
+    # int4 base off tinygemm.
+    from data_plane.engine import model_runner
+
     monkeypatch.setenv("OPENLORA_KERNELS", "auto")
+    monkeypatch.setattr(model_runner, "native_kernels", lambda: None)  # the SGMV kernels only
     int4_kernel("tinygemm")
     model = request.getfixturevalue(which)
     results = _contributions(model, QuantSettings("int4"), kernel_rounding=True)

@@ -36,7 +36,7 @@ def test_the_library_is_built_once_into_the_cache_and_named_by_its_inputs(fresh_
     assert kernel is not None, native.native_kernels_problem()
     built = sorted(p.name for p in fresh_build.iterdir())
     assert built == [kernel.path.name, kernel.path.name + ".sha256"]  # no partial file
-    assert kernel.path.name.startswith("quant_cpu-") and kernel.path.name.endswith(".so")
+    assert kernel.path.name.startswith("openlora_cpu-") and kernel.path.name.endswith(".so")
     # Another compiler identity (here one that answers --version as the real one does with a word more,
     # and then fails to build) is another name: built again, and refused.
     real = native._compiler()[0]
@@ -87,7 +87,7 @@ def test_a_machine_without_a_compiler_serves_int4_through_tinygemm_and_says_why(
         assert native.native_kernels() is None
         layer = make_quant_linear("int4", 128, 32, torch.device("cpu"))
     assert "does not run" in native.native_kernels_problem()
-    assert any("PyTorch's kernels serve instead" in r.getMessage() for r in caplog.records)
+    assert any("take PyTorch's kernels" in r.getMessage() for r in caplog.records)
     assert layer.native is None and layer.kernel_name.startswith("tinygemm")
     w = torch.randn(32, 128)
     layer.load_weight(w)
@@ -423,9 +423,9 @@ def test_partial_files_of_builds_killed_long_ago_are_removed_by_the_next_build(f
     # removes those older than twice the build timeout, and leaves a recent one (a build that may still
     # be running) alone.
     fresh_build.mkdir(parents=True)
-    old = fresh_build / ".quant_cpu-0123456789abcdef.so.42-00.partial"
-    old_digest = fresh_build / ".quant_cpu-0123456789abcdef.so.42-00.partial.sha256"
-    recent = fresh_build / ".quant_cpu-0123456789abcdef.so.43-00.partial"
+    old = fresh_build / ".openlora_cpu-0123456789abcdef.so.42-00.partial"
+    old_digest = fresh_build / ".openlora_cpu-0123456789abcdef.so.42-00.partial.sha256"
+    recent = fresh_build / ".openlora_cpu-0123456789abcdef.so.43-00.partial"
     for leftover in (old, old_digest, recent):
         leftover.write_bytes(b"half a library")
     long_ago = time.time() - 3 * native._BUILD_TIMEOUT_S

@@ -1,10 +1,12 @@
-"""The CPU kernels of `int4_cpu.c` and `int8_cpu.c`, compiled for this machine at first use into one library
-and loaded through ctypes.
+"""The CPU kernels of `int4_cpu.c`, `int8_cpu.c` and `kernels/sgmv_cpu.c`, compiled for this machine at first
+use into one library and loaded through ctypes.
 
     kernels = native_kernels()                          # NativeKernels, or None (why: native_kernels_problem())
     weight = kernels.int4_weight(codes, scale, offset, G)  # checked once for the C code
     y = kernels.int4_mm(x, weight)                         # x (T, K) float32 -> y (T, N) float32
     y = kernels.int8_mm(x, kernels.int8_weight(qweight, scale))  # the same for int8.py's layout
+    u = kernels.sgmv_shrink(x, lora_a, segments)              # a step's LoRA (data_plane/model/native_lora.py)
+    kernels.sgmv_expand(u, lora_b, scale, segments, y)
 
 The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
 cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory,
@@ -14,7 +16,7 @@ flags, so a cache shared with another machine or an upgraded compiler builds aga
 beside its final name and renamed into it: workers starting together never load half a file.
 Before use it is checked on small weights against the torch dequantizations; a machine without a compiler,
 a failed build or a failed check leaves `native_kernels()` None, and int4 and int8 on the CPU then take
-PyTorch's kernels (int4.py and int8.py say what that costs).
+PyTorch's kernels (int4.py and int8.py say what that costs), the LoRA of a step the torch reference's.
 
 OpenMP in the library resolves to the runtime torch has already loaded (its `libgomp.so.1`), so the
 kernel's threads are torch's own pool; each call passes `torch.get_num_threads()`.
@@ -44,7 +46,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("int4_cpu.c"), Path(__file__).with_name("int8_cpu.c"))
+SOURCES = (
+    Path(__file__).with_name("int4_cpu.c"),
+    Path(__file__).with_name("int8_cpu.c"),
+    Path(__file__).parents[3] / "kernels" / "sgmv_cpu.c",
+)
 HEADERS = (Path(__file__).with_name("quant_cpu.h"),)  # included by both: in the digest, not on the command
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 # A build takes about a second; a compiler still running after this is killed with everything it started
@@ -124,6 +130,107 @@ class NativeKernels:
             weight.scale.data_ptr(), n, y.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return y
+
+    def sgmv_shrink(
+        self, x: torch.Tensor, lora_a: torch.Tensor, segments: NativeSegments, rank_columns: int = 1
+    ) -> torch.Tensor:
+        """u (T, C) float32 = x (T, K) @ lora_a[slot] (C, K).T over each segment's rows, its first
+        min(C, rank * rank_columns) columns (the rest zero, as are rows outside every segment)."""
+        _check_rows("x", x, segments.num_rows)
+        _check_pool("lora_a", lora_a, segments, last_contiguous=True)
+        if lora_a.shape[2] != x.shape[1]:
+            raise ValueError(f"lora_a holds {lora_a.shape[2]} input features, x {x.shape[1]}")
+        num_cols = lora_a.shape[1]
+        u = torch.zeros(x.shape[0], num_cols, dtype=torch.float32, device="cpu")
+        self.library.openlora_sgmv_shrink(
+            x.data_ptr(), x.stride(0), x.shape[1], lora_a.data_ptr(), lora_a.stride(0), lora_a.stride(1),
+            *segments.pointers(), rank_columns, u.data_ptr(), u.stride(0), num_cols, torch.get_num_threads(),
+        )  # fmt: skip
+        return u
+
+    def sgmv_expand(
+        self,
+        u: torch.Tensor,
+        lora_b: torch.Tensor,
+        scale: torch.Tensor,
+        segments: NativeSegments,
+        y: torch.Tensor,
+    ) -> None:
+        """y (T, O) += scale[slot] * u (T, >= C) @ lora_b[slot] (O, C).T over each segment's rows and its
+        first min(C, rank) columns, in place. u's columns may be strided (a slice of a fused group's
+        rank-interleaved u); lora_b may hold either dimension contiguous."""
+        _check_rows("y", y, segments.num_rows, last_contiguous=True)
+        if u.dim() != 2 or u.dtype != torch.float32 or u.device.type != "cpu" or u.shape[0] != y.shape[0]:
+            raise ValueError(f"u must be float32 ({y.shape[0]}, C) on the CPU, got {u.dtype} {list(u.shape)}")
+        contiguous_dim = 1 if lora_b.dim() == 3 and lora_b.stride(1) == 1 else 2
+        _check_pool("lora_b", lora_b, segments, last_contiguous=contiguous_dim == 2)
+        if lora_b.shape[1] != y.shape[1] or lora_b.shape[2] > u.shape[1] or lora_b.shape[2] > SGMV_MAX_COLS:
+            raise ValueError(
+                f"lora_b {list(lora_b.shape)} does not fit u {list(u.shape)} and y {list(y.shape)} "
+                f"(at most {SGMV_MAX_COLS} columns)"
+            )
+        if (
+            scale.dtype != torch.float32
+            or not scale.is_contiguous()
+            or tuple(scale.shape) != (lora_b.shape[0],)
+        ):
+            raise ValueError(f"scale must be contiguous float32 ({lora_b.shape[0]},)")
+        self.library.openlora_sgmv_expand(
+            u.data_ptr(), u.stride(0), u.stride(1), lora_b.data_ptr(), lora_b.stride(0), lora_b.stride(1),
+            lora_b.stride(2), lora_b.shape[1], scale.data_ptr(), *segments.pointers(), lora_b.shape[2],
+            y.data_ptr(), y.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+
+
+# The widest lora_b (columns: rank) `sgmv_expand` takes: MAX_COLS of sgmv_cpu.c.
+SGMV_MAX_COLS = 512
+
+
+class NativeSegments:
+    """A step's segments for the SGMV kernels, checked once for the C code (which trusts its indices):
+    (start, end, slot, rank) of each, rows within ``num_rows``, slots below ``num_slots``.
+
+    Built once per step and passed to every projection's shrink and expand."""
+
+    def __init__(self, segments: list[tuple[int, int, int, int]], num_rows: int, num_slots: int) -> None:
+        for start, end, slot, rank in segments:
+            if not (0 <= start < end <= num_rows and 0 <= slot < num_slots and rank >= 0):
+                raise ValueError(
+                    f"segment {(start, end, slot, rank)} outside {num_rows} rows, {num_slots} slots"
+                )
+        columns = list(zip(*segments, strict=True)) if segments else [(), (), (), ()]
+        # (4, G) int64: starts, ends, slots, ranks; contiguous rows the C code reads.
+        self.table = torch.tensor(columns, dtype=torch.int64, device="cpu").reshape(4, len(segments))
+        self.num_rows = num_rows
+        self.num_slots = num_slots
+        self.count = len(segments)
+
+    def pointers(self) -> tuple[int, int, int, int, int]:
+        """starts, ends, slots, ranks (addresses) and the count, in the C functions' order."""
+        base, row = self.table.data_ptr(), self.table.stride(0) * self.table.element_size()
+        return base, base + row, base + 2 * row, base + 3 * row, self.count
+
+
+def _check_rows(name: str, t: torch.Tensor, num_rows: int, last_contiguous: bool = True) -> None:
+    if (
+        t.dim() != 2
+        or t.dtype != torch.float32
+        or t.device.type != "cpu"
+        or t.shape[0] != num_rows
+        or (last_contiguous and t.stride(1) != 1)
+    ):
+        raise ValueError(
+            f"{name} must be float32 ({num_rows}, N) on the CPU, rows contiguous; got {t.dtype} "
+            f"{list(t.shape)} strides {t.stride()}"
+        )
+
+
+def _check_pool(name: str, pool: torch.Tensor, segments: NativeSegments, last_contiguous: bool) -> None:
+    contiguous = pool.dim() == 3 and (pool.stride(2) == 1 if last_contiguous else pool.stride(1) == 1)
+    if pool.dtype != torch.float32 or pool.device.type != "cpu" or not contiguous:
+        raise ValueError(f"{name} must be a float32 (S, N, C) CPU pool with one dimension contiguous")
+    if segments.num_slots > pool.shape[0]:
+        raise ValueError(f"{name} holds {pool.shape[0]} slots, the segments use up to {segments.num_slots}")
 
 
 @dataclass(frozen=True)
@@ -237,13 +344,13 @@ def _load() -> NativeKernels | None:
     except (_Unavailable, OSError) as reason:  # OSError: no cache and no temporary directory to build in
         _problem = str(reason)
         log.warning(
-            "int4 and int8 on the CPU: the float32 kernels are unavailable (%s); PyTorch's kernels serve "
-            "instead (int4: activations and outputs of its linears rounded to bfloat16; int8.py says which)",
+            "CPU kernels unavailable (%s): int4 and int8 on the CPU take PyTorch's kernels (int4: activations "
+            "and outputs of its linears rounded to bfloat16; int8.py says which), LoRA the torch reference",
             _problem,
         )
         return None
     log.info(
-        "int4 and int8 on the CPU: float32 kernels %s (%s)",
+        "CPU kernels (int4, int8, SGMV in float32): %s (%s)",
         kernel.path.name,
         _vector_name(kernel.vector_bits),
     )
@@ -351,7 +458,7 @@ def _build_and_load() -> NativeKernels:
             ]
         )
     ).hexdigest()[:16]
-    name = f"quant_cpu-{digest}.so"
+    name = f"openlora_cpu-{digest}.so"
     if (directory := _cache_dir()) is not None:
         return _load_library(compiler, directory / name)
     # Private (0700), this process only, and removed once loaded: the library stays mapped without its file.
@@ -389,6 +496,14 @@ def _bind(library: ctypes.CDLL, path: Path, cached: bool) -> NativeKernels:
     library.openlora_int4_dequantize.restype = None
     library.openlora_int8_mm.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
     library.openlora_int8_mm.restype = None
+    library.openlora_sgmv_shrink.argtypes = [
+        ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, i64, ctypes.c_int
+    ]  # fmt: skip
+    library.openlora_sgmv_shrink.restype = None
+    library.openlora_sgmv_expand.argtypes = [
+        ptr, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int
+    ]  # fmt: skip
+    library.openlora_sgmv_expand.restype = None
     library.openlora_int4_vector_bits.argtypes = []
     library.openlora_int4_vector_bits.restype = ctypes.c_int
     return NativeKernels(library, path, library.openlora_int4_vector_bits(), cached)
@@ -487,12 +602,43 @@ def _check_against_torch(kernel: NativeKernels) -> None:
             dequantize_int8(q8, scale8),
         )
     )
-    for name, got, weight in checks:
-        want = x[:, : weight.shape[1]].double() @ weight.double().T
+    results = [
+        (name, got, x[:, : weight.shape[1]].double() @ weight.double().T) for name, got, weight in checks
+    ]
+    results += _sgmv_checks(kernel, g)
+    for name, got, want in results:
         error = float((got.double() - want).abs().max() / want.abs().max())
         if not error < 1e-5:
             message = f"{kernel.path.name} disagrees with torch ({name}: {error:.1e})"
             raise _CachedFileBad(message, kernel.path) if kernel.cached else _Unavailable(message)
+
+
+def _sgmv_checks(kernel: NativeKernels, g: torch.Generator) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, kernel's y, float64 y) of a shrink and expand over segments of mixed lengths and ranks, a
+    two-slice rank-interleaved A, and B in both layouts."""
+    slots, rows, k, out, n = 5, 11, 70, 37, 2
+    layout = [(0, 1, 3, 5), (1, 5, 1, 8), (6, 11, 0, 3), (5, 6, 4, 8)]  # (start, end, slot, rank)
+    segments = NativeSegments(layout, rows, slots)
+    x = torch.randn(rows, k, generator=g, device="cpu")
+    a = torch.randn(slots, 8 * n, k, generator=g, device="cpu")
+    b = torch.randn(slots, out, 8, generator=g, device="cpu")
+    scale = torch.rand(slots, generator=g, device="cpu")
+    want = torch.zeros(rows, out, dtype=torch.float64, device="cpu")
+    for start, end, slot, rank in layout:
+        slice_a = a[slot, : rank * n].view(rank, n, k)[:, 1].double()  # slice 1 of the interleaved columns
+        want[start:end] = scale[slot].double() * (
+            x[start:end].double() @ slice_a.T @ b[slot, :, :rank].double().T
+        )
+    u = kernel.sgmv_shrink(x, a, segments, rank_columns=n)
+    results = []
+    for layout, pool in (
+        ("(S, O, R)", b),
+        ("outputs contiguous", b.transpose(1, 2).contiguous().transpose(1, 2)),
+    ):
+        y = torch.zeros(rows, out, device="cpu")
+        kernel.sgmv_expand(u[:, 1::n], pool, scale, segments, y)
+        results.append((f"SGMV, B {layout}", y, want))
+    return results
 
 
 def _vector_name(bits: int) -> str:

@@ -1,0 +1,146 @@
+"""A step's LoRA on the CPU: the native SGMV kernels (`kernels/sgmv_cpu.c`) against the torch reference, on
+the projections of the bench model and the layouts its benchmarks produce.
+
+    python -m benchmarks.sgmv_cpu_bench
+    python -m benchmarks.sgmv_cpu_bench --threads 1 --repeats 400 --out FILE.json
+
+Projections: a fused gate|up (in 512, out 1376 + 1376) and a down (in 1376, out 512) of
+`benchmarks.fixtures.LLAMA_50M`, float32, 32 slots of rank up to 64, built as the engine builds them
+(`LoRALinear.allocate_slots`: B outputs-contiguous on the CPU). Each line times the LoRA alone of both
+projections (`LoRALinear._add_lora`, shrink and expand) with the step's segments given as the engine gives
+them: the native kernels' `NativeLora`, or the reference's plan and rank groups (`ModelRunner._rank_parts`).
+Layouts:
+- best: 32 one-row segments on 32 distinct slots, rank 16 (engine_bench's best case);
+- skewed: 32 rows drawn by a power law over the 32 slots, ranks 8/16/64 by slot (its skewed case);
+- s1: 128 rows over 32 rank-16 slots by a power law (scenario 1's full steps);
+- one segment of n rows (a prompt chunk), n in 8..256: where a matmul per segment overtakes the kernels,
+  the figures behind `data_plane.model.native_lora.MAX_NATIVE_SEGMENT_ROWS`.
+Best of --passes alternated passes of --repeats calls each, microseconds per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import time
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks.fixtures import LLAMA_50M
+from data_plane.engine.model_runner import ModelRunner
+from data_plane.model.lora_linear import LoRALinear
+from data_plane.model.metadata import LoraSegments
+from data_plane.model.native_lora import NativeLora
+from data_plane.model.quant.native import native_kernels, native_kernels_problem
+from kernels import plan_segments
+
+NUM_SLOTS, MAX_RANK = 32, 64
+
+
+def _layer(in_features: int, outs: tuple[int, ...], ranks: list[int], gen: torch.Generator) -> LoRALinear:
+    layer = LoRALinear(in_features, outs, bias=False)
+    layer.allocate_slots(NUM_SLOTS, MAX_RANK)
+    for slot, rank in enumerate(ranks):
+        for i, out in enumerate(outs):
+            a, b = torch.randn(rank, in_features, generator=gen), torch.randn(out, rank, generator=gen)
+            layer.load_slot(slot, a / in_features**0.5, b / rank**0.5, 0.5, index=i)
+    return layer
+
+
+def _power_law(rows: int, gen: random.Random) -> list[int]:
+    weights = [1.0 / (k + 1) for k in range(NUM_SLOTS)]
+    return sorted(gen.choices(range(NUM_SLOTS), weights=weights, k=rows))
+
+
+def _grouped(slot_of_row: list[int]) -> tuple[list[int], list[int]]:
+    bounds, slots = [0], []
+    for slot in slot_of_row:
+        if slots and slots[-1] == slot:
+            bounds[-1] += 1
+        else:
+            slots.append(slot)
+            bounds.append(bounds[-1] + 1)
+    return bounds, slots
+
+
+def _segments(kind: str, bounds: list[int], slots: list[int], ranks: list[int]) -> LoraSegments:
+    device = torch.device("cpu")
+    used = [s for s in slots if s >= 0]
+    longest = max(b - a for a, b in itertools.pairwise(bounds))
+    common = dict(
+        seg_indptr=torch.tensor(bounds, dtype=torch.int32),
+        seg_slots=torch.tensor(slots, dtype=torch.int32),
+        max_rank=max(ranks[s] for s in used),
+        max_segment_rows=longest,
+        use_triton=False,
+    )
+    if kind == "native":
+        kernels = native_kernels()
+        return LoraSegments(
+            **common, plan=None, native=NativeLora.plan(bounds, slots, ranks, NUM_SLOTS, kernels)
+        )
+    plan = plan_segments(bounds, slots, device, ranks)
+    runner = SimpleNamespace(slot_ranks=ranks, slot_targets=[frozenset()] * NUM_SLOTS)
+    parts = () if plan.use_loop else ModelRunner._rank_parts(runner, bounds, slots, used, longest, device)
+    return LoraSegments(**common, plan=None if parts else plan, parts=parts)
+
+
+def _time(layers, lora: LoraSegments, xs, repeats: int) -> float:
+    ys = [torch.zeros(x.shape[0], layer.out_features) for layer, x in zip(layers, xs, strict=True)]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for layer, x, y in zip(layers, xs, ys, strict=True):
+            for part in lora.parts or (lora,):
+                layer._add_lora(x, y, part)
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if native_kernels() is None:
+        raise SystemExit(f"the native kernels are unavailable: {native_kernels_problem()}")
+    hidden, inter = LLAMA_50M.hidden_size, LLAMA_50M.intermediate_size
+    rng = random.Random(0)
+    layouts: dict[str, tuple[list[int], list[int], list[int]]] = {
+        "best: 32 rows on 32 slots, r16": (*_grouped(list(range(32))), [16] * NUM_SLOTS),
+        "skewed: 32 rows, power law, r8/16/64": (
+            *_grouped(_power_law(32, rng)),
+            [rng.choice([8, 16, 64]) for _ in range(NUM_SLOTS)],
+        ),
+        "s1: 128 rows, power law, r16": (*_grouped(_power_law(128, rng)), [16] * NUM_SLOTS),
+    }
+    for n in (8, 16, 32, 48, 64, 128, 256):
+        layouts[f"one segment of {n} rows, r16"] = ([0, n], [3], [16] * NUM_SLOTS)
+    results = []
+    print(
+        f"torch threads {args.threads}; microseconds of gate|up + down LoRA per step, best of {args.passes}"
+    )
+    print(f"{'layout':42s} {'native':>9s} {'reference':>10s} {'ref/native':>10s}")
+    for name, (bounds, slots, ranks) in layouts.items():
+        gen = torch.Generator().manual_seed(len(name))
+        layers = [_layer(hidden, (inter, inter), ranks, gen), _layer(inter, (hidden,), ranks, gen)]
+        xs = [torch.randn(bounds[-1], hidden, generator=gen), torch.randn(bounds[-1], inter, generator=gen)]
+        lora = {kind: _segments(kind, bounds, slots, ranks) for kind in ("native", "reference")}
+        best = {kind: float("inf") for kind in lora}
+        for _ in range(args.passes):
+            for kind in lora:
+                best[kind] = min(best[kind], _time(layers, lora[kind], xs, args.repeats))
+        ratio = best["reference"] / best["native"]
+        print(f"{name:42s} {best['native']:9.1f} {best['reference']:10.1f} {ratio:10.2f}")
+        results.append({"layout": name, "native_us": best["native"], "reference_us": best["reference"]})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"threads": args.threads, "repeats": args.repeats, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

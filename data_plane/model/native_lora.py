@@ -1,0 +1,82 @@
+"""A step's LoRA on the CPU through the native SGMV kernels (`kernels/sgmv_cpu.c`), float32 pools.
+
+The torch reference (`kernels.reference`) pays a dispatch per segment or a padded batch for a many-adapter
+step; the native kernels run every short segment of a projection in one call that reads each adapter's
+factors once. Long segments (a prompt's chunk) stay one torch matmul each, where a GEMM beats the
+kernels' dot products.
+
+    native = NativeLora.plan(seg_bounds, seg_slots, slot_ranks, num_slots, kernels)  # once per step
+    native.add(x, y, lora_a, lora_b, lora_scale, slices, slice_bounds)              # per projection
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from data_plane.model.quant.native import NativeKernels, NativeSegments
+
+# Segments longer than this many rows run as one torch matmul each. `python -m benchmarks.sgmv_cpu_bench`
+# (2026-12-03, 2-core AMD EPYC with AVX-512, 2 threads) measured the kernels faster than a matmul per
+# segment up to about this length.
+MAX_NATIVE_SEGMENT_ROWS = 32
+
+
+@dataclass(frozen=True)
+class NativeLora:
+    kernels: NativeKernels
+    short: NativeSegments  # what the kernels run
+    long: tuple[tuple[int, int, int, int], ...]  # (start, end, slot, rank): one matmul each
+
+    @classmethod
+    def plan(
+        cls,
+        seg_bounds: list[int],
+        seg_slots: list[int],
+        slot_ranks: list[int],
+        num_slots: int,
+        kernels: NativeKernels,
+    ) -> NativeLora:
+        """The split of a layout (seg_indptr values, slots, -1 = no adapter) between the kernels and
+        torch; ``slot_ranks`` (indexed by slot): each loaded adapter's rank."""
+        short, long = [], []
+        for (start, end), slot in zip(itertools.pairwise(seg_bounds), seg_slots, strict=True):
+            if slot < 0 or end == start:
+                continue
+            segment = (start, end, slot, slot_ranks[slot])
+            (short if end - start <= MAX_NATIVE_SEGMENT_ROWS else long).append(segment)
+        return cls(kernels, NativeSegments(short, seg_bounds[-1], num_slots), tuple(long))
+
+    def add(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: list[torch.Tensor],
+        lora_scale: torch.Tensor,
+        slices: list[int] | range,
+        slice_bounds: list[tuple[int, int]],
+    ) -> None:
+        """y (T, out) += the LoRA of every segment for the projection's ``slices``, in place.
+
+        lora_a (S, R * n, in) rank-interleaved over the n slices, lora_b[i] (S, out_i, R), lora_scale
+        (n, S) float32; slice i writes columns ``slice_bounds[i]`` of y."""
+        n = len(lora_b)
+        max_rank = lora_a.shape[1] // n
+        x = x.contiguous()
+        u = self.kernels.sgmv_shrink(x, lora_a, self.short, rank_columns=n) if self.short.count else None
+        # A long segment's shrink: one matmul over its rank's columns of every slice (rank-interleaved).
+        long_u = [
+            x[row0:row1] @ lora_a[slot, : min(rank, max_rank) * n].T for row0, row1, slot, rank in self.long
+        ]
+        scales = lora_scale.tolist() if self.long else None
+        for i in slices:
+            start, end = slice_bounds[i]
+            y_i = y if n == 1 else y[:, start:end]
+            if u is not None:  # slice i's ranks are every n-th column of u
+                self.kernels.sgmv_expand(u[:, i::n], lora_b[i], lora_scale[i], self.short, y_i)
+            for (row0, row1, slot, rank), u_long in zip(self.long, long_u, strict=True):
+                k = min(rank, max_rank)
+                y_i[row0:row1].addmm_(u_long[:, i::n], lora_b[i][slot, :, :k].T, alpha=scales[i][slot])

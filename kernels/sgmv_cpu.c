@@ -1,0 +1,131 @@
+/* SGMV shrink and expand on the CPU, float32, every segment of a projection in one call.
+ *
+ * The torch reference (kernels/reference.py) runs a many-adapter step as one matmul per segment, or as
+ * batched matmuls over gathered or padded entries: each is a dispatch of microseconds for a product of
+ * microseconds, and the padded forms read or write more than the product needs. These loops read each
+ * segment's factors once and nothing else, on torch's OpenMP thread pool.
+ *
+ *     shrink: u[t, c] = sum_k x[t, k] * a[slot, c, k]                    c < cols(segment)
+ *     expand: y[t, o] += sum_c (scale[slot] * u[t, c]) * b[slot, o, c]   c < cols(segment)
+ *
+ * for t in [start, end) of each segment. cols(segment) = min(num_cols, rank[segment] * rank_columns): the
+ * columns its adapter's rank fills (the rest are zero padding in the pools, never read). Columns of u a
+ * segment does not fill are left as the caller set them (zeros). Tensors are passed as base pointers and
+ * strides in floats: x, a and y with their last dimension contiguous, u with any strides (a slice of a
+ * fused group's rank-interleaved u), b with either its outputs or its columns contiguous (the CPU pools hold
+ * outputs contiguous: each column of b is then one vector pass over a tile of outputs). Built and loaded
+ * with the quantized linears' kernels by data_plane/model/quant/native.py (same flags, same OpenMP runtime
+ * as torch), which checks every shape, stride and index before a call.
+ */
+
+#include <stdint.h>
+
+#define SHRINK_ROWS 4   /* rows of x per pass over one column of a: their sums stay in registers */
+#define EXPAND_TILE 64  /* outputs per work item of the expand: a tile of b transposed on the stack */
+#define MAX_COLS 512    /* the widest u (rank x slices) the expand's tile holds; native.py checks it */
+
+static inline int64_t segment_cols(int64_t num_cols, const int64_t *ranks, int64_t g, int64_t rank_columns) {
+    const int64_t cols = ranks[g] * rank_columns;
+    return cols < num_cols ? cols : num_cols;
+}
+
+/* u rows start..end, columns c0..c1 of one segment. */
+static void shrink_block(const float *x, int64_t x_rs, int64_t k_len, const float *a, int64_t a_rs, int64_t start,
+                         int64_t end, int64_t c0, int64_t c1, float *u, int64_t u_rs) {
+    for (int64_t t0 = start; t0 < end; t0 += SHRINK_ROWS) {
+        const int64_t rows = end - t0 < SHRINK_ROWS ? end - t0 : SHRINK_ROWS;
+        for (int64_t c = c0; c < c1; c++) {
+            const float *w = a + c * a_rs;
+            float sums[SHRINK_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t r = 0; r < rows; r++) {
+                const float *xr = x + (t0 + r) * x_rs;
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t k = 0; k < k_len; k++) s += xr[k] * w[k];
+                sums[r] = s;
+            }
+            for (int64_t r = 0; r < rows; r++) u[(t0 + r) * u_rs + c] = sums[r];
+        }
+    }
+}
+
+/* Work items: (segment, block of SHRINK_COLS columns); segments with fewer columns skip the blocks past
+ * theirs. */
+#define SHRINK_COLS 8
+
+void openlora_sgmv_shrink(const float *x, int64_t x_rs, int64_t k_len, const float *a, int64_t a_ss, int64_t a_rs,
+                          const int64_t *starts, const int64_t *ends, const int64_t *slots, const int64_t *ranks,
+                          int64_t num_segments, int64_t rank_columns, float *u, int64_t u_rs, int64_t num_cols,
+                          int threads) {
+    const int64_t blocks = (num_cols + SHRINK_COLS - 1) / SHRINK_COLS;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+    for (int64_t g = 0; g < num_segments; g++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t cols = segment_cols(num_cols, ranks, g, rank_columns);
+            const int64_t c0 = b * SHRINK_COLS;
+            if (c0 >= cols) continue;
+            const int64_t c1 = c0 + SHRINK_COLS < cols ? c0 + SHRINK_COLS : cols;
+            shrink_block(x, x_rs, k_len, a + slots[g] * a_ss, a_rs, starts[g], ends[g], c0, c1, u, u_rs);
+        }
+    }
+}
+
+/* y rows start..end, outputs o0..o0 + width (width <= EXPAND_TILE) of one segment, b with outputs contiguous
+ * (b[o, c] at o + c * b_cs: the CPU pools' layout). */
+static void expand_tile_direct(const float *u, int64_t u_rs, int64_t u_cs, const float *b, int64_t b_cs, float s, int64_t start,
+                               int64_t end, int64_t cols, int64_t o0, int64_t width, float *y, int64_t y_rs) {
+    for (int64_t t = start; t < end; t++) {
+        float acc[EXPAND_TILE] = {0.0f};
+        for (int64_t c = 0; c < cols; c++) {
+            const float uc = s * u[t * u_rs + c * u_cs];
+            const float *bc = b + c * b_cs + o0;
+#pragma omp simd
+            for (int64_t j = 0; j < width; j++) acc[j] += uc * bc[j];
+        }
+        float *yt = y + t * y_rs + o0;
+#pragma omp simd
+        for (int64_t j = 0; j < width; j++) yt[j] += acc[j];
+    }
+}
+
+/* The same for any other layout of b (b[o, c] at o * b_os + c * b_cs): the tile of b is transposed once
+ * onto the stack and reused by every row of the segment. */
+static void expand_tile_transposed(const float *u, int64_t u_rs, int64_t u_cs, const float *b, int64_t b_os, int64_t b_cs, float s,
+                                   int64_t start, int64_t end, int64_t cols, int64_t o0, int64_t width, float *y,
+                                   int64_t y_rs) {
+    float bt[MAX_COLS][EXPAND_TILE]; /* bt[c][j] = b[o0 + j, c] */
+    for (int64_t j = 0; j < width; j++)
+        for (int64_t c = 0; c < cols; c++) bt[c][j] = b[(o0 + j) * b_os + c * b_cs];
+    for (int64_t t = start; t < end; t++) {
+        float acc[EXPAND_TILE] = {0.0f};
+        for (int64_t c = 0; c < cols; c++) {
+            const float uc = s * u[t * u_rs + c * u_cs];
+#pragma omp simd
+            for (int64_t j = 0; j < width; j++) acc[j] += uc * bt[c][j];
+        }
+        float *yt = y + t * y_rs + o0;
+#pragma omp simd
+        for (int64_t j = 0; j < width; j++) yt[j] += acc[j];
+    }
+}
+
+void openlora_sgmv_expand(const float *u, int64_t u_rs, int64_t u_cs, const float *b, int64_t b_ss, int64_t b_os, int64_t b_cs,
+                          int64_t out_len, const float *scale, const int64_t *starts, const int64_t *ends,
+                          const int64_t *slots, const int64_t *ranks, int64_t num_segments, int64_t num_cols,
+                          float *y, int64_t y_rs, int threads) {
+    const int64_t tiles = (out_len + EXPAND_TILE - 1) / EXPAND_TILE;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+    for (int64_t g = 0; g < num_segments; g++) {
+        for (int64_t tile = 0; tile < tiles; tile++) {
+            const int64_t cols = segment_cols(num_cols, ranks, g, 1);
+            const int64_t o0 = tile * EXPAND_TILE;
+            const int64_t width = out_len - o0 < EXPAND_TILE ? out_len - o0 : EXPAND_TILE;
+            const float *bs = b + slots[g] * b_ss;
+            const float s = scale[slots[g]];
+            if (b_os == 1)
+                expand_tile_direct(u, u_rs, u_cs, bs, b_cs, s, starts[g], ends[g], cols, o0, width, y, y_rs);
+            else
+                expand_tile_transposed(u, u_rs, u_cs, bs, b_os, b_cs, s, starts[g], ends[g], cols, o0, width, y, y_rs);
+        }
+    }
+}

@@ -1,0 +1,135 @@
+"""The CPU's native SGMV kernels (kernels/sgmv_cpu.c through data_plane/model/native_lora.py) against a
+float64 product per row, on the layouts a serving step has: one-row decode segments on scattered slots, a
+popular adapter's rows together, a prompt chunk long enough to go to torch, rows without an adapter, mixed
+ranks over garbage past each rank, fused groups' rank-interleaved A, and B in both layouts. The C code
+trusts its indices, so every shape it relies on is refused before a call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_plane.model.native_lora import MAX_NATIVE_SEGMENT_ROWS, NativeLora
+from data_plane.model.quant.native import NativeSegments, native_kernels, native_kernels_problem
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    kernels = native_kernels()
+    assert kernels is not None, native_kernels_problem()  # the test machine has a C compiler
+    return kernels
+
+
+def _expected(x, lora_a, lora_b, scale, y0, bounds, slots, ranks, n, slices):
+    """y0 + each row's LoRA, computed row by row in float64 from the first `rank` columns only."""
+    y = y0.double().clone()
+    max_rank = lora_a.shape[1] // n
+    offsets = [0]
+    for b in lora_b:
+        offsets.append(offsets[-1] + b.shape[1])
+    for g, slot in enumerate(slots):
+        if slot < 0:
+            continue
+        rank = min(ranks[slot], max_rank)
+        for row in range(bounds[g], bounds[g + 1]):
+            for i in slices:
+                a = lora_a[slot].view(max_rank, n, -1)[:rank, i].double()  # (rank, in)
+                delta = lora_b[i][slot, :, :rank].double() @ (a @ x[row].double())
+                y[row, offsets[i] : offsets[i + 1]] += scale[i, slot].double() * delta
+    return y
+
+
+LAYOUTS = {
+    # (segment lengths, slots; -1: no adapter)
+    "decode, one row per slot": ([1] * 12, [7, 2, 9, 0, 11, 4, 3, 10, 1, 8, 5, 6]),
+    "decode, popular adapters together": ([9, 1, 4, 1, 2, 1, 1], [3, 0, 5, 11, 2, 7, 9]),
+    "prompt chunk among decodes": ([MAX_NATIVE_SEGMENT_ROWS + 7, 1, 3, 1], [4, 0, 8, 2]),
+    "rows without an adapter": ([2, 3, 1, 4, 1], [-1, 6, -1, 1, 10]),
+    "one long segment": ([MAX_NATIVE_SEGMENT_ROWS + 1], [5]),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("outs", [(24,), (24, 8, 8), (37, 37)], ids=["one slice", "q|k|v", "gate|up"])
+@pytest.mark.parametrize("b_layout", ["outputs contiguous", "(S, O, R)"])
+def test_native_lora_matches_a_float64_product_per_row(cpu_kernels, layout, outs, b_layout):
+    gen = torch.Generator().manual_seed(len(layout) + sum(outs))
+    lengths, slots = LAYOUTS[layout]
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    num_slots, max_rank, h_in, n = 12, 8, 40, len(outs)
+    ranks = [8, 2, 4, 8, 1, 4, 3, 8, 5, 6, 7, 2]
+    x = torch.randn(bounds[-1], h_in, generator=gen)
+    # Garbage past each slot's rank (the pools hold zeros there; the kernels must not read it either).
+    lora_a = torch.randn(num_slots, max_rank * n, h_in, generator=gen)
+    lora_b = [torch.randn(num_slots, out, max_rank, generator=gen) for out in outs]
+    if b_layout == "outputs contiguous":
+        lora_b = [b.transpose(1, 2).contiguous().transpose(1, 2) for b in lora_b]
+    scale = torch.rand(n, num_slots, generator=gen) * 2 - 0.5
+    y0 = torch.randn(bounds[-1], sum(outs), generator=gen)
+    y = y0.clone()
+    native = NativeLora.plan(bounds, slots, ranks, num_slots, cpu_kernels)
+    assert native.short.count + len(native.long) == sum(1 for s in slots if s >= 0)
+    native.add(x, y, lora_a, lora_b, scale, range(n), _bounds(outs))
+    expected = _expected(x, lora_a, lora_b, scale, y0, bounds, slots, ranks, n, range(n))
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+    no_adapter = [row for g, s in enumerate(slots) if s < 0 for row in range(bounds[g], bounds[g + 1])]
+    assert torch.equal(y[no_adapter], y0[no_adapter])  # rows without an adapter are untouched
+
+
+def _bounds(outs):
+    start, bounds = 0, []
+    for out in outs:
+        bounds.append((start, start + out))
+        start += out
+    return bounds
+
+
+def test_slices_left_out_are_left_alone(cpu_kernels):
+    gen = torch.Generator().manual_seed(3)
+    outs, n, num_slots = (16, 8, 8), 3, 4
+    bounds, slots, ranks = [0, 1, 3, 4], [2, 0, 3], [4, 4, 4, 4]
+    x = torch.randn(4, 32, generator=gen)
+    lora_a = torch.randn(num_slots, 4 * n, 32, generator=gen)
+    lora_b = [torch.randn(num_slots, out, 4, generator=gen) for out in outs]
+    scale = torch.rand(n, num_slots, generator=gen)
+    y0 = torch.randn(4, sum(outs), generator=gen)
+    y = y0.clone()
+    native = NativeLora.plan(bounds, slots, ranks, num_slots, cpu_kernels)
+    native.add(x, y, lora_a, lora_b, scale, [0, 2], _bounds(outs))
+    expected = _expected(x, lora_a, lora_b, scale, y0, bounds, slots, ranks, n, [0, 2])
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(y[:, 16:24], y0[:, 16:24])
+
+
+def test_segments_outside_the_rows_or_slots_are_refused():
+    for segment in [(0, 5, 0, 4), (2, 2, 0, 4), (-1, 1, 0, 4), (0, 1, 4, 4), (0, 1, -1, 4), (0, 1, 0, -1)]:
+        with pytest.raises(ValueError, match="outside"):
+            NativeSegments([segment], num_rows=4, num_slots=4)
+
+
+def test_tensors_the_kernels_cannot_read_as_assumed_are_refused(cpu_kernels):
+    segments = NativeSegments([(0, 2, 1, 4), (2, 3, 3, 4)], num_rows=3, num_slots=4)
+    x, a = torch.randn(3, 16), torch.randn(4, 4, 16)
+    b, scale, y = torch.randn(4, 8, 4), torch.rand(4), torch.zeros(3, 8)
+    u = cpu_kernels.sgmv_shrink(x, a, segments)
+    refusals = {
+        "x of other rows": lambda: cpu_kernels.sgmv_shrink(torch.randn(2, 16), a, segments),
+        "x of other width": lambda: cpu_kernels.sgmv_shrink(torch.randn(3, 15), a, segments),
+        "x in float64": lambda: cpu_kernels.sgmv_shrink(x.double(), a, segments),
+        "x with strided columns": lambda: cpu_kernels.sgmv_shrink(torch.randn(16, 3).T, a, segments),
+        "a with fewer slots": lambda: cpu_kernels.sgmv_shrink(x, a[:3], segments),
+        "a with no dimension contiguous": lambda: cpu_kernels.sgmv_shrink(x, a[:, :, ::2], segments),
+        "y of other rows": lambda: cpu_kernels.sgmv_expand(u, b, scale, segments, torch.zeros(2, 8)),
+        "y of other width": lambda: cpu_kernels.sgmv_expand(u, b, scale, segments, torch.zeros(3, 9)),
+        "b wider than u": lambda: cpu_kernels.sgmv_expand(u[:, :2], b, scale, segments, y),
+        "b strided both ways": lambda: cpu_kernels.sgmv_expand(u, b[:, ::2, ::2], scale, segments, y[:, :4]),
+        "scale of other slots": lambda: cpu_kernels.sgmv_expand(u, b, scale[:3], segments, y),
+        "scale in float64": lambda: cpu_kernels.sgmv_expand(u, b, scale.double(), segments, y),
+    }
+    for what, call in refusals.items():
+        with pytest.raises(ValueError):
+            call()
+            pytest.fail(f"{what} was accepted")
+    assert torch.equal(y, torch.zeros(3, 8))  # nothing was written by a refused call

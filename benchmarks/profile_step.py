@@ -11,7 +11,8 @@ with a timer around each part. A part's time is exclusive: its own, less the par
 
 - base linears: every linear module (nn.Linear, LoRALinear, QuantLoRALinear, QuantLinear, any module
   holding LoRA pools) and every other `F.linear` call, lm_head included, less the LoRA inside them;
-- LoRA: the calls of the SGMV ops (`kernels.sgmv_*`, shrink and expand), wherever the model calls them;
+- LoRA: the calls of the SGMV ops (`kernels.sgmv_*`, shrink and expand), wherever the model calls them,
+  and the CPU's native SGMV path (`NativeLora.add`, on float32 CPU models by default);
 - attention: the attention modules (those holding a KV cache) less their projections: rotary, KV-cache
   writes, attention over the cache;
 - step inputs: the model runner outside the model (building the step's metadata, gathering logits);
@@ -59,6 +60,7 @@ from benchmarks.steady_driver import (
     prefetch_to_host,
 )
 from data_plane.engine.llm_engine import LLMEngine
+from data_plane.model.native_lora import NativeLora
 from data_plane.model.quant import QuantLinear
 
 BASE, LORA, ATTENTION, STEP_INPUTS, SAMPLING, SCHEDULING, LOADS, OTHER = (
@@ -178,6 +180,10 @@ def instrument(engine: LLMEngine, timer: PartTimer) -> Callable[[], None]:
             if id(value) in originals and originals[id(value)][0] is value:
                 setattr(module, attr, originals[id(value)][1])
                 undo.append(lambda m=module, a=attr, v=value: setattr(m, a, v))
+    # The CPU's native SGMV path: a projection's whole LoRA (kernels and long segments' matmuls) in one call.
+    add = NativeLora.add
+    NativeLora.add = timer.wrap(add, LORA)
+    undo.append(lambda: setattr(NativeLora, "add", add))
     for owner, attr, part in (
         (runner, "run", STEP_INPUTS),
         (engine, "sampler", SAMPLING),

@@ -18,14 +18,16 @@ import torch
 
 from data_plane.model.quant.native import NativeKernels, NativeSegments
 
-# Segments longer than this many rows run as one torch matmul each. `python -m benchmarks.sgmv_cpu_bench`
-# (2026-12-03, 2-core AMD EPYC with AVX-512, 2 threads) measured the kernels faster than a matmul per
-# segment up to about this length.
+# Segments longer than this many rows run as torch matmuls. `python -m benchmarks.sgmv_cpu_bench`
+# (2026-12-03, 2-core AMD EPYC with AVX-512, 2 threads): one segment of 8 to 32 rows costs about the same
+# through the kernels as through a matmul pair (0.9-1.3x); many short segments 2-6x less.
 MAX_NATIVE_SEGMENT_ROWS = 32
 
 
 @dataclass(frozen=True)
 class NativeLora:
+    """A step's segments split between the kernels (short) and torch (long), for every projection."""
+
     kernels: NativeKernels
     short: NativeSegments  # what the kernels run
     long: tuple[tuple[int, int, int, int], ...]  # (start, end, slot, rank): one matmul each

@@ -38,8 +38,13 @@ def _assert_match(results, expected) -> None:
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
 def test_mixed_adapter_batch_matches_peft_per_request(which, request):
     model = request.getfixturevalue(which)
-    names = [*ADAPTERS, None, *ADAPTERS, None]
-    prompts = _prompts(model.vocab_size, 11, [3, 9, 21, 33, 6, 1, 14, 27, 2, 18])
+    _check_mixed_batch(model, [*ADAPTERS, None, *ADAPTERS, None], 11, [3, 9, 21, 33, 6, 1, 14, 27, 2, 18])
+
+
+def _check_mixed_batch(model, names, seed: int, lengths) -> None:
+    """One engine batch of requests (prompt lengths `lengths`, adapters `names`, None: the base) gives each
+    request PEFT's tokens and logprobs for it alone."""
+    prompts = _prompts(model.vocab_size, seed, lengths)
     cases = {f"r{i}": (prompts[i], name) for i, name in enumerate(names)}
     engine = make_engine(model)
     for request_id, (prompt, name) in cases.items():
@@ -58,15 +63,8 @@ def test_both_cpu_implementations_match_peft(choice, tiny_llama, monkeypatch):
     calls = []
     add = NativeLora.add
     monkeypatch.setattr(NativeLora, "add", lambda self, *args: calls.append(self.long) or add(self, *args))
-    names = [*ADAPTERS, None, *ADAPTERS]
     lengths = [MAX_NATIVE_SEGMENT_ROWS + 5, 9, 2, 14, 6, 1, 11, 3, 7]
-    prompts = _prompts(tiny_llama.vocab_size, 5, lengths)
-    cases = {f"r{i}": (prompts[i], name) for i, name in enumerate(names)}
-    engine = make_engine(tiny_llama)
-    for request_id, (prompt, name) in cases.items():
-        engine.add_request(greedy(request_id, prompt, [tiny_llama.ref(name)] if name else ()))
-    results = run_to_completion(engine)
-    _assert_match(results, _expected(tiny_llama, cases))
+    _check_mixed_batch(tiny_llama, [*ADAPTERS, None, *ADAPTERS], 5, lengths)
     if choice == "reference":
         assert calls == []
     else:  # every projection of every step, a long prompt chunk among them

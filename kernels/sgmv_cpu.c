@@ -20,7 +20,7 @@
 
 #include <stdint.h>
 
-#define SHRINK_ROWS 4   /* rows of x per pass over one column of a: their sums stay in registers */
+#define SHRINK_ROWS 4   /* rows of x per pass over a block of columns of a, which stays in L1 meanwhile */
 #define EXPAND_TILE 64  /* outputs per work item of the expand: a tile of b transposed on the stack */
 #define MAX_COLS 512    /* the widest u (rank x slices) the expand's tile holds; native.py checks it */
 
@@ -49,14 +49,27 @@ static void shrink_block(const float *x, int64_t x_rs, int64_t k_len, const floa
     }
 }
 
-/* Work items: (segment, block of SHRINK_COLS columns); segments with fewer columns skip the blocks past
- * theirs. */
-#define SHRINK_COLS 8
+#define SHRINK_COLS 8 /* columns of a per work item */
+
+/* Work is shared out by segment when there are enough of them (each thread then reads whole adapters, and
+ * the schedule hands out few items), else by (segment, block of columns), so that a step of one or two
+ * segments still uses every thread. */
+static inline int by_segment(int64_t num_segments, int threads) { return num_segments >= 4 * (int64_t)threads; }
 
 void openlora_sgmv_shrink(const float *x, int64_t x_rs, int64_t k_len, const float *a, int64_t a_ss, int64_t a_rs,
                           const int64_t *starts, const int64_t *ends, const int64_t *slots, const int64_t *ranks,
                           int64_t num_segments, int64_t rank_columns, float *u, int64_t u_rs, int64_t num_cols,
                           int threads) {
+    if (by_segment(num_segments, threads)) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int64_t g = 0; g < num_segments; g++) {
+            const int64_t cols = segment_cols(num_cols, ranks, g, rank_columns);
+            for (int64_t c0 = 0; c0 < cols; c0 += SHRINK_COLS)
+                shrink_block(x, x_rs, k_len, a + slots[g] * a_ss, a_rs, starts[g], ends[g], c0,
+                             c0 + SHRINK_COLS < cols ? c0 + SHRINK_COLS : cols, u, u_rs);
+        }
+        return;
+    }
     const int64_t blocks = (num_cols + SHRINK_COLS - 1) / SHRINK_COLS;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
     for (int64_t g = 0; g < num_segments; g++) {
@@ -109,23 +122,37 @@ static void expand_tile_transposed(const float *u, int64_t u_rs, int64_t u_cs, c
     }
 }
 
-void openlora_sgmv_expand(const float *u, int64_t u_rs, int64_t u_cs, const float *b, int64_t b_ss, int64_t b_os, int64_t b_cs,
-                          int64_t out_len, const float *scale, const int64_t *starts, const int64_t *ends,
-                          const int64_t *slots, const int64_t *ranks, int64_t num_segments, int64_t num_cols,
-                          float *y, int64_t y_rs, int threads) {
-    const int64_t tiles = (out_len + EXPAND_TILE - 1) / EXPAND_TILE;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
-    for (int64_t g = 0; g < num_segments; g++) {
-        for (int64_t tile = 0; tile < tiles; tile++) {
-            const int64_t cols = segment_cols(num_cols, ranks, g, 1);
-            const int64_t o0 = tile * EXPAND_TILE;
-            const int64_t width = out_len - o0 < EXPAND_TILE ? out_len - o0 : EXPAND_TILE;
-            const float *bs = b + slots[g] * b_ss;
-            const float s = scale[slots[g]];
-            if (b_os == 1)
-                expand_tile_direct(u, u_rs, u_cs, bs, b_cs, s, starts[g], ends[g], cols, o0, width, y, y_rs);
-            else
-                expand_tile_transposed(u, u_rs, u_cs, bs, b_os, b_cs, s, starts[g], ends[g], cols, o0, width, y, y_rs);
-        }
+/* Outputs tile..tile_end (tiles of EXPAND_TILE) of segment g. */
+static void expand_tiles(const float *u, int64_t u_rs, int64_t u_cs, const float *b, int64_t b_ss, int64_t b_os,
+                         int64_t b_cs, int64_t out_len, const float *scale, int64_t start, int64_t end, int64_t slot,
+                         int64_t cols, int64_t tile, int64_t tile_end, float *y, int64_t y_rs) {
+    const float *bs = b + slot * b_ss;
+    const float s = scale[slot];
+    for (; tile < tile_end; tile++) {
+        const int64_t o0 = tile * EXPAND_TILE;
+        const int64_t width = out_len - o0 < EXPAND_TILE ? out_len - o0 : EXPAND_TILE;
+        if (b_os == 1)
+            expand_tile_direct(u, u_rs, u_cs, bs, b_cs, s, start, end, cols, o0, width, y, y_rs);
+        else
+            expand_tile_transposed(u, u_rs, u_cs, bs, b_os, b_cs, s, start, end, cols, o0, width, y, y_rs);
     }
+}
+
+void openlora_sgmv_expand(const float *u, int64_t u_rs, int64_t u_cs, const float *b, int64_t b_ss, int64_t b_os,
+                          int64_t b_cs, int64_t out_len, const float *scale, const int64_t *starts,
+                          const int64_t *ends, const int64_t *slots, const int64_t *ranks, int64_t num_segments,
+                          int64_t num_cols, float *y, int64_t y_rs, int threads) {
+    const int64_t tiles = (out_len + EXPAND_TILE - 1) / EXPAND_TILE;
+    if (by_segment(num_segments, threads)) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int64_t g = 0; g < num_segments; g++)
+            expand_tiles(u, u_rs, u_cs, b, b_ss, b_os, b_cs, out_len, scale, starts[g], ends[g], slots[g],
+                         segment_cols(num_cols, ranks, g, 1), 0, tiles, y, y_rs);
+        return;
+    }
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+    for (int64_t g = 0; g < num_segments; g++)
+        for (int64_t tile = 0; tile < tiles; tile++)
+            expand_tiles(u, u_rs, u_cs, b, b_ss, b_os, b_cs, out_len, scale, starts[g], ends[g], slots[g],
+                         segment_cols(num_cols, ranks, g, 1), tile, tile + 1, y, y_rs);
 }

@@ -37,13 +37,14 @@ from control_plane.registry.models import VISIBILITY_PRIVATE, VISIBILITY_PUBLIC,
 from control_plane.registry.uploads import UploadHeader, UploadPlan, UploadResult
 from control_plane.tenancy import service as tenancy
 from control_plane.tenancy.models import SCOPE_INFER, ApiKey, Tenant
-from control_plane.text import check_prose
+from control_plane.text import check_text
 from control_plane.usage import reservation
 from control_plane.usage import service as usage
 from control_plane.workers import service as workers
 from control_plane.workers.models import Worker
 from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
 from openlora.artifact import digest_dir
+from openlora.text_rules import prose_problem
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class ControlPlane:
         if header.visibility not in (VISIBILITY_PRIVATE, VISIBILITY_PUBLIC):
             raise InvalidArgument("must be private or public", field="visibility")
         billing.check_rate(header.royalty_micros_per_million_tokens, "royalty_micros_per_million_tokens")
-        check_prose(header.description, "description", MAX_DESCRIPTION_CHARS)
+        check_text(header.description, "description", MAX_DESCRIPTION_CHARS, rule=prose_problem)
         with self.sessions.begin() as s:
             tenant = tenancy.tenant_for(s, tenancy.authenticate_admin(s, api_key), header.tenant)
             workers.check_not_a_base_model_name(s, header.name, "name")

@@ -65,9 +65,10 @@ def triton_runs_on(device: str) -> bool:
     return bool(knobs.runtime.interpret)
 
 
-def use_triton(device: torch.device) -> bool:
-    """True when calls on tensors of ``device`` go to the Triton kernels."""
-    choice = kernel_choice()
+def use_triton(device: torch.device, choice: str | None = None) -> bool:
+    """True when calls on tensors of ``device`` go to the Triton kernels under ``choice`` (a
+    ``kernel_choice()`` the caller read; None reads it here)."""
+    choice = kernel_choice() if choice is None else choice
     if choice == "auto":
         return device.type == "cuda"
     return choice == "triton"

@@ -371,20 +371,21 @@ def _add_mixes(subparsers) -> None:
 def _mix_rows(mixes) -> list[list[object]]:
     from openlora.v1 import inference_pb2
 
+    def word(enum, value: int, prefix: str) -> str:  # MIX_METHOD_DARE_TIES -> dare_ties
+        return enum.Name(value).removeprefix(prefix).lower()
+
     rows = []
     for m in mixes:
-        method = inference_pb2.MixMethod.Name(m.method).removeprefix("MIX_METHOD_").lower()
+        method = word(inference_pb2.MixMethod, m.method, "MIX_METHOD_")
         members = ",".join(f"{a.adapter}={a.weight:g}" for a in m.members)
         options = []  # what the mix was saved with besides its method: every option `mixes create` takes
         if m.HasField("density"):
             options.append(f"density={m.density:g}")
         if m.majority_sign_method:
-            sign = inference_pb2.MajoritySignMethod.Name(m.majority_sign_method)
-            options.append(f"majority-sign={sign.removeprefix('MAJORITY_SIGN_METHOD_').lower()}")
+            sign = word(inference_pb2.MajoritySignMethod, m.majority_sign_method, "MAJORITY_SIGN_METHOD_")
+            options.append(f"majority-sign={sign}")
         if m.combine:
-            options.append(
-                f"combine={inference_pb2.EnsembleCombine.Name(m.combine).removeprefix('ENSEMBLE_COMBINE_').lower()}"
-            )
+            options.append(f"combine={word(inference_pb2.EnsembleCombine, m.combine, 'ENSEMBLE_COMBINE_')}")
         rows.append([m.name, m.tenant, method, ",".join(options) or "-", members])
     return rows
 

@@ -25,10 +25,11 @@ from control_plane.mixes.models import (
 from control_plane.registry import service as registry
 from control_plane.registry.models import STATUS_READY, Adapter
 from control_plane.tenancy.models import Tenant
-from control_plane.text import check_prose
+from control_plane.text import check_text
 from control_plane.workers import service as workers
 from openlora.mix_rules import density_problem, weight_problem
 from openlora.names import ADAPTER_NAME_RULE
+from openlora.text_rules import prose_problem
 
 MAX_MIX_MEMBERS = 8
 MAX_DESCRIPTION_CHARS = 4096
@@ -106,7 +107,7 @@ def check_spec(spec: MixSpec) -> None:
             raise InvalidArgument(problem, field=f"members[{i}].weight")
     if all(weight == 0 for _, weight in spec.members):
         raise InvalidArgument("weights must not all be zero", field="members")
-    check_prose(spec.description, "description", MAX_DESCRIPTION_CHARS)
+    check_text(spec.description, "description", MAX_DESCRIPTION_CHARS, rule=prose_problem)
 
 
 def create_mix(

@@ -235,7 +235,8 @@ class ModelRunner:
             [input_ids, positions, kv_slot_ids, decode_rows, flat_tables, decode_lens, sample_rows]
             + [blocks for _, _, _, blocks in prefill_parts]
         )
-        use_triton = kernels.use_triton(device)  # OPENLORA_KERNELS, read once per step
+        choice = kernels.kernel_choice()  # OPENLORA_KERNELS, read once per step
+        use_triton = kernels.use_triton(device, choice)
         meta = StepMetadata(
             positions=positions_t,
             kv_slot_ids=kv_slots_t,
@@ -260,7 +261,7 @@ class ModelRunner:
             seg_indptr_t, seg_slots_t = self._int32.pack([seg_indptr, seg_slots])
             longest = max(end - start for start, end in itertools.pairwise(seg_indptr))
             native = None
-            if not use_triton and self._native_sgmv is not None and kernels.kernel_choice() == "auto":
+            if not use_triton and self._native_sgmv is not None and choice == "auto":
                 native = NativeLora.plan(
                     seg_indptr, seg_slots, self.slot_ranks, len(self.slot_ranks), self._native_sgmv
                 )

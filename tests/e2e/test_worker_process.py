@@ -80,7 +80,10 @@ NUM_KILLED_STREAMS = 12
 KILLED_MAX_TOKENS = 480
 # Usage of a running stream is checkpointed at least once a second: what a kill may leave unbilled.
 CHECKPOINT_BOUND_S = 1.0
-# A message the worker handed to its transport as it died may never reach the client; it is billed.
+# Messages the worker handed to its transport as it died may never reach the client; they are billed. A
+# stream whose client lags gets what is ready in one message, so what is in flight is not one token but up
+# to what the stream delivers in about a checkpoint interval: bounded by the client's own last second of
+# arrivals (at least this many tokens). A stream billed twice would be off by hundreds.
 IN_FLIGHT_TOKENS = 2
 
 
@@ -160,7 +163,8 @@ def test_sigkill_mid_stream_bills_all_but_the_last_second_of_each_stream_and_not
         if outcome["finish"] is not None:
             assert billed.total_completion_tokens == received
             continue
-        assert received - last_second <= billed.total_completion_tokens <= received + IN_FLIGHT_TOKENS, (
+        in_flight = max(IN_FLIGHT_TOKENS, last_second)
+        assert received - last_second <= billed.total_completion_tokens <= received + in_flight, (
             f"received {received} tokens, {last_second} of them in the last second; "
             f"billed {billed.total_completion_tokens}"
         )

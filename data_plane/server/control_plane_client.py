@@ -46,6 +46,16 @@ AUTHORIZE_TIMEOUT_S = 5.0
 # AUTHORIZE_TIMEOUT_S, then RESOURCE_EXHAUSTED). Calls naming adapters nobody resolved are never cached:
 # one key's hundreds of them in flight delayed every other tenant's first tokens by seconds.
 MAX_AUTHORIZE_IN_FLIGHT_PER_KEY = 8
+# Authorize calls at the control plane at once, all keys together, for keys with no recent answer: a flood
+# of random keys (each its own key, so the per-key bound does not apply) kept one Authorize per request at
+# the control plane, a database query each, and delayed the answers of every real tenant's expiring keys.
+# Keys answered recently never wait for this bound; a new tenant's first call waits at most for the
+# flood's turn, then RESOURCE_EXHAUSTED like the per-key bound.
+MAX_UNKNOWN_KEY_AUTHORIZE_IN_FLIGHT = 16
+# A key the control plane refused (UNAUTHENTICATED: unknown or revoked) is refused again at the worker for
+# this long without asking: keys are random secrets the control plane makes, so one refused never becomes
+# valid, and a client repeating a bad key cost an Authorize per call.
+REFUSED_KEY_TTL_S = 10.0
 CALL_TIMEOUT_S = 10.0
 # An artifact fetch may take this long in all (a large artifact on a slow link)...
 FETCH_TIMEOUT_S = 300.0
@@ -210,6 +220,12 @@ class ControlPlaneClient:
         self._asking_per_key: Counter[str] = Counter()
         # Per api key with Authorize calls waiting or running: its gate and how many use it.
         self._key_gates: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        # Bounds the Authorize calls of keys with no recent answer (MAX_UNKNOWN_KEY_AUTHORIZE_IN_FLIGHT).
+        self._unknown_key_gate = asyncio.Semaphore(MAX_UNKNOWN_KEY_AUTHORIZE_IN_FLIGHT)
+        # Keys the control plane refused, with its refusal: refused again at once (REFUSED_KEY_TTL_S).
+        self._refused_keys: TTLCache[str, ControlPlaneError] = TTLCache(
+            maxsize=auth_cache_max_entries, ttl=REFUSED_KEY_TTL_S, timer=time.monotonic
+        )
         # Keys with an answer cached recently (for any names), each with its tenant's id: `knows_key`.
         self._answered_keys: TTLCache[str, str] = TTLCache(
             maxsize=auth_cache_max_entries, ttl=AUTH_RECENT_S, timer=time.monotonic
@@ -373,6 +389,9 @@ class ControlPlaneClient:
         now = time.monotonic()
         if cached is not None and cached[0] > now:
             return cached[1]
+        refused = self._refused_keys.get(api_key)
+        if refused is not None:
+            raise ControlPlaneError(refused.code, refused.message, refused.field)
         asking = self._asking.get(key)
         stamp = self._stamp(api_key)
         if asking is None or asking[0] != stamp:
@@ -417,6 +436,26 @@ class ControlPlaneClient:
             if users[0] == 0:
                 del self._key_gates[api_key]
 
+    @contextlib.asynccontextmanager
+    async def _unknown_key_turn(self, api_key: str):
+        """A turn among the Authorize calls of keys with no recent answer (MAX_UNKNOWN_KEY_AUTHORIZE_IN_FLIGHT
+        at once); a key answered recently goes straight through."""
+        if self.knows_key(api_key):
+            yield
+            return
+        try:
+            await asyncio.wait_for(self._unknown_key_gate.acquire(), AUTHORIZE_TIMEOUT_S)
+        except TimeoutError:
+            raise ControlPlaneError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_UNKNOWN_KEY_AUTHORIZE_IN_FLIGHT} authorizations of new api keys are in flight and more "
+                "waiting; retry shortly",
+            ) from None
+        try:
+            yield
+        finally:
+            self._unknown_key_gate.release()
+
     def _done_asking(self, key, asking) -> None:
         if self._asking.get(key) is asking:
             del self._asking[key]
@@ -442,7 +481,7 @@ class ControlPlaneClient:
             api_key=api_key, adapters=list(adapter_names), base_model=base_model
         )
         try:
-            async with self._key_gate(api_key):
+            async with self._key_gate(api_key), self._unknown_key_turn(api_key):
                 response = await self._stub.Authorize(
                     request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S
                 )
@@ -456,9 +495,11 @@ class ControlPlaneClient:
             if served is not None:
                 return served
             self._drop(key)
+            refusal = ControlPlaneError.from_rpc(error, "Authorize")
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._forget_key(api_key)
-            raise ControlPlaneError.from_rpc(error, "Authorize") from None
+                self._refused_keys[api_key] = refusal
+            raise refusal from None
         if self._unreachable_since is not None:
             log.info("control plane answers Authorize again")
             self._unreachable_since = None

@@ -334,3 +334,109 @@ def test_a_control_plane_without_an_rpc_is_said_to_be_older_not_unavailable():
     error = asyncio.run(main())
     assert "does not implement DeregisterWorker (an older version)" in error.message
     assert "retry" not in error.message
+
+
+def test_a_flood_of_unknown_keys_holds_a_bounded_number_of_authorize_calls_and_never_delays_a_known_key(
+    monkeypatch,
+):
+    """Random keys are each their own key, so the per-key bound did not apply: 60 of them kept 60
+    Authorize calls (a database query each) at the control plane. Keys with no recent answer share
+    MAX_UNKNOWN_KEY_AUTHORIZE_IN_FLIGHT calls there; a key answered before goes straight through meanwhile."""
+    from data_plane.server import control_plane_client
+    from data_plane.server.control_plane_client import MAX_UNKNOWN_KEY_AUTHORIZE_IN_FLIGHT
+    from openlora.v1 import worker_pb2, worker_pb2_grpc
+
+    monkeypatch.setattr(control_plane_client, "AUTHORIZE_TIMEOUT_S", 3.0)
+    in_flight = {"strangers": 0, "known": 0}
+    most = {"strangers": 0, "known": 0}
+
+    class Servicer(worker_pb2_grpc.WorkerServiceServicer):
+        def __init__(self, release: asyncio.Event) -> None:
+            self.release = release
+
+        async def Authorize(self, request, context):
+            who = "known" if request.api_key == "known" else "strangers"
+            in_flight[who] += 1
+            most[who] = max(most[who], in_flight[who])
+            try:
+                if who == "strangers":
+                    await self.release.wait()
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked api key")
+                return worker_pb2.AuthorizeResponse(
+                    tenant_id="t-known", tenant="known", cache_ttl_ms=1,
+                    adapters=[worker_pb2.ResolvedAdapter(name=name) for name in request.adapters],
+                )  # fmt: skip
+            finally:
+                in_flight[who] -= 1
+
+    async def scenario():
+        release = asyncio.Event()
+        async with _loopback(Servicer(release)) as client:
+            await client.authorize("known", ("mine",), "base")  # answered once: a known key
+            await asyncio.sleep(0.01)  # its 1 ms answer is stale: the next call asks again
+            flood = [
+                asyncio.ensure_future(client.authorize(f"olk_random{i}", ("x",), "base")) for i in range(60)
+            ]
+            while in_flight["strangers"] < MAX_UNKNOWN_KEY_AUTHORIZE_IN_FLIGHT:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # the rest wait for a turn, not at the control plane
+            known = await asyncio.wait_for(client.authorize("known", ("mine",), "base"), 2)
+            waiting = sum(not call.done() for call in flood)
+            release.set()
+            outcomes = await asyncio.gather(*flood, return_exceptions=True)
+            return known, waiting, outcomes
+
+    known, waiting, outcomes = asyncio.run(scenario())
+    assert most["strangers"] == MAX_UNKNOWN_KEY_AUTHORIZE_IN_FLIGHT
+    assert known.tenant == "known" and waiting == 60  # answered while the whole flood waited
+    codes = [o.code for o in outcomes if isinstance(o, ControlPlaneError)]
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 60  # every stranger's own answer, once its turn came
+
+
+def test_a_refused_key_is_refused_again_without_asking_the_control_plane(monkeypatch):
+    """A client repeating a bad key cost an Authorize per call; a refusal now answers the same key's next
+    calls for REFUSED_KEY_TTL_S, with the control plane's own message, then the key is asked about again."""
+    from data_plane.server import control_plane_client
+    from openlora.v1 import worker_pb2_grpc
+
+    asked: list[str] = []
+
+    class Servicer(worker_pb2_grpc.WorkerServiceServicer):
+        async def Authorize(self, request, context):
+            asked.append(request.api_key)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked api key")
+
+    async def calls(client, key, n):
+        return [await _refusal(client.authorize(key, ("a",), "base")) for _ in range(n)]
+
+    async def scenario():
+        async with _loopback(Servicer()) as client:
+            first = await calls(client, "olk_bad", 20)
+            other = await calls(client, "olk_other", 1)
+            expiring = 0.2
+            monkeypatch.setattr(control_plane_client, "REFUSED_KEY_TTL_S", expiring)
+            client._refused_keys = control_plane_client.TTLCache(
+                maxsize=16, ttl=expiring, timer=control_plane_client.time.monotonic
+            )
+            await calls(client, "olk_bad", 1)
+            await asyncio.sleep(expiring + 0.05)
+            later = await calls(client, "olk_bad", 1)
+            return first, other, later
+
+    first, other, later = asyncio.run(scenario())
+    assert {(e.code, e.message) for e in first} == {
+        (grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked api key")
+    }
+    assert other[0].code == grpc.StatusCode.UNAUTHENTICATED
+    assert later[0].code == grpc.StatusCode.UNAUTHENTICATED
+    # 20 calls of one bad key asked once; the other key asked on its own; past the TTL the key asks again
+    # (once for the call that refilled the cache, once after it expired).
+    assert asked == ["olk_bad", "olk_other", "olk_bad", "olk_bad"]
+
+
+async def _refusal(call) -> ControlPlaneError:
+    try:
+        await call
+    except ControlPlaneError as error:
+        return error
+    raise AssertionError("the call was answered")

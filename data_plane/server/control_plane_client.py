@@ -562,7 +562,13 @@ class ControlPlaneClient:
 
     async def list_models(self, api_key: str, base_model: str) -> list[ListedModel]:
         """Every adapter and saved mix the key may name on the base model, by name (all pages of
-        ListModels). Never cached: it is asked for when a client lists models, not per request."""
+        ListModels). Never cached: it is asked for when a client lists models, not per request; a key's
+        listings share its Authorize calls' bound at the control plane (MAX_AUTHORIZE_IN_FLIGHT_PER_KEY), so
+        that a loop of them is not a query per call in flight there."""
+        async with self._key_gate(api_key):
+            return await self._list_models(api_key, base_model)
+
+    async def _list_models(self, api_key: str, base_model: str) -> list[ListedModel]:
         listed: list[ListedModel] = []
         page_token = ""
         while True:

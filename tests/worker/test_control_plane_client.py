@@ -440,3 +440,31 @@ async def _refusal(call) -> ControlPlaneError:
     except ControlPlaneError as error:
         return error
     raise AssertionError("the call was answered")
+
+
+def test_one_keys_model_listings_share_its_bound_at_the_control_plane():
+    """GET /v1/models asks ListModels on every call (never cached): a tenant's loop of 30 listings kept 30
+    queries at the control plane at once. They now share the key's MAX_AUTHORIZE_IN_FLIGHT_PER_KEY turns,
+    and every listing is still answered in full."""
+    from data_plane.server.control_plane_client import MAX_AUTHORIZE_IN_FLIGHT_PER_KEY
+    from openlora.v1 import worker_pb2, worker_pb2_grpc
+
+    in_flight, most = [0], [0]
+
+    class Servicer(worker_pb2_grpc.WorkerServiceServicer):
+        async def ListModels(self, request, context):
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            try:
+                await asyncio.sleep(0.05)
+                return worker_pb2.ListModelsResponse(models=[worker_pb2.ModelEntry(name="mine")])
+            finally:
+                in_flight[0] -= 1
+
+    async def scenario():
+        async with _loopback(Servicer()) as client:
+            return await asyncio.gather(*(client.list_models("olk_lister", "base") for _ in range(30)))
+
+    listings = asyncio.run(scenario())
+    assert most[0] == MAX_AUTHORIZE_IN_FLIGHT_PER_KEY
+    assert [[m.name for m in listed] for listed in listings] == [["mine"]] * 30

@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/openlora up
 
+# Two pytest workers, each test file on one of them: most of the suite's time is processes starting and
+# waiting for each other, which the second worker overlaps (tests/conftest.py gives each worker its own
+# Redis database; every test module has its own PostgreSQL database already).
+TEST_WORKERS ?= 2
+
 test: $(STAMP) node-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The Node.js client example is tested against a live system when npm is present.
 node-deps:

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse, urlunparse
 
 import psycopg
 import pytest
@@ -75,11 +77,31 @@ def postgres_server_url() -> Iterator[str]:
             yield embedded_url
 
 
+def xdist_worker_index() -> int | None:
+    """This process's index among pytest-xdist's workers (`make test` runs two), None when run alone."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else None
+
+
+def _redis_database_of_this_worker(url: str) -> str:
+    """`url` with a logical database of this xdist worker's own (the URL's, plus the worker's index + 1,
+    within Redis's default 16): tests read the hint stream and would see another worker's hints."""
+    index = xdist_worker_index()
+    if index is None:
+        return url
+    parsed = urlparse(url)
+    base = int(parsed.path.lstrip("/") or 0)
+    database = base + index + 1
+    if database >= 16:
+        raise pytest.UsageError(f"redis database {database} for xdist worker gw{index}: run at most {15 - base} workers")
+    return urlunparse(parsed._replace(path=f"/{database}"))
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("OPENLORA_TEST_REDIS_URL")
     if url:
-        yield url
+        yield _redis_database_of_this_worker(url)
         return
     from openlora.embedded import EmbeddedRedis
 
@@ -125,6 +147,19 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (training it takes most of a minute) and only read by the tests."""
     from data_plane.demo import write_demo_model
 
-    out = tmp_path_factory.mktemp("demo-model")
-    write_demo_model(out)
+    if xdist_worker_index() is None:
+        out = tmp_path_factory.mktemp("demo-model")
+        write_demo_model(out)
+        return out
+    # Under xdist the workers share one copy, written by the first to get here (the directory above each
+    # worker's basetemp is the run's): training it twice at once on two cores took twice as long each.
+    shared = tmp_path_factory.getbasetemp().parent
+    out = shared / "demo-model"
+    with open(shared / "demo-model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        written = shared / "demo-model.complete"
+        if not written.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            write_demo_model(out)
+            written.write_text("ok\n")
     return out

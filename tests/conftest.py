@@ -93,7 +93,9 @@ def _redis_database_of_this_worker(url: str) -> str:
     base = int(parsed.path.lstrip("/") or 0)
     database = base + index + 1
     if database >= 16:
-        raise pytest.UsageError(f"redis database {database} for xdist worker gw{index}: run at most {15 - base} workers")
+        raise pytest.UsageError(
+            f"redis database {database} for xdist worker gw{index}: run at most {15 - base} workers"
+        )
     return urlunparse(parsed._replace(path=f"/{database}"))
 
 

@@ -29,11 +29,11 @@ static inline int64_t segment_cols(int64_t num_cols, const int64_t *ranks, int64
     return cols < num_cols ? cols : num_cols;
 }
 
-/* u rows start..end, columns c0..c1 of one segment. */
-static void shrink_block(const float *x, int64_t x_rs, int64_t k_len, const float *a, int64_t a_rs, int64_t start,
-                         int64_t end, int64_t c0, int64_t c1, float *u, int64_t u_rs) {
-    for (int64_t t0 = start; t0 < end; t0 += SHRINK_ROWS) {
-        const int64_t rows = end - t0 < SHRINK_ROWS ? end - t0 : SHRINK_ROWS;
+/* u rows 0..rows (x and u pointing at a segment's first row), columns c0..c1 of one segment. */
+static void shrink_block(const float *x, int64_t x_rs, int64_t k_len, const float *a, int64_t a_rs, int64_t rows_total,
+                         int64_t c0, int64_t c1, float *u, int64_t u_rs) {
+    for (int64_t t0 = 0; t0 < rows_total; t0 += SHRINK_ROWS) {
+        const int64_t rows = rows_total - t0 < SHRINK_ROWS ? rows_total - t0 : SHRINK_ROWS;
         for (int64_t c = c0; c < c1; c++) {
             const float *w = a + c * a_rs;
             float sums[SHRINK_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -65,8 +65,8 @@ void openlora_sgmv_shrink(const float *x, int64_t x_rs, int64_t k_len, const flo
         for (int64_t g = 0; g < num_segments; g++) {
             const int64_t cols = segment_cols(num_cols, ranks, g, rank_columns);
             for (int64_t c0 = 0; c0 < cols; c0 += SHRINK_COLS)
-                shrink_block(x, x_rs, k_len, a + slots[g] * a_ss, a_rs, starts[g], ends[g], c0,
-                             c0 + SHRINK_COLS < cols ? c0 + SHRINK_COLS : cols, u, u_rs);
+                shrink_block(x + starts[g] * x_rs, x_rs, k_len, a + slots[g] * a_ss, a_rs, ends[g] - starts[g], c0,
+                             c0 + SHRINK_COLS < cols ? c0 + SHRINK_COLS : cols, u + starts[g] * u_rs, u_rs);
         }
         return;
     }
@@ -78,7 +78,8 @@ void openlora_sgmv_shrink(const float *x, int64_t x_rs, int64_t k_len, const flo
             const int64_t c0 = b * SHRINK_COLS;
             if (c0 >= cols) continue;
             const int64_t c1 = c0 + SHRINK_COLS < cols ? c0 + SHRINK_COLS : cols;
-            shrink_block(x, x_rs, k_len, a + slots[g] * a_ss, a_rs, starts[g], ends[g], c0, c1, u, u_rs);
+            shrink_block(x + starts[g] * x_rs, x_rs, k_len, a + slots[g] * a_ss, a_rs, ends[g] - starts[g], c0, c1,
+                         u + starts[g] * u_rs, u_rs);
         }
     }
 }
@@ -155,4 +156,46 @@ void openlora_sgmv_expand(const float *u, int64_t u_rs, int64_t u_cs, const floa
         for (int64_t tile = 0; tile < tiles; tile++)
             expand_tiles(u, u_rs, u_cs, b, b_ss, b_os, b_cs, out_len, scale, starts[g], ends[g], slots[g],
                          segment_cols(num_cols, ranks, g, 1), tile, tile + 1, y, y_rs);
+}
+
+#define FUSED_ROWS 32 /* rows of a segment whose u one work item of the fused path holds at once */
+
+/* A projection's whole LoRA in one call: the shrink, then the expand of each of `num_slices` slices (b, its
+ * strides, out_len, the first column of y it writes and scale given per slice, their addresses as int64);
+ * slice_ids[i] is the slice's place in a's rank-interleaved columns (of num_slices_all), b_cols[i] its
+ * pool's columns. With enough segments each work item takes a whole segment: u stays on its stack, between
+ * the reads of its adapter's A and B. Else the shrink fills `u` (T, num_cols, any contents before) and the
+ * expands read it, each shared out over columns or tiles as above. */
+void openlora_sgmv_lora(const float *x, int64_t x_rs, int64_t k_len, const float *a, int64_t a_ss, int64_t a_rs,
+                        int64_t num_cols, int64_t num_slices_all, int64_t num_slices, const int64_t *slice_ids,
+                        const int64_t *b_addrs, const int64_t *b_ss, const int64_t *b_os, const int64_t *b_cs,
+                        const int64_t *b_cols, const int64_t *out_lens, const int64_t *y_cols,
+                        const int64_t *scale_addrs, const int64_t *starts, const int64_t *ends, const int64_t *slots,
+                        const int64_t *ranks, int64_t num_segments, float *u, float *y, int64_t y_rs, int threads) {
+    if (!by_segment(num_segments, threads)) {
+        openlora_sgmv_shrink(x, x_rs, k_len, a, a_ss, a_rs, starts, ends, slots, ranks, num_segments, num_slices_all,
+                             u, num_cols, num_cols, threads);
+        for (int64_t i = 0; i < num_slices; i++)
+            openlora_sgmv_expand(u + slice_ids[i], num_cols, num_slices_all, (const float *)b_addrs[i], b_ss[i], b_os[i],
+                                 b_cs[i], out_lens[i], (const float *)scale_addrs[i], starts, ends, slots, ranks,
+                                 num_segments, b_cols[i], y + y_cols[i], y_rs, threads);
+        return;
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t g = 0; g < num_segments; g++) {
+        float us[FUSED_ROWS * MAX_COLS];
+        const int64_t cols = segment_cols(num_cols, ranks, g, num_slices_all);
+        for (int64_t t0 = starts[g]; t0 < ends[g]; t0 += FUSED_ROWS) {
+            const int64_t rows = ends[g] - t0 < FUSED_ROWS ? ends[g] - t0 : FUSED_ROWS;
+            for (int64_t c0 = 0; c0 < cols; c0 += SHRINK_COLS)
+                shrink_block(x + t0 * x_rs, x_rs, k_len, a + slots[g] * a_ss, a_rs, rows, c0,
+                             c0 + SHRINK_COLS < cols ? c0 + SHRINK_COLS : cols, us, cols);
+            for (int64_t i = 0; i < num_slices; i++) {
+                const int64_t tiles = (out_lens[i] + EXPAND_TILE - 1) / EXPAND_TILE;
+                expand_tiles(us + slice_ids[i], cols, num_slices_all, (const float *)b_addrs[i], b_ss[i], b_os[i],
+                             b_cs[i], out_lens[i], (const float *)scale_addrs[i], 0, rows, slots[g],
+                             segment_cols(b_cols[i], ranks, g, 1), 0, tiles, y + t0 * y_rs + y_cols[i], y_rs);
+            }
+        }
+    }
 }

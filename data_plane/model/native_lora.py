@@ -7,6 +7,8 @@ kernels' dot products.
 
     native = NativeLora.plan(seg_bounds, seg_slots, slot_ranks, num_slots, kernels)  # once per step
     native.add(x, y, lora_a, lora_b, lora_scale, slices, slice_bounds)              # per projection
+
+Every short segment of a projection, shrink and each slice's expand, is one call (`NativeKernels.sgmv_lora`).
 """
 
 from __future__ import annotations
@@ -65,20 +67,21 @@ class NativeLora:
 
         lora_a (S, R * n, in) rank-interleaved over the n slices, lora_b[i] (S, out_i, R), lora_scale
         (n, S) float32; slice i writes columns ``slice_bounds[i]`` of y."""
+        x = x.contiguous()
+        if self.short.count:
+            self.kernels.sgmv_lora(x, lora_a, lora_b, lora_scale, self.short, y, slices, slice_bounds)
+        if not self.long:
+            return
         n = len(lora_b)
         max_rank = lora_a.shape[1] // n
-        x = x.contiguous()
-        u = self.kernels.sgmv_shrink(x, lora_a, self.short, rank_columns=n) if self.short.count else None
         # A long segment's shrink: one matmul over its rank's columns of every slice (rank-interleaved).
         long_u = [
             x[row0:row1] @ lora_a[slot, : min(rank, max_rank) * n].T for row0, row1, slot, rank in self.long
         ]
-        scales = lora_scale.tolist() if self.long else None
+        scales = lora_scale.tolist()
         for i in slices:
             start, end = slice_bounds[i]
             y_i = y if n == 1 else y[:, start:end]
-            if u is not None:  # slice i's ranks are every n-th column of u
-                self.kernels.sgmv_expand(u[:, i::n], lora_b[i], lora_scale[i], self.short, y_i)
             for (row0, row1, slot, rank), u_long in zip(self.long, long_u, strict=True):
                 k = min(rank, max_rank)
                 y_i[row0:row1].addmm_(u_long[:, i::n], lora_b[i][slot, :, :k].T, alpha=scales[i][slot])

@@ -42,6 +42,8 @@ def _expected(x, lora_a, lora_b, scale, y0, bounds, slots, ranks, n, slices):
 LAYOUTS = {
     # (segment lengths, slots; -1: no adapter)
     "decode, one row per slot": ([1] * 12, [7, 2, 9, 0, 11, 4, 3, 10, 1, 8, 5, 6]),
+    # enough segments that every work item takes a whole segment at up to 10 threads
+    "decode, many rows per slot": ([1] * 40, [(7 * i) % 12 for i in range(40)]),
     "decode, popular adapters together": ([9, 1, 4, 1, 2, 1, 1], [3, 0, 5, 11, 2, 7, 9]),
     "prompt chunk among decodes": ([MAX_NATIVE_SEGMENT_ROWS + 7, 1, 3, 1], [4, 0, 8, 2]),
     "rows without an adapter": ([2, 3, 1, 4, 1], [-1, 6, -1, 1, 10]),
@@ -133,3 +135,98 @@ def test_tensors_the_kernels_cannot_read_as_assumed_are_refused(cpu_kernels):
             call()
             pytest.fail(f"{what} was accepted")
     assert torch.equal(y, torch.zeros(3, 8))  # nothing was written by a refused call
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("count", [3, 40], ids=["few segments", "a segment per work item"])
+def test_one_call_gives_the_sums_of_separate_shrink_and_expand_calls(cpu_kernels, threads, count):
+    """`sgmv_lora` runs a projection's shrink and every slice's expand in one call, a whole segment per work
+    item when there are enough of them (u on the work item's stack), else the shrink and the expands shared
+    out over columns and tiles: both give exactly the floats of separate `sgmv_shrink` / `sgmv_expand` calls
+    (the same sums in the same order), and the float64 product."""
+    gen = torch.Generator().manual_seed(count)
+    outs, n, num_slots, max_rank, h_in = (24, 8, 8), 3, 12, 8, 40
+    ranks = [8, 2, 4, 8, 1, 4, 3, 8, 5, 6, 7, 2]
+    lengths = [1 + (i % 3) for i in range(count)]
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    slots = [(5 * i) % num_slots for i in range(count)]
+    x = torch.randn(bounds[-1], h_in, generator=gen)
+    lora_a = torch.randn(num_slots, max_rank * n, h_in, generator=gen)
+    lora_b = [torch.randn(num_slots, out, max_rank, generator=gen).transpose(1, 2).contiguous().transpose(1, 2)
+              for out in outs]  # fmt: skip
+    scale = torch.rand(n, num_slots, generator=gen)
+    y0 = torch.randn(bounds[-1], sum(outs), generator=gen)
+    segments = NativeSegments(
+        [(bounds[g], bounds[g + 1], slot, ranks[slot]) for g, slot in enumerate(slots)], bounds[-1], num_slots
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one_call = y0.clone()
+        cpu_kernels.sgmv_lora(x, lora_a, lora_b, scale, segments, one_call, range(n), _bounds(outs))
+        separate = y0.clone()
+        u = cpu_kernels.sgmv_shrink(x, lora_a, segments, rank_columns=n)
+        for i, (start, end) in enumerate(_bounds(outs)):
+            cpu_kernels.sgmv_expand(u[:, i::n], lora_b[i], scale[i], segments, separate[:, start:end])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one_call, separate)
+    expected = _expected(x, lora_a, lora_b, scale, y0, bounds, slots, ranks, n, range(n))
+    torch.testing.assert_close(one_call.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_what_the_one_call_cannot_read_as_assumed_is_refused(cpu_kernels):
+    from data_plane.model.quant.native import SGMV_MAX_COLS
+
+    segments = NativeSegments([(0, 2, 1, 4), (2, 3, 3, 4)], num_rows=3, num_slots=4)
+    x, a = torch.randn(3, 16), torch.randn(4, 8, 16)  # two slices of rank 4
+    b = [torch.randn(4, 8, 4), torch.randn(4, 6, 4)]
+    scale, y, bounds = torch.rand(2, 4), torch.zeros(3, 14), [(0, 8), (8, 14)]
+
+    def call(x=x, a=a, b=b, scale=scale, y=y, slices=range(2), bounds=bounds):
+        cpu_kernels.sgmv_lora(x, a, b, scale, segments, y, slices, bounds)
+
+    refusals = {
+        "x of other rows": lambda: call(x=torch.randn(2, 16)),
+        "x of other width": lambda: call(x=torch.randn(3, 15)),
+        "y of other rows": lambda: call(y=torch.zeros(2, 14)),
+        "y with strided columns": lambda: call(y=torch.zeros(14, 3).T),
+        "a wider than the kernels' u": lambda: call(a=torch.randn(4, SGMV_MAX_COLS + 2, 16)),
+        "a of columns that are no whole ranks": lambda: call(a=torch.randn(4, 7, 16)),
+        "a with fewer slots": lambda: call(a=a[:3]),
+        "b wider than its share of a": lambda: call(b=[torch.randn(4, 8, 5), b[1]]),
+        "b of fewer slots": lambda: call(b=[b[0][:3], b[1]]),
+        "b of other outputs than its columns of y": lambda: call(b=[torch.randn(4, 9, 4), b[1]]),
+        "columns of y past its width": lambda: call(bounds=[(0, 8), (10, 16)]),
+        "b strided both ways": lambda: call(b=[torch.randn(4, 16, 8)[:, ::2, ::2], b[1]]),
+        "scale of other slots": lambda: call(scale=torch.rand(2, 3)),
+        "scale of other slices": lambda: call(scale=torch.rand(4)),
+        "scale in float64": lambda: call(scale=scale.double()),
+        "a slice past the pools": lambda: call(slices=[0, 2]),
+    }
+    for what, refused in refusals.items():
+        with pytest.raises(ValueError):
+            refused()
+            pytest.fail(f"{what} was accepted")
+    assert torch.equal(y, torch.zeros(3, 14))  # nothing was written by a refused call
+
+
+def test_the_one_call_works_while_a_model_is_built_on_the_meta_device(cpu_kernels):
+    """The loader builds models under `torch.device("meta")`, and the library's first use (its check at
+    load) may come then: a tensor the call makes for the C code without naming the CPU was a meta tensor,
+    whose address 0 the C code read."""
+    gen = torch.Generator().manual_seed(5)
+    segments = NativeSegments([(0, 1, 0, 2), (1, 3, 1, 2)], num_rows=3, num_slots=2)
+    x, a, b = (
+        torch.randn(3, 8, generator=gen),
+        torch.randn(2, 2, 8, generator=gen),
+        torch.randn(2, 4, 2, generator=gen),
+    )
+    scale = torch.ones(1, 2)
+    y = torch.zeros(3, 4)
+    with torch.device("meta"):
+        cpu_kernels.sgmv_lora(x, a, [b], scale, segments, y, range(1), [(0, 4)])
+    expected = _expected(x, a, [b], scale, torch.zeros(3, 4), [0, 1, 3], [0, 1], [2, 2], 1, range(1))
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)

@@ -181,6 +181,68 @@ class NativeKernels:
             y.data_ptr(), y.stride(0), torch.get_num_threads(),
         )  # fmt: skip
 
+    def sgmv_lora(
+        self,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: list[torch.Tensor],
+        lora_scale: torch.Tensor,
+        segments: NativeSegments,
+        y: torch.Tensor,
+        slices: list[int] | range,
+        slice_bounds: list[tuple[int, int]],
+    ) -> None:
+        """`sgmv_shrink` then `sgmv_expand` of each of ``slices`` in one call: y (T, O) columns
+        ``slice_bounds[i]`` += scale[i, slot] * (x @ lora_a[slot, i::n].T) @ lora_b[i][slot].T over each
+        segment's rows and its rank's columns. lora_a (S, R * n, K) rank-interleaved over the n slices,
+        lora_b[i] (S, O_i, R) either dimension contiguous, lora_scale (n, S) float32. With many segments a
+        work item takes a whole segment (`openlora_sgmv_lora` in sgmv_cpu.c): its u never leaves the
+        stack, and a step's projection is one call instead of one per slice."""
+        _check_rows("x", x, segments.num_rows)
+        _check_rows("y", y, segments.num_rows, last_contiguous=True)
+        _check_pool("lora_a", lora_a, segments, last_contiguous=True)
+        n, (num_slots, num_cols, k_len) = len(lora_b), lora_a.shape
+        if k_len != x.shape[1] or num_cols > SGMV_MAX_COLS or num_cols % max(n, 1):
+            raise ValueError(
+                f"lora_a {list(lora_a.shape)} does not fit x {list(x.shape)} and {n} slices "
+                f"(at most {SGMV_MAX_COLS} columns)"
+            )
+        if (
+            lora_scale.dtype != torch.float32
+            or not lora_scale.is_contiguous()
+            or tuple(lora_scale.shape) != (n, num_slots)
+        ):
+            raise ValueError(f"lora_scale must be contiguous float32 ({n}, {num_slots})")
+        table = []
+        for i in slices:
+            if not 0 <= i < n or not 0 <= i < len(slice_bounds):
+                raise ValueError(f"slice {i} of {n}")
+            b, (start, end) = lora_b[i], slice_bounds[i]
+            contiguous_dim = 1 if b.dim() == 3 and b.stride(1) == 1 else 2
+            _check_pool("lora_b", b, segments, last_contiguous=contiguous_dim == 2)
+            if b.shape[0] != num_slots or b.shape[2] * n > num_cols or not 0 <= start <= end <= y.shape[1]:
+                raise ValueError(f"lora_b[{i}] {list(b.shape)} does not fit lora_a {list(lora_a.shape)}")
+            if b.shape[1] != end - start:
+                raise ValueError(f"lora_b[{i}] has {b.shape[1]} outputs, its columns of y {end - start}")
+            table.append(
+                (i, b.data_ptr(), *b.stride(), b.shape[2], end - start, start, lora_scale[i].data_ptr())
+            )
+        if not table or not segments.count:
+            return
+        u = torch.empty(x.shape[0], num_cols, dtype=torch.float32, device="cpu")
+        fields = torch.tensor(
+            table, dtype=torch.int64, device="cpu"
+        ).T.contiguous()  # (9, slices): a row a field
+        row = fields.stride(0) * fields.element_size()
+        ids, b_addrs, b_ss, b_os, b_cs, b_cols, out_lens, y_cols, scales = (
+            fields.data_ptr() + j * row for j in range(9)
+        )
+        self.library.openlora_sgmv_lora(
+            x.data_ptr(), x.stride(0), k_len, lora_a.data_ptr(), lora_a.stride(0), lora_a.stride(1), num_cols, n,
+            len(table), ids, b_addrs, b_ss, b_os, b_cs, b_cols, out_lens, y_cols, scales, *segments.pointers(),
+            u.data_ptr(), y.data_ptr(), y.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+
 
 # The widest lora_b (columns: rank) `sgmv_expand` takes: MAX_COLS of sgmv_cpu.c.
 SGMV_MAX_COLS = 512
@@ -504,6 +566,11 @@ def _bind(library: ctypes.CDLL, path: Path, cached: bool) -> NativeKernels:
         ptr, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int
     ]  # fmt: skip
     library.openlora_sgmv_expand.restype = None
+    library.openlora_sgmv_lora.argtypes = [
+        ptr, i64, i64, ptr, i64, i64, i64, i64, i64, *[ptr] * 9, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64,
+        ctypes.c_int,
+    ]  # fmt: skip
+    library.openlora_sgmv_lora.restype = None
     library.openlora_int4_vector_bits.argtypes = []
     library.openlora_int4_vector_bits.restype = ctypes.c_int
     return NativeKernels(library, path, library.openlora_int4_vector_bits(), cached)
@@ -631,13 +698,34 @@ def _sgmv_checks(kernel: NativeKernels, g: torch.Generator) -> list[tuple[str, t
         )
     u = kernel.sgmv_shrink(x, a, segments, rank_columns=n)
     results = []
-    for layout, pool in (
+    for b_layout, pool in (
         ("(S, O, R)", b),
         ("outputs contiguous", b.transpose(1, 2).contiguous().transpose(1, 2)),
     ):
         y = torch.zeros(rows, out, device="cpu")
         kernel.sgmv_expand(u[:, 1::n], pool, scale, segments, y)
-        results.append((f"SGMV, B {layout}", y, want))
+        results.append((f"SGMV, B {b_layout}", y, want))
+    # The one-call path, over these few segments (shrink, then expands) and over enough one-row segments
+    # that each work item takes a whole segment at this thread count.
+    many = 4 * torch.get_num_threads() + 1
+    for name, segs, num_rows in (
+        ("few segments", layout, rows),
+        ("by segment", [(t, t + 1, t % slots, 3 + t % 6) for t in range(many)], many),
+    ):
+        x = torch.randn(num_rows, k, generator=g, device="cpu")
+        want = torch.zeros(num_rows, 2 * out, dtype=torch.float64, device="cpu")
+        for start, end, slot, rank in segs:
+            for i in range(n):
+                slice_a = a[slot, : rank * n].view(rank, n, k)[:, i].double()
+                want[start:end, i * out : (i + 1) * out] = scale[slot].double() * (
+                    x[start:end].double() @ slice_a.T @ b[slot, :, :rank].double().T
+                )
+        y = torch.zeros(num_rows, 2 * out, device="cpu")
+        scales = torch.stack([scale, scale]).contiguous()
+        pools = [b, b.transpose(1, 2).contiguous().transpose(1, 2)]
+        segments = NativeSegments(segs, num_rows, slots)
+        kernel.sgmv_lora(x, a, pools, scales, segments, y, range(n), [(0, out), (out, 2 * out)])
+        results.append((f"SGMV in one call, {name}", y, want))
     return results
 
 

@@ -187,8 +187,7 @@ class EmbeddedPostgres(_EmbeddedServer):
         try:
             entry = pwd.getpwnam(PG_SYSTEM_USER)
         except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", PG_SYSTEM_USER], check=True)
-            entry = pwd.getpwnam(PG_SYSTEM_USER)
+            entry = _add_system_user(PG_SYSTEM_USER)
         self._uid, self._gid = entry.pw_uid, entry.pw_gid
         try:
             self._bin = reachable_install(self._install_dir, self._install_cache_dir) / "bin"
@@ -397,3 +396,22 @@ class EmbeddedRedis(_EmbeddedServer):
             last_error = _log_tail(self.log_path)
             _stop_process(process, self._stop_signal)
         raise EmbeddedServerError(f"redis did not start:\n{last_error}")
+
+
+def _add_system_user(name: str) -> pwd.struct_passwd:
+    """Creates the system user `name` (useradd); another process creating it at the same moment (two
+    embedded servers starting at once: `make test`'s two workers on a fresh machine, two `up`s) is no
+    failure: useradd then says the name is in use, and the user exists."""
+    try:
+        added = subprocess.run(
+            ["useradd", "--system", "--no-create-home", name], capture_output=True, text=True, check=False
+        )
+    except OSError as e:
+        raise EmbeddedServerError(f"cannot create the system user {name} to run PostgreSQL as: {e}") from e
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        said = added.stderr.strip() or f"exit status {added.returncode}"
+        raise EmbeddedServerError(
+            f"cannot create the system user {name} to run PostgreSQL as: {said}"
+        ) from None

@@ -192,3 +192,18 @@ def test_install_copy_refuses_a_cache_others_can_write_or_cannot_enter(tmp_path:
     with pytest.raises(PermissionError, match=f"cannot enter {closed}"):
         reachable_install(install_dir, closed / "cache")
     assert closed.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_system_user_another_process_just_created_is_used_and_a_failed_creation_names_its_cause():
+    """Under root the embedded PostgreSQL runs as a system user created on first use; two servers starting
+    at once on a fresh machine (`make test`'s two workers, two `up`s) both found it missing, and the one
+    whose useradd lost the race failed its whole start. A useradd that fails because the name is taken
+    now yields the existing user; one that fails otherwise is an EmbeddedServerError with useradd's words."""
+    import pwd
+
+    from openlora.embedded import EmbeddedServerError, _add_system_user
+
+    existing = pwd.getpwuid(os.getuid()).pw_name  # useradd refuses it: taken (or, not as root, not allowed)
+    assert _add_system_user(existing).pw_uid == os.getuid()
+    with pytest.raises(EmbeddedServerError, match="cannot create the system user bad:name"):
+        _add_system_user("bad:name")

@@ -470,3 +470,35 @@ def test_a_request_with_two_keys_or_two_body_framings_is_refused(http_worker, te
     answer = _raw_completion(http_worker, headers.format(key=tenant[2]), b"{}")
     assert answer.startswith("HTTP/1.1 400"), answer[:200]
     assert words in answer
+
+
+def test_an_absolute_form_request_target_is_served_as_its_path(http_worker, tenant):
+    """A client sent through a proxy URL, or one that just writes it so, names the whole URL in the request
+    line (`GET http://host:port/v1/models HTTP/1.1`); HTTP/1.1 servers must accept that form, and the API
+    answered 404 to it. Its path and query are served as in origin form; the scheme is matched in any
+    case, and an authority with no path stands for "/"."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(http_worker.base_url)
+    _, _, secret = tenant
+
+    def answer(target: str) -> str:
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+            sock.sendall(
+                f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+        return data.decode(errors="replace")
+
+    for scheme, path in (("http", "/models"), ("HTTP", "/models?limit=1")):
+        origin = answer(f"{url.path}{path}")
+        absolute = answer(f"{scheme}://{url.netloc}{url.path}{path}")
+        assert origin.startswith("HTTP/1.1 200"), origin[:300]
+        assert absolute.startswith("HTTP/1.1 200"), (path, absolute[:300])
+        assert absolute.split("\r\n\r\n", 1)[1] == origin.split("\r\n\r\n", 1)[1]
+    assert answer(f"http://{url.netloc}").startswith("HTTP/1.1 404")  # "/": no route there, as in origin form
+    assert answer("/").startswith("HTTP/1.1 404")

@@ -61,6 +61,7 @@ class _ChunkCountingConnection(h11.Connection):
         event = super().next_event()
         if isinstance(event, h11.Request):
             self._num_body_chunks = 0
+            event = _origin_form(event)
         elif isinstance(event, h11.Data) and event.chunk_start:
             self._num_body_chunks += 1
             if self._num_body_chunks > MAX_BODY_CHUNKS:
@@ -70,6 +71,22 @@ class _ChunkCountingConnection(h11.Connection):
                     error_status_hint=400,
                 )
         return event
+
+
+def _origin_form(request: h11.Request) -> h11.Request:
+    """The request with an absolute-form target (`GET http://host:8000/v1/models`, as a client configured
+    with a proxy URL sends it) as its path and query: every HTTP/1.1 server must accept that form (RFC 9112,
+    3.2.2), and uvicorn routed the whole URL as a path (404). Other targets are left as they are."""
+    target = request.target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return request
+    cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    path = rest[cut:]
+    path = b"/" + path if not path.startswith(b"/") else path
+    return h11.Request(
+        method=request.method, target=path, headers=request.headers, http_version=request.http_version
+    )
 
 
 class _LingeringTransport:

@@ -162,19 +162,13 @@ class NativeKernels:
         _check_rows("y", y, segments.num_rows, last_contiguous=True)
         if u.dim() != 2 or u.dtype != torch.float32 or u.device.type != "cpu" or u.shape[0] != y.shape[0]:
             raise ValueError(f"u must be float32 ({y.shape[0]}, C) on the CPU, got {u.dtype} {list(u.shape)}")
-        contiguous_dim = 1 if lora_b.dim() == 3 and lora_b.stride(1) == 1 else 2
-        _check_pool("lora_b", lora_b, segments, last_contiguous=contiguous_dim == 2)
+        _check_b_pool("lora_b", lora_b, segments)
         if lora_b.shape[1] != y.shape[1] or lora_b.shape[2] > u.shape[1] or lora_b.shape[2] > SGMV_MAX_COLS:
             raise ValueError(
                 f"lora_b {list(lora_b.shape)} does not fit u {list(u.shape)} and y {list(y.shape)} "
                 f"(at most {SGMV_MAX_COLS} columns)"
             )
-        if (
-            scale.dtype != torch.float32
-            or not scale.is_contiguous()
-            or tuple(scale.shape) != (lora_b.shape[0],)
-        ):
-            raise ValueError(f"scale must be contiguous float32 ({lora_b.shape[0]},)")
+        _check_scale("scale", scale, (lora_b.shape[0],))
         self.library.openlora_sgmv_expand(
             u.data_ptr(), u.stride(0), u.stride(1), lora_b.data_ptr(), lora_b.stride(0), lora_b.stride(1),
             lora_b.stride(2), lora_b.shape[1], scale.data_ptr(), *segments.pointers(), lora_b.shape[2],
@@ -207,19 +201,13 @@ class NativeKernels:
                 f"lora_a {list(lora_a.shape)} does not fit x {list(x.shape)} and {n} slices "
                 f"(at most {SGMV_MAX_COLS} columns)"
             )
-        if (
-            lora_scale.dtype != torch.float32
-            or not lora_scale.is_contiguous()
-            or tuple(lora_scale.shape) != (n, num_slots)
-        ):
-            raise ValueError(f"lora_scale must be contiguous float32 ({n}, {num_slots})")
+        _check_scale("lora_scale", lora_scale, (n, num_slots))
         table = []
         for i in slices:
             if not 0 <= i < n or not 0 <= i < len(slice_bounds):
                 raise ValueError(f"slice {i} of {n}")
             b, (start, end) = lora_b[i], slice_bounds[i]
-            contiguous_dim = 1 if b.dim() == 3 and b.stride(1) == 1 else 2
-            _check_pool("lora_b", b, segments, last_contiguous=contiguous_dim == 2)
+            _check_b_pool(f"lora_b[{i}]", b, segments)
             if b.shape[0] != num_slots or b.shape[2] * n > num_cols or not 0 <= start <= end <= y.shape[1]:
                 raise ValueError(f"lora_b[{i}] {list(b.shape)} does not fit lora_a {list(lora_a.shape)}")
             if b.shape[1] != end - start:
@@ -285,6 +273,16 @@ def _check_rows(name: str, t: torch.Tensor, num_rows: int, last_contiguous: bool
             f"{name} must be float32 ({num_rows}, N) on the CPU, rows contiguous; got {t.dtype} "
             f"{list(t.shape)} strides {t.stride()}"
         )
+
+
+def _check_b_pool(name: str, pool: torch.Tensor, segments: NativeSegments) -> None:
+    """A B pool (S, O, R) with either its outputs (the CPU pools' layout) or its ranks contiguous."""
+    _check_pool(name, pool, segments, last_contiguous=not (pool.dim() == 3 and pool.stride(1) == 1))
+
+
+def _check_scale(name: str, scale: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if scale.dtype != torch.float32 or not scale.is_contiguous() or tuple(scale.shape) != shape:
+        raise ValueError(f"{name} must be contiguous float32 {shape}")
 
 
 def _check_pool(name: str, pool: torch.Tensor, segments: NativeSegments, last_contiguous: bool) -> None:

@@ -1,6 +1,6 @@
 """Decode attention benchmark: the paged decode paths of `kernels.paged_attention` at decode shapes.
 
-    python -m benchmarks.attention_bench                  # CPU: the torch paths at the bench model's shapes
+    python -m benchmarks.attention_bench                  # CPU: the torch paths and the native kernel
     python -m benchmarks.attention_bench --quick          # CPU, fewer repeats: checks the code paths run
     python -m benchmarks.attention_bench --device cuda    # CUDA: the Triton kernel against gather_sdpa
 
@@ -128,11 +128,24 @@ def time_cuda_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def native_path(kernels, q, k_cache, v_cache, block_tables, context_lens, scale, *, max_context_len=None):
+    """attention_cpu.c's kernel; its tables' checks (done once per step in the engine, for every layer) are
+    timed with each call here."""
+    tables = kernels.decode_tables(block_tables, context_lens)
+    return kernels.paged_decode(q, k_cache, v_cache, tables, scale)
+
+
 def candidates(device: str) -> dict:
     from kernels import paged_attention
 
     if device == "cpu":
-        return dict(paged_attention.CPU_PATHS)
+        paths = dict(paged_attention.CPU_PATHS)
+        from data_plane.model.quant.native import native_kernels
+
+        kernels = native_kernels()
+        if kernels is not None:
+            paths["native"] = functools.partial(native_path, kernels)
+        return paths
     from kernels.triton_ops.paged_decode import paged_decode_attention
 
     return {"gather_sdpa": paged_attention.gather_sdpa, "triton": paged_decode_attention}

@@ -21,7 +21,7 @@ from data_plane.model.llama import LlamaForCausalLM
 from data_plane.model.lora_linear import SlotWrites
 from data_plane.model.metadata import LoraSegments, PrefillSpan, StepMetadata
 from data_plane.model.native_lora import NativeLora
-from data_plane.model.quant.native import native_kernels
+from data_plane.model.quant.native import attention_shape_problem, native_kernels
 from openlora.base_model import PROJECTIONS
 
 
@@ -113,6 +113,16 @@ class ModelRunner:
         # reference serves then); used on steps whose OPENLORA_KERNELS is auto.
         self._native_sgmv = (
             native_kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
+        )
+        # Its decode attention too (float32 caches in the shapes attention_cpu.c takes), read in place
+        # through the block tables instead of the torch path's gathered copies; on auto steps as well.
+        self._native_attention = (
+            self._native_sgmv
+            if attention_shape_problem(
+                spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim, block_size
+            )
+            is None
+            else None
         )
         self.slot_ranks = [0] * num_adapter_slots
         self.slot_targets: list[frozenset[str]] = [frozenset()] * num_adapter_slots  # PEFT modules adapted
@@ -256,6 +266,8 @@ class ModelRunner:
             meta.decode_block_tables = tables_t.view(num_decode, max_blocks)
             meta.decode_context_lens = lens_t
             meta.max_decode_context_len = max(decode_lens)
+            if not use_triton and self._native_attention is not None and choice == "auto":
+                meta.native_decode = self._native_attention.decode_tables(meta.decode_block_tables, lens_t)
         used_slots = [s for s in seg_slots if s >= 0]
         if used_slots:
             seg_indptr_t, seg_slots_t = self._int32.pack([seg_indptr, seg_slots])

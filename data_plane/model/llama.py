@@ -225,6 +225,7 @@ class Attention(nn.Module):
                 use_triton=meta.use_triton,
                 max_context_len=meta.max_decode_context_len,
                 window=self.window,
+                native=meta.native_decode,
             )  # (D, heads, head_dim)
         return self.o_proj(out.view(num_rows, -1), meta.lora)
 

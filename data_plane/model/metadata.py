@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from data_plane.model.native_lora import NativeLora
+from data_plane.model.quant.native import NativeDecodeTables
 from kernels import SegmentPlan
 
 
@@ -54,3 +55,6 @@ class StepMetadata:
     max_decode_context_len: int  # the longest of them, known on the host (0 without decode rows)
     use_triton: bool  # Triton kernels for this step (`kernels.use_triton`, read once per step)
     lora: LoraSegments | None  # None when no row of the step uses an adapter
+    # The decode rows' tables checked for the CPU's native decode attention (float32 caches,
+    # `OPENLORA_KERNELS` auto); None: `kernels.paged_attention`'s torch or Triton path.
+    native_decode: NativeDecodeTables | None = None

@@ -1,5 +1,6 @@
-"""Paged decode attention: the Triton kernel (on the CPU through the Triton interpreter) and the CPU torch
-paths against a per-sequence float64 reference written from the definition.
+"""Paged decode attention: the Triton kernel (on the CPU through the Triton interpreter), the CPU torch
+paths and the CPU's native kernel (kernels/attention_cpu.c, float32) against a per-sequence float64
+reference written from the definition.
 
 Grid: dtype x GQA ratio (1, 4, 8) x head_dim (64, 128) on a batch whose contexts are 1, block_size - 1,
 block_size and many blocks long; then a block size smaller than a tile and not a power of two, strided q,
@@ -16,6 +17,8 @@ import zlib
 import pytest
 import torch
 
+from data_plane.model.quant import native as native_module
+from data_plane.model.quant.native import native_kernels, native_kernels_problem
 from kernels import paged_attention
 from kernels.checks import KernelArgumentError
 from kernels.triton_ops import paged_decode
@@ -242,11 +245,13 @@ def with_window(case, window):
 
 
 def run_path(path, case, **options):
+    if path == "native":
+        return native(**case)
     fn = paged_attention.CPU_PATHS.get(path)
     return fn(**case, **options) if fn else paged_decode.paged_decode_attention(**case, **options)
 
 
-@pytest.mark.parametrize("path", ["triton", *paged_attention.CPU_PATHS])
+@pytest.mark.parametrize("path", ["triton", "native", *paged_attention.CPU_PATHS])
 # 1: the query alone; 5, 16, 21: shorter than most contexts, 16 on a block edge; 83: the longest context
 # exactly; 1000: longer than every context (the whole context, as without a window)
 @pytest.mark.parametrize("window", [1, 5, BLOCK_SIZE, 21, 5 * BLOCK_SIZE + 3, 1000])
@@ -256,12 +261,12 @@ def test_sliding_window_attends_to_the_last_window_tokens_only(path, window):
     check(run_path(path, case), case, torch.float32)
 
 
-@pytest.mark.parametrize("path", ["triton", *paged_attention.CPU_PATHS])
+@pytest.mark.parametrize("path", ["triton", "native", *paged_attention.CPU_PATHS])
 def test_sliding_window_skips_whole_tiles_and_blocks_before_it(path):
     # 16-token tiles over blocks of 5: the window of the long sequences starts several tiles and blocks in,
     # the short ones' at 0, so the block loop meets columns where a sequence has no key yet.
     case = with_window(make_case(12, torch.float32, 1, 4, 80, 5, [2, 9, 70, 71, 96]), 19)
-    options = {} if path in paged_attention.CPU_PATHS else {"block_n": 16}
+    options = {} if path in ("native", *paged_attention.CPU_PATHS) else {"block_n": 16}
     check(run_path(path, case, **options), case, torch.float32)
 
 
@@ -301,6 +306,123 @@ def test_a_window_below_one_is_refused(window):
     with pytest.raises(KernelArgumentError) as raised:
         paged_decode.paged_decode_attention(**_valid(), window=window)
     assert raised.value.argument == "window"
+
+
+# -- The CPU's native kernel (kernels/attention_cpu.c): float32, K and V read in place ------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    kernels = native_kernels()
+    assert kernels is not None, native_kernels_problem()  # the test machine has a C compiler
+    return kernels
+
+
+def native(q, k_cache, v_cache, block_tables, context_lens, scale, window=None):
+    """The case through the native kernel, on CPU copies of its tensors."""
+    kernels = native_kernels()
+    assert kernels is not None, native_kernels_problem()
+    tables = kernels.decode_tables(block_tables.cpu(), context_lens.cpu())
+    return kernels.paged_decode(q.cpu(), k_cache.cpu(), v_cache.cpu(), tables, scale, window)
+
+
+@pytest.mark.parametrize(
+    ("kv_heads", "ratio", "head_dim", "block_size"),
+    [
+        (2, 1, 64, BLOCK_SIZE),
+        (2, 4, 128, BLOCK_SIZE),
+        (1, 16, 256, BLOCK_SIZE),
+        (4, 8, 80, 5),
+        (2, 2, 64, 64),
+    ],
+)
+def test_native_kernel_matches_the_reference(cpu_kernels, kv_heads, ratio, head_dim, block_size):
+    # Poison past each context and in the padding columns: a read there shows in the output.
+    seed = zlib.crc32(repr((kv_heads, ratio, head_dim, block_size)).encode())
+    lens = [1, block_size - 1, block_size, block_size + 1, 5 * block_size + 3]
+    case = make_case(seed, torch.float32, kv_heads, ratio, head_dim, block_size, lens)
+    check(native(**case).to(DEVICE), case, torch.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_kernel_gives_the_same_result_at_any_thread_count(cpu_kernels, threads):
+    lens = [37, 1, 64, 16, 90, 15, 17, 33, 2, 64, 48, 5, 70]
+    case = make_case(16, torch.float32, 2, 4, 64, BLOCK_SIZE, lens)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native(**case)
+        torch.set_num_threads(threads)
+        assert torch.equal(native(**case), one)  # a work item's sums never depend on the split
+    finally:
+        torch.set_num_threads(before)
+    check(one.to(DEVICE), case, torch.float32)
+
+
+def test_native_kernel_reads_q_through_its_strides_and_an_empty_context_gives_zeros(cpu_kernels):
+    case = make_case(17, torch.float32, 2, 4, 64, BLOCK_SIZE, [3, 40, 17])
+    wide = torch.randn(3, 20, 64)
+    wide[:, 4:12] = case["q"].cpu()  # q as a slice of a wider (fused projection) output
+    check(native(**{**case, "q": wide[:, 4:12]}).to(DEVICE), case, torch.float32)
+    empty = {**case, "context_lens": case["context_lens"] * 0}
+    assert torch.equal(native(**empty), torch.zeros(3, 8, 64))
+    nothing = {**case, "q": case["q"][:0], "block_tables": case["block_tables"][:0]}
+    assert native(**{**nothing, "context_lens": case["context_lens"][:0]}).shape == (0, 8, 64)
+
+
+def test_entry_point_serves_rows_through_the_native_tables_it_is_given(cpu_kernels, monkeypatch):
+    case = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in _native_valid().items()}
+    tables = cpu_kernels.decode_tables(case["block_tables"], case["context_lens"])
+    calls = []
+    attend = native_module.NativeDecodeTables.attend
+    monkeypatch.setattr(
+        native_module.NativeDecodeTables, "attend", lambda self, *a: calls.append(a) or attend(self, *a)
+    )
+    out = paged_attention.paged_decode_attention(**case, native=tables)
+    assert len(calls) == 1
+    assert torch.equal(out, native(**case))
+
+
+def _native_valid():
+    return make_case(18, torch.float32, 2, 2, 64, BLOCK_SIZE, [3, 20])
+
+
+NATIVE_REFUSALS = [
+    ("float32", lambda c: {"q": c["q"].half()}),
+    ("float32", lambda c: {"k_cache": c["k_cache"].double(), "v_cache": c["v_cache"].double()}),
+    ("last dimension contiguous", lambda c: {"q": c["q"].transpose(1, 2).contiguous().transpose(1, 2)}),
+    ("contiguous", lambda c: {"k_cache": c["k_cache"].transpose(0, 1).contiguous().transpose(0, 1)}),
+    ("does not fit", lambda c: {"q": c["q"][:, :, :32]}),  # head_dim 32 over caches of 64
+    ("evenly", lambda c: {"q": c["q"][:, :3]}),  # 3 heads over 2 kv heads
+    ("v_cache", lambda c: {"v_cache": c["v_cache"][1:]}),
+    ("rows", lambda c: {"q": c["q"][:1]}),
+    ("outside a cache", lambda c: {"k_cache": c["k_cache"][:2], "v_cache": c["v_cache"][:2]}),
+    ("past", lambda c: {"context_lens": c["context_lens"] + 1000}),
+    ("int64", lambda c: {"block_tables": c["block_tables"].int()}),
+    ("int64", lambda c: {"context_lens": c["context_lens"].float()}),
+    ("negative", lambda c: {"block_tables": c["block_tables"] - 1}),
+    ("negative", lambda c: {"context_lens": c["context_lens"] - 10}),
+    ("context lengths", lambda c: {"context_lens": c["context_lens"][:1]}),
+    ("window", lambda c: {"window": 0}),
+    ("window", lambda c: {"window": 2.5}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("words", "change"), NATIVE_REFUSALS)
+def test_what_the_native_kernel_cannot_read_as_assumed_is_refused(cpu_kernels, words, change):
+    case = _native_valid()
+    with pytest.raises(ValueError, match=words):
+        native(**{**case, **change(case)})
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size", "words"),
+    [(32, 1, 64, 16, "query heads per kv head"), (8, 8, 512, 16, "of 512"), (8, 8, 64, 128, "blocks of 128")],
+)
+def test_shapes_past_the_native_kernels_bounds_are_named(heads, kv_heads, head_dim, block_size, words):
+    # The model runner then keeps the torch path (see tests/engine/test_lora_parity.py for the choice).
+    assert words in native_module.attention_shape_problem(heads, kv_heads, head_dim, block_size)
+    assert native_module.attention_shape_problem(8, 2, 128, 16) is None
 
 
 @pytest.mark.gpu

@@ -1,5 +1,5 @@
-"""The CPU kernels of `int4_cpu.c`, `int8_cpu.c` and `kernels/sgmv_cpu.c`, compiled for this machine at first
-use into one library and loaded through ctypes.
+"""The CPU kernels of `int4_cpu.c`, `int8_cpu.c`, `kernels/sgmv_cpu.c` and `kernels/attention_cpu.c`, compiled
+for this machine at first use into one library and loaded through ctypes.
 
     kernels = native_kernels()                          # NativeKernels, or None (why: native_kernels_problem())
     weight = kernels.int4_weight(codes, scale, offset, G)  # checked once for the C code
@@ -7,6 +7,8 @@ use into one library and loaded through ctypes.
     y = kernels.int8_mm(x, kernels.int8_weight(qweight, scale))  # the same for int8.py's layout
     u = kernels.sgmv_shrink(x, lora_a, segments)              # a step's LoRA (data_plane/model/native_lora.py)
     kernels.sgmv_expand(u, lora_b, scale, segments, y)
+    tables = kernels.decode_tables(block_tables, context_lens)  # a step's decode rows, checked once
+    out = kernels.paged_decode(q, k_cache, v_cache, tables, scale)  # their attention, in place in the caches
 
 The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
 cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory,
@@ -50,6 +52,7 @@ SOURCES = (
     Path(__file__).with_name("int4_cpu.c"),
     Path(__file__).with_name("int8_cpu.c"),
     Path(__file__).parents[3] / "kernels" / "sgmv_cpu.c",
+    Path(__file__).parents[3] / "kernels" / "attention_cpu.c",
 )
 HEADERS = (Path(__file__).with_name("quant_cpu.h"),)  # included by both: in the digest, not on the command
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
@@ -230,6 +233,124 @@ class NativeKernels:
             len(table), ids, b_addrs, b_ss, b_os, b_cs, b_cols, out_lens, y_cols, scales, *segments.pointers(),
             u.data_ptr(), y.data_ptr(), y.stride(0), torch.get_num_threads(),
         )  # fmt: skip
+
+    def decode_tables(self, block_tables: torch.Tensor, context_lens: torch.Tensor) -> NativeDecodeTables:
+        """A step's decode block tables (D, max_blocks) and context lengths (D,), int64 on the CPU,
+        checked once for every layer's `paged_decode`."""
+        return NativeDecodeTables(self, block_tables, context_lens)
+
+    def paged_decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        tables: NativeDecodeTables,
+        scale: float,
+        window: int | None = None,
+    ) -> torch.Tensor:
+        """out (D, heads, head_dim) float32: each decode row's query attending to its first
+        context_lens[d] cached positions (with a window, the last `window` of them), read in place through
+        its block table (`openlora_paged_decode` in attention_cpu.c); the semantics of
+        `kernels.paged_attention.paged_decode_attention`. q (D, heads, head_dim) with its last dimension
+        contiguous; k_cache, v_cache (num_blocks, block_size, kv_heads, head_dim) contiguous float32."""
+        problem = decode_shape_problem(q, k_cache, v_cache)
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            problem = f"window must be a whole number of positions of at least 1, got {window!r}"
+        if problem is None and v_cache.shape != k_cache.shape:
+            problem = f"v_cache {list(v_cache.shape)} is not k_cache's shape {list(k_cache.shape)}"
+        if problem is None:
+            problem = tables.problem(q.shape[0], k_cache.shape[0], k_cache.shape[1])
+        if problem is not None:
+            raise ValueError(problem)
+        num_seqs, heads, head_dim = q.shape
+        kv_heads = k_cache.shape[2]
+        out = torch.empty(q.shape, dtype=torch.float32, device="cpu")
+        self.library.openlora_paged_decode(
+            q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
+            kv_heads, head_dim, tables.block_tables.data_ptr(), tables.block_tables.stride(0),
+            tables.context_lens.data_ptr(), num_seqs, heads // kv_heads, scale, window or 0, out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
+# attention_cpu.c's bounds: query heads per kv head, floats per head, positions per cache block.
+ATTENTION_MAX_GROUP = 16
+ATTENTION_MAX_HEAD_DIM = 256
+ATTENTION_MAX_BLOCK = 64
+
+
+def attention_shape_problem(heads: int, kv_heads: int, head_dim: int, block_size: int) -> str | None:
+    """Why attention_cpu.c cannot take a model of these attention shapes (None when it can): the model's
+    decode attention takes the torch path then."""
+    if kv_heads <= 0 or heads % kv_heads:
+        return f"{heads} query heads do not share {kv_heads} kv heads evenly"
+    if heads // kv_heads > ATTENTION_MAX_GROUP or head_dim > ATTENTION_MAX_HEAD_DIM:
+        return (
+            f"{heads // kv_heads} query heads per kv head of {head_dim} (at most {ATTENTION_MAX_GROUP} of "
+            f"{ATTENTION_MAX_HEAD_DIM})"
+        )
+    if not 0 < block_size <= ATTENTION_MAX_BLOCK:
+        return f"blocks of {block_size} positions (at most {ATTENTION_MAX_BLOCK})"
+    return None
+
+
+def decode_shape_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    """Why `paged_decode` cannot take these tensors (a dtype, layout or size outside attention_cpu.c's),
+    None when it can."""
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k_cache, v_cache)):
+        return "q and the caches must be float32 on the CPU"
+    if q.dim() != 3 or q.stride(2) != 1:
+        return f"q must be (D, heads, head_dim) with its last dimension contiguous, got {list(q.shape)}"
+    if k_cache.dim() != 4 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        return "the caches must be contiguous (num_blocks, block_size, kv_heads, head_dim)"
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    if q.shape[2] != head_dim:
+        return f"q {list(q.shape)} does not fit caches {list(k_cache.shape)}"
+    return attention_shape_problem(q.shape[1], kv_heads, head_dim, block_size)
+
+
+class NativeDecodeTables:
+    """A step's decode rows for `paged_decode`, checked once for the C code (which trusts its indices):
+    block_tables (D, max_blocks) and context_lens (D,), int64 on the CPU, rows contiguous; each call then
+    checks only that its cache holds the largest block id and that its block size covers the longest
+    context within the table's columns."""
+
+    def __init__(self, kernel: NativeKernels, block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
+        self.kernel = kernel
+        for name, t, dims in (("block_tables", block_tables, 2), ("context_lens", context_lens, 1)):
+            if t.dtype != torch.int64 or t.device.type != "cpu" or t.dim() != dims or t.stride(-1) != 1:
+                raise ValueError(f"{name} must be {dims}-D int64 on the CPU, last dimension contiguous")
+        if context_lens.shape[0] != block_tables.shape[0]:
+            raise ValueError(f"{block_tables.shape[0]} block tables, {context_lens.shape[0]} context lengths")
+        self.block_tables, self.context_lens = block_tables, context_lens
+        empty = block_tables.numel() == 0
+        self.min_block = 0 if empty else int(block_tables.min())
+        self.max_block = -1 if empty else int(block_tables.max())
+        self.min_context = 0 if context_lens.numel() == 0 else int(context_lens.min())
+        self.max_context = 0 if context_lens.numel() == 0 else int(context_lens.max())
+        if self.min_block < 0 or self.min_context < 0:
+            raise ValueError("block ids and context lengths must not be negative")
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, window: int | None
+    ) -> torch.Tensor:
+        """`NativeKernels.paged_decode` of these rows."""
+        return self.kernel.paged_decode(q, k_cache, v_cache, self, scale, window)
+
+    def problem(self, num_seqs: int, num_blocks: int, block_size: int) -> str | None:
+        """Why these tables do not fit a (num_seqs, ...) query and a cache of num_blocks blocks of
+        block_size positions; None when they do."""
+        if num_seqs != self.block_tables.shape[0]:
+            return f"q has {num_seqs} rows, the tables {self.block_tables.shape[0]}"
+        if self.max_block >= num_blocks:
+            return f"block id {self.max_block} outside a cache of {num_blocks} blocks"
+        if self.max_context > self.block_tables.shape[1] * block_size:
+            return (
+                f"context of {self.max_context} positions past {self.block_tables.shape[1]} blocks of "
+                f"{block_size}"
+            )
+        return None
 
 
 # The widest lora_b (columns: rank) `sgmv_expand` takes: MAX_COLS of sgmv_cpu.c.
@@ -569,6 +690,10 @@ def _bind(library: ctypes.CDLL, path: Path, cached: bool) -> NativeKernels:
         ctypes.c_int,
     ]  # fmt: skip
     library.openlora_sgmv_lora.restype = None
+    library.openlora_paged_decode.argtypes = [
+        ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_float, i64, ptr, ctypes.c_int
+    ]  # fmt: skip
+    library.openlora_paged_decode.restype = None
     library.openlora_int4_vector_bits.argtypes = []
     library.openlora_int4_vector_bits.restype = ctypes.c_int
     return NativeKernels(library, path, library.openlora_int4_vector_bits(), cached)
@@ -671,6 +796,7 @@ def _check_against_torch(kernel: NativeKernels) -> None:
         (name, got, x[:, : weight.shape[1]].double() @ weight.double().T) for name, got, weight in checks
     ]
     results += _sgmv_checks(kernel, g)
+    results += _attention_checks(kernel, g)
     for name, got, want in results:
         error = float((got.double() - want).abs().max() / want.abs().max())
         if not error < 1e-5:
@@ -724,6 +850,34 @@ def _sgmv_checks(kernel: NativeKernels, g: torch.Generator) -> list[tuple[str, t
         segments = NativeSegments(segs, num_rows, slots)
         kernel.sgmv_lora(x, a, pools, scales, segments, y, range(n), [(0, out), (out, 2 * out)])
         results.append((f"SGMV in one call, {name}", y, want))
+    return results
+
+
+def _attention_checks(
+    kernel: NativeKernels, g: torch.Generator
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, kernel's out, float64 out) of paged decode attention: two kv heads of three queries each,
+    contexts within one block, across several and up to the table's end, blocks out of order, with and
+    without a window."""
+    num_blocks, block_size, kv_heads, group, head_dim = 9, 4, 2, 3, 20
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g, device="cpu")
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g, device="cpu")
+    block_tables = torch.tensor([[5, 0, 0, 0], [2, 7, 0, 0], [8, 1, 3, 6], [4, 6, 1, 2]], device="cpu")
+    context_lens = torch.tensor([1, 7, 13, 16], device="cpu")
+    q = torch.randn(4, kv_heads * group, head_dim, generator=g, device="cpu")
+    tables = kernel.decode_tables(block_tables, context_lens)
+    results = []
+    for window in (None, 5):
+        want = torch.zeros(q.shape, dtype=torch.float64, device="cpu")
+        for d, length in enumerate(context_lens.tolist()):
+            first = 0 if window is None else max(0, length - window)
+            k = k_cache[block_tables[d]].reshape(-1, kv_heads, head_dim)[first:length].double()
+            v = v_cache[block_tables[d]].reshape(-1, kv_heads, head_dim)[first:length].double()
+            for h in range(kv_heads * group):
+                weights = torch.softmax(0.25 * (k[:, h // group] @ q[d, h].double()), dim=0)
+                want[d, h] = weights @ v[:, h // group]
+        got = kernel.paged_decode(q, k_cache, v_cache, tables, 0.25, window)
+        results.append((f"paged decode attention, window {window}", got, want))
     return results
 
 

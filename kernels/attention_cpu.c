@@ -94,3 +94,43 @@ void openlora_paged_decode(const float *q, int64_t q_ss, int64_t q_hs, const flo
                      out + (d * heads + h * group) * head_dim);
     }
 }
+
+/* The rotary embedding of a step's rows (the half-rotation layout: out[i] = x[i] * cos[i] - x[i + half] *
+ * sin[i] and out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half]) applied in place to each
+ * row's query and key heads, then the row's key and value written into the caches at its slot (block *
+ * block_size + offset). q (T, heads, head_dim), k and v (T, kv_heads, head_dim) with their heads' last
+ * dimension contiguous (any row and head strides: views of the fused projection's output), cos and sin
+ * (T, head_dim) contiguous rows. Each product is rounded before the sum, as torch's separate multiplies and
+ * add do (no contraction into fused multiply-adds), so the floats are torch's own. */
+__attribute__((optimize("fp-contract=off"))) static void rotate(float *x, const float *c, const float *s,
+                                                                int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
+        const float x1 = x[i], x2 = x[i + half];
+        const float a = x1 * c[i], b = x2 * s[i];
+        const float d = x2 * c[i + half], e = x1 * s[i + half];
+        x[i] = a - b;
+        x[i + half] = d + e;
+    }
+}
+
+void openlora_rope_kv_write(float *q, int64_t q_rs, int64_t q_hs, float *k, int64_t k_rs, int64_t k_hs,
+                            const float *v, int64_t v_rs, int64_t v_hs, const float *cos, const float *sin,
+                            int64_t num_rows, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                            const int64_t *slot_ids, float *k_cache, float *v_cache, int threads) {
+    const int64_t half = head_dim / 2, pos_stride = kv_heads * head_dim;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < num_rows; t++) {
+        const float *c = cos + t * head_dim, *s = sin + t * head_dim;
+        for (int64_t h = 0; h < heads; h++) rotate(q + t * q_rs + h * q_hs, c, s, half);
+        float *kc = k_cache + slot_ids[t] * pos_stride, *vc = v_cache + slot_ids[t] * pos_stride;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            float *kh = k + t * k_rs + h * k_hs;
+            const float *vh = v + t * v_rs + h * v_hs;
+            rotate(kh, c, s, half);
+            for (int64_t i = 0; i < head_dim; i++) {
+                kc[h * head_dim + i] = kh[i];
+                vc[h * head_dim + i] = vh[i];
+            }
+        }
+    }
+}

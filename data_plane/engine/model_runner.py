@@ -115,7 +115,8 @@ class ModelRunner:
             native_kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
         )
         # Its decode attention too (float32 caches in the shapes attention_cpu.c takes), read in place
-        # through the block tables instead of the torch path's gathered copies; on auto steps as well.
+        # through the block tables instead of the torch path's gathered copies, and the rotary embedding
+        # and cache writes of every row in one call; on auto steps as well.
         self._native_attention = (
             self._native_sgmv
             if attention_shape_problem(
@@ -260,13 +261,16 @@ class ModelRunner:
             use_triton=use_triton,
             lora=None,
         )
+        native_attention = not use_triton and self._native_attention is not None and choice == "auto"
+        if native_attention:
+            meta.native_kv = self._native_attention.kv_slots(kv_slots_t)
         if decode_rows:
             num_decode = len(decode_rows)
             meta.decode_rows = decode_rows_t
             meta.decode_block_tables = tables_t.view(num_decode, max_blocks)
             meta.decode_context_lens = lens_t
             meta.max_decode_context_len = max(decode_lens)
-            if not use_triton and self._native_attention is not None and choice == "auto":
+            if native_attention:
                 meta.native_decode = self._native_attention.decode_tables(meta.decode_block_tables, lens_t)
         used_slots = [s for s in seg_slots if s >= 0]
         if used_slots:

@@ -193,10 +193,13 @@ class Attention(nn.Module):
         v = v.view(num_rows, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         k_cache, v_cache = self.k_cache, self.v_cache
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.kv_slot_ids, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.kv_slot_ids, v)
+        if meta.native_kv is not None:  # the same floats in one call: q and k rotated in place
+            meta.native_kv.rope_kv_write(q, k, v, rope, k_cache, v_cache)
+        else:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.kv_slot_ids, k)
+            v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.kv_slot_ids, v)
 
         out = torch.empty_like(q)  # (T, heads, head_dim)
         for span in meta.prefills:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from data_plane.model.native_lora import NativeLora
-from data_plane.model.quant.native import NativeDecodeTables
+from data_plane.model.quant.native import NativeDecodeTables, NativeKvSlots
 from kernels import SegmentPlan
 
 
@@ -58,3 +58,6 @@ class StepMetadata:
     # The decode rows' tables checked for the CPU's native decode attention (float32 caches,
     # `OPENLORA_KERNELS` auto); None: `kernels.paged_attention`'s torch or Triton path.
     native_decode: NativeDecodeTables | None = None
+    # The step's KV slot ids checked for the CPU's native rotary and cache writes (float32 caches,
+    # `OPENLORA_KERNELS` auto); None: `apply_rotary` and `index_copy_`.
+    native_kv: NativeKvSlots | None = None

@@ -55,28 +55,33 @@ def _check_mixed_batch(model, names, seed: int, lengths) -> None:
 
 @pytest.mark.parametrize("choice", ["auto", "reference"], ids=["native kernels", "torch reference"])
 def test_both_cpu_implementations_match_peft(choice, tiny_llama, monkeypatch):
-    """OPENLORA_KERNELS auto takes the native SGMV and decode attention kernels on the CPU (float32),
-    reference the torch paths: both give PEFT's tokens, on prompt chunks long enough to go to torch and on
-    decode steps."""
+    """OPENLORA_KERNELS auto takes the native SGMV, decode attention and rotary kernels on the CPU
+    (float32), reference the torch paths: both give PEFT's tokens, on prompt chunks long enough to go to
+    torch and on decode steps."""
     from data_plane.model.native_lora import MAX_NATIVE_SEGMENT_ROWS, NativeLora
-    from data_plane.model.quant.native import NativeDecodeTables
+    from data_plane.model.quant.native import NativeDecodeTables, NativeKvSlots
 
     monkeypatch.setenv("OPENLORA_KERNELS", choice)
-    calls, attended = [], []
-    add, attend = NativeLora.add, NativeDecodeTables.attend
+    calls, attended, written = [], [], []
+    add, attend, write = NativeLora.add, NativeDecodeTables.attend, NativeKvSlots.rope_kv_write
     monkeypatch.setattr(NativeLora, "add", lambda self, *args: calls.append(self.long) or add(self, *args))
     monkeypatch.setattr(
         NativeDecodeTables,
         "attend",
         lambda self, *args: attended.append(args[0].shape) or attend(self, *args),
     )
+    monkeypatch.setattr(
+        NativeKvSlots, "rope_kv_write", lambda self, *args: written.append(self.count) or write(self, *args)
+    )
     lengths = [MAX_NATIVE_SEGMENT_ROWS + 5, 9, 2, 14, 6, 1, 11, 3, 7]
     _check_mixed_batch(tiny_llama, [*ADAPTERS, None, *ADAPTERS], 5, lengths)
     if choice == "reference":
-        assert calls == [] and attended == []
-    else:  # every projection of every step, a long prompt chunk among them; every decode row's attention
+        assert calls == [] and attended == [] and written == []
+    else:  # every projection of every step, a long prompt chunk among them; every decode row's attention;
+        # the rotary and cache writes of every row (the first step holds whole prompts)
         assert calls and any(calls) and not all(calls)
         assert attended and max(shape[0] for shape in attended) == len(lengths)
+        assert written and max(written) > max(lengths)
 
 
 def test_each_adapter_changes_the_output(tiny_llama):

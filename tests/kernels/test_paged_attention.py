@@ -425,6 +425,74 @@ def test_shapes_past_the_native_kernels_bounds_are_named(heads, kv_heads, head_d
     assert native_module.attention_shape_problem(8, 2, 128, 16) is None
 
 
+# -- The native rotary embedding and cache writes: torch's floats, in one call ------------------------------
+
+
+def _rope_case(seed, rows=7, heads=8, kv_heads=2, head_dim=64, num_blocks=6, block_size=4):
+    """q, k, v as column views of one fused projection output, (cos, sin) tables, rows' slots scattered over
+    a cache of num_blocks * block_size positions, and the caches."""
+    gen = torch.Generator().manual_seed(seed)
+    fused = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    q, k, v = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    q, k, v = (t.view(rows, -1, head_dim) for t in (q, k, v))
+    angles = torch.rand(rows, 1, head_dim, generator=gen) * 6.3
+    rope = (angles.cos(), angles.sin())
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:rows]
+    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen) for _ in range(2)]
+    return q, k, v, rope, slots, caches
+
+
+def test_native_rotary_and_cache_writes_give_torchs_floats_exactly(cpu_kernels):
+    from data_plane.model.llama import apply_rotary
+
+    q, k, v, rope, slots, (k_cache, v_cache) = _rope_case(19)
+    want_q, want_k = apply_rotary(q, rope), apply_rotary(k, rope)
+    want_k_cache, want_v_cache = k_cache.clone(), v_cache.clone()
+    want_k_cache.view(-1, 2, 64).index_copy_(0, slots, want_k)
+    want_v_cache.view(-1, 2, 64).index_copy_(0, slots, v)
+    v_before = v.clone()
+    cpu_kernels.rope_kv_write(q, k, v, rope, cpu_kernels.kv_slots(slots), k_cache, v_cache)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k) and torch.equal(v, v_before)
+    assert torch.equal(k_cache, want_k_cache) and torch.equal(v_cache, want_v_cache)  # other slots untouched
+
+
+def _rope_refusals():
+    def swap(index, value):
+        return lambda case: (*case[:index], value(case), *case[index + 1 :])
+
+    return [
+        ("q must be float32", swap(0, lambda c: c[0].double())),
+        ("last dimension contiguous", swap(1, lambda c: c[1].transpose(1, 2))),
+        ("rows", swap(2, lambda c: c[2][:3])),
+        ("no even head_dim", swap(2, lambda c: c[2][:, :1])),
+        ("cos must be", swap(3, lambda c: (c[3][0][:, :, :32], c[3][1]))),
+        ("sin must be", swap(3, lambda c: (c[3][0], c[3][1].transpose(0, 2)))),
+        ("k_cache must be", swap(5, lambda c: [c[5][0][..., :32], c[5][1]])),
+        ("v_cache", swap(5, lambda c: [c[5][0], c[5][1][1:]])),
+        ("outside a cache", swap(5, lambda c: [c[5][0][:1], c[5][1][:1]])),
+    ]
+
+
+@pytest.mark.parametrize(("words", "change"), _rope_refusals())
+def test_what_the_native_rotary_cannot_read_or_write_as_assumed_is_refused(cpu_kernels, words, change):
+    q, k, v, rope, slots, caches = change(_rope_case(20))
+    with pytest.raises(ValueError, match=words):
+        cpu_kernels.rope_kv_write(q, k, v, rope, cpu_kernels.kv_slots(slots), *caches)
+
+
+@pytest.mark.parametrize(
+    ("slots", "words"),
+    [
+        (torch.tensor([1, -2]), "negative"),
+        (torch.tensor([1.0]), "int64"),
+        (torch.arange(8)[::2], "contiguous"),
+    ],
+)
+def test_slot_ids_the_native_writes_cannot_trust_are_refused(cpu_kernels, slots, words):
+    with pytest.raises(ValueError, match=words):
+        cpu_kernels.kv_slots(slots)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))

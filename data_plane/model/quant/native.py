@@ -9,6 +9,7 @@ for this machine at first use into one library and loaded through ctypes.
     kernels.sgmv_expand(u, lora_b, scale, segments, y)
     tables = kernels.decode_tables(block_tables, context_lens)  # a step's decode rows, checked once
     out = kernels.paged_decode(q, k_cache, v_cache, tables, scale)  # their attention, in place in the caches
+    kernels.rope_kv_write(q, k, v, (cos, sin), kernels.kv_slots(slot_ids), k_cache, v_cache)  # rotary, KV writes
 
 The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
 cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory,
@@ -273,6 +274,68 @@ class NativeKernels:
         )  # fmt: skip
         return out
 
+    def kv_slots(self, slot_ids: torch.Tensor) -> NativeKvSlots:
+        """A step's KV slot ids (T,), int64 on the CPU (block * block_size + offset of each row), checked once
+        for every layer's `rope_kv_write`."""
+        return NativeKvSlots(self, slot_ids)
+
+    def rope_kv_write(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        slots: NativeKvSlots,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> None:
+        """q (T, heads, head_dim) and k (T, kv_heads, head_dim) rotated in place by the rows' (cos, sin)
+        tables (T, 1, head_dim), then each row's k and v written into the caches (num_blocks, block_size,
+        kv_heads, head_dim) at its slot (`openlora_rope_kv_write` in attention_cpu.c): the floats of
+        `apply_rotary` and two `index_copy_`s, in one call. q, k and v float32 with their last dimension
+        contiguous (views of a fused projection's output are fine); cos, sin and the caches contiguous."""
+        num_rows = slots.count
+        cos, sin = rope
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 3 or t.stride(2) != 1:
+                raise ValueError(
+                    f"{name} must be float32 (T, heads, head_dim) on the CPU, last dimension contiguous"
+                )
+            if t.shape[0] != num_rows:
+                raise ValueError(f"{name} has {t.shape[0]} rows, the slots {num_rows}")
+        head_dim, kv_heads = q.shape[2], k.shape[1]
+        if k.shape[2] != head_dim or v.shape != k.shape or head_dim % 2:
+            raise ValueError(
+                f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: no even head_dim shared"
+            )
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != num_rows * head_dim:
+                raise ValueError(f"{name} must be contiguous float32 ({num_rows}, 1, {head_dim})")
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if (
+                cache.dtype != torch.float32
+                or cache.device.type != "cpu"
+                or not cache.is_contiguous()
+                or cache.dim() != 4
+                or tuple(cache.shape[2:]) != (kv_heads, head_dim)
+            ):
+                raise ValueError(
+                    f"{name} must be contiguous float32 (num_blocks, block_size, {kv_heads}, {head_dim})"
+                )
+        if v_cache.shape != k_cache.shape:
+            raise ValueError(f"v_cache {list(v_cache.shape)} is not k_cache's shape {list(k_cache.shape)}")
+        if slots.max_slot >= k_cache.shape[0] * k_cache.shape[1]:
+            raise ValueError(
+                f"slot {slots.max_slot} outside a cache of {k_cache.shape[0] * k_cache.shape[1]} positions"
+            )
+        if not num_rows:
+            return
+        self.library.openlora_rope_kv_write(
+            q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
+            v.stride(0), v.stride(1), cos.data_ptr(), sin.data_ptr(), num_rows, q.shape[1], kv_heads, head_dim,
+            slots.slot_ids.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+
 
 # attention_cpu.c's bounds: query heads per kv head, floats per head, positions per cache block.
 ATTENTION_MAX_GROUP = 16
@@ -351,6 +414,34 @@ class NativeDecodeTables:
                 f"{block_size}"
             )
         return None
+
+
+class NativeKvSlots:
+    """A step's KV slot ids for `rope_kv_write`, checked once for the C code (which writes where they say):
+    (T,) int64 on the CPU, contiguous, none negative; each call then checks only that its cache holds the
+    largest."""
+
+    def __init__(self, kernel: NativeKernels, slot_ids: torch.Tensor) -> None:
+        if slot_ids.dtype != torch.int64 or slot_ids.device.type != "cpu" or slot_ids.dim() != 1:
+            raise ValueError("slot_ids must be 1-D int64 on the CPU")
+        if not slot_ids.is_contiguous():
+            raise ValueError("slot_ids must be contiguous")
+        self.kernel, self.slot_ids, self.count = kernel, slot_ids, slot_ids.shape[0]
+        self.max_slot = int(slot_ids.max()) if self.count else -1
+        if self.count and int(slot_ids.min()) < 0:
+            raise ValueError("slot ids must not be negative")
+
+    def rope_kv_write(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> None:
+        """`NativeKernels.rope_kv_write` of these rows."""
+        self.kernel.rope_kv_write(q, k, v, rope, self, k_cache, v_cache)
 
 
 # The widest lora_b (columns: rank) `sgmv_expand` takes: MAX_COLS of sgmv_cpu.c.
@@ -694,6 +785,10 @@ def _bind(library: ctypes.CDLL, path: Path, cached: bool) -> NativeKernels:
         ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_float, i64, ptr, ctypes.c_int
     ]  # fmt: skip
     library.openlora_paged_decode.restype = None
+    library.openlora_rope_kv_write.argtypes = [
+        ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int
+    ]  # fmt: skip
+    library.openlora_rope_kv_write.restype = None
     library.openlora_int4_vector_bits.argtypes = []
     library.openlora_int4_vector_bits.restype = ctypes.c_int
     return NativeKernels(library, path, library.openlora_int4_vector_bits(), cached)
@@ -878,6 +973,26 @@ def _attention_checks(
                 want[d, h] = weights @ v[:, h // group]
         got = kernel.paged_decode(q, k_cache, v_cache, tables, 0.25, window)
         results.append((f"paged decode attention, window {window}", got, want))
+    # Rotary and cache writes: q, k and v as column views of one fused output, rows to scattered slots.
+    rows, heads = 5, kv_heads * group
+    fused = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=g, device="cpu")
+    q, k, v = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    q, k, v = (t.view(rows, -1, head_dim) for t in (q, k, v))
+    cos, sin = (torch.randn(rows, 1, head_dim, generator=g, device="cpu") for _ in range(2))
+    slot_ids = torch.tensor([3, 0, 35, 17, 8], device="cpu")
+
+    def rotated(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.double().chunk(2, dim=-1)
+        return x.double() * cos.double() + torch.cat((-x2, x1), dim=-1) * sin.double()
+
+    want_q, want_k, want_v = rotated(q), rotated(k), v.double()
+    kernel.rope_kv_write(q, k, v, (cos, sin), kernel.kv_slots(slot_ids), k_cache, v_cache)
+    flat_k, flat_v = (c.view(-1, kv_heads, head_dim)[slot_ids] for c in (k_cache, v_cache))
+    results += [
+        ("rotary, q", q, want_q),
+        ("rotary, keys written", flat_k, want_k),
+        ("values written", flat_v, want_v),
+    ]
     return results
 
 

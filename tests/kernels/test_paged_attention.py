@@ -451,7 +451,7 @@ def test_native_rotary_and_cache_writes_give_torchs_floats_exactly(cpu_kernels):
     want_k_cache.view(-1, 2, 64).index_copy_(0, slots, want_k)
     want_v_cache.view(-1, 2, 64).index_copy_(0, slots, v)
     v_before = v.clone()
-    cpu_kernels.rope_kv_write(q, k, v, rope, cpu_kernels.kv_slots(slots), k_cache, v_cache)
+    cpu_kernels.kv_slots(slots).rope_kv_write(q, k, v, rope, k_cache, v_cache)
     assert torch.equal(q, want_q) and torch.equal(k, want_k) and torch.equal(v, v_before)
     assert torch.equal(k_cache, want_k_cache) and torch.equal(v_cache, want_v_cache)  # other slots untouched
 
@@ -477,7 +477,7 @@ def _rope_refusals():
 def test_what_the_native_rotary_cannot_read_or_write_as_assumed_is_refused(cpu_kernels, words, change):
     q, k, v, rope, slots, caches = change(_rope_case(20))
     with pytest.raises(ValueError, match=words):
-        cpu_kernels.rope_kv_write(q, k, v, rope, cpu_kernels.kv_slots(slots), *caches)
+        cpu_kernels.kv_slots(slots).rope_kv_write(q, k, v, rope, *caches)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ for this machine at first use into one library and loaded through ctypes.
     kernels.sgmv_expand(u, lora_b, scale, segments, y)
     tables = kernels.decode_tables(block_tables, context_lens)  # a step's decode rows, checked once
     out = kernels.paged_decode(q, k_cache, v_cache, tables, scale)  # their attention, in place in the caches
-    kernels.rope_kv_write(q, k, v, (cos, sin), kernels.kv_slots(slot_ids), k_cache, v_cache)  # rotary, KV writes
+    kernels.kv_slots(slot_ids).rope_kv_write(q, k, v, (cos, sin), k_cache, v_cache)  # rotary, KV writes
 
 The library is built with the machine's C compiler (`CC`, else `cc` or `gcc`) and `-march=native`, and
 cached under `$XDG_CACHE_HOME/openlora/kernels` (else `~/.cache/...`; a private temporary directory,
@@ -276,65 +276,8 @@ class NativeKernels:
 
     def kv_slots(self, slot_ids: torch.Tensor) -> NativeKvSlots:
         """A step's KV slot ids (T,), int64 on the CPU (block * block_size + offset of each row), checked once
-        for every layer's `rope_kv_write`."""
+        for every layer's `NativeKvSlots.rope_kv_write`."""
         return NativeKvSlots(self, slot_ids)
-
-    def rope_kv_write(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        slots: NativeKvSlots,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-    ) -> None:
-        """q (T, heads, head_dim) and k (T, kv_heads, head_dim) rotated in place by the rows' (cos, sin)
-        tables (T, 1, head_dim), then each row's k and v written into the caches (num_blocks, block_size,
-        kv_heads, head_dim) at its slot (`openlora_rope_kv_write` in attention_cpu.c): the floats of
-        `apply_rotary` and two `index_copy_`s, in one call. q, k and v float32 with their last dimension
-        contiguous (views of a fused projection's output are fine); cos, sin and the caches contiguous."""
-        num_rows = slots.count
-        cos, sin = rope
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 3 or t.stride(2) != 1:
-                raise ValueError(
-                    f"{name} must be float32 (T, heads, head_dim) on the CPU, last dimension contiguous"
-                )
-            if t.shape[0] != num_rows:
-                raise ValueError(f"{name} has {t.shape[0]} rows, the slots {num_rows}")
-        head_dim, kv_heads = q.shape[2], k.shape[1]
-        if k.shape[2] != head_dim or v.shape != k.shape or head_dim % 2:
-            raise ValueError(
-                f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: no even head_dim shared"
-            )
-        for name, t in (("cos", cos), ("sin", sin)):
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != num_rows * head_dim:
-                raise ValueError(f"{name} must be contiguous float32 ({num_rows}, 1, {head_dim})")
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if (
-                cache.dtype != torch.float32
-                or cache.device.type != "cpu"
-                or not cache.is_contiguous()
-                or cache.dim() != 4
-                or tuple(cache.shape[2:]) != (kv_heads, head_dim)
-            ):
-                raise ValueError(
-                    f"{name} must be contiguous float32 (num_blocks, block_size, {kv_heads}, {head_dim})"
-                )
-        if v_cache.shape != k_cache.shape:
-            raise ValueError(f"v_cache {list(v_cache.shape)} is not k_cache's shape {list(k_cache.shape)}")
-        if slots.max_slot >= k_cache.shape[0] * k_cache.shape[1]:
-            raise ValueError(
-                f"slot {slots.max_slot} outside a cache of {k_cache.shape[0] * k_cache.shape[1]} positions"
-            )
-        if not num_rows:
-            return
-        self.library.openlora_rope_kv_write(
-            q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
-            v.stride(0), v.stride(1), cos.data_ptr(), sin.data_ptr(), num_rows, q.shape[1], kv_heads, head_dim,
-            slots.slot_ids.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
 
 
 # attention_cpu.c's bounds: query heads per kv head, floats per head, positions per cache block.
@@ -440,8 +383,52 @@ class NativeKvSlots:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> None:
-        """`NativeKernels.rope_kv_write` of these rows."""
-        self.kernel.rope_kv_write(q, k, v, rope, self, k_cache, v_cache)
+        """q (T, heads, head_dim) and k (T, kv_heads, head_dim) rotated in place by the rows' (cos, sin)
+        tables (T, 1, head_dim), then each row's k and v written into the caches (num_blocks, block_size,
+        kv_heads, head_dim) at its slot of these ids (`openlora_rope_kv_write` in attention_cpu.c): the floats of
+        `apply_rotary` and two `index_copy_`s, in one call. q, k and v float32 with their last dimension
+        contiguous (views of a fused projection's output are fine); cos, sin and the caches contiguous."""
+        num_rows = self.count
+        cos, sin = rope
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 3 or t.stride(2) != 1:
+                raise ValueError(
+                    f"{name} must be float32 (T, heads, head_dim) on the CPU, last dimension contiguous"
+                )
+            if t.shape[0] != num_rows:
+                raise ValueError(f"{name} has {t.shape[0]} rows, the slots {num_rows}")
+        head_dim, kv_heads = q.shape[2], k.shape[1]
+        if k.shape[2] != head_dim or v.shape != k.shape or head_dim % 2:
+            raise ValueError(
+                f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: no even head_dim shared"
+            )
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != num_rows * head_dim:
+                raise ValueError(f"{name} must be contiguous float32 ({num_rows}, 1, {head_dim})")
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if (
+                cache.dtype != torch.float32
+                or cache.device.type != "cpu"
+                or not cache.is_contiguous()
+                or cache.dim() != 4
+                or tuple(cache.shape[2:]) != (kv_heads, head_dim)
+            ):
+                raise ValueError(
+                    f"{name} must be contiguous float32 (num_blocks, block_size, {kv_heads}, {head_dim})"
+                )
+        if v_cache.shape != k_cache.shape:
+            raise ValueError(f"v_cache {list(v_cache.shape)} is not k_cache's shape {list(k_cache.shape)}")
+        if self.max_slot >= k_cache.shape[0] * k_cache.shape[1]:
+            raise ValueError(
+                f"slot {self.max_slot} outside a cache of {k_cache.shape[0] * k_cache.shape[1]} positions"
+            )
+        if not num_rows:
+            return
+        self.kernel.library.openlora_rope_kv_write(
+            q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
+            v.stride(0), v.stride(1), cos.data_ptr(), sin.data_ptr(), num_rows, q.shape[1], kv_heads, head_dim,
+            self.slot_ids.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
 
 
 # The widest lora_b (columns: rank) `sgmv_expand` takes: MAX_COLS of sgmv_cpu.c.
@@ -986,7 +973,7 @@ def _attention_checks(
         return x.double() * cos.double() + torch.cat((-x2, x1), dim=-1) * sin.double()
 
     want_q, want_k, want_v = rotated(q), rotated(k), v.double()
-    kernel.rope_kv_write(q, k, v, (cos, sin), kernel.kv_slots(slot_ids), k_cache, v_cache)
+    kernel.kv_slots(slot_ids).rope_kv_write(q, k, v, (cos, sin), k_cache, v_cache)
     flat_k, flat_v = (c.view(-1, kv_heads, head_dim)[slot_ids] for c in (k_cache, v_cache))
     results += [
         ("rotary, q", q, want_q),

@@ -2,14 +2,17 @@
 
 A worker reserves (tenant, request id) before it serves a stream that carries a client-chosen id:
 
-    INSERT INTO request_id_reservation ... ON CONFLICT (tenant_id, request_id) DO UPDATE
-        SET worker_id, reserved_at, expires_at = excluded ...
+    INSERT INTO request_id_reservation SELECT ... WHERE NOT EXISTS (its usage event)
+    ON CONFLICT (tenant_id, request_id) DO UPDATE SET worker_id, reserved_at, expires_at = excluded ...
         WHERE request_id_reservation.expires_at <= now OR request_id_reservation.worker_id = excluded.worker_id
     RETURNING request_id
 
 Exactly one of two workers racing for the same id gets a row back; the other is refused. An id that
-already has a usage event (the billing key) is refused too, before the insert. The stream's own usage is
-never refused: usage is recorded by `report_usage`, which does not look at reservations.
+already has a usage event (the billing key) is refused too, by the same statement (only a refusal asks
+again which of the two it was, for its message). The stream's own usage is never refused: usage is recorded
+by `report_usage`, which does not look at reservations. A reservation is two statements on the database
+(the clock's step back below, then the insert), the sweep of expired rows a third on every
+`SWEEP_EVERY`-th: every request of a stream with an id pays them.
 
 A reservation ends by release (a stream that delivered nothing: a retry under the id must be served) or
 by expiry (a worker that died before it could release). A worker re-reserving its own id renews it (a
@@ -23,10 +26,11 @@ holder that is still serving finds out at its next renewal (a third of the time 
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import DateTime, ForeignKey, String, delete, literal, or_, select, tuple_, update
+from sqlalchemy import DateTime, ForeignKey, String, delete, exists, literal, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -39,8 +43,11 @@ from openlora.text_rules import MAX_KEPT_REQUEST_IDS, MAX_REQUEST_ID_CHARS
 DEFAULT_RESERVATION_MS = 120_000
 MIN_RESERVATION_MS = 1_000
 MAX_RESERVATION_MS = 3_600_000
-# Expired rows removed by each reservation (bounded work per call; SKIP LOCKED, so never a wait).
-SWEEP_ROWS = 100
+# Expired rows removed by every SWEEP_EVERY-th reservation of this process (bounded work per call; SKIP
+# LOCKED, so never a wait): as many rows per reservation as there are reservations to expire.
+SWEEP_EVERY = 16
+SWEEP_ROWS = 100 * SWEEP_EVERY
+_reservations = itertools.count()
 
 
 class RequestIdReservation(Base):
@@ -86,13 +93,10 @@ def reserve_request_id(
     stamped ahead of the clock keeps its time to live from now."""
     tenant = _checked_key(tenant_id, request_id)
     check_text(worker_id, "worker_id", 128)
-    if _billed(session, tenant, request_id):
-        return AlreadyExists(
-            f"{request_id!r} was already served and billed; send a new request id", field="request_id"
-        )
     ttl_ms = min(max(ttl_ms or DEFAULT_RESERVATION_MS, MIN_RESERVATION_MS), MAX_RESERVATION_MS)
     now = utc_now()
-    _sweep(session, now)
+    if next(_reservations) % SWEEP_EVERY == 0:
+        _sweep(session, now)
     table = RequestIdReservation.__table__
     # A reservation made after now was made before the clock stepped back: how long ago is unknown, at
     # most its time to live. It holds that long from now (not for as long as the step; never less, its
@@ -105,12 +109,18 @@ def reserve_request_id(
             expires_at=literal(now, DateTime(timezone=True)) + (table.c.expires_at - table.c.reserved_at),
         )
     )
-    statement = insert(table).values(
-        tenant_id=tenant,
-        request_id=request_id,
-        worker_id=worker_id,
-        reserved_at=now,
-        expires_at=now + timedelta(milliseconds=ttl_ms),
+    usage = UsageEvent.__table__
+    billed = exists().where(usage.c.tenant_id == tenant, usage.c.request_id == request_id)
+    when = DateTime(timezone=True)
+    row = select(
+        literal(tenant, table.c.tenant_id.type),
+        literal(request_id, table.c.request_id.type),
+        literal(worker_id, table.c.worker_id.type),
+        literal(now, when),
+        literal(now + timedelta(milliseconds=ttl_ms), when),
+    ).where(~billed)
+    statement = insert(table).from_select(
+        ["tenant_id", "request_id", "worker_id", "reserved_at", "expires_at"], row
     )
     # An empty worker id never counts as "the same worker" (it would match any other empty one).
     same_worker = (table.c.worker_id == statement.excluded.worker_id) & (statement.excluded.worker_id != "")
@@ -123,11 +133,13 @@ def reserve_request_id(
         },
         where=or_(table.c.expires_at <= now, same_worker),
     ).returning(table.c.request_id)
-    if session.execute(statement).first() is None:
+    if session.execute(statement).first() is not None:
+        return None
+    if _billed(session, tenant, request_id):
         return AlreadyExists(
-            f"{request_id!r} is already being served; send a new request id", field="request_id"
+            f"{request_id!r} was already served and billed; send a new request id", field="request_id"
         )
-    return None
+    return AlreadyExists(f"{request_id!r} is already being served; send a new request id", field="request_id")
 
 
 def release_request_id(session: Session, tenant_id: str, request_id: str, worker_id: str) -> bool:

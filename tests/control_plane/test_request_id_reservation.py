@@ -192,3 +192,33 @@ def test_a_reservation_holds_its_time_to_live_not_as_long_as_the_clock_stepped_b
     assert _reserve(cp, tenant_id, request_id, "retry") == grpc.StatusCode.ALREADY_EXISTS
     ahead[0] += timedelta(seconds=2)  # its second of life is over
     assert _reserve(cp, tenant_id, request_id, "retry") == grpc.StatusCode.OK
+
+
+def test_lapsed_reservations_are_swept_by_later_ones(cp, tenant_id, database_url, monkeypatch) -> None:
+    """Rows of reservations that lapsed (their workers died) do not pile up: every SWEEP_EVERY-th
+    reservation removes expired rows, and live ones stay."""
+    from datetime import timedelta
+
+    from sqlalchemy import create_engine, text
+
+    from control_plane.db.base import utc_now
+    from control_plane.usage import reservation
+
+    prefix = f"swept-{uuid.uuid4().hex}"
+    for i in range(20):
+        assert _reserve(cp, tenant_id, f"{prefix}-lapsed-{i}", "died", ttl_ms=1000) == grpc.StatusCode.OK
+    monkeypatch.setattr("control_plane.usage.reservation.utc_now", lambda: utc_now() + timedelta(seconds=2))
+    for i in range(reservation.SWEEP_EVERY):  # one of them sweeps, whatever the count before
+        assert _reserve(cp, tenant_id, f"{prefix}-live-{i}", "alive") == grpc.StatusCode.OK
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT worker_id, count(*) FROM request_id_reservation WHERE request_id LIKE :p GROUP BY 1"
+                ),
+                {"p": f"{prefix}-%"},
+            ).all()
+    finally:
+        engine.dispose()
+    assert dict(rows) == {"alive": reservation.SWEEP_EVERY}

@@ -5,10 +5,11 @@ of it, or with a sliding window its last `window` tokens).
 
 On CUDA the Triton kernel (`kernels.triton_ops.paged_decode`) reads K and V in place through the block
 tables. On CPU a float32 model's steps (OPENLORA_KERNELS auto) take the native kernel of
-`kernels/attention_cpu.c`, which reads them in place as well (the model runner passes the step's checked
-tables as `native`; 3.3-4.6x faster than `bucketed_sdpa` per layer in `python -m
-benchmarks.attention_bench`, see benchmarks/RESULTS.md). Otherwise one of the pure-torch paths below runs, all with the same signature
-and semantics (see the Triton launcher's docstring):
+`kernels/attention_cpu.c` instead of this module, which reads them in place as well (the model calls
+`NativeDecodeTables.attend` over the step's tables, checked once by the model runner; 3.3-4.6x faster than
+`bucketed_sdpa` per layer in `python -m benchmarks.attention_bench`, see benchmarks/RESULTS.md). Otherwise
+one of the pure-torch paths below runs, all with the same signature and semantics (see the Triton
+launcher's docstring):
 
 - `gather_sdpa`: every sequence's blocks up to the longest table gathered into a padded (D, context)
   copy, then one masked SDPA (what the model's decode branch did before this module);
@@ -33,13 +34,9 @@ most four groups. Rerun on a quiet machine before relying on the ratios; the def
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from data_plane.model.quant.native import NativeDecodeTables
 
 __all__ = ["CPU_PATHS", "block_loop", "bucketed_sdpa", "gather_sdpa", "paged_decode_attention"]
 
@@ -195,7 +192,6 @@ def paged_decode_attention(
     use_triton: bool | None = None,
     max_context_len: int | None = None,
     window: int | None = None,
-    native: NativeDecodeTables | None = None,
 ) -> torch.Tensor:
     """out (D, heads, head_dim) = each sequence's query attending to its first context_lens[d] cached
     tokens, found through block_tables (D, max_blocks) in k_cache, v_cache (num_blocks, block_size,
@@ -206,12 +202,8 @@ def paged_decode_attention(
     ``use_triton``: None picks by device (Triton on CUDA, `CPU_DEFAULT` elsewhere); True forces the
     kernel (on CPU tensors it needs TRITON_INTERPRET=1 set before the kernel is first imported); False
     forces the CPU default. ``max_context_len``: the longest context when known on the host; the Triton
-    path then skips its index checks and their device sync (values trusted). ``native``: these rows'
-    tables checked for the CPU's native kernel (`data_plane.model.quant.native`), which then serves them
-    in place of the torch paths (`block_tables` and `context_lens` must be the ones it was built from).
+    path then skips its index checks and their device sync (values trusted).
     """
-    if native is not None:
-        return native.attend(q, k_cache, v_cache, scale, window)
     if use_triton is None:
         use_triton = q.device.type == "cuda"
     if use_triton:

@@ -216,7 +216,12 @@ class Attention(nn.Module):
                 enable_gqa=True,
             )  # (heads, n, head_dim)
             out[rows] = o.transpose(0, 1)
-        if meta.decode_rows is not None:
+        if meta.native_decode is not None:  # the CPU's native kernel, over the step's checked tables
+            q_decode = q[meta.decode_rows]  # (D, heads, head_dim)
+            out[meta.decode_rows] = meta.native_decode.attend(
+                q_decode, k_cache, v_cache, self.scale, self.window
+            )
+        elif meta.decode_rows is not None:
             # One query per sequence against its cached history, read through the block tables.
             out[meta.decode_rows] = paged_decode_attention(
                 q[meta.decode_rows],  # (D, heads, head_dim)
@@ -228,7 +233,6 @@ class Attention(nn.Module):
                 use_triton=meta.use_triton,
                 max_context_len=meta.max_decode_context_len,
                 window=self.window,
-                native=meta.native_decode,
             )  # (D, heads, head_dim)
         return self.o_proj(out.view(num_rows, -1), meta.lora)
 

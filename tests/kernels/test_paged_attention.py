@@ -370,19 +370,6 @@ def test_native_kernel_reads_q_through_its_strides_and_an_empty_context_gives_ze
     assert native(**{**nothing, "context_lens": case["context_lens"][:0]}).shape == (0, 8, 64)
 
 
-def test_entry_point_serves_rows_through_the_native_tables_it_is_given(cpu_kernels, monkeypatch):
-    case = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in _native_valid().items()}
-    tables = cpu_kernels.decode_tables(case["block_tables"], case["context_lens"])
-    calls = []
-    attend = native_module.NativeDecodeTables.attend
-    monkeypatch.setattr(
-        native_module.NativeDecodeTables, "attend", lambda self, *a: calls.append(a) or attend(self, *a)
-    )
-    out = paged_attention.paged_decode_attention(**case, native=tables)
-    assert len(calls) == 1
-    assert torch.equal(out, native(**case))
-
-
 def _native_valid():
     return make_case(18, torch.float32, 2, 2, 64, BLOCK_SIZE, [3, 20])
 

@@ -13,7 +13,7 @@ COPY pyproject.toml README.md ./
 COPY openlora ./openlora
 COPY control_plane ./control_plane
 COPY data_plane ./data_plane
-COPY kernels ./kernels
+COPY openlora_kernels ./openlora_kernels
 COPY migrations ./migrations
 COPY protos ./protos
 # Editable: the control plane finds migrations/ beside its package.

@@ -1,4 +1,4 @@
-"""Decode attention benchmark: the paged decode paths of `kernels.paged_attention` at decode shapes.
+"""Decode attention benchmark: the paged decode paths of `openlora_kernels.paged_attention` at decode shapes.
 
     python -m benchmarks.attention_bench                  # CPU: the torch paths and the native kernel
     python -m benchmarks.attention_bench --quick          # CPU, fewer repeats: checks the code paths run
@@ -12,7 +12,7 @@ path and its ratio to gather_sdpa (the padded gather + masked SDPA the model use
 the same run; every path's output is checked against gather_sdpa's first. Prints a table; --out writes
 JSON. On a busy machine, also run it with --threads 1 and with OMP_WAIT_POLICY=PASSIVE: torch's threads
 spin at each op's barrier while other jobs hold the cores, which favours the path with fewest ops (the
-figures behind the CPU default are in kernels/paged_attention.py).
+figures behind the CPU default are in openlora_kernels/paged_attention.py).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def native_path(kernels, q, k_cache, v_cache, block_tables, context_lens, scale,
 
 
 def candidates(device: str) -> dict:
-    from kernels import paged_attention
+    from openlora_kernels import paged_attention
 
     if device == "cpu":
         paths = dict(paged_attention.CPU_PATHS)
@@ -146,7 +146,7 @@ def candidates(device: str) -> dict:
         if kernels is not None:
             paths["native"] = functools.partial(native_path, kernels)
         return paths
-    from kernels.triton_ops.paged_decode import paged_decode_attention
+    from openlora_kernels.triton_ops.paged_decode import paged_decode_attention
 
     return {"gather_sdpa": paged_attention.gather_sdpa, "triton": paged_decode_attention}
 

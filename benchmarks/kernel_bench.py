@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     import triton
 
-    from kernels.triton_ops import sgmv_expand as expand_mod
-    from kernels.triton_ops import sgmv_shrink as shrink_mod
+    from openlora_kernels.triton_ops import sgmv_expand as expand_mod
+    from openlora_kernels.triton_ops import sgmv_shrink as shrink_mod
 
     class Ops:
         shrink, expand = shrink_mod, expand_mod

@@ -11,7 +11,7 @@ with a timer around each part. A part's time is exclusive: its own, less the par
 
 - base linears: every linear module (nn.Linear, LoRALinear, QuantLoRALinear, QuantLinear, any module
   holding LoRA pools) and every other `F.linear` call, lm_head included, less the LoRA inside them;
-- LoRA: the calls of the SGMV ops (`kernels.sgmv_*`, shrink and expand), wherever the model calls them,
+- LoRA: the calls of the SGMV ops (`openlora_kernels.sgmv_*`, shrink and expand), wherever the model calls them,
   and the CPU's native SGMV path (`NativeLora.add`, on float32 CPU models by default);
 - attention: the attention modules (those holding a KV cache) less their projections: rotary, KV-cache
   writes, attention over the cache;
@@ -169,12 +169,12 @@ def instrument(engine: LLMEngine, timer: PartTimer) -> Callable[[], None]:
     # The SGMV ops, under every name a loaded module of ours holds them by.
     originals: dict[int, tuple[Callable, Callable]] = {}
     for name, module in list(sys.modules.items()):
-        if module is not None and (name == "kernels" or name.startswith("kernels.")):
+        if module is not None and (name == "openlora_kernels" or name.startswith("openlora_kernels.")):
             for attr, value in vars(module).items():
                 if _is_lora_op(attr, value) and id(value) not in originals:
                     originals[id(value)] = (value, timer.wrap(value, LORA))
     for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(("kernels", "data_plane")):
+        if module is None or not name.startswith(("openlora_kernels", "data_plane")):
             continue
         for attr, value in list(vars(module).items()):
             if id(value) in originals and originals[id(value)][0] is value:

@@ -108,7 +108,7 @@ def kernel_table(size: int, repeats: int, device: torch.device) -> list[dict]:
             x = torch.randn(num_rows, size, generator=g).to(device, torch.bfloat16)
             candidates = {
                 "dense bf16 (F.linear)": lambda x=x: F.linear(x, w_bf16),
-                "int8 Triton weight-only (kernels/triton_ops/int8_matmul.py) [chosen]": lambda x=x: (
+                "int8 Triton weight-only (openlora_kernels/triton_ops/int8_matmul.py) [chosen]": lambda x=x: (
                     int8.kernel(x)
                 ),
                 "int8 _weight_int8pack_mm": lambda x=x: torch.ops.aten._weight_int8pack_mm(

@@ -1,4 +1,4 @@
-"""A step's LoRA on the CPU: the native SGMV kernels (`kernels/sgmv_cpu.c`) against the torch reference, on
+"""A step's LoRA on the CPU: the native SGMV kernels (`openlora_kernels/sgmv_cpu.c`) against the torch reference, on
 the projections of the bench model and the layouts its benchmarks produce.
 
     python -m benchmarks.sgmv_cpu_bench
@@ -35,7 +35,7 @@ from data_plane.model.lora_linear import LoRALinear
 from data_plane.model.metadata import LoraSegments
 from data_plane.model.native_lora import NativeLora
 from data_plane.model.quant.native import native_kernels, native_kernels_problem
-from kernels import plan_segments
+from openlora_kernels import plan_segments
 
 NUM_SLOTS, MAX_RANK = 32, 64
 

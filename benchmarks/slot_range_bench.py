@@ -10,7 +10,7 @@ Shapes: one down_proj-sized projection of the bench model (`benchmarks.fixtures.
 the shrink, out 1376 for the expand), rank 16, float32, one torch thread; n one-row segments (decode) on
 n distinct slots drawn at random from the pool. Each line: n, the span of the slots drawn, and the
 microseconds of one shrink + expand by each strategy (best of two alternated passes of --repeats calls).
-The figures behind `kernels.reference._MAX_RANGE_SLOTS_PER_ROW` come from this command. With --split:
+The figures behind `openlora_kernels.reference._MAX_RANGE_SLOTS_PER_ROW` come from this command. With --split:
 mixed layouts on a 32-slot pool (a popular adapter's long segments beside the long tail's one-row ones),
 the segment loop over every segment against the split plan (long segments looped, short ones batched);
 the figures behind `_MIN_SPLIT_SHORT_SEGMENTS`.
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from kernels import reference
+from openlora_kernels import reference
 
 
 def _time(n: int, num_slots: int, force_range: bool, repeats: int, pools) -> float:

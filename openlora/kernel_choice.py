@@ -1,5 +1,5 @@
 """OPENLORA_KERNELS, read without importing torch (so that `up` checks it before it starts anything): which
-implementation the LoRA and attention kernels take. `kernels.kernel_choice` reads it through here."""
+implementation the LoRA and attention kernels take. `openlora_kernels.kernel_choice` reads it through here."""
 
 from __future__ import annotations
 

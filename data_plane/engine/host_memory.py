@@ -11,7 +11,7 @@ and V reached 25 MB, every step took about 75,000 page faults and twice as long 
 `keep_freed_memory()` sets a trim threshold of 1 GiB (freed memory stays with the process, for the next
 step) and fixes the mmap threshold at glibc's largest, 32 MiB (blocks up to that come from the heap and are
 reused). Blocks above 32 MiB are still mapped per allocation: the decode attention's CPU paths keep their
-copies under it (`kernels.paged_attention`). Elsewhere than glibc this does nothing.
+copies under it (`openlora_kernels.paged_attention`). Elsewhere than glibc this does nothing.
 """
 
 from __future__ import annotations

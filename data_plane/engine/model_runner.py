@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-import kernels
+import openlora_kernels as kernels
 from data_plane.adapters.host_buffer import HostAdapter, unpack
 from data_plane.adapters.weights import AdapterWeights
 from data_plane.engine.sequence import Sequence

@@ -19,7 +19,7 @@ from data_plane.model.metadata import LoraSegments, PrefillSpan, StepMetadata
 from data_plane.model.quant import QuantLinear, QuantSettings, make_quant_linear, quant_row_multiple
 from data_plane.model.quant.base import RowSlice
 from data_plane.model.quant.lora import QuantLoRALinear
-from kernels.paged_attention import paged_decode_attention
+from openlora_kernels.paged_attention import paged_decode_attention
 
 
 @dataclass(frozen=True)

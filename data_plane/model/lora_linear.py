@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import kernels
+import openlora_kernels as kernels
 from data_plane.model.metadata import LoraSegments
 
 

@@ -8,7 +8,7 @@ import torch
 
 from data_plane.model.native_lora import NativeLora
 from data_plane.model.quant.native import NativeDecodeTables, NativeKvSlots
-from kernels import SegmentPlan
+from openlora_kernels import SegmentPlan
 
 
 @dataclass
@@ -31,7 +31,7 @@ class LoraSegments:
     seg_slots: torch.Tensor  # (G,) int32, -1 = no adapter
     max_rank: int  # largest rank among the slots used in this step
     max_segment_rows: int  # longest segment, known on the host: the kernels skip their index checks
-    use_triton: bool  # the SGMV implementation of this step (`kernels.use_triton`, read once)
+    use_triton: bool  # the SGMV implementation of this step (`openlora_kernels.use_triton`, read once)
     plan: SegmentPlan | None  # the reference's plan of the layout; None on the Triton path
     # PEFT target modules (q_proj, ...) that some slot of the step adapts; the others skip SGMV. None: all.
     targets: frozenset[str] | None = None
@@ -53,10 +53,10 @@ class StepMetadata:
     decode_block_tables: torch.Tensor | None  # (D, max_blocks) int64, padded with block 0
     decode_context_lens: torch.Tensor | None  # (D,) int64 tokens each decode sequence attends to
     max_decode_context_len: int  # the longest of them, known on the host (0 without decode rows)
-    use_triton: bool  # Triton kernels for this step (`kernels.use_triton`, read once per step)
+    use_triton: bool  # Triton kernels for this step (`openlora_kernels.use_triton`, read once per step)
     lora: LoraSegments | None  # None when no row of the step uses an adapter
     # The decode rows' tables checked for the CPU's native decode attention (float32 caches,
-    # `OPENLORA_KERNELS` auto); None: `kernels.paged_attention`'s torch or Triton path.
+    # `OPENLORA_KERNELS` auto); None: `openlora_kernels.paged_attention`'s torch or Triton path.
     native_decode: NativeDecodeTables | None = None
     # The step's KV slot ids checked for the CPU's native rotary and cache writes (float32 caches,
     # `OPENLORA_KERNELS` auto); None: `apply_rotary` and `index_copy_`.

@@ -1,6 +1,6 @@
-"""A step's LoRA on the CPU through the native SGMV kernels (`kernels/sgmv_cpu.c`), float32 pools.
+"""A step's LoRA on the CPU through the native SGMV kernels (`openlora_kernels/sgmv_cpu.c`), float32 pools.
 
-The torch reference (`kernels.reference`) pays a dispatch per segment or a padded batch for a many-adapter
+The torch reference (`openlora_kernels.reference`) pays a dispatch per segment or a padded batch for a many-adapter
 step; the native kernels run every short segment of a projection in one call that reads each adapter's
 factors once. Long segments (a prompt's chunk) stay one torch matmul each, where a GEMM beats the
 kernels' dot products.

@@ -354,7 +354,7 @@ def worker_config_from_args(args: argparse.Namespace):
     _spell_words(args)
     if (problem := device_problem(args.device) or cuda_problem(args.device)) is not None:
         raise ValueError(f"device {problem}")  # exit 2: restarting a worker would not help
-    from kernels import kernel_choice, triton_runs_on
+    from openlora_kernels import kernel_choice, triton_runs_on
 
     # A bad OPENLORA_KERNELS stops the worker here, not every request it would serve.
     if kernel_choice() == "triton" and not triton_runs_on(args.device):

@@ -8,7 +8,7 @@ import json
 import pytest
 from torch.nn import functional as F
 
-import kernels
+import openlora_kernels as kernels
 from benchmarks import profile_step
 from benchmarks.profile_step import (
     ATTENTION,

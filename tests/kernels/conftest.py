@@ -13,10 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     for name in (
-        "kernels.triton_ops.sgmv_shrink",
-        "kernels.triton_ops.sgmv_expand",
-        "kernels.triton_ops.paged_decode",
-        "kernels.triton_ops.int8_matmul",
+        "openlora_kernels.triton_ops.sgmv_shrink",
+        "openlora_kernels.triton_ops.sgmv_expand",
+        "openlora_kernels.triton_ops.paged_decode",
+        "openlora_kernels.triton_ops.int8_matmul",
     ):
         if name in sys.modules:
             raise pytest.UsageError(f"{name} was imported before TRITON_INTERPRET=1 could be set")

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-import kernels
+import openlora_kernels as kernels
 from data_plane.model.lora_linear import LoRALinear
 from data_plane.model.metadata import LoraSegments
 

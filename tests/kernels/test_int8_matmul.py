@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.triton_ops import int8_matmul
+from openlora_kernels.triton_ops import int8_matmul
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

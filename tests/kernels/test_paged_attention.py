@@ -1,5 +1,5 @@
 """Paged decode attention: the Triton kernel (on the CPU through the Triton interpreter), the CPU torch
-paths and the CPU's native kernel (kernels/attention_cpu.c, float32) against a per-sequence float64
+paths and the CPU's native kernel (openlora_kernels/attention_cpu.c, float32) against a per-sequence float64
 reference written from the definition.
 
 Grid: dtype x GQA ratio (1, 4, 8) x head_dim (64, 128) on a batch whose contexts are 1, block_size - 1,
@@ -19,9 +19,9 @@ import torch
 
 from data_plane.model.quant import native as native_module
 from data_plane.model.quant.native import native_kernels, native_kernels_problem
-from kernels import paged_attention
-from kernels.checks import KernelArgumentError
-from kernels.triton_ops import paged_decode
+from openlora_kernels import paged_attention
+from openlora_kernels.checks import KernelArgumentError
+from openlora_kernels.triton_ops import paged_decode
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {  # (atol, rtol) against the float64 reference: float32 sums, one rounding to the dtype
@@ -308,7 +308,7 @@ def test_a_window_below_one_is_refused(window):
     assert raised.value.argument == "window"
 
 
-# -- The CPU's native kernel (kernels/attention_cpu.c): float32, K and V read in place ------------------------
+# -- The CPU's native kernel (openlora_kernels/attention_cpu.c): float32, K and V read in place ------------------------
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from benchmarks import attention_bench
-from kernels import paged_attention
+from openlora_kernels import paged_attention
 
 
 def test_quick_bench_times_every_cpu_path_and_writes_json(tmp_path, monkeypatch, capsys):

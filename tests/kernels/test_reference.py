@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+import openlora_kernels as kernels
+from openlora_kernels import reference
 
 
 def naive_shrink(x, lora_a, seg_indptr, seg_slots):

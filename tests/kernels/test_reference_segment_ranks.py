@@ -3,7 +3,7 @@
 
 import torch
 
-from kernels import reference
+from openlora_kernels import reference
 
 
 def layout(lengths, slots):

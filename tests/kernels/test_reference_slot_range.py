@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import reference
+from openlora_kernels import reference
 
 TOLERANCE = {  # (atol, rtol) against the naive loop: only the order of float32 sums differs
     torch.float32: (1e-5, 1e-5),

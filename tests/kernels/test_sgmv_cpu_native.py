@@ -1,4 +1,4 @@
-"""The CPU's native SGMV kernels (kernels/sgmv_cpu.c through data_plane/model/native_lora.py) against a
+"""The CPU's native SGMV kernels (openlora_kernels/sgmv_cpu.c through data_plane/model/native_lora.py) against a
 float64 product per row, on the layouts a serving step has: one-row decode segments on scattered slots, a
 popular adapter's rows together, a prompt chunk long enough to go to torch, rows without an adapter, mixed
 ranks over garbage past each rank, fused groups' rank-interleaved A, and B in both layouts. The C code

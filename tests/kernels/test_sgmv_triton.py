@@ -12,11 +12,11 @@ import zlib
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.checks import KernelArgumentError
-from kernels.triton_ops import sgmv_expand as expand_op
-from kernels.triton_ops import sgmv_shrink as shrink_op
+import openlora_kernels as kernels
+from openlora_kernels import reference
+from openlora_kernels.checks import KernelArgumentError
+from openlora_kernels.triton_ops import sgmv_expand as expand_op
+from openlora_kernels.triton_ops import sgmv_shrink as shrink_op
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

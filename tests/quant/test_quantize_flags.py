@@ -175,7 +175,7 @@ def test_a_triton_without_knobs_is_asked_through_its_variable(monkeypatch, inter
 
     import triton
 
-    from kernels import triton_runs_on
+    from openlora_kernels import triton_runs_on
 
     monkeypatch.delattr(triton, "knobs", raising=False)
     monkeypatch.setitem(sys.modules, "triton.knobs", None)

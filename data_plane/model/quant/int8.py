@@ -4,7 +4,7 @@
     q[n, k]  = clamp(round(W[n, k] / scale[n]), -127, 127)   (int8)
     W[n, k] ~ q[n, k] * scale[n]
 
-On CUDA the kernel is `kernels.triton_ops.int8_matmul` (codes widened in registers, tensor-core sums):
+On CUDA the kernel is `openlora_kernels.triton_ops.int8_matmul` (codes widened in registers, tensor-core sums):
 PyTorch's `_weight_int8pack_mm` ran there 5.6x slower than a bfloat16 matmul at 1 row and 48x at 32 rows
 (H200, benchmarks/RESULTS.md). Elsewhere it is `_weight_int8pack_mm` on bfloat16 activations; where a
 device lacks it, the weight is dequantized per call (correct, slower). The CPU kernel reads past the end of a row
@@ -234,7 +234,9 @@ class Int8Linear(QuantLinear):
             return int8_two_digit_mm(x, self.qweight, self.scale, self.two_digit_stacked)
         xc = x.to(COMPUTE_DTYPE)  # (T, K_pad)
         if x.device.type == "cuda":
-            from kernels.triton_ops.int8_matmul import int8_weight_matmul  # imported where CUDA runs it
+            from openlora_kernels.triton_ops.int8_matmul import (
+                int8_weight_matmul,
+            )  # imported where CUDA runs it
 
             return int8_weight_matmul(xc, self.qweight, self.scale).to(x.dtype)
         if has_int8_kernel(x.device.type):

@@ -1,4 +1,4 @@
-"""The CPU kernels of `int4_cpu.c`, `int8_cpu.c`, `kernels/sgmv_cpu.c` and `kernels/attention_cpu.c`, compiled
+"""The CPU kernels of `int4_cpu.c`, `int8_cpu.c`, `openlora_kernels/sgmv_cpu.c` and `openlora_kernels/attention_cpu.c`, compiled
 for this machine at first use into one library and loaded through ctypes.
 
     kernels = native_kernels()                          # NativeKernels, or None (why: native_kernels_problem())
@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 SOURCES = (
     Path(__file__).with_name("int4_cpu.c"),
     Path(__file__).with_name("int8_cpu.c"),
-    Path(__file__).parents[3] / "kernels" / "sgmv_cpu.c",
-    Path(__file__).parents[3] / "kernels" / "attention_cpu.c",
+    Path(__file__).parents[3] / "openlora_kernels" / "sgmv_cpu.c",
+    Path(__file__).parents[3] / "openlora_kernels" / "attention_cpu.c",
 )
 HEADERS = (Path(__file__).with_name("quant_cpu.h"),)  # included by both: in the digest, not on the command
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
@@ -252,7 +252,7 @@ class NativeKernels:
         """out (D, heads, head_dim) float32: each decode row's query attending to its first
         context_lens[d] cached positions (with a window, the last `window` of them), read in place through
         its block table (`openlora_paged_decode` in attention_cpu.c); the semantics of
-        `kernels.paged_attention.paged_decode_attention`. q (D, heads, head_dim) with its last dimension
+        `openlora_kernels.paged_attention.paged_decode_attention`. q (D, heads, head_dim) with its last dimension
         contiguous; k_cache, v_cache (num_blocks, block_size, kv_heads, head_dim) contiguous float32."""
         problem = decode_shape_problem(q, k_cache, v_cache)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.checks import KernelArgumentError, check_contiguous, check_float, check_same_device
+from openlora_kernels.checks import KernelArgumentError, check_contiguous, check_float, check_same_device
 
 
 @triton.jit

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.checks import (
+from openlora_kernels.checks import (
     KernelArgumentError,
     check_contiguous,
     check_float,

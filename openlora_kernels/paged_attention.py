@@ -3,9 +3,9 @@ of it, or with a sliding window its last `window` tokens).
 
     out = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)  # (D, heads, hd)
 
-On CUDA the Triton kernel (`kernels.triton_ops.paged_decode`) reads K and V in place through the block
+On CUDA the Triton kernel (`openlora_kernels.triton_ops.paged_decode`) reads K and V in place through the block
 tables. On CPU a float32 model's steps (OPENLORA_KERNELS auto) take the native kernel of
-`kernels/attention_cpu.c` instead of this module, which reads them in place as well (the model calls
+`openlora_kernels/attention_cpu.c` instead of this module, which reads them in place as well (the model calls
 `NativeDecodeTables.attend` over the step's tables, checked once by the model runner; 3.3-4.6x faster than
 `bucketed_sdpa` per layer in `python -m benchmarks.attention_bench`, see benchmarks/RESULTS.md). Otherwise
 one of the pure-torch paths below runs, all with the same signature and semantics (see the Triton
@@ -197,7 +197,7 @@ def paged_decode_attention(
     tokens, found through block_tables (D, max_blocks) in k_cache, v_cache (num_blocks, block_size,
     kv_heads, head_dim); heads a multiple of kv_heads (GQA). ``window`` (a sliding-window layer's; None:
     the whole context): only the tokens at positions >= context_lens[d] - window. See
-    `kernels.triton_ops.paged_decode.paged_decode_attention` for the exact semantics.
+    `openlora_kernels.triton_ops.paged_decode.paged_decode_attention` for the exact semantics.
 
     ``use_triton``: None picks by device (Triton on CUDA, `CPU_DEFAULT` elsewhere); True forces the
     kernel (on CPU tensors it needs TRITON_INTERPRET=1 set before the kernel is first imported); False
@@ -207,7 +207,7 @@ def paged_decode_attention(
     if use_triton is None:
         use_triton = q.device.type == "cuda"
     if use_triton:
-        from kernels.triton_ops.paged_decode import paged_decode_attention as triton_paged_decode
+        from openlora_kernels.triton_ops.paged_decode import paged_decode_attention as triton_paged_decode
 
         return triton_paged_decode(
             q,

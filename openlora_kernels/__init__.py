@@ -10,7 +10,7 @@ once with ``use_triton(device)``; None reads ``OPENLORA_KERNELS`` on this call) 
 reference's ``SegmentPlan`` of the layout, from ``plan_segments``; None builds it on this call).
 
 Segment g covers rows ``seg_indptr[g]:seg_indptr[g + 1]`` and uses adapter slot ``seg_slots[g]``
-(-1: no adapter). See ``kernels.reference`` for the exact semantics.
+(-1: no adapter). See ``openlora_kernels.reference`` for the exact semantics.
 
 ``OPENLORA_KERNELS`` selects the implementation: ``triton`` forces Triton (on CPU tensors this needs
 ``TRITON_INTERPRET=1`` set before the Triton kernels are first imported), ``reference`` forces the
@@ -24,9 +24,9 @@ import os
 
 import torch
 
-from kernels import reference
-from kernels.reference import SegmentPlan
 from openlora.kernel_choice import kernel_choice as checked_choice
+from openlora_kernels import reference
+from openlora_kernels.reference import SegmentPlan
 
 __all__ = [
     "SegmentPlan",
@@ -102,13 +102,13 @@ def sgmv_shrink(
     """u (T, R) = x (T, H_in) @ lora_a[slot] (R, H_in).T per segment; rows of slot -1 are zero.
 
     ``max_segment_rows``: the longest segment, when the caller knows it from host-side metadata; the
-    Triton path then skips its index checks and their device sync (see ``kernels.triton_ops``).
+    Triton path then skips its index checks and their device sync (see ``openlora_kernels.triton_ops``).
     ``use_triton`` and ``plan`` as in the module docstring. ``rank_columns``: columns of u per unit of
     adapter rank (a fused group's rank-interleaved pool has one per slice); the reference uses it with a
     plan that knows the slots' ranks, Triton has ``slot_ranks`` for that.
     """
     if _triton_chosen(use_triton, x.device):
-        from kernels.triton_ops.sgmv_shrink import sgmv_shrink as triton_shrink
+        from openlora_kernels.triton_ops.sgmv_shrink import sgmv_shrink as triton_shrink
 
         return triton_shrink(x, lora_a, seg_indptr, seg_slots, slot_ranks, max_segment_rows=max_segment_rows)
     return reference.sgmv_shrink(
@@ -135,7 +135,7 @@ def sgmv_expand(
     ``max_segment_rows``, ``use_triton``, ``plan`` and ``rank_columns`` as for ``sgmv_shrink``.
     """
     if _triton_chosen(use_triton, u.device):
-        from kernels.triton_ops.sgmv_expand import sgmv_expand as triton_expand
+        from openlora_kernels.triton_ops.sgmv_expand import sgmv_expand as triton_expand
 
         triton_expand(
             u, lora_b, seg_indptr, seg_slots, y, scale, slot_ranks, max_segment_rows=max_segment_rows

@@ -1,6 +1,6 @@
 /* SGMV shrink and expand on the CPU, float32, every segment of a projection in one call.
  *
- * The torch reference (kernels/reference.py) runs a many-adapter step as one matmul per segment, or as
+ * The torch reference (openlora_kernels/reference.py) runs a many-adapter step as one matmul per segment, or as
  * batched matmuls over gathered or padded entries: each is a dispatch of microseconds for a product of
  * microseconds, and the padded forms read or write more than the product needs. These loops read each
  * segment's factors once and nothing else, on torch's OpenMP thread pool.

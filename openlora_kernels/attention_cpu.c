@@ -1,7 +1,7 @@
 /* Paged decode attention on the CPU, float32: one query token per sequence against its cached keys and
  * values, read in place through the sequence's block table.
  *
- * The torch paths of kernels/paged_attention.py gather each sequence's blocks into a padded copy of K and
+ * The torch paths of openlora_kernels/paged_attention.py gather each sequence's blocks into a padded copy of K and
  * of V before SDPA reads them back: per layer a copy of every history, written and read again, plus the
  * padding's work. This loop reads each key and value once where it lies and writes nothing but the output.
  *

@@ -1,1 +1,0 @@
-"""Triton launchers; imported only when the Triton path is chosen (``kernels.use_triton``)."""

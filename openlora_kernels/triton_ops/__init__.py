@@ -1,0 +1,1 @@
+"""Triton launchers; imported only when the Triton path is chosen (``openlora_kernels.use_triton``)."""

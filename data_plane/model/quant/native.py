@@ -1,5 +1,6 @@
-"""The CPU kernels of `int4_cpu.c`, `int8_cpu.c`, `openlora_kernels/sgmv_cpu.c` and `openlora_kernels/attention_cpu.c`, compiled
-for this machine at first use into one library and loaded through ctypes.
+"""The CPU kernels of `int4_cpu.c`, `int8_cpu.c`, `openlora_kernels/sgmv_cpu.c` and
+`openlora_kernels/attention_cpu.c`, compiled for this machine at first use into one library and loaded
+through ctypes.
 
     kernels = native_kernels()                          # NativeKernels, or None (why: native_kernels_problem())
     weight = kernels.int4_weight(codes, scale, offset, G)  # checked once for the C code
@@ -257,8 +258,6 @@ class NativeKernels:
         problem = decode_shape_problem(q, k_cache, v_cache)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             problem = f"window must be a whole number of positions of at least 1, got {window!r}"
-        if problem is None and v_cache.shape != k_cache.shape:
-            problem = f"v_cache {list(v_cache.shape)} is not k_cache's shape {list(k_cache.shape)}"
         if problem is None:
             problem = tables.problem(q.shape[0], k_cache.shape[0], k_cache.shape[1])
         if problem is not None:
@@ -304,16 +303,35 @@ def attention_shape_problem(heads: int, kv_heads: int, head_dim: int, block_size
 def decode_shape_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
     """Why `paged_decode` cannot take these tensors (a dtype, layout or size outside attention_cpu.c's),
     None when it can."""
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k_cache, v_cache)):
-        return "q and the caches must be float32 on the CPU"
+    if q.dtype != torch.float32 or q.device.type != "cpu":
+        return "q must be float32 on the CPU"
     if q.dim() != 3 or q.stride(2) != 1:
         return f"q must be (D, heads, head_dim) with its last dimension contiguous, got {list(q.shape)}"
-    if k_cache.dim() != 4 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        return "the caches must be contiguous (num_blocks, block_size, kv_heads, head_dim)"
+    problem = _caches_problem(k_cache, v_cache)
+    if problem is not None:
+        return problem
     _, block_size, kv_heads, head_dim = k_cache.shape
     if q.shape[2] != head_dim:
         return f"q {list(q.shape)} does not fit caches {list(k_cache.shape)}"
     return attention_shape_problem(q.shape[1], kv_heads, head_dim, block_size)
+
+
+def _caches_problem(k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    """Why k_cache and v_cache are not the pair attention_cpu.c reads (contiguous float32 CPU tensors of one
+    (num_blocks, block_size, kv_heads, head_dim) shape); None when they are."""
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (
+            cache.dtype != torch.float32
+            or cache.device.type != "cpu"
+            or cache.dim() != 4
+            or not cache.is_contiguous()
+        ):
+            return (
+                f"{name} must be a contiguous float32 (num_blocks, block_size, kv_heads, head_dim) CPU tensor"
+            )
+    if v_cache.shape != k_cache.shape:
+        return f"v_cache {list(v_cache.shape)} is not k_cache's shape {list(k_cache.shape)}"
+    return None
 
 
 class NativeDecodeTables:
@@ -403,21 +421,18 @@ class NativeKvSlots:
                 f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: no even head_dim shared"
             )
         for name, t in (("cos", cos), ("sin", sin)):
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != num_rows * head_dim:
-                raise ValueError(f"{name} must be contiguous float32 ({num_rows}, 1, {head_dim})")
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
             if (
-                cache.dtype != torch.float32
-                or cache.device.type != "cpu"
-                or not cache.is_contiguous()
-                or cache.dim() != 4
-                or tuple(cache.shape[2:]) != (kv_heads, head_dim)
+                t.dtype != torch.float32
+                or t.device.type != "cpu"
+                or not t.is_contiguous()
+                or t.numel() != num_rows * head_dim
             ):
-                raise ValueError(
-                    f"{name} must be contiguous float32 (num_blocks, block_size, {kv_heads}, {head_dim})"
-                )
-        if v_cache.shape != k_cache.shape:
-            raise ValueError(f"v_cache {list(v_cache.shape)} is not k_cache's shape {list(k_cache.shape)}")
+                raise ValueError(f"{name} must be contiguous float32 ({num_rows}, 1, {head_dim})")
+        problem = _caches_problem(k_cache, v_cache)
+        if problem is None and tuple(k_cache.shape[2:]) != (kv_heads, head_dim):
+            problem = f"k_cache must hold ({kv_heads}, {head_dim}) per position, got {list(k_cache.shape)}"
+        if problem is not None:
+            raise ValueError(problem)
         if self.max_slot >= k_cache.shape[0] * k_cache.shape[1]:
             raise ValueError(
                 f"slot {self.max_slot} outside a cache of {k_cache.shape[0] * k_cache.shape[1]} positions"

@@ -3,9 +3,11 @@
 The engine's roofline share (`engine_bench`) divides the model's FLOPs by the fp32 GEMM rate of a 2048
 square. A decode step's linears are far from square: `rows` tokens by the hidden size against each weight.
 This prints, per linear (fused q/k/v, o, fused gate/up, down, lm_head) and per row count, the median time
-of `F.linear` (the engine's call) and its FLOP rate, with the same product computed the other way round
-(`W @ x.T`, the output transposed) as a candidate layout, all calls interleaved so that load falls on
-every candidate alike.
+and FLOP rate of `F.linear` (torch's BLAS: what transformers calls, and the engine under
+`OPENLORA_KERNELS=reference`), of oneDNN's inner product (`data_plane.model.dense.onednn_linear`: the
+engine's float32 CPU linears by default) and of the same product computed the other way round (`W @ x.T`,
+the output transposed), all calls interleaved so that load falls on every candidate alike; and the square
+GEMM's rate through torch's BLAS and through oneDNN.
 
     python -m benchmarks.linear_shapes --out benchmarks/results/linear_shapes.json
 """
@@ -23,6 +25,9 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks.fixtures import LLAMA_50M, SHAPES
+from data_plane.model.dense import onednn_linear
+
+CANDIDATES = ("F.linear", "oneDNN", "W @ x.T")
 
 
 def _linears(shape) -> dict[str, tuple[int, int]]:
@@ -61,6 +66,7 @@ def measure(shape, rows_list: list[int], repeats: int, square: int) -> dict:
             ms = _time(
                 {
                     "F.linear": lambda x=x, w=weight: F.linear(x, w),
+                    "oneDNN": lambda x=x, w=weight: onednn_linear(x, w),
                     "W @ x.T": lambda x=x, w=weight: (w @ x.t()).t(),
                 },
                 count,
@@ -76,26 +82,26 @@ def measure(shape, rows_list: list[int], repeats: int, square: int) -> dict:
             )
     a = torch.randn(square, square)
     b = torch.randn(square, square)
-    square_ms = _time({"square": lambda: a @ b}, 5)["square"]
+    square_ms = _time({"torch": lambda: a @ b, "oneDNN": lambda: onednn_linear(a, b)}, 5)
     return {
         "model": shape.name,
         "threads": torch.get_num_threads(),
         "square_size": square,
-        "square_gflops": round(2 * square**3 / (square_ms / 1e3) / 1e9, 1),
+        "square_gflops": {k: round(2 * square**3 / (v / 1e3) / 1e9, 1) for k, v in square_ms.items()},
         "linears": results,
     }
 
 
 def _table(report: dict) -> str:
+    square = ", ".join(f"{k} {v}" for k, v in report["square_gflops"].items())
     lines = [
-        f"fp32 GEMM {report['square_size']} square: {report['square_gflops']} GFLOP/s "
-        f"({report['threads']} threads)",
-        "| linear | rows | F.linear ms (GFLOP/s) | W @ x.T ms (GFLOP/s) |",
-        "|---|---|---|---|",
+        f"fp32 GEMM {report['square_size']} square, GFLOP/s: {square} ({report['threads']} threads)",
+        "| linear | rows | " + " | ".join(f"{k} ms (GFLOP/s)" for k in CANDIDATES) + " |",
+        "|---|---|" + "---|" * len(CANDIDATES),
     ]
     for r in report["linears"]:
-        cells = [f"{r['ms'][k]:.3f} ({r['gflops'][k]:.1f})" for k in ("F.linear", "W @ x.T")]
-        lines.append(f"| {r['linear']} | {r['rows']} | {cells[0]} | {cells[1]} |")
+        cells = [f"{r['ms'][k]:.3f} ({r['gflops'][k]:.1f})" for k in CANDIDATES]
+        lines.append(f"| {r['linear']} | {r['rows']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

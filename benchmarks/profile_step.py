@@ -9,8 +9,9 @@ every `--decode-tokens` / 4 steps. After
 `--warmup-steps`, `--steps` steps run without timers (the reference step time), then `--steps` steps run
 with a timer around each part. A part's time is exclusive: its own, less the parts nested in it.
 
-- base linears: every linear module (nn.Linear, LoRALinear, QuantLoRALinear, QuantLinear, any module
-  holding LoRA pools) and every other `F.linear` call, lm_head included, less the LoRA inside them;
+- base linears: every linear module (nn.Linear, LoRALinear, QuantLoRALinear, QuantLinear, DenseLinear,
+  any module holding LoRA pools or a dense matmul) and every other `F.linear` call, lm_head included, less
+  the LoRA inside them;
 - LoRA: the calls of the SGMV ops (`openlora_kernels.sgmv_*`, shrink and expand), wherever the model calls them,
   and the CPU's native SGMV path (`NativeLora.add`, on float32 CPU models by default);
 - attention: the attention modules (those holding a KV cache) less their projections: rotary, KV-cache
@@ -135,8 +136,14 @@ class PartTimer:
 
 def module_part(module: nn.Module) -> str | None:
     """The part a module's own time belongs to, by what it is rather than what it is called."""
-    if isinstance(module, (nn.Linear, QuantLinear)) or hasattr(module, "lora_a"):
-        return BASE  # LoRALinear and QuantLoRALinear hold LoRA pools (lora_a); their SGMV calls are LoRA
+    if (
+        isinstance(module, (nn.Linear, QuantLinear))
+        or hasattr(module, "lora_a")
+        or hasattr(module, "dense_matmul")
+    ):
+        # LoRALinear and QuantLoRALinear hold LoRA pools (lora_a; their SGMV calls are LoRA); DenseLinear
+        # (lm_head) and LoRALinear hold the model's dense matmul.
+        return BASE
     if hasattr(module, "k_cache"):
         return ATTENTION
     return None

@@ -7,9 +7,10 @@ a few FLOPs per element, left out. Attention's two matmuls (q.k over the context
 of v) cost 4 x heads x head_dim x context FLOPs per layer: reported on its own, since it grows with the
 context while the linears do not.
 
-The machine's rate is measured with `torch.matmul` in the benchmark's own process and threads, twice:
-at the model's linear shapes on `rows` rows (what a decode step of that many sequences runs), and at one
-large square size (what the machine sustains at its best). The roofline is the larger of the two: the
+The machine's rate is measured in the benchmark's own process and threads, through torch's BLAS
+(`torch.matmul`) and through oneDNN (the engine's float32 CPU linears), taking the faster of the two for
+each shape, twice: at the model's linear shapes on `rows` rows (what a decode step of that many sequences
+runs), and at one large square size (what the machine sustains at its best). The roofline is the larger of the two: the
 fastest rate this machine showed in the run, so that a share of it is never flattered by shapes that
 happen to run slowly here (the share of the model-shaped rate alone is reported beside it).
 """
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from data_plane.model.dense import ONEDNN, dense_matmul, onednn_linear
 from openlora.base_model import BaseModelSpec
 
 
@@ -131,36 +134,58 @@ def time_per_call_s(fn, min_seconds: float, calls_per_sample: int = 4) -> float:
 def measure_gemm(
     spec: BaseModelSpec, rows: int, square_size: int, min_seconds: float, dtype: torch.dtype = torch.float32
 ) -> dict:
-    """Sustained `torch.matmul` FLOP/s at the model's linear shapes on `rows` rows and at one square size."""
+    """Sustained GEMM FLOP/s at the model's linear shapes on `rows` rows and at one square size, through
+    each library at hand (torch's BLAS by `torch.matmul`, and oneDNN's inner product, which the engine's
+    float32 CPU linears use): each shape's rate is the faster library's, and so is the square's."""
     shapes = model_linear_shapes(spec)
     generator = torch.Generator().manual_seed(0)
-    shape_times_s = {}
+    libraries = _libraries(dtype)
+    shape_times_s: dict[str, dict[str, float]] = {name: {} for name in libraries}
     for shape in shapes:
         x = torch.randn(rows, shape.in_features, generator=generator, dtype=dtype)  # (rows, in)
         w = torch.randn(shape.out_features, shape.in_features, generator=generator, dtype=dtype)  # (out, in)
         y = torch.empty(rows, shape.out_features, dtype=dtype)
-        # x @ w.T as a linear computes it, written into a preallocated output
-        shape_times_s[shape.name] = time_per_call_s(
-            lambda x=x, w=w, y=y: torch.matmul(x, w.t(), out=y), min_seconds
-        )
+        for name, matmul in libraries.items():  # x @ w.T as a linear computes it
+            shape_times_s[name][shape.name] = time_per_call_s(
+                lambda x=x, w=w, y=y, matmul=matmul: matmul(x, w, y), min_seconds
+            )
     a = torch.randn(square_size, square_size, generator=generator, dtype=dtype)
     b = torch.randn(square_size, square_size, generator=generator, dtype=dtype)
     c = torch.empty(square_size, square_size, dtype=dtype)
-    square_s = time_per_call_s(lambda: torch.matmul(a, b, out=c), min_seconds, calls_per_sample=1)
-    model_shaped = model_shaped_flops_per_s(shape_times_s, shapes, rows)
-    square = 2.0 * square_size**3 / square_s
+    square_s = {
+        name: time_per_call_s(lambda matmul=matmul: matmul(a, b, c), min_seconds, calls_per_sample=1)
+        for name, matmul in libraries.items()
+    }
+    best_times_s = {s.name: min(times[s.name] for times in shape_times_s.values()) for s in shapes}
+    model_shaped = model_shaped_flops_per_s(best_times_s, shapes, rows)
+    square = 2.0 * square_size**3 / min(square_s.values())
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "rows": rows,
         "square_size": square_size,
         "min_seconds_per_shape": min_seconds,
-        "shapes": [_shape_row(s, shape_times_s[s.name], rows) for s in shapes],
+        "shapes": [_shape_row(s, best_times_s[s.name], rows) for s in shapes],
         "model_shaped_flops_per_s": model_shaped,
         "square_flops_per_s": square,
         "roofline_flops_per_s": max(model_shaped, square),
         "roofline_source": "model-shaped" if model_shaped >= square else "square",
+        "by_library": {
+            name: {
+                "model_shaped_flops_per_s": model_shaped_flops_per_s(shape_times_s[name], shapes, rows),
+                "square_flops_per_s": 2.0 * square_size**3 / square_s[name],
+            }
+            for name in libraries
+        },
     }
+
+
+def _libraries(dtype: torch.dtype) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]]:
+    """name -> (x, w, out) computing x @ w.T: torch's BLAS always, oneDNN's where the engine would use it."""
+    libraries = {"torch": lambda x, w, out: torch.matmul(x, w.t(), out=out)}
+    if dense_matmul(torch.device("cpu"), dtype, reference=False)[1] == ONEDNN:
+        libraries["onednn"] = lambda x, w, out: onednn_linear(x, w)
+    return libraries
 
 
 def _shape_row(shape: LinearShape, seconds: float, rows: int) -> dict:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from data_plane.model.config import ModelConfig
+from data_plane.model.dense import DenseLinear
 from data_plane.model.lora_linear import LoRALinear
 from data_plane.model.metadata import LoraSegments, PrefillSpan, StepMetadata
 from data_plane.model.quant import QuantLinear, QuantSettings, make_quant_linear, quant_row_multiple
@@ -44,9 +45,7 @@ class LinearBuilder:
     def lm_head(self, hidden_size: int, vocab_size: int) -> nn.Module:
         if self.quant.lm_head:
             return make_quant_linear(self.quant.format, hidden_size, vocab_size, self.device)
-        head = nn.Linear(hidden_size, vocab_size, bias=False)
-        head.weight.requires_grad_(False)
-        return head
+        return DenseLinear(hidden_size, vocab_size)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from data_plane.model.config import ModelConfig
+from data_plane.model.dense import dense_matmul, use_dense_matmul
 from data_plane.model.llama import LinearBuilder, LlamaForCausalLM
 from data_plane.model.quant import (
     QuantLinear,
@@ -147,7 +148,8 @@ def load_model(
     model is never held (peak memory: the quantized model plus about twice the largest tensor). A format
     the device cannot run, or a linear it cannot pack, is refused (QuantizationError) before anything is
     read. The quantized linears run their packed kernels, or their references under
-    OPENLORA_KERNELS=reference (read here, once)."""
+    OPENLORA_KERNELS=reference (read here, once); the full-precision ones the matmul `dense.dense_matmul`
+    chooses for the device and dtype (oneDNN's for float32 on the CPU, `F.linear` under reference)."""
     quant = quant or QuantSettings()
     check_device(quant, device)
     model_dir = Path(model_dir)
@@ -158,7 +160,10 @@ def load_model(
         model = LlamaForCausalLM(config, max_positions, LinearBuilder(quant, dtype, torch.device(device)))
     model.to_empty(device=device)
     model.to(dtype)
-    set_reference_kernels(model, reference_kernels_requested())
+    reference = reference_kernels_requested()
+    set_reference_kernels(model, reference)
+    matmul, matmul_name = dense_matmul(torch.device(device), dtype, reference)
+    use_dense_matmul(model, matmul)
     params = model.checkpoint_tensors()
     quantized = model.quantized_weights()
     tied_head = None
@@ -212,6 +217,7 @@ def load_model(
             weights.total_bytes / 2**20,
             f"; kernel {', '.join(kernels)}" if kernels else "",
         )
+    log.info("full-precision linears: %s matmul", matmul_name)
     model.model.rotary.build(device)
     model.eval()
     return model, config

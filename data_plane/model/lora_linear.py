@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import openlora_kernels as kernels
+from data_plane.model.dense import DenseMatmul
 from data_plane.model.metadata import LoraSegments
 
 
@@ -62,6 +63,7 @@ class LoRALinear(nn.Module):
         self._init_slices(in_features, out_slices)
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+        self.dense_matmul: DenseMatmul = F.linear  # the model's choice (`dense.use_dense_matmul`)
 
     def _init_slices(self, in_features: int, out_slices: tuple[int, ...]) -> None:
         self.in_features = in_features
@@ -85,7 +87,7 @@ class LoRALinear(nn.Module):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, in) -> x @ W.T + b (T, out): the projection without LoRA."""
-        return F.linear(x, self.weight, self.bias)
+        return self.dense_matmul(x, self.weight, self.bias)
 
     def allocate_slots(self, num_slots: int, max_rank: int) -> None:
         dtype, device = self.pool_dtype_device()

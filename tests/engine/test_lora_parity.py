@@ -55,14 +55,19 @@ def _check_mixed_batch(model, names, seed: int, lengths) -> None:
 
 @pytest.mark.parametrize("choice", ["auto", "reference"], ids=["native kernels", "torch reference"])
 def test_both_cpu_implementations_match_peft(choice, tiny_llama, monkeypatch):
-    """OPENLORA_KERNELS auto takes the native SGMV, decode attention and rotary kernels on the CPU
-    (float32), reference the torch paths: both give PEFT's tokens, on prompt chunks long enough to go to
-    torch and on decode steps."""
+    """OPENLORA_KERNELS auto takes the native SGMV, decode attention and rotary kernels and oneDNN's matmul
+    on the CPU (float32), reference the torch paths: both give PEFT's tokens, on prompt chunks long enough
+    to go to torch and on decode steps."""
+    from data_plane.model import dense
     from data_plane.model.native_lora import MAX_NATIVE_SEGMENT_ROWS, NativeLora
     from data_plane.model.quant.native import NativeDecodeTables, NativeKvSlots
 
     monkeypatch.setenv("OPENLORA_KERNELS", choice)
-    calls, attended, written = [], [], []
+    calls, attended, written, matmuls = [], [], [], []
+    onednn_linear = dense.onednn_linear
+    monkeypatch.setattr(
+        dense, "onednn_linear", lambda x, *args: matmuls.append(x.shape[0]) or onednn_linear(x, *args)
+    )
     add, attend, write = NativeLora.add, NativeDecodeTables.attend, NativeKvSlots.rope_kv_write
     monkeypatch.setattr(NativeLora, "add", lambda self, *args: calls.append(self.long) or add(self, *args))
     monkeypatch.setattr(
@@ -76,12 +81,13 @@ def test_both_cpu_implementations_match_peft(choice, tiny_llama, monkeypatch):
     lengths = [MAX_NATIVE_SEGMENT_ROWS + 5, 9, 2, 14, 6, 1, 11, 3, 7]
     _check_mixed_batch(tiny_llama, [*ADAPTERS, None, *ADAPTERS], 5, lengths)
     if choice == "reference":
-        assert calls == [] and attended == [] and written == []
+        assert calls == [] and attended == [] and written == [] and matmuls == []
     else:  # every projection of every step, a long prompt chunk among them; every decode row's attention;
         # the rotary and cache writes of every row (the first step holds whole prompts)
         assert calls and any(calls) and not all(calls)
         assert attended and max(shape[0] for shape in attended) == len(lengths)
         assert written and max(written) > max(lengths)
+        assert matmuls and max(matmuls) > max(lengths)  # the projections and lm_head
 
 
 def test_each_adapter_changes_the_output(tiny_llama):

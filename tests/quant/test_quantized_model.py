@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_plane.model import loader
+from data_plane.model.dense import DenseLinear
 from data_plane.model.loader import CheckpointError, load_model
 from data_plane.model.lora_linear import LoRALinear
 from data_plane.model.quant import QuantizationError, QuantLinear, QuantSettings
@@ -31,7 +32,7 @@ def test_every_decoder_linear_is_quantized_and_the_rest_keeps_the_model_dtype(ti
             assert isinstance(proj, QuantLoRALinear) and proj.quants[index].format == fmt, name
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert model.model.norm.weight.dtype == torch.float32
-    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.float32
+    assert isinstance(model.lm_head, DenseLinear) and model.lm_head.weight.dtype == torch.float32
     weights = model.weight_bytes()
     assert weights.decoder_bits_per_weight < (9 if fmt == "int8" else 5)
 

@@ -228,6 +228,57 @@ def test_a_compressed_body_is_a_415_naming_its_content_encoding(http_worker, ten
     assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 2
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-www-form-urlencoded", "text/plain", "text/json", "multipart/form-data; boundary=x", "+json",
+     "application/jsonx", "application/+json"],
+)  # fmt: skip
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+def test_a_body_that_is_not_json_by_its_content_type_is_a_415(http_worker, tenant, content_type, route):
+    """A form (what `curl -d` sends), text or another type was parsed as JSON whatever it said; now it is
+    refused unread, naming the header, and nothing is served or billed. JSON types, parameters and case
+    aside, and a body with no Content-Type at all, are read as before."""
+    import json
+
+    body = {"model": "tiny", "max_tokens": 2}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {"prompt": PROMPT})
+    headers = {"Authorization": f"Bearer {tenant[2]}"}
+    refused = httpx.post(
+        f"{http_worker.base_url}/{route}",
+        content=json.dumps(body).encode(),
+        headers={**headers, "Content-Type": content_type},
+        timeout=30,
+    )
+    assert refused.status_code == 415
+    error = refused.json()["error"]
+    assert error["type"] == "invalid_request_error" and "Content-Type" in error["message"]
+    assert repr(content_type) in error["message"]
+    for accepted in ("application/json", "Application/JSON; charset=utf-8", "application/vnd.api+json", None):
+        served = httpx.post(
+            f"{http_worker.base_url}/{route}",
+            content=json.dumps(body).encode(),
+            headers={**headers, **({"Content-Type": accepted} if accepted else {})},
+            timeout=30,
+        )
+        assert served.status_code == 200, (accepted, served.text)
+        assert served.json()["usage"]["completion_tokens"] == 2
+
+
+def test_json_media_types_are_told_from_others():
+    from data_plane.server.openai_http.app import is_json_media_type
+
+    for value in (
+        "application/json",
+        "APPLICATION/JSON",
+        " application/json ; charset=utf-8",
+        "application/ld+json",
+    ):
+        assert is_json_media_type(value), value
+    for value in ("", "json", "text/json", "application/jsonp", "application/+json", "application/x-json-stream",
+                  "text/plain; x=application/json", "application", "application/json-seq"):  # fmt: skip
+        assert not is_json_media_type(value), value
+
+
 @pytest.mark.parametrize("request_id", ["a\x01b", "a\tb", "a\x7fb"])
 def test_a_request_id_with_a_control_character_is_refused_naming_the_header(http_worker, tenant, request_id):
     """The id is echoed in the response's X-Request-Id and written into log lines: a control character is

@@ -2,7 +2,8 @@
 `POST /v1/chat/completions` (and `GET /metrics`), over the same `GenerationService` as gRPC.
 
 A request is read in this order, as gRPC's: draining (503), `Authorization: Bearer <key>` (401), body
-size (413) and its arrival within BODY_TIMEOUT_S (408), then the body's parse: a body that is not a
+size (413), its Content-Encoding and Content-Type (415: uncompressed JSON, or no Content-Type at all) and
+its arrival within BODY_TIMEOUT_S (408), then the body's parse: a body that is not a
 request of its route (not JSON, a field of the wrong type or outside its range) is 400 at once, since the
 names it holds cannot be read; then the key is authorised for the adapters `model` and `mix` name (401,
 403, 404) before any other refusal of the body's fields (400) is answered;
@@ -207,6 +208,13 @@ async def _generation_body(
     if encoding not in ("", "identity"):  # read as JSON, a compressed body was "not UTF-8 text"
         failure = HttpError(
             415, f"Content-Encoding {encoding!r} is not supported: send the body uncompressed", None,
+            "invalid_argument",
+        )  # fmt: skip
+        return _refused(api, failure, {"Connection": "close"})  # the body is left unread
+    media_type = request.headers.get("content-type")
+    if media_type is not None and not is_json_media_type(media_type):
+        failure = HttpError(
+            415, f"Content-Type {media_type[:100]!r} is not supported: send the body as application/json", None,
             "invalid_argument",
         )  # fmt: skip
         return _refused(api, failure, {"Connection": "close"})  # the body is left unread
@@ -458,6 +466,16 @@ class _TooSlow(Exception):
 _PARSE_THREADS = 2  # bodies parsed at once, off the event loop
 MAX_BODIES_PER_TENANT = 4  # bodies one tenant's requests read and parse at once
 MAX_PARSES_PER_TENANT = 1  # of them parsed at once: one tenant never holds every parsing thread
+
+
+def is_json_media_type(value: str) -> bool:
+    """True for a Content-Type of JSON: `application/json` or a `+json` subtype (`application/merge-patch+json`),
+    any case, its parameters (`charset=utf-8`) ignored. A form (what `curl -d` sends by default) or text is
+    not: a body is read as JSON only when its sender said it was, as OpenAI's API and FastAPI-based servers
+    read it."""
+    media = value.split(";", 1)[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    return kind == "application" and (subtype == "json" or (subtype.endswith("+json") and len(subtype) > 5))
 
 
 async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:

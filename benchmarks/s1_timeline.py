@@ -17,7 +17,11 @@ mean running set and its tokens/s:
 - admitting: fewer run while requests wait with a slot free or evictable: the step's token budget
   (`max_num_batched_tokens`) admits no more prompts this step, or an adapter's copy is in flight.
 
-    python -m benchmarks.s1_timeline [--slots 32] [--passes 2] [--out benchmarks/results/s1_timeline.json]
+`--parts` adds one more pass with `benchmarks.profile_step`'s timers around the parts of each step (base
+linears, LoRA, attention, sampling, scheduling, ...), so that the trace's own time is placed, prefills
+included (profile_step's steady state is decode only); it is not one of the timed passes.
+
+    python -m benchmarks.s1_timeline [--slots 32] [--passes 2] [--parts] [--out benchmarks/results/s1_timeline.json]
 """
 
 from __future__ import annotations
@@ -123,6 +127,42 @@ def replay(engine, trace: Trace, refs: dict) -> list[dict]:
     return steps
 
 
+def replay_by_part(engine, trace: Trace, refs: dict) -> dict:
+    """One more pass with profile_step's part timers: ms per part over the pass, and the prompt and output
+    tokens it computed."""
+    from benchmarks.profile_step import PartTimer, breakdown, instrument
+
+    timer = PartTimer()
+    remove = instrument(engine, timer)
+    try:
+        started = time.perf_counter()
+        steps = replay(engine, trace, refs)
+        total_s = time.perf_counter() - started
+    finally:
+        remove()
+    shares = breakdown(timer.seconds, total_s)
+    return {
+        "seconds": total_s,
+        "steps": len(steps),
+        "output_tokens": sum(step["tokens"] for step in steps),
+        "prompt_tokens": sum(len(request.prompt_token_ids) for request in trace.requests),
+        "parts_ms": {part: share * total_s * 1e3 for part, share in shares.items()},
+        "parts_fraction": shares,
+    }
+
+
+def format_parts(parts: dict) -> str:
+    lines = [
+        f"by part (one more pass, timers on: {parts['seconds']:.2f} s, {parts['steps']} steps, "
+        f"{parts['prompt_tokens']} prompt and {parts['output_tokens']} output tokens):",
+        "| part | s | share |",
+        "|---|---|---|",
+    ]
+    for part, ms in parts["parts_ms"].items():
+        lines.append(f"| {part} | {ms / 1e3:.2f} | {parts['parts_fraction'][part]:.1%} |")
+    return "\n".join(lines)
+
+
 def format_report(summary: dict, slots: int) -> str:
     lines = [
         f"slots {slots}, max_num_seqs {summary['max_num_seqs']}: {summary['tokens']} tokens in "
@@ -143,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", type=int, default=OverheadConfig.num_adapter_slots, help="adapter slots")
     parser.add_argument("--passes", type=int, default=2, help="timed passes after the untimed one")
+    parser.add_argument("--parts", action="store_true", help="one more pass, timed by part")
     parser.add_argument("--out", type=Path, default=RESULTS_PATH)
     args = parser.parse_args(argv)
     if args.slots < 1 or args.passes < 1:
@@ -168,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
             replay, engine, trace, refs
         )  # untimed, as scenario 1's warm-up runs part of the trace
         passes = [on_engine_thread(replay, engine, trace, refs) for _ in range(args.passes)]
+        parts = on_engine_thread(replay_by_part, engine, trace, refs) if args.parts else None
     finally:
         engine.shutdown()
     summaries = [summarize(steps, cfg.max_num_seqs) for steps in passes]
@@ -188,6 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
         "best_pass": best,
         "steps": passes[best],
     }
+    if parts is not None:
+        print(format_parts(parts))
+        result["parts"] = parts
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -64,14 +64,15 @@ def onednn_problem() -> str | None:
 def _check_onednn() -> str | None:
     if not torch.backends.mkldnn.is_available():
         return "torch was built without oneDNN"
+    # device named: the first call may come while a model is built under torch.device("meta")
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(72, 160, generator=g)
-    bias = torch.randn(72, generator=g)
+    weight = torch.randn(72, 160, generator=g, device="cpu")
+    bias = torch.randn(72, generator=g, device="cpu")
     inputs = {
-        "one row": torch.randn(1, 160, generator=g),
-        "many rows": torch.randn(37, 160, generator=g),
-        "a strided input": torch.randn(9, 320, generator=g)[:, ::2],
-        "no rows": torch.randn(0, 160, generator=g),
+        "one row": torch.randn(1, 160, generator=g, device="cpu"),
+        "many rows": torch.randn(37, 160, generator=g, device="cpu"),
+        "a strided input": torch.randn(9, 320, generator=g, device="cpu")[:, ::2],
+        "no rows": torch.randn(0, 160, generator=g, device="cpu"),
     }
     for name, x in inputs.items():
         for b in (None, bias):

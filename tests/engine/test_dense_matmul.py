@@ -73,3 +73,13 @@ def test_a_loaded_model_computes_every_full_precision_linear_with_the_choice(cho
     torch.testing.assert_close(
         model.compute_logits(x), F.linear(x, model.lm_head.weight), rtol=1e-5, atol=1e-5
     )
+
+
+def test_the_first_check_runs_on_the_cpu_even_while_a_model_is_built_on_the_meta_device():
+    dense.onednn_problem.cache_clear()
+    try:
+        with torch.device("meta"):
+            assert dense_matmul(torch.device("cpu"), torch.float32, reference=False)[1] == dense.ONEDNN
+        assert dense.onednn_problem() is None
+    finally:
+        dense.onednn_problem.cache_clear()

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,49 +91,71 @@ class _Process:
         return self.log_path.read_text(errors="replace")[-num_chars:]
 
 
+PORT_TAKEN, PORT_ATTEMPTS = support.PORT_TAKEN, support.PORT_ATTEMPTS
+
+
+def _start_listening(
+    process: _Process, argv_for: Callable[[str], list[str]], log_path: Path, target: str | None
+):
+    """Starts `process` (argv_for(target)) and waits until it serves. Without a fixed `target`, a port is
+    picked free; another process can take it between the pick and the child's bind (an outgoing
+    connection's ephemeral port, another test's server), so a child that reports its port taken is started
+    again on another, up to PORT_ATTEMPTS times."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        process.target = target or f"127.0.0.1:{free_port()}"
+        logged = log_path.stat().st_size if log_path.exists() else 0
+        _Process.__init__(process, argv_for(process.target), log_path)
+        try:
+            process.wait_serving(process.target)
+            return
+        except RuntimeError:
+            taken = PORT_TAKEN in log_path.read_text(errors="replace")[logged:]
+            if target is not None or not taken or attempt == PORT_ATTEMPTS:
+                raise
+
+
 class WorkerProcess(_Process):
     def __init__(self, cp_target: str, model_dir: Path, state_dir: Path, log_path: Path, *extra: str) -> None:
-        self.target = f"127.0.0.1:{free_port()}"
         self.state_dir = state_dir
-        super().__init__(
-            [
-                "worker",
-                "--listen", self.target,
-                "--control-plane", cp_target,
-                "--worker-token", WORKER_TOKEN,
-                "--model", str(model_dir),
-                "--model-name", BASE_MODEL,
-                "--state-dir", str(state_dir),
-                "--num-kv-blocks", "2048",
-                "--max-lora-rank", "16",
-                "--drain-grace-s", "5",
-                "--max-tokens-limit", str(LONG_CONTEXT_TOKENS),
-                *extra,
-            ],
-            log_path,
-        )  # fmt: skip
-        self.wait_serving(self.target)
+        _start_listening(
+            self, lambda target: self._argv(target, cp_target, model_dir, state_dir, extra), log_path, None
+        )
+
+    @staticmethod
+    def _argv(
+        target: str, cp_target: str, model_dir: Path, state_dir: Path, extra: tuple[str, ...]
+    ) -> list[str]:
+        return [
+            "worker",
+            "--listen", target,
+            "--control-plane", cp_target,
+            "--worker-token", WORKER_TOKEN,
+            "--model", str(model_dir),
+            "--model-name", BASE_MODEL,
+            "--state-dir", str(state_dir),
+            "--num-kv-blocks", "2048",
+            "--max-lora-rank", "16",
+            "--drain-grace-s", "5",
+            "--max-tokens-limit", str(LONG_CONTEXT_TOKENS),
+            *extra,
+        ]  # fmt: skip
 
 
 class ControlPlaneProcess(_Process):
     def __init__(
         self, database_url: str, redis_url: str, state_dir: Path, log_path: Path, target: str | None = None
     ) -> None:
-        self.target = target or f"127.0.0.1:{free_port()}"
         self.database_url, self.redis_url, self.state_dir = database_url, redis_url, state_dir
-        super().__init__(
-            [
-                "control-plane",
-                "--listen", self.target,
-                "--database-url", database_url,
-                "--redis-url", redis_url,
-                "--state-dir", str(state_dir),
-                "--worker-token", WORKER_TOKEN,
-                "--admin-key", ADMIN_KEY,
-            ],
-            log_path,
-        )  # fmt: skip
-        self.wait_serving(self.target)
+        argv_for = lambda listen: [  # noqa: E731
+            "control-plane",
+            "--listen", listen,
+            "--database-url", database_url,
+            "--redis-url", redis_url,
+            "--state-dir", str(state_dir),
+            "--worker-token", WORKER_TOKEN,
+            "--admin-key", ADMIN_KEY,
+        ]  # fmt: skip
+        _start_listening(self, argv_for, log_path, target)
 
 
 @dataclass

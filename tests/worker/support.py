@@ -132,6 +132,12 @@ class Admin:
         self._channel.close()
 
 
+# What `openlora worker` and `openlora control-plane` say when their --listen port is taken, and how often a
+# test starts a child again on another port picked free when it does.
+PORT_TAKEN = "cannot listen on"
+PORT_ATTEMPTS = 3
+
+
 def free_port() -> int:
     import socket
 

@@ -67,17 +67,9 @@ class WorkerProcess:
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.log_path = log_path
-        # A port picked free can be taken before the child binds it (another process's server, an outgoing
-        # connection's ephemeral port): a child that says so is started again on another port.
-        for attempt in range(1, support.PORT_ATTEMPTS + 1):
-            logged = log_path.stat().st_size if log_path.exists() else 0
-            try:
-                self._start(support.free_port(), cp_target, model_dir, state_dir, extra_args)
-                return
-            except RuntimeError:
-                taken = support.PORT_TAKEN in log_path.read_text(errors="replace")[logged:]
-                if not taken or attempt == support.PORT_ATTEMPTS:
-                    raise
+        support.start_retrying_taken_ports(
+            lambda: self._start(support.free_port(), cp_target, model_dir, state_dir, extra_args), log_path
+        )
 
     def _start(
         self, port: int, cp_target: str, model_dir: Path, state_dir: Path, extra_args: tuple[str, ...]

@@ -91,27 +91,24 @@ class _Process:
         return self.log_path.read_text(errors="replace")[-num_chars:]
 
 
-PORT_TAKEN, PORT_ATTEMPTS = support.PORT_TAKEN, support.PORT_ATTEMPTS
+PORT_TAKEN = support.PORT_TAKEN
 
 
 def _start_listening(
     process: _Process, argv_for: Callable[[str], list[str]], log_path: Path, target: str | None
-):
-    """Starts `process` (argv_for(target)) and waits until it serves. Without a fixed `target`, a port is
-    picked free; another process can take it between the pick and the child's bind (an outgoing
-    connection's ephemeral port, another test's server), so a child that reports its port taken is started
-    again on another, up to PORT_ATTEMPTS times."""
-    for attempt in range(1, PORT_ATTEMPTS + 1):
-        process.target = target or f"127.0.0.1:{free_port()}"
-        logged = log_path.stat().st_size if log_path.exists() else 0
-        _Process.__init__(process, argv_for(process.target), log_path)
-        try:
-            process.wait_serving(process.target)
-            return
-        except RuntimeError:
-            taken = PORT_TAKEN in log_path.read_text(errors="replace")[logged:]
-            if target is not None or not taken or attempt == PORT_ATTEMPTS:
-                raise
+) -> None:
+    """Starts `process` (argv_for(its target)) and waits until it serves: on `target`, or on a port picked
+    free, started again on another when that one was taken before the child bound it."""
+
+    def start(listen: str) -> None:
+        process.target = listen
+        _Process.__init__(process, argv_for(listen), log_path)
+        process.wait_serving(listen)
+
+    if target is not None:
+        start(target)
+    else:
+        support.start_retrying_taken_ports(lambda: start(f"127.0.0.1:{free_port()}"), log_path)
 
 
 class WorkerProcess(_Process):

@@ -138,6 +138,22 @@ PORT_TAKEN = "cannot listen on"
 PORT_ATTEMPTS = 3
 
 
+def start_retrying_taken_ports(start, log_path) -> None:
+    """Calls `start()`, which picks a free port, starts a child logging to `log_path` on it and waits until
+    it serves (RuntimeError when it does not). A port picked free can be taken before the child binds it
+    (another process's server, an outgoing connection's ephemeral port): when the child's new log lines say
+    so, it is started again on another, up to PORT_ATTEMPTS times; any other failure is raised at once."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        logged = log_path.stat().st_size if log_path.exists() else 0
+        try:
+            start()
+            return
+        except RuntimeError:
+            taken = PORT_TAKEN in log_path.read_text(errors="replace")[logged:]
+            if not taken or attempt == PORT_ATTEMPTS:
+                raise
+
+
 def free_port() -> int:
     import socket
 

@@ -19,32 +19,83 @@
  */
 
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
-#define SHRINK_ROWS 4   /* rows of x per pass over a block of columns of a, which stays in L1 meanwhile */
 #define EXPAND_TILE 64  /* outputs per work item of the expand: a tile of b transposed on the stack */
 #define MAX_COLS 512    /* the widest u (rank x slices) the expand's tile holds; native.py checks it */
+
+/* The machine's vector (GCC/Clang vector extensions: AVX-512, AVX2 or SSE under -march=native).
+ *
+ * A decode step reads each adapter's factors once for a row or a few, from memory: too many adapters to
+ * stay in cache. On the machines measured (benchmarks/RESULTS.md) a core streams one sequential run of
+ * addresses about half again as fast as a few runs interleaved a couple of KiB apart, so both loops
+ * read their factor in address order: the shrink a's columns one after another (each against a block
+ * of rows of x at once), the expand b's rows of outputs one after another (each added into a block of
+ * rows of sums kept in the thread's scratch, cache-resident, then added into y). The floats are those of
+ * a dot product per column and of sums over the columns in order, added into y once. */
+#if defined(__AVX512F__)
+#define VEC 16
+#elif defined(__AVX__)
+#define VEC 8
+#else
+#define VEC 4
+#endif
+#define ROWS_BLOCK 4 /* rows of x (shrink) or of u (expand) per pass over a factor */
+
+typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
+
+static inline vfloat vload(const float *p) {
+    vfloat v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vstore(float *p, vfloat v) { __builtin_memcpy(p, &v, sizeof v); }
+
+static inline float vsum(vfloat v) {
+    float s = 0.0f;
+    for (int i = 0; i < VEC; i++) s += v[i];
+    return s;
+}
 
 static inline int64_t segment_cols(int64_t num_cols, const int64_t *ranks, int64_t g, int64_t rank_columns) {
     const int64_t cols = ranks[g] * rank_columns;
     return cols < num_cols ? cols : num_cols;
 }
 
-/* u rows 0..rows (x and u pointing at a segment's first row), columns c0..c1 of one segment. */
+/* u[r * u_rs] = x[r] . w for r < rows (at most ROWS_BLOCK): one pass over w. Inlined into callers that
+ * pass a constant `rows`, so that the sums are registers. */
+static inline __attribute__((always_inline)) void shrink_column(const float *x, int64_t x_rs, int64_t k_len,
+                                                                const float *w, int rows, float *u, int64_t u_rs) {
+    vfloat acc[ROWS_BLOCK];
+    for (int r = 0; r < rows; r++) acc[r] = (vfloat){0.0f};
+    int64_t k = 0;
+    for (; k + VEC <= k_len; k += VEC) {
+        const vfloat wv = vload(w + k);
+        for (int r = 0; r < rows; r++) acc[r] += vload(x + r * x_rs + k) * wv;
+    }
+    for (int r = 0; r < rows; r++) {
+        float s = vsum(acc[r]);
+        for (int64_t kk = k; kk < k_len; kk++) s += x[r * x_rs + kk] * w[kk];
+        u[r * u_rs] = s;
+    }
+}
+
+/* u rows 0..rows_total (x and u pointing at a segment's first row), columns c0..c1 of one segment. */
 static void shrink_block(const float *x, int64_t x_rs, int64_t k_len, const float *a, int64_t a_rs, int64_t rows_total,
                          int64_t c0, int64_t c1, float *u, int64_t u_rs) {
-    for (int64_t t0 = 0; t0 < rows_total; t0 += SHRINK_ROWS) {
-        const int64_t rows = rows_total - t0 < SHRINK_ROWS ? rows_total - t0 : SHRINK_ROWS;
-        for (int64_t c = c0; c < c1; c++) {
-            const float *w = a + c * a_rs;
-            float sums[SHRINK_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int64_t r = 0; r < rows; r++) {
-                const float *xr = x + (t0 + r) * x_rs;
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t k = 0; k < k_len; k++) s += xr[k] * w[k];
-                sums[r] = s;
+    for (int64_t c = c0; c < c1; c++) {
+        const float *w = a + c * a_rs;
+        for (int64_t t0 = 0; t0 < rows_total; t0 += ROWS_BLOCK) {
+            const float *xt = x + t0 * x_rs;
+            float *ut = u + t0 * u_rs + c;
+            switch (rows_total - t0 < ROWS_BLOCK ? rows_total - t0 : ROWS_BLOCK) {
+            case 4: shrink_column(xt, x_rs, k_len, w, 4, ut, u_rs); break;
+            case 3: shrink_column(xt, x_rs, k_len, w, 3, ut, u_rs); break;
+            case 2: shrink_column(xt, x_rs, k_len, w, 2, ut, u_rs); break;
+            default: shrink_column(xt, x_rs, k_len, w, 1, ut, u_rs); break;
             }
-            for (int64_t r = 0; r < rows; r++) u[(t0 + r) * u_rs + c] = sums[r];
         }
     }
 }
@@ -63,10 +114,8 @@ void openlora_sgmv_shrink(const float *x, int64_t x_rs, int64_t k_len, const flo
     if (by_segment(num_segments, threads)) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
         for (int64_t g = 0; g < num_segments; g++) {
-            const int64_t cols = segment_cols(num_cols, ranks, g, rank_columns);
-            for (int64_t c0 = 0; c0 < cols; c0 += SHRINK_COLS)
-                shrink_block(x + starts[g] * x_rs, x_rs, k_len, a + slots[g] * a_ss, a_rs, ends[g] - starts[g], c0,
-                             c0 + SHRINK_COLS < cols ? c0 + SHRINK_COLS : cols, u + starts[g] * u_rs, u_rs);
+            shrink_block(x + starts[g] * x_rs, x_rs, k_len, a + slots[g] * a_ss, a_rs, ends[g] - starts[g], 0,
+                         segment_cols(num_cols, ranks, g, rank_columns), u + starts[g] * u_rs, u_rs);
         }
         return;
     }
@@ -85,7 +134,7 @@ void openlora_sgmv_shrink(const float *x, int64_t x_rs, int64_t k_len, const flo
 }
 
 /* y rows start..end, outputs o0..o0 + width (width <= EXPAND_TILE) of one segment, b with outputs contiguous
- * (b[o, c] at o + c * b_cs: the CPU pools' layout). */
+ * (b[o, c] at o + c * b_cs: the CPU pools' layout), the sums on the stack. */
 static void expand_tile_direct(const float *u, int64_t u_rs, int64_t u_cs, const float *b, int64_t b_cs, float s, int64_t start,
                                int64_t end, int64_t cols, int64_t o0, int64_t width, float *y, int64_t y_rs) {
     for (int64_t t = start; t < end; t++) {
@@ -99,6 +148,69 @@ static void expand_tile_direct(const float *u, int64_t u_rs, int64_t u_cs, const
         float *yt = y + t * y_rs + o0;
 #pragma omp simd
         for (int64_t j = 0; j < width; j++) yt[j] += acc[j];
+    }
+}
+
+/* The expand's sums for wider ranges of outputs: a buffer per thread, grown as needed and kept for the
+ * thread's life (torch's pool threads persist), at most ROWS_BLOCK rows of the widest output a call asked
+ * for. NULL when it cannot grow: the caller then works in tiles on the stack. */
+static _Thread_local float *scratch;
+static _Thread_local int64_t scratch_len;
+
+static float *thread_scratch(int64_t len) {
+    if (len <= scratch_len) return scratch;
+    float *grown = malloc((size_t)len * sizeof(float));
+    if (!grown) return NULL;
+    free(scratch);
+    scratch = grown;
+    scratch_len = len;
+    return scratch;
+}
+
+/* acc[r * width + j] += (s * u[r, c]) * bc[j] for r < rows (at most ROWS_BLOCK), j < width: one pass over a
+ * row of b. Inlined into callers that pass a constant `rows`. */
+static inline __attribute__((always_inline)) void expand_row(float *acc, int64_t width, const float *bc,
+                                                             const float *uc, int rows) {
+    int64_t j = 0;
+    for (; j + VEC <= width; j += VEC) {
+        const vfloat bv = vload(bc + j);
+        for (int r = 0; r < rows; r++) vstore(acc + r * width + j, vload(acc + r * width + j) + uc[r] * bv);
+    }
+    for (; j < width; j++)
+        for (int r = 0; r < rows; r++) acc[r * width + j] += uc[r] * bc[j];
+}
+
+/* y rows start..end, outputs o0..o0 + width of one segment, b outputs-contiguous: each row of b read once
+ * per ROWS_BLOCK rows of y, in address order. */
+static void expand_direct(const float *u, int64_t u_rs, int64_t u_cs, const float *b, int64_t b_cs, float s, int64_t start,
+                          int64_t end, int64_t cols, int64_t o0, int64_t width, float *y, int64_t y_rs) {
+    float *acc = width > EXPAND_TILE ? thread_scratch(ROWS_BLOCK * width) : NULL;
+    if (!acc) {
+        for (int64_t j0 = 0; j0 < width; j0 += EXPAND_TILE)
+            expand_tile_direct(u, u_rs, u_cs, b, b_cs, s, start, end, cols, o0 + j0,
+                               width - j0 < EXPAND_TILE ? width - j0 : EXPAND_TILE, y, y_rs);
+        return;
+    }
+    for (int64_t t0 = start; t0 < end; t0 += ROWS_BLOCK) {
+        const int rows = (int)(end - t0 < ROWS_BLOCK ? end - t0 : ROWS_BLOCK);
+        memset(acc, 0, (size_t)(rows * width) * sizeof(float));
+        for (int64_t c = 0; c < cols; c++) {
+            float uc[ROWS_BLOCK];
+            for (int r = 0; r < rows; r++) uc[r] = s * u[(t0 + r) * u_rs + c * u_cs];
+            const float *bc = b + c * b_cs + o0;
+            switch (rows) {
+            case 4: expand_row(acc, width, bc, uc, 4); break;
+            case 3: expand_row(acc, width, bc, uc, 3); break;
+            case 2: expand_row(acc, width, bc, uc, 2); break;
+            default: expand_row(acc, width, bc, uc, 1); break;
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            float *yt = y + (t0 + r) * y_rs + o0;
+            const float *ar = acc + r * width;
+#pragma omp simd
+            for (int64_t j = 0; j < width; j++) yt[j] += ar[j];
+        }
     }
 }
 
@@ -129,6 +241,11 @@ static void expand_tiles(const float *u, int64_t u_rs, int64_t u_cs, const float
                          int64_t cols, int64_t tile, int64_t tile_end, float *y, int64_t y_rs) {
     const float *bs = b + slot * b_ss;
     const float s = scale[slot];
+    if (b_os == 1) {
+        const int64_t o0 = tile * EXPAND_TILE, o1 = tile_end * EXPAND_TILE < out_len ? tile_end * EXPAND_TILE : out_len;
+        expand_direct(u, u_rs, u_cs, bs, b_cs, s, start, end, cols, o0, o1 - o0, y, y_rs);
+        return;
+    }
     for (; tile < tile_end; tile++) {
         const int64_t o0 = tile * EXPAND_TILE;
         const int64_t width = out_len - o0 < EXPAND_TILE ? out_len - o0 : EXPAND_TILE;
@@ -187,9 +304,7 @@ void openlora_sgmv_lora(const float *x, int64_t x_rs, int64_t k_len, const float
         const int64_t cols = segment_cols(num_cols, ranks, g, num_slices_all);
         for (int64_t t0 = starts[g]; t0 < ends[g]; t0 += FUSED_ROWS) {
             const int64_t rows = ends[g] - t0 < FUSED_ROWS ? ends[g] - t0 : FUSED_ROWS;
-            for (int64_t c0 = 0; c0 < cols; c0 += SHRINK_COLS)
-                shrink_block(x + t0 * x_rs, x_rs, k_len, a + slots[g] * a_ss, a_rs, rows, c0,
-                             c0 + SHRINK_COLS < cols ? c0 + SHRINK_COLS : cols, us, cols);
+            shrink_block(x + t0 * x_rs, x_rs, k_len, a + slots[g] * a_ss, a_rs, rows, 0, cols, us, cols);
             for (int64_t i = 0; i < num_slices; i++) {
                 const int64_t tiles = (out_lens[i] + EXPAND_TILE - 1) / EXPAND_TILE;
                 expand_tiles(us + slice_ids[i], cols, num_slices_all, (const float *)b_addrs[i], b_ss[i], b_os[i],

@@ -4,6 +4,7 @@ applied through SGMV."""
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from torch.nn import functional as F
 import openlora_kernels as kernels
 from data_plane.model.dense import DenseMatmul
 from data_plane.model.metadata import LoraSegments
+
+if TYPE_CHECKING:
+    from data_plane.model.quant.native import LoraPools, NativeKernels
 
 
 class SlotWrites:
@@ -76,6 +80,7 @@ class LoRALinear(nn.Module):
         self.lora_a: torch.Tensor | None = None  # (S, R * n, in), rank-interleaved
         self.lora_b: list[torch.Tensor] = []  # per slice (S, out_i, R)
         self.lora_scale: torch.Tensor | None = None  # (n, S) float32; 0 where the slot leaves a slice alone
+        self._native_pools: dict[tuple[int, ...], LoraPools] = {}  # by slices: checked once for the C code
 
     @property
     def num_slices(self) -> int:
@@ -89,10 +94,22 @@ class LoRALinear(nn.Module):
         """x (T, in) -> x @ W.T + b (T, out): the projection without LoRA."""
         return self.dense_matmul(x, self.weight, self.bias)
 
+    def native_pools(self, kernels: NativeKernels, slices: tuple[int, ...]) -> LoraPools:
+        """The pools of ``slices`` checked once for the native SGMV kernels, kept while the pools are these
+        very tensors (a check per call costs more than a decode step's kernel on a small projection)."""
+        pools = self._native_pools.get(slices)
+        if pools is None or not pools.holds(self.lora_a, self.lora_b, self.lora_scale, slices):
+            pools = kernels.lora_pools(
+                self.lora_a, self.lora_b, self.lora_scale, slices, self.slice_bounds, self.out_features
+            )
+            self._native_pools[slices] = pools
+        return pools
+
     def allocate_slots(self, num_slots: int, max_rank: int) -> None:
         dtype, device = self.pool_dtype_device()
         n = self.num_slices
         self.max_rank = max_rank
+        self._native_pools.clear()
         self.lora_a = torch.zeros(num_slots, max_rank * n, self.in_features, dtype=dtype, device=device)
         # B (S, out_i, R). On the CPU outside Triton's interpreter its outputs are contiguous in memory (a
         # transposed view of (S, R, out_i)): the native expand adds each rank's row of outputs in one vector
@@ -159,7 +176,8 @@ class LoRALinear(nn.Module):
             if not slices:
                 return
         if lora.native is not None:
-            lora.native.add(x, y, self.lora_a, self.lora_b, self.lora_scale, slices, self.slice_bounds)
+            pools = self.native_pools(lora.native.kernels, tuple(slices))
+            lora.native.add(x, y, self.lora_a, self.lora_b, self.lora_scale, slices, self.slice_bounds, pools)
             return
         n, rank = self.num_slices, self.max_rank
         lora_a = self.lora_a

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data_plane.model.quant.native import NativeKernels, NativeSegments
+from data_plane.model.quant.native import LoraPools, NativeKernels, NativeSegments
 
 # Segments longer than this many rows run as torch matmuls. `python -m benchmarks.sgmv_cpu_bench`
 # (2026-12-03, 2-core AMD EPYC with AVX-512, 2 threads): one segment of 8 to 32 rows costs about the same
@@ -62,14 +62,18 @@ class NativeLora:
         lora_scale: torch.Tensor,
         slices: list[int] | range,
         slice_bounds: list[tuple[int, int]],
+        pools: LoraPools | None = None,
     ) -> None:
         """y (T, out) += the LoRA of every segment for the projection's ``slices``, in place.
 
         lora_a (S, R * n, in) rank-interleaved over the n slices, lora_b[i] (S, out_i, R), lora_scale
-        (n, S) float32; slice i writes columns ``slice_bounds[i]`` of y."""
+        (n, S) float32; slice i writes columns ``slice_bounds[i]`` of y. ``pools``: the same pools and
+        slices already checked for the kernels (`NativeKernels.lora_pools`), else they are checked here."""
         x = x.contiguous()
         if self.short.count:
-            self.kernels.sgmv_lora(x, lora_a, lora_b, lora_scale, self.short, y, slices, slice_bounds)
+            if pools is None:
+                pools = self.kernels.lora_pools(lora_a, lora_b, lora_scale, slices, slice_bounds, y.shape[1])
+            self.kernels.sgmv_lora_pools(x, pools, self.short, y)
         if not self.long:
             return
         n = len(lora_b)

@@ -6,6 +6,8 @@ trusts its indices, so every shape it relies on is refused before a call."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -45,6 +47,11 @@ LAYOUTS = {
     # enough segments that every work item takes a whole segment at up to 10 threads
     "decode, many rows per slot": ([1] * 40, [(7 * i) % 12 for i in range(40)]),
     "decode, popular adapters together": ([9, 1, 4, 1, 2, 1, 1], [3, 0, 5, 11, 2, 7, 9]),
+    # as many segments, of 1 to 6 rows: whole segments per work item, rows in blocks and a remainder
+    "decode, many segments of several rows": (
+        [i % 6 + 1 for i in range(40)],
+        [(5 * i) % 12 for i in range(40)],
+    ),
     "prompt chunk among decodes": ([MAX_NATIVE_SEGMENT_ROWS + 7, 1, 3, 1], [4, 0, 8, 2]),
     "rows without an adapter": ([2, 3, 1, 4, 1], [-1, 6, -1, 1, 10]),
     "one long segment": ([MAX_NATIVE_SEGMENT_ROWS + 1], [5]),
@@ -52,7 +59,13 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("outs", [(24,), (24, 8, 8), (37, 37)], ids=["one slice", "q|k|v", "gate|up"])
+@pytest.mark.parametrize(
+    "outs",
+    [(24,), (24, 8, 8), (37, 37), (150,), (77, 133)],
+    # wider than a tile of the expand's sums on the stack (64 outputs): the sums in a thread's scratch,
+    # outputs that are not a whole number of vectors
+    ids=["one slice", "q|k|v", "gate|up", "one wide slice", "two wide slices"],
+)
 @pytest.mark.parametrize("b_layout", ["outputs contiguous", "(S, O, R)"])
 def test_native_lora_matches_a_float64_product_per_row(cpu_kernels, layout, outs, b_layout):
     gen = torch.Generator().manual_seed(len(layout) + sum(outs))
@@ -230,3 +243,82 @@ def test_the_one_call_works_while_a_model_is_built_on_the_meta_device(cpu_kernel
         cpu_kernels.sgmv_lora(x, a, [b], scale, segments, y, range(1), [(0, 4)])
     expected = _expected(x, a, [b], scale, torch.zeros(3, 4), [0, 1, 3], [0, 1], [2, 2], 1, range(1))
     torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def _lora_segments(bounds, slots, ranks, num_slots, kernels):
+    from data_plane.model.metadata import LoraSegments
+
+    return LoraSegments(
+        seg_indptr=torch.tensor(bounds, dtype=torch.int32),
+        seg_slots=torch.tensor(slots, dtype=torch.int32),
+        max_rank=max(ranks),
+        max_segment_rows=max(b - a for a, b in itertools.pairwise(bounds)),
+        use_triton=False,
+        plan=None,
+        native=NativeLora.plan(bounds, slots, ranks, num_slots, kernels),
+    )
+
+
+def test_a_layer_checks_its_pools_once_and_again_when_they_are_replaced(cpu_kernels):
+    """A projection's pools are checked for the C code once (`LoRALinear.native_pools`), not on every call;
+    a handle is used only while the layer holds the very tensors and slices it was made for, so pools
+    allocated again (more slots, another rank) or replaced are never read through a stale address."""
+    from data_plane.model.lora_linear import LoRALinear
+
+    gen = torch.Generator().manual_seed(11)
+    layer = LoRALinear(40, (24, 70), bias=False)
+    layer.weight.data = torch.randn(94, 40, generator=gen)
+    layer.allocate_slots(2, 4)
+    first = layer.native_pools(cpu_kernels, (0, 1))
+    assert layer.native_pools(cpu_kernels, (0, 1)) is first
+    only_up = layer.native_pools(cpu_kernels, (1,))
+    assert only_up is not first and only_up.slices == (1,)
+    layer.allocate_slots(6, 8)  # more slots, a higher rank: new tensors
+    again = layer.native_pools(cpu_kernels, (0, 1))
+    assert again is not first and again.lora_a is layer.lora_a and again.lora_a.shape[0] == 6
+    for slot in range(6):
+        for i, out in enumerate((24, 70)):
+            rank = 8 - slot
+            layer.load_slot(
+                slot, torch.randn(rank, 40, generator=gen), torch.randn(out, rank, generator=gen), 0.5, i
+            )
+    bounds, slots, ranks = [0, 2, 3, 7, 8], [5, 0, 3, 4], [8, 7, 6, 5, 4, 3]
+    x = torch.randn(8, 40, generator=gen)
+    y = torch.zeros(8, 94)
+    layer._add_lora(x, y, _lora_segments(bounds, slots, ranks, 6, cpu_kernels))
+    expected = _expected(
+        x, layer.lora_a, layer.lora_b, layer.lora_scale, torch.zeros(8, 94), bounds, slots, ranks, 2, range(2)
+    )
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+    layer.lora_b = [b.clone() for b in layer.lora_b]  # replaced outside allocate_slots
+    assert layer.native_pools(cpu_kernels, (0, 1)).lora_b[0] is layer.lora_b[0]
+
+
+def test_checked_pools_refuse_what_does_not_fit_them(cpu_kernels):
+    """What `sgmv_lora_pools` still checks per call: x and y against the pools' widths and rows, and the
+    step's slots against the pools' slots."""
+    x, a, b = torch.randn(3, 16), torch.randn(4, 8, 16), [torch.randn(4, 8, 4), torch.randn(4, 6, 4)]
+    pools = cpu_kernels.lora_pools(a, b, torch.rand(2, 4), range(2), [(0, 8), (8, 14)], 14)
+    segments = NativeSegments([(0, 2, 1, 4), (2, 3, 3, 4)], num_rows=3, num_slots=4)
+    y = torch.zeros(3, 14)
+    refusals = {
+        "x of other width": lambda: cpu_kernels.sgmv_lora_pools(torch.randn(3, 15), pools, segments, y),
+        "x of other rows": lambda: cpu_kernels.sgmv_lora_pools(torch.randn(2, 16), pools, segments, y),
+        "y of other width": lambda: cpu_kernels.sgmv_lora_pools(x, pools, segments, torch.zeros(3, 15)),
+        "y with strided columns": lambda: cpu_kernels.sgmv_lora_pools(
+            x, pools, segments, torch.zeros(14, 3).T
+        ),
+        "segments on more slots": lambda: cpu_kernels.sgmv_lora_pools(
+            x, pools, NativeSegments([(0, 3, 4, 4)], num_rows=3, num_slots=5), y
+        ),
+        "columns of y past its width": lambda: cpu_kernels.lora_pools(
+            a, b, torch.rand(2, 4), range(2), [(0, 8), (8, 14)], 13
+        ),
+    }
+    for what, refused in refusals.items():
+        with pytest.raises(ValueError):
+            refused()
+            pytest.fail(f"{what} was accepted")
+    assert torch.equal(y, torch.zeros(3, 14))
+    cpu_kernels.sgmv_lora_pools(x, pools, segments, y)
+    assert y.abs().sum() > 0

@@ -196,15 +196,27 @@ class NativeKernels:
         segment's rows and its rank's columns. lora_a (S, R * n, K) rank-interleaved over the n slices,
         lora_b[i] (S, O_i, R) either dimension contiguous, lora_scale (n, S) float32. With many segments a
         work item takes a whole segment (`openlora_sgmv_lora` in sgmv_cpu.c): its u never leaves the
-        stack, and a step's projection is one call instead of one per slice."""
-        _check_rows("x", x, segments.num_rows)
-        _check_rows("y", y, segments.num_rows, last_contiguous=True)
-        _check_pool("lora_a", lora_a, segments, last_contiguous=True)
+        stack, and a step's projection is one call instead of one per slice. The same as
+        `sgmv_lora_pools(x, lora_pools(...), segments, y)`, the pools checked on every call."""
+        pools = self.lora_pools(lora_a, lora_b, lora_scale, slices, slice_bounds, y.shape[1])
+        self.sgmv_lora_pools(x, pools, segments, y)
+
+    def lora_pools(
+        self,
+        lora_a: torch.Tensor,
+        lora_b: list[torch.Tensor],
+        lora_scale: torch.Tensor,
+        slices: list[int] | range,
+        slice_bounds: list[tuple[int, int]],
+        out_features: int,
+    ) -> LoraPools:
+        """A projection's pools and slices (as `sgmv_lora` takes them, y having ``out_features`` columns)
+        checked once for the C code: a layer keeps the handle while its pools stay the same tensors."""
+        _check_pool("lora_a", lora_a, None, last_contiguous=True)
         n, (num_slots, num_cols, k_len) = len(lora_b), lora_a.shape
-        if k_len != x.shape[1] or num_cols > SGMV_MAX_COLS or num_cols % max(n, 1):
+        if num_cols > SGMV_MAX_COLS or num_cols % max(n, 1):
             raise ValueError(
-                f"lora_a {list(lora_a.shape)} does not fit x {list(x.shape)} and {n} slices "
-                f"(at most {SGMV_MAX_COLS} columns)"
+                f"lora_a {list(lora_a.shape)} does not fit {n} slices (at most {SGMV_MAX_COLS} columns)"
             )
         _check_scale("lora_scale", lora_scale, (n, num_slots))
         table = []
@@ -212,28 +224,46 @@ class NativeKernels:
             if not 0 <= i < n or not 0 <= i < len(slice_bounds):
                 raise ValueError(f"slice {i} of {n}")
             b, (start, end) = lora_b[i], slice_bounds[i]
-            _check_b_pool(f"lora_b[{i}]", b, segments)
-            if b.shape[0] != num_slots or b.shape[2] * n > num_cols or not 0 <= start <= end <= y.shape[1]:
+            _check_b_pool(f"lora_b[{i}]", b, None)
+            if b.shape[0] != num_slots or b.shape[2] * n > num_cols or not 0 <= start <= end <= out_features:
                 raise ValueError(f"lora_b[{i}] {list(b.shape)} does not fit lora_a {list(lora_a.shape)}")
             if b.shape[1] != end - start:
                 raise ValueError(f"lora_b[{i}] has {b.shape[1]} outputs, its columns of y {end - start}")
             table.append(
                 (i, b.data_ptr(), *b.stride(), b.shape[2], end - start, start, lora_scale[i].data_ptr())
             )
-        if not table or not segments.count:
-            return
-        u = torch.empty(x.shape[0], num_cols, dtype=torch.float32, device="cpu")
-        fields = torch.tensor(
-            table, dtype=torch.int64, device="cpu"
-        ).T.contiguous()  # (9, slices): a row a field
+        # (9, slices) int64, a row a field: ids, b addresses, b strides (3), b columns, outputs, y's first
+        # column, scale addresses.
+        fields = torch.tensor(table, dtype=torch.int64, device="cpu").reshape(-1, 9).T.contiguous()
         row = fields.stride(0) * fields.element_size()
-        ids, b_addrs, b_ss, b_os, b_cs, b_cols, out_lens, y_cols, scales = (
-            fields.data_ptr() + j * row for j in range(9)
-        )
+        args = (
+            lora_a.data_ptr(), lora_a.stride(0), lora_a.stride(1), num_cols, n, len(table),
+            *(fields.data_ptr() + j * row for j in range(9)),
+        )  # fmt: skip
+        return LoraPools(lora_a, tuple(lora_b), lora_scale, tuple(slices), out_features, k_len, fields, args)
+
+    def sgmv_lora_pools(
+        self, x: torch.Tensor, pools: LoraPools, segments: NativeSegments, y: torch.Tensor
+    ) -> None:
+        """`sgmv_lora` on pools checked once (`lora_pools`): x (T, K) and y (T, O) rows contiguous."""
+        _check_rows("x", x, segments.num_rows)
+        _check_rows("y", y, segments.num_rows, last_contiguous=True)
+        if x.shape[1] != pools.in_features or y.shape[1] != pools.out_features:
+            raise ValueError(
+                f"x {list(x.shape)} and y {list(y.shape)} do not fit pools of {pools.in_features} inputs and "
+                f"{pools.out_features} outputs"
+            )
+        if segments.num_slots > pools.lora_a.shape[0]:
+            raise ValueError(
+                f"lora_a holds {pools.lora_a.shape[0]} slots, the segments use up to {segments.num_slots}"
+            )
+        if not pools.slices or not segments.count:
+            return
+        a_ptr, a_ss, a_rs, num_cols, *rest = pools.args
+        u = torch.empty(x.shape[0], num_cols, dtype=torch.float32, device="cpu")
         self.library.openlora_sgmv_lora(
-            x.data_ptr(), x.stride(0), k_len, lora_a.data_ptr(), lora_a.stride(0), lora_a.stride(1), num_cols, n,
-            len(table), ids, b_addrs, b_ss, b_os, b_cs, b_cols, out_lens, y_cols, scales, *segments.pointers(),
-            u.data_ptr(), y.data_ptr(), y.stride(0), torch.get_num_threads(),
+            x.data_ptr(), x.stride(0), pools.in_features, a_ptr, a_ss, a_rs, num_cols, *rest,
+            *segments.pointers(), u.data_ptr(), y.data_ptr(), y.stride(0), torch.get_num_threads(),
         )  # fmt: skip
 
     def decode_tables(self, block_tables: torch.Tensor, context_lens: torch.Tensor) -> NativeDecodeTables:
@@ -450,6 +480,38 @@ class NativeKvSlots:
 SGMV_MAX_COLS = 512
 
 
+@dataclass(frozen=True)
+class LoraPools:
+    """A projection's LoRA pools checked once for `openlora_sgmv_lora` (`NativeKernels.lora_pools`); per call
+    only x, y and the step's segments are checked. The tensors are held, so their memory outlives the handle."""
+
+    lora_a: torch.Tensor
+    lora_b: tuple[torch.Tensor, ...]
+    lora_scale: torch.Tensor
+    slices: tuple[int, ...]
+    out_features: int
+    in_features: int
+    fields: torch.Tensor  # (9, slices) int64, the C code's per-slice arrays
+    args: tuple[int, ...]  # a's address and strides, columns, slices, the fields' addresses
+
+    def holds(
+        self,
+        lora_a: torch.Tensor,
+        lora_b: list[torch.Tensor],
+        lora_scale: torch.Tensor,
+        slices: tuple[int, ...],
+    ) -> bool:
+        """Whether this handle is of these very tensors and slices (a layer whose pools were replaced, or a
+        step that leaves other slices out, needs another)."""
+        return (
+            self.lora_a is lora_a
+            and self.lora_scale is lora_scale
+            and self.slices == slices
+            and len(self.lora_b) == len(lora_b)
+            and all(mine is theirs for mine, theirs in zip(self.lora_b, lora_b, strict=True))
+        )
+
+
 class NativeSegments:
     """A step's segments for the SGMV kernels, checked once for the C code (which trusts its indices):
     (start, end, slot, rank) of each, rows within ``num_rows``, slots below ``num_slots``.
@@ -468,11 +530,12 @@ class NativeSegments:
         self.num_rows = num_rows
         self.num_slots = num_slots
         self.count = len(segments)
+        base, row = self.table.data_ptr(), self.table.stride(0) * self.table.element_size()
+        self._pointers = (base, base + row, base + 2 * row, base + 3 * row, self.count)
 
     def pointers(self) -> tuple[int, int, int, int, int]:
         """starts, ends, slots, ranks (addresses) and the count, in the C functions' order."""
-        base, row = self.table.data_ptr(), self.table.stride(0) * self.table.element_size()
-        return base, base + row, base + 2 * row, base + 3 * row, self.count
+        return self._pointers
 
 
 def _check_rows(name: str, t: torch.Tensor, num_rows: int, last_contiguous: bool = True) -> None:
@@ -489,7 +552,7 @@ def _check_rows(name: str, t: torch.Tensor, num_rows: int, last_contiguous: bool
         )
 
 
-def _check_b_pool(name: str, pool: torch.Tensor, segments: NativeSegments) -> None:
+def _check_b_pool(name: str, pool: torch.Tensor, segments: NativeSegments | None) -> None:
     """A B pool (S, O, R) with either its outputs (the CPU pools' layout) or its ranks contiguous."""
     _check_pool(name, pool, segments, last_contiguous=not (pool.dim() == 3 and pool.stride(1) == 1))
 
@@ -499,11 +562,14 @@ def _check_scale(name: str, scale: torch.Tensor, shape: tuple[int, ...]) -> None
         raise ValueError(f"{name} must be contiguous float32 {shape}")
 
 
-def _check_pool(name: str, pool: torch.Tensor, segments: NativeSegments, last_contiguous: bool) -> None:
+def _check_pool(
+    name: str, pool: torch.Tensor, segments: NativeSegments | None, last_contiguous: bool
+) -> None:
+    """A pool's layout; with `segments`, that it holds every slot they use."""
     contiguous = pool.dim() == 3 and (pool.stride(2) == 1 if last_contiguous else pool.stride(1) == 1)
     if pool.dtype != torch.float32 or pool.device.type != "cpu" or not contiguous:
         raise ValueError(f"{name} must be a float32 (S, N, C) CPU pool with one dimension contiguous")
-    if segments.num_slots > pool.shape[0]:
+    if segments is not None and segments.num_slots > pool.shape[0]:
         raise ValueError(f"{name} holds {pool.shape[0]} slots, the segments use up to {segments.num_slots}")
 
 

@@ -20,6 +20,9 @@ perf_counter and counts when all 32 requests decode one token each; steps with a
 request waiting for its adapter, run but do not count (their number is reported, and the throughput
 over all steps, which includes them, is reported beside). All engines are warmed up, then restarted
 together. Judged: the ratio of median step times against base (targets: best >= 0.9, skewed >= 0.8).
+After the run the machine's read bandwidth is measured (a float32 sum over 512 MiB) and the best case's
+bound by memory reported beside it: a step that must read its distinct adapters' factors once cannot
+beat base / (base + factor bytes / bandwidth), whatever its kernels do.
 
 Roofline: the machine's sustained fp32 GEMM FLOP/s is measured first (benchmarks.roofline: the model's
 linears at 128 rows, and a large square), then one engine runs alone with 128 requests on the base model,
@@ -77,6 +80,7 @@ SKEWED_ALPHA = 1.0
 ROOFLINE_REQUESTS = 128
 WAVES = 4  # the adapter cases' requests finish in this many waves per decode length
 TARGETS = {"best": 0.9, "skewed": 0.8}
+READ_BYTES = 512 * 2**20  # the read-bandwidth sum's buffer: many times any L3 here
 ROOFLINE_TARGET = 0.35
 RESULTS_DIR = Path(__file__).parent / "results"
 QUICK = {
@@ -168,9 +172,11 @@ def run_adapters(
     num_slots: int = NUM_SLOTS,
     alpha: float = SKEWED_ALPHA,
     seed: int = 0,
+    read_bytes: int = READ_BYTES,
 ) -> dict:
     """Interleaved base / best / skewed run (see the module docstring); `best_dirs` one adapter per
-    request, `skewed` (directory, rank) in popularity order."""
+    request, `skewed` (directory, rank) in popularity order. The machine's read bandwidth is measured after
+    it (a sum over `read_bytes`) for the best case's streaming bound."""
     best_refs = adapter_refs(best_dirs)
     skewed_refs = adapter_refs([d for d, _ in skewed])
     skewed_ranks = [rank for _, rank in skewed]
@@ -196,6 +202,7 @@ def run_adapters(
             settle_loads=True,
             draws=draws,
         )
+        spec = base_engine.spec
         started = time.perf_counter()
         times_s, unsteady = run_interleaved(drivers, steps, warmup_steps)
         run_s = time.perf_counter() - started
@@ -226,6 +233,9 @@ def run_adapters(
         "count": len(best_refs),
         "ranks": dict(Counter(_rank_of(d) for d in best_dirs)),
     }
+    cases["best"]["streaming_bound"] = streaming_bound(
+        spec, best_rank, cases["best"]["distinct_adapters_per_step"]["mean"], times_s["base"], read_bytes
+    )
     cases["skewed"]["adapters"] = {
         "count": len(skewed_refs),
         "ranks": {str(r): n for r, n in sorted(Counter(skewed_ranks).items())},
@@ -248,6 +258,25 @@ def run_adapters(
         "unsteady_steps_skipped": unsteady,
         "interleaved_run_s": run_s,
         "step_ms": {tag: [round(t * 1e3, 3) for t in ts] for tag, ts in times_s.items()},
+    }
+
+
+def streaming_bound(
+    spec: BaseModelSpec, rank: int, distinct_adapters: float, base_step_times_s: list[float], read_bytes: int
+) -> dict:
+    """What reading the best case's factors costs at this machine's measured read bandwidth: a step of
+    `distinct_adapters` adapters of `rank` reads each one's float32 A and B factors (the engine's pools, in
+    the model's dtype) once, whatever else it does, so its ratio against the base step cannot exceed
+    `roofline.streaming_bound_ratio`."""
+    bytes_per_s = roofline.measure_read_bandwidth(read_bytes, min_seconds=1.0)
+    params = roofline.lora_params_per_adapter(roofline.model_linear_shapes(spec), rank) * distinct_adapters
+    base_s = percentile(base_step_times_s, 0.5)
+    return {
+        "read_bytes_per_s": bytes_per_s,
+        "read_buffer_bytes": read_bytes,
+        "factor_bytes_per_step": params * 4,
+        "factor_read_ms": params * 4 / bytes_per_s * 1e3,
+        "ratio": roofline.streaming_bound_ratio(base_s, params * 4, bytes_per_s),
     }
 
 
@@ -405,6 +434,15 @@ def adapters_table(figures: dict) -> str:
             f"{case['ratio_p10']:.3f} | {case['ratio_median_of_pairs']:.3f} | {case['tokens_per_s_all_steps']:.1f} | "
             f"{case['ratio_all_steps']:.3f} | {loads} | >= {case['target_ratio']} ({met}) |"
         )
+    bound = cases["best"].get("streaming_bound")
+    if bound:
+        lines += [
+            "",
+            f"Best case bound by memory: its factors ({bound['factor_bytes_per_step'] / 1e6:.1f} MB a step, float32) "
+            f"take {bound['factor_read_ms']:.2f} ms at this machine's read bandwidth measured after the run "
+            f"({bound['read_bytes_per_s'] / 1e9:.1f} GB/s, a sum over {bound['read_buffer_bytes'] / 2**20:.0f} MiB): "
+            f"with nothing else added to the base step the ratio is at most **{bound['ratio']:.3f}**.",
+        ]
     return "\n".join(lines)
 
 

@@ -91,6 +91,24 @@ def adapter_ceilings(spec: BaseModelSpec, rank: int, distinct_adapters: int) -> 
     }
 
 
+def measure_read_bandwidth(num_bytes: int, min_seconds: float) -> float:
+    """Bytes/s this process's threads read from memory: a float32 sum over `num_bytes` (make it several
+    times the last-level cache, so that it streams from memory as an adapter's factors at decode do)."""
+    if num_bytes < 4:
+        raise ValueError(f"num_bytes must be at least one float32, got {num_bytes}")
+    data = torch.ones(num_bytes // 4, dtype=torch.float32)
+    return data.numel() * 4 / time_per_call_s(data.sum, min_seconds, calls_per_sample=1)
+
+
+def streaming_bound_ratio(base_step_s: float, factor_bytes: float, bytes_per_s: float) -> float:
+    """The best throughput ratio against the base model a step can reach if it must also read
+    `factor_bytes` of adapter factors at `bytes_per_s` on top of a base step of `base_step_s`, all else
+    free: base / (base + bytes / rate)."""
+    if base_step_s <= 0 or bytes_per_s <= 0 or factor_bytes < 0:
+        raise ValueError("base_step_s and bytes_per_s must be positive, factor_bytes not negative")
+    return base_step_s / (base_step_s + factor_bytes / bytes_per_s)
+
+
 def attention_flops_per_token(spec: BaseModelSpec, context_tokens: float) -> float:
     """q.k scores and the weighted sum of v over `context_tokens` keys, in every layer."""
     return 4.0 * spec.num_layers * spec.num_attention_heads * spec.head_dim * context_tokens

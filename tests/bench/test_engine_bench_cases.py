@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import engine_bench
+from benchmarks import engine_bench, roofline
 from benchmarks.engine_bench import run_adapters, run_roofline, skewed_adapter_dirs
 from benchmarks.steady_driver import PROMPT_TOKENS
 from tests.bench.tiny_bench_model import RANKS, TINY, one_torch_thread, tiny_bench_model  # noqa: F401 (a fixture)
@@ -42,6 +42,7 @@ def test_best_and_skewed_cases_run_interleaved_with_the_base_and_the_skewed_one_
         decode_tokens=8,
         num_requests=6,
         num_slots=6,
+        read_bytes=2**20,
     )
     assert figures["unsteady_steps_skipped"]["skewed"] > 0  # replacements prefill, some wait for a load
     assert [len(figures["step_ms"][tag]) for tag in ("base", "best", "skewed")] == [24, 24, 24]
@@ -62,8 +63,20 @@ def test_best_and_skewed_cases_run_interleaved_with_the_base_and_the_skewed_one_
             figures["base"]["median_step_ms"] / case["stats"]["median_step_ms"]
         )
         assert case["ratio_all_steps"] > 0
+    # the best case's bound by memory: 6 distinct rank-4 adapters' float32 factors at the measured rate
+    bound = best["streaming_bound"]
+    per_adapter = roofline.lora_params_per_adapter(
+        roofline.model_linear_shapes(engine_bench.spec_of(TINY)), 4
+    )
+    assert bound["factor_bytes_per_step"] == 6 * per_adapter * 4
+    assert bound["read_bytes_per_s"] > 0 and bound["read_buffer_bytes"] == 2**20
+    base_s = figures["base"]["median_step_ms"] / 1e3
+    assert bound["ratio"] == pytest.approx(
+        base_s / (base_s + bound["factor_bytes_per_step"] / bound["read_bytes_per_s"])
+    )
     table = engine_bench.adapters_table(figures)
     assert "power law over 18 adapters (r2/4/8), 6 slots" in table and "request/host" in table
+    assert f"at most **{bound['ratio']:.3f}**" in table
 
 
 def test_roofline_run_counts_steady_steps_of_all_sequences_decoding(tmp_path_factory):

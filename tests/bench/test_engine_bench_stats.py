@@ -1,5 +1,6 @@
 """The engine benchmark's statistics and roofline arithmetic on synthetic numbers (no engine, no timing)."""
 
+import itertools
 from collections import Counter
 
 import pytest
@@ -152,3 +153,27 @@ def test_adapter_ceilings_read_each_distinct_adapters_factors_once_and_leave_lm_
     more = roofline.adapter_ceilings(spec, rank=4, distinct_adapters=6)
     assert more["bandwidth_bound_ratio"] < c["bandwidth_bound_ratio"]
     assert more["flop_bound_ratio"] == c["flop_bound_ratio"]
+
+
+def test_streaming_bound_is_the_base_step_over_the_base_step_plus_the_factors_read_time():
+    # a 40 ms base step and 120 MB of factors at 30 GB/s (4 ms): 40 / 44
+    assert roofline.streaming_bound_ratio(0.040, 120e6, 30e9) == pytest.approx(40 / 44)
+    assert roofline.streaming_bound_ratio(0.040, 0, 30e9) == 1.0  # no factors, no bound
+    # more bytes, or a slower memory, lower it
+    assert roofline.streaming_bound_ratio(0.040, 240e6, 30e9) < roofline.streaming_bound_ratio(
+        0.040, 120e6, 30e9
+    )
+    assert roofline.streaming_bound_ratio(0.040, 120e6, 15e9) < roofline.streaming_bound_ratio(
+        0.040, 120e6, 30e9
+    )
+    for bad in ((0, 1.0, 1.0), (0.04, -1.0, 1.0), (0.04, 1.0, 0)):
+        with pytest.raises(ValueError):
+            roofline.streaming_bound_ratio(*bad)
+
+
+def test_read_bandwidth_is_bytes_over_the_time_of_a_sum_over_them(monkeypatch):
+    clock = itertools.count(0.0, 0.5)  # a fake clock that moves half a second between two reads
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(clock))
+    assert roofline.measure_read_bandwidth(4096, min_seconds=0.0) == pytest.approx(4096 / 0.5)
+    with pytest.raises(ValueError):
+        roofline.measure_read_bandwidth(2, min_seconds=0.0)

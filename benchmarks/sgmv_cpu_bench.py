@@ -2,7 +2,7 @@
 the projections of the bench model and the layouts its benchmarks produce.
 
     python -m benchmarks.sgmv_cpu_bench
-    python -m benchmarks.sgmv_cpu_bench --threads 1 --repeats 400 --out FILE.json
+    python -m benchmarks.sgmv_cpu_bench --threads 1 --repeats 400 --cold-passes 41 --out FILE.json
 
 Projections: a fused gate|up (in 512, out 1376 + 1376) and a down (in 1376, out 512) of
 `benchmarks.fixtures.LLAMA_50M`, float32, 32 slots of rank up to 64, built as the engine builds them
@@ -15,7 +15,14 @@ Layouts:
 - s1: 128 rows over 32 rank-16 slots by a power law (scenario 1's full steps);
 - one segment of n rows (a prompt chunk), n in 8..256: where a matmul per segment overtakes the kernels,
   the figures behind `data_plane.model.native_lora.MAX_NATIVE_SEGMENT_ROWS`.
-Best of --passes alternated passes of --repeats calls each, microseconds per call.
+Best of --passes alternated passes of --repeats calls each, microseconds per call. These pools (two
+projections) stay in a large L3 between calls.
+
+Then the whole model's LoRA from memory: all 24 projections of the model (q|k|v, o, gate|up and down in 6
+layers), 32 slots of rank 16 (pools of max rank 16, as engine_bench's best case has them: 120 MB of factors),
+one and four rows per slot; a pass reads every factor once, more than any L3 here holds. Beside the native
+kernels, a float32 sum over the same pools in the same process: the rate this machine reads those bytes
+at, which bounds any kernel that must read them. Median of --cold-passes passes, milliseconds per pass.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import argparse
 import itertools
 import json
 import random
+import statistics
 import time
 from types import SimpleNamespace
 
@@ -103,6 +111,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--cold-passes", type=int, default=21, help="passes of the whole model from memory")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -137,9 +146,67 @@ def main() -> None:
         ratio = best["reference"] / best["native"]
         print(f"{name:42s} {best['native']:9.1f} {best['reference']:10.1f} {ratio:10.2f}")
         results.append({"layout": name, "native_us": best["native"], "reference_us": best["reference"]})
+    cold = [_from_memory(rows, args.cold_passes) for rows in (1, 4)]
+    print(f"\nthe model's LoRA from memory: milliseconds per pass, median of {args.cold_passes}")
+    print(f"{'layout':42s} {'native':>9s} {'GB/s':>6s} {'sum':>7s} {'GB/s':>6s} {'sum/native':>10s}")
+    for c in cold:
+        print(
+            f"{c['layout']:42s} {c['native_ms']:9.2f} {c['factor_bytes'] / c['native_ms'] / 1e6:6.1f} "
+            f"{c['sum_ms']:7.2f} {c['factor_bytes'] / c['sum_ms'] / 1e6:6.1f} {c['sum_ms'] / c['native_ms']:10.2f}"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"threads": args.threads, "repeats": args.repeats, "results": results}, f, indent=2)
+            json.dump(
+                {"threads": args.threads, "repeats": args.repeats, "results": results, "from_memory": cold},
+                f,
+                indent=2,
+            )
+
+
+def _from_memory(rows_per_slot: int, passes: int) -> dict:
+    """Every projection's LoRA of the bench model, 32 slots of rank 16, `rows_per_slot` rows each: the
+    native kernels' pass against a float32 sum over the same pools (see the module docstring)."""
+    hidden, inter, rank = LLAMA_50M.hidden_size, LLAMA_50M.intermediate_size, 16
+    projections = [(hidden, (hidden,) * 3), (hidden, (hidden,)), (hidden, (inter, inter)), (inter, (hidden,))]
+    gen = torch.Generator().manual_seed(rows_per_slot)
+    layers = []
+    for in_features, outs in projections * LLAMA_50M.num_layers:
+        layer = LoRALinear(in_features, outs, bias=False)
+        layer.allocate_slots(NUM_SLOTS, rank)
+        for slot in range(NUM_SLOTS):
+            for i, out in enumerate(outs):
+                a, b = torch.randn(rank, in_features, generator=gen), torch.randn(out, rank, generator=gen)
+                layer.load_slot(slot, a / in_features**0.5, b / rank**0.5, 0.5, index=i)
+        layers.append(layer)
+    bounds = list(range(0, NUM_SLOTS * rows_per_slot + 1, rows_per_slot))
+    lora = _segments("native", bounds, list(range(NUM_SLOTS)), [rank] * NUM_SLOTS)
+    xs = [torch.randn(bounds[-1], layer.in_features, generator=gen) for layer in layers]
+    ys = [torch.zeros(bounds[-1], layer.out_features) for layer in layers]
+    pools = [t for layer in layers for t in (layer.lora_a, *layer.lora_b)]
+
+    def native() -> None:
+        for layer, x, y in zip(layers, xs, ys, strict=True):
+            layer._add_lora(x, y, lora)
+
+    def read() -> None:
+        for pool in pools:
+            pool.sum()
+
+    times: dict[str, list[float]] = {"native": [], "sum": []}
+    for fn in (native, read):
+        fn()  # warm-up: first touches, the library's first call
+    for _ in range(passes):  # alternated, so both see the same machine
+        for name, fn in (("native", native), ("sum", read)):
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {
+        "layout": f"24 projections, 32 slots r16, {rows_per_slot} row(s) each",
+        "rows_per_slot": rows_per_slot,
+        "factor_bytes": sum(pool.numel() * pool.element_size() for pool in pools),
+        "native_ms": statistics.median(times["native"]) * 1e3,
+        "sum_ms": statistics.median(times["sum"]) * 1e3,
+    }
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@
  * segment does not fill are left as the caller set them (zeros). Tensors are passed as base pointers and
  * strides in floats: x, a and y with their last dimension contiguous, u with any strides (a slice of a
  * fused group's rank-interleaved u), b with either its outputs or its columns contiguous (the CPU pools hold
- * outputs contiguous: each column of b is then one vector pass over a tile of outputs). Built and loaded
- * with the quantized linears' kernels by data_plane/model/quant/native.py (same flags, same OpenMP runtime
- * as torch), which checks every shape, stride and index before a call.
+ * outputs contiguous: each column of b is then one run of addresses over the outputs, read in order). Built
+ * and loaded with the quantized linears' kernels by data_plane/model/quant/native.py (same flags, same OpenMP
+ * runtime as torch), which checks every shape, stride and index before a call: pools once per layer
+ * (`NativeKernels.lora_pools`), x, y and the step's segments on every call.
  */
 
 #include <stdint.h>

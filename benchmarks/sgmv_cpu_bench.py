@@ -22,7 +22,8 @@ Then the whole model's LoRA from memory: all 24 projections of the model (q|k|v,
 layers), 32 slots of rank 16 (pools of max rank 16, as engine_bench's best case has them: 120 MB of factors),
 one and four rows per slot; a pass reads every factor once, more than any L3 here holds. Beside the native
 kernels, a float32 sum over the same pools in the same process: the rate this machine reads those bytes
-at, which bounds any kernel that must read them. Median of --cold-passes passes, milliseconds per pass.
+at, which bounds any kernel that must read them. Median of --cold-passes passes, milliseconds per pass, and
+the largest difference between the kernels' sums and the torch reference's over every projection.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.fixtures import LLAMA_50M
+from benchmarks.fixtures import LLAMA_50M, ModelShape
 from data_plane.engine.model_runner import ModelRunner
 from data_plane.model.lora_linear import LoRALinear
 from data_plane.model.metadata import LoraSegments
@@ -74,7 +75,9 @@ def _grouped(slot_of_row: list[int]) -> tuple[list[int], list[int]]:
     return bounds, slots
 
 
-def _segments(kind: str, bounds: list[int], slots: list[int], ranks: list[int]) -> LoraSegments:
+def _segments(
+    kind: str, bounds: list[int], slots: list[int], ranks: list[int], num_slots: int = NUM_SLOTS
+) -> LoraSegments:
     device = torch.device("cpu")
     used = [s for s in slots if s >= 0]
     longest = max(b - a for a, b in itertools.pairwise(bounds))
@@ -88,10 +91,10 @@ def _segments(kind: str, bounds: list[int], slots: list[int], ranks: list[int]) 
     if kind == "native":
         kernels = native_kernels()
         return LoraSegments(
-            **common, plan=None, native=NativeLora.plan(bounds, slots, ranks, NUM_SLOTS, kernels)
+            **common, plan=None, native=NativeLora.plan(bounds, slots, ranks, num_slots, kernels)
         )
     plan = plan_segments(bounds, slots, device, ranks)
-    runner = SimpleNamespace(slot_ranks=ranks, slot_targets=[frozenset()] * NUM_SLOTS)
+    runner = SimpleNamespace(slot_ranks=ranks, slot_targets=[frozenset()] * num_slots)
     parts = () if plan.use_loop else ModelRunner._rank_parts(runner, bounds, slots, used, longest, device)
     return LoraSegments(**common, plan=None if parts else plan, parts=parts)
 
@@ -148,11 +151,14 @@ def main() -> None:
         results.append({"layout": name, "native_us": best["native"], "reference_us": best["reference"]})
     cold = [_from_memory(rows, args.cold_passes) for rows in (1, 4)]
     print(f"\nthe model's LoRA from memory: milliseconds per pass, median of {args.cold_passes}")
-    print(f"{'layout':42s} {'native':>9s} {'GB/s':>6s} {'sum':>7s} {'GB/s':>6s} {'sum/native':>10s}")
+    print(
+        f"{'layout':42s} {'native':>9s} {'GB/s':>6s} {'sum':>7s} {'GB/s':>6s} {'sum/native':>10s} {'max diff':>9s}"
+    )
     for c in cold:
         print(
             f"{c['layout']:42s} {c['native_ms']:9.2f} {c['factor_bytes'] / c['native_ms'] / 1e6:6.1f} "
-            f"{c['sum_ms']:7.2f} {c['factor_bytes'] / c['sum_ms'] / 1e6:6.1f} {c['sum_ms'] / c['native_ms']:10.2f}"
+            f"{c['sum_ms']:7.2f} {c['factor_bytes'] / c['sum_ms'] / 1e6:6.1f} {c['sum_ms'] / c['native_ms']:10.2f} "
+            f"{c['max_difference_from_reference']:9.1e}"
         )
     if args.out:
         with open(args.out, "w") as f:
@@ -163,23 +169,26 @@ def main() -> None:
             )
 
 
-def _from_memory(rows_per_slot: int, passes: int) -> dict:
-    """Every projection's LoRA of the bench model, 32 slots of rank 16, `rows_per_slot` rows each: the
-    native kernels' pass against a float32 sum over the same pools (see the module docstring)."""
-    hidden, inter, rank = LLAMA_50M.hidden_size, LLAMA_50M.intermediate_size, 16
+def _from_memory(
+    rows_per_slot: int, passes: int, shape: ModelShape = LLAMA_50M, num_slots: int = NUM_SLOTS, rank: int = 16
+) -> dict:
+    """Every projection's LoRA of `shape` (q|k|v, o, gate|up, down in each layer; k and v as wide as q),
+    `num_slots` slots of `rank`, `rows_per_slot` rows each: the native kernels' pass against a float32 sum
+    over the same pools (see the module docstring)."""
+    hidden, inter = shape.hidden_size, shape.intermediate_size
     projections = [(hidden, (hidden,) * 3), (hidden, (hidden,)), (hidden, (inter, inter)), (inter, (hidden,))]
     gen = torch.Generator().manual_seed(rows_per_slot)
     layers = []
-    for in_features, outs in projections * LLAMA_50M.num_layers:
+    for in_features, outs in projections * shape.num_layers:
         layer = LoRALinear(in_features, outs, bias=False)
-        layer.allocate_slots(NUM_SLOTS, rank)
-        for slot in range(NUM_SLOTS):
+        layer.allocate_slots(num_slots, rank)
+        for slot in range(num_slots):
             for i, out in enumerate(outs):
                 a, b = torch.randn(rank, in_features, generator=gen), torch.randn(out, rank, generator=gen)
                 layer.load_slot(slot, a / in_features**0.5, b / rank**0.5, 0.5, index=i)
         layers.append(layer)
-    bounds = list(range(0, NUM_SLOTS * rows_per_slot + 1, rows_per_slot))
-    lora = _segments("native", bounds, list(range(NUM_SLOTS)), [rank] * NUM_SLOTS)
+    bounds = list(range(0, num_slots * rows_per_slot + 1, rows_per_slot))
+    lora = _segments("native", bounds, list(range(num_slots)), [rank] * num_slots, num_slots)
     xs = [torch.randn(bounds[-1], layer.in_features, generator=gen) for layer in layers]
     ys = [torch.zeros(bounds[-1], layer.out_features) for layer in layers]
     pools = [t for layer in layers for t in (layer.lora_a, *layer.lora_b)]
@@ -200,8 +209,18 @@ def _from_memory(rows_per_slot: int, passes: int) -> dict:
             started = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - started)
+    # the kernels' sums against the torch reference's, every projection once
+    reference = _segments("reference", bounds, list(range(num_slots)), [rank] * num_slots, num_slots)
+    difference = 0.0
+    for layer, x in zip(layers, xs, strict=True):
+        got, want = torch.zeros(x.shape[0], layer.out_features), torch.zeros(x.shape[0], layer.out_features)
+        layer._add_lora(x, got, lora)
+        for part in reference.parts or (reference,):
+            layer._add_lora(x, want, part)
+        difference = max(difference, (got - want).abs().max().item())
     return {
-        "layout": f"24 projections, 32 slots r16, {rows_per_slot} row(s) each",
+        "layout": f"{len(layers)} projections, {num_slots} slots r{rank}, {rows_per_slot} row(s) each",
+        "max_difference_from_reference": difference,
         "rows_per_slot": rows_per_slot,
         "factor_bytes": sum(pool.numel() * pool.element_size() for pool in pools),
         "native_ms": statistics.median(times["native"]) * 1e3,

@@ -100,8 +100,10 @@ async def _serve_until_signal(
     settings: ControlPlaneSettings, database_url: str, redis_url: str | None
 ) -> int:
     from control_plane.server.server import serve
+    from openlora.gc_tuning import settle_heap
 
     running = await serve(settings.to_config(database_url, redis_url))
+    settle_heap()
     if running.admin_key and not settings.admin_key:
         print(
             f"bootstrap admin key (shown once; kept in {running.admin_key_path}): {running.admin_key}",

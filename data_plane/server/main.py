@@ -50,6 +50,7 @@ from data_plane.server.servicer import InferenceServicer
 from data_plane.server.usage_reporter import UsageReporter
 from data_plane.server.validation import RequestLimits
 from openlora.artifact import claim_artifacts_dir
+from openlora.gc_tuning import settle_heap
 from openlora.grpc_decoding import RequestDecodingInterceptor
 from openlora.grpc_limits import connection_cap, server_options
 from openlora.hints import Hint
@@ -716,6 +717,7 @@ async def _serve_until_signalled(config: WorkerConfig) -> int:
     what can drain drains, returns ENGINE_DEAD_EXIT_CODE so a supervisor restarts it), or until another
     process holds its worker id (drains, returns IDENTITY_LOST_EXIT_CODE)."""
     running = await serve_worker(config)
+    settle_heap()
     openai = f" openai={running.openai_base_url}" if running.http is not None else ""
     print(f"worker serving inference={running.address} id={running.worker_id}{openai}", flush=True)
     stop = asyncio.Event()

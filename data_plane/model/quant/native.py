@@ -480,7 +480,7 @@ class NativeKvSlots:
 SGMV_MAX_COLS = 512
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoraPools:
     """A projection's LoRA pools checked once for `openlora_sgmv_lora` (`NativeKernels.lora_pools`); per call
     only x, y and the step's segments are checked. The tensors are held, so their memory outlives the handle."""

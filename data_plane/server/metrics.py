@@ -5,6 +5,7 @@ the form the Gateway API Inference Extension reads (see `watch_routing_load`).""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -182,38 +183,56 @@ class AdapterActivity:
     (generating). Names, not content hashes: a router matches them against the `model` of a request.
 
     Changed on the event loop only; other threads read `names`, an immutable snapshot replaced by one
-    attribute store after every change (as the adapter cache publishes its residency)."""
+    attribute store after every change (as the adapter cache publishes its residency). Each name is counted
+    over the requests that name it, so a change costs its own names, not a walk over every request in
+    flight, and a new snapshot is made only when a name joins or leaves a set."""
 
     def __init__(self) -> None:
-        self._requests: dict[int, tuple[tuple[str, ...], bool]] = {}  # handle -> (names, running)
+        self._requests: dict[int, tuple[frozenset[str], bool]] = {}  # handle -> (names, running)
         self._handles = itertools.count()
+        self._counts: dict[bool, collections.Counter[str]] = {
+            False: collections.Counter(),
+            True: collections.Counter(),
+        }
         self.names = AdapterNames(updated_at=time.time())
 
     def add(self, names: Iterable[str]) -> int:
         """A request waiting for the engine; returns its handle."""
         handle = next(self._handles)
-        self._requests[handle] = (tuple(names), False)
-        self._publish()
+        request = frozenset(names)
+        self._requests[handle] = (request, False)
+        if self._count(request, False, +1):
+            self._publish()
         return handle
 
     def mark_running(self, handle: int) -> None:
-        names, running = self._requests.get(handle, ((), True))
+        names, running = self._requests.get(handle, (frozenset(), True))
         if not running:
             self._requests[handle] = (names, True)
-            self._publish()
+            if self._count(names, False, -1) | self._count(names, True, +1):
+                self._publish()
 
     def remove(self, handle: int) -> None:
-        if self._requests.pop(handle, None) is not None:
+        entry = self._requests.pop(handle, None)
+        if entry is not None and self._count(*entry, -1):
             self._publish()
 
+    def _count(self, names: frozenset[str], running: bool, step: int) -> bool:
+        """Adds `step` to each name's count in the running or waiting set; whether a name joined or left it."""
+        counts, changed = self._counts[running], False
+        for name in names:
+            counts[name] += step
+            if counts[name] == 0:
+                del counts[name]
+                changed = True
+            elif counts[name] == step:  # from 0 to 1
+                changed = True
+        return changed
+
     def _publish(self) -> None:
-        running: set[str] = set()
-        waiting: set[str] = set()
-        for names, is_running in self._requests.values():
-            (running if is_running else waiting).update(names)
-        snapshot = AdapterNames(tuple(sorted(running)), tuple(sorted(waiting)), time.time())
-        if (snapshot.running, snapshot.waiting) != (self.names.running, self.names.waiting):
-            self.names = snapshot
+        self.names = AdapterNames(
+            tuple(sorted(self._counts[True])), tuple(sorted(self._counts[False])), time.time()
+        )
 
 
 class _RoutingCollector:

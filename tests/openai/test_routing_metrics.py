@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -114,3 +115,29 @@ def test_adapter_activity_moves_names_from_waiting_to_running_and_out():
     assert (activity.names.running, activity.names.waiting) == (("ad0",), ())
     activity.remove(a)
     assert (activity.names.running, activity.names.waiting) == ((), ())
+
+
+def test_adapter_activity_agrees_with_the_union_of_the_requests_in_flight_over_random_changes():
+    """The counted sets against their definition (the union of the names of the requests waiting, and of those
+    running), after every change of a random sequence of adds (duplicates and empty lists among them), moves
+    to running (twice, or of an unknown handle) and removals (twice, or unknown)."""
+    rng = random.Random(7)
+    activity = AdapterActivity()
+    in_flight: dict[int, tuple[list[str], bool]] = {}
+    for _ in range(2_000):
+        action = rng.random()
+        if action < 0.45 or not in_flight:
+            names = [f"ad{rng.randrange(12)}" for _ in range(rng.randrange(4))]
+            in_flight[activity.add(names)] = (names, False)
+        elif action < 0.75:
+            handle = rng.choice([*in_flight, 10**6])
+            activity.mark_running(handle)
+            if handle in in_flight:
+                in_flight[handle] = (in_flight[handle][0], True)
+        else:
+            handle = rng.choice([*in_flight, 10**6])
+            activity.remove(handle)
+            in_flight.pop(handle, None)
+        running = sorted({n for names, r in in_flight.values() if r for n in names})
+        waiting = sorted({n for names, r in in_flight.values() if not r for n in names})
+        assert (list(activity.names.running), list(activity.names.waiting)) == (running, waiting)

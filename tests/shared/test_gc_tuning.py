@@ -24,7 +24,8 @@ def test_the_startup_heap_is_frozen_and_later_cycles_are_still_collected():
         before = _cycle()  # garbage from before: the full collection frees it, it is not frozen
         frozen = settle_heap()
         assert before() is None
-        assert frozen > 0 and gc.get_freeze_count() == frozen
+        # frozen objects freed by reference counting since (other threads run) leave the count
+        assert 0 < gc.get_freeze_count() <= frozen
         after = _cycle()
         assert after() is not None  # a cycle needs the collector, not reference counts
         gc.collect()

@@ -20,9 +20,9 @@ perf_counter and counts when all 32 requests decode one token each; steps with a
 request waiting for its adapter, run but do not count (their number is reported, and the throughput
 over all steps, which includes them, is reported beside). All engines are warmed up, then restarted
 together. Judged: the ratio of median step times against base (targets: best >= 0.9, skewed >= 0.8).
-After the run the machine's read bandwidth is measured (a float32 sum over 512 MiB) and the best case's
-bound by memory reported beside it: a step that must read its distinct adapters' factors once cannot
-beat base / (base + factor bytes / bandwidth), whatever its kernels do.
+Before and after the run the machine's read bandwidth is measured (a float32 sum over 512 MiB) and the best
+case's bound by memory reported beside it, at the faster reading: a step that must read its distinct
+adapters' factors once cannot beat base / (base + factor bytes / bandwidth), whatever its kernels do.
 
 Roofline: the machine's sustained fp32 GEMM FLOP/s is measured first (benchmarks.roofline: the model's
 linears at 128 rows, and a large square), then one engine runs alone with 128 requests on the base model,
@@ -42,6 +42,7 @@ import os
 import platform
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -175,8 +176,8 @@ def run_adapters(
     read_bytes: int = READ_BYTES,
 ) -> dict:
     """Interleaved base / best / skewed run (see the module docstring); `best_dirs` one adapter per
-    request, `skewed` (directory, rank) in popularity order. The machine's read bandwidth is measured after
-    it (a sum over `read_bytes`) for the best case's streaming bound."""
+    request, `skewed` (directory, rank) in popularity order. The machine's read bandwidth is measured before
+    and after it (a sum over `read_bytes`) for the best case's streaming bound."""
     best_refs = adapter_refs(best_dirs)
     skewed_refs = adapter_refs([d for d, _ in skewed])
     skewed_ranks = [rank for _, rank in skewed]
@@ -203,6 +204,7 @@ def run_adapters(
             draws=draws,
         )
         spec = base_engine.spec
+        bandwidth_before = roofline.measure_read_bandwidth(read_bytes, min_seconds=1.0)
         started = time.perf_counter()
         times_s, unsteady = run_interleaved(drivers, steps, warmup_steps)
         run_s = time.perf_counter() - started
@@ -234,7 +236,12 @@ def run_adapters(
         "ranks": dict(Counter(_rank_of(d) for d in best_dirs)),
     }
     cases["best"]["streaming_bound"] = streaming_bound(
-        spec, best_rank, cases["best"]["distinct_adapters_per_step"]["mean"], times_s["base"], read_bytes
+        spec,
+        best_rank,
+        cases["best"]["distinct_adapters_per_step"]["mean"],
+        times_s["base"],
+        read_bytes,
+        earlier_readings=[bandwidth_before],
     )
     cases["skewed"]["adapters"] = {
         "count": len(skewed_refs),
@@ -262,17 +269,26 @@ def run_adapters(
 
 
 def streaming_bound(
-    spec: BaseModelSpec, rank: int, distinct_adapters: float, base_step_times_s: list[float], read_bytes: int
+    spec: BaseModelSpec,
+    rank: int,
+    distinct_adapters: float,
+    base_step_times_s: list[float],
+    read_bytes: int,
+    earlier_readings: Sequence[float] = (),
 ) -> dict:
-    """What reading the best case's factors costs at this machine's measured read bandwidth: a step of
+    """What reading the best case's factors costs at this machine's read bandwidth: a step of
     `distinct_adapters` adapters of `rank` reads each one's float32 A and B factors (the engine's pools, in
     the model's dtype) once, whatever else it does, so its ratio against the base step cannot exceed
-    `roofline.streaming_bound_ratio`."""
-    bytes_per_s = roofline.measure_read_bandwidth(read_bytes, min_seconds=1.0)
+    `roofline.streaming_bound_ratio`. The bandwidth is read now and taken with `earlier_readings` (the one
+    before the run): the fastest of them, since the machine's memory rate moves between readings and a
+    bound must not be lowered by a slow one."""
+    readings = [*earlier_readings, roofline.measure_read_bandwidth(read_bytes, min_seconds=1.0)]
+    bytes_per_s = max(readings)
     params = roofline.lora_params_per_adapter(roofline.model_linear_shapes(spec), rank) * distinct_adapters
     base_s = percentile(base_step_times_s, 0.5)
     return {
         "read_bytes_per_s": bytes_per_s,
+        "read_bytes_per_s_readings": readings,
         "read_buffer_bytes": read_bytes,
         "factor_bytes_per_step": params * 4,
         "factor_read_ms": params * 4 / bytes_per_s * 1e3,
@@ -439,8 +455,9 @@ def adapters_table(figures: dict) -> str:
         lines += [
             "",
             f"Best case bound by memory: its factors ({bound['factor_bytes_per_step'] / 1e6:.1f} MB a step, float32) "
-            f"take {bound['factor_read_ms']:.2f} ms at this machine's read bandwidth measured after the run "
-            f"({bound['read_bytes_per_s'] / 1e9:.1f} GB/s, a sum over {bound['read_buffer_bytes'] / 2**20:.0f} MiB): "
+            f"take {bound['factor_read_ms']:.2f} ms at the faster of this machine's read-bandwidth readings before and "
+            f"after the run ({' and '.join(f'{r / 1e9:.1f}' for r in bound.get('read_bytes_per_s_readings', [bound['read_bytes_per_s']]))} "
+            f"GB/s, a sum over {bound['read_buffer_bytes'] / 2**20:.0f} MiB): "
             f"with nothing else added to the base step the ratio is at most **{bound['ratio']:.3f}**.",
         ]
     return "\n".join(lines)

@@ -450,16 +450,15 @@ def adapters_table(figures: dict) -> str:
             f"{case['ratio_p10']:.3f} | {case['ratio_median_of_pairs']:.3f} | {case['tokens_per_s_all_steps']:.1f} | "
             f"{case['ratio_all_steps']:.3f} | {loads} | >= {case['target_ratio']} ({met}) |"
         )
-    bound = cases["best"].get("streaming_bound")
-    if bound:
-        lines += [
-            "",
-            f"Best case bound by memory: its factors ({bound['factor_bytes_per_step'] / 1e6:.1f} MB a step, float32) "
-            f"take {bound['factor_read_ms']:.2f} ms at the faster of this machine's read-bandwidth readings before and "
-            f"after the run ({' and '.join(f'{r / 1e9:.1f}' for r in bound.get('read_bytes_per_s_readings', [bound['read_bytes_per_s']]))} "
-            f"GB/s, a sum over {bound['read_buffer_bytes'] / 2**20:.0f} MiB): "
-            f"with nothing else added to the base step the ratio is at most **{bound['ratio']:.3f}**.",
-        ]
+    bound = cases["best"]["streaming_bound"]
+    readings = " and ".join(f"{r / 1e9:.1f}" for r in bound["read_bytes_per_s_readings"])
+    lines += [
+        "",
+        f"Best case bound by memory: its factors ({bound['factor_bytes_per_step'] / 1e6:.1f} MB a step, float32) "
+        f"take {bound['factor_read_ms']:.2f} ms at the faster of this machine's read-bandwidth readings before and "
+        f"after the run ({readings} GB/s, a sum over {bound['read_buffer_bytes'] / 2**20:.0f} MiB): "
+        f"with nothing else added to the base step the ratio is at most **{bound['ratio']:.3f}**.",
+    ]
     return "\n".join(lines)
 
 

@@ -49,9 +49,12 @@ from openlora_kernels import plan_segments
 NUM_SLOTS, MAX_RANK = 32, 64
 
 
-def _layer(in_features: int, outs: tuple[int, ...], ranks: list[int], gen: torch.Generator) -> LoRALinear:
+def _layer(
+    in_features: int, outs: tuple[int, ...], ranks: list[int], gen: torch.Generator, max_rank: int = MAX_RANK
+) -> LoRALinear:
+    """A projection with one slot per entry of `ranks`, each loaded with a random adapter of that rank."""
     layer = LoRALinear(in_features, outs, bias=False)
-    layer.allocate_slots(NUM_SLOTS, MAX_RANK)
+    layer.allocate_slots(len(ranks), max_rank)
     for slot, rank in enumerate(ranks):
         for i, out in enumerate(outs):
             a, b = torch.randn(rank, in_features, generator=gen), torch.randn(out, rank, generator=gen)
@@ -178,15 +181,10 @@ def _from_memory(
     hidden, inter = shape.hidden_size, shape.intermediate_size
     projections = [(hidden, (hidden,) * 3), (hidden, (hidden,)), (hidden, (inter, inter)), (inter, (hidden,))]
     gen = torch.Generator().manual_seed(rows_per_slot)
-    layers = []
-    for in_features, outs in projections * shape.num_layers:
-        layer = LoRALinear(in_features, outs, bias=False)
-        layer.allocate_slots(num_slots, rank)
-        for slot in range(num_slots):
-            for i, out in enumerate(outs):
-                a, b = torch.randn(rank, in_features, generator=gen), torch.randn(out, rank, generator=gen)
-                layer.load_slot(slot, a / in_features**0.5, b / rank**0.5, 0.5, index=i)
-        layers.append(layer)
+    layers = [
+        _layer(in_features, outs, [rank] * num_slots, gen, max_rank=rank)
+        for in_features, outs in projections * shape.num_layers
+    ]
     bounds = list(range(0, num_slots * rows_per_slot + 1, rows_per_slot))
     lora = _segments("native", bounds, list(range(num_slots)), [rank] * num_slots, num_slots)
     xs = [torch.randn(bounds[-1], layer.in_features, generator=gen) for layer in layers]

@@ -225,7 +225,7 @@ class AdapterActivity:
             if counts[name] == 0:
                 del counts[name]
                 changed = True
-            elif counts[name] == step:  # from 0 to 1
+            elif step > 0 and counts[name] == 1:
                 changed = True
         return changed
 

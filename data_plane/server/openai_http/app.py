@@ -204,19 +204,9 @@ async def _generation_body(
 ):
     """`_generation` from the body on, within its tenant's turn to read and parse a body (the response
     it returns runs after the turn)."""
-    encoding = request.headers.get("content-encoding", "").strip().lower()
-    if encoding not in ("", "identity"):  # read as JSON, a compressed body was "not UTF-8 text"
-        failure = HttpError(
-            415, f"Content-Encoding {encoding!r} is not supported: send the body uncompressed", None,
-            "invalid_argument",
-        )  # fmt: skip
-        return _refused(api, failure, {"Connection": "close"})  # the body is left unread
-    media_type = request.headers.get("content-type")
-    if media_type is not None and not is_json_media_type(media_type):
-        failure = HttpError(
-            415, f"Content-Type {media_type[:100]!r} is not supported: send the body as application/json", None,
-            "invalid_argument",
-        )  # fmt: skip
+    unsupported = _unsupported_body(request.headers)
+    if unsupported is not None:
+        failure = HttpError(415, unsupported, None, "invalid_argument")
         return _refused(api, failure, {"Connection": "close"})  # the body is left unread
     try:
         data = await _read_body(request, api.max_body_bytes, api.body_timeout_s)
@@ -466,6 +456,17 @@ class _TooSlow(Exception):
 _PARSE_THREADS = 2  # bodies parsed at once, off the event loop
 MAX_BODIES_PER_TENANT = 4  # bodies one tenant's requests read and parse at once
 MAX_PARSES_PER_TENANT = 1  # of them parsed at once: one tenant never holds every parsing thread
+
+
+def _unsupported_body(headers) -> str | None:
+    """Why a body cannot be read as this API's JSON, from its headers alone (a 415), or None."""
+    encoding = headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):  # read as JSON, a compressed body was "not UTF-8 text"
+        return f"Content-Encoding {encoding[:100]!r} is not supported: send the body uncompressed"
+    media_type = headers.get("content-type")
+    if media_type is not None and not is_json_media_type(media_type):
+        return f"Content-Type {media_type[:100]!r} is not supported: send the body as application/json"
+    return None
 
 
 def is_json_media_type(value: str) -> bool:

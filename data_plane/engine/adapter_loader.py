@@ -25,6 +25,7 @@ import torch
 from data_plane.adapters.host_buffer import HostAdapter, pack
 from data_plane.adapters.peft_reader import host_dtype, read_peft_adapter
 from data_plane.adapters.weights import AdapterWeights, linear_mix
+from data_plane.engine.intra_op import use_threads
 from data_plane.engine.request import AdapterRef
 from openlora.adapter_format import AdapterFormatError, read_safetensors_header
 from openlora.artifact import WEIGHTS_FILE
@@ -44,8 +45,8 @@ MAX_READ_AHEAD_BYTES = 64 << 20
 
 
 def _one_intra_op_thread() -> None:
-    # OpenMP's thread count is per calling thread: this caps the loader's ops, not the engine thread's.
-    torch.set_num_threads(1)
+    # The loader's ops on one thread, beside the engine's; the process default is left alone (intra_op).
+    use_threads(1)
 
 
 @dataclass

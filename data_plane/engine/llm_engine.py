@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from data_plane.engine.config import EngineConfig
 from data_plane.engine.ensemble import combine, normalized_weights, validate_ensemble
 from data_plane.engine.errors import EngineError, InvalidRequest, NonFiniteLogits, QueueFull, StepFailed
 from data_plane.engine.host_memory import keep_freed_memory
+from data_plane.engine.intra_op import use_threads
 from data_plane.engine.model_runner import ModelRunner
 from data_plane.engine.request import EngineRequest, RequestOutput
 from data_plane.engine.sampler import Sampler
@@ -85,6 +87,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         keep_freed_memory()  # a step's temporaries are not page-faulted in again every step
+        # The intra-op thread count of the thread that builds the engine: every thread that steps it uses
+        # it (`_use_own_threads`), whatever count that thread would have taken itself (intra_op).
+        self.intra_op_threads = torch.get_num_threads()
+        self._stepping_thread: threading.Thread | None = None
         dtype = config.resolve_dtype(ModelConfig.from_dir(config.model_dir).checkpoint_dtype)
         device = config.torch_device
         model_len = config.max_model_len or 1 << 20
@@ -284,6 +290,13 @@ class LLMEngine:
         self.scheduler.finish(state.seq)
         self._pending_outputs.append(self._output(state, [], "", None, "abort", time.monotonic()))
 
+    def _use_own_threads(self) -> None:
+        """Sets the engine's intra-op thread count on the thread that steps it, once per thread."""
+        thread = threading.current_thread()
+        if thread is not self._stepping_thread:
+            use_threads(self.intra_op_threads)
+            self._stepping_thread = thread
+
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns the new tokens of every request that advanced and the final output of
         each that finished, failed or was aborted.
@@ -293,6 +306,7 @@ class LLMEngine:
         caller can tell a passing fault from an engine that cannot go on. A row with non-finite logits
         fails that request alone (NonFiniteLogits) and the step goes on.
         """
+        self._use_own_threads()
         outputs, self._pending_outputs = self._pending_outputs, []
         involved: list[str] = []  # request ids a fault now would fail
         try:

@@ -1,0 +1,46 @@
+"""How many threads a thread's torch ops use, set per thread without changing it for the others.
+
+torch keeps the intra-op thread count per thread (OpenMP's count, MKL's local count) and one process-wide
+default: `torch.set_num_threads(n)` sets the calling thread's count and also makes n the default, and a
+thread takes the default once, at its first parallel op (or `torch.get_num_threads()`), then keeps it.
+The adapter loader capped its own threads at one with `torch.set_num_threads(1)`, so every thread started
+after its first load computed on one thread: the worker's engine loop among them, as its first forward
+came after the first request's disk read began. Two rules follow:
+
+- `use_threads(n)` sets the calling thread's count and puts the default back as it found it;
+- the engine sets the count it was built with on whatever thread steps it (`LLMEngine.step`), so no other
+  thread's setting, before or after, decides how many threads a step uses.
+
+Between the two halves of `use_threads` the default is n for a moment: a thread that takes the default
+then keeps n. Threads that step an engine are covered by the second rule.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+def _on_new_thread(fn, *args):
+    """`fn(*args)` on a thread of its own, which takes the process default at its first torch call."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(fn(*args)), name="intra-op-default")
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def process_default() -> int:
+    """The count a thread that has run no parallel op yet would take."""
+    return _on_new_thread(torch.get_num_threads)
+
+
+def use_threads(n: int) -> None:
+    """The calling thread's intra-op thread count becomes `n`, for good; the process default is left as
+    it was."""
+    default = process_default()
+    torch.get_num_threads()  # this thread takes the default now, so that it cannot replace `n` later
+    torch.set_num_threads(n)
+    if default != n:
+        _on_new_thread(torch.set_num_threads, default)

@@ -1,0 +1,76 @@
+"""The engine steps with the intra-op thread count it was built with, on any thread, and capping the
+adapter loader's threads leaves every other thread's count alone (data_plane/engine/intra_op.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from data_plane.engine.intra_op import process_default, use_threads
+from tests.engine.conftest import greedy, make_engine, run_to_completion
+
+# Neither 1 (the loader's) nor this machine's core count: a count no thread takes unless told to.
+COUNT = 3
+
+
+def on_thread(fn):
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+@pytest.fixture
+def default_of_three():
+    """The process default (and this thread's count) at COUNT for the test, then as it was."""
+    before_default, before_here = process_default(), torch.get_num_threads()
+    torch.set_num_threads(COUNT)
+    yield
+    torch.set_num_threads(before_here)
+    on_thread(lambda: torch.set_num_threads(before_default))
+
+
+def test_use_threads_sets_the_calling_thread_only(default_of_three):
+    def capped():
+        use_threads(1)
+        return torch.get_num_threads()
+
+    assert on_thread(capped) == 1
+    assert process_default() == COUNT  # a thread started afterwards is not capped
+    assert on_thread(torch.get_num_threads) == COUNT
+    assert torch.get_num_threads() == COUNT
+
+
+def test_a_new_thread_stepping_the_engine_uses_the_engines_count(default_of_three, tiny_llama):
+    engine = make_engine(tiny_llama)
+    try:
+        assert engine.intra_op_threads == COUNT
+        # The first request on an adapter starts the loader's threads, which cap themselves at one.
+        engine.add_request(greedy("warm", [1, 2, 3], adapters=[tiny_llama.ref("r8_all")], max_tokens=2))
+        run_to_completion(engine)
+        assert engine.loader.num_in_flight == 0
+        assert process_default() == COUNT
+
+        # Another thread takes a count of its own, then steps the engine: the step uses the engine's.
+        def step_on_a_capped_thread():
+            use_threads(2)
+            engine.add_request(greedy("next", [4, 5, 6], adapters=[tiny_llama.ref("r4_qv")], max_tokens=2))
+            results = run_to_completion(engine)
+            return torch.get_num_threads(), results
+
+        threads, results = on_thread(step_on_a_capped_thread)
+        assert threads == COUNT
+        assert len(results["next"][0]) == 2
+
+        # A thread that never set a count gets the engine's too (not the loader's one thread).
+        def step_on_a_new_thread():
+            engine.add_request(greedy("third", [7, 8], max_tokens=1))
+            run_to_completion(engine)
+            return torch.get_num_threads()
+
+        assert on_thread(step_on_a_new_thread) == COUNT
+    finally:
+        engine.shutdown()

@@ -10,9 +10,9 @@ A worker reserves (tenant, request id) before it serves a stream that carries a 
 Exactly one of two workers racing for the same id gets a row back; the other is refused. An id that
 already has a usage event (the billing key) is refused too, by the same statement (only a refusal asks
 again which of the two it was, for its message). The stream's own usage is never refused: usage is recorded
-by `report_usage`, which does not look at reservations. A reservation is two statements on the database
-(the clock's step back below, then the insert), the sweep of expired rows a third on every
-`SWEEP_EVERY`-th: every request of a stream with an id pays them.
+by `report_usage`, which does not look at reservations. A reservation is that one statement, built once
+(the sweep of expired rows a second on every `SWEEP_EVERY`-th): every request of a stream with an id pays
+it. A refusal adds two (the clock's step back below, then which refusal it was).
 
 A reservation ends by release (a stream that delivered nothing: a retry under the id must be served) or
 by expiry (a worker that died before it could release). A worker re-reserving its own id renews it (a
@@ -30,7 +30,19 @@ import itertools
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import DateTime, ForeignKey, String, delete, exists, literal, or_, select, tuple_, update
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    String,
+    bindparam,
+    delete,
+    exists,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -84,6 +96,41 @@ def _billed(session: Session, tenant: uuid.UUID, request_id: str) -> bool:
     return found is not None
 
 
+def _reservation_upsert():
+    """The reservation, one statement built once: inserts the row unless the id was billed; on a conflict
+    takes the row over when it expired or is this worker's own. RETURNING says whether it was reserved."""
+    table = RequestIdReservation.__table__
+    usage = UsageEvent.__table__
+    tenant = bindparam("tenant_id", type_=table.c.tenant_id.type)
+    request_id = bindparam("request_id", type_=table.c.request_id.type)
+    now = bindparam("now", type_=DateTime(timezone=True))
+    billed = exists().where(usage.c.tenant_id == tenant, usage.c.request_id == request_id)
+    row = select(
+        tenant,
+        request_id,
+        bindparam("worker_id", type_=table.c.worker_id.type),
+        now,
+        bindparam("expires_at", type_=DateTime(timezone=True)),
+    ).where(~billed)
+    statement = insert(table).from_select(
+        ["tenant_id", "request_id", "worker_id", "reserved_at", "expires_at"], row
+    )
+    # An empty worker id never counts as "the same worker" (it would match any other empty one).
+    same_worker = (table.c.worker_id == statement.excluded.worker_id) & (statement.excluded.worker_id != "")
+    return statement.on_conflict_do_update(
+        index_elements=[table.c.tenant_id, table.c.request_id],
+        set_={
+            "worker_id": statement.excluded.worker_id,
+            "reserved_at": statement.excluded.reserved_at,
+            "expires_at": statement.excluded.expires_at,
+        },
+        where=or_(table.c.expires_at <= now, same_worker),
+    ).returning(table.c.request_id)
+
+
+_RESERVE = _reservation_upsert()
+
+
 def reserve_request_id(
     session: Session, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int = 0
 ) -> AlreadyExists | None:
@@ -97,10 +144,32 @@ def reserve_request_id(
     now = utc_now()
     if next(_reservations) % SWEEP_EVERY == 0:
         _sweep(session, now)
+    reserved = session.execute(
+        _RESERVE,
+        {
+            "tenant_id": tenant,
+            "request_id": request_id,
+            "worker_id": worker_id,
+            "now": now,
+            "expires_at": now + timedelta(milliseconds=ttl_ms),
+        },
+    ).first()
+    if reserved is not None:
+        return None
+    _restamp_ahead_of_clock(session, tenant, request_id, now)
+    if _billed(session, tenant, request_id):
+        return AlreadyExists(
+            f"{request_id!r} was already served and billed; send a new request id", field="request_id"
+        )
+    return AlreadyExists(f"{request_id!r} is already being served; send a new request id", field="request_id")
+
+
+def _restamp_ahead_of_clock(session: Session, tenant: uuid.UUID, request_id: str, now: datetime) -> None:
+    """A reservation made after now was made before the clock stepped back: how long ago is unknown, at
+    most its time to live. It holds that long from now (not for as long as the step; never less, its
+    holder may be serving). Only a refusal needs it: such a row has not expired, before or after, so it
+    refuses another worker either way, and the holder's own reservation replaces both stamps."""
     table = RequestIdReservation.__table__
-    # A reservation made after now was made before the clock stepped back: how long ago is unknown, at
-    # most its time to live. It holds that long from now (not for as long as the step; never less, its
-    # holder may be serving).
     session.execute(
         update(table)
         .where(table.c.tenant_id == tenant, table.c.request_id == request_id, table.c.reserved_at > now)
@@ -109,37 +178,6 @@ def reserve_request_id(
             expires_at=literal(now, DateTime(timezone=True)) + (table.c.expires_at - table.c.reserved_at),
         )
     )
-    usage = UsageEvent.__table__
-    billed = exists().where(usage.c.tenant_id == tenant, usage.c.request_id == request_id)
-    when = DateTime(timezone=True)
-    row = select(
-        literal(tenant, table.c.tenant_id.type),
-        literal(request_id, table.c.request_id.type),
-        literal(worker_id, table.c.worker_id.type),
-        literal(now, when),
-        literal(now + timedelta(milliseconds=ttl_ms), when),
-    ).where(~billed)
-    statement = insert(table).from_select(
-        ["tenant_id", "request_id", "worker_id", "reserved_at", "expires_at"], row
-    )
-    # An empty worker id never counts as "the same worker" (it would match any other empty one).
-    same_worker = (table.c.worker_id == statement.excluded.worker_id) & (statement.excluded.worker_id != "")
-    statement = statement.on_conflict_do_update(
-        index_elements=[table.c.tenant_id, table.c.request_id],
-        set_={
-            "worker_id": statement.excluded.worker_id,
-            "reserved_at": statement.excluded.reserved_at,
-            "expires_at": statement.excluded.expires_at,
-        },
-        where=or_(table.c.expires_at <= now, same_worker),
-    ).returning(table.c.request_id)
-    if session.execute(statement).first() is not None:
-        return None
-    if _billed(session, tenant, request_id):
-        return AlreadyExists(
-            f"{request_id!r} was already served and billed; send a new request id", field="request_id"
-        )
-    return AlreadyExists(f"{request_id!r} is already being served; send a new request id", field="request_id")
 
 
 def release_request_id(session: Session, tenant_id: str, request_id: str, worker_id: str) -> bool:

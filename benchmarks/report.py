@@ -103,6 +103,13 @@ TABLE_HEADER = (
 )
 
 
+def _passes(tokens_per_s: list[float]) -> str:
+    """ "; passes: a, b tokens/s" for more than one timed pass, else ""."""
+    if len(tokens_per_s) < 2:
+        return ""
+    return "; passes: " + ", ".join(f"{x:.1f}" for x in tokens_per_s) + " tokens/s"
+
+
 def summary_rows(results: dict) -> list[list]:
     """The rows of the one table, from the results dict `benchmarks.run` builds."""
     cfg = results["config"]
@@ -111,7 +118,8 @@ def summary_rows(results: dict) -> list[list]:
     if s1:
         rows.append(
             ["1 offline", "OpenLoRA", f"{s1['requests']} req, {s1['distinct_adapters']} adapters, t=0",
-             s1["tokens_per_s"], s1["ttft_ms"]["p50"], s1["ttft_ms"]["p99"], s1["errors"], _tiers(s1)]
+             s1["tokens_per_s"], s1["ttft_ms"]["p50"], s1["ttft_ms"]["p99"], s1["errors"],
+             _tiers(s1) + _passes(results["s1_openlora"].get("passes_tokens_per_s", []))]
         )  # fmt: skip
     best = results.get("s1_peer")
     for p in results.get("s1_peer_sweep", []):
@@ -125,7 +133,7 @@ def summary_rows(results: dict) -> list[list]:
              workload, max(passes), None, None, 0,
              f"{p['computed_tokens']} tokens computed for {p['generated_tokens']} requested; "
              f"{p['adapters_loaded']} adapters loaded ({p['adapter_load_s']:.0f} s)"
-             + ("; passes: " + ", ".join(f"{x:.1f}" for x in passes) + " tokens/s" if is_best else "")]
+             + (_passes(passes) if is_best else "")]
         )  # fmt: skip
     if s1 and best:
         # OpenLoRA's tokens/s is over the requests that succeeded (a failed one leaves its time to the rest)

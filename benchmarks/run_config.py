@@ -27,6 +27,9 @@ class BenchConfig:
     s1_adapters: int = 100
     # Both sides run the trace's first requests once, untimed, after loading every adapter.
     s1_warmup_requests: int = 8
+    # OpenLoRA runs the timed trace this many times and the better pass counts, as the peer's best batch
+    # size runs twice (its sweep, then again after the system stopped) and its better pass counts.
+    s1_passes: int = 2
     peer_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
     peer_sequential_requests: int = 8  # one request at a time on a prefix of the trace; 0 = not run
     # Scenario 2: capacity under a TTFT p99 bound, by a rate search of s2_steps steps.
@@ -89,6 +92,8 @@ class BenchConfig:
             raise ValueError(f"s2_adapters must be numbers of adapters >= 1, got {self.s2_adapters}")
         if not self.s2_ttft_p99_bound_ms > 0:
             raise ValueError(f"s2_ttft_p99_bound_ms must be > 0, got {self.s2_ttft_p99_bound_ms}")
+        if self.s1_passes < 1:
+            raise ValueError(f"s1_passes must be >= 1, got {self.s1_passes}")
         if self.s2_steps < 1:
             raise ValueError(f"s2_steps must be >= 1, got {self.s2_steps}")
         if not self.s2_growth > 1:

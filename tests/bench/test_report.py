@@ -73,7 +73,7 @@ def test_table_compares_with_the_peers_best_batch_size_and_gives_the_capacity_ra
     best = dict(sweep[2], passes_tokens_per_s=[300.0, 330.0], tokens_per_s=330.0)
     results = {
         "config": {"s1_requests": 256, "s2_ttft_p99_bound_ms": 1000.0, "num_adapter_slots": 32},
-        "s1_openlora": {"summary": _summary(990.0)},
+        "s1_openlora": {"summary": _summary(990.0), "passes_tokens_per_s": [950.0, 990.0]},
         "s1_peer_sweep": sweep,
         "s1_peer": best,
         "s2_capacity": [
@@ -86,6 +86,7 @@ def test_table_compares_with_the_peers_best_batch_size_and_gives_the_capacity_ra
     assert rows[("1 offline", "PEFT batched, batch 16 (best)")][3] == 330.0
     assert "300.0, 330.0" in rows[("1 offline", "PEFT batched, batch 16 (best)")][7]
     assert rows[("1 offline", "PEFT batched, batch 8")][3] == 200.0
+    assert "passes: 950.0, 990.0 tokens/s" in rows[("1 offline", "OpenLoRA")][7]
     assert "(prefix)" in rows[("1 offline", "PEFT sequential, batch 1")][2]
     ratio = rows[("1 offline", "OpenLoRA / PEFT batch 16")]
     assert ratio[3] == 990.0 / 330.0 and ratio[7] == "met"
@@ -142,3 +143,28 @@ def test_openlora_requests_that_failed_in_scenario_1_miss_its_target():
         rows = {(row[0], row[1]): row for row in summary_rows(results)}
         ratio = rows[("1 offline", "OpenLoRA / PEFT batch 16")]
         assert ratio[7] == verdict and ratio[6] == errors
+
+
+def test_scenario_1_times_openlora_as_often_as_the_peers_best_size_and_keeps_the_better_pass(monkeypatch):
+    """The peer's best batch size runs twice and its better pass counts: OpenLoRA's trace runs
+    `s1_passes` times, and the better pass's figures (summary and records) are what it is compared by."""
+    import benchmarks.run as run
+    from benchmarks.run_config import BenchConfig
+    from benchmarks.trace import Trace, TraceConfig
+
+    rates = iter([610.0, 740.0, 700.0])
+    calls = []
+
+    def fake_load(requests, target, api_key, **kwargs):
+        rate = next(rates)
+        calls.append(rate)
+        return {"summary": _summary(rate), "records": [{"pass_rate": rate}]}
+
+    monkeypatch.setattr(run, "run_load", fake_load)
+    monkeypatch.setattr(run, "format_summary", lambda summary: f"{summary['tokens_per_s']} tokens/s")
+    system = type("System", (), {"inference_target": "127.0.0.1:1", "api_key": "key"})()
+    cfg = BenchConfig(warmup=False, s1_passes=3)
+    result = run.scenario_offline(cfg, system, Trace(TraceConfig(num_requests=0, num_adapters=1)))
+    assert calls == [610.0, 740.0, 700.0]
+    assert result["passes_tokens_per_s"] == [610.0, 740.0, 700.0]
+    assert result["summary"]["tokens_per_s"] == 740.0 and result["records"] == [{"pass_rate": 740.0}]

@@ -1,0 +1,35 @@
+"""benchmarks.control_plane_bench: each per-request call of the control plane timed on a fresh database,
+which is dropped afterwards."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+
+from benchmarks import control_plane_bench
+
+
+def _databases(server_url: str) -> set[str]:
+    libpq = server_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        return {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+
+
+def test_times_every_call_on_a_fresh_database_and_drops_it(postgres_server_url, tmp_path, capsys):
+    before = _databases(postgres_server_url)
+    out = tmp_path / "cp.json"
+    argv = ["--database-url", postgres_server_url, "--calls", "4", "--rounds", "2", "--out", str(out)]
+    assert control_plane_bench.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {
+        "reserve_request_id",
+        "report_usage, batches of 1",
+        "report_usage, batches of 16",
+        "authorize (key only)",
+    }
+    for figures in results.values():
+        assert len(figures["cpu_ms_rounds"]) == 2
+        assert figures["cpu_ms_per_call"] > 0 and figures["wall_ms_per_call"] > 0
+    assert "| reserve_request_id |" in capsys.readouterr().out
+    assert _databases(postgres_server_url) == before

@@ -11,8 +11,10 @@ came after the first request's disk read began. Two rules follow:
 - the engine sets the count it was built with on whatever thread steps it (`LLMEngine.step`), so no other
   thread's setting, before or after, decides how many threads a step uses.
 
-Between the two halves of `use_threads` the default is n for a moment: a thread that takes the default
-then keeps n. Threads that step an engine are covered by the second rule.
+Calls of `use_threads` take turns: the loader's two threads start together, and one that read the
+default while the other had it at one put back one. Between the two halves of a call the default is n for
+a moment: a thread that takes the default then keeps n. Threads that step an engine are covered by the
+second rule.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import threading
 
 import torch
+
+_turns = threading.Lock()  # one `use_threads` at a time: each puts back the default it read
 
 
 def _on_new_thread(fn, *args):
@@ -39,8 +43,9 @@ def process_default() -> int:
 def use_threads(n: int) -> None:
     """The calling thread's intra-op thread count becomes `n`, for good; the process default is left as
     it was."""
-    default = process_default()
-    torch.get_num_threads()  # this thread takes the default now, so that it cannot replace `n` later
-    torch.set_num_threads(n)
-    if default != n:
-        _on_new_thread(torch.set_num_threads, default)
+    with _turns:
+        default = process_default()
+        torch.get_num_threads()  # this thread takes the default now, so that it cannot replace `n` later
+        torch.set_num_threads(n)
+        if default != n:
+            _on_new_thread(torch.set_num_threads, default)

@@ -44,6 +44,27 @@ def test_use_threads_sets_the_calling_thread_only(default_of_three):
     assert torch.get_num_threads() == COUNT
 
 
+def test_threads_capping_themselves_at_once_leave_the_default_alone(default_of_three):
+    """The loader's two threads cap themselves as they start, often together: one that read the default
+    while the other had it at one put back one, and every thread started after ran on one thread."""
+    start = threading.Barrier(8)
+    counts: list[int] = []
+
+    def capped():
+        start.wait()
+        use_threads(1)
+        counts.append(torch.get_num_threads())
+
+    for _ in range(40):
+        threads = [threading.Thread(target=capped) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert process_default() == COUNT
+    assert counts == [1] * 320
+
+
 def test_a_new_thread_stepping_the_engine_uses_the_engines_count(default_of_three, tiny_llama):
     engine = make_engine(tiny_llama)
     try:

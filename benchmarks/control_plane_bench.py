@@ -56,27 +56,6 @@ def fresh_database(server_url: str | None) -> Iterator[str]:
             c.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
-def control_plane(database_url: str, state_dir: Path):
-    """(ControlPlane, its SQLAlchemy engine) over a migrated database, as the server builds them; no
-    Redis (hints are not what is measured)."""
-    from control_plane.app import ControlPlane
-    from control_plane.artifacts.store import ArtifactStore
-    from control_plane.config import ControlPlaneConfig
-    from control_plane.db import migrate
-    from control_plane.db.engine import make_engine, make_sessionmaker
-    from control_plane.hints.publisher import HintPublisher
-
-    config = ControlPlaneConfig(
-        database_url=database_url, state_dir=state_dir, worker_token="w" * 32, listen="127.0.0.1:0"
-    )
-    migrate.upgrade(database_url)
-    engine = make_engine(database_url)
-    app = ControlPlane(
-        config, make_sessionmaker(engine), ArtifactStore(state_dir / "artifacts"), HintPublisher(None)
-    )
-    return app, engine
-
-
 def calls(app, admin_key: str) -> dict[str, Callable[[int], None]]:
     """name -> fn(n): n calls of one kind, each on new keys (a new request id, a new usage event)."""
     from control_plane.usage.service import UsageReport
@@ -155,10 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls < 1 or args.rounds < 1:
         parser.error("--calls and --rounds must be >= 1")
 
+    from control_plane.config import ControlPlaneConfig
+    from control_plane.server.server import prepare
+
     with fresh_database(args.database_url) as url, tempfile.TemporaryDirectory() as state:
-        app, engine = control_plane(url, Path(state))
+        # No Redis: hints are not what is measured.
+        config = ControlPlaneConfig(database_url=url, state_dir=Path(state), worker_token="w" * 32)
+        app, engine, admin_key, _ = prepare(config)
         try:
-            results = measure(calls(app, app.bootstrap().new_admin_key), args.calls, args.rounds)
+            results = measure(calls(app, admin_key), args.calls, args.rounds)
         finally:
             engine.dispose()
     print(f"{args.calls} calls a round, {args.rounds} rounds; median ms per call:")

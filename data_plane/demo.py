@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from data_plane.engine import intra_op
+
 log = logging.getLogger(__name__)
 
 SEED = 1237  # with _INTERMEDIATE_SIZE, gives the outputs above and the README's mixes
@@ -213,12 +215,8 @@ def write_demo_model(
     6.3 steps/s against one's 22.7 (`python -m benchmarks.demo_train_threads`, benchmarks/RESULTS.md), and
     a demo trained once per machine should not take half an hour because something else was running.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op.threads(1):
         _write_demo_model(Path(out_dir), base_steps, adapter_steps)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _write_demo_model(out_dir: Path, base_steps: int, adapter_steps: int) -> None:

@@ -136,7 +136,9 @@ def _write_admin_key(path: Path, key: str) -> None:
     path.chmod(0o600)
 
 
-def _prepare(config: ControlPlaneConfig) -> tuple[ControlPlane, Engine, str | None, Path]:
+def prepare(config: ControlPlaneConfig) -> tuple[ControlPlane, Engine, str | None, Path]:
+    """The control plane's app over a migrated (or checked) database with its operator bootstrapped, not
+    yet serving: (app, database engine, the admin key made now or given, the key file's path)."""
     if config.migrate:
         migrate.upgrade(config.database_url)
     else:
@@ -165,7 +167,7 @@ async def serve(config: ControlPlaneConfig) -> RunningControlPlane:
         from control_plane.metrics_http import start_metrics_server
 
         start_metrics_server(config.metrics_port)
-    app, engine, admin_key, key_path = await asyncio.to_thread(_prepare, config)
+    app, engine, admin_key, key_path = await asyncio.to_thread(prepare, config)
     max_connections = connection_cap(config.max_connections, server="control plane")
     server = grpc.aio.server(
         interceptors=[RequestDecodingInterceptor(), ErrorMappingInterceptor()],

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from data_plane.engine.intra_op import process_default, use_threads
+from data_plane.engine.intra_op import process_default, threads, use_threads
 from tests.engine.conftest import greedy, make_engine, run_to_completion
 
 # Neither 1 (the loader's) nor this machine's core count: a count no thread takes unless told to.
@@ -63,6 +63,38 @@ def test_threads_capping_themselves_at_once_leave_the_default_alone(default_of_t
             t.join()
         assert process_default() == COUNT
     assert counts == [1] * 320
+
+
+def test_a_block_on_one_thread_gives_back_the_threads_own_count_and_leaves_the_default(default_of_three):
+    """What quantizing at load and training the demo model use: the block computes on one thread; the
+    thread's own count comes back after it, and the default is never changed for other threads."""
+
+    def in_and_after_a_block():
+        use_threads(2)
+        with threads(1):
+            inside = torch.get_num_threads(), process_default()
+        return inside, torch.get_num_threads()
+
+    assert on_thread(in_and_after_a_block) == ((1, COUNT), 2)
+    assert process_default() == COUNT
+
+
+def test_with_no_thread_to_spare_the_calling_thread_is_still_set(default_of_three, monkeypatch):
+    """A process at its thread limit: the default can be neither read nor put back, yet the caller's count
+    is set and nothing raises (the loader's threads set theirs as they start: raising there would make
+    every adapter load fail)."""
+
+    class NoThread(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading, "Thread", NoThread)
+    assert process_default() is None
+    use_threads(2)
+    assert torch.get_num_threads() == 2
+    with threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
 
 
 def test_a_new_thread_stepping_the_engine_uses_the_engines_count(default_of_three, tiny_llama):

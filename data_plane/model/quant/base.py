@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from data_plane.engine import intra_op
 from openlora.kernel_choice import kernel_choice
 
 # The kernels read activations, scales and offsets in this dtype and accumulate in float32: PyTorch's
@@ -149,13 +150,9 @@ def set_reference_kernels(module: nn.Module, enabled: bool) -> None:
 def one_thread() -> Iterator[None]:
     """Runs the block with one intra-op thread: quantizing in small chunks is many small ops, and on a
     2-core machine with other work each parallel op waited for its second thread (a 4096x1024 weight
-    took 169 ms with 2 threads, 13 ms with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    took 169 ms with 2 threads, 13 ms with 1). Other threads' counts are left alone (`intra_op`)."""
+    with intra_op.threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def row_chunks(num_rows: int, num_cols: int, multiple: int) -> list[tuple[int, int]]:

@@ -23,6 +23,7 @@ from control_plane.billing import service as billing
 from control_plane.config import ControlPlaneConfig
 from control_plane.db.base import utc_now
 from control_plane.errors import (
+    Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -177,9 +178,13 @@ class ControlPlane:
         finally:
             self.upload_slots.release(plan.tenant_id)
 
-    def complete_upload(self, plan: UploadPlan, upload: Upload) -> UploadResult:
+    def complete_upload(
+        self, plan: UploadPlan, upload: Upload, abandoned: Callable[[], bool] | None = None
+    ) -> UploadResult:
         """Validates the received files, publishes them under their sha256, then writes the READY row.
-        On any failure nothing is left: no temporary files, no row, no newly published artifact."""
+        On any failure nothing is left: no temporary files, no row, no newly published artifact.
+        `abandoned()` (the call was cancelled meanwhile) is asked last before the row commits: True rolls
+        everything back, as a failure does, for a client that went away and was told nothing was stored."""
         directory = upload.finish()
         try:
             info = validate_adapter_dir(
@@ -227,6 +232,8 @@ class ControlPlane:
                 was = registry.named_terms(s, tenant.id, header.name)
                 _check_royalty_not_raised(was, header)  # again, row locked: uploads of the name may race
                 owned, replaced = registry.record_upload(s, tenant, base_model, record, info, sha256)
+                if abandoned is not None and abandoned():
+                    raise Cancelled("the call was cancelled before the upload was stored")
                 # The replaced content is dropped from workers only when no adapter still uses it; its cache
                 # key alone when others still serve the content under other keys (see `_invalidate`).
                 unused = replaced if replaced is not None and not registry.is_served(s, replaced) else ""

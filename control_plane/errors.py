@@ -45,6 +45,10 @@ class DeadlineExceeded(DomainError):
     """The caller took too long (a stream left idle past its limit) -> DEADLINE_EXCEEDED."""
 
 
+class Cancelled(DomainError):
+    """The caller cancelled the call before its work was committed; nothing of it was kept -> CANCELLED."""
+
+
 class AdapterNotFound(NotFound):
     """Reads "<field>: '<name>' not found" (`adapter`, or the member's field of a mix)."""
 

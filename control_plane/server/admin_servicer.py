@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 
 from control_plane.app import ControlPlane
 from control_plane.errors import DeadlineExceeded, InvalidArgument
@@ -22,6 +23,8 @@ UPLOAD_MIN_BYTES_PER_S = 256 << 10
 # (or have sent all it declared): a client declaring 512 MiB and trickling a byte every 20 s held its slot
 # for the 35 minutes of the limit above, and a few such clients every slot.
 UPLOAD_MIN_PROGRESS_BYTES_PER_S = 64 << 10
+# How long the end of an upload's stream waits for the call's cancellation before it counts as a close.
+END_OF_STREAM_GRACE_S = 0.05
 
 
 def upload_time_limit_s(declared_bytes: int) -> float:
@@ -61,6 +64,22 @@ async def _next_upload_message(messages, deadline: float | None = None, limit_s:
             f"no upload message arrived for {idle_s:g} s, the most an upload may stay idle; the upload "
             "was ended and its partial files removed: send the adapter again without pausing"
         ) from None
+
+
+async def _check_stream_was_closed(context) -> None:
+    """Returns when the upload's stream ended because the client closed its side (the upload is whole),
+    raises when it ended because the call did: a client that cancels, or whose deadline passes, before
+    closing its side ends the request stream as a close does, and grpc cancels this handler only a moment
+    later (within a few ms, from its poller thread). So the stream's end is taken as a close only after
+    END_OF_STREAM_GRACE_S without that cancellation (CancelledError from the sleep) or a passed deadline."""
+    await asyncio.sleep(END_OF_STREAM_GRACE_S)
+    if context.cancelled():
+        raise asyncio.CancelledError
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded(
+            "the call's deadline passed before the upload stream was closed; nothing was stored"
+        )
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -110,12 +129,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 upload.write(chunk.filename, chunk.offset, chunk.data)
                 received += len(chunk.data)
                 _check_progress(received, declared, asyncio.get_running_loop().time() - started)
-            completing = asyncio.ensure_future(asyncio.to_thread(self.app.complete_upload, plan, upload))
+            await _check_stream_was_closed(context)
+            cancelled = threading.Event()
+            completing = asyncio.ensure_future(
+                asyncio.to_thread(self.app.complete_upload, plan, upload, abandoned=cancelled.is_set)
+            )
             try:
                 result = await asyncio.shield(completing)
             except asyncio.CancelledError:
                 # The client went away while the files are validated and published on a thread, which runs
-                # on: its files and its slot are released (below) only once it is done with them.
+                # on: it stores nothing unless it had already got to its commit, and the files and the slot
+                # are released (below) only once it is done with them.
+                cancelled.set()
                 with contextlib.suppress(Exception):
                     await completing
                 raise

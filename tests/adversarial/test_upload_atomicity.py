@@ -11,6 +11,7 @@ import time
 import uuid
 
 import grpc
+import pytest
 from sqlalchemy import text
 
 from control_plane.errors import FailedPrecondition
@@ -58,6 +59,106 @@ def test_upload_cancelled_mid_stream_leaves_no_row_and_no_files(attacker, system
         admin_pb2.GetAdapterRequest(name="half"), metadata=bearer(tenant.admin_key)
     )
     assert status_of(get) == grpc.StatusCode.NOT_FOUND
+
+
+def _sha256_of(attacker, tenant, name: str):
+    get = lambda: attacker.admin.GetAdapter(  # noqa: E731
+        admin_pb2.GetAdapterRequest(name=name), metadata=bearer(tenant.admin_key)
+    )
+    code = status_of(get)
+    return get().adapter.sha256 if code == grpc.StatusCode.OK else code
+
+
+def _open_ended_upload(attacker, tenant, directory, name: str, timeout_s: float | None = None):
+    """Sends every message of an upload but never closes the stream (until `hold` is set): the call's
+    future, the event set once all was sent, and `hold`."""
+    from openlora.commands.demo_setup import upload_messages
+
+    messages = list(upload_messages(directory, "", BASE_MODEL, name=name))
+    sent_all, hold = threading.Event(), threading.Event()
+
+    def stream():
+        yield from messages
+        sent_all.set()
+        hold.wait(30)
+
+    future = attacker.admin.UploadAdapter.future(
+        stream(), metadata=bearer(tenant.admin_key), timeout=timeout_s
+    )
+    return future, sent_all, hold
+
+
+@pytest.mark.parametrize("replacing", [False, True], ids=["new-name", "replacement"])
+def test_upload_cancelled_after_its_last_byte_before_closing_stores_nothing(attacker, system, replacing):
+    """A client that sent every byte but cancelled instead of closing its side was told CANCELLED: the
+    upload must change nothing (grpc ends the server's request stream on a cancel as on a close)."""
+    tenant = attacker.new_tenant()
+    before = attacker.push(tenant, "held", adapter="ad2") if replacing else grpc.StatusCode.NOT_FOUND
+    stored = set(_store(system).root.iterdir())
+    future, sent_all, hold = _open_ended_upload(
+        attacker, tenant, system.model_dir / "adapters" / "ad3", "held"
+    )
+    try:
+        assert sent_all.wait(10)
+        time.sleep(1.0)  # the server reads every byte of the stream (loopback) by then
+        future.cancel()
+    finally:
+        hold.set()
+    assert _wait_until(lambda: not any(_store(system).tmp_root.iterdir()))
+    time.sleep(0.5)  # a commit would have happened by now
+    assert _sha256_of(attacker, tenant, "held") == before
+    assert set(_store(system).root.iterdir()) == stored
+
+
+def test_upload_whose_deadline_passes_before_closing_stores_nothing(attacker, system):
+    tenant = attacker.new_tenant()
+    future, sent_all, hold = _open_ended_upload(
+        attacker, tenant, system.model_dir / "adapters" / "ad3", "late", timeout_s=2.0
+    )
+    try:
+        assert sent_all.wait(10)
+        with pytest.raises(grpc.RpcError) as raised:
+            future.result(timeout=30)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        hold.set()
+    assert _wait_until(lambda: not any(_store(system).tmp_root.iterdir()))
+    time.sleep(0.5)
+    assert _sha256_of(attacker, tenant, "late") == grpc.StatusCode.NOT_FOUND
+
+
+def test_upload_cancelled_while_it_is_being_stored_is_rolled_back(attacker, system, tmp_path):
+    """The client closed its stream, then cancelled while the control plane validated and published the
+    files: unless the row had already committed, nothing is kept (no row, no newly published files)."""
+    from openlora.commands.demo_setup import upload_messages
+
+    app = system.control_plane.app
+    directory = _fresh_adapter(system, tmp_path / "fresh")
+    tenant = attacker.new_tenant()
+    stored = set(_store(system).root.iterdir())
+    published, cancelled = threading.Event(), threading.Event()
+
+    def hook(stage: str, plan, sha256: str) -> None:
+        if plan.header.name == "mid-commit" and stage == "published":
+            published.set()
+            assert cancelled.wait(30)
+            time.sleep(0.5)  # the handler's cancellation reaches it
+
+    app.upload_stage_hook = hook
+    try:
+        future = attacker.admin.UploadAdapter.future(
+            upload_messages(directory, "", BASE_MODEL, name="mid-commit"), metadata=bearer(tenant.admin_key)
+        )
+        assert published.wait(30)
+        future.cancel()
+        cancelled.set()
+        assert _wait_until(lambda: not any(_store(system).tmp_root.iterdir()))
+    finally:
+        app.upload_stage_hook = None
+        cancelled.set()
+    time.sleep(0.5)
+    assert _sha256_of(attacker, tenant, "mid-commit") == grpc.StatusCode.NOT_FOUND
+    assert set(_store(system).root.iterdir()) == stored
 
 
 def test_concurrent_uploads_of_one_name_end_in_one_row_whose_files_exist(attacker, system):

@@ -108,7 +108,8 @@ def _validate_adapters(adapters: tuple[AdapterRef, ...], max_lora_rank: int) -> 
         except OSError as e:
             if exhausted_resource(e):  # the worker is overloaded (out of files, memory): not the adapter
                 raise
-            raise AdapterLoadError(f"{field}.{CONFIG_FILE}", f"cannot be read: {e.strerror}") from None
+            unread = Path(e.filename).name if e.filename else CONFIG_FILE  # the config, or the weights
+            raise AdapterLoadError(f"{field}.{unread}", f"cannot be read: {e.strerror}") from None
     if total_rank > max_lora_rank:
         if len(adapters) > 1:
             raise InvalidRequest("mix", f"the adapters' ranks add up to {total_rank}, above {max_lora_rank}")

@@ -46,7 +46,7 @@ from control_plane.registry.models import Adapter
 from control_plane.tenancy.models import Tenant
 from control_plane.text import check_text
 from control_plane.usage.models import UsageCounter, UsageEvent, UsageEventAdapter
-from control_plane.usage.shares import MICROS, ensemble_base_share, round_half_even, split_micro_tokens
+from control_plane.usage.shares import MICROS, ensemble_base_share, split_micro_tokens, whole_tokens
 from openlora.mix_rules import MAX_MIX_WEIGHT, REQUEST_KINDS
 from openlora.names import ADAPTER_NAME
 from openlora.text_rules import MAX_REQUEST_ID_CHARS
@@ -545,7 +545,8 @@ class UsageSummary:
 def get_usage(session: Session, tenant: Tenant, start: datetime | None, end: datetime | None) -> UsageSummary:
     """The tenant's consumption per adapter over the hours in [start, end) (hour granularity: an event
     counts in the hour it finished). Mixed requests count once per adapter in the lines and once in the
-    totals; token counts of mixed requests are split by weight and rounded half-even per line."""
+    totals; token counts of mixed requests are split by weight, and the lines are rounded to whole tokens
+    together (`whole_tokens`), so that their tokens add up to the totals'."""
     if start is not None and end is not None and end < start:
         raise InvalidArgument("must not be before start", field="end")
     counter_window = [UsageCounter.tenant_id == tenant.id]
@@ -574,15 +575,11 @@ def get_usage(session: Session, tenant: Tenant, start: datetime | None, end: dat
         .group_by(Adapter.name, Tenant.name)
         .order_by(Adapter.name.nulls_first(), Tenant.name)
     ).all()
+    prompts = whole_tokens([int(row[3]) for row in rows])
+    completions = whole_tokens([int(row[4]) for row in rows])
     lines = [
-        UsageLine(
-            name or "",
-            owner or "",
-            int(requests),
-            round_half_even(int(prompt), MICROS),
-            round_half_even(int(completion), MICROS),
-        )
-        for name, owner, requests, prompt, completion in rows
+        UsageLine(name or "", owner or "", int(requests), prompt, completion)
+        for (name, owner, requests, _, _), prompt, completion in zip(rows, prompts, completions, strict=True)
     ]
     total_requests, total_prompt, total_completion = session.execute(
         select(

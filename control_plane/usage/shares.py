@@ -48,3 +48,19 @@ def round_half_even(numerator: int, denominator: int) -> int:
     if twice > denominator or (twice == denominator and quotient % 2 == 1):
         quotient += 1
     return quotient
+
+
+def whole_tokens(micro_tokens: list[int]) -> list[int]:
+    """Lines of micro-tokens in whole tokens that add up to their sum rounded half to even: each line is
+    its micro-tokens rounded down, plus one for the lines with the largest remainders (ties to the earlier
+    line) while the sum is short. Rounding each line on its own let a usage listing's lines fall short of
+    its totals: three adapters sharing one mixed token showed 0 tokens each.
+
+        whole_tokens([333_334, 333_333, 333_333]) == [1, 0, 0]
+    """
+    parts = [m // MICROS for m in micro_tokens]
+    remainders = [m % MICROS for m in micro_tokens]
+    short = round_half_even(sum(micro_tokens), MICROS) - sum(parts)
+    for i in sorted(range(len(parts)), key=lambda i: (-remainders[i], i))[: max(short, 0)]:
+        parts[i] += 1
+    return parts

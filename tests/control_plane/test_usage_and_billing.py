@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from control_plane.billing import service as billing
-from control_plane.usage.shares import round_half_even, split_micro_tokens
+from control_plane.usage.shares import round_half_even, split_micro_tokens, whole_tokens
 from openlora.v1 import worker_pb2
 
 BASE = "tiny-llama"
@@ -290,6 +290,29 @@ def test_token_split_is_exact_and_rounding_is_half_even() -> None:
     assert split_micro_tokens(10, [Decimal(1)] * 3) == [3_333_334, 3_333_333, 3_333_333]
     assert sum(split_micro_tokens(7, [Decimal("0.1"), Decimal("0.7"), Decimal("0.2")])) == 7_000_000
     assert [round_half_even(n, 2) for n in (1, 3, 5, 4)] == [0, 2, 2, 2]
+
+
+def test_lines_are_rounded_together_to_whole_tokens() -> None:
+    assert whole_tokens([333_334, 333_333, 333_333]) == [1, 0, 0]
+    assert whole_tokens([1_500_000, 1_500_000]) == [2, 1]  # 3 tokens; the tie goes to the earlier line
+    assert whole_tokens([2_400_000, 600_000, 5_000_000]) == [2, 1, 5]
+    assert whole_tokens([500_000]) == [0]  # half to even, as a single line always was
+    assert whole_tokens([]) == []
+
+
+def test_usage_lines_of_split_tokens_add_up_to_the_totals(cp, world) -> None:
+    """Each request of an even two-adapter mix gives each adapter half a token of prompt and of completion:
+    rounded on its own, each line showed 0 (or 1 each) against a total of 3 prompt and completion tokens."""
+    ids, keys = _tenants(cp, "halves")
+    poet, coder = world["adapter"]["poet"], world["adapter"]["coder"]
+    events = [_event(f"h{i}", ids["halves"], [(poet, 0.5), (coder, 0.5)], 1, 1, MARCH) for i in range(3)]
+    assert _report(cp, events).inserted == 3
+    with cp.admin(keys["halves"]) as tenant:
+        usage = tenant.get_usage()
+    assert (usage.total_prompt_tokens, usage.total_completion_tokens) == (3, 3)
+    assert sum(r.prompt_tokens for r in usage.rows) == 3
+    assert sum(r.completion_tokens for r in usage.rows) == 3
+    assert sorted(r.prompt_tokens for r in usage.rows) == [1, 2]  # 1.5 each, shown within one token
 
 
 def test_rates_past_the_bound_are_refused_by_field(cp, world, adapters_root) -> None:

@@ -10,6 +10,7 @@ archiving the directory:
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -76,6 +77,17 @@ OWNER_FILE = ".owner"
 
 class SharedArtifactsDir(ValueError):
     """An artifacts directory already holds the other component's artifacts."""
+
+
+def files_fingerprint(path: Path, names: Iterable[str] = ARTIFACT_FILES) -> tuple | None:
+    """(name, size, modification time, inode) of each of an adapter directory's files, one `stat` each:
+    files written, replaced or truncated since show another fingerprint. None when one cannot be read."""
+    try:
+        return tuple(
+            (name, st.st_size, st.st_mtime_ns, st.st_ino) for name in names for st in (os.stat(path / name),)
+        )
+    except OSError:
+        return None
 
 
 def claim_artifacts_dir(root: Path, owner: str, mark: bool = True) -> None:

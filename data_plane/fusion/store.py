@@ -9,7 +9,11 @@ holder releases it).
 
 The record also holds the merge's content digest: a merge found on disk at start is checked against it
 (in a thread) before its first use, and one that changed while the worker was down is removed and built
-again rather than served.
+again rather than served. Files changed while the worker runs are caught the same way: each use compares
+the files' size, modification time and inode with those they had when they were built or checked (a
+`stat` per file), and a merge whose files differ, or whose load failed (`suspect`), is checked again
+before it is served; one that fails its check is removed at once, held or not (its holders' loads fail
+rather than read it), `on_damaged(key)` lets the engine drop what it read from it, and it is built again.
 
 The directory has a byte budget (`max_disk_bytes`): after a build takes it over, the least recently used
 merges nobody holds are removed (a later request builds its merge again).
@@ -46,7 +50,7 @@ from pathlib import Path
 from data_plane.engine.errors import QueueFull
 from data_plane.fusion.builder import MergeReport, MergeWriteError, build_merge
 from data_plane.fusion.spec import MergeSpec
-from openlora.artifact import digest_dir
+from openlora.artifact import digest_dir, files_fingerprint
 from openlora.base_model import BaseModelSpec
 from openlora.cache_scope import content_of
 
@@ -81,11 +85,13 @@ class MergeStore:
         max_rank: int,
         on_built: Callable[[MergeSpec, str, MergeReport], None] | None = None,
         max_disk_bytes: int | None = None,
+        on_damaged: Callable[[str], None] | None = None,
         max_pending_builds: int = MAX_PENDING_BUILDS,
         max_pending_builds_per_tenant: int = MAX_PENDING_BUILDS_PER_TENANT,
     ) -> None:
         """`on_built(spec, key, report)` is called on the event loop after each build (metrics);
-        `max_disk_bytes`: budget of the directory (None: unbounded); `max_pending_builds`: distinct merges
+        `max_disk_bytes`: budget of the directory (None: unbounded); `on_damaged(key)`: a merge on disk
+        failed its check and was removed (the engine drops its copies); `max_pending_builds`: distinct merges
         queued or building at once; `max_pending_builds_per_tenant`: of those, how many one tenant's
         calls may wait for when it asks for another."""
         if max_pending_builds < 1:
@@ -121,7 +127,9 @@ class MergeStore:
         self._max_disk_bytes = max_disk_bytes
         self._sizes: dict[str, int] = {}  # key -> bytes on disk
         self._used_at: dict[str, float] = {}  # key -> time.monotonic() of its last use
-        self._unchecked: set[str] = set()  # found on disk at start, not yet checked against its digest
+        self._unchecked: set[str] = set()  # to check against its digest before its next use
+        self._fingerprints: dict[str, tuple] = {}  # key -> its files' fingerprint when built or checked
+        self._on_damaged = on_damaged
         for entry in self.root.glob(f"{_TMP_PREFIX}*"):
             shutil.rmtree(entry, ignore_errors=True)
         for entry in self.root.iterdir():
@@ -155,6 +163,10 @@ class MergeStore:
         key = self.key_of(spec)
         if not self.contains(key) or key in self._unchecked:
             return None
+        if files_fingerprint(self.path_of(key)) != self._fingerprints.get(key):
+            log.warning("merge %s changed on disk since it was checked: checking it again", key[:12])
+            self._unchecked.add(key)
+            return None
         if hold:
             self._holds[key] += 1
         self._used_at[key] = time.monotonic()
@@ -169,12 +181,18 @@ class MergeStore:
             return found
         key = self.key_of(spec)
         if key in self._unchecked and self.contains(key):
+            # Taken before the digest: a write during it shows as a change at the next use.
+            fingerprint = files_fingerprint(self.path_of(key))
             intact = await asyncio.to_thread(self._intact, key)
             if key in self._unchecked:  # (a concurrent first use may have settled it meanwhile)
                 self._unchecked.discard(key)
-                if not intact:
+                if intact and fingerprint is not None:
+                    self._fingerprints[key] = fingerprint
+                else:
                     log.warning("merge %s on disk failed its digest check: removed, built again", key[:12])
                     self._remove(key)
+                    if self._on_damaged is not None:
+                        self._on_damaged(key)
             found = self.lookup(spec, hold=hold)
             if found is not None:
                 return found
@@ -303,6 +321,12 @@ class MergeStore:
             if not self._holds[key]:
                 self._remove(key)
 
+    def suspect(self, key: str) -> None:
+        """A load of the merge `key` failed: its files are checked against its digest before its next use
+        (removed and built again when they fail), even where their size and times did not change."""
+        if key in self._sources:
+            self._unchecked.add(key)
+
     def drop_source(self, sha256: str) -> list[str]:
         """Forgets every merge built from the content `sha256`, in any scope (deleted or replaced
         upstream); returns their keys (for the engine to drop them from its tiers). A held merge is
@@ -331,7 +355,10 @@ class MergeStore:
         finally:
             self._jobs.pop(key, None)
             self._end_turn(key)
+        fingerprint = files_fingerprint(self.path_of(key))  # before the digest, as in a check
         self._write_sources(key, spec, await asyncio.to_thread(digest_dir, self.path_of(key)))
+        if fingerprint is not None:
+            self._fingerprints[key] = fingerprint
         self._stale.discard(key)
         self._note_size(key)
         self._used_at[key] = time.monotonic()
@@ -414,6 +441,7 @@ class MergeStore:
         self._stale.discard(key)
         self._unchecked.discard(key)
         self._sources.pop(key, None)
+        self._fingerprints.pop(key, None)
         self._sizes.pop(key, None)
         self._used_at.pop(key, None)
         if path.is_dir():

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openlora.adapter_format import AdapterFormatError, validate_adapter_dir
-from openlora.artifact import ARTIFACT_FILES, ArtifactDigest, digest_dir
+from openlora.artifact import ARTIFACT_FILES, ArtifactDigest, digest_dir, files_fingerprint
 from openlora.base_model import BaseModelSpec
 from openlora.cache_scope import content_of, is_cache_key
 from openlora.exhaustion import exhausted_resource
@@ -85,18 +85,6 @@ async def _shared(tasks: dict[str, asyncio.Task], key: str, start: Callable[[str
         tasks[key] = task
         task.add_done_callback(lambda _t: tasks.pop(key, None))
     return await asyncio.shield(task)
-
-
-def _fingerprint(path: Path) -> tuple | None:
-    """(name, size, modification time, inode) of each artifact file; None when one cannot be read."""
-    try:
-        return tuple(
-            (name, st.st_size, st.st_mtime_ns, st.st_ino)
-            for name in ARTIFACT_FILES
-            for st in (os.stat(path / name),)
-        )
-    except OSError:
-        return None
 
 
 def _dir_bytes(path: Path) -> int:
@@ -216,7 +204,7 @@ class ArtifactStore:
         """True when the artifact on disk may be served: checked already, or checked now (found at start).
         A copy that fails its check is removed (False: the caller fetches it)."""
         if key not in self._unchecked:
-            fingerprint = _fingerprint(self.path_of(key))
+            fingerprint = files_fingerprint(self.path_of(key))
             if fingerprint is not None and self._fingerprints.get(key) == fingerprint:
                 return True
             log.warning("artifact %s changed on disk since it was checked: checking it again", key[:12])
@@ -228,7 +216,7 @@ class ArtifactStore:
         validated when fetched); one that does not, or cannot be read, is removed (marked stale while
         anyone holds it: its download replaces the files in place)."""
         # Taken before the digest: a write during it shows as a change at the next use.
-        fingerprint = _fingerprint(self.path_of(key))
+        fingerprint = files_fingerprint(self.path_of(key))
         try:
             actual = await asyncio.to_thread(digest_dir, self.path_of(key))
             reason = f"content digest {actual[:12]}"
@@ -375,7 +363,7 @@ class ArtifactStore:
                         raise
             self._stale.discard(key)
             self._unchecked.discard(key)
-            self._fingerprints[key] = _fingerprint(final)
+            self._fingerprints[key] = files_fingerprint(final)
             self._sizes[key] = _dir_bytes(final)
             self._trim()
             return final

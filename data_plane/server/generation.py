@@ -839,6 +839,7 @@ class GenerationService:
                 getattr(self._engine, "engine", self._engine).config.max_lora_rank,
                 on_built=self._observe_merge,
                 max_disk_bytes=default_disk_cache_bytes(self._artifacts.root),
+                on_damaged=self._engine.invalidate,  # what the engine read from damaged files
                 max_pending_builds_per_tenant=self._max_pending_merges_per_tenant,
             )
         return self._merges
@@ -868,9 +869,15 @@ class GenerationService:
         self._metrics.merge_truncation_error.observe(report.relative_error)
 
     def _discard_local(self, keys: list[str]) -> None:
-        """Forgets this worker's disk copies of these artifacts (merges are rebuilt from theirs)."""
+        """Forgets this worker's disk copies of these artifacts, and has its merges among them checked
+        against their digests before their next use (built again from their sources when they fail)."""
         for key in keys:
-            if self._merges is None or not self._merges.is_held(key):
+            if self._merges is not None and self._merges.is_held(key):
+                log.warning(
+                    "merge %s failed to load from this worker's disk: checked before its next use", key[:12]
+                )
+                self._merges.suspect(key)
+            else:
                 log.warning(
                     "artifact %s failed to load from this worker's disk: fetched again next time", key[:12]
                 )

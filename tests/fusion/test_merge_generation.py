@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 
 import pytest
 import torch
@@ -222,4 +223,70 @@ def test_a_merge_changed_on_disk_while_the_worker_was_down_is_built_again(merge_
     )
     again = asyncio.run(restarted.build(spec))
     assert again.report is not None and rebuilt == [spec.key(64)]
+    assert weights.read_bytes() == want
+
+
+def _damage(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x80
+    path.write_bytes(bytes(data))
+
+
+def test_a_merge_changed_on_disk_while_the_worker_runs_is_built_again_not_served(merge_model, tmp_path):
+    """Merges were checked against their digest only once, at start: a flipped byte written while the
+    worker ran was served (silently wrong tokens) and a damaged header failed every call until a restart."""
+    spec = spec_of(merge_model, WEIGHTS, "ties", density=0.5)
+    damaged_keys, rebuilt = [], []
+    store = MergeStore(
+        tmp_path / "merges",
+        None,
+        64,
+        on_built=lambda spec, key, report: rebuilt.append(key),
+        on_damaged=damaged_keys.append,
+    )
+    built = asyncio.run(store.build(spec))
+    weights = built.path / "adapter_model.safetensors"
+    want = weights.read_bytes()
+    assert store.lookup(spec) is not None  # unchanged: served from disk without a check
+
+    weights.write_bytes(want)  # the same bytes written again: checked, and served as they are
+    assert store.lookup(spec) is None
+    assert asyncio.run(store.build(spec)).report is None and damaged_keys == []
+    assert store.lookup(spec) is not None
+
+    _damage(weights)
+    assert store.lookup(spec) is None  # never served unchecked
+    again = asyncio.run(store.build(spec))
+    assert again.report is not None and rebuilt == [spec.key(64)] * 2
+    assert damaged_keys == [spec.key(64)]
+    assert weights.read_bytes() == want
+
+
+def test_a_held_merge_that_fails_its_check_is_removed_and_built_again(merge_model, tmp_path):
+    spec = spec_of(merge_model, WEIGHTS, "ties", density=0.5)
+    store = MergeStore(tmp_path / "merges", None, 64)
+    built = asyncio.run(store.build(spec, hold=True))  # a running stream holds it
+    want = (built.path / "adapter_model.safetensors").read_bytes()
+    _damage(built.path / "adapter_model.safetensors")
+    again = asyncio.run(store.build(spec, hold=True))
+    assert again.report is not None
+    assert (again.path / "adapter_model.safetensors").read_bytes() == want
+    store.release([built.key, again.key])
+    assert store.lookup(spec) is not None
+
+
+def test_a_merge_whose_load_failed_is_checked_even_when_its_files_look_unchanged(merge_model, tmp_path):
+    """Bytes changed with the size, modification time and inode kept (bit rot, an in-place rewrite that
+    restores the times): only a failed load tells; `suspect` has the next use check the digest."""
+    spec = spec_of(merge_model, WEIGHTS, "ties", density=0.5)
+    store = MergeStore(tmp_path / "merges", None, 64)
+    built = asyncio.run(store.build(spec))
+    weights = built.path / "adapter_model.safetensors"
+    want, stat = weights.read_bytes(), weights.stat()
+    _damage(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert store.lookup(spec) is not None  # nothing to tell from its files' fingerprint
+    store.suspect(built.key)
+    assert store.lookup(spec) is None
+    assert asyncio.run(store.build(spec)).report is not None
     assert weights.read_bytes() == want

@@ -5,6 +5,8 @@ load, its truncation error exported, bad options refused by name, billed as one 
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -279,3 +281,43 @@ def test_a_merge_of_one_content_under_two_names_names_the_second_member(system, 
     assert refused.value.details() == (
         "mix[2].adapter has the same content as mix[1].adapter (one adapter under two names)"
     )
+
+
+def _wait(predicate, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_merge_damaged_on_the_workers_disk_is_built_again_after_a_failed_load(system):
+    """Its weights' header damaged in place with size and times kept (nothing for a `stat` to see), a merge
+    the engine must read again from disk fails that load; it was refused the same way on every later call
+    until the worker restarted. Now the failed load has it checked against its digest, removed and built
+    again: the next call gets the merge's tokens."""
+    tenant, _, key = system.new_tenant()
+    mix = [("ad4", 0.5), ("ad6", 0.5)]
+    request = _request(mix, inference_pb2.MIX_METHOD_TIES, density=0.5)
+    want, _ = _generate(system.target, key, request)
+    scope = cache_scope(system.tenant_ids[tenant], private=True)
+    merge_key = MergeSpec.of([(system.adapters[n], w) for n, w in mix], "ties", 0.5, scope=scope).key(
+        MAX_RANK
+    )
+    weights = system.worker.config.state_dir / "merges" / merge_key / "adapter_model.safetensors"
+    data, stat = bytearray(weights.read_bytes()), weights.stat()
+    data[9] = 0xFF  # inside the safetensors header's JSON
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    engine = system.worker.engine
+    engine.invalidate(merge_key)  # out of the slots and host memory: the next call reads the disk
+    assert _wait(lambda: merge_key not in engine.resident_adapter_keys() + engine.host_adapter_keys())
+
+    with pytest.raises(grpc.RpcError) as failed:
+        _generate(system.target, key, request)
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    builds = _count(system, "openlora_merge_build_seconds_count")
+    tokens, _ = _generate(system.target, key, request)
+    assert tokens == want
+    assert _count(system, "openlora_merge_build_seconds_count") == builds + 1

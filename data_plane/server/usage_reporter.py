@@ -126,6 +126,13 @@ _TEXT_FIELDS = (
 )
 
 
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def request_kind(mix_method: str, num_adapters: int, saved_mix: bool = False) -> str:
     """The kind a request is billed as: "ensemble", "merge:<method>" (ties, dare_linear, dare_ties,
     magnitude_prune), "linear_mix" (two or more adapters summed, or a saved mix of one: it bills under
@@ -515,13 +522,20 @@ class UsageReporter:
                 log.exception("usage checkpoint failed")
 
     async def _fsync_loop(self) -> None:
+        """Every `fsync_interval_s`, an fsync of the spool on a thread: one can take long on a busy or
+        stalled disk, and on the event loop it held every stream, every health check and every new call
+        for as long. The spool's descriptor is duplicated first, so a compaction that replaces the file
+        meanwhile leaves the fsync a valid descriptor (of the old file, which the compaction synced)."""
         while True:
             await asyncio.sleep(self._fsync_interval_s)
-            if self._dirty:
-                try:
-                    self._fsync()
-                except OSError:
-                    log.exception("usage spool fsync failed")
+            if not self._dirty or self._file.closed:
+                continue
+            self._dirty = False  # an append from here on sets it again, for the next round
+            try:
+                await asyncio.to_thread(_fsync_and_close, os.dup(self._file.fileno()))
+            except OSError:
+                self._dirty = True
+                log.exception("usage spool fsync failed")
 
     def _append(self, records: list[UsageRecord]) -> None:
         text = "".join(record.to_json() + "\n" for record in records)

@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import signal
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -892,3 +893,35 @@ def test_a_settled_key_the_disk_refused_part_way_does_not_take_the_next_one_with
 
     asyncio.run(first_life())
     assert asyncio.run(second_life()) == (True, True)
+
+
+def test_the_spools_periodic_fsync_never_holds_the_event_loop(tmp_path, monkeypatch):
+    """An fsync on a stalled or busy disk takes as long as the disk does; made on the event loop, it froze
+    every stream, health check and new call of the worker for that long. The fsync here returns only once
+    the event loop showed it kept running meanwhile (or after 10 s)."""
+    armed, in_fsync, loop_ran = threading.Event(), threading.Event(), threading.Event()
+    outcomes: list[bool] = []
+    real_fsync = os.fsync
+
+    def stalled_fsync(fd: int) -> None:
+        if armed.is_set() and not outcomes:  # the first one after the record stalls; later ones go through
+            in_fsync.set()
+            outcomes.append(loop_ran.wait(10))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", stalled_fsync)
+
+    async def main() -> None:
+        reporter = UsageReporter(tmp_path / "spool.jsonl", Collector(), fsync_interval_s=0.01)
+        await reporter.start()
+        reporter.record(_record("r1"))
+        armed.set()
+        while not in_fsync.is_set():
+            await asyncio.sleep(0.005)
+        reporter.record(_record("r2"))  # the spool takes records while the fsync waits
+        loop_ran.set()
+        await reporter.flush()
+        await reporter.stop()
+
+    asyncio.run(main())
+    assert outcomes == [True]

@@ -29,6 +29,16 @@ class UsageUnrecordable(Exception):
         self.cause = cause
 
 
+class LocalCopyFailed(Exception):
+    """An adapter's files on this worker's disk failed to load. They passed their checks when they were
+    stored, so they changed on this disk (a damaged byte, a truncated write); the worker dropped them, and
+    a retry fetches them again, or builds the merge again (UNAVAILABLE, not the caller's adapter)."""
+
+    def __init__(self, cause: AdapterLoadError) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
 class MissingCredentials(Exception):
     """The call carries no `authorization: Bearer <key>`."""
 
@@ -69,6 +79,11 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, LocalCopyFailed):
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            f"this worker's copy of the adapter failed to load ({error.cause}) and was dropped; retry",
+        )
     if isinstance(error, AdapterLoadError):
         return grpc.StatusCode.FAILED_PRECONDITION, f"adapter refused: {error}"
     if isinstance(error, ArtifactRejected):

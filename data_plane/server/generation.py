@@ -43,6 +43,7 @@ from data_plane.server.errors import (
     Draining,
     DuplicateRequest,
     KeyRevoked,
+    LocalCopyFailed,
     MissingCredentials,
     MissingScope,
     RequestIdUsed,
@@ -420,12 +421,13 @@ class GenerationService:
                 ) as chunks:
                     async for chunk in chunks:
                         yield chunk
-            except AdapterLoadError:
+            except AdapterLoadError as error:
                 # These files passed their checks when they were fetched (or at their first use since the
                 # worker started): failing to load now, they changed on this worker's disk. Dropped, so
-                # the next request fetches them afresh instead of failing the same way until removed by hand.
+                # the next request fetches them afresh instead of failing the same way until removed by
+                # hand, and the caller is told to retry (its adapter is not at fault).
                 self._discard_local(held_keys)
-                raise
+                raise LocalCopyFailed(error) from error
             finally:
                 self._release(held_keys)
         finally:

@@ -104,6 +104,7 @@ class Child:
         self.listen_hints = dict(listen_hints or {})
         self.started_at = time.monotonic()
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
+        _end_last_line(log_path, self._log)
         self.log_offset = os.fstat(self._log.fileno()).st_size  # earlier runs' lines end here
         self.process = subprocess.Popen(
             argv,
@@ -153,6 +154,20 @@ class Child:
         `listen_hints`."""
         address = failed_address(self.output())
         return self.listen_hints.get(address) if address is not None else None
+
+
+def _end_last_line(path: Path, log) -> None:
+    """Ends the log's last line when an earlier run left it open (a process's last words at exit, such
+    as a library's report printed without a newline), so that this run's first line starts a line."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            unended = f.read(1) != b"\n"
+    except OSError:  # empty (a seek before the start) or unreadable: nothing to end
+        return
+    if unended:
+        log.write(b"\n")
+        log.flush()
 
 
 class EmbeddedChild(Child):

@@ -39,6 +39,22 @@ def test_the_tail_of_a_child_shows_only_the_lines_of_its_own_run(tmp_path):
             child.stop(5)
 
 
+def test_a_run_whose_last_words_had_no_newline_leaves_the_next_runs_first_line_whole(tmp_path):
+    """A worker's interpreter prints a library's leak report at exit without a final newline: the next
+    run's first log line was glued to its end."""
+    children = [_exited(_child(tmp_path, "import sys; sys.stdout.write('last words'); raise SystemExit(1)"))]
+    try:
+        children.append(_exited(children[0].restarted()))
+        assert children[1].tail() == "last words"  # its own run only
+        lines = (tmp_path / "worker.log").read_text().split("\n")
+        assert lines == ["last words", "last words"]
+        children.append(_exited(children[1].restarted()))  # a log whose last line was ended is left as is
+        assert (tmp_path / "worker.log").read_text() == "last words\nlast words\nlast words"
+    finally:
+        for child in children:
+            child.stop(5)
+
+
 def test_a_child_that_cannot_listen_is_logged_with_the_flag_of_up_that_moves_the_address(tmp_path, caplog):
     error = listen_error("127.0.0.1:50052", "--listen (OPENLORA_LISTEN)")
     hint = "port 50052 (the worker's gRPC inference API) cannot be used; choose another with --port PORT"

@@ -294,8 +294,9 @@ def _wait(predicate, timeout_s: float = 10.0) -> bool:
 
 def test_a_merge_damaged_on_the_workers_disk_is_built_again_after_a_failed_load(system):
     """Its weights' header damaged in place with size and times kept (nothing for a `stat` to see), a merge
-    the engine must read again from disk fails that load; it was refused the same way on every later call
-    until the worker restarted. Now the failed load has it checked against its digest, removed and built
+    the engine must read again from disk fails that load; it was refused (FAILED_PRECONDITION, as if the
+    caller's mix were at fault) the same way on every later call until the worker restarted. Now the call
+    is told to retry, and the failed load has the merge checked against its digest, removed and built
     again: the next call gets the merge's tokens."""
     tenant, _, key = system.new_tenant()
     mix = [("ad4", 0.5), ("ad6", 0.5)]
@@ -316,7 +317,8 @@ def test_a_merge_damaged_on_the_workers_disk_is_built_again_after_a_failed_load(
 
     with pytest.raises(grpc.RpcError) as failed:
         _generate(system.target, key, request)
-    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # the worker's disk, not the caller's mix
+    assert "retry" in failed.value.details()
     builds = _count(system, "openlora_merge_build_seconds_count")
     tokens, _ = _generate(system.target, key, request)
     assert tokens == want

@@ -14,6 +14,7 @@ from data_plane.server.control_plane_client import ControlPlaneError
 from data_plane.server.errors import (
     Draining,
     DuplicateRequest,
+    LocalCopyFailed,
     MissingCredentials,
     MissingScope,
     ModelNotFound,
@@ -37,6 +38,7 @@ CASES = [
     (Draining(), 503, openai.InternalServerError),
     (EngineDead("stopped"), 503, openai.InternalServerError),
     (ArtifactError("fetch failed"), 503, openai.InternalServerError),
+    (LocalCopyFailed(AdapterLoadError("adapter", "damaged header")), 503, openai.InternalServerError),
     (StepFailed("step failed"), 500, openai.InternalServerError),
     (RuntimeError("a bug"), 500, openai.InternalServerError),
 ]

@@ -899,12 +899,14 @@ def test_the_spools_periodic_fsync_never_holds_the_event_loop(tmp_path, monkeypa
     """An fsync on a stalled or busy disk takes as long as the disk does; made on the event loop, it froze
     every stream, health check and new call of the worker for that long. The fsync here returns only once
     the event loop showed it kept running meanwhile (or after 10 s)."""
-    armed, in_fsync, loop_ran = threading.Event(), threading.Event(), threading.Event()
+    in_fsync, loop_ran = threading.Event(), threading.Event()
+    spool_inode: list[int] = []  # set once the record is in: that file's next fsync stalls
     outcomes: list[bool] = []
     real_fsync = os.fsync
 
     def stalled_fsync(fd: int) -> None:
-        if armed.is_set() and not outcomes:  # the first one after the record stalls; later ones go through
+        # Only the spool's own fsync stalls, once (a compaction's copy, another file, goes through).
+        if spool_inode and os.fstat(fd).st_ino == spool_inode[0] and not outcomes:
             in_fsync.set()
             outcomes.append(loop_ran.wait(10))
         real_fsync(fd)
@@ -915,7 +917,7 @@ def test_the_spools_periodic_fsync_never_holds_the_event_loop(tmp_path, monkeypa
         reporter = UsageReporter(tmp_path / "spool.jsonl", Collector(), fsync_interval_s=0.01)
         await reporter.start()
         reporter.record(_record("r1"))
-        armed.set()
+        spool_inode.append(os.stat(tmp_path / "spool.jsonl").st_ino)
         while not in_fsync.is_set():
             await asyncio.sleep(0.005)
         reporter.record(_record("r2"))  # the spool takes records while the fsync waits

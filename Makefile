@@ -6,20 +6,27 @@ BIN := $(VENV)/bin
 # For the CPU-only wheel (no GPU libraries), on a fresh .venv (rm -rf .venv first):
 #   make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" run
 TORCH_SPEC ?= torch==2.13.0
+# What `make run` needs, then what the tests, linters and benchmarks add (pytest, ruff, Triton for the
+# kernels' interpreter tests, matplotlib...): a first `make run` does not download the second part.
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
 .PHONY: run test proto lint format migrate require-database-url bench venv node-deps clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/openlora up
 
 # Two pytest workers, each test file on one of them: most of the suite's time is processes starting and

@@ -136,13 +136,17 @@ def test_upload_cancelled_while_it_is_being_stored_is_rolled_back(attacker, syst
     directory = _fresh_adapter(system, tmp_path / "fresh")
     tenant = attacker.new_tenant()
     stored = set(_store(system).root.iterdir())
-    published, cancelled = threading.Event(), threading.Event()
+    published, cancelled, failed = threading.Event(), threading.Event(), threading.Event()
 
     def hook(stage: str, plan, sha256: str) -> None:
-        if plan.header.name == "mid-commit" and stage == "published":
+        if plan.header.name != "mid-commit":
+            return
+        if stage == "published":
             published.set()
             assert cancelled.wait(30)
             time.sleep(0.5)  # the handler's cancellation reaches it
+        elif stage == "failed":  # rolled back: its files are removed next
+            failed.set()
 
     app.upload_stage_hook = hook
     try:
@@ -152,13 +156,13 @@ def test_upload_cancelled_while_it_is_being_stored_is_rolled_back(attacker, syst
         assert published.wait(30)
         future.cancel()
         cancelled.set()
+        assert failed.wait(30), "the upload was not rolled back"
+        assert _wait_until(lambda: set(_store(system).root.iterdir()) == stored)
         assert _wait_until(lambda: not any(_store(system).tmp_root.iterdir()))
     finally:
         app.upload_stage_hook = None
         cancelled.set()
-    time.sleep(0.5)
     assert _sha256_of(attacker, tenant, "mid-commit") == grpc.StatusCode.NOT_FOUND
-    assert set(_store(system).root.iterdir()) == stored
 
 
 def test_concurrent_uploads_of_one_name_end_in_one_row_whose_files_exist(attacker, system):

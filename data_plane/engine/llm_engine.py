@@ -42,7 +42,9 @@ _IDLE_LOAD_WAIT_S = 0.05
 # Past this (or twice what the last pruning kept), the record of what mixes were built from keeps only the
 # keys the cache knows, which the cache bounds (`AdapterCache.max_idle_usage_records`).
 _MAX_MIX_MEMBERS = 4096
-_HOST_COPY_WAIT_S = 0.01  # the longest a step waits for a copy from host memory a waiting request needs
+# The longest a step waits for the loads that waiting requests hold a slot for: copies from host memory,
+# and disk reads under way (each read at most once: a slow disk must not hold step after step).
+_LOAD_WAIT_S = 0.01
 _TIER_ORDER = ("none", "device", "host", "disk")  # fastest first
 # Prefetch accounting keys (`prefetch_stats`): (event, tier) or (PREFETCH_SKIPPED, reason).
 PREFETCH_PERFORMED, PREFETCH_WASTED, PREFETCH_SKIPPED = "performed", "wasted", "skipped"
@@ -144,6 +146,7 @@ class LLMEngine:
         self._eos_token_ids = set(model_config.eos_token_ids)
         self._states: dict[str, _RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
+        self._reads_awaited: set[str] = set()  # disk reads in flight a step already waited for
         # Each request without a seed samples from a generator of its own, seeded from here: its tokens
         # never depend on what other requests (other tenants') drew, and without `config.seed` they
         # differ from one process to the next.
@@ -312,7 +315,7 @@ class LLMEngine:
         try:
             self._apply_commands()
             self._install_finished_loads(outputs)
-            self._await_host_copies(outputs)
+            self._await_loads(outputs)
             batch = self.scheduler.schedule()
             failed, load_error = self._start_loads(batch.loads)
             if load_error is not None:
@@ -375,19 +378,30 @@ class LLMEngine:
                 first_error = first_error or error
         return failed, first_error
 
-    def _await_host_copies(self, outputs: list[RequestOutput]) -> None:
-        """Waits (at most _HOST_COPY_WAIT_S) for the copies from host memory that waiting requests hold
-        a slot for, so that they are admitted in this step rather than the next: such a copy takes a
-        fraction of a step, waiting another step costs a whole one."""
+    def _await_loads(self, outputs: list[RequestOutput]) -> None:
+        """Waits (at most _LOAD_WAIT_S) for the loads that waiting requests hold a slot for, so that they
+        are admitted in this step rather than the next: a copy from host memory takes a fraction of a step,
+        and so does what is left of a disk read begun at the request's arrival (while the step runs it
+        shares the cores with the step's threads; waiting, it has one to itself), while waiting for the next
+        step costs a whole one. A read is waited for by one step at most: one on a slow disk does not
+        hold every step until it ends."""
+        loader = self.loader
+        if self._reads_awaited:
+            self._reads_awaited = {key for key in self._reads_awaited if loader.is_loading(key)}
         if len(self.scheduler.running) >= self.config.max_num_seqs:
             return  # nothing could be admitted this step anyway
-        keys = {
-            seq.adapter_key
-            for seq in self.scheduler.waiting
-            if seq.holds_adapter and self.loader.is_copying_from_host(seq.adapter_key)
-        }
+        keys = set()
+        for seq in self.scheduler.waiting:
+            key = seq.adapter_key
+            if not seq.holds_adapter or not loader.is_loading(key):
+                continue
+            if loader.is_copying_from_host(key):
+                keys.add(key)
+            elif key not in self._reads_awaited:
+                keys.add(key)
+                self._reads_awaited.add(key)
         if keys:
-            self.loader.wait_for(keys, _HOST_COPY_WAIT_S)
+            loader.wait_for(keys, _LOAD_WAIT_S)
             self._install_finished_loads(outputs)
 
     def _combine_ensembles(

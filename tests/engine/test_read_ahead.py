@@ -6,6 +6,7 @@ meanwhile is dropped."""
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import wait
 
 import pytest
@@ -136,3 +137,66 @@ def test_a_load_taking_over_its_read_waits_for_that_read_alone(engine, tiny_llam
     assert [members[0].key for members in engine.reads][:1] == [first.key]
     assert engine.loader._ahead.keys() == {second.key, third.key}
     assert len(engine.reads) < 3, "admitted only once the later reads ahead were done"
+
+
+def _held_reads(engine):
+    """Disk reads of `engine` held until the returned event is set."""
+    released = threading.Event()
+    read = engine.loader._read
+
+    def held_read(members):
+        released.wait(30)
+        return read(members)
+
+    engine.loader._read = held_read
+    return released
+
+
+def test_a_read_under_way_when_a_step_starts_is_awaited_so_its_request_runs_in_that_step(tiny_llama):
+    """A read still running when the step begins used to cost its request the whole step (it was admitted
+    in the next one); the step now waits for it as for a copy from host memory (at most 10 ms on its own:
+    here the read ends because the step waits)."""
+    engine = make_engine(tiny_llama, num_adapter_slots=2)
+    try:
+        released = _held_reads(engine)
+        wait_for = engine.loader.wait_for
+        awaited = []
+
+        def waiting(keys, timeout_s):
+            awaited.append(set(keys))
+            released.set()  # the read ends while the step waits (the test's long timeout: a loaded CI box)
+            wait_for(keys, 30.0)
+
+        engine.loader.wait_for = waiting
+        ref = tiny_llama.ref("r16_rslora")
+        engine.add_request(greedy("r", PROMPT, [ref], max_tokens=2))
+        first = [out for out in engine.step() if out.request_id == "r"]
+        assert awaited == [{ref.key}]
+        assert first and first[0].new_token_ids, "the request was not admitted in the step that waited"
+    finally:
+        engine.shutdown()
+
+
+def test_a_slow_read_is_awaited_by_one_step_only(tiny_llama):
+    engine = make_engine(tiny_llama, num_adapter_slots=2)
+    released = _held_reads(engine)
+    try:
+        wait_for = engine.loader.wait_for
+        awaited = []
+        engine.loader.wait_for = lambda keys, timeout_s: (
+            awaited.append(set(keys)) or wait_for(keys, timeout_s)
+        )
+        engine.add_request(greedy("busy", PROMPT, max_tokens=6))  # the base model: steps go on
+        ref = tiny_llama.ref("r16_rslora")
+        engine.add_request(greedy("r", PROMPT, [ref], max_tokens=2))
+        for _ in range(3):
+            engine.step()
+        assert awaited == [{ref.key}]  # the first step waited 10 ms for it, the others did not
+        released.set()
+        outputs = []
+        while engine.has_unfinished():
+            outputs += engine.step()
+        assert [out for out in outputs if out.request_id == "r" and out.finish_reason]
+    finally:
+        released.set()
+        engine.shutdown()

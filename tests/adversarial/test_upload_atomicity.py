@@ -110,6 +110,36 @@ def test_upload_cancelled_after_its_last_byte_before_closing_stores_nothing(atta
     assert set(_store(system).root.iterdir()) == stored
 
 
+def test_a_stream_ended_by_a_cancel_is_never_validated_or_published(attacker, system, monkeypatch):
+    """The end of a stream waits END_OF_STREAM_GRACE_S for the call's cancellation before it counts as a
+    close: a cancelled upload then never reaches validation and publication (the commit-time check alone
+    rolls back what it published, after the work). With a grace long enough for any machine's cancellation
+    to arrive, no upload stage may be reached."""
+    from control_plane.server import admin_servicer
+
+    monkeypatch.setattr(admin_servicer, "END_OF_STREAM_GRACE_S", 2.0)
+    app = system.control_plane.app
+    stages: list[str] = []
+    app.upload_stage_hook = lambda stage, plan, sha256: plan.header.name == "graced" and stages.append(stage)
+    tenant = attacker.new_tenant()
+    try:
+        future, sent_all, hold = _open_ended_upload(
+            attacker, tenant, system.model_dir / "adapters" / "ad5", "graced"
+        )
+        try:
+            assert sent_all.wait(10)
+            time.sleep(1.0)  # the server reads every byte of the stream (loopback) by then
+            future.cancel()
+        finally:
+            hold.set()
+        assert _wait_until(lambda: not any(_store(system).tmp_root.iterdir()))
+        time.sleep(2.5)  # past the grace
+    finally:
+        app.upload_stage_hook = None
+    assert stages == []
+    assert _sha256_of(attacker, tenant, "graced") == grpc.StatusCode.NOT_FOUND
+
+
 def test_upload_whose_deadline_passes_before_closing_stores_nothing(attacker, system):
     tenant = attacker.new_tenant()
     future, sent_all, hold = _open_ended_upload(

@@ -226,10 +226,18 @@ def test_a_merge_changed_on_disk_while_the_worker_was_down_is_built_again(merge_
     assert weights.read_bytes() == want
 
 
+def _later_mtime(path) -> None:
+    """Moves the file's modification time a second on: an in-place rewrite within the file system's clock
+    tick (coarse on older kernels) could keep the time, and with it the whole fingerprint."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
 def _damage(path) -> None:
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x80
     path.write_bytes(bytes(data))
+    _later_mtime(path)
 
 
 def test_a_merge_changed_on_disk_while_the_worker_runs_is_built_again_not_served(merge_model, tmp_path):
@@ -250,6 +258,7 @@ def test_a_merge_changed_on_disk_while_the_worker_runs_is_built_again_not_served
     assert store.lookup(spec) is not None  # unchanged: served from disk without a check
 
     weights.write_bytes(want)  # the same bytes written again: checked, and served as they are
+    _later_mtime(weights)
     assert store.lookup(spec) is None
     assert asyncio.run(store.build(spec)).report is None and damaged_keys == []
     assert store.lookup(spec) is not None

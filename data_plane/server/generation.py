@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -63,6 +63,8 @@ from data_plane.tokenizer import PromptTooLong
 from openlora.cache_scope import cache_scope
 
 log = logging.getLogger(__name__)
+# Keys remembered as dropped after a failed load (a damaged copy), the oldest forgotten first.
+MAX_DROPPED_AFTER_FAILED_LOAD = 1024
 _MAX_REVOKED_KEY_IDS = 4096  # revoked lately (`GenerationService._revoked_key_ids`): past it, oldest first
 
 
@@ -198,6 +200,9 @@ class GenerationService:
         # Reservations being given back (kept referenced until done).
         self._releases: set[asyncio.Task] = set()
         self._renewals: set[asyncio.Task] = set()  # request id reservations kept alive (`_renew_reservation`)
+        # Keys whose copy on this disk failed to load and was dropped, until one of their calls succeeds:
+        # a copy fetched or built again that fails the same way is refused, not retried without end.
+        self._dropped_after_failed_load: OrderedDict[str, None] = OrderedDict()
 
     def end_streams_of_key(self, api_key_id: str) -> int:
         """Ends every stream the api key of this id is running (it was revoked) with UNAUTHENTICATED; each
@@ -421,12 +426,23 @@ class GenerationService:
                 ) as chunks:
                     async for chunk in chunks:
                         yield chunk
+                for key in held_keys:
+                    self._dropped_after_failed_load.pop(key, None)
             except AdapterLoadError as error:
                 # These files passed their checks when they were fetched (or at their first use since the
                 # worker started): failing to load now, they changed on this worker's disk. Dropped, so
                 # the next request fetches them afresh instead of failing the same way until removed by
-                # hand, and the caller is told to retry (its adapter is not at fault).
+                # hand, and the caller is told to retry (its adapter is not at fault) - unless a copy
+                # fetched or built again after such a drop failed too: then it is the adapter (a file the
+                # validator passes and the reader refuses), refused as such, not retried for ever.
+                again = any(key in self._dropped_after_failed_load for key in held_keys)
                 self._discard_local(held_keys)
+                if again:
+                    raise
+                for key in held_keys:
+                    self._dropped_after_failed_load[key] = None
+                while len(self._dropped_after_failed_load) > MAX_DROPPED_AFTER_FAILED_LOAD:
+                    self._dropped_after_failed_load.popitem(last=False)
                 raise LocalCopyFailed(error) from error
             finally:
                 self._release(held_keys)

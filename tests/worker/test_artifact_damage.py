@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 import uuid
 
 import grpc
@@ -110,3 +111,44 @@ def test_a_stored_artifact_gone_from_the_store_is_data_loss_not_an_unknown_adapt
     assert any(sha in record.getMessage() and "missing" in record.getMessage() for record in caplog.records)
     _push(system, adapter, tenant, name="vanished")  # restores the copy
     assert sum(len(r.token_ids) for r in _generate(system, key, "vanished")) == 2
+
+
+def test_a_local_copy_that_fails_to_load_is_retried_once_then_refused(system, tmp_path, monkeypatch):
+    """A copy on the worker's disk that fails to load is dropped and the call told to retry (UNAVAILABLE:
+    its bytes changed on this disk). A copy fetched anew that fails the same way is the adapter itself (a
+    file the validator passes and the reader refuses): FAILED_PRECONDITION, not a retry without end. Once
+    a call of it succeeds, a later failure is a damaged copy again."""
+    from data_plane.engine import adapter_loader
+    from data_plane.engine.errors import AdapterLoadError
+
+    tenant, _, key = system.new_tenant()
+    adapter = _unique_adapter(system, tmp_path)
+    sha = system.admin.push(adapter, "unreadable", tenant, BASE_MODEL)
+    cache_key = system.private_cache_key(tenant, sha)
+    read = adapter_loader.read_peft_adapter
+    refusing = [True]
+
+    def refused_read(path, *args, **kwargs):
+        if refusing[0] and path.name == cache_key:
+            raise AdapterLoadError("adapter.adapter_model.safetensors", "header is not valid JSON")
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(adapter_loader, "read_peft_adapter", refused_read)
+    codes = []
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as failed:
+            _generate(system, key, "unreadable")
+        codes.append(failed.value.code())
+    assert codes == [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION]
+    refusing[0] = False
+    assert sum(len(r.token_ids) for r in _generate(system, key, "unreadable")) == 2
+    engine = system.worker.engine
+    engine.invalidate(cache_key)  # read from disk again by the next call
+    deadline = time.monotonic() + 30
+    while cache_key in engine.resident_adapter_keys() + engine.host_adapter_keys():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    refusing[0] = True
+    with pytest.raises(grpc.RpcError) as failed:
+        _generate(system, key, "unreadable")
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -35,10 +35,7 @@ def split_micro_tokens(tokens: int, weights: list[Decimal]) -> list[int]:
     denominator = sum(units)
     parts = [total * u // denominator for u in units]
     remainders = [total * u % denominator for u in units]
-    leftover = total - sum(parts)
-    for i in sorted(range(len(units)), key=lambda i: (-remainders[i], i))[:leftover]:
-        parts[i] += 1
-    return parts
+    return _give_leftover(parts, remainders, total - sum(parts))
 
 
 def round_half_even(numerator: int, denominator: int) -> int:
@@ -60,7 +57,12 @@ def whole_tokens(micro_tokens: list[int]) -> list[int]:
     """
     parts = [m // MICROS for m in micro_tokens]
     remainders = [m % MICROS for m in micro_tokens]
-    short = round_half_even(sum(micro_tokens), MICROS) - sum(parts)
-    for i in sorted(range(len(parts)), key=lambda i: (-remainders[i], i))[: max(short, 0)]:
+    return _give_leftover(parts, remainders, round_half_even(sum(micro_tokens), MICROS) - sum(parts))
+
+
+def _give_leftover(parts: list[int], remainders: list[int], leftover: int) -> list[int]:
+    """Largest remainder: one more to each of the `leftover` parts with the largest remainders, ties to
+    the earlier part."""
+    for i in sorted(range(len(parts)), key=lambda i: (-remainders[i], i))[: max(leftover, 0)]:
         parts[i] += 1
     return parts

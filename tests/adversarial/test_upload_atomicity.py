@@ -88,15 +88,11 @@ def _open_ended_upload(attacker, tenant, directory, name: str, timeout_s: float 
     return future, sent_all, hold
 
 
-@pytest.mark.parametrize("replacing", [False, True], ids=["new-name", "replacement"])
-def test_upload_cancelled_after_its_last_byte_before_closing_stores_nothing(attacker, system, replacing):
-    """A client that sent every byte but cancelled instead of closing its side was told CANCELLED: the
-    upload must change nothing (grpc ends the server's request stream on a cancel as on a close)."""
-    tenant = attacker.new_tenant()
-    before = attacker.push(tenant, "held", adapter="ad2") if replacing else grpc.StatusCode.NOT_FOUND
-    stored = set(_store(system).root.iterdir())
+def _cancel_after_the_last_byte(attacker, system, tenant, adapter: str, name: str) -> None:
+    """Sends every byte of an upload of the fixture adapter `adapter` as `name`, cancels the call instead
+    of closing the stream, and waits until the server let go of the upload's temporary files."""
     future, sent_all, hold = _open_ended_upload(
-        attacker, tenant, system.model_dir / "adapters" / "ad3", "held"
+        attacker, tenant, system.model_dir / "adapters" / adapter, name
     )
     try:
         assert sent_all.wait(10)
@@ -105,6 +101,16 @@ def test_upload_cancelled_after_its_last_byte_before_closing_stores_nothing(atta
     finally:
         hold.set()
     assert _wait_until(lambda: not any(_store(system).tmp_root.iterdir()))
+
+
+@pytest.mark.parametrize("replacing", [False, True], ids=["new-name", "replacement"])
+def test_upload_cancelled_after_its_last_byte_before_closing_stores_nothing(attacker, system, replacing):
+    """A client that sent every byte but cancelled instead of closing its side was told CANCELLED: the
+    upload must change nothing (grpc ends the server's request stream on a cancel as on a close)."""
+    tenant = attacker.new_tenant()
+    before = attacker.push(tenant, "held", adapter="ad2") if replacing else grpc.StatusCode.NOT_FOUND
+    stored = set(_store(system).root.iterdir())
+    _cancel_after_the_last_byte(attacker, system, tenant, "ad3", "held")
     time.sleep(0.5)  # a commit would have happened by now
     assert _sha256_of(attacker, tenant, "held") == before
     assert set(_store(system).root.iterdir()) == stored
@@ -123,16 +129,7 @@ def test_a_stream_ended_by_a_cancel_is_never_validated_or_published(attacker, sy
     app.upload_stage_hook = lambda stage, plan, sha256: plan.header.name == "graced" and stages.append(stage)
     tenant = attacker.new_tenant()
     try:
-        future, sent_all, hold = _open_ended_upload(
-            attacker, tenant, system.model_dir / "adapters" / "ad5", "graced"
-        )
-        try:
-            assert sent_all.wait(10)
-            time.sleep(1.0)  # the server reads every byte of the stream (loopback) by then
-            future.cancel()
-        finally:
-            hold.set()
-        assert _wait_until(lambda: not any(_store(system).tmp_root.iterdir()))
+        _cancel_after_the_last_byte(attacker, system, tenant, "ad5", "graced")
         time.sleep(2.5)  # past the grace
     finally:
         app.upload_stage_hook = None

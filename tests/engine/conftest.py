@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,19 @@ def make_engine(model: TinyModel, **overrides) -> LLMEngine:
     )
     settings.update(overrides)
     return LLMEngine(EngineConfig(**settings))
+
+
+def block_disk_reads(engine: LLMEngine) -> threading.Event:
+    """Disk reads of the engine's loader wait (at most 30 s) until the returned event is set."""
+    released = threading.Event()
+    read = engine.loader._read
+
+    def blocked_read(members):
+        released.wait(30.0)
+        return read(members)
+
+    engine.loader._read = blocked_read
+    return released
 
 
 def greedy(request_id: str, prompt: list[int], adapters=(), max_tokens: int = 16) -> EngineRequest:

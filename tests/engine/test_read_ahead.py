@@ -6,7 +6,6 @@ meanwhile is dropped."""
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import wait
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from data_plane.engine import adapter_loader
 from openlora.cache_scope import content_of
 
-from .conftest import greedy, make_engine
+from .conftest import block_disk_reads, greedy, make_engine
 
 PROMPT = [3, 1, 4, 1, 5]
 READ_DELAY_S = 0.3  # a slow disk: a read spans several steps of the tiny model
@@ -139,26 +138,13 @@ def test_a_load_taking_over_its_read_waits_for_that_read_alone(engine, tiny_llam
     assert len(engine.reads) < 3, "admitted only once the later reads ahead were done"
 
 
-def _held_reads(engine):
-    """Disk reads of `engine` held until the returned event is set."""
-    released = threading.Event()
-    read = engine.loader._read
-
-    def held_read(members):
-        released.wait(30)
-        return read(members)
-
-    engine.loader._read = held_read
-    return released
-
-
 def test_a_read_under_way_when_a_step_starts_is_awaited_so_its_request_runs_in_that_step(tiny_llama):
     """A read still running when the step begins used to cost its request the whole step (it was admitted
     in the next one); the step now waits for it as for a copy from host memory (at most 10 ms on its own:
     here the read ends because the step waits)."""
     engine = make_engine(tiny_llama, num_adapter_slots=2)
     try:
-        released = _held_reads(engine)
+        released = block_disk_reads(engine)
         wait_for = engine.loader.wait_for
         awaited = []
 
@@ -179,7 +165,7 @@ def test_a_read_under_way_when_a_step_starts_is_awaited_so_its_request_runs_in_t
 
 def test_a_slow_read_is_awaited_by_one_step_only(tiny_llama):
     engine = make_engine(tiny_llama, num_adapter_slots=2)
-    released = _held_reads(engine)
+    released = block_disk_reads(engine)
     try:
         wait_for = engine.loader.wait_for
         awaited = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 
-from tests.engine.conftest import greedy, make_engine
+from tests.engine.conftest import block_disk_reads, greedy, make_engine
 
 
 def _drain(engine) -> None:
@@ -39,17 +39,10 @@ def test_copy_from_host_starts_on_arrival_and_the_request_runs_in_the_next_step(
 
 def test_copy_from_host_does_not_wait_behind_a_disk_read(tiny_model):
     engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
-    released = threading.Event()
+    warm, cold = tiny_model.ref("r8_all"), tiny_model.ref("r16_rslora")
+    _on_host(engine, warm)
+    released = block_disk_reads(engine)  # the disk stays busy until the test says so
     try:
-        warm, cold = tiny_model.ref("r8_all"), tiny_model.ref("r16_rslora")
-        _on_host(engine, warm)
-        read = engine.loader._read
-
-        def blocked_read(members):
-            released.wait(30.0)  # the disk stays busy until the test says so
-            return read(members)
-
-        engine.loader._read = blocked_read
         engine.add_request(greedy("cold", [1, 2], [cold], max_tokens=2))
         engine.add_request(greedy("warm", [4, 5, 6], [warm], max_tokens=2))
         engine.loader.wait_for({warm.key}, 30.0)

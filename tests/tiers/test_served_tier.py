@@ -4,9 +4,7 @@ served from that host copy ("host"), one whose slot is filled by a disk read rep
 
 from __future__ import annotations
 
-import threading
-
-from tests.engine.conftest import greedy, make_engine, run_to_completion
+from tests.engine.conftest import block_disk_reads, greedy, make_engine, run_to_completion
 
 
 def _finals(engine) -> dict:
@@ -18,22 +16,9 @@ def _finals(engine) -> dict:
     return finals
 
 
-def _block_disk_reads(engine) -> threading.Event:
-    """Disk reads of the engine's loader wait until the returned event is set."""
-    released = threading.Event()
-    read = engine.loader._read
-
-    def blocked_read(members):
-        released.wait(30.0)
-        return read(members)
-
-    engine.loader._read = blocked_read
-    return released
-
-
 def test_request_arriving_while_its_prefetch_reads_into_host_memory_reports_host(tiny_model):
     engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
-    released = _block_disk_reads(engine)
+    released = block_disk_reads(engine)
     try:
         ref = tiny_model.ref("r8_all")
         engine.prefetch(ref.key, (ref,))  # disk -> host memory, held up
@@ -52,7 +37,7 @@ def test_request_arriving_while_its_prefetch_reads_into_host_memory_reports_host
 
 def test_request_arriving_while_a_disk_read_fills_its_slot_reports_disk(tiny_model):
     engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
-    released = _block_disk_reads(engine)
+    released = block_disk_reads(engine)
     try:
         ref = tiny_model.ref("r8_all")
         engine.prefetch(ref.key, (ref,), to_device=True)  # disk -> slot, held up

@@ -611,6 +611,12 @@ def config_from_args(argv: list[str]) -> ColdStartConfig:
     )
     parser.add_argument("--measured-hours", type=int, help="measured compressed hours per pass (default 4)")
     parser.add_argument(
+        "--seed",
+        type=int,
+        help="the trace's random seed (default 0): another seed draws other arrival times and adapters, so "
+        "that a difference between passes can be told from the luck of one trace",
+    )
+    parser.add_argument(
         "--time-scale",
         type=float,
         default=1.0,
@@ -638,10 +644,16 @@ def config_from_args(argv: list[str]) -> ColdStartConfig:
         overrides["update_results_md"] = False
     if args.tail:
         overrides["passes"] = tuple((tail, on) for tail, on in cfg.passes if tail in args.tail)
+    trace = cfg.trace
     if args.measured_hours is not None:
         if args.measured_hours < 1:
             parser.error("--measured-hours must be >= 1")
-        overrides["trace"] = replace(cfg.trace, num_measured_hours=args.measured_hours)
+        trace = replace(trace, num_measured_hours=args.measured_hours)
+    if args.seed is not None:
+        if args.seed < 0:
+            parser.error("--seed must be >= 0")
+        trace = replace(trace, seed=args.seed)
+    overrides["trace"] = trace
     cfg = replace(cfg, **overrides)
     try:
         return time_scaled(cfg, args.time_scale) if args.time_scale != 1.0 else cfg

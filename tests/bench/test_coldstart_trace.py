@@ -303,6 +303,22 @@ def test_time_scale_stretches_the_clock_and_the_predictor_alike(tmp_path):
             config_from_args(bad)
 
 
+def test_seed_draws_another_trace_of_the_same_shape():
+    base, other = (
+        config_from_args(["--tail", "poisson"]),
+        config_from_args(["--tail", "poisson", "--seed", "3"]),
+    )
+    assert base.trace.seed == 0 and other.trace.seed == 3
+    assert replace(other.trace, seed=0) == base.trace  # nothing else changes
+    first = generate_coldstart_trace(replace(base.trace, tail=POISSON))
+    second = generate_coldstart_trace(replace(other.trace, tail=POISSON))
+    assert [r.request.arrival_s for r in first] != [r.request.arrival_s for r in second]
+    assert abs(len(first) - len(second)) <= 0.2 * len(first)
+    assert config_from_args(["--seed", "3", "--measured-hours", "2"]).trace.num_measured_hours == 2
+    with pytest.raises(SystemExit):
+        config_from_args(["--seed", "-1"])
+
+
 def test_bootstrap_interval_covers_the_statistic_and_narrows_with_more_samples():
     rng = np.random.default_rng(1)
     gap = lambda a, b: np.percentile(a, 50) - np.percentile(b, 50)  # noqa: E731

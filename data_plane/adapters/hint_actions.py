@@ -43,9 +43,10 @@ async def apply_hint(engine, hint: Hint, artifacts, near_deadline_s: float = NEA
         inner.demote(key)
         return
     log.debug(
-        "prewarm hint key=%s tier=%s deadline_in_s=%s",
+        "prewarm hint key=%s tier=%s reason=%s deadline_in_s=%s",
         key[:12],
         hint.tier,
+        hint.reason or "unknown",
         "none" if hint.deadline_at is None else f"{hint.deadline_at - time.time():.3f}",
     )
     local = await artifacts.ensure(key)  # local disk first, whatever tier is asked: it can keep it

@@ -488,7 +488,8 @@ class LLMEngine:
         """Thread-safe prewarm: bring `key` (loadable from `members`, AdapterRefs) into host memory, or into
         a free device slot when `to_device`; `deadline_at` (time.monotonic()) is when it is expected.
         `protect`: keep it until then (a periodic prediction); False (a burst) leaves it to the host
-        tier's ranking by value, like an adapter no hint names."""
+        tier's ranking by value, like an adapter no hint names, and reads no host copy of one that is in a
+        slot (`_prefetch_now`)."""
         self._commands.put(("prefetch", key, tuple(members), to_device, deadline_at, protect))
 
     def demote(self, key: str) -> None:
@@ -524,7 +525,7 @@ class LLMEngine:
                 _, _, members, to_device, deadline_at, protect = command
                 if protect:
                     cache.hint(key, deadline_at)
-                self._prefetch_now(key, members, to_device)
+                self._prefetch_now(key, members, to_device, protect)
             elif kind == "demote":
                 cache.demote(key)
             elif kind in ("invalidate", "invalidate_content"):
@@ -543,18 +544,21 @@ class LLMEngine:
             elif kind == "keep_warm":
                 cache.set_keep_warm(key, command[2], command[3])
 
-    def _prefetch_now(self, key: str, members: tuple, to_device: bool) -> None:
+    def _prefetch_now(self, key: str, members: tuple, to_device: bool, protect: bool = True) -> None:
         """A prefetch (its hint already recorded): into a free slot when `to_device`, else into host memory,
         or nothing at all, counted as skipped by reason, when the adapter is already in host memory or on
         its way ("held"), or when the host tier could not keep it until its predicted use ("no_room":
         decided before any disk read, from the size its file headers give).
 
-        A device slot alone does not hold it: the next admission may take an unreferenced slot, and an
-        adapter leaving its slot without a host copy drops to disk. One in a slot without a host copy
-        gets a host copy read, so that it is still warm when its predicted call comes."""
+        For a protected prediction (`protect`: a call expected at a deadline, maybe a while ahead) a
+        device slot alone does not hold it: the next admission may take an unreferenced slot, and an
+        adapter leaving its slot without a host copy drops to disk. One in a slot without a host copy gets
+        a host copy read, so that it is still warm when its predicted call comes. An unprotected one (a
+        burst: calls are coming now) in a slot is held: a host copy would take the room of an adapter that
+        has no other copy, while this one's slot keeps it as long as its calls keep coming."""
         cache = self.adapter_cache
         in_slot = cache.state(key) is not None
-        if self.loader.is_loading(key) or (in_slot and cache.on_host(key)):
+        if self.loader.is_loading(key) or (in_slot and (cache.on_host(key) or not protect)):
             self._skip_prefetch(key, PREFETCH_HELD)
             return
         slot = cache.prefetch(key) if to_device and not in_slot and cache.num_free_slots else None

@@ -1,6 +1,8 @@
-"""A prewarm of an adapter that sits in a device slot without a host copy: the slot is no hold (the next
-admission may take it, and the adapter then drops to disk), so the prewarm reads a host copy, and the
-predicted call is served warm after the slot was taken."""
+"""A prewarm of an adapter that sits in a device slot without a host copy. For a protected prediction (a
+call expected at a deadline) the slot is no hold (the next admission may take it, and the adapter then
+drops to disk), so the prewarm reads a host copy, and the predicted call is served warm after the slot was
+taken. For a burst (unprotected: calls are coming now) the slot holds it: a host copy would only take the
+room of an adapter that has no other copy."""
 
 from __future__ import annotations
 
@@ -42,6 +44,22 @@ def test_prewarm_of_an_adapter_in_a_slot_without_host_copy_reads_one(tiny_model)
         assert engine.adapter_cache.slot_of(hinted.key) == slot  # its slot is left as it was
         stats = engine.prefetch_stats()
         assert stats[("performed", "host")] == 1 and ("skipped", "held") not in stats
+    finally:
+        engine.shutdown()
+
+
+def test_burst_prewarm_of_an_adapter_in_a_slot_leaves_the_host_copy_of_another_alone(tiny_model):
+    engine = make_engine(tiny_model, host_cache_bytes=ONE_ADAPTER_BUDGET, num_adapter_slots=2)
+    try:
+        hinted, other = tiny_model.ref("r16_rslora"), tiny_model.ref("r8_all")
+        _in_slot_without_host_copy(engine, hinted, other)
+        engine.prefetch(hinted.key, (hinted,), deadline_at=time.monotonic() + 1, protect=False)
+        _step_until_loads_land(engine)
+        cache = engine.adapter_cache
+        assert cache.tier_of(hinted.key) == "device" and not cache.on_host(hinted.key)
+        assert cache.on_host(other.key)  # the only copy of `other` kept its room
+        stats = engine.prefetch_stats()
+        assert stats[("skipped", "held")] == 1 and ("performed", "host") not in stats
     finally:
         engine.shutdown()
 

@@ -13,9 +13,14 @@ Eviction is by expected cost, not recency. A slot's victim is the evictable entr
 ties going to the least recently used. Predicted reuse is an exponentially weighted request rate per key
 (updated on each `acquire`, time constant `rate_time_constant_s`), raised while a prewarm hint's deadline
 is ahead. Reload cost is size_bytes over the measured throughput of the tier below (`record_load`), plus
-a fixed per-load overhead. Usage statistics outlive residency, so an adapter evicted and called again
-keeps its history, within a bound: at most `max_idle_usage_records` (MAX_IDLE_USAGE_RECORDS, 10,000 by
-default) keys in no tier keep theirs. Past it, the records with the lowest long-horizon predicted reuse
+a fixed per-load overhead, or, once measured and when more, how much longer the requests served from that
+tier waited for their first step than those whose adapter was in a slot (`record_wait`): a copy from host
+memory begins on a request's arrival and mostly ends within the running step, so a slot with a host copy
+behind it costs its next call little, while a read from disk more often costs it a step.
+
+Usage statistics outlive residency, so an adapter evicted and called again keeps its history, within a
+bound: at most `max_idle_usage_records` (MAX_IDLE_USAGE_RECORDS, 10,000 by default) keys in no tier keep
+theirs. Past it, the records with the lowest long-horizon predicted reuse
 go first (the least recently used among equals), down to three quarters of the bound; a key kept warm or
 protected by a prewarm hint keeps its record. Every distinct linear mix (its members and weights) is a
 key of its own, so without the bound a tenant calling one mix with ever new weights grew them forever.
@@ -96,6 +101,10 @@ KEEP_WARM_SHARE = 0.5
 # Usage records kept for keys in no tier (see the module docstring).
 MAX_IDLE_USAGE_RECORDS = 10_000
 _MEASURE_WEIGHT = 0.2  # weight of a new measurement in the throughput average
+# Requests whose adapter came from a tier, measured before that tier's wait counts (`record_wait`), and the
+# weight of a new one in its average.
+MIN_WAIT_SAMPLES = 16
+_WAIT_WEIGHT = 0.05
 
 
 @dataclass
@@ -171,6 +180,8 @@ class AdapterCache:
             tier: TierCost(c.bytes_per_ms, c.fixed_ms)
             for tier, c in (tier_costs or DEFAULT_TIER_COSTS).items()
         }
+        # tier -> (average ms from a request's arrival to its first step, requests seen): see `record_wait`.
+        self._waits: dict[str, tuple[float, int]] = {}
         self._entries: dict[str, _Entry] = {}
         self._usage: dict[str, _Usage] = {}
         self._usage_trim_floor = 0  # no trim below this many records (`_trim_idle_usage`)
@@ -287,12 +298,37 @@ class AdapterCache:
         return self._reuse_per_s(key, long=True) * reload_ms / max(size, 1)
 
     def reload_cost_ms(self, key: str, tier: str) -> float:
-        """Estimated ms to bring `key` back into `tier` after it left it."""
+        """Estimated ms to bring `key` back into `tier` after it left it. Into a slot: what the load from
+        the tier it would come from costs (a copy from its host copy, else a read from disk), or what
+        requests served from that tier have waited longer than those whose adapter was in a slot, when
+        that is more (`record_wait`)."""
         entry = self._entries.get(key)
         size = self._size_of(key)
-        if tier == DEVICE and entry is not None and entry.host_bytes is not None:
-            return self._costs[HOST].load_ms(size)
-        return self._costs[DISK].load_ms(size)
+        if tier != DEVICE:
+            return self._costs[DISK].load_ms(size)
+        source = HOST if entry is not None and entry.host_bytes is not None else DISK
+        return max(self._costs[source].load_ms(size), self.wait_penalty_ms(source))
+
+    def record_wait(self, tier: str, wait_ms: float) -> None:
+        """A request reached its first step `wait_ms` after its arrival, its adapter served from `tier`
+        ("device", "host" or "disk"): a moving average per tier."""
+        average, count = self._waits.get(tier, (0.0, 0))
+        weight = max(_WAIT_WEIGHT, 1.0 / (count + 1))  # the plain mean until the average takes over
+        self._waits[tier] = ((1 - weight) * average + weight * wait_ms, count + 1)
+
+    def waits(self) -> dict[str, tuple[float, int]]:
+        """Per tier: the average ms from a request's arrival to its first step and the requests counted."""
+        return dict(self._waits)
+
+    def wait_penalty_ms(self, tier: str) -> float:
+        """How much longer requests served from `tier` wait for their first step than those whose adapter
+        was in a slot: what an adapter leaving its slot costs its next call, as requests see it (a copy
+        from host memory begins on arrival and mostly ends within the step running then; a read from
+        disk more often misses it). 0 until both tiers have MIN_WAIT_SAMPLES."""
+        mine, device = self._waits.get(tier), self._waits.get(DEVICE)
+        if mine is None or device is None or min(mine[1], device[1]) < MIN_WAIT_SAMPLES:
+            return 0.0
+        return max(0.0, mine[0] - device[0])
 
     def known_size(self, key: str) -> int | None:
         """The host-buffer size of `key` measured by an earlier load (it outlives residency), or None."""

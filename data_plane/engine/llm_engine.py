@@ -332,6 +332,9 @@ class LLMEngine:
                 state = self._states[seq.request_id]
                 if state.scheduled_at is None:
                     state.scheduled_at = now
+                    if len(state.adapter_tiers) == 1:  # what its adapter's tier cost it (eviction's cost)
+                        (tier,) = state.adapter_tiers.values()
+                        self.adapter_cache.record_wait(tier, (now - state.request.arrival_time) * 1000)
                 slots.append(-1 if seq.adapter_key is None else self.adapter_cache.slot_of(seq.adapter_key))
             self.runner.clear_blocks(self.scheduler.blocks.take_freed())
             sample_ids, logits = self.runner.run(batch.seqs, batch.num_tokens, slots)

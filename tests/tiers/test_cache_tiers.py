@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_plane.engine.adapter_cache import AdapterCache, AdapterState, TierCost
+from data_plane.engine.adapter_cache import MIN_WAIT_SAMPLES, AdapterCache, AdapterState, TierCost
 
 
 class FakeClock:
@@ -167,6 +167,37 @@ def test_cost_based_eviction_prefers_the_adapter_cheap_to_bring_back():
     _, evicted = cache.admit("new")
     assert evicted == "on_host"  # recency alone would have evicted disk_only
     assert cache.tier_of("on_host") == "host"
+
+
+def test_what_requests_waited_per_tier_prices_a_slot_by_the_tier_it_would_fall_to():
+    """A copy from host memory and a read from disk both take a few ms, but requests served from disk wait
+    a step longer: once measured, that wait is what losing a slot without a host copy costs."""
+    costs = {"host": TierCost(bytes_per_ms=1000.0, fixed_ms=0.0), "disk": TierCost(1000.0, 0.0)}
+    cache = _cache(slots=2, host_bytes=10_000, tier_costs=costs)
+    _load(cache, "on_host")
+    _load(cache, "disk_only")
+    cache.store_host("on_host", 100)
+    cache.record_size("disk_only", 100)
+    for key in ("disk_only", "on_host"):  # equal demand, "on_host" most recent
+        cache.acquire(key)
+        cache.release(key)
+    assert cache.reload_cost_ms("disk_only", "device") == cache.reload_cost_ms("on_host", "device") == 0.1
+    for i in range(MIN_WAIT_SAMPLES):
+        cache.record_wait("device", 20.0)
+        cache.record_wait("host", 21.0)
+        if i < MIN_WAIT_SAMPLES - 1:
+            cache.record_wait("disk", 45.0)
+    assert cache.wait_penalty_ms("disk") == 0.0  # too few samples yet: the load costs alone
+    cache.record_wait("disk", 45.0)
+    assert cache.wait_penalty_ms("disk") == pytest.approx(25.0)
+    assert cache.wait_penalty_ms("host") == pytest.approx(1.0)
+    assert cache.reload_cost_ms("disk_only", "device") == pytest.approx(25.0)
+    assert cache.reload_cost_ms("on_host", "device") == pytest.approx(1.0)
+    assert cache.reload_cost_ms("disk_only", "disk") == pytest.approx(0.1)  # host memory's: the read
+    _, evicted = cache.admit("new")
+    assert evicted == "on_host"  # recency alone would have evicted disk_only
+    cache.record_wait("device", 80.0)  # a penalty is never below zero, nor a cost below the load's
+    assert cache.wait_penalty_ms("host") >= 0.0 and cache.reload_cost_ms("disk_only", "device") >= 0.1
 
 
 def test_prewarm_deadline_protects_an_adapter_until_its_call():

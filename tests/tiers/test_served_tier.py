@@ -70,3 +70,23 @@ def test_adapter_evicted_between_arrival_and_admission_reports_the_tier_it_came_
         assert finals["first"].cache_tier == "disk" and finals["later"].cache_tier == "host"
     finally:
         engine.shutdown()
+
+
+def test_each_request_counts_its_wait_for_its_first_step_under_the_tier_it_was_served_from(tiny_model):
+    """The wait the cache prices slots by (`AdapterCache.record_wait`): a disk read, then calls on the
+    slot it filled; a base-model request names no tier and counts for none."""
+    engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
+    try:
+        ref = tiny_model.ref("r8_all")
+        engine.add_request(greedy("first", [4, 5], [ref], max_tokens=2))
+        run_to_completion(engine)
+        for i in range(3):
+            engine.add_request(greedy(f"again-{i}", [4, 5], [ref], max_tokens=2))
+        engine.add_request(greedy("base", [4, 5], [], max_tokens=2))
+        run_to_completion(engine)
+        waits = engine.adapter_cache.waits()
+        assert set(waits) == {"disk", "device"}
+        assert waits["disk"][1] == 1 and waits["device"][1] == 3
+        assert all(average >= 0.0 for average, _ in waits.values())
+    finally:
+        engine.shutdown()

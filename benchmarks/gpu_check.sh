@@ -20,8 +20,12 @@
 # kernel-bench, quant-bench, profile, e2e. GPU_CHECK_TESTS narrows the kernel tests (default tests/kernels).
 # Test steps run on 8 pytest-xdist workers where xdist is installed (Triton's compiles are CPU-bound).
 # Measured on one H200 (2026-11-30, benchmarks/RESULTS.md): kernels 69 s, quant 23-31 s, slots 31 s,
-# attention 8 s, kernel-bench 42 s, quant-bench 79-91 s, profile 59 s; e2e did not finish in 270 s. So all
-# steps with e2e need about 13 minutes: split them with GPU_CHECK_STEPS where one command may run 10.
+# attention 8 s, kernel-bench 42 s, quant-bench 79-91 s, profile 59 s; e2e did not finish in 270 s. On
+# 2026-12-04 e2e's phases took: fixtures 60 s, the peer's sweep at 32 and 64 294 s, system start and 1,000
+# uploads 49 s, scenario 1 31 s, the 1,000-adapter warm-up 54 s; so scenario 2 did not start within 430 s.
+# All steps with e2e need well over 13 minutes: split them with GPU_CHECK_STEPS where one command may run
+# 10, and give scenario 2 a call of its own (`python -m benchmarks.run --gpu --scenarios 2,4 --s2-start-rate
+# 19`: without scenario 1 the search would start at 2 requests/s; 19 is 60% of scenario 1's 31.9 that day).
 # Extra arguments go to kernel_bench (for example --dtype float16). Exit status: the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -151,17 +151,23 @@ def test_cost_based_eviction_keeps_the_frequent_adapter_that_lru_would_evict():
     assert evicted == "once"
 
 
-def test_cost_based_eviction_prefers_the_adapter_cheap_to_bring_back():
-    clock = FakeClock()
+def _one_on_host_one_on_disk_only() -> AdapterCache:
+    """Two full slots of equal demand and size, equal tier costs: "on_host" (most recent) has a host copy,
+    "disk_only" none."""
     costs = {"host": TierCost(bytes_per_ms=1000.0, fixed_ms=0.0), "disk": TierCost(1000.0, 0.0)}
-    cache = _cache(slots=2, host_bytes=10_000, clock=clock, tier_costs=costs)
+    cache = _cache(slots=2, host_bytes=10_000, clock=FakeClock(), tier_costs=costs)
     _load(cache, "on_host")
     _load(cache, "disk_only")
     cache.store_host("on_host", 100)
     cache.record_size("disk_only", 100)
-    for key in ("disk_only", "on_host"):  # equal demand, "on_host" most recent
+    for key in ("disk_only", "on_host"):
         cache.acquire(key)
         cache.release(key)
+    return cache
+
+
+def test_cost_based_eviction_prefers_the_adapter_cheap_to_bring_back():
+    cache = _one_on_host_one_on_disk_only()
     cache.record_load("disk", 100, 10.0)  # disk turns out slow: 10 bytes/ms
     assert cache.reload_cost_ms("disk_only", "device") > cache.reload_cost_ms("on_host", "device")
     _, evicted = cache.admit("new")
@@ -172,15 +178,7 @@ def test_cost_based_eviction_prefers_the_adapter_cheap_to_bring_back():
 def test_what_requests_waited_per_tier_prices_a_slot_by_the_tier_it_would_fall_to():
     """A copy from host memory and a read from disk both take a few ms, but requests served from disk wait
     a step longer: once measured, that wait is what losing a slot without a host copy costs."""
-    costs = {"host": TierCost(bytes_per_ms=1000.0, fixed_ms=0.0), "disk": TierCost(1000.0, 0.0)}
-    cache = _cache(slots=2, host_bytes=10_000, tier_costs=costs)
-    _load(cache, "on_host")
-    _load(cache, "disk_only")
-    cache.store_host("on_host", 100)
-    cache.record_size("disk_only", 100)
-    for key in ("disk_only", "on_host"):  # equal demand, "on_host" most recent
-        cache.acquire(key)
-        cache.release(key)
+    cache = _one_on_host_one_on_disk_only()
     assert cache.reload_cost_ms("disk_only", "device") == cache.reload_cost_ms("on_host", "device") == 0.1
     for i in range(MIN_WAIT_SAMPLES):
         cache.record_wait("device", 20.0)

@@ -20,10 +20,10 @@ behind it costs its next call little, while a read from disk more often costs it
 
 Usage statistics outlive residency, so an adapter evicted and called again keeps its history, within a
 bound: at most `max_idle_usage_records` (MAX_IDLE_USAGE_RECORDS, 10,000 by default) keys in no tier keep
-theirs. Past it, the records with the lowest long-horizon predicted reuse
-go first (the least recently used among equals), down to three quarters of the bound; a key kept warm or
-protected by a prewarm hint keeps its record. Every distinct linear mix (its members and weights) is a
-key of its own, so without the bound a tenant calling one mix with ever new weights grew them forever.
+theirs. Past it, the records with the lowest long-horizon predicted reuse go first (the least recently
+used among equals), down to three quarters of the bound; a key kept warm or protected by a prewarm hint
+keeps its record. Every distinct linear mix (its members and weights) is a key of its own, so without the
+bound a tenant calling one mix with ever new weights grew them forever.
 
 Host memory holds many more adapters, most of them long-tail ones called at random times; a request rate
 over a minute says nothing about an adapter called once an hour. Its entries are ranked by expected reuse

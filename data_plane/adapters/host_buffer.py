@@ -6,7 +6,7 @@ into the slot pools; views of the buffer give the factors back without copying.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,8 @@ class HostAdapter:
     buffer: torch.Tensor  # (num_elements,) contiguous, one dtype
     rank: int
     layout: tuple[PackedFactors, ...]
+    # `unpack(self)`, made by its first call: a copy kept in host memory is copied into slots many times.
+    _views: AdapterWeights | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def size_bytes(self) -> int:
@@ -56,10 +58,15 @@ def pack(weights: AdapterWeights, pin_memory: bool) -> HostAdapter:
 
 def unpack(host: HostAdapter, buffer: torch.Tensor | None = None) -> AdapterWeights:
     """The factors as views of `buffer` (the host buffer itself, or a device copy of it)."""
+    if buffer is None and host._views is not None:
+        return host._views
     flat = host.buffer if buffer is None else buffer
     factors = {}
     for p in host.layout:
         a = flat[p.a_offset : p.a_offset + p.a_shape[0] * p.a_shape[1]].view(p.a_shape)
         b = flat[p.b_offset : p.b_offset + p.b_shape[0] * p.b_shape[1]].view(p.b_shape)
         factors[(p.layer, p.projection)] = LoraFactors(a, b, p.scale)
-    return AdapterWeights(rank=host.rank, factors=factors)
+    weights = AdapterWeights(rank=host.rank, factors=factors)
+    if buffer is None:
+        host._views = weights  # the views only read the buffer: any thread may reuse them
+    return weights

@@ -126,6 +126,8 @@ class ModelRunner:
             else None
         )
         self.slot_ranks = [0] * num_adapter_slots
+        # Per slot: the ranks its loads may have written; every pool entry from there on is zero.
+        self._slot_written_ranks = [0] * num_adapter_slots
         self.slot_targets: list[frozenset[str]] = [frozenset()] * num_adapter_slots  # PEFT modules adapted
         # Adapter loads copy on their own stream so they overlap the forward pass on the default one.
         self._load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -145,7 +147,13 @@ class ModelRunner:
 
     def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
         """Copies an adapter's factors into `slot` of every projection (a fused one's slice for q, k, v,
-        gate and up); absent ones are cleared."""
+        gate and up); absent ones are cleared. Ranks at or past what the slot's earlier loads wrote are
+        zero already and are not written again: a rank-16 adapter in rank-64 pools writes its 16 ranks
+        (and zeroes what a larger predecessor left), not all 64."""
+        written = self._slot_written_ranks[slot]
+        rank = max((f.a.shape[0] for f in weights.factors.values()), default=0)
+        # Raised before the writes: should they fail halfway, the next load still zeroes what they wrote.
+        self._slot_written_ranks[slot] = max(written, rank)
         writes = SlotWrites()
         for layer in range(len(self.model.model.layers)):
             targets = self.model.lora_targets(layer)
@@ -153,12 +161,24 @@ class ModelRunner:
                 module, index = targets[name]
                 factors = weights.factors.get((layer, name))
                 if factors is None:
-                    module.slot_writes(writes, slot, None, None, 0.0, index)
+                    module.slot_writes(writes, slot, None, None, 0.0, index, written_rank=written)
                 else:
-                    module.slot_writes(writes, slot, factors.a, factors.b, factors.scale, index)
+                    module.slot_writes(
+                        writes, slot, factors.a, factors.b, factors.scale, index, written_rank=written
+                    )
         writes.apply()
+        self._slot_written_ranks[slot] = rank
         self.slot_ranks[slot] = weights.rank
         self.slot_targets[slot] = frozenset(name for _, name in weights.factors)
+
+    def slot_contents(self, slot: int) -> list[torch.Tensor]:
+        """Copies of every pool entry and scale of `slot`, in every layer and projection (for checks)."""
+        contents = []
+        for layer in range(len(self.model.model.layers)):
+            for module in {id(m): m for m, _ in self.model.lora_targets(layer).values()}.values():
+                contents += [module.lora_a[slot].clone(), module.lora_scale[:, slot].clone()]
+                contents += [pool[slot].clone() for pool in module.lora_b]
+        return contents
 
     def install_from_host(self, slot: int, host: HostAdapter) -> None:
         """Copies a packed adapter into `slot`: on CUDA one host-to-device copy of its buffer on the load

@@ -81,6 +81,8 @@ class LoRALinear(nn.Module):
         self.lora_b: list[torch.Tensor] = []  # per slice (S, out_i, R)
         self.lora_scale: torch.Tensor | None = None  # (n, S) float32; 0 where the slot leaves a slice alone
         self._native_pools: dict[tuple[int, ...], LoraPools] = {}  # by slices: checked once for the C code
+        # (slot, slice) -> its A (R, in) and B (out_i, R) pool views and scale: made once, not per load.
+        self._slot_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_slices(self) -> int:
@@ -110,6 +112,7 @@ class LoRALinear(nn.Module):
         n = self.num_slices
         self.max_rank = max_rank
         self._native_pools.clear()
+        self._slot_views.clear()
         self.lora_a = torch.zeros(num_slots, max_rank * n, self.in_features, dtype=dtype, device=device)
         # B (S, out_i, R). On the CPU outside Triton's interpreter its outputs are contiguous in memory (a
         # transposed view of (S, R, out_i)): the native expand adds each rank's row of outputs in one vector
@@ -141,23 +144,34 @@ class LoRALinear(nn.Module):
         b: torch.Tensor | None,
         scale: float,
         index: int = 0,
+        written_rank: int | None = None,
     ) -> None:
         """Adds to `writes` what `load_slot` does: A into the slot's first r rank rows of slice `index`, B
         into its first r columns, the rest of the slot's ranks zeroed (scale 0 and zero factors when
-        `a` or `b` is None)."""
-        assert self.lora_a is not None and self.lora_scale is not None
-        a_pool = self.lora_a[slot].view(self.max_rank, self.num_slices, self.in_features)[:, index]  # (R, in)
-        b_pool = self.lora_b[index][slot]  # (out_i, R)
+        `a` or `b` is None). `written_rank`: the slot holds zeros from that rank on already (what its
+        earlier loads wrote stops there), so only the ranks before it are zeroed (None: every rank)."""
+        views = self._slot_views.get((slot, index))
+        if views is None:
+            assert self.lora_a is not None and self.lora_scale is not None
+            a_pool = self.lora_a[slot].view(self.max_rank, self.num_slices, self.in_features)[:, index]
+            views = self._slot_views[(slot, index)] = (
+                a_pool,
+                self.lora_b[index][slot],
+                self.lora_scale[index, slot],
+            )
+        a_pool, b_pool, scale_view = views  # (R, in), (out_i, R), ()
+        dirty = self.max_rank if written_rank is None else min(written_rank, self.max_rank)
         if a is None or b is None:
-            writes.zero += [a_pool, b_pool]
-            writes.scale(self.lora_scale[index, slot], 0.0)
+            if dirty > 0:
+                writes.zero += [a_pool[:dirty], b_pool[:, :dirty]]
+            writes.scale(scale_view, 0.0)
             return
         rank = a.shape[0]
         writes.copy(a_pool[:rank], a)
         writes.copy(b_pool[:, :rank], b)
-        if rank < self.max_rank:
-            writes.zero += [a_pool[rank:], b_pool[:, rank:]]
-        writes.scale(self.lora_scale[index, slot], scale)
+        if rank < dirty:
+            writes.zero += [a_pool[rank:dirty], b_pool[:, rank:dirty]]
+        writes.scale(scale_view, scale)
 
     def forward(self, x: torch.Tensor, lora: LoraSegments | None) -> torch.Tensor:
         y = self.base_forward(x)  # (T, out)

@@ -1,0 +1,77 @@
+"""A slot written again holds exactly what a load into an untouched slot would: a load writes only the
+ranks the slot's earlier loads may have touched (a rank-4 adapter in rank-64 pools is not 64 ranks of
+writes), and that must never leave a predecessor's factors behind, whatever the ranks, the projections
+adapted, or a load that failed halfway."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_plane.adapters.peft_reader import read_peft_adapter
+from tests.engine.conftest import make_engine
+
+
+def _weights(model, runner, name: str):
+    return read_peft_adapter(model.adapter_dirs[name], runner.model.config.spec, 64, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def fresh(tiny_llama):
+    """Each adapter's slot contents as loaded into a slot no load touched before."""
+    engine = make_engine(tiny_llama)
+    try:
+        runner = engine.runner
+        states = {}
+        for slot, name in enumerate(("r4_qv", "r8_all", "r16_rslora", "r64_all")):
+            runner.load_adapter(slot, _weights(tiny_llama, runner, name))
+            states[name] = runner.slot_contents(slot)
+        return states
+    finally:
+        engine.shutdown()
+
+
+def _assert_slot_is(runner, slot: int, expected: list[torch.Tensor]) -> None:
+    actual = runner.slot_contents(slot)
+    assert all(torch.equal(a, b) for a, b in zip(actual, expected, strict=True))
+
+
+@pytest.mark.parametrize(
+    "sequence",
+    [
+        ("r64_all", "r4_qv", "r16_rslora", "r8_all", "r64_all", "r4_qv"),
+        ("r4_qv", "r8_all", "r16_rslora", "r64_all", "r16_rslora", "r4_qv"),
+    ],
+)
+def test_each_load_leaves_the_slot_as_a_load_into_an_untouched_slot(tiny_llama, fresh, sequence):
+    engine = make_engine(tiny_llama)
+    try:
+        runner = engine.runner
+        for name in sequence:
+            runner.load_adapter(3, _weights(tiny_llama, runner, name))
+            _assert_slot_is(runner, 3, fresh[name])
+            assert runner.slot_ranks[3] == _weights(tiny_llama, runner, name).rank
+    finally:
+        engine.shutdown()
+
+
+def test_a_load_that_failed_halfway_is_cleaned_by_the_next_smaller_one(tiny_llama, fresh, monkeypatch):
+    """The rank-64 load's copies land, then the load fails; the rank-4 load after it must still zero the
+    ranks the failed one wrote."""
+    engine = make_engine(tiny_llama)
+    try:
+        runner = engine.runner
+        real_copy = torch._foreach_copy_
+
+        def copy_then_fail(dst, src):
+            real_copy(dst, src)
+            raise RuntimeError("injected: the load failed after its copies")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "_foreach_copy_", copy_then_fail)
+            with pytest.raises(RuntimeError, match="injected"):
+                runner.load_adapter(5, _weights(tiny_llama, runner, "r64_all"))
+        runner.load_adapter(5, _weights(tiny_llama, runner, "r4_qv"))
+        _assert_slot_is(runner, 5, fresh["r4_qv"])
+    finally:
+        engine.shutdown()

@@ -6,11 +6,16 @@ three quarters of such a read, so a directory whose files are unchanged since a 
 not validated again: `_validated` keeps the outcome by the files' identity (device, inode, size, modification
 and change times of each file, and the directory's listing), which any rewrite, replacement or added file
 changes. A refusal is never kept: a directory that failed is checked again in full on its next read.
+
+What is left of such a read, the tensors, is one read of the file's data section into the host buffer
+where the file stores its factors in the dtype the host copy keeps (`read_packed_adapter`): a tensor
+object and a copy per factor made it five times longer than that one read.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -18,15 +23,17 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from data_plane.adapters.host_buffer import HostAdapter, PackedFactors, pack
 from data_plane.adapters.weights import AdapterWeights, LoraFactors
 from data_plane.engine.errors import AdapterLoadError
-from openlora.adapter_format import AdapterFormatError, AdapterInfo, validate_adapter_dir
+from openlora.adapter_format import AdapterFormatError, AdapterInfo, TensorInfo, validate_adapter_dir
 from openlora.artifact import CONFIG_FILE, WEIGHTS_FILE
 from openlora.base_model import BaseModelSpec
 from openlora.exhaustion import exhausted_resource
 
 # Safetensors dtypes whose every value a float32 engine holds exactly.
 _EXACT_IN_FLOAT32 = {"F16": torch.float16, "BF16": torch.bfloat16}
+_TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 def open_weights(path: Path):
@@ -117,6 +124,68 @@ def _remember(key: tuple, info: AdapterInfo) -> None:
             _validated_tensors -= len(oldest.tensors)
 
 
+def _validated_or_refused(path: Path, spec: BaseModelSpec, max_rank: int) -> AdapterInfo:
+    try:
+        return validated_info(Path(path), spec, max_rank)
+    except AdapterFormatError as e:
+        raise AdapterLoadError(f"adapter.{e.field}", e.reason) from None
+    except OSError as e:
+        if exhausted_resource(e):  # the worker is overloaded (out of files, memory): not the adapter's fault
+            raise
+        raise AdapterLoadError("adapter", f"cannot read {Path(path).name!r}: {e.strerror}") from None
+
+
+def read_packed_adapter(
+    path: Path, spec: BaseModelSpec, max_rank: int, dtype: torch.dtype, pin_memory: bool = False
+) -> HostAdapter:
+    """`pack(read_peft_adapter(..., keep_exact_dtype=True))`, the host copy of one adapter, read the short
+    way where the file allows: when every factor is stored in the dtype the host copy keeps (an F16 or BF16
+    file under a float32 engine, a file in the engine's own dtype), the file's data section is read into
+    the host buffer in one read and the factors are views at their offsets, bit for bit what the tensor by
+    tensor read and pack give, without a tensor object and a copy per factor. Otherwise (a conversion, a
+    factor not aligned to its element size), that read and pack."""
+    info = _validated_or_refused(path, spec, max_rank)
+    dtype = host_dtype(info.dtype, dtype)
+    file_dtype = _TORCH_DTYPES.get(info.dtype)
+    element = torch.empty((), dtype=dtype).element_size()
+    if (
+        file_dtype != dtype
+        or not info.tensors
+        or any(t.dtype != info.dtype or t.begin % element for t in info.tensors)
+    ):
+        return pack(read_peft_adapter(path, spec, max_rank, dtype, keep_exact_dtype=True), pin_memory)
+    size = max(t.end for t in info.tensors)
+    data = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
+    weights_path = Path(path) / WEIGHTS_FILE
+    try:
+        with open(weights_path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + header_len)
+            got = f.readinto(memoryview(data.numpy()))
+    except (OSError, struct.error) as e:
+        if isinstance(e, OSError) and exhausted_resource(e):
+            raise
+        raise AdapterLoadError(f"adapter.{WEIGHTS_FILE}", f"cannot be read: {str(e)[:200]}") from None
+    if got != size:  # it changed since it was validated
+        raise AdapterLoadError(f"adapter.{WEIGHTS_FILE}", f"cannot be read: {got} of {size} data bytes")
+    pairs: dict[tuple[int, str], dict[str, TensorInfo]] = {}
+    for t in info.tensors:
+        pairs.setdefault((t.layer, t.module), {})[t.which] = t
+    layout = [
+        PackedFactors(
+            layer,
+            module,
+            ab["A"].begin // element,
+            tuple(ab["A"].shape),
+            ab["B"].begin // element,
+            tuple(ab["B"].shape),
+            info.scaling_of(layer, module),
+        )
+        for (layer, module), ab in sorted(pairs.items())
+    ]
+    return HostAdapter(data.view(dtype), info.rank, tuple(layout))
+
+
 def read_peft_adapter(
     path: Path, spec: BaseModelSpec, max_rank: int, dtype: torch.dtype, *, keep_exact_dtype: bool = False
 ) -> AdapterWeights:
@@ -126,14 +195,7 @@ def read_peft_adapter(
 
     Raises AdapterLoadError(field, reason) for anything refused (missing, malformed, another base model).
     """
-    try:
-        info = validated_info(Path(path), spec, max_rank)
-    except AdapterFormatError as e:
-        raise AdapterLoadError(f"adapter.{e.field}", e.reason) from None
-    except OSError as e:
-        if exhausted_resource(e):  # the worker is overloaded (out of files, memory): not the adapter's fault
-            raise
-        raise AdapterLoadError("adapter", f"cannot read {Path(path).name!r}: {e.strerror}") from None
+    info = _validated_or_refused(path, spec, max_rank)
     if keep_exact_dtype:
         dtype = host_dtype(info.dtype, dtype)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from data_plane.adapters.host_buffer import HostAdapter, pack
-from data_plane.adapters.peft_reader import host_dtype, read_peft_adapter
-from data_plane.adapters.weights import AdapterWeights, linear_mix
+from data_plane.adapters.peft_reader import host_dtype, read_packed_adapter, read_peft_adapter
+from data_plane.adapters.weights import linear_mix
 from data_plane.engine.intra_op import use_threads
 from data_plane.engine.request import AdapterRef
 from openlora.adapter_format import AdapterFormatError, read_safetensors_header
@@ -282,21 +282,23 @@ class AdapterLoader:
     def _read_packed(self, members: tuple[AdapterRef, ...]) -> HostAdapter:
         if self.read_delay_s:
             time.sleep(self.read_delay_s)
-        return pack(self._read(members), self._pin_memory)
+        return self._read(members)
 
     def estimate_host_bytes(self, members: tuple[AdapterRef, ...]) -> int | None:
         """`host_copy_bytes` for this engine's dtype."""
         return host_copy_bytes(members, self._dtype)
 
-    def _read(self, members: tuple[AdapterRef, ...]) -> AdapterWeights:
+    def _read(self, members: tuple[AdapterRef, ...]) -> HostAdapter:
+        """The host copy of `members`: one adapter's file read into its buffer (`read_packed_adapter`), a
+        mix computed from its members' factors and packed."""
         if is_plain(members):
-            return read_peft_adapter(
-                members[0].path, self._spec, self._max_rank, self._dtype, keep_exact_dtype=True
+            return read_packed_adapter(
+                members[0].path, self._spec, self._max_rank, self._dtype, self._pin_memory
             )
         parts = [
             (read_peft_adapter(m.path, self._spec, self._max_rank, self._dtype), m.weight) for m in members
         ]
-        return linear_mix(parts, self._max_rank)
+        return pack(linear_mix(parts, self._max_rank), self._pin_memory)
 
     def wait(self, timeout_s: float) -> None:
         """Blocks until some load finishes or `timeout_s` passes (for an engine with nothing else to do)."""

@@ -125,7 +125,7 @@ def test_a_local_copy_that_fails_to_load_is_retried_once_then_refused(system, tm
     adapter = _unique_adapter(system, tmp_path)
     sha = system.admin.push(adapter, "unreadable", tenant, BASE_MODEL)
     cache_key = system.private_cache_key(tenant, sha)
-    read = adapter_loader.read_peft_adapter
+    read = adapter_loader.read_packed_adapter  # how the loader reads one adapter
     refusing = [True]
 
     def refused_read(path, *args, **kwargs):
@@ -133,7 +133,7 @@ def test_a_local_copy_that_fails_to_load_is_retried_once_then_refused(system, tm
             raise AdapterLoadError("adapter.adapter_model.safetensors", "header is not valid JSON")
         return read(path, *args, **kwargs)
 
-    monkeypatch.setattr(adapter_loader, "read_peft_adapter", refused_read)
+    monkeypatch.setattr(adapter_loader, "read_packed_adapter", refused_read)
     codes = []
     for _ in range(2):
         with pytest.raises(grpc.RpcError) as failed:

@@ -135,6 +135,17 @@ def _validated_or_refused(path: Path, spec: BaseModelSpec, max_rank: int) -> Ada
         raise AdapterLoadError("adapter", f"cannot read {Path(path).name!r}: {e.strerror}") from None
 
 
+def _stat_key(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _file_stat(path: Path) -> tuple | None:
+    try:
+        return _stat_key(os.stat(path))
+    except OSError:
+        return None
+
+
 def read_packed_adapter(
     path: Path, spec: BaseModelSpec, max_rank: int, dtype: torch.dtype, pin_memory: bool = False
 ) -> HostAdapter:
@@ -143,7 +154,10 @@ def read_packed_adapter(
     file under a float32 engine, a file in the engine's own dtype), the file's data section is read into
     the host buffer in one read and the factors are views at their offsets, bit for bit what the tensor by
     tensor read and pack give, without a tensor object and a copy per factor. Otherwise (a conversion, a
-    factor not aligned to its element size), that read and pack."""
+    factor not aligned to its element size, or a file that is not the one validated), that read and pack.
+    """
+    weights_path = Path(path) / WEIGHTS_FILE
+    seen = _file_stat(weights_path)  # before the validation: the file read must be this very one
     info = _validated_or_refused(path, spec, max_rank)
     dtype = host_dtype(info.dtype, dtype)
     file_dtype = _TORCH_DTYPES.get(info.dtype)
@@ -156,17 +170,25 @@ def read_packed_adapter(
         return pack(read_peft_adapter(path, spec, max_rank, dtype, keep_exact_dtype=True), pin_memory)
     size = max(t.end for t in info.tensors)
     data = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
-    weights_path = Path(path) / WEIGHTS_FILE
     try:
         with open(weights_path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            f.seek(8 + header_len)
-            got = f.readinto(memoryview(data.numpy()))
-    except (OSError, struct.error) as e:
-        if isinstance(e, OSError) and exhausted_resource(e):
+            prefix = f.read(8)
+            header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+            opened = os.fstat(f.fileno())
+            # The validation's offsets hold for this file only if it is the one stat'ed before it and
+            # ends where they say; else (replaced or rewritten meanwhile) the by-name read reads it.
+            if seen is None or _stat_key(opened) != seen or opened.st_size != 8 + header_len + size:
+                got = None
+            else:
+                f.seek(8 + header_len)
+                got = f.readinto(memoryview(data.numpy()))
+    except OSError as e:
+        if exhausted_resource(e):
             raise
         raise AdapterLoadError(f"adapter.{WEIGHTS_FILE}", f"cannot be read: {str(e)[:200]}") from None
-    if got != size:  # it changed since it was validated
+    if got is None:
+        return pack(read_peft_adapter(path, spec, max_rank, dtype, keep_exact_dtype=True), pin_memory)
+    if got != size:  # it shrank while it was read
         raise AdapterLoadError(f"adapter.{WEIGHTS_FILE}", f"cannot be read: {got} of {size} data bytes")
     pairs: dict[tuple[int, str], dict[str, TensorInfo]] = {}
     for t in info.tensors:

@@ -5,6 +5,7 @@ validation saw."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -107,3 +108,54 @@ def test_a_file_shorter_than_its_validated_header_says_is_refused_naming_the_fil
     with pytest.raises(AdapterLoadError) as refused:
         read_packed_adapter(cut, spec, 64, torch.float32)
     assert refused.value.field == f"adapter.{WEIGHTS_FILE}"
+
+
+def _reordered(data: bytes) -> bytes:
+    """The same tensors, stored in the reverse order of their names (a valid file, other offsets)."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    names = sorted((n for n in header if n != "__metadata__"), reverse=True)
+    body, offset, new_header = b"", 0, {k: v for k, v in header.items() if k == "__metadata__"}
+    for name in names:
+        begin, end = header[name]["data_offsets"]
+        chunk = data[8 + header_len + begin : 8 + header_len + end]
+        new_header[name] = {**header[name], "data_offsets": [offset, offset + len(chunk)]}
+        body, offset = body + chunk, offset + len(chunk)
+    raw = json.dumps(new_header).encode()
+    return len(raw).to_bytes(8, "little") + raw + body
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        pytest.param(lambda data: data + b"\0" * 64, id="bytes-appended"),
+        pytest.param(lambda data: (1 << 63).to_bytes(8, "little") + data[8:], id="header-length-huge"),
+        pytest.param(_reordered, id="tensors-reordered"),
+    ],
+)
+def test_a_file_rewritten_after_its_validation_is_read_as_the_by_name_read_reads_it(
+    files, spec, tmp_path, monkeypatch, rewrite
+):
+    """The validation's offsets are used only for the file it saw: one rewritten between the validation
+    and the read is refused, or read by tensor name, exactly as the tensor by tensor read does."""
+    directory = tmp_path / "rewritten"
+    shutil.copytree(files["r8_all"], directory)
+    weights = directory / WEIGHTS_FILE
+    validate = peft_reader.validated_info
+
+    def validate_then_rewrite(path, spec, max_rank):
+        info = validate(path, spec, max_rank)
+        weights.write_bytes(rewrite(weights.read_bytes()))
+        return info
+
+    monkeypatch.setattr(peft_reader, "validated_info", validate_then_rewrite)
+    try:
+        host = read_packed_adapter(directory, spec, 64, torch.float32)
+    except AdapterLoadError as refused:
+        monkeypatch.undo()
+        with pytest.raises(AdapterLoadError) as by_tensor:
+            read_peft_adapter(directory, spec, 64, torch.float32, keep_exact_dtype=True)
+        assert refused.field == by_tensor.value.field
+        return
+    monkeypatch.undo()
+    _same(host, pack(read_peft_adapter(directory, spec, 64, torch.float32, keep_exact_dtype=True), False))

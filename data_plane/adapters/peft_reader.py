@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from data_plane.adapters.host_buffer import HostAdapter, PackedFactors, pack
 from data_plane.adapters.weights import AdapterWeights, LoraFactors
 from data_plane.engine.errors import AdapterLoadError
+from data_plane.model.shard_reader import TORCH_DTYPES
 from openlora.adapter_format import AdapterFormatError, AdapterInfo, TensorInfo, validate_adapter_dir
 from openlora.artifact import CONFIG_FILE, WEIGHTS_FILE
 from openlora.base_model import BaseModelSpec
@@ -33,7 +34,6 @@ from openlora.exhaustion import exhausted_resource
 
 # Safetensors dtypes whose every value a float32 engine holds exactly.
 _EXACT_IN_FLOAT32 = {"F16": torch.float16, "BF16": torch.bfloat16}
-_TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 def open_weights(path: Path):
@@ -159,35 +159,40 @@ def read_packed_adapter(
     weights_path = Path(path) / WEIGHTS_FILE
     seen = _file_stat(weights_path)  # before the validation: the file read must be this very one
     info = _validated_or_refused(path, spec, max_rank)
-    dtype = host_dtype(info.dtype, dtype)
-    file_dtype = _TORCH_DTYPES.get(info.dtype)
+    host = _read_in_one(weights_path, info, seen, host_dtype(info.dtype, dtype), pin_memory)
+    if host is None:
+        host = pack(read_peft_adapter(path, spec, max_rank, dtype, keep_exact_dtype=True), pin_memory)
+    return host
+
+
+def _read_in_one(
+    weights_path: Path, info: AdapterInfo, seen: tuple | None, dtype: torch.dtype, pin_memory: bool
+) -> HostAdapter | None:
+    """The host copy in `dtype` of the validated file `weights_path` (`info`), its data section read in one
+    read; None where that does not apply (factors stored in another dtype or unaligned, or the file not
+    the one stat'ed as `seen` before the validation, or not ending where the validated offsets say)."""
     element = torch.empty((), dtype=dtype).element_size()
     if (
-        file_dtype != dtype
+        TORCH_DTYPES.get(info.dtype) != dtype
         or not info.tensors
         or any(t.dtype != info.dtype or t.begin % element for t in info.tensors)
     ):
-        return pack(read_peft_adapter(path, spec, max_rank, dtype, keep_exact_dtype=True), pin_memory)
+        return None
     size = max(t.end for t in info.tensors)
-    data = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
     try:
         with open(weights_path, "rb") as f:
             prefix = f.read(8)
             header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
             opened = os.fstat(f.fileno())
-            # The validation's offsets hold for this file only if it is the one stat'ed before it and
-            # ends where they say; else (replaced or rewritten meanwhile) the by-name read reads it.
             if seen is None or _stat_key(opened) != seen or opened.st_size != 8 + header_len + size:
-                got = None
-            else:
-                f.seek(8 + header_len)
-                got = f.readinto(memoryview(data.numpy()))
+                return None  # replaced or rewritten since: the by-name read validates and reads it
+            data = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
+            f.seek(8 + header_len)
+            got = f.readinto(memoryview(data.numpy()))
     except OSError as e:
         if exhausted_resource(e):
             raise
         raise AdapterLoadError(f"adapter.{WEIGHTS_FILE}", f"cannot be read: {str(e)[:200]}") from None
-    if got is None:
-        return pack(read_peft_adapter(path, spec, max_rank, dtype, keep_exact_dtype=True), pin_memory)
     if got != size:  # it shrank while it was read
         raise AdapterLoadError(f"adapter.{WEIGHTS_FILE}", f"cannot be read: {got} of {size} data bytes")
     pairs: dict[tuple[int, str], dict[str, TensorInfo]] = {}

@@ -24,7 +24,7 @@ from openlora.safe_json import JsonFieldError, load_json_object
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 _HEADER_DEPTH = 3  # {name: {"shape": [...]}}
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class ShardError(ValueError):
@@ -65,7 +65,7 @@ def read_entries(path: Path) -> tuple[list[TensorEntry], int]:
         if not isinstance(entry, dict):
             raise ShardError(f"tensor {name!r}: malformed header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _DTYPES:
+        if dtype not in TORCH_DTYPES:
             raise ShardError(
                 f"tensor {name!r}: dtype {str(dtype)[:16]!r} is not served (F32, F16 or BF16 only)"
             )
@@ -81,9 +81,9 @@ def read_entries(path: Path) -> tuple[list[TensorEntry], int]:
         numel = 1
         for d in shape:
             numel *= d
-        if not 0 <= begin <= end <= data_bytes or end - begin != numel * _DTYPES[dtype].itemsize:
+        if not 0 <= begin <= end <= data_bytes or end - begin != numel * TORCH_DTYPES[dtype].itemsize:
             raise ShardError(f"tensor {name!r}: data_offsets do not match its shape or the file size")
-        entries.append(TensorEntry(name, _DTYPES[dtype], tuple(shape), begin, end))
+        entries.append(TensorEntry(name, TORCH_DTYPES[dtype], tuple(shape), begin, end))
     entries.sort(key=lambda e: e.begin)
     return entries, 8 + header_len
 

@@ -75,3 +75,22 @@ def test_a_load_that_failed_halfway_is_cleaned_by_the_next_smaller_one(tiny_llam
         _assert_slot_is(runner, 5, fresh["r4_qv"])
     finally:
         engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_each_install_from_host_leaves_the_slot_as_a_load_into_an_untouched_slot(tiny_llama, fresh):
+    """The CUDA path: a pinned host copy staged on the load stream, then the device-side slot writes with
+    the slot's high-water rank (run by benchmarks/gpu_check.sh)."""
+    from data_plane.adapters.host_buffer import pack
+
+    engine = make_engine(tiny_llama, device="cuda")
+    try:
+        runner = engine.runner
+        for name in ("r64_all", "r4_qv", "r16_rslora", "r8_all", "r64_all", "r4_qv", "r8_all"):
+            runner.install_from_host(3, pack(_weights(tiny_llama, runner, name), pin_memory=True))
+            torch.cuda.synchronize()
+            actual = [t.cpu() for t in runner.slot_contents(3)]
+            assert all(torch.equal(a, b) for a, b in zip(actual, fresh[name], strict=True)), name
+    finally:
+        engine.shutdown()

@@ -159,3 +159,16 @@ def test_a_file_rewritten_after_its_validation_is_read_as_the_by_name_read_reads
         return
     monkeypatch.undo()
     _same(host, pack(read_peft_adapter(directory, spec, 64, torch.float32, keep_exact_dtype=True), False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("name", "dtype", "one_read"), CASES)
+def test_on_cuda_the_pinned_host_copy_is_the_one_read_and_pack_make(files, spec, name, dtype, one_read):
+    """The worker on CUDA keeps its host copies pinned: the one read fills a pinned buffer (run by
+    benchmarks/gpu_check.sh)."""
+    path = files[name]
+    expected = pack(read_peft_adapter(path, spec, 64, dtype, keep_exact_dtype=True), pin_memory=False)
+    host = read_packed_adapter(path, spec, 64, dtype, pin_memory=True)
+    assert host.buffer.is_pinned()
+    _same(host, expected)

@@ -36,6 +36,15 @@ class HostAdapter:
     def size_bytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
+    @property
+    def shape_signature(self) -> tuple:
+        """Where each factor lies in the buffer and its shape (not its scale), with the buffer's dtype:
+        adapters of the same signature have views at the same places of a buffer."""
+        return (
+            self.buffer.dtype,
+            *((p.layer, p.projection, p.a_offset, p.a_shape, p.b_offset, p.b_shape) for p in self.layout),
+        )
+
 
 def pack(weights: AdapterWeights, pin_memory: bool) -> HostAdapter:
     """Copies every factor of `weights` into one flat buffer (pinned when `pin_memory`)."""

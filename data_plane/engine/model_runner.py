@@ -9,13 +9,15 @@ next forward that reads the slot waits for the event recorded after its load. On
 from __future__ import annotations
 
 import itertools
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
 
 import openlora_kernels as kernels
 from data_plane.adapters.host_buffer import HostAdapter, unpack
-from data_plane.adapters.weights import AdapterWeights
+from data_plane.adapters.weights import AdapterWeights, LoraFactors
 from data_plane.engine.sequence import Sequence
 from data_plane.model.llama import LlamaForCausalLM
 from data_plane.model.lora_linear import SlotWrites
@@ -136,6 +138,14 @@ class ModelRunner:
         # last write (written by the loader thread before the load is reported done).
         self._slot_read_events: list[torch.cuda.Event | None] = [None] * num_adapter_slots
         self._slot_write_events: list[torch.cuda.Event | None] = [None] * num_adapter_slots
+        # Recorded slot writes by (slot, rank written before, factor ranks); CUDA: the staging buffer of
+        # each host dtype and its views per adapter layout. Bounded, least recently used out first.
+        self._max_slot_plans = 8 * num_adapter_slots
+        self._slot_plans: OrderedDict[tuple, SlotWrites] = OrderedDict()
+        self._slot_plans_lock = threading.Lock()
+        self._staging: dict[torch.dtype, torch.Tensor] = {}
+        self._staging_views: dict[torch.dtype, OrderedDict[tuple, tuple]] = {}
+        self._staging_lock = threading.Lock()
         self._int64 = StepStaging(torch.int64, self.device, 4 * max_num_batched_tokens)
         self._int32 = StepStaging(torch.int32, self.device, 2 * max_num_seqs + 1)
 
@@ -150,26 +160,39 @@ class ModelRunner:
         gate and up); absent ones are cleared. Ranks at or past what the slot's earlier loads wrote are
         zero already and are not written again: a rank-16 adapter in rank-64 pools writes its 16 ranks
         (and zeroes what a larger predecessor left), not all 64."""
+        ranks = {key: factors.a.shape[0] for key, factors in weights.factors.items()}
+        rank = max(ranks.values(), default=0)
         written = self._slot_written_ranks[slot]
-        rank = max((f.a.shape[0] for f in weights.factors.values()), default=0)
         # Raised before the writes: should they fail halfway, the next load still zeroes what they wrote.
         self._slot_written_ranks[slot] = max(written, rank)
-        writes = SlotWrites()
+        self._slot_plan(slot, written, ranks).apply(weights.factors)
+        self._slot_written_ranks[slot] = rank
+        self.slot_ranks[slot] = weights.rank
+        self.slot_targets[slot] = frozenset(name for _, name in weights.factors)
+
+    def _slot_plan(self, slot: int, written: int, ranks: dict[tuple[int, str], int]) -> SlotWrites:
+        """The writes of a load of these factor ranks into `slot` when its earlier loads wrote up to rank
+        `written`, recorded once and kept (least recently used first out): a worker's adapters mostly
+        share a few shapes, so a load replays a record instead of making its views again."""
+        key = (slot, written, tuple(sorted(ranks.items())))
+        with self._slot_plans_lock:
+            plan = self._slot_plans.get(key)
+            if plan is not None:
+                self._slot_plans.move_to_end(key)
+                return plan
+        plan = SlotWrites()
         for layer in range(len(self.model.model.layers)):
             targets = self.model.lora_targets(layer)
             for name in PROJECTIONS:
                 module, index = targets[name]
-                factors = weights.factors.get((layer, name))
-                if factors is None:
-                    module.slot_writes(writes, slot, None, None, 0.0, index, written_rank=written)
-                else:
-                    module.slot_writes(
-                        writes, slot, factors.a, factors.b, factors.scale, index, written_rank=written
-                    )
-        writes.apply()
-        self._slot_written_ranks[slot] = rank
-        self.slot_ranks[slot] = weights.rank
-        self.slot_targets[slot] = frozenset(name for _, name in weights.factors)
+                rank = ranks.get((layer, name))
+                factor_key = None if rank is None else (layer, name)
+                module.slot_writes(plan, slot, factor_key, rank or 0, index, written_rank=written)
+        with self._slot_plans_lock:
+            self._slot_plans[key] = plan
+            while len(self._slot_plans) > self._max_slot_plans:
+                self._slot_plans.popitem(last=False)
+        return plan
 
     def slot_contents(self, slot: int) -> list[torch.Tensor]:
         """Copies of every pool entry and scale of `slot`, in every layer and projection (for checks)."""
@@ -181,24 +204,53 @@ class ModelRunner:
         return contents
 
     def install_from_host(self, slot: int, host: HostAdapter) -> None:
-        """Copies a packed adapter into `slot`: on CUDA one host-to-device copy of its buffer on the load
-        stream, then device-side copies into the pools; returns once the slot is written. Called from the
-        loader thread: the slot is reserved (LOADING), so no step launched from now on reads it; one
-        launched before may still run on the device, and the copy waits for it."""
+        """Copies a packed adapter into `slot`: on CUDA one host-to-device copy of its buffer into a staging
+        buffer on the load stream, then device-side copies into the pools; returns once the slot is
+        written. Called from the loader thread: the slot is reserved (LOADING), so no step launched from
+        now on reads it; one launched before may still run on the device, and the copy waits for it."""
         if self._load_stream is None:
             self.load_adapter(slot, unpack(host))
             return
         stream = self._load_stream
-        with torch.cuda.stream(stream):
+        with self._staging_lock, torch.cuda.stream(stream):
             last_read = self._slot_read_events[slot]
             if last_read is not None:
                 stream.wait_event(last_read)  # the forward reading the adapter we overwrite ends first
-            staging = host.buffer.to(self.device, non_blocking=True)  # (num_elements,)
-            self.load_adapter(slot, unpack(host, staging))
+            self.load_adapter(slot, self._staged(host))
             written = torch.cuda.Event()
             written.record(stream)
-        self._slot_write_events[slot] = written
-        stream.synchronize()  # the staging and host buffers are not used past this point
+            self._slot_write_events[slot] = written
+            stream.synchronize()  # the staging and host buffers are not used past this point
+
+    def _staged(self, host: HostAdapter) -> AdapterWeights:
+        """`host` copied (on the current stream) into the device staging buffer of its dtype, as views:
+        the buffer is kept and grows to the largest adapter, and its views are made once per layout."""
+        buffer, dtype, size = host.buffer, host.buffer.dtype, host.buffer.numel()
+        staging = self._staging.get(dtype)
+        if staging is None or staging.numel() < size:
+            staging = self._staging[dtype] = torch.empty(size, dtype=dtype, device=self.device)
+            self._staging_views[dtype] = OrderedDict()
+        views_by_layout = self._staging_views[dtype]
+        signature = host.shape_signature
+        views = views_by_layout.get(signature)
+        if views is None:
+            flat = staging[:size]
+            views = views_by_layout[signature] = (flat, unpack(host, flat).factors)
+            while len(views_by_layout) > self._max_slot_plans:
+                views_by_layout.popitem(last=False)
+        else:
+            views_by_layout.move_to_end(signature)
+        flat, factors = views
+        flat.copy_(buffer, non_blocking=True)
+        return AdapterWeights(
+            rank=host.rank,
+            factors={
+                (p.layer, p.projection): LoraFactors(
+                    factors[(p.layer, p.projection)].a, factors[(p.layer, p.projection)].b, p.scale
+                )
+                for p in host.layout
+            },
+        )
 
     @torch.inference_mode()
     def clear_blocks(self, block_ids: list[int]) -> None:

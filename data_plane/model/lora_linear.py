@@ -4,7 +4,8 @@ applied through SGMV."""
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
+from collections.abc import Hashable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -18,34 +19,46 @@ if TYPE_CHECKING:
     from data_plane.model.quant.native import LoraPools, NativeKernels
 
 
+class _Factors(NamedTuple):
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+
 class SlotWrites:
-    """The copies, zero fills and scales of loading slots, applied together: a few batched (foreach) calls
-    instead of several small operations per projection and layer, which a loader thread competing with
-    the step for the interpreter paid for one by one."""
+    """The copies, zero fills and scales of loading one slot, recorded once and applied as a few batched
+    (foreach) calls. The record names each copy's source by its factor's key and holds the destination
+    views, so a load of the same shapes into the same slot replays it: no view is made per load. Each
+    torch call of a loader thread gives up the interpreter and waits to take it back from the engine
+    thread, whose step on a GPU is nearly all Python; what a load costs there is the number of its calls,
+    so a replay makes five."""
 
     def __init__(self) -> None:
         self.zero: list[torch.Tensor] = []
         self._dst: list[torch.Tensor] = []
-        self._src: list[torch.Tensor] = []
+        self._sources: list[tuple[Hashable, bool]] = []  # (factor key, True for B) of each destination
         self._scale_views: list[torch.Tensor] = []
-        self._scales: list[float] = []
+        self._scale_keys: list[Hashable | None] = []  # None: the slice is left alone (scale 0)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def copy(self, dst: torch.Tensor, key: Hashable, is_b: bool) -> None:
         self._dst.append(dst)
-        self._src.append(src)
+        self._sources.append((key, is_b))
 
-    def scale(self, view: torch.Tensor, value: float) -> None:
+    def scale(self, view: torch.Tensor, key: Hashable | None) -> None:
         self._scale_views.append(view)
-        self._scales.append(float(value))
+        self._scale_keys.append(key)
 
-    def apply(self) -> None:
+    def apply(self, factors: Mapping[Hashable, Any]) -> None:
+        """Writes `factors` (key -> an object with `a`, `b` and `scale`, as recorded) into the slot."""
         if self.zero:
             torch._foreach_zero_(self.zero)
         if self._dst:
-            torch._foreach_copy_(self._dst, self._src)
+            src = [factors[key].b if is_b else factors[key].a for key, is_b in self._sources]
+            torch._foreach_copy_(self._dst, src)
         if self._scale_views:  # a 0-d view each: zeroed, then its scale added (exactly the scale)
+            scales = [0.0 if key is None else float(factors[key].scale) for key in self._scale_keys]
             torch._foreach_zero_(self._scale_views)
-            torch._foreach_add_(self._scale_views, self._scales)
+            torch._foreach_add_(self._scale_views, scales)
 
 
 class LoRALinear(nn.Module):
@@ -133,23 +146,24 @@ class LoRALinear(nn.Module):
         """Copies A (r, in) and B (out_i, r) of slice `index` into `slot`; None leaves that slice without
         LoRA."""
         writes = SlotWrites()
-        self.slot_writes(writes, slot, a, b, scale, index)
-        writes.apply()
+        present = a is not None and b is not None
+        self.slot_writes(writes, slot, "slice" if present else None, a.shape[0] if present else 0, index)
+        writes.apply({"slice": _Factors(a, b, scale)} if present else {})
 
     def slot_writes(
         self,
         writes: SlotWrites,
         slot: int,
-        a: torch.Tensor | None,
-        b: torch.Tensor | None,
-        scale: float,
+        key: Hashable | None,
+        rank: int,
         index: int = 0,
         written_rank: int | None = None,
     ) -> None:
-        """Adds to `writes` what `load_slot` does: A into the slot's first r rank rows of slice `index`, B
-        into its first r columns, the rest of the slot's ranks zeroed (scale 0 and zero factors when
-        `a` or `b` is None). `written_rank`: the slot holds zeros from that rank on already (what its
-        earlier loads wrote stops there), so only the ranks before it are zeroed (None: every rank)."""
+        """Records in `writes` what `load_slot` does: the A of factor `key` into the slot's first `rank`
+        rank rows of slice `index`, its B into the first `rank` columns, the rest of the slot's ranks
+        zeroed (scale 0 and zero factors when `key` is None). `written_rank`: the slot holds zeros from
+        that rank on already (what its earlier loads wrote stops there), so only the ranks before it are
+        zeroed (None: every rank)."""
         views = self._slot_views.get((slot, index))
         if views is None:
             assert self.lora_a is not None and self.lora_scale is not None
@@ -161,17 +175,16 @@ class LoRALinear(nn.Module):
             )
         a_pool, b_pool, scale_view = views  # (R, in), (out_i, R), ()
         dirty = self.max_rank if written_rank is None else min(written_rank, self.max_rank)
-        if a is None or b is None:
+        if key is None:
             if dirty > 0:
                 writes.zero += [a_pool[:dirty], b_pool[:, :dirty]]
-            writes.scale(scale_view, 0.0)
+            writes.scale(scale_view, None)
             return
-        rank = a.shape[0]
-        writes.copy(a_pool[:rank], a)
-        writes.copy(b_pool[:, :rank], b)
+        writes.copy(a_pool[:rank], key, is_b=False)
+        writes.copy(b_pool[:, :rank], key, is_b=True)
         if rank < dirty:
             writes.zero += [a_pool[rank:dirty], b_pool[:, rank:dirty]]
-        writes.scale(scale_view, scale)
+        writes.scale(scale_view, key)
 
     def forward(self, x: torch.Tensor, lora: LoraSegments | None) -> torch.Tensor:
         y = self.base_forward(x)  # (T, out)

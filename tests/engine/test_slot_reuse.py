@@ -8,11 +8,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_plane.adapters.host_buffer import pack
 from data_plane.adapters.peft_reader import read_peft_adapter
+from data_plane.adapters.weights import AdapterWeights, LoraFactors
 from tests.engine.conftest import make_engine
 
 
 def _weights(model, runner, name: str):
+    if name.endswith("_x3"):  # the same shapes, other values and scales: a load replays the record
+        weights = _weights(model, runner, name.removesuffix("_x3"))
+        return AdapterWeights(
+            weights.rank,
+            {k: LoraFactors(f.a * 3.0, f.b * -2.0, f.scale / 3.0) for k, f in weights.factors.items()},
+        )
     return read_peft_adapter(model.adapter_dirs[name], runner.model.config.spec, 64, torch.float32)
 
 
@@ -23,7 +31,7 @@ def fresh(tiny_llama):
     try:
         runner = engine.runner
         states = {}
-        for slot, name in enumerate(("r4_qv", "r8_all", "r16_rslora", "r64_all")):
+        for slot, name in enumerate(("r4_qv", "r8_all", "r16_rslora", "r64_all", "r8_all_x3")):
             runner.load_adapter(slot, _weights(tiny_llama, runner, name))
             states[name] = runner.slot_contents(slot)
         return states
@@ -41,6 +49,7 @@ def _assert_slot_is(runner, slot: int, expected: list[torch.Tensor]) -> None:
     [
         ("r64_all", "r4_qv", "r16_rslora", "r8_all", "r64_all", "r4_qv"),
         ("r4_qv", "r8_all", "r16_rslora", "r64_all", "r16_rslora", "r4_qv"),
+        ("r8_all", "r8_all_x3", "r8_all", "r8_all_x3", "r4_qv", "r8_all_x3"),
     ],
 )
 def test_each_load_leaves_the_slot_as_a_load_into_an_untouched_slot(tiny_llama, fresh, sequence):
@@ -51,6 +60,20 @@ def test_each_load_leaves_the_slot_as_a_load_into_an_untouched_slot(tiny_llama, 
             runner.load_adapter(3, _weights(tiny_llama, runner, name))
             _assert_slot_is(runner, 3, fresh[name])
             assert runner.slot_ranks[3] == _weights(tiny_llama, runner, name).rank
+    finally:
+        engine.shutdown()
+
+
+def test_a_recorded_load_replayed_writes_the_new_adapters_factors_and_scales(tiny_llama, fresh):
+    """The second load of the same shapes (and the same rank written before) into a slot replays the
+    first one's record: the record must hold where to write, never what."""
+    engine = make_engine(tiny_llama)
+    try:
+        runner = engine.runner
+        for name in ("r8_all", "r8_all_x3", "r8_all", "r8_all_x3", "r8_all"):
+            runner.install_from_host(2, pack(_weights(tiny_llama, runner, name), pin_memory=False))
+            _assert_slot_is(runner, 2, fresh[name])
+        assert len(runner._slot_plans) == 2  # (untouched slot, rank-8 shapes), (rank 8 written, the same)
     finally:
         engine.shutdown()
 
@@ -82,12 +105,21 @@ def test_a_load_that_failed_halfway_is_cleaned_by_the_next_smaller_one(tiny_llam
 def test_on_cuda_each_install_from_host_leaves_the_slot_as_a_load_into_an_untouched_slot(tiny_llama, fresh):
     """The CUDA path: a pinned host copy staged on the load stream, then the device-side slot writes with
     the slot's high-water rank (run by benchmarks/gpu_check.sh)."""
-    from data_plane.adapters.host_buffer import pack
-
     engine = make_engine(tiny_llama, device="cuda")
     try:
         runner = engine.runner
-        for name in ("r64_all", "r4_qv", "r16_rslora", "r8_all", "r64_all", "r4_qv", "r8_all"):
+        names = (
+            "r64_all",
+            "r4_qv",
+            "r16_rslora",
+            "r8_all",
+            "r8_all_x3",
+            "r64_all",
+            "r4_qv",
+            "r8_all",
+            "r8_all_x3",
+        )
+        for name in names:
             runner.install_from_host(3, pack(_weights(tiny_llama, runner, name), pin_memory=True))
             torch.cuda.synchronize()
             actual = [t.cpu() for t in runner.slot_contents(3)]

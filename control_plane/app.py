@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.artifacts.lock import lock_artifact
@@ -24,6 +25,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.db.base import utc_now
 from control_plane.errors import (
     Cancelled,
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -449,6 +451,34 @@ class ControlPlane:
             refusal = reservation.reserve_request_id(s, tenant_id, request_id, worker_id, ttl_ms)
         if refusal is not None:
             raise refusal
+
+    def reserve_request_ids(self, entries: list[tuple[str, str, str, int]]) -> list[DomainError | None]:
+        """reserve_request_id for each (tenant id, request id, worker id, ttl ms), in order, in one
+        transaction: each entry's refusal (AlreadyExists, or the InvalidArgument its check raised before
+        any statement), or None where it was reserved. Should the database refuse a statement of the
+        batch, each entry is answered again in a transaction of its own, so that one entry's bad value
+        costs the others nothing."""
+        try:
+            with self.sessions.begin() as s:
+                return [self._reserve_one(s, *entry) for entry in entries]
+        except DataError:
+            outcomes: list[DomainError | None] = []
+            for entry in entries:
+                try:
+                    with self.sessions.begin() as s:
+                        outcomes.append(self._reserve_one(s, *entry))
+                except DataError:
+                    outcomes.append(InvalidArgument("a value is too long or out of range for its field"))
+            return outcomes
+
+    @staticmethod
+    def _reserve_one(
+        s: Session, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int
+    ) -> DomainError | None:
+        try:
+            return reservation.reserve_request_id(s, tenant_id, request_id, worker_id, ttl_ms)
+        except InvalidArgument as error:  # the checks come before any statement: nothing to undo
+            return error
 
     def release_request_id(self, tenant_id: str, request_id: str, worker_id: str) -> bool:
         with self.sessions.begin() as s:

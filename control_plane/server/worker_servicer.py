@@ -6,10 +6,15 @@ import asyncio
 
 from control_plane import metrics
 from control_plane.app import ControlPlane
+from control_plane.errors import InvalidArgument
 from control_plane.registry import catalog
 from control_plane.server import convert, mix_convert
 from control_plane.server.auth import bearer_token
+from control_plane.server.interceptor import status_of
 from openlora.v1 import worker_pb2, worker_pb2_grpc
+
+# ReserveRequestIds: the entries of one call (one transaction).
+MAX_RESERVATIONS_PER_CALL = 256
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -104,6 +109,29 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             request.ttl_ms,
         )
         return worker_pb2.ReserveRequestIdResponse()
+
+    async def ReserveRequestIds(self, request, context):
+        """ReserveRequestId for each entry, in one transaction; each entry's outcome in order."""
+        self.app.check_worker_token(bearer_token(context))
+        if len(request.entries) > MAX_RESERVATIONS_PER_CALL:
+            raise InvalidArgument(
+                f"{len(request.entries)} entries; at most {MAX_RESERVATIONS_PER_CALL} per call",
+                field="entries",
+            )
+        refusals = await asyncio.to_thread(
+            self.app.reserve_request_ids,
+            [(e.tenant_id, e.request_id, e.worker_id, e.ttl_ms) for e in request.entries],
+        )
+        outcomes = []
+        for refusal in refusals:
+            if refusal is None:
+                outcomes.append(worker_pb2.RequestIdOutcome())
+                continue
+            code, message = status_of(refusal)
+            outcomes.append(
+                worker_pb2.RequestIdOutcome(code=code.value[0], message=message, field=refusal.field or "")
+            )
+        return worker_pb2.ReserveRequestIdsResponse(outcomes=outcomes)
 
     async def ReleaseRequestId(self, request, context):
         """Removes this worker's reservation of the id (its stream delivered nothing)."""

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # Entries per ListModels call (the control plane's largest page).
 LIST_MODELS_PAGE_SIZE = 1000
+# Reservations per ReserveRequestIds call (the control plane takes up to 256).
+MAX_RESERVATIONS_PER_CALL = 128
 
 _PASS_THROUGH = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -237,10 +239,19 @@ class ControlPlaneClient:
         self.outage_answers = 0
         # False after a control plane answered UNIMPLEMENTED to ReserveRequestId (an older one).
         self._can_reserve = True
+        # Reservations waiting for the next ReserveRequestIds call, and the task sending them; False after
+        # a control plane answered UNIMPLEMENTED to it (one ReserveRequestId per stream then).
+        self._reservations_waiting: list[tuple[worker_pb2.ReserveRequestIdRequest, asyncio.Future]] = []
+        self._reserving: asyncio.Task | None = None
+        self._can_batch_reserve = True
         # How the base model is held (weight_format, bits per weight, resident bytes): sent with heartbeats.
         self._base_weights: dict[str, object] = {}
 
     async def close(self) -> None:
+        if self._reserving is not None and not self._reserving.done():
+            self._reserving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reserving
         await self._channel.close()
 
     async def register(
@@ -592,20 +603,80 @@ class ControlPlaneClient:
         """Reserves the tenant's client request id for this worker's stream, atomically across workers.
         Raises ControlPlaneError: ALREADY_EXISTS when it was billed or another worker serves it now;
         UNAVAILABLE when the control plane (or its database) cannot answer. Never cached: the answer
-        changes as soon as a request under that id is billed. Against a control plane that predates
-        reservations, only the billed check (CheckRequestId) is made."""
+        changes as soon as a request under that id is billed. The reservations asked for while one call
+        is under way go together in the next (ReserveRequestIds: one call and one transaction for a burst
+        of streams, not one each). Against a control plane that predates batches, one ReserveRequestId
+        each; against one that predates reservations, only the billed check (CheckRequestId)."""
         if not self._can_reserve:
             await self.check_request_id(tenant_id, request_id)
             return
         request = worker_pb2.ReserveRequestIdRequest(
             tenant_id=tenant_id, request_id=request_id, worker_id=worker_id, ttl_ms=ttl_ms
         )
+        if not self._can_batch_reserve:
+            await self._reserve_one(request)
+            return
+        answer = asyncio.get_running_loop().create_future()
+        self._reservations_waiting.append((request, answer))
+        if self._reserving is None or self._reserving.done():
+            self._reserving = asyncio.create_task(self._send_reservations())
+        await answer
+
+    async def _send_reservations(self) -> None:
+        """Sends the waiting reservations, MAX_RESERVATIONS_PER_CALL per call, until none waits."""
+        while self._reservations_waiting:
+            batch = self._reservations_waiting[:MAX_RESERVATIONS_PER_CALL]
+            del self._reservations_waiting[:MAX_RESERVATIONS_PER_CALL]
+            try:
+                response = await self._stub.ReserveRequestIds(
+                    worker_pb2.ReserveRequestIdsRequest(entries=[request for request, _ in batch]),
+                    metadata=self._metadata,
+                    timeout=AUTHORIZE_TIMEOUT_S,
+                )
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._can_batch_reserve = False  # an older control plane: one call each from now on
+                    for request, answer in batch:
+                        _settle(answer, self._reserve_one(request))
+                    continue
+                failure = ControlPlaneError.from_rpc(error, "ReserveRequestIds")
+                for _, answer in batch:
+                    if not answer.done():
+                        answer.set_exception(failure)
+                continue
+            except BaseException as error:  # cancelled (the client closing): no answer is left hanging
+                for _, answer in batch + self._reservations_waiting:
+                    if not answer.done():
+                        answer.set_exception(
+                            ControlPlaneError(grpc.StatusCode.UNAVAILABLE, str(error) or "closed")
+                        )
+                self._reservations_waiting.clear()
+                raise
+            outcomes = list(response.outcomes)
+            if len(outcomes) != len(batch):
+                outcomes = [None] * len(batch)  # not an answer per entry: every entry unanswered
+            for (_, answer), outcome in zip(batch, outcomes, strict=True):
+                if answer.done():
+                    continue
+                if outcome is None:
+                    answer.set_exception(
+                        ControlPlaneError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            "control plane unavailable (ReserveRequestIds); retry shortly",
+                        )
+                    )
+                elif outcome.code == grpc.StatusCode.OK.value[0]:
+                    answer.set_result(None)
+                else:
+                    answer.set_exception(_outcome_error(outcome))
+
+    async def _reserve_one(self, request: worker_pb2.ReserveRequestIdRequest) -> None:
         try:
             await self._stub.ReserveRequestId(request, metadata=self._metadata, timeout=AUTHORIZE_TIMEOUT_S)
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self._can_reserve = False
-                await self.check_request_id(tenant_id, request_id)
+                await self.check_request_id(request.tenant_id, request.request_id)
                 return
             raise ControlPlaneError.from_rpc(error, "ReserveRequestId") from None
 
@@ -785,6 +856,41 @@ class ControlPlaneClient:
             held.pop(key, None)
             if not held:
                 del self._keys_of_tenant[tenant]
+
+
+_STATUS_OF_CODE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def _outcome_error(outcome: worker_pb2.RequestIdOutcome) -> ControlPlaneError:
+    """One entry's refusal of ReserveRequestIds, as its own ReserveRequestId call would have raised it."""
+    code = _STATUS_OF_CODE.get(outcome.code, grpc.StatusCode.UNKNOWN)
+    if code in _PASS_THROUGH:
+        return ControlPlaneError(code, outcome.message or code.name.lower())
+    return ControlPlaneError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"control plane unavailable (ReserveRequestIds: {code.name}); retry shortly",
+    )
+
+
+def _settle(answer: asyncio.Future, call) -> None:
+    """Settles `answer` with the outcome of the coroutine `call`, run as a task of its own."""
+
+    async def run() -> None:
+        try:
+            await call
+        except Exception as error:
+            if not answer.done():
+                answer.set_exception(error)
+        else:
+            if not answer.done():
+                answer.set_result(None)
+
+    task = asyncio.create_task(run())
+    _SETTLING.add(task)
+    task.add_done_callback(_SETTLING.discard)
+
+
+_SETTLING: set[asyncio.Task] = set()
 
 
 def _resolved(a: worker_pb2.ResolvedAdapter) -> ResolvedAdapter:

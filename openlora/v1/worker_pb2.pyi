@@ -271,6 +271,28 @@ class ReserveRequestIdResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReserveRequestIdsRequest(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[ReserveRequestIdRequest]
+    def __init__(self, entries: _Optional[_Iterable[_Union[ReserveRequestIdRequest, _Mapping]]] = ...) -> None: ...
+
+class RequestIdOutcome(_message.Message):
+    __slots__ = ("code", "message", "field")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    field: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
+
+class ReserveRequestIdsResponse(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[RequestIdOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[RequestIdOutcome, _Mapping]]] = ...) -> None: ...
+
 class ReleaseRequestIdRequest(_message.Message):
     __slots__ = ("tenant_id", "request_id", "worker_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -76,6 +76,11 @@ class WorkerServiceStub:
                 request_serializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdResponse.FromString,
                 _registered_method=True)
+        self.ReserveRequestIds = channel.unary_unary(
+                '/openlora.v1.WorkerService/ReserveRequestIds',
+                request_serializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdsRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdsResponse.FromString,
+                _registered_method=True)
         self.ReleaseRequestId = channel.unary_unary(
                 '/openlora.v1.WorkerService/ReleaseRequestId',
                 request_serializer=openlora_dot_v1_dot_worker__pb2.ReleaseRequestIdRequest.SerializeToString,
@@ -161,6 +166,15 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveRequestIds(self, request, context):
+        """ReserveRequestId for several streams in one call and one database transaction (at most 256
+        entries): each entry gets the answer ReserveRequestId would give it, in order. The call itself
+        fails only where every entry would (authentication, the database unavailable, too many entries).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseRequestId(self, request, context):
         """Gives back this worker's reservation of a request id whose stream delivered nothing, so a retry
         under that id is served. An id with usage stays refused by ReserveRequestId all the same.
@@ -230,6 +244,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ReserveRequestId,
                     request_deserializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdResponse.SerializeToString,
+            ),
+            'ReserveRequestIds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveRequestIds,
+                    request_deserializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdsRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_worker__pb2.ReserveRequestIdsResponse.SerializeToString,
             ),
             'ReleaseRequestId': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseRequestId,
@@ -465,6 +484,33 @@ class WorkerService:
             '/openlora.v1.WorkerService/ReserveRequestId',
             openlora_dot_v1_dot_worker__pb2.ReserveRequestIdRequest.SerializeToString,
             openlora_dot_v1_dot_worker__pb2.ReserveRequestIdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveRequestIds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.WorkerService/ReserveRequestIds',
+            openlora_dot_v1_dot_worker__pb2.ReserveRequestIdsRequest.SerializeToString,
+            openlora_dot_v1_dot_worker__pb2.ReserveRequestIdsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -222,3 +222,101 @@ def test_lapsed_reservations_are_swept_by_later_ones(cp, tenant_id, database_url
     finally:
         engine.dispose()
     assert dict(rows) == {"alive": reservation.SWEEP_EVERY}
+
+
+def _reserve_many(
+    cp, entries: list[tuple[str, str, str]], metadata=None
+) -> list[tuple[grpc.StatusCode, str]]:
+    response = cp.worker_stub().ReserveRequestIds(
+        worker_pb2.ReserveRequestIdsRequest(
+            entries=[
+                worker_pb2.ReserveRequestIdRequest(tenant_id=t, request_id=r, worker_id=w)
+                for t, r, w in entries
+            ]
+        ),
+        metadata=cp.worker_metadata() if metadata is None else metadata,
+    )
+    codes = {status.value[0]: status for status in grpc.StatusCode}
+    return [(codes[o.code], o.field) for o in response.outcomes]
+
+
+def test_a_batch_answers_each_entry_as_its_own_call_would_in_order(cp, tenant_id) -> None:
+    fresh, billed, held, renewed, twice = (
+        f"{k}-{uuid.uuid4().hex}" for k in ("fresh", "billed", "held", "own", "2x")
+    )
+    assert _reserve(cp, tenant_id, billed, "w-a") == grpc.StatusCode.OK
+    assert _report(cp, tenant_id, billed) == 1
+    assert _reserve(cp, tenant_id, held, "w-other") == grpc.StatusCode.OK
+    assert _reserve(cp, tenant_id, renewed, "w-a") == grpc.StatusCode.OK
+    outcomes = _reserve_many(
+        cp,
+        [
+            (tenant_id, fresh, "w-a"),
+            (tenant_id, billed, "w-a"),
+            (tenant_id, held, "w-a"),
+            (tenant_id, renewed, "w-a"),  # its own reservation: renewed
+            ("not-a-uuid", fresh, "w-a"),
+            (tenant_id, "", "w-a"),
+            (tenant_id, twice, "w-a"),
+            (tenant_id, twice, "w-b"),  # the entry before holds it now: one transaction, still atomic
+        ],
+    )
+    assert outcomes == [
+        (grpc.StatusCode.OK, ""),
+        (grpc.StatusCode.ALREADY_EXISTS, "request_id"),
+        (grpc.StatusCode.ALREADY_EXISTS, "request_id"),
+        (grpc.StatusCode.OK, ""),
+        (grpc.StatusCode.INVALID_ARGUMENT, "tenant_id"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+        (grpc.StatusCode.OK, ""),
+        (grpc.StatusCode.ALREADY_EXISTS, "request_id"),
+    ]
+    # What the batch reserved holds against single calls of other workers.
+    assert _reserve(cp, tenant_id, fresh, "w-b") == grpc.StatusCode.ALREADY_EXISTS
+    assert _reserve(cp, tenant_id, twice, "w-c") == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_a_batch_is_refused_whole_without_a_worker_token_or_past_its_size(cp, tenant_id) -> None:
+    entry = (tenant_id, f"t-{uuid.uuid4().hex}", "w-a")
+    with pytest.raises(grpc.RpcError) as refused:
+        _reserve_many(cp, [entry], metadata=(("authorization", "Bearer wrong"),))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as refused:
+        _reserve_many(cp, [(tenant_id, f"n{i}-{uuid.uuid4().hex}", "w-a") for i in range(257)])
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "entries" in refused.value.details()
+    assert _reserve(cp, tenant_id, entry[1], "w-b") == grpc.StatusCode.OK  # nothing of either was kept
+
+
+def test_a_value_the_database_refuses_costs_the_other_entries_of_its_batch_nothing(
+    cp, tenant_id, monkeypatch
+):
+    """The database refusing one entry's statement rolls the batch's transaction back: every entry is
+    then answered in a transaction of its own, the refused one INVALID_ARGUMENT, the others reserved."""
+    from sqlalchemy.exc import DataError
+
+    from control_plane.usage import reservation
+
+    real = reservation.reserve_request_id
+    poisoned = f"poison-{uuid.uuid4().hex}"
+
+    def refusing(session, tenant, request_id, worker_id, ttl_ms=0):
+        outcome = real(session, tenant, request_id, worker_id, ttl_ms)
+        if request_id == poisoned:
+            raise DataError("INSERT ...", {}, Exception("value too long"))
+        return outcome
+
+    monkeypatch.setattr(reservation, "reserve_request_id", refusing)
+    before, after = f"a-{uuid.uuid4().hex}", f"b-{uuid.uuid4().hex}"
+    outcomes = _reserve_many(
+        cp, [(tenant_id, before, "w-a"), (tenant_id, poisoned, "w-a"), (tenant_id, after, "w-a")]
+    )
+    assert [code for code, _ in outcomes] == [
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OK,
+    ]
+    monkeypatch.setattr(reservation, "reserve_request_id", real)
+    for request_id in (before, after):  # reserved, and kept: another worker is refused
+        assert _reserve(cp, tenant_id, request_id, "w-b") == grpc.StatusCode.ALREADY_EXISTS
+    assert _reserve(cp, tenant_id, poisoned, "w-b") == grpc.StatusCode.OK  # its transaction rolled back

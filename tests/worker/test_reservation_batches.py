@@ -1,0 +1,192 @@
+"""The worker's reservations of client request ids go to the control plane in batches: those asked for
+while a call is under way travel together in the next ReserveRequestIds call, each caller gets its own
+entry's answer, and a control plane that predates batches is asked one id at a time. Real gRPC servers on
+loopback stand in for the control plane (their answers are the test's)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from data_plane.server.control_plane_client import ControlPlaneError
+from openlora.v1 import worker_pb2, worker_pb2_grpc
+from tests.worker.test_control_plane_client import _loopback
+
+OK = grpc.StatusCode.OK.value[0]
+
+
+def _outcome(request_id: str) -> worker_pb2.RequestIdOutcome:
+    """The test's control plane: ids starting with "taken" are refused, "bad" ones are invalid, "odd" get
+    a code no reservation answers with; the rest are reserved."""
+    if request_id.startswith("taken"):
+        code, message = grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already being served"
+        return worker_pb2.RequestIdOutcome(code=code.value[0], message=message, field="request_id")
+    if request_id.startswith("bad"):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+        return worker_pb2.RequestIdOutcome(
+            code=code.value[0], message="request_id: required", field="request_id"
+        )
+    if request_id.startswith("odd"):
+        return worker_pb2.RequestIdOutcome(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
+    return worker_pb2.RequestIdOutcome(code=OK)
+
+
+class _Batching(worker_pb2_grpc.WorkerServiceServicer):
+    """Answers ReserveRequestIds; the first call waits for `release`, so the callers that come meanwhile
+    queue up for the next call."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.singles = 0
+        self.release = asyncio.Event()
+
+    async def ReserveRequestIds(self, request, context):
+        self.batches.append([e.request_id for e in request.entries])
+        if len(self.batches) == 1:
+            await self.release.wait()
+        return worker_pb2.ReserveRequestIdsResponse(
+            outcomes=[_outcome(e.request_id) for e in request.entries]
+        )
+
+    async def ReserveRequestId(self, request, context):
+        self.singles += 1
+        return worker_pb2.ReserveRequestIdResponse()
+
+
+async def _answers(client, request_ids: list[str]) -> list[object]:
+    calls = [client.reserve_request_id("t1", r, "w1", 60_000) for r in request_ids]
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+def test_reservations_asked_for_during_a_call_go_together_and_each_gets_its_own_answer():
+    async def scenario():
+        servicer = _Batching()
+        async with _loopback(servicer) as client:
+            first = asyncio.ensure_future(client.reserve_request_id("t1", "first", "w1", 60_000))
+            while not servicer.batches:
+                await asyncio.sleep(0.005)
+            ids = [f"{kind}-{i}" for i in range(40) for kind in ("r", "taken", "bad", "odd")]
+            rest = asyncio.ensure_future(_answers(client, ids))
+            await asyncio.sleep(0.2)  # every caller is waiting behind the first call now
+            servicer.release.set()
+            await first
+            return servicer, ids, await rest
+
+    servicer, ids, answers = asyncio.run(scenario())
+    assert servicer.batches[0] == ["first"]
+    assert sum(len(b) for b in servicer.batches[1:]) == len(ids)
+    assert len(servicer.batches) == 3  # 160 waiting callers: two calls of at most 128 entries
+    assert servicer.singles == 0
+    for request_id, answer in zip(ids, answers, strict=True):
+        if request_id.startswith("r-"):
+            assert answer is None
+            continue
+        assert isinstance(answer, ControlPlaneError), request_id
+        expected = {
+            "taken": grpc.StatusCode.ALREADY_EXISTS,
+            "bad": grpc.StatusCode.INVALID_ARGUMENT,
+            "odd": grpc.StatusCode.UNAVAILABLE,  # as a single call's server fault: the caller may retry
+        }[request_id.split("-")[0]]
+        assert answer.code == expected, request_id
+        if expected == grpc.StatusCode.ALREADY_EXISTS:
+            assert repr(request_id) in answer.message
+
+
+def test_a_lone_reservation_is_sent_at_once():
+    async def scenario():
+        servicer = _Batching()
+        servicer.release.set()
+        async with _loopback(servicer) as client:
+            await asyncio.wait_for(client.reserve_request_id("t1", "alone", "w1", 60_000), 5.0)
+            with pytest.raises(ControlPlaneError) as refused:
+                await client.reserve_request_id("t1", "taken-1", "w1", 60_000)
+        return servicer, refused.value
+
+    servicer, refused = asyncio.run(scenario())
+    assert servicer.batches == [["alone"], ["taken-1"]]
+    assert refused.code == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_a_control_plane_without_batches_is_asked_one_id_at_a_time_from_then_on():
+    class Older(worker_pb2_grpc.WorkerServiceServicer):
+        def __init__(self) -> None:
+            self.singles: list[str] = []
+
+        async def ReserveRequestId(self, request, context):
+            self.singles.append(request.request_id)
+            if request.request_id.startswith("taken"):
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS, "request_id: already being served")
+            return worker_pb2.ReserveRequestIdResponse()
+
+    async def scenario():
+        servicer = Older()
+        async with _loopback(servicer) as client:
+            first = await _answers(client, ["a", "taken-b", "c"])
+            later = await _answers(client, ["d"])
+            return servicer, first, later, client._can_batch_reserve
+
+    servicer, first, later, can_batch = asyncio.run(scenario())
+    assert sorted(servicer.singles) == ["a", "c", "d", "taken-b"]
+    assert first[0] is None and first[2] is None and later == [None]
+    assert isinstance(first[1], ControlPlaneError) and first[1].code == grpc.StatusCode.ALREADY_EXISTS
+    assert can_batch is False
+
+
+@pytest.mark.parametrize("failure", ["unavailable", "short answer"])
+def test_a_batch_call_that_fails_or_answers_short_is_unavailable_to_each_of_its_callers(failure):
+    class Failing(worker_pb2_grpc.WorkerServiceServicer):
+        async def ReserveRequestIds(self, request, context):
+            if failure == "unavailable":
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "database down")
+            return worker_pb2.ReserveRequestIdsResponse(outcomes=[worker_pb2.RequestIdOutcome(code=OK)])
+
+    async def scenario():
+        async with _loopback(Failing()) as client:
+            return await _answers(client, ["a", "b", "c"])
+
+    answers = asyncio.run(scenario())
+    assert all(isinstance(a, ControlPlaneError) and a.code == grpc.StatusCode.UNAVAILABLE for a in answers)
+
+
+def test_closing_the_client_leaves_no_reservation_waiting_forever():
+    async def scenario():
+        servicer = _Batching()  # never released: the first call hangs
+        async with _loopback(servicer) as client:
+            waiting = asyncio.ensure_future(_answers(client, ["a", "b"]))
+            while not servicer.batches:
+                await asyncio.sleep(0.005)
+            queued = asyncio.ensure_future(_answers(client, ["c"]))
+            await asyncio.sleep(0.05)
+            await client.close()
+            answers = await asyncio.wait_for(asyncio.gather(waiting, queued), 5.0)
+            servicer.release.set()
+        return answers
+
+    first, second = asyncio.run(scenario())
+    assert all(
+        isinstance(a, ControlPlaneError) and a.code == grpc.StatusCode.UNAVAILABLE for a in first + second
+    )
+
+
+def test_a_caller_that_gives_up_does_not_stop_the_others_answers():
+    async def scenario():
+        servicer = _Batching()
+        async with _loopback(servicer) as client:
+            blocker = asyncio.ensure_future(client.reserve_request_id("t1", "first", "w1", 60_000))
+            while not servicer.batches:
+                await asyncio.sleep(0.005)
+            impatient = asyncio.ensure_future(client.reserve_request_id("t1", "gone", "w1", 60_000))
+            patient = asyncio.ensure_future(client.reserve_request_id("t1", "taken-2", "w1", 60_000))
+            await asyncio.sleep(0.05)
+            impatient.cancel()
+            servicer.release.set()
+            await blocker
+            with pytest.raises(ControlPlaneError) as refused:
+                await asyncio.wait_for(patient, 5.0)
+            return servicer, refused.value
+
+    servicer, refused = asyncio.run(scenario())
+    assert refused.code == grpc.StatusCode.ALREADY_EXISTS
+    assert servicer.batches[1] == ["gone", "taken-2"]  # the request was sent; its answer is dropped

@@ -617,10 +617,25 @@ class ControlPlaneClient:
             await self._reserve_one(request)
             return
         answer = asyncio.get_running_loop().create_future()
-        self._reservations_waiting.append((request, answer))
+        entry = (request, answer)
+        self._reservations_waiting.append(entry)
         if self._reserving is None or self._reserving.done():
             self._reserving = asyncio.create_task(self._send_reservations())
-        await answer
+        # The caller's own deadline, as a call of its own would have: behind a call that hangs, its
+        # entry would otherwise wait out that call's deadline and then its own batch's.
+        try:
+            await asyncio.wait_for(asyncio.shield(answer), AUTHORIZE_TIMEOUT_S)
+        except TimeoutError:
+            answer.cancel()  # the sender skips it
+            if entry in self._reservations_waiting:
+                self._reservations_waiting.remove(entry)  # not sent: never will be
+            raise ControlPlaneError(
+                grpc.StatusCode.UNAVAILABLE,
+                "control plane unavailable (ReserveRequestIds: DEADLINE_EXCEEDED); retry shortly",
+            ) from None
+        except asyncio.CancelledError:
+            answer.cancel()
+            raise
 
     async def _send_reservations(self) -> None:
         """Sends the waiting reservations, MAX_RESERVATIONS_PER_CALL per call, until none waits."""

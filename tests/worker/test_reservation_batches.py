@@ -190,3 +190,40 @@ def test_a_caller_that_gives_up_does_not_stop_the_others_answers():
     servicer, refused = asyncio.run(scenario())
     assert refused.code == grpc.StatusCode.ALREADY_EXISTS
     assert servicer.batches[1] == ["gone", "taken-2"]  # the request was sent; its answer is dropped
+
+
+def test_behind_a_call_that_hangs_a_reservation_waits_its_own_deadline_not_that_calls_and_then_its_own(
+    monkeypatch,
+):
+    """Each caller is answered UNAVAILABLE by its own deadline from when it asked, as a call of its own
+    would be; one that asked while a hung call ran does not wait out that call and then its batch's."""
+    from data_plane.server import control_plane_client
+
+    monkeypatch.setattr(control_plane_client, "AUTHORIZE_TIMEOUT_S", 1.0)
+
+    class Hung(worker_pb2_grpc.WorkerServiceServicer):
+        def __init__(self) -> None:
+            self.batches: list[list[str]] = []
+
+        async def ReserveRequestIds(self, request, context):
+            self.batches.append([e.request_id for e in request.entries])
+            await asyncio.Event().wait()
+
+    async def scenario():
+        servicer = Hung()
+        async with _loopback(servicer) as client:
+            loop = asyncio.get_running_loop()
+            first = asyncio.ensure_future(_answers(client, ["first"]))
+            await asyncio.sleep(0.2)
+            asked = loop.time()
+            later = await _answers(client, ["later"])
+            waited = loop.time() - asked
+            return servicer, await first, later, waited
+
+    servicer, first, later, waited = asyncio.run(scenario())
+    for answer in first + later:
+        assert isinstance(answer, ControlPlaneError) and answer.code == grpc.StatusCode.UNAVAILABLE
+    assert (
+        waited < 1.5
+    )  # its own 1 s deadline; behind the hung call: its last 0.8 s, then 1 s of its own batch
+    assert servicer.batches[0] == ["first"]

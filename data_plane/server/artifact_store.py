@@ -192,6 +192,8 @@ class ArtifactStore:
             self._holds[key] += 1
             self._served_at[key] = self._used_at[key]
         try:
+            if key not in self._stale and self._unchanged(key, path):
+                return LocalArtifact(key, path, "disk")
             if path.is_dir() and key not in self._stale and await self._checked(key):
                 return LocalArtifact(key, path, "disk")
             return LocalArtifact(key, await _shared(self._downloads, key, self._download), "remote")
@@ -199,6 +201,15 @@ class ArtifactStore:
             if hold:
                 self.release((key,))
             raise
+
+    def _unchanged(self, key: str, path: Path) -> bool:
+        """The artifact was checked and its files are as they were then (one `stat` per file: a call for
+        an adapter on disk makes no more system calls than that, each of which gives up the interpreter
+        to the engine thread)."""
+        if key in self._unchecked:
+            return False
+        known = self._fingerprints.get(key)
+        return known is not None and files_fingerprint(path) == known
 
     async def _checked(self, key: str) -> bool:
         """True when the artifact on disk may be served: checked already, or checked now (found at start).

@@ -82,7 +82,8 @@ def _busy(stop: threading.Event) -> None:
             a @ b.T
 
 
-def _stats(values: list[float]) -> dict:
+def median_p90(values: list[float]) -> dict:
+    """Median, p90 and count of a list of timings."""
     ordered = sorted(values)
     return {
         "p50": statistics.median(ordered),
@@ -137,7 +138,7 @@ def run(num_adapters: int, repeats: int, contended: bool) -> dict:
                     times[key].append((b - a) * 1000)
     finally:
         stop.set()
-    return {key: _stats(values) for key, values in times.items()} | {
+    return {key: median_p90(values) for key, values in times.items()} | {
         "adapter_bytes_on_host": hosts[0].size_bytes,
         "contended": contended,
         "torch_threads": torch.get_num_threads(),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from benchmarks import fixtures
+from benchmarks.adapter_load_bench import median_p90
 from benchmarks.steady_driver import SteadyDriver
 from data_plane.adapters import peft_reader
 from data_plane.engine.config import EngineConfig
@@ -51,8 +51,8 @@ class _CountCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _engine(device: str, shape: fixtures.ModelShape) -> LLMEngine:
-    model_dir = fixtures.ensure_model(shape)
+def _engine(device: str, shape: fixtures.ModelShape, root: Path) -> LLMEngine:
+    model_dir = fixtures.ensure_model(shape, root)
     return LLMEngine(
         EngineConfig(
             model_dir=model_dir,
@@ -74,27 +74,27 @@ def _forget_records(runner) -> None:
         views.clear()
 
 
-def _stats(values: list[float]) -> dict:
-    ordered = sorted(values)
-    return {
-        "p50": statistics.median(ordered),
-        "p90": ordered[int(0.9 * (len(ordered) - 1))],
-        "n": len(ordered),
-    }
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def run(device: str, num_adapters: int, repeats: int) -> dict:
-    shape = fixtures.LLAMA_1B if device == "cuda" else fixtures.LLAMA_50M
+def run(
+    device: str,
+    num_adapters: int,
+    repeats: int,
+    shape: fixtures.ModelShape | None = None,
+    root: Path = fixtures.FIXTURES_DIR,
+    settle_s: float = 2.0,
+) -> dict:
+    """`shape` (default: the 1.1B model on CUDA, the 50M one on the CPU) and `root` (the fixtures' folder)
+    are for the tests' tiny model."""
+    shape = shape or (fixtures.LLAMA_1B if device == "cuda" else fixtures.LLAMA_50M)
     spec = fixtures.AdapterSpec(
         rank=RANK, dtype=shape.dtype if device == "cuda" else "float16", target_modules=TARGETS
     )
-    dirs = fixtures.ensure_adapters(num_adapters, shape, spec)
-    engine = _engine(device, shape)
+    dirs = fixtures.ensure_adapters(num_adapters, shape, spec, root)
+    engine = _engine(device, shape, root)
     runner = engine.runner
     hosts = [
         peft_reader.read_packed_adapter(
@@ -137,7 +137,7 @@ def run(device: str, num_adapters: int, repeats: int) -> dict:
                     started = time.perf_counter()
                     copy(host)
                     times[name].append((time.perf_counter() - started) * 1000)
-        return {f"{name}_{label}": _stats(values) for name, values in times.items()}
+        return {f"{name}_{label}": median_p90(values) for name, values in times.items()}
 
     results = timed("idle")
     driver = SteadyDriver("steady", engine, None, DECODE_TOKENS, NUM_REQUESTS)
@@ -151,13 +151,14 @@ def run(device: str, num_adapters: int, repeats: int) -> dict:
 
     stepping = threading.Thread(target=step_forever, daemon=True)
     stepping.start()
-    time.sleep(2.0)  # past the first prefills
+    time.sleep(settle_s)  # past the first prefills
     started, steps_before = time.perf_counter(), steps[0]
     try:
         results |= timed("beside_steps")
     finally:
         stop.set()
         stepping.join(timeout=60)
+        engine.shutdown()
     elapsed = time.perf_counter() - started
     return results | {
         "torch_calls_per_copy": calls,

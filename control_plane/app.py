@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.artifacts.lock import lock_artifact
@@ -453,30 +453,39 @@ class ControlPlane:
             raise refusal
 
     def reserve_request_ids(self, entries: list[tuple[str, str, str, int]]) -> list[DomainError | None]:
-        """reserve_request_id for each (tenant id, request id, worker id, ttl ms), in order, in one
-        transaction: each entry's refusal (AlreadyExists, or the InvalidArgument its check raised before
-        any statement), or None where it was reserved. Should the database refuse a statement of the
-        batch, each entry is answered again in a transaction of its own, so that one entry's bad value
-        costs the others nothing."""
+        """reserve_request_id for each (tenant id, request id, worker id, ttl ms), in one transaction;
+        each entry's refusal (AlreadyExists, or the InvalidArgument its check raised before any
+        statement), or None where it was reserved, in the entries' order. The rows are taken in (tenant,
+        request id) order, the same in every batch, so that two batches never wait on each other in a
+        cycle; expired rows are swept first, in a transaction of their own. Should the database refuse a
+        statement of the batch (a value, a deadlock, a lock it would wait too long for), each entry is
+        answered again in a transaction of its own: one entry costs the others nothing."""
+        order = sorted(range(len(entries)), key=lambda i: (entries[i][0], entries[i][1]))
+        with self.sessions.begin() as s:
+            reservation.sweep_for(s, len(entries))
+        outcomes: dict[int, DomainError | None] = {}
         try:
             with self.sessions.begin() as s:
-                return [self._reserve_one(s, *entry) for entry in entries]
-        except DataError:
-            outcomes: list[DomainError | None] = []
-            for entry in entries:
+                for i in order:
+                    outcomes[i] = self._reserve_one(s, *entries[i])
+        except DBAPIError as error:
+            if not _answerable_alone(error):
+                raise
+            outcomes.clear()
+            for i in order:
                 try:
                     with self.sessions.begin() as s:
-                        outcomes.append(self._reserve_one(s, *entry))
-                except DataError:
-                    outcomes.append(InvalidArgument("a value is too long or out of range for its field"))
-            return outcomes
+                        outcomes[i] = self._reserve_one(s, *entries[i])
+                except (DataError, IntegrityError):
+                    outcomes[i] = InvalidArgument("a value is too long or out of range for its field")
+        return [outcomes[i] for i in range(len(entries))]
 
     @staticmethod
     def _reserve_one(
         s: Session, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int
     ) -> DomainError | None:
         try:
-            return reservation.reserve_request_id(s, tenant_id, request_id, worker_id, ttl_ms)
+            return reservation.reserve_request_id(s, tenant_id, request_id, worker_id, ttl_ms, sweep=False)
         except InvalidArgument as error:  # the checks come before any statement: nothing to undo
             return error
 
@@ -528,3 +537,15 @@ def _check_royalty_not_raised(was: registry.NamedTerms | None, header: UploadHea
             "would reprice tokens already used; publish the adapter under a new name to charge more",
             field="royalty_micros_per_million_tokens",
         )
+
+
+# Deadlock detected, serialization failure, lock not available: the batch's transaction lost to another.
+_LOST_TO_ANOTHER = {"40P01", "40001", "55P03"}
+
+
+def _answerable_alone(error: DBAPIError) -> bool:
+    """Whether each entry of a batch that failed with `error` gets its answer in a transaction of its own:
+    a value the database refused, or a transaction that lost to another (not the database gone)."""
+    if isinstance(error, (DataError, IntegrityError)):
+        return True
+    return getattr(error.orig, "sqlstate", None) in _LOST_TO_ANOTHER

@@ -132,17 +132,18 @@ _RESERVE = _reservation_upsert()
 
 
 def reserve_request_id(
-    session: Session, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int = 0
+    session: Session, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int = 0, sweep: bool = True
 ) -> AlreadyExists | None:
     """Reserves the id for `worker_id` for `ttl_ms` (0: the default; clamped to 1 s .. 1 h). Returns the
     refusal, AlreadyExists, when the id was billed or another worker's reservation of it has not expired
     (None: reserved); the caller raises it once the transaction is committed, so that a reservation found
-    stamped ahead of the clock keeps its time to live from now."""
+    stamped ahead of the clock keeps its time to live from now. `sweep=False`: the caller sweeps (a batch,
+    in a transaction of its own: `sweep_for`)."""
     tenant = _checked_key(tenant_id, request_id)
     check_text(worker_id, "worker_id", 128)
     ttl_ms = min(max(ttl_ms or DEFAULT_RESERVATION_MS, MIN_RESERVATION_MS), MAX_RESERVATION_MS)
     now = utc_now()
-    if next(_reservations) % SWEEP_EVERY == 0:
+    if sweep and next(_reservations) % SWEEP_EVERY == 0:
         _sweep(session, now)
     reserved = session.execute(
         _RESERVE,
@@ -226,12 +227,20 @@ def release_worker_request_ids(session: Session, worker_id: str, keep: list[tupl
     return len(released)
 
 
-def _sweep(session: Session, now: datetime) -> None:
+def sweep_for(session: Session, num_reservations: int) -> None:
+    """The sweeps `num_reservations` reservations would have made one by one, as one (for a batch: its
+    own transaction, so that the rows it deletes are not held locked while the batch's upserts run)."""
+    due = sum(next(_reservations) % SWEEP_EVERY == 0 for _ in range(num_reservations))
+    if due:
+        _sweep(session, utc_now(), SWEEP_ROWS * due)
+
+
+def _sweep(session: Session, now: datetime, rows: int = SWEEP_ROWS) -> None:
     table = RequestIdReservation.__table__
     expired = (
         select(table.c.tenant_id, table.c.request_id)
         .where(table.c.expires_at <= now)
-        .limit(SWEEP_ROWS)
+        .limit(rows)
         .with_for_update(skip_locked=True)
     )
     session.execute(delete(table).where(tuple_(table.c.tenant_id, table.c.request_id).in_(expired)))

@@ -140,7 +140,7 @@ class ModelRunner:
         self._slot_write_events: list[torch.cuda.Event | None] = [None] * num_adapter_slots
         # Recorded slot writes by (slot, rank written before, factor ranks); CUDA: the staging buffer of
         # each host dtype and its views per adapter layout. Bounded, least recently used out first.
-        self._max_slot_plans = 8 * num_adapter_slots
+        self._max_slot_plans = 4 * num_adapter_slots
         self._slot_plans: OrderedDict[tuple, SlotWrites] = OrderedDict()
         self._slot_plans_lock = threading.Lock()
         self._staging: dict[torch.dtype, torch.Tensor] = {}

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 # Entries per ListModels call (the control plane's largest page).
 LIST_MODELS_PAGE_SIZE = 1000
-# Reservations per ReserveRequestIds call (the control plane takes up to 256).
+# Reservations per ReserveRequestIds call (the control plane takes up to 256), and such calls at a time.
 MAX_RESERVATIONS_PER_CALL = 128
+MAX_RESERVATION_CALLS_IN_FLIGHT = 4
+# After a control plane answered UNIMPLEMENTED to ReserveRequestIds: one id per call for this long.
+BATCHES_RETRY_S = 60.0
 
 _PASS_THROUGH = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -239,19 +242,24 @@ class ControlPlaneClient:
         self.outage_answers = 0
         # False after a control plane answered UNIMPLEMENTED to ReserveRequestId (an older one).
         self._can_reserve = True
-        # Reservations waiting for the next ReserveRequestIds call, and the task sending them; False after
-        # a control plane answered UNIMPLEMENTED to it (one ReserveRequestId per stream then).
-        self._reservations_waiting: list[tuple[worker_pb2.ReserveRequestIdRequest, asyncio.Future]] = []
+        # Reservations waiting for the next ReserveRequestIds call; the task that sends them, the calls
+        # under way and their bound; until when (event-loop time) a control plane that answered
+        # UNIMPLEMENTED to it is asked one id per call instead.
+        self._reservations_waiting: deque[_WaitingReservation] = deque()
         self._reserving: asyncio.Task | None = None
-        self._can_batch_reserve = True
+        self._reservation_tasks: set[asyncio.Task] = set()
+        self._reservation_calls = asyncio.Semaphore(MAX_RESERVATION_CALLS_IN_FLIGHT)
+        self._batches_unsupported_until = float("-inf")
         # How the base model is held (weight_format, bits per weight, resident bytes): sent with heartbeats.
         self._base_weights: dict[str, object] = {}
 
     async def close(self) -> None:
-        if self._reserving is not None and not self._reserving.done():
-            self._reserving.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reserving
+        tasks = [t for t in (self._reserving, *self._reservation_tasks) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        _fail_all(list(self._reservations_waiting), _unavailable("ReserveRequestIds: the worker is closing"))
+        self._reservations_waiting.clear()
         await self._channel.close()
 
     async def register(
@@ -602,33 +610,34 @@ class ControlPlaneClient:
     async def reserve_request_id(self, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int) -> None:
         """Reserves the tenant's client request id for this worker's stream, atomically across workers.
         Raises ControlPlaneError: ALREADY_EXISTS when it was billed or another worker serves it now;
-        UNAVAILABLE when the control plane (or its database) cannot answer. Never cached: the answer
-        changes as soon as a request under that id is billed. The reservations asked for while one call
-        is under way go together in the next (ReserveRequestIds: one call and one transaction for a burst
-        of streams, not one each). Against a control plane that predates batches, one ReserveRequestId
-        each; against one that predates reservations, only the billed check (CheckRequestId)."""
+        UNAVAILABLE when the control plane (or its database) cannot answer within AUTHORIZE_TIMEOUT_S of
+        the call. Never cached: the answer changes as soon as a request under that id is billed. The
+        reservations asked for while calls are under way go together in the next (ReserveRequestIds: one
+        call and one transaction for a burst of streams, not one each). Against a control plane that
+        predates batches, one ReserveRequestId each; against one that predates reservations, only the
+        billed check (CheckRequestId)."""
         if not self._can_reserve:
             await self.check_request_id(tenant_id, request_id)
             return
         request = worker_pb2.ReserveRequestIdRequest(
             tenant_id=tenant_id, request_id=request_id, worker_id=worker_id, ttl_ms=ttl_ms
         )
-        if not self._can_batch_reserve:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._batches_unsupported_until:
             await self._reserve_one(request)
             return
-        answer = asyncio.get_running_loop().create_future()
-        entry = (request, answer)
-        self._reservations_waiting.append(entry)
+        answer = loop.create_future()
+        self._reservations_waiting.append(
+            _WaitingReservation(request, answer, loop.time() + AUTHORIZE_TIMEOUT_S)
+        )
         if self._reserving is None or self._reserving.done():
             self._reserving = asyncio.create_task(self._send_reservations())
-        # The caller's own deadline, as a call of its own would have: behind a call that hangs, its
-        # entry would otherwise wait out that call's deadline and then its own batch's.
+        # The caller's own deadline, as a call of its own would have (not that of a call it waited behind,
+        # then its batch's). An entry answered after it gave up is skipped, or released if it was reserved.
         try:
             await asyncio.wait_for(asyncio.shield(answer), AUTHORIZE_TIMEOUT_S)
         except TimeoutError:
-            answer.cancel()  # the sender skips it
-            if entry in self._reservations_waiting:
-                self._reservations_waiting.remove(entry)  # not sent: never will be
+            answer.cancel()
             raise ControlPlaneError(
                 grpc.StatusCode.UNAVAILABLE,
                 "control plane unavailable (ReserveRequestIds: DEADLINE_EXCEEDED); retry shortly",
@@ -638,52 +647,73 @@ class ControlPlaneClient:
             raise
 
     async def _send_reservations(self) -> None:
-        """Sends the waiting reservations, MAX_RESERVATIONS_PER_CALL per call, until none waits."""
+        """Sends the waiting reservations, at most MAX_RESERVATIONS_PER_CALL a call and
+        MAX_RESERVATION_CALLS_IN_FLIGHT calls at a time, until none waits; entries whose caller gave up
+        are left out."""
+        calls = self._reservation_calls
         while self._reservations_waiting:
-            batch = self._reservations_waiting[:MAX_RESERVATIONS_PER_CALL]
-            del self._reservations_waiting[:MAX_RESERVATIONS_PER_CALL]
-            try:
-                response = await self._stub.ReserveRequestIds(
-                    worker_pb2.ReserveRequestIdsRequest(entries=[request for request, _ in batch]),
-                    metadata=self._metadata,
-                    timeout=AUTHORIZE_TIMEOUT_S,
-                )
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    self._can_batch_reserve = False  # an older control plane: one call each from now on
-                    for request, answer in batch:
-                        _settle(answer, self._reserve_one(request))
-                    continue
-                failure = ControlPlaneError.from_rpc(error, "ReserveRequestIds")
-                for _, answer in batch:
-                    if not answer.done():
-                        answer.set_exception(failure)
+            await calls.acquire()
+            batch: list[_WaitingReservation] = []
+            while self._reservations_waiting and len(batch) < MAX_RESERVATIONS_PER_CALL:
+                entry = self._reservations_waiting.popleft()
+                if not entry.answer.done():
+                    batch.append(entry)
+            if not batch:
+                calls.release()
                 continue
-            except BaseException as error:  # cancelled (the client closing): no answer is left hanging
-                for _, answer in batch + self._reservations_waiting:
-                    if not answer.done():
-                        answer.set_exception(
-                            ControlPlaneError(grpc.StatusCode.UNAVAILABLE, str(error) or "closed")
-                        )
-                self._reservations_waiting.clear()
-                raise
-            outcomes = list(response.outcomes)
-            if len(outcomes) != len(batch):
-                outcomes = [None] * len(batch)  # not an answer per entry: every entry unanswered
-            for (_, answer), outcome in zip(batch, outcomes, strict=True):
-                if answer.done():
-                    continue
-                if outcome is None:
-                    answer.set_exception(
-                        ControlPlaneError(
-                            grpc.StatusCode.UNAVAILABLE,
-                            "control plane unavailable (ReserveRequestIds); retry shortly",
-                        )
-                    )
-                elif outcome.code == grpc.StatusCode.OK.value[0]:
-                    answer.set_result(None)
-                else:
-                    answer.set_exception(_outcome_error(outcome))
+            task = asyncio.create_task(self._reserve_batch(batch))
+            self._reservation_tasks.add(task)
+            task.add_done_callback(self._reservation_tasks.discard)
+            task.add_done_callback(lambda _: calls.release())
+
+    async def _reserve_batch(self, batch: list[_WaitingReservation]) -> None:
+        """One ReserveRequestIds call for `batch`; settles each entry's answer."""
+        loop = asyncio.get_running_loop()
+        timeout = max(0.1, max(entry.deadline for entry in batch) - loop.time())
+        try:
+            response = await self._stub.ReserveRequestIds(
+                worker_pb2.ReserveRequestIdsRequest(entries=[entry.request for entry in batch]),
+                metadata=self._metadata,
+                timeout=timeout,
+            )
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # An older control plane (or one behind a proxy that is): one call each for a while.
+                self._batches_unsupported_until = loop.time() + BATCHES_RETRY_S
+                for entry in batch:
+                    if not entry.answer.done():
+                        _settle(entry.answer, self._reserve_one(entry.request))
+                return
+            # The call as a whole failed: no entry's own answer, so none is the caller's fault.
+            _fail_all(batch, _unavailable(f"ReserveRequestIds: {error.code().name}"))
+            return
+        except BaseException:
+            _fail_all(batch, _unavailable("ReserveRequestIds: the worker is closing"))
+            raise
+        outcomes = list(response.outcomes)
+        if len(outcomes) != len(batch):
+            _fail_all(batch, _unavailable("ReserveRequestIds: not one answer per entry"))
+            return
+        for entry, outcome in zip(batch, outcomes, strict=True):
+            reserved = outcome.code == grpc.StatusCode.OK.value[0]
+            if entry.answer.done():
+                if reserved:  # its caller gave up meanwhile: give the id back, or it waits out the TTL
+                    self._release_unused(entry.request)
+            elif reserved:
+                entry.answer.set_result(None)
+            else:
+                entry.answer.set_exception(_outcome_error(outcome))
+
+    def _release_unused(self, request: worker_pb2.ReserveRequestIdRequest) -> None:
+        async def release() -> None:
+            try:
+                await self.release_request_id(request.tenant_id, request.request_id, request.worker_id)
+            except ControlPlaneError as error:
+                log.info("reservation of a call that gave up not released (it lapses): %s", error.message)
+
+        task = asyncio.create_task(release())
+        self._reservation_tasks.add(task)
+        task.add_done_callback(self._reservation_tasks.discard)
 
     async def _reserve_one(self, request: worker_pb2.ReserveRequestIdRequest) -> None:
         try:
@@ -874,6 +904,25 @@ class ControlPlaneClient:
 
 
 _STATUS_OF_CODE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+@dataclass
+class _WaitingReservation:
+    request: worker_pb2.ReserveRequestIdRequest
+    answer: asyncio.Future
+    deadline: float  # event-loop time at which its caller gives up
+
+
+def _unavailable(what: str) -> ControlPlaneError:
+    return ControlPlaneError(
+        grpc.StatusCode.UNAVAILABLE, f"control plane unavailable ({what}); retry shortly"
+    )
+
+
+def _fail_all(batch: list[_WaitingReservation], error: ControlPlaneError) -> None:
+    for entry in batch:
+        if not entry.answer.done():
+            entry.answer.set_exception(error)
 
 
 def _outcome_error(outcome: worker_pb2.RequestIdOutcome) -> ControlPlaneError:

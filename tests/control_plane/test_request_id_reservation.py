@@ -300,8 +300,8 @@ def test_a_value_the_database_refuses_costs_the_other_entries_of_its_batch_nothi
     real = reservation.reserve_request_id
     poisoned = f"poison-{uuid.uuid4().hex}"
 
-    def refusing(session, tenant, request_id, worker_id, ttl_ms=0):
-        outcome = real(session, tenant, request_id, worker_id, ttl_ms)
+    def refusing(session, tenant, request_id, worker_id, ttl_ms=0, sweep=True):
+        outcome = real(session, tenant, request_id, worker_id, ttl_ms, sweep)
         if request_id == poisoned:
             raise DataError("INSERT ...", {}, Exception("value too long"))
         return outcome
@@ -320,3 +320,66 @@ def test_a_value_the_database_refuses_costs_the_other_entries_of_its_batch_nothi
     for request_id in (before, after):  # reserved, and kept: another worker is refused
         assert _reserve(cp, tenant_id, request_id, "w-b") == grpc.StatusCode.ALREADY_EXISTS
     assert _reserve(cp, tenant_id, poisoned, "w-b") == grpc.StatusCode.OK  # its transaction rolled back
+
+
+def test_batches_of_the_same_ids_in_opposite_orders_at_once_answer_every_entry_and_one_worker_each(
+    cp, tenant_id
+) -> None:
+    """Two workers reserve the same ids at the same moment, in opposite orders (as their callers happened
+    to come): each id goes to exactly one of them, and no call fails (a database deadlock between the two
+    transactions would, were their rows not taken in one order)."""
+    for _ in range(3):
+        ids = [f"cross-{uuid.uuid4().hex}" for _ in range(60)]
+        start = threading.Barrier(2)
+        results: dict[str, list[tuple[grpc.StatusCode, str]]] = {}
+
+        def batch(worker: str, order: list[str], start=start, results=results) -> None:
+            start.wait()
+            results[worker] = dict(
+                zip(order, _reserve_many(cp, [(tenant_id, r, worker) for r in order]), strict=True)
+            )
+
+        threads = [
+            threading.Thread(target=batch, args=("w-x", ids)),
+            threading.Thread(target=batch, args=("w-y", ids[::-1])),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert set(results) == {"w-x", "w-y"}
+        for request_id in ids:
+            codes = sorted(results[w][request_id][0].name for w in ("w-x", "w-y"))
+            assert codes == ["ALREADY_EXISTS", "OK"], request_id
+
+
+def test_a_batch_that_loses_to_another_transaction_answers_each_entry_on_its_own(cp, tenant_id, monkeypatch):
+    """A deadlock or serialization failure of the batch's transaction is not the entries' fault: each is
+    answered in a transaction of its own."""
+    from sqlalchemy.exc import OperationalError
+
+    from control_plane.usage import reservation
+
+    class Deadlock(Exception):
+        sqlstate = "40P01"
+
+    real = reservation.reserve_request_id
+    victim = f"victim-{uuid.uuid4().hex}"
+    calls = {"victim": 0}
+
+    def losing_once(session, tenant, request_id, worker_id, ttl_ms=0, sweep=True):
+        outcome = real(session, tenant, request_id, worker_id, ttl_ms, sweep)
+        if request_id == victim:
+            calls["victim"] += 1
+            if calls["victim"] == 1:
+                raise OperationalError("INSERT ...", {}, Deadlock("deadlock detected"))
+        return outcome
+
+    monkeypatch.setattr(reservation, "reserve_request_id", losing_once)
+    others = [f"o{i}-{uuid.uuid4().hex}" for i in range(3)]
+    outcomes = _reserve_many(cp, [(tenant_id, r, "w-a") for r in [*others, victim]])
+    assert [code for code, _ in outcomes] == [grpc.StatusCode.OK] * 4
+    assert calls["victim"] == 2
+    monkeypatch.setattr(reservation, "reserve_request_id", real)
+    for request_id in [*others, victim]:
+        assert _reserve(cp, tenant_id, request_id, "w-b") == grpc.StatusCode.ALREADY_EXISTS

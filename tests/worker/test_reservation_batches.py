@@ -125,13 +125,14 @@ def test_a_control_plane_without_batches_is_asked_one_id_at_a_time_from_then_on(
         async with _loopback(servicer) as client:
             first = await _answers(client, ["a", "taken-b", "c"])
             later = await _answers(client, ["d"])
-            return servicer, first, later, client._can_batch_reserve
+            unsupported = client._batches_unsupported_until > asyncio.get_running_loop().time()
+            return servicer, first, later, unsupported
 
-    servicer, first, later, can_batch = asyncio.run(scenario())
+    servicer, first, later, unsupported = asyncio.run(scenario())
     assert sorted(servicer.singles) == ["a", "c", "d", "taken-b"]
     assert first[0] is None and first[2] is None and later == [None]
     assert isinstance(first[1], ControlPlaneError) and first[1].code == grpc.StatusCode.ALREADY_EXISTS
-    assert can_batch is False
+    assert unsupported  # for a while (BATCHES_RETRY_S): asked again later, not never
 
 
 @pytest.mark.parametrize("failure", ["unavailable", "short answer"])
@@ -150,23 +151,33 @@ def test_a_batch_call_that_fails_or_answers_short_is_unavailable_to_each_of_its_
     assert all(isinstance(a, ControlPlaneError) and a.code == grpc.StatusCode.UNAVAILABLE for a in answers)
 
 
+class _Hung(worker_pb2_grpc.WorkerServiceServicer):
+    """A control plane whose ReserveRequestIds calls never answer."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    async def ReserveRequestIds(self, request, context):
+        self.batches.append([e.request_id for e in request.entries])
+        await asyncio.Event().wait()
+
+
 def test_closing_the_client_leaves_no_reservation_waiting_forever():
     async def scenario():
-        servicer = _Batching()  # never released: the first call hangs
+        servicer = _Hung()
         async with _loopback(servicer) as client:
-            waiting = asyncio.ensure_future(_answers(client, ["a", "b"]))
+            sent = asyncio.ensure_future(_answers(client, [f"s{i}" for i in range(5)]))
             while not servicer.batches:
                 await asyncio.sleep(0.005)
-            queued = asyncio.ensure_future(_answers(client, ["c"]))
+            await asyncio.sleep(0.05)
+            more = asyncio.ensure_future(_answers(client, [f"m{i}" for i in range(300)]))
             await asyncio.sleep(0.05)
             await client.close()
-            answers = await asyncio.wait_for(asyncio.gather(waiting, queued), 5.0)
-            servicer.release.set()
-        return answers
+            return await asyncio.wait_for(asyncio.gather(sent, more), 5.0)
 
-    first, second = asyncio.run(scenario())
+    sent, more = asyncio.run(scenario())
     assert all(
-        isinstance(a, ControlPlaneError) and a.code == grpc.StatusCode.UNAVAILABLE for a in first + second
+        isinstance(a, ControlPlaneError) and a.code == grpc.StatusCode.UNAVAILABLE for a in sent + more
     )
 
 
@@ -201,16 +212,8 @@ def test_behind_a_call_that_hangs_a_reservation_waits_its_own_deadline_not_that_
 
     monkeypatch.setattr(control_plane_client, "AUTHORIZE_TIMEOUT_S", 1.0)
 
-    class Hung(worker_pb2_grpc.WorkerServiceServicer):
-        def __init__(self) -> None:
-            self.batches: list[list[str]] = []
-
-        async def ReserveRequestIds(self, request, context):
-            self.batches.append([e.request_id for e in request.entries])
-            await asyncio.Event().wait()
-
     async def scenario():
-        servicer = Hung()
+        servicer = _Hung()
         async with _loopback(servicer) as client:
             loop = asyncio.get_running_loop()
             first = asyncio.ensure_future(_answers(client, ["first"]))
@@ -227,3 +230,92 @@ def test_behind_a_call_that_hangs_a_reservation_waits_its_own_deadline_not_that_
         waited < 1.5
     )  # its own 1 s deadline; behind the hung call: its last 0.8 s, then 1 s of its own batch
     assert servicer.batches[0] == ["first"]
+
+
+class _Gated(worker_pb2_grpc.WorkerServiceServicer):
+    """Calls with an id starting "block" wait for `release`; the others answer after `delay_s`, every id
+    reserved. Records each call's ids and each release."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batches: list[list[str]] = []
+        self.released: list[str] = []
+        self.release = asyncio.Event()
+        self.delay_s = delay_s
+
+    async def ReserveRequestIds(self, request, context):
+        ids = [e.request_id for e in request.entries]
+        self.batches.append(ids)
+        if any(i.startswith("block") for i in ids):
+            await self.release.wait()
+        else:
+            await asyncio.sleep(self.delay_s)
+        return worker_pb2.ReserveRequestIdsResponse(
+            outcomes=[worker_pb2.RequestIdOutcome(code=OK) for _ in ids]
+        )
+
+    async def ReleaseRequestId(self, request, context):
+        self.released.append(request.request_id)
+        return worker_pb2.ReleaseRequestIdResponse(released=True)
+
+
+async def _occupy_every_call(client, servicer: _Gated) -> asyncio.Future:
+    """MAX_RESERVATION_CALLS_IN_FLIGHT calls that wait for `servicer.release`: later entries wait."""
+    from data_plane.server.control_plane_client import MAX_RESERVATION_CALLS_IN_FLIGHT
+
+    blockers = []
+    for i in range(MAX_RESERVATION_CALLS_IN_FLIGHT):
+        blockers.append(asyncio.ensure_future(client.reserve_request_id("t1", f"block{i}", "w1", 60_000)))
+        while len(servicer.batches) <= i:
+            await asyncio.sleep(0.005)
+    return asyncio.gather(*blockers)
+
+
+def test_an_entry_whose_caller_gave_up_before_it_was_sent_is_never_sent():
+    async def scenario():
+        servicer = _Gated()
+        async with _loopback(servicer) as client:
+            blockers = await _occupy_every_call(client, servicer)
+            gone = asyncio.ensure_future(client.reserve_request_id("t1", "gone", "w1", 60_000))
+            kept = asyncio.ensure_future(client.reserve_request_id("t1", "kept", "w1", 60_000))
+            await asyncio.sleep(0.05)
+            gone.cancel()
+            servicer.release.set()
+            await blockers
+            await asyncio.wait_for(kept, 5.0)
+        return servicer
+
+    servicer = asyncio.run(scenario())
+    sent = [i for batch in servicer.batches for i in batch]
+    assert "kept" in sent and "gone" not in sent
+    assert servicer.released == []
+
+
+def test_an_id_reserved_after_its_caller_gave_up_is_given_back(monkeypatch):
+    """Two callers share a call; its answer comes after the first caller's deadline: that caller's
+    stream went on unreserved, so its id is released instead of refusing retries for the TTL."""
+    from data_plane.server import control_plane_client
+
+    monkeypatch.setattr(control_plane_client, "AUTHORIZE_TIMEOUT_S", 1.0)
+
+    async def scenario():
+        servicer = _Gated(delay_s=0.6)
+        async with _loopback(servicer) as client:
+            blockers = await _occupy_every_call(client, servicer)
+            early = asyncio.ensure_future(client.reserve_request_id("t1", "early", "w1", 60_000))
+            await asyncio.sleep(0.5)
+            late = asyncio.ensure_future(client.reserve_request_id("t1", "late", "w1", 60_000))
+            await asyncio.sleep(0.05)
+            servicer.release.set()  # the two go in one call at ~0.55 s, answered at ~1.15 s
+            await blockers
+            answers = await asyncio.gather(early, late, return_exceptions=True)
+            for _ in range(100):
+                if servicer.released:
+                    break
+                await asyncio.sleep(0.01)
+        return servicer, answers
+
+    servicer, (early, late) = asyncio.run(scenario())
+    assert ["early", "late"] in servicer.batches
+    assert isinstance(early, ControlPlaneError) and early.code == grpc.StatusCode.UNAVAILABLE
+    assert late is None
+    assert servicer.released == ["early"]

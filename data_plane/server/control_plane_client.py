@@ -627,13 +627,14 @@ class ControlPlaneClient:
             await self._reserve_one(request)
             return
         answer = loop.create_future()
-        self._reservations_waiting.append(
-            _WaitingReservation(request, answer, loop.time() + AUTHORIZE_TIMEOUT_S)
-        )
+        entry = _WaitingReservation(request, answer, loop.time() + AUTHORIZE_TIMEOUT_S)
+        self._reservations_waiting.append(entry)
         if self._reserving is None or self._reserving.done():
             self._reserving = asyncio.create_task(self._send_reservations())
         # The caller's own deadline, as a call of its own would have (not that of a call it waited behind,
-        # then its batch's). An entry answered after it gave up is skipped, or released if it was reserved.
+        # then its batch's). An entry not sent by then never is. One answered later is kept if reserved:
+        # the caller's stream goes on unreserved (as after a call of its own past its deadline), and the
+        # reservation is its; released only when the caller went away (its stream is gone).
         try:
             await asyncio.wait_for(asyncio.shield(answer), AUTHORIZE_TIMEOUT_S)
         except TimeoutError:
@@ -643,6 +644,7 @@ class ControlPlaneClient:
                 "control plane unavailable (ReserveRequestIds: DEADLINE_EXCEEDED); retry shortly",
             ) from None
         except asyncio.CancelledError:
+            entry.caller_gone = True
             answer.cancel()
             raise
 
@@ -697,7 +699,7 @@ class ControlPlaneClient:
         for entry, outcome in zip(batch, outcomes, strict=True):
             reserved = outcome.code == grpc.StatusCode.OK.value[0]
             if entry.answer.done():
-                if reserved:  # its caller gave up meanwhile: give the id back, or it waits out the TTL
+                if reserved and entry.caller_gone:  # nothing serves the id: give it back, not after the TTL
                     self._release_unused(entry.request)
             elif reserved:
                 entry.answer.set_result(None)
@@ -911,6 +913,7 @@ class _WaitingReservation:
     request: worker_pb2.ReserveRequestIdRequest
     answer: asyncio.Future
     deadline: float  # event-loop time at which its caller gives up
+    caller_gone: bool = False  # cancelled: no stream serves the id
 
 
 def _unavailable(what: str) -> ControlPlaneError:

@@ -290,9 +290,13 @@ def test_an_entry_whose_caller_gave_up_before_it_was_sent_is_never_sent():
     assert servicer.released == []
 
 
-def test_an_id_reserved_after_its_caller_gave_up_is_given_back(monkeypatch):
-    """Two callers share a call; its answer comes after the first caller's deadline: that caller's
-    stream went on unreserved, so its id is released instead of refusing retries for the TTL."""
+def test_an_id_reserved_after_its_caller_went_away_is_given_back_and_one_whose_caller_timed_out_is_kept(
+    monkeypatch,
+):
+    """Three callers share a call whose answer comes late. The one that went away meanwhile (its stream
+    is gone) has its id released instead of refusing retries for the TTL; the one whose deadline passed
+    keeps it: its stream goes on unreserved, as after a call of its own past its deadline, and the
+    reservation is that stream's."""
     from data_plane.server import control_plane_client
 
     monkeypatch.setattr(control_plane_client, "AUTHORIZE_TIMEOUT_S", 1.0)
@@ -301,21 +305,25 @@ def test_an_id_reserved_after_its_caller_gave_up_is_given_back(monkeypatch):
         servicer = _Gated(delay_s=0.6)
         async with _loopback(servicer) as client:
             blockers = await _occupy_every_call(client, servicer)
-            early = asyncio.ensure_future(client.reserve_request_id("t1", "early", "w1", 60_000))
+            timed_out = asyncio.ensure_future(client.reserve_request_id("t1", "timed-out", "w1", 60_000))
+            gone = asyncio.ensure_future(client.reserve_request_id("t1", "gone", "w1", 60_000))
             await asyncio.sleep(0.5)
             late = asyncio.ensure_future(client.reserve_request_id("t1", "late", "w1", 60_000))
             await asyncio.sleep(0.05)
-            servicer.release.set()  # the two go in one call at ~0.55 s, answered at ~1.15 s
+            servicer.release.set()  # the three go in one call at ~0.55 s, answered at ~1.15 s
             await blockers
-            answers = await asyncio.gather(early, late, return_exceptions=True)
+            await asyncio.sleep(0.25)
+            gone.cancel()
+            answers = await asyncio.gather(timed_out, late, return_exceptions=True)
             for _ in range(100):
                 if servicer.released:
                     break
                 await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
         return servicer, answers
 
-    servicer, (early, late) = asyncio.run(scenario())
-    assert ["early", "late"] in servicer.batches
-    assert isinstance(early, ControlPlaneError) and early.code == grpc.StatusCode.UNAVAILABLE
+    servicer, (timed_out, late) = asyncio.run(scenario())
+    assert ["timed-out", "gone", "late"] in servicer.batches
+    assert isinstance(timed_out, ControlPlaneError) and timed_out.code == grpc.StatusCode.UNAVAILABLE
     assert late is None
-    assert servicer.released == ["early"]
+    assert servicer.released == ["gone"]

@@ -607,7 +607,9 @@ class ControlPlaneClient:
             if not page_token:
                 return listed
 
-    async def reserve_request_id(self, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int) -> None:
+    async def reserve_request_id(
+        self, tenant_id: str, request_id: str, worker_id: str, ttl_ms: int, renewal: bool = False
+    ) -> None:
         """Reserves the tenant's client request id for this worker's stream, atomically across workers.
         Raises ControlPlaneError: ALREADY_EXISTS when it was billed or another worker serves it now;
         UNAVAILABLE when the control plane (or its database) cannot answer within AUTHORIZE_TIMEOUT_S of
@@ -615,7 +617,8 @@ class ControlPlaneClient:
         reservations asked for while calls are under way go together in the next (ReserveRequestIds: one
         call and one transaction for a burst of streams, not one each). Against a control plane that
         predates batches, one ReserveRequestId each; against one that predates reservations, only the
-        billed check (CheckRequestId)."""
+        billed check (CheckRequestId). `renewal`: the stream holds the id already (a renewal), and keeps
+        what it gets even if it goes away meanwhile (its usage may still wait in the spool)."""
         if not self._can_reserve:
             await self.check_request_id(tenant_id, request_id)
             return
@@ -634,7 +637,7 @@ class ControlPlaneClient:
         # The caller's own deadline, as a call of its own would have (not that of a call it waited behind,
         # then its batch's). An entry not sent by then never is. One answered later is kept if reserved:
         # the caller's stream goes on unreserved (as after a call of its own past its deadline), and the
-        # reservation is its; released only when the caller went away (its stream is gone).
+        # reservation is its; released only when a first reservation's caller went away (no stream).
         try:
             await asyncio.wait_for(asyncio.shield(answer), AUTHORIZE_TIMEOUT_S)
         except TimeoutError:
@@ -644,7 +647,7 @@ class ControlPlaneClient:
                 "control plane unavailable (ReserveRequestIds: DEADLINE_EXCEEDED); retry shortly",
             ) from None
         except asyncio.CancelledError:
-            entry.caller_gone = True
+            entry.caller_gone = not renewal
             answer.cancel()
             raise
 

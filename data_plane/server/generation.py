@@ -682,7 +682,7 @@ class GenerationService:
         sent_at = time.monotonic()
         try:
             await self._cp.reserve_request_id(
-                tenant_id, request_id, self._state.worker_id, self._reservation_ms
+                tenant_id, request_id, self._state.worker_id, self._reservation_ms, renewal=True
             )
         except ControlPlaneError as error:
             held.until = None

@@ -327,3 +327,25 @@ def test_an_id_reserved_after_its_caller_went_away_is_given_back_and_one_whose_c
     assert isinstance(timed_out, ControlPlaneError) and timed_out.code == grpc.StatusCode.UNAVAILABLE
     assert late is None
     assert servicer.released == ["gone"]
+
+
+def test_a_renewal_whose_caller_went_away_keeps_what_it_got():
+    """A renewal's stream holds the id (its usage may still wait in the spool): a renewal answered after
+    its caller was cancelled is not released."""
+
+    async def scenario():
+        servicer = _Gated(delay_s=0.3)
+        async with _loopback(servicer) as client:
+            renewal = asyncio.ensure_future(
+                client.reserve_request_id("t1", "renewed", "w1", 60_000, renewal=True)
+            )
+            first = asyncio.ensure_future(client.reserve_request_id("t1", "first-gone", "w1", 60_000))
+            await asyncio.sleep(0.1)
+            renewal.cancel()
+            first.cancel()
+            await asyncio.sleep(0.5)
+        return servicer
+
+    servicer = asyncio.run(scenario())
+    assert sorted(i for batch in servicer.batches for i in batch) == ["first-gone", "renewed"]
+    assert servicer.released == ["first-gone"]

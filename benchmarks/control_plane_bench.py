@@ -4,12 +4,14 @@ methods a worker's requests reach, against a real PostgreSQL, without gRPC.
     python -m benchmarks.control_plane_bench                        # embedded PostgreSQL
     python -m benchmarks.control_plane_bench --database-url URL     # a server: a fresh database on it
 
-Per serving request a worker reserves the client's request id (`reserve_request_id`), reports its usage
-in batches (`report_usage`, sent every second: tens of records a batch under load) and, once its cached
-answer expired, authorizes the caller's key again (`authorize`). Each is called `--calls` times in a round,
-over `--rounds` rounds alternating between them; the figures are medians over the rounds of
-milliseconds per call: this process's CPU time (`time.process_time`, the control plane's own Python and
-driver work, not the database server's) and wall time (including the database's).
+Per serving request a worker reserves the client's request id (`reserve_request_id`, or for the calls
+that arrive together one `reserve_request_ids`, timed here in batches of 16), reports its usage in
+batches (`report_usage`, sent every second: tens of records a batch under load) and, once its cached
+answer expired, authorizes the caller's key again (`authorize`). Each is called `--calls` times in a round
+(for the batched kinds: that many reservations or records), over `--rounds` rounds alternating between
+them; the figures are medians over the rounds of milliseconds per reservation, record or authorization:
+this process's CPU time (`time.process_time`, the control plane's own Python and driver work, not the
+database server's) and wall time (including the database's).
 """
 
 from __future__ import annotations
@@ -90,12 +92,24 @@ def calls(app, admin_key: str) -> dict[str, Callable[[int], None]]:
         for _ in range(n):
             app.reserve_request_id(tenant_id, f"r-{uuid.uuid4().hex}", WORKER_ID, 120_000)
 
+    def reserve_batches(batch: int) -> Callable[[int], None]:
+        def run(n: int) -> None:
+            for start in range(0, n, batch):
+                entries = [
+                    (tenant_id, f"r-{uuid.uuid4().hex}", WORKER_ID, 120_000)
+                    for _ in range(min(batch, n - start))
+                ]
+                app.reserve_request_ids(entries)
+
+        return run
+
     def authorize(n: int) -> None:
         for _ in range(n):
             app.authorize(api_key, [], "")
 
     return {
         "reserve_request_id": reserve,
+        "reserve_request_ids, batches of 16": reserve_batches(16),
         "report_usage, batches of 1": usage(1),
         "report_usage, batches of 16": usage(16),
         "authorize (key only)": authorize,

@@ -27,6 +27,7 @@ def test_times_every_call_on_a_fresh_database_and_drops_it(postgres_server_url, 
     results = json.loads(out.read_text())["results"]
     assert set(results) == {
         "reserve_request_id",
+        "reserve_request_ids, batches of 16",
         "report_usage, batches of 1",
         "report_usage, batches of 16",
         "authorize (key only)",

@@ -476,8 +476,10 @@ class ControlPlane:
                 try:
                     with self.sessions.begin() as s:
                         outcomes[i] = self._reserve_one(s, *entries[i])
-                except (DataError, IntegrityError):
+                except DataError:
                     outcomes[i] = InvalidArgument("a value is too long or out of range for its field")
+                except IntegrityError:  # the one foreign key: the tenant
+                    outcomes[i] = InvalidArgument(f"no such tenant: {entries[i][0]!r}", field="tenant_id")
         return [outcomes[i] for i in range(len(entries))]
 
     @staticmethod

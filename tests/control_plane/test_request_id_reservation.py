@@ -383,3 +383,20 @@ def test_a_batch_that_loses_to_another_transaction_answers_each_entry_on_its_own
     monkeypatch.setattr(reservation, "reserve_request_id", real)
     for request_id in [*others, victim]:
         assert _reserve(cp, tenant_id, request_id, "w-b") == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_an_entry_for_a_tenant_that_does_not_exist_is_refused_alone(cp, tenant_id) -> None:
+    """The database refuses the row (no such tenant): that entry is INVALID_ARGUMENT naming tenant_id, and
+    the others of its batch are reserved all the same."""
+    ghost = str(uuid.uuid4())
+    ids = [f"g{i}-{uuid.uuid4().hex}" for i in range(3)]
+    outcomes = _reserve_many(
+        cp, [(tenant_id, ids[0], "w-a"), (ghost, ids[1], "w-a"), (tenant_id, ids[2], "w-a")]
+    )
+    assert outcomes == [
+        (grpc.StatusCode.OK, ""),
+        (grpc.StatusCode.INVALID_ARGUMENT, "tenant_id"),
+        (grpc.StatusCode.OK, ""),
+    ]
+    for request_id in (ids[0], ids[2]):
+        assert _reserve(cp, tenant_id, request_id, "w-b") == grpc.StatusCode.ALREADY_EXISTS

@@ -240,17 +240,13 @@ class ModelRunner:
                 views_by_layout.popitem(last=False)
         else:
             views_by_layout.move_to_end(signature)
-        flat, factors = views
+        flat, factors = views  # made in layout order: the layout's scales pair with them in order
         flat.copy_(buffer, non_blocking=True)
-        return AdapterWeights(
-            rank=host.rank,
-            factors={
-                (p.layer, p.projection): LoraFactors(
-                    factors[(p.layer, p.projection)].a, factors[(p.layer, p.projection)].b, p.scale
-                )
-                for p in host.layout
-            },
-        )
+        scaled = {
+            key: LoraFactors(f.a, f.b, p.scale)
+            for (key, f), p in zip(factors.items(), host.layout, strict=True)
+        }
+        return AdapterWeights(rank=host.rank, factors=scaled)
 
     @torch.inference_mode()
     def clear_blocks(self, block_ids: list[int]) -> None:

@@ -192,9 +192,7 @@ class ArtifactStore:
             self._holds[key] += 1
             self._served_at[key] = self._used_at[key]
         try:
-            if key not in self._stale and self._unchanged(key, path):
-                return LocalArtifact(key, path, "disk")
-            if path.is_dir() and key not in self._stale and await self._checked(key):
+            if key not in self._stale and await self._checked(key, path):
                 return LocalArtifact(key, path, "disk")
             return LocalArtifact(key, await _shared(self._downloads, key, self._download), "remote")
         except BaseException:
@@ -202,22 +200,18 @@ class ArtifactStore:
                 self.release((key,))
             raise
 
-    def _unchanged(self, key: str, path: Path) -> bool:
-        """The artifact was checked and its files are as they were then (one `stat` per file: a call for
-        an adapter on disk makes no more system calls than that, each of which gives up the interpreter
-        to the engine thread)."""
-        if key in self._unchecked:
-            return False
-        known = self._fingerprints.get(key)
-        return known is not None and files_fingerprint(path) == known
-
-    async def _checked(self, key: str) -> bool:
-        """True when the artifact on disk may be served: checked already, or checked now (found at start).
-        A copy that fails its check is removed (False: the caller fetches it)."""
+    async def _checked(self, key: str, path: Path) -> bool:
+        """True when the artifact on disk may be served: checked already and its files as they were then
+        (one `stat` per file, the only system calls of a call for an adapter on disk: each gives up the
+        interpreter to the engine thread), or checked now (found at start, or changed since). A copy that
+        fails its check is removed, and one not on disk is not served (False: the caller fetches it)."""
         if key not in self._unchecked:
-            fingerprint = files_fingerprint(self.path_of(key))
+            fingerprint = files_fingerprint(path)
             if fingerprint is not None and self._fingerprints.get(key) == fingerprint:
                 return True
+        if not path.is_dir():
+            return False  # not on disk
+        if key not in self._unchecked:
             log.warning("artifact %s changed on disk since it was checked: checking it again", key[:12])
             self._unchecked.add(key)
         return await _shared(self._checks, key, self._check_found)

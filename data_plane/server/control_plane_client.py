@@ -666,10 +666,7 @@ class ControlPlaneClient:
             if not batch:
                 calls.release()
                 continue
-            task = asyncio.create_task(self._reserve_batch(batch))
-            self._reservation_tasks.add(task)
-            task.add_done_callback(self._reservation_tasks.discard)
-            task.add_done_callback(lambda _: calls.release())
+            self._spawn(self._reserve_batch(batch)).add_done_callback(lambda _: calls.release())
 
     async def _reserve_batch(self, batch: list[_WaitingReservation]) -> None:
         """One ReserveRequestIds call for `batch`; settles each entry's answer."""
@@ -685,9 +682,16 @@ class ControlPlaneClient:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 # An older control plane (or one behind a proxy that is): one call each for a while.
                 self._batches_unsupported_until = loop.time() + BATCHES_RETRY_S
-                for entry in batch:
+                waiting = [entry for entry in batch if not entry.answer.done()]
+                answers = await asyncio.gather(
+                    *(self._reserve_one(entry.request) for entry in waiting), return_exceptions=True
+                )
+                for entry, answer in zip(waiting, answers, strict=True):
                     if not entry.answer.done():
-                        _settle(entry.answer, self._reserve_one(entry.request))
+                        if isinstance(answer, BaseException):
+                            entry.answer.set_exception(answer)
+                        else:
+                            entry.answer.set_result(None)
                 return
             # The call as a whole failed: no entry's own answer, so none is the caller's fault.
             _fail_all(batch, _unavailable(f"ReserveRequestIds: {error.code().name}"))
@@ -716,9 +720,14 @@ class ControlPlaneClient:
             except ControlPlaneError as error:
                 log.info("reservation of a call that gave up not released (it lapses): %s", error.message)
 
-        task = asyncio.create_task(release())
+        self._spawn(release())
+
+    def _spawn(self, call) -> asyncio.Task:
+        """`call` run as a task the client keeps until it ends (and cancels when it closes)."""
+        task = asyncio.create_task(call)
         self._reservation_tasks.add(task)
         task.add_done_callback(self._reservation_tasks.discard)
+        return task
 
     async def _reserve_one(self, request: worker_pb2.ReserveRequestIdRequest) -> None:
         try:
@@ -940,27 +949,6 @@ def _outcome_error(outcome: worker_pb2.RequestIdOutcome) -> ControlPlaneError:
         grpc.StatusCode.UNAVAILABLE,
         f"control plane unavailable (ReserveRequestIds: {code.name}); retry shortly",
     )
-
-
-def _settle(answer: asyncio.Future, call) -> None:
-    """Settles `answer` with the outcome of the coroutine `call`, run as a task of its own."""
-
-    async def run() -> None:
-        try:
-            await call
-        except Exception as error:
-            if not answer.done():
-                answer.set_exception(error)
-        else:
-            if not answer.done():
-                answer.set_result(None)
-
-    task = asyncio.create_task(run())
-    _SETTLING.add(task)
-    task.add_done_callback(_SETTLING.discard)
-
-
-_SETTLING: set[asyncio.Task] = set()
 
 
 def _resolved(a: worker_pb2.ResolvedAdapter) -> ResolvedAdapter:

@@ -333,7 +333,7 @@ def top_frames(sampler: Sampler, main_pid: int, limit: int = 15) -> list[tuple[s
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-def build_trace(cfg: OverheadConfig) -> Trace:
+def build_trace(cfg: OverheadConfig, vocab_size: int = TraceConfig.vocab_size) -> Trace:
     return generate_trace(
         TraceConfig(
             num_requests=cfg.num_requests,
@@ -342,6 +342,7 @@ def build_trace(cfg: OverheadConfig) -> Trace:
             prompt_len_range=cfg.prompt_len_range,
             output_len_range=cfg.output_len_range,
             seed=cfg.seed,
+            vocab_size=vocab_size,
         )
     )
 

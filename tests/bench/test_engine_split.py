@@ -1,0 +1,44 @@
+"""benchmarks/engine_split.py on a tiny model: every way steps the whole trace, each consumer takes every
+token the engine made and spends the CPU time it was asked for on them, and the report reads the ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import engine_split
+from benchmarks.serving_overhead import OverheadConfig
+from tests.bench.tiny_bench_model import TINY, one_torch_thread, tiny_bench_model  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_both_consumers_take_every_token_and_spend_the_work_asked(tmp_path_factory):
+    root = tiny_bench_model(tmp_path_factory).root
+    trace = OverheadConfig(num_requests=12, num_adapters=4, output_len_range=(4, 4), num_adapter_slots=4)
+    cfg = engine_split.SplitConfig(per_token_us=(200.0,), passes=1, trace=trace)
+    results = engine_split.run(cfg, shape=TINY, root=root)
+    entry = results["by_per_token_us"]["200.0"]
+    (figures,) = entry["passes"]
+    assert {way["tokens"] for way in figures.values()} == {12 * 4}
+    for way in ("thread", "process"):
+        assert figures[way]["consumer_tokens"] == 12 * 4
+        # 48 tokens x 200 us = 9.6 ms of the consumer's own CPU time (more by the spin's last round only)
+        assert 0.0096 <= figures[way]["consumer_cpu_s"] < 0.5
+    assert "consumer_cpu_s" not in figures["none"]
+    assert set(entry["ratios"]) == {"thread/none", "process/none", "thread/process"}
+    report = engine_split.report(results)
+    assert "200 us of consumer CPU per token, 1 passes" in report and "sharing the process loses" in report
+
+
+def test_ratios_are_per_pass_quotients():
+    def way(tokens_per_s):
+        return {"tokens_per_s": tokens_per_s}
+
+    passes = [
+        {"none": way(100.0), "thread": way(90.0), "process": way(80.0)},
+        {"none": way(200.0), "thread": way(100.0), "process": way(200.0)},
+        {"none": way(100.0), "thread": way(95.0), "process": way(100.0)},
+    ]
+    r = engine_split.ratios(passes)
+    assert r["thread/process"] == {"median": 0.95, "min": 0.5, "max": 1.125}
+    assert r["thread/none"]["median"] == 0.9 and r["process/none"]["max"] == 1.0

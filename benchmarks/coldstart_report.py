@@ -120,6 +120,13 @@ def target_lines(results: dict) -> list[str]:
             value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
             if t.get("ci95"):
                 value += f" (95% CI {t['ci95'][0]:.2f} to {t['ci95'][1]:.2f})"
+            if t.get("by_chance"):
+                c = t["by_chance"]
+                value += (
+                    f" (the {c['sizes'][0]} and {c['sizes'][1]} calls dealt out at random: median "
+                    f"{c['median']:.2f}, at or above the target {c['share_at_or_above_target']:.0%}, at or above "
+                    f"this {c['p_value']:.0%})"
+                )
             if off.get(key, {}).get("value") is not None:
                 value += f" (hints off: {off[key]['value']:.2f})"
             if t.get("failed_calls"):

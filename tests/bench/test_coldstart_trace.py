@@ -17,6 +17,7 @@ from benchmarks.coldstart import (
     up_argv,
     worker_loads,
 )
+from benchmarks.coldstart_report import target_lines
 from benchmarks.coldstart_trace import (
     FIRST_CALL,
     LONG_TAIL,
@@ -28,6 +29,7 @@ from benchmarks.coldstart_trace import (
     bootstrap_interval,
     cold_calls,
     generate_coldstart_trace,
+    label_permutations,
     load_window_s,
     popularity_deciles,
     split_itl_by_loads,
@@ -329,6 +331,18 @@ def test_bootstrap_interval_covers_the_statistic_and_narrows_with_more_samples()
     assert bootstrap_interval(np.array([]), np.array([1.0]), gap) is None
 
 
+def test_label_permutations_tell_a_slower_group_from_the_luck_of_the_deal():
+    rng = np.random.default_rng(2)
+    ratio = lambda a, b: float(np.percentile(a, 99) / np.percentile(b, 99))  # noqa: E731
+    same = label_permutations(rng.gamma(4.0, 10.0, 94), rng.gamma(4.0, 10.0, 49), ratio, 1.2)
+    assert same["sizes"] == [94, 49] and 0.8 < same["median"] < 1.25
+    assert same["p_value"] > 0.05  # one distribution: no evidence either way
+    assert 0.0 < same["share_at_or_above_target"] < 0.9  # a p99 of ~50 calls misses 1.2 by chance at times
+    slower = label_permutations(rng.gamma(4.0, 10.0, 400) * 1.6, rng.gamma(4.0, 10.0, 400), ratio, 1.2)
+    assert slower["observed"] > 1.3 and slower["p_value"] < 0.01
+    assert label_permutations(np.array([]), np.array([1.0]), ratio, 1.2) is None
+
+
 def test_failed_calls_count_against_the_targets_instead_of_leaving_their_statistics():
     config = ColdStartTraceConfig(num_popular=2, popular_rate_per_s=2.0, num_long_tail=2, hour_s=4.0)
     requests = generate_coldstart_trace(config)
@@ -365,6 +379,9 @@ def test_targets_carry_the_passes_bootstrap_intervals():
     assert gap["ci95"][0] <= gap["value"] <= gap["ci95"][1]
     ratio = checked["long_tail_ttft_p99_vs_popular"]
     assert ratio["ci95"][0] <= ratio["value"] <= ratio["ci95"][1]
+    assert ratio["by_chance"]["observed"] == pytest.approx(ratio["value"])
+    assert ratio["by_chance"]["sizes"][0] > 0 and 0.0 <= ratio["by_chance"]["p_value"] <= 1.0
+    assert any("dealt out at random" in line for line in target_lines({"targets": {POISSON: checked}}))
 
 
 def _event(at_s, event, key="k"):

@@ -23,7 +23,9 @@ Where the worker's extra time goes, for its best pass:
 - with py-spy on PATH or in the virtual env (`pip install py-spy`; `--no-py-spy` to skip), two samplers
   on the worker: the share of wall time each Python thread holds the GIL (GIL wait shows as the sum
   nearing 100%), and the engine loop's share of time inside `LLMEngine.step` against waiting for work,
-  plus what the event-loop thread spends its GIL time on. The engine-alone pass gets the same GIL figure.
+  plus what the event-loop thread spends its GIL time on (functions on its stack, and innermost ones);
+  a third sampler on the control plane (functions on the stack and innermost ones, any thread holding
+  its GIL). The engine-alone pass gets the same GIL figure.
 
     python -m benchmarks.serving_overhead              # full trace, 2 passes each (a few minutes)
     python -m benchmarks.serving_overhead --quick      # smoke run: 24 requests over 8 adapters, 1 pass
@@ -313,6 +315,36 @@ def engine_busy_share(sampler: Sampler, main_pid: int) -> dict[str, float]:
     return {"in LLMEngine.step": busy / total, "waiting for work": idle / total, "other": other / total}
 
 
+def self_frames(sampler: Sampler, limit: int = 15) -> list[tuple[str, float]]:
+    """Innermost Python function of each sample (any thread), by share of the samples: where the CPU
+    went (a C extension's time shows as the Python function that called it)."""
+    counts: Counter[str] = Counter()
+    for _, frames, count in sampler.stacks():
+        if frames:
+            counts[frames[-1].split(" (")[0]] += count
+    total = max(sum(counts.values()), 1)
+    return [(name, count / total) for name, count in counts.most_common(limit)]
+
+
+def inclusive_frames(sampler: Sampler, limit: int = 15) -> list[tuple[str, float]]:
+    """Functions on the stack of each sample (any thread; each counted once a sample), by share."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for _, frames, count in sampler.stacks():
+        total += count
+        for name in {f.split(" (")[0] for f in frames}:
+            counts[name] += count
+    return [(name, count / max(total, 1)) for name, count in counts.most_common(limit)]
+
+
+def control_plane_process(up: psutil.Process) -> psutil.Process | None:
+    for child in up.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "control-plane" in " ".join(child.cmdline()):
+                return child
+    return None
+
+
 def top_frames(sampler: Sampler, main_pid: int, limit: int = 15) -> list[tuple[str, float]]:
     """What the main thread ran while it held the GIL, by share of those samples: each sample counts once
     for every function on its stack below the event loop's callback runner (`Handle._run`), or for its
@@ -418,10 +450,12 @@ def worker_pass(system, trace: Trace, up, worker, spy: str | None, out: Path) ->
     out.mkdir(parents=True)
     meter = CpuMeter(up, worker)
     with contextlib.ExitStack() as stack:
-        gil = idle = None
+        gil = idle = control = None
         if spy:
             gil = stack.enter_context(Sampler(spy, worker.pid, out / "gil.txt", gil=True))
             idle = stack.enter_context(Sampler(spy, worker.pid, out / "idle.txt", gil=False))
+            if (cp := control_plane_process(up)) is not None:
+                control = stack.enter_context(Sampler(spy, cp.pid, out / "control-plane.txt", gil=True))
         stack.enter_context(meter)
         load = run_load(trace.requests, system.inference_target, system.api_key, run_tag=_tag("run"))
     summary = load["summary"]
@@ -436,8 +470,26 @@ def worker_pass(system, trace: Trace, up, worker, spy: str | None, out: Path) ->
     if gil is not None:
         result["gil_share"] = gil_shares(gil, worker.pid)
         result["event_loop_top_frames"] = top_frames(gil, worker.pid)
+        result["event_loop_self_frames"] = self_frames(_only_thread(gil, worker.pid, "main thread"))
+    if control is not None:
+        result["control_plane_frames"] = inclusive_frames(control)
+        result["control_plane_self_frames"] = self_frames(control)
         result["engine_loop"] = engine_busy_share(idle, worker.pid)
     return result
+
+
+class _Rows:
+    """A sampler's stacks, filtered: what `self_frames` and `inclusive_frames` read."""
+
+    def __init__(self, rows: list[tuple[str, list[str], int]]) -> None:
+        self._rows = rows
+
+    def stacks(self) -> list[tuple[str, list[str], int]]:
+        return self._rows
+
+
+def _only_thread(sampler: Sampler, main_pid: int, name: str) -> _Rows:
+    return _Rows([row for row in sampler.stacks() if thread_name(row[0], main_pid) == name])
 
 
 def pass_line(i: int, results: dict) -> str:
@@ -504,6 +556,16 @@ def summarize(results: dict) -> str:
             "Worker's event-loop thread: functions on its stack while it held the GIL (share of those samples):",
         ]
         for frame, share in best_w["event_loop_top_frames"]:
+            lines.append(f"  {share:6.1%}  {frame}")
+        lines += ["", "Worker's event-loop thread: innermost Python function while it held the GIL:"]
+        for frame, share in best_w.get("event_loop_self_frames", []):
+            lines.append(f"  {share:6.1%}  {frame}")
+    if "control_plane_frames" in best_w:
+        lines += ["", "Control plane while it held the GIL: functions on the stack (share of samples):"]
+        for frame, share in best_w["control_plane_frames"]:
+            lines.append(f"  {share:6.1%}  {frame}")
+        lines += ["", "Control plane: innermost Python function:"]
+        for frame, share in best_w["control_plane_self_frames"]:
             lines.append(f"  {share:6.1%}  {frame}")
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-from benchmarks.serving_overhead import summarize
+from benchmarks.serving_overhead import _Rows, inclusive_frames, self_frames, summarize
 
 
 def _engine_pass(tokens_per_s):
@@ -36,3 +36,16 @@ def test_the_target_is_met_only_when_every_worker_request_succeeded():
     report = summarize(failed)
     assert "target >= 0.9: NOT met" in report and "40 worker requests failed" in report
     assert failed["best"]["worker_failed_requests"] == 40
+
+
+def test_profile_views_count_innermost_functions_and_each_function_once_a_sample():
+    rows = _Rows(
+        [
+            ("thread (1): main", ["run (a.py:1)", "report (b.py:2)", "execute (c.py:3)"], 6),
+            ("thread (1): main", ["run (a.py:1)", "report (b.py:2)", "run (a.py:9)"], 2),
+            ("thread (2): other", ["poll (d.py:4)"], 2),
+        ]
+    )
+    assert self_frames(rows) == [("execute", 0.6), ("run", 0.2), ("poll", 0.2)]
+    # "run" twice on one stack counts once for that sample
+    assert dict(inclusive_frames(rows)) == {"run": 0.8, "report": 0.8, "execute": 0.6, "poll": 0.2}

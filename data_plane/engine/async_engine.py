@@ -64,11 +64,16 @@ class AsyncEngine:
         config: EngineConfig | None = None,
         engine: LLMEngine | None = None,
         max_step_failures: int = MAX_STEP_FAILURES,
+        stream_interval: int = 1,
     ) -> None:
         if (config is None) == (engine is None):
             raise ValueError("give exactly one of config and engine")
         if max_step_failures < 1:
             raise ValueError(f"max_step_failures must be >= 1, got {max_step_failures}")
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
+        # Tokens a stream's consumer is woken for past the first one (OutputStream's interval).
+        self._stream_interval = stream_interval
         self._config = config
         self._engine = engine
         self._max_step_failures = max_step_failures
@@ -163,7 +168,8 @@ class AsyncEngine:
         """Streams the request's outputs; raises InvalidRequest, AdapterLoadError, QueueFull or EngineDead.
 
         Each item holds everything made since the previous one was taken (`OutputStream`): one step's
-        output when the caller keeps up, several merged when it lags; the first token always alone.
+        output when the caller keeps up, several merged when it lags or until `stream_interval` tokens
+        wait; the first token always alone, the end and errors never held back.
         Leaving the iteration early (close, cancel) aborts the request within one engine step.
         """
         if not self.is_running:
@@ -183,7 +189,7 @@ class AsyncEngine:
             )
         # Disk reads of its adapters begin now, beside the running step, not once the engine takes it in.
         engine.read_ahead(request)
-        outputs = OutputStream()
+        outputs = OutputStream(self._stream_interval)
         self._streams[request.request_id] = outputs
         self._tenant_requests[request.tenant] += 1
         with self._submitted_lock:

@@ -14,6 +14,12 @@ so the first token leaves at once (TTFT is never traded for batching), and an er
 an output whose `error` is set) is never merged: the outputs before it are returned first, the error by
 the next `get`, so the tokens made before a fault still reach (and are billed to) the caller.
 
+`interval` (the worker's --stream-interval, default 1): after the first token, a waiting consumer is woken
+only once `interval` tokens wait, or the request finished, or an error came; so each message carries at
+least `interval` tokens but the last, and the serving path does its per-message work (a task woken, a
+message built and written) that many times less. The first token, the last output and errors are never
+held back.
+
 Event-loop only: not thread-safe.
 """
 
@@ -28,27 +34,54 @@ from data_plane.engine.request import RequestOutput
 Item = RequestOutput | BaseException
 
 
+def _is_final(item: Item) -> bool:
+    """An item never held back for the interval: an exception, an output with an error, the last output."""
+    return isinstance(item, BaseException) or item.error is not None or item.finished
+
+
 class OutputStream:
-    def __init__(self) -> None:
+    def __init__(self, interval: int = 1) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        self._interval = interval
         self._items: list[Item] = []
         self._waiter: asyncio.Future | None = None
         self._sent_token = False  # whether an output with a token has been taken
+        self._tokens = 0  # tokens in self._items
+        self._finals = 0  # items in self._items that `_is_final`
 
     def __len__(self) -> int:
         """Items waiting for the consumer."""
         return len(self._items)
 
+    @property
+    def ready(self) -> bool:
+        """Whether a `get` returns at once: something waits, and (past the first token) it is at least
+        `interval` tokens, or the end, or an error."""
+        if not self._items:
+            return False
+        return (
+            self._interval == 1
+            or self._finals > 0
+            or self._tokens >= self._interval
+            or (self._tokens > 0 and not self._sent_token)
+        )
+
     def put(self, item: Item) -> None:
-        """Adds an output (or an exception ending the stream); wakes a waiting consumer once, however many
-        items arrive before it runs."""
+        """Adds an output (or an exception ending the stream); wakes a waiting consumer once it is `ready`,
+        once however many items arrive before it runs."""
         self._items.append(item)
+        if _is_final(item):
+            self._finals += 1
+        elif not isinstance(item, BaseException):
+            self._tokens += len(item.new_token_ids)
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        if waiter is not None and not waiter.done() and self.ready:
             waiter.set_result(None)
 
     async def get(self) -> Item:
         """The next item: the outputs waiting, merged, or an exception (returned, not raised)."""
-        while not self._items:
+        while not self.ready:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -61,6 +94,7 @@ class OutputStream:
         first = items[0]
         if isinstance(first, BaseException) or first.error is not None:
             del items[0]
+            self._finals -= 1
             return first
         end = 0  # items[:end] are merged
         while end < len(items):
@@ -72,6 +106,11 @@ class OutputStream:
                 break  # the first token goes alone
         run = items[:end]
         del items[:end]
+        for out in run:
+            if out.finished:
+                self._finals -= 1
+            else:
+                self._tokens -= len(out.new_token_ids)
         if any(out.new_token_ids for out in run):
             self._sent_token = True
         return run[0] if len(run) == 1 else merge(run)

@@ -21,6 +21,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 MAX_ADAPTER_SLOTS = 65536
 MAX_LORA_RANK = 4096
+# Largest --stream-interval: past it a message would wait for more tokens than any request makes.
+MAX_STREAM_INTERVAL = 4096
 
 
 def quantize_problem(quantize: str, quantize_lm_head: bool) -> str | None:
@@ -83,6 +85,11 @@ class WorkerConfig:
     # for that tenant only, so one tenant's flood never fills the queue every tenant shares. None: half
     # of what the worker holds (engine max_num_seqs + max_waiting).
     max_streams_per_tenant: int | None = None
+    # Tokens a stream's message carries at least, past the first token (the last message may carry fewer):
+    # 1 sends each step's token at once; more trades how smoothly text arrives for less serving work per
+    # token (a message built and written per `stream_interval` tokens). The first token, the end and errors
+    # are never held back.
+    stream_interval: int = 1
     # Upper bound of sampling.max_tokens; the engine's context length bounds it further.
     max_tokens_limit: int = 4096
     default_max_tokens: int = 128
@@ -155,6 +162,10 @@ class WorkerConfig:
         # given --max-tokens-limit 64 refused to start naming default_max_tokens, which no flag sets.
         if self.max_tokens_limit < 1:
             raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+        if not 1 <= self.stream_interval <= MAX_STREAM_INTERVAL:
+            raise ValueError(
+                f"stream_interval must be in [1, {MAX_STREAM_INTERVAL}], got {self.stream_interval}"
+            )
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if not 0 <= self.drain_grace_s < math.inf:  # NaN drained as 0 s: every stream cut at once

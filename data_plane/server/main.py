@@ -103,7 +103,7 @@ def build_engine(config: WorkerConfig):
         max_waiting=config.max_waiting,
         **{name: value for name, value in settings.items() if value is not None},
     )
-    return AsyncEngine(engine_config)
+    return AsyncEngine(engine_config, stream_interval=config.stream_interval)
 
 
 @dataclass

@@ -57,8 +57,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Generate(self, request, context) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """Streams one completion: a message per engine step, or one for all the steps made while the
-        transport was busy with the previous message (the first token alone); the last carries
-        finish_reason, usage and timing."""
+        transport was busy with the previous message, or per --stream-interval tokens (the first token
+        alone and at once); the last carries finish_reason, usage and timing."""
         service = self._service
         if service is None:
             self._metrics.requests.labels("UNAVAILABLE").inc()

@@ -22,6 +22,7 @@ from data_plane.server.config import (
     MAX_AUTH_CACHE_TTL_S,
     MAX_LORA_RANK,
     MAX_REQUEST_ID_RESERVATION_S,
+    MAX_STREAM_INTERVAL,
     MIN_REQUEST_ID_RESERVATION_S,
     QUANTIZE_FORMATS,
 )
@@ -245,6 +246,14 @@ def _add_worker(subparsers) -> None:
         "tenant (OPENLORA_MAX_STREAMS_PER_TENANT; default half of --max-num-seqs + --max-waiting)",
     )
     p.add_argument(
+        "--stream-interval",
+        type=_number_type(whole_number, minimum=1, maximum=MAX_STREAM_INTERVAL),
+        default=_env_number("STREAM_INTERVAL", 1),
+        help="tokens a streamed message carries at least past the first (the last may carry fewer): "
+        "more sends text in coarser pieces for less serving work per token; the first token, the end "
+        "and errors are never held back (OPENLORA_STREAM_INTERVAL; default 1)",
+    )
+    p.add_argument(
         "--max-tokens-limit",
         type=_count,
         default=_env_number("MAX_TOKENS_LIMIT", 4096),
@@ -387,6 +396,7 @@ def worker_config_from_args(args: argparse.Namespace):
         max_streams_per_tenant=args.max_streams_per_tenant,
         max_pending_merges_per_tenant=args.max_pending_merges_per_tenant,
         max_tokens_limit=args.max_tokens_limit,
+        stream_interval=args.stream_interval,
         redis_url=args.redis_url,
         drain_grace_s=args.drain_grace_s,
         metrics_port=args.metrics_port,

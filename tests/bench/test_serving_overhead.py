@@ -33,6 +33,8 @@ def test_the_target_is_met_only_when_every_worker_request_succeeded():
         "engine": [_engine_pass(460.0), _engine_pass(450.0)],
         "worker": [_worker_pass(430.0, 0), _worker_pass(425.0, 40)],
     }
+    at_four = {**clean, "config": {"stream_interval": 4}}
+    assert "target >= 0.9: not read at --stream-interval 4" in summarize(at_four)
     report = summarize(failed)
     assert "target >= 0.9: NOT met" in report and "40 worker requests failed" in report
     assert failed["best"]["worker_failed_requests"] == 40

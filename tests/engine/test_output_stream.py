@@ -109,3 +109,58 @@ def test_a_waiting_consumer_wakes_once_and_takes_everything_put_before_it_runs()
     first, merged, left = asyncio.run(go())
     assert first.new_token_ids == [1]
     assert merged.new_token_ids == [2, 3, 4] and merged.finished and left == 0
+
+
+def test_past_the_first_token_a_consumer_wakes_once_the_interval_of_tokens_waits():
+    async def go():
+        stream = OutputStream(interval=3)
+        taking = asyncio.ensure_future(stream.get())
+        await asyncio.sleep(0)
+        stream.put(_out([]))  # nothing to send: no wake
+        await asyncio.sleep(0)
+        assert not taking.done() and not stream.ready
+        stream.put(_out([1], "a"))  # the first token: at once, alone
+        first = await taking
+        taking = asyncio.ensure_future(stream.get())
+        for ids in ([2], [3]):
+            stream.put(_out(ids))
+            await asyncio.sleep(0)
+            assert not taking.done()  # one and two tokens wait: held back
+        stream.put(_out([4, 5]))  # four wait: the interval is reached
+        merged = await taking
+        taking = asyncio.ensure_future(stream.get())
+        stream.put(_out([6]))
+        await asyncio.sleep(0)
+        assert not taking.done()
+        stream.put(_out([7], finished=True))  # the end is never held back
+        return first, merged, await taking, len(stream)
+
+    first, merged, last, left = asyncio.run(go())
+    assert first.new_token_ids == [1] and first.new_text == "a"
+    assert merged.new_token_ids == [2, 3, 4, 5] and not merged.finished
+    assert last.new_token_ids == [6, 7] and last.finished and left == 0
+
+
+def test_an_error_wakes_a_consumer_held_by_the_interval_and_the_tokens_before_it_come_first():
+    async def go():
+        stream = OutputStream(interval=8)
+        stream.put(_out([1]))
+        first = await stream.get()
+        taking = asyncio.ensure_future(stream.get())
+        stream.put(_out([2]))
+        await asyncio.sleep(0)
+        assert not taking.done()
+        stream.put(StepFailed("step failed"))
+        tokens = await taking
+        return first, tokens, await stream.get(), stream.ready
+
+    first, tokens, error, ready = asyncio.run(go())
+    assert first.new_token_ids == [1] and tokens.new_token_ids == [2]
+    assert isinstance(error, StepFailed) and not ready
+
+
+def test_an_interval_below_one_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="interval"):
+        OutputStream(interval=0)

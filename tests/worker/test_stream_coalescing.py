@@ -20,6 +20,7 @@ import pytest
 from data_plane.server.control_plane_client import ControlPlaneError
 from data_plane.server.errors import RequestIdUsed
 from data_plane.server.validation import RequestFieldError, check_request, requested_adapter_names
+from openlora.client import Client
 from openlora.v1 import inference_pb2
 
 PROMPT = "the quick brown fox"
@@ -321,3 +322,35 @@ def test_a_stream_running_past_its_reservations_time_to_live_keeps_its_id(system
         return codes
 
     assert system.loop.run(run()) == [grpc.StatusCode.ALREADY_EXISTS] * 3
+
+
+def test_a_worker_with_a_stream_interval_holds_tokens_back_but_never_the_first_or_the_end(
+    system, make_worker
+):
+    """`--stream-interval 4` over real gRPC: the first token alone and at once, then messages of at least
+    four tokens but the last, which ends the answer as soon as it is made; the same tokens and text as a
+    worker that sends every step's token (the system's, at the default of 1)."""
+    worker = make_worker(stream_interval=4)
+    _, _, key = system.new_tenant()
+    fields = dict(prompt=PROMPT, adapter="ad1", max_tokens=15, temperature=0.0)
+    with Client(f"127.0.0.1:{worker.port}", key) as held, Client(system.target, key) as eager:
+        messages = list(held.generate_stream(**fields))
+        every_step = list(eager.generate_stream(**fields))
+        short = list(held.generate_stream(**(fields | {"max_tokens": 2})))
+    sizes = [len(m.token_ids) for m in messages]
+    assert sizes[0] == 1 and sum(sizes) == 15 and len(sizes) <= 5
+    assert all(n >= 4 for n in sizes[1:-1]) and sizes[-1] >= 1 and messages[-1].finish_reason
+    assert [t for m in messages for t in m.token_ids] == [t for m in every_step for t in m.token_ids]
+    assert "".join(m.text for m in messages) == "".join(m.text for m in every_step)
+    # fewer tokens than the interval: the end is not held back for more
+    assert [len(m.token_ids) for m in short] == [1, 1] and short[-1].usage.completion_tokens == 2
+
+
+def test_a_stream_interval_outside_its_bounds_is_refused_naming_it(tmp_path):
+    from data_plane.server.config import MAX_STREAM_INTERVAL, WorkerConfig
+
+    common = dict(model_dir=tmp_path, control_plane_target="cp:1", worker_token="t", state_dir=tmp_path)
+    assert WorkerConfig(**common, stream_interval=MAX_STREAM_INTERVAL).stream_interval == MAX_STREAM_INTERVAL
+    for bad in (0, -1, MAX_STREAM_INTERVAL + 1):
+        with pytest.raises(ValueError, match="stream_interval"):
+            WorkerConfig(**common, stream_interval=bad)

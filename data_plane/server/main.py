@@ -201,6 +201,7 @@ class RunningWorker:
         await self.usage.stop()
         await self.engine.stop()
         await self.control_plane.close()
+        await asyncio.to_thread(self.metrics.close_http)
         log.info("worker stopped")
 
     async def _leave(self) -> None:
@@ -233,49 +234,56 @@ async def serve_worker(config: WorkerConfig, engine=None) -> RunningWorker:
     if engine is None:
         engine = await asyncio.to_thread(build_engine, config)
     await engine.start()
-    # The name announced is the configured one (the fingerprint, not the name, decides what fits).
-    spec = dataclasses.replace(engine.spec, name=config.base_model_name)
-
-    http_connections = _http_descriptors() if config.http_listen else 0
-    max_connections = connection_cap(config.max_connections, http_connections, server="worker")
-    server = grpc.aio.server(
-        interceptors=[RequestDecodingInterceptor()], options=server_options(max_connections)
-    )
-    port = bind(server, config.listen, "--listen (OPENLORA_LISTEN)")
-    log.info(
-        "worker listening on %s (port %d, at most %d gRPC connections)", config.listen, port, max_connections
-    )
-    metrics = WorkerMetrics()
-    if config.metrics_port:  # bound before registering: a worker that cannot listen never registers
-        metrics.serve_http(config.metrics_port)
-    host = config.listen.rsplit(":", 1)[0]
-    address = config.advertise_address or f"{host}:{port}"
-    state = WorkerState(base_model=spec.name)
-    state.idle.set()
-    # Answering from the moment it listens: health NOT_SERVING and Generate UNAVAILABLE while it registers
-    # (a control plane or database down at start kept them for minutes on a port that took connections
-    # and never spoke HTTP/2: probes and callers hung to their deadlines).
-    inference = InferenceServicer(None, metrics, state)
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            INFERENCE_SERVICE,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    for service in ("", INFERENCE_SERVICE):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
+    server = metrics = None
     try:
+        # The name announced is the configured one (the fingerprint, not the name, decides what fits).
+        spec = dataclasses.replace(engine.spec, name=config.base_model_name)
+
+        http_connections = _http_descriptors() if config.http_listen else 0
+        max_connections = connection_cap(config.max_connections, http_connections, server="worker")
+        server = grpc.aio.server(
+            interceptors=[RequestDecodingInterceptor()], options=server_options(max_connections)
+        )
+        port = bind(server, config.listen, "--listen (OPENLORA_LISTEN)")
+        log.info(
+            "worker listening on %s (port %d, at most %d gRPC connections)",
+            config.listen,
+            port,
+            max_connections,
+        )
+        metrics = WorkerMetrics()
+        if config.metrics_port:  # bound before registering: a worker that cannot listen never registers
+            metrics.serve_http(config.metrics_port)
+        host = config.listen.rsplit(":", 1)[0]
+        address = config.advertise_address or f"{host}:{port}"
+        state = WorkerState(base_model=spec.name)
+        state.idle.set()
+        # Answering from the moment it listens: health NOT_SERVING and Generate UNAVAILABLE while it registers
+        # (a control plane or database down at start kept them for minutes on a port that took connections
+        # and never spoke HTTP/2: probes and callers hung to their deadlines).
+        inference = InferenceServicer(None, metrics, state)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (
+                INFERENCE_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        for service in ("", INFERENCE_SERVICE):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
         return await _start_serving(
             config, engine, spec, server, port, address, metrics, state, inference, health_servicer
         )
     except BaseException:  # it never served: stop what it started (a process exits anyway; a test goes on)
-        await server.stop(None)
+        if server is not None:
+            await server.stop(None)
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close_http)
         await engine.stop()
         raise
 

@@ -25,6 +25,7 @@ BACKGROUND_LOOPS = ("heartbeat", "hints", "residency", "engine_watch")
 class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._http_server = None  # serve_http's, once it serves
         r = self.registry
         self.ttft_s = Histogram(
             "openlora_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS_S, registry=r
@@ -155,9 +156,17 @@ class WorkerMetrics:
         """Exposes /metrics on `port` (a daemon thread of prometheus-client). Raises ListenError naming
         the address and `flag` when the port cannot be bound."""
         try:
-            start_http_server(port, addr=addr, registry=self.registry)
+            self._http_server, _ = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as error:
             raise listen_error(f"{addr}:{port}", flag, error.strerror or str(error)) from None
+
+    def close_http(self) -> None:
+        """Stops serving /metrics and frees its port (a worker stopped inside a longer-lived process, as in
+        the tests, kept both until the process exited)."""
+        server, self._http_server = self._http_server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
 
 @dataclass(frozen=True)

@@ -95,14 +95,13 @@ class System:
             time.sleep(0.1)
 
 
-def start_worker(loop, cp_target: str, model_dir: Path, state_dir: Path, redis_url: str | None, **overrides):
+def _config(cp_target: str, model_dir: Path, state_dir: Path, redis_url: str | None, **overrides):
     from data_plane.server.config import EngineSettings, WorkerConfig
-    from data_plane.server.main import serve_worker
 
     overrides.setdefault("auth_cache_ttl_s", AUTH_TTL_S)
     overrides.setdefault("listen", "127.0.0.1:0")
     engine = overrides.pop("engine", EngineSettings(num_kv_blocks=256, max_num_seqs=16, max_lora_rank=16))
-    config = WorkerConfig(
+    return WorkerConfig(
         model_dir=model_dir,
         model_name=BASE_MODEL,
         control_plane_target=cp_target,
@@ -114,7 +113,36 @@ def start_worker(loop, cp_target: str, model_dir: Path, state_dir: Path, redis_u
         drain_grace_s=5.0,
         **overrides,
     )
-    return loop.run(serve_worker(config))
+
+
+def worker_config(system, state_dir: Path, redis_url: str | None = None, **overrides):
+    """The config `start_worker` starts a worker of the module's system with."""
+    return _config(system.control_plane.target, system.model_dir, state_dir, redis_url, **overrides)
+
+
+def start_worker(loop, cp_target: str, model_dir: Path, state_dir: Path, redis_url: str | None, **overrides):
+    from data_plane.server.main import serve_worker
+
+    return loop.run(serve_worker(_config(cp_target, model_dir, state_dir, redis_url, **overrides)))
+
+
+def start_worker_serving_metrics(
+    loop, cp_target: str, model_dir: Path, state_dir: Path, redis_url: str | None, **overrides
+):
+    """`start_worker` with /metrics on a port picked free, picked again when something took it before the
+    worker bound it (another process's server, an outgoing connection's ephemeral port)."""
+    from openlora.listen import ListenError
+
+    def start(port: int):
+        return start_worker(loop, cp_target, model_dir, state_dir, redis_url, metrics_port=port, **overrides)
+
+    for _ in range(support.PORT_ATTEMPTS - 1):
+        try:
+            return start(support.free_port())
+        except ListenError as error:
+            if "--metrics-port" not in str(error):
+                raise
+    return start(support.free_port())
 
 
 @pytest.fixture(scope="module")
@@ -181,14 +209,8 @@ def spare_worker(system, tmp_path):
 @pytest.fixture
 def hinted_worker(system, tmp_path, redis_url):
     """A worker with the longest authorisation cache (10 s) that listens to Redis hints and serves metrics."""
-    worker = start_worker(
-        system.loop,
-        system.control_plane.target,
-        system.model_dir,
-        tmp_path,
-        redis_url,
-        auth_cache_ttl_s=10.0,
-        metrics_port=support.free_port(),
+    worker = start_worker_serving_metrics(
+        system.loop, system.control_plane.target, system.model_dir, tmp_path, redis_url, auth_cache_ttl_s=10.0
     )
     yield worker
     system.loop.run(worker.stop(1.0))

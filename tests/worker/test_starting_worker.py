@@ -5,9 +5,11 @@ and never speaks HTTP/2 (probes and callers hung to their deadlines)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from openlora.v1 import inference_pb2, inference_pb2_grpc
@@ -56,3 +58,29 @@ def test_a_worker_that_cannot_register_yet_answers_not_serving_and_unavailable(t
         loop.run(asyncio.sleep(0.5))  # its cancellation stops the server and the engine
     finally:
         loop.close()
+
+
+def test_a_worker_whose_metrics_port_is_taken_stops_its_engine_and_a_stopped_one_frees_that_port(
+    system, tmp_path
+):
+    """A start that fails once the engine runs (here: the metrics port another socket holds) stops the
+    engine and the gRPC server it began, so a test or a supervisor in the same process can start again;
+    and a worker stopped frees its metrics port (the Prometheus server used to outlive it)."""
+    from data_plane.server.main import build_engine, serve_worker
+    from openlora.listen import ListenError
+
+    from .conftest import start_worker_serving_metrics, worker_config
+
+    with socket.create_server(("0.0.0.0", 0)) as held:
+        config = worker_config(system, tmp_path / "taken", metrics_port=held.getsockname()[1])
+        engine = build_engine(config)
+        with pytest.raises(ListenError, match="--metrics-port"):
+            system.loop.run(serve_worker(config, engine))
+        assert not engine.is_running
+
+    worker = start_worker_serving_metrics(
+        system.loop, system.control_plane.target, system.model_dir, tmp_path / "free", None
+    )
+    system.loop.run(worker.stop(1.0))
+    with socket.create_server(("0.0.0.0", worker.config.metrics_port)):  # bound again: nothing holds it
+        pass

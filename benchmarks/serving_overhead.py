@@ -78,6 +78,7 @@ class OverheadConfig:
     max_waiting: int = 4096
     host_cache_bytes: int = 1 << 30
     py_spy: bool = True
+    sample_rate_hz: int = SAMPLE_RATE_HZ  # py-spy's samples a second (more: finer profiles, more CPU taken)
     # The worker's --stream-interval (1, its default: every step's token goes at once; issue 13's target is
     # read at 1). The engine-alone side streams nothing either way.
     stream_interval: int = 1
@@ -244,11 +245,11 @@ def py_spy_binary() -> str | None:
 class Sampler:
     """`py-spy record` on a process while the block runs (raw collapsed stacks, one line per stack)."""
 
-    def __init__(self, binary: str, pid: int, out: Path, gil: bool) -> None:
-        self.out = out
+    def __init__(self, binary: str, pid: int, out: Path, gil: bool, rate_hz: int = SAMPLE_RATE_HZ) -> None:
+        self.out, self.rate_hz = out, rate_hz
         mode = ["--gil"] if gil else ["--idle"]
         self.argv = [
-            binary, "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE_HZ), "--format", "raw",
+            binary, "record", "--pid", str(pid), "--rate", str(rate_hz), "--format", "raw",
             "--threads", "--nonblocking", "-o", str(out), *mode,
         ]  # fmt: skip
         self.seconds = 0.0
@@ -293,7 +294,7 @@ def thread_name(label: str, main_pid: int) -> str:
 
 def gil_shares(sampler: Sampler, main_pid: int) -> dict[str, float]:
     """Share of the wall time each thread held the GIL (samples / ticks), and their sum."""
-    ticks = max(sampler.seconds * SAMPLE_RATE_HZ, 1.0)
+    ticks = max(sampler.seconds * sampler.rate_hz, 1.0)
     held: Counter[str] = Counter()
     for thread, _, count in sampler.stacks():
         held[thread_name(thread, main_pid)] += count
@@ -419,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
             worker = system.worker_process()
             up = psutil.Process(system.process.pid)
             for i in range(cfg.passes):
-                results["engine"].append(engine_pass(engine, trace, refs, spy, work_dir / f"engine-{i}"))
+                results["engine"].append(
+                    engine_pass(engine, trace, refs, spy, work_dir / f"engine-{i}", cfg.sample_rate_hz)
+                )
                 results["worker"].append(
-                    worker_pass(system, trace, up, worker, spy, work_dir / f"worker-{i}")
+                    worker_pass(system, trace, up, worker, spy, work_dir / f"worker-{i}", cfg.sample_rate_hz)
                 )
                 print(pass_line(i, results))
         engine.shutdown()
@@ -437,11 +440,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def engine_pass(engine, trace: Trace, refs: dict, spy: str | None, out: Path) -> dict:
+def engine_pass(
+    engine, trace: Trace, refs: dict, spy: str | None, out: Path, rate_hz: int = SAMPLE_RATE_HZ
+) -> dict:
     out.mkdir(parents=True)
     meter = CpuMeter()
     with contextlib.ExitStack() as stack:
-        gil = stack.enter_context(Sampler(spy, os.getpid(), out / "gil.txt", gil=True)) if spy else None
+        gil = (
+            stack.enter_context(Sampler(spy, os.getpid(), out / "gil.txt", gil=True, rate_hz=rate_hz))
+            if spy
+            else None
+        )
         stack.enter_context(meter)
         tokens, seconds = run_engine_thread(engine, list(trace.requests), refs)
     result = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "cpu_s": meter.seconds}
@@ -450,16 +459,20 @@ def engine_pass(engine, trace: Trace, refs: dict, spy: str | None, out: Path) ->
     return result
 
 
-def worker_pass(system, trace: Trace, up, worker, spy: str | None, out: Path) -> dict:
+def worker_pass(
+    system, trace: Trace, up, worker, spy: str | None, out: Path, rate_hz: int = SAMPLE_RATE_HZ
+) -> dict:
     out.mkdir(parents=True)
     meter = CpuMeter(up, worker)
     with contextlib.ExitStack() as stack:
         gil = idle = control = None
         if spy:
-            gil = stack.enter_context(Sampler(spy, worker.pid, out / "gil.txt", gil=True))
-            idle = stack.enter_context(Sampler(spy, worker.pid, out / "idle.txt", gil=False))
+            gil = stack.enter_context(Sampler(spy, worker.pid, out / "gil.txt", gil=True, rate_hz=rate_hz))
+            idle = stack.enter_context(Sampler(spy, worker.pid, out / "idle.txt", gil=False, rate_hz=rate_hz))
             if (cp := control_plane_process(up)) is not None:
-                control = stack.enter_context(Sampler(spy, cp.pid, out / "control-plane.txt", gil=True))
+                control = stack.enter_context(
+                    Sampler(spy, cp.pid, out / "control-plane.txt", gil=True, rate_hz=rate_hz)
+                )
         stack.enter_context(meter)
         load = run_load(trace.requests, system.inference_target, system.api_key, run_tag=_tag("run"))
     summary = load["summary"]
@@ -601,6 +614,12 @@ def config_from_args(argv: list[str] | None) -> OverheadConfig:
     parser.add_argument("--output-len", type=int, help="tokens generated per request (default 16)")
     parser.add_argument("--no-py-spy", action="store_true", help="no sampling, CPU seconds only")
     parser.add_argument(
+        "--sample-rate-hz",
+        type=int,
+        default=SAMPLE_RATE_HZ,
+        help=f"py-spy samples a second (default {SAMPLE_RATE_HZ}; more gives finer profiles and takes more CPU)",
+    )
+    parser.add_argument(
         "--stream-interval",
         type=int,
         default=1,
@@ -623,6 +642,9 @@ def config_from_args(argv: list[str] | None) -> OverheadConfig:
     if args.stream_interval < 1:
         parser.error("--stream-interval must be >= 1")
     overrides["stream_interval"] = args.stream_interval
+    if args.sample_rate_hz < 1:
+        parser.error("--sample-rate-hz must be >= 1")
+    overrides["sample_rate_hz"] = args.sample_rate_hz
     if args.passes is not None:
         if args.passes < 1:
             parser.error("--passes must be >= 1")

@@ -1,10 +1,13 @@
 """Fixtures of the control-plane tests: real PEFT adapters for a tiny Llama, and an in-process control
-plane (its own event loop in a background thread) on 127.0.0.1 over a fresh database."""
+plane (its own event loop in a background thread) on 127.0.0.1 over a fresh database; the worker tests'
+support module (servers started again when a port picked free was taken) as `support`."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import shutil
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +22,15 @@ from openlora.admin_client import AdminClient
 from openlora.base_model import BaseModelSpec
 from openlora.v1 import worker_pb2, worker_pb2_grpc
 from openlora.wire import spec_to_proto
+
+_support_path = Path(__file__).parent.parent / "worker" / "support.py"
+if "worker_test_support" in sys.modules:
+    support = sys.modules["worker_test_support"]
+else:
+    _spec = importlib.util.spec_from_file_location("worker_test_support", _support_path)
+    support = importlib.util.module_from_spec(_spec)
+    sys.modules["worker_test_support"] = support
+    _spec.loader.exec_module(support)
 
 WORKER_TOKEN = "test-worker-token-0123456789"
 BASE_MODEL = "tiny-llama"

@@ -12,7 +12,7 @@ from control_plane.server.server import serve
 from openlora.hints import HINTS_STREAM, Hint
 from openlora.v1 import worker_pb2
 
-from .conftest import ControlPlaneHandle, make_config, register_worker
+from .conftest import ControlPlaneHandle, make_config, register_worker, support
 
 BASE = "tiny-llama"
 
@@ -69,13 +69,19 @@ def test_redis_down_never_fails_an_rpc(
 
 
 def test_metrics_endpoint_counts_rpcs_and_usage(database_url, server_thread, tmp_path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        metrics_port = s.getsockname()[1]
-    config = make_config(
-        database_url, tmp_path, None, admin_key="operator-key-for-metrics", metrics_port=metrics_port
-    )
-    running = server_thread.run(serve(config))
+    def start():
+        """The control plane with /metrics on a port picked free (its ListenError when that was taken)."""
+        config = make_config(
+            database_url,
+            tmp_path,
+            None,
+            admin_key="operator-key-for-metrics",
+            metrics_port=support.free_port(),
+        )
+        return config, server_thread.run(serve(config))
+
+    config, running = support.retry_on_taken_port(start)
+    metrics_port = config.metrics_port
     try:
         handle = ControlPlaneHandle(running, config, "operator-key-for-metrics")
         with handle.admin() as admin:

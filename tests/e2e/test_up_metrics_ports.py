@@ -15,16 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_up import REPO_ROOT
-from tests.e2e.up_process import running_up
+from tests.e2e.up_process import start_up, stopping_up, up_command
 
 pytestmark = pytest.mark.slow
+support = sys.modules["worker_test_support"]  # loaded by this directory's conftest
 METRICS_FLAG = "--metrics-port (OPENLORA_METRICS_PORT)"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _scrape(port: int) -> str:
@@ -35,11 +30,18 @@ def _scrape(port: int) -> str:
 def test_under_up_the_metrics_variable_is_the_workers_port_and_the_control_plane_has_its_own(
     database_url, redis_url, e2e_model_dir, tmp_path
 ):
-    worker_port, control_plane_port = _free_port(), _free_port()
-    flags = ("--database-url", database_url, "--redis-url", redis_url)
-    flags += ("--admin-metrics-port", str(control_plane_port))
-    env = {"OPENLORA_METRICS_PORT": str(worker_port)}
-    with running_up(tmp_path, e2e_model_dir, *flags, env=env) as (process, _):
+    def start() -> tuple[subprocess.Popen, int, int]:
+        """up on metrics ports picked free; stopped, with an error saying so, when one was taken before
+        its child bound it (then started again on others)."""
+        worker_port, control_plane_port = support.free_port(), support.free_port()
+        flags = ("--database-url", database_url, "--redis-url", redis_url)
+        flags += ("--admin-metrics-port", str(control_plane_port))
+        env = {"OPENLORA_METRICS_PORT": str(worker_port)}
+        process, _ = start_up(*up_command(tmp_path, e2e_model_dir, *flags, env=env), tmp_path / "up.log")
+        return process, worker_port, control_plane_port
+
+    process, worker_port, control_plane_port = support.retry_on_taken_port(start)
+    with stopping_up(process):
         assert "vllm:num_requests_waiting" in _scrape(worker_port)
         control_plane = _scrape(control_plane_port)
         assert "process_" in control_plane and "vllm:" not in control_plane

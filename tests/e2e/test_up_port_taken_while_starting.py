@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,15 +17,10 @@ import psutil
 import pytest
 
 from tests.e2e.test_up import REPO_ROOT, _read_ready_line
-from tests.e2e.up_process import up_command
+from tests.e2e.up_process import stop_up, up_command
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+support = sys.modules["worker_test_support"]  # loaded by this directory's conftest
 
 
 def _wait_for(condition, process: subprocess.Popen, log_path: Path, timeout_s: float = 180) -> None:
@@ -44,41 +40,63 @@ def _hold_as_local_port(port: int, peer: socket.socket) -> socket.socket:
     return client
 
 
-def test_up_restarts_a_worker_whose_port_was_taken_while_it_started(
-    database_url, redis_url, e2e_model_dir, tmp_path
-):
-    port = _free_port()
-    argv, env = up_command(
-        tmp_path,
-        e2e_model_dir,
-        *("--database-url", database_url, "--redis-url", redis_url),
-        *("--port", str(port), "--http-port", "0"),
-    )
-    log_path = tmp_path / "up.log"
-    peer = socket.create_server(("127.0.0.1", 0))
+def _start_holding_the_worker_port(
+    argv_for, log_path: Path, peer: socket.socket
+) -> tuple[subprocess.Popen, int, socket.socket]:
+    """`up` (the argv and environment `argv_for(port)` gives) with its worker on a port picked free, which
+    this test then holds as an outgoing connection's local port, once up has checked its ports (its
+    control plane started) and before the worker binds it: (up, the port, that connection). When something
+    else took the port first (up refused it, or the test could not bind it), up is stopped and the error
+    says the port was taken (for support.retry_on_taken_port)."""
+    port = support.free_port()
+    argv, env = argv_for(port)
     with open(log_path, "wb") as up_log:
         process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=up_log, cwd=REPO_ROOT)
     try:
         up = psutil.Process(process.pid)
         # The control plane starts after up checked its ports and before the worker starts.
         _wait_for(lambda: any("control-plane" in p.cmdline() for p in up.children()), process, log_path)
-        held = _hold_as_local_port(port, peer)
-        _wait_for(lambda: "worker exited" in log_path.read_text(errors="replace"), process, log_path)
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        held.close()  # reset, not TIME_WAIT: the port is free at once
+        return process, port, _hold_as_local_port(port, peer)
+    except BaseException:
+        stop_up(process)
+        raise
 
-        ready = _read_ready_line(process, timeout_s=180)
-        assert f"inference=127.0.0.1:{port}" in ready
-        log = log_path.read_text(errors="replace")
-        exited = next(line for line in log.splitlines() if "worker exited" in line)
-        assert "(exit 1)" in exited
-        assert f"port {port} (the worker's gRPC inference API) cannot be used" in exited
-        assert "choose another with --port" in exited
-        assert "OPENLORA_LISTEN" not in exited
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(120) == 0
+
+def test_up_restarts_a_worker_whose_port_was_taken_while_it_started(
+    database_url, redis_url, e2e_model_dir, tmp_path
+):
+    def argv_for(port: int) -> tuple[list[str], dict[str, str]]:
+        return up_command(
+            tmp_path,
+            e2e_model_dir,
+            *("--database-url", database_url, "--redis-url", redis_url),
+            *("--port", str(port), "--http-port", "0"),
+        )
+
+    log_path = tmp_path / "up.log"
+    peer = socket.create_server(("127.0.0.1", 0))
+    try:
+        process, port, held = support.retry_on_taken_port(
+            lambda: _start_holding_the_worker_port(argv_for, log_path, peer)
+        )
+        try:
+            _wait_for(lambda: "worker exited" in log_path.read_text(errors="replace"), process, log_path)
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            held.close()  # reset, not TIME_WAIT: the port is free at once
+
+            ready = _read_ready_line(process, timeout_s=180)
+            assert f"inference=127.0.0.1:{port}" in ready
+            log = log_path.read_text(errors="replace")
+            exited = next(line for line in log.splitlines() if "worker exited" in line)
+            assert "(exit 1)" in exited
+            assert f"port {port} (the worker's gRPC inference API) cannot be used" in exited
+            assert "choose another with --port" in exited
+            assert "OPENLORA_LISTEN" not in exited
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(120) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     finally:
         peer.close()
-        if process.poll() is None:
-            process.kill()
-            process.wait()

@@ -113,26 +113,35 @@ def test_worker_whose_engine_cannot_go_on_turns_not_serving_then_exits_non_zero(
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(FATAL_FAULT)
-    port = support.free_port()
-    target = f"127.0.0.1:{port}"
-    argv = [
-        sys.executable, "-m", "openlora.cli", "worker",
-        "--listen", target,
-        "--control-plane", cp.target,
-        "--worker-token", cp.app.config.worker_token,
-        "--model", str(e2e_model_dir),
-        "--model-name", "tiny",
-        "--state-dir", str(tmp_path / "state"),
-        "--num-kv-blocks", "64",
-        "--max-lora-rank", "16",
-        "--drain-grace-s", "5",
-    ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=f"{inject}{os.pathsep}{REPO_ROOT}")
     log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+
+    def start() -> tuple[subprocess.Popen, str]:
+        target = f"127.0.0.1:{support.free_port()}"
+        argv = [
+            sys.executable, "-m", "openlora.cli", "worker",
+            "--listen", target,
+            "--control-plane", cp.target,
+            "--worker-token", cp.app.config.worker_token,
+            "--model", str(e2e_model_dir),
+            "--model-name", "tiny",
+            "--state-dir", str(tmp_path / "state"),
+            "--num-kv-blocks", "64",
+            "--max-lora-rank", "16",
+            "--drain-grace-s", "5",
+        ]  # fmt: skip
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        try:
+            support.wait_health(target, process=process)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        return process, target
+
+    process, target = support.start_retrying_taken_ports(start, log_path)
     try:
-        support.wait_health(target, process=process)
         statuses: list[int] = []
         watching = threading.Event()
 

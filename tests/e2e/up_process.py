@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
-from tests.e2e.test_up import REPO_ROOT, _read_ready_line
+from tests.e2e.test_up import REPO_ROOT
+
+support = sys.modules["worker_test_support"]  # loaded by this directory's conftest, or by the importer
 
 
 def up_command(
@@ -30,7 +34,7 @@ def up_command(
         **(env or {}),
     )
     demo_model = tmp_path / "state" / "demo-model"
-    shutil.copytree(e2e_model_dir, demo_model)
+    shutil.copytree(e2e_model_dir, demo_model, dirs_exist_ok=True)  # there already when up is started again
     (demo_model / ".complete").write_text("ok\n")
     argv = [
         sys.executable, "-m", "openlora.cli", "up",
@@ -47,14 +51,68 @@ def up_command(
 def running_up(
     tmp_path: Path, e2e_model_dir: Path, *flags: str, env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen, dict]]:
-    """`openlora up` on the tiny model as its demo model; yields the process and its ready line's fields.
-    Its log (stderr) is tmp_path/up.log; `env` adds to its environment."""
+    """`openlora up` on the tiny model as its demo model; yields the process and its ready line's fields,
+    then stops it (SIGTERM) and expects exit 0. Its log (stderr) is tmp_path/up.log; `env` adds to its
+    environment. Started again when a port up picked was taken before its child bound it (`start_up`)."""
     argv, env = up_command(tmp_path, e2e_model_dir, *flags, env=env)
-    with open(tmp_path / "up.log", "wb") as up_log:
+    process, fields = support.retry_on_taken_port(lambda: start_up(argv, env, tmp_path / "up.log"))
+    with stopping_up(process):
+        yield process, fields
+
+
+def start_up(
+    argv: list[str], env: dict[str, str], log_path: Path, timeout_s: float = 180.0
+) -> tuple[subprocess.Popen, dict[str, str]]:
+    """Starts `openlora up` (`up_command`'s argv and env) with its log (stderr) in `log_path`, written anew,
+    and waits for its ready line; returns the process and the line's fields. When up exits first, or its
+    log says that a child of it could not listen (up would start that child again on the same port for as
+    long as the port stays taken), or the wait times out, up is stopped and RuntimeError carries its log:
+    an error that says a port was taken when one was (`support.retry_on_taken_port`)."""
+    with open(log_path, "wb") as up_log:
         process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=up_log, cwd=REPO_ROOT)
     try:
-        fields = dict(part.split("=", 1) for part in _read_ready_line(process, timeout_s=180).split()[1:])
-        yield process, fields
+        line = _ready_line(process, log_path, timeout_s)
+    except BaseException:
+        stop_up(process)
+        raise
+    return process, dict(part.split("=", 1) for part in line.split()[1:])
+
+
+def _ready_line(process: subprocess.Popen, log_path: Path, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    buffer = b""
+    while time.monotonic() < deadline and process.poll() is None:
+        if support.PORT_TAKEN in log_path.read_text(errors="replace"):
+            break
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            buffer += os.read(process.stdout.fileno(), 4096)
+            for line in buffer.decode(errors="replace").splitlines():
+                if line.startswith("ready "):
+                    return line
+    raise RuntimeError(
+        f"no ready line from openlora up (exit {process.poll()}): {buffer.decode(errors='replace')[-2000:]}\n"
+        f"its log:\n{log_path.read_text(errors='replace')[-4000:]}"
+    )
+
+
+def stop_up(process: subprocess.Popen) -> None:
+    """Stops `up` as an operator does (SIGTERM: it stops its children first); kills it after 120 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def stopping_up(process: subprocess.Popen) -> Iterator[None]:
+    """At the end of the block, `up` is stopped (SIGTERM) and expected to exit 0; killed when the block
+    raised."""
+    try:
+        yield
         process.send_signal(signal.SIGTERM)
         assert process.wait(120) == 0
     finally:

@@ -266,14 +266,26 @@ def fault_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="package")
 def fault_postgres() -> Iterator[EmbeddedPostgres]:
-    """This suite's own PostgreSQL (a test may stop and restart it on the same port)."""
+    """This suite's own PostgreSQL (a test may stop and restart it on the same port), on a port picked
+    free: another one when that was taken before the server bound it."""
     state_dir = Path(tempfile.mkdtemp(prefix="openlora-faults-pg-"))
-    server = EmbeddedPostgres(state_dir, port=free_port())
+
+    def start() -> EmbeddedPostgres:
+        server = EmbeddedPostgres(state_dir, port=free_port())
+        try:
+            server.start()
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
     try:
-        server.start()
-        yield server
+        server = support.retry_on_taken_port(start)
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +24,7 @@ from control_plane.workers.models import BaseModelRow as BaseModel
 from openlora.cache_scope import cache_scope
 from openlora.hints import HINTS_STREAM, Hint
 
+support = sys.modules["worker_test_support"]  # loaded by this directory's conftest
 CONFIG = PredictorConfig(rate_time_constant_s=60.0, lead_s=2.0, demote_below_per_s=1e-3)
 T0 = 1_900_000_000.0  # Unix seconds: the start of the synthetic history
 
@@ -140,49 +140,15 @@ def test_irregular_adapter_is_not_taken_for_periodic():
     assert predict(times, T0 + 250, CONFIG) is None or predict(times, T0 + 250, CONFIG).reason != "periodic"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(port: int, workdir) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [
-            shutil.which("redis-server"),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            return process
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("redis-server did not start")
-
-
 def test_predictor_loop_survives_redis_down_and_resumes_when_it_returns(sessions, tmp_path):
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server binary is required")
     _clear(sessions)
     adapter = _add_adapter(sessions, "bursty")
-    port = _free_port()
+    server, port = support.start_redis(tmp_path)
     url = f"redis://127.0.0.1:{port}"
     clock_s = [T0 + 100.0]
     stop = threading.Event()
-    server = _start_redis(port, tmp_path)
     thread = None
     try:
         server.terminate()  # Redis is down when the loop starts
@@ -196,7 +162,7 @@ def test_predictor_loop_survives_redis_down_and_resumes_when_it_returns(sessions
         _add_calls(sessions, adapter, [T0 + 100 - i * 0.5 for i in range(6)])  # a burst right now
         time.sleep(0.5)
         assert thread.is_alive()  # passes failed to publish; the loop goes on
-        server = _start_redis(port, tmp_path)
+        server, _ = support.start_redis(tmp_path, port)
         client = redis.Redis(port=port)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not client.xlen(HINTS_STREAM):

@@ -4,6 +4,7 @@ prediction thread is gone after stop."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 
@@ -16,8 +17,9 @@ from control_plane.server.server import serve
 from openlora.cli import build_parser
 from openlora.config import ControlPlaneSettings
 from openlora.hints import HINTS_STREAM, Hint
-from tests.tiers.test_prediction import _add_adapter, _add_calls, _clear, _free_port, _start_redis
+from tests.tiers.test_prediction import _add_adapter, _add_calls, _clear
 
+support = sys.modules["worker_test_support"]  # loaded by this directory's conftest
 WORKER_TOKEN = "worker-token-" + "p" * 24
 ADMIN_KEY = "operator-key-" + "p" * 24
 
@@ -49,8 +51,7 @@ def test_control_plane_prewarms_a_periodic_adapter_before_its_next_call(
     now = time.time()
     # Every 20 s until 19 s ago: the next call is due in about a second, inside the 5 s lead time.
     _add_calls(sessions, adapter, [now + 1.0 - i * period_s for i in range(6, 0, -1)])
-    port = _free_port()
-    server = _start_redis(port, tmp_path)
+    server, port = support.start_redis(tmp_path)
     try:
         config = ControlPlaneConfig(
             database_url=database_url,

@@ -131,18 +131,11 @@ def start_worker_serving_metrics(
 ):
     """`start_worker` with /metrics on a port picked free, picked again when something took it before the
     worker bound it (another process's server, an outgoing connection's ephemeral port)."""
-    from openlora.listen import ListenError
-
-    def start(port: int):
-        return start_worker(loop, cp_target, model_dir, state_dir, redis_url, metrics_port=port, **overrides)
-
-    for _ in range(support.PORT_ATTEMPTS - 1):
-        try:
-            return start(support.free_port())
-        except ListenError as error:
-            if "--metrics-port" not in str(error):
-                raise
-    return start(support.free_port())
+    return support.retry_on_taken_port(
+        lambda: start_worker(
+            loop, cp_target, model_dir, state_dir, redis_url, metrics_port=support.free_port(), **overrides
+        )
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,15 @@
 """Test support shared by tests/worker and tests/e2e: a tiny Llama checkpoint with a real tokenizer and
-PEFT adapters, an event loop in a thread for in-process servers, and admin helpers."""
+PEFT adapters, an event loop in a thread for in-process servers, admin helpers, and servers started on
+ports picked free (started again on others when a port was taken before it was bound)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -138,16 +142,16 @@ PORT_TAKEN = "cannot listen on"
 PORT_ATTEMPTS = 3
 
 
-def start_retrying_taken_ports(start, log_path) -> None:
+def start_retrying_taken_ports(start, log_path):
     """Calls `start()`, which picks a free port, starts a child logging to `log_path` on it and waits until
-    it serves (RuntimeError when it does not). A port picked free can be taken before the child binds it
-    (another process's server, an outgoing connection's ephemeral port): when the child's new log lines say
-    so, it is started again on another, up to PORT_ATTEMPTS times; any other failure is raised at once."""
+    it serves (RuntimeError when it does not); returns what start() returns. A port picked free can be taken
+    before the child binds it (another process's server, an outgoing connection's ephemeral port): when the
+    child's new log lines say so, it is started again on another, up to PORT_ATTEMPTS times; any other
+    failure is raised at once."""
     for attempt in range(1, PORT_ATTEMPTS + 1):
         logged = log_path.stat().st_size if log_path.exists() else 0
         try:
-            start()
-            return
+            return start()
         except RuntimeError:
             taken = PORT_TAKEN in log_path.read_text(errors="replace")[logged:]
             if not taken or attempt == PORT_ATTEMPTS:
@@ -160,6 +164,88 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# What a failure to listen says when the port was taken: the ListenError of `openlora worker` and
+# `openlora control-plane`, and the system's message, which redis-server, PostgreSQL and `openlora up`'s
+# own port check print.
+PORT_TAKEN_SIGNS = (PORT_TAKEN, "Address already in use")
+
+
+def says_port_taken(text: str) -> bool:
+    """Whether `text` (an error's message, a server's output) says that a port to listen on was taken."""
+    return any(sign in text for sign in PORT_TAKEN_SIGNS)
+
+
+def retry_on_taken_port(start, attempts: int = PORT_ATTEMPTS):
+    """Returns what `start()` returns; each call picks its ports free and starts something on them. A port
+    picked free can be taken before it is bound (another process's server, an outgoing connection's
+    ephemeral port): when start() fails saying so (a ListenError, or an error that carries a server's
+    output saying so), it is called again, up to `attempts` times; any other failure is raised at once."""
+    for _ in range(attempts - 1):
+        try:
+            return start()
+        except Exception as error:
+            if not says_port_taken(str(error)):
+                raise
+    return start()
+
+
+def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, int]:
+    """A redis-server of a test's own (no persistence; its files and its output in `workdir`) once it
+    answers, and its port: `port` (a restart where its clients find it again), else one picked free, and
+    another when that one was taken before the server bound it. RuntimeError, carrying its output, when
+    it does not start."""
+    if port is None:
+        return retry_on_taken_port(lambda: start_redis(workdir, free_port()))
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("the redis-server binary is required")
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "redis-server.log"
+    logged = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    if _redis_answers(process, port, timeout_s=10.0):
+        return process, port
+    process.kill()
+    process.wait()
+    output = log_path.read_bytes()[logged:].decode(errors="replace")
+    raise RuntimeError(f"redis-server did not start on port {port}:\n{output}")
+
+
+def _redis_answers(process: subprocess.Popen, port: int, timeout_s: float) -> bool:
+    """Whether `process` answers on `port` within `timeout_s`: by its own process id, since another
+    server that holds the port (a redis-server too) answers there while `process` fails to bind it. Each
+    call is short and never retried: one that holds the port and never answers must not delay the start
+    on another port past the moment `process` exits."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        socket_connect_timeout=0.25,
+        socket_timeout=0.25,
+        retry=Retry(NoBackoff(), 0),
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                if client.info("server")["process_id"] == process.pid:
+                    return True
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)
+        return False
+    finally:
+        client.close()
 
 
 def wait_health(target: str, want_serving: bool = True, timeout_s: float = 120.0, process=None) -> None:

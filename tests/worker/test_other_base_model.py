@@ -20,7 +20,8 @@ OTHER_BASE_MODEL = "tiny-deep"
 
 @pytest.fixture(scope="module")
 def other_worker(system, tmp_path_factory):
-    """A worker of a 3-layer variant of the system's model (other dimensions, so another fingerprint)."""
+    """A worker of a 3-layer variant of the system's model (other dimensions, so another fingerprint), its
+    HTTP API on a port picked free (started again on another when that one was taken before it bound it)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -33,21 +34,26 @@ def other_worker(system, tmp_path_factory):
     torch.manual_seed(1)
     LlamaForCausalLM(LlamaConfig.from_dict(config)).save_pretrained(model_dir, safe_serialization=True)
     shutil.copy(system.model_dir / "tokenizer.json", model_dir / "tokenizer.json")
-    worker = system.loop.run(
-        serve_worker(
-            WorkerConfig(
-                model_dir=model_dir,
-                model_name=OTHER_BASE_MODEL,
-                control_plane_target=system.control_plane.target,
-                worker_token=WORKER_TOKEN,
-                state_dir=tmp_path_factory.mktemp("deep-worker"),
-                listen="127.0.0.1:0",
-                http_listen=f"127.0.0.1:{support.free_port()}",
-                engine=EngineSettings(num_kv_blocks=64, max_num_seqs=4, max_lora_rank=16),
-                redis_url=None,
+    state_dir = tmp_path_factory.mktemp("deep-worker")
+
+    def start():
+        return system.loop.run(
+            serve_worker(
+                WorkerConfig(
+                    model_dir=model_dir,
+                    model_name=OTHER_BASE_MODEL,
+                    control_plane_target=system.control_plane.target,
+                    worker_token=WORKER_TOKEN,
+                    state_dir=state_dir,
+                    listen="127.0.0.1:0",
+                    http_listen=f"127.0.0.1:{support.free_port()}",
+                    engine=EngineSettings(num_kv_blocks=64, max_num_seqs=4, max_lora_rank=16),
+                    redis_url=None,
+                )
             )
         )
-    )
+
+    worker = support.retry_on_taken_port(start)
     yield worker
     system.loop.run(worker.stop(1.0))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from concurrent.futures import Future
 
 import grpc
 import pytest
@@ -19,33 +20,11 @@ from .conftest import BASE_MODEL, WORKER_TOKEN
 
 
 def test_a_worker_that_cannot_register_yet_answers_not_serving_and_unavailable(tiny_model_dir, tmp_path):
-    from data_plane.server.config import EngineSettings, WorkerConfig
-    from data_plane.server.main import serve_worker
-
-    port = support.free_port()
-    config = WorkerConfig(
-        model_dir=tiny_model_dir,
-        model_name=BASE_MODEL,
-        control_plane_target=f"127.0.0.1:{support.free_port()}",  # nothing listens there
-        worker_token=WORKER_TOKEN,
-        state_dir=tmp_path / "worker",
-        listen=f"127.0.0.1:{port}",
-        engine=EngineSettings(num_kv_blocks=64, max_num_seqs=4, max_lora_rank=16),
-    )
     loop = support.LoopThread()
     try:
-        starting = asyncio.run_coroutine_threadsafe(serve_worker(config), loop.loop)
+        port, starting, status = support.retry_on_taken_port(lambda: _start(loop, tiny_model_dir, tmp_path))
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            status = None
-            for _ in range(600):  # the engine builds first (seconds); then the port answers
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    break
-                except grpc.RpcError as error:
-                    assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                    time.sleep(0.1)
-            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             try:
                 list(stub.Generate(inference_pb2.GenerateRequest(prompt="hi"), timeout=5))
@@ -58,6 +37,37 @@ def test_a_worker_that_cannot_register_yet_answers_not_serving_and_unavailable(t
         loop.run(asyncio.sleep(0.5))  # its cancellation stops the server and the engine
     finally:
         loop.close()
+
+
+def _start(loop: support.LoopThread, model_dir, tmp_path) -> tuple[int, Future, int | None]:
+    """A worker starting in `loop` on a port picked free, with no control plane to register with: (its
+    port, its start, the first health status it answered there; None when it never did). Its start's
+    ListenError when that port was taken before it bound it."""
+    from data_plane.server.config import EngineSettings, WorkerConfig
+    from data_plane.server.main import serve_worker
+
+    port = support.free_port()
+    config = WorkerConfig(
+        model_dir=model_dir,
+        model_name=BASE_MODEL,
+        control_plane_target=f"127.0.0.1:{support.free_port()}",  # nothing listens there
+        worker_token=WORKER_TOKEN,
+        state_dir=tmp_path / "worker",
+        listen=f"127.0.0.1:{port}",
+        engine=EngineSettings(num_kv_blocks=64, max_num_seqs=4, max_lora_rank=16),
+    )
+    starting = asyncio.run_coroutine_threadsafe(serve_worker(config), loop.loop)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(600):  # the engine builds first (seconds); then the port answers
+            if starting.done():
+                starting.result()
+            try:
+                return port, starting, health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            except grpc.RpcError as error:
+                assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                time.sleep(0.1)
+    return port, starting, None
 
 
 def test_a_worker_whose_metrics_port_is_taken_stops_its_engine_and_a_stopped_one_frees_that_port(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 from sqlalchemy import update
-from worker_test_support import free_port
+from worker_test_support import start_redis
 
 from control_plane.hints.publisher import HintPublisher
 from control_plane.registry.models import Adapter
@@ -27,42 +27,22 @@ BASE_MODEL = "tiny"
 
 
 class PrivateRedis:
-    """A redis-server of this test's own on a free port, stopped and started at will (no persistence)."""
+    """A redis-server of this test's own, stopped and started at will (no persistence): its first start
+    picks a free port (another when that one was taken before the server bound it), later ones reuse it."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
+        self.port: int | None = None
         self._workdir = workdir
         self._process: subprocess.Popen | None = None
 
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
+        if shutil.which("redis-server") is None:
             pytest.fail("the redis-server binary is required")
-        self._workdir.mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--dir",
-                str(self._workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        self._process, self.port = start_redis(self._workdir, self.port)
 
     def stop(self) -> None:
         if self._process is not None:

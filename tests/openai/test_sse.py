@@ -290,3 +290,29 @@ def test_a_client_that_leaves_while_sending_its_body_is_counted_cancelled_not_in
         assert _requests_total(http.base_url, "INTERNAL") == internal_before
     finally:
         system.loop.run(http.worker.stop(1.0))
+
+
+def test_with_a_stream_interval_each_event_but_the_first_and_last_carries_that_many_tokens(system, tmp_path):
+    """`--stream-interval 3` on the HTTP stream: the first event holds the first token alone, the next
+    ones at least three tokens' text (logprobs count the tokens), then the usage event and [DONE], the same
+    text as a non-streamed answer."""
+    running = start_http_worker(system, tmp_path / "interval", stream_interval=3)
+    try:
+        _, _, key = system.new_tenant()
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "ad0", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "logprobs": 0}
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.Client(base_url=running.base_url, timeout=30) as http:
+            with http.stream("POST", "/completions", headers=headers, json=streamed) as response:
+                raw = response.read()
+            whole = http.post("/completions", headers=headers, json=body).json()
+        events = _events(raw)
+        assert events[-1] == b"data: [DONE]"
+        *texts, usage = [json.loads(e[len(b"data: ") :]) for e in events[:-1]]
+        tokens = [len(c["choices"][0]["logprobs"]["tokens"]) for c in texts]
+        assert tokens[0] == 1 and sum(tokens) == 10 and all(n >= 3 for n in tokens[1:-1]) and len(tokens) <= 4
+        assert texts[-1]["choices"][0]["finish_reason"] == "length"
+        assert usage["usage"]["completion_tokens"] == 10
+        assert "".join(c["choices"][0]["text"] for c in texts) == whole["choices"][0]["text"]
+    finally:
+        system.loop.run(running.worker.stop(1.0))

@@ -6,7 +6,8 @@ methods a worker's requests reach, against a real PostgreSQL, without gRPC.
 
 Per serving request a worker reserves the client's request id (`reserve_request_id`, or for the calls
 that arrive together one `reserve_request_ids`, timed here in batches of 16), reports its usage in
-batches (`report_usage`, sent every second: tens of records a batch under load) and, once its cached
+batches (`report_usage`, sent every second: tens of records a batch under load, over as many counter
+lines as adapters served; timed with one line a batch and with a line per record) and, once its cached
 answer expired, authorizes the caller's key again (`authorize`). Each is called `--calls` times in a round
 (for the batched kinds: that many reservations or records), over `--rounds` rounds alternating between
 them; the figures are medians over the rounds of milliseconds per reservation, record or authorization:
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 RESULTS_PATH = Path(__file__).parent / "results" / "control_plane_bench.json"
@@ -65,7 +67,10 @@ def calls(app, admin_key: str) -> dict[str, Callable[[int], None]]:
     tenant_id = str(app.create_tenant(admin_key, "bench").id)
     api_key = app.create_api_key(admin_key, "bench", ["infer"])[2]
 
-    def reports(n: int) -> list[UsageReport]:
+    def reports(n: int, lines: int) -> list[UsageReport]:
+        """`n` records over `lines` counter lines (the hours they finished in: a batch of a busy worker
+        moves one line per adapter it served)."""
+        hour = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
         return [
             UsageReport(
                 request_id=f"u-{uuid.uuid4().hex}",
@@ -75,16 +80,17 @@ def calls(app, admin_key: str) -> dict[str, Callable[[int], None]]:
                 base_model="bench-model",
                 prompt_tokens=32,
                 completion_tokens=40,
+                finished_at=hour - timedelta(hours=i % lines),
                 finish_reason="length",
                 request_kind="single",
             )
-            for _ in range(n)
+            for i in range(n)
         ]
 
-    def usage(batch: int) -> Callable[[int], None]:
+    def usage(batch: int, lines: int = 1) -> Callable[[int], None]:
         def run(n: int) -> None:
             for start in range(0, n, batch):
-                app.report_usage(reports(min(batch, n - start)))
+                app.report_usage(reports(min(batch, n - start), lines))
 
         return run
 
@@ -112,6 +118,7 @@ def calls(app, admin_key: str) -> dict[str, Callable[[int], None]]:
         "reserve_request_ids, batches of 16": reserve_batches(16),
         "report_usage, batches of 1": usage(1),
         "report_usage, batches of 16": usage(16),
+        "report_usage, batches of 16 over 16 counter lines": usage(16, 16),
         "authorize (key only)": authorize,
     }
 

@@ -30,6 +30,7 @@ def test_times_every_call_on_a_fresh_database_and_drops_it(postgres_server_url, 
         "reserve_request_ids, batches of 16",
         "report_usage, batches of 1",
         "report_usage, batches of 16",
+        "report_usage, batches of 16 over 16 counter lines",
         "authorize (key only)",
     }
     for figures in results.values():

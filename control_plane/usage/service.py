@@ -484,45 +484,55 @@ def _count(deltas: dict[tuple, list[int]], c: _Contribution, sign: int) -> None:
 
 
 def _move_counters(session: Session, deltas: dict[tuple, list[int]]) -> None:
+    """Adds each line's deltas to its counter in one statement (a line's row made when missing), lines in
+    one order (two batches at once lock the rows they share in the same order); a line every event left
+    (all totals 0) is deleted."""
+    rows = []
     for key in sorted(deltas, key=lambda k: (str(k[0]), k[1], str(k[2]), k[3], k[4], k[5])):
         tenant_id, base_model, adapter_id, hour, request_kind, mix = key
         requests, prompt, completion, royalty = deltas[key]
         if requests == prompt == completion == royalty == 0:
             continue  # a replacement that moved nothing on this line
-        statement = insert(UsageCounter).values(
-            tenant_id=tenant_id,
-            base_model=base_model,
-            adapter_id=adapter_id,
-            hour_at=hour,
-            request_kind=request_kind,
-            mix=mix,
-            requests=requests,
-            prompt_micro_tokens=prompt,
-            completion_micro_tokens=completion,
-            royalty_micro_tokens=royalty,
+        rows.append(
+            {
+                "tenant_id": tenant_id,
+                "base_model": base_model,
+                "adapter_id": adapter_id,
+                "hour_at": hour,
+                "request_kind": request_kind,
+                "mix": mix,
+                "requests": requests,
+                "prompt_micro_tokens": prompt,
+                "completion_micro_tokens": completion,
+                "royalty_micro_tokens": royalty,
+            }
         )
-        counter_id, *totals = session.execute(
-            statement.on_conflict_do_update(
-                constraint="uq_usage_counter_line_hour",
-                set_={
-                    "requests": UsageCounter.requests + statement.excluded.requests,
-                    "prompt_micro_tokens": UsageCounter.prompt_micro_tokens
-                    + statement.excluded.prompt_micro_tokens,
-                    "completion_micro_tokens": UsageCounter.completion_micro_tokens
-                    + statement.excluded.completion_micro_tokens,
-                    "royalty_micro_tokens": UsageCounter.royalty_micro_tokens
-                    + statement.excluded.royalty_micro_tokens,
-                },
-            ).returning(
-                UsageCounter.id,
-                UsageCounter.requests,
-                UsageCounter.prompt_micro_tokens,
-                UsageCounter.completion_micro_tokens,
-                UsageCounter.royalty_micro_tokens,
-            )
-        ).one()
-        if not any(totals):  # every event of that line moved to another hour: no empty line left
-            session.execute(delete(UsageCounter).where(UsageCounter.id == counter_id))
+    if not rows:
+        return
+    statement = insert(UsageCounter).values(rows)
+    moved = session.execute(
+        statement.on_conflict_do_update(
+            constraint="uq_usage_counter_line_hour",
+            set_={
+                "requests": UsageCounter.requests + statement.excluded.requests,
+                "prompt_micro_tokens": UsageCounter.prompt_micro_tokens
+                + statement.excluded.prompt_micro_tokens,
+                "completion_micro_tokens": UsageCounter.completion_micro_tokens
+                + statement.excluded.completion_micro_tokens,
+                "royalty_micro_tokens": UsageCounter.royalty_micro_tokens
+                + statement.excluded.royalty_micro_tokens,
+            },
+        ).returning(
+            UsageCounter.id,
+            UsageCounter.requests,
+            UsageCounter.prompt_micro_tokens,
+            UsageCounter.completion_micro_tokens,
+            UsageCounter.royalty_micro_tokens,
+        )
+    ).all()
+    emptied = [counter_id for counter_id, *totals in moved if not any(totals)]
+    if emptied:  # every event of those lines moved to another hour: no empty line left
+        session.execute(delete(UsageCounter).where(UsageCounter.id.in_(emptied)))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,23 @@ from sqlalchemy.engine import make_url
 import openlora  # noqa: F401  (first: it sets how gRPC handles fork before grpc is imported)
 
 
+def _load_worker_test_support() -> None:
+    """tests/worker/support.py as the module `worker_test_support`, once for every test package (their
+    conftests take it from sys.modules: a test directory is not an importable package here)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "worker_test_support", Path(__file__).parent / "worker" / "support.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["worker_test_support"] = module
+    spec.loader.exec_module(module)
+
+
+_load_worker_test_support()
+
+
 def _outside_pytest_tmp() -> Iterator[Path]:
     """A fresh directory that other users may enter (0755; the test creates it), outside pytest's basetemp,
     whose root a concurrent pytest run resets to 0700. Under root, PostgreSQL's user must reach what a

@@ -5,7 +5,6 @@ support module (servers started again when a port picked free was taken) as `sup
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import shutil
 import sys
 import threading
@@ -23,14 +22,7 @@ from openlora.base_model import BaseModelSpec
 from openlora.v1 import worker_pb2, worker_pb2_grpc
 from openlora.wire import spec_to_proto
 
-_support_path = Path(__file__).parent.parent / "worker" / "support.py"
-if "worker_test_support" in sys.modules:
-    support = sys.modules["worker_test_support"]
-else:
-    _spec = importlib.util.spec_from_file_location("worker_test_support", _support_path)
-    support = importlib.util.module_from_spec(_spec)
-    sys.modules["worker_test_support"] = support
-    _spec.loader.exec_module(support)
+support = sys.modules["worker_test_support"]  # loaded by tests/conftest.py
 
 WORKER_TOKEN = "test-worker-token-0123456789"
 BASE_MODEL = "tiny-llama"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,14 +9,7 @@ from pathlib import Path
 
 import pytest
 
-_support_path = Path(__file__).parent.parent / "worker" / "support.py"
-if "worker_test_support" in sys.modules:
-    support = sys.modules["worker_test_support"]
-else:
-    _spec = importlib.util.spec_from_file_location("worker_test_support", _support_path)
-    support = importlib.util.module_from_spec(_spec)
-    sys.modules["worker_test_support"] = support
-    _spec.loader.exec_module(support)
+support = sys.modules["worker_test_support"]  # loaded by tests/conftest.py
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_TOKEN = "e2e-worker-token-" + "w" * 20

@@ -12,7 +12,6 @@ test here may stop).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -35,14 +34,7 @@ from openlora.admin_client import AdminClient
 from openlora.client import Client
 from openlora.embedded import EmbeddedPostgres, EmbeddedRedis, child_setup, free_port
 
-_support_path = Path(__file__).parent.parent / "worker" / "support.py"
-if "worker_test_support" in sys.modules:
-    support = sys.modules["worker_test_support"]
-else:
-    _spec = importlib.util.spec_from_file_location("worker_test_support", _support_path)
-    support = importlib.util.module_from_spec(_spec)
-    sys.modules["worker_test_support"] = support
-    _spec.loader.exec_module(support)
+support = sys.modules["worker_test_support"]  # loaded by tests/conftest.py
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_TOKEN = "fault-worker-token-" + "w" * 20

@@ -3,7 +3,6 @@ bits per weight and resident bytes in its startup log and as Prometheus gauges."
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import subprocess
 import sys
@@ -19,15 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _support():
-    if "worker_test_support" in sys.modules:
-        return sys.modules["worker_test_support"]
-    spec = importlib.util.spec_from_file_location(
-        "worker_test_support", REPO_ROOT / "tests/worker/support.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["worker_test_support"] = module
-    spec.loader.exec_module(module)
-    return module
+    return sys.modules["worker_test_support"]  # loaded by tests/conftest.py
 
 
 def _gauges(port: int) -> dict[str, float]:

@@ -3,22 +3,13 @@ worker tests' support module (redis-server children on ports picked free) as `wo
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.engine.conftest import TinyModel, _build
 
-_support_path = Path(__file__).parent.parent / "worker" / "support.py"
-if "worker_test_support" in sys.modules:
-    support = sys.modules["worker_test_support"]
-else:
-    _spec = importlib.util.spec_from_file_location("worker_test_support", _support_path)
-    support = importlib.util.module_from_spec(_spec)
-    sys.modules["worker_test_support"] = support
-    _spec.loader.exec_module(support)
+support = sys.modules["worker_test_support"]  # loaded by tests/conftest.py
 
 
 @pytest.fixture(scope="session")

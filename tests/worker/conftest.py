@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import sys
 import time
 import uuid
@@ -14,10 +13,7 @@ import pytest
 
 from openlora.cache_scope import cache_key, cache_scope
 
-_spec = importlib.util.spec_from_file_location("worker_test_support", Path(__file__).with_name("support.py"))
-support = importlib.util.module_from_spec(_spec)
-sys.modules["worker_test_support"] = support
-_spec.loader.exec_module(support)
+support = sys.modules["worker_test_support"]  # loaded by tests/conftest.py
 
 WORKER_TOKEN = "worker-token-" + "w" * 24
 ADMIN_KEY = "operator-key-" + "k" * 24

@@ -642,10 +642,7 @@ class ControlPlaneClient:
             await asyncio.wait_for(asyncio.shield(answer), AUTHORIZE_TIMEOUT_S)
         except TimeoutError:
             answer.cancel()
-            raise ControlPlaneError(
-                grpc.StatusCode.UNAVAILABLE,
-                "control plane unavailable (ReserveRequestIds: DEADLINE_EXCEEDED); retry shortly",
-            ) from None
+            raise _unavailable("ReserveRequestIds: DEADLINE_EXCEEDED") from None
         except asyncio.CancelledError:
             entry.caller_gone = not renewal
             answer.cancel()

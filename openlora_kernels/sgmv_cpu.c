@@ -54,10 +54,13 @@ static inline vfloat vload(const float *p) {
 
 static inline void vstore(float *p, vfloat v) { __builtin_memcpy(p, &v, sizeof v); }
 
+/* The lanes' sum as a tree (halves added pairwise): log2(VEC) dependent additions, not VEC. */
 static inline float vsum(vfloat v) {
-    float s = 0.0f;
-    for (int i = 0; i < VEC; i++) s += v[i];
-    return s;
+    float t[VEC];
+    __builtin_memcpy(t, &v, sizeof t);
+    for (int width = VEC / 2; width >= 1; width /= 2)
+        for (int i = 0; i < width; i++) t[i] += t[i + width];
+    return t[0];
 }
 
 static inline int64_t segment_cols(int64_t num_cols, const int64_t *ranks, int64_t g, int64_t rank_columns) {
@@ -66,18 +69,31 @@ static inline int64_t segment_cols(int64_t num_cols, const int64_t *ranks, int64
 }
 
 /* u[r * u_rs] = x[r] . w for r < rows (at most ROWS_BLOCK): one pass over w. Inlined into callers that
- * pass a constant `rows`, so that the sums are registers. */
+ * pass a constant `rows`, so that the sums are registers. Each row's sum runs in CHAINS(rows) independent
+ * vectors: one chain of fused multiply-adds waits on each one's latency (four cycles or so), and at one or
+ * two rows (a decode step's segment) that is slower than memory brings w in. */
+#define CHAINS(rows) ((rows) == 1 ? 4 : (rows) == 2 ? 2 : 1)
 static inline __attribute__((always_inline)) void shrink_column(const float *x, int64_t x_rs, int64_t k_len,
                                                                 const float *w, int rows, float *u, int64_t u_rs) {
-    vfloat acc[ROWS_BLOCK];
-    for (int r = 0; r < rows; r++) acc[r] = (vfloat){0.0f};
+    const int chains = CHAINS(rows);
+    vfloat acc[ROWS_BLOCK][4];
+    for (int r = 0; r < rows; r++)
+        for (int p = 0; p < chains; p++) acc[r][p] = (vfloat){0.0f};
     int64_t k = 0;
+    for (; k + chains * VEC <= k_len; k += chains * VEC) {
+        for (int p = 0; p < chains; p++) {
+            const vfloat wv = vload(w + k + p * VEC);
+            for (int r = 0; r < rows; r++) acc[r][p] += vload(x + r * x_rs + k + p * VEC) * wv;
+        }
+    }
     for (; k + VEC <= k_len; k += VEC) {
         const vfloat wv = vload(w + k);
-        for (int r = 0; r < rows; r++) acc[r] += vload(x + r * x_rs + k) * wv;
+        for (int r = 0; r < rows; r++) acc[r][0] += vload(x + r * x_rs + k) * wv;
     }
     for (int r = 0; r < rows; r++) {
-        float s = vsum(acc[r]);
+        vfloat total = acc[r][0];
+        for (int p = 1; p < chains; p++) total += acc[r][p];
+        float s = vsum(total);
         for (int64_t kk = k; kk < k_len; kk++) s += x[r * x_rs + kk] * w[kk];
         u[r * u_rs] = s;
     }

@@ -73,7 +73,8 @@ def test_native_lora_matches_a_float64_product_per_row(cpu_kernels, layout, outs
     bounds = [0]
     for length in lengths:
         bounds.append(bounds[-1] + length)
-    num_slots, max_rank, h_in, n = 12, 8, 40, len(outs)
+    # 43 inputs: the shrink's unrolled vectors, then single vectors, then single floats at any vector width
+    num_slots, max_rank, h_in, n = 12, 8, 43, len(outs)
     ranks = [8, 2, 4, 8, 1, 4, 3, 8, 5, 6, 7, 2]
     x = torch.randn(bounds[-1], h_in, generator=gen)
     # Garbage past each slot's rank (the pools hold zeros there; the kernels must not read it either).

@@ -310,12 +310,7 @@ def _record(
     ordered = [best[k] for k in sorted(best)]
     inserted_keys = {
         (tenant_id, request_id)
-        for tenant_id, request_id in session.execute(
-            insert(UsageEvent)
-            .values([_event_row(c) for c in ordered])
-            .on_conflict_do_nothing(index_elements=["tenant_id", "request_id"])
-            .returning(UsageEvent.tenant_id, UsageEvent.request_id)
-        )
+        for tenant_id, request_id in session.execute(_INSERT_EVENTS, [_event_row(c) for c in ordered])
     }
     new = [c for c in ordered if (c.tenant_id, c.report.request_id) in inserted_keys]
     stored = [c for c in ordered if (c.tenant_id, c.report.request_id) not in inserted_keys]
@@ -372,12 +367,41 @@ def _event_row(c: _Checked) -> dict:
         "total_ms": r.total_ms,
         "finish_reason": r.finish_reason[:32],
         "finished_at": c.finished_at,
-        # The database's clock, as the predictor's watermark (`UsageHistory`): the control plane's own
-        # may run apart from it, or step, and a row stamped behind the watermark is never read.
-        "recorded_at": func.now(),
         "request_kind": r.request_kind,
         "mix": c.mix,
     }
+
+
+# The statements of a batch are built once, each row a set of parameters (SQLAlchemy sends them as one
+# multi-row statement, "insertmanyvalues"): a statement holding the batch's rows as values was compiled
+# again for every batch, most of the control plane's CPU per usage record.
+def _events_insert():
+    """Each record's event unless its key is stored already; RETURNING the keys inserted. `recorded_at` is
+    the database's clock, as the predictor's watermark (`UsageHistory`): the control plane's own may run
+    apart from it, or step, and a row stamped behind the watermark is never read."""
+    table = UsageEvent.__table__
+    return (
+        insert(table)
+        .values(recorded_at=func.now())
+        .on_conflict_do_nothing(index_elements=[table.c.tenant_id, table.c.request_id])
+        .returning(table.c.tenant_id, table.c.request_id)
+    )
+
+
+def _counters_upsert():
+    """Adds a row's deltas to its counter line (made when missing); RETURNING the line's totals."""
+    table = UsageCounter.__table__
+    statement = insert(table)
+    totals = ("requests", "prompt_micro_tokens", "completion_micro_tokens", "royalty_micro_tokens")
+    return statement.on_conflict_do_update(
+        constraint="uq_usage_counter_line_hour",
+        set_={name: table.c[name] + statement.excluded[name] for name in totals},
+    ).returning(table.c.id, *(table.c[name] for name in totals))
+
+
+_INSERT_EVENTS = _events_insert()
+_INSERT_LINKS = insert(UsageEventAdapter.__table__)
+_MOVE_COUNTERS = _counters_upsert()
 
 
 def _replace_outranked(
@@ -437,6 +461,7 @@ def _replace_outranked(
         )
         for name, value in _event_row(c).items():
             setattr(row, name, value)
+        row.recorded_at = func.now()  # the database's clock, as `_events_insert` stamps it
         replaced.append((c, old))
     session.flush()
     return replaced, elsewhere
@@ -454,7 +479,7 @@ def _link_adapters(session: Session, events: list[_Checked]) -> None:
         for adapter_id, weight in c.adapters
     ]
     if links:
-        session.execute(insert(UsageEventAdapter).values(links))
+        session.execute(_INSERT_LINKS, links)
 
 
 def _count(deltas: dict[tuple, list[int]], c: _Contribution, sign: int) -> None:
@@ -509,27 +534,7 @@ def _move_counters(session: Session, deltas: dict[tuple, list[int]]) -> None:
         )
     if not rows:
         return
-    statement = insert(UsageCounter).values(rows)
-    moved = session.execute(
-        statement.on_conflict_do_update(
-            constraint="uq_usage_counter_line_hour",
-            set_={
-                "requests": UsageCounter.requests + statement.excluded.requests,
-                "prompt_micro_tokens": UsageCounter.prompt_micro_tokens
-                + statement.excluded.prompt_micro_tokens,
-                "completion_micro_tokens": UsageCounter.completion_micro_tokens
-                + statement.excluded.completion_micro_tokens,
-                "royalty_micro_tokens": UsageCounter.royalty_micro_tokens
-                + statement.excluded.royalty_micro_tokens,
-            },
-        ).returning(
-            UsageCounter.id,
-            UsageCounter.requests,
-            UsageCounter.prompt_micro_tokens,
-            UsageCounter.completion_micro_tokens,
-            UsageCounter.royalty_micro_tokens,
-        )
-    ).all()
+    moved = session.execute(_MOVE_COUNTERS, rows).all()
     emptied = [counter_id for counter_id, *totals in moved if not any(totals)]
     if emptied:  # every event of those lines moved to another hour: no empty line left
         session.execute(delete(UsageCounter).where(UsageCounter.id.in_(emptied)))

@@ -286,3 +286,32 @@ def test_usage_recorded_while_the_control_planes_clock_runs_behind_the_databases
     predictor.run_once(T0 + 76.0)
     times = predictor.history.times_by_adapter(T0 + 76.0)[str(adapter.id)]
     assert times == [T0 + k * 10.0 for k in range(8)]
+
+
+def test_usage_is_stamped_with_the_databases_clock_when_inserted_and_when_replaced(sessions):
+    """The watermark of each pass is the database's clock, so `recorded_at` must be too: a new event and
+    one its final replaces are stamped by the database, not with the record's own times (here in the
+    synthetic history's 2030)."""
+    _clear(sessions)
+    adapter = _add_adapter(sessions, "stamped")
+
+    def database_clock() -> datetime:
+        with sessions() as s:
+            return s.execute(text("SELECT clock_timestamp()")).scalar_one()
+
+    def stored(request_id: str):
+        with sessions() as s:
+            return s.execute(
+                select(UsageEvent.recorded_at, UsageEvent.completion_tokens).where(
+                    UsageEvent.request_id == request_id
+                )
+            ).one()
+
+    before = database_clock()
+    request_id = _report(sessions, adapter, T0, finish_reason=CHECKPOINT_FINISH_REASON, completion_tokens=2)
+    checkpoint = stored(request_id)
+    _report(sessions, adapter, T0 + 5.0, request_id=request_id, completion_tokens=8)  # the final replaces it
+    final = stored(request_id)
+    after = database_clock()
+    assert (checkpoint.completion_tokens, final.completion_tokens) == (2, 8)
+    assert before <= checkpoint.recorded_at < final.recorded_at <= after  # restamped when replaced

@@ -466,8 +466,8 @@ class ControlPlane:
         outcomes: dict[int, DomainError | None] = {}
         try:
             with self.sessions.begin() as s:
-                for i in order:
-                    outcomes[i] = self._reserve_one(s, *entries[i])
+                answers = reservation.reserve_request_ids(s, [entries[i] for i in order])
+            outcomes.update(zip(order, answers, strict=True))
         except DBAPIError as error:
             if not _answerable_alone(error):
                 raise

@@ -37,13 +37,14 @@ from sqlalchemy import (
     bindparam,
     delete,
     exists,
+    func,
     literal,
     or_,
     select,
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from control_plane.db.base import Base, utc_now
@@ -157,6 +158,93 @@ def reserve_request_id(
     ).first()
     if reserved is not None:
         return None
+    return _refusal(session, tenant, request_id, now)
+
+
+def _reservations_upsert():
+    """The reservation of a batch's entries, one statement built once: `_reservation_upsert` over rows
+    given as arrays (unnested in their order, which is the order their rows are locked in), RETURNING the
+    keys reserved."""
+    table = RequestIdReservation.__table__
+    usage = UsageEvent.__table__
+    now = bindparam("now", type_=DateTime(timezone=True))
+    rows = (
+        select(
+            func.unnest(bindparam("tenant_ids", type_=ARRAY(table.c.tenant_id.type))).label("tenant_id"),
+            func.unnest(bindparam("request_ids", type_=ARRAY(table.c.request_id.type))).label("request_id"),
+            func.unnest(bindparam("worker_ids", type_=ARRAY(table.c.worker_id.type))).label("worker_id"),
+            func.unnest(bindparam("expires_at", type_=ARRAY(DateTime(timezone=True)))).label("expires_at"),
+        )
+    ).subquery("entry")
+    billed = exists().where(usage.c.tenant_id == rows.c.tenant_id, usage.c.request_id == rows.c.request_id)
+    statement = insert(table).from_select(
+        ["tenant_id", "request_id", "worker_id", "reserved_at", "expires_at"],
+        select(rows.c.tenant_id, rows.c.request_id, rows.c.worker_id, now, rows.c.expires_at).where(~billed),
+    )
+    same_worker = (table.c.worker_id == statement.excluded.worker_id) & (statement.excluded.worker_id != "")
+    return statement.on_conflict_do_update(
+        index_elements=[table.c.tenant_id, table.c.request_id],
+        set_={
+            "worker_id": statement.excluded.worker_id,
+            "reserved_at": statement.excluded.reserved_at,
+            "expires_at": statement.excluded.expires_at,
+        },
+        where=or_(table.c.expires_at <= now, same_worker),
+    ).returning(table.c.tenant_id, table.c.request_id)
+
+
+_RESERVE_MANY = _reservations_upsert()
+
+
+def reserve_request_ids(
+    session: Session, entries: list[tuple[str, str, str, int]]
+) -> list[AlreadyExists | InvalidArgument | None]:
+    """`reserve_request_id` for each (tenant id, request id, worker id, ttl ms) in order, in one statement:
+    each entry's refusal (its check's InvalidArgument, before any statement; AlreadyExists) or None where
+    it was reserved. An entry whose key an earlier one of the batch holds runs after the statement, alone,
+    as it would have one by one (one statement cannot update a row twice). The caller sweeps."""
+    outcomes: list[AlreadyExists | InvalidArgument | None] = [None] * len(entries)
+    first: dict[tuple[uuid.UUID, str], int] = {}
+    repeated: list[int] = []
+    expiries: dict[int, datetime] = {}
+    now = utc_now()
+    for i, (tenant_id, request_id, worker_id, ttl_ms) in enumerate(entries):
+        try:
+            tenant = _checked_key(tenant_id, request_id)
+            check_text(worker_id, "worker_id", 128)
+        except InvalidArgument as error:
+            outcomes[i] = error
+            continue
+        ttl_ms = min(max(ttl_ms or DEFAULT_RESERVATION_MS, MIN_RESERVATION_MS), MAX_RESERVATION_MS)
+        expiries[i] = now + timedelta(milliseconds=ttl_ms)
+        if (tenant, request_id) in first:
+            repeated.append(i)
+        else:
+            first[(tenant, request_id)] = i
+    if first:
+        batch = list(first.items())
+        reserved = set(
+            session.execute(
+                _RESERVE_MANY,
+                {
+                    "tenant_ids": [tenant for (tenant, _), _ in batch],
+                    "request_ids": [request_id for (_, request_id), _ in batch],
+                    "worker_ids": [entries[i][2] for _, i in batch],
+                    "expires_at": [expiries[i] for _, i in batch],
+                    "now": now,
+                },
+            ).tuples()
+        )
+        for (tenant, request_id), i in batch:
+            if (tenant, request_id) not in reserved:
+                outcomes[i] = _refusal(session, tenant, request_id, now)
+    for i in repeated:
+        outcomes[i] = reserve_request_id(session, *entries[i], sweep=False)
+    return outcomes
+
+
+def _refusal(session: Session, tenant: uuid.UUID, request_id: str, now: datetime) -> AlreadyExists:
+    """Why a reservation of the id was refused (see `reserve_request_id`)."""
     _restamp_ahead_of_clock(session, tenant, request_id, now)
     if _billed(session, tenant, request_id):
         return AlreadyExists(

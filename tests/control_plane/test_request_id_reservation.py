@@ -297,7 +297,7 @@ def test_a_value_the_database_refuses_costs_the_other_entries_of_its_batch_nothi
 
     from control_plane.usage import reservation
 
-    real = reservation.reserve_request_id
+    real, real_batch = reservation.reserve_request_id, reservation.reserve_request_ids
     poisoned = f"poison-{uuid.uuid4().hex}"
 
     def refusing(session, tenant, request_id, worker_id, ttl_ms=0, sweep=True):
@@ -306,7 +306,14 @@ def test_a_value_the_database_refuses_costs_the_other_entries_of_its_batch_nothi
             raise DataError("INSERT ...", {}, Exception("value too long"))
         return outcome
 
+    def refusing_batch(session, entries):  # the batch's statement, with the poisoned entry among its rows
+        outcomes = real_batch(session, entries)
+        if any(entry[1] == poisoned for entry in entries):
+            raise DataError("INSERT ...", {}, Exception("value too long"))
+        return outcomes
+
     monkeypatch.setattr(reservation, "reserve_request_id", refusing)
+    monkeypatch.setattr(reservation, "reserve_request_ids", refusing_batch)
     before, after = f"a-{uuid.uuid4().hex}", f"b-{uuid.uuid4().hex}"
     outcomes = _reserve_many(
         cp, [(tenant_id, before, "w-a"), (tenant_id, poisoned, "w-a"), (tenant_id, after, "w-a")]
@@ -317,6 +324,7 @@ def test_a_value_the_database_refuses_costs_the_other_entries_of_its_batch_nothi
         grpc.StatusCode.OK,
     ]
     monkeypatch.setattr(reservation, "reserve_request_id", real)
+    monkeypatch.setattr(reservation, "reserve_request_ids", real_batch)
     for request_id in (before, after):  # reserved, and kept: another worker is refused
         assert _reserve(cp, tenant_id, request_id, "w-b") == grpc.StatusCode.ALREADY_EXISTS
     assert _reserve(cp, tenant_id, poisoned, "w-b") == grpc.StatusCode.OK  # its transaction rolled back
@@ -363,24 +371,30 @@ def test_a_batch_that_loses_to_another_transaction_answers_each_entry_on_its_own
     class Deadlock(Exception):
         sqlstate = "40P01"
 
-    real = reservation.reserve_request_id
+    real, real_batch = reservation.reserve_request_id, reservation.reserve_request_ids
     victim = f"victim-{uuid.uuid4().hex}"
     calls = {"victim": 0}
 
-    def losing_once(session, tenant, request_id, worker_id, ttl_ms=0, sweep=True):
-        outcome = real(session, tenant, request_id, worker_id, ttl_ms, sweep)
-        if request_id == victim:
+    def losing_once(session, entries):  # the batch's statement, the victim among its rows
+        outcomes = real_batch(session, entries)
+        if any(entry[1] == victim for entry in entries):
             calls["victim"] += 1
             if calls["victim"] == 1:
                 raise OperationalError("INSERT ...", {}, Deadlock("deadlock detected"))
-        return outcome
+        return outcomes
 
-    monkeypatch.setattr(reservation, "reserve_request_id", losing_once)
+    def counting(session, tenant, request_id, worker_id, ttl_ms=0, sweep=True):
+        calls["victim"] += request_id == victim
+        return real(session, tenant, request_id, worker_id, ttl_ms, sweep)
+
+    monkeypatch.setattr(reservation, "reserve_request_ids", losing_once)
+    monkeypatch.setattr(reservation, "reserve_request_id", counting)
     others = [f"o{i}-{uuid.uuid4().hex}" for i in range(3)]
     outcomes = _reserve_many(cp, [(tenant_id, r, "w-a") for r in [*others, victim]])
     assert [code for code, _ in outcomes] == [grpc.StatusCode.OK] * 4
-    assert calls["victim"] == 2
+    assert calls["victim"] == 2  # in the batch, then alone
     monkeypatch.setattr(reservation, "reserve_request_id", real)
+    monkeypatch.setattr(reservation, "reserve_request_ids", real_batch)
     for request_id in [*others, victim]:
         assert _reserve(cp, tenant_id, request_id, "w-b") == grpc.StatusCode.ALREADY_EXISTS
 

@@ -22,8 +22,15 @@ Reported per value: tokens/s of each way per pass, and per pass (each way's figu
 in the same pass) thread / none, process / none and thread / process, median and range. `thread /
 process` below 1 is what sharing the process loses against a process of its own for the same work.
 
+`--switch-interval-ms X` adds a fourth way: the consumer on a thread with the interpreter's switch interval
+(`sys.setswitchinterval`, 5 ms by default) set to X ms while that way runs. A thread waiting for the lock
+asks its holder to drop it only after that long, so each time the engine's thread comes back from a torch
+call to find the consumer running it may wait up to the interval; the extra way shows how much of what
+sharing loses that wait is (`thread@X / process`, and `thread@X / thread` in the same passes).
+
     python -m benchmarks.engine_split                          # 6 passes at 110 us per token
     python -m benchmarks.engine_split --per-token-us 55 110 220 --passes 6
+    python -m benchmarks.engine_split --per-token-us 360 --switch-interval-ms 0.5
 """
 
 from __future__ import annotations
@@ -62,6 +69,12 @@ SHARING_TARGET = 0.95  # issue 13: the current split may lose less than 5%
 class SplitConfig:
     per_token_us: tuple[float, ...] = (110.0,)
     passes: int = 6
+    switch_interval_ms: float | None = None  # the fourth way's, when given
+
+    @property
+    def ways(self) -> tuple[str, ...]:
+        return WAYS if self.switch_interval_ms is None else (*WAYS, short_switch_way(self.switch_interval_ms))
+
     trace: OverheadConfig = dataclasses.field(default_factory=OverheadConfig)
 
 
@@ -151,12 +164,26 @@ def step_through(engine, requests, refs: dict, send) -> tuple[int, float]:
     return tokens, time.perf_counter() - started
 
 
-def one_way(way: str, engine, requests, refs: dict, per_token_s: float) -> dict:
-    consumer = {"none": None, "thread": ThreadConsumer, "process": ProcessConsumer}[way]
+def short_switch_way(interval_ms: float) -> str:
+    return f"thread@{interval_ms:g}ms"
+
+
+def one_way(
+    way: str, engine, requests, refs: dict, per_token_s: float, switch_interval_ms: float | None = None
+) -> dict:
+    kind = "thread" if way.startswith("thread@") else way
+    consumer = {"none": None, "thread": ThreadConsumer, "process": ProcessConsumer}[kind]
     consumer = consumer(per_token_s) if consumer is not None else None
-    tokens, seconds = on_engine_thread(
-        step_through, engine, requests, refs, consumer.send if consumer is not None else None
-    )
+    default_interval = sys.getswitchinterval()
+    if kind != way:
+        assert switch_interval_ms is not None
+        sys.setswitchinterval(switch_interval_ms / 1000)
+    try:
+        tokens, seconds = on_engine_thread(
+            step_through, engine, requests, refs, consumer.send if consumer is not None else None
+        )
+    finally:
+        sys.setswitchinterval(default_interval)
     result = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
     if consumer is not None:
         taken, cpu_s = consumer.finish()
@@ -178,6 +205,9 @@ def summary(values: list[float], draws: int = 2000) -> dict:
 def ratios(passes: list[dict]) -> dict:
     pairs = {"thread/none": ("thread", "none"), "process/none": ("process", "none")}
     pairs["thread/process"] = ("thread", "process")
+    for way in sorted(set(passes[0]) - set(WAYS)):  # a thread at a shorter switch interval
+        pairs[f"{way}/process"] = (way, "process")
+        pairs[f"{way}/thread"] = (way, "thread")
     return {
         name: summary([p[a]["tokens_per_s"] / p[b]["tokens_per_s"] for p in passes])
         for name, (a, b) in pairs.items()
@@ -207,10 +237,14 @@ def run(
         results: dict = {"config": dataclasses.asdict(cfg), "by_per_token_us": {}}
         for per_token_us in cfg.per_token_us:
             passes = []
+            ways = cfg.ways
             for i in range(cfg.passes):
-                order = WAYS[i % 3 :] + WAYS[: i % 3]
+                order = ways[i % len(ways) :] + ways[: i % len(ways)]
                 figures = {
-                    way: one_way(way, engine, list(trace.requests), refs, per_token_us / 1e6) for way in order
+                    way: one_way(
+                        way, engine, list(trace.requests), refs, per_token_us / 1e6, cfg.switch_interval_ms
+                    )
+                    for way in order
                 }
                 passes.append(figures)
                 print(pass_line(per_token_us, i, order, figures), flush=True)
@@ -257,11 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--per-token-us", type=float, nargs="+", default=[110.0])
     parser.add_argument("--passes", type=int, default=6)
+    parser.add_argument(
+        "--switch-interval-ms", type=float, default=None, help="add the thread way at this switch interval"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_PATH)
     args = parser.parse_args(argv)
     if args.passes < 1 or any(v < 0 for v in args.per_token_us):
         parser.error("--passes must be >= 1 and --per-token-us >= 0")
-    cfg = SplitConfig(per_token_us=tuple(args.per_token_us), passes=args.passes)
+    if args.switch_interval_ms is not None and not 0 < args.switch_interval_ms <= 1000:
+        parser.error("--switch-interval-ms must be in (0, 1000]")
+    cfg = SplitConfig(
+        per_token_us=tuple(args.per_token_us), passes=args.passes, switch_interval_ms=args.switch_interval_ms
+    )
     started_at = utc_now()
     results = run(cfg)
     results |= {"machine": machine_info(), "started_at": started_at}

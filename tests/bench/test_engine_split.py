@@ -4,6 +4,7 @@ token the engine made and spends the CPU time it was asked for on them, and the 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -47,3 +48,29 @@ def test_ratios_are_per_pass_quotients():
     assert (shared["median"], shared["min"], shared["max"]) == (0.95, 0.5, 1.125)
     assert shared["min"] <= shared["ci95"][0] <= shared["median"] <= shared["ci95"][1] <= shared["max"]
     assert r["thread/none"]["median"] == 0.9 and r["process/none"]["max"] == 1.0
+
+
+def test_the_short_switch_interval_way_runs_the_thread_consumer_at_that_interval_only(
+    tmp_path_factory, monkeypatch
+):
+    root = tiny_bench_model(tmp_path_factory).root
+    trace = OverheadConfig(num_requests=6, num_adapters=3, output_len_range=(3, 3), num_adapter_slots=3)
+    cfg = engine_split.SplitConfig(per_token_us=(50.0,), passes=1, trace=trace, switch_interval_ms=0.5)
+    real, seen = engine_split.on_engine_thread, []
+
+    def recording(fn, engine, requests, refs, send):
+        seen.append((getattr(send, "__self__", None) is not None, sys.getswitchinterval()))
+        return real(fn, engine, requests, refs, send)
+
+    monkeypatch.setattr(engine_split, "on_engine_thread", recording)
+    default = sys.getswitchinterval()
+    results = engine_split.run(cfg, shape=TINY, root=root)
+    (figures,) = results["by_per_token_us"]["50.0"]["passes"]
+    assert set(figures) == {"none", "thread", "process", "thread@0.5ms"}
+    assert figures["thread@0.5ms"]["consumer_tokens"] == figures["thread"]["consumer_tokens"] == 6 * 3
+    intervals = sorted(interval for _, interval in seen)
+    assert intervals[0] == 0.0005 and intervals.count(0.0005) == 1  # that way's step-through alone
+    assert intervals[1:] == [default] * (len(seen) - 1)
+    assert sys.getswitchinterval() == default
+    ratios = results["by_per_token_us"]["50.0"]["ratios"]
+    assert {"thread@0.5ms/process", "thread@0.5ms/thread"} <= set(ratios)

@@ -97,24 +97,18 @@ def _billed(session: Session, tenant: uuid.UUID, request_id: str) -> bool:
     return found is not None
 
 
-def _reservation_upsert():
-    """The reservation, one statement built once: inserts the row unless the id was billed; on a conflict
-    takes the row over when it expired or is this worker's own. RETURNING says whether it was reserved."""
+def _upsert(tenant, request_id, worker_id, expires_at):
+    """INSERT ... SELECT the reservation of (tenant, request id) for the worker until expires_at, stamped
+    :now, unless the id was billed; on a conflict it takes the row over when that expired or is this
+    worker's own. RETURNING the keys reserved. The four are bound parameters, or the columns of a row
+    source the select reads them from."""
     table = RequestIdReservation.__table__
     usage = UsageEvent.__table__
-    tenant = bindparam("tenant_id", type_=table.c.tenant_id.type)
-    request_id = bindparam("request_id", type_=table.c.request_id.type)
     now = bindparam("now", type_=DateTime(timezone=True))
     billed = exists().where(usage.c.tenant_id == tenant, usage.c.request_id == request_id)
-    row = select(
-        tenant,
-        request_id,
-        bindparam("worker_id", type_=table.c.worker_id.type),
-        now,
-        bindparam("expires_at", type_=DateTime(timezone=True)),
-    ).where(~billed)
     statement = insert(table).from_select(
-        ["tenant_id", "request_id", "worker_id", "reserved_at", "expires_at"], row
+        ["tenant_id", "request_id", "worker_id", "reserved_at", "expires_at"],
+        select(tenant, request_id, worker_id, now, expires_at).where(~billed),
     )
     # An empty worker id never counts as "the same worker" (it would match any other empty one).
     same_worker = (table.c.worker_id == statement.excluded.worker_id) & (statement.excluded.worker_id != "")
@@ -126,7 +120,18 @@ def _reservation_upsert():
             "expires_at": statement.excluded.expires_at,
         },
         where=or_(table.c.expires_at <= now, same_worker),
-    ).returning(table.c.request_id)
+    ).returning(table.c.tenant_id, table.c.request_id)
+
+
+def _reservation_upsert():
+    """The reservation, one statement built once, its values bound parameters."""
+    table = RequestIdReservation.__table__
+    return _upsert(
+        bindparam("tenant_id", type_=table.c.tenant_id.type),
+        bindparam("request_id", type_=table.c.request_id.type),
+        bindparam("worker_id", type_=table.c.worker_id.type),
+        bindparam("expires_at", type_=DateTime(timezone=True)),
+    )
 
 
 _RESERVE = _reservation_upsert()
@@ -162,35 +167,20 @@ def reserve_request_id(
 
 
 def _reservations_upsert():
-    """The reservation of a batch's entries, one statement built once: `_reservation_upsert` over rows
-    given as arrays (unnested in their order, which is the order their rows are locked in), RETURNING the
-    keys reserved."""
+    """The reservation of a batch's entries, one statement built once: the same upsert over rows given as
+    arrays (unnested in their order, which is the order their rows are locked in)."""
     table = RequestIdReservation.__table__
-    usage = UsageEvent.__table__
-    now = bindparam("now", type_=DateTime(timezone=True))
-    rows = (
-        select(
-            func.unnest(bindparam("tenant_ids", type_=ARRAY(table.c.tenant_id.type))).label("tenant_id"),
-            func.unnest(bindparam("request_ids", type_=ARRAY(table.c.request_id.type))).label("request_id"),
-            func.unnest(bindparam("worker_ids", type_=ARRAY(table.c.worker_id.type))).label("worker_id"),
-            func.unnest(bindparam("expires_at", type_=ARRAY(DateTime(timezone=True)))).label("expires_at"),
-        )
+
+    def column(name: str, column_type):
+        return func.unnest(bindparam(f"{name}s", type_=ARRAY(column_type))).label(name)
+
+    entry = select(
+        column("tenant_id", table.c.tenant_id.type),
+        column("request_id", table.c.request_id.type),
+        column("worker_id", table.c.worker_id.type),
+        column("expires_at", DateTime(timezone=True)),
     ).subquery("entry")
-    billed = exists().where(usage.c.tenant_id == rows.c.tenant_id, usage.c.request_id == rows.c.request_id)
-    statement = insert(table).from_select(
-        ["tenant_id", "request_id", "worker_id", "reserved_at", "expires_at"],
-        select(rows.c.tenant_id, rows.c.request_id, rows.c.worker_id, now, rows.c.expires_at).where(~billed),
-    )
-    same_worker = (table.c.worker_id == statement.excluded.worker_id) & (statement.excluded.worker_id != "")
-    return statement.on_conflict_do_update(
-        index_elements=[table.c.tenant_id, table.c.request_id],
-        set_={
-            "worker_id": statement.excluded.worker_id,
-            "reserved_at": statement.excluded.reserved_at,
-            "expires_at": statement.excluded.expires_at,
-        },
-        where=or_(table.c.expires_at <= now, same_worker),
-    ).returning(table.c.tenant_id, table.c.request_id)
+    return _upsert(entry.c.tenant_id, entry.c.request_id, entry.c.worker_id, entry.c.expires_at)
 
 
 _RESERVE_MANY = _reservations_upsert()
@@ -230,7 +220,7 @@ def reserve_request_ids(
                     "tenant_ids": [tenant for (tenant, _), _ in batch],
                     "request_ids": [request_id for (_, request_id), _ in batch],
                     "worker_ids": [entries[i][2] for _, i in batch],
-                    "expires_at": [expiries[i] for _, i in batch],
+                    "expires_ats": [expiries[i] for _, i in batch],
                     "now": now,
                 },
             ).tuples()

@@ -40,8 +40,6 @@ import dataclasses
 import json
 import multiprocessing
 import queue
-import random
-import statistics
 import sys
 import threading
 import time
@@ -58,6 +56,7 @@ from benchmarks.serving_overhead import (
     on_engine_thread,
     warm_requests,
 )
+from benchmarks.stats import median_summary
 from benchmarks.trace import adapter_name
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "engine_split.json"
@@ -193,15 +192,6 @@ def one_way(
     return result
 
 
-def summary(values: list[float], draws: int = 2000) -> dict:
-    """Median and range of per-pass ratios, and the 95% percentile bootstrap interval of the median (the
-    passes resampled with replacement): the noise of the passes, stated beside the figure."""
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
-    interval = [medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]]
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "ci95": interval}
-
-
 def ratios(passes: list[dict]) -> dict:
     pairs = {"thread/none": ("thread", "none"), "process/none": ("process", "none")}
     pairs["thread/process"] = ("thread", "process")
@@ -209,7 +199,7 @@ def ratios(passes: list[dict]) -> dict:
         pairs[f"{way}/process"] = (way, "process")
         pairs[f"{way}/thread"] = (way, "thread")
     return {
-        name: summary([p[a]["tokens_per_s"] / p[b]["tokens_per_s"] for p in passes])
+        name: median_summary([p[a]["tokens_per_s"] / p[b]["tokens_per_s"] for p in passes])
         for name, (a, b) in pairs.items()
     }
 

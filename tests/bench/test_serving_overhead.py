@@ -51,3 +51,17 @@ def test_profile_views_count_innermost_functions_and_each_function_once_a_sample
     assert self_frames(rows) == [("execute", 0.6), ("run", 0.2), ("poll", 0.2)]
     # "run" twice on one stack counts once for that sample
     assert dict(inclusive_frames(rows)) == {"run": 0.8, "report": 0.8, "execute": 0.6, "poll": 0.2}
+
+
+def test_the_per_pass_ratio_pairs_each_worker_pass_with_the_engine_pass_before_it():
+    # The machine slows down in the second pass: both arms do; best against best reads 0.667, each pair 0.9.
+    results = {
+        "engine": [_engine_pass(600.0), _engine_pass(400.0), _engine_pass(500.0)],
+        "worker": [_worker_pass(540.0, 0), _worker_pass(360.0, 0), _worker_pass(450.0, 0)],
+    }
+    report = summarize(results)
+    per_pass = results["per_pass_ratio"]
+    assert per_pass["median"] == per_pass["min"] == per_pass["max"] == 0.9
+    assert per_pass["ci95"] == [0.9, 0.9]
+    assert results["best"]["ratio"] == 540.0 / 600.0
+    assert "per pass (each worker pass / the engine pass before it, 3 passes): median 0.900" in report

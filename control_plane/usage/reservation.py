@@ -108,7 +108,8 @@ def _upsert(tenant, request_id, worker_id, expires_at):
     billed = exists().where(usage.c.tenant_id == tenant, usage.c.request_id == request_id)
     statement = insert(table).from_select(
         ["tenant_id", "request_id", "worker_id", "reserved_at", "expires_at"],
-        select(tenant, request_id, worker_id, now, expires_at).where(~billed),
+        # Rows taken in key order, the database's own: two batches at once lock the rows they share alike.
+        select(tenant, request_id, worker_id, now, expires_at).where(~billed).order_by(tenant, request_id),
     )
     # An empty worker id never counts as "the same worker" (it would match any other empty one).
     same_worker = (table.c.worker_id == statement.excluded.worker_id) & (statement.excluded.worker_id != "")
@@ -168,7 +169,7 @@ def reserve_request_id(
 
 def _reservations_upsert():
     """The reservation of a batch's entries, one statement built once: the same upsert over rows given as
-    arrays (unnested in their order, which is the order their rows are locked in)."""
+    arrays."""
     table = RequestIdReservation.__table__
 
     def column(name: str, column_type):

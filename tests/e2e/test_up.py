@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +39,14 @@ class Up:
     descendants: list[psutil.Process]
 
 
-def _read_ready_line(process: subprocess.Popen, timeout_s: float) -> str:
+def _read_ready_line(
+    process: subprocess.Popen, timeout_s: float, give_up: Callable[[], bool] = lambda: False
+) -> str:
+    """`up`'s ready line from its stdout; AssertionError when it exits first, the wait times out or
+    `give_up()` says there is no use waiting."""
     deadline = time.monotonic() + timeout_s
     buffer = b""
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline and process.poll() is None and not give_up():
         ready, _, _ = select.select([process.stdout], [], [], 0.5)
         if ready:
             buffer += os.read(process.stdout.fileno(), 4096)

@@ -5,7 +5,6 @@ gets to its ready line once the port is free."""
 
 from __future__ import annotations
 
-import signal
 import socket
 import struct
 import subprocess
@@ -17,7 +16,7 @@ import psutil
 import pytest
 
 from tests.e2e.test_up import REPO_ROOT, _read_ready_line
-from tests.e2e.up_process import stop_up, up_command
+from tests.e2e.up_process import stop_up, stopping_up, up_command
 
 pytestmark = pytest.mark.slow
 support = sys.modules["worker_test_support"]  # loaded by this directory's conftest
@@ -79,7 +78,7 @@ def test_up_restarts_a_worker_whose_port_was_taken_while_it_started(
         process, port, held = support.retry_on_taken_port(
             lambda: _start_holding_the_worker_port(argv_for, log_path, peer)
         )
-        try:
+        with stopping_up(process):
             _wait_for(lambda: "worker exited" in log_path.read_text(errors="replace"), process, log_path)
             held.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             held.close()  # reset, not TIME_WAIT: the port is free at once
@@ -92,11 +91,5 @@ def test_up_restarts_a_worker_whose_port_was_taken_while_it_started(
             assert f"port {port} (the worker's gRPC inference API) cannot be used" in exited
             assert "choose another with --port" in exited
             assert "OPENLORA_LISTEN" not in exited
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(120) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
     finally:
         peer.close()

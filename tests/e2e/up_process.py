@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
-from tests.e2e.test_up import REPO_ROOT
+from tests.e2e.test_up import REPO_ROOT, _read_ready_line
 
 support = sys.modules["worker_test_support"]  # loaded by this directory's conftest, or by the importer
 
@@ -79,21 +77,13 @@ def start_up(
 
 
 def _ready_line(process: subprocess.Popen, log_path: Path, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    buffer = b""
-    while time.monotonic() < deadline and process.poll() is None:
-        if support.PORT_TAKEN in log_path.read_text(errors="replace"):
-            break
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
-        if ready:
-            buffer += os.read(process.stdout.fileno(), 4096)
-            for line in buffer.decode(errors="replace").splitlines():
-                if line.startswith("ready "):
-                    return line
-    raise RuntimeError(
-        f"no ready line from openlora up (exit {process.poll()}): {buffer.decode(errors='replace')[-2000:]}\n"
-        f"its log:\n{log_path.read_text(errors='replace')[-4000:]}"
-    )
+    """The ready line, given up on once the log says a child could not listen; RuntimeError with the log."""
+    try:
+        return _read_ready_line(
+            process, timeout_s, give_up=lambda: support.PORT_TAKEN in log_path.read_text(errors="replace")
+        )
+    except AssertionError as error:
+        raise RuntimeError(f"{error}\nits log:\n{log_path.read_text(errors='replace')[-4000:]}") from None
 
 
 def stop_up(process: subprocess.Popen) -> None:

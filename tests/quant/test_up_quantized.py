@@ -3,7 +3,6 @@ bits per weight and resident bytes in its startup log and as Prometheus gauges."
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -34,7 +33,11 @@ def _gauges(port: int) -> dict[str, float]:
 @pytest.mark.parametrize("kernel", ["native", "tinygemm"])
 def test_up_with_int4_serves_the_demo_path_and_reports_the_format(database_url, redis_url, tmp_path, kernel):
     support = _support()
-    from tests.e2e.up_process import start_up, up_command  # after _support(): it reads that module
+    from tests.e2e.up_process import (  # after _support(): it reads that module
+        start_up,
+        stopping_up,
+        up_command,
+    )
 
     # A tiny model placed as up's demo model (no training here); up pushes its adapters as the demo's.
     support.write_tiny_model(tmp_path / "model")
@@ -53,7 +56,7 @@ def test_up_with_int4_serves_the_demo_path_and_reports_the_format(database_url, 
         return process, fields, metrics_port
 
     process, fields, metrics_port = support.retry_on_taken_port(start)
-    try:
+    with stopping_up(process):
         with Client(fields["inference"], fields["key"]) as client:
             text = "".join(client.generate("hello world", adapter="ad0", max_tokens=8))
         assert text.strip()
@@ -64,9 +67,3 @@ def test_up_with_int4_serves_the_demo_path_and_reports_the_format(database_url, 
         assert gauges['openlora_base_weight_format_info{format="int4"}'] == 1
         assert 4.0 < gauges["openlora_base_weight_bits_per_weight"] < 5.0  # scales and offsets included
         assert gauges["openlora_base_weight_bytes"] > 0
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()

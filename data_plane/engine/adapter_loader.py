@@ -140,6 +140,10 @@ class AdapterLoader:
         """True while a load of `key` is in flight; safe to call from any thread."""
         return key in self._in_flight_keys
 
+    def loading_keys(self) -> frozenset[str]:
+        """The keys with a load in flight: a snapshot, safe to read from any thread."""
+        return self._in_flight_keys
+
     def is_copying_from_host(self, key: str) -> bool:
         """True while a load of `key` from its host copy is in flight (engine thread)."""
         return key in self._copying

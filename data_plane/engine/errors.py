@@ -4,7 +4,20 @@ from __future__ import annotations
 
 
 class EngineError(Exception):
-    """Base of the engine's domain errors."""
+    """Base of the engine's domain errors.
+
+    Every one crosses a process boundary whole (the engine core's pipe): rebuilt from its message and
+    attributes, not by calling its `__init__` again, whose arguments differ from class to class."""
+
+    def __reduce__(self):
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[EngineError], args: tuple, state: dict) -> EngineError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class InvalidRequest(EngineError):

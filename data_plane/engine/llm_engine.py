@@ -52,6 +52,38 @@ PREFETCH_HELD = "held"  # already in the asked tier or a warmer one, or a load o
 PREFETCH_NO_ROOM = "no_room"  # the host tier could not keep it until its predicted use
 
 
+@dataclass(frozen=True)
+class RequestValidator:
+    """The checks a request must pass before it is queued, against the engine's fixed limits."""
+
+    vocab_size: int
+    max_model_len: int
+    max_lora_rank: int
+    has_tokenizer: bool
+    max_num_seqs: int
+    num_adapter_slots: int
+    num_kv_blocks: int
+    block_size: int
+    max_num_batched_tokens: int | None
+
+    def validate(self, request: EngineRequest) -> None:
+        """Raises InvalidRequest or AdapterLoadError for a request that can never run."""
+        validate_request(request, self.vocab_size, self.max_model_len, self.max_lora_rank, self.has_tokenizer)
+        if request.ensemble is not None:
+            if request.adapters:
+                raise InvalidRequest("mix", "an ensemble carries its adapters in its members only")
+            longest = min(len(request.prompt_token_ids) + request.sampling.max_tokens, self.max_model_len)
+            validate_ensemble(
+                request.ensemble,
+                self.max_lora_rank,
+                self.max_num_seqs,
+                self.num_adapter_slots,
+                self.num_kv_blocks,
+                -(-longest // self.block_size),
+                max_num_batched_tokens=self.max_num_batched_tokens,
+            )
+
+
 @dataclass
 class _RequestState:
     request: EngineRequest
@@ -144,6 +176,19 @@ class LLMEngine:
             else None
         )
         self._eos_token_ids = set(model_config.eos_token_ids)
+        # What `validate` checks a request against: fixed once the engine is built, so a copy of it checks
+        # requests in another process too (the engine core's front).
+        self.request_validator = RequestValidator(
+            vocab_size=self.spec.vocab_size,
+            max_model_len=self.max_model_len,
+            max_lora_rank=config.max_lora_rank,
+            has_tokenizer=self.tokenizer is not None,
+            max_num_seqs=config.max_num_seqs,
+            num_adapter_slots=config.num_adapter_slots,
+            num_kv_blocks=num_blocks,
+            block_size=config.block_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
         self._states: dict[str, _RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._reads_awaited: set[str] = set()  # disk reads in flight a step already waited for
@@ -211,27 +256,7 @@ class LLMEngine:
     def validate(self, request: EngineRequest) -> None:
         """Raises InvalidRequest or AdapterLoadError for a request that can never run; reads no engine state
         that changes, so another thread may call it."""
-        validate_request(
-            request,
-            self.spec.vocab_size,
-            self.max_model_len,
-            self.config.max_lora_rank,
-            self.tokenizer is not None,
-        )
-        if request.ensemble is not None:
-            if request.adapters:
-                raise InvalidRequest("mix", "an ensemble carries its adapters in its members only")
-            blocks = self.scheduler.blocks
-            longest = min(len(request.prompt_token_ids) + request.sampling.max_tokens, self.max_model_len)
-            validate_ensemble(
-                request.ensemble,
-                self.config.max_lora_rank,
-                self.config.max_num_seqs,
-                self.config.num_adapter_slots,
-                blocks.num_blocks,
-                blocks.blocks_for_tokens(longest),
-                max_num_batched_tokens=self.config.max_num_batched_tokens,
-            )
+        self.request_validator.validate(request)
 
     def set_between_layers(self, hook: Callable[[], None] | None) -> None:
         """`hook` runs on the engine's thread after each decoder layer of a step's forward pass (None:

@@ -94,7 +94,9 @@ def test_a_request_arriving_during_a_step_starts_its_copy_before_that_step_ends(
             )
             assert await asyncio.to_thread(in_step.wait, 30.0)  # its first step is held after layer 0
             request = asyncio.ensure_future(_collect(runner.generate(greedy("warm", [4, 5, 6], [warm], 3))))
-            while runner._inbox.empty():  # generate has handed the request to the (held) engine thread
+            while (
+                runner._engine_loop._inbox.empty()
+            ):  # generate has handed the request to the (held) engine thread
                 await asyncio.sleep(0.001)
             arrived.set()
             outputs = await request

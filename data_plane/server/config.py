@@ -23,6 +23,8 @@ MAX_ADAPTER_SLOTS = 65536
 MAX_LORA_RANK = 4096
 # Largest --stream-interval: past it a message would wait for more tokens than any request makes.
 MAX_STREAM_INTERVAL = 4096
+# Where the engine loop runs (--engine-core): its own process, or a thread of the worker's.
+ENGINE_CORES = ("process", "thread")
 
 
 def quantize_problem(quantize: str, quantize_lm_head: bool) -> str | None:
@@ -90,6 +92,11 @@ class WorkerConfig:
     # token (a message built and written per `stream_interval` tokens). The first token, the end and errors
     # are never held back.
     stream_interval: int = 1
+    # Where the engine loop runs: "process", a child process of its own (the engine core: the serving
+    # path's Python never waits on the engine's interpreter lock, nor the engine on the serving path's),
+    # or "thread", a thread of the worker's process (one process; what in-process tests use to reach the
+    # engine's internals).
+    engine_core: str = "process"
     # Upper bound of sampling.max_tokens; the engine's context length bounds it further.
     max_tokens_limit: int = 4096
     default_max_tokens: int = 128
@@ -162,6 +169,10 @@ class WorkerConfig:
         # given --max-tokens-limit 64 refused to start naming default_max_tokens, which no flag sets.
         if self.max_tokens_limit < 1:
             raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+        if self.engine_core not in ENGINE_CORES:
+            raise ValueError(
+                f"engine_core must be one of {', '.join(ENGINE_CORES)}, got {self.engine_core!r}"
+            )
         if not 1 <= self.stream_interval <= MAX_STREAM_INTERVAL:
             raise ValueError(
                 f"stream_interval must be in [1, {MAX_STREAM_INTERVAL}], got {self.stream_interval}"

@@ -96,6 +96,7 @@ def build_engine(config: WorkerConfig):
     """The engine for this worker (loads the model: seconds to minutes, call off the event loop)."""
     from data_plane.engine.async_engine import AsyncEngine
     from data_plane.engine.config import EngineConfig
+    from data_plane.engine.engine_core import ProcessEngine
 
     settings = {f.name: getattr(config.engine, f.name) for f in fields(config.engine)}
     engine_config = EngineConfig(
@@ -103,6 +104,8 @@ def build_engine(config: WorkerConfig):
         max_waiting=config.max_waiting,
         **{name: value for name, value in settings.items() if value is not None},
     )
+    if config.engine_core == "process":
+        return ProcessEngine(engine_config, stream_interval=config.stream_interval)
     return AsyncEngine(engine_config, stream_interval=config.stream_interval)
 
 
@@ -346,31 +349,29 @@ async def _start_serving(
     heartbeat_s = await _register_with_retry(register)
     log.info("registered as worker %s (base model %s, %s)", state.worker_id, spec.name, address)
 
-    llm_engine = getattr(engine, "engine", None)
-    if llm_engine is not None and hasattr(llm_engine, "runner"):
-        weights = llm_engine.runner.model.weight_bytes()
-        weight_format = llm_engine.config.quantize
+    info = getattr(engine, "info", None)
+    if info is not None:
         log.info(
             "base weights: %s, %.2f bits per weight in the decoder linears, %.1f MiB resident; on %s, "
-            "computing in %s",
-            weight_format,
-            weights.decoder_bits_per_weight,
-            weights.total_bytes / 2**20,
-            llm_engine.runner.device,
-            str(llm_engine.runner.model.model.embed_tokens.weight.dtype).removeprefix("torch."),
+            "computing in %s; engine core: %s",
+            info.weight_format,
+            info.decoder_bits_per_weight,
+            info.weight_bytes / 2**20,
+            info.device,
+            info.compute_dtype,
+            config.engine_core,
         )
-        if getattr(llm_engine, "tokenizer", None) is None:
+        if not info.has_tokenizer:
             log.warning(
                 "the model directory has no tokenizer: prompts must be token ids, and completions carry token "
                 "ids but no text (the HTTP API's text fields stay empty)"
             )
-        metrics.set_base_weights(weight_format, weights.decoder_bits_per_weight, weights.total_bytes)
-        control_plane.set_base_weights(weight_format, weights.decoder_bits_per_weight, weights.total_bytes)
-    if llm_engine is not None and hasattr(llm_engine, "load_counts"):
-        # dict() copies are taken under the GIL; the engine thread only ever adds keys and increments.
-        metrics.watch_engine_loads(lambda: (dict(llm_engine.load_counts), dict(llm_engine.load_ms_sums)))
-    if llm_engine is not None and hasattr(llm_engine, "prefetch_stats"):
-        metrics.watch_prefetches(llm_engine.prefetch_stats)
+        metrics.set_base_weights(info.weight_format, info.decoder_bits_per_weight, info.weight_bytes)
+        control_plane.set_base_weights(info.weight_format, info.decoder_bits_per_weight, info.weight_bytes)
+    if hasattr(engine, "load_stats"):
+        metrics.watch_engine_loads(engine.load_stats)
+    if hasattr(engine, "prefetch_stats"):
+        metrics.watch_prefetches(engine.prefetch_stats)
     usage = UsageReporter(
         config.usage_spool_path,
         control_plane.report_usage,
@@ -656,11 +657,7 @@ class _EngineWatch:
 def _engine_load(engine) -> EngineLoad:
     """The engine's load for the routing gauges; called from the scraping thread (each value is one
     read of a plain attribute or length)."""
-    kv_cache_usage = 0.0
-    blocks = getattr(getattr(getattr(engine, "engine", None), "scheduler", None), "blocks", None)
-    if blocks is not None and blocks.num_blocks:
-        kv_cache_usage = 1.0 - blocks.num_free_blocks / blocks.num_blocks
-    return EngineLoad(engine.num_running, engine.num_waiting, kv_cache_usage)
+    return EngineLoad(engine.num_running, engine.num_waiting, getattr(engine, "kv_cache_usage", 0.0))
 
 
 def _read_worker_id(config: WorkerConfig) -> str:

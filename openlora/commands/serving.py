@@ -18,6 +18,7 @@ from pathlib import Path
 
 from data_plane.server.config import (
     DTYPES,
+    ENGINE_CORES,
     MAX_ADAPTER_SLOTS,
     MAX_AUTH_CACHE_TTL_S,
     MAX_LORA_RANK,
@@ -254,6 +255,13 @@ def _add_worker(subparsers) -> None:
         "and errors are never held back (OPENLORA_STREAM_INTERVAL; default 1)",
     )
     p.add_argument(
+        "--engine-core",
+        default=_env("ENGINE_CORE", "process"),
+        help="where the engine loop runs: process (a child process of its own, so the serving path and "
+        "the engine never wait on one interpreter lock) or thread (in the worker's process) "
+        "(OPENLORA_ENGINE_CORE; default process)",
+    )
+    p.add_argument(
         "--max-tokens-limit",
         type=_count,
         default=_env_number("MAX_TOKENS_LIMIT", 4096),
@@ -361,6 +369,11 @@ def worker_config_from_args(args: argparse.Namespace):
             "directory's worker_token file (under `up`: STATE_DIR/up-secrets.json, worker_token)"
         )
     _spell_words(args)
+    if args.engine_core not in ENGINE_CORES:
+        raise ValueError(
+            f"--engine-core (OPENLORA_ENGINE_CORE) must be one of {', '.join(ENGINE_CORES)}, "
+            f"got {args.engine_core!r}"
+        )
     if (problem := device_problem(args.device) or cuda_problem(args.device)) is not None:
         raise ValueError(f"device {problem}")  # exit 2: restarting a worker would not help
     from openlora_kernels import kernel_choice, triton_runs_on
@@ -397,6 +410,7 @@ def worker_config_from_args(args: argparse.Namespace):
         max_pending_merges_per_tenant=args.max_pending_merges_per_tenant,
         max_tokens_limit=args.max_tokens_limit,
         stream_interval=args.stream_interval,
+        engine_core=args.engine_core,
         redis_url=args.redis_url,
         drain_grace_s=args.drain_grace_s,
         metrics_port=args.metrics_port,
@@ -414,6 +428,8 @@ def _spell_words(args: argparse.Namespace) -> None:
     if spelled is not None and _DEVICE.fullmatch(spelled):  # a refusal quotes the text as it was typed
         args.device = spelled
     args.quantize = _spelled(args.quantize, QUANTIZE_FORMATS)
+    if hasattr(args, "engine_core"):
+        args.engine_core = _spelled(args.engine_core, ENGINE_CORES)
     if hasattr(args, "dtype"):
         args.dtype = _spelled(args.dtype, DTYPES)
 

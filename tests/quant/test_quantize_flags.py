@@ -130,9 +130,10 @@ def test_worker_refuses_a_format_whose_kernels_this_torch_lacks_before_serving(
     monkeypatch.delenv("OPENLORA_QUANTIZE", raising=False)
     model_dir = write_llama(tmp_path / "model", intermediate_size=128)
     state_dir = tmp_path / "state"
-    code = main(
-        ["worker", "--model", str(model_dir), "--state-dir", str(state_dir), *REQUIRED, "--quantize", fmt]
-    )
+    # The patched operator list is this process's: the engine is built here (an engine core process would
+    # import the real one).
+    argv = ["worker", "--model", str(model_dir), "--state-dir", str(state_dir), *REQUIRED, "--quantize", fmt]
+    code = main([*argv, "--engine-core", "thread"])
     assert code == 2
     err = capsys.readouterr().err
     assert f"error: --quantize {fmt} on cpu needs torch.ops.aten._no_such_kernel" in err

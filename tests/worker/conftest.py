@@ -96,6 +96,10 @@ def _config(cp_target: str, model_dir: Path, state_dir: Path, redis_url: str | N
 
     overrides.setdefault("auth_cache_ttl_s", AUTH_TTL_S)
     overrides.setdefault("listen", "127.0.0.1:0")
+    # In-process workers keep the engine loop on a thread, where tests reach its internals (faults,
+    # held steps, the scheduler); tests/worker/test_engine_core.py serves through the engine core process,
+    # as `openlora worker` does by default (and the e2e tests through `up`).
+    overrides.setdefault("engine_core", "thread")
     engine = overrides.pop("engine", EngineSettings(num_kv_blocks=256, max_num_seqs=16, max_lora_rank=16))
     return WorkerConfig(
         model_dir=model_dir,

@@ -20,8 +20,9 @@ interval: the noise of the passes, which on a shared 2-core VM is often wider th
 
 Where the worker's extra time goes, for its best pass:
 - CPU seconds of every process during the pass (worker: event-loop thread against its other threads,
-  which run the engine loop, torch's intra-op pool and gRPC's C core; the control plane; Postgres and
-  Redis; this process, i.e. the load generator), against this process's CPU in the engine-alone pass;
+  which run gRPC's C core and, with `--engine-core thread`, the engine loop and torch's intra-op pool;
+  the worker's engine core process, where those run by default; the control plane; Postgres and Redis;
+  this process, i.e. the load generator), against this process's CPU in the engine-alone pass;
 - with py-spy on PATH or in the virtual env (`pip install py-spy`; `--no-py-spy` to skip), two samplers
   on the worker: the share of wall time each Python thread holds the GIL (GIL wait shows as the sum
   nearing 100%), and the engine loop's share of time inside `LLMEngine.step` against waiting for work,
@@ -31,6 +32,7 @@ Where the worker's extra time goes, for its best pass:
 
     python -m benchmarks.serving_overhead              # full trace, 2 passes each (a few minutes)
     python -m benchmarks.serving_overhead --quick      # smoke run: 24 requests over 8 adapters, 1 pass
+    python -m benchmarks.serving_overhead --engine-core thread   # the engine loop in the worker's process
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class OverheadConfig:
     # The worker's --stream-interval (1, its default: every step's token goes at once; issue 13's target is
     # read at 1). The engine-alone side streams nothing either way.
     stream_interval: int = 1
+    # The worker's --engine-core: "process" (its default: the engine loop in a process of its own) or
+    # "thread" (in the worker's process, sharing its interpreter with the serving path).
+    engine_core: str = "process"
     database_url: str | None = None
     redis_url: str | None = None
     results_path: Path = RESULTS_PATH
@@ -121,6 +126,7 @@ def worker_args(cfg: OverheadConfig) -> tuple[str, ...]:
         f"--max-waiting={cfg.max_waiting}",
         f"--host-cache-bytes={cfg.host_cache_bytes}",
         f"--stream-interval={cfg.stream_interval}",
+        f"--engine-core={cfg.engine_core}",
     )
 
 
@@ -217,6 +223,11 @@ class CpuMeter:
                 if self.worker is not None and child.pid == self.worker.pid:
                     continue
                 with contextlib.suppress(psutil.Error):
+                    if self.worker is not None and child.ppid() == self.worker.pid:
+                        # The engine core (and multiprocessing's resource tracker, idle beside it).
+                        key = "worker: engine core process"
+                        cpu[key] = cpu.get(key, 0.0) + _cpu_s(child)
+                        continue
                     cmdline = " ".join(child.cmdline())
                     if "control-plane" in cmdline or "control_plane" in cmdline:
                         cpu["control plane"] = cpu.get("control plane", 0.0) + _cpu_s(child)
@@ -237,6 +248,7 @@ class CpuMeter:
             main = self.worker.pid
             delta = {tid: s - threads0.get(tid, 0.0) for tid, s in threads1.items()}
             self.seconds["worker: event-loop thread"] = delta.pop(main, 0.0)
+            # With --engine-core process the engine loop and torch's threads are in the core process.
             self.seconds["worker: other threads (engine loop, torch, gRPC core)"] = sum(delta.values())
 
 
@@ -345,6 +357,16 @@ def inclusive_frames(sampler: Sampler, limit: int = 15) -> list[tuple[str, float
     return [(name, count / max(total, 1)) for name, count in counts.most_common(limit)]
 
 
+def engine_core_process(worker: psutil.Process) -> psutil.Process | None:
+    """The worker's engine core process (--engine-core process), or None (the loop is a thread)."""
+    for child in worker.children():
+        with contextlib.suppress(psutil.Error):
+            cmdline = " ".join(child.cmdline())
+            if "spawn_main" in cmdline:
+                return child
+    return None
+
+
 def control_plane_process(up: psutil.Process) -> psutil.Process | None:
     for child in up.children(recursive=True):
         with contextlib.suppress(psutil.Error):
@@ -403,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     spy = py_spy_binary() if cfg.py_spy else None
     print(
         f"trace: {len(trace.requests)} requests over {len(names)} adapters, {trace.total_output_tokens} "
-        f"tokens; {cfg.passes} passes each; py-spy: {spy or 'off'}"
+        f"tokens; {cfg.passes} passes each; worker --engine-core {cfg.engine_core}; py-spy: {spy or 'off'}"
     )
     results: dict = {"config": _jsonable(dataclasses.asdict(cfg)), "engine": [], "worker": []}
     work_dir = Path(tempfile.mkdtemp(prefix="openlora-overhead-"))
@@ -469,9 +491,11 @@ def worker_pass(
     meter = CpuMeter(up, worker)
     with contextlib.ExitStack() as stack:
         gil = idle = control = None
+        # The engine loop's process: the worker's own, or its engine core.
+        loop_pid = core.pid if (core := engine_core_process(worker)) is not None else worker.pid
         if spy:
             gil = stack.enter_context(Sampler(spy, worker.pid, out / "gil.txt", gil=True, rate_hz=rate_hz))
-            idle = stack.enter_context(Sampler(spy, worker.pid, out / "idle.txt", gil=False, rate_hz=rate_hz))
+            idle = stack.enter_context(Sampler(spy, loop_pid, out / "idle.txt", gil=False, rate_hz=rate_hz))
             if (cp := control_plane_process(up)) is not None:
                 control = stack.enter_context(
                     Sampler(spy, cp.pid, out / "control-plane.txt", gil=True, rate_hz=rate_hz)
@@ -494,7 +518,7 @@ def worker_pass(
     if control is not None:
         result["control_plane_frames"] = inclusive_frames(control)
         result["control_plane_self_frames"] = self_frames(control)
-        result["engine_loop"] = engine_busy_share(idle, worker.pid)
+        result["engine_loop"] = engine_busy_share(idle, loop_pid)
     return result
 
 
@@ -641,6 +665,12 @@ def config_from_args(argv: list[str] | None) -> OverheadConfig:
         help="the worker's --stream-interval (default 1, the worker's own default, at which issue 13's "
         "target is read)",
     )
+    parser.add_argument(
+        "--engine-core",
+        choices=("process", "thread"),
+        default="process",
+        help="the worker's --engine-core (default process, the worker's own default)",
+    )
     parser.add_argument("--database-url", default=None, help="default: embedded PostgreSQL")
     parser.add_argument("--redis-url", default=None, help="default: embedded Redis")
     parser.add_argument(
@@ -657,6 +687,7 @@ def config_from_args(argv: list[str] | None) -> OverheadConfig:
     if args.stream_interval < 1:
         parser.error("--stream-interval must be >= 1")
     overrides["stream_interval"] = args.stream_interval
+    overrides["engine_core"] = args.engine_core
     if args.sample_rate_hz < 1:
         parser.error("--sample-rate-hz must be >= 1")
     overrides["sample_rate_hz"] = args.sample_rate_hz

@@ -39,7 +39,7 @@ from data_plane.tokenizer import Tokenizer
 from openlora.base_model import BaseModelSpec
 
 log = logging.getLogger(__name__)
-_IDLE_POLL_S = 0.1
+IDLE_POLL_S = 0.1
 MAX_STEP_FAILURES = 5
 # Messages of device faults after which the device state is undefined (torch raises them as RuntimeError).
 _DEVICE_FAULT_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS_")
@@ -119,8 +119,8 @@ class EngineLoop:
             return self.engine.num_waiting + self._num_submitted, self.adds_submitted
 
     def start(self) -> None:
-        self.engine.set_between_layers(self._take_arrivals)
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        """Runs the loop on a thread of its own."""
+        self._thread = threading.Thread(target=self.run, name="engine-loop", daemon=True)
         self._thread.start()
 
     def submit_add(self, request: EngineRequest) -> None:
@@ -141,8 +141,10 @@ class EngineLoop:
         if self._thread is not None:
             self._thread.join()
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The loop, on the calling thread, until stopped or a fault it cannot go on from."""
         engine = self.engine
+        engine.set_between_layers(self._take_arrivals)
         try:
             while not self._stopping.is_set():
                 self._drain_inbox(block=not engine.has_unfinished())
@@ -183,7 +185,7 @@ class EngineLoop:
             self._handle(item)
         try:
             item = (
-                self._inbox.get(timeout=_IDLE_POLL_S) if block and not deferred else self._inbox.get_nowait()
+                self._inbox.get(timeout=IDLE_POLL_S) if block and not deferred else self._inbox.get_nowait()
             )
         except queue.Empty:
             return
@@ -268,7 +270,7 @@ class StreamFront:
         raise NotImplementedError
 
     def _submit_barrier(self, future: asyncio.Future) -> None:
-        """Has the engine loop answer `future` (`_resolve`) once every earlier step's outputs are handed
+        """Has the engine loop answer `future` (`resolve_barrier`) once every earlier step's outputs are handed
         over."""
         raise NotImplementedError
 
@@ -526,7 +528,7 @@ class _LoopSink:
         self._front._loop.call_soon_threadsafe(self._front._deliver_error, request_id, error)
 
     def delivered(self, token) -> None:
-        self._front._loop.call_soon_threadsafe(_resolve, token)
+        self._front._loop.call_soon_threadsafe(resolve_barrier, token)
 
     def dead(self, error: BaseException) -> None:
         self._front._loop.call_soon_threadsafe(self._front.fail_all, EngineDead(f"engine fault: {error}"))
@@ -535,6 +537,6 @@ class _LoopSink:
         pass
 
 
-def _resolve(future: asyncio.Future) -> None:
+def resolve_barrier(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)

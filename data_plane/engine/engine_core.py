@@ -10,10 +10,12 @@ thread hands to the event loop in one callback, into the same OutputStreams.
 
 The pipe carries, worker to core: "add" (a request), "abort", "delivered" (a barrier token), "call" (a
 cache command: invalidate, invalidate_content, set_keep_warm, demote, prefetch) and "stop"; core to
-worker: "ready" (or "failed") once, then "outputs", "error" (an add refused, with its cause), "delivered",
-"counts" after every step (running, waiting, adds taken, KV use), "residency" when it changed (the
-adapters in each tier, the loads in flight, load and prefetch counters) and "dead" (the loop stopped on a
-fault it cannot go on from).
+worker: "ready" (or "failed") once, then "outputs" (a step's, with the counts: running, waiting, adds
+taken, KV use), "error" (an add refused, with its cause), "delivered", "counts" when they changed between
+steps, "residency" when it changed, at most every RESIDENCY_INTERVAL_S (the adapters in each tier, the
+loads in flight, load and prefetch counters) and "dead" (the loop stopped on a fault it cannot go on
+from). The core's engine thread is its only thread: it reads the pipe itself, between steps and between
+layers of a step, as the in-process loop reads its inbox.
 
 Lifetimes: the core ignores SIGINT and SIGTERM (a signal to the worker's group must not cut a drain
 short) and ends on "stop" or when the pipe closes, which the kernel does when the worker dies however it
@@ -32,10 +34,17 @@ import pickle
 import queue
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from data_plane.engine.async_engine import MAX_STEP_FAILURES, EngineLoop, StreamFront, _resolve
+from data_plane.engine.async_engine import (
+    IDLE_POLL_S,
+    MAX_STEP_FAILURES,
+    EngineLoop,
+    StreamFront,
+    resolve_barrier,
+)
 from data_plane.engine.config import EngineConfig
 from data_plane.engine.errors import EngineDead, StepFailed
 from data_plane.engine.info import EngineInfo, engine_info, kv_cache_usage
@@ -100,31 +109,41 @@ def portable(error: BaseException | None) -> BaseException | None:
 
 # The core process.
 
+# The longest the residency the worker reads (tiers, loads in flight, counters) lags the core's: published
+# when it changed, at most this often (each report builds the key lists again, on the engine's thread).
+RESIDENCY_INTERVAL_S = 0.05
+
 
 class _PipeSink:
-    """The core's EngineLoop sink: everything goes down the pipe (engine thread only)."""
+    """The core's EngineLoop sink: everything goes down the pipe (the engine thread alone sends)."""
 
     def __init__(self, conn, engine) -> None:
         self._conn = conn
         self._engine = engine
         self._counts = CoreCounts()
         self._residency = CoreResidency()
-        self.loop: EngineLoop | None = None
-        self.calls_done = 0
+        self._residency_at = 0.0
+        self.loop: _PipeLoop | None = None
 
     def _send(self, message) -> None:
-        with contextlib.suppress(OSError, EOFError):  # the worker is gone: the command thread sees it
+        with contextlib.suppress(OSError, EOFError):  # the worker is gone: the loop sees the pipe closed
             self._conn.send(message)
 
+    def _counts_now(self) -> CoreCounts:
+        engine = self._engine
+        waiting, adds = self.loop.waiting_and_adds()
+        return CoreCounts(engine.num_running, waiting, adds, kv_cache_usage(engine))
+
     def outputs(self, outputs: list[RequestOutput]) -> None:
+        self._counts = counts = self._counts_now()  # one message a step: the outputs and the counts
         try:
-            self._conn.send(("outputs", outputs))
+            self._conn.send(("outputs", outputs, counts))
         except (OSError, EOFError):
             pass
         except Exception:  # an output's error would not pickle: those errors told as StepFailed
             for out in outputs:
                 out.error = portable(out.error)
-            self._send(("outputs", outputs))
+            self._send(("outputs", outputs, counts))
 
     def error(self, request_id: str, error: Exception) -> None:
         self._send(("error", request_id, portable(error), portable(error.__cause__)))
@@ -136,20 +155,22 @@ class _PipeSink:
         self._send(("dead", f"{type(error).__name__}: {error}"))
 
     def idle(self) -> None:
-        engine = self._engine
-        waiting, adds = self.loop.waiting_and_adds()
-        counts = CoreCounts(engine.num_running, waiting, adds, kv_cache_usage(engine))
+        counts = self._counts_now()
         if counts != self._counts:
             self._counts = counts
             self._send(("counts", counts))
-        load_counts, load_ms = dict(engine.load_counts), dict(engine.load_ms_sums)
+        now = time.monotonic()
+        if now - self._residency_at < RESIDENCY_INTERVAL_S:
+            return
+        self._residency_at = now
+        engine = self._engine
         residency = CoreResidency(
             tuple(engine.resident_adapter_keys()),
             tuple(engine.host_adapter_keys()),
             engine.loader.loading_keys(),
-            self.calls_done,
-            load_counts,
-            load_ms,
+            self.loop.calls_done,
+            dict(engine.load_counts),
+            dict(engine.load_ms_sums),
             engine.prefetch_stats(),
         )
         if residency != self._residency:
@@ -157,9 +178,92 @@ class _PipeSink:
             self._send(("residency", residency))
 
 
+class _PipeLoop(EngineLoop):
+    """The core's loop: the engine thread reads its commands off the pipe itself, between steps and
+    between layers (as the in-process loop reads its inbox), so no second thread of the core competes with
+    the engine for the core's interpreter lock."""
+
+    def __init__(self, conn, engine, sink: _PipeSink, max_step_failures: int) -> None:
+        super().__init__(engine, sink, max_step_failures)
+        self._conn = conn
+        self.calls_done = 0  # the number of the last cache command run
+
+    def _drain_inbox(self, block: bool) -> None:
+        deferred, self._deferred = self._deferred, []
+        for item in deferred:
+            self._handle(item)
+        if block and not deferred:
+            self._ready(IDLE_POLL_S)
+        while self._ready(0):
+            item = self._receive()
+            if item is not None:
+                self._handle(item)
+
+    def _take_arrivals(self) -> None:
+        while self._ready(0):
+            item = self._receive()
+            if item is None:
+                continue
+            if item[0] == "add":
+                self._handle(item)
+            else:
+                self._deferred.append(item)
+
+    def _ready(self, timeout_s: float) -> bool:
+        if self._stopping.is_set():
+            return False
+        try:
+            return self._conn.poll(timeout_s)
+        except (OSError, EOFError):
+            self._closed()
+            return False
+
+    def _receive(self):
+        """The next command as an inbox item (None: nothing to handle)."""
+        try:
+            message = self._conn.recv()
+        except (OSError, EOFError):
+            self._closed()
+            return None
+        kind = message[0]
+        if kind == "add":
+            request = message[1]
+            # Disk reads of its adapters begin now, before the engine takes it in.
+            self.engine.read_ahead(request)
+            with self._submitted_lock:
+                self._num_submitted += 1
+                self.adds_submitted += 1
+            return ("add", request)
+        if kind in ("abort", "delivered"):
+            return (kind, message[1])
+        if kind == "call":
+            _, number, name, args, kwargs = message
+            if name not in CACHE_COMMANDS:
+                log.error("the engine core was sent an unknown command %r", name)
+                return None
+            return ("call", self._cache_command(number, name, args, kwargs))
+        if kind == "stop":
+            self._stopping.set()
+        return None
+
+    def _cache_command(self, number: int, name: str, args, kwargs):
+        def run() -> None:
+            try:
+                getattr(self.engine, name)(*args, **kwargs)
+            finally:
+                self.calls_done = number
+
+        return run
+
+    def _closed(self) -> None:
+        if not self._stopping.is_set():
+            log.warning("the worker's end of the engine core's pipe closed: the core stops")
+        self._stopping.set()
+
+
 def run_core(conn, config: EngineConfig, max_step_failures: int, log_level: int) -> None:
-    """The core process's entry: builds the engine, runs its loop, takes commands until "stop" or until
-    the worker's end of the pipe closes."""
+    """The core process's entry: builds the engine and runs its loop on this thread until "stop", until
+    the worker's end of the pipe closes, or until a fault the engine cannot go on from."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
@@ -172,7 +276,7 @@ def run_core(conn, config: EngineConfig, max_step_failures: int, log_level: int)
         conn.send(("failed", portable(error)))
         return
     sink = _PipeSink(conn, engine)
-    loop = EngineLoop(engine, sink, max_step_failures)
+    loop = _PipeLoop(conn, engine, sink, max_step_failures)
     sink.loop = loop
     conn.send(
         (
@@ -186,47 +290,10 @@ def run_core(conn, config: EngineConfig, max_step_failures: int, log_level: int)
             ),
         )
     )
-    loop.start()
     try:
-        _take_commands(conn, engine, loop, sink)
+        loop.run()
     finally:
-        loop.stop()
         engine.shutdown()
-
-
-def _take_commands(conn, engine, loop: EngineLoop, sink: _PipeSink) -> None:
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            log.warning("the worker's end of the engine core's pipe closed: the core stops")
-            return
-        kind = message[0]
-        if kind == "add":
-            request = message[1]
-            # Disk reads of its adapters begin now, beside the running step, not once the loop takes it.
-            engine.read_ahead(request)
-            loop.submit_add(request)
-        elif kind in ("abort", "delivered"):
-            loop.submit(kind, message[1])
-        elif kind == "call":
-            _, number, name, args, kwargs = message
-            if name not in CACHE_COMMANDS:
-                log.error("the engine core was sent an unknown command %r", name)
-                continue
-            loop.submit("call", _cache_command(engine, sink, number, name, args, kwargs))
-        elif kind == "stop":
-            return
-
-
-def _cache_command(engine, sink: _PipeSink, number: int, name: str, args, kwargs):
-    def run() -> None:
-        try:
-            getattr(engine, name)(*args, **kwargs)
-        finally:
-            sink.calls_done = number
-
-    return run
 
 
 # The worker's side.
@@ -321,6 +388,7 @@ class ProcessEngine(StreamFront):
                 message = self._conn.recv()
                 kind = message[0]
                 if kind == "outputs":
+                    self._counts = message[2]
                     loop.call_soon_threadsafe(self._deliver_all, message[1])
                 elif kind == "counts":
                     self._counts = message[1]
@@ -334,7 +402,7 @@ class ProcessEngine(StreamFront):
                 elif kind == "delivered":
                     future = self._barrier_futures.pop(message[1], None)
                     if future is not None:
-                        loop.call_soon_threadsafe(_resolve, future)
+                        loop.call_soon_threadsafe(resolve_barrier, future)
                 elif kind == "dead":
                     self._end(EngineDead(f"engine fault: {message[1]}"))
         except (EOFError, OSError):

@@ -130,6 +130,11 @@ def tiny_qwen3(tmp_path_factory) -> TinyModel:
 
 
 def make_engine(model: TinyModel, **overrides) -> LLMEngine:
+    return LLMEngine(engine_config(model, **overrides))
+
+
+def engine_config(model: TinyModel, **overrides) -> EngineConfig:
+    """The tests' engine settings for `model`, with `overrides`."""
     settings = dict(
         model_dir=model.model_dir,
         dtype="float32",
@@ -141,7 +146,7 @@ def make_engine(model: TinyModel, **overrides) -> LLMEngine:
         max_num_batched_tokens=512,
     )
     settings.update(overrides)
-    return LLMEngine(EngineConfig(**settings))
+    return EngineConfig(**settings)
 
 
 def block_disk_reads(engine: LLMEngine) -> threading.Event:

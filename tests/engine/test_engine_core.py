@@ -18,37 +18,21 @@ from pathlib import Path
 import psutil
 import pytest
 
-from data_plane.engine.config import EngineConfig
 from data_plane.engine.engine_core import ProcessEngine
 from data_plane.engine.errors import AdapterLoadError, EngineDead, InvalidRequest, QueueFull
 from data_plane.engine.llm_engine import LLMEngine
 from data_plane.engine.request import AdapterRef
 
-from .conftest import greedy, make_engine, run_to_completion
+from .conftest import engine_config, greedy, make_engine, run_to_completion
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _config(model, **overrides) -> EngineConfig:
-    settings = dict(
-        model_dir=model.model_dir,
-        dtype="float32",
-        num_kv_blocks=64,
-        block_size=16,
-        num_adapter_slots=8,
-        max_lora_rank=64,
-        max_num_seqs=16,
-        max_num_batched_tokens=512,
-    )
-    settings.update(overrides)
-    return EngineConfig(**settings)
 
 
 def _run(model, scenario, **overrides):
     """Runs `scenario(engine)` against a started ProcessEngine, stopped afterwards."""
 
     async def main():
-        engine = ProcessEngine(_config(model, **overrides))
+        engine = ProcessEngine(engine_config(model, **overrides))
         await engine.start()
         try:
             return await scenario(engine)
@@ -212,7 +196,7 @@ def test_a_core_that_cannot_build_its_engine_fails_start_with_the_engines_error(
     broken = tmp_path / "model"
     shutil.copytree(tiny_llama.model_dir, broken)
     (broken / "config.json").write_text("{not json")
-    config = _config(tiny_llama, model_dir=broken)
+    config = engine_config(tiny_llama, model_dir=broken)
     with pytest.raises(Exception) as in_process:
         LLMEngine(config)
 
@@ -259,3 +243,33 @@ def test_a_killed_worker_takes_its_core_with_it(tiny_llama):
     finally:
         worker.kill()
         worker.wait(10)
+
+
+def test_prewarm_and_invalidate_hints_act_on_the_core(tiny_llama, tmp_path):
+    """apply_hint, as the worker calls it for every hint, through the core: a far prewarm into host
+    memory, a near one into a slot, an invalidation out of every tier."""
+    from data_plane.adapters.hint_actions import apply_hint
+    from data_plane.server.artifact_store import ArtifactStore
+    from openlora.hints import Hint
+
+    ref = tiny_llama.ref("r8_all")
+    store = ArtifactStore(tmp_path / "artifacts", fetch=None, spec=None, max_rank=64, max_size_bytes=1 << 30)
+    shutil.copytree(ref.path, store.path_of(ref.key))
+
+    async def scenario(engine):
+        far = Hint("prewarm", "id", ref.key, tier="host", deadline_at=time.time() + 60)
+        await apply_hint(engine, far, store)
+        await _until(lambda: ref.key in engine.host_adapter_keys())
+        on_device_after_far = ref.key in engine.resident_adapter_keys()
+        near = Hint("prewarm", "id", ref.key, tier="host", deadline_at=time.time() + 0.5)
+        await apply_hint(engine, near, store)
+        await _until(lambda: ref.key in engine.resident_adapter_keys())
+        await apply_hint(engine, Hint("invalidate", "id", ref.key), store)
+        await _until(
+            lambda: (
+                ref.key not in engine.resident_adapter_keys() and ref.key not in engine.host_adapter_keys()
+            )
+        )
+        return on_device_after_far
+
+    assert not _run(tiny_llama, scenario, host_cache_bytes=64 << 20)

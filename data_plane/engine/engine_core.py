@@ -409,6 +409,9 @@ class ProcessEngine(StreamFront):
             if not self._stopping:
                 self._process.join(1.0)
                 self._end(EngineDead(f"the engine core process exited (exit code {self._process.exitcode})"))
+        except RuntimeError:  # the event loop closed under a core still talking: nobody is left to tell
+            if not loop.is_closed():
+                raise
 
     def _end(self, error: EngineDead) -> None:
         if self.error is None:

@@ -2,7 +2,11 @@
 loop runs now, or in a process of its own, as an engine core process (vLLM's design) would put it.
 
 Issue 13 asks for the engine core in its own process unless a profile shows that sharing the process (and
-so the interpreter's lock) loses less than 5%. What sharing costs is told apart from what the serving
+so the interpreter's lock) loses less than 5%. The worker now has one (`--engine-core process`, its
+default), and `python -m benchmarks.serving_overhead --engine-core thread|process` measures the real
+split on the real serving path; this synthetic consumer underestimated what sharing costs there (0.94-
+0.99 here, against 0.78-0.82 for the thread and 0.93-1.02 for the process in serving_overhead: it has no
+burst of calls arriving together, which is where the event loop holds the lock longest). What sharing costs is told apart from what the serving
 path's CPU costs by giving the engine the same consumer both ways:
 
 - the engine steps scenario 1's trace as `benchmarks.serving_overhead` does (256 requests over 100

@@ -74,7 +74,7 @@ class CoreReady:
 
 @dataclass(frozen=True)
 class CoreCounts:
-    """Published after every step."""
+    """Sent with every step's outputs, and on their own when they change between steps."""
 
     num_running: int = 0
     num_waiting: int = 0  # in the engine's queue, or taken from the pipe and not yet into it
@@ -84,7 +84,7 @@ class CoreCounts:
 
 @dataclass(frozen=True)
 class CoreResidency:
-    """Published when it changes."""
+    """Sent when it changes, at most every RESIDENCY_INTERVAL_S."""
 
     device_keys: tuple[str, ...] = ()
     host_keys: tuple[str, ...] = ()

@@ -439,6 +439,10 @@ class AsyncEngine(StreamFront):
         return self.engine.max_model_len
 
     @property
+    def max_lora_rank(self) -> int:
+        return self.engine.config.max_lora_rank
+
+    @property
     def info(self) -> EngineInfo:
         return engine_info(self.engine)
 

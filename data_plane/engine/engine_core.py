@@ -478,6 +478,10 @@ class ProcessEngine(StreamFront):
         return self._started().max_model_len
 
     @property
+    def max_lora_rank(self) -> int:
+        return self._config.max_lora_rank
+
+    @property
     def info(self) -> EngineInfo:
         return self._started().info
 

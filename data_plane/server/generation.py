@@ -854,7 +854,7 @@ class GenerationService:
             self._merges = MergeStore(
                 self._artifacts.root.parent / "merges",
                 self._engine.spec,
-                getattr(self._engine, "engine", self._engine).config.max_lora_rank,
+                self._engine.max_lora_rank,
                 on_built=self._observe_merge,
                 max_disk_bytes=default_disk_cache_bytes(self._artifacts.root),
                 on_damaged=self._engine.invalidate,  # what the engine read from damaged files

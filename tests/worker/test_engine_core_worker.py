@@ -68,6 +68,25 @@ def test_the_core_serves_the_threads_tokens_and_bills_them_once(system, core_wor
     assert usage.total_requests == 2 and usage.total_completion_tokens == 40
 
 
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ensemble"])
+def test_every_mix_method_serves_through_the_core_as_through_the_thread(system, core_worker, method):
+    """A merge is built in the worker's process and served by the core (it once asked the engine for
+    its config, which only the in-process loop has: INTERNAL)."""
+    _, _, key = system.new_tenant()
+    names = list(system.adapters)[:2]
+    mix = {names[0]: 0.5, names[1]: 0.5}
+    options = {"density": 0.5} if method != "linear" and method != "ensemble" else {}
+    tokens = {}
+    for arm, target in (("thread", system.target), ("process", f"127.0.0.1:{core_worker.port}")):
+        with Client(target, key) as client:
+            responses = list(
+                client.generate_stream(prompt=PROMPT, max_tokens=8, mix=mix, mix_method=method, **options)
+            )
+        tokens[arm] = [t for r in responses for t in r.token_ids]
+    assert len(tokens["process"]) == 8
+    assert tokens["process"] == tokens["thread"]
+
+
 def test_a_drain_waits_for_a_stream_held_in_the_core(system, core_worker):
     _, _, key = system.new_tenant()
     target = f"127.0.0.1:{core_worker.port}"

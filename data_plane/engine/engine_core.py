@@ -332,14 +332,17 @@ class ProcessEngine(StreamFront):
         self._loop = asyncio.get_running_loop()
         context = multiprocessing.get_context("spawn")
         self._conn, child_end = context.Pipe()
-        self._process = context.Process(
+        process = context.Process(
             target=run_core,
             args=(child_end, self._config, self._max_step_failures, logging.getLogger().getEffectiveLevel()),
             name="openlora-engine-core",
             daemon=True,
         )
-        self._process.start()
-        child_end.close()  # the core's end lives in the core alone: its death closes the pipe here
+        try:
+            process.start()  # an error here (no memory for a process, a script without a main guard)
+        finally:
+            child_end.close()  # the core's end lives in the core alone: its death closes the pipe here
+        self._process = process  # only a started process: `stop` joins it
         try:
             message = await asyncio.to_thread(self._conn.recv)
         except (EOFError, OSError):

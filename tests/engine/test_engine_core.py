@@ -273,3 +273,23 @@ def test_prewarm_and_invalidate_hints_act_on_the_core(tiny_llama, tmp_path):
         return on_device_after_far
 
     assert not _run(tiny_llama, scenario, host_cache_bytes=64 << 20)
+
+
+def test_a_core_that_cannot_be_started_fails_start_and_stop_still_stops(tiny_llama, monkeypatch):
+    """The worker stops its engine when its start fails; a core process that never started must not
+    turn that into another error (join of a process never started)."""
+    import multiprocessing.context
+
+    def refuse(self):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
+
+    async def main():
+        engine = ProcessEngine(engine_config(tiny_llama))
+        with pytest.raises(OSError, match="Cannot allocate memory"):
+            await engine.start()
+        await engine.stop()
+        return engine.is_running
+
+    assert asyncio.run(main()) is False

@@ -68,7 +68,9 @@ def test_the_core_serves_the_threads_tokens_and_bills_them_once(system, core_wor
     assert usage.total_requests == 2 and usage.total_completion_tokens == 40
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ensemble"])
+@pytest.mark.parametrize(
+    "method", ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ensemble"]
+)
 def test_every_mix_method_serves_through_the_core_as_through_the_thread(system, core_worker, method):
     """A merge is built in the worker's process and served by the core (it once asked the engine for
     its config, which only the in-process loop has: INTERNAL)."""

@@ -21,26 +21,21 @@ NEAR_DEADLINE_S = 2.0  # a prewarm due sooner than this goes into a free device 
 RESIDENCY_KEY_PREFIX = "openlora:worker:"
 
 
-def _engine_of(engine):
-    """The LLMEngine behind an AsyncEngine (whose thread-safe cache commands we call), or itself."""
-    return getattr(engine, "engine", engine)
-
-
 async def apply_hint(engine, hint: Hint, artifacts, near_deadline_s: float = NEAR_DEADLINE_S) -> None:
-    """Acts on one hint. `engine`: AsyncEngine or LLMEngine; `artifacts`: the worker's ArtifactStore
+    """Acts on one hint. `engine`: AsyncEngine, ProcessEngine or LLMEngine (each has the thread-safe cache
+    commands called here); `artifacts`: the worker's ArtifactStore
     (prewarm brings the artifact to local disk first, from the control plane if needed, and then, unless
     the hint asks for the disk tier only, has the engine prefetch it into host memory or a slot; the
     engine declines what the tier could not keep until the predicted call)."""
-    inner = _engine_of(engine)
     if hint.kind == "invalidate" and hint.key_only:  # this one cache key is no longer served
-        inner.invalidate(hint.cache_key)
+        engine.invalidate(hint.cache_key)
         return
     if hint.kind == "invalidate":  # no adapter serves this content any more, in any cache scope
-        inner.invalidate_content(hint.sha256)
+        engine.invalidate_content(hint.sha256)
         return
     key = hint.cache_key  # the key the adapter's requests use: its content, scoped when private
     if hint.kind == "demote":
-        inner.demote(key)
+        engine.demote(key)
         return
     log.debug(
         "prewarm hint key=%s tier=%s reason=%s deadline_in_s=%s",
@@ -55,7 +50,7 @@ async def apply_hint(engine, hint: Hint, artifacts, near_deadline_s: float = NEA
     deadline_in_s = None if hint.deadline_at is None else hint.deadline_at - time.time()
     to_device = hint.tier == "gpu" or (deadline_in_s is not None and deadline_in_s <= near_deadline_s)
     deadline_mono = None if deadline_in_s is None else time.monotonic() + deadline_in_s
-    inner.prefetch(
+    engine.prefetch(
         key,
         (AdapterRef(key=key, path=local.path),),
         to_device=to_device,

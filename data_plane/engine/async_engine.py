@@ -41,6 +41,7 @@ from openlora.base_model import BaseModelSpec
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.1
 MAX_STEP_FAILURES = 5
+NOTHING = object()  # EngineLoop._receive: no command came
 # Messages of device faults after which the device state is undefined (torch raises them as RuntimeError).
 _DEVICE_FAULT_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS_")
 
@@ -183,33 +184,38 @@ class EngineLoop:
         deferred, self._deferred = self._deferred, []
         for item in deferred:
             self._handle(item)
-        try:
-            item = (
-                self._inbox.get(timeout=IDLE_POLL_S) if block and not deferred else self._inbox.get_nowait()
-            )
-        except queue.Empty:
-            return
-        while item is not None:
+        item = self._receive(IDLE_POLL_S if block and not deferred else 0)
+        while item is not NOTHING and not self._stopping.is_set():
             self._handle(item)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+            item = self._receive(0)
 
     def _take_arrivals(self) -> None:
         """Between two layers of a running step: requests that arrived since it began join the engine now
         (their adapter copies start beside the rest of the step, so they are done by the next one); every
         other command waits for the step's end. `add_request` touches only the waiting queue, the adapter
         cache's free or unpinned slots and the loader, none of which the running step reads."""
-        while self._inbox.queue:  # unlocked peek (a late arrival waits for the next layer): no lock per layer
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
+        while self._input_waiting():
+            item = self._receive(0)
+            if item is NOTHING:
                 return
             if item is not None and item[0] == "add":
                 self._handle(item)
             else:
                 self._deferred.append(item)
+
+    # Where commands come from: this loop's inbox (a subclass reads another source).
+
+    def _receive(self, timeout_s: float):
+        """The next command, waiting at most `timeout_s` (0: not at all) for one; NOTHING when none came.
+        None is the stop sentinel."""
+        try:
+            return self._inbox.get(timeout=timeout_s) if timeout_s > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return NOTHING
+
+    def _input_waiting(self) -> bool:
+        """Whether a command may be waiting, cheaply (checked after every layer of a step)."""
+        return bool(self._inbox.queue)  # unlocked peek (a late arrival waits for the next layer)
 
     def _handle(self, item) -> None:
         if item is None:  # stop: the loop sees _stopping

@@ -39,8 +39,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from data_plane.engine.async_engine import (
-    IDLE_POLL_S,
     MAX_STEP_FAILURES,
+    NOTHING,
     EngineLoop,
     StreamFront,
     resolve_barrier,
@@ -188,26 +188,8 @@ class _PipeLoop(EngineLoop):
         self._conn = conn
         self.calls_done = 0  # the number of the last cache command run
 
-    def _drain_inbox(self, block: bool) -> None:
-        deferred, self._deferred = self._deferred, []
-        for item in deferred:
-            self._handle(item)
-        if block and not deferred:
-            self._ready(IDLE_POLL_S)
-        while self._ready(0):
-            item = self._receive()
-            if item is not None:
-                self._handle(item)
-
-    def _take_arrivals(self) -> None:
-        while self._ready(0):
-            item = self._receive()
-            if item is None:
-                continue
-            if item[0] == "add":
-                self._handle(item)
-            else:
-                self._deferred.append(item)
+    def _input_waiting(self) -> bool:
+        return self._ready(0)
 
     def _ready(self, timeout_s: float) -> bool:
         if self._stopping.is_set():
@@ -218,8 +200,11 @@ class _PipeLoop(EngineLoop):
             self._closed()
             return False
 
-    def _receive(self):
-        """The next command as an inbox item (None: nothing to handle)."""
+    def _receive(self, timeout_s: float):
+        """The next command off the pipe as an inbox item (None: nothing to handle), NOTHING when none
+        came within `timeout_s`."""
+        if not self._ready(timeout_s):
+            return NOTHING
         try:
             message = self._conn.recv()
         except (OSError, EOFError):

@@ -349,29 +349,26 @@ async def _start_serving(
     heartbeat_s = await _register_with_retry(register)
     log.info("registered as worker %s (base model %s, %s)", state.worker_id, spec.name, address)
 
-    info = getattr(engine, "info", None)
-    if info is not None:
-        log.info(
-            "base weights: %s, %.2f bits per weight in the decoder linears, %.1f MiB resident; on %s, "
-            "computing in %s; engine core: %s",
-            info.weight_format,
-            info.decoder_bits_per_weight,
-            info.weight_bytes / 2**20,
-            info.device,
-            info.compute_dtype,
-            config.engine_core,
+    info = engine.info
+    log.info(
+        "base weights: %s, %.2f bits per weight in the decoder linears, %.1f MiB resident; on %s, "
+        "computing in %s; engine core: %s",
+        info.weight_format,
+        info.decoder_bits_per_weight,
+        info.weight_bytes / 2**20,
+        info.device,
+        info.compute_dtype,
+        config.engine_core,
+    )
+    if not info.has_tokenizer:
+        log.warning(
+            "the model directory has no tokenizer: prompts must be token ids, and completions carry token "
+            "ids but no text (the HTTP API's text fields stay empty)"
         )
-        if not info.has_tokenizer:
-            log.warning(
-                "the model directory has no tokenizer: prompts must be token ids, and completions carry token "
-                "ids but no text (the HTTP API's text fields stay empty)"
-            )
-        metrics.set_base_weights(info.weight_format, info.decoder_bits_per_weight, info.weight_bytes)
-        control_plane.set_base_weights(info.weight_format, info.decoder_bits_per_weight, info.weight_bytes)
-    if hasattr(engine, "load_stats"):
-        metrics.watch_engine_loads(engine.load_stats)
-    if hasattr(engine, "prefetch_stats"):
-        metrics.watch_prefetches(engine.prefetch_stats)
+    metrics.set_base_weights(info.weight_format, info.decoder_bits_per_weight, info.weight_bytes)
+    control_plane.set_base_weights(info.weight_format, info.decoder_bits_per_weight, info.weight_bytes)
+    metrics.watch_engine_loads(engine.load_stats)
+    metrics.watch_prefetches(engine.prefetch_stats)
     usage = UsageReporter(
         config.usage_spool_path,
         control_plane.report_usage,
@@ -657,7 +654,7 @@ class _EngineWatch:
 def _engine_load(engine) -> EngineLoad:
     """The engine's load for the routing gauges; called from the scraping thread (each value is one
     read of a plain attribute or length)."""
-    return EngineLoad(engine.num_running, engine.num_waiting, getattr(engine, "kv_cache_usage", 0.0))
+    return EngineLoad(engine.num_running, engine.num_waiting, engine.kv_cache_usage)
 
 
 def _read_worker_id(config: WorkerConfig) -> str:

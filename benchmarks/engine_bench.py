@@ -1,7 +1,9 @@
 """Engine decode throughput on the CPU: many adapters against none, and against the machine's roofline.
 
 The model and adapters come from benchmarks.fixtures: the ~52M-parameter Llama of the issues (hidden 512,
-6 layers, vocab 32000, fp32) and PEFT adapters on all seven projections (float16 files). Two parts.
+6 layers, vocab 32000, fp32) and PEFT adapters on all seven projections (float16 files, which the engine
+keeps in float16 slots on the native kernels and widens as it reads them: the values, and so the outputs,
+of reading them as float32). Two parts.
 
 Adapters: three engines live in this one process on the same weights and their steps are interleaved one
 by one (base, best, skewed, base, ...), so all three see the same machine load:
@@ -22,7 +24,8 @@ over all steps, which includes them, is reported beside). All engines are warmed
 together. Judged: the ratio of median step times against base (targets: best >= 0.9, skewed >= 0.8).
 Before and after the run the machine's read bandwidth is measured (a float32 sum over 512 MiB) and the best
 case's bound by memory reported beside it, at the faster reading: a step that must read its distinct
-adapters' factors once cannot beat base / (base + factor bytes / bandwidth), whatever its kernels do.
+adapters' factors once (in the element type their slots hold) cannot beat base / (base + factor bytes /
+bandwidth), whatever its kernels do.
 
 Roofline: the machine's sustained fp32 GEMM FLOP/s is measured first (benchmarks.roofline: the model's
 linears at 128 rows, and a large square), then one engine runs alone with 128 requests on the base model,
@@ -212,6 +215,11 @@ def run_adapters(
         loads = {tag: d.loads_since_start() for tag, d in drivers.items()}
         all_steps = {tag: d.tokens_since_start / d.seconds_since_start for tag, d in drivers.items()}
         distinct = {tag: d.distinct_adapters for tag, d in drivers.items()}
+        # the element type the best case's slots hold its adapters in (float16 files: float16 slots on
+        # the native kernels, float32 on the torch reference)
+        best_formats = {
+            best_engine.runner.slot_formats[best_engine.adapter_cache.slot_of(ref.key)] for ref in best_refs
+        }
     finally:
         for driver in drivers.values():
             driver.engine.shutdown()
@@ -235,6 +243,7 @@ def run_adapters(
         "count": len(best_refs),
         "ranks": dict(Counter(_rank_of(d) for d in best_dirs)),
     }
+    (best_format,) = best_formats
     cases["best"]["streaming_bound"] = streaming_bound(
         spec,
         best_rank,
@@ -242,6 +251,7 @@ def run_adapters(
         times_s["base"],
         read_bytes,
         earlier_readings=[bandwidth_before],
+        slot_dtype=best_format,
     )
     cases["skewed"]["adapters"] = {
         "count": len(skewed_refs),
@@ -275,24 +285,28 @@ def streaming_bound(
     base_step_times_s: list[float],
     read_bytes: int,
     earlier_readings: Sequence[float] = (),
+    slot_dtype: torch.dtype = torch.float32,
 ) -> dict:
     """What reading the best case's factors costs at this machine's read bandwidth: a step of
-    `distinct_adapters` adapters of `rank` reads each one's float32 A and B factors (the engine's pools, in
-    the model's dtype) once, whatever else it does, so its ratio against the base step cannot exceed
+    `distinct_adapters` adapters of `rank` reads each one's A and B factors once, in the element type its
+    slots hold them in (`slot_dtype`: float16 for the fixtures' float16 files on the native kernels),
+    whatever else it does, so its ratio against the base step cannot exceed
     `roofline.streaming_bound_ratio`. The bandwidth is read now and taken with `earlier_readings` (the one
     before the run): the fastest of them, since the machine's memory rate moves between readings and a
     bound must not be lowered by a slow one."""
     readings = [*earlier_readings, roofline.measure_read_bandwidth(read_bytes, min_seconds=1.0)]
     bytes_per_s = max(readings)
     params = roofline.lora_params_per_adapter(roofline.model_linear_shapes(spec), rank) * distinct_adapters
+    element_bytes = torch.empty((), dtype=slot_dtype).element_size()
     base_s = percentile(base_step_times_s, 0.5)
     return {
         "read_bytes_per_s": bytes_per_s,
         "read_bytes_per_s_readings": readings,
         "read_buffer_bytes": read_bytes,
-        "factor_bytes_per_step": params * 4,
-        "factor_read_ms": params * 4 / bytes_per_s * 1e3,
-        "ratio": roofline.streaming_bound_ratio(base_s, params * 4, bytes_per_s),
+        "slot_dtype": str(slot_dtype).removeprefix("torch."),
+        "factor_bytes_per_step": params * element_bytes,
+        "factor_read_ms": params * element_bytes / bytes_per_s * 1e3,
+        "ratio": roofline.streaming_bound_ratio(base_s, params * element_bytes, bytes_per_s),
     }
 
 
@@ -454,7 +468,8 @@ def adapters_table(figures: dict) -> str:
     readings = " and ".join(f"{r / 1e9:.1f}" for r in bound["read_bytes_per_s_readings"])
     lines += [
         "",
-        f"Best case bound by memory: its factors ({bound['factor_bytes_per_step'] / 1e6:.1f} MB a step, float32) "
+        f"Best case bound by memory: its factors ({bound['factor_bytes_per_step'] / 1e6:.1f} MB a step, "
+        f"{bound['slot_dtype']} slots) "
         f"take {bound['factor_read_ms']:.2f} ms at the faster of this machine's read-bandwidth readings before and "
         f"after the run ({readings} GB/s, a sum over {bound['read_buffer_bytes'] / 2**20:.0f} MiB): "
         f"with nothing else added to the base step the ratio is at most **{bound['ratio']:.3f}**.",

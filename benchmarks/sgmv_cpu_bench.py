@@ -20,9 +20,10 @@ projections) stay in a large L3 between calls.
 
 Then the whole model's LoRA from memory: all 24 projections of the model (q|k|v, o, gate|up and down in 6
 layers), 32 slots of rank 16 (pools of max rank 16, as engine_bench's best case has them: 120 MB of factors),
-one and four rows per slot; a pass reads every factor once, more than any L3 here holds. Beside the native
-kernels, a float32 sum over the same pools in the same process: the rate this machine reads those bytes
-at, which bounds any kernel that must read them. Median of --cold-passes passes, milliseconds per pass, and
+one and four rows per slot; a pass reads every factor once, more than any L3 here holds. The native
+kernels over float32 slots and over float16 slots of the same values (how the engine holds an adapter whose
+file is float16: 60 MB), and a float32 sum over the float32 pools in the same process: the rate this
+machine reads those bytes at, which bounds any kernel that must read them. Median of --cold-passes passes, milliseconds per pass, and
 the largest difference between the kernels' sums and the torch reference's over every projection.
 """
 
@@ -79,7 +80,12 @@ def _grouped(slot_of_row: list[int]) -> tuple[list[int], list[int]]:
 
 
 def _segments(
-    kind: str, bounds: list[int], slots: list[int], ranks: list[int], num_slots: int = NUM_SLOTS
+    kind: str,
+    bounds: list[int],
+    slots: list[int],
+    ranks: list[int],
+    num_slots: int = NUM_SLOTS,
+    formats: list[torch.dtype] | None = None,
 ) -> LoraSegments:
     device = torch.device("cpu")
     used = [s for s in slots if s >= 0]
@@ -94,7 +100,7 @@ def _segments(
     if kind == "native":
         kernels = native_kernels()
         return LoraSegments(
-            **common, plan=None, native=NativeLora.plan(bounds, slots, ranks, num_slots, kernels)
+            **common, plan=None, native=NativeLora.plan(bounds, slots, ranks, num_slots, kernels, formats)
         )
     plan = plan_segments(bounds, slots, device, ranks)
     runner = SimpleNamespace(slot_ranks=ranks, slot_targets=[frozenset()] * num_slots)
@@ -155,13 +161,15 @@ def main() -> None:
     cold = [_from_memory(rows, args.cold_passes) for rows in (1, 4)]
     print(f"\nthe model's LoRA from memory: milliseconds per pass, median of {args.cold_passes}")
     print(
-        f"{'layout':42s} {'native':>9s} {'GB/s':>6s} {'sum':>7s} {'GB/s':>6s} {'sum/native':>10s} {'max diff':>9s}"
+        f"{'layout':42s} {'native':>9s} {'GB/s':>6s} {'f16 slots':>9s} {'GB/s':>6s} {'sum':>7s} {'GB/s':>6s} "
+        f"{'sum/native':>10s} {'max diff':>9s} {'f16 = f32':>9s}"
     )
     for c in cold:
         print(
             f"{c['layout']:42s} {c['native_ms']:9.2f} {c['factor_bytes'] / c['native_ms'] / 1e6:6.1f} "
+            f"{c['native_f16_ms']:9.2f} {c['factor_bytes_float16'] / c['native_f16_ms'] / 1e6:6.1f} "
             f"{c['sum_ms']:7.2f} {c['factor_bytes'] / c['sum_ms'] / 1e6:6.1f} {c['sum_ms'] / c['native_ms']:10.2f} "
-            f"{c['max_difference_from_reference']:9.1e}"
+            f"{c['max_difference_from_reference']:9.1e} {c['float16_slots_equal_float32_slots']!s:>9s}"
         )
     if args.out:
         with open(args.out, "w") as f:
@@ -176,8 +184,9 @@ def _from_memory(
     rows_per_slot: int, passes: int, shape: ModelShape = LLAMA_50M, num_slots: int = NUM_SLOTS, rank: int = 16
 ) -> dict:
     """Every projection's LoRA of `shape` (q|k|v, o, gate|up, down in each layer; k and v as wide as q),
-    `num_slots` slots of `rank`, `rows_per_slot` rows each: the native kernels' pass against a float32 sum
-    over the same pools (see the module docstring)."""
+    `num_slots` slots of `rank`, `rows_per_slot` rows each: the native kernels' pass over float32 slots and
+    over float16 slots of the same values (the engine's slots for a float16 adapter file), against a
+    float32 sum over the float32 pools (see the module docstring)."""
     hidden, inter = shape.hidden_size, shape.intermediate_size
     projections = [(hidden, (hidden,) * 3), (hidden, (hidden,)), (hidden, (inter, inter)), (inter, (hidden,))]
     gen = torch.Generator().manual_seed(rows_per_slot)
@@ -185,8 +194,23 @@ def _from_memory(
         _layer(in_features, outs, [rank] * num_slots, gen, max_rank=rank)
         for in_features, outs in projections * shape.num_layers
     ]
+    halves = []  # the same adapters in float16 slots; float32 ones hold the float16 values too
+    for layer in layers:
+        half = LoRALinear(layer.in_features, layer.out_slices, bias=False)
+        half.allocate_slots(num_slots, rank)
+        packed_a, packed_b = half.packed_pools(torch.float16)
+        for pool in (layer.lora_a, *layer.lora_b):
+            pool.copy_(pool.half().float())
+        packed_a.copy_(layer.lora_a.half())
+        for packed, b in zip(packed_b, layer.lora_b, strict=True):
+            packed.copy_(b.half())
+        half.lora_scale.copy_(layer.lora_scale)
+        halves.append(half)
     bounds = list(range(0, num_slots * rows_per_slot + 1, rows_per_slot))
     lora = _segments("native", bounds, list(range(num_slots)), [rank] * num_slots, num_slots)
+    lora_f16 = _segments(
+        "native", bounds, list(range(num_slots)), [rank] * num_slots, num_slots, [torch.float16] * num_slots
+    )
     xs = [torch.randn(bounds[-1], layer.in_features, generator=gen) for layer in layers]
     ys = [torch.zeros(bounds[-1], layer.out_features) for layer in layers]
     pools = [t for layer in layers for t in (layer.lora_a, *layer.lora_b)]
@@ -195,33 +219,46 @@ def _from_memory(
         for layer, x, y in zip(layers, xs, ys, strict=True):
             layer._add_lora(x, y, lora)
 
+    def native_f16() -> None:
+        for layer, x, y in zip(halves, xs, ys, strict=True):
+            layer._add_lora(x, y, lora_f16)
+
     def read() -> None:
         for pool in pools:
             pool.sum()
 
-    times: dict[str, list[float]] = {"native": [], "sum": []}
-    for fn in (native, read):
+    arms = {"native": native, "native_f16": native_f16, "sum": read}
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for fn in arms.values():
         fn()  # warm-up: first touches, the library's first call
-    for _ in range(passes):  # alternated, so both see the same machine
-        for name, fn in (("native", native), ("sum", read)):
+    for _ in range(passes):  # alternated, so all see the same machine
+        for name, fn in arms.items():
             started = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - started)
-    # the kernels' sums against the torch reference's, every projection once
+    # the kernels' sums against the torch reference's, every projection once; float16 slots against
+    # float32 ones of the same values, which must agree bit for bit
     reference = _segments("reference", bounds, list(range(num_slots)), [rank] * num_slots, num_slots)
-    difference = 0.0
-    for layer, x in zip(layers, xs, strict=True):
+    difference, f16_equal = 0.0, True
+    for layer, half, x in zip(layers, halves, xs, strict=True):
         got, want = torch.zeros(x.shape[0], layer.out_features), torch.zeros(x.shape[0], layer.out_features)
         layer._add_lora(x, got, lora)
         for part in reference.parts or (reference,):
             layer._add_lora(x, want, part)
         difference = max(difference, (got - want).abs().max().item())
+        got_f16 = torch.zeros(x.shape[0], layer.out_features)
+        half._add_lora(x, got_f16, lora_f16)
+        f16_equal = f16_equal and torch.equal(got_f16, got)
+    factor_bytes = sum(pool.numel() * pool.element_size() for pool in pools)
     return {
         "layout": f"{len(layers)} projections, {num_slots} slots r{rank}, {rows_per_slot} row(s) each",
         "max_difference_from_reference": difference,
+        "float16_slots_equal_float32_slots": f16_equal,
         "rows_per_slot": rows_per_slot,
-        "factor_bytes": sum(pool.numel() * pool.element_size() for pool in pools),
+        "factor_bytes": factor_bytes,
+        "factor_bytes_float16": factor_bytes // 2,
         "native_ms": statistics.median(times["native"]) * 1e3,
+        "native_f16_ms": statistics.median(times["native_f16"]) * 1e3,
         "sum_ms": statistics.median(times["sum"]) * 1e3,
     }
 

@@ -111,6 +111,7 @@ class ModelRunner:
             layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         model.allocate_lora_slots(num_adapter_slots, max_lora_rank)
+        self.max_lora_rank = max_lora_rank
         # The CPU's native SGMV kernels (float32 pools only), None where they cannot be built (the torch
         # reference serves then); used on steps whose OPENLORA_KERNELS is auto.
         self._native_sgmv = (
@@ -127,9 +128,17 @@ class ModelRunner:
             is None
             else None
         )
+        # A slot holds an adapter whose file is float16 or bfloat16 in that format, where the native kernels
+        # read the pools (they widen it as they load it: the products are those of the float32 values, with
+        # half the bytes read); the torch reference cannot, so an engine that started on the native kernels
+        # keeps its LoRA on them for its life, whatever OPENLORA_KERNELS says later (the adapters it holds
+        # were written for them).
+        self.packs_slots = self._native_sgmv is not None and kernels.kernel_choice() == "auto"
         self.slot_ranks = [0] * num_adapter_slots
-        # Per slot: the ranks its loads may have written; every pool entry from there on is zero.
-        self._slot_written_ranks = [0] * num_adapter_slots
+        self.slot_formats = [self.dtype] * num_adapter_slots  # the element type each slot holds
+        # Per slot: how far its loads may have written, in rank x element bytes (a rank of a 16-bit slot is
+        # half a rank of the float32 pools' bytes); every byte of the slot from there on is zero.
+        self._slot_written_extent = [0] * num_adapter_slots
         self.slot_targets: list[frozenset[str]] = [frozenset()] * num_adapter_slots  # PEFT modules adapted
         # Adapter loads copy on their own stream so they overlap the forward pass on the default one.
         self._load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -159,22 +168,42 @@ class ModelRunner:
         """Copies an adapter's factors into `slot` of every projection (a fused one's slice for q, k, v,
         gate and up); absent ones are cleared. Ranks at or past what the slot's earlier loads wrote are
         zero already and are not written again: a rank-16 adapter in rank-64 pools writes its 16 ranks
-        (and zeroes what a larger predecessor left), not all 64."""
+        (and zeroes what a larger predecessor left), not all 64. Factors all float16 or all bfloat16 are
+        kept in that format (`slot_format`)."""
         ranks = {key: factors.a.shape[0] for key, factors in weights.factors.items()}
         rank = max(ranks.values(), default=0)
-        written = self._slot_written_ranks[slot]
+        dtype = self.slot_format(weights)
+        size = torch.empty((), dtype=dtype).element_size()
+        extent = self._slot_written_extent[slot]
+        # The ranks of this format that hold what earlier loads wrote (a 16-bit view of the slot spans half
+        # its bytes: what lies past it is never read in this format, and is zeroed by a later float32 load).
+        written = min(-(-extent // size), self.max_lora_rank)
         # Raised before the writes: should they fail halfway, the next load still zeroes what they wrote.
-        self._slot_written_ranks[slot] = max(written, rank)
-        self._slot_plan(slot, written, ranks).apply(weights.factors)
-        self._slot_written_ranks[slot] = rank
+        self._slot_written_extent[slot] = max(extent, rank * size)
+        self._slot_plan(slot, written, ranks, dtype).apply(weights.factors)
+        beyond_view = extent > self.max_lora_rank * size
+        self._slot_written_extent[slot] = extent if beyond_view else rank * size
         self.slot_ranks[slot] = weights.rank
+        self.slot_formats[slot] = dtype
         self.slot_targets[slot] = frozenset(name for _, name in weights.factors)
 
-    def _slot_plan(self, slot: int, written: int, ranks: dict[tuple[int, str], int]) -> SlotWrites:
-        """The writes of a load of these factor ranks into `slot` when its earlier loads wrote up to rank
-        `written`, recorded once and kept (least recently used first out): a worker's adapters mostly
-        share a few shapes, so a load replays a record instead of making its views again."""
-        key = (slot, written, tuple(sorted(ranks.items())))
+    def slot_format(self, weights: AdapterWeights) -> torch.dtype:
+        """The element type a slot holds `weights` in: their own where every factor is float16, or every
+        one bfloat16, and the native kernels read the slots (`packs_slots`); else the pools' dtype (the
+        copy converts: widening, or to the pools' half precision on a GPU)."""
+        dtypes = {t.dtype for f in weights.factors.values() for t in (f.a, f.b)}
+        if self.packs_slots and len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}:
+            return dtypes.pop()
+        return self.dtype
+
+    def _slot_plan(
+        self, slot: int, written: int, ranks: dict[tuple[int, str], int], dtype: torch.dtype
+    ) -> SlotWrites:
+        """The writes of a load of these factor ranks into `slot` in format `dtype` when its earlier loads
+        wrote up to rank `written` (of that format), recorded once and kept (least recently used first
+        out): a worker's adapters mostly share a few shapes, so a load replays a record instead of making
+        its views again."""
+        key = (slot, written, tuple(sorted(ranks.items())), dtype)
         with self._slot_plans_lock:
             plan = self._slot_plans.get(key)
             if plan is not None:
@@ -187,7 +216,9 @@ class ModelRunner:
                 module, index = targets[name]
                 rank = ranks.get((layer, name))
                 factor_key = None if rank is None else (layer, name)
-                module.slot_writes(plan, slot, factor_key, rank or 0, index, written_rank=written)
+                module.slot_writes(
+                    plan, slot, factor_key, rank or 0, index, written_rank=written, dtype=dtype
+                )
         with self._slot_plans_lock:
             self._slot_plans[key] = plan
             while len(self._slot_plans) > self._max_slot_plans:
@@ -195,12 +226,13 @@ class ModelRunner:
         return plan
 
     def slot_contents(self, slot: int) -> list[torch.Tensor]:
-        """Copies of every pool entry and scale of `slot`, in every layer and projection (for checks)."""
+        """Copies of every pool entry and scale of `slot` as its format holds them, widened to the pools'
+        dtype, in every layer and projection (for checks)."""
         contents = []
         for layer in range(len(self.model.model.layers)):
             for module in {id(m): m for m, _ in self.model.lora_targets(layer).values()}.values():
-                contents += [module.lora_a[slot].clone(), module.lora_scale[:, slot].clone()]
-                contents += [pool[slot].clone() for pool in module.lora_b]
+                a, bs = module.slot_factors(slot, self.slot_formats[slot])
+                contents += [a, module.lora_scale[:, slot].clone(), *bs]
         return contents
 
     def install_from_host(self, slot: int, host: HostAdapter) -> None:
@@ -345,9 +377,14 @@ class ModelRunner:
             seg_indptr_t, seg_slots_t = self._int32.pack([seg_indptr, seg_slots])
             longest = max(end - start for start, end in itertools.pairwise(seg_indptr))
             native = None
-            if not use_triton and self._native_sgmv is not None and choice == "auto":
+            if self.packs_slots or (not use_triton and self._native_sgmv is not None and choice == "auto"):
                 native = NativeLora.plan(
-                    seg_indptr, seg_slots, self.slot_ranks, len(self.slot_ranks), self._native_sgmv
+                    seg_indptr,
+                    seg_slots,
+                    self.slot_ranks,
+                    len(self.slot_ranks),
+                    self._native_sgmv,
+                    self.slot_formats,
                 )
             # The reference path: a plan that loops over segments computes each at its own rank; a batched
             # one computes every row at the largest rank of its pass, so it runs in rank groups.

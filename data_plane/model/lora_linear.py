@@ -14,6 +14,7 @@ from torch.nn import functional as F
 import openlora_kernels as kernels
 from data_plane.model.dense import DenseMatmul
 from data_plane.model.metadata import LoraSegments
+from data_plane.model.quant.native import packed_view
 
 if TYPE_CHECKING:
     from data_plane.model.quant.native import LoraPools, NativeKernels
@@ -88,14 +89,31 @@ class LoRALinear(nn.Module):
         self.out_features = sum(self.out_slices)
         offsets = [0, *itertools.accumulate(self.out_slices)]
         self.slice_bounds = list(itertools.pairwise(offsets))  # [(start, end)] columns of each slice
-        self.slice_targets: tuple[str, ...] = ()  # each slice's PEFT target-module name, set by the model
+        # `_slices_for`'s answers, by the step's targets.
+        self._slices_by_targets: dict[frozenset[str] | None, tuple[int, ...]] = {}
+        self._slice_targets: tuple[str, ...] = ()
         self.max_rank = 0
         self.lora_a: torch.Tensor | None = None  # (S, R * n, in), rank-interleaved
         self.lora_b: list[torch.Tensor] = []  # per slice (S, out_i, R)
         self.lora_scale: torch.Tensor | None = None  # (n, S) float32; 0 where the slot leaves a slice alone
         self._native_pools: dict[tuple[int, ...], LoraPools] = {}  # by slices: checked once for the C code
-        # (slot, slice) -> its A (R, in) and B (out_i, R) pool views and scale: made once, not per load.
-        self._slot_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # (slot, slice, format) -> its A (R, in) and B (out_i, R) pool views in that element format and its
+        # scale: made once, not per load.
+        self._slot_views: dict[
+            tuple[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = {}
+        # The pools as 16-bit slots (`packed_pools`), by dtype.
+        self._packed: dict[torch.dtype, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    @property
+    def slice_targets(self) -> tuple[str, ...]:
+        """Each slice's PEFT target-module name (q_proj, ...), set by the model."""
+        return self._slice_targets
+
+    @slice_targets.setter
+    def slice_targets(self, names: tuple[str, ...]) -> None:
+        self._slice_targets = tuple(names)
+        self._slices_by_targets.clear()
 
     @property
     def num_slices(self) -> int:
@@ -126,6 +144,7 @@ class LoRALinear(nn.Module):
         self.max_rank = max_rank
         self._native_pools.clear()
         self._slot_views.clear()
+        self._packed.clear()
         self.lora_a = torch.zeros(num_slots, max_rank * n, self.in_features, dtype=dtype, device=device)
         # B (S, out_i, R). On the CPU outside Triton's interpreter its outputs are contiguous in memory (a
         # transposed view of (S, R, out_i)): the native expand adds each rank's row of outputs in one vector
@@ -139,6 +158,28 @@ class LoRALinear(nn.Module):
             for out in self.out_slices
         ]
         self.lora_scale = torch.zeros(n, num_slots, dtype=torch.float32, device=device)
+
+    def packed_pools(self, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The A pool and each slice's B pool as slots of 16-bit `dtype` elements (float16 or bfloat16), in
+        the pools' own memory (`quant.native.packed_view`): what a slot the native kernels read in that
+        format holds. Made once per dtype."""
+        packed = self._packed.get(dtype)
+        if packed is None:
+            assert self.lora_a is not None
+            packed = self._packed[dtype] = (
+                packed_view(self.lora_a, dtype),
+                [packed_view(b, dtype) for b in self.lora_b],
+            )
+        return packed
+
+    def slot_factors(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Slot `slot`'s A (R * n, in) and each slice's B (out_i, R) as held in format `dtype` (the pools'
+        own dtype, or a 16-bit one the slot was loaded in), widened to float32 copies (for checks)."""
+        assert self.lora_a is not None
+        if dtype == self.lora_a.dtype:
+            return self.lora_a[slot].clone(), [b[slot].clone() for b in self.lora_b]
+        a, bs = self.packed_pools(dtype)
+        return a[slot].float(), [b[slot].float() for b in bs]
 
     def load_slot(
         self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float, index: int = 0
@@ -158,19 +199,25 @@ class LoRALinear(nn.Module):
         rank: int,
         index: int = 0,
         written_rank: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """Records in `writes` what `load_slot` does: the A of factor `key` into the slot's first `rank`
         rank rows of slice `index`, its B into the first `rank` columns, the rest of the slot's ranks
         zeroed (scale 0 and zero factors when `key` is None). `written_rank`: the slot holds zeros from
         that rank on already (what its earlier loads wrote stops there), so only the ranks before it are
-        zeroed (None: every rank)."""
-        views = self._slot_views.get((slot, index))
+        zeroed (None: every rank). `dtype`: the element format the slot holds its factors in, the pools'
+        own (None) or a 16-bit one (`packed_pools`), ranks counted in it."""
+        assert self.lora_a is not None and self.lora_scale is not None
+        dtype = self.lora_a.dtype if dtype is None else dtype
+        views = self._slot_views.get((slot, index, dtype))
         if views is None:
-            assert self.lora_a is not None and self.lora_scale is not None
-            a_pool = self.lora_a[slot].view(self.max_rank, self.num_slices, self.in_features)[:, index]
-            views = self._slot_views[(slot, index)] = (
+            a_all, b_all = (
+                (self.lora_a, self.lora_b) if dtype == self.lora_a.dtype else self.packed_pools(dtype)
+            )
+            a_pool = a_all[slot].view(self.max_rank, self.num_slices, self.in_features)[:, index]
+            views = self._slot_views[(slot, index, dtype)] = (
                 a_pool,
-                self.lora_b[index][slot],
+                b_all[index][slot],
                 self.lora_scale[index, slot],
             )
         a_pool, b_pool, scale_view = views  # (R, in), (out_i, R), ()
@@ -194,16 +241,27 @@ class LoRALinear(nn.Module):
             self._add_lora(x, y, part)
         return y
 
+    def _slices_for(self, targets: frozenset[str] | None) -> tuple[int, ...]:
+        """The slices some adapter of a step adapting `targets` (PEFT module names; None: all) writes: the
+        others hold zero factors, and their SGMV is left out. Kept per set of targets (a step's set is
+        the same in every layer, and steps mostly repeat a few)."""
+        slices = self._slices_by_targets.get(targets)
+        if slices is None:
+            slices = tuple(range(self.num_slices))
+            if targets is not None and self.slice_targets:
+                slices = tuple(i for i in slices if self.slice_targets[i] in targets)
+            if len(self._slices_by_targets) >= 64:
+                self._slices_by_targets.clear()
+            self._slices_by_targets[targets] = slices
+        return slices
+
     def _add_lora(self, x: torch.Tensor, y: torch.Tensor, lora: LoraSegments) -> None:
         """y (T, out) += the LoRA of `lora`'s segments, in place."""
-        slices = range(self.num_slices)
-        if lora.targets is not None and self.slice_targets:
-            # Slices no adapter of the step targets hold zero factors: leave their SGMV out.
-            slices = [i for i in slices if self.slice_targets[i] in lora.targets]
-            if not slices:
-                return
+        slices = self._slices_for(lora.targets)
+        if not slices:
+            return
         if lora.native is not None:
-            pools = self.native_pools(lora.native.kernels, tuple(slices))
+            pools = self.native_pools(lora.native.kernels, slices)
             lora.native.add(x, y, self.lora_a, self.lora_b, self.lora_scale, slices, self.slice_bounds, pools)
             return
         n, rank = self.num_slices, self.max_rank

@@ -1,11 +1,12 @@
-"""A step's LoRA on the CPU through the native SGMV kernels (`openlora_kernels/sgmv_cpu.c`), float32 pools.
+"""A step's LoRA on the CPU through the native SGMV kernels (`openlora_kernels/sgmv_cpu.c`), float32 pools
+whose slots hold float32, float16 or bfloat16 factors (`quant.native.SLOT_FORMATS`).
 
 The torch reference (`openlora_kernels.reference`) pays a dispatch per segment or a padded batch for a many-adapter
 step; the native kernels run every short segment of a projection in one call that reads each adapter's
 factors once. Long segments (a prompt's chunk) stay one torch matmul each, where a GEMM beats the
 kernels' dot products.
 
-    native = NativeLora.plan(seg_bounds, seg_slots, slot_ranks, num_slots, kernels)  # once per step
+    native = NativeLora.plan(seg_bounds, seg_slots, slot_ranks, num_slots, kernels, slot_formats)  # per step
     native.add(x, y, lora_a, lora_b, lora_scale, slices, slice_bounds)              # per projection
 
 Every short segment of a projection, shrink and each slice's expand, is one call (`NativeKernels.sgmv_lora`).
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data_plane.model.quant.native import LoraPools, NativeKernels, NativeSegments
+from data_plane.model.quant.native import SLOT_FORMATS, LoraPools, NativeKernels, NativeSegments, packed_view
 
 # Segments longer than this many rows run as torch matmuls. `python -m benchmarks.sgmv_cpu_bench`
 # (2026-12-03, 2-core AMD EPYC with AVX-512, 2 threads): one segment of 8 to 32 rows costs about the same
@@ -32,7 +33,8 @@ class NativeLora:
 
     kernels: NativeKernels
     short: NativeSegments  # what the kernels run
-    long: tuple[tuple[int, int, int, int], ...]  # (start, end, slot, rank): one matmul each
+    # (start, end, slot, rank, the slot's format) of each long segment: a matmul each
+    long: tuple[tuple[int, int, int, int, torch.dtype], ...]
 
     @classmethod
     def plan(
@@ -42,16 +44,22 @@ class NativeLora:
         slot_ranks: list[int],
         num_slots: int,
         kernels: NativeKernels,
+        slot_formats: list[torch.dtype] | None = None,
     ) -> NativeLora:
         """The split of a layout (seg_indptr values, slots, -1 = no adapter) between the kernels and
-        torch; ``slot_ranks`` (indexed by slot): each loaded adapter's rank."""
-        short, long = [], []
+        torch; ``slot_ranks`` and ``slot_formats`` (indexed by slot): each loaded adapter's rank and the
+        element type its slot holds (float32 where not given)."""
+        short, long, formats = [], [], []
         for (start, end), slot in zip(itertools.pairwise(seg_bounds), seg_slots, strict=True):
             if slot < 0 or end == start:
                 continue
-            segment = (start, end, slot, slot_ranks[slot])
-            (short if end - start <= MAX_NATIVE_SEGMENT_ROWS else long).append(segment)
-        return cls(kernels, NativeSegments(short, seg_bounds[-1], num_slots), tuple(long))
+            dtype = torch.float32 if slot_formats is None else slot_formats[slot]
+            if end - start <= MAX_NATIVE_SEGMENT_ROWS:
+                short.append((start, end, slot, slot_ranks[slot]))
+                formats.append(SLOT_FORMATS[dtype])
+            else:
+                long.append((start, end, slot, slot_ranks[slot], dtype))
+        return cls(kernels, NativeSegments(short, seg_bounds[-1], num_slots, formats), tuple(long))
 
     def add(
         self,
@@ -78,14 +86,23 @@ class NativeLora:
             return
         n = len(lora_b)
         max_rank = lora_a.shape[1] // n
+
+        def held(pool: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            """`pool` as slots of `dtype` (a 16-bit slot's factors lie in its packed view)."""
+            return pool if dtype == pool.dtype else packed_view(pool, dtype)
+
         # A long segment's shrink: one matmul over its rank's columns of every slice (rank-interleaved).
+        # A 16-bit slot is widened whole and then cut, so that the matmuls see the strides a float32 slot
+        # has, and give its floats.
         long_u = [
-            x[row0:row1] @ lora_a[slot, : min(rank, max_rank) * n].T for row0, row1, slot, rank in self.long
+            x[row0:row1] @ held(lora_a, dtype)[slot].float()[: min(rank, max_rank) * n].T
+            for row0, row1, slot, rank, dtype in self.long
         ]
         scales = lora_scale.tolist()
         for i in slices:
             start, end = slice_bounds[i]
             y_i = y if n == 1 else y[:, start:end]
-            for (row0, row1, slot, rank), u_long in zip(self.long, long_u, strict=True):
+            for (row0, row1, slot, rank, dtype), u_long in zip(self.long, long_u, strict=True):
                 k = min(rank, max_rank)
-                y_i[row0:row1].addmm_(u_long[:, i::n], lora_b[i][slot, :, :k].T, alpha=scales[i][slot])
+                b = held(lora_b[i], dtype)[slot].float()[:, :k]
+                y_i[row0:row1].addmm_(u_long[:, i::n], b.T, alpha=scales[i][slot])

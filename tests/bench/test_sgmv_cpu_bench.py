@@ -1,5 +1,6 @@
-"""The SGMV CPU benchmark's whole-model-from-memory part on a tiny shape: it times the native kernels and a
-sum over the very pools it built, counts their bytes, and checks the kernels' sums against the reference's."""
+"""The SGMV CPU benchmark's whole-model-from-memory part on a tiny shape: it times the native kernels (over
+float32 slots and float16 ones) and a sum over the very pools it built, counts their bytes, and checks the
+kernels' sums against the reference's."""
 
 from __future__ import annotations
 
@@ -22,3 +23,6 @@ def test_from_memory_counts_every_factor_and_matches_the_reference(rows_per_slot
     assert figures["layout"] == f"8 projections, 4 slots r2, {rows_per_slot} row(s) each"
     assert figures["native_ms"] > 0 and figures["sum_ms"] > 0
     assert figures["max_difference_from_reference"] < 1e-4
+    # the same adapters in float16 slots: half the bytes, the float32 slots' sums bit for bit
+    assert figures["factor_bytes_float16"] * 2 == figures["factor_bytes"]
+    assert figures["native_f16_ms"] > 0 and figures["float16_slots_equal_float32_slots"] is True

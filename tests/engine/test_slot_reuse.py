@@ -1,7 +1,8 @@
 """A slot written again holds exactly what a load into an untouched slot would: a load writes only the
 ranks the slot's earlier loads may have touched (a rank-4 adapter in rank-64 pools is not 64 ranks of
 writes), and that must never leave a predecessor's factors behind, whatever the ranks, the projections
-adapted, or a load that failed halfway."""
+adapted, the slot's format (float32, or an adapter's own float16 or bfloat16), or a load that failed
+halfway."""
 
 from __future__ import annotations
 
@@ -13,8 +14,17 @@ from data_plane.adapters.peft_reader import read_peft_adapter
 from data_plane.adapters.weights import AdapterWeights, LoraFactors
 from tests.engine.conftest import make_engine
 
+HALF = {"_f16": torch.float16, "_bf16": torch.bfloat16}
+
 
 def _weights(model, runner, name: str):
+    for suffix, dtype in HALF.items():  # the same adapter in a 16-bit format (a slot of that format)
+        if name.endswith(suffix):
+            weights = _weights(model, runner, name.removesuffix(suffix))
+            return AdapterWeights(
+                weights.rank,
+                {k: LoraFactors(f.a.to(dtype), f.b.to(dtype), f.scale) for k, f in weights.factors.items()},
+            )
     if name.endswith("_x3"):  # the same shapes, other values and scales: a load replays the record
         weights = _weights(model, runner, name.removesuffix("_x3"))
         return AdapterWeights(
@@ -31,7 +41,17 @@ def fresh(tiny_llama):
     try:
         runner = engine.runner
         states = {}
-        for slot, name in enumerate(("r4_qv", "r8_all", "r16_rslora", "r64_all", "r8_all_x3")):
+        names = (
+            "r4_qv",
+            "r8_all",
+            "r16_rslora",
+            "r64_all",
+            "r8_all_x3",
+            "r4_qv_f16",
+            "r64_all_bf16",
+            "r8_all_f16",
+        )
+        for slot, name in enumerate(names):
             runner.load_adapter(slot, _weights(tiny_llama, runner, name))
             states[name] = runner.slot_contents(slot)
         return states
@@ -50,6 +70,9 @@ def _assert_slot_is(runner, slot: int, expected: list[torch.Tensor]) -> None:
         ("r64_all", "r4_qv", "r16_rslora", "r8_all", "r64_all", "r4_qv"),
         ("r4_qv", "r8_all", "r16_rslora", "r64_all", "r16_rslora", "r4_qv"),
         ("r8_all", "r8_all_x3", "r8_all", "r8_all_x3", "r4_qv", "r8_all_x3"),
+        # slots changing format: a 16-bit slot spans half the bytes of a float32 one
+        ("r64_all", "r4_qv_f16", "r8_all", "r64_all_bf16", "r4_qv", "r8_all_f16", "r64_all", "r4_qv_f16"),
+        ("r4_qv_f16", "r64_all_bf16", "r8_all_f16", "r4_qv", "r64_all_bf16", "r4_qv"),
     ],
 )
 def test_each_load_leaves_the_slot_as_a_load_into_an_untouched_slot(tiny_llama, fresh, sequence):
@@ -60,6 +83,8 @@ def test_each_load_leaves_the_slot_as_a_load_into_an_untouched_slot(tiny_llama, 
             runner.load_adapter(3, _weights(tiny_llama, runner, name))
             _assert_slot_is(runner, 3, fresh[name])
             assert runner.slot_ranks[3] == _weights(tiny_llama, runner, name).rank
+            half = next((dtype for suffix, dtype in HALF.items() if name.endswith(suffix)), None)
+            assert runner.slot_formats[3] == (half or torch.float32)
     finally:
         engine.shutdown()
 
@@ -94,6 +119,16 @@ def test_a_load_that_failed_halfway_is_cleaned_by_the_next_smaller_one(tiny_llam
             patch.setattr(torch, "_foreach_copy_", copy_then_fail)
             with pytest.raises(RuntimeError, match="injected"):
                 runner.load_adapter(5, _weights(tiny_llama, runner, "r64_all"))
+        runner.load_adapter(5, _weights(tiny_llama, runner, "r4_qv"))
+        _assert_slot_is(runner, 5, fresh["r4_qv"])
+        # The same with a 16-bit load after the failure, then a float32 one: the float32 ranks past the
+        # 16-bit view still hold what the failed load wrote, and the last load must zero them.
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "_foreach_copy_", copy_then_fail)
+            with pytest.raises(RuntimeError, match="injected"):
+                runner.load_adapter(5, _weights(tiny_llama, runner, "r64_all"))
+        runner.load_adapter(5, _weights(tiny_llama, runner, "r4_qv_f16"))
+        _assert_slot_is(runner, 5, fresh["r4_qv_f16"])
         runner.load_adapter(5, _weights(tiny_llama, runner, "r4_qv"))
         _assert_slot_is(runner, 5, fresh["r4_qv"])
     finally:

@@ -1,7 +1,7 @@
 """A float32 engine keeps a float16 or bfloat16 adapter's host copy in the file's own dtype: half the host
-memory per adapter, so the same host budget holds twice as many, with slot contents (and so outputs) bit
-for bit those of reading the file as float32. Mixes, float32 files and files of several dtypes stay in
-the engine's dtype."""
+memory per adapter, so the same host budget holds twice as many; on the native kernels its slot too (half
+the bytes a step reads), with slot values (and so outputs) bit for bit those of reading the file as
+float32. Mixes, float32 files and files of several dtypes stay in the engine's dtype."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from data_plane.adapters.peft_reader import host_dtype
 from data_plane.engine.adapter_loader import host_copy_bytes
 from data_plane.engine.request import AdapterRef
+from data_plane.model.native_lora import MAX_NATIVE_SEGMENT_ROWS
 from openlora.artifact import WEIGHTS_FILE, digest_dir
 from tests.engine.conftest import greedy, make_engine, run_to_completion
 
@@ -39,20 +40,23 @@ def _ref(path: Path, weight: float = 1.0) -> AdapterRef:
 
 @pytest.fixture(scope="module")
 def variants(tiny_model, tmp_path_factory):
-    """r8_all as float16, as bfloat16, as float32 holding the float16 values, and with two dtypes."""
+    """r8_all as float16, as bfloat16, as float32 holding the float16 (or bfloat16) values, and with two
+    dtypes."""
     root = tmp_path_factory.mktemp("dtypes")
     source = tiny_model.adapter_dirs["r8_all"]
     half = _copy_as(source, root / "f16", [torch.float16])
+    brain = _copy_as(source, root / "bf16", [torch.bfloat16])
     return {
         "f16": half,
-        "bf16": _copy_as(source, root / "bf16", [torch.bfloat16]),
+        "bf16": brain,
         "f16_widened": _copy_as(half, root / "f16_widened", [torch.float32]),
+        "bf16_widened": _copy_as(brain, root / "bf16_widened", [torch.float32]),
         "mixed": _copy_as(source, root / "mixed", [torch.float16, torch.float32]),
     }
 
 
-def _serve(engine, ref: AdapterRef, request_id: str):
-    engine.add_request(greedy(request_id, [3, 4, 5, 6], [ref], max_tokens=6))
+def _serve(engine, ref: AdapterRef, request_id: str, prompt: list[int] | None = None):
+    engine.add_request(greedy(request_id, prompt or [3, 4, 5, 6], [ref], max_tokens=6))
     return run_to_completion(engine)[request_id]
 
 
@@ -67,27 +71,49 @@ def test_host_dtype_keeps_only_what_widens_exactly():
     assert host_dtype("F32", torch.bfloat16) == torch.bfloat16
 
 
-def test_half_precision_file_is_held_in_its_dtype_and_serves_exactly_as_widened(tiny_model, variants):
+@pytest.mark.parametrize("half", ["f16", "bf16"])
+def test_half_precision_file_is_held_in_its_dtype_and_serves_exactly_as_widened(tiny_model, variants, half):
+    """Held in its own dtype in host memory and, where the native kernels read the slots, in the slot: a
+    prompt long enough to go to torch's matmuls, then decode steps through the kernels, give the float32
+    file's tokens and logprobs bit for bit."""
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[half]
     engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
     try:
-        half, widened = _ref(variants["f16"]), _ref(variants["f16_widened"])
-        tokens, logprobs = _serve(engine, half, "half")
-        host = engine.adapter_cache.host_buffer(half.key)
-        assert host.buffer.dtype == torch.float16
-        assert engine.loader.estimate_host_bytes((half,)) == host.size_bytes
-        wide_tokens, wide_logprobs = _serve(engine, widened, "widened")
+        runner = engine.runner
+        assert runner.packs_slots  # the test machine builds the native kernels
+        narrow, widened = _ref(variants[half]), _ref(variants[f"{half}_widened"])
+        prompt = [3 + i % 50 for i in range(MAX_NATIVE_SEGMENT_ROWS + 9)]
+        tokens, logprobs = _serve(engine, narrow, "narrow", prompt)
+        host = engine.adapter_cache.host_buffer(narrow.key)
+        assert host.buffer.dtype == dtype
+        assert engine.loader.estimate_host_bytes((narrow,)) == host.size_bytes
+        wide_tokens, wide_logprobs = _serve(engine, widened, "widened", prompt)
         wide_host = engine.adapter_cache.host_buffer(widened.key)
         assert wide_host.buffer.dtype == torch.float32
         assert host.size_bytes * 2 == wide_host.size_bytes
         assert tokens == wide_tokens and logprobs == wide_logprobs  # bit for bit
-        # The slot holds exactly the widened values.
-        slot_half, slot_wide = (
-            engine.adapter_cache.slot_of(half.key),
-            engine.adapter_cache.slot_of(widened.key),
-        )
-        q = engine.runner.model.model.layers[0].self_attn.qkv_proj
-        assert torch.equal(q.lora_a[slot_half], q.lora_a[slot_wide])
-        assert all(torch.equal(b[slot_half], b[slot_wide]) for b in q.lora_b)
+        slot_narrow, slot_wide = (engine.adapter_cache.slot_of(r.key) for r in (narrow, widened))
+        assert runner.slot_formats[slot_narrow] == dtype
+        assert runner.slot_formats[slot_wide] == torch.float32
+        # The slots hold the same values, the narrow one in half the bytes of its float32 slot.
+        narrow_contents, wide_contents = runner.slot_contents(slot_narrow), runner.slot_contents(slot_wide)
+        assert all(torch.equal(a, b) for a, b in zip(narrow_contents, wide_contents, strict=True))
+        q = runner.model.model.layers[0].self_attn.qkv_proj
+        assert not torch.equal(q.lora_a[slot_narrow], q.lora_a[slot_wide])
+    finally:
+        engine.shutdown()
+
+
+def test_an_engine_started_on_the_torch_reference_widens_every_slot(tiny_model, variants, monkeypatch):
+    """The reference reads float32 slots only: a 16-bit file there is widened into its slot."""
+    monkeypatch.setenv("OPENLORA_KERNELS", "reference")
+    engine = make_engine(tiny_model, host_cache_bytes=64 << 20)
+    try:
+        assert not engine.runner.packs_slots
+        half = _ref(variants["f16"])
+        _serve(engine, half, "half")
+        assert engine.adapter_cache.host_buffer(half.key).buffer.dtype == torch.float16
+        assert engine.runner.slot_formats[engine.adapter_cache.slot_of(half.key)] == torch.float32
     finally:
         engine.shutdown()
 
@@ -114,6 +140,7 @@ def test_mixes_and_mixed_dtype_files_are_held_in_the_engine_dtype(tiny_model, va
         mixed = _ref(variants["mixed"])
         _serve(engine, mixed, "mixed")
         assert engine.adapter_cache.host_buffer(mixed.key).buffer.dtype == torch.float32
+        assert engine.runner.slot_formats[engine.adapter_cache.slot_of(mixed.key)] == torch.float32
         assert (
             engine.loader.estimate_host_bytes((mixed,))
             == engine.adapter_cache.host_buffer(mixed.key).size_bytes

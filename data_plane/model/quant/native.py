@@ -33,6 +33,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import operator
 import os
 import platform
 import secrets
@@ -43,6 +44,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,31 +242,44 @@ class NativeKernels:
             lora_a.data_ptr(), lora_a.stride(0), lora_a.stride(1), num_cols, n, len(table),
             *(fields.data_ptr() + j * row for j in range(9)),
         )  # fmt: skip
-        return LoraPools(lora_a, tuple(lora_b), lora_scale, tuple(slices), out_features, k_len, fields, args)
+        return LoraPools(
+            lora_a, tuple(lora_b), lora_scale, tuple(slices), out_features, k_len, num_slots, fields, args
+        )
 
     def sgmv_lora_pools(
         self, x: torch.Tensor, pools: LoraPools, segments: NativeSegments, y: torch.Tensor
     ) -> None:
         """`sgmv_lora` on pools checked once (`lora_pools`): x (T, K) and y (T, O) rows contiguous."""
-        _check_rows("x", x, segments.num_rows)
-        _check_rows("y", y, segments.num_rows, last_contiguous=True)
-        if x.shape[1] != pools.in_features or y.shape[1] != pools.out_features:
+        # Every projection of every step comes here: one condition of the cheapest accessors (dtypes are
+        # singletons, is_cpu makes no device object), the messages only on a refusal.
+        rows = segments.num_rows
+        if not (
+            x.dtype is torch.float32
+            and y.dtype is torch.float32
+            and x.is_cpu
+            and y.is_cpu
+            and x.shape == (rows, pools.in_features)
+            and y.shape == (rows, pools.out_features)
+            and x.stride(1) == 1
+            and y.stride(1) == 1
+        ):
+            _check_rows("x", x, rows)
+            _check_rows("y", y, rows)
             raise ValueError(
                 f"x {list(x.shape)} and y {list(y.shape)} do not fit pools of {pools.in_features} inputs and "
                 f"{pools.out_features} outputs"
             )
-        if segments.num_slots > pools.lora_a.shape[0]:
+        if segments.num_slots > pools.num_slots:
             raise ValueError(
                 f"lora_a holds {pools.lora_a.shape[0]} slots, the segments use up to {segments.num_slots}"
             )
         if not pools.slices or not segments.count:
             return
-        a_ptr, a_ss, a_rs, num_cols, *rest = pools.args
-        u = torch.empty(x.shape[0], num_cols, dtype=torch.float32, device="cpu")
-        self.library.openlora_sgmv_lora(
-            x.data_ptr(), x.stride(0), pools.in_features, a_ptr, a_ss, a_rs, num_cols, *rest,
-            *segments.pointers(), u.data_ptr(), y.data_ptr(), y.stride(0), torch.get_num_threads(),
-        )  # fmt: skip
+        if self.library.openlora_sgmv_lora(
+            x.data_ptr(), x.stride(0), pools.in_features, *pools.args, *segments.pointers(), rows,
+            y.data_ptr(), y.stride(0), torch.get_num_threads(),
+        ):  # fmt: skip
+            raise MemoryError(f"the SGMV kernels' u of {rows} x {pools.args[3]} floats")
 
     def decode_tables(self, block_tables: torch.Tensor, context_lens: torch.Tensor) -> NativeDecodeTables:
         """A step's decode block tables (D, max_blocks) and context lengths (D,), int64 on the CPU,
@@ -478,6 +493,23 @@ class NativeKvSlots:
 
 # The widest lora_b (columns: rank) `sgmv_expand` takes: MAX_COLS of sgmv_cpu.c.
 SGMV_MAX_COLS = 512
+# The element types a slot of the float32 pools may hold its factors in, by their codes in sgmv_cpu.c:
+# float16 and bfloat16 values are float32 values exactly, so an adapter whose file holds them is kept in
+# them (half the bytes a step reads) and widened by the kernels as they load it. `packed_view` gives the
+# 16-bit view of a pool.
+SLOT_FORMATS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def packed_view(pool: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 pool (S, N, C) as `dtype` (float16 or bfloat16) slots, as the kernels read them: slot s
+    begins where it begins in `pool`, and its elements lie at `pool`'s strides within it, so a slot of the
+    view fills the first half of its float32 slot and no other. Shares the pool's memory."""
+    if pool.dtype != torch.float32 or dtype not in (torch.float16, torch.bfloat16) or pool.dim() != 3:
+        raise ValueError(f"a 16-bit view of a {pool.dtype} pool {list(pool.shape)} as {dtype}")
+    s0, s1, s2 = pool.stride()
+    return torch.empty(0, dtype=dtype, device=pool.device).set_(
+        pool.untyped_storage(), 2 * pool.storage_offset(), pool.shape, (2 * s0, s1, s2)
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -491,6 +523,7 @@ class LoraPools:
     slices: tuple[int, ...]
     out_features: int
     in_features: int
+    num_slots: int
     fields: torch.Tensor  # (9, slices) int64, the C code's per-slice arrays
     args: tuple[int, ...]  # a's address and strides, columns, slices, the fields' addresses
 
@@ -503,46 +536,59 @@ class LoraPools:
     ) -> bool:
         """Whether this handle is of these very tensors and slices (a layer whose pools were replaced, or a
         step that leaves other slices out, needs another)."""
-        return (
+        if not (
             self.lora_a is lora_a
             and self.lora_scale is lora_scale
             and self.slices == slices
             and len(self.lora_b) == len(lora_b)
-            and all(mine is theirs for mine, theirs in zip(self.lora_b, lora_b, strict=True))
-        )
+        ):
+            return False
+        return all(map(operator.is_, self.lora_b, lora_b))
 
 
 class NativeSegments:
     """A step's segments for the SGMV kernels, checked once for the C code (which trusts its indices):
-    (start, end, slot, rank) of each, rows within ``num_rows``, slots below ``num_slots``.
+    (start, end, slot, rank) of each, rows within ``num_rows``, slots below ``num_slots``, and each one's
+    slot format (`SLOT_FORMATS`: the element type its slot holds its factors in; float32 where not given).
 
     Built once per step and passed to every projection's shrink and expand."""
 
-    def __init__(self, segments: list[tuple[int, int, int, int]], num_rows: int, num_slots: int) -> None:
+    def __init__(
+        self,
+        segments: list[tuple[int, int, int, int]],
+        num_rows: int,
+        num_slots: int,
+        formats: Sequence[int] = (),
+    ) -> None:
         for start, end, slot, rank in segments:
             if not (0 <= start < end <= num_rows and 0 <= slot < num_slots and rank >= 0):
                 raise ValueError(
                     f"segment {(start, end, slot, rank)} outside {num_rows} rows, {num_slots} slots"
                 )
-        columns = list(zip(*segments, strict=True)) if segments else [(), (), (), ()]
-        # (4, G) int64: starts, ends, slots, ranks; contiguous rows the C code reads.
-        self.table = torch.tensor(columns, dtype=torch.int64, device="cpu").reshape(4, len(segments))
+        formats = list(formats) if formats else [SLOT_FORMATS[torch.float32]] * len(segments)
+        if len(formats) != len(segments) or not set(formats) <= set(SLOT_FORMATS.values()):
+            raise ValueError(f"segment formats {formats} for {len(segments)} segments")
+        columns = [*zip(*segments, strict=True), formats] if segments else [(), (), (), (), ()]
+        # (5, G) int64: starts, ends, slots, ranks, formats; contiguous rows the C code reads.
+        self.table = torch.tensor(columns, dtype=torch.int64, device="cpu").reshape(5, len(segments))
         self.num_rows = num_rows
         self.num_slots = num_slots
         self.count = len(segments)
         base, row = self.table.data_ptr(), self.table.stride(0) * self.table.element_size()
-        self._pointers = (base, base + row, base + 2 * row, base + 3 * row, self.count)
+        self._pointers = (*(base + j * row for j in range(5)), self.count)
 
-    def pointers(self) -> tuple[int, int, int, int, int]:
-        """starts, ends, slots, ranks (addresses) and the count, in the C functions' order."""
+    def pointers(self) -> tuple[int, ...]:
+        """starts, ends, slots, ranks, formats (addresses) and the count, in the C functions' order."""
         return self._pointers
 
 
 def _check_rows(name: str, t: torch.Tensor, num_rows: int, last_contiguous: bool = True) -> None:
+    # Run on every projection of every step: the cheapest accessors first (dtypes are singletons; is_cpu
+    # makes no device object).
     if (
-        t.dim() != 2
-        or t.dtype != torch.float32
-        or t.device.type != "cpu"
+        t.dtype is not torch.float32
+        or not t.is_cpu
+        or t.dim() != 2
         or t.shape[0] != num_rows
         or (last_contiguous and t.stride(1) != 1)
     ):
@@ -837,18 +883,18 @@ def _bind(library: ctypes.CDLL, path: Path, cached: bool) -> NativeKernels:
     library.openlora_int8_mm.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
     library.openlora_int8_mm.restype = None
     library.openlora_sgmv_shrink.argtypes = [
-        ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, i64, ctypes.c_int
+        ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, i64, ctypes.c_int
     ]  # fmt: skip
     library.openlora_sgmv_shrink.restype = None
     library.openlora_sgmv_expand.argtypes = [
-        ptr, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int
+        ptr, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int
     ]  # fmt: skip
     library.openlora_sgmv_expand.restype = None
     library.openlora_sgmv_lora.argtypes = [
-        ptr, i64, i64, ptr, i64, i64, i64, i64, i64, *[ptr] * 9, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64,
+        ptr, i64, i64, ptr, i64, i64, i64, i64, i64, *[ptr] * 9, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i64,
         ctypes.c_int,
     ]  # fmt: skip
-    library.openlora_sgmv_lora.restype = None
+    library.openlora_sgmv_lora.restype = ctypes.c_int
     library.openlora_paged_decode.argtypes = [
         ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_float, i64, ptr, ctypes.c_int
     ]  # fmt: skip
@@ -1013,6 +1059,36 @@ def _sgmv_checks(kernel: NativeKernels, g: torch.Generator) -> list[tuple[str, t
         segments = NativeSegments(segs, num_rows, slots)
         kernel.sgmv_lora(x, a, pools, scales, segments, y, range(n), [(0, out), (out, 2 * out)])
         results.append((f"SGMV in one call, {name}", y, want))
+    # Slots in each format: slot 1 float16 and slot 3 bfloat16 in every pool, their values those formats
+    # hold, widened by the kernels as they load them (the CPU's conversion, or the bit arithmetic), over
+    # both ways of sharing the work out.
+    formats = {1: torch.float16, 3: torch.bfloat16}
+    a_mixed, b_mixed = a.clone(), b.transpose(1, 2).contiguous().transpose(1, 2)
+    for slot, dtype in formats.items():
+        a_mixed[slot], b_mixed[slot] = a_mixed[slot].to(dtype).float(), b_mixed[slot].to(dtype).float()
+    wanted = {}
+    for name, segs in (
+        ("few segments", layout),
+        ("by segment", [(t, t + 1, t % slots, 3 + t % 6) for t in range(many)] + [(many, many + 7, 1, 8)]),
+    ):
+        num_rows = max(end for _, end, _, _ in segs)
+        x = torch.randn(num_rows, k, generator=g, device="cpu")
+        want = torch.zeros(num_rows, out, dtype=torch.float64, device="cpu")
+        for start, end, slot, rank in segs:
+            slice_a = a_mixed[slot, : rank * n].view(rank, n, k)[:, 0].double()
+            want[start:end] = scale[slot].double() * (
+                x[start:end].double() @ slice_a.T @ b_mixed[slot, :, :rank].double().T
+            )
+        codes = [SLOT_FORMATS[formats.get(slot, torch.float32)] for _, _, slot, _ in segs]
+        wanted[name] = (x, want, NativeSegments(segs, num_rows, slots, codes))
+    for slot, dtype in formats.items():  # into the 16-bit views: the float32 bytes no longer hold them
+        packed_view(a_mixed, dtype)[slot] = a_mixed[slot].to(dtype)
+        packed_view(b_mixed, dtype)[slot] = b_mixed[slot].to(dtype)
+    for name, (x, want, segments) in wanted.items():
+        y = torch.zeros(x.shape[0], out, device="cpu")
+        scales = torch.stack([scale, scale]).contiguous()
+        kernel.sgmv_lora(x, a_mixed, [b_mixed, b_mixed], scales, segments, y, [0], [(0, out), (out, 2 * out)])
+        results.append((f"SGMV, float16 and bfloat16 slots, {name}", y, want))
     return results
 
 

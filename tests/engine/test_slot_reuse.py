@@ -105,7 +105,9 @@ def test_a_recorded_load_replayed_writes_the_new_adapters_factors_and_scales(tin
 
 def test_a_load_that_failed_halfway_is_cleaned_by_the_next_smaller_one(tiny_llama, fresh, monkeypatch):
     """The rank-64 load's copies land, then the load fails; the rank-4 load after it must still zero the
-    ranks the failed one wrote."""
+    ranks the failed one wrote. Then the same with a 16-bit load after the failure and a float32 one after
+    that: the float32 ranks past the 16-bit view still hold what the failed load wrote, and the last load
+    must zero them."""
     engine = make_engine(tiny_llama)
     try:
         runner = engine.runner
@@ -115,22 +117,14 @@ def test_a_load_that_failed_halfway_is_cleaned_by_the_next_smaller_one(tiny_llam
             real_copy(dst, src)
             raise RuntimeError("injected: the load failed after its copies")
 
-        with monkeypatch.context() as patch:
-            patch.setattr(torch, "_foreach_copy_", copy_then_fail)
-            with pytest.raises(RuntimeError, match="injected"):
-                runner.load_adapter(5, _weights(tiny_llama, runner, "r64_all"))
-        runner.load_adapter(5, _weights(tiny_llama, runner, "r4_qv"))
-        _assert_slot_is(runner, 5, fresh["r4_qv"])
-        # The same with a 16-bit load after the failure, then a float32 one: the float32 ranks past the
-        # 16-bit view still hold what the failed load wrote, and the last load must zero them.
-        with monkeypatch.context() as patch:
-            patch.setattr(torch, "_foreach_copy_", copy_then_fail)
-            with pytest.raises(RuntimeError, match="injected"):
-                runner.load_adapter(5, _weights(tiny_llama, runner, "r64_all"))
-        runner.load_adapter(5, _weights(tiny_llama, runner, "r4_qv_f16"))
-        _assert_slot_is(runner, 5, fresh["r4_qv_f16"])
-        runner.load_adapter(5, _weights(tiny_llama, runner, "r4_qv"))
-        _assert_slot_is(runner, 5, fresh["r4_qv"])
+        for then in (("r4_qv",), ("r4_qv_f16", "r4_qv")):
+            with monkeypatch.context() as patch:
+                patch.setattr(torch, "_foreach_copy_", copy_then_fail)
+                with pytest.raises(RuntimeError, match="injected"):
+                    runner.load_adapter(5, _weights(tiny_llama, runner, "r64_all"))
+            for name in then:
+                runner.load_adapter(5, _weights(tiny_llama, runner, name))
+                _assert_slot_is(runner, 5, fresh[name])
     finally:
         engine.shutdown()
 

@@ -6,6 +6,7 @@ of mixed formats must give, bit for bit, what the same step gives over the widen
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import subprocess
@@ -121,9 +122,7 @@ LAYOUTS = {
 def test_a_step_over_slots_of_mixed_formats_gives_the_widened_pools_floats(cpu_kernels, layout, outs):
     gen = torch.Generator().manual_seed(len(outs))
     lengths, slots = LAYOUTS[layout]
-    bounds = [0]
-    for length in lengths:
-        bounds.append(bounds[-1] + length)
+    bounds = [0, *itertools.accumulate(lengths)]
     num_slots, max_rank, h_in, n = 12, 8, 43, len(outs)
     ranks = [8, 2, 4, 8, 1, 4, 3, 8, 5, 6, 7, 2]
     formats = [(torch.float32, torch.float16, torch.bfloat16)[s % 3] for s in range(num_slots)]

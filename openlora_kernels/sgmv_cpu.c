@@ -53,6 +53,11 @@
 #define VEC 4
 #endif
 #define ROWS_BLOCK 4 /* rows of x (shrink) or of u (expand) per pass over a factor */
+/* How far ahead in a factor's stream of addresses the loops ask for it (`__builtin_prefetch`, a hint that
+ * never faults): a step starts a new stream at every adapter's slot, each a few KiB, where the hardware's
+ * prefetchers are still learning it. An A/B of 512, 1024 and 2048 against none on a noisy 2-core AVX2 EPYC
+ * (benchmarks/RESULTS.md, 2026-12-05) did not separate them; the engine benchmark's figures there were
+ * measured with 1024. A build may set it (-DPREFETCH_BYTES=N in CC). */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 1024
 #endif

@@ -297,7 +297,7 @@ def streaming_bound(
     readings = [*earlier_readings, roofline.measure_read_bandwidth(read_bytes, min_seconds=1.0)]
     bytes_per_s = max(readings)
     params = roofline.lora_params_per_adapter(roofline.model_linear_shapes(spec), rank) * distinct_adapters
-    element_bytes = torch.empty((), dtype=slot_dtype).element_size()
+    element_bytes = slot_dtype.itemsize
     base_s = percentile(base_step_times_s, 0.5)
     return {
         "read_bytes_per_s": bytes_per_s,

@@ -173,7 +173,7 @@ class ModelRunner:
         ranks = {key: factors.a.shape[0] for key, factors in weights.factors.items()}
         rank = max(ranks.values(), default=0)
         dtype = self.slot_format(weights)
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         extent = self._slot_written_extent[slot]
         # The ranks of this format that hold what earlier loads wrote (a 16-bit view of the slot spans half
         # its bytes: what lies past it is never read in this format, and is zeroed by a later float32 load).
